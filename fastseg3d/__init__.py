@@ -1,0 +1,21 @@
+"""fastseg3d: fused GPU kernels, drop-in layers and models for 3D medical image segmentation."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from fastseg3d import backends, nn, ops, reference
+from fastseg3d.backends import backend, get_backend
+from fastseg3d.patch import convert_model, revert_model
+
+__all__ = [
+    "__version__",
+    "backend",
+    "backends",
+    "convert_model",
+    "get_backend",
+    "nn",
+    "ops",
+    "reference",
+    "revert_model",
+]

@@ -1,0 +1,115 @@
+"""Which implementation an op runs: the Triton kernel or the pure-PyTorch reference.
+
+The policy is set by ``FASTSEG3D_BACKEND`` (read once, at import) and can be changed for a block of code
+with :func:`backend`:
+
+* ``auto`` (default): the Triton kernel where the op supports the case (a CUDA tensor, a supported dtype,
+  shape and configuration), otherwise the reference. The reason for a fallback is logged once.
+  Tensors on the ``meta`` device take the fused op's shapes, so memory can be accounted at any size.
+* ``triton``: always the Triton kernel, also on CPU tensors when ``TRITON_INTERPRET=1``; a case the kernel
+  cannot run raises :class:`NotImplementedError` with the reasons, never a silent fallback.
+* ``torch``: always the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "HAS_TRITON", "backend", "get_backend", "interpreter_active", "select"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+logger = logging.getLogger("fastseg3d")
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def _from_env() -> str:
+    name = os.environ.get("FASTSEG3D_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"FASTSEG3D_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_state = {"backend": _from_env()}
+_logged: set[tuple[str, str]] = set()
+
+
+def get_backend() -> str:
+    """The backend policy in force: ``"auto"``, ``"triton"`` or ``"torch"``."""
+    return _state["backend"]
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Run a block of code under another backend policy.
+
+    Example:
+        >>> import fastseg3d
+        >>> with fastseg3d.backend("torch"):
+        ...     pass  # every fastseg3d op runs its pure-PyTorch reference here
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous = _state["backend"]
+    _state["backend"] = name
+    try:
+        yield
+    finally:
+        _state["backend"] = previous
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` when they were decorated)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_reasons(device: torch.device) -> list[str]:
+    """Why a Triton kernel cannot launch on ``device`` (empty when it can)."""
+    if device.type == "meta":
+        return []
+    if not HAS_TRITON:
+        return ["triton is not installed"]
+    if device.type == "cuda":
+        return []
+    if device.type == "cpu" and interpreter_active():
+        return []
+    return [f"device={device.type} (Triton kernels run on cuda, or on cpu with TRITON_INTERPRET=1)"]
+
+
+def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str, str]:
+    """The implementation ``op`` takes under ``policy`` given its unsupported ``reasons``, and why."""
+    policy = policy or get_backend()
+    if policy == "torch":
+        return "torch", "FASTSEG3D_BACKEND=torch"
+    if not reasons:
+        return "triton", "fused kernel supports this case"
+    return "torch", "; ".join(reasons)
+
+
+def select(op: str, reasons: list[str]) -> bool:
+    """True when ``op`` should run its Triton kernel, False for the reference.
+
+    ``reasons`` lists why the kernel cannot take this case (empty when it can). Under the ``triton`` policy a
+    non-empty list raises :class:`NotImplementedError`; under ``auto`` the reason is logged once.
+    """
+    policy = get_backend()
+    if policy == "triton" and reasons:
+        raise NotImplementedError(f"fastseg3d.{op}: the Triton kernel cannot run this case: " + "; ".join(reasons))
+    choice, why = decide(op, reasons, policy)
+    if choice == "torch" and policy == "auto" and not torch.compiler.is_compiling():
+        key = (op, why)
+        if key not in _logged:
+            _logged.add(key)
+            logger.info("fastseg3d.%s falls back to the PyTorch reference: %s", op, why)
+    return choice == "triton"

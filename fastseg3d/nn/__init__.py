@@ -1,0 +1,7 @@
+"""Drop-in ``nn.Module``s: same constructor, parameters and ``state_dict`` keys as the layers they replace."""
+
+from __future__ import annotations
+
+from fastseg3d.nn.dwconv3d import DepthwiseConv3d
+
+__all__ = ["DepthwiseConv3d"]

@@ -1,0 +1,345 @@
+"""Fused depthwise 3D convolution: ``act(conv3d(x, w, b, groups=C)) + residual`` in one kernel.
+
+The Triton kernels are in ``fastseg3d.kernels.dwconv3d``, the reference in ``fastseg3d.reference.dwconv3d``.
+Two ``torch.library`` ops carry them, ``fastseg3d::dwconv3d`` and ``fastseg3d::dwconv3d_backward``, each with a
+fake implementation and autograd, so they run under ``torch.compile(fullgraph=True)`` and on ``meta`` tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastseg3d import backends
+from fastseg3d.ops import utils
+from fastseg3d.reference.dwconv3d import ACTIVATIONS, dwconv3d_backward_ref, dwconv3d_ref
+
+__all__ = ["dwconv3d", "dwconv3d_tokens", "dwconv3d_unsupported_reasons"]
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_YZ = 65535
+_ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+
+
+def _triple(value, name: str, allow_zero: bool) -> tuple[int, int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * 3
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}")
+    low = 0 if allow_zero else 1
+    if any(v < low for v in value):
+        raise ValueError(f"{name} must be >= {low} on every axis, got {tuple(value)}")
+    return tuple(value)
+
+
+def _padding(padding, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, int, int] | str:
+    """Integer padding per axis, or "same" left as is where the kernel is even (asymmetric padding)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0)
+        if padding != "same":
+            raise ValueError(f"padding must be 'same', 'valid', an int or 3 ints, got {padding!r}")
+        if any(k % 2 == 0 for k in kernel):
+            return "same"
+        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    return _triple(padding, "padding", allow_zero=True)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _validate(x, weight, bias, residual, padding, dilation, activation):
+    """Raise ValueError/TypeError for wrong input; return (integer-or-"same" padding, dilation, output shape)."""
+    _check_tensor(x, "x")
+    _check_tensor(weight, "weight")
+    if x.dim() != 5:
+        raise ValueError(f"x must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if weight.dim() != 5 or weight.shape[1] != 1:
+        raise ValueError(f"weight must have shape (C_out, 1, kD, kH, kW) for a depthwise conv, got {tuple(weight.shape)}")
+    c = x.shape[1]
+    if c == 0 or weight.shape[0] % c != 0:
+        raise ValueError(
+            f"weight has {weight.shape[0]} output channels but x has {c} channels; a depthwise conv needs a multiple of C"
+        )
+    tensors = {"weight": weight}
+    if bias is not None:
+        _check_tensor(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        tensors["bias"] = bias
+    if residual is not None:
+        _check_tensor(residual, "residual")
+        tensors["residual"] = residual
+    for name, t in tensors.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; pass tensors of one dtype")
+        if t.device != x.device:
+            raise TypeError(f"{name} is on {t.device} but x is on {x.device}; pass tensors on one device")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    dil = _triple(dilation, "dilation", allow_zero=False)
+    kernel = tuple(weight.shape[2:])
+    pad = _padding(padding, kernel, dil)
+    if pad == "same":
+        out_spatial = tuple(x.shape[2:])
+    else:
+        out_spatial = tuple(s + 2 * p - d * (k - 1) for s, p, d, k in zip(x.shape[2:], pad, dil, kernel))
+    if any(s <= 0 for s in out_spatial):
+        raise ValueError(
+            f"the kernel {kernel} with dilation {dil} does not fit x of spatial shape {tuple(x.shape[2:])} "
+            f"padded by {pad}: output spatial shape {out_spatial}"
+        )
+    out_shape = (x.shape[0], weight.shape[0], *out_spatial)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+    return pad, dil, out_shape
+
+
+def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[int]) -> list[str]:
+    """Why the fused kernel cannot take this (already validated) case; empty when it can."""
+    reasons = backends.device_reasons(x.device)
+    if x.dtype not in _FUSED_DTYPES:
+        reasons.append(f"dtype={x.dtype} (fused: float32, float16, bfloat16)")
+    if weight.shape[0] != x.shape[1]:
+        reasons.append(f"channel multiplier {weight.shape[0] // x.shape[1]} > 1")
+    kernel = tuple(weight.shape[2:])
+    if any(k % 2 == 0 or k > 9 for k in kernel):
+        reasons.append(f"kernel size {kernel} (fused: odd sizes 1 to 9 per axis)")
+    if x.numel() == 0:
+        reasons.append("x has no elements")
+    if out_shape[0] > _MAX_GRID_YZ or out_shape[2] > _MAX_GRID_YZ:
+        reasons.append(f"batch or depth above {_MAX_GRID_YZ}")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+def _launchable(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+def _new_output(x: Tensor, shape: Sequence[int]) -> Tensor:
+    return utils.empty(shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
+
+
+@torch.library.triton_op("fastseg3d::dwconv3d", mutates_args=())
+def _dwconv3d_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    padding: list[int],
+    dilation: list[int],
+    activation: str,
+) -> Tensor:
+    act = None if activation == "none" else activation
+    kernel = weight.shape[2:]
+    out_shape = [x.shape[0], x.shape[1]] + [
+        s + 2 * p - d * (k - 1) for s, p, d, k in zip(x.shape[2:], padding, dilation, kernel)
+    ]
+    if x.device.type == "meta":
+        return _new_output(x, out_shape)
+    if not _launchable(x.device):
+        y = dwconv3d_ref(x, weight, bias, tuple(padding), tuple(dilation), act, residual)
+        return y.contiguous(memory_format=utils.layout_of(x))
+    from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_fwd
+
+    out = _new_output(x, out_shape)
+    return dwconv3d_fwd(
+        x, weight.contiguous(), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act]
+    )
+
+
+@torch.library.triton_op("fastseg3d::dwconv3d_backward", mutates_args=())
+def _dwconv3d_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    padding: list[int],
+    dilation: list[int],
+    activation: str,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dw, db); an output not asked for in ``output_mask`` is an empty (0,) tensor."""
+    act = None if activation == "none" else activation
+    need_dx, need_dw, need_db = output_mask
+    need_db = need_db and bias is not None
+    if x.device.type == "meta":
+        return (
+            _new_output(x, x.shape) if need_dx else x.new_empty((0,)),
+            torch.empty_like(weight) if need_dw else x.new_empty((0,)),
+            torch.empty_like(bias) if need_db else x.new_empty((0,)),
+        )
+    if not _launchable(x.device):
+        dx, dw, db = dwconv3d_backward_ref(grad, x, weight, bias, padding, dilation, act, [need_dx, need_dw, need_db])
+        return (
+            dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else x.new_empty((0,)),
+            dw if need_dw else x.new_empty((0,)),
+            db if need_db else x.new_empty((0,)),
+        )
+
+    from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_bwd_weight, dwconv3d_fwd
+
+    weight_c = weight.contiguous()
+    act_id = ACT_IDS[act]
+    pad, dil = tuple(padding), tuple(dilation)
+    kd, kh, kw = weight.shape[2:]
+    dz = grad
+    dw = db = None
+    if act_id != 0:
+        dz = _new_output(x, grad.shape)
+        # Small kernels form dz inside the weight-gradient pass; otherwise a forward-shaped pass writes it first.
+        if (need_dw or need_db) and kd * kh * kw <= 32:
+            dw, db = dwconv3d_bwd_weight(x, weight_c, bias, grad, dz, pad, dil, act_id, empty=utils.empty)
+        else:
+            dwconv3d_fwd(x, weight_c, bias, None, dz, pad, dil, act_id, grad=grad)
+    if (need_dw or need_db) and dw is None:
+        dw, db = dwconv3d_bwd_weight(x, weight_c, bias, dz, None, pad, dil, 0, empty=utils.empty)
+    dx = x.new_empty((0,))
+    if need_dx:
+        dx = _new_output(x, x.shape)
+        # dx is the correlation of dz with the flipped taps; mirrored padding keeps the input's size.
+        mirrored = tuple(d * (k - 1) - p for k, d, p in zip((kd, kh, kw), dil, pad))
+        dwconv3d_fwd(dz, weight_c, None, None, dx, mirrored, dil, 0, flip=True)
+    dw_out = dw.reshape(weight.shape).to(weight.dtype) if need_dw else x.new_empty((0,))
+    db_out = db.to(bias.dtype) if need_db else x.new_empty((0,))
+    return dx, dw_out, db_out
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, padding, dilation, activation = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.padding, ctx.dilation, ctx.activation = padding, dilation, activation
+
+
+def _backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+    need_db = need_db and bias is not None
+    dx = dw = db = None
+    if need_dx or need_dw or need_db:
+        dx, dw, db = torch.ops.fastseg3d.dwconv3d_backward(
+            grad, x, weight, bias, ctx.padding, ctx.dilation, ctx.activation, [need_dx, need_dw, need_db]
+        )
+    return (
+        dx if need_dx else None,
+        dw if need_dw else None,
+        db if need_db else None,
+        grad if need_dr else None,
+        None,
+        None,
+        None,
+    )
+
+
+_dwconv3d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Cast like ``F.conv3d`` does under autocast, so a fused layer behaves like the layer it replaces."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
+    return (x, *tensors)
+
+
+def dwconv3d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    padding: str | int | Sequence[int] = "same",
+    dilation: int | Sequence[int] = 1,
+    activation: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """Depthwise stride-1 3D convolution with fused bias, activation and residual.
+
+    Computes ``activation(F.conv3d(x, weight, bias, padding=padding, dilation=dilation, groups=C)) + residual``.
+
+    Args:
+        x: (B, C, D, H, W), NCDHW-contiguous or ``channels_last_3d`` (the output keeps the layout).
+        weight: (C, 1, kD, kH, kW); odd sizes 1 to 9 per axis are fused, e.g. (1, 3, 3) for a 2D conv per slice.
+        bias: (C,) or None.
+        padding: "same", "valid", an int or 3 ints (zero padding).
+        dilation: an int or 3 ints.
+        activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu", applied before the residual.
+        residual: a tensor of the output's shape added last, or None.
+
+    fp32, fp16 and bf16 inputs are fused with fp32 accumulation; other cases (channel multiplier > 1, even
+    kernels, other dtypes or devices) run the reference under the ``auto`` backend.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> x = torch.randn(1, 8, 6, 7, 9)
+        >>> w = torch.randn(8, 1, 3, 3, 3)
+        >>> fastseg3d.ops.dwconv3d(x, w, activation="gelu").shape
+        torch.Size([1, 8, 6, 7, 9])
+    """
+    if isinstance(x, Tensor) and isinstance(weight, Tensor):
+        x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    pad, dil, out_shape = _validate(x, weight, bias, residual, padding, dilation, activation)
+    reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
+    if backends.select("dwconv3d", reasons):
+        return torch.ops.fastseg3d.dwconv3d(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])
+    return dwconv3d_ref(x, weight, bias, pad, dil, activation, residual)
+
+
+def dwconv3d_tokens(
+    x: Tensor,
+    spatial_shape: Sequence[int],
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = None,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """:func:`dwconv3d` ("same" padding) on tokens (B, N, C) with N = D*H*W in C order.
+
+    Works on the layout that transformer blocks hold (e.g. SegFormer3D's Mix-FFN) with no transposes or copies:
+    any strides with a unit channel stride are read in place, and the output is (B, N, C) contiguous.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> tokens = torch.randn(2, 4 * 5 * 6, 16)
+        >>> w = torch.randn(16, 1, 3, 3, 3)
+        >>> fastseg3d.ops.dwconv3d_tokens(tokens, (4, 5, 6), w).shape
+        torch.Size([2, 120, 16])
+    """
+    _check_tensor(x, "x")
+    if x.dim() != 3:
+        raise ValueError(f"x must be 3-D tokens (B, N, C), got shape {tuple(x.shape)}")
+    if (
+        not isinstance(spatial_shape, (tuple, list, torch.Size))
+        or len(spatial_shape) != 3
+        or not all(isinstance(s, int) and s > 0 for s in spatial_shape)
+    ):
+        raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}")
+    d, h, w = spatial_shape
+    b, n, c = x.shape
+    if d * h * w != n:
+        raise ValueError(f"spatial_shape {tuple(spatial_shape)} has {d * h * w} voxels but x has N={n} tokens")
+    if residual is not None:
+        _check_tensor(residual, "residual")
+        if residual.dim() != 3:
+            raise ValueError(f"residual must be 3-D tokens (B, N, C_out), got shape {tuple(residual.shape)}")
+    vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
+    res = residual.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3) if residual is not None else None
+    y = dwconv3d(vol, weight, bias, "same", 1, activation, res)
+    return y.permute(0, 2, 3, 4, 1).reshape(b, n, y.shape[1])

@@ -1,0 +1,19 @@
+"""Shared helpers of the op layer."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["empty", "layout_of"]
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """Every buffer a fused op hands to a kernel is allocated here (tests swap in a NaN-filling version)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format an op's 5-D output takes from its input: channels-last when the channel stride is 1."""
+    if x.dim() == 5 and x.shape[1] > 1 and x.stride(1) == 1:
+        return torch.channels_last_3d
+    return torch.contiguous_format

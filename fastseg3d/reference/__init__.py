@@ -1,0 +1,21 @@
+"""Pure-PyTorch references of every fused op: the test oracle and the fallback off the fast path."""
+
+from __future__ import annotations
+
+from fastseg3d.reference.dwconv3d import (
+    ACTIVATIONS,
+    activation_grad_ref,
+    activation_ref,
+    dwconv3d_backward_ref,
+    dwconv3d_ref,
+    dwconv3d_tokens_ref,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "activation_grad_ref",
+    "activation_ref",
+    "dwconv3d_backward_ref",
+    "dwconv3d_ref",
+    "dwconv3d_tokens_ref",
+]
