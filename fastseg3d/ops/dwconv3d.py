@@ -342,4 +342,5 @@ def dwconv3d_tokens(
     vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
     res = residual.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3) if residual is not None else None
     y = dwconv3d(vol, weight, bias, "same", 1, activation, res)
-    return y.permute(0, 2, 3, 4, 1).reshape(b, n, y.shape[1])
+    # A view on the fused path (its output is channels-last); the reference path may need the copy.
+    return y.permute(0, 2, 3, 4, 1).reshape(b, n, y.shape[1]).contiguous()

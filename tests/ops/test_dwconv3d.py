@@ -1,0 +1,439 @@
+"""fastseg3d.ops.dwconv3d / dwconv3d_tokens: CPU tier, interpreter tier and GPU tier."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from fastseg3d.ops import dwconv3d, dwconv3d_tokens
+from fastseg3d.reference import ACTIVATIONS, dwconv3d_backward_ref, dwconv3d_ref, dwconv3d_tokens_ref
+from tests.utils import assert_close
+
+
+def _tensors(layout, shape, kernel, dtype, device, bias=True, residual=False, padding="same", dilation=1):
+    """Inputs in the requested layout. ``tokens`` gives (B, N, C) strided tokens (a slice of a wider tensor)."""
+    b, c, d, h, w = shape
+    if layout == "tokens":
+        x = torch.randn(b, d * h * w, 2 * c, device=device, dtype=dtype)[..., :c]
+    else:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+    weight = (torch.randn(c, 1, *kernel, device=device) / kernel[0] / kernel[1] / kernel[2] ** 0.5).to(dtype)
+    bias_t = torch.randn(c, device=device, dtype=dtype) if bias else None
+    res = None
+    if residual:
+        if layout == "tokens":
+            res = torch.randn(b, d * h * w, c, device=device, dtype=dtype)
+        else:
+            with torch.device("meta"):
+                out_shape = F.conv3d(
+                    torch.empty(shape), torch.empty(c, 1, *kernel), padding=padding, dilation=dilation, groups=c
+                ).shape
+            res = torch.randn(out_shape, device=device, dtype=dtype)
+    return x, weight, bias_t, res
+
+
+def _run(layout, x, weight, bias, residual, activation, padding, dilation, spatial):
+    if layout == "tokens":
+        return dwconv3d_tokens(x, spatial, weight, bias, activation=activation, residual=residual)
+    return dwconv3d(x, weight, bias, padding=padding, dilation=dilation, activation=activation, residual=residual)
+
+
+def _run_ref(layout, x, weight, bias, residual, activation, padding, dilation, spatial):
+    if layout == "tokens":
+        return dwconv3d_tokens_ref(x, spatial, weight, bias, activation=activation, residual=residual)
+    return dwconv3d_ref(x, weight, bias, padding=padding, dilation=dilation, activation=activation, residual=residual)
+
+
+def check_against_reference(
+    layout, shape, kernel, activation, residual, dtype, device,
+    bias=True, padding="same", dilation=1, grad="random", scale=1.0,
+):
+    """The fused op (Triton backend) against the float64 reference: output, layout and every gradient."""
+    spatial = shape[2:]
+    tensors = _tensors(layout, shape, kernel, dtype, device, bias, residual, padding, dilation)
+    ours = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    ref = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    with fastseg3d.backend("triton"):
+        y = _run(layout, *ours, activation, padding, dilation, spatial)
+    y_ref = _run_ref(layout, *ref, activation, padding, dilation, spatial)
+    assert y.dtype == dtype
+    assert_close("y", y, y_ref, dtype, scale)
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last_3d), y.stride()
+    elif layout == "tokens":
+        assert y.is_contiguous(), y.stride()
+    else:
+        assert y.is_contiguous(), y.stride()
+
+    if grad == "sum":
+        # The gradient of a sum arrives expanded (stride 0): kernels must not assume contiguity.
+        y.float().sum().backward()
+        y_ref.sum().backward()
+    else:
+        g = torch.randn_like(y_ref)
+        y.backward(g.to(dtype))
+        y_ref.backward(g.to(dtype).double())
+    for name, a, e in zip(("dx", "dweight", "dbias", "dresidual"), ours, ref):
+        if a is not None:
+            assert a.grad is not None, f"{name} missing"
+            assert_close(name, a.grad, e.grad, dtype, scale)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU tier
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("padding,dilation", [((1, 1, 1), (1, 1, 1)), ((0, 2, 1), (1, 2, 1)), ((2, 0, 3), (2, 1, 3))])
+def test_backward_reference_matches_autograd(activation, padding, dilation):
+    x = torch.randn(2, 3, 6, 7, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = dwconv3d_ref(x, w, b, padding, dilation, activation)
+    g = torch.randn_like(y)
+    expected = torch.autograd.grad(y, (x, w, b), g)
+    got = dwconv3d_backward_ref(g, x.detach(), w.detach(), b.detach(), padding, dilation, activation, [True] * 3)
+    for name, a, e in zip(("dx", "dw", "db"), got, expected):
+        assert_close(name, a, e, torch.float64)
+
+
+def test_reference_is_depthwise_conv3d():
+    x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    w = torch.randn(4, 1, 1, 3, 5, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    r = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
+    conv = torch.nn.Conv3d(4, 4, (1, 3, 5), padding=(0, 1, 2), groups=4).double()
+    conv.weight.data.copy_(w)
+    conv.bias.data.copy_(b)
+    assert_close("y", dwconv3d_ref(x, w, b, activation="silu", residual=r), F.silu(conv(x)) + r, torch.float64)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_op_cpu_branch_matches_reference_and_keeps_layout(layout, activation):
+    x, w, b, r = _tensors(layout, (2, 5, 4, 6, 3), (3, 3, 3), torch.float32, "cpu", residual=True)
+    y = torch.ops.fastseg3d.dwconv3d(x, w, b, r, [1, 1, 1], [1, 1, 1], activation or "none")
+    assert_close("y", y, dwconv3d_ref(x, w, b, activation=activation, residual=r), torch.float32)
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt)
+
+
+def test_tokens_reference_path_on_strided_tokens():
+    x, w, b, r = _tensors("tokens", (2, 6, 3, 4, 5), (3, 3, 3), torch.float64, "cpu", residual=True)
+    assert x.stride(1) == 12  # a view with a unit channel stride, not contiguous
+    y = dwconv3d_tokens(x, (3, 4, 5), w, b, activation="gelu", residual=r)
+    vol = x.transpose(1, 2).reshape(2, 6, 3, 4, 5)
+    expected = F.gelu(F.conv3d(vol, w, b, padding=1, groups=6)).flatten(2).transpose(1, 2) + r
+    assert_close("y", y, expected, torch.float64)
+    assert y.shape == (2, 60, 6) and y.is_contiguous()
+
+
+_OPCHECK_CASES = [
+    dict(layout="contiguous", kernel=(3, 3, 3), activation="none", bias=True, residual=True, padding=[1, 1, 1]),
+    dict(layout="channels_last", kernel=(1, 3, 3), activation="gelu", bias=False, residual=False, padding=[0, 1, 1]),
+    dict(layout="contiguous", kernel=(3, 1, 5), activation="silu", bias=True, residual=False, padding=[0, 0, 2]),
+]
+
+
+@pytest.mark.parametrize("case", _OPCHECK_CASES, ids=lambda c: f"{c['layout']}-{c['activation']}")
+def test_opcheck(case):
+    x, w, b, r = _tensors(case["layout"], (2, 3, 4, 5, 6), case["kernel"], torch.float32, "cpu",
+                          bias=case["bias"], residual=case["residual"], padding=case["padding"])
+    for t in (x, w, b, r):
+        if t is not None:
+            t.requires_grad_()
+    args = (x, w, b, r, case["padding"], [1, 1, 1], case["activation"])
+    torch.library.opcheck(torch.ops.fastseg3d.dwconv3d.default, args)
+    y = torch.ops.fastseg3d.dwconv3d(*args)
+    g = torch.randn_like(y)
+    bwd_args = (g, x.detach(), w.detach(), b.detach() if b is not None else None, case["padding"], [1, 1, 1],
+                case["activation"], [True, True, b is not None])
+    torch.library.opcheck(torch.ops.fastseg3d.dwconv3d_backward.default, bwd_args)
+
+
+def test_compile_fullgraph_op_forward_backward():
+    torch._dynamo.reset()
+    x, w, b, r = _tensors("channels_last", (2, 4, 5, 6, 7), (3, 3, 3), torch.float32, "cpu", residual=True)
+
+    def fn(x, w, b, r):
+        return torch.ops.fastseg3d.dwconv3d(x, w, b, r, [1, 1, 1], [1, 1, 1], "gelu_tanh")
+
+    eager = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    comp = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    y_e = fn(*eager)
+    y_c = torch.compile(fn, fullgraph=True)(*comp)
+    assert_close("y", y_c, y_e, torch.float32)
+    g = torch.randn_like(y_e)
+    y_e.backward(g)
+    y_c.backward(g)
+    for name, a, e in zip(("dx", "dw", "db", "dr"), comp, eager):
+        assert_close(name, a.grad, e.grad, torch.float32)
+
+
+def test_compile_fullgraph_public_functions():
+    torch._dynamo.reset()
+    x = torch.randn(2, 30, 8, requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, 3, requires_grad=True)
+
+    def fn(x, w):
+        y = dwconv3d_tokens(x, (2, 3, 5), w, activation="gelu")
+        vol = y.transpose(1, 2).reshape(2, 8, 2, 3, 5)
+        return dwconv3d(vol, w, padding=1).sum()
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert_close("loss", compiled(x, w), fn(x, w), torch.float32)
+    compiled(x, w).backward()
+    assert x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tokens"])
+def test_meta_device_forward_backward(layout):
+    shape = (2, 32, 128, 128, 128)  # nothing is allocated: sizes for memory accounting are free on meta
+    x, w, b, r = _tensors(layout, shape, (3, 3, 3), torch.bfloat16, "meta", residual=True)
+    for t in (x, w, b):
+        t.requires_grad_()
+    y = _run(layout, x, w, b, r, "gelu", "same", 1, shape[2:])
+    assert y.device.type == "meta" and y.dtype == torch.bfloat16
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+
+
+def test_autocast_casts_like_conv3d():
+    x = torch.randn(1, 4, 3, 4, 5)
+    w = torch.randn(4, 1, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dwconv3d(x, w, activation="relu")
+        expected = F.relu(F.conv3d(x, w, padding=1, groups=4))
+    assert y.dtype == expected.dtype == torch.bfloat16
+
+
+_BAD = [
+    (lambda: dwconv3d(torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3, 3)), ValueError, "x must be 5-D"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 3, 3, 3)), ValueError, "weight must have shape"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(4, 1, 3, 3, 3)), ValueError, "output channels"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), torch.randn(4)), ValueError, "bias"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3).double()), TypeError, "weight has dtype"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), torch.randn(3).half()), TypeError,
+     "bias has dtype"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3, device="meta")), TypeError,
+     "weight is on"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), activation="tanh"), ValueError,
+     "activation"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), padding="full"), ValueError, "padding"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), dilation=0), ValueError, "dilation"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), residual=torch.randn(1, 3, 4, 4, 5)),
+     ValueError, "residual must have"),
+    (lambda: dwconv3d(torch.randn(1, 3, 2, 4, 4), torch.randn(3, 1, 5, 3, 3), padding=0), ValueError, "does not fit"),
+    (lambda: dwconv3d(torch.randint(0, 3, (1, 3, 4, 4, 4)), torch.randn(3, 1, 3, 3, 3)), TypeError, "floating"),
+    (lambda: dwconv3d([1.0], torch.randn(3, 1, 3, 3, 3)), TypeError, "x must be a torch.Tensor"),
+    (lambda: dwconv3d_tokens(torch.randn(2, 24, 3), (2, 3, 5), torch.randn(3, 1, 3, 3, 3)), ValueError,
+     "spatial_shape"),
+    (lambda: dwconv3d_tokens(torch.randn(2, 3, 4, 3), (2, 3, 2), torch.randn(3, 1, 3, 3, 3)), ValueError, "3-D"),
+    (lambda: dwconv3d_tokens(torch.randn(2, 12, 3), (2, 3), torch.randn(3, 1, 3, 3, 3)), ValueError,
+     "spatial_shape"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", _BAD, ids=[m for _, _, m in _BAD])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_backend_policy(monkeypatch, caplog):
+    x = torch.randn(1, 2, 3, 4, 5)
+    w = torch.randn(2, 1, 3, 3, 3)
+    calls = []
+    op_module = sys.modules["fastseg3d.ops.dwconv3d"]  # the attribute fastseg3d.ops.dwconv3d is the function
+    monkeypatch.setattr(op_module, "dwconv3d_ref", lambda *a, **k: calls.append(1) or dwconv3d_ref(*a, **k))
+    with fastseg3d.backend("torch"):
+        dwconv3d(x, w)
+    assert calls == [1]
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="device=cpu"):
+        dwconv3d(x, w)
+    assert fastseg3d.get_backend() == "auto"
+    fastseg3d.backends._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastseg3d"):
+        dwconv3d(x, w)
+        dwconv3d(x, w)
+    fallbacks = [r for r in caplog.records if "falls back" in r.getMessage()]
+    assert len(fallbacks) == 1 and "device=cpu" in fallbacks[0].getMessage()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastseg3d.backend("cuda"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "weight_shape,dtype,reason",
+    [((6, 1, 3, 3, 3), torch.float32, "channel multiplier 2"), ((3, 1, 4, 4, 4), torch.float32, "kernel size"),
+     ((3, 1, 11, 1, 1), torch.float32, "kernel size"), ((3, 1, 3, 3, 3), torch.float64, "dtype=torch.float64")],
+)
+def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, reason):
+    from fastseg3d.ops.dwconv3d import dwconv3d_unsupported_reasons
+
+    x = torch.randn(1, 3, 12, 5, 6, dtype=dtype)
+    w = torch.randn(weight_shape, dtype=dtype)
+    out_shape = F.conv3d(x, w, padding="same", groups=3).shape
+    assert any(reason in r for r in dwconv3d_unsupported_reasons(x.to("meta"), w.to("meta"), out_shape))
+    assert_close("y", dwconv3d(x, w), F.conv3d(x, w, padding="same", groups=3), dtype)
+
+
+def test_bad_backend_env_is_reported():
+    proc = subprocess.run(
+        [sys.executable, "-c", "import fastseg3d"], env={"FASTSEG3D_BACKEND": "cudnn", "PATH": ""},
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0 and "FASTSEG3D_BACKEND must be one of" in proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interpreter tier: the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (tiny shapes; fp32 and fp16)
+
+_F32, _F16 = torch.float32, torch.float16
+_INTERPRET_CASES = [
+    # layout, shape (B, C, D, H, W), kernel, activation, residual, dtype
+    ("contiguous", (1, 3, 5, 7, 9), (3, 3, 3), None, False, _F32),
+    ("channels_last", (1, 3, 5, 7, 9), (3, 3, 3), "gelu", True, _F32),
+    ("tokens", (2, 4, 3, 5, 6), (3, 3, 3), "gelu", True, _F32),
+    ("contiguous", (1, 2, 4, 5, 6), (5, 5, 5), "relu", True, _F32),
+    ("channels_last", (1, 3, 3, 4, 5), (7, 7, 7), "silu", False, _F32),
+    ("contiguous", (2, 3, 3, 5, 7), (1, 3, 3), "gelu_tanh", True, _F32),
+    ("tokens", (1, 3, 3, 4, 5), (5, 5, 5), "gelu_tanh", True, _F32),
+    ("channels_last", (1, 3, 5, 7, 9), (1, 3, 3), "relu", False, _F16),
+    ("contiguous", (1, 3, 5, 7, 9), (3, 3, 3), "gelu", True, _F16),
+    ("tokens", (1, 4, 3, 4, 5), (3, 3, 3), "silu", False, _F16),
+    ("channels_last", (1, 2, 3, 4, 5), (7, 7, 7), None, True, _F16),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "layout,shape,kernel,activation,residual,dtype", _INTERPRET_CASES,
+    ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-k{''.join(map(str, c[2]))}-{c[3]}-res{int(c[4])}-{str(c[5])[6:]}"
+         for c in _INTERPRET_CASES],
+)
+def test_interpret_kernel_matches_reference(poison, layout, shape, kernel, activation, residual, dtype):
+    check_against_reference(layout, shape, kernel, activation, residual, dtype, "cpu")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "layout,padding,dilation,activation,bias",
+    [("contiguous", (0, 2, 1), (1, 2, 1), "relu", True), ("channels_last", (2, 1, 0), (2, 2, 1), "gelu", False),
+     ("contiguous", "same", (2, 1, 2), "silu", False)],
+)
+def test_interpret_padding_dilation_and_no_bias(poison, layout, padding, dilation, activation, bias):
+    check_against_reference(layout, (1, 3, 5, 6, 7), (3, 3, 3), activation, True, _F32, "cpu",
+                            bias=bias, padding=padding, dilation=dilation)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_interpret_expanded_grad_output(poison, layout):
+    check_against_reference(layout, (1, 3, 4, 5, 6), (3, 3, 3), "gelu", False, _F32, "cpu", grad="sum")
+
+
+@pytest.mark.interpret
+def test_interpret_64bit_indexing_path(poison, monkeypatch):
+    import fastseg3d.kernels.dwconv3d as k
+
+    monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
+    check_against_reference("channels_last", (1, 3, 3, 4, 5), (3, 3, 3), "silu", True, _F32, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_weight_grad_is_bitwise_deterministic():
+    x, w, b, _ = _tensors("contiguous", (2, 2, 3, 4, 5), (3, 3, 3), _F32, "cpu")
+    g = torch.randn(2, 2, 3, 4, 5)
+    results = []
+    with fastseg3d.backend("triton"):
+        for _ in range(2):
+            results.append(torch.ops.fastseg3d.dwconv3d_backward(g, x, w, b, [1, 1, 1], [1, 1, 1], "gelu",
+                                                                 [True, True, True]))
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU tier: real sizes, bf16, determinism, compile on CUDA
+
+_GPU_CASES = [
+    (layout, shape, kernel, act, dtype)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for layout, shape, kernel, act in [
+        ("contiguous", (2, 32, 33, 40, 47), (3, 3, 3), "gelu"),
+        ("channels_last", (2, 64, 17, 24, 31), (3, 3, 3), None),
+        ("tokens", (2, 128, 16, 16, 16), (3, 3, 3), "gelu"),
+        ("channels_last", (1, 48, 9, 20, 21), (5, 5, 5), "silu"),
+        ("contiguous", (1, 16, 7, 33, 35), (1, 7, 7), "gelu_tanh"),
+        ("tokens", (1, 160, 4, 6, 5), (3, 3, 3), "relu"),
+    ]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout,shape,kernel,activation,dtype", _GPU_CASES,
+                         ids=[f"{c[0]}-{c[1][1]}c-k{c[2][0]}{c[2][1]}-{c[3]}-{str(c[4])[6:]}" for c in _GPU_CASES])
+def test_gpu_kernel_matches_reference(poison, layout, shape, kernel, activation, dtype):
+    check_against_reference(layout, shape, kernel, activation, True, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gpu_bitwise_determinism(layout):
+    x, w, b, r = _tensors(layout, (2, 32, 32, 32, 32), (3, 3, 3), torch.bfloat16, "cuda", residual=True)
+    runs = []
+    for _ in range(3):
+        ins = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+        with fastseg3d.backend("triton"):
+            y = dwconv3d(*ins[:3], activation="gelu", residual=ins[3])
+        y.backward(torch.ones_like(y))
+        runs.append([y.detach()] + [t.grad for t in ins])
+    for other in runs[1:]:
+        for a, e in zip(runs[0], other):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    torch._dynamo.reset()
+    x, w, b, r = _tensors("channels_last", (2, 32, 16, 20, 24), (3, 3, 3), torch.bfloat16, "cuda", residual=True)
+
+    def fn(x, w, b, r):
+        return dwconv3d(x, w, b, activation="gelu", residual=r)
+
+    eager = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    comp = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
+    with fastseg3d.backend("triton"):
+        y_e = fn(*eager)
+        y_c = torch.compile(fn, fullgraph=True)(*comp)
+    assert_close("y", y_c, y_e, torch.bfloat16)
+    g = torch.randn_like(y_e)
+    y_e.backward(g)
+    y_c.backward(g)
+    for name, a, e in zip(("dx", "dw", "db", "dr"), comp, eager):
+        assert_close(name, a.grad, e.grad, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_indexing_large_tensor():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 16 * 2**30:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    x = torch.randn(1, 16, 512, 512, 520, device="cuda", dtype=torch.bfloat16)  # 2.18e9 elements > 2**31
+    w = torch.randn(16, 1, 3, 3, 3, device="cuda", dtype=torch.bfloat16)
+    with fastseg3d.backend("triton"):
+        y = dwconv3d(x, w)
+    tail = x[:, :, -4:].double()
+    expected = F.conv3d(tail, w.double(), padding=(0, 1, 1), groups=16)  # the last 2 output slices but one
+    assert_close("y tail", y[:, :, -3:-1], expected, torch.bfloat16)
