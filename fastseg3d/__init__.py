@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastseg3d import backends, nn, ops, reference
+from fastseg3d import backends, info, nn, ops, reference
 from fastseg3d.backends import backend, get_backend
 from fastseg3d.patch import convert_model, revert_model
 
@@ -14,6 +14,7 @@ __all__ = [
     "backends",
     "convert_model",
     "get_backend",
+    "info",
     "nn",
     "ops",
     "reference",

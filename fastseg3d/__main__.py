@@ -1,0 +1,3 @@
+from fastseg3d.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""``fastseg3d info``: versions, the device, and which implementation each op takes and why."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from fastseg3d import backends
+
+__all__ = ["collect", "main", "op_choices"]
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except ImportError:
+        return "not installed"
+
+
+def _probe_cases(device: torch.device, dtype: torch.dtype):
+    """One representative call per op: (name, unsupported reasons)."""
+    from fastseg3d.ops.dwconv3d import dwconv3d_unsupported_reasons
+
+    with torch.device("meta"):
+        x = torch.empty(2, 32, 32, 32, 32, dtype=dtype)
+        w = torch.empty(32, 1, 3, 3, 3, dtype=dtype)
+    # The reasons depend on the device, dtype and configuration, not on data: probe with meta shapes, real device.
+    device_reasons = backends.device_reasons(device)
+    shape_reasons = dwconv3d_unsupported_reasons(x, w, x.shape)
+    yield "dwconv3d", device_reasons + shape_reasons
+    yield "dwconv3d_tokens", device_reasons + shape_reasons
+
+
+def op_choices(device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str]]:
+    """(op, implementation, why) for each op on ``device`` (default: cuda if available, else cpu)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [(name, *backends.decide(name, reasons)) for name, reasons in _probe_cases(device, dtype)]
+
+
+def collect() -> dict:
+    from fastseg3d import __version__
+
+    cuda = torch.cuda.is_available()
+    return {
+        "fastseg3d": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda or "none (CPU build of torch)",
+        "cudnn": str(torch.backends.cudnn.version()) if cuda else "n/a",
+        "monai": _version("monai"),
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "backend policy": backends.get_backend(),
+        "TRITON_INTERPRET": "1" if backends.interpreter_active() else "0",
+    }
+
+
+def main() -> int:
+    info = collect()
+    width = max(map(len, info))
+    print("fastseg3d environment")
+    for key, value in info.items():
+        print(f"  {key:<{width}}  {value}")
+    print("ops (bf16 input on the default device)")
+    for name, choice, why in op_choices():
+        print(f"  {name:<16} {choice:<7} {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""fastseg3d.nn.DepthwiseConv3d against nn.Conv3d."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastseg3d
+from fastseg3d.nn import DepthwiseConv3d
+from tests.utils import assert_close
+
+_CONFIGS = [
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
+    dict(in_channels=6, out_channels=6, kernel_size=(1, 3, 3), padding=(0, 1, 1), groups=6, bias=False),
+    dict(in_channels=6, out_channels=6, kernel_size=5, padding="same", dilation=2, groups=6),
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding="valid", groups=6),
+    dict(in_channels=6, out_channels=6, kernel_size=3, stride=2, padding=1, groups=6),  # falls back: stride
+    dict(in_channels=6, out_channels=12, kernel_size=3, padding=1, groups=6),  # falls back: multiplier
+    dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6, padding_mode="reflect"),  # falls back
+    dict(in_channels=6, out_channels=4, kernel_size=3, padding=1),  # a dense conv: falls back
+]
+
+
+@pytest.mark.parametrize("cfg", _CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "groups"))
+def test_same_constructor_state_dict_repr_and_output(cfg):
+    torch.manual_seed(0)
+    ref = nn.Conv3d(**cfg)
+    torch.manual_seed(0)
+    ours = DepthwiseConv3d(**cfg)
+    assert repr(ours) == repr(ref).replace("Conv3d", "DepthwiseConv3d") and str(ours)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 6, 7, 8, 9, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    assert_close("y", ours(x), ref(x2), torch.float32)
+    ours(x).sum().backward()
+    ref(x2).sum().backward()
+    assert_close("dx", x.grad, x2.grad, torch.float32)
+    assert_close("dw", ours.weight.grad, ref.weight.grad, torch.float32)
+
+
+def test_fusable_only_for_depthwise_stride1_zero_padding():
+    assert DepthwiseConv3d(4, 4, 3, padding=1, groups=4).fusable()
+    assert not DepthwiseConv3d(4, 4, 3, stride=2, groups=4).fusable()
+    assert not DepthwiseConv3d(4, 8, 3, groups=4).fusable()
+    assert not DepthwiseConv3d(4, 4, 3, groups=4, padding=1, padding_mode="circular").fusable()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("padding", [1, "same", 0])
+def test_interpret_module_fused_path(poison, padding):
+    ref = nn.Conv3d(3, 3, 3, padding=padding, groups=3)
+    ours = DepthwiseConv3d(3, 3, 3, padding=padding, groups=3)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    with fastseg3d.backend("triton"):
+        y = ours(x)
+    assert_close("y", y, ref(x), torch.float32)

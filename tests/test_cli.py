@@ -1,0 +1,35 @@
+"""fastseg3d info / demo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import fastseg3d
+
+
+def test_info_command_lists_versions_and_op_choices():
+    proc = subprocess.run([sys.executable, "-m", "fastseg3d", "info"], capture_output=True, text=True, check=True)
+    out = proc.stdout
+    for key in ("torch", "triton", "cuda", "monai", "device", "backend policy"):
+        assert key in out
+    assert torch.__version__ in out
+    assert "dwconv3d" in out and "dwconv3d_tokens" in out
+
+
+def test_op_choices_follow_policy():
+    cpu = torch.device("cpu")
+    assert fastseg3d.info.op_choices(cpu)[0][1] == "torch"
+    assert "device=cpu" in fastseg3d.info.op_choices(cpu)[0][2]
+    assert fastseg3d.info.op_choices(torch.device("meta"))[0][1] == "triton"
+    with fastseg3d.backend("torch"):
+        assert fastseg3d.info.op_choices(torch.device("meta"))[0] == ("dwconv3d", "torch", "FASTSEG3D_BACKEND=torch")
+
+
+def test_demo_runs_and_checks_itself():
+    proc = subprocess.run([sys.executable, "-m", "fastseg3d", "demo", "--size", "8", "--channels", "4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "demo OK" in proc.stdout

@@ -1,0 +1,75 @@
+"""convert_model / revert_model on a MONAI network and on plain modules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fastseg3d
+from fastseg3d.nn import DepthwiseConv3d
+from tests.utils import assert_close
+
+
+def _mednext():
+    nets = pytest.importorskip("monai.networks.nets")
+    return nets.MedNeXt(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, kernel_size=3,
+                        blocks_down=(1, 1, 1, 1), blocks_bottleneck=1, blocks_up=(1, 1, 1, 1))
+
+
+def test_convert_monai_mednext_keeps_keys_parameters_and_outputs():
+    net = _mednext()
+    keys = list(net.state_dict())
+    params = {name: p for name, p in net.named_parameters()}
+    depthwise = [n for n, m in net.named_modules() if type(m) is nn.Conv3d and m.groups == m.in_channels > 1]
+    assert depthwise, "MedNeXt should contain depthwise convolutions"
+    x = torch.randn(1, 1, 32, 32, 32)
+    net.eval()
+    expected = net(x)
+
+    converted = fastseg3d.convert_model(net)
+    assert converted is net
+    modules = dict(net.named_modules())
+    assert all(type(modules[n]) is DepthwiseConv3d for n in depthwise)
+    assert not any(type(m) is nn.Conv3d and m.groups == m.in_channels > 1 for m in net.modules())
+    assert list(net.state_dict()) == keys
+    assert all(p is params[name] for name, p in net.named_parameters())  # shared, not copied
+    assert_close("y", net(x), expected, torch.float32)
+
+    fastseg3d.revert_model(net)
+    assert not any(isinstance(m, DepthwiseConv3d) for m in net.modules())
+    assert list(net.state_dict()) == keys
+    assert_close("y", net(x), expected, torch.float32)
+
+
+def test_convert_leaves_other_convs_and_handles_a_bare_module():
+    model = nn.Sequential(nn.Conv3d(4, 8, 3), nn.Conv3d(8, 8, 3, groups=8), nn.Conv3d(8, 16, 3, groups=8))
+    fastseg3d.convert_model(model)
+    assert [type(m) for m in model] == [nn.Conv3d, DepthwiseConv3d, nn.Conv3d]
+    bare = fastseg3d.convert_model(nn.Conv3d(5, 5, 3, groups=5))
+    assert type(bare) is DepthwiseConv3d
+    assert type(fastseg3d.revert_model(bare)) is nn.Conv3d
+
+
+def test_converted_model_trains_like_the_original():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv3d(2, 4, 1), nn.Conv3d(4, 4, 3, padding=1, groups=4), nn.GELU(), nn.Conv3d(4, 1, 1))
+    twin = nn.Sequential(*[type(m)(**_ctor(m)) if isinstance(m, nn.Conv3d) else m for m in base])
+    twin.load_state_dict(base.state_dict())
+    fastseg3d.convert_model(twin)
+    x, target = torch.randn(2, 2, 6, 7, 8), torch.randn(2, 1, 6, 7, 8)
+    losses = []
+    for model in (base, twin):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            loss = (model(x) - target).square().mean()
+            loss.backward()
+            opt.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def _ctor(m: nn.Conv3d) -> dict:
+    return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size,
+                padding=m.padding, groups=m.groups)
