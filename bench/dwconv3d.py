@@ -1,0 +1,74 @@
+"""case=dwconv3d: the fused depthwise 3x3x3 conv (bias) against ATen's native kernel (NCDHW), cuDNN
+(channels_last_3d), SegFormer3D's transpose-conv-transpose token path, and torch.compile."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from bench.registry import Case, Setup, register
+
+# SegFormer3D's Mix-FFN at a 128^3 input: tokens (B, D*H*W, 4*embed_dim) per stage.
+_TOKEN_STAGES = [(2, 32, 128), (2, 16, 256), (2, 8, 640), (2, 4, 1024)]
+_VOLUMES = [(2, 32, 128), (2, 64, 64), (2, 128, 32)]
+
+
+def _shapes(quick: bool) -> list[tuple[str, dict]]:
+    volumes = [(1, 4, 8)] if quick else _VOLUMES
+    stages = [(1, 4, 8)] if quick else _TOKEN_STAGES
+    out = []
+    for layout in ("ncdhw", "channels_last"):
+        for b, c, s in volumes:
+            out.append((f"{b}x{c}x{s}^3 {layout}", dict(layout=layout, b=b, c=c, s=s)))
+    for b, s, c in stages:
+        out.append((f"{b}x{s ** 3}x{c} tokens {s}^3", dict(layout="tokens", b=b, c=c, s=s)))
+    return out
+
+
+def _providers(spec: dict) -> list[str]:
+    if spec["layout"] == "tokens":
+        return ["fastseg3d", "torch", "torch.compile"]
+    peer = "aten-native" if spec["layout"] == "ncdhw" else "cudnn-channels-last"
+    return ["fastseg3d", f"torch ({peer})", "torch.compile-max-autotune"]
+
+
+def _official_token_path(x, w, bias, s):
+    # SegFormer3D's DWConv: tokens -> NCDHW copy -> conv -> tokens copy.
+    b, n, c = x.shape
+    vol = x.transpose(1, 2).reshape(b, c, s, s, s).contiguous()
+    return F.conv3d(vol, w, bias, padding=1, groups=c).flatten(2).transpose(1, 2).contiguous()
+
+
+def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) -> Setup:
+    b, c, s = spec["b"], spec["c"], spec["s"]
+    w = (torch.randn(c, 1, 3, 3, 3, device=device) / 27**0.5).to(dtype).requires_grad_()
+    bias = torch.randn(c, device=device, dtype=dtype, requires_grad=True)
+    if spec["layout"] == "tokens":
+        x = torch.randn(b, s**3, c, device=device, dtype=dtype, requires_grad=True)
+        if provider == "fastseg3d":
+            def fwd():
+                return fastseg3d.ops.dwconv3d_tokens(x, (s, s, s), w, bias)
+        else:
+            fn = _official_token_path if provider == "torch" else torch.compile(_official_token_path)
+
+            def fwd():
+                return fn(x, w, bias, s)
+    else:
+        fmt = torch.channels_last_3d if spec["layout"] == "channels_last" else torch.contiguous_format
+        x = torch.randn(b, c, s, s, s, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+        if provider == "fastseg3d":
+            def fwd():
+                return fastseg3d.ops.dwconv3d(x, w, bias)
+        else:
+            conv = lambda x, w, bias: F.conv3d(x, w, bias, padding=1, groups=c)  # noqa: E731
+            fn = conv if provider.startswith("torch (") else torch.compile(conv, mode="max-autotune-no-cudagraphs")
+
+            def fwd():
+                return fn(x, w, bias)
+    nbytes = x.numel() * x.element_size()
+    # fwd reads x and writes y; bwd reads x and dy and writes dx (weights are negligible).
+    return Setup(fwd, [x, w, bias], {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "fwd+bwd": 5 * nbytes})
+
+
+CASE = register(Case(name="dwconv3d", shapes=_shapes, providers=_providers, setup=_setup))

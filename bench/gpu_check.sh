@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One run on a machine with a GPU: install what is missing, run the GPU test tier and the benchmarks, and
+# write logs, rows (JSON lines), tables and plots under $OUT (default: ./gpu_out).
+#   bash bench/gpu_check.sh                # everything
+#   BENCH_ARGS="--dtype bf16" bash bench/gpu_check.sh
+set -uo pipefail
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT/results"
+export PYTHONUNBUFFERED=1
+
+# Carried wheels (monai, nibabel, ...) go to a private site dir; torch and triton come with the image.
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
+  echo "install failed"; cat "$OUT/install.log"; exit 1; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch; print('cudnn', torch.backends.cudnn.version())"
+  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  python3 -m fastseg3d info
+} > "$OUT/info.txt" 2>&1
+cat "$OUT/info.txt"
+
+status=0
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -m "not interpret" -q -p no:cacheprovider \
+  > "$OUT/gpu_tests.log" 2>&1 || status=$?
+tail -n 25 "$OUT/gpu_tests.log"
+
+timeout "${BENCH_TIMEOUT:-300}" python3 -m bench.run --case dwconv3d --out "$OUT/results" --plot ${BENCH_ARGS:-} \
+  > "$OUT/bench_table.txt" 2> "$OUT/bench.log" || status=$?
+cat "$OUT/bench_table.txt"
+tail -n 5 "$OUT/bench.log"
+exit $status
