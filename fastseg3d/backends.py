@@ -82,9 +82,9 @@ def device_reasons(device: torch.device) -> list[str]:
         return ["triton is not installed"]
     if device.type == "cuda":
         return []
-    if device.type == "cpu" and interpreter_active():
+    if device.type == "cpu" and interpreter_active() and get_backend() == "triton":
         return []
-    return [f"device={device.type} (Triton kernels run on cuda, or on cpu with TRITON_INTERPRET=1)"]
+    return [f"device={device.type} (Triton kernels run on cuda; on cpu only with TRITON_INTERPRET=1 and the triton backend)"]
 
 
 def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str, str]:

@@ -33,3 +33,17 @@ def test_demo_runs_and_checks_itself():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "demo OK" in proc.stdout
+
+
+def test_import_without_triton_falls_back_to_reference():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, fastseg3d\n"
+        "assert not fastseg3d.backends.HAS_TRITON\n"
+        "x, w = torch.randn(1, 2, 3, 4, 5), torch.randn(2, 1, 3, 3, 3)\n"
+        "y = fastseg3d.ops.dwconv3d(x, w)\n"
+        "print(fastseg3d.info.op_choices(torch.device('cpu'))[0][2])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "triton is not installed" in proc.stdout
