@@ -199,7 +199,10 @@ def _dwconv3d_bwd_weight_kernel(
 
     acc_w = tl.zeros([BLOCK_C, TAPS], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for od in range(d_start, d_end):
+    for od_i in range(d_start, d_end):
+        od = od_i
+        if INT64:
+            od = od_i.to(tl.int64)
         g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + w3 * sgw, mask=out_mask, other=0.0)
         g = g.to(tl.float32)
         if COMPUTE_DZ:
