@@ -202,7 +202,7 @@ def _dwconv3d_bwd_weight_kernel(
     for od_i in range(d_start, d_end):
         od = od_i
         if INT64:
-            od = od_i.to(tl.int64)
+            od = tl.cast(od_i, tl.int64)
         g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + w3 * sgw, mask=out_mask, other=0.0)
         g = g.to(tl.float32)
         if COMPUTE_DZ:
