@@ -32,6 +32,13 @@ def _probe_cases(device: torch.device, dtype: torch.dtype):
     yield "dwconv3d", device_reasons + shape_reasons
     yield "dwconv3d_tokens", device_reasons + shape_reasons
 
+    from fastseg3d.ops.attention import attention_unsupported_reasons
+
+    with torch.device("meta"):
+        q = torch.empty(2, 32768, 1, 32, dtype=dtype)  # SegFormer3D stage 1 at a 128^3 input
+        kv = torch.empty(2, 512, 2, 1, 32, dtype=dtype)
+    yield "attention", device_reasons + attention_unsupported_reasons(q, kv[:, :, 0], kv[:, :, 1])
+
 
 def op_choices(device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str]]:
     """(op, implementation, why) for each op on ``device`` (default: cuda if available, else cpu)."""

@@ -13,20 +13,23 @@ TOLERANCES = {
 }
 
 
-def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+def assert_close(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0, floor: float = 0.0
+):
     """Fail with a readable message unless ``actual`` matches ``expected`` within ``dtype``'s tolerance.
 
     Both the relative RMS error and the largest elementwise error (relative to the reference's scale) are
-    checked; NaN or Inf anywhere in ``actual`` fails.
+    checked; NaN or Inf anywhere in ``actual`` fails. ``floor`` is the smallest reference scale errors are measured
+    against, for references that are zero up to rounding (e.g. dq of attention over a single key).
     """
     assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     a = actual.detach().double().cpu()
     e = expected.detach().double().cpu()
     assert torch.isfinite(a).all(), f"{name}: {int((~torch.isfinite(a)).sum())} non-finite values"
     rms_tol, max_tol = (t * scale for t in TOLERANCES[dtype])
-    ref_scale = max(e.abs().max().item(), 1e-12)
+    ref_scale = max(e.abs().max().item(), floor, 1e-12)
     err = (a - e).abs()
-    rel_rms = (err.pow(2).mean().sqrt() / max(e.pow(2).mean().sqrt().item(), 1e-12)).item()
+    rel_rms = (err.pow(2).mean().sqrt() / max(e.pow(2).mean().sqrt().item(), floor, 1e-12)).item()
     rel_max = err.max().item() / ref_scale
     if rel_rms > rms_tol or rel_max > max_tol:
         idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.dwconv3d import DepthwiseConv3d
 
-__all__ = ["DepthwiseConv3d"]
+__all__ = ["DepthwiseConv3d", "EfficientSelfAttention3d"]

@@ -252,15 +252,6 @@ _dwconv3d_op.register_autograd(_backward, setup_context=_setup_context)
 # Public functions
 
 
-def _autocast(x: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Cast like ``F.conv3d`` does under autocast, so a fused layer behaves like the layer it replaces."""
-    device_type = x.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in (x, *tensors))
-    return (x, *tensors)
-
-
 def dwconv3d(
     x: Tensor,
     weight: Tensor,
@@ -294,7 +285,7 @@ def dwconv3d(
         torch.Size([1, 8, 6, 7, 9])
     """
     if isinstance(x, Tensor) and isinstance(weight, Tensor):
-        x, weight, bias, residual = _autocast(x, weight, bias, residual)
+        x, weight, bias, residual = utils.autocast_inputs(x.device.type, x, weight, bias, residual)
     pad, dil, out_shape = _validate(x, weight, bias, residual, padding, dilation, activation)
     reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
     if backends.select("dwconv3d", reasons):

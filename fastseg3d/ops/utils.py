@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["empty", "layout_of"]
+__all__ = ["autocast_inputs", "empty", "layout_of"]
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -17,3 +17,11 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 5 and x.shape[1] > 1 and x.stride(1) == 1:
         return torch.channels_last_3d
     return torch.contiguous_format
+
+
+def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Cast floating inputs to the autocast dtype when autocast is on, as ATen's conv and attention ops do."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tensors

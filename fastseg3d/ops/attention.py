@@ -1,0 +1,147 @@
+"""Flash-style attention for spatial-reduction attention: queries (B, N, H, d), keys/values (B, M, H, d), N != M.
+
+The Triton kernels are in ``fastseg3d.kernels.attention``, the references in ``fastseg3d.reference.attention``.
+``fastseg3d::attention`` returns the output and the per-row log-sum-exp; ``fastseg3d::attention_backward``
+recomputes the probabilities. Memory is O(N d): no N x M tensor is allocated on the fused path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastseg3d import backends
+from fastseg3d.ops import utils
+from fastseg3d.reference.attention import attention_backward_ref, attention_forward_ref, attention_ref
+
+__all__ = ["attention", "attention_unsupported_reasons"]
+
+_FUSED_HEAD_DIMS = (16, 32, 64, 128)
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535
+
+
+def _validate(q, k, v, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head_dim (B, *, H, d)"
+        )
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass tensors of one dtype")
+        if t.device != q.device:
+            raise TypeError(f"{name} is on {t.device} but q is on {q.device}; pass tensors on one device")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
+    """Why the fused kernel cannot take this (already validated) case; empty when it can."""
+    reasons = backends.device_reasons(q.device)
+    if q.dtype not in _FUSED_DTYPES:
+        reasons.append(f"dtype={q.dtype} (fused: float32, float16, bfloat16)")
+    if q.shape[-1] not in _FUSED_HEAD_DIMS:
+        reasons.append(f"head_dim={q.shape[-1]} (fused: {', '.join(map(str, _FUSED_HEAD_DIMS))})")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        reasons.append("head_dim is not the unit-stride axis of q, k and v")
+    if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
+        reasons.append("no tokens")
+    if q.shape[0] * q.shape[2] > _MAX_GRID_Y:
+        reasons.append(f"batch x heads above {_MAX_GRID_Y}")
+    return reasons
+
+
+def _launchable(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+@torch.library.triton_op("fastseg3d::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    b, n, h, d = q.shape
+    if q.device.type != "meta" and not _launchable(q.device):
+        return attention_forward_ref(q, k, v, scale)
+    out = utils.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    lse = utils.empty((b, h, n), dtype=torch.float32, device=q.device)
+    if q.device.type == "meta":
+        return out, lse
+    from fastseg3d.kernels.attention import attention_fwd
+
+    attention_fwd(q, k, v, scale, out, lse)
+    return out, lse
+
+
+@torch.library.triton_op("fastseg3d::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    if q.device.type != "meta" and not _launchable(q.device):
+        return attention_backward_ref(grad, q, k, v, out, lse, scale)
+    dq = utils.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = utils.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = utils.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.device.type == "meta":
+        return dq, dk, dv
+    from fastseg3d.kernels.attention import attention_bwd
+
+    if grad.stride(-1) != 1:  # e.g. the stride-0 gradient of a sum
+        grad = grad.contiguous()
+    attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=utils.empty)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastseg3d.attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Non-causal softmax attention ``softmax(q k^T * scale) v`` with N queries and M keys (N != M allowed).
+
+    Args:
+        q: (B, N, H, d) queries, e.g. ``query(x).view(B, N, H, d)``; any strides with a unit stride on d.
+        k: (B, M, H, d) keys, e.g. ``kv[:, :, 0]`` of ``kv = key_value(x_).view(B, M, 2, H, d)`` (read in place).
+        v: (B, M, H, d) values, ``kv[:, :, 1]``.
+        scale: the logit scale; default ``d ** -0.5``.
+
+    Returns:
+        (B, N, H, d), contiguous, so ``.reshape(B, N, H * d)`` is free.
+
+    Head dims 16, 32, 64 and 128 in fp32 (TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows),
+    fp16 and bf16 are fused; other cases run the reference (``F.scaled_dot_product_attention``) under ``auto``.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> q = torch.randn(2, 37, 2, 32)
+        >>> kv = torch.randn(2, 11, 2 * 2 * 32).view(2, 11, 2, 2, 32)
+        >>> fastseg3d.ops.attention(q, kv[:, :, 0], kv[:, :, 1]).shape
+        torch.Size([2, 37, 2, 32])
+    """
+    _validate(q, k, v, scale)
+    q, k, v = utils.autocast_inputs(q.device.type, q, k, v)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    if backends.select("attention", attention_unsupported_reasons(q, k, v)):
+        return torch.ops.fastseg3d.attention(q, k, v, scale)[0]
+    return attention_ref(q, k, v, scale)

@@ -1,0 +1,245 @@
+"""Triton kernels of flash-style non-causal attention for spatial-reduction (PVT/SegFormer) attention.
+
+Layout: q (B, N, H, d), k and v (B, M, H, d), any strides with a unit stride on d (strided views of a Linear
+output are read in place); o (B, N, H, d) contiguous; lse (B, H, N) fp32, natural log.
+
+Forward: one program per (query block, batch x head); online softmax in fp32 with exp2; saves only o and lse.
+Backward: ``delta = rowsum(o * do)``; dk/dv by key block, each program walking a share of the query blocks
+(partial sums over shares land in an fp32 workspace and are reduced in a fixed order); dq by query block.
+No atomics: every gradient is bitwise deterministic. No N x M tensor is ever allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg3d.backends import interpreter_active
+
+__all__ = ["attention_bwd", "attention_fwd"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    N, M, H, qk_scale,
+    sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sob, son, soh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, M, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, N, H,
+    sob, son, soh, sdb, sdn, sdh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    N, M, H, qk_scale, scale, ROWS_PER_SPLIT,
+    sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk, dv of one key block from the query rows [split * ROWS_PER_SPLIT, (split + 1) * ROWS_PER_SPLIT).
+
+    Writes fp32 partials to dk/dv workspaces of shape (splits, B, H, M, d)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < M
+    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    q_base = q_ptr + b * sqb + h * sqh
+    do_base = do_ptr + b * sdb + h * sdh
+    row_base = pid_bh.to(tl.int64) * N
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    row_start = pid_s * ROWS_PER_SPLIT
+    row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
+    for start in range(row_start, row_end, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < row_end
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t = tl.where(row_ok[None, :] & col_ok[:, None], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    out = ((pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * M + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(dk_ptr + out, dk * scale, mask=col_ok[:, None])
+    tl.store(dv_ptr + out, dv, mask=col_ok[:, None])
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    N, M, H, qk_scale, scale,
+    sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh, sgb, sgn, sgh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    row_base = pid_bh.to(tl.int64) * N
+    lse2 = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start in range(0, M, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < M
+        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(col_ok[None, :] & row_ok[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers (inputs validated by fastseg3d.ops.attention)
+
+
+def _precision(dtype: torch.dtype) -> str | None:
+    if dtype != torch.float32:
+        return None  # half types: the backend's default tensor-core path
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreter_active() else "ieee"
+
+
+def _blocks(n_rows: int, n_cols: int, head_dim: int) -> tuple[int, int, int]:
+    np2 = triton.next_power_of_2
+    if interpreter_active():
+        return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4
+    block_m = 128 if head_dim <= 64 else 64
+    return max(16, min(block_m, np2(n_rows))), max(16, min(64, np2(n_cols))), 4 if head_dim <= 64 else 8
+
+
+def _qk(q: torch.Tensor) -> tuple[int, int, int]:
+    return q.stride(0), q.stride(1), q.stride(2)
+
+
+def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    bsz, n, h, d = q.shape
+    m = k.shape[1]
+    block_m, block_n, warps = _blocks(n, m, d)
+    grid = (triton.cdiv(n, block_m), bsz * h)
+    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+        q, k, v, out, lse, n, m, h, scale * _LOG2E,
+        *_qk(q), *_qk(k), *_qk(v), *_qk(out),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=warps,
+    )
+
+
+def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch.empty) -> None:
+    """Write dq, dk, dv (dk/dv of shape (B, M, H, d)); ``empty`` allocates the workspaces."""
+    bsz, n, h, d = q.shape
+    m = k.shape[1]
+    precision = _precision(q.dtype)
+    block_m, block_n, warps = _blocks(n, m, d)
+    block_m = min(block_m, 64)
+
+    delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
+    torch.library.wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n, block_m), bsz * h)](
+        out, grad, delta, n, h, *_qk(out), *_qk(grad), HEAD_DIM=d, BLOCK_M=block_m,
+    )
+
+    n_kblocks = triton.cdiv(m, block_n)
+    n_qblocks = triton.cdiv(n, block_m)
+    if interpreter_active() or q.device.type != "cuda":
+        splits = 1
+    else:
+        # Few key blocks (M = N / sr^3 is small) would leave most SMs idle: split the query rows among programs.
+        target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = max(1, min(n_qblocks, triton.cdiv(target, n_kblocks * bsz * h)))
+    rows_per_split = triton.cdiv(n_qblocks, splits) * block_m
+    splits = triton.cdiv(n, rows_per_split)
+    dk_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
+    dv_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
+    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(n_kblocks, bsz * h, splits)](
+        q, k, v, grad, lse, delta, dk_ws, dv_ws,
+        n, m, h, scale * _LOG2E, scale, rows_per_split,
+        *_qk(q), *_qk(k), *_qk(v), *_qk(grad),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps,
+    )
+    # Fixed-order sums over the splits keep dk/dv deterministic.
+    dk.copy_(dk_ws.sum(0).permute(0, 2, 1, 3))
+    dv.copy_(dv_ws.sum(0).permute(0, 2, 1, 3))
+
+    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(n_qblocks, bsz * h)](
+        q, k, v, grad, lse, delta, dq,
+        n, m, h, scale * _LOG2E, scale,
+        *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps,
+    )
+

@@ -1,0 +1,118 @@
+"""fastseg3d.nn.EfficientSelfAttention3d against SegFormer3D's unfused composition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastseg3d
+from fastseg3d.nn import EfficientSelfAttention3d
+from fastseg3d.reference.attention import efficient_self_attention3d_ref
+from tests.utils import assert_close
+
+_OFFICIAL_KEYS = ["query.weight", "query.bias", "key_value.weight", "key_value.bias", "proj.weight", "proj.bias"]
+
+
+def test_state_dict_keys_match_segformer3d():
+    assert list(EfficientSelfAttention3d(32, 1, sr_ratio=1).state_dict()) == _OFFICIAL_KEYS
+    keys = list(EfficientSelfAttention3d(32, 1, sr_ratio=4).state_dict())
+    assert keys == _OFFICIAL_KEYS + ["sr.weight", "sr.bias", "sr_norm.weight", "sr_norm.bias"]
+    sd = EfficientSelfAttention3d(64, 2, sr_ratio=2).state_dict()
+    assert sd["key_value.weight"].shape == (128, 64) and sd["sr.weight"].shape == (64, 64, 2, 2, 2)
+    assert "query.bias" not in EfficientSelfAttention3d(32, 1, qkv_bias=False).state_dict()
+
+
+def _compare(module, spatial, dtype, device, train_grads=True):
+    torch.manual_seed(1)
+    b, c = 2, module.dim
+    n = spatial[0] * spatial[1] * spatial[2]
+    x = torch.randn(b, n, c, device=device, dtype=dtype, requires_grad=True)
+    ref_module = EfficientSelfAttention3d(c, module.num_heads, module.sr_ratio, scale=module.scale).to(device)
+    ref_module = ref_module.double()
+    ref_module.load_state_dict(module.state_dict())
+    x_ref = x.detach().double().requires_grad_()
+    y = module(x, spatial)
+    y_ref = efficient_self_attention3d_ref(ref_module, x_ref, spatial)
+    assert_close("y", y, y_ref, dtype)
+    if train_grads:
+        g = torch.randn_like(y_ref)
+        y.backward(g.to(dtype))
+        y_ref.backward(g)
+        assert_close("dx", x.grad, x_ref.grad, dtype, scale=2.0)
+        for (name, p), p_ref in zip(module.named_parameters(), ref_module.parameters()):
+            assert_close(f"d{name}", p.grad, p_ref.grad, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("sr,spatial", [(1, (3, 5, 4)), (2, (4, 6, 2)), (4, (8, 4, 12))])
+def test_reference_backend_matches_unfused_composition(sr, spatial):
+    module = EfficientSelfAttention3d(16, 2, sr_ratio=sr).double()
+    with fastseg3d.backend("torch"):
+        _compare(module, spatial, torch.float64, "cpu")
+
+
+def test_num_heads_scale_reproduces_2024_release():
+    module = EfficientSelfAttention3d(64, 2, sr_ratio=2, scale=2**-0.5).double()
+    _compare(module, (4, 4, 2), torch.float64, "cpu")
+
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    module = EfficientSelfAttention3d(32, 2, sr_ratio=2)
+    x = torch.randn(2, 4 * 6 * 2, 32, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True)
+    y = compiled(x, (4, 6, 2))
+    assert_close("y", y, module(x, (4, 6, 2)), torch.float32)
+    y.sum().backward()
+    assert x.grad is not None and module.sr.weight.grad is not None
+
+
+def test_meta_device_at_full_resolution():
+    with torch.device("meta"):
+        module = EfficientSelfAttention3d(32, 1, sr_ratio=4)
+        x = torch.randn(2, 64 * 64 * 64, 32, requires_grad=True)
+    y = module(x, (64, 64, 64))
+    assert y.shape == x.shape and y.device.type == "meta"
+    y.sum().backward()
+    assert module.query.weight.grad.shape == (32, 32)
+
+
+def test_attention_dropout_in_training_only():
+    module = EfficientSelfAttention3d(16, 1, sr_ratio=1, attn_drop=0.5)
+    x = torch.randn(1, 27, 16)
+    module.train()
+    assert not torch.equal(module(x, (3, 3, 3)), module(x, (3, 3, 3)))
+    module.eval()
+    assert torch.equal(module(x, (3, 3, 3)), module(x, (3, 3, 3)))
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: EfficientSelfAttention3d(30, 4), "multiple of num_heads"),
+        (lambda: EfficientSelfAttention3d(32, 2, sr_ratio=0), "sr_ratio"),
+        (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 10, 32), (2, 2, 2)), "has 8 voxels"),
+        (lambda: EfficientSelfAttention3d(32, 2, sr_ratio=2)(torch.randn(1, 24, 32), (2, 3, 4)), "divisible by"),
+        (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 8, 16), (2, 2, 2)), "tokens"),
+        (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 8, 32), (8,)), "spatial_shape"),
+    ],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("sr,spatial,heads", [(1, (3, 5, 4), 1), (2, (4, 6, 2), 2), (4, (8, 4, 12), 1)])
+def test_interpret_module_matches_unfused_composition(poison, sr, spatial, heads):
+    module = EfficientSelfAttention3d(16 * heads, heads, sr_ratio=sr)
+    with fastseg3d.backend("triton"):
+        _compare(module, spatial, torch.float32, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_module_matches_unfused_composition(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    module = EfficientSelfAttention3d(32, 1, sr_ratio=4).cuda().to(dtype)
+    with fastseg3d.backend("triton"):
+        _compare(module, (32, 32, 24), dtype, "cuda")

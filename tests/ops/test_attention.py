@@ -1,0 +1,281 @@
+"""fastseg3d.ops.attention: CPU tier, interpreter tier and GPU tier."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from fastseg3d.ops.attention import attention, attention_unsupported_reasons
+from fastseg3d.reference.attention import attention_backward_ref, attention_forward_ref
+from tests.utils import assert_close
+
+
+def _qkv(b, n, m, h, d, dtype, device, layout="linear"):
+    """q, k, v as the module makes them: strided views of Linear outputs (``linear``), or contiguous tensors."""
+    if layout == "linear":
+        q = torch.randn(b, n, h * d, device=device).to(dtype).view(b, n, h, d)
+        kv = torch.randn(b, m, 2 * h * d, device=device).to(dtype).view(b, m, 2, h, d)
+        leaves = [q, kv]
+        return leaves, (lambda q, kv: (q, kv[:, :, 0], kv[:, :, 1]))
+    leaves = [torch.randn(b, t, h, d, device=device).to(dtype) for t in (n, m, m)]
+    return leaves, (lambda q, k, v: (q, k, v))
+
+
+def _sdpa64(q, k, v, scale):
+    out = F.scaled_dot_product_attention(
+        q.double().transpose(1, 2), k.double().transpose(1, 2), v.double().transpose(1, 2), scale=scale
+    )
+    return out.transpose(1, 2)
+
+
+def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear", grad="random"):
+    leaves, split = _qkv(b, n, m, h, d, dtype, device, layout)
+    ours = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    with fastseg3d.backend("triton"):
+        out = attention(*split(*ours), scale=scale)
+    expected = _sdpa64(*split(*ref), scale)
+    assert out.dtype == dtype and out.shape == (b, n, h, d) and out.is_contiguous()
+    assert_close("out", out, expected, dtype)
+    if grad == "sum":
+        out.float().sum().backward()
+        expected.sum().backward()
+    else:
+        g = torch.randn(expected.shape, device=device, dtype=torch.float64)
+        out.backward(g.to(dtype))
+        expected.backward(g.to(dtype).double())
+    for i, (a, e) in enumerate(zip(ours, ref)):
+        # Inputs are N(0, 1), so gradients are O(1): a floor of 1 keeps exact-zero references (M = 1) meaningful.
+        assert_close(f"grad[{i}]", a.grad, e.grad, dtype, scale=2.0, floor=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU tier
+
+
+def test_forward_and_backward_references_match_autograd():
+    q = torch.randn(2, 13, 2, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 7, 2, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 7, 2, 16, dtype=torch.float64, requires_grad=True)
+    out, lse = attention_forward_ref(q, k, v, 0.3)
+    expected = _sdpa64(q, k, v, 0.3)
+    assert_close("out", out, expected, torch.float64)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * 0.3
+    assert_close("lse", lse, torch.logsumexp(scores, -1), torch.float32)  # lse is kept in fp32
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad(expected, (q, k, v), g)
+    lse64 = torch.logsumexp(scores, -1).detach()
+    got = attention_backward_ref(g, q.detach(), k.detach(), v.detach(), out.detach(), lse64, 0.3)
+    for name, a, e in zip(("dq", "dk", "dv"), got, grads):
+        assert_close(name, a, e, torch.float64)
+
+
+@pytest.mark.parametrize("scale", [None, 0.2])
+def test_cpu_default_backend_matches_sdpa(scale):
+    check_against_sdpa_cpu = attention  # the auto backend runs the reference on CPU
+    q = torch.randn(2, 9, 3, 8, dtype=torch.float64)
+    kv = torch.randn(2, 5, 2, 3, 8, dtype=torch.float64)
+    out = check_against_sdpa_cpu(q, kv[:, :, 0], kv[:, :, 1], scale)
+    assert_close("out", out, _sdpa64(q, kv[:, :, 0], kv[:, :, 1], scale), torch.float64)
+
+
+def test_opcheck():
+    leaves, split = _qkv(2, 9, 5, 2, 16, torch.float32, "cpu")
+    q, k, v = split(*[t.requires_grad_() for t in leaves])
+    torch.library.opcheck(torch.ops.fastseg3d.attention.default, (q, k, v, 0.25))
+    out, lse = torch.ops.fastseg3d.attention(q, k, v, 0.25)
+    g = torch.randn_like(out)
+    args = (g, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 0.25)
+    torch.library.opcheck(torch.ops.fastseg3d.attention_backward.default, args)
+
+
+def test_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    leaves, split = _qkv(2, 11, 6, 2, 16, torch.float32, "cpu")
+
+    def fn(q, kv):
+        return torch.ops.fastseg3d.attention(*split(q, kv), 0.3)[0]
+
+    eager = [t.detach().clone().requires_grad_() for t in leaves]
+    comp = [t.detach().clone().requires_grad_() for t in leaves]
+    out_e = fn(*eager)
+    out_c = torch.compile(fn, fullgraph=True)(*comp)
+    assert_close("out", out_c, out_e, torch.float32)
+    g = torch.randn_like(out_e)
+    out_e.backward(g)
+    out_c.backward(g)
+    for a, e in zip(comp, eager):
+        assert_close("grad", a.grad, e.grad, torch.float32)
+
+
+def test_meta_device_allocates_no_score_matrix():
+    leaves, split = _qkv(2, 262_144, 4096, 1, 32, torch.bfloat16, "meta")
+    q, k, v = split(*[t.requires_grad_() for t in leaves])
+    out = attention(q, k, v)
+    assert out.device.type == "meta" and out.shape == (2, 262_144, 1, 32)
+    out.sum().backward()
+    assert leaves[1].grad.shape == leaves[1].shape
+
+
+def test_autocast_casts_inputs():
+    q = torch.randn(1, 5, 1, 16)
+    kv = torch.randn(1, 3, 2, 1, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, kv[:, :, 0], kv[:, :, 1])
+    assert out.dtype == torch.bfloat16
+
+
+def test_unsupported_cases_report_reasons():
+    q = torch.randn(1, 4, 2, 24, device="meta")
+    assert any("head_dim=24" in r for r in attention_unsupported_reasons(q, q, q))
+    q = torch.randn(1, 4, 2, 32, device="meta", dtype=torch.float64)
+    assert any("dtype" in r for r in attention_unsupported_reasons(q, q, q))
+    t = torch.randn(1, 32, 2, 4, device="meta").transpose(1, 3)
+    assert any("unit-stride" in r for r in attention_unsupported_reasons(t, t, t))
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="head_dim=24"):
+        x = torch.randn(1, 4, 2, 24)
+        attention(x, x, x)
+
+
+_BAD = [
+    (lambda: attention(torch.randn(2, 4, 32), torch.randn(2, 4, 1, 32), torch.randn(2, 4, 1, 32)), ValueError,
+     "q must be 4-D"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 4, 1, 32)), ValueError,
+     "k and v must have one shape"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(3, 3, 1, 32), torch.randn(3, 3, 1, 32)), ValueError,
+     "must agree"),
+    (lambda: attention(torch.randn(2, 4, 2, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)), ValueError,
+     "must agree"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32).half(), torch.randn(2, 3, 1, 32).half()),
+     TypeError, "k has dtype"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32, device="meta")),
+     TypeError, "v is on"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32), scale=-1.0),
+     ValueError, "scale"),
+    (lambda: attention(torch.ones(2, 4, 1, 32, dtype=torch.long), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)),
+     TypeError, "floating"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", _BAD, ids=[m for _, _, m in _BAD])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interpreter tier
+
+_INTERPRET_CASES = [
+    # B, N, M, H, d, dtype, scale, layout
+    (2, 37, 11, 1, 32, torch.float32, None, "linear"),
+    (1, 100, 64, 2, 32, torch.float32, 0.1, "linear"),
+    (1, 70, 70, 3, 16, torch.float32, None, "contiguous"),
+    (2, 33, 129, 2, 64, torch.float32, 0.05, "linear"),
+    (2, 37, 11, 1, 32, torch.float16, None, "linear"),
+    (1, 100, 64, 2, 32, torch.float16, 0.3, "contiguous"),
+    (1, 70, 70, 3, 16, torch.float16, None, "linear"),
+    (1, 33, 129, 2, 64, torch.float16, None, "linear"),
+    (1, 20, 1, 1, 128, torch.float32, None, "linear"),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("b,n,m,h,d,dtype,scale,layout", _INTERPRET_CASES,
+                         ids=[f"B{c[0]}-N{c[1]}-M{c[2]}-H{c[3]}-d{c[4]}-{str(c[5])[6:]}-s{c[6]}-{c[7]}"
+                              for c in _INTERPRET_CASES])
+def test_interpret_kernel_matches_sdpa(poison, b, n, m, h, d, dtype, scale, layout):
+    check_against_sdpa(b, n, m, h, d, dtype, "cpu", scale, layout)
+
+
+@pytest.mark.interpret
+def test_interpret_expanded_grad_output(poison):
+    check_against_sdpa(1, 21, 9, 2, 16, torch.float32, "cpu", grad="sum")
+
+
+@pytest.mark.interpret
+def test_interpret_bitwise_deterministic():
+    leaves, split = _qkv(1, 40, 24, 2, 16, torch.float32, "cpu")
+    results = []
+    for _ in range(2):
+        ins = [t.detach().clone().requires_grad_() for t in leaves]
+        with fastseg3d.backend("triton"):
+            out = attention(*split(*ins))
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in ins])
+    for a, e in zip(*results):
+        assert torch.equal(a, e)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU tier
+
+_GPU_CASES = [
+    (b, n, m, h, d, dtype)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for b, n, m, h, d in [(2, 32768, 512, 1, 32), (2, 4096, 512, 2, 32), (2, 4096, 4096, 2, 16), (1, 4096, 64, 1, 64),
+                          (2, 1000, 333, 4, 128), (1, 513, 77, 3, 32)]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,n,m,h,d,dtype", _GPU_CASES,
+                         ids=[f"B{c[0]}-N{c[1]}-M{c[2]}-H{c[3]}-d{c[4]}-{str(c[5])[6:]}" for c in _GPU_CASES])
+def test_gpu_kernel_matches_sdpa(poison, b, n, m, h, d, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    check_against_sdpa(b, n, m, h, d, dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_bitwise_deterministic():
+    leaves, split = _qkv(2, 32768, 512, 1, 32, torch.bfloat16, "cuda")
+    results = []
+    for _ in range(3):
+        ins = [t.detach().clone().requires_grad_() for t in leaves]
+        with fastseg3d.backend("triton"):
+            out = attention(*split(*ins))
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in ins])
+    for other in results[1:]:
+        for a, e in zip(results[0], other):
+            assert torch.equal(a, e)
+
+
+@pytest.mark.gpu
+def test_gpu_memory_far_below_score_matrix():
+    b, n, m, h, d = 1, 262_144, 4096, 1, 32
+    leaves, split = _qkv(b, n, m, h, d, torch.bfloat16, "cuda")
+    ins = [t.requires_grad_() for t in leaves]
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with fastseg3d.backend("triton"):
+        out = attention(*split(*ins))
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    score_matrix = b * h * n * m * 2  # one bf16 N x M matrix: 2 GiB
+    assert extra < score_matrix / 20, f"peak extra memory {extra / 2**20:.0f} MiB"
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph():
+    torch._dynamo.reset()
+    leaves, split = _qkv(2, 4096, 512, 2, 32, torch.bfloat16, "cuda")
+
+    def fn(q, kv):
+        return attention(*split(q, kv))
+
+    eager = [t.detach().clone().requires_grad_() for t in leaves]
+    comp = [t.detach().clone().requires_grad_() for t in leaves]
+    with fastseg3d.backend("triton"):
+        out_e = fn(*eager)
+        out_c = torch.compile(fn, fullgraph=True)(*comp)
+    assert_close("out", out_c, out_e, torch.bfloat16)
+    g = torch.randn_like(out_e)
+    out_e.backward(g)
+    out_c.backward(g)
+    for a, e in zip(comp, eager):
+        assert_close("grad", a.grad, e.grad, torch.bfloat16)
