@@ -29,8 +29,11 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -m "not interpret" -q -p 
   > "$OUT/gpu_tests.log" 2>&1 || status=$?
 tail -n 25 "$OUT/gpu_tests.log"
 
-timeout "${BENCH_TIMEOUT:-300}" python3 -m bench.run --case dwconv3d --out "$OUT/results" --plot ${BENCH_ARGS:-} \
-  > "$OUT/bench_table.txt" 2> "$OUT/bench.log" || status=$?
+# Each case in its own process and time box, so one slow peer (max-autotune) cannot starve the others.
+for case in ${BENCH_CASES:-dwconv3d attention attention_block}; do
+  timeout "${BENCH_TIMEOUT:-150}" python3 -m bench.run --case "$case" --out "$OUT/results" --plot ${BENCH_ARGS:-} \
+    >> "$OUT/bench_table.txt" 2>> "$OUT/bench.log" || { echo "bench $case failed or timed out"; status=1; }
+done
 cat "$OUT/bench_table.txt"
-tail -n 5 "$OUT/bench.log"
+tail -n 20 "$OUT/bench.log"
 exit $status

@@ -21,7 +21,27 @@ from bench.registry import MODES, load_cases
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw) -> list[dict]:
+def _closure(setup, mode: str):
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return setup.forward()
+        return fn
+    y = setup.forward()
+    g = torch.randn_like(y)
+    if mode == "bwd":
+        def fn():
+            y.backward(g, retain_graph=True)
+        return fn
+
+    def fn():
+        setup.forward().backward(g)
+    return fn
+
+
+def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw, rows_path: Path) -> list[dict]:
+    """Measure every (shape, dtype, provider, mode) of ``case``; each row is appended to ``rows_path`` at once, so
+    a run stopped by a time limit keeps what it measured."""
     rows = []
     for label, spec in case.shapes(quick):
         for dtype_name in dtypes:
@@ -29,33 +49,31 @@ def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw) -> lis
             for provider in case.providers(spec):
                 if providers and not any(provider.startswith(p) for p in providers):
                     continue
-                setup = case.setup(spec, dtype, provider, device)
+                try:
+                    setup = case.setup(spec, dtype, provider, device)
+                except (RuntimeError, NotImplementedError) as err:
+                    print(f"  {label} {dtype_name} {provider}: skipped ({err})", file=sys.stderr)
+                    continue
                 for mode in modes:
-                    if mode == "fwd":
-                        def fn():
-                            with torch.no_grad():
-                                return setup.forward()
-                    else:
-                        y = setup.forward()
-                        g = torch.randn_like(y)
-                        if mode == "bwd":
-                            def fn(y=y, g=g):
-                                y.backward(g, retain_graph=True)
-                        else:
-                            def fn(g=g):
-                                setup.forward().backward(g)
                     try:
+                        fn = _closure(setup, mode)
                         med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of)
                         peak = utils.peak_memory_mb(fn, device)
                     except torch.OutOfMemoryError:
                         print(f"  {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
                         continue
+                    except (RuntimeError, NotImplementedError) as err:
+                        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+                        print(f"  {label} {dtype_name} {mode} {provider}: skipped ({first_line})", file=sys.stderr)
+                        continue
                     roof = None
                     if peak_bw:
                         roof = 100.0 * (setup.min_bytes[mode] / (peak_bw * 1e9)) / (med * 1e-3)
-                    rows.append({"suite": "ops", "case": case.name, "shape": label, "dtype": dtype_name,
-                                 "mode": mode, "provider": provider, "median_ms": med, "p20_ms": p20,
-                                 "p80_ms": p80, "peak_mem_mb": peak, "roofline_pct": roof, **env})
+                    row = {"suite": "ops", "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
+                           "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
+                           "peak_mem_mb": peak, "roofline_pct": roof, **env}
+                    utils.write_rows([row], rows_path)
+                    rows.append(row)
                 del setup
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -86,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.case or sorted(cases):
         case = cases[name]
         dtypes = args.dtype.split(",") if args.dtype else list(case.dtypes)
-        rows = run_case(case, dtypes, modes, providers, args.quick, device, env, peak_bw)
-        utils.write_rows(rows, out / "ops.jsonl")
+        rows = run_case(case, dtypes, modes, providers, args.quick, device, env, peak_bw, out / "ops.jsonl")
         if args.json:
             for row in rows:
                 print(json.dumps(row))

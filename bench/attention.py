@@ -1,0 +1,117 @@
+"""case=attention: the fused attention op against the SDPA backends (each forced) and xformers; and
+case=attention_block: SegFormer3D's whole attention sub-block (LN -> attention -> proj -> residual), fastseg3d's
+module against the published composition, eager and compiled."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from bench.registry import Case, Setup, register
+from fastseg3d.nn import EfficientSelfAttention3d
+from fastseg3d.reference.attention import efficient_self_attention3d_ref
+
+# SegFormer3D stages 1 and 2 (C = 32, 1 head; C = 64, 2 heads; head_dim 32; sr 4 and 2) at 128^3, 160^3, 256^3.
+_STAGES = [(1, 32, 4, 4), (2, 64, 2, 8)]  # stage, C, sr, encoder stride before the stage's grid
+_INPUTS = (128, 160, 256)
+
+
+def _grids(quick: bool):
+    if quick:
+        yield "tiny", (4, 4, 4), 16, 1, 2
+        return
+    for side in _INPUTS:
+        for stage, c, sr, stride in _STAGES:
+            g = side // stride
+            yield f"stage{stage}@{side}^3", (g, g, g), c, c // 32, sr
+
+
+def _shapes(quick: bool):
+    out = []
+    for name, grid, c, heads, sr in _grids(quick):
+        n = grid[0] * grid[1] * grid[2]
+        m = n // sr**3
+        out.append((f"{name} N{n} M{m} H{heads} d{c // heads}", dict(grid=grid, c=c, heads=heads, sr=sr)))
+    return out
+
+
+_SDPA = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+    "sdpa-math": "MATH",
+}
+
+
+def _op_providers(spec):
+    providers = ["fastseg3d", *_SDPA]
+    try:
+        import xformers.ops  # noqa: F401
+
+        providers.append("xformers")
+    except ImportError:
+        pass
+    return providers
+
+
+def _op_setup(spec, dtype, provider, device) -> Setup:
+    b, (d0, d1, d2), c, heads, sr = 2, spec["grid"], spec["c"], spec["heads"], spec["sr"]
+    n, d = d0 * d1 * d2, c // heads
+    m = n // sr**3
+    q_lin = torch.randn(b, n, c, device=device, dtype=dtype, requires_grad=True)
+    kv_lin = torch.randn(b, m, 2 * c, device=device, dtype=dtype, requires_grad=True)
+
+    def qkv():
+        kv = kv_lin.view(b, m, 2, heads, d)
+        return q_lin.view(b, n, heads, d), kv[:, :, 0], kv[:, :, 1]
+
+    if provider == "fastseg3d":
+        def fwd():
+            return fastseg3d.ops.attention(*qkv())
+    elif provider == "xformers":
+        import xformers.ops as xops
+
+        def fwd():
+            return xops.memory_efficient_attention(*qkv())
+    else:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, _SDPA[provider])
+
+        def fwd():
+            q, k, v = (t.transpose(1, 2) for t in qkv())
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    size = torch.finfo(dtype).bits // 8
+    io = (2 * n + 2 * m) * c * size
+    return Setup(fwd, [q_lin, kv_lin], {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io})
+
+
+def _block_providers(spec):
+    return ["fastseg3d", "torch", "torch.compile"]
+
+
+def _block_setup(spec, dtype, provider, device) -> Setup:
+    grid, c, heads, sr = spec["grid"], spec["c"], spec["heads"], spec["sr"]
+    n = grid[0] * grid[1] * grid[2]
+    norm = torch.nn.LayerNorm(c).to(device, dtype)
+    attn = EfficientSelfAttention3d(c, heads, sr_ratio=sr).to(device, dtype)
+    x = torch.randn(2, n, c, device=device, dtype=dtype, requires_grad=True)
+
+    if provider == "fastseg3d":
+        def block(x):
+            return x + attn(norm(x), grid)
+    else:
+        def eager(x):
+            return x + efficient_self_attention3d_ref(attn, norm(x), grid)
+
+        block = eager if provider == "torch" else torch.compile(eager)
+    size = torch.finfo(dtype).bits // 8
+    io = 2 * n * c * size
+    return Setup(lambda: block(x), [x, *attn.parameters(), *norm.parameters()],
+                 {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io})
+
+
+register(Case(name="attention", shapes=_shapes, providers=_op_providers, setup=_op_setup))
+register(Case(name="attention_block", shapes=_shapes, providers=_block_providers, setup=_block_setup))
