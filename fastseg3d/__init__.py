@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastseg3d import backends, info, nn, ops, reference
+from fastseg3d import backends, info, networks, nn, ops, reference
 from fastseg3d.backends import backend, get_backend
 from fastseg3d.patch import convert_model, revert_model
 
@@ -15,6 +15,7 @@ __all__ = [
     "convert_model",
     "get_backend",
     "info",
+    "networks",
     "nn",
     "ops",
     "reference",

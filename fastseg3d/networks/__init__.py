@@ -1,0 +1,7 @@
+"""Networks of the published methods, built on fastseg3d's fused layers, with MONAI-style constructors."""
+
+from __future__ import annotations
+
+from fastseg3d.networks.segformer3d import MixFFN3d, SegFormer3D
+
+__all__ = ["MixFFN3d", "SegFormer3D"]

@@ -1,0 +1,290 @@
+"""SegFormer3D (Perera et al., 2024) on fastseg3d's fused layers, with the official ``state_dict`` keys."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseg3d.nn.attention import EfficientSelfAttention3d
+from fastseg3d.ops.dwconv3d import dwconv3d_tokens
+
+__all__ = ["MixFFN3d", "SegFormer3D"]
+
+
+def _per_axis(value, name: str) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value,) * 3
+    value = tuple(value)
+    if len(value) != 3 or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} entries must be ints or 3-tuples of ints, got {value!r}")
+    return value
+
+
+class _DWConvBN(nn.Module):
+    """Depthwise 3x3x3 conv + BatchNorm3d on tokens; keys ``dwconv.*`` and ``bn.*`` as in the official DWConv."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv3d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+        self.bn = nn.BatchNorm3d(dim)
+
+    def _bn_uses_batch_stats(self) -> bool:
+        return self.bn.training or self.bn.running_mean is None
+
+    def forward(self, x: torch.Tensor, spatial_shape: Sequence[int], activation: str | None) -> torch.Tensor:
+        """``activation(bn(dwconv(x)))`` on tokens (B, N, C)."""
+        if not self._bn_uses_batch_stats():
+            # Running statistics: fold BatchNorm into the conv, so conv + BN + activation is one fused kernel.
+            inv = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+            weight = self.dwconv.weight * inv[:, None, None, None, None]
+            bias = (self.dwconv.bias - self.bn.running_mean) * inv + self.bn.bias
+            return dwconv3d_tokens(x, spatial_shape, weight, bias, activation=activation)
+        b, n, c = x.shape
+        y = dwconv3d_tokens(x, spatial_shape, self.dwconv.weight, self.dwconv.bias)
+        # Batch statistics need the whole conv output: BatchNorm runs on a channels_last_3d view of the tokens.
+        vol = self.bn(y.unflatten(1, tuple(spatial_shape)).permute(0, 4, 1, 2, 3))
+        if activation == "gelu":
+            vol = F.gelu(vol)
+        return vol.permute(0, 2, 3, 4, 1).reshape(b, n, c)
+
+
+class MixFFN3d(nn.Module):
+    """SegFormer3D's Mix-FFN on tokens: fc1 -> depthwise conv -> BatchNorm -> GELU -> fc2, with no transposes.
+
+    Keys: ``fc1``, ``dwconv.dwconv``, ``dwconv.bn``, ``fc2``. In eval the BatchNorm folds into the conv and conv,
+    bias, BatchNorm and GELU run as one fused kernel; in training BatchNorm uses batch statistics on a
+    channels-last view of the conv output.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        hidden = mlp_ratio * dim
+        self.fc1 = nn.Linear(dim, hidden)
+        self.dwconv = _DWConvBN(hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        x = self.dwconv(self.fc1(x), spatial_shape, activation="gelu")
+        return self.dropout(self.fc2(self.dropout(x)))
+
+
+class _TransformerBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, mlp_ratio: int, scale: float | None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = EfficientSelfAttention3d(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=True, scale=scale)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MixFFN3d(dim, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), spatial_shape)
+        return x + self.mlp(self.norm2(x), spatial_shape)
+
+
+class _PatchEmbedding(nn.Module):
+    def __init__(self, in_channels: int, dim: int, kernel_size, stride, padding) -> None:
+        super().__init__()
+        self.patch_embeddings = nn.Conv3d(in_channels, dim, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        y = self.patch_embeddings(x)
+        spatial = tuple(y.shape[2:])
+        return self.norm(y.flatten(2).transpose(1, 2)), spatial
+
+
+class _Encoder(nn.Module):
+    """MixVisionTransformer: attribute names ``embed_{s}``, ``tf_block{s}``, ``norm{s}`` as in the official code."""
+
+    def __init__(self, in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratios, kernels, strides, paddings,
+                 scales):
+        super().__init__()
+        prev = in_channels
+        for s in range(4):
+            setattr(self, f"embed_{s + 1}", _PatchEmbedding(prev, embed_dims[s], kernels[s], strides[s], paddings[s]))
+            blocks = [_TransformerBlock(embed_dims[s], num_heads[s], sr_ratios[s], mlp_ratios[s], scales[s])
+                      for _ in range(depths[s])]
+            setattr(self, f"tf_block{s + 1}", nn.ModuleList(blocks))
+            setattr(self, f"norm{s + 1}", nn.LayerNorm(embed_dims[s]))
+            prev = embed_dims[s]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for s in range(1, 5):
+            tokens, spatial = getattr(self, f"embed_{s}")(x)
+            for block in getattr(self, f"tf_block{s}"):
+                tokens = block(tokens, spatial)
+            tokens = getattr(self, f"norm{s}")(tokens)
+            # (B, N, C) -> (B, C, D, H, W) as a channels_last_3d view: no copy.
+            x = tokens.unflatten(1, spatial).permute(0, 4, 1, 2, 3)
+            maps.append(x)
+        return maps
+
+
+class _LinearEmbed(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.bn = nn.LayerNorm(out_dim)  # named ``bn`` in the official code, but a LayerNorm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        y = self.bn(self.proj(x.flatten(2).transpose(1, 2)))
+        return y.unflatten(1, spatial).permute(0, 4, 1, 2, 3)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, embed_dims, decoder_dim: int, num_classes: int, dropout: float, upsample) -> None:
+        super().__init__()
+        for i, dim in enumerate(embed_dims):
+            setattr(self, f"linear_c{i + 1}", _LinearEmbed(dim, decoder_dim))
+        self.linear_fuse = nn.Sequential(
+            nn.Conv3d(4 * decoder_dim, decoder_dim, 1, bias=False),
+            nn.BatchNorm3d(decoder_dim),
+            nn.ReLU(),
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.linear_pred = nn.Conv3d(decoder_dim, num_classes, 1)
+        self.upsample_volume = nn.Upsample(scale_factor=upsample, mode="trilinear", align_corners=False)
+
+    def forward(self, c1, c2, c3, c4) -> torch.Tensor:
+        size = c1.shape[2:]
+        maps = []
+        for i, c in ((4, c4), (3, c3), (2, c2), (1, c1)):
+            m = getattr(self, f"linear_c{i}")(c)
+            if i != 1:
+                m = F.interpolate(m, size=size, mode="trilinear", align_corners=False)
+            maps.append(m)
+        x = self.linear_fuse(torch.cat(maps, dim=1))
+        return self.upsample_volume(self.linear_pred(self.dropout(x)))
+
+
+class SegFormer3D(nn.Module):
+    """SegFormer3D: a 4-stage efficient-attention encoder and an all-MLP decoder for volumes.
+
+    At the defaults this is exactly the published BraTS model: 4,525,251 parameters and the official ``state_dict``
+    keys (``segformer_encoder.*``, ``segformer_decoder.*``), so an official checkpoint loads with ``strict=True``.
+    Unlike the official code it takes any input whose sides are divisible by the total stride (e.g. 64x96x32),
+    and per-axis (anisotropic) patch kernels, strides and paddings.
+
+    What is fused: the attention core of every block (:class:`fastseg3d.nn.EfficientSelfAttention3d`: flash-style,
+    O(N d) memory, spatial reduction on the tokens in place); the Mix-FFN's depthwise conv runs on the token layout
+    with no transposes, and in eval its BatchNorm folds into the conv so conv + BatchNorm + GELU is one kernel. Stage
+    outputs are channels-last views of the tokens (the official code makes a contiguous NCDHW copy per stage).
+
+    Args:
+        spatial_dims: must be 3.
+        in_channels: input channels (4 for BraTS).
+        out_channels: classes (3 for BraTS TC/WT/ET); logits, no activation.
+        embed_dims, depths, num_heads, sr_ratios: per stage.
+        mlp_ratio: Mix-FFN expansion, an int or one per stage.
+        patch_kernel_size, patch_stride, patch_padding: per stage, each an int or a 3-tuple (anisotropic).
+        decoder_dim: width of the all-MLP decoder.
+        attention_scale: "head_dim" (1/sqrt(head_dim), the current official code) or "num_heads"
+            (1/sqrt(num_heads), the 2024 release that produced the published weights).
+        decoder_dropout: dropout before the prediction conv.
+
+    Example:
+        >>> import torch
+        >>> from fastseg3d.networks import SegFormer3D
+        >>> net = SegFormer3D().eval()
+        >>> net(torch.randn(1, 4, 64, 96, 32)).shape
+        torch.Size([1, 3, 64, 96, 32])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        embed_dims: Sequence[int] = (32, 64, 160, 256),
+        depths: Sequence[int] = (2, 2, 2, 2),
+        num_heads: Sequence[int] = (1, 2, 5, 8),
+        sr_ratios: Sequence[int] = (4, 2, 1, 1),
+        mlp_ratio: int | Sequence[int] = 4,
+        patch_kernel_size: Sequence = (7, 3, 3, 3),
+        patch_stride: Sequence = (4, 2, 2, 2),
+        patch_padding: Sequence = (3, 1, 1, 1),
+        decoder_dim: int = 256,
+        attention_scale: str = "head_dim",
+        decoder_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if spatial_dims != 3:
+            raise ValueError(f"SegFormer3D supports spatial_dims=3 only, got {spatial_dims}")
+        if in_channels <= 0 or out_channels <= 0:
+            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        mlp_ratios = (mlp_ratio,) * 4 if isinstance(mlp_ratio, int) else tuple(mlp_ratio)
+        for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
+                            ("sr_ratios", sr_ratios), ("mlp_ratio", mlp_ratios), ("patch_kernel_size", patch_kernel_size),
+                            ("patch_stride", patch_stride), ("patch_padding", patch_padding)):
+            if len(value) != 4:
+                raise ValueError(f"{name} must give 4 stages, got {value!r}")
+        for dim, heads in zip(embed_dims, num_heads):
+            if dim % heads:
+                raise ValueError(f"embed_dims {tuple(embed_dims)} must be divisible by num_heads {tuple(num_heads)}")
+        if attention_scale not in ("head_dim", "num_heads"):
+            raise ValueError(f"attention_scale must be 'head_dim' or 'num_heads', got {attention_scale!r}")
+        kernels = [_per_axis(k, "patch_kernel_size") for k in patch_kernel_size]
+        strides = [_per_axis(s, "patch_stride") for s in patch_stride]
+        paddings = [_per_axis(p, "patch_padding") for p in patch_padding]
+        scales = [heads**-0.5 if attention_scale == "num_heads" else None for heads in num_heads]
+
+        self.in_channels = in_channels
+        self.sr_ratios = tuple(sr_ratios)
+        self.strides = strides
+        self.segformer_encoder = _Encoder(in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratios,
+                                          kernels, strides, paddings, scales)
+        self.segformer_decoder = _Decoder(embed_dims, decoder_dim, out_channels, decoder_dropout,
+                                          upsample=tuple(float(s) for s in strides[0]))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # The official initialisation.
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm3d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv3d):
+            fan_out = math.prod(m.kernel_size) * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        """Per axis, the factor every input side must be divisible by: the patch strides and stage reductions."""
+        out = []
+        for axis in range(3):
+            total = 1
+            for stride in self.strides:
+                total *= stride[axis]
+            # Each stage's grid must also be divisible by its spatial-reduction ratio.
+            grid_factor = 1
+            for s, stride in enumerate(self.strides):
+                grid_factor *= stride[axis]
+                total = math.lcm(total, grid_factor * self.sr_ratios[s])
+            out.append(total)
+        return tuple(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"input must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
+        for axis, (size, factor) in enumerate(zip(x.shape[2:], self.total_stride)):
+            if size % factor:
+                raise ValueError(
+                    f"input spatial dimension {axis} (size {size}) must be divisible by the total stride {factor}"
+                )
+        c1, c2, c3, c4 = self.segformer_encoder(x)
+        return self.segformer_decoder(c1, c2, c3, c4)

@@ -1,0 +1,356 @@
+"""SegFormer3D: parameter count, official keys, equality with a plain-PyTorch build, fused vs reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastseg3d
+from fastseg3d.networks import SegFormer3D
+from tests.utils import assert_close
+
+# ------------------------------------------------------------------------------------------------------
+# A plain-PyTorch build of the published architecture (NCDHW copies, explicit softmax), with the official keys.
+
+
+class _PlainAttention(nn.Module):
+    def __init__(self, dim, heads, sr, scale):
+        super().__init__()
+        self.heads, self.sr_ratio, self.scale = heads, sr, scale
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(0.0)
+        if sr > 1:
+            self.sr = nn.Conv3d(dim, dim, sr, sr)
+            self.sr_norm = nn.LayerNorm(dim)
+
+    def forward(self, x, dhw):
+        b, n, c = x.shape
+        d = c // self.heads
+        q = self.query(x).reshape(b, n, self.heads, d).permute(0, 2, 1, 3).contiguous()
+        if self.sr_ratio > 1:
+            x_ = x.permute(0, 2, 1).reshape(b, c, *dhw).contiguous()
+            x_ = self.sr_norm(self.sr(x_).reshape(b, c, -1).permute(0, 2, 1).contiguous())
+        else:
+            x_ = x
+        kv = self.key_value(x_).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)
+        k, v = kv[0].contiguous(), kv[1].contiguous()
+        attn = ((q @ k.transpose(-2, -1)) * (self.scale or d**-0.5)).softmax(-1)
+        return self.proj_dropout(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)))
+
+
+class _PlainDWConv(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv3d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+        self.bn = nn.BatchNorm3d(dim)
+
+    def forward(self, x, dhw):
+        b, n, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, *dhw).contiguous()
+        return self.bn(self.dwconv(x)).flatten(2).transpose(1, 2).contiguous()
+
+
+class _PlainMLP(nn.Module):
+    def __init__(self, dim, ratio):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ratio * dim)
+        self.dwconv = _PlainDWConv(ratio * dim)
+        self.fc2 = nn.Linear(ratio * dim, dim)
+
+    def forward(self, x, dhw):
+        return self.fc2(F.gelu(self.dwconv(self.fc1(x), dhw)))
+
+
+class _PlainBlock(nn.Module):
+    def __init__(self, dim, heads, sr, ratio, scale):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = _PlainAttention(dim, heads, sr, scale)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _PlainMLP(dim, ratio)
+
+    def forward(self, x, dhw):
+        x = x + self.attention(self.norm1(x), dhw)
+        return x + self.mlp(self.norm2(x), dhw)
+
+
+class _PlainEmbed(nn.Module):
+    def __init__(self, cin, dim, k, s, p):
+        super().__init__()
+        self.patch_embeddings = nn.Conv3d(cin, dim, k, s, p)
+        self.norm = nn.LayerNorm(dim)
+
+
+class _PlainEncoder(nn.Module):
+    def __init__(self, cin, dims, depths, heads, srs, ratio, ks, ss, ps, scales):
+        super().__init__()
+        for i in range(4):
+            setattr(self, f"embed_{i + 1}", _PlainEmbed(cin if i == 0 else dims[i - 1], dims[i], ks[i], ss[i], ps[i]))
+            setattr(self, f"tf_block{i + 1}", nn.ModuleList(
+                [_PlainBlock(dims[i], heads[i], srs[i], ratio, scales[i]) for _ in range(depths[i])]))
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(dims[i]))
+
+    def forward(self, x):
+        out = []
+        for i in range(1, 5):
+            embed = getattr(self, f"embed_{i}")
+            y = embed.patch_embeddings(x)
+            dhw = y.shape[2:]
+            t = embed.norm(y.flatten(2).transpose(1, 2))
+            for blk in getattr(self, f"tf_block{i}"):
+                t = blk(t, dhw)
+            t = getattr(self, f"norm{i}")(t)
+            x = t.reshape(t.shape[0], *dhw, -1).permute(0, 4, 1, 2, 3).contiguous()
+            out.append(x)
+        return out
+
+
+class _PlainMLP_(nn.Module):
+    def __init__(self, cin, dim):
+        super().__init__()
+        self.proj = nn.Linear(cin, dim)
+        self.bn = nn.LayerNorm(dim)
+
+
+class _PlainDecoder(nn.Module):
+    def __init__(self, dims, dim, classes):
+        super().__init__()
+        for i in range(4):
+            setattr(self, f"linear_c{i + 1}", _PlainMLP_(dims[i], dim))
+        self.linear_fuse = nn.Sequential(nn.Conv3d(4 * dim, dim, 1, bias=False), nn.BatchNorm3d(dim), nn.ReLU())
+        self.linear_pred = nn.Conv3d(dim, classes, 1)
+
+    def forward(self, c1, c2, c3, c4):
+        maps = []
+        for i, c in ((4, c4), (3, c3), (2, c2), (1, c1)):
+            mlp = getattr(self, f"linear_c{i}")
+            m = mlp.bn(mlp.proj(c.flatten(2).transpose(1, 2))).permute(0, 2, 1).reshape(c.shape[0], -1, *c.shape[2:])
+            maps.append(F.interpolate(m, size=c1.shape[2:], mode="trilinear", align_corners=False))
+        x = self.linear_pred(self.linear_fuse(torch.cat(maps, 1)))
+        return F.interpolate(x, scale_factor=4.0, mode="trilinear", align_corners=False)
+
+
+class PlainSegFormer3D(nn.Module):
+    def __init__(self, in_channels=4, out_channels=3, embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2),
+                 num_heads=(1, 2, 5, 8), sr_ratios=(4, 2, 1, 1), mlp_ratio=4, decoder_dim=256, scales=(None,) * 4):
+        super().__init__()
+        self.segformer_encoder = _PlainEncoder(in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratio,
+                                               (7, 3, 3, 3), (4, 2, 2, 2), (3, 1, 1, 1), scales)
+        self.segformer_decoder = _PlainDecoder(embed_dims, decoder_dim, out_channels)
+
+    def forward(self, x):
+        return self.segformer_decoder(*self.segformer_encoder(x))
+
+
+_SMALL = dict(embed_dims=(16, 32, 32, 32), num_heads=(1, 1, 1, 2), decoder_dim=32)
+
+
+def _pair(small=True, scales=(None,) * 4, **extra):
+    cfg = dict(_SMALL) if small else {}
+    ours = SegFormer3D(**cfg, **extra)
+    plain = PlainSegFormer3D(**{k: v for k, v in cfg.items()}, scales=scales)
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    return ours, plain
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU tier
+
+
+def test_published_parameter_count_and_keys():
+    net = SegFormer3D()
+    assert sum(p.numel() for p in net.parameters()) == 4_525_251
+    plain = PlainSegFormer3D()
+    assert list(net.state_dict()) == list(plain.state_dict())
+    sd = net.state_dict()
+    assert sd["segformer_encoder.embed_1.patch_embeddings.weight"].shape == (32, 4, 7, 7, 7)
+    assert sd["segformer_encoder.tf_block1.0.attention.sr.weight"].shape == (32, 32, 4, 4, 4)
+    assert sd["segformer_encoder.tf_block2.1.mlp.dwconv.dwconv.weight"].shape == (256, 1, 3, 3, 3)
+    assert "segformer_encoder.tf_block3.0.attention.sr.weight" not in sd
+    assert sd["segformer_decoder.linear_fuse.0.weight"].shape == (256, 1024, 1, 1, 1)
+    assert sd["segformer_decoder.linear_pred.weight"].shape == (3, 256, 1, 1, 1)
+    assert "segformer_decoder.linear_fuse.1.num_batches_tracked" in sd
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+# Batch 2: at batch 1 the plain build's own gradients are wrong on torch 2.13 CPU (BatchNorm3d backward given the
+# oddly strided gradient of ``flatten(2).transpose(1, 2)``); test_gradients_at_batch_1 covers batch 1.
+@pytest.mark.parametrize("shape", [(2, 4, 32, 32, 32), (2, 4, 32, 64, 32)], ids=["cube", "non-cubic"])
+def test_matches_plain_build(mode, shape):
+    torch.manual_seed(0)
+    ours, plain = _pair()
+    ours, plain = ours.double(), plain.double()
+    if mode == "eval":
+        # Non-trivial running statistics so that folding BatchNorm into the conv is exercised.
+        with torch.no_grad():
+            for m in ours.modules():
+                if isinstance(m, nn.BatchNorm3d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.5, 0.5)
+        plain.load_state_dict(ours.state_dict())
+    getattr(ours, mode)()
+    getattr(plain, mode)()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), plain(x2)
+    assert y.shape == (shape[0], 3, *shape[2:])
+    assert_close("logits", y, y_ref, torch.float64, scale=1e3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x.grad, x2.grad, torch.float64, scale=1e3)
+    named_ref = dict(plain.named_parameters())
+    for name, p in ours.named_parameters():
+        # A conv bias right before a training-mode BatchNorm has a zero gradient up to rounding: floor the scale.
+        assert_close(f"d{name}", p.grad, named_ref[name].grad, torch.float64, scale=1e3, floor=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradients_at_batch_1(mode):
+    # An independent oracle: the directional derivative by central differences.
+    torch.manual_seed(0)
+    net = getattr(SegFormer3D(**_SMALL).double(), mode)()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.momentum = 0.0  # repeated forwards leave the running statistics unchanged
+    x = torch.randn(1, 4, 32, 32, 64, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1, 3, 32, 32, 64, dtype=torch.float64)
+
+    def f(x):
+        return (net(x) * w).sum()
+
+    f(x).backward()
+    v, eps = torch.randn_like(x), 1e-6
+    with torch.no_grad():
+        numeric = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
+    assert abs(numeric.item() - (x.grad * v).sum().item()) <= 1e-6 * abs(numeric.item())
+
+
+def test_num_heads_scale_matches_2024_release():
+    ours, plain = _pair(attention_scale="num_heads", scales=tuple(h**-0.5 for h in _SMALL["num_heads"]))
+    ours, plain = ours.double().eval(), plain.double().eval()
+    x = torch.randn(1, 4, 32, 32, 32, dtype=torch.float64)
+    assert_close("logits", ours(x), plain(x), torch.float64, scale=1e3)
+
+
+def test_convert_model_on_plain_build_keeps_outputs():
+    _, plain = _pair()
+    plain = plain.double().eval()
+    x = torch.randn(1, 4, 32, 32, 32, dtype=torch.float64)
+    expected = plain(x)
+    fastseg3d.convert_model(plain)
+    assert any(isinstance(m, fastseg3d.nn.DepthwiseConv3d) for m in plain.modules())
+    assert_close("logits", plain(x), expected, torch.float64)
+
+
+def test_eval_returns_one_tensor_for_sliding_window_inference():
+    inferers = pytest.importorskip("monai.inferers")
+    net = SegFormer3D(**_SMALL).eval()
+    with torch.no_grad():
+        out = inferers.sliding_window_inference(torch.randn(1, 4, 40, 48, 36), (32, 32, 32), 2, net, overlap=0.25)
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 40, 48, 36)
+
+
+def test_monai_bundle_instantiation():
+    bundle = pytest.importorskip("monai.bundle")
+    parser = bundle.ConfigParser({"network": {"_target_": "fastseg3d.networks.SegFormer3D", "in_channels": 1,
+                                              "out_channels": 2, "embed_dims": [16, 32, 32, 32],
+                                              "num_heads": [1, 1, 1, 2], "decoder_dim": 32}})
+    net = parser.get_parsed_content("network")
+    assert isinstance(net, SegFormer3D)
+    assert net.eval()(torch.randn(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_compile_fullgraph_train_step():
+    torch._dynamo.reset()
+    net = SegFormer3D(**_SMALL, depths=(1, 1, 1, 1))  # one block per stage keeps compilation short
+    compiled = torch.compile(net, fullgraph=True)
+    x = torch.randn(2, 4, 32, 32, 32)
+    y = compiled(x)
+    assert_close("logits", y, net(x), torch.float32, scale=10)
+    y.square().mean().backward()
+    assert net.segformer_encoder.embed_1.patch_embeddings.weight.grad is not None
+
+
+def test_meta_device_forward_backward_at_128():
+    with torch.device("meta"):
+        net = SegFormer3D()
+        x = torch.randn(2, 4, 128, 128, 128)
+    y = net(x)
+    assert y.shape == (2, 3, 128, 128, 128) and y.device.type == "meta"
+    y.sum().backward()
+    assert net.segformer_decoder.linear_pred.weight.grad.shape == (3, 256, 1, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: SegFormer3D(spatial_dims=2), "spatial_dims"),
+        (lambda: SegFormer3D(embed_dims=(32, 64, 161, 256)), "divisible by num_heads"),
+        (lambda: SegFormer3D(depths=(2, 2, 2)), "4 stages"),
+        (lambda: SegFormer3D(attention_scale="dim"), "attention_scale"),
+        (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 4, 32, 48, 32)), "dimension 1 \\(size 48\\)"),
+        (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
+        (lambda: SegFormer3D(**_SMALL)(torch.randn(4, 32, 32, 32)), "5-D"),
+    ],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_anisotropic_patch_kernels():
+    net = SegFormer3D(**_SMALL, patch_kernel_size=((3, 7, 7), 3, 3, 3), patch_stride=((2, 4, 4), 2, 2, 2),
+                      patch_padding=((1, 3, 3), 1, 1, 1), sr_ratios=(2, 2, 1, 1)).eval()
+    assert net.total_stride == (16, 32, 32)
+    assert net(torch.randn(1, 4, 16, 32, 64)).shape == (1, 3, 16, 32, 64)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interpreter tier: the whole network on the fused kernels against the reference backend
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_interpret_fused_network_matches_reference(mode):
+    torch.manual_seed(0)
+    net = getattr(SegFormer3D(**_SMALL, depths=(1, 1, 1, 1)), mode)()  # the interpreter is slow: one block a stage
+    x = torch.randn(2, 4, 32, 32, 32)
+    outs = []
+    for backend in ("triton", "torch"):
+        xi = x.clone().requires_grad_()
+        net.zero_grad()
+        with fastseg3d.backend(backend):
+            y = net(xi)
+        y.square().mean().backward()
+        outs.append((y.detach(), xi.grad, net.segformer_encoder.tf_block1[0].mlp.fc1.weight.grad.clone()))
+    for name, a, e in zip(("logits", "dx", "dfc1"), *outs):
+        assert_close(name, a, e, torch.float32, scale=10)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_network_matches_reference(dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    net = SegFormer3D().cuda()
+    x = torch.randn(2, 4, 64, 64, 64, device="cuda")
+    outs = []
+    for backend in ("triton", "torch"):
+        net.zero_grad()
+        with fastseg3d.backend(backend), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = net(x)
+        y.float().square().mean().backward()
+        outs.append((y.detach().float(), net.segformer_encoder.embed_1.patch_embeddings.weight.grad.clone()))
+    for name, a, e in zip(("logits", "dembed"), *outs):
+        assert_close(name, a, e, dtype, scale=10)
