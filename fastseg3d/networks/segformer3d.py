@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
+from fastseg3d.nn.recompute import batch_norm_act_linear
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
 
 __all__ = ["MixFFN3d", "SegFormer3D"]
@@ -25,39 +26,31 @@ def _per_axis(value, name: str) -> tuple[int, int, int]:
 
 
 class _DWConvBN(nn.Module):
-    """Depthwise 3x3x3 conv + BatchNorm3d on tokens; keys ``dwconv.*`` and ``bn.*`` as in the official DWConv."""
+    """Depthwise 3x3x3 conv + BatchNorm3d; keys ``dwconv.*`` and ``bn.*`` as in the official DWConv."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dwconv = nn.Conv3d(dim, dim, 3, 1, 1, bias=True, groups=dim)
         self.bn = nn.BatchNorm3d(dim)
 
-    def _bn_uses_batch_stats(self) -> bool:
+    def uses_batch_stats(self) -> bool:
         return self.bn.training or self.bn.running_mean is None
 
-    def forward(self, x: torch.Tensor, spatial_shape: Sequence[int], activation: str | None) -> torch.Tensor:
-        """``activation(bn(dwconv(x)))`` on tokens (B, N, C)."""
-        if not self._bn_uses_batch_stats():
-            # Running statistics: fold BatchNorm into the conv, so conv + BN + activation is one fused kernel.
-            inv = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
-            weight = self.dwconv.weight * inv[:, None, None, None, None]
-            bias = (self.dwconv.bias - self.bn.running_mean) * inv + self.bn.bias
-            return dwconv3d_tokens(x, spatial_shape, weight, bias, activation=activation)
-        b, n, c = x.shape
-        y = dwconv3d_tokens(x, spatial_shape, self.dwconv.weight, self.dwconv.bias)
-        # Batch statistics need the whole conv output: BatchNorm runs on a channels_last_3d view of the tokens.
-        vol = self.bn(y.unflatten(1, tuple(spatial_shape)).permute(0, 4, 1, 2, 3))
-        if activation == "gelu":
-            vol = F.gelu(vol)
-        return vol.permute(0, 2, 3, 4, 1).reshape(b, n, c)
+    def folded_gelu(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        """``gelu(bn(dwconv(x)))`` on tokens with running statistics: BatchNorm folds into the conv, one kernel."""
+        inv = self.bn.weight * torch.rsqrt(self.bn.running_var + self.bn.eps)
+        weight = self.dwconv.weight * inv[:, None, None, None, None]
+        bias = (self.dwconv.bias - self.bn.running_mean) * inv + self.bn.bias
+        return dwconv3d_tokens(x, spatial_shape, weight, bias, activation="gelu")
 
 
 class MixFFN3d(nn.Module):
     """SegFormer3D's Mix-FFN on tokens: fc1 -> depthwise conv -> BatchNorm -> GELU -> fc2, with no transposes.
 
-    Keys: ``fc1``, ``dwconv.dwconv``, ``dwconv.bn``, ``fc2``. In eval the BatchNorm folds into the conv and conv,
-    bias, BatchNorm and GELU run as one fused kernel; in training BatchNorm uses batch statistics on a
-    channels-last view of the conv output.
+    Keys: ``fc1``, ``dwconv.dwconv``, ``dwconv.bn``, ``fc2``. With running statistics (eval) the BatchNorm folds into
+    the conv, and conv + bias + BatchNorm + GELU is one fused kernel. With batch statistics (training) the conv runs
+    fused on the tokens, and BatchNorm -> GELU -> fc2 saves only the conv output and the batch statistics,
+    recomputing the normalised and activated tensor in backward.
     """
 
     def __init__(self, dim: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
@@ -69,8 +62,15 @@ class MixFFN3d(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-        x = self.dwconv(self.fc1(x), spatial_shape, activation="gelu")
-        return self.dropout(self.fc2(self.dropout(x)))
+        h = self.fc1(x)
+        if not self.dwconv.uses_batch_stats():
+            return self.dropout(self.fc2(self.dropout(self.dwconv.folded_gelu(h, spatial_shape))))
+        y = dwconv3d_tokens(h, spatial_shape, self.dwconv.dwconv.weight, self.dwconv.dwconv.bias)
+        vol = y.unflatten(1, tuple(spatial_shape)).permute(0, 4, 1, 2, 3)  # channels_last_3d view
+        if self.training and self.dropout.p > 0:
+            hidden = self.dropout(F.gelu(self.dwconv.bn(vol)).permute(0, 2, 3, 4, 1).flatten(1, 3))
+            return self.dropout(self.fc2(hidden))
+        return self.dropout(batch_norm_act_linear(vol, self.dwconv.bn, "gelu", self.fc2.weight, self.fc2.bias))
 
 
 class _TransformerBlock(nn.Module):
@@ -132,10 +132,9 @@ class _LinearEmbed(nn.Module):
         self.proj = nn.Linear(in_dim, out_dim)
         self.bn = nn.LayerNorm(out_dim)  # named ``bn`` in the official code, but a LayerNorm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = x.shape[2:]
-        y = self.bn(self.proj(x.flatten(2).transpose(1, 2)))
-        return y.unflatten(1, spatial).permute(0, 4, 1, 2, 3)
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> LayerNorm(proj(tokens)), (B, N, out_dim)."""
+        return self.bn(self.proj(x.flatten(2).transpose(1, 2)))
 
 
 class _Decoder(nn.Module):
@@ -153,15 +152,28 @@ class _Decoder(nn.Module):
         self.upsample_volume = nn.Upsample(scale_factor=upsample, mode="trilinear", align_corners=False)
 
     def forward(self, c1, c2, c3, c4) -> torch.Tensor:
+        # linear_fuse's 1x1x1 conv over the 1,024-channel concat of upsampled maps equals the sum of its four
+        # 256-channel slices applied to each map *before* upsampling (both are linear): same result, and neither the
+        # concat nor the three upsampled 256-channel inputs are materialised or saved for backward.
         size = c1.shape[2:]
-        maps = []
-        for i, c in ((4, c4), (3, c3), (2, c2), (1, c1)):
-            m = getattr(self, f"linear_c{i}")(c)
+        fuse_weight = self.linear_fuse[0].weight.flatten(1)
+        width = fuse_weight.shape[0]
+        fused = None
+        for j, (i, c) in enumerate(((4, c4), (3, c3), (2, c2), (1, c1))):
+            tokens = getattr(self, f"linear_c{i}").tokens(c)
+            part = F.linear(tokens, fuse_weight[:, j * width:(j + 1) * width])
+            part = part.unflatten(1, c.shape[2:]).permute(0, 4, 1, 2, 3)
             if i != 1:
-                m = F.interpolate(m, size=size, mode="trilinear", align_corners=False)
-            maps.append(m)
-        x = self.linear_fuse(torch.cat(maps, dim=1))
-        return self.upsample_volume(self.linear_pred(self.dropout(x)))
+                part = F.interpolate(part, size=size, mode="trilinear", align_corners=False)
+            fused = part if fused is None else fused + part
+        if self.training and self.dropout.p > 0:
+            logits = self.linear_pred(self.dropout(self.linear_fuse[2](self.linear_fuse[1](fused))))
+        else:
+            # BatchNorm -> ReLU -> 1x1x1 conv saving only ``fused`` (see fastseg3d.nn.recompute).
+            pred = self.linear_pred
+            tokens = batch_norm_act_linear(fused, self.linear_fuse[1], "relu", pred.weight.flatten(1), pred.bias)
+            logits = tokens.unflatten(1, size).permute(0, 4, 1, 2, 3)
+        return self.upsample_volume(logits)
 
 
 class SegFormer3D(nn.Module):

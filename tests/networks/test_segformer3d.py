@@ -354,3 +354,25 @@ def test_gpu_fused_network_matches_reference(dtype):
         outs.append((y.detach().float(), net.segformer_encoder.embed_1.patch_embeddings.weight.grad.clone()))
     for name, a, e in zip(("logits", "dembed"), *outs):
         assert_close(name, a, e, dtype, scale=10)
+
+
+def test_activation_memory_at_128_is_at_most_half_of_the_plain_build():
+    from fastseg3d.profile import activation_memory
+
+    ours = activation_memory(SegFormer3D(), (2, 4, 128, 128, 128))
+    plain = activation_memory(PlainSegFormer3D(), (2, 4, 128, 128, 128))
+    assert 1.3 * 2**30 < plain["total"] < 1.5 * 2**30  # the published model saves about 1.4 GiB
+    assert ours["total"] <= 0.5 * plain["total"], (ours, plain)
+    assert ours["total"] == ours["segformer_encoder"] + ours["segformer_decoder"]
+
+
+def test_train_step_updates_batch_norm_statistics_like_the_plain_build():
+    ours, plain = _pair()
+    ours, plain = ours.double().train(), plain.double().train()
+    x = torch.randn(2, 4, 32, 32, 32, dtype=torch.float64)
+    ours(x).sum().backward()
+    plain(x).sum().backward()
+    ref = plain.state_dict()
+    for name, value in ours.state_dict().items():
+        if "running" in name or "num_batches" in name:
+            assert_close(name, value.double(), ref[name].double(), torch.float64)

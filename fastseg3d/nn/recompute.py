@@ -1,0 +1,80 @@
+"""BatchNorm -> activation -> Linear that saves only its input and the batch statistics.
+
+In a training step the plain composition saves three full-size tensors (BatchNorm's input, the activation's input
+and the Linear's input). Here only BatchNorm's input and two per-channel vectors are saved; the normalised and
+activated tensor is recomputed in backward (elementwise, cheap next to the Linear). Used by SegFormer3D's Mix-FFN
+(BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseg3d.reference.dwconv3d import activation_grad_ref, activation_ref
+
+__all__ = ["batch_norm_act_linear"]
+
+
+def _tokens(vol: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, N, C); a view when ``vol`` is channels-last."""
+    return vol.flatten(2).transpose(1, 2)
+
+
+class _BatchNormActLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation, weight, bias):
+        z, mean, rstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
+        h = _tokens(activation_ref(z, activation))
+        w = weight.to(h.dtype)
+        out = F.linear(h, w, bias.to(h.dtype) if bias is not None else None)
+        ctx.save_for_backward(x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight)
+        ctx.eps, ctx.activation, ctx.has_bias = eps, activation, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
+        shape = (1, -1, 1, 1, 1)
+        scale = rstd.view(shape) * (bn_weight.view(shape) if bn_weight is not None else 1.0)
+        z = (x - mean.view(shape)) * scale
+        if bn_bias is not None:
+            z = z + bn_bias.view(shape)
+        z = z.to(x.dtype)
+        h = _tokens(activation_ref(z, ctx.activation))
+        g = grad.to(h.dtype)
+        dweight = torch.einsum("bno,bnc->oc", g, h).to(weight.dtype)
+        dbias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
+        dh = (g @ weight.to(g.dtype)).transpose(1, 2).reshape(z.shape)
+        dz = (dh * activation_grad_ref(z, ctx.activation)).contiguous(memory_format=_format(x))
+        dx, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
+            dz, x, bn_weight, running_mean, running_var, mean, rstd, True, ctx.eps,
+            [True, bn_weight is not None, bn_bias is not None],
+        )
+        return dx, dbn_w, dbn_b, None, None, None, None, None, dweight, dbias
+
+
+def _format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
+
+
+def batch_norm_act_linear(
+    x: torch.Tensor, bn: nn.BatchNorm3d, activation: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear(tokens(activation(bn(x))), weight, bias)`` for x (B, C, D, H, W); returns tokens (B, N, out).
+
+    Equal to the plain composition (same outputs, gradients and running-statistics updates as ``nn.BatchNorm3d``).
+    When it trains with batch statistics and gradients are on, it saves only ``x`` and the batch statistics.
+    """
+    if not (bn.training and torch.is_grad_enabled()):
+        return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
+    momentum = bn.momentum
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm does
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    momentum = 0.0 if momentum is None else momentum
+    return _BatchNormActLinear.apply(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, activation, weight, bias
+    )
