@@ -39,6 +39,6 @@ def register(case: Case) -> Case:
 
 
 def load_cases() -> dict[str, Case]:
-    from bench import attention, dwconv3d  # noqa: F401  (each registers itself)
+    from bench import attention, channel_kl, dwconv3d, kl_distill, selfreg  # noqa: F401  (each registers itself)
 
     return CASES

@@ -39,6 +39,18 @@ def _probe_cases(device: torch.device, dtype: torch.dtype):
         kv = torch.empty(2, 512, 2, 1, 32, dtype=dtype)
     yield "attention", device_reasons + attention_unsupported_reasons(q, kv[:, :, 0], kv[:, :, 1])
 
+    from fastseg3d.ops.channel_kl import channel_kl_unsupported_reasons
+    from fastseg3d.ops.kl_distill import kl_distill_unsupported_reasons
+    from fastseg3d.ops.selfreg import selfreg_inter_unsupported_reasons, selfreg_intra_unsupported_reasons
+
+    with torch.device("meta"):
+        logits = torch.empty(2, 14, 32, 32, 32, dtype=dtype)
+        feat = torch.empty(2, 32, 32, 32, 32, dtype=dtype)
+    yield "kl_distill", device_reasons + kl_distill_unsupported_reasons(logits, [logits])
+    yield "channel_kl", device_reasons + channel_kl_unsupported_reasons(feat)
+    yield "selfreg_inter", device_reasons + selfreg_inter_unsupported_reasons(feat, [feat])
+    yield "selfreg_intra", device_reasons + selfreg_intra_unsupported_reasons(feat)
+
 
 def op_choices(device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str]]:
     """(op, implementation, why) for each op on ``device`` (default: cuda if available, else cpu)."""

@@ -3,6 +3,20 @@
 from __future__ import annotations
 
 from fastseg3d.ops.attention import attention
+from fastseg3d.ops.channel_kl import channel_kl
 from fastseg3d.ops.dwconv3d import dwconv3d, dwconv3d_tokens
+from fastseg3d.ops.kl_distill import kl_distill, kl_distill_multi
+from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter, selfreg_inter_multi, selfreg_intra
 
-__all__ = ["attention", "dwconv3d", "dwconv3d_tokens"]
+__all__ = [
+    "attention",
+    "channel_kl",
+    "dwconv3d",
+    "dwconv3d_tokens",
+    "kl_distill",
+    "kl_distill_multi",
+    "random_channel_pairs",
+    "selfreg_inter",
+    "selfreg_inter_multi",
+    "selfreg_intra",
+]

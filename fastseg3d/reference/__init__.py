@@ -8,6 +8,7 @@ from fastseg3d.reference.attention import (
     attention_ref,
     efficient_self_attention3d_ref,
 )
+from fastseg3d.reference.channel_kl import REDUCTIONS, channel_kl_fused_ref, channel_kl_normaliser, channel_kl_ref
 from fastseg3d.reference.dwconv3d import (
     ACTIVATIONS,
     activation_grad_ref,
@@ -16,16 +17,41 @@ from fastseg3d.reference.dwconv3d import (
     dwconv3d_ref,
     dwconv3d_tokens_ref,
 )
+from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl_distill_multi_ref, kl_distill_ref
+from fastseg3d.reference.selfreg import (
+    intra_order,
+    pooled_size,
+    selfreg_inter_fused_ref,
+    selfreg_inter_multi_ref,
+    selfreg_inter_ref,
+    selfreg_intra_fused_ref,
+    selfreg_intra_ref,
+)
 
 __all__ = [
-    "ACTIVATIONS",
     "activation_grad_ref",
     "activation_ref",
+    "ACTIVATIONS",
     "attention_backward_ref",
     "attention_forward_ref",
     "attention_ref",
+    "channel_kl_fused_ref",
+    "channel_kl_normaliser",
+    "channel_kl_ref",
+    "common_size",
     "dwconv3d_backward_ref",
     "dwconv3d_ref",
     "dwconv3d_tokens_ref",
     "efficient_self_attention3d_ref",
+    "intra_order",
+    "kl_distill_fused_ref",
+    "kl_distill_multi_ref",
+    "kl_distill_ref",
+    "pooled_size",
+    "REDUCTIONS",
+    "selfreg_inter_fused_ref",
+    "selfreg_inter_multi_ref",
+    "selfreg_inter_ref",
+    "selfreg_intra_fused_ref",
+    "selfreg_intra_ref",
 ]

@@ -1,0 +1,262 @@
+"""Fused temperature-scaled KL distillation (DSD's self-distillation term) with on-the-fly trilinear upsampling.
+
+The Triton kernels are in ``fastseg3d.kernels.kl_distill``, the reference in ``fastseg3d.reference.kl_distill``.
+One ``torch.library`` op, ``fastseg3d::kl_distill``, computes the losses of up to any number of students against
+one teacher together with the input gradients (Liger-Kernel style: backward only scales the saved gradients by
+the incoming gradient), with a fake implementation and autograd, so it runs under ``torch.compile(fullgraph=True)``
+and on ``meta`` tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastseg3d import backends
+from fastseg3d.ops import utils
+from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl_distill_multi_ref, kl_distill_ref
+
+__all__ = ["kl_distill", "kl_distill_multi", "kl_distill_unsupported_reasons"]
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_Y = 65535
+_MAX_CHANNELS = 256  # fastseg3d.kernels.kl_distill.MAX_CHANNELS (not imported: Triton may be absent)
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    return float(temperature)
+
+
+def _validate(students, teacher, temperature, size, weights) -> tuple[float, tuple[int, int, int], list[float]]:
+    """Raise ValueError/TypeError for wrong input; return (temperature, output size, weights)."""
+    _check_tensor(teacher, "teacher")
+    if not isinstance(students, (list, tuple)) or len(students) == 0:
+        raise ValueError("students must be a non-empty list of tensors")
+    for i, s in enumerate(students):
+        _check_tensor(s, f"students[{i}]")
+    names = ["teacher"] + [f"students[{i}]" if len(students) > 1 else "student" for i in range(len(students))]
+    tensors = [teacher, *students]
+    for name, t in zip(names, tensors):
+        if t.dim() != 5:
+            raise ValueError(f"{name} must be 5-D logits (B, K, D, H, W), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in zip(names[1:], students):
+        if t.device != teacher.device:
+            raise TypeError(f"{name} is on {t.device} but teacher is on {teacher.device}; pass tensors on one device")
+        if t.dtype != teacher.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but teacher has {teacher.dtype}; pass tensors of one dtype")
+        if t.shape[0] != teacher.shape[0]:
+            raise ValueError(f"batch sizes differ: {name} has {t.shape[0]}, teacher has {teacher.shape[0]}")
+        if t.shape[1] != teacher.shape[1]:
+            raise ValueError(f"class counts differ: {name} has {t.shape[1]} channels, teacher has {teacher.shape[1]}")
+    temperature = _check_temperature(temperature)
+    if size is None:
+        size = common_size(*tensors)
+    elif (
+        not isinstance(size, (tuple, list, torch.Size))
+        or len(size) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+    ):
+        raise ValueError(f"size must be 3 positive ints (D, H, W), got {size!r}")
+    size = tuple(size)
+    for name, t in zip(names, tensors):
+        spatial = tuple(t.shape[2:])
+        if any(n == 0 or o % n != 0 for o, n in zip(size, spatial)):
+            raise ValueError(
+                f"{name} has spatial shape {spatial}, which is not an integer factor per axis of the loss "
+                f"resolution {size}: only integer upsampling ratios are supported"
+            )
+    if weights is None:
+        weights = [1.0] * len(students)
+    else:
+        weights = [float(w) for w in weights]
+        if len(weights) != len(students) or not all(math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be {len(students)} finite numbers, got {weights!r}")
+    return temperature, size, weights
+
+
+def kl_distill_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) -> list[str]:
+    """Why the fused kernel cannot take this (already validated) case; empty when it can."""
+    reasons = backends.device_reasons(teacher.device)
+    if teacher.dtype not in _FUSED_DTYPES:
+        reasons.append(f"dtype={teacher.dtype} (fused: float32, float16, bfloat16)")
+    if teacher.shape[1] > _MAX_CHANNELS:
+        reasons.append(f"{teacher.shape[1]} classes (fused: up to {_MAX_CHANNELS})")
+    if teacher.shape[0] > _MAX_GRID_Y:
+        reasons.append(f"batch above {_MAX_GRID_Y}")
+    if any(t.numel() == 0 for t in (teacher, *students)):
+        reasons.append("an input has no elements")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library op
+
+
+def _launchable(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+def _nothing(x: Tensor) -> Tensor:
+    return x.new_empty((0,))
+
+
+@torch.library.triton_op("fastseg3d::kl_distill", mutates_args=())
+def _kl_distill_op(
+    students: list[Tensor],
+    teacher: Tensor,
+    temperature: float,
+    size: list[int],
+    weights: list[float],
+    need_grad: list[bool],
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+    """(sum_i w_i loss_i, per-student losses (S,), dL/dstudent_i, dL/dteacher), losses in fp32.
+
+    ``need_grad`` has one flag per student, then one for the teacher; a gradient not asked for is an empty
+    (0,) tensor. The gradients are those of the weighted total.
+    """
+    need_s, need_t = list(need_grad[:-1]), bool(need_grad[-1])
+    n_s = len(students)
+    if teacher.device.type == "meta":
+        grads = [torch.empty_like(s) if n else _nothing(s) for s, n in zip(students, need_s)]
+        g_t = torch.empty_like(teacher) if need_t else _nothing(teacher)
+        return (teacher.new_empty((), dtype=torch.float32), teacher.new_empty((n_s,), dtype=torch.float32),
+                grads, g_t)
+    if not _launchable(teacher.device):
+        per, grads, g_t = kl_distill_fused_ref(students, teacher, temperature, size, weights, need_s, need_t)
+    else:
+        from fastseg3d.kernels.kl_distill import MAX_STUDENTS, kl_distill_fwd
+
+        chunks, grads, g_t = [], [], None
+        for start in range(0, n_s, MAX_STUDENTS):
+            end = min(start + MAX_STUDENTS, n_s)
+            per_c, grads_c, g_t_c = kl_distill_fwd(
+                list(students[start:end]), teacher, tuple(size), temperature, list(weights[start:end]),
+                need_s[start:end], need_t, empty=utils.empty,
+            )
+            chunks.append(per_c)
+            grads += grads_c
+            g_t = g_t_c if g_t is None else g_t + g_t_c
+        per = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    total = per[0] * weights[0]
+    for i in range(1, n_s):
+        total = total + per[i] * weights[i]
+    grads = [g if g is not None else _nothing(s) for g, s in zip(grads, students)]
+    return total, per, grads, (g_t if g_t is not None else _nothing(teacher))
+
+
+def _setup_context(ctx, inputs, output):
+    students, teacher = inputs[0], inputs[1]
+    _, _, grads, g_t = output
+    ctx.n_students = len(students)
+    ctx.dtypes = [s.dtype for s in students] + [teacher.dtype]
+    ctx.save_for_backward(*grads, g_t)
+
+
+def _backward(ctx, grad_total, grad_per, grad_grads, grad_gt):
+    saved = ctx.saved_tensors
+    out = [(grad_total * g).to(dt) if g.numel() else None for g, dt in zip(saved, ctx.dtypes)]
+    return out[: ctx.n_students], out[-1], None, None, None, None
+
+
+_kl_distill_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _needs_grad(t: Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def kl_distill_multi(
+    students: Sequence[Tensor],
+    teacher: Tensor,
+    temperature: float = 1.0,
+    detach_teacher: bool = False,
+    weights: Sequence[float] | None = None,
+    return_per_student: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Weighted sum of :func:`kl_distill` of several students against one teacher, in one pass over the teacher.
+
+    Every pair is computed at the common resolution of all inputs (the per-axis maximum), so
+    ``kl_distill_multi(students, t) == sum(kl_distill(s, t, size=common))``. The result is a 0-dim fp32 tensor
+    ``sum_i weights[i] * loss_i`` (weights default to 1): a scalar, because the teacher's gradient couples all
+    students and is formed in the forward pass. With ``return_per_student=True`` also the (S,) detached
+    per-student losses (unweighted), e.g. for logging. Up to four students share one kernel launch; more are
+    processed in groups of four.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> teacher = torch.randn(2, 4, 16, 16, 16, requires_grad=True)        # e.g. DSD's enc4 head
+        >>> students = [torch.randn(2, 4, 16 // f, 16 // f, 16 // f, requires_grad=True) for f in (1, 2, 4)]
+        >>> loss = fastseg3d.ops.kl_distill_multi(students, teacher, temperature=3.0)
+        >>> loss.backward()
+        >>> loss.shape, students[2].grad.shape
+        (torch.Size([]), torch.Size([2, 4, 4, 4, 4]))
+    """
+    return _kl_distill(
+        students, teacher, temperature, detach_teacher, None, weights, return_per_student, "kl_distill_multi"
+    )
+
+
+def kl_distill(
+    student: Tensor,
+    teacher: Tensor,
+    temperature: float = 1.0,
+    detach_teacher: bool = False,
+    size: Sequence[int] | None = None,
+) -> Tensor:
+    """Temperature-scaled KL distillation loss between class logits, as in Dual Self-Distillation (DSD).
+
+    ``T^2 * mean over batch and voxels of sum_k softmax(t/T)_k (log softmax(t/T)_k - log softmax(s/T)_k)``
+    with ``t`` and ``s`` the teacher and student logits (B, K, D, H, W). They may differ in resolution by integer
+    factors per axis: each is upsampled trilinearly (``align_corners=False``, like ``F.interpolate``) to ``size``
+    (default: the per-axis maximum of the two) on the fly, never materialised. Gradients flow to the student and,
+    unless ``detach_teacher``, to the teacher (DSD's published loss does not detach).
+
+    fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result); the input gradients are computed in the
+    forward pass when an input requires grad, and backward only scales them. Other cases run the reference under
+    the ``auto`` backend.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> teacher = torch.randn(2, 14, 32, 32, 32)                       # e.g. DSD's dec1 head
+        >>> student = torch.randn(2, 14, 8, 8, 8, requires_grad=True)      # a head at 1/4 resolution
+        >>> loss = fastseg3d.ops.kl_distill(student, teacher, temperature=3.0)
+        >>> loss.backward()
+        >>> loss.dtype, student.grad.shape
+        (torch.float32, torch.Size([2, 14, 8, 8, 8]))
+    """
+    return _kl_distill([student], teacher, temperature, detach_teacher, size, None, False, "kl_distill")
+
+
+def _kl_distill(students, teacher, temperature, detach_teacher, size, weights, return_per_student, name):
+    temperature, size, weights = _validate(students, teacher, temperature, size, weights)
+    students = list(students)
+    if backends.select("kl_distill", kl_distill_unsupported_reasons(teacher, students)):
+        if detach_teacher:
+            teacher = teacher.detach()
+        need = [_needs_grad(s) for s in students] + [_needs_grad(teacher)]
+        total, per, _, _ = torch.ops.fastseg3d.kl_distill(students, teacher, temperature, list(size), weights, need)
+        per = per.detach()
+    elif name == "kl_distill":
+        total = kl_distill_ref(students[0], teacher, temperature, detach_teacher, size)
+        per = total.detach().reshape(1)
+    else:
+        total, per = kl_distill_multi_ref(students, teacher, temperature, detach_teacher, weights)
+    return (total, per) if return_per_student else total

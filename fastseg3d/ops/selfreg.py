@@ -1,0 +1,348 @@
+"""Fused SelfReg-UNet regularisers: semantic consistency (``selfreg_inter``) and intra-feature distillation
+(``selfreg_intra``).
+
+The Triton kernels are in ``fastseg3d.kernels.selfreg``, the references in ``fastseg3d.reference.selfreg``. Two
+``torch.library`` ops, ``fastseg3d::selfreg_inter`` (any number of students against one teacher, pooled once into
+a pyramid) and ``fastseg3d::selfreg_intra``, return the losses together with the input gradients computed in the
+same pass (backward only scales them), with fake implementations and autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastseg3d import backends
+from fastseg3d.ops import utils
+from fastseg3d.reference.selfreg import (
+    pooled_size,
+    selfreg_inter_fused_ref,
+    selfreg_inter_multi_ref,
+    selfreg_inter_ref,
+    selfreg_intra_fused_ref,
+    selfreg_intra_ref,
+)
+
+__all__ = [
+    "random_channel_pairs",
+    "selfreg_inter",
+    "selfreg_inter_multi",
+    "selfreg_inter_unsupported_reasons",
+    "selfreg_intra",
+    "selfreg_intra_unsupported_reasons",
+]
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_GRID_YZ = 65535
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_feature(t, name: str) -> None:
+    _check_tensor(t, name)
+    if t.dim() != 5:
+        raise ValueError(f"{name} must be a 5-D feature map (B, C, D, H, W), got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
+    """A 1-D int64 index tensor on ``device``; range-checked unless it is already on an accelerator (a sync)."""
+    if isinstance(idx, Tensor):
+        if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise ValueError(
+                f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx.dtype} {tuple(idx.shape)}"
+            )
+        check = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        values = idx
+    else:
+        if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            raise ValueError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx!r}")
+        check = True
+        values = torch.tensor(list(idx), dtype=torch.int64)
+    if values.numel() == 0:
+        raise ValueError(f"{name} selects no channels")
+    if check and (int(values.min()) < 0 or int(values.max()) >= n_channels):
+        raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")
+    return values.to(device=device, dtype=torch.int64)
+
+
+def _validate_inter(students, teacher, student_channels, teacher_channels):
+    """Raise ValueError/TypeError for wrong input; return the index tensors (int64, on the teacher's device)."""
+    _check_feature(teacher, "teacher")
+    names = [f"students[{i}]" if len(students) > 1 else "student" for i in range(len(students))]
+    cs_out, ct_out = [], []
+    for name, s, cs, ct in zip(names, students, student_channels, teacher_channels):
+        _check_feature(s, name)
+        if s.device != teacher.device:
+            raise TypeError(f"{name} is on {s.device} but teacher is on {teacher.device}; pass tensors on one device")
+        if s.dtype != teacher.dtype:
+            raise TypeError(f"{name} has dtype {s.dtype} but teacher has {teacher.dtype}; pass tensors of one dtype")
+        if s.shape[0] != teacher.shape[0]:
+            raise ValueError(f"batch sizes differ: {name} has {s.shape[0]}, teacher has {teacher.shape[0]}")
+        for a, b in zip(s.shape[2:], teacher.shape[2:]):
+            if min(a, b) == 0 or max(a, b) % min(a, b) != 0:
+                raise ValueError(
+                    f"{name} {tuple(s.shape[2:])} and teacher {tuple(teacher.shape[2:])} differ by a non-integer "
+                    "factor on an axis: only integer pooling ratios are supported"
+                )
+        cs = _channels(cs, "student_channels", s.shape[1], s.device)
+        ct = _channels(ct, "teacher_channels", teacher.shape[1], teacher.device)
+        if cs.numel() != ct.numel():
+            raise ValueError(f"student_channels has {cs.numel()} entries but teacher_channels has {ct.numel()}")
+        cs_out.append(cs)
+        ct_out.append(ct)
+    return cs_out, ct_out
+
+
+def selfreg_inter_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) -> list[str]:
+    """Why the fused kernel cannot take this (already validated) case; empty when it can."""
+    reasons = backends.device_reasons(teacher.device)
+    if teacher.dtype not in _FUSED_DTYPES:
+        reasons.append(f"dtype={teacher.dtype} (fused: float32, float16, bfloat16)")
+    if teacher.shape[0] > _MAX_GRID_YZ or any(s.shape[1] > _MAX_GRID_YZ for s in students):
+        reasons.append(f"batch or student channels above {_MAX_GRID_YZ}")
+    if any(t.numel() == 0 for t in (teacher, *students)):
+        reasons.append("an input has no elements")
+    return reasons
+
+
+def selfreg_intra_unsupported_reasons(feature: Tensor) -> list[str]:
+    """Why the fused kernel cannot take this (already validated) case; empty when it can."""
+    reasons = backends.device_reasons(feature.device)
+    if feature.dtype not in _FUSED_DTYPES:
+        reasons.append(f"dtype={feature.dtype} (fused: float32, float16, bfloat16)")
+    if feature.shape[0] > _MAX_GRID_YZ or feature.shape[1] // 2 > _MAX_GRID_YZ:
+        reasons.append(f"batch or half the channels above {_MAX_GRID_YZ}")
+    if feature.numel() == 0:
+        reasons.append("feature has no elements")
+    return reasons
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+def _launchable(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+def _pyramid(teacher: Tensor, sizes: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], Tensor]:
+    """The teacher average-pooled (fp32) to every size in ``sizes``, each level pooled from the coarsest level
+    already built that it divides (the full teacher is read once for the finest level)."""
+    from fastseg3d.kernels.selfreg import avg_pool
+
+    full = tuple(teacher.shape[2:])
+    levels: dict[tuple[int, int, int], Tensor] = {full: teacher}
+    for size in sorted(set(sizes), key=lambda s: -(s[0] * s[1] * s[2])):
+        if size in levels:
+            continue
+        sources = [lv for lv in levels if all(a % b == 0 for a, b in zip(lv, size))]
+        source = min(sources, key=lambda s: s[0] * s[1] * s[2])
+        levels[size] = avg_pool(levels[source], size, empty=utils.empty)
+    return levels
+
+
+@torch.library.triton_op("fastseg3d::selfreg_inter", mutates_args=())
+def _selfreg_inter_op(
+    students: list[Tensor],
+    teacher: Tensor,
+    student_channels: list[Tensor],
+    teacher_channels: list[Tensor],
+    need_grad: list[bool],
+) -> tuple[Tensor, list[Tensor]]:
+    """(per-student losses (S,) fp32, dL/dstudent_i); a gradient not asked for is an empty (0,) tensor."""
+    if teacher.device.type == "meta":
+        grads = [torch.empty_like(s) if n else s.new_empty((0,)) for s, n in zip(students, need_grad)]
+        return teacher.new_empty((len(students),), dtype=torch.float32), grads
+    losses, grads = [], []
+    if not _launchable(teacher.device):
+        for s, cs, ct, need in zip(students, student_channels, teacher_channels, need_grad):
+            loss, grad = selfreg_inter_fused_ref(s, teacher, cs, ct, need)
+            losses.append(loss)
+            grads.append(grad)
+    else:
+        from fastseg3d.kernels.selfreg import selfreg_inter_fwd
+
+        sizes = [pooled_size(s, teacher) for s in students]
+        pyramid = _pyramid(teacher, sizes)
+        for s, size, cs, ct, need in zip(students, sizes, student_channels, teacher_channels, need_grad):
+            # the student is pooled on the fly by the kernel, the teacher level comes from the pyramid
+            loss, grad = selfreg_inter_fwd(s, pyramid[size], cs, ct, need, empty=utils.empty)
+            losses.append(loss)
+            grads.append(grad)
+    grads = [g if g is not None else s.new_empty((0,)) for g, s in zip(grads, students)]
+    return torch.stack(losses), grads
+
+
+def _inter_setup_context(ctx, inputs, output):
+    ctx.dtypes = [s.dtype for s in inputs[0]]
+    ctx.save_for_backward(*output[1])
+
+
+def _inter_backward(ctx, grad_losses, grad_grads):
+    grads = [(grad_losses[i] * g).to(dt) if g.numel() else None
+             for i, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
+    nones = [None] * len(grads)
+    return grads, None, nones, nones, None
+
+
+_selfreg_inter_op.register_autograd(_inter_backward, setup_context=_inter_setup_context)
+
+
+@torch.library.triton_op("fastseg3d::selfreg_intra", mutates_args=())
+def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """(fp32 loss, dL/dfeature); the gradient is an empty (0,) tensor unless ``need_grad``."""
+    if feature.device.type == "meta":
+        grad = torch.empty_like(feature) if need_grad else feature.new_empty((0,))
+        return feature.new_empty((), dtype=torch.float32), grad
+    if not _launchable(feature.device):
+        loss, grad = selfreg_intra_fused_ref(feature, need_grad)
+    else:
+        from fastseg3d.kernels.selfreg import selfreg_intra_fwd
+
+        loss, grad = selfreg_intra_fwd(feature, need_grad, empty=utils.empty)
+    return loss, (grad if grad is not None else feature.new_empty((0,)))
+
+
+def _intra_setup_context(ctx, inputs, output):
+    ctx.dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
+
+
+def _intra_backward(ctx, grad_loss, grad_grad):
+    (saved,) = ctx.saved_tensors
+    return ((grad_loss * saved).to(ctx.dtype) if saved.numel() else None), None
+
+
+_selfreg_intra_op.register_autograd(_intra_backward, setup_context=_intra_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def _needs_grad(t: Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def random_channel_pairs(
+    student_channels: int, teacher_channels: int, k: int | None = None, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """SelfReg's random channel selection: ``k`` (default ``min`` of the counts) distinct random student channels
+    and, independently, ``k`` distinct random teacher channels, as CPU int64 tensors. SelfReg redraws them at
+    every call (every iteration).
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> cs, ct = fastseg3d.ops.random_channel_pairs(64, 96, generator=torch.Generator().manual_seed(0))
+        >>> cs.shape, ct.shape
+        (torch.Size([64]), torch.Size([64]))
+    """
+    k = min(student_channels, teacher_channels) if k is None else k
+    if not 0 < k <= min(student_channels, teacher_channels):
+        raise ValueError(f"k must be in [1, {min(student_channels, teacher_channels)}], got {k}")
+    cs = torch.randperm(student_channels, generator=generator)[:k]
+    ct = torch.randperm(teacher_channels, generator=generator)[:k]
+    return cs, ct
+
+
+def selfreg_inter_multi(
+    students: Sequence[Tensor],
+    teacher: Tensor,
+    student_channels: Sequence,
+    teacher_channels: Sequence,
+) -> Tensor:
+    """:func:`selfreg_inter` of several students against one teacher: an (S,) fp32 tensor of per-student losses.
+
+    The teacher (e.g. SelfReg's final decoder feature F_final) is average-pooled once into the pyramid of
+    resolutions the students need, each level from the next finer one, instead of once per student.
+    ``student_channels[i]`` and ``teacher_channels[i]`` are student i's index sets. SelfReg's KD term averages
+    them: ``selfreg_inter_multi(...).mean()``.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> final = torch.randn(2, 8, 16, 16, 16)
+        >>> blocks = [torch.randn(2, 4 * 2**i, 16 >> i, 16 >> i, 16 >> i, requires_grad=True) for i in (1, 2, 3)]
+        >>> pairs = [fastseg3d.ops.random_channel_pairs(b.shape[1], 8) for b in blocks]
+        >>> losses = fastseg3d.ops.selfreg_inter_multi(blocks, final, [p[0] for p in pairs], [p[1] for p in pairs])
+        >>> losses.mean().backward()
+        >>> losses.shape
+        torch.Size([3])
+    """
+    if not isinstance(students, (list, tuple)) or len(students) == 0:
+        raise ValueError("students must be a non-empty list of tensors")
+    if not isinstance(student_channels, (list, tuple)) or not isinstance(teacher_channels, (list, tuple)) or not (
+        len(student_channels) == len(teacher_channels) == len(students)
+    ):
+        raise ValueError("student_channels and teacher_channels must be lists with one index set per student")
+    return _selfreg_inter(list(students), teacher, list(student_channels), list(teacher_channels))
+
+
+def selfreg_inter(student: Tensor, teacher: Tensor, student_channels, teacher_channels) -> Tensor:
+    """SelfReg's semantic-consistency regulariser (SCR, ``inter_fd``) for one student block.
+
+    The larger map is average-pooled to the smaller one by integer factors (per axis: both are pooled to the
+    per-axis minimum), the channels ``student_channels[j]`` of the student and ``teacher_channels[j]`` of the
+    teacher are paired, and the loss is their mean squared difference; the teacher is detached. Index sets are
+    1-D integer tensors or sequences of equal length (see :func:`random_channel_pairs`); repeated student indices
+    accumulate gradient. Returns a 0-dim fp32 tensor.
+
+    fp32, fp16 and bf16 inputs are fused (one read of each input, fp32 math, the student gradient written in the
+    forward pass when the student requires grad); other cases run the reference under the ``auto`` backend.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> final = torch.randn(2, 16, 32, 32, 32)                       # F_final, the teacher
+        >>> block = torch.randn(2, 32, 8, 8, 8, requires_grad=True)       # an encoder block
+        >>> cs, ct = fastseg3d.ops.random_channel_pairs(32, 16)
+        >>> loss = fastseg3d.ops.selfreg_inter(block, final, cs, ct)
+        >>> loss.backward()
+        >>> loss.shape, block.grad.shape
+        (torch.Size([]), torch.Size([2, 32, 8, 8, 8]))
+    """
+    return _selfreg_inter([student], teacher, [student_channels], [teacher_channels])[0]
+
+
+def _selfreg_inter(students, teacher, student_channels, teacher_channels) -> Tensor:
+    cs, ct = _validate_inter(students, teacher, student_channels, teacher_channels)
+    if backends.select("selfreg_inter", selfreg_inter_unsupported_reasons(teacher, students)):
+        need = [_needs_grad(s) for s in students]
+        losses, _ = torch.ops.fastseg3d.selfreg_inter(students, teacher.detach(), cs, ct, need)
+        return losses
+    if len(students) == 1:
+        return selfreg_inter_ref(students[0], teacher, cs[0], ct[0]).reshape(1)
+    return selfreg_inter_multi_ref(students, teacher, cs, ct)
+
+
+def selfreg_intra(feature: Tensor) -> Tensor:
+    """SelfReg's intra-feature distillation regulariser (IFD, ``intra_fd``).
+
+    Channels are ranked by the mean over batch and voxels of their per-(b, c) L2-normalised maps
+    (``F.normalize(f, p=2, dim=voxels)``), and the loss is the mean squared difference between the top half and
+    the bottom half (channel ``order[j]`` against ``order[C/2 + j]``), with gradients to both halves and none
+    through the ranking, as coded. C must be even. Returns a 0-dim fp32 tensor.
+
+    The fused path reads the map twice (per-channel statistics, then the loss and both halves' gradients in one
+    pass); the pairing depends on a global statistic, so one pass is not possible.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> f = torch.randn(2, 32, 8, 8, 8, requires_grad=True)
+        >>> loss = fastseg3d.ops.selfreg_intra(f)
+        >>> loss.backward()
+        >>> loss.shape, f.grad.shape
+        (torch.Size([]), torch.Size([2, 32, 8, 8, 8]))
+    """
+    _check_feature(feature, "feature")
+    if feature.shape[1] % 2:
+        raise ValueError(f"selfreg_intra needs an even channel count, got C={feature.shape[1]}")
+    if backends.select("selfreg_intra", selfreg_intra_unsupported_reasons(feature)):
+        loss, _ = torch.ops.fastseg3d.selfreg_intra(feature, _needs_grad(feature))
+        return loss
+    return selfreg_intra_ref(feature)

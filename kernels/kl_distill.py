@@ -1,0 +1,403 @@
+"""Triton kernels of the fused temperature-scaled KL distillation loss (DSD) and its input gradients.
+
+For logits at a common output resolution (D, H, W), each input upsampled trilinearly (``align_corners=False``)
+on the fly by an integer factor per axis:
+
+    loss_i = T^2 / (B * D*H*W) * sum_{b, voxel} sum_k p_k (log p_k - log q_ik)
+    p = softmax(teacher / T), q_i = softmax(student_i / T) over the K class channels
+
+A program owns BLOCK_V consecutive output voxels (flattened D, H, W; W is contiguous, so loads are coalesced)
+of one batch element and all K channels in registers ([BLOCK_K, BLOCK_V]); the softmax runs over axis 0.
+Up to four students share one pass over the teacher.
+
+Gradients are formed in the same forward pass (Liger-Kernel style) and written to buffers that backward only
+scales by the incoming gradient:
+
+    dL/dstudent_i = w_i T / (B N) * (q_i - p)
+    dL/dteacher   = T / (B N) * sum_i w_i p (log p - log q_i - KL_i)
+
+An input at the output resolution receives its gradient directly from the forward kernel. For an upsampled
+input the gradient is the transpose of trilinear interpolation; it is computed by a gather-style kernel over the
+low-resolution voxels, each summing its (2f)^3 contributing output voxels (recomputing the softmaxes there), so
+there are no atomics and no output-resolution intermediate. Per-program loss partial sums are written to a
+workspace and reduced in a fixed order: everything is bitwise deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg3d.backends import interpreter_active
+
+__all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
+
+MAX_STUDENTS = 4  # student slots of one kernel launch
+MAX_CHANNELS = 256  # all K logits of a voxel live in registers
+_INT32_MAX = 2**31 - 1
+
+
+@triton.jit
+def _src_index(o, F: tl.constexpr, N):
+    """(i0, i1, lambda) of align_corners=False linear interpolation by the integer factor F at output index o."""
+    src = (o.to(tl.float32) + 0.5) * (1.0 / F) - 0.5
+    src = tl.maximum(src, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), N - 1)
+    lam = src - i0.to(tl.float32)
+    i1 = tl.minimum(i0 + 1, N - 1)
+    return i0.to(o.dtype), i1.to(o.dtype), lam
+
+
+@triton.jit
+def _lerp_w(row_ptr, w, mask, FW: tl.constexpr, NW):
+    if FW == 1:
+        v = tl.load(row_ptr + w[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        w0, w1, lw = _src_index(w, FW, NW)
+        v0 = tl.load(row_ptr + w0[None, :], mask=mask, other=0.0).to(tl.float32)
+        v1 = tl.load(row_ptr + w1[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = v0 + (v1 - v0) * lw[None, :]
+    return v
+
+
+@triton.jit
+def _lerp_hw(plane_ptr, h, w, mask, FH: tl.constexpr, FW: tl.constexpr, NH, NW):
+    if FH == 1:
+        v = _lerp_w(plane_ptr + (h * NW)[None, :], w, mask, FW, NW)
+    else:
+        h0, h1, lh = _src_index(h, FH, NH)
+        v0 = _lerp_w(plane_ptr + (h0 * NW)[None, :], w, mask, FW, NW)
+        v1 = _lerp_w(plane_ptr + (h1 * NW)[None, :], w, mask, FW, NW)
+        v = v0 + (v1 - v0) * lh[None, :]
+    return v
+
+
+@triton.jit
+def _load_logits(
+    ptr, b, K, offs_k, d, h, w, mask, ND, NH, NW,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+):
+    """[BLOCK_K, BLOCK_V] fp32 logits of a contiguous (B, K, ND, NH, NW) tensor at output voxels (d, h, w),
+    upsampled trilinearly by (FD, FH, FW); padded channels and masked voxels get a large negative value."""
+    nvox = ND * NH * NW
+    base = ptr + b * K * nvox + offs_k[:, None] * nvox
+    if FD == 1:
+        v = _lerp_hw(base + (d * (NH * NW))[None, :], h, w, mask, FH, FW, NH, NW)
+    else:
+        d0, d1, ld = _src_index(d, FD, ND)
+        v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, mask, FH, FW, NH, NW)
+        v1 = _lerp_hw(base + (d1 * (NH * NW))[None, :], h, w, mask, FH, FW, NH, NW)
+        v = v0 + (v1 - v0) * ld[None, :]
+    return v
+
+
+@triton.jit
+def _log_softmax(z, mask):
+    """(log softmax, softmax) over axis 0 of an fp32 [BLOCK_K, BLOCK_V] tile; masked entries give p = 0."""
+    # a finite "minus infinity" for padded channels: exp() gives 0 and nothing becomes NaN
+    z = tl.where(mask, z, -1.0e30)
+    m = tl.max(z, axis=0)
+    zs = z - m[None, :]
+    e = tl.where(mask, tl.exp(zs), 0.0)
+    s = tl.sum(e, axis=0)
+    s = tl.where(s > 0.0, s, 1.0)
+    logp = zs - tl.log(s)[None, :]
+    return logp, e / s[None, :]
+
+
+@triton.jit
+def _student_terms(
+    s_ptr, b, K, offs_k, d, h, w, mask, SD, SH, SW, inv_t, logp, p,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+):
+    """Per-voxel KL(p || q) [BLOCK_V], q - p and p (log p - log q - KL) [BLOCK_K, BLOCK_V] for one student."""
+    zs = _load_logits(s_ptr, b, K, offs_k, d, h, w, mask, SD, SH, SW, FD, FH, FW) * inv_t
+    logq, q = _log_softmax(zs, mask)
+    a = tl.where(mask, logp - logq, 0.0)
+    kl = tl.sum(p * a, axis=0)
+    return kl, q - p, p * (a - kl[None, :])
+
+
+@triton.jit
+def _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask):
+    tl.store(ptr + b * K * nvox + offs_k[:, None] * nvox + offs_v[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    t_ptr, gt_ptr, s0_ptr, gs0_ptr, s1_ptr, gs1_ptr, s2_ptr, gs2_ptr, s3_ptr, gs3_ptr, part_ptr,
+    K, OD, OH, OW, TD, TH, TW,
+    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W,
+    w0, w1, w2, w3, inv_t, coef,
+    NUM_S: tl.constexpr, TFD: tl.constexpr, TFH: tl.constexpr, TFW: tl.constexpr,
+    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr, F1D: tl.constexpr, F1H: tl.constexpr,
+    F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
+    F3H: tl.constexpr, F3W: tl.constexpr,
+    GRAD_T: tl.constexpr, GRAD0: tl.constexpr, GRAD1: tl.constexpr, GRAD2: tl.constexpr, GRAD3: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Loss partial sums (one row of MAX_STUDENTS per program) and the gradients of inputs at output resolution
+    (GRAD_*: such an input needs its gradient and is not upsampled)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    row = b * tl.num_programs(0) + pid
+    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64:
+        b = b.to(tl.int64)
+        offs_v = offs_v.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    hw = OH * OW
+    nvox = OD * hw
+    mask_v = offs_v < nvox
+    mask = (offs_k[:, None] < K) & mask_v[None, :]
+    d = offs_v // hw
+    h = (offs_v % hw) // OW
+    w = offs_v % OW
+
+    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, mask, TD, TH, TW, TFD, TFH, TFW) * inv_t
+    logp, p = _log_softmax(zt, mask)
+    gt = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    if NUM_S > 0:
+        kl, gs, gtc = _student_terms(s0_ptr, b, K, offs_k, d, h, w, mask, S0D, S0H, S0W, inv_t, logp, p, F0D, F0H, F0W)
+        tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
+        if GRAD0:
+            _store_tile(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w0), mask)
+        gt += w0 * gtc
+    if NUM_S > 1:
+        kl, gs, gtc = _student_terms(s1_ptr, b, K, offs_k, d, h, w, mask, S1D, S1H, S1W, inv_t, logp, p, F1D, F1H, F1W)
+        tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
+        if GRAD1:
+            _store_tile(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w1), mask)
+        gt += w1 * gtc
+    if NUM_S > 2:
+        kl, gs, gtc = _student_terms(s2_ptr, b, K, offs_k, d, h, w, mask, S2D, S2H, S2W, inv_t, logp, p, F2D, F2H, F2W)
+        tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
+        if GRAD2:
+            _store_tile(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w2), mask)
+        gt += w2 * gtc
+    if NUM_S > 3:
+        kl, gs, gtc = _student_terms(s3_ptr, b, K, offs_k, d, h, w, mask, S3D, S3H, S3W, inv_t, logp, p, F3D, F3H, F3W)
+        tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
+        if GRAD3:
+            _store_tile(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w3), mask)
+        gt += w3 * gtc
+    if GRAD_T:
+        _store_tile(gt_ptr, b, K, offs_k, offs_v, nvox, gt * coef, mask)
+
+
+@triton.jit
+def _tap_weight(o, j, F: tl.constexpr, N, OUT):
+    """Weight of output index o in the interpolation of low-resolution index j (0 outside [0, OUT))."""
+    i0, i1, lam = _src_index(o, F, N)
+    wgt = tl.where(i0 == j, 1.0 - lam, 0.0) + tl.where(i1 == j, lam, 0.0)
+    return tl.where((o >= 0) & (o < OUT), wgt, 0.0)
+
+
+@triton.jit
+def _grad_at(
+    t_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, b, K, offs_k, d, h, w, mask, TD, TH, TW,
+    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W, w0, w1, w2, w3, inv_t,
+    NUM_S: tl.constexpr, TFD: tl.constexpr, TFH: tl.constexpr, TFW: tl.constexpr,
+    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr, F1D: tl.constexpr, F1H: tl.constexpr,
+    F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
+    F3H: tl.constexpr, F3W: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """dL/dlogit (without the T/(B N) factor) at output voxels (d, h, w): of the teacher (GRAD_T, summed over
+    the students) or of student 0."""
+    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, mask, TD, TH, TW, TFD, TFH, TFW) * inv_t
+    logp, p = _log_softmax(zt, mask)
+    if GRAD_T:
+        g = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+        if NUM_S > 0:
+            kl_u, gs_u, gtc = _student_terms(
+                s0_ptr, b, K, offs_k, d, h, w, mask, S0D, S0H, S0W, inv_t, logp, p, F0D, F0H, F0W
+            )
+            g += w0 * gtc
+        if NUM_S > 1:
+            kl_u, gs_u, gtc = _student_terms(
+                s1_ptr, b, K, offs_k, d, h, w, mask, S1D, S1H, S1W, inv_t, logp, p, F1D, F1H, F1W
+            )
+            g += w1 * gtc
+        if NUM_S > 2:
+            kl_u, gs_u, gtc = _student_terms(
+                s2_ptr, b, K, offs_k, d, h, w, mask, S2D, S2H, S2W, inv_t, logp, p, F2D, F2H, F2W
+            )
+            g += w2 * gtc
+        if NUM_S > 3:
+            kl_u, gs_u, gtc = _student_terms(
+                s3_ptr, b, K, offs_k, d, h, w, mask, S3D, S3H, S3W, inv_t, logp, p, F3D, F3H, F3W
+            )
+            g += w3 * gtc
+    else:
+        kl_u, gs, gt_u = _student_terms(s0_ptr, b, K, offs_k, d, h, w, mask, S0D, S0H, S0W, inv_t, logp, p, F0D, F0H, F0W)
+        g = w0 * gs
+    return g
+
+
+@triton.jit
+def _kl_gather_kernel(
+    t_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, g_ptr,
+    K, OD, OH, OW, TD, TH, TW,
+    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W,
+    ND, NH, NW, w0, w1, w2, w3, inv_t, coef,
+    NUM_S: tl.constexpr, TFD: tl.constexpr, TFH: tl.constexpr, TFW: tl.constexpr,
+    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr, F1D: tl.constexpr, F1H: tl.constexpr,
+    F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
+    F3H: tl.constexpr, F3W: tl.constexpr, GRAD_T: tl.constexpr,
+    GFD: tl.constexpr, GFH: tl.constexpr, GFW: tl.constexpr, LD: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Gradient of an upsampled input (the teacher with GRAD_T, else student 0) of size (ND, NH, NW) and factors
+    (GFD, GFH, GFW): each low-resolution voxel gathers the L = 2f output voxels per axis (1 where f = 1) whose
+    interpolation reads it, weighted by the trilinear coefficients."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64:
+        b = b.to(tl.int64)
+        offs_v = offs_v.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    nhw = NH * NW
+    nvox = ND * nhw
+    mask_v = offs_v < nvox
+    mask_k = offs_k < K
+    jd = offs_v // nhw
+    jh = (offs_v % nhw) // NW
+    jw = offs_v % NW
+    acc = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    for td in range(LD):
+        if GFD == 1:
+            od = jd
+            wd = tl.full([BLOCK_V], 1.0, tl.float32)
+        else:
+            od = jd * GFD - (GFD + 1) // 2 + td
+            wd = _tap_weight(od, jd, GFD, ND, OD)
+        for th in range(LH):
+            if GFH == 1:
+                oh = jh
+                wh = wd
+            else:
+                oh = jh * GFH - (GFH + 1) // 2 + th
+                wh = wd * _tap_weight(oh, jh, GFH, NH, OH)
+            for tw in range(LW):
+                if GFW == 1:
+                    ow = jw
+                    wgt = wh
+                else:
+                    ow = jw * GFW - (GFW + 1) // 2 + tw
+                    wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
+                valid = mask_v & (wgt != 0.0)
+                mask = mask_k[:, None] & valid[None, :]
+                # Out-of-range taps have zero weight and are masked; clamp them so no address goes negative.
+                g = _grad_at(
+                    t_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, b, K, offs_k,
+                    tl.minimum(tl.maximum(od, 0), OD - 1), tl.minimum(tl.maximum(oh, 0), OH - 1),
+                    tl.minimum(tl.maximum(ow, 0), OW - 1), mask, TD, TH, TW,
+                    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W, w0, w1, w2, w3, inv_t,
+                    NUM_S, TFD, TFH, TFW, F0D, F0H, F0W, F1D, F1H, F1W, F2D, F2H, F2W, F3D, F3H, F3W, GRAD_T,
+                    BLOCK_K, BLOCK_V,
+                )
+                acc += tl.where(mask, g, 0.0) * wgt[None, :]
+    mask = mask_k[:, None] & mask_v[None, :]
+    _store_tile(g_ptr, b, K, offs_k, offs_v, nvox, acc * coef, mask)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launcher. It takes tensors already validated by fastseg3d.ops.kl_distill.
+
+
+def _block_v(k_pad: int, nvox: int) -> int:
+    tile = 16384 if interpreter_active() else 4096
+    return max(16, min(triton.next_power_of_2(nvox), tile // k_pad))
+
+
+def _factors(shape, size) -> tuple[int, int, int]:
+    return tuple(o // n for o, n in zip(size, shape[2:]))
+
+
+def kl_distill_fwd(
+    students: list[torch.Tensor],
+    teacher: torch.Tensor,
+    size: tuple[int, int, int],
+    temperature: float,
+    weights: list[float],
+    need_students: list[bool],
+    need_teacher: bool,
+    empty=torch.empty,
+) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
+    """Per-student losses (fp32, shape (S,), unweighted) and the weighted input gradients (None where not
+    needed) for up to MAX_STUDENTS students. ``empty`` allocates every buffer (tests pass a NaN-filling one)."""
+    n_s = len(students)
+    assert 1 <= n_s <= MAX_STUDENTS
+    teacher = teacher.contiguous()
+    students = [s.contiguous() for s in students]
+    bsz, k = teacher.shape[:2]
+    od, oh, ow = size
+    nvox = od * oh * ow
+    k_pad = triton.next_power_of_2(k)
+    int64 = any(t.numel() >= _INT32_MAX for t in (teacher, *students)) or bsz * k * nvox >= _INT32_MAX
+    inv_t = 1.0 / temperature
+    coef = temperature / (bsz * nvox)
+
+    t_f = _factors(teacher.shape, size)
+    s_f = [_factors(s.shape, size) for s in students]
+    direct_t = t_f == (1, 1, 1)
+    direct_s = [f == (1, 1, 1) for f in s_f]
+    g_t = empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if need_teacher else None
+    g_s = [empty(s.shape, dtype=s.dtype, device=s.device) if n else None for s, n in zip(students, need_students)]
+
+    pad = MAX_STUDENTS - n_s
+    s_ptrs = students + [teacher] * pad
+    s_sizes = [x for s in students for x in s.shape[2:]] + [1, 1, 1] * pad
+    s_facts = [x for f in s_f for x in f] + [1, 1, 1] * pad
+    wts = list(weights) + [0.0] * pad
+    gs_ptrs = [g if g is not None else teacher for g in g_s] + [teacher] * pad
+    grad_flags = [n and d for n, d in zip(need_students, direct_s)] + [False] * pad
+    common = dict(
+        NUM_S=n_s, TFD=t_f[0], TFH=t_f[1], TFW=t_f[2],
+        F0D=s_facts[0], F0H=s_facts[1], F0W=s_facts[2], F1D=s_facts[3], F1H=s_facts[4], F1W=s_facts[5],
+        F2D=s_facts[6], F2H=s_facts[7], F2W=s_facts[8], F3D=s_facts[9], F3H=s_facts[10], F3W=s_facts[11],
+        INT64=int64, BLOCK_K=k_pad,
+    )
+
+    block_v = _block_v(k_pad, nvox)
+    n_prog = triton.cdiv(nvox, block_v)
+    warps = 8 if k_pad * block_v >= 4096 else 4
+    partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
+    torch.library.wrap_triton(_kl_fwd_kernel)[(n_prog, bsz)](
+        teacher, g_t if g_t is not None else teacher,
+        s_ptrs[0], gs_ptrs[0], s_ptrs[1], gs_ptrs[1], s_ptrs[2], gs_ptrs[2], s_ptrs[3], gs_ptrs[3], partials,
+        k, od, oh, ow, *teacher.shape[2:], *s_sizes, *wts, inv_t, coef,
+        GRAD_T=need_teacher and direct_t, GRAD0=grad_flags[0], GRAD1=grad_flags[1], GRAD2=grad_flags[2],
+        GRAD3=grad_flags[3], BLOCK_V=block_v, num_warps=warps, **common,
+    )
+
+    def gather(target: torch.Tensor, out: torch.Tensor, factors, grad_t: bool, slots: list[torch.Tensor],
+               sizes: list[int], facts: list[int], wts: list[float], num_s: int) -> None:
+        nd, nh, nw = target.shape[2:]
+        n_low = nd * nh * nw
+        bv = _block_v(k_pad, n_low)
+        args = dict(common, NUM_S=num_s, F0D=facts[0], F0H=facts[1], F0W=facts[2], F1D=facts[3], F1H=facts[4],
+                    F1W=facts[5], F2D=facts[6], F2H=facts[7], F2W=facts[8], F3D=facts[9], F3H=facts[10],
+                    F3W=facts[11])
+        torch.library.wrap_triton(_kl_gather_kernel)[(triton.cdiv(n_low, bv), bsz)](
+            teacher, slots[0], slots[1], slots[2], slots[3], out,
+            k, od, oh, ow, *teacher.shape[2:], *sizes, nd, nh, nw, *wts, inv_t, coef,
+            GRAD_T=grad_t, GFD=factors[0], GFH=factors[1], GFW=factors[2],
+            LD=1 if factors[0] == 1 else 2 * factors[0], LH=1 if factors[1] == 1 else 2 * factors[1],
+            LW=1 if factors[2] == 1 else 2 * factors[2], BLOCK_V=bv, num_warps=8 if k_pad * bv >= 4096 else 4,
+            **args,
+        )
+
+    for i, (s, g) in enumerate(zip(students, g_s)):
+        if g is not None and not direct_s[i]:
+            gather(s, g, s_f[i], False, [s] + [teacher] * 3, list(s.shape[2:]) + [1] * 9,
+                   list(s_f[i]) + [1] * 9, [weights[i], 0.0, 0.0, 0.0], 1)
+    if g_t is not None and not direct_t:
+        gather(teacher, g_t, t_f, True, s_ptrs, s_sizes, s_facts, wts, n_s)
+
+    losses = partials[:, :n_s].sum(0) * (temperature * temperature / (bsz * nvox))
+    return losses, g_s, g_t

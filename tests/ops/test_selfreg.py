@@ -1,0 +1,398 @@
+"""fastseg3d.ops.selfreg_inter / selfreg_inter_multi / selfreg_intra: CPU tier, interpreter tier and GPU tier."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from fastseg3d.ops.selfreg import (
+    random_channel_pairs,
+    selfreg_inter,
+    selfreg_inter_multi,
+    selfreg_inter_unsupported_reasons,
+    selfreg_intra,
+)
+from fastseg3d.reference.selfreg import (
+    selfreg_inter_fused_ref,
+    selfreg_inter_ref,
+    selfreg_intra_fused_ref,
+    selfreg_intra_ref,
+)
+from tests.utils import assert_close
+
+
+def _published_inter(f_s, f_t, idx_s, idx_t):
+    """SelfReg's inter_fd re-derived in float64 (per axis): adaptive average pooling of the larger map to the
+    smaller size, the selected channels, MSE with the teacher detached."""
+    s, t = f_s.double(), f_t.double().detach()
+    size = tuple(min(a, b) for a, b in zip(s.shape[2:], t.shape[2:]))
+    s, t = F.adaptive_avg_pool3d(s, size), F.adaptive_avg_pool3d(t, size)
+    return F.mse_loss(s[:, list(map(int, idx_s))], t[:, list(map(int, idx_t))])
+
+
+def _published_intra(f):
+    """SelfReg's intra_fd re-derived in float64: score = mean over (batch, space) of F.normalize(f, p=2, dim=space),
+    channels sorted descending, MSE(top half, bottom half), no detach."""
+    x = f.double()
+    score = F.normalize(x, p=2, dim=(2, 3, 4)).mean(dim=(0, 2, 3, 4))
+    order = torch.argsort(score, descending=True)
+    x = x[:, order]
+    half = x.shape[1] // 2
+    return F.mse_loss(x[:, :half], x[:, half:])
+
+
+def _feature(shape, dtype=torch.float32, device="cpu", spread=True):
+    x = torch.randn(shape, device=device)
+    if spread:  # well separated channel scores, so the ranking cannot flip by rounding
+        x = x + 0.5 * torch.randperm(shape[1], device=device).view(1, -1, 1, 1, 1).float()
+    return x.to(dtype).requires_grad_()
+
+
+# (student shape, teacher shape, k): teacher larger (SelfReg), student larger, anisotropic, mixed axes, equal
+_INTER = [
+    ((2, 6, 4, 6, 8), (2, 5, 8, 12, 16), 4),
+    ((2, 4, 2, 2, 2), (2, 8, 8, 8, 8), 4),
+    ((1, 5, 8, 4, 6), (1, 3, 4, 4, 3), 3),
+    ((1, 4, 3, 8, 5), (1, 6, 3, 2, 10), 4),
+    ((2, 3, 3, 5, 7), (2, 3, 3, 5, 7), 3),
+]
+
+
+def _inter_id(c):
+    return "s" + "x".join(map(str, c[0][2:])) + "-t" + "x".join(map(str, c[1][2:]))
+
+
+def _pairs(cs, ct, k):
+    return torch.randperm(cs)[:k], torch.randperm(ct)[:k]
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU tier
+
+
+@pytest.mark.parametrize("case", _INTER, ids=_inter_id)
+def test_inter_reference_matches_published(case):
+    s, t = _feature(case[0], torch.float64), _feature(case[1], torch.float64)
+    cs, ct = _pairs(case[0][1], case[1][1], case[2])
+    loss = selfreg_inter_ref(s, t, cs, ct)
+    expected = _published_inter(s, t, cs, ct)
+    assert_close("loss", loss, expected, torch.float64)
+    (g,) = torch.autograd.grad(loss, s)
+    (e,) = torch.autograd.grad(expected, s)
+    assert_close("dstudent", g, e, torch.float64)
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("case", _INTER, ids=_inter_id)
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_inter_explicit_gradient_matches_autograd(case, duplicates):
+    s, t = _feature(case[0], torch.float64), _feature(case[1], torch.float64)
+    cs, ct = _pairs(case[0][1], case[1][1], case[2])
+    if duplicates:
+        cs[1] = cs[0]
+    loss, grad = selfreg_inter_fused_ref(s.detach(), t.detach(), cs, ct, True)
+    expected = _published_inter(s, t, cs, ct)
+    expected.backward()
+    assert_close("loss", loss, expected, torch.float32)
+    assert_close("dstudent", grad, s.grad, torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4, 5), (1, 8, 2, 7, 3), (3, 2, 1, 1, 5)], ids=str)
+def test_intra_reference_matches_published(shape):
+    f = _feature(shape, torch.float64)
+    loss = selfreg_intra_ref(f)
+    expected = _published_intra(f)
+    assert_close("loss", loss, expected, torch.float64)
+    (g,) = torch.autograd.grad(loss, f)
+    (e,) = torch.autograd.grad(expected, f)
+    assert_close("dfeature", g, e, torch.float64)
+    loss2, grad = selfreg_intra_fused_ref(f.detach(), True)
+    assert_close("loss (explicit)", loss2, expected, torch.float32)
+    assert_close("dfeature (explicit)", grad, e, torch.float64)
+
+
+def test_intra_properties():
+    f = _feature((2, 8, 3, 4, 5), torch.float64)
+    perm = torch.randperm(8)
+    # the ranking makes the loss independent of the channel order of the input
+    assert abs(selfreg_intra(f).item() - selfreg_intra(f[:, perm]).item()) < 1e-12
+    # both halves get gradient, of opposite sign, summing to zero over channels
+    selfreg_intra(f).backward()
+    assert (f.grad.abs().flatten(2).sum(-1) > 0).all()
+    assert f.grad.sum(1).abs().max().item() < 1e-12
+    # scaling every map by a positive constant keeps the ranking: the loss scales quadratically
+    assert abs(selfreg_intra(3 * f).item() - 9 * selfreg_intra(f).item()) < 1e-9
+
+
+def test_inter_multi_equals_singles_and_random_pairs():
+    t = _feature((2, 8, 8, 8, 8), torch.float64)
+    students = [_feature((2, c, s, s, s), torch.float64) for c, s in ((4, 4), (6, 2), (8, 8))]
+    pairs = [random_channel_pairs(s.shape[1], 8) for s in students]
+    for (cs, ct), s in zip(pairs, students):
+        assert cs.numel() == ct.numel() == min(s.shape[1], 8)
+        assert len(set(cs.tolist())) == cs.numel() and 0 <= int(cs.min()) and int(cs.max()) < s.shape[1]
+        assert len(set(ct.tolist())) == ct.numel() and int(ct.max()) < 8
+    losses = selfreg_inter_multi(students, t, [p[0] for p in pairs], [p[1] for p in pairs])
+    assert losses.shape == (3,)
+    expected = torch.stack([_published_inter(s, t, cs, ct) for s, (cs, ct) in zip(students, pairs)])
+    assert_close("losses", losses, expected, torch.float64)
+    # index sets given as lists of ints work too
+    loss = selfreg_inter(students[0], t, pairs[0][0].tolist(), pairs[0][1].tolist())
+    assert_close("list indices", loss, expected[0], torch.float64)
+
+
+@pytest.mark.parametrize("need", [[True, True], [False, True]])
+def test_opcheck_inter(need):
+    students = [_feature((2, 4, 2, 3, 4)), _feature((2, 3, 4, 3, 2))]
+    for s, n in zip(students, need):
+        s.requires_grad_(n)
+    t = _feature((2, 5, 4, 6, 4)).detach()
+    cs = [torch.tensor([0, 2, 3]), torch.tensor([2, 1])]
+    ct = [torch.tensor([4, 0, 1]), torch.tensor([3, 3])]
+    torch.library.opcheck(torch.ops.fastseg3d.selfreg_inter.default, (students, t, cs, ct, need))
+
+
+@pytest.mark.parametrize("need", [True, False])
+def test_opcheck_intra(need):
+    f = _feature((2, 6, 3, 4, 5)).detach().requires_grad_(need)
+    torch.library.opcheck(torch.ops.fastseg3d.selfreg_intra.default, (f, need))
+
+
+def test_compile_fullgraph_ops_forward_backward():
+    torch._dynamo.reset()
+    s, t, f = _feature((2, 4, 2, 3, 4)), _feature((2, 5, 4, 6, 8)).detach(), _feature((2, 6, 3, 4, 5))
+    cs, ct = torch.tensor([1, 3, 0]), torch.tensor([4, 2, 0])
+
+    def fn(s, t, f):
+        losses, _ = torch.ops.fastseg3d.selfreg_inter([s], t, [cs], [ct], [True])
+        loss_f, _ = torch.ops.fastseg3d.selfreg_intra(f, True)
+        return 2.0 * losses[0] + loss_f
+
+    eager = [s.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()]
+    comp = [s.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()]
+    y_e = fn(eager[0], t, eager[1])
+    y_c = torch.compile(fn, fullgraph=True)(comp[0], t, comp[1])
+    assert_close("loss", y_c, y_e, torch.float32)
+    y_e.backward()
+    y_c.backward()
+    for name, a, e in zip(("dstudent", "dfeature"), comp, eager):
+        assert_close(name, a.grad, e.grad, torch.float32)
+
+
+def test_compile_fullgraph_public_functions():
+    torch._dynamo.reset()
+    s, t, f = _feature((1, 4, 2, 2, 2)), _feature((1, 6, 4, 4, 4)), _feature((1, 4, 2, 3, 2))
+    cs, ct = torch.tensor([0, 1]), torch.tensor([5, 2])
+    compiled = torch.compile(lambda s, t, f: selfreg_inter(s, t, cs, ct) + selfreg_intra(f), fullgraph=True)
+    loss = compiled(s, t, f)
+    assert_close("loss", loss, _published_inter(s, t, cs, ct) + _published_intra(f), torch.float32)
+    loss.backward()
+    assert s.grad is not None and f.grad is not None and t.grad is None
+
+
+def test_meta_device_forward_backward():
+    # SelfReg at 128^3: F_final (2, 32, 128^3) supervising blocks down to 8^3; nothing is allocated on meta
+    final = torch.empty(2, 32, 128, 128, 128, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    blocks = [torch.empty(2, 32 * 2**i, 128 >> (i + 1), 128 >> (i + 1), 128 >> (i + 1), device="meta",
+                          dtype=torch.bfloat16, requires_grad=True) for i in range(4)]
+    cs = [torch.arange(32, device="meta") for _ in blocks]
+    ct = [torch.arange(32, device="meta") for _ in blocks]
+    losses = selfreg_inter_multi(blocks, final, cs, ct)
+    loss = losses.mean() + selfreg_intra(blocks[0])
+    assert loss.device.type == "meta" and losses.shape == (4,) and loss.dtype == torch.float32
+    loss.backward()
+    assert all(b.grad.shape == b.shape for b in blocks) and final.grad is None
+
+
+_X = torch.randn(2, 4, 4, 4, 4)
+_I = torch.tensor([0, 1])
+_BAD = [
+    (lambda: selfreg_inter(torch.randn(2, 4, 4, 4), _X, _I, _I), ValueError, "student must be a 5-D"),
+    (lambda: selfreg_inter(_X, torch.randn(2, 4, 4, 4), _I, _I), ValueError, "teacher must be a 5-D"),
+    (lambda: selfreg_inter(torch.randn(3, 4, 4, 4, 4), _X, _I, _I), ValueError, "batch sizes differ"),
+    (lambda: selfreg_inter(torch.randn(2, 4, 3, 4, 4), _X, _I, _I), ValueError, "non-integer factor"),
+    (lambda: selfreg_inter(_X, _X, _I, torch.tensor([0, 1, 2])), ValueError, "entries"),
+    (lambda: selfreg_inter(_X, _X, torch.tensor([0, 4]), _I), ValueError, "outside"),
+    (lambda: selfreg_inter(_X, _X, [0, -1], _I), ValueError, "outside"),
+    (lambda: selfreg_inter(_X, _X, torch.tensor([0.0, 1.0]), _I), ValueError, "integer tensor"),
+    (lambda: selfreg_inter(_X, _X, torch.tensor([], dtype=torch.long), _I), ValueError, "no channels"),
+    (lambda: selfreg_inter(_X, _X.to("meta"), _I, _I), TypeError, "is on"),
+    (lambda: selfreg_inter(_X.half(), _X, _I, _I), TypeError, "dtype"),
+    (lambda: selfreg_inter(_X.long(), _X.long(), _I, _I), TypeError, "floating"),
+    (lambda: selfreg_inter_multi([], _X, [], []), ValueError, "non-empty"),
+    (lambda: selfreg_inter_multi([_X, _X], _X, [_I], [_I, _I]), ValueError, "one index set per student"),
+    (lambda: selfreg_intra(torch.randn(2, 5, 4, 4, 4)), ValueError, "even channel count"),
+    (lambda: selfreg_intra(torch.randn(2, 4, 4, 4)), ValueError, "5-D"),
+    (lambda: selfreg_intra("x"), TypeError, "torch.Tensor"),
+    (lambda: random_channel_pairs(4, 8, k=5), ValueError, "k must be"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", _BAD, ids=[f"{i}-{m}" for i, (_, _, m) in enumerate(_BAD)])
+def test_bad_inputs(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_backend_policy(monkeypatch):
+    s, t = torch.randn(1, 3, 2, 2, 2), torch.randn(1, 3, 4, 4, 4)
+    calls = []
+    module = sys.modules["fastseg3d.ops.selfreg"]
+    monkeypatch.setattr(module, "selfreg_inter_ref", lambda *a, **k: calls.append(1) or selfreg_inter_ref(*a, **k))
+    monkeypatch.setattr(module, "selfreg_intra_ref", lambda *a, **k: calls.append(2) or selfreg_intra_ref(*a, **k))
+    with fastseg3d.backend("torch"):
+        selfreg_inter(s, t, _I, _I)
+        selfreg_intra(torch.randn(1, 2, 2, 2, 2))
+    assert calls == [1, 2]
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="device=cpu"):
+        selfreg_inter(s, t, _I, _I)
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="device=cpu"):
+        selfreg_intra(torch.randn(1, 2, 2, 2, 2))
+    reasons = selfreg_inter_unsupported_reasons(torch.empty(1, 3, 2, 2, 2, device="meta", dtype=torch.float64), [])
+    assert any("float64" in r for r in reasons)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interpreter tier
+
+
+def check_inter(student_shapes, teacher_shape, ks, dtype, device, duplicates=False, grad_scale=(1.5, -0.5, 2.0)):
+    students = [_feature(s, dtype, device, spread=False) for s in student_shapes]
+    teacher = _feature(teacher_shape, dtype, device, spread=False)
+    pairs = [_pairs(s[1], teacher_shape[1], k) for s, k in zip(student_shapes, ks)]
+    if duplicates:
+        pairs[0][0][1] = pairs[0][0][0]
+    cs = [p[0].to(device) for p in pairs]
+    ct = [p[1].to(device) for p in pairs]
+    ref_s = [s.detach().double().requires_grad_() for s in students]
+    with fastseg3d.backend("triton"):
+        if len(students) == 1:
+            losses = selfreg_inter(students[0], teacher, cs[0], ct[0]).reshape(1)
+        else:
+            losses = selfreg_inter_multi(students, teacher, cs, ct)
+    expected = torch.stack([_published_inter(s, teacher.detach(), a, b) for s, a, b in zip(ref_s, cs, ct)])
+    assert losses.dtype == torch.float32
+    assert_close("losses", losses, expected, torch.float32 if dtype == torch.float32 else dtype)
+    w = torch.tensor(grad_scale[: len(students)], device=device)
+    (losses * w).sum().backward()
+    (expected * w.double()).sum().backward()
+    assert teacher.grad is None
+    for i, (a, e) in enumerate(zip(students, ref_s)):
+        assert a.grad.dtype == dtype
+        assert_close(f"dstudent[{i}]", a.grad, e.grad, dtype)
+
+
+def check_intra(shape, dtype, device):
+    f = _feature(shape, dtype, device)
+    ref = f.detach().double().requires_grad_()
+    with fastseg3d.backend("triton"):
+        loss = selfreg_intra(f)
+    expected = _published_intra(ref)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close("loss", loss, expected, torch.float32 if dtype == torch.float32 else dtype)
+    (1.7 * loss).backward()
+    (1.7 * expected).backward()
+    assert_close("dfeature", f.grad, ref.grad, dtype)
+
+
+_F32, _F16 = torch.float32, torch.float16
+_INTERPRET_INTER = [
+    ((2, 6, 2, 3, 4), (2, 5, 4, 6, 8), 4, _F32, False),
+    ((1, 4, 2, 2, 2), (1, 8, 8, 8, 8), 4, _F32, True),
+    ((1, 5, 4, 4, 6), (1, 3, 2, 4, 3), 3, _F32, False),
+    ((1, 4, 3, 4, 5), (1, 6, 3, 2, 10), 4, _F32, False),
+    ((2, 3, 3, 5, 7), (2, 3, 3, 5, 7), 3, _F16, False),
+    ((1, 6, 2, 3, 4), (1, 5, 4, 6, 8), 5, _F16, True),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("student,teacher,k,dtype,dup", _INTERPRET_INTER,
+                         ids=[f"{_inter_id(c)}-{str(c[3])[6:]}-dup{int(c[4])}" for c in _INTERPRET_INTER])
+def test_interpret_inter_matches_reference(poison, student, teacher, k, dtype, dup):
+    check_inter([student], teacher, [k], dtype, "cpu", duplicates=dup)
+
+
+@pytest.mark.interpret
+def test_interpret_inter_multi_pyramid(poison):
+    # levels 4^3 (from the teacher), 2^3 (from 4^3), (4, 2, 8) (from the teacher) and the teacher itself
+    check_inter([(1, 4, 4, 4, 4), (1, 6, 2, 2, 2), (1, 3, 4, 2, 8), (1, 2, 8, 8, 8)], (1, 5, 8, 8, 8), [4, 5, 3, 2],
+                _F32, "cpu", grad_scale=(1.5, -0.5, 2.0, 1.0))
+
+
+@pytest.mark.interpret
+def test_interpret_inter_forward_without_grad(poison):
+    s, t = _feature((1, 4, 2, 2, 2)), _feature((1, 4, 4, 4, 4))
+    with fastseg3d.backend("triton"), torch.no_grad():
+        loss = selfreg_inter(s, t, _I, _I)
+    assert_close("loss", loss, _published_inter(s.detach(), t, _I, _I), torch.float32)
+
+
+_INTERPRET_INTRA = [((2, 6, 3, 4, 5), _F32), ((1, 8, 2, 7, 3), _F32), ((3, 2, 1, 1, 5), _F32), ((2, 6, 3, 4, 5), _F16)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape,dtype", _INTERPRET_INTRA,
+                         ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}" for c in _INTERPRET_INTRA])
+def test_interpret_intra_matches_reference(poison, shape, dtype):
+    check_intra(shape, dtype, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_intra_forward_without_grad(poison):
+    f = _feature((1, 4, 2, 3, 4)).detach()
+    with fastseg3d.backend("triton"):
+        loss = selfreg_intra(f)
+    assert_close("loss", loss, _published_intra(f), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU tier: SelfReg at a 64^3 final feature (the benchmark runs 128^3)
+
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=lambda d: str(d)[6:])
+def test_gpu_inter_multi_matches_reference(poison, dtype):
+    shapes = [(2, 32 * 2**i, 64 >> (i + 1), 64 >> (i + 1), 64 >> (i + 1)) for i in range(4)]
+    check_inter(shapes, (2, 32, 64, 64, 64), [32] * 4, dtype, "cuda", grad_scale=(1.0, 0.5, 2.0, -1.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=lambda d: str(d)[6:])
+def test_gpu_intra_matches_reference(poison, dtype):
+    check_intra((2, 64, 32, 32, 32), dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_bitwise_determinism_and_memory():
+    final = torch.randn(2, 32, 128, 128, 128, device="cuda", dtype=torch.bfloat16)
+    block = torch.randn(2, 64, 32, 32, 32, device="cuda", dtype=torch.bfloat16)
+    cs, ct = random_channel_pairs(64, 32)
+    runs = []
+    for _ in range(2):
+        x = block.detach().clone().requires_grad_()
+        with fastseg3d.backend("triton"):
+            loss = selfreg_inter(x, final, cs, ct) + selfreg_intra(x)
+        loss.backward()
+        runs.append((loss.detach(), x.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+    def peak(fn):
+        x = block.detach().clone().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(x).backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    with fastseg3d.backend("triton"):
+        fused = peak(lambda x: selfreg_inter(x, final, cs, ct))
+    eager = peak(lambda x: selfreg_inter_ref(x, final, cs.cuda(), ct.cuda()))
+    assert fused < 0.5 * eager, (fused, eager)
