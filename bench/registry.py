@@ -8,16 +8,19 @@ from dataclasses import dataclass, field
 import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+MODEL_MODES = ("train_step", "infer")
 
 
 @dataclass
 class Setup:
     """What a provider runs for one (shape, dtype): a forward closure, the tensors that get gradients, and the
-    minimum bytes each mode must move (for the roofline)."""
+    minimum bytes each mode must move (for the roofline). Model cases give ``runners`` instead: one closure per
+    mode (``train_step``, ``infer``)."""
 
-    forward: Callable[[], torch.Tensor]
+    forward: Callable[[], torch.Tensor] | None
     grads_of: list[torch.Tensor]
     min_bytes: dict[str, int]
+    runners: dict[str, Callable[[], object]] | None = None
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Case:
     setup: Callable[[dict, torch.dtype, str, torch.device], Setup]
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     modes: tuple[str, ...] = field(default=MODES)
+    suite: str = "ops"
 
 
 CASES: dict[str, Case] = {}
@@ -39,6 +43,6 @@ def register(case: Case) -> Case:
 
 
 def load_cases() -> dict[str, Case]:
-    from bench import attention, channel_kl, dwconv3d, kl_distill, selfreg  # noqa: F401  (each registers itself)
+    from bench import attention, channel_kl, dwconv3d, kl_distill, segformer3d, selfreg  # noqa: F401  (self-registering)
 
     return CASES

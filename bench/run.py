@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from bench import utils
-from bench.registry import MODES, load_cases
+from bench.registry import MODEL_MODES, MODES, load_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _closure(setup, mode: str):
+    if setup.runners is not None:
+        return setup.runners[mode]
     if mode == "fwd":
         def fn():
             with torch.no_grad():
@@ -46,6 +48,7 @@ def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw, rows_p
     for label, spec in case.shapes(quick):
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
+            case_modes = [m for m in modes if m in case.modes]
             for provider in case.providers(spec):
                 if providers and not any(provider.startswith(p) for p in providers):
                     continue
@@ -54,7 +57,7 @@ def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw, rows_p
                 except (RuntimeError, NotImplementedError) as err:
                     print(f"  {label} {dtype_name} {provider}: skipped ({err})", file=sys.stderr)
                     continue
-                for mode in modes:
+                for mode in case_modes:
                     try:
                         fn = _closure(setup, mode)
                         med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of)
@@ -67,9 +70,9 @@ def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw, rows_p
                         print(f"  {label} {dtype_name} {mode} {provider}: skipped ({first_line})", file=sys.stderr)
                         continue
                     roof = None
-                    if peak_bw:
+                    if peak_bw and mode in setup.min_bytes:
                         roof = 100.0 * (setup.min_bytes[mode] / (peak_bw * 1e9)) / (med * 1e-3)
-                    row = {"suite": "ops", "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
+                    row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                            "peak_mem_mb": peak, "roofline_pct": roof, **env}
                     utils.write_rows([row], rows_path)
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", choices=sorted(cases), help="repeatable; default: all")
     parser.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default: the case's)")
-    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--modes", default=",".join(MODES + MODEL_MODES))
     parser.add_argument("--providers", default=None, help="comma list of provider-name prefixes to keep")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the harness")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.case or sorted(cases):
         case = cases[name]
         dtypes = args.dtype.split(",") if args.dtype else list(case.dtypes)
-        rows = run_case(case, dtypes, modes, providers, args.quick, device, env, peak_bw, out / "ops.jsonl")
+        rows = run_case(case, dtypes, modes, providers, args.quick, device, env, peak_bw, out / f"{case.suite}.jsonl")
         if args.json:
             for row in rows:
                 print(json.dumps(row))
