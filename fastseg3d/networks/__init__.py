@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastseg3d.networks.mobileutr import MobileUtr, MobileUtrL
 from fastseg3d.networks.segformer3d import MixFFN3d, SegFormer3D
 
-__all__ = ["MixFFN3d", "SegFormer3D"]
+__all__ = ["MixFFN3d", "MobileUtr", "MobileUtrL", "SegFormer3D"]
