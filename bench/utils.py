@@ -88,7 +88,6 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float | N
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     med, _, _ = time_ms(lambda: dst.copy_(src), device)
-    del src, dst
     return 2 * nbytes / (med * 1e-3) / 1e9
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastseg3d import backends, info, networks, nn, ops, reference
+from fastseg3d import backends, distill, info, losses, networks, nn, ops, reference
 from fastseg3d.backends import backend, get_backend
 from fastseg3d.patch import convert_model, revert_model
 
@@ -13,8 +13,10 @@ __all__ = [
     "backend",
     "backends",
     "convert_model",
+    "distill",
     "get_backend",
     "info",
+    "losses",
     "networks",
     "nn",
     "ops",

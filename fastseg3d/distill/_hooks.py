@@ -1,0 +1,110 @@
+"""Capturing named intermediate features of a backbone with forward hooks, only while a wrapper asks for them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["FeatureTap", "INPUT_SUFFIX"]
+
+INPUT_SUFFIX = ":input"
+
+
+def _first_tensor(value, spec: str) -> torch.Tensor:
+    # Modules such as MONAI's ViT return (tokens, hidden states); the first element is the feature.
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"layer {spec!r} produced {type(value).__name__}, not a tensor")
+    return value
+
+
+class _Capture:
+    """A hook that stores one layer's feature in a shared dict while ``state["on"]`` is set.
+
+    A class rather than a closure so that wrapped models can be deep-copied and pickled.
+    """
+
+    def __init__(self, store: dict, state: dict, spec: str, use_input: bool) -> None:
+        self.store, self.state, self.spec, self.use_input = store, state, spec, use_input
+
+    def __call__(self, module, args, output=None):
+        if self.state["on"]:
+            self.store[self.spec] = _first_tensor(args if self.use_input else output, self.spec)
+
+
+class FeatureTap:
+    """Hooks on ``backbone`` layers named by ``specs``; :meth:`run` returns the output and the captured features.
+
+    A spec is a submodule name as in ``named_modules()`` (``"encoder.0"``, ``"decoder5"``): the module's output,
+    or its first tensor when the output is a tuple or list. With the suffix ``":input"`` (``"decoder5:input"``) it
+    is the module's first positional input instead (a forward pre-hook), for features that no submodule returns,
+    such as UNETR's bottleneck volume. Outside :meth:`run` the hooks store nothing, so evaluation keeps no
+    features alive.
+    """
+
+    def __init__(self, backbone: nn.Module, specs: Sequence[str]) -> None:
+        self.store: dict[str, torch.Tensor] = {}
+        self.state = {"on": False}
+        self.specs = tuple(specs)
+        for spec in self.specs:
+            if not isinstance(spec, str) or not spec:
+                raise ValueError(f"layer names must be non-empty strings, got {spec!r}")
+            use_input = spec.endswith(INPUT_SUFFIX)
+            name = spec[: -len(INPUT_SUFFIX)] if use_input else spec
+            try:
+                module = backbone.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"the backbone has no submodule {name!r} (layer {spec!r})") from None
+            hook = _Capture(self.store, self.state, spec, use_input)
+            if use_input:
+                module.register_forward_pre_hook(hook)
+            else:
+                module.register_forward_hook(hook)
+
+    def run(self, backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``backbone(x)`` and the features of every spec, in spec order."""
+        self.store.clear()
+        self.state["on"] = True
+        try:
+            output = backbone(x)
+        finally:
+            self.state["on"] = False
+        missing = [s for s in self.specs if s not in self.store]
+        if missing:
+            self.store.clear()
+            raise RuntimeError(f"the backbone's forward did not call the hooked layers {missing}")
+        features = [self.store[s] for s in self.specs]
+        self.store.clear()
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(
+                f"the backbone must return one logits tensor in training, got {type(output).__name__} "
+                "(turn off the backbone's own deep supervision)"
+            )
+        return output, features
+
+    def dry_run(self, backbone: nn.Module, input_shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The output and features for an input of ``input_shape``, from a copy of the backbone on the ``meta``
+        device: shapes only, nothing allocated, the backbone untouched. The copy runs in eval mode, so that
+        normalisation layers accept the smallest valid input."""
+        if (
+            not isinstance(input_shape, (tuple, list, torch.Size))
+            or len(input_shape) < 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_shape)
+        ):
+            raise ValueError(f"input_shape must be the full shape of an example input (B, C, *spatial), got "
+                             f"{input_shape!r}")
+        # Seeding deepcopy's memo with meta stand-ins copies the modules but none of the weights. (functional_call
+        # would avoid the copy but mishandles DynUNet, whose blocks are reachable under two names.)
+        memo = {}
+        for p in backbone.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in backbone.buffers():
+            memo[id(b)] = torch.empty_like(b, device="meta")
+        clone = copy.deepcopy(backbone, memo).eval()
+        x = torch.empty(tuple(input_shape), device="meta")
+        with torch.no_grad():
+            return FeatureTap(clone, self.specs).run(clone, x)

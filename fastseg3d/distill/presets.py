@@ -1,0 +1,95 @@
+"""Layer names for :class:`fastseg3d.distill.DSD` and :class:`fastseg3d.distill.SelfReg` on known backbones.
+
+Each function takes the method, ``"dsd"`` or ``"selfreg"`` (and, where the names depend on its depth, the built
+network), and returns the keyword arguments naming the layers: ``encoder_layers`` and ``decoder_layers``
+(DSD: both with the teacher last), plus ``final_layer`` for SelfReg.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["METHODS", "dynunet_layers", "unet_layers", "unetr_layers"]
+
+METHODS = ("dsd", "selfreg")
+
+
+def _check(net: nn.Module | None, cls_name: str, method: str) -> None:
+    # by class name: MONAI is optional, and a subclass keeps the layer names
+    if net is not None and not any(c.__name__ == cls_name for c in type(net).__mro__):
+        raise TypeError(f"expected a {cls_name}, got {type(net).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def unet_layers(net: nn.Module, method: str) -> dict:
+    """fastseg3d's :class:`fastseg3d.networks.unet.UNet` with L levels.
+
+    DSD (as DSD's UNETR placement): decoder heads on the bottleneck ``encoder.{L-1}`` and ``decoder.0 ..
+    decoder.{L-3}`` (coarse to fine, the 1/2-resolution stage is the teacher), encoder heads on ``encoder.0 ..
+    encoder.{L-2}`` (the 1/2**(L-2) stage is the teacher): 4 + 4 heads for 5 levels. SelfReg (as SelfReg's
+    ``UNet_hd``): encoder ``encoder.1 .. encoder.{L-1}``, decoder ``decoder.0 .. decoder.{L-3}``, final ``final``.
+
+    Example:
+        >>> from fastseg3d.networks.unet import UNet
+        >>> from fastseg3d.distill import presets
+        >>> presets.unet_layers(UNet(3, 1, 2, channels=(8, 16, 32)), "selfreg")
+        {'encoder_layers': ('encoder.1', 'encoder.2'), 'decoder_layers': ('decoder.0',), 'final_layer': 'final'}
+    """
+    _check(net, "UNet", method)
+    levels = len(net.encoder)
+    if levels < 3:
+        raise ValueError(f"the presets need a UNet of at least 3 levels, got {levels}")
+    decoder = tuple(f"decoder.{j}" for j in range(levels - 2))
+    if method == "dsd":
+        return {"encoder_layers": tuple(f"encoder.{i}" for i in range(levels - 1)),
+                "decoder_layers": (f"encoder.{levels - 1}", *decoder)}
+    return {"encoder_layers": tuple(f"encoder.{i}" for i in range(1, levels)), "decoder_layers": decoder,
+            "final_layer": "final"}
+
+
+def unetr_layers(method: str) -> dict:
+    """MONAI's ``UNETR`` (any configuration: the names do not depend on it).
+
+    DSD, exactly the published placement (seeds: out_dec4 .. out_dec1, out_enc1 .. out_enc4): decoder heads on the
+    ViT's last hidden state as a volume (``decoder5:input``, 1/16), ``decoder5`` (1/8), ``decoder4`` (1/4),
+    ``decoder3`` (1/2, teacher); encoder heads on ``encoder1`` (1/1) .. ``encoder4`` (1/8, teacher). SelfReg:
+    encoder ``encoder2 .. encoder4`` and the bottleneck volume ``decoder5:input``, decoder ``decoder5 ..
+    decoder3``, final ``decoder2`` (the feature the output conv reads).
+
+    Example:
+        >>> from fastseg3d.distill import presets
+        >>> presets.unetr_layers("dsd")["decoder_layers"]
+        ('decoder5:input', 'decoder5', 'decoder4', 'decoder3')
+    """
+    _check(None, "UNETR", method)
+    if method == "dsd":
+        return {"encoder_layers": ("encoder1", "encoder2", "encoder3", "encoder4"),
+                "decoder_layers": ("decoder5:input", "decoder5", "decoder4", "decoder3")}
+    return {"encoder_layers": ("encoder2", "encoder3", "encoder4", "decoder5:input"),
+            "decoder_layers": ("decoder5", "decoder4", "decoder3"), "final_layer": "decoder2"}
+
+
+def dynunet_layers(net: nn.Module, method: str) -> dict:
+    """MONAI's ``DynUNet`` (``deep_supervision=False``) with n down-sampling steps.
+
+    DSD (the nnU-Net variant's positions, with separate heads where the published code shares one per scale):
+    encoder heads on ``input_block`` and ``downsamples.*`` (the deepest down-sampling output is the teacher),
+    decoder heads on ``bottleneck`` and every ``upsamples.*`` but the last (the one nearest the output is the
+    teacher). SelfReg: encoder ``downsamples.*`` and ``bottleneck``, decoder every ``upsamples.*`` but the last,
+    final the last ``upsamples`` stage.
+
+    Example:
+        >>> from monai.networks.nets import DynUNet
+        >>> from fastseg3d.distill import presets
+        >>> net = DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2])
+        >>> presets.dynunet_layers(net, "selfreg")["final_layer"]
+        'upsamples.1'
+    """
+    _check(net, "DynUNet", method)
+    n_up = len(net.upsamples)
+    ups = tuple(f"upsamples.{j}" for j in range(n_up - 1))
+    downs = tuple(f"downsamples.{i}" for i in range(len(net.downsamples)))
+    if method == "dsd":
+        return {"encoder_layers": ("input_block", *downs), "decoder_layers": ("bottleneck", *ups)}
+    return {"encoder_layers": (*downs, "bottleneck"), "decoder_layers": ups, "final_layer": f"upsamples.{n_up - 1}"}

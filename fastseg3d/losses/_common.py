@@ -1,0 +1,38 @@
+"""Helpers shared by the distillation losses."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["as_volume", "check_weight", "dice_ce"]
+
+
+def as_volume(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A 5-D view of a 4-D (B, C, H, W) or 5-D map: the fused ops take volumes, and a depth of one is a 2-D map."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 4:
+        return t.unsqueeze(2)
+    if t.dim() != 5:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W) or 5-D (B, C, D, H, W), got shape {tuple(t.shape)}")
+    return t
+
+
+def check_weight(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def dice_ce(include_background: bool, lambda_dice: float, lambda_ce: float) -> nn.Module:
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``, the segmentation loss of DSD's recipe."""
+    try:
+        from monai.losses import DiceCELoss
+    except ImportError as e:
+        raise ImportError("the segmentation term needs MONAI: pip install 'fastseg3d[monai]'") from e
+    return DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True,
+                      lambda_dice=check_weight(lambda_dice, "lambda_dice"),
+                      lambda_ce=check_weight(lambda_ce, "lambda_ce"))

@@ -1,0 +1,129 @@
+"""The Dual Self-Distillation loss: deep-supervised DiceCE plus the two T^2-scaled KL self-distillation terms."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastseg3d.losses._common import as_volume, check_weight, dice_ce
+from fastseg3d.ops.kl_distill import kl_distill_multi
+
+__all__ = ["DSDLoss"]
+
+
+class DSDLoss(nn.Module):
+    """DSD's loss (Banerjee et al., ISBI 2024) on the training output of :class:`fastseg3d.distill.DSD`.
+
+    ``L = sum over (main, every decoder head) of DiceCE(logits, target)
+    + kl_weight * (sum_{decoder students} KL_T(dec teacher || s) + sum_{encoder students} KL_T(enc teacher || s))``,
+    with MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` and ``KL_T = T^2 * mean over batch and voxels of
+    the class-summed KL between softmax(logits / T)``; the teachers are the last decoder head (nearest the output)
+    and the last encoder head (the deepest). With DSD's 4 + 4 heads that is the published five DiceCE terms and six
+    KL terms, T = 3, both weights 1. Each teacher's KL terms are one fused pass
+    (:func:`fastseg3d.ops.kl_distill_multi`); the published loss does not detach the teachers
+    (``detach_teacher=False``).
+
+    Heads below the output resolution (``head_mode="interp"``): the KL terms upsample them trilinearly on the fly
+    to the finest resolution among the teacher and its students, inside the fused op; for DiceCE a decoder head is
+    upsampled (``F.interpolate``, (bi/tri)linear, ``align_corners=False``) to the label's resolution, so that it is
+    supervised by the full-resolution label as in the published model, never by a resampled label. The main output
+    must be at the label's resolution. 2-D outputs (B, K, H, W) work too.
+
+    Given a plain tensor (the wrapper's eval output) the loss is the DiceCE of it alone, for validation loops.
+    :meth:`terms` returns the three parts for logging.
+
+    Args:
+        num_classes: the number of classes (checked against the logits).
+        temperature: T > 0.
+        kl_weight: weight of the KL sum (DSD's alpha_KL).
+        detach_teacher: stop the KL gradients into the teacher heads.
+        include_background, lambda_dice, lambda_ce: passed to MONAI's ``DiceCELoss``.
+
+    Example:
+        >>> import torch
+        >>> from fastseg3d.losses import DSDLoss
+        >>> from fastseg3d.networks.unet import dsd_unet
+        >>> net = dsd_unet(3, 1, 3, channels=(8, 16, 32, 64, 64))
+        >>> loss_fn = DSDLoss(num_classes=3)
+        >>> label = torch.randint(0, 3, (1, 1, 32, 32, 32))
+        >>> loss = loss_fn(net(torch.randn(1, 1, 32, 32, 32)), label)
+        >>> loss.backward()
+        >>> sorted(loss_fn.terms(net(torch.randn(1, 1, 32, 32, 32)), label))
+        ['dice_ce', 'kl_decoder', 'kl_encoder']
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        temperature: float = 3.0,
+        kl_weight: float = 1.0,
+        detach_teacher: bool = False,
+        include_background: bool = True,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature <= 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        if not isinstance(detach_teacher, bool):
+            raise ValueError(f"detach_teacher must be a bool, got {detach_teacher!r}")
+        self.num_classes = num_classes
+        self.temperature = float(temperature)
+        self.kl_weight = check_weight(kl_weight, "kl_weight")
+        self.detach_teacher = detach_teacher
+        self.dice_ce = dice_ce(include_background, lambda_dice, lambda_ce)
+
+    def _check_logits(self, t, name: str, dims: int) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dims or t.shape[1] != self.num_classes:
+            raise ValueError(f"{name} must be ({dims}-D) logits with num_classes={self.num_classes} channels, got "
+                             f"shape {tuple(t.shape)}")
+
+    def _kl(self, heads: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+        if len(heads) < 2:
+            return heads[0].new_zeros((), dtype=torch.float32)
+        vols = [as_volume(h, f"{name}[{i}]") for i, h in enumerate(heads)]
+        return kl_distill_multi(vols[:-1], vols[-1], self.temperature, detach_teacher=self.detach_teacher)
+
+    def terms(self, outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"dice_ce": sum of the DiceCE terms, "kl_decoder": ..., "kl_encoder": ...}`` (KL terms unweighted)."""
+        if isinstance(outputs, torch.Tensor):
+            self._check_logits(outputs, "outputs", outputs.dim())
+            return {"dice_ce": self.dice_ce(outputs, target)}
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
+            raise ValueError("outputs must be DSD's training output (main, decoder heads, encoder heads) or a tensor")
+        main, decoder, encoder = outputs
+        self._check_logits(main, "main", main.dim())
+        dims = main.dim()
+        for name, heads in (("decoder", decoder), ("encoder", encoder)):
+            if not isinstance(heads, (tuple, list)) or len(heads) == 0:
+                raise ValueError(f"{name} must be a non-empty sequence of head logits")
+            for i, h in enumerate(heads):
+                self._check_logits(h, f"{name}[{i}]", dims)
+        if not isinstance(target, torch.Tensor) or target.dim() != dims or target.shape[1] != 1:
+            raise ValueError(f"target must be a ({dims}-D) label map (B, 1, *spatial), got "
+                             f"{getattr(target, 'shape', type(target).__name__)}")
+        size = tuple(target.shape[2:])
+        if tuple(main.shape[2:]) != size:
+            raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
+        mode = "trilinear" if dims == 5 else "bilinear"
+        seg = self.dice_ce(main, target)
+        for h in decoder:
+            if tuple(h.shape[2:]) != size:
+                h = F.interpolate(h, size=size, mode=mode, align_corners=False)
+            seg = seg + self.dice_ce(h, target)
+        return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder"), "kl_encoder": self._kl(encoder, "encoder")}
+
+    def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
+        terms = self.terms(outputs, target)
+        if len(terms) == 1:
+            return terms["dice_ce"]
+        return terms["dice_ce"] + self.kl_weight * (terms["kl_decoder"] + terms["kl_encoder"])

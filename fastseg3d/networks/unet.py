@@ -1,0 +1,223 @@
+"""A plain 2-D/3-D U-Net, the backbone for the self-distillation wrappers (DSD, SelfReg), and its presets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["UNet", "dsd_unet", "selfreg_unet"]
+
+_NORMS = ("instance", "batch")
+_ACTS = ("relu", "leakyrelu", "gelu")
+
+
+def _conv(spatial_dims: int) -> type[nn.Module]:
+    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+
+
+def _norm(kind: str, spatial_dims: int, channels: int) -> nn.Module:
+    if kind == "instance":
+        # affine, as nnU-Net: MONAI's default InstanceNorm has no parameters, which weakens a plain U-Net
+        return (nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
+    return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels)
+
+
+def _act(kind: str) -> nn.Module:
+    if kind == "relu":
+        return nn.ReLU()
+    if kind == "leakyrelu":
+        return nn.LeakyReLU(0.01)
+    return nn.GELU()
+
+
+class _ConvBlock(nn.Sequential):
+    """(3x3(x3) conv -> norm -> activation) twice; the convs have no bias since a norm follows."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str, act: str) -> None:
+        conv = _conv(spatial_dims)
+        super().__init__(
+            conv(in_channels, out_channels, 3, padding=1, bias=False),
+            _norm(norm, spatial_dims, out_channels),
+            _act(act),
+            conv(out_channels, out_channels, 3, padding=1, bias=False),
+            _norm(norm, spatial_dims, out_channels),
+            _act(act),
+        )
+
+
+class _UpStage(nn.Module):
+    """x2 transposed conv of the deeper map, concatenation with the skip, then a conv block."""
+
+    def __init__(self, spatial_dims: int, deep_channels: int, channels: int, norm: str, act: str) -> None:
+        super().__init__()
+        deconv = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+        self.up = deconv(deep_channels, channels, 2, stride=2)
+        self.block = _ConvBlock(spatial_dims, 2 * channels, channels, norm, act)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([skip, self.up(x)], dim=1))
+
+
+class UNet(nn.Module):
+    """A plain U-Net for 2-D or 3-D inputs with named stages for feature hooks.
+
+    Level ``i`` of ``len(channels)`` levels works at 1/2**i of the input resolution with ``channels[i]`` channels.
+    Submodules, in the order a forward pass calls them:
+
+    * ``encoder.0``: conv block at full resolution; ``encoder.i`` (i >= 1): 2x max pooling then a conv block, so
+      ``encoder.{levels-1}`` is the bottleneck;
+    * ``decoder.j`` (j = 0 .. levels-2): x2 transposed conv, concatenation with the skip ``encoder.{levels-2-j}``,
+      conv block; ``decoder.j`` works at 1/2**(levels-2-j), the last one at full resolution;
+    * ``final``: an identity on the last decoder output, named so that wrappers can hook "the feature before the
+      output conv" (SelfReg's F_final) without knowing the depth;
+    * ``out``: the 1x1(x1) output conv (with bias).
+
+    A conv block is (3x3(x3) conv without bias -> norm -> activation) twice. ``forward`` returns logits only.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: classes (logits, no activation).
+        channels: channels per level, at least two levels; inputs sides must be divisible by 2**(levels-1).
+        norm: "instance" (affine InstanceNorm, as nnU-Net) or "batch".
+        act: "relu", "leakyrelu" (slope 0.01, as nnU-Net) or "gelu".
+
+    Example:
+        >>> import torch
+        >>> from fastseg3d.networks import UNet
+        >>> net = UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32)).eval()
+        >>> net(torch.randn(1, 1, 16, 16, 8)).shape
+        torch.Size([1, 3, 16, 16, 8])
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        channels: Sequence[int] = (32, 64, 128, 256, 320),
+        norm: str = "instance",
+        act: str = "leakyrelu",
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise ValueError(f"channels must be a sequence of positive ints, got {channels!r}")
+        channels = tuple(channels)
+        if len(channels) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
+            raise ValueError(f"channels must give at least 2 levels of positive ints, got {channels!r}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
+        if act not in _ACTS:
+            raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = channels
+        pool = nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
+        stages = [_ConvBlock(spatial_dims, in_channels, channels[0], norm, act)]
+        for i in range(1, len(channels)):
+            stages.append(nn.Sequential(pool(2), _ConvBlock(spatial_dims, channels[i - 1], channels[i], norm, act)))
+        self.encoder = nn.ModuleList(stages)
+        self.decoder = nn.ModuleList(
+            _UpStage(spatial_dims, channels[i + 1], channels[i], norm, act) for i in reversed(range(len(channels) - 1))
+        )
+        self.final = nn.Identity()
+        self.out = _conv(spatial_dims)(channels[0], out_channels, 1)
+
+    @property
+    def levels(self) -> int:
+        """Number of resolution levels (``len(channels)``)."""
+        return len(self.channels)
+
+    @property
+    def divisor(self) -> int:
+        """Every input side must be divisible by this factor, 2**(levels-1)."""
+        return 2 ** (self.levels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self.spatial_dims + 2:
+            layout = "(B, C, D, H, W)" if self.spatial_dims == 3 else "(B, C, H, W)"
+            raise ValueError(f"input must be {self.spatial_dims + 2}-D {layout}, got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
+        for axis, size in enumerate(x.shape[2:]):
+            if size % self.divisor:
+                raise ValueError(
+                    f"input spatial dimension {axis} (size {size}) must be divisible by {self.divisor} "
+                    f"(2**(levels-1) for {self.levels} levels)"
+                )
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()
+        for stage in self.decoder:
+            x = stage(x, skips.pop())
+        return self.out(self.final(x))
+
+
+def dsd_unet(
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    channels: Sequence[int] = (32, 64, 128, 256, 320),
+    head_mode: str = "deconv",
+    **unet_kwargs,
+):
+    """A :class:`UNet` wrapped in :class:`fastseg3d.distill.DSD` with the UNETR-like head placement.
+
+    Decoder heads (coarse to fine, teacher last) on the bottleneck and every decoder stage but the last; encoder
+    heads (shallow to deep, teacher last) on every encoder stage but the bottleneck (see
+    :func:`fastseg3d.distill.presets.unet_layers`). With the default five levels that is DSD's 4 + 4 heads.
+    ``unet_kwargs`` go to :class:`UNet` (``norm``, ``act``).
+
+    Example:
+        >>> import torch
+        >>> from fastseg3d.networks import dsd_unet
+        >>> net = dsd_unet(3, 1, 3, channels=(8, 16, 32, 64, 64))
+        >>> out = net(torch.randn(1, 1, 32, 32, 32))
+        >>> len(out.decoder), out.decoder[-1].shape
+        (4, torch.Size([1, 3, 32, 32, 32]))
+    """
+    from fastseg3d.distill import DSD, presets
+
+    net = UNet(spatial_dims, in_channels, out_channels, channels, **unet_kwargs)
+    # twice the divisor: instance norm needs more than one voxel at the bottleneck
+    example = (1, in_channels) + (2 * net.divisor,) * spatial_dims
+    return DSD(net, num_classes=out_channels, head_mode=head_mode, input_shape=example,
+               **presets.unet_layers(net, "dsd"))
+
+
+def selfreg_unet(
+    spatial_dims: int = 3,
+    in_channels: int = 1,
+    out_channels: int = 2,
+    channels: Sequence[int] = (32, 64, 128, 256, 320),
+    **unet_kwargs,
+):
+    """A :class:`UNet` wrapped in :class:`fastseg3d.distill.SelfReg` with SelfReg's UNet placement.
+
+    Encoder features: every encoder stage but the full-resolution one; decoder features: every decoder stage but
+    the last; F_final: the last decoder output (``final``), as in SelfReg's ``UNet_hd`` (see
+    :func:`fastseg3d.distill.presets.unet_layers`). ``unet_kwargs`` go to :class:`UNet`.
+
+    Example:
+        >>> import torch
+        >>> from fastseg3d.networks import selfreg_unet
+        >>> net = selfreg_unet(2, 1, 3, channels=(8, 16, 32))
+        >>> out = net(torch.randn(2, 1, 16, 16))
+        >>> [f.shape[1] for f in out.encoder], out.final.shape
+        ([16, 32], torch.Size([2, 8, 16, 16]))
+    """
+    from fastseg3d.distill import SelfReg, presets
+
+    net = UNet(spatial_dims, in_channels, out_channels, channels, **unet_kwargs)
+    return SelfReg(net, **presets.unet_layers(net, "selfreg"))

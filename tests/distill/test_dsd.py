@@ -1,0 +1,153 @@
+"""The DSD wrapper: DeepUp heads, training/eval outputs on fastseg3d's UNet, MONAI's UNETR and DynUNet, the
+published UNETR head parameter count (seeds.md §5.3), meta device, compile, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fastseg3d.distill import DSD, DeepUp, DSDOutput, presets
+from fastseg3d.networks.unet import UNet, dsd_unet
+
+nets = pytest.importorskip("monai.networks.nets")
+inferers = pytest.importorskip("monai.inferers")
+
+
+@pytest.fixture
+def unetr_cls():
+    pytest.importorskip("einops")  # MONAI's UNETR needs it (the monai extra installs it)
+    return nets.UNETR
+
+
+def _small_unetr(unetr_cls, in_channels=1, out_channels=3):
+    return unetr_cls(in_channels, out_channels, img_size=32, feature_size=16, hidden_size=96, mlp_dim=192,
+                     num_heads=4, proj_type="conv")
+
+
+def test_deepup_is_the_published_head():
+    head = DeepUp(3, 8, 4, scale=8)
+    x = torch.randn(1, 8, 2, 2, 2)
+    y = head.conv(x)
+    for _ in range(3):  # one x2 deconv, the same weights at every step
+        y = head.up(y)
+    torch.testing.assert_close(head(x), y)
+    assert head.up.kernel_size == (2, 2, 2) and head(x).shape == (1, 4, 16, 16, 16)
+    one = DeepUp(3, 8, 4, scale=1)  # scale 1 keeps a 1x1x1 deconv, as published
+    assert one.up.kernel_size == (1, 1, 1) and one(x).shape == (1, 4, 2, 2, 2)
+    flat = DeepUp(2, 8, 4, scale=None)
+    assert not hasattr(flat, "up") and flat(torch.randn(1, 8, 3, 3)).shape == (1, 4, 3, 3)
+    with pytest.raises(ValueError):
+        DeepUp(3, 8, 4, scale=6)
+
+
+def test_unetr_head_parameters_match_published(unetr_cls):
+    # seeds.md §5.3: UNETR (4 -> 4 classes, 128^3, f16) 102,468,164 -> 102,474,068 with 8 separate heads
+    with torch.device("meta"):
+        net = unetr_cls(4, 4, img_size=128, feature_size=16, proj_type="conv", norm_name="instance", res_block=True)
+    assert sum(p.numel() for p in net.parameters()) == 102_468_164
+    dsd = DSD(net, num_classes=4, input_shape=(1, 4, 128, 128, 128), **presets.unetr_layers("dsd"))
+    assert sum(p.numel() for p in dsd.parameters()) == 102_474_068
+    assert [dsd.scales[n][0] for n in dsd.decoder_layers] == [16, 8, 4, 2]
+    assert [dsd.scales[n][0] for n in dsd.encoder_layers] == [1, 2, 4, 8]
+    out = dsd(torch.empty(1, 4, 128, 128, 128, device="meta"))  # the whole training forward on meta
+    assert all(t.shape == (1, 4, 128, 128, 128) for t in (out.main, *out.decoder, *out.encoder))
+
+
+@pytest.mark.parametrize("mode", ["deconv", "interp"])
+def test_unet_training_and_eval(mode):
+    net = dsd_unet(3, 1, 2, channels=(4, 8, 8, 8), head_mode=mode)
+    x = torch.randn(2, 1, 16, 16, 16)
+    out = net(x)
+    assert isinstance(out, DSDOutput) and len(out.decoder) == 3 and len(out.encoder) == 3
+    if mode == "deconv":
+        assert all(t.shape == (2, 2, 16, 16, 16) for t in (*out.decoder, *out.encoder))
+    else:
+        assert [t.shape[-1] for t in out.decoder] == [2, 4, 8]  # coarse to fine, teacher last
+        assert [t.shape[-1] for t in out.encoder] == [16, 8, 4]  # shallow to deep, teacher last
+        assert not any(".up." in n for n, _ in net.named_parameters() if "heads" in n)
+    net.eval()
+    with torch.no_grad():
+        y = net(x)
+        torch.testing.assert_close(y, net.backbone(x))
+        assert not net._tap.store  # nothing kept in eval
+        sw = inferers.sliding_window_inference(torch.randn(1, 1, 24, 16, 16), (16, 16, 16), 1, net)
+    assert isinstance(y, torch.Tensor) and sw.shape == (1, 2, 24, 16, 16)
+
+
+def test_heads_match_their_features():
+    net = UNet(3, 1, 2, channels=(4, 8, 8))
+    dsd = DSD(net, ["encoder.0", "encoder.1"], ["encoder.2", "decoder.0"], 2, input_shape=(1, 1, 8, 8, 8))
+    feats = {}
+    handles = [net.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: feats.__setitem__(n, o))
+               for n in ("encoder.1", "decoder.0")]
+    out = dsd(torch.randn(1, 1, 8, 8, 8))
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(out.encoder[1], dsd.encoder_heads[1](feats["encoder.1"]))
+    torch.testing.assert_close(out.decoder[1], dsd.decoder_heads[1](feats["decoder.0"]))
+    clone = copy.deepcopy(dsd)  # hooks are plain objects: the copy captures its own backbone's features
+    assert len(clone(torch.randn(1, 1, 8, 8, 8)).encoder) == 2
+
+
+def test_unetr_training_and_eval(unetr_cls):
+    net = _small_unetr(unetr_cls)
+    dsd = DSD(net, num_classes=3, input_shape=(1, 1, 32, 32, 32), **presets.unetr_layers("dsd"))
+    out = dsd(torch.randn(1, 1, 32, 32, 32))
+    assert len(out) == 3 and all(t.shape == (1, 3, 32, 32, 32) for t in (out.main, *out.decoder, *out.encoder))
+    dsd.eval()
+    with torch.no_grad():
+        sw = inferers.sliding_window_inference(torch.randn(1, 1, 40, 32, 32), (32, 32, 32), 1, dsd)
+    assert sw.shape == (1, 3, 40, 32, 32)
+
+
+def test_dynunet():
+    net = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                       filters=[4, 8, 16])
+    dsd = DSD(net, num_classes=2, input_shape=(1, 1, 16, 16, 16), **presets.dynunet_layers(net, "dsd"))
+    assert dsd.encoder_layers == ("input_block", "downsamples.0") and dsd.decoder_layers == ("bottleneck",
+                                                                                              "upsamples.0")
+    out = dsd(torch.randn(2, 1, 16, 16, 16))
+    assert all(t.shape == (2, 2, 16, 16, 16) for t in (*out.decoder, *out.encoder))
+    # anisotropic strides: scale (2, 2, 1) has no single x2 deconv; the interp heads take it
+    aniso = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, (2, 2, 1), (2, 2, 1)],
+                         upsample_kernel_size=[(2, 2, 1), (2, 2, 1)], filters=[4, 8, 8])
+    layers = {"encoder_layers": ["input_block"], "decoder_layers": ["bottleneck"]}
+    with pytest.raises(ValueError, match="power of two"):
+        DSD(aniso, num_classes=2, input_shape=(1, 1, 8, 8, 8), **layers)
+    interp = DSD(aniso, num_classes=2, head_mode="interp", input_shape=(1, 1, 8, 8, 8), **layers)
+    assert interp(torch.randn(2, 1, 8, 8, 8)).decoder[0].shape == (2, 2, 2, 2, 8)
+
+
+def test_compile_fullgraph():
+    net = dsd_unet(3, 1, 2, channels=(4, 8, 8), head_mode="interp")
+    x = torch.randn(1, 1, 8, 8, 8)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")  # the wrapper's graph; codegen is torch's
+    out, ref = compiled(x), net(x)
+    assert isinstance(out, DSDOutput)
+    for a, e in zip((out.main, *out.decoder, *out.encoder), (ref.main, *ref.decoder, *ref.encoder)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+    sum(t.sum() for t in (out.main, *out.decoder, *out.encoder)).backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
+def test_bad_arguments(unetr_cls):
+    net = UNet(3, 1, 2, channels=(4, 8, 8))
+    shape = (1, 1, 8, 8, 8)
+    good = {"encoder_layers": ["encoder.0"], "decoder_layers": ["decoder.0"], "num_classes": 2, "input_shape": shape}
+    for change, error in (({"encoder_layers": []}, ValueError), ({"decoder_layers": "decoder.0"}, ValueError),
+                          ({"encoder_layers": ["encoder.9"]}, ValueError), ({"num_classes": 0}, ValueError),
+                          ({"num_classes": 3}, ValueError), ({"head_mode": "trilinear"}, ValueError),
+                          ({"decoder_layers": ["encoder.0"]}, ValueError), ({"input_shape": (8, 8)}, ValueError),
+                          ({"input_shape": (1, 1, 8, 8, 6)}, ValueError)):
+        with pytest.raises(error):
+            DSD(net, **{**good, **change})
+    with pytest.raises(TypeError):
+        DSD(lambda x: x, **good)
+    with pytest.raises(ValueError, match="deep supervision"):
+        ds = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                          filters=[4, 8, 8], deep_supervision=True)
+        DSD(ds, ["input_block"], ["bottleneck"], 2, input_shape=(1, 1, 8, 8, 8))(torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="tokens"):  # UNETR's ViT returns tokens: tap "decoder5:input" instead
+        DSD(_small_unetr(unetr_cls), ["encoder1"], ["vit"], 3, input_shape=(1, 1, 32, 32, 32))

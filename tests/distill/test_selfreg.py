@@ -1,0 +1,93 @@
+"""The SelfReg wrapper on fastseg3d's UNet, MONAI's UNETR and DynUNet: training features, eval output,
+meta device, compile, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastseg3d.distill import SelfReg, SelfRegOutput, presets
+from fastseg3d.losses import SelfRegLoss
+from fastseg3d.networks.unet import UNet, selfreg_unet
+from tests.distill.test_dsd import _small_unetr, unetr_cls  # noqa: F401  (fixture)
+
+nets = pytest.importorskip("monai.networks.nets")
+inferers = pytest.importorskip("monai.inferers")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_unet_training_and_eval(spatial_dims):
+    net = selfreg_unet(spatial_dims, 1, 3, channels=(4, 8, 16, 16))
+    x = torch.randn(2, 1, *(16,) * spatial_dims)
+    out = net(x)
+    assert isinstance(out, SelfRegOutput)
+    assert [f.shape[1:] for f in out.encoder] == [(8, *(8,) * spatial_dims), (16, *(4,) * spatial_dims),
+                                                  (16, *(2,) * spatial_dims)]
+    assert [f.shape[1:] for f in out.decoder] == [(16, *(4,) * spatial_dims), (8, *(8,) * spatial_dims)]
+    torch.testing.assert_close(net.backbone.out(out.final), out.logits)  # F_final feeds the output conv
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.backbone(x))
+    assert not net._tap.store
+
+
+def test_unetr(unetr_cls):  # noqa: F811
+    net = SelfReg(_small_unetr(unetr_cls), **presets.unetr_layers("selfreg"))
+    out = net(torch.randn(1, 1, 32, 32, 32))
+    assert [tuple(f.shape[1:]) for f in out.encoder] == [(32, 16, 16, 16), (64, 8, 8, 8), (128, 4, 4, 4),
+                                                         (96, 2, 2, 2)]
+    assert [f.shape[1] for f in out.decoder] == [128, 64, 32]
+    torch.testing.assert_close(net.backbone.out(out.final), out.logits)
+    loss = SelfRegLoss(generator=0)(out, torch.randint(0, 3, (1, 1, 32, 32, 32)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    net.eval()
+    with torch.no_grad():
+        sw = inferers.sliding_window_inference(torch.randn(1, 1, 32, 40, 32), (32, 32, 32), 1, net)
+    assert sw.shape == (1, 3, 32, 40, 32)
+
+
+def test_dynunet():
+    backbone = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
+                            upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 16])
+    net = SelfReg(backbone, **presets.dynunet_layers(backbone, "selfreg"))
+    assert net.final_layer == "upsamples.2" and len(net.encoder_layers) == 3 and len(net.decoder_layers) == 2
+    out = net(torch.randn(2, 1, 16, 16, 16))
+    torch.testing.assert_close(backbone.output_block(out.final), out.logits)
+    assert SelfRegLoss(generator=0, include_segmentation=False)(out).isfinite()
+
+
+def test_meta_device_and_compile():
+    with torch.device("meta"):
+        net = selfreg_unet(3, 4, 3)
+    out = net(torch.empty(1, 4, 64, 64, 64, device="meta"))
+    assert out.final.shape == (1, 32, 64, 64, 64) and out.encoder[-1].shape == (1, 320, 4, 4, 4)
+    small = selfreg_unet(3, 1, 2, channels=(4, 8, 8))
+    x = torch.randn(1, 1, 8, 8, 8)
+    compiled = torch.compile(small, fullgraph=True, backend="aot_eager")
+    got, ref = compiled(x), small(x)
+    for a, e in zip((got.logits, *got.encoder, *got.decoder, got.final),
+                    (ref.logits, *ref.encoder, *ref.decoder, ref.final)):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_arguments():
+    net = UNet(3, 1, 2, channels=(4, 8, 8))
+    with pytest.raises(ValueError):
+        SelfReg(net, [], ["decoder.0"], "final")
+    with pytest.raises(ValueError):
+        SelfReg(net, "encoder.1", ["decoder.0"], "final")
+    with pytest.raises(ValueError, match="no submodule"):
+        SelfReg(net, ["encoder.7"], ["decoder.0"], "final")
+    with pytest.raises(ValueError, match="twice"):
+        SelfReg(net, ["encoder.1"], ["decoder.0"], "decoder.0")
+    with pytest.raises(ValueError):
+        SelfReg(net, ["encoder.1"], ["decoder.0"], None)
+    with pytest.raises(TypeError):
+        SelfReg("net", ["encoder.1"], ["decoder.0"], "final")
+    with pytest.raises(TypeError):
+        presets.dynunet_layers(net, "selfreg")
+    with pytest.raises(ValueError):
+        presets.unet_layers(net, "missu")
+    with pytest.raises(ValueError, match="3 levels"):
+        presets.unet_layers(UNet(3, 1, 2, channels=(4, 8)), "dsd")

@@ -1,0 +1,132 @@
+"""SelfRegLoss against a float64 re-derivation of SelfReg's KDloss (seeds.md §3.2): explicit pooling and MSE,
+gradients, reproducible channel draws, 2-D maps, segmentation option, bad input, a short training run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastseg3d.distill import SelfRegOutput
+from fastseg3d.losses import SelfRegLoss
+from fastseg3d.networks.unet import selfreg_unet
+from tests.utils import assert_close
+
+monai_losses = pytest.importorskip("monai.losses")
+
+
+def _intra(f):
+    """IFD as coded: rank channels by the mean of per-(b, c) L2-normalised maps, MSE of top half vs bottom half."""
+    flat = f.flatten(2)
+    score = (flat / flat.detach().norm(dim=2, keepdim=True)).detach().mean(dim=(0, 2))
+    x = f[:, torch.argsort(score, descending=True)]
+    c = f.shape[1]
+    return F.mse_loss(x[:, : c // 2], x[:, c // 2:])
+
+
+def _inter(f, final, cs, ct):
+    """SCR as coded: adaptive average pooling of the larger map to the smaller, MSE against the detached teacher."""
+    pool = F.adaptive_avg_pool3d if f.dim() == 5 else F.adaptive_avg_pool2d
+    size = tuple(min(a, b) for a, b in zip(f.shape[2:], final.shape[2:]))
+    return F.mse_loss(pool(f, size)[:, cs], pool(final.detach(), size)[:, ct])
+
+
+def _expected(out, seed, weight, target=None, num_channels=None):
+    gen = torch.Generator().manual_seed(seed)
+    kd = torch.stack([_intra(f) for f in out.encoder]).mean() + torch.stack([_intra(f) for f in out.decoder]).mean()
+    inter = []
+    for f in (*out.decoder, *out.encoder):
+        k = min(f.shape[1], out.final.shape[1], num_channels or 10**9)
+        cs = torch.randperm(f.shape[1], generator=gen)[:k]
+        ct = torch.randperm(out.final.shape[1], generator=gen)[:k]
+        inter.append(_inter(f, out.final, cs, ct))
+    kd = kd + torch.stack(inter).mean()
+    seg = 0.0 if target is None else monai_losses.DiceCELoss(to_onehot_y=True, softmax=True)(out.logits, target)
+    return seg + weight * kd
+
+
+def _outputs(dtype, dims=3, b=2):
+    def t(c, n):
+        return torch.randn(b, c, *(n,) * dims, dtype=dtype, requires_grad=True)
+
+    # a UNet_hd-like pyramid with F_final of 8 channels at 16^dims
+    return SelfRegOutput(t(3, 16), (t(16, 8), t(32, 4), t(32, 2)), (t(16, 4), t(8, 8)), t(8, 16))
+
+
+def _leaves(out):
+    # F_final is only a detached teacher: it gets no gradient
+    return [out.logits, *out.encoder, *out.decoder]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_published_formula(dims, dtype):
+    out = _outputs(dtype, dims)
+    target = torch.randint(0, 3, (2, 1, *(16,) * dims)).to(dtype)
+    loss = SelfRegLoss(weight=0.5, generator=7)(out, target)
+    g = torch.autograd.grad(loss, _leaves(out))
+    ref_in = SelfRegOutput(*(tuple(x.detach().double().requires_grad_() for x in v) if isinstance(v, tuple)
+                             else v.detach().double().requires_grad_() for v in out))
+    ref = _expected(ref_in, 7, 0.5, target.double())
+    g_ref = torch.autograd.grad(ref, _leaves(ref_in))
+    assert_close("loss", loss.reshape(1), ref.reshape(1), dtype)
+    for i, (a, e) in enumerate(zip(g, g_ref)):
+        assert_close(f"grad[{i}]", a, e, dtype)
+
+
+def test_regulariser_only_and_channel_cap():
+    out = _outputs(torch.float64)
+    loss_fn = SelfRegLoss(weight=1.0, num_channels=4, generator=3, include_segmentation=False)
+    loss = loss_fn(out)
+    assert_close("loss", loss.reshape(1), _expected(out, 3, 1.0, num_channels=4).reshape(1), torch.float64)
+    terms = SelfRegLoss(generator=3, include_segmentation=False).terms(out)
+    assert set(terms) == {"intra", "inter"}
+    with pytest.raises(ValueError, match="target"):
+        SelfRegLoss()(out)
+
+
+def test_channel_draws_are_reproducible():
+    out = _outputs(torch.float32)
+    a = SelfRegLoss(generator=11, include_segmentation=False)
+    b = SelfRegLoss(generator=torch.Generator().manual_seed(11), include_segmentation=False)
+    first = [a(out).item() for _ in range(3)]
+    assert first == [b(out).item() for _ in range(3)]
+    assert len(set(first)) > 1  # redrawn at every call
+    assert SelfRegLoss(generator=12, include_segmentation=False)(out).item() != first[0]
+    torch.manual_seed(5)
+    c = SelfRegLoss(include_segmentation=False)(out).item()
+    torch.manual_seed(5)
+    assert SelfRegLoss(include_segmentation=False)(out).item() == c  # the global RNG when no generator
+
+
+def test_training_smoke():
+    torch.manual_seed(0)
+    net = selfreg_unet(2, 1, 3, channels=(4, 8, 16))
+    loss_fn = SelfRegLoss(generator=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 1, 16, 16))
+    for _ in range(3):
+        opt.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+        opt.step()
+
+
+def test_bad_arguments():
+    for kwargs in ({"weight": -1}, {"weight": float("inf")}, {"num_channels": 0}, {"num_channels": 2.5},
+                   {"generator": "seed"}, {"include_segmentation": 1}):
+        with pytest.raises(ValueError):
+            SelfRegLoss(**kwargs)
+    out = _outputs(torch.float32)
+    loss_fn = SelfRegLoss(include_segmentation=False)
+    with pytest.raises(ValueError, match="training output"):
+        loss_fn(out[:3])
+    with pytest.raises(ValueError, match="non-empty"):
+        loss_fn(SelfRegOutput(out.logits, (), out.decoder, out.final))
+    with pytest.raises(ValueError, match="even"):
+        odd = torch.randn(2, 5, 8, 8, 8)
+        loss_fn(SelfRegOutput(out.logits, (odd,), out.decoder, out.final))
+    with pytest.raises(ValueError, match="4-D"):
+        loss_fn(SelfRegOutput(out.logits, (torch.randn(2, 4, 8),), out.decoder, out.final))

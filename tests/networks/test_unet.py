@@ -1,0 +1,72 @@
+"""fastseg3d's plain UNet: shapes in 2-D and 3-D, named stages, meta device, presets, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fastseg3d.distill import DSD, SelfReg
+from fastseg3d.networks.unet import UNet, dsd_unet, selfreg_unet
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 16, 24)), (3, (1, 2, 8, 16, 8))])
+@pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "gelu")])
+def test_shapes_and_stage_names(spatial_dims, shape, norm, act):
+    net = UNet(spatial_dims, shape[1], 3, channels=(4, 8, 16), norm=norm, act=act)
+    out = net(torch.randn(shape))
+    assert out.shape == (shape[0], 3, *shape[2:])
+    names = dict(net.named_modules())
+    for name in ("encoder.0", "encoder.1", "encoder.2", "decoder.0", "decoder.1", "final", "out"):
+        assert name in names
+    # the output conv reads the "final" feature, and the decoder climbs back to full resolution
+    feats = {}
+    hooks = [names[n].register_forward_hook(lambda m, a, o, n=n: feats.__setitem__(n, o))
+             for n in ("encoder.2", "decoder.0", "decoder.1", "final")]
+    x = torch.randn(shape)
+    logits = net(x)
+    for h in hooks:
+        h.remove()
+    assert feats["encoder.2"].shape[2:] == tuple(s // 4 for s in shape[2:])
+    assert feats["decoder.0"].shape[1:] == (8, *(s // 2 for s in shape[2:]))
+    assert feats["final"] is feats["decoder.1"]
+    torch.testing.assert_close(net.out(feats["final"]), logits)
+
+
+def test_parameter_count():
+    net = UNet(3, 1, 2, channels=(4, 8), norm="batch")
+    conv = lambda i, o, k: i * o * k**3  # noqa: E731
+    block = lambda i, o: conv(i, o, 3) + conv(o, o, 3) + 4 * o  # noqa: E731  (2 norms, weight + bias)
+    expected = block(1, 4) + block(4, 8) + (conv(8, 4, 2) + 4) + block(8, 4) + (4 * 2 + 2)
+    assert sum(p.numel() for p in net.parameters()) == expected
+
+
+def test_meta_device():
+    with torch.device("meta"):
+        net = UNet(3, 4, 3)
+    out = net(torch.empty(2, 4, 128, 128, 96, device="meta"))
+    assert out.shape == (2, 3, 128, 128, 96) and out.device.type == "meta"
+
+
+def test_presets():
+    d = dsd_unet(3, 1, 2, channels=(4, 8, 8, 8))
+    assert isinstance(d, DSD) and isinstance(d.backbone, UNet)
+    assert d.decoder_layers == ("encoder.3", "decoder.0", "decoder.1")
+    assert d.encoder_layers == ("encoder.0", "encoder.1", "encoder.2")
+    s = selfreg_unet(2, 1, 2, channels=(4, 8, 8), norm="batch")
+    assert isinstance(s, SelfReg) and isinstance(s.backbone.encoder[0][1], nn.BatchNorm2d)
+    assert (s.encoder_layers, s.decoder_layers, s.final_layer) == (("encoder.1", "encoder.2"), ("decoder.0",), "final")
+
+
+def test_bad_arguments():
+    for kwargs in ({"spatial_dims": 1}, {"in_channels": 0}, {"out_channels": 1.5}, {"channels": (8,)},
+                   {"channels": 8}, {"channels": (8, 0)}, {"norm": "group"}, {"act": "swish"}):
+        with pytest.raises(ValueError):
+            UNet(**kwargs)
+    net = UNet(3, 2, 2, channels=(4, 8, 8))
+    with pytest.raises(ValueError, match="5-D"):
+        net(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="in_channels=2"):
+        net(torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="dimension 2 \\(size 6\\) must be divisible by 4"):
+        net(torch.randn(1, 2, 8, 8, 6))
