@@ -4,5 +4,5 @@
 # On a machine with a GPU, run `pytest tests -m "not interpret"` (or bench/gpu_check.sh) for the GPU tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pytest tests -m "not interpret and not gpu" -q -p no:cacheprovider "$@"
+python3 -m pytest tests fastseg3d --doctest-modules -m "not interpret and not gpu" -q -p no:cacheprovider "$@"
 TRITON_INTERPRET=1 python3 -m pytest tests -m interpret -q -p no:cacheprovider "$@"
