@@ -62,14 +62,10 @@ def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     return reasons
 
 
-def _launchable(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
-
-
 @torch.library.triton_op("fastseg3d::attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     b, n, h, d = q.shape
-    if q.device.type != "meta" and not _launchable(q.device):
+    if q.device.type != "meta" and not utils.launchable(q.device):
         return attention_forward_ref(q, k, v, scale)
     out = utils.empty((b, n, h, d), dtype=q.dtype, device=q.device)
     lse = utils.empty((b, h, n), dtype=torch.float32, device=q.device)
@@ -85,7 +81,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 def _attention_backward_op(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if q.device.type != "meta" and not _launchable(q.device):
+    if q.device.type != "meta" and not utils.launchable(q.device):
         return attention_backward_ref(grad, q, k, v, out, lse, scale)
     dq = utils.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = utils.empty(k.shape, dtype=k.dtype, device=k.device)

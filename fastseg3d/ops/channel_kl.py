@@ -22,14 +22,9 @@ _MAX_GRID_Y = 65535
 _MAX_CHANNELS = 256  # fastseg3d.kernels.kl_distill.MAX_CHANNELS (not imported: Triton may be absent)
 
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _validate(student, teacher, reduction) -> None:
-    _check_tensor(student, "student")
-    _check_tensor(teacher, "teacher")
+    utils.check_tensor(student, "student")
+    utils.check_tensor(teacher, "teacher")
     for name, t in (("student", student), ("teacher", teacher)):
         if t.dim() != 5:
             raise ValueError(f"{name} must be a 5-D feature map (B, C, D, H, W), got shape {tuple(t.shape)}")
@@ -72,17 +67,13 @@ def channel_kl_unsupported_reasons(student: Tensor) -> list[str]:
 # torch.library op
 
 
-def _launchable(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
-
-
 @torch.library.triton_op("fastseg3d::channel_kl", mutates_args=())
 def _channel_kl_op(student: Tensor, teacher: Tensor, reduction: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(fp32 loss, dL/dstudent); the gradient is an empty (0,) tensor unless ``need_grad``. The teacher gets none."""
     if student.device.type == "meta":
         grad = torch.empty_like(student) if need_grad else student.new_empty((0,))
         return student.new_empty((), dtype=torch.float32), grad
-    if not _launchable(student.device):
+    if not utils.launchable(student.device):
         loss, grad = channel_kl_fused_ref(student, teacher, reduction, need_grad)
     else:
         from fastseg3d.kernels.channel_kl import channel_kl_fwd

@@ -51,15 +51,10 @@ def _padding(padding, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[i
     return _triple(padding, "padding", allow_zero=True)
 
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _validate(x, weight, bias, residual, padding, dilation, activation):
     """Raise ValueError/TypeError for wrong input; return (integer-or-"same" padding, dilation, output shape)."""
-    _check_tensor(x, "x")
-    _check_tensor(weight, "weight")
+    utils.check_tensor(x, "x")
+    utils.check_tensor(weight, "weight")
     if x.dim() != 5:
         raise ValueError(f"x must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
@@ -73,12 +68,12 @@ def _validate(x, weight, bias, residual, padding, dilation, activation):
         )
     tensors = {"weight": weight}
     if bias is not None:
-        _check_tensor(bias, "bias")
+        utils.check_tensor(bias, "bias")
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
         tensors["bias"] = bias
     if residual is not None:
-        _check_tensor(residual, "residual")
+        utils.check_tensor(residual, "residual")
         tensors["residual"] = residual
     for name, t in tensors.items():
         if t.dtype != x.dtype:
@@ -126,10 +121,6 @@ def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[
 # torch.library ops
 
 
-def _launchable(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
-
-
 def _new_output(x: Tensor, shape: Sequence[int]) -> Tensor:
     return utils.empty(shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
 
@@ -151,7 +142,7 @@ def _dwconv3d_op(
     ]
     if x.device.type == "meta":
         return _new_output(x, out_shape)
-    if not _launchable(x.device):
+    if not utils.launchable(x.device):
         y = dwconv3d_ref(x, weight, bias, tuple(padding), tuple(dilation), act, residual)
         return y.contiguous(memory_format=utils.layout_of(x))
     from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_fwd
@@ -183,7 +174,7 @@ def _dwconv3d_backward_op(
             torch.empty_like(weight) if need_dw else x.new_empty((0,)),
             torch.empty_like(bias) if need_db else x.new_empty((0,)),
         )
-    if not _launchable(x.device):
+    if not utils.launchable(x.device):
         dx, dw, db = dwconv3d_backward_ref(grad, x, weight, bias, padding, dilation, act, [need_dx, need_dw, need_db])
         return (
             dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else x.new_empty((0,)),
@@ -313,7 +304,7 @@ def dwconv3d_tokens(
         >>> fastseg3d.ops.dwconv3d_tokens(tokens, (4, 5, 6), w).shape
         torch.Size([2, 120, 16])
     """
-    _check_tensor(x, "x")
+    utils.check_tensor(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D tokens (B, N, C), got shape {tuple(x.shape)}")
     if (
@@ -327,7 +318,7 @@ def dwconv3d_tokens(
     if d * h * w != n:
         raise ValueError(f"spatial_shape {tuple(spatial_shape)} has {d * h * w} voxels but x has N={n} tokens")
     if residual is not None:
-        _check_tensor(residual, "residual")
+        utils.check_tensor(residual, "residual")
         if residual.dim() != 3:
             raise ValueError(f"residual must be 3-D tokens (B, N, C_out), got shape {tuple(residual.shape)}")
     vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)

@@ -26,11 +26,6 @@ _MAX_GRID_Y = 65535
 _MAX_CHANNELS = 256  # fastseg3d.kernels.kl_distill.MAX_CHANNELS (not imported: Triton may be absent)
 
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
@@ -41,11 +36,11 @@ def _check_temperature(temperature) -> float:
 
 def _validate(students, teacher, temperature, size, weights) -> tuple[float, tuple[int, int, int], list[float]]:
     """Raise ValueError/TypeError for wrong input; return (temperature, output size, weights)."""
-    _check_tensor(teacher, "teacher")
+    utils.check_tensor(teacher, "teacher")
     if not isinstance(students, (list, tuple)) or len(students) == 0:
         raise ValueError("students must be a non-empty list of tensors")
     for i, s in enumerate(students):
-        _check_tensor(s, f"students[{i}]")
+        utils.check_tensor(s, f"students[{i}]")
     names = ["teacher"] + [f"students[{i}]" if len(students) > 1 else "student" for i in range(len(students))]
     tensors = [teacher, *students]
     for name, t in zip(names, tensors):
@@ -106,10 +101,6 @@ def kl_distill_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) 
 # torch.library op
 
 
-def _launchable(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
-
-
 def _nothing(x: Tensor) -> Tensor:
     return x.new_empty((0,))
 
@@ -135,7 +126,7 @@ def _kl_distill_op(
         g_t = torch.empty_like(teacher) if need_t else _nothing(teacher)
         return (teacher.new_empty((), dtype=torch.float32), teacher.new_empty((n_s,), dtype=torch.float32),
                 grads, g_t)
-    if not _launchable(teacher.device):
+    if not utils.launchable(teacher.device):
         per, grads, g_t = kl_distill_fused_ref(students, teacher, temperature, size, weights, need_s, need_t)
     else:
         from fastseg3d.kernels.kl_distill import MAX_STUDENTS, kl_distill_fwd

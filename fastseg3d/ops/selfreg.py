@@ -38,13 +38,8 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_GRID_YZ = 65535
 
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-
-
 def _check_feature(t, name: str) -> None:
-    _check_tensor(t, name)
+    utils.check_tensor(t, name)
     if t.dim() != 5:
         raise ValueError(f"{name} must be a 5-D feature map (B, C, D, H, W), got shape {tuple(t.shape)}")
     if not t.is_floating_point():
@@ -128,10 +123,6 @@ def selfreg_intra_unsupported_reasons(feature: Tensor) -> list[str]:
 # torch.library ops
 
 
-def _launchable(device: torch.device) -> bool:
-    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
-
-
 def _pyramid(teacher: Tensor, sizes: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], Tensor]:
     """The teacher average-pooled (fp32) to every size in ``sizes``, each level pooled from the coarsest level
     already built that it divides (the full teacher is read once for the finest level)."""
@@ -161,7 +152,7 @@ def _selfreg_inter_op(
         grads = [torch.empty_like(s) if n else s.new_empty((0,)) for s, n in zip(students, need_grad)]
         return teacher.new_empty((len(students),), dtype=torch.float32), grads
     losses, grads = [], []
-    if not _launchable(teacher.device):
+    if not utils.launchable(teacher.device):
         for s, cs, ct, need in zip(students, student_channels, teacher_channels, need_grad):
             loss, grad = selfreg_inter_fused_ref(s, teacher, cs, ct, need)
             losses.append(loss)
@@ -201,7 +192,7 @@ def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]
     if feature.device.type == "meta":
         grad = torch.empty_like(feature) if need_grad else feature.new_empty((0,))
         return feature.new_empty((), dtype=torch.float32), grad
-    if not _launchable(feature.device):
+    if not utils.launchable(feature.device):
         loss, grad = selfreg_intra_fused_ref(feature, need_grad)
     else:
         from fastseg3d.kernels.selfreg import selfreg_intra_fwd

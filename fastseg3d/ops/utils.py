@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["autocast_inputs", "empty", "layout_of"]
+from fastseg3d import backends
+
+__all__ = ["autocast_inputs", "check_tensor", "empty", "launchable", "layout_of"]
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -25,3 +27,16 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[to
         dtype = torch.get_autocast_dtype(device_type)
         return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
     return tensors
+
+
+def launchable(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on ``device`` right now (CUDA, or CPU under the interpreter).
+
+    Op bodies branch on this before any launch: ``meta`` tensors and other devices take the reference or fake path.
+    """
+    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+def check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
