@@ -1,0 +1,86 @@
+"""MISSU: released parameter count and keys, distillation pairs, fixes of the released defects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastseg3d
+from fastseg3d.losses import MISSUDistillLoss
+from fastseg3d.networks import MISSU
+from tests.utils import assert_close
+
+
+def test_released_parameter_count_and_keys():
+    net = MISSU()
+    assert sum(p.numel() for p in net.parameters()) == 20_392_388
+    sd = net.state_dict()
+    assert sd["position_encoding.position_embeddings"].shape == (1, 4096, 512)
+    assert sd["conv_x.weight"].shape == (512, 128, 3, 3, 3)
+    for i in (0, 2, 4, 6):
+        assert sd[f"transformer.net.{i}.fn.fn.qkv.weight"].shape == (1536, 512)
+        assert f"transformer.net.{i}.fn.fn.qkv.bias" not in sd
+        assert f"transformer.net.{i + 1}.fn.fn.net.3.weight" in sd
+    assert sd["endconv.weight"].shape == (4, 16, 1, 1, 1)
+    for key in ("Unet.InitConv.conv.weight", "Unet.EnBlock4_4.conv2.weight", "Unet.EnDown3.conv.weight", "bn.weight",
+                "pre_head_ln.weight", "linear_encoding.weight", "Enblock8_1.bn1.running_mean", "DeUp2.conv3.weight",
+                "DeBlock2.bn2.weight"):
+        assert key in sd, key
+
+
+def test_training_returns_distillation_pairs_for_the_loss():
+    torch.manual_seed(0)
+    net = MISSU().train()
+    logits, pairs = net(torch.randn(2, 4, 32, 32, 32))
+    assert logits.shape == (2, 4, 32, 32, 32)
+    assert [tuple(d.shape) for d, _ in pairs] == [(2, 64, 8, 8, 8), (2, 32, 16, 16, 16), (2, 16, 32, 32, 32)]
+    assert all(d.shape == s.shape for d, s in pairs)
+    loss = MISSUDistillLoss()([d for d, _ in pairs], [s for _, s in pairs])
+    loss.backward()
+    assert torch.isfinite(loss) and net.DeBlock2.conv1.weight.grad is not None
+
+
+def test_eval_is_deterministic_and_returns_logits():
+    net = MISSU().eval()  # the release's first-layer dropout also dropped at inference
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        a, b = net(x), net(x)
+    assert isinstance(a, torch.Tensor) and torch.equal(a, b)
+    assert not torch.allclose(a.sum(1), torch.ones_like(a.sum(1)))  # logits: the release returned probabilities
+
+
+def test_meta_device_at_128():
+    with torch.device("meta"):
+        net = MISSU()
+        x = torch.randn(2, 4, 128, 128, 128)
+    logits, pairs = net(x)
+    assert logits.shape == (2, 4, 128, 128, 128)
+    logits.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: MISSU(spatial_dims=2), "spatial_dims"),
+        (lambda: MISSU(embedding_dim=256), "embedding_dim must be 512"),
+        (lambda: MISSU(num_heads=7), "num_heads"),
+        (lambda: MISSU()(torch.randn(1, 4, 32, 36, 32)), "dimension 1 \\(size 36\\)"),
+        (lambda: MISSU()(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
+    ],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.interpret
+def test_interpret_fused_attention_matches_reference():
+    torch.manual_seed(0)
+    net = MISSU(dropout_rate=0.0, init_dropout=0.0).eval()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with torch.no_grad():
+        with fastseg3d.backend("triton"):
+            fused = net(x)
+        with fastseg3d.backend("torch"):
+            ref = net(x)
+    assert_close("logits", fused, ref, torch.float32, scale=10)
