@@ -11,7 +11,7 @@ from torch import nn
 from fastseg3d.ops.attention import attention
 from fastseg3d.reference.attention import attention_ref
 
-__all__ = ["MISSU"]
+__all__ = ["LocalMultiScaleFusion3d", "MISSU"]
 
 
 class _InitConv(nn.Module):
@@ -174,6 +174,40 @@ class _DeUpCat(nn.Module):
         return self.conv3(torch.cat((skip, self.conv2(self.conv1(x))), dim=1))
 
 
+class LocalMultiScaleFusion3d(nn.Module):
+    """The paper's local multi-scale fusion block, in 3D: dense dilated branches and multi-scale pooling.
+
+    * Dense atrous branches (CE-Net's DAC): cascaded 3x3x3 convolutions with dilations 1, 3 and 5 on four paths
+      of receptive field 3, 7, 9 and 19, each path closed by the shared 1x1x1 conv, summed with the input.
+    * Residual multi-scale pooling (CE-Net's RMP): max pooling with windows 2, 3, 5 and 6, a 1x1x1 conv to one
+      channel each, trilinear upsampling back, concatenated with the features and fused back to ``channels`` by a
+      1x1x1 conv.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.dilate1 = nn.Conv3d(channels, channels, 3, padding=1, dilation=1)
+        self.dilate2 = nn.Conv3d(channels, channels, 3, padding=3, dilation=3)
+        self.dilate3 = nn.Conv3d(channels, channels, 3, padding=5, dilation=5)
+        self.conv1x1 = nn.Conv3d(channels, channels, 1)
+        self.pool_sizes = (2, 3, 5, 6)
+        self.pool_conv = nn.Conv3d(channels, 1, 1)
+        self.fuse = nn.Conv3d(channels + len(self.pool_sizes), channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d1 = self.dilate1(x)
+        d2 = self.dilate2(x)
+        d21 = self.dilate2(d1)
+        out = x + F.relu(d1) + F.relu(self.conv1x1(d2)) + F.relu(self.conv1x1(d21))
+        out = out + F.relu(self.conv1x1(self.dilate3(d21)))
+        size = out.shape[2:]
+        pooled = []
+        for k in self.pool_sizes:
+            p = F.max_pool3d(out, kernel_size=k, stride=k, ceil_mode=True)
+            pooled.append(F.interpolate(self.pool_conv(p), size=size, mode="trilinear", align_corners=False))
+        return self.fuse(torch.cat([out, *pooled], dim=1))
+
+
 class MISSU(nn.Module):
     """MISSU: TransBTS-style CNN encoder, a 4-layer transformer bottleneck at 1/8 resolution and a CNN decoder,
     trained with self-distillation between decoder outputs and same-shape encoder skips.
@@ -191,13 +225,19 @@ class MISSU(nn.Module):
           the decoder reads the last transformer layer's output before the final LayerNorm;
         * the learned position embedding is for a 16^3 token grid (128^3 inputs); other inputs divisible by 8 get it
           resampled trilinearly to their grid;
-        * the local multi-scale fusion block of the paper (never released) is not built yet.
+        * the paper's local multi-scale fusion block was never released; it is built here in 3D
+          (:class:`LocalMultiScaleFusion3d`, submodule ``fusion``) and used on the decoder side of each distillation
+          pair: the student is the fused decoder output, the teacher the (detached) encoder skip. So the block
+          refines the features the decoder must distil towards the skips, receives gradients, and leaves the
+          inference path untouched: it is skipped in eval and ``fusion=False`` builds exactly the released module
+          tree (for loading released checkpoints with ``strict=True``).
 
     What is fused: the transformer's softmax attention (:func:`fastseg3d.ops.attention`, q/k/v read in place from the
     qkv projection, O(N d) memory); attention dropout > 0 in training runs the reference.
 
-    Training returns ``(logits, pairs)`` with ``pairs = [(y4, x3), (y3, x2), (y2, x1)]``: each decoder output with the
-    encoder skip of its shape, the inputs of :class:`fastseg3d.losses.MISSUDistillLoss`. Eval returns the logits.
+    Training returns ``(logits, pairs)`` with ``pairs = [(y4, x3), (y3, x2), (y2, x1)]``: each decoder output (through
+    the fusion block when there is one) with the encoder skip of its shape, the inputs of
+    :class:`fastseg3d.losses.MISSUDistillLoss`. Eval returns the logits.
 
     Args:
         spatial_dims: must be 3.
@@ -207,6 +247,7 @@ class MISSU(nn.Module):
         dropout_rate: dropout in the transformer and after the position embedding (0.1 as released).
         attn_dropout_rate: dropout on the attention probabilities (0.1 in the release; 0 keeps attention fused).
         init_dropout: 3D dropout after the first conv in training (0.2 as released).
+        fusion: build the training-only local multi-scale fusion blocks (not counted in the 20,392,388).
 
     Example:
         >>> import torch
@@ -228,6 +269,7 @@ class MISSU(nn.Module):
         dropout_rate: float = 0.1,
         attn_dropout_rate: float = 0.0,
         init_dropout: float = 0.2,
+        fusion: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
@@ -258,6 +300,8 @@ class MISSU(nn.Module):
         self.DeUp2 = _DeUpCat(embedding_dim // 16, embedding_dim // 32)
         self.DeBlock2 = _DecBlock(embedding_dim // 32, embedding_dim // 32, residual=True)
         self.endconv = nn.Conv3d(embedding_dim // 32, out_channels, kernel_size=1)
+        if fusion:
+            self.fusion = nn.ModuleList(LocalMultiScaleFusion3d(c) for c in (base * 4, base * 2, base))
 
     def _position_embeddings(self, grid: Sequence[int]) -> torch.Tensor:
         pos = self.position_encoding.position_embeddings
@@ -287,6 +331,9 @@ class MISSU(nn.Module):
         y3 = self.DeBlock3(self.DeUp3(y4, x2))
         y2 = self.DeBlock2(self.DeUp2(y3, x1))
         logits = self.endconv(y2)
-        if self.training:
-            return logits, [(y4, x3), (y3, x2), (y2, x1)]
-        return logits
+        if not self.training:
+            return logits
+        students = [y4, y3, y2]
+        if hasattr(self, "fusion"):
+            students = [block(y) for block, y in zip(self.fusion, students)]
+        return logits, list(zip(students, [x3, x2, x1]))

@@ -13,7 +13,10 @@ from tests.utils import assert_close
 
 def test_released_parameter_count_and_keys():
     net = MISSU()
-    assert sum(p.numel() for p in net.parameters()) == 20_392_388
+    assert sum(p.numel() for n, p in net.named_parameters() if not n.startswith("fusion.")) == 20_392_388
+    released = MISSU(fusion=False)
+    assert sum(p.numel() for p in released.parameters()) == 20_392_388
+    assert list(released.state_dict()) == [k for k in net.state_dict() if not k.startswith("fusion.")]
     sd = net.state_dict()
     assert sd["position_encoding.position_embeddings"].shape == (1, 4096, 512)
     assert sd["conv_x.weight"].shape == (512, 128, 3, 3, 3)
@@ -38,6 +41,28 @@ def test_training_returns_distillation_pairs_for_the_loss():
     loss = MISSUDistillLoss()([d for d, _ in pairs], [s for _, s in pairs])
     loss.backward()
     assert torch.isfinite(loss) and net.DeBlock2.conv1.weight.grad is not None
+    assert net.fusion[2].fuse.weight.grad is not None  # the fusion block learns from the distillation
+
+
+def test_fusion_block_is_training_only():
+    torch.manual_seed(0)
+    net = MISSU().eval()
+    plain = MISSU(fusion=False).eval()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("fusion.")}, strict=True)
+    x = torch.randn(1, 4, 16, 16, 24)
+    with torch.no_grad():
+        assert torch.equal(net(x), plain(x))
+
+
+def test_fusion_block_shapes():
+    from fastseg3d.networks.missu import LocalMultiScaleFusion3d
+
+    block = LocalMultiScaleFusion3d(8)
+    x = torch.randn(2, 8, 7, 9, 11, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and block.dilate3.weight.grad is not None
 
 
 def test_eval_is_deterministic_and_returns_logits():
