@@ -109,3 +109,16 @@ def test_interpret_fused_attention_matches_reference():
         with fastseg3d.backend("torch"):
             ref = net(x)
     assert_close("logits", fused, ref, torch.float32, scale=10)
+
+
+def test_compile_fullgraph_and_bundle_instantiation():
+    torch._dynamo.reset()
+    net = MISSU(dropout_rate=0.0, init_dropout=0.0)
+    x = torch.randn(1, 4, 16, 16, 16)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager")  # no graph breaks, forward and backward
+    logits, pairs = compiled(x)
+    logits.square().mean().backward()
+    assert net.conv_x.weight.grad is not None
+    bundle = pytest.importorskip("monai.bundle")
+    parser = bundle.ConfigParser({"net": {"_target_": "fastseg3d.networks.MISSU", "in_channels": 2, "out_channels": 3}})
+    assert parser.get_parsed_content("net").eval()(torch.randn(1, 2, 16, 16, 16)).shape == (1, 3, 16, 16, 16)

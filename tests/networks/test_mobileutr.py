@@ -499,3 +499,12 @@ def test_gpu_fused_3d_base_matches_reference(dtype):
         outs.append((y.detach().float(), xi.grad, net.lklgl_bottleneck[0].LocalAgg.pos_embed.weight.grad.clone()))
     for name, a, e in zip(("logits", "dx", "dpos_embed"), *outs):
         assert_close(name, a, e, dtype, scale=10)
+
+
+def test_monai_bundle_instantiation():
+    bundle = pytest.importorskip("monai.bundle")
+    parser = bundle.ConfigParser({"net": {"_target_": "fastseg3d.networks.MobileUtr", "spatial_dims": 3,
+                                          "in_channels": 1, "out_channels": 2}})
+    net = parser.get_parsed_content("net")
+    assert isinstance(net, MobileUtr)
+    assert net.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
