@@ -8,9 +8,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["FeatureTap", "INPUT_SUFFIX"]
+__all__ = ["FeatureTap", "INPUT_SUFFIX", "check_wrapper_args"]
 
 INPUT_SUFFIX = ":input"
+
+
+def check_wrapper_args(backbone, encoder_layers, decoder_layers, *extra_layers: str) -> list[str]:
+    """The argument checks DSD and SelfReg share: a module and non-empty, distinct lists of layer names.
+
+    Returns all the layer names, encoder first, in order."""
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
+    for name, layers in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
+        if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
+            raise ValueError(f"{name} must be a non-empty sequence of layer names, got {layers!r}")
+    layers = [*encoder_layers, *decoder_layers, *extra_layers]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"a layer is named twice among the wrapper's layers: {layers}")
+    return layers
 
 
 def _first_tensor(value, spec: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastseg3d.distill._hooks import FeatureTap
+from fastseg3d.distill._hooks import FeatureTap, check_wrapper_args
 
 __all__ = ["DSD", "DSDOutput", "DeepUp", "HEAD_MODES"]
 
@@ -129,18 +129,11 @@ class DSD(nn.Module):
         input_shape: Sequence[int],
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        for name, layers in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
-            if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
-                raise ValueError(f"{name} must be a non-empty sequence of layer names, got {layers!r}")
+        layers = check_wrapper_args(backbone, encoder_layers, decoder_layers)
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if head_mode not in HEAD_MODES:
             raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
-        layers = list(encoder_layers) + list(decoder_layers)
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"a layer is named twice in encoder_layers + decoder_layers: {layers}")
 
         self.backbone = backbone
         self.encoder_layers = tuple(encoder_layers)

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastseg3d.distill._hooks import FeatureTap
+from fastseg3d.distill._hooks import FeatureTap, check_wrapper_args
 
 __all__ = ["SelfReg", "SelfRegOutput"]
 
@@ -56,16 +56,9 @@ class SelfReg(nn.Module):
         self, backbone: nn.Module, encoder_layers: Sequence[str], decoder_layers: Sequence[str], final_layer: str
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, nn.Module):
-            raise TypeError(f"backbone must be an nn.Module, got {type(backbone).__name__}")
-        for name, layers in (("encoder_layers", encoder_layers), ("decoder_layers", decoder_layers)):
-            if isinstance(layers, str) or not isinstance(layers, Sequence) or len(layers) == 0:
-                raise ValueError(f"{name} must be a non-empty sequence of layer names, got {layers!r}")
         if not isinstance(final_layer, str):
             raise ValueError(f"final_layer must be a layer name, got {final_layer!r}")
-        layers = [*encoder_layers, *decoder_layers, final_layer]
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"a layer is named twice in encoder_layers + decoder_layers + final_layer: {layers}")
+        layers = check_wrapper_args(backbone, encoder_layers, decoder_layers, final_layer)
         self.backbone = backbone
         self.encoder_layers = tuple(encoder_layers)
         self.decoder_layers = tuple(decoder_layers)

@@ -19,8 +19,6 @@ from fastseg3d.reference.attention import attention_backward_ref, attention_forw
 __all__ = ["attention", "attention_unsupported_reasons"]
 
 _FUSED_HEAD_DIMS = (16, 32, 64, 128)
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535
 
 
 def _validate(q, k, v, scale) -> None:
@@ -48,17 +46,15 @@ def _validate(q, k, v, scale) -> None:
 
 def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
-    reasons = backends.device_reasons(q.device)
-    if q.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype={q.dtype} (fused: float32, float16, bfloat16)")
+    reasons = utils.base_reasons(q)
     if q.shape[-1] not in _FUSED_HEAD_DIMS:
         reasons.append(f"head_dim={q.shape[-1]} (fused: {', '.join(map(str, _FUSED_HEAD_DIMS))})")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         reasons.append("head_dim is not the unit-stride axis of q, k and v")
     if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
         reasons.append("no tokens")
-    if q.shape[0] * q.shape[2] > _MAX_GRID_Y:
-        reasons.append(f"batch x heads above {_MAX_GRID_Y}")
+    if q.shape[0] * q.shape[2] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch x heads above {utils.MAX_GRID_YZ}")
     return reasons
 
 

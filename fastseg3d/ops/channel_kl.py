@@ -17,8 +17,6 @@ from fastseg3d.reference.channel_kl import REDUCTIONS, channel_kl_fused_ref, cha
 
 __all__ = ["channel_kl", "channel_kl_unsupported_reasons"]
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535
 _MAX_CHANNELS = 256  # fastseg3d.kernels.kl_distill.MAX_CHANNELS (not imported: Triton may be absent)
 
 
@@ -51,13 +49,11 @@ def _validate(student, teacher, reduction) -> None:
 
 def channel_kl_unsupported_reasons(student: Tensor) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
-    reasons = backends.device_reasons(student.device)
-    if student.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype={student.dtype} (fused: float32, float16, bfloat16)")
+    reasons = utils.base_reasons(student)
     if student.shape[1] > _MAX_CHANNELS:
         reasons.append(f"{student.shape[1]} channels (fused: up to {_MAX_CHANNELS})")
-    if student.shape[0] > _MAX_GRID_Y:
-        reasons.append(f"batch above {_MAX_GRID_Y}")
+    if student.shape[0] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch above {utils.MAX_GRID_YZ}")
     if student.numel() == 0:
         reasons.append("student has no elements")
     return reasons

@@ -18,8 +18,6 @@ from fastseg3d.reference.dwconv3d import ACTIVATIONS, dwconv3d_backward_ref, dwc
 
 __all__ = ["dwconv3d", "dwconv3d_tokens", "dwconv3d_unsupported_reasons"]
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_YZ = 65535
 _ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
 
 
@@ -102,9 +100,7 @@ def _validate(x, weight, bias, residual, padding, dilation, activation):
 
 def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[int]) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
-    reasons = backends.device_reasons(x.device)
-    if x.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype={x.dtype} (fused: float32, float16, bfloat16)")
+    reasons = utils.base_reasons(x)
     if weight.shape[0] != x.shape[1]:
         reasons.append(f"channel multiplier {weight.shape[0] // x.shape[1]} > 1")
     kernel = tuple(weight.shape[2:])
@@ -112,8 +108,8 @@ def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[
         reasons.append(f"kernel size {kernel} (fused: odd sizes 1 to 9 per axis)")
     if x.numel() == 0:
         reasons.append("x has no elements")
-    if out_shape[0] > _MAX_GRID_YZ or out_shape[2] > _MAX_GRID_YZ:
-        reasons.append(f"batch or depth above {_MAX_GRID_YZ}")
+    if out_shape[0] > utils.MAX_GRID_YZ or out_shape[2] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch or depth above {utils.MAX_GRID_YZ}")
     return reasons
 
 

@@ -21,8 +21,6 @@ from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl
 
 __all__ = ["kl_distill", "kl_distill_multi", "kl_distill_unsupported_reasons"]
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_Y = 65535
 _MAX_CHANNELS = 256  # fastseg3d.kernels.kl_distill.MAX_CHANNELS (not imported: Triton may be absent)
 
 
@@ -85,13 +83,11 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
 
 def kl_distill_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
-    reasons = backends.device_reasons(teacher.device)
-    if teacher.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype={teacher.dtype} (fused: float32, float16, bfloat16)")
+    reasons = utils.base_reasons(teacher)
     if teacher.shape[1] > _MAX_CHANNELS:
         reasons.append(f"{teacher.shape[1]} classes (fused: up to {_MAX_CHANNELS})")
-    if teacher.shape[0] > _MAX_GRID_Y:
-        reasons.append(f"batch above {_MAX_GRID_Y}")
+    if teacher.shape[0] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch above {utils.MAX_GRID_YZ}")
     if any(t.numel() == 0 for t in (teacher, *students)):
         reasons.append("an input has no elements")
     return reasons

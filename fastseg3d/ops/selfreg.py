@@ -34,8 +34,6 @@ __all__ = [
     "selfreg_intra_unsupported_reasons",
 ]
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_GRID_YZ = 65535
 
 
 def _check_feature(t, name: str) -> None:
@@ -97,11 +95,9 @@ def _validate_inter(students, teacher, student_channels, teacher_channels):
 
 def selfreg_inter_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
-    reasons = backends.device_reasons(teacher.device)
-    if teacher.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype={teacher.dtype} (fused: float32, float16, bfloat16)")
-    if teacher.shape[0] > _MAX_GRID_YZ or any(s.shape[1] > _MAX_GRID_YZ for s in students):
-        reasons.append(f"batch or student channels above {_MAX_GRID_YZ}")
+    reasons = utils.base_reasons(teacher)
+    if teacher.shape[0] > utils.MAX_GRID_YZ or any(s.shape[1] > utils.MAX_GRID_YZ for s in students):
+        reasons.append(f"batch or student channels above {utils.MAX_GRID_YZ}")
     if any(t.numel() == 0 for t in (teacher, *students)):
         reasons.append("an input has no elements")
     return reasons
@@ -109,11 +105,9 @@ def selfreg_inter_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor
 
 def selfreg_intra_unsupported_reasons(feature: Tensor) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
-    reasons = backends.device_reasons(feature.device)
-    if feature.dtype not in _FUSED_DTYPES:
-        reasons.append(f"dtype={feature.dtype} (fused: float32, float16, bfloat16)")
-    if feature.shape[0] > _MAX_GRID_YZ or feature.shape[1] // 2 > _MAX_GRID_YZ:
-        reasons.append(f"batch or half the channels above {_MAX_GRID_YZ}")
+    reasons = utils.base_reasons(feature)
+    if feature.shape[0] > utils.MAX_GRID_YZ or feature.shape[1] // 2 > utils.MAX_GRID_YZ:
+        reasons.append(f"batch or half the channels above {utils.MAX_GRID_YZ}")
     if feature.numel() == 0:
         reasons.append("feature has no elements")
     return reasons

@@ -6,7 +6,27 @@ import torch
 
 from fastseg3d import backends
 
-__all__ = ["autocast_inputs", "check_tensor", "empty", "launchable", "layout_of"]
+__all__ = [
+    "FUSED_DTYPES",
+    "MAX_GRID_YZ",
+    "autocast_inputs",
+    "base_reasons",
+    "check_tensor",
+    "empty",
+    "launchable",
+    "layout_of",
+]
+
+FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
+
+
+def base_reasons(t: torch.Tensor) -> list[str]:
+    """The reasons every fused op shares for not taking ``t``: its device and its dtype."""
+    reasons = backends.device_reasons(t.device)
+    if t.dtype not in FUSED_DTYPES:
+        reasons.append(f"dtype={t.dtype} (fused: float32, float16, bfloat16)")
+    return reasons
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
