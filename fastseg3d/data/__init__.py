@@ -1,0 +1,25 @@
+"""Datasets for training and evaluation: the embedded synthetic volumes and Medical Segmentation Decathlon folders."""
+
+from __future__ import annotations
+
+from fastseg3d.data.msd import (
+    build_msd_datasets,
+    infer_modality,
+    load_msd_datalist,
+    msd_transforms,
+    num_output_channels,
+    split_cases,
+)
+from fastseg3d.data.synthetic import CLASS_NAMES, SyntheticSegmentation, generate_case
+
+__all__ = [
+    "CLASS_NAMES",
+    "SyntheticSegmentation",
+    "build_msd_datasets",
+    "generate_case",
+    "infer_modality",
+    "load_msd_datalist",
+    "msd_transforms",
+    "num_output_channels",
+    "split_cases",
+]

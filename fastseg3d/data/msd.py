@@ -1,0 +1,492 @@
+"""Medical Segmentation Decathlon (MSD) task folders as MONAI datasets: datalist, split, transforms, checks.
+
+A task folder is the MSD layout ``TaskXX_Name/{dataset.json, imagesTr/, labelsTr/}``; ``dataset.json`` lists the
+training cases with paths relative to its own folder (``"./imagesTr/x.nii.gz"``) and declares ``labels``
+(``{"0": "background", ...}``) and ``modality`` (``{"0": "FLAIR", ...}``). Multi-modal tasks (BraTS, Prostate)
+store the modalities as the last axis of a 4-D NIfTI, which :func:`msd_transforms` moves to the channel axis.
+
+Only :func:`load_msd_datalist`, :func:`split_cases` and :func:`infer_modality` work without MONAI; everything
+that builds transforms or datasets imports MONAI when called and raises ``ImportError`` naming
+``pip install "fastseg3d[monai]"`` when it is missing. :class:`CheckCased` and :class:`ConvertMSDBratsRegionsd`
+subclass MONAI's ``MapTransform``, so they are defined on first access (and stay picklable for DataLoader workers).
+
+Example:
+    >>> from monai.data import DataLoader, list_data_collate  # doctest: +SKIP
+    >>> train_ds, val_ds, props = build_msd_datasets(  # doctest: +SKIP
+    ...     "Task01_BrainTumour", spatial_size=(96, 96, 96), label_mode="brats_regions", num_samples=2)
+    >>> loader = DataLoader(train_ds, batch_size=2, shuffle=True, collate_fn=list_data_collate)  # doctest: +SKIP
+    >>> next(iter(loader))["image"].shape  # 2 cases x 2 crops  # doctest: +SKIP
+    torch.Size([4, 4, 96, 96, 96])
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from monai.data import Dataset
+    from monai.transforms import Compose
+
+__all__ = [
+    "BRATS_REGIONS",
+    "LABEL_MODES",
+    "MODALITIES",
+    "CheckCased",  # noqa: F822 (defined on first access by the module __getattr__, as it needs MONAI)
+    "ConvertMSDBratsRegionsd",  # noqa: F822
+    "InvalidCaseError",
+    "build_msd_datasets",
+    "infer_modality",
+    "load_msd_datalist",
+    "msd_transforms",
+    "num_output_channels",
+    "split_cases",
+]
+
+MODALITIES = ("CT", "MRI")
+LABEL_MODES = ("labels", "brats_regions")
+# Output channels of label_mode="brats_regions", built from the MSD BraTS coding (1 edema, 2 non-enhancing
+# core, 3 enhancing); MONAI's ConvertToMultiChannelBasedOnBratsClassesd assumes the BraTS 1/2/4 coding instead.
+BRATS_REGIONS = ("TC", "WT", "ET")
+_BRATS_NUM_CLASSES = 4
+
+_MONAI_HINT = 'pip install "fastseg3d[monai]"'
+
+
+class InvalidCaseError(ValueError):
+    """A case whose image or label cannot be trained on; the message names both files."""
+
+
+def _require_monai() -> None:
+    try:
+        import monai  # noqa: F401
+        import nibabel  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"fastseg3d.data.msd needs MONAI and nibabel: {_MONAI_HINT}") from err
+
+
+def _case_name(path: str) -> str:
+    name = os.path.basename(path)
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+
+
+def load_msd_datalist(root: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Read an MSD task folder's ``dataset.json`` and check that every listed training file exists.
+
+    Args:
+        root: the task folder (the one holding ``dataset.json``, ``imagesTr/`` and ``labelsTr/``).
+
+    Returns:
+        ``(properties, cases)``: ``properties`` is every key of the json but ``training`` (``labels``,
+        ``modality``, ``name``, ``numTraining``, ``test``, ...), as written; ``cases`` is one
+        ``{"image": abs path, "label": abs path, "name": file stem}`` per training entry, in the json's order,
+        with the json's relative paths resolved against the json's folder (as MONAI's
+        ``load_decathlon_datalist`` does).
+
+    Raises:
+        FileNotFoundError: the folder, ``dataset.json``, or a listed image or label file is missing.
+        ValueError: ``dataset.json`` is not valid JSON or has no usable ``training`` list.
+
+    Example:
+        >>> props, cases = load_msd_datalist("Task09_Spleen")  # doctest: +SKIP
+        >>> cases[0]["name"], props["labels"]  # doctest: +SKIP
+        ('spleen_19', {'0': 'background', '1': 'spleen'})
+    """
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"MSD task folder not found: {root}")
+    path = os.path.join(root, "dataset.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MSD task folder has no dataset.json: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("training"), list) or not meta["training"]:
+        raise ValueError(f"{path} has no non-empty 'training' list of {{'image': ..., 'label': ...}} entries")
+
+    cases = []
+    for i, entry in enumerate(meta["training"]):
+        well_formed = isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("image", "label"))
+        if not well_formed:
+            raise ValueError(f"{path}: training entry {i} is not an {{'image': str, 'label': str}} object: {entry!r}")
+        case = {key: os.path.normpath(os.path.join(root, entry[key])) for key in ("image", "label")}
+        for key, file in case.items():
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{key} file of training entry {i} listed in {path} is missing: {file}")
+        case["name"] = _case_name(case["image"])
+        cases.append(case)
+    properties = {key: value for key, value in meta.items() if key != "training"}
+    return properties, cases
+
+
+def split_cases(cases: Sequence[Any], val_frac: float = 0.2, seed: int = 0) -> tuple[list[Any], list[Any]]:
+    """Split cases into (train, val) by a seeded shuffle; both keep the input order.
+
+    ``round(len(cases) * val_frac)`` cases go to validation, clamped so that each side has at least one case
+    when there are two or more. The split depends only on ``len(cases)``, ``val_frac`` and ``seed`` (Python's
+    ``random.Random(seed)``, not the global RNG), so it is the same on every machine and run.
+
+    Example:
+        >>> split_cases(list("abcde"), val_frac=0.4, seed=0)
+        (['a', 'd', 'e'], ['b', 'c'])
+    """
+    if not 0.0 < val_frac < 1.0:
+        raise ValueError(f"val_frac must be in (0, 1), got {val_frac}")
+    n = len(cases)
+    n_val = min(max(round(n * val_frac), 1), n - 1) if n >= 2 else 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [case for i, case in enumerate(cases) if i not in val_idx]
+    val = [case for i, case in enumerate(cases) if i in val_idx]
+    return train, val
+
+
+def infer_modality(properties: Mapping[str, Any]) -> str:
+    """``"CT"`` when ``dataset.json``'s ``modality`` names CT (MSD Liver, Lung, Pancreas, ...), else ``"MRI"``.
+
+    Example:
+        >>> infer_modality({"modality": {"0": "CT"}}), infer_modality({"modality": {"0": "T2", "1": "ADC"}})
+        ('CT', 'MRI')
+    """
+    modality = properties.get("modality", {})
+    values = modality.values() if isinstance(modality, Mapping) else [modality]
+    return "CT" if any(str(v).strip().upper() == "CT" for v in values) else "MRI"
+
+
+def _num_classes(properties: Mapping[str, Any]) -> int:
+    labels = properties.get("labels")
+    if not isinstance(labels, Mapping) or not labels:
+        raise ValueError("dataset.json has no 'labels' mapping like {'0': 'background', '1': ...}")
+    try:
+        values = sorted(int(k) for k in labels)
+    except ValueError as err:
+        raise ValueError(f"dataset.json 'labels' keys must be integers, got {list(labels)}") from err
+    if values != list(range(len(values))):
+        raise ValueError(f"dataset.json 'labels' keys must be 0..N-1, got {values}")
+    return len(values)
+
+
+def num_output_channels(properties: Mapping[str, Any], label_mode: str = "labels") -> int:
+    """Channels a network needs for this task: the number of classes in ``labels``, or 3 for ``brats_regions``.
+
+    Example:
+        >>> num_output_channels({"labels": {"0": "background", "1": "spleen"}})
+        2
+    """
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    num_classes = _num_classes(properties)
+    return len(BRATS_REGIONS) if label_mode == "brats_regions" else num_classes
+
+
+def _is_positive(x: torch.Tensor) -> torch.Tensor:
+    return x > 0
+
+
+def _is_nonzero(x: torch.Tensor) -> torch.Tensor:
+    return x != 0
+
+
+def _find_case_error(err: BaseException) -> InvalidCaseError | None:
+    while err is not None:
+        if isinstance(err, InvalidCaseError):
+            return err
+        err = err.__cause__
+    return None
+
+
+@functools.cache
+def _monai_classes() -> dict[str, type]:
+    """Define the MONAI subclasses once MONAI is known to be importable (module ``__getattr__`` serves them)."""
+    _require_monai()
+    from monai.transforms import Compose, MapTransform
+
+    class CheckCased(MapTransform):
+        """Reject a loaded, channel-first case that would train silently wrong; the error names both files.
+
+        Raises :class:`InvalidCaseError` (a ``ValueError``) when the image is not a (C, D, H, W) volume, when
+        the label is not one channel of the image's spatial shape, when a label value is not an integer in
+        ``0..num_classes-1``, or when the image has NaN or inf. Put it right after ``EnsureChannelFirstd`` and
+        before any resampling, so the shapes and values are the files' own.
+
+        Example:
+            >>> check = CheckCased(num_classes=4)  # doctest: +SKIP
+            >>> check({"image": image, "label": label})  # returns its input unchanged when the case is valid
+        """
+
+        def __init__(self, num_classes: int, image_key: str = "image", label_key: str = "label") -> None:
+            super().__init__((image_key, label_key))
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            self.num_classes = num_classes
+            self.image_key = image_key
+            self.label_key = label_key
+
+        def _source(self, data: Mapping[str, Any]) -> str:
+            files = []
+            for key in (self.image_key, self.label_key):
+                meta = getattr(data[key], "meta", {})
+                files.append(f"{key} {meta.get('filename_or_obj', data.get('name', '<in memory>'))}")
+            return ", ".join(files)
+
+        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+            image = torch.as_tensor(data[self.image_key])
+            label = torch.as_tensor(data[self.label_key])
+            if image.ndim != 4:
+                raise InvalidCaseError(
+                    f"{self._source(data)}: image must be a channel-first 3-D volume, got shape {tuple(image.shape)}"
+                )
+            if label.ndim != 4 or label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
+                raise InvalidCaseError(
+                    f"{self._source(data)}: label shape {tuple(label.shape)} does not match image shape "
+                    f"{tuple(image.shape)} (expected (1, *{tuple(image.shape[1:])}))"
+                )
+            if not torch.isfinite(image).all():
+                raise InvalidCaseError(f"{self._source(data)}: image has NaN or inf values")
+            values = torch.unique(label)
+            bad = values[(values < 0) | (values > self.num_classes - 1) | (values != values.round())]
+            if bad.numel():
+                raise InvalidCaseError(
+                    f"{self._source(data)}: label values {bad[:8].tolist()} are outside the declared classes "
+                    f"0..{self.num_classes - 1}"
+                )
+            return dict(data)
+
+    class ConvertMSDBratsRegionsd(MapTransform):
+        """MSD BraTS label (1, D, H, W) with 1 edema, 2 non-enhancing core, 3 enhancing -> float (3, D, H, W) regions.
+
+        Channels are :data:`BRATS_REGIONS`: TC = 2 or 3, WT = 1, 2 or 3, ET = 3 (nested, so train them with a
+        sigmoid, e.g. ``DiceLoss(sigmoid=True)``). The MetaTensor's affine and meta are kept.
+
+        Example:
+            >>> ConvertMSDBratsRegionsd("label")({"label": torch.tensor([[[[0, 1, 2, 3]]]])})["label"][:, 0, 0]
+            tensor([[0., 0., 1., 1.],
+                    [0., 1., 1., 1.],
+                    [0., 0., 0., 1.]])
+        """
+
+        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(data)
+            for key in self.key_iterator(out):
+                label = torch.as_tensor(out[key])
+                core = (label == 2) | (label == 3)
+                whole = core | (label == 1)
+                out[key] = torch.cat([core, whole, label == 3], dim=0).float()
+            return out
+
+    class _Pipeline(Compose):
+        """The MSD Compose: errors of :class:`CheckCased` come out as themselves and one crop as a dict.
+
+        MONAI wraps every transform error in ``RuntimeError("applying transform ...")``, which hides the file
+        name; and RandCropByPosNegLabeld returns a list even for one sample, which the default collate would
+        batch wrongly. Both are undone here, and nothing else changes.
+        """
+
+        def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                out = super().__call__(input_, *args, **kwargs)
+            except RuntimeError as err:
+                case_error = _find_case_error(err)
+                if case_error is None:
+                    raise
+                raise case_error from None
+            single = isinstance(out, list) and len(out) == 1 and not isinstance(input_, list)
+            return out[0] if single else out
+
+    classes = {"CheckCased": CheckCased, "ConvertMSDBratsRegionsd": ConvertMSDBratsRegionsd, "_Pipeline": _Pipeline}
+    for name, cls in classes.items():
+        # Make pickle find them through this module's __getattr__ (DataLoader workers under spawn pickle them).
+        cls.__qualname__ = name
+        cls.__module__ = __name__
+    return classes
+
+
+def __getattr__(name: str) -> type:
+    if name in ("CheckCased", "ConvertMSDBratsRegionsd", "_Pipeline"):
+        return _monai_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def msd_transforms(
+    mode: str,
+    *,
+    modality: str = "MRI",
+    spatial_size: Sequence[int] = (96, 96, 96),
+    pixdim: Sequence[float] | float | None = None,
+    num_classes: int,
+    label_mode: str = "labels",
+    ct_range: tuple[float, float] = (-175.0, 250.0),
+    num_samples: int = 1,
+    flip_prob: float = 0.5,
+    intensity_jitter: float = 0.1,
+) -> Compose:
+    """MONAI dictionary transforms (keys ``image``, ``label``) from an MSD datalist entry to a training sample.
+
+    Load (nibabel) -> channel first -> :class:`CheckCased` -> RAS -> optional resampling to ``pixdim``
+    (bilinear image, nearest label) -> intensity normalisation (CT: HU window ``ct_range`` to [0, 1], clipped;
+    MRI: z-score of the nonzero voxels per channel) -> crop to the image's foreground; then for ``"train"``:
+    pad to ``spatial_size``, ``num_samples`` random crops of ``spatial_size`` centred half on foreground and
+    half on background, a flip along each axis with ``flip_prob``, intensity scale and shift of
+    ``intensity_jitter`` (each with probability 0.5); ``"val"`` is deterministic and keeps the whole volume.
+
+    Output (a dict for ``"val"`` and for ``num_samples=1``, else a list of ``num_samples`` dicts, which
+    ``monai.data.list_data_collate`` flattens into the batch): ``"image"`` float32 MetaTensor (C, D, H, W),
+    ``"label"`` int64 (1, D, H, W) for ``label_mode="labels"`` or float32 (3, D, H, W) TC/WT/ET for
+    ``"brats_regions"``, and the entry's other keys (``"name"``). ``image.affine`` maps the returned voxels to
+    world space (it includes the reorientation, resampling and foreground crop, so a prediction saved with it
+    overlays the input scan); ``image.meta["original_affine"]`` is the file's own affine, and
+    ``monai.transforms.Invertd`` can map a prediction back onto the file's grid.
+
+    Args:
+        mode: ``"train"`` or ``"val"``.
+        modality: ``"CT"`` or ``"MRI"`` (see :func:`infer_modality`).
+        spatial_size: training crop size; volumes smaller than it are zero-padded first.
+        pixdim: target voxel spacing in mm, or ``None`` to keep the files' spacing.
+        num_classes: classes in the label files (``len(dataset.json["labels"])``); labels outside
+            ``0..num_classes-1`` are an error. ``"brats_regions"`` needs the 4-class MSD BraTS coding.
+        label_mode: ``"labels"`` (class indices) or ``"brats_regions"`` (see :class:`ConvertMSDBratsRegionsd`).
+        ct_range: HU window mapped to [0, 1] for CT.
+        num_samples: random crops per volume in ``"train"`` mode.
+        flip_prob: probability of a flip along each spatial axis in ``"train"`` mode.
+        intensity_jitter: relative scale and absolute shift range of the intensity augmentation.
+
+    Example:
+        >>> tf = msd_transforms("train", modality="CT", spatial_size=(64, 64, 64), num_classes=2)  # doctest: +SKIP
+        >>> sample = tf({"image": "img.nii.gz", "label": "seg.nii.gz"})  # doctest: +SKIP
+        >>> sample["image"].shape, sample["label"].dtype  # doctest: +SKIP
+        (torch.Size([1, 64, 64, 64]), torch.int64)
+    """
+    if mode not in ("train", "val"):
+        raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+    modality = str(modality).upper()
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
+    if label_mode == "brats_regions" and num_classes != _BRATS_NUM_CLASSES:
+        raise ValueError(
+            "label_mode='brats_regions' needs the MSD BraTS coding (0 background, 1 edema, 2 non-enhancing core, "
+            f"3 enhancing), i.e. num_classes=4, got num_classes={num_classes}"
+        )
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (background and at least one class), got {num_classes}")
+    spatial_size = tuple(int(s) for s in spatial_size)
+    if len(spatial_size) != 3 or min(spatial_size) < 1:
+        raise ValueError(f"spatial_size must be 3 positive ints, got {spatial_size}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not ct_range[0] < ct_range[1]:
+        raise ValueError(f"ct_range must be (low, high) with low < high, got {ct_range}")
+    if not 0.0 <= flip_prob <= 1.0:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+    if intensity_jitter < 0:
+        raise ValueError(f"intensity_jitter must be >= 0, got {intensity_jitter}")
+
+    _require_monai()
+    classes = _monai_classes()
+    from monai import transforms as T
+
+    keys = ("image", "label")
+    tf: list = [
+        T.LoadImaged(keys, reader="NibabelReader", image_only=True),
+        T.EnsureChannelFirstd(keys),
+        classes["CheckCased"](num_classes),
+        # labels=None is the nibabel RAS convention in MONAI 1.5 and the new default in 1.6 (silences a warning).
+        T.Orientationd(keys, axcodes="RAS", labels=None),
+    ]
+    if pixdim is not None:
+        tf.append(T.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")))
+    if modality == "CT":
+        tf.append(
+            T.ScaleIntensityRanged("image", a_min=ct_range[0], a_max=ct_range[1], b_min=0.0, b_max=1.0, clip=True)
+        )
+        crop_select = _is_positive  # the window maps air to 0
+    else:
+        tf.append(T.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+        # Half of the normalised voxels are negative, so image > 0 would crop into the anatomy; the zeros that
+        # nonzero=True left untouched are the background.
+        crop_select = _is_nonzero
+    tf.append(T.CropForegroundd(keys, source_key="image", select_fn=crop_select, allow_smaller=True))
+    if mode == "train":
+        tf += [
+            T.SpatialPadd(keys, spatial_size=spatial_size),
+            T.RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=spatial_size, pos=1, neg=1, num_samples=num_samples
+            ),
+            *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
+            T.RandScaleIntensityd("image", factors=intensity_jitter, prob=0.5),
+            T.RandShiftIntensityd("image", offsets=intensity_jitter, prob=0.5),
+        ]
+    if label_mode == "brats_regions":
+        tf.append(classes["ConvertMSDBratsRegionsd"]("label"))
+    tf += [
+        T.EnsureTyped("image", dtype=torch.float32, track_meta=True),
+        T.EnsureTyped("label", dtype=torch.int64 if label_mode == "labels" else torch.float32, track_meta=True),
+    ]
+    return classes["_Pipeline"](tf)
+
+
+def build_msd_datasets(
+    root: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    spatial_size: Sequence[int],
+    pixdim: Sequence[float] | float | None = None,
+    label_mode: str = "labels",
+    num_samples: int = 1,
+    val_frac: float = 0.2,
+    seed: int = 0,
+    cache: bool = False,
+    flip_prob: float = 0.5,
+    intensity_jitter: float = 0.1,
+) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """Train and val datasets of an MSD task folder, split by :func:`split_cases`, with :func:`msd_transforms`.
+
+    ``num_classes`` comes from ``dataset.json``'s ``labels`` and ``modality`` (when ``None``) from
+    :func:`infer_modality`; the network needs :func:`num_output_channels` outputs. With ``num_samples > 1``
+    a training item is a list of crops, so load it with
+    ``monai.data.DataLoader(train_ds, batch_size=B, collate_fn=monai.data.list_data_collate)``, which gives
+    batches of ``B * num_samples`` crops (it also collates the ``num_samples=1`` dicts). Validation items are
+    whole volumes of different sizes: use ``batch_size=1``. ``cache=True`` uses ``monai.data.CacheDataset``,
+    which keeps every case after its last deterministic transform in memory.
+
+    Returns:
+        ``(train_ds, val_ds, properties)`` with ``properties`` as from :func:`load_msd_datalist`.
+
+    Example:
+        >>> train_ds, val_ds, props = build_msd_datasets("Task09_Spleen", spatial_size=(96, 96, 96),  # doctest: +SKIP
+        ...                                              pixdim=(1.5, 1.5, 2.0), num_samples=4)
+    """
+    properties, cases = load_msd_datalist(root)
+    _require_monai()
+    from monai.data import CacheDataset, Dataset
+
+    num_classes = _num_classes(properties)
+    modality = infer_modality(properties) if modality is None else modality
+    train_cases, val_cases = split_cases(cases, val_frac=val_frac, seed=seed)
+    common = {
+        "modality": modality,
+        "spatial_size": spatial_size,
+        "pixdim": pixdim,
+        "num_classes": num_classes,
+        "label_mode": label_mode,
+    }
+    train_tf = msd_transforms(
+        "train", num_samples=num_samples, flip_prob=flip_prob, intensity_jitter=intensity_jitter, **common
+    )
+    # Reproducible ds[i] without a DataLoader; monai.data.DataLoader reseeds the transforms per worker anyway.
+    train_tf.set_random_state(seed=seed)
+    val_tf = msd_transforms("val", **common)
+    if cache:
+        train_ds = CacheDataset(train_cases, train_tf, progress=False)
+        return train_ds, CacheDataset(val_cases, val_tf, progress=False), properties
+    return Dataset(train_cases, train_tf), Dataset(val_cases, val_tf), properties

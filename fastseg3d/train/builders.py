@@ -1,0 +1,262 @@
+"""From a config to the objects of a run: datasets, network, objective, optimizer and schedule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DataBundle",
+    "MODELS",
+    "Objective",
+    "build_data",
+    "build_model",
+    "build_objective",
+    "build_optimizer",
+    "build_scheduler",
+    "enable_activation_checkpointing",
+]
+
+
+def _models() -> dict:
+    from fastseg3d import networks
+
+    return {
+        "segformer3d": networks.SegFormer3D,
+        "mobileutr": networks.MobileUtr,
+        "mobileutr_l": networks.MobileUtrL,
+        "missu": networks.MISSU,
+        "unet": networks.UNet,
+        "dsd_unet": networks.dsd_unet,
+        "selfreg_unet": networks.selfreg_unet,
+    }
+
+
+MODELS = ("segformer3d", "mobileutr", "mobileutr_l", "missu", "unet", "dsd_unet", "selfreg_unet")
+
+# The distillation loss each network's training output is made for.
+_DISTILL_FOR = {"dsd_unet": "dsd", "selfreg_unet": "selfreg", "missu": "missu"}
+
+
+@dataclass
+class DataBundle:
+    """Training and validation datasets and what the network needs to know about them."""
+
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    in_channels: int
+    out_channels: int
+    mode: str  # "softmax" (label maps) or "sigmoid" (multi-label regions)
+    class_names: tuple[str, ...]
+    collate: Any = None
+
+
+def build_data(cfg: Mapping) -> DataBundle:
+    """The datasets of ``cfg["data"]``: the embedded synthetic volumes or a Medical Segmentation Decathlon folder."""
+    data = cfg["data"]
+    label_mode = data["label_mode"]
+    if label_mode not in ("labels", "brats_regions"):
+        raise ValueError(f"data.label_mode must be 'labels' or 'brats_regions', got {label_mode!r}")
+    mode = "softmax" if label_mode == "labels" else "sigmoid"
+    regions = ("TC", "WT", "ET")
+    if data["name"] == "synthetic":
+        from fastseg3d.data.synthetic import CLASS_NAMES, SyntheticSegmentation
+
+        common = dict(spatial_size=data["spatial_size"], in_channels=data["in_channels"], label_mode=label_mode,
+                      cache=bool(data["cache"]))
+        train = SyntheticSegmentation(data["num_train"], seed=data["train_seed"], augment=True, **common)
+        val = SyntheticSegmentation(data["num_val"], seed=data["val_seed"], augment=False, **common)
+        names = CLASS_NAMES if mode == "softmax" else regions
+        return DataBundle(train, val, data["in_channels"], train.num_classes, mode, tuple(names))
+    if data["name"] == "msd":
+        if not data["root"]:
+            raise ValueError("data.root must name a Medical Segmentation Decathlon task folder for data.name=msd")
+        from monai.data import list_data_collate
+
+        from fastseg3d.data.msd import build_msd_datasets, infer_modality, load_msd_datalist
+
+        props, _ = load_msd_datalist(data["root"])
+        modality = data["modality"] or infer_modality(props)
+        train, val, props = build_msd_datasets(
+            data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
+            label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=cfg["seed"],
+            cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"])
+        labels = {int(k): v for k, v in props["labels"].items()}
+        names = tuple(labels[i] for i in sorted(labels)) if mode == "softmax" else regions
+        in_channels = max(1, len(props.get("modality", {"0": ""})))
+        return DataBundle(train, val, in_channels, len(names), mode, names, collate=list_data_collate)
+    raise ValueError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
+
+
+def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> nn.Module:
+    """The network ``model_cfg["name"]`` with ``model_cfg["kwargs"]``; channels default to the data's."""
+    name = model_cfg["name"]
+    if name not in MODELS:
+        raise ValueError(f"model.name must be one of {MODELS}, got {name!r}")
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    for key, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if value is None:
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f"model.kwargs.{key}={kwargs[key]} but the data has {value}")
+        kwargs[key] = value
+    for key, value in kwargs.items():
+        if isinstance(value, list):
+            kwargs[key] = tuple(value)
+    return _models()[name](**kwargs)
+
+
+class Objective(nn.Module):
+    """Segmentation loss plus the method's distillation loss, on whatever the network returns in training.
+
+    ``forward(output, target) -> (loss, terms)`` where ``terms`` maps each part's name to a detached scalar for
+    logging. In eval every network returns logits and the objective is the segmentation loss alone.
+    """
+
+    def __init__(self, loss_cfg: Mapping, mode: str, num_classes: int) -> None:
+        super().__init__()
+        from monai.losses import DiceCELoss, DiceLoss
+
+        name, distill = loss_cfg["name"], loss_cfg["distill"]
+        common = dict(include_background=loss_cfg["include_background"], to_onehot_y=mode == "softmax",
+                      softmax=mode == "softmax", sigmoid=mode == "sigmoid")
+        if name == "dice":
+            self.segmentation = DiceLoss(**common)
+        elif name == "dice_ce":
+            self.segmentation = DiceCELoss(**common, lambda_dice=loss_cfg["lambda_dice"],
+                                           lambda_ce=loss_cfg["lambda_ce"])
+        else:
+            raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
+        kwargs = dict(loss_cfg["distill_kwargs"] or {})
+        self.distill_name = distill
+        if distill == "none":
+            self.distill = None
+        elif distill == "dsd":
+            from fastseg3d.losses import DSDLoss
+
+            if mode != "softmax":
+                raise ValueError("loss.distill=dsd needs label maps (data.label_mode=labels): DSD's KL is a softmax")
+            self.distill = DSDLoss(num_classes, include_background=loss_cfg["include_background"],
+                                   lambda_dice=loss_cfg["lambda_dice"], lambda_ce=loss_cfg["lambda_ce"], **kwargs)
+        elif distill == "selfreg":
+            from fastseg3d.losses import SelfRegLoss
+
+            # The channel draws use torch's global generator, whose state checkpoints save and restore.
+            self.distill = SelfRegLoss(include_segmentation=False, **kwargs)
+        elif distill == "missu":
+            from fastseg3d.losses import MISSUDistillLoss
+
+            self.distill = MISSUDistillLoss(**kwargs)
+        else:
+            raise ValueError(f"loss.distill must be none, dsd, selfreg or missu, got {distill!r}")
+
+    @staticmethod
+    def logits(output) -> torch.Tensor:
+        """The main logits of a network's output (a tensor, or the first element of a training tuple)."""
+        return output if isinstance(output, torch.Tensor) else output[0]
+
+    def forward(self, output, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        if isinstance(output, torch.Tensor) or self.distill is None:
+            loss = self.segmentation(self.logits(output).float(), target)
+            return loss, {"segmentation": loss.detach()}
+        if self.distill_name == "dsd":
+            terms = self.distill.terms(output, target)
+            loss = terms["dice_ce"] + self.distill.kl_weight * (terms["kl_decoder"] + terms["kl_encoder"])
+            return loss, {k: v.detach() for k, v in terms.items()}
+        seg = self.segmentation(self.logits(output).float(), target)
+        if self.distill_name == "selfreg":
+            kd = self.distill(output)
+        else:
+            pairs = output[1]
+            kd = self.distill([s for s, _ in pairs], [t for _, t in pairs])
+        return seg + kd, {"segmentation": seg.detach(), "distill": kd.detach()}
+
+
+def build_objective(cfg: Mapping, data: DataBundle) -> Objective:
+    """The objective of ``cfg["loss"]``; checks that the distillation loss fits the network's training output."""
+    distill, model = cfg["loss"]["distill"], cfg["model"]["name"]
+    expected = _DISTILL_FOR.get(model, "none")
+    if distill != expected and not (model == "missu" and distill == "none"):
+        raise ValueError(f"loss.distill={distill!r} does not fit model.name={model!r} (its training output is made "
+                         f"for loss.distill={expected!r})")
+    return Objective(cfg["loss"], data.mode, data.out_channels)
+
+
+def build_optimizer(params, opt_cfg: Mapping) -> torch.optim.Optimizer:
+    name, lr, wd = opt_cfg["name"], float(opt_cfg["lr"]), float(opt_cfg["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=tuple(opt_cfg["betas"]),
+                                 amsgrad=opt_cfg["amsgrad"])
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd, betas=tuple(opt_cfg["betas"]),
+                                amsgrad=opt_cfg["amsgrad"])
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=opt_cfg["momentum"],
+                               nesterov=opt_cfg["nesterov"])
+    raise ValueError(f"optimizer.name must be adamw, adam or sgd, got {name!r}")
+
+
+def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
+    """The multiplier of the base learning rate after ``t`` intervals (``total`` intervals in the run)."""
+    name = sched_cfg["name"]
+    warmup = int(sched_cfg["warmup"])
+    floor = float(sched_cfg["min_lr"]) / base_lr if base_lr > 0 else 0.0
+    if name not in ("constant", "warmup_cosine", "warmup_cosine_restarts", "poly", "step"):
+        raise ValueError("scheduler.name must be constant, warmup_cosine, warmup_cosine_restarts, poly or step, got "
+                         f"{name!r}")
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        s = t - warmup
+        if name == "constant":
+            return 1.0
+        if name == "warmup_cosine":
+            span = max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(s, span) / span))
+        if name == "warmup_cosine_restarts":
+            period = int(sched_cfg["restart_period"])
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (s % period) / period))
+        if name == "poly":
+            return max(0.0, 1 - t / max(1, total)) ** float(sched_cfg["power"])
+        return float(sched_cfg["gamma"]) ** (s // int(sched_cfg["step_size"]))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, total: int):
+    """A ``LambdaLR`` over ``total`` intervals (steps or epochs, as ``sched_cfg["interval"]`` says)."""
+    if sched_cfg["interval"] not in ("step", "epoch"):
+        raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {sched_cfg['interval']!r}")
+    factor = schedule_factor(sched_cfg, optimizer.param_groups[0]["lr"], total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute, in backward, the activations of every outermost block of ``model``; returns how many.
+
+    A block is a module whose class name ends in ``Block`` (the transformer and conv blocks of fastseg3d's
+    networks). Non-reentrant checkpointing, so hooks and autocast behave as without it.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    count = 0
+
+    def wrap(module: nn.Module) -> None:
+        nonlocal count
+        for child in module.children():
+            kind = type(child).__name__.lstrip("_")
+            if kind.endswith("Block"):
+                forward = child.forward
+                child.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+                count += 1
+            else:
+                wrap(child)
+
+    wrap(model)
+    return count

@@ -1,0 +1,79 @@
+"""Checkpoints that survive crashes: written to a temporary file in the same folder, then renamed.
+
+The dictionary follows nnU-Net's keys (``network_weights`` unwrapped from DDP and ``torch.compile``,
+``optimizer_state``, ``grad_scaler_state``) plus ``scheduler_state``, ``rng_state``, ``step``, ``epoch``,
+``best_metric``, ``config``, ``model`` (name and constructor arguments, enough to rebuild the network) and
+``fastseg3d_version``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["atomic_save", "capture_rng_state", "load_checkpoint", "restore_rng_state", "unwrap_model"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel and ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a fastseg3d checkpoint; a missing, truncated or foreign file raises ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        # RNG states hold numpy arrays and Python tuples, which the weights-only unpickler refuses.
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {err}") from err
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not a fastseg3d checkpoint (no 'network_weights')")
+    return ckpt
+
+
+def capture_rng_state() -> dict:
+    """Python, numpy, torch CPU and (if present) CUDA generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

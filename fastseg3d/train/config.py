@@ -1,0 +1,217 @@
+"""Training configuration: one YAML file per experiment, defaults for every key, ``key=value`` overrides.
+
+A config is a nested dictionary with the sections below (every key has a default, so a YAML file states only what
+differs). ``load_config`` merges a file over :data:`DEFAULTS`, applies command-line overrides such as
+``optimizer.lr=3e-4`` or ``data.spatial_size=[96,96,96]`` (values parsed as YAML), and rejects unknown keys, so a typo
+fails at once instead of being ignored for a whole run. The resolved config is saved in the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEFAULTS", "find_config", "load_config", "merge", "parse_overrides", "save_config"]
+
+DEFAULTS: dict[str, Any] = {
+    "name": "run",
+    "seed": 0,
+    # Deterministic algorithms and no cuDNN benchmarking: a resumed run then reproduces an uninterrupted one.
+    "deterministic": False,
+    "device": "auto",
+    "backend": None,  # auto | triton | torch; None keeps FASTSEG3D_BACKEND
+    "output_dir": None,
+    "model": {
+        # segformer3d | mobileutr | mobileutr_l | missu | unet | dsd_unet | selfreg_unet; kwargs go to its constructor
+        "name": "segformer3d",
+        "kwargs": {},
+    },
+    "data": {
+        "name": "synthetic",  # synthetic | msd
+        "label_mode": "labels",  # labels (softmax over classes) | brats_regions (sigmoid over TC, WT, ET)
+        "spatial_size": [64, 64, 64],  # synthetic volumes / training crops
+        "batch_size": 2,
+        "num_workers": 0,
+        # synthetic
+        "in_channels": 4,
+        "num_train": 48,
+        "num_val": 4,
+        "train_seed": 1,
+        "val_seed": 2,
+        # msd (Medical Segmentation Decathlon task folder)
+        "root": None,
+        "modality": None,  # MRI | CT; None reads it from dataset.json
+        "pixdim": None,
+        "num_samples": 1,
+        "val_frac": 0.2,
+        "cache": False,
+        "flip_prob": 0.5,
+        "intensity_jitter": 0.1,
+    },
+    "loss": {
+        "name": "dice_ce",  # dice | dice_ce
+        "include_background": True,
+        "lambda_dice": 1.0,
+        "lambda_ce": 1.0,
+        # none | dsd | selfreg | missu: the method's distillation loss, on the network's training output
+        "distill": "none",
+        "distill_kwargs": {},
+    },
+    "optimizer": {
+        "name": "adamw",  # adamw | adam | sgd
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "betas": [0.9, 0.999],
+        "momentum": 0.9,
+        "nesterov": False,
+        "amsgrad": False,
+    },
+    "scheduler": {
+        # constant | warmup_cosine (one cosine from the peak) | warmup_cosine_restarts | poly | step
+        "name": "warmup_cosine",
+        "interval": "step",  # step | epoch: when the schedule advances
+        "warmup": 0,  # in intervals; linear from lr / warmup to lr
+        "min_lr": 0.0,
+        "restart_period": 400,  # warmup_cosine_restarts: intervals per cosine cycle (T_0)
+        "power": 0.9,  # poly
+        "step_size": 100,  # step: intervals between decays
+        "gamma": 0.5,  # step
+    },
+    "train": {
+        "epochs": 10,  # passes over the training set
+        "max_steps": None,  # stop early after this many optimizer steps
+        "amp": "none",  # none | bf16 | fp16 (fp16 uses a gradient scaler)
+        "grad_clip": None,  # max gradient norm
+        "grad_accumulation": 1,
+        "compile": False,
+        "channels_last": False,
+        "activation_checkpointing": False,
+        "sync_batchnorm": True,  # under DDP on CUDA
+        "log_every": 10,  # steps between train rows in metrics.jsonl
+        "progress": "auto",  # auto (a bar on a terminal outside CI) | true | false
+    },
+    "val": {
+        "every": 1,  # epochs between validations (0: never)
+        "roi_size": None,  # sliding-window roi; None: data.spatial_size
+        "overlap": 0.5,
+        "sw_batch_size": 1,
+        "blend": "gaussian",  # gaussian | constant
+        "flip_tta": False,
+        "hd95": False,
+        "max_cases": None,
+        "num_images": 2,  # validation cases drawn as orthogonal slices (PNG)
+    },
+    "checkpoint": {
+        "save_every": 1,  # epochs between checkpoint_latest.pt writes
+    },
+}
+
+
+_FREE_FORM = ("model.kwargs", "loss.distill_kwargs")
+
+
+class _Replace(dict):
+    """A mapping given whole on the command line (``model.kwargs={...}``): it replaces the section."""
+
+
+def merge(base: Mapping, update: Mapping, path: str = "") -> dict:
+    """Recursive merge of ``update`` over ``base``; unknown keys raise ``KeyError`` naming the dotted path.
+
+    Free-form sections (``model.kwargs``, ``loss.distill_kwargs``) take any keys.
+    """
+    out = copy.deepcopy(dict(base))
+    free = path.rstrip(".") in _FREE_FORM
+    for key, value in update.items():
+        dotted = f"{path}{key}"
+        if key not in out and not free:
+            raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(out)}")
+        if free or isinstance(value, _Replace):
+            out[key] = copy.deepcopy(dict(value) if isinstance(value, _Replace) else value)
+        elif isinstance(out[key], dict):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config key {dotted!r} must be a mapping, got {value!r}")
+            out[key] = merge(out[key], value, dotted + ".")
+        elif isinstance(value, str) and isinstance(out[key], (int, float)) and not isinstance(out[key], bool):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; numeric keys take it as the number it means.
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"config key {dotted!r} must be a number, got {value!r}") from None
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _yaml():
+    try:
+        import yaml
+    except ImportError as err:  # pragma: no cover - pyyaml is a dependency
+        raise ImportError('reading configs needs PyYAML: pip install "fastseg3d[train]"') from err
+    return yaml
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["optimizer.lr=3e-4", "train.amp=bf16"]`` -> nested dict; values are parsed as YAML.
+
+    A dotted key sets one value (``model.kwargs.depths=[1,1,1,1]``); a mapping replaces the whole section
+    (``model.kwargs={channels: [8, 16, 32]}``).
+    """
+    yaml = _yaml()
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        if not key:
+            raise ValueError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, dict):
+            value = _Replace(value)
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def find_config(name: str | os.PathLike) -> Path:
+    """A config path as given, or a bare name (``quickstart``) looked up in the repository's ``configs/``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    bundled = Path(__file__).resolve().parents[2] / "configs"
+    for candidate in (bundled / path.name, bundled / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"config {str(name)!r} not found (nor as {bundled}/{path.name}[.yaml])")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Defaults, then the YAML file (if any), then the overrides."""
+    yaml = _yaml()
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        file = find_config(path)
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config {file} is not valid YAML: {err}") from err
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"config {file} must hold a mapping at the top level")
+        cfg = merge(cfg, loaded)
+    if overrides:
+        cfg = merge(cfg, parse_overrides(overrides))
+    return cfg
+
+
+def save_config(cfg: Mapping, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    yaml = _yaml()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(dict(cfg), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,123 @@
+"""``fastseg3d eval``: a checkpoint on a dataset, with sliding-window inference, Dice and HD95, NIfTI predictions."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from fastseg3d.train.builders import build_data, build_model
+from fastseg3d.train.checkpoint import load_checkpoint
+from fastseg3d.train.trainer import resolve_device
+
+__all__ = ["evaluate_checkpoint"]
+
+logger = logging.getLogger("fastseg3d")
+
+
+def _eval_dataset(cfg: dict, split: str):
+    """The validation split of the run's data, or (``split="all"``) every labelled case of an MSD folder."""
+    data = build_data(cfg)
+    if split == "val":
+        return data, data.val
+    if split != "all":
+        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    if cfg["data"]["name"] != "msd":
+        raise ValueError("split='all' needs an MSD folder (--data DIR); synthetic data has only its validation set")
+    from monai.data import Dataset
+
+    from fastseg3d.data.msd import infer_modality, load_msd_datalist, msd_transforms, num_output_channels
+
+    dcfg = cfg["data"]
+    props, cases = load_msd_datalist(dcfg["root"])
+    transform = msd_transforms("val", modality=dcfg["modality"] or infer_modality(props),
+                               spatial_size=dcfg["spatial_size"], pixdim=dcfg["pixdim"],
+                               num_classes=num_output_channels(props, "labels"), label_mode=dcfg["label_mode"])
+    return data, Dataset(cases, transform)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    data: str | None = None,
+    split: str = "val",
+    val_overrides: dict | None = None,
+    save_predictions: bool = False,
+    device: str = "auto",
+) -> dict:
+    """Evaluate ``checkpoint`` and write ``eval_metrics.json`` (mean and per case) and, optionally, predictions.
+
+    Args:
+        checkpoint: a training checkpoint (or a converted one: ``network_weights``, ``model`` and ``config``).
+        output_dir: where results go (``predictions/<case>.nii.gz`` with the input's affine).
+        data: ``"synthetic"`` or an MSD task folder; ``None`` keeps the checkpoint's data.
+        split: ``"val"`` (the run's validation split) or ``"all"`` (every labelled case of the MSD folder).
+        val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``, ...).
+        save_predictions: write the predicted label maps as NIfTI.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+
+    Returns:
+        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``num_cases``).
+    """
+    from fastseg3d.train.config import DEFAULTS, merge
+    from fastseg3d.train.inference import (
+        MetricAccumulator,
+        labels_from_prediction,
+        save_prediction_nifti,
+        sliding_window_predict,
+        to_onehot,
+        to_prediction,
+    )
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = merge(DEFAULTS, ckpt.get("config") or {})
+    cfg = copy.deepcopy(cfg)
+    if data is not None:
+        if data == "synthetic":
+            cfg["data"]["name"] = "synthetic"
+        else:
+            cfg["data"].update(name="msd", root=str(data))
+    cfg["val"] = merge(cfg["val"], val_overrides or {}, "val.")
+    bundle, dataset = _eval_dataset(cfg, split)
+    dev = resolve_device(device)
+    model = build_model(ckpt["model"]).to(dev)
+    try:
+        model.load_state_dict(ckpt["network_weights"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {checkpoint} does not fit model {ckpt['model']['name']}: {err}") from err
+    model.eval()
+    vcfg = cfg["val"]
+    roi = vcfg["roi_size"] or cfg["data"]["spatial_size"]
+    regions = bundle.class_names if bundle.mode == "sigmoid" else None
+    acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = []
+    n = len(dataset) if vcfg["max_cases"] is None else min(len(dataset), int(vcfg["max_cases"]))
+    for i in range(n):
+        item = dataset[i]
+        image = torch.as_tensor(item["image"])[None].to(dev)
+        label = torch.as_tensor(item["label"])[None].to(dev)
+        logits = sliding_window_predict(model, image, roi, overlap=vcfg["overlap"], sw_batch_size=vcfg["sw_batch_size"],
+                                        blend=vcfg["blend"], flip_tta=vcfg["flip_tta"]).float()
+        pred = to_prediction(logits, bundle.mode)
+        name = item.get("name") or Path(str(item["image"].meta.get("filename_or_obj", f"case_{i}"))).name.split(".")[0]
+        row = acc.update(pred, to_onehot(label, bundle.out_channels, bundle.mode))
+        cases.append({"case": name, **row})
+        if save_predictions:
+            affine = getattr(item["image"], "affine", None)
+            save_prediction_nifti(labels_from_prediction(pred, bundle.mode, regions=regions), affine,
+                                  out / "predictions" / f"{name}.nii.gz")
+        logger.info("%s: dice %s", name, row["dice"])
+    result = acc.aggregate()
+    result["class_names"] = [c for c in bundle.class_names][0 if bundle.mode == "sigmoid" else 1:]
+    tmp = out / "eval_metrics.json.tmp"
+    tmp.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "mean": result, "cases": cases},
+                              indent=2))
+    os.replace(tmp, out / "eval_metrics.json")
+    return result

@@ -1,0 +1,424 @@
+"""Whole-volume inference, segmentation metrics and prediction export for validation and ``fastseg3d eval``.
+
+Prediction goes logits -> :func:`to_prediction` (one-hot or thresholded, what MONAI's metrics expect) ->
+:func:`segmentation_metrics` / :class:`MetricAccumulator`, and -> :func:`labels_from_prediction` ->
+:func:`save_prediction_nifti` for a label volume on disk. Two modes name the label encodings:
+
+* ``"softmax"``: mutually exclusive classes; labels are one integer channel ``(B, 1, *spatial)`` with values
+  ``0..K-1`` (class 0 = background) and the network has K output channels.
+* ``"sigmoid"``: overlapping binary regions (BraTS TC/WT/ET); labels are already ``(B, K, *spatial)`` binary.
+
+MONAI and nibabel are imported where they are used, so importing this module needs neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MetricAccumulator",
+    "labels_from_prediction",
+    "save_prediction_nifti",
+    "segmentation_metrics",
+    "sliding_window_predict",
+    "to_onehot",
+    "to_prediction",
+]
+
+_MODES = ("softmax", "sigmoid")
+_BRATS_REGIONS = ("TC", "WT", "ET")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` in one rename.
+
+    Readers (TensorBoard, a plot viewer, a second process resuming) never see a half-written file. The temporary
+    name keeps the full suffix (``.nii.gz``, ``.png``) because writers pick the format from it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{''.join(path.suffixes)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _first_output(output: Any) -> torch.Tensor:
+    """The logits in a model output: the tensor itself, else the first element / value / dataclass field."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return _first_output(output[0])
+    if isinstance(output, dict) and output:
+        return _first_output(next(iter(output.values())))
+    if dataclasses.is_dataclass(output) and not isinstance(output, type):
+        fields = dataclasses.fields(output)
+        if fields:
+            return _first_output(getattr(output, fields[0].name))
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass logits_fn")
+
+
+def sliding_window_predict(
+    model: Callable[[torch.Tensor], Any],
+    image: torch.Tensor,
+    roi_size: Sequence[int] | int,
+    *,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+    blend: str = "gaussian",
+    flip_tta: bool = False,
+    logits_fn: Callable[[Any], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Logits for a whole volume from windows of ``roi_size`` (MONAI ``sliding_window_inference``).
+
+    Runs under ``torch.no_grad``; putting the model in eval mode is the caller's job. A ``roi_size`` larger than the
+    image pads it (MONAI crops the result back). With ``flip_tta`` the logits are averaged over the identity and the
+    7 non-empty combinations of flips of the spatial axes (flip the input, predict, flip the logits back): 8 full
+    sliding-window passes.
+
+    Args:
+        model: called on ``(sw_batch_size, C, *roi_size)`` windows.
+        image: ``(B, C, *spatial)``; a MONAI ``MetaTensor`` is read as a plain tensor.
+        roi_size: window size per spatial axis (an int for all axes).
+        overlap: fraction of the window shared by neighbours (SegFormer3D validates with 0.5).
+        sw_batch_size: windows per model call.
+        blend: ``"gaussian"`` (weights fall off towards window borders) or ``"constant"`` (plain average).
+        flip_tta: average over the 8 flips of the spatial axes.
+        logits_fn: extracts the logits tensor from the model's output; default: the output if it is a tensor,
+            else its first element (tuple/list), first value (dict) or first field (dataclass).
+
+    Returns:
+        ``(B, K, *spatial)`` logits, a plain tensor on the image's device.
+
+    Example:
+        >>> net = torch.nn.Conv3d(1, 2, 1)
+        >>> sliding_window_predict(net, torch.randn(1, 1, 20, 23, 17), 16).shape
+        torch.Size([1, 2, 20, 23, 17])
+    """
+    from monai.inferers import sliding_window_inference
+
+    if blend not in ("gaussian", "constant"):
+        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    if image.dim() < 3:
+        raise ValueError(f"image must be (B, C, *spatial), got shape {tuple(image.shape)}")
+    extract = logits_fn or _first_output
+    # Plain tensors: MetaTensor bookkeeping on every window costs time and is not needed for logits.
+    image = image.as_subclass(torch.Tensor)
+    spatial = range(2, image.dim())
+    flips = [()]
+    if flip_tta:
+        flips += [dims for r in range(1, len(spatial) + 1) for dims in itertools.combinations(spatial, r)]
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        return extract(model(window))
+
+    total = None
+    with torch.no_grad():
+        for dims in flips:
+            x = image.flip(dims) if dims else image
+            out = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode=blend)
+            out = out.as_subclass(torch.Tensor)
+            out = out.flip(dims) if dims else out
+            total = out if total is None else total.add_(out)
+    return total / len(flips) if len(flips) > 1 else total
+
+
+def to_prediction(logits: torch.Tensor, mode: str) -> torch.Tensor:
+    """Binary prediction from ``(B, K, *spatial)`` logits, float, in the layout MONAI's metrics expect.
+
+    ``"softmax"``: one-hot of the argmax over channels. ``"sigmoid"``: ``sigmoid(logits) > 0.5``, computed as
+    ``logits > 0`` (the same set, without rounding at low precision).
+
+    Example:
+        >>> to_prediction(torch.tensor([[[2.0], [-1.0]]]), "softmax").squeeze(-1)
+        tensor([[1., 0.]])
+    """
+    _check_mode(mode)
+    if mode == "sigmoid":
+        return (logits > 0).float()
+    return F.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1).float()
+
+
+def to_onehot(label: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
+    """Ground truth in the layout of :func:`to_prediction`.
+
+    ``"softmax"``: ``(B, 1, *spatial)`` class indices (any dtype holding integers) -> ``(B, K, *spatial)`` one-hot.
+    ``"sigmoid"``: the label already has one binary channel per region; returned as float.
+
+    Example:
+        >>> to_onehot(torch.tensor([[[0, 2]]]), 3, "softmax")[0, :, 1]
+        tensor([0., 0., 1.])
+    """
+    _check_mode(mode)
+    if mode == "sigmoid":
+        if label.shape[1] != num_classes:
+            raise ValueError(f"sigmoid labels need {num_classes} channels, got shape {tuple(label.shape)}")
+        return label.float()
+    if label.dim() < 3 or label.shape[1] != 1:
+        raise ValueError(f"softmax labels must be (B, 1, *spatial) class indices, got shape {tuple(label.shape)}")
+    return F.one_hot(label[:, 0].long(), num_classes).movedim(-1, 1).float()
+
+
+def _per_case(
+    pred: torch.Tensor, target: torch.Tensor, include_background: bool, hd95: bool, spacing: Any
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(cases, classes) Dice and HD95 as float64 arrays; NaN where a value is undefined."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    if pred.shape != target.shape or pred.dim() < 3:
+        raise ValueError(f"pred and target must both be (B, K, *spatial), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    # ignore_empty: an empty ground-truth class has no Dice (NaN), whatever was predicted.
+    dice = compute_dice(pred, target, include_background=include_background, ignore_empty=True)
+    dice = dice.double().cpu().numpy()
+    if not hd95:
+        return dice, None
+    with warnings.catch_warnings():
+        # Empty classes are expected (NaN below), and MONAI 1.6 warns about its own deprecated argument.
+        warnings.filterwarnings("ignore", message=".*is all 0.*")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy.*")
+        hd = compute_hausdorff_distance(pred, target, include_background=include_background, percentile=95,
+                                        spacing=spacing)
+    hd = hd.double().cpu().numpy()
+    hd[~np.isfinite(hd)] = np.nan
+    return dice, hd
+
+
+def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
+    """Mean ignoring NaN, NaN where all are NaN (``np.nanmean`` without its empty-slice warning)."""
+    valid = ~np.isnan(values)
+    count = valid.sum(axis=axis)
+    total = np.where(valid, values, 0.0).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count
+
+
+def _to_json(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def _summary(dice: np.ndarray, hd: np.ndarray | None) -> dict[str, Any]:
+    """Per class: mean over cases; overall: mean over classes; NaN -> None throughout (JSON-serialisable)."""
+    out: dict[str, Any] = {}
+    for name, values in (("dice", dice), ("hd95", hd)):
+        if values is None:
+            out[name], out[f"{name}_per_class"] = None, None
+            continue
+        per_class = _nanmean(values, axis=0)
+        out[name] = _to_json(float(_nanmean(per_class)))
+        out[f"{name}_per_class"] = [_to_json(float(v)) for v in per_class]
+    return out
+
+
+def segmentation_metrics(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    include_background: bool,
+    hd95: bool = True,
+    spacing: float | Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Dice and 95th-percentile Hausdorff distance per class (MONAI ``compute_dice`` / ``compute_hausdorff_distance``,
+    what ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)`` compute).
+
+    Args:
+        pred, target: binary ``(B, K, *spatial)`` (from :func:`to_prediction` and :func:`to_onehot`).
+        include_background: keep channel 0. For ``"softmax"`` with ``False``, the per-class lists are for classes
+            ``1..K-1``; for ``"sigmoid"`` regions pass ``True`` (every channel is a foreground region).
+        hd95: compute HD95 (a distance transform per class and case, the expensive part); with ``False`` the
+            ``hd95`` entries are ``None``.
+        spacing: voxel size per spatial axis (or one for all) so HD95 is in physical units; default voxels.
+
+    Returns:
+        ``{"dice", "dice_per_class", "hd95", "hd95_per_class"}``. Per class: mean over the batch; overall: mean over
+        classes. Undefined values are ``None``: Dice of a class absent from the ground truth, HD95 of a class
+        absent from the ground truth or the prediction (a missed class still counts through its Dice of 0), and a
+        mean over nothing but undefined values.
+
+    Example:
+        >>> t = torch.zeros(1, 2, 4, 4, 4); t[:, 1, :2] = 1; t[:, 0] = 1 - t[:, 1]
+        >>> segmentation_metrics(t, t, include_background=False, hd95=False)["dice_per_class"]
+        [1.0]
+    """
+    return _summary(*_per_case(pred, target, include_background, hd95, spacing))
+
+
+class MetricAccumulator:
+    """Collects :func:`segmentation_metrics` case by case; :meth:`aggregate` gives means over all cases.
+
+    Per class the mean is over the cases where the value is defined (MONAI's ``mean_batch`` reduction), then the
+    overall value is the mean over classes, as SegFormer3D reports mean Dice over TC/WT/ET. Extra scalars passed to
+    :meth:`update` (e.g. ``loss=...``) are averaged over cases under the same names.
+
+    Example:
+        >>> acc = MetricAccumulator(include_background=False, hd95=False)
+        >>> t = torch.zeros(1, 2, 4, 4, 4); t[:, 1, :2] = 1; t[:, 0] = 1 - t[:, 1]
+        >>> _ = acc.update(t, t, loss=0.5)
+        >>> acc.aggregate()["dice"], acc.aggregate()["loss"], len(acc)
+        (1.0, 0.5, 1)
+    """
+
+    def __init__(self, *, include_background: bool, hd95: bool = True,
+                 spacing: float | Sequence[float] | None = None) -> None:
+        self.include_background = include_background
+        self.hd95 = hd95
+        self.spacing = spacing
+        self.reset()
+
+    def reset(self) -> None:
+        self._dice: list[np.ndarray] = []
+        self._hd: list[np.ndarray] = []
+        self._scalars: dict[str, list[tuple[float, int]]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self._dice)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, *, spacing: float | Sequence[float] | None = None,
+               **scalars: float) -> dict[str, Any]:
+        """Add the ``B`` cases of one batch; returns their metrics. ``spacing`` overrides the constructor's for
+        this batch (cases resampled differently); each scalar counts once per case of the batch."""
+        dice, hd = _per_case(pred, target, self.include_background, self.hd95,
+                             self.spacing if spacing is None else spacing)
+        self._dice.append(dice)
+        if hd is not None:
+            self._hd.append(hd)
+        for name, value in scalars.items():
+            self._scalars.setdefault(name, []).append((float(value), len(dice)))
+        return _summary(dice, hd)
+
+    def aggregate(self) -> dict[str, Any]:
+        """Means over all cases so far: the keys of :func:`segmentation_metrics`, ``num_cases`` and the scalars."""
+        if not self._dice:
+            raise ValueError("MetricAccumulator.aggregate() before any update()")
+        out = _summary(np.concatenate(self._dice), np.concatenate(self._hd) if self._hd else None)
+        out["num_cases"] = len(self)
+        for name, pairs in self._scalars.items():
+            out[name] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+        return out
+
+
+def _region_channels(regions: str | Sequence[str] | None) -> tuple[int, int, int] | None:
+    """Channel indices of (TC, WT, ET) if ``regions`` names the BraTS regions, else None."""
+    if regions is None:
+        return None
+    names = _BRATS_REGIONS if isinstance(regions, str) and regions.lower() == "brats" else regions
+    if isinstance(names, str):
+        raise TypeError(f"regions must be 'brats' or a sequence of channel names, got {regions!r}")
+    upper = [str(n).upper() for n in names]
+    if sorted(upper) != sorted(_BRATS_REGIONS):
+        return None
+    return tuple(upper.index(r) for r in _BRATS_REGIONS)
+
+
+def labels_from_prediction(pred: torch.Tensor, mode: str, *,
+                           regions: str | Sequence[str] | None = None) -> torch.Tensor:
+    """One integer label volume ``(*spatial)`` from a one-case prediction ``(K, *spatial)`` or ``(1, K, *spatial)``.
+
+    * ``"softmax"``: argmax over channels (logits or one-hot).
+    * ``"sigmoid"`` with BraTS regions (``regions="brats"``, the SegFormer3D channel order TC, WT, ET, or channel
+      names that are a permutation of those): the MSD Task01 coding 0 background, 1 edema (WT minus TC),
+      2 non-enhancing tumour (TC minus ET), 3 enhancing tumour (ET). Each voxel gets its innermost predicted region,
+      so ET wins even where the network did not also predict TC/WT.
+    * ``"sigmoid"`` otherwise: 1 + the index of the first positive channel, 0 where none is; overlapping regions
+      keep the lowest channel.
+
+    For ``"sigmoid"``, ``pred`` is the binary output of :func:`to_prediction` (positive means > 0.5).
+
+    Returns:
+        ``int64`` tensor on ``pred``'s device.
+
+    Example:
+        >>> tc, wt, et = torch.tensor([0, 1, 1, 1]), torch.tensor([1, 1, 1, 1]), torch.tensor([0, 0, 1, 0])
+        >>> labels_from_prediction(torch.stack([tc, wt, et]).float(), "sigmoid", regions="brats")
+        tensor([1, 2, 3, 2])
+    """
+    _check_mode(mode)
+    if pred.dim() == 5:
+        if pred.shape[0] != 1:
+            raise ValueError(f"one case at a time: got a batch of {pred.shape[0]}")
+        pred = pred[0]
+    if mode == "softmax":
+        return pred.argmax(0)
+    positive = pred > 0.5
+    channels = _region_channels(regions)
+    if channels is not None:
+        if pred.shape[0] != 3:
+            raise ValueError(f"BraTS regions need 3 channels, got shape {tuple(pred.shape)}")
+        tc, wt, et = (positive[c] for c in channels)
+        labels = torch.zeros(pred.shape[1:], dtype=torch.int64, device=pred.device)
+        labels[wt] = 1
+        labels[tc] = 2
+        labels[et] = 3
+        return labels
+    # argmax returns the first maximal index, i.e. the first positive channel.
+    return torch.where(positive.any(0), positive.to(torch.uint8).argmax(0) + 1, 0)
+
+
+def save_prediction_nifti(
+    labels: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray | None, path: str | os.PathLike
+) -> Path:
+    """Write a label volume as NIfTI (``.nii`` or ``.nii.gz``), atomically.
+
+    The data are stored as ``uint8`` when the labels fit, else ``int16``; ``affine`` (4x4 voxel-to-world, e.g. the
+    ``affine`` of the MONAI-loaded image; ``None`` for identity) is written as both sform and qform, so readers that
+    prefer either place the labels on the image. Parent folders are created.
+
+    Example:
+        >>> import tempfile
+        >>> out = save_prediction_nifti(np.zeros((4, 5, 6), np.int64), np.eye(4), tempfile.mkdtemp() + "/p.nii.gz")
+        >>> out.name
+        'p.nii.gz'
+    """
+    import nibabel as nib
+
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a (D, H, W) volume, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+        raise ValueError("labels must hold integers")
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if low >= 0 and high <= np.iinfo(np.uint8).max:
+        dtype = np.uint8
+    elif np.iinfo(np.int16).min <= low and high <= np.iinfo(np.int16).max:
+        dtype = np.int16
+    else:
+        raise ValueError(f"label values {low}..{high} do not fit int16")
+    if isinstance(affine, torch.Tensor):
+        affine = affine.detach().cpu().numpy()
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be 4x4, got shape {affine.shape}")
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"{path}: the file name must end with .nii or .nii.gz")
+    image = nib.Nifti1Image(labels.astype(dtype), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    with _atomic_path(path) as tmp:
+        nib.save(image, tmp)
+    return path

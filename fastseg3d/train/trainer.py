@@ -1,0 +1,418 @@
+"""The training loop: one process or many (``torchrun``), checkpoints that survive crashes, exact resume.
+
+:class:`Trainer` follows nnU-Net's shape (build, then ``fit`` = epochs of ``train_step`` with validation and
+checkpoints) with the conventions of MONAI and SegFormer3D's YAML experiments. In deterministic mode a run that is
+stopped and resumed with ``resume="auto"`` reproduces the uninterrupted run's losses: checkpoints hold the model,
+optimizer, schedule, gradient scaler and every RNG state, the data order is a function of (seed, epoch), and the
+synthetic data's augmentation is a function of (case, epoch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastseg3d.train.builders import (
+    build_data,
+    build_model,
+    build_objective,
+    build_optimizer,
+    build_scheduler,
+    enable_activation_checkpointing,
+)
+from fastseg3d.train.checkpoint import (
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    unwrap_model,
+)
+from fastseg3d.train.config import save_config
+from fastseg3d.train.logger import MetricsLogger, progress_bar
+
+__all__ = ["NonFiniteLossError", "Trainer", "resolve_device", "seed_everything"]
+
+logger = logging.getLogger("fastseg3d")
+
+_AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda was asked for but torch sees no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def _world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+class Trainer:
+    """Builds a run from a resolved config and trains it.
+
+    Args:
+        cfg: a resolved config (:func:`fastseg3d.train.config.load_config`).
+        output_dir: the run directory (default ``cfg["output_dir"]`` or ``runs/<name>``).
+        resume: ``None`` (start fresh), ``"auto"`` (``checkpoint_latest.pt`` of the run directory if it exists) or a
+            checkpoint path.
+
+    Example:
+        >>> from fastseg3d.train import Trainer, load_config
+        >>> cfg = load_config("quickstart", ["train.epochs=1", "train.max_steps=1"])  # doctest: +SKIP
+        >>> Trainer(cfg, "runs/try").fit()  # doctest: +SKIP
+    """
+
+    def __init__(self, cfg: Mapping, output_dir: str | os.PathLike | None = None, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.rank, self.local_rank, self.world = _world()
+        self.distributed = self.world > 1
+        self.device = resolve_device(cfg["device"], self.local_rank)
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
+        self.data = build_data(cfg)
+        self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels).to(self.device)
+        self.objective = build_objective(cfg, self.data).to(self.device)
+        tcfg = cfg["train"]
+        if tcfg["amp"] not in _AMP:
+            raise ValueError(f"train.amp must be none, bf16 or fp16, got {tcfg['amp']!r}")
+        self.amp_dtype = _AMP[tcfg["amp"]]
+        self.memory_format = torch.channels_last_3d if tcfg["channels_last"] else torch.contiguous_format
+        if tcfg["channels_last"]:
+            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        if tcfg["activation_checkpointing"]:
+            n = enable_activation_checkpointing(self.model)
+            logger.info("activation checkpointing on %d blocks", n)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
+        self.accum = int(tcfg["grad_accumulation"])
+        if self.accum < 1:
+            raise ValueError(f"train.grad_accumulation must be >= 1, got {self.accum}")
+        self.train_loader = self._loader()
+        self.steps_per_epoch = len(self.train_loader) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set gives {len(self.train_loader)} batches per epoch and process, fewer "
+                             f"than train.grad_accumulation={self.accum}")
+        self.epochs = int(tcfg["epochs"])
+        self.max_steps = tcfg["max_steps"]
+        total_steps = self.epochs * self.steps_per_epoch
+        if self.max_steps is not None:
+            total_steps = min(total_steps, int(self.max_steps))
+        total = total_steps if cfg["scheduler"]["interval"] == "step" else self.epochs
+        self.scheduler = build_scheduler(self.optimizer, cfg["scheduler"], total)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tcfg["amp"] == "fp16")
+
+        net = self.model
+        if self.distributed:
+            if self.device.type == "cuda" and tcfg["sync_batchnorm"]:
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+                self.model = net
+            # MISSU keeps the released pre_head_ln/linear_encoding for checkpoint keys; they get no gradient.
+            net = nn.parallel.DistributedDataParallel(
+                net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=cfg["model"]["name"] in ("missu",))
+        if tcfg["compile"]:
+            net = torch.compile(net)
+        self.net = net
+
+        self.step = 0
+        self.start_epoch = 0
+        self.best_metric = -math.inf
+        self.metrics = MetricsLogger(self.run_dir) if self.is_main else None
+        if resume is not None:
+            self._resume(resume)
+
+    # ----------------------------------------------------------------------------------------------- data
+    def _loader(self) -> torch.utils.data.DataLoader:
+        dcfg = self.cfg["data"]
+        # One sampler path for one process and many: the permutation is a function of (seed, epoch), and rank r
+        # takes every world-th index, so N processes see exactly the global batches one process would.
+        self.sampler = torch.utils.data.DistributedSampler(
+            self.data.train, num_replicas=self.world, rank=self.rank, shuffle=True, seed=int(self.cfg["seed"]),
+            drop_last=True)
+        batch = int(dcfg["batch_size"])
+        if batch % self.world:
+            raise ValueError(f"data.batch_size={batch} (global) must be divisible by the {self.world} processes")
+        worker_init = None
+        if hasattr(self.data.train, "transform"):
+            # MONAI's random transforms carry their own generators: without this every worker repeats one stream.
+            from monai.data.utils import worker_init_fn as worker_init
+        return torch.utils.data.DataLoader(
+            self.data.train, batch_size=batch // self.world, sampler=self.sampler, drop_last=True,
+            num_workers=int(dcfg["num_workers"]), collate_fn=self.data.collate, worker_init_fn=worker_init,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def _to_device(self, batch: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+        image = batch["image"].to(self.device, non_blocking=True)
+        label = batch["label"].to(self.device, non_blocking=True)
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # MONAI MetaTensor -> Tensor
+        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        if self.memory_format is not torch.contiguous_format:
+            image = image.contiguous(memory_format=self.memory_format)
+        return image, label
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self, epoch: int) -> dict:
+        return {
+            "network_weights": unwrap_model(self.model).state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "grad_scaler_state": self.scaler.state_dict(),
+            "rng_state": capture_rng_state(),
+            "step": self.step,
+            "epoch": epoch,
+            "best_metric": self.best_metric,
+            "config": dict(self.cfg),
+            "model": {"name": self.cfg["model"]["name"], "kwargs": self._model_kwargs()},
+            "fastseg3d_version": _version(),
+        }
+
+    def _model_kwargs(self) -> dict:
+        kwargs = dict(self.cfg["model"]["kwargs"] or {})
+        kwargs.setdefault("in_channels", self.data.in_channels)
+        kwargs.setdefault("out_channels", self.data.out_channels)
+        return kwargs
+
+    def save(self, kind: str, epoch: int) -> Path:
+        path = self.run_dir / f"checkpoint_{kind}.pt"
+        if self.is_main:
+            atomic_save(self._checkpoint(epoch), path)
+        return path
+
+    def _resume(self, resume: str) -> None:
+        path = self.run_dir / "checkpoint_latest.pt" if resume == "auto" else Path(resume)
+        if resume == "auto" and not path.is_file():
+            logger.info("resume=auto: no %s yet, starting fresh", path)
+            return
+        ckpt = load_checkpoint(path, map_location=self.device)
+        unwrap_model(self.model).load_state_dict(ckpt["network_weights"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        self.scaler.load_state_dict(ckpt["grad_scaler_state"])
+        restore_rng_state(ckpt["rng_state"])
+        self.step = int(ckpt["step"])
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.best_metric = float(ckpt["best_metric"])
+        if self.metrics is not None:
+            self.metrics.truncate_after(self.step)
+        logger.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.step)
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _reduce(self, value: torch.Tensor) -> float:
+        if self.distributed:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def train_epoch(self, epoch: int) -> bool:
+        """One pass over the training set; returns False when ``max_steps`` stopped it."""
+        self.net.train()
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.data.train, "set_epoch"):
+            self.data.train.set_epoch(epoch)
+        transform = getattr(self.data.train, "transform", None)
+        if hasattr(transform, "set_random_state"):
+            # Augmentation in the main process as a function of (seed, epoch, rank), so a resumed run repeats it;
+            # workers are reseeded from torch's generator, whose state checkpoints keep.
+            transform.set_random_state(seed=(int(self.cfg["seed"]) * 100_003 + epoch * 1_009 + self.rank) % 2**32)
+        tcfg = self.cfg["train"]
+        bar = progress_bar(self.steps_per_epoch, tcfg["progress"], f"epoch {epoch}") if self.is_main else None
+        sums: dict[str, float] = {}
+        count = 0
+        micro = 0
+        start = time.perf_counter()
+        for batch in self.train_loader:
+            image, label = self._to_device(batch)
+            last_micro = micro == self.accum - 1
+            sync = self.net.no_sync() if self.distributed and not last_micro else contextlib.nullcontext()
+            with sync:
+                with self._autocast():
+                    output = self.net(image)
+                loss, terms = self.objective(output, label)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite loss {loss.item()} at epoch {epoch}, step {self.step + 1}; stopped. The last good "
+                        f"checkpoint is {self.run_dir / 'checkpoint_latest.pt'}")
+                self.scaler.scale(loss / self.accum).backward()
+            for key, value in {"loss": loss.detach(), **terms}.items():
+                sums[key] = sums.get(key, 0.0) + self._reduce(value)
+            count += 1
+            micro += 1
+            if not last_micro:
+                continue
+            micro = 0
+            if tcfg["grad_clip"]:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(tcfg["grad_clip"]))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.cfg["scheduler"]["interval"] == "step":
+                self.scheduler.step()
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+            if self.step % int(tcfg["log_every"]) == 0:
+                self._log_train(epoch, sums, count, start)
+                sums, count, start = {}, 0, time.perf_counter()
+            if self.max_steps is not None and self.step >= int(self.max_steps):
+                break
+        if micro:
+            # Fewer micro-batches than an accumulation left at the epoch's end: dropped, as drop_last drops a batch.
+            self.optimizer.zero_grad(set_to_none=True)
+        if count:
+            self._log_train(epoch, sums, count, start)  # the epoch's tail, so every epoch has a train row
+        if bar is not None:
+            bar.close()
+        if self.cfg["scheduler"]["interval"] == "epoch":
+            self.scheduler.step()
+        return self.max_steps is None or self.step < int(self.max_steps)
+
+    def _log_train(self, epoch: int, sums: dict, count: int, start: float) -> None:
+        if self.metrics is None:
+            return
+        row = {k: v / count for k, v in sums.items()}
+        self.metrics.log({"step": self.step, "epoch": epoch, "split": "train", **row,
+                          "lr": self.optimizer.param_groups[0]["lr"],
+                          "seconds_per_step": (time.perf_counter() - start) * self.accum / count})
+
+    @torch.no_grad()
+    def validate(self, epoch: int) -> dict:
+        """Sliding-window inference over the validation set (main process); loss, Dice (and HD95) per class."""
+        from fastseg3d.train.inference import (
+            MetricAccumulator,
+            labels_from_prediction,
+            sliding_window_predict,
+            to_onehot,
+            to_prediction,
+        )
+        from fastseg3d.train.plots import plot_slices
+
+        vcfg = self.cfg["val"]
+        model = unwrap_model(self.model)
+        model.eval()
+        roi = vcfg["roi_size"] or self.cfg["data"]["spatial_size"]
+        # Mean foreground Dice: the background label is left out; every BraTS region is foreground.
+        acc = MetricAccumulator(include_background=self.data.mode == "sigmoid", hd95=bool(vcfg["hd95"]))
+        regions = self.data.class_names if self.data.mode == "sigmoid" else None
+        n = len(self.data.val) if vcfg["max_cases"] is None else min(len(self.data.val), int(vcfg["max_cases"]))
+        for i in range(n):
+            item = self.data.val[i]
+            image = torch.as_tensor(item["image"])[None].to(self.device)
+            label = torch.as_tensor(item["label"])[None].to(self.device)
+            with self._autocast():
+                logits = sliding_window_predict(model, image, roi, overlap=vcfg["overlap"],
+                                                sw_batch_size=vcfg["sw_batch_size"], blend=vcfg["blend"],
+                                                flip_tta=vcfg["flip_tta"])
+            logits = logits.float()
+            pred = to_prediction(logits, self.data.mode)
+            target = to_onehot(label, self.data.out_channels, self.data.mode)
+            acc.update(pred, target, loss=float(self.objective.segmentation(logits, label)))
+            if i < int(vcfg["num_images"]):
+                plot_slices(image[0].cpu(), labels_from_prediction(target, self.data.mode, regions=regions).cpu(),
+                            labels_from_prediction(pred, self.data.mode, regions=regions).cpu(),
+                            self.run_dir / "images" / f"val_{i}.png",
+                            title=f"{item.get('name', i)}: epoch {epoch}, step {self.step}")
+        model.train()
+        return acc.aggregate()
+
+    # ----------------------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        """Train for ``train.epochs`` (or ``train.max_steps``); returns the last validation result (or {})."""
+        from fastseg3d.backends import backend
+
+        policy = backend(self.cfg["backend"]) if self.cfg["backend"] else contextlib.nullcontext()
+        with policy:
+            return self._fit()
+
+    def _fit(self) -> dict:
+        from fastseg3d.train.plots import plot_curves
+
+        last: dict = {}
+        vcfg, ccfg = self.cfg["val"], self.cfg["checkpoint"]
+        epoch = self.start_epoch - 1
+        try:
+            for epoch in range(self.start_epoch, self.epochs):
+                more = self.train_epoch(epoch)
+                final = not more or epoch == self.epochs - 1
+                val_due = int(vcfg["every"]) > 0 and ((epoch + 1) % int(vcfg["every"]) == 0 or final)
+                if val_due and self.is_main:
+                    last = self.validate(epoch)
+                    self.metrics.log({"step": self.step, "epoch": epoch, "split": "val", **last})
+                    logger.info("epoch %d step %d: val loss %.4f, dice %s", epoch, self.step, last["loss"],
+                                "n/a" if last["dice"] is None else f"{last['dice']:.4f}")
+                    if last["dice"] is not None and last["dice"] > self.best_metric:
+                        self.best_metric = last["dice"]
+                        self.save("best", epoch)
+                if self.is_main:
+                    names = self.data.class_names[0 if self.data.mode == "sigmoid" else 1:]
+                    plot_curves(self.metrics.path, self.run_dir / "curves.png", class_names=list(names))
+                if (epoch + 1) % int(ccfg["save_every"]) == 0 or final:
+                    self.save("latest", epoch)
+                if self.distributed:
+                    dist.barrier()
+                if not more:
+                    break
+            self.save("final", epoch)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        return last
+
+
+def _version() -> str:
+    from fastseg3d import __version__
+
+    return __version__

@@ -1,0 +1,377 @@
+"""MSD task folders: datalist, split, transforms, case checks and batching, on tiny fake tasks built with nibabel."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastseg3d.data import msd
+from fastseg3d.data.msd import (
+    build_msd_datasets,
+    infer_modality,
+    load_msd_datalist,
+    msd_transforms,
+    num_output_channels,
+    split_cases,
+)
+
+nib = pytest.importorskip("nibabel")
+monai_data = pytest.importorskip("monai.data")
+
+SHAPE = (20, 18, 16)
+# Flipped x axis (so RAS reorients it), anisotropic spacing and an offset, as in real scans.
+AFFINE = np.array([[-1.5, 0.0, 0.0, 40.0], [0.0, 1.2, 0.0, -12.0], [0.0, 0.0, 2.0, 7.0], [0.0, 0.0, 0.0, 1.0]])
+BRATS_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+CT_HU = {"air": -1000.0, "tissue": 37.5, "fat": -500.0, "bone": 1000.0}  # 37.5 HU is the middle of (-175, 250)
+
+
+def _label_volume(shift: int = 0) -> np.ndarray:
+    """Nested blob: edema (1) around non-enhancing core (2) around enhancing core (3)."""
+    label = np.zeros(SHAPE, np.uint8)
+    label[5 + shift : 14 + shift, 4:13, 3:12] = 1
+    label[7 + shift : 12 + shift, 6:11, 5:10] = 2
+    label[8 + shift : 10 + shift, 7:9, 6:8] = 3
+    return label
+
+
+def _save(array: np.ndarray, path: str) -> None:
+    nib.save(nib.Nifti1Image(array, AFFINE), path)
+
+
+def _make_task(root, n_cases: int = 3, modality: dict | None = None, labels: dict | None = None) -> str:
+    """An MSD-like task folder; MRI cases are 2-modality 4-D NIfTIs (X, Y, Z, C) with a zero border like skull-strip."""
+    modality = modality or {"0": "FLAIR", "1": "T1w"}
+    is_ct = infer_modality({"modality": modality}) == "CT"
+    task = os.path.join(root, "Task01_Fake")
+    os.makedirs(os.path.join(task, "imagesTr"))
+    os.makedirs(os.path.join(task, "labelsTr"))
+    rng = np.random.default_rng(0)
+    training = []
+    for i in range(n_cases):
+        name = f"FAKE_{i:03d}"
+        label = _label_volume(shift=i % 2)
+        if is_ct:
+            image = np.full(SHAPE, CT_HU["air"], np.float32)
+            image[2:-2, 2:-2, 2:-2] = CT_HU["tissue"]
+            image[3:5, 3:5, 3:5] = CT_HU["fat"]
+            image[label == 3] = CT_HU["bone"]
+        else:
+            image = np.zeros((*SHAPE, len(modality)), np.float32)
+            image[2:-2, 2:-2, 2:-2] = rng.uniform(1.0, 2.0, (SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4, len(modality)))
+            image[label > 0] += 3.0
+        _save(image, os.path.join(task, "imagesTr", f"{name}.nii.gz"))
+        _save(label, os.path.join(task, "labelsTr", f"{name}.nii.gz"))
+        training.append({"image": f"./imagesTr/{name}.nii.gz", "label": f"./labelsTr/{name}.nii.gz"})
+    meta = {
+        "name": "Fake",
+        "description": "tiny fake MSD task",
+        "reference": "none",
+        "licence": "CC-BY-SA 4.0",
+        "release": "1.0",
+        "tensorImageSize": "3D" if is_ct else "4D",
+        "modality": modality,
+        "labels": labels or BRATS_LABELS,
+        "numTraining": n_cases,
+        "numTest": 0,
+        "training": training,
+        "test": [],
+    }
+    with open(os.path.join(task, "dataset.json"), "w") as f:
+        json.dump(meta, f)
+    return task
+
+
+@pytest.fixture
+def task(tmp_path) -> str:
+    return _make_task(str(tmp_path))
+
+
+@pytest.fixture
+def cases(task) -> list[dict]:
+    return load_msd_datalist(task)[1]
+
+
+def _val(case: dict, **kwargs) -> dict:
+    return msd_transforms("val", num_classes=4, **kwargs)(case)
+
+
+# ----------------------------------------------------------------------------------------------- datalist and split
+
+
+def test_load_datalist_resolves_relative_paths(task):
+    props, cases = load_msd_datalist(task)
+    assert [c["name"] for c in cases] == ["FAKE_000", "FAKE_001", "FAKE_002"]
+    for c in cases:
+        assert os.path.isabs(c["image"]) and os.path.isfile(c["image"]) and "/./" not in c["image"]
+        assert c["image"] == os.path.join(task, "imagesTr", c["name"] + ".nii.gz")
+        assert c["label"] == os.path.join(task, "labelsTr", c["name"] + ".nii.gz")
+    assert "training" not in props
+    assert props["labels"] == BRATS_LABELS and props["modality"] == {"0": "FLAIR", "1": "T1w"}
+    assert props["numTraining"] == 3
+    assert infer_modality(props) == "MRI"
+    assert num_output_channels(props) == 4 and num_output_channels(props, "brats_regions") == 3
+
+
+def test_load_datalist_relative_root(task, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(task))
+    _, cases = load_msd_datalist(os.path.basename(task))
+    assert cases[0]["image"] == os.path.join(task, "imagesTr", "FAKE_000.nii.gz")
+
+
+def test_infer_modality():
+    assert infer_modality({"modality": {"0": "CT"}}) == "CT"
+    assert infer_modality({"modality": {"0": "T2", "1": "ADC"}}) == "MRI"
+    assert infer_modality({}) == "MRI"
+
+
+def test_split_deterministic_and_disjoint():
+    items = [f"case{i}" for i in range(10)]
+    train, val = split_cases(items, val_frac=0.2, seed=3)
+    assert (train, val) == split_cases(items, val_frac=0.2, seed=3)
+    assert len(val) == 2 and len(train) == 8 and sorted(train + val) == sorted(items)
+    assert any(split_cases(items, val_frac=0.2, seed=s)[1] != val for s in range(4, 10))
+    assert train == [x for x in items if x in train]  # input order kept
+
+
+@pytest.mark.parametrize("n, val_frac", [(2, 0.2), (3, 0.01), (3, 0.99), (5, 0.5)])
+def test_split_keeps_one_case_each_side(n, val_frac):
+    train, val = split_cases(list(range(n)), val_frac=val_frac)
+    assert len(train) >= 1 and len(val) >= 1 and len(train) + len(val) == n
+
+
+def test_split_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="val_frac"):
+        split_cases([1, 2, 3], val_frac=1.0)
+
+
+# ------------------------------------------------------------------------------------------------------ transforms
+
+
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_train_labels_shapes_and_dtypes(cases, num_samples):
+    tf = msd_transforms("train", spatial_size=(12, 10, 8), num_classes=4, num_samples=num_samples)
+    out = tf(cases[0])
+    samples = out if num_samples > 1 else [out]
+    assert isinstance(out, list if num_samples > 1 else dict) and len(samples) == num_samples
+    for s in samples:
+        assert s["image"].shape == (2, 12, 10, 8) and s["image"].dtype == torch.float32
+        assert s["label"].shape == (1, 12, 10, 8) and s["label"].dtype == torch.int64
+        assert set(s["label"].unique().tolist()) <= {0, 1, 2, 3}
+        assert s["name"] == "FAKE_000"
+
+
+def test_train_pads_volumes_smaller_than_the_crop(cases):
+    out = msd_transforms("train", spatial_size=(32, 32, 32), num_classes=4)(cases[0])
+    assert out["image"].shape == (2, 32, 32, 32) and out["label"].shape == (1, 32, 32, 32)
+
+
+def test_train_brats_regions_are_nested_binary(cases):
+    out = msd_transforms("train", spatial_size=(12, 10, 8), num_classes=4, label_mode="brats_regions")(cases[0])
+    label = out["label"]
+    assert label.shape == (3, 12, 10, 8) and label.dtype == torch.float32
+    assert set(label.unique().tolist()) <= {0.0, 1.0}
+    tc, wt, et = label
+    assert bool((wt >= tc).all()) and bool((tc >= et).all())
+
+
+def test_brats_regions_mapping_on_known_voxels(cases):
+    labels = _val(cases[0])["label"][0]
+    regions = _val(cases[0], label_mode="brats_regions")["label"]
+    assert regions.shape == (3, *labels.shape)
+    expected = {0: (0, 0, 0), 1: (0, 1, 0), 2: (1, 1, 0), 3: (1, 1, 1)}  # MSD coding -> (TC, WT, ET)
+    for value, channels in expected.items():
+        mask = labels == value
+        assert mask.any(), f"class {value} missing from the fake case"
+        for channel, want in zip(regions, channels):
+            assert bool((channel[mask] == want).all()), (value, channels)
+
+
+def test_convert_brats_regions_direct():
+    out = msd.ConvertMSDBratsRegionsd("label")({"label": torch.tensor([[[[0, 1, 2, 3]]]])})["label"]
+    assert out.dtype == torch.float32
+    assert out[:, 0, 0].tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def _blob_center_world(affine: np.ndarray, label: np.ndarray, value: int = 3) -> np.ndarray:
+    center = np.argwhere(label == value).mean(axis=0)
+    return (np.asarray(affine) @ np.append(center, 1.0))[:3]
+
+
+@pytest.mark.parametrize("pixdim", [None, (1.0, 1.0, 1.0)])
+def test_val_keeps_world_affine(cases, pixdim):
+    out = _val(cases[1], pixdim=pixdim)
+    image, label = out["image"], out["label"]
+    assert image.dtype == torch.float32 and label.dtype == torch.int64 and label.shape[1:] == image.shape[1:]
+    affine = image.affine.numpy()
+    spacing = (1.5, 1.2, 2.0) if pixdim is None else pixdim
+    np.testing.assert_allclose(np.diag(affine)[:3], spacing, atol=1e-5)  # RAS: positive diagonal
+    np.testing.assert_allclose(np.asarray(image.meta["original_affine"]), AFFINE, atol=1e-6)
+    np.testing.assert_allclose(label.affine.numpy(), affine)
+    file_label = nib.load(cases[1]["label"]).get_fdata()
+    # The enhancing blob lies at the same world position in the file and in the output.
+    np.testing.assert_allclose(
+        _blob_center_world(affine, label[0].numpy()), _blob_center_world(AFFINE, file_label), atol=0.75
+    )
+    if pixdim is None:  # the zero border is cropped away, the flipped x axis is reversed
+        assert image.shape == (2, SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4)
+        np.testing.assert_array_equal(label[0].numpy(), file_label[::-1][2:-2, 2:-2, 2:-2])
+
+
+def test_val_is_deterministic(cases):
+    tf = msd_transforms("val", num_classes=4)
+    torch.testing.assert_close(tf(cases[0])["image"].as_tensor(), tf(cases[0])["image"].as_tensor())
+
+
+def test_mri_normalised_per_channel(cases):
+    image = _val(cases[0])["image"]
+    for channel in image:
+        nonzero = channel[channel != 0]
+        assert abs(float(nonzero.mean())) < 1e-3 and abs(float(nonzero.std()) - 1) < 1e-2
+
+
+def test_ct_normalisation_range(tmp_path):
+    task = _make_task(str(tmp_path), modality={"0": "CT"}, labels={"0": "background", "1": "a", "2": "b", "3": "c"})
+    props, cases = load_msd_datalist(task)
+    assert infer_modality(props) == "CT"
+    out = _val(cases[0], modality="CT")
+    image = out["image"]
+    assert image.shape[0] == 1 and float(image.min()) == 0.0 and float(image.max()) == 1.0
+    torch.testing.assert_close(image[out["label"] == 1].unique(), torch.tensor([0.5]))  # 37.5 HU
+    assert bool((image[out["label"] == 3] == 1.0).all())  # 1000 HU clipped
+    # The air around the body is cropped away with the foreground crop.
+    assert image.shape[1:] == (SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4)
+
+
+def test_transforms_pickle(cases):
+    tf = pickle.loads(pickle.dumps(msd_transforms("train", spatial_size=(8, 8, 8), num_classes=4)))
+    assert tf(cases[0])["image"].shape == (2, 8, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mode": "test"}, "mode"),
+        ({"modality": "PET"}, "modality"),
+        ({"label_mode": "onehot"}, "label_mode"),
+        ({"label_mode": "brats_regions", "num_classes": 3}, "num_classes=4"),
+        ({"spatial_size": (8, 8)}, "spatial_size"),
+        ({"num_samples": 0}, "num_samples"),
+    ],
+)
+def test_transform_arguments_validated(kwargs, match):
+    args = {"mode": "train", "num_classes": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        msd_transforms(args.pop("mode"), **args)
+
+
+# -------------------------------------------------------------------------------------------------------- errors
+
+
+def test_missing_folder_and_json(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_msd_datalist(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dataset.json"):
+        load_msd_datalist(tmp_path)
+
+
+def test_invalid_json(task):
+    with open(os.path.join(task, "dataset.json"), "w") as f:
+        f.write('{"training": [')
+    with pytest.raises(ValueError, match=re.escape(os.path.join(task, "dataset.json"))):
+        load_msd_datalist(task)
+
+
+@pytest.mark.parametrize("key, folder", [("image", "imagesTr"), ("label", "labelsTr")])
+def test_missing_listed_file(task, key, folder):
+    os.remove(os.path.join(task, folder, "FAKE_001.nii.gz"))
+    with pytest.raises(FileNotFoundError, match=f"{key} file .*{folder}/FAKE_001.nii.gz"):
+        load_msd_datalist(task)
+
+
+def _break_case(case: dict, *, image=None, label=None) -> None:
+    if image is not None:
+        _save(image, case["image"])
+    if label is not None:
+        _save(label, case["label"])
+
+
+def _case_error(case: dict, mode: str = "val", **kwargs) -> pytest.ExceptionInfo:
+    tf = msd_transforms(mode, spatial_size=(8, 8, 8), num_classes=4, **kwargs)
+    with pytest.raises(ValueError, match=re.escape(case["image"])) as info:
+        tf(case)
+    assert case["label"] in str(info.value)
+    return info
+
+
+def test_shape_mismatch_names_files(cases):
+    _break_case(cases[0], label=np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] - 1), np.uint8))
+    assert "does not match" in str(_case_error(cases[0]).value)
+
+
+def test_label_out_of_range_names_files(cases):
+    label = _label_volume()
+    label[0, 0, 0] = 5
+    _break_case(cases[0], label=label)
+    assert "[5.0]" in str(_case_error(cases[0], mode="train").value)
+    assert "0..3" in str(_case_error(cases[0], label_mode="brats_regions").value)
+
+
+def test_nan_image_names_files(cases):
+    image = nib.load(cases[0]["image"]).get_fdata().astype(np.float32)
+    image[3, 3, 3, 1] = np.nan
+    _break_case(cases[0], image=image)
+    assert "NaN" in str(_case_error(cases[0]).value)
+
+
+def test_dataset_item_raises_case_error(task, cases):
+    _break_case(cases[2], label=np.zeros(SHAPE[:2] + (3,), np.uint8))
+    train_ds, val_ds, _ = build_msd_datasets(task, spatial_size=(8, 8, 8), val_frac=0.01)
+    ds = train_ds if cases[2]["name"] in [c["name"] for c in train_ds.data] else val_ds
+    index = [c["name"] for c in ds.data].index(cases[2]["name"])
+    with pytest.raises(ValueError, match="FAKE_002"):
+        ds[index]
+
+
+def test_missing_monai_gives_install_hint(task, monkeypatch):
+    monkeypatch.setitem(sys.modules, "monai", None)
+    spec = importlib.util.spec_from_file_location("_msd_without_monai", msd.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # importing works without MONAI
+    assert len(module.load_msd_datalist(task)[1]) == 3
+    for call in (lambda: module.msd_transforms("val", num_classes=4), lambda: module.CheckCased):
+        with pytest.raises(ImportError, match=re.escape('pip install "fastseg3d[monai]"')):
+            call()
+
+
+# ------------------------------------------------------------------------------------------------------- datasets
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_loader_batches_with_list_data_collate(task, cache):
+    train_ds, val_ds, props = build_msd_datasets(
+        task, spatial_size=(8, 8, 8), num_samples=2, val_frac=0.2, seed=0, cache=cache
+    )
+    assert len(train_ds) == 2 and len(val_ds) == 1 and props["labels"] == BRATS_LABELS
+    loader = monai_data.DataLoader(
+        train_ds, batch_size=2, shuffle=True, num_workers=0, collate_fn=monai_data.list_data_collate
+    )
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 2, 8, 8, 8) and batch["label"].shape == (4, 1, 8, 8, 8)
+    assert batch["label"].dtype == torch.int64 and len(batch["name"]) == 4
+    val_batch = next(iter(monai_data.DataLoader(val_ds, batch_size=1, collate_fn=monai_data.list_data_collate)))
+    assert val_batch["image"].shape[:2] == (1, 2) and val_batch["image"].affine.shape == (1, 4, 4)
+
+
+def test_single_sample_items_are_dicts(task):
+    train_ds, _, _ = build_msd_datasets(task, spatial_size=(8, 8, 8), label_mode="brats_regions")
+    assert isinstance(train_ds[0], dict) and train_ds[0]["label"].shape == (3, 8, 8, 8)
+    batch = next(iter(monai_data.DataLoader(train_ds, batch_size=2)))  # the default collate works for one crop per case
+    assert batch["image"].shape == (2, 2, 8, 8, 8) and batch["label"].shape == (2, 3, 8, 8, 8)

@@ -1,0 +1,172 @@
+"""fastseg3d convert: official SegFormer3D state dicts <-> fastseg3d checkpoints."""
+
+from __future__ import annotations
+
+import fractions
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import fastseg3d
+from fastseg3d.convert import (
+    fastseg3d_to_official,
+    infer_segformer3d_config,
+    load_state_dict_file,
+    main,
+    official_to_fastseg3d,
+)
+from fastseg3d.networks import SegFormer3D
+
+# Non-default everywhere the shapes can show it, plus an anisotropic first stage (stride must be passed).
+_KWARGS = dict(
+    in_channels=2, out_channels=2, embed_dims=[8, 16, 24, 32], depths=[1, 2, 1, 1], num_heads=[1, 2, 3, 4],
+    sr_ratios=[2, 2, 1, 1], mlp_ratio=2, patch_kernel_size=[[3, 7, 7], 3, 3, 3],
+    patch_stride=[[2, 4, 4], 2, 2, 2], patch_padding=[[1, 3, 3], 1, 1, 1], decoder_dim=16,
+)
+_NOT_IN_SHAPES = dict(num_heads=[1, 2, 3, 4], patch_stride=[[2, 4, 4], 2, 2, 2])
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    model = SegFormer3D(**_KWARGS)
+    for m in model.modules():  # non-trivial running statistics, so eval outputs depend on every buffer
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.num_batches_tracked.fill_(7)
+    return model.eval()
+
+
+def _input(model):
+    return torch.randn(1, 2, *(2 * s for s in model.total_stride))
+
+
+def test_infer_config(net):
+    cfg = infer_segformer3d_config(net.state_dict(), **_NOT_IN_SHAPES)
+    assert cfg == {**_KWARGS, "attention_scale": "head_dim"}
+    with pytest.warns(UserWarning, match="num_heads"):
+        assert infer_segformer3d_config(net.state_dict())["num_heads"] == [1, 2, 5, 8]
+    with pytest.raises(ValueError, match="unknown"):
+        infer_segformer3d_config(net.state_dict(), heads=2)
+
+
+def test_infer_config_of_the_official_default():
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = infer_segformer3d_config(SegFormer3D().state_dict())
+    with torch.device("meta"):
+        assert sum(p.numel() for p in SegFormer3D(**cfg).parameters()) == 4_525_251
+    assert cfg["patch_padding"] == [3, 1, 1, 1] and cfg["mlp_ratio"] == 4 and cfg["sr_ratios"] == [4, 2, 1, 1]
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "module-prefix-wrapped"])
+def test_round_trip(tmp_path, net, wrapped):
+    sd = net.state_dict()
+    official = tmp_path / "pytorch_model.bin"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}} if wrapped else sd, official)
+
+    converted = tmp_path / "out" / "segformer3d.pt"
+    cfg = official_to_fastseg3d(official, converted, **_NOT_IN_SHAPES)
+    ckpt = torch.load(converted, weights_only=True)
+    assert ckpt["model"] == {"name": "segformer3d", "kwargs": cfg}
+    assert ckpt["fastseg3d_version"] == fastseg3d.__version__
+    rebuilt = SegFormer3D(**ckpt["model"]["kwargs"])
+    rebuilt.load_state_dict(ckpt["network_weights"], strict=True)
+    x = _input(net)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), net(x), rtol=0, atol=0)
+
+    back = tmp_path / "back" / "pytorch_model.bin"
+    assert fastseg3d_to_official(converted, back) == cfg
+    restored = torch.load(back, weights_only=True)
+    assert list(restored) == list(sd)
+    for k, v in sd.items():
+        assert restored[k].dtype == v.dtype and torch.equal(restored[k], v), k
+    assert sorted(p.name for p in back.parent.iterdir()) == ["pytorch_model.bin"]  # no temporary left
+
+
+def test_training_checkpoint_to_official(tmp_path, net):
+    sd = net.state_dict()
+    ckpt = tmp_path / "checkpoint_best.pt"
+    torch.save({"network_weights": {f"_orig_mod.{k}": v for k, v in sd.items()},
+                "model": {"name": "SegFormer3D", "kwargs": _KWARGS},
+                "optimizer_state": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "current_epoch": 3,
+                "rng_state": {"python": random.getstate(), "numpy": np.random.get_state(),
+                              "torch": torch.get_rng_state()}}, ckpt)
+    fastseg3d_to_official(ckpt, tmp_path / "official.bin")
+    restored = torch.load(tmp_path / "official.bin", weights_only=True)
+    assert all(torch.equal(restored[k], v) for k, v in sd.items()) and len(restored) == len(sd)
+
+
+def test_wrong_keys_are_listed(tmp_path, net):
+    sd = dict(net.state_dict())
+    del sd["segformer_encoder.tf_block2.1.attention.proj.bias"]
+    sd["segformer_decoder.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.bin"
+    torch.save(sd, path)
+    with pytest.raises(ValueError) as err:
+        official_to_fastseg3d(path, tmp_path / "out.pt", **_NOT_IN_SHAPES)
+    msg = str(err.value)
+    assert "bad.bin" in msg and "missing keys (1)" in msg and "unexpected keys (1)" in msg
+    assert "tf_block2.1.attention.proj.bias" in msg and "segformer_decoder.extra.weight" in msg
+    assert not (tmp_path / "out.pt").exists()
+
+    good = tmp_path / "ok.bin"
+    torch.save(net.state_dict(), good)
+    with pytest.raises(ValueError, match=r"shape mismatches \(1\)[\s\S]*patch_embeddings.weight"):
+        official_to_fastseg3d(good, tmp_path / "out.pt", in_channels=3, **_NOT_IN_SHAPES)
+    torch.save({"encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="bad.bin.*not a SegFormer3D state_dict"):
+        official_to_fastseg3d(path, tmp_path / "out.pt")
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.bin"
+    corrupt.write_bytes(b"not a checkpoint" * 8)
+    with pytest.raises(ValueError, match="corrupt.bin"):
+        load_state_dict_file(corrupt)
+    with pytest.raises(FileNotFoundError, match="absent.bin"):
+        load_state_dict_file(tmp_path / "absent.bin")
+    empty = tmp_path / "no_tensors.pt"
+    torch.save({"epoch": 3, "model": {"name": "segformer3d"}}, empty)
+    with pytest.raises(ValueError, match="no_tensors.pt.*no state_dict"):
+        load_state_dict_file(empty)
+    with pytest.raises(ValueError, match="no_tensors.pt.*not a fastseg3d checkpoint"):
+        fastseg3d_to_official(empty, tmp_path / "x.bin")
+    pickled = tmp_path / "objects.pt"
+    torch.save({"network_weights": {"w": torch.zeros(1)}, "note": fractions.Fraction(1, 3)}, pickled)
+    with pytest.raises(ValueError, match="objects.pt.*trusted"):
+        fastseg3d_to_official(pickled, tmp_path / "x.bin")
+    with pytest.raises(ValueError, match="objects.pt.*not a SegFormer3D state_dict"):
+        fastseg3d_to_official(pickled, tmp_path / "x.bin", trusted=True)
+
+
+def test_other_models_do_not_convert_to_official(tmp_path, net):
+    path = tmp_path / "unet.pt"
+    torch.save({"network_weights": net.state_dict(), "model": {"name": "unet", "kwargs": {}}}, path)
+    with pytest.raises(ValueError, match="unet"):
+        fastseg3d_to_official(path, tmp_path / "x.bin")
+
+
+def test_command_line(tmp_path, net, capsys):
+    official = tmp_path / "pytorch_model.bin"
+    torch.save(net.state_dict(), official)
+    converted = tmp_path / "fs.pt"
+    assert main(["--from", "official-segformer3d", str(official), str(converted), "--num-heads", "1", "2", "3", "4",
+                 "--patch-stride", "2,4,4", "2", "2", "2", "--attention-scale", "num_heads"]) == 0
+    kwargs = torch.load(converted, weights_only=True)["model"]["kwargs"]
+    assert kwargs["patch_stride"] == [[2, 4, 4], 2, 2, 2] and kwargs["attention_scale"] == "num_heads"
+    assert main(["convert", "--to", "official-segformer3d", str(converted), str(tmp_path / "back.bin")]) == 0
+    assert "back.bin" in capsys.readouterr().out
+
+    assert main(["--to", "official-segformer3d", str(tmp_path / "nope.pt"), str(tmp_path / "o.bin")]) == 1
+    assert "nope.pt" in capsys.readouterr().err
+    assert main(["--to", "official-segformer3d", str(converted), str(tmp_path / "o.bin"), "--num-heads",
+                 "1", "1", "1", "1"]) == 1
+    assert "--num-heads" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--from", "official-segformer3d", "--to", "official-segformer3d", "a", "b"])

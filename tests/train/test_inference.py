@@ -1,0 +1,255 @@
+"""Sliding-window inference, flip TTA, predictions, metrics, NIfTI export and label coding."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastseg3d.train.inference import (
+    MetricAccumulator,
+    labels_from_prediction,
+    save_prediction_nifti,
+    segmentation_metrics,
+    sliding_window_predict,
+    to_onehot,
+    to_prediction,
+)
+
+
+def _conv(kernel: int) -> nn.Module:
+    return nn.Conv3d(2, 3, kernel, padding=kernel // 2).eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+# sliding window and TTA
+
+
+def test_single_window_constant_equals_forward():
+    net = _conv(3)
+    x = torch.randn(2, 2, 12, 16, 8)
+    out = sliding_window_predict(net, x, (12, 16, 8), blend="constant", sw_batch_size=2)
+    torch.testing.assert_close(out, net(x))
+    assert not out.requires_grad
+
+
+@pytest.mark.parametrize("roi", [(8, 8, 8), (32, 32, 32)], ids=["windows", "roi-larger-than-image"])
+def test_gaussian_covers_non_divisible_image(roi):
+    # A pointwise model gives the same value in every window covering a voxel, so any blend reproduces the forward
+    # exactly where windows cover it; an uncovered voxel would come out 0 or NaN.
+    net = _conv(1)
+    x = torch.randn(1, 2, 20, 23, 17)
+    out = sliding_window_predict(net, x, roi, overlap=0.5, sw_batch_size=3, blend="gaussian")
+    assert out.shape == (1, 3, 20, 23, 17)
+    torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flip_tta_is_identity_for_flip_equivariant_model():
+    net = _conv(1)
+    x = torch.randn(1, 2, 10, 12, 6)
+    plain = sliding_window_predict(net, x, 8, blend="constant")
+    torch.testing.assert_close(sliding_window_predict(net, x, 8, blend="constant", flip_tta=True), plain)
+
+
+def test_flip_tta_averages_the_eight_flips():
+    net = _conv(3)
+    x = torch.randn(1, 2, 6, 7, 5)
+    dims = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    with torch.no_grad():
+        expected = sum(net(x.flip(d)).flip(d) if d else net(x) for d in dims) / 8
+    out = sliding_window_predict(net, x, (6, 7, 5), blend="constant", flip_tta=True)
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, net(x).detach())
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    aux: torch.Tensor
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "dict", "dataclass"])
+def test_logits_taken_from_structured_outputs(wrap):
+    conv = _conv(1)
+
+    class Net(nn.Module):
+        def forward(self, x):
+            y = conv(x)
+            return {"tuple": (y, y * 0), "dict": {"logits": y, "aux": y * 0}, "dataclass": _Output(y, y * 0)}[wrap]
+
+    x = torch.randn(1, 2, 8, 8, 8)
+    torch.testing.assert_close(sliding_window_predict(Net(), x, 8), conv(x).detach())
+    custom = sliding_window_predict(Net(), x, 8, logits_fn=lambda o: conv(x) * 0 + 1)
+    assert torch.all(custom == 1)
+
+
+def test_bad_blend_rejected():
+    with pytest.raises(ValueError, match="blend"):
+        sliding_window_predict(_conv(1), torch.randn(1, 2, 4, 4, 4), 4, blend="mean")
+
+
+# ------------------------------------------------------------------------------------------------------
+# predictions and one-hot
+
+
+def test_to_prediction_and_onehot():
+    logits = torch.tensor([2.0, -1.0, 0.5]).view(1, 3, 1, 1, 1).repeat(1, 1, 2, 2, 2)
+    soft = to_prediction(logits, "softmax")
+    assert soft.dtype == torch.float32 and soft.shape == (1, 3, 2, 2, 2)
+    assert soft[0, :, 0, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert to_prediction(logits, "sigmoid")[0, :, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
+
+    label = torch.tensor([0.0, 2.0]).view(1, 1, 2, 1, 1)  # MONAI loads labels as float
+    onehot = to_onehot(label, 3, "softmax")
+    assert onehot.shape == (1, 3, 2, 1, 1) and onehot.dtype == torch.float32
+    assert onehot[0, :, 1, 0, 0].tolist() == [0.0, 0.0, 1.0]
+    regions = torch.randint(0, 2, (1, 3, 2, 2, 2))
+    assert torch.equal(to_onehot(regions, 3, "sigmoid"), regions.float())
+    with pytest.raises(ValueError):
+        to_onehot(regions, 3, "softmax")
+    with pytest.raises(ValueError, match="mode"):
+        to_prediction(logits, "argmax")
+
+
+# ------------------------------------------------------------------------------------------------------
+# metrics
+
+
+def _onehot(labels: torch.Tensor, k: int) -> torch.Tensor:
+    return to_onehot(labels[None, None], k, "softmax")
+
+
+def test_dice_exact_values():
+    gt = torch.zeros(12, 12, 12, dtype=torch.long)
+    pred = torch.zeros_like(gt)
+    gt[2:6, 2:6, 2:6] = 1  # 64 voxels
+    pred[2:6, 2:6, 2:4] = 1  # 32 of them
+    gt[8:10, 8:10, 8:10] = 2
+    pred[8:10, 8:10, 8:10] = 2
+    m = segmentation_metrics(_onehot(pred, 3), _onehot(gt, 3), include_background=False, hd95=False)
+    assert m["dice_per_class"] == pytest.approx([2 * 32 / (64 + 32), 1.0])
+    assert m["dice"] == pytest.approx((2 / 3 + 1) / 2)
+    assert m["hd95"] is None and m["hd95_per_class"] is None
+    with_bg = segmentation_metrics(_onehot(pred, 3), _onehot(gt, 3), include_background=True, hd95=False)
+    assert len(with_bg["dice_per_class"]) == 3
+
+
+@pytest.mark.parametrize("spacing, expected", [(None, 3.0), ((2.0, 1.0, 1.0), 6.0)])
+def test_hd95_of_shifted_cubes_is_the_shift(spacing, expected):
+    gt = torch.zeros(1, 1, 20, 20, 20)
+    pred = torch.zeros_like(gt)
+    gt[..., 4:10, 4:10, 4:10] = 1
+    pred[..., 7:13, 4:10, 4:10] = 1
+    m = segmentation_metrics(pred, gt, include_background=True, spacing=spacing)
+    assert m["hd95_per_class"] == [pytest.approx(expected)]
+    assert m["hd95"] == pytest.approx(expected)
+
+
+def test_empty_classes_give_none_and_are_skipped_in_means():
+    gt = torch.zeros(10, 10, 10, dtype=torch.long)
+    pred = torch.zeros_like(gt)
+    gt[1:4, 1:4, 1:4] = 1
+    pred[1:4, 1:4, 1:4] = 1
+    gt[6:8, 6:8, 6:8] = 3  # class 3 missed; class 2 absent everywhere
+    m = segmentation_metrics(_onehot(pred, 4), _onehot(gt, 4), include_background=False)
+    assert m["dice_per_class"] == [1.0, None, 0.0]
+    assert m["dice"] == pytest.approx(0.5)
+    assert m["hd95_per_class"][0] == 0.0 and m["hd95_per_class"][1:] == [None, None]
+    json.dumps(m, allow_nan=False)
+
+    empty = torch.zeros(1, 1, 4, 4, 4)
+    nothing = segmentation_metrics(empty, empty, include_background=True)
+    assert nothing == {"dice": None, "dice_per_class": [None], "hd95": None, "hd95_per_class": [None]}
+
+
+def test_accumulator_means_over_defined_cases():
+    acc = MetricAccumulator(include_background=False, hd95=False)
+    a = torch.zeros(8, 8, 8, dtype=torch.long)
+    a[1:5, 1:5, 1:5] = 1
+    half = a.clone()
+    half[1:5, 1:5, 1:3] = 0
+    b = a.clone()
+    b[6:8, 6:8, 6:8] = 2
+    first = acc.update(_onehot(a, 3), _onehot(a, 3), loss=1.0)  # class 2 absent: undefined
+    assert first["dice_per_class"] == [1.0, None]
+    # batch of two cases: one loss value for both
+    acc.update(torch.cat([_onehot(half, 3), _onehot(b, 3)]), torch.cat([_onehot(a, 3), _onehot(b, 3)]), loss=4.0)
+    out = acc.aggregate()
+    assert len(acc) == 3 and out["num_cases"] == 3
+    assert out["dice_per_class"] == pytest.approx([(1.0 + 2 * 32 / 96 + 1.0) / 3, 1.0])
+    assert out["dice"] == pytest.approx((out["dice_per_class"][0] + 1.0) / 2)
+    assert out["loss"] == pytest.approx((1.0 + 2 * 4.0) / 3)
+    json.dumps(out, allow_nan=False)
+    acc.reset()
+    with pytest.raises(ValueError):
+        acc.aggregate()
+
+
+def test_accumulator_hd95_with_per_batch_spacing():
+    acc = MetricAccumulator(include_background=True, spacing=1.0)
+    gt = torch.zeros(1, 1, 16, 16, 16)
+    pred = torch.zeros_like(gt)
+    gt[..., 2:8, 2:8, 2:8] = 1
+    pred[..., 4:10, 2:8, 2:8] = 1
+    acc.update(pred, gt)
+    acc.update(pred, gt, spacing=(3.0, 1.0, 1.0))
+    assert acc.aggregate()["hd95"] == pytest.approx((2.0 + 6.0) / 2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# NIfTI and label coding
+
+
+@pytest.mark.parametrize("values, dtype", [((0, 4), np.uint8), ((-1, 300), np.int16)])
+def test_nifti_round_trip(tmp_path, values, dtype):
+    labels = torch.randint(*values, (7, 9, 5))
+    affine = np.array([[1.5, 0, 0, -10.0], [0, 0.8, 0, 4.0], [0, 0, 3.0, 2.5], [0, 0, 0, 1]])
+    out = save_prediction_nifti(labels, affine, tmp_path / "sub" / "case_001.nii.gz")
+    assert [p.name for p in out.parent.iterdir()] == ["case_001.nii.gz"]  # no temporary left behind
+    img = nib.load(out)
+    assert img.get_data_dtype() == dtype
+    np.testing.assert_array_equal(np.asarray(img.dataobj), labels.numpy())
+    np.testing.assert_allclose(img.affine, affine)
+    np.testing.assert_allclose(img.get_qform(), affine, atol=1e-6)
+
+
+def test_nifti_rejects_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="D, H, W"):
+        save_prediction_nifti(np.zeros((1, 2, 3, 4), np.uint8), None, tmp_path / "x.nii.gz")
+    with pytest.raises(ValueError, match="nii"):
+        save_prediction_nifti(np.zeros((2, 3, 4), np.uint8), None, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="integers"):
+        save_prediction_nifti(np.full((2, 3, 4), 0.5), None, tmp_path / "x.nii")
+
+
+def _brats_regions(msd: torch.Tensor) -> torch.Tensor:
+    """MSD Task01 labels -> (TC, WT, ET), as SegFormer3D's preprocessing does."""
+    return torch.stack([(msd == 2) | (msd == 3), msd > 0, msd == 3]).float()
+
+
+def test_brats_regions_map_back_to_msd_coding():
+    msd = torch.randint(0, 4, (6, 7, 8))
+    assert torch.equal(labels_from_prediction(_brats_regions(msd), "sigmoid", regions="brats"), msd)
+    batched = _brats_regions(msd)[None]
+    assert torch.equal(labels_from_prediction(batched, "sigmoid", regions=("TC", "WT", "ET")), msd)
+    permuted = _brats_regions(msd)[[2, 0, 1]]  # ET, TC, WT
+    assert torch.equal(labels_from_prediction(permuted, "sigmoid", regions=["et", "tc", "wt"]), msd)
+
+
+def test_brats_innermost_region_wins():
+    et_only = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1, 1)  # ET predicted outside TC and WT
+    assert labels_from_prediction(et_only, "sigmoid", regions="brats").item() == 3
+
+
+def test_softmax_and_generic_sigmoid_labels():
+    labels = torch.randint(0, 3, (4, 5, 6))
+    assert torch.equal(labels_from_prediction(_onehot(labels, 3), "softmax"), labels)
+    pred = torch.tensor([[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0]]).view(2, 4, 1, 1)
+    assert labels_from_prediction(pred, "sigmoid").flatten().tolist() == [0, 1, 2, 1]
+    with pytest.raises(ValueError, match="one case"):
+        labels_from_prediction(torch.zeros(2, 3, 4, 4, 4), "softmax")

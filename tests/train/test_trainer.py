@@ -1,0 +1,258 @@
+"""The training loop: configs, checkpoints, exact resume, non-finite losses, DDP, evaluation, every recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("monai")
+pytest.importorskip("yaml")
+
+from fastseg3d.cli import main as cli_main  # noqa: E402
+from fastseg3d.train import NonFiniteLossError, Trainer, atomic_save, load_checkpoint, load_config  # noqa: E402
+from fastseg3d.train.builders import enable_activation_checkpointing, schedule_factor  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+# A U-Net small enough for a CPU step in milliseconds; instance norm, so it has no batch-size-dependent layers.
+TINY_UNET = ["model.name=unet", "model.kwargs={spatial_dims: 3, channels: [4, 8, 16]}"]
+TINY_DATA = ["data.spatial_size=[16,16,16]", "data.num_train=4", "data.num_val=1", "data.batch_size=2",
+             "val.roi_size=[16,16,16]", "val.num_images=1", "val.every=1", "train.log_every=1", "train.progress=false"]
+
+
+def _rows(run: Path, split: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+def test_config_defaults_overrides_and_errors(tmp_path):
+    cfg = load_config("quickstart", ["optimizer.lr=3e-4", "data.spatial_size=[32,32,32]", "train.amp=bf16"])
+    assert cfg["optimizer"]["lr"] == 3e-4 and cfg["data"]["spatial_size"] == [32, 32, 32]
+    assert cfg["train"]["amp"] == "bf16" and cfg["val"]["overlap"] == 0.5  # untouched default
+    with pytest.raises(KeyError, match="optimizer.lrr"):
+        load_config("quickstart", ["optimizer.lrr=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config("quickstart", ["optimizer.lr"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_config(bad)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_config("nope")
+
+
+def test_schedules():
+    base = {"warmup": 2, "min_lr": 0.0, "restart_period": 4, "power": 0.9, "step_size": 3, "gamma": 0.5}
+    f = schedule_factor({**base, "name": "warmup_cosine"}, 1.0, 10)
+    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0] and f(10) == pytest.approx(0.0, abs=1e-12)
+    f = schedule_factor({**base, "name": "warmup_cosine_restarts"}, 1.0, 100)
+    assert f(2) == 1.0 and f(6) == 1.0 and f(4) == pytest.approx(0.5)
+    f = schedule_factor({**base, "name": "poly", "warmup": 0}, 1.0, 10)
+    assert f(5) == pytest.approx(0.5**0.9)
+    f = schedule_factor({**base, "name": "step", "warmup": 0}, 1.0, 10)
+    assert [f(2), f(3), f(6)] == [1.0, 0.5, 0.25]
+    with pytest.raises(ValueError, match="scheduler.name"):
+        schedule_factor({**base, "name": "cosine"}, 1.0, 10)
+
+
+def test_train_writes_run_directory_and_eval_reads_it(tmp_path):
+    run = tmp_path / "run"
+    code = cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--epochs", "2",
+                     *TINY_UNET, *TINY_DATA])
+    assert code == 0
+    for name in ("config.yaml", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "curves.png",
+                 "images/val_0.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    val = _rows(run, "val")
+    assert [r["epoch"] for r in val] == [0, 1]
+    assert {"step", "epoch", "loss", "dice", "dice_per_class"} <= set(val[0]) and len(val[0]["dice_per_class"]) == 4
+    assert len(_rows(run, "train")) == 4  # 2 steps per epoch, logged every step
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    assert ckpt["step"] == 4 and ckpt["epoch"] == 1 and ckpt["model"]["name"] == "unet"
+    assert ckpt["model"]["kwargs"]["in_channels"] == 4 and ckpt["model"]["kwargs"]["out_channels"] == 5
+    assert load_config(run / "config.yaml")["model"]["name"] == "unet"  # the resolved config reloads
+
+    out = tmp_path / "eval"
+    code = cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(out),
+                     "--save-predictions", "--flip-tta"])
+    assert code == 0
+    result = json.loads((out / "eval_metrics.json").read_text())
+    assert result["mean"]["num_cases"] == 1 and len(result["cases"]) == 1
+    assert result["mean"]["class_names"] == ["edema", "core", "vessel", "nodule"]
+    nib = pytest.importorskip("nibabel")
+    pred = nib.load(str(out / "predictions" / "synthetic_2_0000.nii.gz"))
+    assert pred.shape == (16, 16, 16)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
+    args = ["deterministic=true", "train.epochs=3", *TINY_UNET, *TINY_DATA]
+    whole = tmp_path / "whole"
+    Trainer(load_config("quickstart", args), whole).fit()
+
+    part = tmp_path / "part"
+    original = Trainer.train_epoch
+
+    def stop_in_epoch_2(self, epoch):
+        if epoch == 2:
+            # A crash in the middle of epoch 2: the latest checkpoint is epoch 1's.
+            self.metrics.log({"step": self.step + 1, "epoch": 2, "split": "train", "loss": -1.0})
+            raise _Interrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(_Interrupt):
+        Trainer(load_config("quickstart", args), part).fit()
+    assert load_checkpoint(part / "checkpoint_latest.pt")["epoch"] == 1
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    Trainer(load_config("quickstart", args), part, resume="auto").fit()
+
+    assert [r["loss"] for r in _rows(part, "train")] == [r["loss"] for r in _rows(whole, "train")]
+    a = load_checkpoint(whole / "checkpoint_final.pt")["network_weights"]
+    b = load_checkpoint(part / "checkpoint_final.pt")["network_weights"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from fastseg3d.train.builders import Objective
+
+    run = tmp_path / "run"
+    calls = {"n": 0}
+    forward = Objective.forward
+
+    def nan_in_epoch_1(self, output, target):
+        loss, terms = forward(self, output, target)
+        calls["n"] += 1
+        return (loss * float("nan"), terms) if calls["n"] > 2 and self.training else (loss, terms)
+
+    monkeypatch.setattr(Objective, "forward", nan_in_epoch_1)
+    code = cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--epochs", "3",
+                     *TINY_UNET, *TINY_DATA])
+    assert code == 3
+    assert load_checkpoint(run / "checkpoint_latest.pt")["epoch"] == 0
+    with pytest.raises(NonFiniteLossError, match="checkpoint_latest.pt"):
+        Trainer(load_config("quickstart", ["train.epochs=3", *TINY_UNET, *TINY_DATA]), tmp_path / "again").fit()
+
+
+def test_checkpoints_are_atomic_and_corruption_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint_latest.pt"
+    atomic_save({"network_weights": {"w": torch.ones(2)}}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"network_weights": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["network_weights"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.pt"]
+
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match="checkpoint_latest.pt.*corrupt"):
+        load_checkpoint(path)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt.*network_weights"):
+        load_checkpoint(foreign)
+
+
+def test_bad_configs_fail_early_with_the_key(tmp_path):
+    with pytest.raises(ValueError, match="loss.distill='dsd' does not fit model.name='unet'"):
+        Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, "loss.distill=dsd"]), tmp_path / "a")
+    with pytest.raises(ValueError, match="model.kwargs.out_channels=3 but the data has 5"):
+        Trainer(load_config("quickstart", [*TINY_DATA, "model.kwargs.out_channels=3"]), tmp_path / "b")
+    with pytest.raises(ValueError, match="data.root"):
+        Trainer(load_config("segformer3d_brats"), tmp_path / "c")
+    with pytest.raises(ValueError, match="train.amp"):
+        Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.amp=fp8"]), tmp_path / "d")
+
+
+@pytest.mark.parametrize("name", ["segformer3d_brats", "mobileutr_btcv", "missu_brats", "dsd_unet", "selfreg_unet"])
+def test_every_recipe_trains_a_step_on_synthetic_data(name, tmp_path):
+    cfg = load_config(name, [
+        "data.name=synthetic", "data.spatial_size=[32,32,32]", "data.num_train=2", "data.num_val=1",
+        "data.batch_size=2", "data.num_workers=0", "train.epochs=1", "train.max_steps=1", "train.amp=none",
+        "val.roi_size=[32,32,32]", "val.hd95=false", "val.sw_batch_size=1", "val.num_images=0",
+        "train.progress=false"])
+    result = Trainer(cfg, tmp_path).fit()
+    assert result["num_cases"] == 1
+    ckpt = load_checkpoint(tmp_path / "checkpoint_final.pt")
+    assert ckpt["step"] == 1 and ckpt["model"]["name"] == cfg["model"]["name"]
+    train = _rows(tmp_path, "train")
+    assert len(train) == 1 and torch.isfinite(torch.tensor(train[0]["loss"]))
+    if cfg["loss"]["distill"] == "dsd":
+        assert {"kl_decoder", "kl_encoder"} <= set(train[0])
+    elif cfg["loss"]["distill"] != "none":
+        assert "distill" in train[0]
+
+
+def test_msd_folder_trains_and_evaluates(tmp_path):
+    from tests.data.test_msd import _make_task
+
+    task = _make_task(str(tmp_path / "data"), n_cases=4)
+    run = tmp_path / "run"
+    code = cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--epochs", "1", *TINY_UNET,
+                     "data.name=msd", f"data.root={task}", "data.spatial_size=[16,16,16]", "data.num_samples=2",
+                     "data.batch_size=1", "val.roi_size=[16,16,16]", "val.num_images=1", "train.progress=false"])
+    assert code == 0
+    val = _rows(run, "val")
+    assert len(val[0]["dice_per_class"]) == 3  # dataset.json declares 4 labels: background + 3
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "all", "--output-dir",
+                     str(out), "--save-predictions"]) == 0
+    result = json.loads((out / "eval_metrics.json").read_text())
+    assert result["mean"]["num_cases"] == 4 and result["mean"]["hd95_per_class"] is not None
+    nib = pytest.importorskip("nibabel")
+    image = nib.load(str(Path(task) / "imagesTr" / "FAKE_000.nii.gz"))
+    pred = nib.load(str(out / "predictions" / "FAKE_000.nii.gz"))
+    # The prediction lies on the (foreground-cropped, RAS) image grid: same voxel size as the input.
+    assert pred.header.get_zooms()[:3] == pytest.approx(image.header.get_zooms()[:3])
+
+
+def test_activation_checkpointing_keeps_gradients():
+    from fastseg3d.networks import SegFormer3D
+
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=2, out_channels=3, embed_dims=(8, 16, 16, 16), depths=(1, 1, 1, 1),
+                  num_heads=(1, 1, 1, 1), decoder_dim=16)
+    plain, ckpt = SegFormer3D(**kwargs), SegFormer3D(**kwargs)
+    ckpt.load_state_dict(plain.state_dict())
+    assert enable_activation_checkpointing(ckpt) == 4
+    x = torch.randn(2, 2, 32, 32, 32)
+    for net in (plain, ckpt):
+        net(x).square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
+    """torchrun with 2 gloo processes of 2 cases each == 1 process of 4 cases (same data order, averaged grads)."""
+    args = ["train", "--config", "quickstart", "--epochs", "1", "--deterministic", *TINY_UNET, *TINY_DATA,
+            "data.num_train=8", "data.batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "fastseg3d", *args, "--output-dir", str(one)], check=True, env=env,
+                   capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastseg3d", *args, "--output-dir", str(two)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(_rows(two, "train")) == 2  # rank 0 alone logs
+    for a, b in zip(_rows(one, "train"), _rows(two, "train")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    wa = load_checkpoint(one / "checkpoint_final.pt")["network_weights"]
+    wb = load_checkpoint(two / "checkpoint_final.pt")["network_weights"]
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-6, msg=key)
