@@ -1,14 +1,21 @@
 """case=attention: the fused attention op against the SDPA backends (each forced) and xformers; and
 case=attention_block: SegFormer3D's whole attention sub-block (LN -> attention -> proj -> residual), fastseg3d's
-module against the published composition, eager and compiled."""
+module against the published composition, eager and compiled (the autotuned and CUDA-graph modes optional).
+
+Rooflines: bytes (q, k, v read, o written), matrix FLOPs ``4 B H N M d`` forward and 2.5x that backward, and
+``B H N M`` exponentials forward plus as many again backward (P is recomputed): with head dim 32 the exponential
+unit, not the tensor cores, is the binding ceiling at SegFormer3D's sizes (performance.md §2.5).
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 import fastseg3d
-from bench.registry import Case, Setup, register
+from bench.registry import Case, Setup, compiled, optional_compile, register, require_cuda
 from fastseg3d.nn import EfficientSelfAttention3d
 from fastseg3d.reference.attention import efficient_self_attention3d_ref
 
@@ -32,7 +39,7 @@ def _shapes(quick: bool):
     for name, grid, c, heads, sr in _grids(quick):
         n = grid[0] * grid[1] * grid[2]
         m = n // sr**3
-        out.append((f"{name} N{n} M{m} H{heads} d{c // heads}", dict(grid=grid, c=c, heads=heads, sr=sr)))
+        out.append((f"{name} N{n} M{m} H{heads} d{c // heads}", {"grid": grid, "c": c, "heads": heads, "sr": sr}))
     return out
 
 
@@ -42,17 +49,22 @@ _SDPA = {
     "sdpa-cudnn": "CUDNN_ATTENTION",
     "sdpa-math": "MATH",
 }
+_GPU_ONLY_SDPA = ("sdpa-efficient", "sdpa-cudnn")
 
 
 def _op_providers(spec):
     providers = ["fastseg3d", *_SDPA]
-    try:
-        import xformers.ops  # noqa: F401
-
+    if importlib.util.find_spec("xformers") is not None:
         providers.append("xformers")
-    except ImportError:
-        pass
     return providers
+
+
+def _core_work(b: int, heads: int, n: int, m: int, d: int) -> tuple[dict, dict]:
+    """Minimum matrix FLOPs and exponentials of softmax(q k^T) v per mode (backward recomputes P)."""
+    flops = 4.0 * b * heads * n * m * d
+    exps = float(b * heads * n * m)
+    return ({"fwd": flops, "bwd": 2.5 * flops, "fwd+bwd": 3.5 * flops},
+            {"fwd": exps, "bwd": exps, "fwd+bwd": 2 * exps})
 
 
 def _op_setup(spec, dtype, provider, device) -> Setup:
@@ -70,11 +82,14 @@ def _op_setup(spec, dtype, provider, device) -> Setup:
         def fwd():
             return fastseg3d.ops.attention(*qkv())
     elif provider == "xformers":
+        require_cuda(device, "xformers")
         import xformers.ops as xops
 
         def fwd():
             return xops.memory_efficient_attention(*qkv())
     else:
+        if provider in _GPU_ONLY_SDPA:
+            require_cuda(device, f"SDPA's {_SDPA[provider].lower()} backend")
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = getattr(SDPBackend, _SDPA[provider])
@@ -85,11 +100,13 @@ def _op_setup(spec, dtype, provider, device) -> Setup:
                 return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     size = torch.finfo(dtype).bits // 8
     io = (2 * n + 2 * m) * c * size
-    return Setup(fwd, [q_lin, kv_lin], {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io})
+    flops, exps = _core_work(b, heads, n, m, d)
+    return Setup(fwd, [q_lin, kv_lin], {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}, min_flops=flops,
+                 min_exps=exps)
 
 
 def _block_providers(spec):
-    return ["fastseg3d", "torch", "torch.compile"]
+    return ["fastseg3d", "torch", "torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
 
 
 def _block_setup(spec, dtype, provider, device) -> Setup:
@@ -106,12 +123,20 @@ def _block_setup(spec, dtype, provider, device) -> Setup:
         def eager(x):
             return x + efficient_self_attention3d_ref(attn, norm(x), grid)
 
-        block = eager if provider == "torch" else torch.compile(eager)
+        block = eager if provider == "torch" else compiled(eager, provider, device)
     size = torch.finfo(dtype).bits // 8
     io = 2 * n * c * size
+    b, m = x.shape[0], n // sr**3
+    core_flops, exps = _core_work(b, heads, n, m, c // heads)
+    # the q, kv and output projections and the patchify (kernel = stride = sr) conv: 2 FLOPs per MAC
+    patchify = m * c * sr**3 * c if sr > 1 else 0
+    linear = 2.0 * b * (n * c * c + patchify + m * c * 2 * c + n * c * c)
+    flops = {"fwd": core_flops["fwd"] + linear, "bwd": core_flops["bwd"] + 2 * linear,
+             "fwd+bwd": core_flops["fwd+bwd"] + 3 * linear}
     return Setup(lambda: block(x), [x, *attn.parameters(), *norm.parameters()],
-                 {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io})
+                 {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}, min_flops=flops, min_exps=exps)
 
 
 register(Case(name="attention", shapes=_shapes, providers=_op_providers, setup=_op_setup))
-register(Case(name="attention_block", shapes=_shapes, providers=_block_providers, setup=_block_setup))
+register(Case(name="attention_block", shapes=_shapes, providers=_block_providers, setup=_block_setup,
+              optional=optional_compile("")))

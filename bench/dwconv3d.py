@@ -1,5 +1,10 @@
 """case=dwconv3d: the fused depthwise 3x3x3 conv (bias) against ATen's native kernel (NCDHW), cuDNN
-(channels_last_3d), SegFormer3D's transpose-conv-transpose token path, and torch.compile."""
+(channels_last_3d), SegFormer3D's transpose-conv-transpose token path, and torch.compile.
+
+Compiled peers: on volumes ``torch.compile-max-autotune`` by default (the default mode leaves the conv an extern
+call, i.e. the eager kernel); on tokens ``torch.compile`` by default. The other modes, CUDA graphs included (for
+the launch-bound 8^3 and 4^3 token stages), are optional providers.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fastseg3d
-from bench.registry import Case, Setup, register
+from bench.registry import Case, Setup, compile_variant, compiled, register
 
 # SegFormer3D's Mix-FFN at a 128^3 input: tokens (B, D*H*W, 4*embed_dim) per stage.
 _TOKEN_STAGES = [(2, 32, 128), (2, 16, 256), (2, 8, 640), (2, 4, 1024)]
@@ -20,22 +25,27 @@ def _shapes(quick: bool) -> list[tuple[str, dict]]:
     out = []
     for layout in ("ncdhw", "channels_last"):
         for b, c, s in volumes:
-            out.append((f"{b}x{c}x{s}^3 {layout}", dict(layout=layout, b=b, c=c, s=s)))
+            out.append((f"{b}x{c}x{s}^3 {layout}", {"layout": layout, "b": b, "c": c, "s": s}))
     for b, s, c in stages:
-        out.append((f"{b}x{s ** 3}x{c} tokens {s}^3", dict(layout="tokens", b=b, c=c, s=s)))
+        out.append((f"{b}x{s ** 3}x{c} tokens {s}^3", {"layout": "tokens", "b": b, "c": c, "s": s}))
     return out
 
 
 def _providers(spec: dict) -> list[str]:
+    compiles = ["torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
     if spec["layout"] == "tokens":
-        return ["fastseg3d", "torch", "torch.compile"]
+        return ["fastseg3d", "torch", *compiles]
     peer = "aten-native" if spec["layout"] == "ncdhw" else "cudnn-channels-last"
-    return ["fastseg3d", f"torch ({peer})", "torch.compile-max-autotune"]
+    return ["fastseg3d", f"torch ({peer})", *compiles]
+
+
+def _conv(x, w, bias):
+    return F.conv3d(x, w, bias, padding=1, groups=x.shape[1])
 
 
 def _official_token_path(x, w, bias, s):
     # SegFormer3D's DWConv: tokens -> NCDHW copy -> conv -> tokens copy.
-    b, n, c = x.shape
+    b, _, c = x.shape
     vol = x.transpose(1, 2).reshape(b, c, s, s, s).contiguous()
     return F.conv3d(vol, w, bias, padding=1, groups=c).flatten(2).transpose(1, 2).contiguous()
 
@@ -50,7 +60,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
             def fwd():
                 return fastseg3d.ops.dwconv3d_tokens(x, (s, s, s), w, bias)
         else:
-            fn = _official_token_path if provider == "torch" else torch.compile(_official_token_path)
+            fn = _official_token_path if provider == "torch" else compiled(_official_token_path, provider, device)
 
             def fwd():
                 return fn(x, w, bias, s)
@@ -61,14 +71,22 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
             def fwd():
                 return fastseg3d.ops.dwconv3d(x, w, bias)
         else:
-            conv = lambda x, w, bias: F.conv3d(x, w, bias, padding=1, groups=c)  # noqa: E731
-            fn = conv if provider.startswith("torch (") else torch.compile(conv, mode="max-autotune-no-cudagraphs")
+            fn = _conv if compile_variant(provider) is None else compiled(_conv, provider, device)
 
             def fwd():
                 return fn(x, w, bias)
     nbytes = x.numel() * x.element_size()
-    # fwd reads x and writes y; bwd reads x and dy and writes dx (weights are negligible).
-    return Setup(fwd, [x, w, bias], {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "fwd+bwd": 5 * nbytes})
+    # fwd reads x and writes y; bwd reads x and dy and writes dx (weights are negligible). 27 fp32 FMAs per output
+    # in fwd, 27 for dx and 27 for dw per element in bwd, whatever the I/O dtype: the FMA-pipe bound.
+    flops = 54.0 * x.numel()
+    return Setup(fwd, [x, w, bias], {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "fwd+bwd": 5 * nbytes},
+                 min_flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops}, flops_on="fma")
 
 
-CASE = register(Case(name="dwconv3d", shapes=_shapes, providers=_providers, setup=_setup))
+def _optional(spec: dict) -> tuple[str, ...]:
+    if spec["layout"] == "tokens":
+        return ("torch.compile-max-autotune", "torch.compile-reduce-overhead")
+    return ("torch.compile", "torch.compile-reduce-overhead")
+
+
+CASE = register(Case(name="dwconv3d", shapes=_shapes, providers=_providers, setup=_setup, optional=_optional))

@@ -1,43 +1,96 @@
 #!/usr/bin/env bash
-# One run on a machine with a GPU: install what is missing, run the GPU test tier and the benchmarks, and
-# write logs, rows (JSON lines), tables and plots under $OUT (default: ./gpu_out).
-#   bash bench/gpu_check.sh                                   # tests, then every case
-#   SKIP_TESTS=1 BENCH_CASES="segformer3d" bash bench/gpu_check.sh
-#   BENCH_ARGS="--dtype bf16" bash bench/gpu_check.sh
-# A device call is limited to 10 minutes: split the cases over two calls if one does not fit.
+# One run on a machine with a GPU: install what is missing, run the GPU test tier and the benchmarks, and write
+# logs, rows (JSON lines), tables and plots under $OUT (default: ./gpu_out), all within BUDGET seconds (default
+# 570: a device call is limited to 10 minutes).
+#   bash bench/gpu_check.sh                                      # tests, every case, the largest-cube search
+#   SKIP_TESTS=1 BENCH_CASES="missu dsd_unet" bash bench/gpu_check.sh
+#   BENCH_ARGS="--dtype bf16 --providers all" CASE_LIMIT=240 BENCH_CASES=segformer3d bash bench/gpu_check.sh
+#   LARGEST_CUBE_MODELS="segformer3d mobileutr" LARGEST_CUBE_LIMIT=200 SKIP_TESTS=1 BENCH_CASES= bash ...
+# Each case runs in its own process and time box (the limits below, or CASE_LIMIT for all; cut to what is left
+# of BUDGET), so one slow peer (max-autotune) cannot starve the others; rows are written as they are measured.
+# What a box or the budget did not reach is listed at the end: run again with BENCH_CASES (and SKIP_TESTS=1).
+# Wheels in $WHEELS (default .whl/) are installed only for packages the image lacks (monai, nibabel, xformers,
+# liger_kernel, ...); torch and triton come with the image.
 set -uo pipefail
+START=$SECONDS
+BUDGET="${BUDGET:-570}"
 OUT="${OUT:-$PWD/gpu_out}"
+WHEELS="${WHEELS:-.whl}"
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 
-# Carried wheels (monai, nibabel, ...) go to a private site dir; torch and triton come with the image.
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+  missing=()
+  for wheel in "$WHEELS"/*.whl; do
+    dist="$(basename "$wheel" | cut -d- -f1)"
+    python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$wheel")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}" \
+      && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    echo "installed from $WHEELS: ${missing[*]##*/}"
+  fi
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
   echo "install failed"; cat "$OUT/install.log"; exit 1; }
 
 {
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch; print('cudnn', torch.backends.cudnn.version())"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch as t; print('torch', t.__version__, t.version.cuda, 'cudnn', t.backends.cudnn.version())"
+  python3 -c "import importlib.util as u; print('peers:', *[m for m in ('xformers', 'liger_kernel') if u.find_spec(m)])"
   git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
   python3 -m fastseg3d info
 } > "$OUT/info.txt" 2>&1
 cat "$OUT/info.txt"
 
 status=0
+not_run=()
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout "${TEST_TIMEOUT:-240}" python3 -m pytest tests -m gpu -q -p no:cacheprovider \
-    > "$OUT/gpu_tests.log" 2>&1 || status=$?
+  t=$(( $(left) < ${TEST_TIMEOUT:-120} ? $(left) : ${TEST_TIMEOUT:-120} ))
+  timeout "$t" python3 -m pytest tests -m gpu -q -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1 || status=$?
   tail -n 25 "$OUT/gpu_tests.log"
 fi
 
-# Each case in its own process and time box, so one slow peer (max-autotune) cannot starve the others.
-for case in ${BENCH_CASES:-dwconv3d attention attention_block kl_distill channel_kl selfreg segformer3d}; do
-  timeout "${BENCH_TIMEOUT:-90}" python3 -m bench.run --case "$case" --out "$OUT/results" --plot ${BENCH_ARGS:-} \
-    >> "$OUT/bench_table.txt" 2>> "$OUT/bench.log" || { echo "bench $case failed or timed out"; status=1; }
+# seconds per case: the ops first, then the models (whose compiled providers compile whole networks)
+declare -A LIMIT=(
+  [dwconv3d]=50 [attention]=35 [attention_block]=35 [kl_distill]=30 [channel_kl]=20 [selfreg]=25
+  [segformer3d]=45 [mobileutr]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30
+)
+CUBE_MODELS="${LARGEST_CUBE_MODELS-segformer3d}"
+CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-60}"
+RESERVE=$(( ${CUBE_MODELS:+CUBE_LIMIT} + 15 ))  # the largest-cube search and the final report
+DEFAULT_CASES="dwconv3d attention attention_block kl_distill channel_kl selfreg"
+DEFAULT_CASES+=" segformer3d mobileutr missu dsd_unet selfreg_unet"
+for case in ${BENCH_CASES-$DEFAULT_CASES}; do
+  limit="${CASE_LIMIT:-${LIMIT[$case]:-45}}"
+  avail=$(( $(left) - RESERVE ))
+  if [ "$avail" -lt 15 ]; then not_run+=("$case"); continue; fi
+  t=$(( avail < limit ? avail : limit ))
+  # --time-limit stops new measurements 10 s before the box closes, so the process ends on its own
+  timeout "$t" python3 -m bench.run --case "$case" --out "$OUT/results" --time-limit $(( t - 10 )) ${BENCH_ARGS:-} \
+    >> "$OUT/bench.log" 2>&1 || { echo "bench $case failed or was killed at its ${t} s box"; status=1; }
 done
+
+if [ -n "$CUBE_MODELS" ]; then
+  t=$(( $(left) - 15 < CUBE_LIMIT ? $(left) - 15 : CUBE_LIMIT ))
+  if [ "$t" -ge 20 ]; then
+    models=(); for m in $CUBE_MODELS; do models+=(--model "$m"); done
+    timeout "$t" python3 -m bench.largest_cube "${models[@]}" --out "$OUT/results" --time-limit $(( t - 15 )) \
+      > "$OUT/largest_cube.txt" 2>> "$OUT/bench.log" || { echo "largest_cube failed or was killed"; status=1; }
+    cat "$OUT/largest_cube.txt"
+  else
+    not_run+=("largest_cube")
+  fi
+fi
+
+# tables and plots from every row on disk, so a case stopped by its box still shows what it measured
+python3 -m bench.run --report --out "$OUT/results" --plot > "$OUT/bench_table.txt" 2>> "$OUT/bench.log"
 cat "$OUT/bench_table.txt"
-tail -n 20 "$OUT/bench.log"
+grep -E "skipped|time limit|out of memory|Error" "$OUT/bench.log" | tail -n 30
+if [ ${#not_run[@]} -gt 0 ]; then
+  echo "not run within BUDGET=${BUDGET}s: ${not_run[*]} (run again with SKIP_TESTS=1 BENCH_CASES=\"${not_run[*]}\")"
+fi
+echo "gpu_check: $(( SECONDS - START )) s"
 exit $status

@@ -1,18 +1,27 @@
 """case=kl_distill: DSD's temperature-scaled KL self-distillation (T = 3) against the eager PyTorch composition
-(F.interpolate, log_softmax, softmax, sum, mean per pair) and torch.compile of it.
+(F.interpolate, log_softmax, softmax, sum, mean per pair), torch.compile of it (the autotuned and CUDA-graph modes
+optional), and Liger-Kernel's KL divergence where ``liger_kernel`` is installed.
 
 Shapes: B=2, K=14 classes at 128^3, the six DSD pairs with heads kept at their native resolution and upsampled in
 the loss: decoder teacher (dec1) at full resolution with students at 1/2, 1/4 and 1/8; encoder teacher (enc4) at
 1/8 with students at 1/1, 1/2 and 1/4. Also one pair (a 1/2-resolution student against a full-resolution teacher).
+
+Liger's ``LigerKLDIVLoss`` is a 2-D (rows, classes) loss on log-probabilities with no softmax, temperature or
+resampling inside, so its provider upsamples and divides by T in eager PyTorch, takes the fp32 log-softmax of both,
+moves the classes last as a (B * voxels, K) view, and calls it with ``reduction="batchmean", log_target=True``
+(the mean over voxels of the class-summed KL), times T^2. Its backward gives no gradient to the target, so the
+teachers get none in that provider (the others differentiate both sides, as DSD's loss does).
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
-from bench.registry import Case, Setup, register
+from bench.registry import Case, Setup, compiled, optional_compile, register, require_cuda
 from fastseg3d.ops.kl_distill import kl_distill_multi
-from fastseg3d.reference.kl_distill import kl_distill_ref
+from fastseg3d.reference.kl_distill import common_size, kl_distill_ref
 
 _T = 3.0
 
@@ -20,13 +29,16 @@ _T = 3.0
 def _shapes(quick: bool) -> list[tuple[str, dict]]:
     b, k, s = (1, 3, 8) if quick else (2, 14, 128)
     return [
-        (f"{b}x{k}x{s}^3 dsd 6 pairs", dict(b=b, k=k, s=s, groups=[(1, (2, 4, 8)), (8, (1, 2, 4))])),
-        (f"{b}x{k}x{s}^3 pair s/2", dict(b=b, k=k, s=s, groups=[(1, (2,))])),
+        (f"{b}x{k}x{s}^3 dsd 6 pairs", {"b": b, "k": k, "s": s, "groups": [(1, (2, 4, 8)), (8, (1, 2, 4))]}),
+        (f"{b}x{k}x{s}^3 pair s/2", {"b": b, "k": k, "s": s, "groups": [(1, (2,))]}),
     ]
 
 
 def _providers(spec: dict) -> list[str]:
-    return ["fastseg3d", "torch", "torch.compile"]
+    providers = ["fastseg3d", "torch", "torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
+    if importlib.util.find_spec("liger_kernel") is not None:
+        providers.append("liger")
+    return providers
 
 
 def _eager(groups):
@@ -37,11 +49,26 @@ def _eager(groups):
     return total
 
 
-_compiled = None
+def liger_loss(kl: torch.nn.Module):
+    """The kl_distill loss on ``kl``, a (rows, classes) KL on log-probabilities with ``reduction="batchmean"`` and
+    ``log_target=True`` (``LigerKLDIVLoss``; ``torch.nn.KLDivLoss`` has the same contract, which the CPU test uses)."""
+    def rows(logits, size):
+        x = logits.float()
+        if tuple(x.shape[2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)
+        return torch.log_softmax(x / _T, dim=1).movedim(1, -1).reshape(-1, x.shape[1])
+
+    def loss(groups):
+        total = 0.0
+        for teacher, students in groups:
+            for student in students:
+                size = common_size(student, teacher)
+                total = total + _T * _T * kl(rows(student, size), rows(teacher, size))
+        return total
+    return loss
 
 
 def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) -> Setup:
-    global _compiled
     b, k, s = spec["b"], spec["k"], spec["s"]
 
     def logits(f):
@@ -53,9 +80,13 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
         def fwd():
             return sum(kl_distill_multi(students, teacher, _T) for teacher, students in groups)
     else:
-        if provider == "torch.compile" and _compiled is None:
-            _compiled = torch.compile(_eager)
-        fn = _eager if provider == "torch" else _compiled
+        if provider == "liger":
+            require_cuda(device, "Liger-Kernel's Triton KL")
+            from liger_kernel.transformers import LigerKLDIVLoss
+
+            fn = liger_loss(LigerKLDIVLoss(reduction="batchmean", log_target=True))
+        else:
+            fn = _eager if provider == "torch" else compiled(_eager, provider, device)
 
         def fwd():
             return fn(groups)
@@ -64,4 +95,5 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
     return Setup(fwd, leaves, {"fwd": nbytes, "bwd": nbytes, "fwd+bwd": 2 * nbytes})
 
 
-CASE = register(Case(name="kl_distill", shapes=_shapes, providers=_providers, setup=_setup))
+CASE = register(Case(name="kl_distill", shapes=_shapes, providers=_providers, setup=_setup,
+                     optional=optional_compile("")))

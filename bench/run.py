@@ -1,29 +1,43 @@
-"""Run benchmark cases and append their rows to bench/results/<device>/<suite>.jsonl.
+"""Run benchmark cases and append their rows to bench/results/<device>/<suite>.jsonl (on a CPU: a temporary folder).
 
-    python -m bench.run --case dwconv3d [--dtype fp32,bf16] [--modes fwd,bwd,fwd+bwd] [--providers ...]
-                        [--quick] [--out DIR] [--json]
+    python -m bench.run [ops|model] [--case NAME ...] [--dtype fp32,bf16] [--modes fwd,bwd,fwd+bwd,train_step,infer]
+                        [--providers default,NAME,GLOB,all] [--quick] [--out DIR] [--plot] [--json [PATH]]
+                        [--time-limit SECONDS] [--list] [--report]
 
-On a CPU the timings only exercise the harness (``--quick``); they say nothing about a GPU kernel.
+The optional suite runs every case of that suite (``--case`` narrows it). Without ``--providers`` each case runs
+its default providers; ``--providers`` takes names, shell globs (``'*compile*'``) and the words ``default`` and
+``all``. ``--json`` prints the rows as JSON lines instead of the table; ``--json PATH`` writes them to PATH as one
+JSON array (the table is still printed). ``--report`` measures nothing: it prints the table (and ``--plot``s) of
+the rows already under ``--out``. On a CPU the timings only exercise the harness (``--quick``); they say nothing
+about a GPU kernel, and the compiled providers are left out unless asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import gc
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from bench import utils
-from bench.registry import MODEL_MODES, MODES, load_cases
+from bench.registry import MODEL_MODES, MODES, SUITES, Case, Unavailable, compile_variant, load_cases
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class _TimeUp(Exception):
+    """The run's --time-limit passed: no new measurement starts."""
+
+
 def _closure(setup, mode: str):
     if setup.runners is not None:
-        return setup.runners[mode]
+        return setup.runners.get(mode)
     if mode == "fwd":
         def fn():
             with torch.no_grad():
@@ -41,80 +55,215 @@ def _closure(setup, mode: str):
     return fn
 
 
-def run_case(case, dtypes, modes, providers, quick, device, env, peak_bw, rows_path: Path) -> list[dict]:
-    """Measure every (shape, dtype, provider, mode) of ``case``; each row is appended to ``rows_path`` at once, so
-    a run stopped by a time limit keeps what it measured."""
-    rows = []
+def select_providers(case: Case, spec: dict, patterns: list[str] | None, device: torch.device) -> list[str]:
+    """The providers of ``case`` at ``spec`` that this run measures (see the module docstring)."""
+    names = case.providers(spec)
+    optional = case.optional(spec)
+    defaults = [n for n in names if n not in optional]
+    if not patterns:
+        if device.type != "cuda":
+            # Inductor on a CPU takes minutes per graph and its timing means nothing for the GPU comparison.
+            defaults = [n for n in defaults if compile_variant(n) is None]
+        return defaults
+    keep = set()
+    for p in patterns:
+        if p == "all":
+            keep.update(names)
+        elif p == "default":
+            keep.update(defaults)
+        else:
+            keep.update(n for n in names if fnmatch.fnmatchcase(n, p))
+    return [n for n in names if n in keep]
+
+
+def default_out(device_name: str, device: torch.device) -> Path:
+    """bench/results/<device> on a GPU; on a CPU a temporary folder, so smoke runs never land among the results."""
+    if device.type == "cuda":
+        return utils.RESULTS / utils.device_slug(device_name)
+    return Path(tempfile.gettempdir()) / "fastseg3d-bench" / utils.device_slug(device_name)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings, rows_path: Path,
+             deadline: float | None = None, rows: list[dict] | None = None) -> list[dict]:
+    """Measure every (shape, dtype, provider, mode) of ``case``; each row is appended to ``rows_path`` and to
+    ``rows`` at once, so a run stopped by a time limit keeps what it measured. Raises ``_TimeUp`` once
+    ``deadline`` has passed."""
+    rows = [] if rows is None else rows
+    # a model step takes 0.1-1 s: 100 ms of repetitions would leave one sample for the median and quantiles
+    rep = 1000 if case.suite == "model" else 100
+    case_modes = [m for m in modes if m in case.modes]
     for label, spec in case.shapes(quick):
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            case_modes = [m for m in modes if m in case.modes]
-            for provider in case.providers(spec):
-                if providers and not any(provider.startswith(p) for p in providers):
-                    continue
+            for provider in select_providers(case, spec, providers, device):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _TimeUp(f"{case.name} {label} {dtype_name} {provider}")
+                if compile_variant(provider) is not None:
+                    # a fresh cache per setup: no recompile limit reached silently (which would run eager)
+                    torch._dynamo.reset()
                 try:
                     setup = case.setup(spec, dtype, provider, device)
-                except (RuntimeError, NotImplementedError) as err:
-                    print(f"  {label} {dtype_name} {provider}: skipped ({err})", file=sys.stderr)
+                except Unavailable as err:
+                    print(f"  {case.name} {label} {dtype_name} {provider}: skipped ({err})", file=sys.stderr)
+                    continue
+                except torch.OutOfMemoryError:
+                    print(f"  {case.name} {label} {dtype_name} {provider}: out of memory in setup", file=sys.stderr)
+                    _free(device)
+                    continue
+                except Exception as err:  # noqa: BLE001  (a peer that rejects the case must not stop the others)
+                    print(f"  {case.name} {label} {dtype_name} {provider}: skipped ({_first_line(err)})",
+                          file=sys.stderr)
                     continue
                 for mode in case_modes:
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise _TimeUp(f"{case.name} {label} {dtype_name} {provider} {mode}")
                     try:
                         fn = _closure(setup, mode)
-                        med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of)
+                        if fn is None:
+                            continue
+                        med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of, rep=rep)
                         peak = utils.peak_memory_mb(fn, device)
                     except torch.OutOfMemoryError:
-                        print(f"  {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
+                        print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
+                        _free(device)
                         continue
-                    except (RuntimeError, NotImplementedError) as err:
-                        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-                        print(f"  {label} {dtype_name} {mode} {provider}: skipped ({first_line})", file=sys.stderr)
+                    except Exception as err:  # noqa: BLE001  (likewise, at the first call: compile errors)
+                        print(f"  {case.name} {label} {dtype_name} {mode} {provider}: skipped ({_first_line(err)})",
+                              file=sys.stderr)
                         continue
-                    roof = None
-                    if peak_bw and mode in setup.min_bytes:
-                        roof = 100.0 * (setup.min_bytes[mode] / (peak_bw * 1e9)) / (med * 1e-3)
+                    roof, bound = utils.roofline(setup, mode, dtype, ceilings, med)
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                           "peak_mem_mb": peak, "roofline_pct": roof, **env}
+                           "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound, **env}
                     utils.write_rows([row], rows_path)
-                    rows.append(row)
+                    rows.append({k: row.get(k) for k in utils.ROW_KEYS})
+                    print(f"  {case.name} {label} {dtype_name} {mode} {provider}: {med:.4f} ms", file=sys.stderr)
                 del setup
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                _free(device)
     return rows
 
 
+def _selected_cases(cases: dict[str, Case], suite: str | None, names: list[str] | None,
+                    parser: argparse.ArgumentParser) -> list[Case]:
+    if names:
+        wrong = [n for n in names if suite and cases[n].suite != suite]
+        if wrong:
+            parser.error(f"case(s) {', '.join(wrong)} are not in the {suite!r} suite")
+        return [cases[n] for n in names]
+    return [c for _, c in sorted(cases.items()) if suite is None or c.suite == suite]
+
+
+def _emit(rows: list[dict], by_case: dict[str, list[dict]], args, out: Path) -> None:
+    if args.json == "-":
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(utils.format_table(rows))
+    if args.json not in (None, "-"):
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot:
+        for name, case_rows in by_case.items():
+            if case_rows:
+                utils.plot_rows(case_rows, out / f"{name}.png")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status."""
     cases = load_cases()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", nargs="?", choices=SUITES, help="run every case of this suite")
     parser.add_argument("--case", action="append", choices=sorted(cases), help="repeatable; default: all")
-    parser.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default: the case's)")
+    parser.add_argument("--dtype", default=None, help="comma list of fp32,fp16,bf16 (default: the case's; models: "
+                                                      "bf16/fp16 mean autocast)")
     parser.add_argument("--modes", default=",".join(MODES + MODEL_MODES))
-    parser.add_argument("--providers", default=None, help="comma list of provider-name prefixes to keep")
+    parser.add_argument("--providers", default=None,
+                        help="comma list of provider names, globs, 'default' or 'all' (default: each case's defaults)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the harness")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: bench/results/<device>; on a CPU, a temporary folder)")
     parser.add_argument("--plot", action="store_true", help="write <case>.png beside the rows")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON lines instead of a table")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                        help="start no measurement after this many seconds (what was measured is kept)")
+    parser.add_argument("--list", action="store_true", help="list the cases, their suites and providers, and exit")
+    parser.add_argument("--report", action="store_true",
+                        help="measure nothing: table (and --plot) of the rows already in --out")
     args = parser.parse_args(argv)
+    selected = _selected_cases(cases, args.suite, args.case, parser)
+
+    if args.list:
+        for case in selected:
+            specs = [spec for _, spec in case.shapes(False)]
+            providers = list(dict.fromkeys(p for spec in specs for p in case.providers(spec)))
+            optional = [p for p in providers if all(p in case.optional(s) for s in specs if p in case.providers(s))]
+            default = [p for p in providers if p not in optional]
+            print(f"{case.name} ({case.suite}; {', '.join(case.modes)}; {', '.join(case.dtypes)})")
+            print(f"    default:  {', '.join(default)}")
+            if optional:
+                print(f"    optional: {', '.join(optional)}")
+        return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = utils.environment(device)
-    out = args.out or utils.RESULTS / utils.device_slug(env["device"])
-    peak_bw = utils.copy_bandwidth_gbs(device)
-    if peak_bw:
-        print(f"measured device copy bandwidth: {peak_bw:.0f} GB/s", file=sys.stderr)
+    out = args.out or default_out(env["device"], device)
+
+    if args.report:
+        names = {c.name for c in selected}
+        rows = []
+        for suite in SUITES:
+            path = out / f"{suite}.jsonl"
+            if path.exists():
+                rows += [r for r in utils.read_rows(path) if r.get("case") in names]
+        by_case = {}
+        for r in rows:
+            by_case.setdefault(r["case"], []).append(r)
+        _emit(rows, by_case, args, out)
+        return 0
+
+    start = time.monotonic()
+    deadline = start + args.time_limit if args.time_limit else None
+    ceilings = utils.Ceilings(device) if device.type == "cuda" else None
+    if ceilings is not None:
+        print(f"measured ceilings: {ceilings.describe()}", file=sys.stderr)
+    elif not args.providers:
+        print("no GPU: the compiled and GPU-only providers are left out or skipped; the timings only exercise "
+              "the harness", file=sys.stderr)
     modes = [m for m in args.modes.split(",") if m]
     providers = args.providers.split(",") if args.providers else None
-    for name in args.case or sorted(cases):
-        case = cases[name]
+    all_rows: list[dict] = []
+    by_case: dict[str, list[dict]] = {}
+    for case in selected:
         dtypes = args.dtype.split(",") if args.dtype else list(case.dtypes)
-        rows = run_case(case, dtypes, modes, providers, args.quick, device, env, peak_bw, out / f"{case.suite}.jsonl")
-        if args.json:
-            for row in rows:
-                print(json.dumps(row))
-        else:
-            print(utils.format_table(rows))
-        if args.plot and rows:
-            utils.plot_rows(rows, out / f"{name}.png")
+        unknown = [d for d in dtypes if d not in DTYPES]
+        if unknown:
+            parser.error(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+        rows = by_case.setdefault(case.name, [])
+        try:
+            run_case(case, dtypes, modes, providers, args.quick, device, env, ceilings,
+                     out / f"{case.suite}.jsonl", deadline, rows)
+        except _TimeUp as stop:
+            print(f"time limit ({args.time_limit:.0f} s) reached before {stop}; later measurements skipped",
+                  file=sys.stderr)
+            break
+        finally:
+            all_rows += rows
+    _emit(all_rows, by_case, args, out)
+    print(f"rows appended under {out}", file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """case=selfreg: SelfReg-UNet's regularisers on a 3-D U-Net at 128^3 against the eager PyTorch composition
 (adaptive average pooling, channel indexing, F.mse_loss per pair; F.normalize, sort, indexing, F.mse_loss per map)
-and torch.compile of it.
+and torch.compile of it (the autotuned and CUDA-graph modes optional).
 
 Shapes: a (2, 32, 128^3) final feature F_final supervising seven blocks (the 3-D analogue of SelfReg's UNet:
 encoder 64@64^3, 128@32^3, 256@16^3, 256@8^3; decoder 128@16^3, 64@32^3, 32@64^3) with k = 32 random channel
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.registry import Case, Setup, register
+from bench.registry import Case, Setup, compiled, optional_compile, register
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter_multi, selfreg_intra
 from fastseg3d.reference.selfreg import selfreg_inter_ref, selfreg_intra_ref
 
@@ -22,13 +22,13 @@ def _shapes(quick: bool) -> list[tuple[str, dict]]:
     b, c, s, scale = (1, 8, 16, 8) if quick else (2, 32, 128, 1)
     blocks = [(max(2, ch // scale), f) for ch, f in _BLOCKS]
     return [
-        (f"{b}x{c}x{s}^3 inter 7 pairs", dict(term="inter", b=b, c=c, s=s, blocks=blocks)),
-        (f"{b}x{s}^3 intra 7 blocks", dict(term="intra", b=b, c=c, s=s, blocks=blocks)),
+        (f"{b}x{c}x{s}^3 inter 7 pairs", {"term": "inter", "b": b, "c": c, "s": s, "blocks": blocks}),
+        (f"{b}x{s}^3 intra 7 blocks", {"term": "intra", "b": b, "c": c, "s": s, "blocks": blocks}),
     ]
 
 
 def _providers(spec: dict) -> list[str]:
-    return ["fastseg3d", "torch", "torch.compile"]
+    return ["fastseg3d", "torch", "torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
 
 
 def _eager_inter(blocks, final, cs, ct):
@@ -37,9 +37,6 @@ def _eager_inter(blocks, final, cs, ct):
 
 def _eager_intra(blocks):
     return torch.stack([selfreg_intra_ref(x) for x in blocks]).mean()
-
-
-_compiled = {}
 
 
 def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) -> Setup:
@@ -57,7 +54,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
             def fwd():
                 return selfreg_inter_multi(blocks, final, cs, ct).mean()
         else:
-            fn = _eager_inter if provider == "torch" else _compiled.setdefault("inter", torch.compile(_eager_inter))
+            fn = _eager_inter if provider == "torch" else compiled(_eager_inter, provider, device)
 
             def fwd():
                 return fn(blocks, final, cs, ct)
@@ -68,7 +65,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
         def fwd():
             return torch.stack([selfreg_intra(x) for x in blocks]).mean()
     else:
-        fn = _eager_intra if provider == "torch" else _compiled.setdefault("intra", torch.compile(_eager_intra))
+        fn = _eager_intra if provider == "torch" else compiled(_eager_intra, provider, device)
 
         def fwd():
             return fn(blocks)
@@ -76,4 +73,5 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
     return Setup(fwd, blocks, {"fwd": 2 * nbytes, "bwd": nbytes, "fwd+bwd": 3 * nbytes})
 
 
-CASE = register(Case(name="selfreg", shapes=_shapes, providers=_providers, setup=_setup))
+CASE = register(Case(name="selfreg", shapes=_shapes, providers=_providers, setup=_setup,
+                     optional=optional_compile("")))

@@ -17,8 +17,11 @@ import torch
 
 ROW_KEYS = (
     "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
-    "roofline_pct", "device", "torch", "triton", "cuda", "commit", "date",
+    "roofline_pct", "roofline_bound", "device", "torch", "triton", "cuda", "commit", "date",
 )
+# Exponentials (MUFU ex2) per clock per SM: the CUDA C++ Programming Guide's arithmetic-throughput table gives 16
+# for compute capability 5.x to 9.0 (H100, H200); newer parts are assumed to match until measured.
+MUFU_EX2_PER_CLK_PER_SM = 16
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -91,6 +94,80 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float | N
     return 2 * nbytes / (med * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Dense matmul rate in ``dtype`` (TFLOP/s), measured now on square operands: the matrix-unit ceiling of the
+    run. fp32 follows the process's TF32 setting, as the kernels measured in the same run do."""
+    if device.type != "cuda":
+        return None
+    n = 4096 if dtype == torch.float32 else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    med, _, _ = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (med * 1e-3) / 1e12
+
+
+def exp_per_s(device: torch.device) -> float | None:
+    """Exponentials per second of the special-function units: ``MUFU_EX2_PER_CLK_PER_SM`` x SMs x the SM clock the
+    driver reports (its maximum, so the bound is optimistic and the percentage conservative); None if unknown."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "clock_rate", 0)
+    if not clock_khz:
+        return None
+    return MUFU_EX2_PER_CLK_PER_SM * props.multi_processor_count * clock_khz * 1e3
+
+
+class Ceilings:
+    """The device's ceilings, measured in this run: copy bandwidth at once, matmul rates per dtype when first
+    needed, and the exponential rate from the device properties."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.copy_gbs = copy_bandwidth_gbs(device)
+        self.exp_per_s = exp_per_s(device)
+        self._tflops: dict[torch.dtype, float | None] = {}
+
+    def tflops(self, dtype: torch.dtype, fma: bool = False) -> float | None:
+        """The matmul rate in ``dtype``; ``fma=True``: the fp32 rate, valid as the FMA-pipe rate only while TF32
+        is off (otherwise None, rather than a tensor-core rate posing as one)."""
+        if fma:
+            if torch.backends.cuda.matmul.allow_tf32:
+                return None
+            dtype = torch.float32
+        if dtype not in self._tflops:
+            self._tflops[dtype] = matmul_tflops(self.device, dtype)
+        return self._tflops[dtype]
+
+    def describe(self) -> str:
+        parts = []
+        if self.copy_gbs:
+            parts.append(f"copy {self.copy_gbs:.0f} GB/s")
+        if self.exp_per_s:
+            parts.append(f"exp {self.exp_per_s / 1e12:.2f} T/s (SM clock from the device properties)")
+        return ", ".join(parts)
+
+
+def roofline(setup, mode: str, dtype: torch.dtype, ceilings: Ceilings | None, median_ms: float):
+    """(percent, bound): the time the binding ceiling allows for the mode's minimum work, as a percentage of the
+    measured median, and which ceiling binds ("memory", "matrix", "fma" or "exp"); (None, None) without ceilings."""
+    if ceilings is None:
+        return None, None
+    bounds = {}
+    if ceilings.copy_gbs and mode in setup.min_bytes:
+        bounds["memory"] = setup.min_bytes[mode] / (ceilings.copy_gbs * 1e9)
+    if mode in setup.min_flops:
+        rate = ceilings.tflops(dtype, fma=setup.flops_on == "fma")
+        if rate:
+            bounds[setup.flops_on] = setup.min_flops[mode] / (rate * 1e12)
+    if mode in setup.min_exps and ceilings.exp_per_s:
+        bounds["exp"] = setup.min_exps[mode] / ceilings.exp_per_s
+    if not bounds:
+        return None, None
+    bound, seconds = max(bounds.items(), key=lambda kv: kv[1])
+    return 100.0 * seconds / (median_ms * 1e-3), bound
+
+
 def write_rows(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
@@ -107,16 +184,17 @@ def format_table(rows: list[dict]) -> str:
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
-    lines = [f"{'case':<16} {'shape':<28} {'dtype':<9} {'mode':<8} {'provider':<28} {'median ms':>10} "
-             f"{'p20':>8} {'p80':>8} {'peak MB':>9} {'roofline%':>9} {'fastseg3d x':>11}"]
+    lines = [(f"{'case':<16} {'shape':<28} {'dtype':<9} {'mode':<10} {'provider':<40} {'median ms':>10} "
+             f"{'p20':>8} {'p80':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} {'fastseg3d x':>11}")]
     for (case, shape, dtype, mode), by_provider in groups.items():
         ours = by_provider.get("fastseg3d")
         for provider, r in by_provider.items():
             speedup = f"{r['median_ms'] / ours['median_ms']:.2f}" if ours and provider != "fastseg3d" else ""
             mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
             roof = f"{r['roofline_pct']:.1f}" if r["roofline_pct"] is not None else "-"
-            lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<8} {provider:<28} {r['median_ms']:>10.4f} "
-                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {mem:>9} {roof:>9} {speedup:>11}")
+            bound = r.get("roofline_bound") or "-"
+            lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
+                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {mem:>9} {roof:>9} {bound:>6} {speedup:>11}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,216 @@
+"""The largest cubic input that trains at batch 1 within the GPU's memory, fastseg3d against plain.
+
+    python -m bench.largest_cube --model segformer3d [--model missu ...] [--providers fastseg3d,plain]
+                                 [--dtype fp32|bf16|fp16] [--max-side 512] [--time-limit 300] [--out DIR]
+                                 [--json [PATH]]
+
+For each model (a model case's network at its published configuration, see ``bench/models.py``) and provider, one
+training step (forward, loss, backward, as the model cases' ``train_step``) is tried at cube sides that are
+multiples of the network's total stride: doubling from 64 until a step fails, then bisecting between the largest
+side that trained and the smallest that failed. Between tries the gradients, inputs and the allocator's cache are
+released (``torch.cuda.empty_cache()``). A try fails on CUDA out-of-memory (or an allocation failure reported by
+cuBLAS/cuDNN), or on any other error, which is recorded as the ``stop`` reason, since a kernel that refuses a size
+(an index-width limit, say) bounds what trains just as memory does. Each provider gets an equal share of
+``--time-limit``; a search cut short says so (``converged`` false).
+
+Rows (one per model and provider) go to ``<out>/largest_cube.jsonl``. Needs a GPU: a CPU has no device memory
+limit to find, so the command refuses there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from bench import utils
+from bench.models import NETWORKS, VARIANTS, build, inputs, runners
+from bench.registry import load_cases
+from bench.run import default_out
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+START_SIDE = 64
+_ALLOC_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+@dataclass
+class Attempt:
+    ok: bool
+    reason: str = ""
+    peak_mem_mb: float | None = None
+    step_ms: float | None = None
+
+
+@dataclass
+class Search:
+    """The outcome: ``side`` the largest multiple of ``stride`` that trained (None: not even the smallest tried),
+    ``failed_side`` the smallest that failed (None: none failed up to ``max_side``) and why (``stop``)."""
+
+    side: int | None
+    failed_side: int | None
+    stop: str
+    converged: bool
+    tries: int
+    peak_mem_mb: float | None
+    step_ms: float | None
+
+
+def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadline: float | None = None) -> Search:
+    """Largest side (a multiple of ``stride``, at most ``max_side``) for which ``attempt`` succeeds, assuming that
+    success is monotone in the side: doubling from ``START_SIDE``, then bisection."""
+    k_max = max_side // stride
+    if k_max < 1:
+        raise ValueError(f"max_side {max_side} is below the stride {stride}")
+    good, bad = 0, None  # largest good and smallest bad multiple of the stride
+    best, stop, tries = Attempt(False), "", 0
+
+    def run(k: int) -> bool:
+        nonlocal good, bad, best, stop, tries
+        tries += 1
+        a = attempt(k * stride)
+        if a.ok:
+            good, best = k, a
+        else:
+            bad, stop = k, a.reason
+        return a.ok
+
+    def timed_out() -> bool:
+        return deadline is not None and time.monotonic() > deadline
+
+    k = min(k_max, max(1, math.ceil(START_SIDE / stride)))
+    while bad is None and not timed_out():
+        if not run(k) or k == k_max:
+            break
+        k = min(k_max, 2 * k)
+    # (when the start side fails, the bisection runs between 0 and it)
+    while bad is not None and bad - good > 1 and not timed_out():
+        run((good + bad) // 2)
+    converged = (bad is None and good == k_max) or (bad is not None and bad - good == 1)
+    if bad is None:
+        stop = "max-side" if good == k_max else "time-limit"
+    elif not converged:
+        stop = f"time-limit (last failure: {stop})"
+    return Search(side=good * stride or None, failed_side=bad * stride if bad is not None else None, stop=stop,
+                  converged=converged, tries=tries, peak_mem_mb=best.peak_mem_mb, step_ms=best.step_ms)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _attempt_fn(net, model, plain: bool, provider: str, dtype: torch.dtype, device: torch.device):
+    def attempt(side: int) -> Attempt:
+        result = Attempt(False)
+        try:
+            x, label = inputs(net, 1, side, device)
+            step = runners(net, model, plain, provider, x, label, dtype, device)["train_step"]
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            result = Attempt(True, "", torch.cuda.max_memory_allocated(device) / 2**20,
+                             (time.perf_counter() - start) * 1e3)
+        except torch.OutOfMemoryError:
+            result = Attempt(False, "out of memory")
+        except Exception as err:  # noqa: BLE001  (any failure bounds the trainable size; its reason is kept)
+            text = str(err)
+            result = Attempt(False, "out of memory" if any(f in text for f in _ALLOC_FAILURES) else _first_line(err))
+        finally:
+            # the failed step's tensors die with the exception frame, before the cache is emptied
+            x = label = step = None
+            model.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(f"  {net.name} {provider} {side}^3: {'ok' if result.ok else result.reason}", file=sys.stderr)
+        return result
+    return attempt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see the module docstring); returns the exit status (2: no GPU)."""
+    load_cases()
+    parser = argparse.ArgumentParser(prog="python -m bench.largest_cube", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, choices=sorted(NETWORKS), help="repeatable")
+    parser.add_argument("--providers", default=",".join(VARIANTS), help="comma list of fastseg3d, plain")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16/fp16: autocast")
+    parser.add_argument("--max-side", type=int, default=512)
+    parser.add_argument("--time-limit", type=float, default=300.0, metavar="SECONDS",
+                        help="for the whole run, shared equally by the (model, provider) searches")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
+    parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                        help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")
+    args = parser.parse_args(argv)
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = [p for p in providers if p not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown provider(s) {unknown}; choose from {VARIANTS}")
+    if not torch.cuda.is_available():
+        print("largest_cube needs a CUDA device: on a CPU there is no device-memory limit to find (no meaningful "
+              "out-of-memory), so nothing was measured", file=sys.stderr)
+        return 2
+
+    device = torch.device("cuda")
+    env = utils.environment(device)
+    out = args.out or default_out(env["device"], device)
+    total_mb = torch.cuda.get_device_properties(device).total_memory / 2**20
+    budget = args.time_limit / (len(args.model) * len(providers))
+    rows = []
+    for name in args.model:
+        net = NETWORKS[name]
+        stride = net.stride(net.build(net.cfg, False))
+        for provider in providers:
+            plain = provider == "plain"
+            model = build(net, net.cfg, plain, device)
+            start = time.monotonic()
+            found = search(_attempt_fn(net, model, plain, provider, DTYPES[args.dtype], device), stride,
+                           args.max_side, start + budget)
+            row = {"suite": "model", "case": "largest_cube", "model": name, "provider": provider,
+                   "dtype": args.dtype, "batch": 1, "stride": stride, **asdict(found),
+                   "voxels": found.side**3 if found.side else None, "search_s": time.monotonic() - start,
+                   "gpu_total_mb": total_mb, **env}
+            rows.append(row)
+            path = out / "largest_cube.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    if args.json == "-":
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(format_table(rows))
+    if args.json not in (None, "-"):
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per (model, provider): the largest side that trained, its peak memory and step time."""
+    header = (f"{'model':<14} {'provider':<10} {'dtype':<6} {'side':>5} {'voxels':>12} {'peak MB':>9} "
+              f"{'step ms':>9} {'fails at':>8} {'tries':>5}  stop")
+    lines = [header]
+    for r in rows:
+        side = r["side"] or 0
+        peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+        step = f"{r['step_ms']:.0f}" if r["step_ms"] is not None else "-"
+        failed = r["failed_side"] or "-"
+        lines.append(f"{r['model']:<14} {r['provider']:<10} {r['dtype']:<6} {side:>5} {side**3:>12} {peak:>9} "
+                     f"{step:>9} {failed:>8} {r['tries']:>5}  {r['stop']}{'' if r['converged'] else ' (unfinished)'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
