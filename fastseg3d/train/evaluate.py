@@ -40,6 +40,19 @@ def _eval_dataset(cfg: dict, split: str):
     return data, Dataset(cases, transform)
 
 
+def _to_input_grid(labels: torch.Tensor, image, transform) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo the spatial transforms (reorientation, resampling, cropping) that ``image`` went through, so that the
+    prediction lies voxel for voxel on the input file's grid, with the file's affine."""
+    from monai.data import MetaTensor
+    from monai.transforms import Invertd
+
+    pred = MetaTensor(labels[None].float(), affine=image.affine, meta=dict(image.meta))
+    pred.applied_operations = list(image.applied_operations)
+    inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
+        {"pred": pred, "image": image})["pred"]
+    return inverted[0].round().long(), inverted.affine
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -54,7 +67,8 @@ def evaluate_checkpoint(
 
     Args:
         checkpoint: a training checkpoint (or a converted one: ``network_weights``, ``model`` and ``config``).
-        output_dir: where results go (``predictions/<case>.nii.gz`` with the input's affine).
+        output_dir: where results go (``predictions/<case>.nii.gz``: for an MSD folder on the input file's grid,
+            with its affine; the spatial transforms are inverted with MONAI's ``Invertd``).
         data: ``"synthetic"`` or an MSD task folder; ``None`` keeps the checkpoint's data.
         split: ``"val"`` (the run's validation split) or ``"all"`` (every labelled case of the MSD folder).
         val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``, ...).
@@ -110,9 +124,11 @@ def evaluate_checkpoint(
         row = acc.update(pred, to_onehot(label, bundle.out_channels, bundle.mode))
         cases.append({"case": name, **row})
         if save_predictions:
-            affine = getattr(item["image"], "affine", None)
-            save_prediction_nifti(labels_from_prediction(pred, bundle.mode, regions=regions), affine,
-                                  out / "predictions" / f"{name}.nii.gz")
+            labels = labels_from_prediction(pred, bundle.mode, regions=regions).cpu()
+            affine = None
+            if getattr(item["image"], "applied_operations", None) is not None:
+                labels, affine = _to_input_grid(labels, item["image"], dataset.transform)
+            save_prediction_nifti(labels, affine, out / "predictions" / f"{name}.nii.gz")
         logger.info("%s: dice %s", name, row["dice"])
     result = acc.aggregate()
     result["class_names"] = [c for c in bundle.class_names][0 if bundle.mode == "sigmoid" else 1:]
