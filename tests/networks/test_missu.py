@@ -111,6 +111,25 @@ def test_interpret_fused_attention_matches_reference():
     assert_close("logits", fused, ref, torch.float32, scale=10)
 
 
+@pytest.mark.interpret
+def test_interpret_training_step_matches_reference():
+    """Training output and loss, and the gradients of the transformer (the fused attention's dq/dk/dv feed them)."""
+    torch.manual_seed(0)
+    net = MISSU(dropout_rate=0.0, init_dropout=0.0).train()
+    x = torch.randn(2, 4, 16, 16, 16)
+    results = []
+    for backend in ("triton", "torch"):
+        net.zero_grad(set_to_none=True)
+        with fastseg3d.backend(backend):
+            logits, pairs = net(x)
+            loss = logits.square().mean() + MISSUDistillLoss()([s for s, _ in pairs], [t for _, t in pairs])
+            loss.backward()
+        qkv = net.transformer.net[0].fn.fn.qkv.weight.grad
+        results.append((logits.detach(), loss.detach(), qkv.clone(), net.conv_x.weight.grad.clone()))
+    for name, a, e in zip(("logits", "loss", "dqkv", "dconv_x"), *results):
+        assert_close(name, a, e, torch.float32, scale=10)
+
+
 def test_compile_fullgraph_and_bundle_instantiation():
     torch._dynamo.reset()
     net = MISSU(dropout_rate=0.0, init_dropout=0.0)
