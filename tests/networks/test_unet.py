@@ -70,3 +70,25 @@ def test_bad_arguments():
         net(torch.randn(1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="dimension 2 \\(size 6\\) must be divisible by 4"):
         net(torch.randn(1, 2, 8, 8, 6))
+
+
+@pytest.mark.parametrize("target", ["fastseg3d.networks.UNet", "fastseg3d.networks.dsd_unet",
+                                    "fastseg3d.networks.selfreg_unet"])
+def test_bundle_instantiation_and_compile(target):
+    bundle = pytest.importorskip("monai.bundle")
+    parser = bundle.ConfigParser({"net": {"_target_": target, "spatial_dims": 3, "in_channels": 2,
+                                          "out_channels": 3, "channels": [4, 8, 8]}})
+    net = parser.get_parsed_content("net")
+    x = torch.randn(2, 2, 8, 8, 8)
+    assert net.eval()(x).shape == (2, 3, 8, 8, 8)  # eval: one tensor, what sliding_window_inference wants
+    grads = []
+    for run in (net.train(), torch.compile(net.train(), fullgraph=True, backend="aot_eager")):
+        torch._dynamo.reset()
+        net.zero_grad(set_to_none=True)
+        out = run(x)
+        logits = out if isinstance(out, torch.Tensor) else out[0]
+        logits.square().mean().backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in net.parameters()])
+    assert any(g.abs().sum() > 0 for g in grads[1])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

@@ -282,3 +282,30 @@ def test_compiled_training_matches_eager(tmp_path):
     Trainer(load_config("quickstart", [*args, "train.compile=true"]), tmp_path / "compiled").fit()
     for a, b in zip(_rows(tmp_path / "eager", "train"), _rows(tmp_path / "compiled", "train")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_metrics_mirror_to_tensorboard_when_installed(tmp_path, monkeypatch):
+    import types
+
+    from fastseg3d.train.logger import MetricsLogger
+
+    written = []
+
+    class Writer:
+        def __init__(self, logdir):
+            written.append(("dir", logdir))
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, value, step))
+
+        def close(self):
+            written.append(("closed",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLogger(tmp_path)
+    log.log({"step": 3, "epoch": 0, "split": "val", "loss": 0.5, "dice": 0.7, "dice_per_class": [0.6, None]})
+    log.close()
+    assert written[0] == ("dir", str(tmp_path / "tb"))
+    assert ("val/loss", 0.5, 3) in written and ("val/dice_per_class/0", 0.6, 3) in written
+    assert not any(w[0] == "val/dice_per_class/1" for w in written) and written[-1] == ("closed",)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["dice_per_class"] == [0.6, None]
