@@ -34,6 +34,11 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if trainer.is_main and result and result["dice"] is not None:
         per_class = ", ".join(f"{name} {value:.3f}" if value is not None else f"{name} n/a"
                               for name, value in zip(_foreground(trainer), result["dice_per_class"]))
@@ -56,10 +61,12 @@ def _eval(args: argparse.Namespace) -> int:
     for key in ("overlap", "sw_batch_size", "blend", "max_cases"):
         if getattr(args, key) is not None:
             val[key] = getattr(args, key)
-    val["flip_tta"] = args.flip_tta
+    if args.flip_tta:
+        val["flip_tta"] = True
     val["hd95"] = not args.no_hd95
     out = args.output_dir or Path(args.checkpoint).resolve().parent / "eval"
-    result = evaluate_checkpoint(args.checkpoint, out, data=args.data, split=args.split, val_overrides=val,
+    result = evaluate_checkpoint(args.checkpoint, out, data=args.data, label_mode=args.label_mode, split=args.split,
+                                 val_overrides=val,
                                  save_predictions=args.save_predictions, device=args.device)
     names = result["class_names"]
     dice = "n/a" if result["dice"] is None else f"{result['dice']:.4f}"
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", default=None, help="'synthetic' or an MSD task folder (default: the run's data)")
     ev.add_argument("--split", choices=["val", "all"], default="val")
+    ev.add_argument("--label-mode", choices=["labels", "brats_regions"], default=None,
+                    help="default: the run's (needed for converted checkpoints, which have no data config)")
     ev.add_argument("--output-dir", default=None, help="default: <checkpoint folder>/eval")
     ev.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window roi (default: the run's)")
     ev.add_argument("--overlap", type=float, default=None)

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from fastseg3d.train.checkpoint import numpy_array_globals
+
 __all__ = [
     "OFFICIAL_SEGFORMER3D_DEFAULTS",
     "add_arguments",
@@ -76,15 +78,6 @@ def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _numpy_array_globals() -> list:
-    """What unpickling a plain NumPy array needs: training checkpoints keep NumPy's RNG state. Rebuilding an array
-    calls no user code (object arrays' items still go through the weights-only unpickler), as torch's docs note."""
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
 def _torch_load(path: Path, trusted: bool) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -98,7 +91,7 @@ def _torch_load(path: Path, trusted: bool) -> Any:
         except Exception as e:  # safetensors raises its own error types
             raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        with torch.serialization.safe_globals(numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ... for bad files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""

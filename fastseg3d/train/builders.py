@@ -88,7 +88,8 @@ def build_data(cfg: Mapping) -> DataBundle:
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"])
         labels = {int(k): v for k, v in props["labels"].items()}
         names = tuple(labels[i] for i in sorted(labels)) if mode == "softmax" else regions
-        in_channels = max(1, len(props.get("modality", {"0": ""})))
+        modality_names = props.get("modality")
+        in_channels = len(modality_names) if isinstance(modality_names, Mapping) and modality_names else 1
         return DataBundle(train, val, in_channels, len(names), mode, names, collate=list_data_collate)
     raise ValueError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
 
@@ -111,6 +112,17 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
     return _models()[name](**kwargs)
 
 
+def _float(output):
+    """Every floating tensor of a network's output (tensors, tuples, lists, named tuples) in fp32."""
+    if isinstance(output, torch.Tensor):
+        return output.float() if output.is_floating_point() else output
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return type(output)(*(_float(o) for o in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_float(o) for o in output)
+    return output
+
+
 class Objective(nn.Module):
     """Segmentation loss plus the method's distillation loss, on whatever the network returns in training.
 
@@ -123,6 +135,9 @@ class Objective(nn.Module):
         from monai.losses import DiceCELoss, DiceLoss
 
         name, distill = loss_cfg["name"], loss_cfg["distill"]
+        if mode == "sigmoid" and not loss_cfg["include_background"]:
+            raise ValueError("loss.include_background=false with sigmoid regions would drop the first region (TC): "
+                             "every region is foreground, keep it true")
         common = dict(include_background=loss_cfg["include_background"], to_onehot_y=mode == "softmax",
                       softmax=mode == "softmax", sigmoid=mode == "sigmoid")
         if name == "dice":
@@ -161,14 +176,15 @@ class Objective(nn.Module):
         return output if isinstance(output, torch.Tensor) else output[0]
 
     def forward(self, output, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        output = _float(output)  # losses in fp32 under autocast: a half-precision KL under- and overflows
         if isinstance(output, torch.Tensor) or self.distill is None:
-            loss = self.segmentation(self.logits(output).float(), target)
+            loss = self.segmentation(self.logits(output), target)
             return loss, {"segmentation": loss.detach()}
         if self.distill_name == "dsd":
             terms = self.distill.terms(output, target)
             loss = terms["dice_ce"] + self.distill.kl_weight * (terms["kl_decoder"] + terms["kl_encoder"])
             return loss, {k: v.detach() for k, v in terms.items()}
-        seg = self.segmentation(self.logits(output).float(), target)
+        seg = self.segmentation(self.logits(output), target)
         if self.distill_name == "selfreg":
             kd = self.distill(output)
         else:

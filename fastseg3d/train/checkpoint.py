@@ -18,7 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["atomic_save", "capture_rng_state", "load_checkpoint", "restore_rng_state", "unwrap_model"]
+__all__ = [
+    "atomic_save",
+    "capture_rng_state",
+    "load_checkpoint",
+    "numpy_array_globals",
+    "restore_rng_state",
+    "unwrap_model",
+]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -48,14 +55,22 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a fastseg3d checkpoint; a missing, truncated or foreign file raises ``ValueError`` naming it."""
+def numpy_array_globals() -> list:
+    """What unpickling a plain NumPy array needs (checkpoints keep NumPy's RNG state). Rebuilding an array calls no
+    user code (object arrays' items still go through the weights-only unpickler), as torch's docs note."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a fastseg3d checkpoint on the CPU with the weights-only unpickler (a downloaded file cannot run code);
+    a missing, truncated or foreign file raises an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        # RNG states hold numpy arrays and Python tuples, which the weights-only unpickler refuses.
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(numpy_array_globals()):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {err}") from err
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
@@ -74,6 +89,8 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run resumed on fewer visible GPUs restores the states it has devices for.
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ DEFAULTS: dict[str, Any] = {
         "channels_last": False,
         "activation_checkpointing": False,
         "sync_batchnorm": True,  # under DDP on CUDA
+        "dist_timeout_minutes": 120,  # collective timeout under DDP (rank 0 validates while the others wait)
         "log_every": 10,  # steps between train rows in metrics.jsonl
         "progress": "auto",  # auto (a bar on a terminal outside CI) | true | false
     },
@@ -128,21 +130,29 @@ def merge(base: Mapping, update: Mapping, path: str = "") -> dict:
         dotted = f"{path}{key}"
         if key not in out and not free:
             raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(out)}")
-        if free or isinstance(value, _Replace):
+        if free or (isinstance(value, _Replace) and dotted in _FREE_FORM):
             out[key] = copy.deepcopy(dict(value) if isinstance(value, _Replace) else value)
         elif isinstance(out[key], dict):
             if not isinstance(value, Mapping):
                 raise ValueError(f"config key {dotted!r} must be a mapping, got {value!r}")
             out[key] = merge(out[key], value, dotted + ".")
-        elif isinstance(value, str) and isinstance(out[key], (int, float)) and not isinstance(out[key], bool):
-            # YAML 1.1 reads "1e-4" (no dot) as a string; numeric keys take it as the number it means.
-            try:
-                out[key] = float(value)
-            except ValueError:
-                raise ValueError(f"config key {dotted!r} must be a number, got {value!r}") from None
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = _typed(out[key], value, dotted)
     return out
+
+
+def _typed(default: Any, value: Any, dotted: str) -> Any:
+    """``value`` checked against the default's type: numbers stay numbers, integer keys take integers only."""
+    number = isinstance(default, (int, float)) and not isinstance(default, bool)
+    if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"config key {dotted!r} must be a number, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"config key {dotted!r} must be an integer, got {value!r}")
+        value = int(value)
+    elif isinstance(default, float) and isinstance(value, int):
+        value = float(value)
+    return copy.deepcopy(value)
 
 
 def _yaml():
@@ -151,6 +161,25 @@ def _yaml():
     except ImportError as err:  # pragma: no cover - pyyaml is a dependency
         raise ImportError('reading configs needs PyYAML: pip install "fastseg3d[train]"') from err
     return yaml
+
+
+def _loader():
+    """PyYAML's safe loader with YAML 1.2 floats: "1e-4" is a number, not the string YAML 1.1 makes of it."""
+    yaml = _yaml()
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
@@ -167,7 +196,7 @@ def parse_overrides(items: Sequence[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw else None
+        value = yaml.load(raw, Loader=_loader()) if raw else None
         if isinstance(value, dict):
             value = _Replace(value)
         node = out
@@ -197,7 +226,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     if path is not None:
         file = find_config(path)
         try:
-            loaded = yaml.safe_load(file.read_text()) or {}
+            loaded = yaml.load(file.read_text(), Loader=_loader()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"config {file} is not valid YAML: {err}") from err
         if not isinstance(loaded, Mapping):

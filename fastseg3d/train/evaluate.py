@@ -58,6 +58,7 @@ def evaluate_checkpoint(
     output_dir: str | os.PathLike,
     *,
     data: str | None = None,
+    label_mode: str | None = None,
     split: str = "val",
     val_overrides: dict | None = None,
     save_predictions: bool = False,
@@ -70,6 +71,8 @@ def evaluate_checkpoint(
         output_dir: where results go (``predictions/<case>.nii.gz``: for an MSD folder on the input file's grid,
             with its affine; the spatial transforms are inverted with MONAI's ``Invertd``).
         data: ``"synthetic"`` or an MSD task folder; ``None`` keeps the checkpoint's data.
+        label_mode: ``"labels"`` or ``"brats_regions"``; ``None`` keeps the checkpoint's (a converted checkpoint has
+            no data config: give it here).
         split: ``"val"`` (the run's validation split) or ``"all"`` (every labelled case of the MSD folder).
         val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``, ...).
         save_predictions: write the predicted label maps as NIfTI.
@@ -96,8 +99,15 @@ def evaluate_checkpoint(
             cfg["data"]["name"] = "synthetic"
         else:
             cfg["data"].update(name="msd", root=str(data))
+    if label_mode is not None:
+        cfg["data"]["label_mode"] = label_mode
+    cfg["data"]["cache"] = False  # evaluation reads each case once; caching would load the training set too
     cfg["val"] = merge(cfg["val"], val_overrides or {}, "val.")
     bundle, dataset = _eval_dataset(cfg, split)
+    out_channels = ckpt["model"]["kwargs"].get("out_channels")
+    if out_channels is not None and out_channels != bundle.out_channels:
+        raise ValueError(f"checkpoint {checkpoint} predicts {out_channels} channels but the data "
+                         f"({cfg['data']['name']}, label_mode={cfg['data']['label_mode']}) has {bundle.out_channels}")
     dev = resolve_device(device)
     model = build_model(ckpt["model"]).to(dev)
     try:
@@ -121,7 +131,10 @@ def evaluate_checkpoint(
                                         blend=vcfg["blend"], flip_tta=vcfg["flip_tta"]).float()
         pred = to_prediction(logits, bundle.mode)
         name = item.get("name") or Path(str(item["image"].meta.get("filename_or_obj", f"case_{i}"))).name.split(".")[0]
-        row = acc.update(pred, to_onehot(label, bundle.out_channels, bundle.mode))
+        # HD95 in millimetres where the image knows its voxel size (MONAI MetaTensor), else in voxels.
+        pixdim = getattr(item["image"], "pixdim", None)
+        spacing = [float(v) for v in pixdim[:3]] if pixdim is not None else None
+        row = acc.update(pred, to_onehot(label, bundle.out_channels, bundle.mode), spacing=spacing)
         cases.append({"case": name, **row})
         if save_predictions:
             labels = labels_from_prediction(pred, bundle.mode, regions=regions).cpu()

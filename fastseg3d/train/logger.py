@@ -33,20 +33,35 @@ class MetricsLogger:
     def __init__(self, run_dir: str | os.PathLike, tensorboard: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = tensorboard
+        self.purge_step: int | None = None
         self.writer = None
-        if tensorboard:
+        self._writer_ready = False
+
+    def _tb(self):
+        """The TensorBoard writer, opened at the first row (after a resume has set ``purge_step``)."""
+        if not self._writer_ready and self.tensorboard:
+            self._writer_ready = True
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard not installed: the jsonl file is the record
-                pass
-            else:
-                self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+                return None
+            kwargs = {} if self.purge_step is None else {"purge_step": self.purge_step}
+            self.writer = SummaryWriter(str(self.path.parent / "tb"), **kwargs)
+        return self.writer
 
     def truncate_after(self, step: int) -> None:
+        self.purge_step = step + 1
         if not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash being resumed from
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
@@ -55,7 +70,7 @@ class MetricsLogger:
         row = _jsonable(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
+        if self._tb() is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     self.writer.add_scalar(f"{row['split']}/{key}", value, row["step"])

@@ -10,6 +10,8 @@ synthetic data's augmentation is a function of (case, epoch).
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
 import logging
 import math
 import os
@@ -79,6 +81,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def _seed_worker(worker_id: int, rank: int) -> None:
+    """Distinct random streams per worker and per rank (torch shares one base seed across ranks), including
+    MONAI's random transforms, which carry generators of their own."""
+    info = torch.utils.data.get_worker_info()
+    seed = (info.seed + rank * 1_000_003) % 2**32
+    torch.manual_seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(seed=seed)
+
+
 def _world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
@@ -105,10 +118,12 @@ class Trainer:
         self.rank, self.local_rank, self.world = _world()
         self.distributed = self.world > 1
         self.device = resolve_device(cfg["device"], self.local_rank)
-        if self.distributed and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        if self.distributed and not dist.is_initialized():
+            # Validation runs on rank 0 while the others wait at a barrier: allow it the time it needs.
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=float(cfg["train"]["dist_timeout_minutes"])))
         self.is_main = self.rank == 0
         self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
         if self.is_main:
@@ -130,9 +145,11 @@ class Trainer:
             n = enable_activation_checkpointing(self.model)
             logger.info("activation checkpointing on %d blocks", n)
         self.optimizer = build_optimizer(self.model.parameters(), cfg["optimizer"])
+        for key in ("train.grad_accumulation", "train.log_every", "checkpoint.save_every"):
+            section, name = key.split(".")
+            if int(cfg[section][name]) < 1:
+                raise ValueError(f"{key} must be >= 1, got {cfg[section][name]!r}")
         self.accum = int(tcfg["grad_accumulation"])
-        if self.accum < 1:
-            raise ValueError(f"train.grad_accumulation must be >= 1, got {self.accum}")
         self.train_loader = self._loader()
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -178,10 +195,7 @@ class Trainer:
         batch = int(dcfg["batch_size"])
         if batch % self.world:
             raise ValueError(f"data.batch_size={batch} (global) must be divisible by the {self.world} processes")
-        worker_init = None
-        if hasattr(self.data.train, "transform"):
-            # MONAI's random transforms carry their own generators: without this every worker repeats one stream.
-            from monai.data.utils import worker_init_fn as worker_init
+        worker_init = functools.partial(_seed_worker, rank=self.rank)
         return torch.utils.data.DataLoader(
             self.data.train, batch_size=batch // self.world, sampler=self.sampler, drop_last=True,
             num_workers=int(dcfg["num_workers"]), collate_fn=self.data.collate, worker_init_fn=worker_init,
@@ -229,7 +243,7 @@ class Trainer:
         if resume == "auto" and not path.is_file():
             logger.info("resume=auto: no %s yet, starting fresh", path)
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt = load_checkpoint(path)
         unwrap_model(self.model).load_state_dict(ckpt["network_weights"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -238,6 +252,10 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best_metric = float(ckpt["best_metric"])
+        best = self.run_dir / "checkpoint_best.pt"
+        if best.is_file():
+            # A latest checkpoint older than the best one must not let a worse model replace it.
+            self.best_metric = max(self.best_metric, float(load_checkpoint(best)["best_metric"]))
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
         logger.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.step)
@@ -280,10 +298,7 @@ class Trainer:
                 with self._autocast():
                     output = self.net(image)
                 loss, terms = self.objective(output, label)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite loss {loss.item()} at epoch {epoch}, step {self.step + 1}; stopped. The last good "
-                        f"checkpoint is {self.run_dir / 'checkpoint_latest.pt'}")
+                self._check_finite(loss, "loss", epoch)
                 self.scaler.scale(loss / self.accum).backward()
             for key, value in {"loss": loss.detach(), **terms}.items():
                 sums[key] = sums.get(key, 0.0) + self._reduce(value)
@@ -292,9 +307,13 @@ class Trainer:
             if not last_micro:
                 continue
             micro = 0
-            if tcfg["grad_clip"]:
+            if tcfg["grad_clip"] or not self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(tcfg["grad_clip"]))
+                limit = float(tcfg["grad_clip"]) if tcfg["grad_clip"] else math.inf
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
+                if not self.scaler.is_enabled():
+                    # Without a scaler nothing else stops an infinite gradient from poisoning the weights.
+                    self._check_finite(norm, "gradient norm", epoch)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -319,6 +338,17 @@ class Trainer:
         if self.cfg["scheduler"]["interval"] == "epoch":
             self.scheduler.step()
         return self.max_steps is None or self.step < int(self.max_steps)
+
+    def _check_finite(self, value: torch.Tensor, what: str, epoch: int) -> None:
+        """Raise :class:`NonFiniteLossError` on every rank together (a lone rank raising would hang the others)."""
+        ok = torch.isfinite(value.detach()).float().reshape(())
+        if self.distributed:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item() == 1.0:
+            return
+        latest = self.run_dir / "checkpoint_latest.pt"
+        kept = f"the last good checkpoint is {latest}" if latest.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"non-finite {what} at epoch {epoch}, step {self.step + 1}; stopped, {kept}")
 
     def _log_train(self, epoch: int, sums: dict, count: int, start: float) -> None:
         if self.metrics is None:
@@ -385,6 +415,9 @@ class Trainer:
         epoch = self.start_epoch - 1
         try:
             for epoch in range(self.start_epoch, self.epochs):
+                if self.max_steps is not None and self.step >= int(self.max_steps):
+                    epoch -= 1  # a run resumed after reaching max_steps has nothing left to train
+                    break
                 more = self.train_epoch(epoch)
                 final = not more or epoch == self.epochs - 1
                 val_due = int(vcfg["every"]) > 0 and ((epoch + 1) % int(vcfg["every"]) == 0 or final)
@@ -396,7 +429,6 @@ class Trainer:
                     if last["dice"] is not None and last["dice"] > self.best_metric:
                         self.best_metric = last["dice"]
                         self.save("best", epoch)
-                if self.is_main:
                     names = self.data.class_names[0 if self.data.mode == "sigmoid" else 1:]
                     plot_curves(self.metrics.path, self.run_dir / "curves.png", class_names=list(names))
                 if (epoch + 1) % int(ccfg["save_every"]) == 0 or final:

@@ -37,6 +37,17 @@ def test_config_defaults_overrides_and_errors(tmp_path):
     assert cfg["train"]["amp"] == "bf16" and cfg["val"]["overlap"] == 0.5  # untouched default
     with pytest.raises(KeyError, match="optimizer.lrr"):
         load_config("quickstart", ["optimizer.lrr=1"])
+    # A mapping merges into a structured section (defaults kept) and replaces a free-form one.
+    cfg = load_config("quickstart", ["optimizer={lr: 0.1}", "model.kwargs={depths: [1, 1, 1, 1]}"])
+    assert cfg["optimizer"]["lr"] == 0.1 and cfg["optimizer"]["name"] == "adamw"
+    assert cfg["model"]["kwargs"] == {"depths": [1, 1, 1, 1]}
+    # YAML 1.2 numbers ("1e-2" is a float) and integer keys take integers only.
+    cfg = load_config("quickstart", ["loss.distill_kwargs.weight=1e-2", "train.epochs=3.0"])
+    assert cfg["loss"]["distill_kwargs"]["weight"] == 0.01 and cfg["train"]["epochs"] == 3
+    with pytest.raises(ValueError, match="train.epochs.*integer"):
+        load_config("quickstart", ["train.epochs=2.5"])
+    with pytest.raises(ValueError, match="optimizer.lr.*number"):
+        load_config("quickstart", ["optimizer.lr=fast"])
     with pytest.raises(ValueError, match="section.key=value"):
         load_config("quickstart", ["optimizer.lr"])
     bad = tmp_path / "bad.yaml"
@@ -96,7 +107,10 @@ class _Interrupt(Exception):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
-    args = ["deterministic=true", "train.epochs=3", *TINY_UNET, *TINY_DATA]
+    # SelfReg redraws its channel pairs from torch's global generator at every step: a resume that did not restore
+    # the RNG states would diverge at once.
+    args = ["deterministic=true", "train.epochs=3", *TINY_DATA, "model.name=selfreg_unet",
+            "model.kwargs={spatial_dims: 3, channels: [4, 8, 16]}", "loss.distill=selfreg"]
     whole = tmp_path / "whole"
     Trainer(load_config("quickstart", args), whole).fit()
 
@@ -105,8 +119,10 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
 
     def stop_in_epoch_2(self, epoch):
         if epoch == 2:
-            # A crash in the middle of epoch 2: the latest checkpoint is epoch 1's.
+            # A crash in the middle of epoch 2, while a row was being written: the latest checkpoint is epoch 1's.
             self.metrics.log({"step": self.step + 1, "epoch": 2, "split": "train", "loss": -1.0})
+            with self.metrics.path.open("a") as f:
+                f.write('{"step": 6, "epo')
             raise _Interrupt
         return original(self, epoch)
 
@@ -117,7 +133,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_epoch", original)
     Trainer(load_config("quickstart", args), part, resume="auto").fit()
 
+    assert len(_rows(whole, "train")) == 6
     assert [r["loss"] for r in _rows(part, "train")] == [r["loss"] for r in _rows(whole, "train")]
+    assert [r["dice"] for r in _rows(part, "val")] == [r["dice"] for r in _rows(whole, "val")]
     a = load_checkpoint(whole / "checkpoint_final.pt")["network_weights"]
     b = load_checkpoint(part / "checkpoint_final.pt")["network_weights"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -140,7 +158,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
                      *TINY_UNET, *TINY_DATA])
     assert code == 3
     assert load_checkpoint(run / "checkpoint_latest.pt")["epoch"] == 0
-    with pytest.raises(NonFiniteLossError, match="checkpoint_latest.pt"):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):  # NaN from the first step
         Trainer(load_config("quickstart", ["train.epochs=3", *TINY_UNET, *TINY_DATA]), tmp_path / "again").fit()
 
 
@@ -192,6 +210,14 @@ def test_every_recipe_trains_a_step_on_synthetic_data(name, tmp_path):
     assert ckpt["step"] == 1 and ckpt["model"]["name"] == cfg["model"]["name"]
     train = _rows(tmp_path, "train")
     assert len(train) == 1 and torch.isfinite(torch.tensor(train[0]["loss"]))
+    if cfg["data"]["label_mode"] == "brats_regions":
+        from fastseg3d.train.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(tmp_path / "checkpoint_final.pt", tmp_path / "eval", save_predictions=True)
+        assert result["class_names"] == ["TC", "WT", "ET"] and len(result["dice_per_class"]) == 3
+        nib = pytest.importorskip("nibabel")
+        labels = nib.load(str(tmp_path / "eval" / "predictions" / "synthetic_2_0000.nii.gz")).get_fdata()
+        assert set(labels.flatten().tolist()) <= {0, 1, 2, 3}  # MSD BraTS coding rebuilt from the regions
     if cfg["loss"]["distill"] == "dsd":
         assert {"kl_decoder", "kl_encoder"} <= set(train[0])
     elif cfg["loss"]["distill"] != "none":
@@ -250,7 +276,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
                            "-m", "fastseg3d", *args, "--output-dir", str(two)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(_rows(two, "train")) == 2  # rank 0 alone logs
+    assert len(_rows(one, "train")) == len(_rows(two, "train")) == 2  # rank 0 alone logs
     for a, b in zip(_rows(one, "train"), _rows(two, "train")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     wa = load_checkpoint(one / "checkpoint_final.pt")["network_weights"]
@@ -268,7 +294,9 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
 def test_training_options_run(extra, tmp_path):
     cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=1", "val.every=0", *extra])
     trainer = Trainer(cfg, tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.fit()
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))  # steps were taken
     rows = _rows(tmp_path, "train")
     assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert trainer.step == 2 // int(cfg["train"]["grad_accumulation"])
@@ -280,7 +308,9 @@ def test_compiled_training_matches_eager(tmp_path):
     args = [*TINY_UNET, *TINY_DATA, "train.epochs=1", "val.every=0", "deterministic=true"]
     Trainer(load_config("quickstart", args), tmp_path / "eager").fit()
     Trainer(load_config("quickstart", [*args, "train.compile=true"]), tmp_path / "compiled").fit()
-    for a, b in zip(_rows(tmp_path / "eager", "train"), _rows(tmp_path / "compiled", "train")):
+    eager, compiled = _rows(tmp_path / "eager", "train"), _rows(tmp_path / "compiled", "train")
+    assert len(eager) == len(compiled) == 2
+    for a, b in zip(eager, compiled):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
