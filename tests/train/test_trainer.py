@@ -264,10 +264,12 @@ def test_activation_checkpointing_keeps_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
-    """torchrun with 2 gloo processes of 2 cases each == 1 process of 4 cases (same data order, averaged grads)."""
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, accumulation):
+    """torchrun with 2 gloo processes of 2 cases each == 1 process of 4 cases (same data order, averaged grads),
+    also when gradients accumulate over micro-batches (DDP syncs only on the last one)."""
     args = ["train", "--config", "quickstart", "--epochs", "1", "--deterministic", *TINY_UNET, *TINY_DATA,
-            "data.num_train=8", "data.batch_size=4"]
+            "data.num_train=8", "data.batch_size=4", f"train.grad_accumulation={accumulation}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "fastseg3d", *args, "--output-dir", str(one)], check=True, env=env,
@@ -276,7 +278,9 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path):
                            "-m", "fastseg3d", *args, "--output-dir", str(two)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(_rows(one, "train")) == len(_rows(two, "train")) == 2  # rank 0 alone logs
+    steps = 2 // accumulation
+    assert len(_rows(one, "train")) == len(_rows(two, "train")) == steps  # rank 0 alone logs
+    assert load_checkpoint(two / "checkpoint_final.pt")["step"] == steps
     for a, b in zip(_rows(one, "train"), _rows(two, "train")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     wa = load_checkpoint(one / "checkpoint_final.pt")["network_weights"]
@@ -339,3 +343,14 @@ def test_metrics_mirror_to_tensorboard_when_installed(tmp_path, monkeypatch):
     assert ("val/loss", 0.5, 3) in written and ("val/dice_per_class/0", 0.6, 3) in written
     assert not any(w[0] == "val/dice_per_class/1" for w in written) and written[-1] == ("closed",)
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["dice_per_class"] == [0.6, None]
+
+
+def test_non_finite_loss_stops_every_rank(tmp_path):
+    """A diverging DDP run stops on both ranks together (no rank left waiting in an all-reduce)."""
+    args = ["train", "--config", "quickstart", "--epochs", "3", *TINY_UNET, *TINY_DATA, "data.num_train=8",
+            "data.batch_size=4", "optimizer.lr=1e30", "scheduler.warmup=0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "fastseg3d", *args, "--output-dir", str(tmp_path)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: non-finite") == 2, proc.stderr[-3000:]
