@@ -1,6 +1,6 @@
 """Command line: ``fastseg3d train | eval | bench | convert | info`` (also ``python -m fastseg3d ...``).
 
-``torchrun --nproc_per_node=N -m fastseg3d train ...`` trains with DistributedDataParallel.
+``torchrun --standalone --nproc_per_node=N -m fastseg3d train ...`` trains with DistributedDataParallel.
 """
 
 from __future__ import annotations
