@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 __all__ = [
-    "DataBundle",
     "MODELS",
+    "DataBundle",
     "Objective",
     "build_data",
     "build_model",

@@ -85,10 +85,8 @@ def evaluate_checkpoint(
     from fastseg3d.train.inference import (
         MetricAccumulator,
         labels_from_prediction,
+        predict_case,
         save_prediction_nifti,
-        sliding_window_predict,
-        to_onehot,
-        to_prediction,
     )
 
     ckpt = load_checkpoint(checkpoint)
@@ -125,16 +123,10 @@ def evaluate_checkpoint(
     n = len(dataset) if vcfg["max_cases"] is None else min(len(dataset), int(vcfg["max_cases"]))
     for i in range(n):
         item = dataset[i]
-        image = torch.as_tensor(item["image"])[None].to(dev)
-        label = torch.as_tensor(item["label"])[None].to(dev)
-        logits = sliding_window_predict(model, image, roi, overlap=vcfg["overlap"], sw_batch_size=vcfg["sw_batch_size"],
-                                        blend=vcfg["blend"], flip_tta=vcfg["flip_tta"]).float()
-        pred = to_prediction(logits, bundle.mode)
+        case = predict_case(model, item, roi, vcfg, bundle.mode, bundle.out_channels, dev)
+        pred = case["pred"]
         name = item.get("name") or Path(str(item["image"].meta.get("filename_or_obj", f"case_{i}"))).name.split(".")[0]
-        # HD95 in millimetres where the image knows its voxel size (MONAI MetaTensor), else in voxels.
-        pixdim = getattr(item["image"], "pixdim", None)
-        spacing = [float(v) for v in pixdim[:3]] if pixdim is not None else None
-        row = acc.update(pred, to_onehot(label, bundle.out_channels, bundle.mode), spacing=spacing)
+        row = acc.update(pred, case["target"], spacing=case["spacing"])
         cases.append({"case": name, **row})
         if save_predictions:
             labels = labels_from_prediction(pred, bundle.mode, regions=regions).cpu()

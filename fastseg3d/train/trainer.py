@@ -94,8 +94,8 @@ def _seed_worker(worker_id: int, rank: int) -> None:
 
 def _world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)))
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
 
 
 class Trainer:
@@ -361,13 +361,7 @@ class Trainer:
     @torch.no_grad()
     def validate(self, epoch: int) -> dict:
         """Sliding-window inference over the validation set (main process); loss, Dice (and HD95) per class."""
-        from fastseg3d.train.inference import (
-            MetricAccumulator,
-            labels_from_prediction,
-            sliding_window_predict,
-            to_onehot,
-            to_prediction,
-        )
+        from fastseg3d.train.inference import MetricAccumulator, labels_from_prediction, predict_case
         from fastseg3d.train.plots import plot_slices
 
         vcfg = self.cfg["val"]
@@ -380,19 +374,14 @@ class Trainer:
         n = len(self.data.val) if vcfg["max_cases"] is None else min(len(self.data.val), int(vcfg["max_cases"]))
         for i in range(n):
             item = self.data.val[i]
-            image = torch.as_tensor(item["image"])[None].to(self.device)
-            label = torch.as_tensor(item["label"])[None].to(self.device)
             with self._autocast():
-                logits = sliding_window_predict(model, image, roi, overlap=vcfg["overlap"],
-                                                sw_batch_size=vcfg["sw_batch_size"], blend=vcfg["blend"],
-                                                flip_tta=vcfg["flip_tta"])
-            logits = logits.float()
-            pred = to_prediction(logits, self.data.mode)
-            target = to_onehot(label, self.data.out_channels, self.data.mode)
-            acc.update(pred, target, loss=float(self.objective.segmentation(logits, label)))
+                case = predict_case(model, item, roi, vcfg, self.data.mode, self.data.out_channels, self.device)
+            acc.update(case["pred"], case["target"], spacing=case["spacing"],
+                       loss=float(self.objective.segmentation(case["logits"], case["label"])))
             if i < int(vcfg["num_images"]):
-                plot_slices(image[0].cpu(), labels_from_prediction(target, self.data.mode, regions=regions).cpu(),
-                            labels_from_prediction(pred, self.data.mode, regions=regions).cpu(),
+                plot_slices(case["image"][0].cpu(),
+                            labels_from_prediction(case["target"], self.data.mode, regions=regions).cpu(),
+                            labels_from_prediction(case["pred"], self.data.mode, regions=regions).cpu(),
                             self.run_dir / "images" / f"val_{i}.png",
                             title=f"{item.get('name', i)}: epoch {epoch}, step {self.step}")
         model.train()
