@@ -92,6 +92,11 @@ class DSD(nn.Module):
     the fly without materialising them (its DiceCE still upsamples the decoder heads to the label's resolution).
     Any integer scale per axis works.
 
+    ``share_heads=True``: an encoder and a decoder feature at the same scale share one head, as DSD's nnU-Net
+    (DynUNet) and SwinUNETR variants do (their features at one scale have the same channels; a mismatch is a
+    ``ValueError``). The shared head appears under both ``encoder_heads.i`` and ``decoder_heads.j`` in the
+    ``state_dict``, and once in ``parameters()``.
+
     Layer names follow ``named_modules()``; ``"name:input"`` taps a module's first input (see
     :mod:`fastseg3d.distill.presets` for fastseg3d's UNet, MONAI's UNETR and DynUNet). The backbone must return
     one logits tensor.
@@ -102,6 +107,7 @@ class DSD(nn.Module):
         decoder_layers: decoder feature layers, coarse to fine (teacher last); at least one.
         num_classes: the backbone's output channels.
         head_mode: "deconv" or "interp".
+        share_heads: one head for an encoder and a decoder feature at the same scale.
         input_shape: (keyword) the full shape (B, C, *spatial) of an example input, for the dry run.
 
     Example:
@@ -125,6 +131,7 @@ class DSD(nn.Module):
         decoder_layers: Sequence[str],
         num_classes: int,
         head_mode: str = "deconv",
+        share_heads: bool = False,
         *,
         input_shape: Sequence[int],
     ) -> None:
@@ -162,8 +169,16 @@ class DSD(nn.Module):
             chans.append(f.shape[1])
             scale_list.append(tuple(ratio))
 
-        heads = []
-        for layer, c, s in zip(layers, chans, scale_list):
+        heads, by_scale = [], {}
+        n_enc = len(self.encoder_layers)
+        for i, (layer, c, s) in enumerate(zip(layers, chans, scale_list)):
+            if share_heads and i >= n_enc and s in by_scale:
+                enc_layer, head = by_scale[s]
+                if head.conv.in_channels != c:
+                    raise ValueError(f"share_heads: {enc_layer!r} and {layer!r} are both at scale {s} but have "
+                                     f"{head.conv.in_channels} and {c} channels")
+                heads.append(head)
+                continue
             scale = None
             if head_mode == "deconv":
                 scale = _power_of_two(s)
@@ -171,10 +186,16 @@ class DSD(nn.Module):
                     raise ValueError(f"layer {layer!r} is at scale {s} of the output: head_mode='deconv' needs one "
                                      "power of two on every axis (use head_mode='interp')")
             heads.append(DeepUp(spatial_dims, c, num_classes, scale))
+            if share_heads and i < n_enc:
+                if s in by_scale:
+                    raise ValueError(f"share_heads: encoder layers {by_scale[s][0]!r} and {layer!r} are both at "
+                                     f"scale {s}")
+                by_scale[s] = (layer, heads[-1])
         self.spatial_dims = spatial_dims
+        self.share_heads = share_heads
         self.scales = dict(zip(layers, scale_list))
-        self.encoder_heads = nn.ModuleList(heads[: len(self.encoder_layers)])
-        self.decoder_heads = nn.ModuleList(heads[len(self.encoder_layers):])
+        self.encoder_heads = nn.ModuleList(heads[:n_enc])
+        self.decoder_heads = nn.ModuleList(heads[n_enc:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | DSDOutput:
         if not self.training:

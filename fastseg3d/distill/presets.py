@@ -2,7 +2,8 @@
 
 Each function takes the method, ``"dsd"`` or ``"selfreg"`` (and, where the names depend on its depth, the built
 network), and returns the keyword arguments naming the layers: ``encoder_layers`` and ``decoder_layers``
-(DSD: both with the teacher last), plus ``final_layer`` for SelfReg.
+(DSD: both with the teacher last, and ``share_heads`` where the published variant shares heads), plus
+``final_layer`` for SelfReg.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def unetr_layers(method: str) -> dict:
 def dynunet_layers(net: nn.Module, method: str) -> dict:
     """MONAI's ``DynUNet`` (``deep_supervision=False``) with n down-sampling steps.
 
-    DSD (the nnU-Net variant's positions, with separate heads where the published code shares one per scale):
-    encoder heads on ``input_block`` and ``downsamples.*`` (the deepest down-sampling output is the teacher),
-    decoder heads on ``bottleneck`` and every ``upsamples.*`` but the last (the one nearest the output is the
-    teacher). SelfReg: encoder ``downsamples.*`` and ``bottleneck``, decoder every ``upsamples.*`` but the last,
+    DSD, as DSD's nnU-Net variant: encoder heads on ``input_block`` and ``downsamples.*`` (the deepest
+    down-sampling output is the teacher), decoder heads on ``bottleneck`` and every ``upsamples.*`` but the last
+    (the one nearest the output is the teacher), and ``share_heads=True``: an encoder and a decoder feature at the
+    same scale share one head, as published (filters 32..320, 8 classes: 8,592 head parameters). SelfReg: encoder ``downsamples.*`` and ``bottleneck``, decoder every ``upsamples.*`` but the last,
     final the last ``upsamples`` stage.
 
     Example:
@@ -91,5 +92,5 @@ def dynunet_layers(net: nn.Module, method: str) -> dict:
     ups = tuple(f"upsamples.{j}" for j in range(n_up - 1))
     downs = tuple(f"downsamples.{i}" for i in range(len(net.downsamples)))
     if method == "dsd":
-        return {"encoder_layers": ("input_block", *downs), "decoder_layers": ("bottleneck", *ups)}
+        return {"encoder_layers": ("input_block", *downs), "decoder_layers": ("bottleneck", *ups), "share_heads": True}
     return {"encoder_layers": (*downs, "bottleneck"), "decoder_layers": ups, "final_layer": f"upsamples.{n_up - 1}"}

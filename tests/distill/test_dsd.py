@@ -110,6 +110,8 @@ def test_dynunet():
                                                                                               "upsamples.0")
     out = dsd(torch.randn(2, 1, 16, 16, 16))
     assert all(t.shape == (2, 2, 16, 16, 16) for t in (*out.decoder, *out.encoder))
+    # the published variant shares one head per scale: downsamples.0 and upsamples.0 are both at 1/2
+    assert dsd.decoder_heads[1] is dsd.encoder_heads[1] and dsd.decoder_heads[0] is not dsd.encoder_heads[0]
     # anisotropic strides: scale (2, 2, 1) has no single x2 deconv; the interp heads take it
     aniso = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, (2, 2, 1), (2, 2, 1)],
                          upsample_kernel_size=[(2, 2, 1), (2, 2, 1)], filters=[4, 8, 8])
@@ -118,6 +120,50 @@ def test_dynunet():
         DSD(aniso, num_classes=2, input_shape=(1, 1, 8, 8, 8), **layers)
     interp = DSD(aniso, num_classes=2, head_mode="interp", input_shape=(1, 1, 8, 8, 8), **layers)
     assert interp(torch.randn(2, 1, 8, 8, 8)).decoder[0].shape == (2, 2, 2, 2, 8)
+
+
+def test_dynunet_shared_heads_published_size():
+    """seeds.md: DynUNet (filters 32..320, 8 classes) grows by 8,592 parameters under DSD, heads shared per scale."""
+    net = nets.DynUNet(3, 1, 8, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,
+                       filters=[32, 64, 128, 256, 320])
+    base = sum(p.numel() for p in net.parameters())
+    with torch.device("meta"):
+        dsd = DSD(net.to("meta"), num_classes=8, input_shape=(1, 1, 32, 32, 32), **presets.dynunet_layers(net, "dsd"))
+    assert sum(p.numel() for p in dsd.parameters()) - base == 8592
+    separate = DSD(net, num_classes=8, input_shape=(1, 1, 32, 32, 32),
+                   **{**presets.dynunet_layers(net, "dsd"), "share_heads": False})
+    # three more 1x1 convs (64, 128, 256 -> 8 channels) and three more x2 deconvs (8 -> 8)
+    assert sum(p.numel() for p in separate.parameters()) - base == 8592 + (520 + 1032 + 2056) + 3 * 520
+
+
+def test_shared_heads_train_from_both_sides_and_round_trip():
+    net = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                       filters=[4, 8, 16])
+    dsd = DSD(net, num_classes=2, input_shape=(1, 1, 16, 16, 16), **presets.dynunet_layers(net, "dsd"))
+    shared = dsd.encoder_heads[1]
+    out = dsd(torch.randn(1, 1, 16, 16, 16))
+    out.encoder[1].sum().backward()
+    g_enc = shared.conv.weight.grad.clone()
+    shared.zero_grad()
+    out = dsd(torch.randn(1, 1, 16, 16, 16))
+    out.decoder[1].sum().backward()
+    assert g_enc.abs().sum() > 0 and shared.conv.weight.grad.abs().sum() > 0
+    state = dsd.state_dict()
+    assert "encoder_heads.1.conv.weight" in state and "decoder_heads.1.conv.weight" in state
+    other = DSD(nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                             filters=[4, 8, 16]),
+                num_classes=2, input_shape=(1, 1, 16, 16, 16), **presets.dynunet_layers(net, "dsd"))
+    other.load_state_dict(state)
+    assert other.decoder_heads[1] is other.encoder_heads[1]
+    torch.testing.assert_close(other.decoder_heads[1].conv.weight, shared.conv.weight)
+
+
+def test_shared_heads_need_equal_channels():
+    net = UNet(3, 1, 2, channels=(4, 8, 16))
+    # encoder.1.0, the max-pooled level-0 feature (4 channels at 1/2), against decoder.0 (8 channels at 1/2)
+    with pytest.raises(ValueError, match="share_heads"):
+        DSD(net, ["encoder.0", "encoder.1.0"], ["encoder.2", "decoder.0"], num_classes=2, share_heads=True,
+            input_shape=(1, 1, 16, 16, 16))
 
 
 def test_compile_fullgraph():
