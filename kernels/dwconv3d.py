@@ -4,11 +4,13 @@
 
 Every tensor is addressed through its five logical (B, C, D, H, W) strides, so one kernel serves NCDHW,
 ``channels_last_3d`` and the token layout (B, N, C) viewed as (B, C, D, H, W). A program owns a
-[BLOCK_C, BLOCK_H, BLOCK_W] output tile of one (batch, depth) slice; the block shape follows the layout
-(wide along C when the channel stride is 1, wide along W otherwise) so loads stay coalesced.
+[BLOCK_C, BLOCK_H, BLOCK_W] output tile and a run of depths, which it walks with one accumulator per depth tap
+(each input slice is read once per in-plane tap, not once per tap); the block shape follows the layout (wide
+along C when the channel stride is 1, wide along W otherwise) so loads stay coalesced.
 
 Backward:
-* ``dz = dy * act'(z)`` where ``z = conv(x) + b`` is recomputed (nothing but the input is saved);
+* ``dz = dy * act'(z)``, with ``z = conv(x) + b`` recomputed by the forward kernel (nothing but the input is
+  saved);
 * ``dx`` is the same forward kernel run on ``dz`` with the taps flipped and the padding mirrored;
 * ``dw``/``db``: each program walks a chunk of depth slices for one spatial tile, keeps per-tap partial sums
   in registers and writes them to its own row of an fp32 workspace, which is then summed in a fixed order.
@@ -23,7 +25,7 @@ import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
 
-__all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd"]
+__all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
 
 ACT_IDS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
@@ -68,62 +70,94 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _conv_tile(
-    x_ptr, w_ptr, b, od, c3, h3, w3, offs_c, C, D_in, H_in, W_in,
-    sxb, sxc, sxd, sxh, sxw, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+def _tap_weight(w_ptr, offs_c, C, kd, kh, kw, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                FLIP: tl.constexpr):
+    """The (BLOCK_C, 1, 1) fp32 weights of one tap; FLIP reads the taps in reverse (the dx correlation)."""
+    tap = (kd * KH + kh) * KW + kw
+    if FLIP:
+        tap = KD * KH * KW - 1 - tap
+    return tl.load(w_ptr + tap * C + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
+
+
+@triton.jit
+def _finish(
+    z, bias, j, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
+    srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, GRAD_ACT: tl.constexpr, INT64: tl.constexpr,
 ):
-    """sum over taps of w[c, tap] * x[b, c, od - pad + kd*dil, ...] for one output tile, in fp32."""
-    KVOL: tl.constexpr = KD * KH * KW
-    x_base = x_ptr + b * sxb + c3 * sxc
-    mask_c = c3 < C
-    acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-    for kd in range(KD):
-        # A [1, 1, 1] tensor, not a scalar: the interpreter mis-types `tensor & scalar_bool` masks.
-        idp = od - pad_d + kd * dil_d + tl.zeros([1, 1, 1], dtype=tl.int32)
-        d_ok = (idp >= 0) & (idp < D_in)
-        for kh in tl.static_range(KH):
-            ih = h3 - pad_h + kh * dil_h
-            dh_ok = mask_c & d_ok & (ih >= 0) & (ih < H_in)
-            for kw in tl.static_range(KW):
-                iw = w3 - pad_w + kw * dil_w
-                m = dh_ok & (iw >= 0) & (iw < W_in)
-                xv = tl.load(x_base + idp * sxd + ih * sxh + iw * sxw, mask=m, other=0.0).to(tl.float32)
-                tap = (kd * KH + kh) * KW + kw
-                if FLIP:
-                    tap = KVOL - 1 - tap
-                wv = tl.load(w_ptr + offs_c * KVOL + tap, mask=offs_c < C, other=0.0).to(tl.float32)
-                acc += xv * wv[:, None, None]
+    """Store output j of the program's run (od = r + dil_d * j) from its conv sum z: act(z + bias) + residual,
+    or g * act'(z + bias). Nothing is stored for j outside [j0, j1)."""
+    z += bias
+    # A [1, 1, 1] tensor, not a scalar: the interpreter mis-types `tensor & scalar_bool` masks.
+    j = j + tl.zeros([1, 1, 1], dtype=tl.int32)
+    od = r + dil_d * j
+    if INT64:
+        od = od.to(tl.int64)
+    mask = out_mask & (j >= j0) & (j < j1)
+    if GRAD_ACT:
+        g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + w3 * sgw, mask=mask, other=0.0)
+        out = g.to(tl.float32) * _act_grad(z, ACT)
+    else:
+        out = _act(z, ACT)
+        if HAS_RES:
+            res = tl.load(r_ptr + b * srb + c3 * src + od * srd + h3 * srh + w3 * srw, mask=mask, other=0.0)
+            out += res.to(tl.float32)
+    tl.store(y_ptr + b * syb + c3 * syc + od * syd + h3 * syh + w3 * syw, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _plane_taps(acc, xs, w_ptr, offs_c, C, kd, c3, h3, w3, d_ok, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+                KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
+    """acc + sum over the in-plane taps of depth tap kd, for the input slice at ``xs`` (pointers at (c, 0, 0))."""
+    for kh in tl.static_range(KH):
+        ih = h3 - pad_h + kh * dil_h
+        dh_ok = (c3 < C) & d_ok & (ih >= 0) & (ih < H_in)
+        for kw in tl.static_range(KW):
+            iw = w3 - pad_w + kw * dil_w
+            xv = tl.load(xs + ih * sxh + iw * sxw, mask=dh_ok & (iw >= 0) & (iw < W_in), other=0.0)
+            acc += xv.to(tl.float32) * _tap_weight(w_ptr, offs_c, C, kd, kh, kw, KD, KH, KW, FLIP)
     return acc
 
 
 @triton.jit
 def _dwconv3d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, r_ptr, g_ptr, y_ptr,
-    C, D_in, H_in, W_in, D_out, H_out, W_out,
+    C, D_in, H_in, W_in, D_out, H_out, W_out, J_CHUNK, N_CHUNKS,
     sxb, sxc, sxd, sxh, sxw,
     srb, src, srd, srh, srw,
     sgb, sgc, sgd, sgh, sgw,
     syb, syc, syd, syh, syw,
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, ROLL: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, GRAD_ACT: tl.constexpr,
     INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """y = act(conv + bias) + residual, or with GRAD_ACT: y = g * act'(conv + bias)."""
+    """y = act(conv + bias) + residual, or with GRAD_ACT: y = g * act'(conv + bias).
+
+    A program owns one (C, H, W) tile and a run of output depths od = r + dil_d * j, j in [j0, j1) (r is the
+    program's residue modulo the depth dilation).
+
+    ROLL (KD of 1 or 3, at most 3x3 in-plane taps): the program walks the input slices its outputs read, in order,
+    loads each slice once per in-plane tap and adds it to KD rolling accumulators, acc_k holding the output this
+    slice feeds through depth tap k. After each slice acc_{KD-1} is complete: it is stored and the accumulators
+    shift. Every input element is loaded and converted KH*KW times instead of KD*KH*KW times. Otherwise (larger
+    kernels, whose KD*KH*KW unrolled taps would spill registers) the run is one output slice, which loops over
+    its depth taps.
+    """
     pid = tl.program_id(0)
-    od = tl.program_id(1)
+    pid_d = tl.program_id(1)
     b = tl.program_id(2)
     n_h = tl.cdiv(H_out, BLOCK_H)
     n_w = tl.cdiv(W_out, BLOCK_W)
     pid_c = pid // (n_h * n_w)
     pid_hw = pid % (n_h * n_w)
+    r = pid_d // N_CHUNKS
+    j0 = (pid_d % N_CHUNKS) * J_CHUNK
+    j1 = tl.minimum(j0 + J_CHUNK, tl.cdiv(D_out - r, dil_d))
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_h = (pid_hw // n_w) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_w = (pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W)
     if INT64:
-        od = od.to(tl.int64)
         b = b.to(tl.int64)
         offs_c = offs_c.to(tl.int64)
         offs_h = offs_h.to(tl.int64)
@@ -132,42 +166,71 @@ def _dwconv3d_fwd_kernel(
     h3 = offs_h[None, :, None]
     w3 = offs_w[None, None, :]
     out_mask = (c3 < C) & (h3 < H_out) & (w3 < W_out)
-
-    z = _conv_tile(
-        x_ptr, w_ptr, b, od, c3, h3, w3, offs_c, C, D_in, H_in, W_in,
-        sxb, sxc, sxd, sxh, sxw, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-        KD, KH, KW, FLIP, BLOCK_C, BLOCK_H, BLOCK_W,
-    )
+    x_base = x_ptr + b * sxb + c3 * sxc
+    bias = tl.zeros([BLOCK_C, 1, 1], dtype=tl.float32)
     if HAS_BIAS:
-        z += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
-    if GRAD_ACT:
-        g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + w3 * sgw, mask=out_mask, other=0.0)
-        out = g.to(tl.float32) * _act_grad(z, ACT)
+        bias = tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
+
+    if ROLL:
+        acc0 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        for t in range(j0, j1 + KD - 1):
+            idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                idp = idp.to(tl.int64)
+            d_ok = (idp >= 0) & (idp < D_in)
+            xs = x_base + idp * sxd
+            for kh in tl.static_range(KH):
+                ih = h3 - pad_h + kh * dil_h
+                dh_ok = (c3 < C) & d_ok & (ih >= 0) & (ih < H_in)
+                for kw in tl.static_range(KW):
+                    iw = w3 - pad_w + kw * dil_w
+                    xv = tl.load(xs + ih * sxh + iw * sxw, mask=dh_ok & (iw >= 0) & (iw < W_in), other=0.0)
+                    xv = xv.to(tl.float32)
+                    acc0 += xv * _tap_weight(w_ptr, offs_c, C, 0, kh, kw, KD, KH, KW, FLIP)
+                    if KD == 3:
+                        acc1 += xv * _tap_weight(w_ptr, offs_c, C, 1, kh, kw, KD, KH, KW, FLIP)
+                        acc2 += xv * _tap_weight(w_ptr, offs_c, C, 2, kh, kw, KD, KH, KW, FLIP)
+            z = acc0
+            if KD == 3:
+                z = acc2
+            _finish(z, bias, t - (KD - 1), j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
+                    srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
+                    HAS_RES, ACT, GRAD_ACT, INT64)
+            if KD == 3:
+                acc2 = acc1
+                acc1 = acc0
+            acc0 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
     else:
-        out = _act(z, ACT)
-        if HAS_RES:
-            r = tl.load(r_ptr + b * srb + c3 * src + od * srd + h3 * srh + w3 * srw, mask=out_mask, other=0.0)
-            out += r.to(tl.float32)
-    tl.store(y_ptr + b * syb + c3 * syc + od * syd + h3 * syh + w3 * syw, out.to(y_ptr.dtype.element_ty), mask=out_mask)
+        # One output slice per program (J_CHUNK = 1): a loop over several would let the compiler hoist every
+        # tap's offsets and masks out of it, which spills for kernels this large.
+        acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        for kd in range(KD):
+            idp = r - pad_d + dil_d * (j0 + kd) + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                idp = idp.to(tl.int64)
+            d_ok = (idp >= 0) & (idp < D_in)
+            acc = _plane_taps(acc, x_base + idp * sxd, w_ptr, offs_c, C, kd, c3, h3, w3, d_ok, H_in, W_in,
+                              sxh, sxw, pad_h, pad_w, dil_h, dil_w, KD, KH, KW, FLIP)
+        _finish(acc, bias, j0, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
+                srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
+                HAS_RES, ACT, GRAD_ACT, INT64)
 
 
 @triton.jit
 def _dwconv3d_bwd_weight_kernel(
-    x_ptr, w_ptr, bias_ptr, g_ptr, dz_ptr, dwp_ptr, dbp_ptr,
+    x_ptr, g_ptr, dwp_ptr, dbp_ptr,
     C, D_in, H_in, W_in, D_out, H_out, W_out, D_CHUNK,
     sxb, sxc, sxd, sxh, sxw,
     sgb, sgc, sgd, sgh, sgw,
-    szb, szc, szd, szh, szw,
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KD_PER: tl.constexpr, TAPS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COMPUTE_DZ: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """Per-program partial dw (over KD_PER depth taps starting at kd0) and db over a chunk of depth slices.
-
-    ``g`` is the incoming gradient. With COMPUTE_DZ the kernel recomputes z, forms dz = g * act'(z) and also
-    stores dz (for the dx pass); otherwise g already is dz.
-    """
+    """Per-program partial dw (over KD_PER depth taps starting at kd0) and db over a chunk of depth slices;
+    ``g`` is the gradient at the pre-activation, dz."""
     KVOL: tl.constexpr = KD * KH * KW
     pid = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -205,17 +268,6 @@ def _dwconv3d_bwd_weight_kernel(
             od = tl.cast(od_i, tl.int64)
         g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + w3 * sgw, mask=out_mask, other=0.0)
         g = g.to(tl.float32)
-        if COMPUTE_DZ:
-            z = _conv_tile(
-                x_ptr, w_ptr, b, od, c3, h3, w3, offs_c, C, D_in, H_in, W_in,
-                sxb, sxc, sxd, sxh, sxw, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-                KD, KH, KW, False, BLOCK_C, BLOCK_H, BLOCK_W,
-            )
-            if HAS_BIAS:
-                z += tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
-            dz = (g * _act_grad(z, ACT)).to(dz_ptr.dtype.element_ty)
-            tl.store(dz_ptr + b * szb + c3 * szc + od * szd + h3 * szh + w3 * szw, dz, mask=out_mask)
-            g = dz.to(tl.float32)
         acc_b += tl.sum(tl.sum(g, axis=2), axis=1)
         for kdi in tl.static_range(KD_PER):
             idp = od - pad_d + (kd0 + kdi) * dil_d + tl.zeros([1, 1, 1], dtype=tl.int32)
@@ -242,6 +294,13 @@ def _dwconv3d_bwd_weight_kernel(
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers. They take tensors already validated by fastseg3d.ops.dwconv3d and write into given outputs.
+# The weight comes tap-major, (KD, KH, KW, C) contiguous (see ``taps_major``): a tap's weights for a channel tile
+# are then one vector load, where the (C, 1, KD, KH, KW) layout costs one scalar load per channel and tap.
+
+
+def taps_major(weight: torch.Tensor) -> torch.Tensor:
+    """(C, 1, KD, KH, KW) -> (KD, KH, KW, C) contiguous, the weight layout the kernels read."""
+    return weight[:, 0].permute(1, 2, 3, 0).contiguous()
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -272,9 +331,25 @@ def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0, 0)
 
 
+def _chunks(n: int, kd: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(J_CHUNK, N_CHUNKS) of the rolling walk: split ``n`` outputs of a depth residue into runs. A run of J
+    outputs reads J + KD - 1 slices, so runs are at least 4 * (KD - 1) long; beyond that they are cut until the
+    grid fills the GPU."""
+    shortest = max(1, 4 * (kd - 1))
+    if interpreter_active():
+        shortest = 2  # several runs even on the tests' tiny shapes
+        wanted = triton.cdiv(n, shortest)
+    elif device.type == "cuda":
+        wanted = triton.cdiv(8 * torch.cuda.get_device_properties(device).multi_processor_count, tiles)
+    else:
+        wanted = 1
+    j_chunk = max(shortest, triton.cdiv(n, max(1, wanted)))
+    return j_chunk, triton.cdiv(n, j_chunk)
+
+
 def dwconv3d_fwd(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight_taps: torch.Tensor,
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     out: torch.Tensor,
@@ -284,50 +359,57 @@ def dwconv3d_fwd(
     flip: bool = False,
     grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel into ``out``; with ``grad`` it writes ``grad * act'(conv(x) + bias)``."""
+    """Launch the forward kernel into ``out``; with ``grad`` it writes ``grad * act'(conv(x) + bias)``.
+
+    ``weight_taps``: the weight as :func:`taps_major` gives it.
+    """
     _, c, d_in, h_in, w_in = x.shape
     bsz, _, d_out, h_out, w_out = out.shape
-    kd, kh, kw = weight.shape[2:]
-    tile = 4096 if interpreter_active() else 1024
+    kd, kh, kw, _ = weight_taps.shape
+    # The in-plane taps are unrolled and their loads issued together, so they share the registers with the KD
+    # accumulators: up to 3x3 taps, 16 (KD = 1) or 8 (KD = 3) outputs per thread compile without spills for
+    # sm_90; larger kernels loop over depth taps with 8.
+    roll = kd in (1, 3) and kh * kw <= 9
+    per_thread = 16 if roll and kd == 1 else 8
+    tile = 4096 if interpreter_active() else 128 * per_thread
     block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
-    grid = (triton.cdiv(c, block_c) * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w), d_out, bsz)
+    n_tiles = triton.cdiv(c, block_c) * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
+    dil_d = dilation[0]
+    n_per_residue = triton.cdiv(d_out, dil_d)
+    if roll:
+        j_chunk, n_chunks = _chunks(n_per_residue, kd, n_tiles * bsz * dil_d, x.device)
+    else:
+        j_chunk, n_chunks = 1, n_per_residue
+    grid = (n_tiles, dil_d * n_chunks, bsz)
     torch.library.wrap_triton(_dwconv3d_fwd_kernel)[grid](
-        x, weight, bias if bias is not None else weight, residual if residual is not None else x,
+        x, weight_taps, bias if bias is not None else weight_taps, residual if residual is not None else x,
         grad if grad is not None else x, out,
-        c, d_in, h_in, w_in, d_out, h_out, w_out,
+        c, d_in, h_in, w_in, d_out, h_out, w_out, j_chunk, n_chunks,
         *x.stride(), *_strides(residual), *_strides(grad), *out.stride(),
         *padding, *dilation,
-        KD=kd, KH=kh, KW=kw, FLIP=flip, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        KD=kd, KH=kh, KW=kw, FLIP=flip, ROLL=roll, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=act, GRAD_ACT=grad is not None, INT64=_needs_int64(x, out, residual, grad),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
-        num_warps=8 if block_c * block_h * block_w >= 2048 else 4,
+        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
     )
     return out
 
 
 def dwconv3d_bwd_weight(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    grad: torch.Tensor,
-    dz: torch.Tensor | None,
+    dz: torch.Tensor,
+    kernel_size: tuple[int, int, int],
     padding: tuple[int, int, int],
     dilation: tuple[int, int, int],
-    act: int,
+    with_bias: bool,
     empty=torch.empty,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight and bias gradients (fp32, shapes (C, KD*KH*KW) and (C,)).
-
-    With ``dz`` given and an activation, ``dz`` receives ``grad * act'(z)`` as a by-product. ``empty`` allocates
-    the workspaces (tests pass a NaN-filling allocator).
-    """
+    """Weight and bias gradients (fp32, shapes (C, KD*KH*KW) and (C,), the latter when ``with_bias``) from the
+    gradient ``dz`` at the pre-activation. ``empty`` allocates the workspaces (tests pass a NaN-filling one)."""
     bsz, c, d_in, h_in, w_in = x.shape
-    _, _, d_out, h_out, w_out = grad.shape
-    kd, kh, kw = weight.shape[2:]
+    _, _, d_out, h_out, w_out = dz.shape
+    kd, kh, kw = kernel_size
     kvol = kd * kh * kw
-    compute_dz = dz is not None
-    # Keep all taps of small kernels in one program (so dz can be formed in the same pass); split larger ones
-    # by depth tap to bound the register accumulator.
+    # Split larger kernels by depth tap to bound the register accumulator.
     kd_per = kd if kvol <= 32 else 1
     n_tap_chunks = kd // kd_per
     interp = interpreter_active()
@@ -344,16 +426,15 @@ def dwconv3d_bwd_weight(
     n_dchunks = triton.cdiv(d_out, d_chunk)
     rows = bsz * n_dchunks * n_hw
     dwp = empty((rows, kvol, c), dtype=torch.float32, device=x.device)
-    dbp = empty((rows, c), dtype=torch.float32, device=x.device) if bias is not None else None
+    dbp = empty((rows, c), dtype=torch.float32, device=x.device) if with_bias else None
     grid = (n_c * n_hw, n_tap_chunks, bsz * n_dchunks)
     torch.library.wrap_triton(_dwconv3d_bwd_weight_kernel)[grid](
-        x, weight, bias if bias is not None else weight, grad, dz if compute_dz else grad, dwp,
-        dbp if dbp is not None else dwp,
+        x, dz, dwp, dbp if dbp is not None else dwp,
         c, d_in, h_in, w_in, d_out, h_out, w_out, d_chunk,
-        *x.stride(), *grad.stride(), *_strides(dz),
+        *x.stride(), *dz.stride(),
         *padding, *dilation,
         KD=kd, KH=kh, KW=kw, KD_PER=kd_per, TAPS=triton.next_power_of_2(kd_per * kh * kw),
-        HAS_BIAS=bias is not None, ACT=act, COMPUTE_DZ=compute_dz, INT64=_needs_int64(x, grad, dz),
+        HAS_BIAS=with_bias, INT64=_needs_int64(x, dz),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w,
         num_warps=8 if block_c * block_h * block_w >= 2048 else 4,
     )

@@ -141,12 +141,10 @@ def _dwconv3d_op(
     if not utils.launchable(x.device):
         y = dwconv3d_ref(x, weight, bias, tuple(padding), tuple(dilation), act, residual)
         return y.contiguous(memory_format=utils.layout_of(x))
-    from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_fwd
+    from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_fwd, taps_major
 
     out = _new_output(x, out_shape)
-    return dwconv3d_fwd(
-        x, weight.contiguous(), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act]
-    )
+    return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act])
 
 
 @torch.library.triton_op("fastseg3d::dwconv3d_backward", mutates_args=())
@@ -178,29 +176,26 @@ def _dwconv3d_backward_op(
             db if need_db else x.new_empty((0,)),
         )
 
-    from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_bwd_weight, dwconv3d_fwd
+    from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
 
-    weight_c = weight.contiguous()
+    weight_t = taps_major(weight)
     act_id = ACT_IDS[act]
     pad, dil = tuple(padding), tuple(dilation)
     kd, kh, kw = weight.shape[2:]
     dz = grad
-    dw = db = None
     if act_id != 0:
+        # dz = grad * act'(z), with z recomputed by the forward kernel; the dw and dx passes read it.
         dz = _new_output(x, grad.shape)
-        # Small kernels form dz inside the weight-gradient pass; otherwise a forward-shaped pass writes it first.
-        if (need_dw or need_db) and kd * kh * kw <= 32:
-            dw, db = dwconv3d_bwd_weight(x, weight_c, bias, grad, dz, pad, dil, act_id, empty=utils.empty)
-        else:
-            dwconv3d_fwd(x, weight_c, bias, None, dz, pad, dil, act_id, grad=grad)
-    if (need_dw or need_db) and dw is None:
-        dw, db = dwconv3d_bwd_weight(x, weight_c, bias, dz, None, pad, dil, 0, empty=utils.empty)
+        dwconv3d_fwd(x, weight_t, bias, None, dz, pad, dil, act_id, grad=grad)
+    dw = db = None
+    if need_dw or need_db:
+        dw, db = dwconv3d_bwd_weight(x, dz, (kd, kh, kw), pad, dil, bias is not None, empty=utils.empty)
     dx = x.new_empty((0,))
     if need_dx:
         dx = _new_output(x, x.shape)
         # dx is the correlation of dz with the flipped taps; mirrored padding keeps the input's size.
         mirrored = tuple(d * (k - 1) - p for k, d, p in zip((kd, kh, kw), dil, pad))
-        dwconv3d_fwd(dz, weight_c, None, None, dx, mirrored, dil, 0, flip=True)
+        dwconv3d_fwd(dz, weight_t, None, None, dx, mirrored, dil, 0, flip=True)
     dw_out = dw.reshape(weight.shape).to(weight.dtype) if need_dw else x.new_empty((0,))
     db_out = db.to(bias.dtype) if need_db else x.new_empty((0,))
     return dx, dw_out, db_out

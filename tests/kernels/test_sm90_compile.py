@@ -37,42 +37,40 @@ def _ints(*names):
     return {n: "i32" for n in names}
 
 
-def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True):
+def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True, roll=True):
     values = {p: f"*{dtype}" for p in ("x_ptr", "w_ptr", "bias_ptr", "r_ptr", "g_ptr", "y_ptr")}
-    values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out",
+    values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
                         *[f"s{t}{a}" for t in "xrgy" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
-    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, HAS_BIAS=True, HAS_RES=res, ACT=act,
-                  GRAD_ACT=grad, INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, HAS_BIAS=True, HAS_RES=res,
+                  ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
     return values
 
 
 @pytest.mark.parametrize(
-    "dtype,kernel,act,int64,flip,grad",
-    [("bf16", (3, 3, 3), 2, False, False, False), ("fp16", (1, 3, 3), 4, False, False, False),
-     ("fp32", (7, 7, 7), 3, True, False, False), ("bf16", (3, 3, 3), 0, False, True, False),
-     ("bf16", (5, 5, 5), 2, False, False, True)],
+    "dtype,kernel,act,int64,flip,grad,roll",
+    [("bf16", (3, 3, 3), 2, False, False, False, True), ("fp16", (1, 3, 3), 4, False, False, False, True),
+     ("fp32", (7, 7, 7), 3, True, False, False, False), ("bf16", (3, 3, 3), 0, False, True, False, True),
+     ("bf16", (5, 5, 5), 2, False, False, True, False), ("fp32", (3, 3, 3), 1, True, True, True, True)],
 )
-def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad):
+def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_fwd_kernel
 
-    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad))
+    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad, roll=roll))
 
 
-@pytest.mark.parametrize("dtype,kernel,kd_per,act,compute_dz,int64",
-                         [("bf16", (3, 3, 3), 3, 2, True, False), ("fp32", (3, 3, 3), 3, 0, False, True),
-                          ("bf16", (7, 7, 7), 1, 0, False, False)])
-def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, act, compute_dz, int64):
+@pytest.mark.parametrize("dtype,kernel,kd_per,int64",
+                         [("bf16", (3, 3, 3), 3, False), ("fp32", (3, 3, 3), 3, True), ("bf16", (7, 7, 7), 1, False)])
+def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_bwd_weight_kernel
 
-    values = {p: f"*{dtype}" for p in ("x_ptr", "w_ptr", "bias_ptr", "g_ptr", "dz_ptr")}
-    values.update(dwp_ptr="*fp32", dbp_ptr="*fp32")
+    values = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dwp_ptr": "*fp32", "dbp_ptr": "*fp32"}
     values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "D_CHUNK",
-                        *[f"s{t}{a}" for t in "xgz" for a in "bcdhw"],
+                        *[f"s{t}{a}" for t in "xg" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
     taps = triton.next_power_of_2(kd_per * kernel[1] * kernel[2])
-    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, TAPS=taps, HAS_BIAS=True, ACT=act,
-                  COMPUTE_DZ=compute_dz, INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, TAPS=taps, HAS_BIAS=True,
+                  INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
     compile_for_h100(_dwconv3d_bwd_weight_kernel, values)
 
 
