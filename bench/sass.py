@@ -1,0 +1,129 @@
+"""Static profile of the dwconv3d kernels as an H100 runs them, on a machine without a GPU.
+
+Each launcher is called on ``meta`` tensors of a benchmark shape with its kernel launch captured; the kernel is
+then compiled for sm_90 with the specialisation Triton's JIT would give those arguments (integers equal to 1
+become constants, multiples of 16 and pointers get the divisibility hint), and the cubin's registers, spills
+and instructions are read with the ``cuobjdump`` bundled in the Triton wheel. Instructions per output (per
+voxel for the weight gradient) count the main loop's body; they are an issue-rate estimate, not a timing.
+
+    python -m bench.sass                      # the default shapes
+    python -m bench.sass --kernel 1 3 3 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from unittest import mock
+
+import torch
+
+__all__ = ["profile_dwconv3d"]
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _compile_like_jit(fn, args, kwargs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = {}, {}, {}
+    runtime = [p for p in fn.params if not p.is_constexpr]
+    for i, p in enumerate(fn.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[(i,)] = kwargs[p.name]
+            continue
+        v = args[runtime.index(p)]
+        if isinstance(v, torch.Tensor):
+            signature[p.name] = "*" + _TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif v == 1 and not p.do_not_specialize:
+            signature[p.name], constexprs[(i,)] = "constexpr", 1
+        else:
+            signature[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kwargs["num_warps"]})
+
+
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _stats(compiled, outputs_per_thread: float) -> dict:
+    usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+    regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
+    code = []
+    for line in _cuobjdump(compiled.asm["cubin"], "-sass").splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    loop = (0, -1)  # the widest backward branch is the main loop
+    for addr, ins in code:
+        m = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr and addr - int(m.group(1), 16) > loop[1] - loop[0]:
+            loop = (int(m.group(1), 16), addr)
+    body = [ins for addr, ins in code if loop[0] <= addr <= loop[1]]
+    barriers = sum(1 for ins in body if "BAR." in ins)
+    return {"registers": regs, "spill_bytes": stack, "loop_instructions": len(body),
+            "loop_barriers": barriers, "per_output": round(len(body) / outputs_per_thread, 1)}
+
+
+def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch.bfloat16,
+                     channels_last: bool = False, which: str = "fwd") -> dict:
+    """Registers, spill bytes and main-loop instructions per output of one dwconv3d kernel on sm_90.
+
+    ``which``: "fwd" (the forward kernel, also the dz and dx passes) or "bwd_weight".
+    """
+    from fastseg3d.kernels import dwconv3d as k
+
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    c = shape[1]
+    pad = tuple(s // 2 for s in kernel)
+    launches = []
+
+    def capture(fn):
+        return type("_Capture", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(
+            (fn, a, kw))})()
+
+    with mock.patch.object(torch.library, "wrap_triton", capture):
+        if which == "fwd":
+            w = torch.empty((c, 1, *kernel), dtype=dtype, device="meta")
+            k.dwconv3d_fwd(x, k.taps_major(w), w.new_empty(c), None, torch.empty_like(x), pad, (1, 1, 1), 2)
+        else:
+            k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)
+    fn, args, kwargs = launches[0]
+    tile = kwargs["BLOCK_C"] * kwargs["BLOCK_H"] * kwargs["BLOCK_W"]
+    return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
+            "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]),
+            **_stats(_compile_like_jit(fn, args, kwargs), tile / (32 * kwargs["num_warps"]))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128])
+    parser.add_argument("--kernel", type=int, nargs=3, action="append")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    for kernel in args.kernel or [(3, 3, 3), (1, 3, 3)]:
+        for which in ("fwd", "bwd_weight"):
+            for cl in (False, True):
+                print(profile_dwconv3d(tuple(args.shape), tuple(kernel), getattr(torch, args.dtype), cl, which))
+
+
+if __name__ == "__main__":
+    main()
