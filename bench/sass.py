@@ -1,13 +1,14 @@
-"""Static profile of the dwconv3d kernels as an H100 runs them, on a machine without a GPU.
+"""Static profile of the dwconv3d and attention kernels as an H100 runs them, on a machine without a GPU.
 
-Each launcher is called on ``meta`` tensors of a benchmark shape with its kernel launch captured; the kernel is
-then compiled for sm_90 with the specialisation Triton's JIT would give those arguments (integers equal to 1
+Each launcher is called on ``meta`` tensors of a benchmark shape with its kernel launches captured; each kernel
+is then compiled for sm_90 with the specialisation Triton's JIT would give those arguments (integers equal to 1
 become constants, multiples of 16 and pointers get the divisibility hint), and the cubin's registers, spills
-and instructions are read with the ``cuobjdump`` bundled in the Triton wheel. Instructions per output (per
-voxel for the weight gradient) count the main loop's body; they are an issue-rate estimate, not a timing.
+and instructions are read with the ``cuobjdump`` bundled in the Triton wheel. For dwconv3d, instructions per
+output (per voxel for the weight gradient) count the main loop's body: an issue-rate estimate, not a timing.
 
-    python -m bench.sass                      # the default shapes
-    python -m bench.sass --kernel 1 3 3 --dtype float32
+    python -m bench.sass dwconv3d                      # 3x3x3 and 1x3x3 at (2, 32, 128^3), bf16
+    python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32
+    python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from unittest import mock
 
 import torch
 
-__all__ = ["profile_dwconv3d"]
+__all__ = ["profile_attention", "profile_dwconv3d"]
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -42,6 +43,8 @@ def _compile_like_jit(fn, args, kwargs):
         if isinstance(v, torch.Tensor):
             signature[p.name] = "*" + _TYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            signature[p.name] = "fp32"
         elif v == 1 and not p.do_not_specialize:
             signature[p.name], constexprs[(i,)] = "constexpr", 1
         else:
@@ -62,7 +65,7 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def _stats(compiled, outputs_per_thread: float) -> dict:
+def _stats(compiled, outputs_per_thread: float | None = None) -> dict:
     usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
     regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
     code = []
@@ -77,8 +80,23 @@ def _stats(compiled, outputs_per_thread: float) -> dict:
             loop = (int(m.group(1), 16), addr)
     body = [ins for addr, ins in code if loop[0] <= addr <= loop[1]]
     barriers = sum(1 for ins in body if "BAR." in ins)
-    return {"registers": regs, "spill_bytes": stack, "loop_instructions": len(body),
-            "loop_barriers": barriers, "per_output": round(len(body) / outputs_per_thread, 1)}
+    stats = {"registers": regs, "spill_bytes": stack, "loop_instructions": len(body), "loop_barriers": barriers}
+    if outputs_per_thread:
+        stats["per_output"] = round(len(body) / outputs_per_thread, 1)
+    return stats
+
+
+def _captured(call) -> list:
+    """(kernel, args, kwargs) of every launch ``call()`` makes, none of them run."""
+    launches = []
+
+    def capture(fn):
+        return type("_Capture", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(
+            (fn, a, kw))})()
+
+    with mock.patch.object(torch.library, "wrap_triton", capture):
+        call()
+    return launches
 
 
 def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch.bfloat16,
@@ -94,18 +112,15 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
         x = x.to(memory_format=torch.channels_last_3d)
     c = shape[1]
     pad = tuple(s // 2 for s in kernel)
-    launches = []
 
-    def capture(fn):
-        return type("_Capture", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(
-            (fn, a, kw))})()
-
-    with mock.patch.object(torch.library, "wrap_triton", capture):
+    def call():
         if which == "fwd":
             w = torch.empty((c, 1, *kernel), dtype=dtype, device="meta")
             k.dwconv3d_fwd(x, k.taps_major(w), w.new_empty(c), None, torch.empty_like(x), pad, (1, 1, 1), 2)
         else:
             k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)
+
+    launches = _captured(call)
     fn, args, kwargs = launches[0]
     tile = kwargs["BLOCK_C"] * kwargs["BLOCK_H"] * kwargs["BLOCK_W"]
     return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
@@ -113,16 +128,50 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
             **_stats(_compile_like_jit(fn, args, kwargs), tile / (32 * kwargs["num_warps"]))}
 
 
+def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: int = 32,
+                      dtype=torch.bfloat16, allow_tf32: bool = False) -> list[dict]:
+    """Registers, spill bytes and main-loop barriers of the attention kernels (forward, delta, dk/dv, dq) as
+    ``attention_fwd`` and ``attention_bwd`` launch them for q (2, n, heads, head_dim) and k, v (2, m, ...)."""
+    from fastseg3d.kernels import attention as a
+
+    q = torch.empty(2, n, heads, head_dim, dtype=dtype, device="meta")
+    kv = torch.empty(2, m, 2, heads, head_dim, dtype=dtype, device="meta")
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    lse = torch.empty(2, heads, n, device="meta")
+    scale = head_dim**-0.5
+
+    def call():
+        a.attention_fwd(q, k, v, scale, torch.empty_like(q), lse)
+        a.attention_bwd(q, q, k, v, q, lse, scale, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32  # the launchers read it to pick the fp32 dot precision
+    try:
+        launches = _captured(call)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return [{"kernel": fn.fn.__name__, "head_dim": head_dim, "block": (kw["BLOCK_M"], kw.get("BLOCK_N")),
+             **_stats(_compile_like_jit(fn, args, {"num_warps": 4, **kw}))} for fn, args, kw in launches]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128])
-    parser.add_argument("--kernel", type=int, nargs=3, action="append")
+    parser.add_argument("op", choices=["dwconv3d", "attention"])
+    parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
+    parser.add_argument("--kernel", type=int, nargs=3, action="append", help="dwconv3d kernel (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
     args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    if args.op == "attention":
+        for head_dim in (16, 32, 64, 128):
+            for row in profile_attention(head_dim=head_dim, dtype=dtype, allow_tf32=args.tf32):
+                print(row)
+        return
     for kernel in args.kernel or [(3, 3, 3), (1, 3, 3)]:
         for which in ("fwd", "bwd_weight"):
             for cl in (False, True):
-                print(profile_dwconv3d(tuple(args.shape), tuple(kernel), getattr(torch, args.dtype), cl, which))
+                print(profile_dwconv3d(tuple(args.shape), tuple(kernel), dtype, cl, which))
 
 
 if __name__ == "__main__":

@@ -177,12 +177,25 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreter_active() else "ieee"
 
 
-def _blocks(n_rows: int, n_cols: int, head_dim: int) -> tuple[int, int, int]:
+def _blocks(
+    n_rows: int, n_cols: int, head_dim: int, dtype: torch.dtype, dkdv: bool = False
+) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). fp32 tiles are smaller: IEEE (and TF32) dots hold far more registers than
+    half-precision ones, and the half-precision tiles spill for fp32 on sm_90 (checked with bench/sass.py's
+    compile path: these choices compile without spills for head dims 16 to 128)."""
     np2 = triton.next_power_of_2
     if interpreter_active():
         return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4
-    block_m = 128 if head_dim <= 64 else 64
-    return max(16, min(block_m, np2(n_rows))), max(16, min(64, np2(n_cols))), 4 if head_dim <= 64 else 8
+    if dtype == torch.float32:
+        if dkdv:
+            block_m, block_n = (32, 32) if head_dim <= 64 else (32, 16)
+        else:
+            block_m, block_n = 64, 32
+        warps = 8
+    else:
+        block_m = (128 if head_dim <= 64 else 64) if not dkdv else 64
+        block_n, warps = 64, 4 if head_dim <= 64 else 8
+    return max(16, min(block_m, np2(n_rows))), max(16, min(block_n, np2(n_cols))), warps
 
 
 def _qk(q: torch.Tensor) -> tuple[int, int, int]:
@@ -192,7 +205,7 @@ def _qk(q: torch.Tensor) -> tuple[int, int, int]:
 def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     bsz, n, h, d = q.shape
     m = k.shape[1]
-    block_m, block_n, warps = _blocks(n, m, d)
+    block_m, block_n, warps = _blocks(n, m, d, q.dtype)
     grid = (triton.cdiv(n, block_m), bsz * h)
     torch.library.wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, n, m, h, scale * _LOG2E,
@@ -206,23 +219,24 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     bsz, n, h, d = q.shape
     m = k.shape[1]
     precision = _precision(q.dtype)
-    block_m, block_n, warps = _blocks(n, m, d)
+    block_m, block_n, warps = _blocks(n, m, d, q.dtype)
     block_m = min(block_m, 64)
+    kv_block_m, kv_block_n, kv_warps = _blocks(n, m, d, q.dtype, dkdv=True)
 
     delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
     torch.library.wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n, block_m), bsz * h)](
         out, grad, delta, n, h, *_qk(out), *_qk(grad), HEAD_DIM=d, BLOCK_M=block_m,
     )
 
-    n_kblocks = triton.cdiv(m, block_n)
-    n_qblocks = triton.cdiv(n, block_m)
+    n_kblocks = triton.cdiv(m, kv_block_n)
+    n_row_blocks = triton.cdiv(n, kv_block_m)
     if interpreter_active() or q.device.type != "cuda":
         splits = 1
     else:
         # Few key blocks (M = N / sr^3 is small) would leave most SMs idle: split the query rows among programs.
         target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = max(1, min(n_qblocks, triton.cdiv(target, n_kblocks * bsz * h)))
-    rows_per_split = triton.cdiv(n_qblocks, splits) * block_m
+        splits = max(1, min(n_row_blocks, triton.cdiv(target, n_kblocks * bsz * h)))
+    rows_per_split = triton.cdiv(n_row_blocks, splits) * kv_block_m
     splits = triton.cdiv(n, rows_per_split)
     dk_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
     dv_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
@@ -230,13 +244,13 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         q, k, v, grad, lse, delta, dk_ws, dv_ws,
         n, m, h, scale * _LOG2E, scale, rows_per_split,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps,
+        HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, PRECISION=precision, num_warps=kv_warps,
     )
     # Fixed-order sums over the splits keep dk/dv deterministic.
     dk.copy_(dk_ws.sum(0).permute(0, 2, 1, 3))
     dv.copy_(dv_ws.sum(0).permute(0, 2, 1, 3))
 
-    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(n_qblocks, bsz * h)](
+    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n, block_m), bsz * h)](
         q, k, v, grad, lse, delta, dq,
         n, m, h, scale * _LOG2E, scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),

@@ -159,3 +159,15 @@ def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last):
     assert stats["spill_bytes"] == 0, stats
     assert stats["loop_barriers"] == 0, stats
     assert stats["per_output"] < 160, stats
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("dtype,tf32", [(torch.bfloat16, False), (torch.float32, False), (torch.float32, True)])
+def test_attention_kernels_keep_to_registers(head_dim, dtype, tf32):
+    """The tiles the launchers pick compile without spills (fp32 IEEE dots spilled kilobytes on half tiles)."""
+    from bench.sass import profile_attention
+
+    rows = profile_attention(32768, 512, 1, head_dim, dtype, allow_tf32=tf32)
+    assert len(rows) == 4
+    for row in rows:
+        assert row["spill_bytes"] == 0, row
