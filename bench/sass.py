@@ -9,6 +9,7 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
     python -m bench.sass dwconv3d                      # 3x3x3 and 1x3x3 at (2, 32, 128^3), bf16
     python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32
     python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
+    python -m bench.sass kl_distill                    # DSD's KL at 128^3, 14 classes: deconv and interp heads
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from unittest import mock
 
 import torch
 
-__all__ = ["profile_attention", "profile_dwconv3d"]
+__all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill"]
 
-_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
+          torch.int32: "i32"}
 
 
 def _compile_like_jit(fn, args, kwargs):
@@ -154,15 +156,36 @@ def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: in
              **_stats(_compile_like_jit(fn, args, {"num_warps": 4, **kw}))} for fn, args, kw in launches]
 
 
+def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2, 14, 128, 128, 128),) * 3,
+                       size=(128, 128, 128), dtype=torch.bfloat16) -> list[dict]:
+    """Registers, spill bytes and main-loop barriers of the fused KL kernels (the forward, then a gather kernel per
+    input at a lower resolution than ``size``) for one teacher and up to four students, all with gradients."""
+    from fastseg3d.kernels import kl_distill as k
+
+    teacher = torch.empty(teacher_shape, dtype=dtype, device="meta")
+    students = [torch.empty(s, dtype=dtype, device="meta") for s in student_shapes]
+    launches = _captured(lambda: k.kl_distill_fwd(students, teacher, tuple(size), 3.0, [1.0] * len(students),
+                                                   [True] * len(students), True))
+    return [{"kernel": fn.fn.__name__, "block_v": kw["BLOCK_V"], **_stats(_compile_like_jit(fn, args, kw))}
+            for fn, args, kw in launches]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("op", choices=["dwconv3d", "attention"])
+    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill"])
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
     parser.add_argument("--kernel", type=int, nargs=3, action="append", help="dwconv3d kernel (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.op == "kl_distill":
+        interp = ((2, 14, 32, 32, 32), (2, 14, 16, 16, 16), (2, 14, 8, 8, 8))
+        for students, teacher in ((((2, 14, 128, 128, 128),) * 3, (2, 14, 128, 128, 128)),
+                                  (interp, (2, 14, 64, 64, 64))):
+            for row in profile_kl_distill(teacher, students, dtype=dtype):
+                print(row)
+        return
     if args.op == "attention":
         for head_dim in (16, 32, 64, 128):
             for row in profile_attention(head_dim=head_dim, dtype=dtype, allow_tf32=args.tf32):

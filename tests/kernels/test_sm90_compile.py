@@ -171,3 +171,17 @@ def test_attention_kernels_keep_to_registers(head_dim, dtype, tf32):
     assert len(rows) == 4
     for row in rows:
         assert row["spill_bytes"] == 0, row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kl_distill_forward_keeps_to_registers(dtype):
+    """DSD's published configuration (three full-resolution students, 14 classes at 128^3) and MISSU's channel KL
+    over 512 channels run the fused forward kernel without spills."""
+    from bench.sass import profile_kl_distill
+
+    full = (2, 14, 128, 128, 128)
+    rows = profile_kl_distill(full, (full,) * 3, (128, 128, 128), dtype)
+    rows += profile_kl_distill((2, 512, 16, 16, 16), ((2, 512, 16, 16, 16),), (16, 16, 16), dtype)
+    assert [r["kernel"] for r in rows] == ["_kl_fwd_kernel"] * 2
+    for row in rows:
+        assert row["spill_bytes"] == 0, row
