@@ -60,16 +60,17 @@ def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll):
     compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad, roll=roll))
 
 
-@pytest.mark.parametrize("dtype,kernel,kd_per,int64",
-                         [("bf16", (3, 3, 3), 3, False), ("fp32", (3, 3, 3), 3, True), ("bf16", (7, 7, 7), 1, False)])
-def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64):
+@pytest.mark.parametrize("dtype,kernel,kd_per,int64,roll",
+                         [("bf16", (3, 3, 3), 3, False, True), ("fp32", (3, 3, 3), 3, True, True),
+                          ("fp16", (3, 3, 3), 3, False, False), ("bf16", (7, 7, 7), 1, False, False)])
+def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64, roll):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_bwd_weight_kernel
 
     values = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dwp_ptr": "*fp32", "dbp_ptr": "*fp32"}
     values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "D_CHUNK",
                         *[f"s{t}{a}" for t in "xg" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
-    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, HAS_BIAS=True,
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, ROLL=roll, HAS_BIAS=True,
                   INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
     compile_for_h100(_dwconv3d_bwd_weight_kernel, values)
 
@@ -158,7 +159,8 @@ def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last):
     stats = profile_dwconv3d((2, 32, 128, 128, 128), (3, 3, 3), torch.bfloat16, channels_last, which)
     assert stats["spill_bytes"] == 0, stats
     assert stats["loop_barriers"] == 0, stats
-    assert stats["per_output"] < 160, stats
+    # 108 and 138 (forward), 74 and 65 (weight gradient) today; the kernels before the rolling walk took 211-437
+    assert stats["per_output"] < {"fwd": 160, "bwd_weight": 100}[which], stats
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
