@@ -6,8 +6,8 @@ become constants, multiples of 16 and pointers get the divisibility hint), and t
 and instructions are read with the ``cuobjdump`` bundled in the Triton wheel. For dwconv3d, instructions per
 output (per voxel for the weight gradient) count the main loop's body: an issue-rate estimate, not a timing.
 
-    python -m bench.sass dwconv3d                      # 3x3x3 and 1x3x3 at (2, 32, 128^3), bf16
-    python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32
+    python -m bench.sass dwconv3d                      # 3x3x3 and 1x3x3 at (2, 32, 128^3), bf16, with bias
+    python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32 --activation gelu
     python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
     python -m bench.sass kl_distill                    # DSD's KL at 128^3, 14 classes: deconv and interp heads
 """
@@ -102,8 +102,9 @@ def _captured(call) -> list:
 
 
 def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch.bfloat16,
-                     channels_last: bool = False, which: str = "fwd") -> dict:
-    """Registers, spill bytes and main-loop instructions per output of one dwconv3d kernel on sm_90.
+                     channels_last: bool = False, which: str = "fwd", activation: str | None = None) -> dict:
+    """Registers, spill bytes and main-loop instructions per output of one dwconv3d kernel on sm_90, with bias
+    (and ``activation``) as the benchmark runs it.
 
     ``which``: "fwd" (the forward kernel, also the dz and dx passes) or "bwd_weight".
     """
@@ -118,7 +119,8 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     def call():
         if which == "fwd":
             w = torch.empty((c, 1, *kernel), dtype=dtype, device="meta")
-            k.dwconv3d_fwd(x, k.taps_major(w), w.new_empty(c), None, torch.empty_like(x), pad, (1, 1, 1), 2)
+            k.dwconv3d_fwd(x, k.taps_major(w), w.new_empty(c), None, torch.empty_like(x), pad, (1, 1, 1),
+                           k.ACT_IDS[activation])
         else:
             k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)
 
@@ -126,7 +128,8 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     fn, args, kwargs = launches[0]
     tile = kwargs["BLOCK_C"] * kwargs["BLOCK_H"] * kwargs["BLOCK_W"]
     return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
-            "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]),
+            "activation": activation,
+            "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]), "lanes": kwargs.get("LANES", 0),
             **_stats(_compile_like_jit(fn, args, kwargs), tile / (32 * kwargs["num_warps"]))}
 
 
@@ -176,6 +179,7 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
     parser.add_argument("--kernel", type=int, nargs=3, action="append", help="dwconv3d kernel (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--activation", choices=["relu", "gelu", "gelu_tanh", "silu"], help="dwconv3d forward")
     parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -194,7 +198,7 @@ def main(argv=None) -> None:
     for kernel in args.kernel or [(3, 3, 3), (1, 3, 3)]:
         for which in ("fwd", "bwd_weight"):
             for cl in (False, True):
-                print(profile_dwconv3d(tuple(args.shape), tuple(kernel), dtype, cl, which))
+                print(profile_dwconv3d(tuple(args.shape), tuple(kernel), dtype, cl, which, args.activation))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Every tensor is addressed through its five logical (B, C, D, H, W) strides, so o
 ``channels_last_3d`` and the token layout (B, N, C) viewed as (B, C, D, H, W). A program owns a
 [BLOCK_C, BLOCK_H, BLOCK_W] output tile and a run of depths, which it walks with one accumulator per depth tap
 (each input slice is read once per in-plane tap, not once per tap); the block shape follows the layout (wide
-along C when the channel stride is 1, wide along W otherwise) so loads stay coalesced.
+along C when the channel stride is 1, wide along W otherwise) so loads stay coalesced. On W-major tiles with
+3-wide W taps a thread's outputs are one vector along W, and the W taps are that vector's lanes shifted in
+registers.
 
 Backward:
 * ``dz = dy * act'(z)``, with ``z = conv(x) + b`` recomputed by the forward kernel (nothing but the input is
@@ -31,6 +33,7 @@ __all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
 ACT_IDS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 _INT32_MAX = 2**31 - 1
+_MAX_BLOCK_C = 64
 
 
 @triton.jit
@@ -71,13 +74,14 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tap_weight(w_ptr, offs_c, C, kd, kh, kw, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+def _tap_weight(w_ptr, offs_c, CP, kd, kh, kw, KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                 FLIP: tl.constexpr):
-    """The (BLOCK_C, 1, 1) fp32 weights of one tap; FLIP reads the taps in reverse (the dx correlation)."""
+    """The (BLOCK_C, 1, 1) fp32 weights of one tap (rows of CP channels, padded: no mask); FLIP reads the taps in
+    reverse (the dx correlation)."""
     tap = (kd * KH + kh) * KW + kw
     if FLIP:
         tap = KD * KH * KW - 1 - tap
-    return tl.load(w_ptr + tap * C + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
+    return tl.load(w_ptr + tap * CP + offs_c)[:, None, None]
 
 
 @triton.jit
@@ -107,7 +111,7 @@ def _finish(
 
 
 @triton.jit
-def _plane_taps(acc, xs, w_ptr, offs_c, C, kd, c3, h3, w3, d_ok, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+def _plane_taps(acc, xs, w_ptr, offs_c, C, CP, kd, c3, h3, w3, d_ok, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
                 KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr):
     """acc + sum over the in-plane taps of depth tap kd, for the input slice at ``xs`` (pointers at (c, 0, 0)).
 
@@ -119,7 +123,7 @@ def _plane_taps(acc, xs, w_ptr, offs_c, C, kd, c3, h3, w3, d_ok, H_in, W_in, sxh
         for kw in tl.static_range(KW):
             iw = w3 - pad_w + kw * dil_w
             xv = tl.load(xs + ih * sxh + iw * sxw, mask=dh_ok & (iw >= 0) & (iw < W_in), other=0.0)
-            acc += xv.to(tl.float32) * _tap_weight(w_ptr, offs_c, C, kd, kh, kw, KD, KH, KW, FLIP)
+            acc += xv.to(tl.float32) * _tap_weight(w_ptr, offs_c, CP, kd, kh, kw, KD, KH, KW, FLIP)
     return acc
 
 
@@ -140,16 +144,87 @@ def _plane_loads(xs, ok, h3, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_
 
 
 @triton.jit
+def _halves(x, BH: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
+    """[BH, G, N] -> its even and odd lanes, each [BH, G, N // 2]."""
+    return tl.split(tl.reshape(x, (BH, G, N // 2, 2)))
+
+
+@triton.jit
+def _split_lanes(x, BH: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+    """[BH, G, V] (V = 4 or 8, held by one thread) -> the tuple of its V lanes in order, each [BH, G, 1]; register
+    moves only."""
+    e, o = _halves(x, BH, G, V)
+    if V == 4:
+        l0, l2 = _halves(e, BH, G, 2)
+        l1, l3 = _halves(o, BH, G, 2)
+        lanes = (l0, l1, l2, l3)
+    else:
+        ee, eo = _halves(e, BH, G, 4)
+        oe, oo = _halves(o, BH, G, 4)
+        l0, l4 = _halves(ee, BH, G, 2)
+        l2, l6 = _halves(eo, BH, G, 2)
+        l1, l5 = _halves(oe, BH, G, 2)
+        l3, l7 = _halves(oo, BH, G, 2)
+        lanes = (l0, l1, l2, l3, l4, l5, l6, l7)
+    return lanes
+
+
+@triton.jit
+def _pair(a, b, BH: tl.constexpr, G: tl.constexpr, N: tl.constexpr):
+    """Interleave two [BH, G, N // 2] tensors into [BH, G, N] (the inverse of :func:`_halves`)."""
+    return tl.reshape(tl.join(a, b), (BH, G, N))
+
+
+@triton.jit
+def _join_lanes(lanes, BH: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
+    """The inverse of :func:`_split_lanes`: V lanes [BH, G, 1] -> [BH, G, V]."""
+    if V == 4:
+        x = _pair(_pair(lanes[0], lanes[2], BH, G, 2), _pair(lanes[1], lanes[3], BH, G, 2), BH, G, 4)
+    else:
+        e = _pair(_pair(lanes[0], lanes[4], BH, G, 2), _pair(lanes[2], lanes[6], BH, G, 2), BH, G, 4)
+        o = _pair(_pair(lanes[1], lanes[5], BH, G, 2), _pair(lanes[3], lanes[7], BH, G, 2), BH, G, 4)
+        x = _pair(e, o, BH, G, 8)
+    return x
+
+
+@triton.jit
+def _lane_plane(xs, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
+                KH: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, G: tl.constexpr):
+    """:func:`_plane_loads` for 3-wide undilated W taps on an (H, G, V) lane tile (output w = wg + lane): per row one
+    aligned vector load and the two elements beside it; the shifted taps are the vector's lanes moved in
+    registers."""
+    loaded = ()
+    for kh in tl.static_range(KH):
+        ih = h3 - pad_h + kh * dil_h
+        row = xs + ih * sxh
+        h_ok = ok & (ih >= 0) & (ih < H_in)
+        iw = w3 + (1 - pad_w)
+        mid = tl.load(row + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+        iw = wg - pad_w
+        left = tl.load(row + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+        iw = wg + (V + 1) - pad_w
+        right = tl.load(row + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+        lanes = _split_lanes(mid, BH, G, V)
+        lo = (left,)
+        hi = ()
+        for i in tl.static_range(V - 1):
+            lo = lo + (lanes[i],)
+            hi = hi + (lanes[i + 1],)
+        loaded = loaded + (_join_lanes(lo, BH, G, V), mid, _join_lanes(hi + (right,), BH, G, V))
+    return loaded
+
+
+@triton.jit
 def _dwconv3d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, r_ptr, g_ptr, y_ptr,
-    C, D_in, H_in, W_in, D_out, H_out, W_out, J_CHUNK, N_CHUNKS,
+    C, CP, D_in, H_in, W_in, D_out, H_out, W_out, J_CHUNK, N_CHUNKS,
     sxb, sxc, sxd, sxh, sxw,
     srb, src, srd, srh, srw,
     sgb, sgc, sgd, sgh, sgw,
     syb, syc, syd, syh, syw,
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, ROLL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, GRAD_ACT: tl.constexpr,
+    LANES: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, GRAD_ACT: tl.constexpr,
     INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """y = act(conv + bias) + residual, or with GRAD_ACT: y = g * act'(conv + bias).
@@ -163,6 +238,11 @@ def _dwconv3d_fwd_kernel(
     shift. Every input element is loaded and converted KH*KW times instead of KD*KH*KW times. Otherwise (larger
     kernels, whose KD*KH*KW unrolled taps would spill registers) the run is one output slice, which loops over
     its depth taps.
+
+    LANES (a rolling walk with 3-wide, undilated W taps on a width-major tile: NCDHW): a thread holds LANES
+    consecutive outputs along W. Each input row is one aligned vector load plus the two elements beside the
+    thread's vector, and the three W taps are that vector's lanes shifted in registers. Without it the two
+    shifted taps are unaligned loads, which the compiler splits into one scalar load per element.
     """
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -191,7 +271,61 @@ def _dwconv3d_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
 
-    if ROLL:
+    if LANES > 0:
+        G: tl.constexpr = BLOCK_W // LANES
+        # The weights of every tap, loaded once: BLOCK_C is 1 here, one register per tap.
+        ws = ()
+        for i in tl.static_range(KD * KH * 3):
+            ws = ws + (_tap_weight(w_ptr, offs_c, CP, i // (KH * 3), (i // 3) % KH, i % 3, KD, KH, 3, FLIP),)
+        # (H, G, LANES) coordinates: output w = wg + lane.
+        hl = offs_h[:, None, None]
+        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, :, None]
+        if INT64:
+            wg = wg.to(tl.int64)
+        wl = wg + tl.arange(0, LANES)[None, None, :]
+        lane_mask = (c3 < C) & (hl < H_out) & (wl < W_out)
+        accs = (tl.zeros([BLOCK_H, G, 1], dtype=tl.float32),) * (KD * LANES)
+        for t in range(j0, j1 + KD - 1):
+            idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                idp = idp.to(tl.int64)
+            d_ok = (c3 < C) & (idp >= 0) & (idp < D_in)
+            for kh in tl.static_range(KH):
+                ih = hl - pad_h + kh * dil_h
+                row = x_base + idp * sxd + ih * sxh
+                ok = d_ok & (ih >= 0) & (ih < H_in)
+                iw = wl + (1 - pad_w)
+                mid = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+                iw = wg - pad_w
+                left = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+                iw = wg + (LANES + 1) - pad_w
+                right = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+                lanes = _split_lanes(mid, BLOCK_H, G, LANES)
+                updated = ()
+                for kd in tl.static_range(KD):
+                    for i in tl.static_range(LANES):
+                        a = accs[kd * LANES + i]
+                        for kw in tl.static_range(3):
+                            w = ws[(kd * KH + kh) * 3 + kw]
+                            if i + kw == 0:
+                                a += left * w
+                            elif i + kw == LANES + 1:
+                                a += right * w
+                            else:
+                                a += lanes[i + kw - 1] * w
+                        updated = updated + (a,)
+                accs = updated
+            done = ()
+            for i in tl.static_range(LANES):
+                done = done + (accs[(KD - 1) * LANES + i],)
+            _finish(_join_lanes(done, BLOCK_H, G, LANES), bias, t - (KD - 1), j0, j1, r, b, c3, hl, wl, lane_mask,
+                    r_ptr, g_ptr, y_ptr, dil_d, srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw,
+                    syb, syc, syd, syh, syw, HAS_RES, ACT, GRAD_ACT, INT64)
+            shifted = (tl.zeros([BLOCK_H, G, 1], dtype=tl.float32),) * LANES
+            for i in tl.static_range((KD - 1) * LANES):
+                shifted = shifted + (accs[i],)
+            accs = shifted
+    elif ROLL:
         acc0 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
         acc1 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
         acc2 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
@@ -205,10 +339,10 @@ def _dwconv3d_fwd_kernel(
             for kh in tl.static_range(KH):
                 for kw in tl.static_range(KW):
                     xv = xs[kh * KW + kw]
-                    acc0 += xv * _tap_weight(w_ptr, offs_c, C, 0, kh, kw, KD, KH, KW, FLIP)
+                    acc0 += xv * _tap_weight(w_ptr, offs_c, CP, 0, kh, kw, KD, KH, KW, FLIP)
                     if KD == 3:
-                        acc1 += xv * _tap_weight(w_ptr, offs_c, C, 1, kh, kw, KD, KH, KW, FLIP)
-                        acc2 += xv * _tap_weight(w_ptr, offs_c, C, 2, kh, kw, KD, KH, KW, FLIP)
+                        acc1 += xv * _tap_weight(w_ptr, offs_c, CP, 1, kh, kw, KD, KH, KW, FLIP)
+                        acc2 += xv * _tap_weight(w_ptr, offs_c, CP, 2, kh, kw, KD, KH, KW, FLIP)
             z = acc0
             if KD == 3:
                 z = acc2
@@ -228,7 +362,7 @@ def _dwconv3d_fwd_kernel(
             if INT64:
                 idp = idp.to(tl.int64)
             d_ok = (idp >= 0) & (idp < D_in)
-            acc = _plane_taps(acc, x_base + idp * sxd, w_ptr, offs_c, C, kd, c3, h3, w3, d_ok, H_in, W_in,
+            acc = _plane_taps(acc, x_base + idp * sxd, w_ptr, offs_c, C, CP, kd, c3, h3, w3, d_ok, H_in, W_in,
                               sxh, sxw, pad_h, pad_w, dil_h, dil_w, KD, KH, KW, FLIP)
         _finish(acc, bias, j0, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
                 srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
@@ -243,7 +377,7 @@ def _dwconv3d_bwd_weight_kernel(
     sgb, sgc, sgd, sgh, sgw,
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KD_PER: tl.constexpr, ROLL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
+    LANES: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Per-program partial dw (over KD_PER depth taps starting at kd0) and db over a chunk of depth slices;
@@ -251,7 +385,8 @@ def _dwconv3d_bwd_weight_kernel(
     input slices instead of the output slices.
 
     Each tap keeps an elementwise accumulator over the tile (a tuple of KD_PER*KH*KW register tiles), so the
-    walk over depth slices is loads and FMAs only; the tile is reduced once per tap at the end.
+    walk over depth slices is loads and FMAs only; the tile is reduced once per tap at the end. LANES: the
+    rolling walk on an (H, G, LANES) lane tile, the input rows read as in the forward's lane path.
     """
     KVOL: tl.constexpr = KD * KH * KW
     NT: tl.constexpr = KD_PER * KH * KW
@@ -277,17 +412,23 @@ def _dwconv3d_bwd_weight_kernel(
     c3 = offs_c[:, None, None]
     h3 = offs_h[None, :, None]
     w3 = offs_w[None, None, :]
+    if LANES > 0:
+        h3 = offs_h[:, None, None]
+        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W // LANES) * LANES)[None, :, None]
+        if INT64:
+            wg = wg.to(tl.int64)
+        w3 = wg + tl.arange(0, LANES)[None, None, :]
     out_mask = (c3 < C) & (h3 < H_out) & (w3 < W_out)
     x_base = x_ptr + b * sxb + c3 * sxc
     kd0 = pid_t * KD_PER
 
-    accs = (tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32),) * NT
-    acc_b = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+    accs = (tl.zeros(out_mask.shape, dtype=tl.float32),) * NT
+    acc_b = tl.zeros(out_mask.shape, dtype=tl.float32)
     if ROLL:
         # Walk the input slices the run reads, each loaded once per in-plane tap, against a window of the KD
         # dz slices that read it (win[kd] is dz at od = id + pad_d - kd; zero outside the run, so every
         # (output, tap) pair is counted once).
-        win = (tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32),) * KD
+        win = (tl.zeros(out_mask.shape, dtype=tl.float32),) * KD
         for t in range(d_start - pad_d, d_end - pad_d + KD - 1):
             od = t + pad_d + tl.zeros([1, 1, 1], dtype=tl.int32)
             idp = t + tl.zeros([1, 1, 1], dtype=tl.int32)
@@ -302,9 +443,15 @@ def _dwconv3d_bwd_weight_kernel(
             for i in tl.static_range(KD - 1):
                 shifted = shifted + (win[i],)
             win = shifted
-            ok = out_mask & (idp >= 0) & (idp < D_in)
-            xs = _plane_loads(x_base + idp * sxd, ok, h3, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
-                              KH, KW)
+            if LANES > 0:
+                # x beyond the tile's outputs meets dz = 0 there
+                ok = (c3 < C) & (idp >= 0) & (idp < D_in)
+                xs = _lane_plane(x_base + idp * sxd, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
+                                 KH, LANES, BLOCK_H, BLOCK_W // LANES)
+            else:
+                ok = out_mask & (idp >= 0) & (idp < D_in)
+                xs = _plane_loads(x_base + idp * sxd, ok, h3, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+                                  KH, KW)
             updated = ()
             for kd in tl.static_range(KD):
                 for i in tl.static_range(KH * KW):
@@ -332,21 +479,36 @@ def _dwconv3d_bwd_weight_kernel(
     row = pid_bd * (n_h * n_w) + pid_hw
     dw_row = dwp_ptr + row * KVOL * C + kd0 * KH * KW * C + offs_c
     for i in tl.static_range(NT):
-        tl.store(dw_row + i * C, tl.sum(tl.sum(accs[i], axis=2), axis=1), mask=offs_c < C)
+        tl.store(dw_row + i * C, _tile_sum(accs[i], LANES), mask=offs_c < C)
     if HAS_BIAS:
         if pid_t == 0:
-            tl.store(dbp_ptr + row * C + offs_c, tl.sum(tl.sum(acc_b, axis=2), axis=1), mask=offs_c < C)
+            tl.store(dbp_ptr + row * C + offs_c, _tile_sum(acc_b, LANES), mask=offs_c < C)
+
+
+@triton.jit
+def _tile_sum(acc, LANES: tl.constexpr):
+    """Per-channel sum of a (C, H, W) tile, or the whole sum of an (H, G, LANES) lane tile (one channel)."""
+    total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if LANES > 0:
+        total = tl.sum(total, axis=0)
+    return total
 
 
 # --------------------------------------------------------------------------------------------------------
 # Launchers. They take tensors already validated by fastseg3d.ops.dwconv3d and write into given outputs.
-# The weight comes tap-major, (KD, KH, KW, C) contiguous (see ``taps_major``): a tap's weights for a channel tile
-# are then one vector load, where the (C, 1, KD, KH, KW) layout costs one scalar load per channel and tap.
+# The weight comes tap-major, (KD, KH, KW, CP) contiguous fp32 (see ``taps_major``): a tap's weights for a channel
+# tile are then one vector load, where the (C, 1, KD, KH, KW) layout costs one scalar load per channel and tap.
 
 
 def taps_major(weight: torch.Tensor) -> torch.Tensor:
-    """(C, 1, KD, KH, KW) -> (KD, KH, KW, C) contiguous, the weight layout the kernels read."""
-    return weight[:, 0].permute(1, 2, 3, 0).contiguous()
+    """(C, 1, KD, KH, KW) -> (KD, KH, KW, CP) contiguous fp32, the weight layout the kernels read: CP is C rounded
+    up to a multiple of 64 (the widest channel block), zero-padded, so tap loads need no mask. fp32 (exact for
+    half weights), because the kernels reload taps inside their loops and a half weight costs a conversion
+    each time."""
+    c = weight.shape[0]
+    taps = weight.new_zeros((*weight.shape[2:], triton.cdiv(c, _MAX_BLOCK_C) * _MAX_BLOCK_C), dtype=torch.float32)
+    taps[..., :c] = weight[:, 0].permute(1, 2, 3, 0)
+    return taps
 
 
 def _max_offset(t: torch.Tensor) -> int:
@@ -362,7 +524,7 @@ def _blocks(x: torch.Tensor, h_out: int, w_out: int, tile: int) -> tuple[int, in
     c = x.shape[1]
     np2 = triton.next_power_of_2
     if x.stride(1) == 1 and c > 1:
-        block_c = min(np2(c), 64)
+        block_c = min(np2(c), _MAX_BLOCK_C)
         rest = max(1, tile // block_c)
         block_w = min(np2(w_out), rest)
         block_h = min(np2(h_out), max(1, rest // block_w))
@@ -371,6 +533,22 @@ def _blocks(x: torch.Tensor, h_out: int, w_out: int, tile: int) -> tuple[int, in
         block_w = min(np2(w_out), 128)
         block_h = min(np2(h_out), max(1, tile // block_w))
     return block_c, block_h, block_w
+
+
+def _lanes(x, three_wide_roll, padding, dilation, block_c, block_w, width, *tensors) -> int:
+    """LANES of a launch: ``width`` for a rolling walk with 3-wide undilated W taps on a W-major tile, else 0.
+
+    On a GPU only where the JIT can prove each thread's W vector aligned (unit W stride, every other stride and W
+    a multiple of 16 elements, the center tap on the output): unaligned rows load element by element, and the
+    compiler then moves the lanes through shared memory. The interpreter takes it on any shape, so the tests
+    cover it on tiny ones."""
+    if not (three_wide_roll and dilation[2] == 1 and block_c == 1 and block_w >= width):
+        return 0
+    if interpreter_active():
+        return width
+    aligned = all(t is None or (t.stride(4) == 1 and all(s % 16 == 0 for s in t.stride()[:4]))
+                  for t in (x, *tensors))
+    return width if padding[2] == 1 and x.shape[4] % 16 == 0 and aligned else 0
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
@@ -414,11 +592,16 @@ def dwconv3d_fwd(
     kd, kh, kw, _ = weight_taps.shape
     # The in-plane taps are unrolled and their loads issued together, so they share the registers with the KD
     # accumulators: up to 3x3 taps, 16 (KD = 1) or 8 (KD = 3) outputs per thread compile without spills for
-    # sm_90; larger kernels loop over depth taps with 8.
+    # sm_90 (4 for fp32 channel-major tiles, whose fp32 tap weights take twice the registers); larger kernels loop
+    # over depth taps with 8.
     roll = kd in (1, 3) and kh * kw <= 9
     per_thread = 16 if roll and kd == 1 else 8
+    if roll and x.element_size() == 4 and x.stride(1) == 1:
+        per_thread //= 2
     tile = 4096 if interpreter_active() else 128 * per_thread
     block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
+    lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, 16 // x.element_size(),
+                   out, residual, grad)
     n_tiles = triton.cdiv(c, block_c) * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
     dil_d = dilation[0]
     n_per_residue = triton.cdiv(d_out, dil_d)
@@ -430,10 +613,10 @@ def dwconv3d_fwd(
     torch.library.wrap_triton(_dwconv3d_fwd_kernel)[grid](
         x, weight_taps, bias if bias is not None else weight_taps, residual if residual is not None else x,
         grad if grad is not None else x, out,
-        c, d_in, h_in, w_in, d_out, h_out, w_out, j_chunk, n_chunks,
+        c, weight_taps.shape[3], d_in, h_in, w_in, d_out, h_out, w_out, j_chunk, n_chunks,
         *x.stride(), *_strides(residual), *_strides(grad), *out.stride(),
         *padding, *dilation,
-        KD=kd, KH=kh, KW=kw, FLIP=flip, ROLL=roll, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        KD=kd, KH=kh, KW=kw, FLIP=flip, ROLL=roll, LANES=lanes, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         ACT=act, GRAD_ACT=grad is not None, INT64=_needs_int64(x, out, residual, grad),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
     )
@@ -466,6 +649,8 @@ def dwconv3d_bwd_weight(
     interp = interpreter_active()
     tile = 4096 if interp else 128 * max(1, min(8, 1 << ((128 // taps).bit_length() - 1)))
     block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
+    width = min(16 // x.element_size(), tile // 128)  # a thread's outputs along W, at most one 16-byte vector
+    lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, width, dz)
     n_hw = triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
     n_c = triton.cdiv(c, block_c)
     if interp:
@@ -486,7 +671,7 @@ def dwconv3d_bwd_weight(
         c, d_in, h_in, w_in, d_out, h_out, w_out, d_chunk,
         *x.stride(), *dz.stride(),
         *padding, *dilation,
-        KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, HAS_BIAS=with_bias, INT64=_needs_int64(x, dz),
+        KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, LANES=lanes, HAS_BIAS=with_bias, INT64=_needs_int64(x, dz),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
     )
     # Fixed-order reductions over the workspace rows: deterministic for a given shape and device.

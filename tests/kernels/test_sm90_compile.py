@@ -38,26 +38,32 @@ def _ints(*names):
     return {n: "i32" for n in names}
 
 
-def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True, roll=True):
-    values = {p: f"*{dtype}" for p in ("x_ptr", "w_ptr", "bias_ptr", "r_ptr", "g_ptr", "y_ptr")}
-    values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
+def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True, roll=True, lanes=0):
+    values = {p: f"*{dtype}" for p in ("x_ptr", "bias_ptr", "r_ptr", "g_ptr", "y_ptr")}
+    values["w_ptr"] = "*fp32"
+    values.update(_ints("C", "CP", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
                         *[f"s{t}{a}" for t in "xrgy" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
-    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, HAS_BIAS=True, HAS_RES=res,
-                  ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
+    block = (1, 8, 128) if lanes else (64, 1, 16)
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, LANES=lanes, HAS_BIAS=True,
+                  HAS_RES=res, ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1],
+                  BLOCK_W=block[2])
     return values
 
 
 @pytest.mark.parametrize(
-    "dtype,kernel,act,int64,flip,grad,roll",
-    [("bf16", (3, 3, 3), 2, False, False, False, True), ("fp16", (1, 3, 3), 4, False, False, False, True),
-     ("fp32", (7, 7, 7), 3, True, False, False, False), ("bf16", (3, 3, 3), 0, False, True, False, True),
-     ("bf16", (5, 5, 5), 2, False, False, True, False), ("fp32", (3, 3, 3), 1, True, True, True, True)],
+    "dtype,kernel,act,int64,flip,grad,roll,lanes",
+    [("bf16", (3, 3, 3), 2, False, False, False, True, 0), ("fp16", (1, 3, 3), 4, False, False, False, True, 0),
+     ("fp32", (7, 7, 7), 3, True, False, False, False, 0), ("bf16", (3, 3, 3), 0, False, True, False, True, 0),
+     ("bf16", (5, 5, 5), 2, False, False, True, False, 0), ("fp32", (3, 3, 3), 1, True, True, True, True, 0),
+     ("bf16", (3, 3, 3), 2, False, False, False, True, 8), ("fp16", (3, 3, 3), 0, False, True, True, True, 8),
+     ("fp32", (1, 3, 3), 4, True, False, False, True, 4)],
 )
-def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll):
+def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll, lanes):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_fwd_kernel
 
-    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad, roll=roll))
+    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad, roll=roll,
+                                                              lanes=lanes))
 
 
 @pytest.mark.parametrize("dtype,kernel,kd_per,int64,roll",
@@ -70,7 +76,7 @@ def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64, roll):
     values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "D_CHUNK",
                         *[f"s{t}{a}" for t in "xg" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
-    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, ROLL=roll, HAS_BIAS=True,
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, ROLL=roll, LANES=0, HAS_BIAS=True,
                   INT64=int64, BLOCK_C=64, BLOCK_H=1, BLOCK_W=16)
     compile_for_h100(_dwconv3d_bwd_weight_kernel, values)
 
@@ -151,16 +157,22 @@ def test_distillation_kernels():
 
 @pytest.mark.parametrize("which", ["fwd", "bwd_weight"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last):
-    """SegFormer3D's 3x3x3 conv at the benchmark shape, as the launcher configures it: no register spills and
-    no barrier in the main loop (the weight gradient reduces its per-tap accumulators after the loop)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last, dtype):
+    """The benchmark's 3x3x3 conv with bias at (2, 32, 128^3), as the launcher configures it: no register spills
+    and no barrier in the main loop (the weight gradient reduces its per-tap accumulators after the loop)."""
     from bench.sass import profile_dwconv3d
 
-    stats = profile_dwconv3d((2, 32, 128, 128, 128), (3, 3, 3), torch.bfloat16, channels_last, which)
+    stats = profile_dwconv3d((2, 32, 128, 128, 128), (3, 3, 3), dtype, channels_last, which)
     assert stats["spill_bytes"] == 0, stats
+    # for the forward on NCDHW: the lanes are register moves, not a round trip through shared memory
     assert stats["loop_barriers"] == 0, stats
-    # 108 and 138 (forward), 74 and 65 (weight gradient) today; the kernels before the rolling walk took 211-437
-    assert stats["per_output"] < {"fwd": 160, "bwd_weight": 100}[which], stats
+    # NCDHW takes the W-lane path: one 16-byte vector per thread (forward), 4 outputs per thread (weight gradient)
+    assert stats["lanes"] == (0 if channels_last else {"fwd": 16 // dtype.itemsize, "bwd_weight": 4}[which]), stats
+    if dtype == torch.bfloat16:
+        # bf16 today: forward 44.5 (NCDHW) and 61 (channels-last), weight gradient 59 and 65. Before the lanes
+        # and fp32 padded weights: 77 and 105, 74 and 65; before the rolling walk: 108-138 and 211-437.
+        assert stats["per_output"] < {"fwd": 70, "bwd_weight": 70}[which], stats
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])

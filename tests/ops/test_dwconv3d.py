@@ -288,6 +288,36 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
     assert_close("y", dwconv3d(x, w), F.conv3d(x, w, padding="same", groups=3), dtype)
 
 
+@pytest.mark.parametrize(
+    "shape,kernel,padding,dilation,layout,dtype,lanes",
+    [((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8),
+     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4),
+     ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 0),
+     ((2, 4, 8, 16, 40), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 0),  # rows not 16-aligned
+     ((2, 4, 8, 16, 32), (3, 3, 3), (1, 1, 0), 1, "contiguous", torch.bfloat16, 0),  # center tap unaligned
+     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0),  # dilated W taps
+     ((2, 4, 8, 16, 32), (5, 5, 5), 2, 1, "contiguous", torch.bfloat16, 0)],
+)
+def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dilation, layout, dtype, lanes):
+    """The W-lane path (one aligned vector load per input row, taps shifted in registers) is taken exactly where
+    the JIT can prove each thread's vector aligned; the interpreter tier runs it on every NCDHW 3-wide case."""
+    from bench.sass import _captured
+    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
+
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    padding = (padding,) * 3 if isinstance(padding, int) else padding
+    dilation = (dilation,) * 3 if isinstance(dilation, int) else dilation
+    out_shape = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(shape[2:], padding, dilation, kernel)]
+    out = x.new_empty(*shape[:2], *out_shape)
+    w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
+    launches = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 0))
+    assert launches[0][2]["LANES"] == lanes
+    launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
+    assert launches[0][2]["LANES"] == (4 if lanes and dilation[0] == 1 else 0)  # 4 outputs per thread there
+
+
 def test_bad_backend_env_is_reported():
     proc = subprocess.run(
         [sys.executable, "-c", "import fastseg3d"], env={"FASTSEG3D_BACKEND": "cudnn", "PATH": ""},
@@ -330,7 +360,7 @@ def test_interpret_kernel_matches_reference(poison, layout, shape, kernel, activ
 @pytest.mark.parametrize(
     "layout,padding,dilation,activation,bias",
     [("contiguous", (0, 2, 1), (1, 2, 1), "relu", True), ("channels_last", (2, 1, 0), (2, 2, 1), "gelu", False),
-     ("contiguous", "same", (2, 1, 2), "silu", False)],
+     ("contiguous", "same", (2, 1, 2), "silu", False), ("contiguous", (1, 1, 0), (1, 1, 1), "gelu", True)],
 )
 def test_interpret_padding_dilation_and_no_bias(poison, layout, padding, dilation, activation, bias):
     check_against_reference(layout, (1, 3, 5, 6, 7), (3, 3, 3), activation, True, _F32, "cpu",
@@ -344,11 +374,12 @@ def test_interpret_expanded_grad_output(poison, layout):
 
 
 @pytest.mark.interpret
-def test_interpret_64bit_indexing_path(poison, monkeypatch):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_interpret_64bit_indexing_path(poison, monkeypatch, layout):
     import fastseg3d.kernels.dwconv3d as k
 
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
-    check_against_reference("channels_last", (1, 3, 3, 4, 5), (3, 3, 3), "silu", True, _F32, "cpu")
+    check_against_reference(layout, (1, 3, 3, 4, 5), (3, 3, 3), "silu", True, _F32, "cpu")
 
 
 @pytest.mark.interpret
