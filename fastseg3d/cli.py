@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,16 +30,21 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.output_dir, resume=args.resume)
     if trainer.is_main:
         print(f"run directory: {trainer.run_dir}")
+    import torch.distributed as dist
+
     try:
         result = trainer.fit()
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 3
-    finally:
-        import torch.distributed as dist
-
         if dist.is_initialized():
-            dist.destroy_process_group()
+            # Every rank stopped at the same step, but tearing the process group down after an interrupted step
+            # can still block on a peer (seen on CI): leave at once, the run directory is already closed.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
+        return 3
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if trainer.is_main and result and result["dice"] is not None:
         per_class = ", ".join(f"{name} {value:.3f}" if value is not None else f"{name} n/a"
                               for name, value in zip(_foreground(trainer), result["dice_per_class"]))
