@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One run on a machine with a GPU: install what is missing, run the GPU test tier and the benchmarks, and write
 # logs, rows (JSON lines), tables and plots under $OUT (default: ./gpu_out), all within BUDGET seconds (default
-# 570: a device call is limited to 10 minutes).
+# 570: a device call is limited to 10 minutes). $OUT ends with three files: info.txt, bench_table.txt and
+# gpu_check.tgz (everything, results/ included), since a device call brings back only a few files.
+# A copy of the tree without .git does not know its commit: pass it as FASTSEG3D_COMMIT=<sha>.
 #   bash bench/gpu_check.sh                                      # tests, every case, the largest-cube search
 #   SKIP_TESTS=1 BENCH_CASES="missu dsd_unet" bash bench/gpu_check.sh
 #   BENCH_ARGS="--dtype bf16 --providers all" CASE_LIMIT=240 BENCH_CASES=segformer3d bash bench/gpu_check.sh
@@ -28,19 +30,25 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$wheel")
   done
   if [ ${#missing[@]} -gt 0 ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}" \
-      && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-    echo "installed from $WHEELS: ${missing[*]##*/}"
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}"
+    then
+      export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+      echo "installed from $WHEELS: ${missing[*]##*/}"
+    else
+      echo "could not install from $WHEELS: ${missing[*]##*/}"
+    fi
   fi
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
   echo "install failed"; cat "$OUT/install.log"; exit 1; }
+FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export FASTSEG3D_COMMIT
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch as t; print('torch', t.__version__, t.version.cuda, 'cudnn', t.backends.cudnn.version())"
   python3 -c "import importlib.util as u; print('peers:', *[m for m in ('xformers', 'liger_kernel') if u.find_spec(m)])"
-  git rev-parse --short HEAD 2>/dev/null || echo "commit unknown"
+  echo "commit $FASTSEG3D_COMMIT"
   python3 -m fastseg3d info
 } > "$OUT/info.txt" 2>&1
 cat "$OUT/info.txt"
@@ -51,9 +59,13 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   t=$(( $(left) < ${TEST_TIMEOUT:-180} ? $(left) : ${TEST_TIMEOUT:-180} ))
   # Most of the GPU tier's time is Triton compiling a few hundred specialisations on one core: spread the tests
   # over processes (pytest-xdist is in the GPU image) so the compiles run side by side.
-  workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
-  timeout "$t" python3 -m pytest tests -m gpu -q -p no:cacheprovider "${workers[@]}" > "$OUT/gpu_tests.log" 2>&1 \
-    || status=$?
+  # -v names each test as it ends, so a log cut by the box still says what passed and failed; a test file that
+  # cannot be imported for want of an optional package does not stop the others.
+  extra=()
+  python3 -c "import xdist" 2>/dev/null && extra+=(-n "${TEST_WORKERS:-8}")
+  python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
+  timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
+    "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
   tail -n 25 "$OUT/gpu_tests.log"
 fi
 
@@ -67,14 +79,15 @@ CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-60}"
 RESERVE=$(( ${CUBE_MODELS:+CUBE_LIMIT} + 15 ))  # the largest-cube search and the final report
 DEFAULT_CASES="dwconv3d attention attention_block kl_distill channel_kl selfreg"
 DEFAULT_CASES+=" segformer3d mobileutr missu dsd_unet selfreg_unet"
+read -ra bench_args <<< "${BENCH_ARGS:-}"  # split on blanks, no glob expansion ('*compile*' reaches bench.run)
 for case in ${BENCH_CASES-$DEFAULT_CASES}; do
   limit="${CASE_LIMIT:-${LIMIT[$case]:-45}}"
   avail=$(( $(left) - RESERVE ))
   if [ "$avail" -lt 15 ]; then not_run+=("$case"); continue; fi
   t=$(( avail < limit ? avail : limit ))
-  # --time-limit stops new measurements 10 s before the box closes, so the process ends on its own
-  timeout "$t" python3 -m bench.run --case "$case" --out "$OUT/results" --time-limit $(( t - 10 )) ${BENCH_ARGS:-} \
-    >> "$OUT/bench.log" 2>&1 || { echo "bench $case failed or was killed at its ${t} s box"; status=1; }
+  # --time-limit (counted from after the imports) stops new measurements well before the box closes
+  timeout "$t" python3 -m bench.run --case "$case" --out "$OUT/results" --time-limit $(( t - 15 )) \
+    "${bench_args[@]}" >> "$OUT/bench.log" 2>&1 || { echo "bench $case failed or was killed at its ${t} s box"; status=1; }
 done
 
 if [ -n "$CUBE_MODELS" ]; then
@@ -92,9 +105,14 @@ fi
 # tables and plots from every row on disk, so a case stopped by its box still shows what it measured
 python3 -m bench.run --report --out "$OUT/results" --plot > "$OUT/bench_table.txt" 2>> "$OUT/bench.log"
 cat "$OUT/bench_table.txt"
-grep -E "skipped|time limit|out of memory|Error" "$OUT/bench.log" | tail -n 30
+grep -E "skipped|time limit|out of memory|Error|falls back" "$OUT/bench.log" | tail -n 30
 if [ ${#not_run[@]} -gt 0 ]; then
   echo "not run within BUDGET=${BUDGET}s: ${not_run[*]} (run again with SKIP_TESTS=1 BENCH_CASES=\"${not_run[*]}\")"
 fi
+
+# a device call brings back a few files only: everything goes into one archive beside the two summaries
+tar -czf /tmp/gpu_check.tgz -C "$OUT" --exclude=gpu_check.tgz . && mv /tmp/gpu_check.tgz "$OUT/" \
+  && find "$OUT" -mindepth 1 -maxdepth 1 ! -name info.txt ! -name bench_table.txt ! -name gpu_check.tgz \
+    -exec rm -rf {} +
 echo "gpu_check: $(( SECONDS - START )) s"
 exit $status

@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")
     args = parser.parse_args(argv)
+    utils.show_fallbacks()
     providers = [p for p in args.providers.split(",") if p]
     unknown = [p for p in providers if p not in VARIANTS]
     if unknown:

@@ -44,7 +44,8 @@ def _closure(setup, mode: str):
                 return setup.forward()
         return fn
     y = setup.forward()
-    g = torch.randn_like(y)
+    # a loss is backpropagated with 1, as loss.backward() does; a tensor output with random values
+    g = torch.ones_like(y) if y.numel() == 1 else torch.randn_like(y)
     if mode == "bwd":
         def fn():
             y.backward(g, retain_graph=True)
@@ -133,7 +134,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         if fn is None:
                             continue
                         med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of, rep=rep)
-                        peak = utils.peak_memory_mb(fn, device)
+                        peak = utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of)
                     except torch.OutOfMemoryError:
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
                         _free(device)
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: table (and --plot) of the rows already in --out")
     args = parser.parse_args(argv)
+    utils.show_fallbacks()
     selected = _selected_cases(cases, args.suite, args.case, parser)
 
     if args.list:

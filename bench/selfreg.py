@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.registry import Case, Setup, compiled, optional_compile, register
+from bench.registry import LOSS_MODES, Case, Setup, compiled, optional_compile, register
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter_multi, selfreg_intra
 from fastseg3d.reference.selfreg import selfreg_inter_ref, selfreg_intra_ref
 
@@ -60,7 +60,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
                 return fn(blocks, final, cs, ct)
         # fwd reads the blocks and the final feature once; the fused backward writes the block gradients.
         tbytes = final.numel() * final.element_size()
-        return Setup(fwd, blocks, {"fwd": nbytes + tbytes, "bwd": nbytes, "fwd+bwd": 2 * nbytes + tbytes})
+        return Setup(fwd, blocks, {"fwd": nbytes + tbytes, "fwd+bwd": 2 * nbytes + tbytes})
     if provider == "fastseg3d":
         def fwd():
             return torch.stack([selfreg_intra(x) for x in blocks]).mean()
@@ -70,8 +70,8 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
         def fwd():
             return fn(blocks)
     # the statistics pass and the loss pass each read the blocks; the gradients are written once
-    return Setup(fwd, blocks, {"fwd": 2 * nbytes, "bwd": nbytes, "fwd+bwd": 3 * nbytes})
+    return Setup(fwd, blocks, {"fwd": 2 * nbytes, "fwd+bwd": 3 * nbytes})
 
 
-CASE = register(Case(name="selfreg", shapes=_shapes, providers=_providers, setup=_setup,
+CASE = register(Case(name="selfreg", shapes=_shapes, providers=_providers, setup=_setup, modes=LOSS_MODES,
                      optional=optional_compile("")))

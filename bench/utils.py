@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -73,10 +75,22 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, w
     return statistics.median(samples), samples[1], samples[-2]
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak allocated memory during one call of ``fn`` (inputs included), in MiB; None off CUDA."""
+def show_fallbacks() -> None:
+    """Print fastseg3d's notices on stderr, its fallbacks to the reference among them: a case timed under the name
+    fastseg3d that ran the reference must not go unseen."""
+    log = logging.getLogger("fastseg3d")
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler(sys.stderr))
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device, grad_to_none=None) -> float | None:
+    """Peak allocated memory during one call of ``fn`` (inputs included), in MiB; None off CUDA. The ``.grad`` of
+    ``grad_to_none`` is cleared first, so gradients left by the timing runs are not counted on top of new ones."""
     if device.type != "cuda":
         return None
+    for t in grad_to_none or ():
+        t.grad = None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()

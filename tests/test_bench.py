@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastseg3d
+
 from bench import largest_cube, run
 from bench.kl_distill import _eager as kl_eager
 from bench.kl_distill import liger_loss
 from bench.models import NETWORKS
 from bench.registry import Setup, Unavailable, compiled, load_cases
+from fastseg3d.ops import kl_distill_multi
 from bench.utils import ROW_KEYS, read_rows, roofline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,6 +130,8 @@ def test_provider_selection():
     assert run.select_providers(case, spec, ["all"], CPU) == case.providers(spec)
     model = load_cases()["missu"]
     (_, mspec), = model.shapes(True)
+    assert model.providers(mspec)[:2] == ["fastseg3d", "plain"]  # the eager baseline before any compile
+    assert case.dtypes[0] == "bf16"  # the headline dtype first, so a time box reaches it
     assert run.select_providers(model, mspec, ["plain*"], CPU) == [
         "plain", "plain+torch.compile", "plain+torch.compile-max-autotune", "plain+torch.compile-reduce-overhead"]
 
@@ -160,6 +165,15 @@ def test_liger_provider_matches_the_eager_loss():
               (torch.randn(1, 3, 2, 2, 2), [torch.randn(1, 3, 4, 4, 4)])]
     loss = liger_loss(torch.nn.KLDivLoss(reduction="batchmean", log_target=True))(groups)
     torch.testing.assert_close(loss, kl_eager(groups))
+
+
+def test_kl_peers_compute_what_the_fused_loss_computes():
+    # an encoder-style group: the teacher below every student, the students at three resolutions
+    groups = [(torch.randn(1, 3, 2, 2, 2), [torch.randn(1, 3, 8, 8, 8), torch.randn(1, 3, 4, 4, 4)]),
+              (torch.randn(1, 3, 8, 8, 8), [torch.randn(1, 3, 4, 4, 4), torch.randn(1, 3, 2, 2, 2)])]
+    with fastseg3d.backend("torch"):
+        fused = sum(kl_distill_multi(students, teacher, 3.0) for teacher, students in groups)
+    torch.testing.assert_close(kl_eager(groups), fused)
 
 
 @pytest.mark.parametrize("limit", [0, 20, 48, 100, 511, 512, 2000])

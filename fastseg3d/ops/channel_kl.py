@@ -86,7 +86,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_grad):
     (saved,) = ctx.saved_tensors
-    return ((grad_loss * saved).to(ctx.dtype) if saved.numel() else None), None, None, None
+    return utils.scaled_grad(grad_loss, saved, ctx.dtype), None, None, None
 
 
 _channel_kl_op.register_autograd(_backward, setup_context=_setup_context)

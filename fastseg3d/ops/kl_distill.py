@@ -155,7 +155,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_total, grad_per, grad_grads, grad_gt):
     saved = ctx.saved_tensors
-    out = [(grad_total * g).to(dt) if g.numel() else None for g, dt in zip(saved, ctx.dtypes)]
+    out = [utils.scaled_grad(grad_total, g, dt) for g, dt in zip(saved, ctx.dtypes)]
     return out[: ctx.n_students], out[-1], None, None, None, None
 
 

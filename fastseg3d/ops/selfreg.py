@@ -171,8 +171,7 @@ def _inter_setup_context(ctx, inputs, output):
 
 
 def _inter_backward(ctx, grad_losses, grad_grads):
-    grads = [(grad_losses[i] * g).to(dt) if g.numel() else None
-             for i, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
+    grads = [utils.scaled_grad(grad_losses[i], g, dt) for i, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
     nones = [None] * len(grads)
     return grads, None, nones, nones, None
 
@@ -202,7 +201,7 @@ def _intra_setup_context(ctx, inputs, output):
 
 def _intra_backward(ctx, grad_loss, grad_grad):
     (saved,) = ctx.saved_tensors
-    return ((grad_loss * saved).to(ctx.dtype) if saved.numel() else None), None
+    return utils.scaled_grad(grad_loss, saved, ctx.dtype), None
 
 
 _selfreg_intra_op.register_autograd(_intra_backward, setup_context=_intra_setup_context)

@@ -15,6 +15,7 @@ __all__ = [
     "empty",
     "launchable",
     "layout_of",
+    "scaled_grad",
 ]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -47,6 +48,33 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[to
         dtype = torch.get_autocast_dtype(device_type)
         return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
     return tensors
+
+
+def scaled_grad(grad_out: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The input gradient of a loss whose forward already made it: ``grad_out * saved`` in ``dtype`` (None for an
+    empty ``saved``, the op's "no gradient" marker).
+
+    A loss is usually backpropagated with exactly 1 (``loss.backward()``, or a sum the loss is a term of): then
+    ``saved`` itself is returned, which spares a pass over it and a copy the size of the input (the memory roofline
+    of forward + backward is otherwise at most half reached). Checking for 1 reads the scalar back, so it is skipped
+    while tracing (compile, fake and meta tensors), during CUDA-graph capture and when a graph of the gradient is
+    being built. Run twice with ``retain_graph``, a gradient that was changed in place in between makes autograd
+    raise, as for any saved tensor.
+    """
+    if not saved.numel():
+        return None
+    if (saved.dtype == dtype and grad_out.numel() == 1 and not grad_out.requires_grad
+            and grad_out.device.type in ("cuda", "cpu") and not _tracing(grad_out) and bool(grad_out == 1)):
+        return saved
+    return (grad_out * saved).to(dtype)
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    if torch.compiler.is_compiling() or is_fake(t):
+        return True
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def launchable(device: torch.device) -> bool:

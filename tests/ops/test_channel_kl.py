@@ -185,6 +185,12 @@ def test_interpret_kernel_matches_reference(poison, shape, reduction, dtype):
 
 
 @pytest.mark.interpret
+def test_interpret_unit_incoming_gradient(poison):
+    # loss.backward() as training calls it: backward hands over the forward's gradient without scaling it
+    check_against_reference((1, 6, 2, 3, 5), "mean", torch.float16, "cpu", grad_scale=1.0)
+
+
+@pytest.mark.interpret
 def test_interpret_forward_without_grad(poison):
     s, t = _features((1, 4, 2, 3, 4)), _features((1, 4, 2, 3, 4))
     with fastseg3d.backend("triton"), torch.no_grad():

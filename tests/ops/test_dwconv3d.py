@@ -403,6 +403,9 @@ _GPU_CASES = [
     for dtype in (torch.float32, torch.float16, torch.bfloat16)
     for layout, shape, kernel, act in [
         ("contiguous", (2, 32, 33, 40, 47), (3, 3, 3), "gelu"),
+        # W and every stride multiples of 16: the W-lane forward and weight-gradient paths (the benchmark's NCDHW)
+        ("contiguous", (2, 32, 9, 24, 32), (3, 3, 3), "gelu"),
+        ("contiguous", (1, 24, 5, 16, 48), (1, 3, 3), None),
         ("channels_last", (2, 64, 17, 24, 31), (3, 3, 3), None),
         ("tokens", (2, 128, 16, 16, 16), (3, 3, 3), "gelu"),
         ("channels_last", (1, 48, 9, 20, 21), (5, 5, 5), "silu"),

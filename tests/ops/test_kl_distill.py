@@ -294,9 +294,10 @@ def test_interpret_kernel_matches_reference(poison, student, teacher, temperatur
 
 @pytest.mark.interpret
 def test_interpret_multi_student_teacher_low_res(poison):
-    # three students at different resolutions against a teacher that is itself upsampled on one axis
+    # three students at different resolutions against a teacher that is itself upsampled on one axis; a unit
+    # incoming gradient, where backward hands over the forward's gradients as they are
     check_against_reference([(1, 3, 2, 4, 4), (1, 3, 1, 2, 2), (1, 3, 2, 4, 1)], (1, 3, 2, 2, 4), 3.0, False, _F32,
-                            "cpu", weights=[1.0, 0.5, -2.0])
+                            "cpu", weights=[1.0, 0.5, -2.0], grad_scale=1.0)
 
 
 @pytest.mark.interpret
@@ -393,6 +394,21 @@ def test_gpu_peak_memory_far_below_eager():
     with fastseg3d.backend("triton"):
         fused = peak(lambda: kl_distill(s, t, 3.0))
     eager = peak(lambda: kl_distill_ref(s, t, 3.0))
-    # fused: the two gradient buffers (input sizes); eager: several fp32 full-resolution intermediates
+    # fused: the gradients made in forward (input sizes), handed over as they are by backward on a unit incoming
+    # gradient; eager: about 14x the inputs in fp32 intermediates
     assert fused < 0.25 * eager, (fused, eager)
     assert fused <= 1.2 * (t.numel() + s.numel()) * 2 + 2**20
+
+
+def test_scaled_grad_hands_over_the_forward_gradient_on_a_unit_incoming_gradient():
+    from fastseg3d.ops.utils import scaled_grad
+
+    g = torch.randn(2, 3, 4, dtype=torch.float16)
+    assert scaled_grad(torch.tensor(1.0), g, torch.float16) is g
+    torch.testing.assert_close(scaled_grad(torch.tensor(-2.5), g, torch.float16), -2.5 * g)
+    assert scaled_grad(torch.tensor(1.0), g, torch.float32).dtype == torch.float32  # a cast is a new tensor
+    assert scaled_grad(torch.tensor(1.0), g.new_empty((0,)), torch.float16) is None
+    traced = scaled_grad(torch.tensor(1.0, device="meta"), g.to("meta"), torch.float16)  # no read-back on meta
+    assert traced.device.type == "meta" and traced is not g
+    one = torch.tensor(1.0, requires_grad=True)  # a gradient graph is being built: keep the dependence on it
+    assert scaled_grad(one, g, torch.float16).requires_grad

@@ -286,7 +286,7 @@ def check_inter(student_shapes, teacher_shape, ks, dtype, device, duplicates=Fal
         assert_close(f"dstudent[{i}]", a.grad, e.grad, dtype)
 
 
-def check_intra(shape, dtype, device):
+def check_intra(shape, dtype, device, grad_scale=1.7):
     f = _feature(shape, dtype, device)
     ref = f.detach().double().requires_grad_()
     with fastseg3d.backend("triton"):
@@ -294,8 +294,8 @@ def check_intra(shape, dtype, device):
     expected = _published_intra(ref)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_close("loss", loss, expected, torch.float32 if dtype == torch.float32 else dtype)
-    (1.7 * loss).backward()
-    (1.7 * expected).backward()
+    (grad_scale * loss).backward()
+    (grad_scale * expected).backward()
     assert_close("dfeature", f.grad, ref.grad, dtype)
 
 
@@ -340,6 +340,11 @@ _INTERPRET_INTRA = [((2, 6, 3, 4, 5), _F32), ((1, 8, 2, 7, 3), _F32), ((3, 2, 1,
                          ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}" for c in _INTERPRET_INTRA])
 def test_interpret_intra_matches_reference(poison, shape, dtype):
     check_intra(shape, dtype, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_intra_unit_incoming_gradient(poison):
+    check_intra((1, 4, 2, 3, 5), _F32, "cpu", grad_scale=1.0)
 
 
 @pytest.mark.interpret
