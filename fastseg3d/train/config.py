@@ -208,15 +208,19 @@ def parse_overrides(items: Sequence[str]) -> dict:
 
 
 def find_config(name: str | os.PathLike) -> Path:
-    """A config path as given, or a bare name (``quickstart``) looked up in the repository's ``configs/``."""
+    """A config path as given, or a bare name (``quickstart``) looked up among the recipes: the repository's
+    ``configs/`` in a source checkout, ``fastseg3d/configs`` in an installed wheel."""
     path = Path(name)
     if path.is_file():
         return path
-    bundled = Path(__file__).resolve().parents[2] / "configs"
-    for candidate in (bundled / path.name, bundled / f"{path.name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"config {str(name)!r} not found (nor as {bundled}/{path.name}[.yaml])")
+    package = Path(__file__).resolve().parents[1]
+    places = (package.parent / "configs", package / "configs")
+    for folder in places:
+        for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    raise FileNotFoundError(f"config {str(name)!r} not found (nor as <recipes>/{path.name}[.yaml] in "
+                            f"{' or '.join(str(f) for f in places)})")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> dict:
