@@ -188,6 +188,19 @@ def _join_lanes(lanes, BH: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
 
 
 @triton.jit
+def _lane_row(row, ok, w3, wg, W_in, sxw, pad_w, V: tl.constexpr):
+    """One input row for 3-wide undilated W taps on a lane tile (output w = wg + lane = w3), in fp32: the aligned
+    vector the outputs sit on (mid) and the element on each side of it (left, right)."""
+    iw = w3 + (1 - pad_w)
+    mid = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+    iw = wg - pad_w
+    left = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+    iw = wg + (V + 1) - pad_w
+    right = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+    return left, mid, right
+
+
+@triton.jit
 def _lane_plane(xs, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
                 KH: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, G: tl.constexpr):
     """:func:`_plane_loads` for 3-wide undilated W taps on an (H, G, V) lane tile (output w = wg + lane): per row one
@@ -197,13 +210,7 @@ def _lane_plane(xs, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
     for kh in tl.static_range(KH):
         ih = h3 - pad_h + kh * dil_h
         row = xs + ih * sxh
-        h_ok = ok & (ih >= 0) & (ih < H_in)
-        iw = w3 + (1 - pad_w)
-        mid = tl.load(row + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
-        iw = wg - pad_w
-        left = tl.load(row + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
-        iw = wg + (V + 1) - pad_w
-        right = tl.load(row + iw * sxw, mask=h_ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+        left, mid, right = _lane_row(row, ok & (ih >= 0) & (ih < H_in), w3, wg, W_in, sxw, pad_w, V)
         lanes = _split_lanes(mid, BH, G, V)
         lo = (left,)
         hi = ()
@@ -293,13 +300,7 @@ def _dwconv3d_fwd_kernel(
             for kh in tl.static_range(KH):
                 ih = hl - pad_h + kh * dil_h
                 row = x_base + idp * sxd + ih * sxh
-                ok = d_ok & (ih >= 0) & (ih < H_in)
-                iw = wl + (1 - pad_w)
-                mid = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
-                iw = wg - pad_w
-                left = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
-                iw = wg + (LANES + 1) - pad_w
-                right = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+                left, mid, right = _lane_row(row, d_ok & (ih >= 0) & (ih < H_in), wl, wg, W_in, sxw, pad_w, LANES)
                 lanes = _split_lanes(mid, BLOCK_H, G, LANES)
                 updated = ()
                 for kd in tl.static_range(KD):
