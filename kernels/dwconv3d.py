@@ -8,7 +8,8 @@ Every tensor is addressed through its five logical (B, C, D, H, W) strides, so o
 (each input slice is read once per in-plane tap, not once per tap); the block shape follows the layout (wide
 along C when the channel stride is 1, wide along W otherwise) so loads stay coalesced. On W-major tiles with
 3-wide W taps a thread's outputs are one vector along W, and the W taps are that vector's lanes shifted in
-registers.
+registers; on channel-major tiles a thread's outputs are a channel vector at a few consecutive W positions, so
+each input column it loads serves several W taps and each tap's weights several outputs.
 
 Backward:
 * ``dz = dy * act'(z)``, with ``z = conv(x) + b`` recomputed by the forward kernel (nothing but the input is
@@ -34,6 +35,8 @@ ACT_IDS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 _INT32_MAX = 2**31 - 1
 _MAX_BLOCK_C = 64
+# Outputs per thread on channel-major column tiles, by KD: the most that compile without spills for sm_90
+_COLUMN_OUTPUTS = {1: 16, 3: 8}
 
 
 @triton.jit
@@ -86,13 +89,12 @@ def _tap_weight(w_ptr, offs_c, CP, kd, kh, kw, KD: tl.constexpr, KH: tl.constexp
 
 @triton.jit
 def _finish(
-    z, bias, j, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
+    z, j, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
     srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, GRAD_ACT: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Store output j of the program's run (od = r + dil_d * j) from its conv sum z: act(z + bias) + residual,
-    or g * act'(z + bias). Nothing is stored for j outside [j0, j1)."""
-    z += bias
+    """Store output j of the program's run (od = r + dil_d * j) from its pre-activation z (the conv sum, bias
+    included): act(z) + residual, or g * act'(z). Nothing is stored for j outside [j0, j1)."""
     # A [1, 1, 1] tensor, not a scalar: the interpreter mis-types `tensor & scalar_bool` masks.
     j = j + tl.zeros([1, 1, 1], dtype=tl.int32)
     od = r + dil_d * j
@@ -246,10 +248,16 @@ def _dwconv3d_fwd_kernel(
     kernels, whose KD*KH*KW unrolled taps would spill registers) the run is one output slice, which loops over
     its depth taps.
 
-    LANES (a rolling walk with 3-wide, undilated W taps on a width-major tile: NCDHW): a thread holds LANES
+    LANES, on a width-major tile (a rolling walk with 3-wide, undilated W taps: NCDHW): a thread holds LANES
     consecutive outputs along W. Each input row is one aligned vector load plus the two elements beside the
     thread's vector, and the three W taps are that vector's lanes shifted in registers. Without it the two
     shifted taps are unaligned loads, which the compiler splits into one scalar load per element.
+
+    LANES, on a channel-major tile (BLOCK_C > 1, a rolling walk with undilated W taps: channels-last, tokens): a
+    thread holds a channel vector at LANES consecutive W outputs, one (C, H, W // LANES) tile per lane. An input
+    row is LANES + KW - 1 column loads, each shared by the lanes it feeds, and each tap's weights are loaded once
+    for all LANES outputs: 3x3x3 in bf16 issues 54 instructions per output on sm_90 where one output per thread
+    issued 61.
     """
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -278,7 +286,50 @@ def _dwconv3d_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
 
-    if LANES > 0:
+    if LANES > 0 and BLOCK_C > 1:
+        G: tl.constexpr = BLOCK_W // LANES
+        # (C, H, G) column tiles: output w = wg + lane; the input column wg - pad_w + i feeds lane i - kw
+        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, None, :]
+        if INT64:
+            wg = wg.to(tl.int64)
+        fresh = tl.broadcast_to(bias, [BLOCK_C, BLOCK_H, G])
+        accs = (fresh,) * (KD * LANES)
+        for t in range(j0, j1 + KD - 1):
+            idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                idp = idp.to(tl.int64)
+            d_ok = (c3 < C) & (idp >= 0) & (idp < D_in)
+            for kh in tl.static_range(KH):
+                ih = h3 - pad_h + kh * dil_h
+                row = x_base + idp * sxd + ih * sxh
+                ok = d_ok & (ih >= 0) & (ih < H_in)
+                cols = ()
+                for i in tl.static_range(LANES + KW - 1):
+                    iw = wg + (i - pad_w)
+                    cols = cols + (tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0)
+                                   .to(tl.float32),)
+                updated = ()
+                for kd in tl.static_range(KD):
+                    ws = ()
+                    for kw in tl.static_range(KW):
+                        ws = ws + (_tap_weight(w_ptr, offs_c, CP, kd, kh, kw, KD, KH, KW, FLIP),)
+                    for i in tl.static_range(LANES):
+                        a = accs[kd * LANES + i]
+                        for kw in tl.static_range(KW):
+                            a += cols[i + kw] * ws[kw]
+                        updated = updated + (a,)
+                accs = updated
+            for i in tl.static_range(LANES):
+                wi = wg + i
+                _finish(accs[(KD - 1) * LANES + i], t - (KD - 1), j0, j1, r, b, c3, h3, wi,
+                        (c3 < C) & (h3 < H_out) & (wi < W_out), r_ptr, g_ptr, y_ptr, dil_d,
+                        srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
+                        HAS_RES, ACT, GRAD_ACT, INT64)
+            shifted = (fresh,) * LANES
+            for i in tl.static_range((KD - 1) * LANES):
+                shifted = shifted + (accs[i],)
+            accs = shifted
+    elif LANES > 0:
         G: tl.constexpr = BLOCK_W // LANES
         # The weights of every tap, loaded once: BLOCK_C is 1 here, one register per tap.
         ws = ()
@@ -291,7 +342,9 @@ def _dwconv3d_fwd_kernel(
             wg = wg.to(tl.int64)
         wl = wg + tl.arange(0, LANES)[None, None, :]
         lane_mask = (c3 < C) & (hl < H_out) & (wl < W_out)
-        accs = (tl.zeros([BLOCK_H, G, 1], dtype=tl.float32),) * (KD * LANES)
+        # accumulators start at the bias: their first FMA adds it, no separate pass over the outputs
+        fresh = tl.broadcast_to(bias, [BLOCK_H, G, 1])
+        accs = (fresh,) * (KD * LANES)
         for t in range(j0, j1 + KD - 1):
             idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
@@ -319,17 +372,18 @@ def _dwconv3d_fwd_kernel(
             done = ()
             for i in tl.static_range(LANES):
                 done = done + (accs[(KD - 1) * LANES + i],)
-            _finish(_join_lanes(done, BLOCK_H, G, LANES), bias, t - (KD - 1), j0, j1, r, b, c3, hl, wl, lane_mask,
+            _finish(_join_lanes(done, BLOCK_H, G, LANES), t - (KD - 1), j0, j1, r, b, c3, hl, wl, lane_mask,
                     r_ptr, g_ptr, y_ptr, dil_d, srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw,
                     syb, syc, syd, syh, syw, HAS_RES, ACT, GRAD_ACT, INT64)
-            shifted = (tl.zeros([BLOCK_H, G, 1], dtype=tl.float32),) * LANES
+            shifted = (fresh,) * LANES
             for i in tl.static_range((KD - 1) * LANES):
                 shifted = shifted + (accs[i],)
             accs = shifted
     elif ROLL:
-        acc0 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        fresh = tl.broadcast_to(bias, [BLOCK_C, BLOCK_H, BLOCK_W])
+        acc0 = fresh
+        acc1 = fresh
+        acc2 = fresh
         for t in range(j0, j1 + KD - 1):
             idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
@@ -347,17 +401,17 @@ def _dwconv3d_fwd_kernel(
             z = acc0
             if KD == 3:
                 z = acc2
-            _finish(z, bias, t - (KD - 1), j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
+            _finish(z, t - (KD - 1), j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
                     srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
                     HAS_RES, ACT, GRAD_ACT, INT64)
             if KD == 3:
                 acc2 = acc1
                 acc1 = acc0
-            acc0 = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+            acc0 = fresh
     else:
         # One output slice per program (J_CHUNK = 1): a loop over several would let the compiler hoist every
         # tap's offsets and masks out of it, which spills for kernels this large.
-        acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=tl.float32)
+        acc = tl.broadcast_to(bias, [BLOCK_C, BLOCK_H, BLOCK_W])
         for kd in range(KD):
             idp = r - pad_d + dil_d * (j0 + kd) + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
@@ -365,7 +419,7 @@ def _dwconv3d_fwd_kernel(
             d_ok = (idp >= 0) & (idp < D_in)
             acc = _plane_taps(acc, x_base + idp * sxd, w_ptr, offs_c, C, CP, kd, c3, h3, w3, d_ok, H_in, W_in,
                               sxh, sxw, pad_h, pad_w, dil_h, dil_w, KD, KH, KW, FLIP)
-        _finish(acc, bias, j0, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
+        _finish(acc, j0, j0, j1, r, b, c3, h3, w3, out_mask, r_ptr, g_ptr, y_ptr, dil_d,
                 srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
                 HAS_RES, ACT, GRAD_ACT, INT64)
 
@@ -413,7 +467,13 @@ def _dwconv3d_bwd_weight_kernel(
     c3 = offs_c[:, None, None]
     h3 = offs_h[None, :, None]
     w3 = offs_w[None, None, :]
-    if LANES > 0:
+    COLUMNS: tl.constexpr = LANES > 0 and BLOCK_C > 1
+    if COLUMNS:
+        # (C, H, G) column tiles: lane i holds output w = w3 + i
+        w3 = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W // LANES) * LANES)[None, None, :]
+        if INT64:
+            w3 = w3.to(tl.int64)
+    elif LANES > 0:
         h3 = offs_h[:, None, None]
         wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W // LANES) * LANES)[None, :, None]
         if INT64:
@@ -425,7 +485,47 @@ def _dwconv3d_bwd_weight_kernel(
 
     accs = (tl.zeros(out_mask.shape, dtype=tl.float32),) * NT
     acc_b = tl.zeros(out_mask.shape, dtype=tl.float32)
-    if ROLL:
+    if COLUMNS:
+        # The rolling walk below on column tiles: win[kd * LANES + i] is lane i's dz slice for depth tap kd; an
+        # input row is LANES + KW - 1 column loads, column j meeting lane i through tap kw = j - i.
+        win = (tl.zeros(out_mask.shape, dtype=tl.float32),) * (KD * LANES)
+        for t in range(d_start - pad_d, d_end - pad_d + KD - 1):
+            od = t + pad_d + tl.zeros([1, 1, 1], dtype=tl.int32)
+            idp = t + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                od = od.to(tl.int64)
+                idp = idp.to(tl.int64)
+            shifted = ()
+            for i in tl.static_range(LANES):
+                g_ok = (c3 < C) & (h3 < H_out) & (w3 + i < W_out) & (od >= d_start) & (od < d_end)
+                g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + (w3 + i) * sgw, mask=g_ok, other=0.0)
+                g = g.to(tl.float32)
+                acc_b += g
+                shifted = shifted + (g,)
+            for i in tl.static_range((KD - 1) * LANES):
+                shifted = shifted + (win[i],)
+            win = shifted
+            ok = (c3 < C) & (idp >= 0) & (idp < D_in)
+            updated = accs
+            for kh in tl.static_range(KH):
+                ih = h3 - pad_h + kh * dil_h
+                row = x_base + idp * sxd + ih * sxh
+                row_ok = ok & (ih >= 0) & (ih < H_in)
+                cols = ()
+                for j in tl.static_range(LANES + KW - 1):
+                    iw = w3 + (j - pad_w)
+                    cols = cols + (tl.load(row + iw * sxw, mask=row_ok & (iw >= 0) & (iw < W_in), other=0.0)
+                                   .to(tl.float32),)
+                new = ()
+                for n in tl.static_range(NT):
+                    a = updated[n]
+                    if (n // KW) % KH == kh:
+                        for i in tl.static_range(LANES):
+                            a += win[(n // (KH * KW)) * LANES + i] * cols[i + n % KW]
+                    new = new + (a,)
+                updated = new
+            accs = updated
+    elif ROLL:
         # Walk the input slices the run reads, each loaded once per in-plane tap, against a window of the KD
         # dz slices that read it (win[kd] is dz at od = id + pad_d - kd; zero outside the run, so every
         # (output, tap) pair is counted once).
@@ -480,17 +580,17 @@ def _dwconv3d_bwd_weight_kernel(
     row = pid_bd * (n_h * n_w) + pid_hw
     dw_row = dwp_ptr + row * KVOL * C + kd0 * KH * KW * C + offs_c
     for i in tl.static_range(NT):
-        tl.store(dw_row + i * C, _tile_sum(accs[i], LANES), mask=offs_c < C)
+        tl.store(dw_row + i * C, _tile_sum(accs[i], LANES > 0 and not COLUMNS), mask=offs_c < C)
     if HAS_BIAS:
         if pid_t == 0:
-            tl.store(dbp_ptr + row * C + offs_c, _tile_sum(acc_b, LANES), mask=offs_c < C)
+            tl.store(dbp_ptr + row * C + offs_c, _tile_sum(acc_b, LANES > 0 and not COLUMNS), mask=offs_c < C)
 
 
 @triton.jit
-def _tile_sum(acc, LANES: tl.constexpr):
+def _tile_sum(acc, ONE_CHANNEL: tl.constexpr):
     """Per-channel sum of a (C, H, W) tile, or the whole sum of an (H, G, LANES) lane tile (one channel)."""
     total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if LANES > 0:
+    if ONE_CHANNEL:
         total = tl.sum(total, axis=0)
     return total
 
@@ -591,18 +691,28 @@ def dwconv3d_fwd(
     _, c, d_in, h_in, w_in = x.shape
     bsz, _, d_out, h_out, w_out = out.shape
     kd, kh, kw, _ = weight_taps.shape
-    # The in-plane taps are unrolled and their loads issued together, so they share the registers with the KD
-    # accumulators: up to 3x3 taps, 16 (KD = 1) or 8 (KD = 3) outputs per thread compile without spills for
-    # sm_90 (4 for fp32 channel-major tiles, whose fp32 tap weights take twice the registers); larger kernels loop
-    # over depth taps with 8.
     roll = kd in (1, 3) and kh * kw <= 9
-    per_thread = 16 if roll and kd == 1 else 8
-    if roll and x.element_size() == 4 and x.stride(1) == 1:
-        per_thread //= 2
-    tile = 4096 if interpreter_active() else 128 * per_thread
-    block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
-    lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, 16 // x.element_size(),
-                   out, residual, grad)
+    vec = 16 // x.element_size()
+    if roll and x.stride(1) == 1 and c > 1 and (kw == 1 or dilation[2] == 1):
+        # Channel-major columns: a thread holds a vector of channels at `lanes` consecutive W outputs, so each
+        # input column it loads serves up to KW outputs and each tap's weights serve `lanes` outputs. For 3x3x3
+        # (three accumulators per output) 4 channels by 2 columns; for 1x3x3 a 16-byte vector by 16 / vec.
+        channels = vec if kd == 1 else 4
+        lanes = min(_COLUMN_OUTPUTS[kd] // channels, triton.next_power_of_2(w_out))
+        tile = 4096 if interpreter_active() else 128 * channels
+        block_c, block_h, groups = _blocks(x, h_out, triton.cdiv(w_out, lanes), tile)
+        block_w = groups * lanes
+    else:
+        # The in-plane taps are unrolled and their loads issued together, so they share the registers with the KD
+        # accumulators: up to 3x3 taps, 16 (KD = 1) or 8 (KD = 3) outputs per thread compile without spills for
+        # sm_90 (4 for fp32 channel-major tiles, whose fp32 tap weights take twice the registers); larger kernels
+        # loop over depth taps with 8.
+        per_thread = 16 if roll and kd == 1 else 8
+        if roll and x.element_size() == 4 and x.stride(1) == 1:
+            per_thread //= 2
+        tile = 4096 if interpreter_active() else 128 * per_thread
+        block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
+        lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, vec, out, residual, grad)
     n_tiles = triton.cdiv(c, block_c) * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
     dil_d = dilation[0]
     n_per_residue = triton.cdiv(d_out, dil_d)
@@ -649,9 +759,15 @@ def dwconv3d_bwd_weight(
     taps = kd_per * kh * kw
     interp = interpreter_active()
     tile = 4096 if interp else 128 * max(1, min(8, 1 << ((128 // taps).bit_length() - 1)))
-    block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
-    width = min(16 // x.element_size(), tile // 128)  # a thread's outputs along W, at most one 16-byte vector
-    lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, width, dz)
+    if roll and x.stride(1) == 1 and c > 1 and (kw == 1 or dilation[2] == 1):
+        # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
+        lanes = min(2, triton.next_power_of_2(w_out))
+        block_c, block_h, groups = _blocks(x, h_out, triton.cdiv(w_out, lanes), 4096 if interp else 512)
+        block_w = groups * lanes
+    else:
+        block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
+        width = min(16 // x.element_size(), tile // 128)  # a thread's outputs along W, at most one 16-byte vector
+        lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, width, dz)
     n_hw = triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
     n_c = triton.cdiv(c, block_c)
     if interp:

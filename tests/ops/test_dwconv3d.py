@@ -292,7 +292,10 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
     "shape,kernel,padding,dilation,layout,dtype,lanes",
     [((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8),
      ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4),
-     ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 0),
+     ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 2),  # columns: 4 channels x 2
+     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.float32, 4),  # 4 channels x 4
+     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.bfloat16, 2),  # 8 channels x 2
+     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "channels_last", torch.bfloat16, 0),  # dilated W taps
      ((2, 4, 8, 16, 40), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 0),  # rows not 16-aligned
      ((2, 4, 8, 16, 32), (3, 3, 3), (1, 1, 0), 1, "contiguous", torch.bfloat16, 0),  # center tap unaligned
      ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0),  # dilated W taps
@@ -300,7 +303,8 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
 )
 def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dilation, layout, dtype, lanes):
     """The W-lane path (one aligned vector load per input row, taps shifted in registers) is taken exactly where
-    the JIT can prove each thread's vector aligned; the interpreter tier runs it on every NCDHW 3-wide case."""
+    the JIT can prove each thread's vector aligned; the interpreter tier runs it on every NCDHW 3-wide case.
+    Channel-major tiles take the column path for every undilated rolling walk."""
     from bench.sass import _captured
     from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
 
@@ -315,7 +319,8 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     launches = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 0))
     assert launches[0][2]["LANES"] == lanes
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
-    assert launches[0][2]["LANES"] == (4 if lanes and dilation[0] == 1 else 0)  # 4 outputs per thread there
+    # the weight gradient: 4 W lanes per thread on NCDHW, 2 columns on channels-last
+    assert launches[0][2]["LANES"] == (0 if not lanes or dilation[0] > 1 else 4 if layout == "contiguous" else 2)
 
 
 def test_bad_backend_env_is_reported():
@@ -407,6 +412,7 @@ _GPU_CASES = [
         ("contiguous", (2, 32, 9, 24, 32), (3, 3, 3), "gelu"),
         ("contiguous", (1, 24, 5, 16, 48), (1, 3, 3), None),
         ("channels_last", (2, 64, 17, 24, 31), (3, 3, 3), None),
+        ("channels_last", (1, 24, 5, 16, 49), (1, 3, 3), "gelu"),  # channel-major columns, 1x3x3, odd W tail
         ("tokens", (2, 128, 16, 16, 16), (3, 3, 3), "gelu"),
         ("channels_last", (1, 48, 9, 20, 21), (5, 5, 5), "silu"),
         ("contiguous", (1, 16, 7, 33, 35), (1, 7, 7), "gelu_tanh"),
