@@ -127,10 +127,12 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     launches = _captured(call)
     fn, args, kwargs = launches[0]
     tile = kwargs["BLOCK_C"] * kwargs["BLOCK_H"] * kwargs["BLOCK_W"]
+    # the forward's W-lane walk is unrolled KD times (its accumulators rotate without moves): a loop pass is KD slices
+    unroll = kwargs["KD"] if which == "fwd" and kwargs["LANES"] and kwargs["BLOCK_C"] == 1 else 1
     return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
             "activation": activation,
             "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]), "lanes": kwargs.get("LANES", 0),
-            **_stats(_compile_like_jit(fn, args, kwargs), tile / (32 * kwargs["num_warps"]))}
+            **_stats(_compile_like_jit(fn, args, kwargs), unroll * tile / (32 * kwargs["num_warps"]))}
 
 
 def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: int = 32,

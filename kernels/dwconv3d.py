@@ -345,7 +345,8 @@ def _dwconv3d_fwd_kernel(
         # accumulators start at the bias: their first FMA adds it, no separate pass over the outputs
         fresh = tl.broadcast_to(bias, [BLOCK_H, G, 1])
         accs = (fresh,) * (KD * LANES)
-        for t in range(j0, j1 + KD - 1):
+        # unrolled KD times, the accumulators' roles rotate in the code instead of moving between registers
+        for t in tl.range(j0, j1 + KD - 1, loop_unroll_factor=KD):
             idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
                 idp = idp.to(tl.int64)

@@ -172,7 +172,7 @@ def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last, dtype):
     lanes = {"fwd": 2 if channels_last else 16 // dtype.itemsize, "bwd_weight": 2 if channels_last else 4}
     assert stats["lanes"] == lanes[which], stats
     if dtype == torch.bfloat16:
-        # bf16 today: forward 44.2 (NCDHW) and 54 (channels-last), weight gradient 59 and 54. Before the
+        # bf16 today: forward 42.2 (NCDHW) and 54 (channels-last), weight gradient 59 and 54. Before the
         # channel-major columns: forward 44.5 and 61, weight gradient 59 and 65; before the lanes and fp32
         # padded weights: 77 and 105, 74 and 65; before the rolling walk: 108-138 and 211-437.
         assert stats["per_output"] < {"fwd": 60, "bwd_weight": 62}[which], stats
