@@ -224,6 +224,19 @@ def _lane_plane(xs, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
 
 
 @triton.jit
+def _column_row(xs, ok, ih, wg, H_in, W_in, sxh, sxw, pad_w, N: tl.constexpr):
+    """Input row ih of the slice at ``xs`` for a channel-major column tile (lane i at output w = wg + i), in fp32:
+    the N columns wg - pad_w + j, j < N, each feeding lane i through W tap j - i."""
+    row = xs + ih * sxh
+    ok = ok & (ih >= 0) & (ih < H_in)
+    cols = ()
+    for j in tl.static_range(N):
+        iw = wg + (j - pad_w)
+        cols = cols + (tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32),)
+    return cols
+
+
+@triton.jit
 def _dwconv3d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, r_ptr, g_ptr, y_ptr,
     C, CP, D_in, H_in, W_in, D_out, H_out, W_out, J_CHUNK, N_CHUNKS,
@@ -300,14 +313,8 @@ def _dwconv3d_fwd_kernel(
                 idp = idp.to(tl.int64)
             d_ok = (c3 < C) & (idp >= 0) & (idp < D_in)
             for kh in tl.static_range(KH):
-                ih = h3 - pad_h + kh * dil_h
-                row = x_base + idp * sxd + ih * sxh
-                ok = d_ok & (ih >= 0) & (ih < H_in)
-                cols = ()
-                for i in tl.static_range(LANES + KW - 1):
-                    iw = wg + (i - pad_w)
-                    cols = cols + (tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0)
-                                   .to(tl.float32),)
+                cols = _column_row(x_base + idp * sxd, d_ok, h3 - pad_h + kh * dil_h, wg, H_in, W_in, sxh, sxw,
+                                   pad_w, LANES + KW - 1)
                 updated = ()
                 for kd in tl.static_range(KD):
                     ws = ()
@@ -509,14 +516,8 @@ def _dwconv3d_bwd_weight_kernel(
             ok = (c3 < C) & (idp >= 0) & (idp < D_in)
             updated = accs
             for kh in tl.static_range(KH):
-                ih = h3 - pad_h + kh * dil_h
-                row = x_base + idp * sxd + ih * sxh
-                row_ok = ok & (ih >= 0) & (ih < H_in)
-                cols = ()
-                for j in tl.static_range(LANES + KW - 1):
-                    iw = w3 + (j - pad_w)
-                    cols = cols + (tl.load(row + iw * sxw, mask=row_ok & (iw >= 0) & (iw < W_in), other=0.0)
-                                   .to(tl.float32),)
+                cols = _column_row(x_base + idp * sxd, ok, h3 - pad_h + kh * dil_h, w3, H_in, W_in, sxh, sxw,
+                                   pad_w, LANES + KW - 1)
                 new = ()
                 for n in tl.static_range(NT):
                     a = updated[n]
@@ -653,6 +654,12 @@ def _lanes(x, three_wide_roll, padding, dilation, block_c, block_w, width, *tens
     return width if padding[2] == 1 and x.shape[4] % 16 == 0 and aligned else 0
 
 
+def _takes_columns(x: torch.Tensor, roll: bool, kw: int, dilation: tuple[int, int, int]) -> bool:
+    """A rolling walk on a channel-major tile (unit channel stride) whose W taps are adjacent: channel-major
+    columns."""
+    return roll and x.stride(1) == 1 and x.shape[1] > 1 and (kw == 1 or dilation[2] == 1)
+
+
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0, 0, 0, 0, 0)
 
@@ -694,7 +701,7 @@ def dwconv3d_fwd(
     kd, kh, kw, _ = weight_taps.shape
     roll = kd in (1, 3) and kh * kw <= 9
     vec = 16 // x.element_size()
-    if roll and x.stride(1) == 1 and c > 1 and (kw == 1 or dilation[2] == 1):
+    if _takes_columns(x, roll, kw, dilation):
         # Channel-major columns: a thread holds a vector of channels at `lanes` consecutive W outputs, so each
         # input column it loads serves up to KW outputs and each tap's weights serve `lanes` outputs. For 3x3x3
         # (three accumulators per output) 4 channels by 2 columns; for 1x3x3 a 16-byte vector by 16 / vec.
@@ -760,7 +767,7 @@ def dwconv3d_bwd_weight(
     taps = kd_per * kh * kw
     interp = interpreter_active()
     tile = 4096 if interp else 128 * max(1, min(8, 1 << ((128 // taps).bit_length() - 1)))
-    if roll and x.stride(1) == 1 and c > 1 and (kw == 1 or dilation[2] == 1):
+    if _takes_columns(x, roll, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
         lanes = min(2, triton.next_power_of_2(w_out))
         block_c, block_h, groups = _blocks(x, h_out, triton.cdiv(w_out, lanes), 4096 if interp else 512)
