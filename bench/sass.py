@@ -67,7 +67,7 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True, check=True).stdout
 
 
-def _stats(compiled, outputs_per_thread: float | None = None) -> dict:
+def _stats(compiled, outputs_per_thread: float | None = None, unit: str = "output") -> dict:
     usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
     regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
     code = []
@@ -82,9 +82,14 @@ def _stats(compiled, outputs_per_thread: float | None = None) -> dict:
             loop = (int(m.group(1), 16), addr)
     body = [ins for addr, ins in code if loop[0] <= addr <= loop[1]]
     barriers = sum(1 for ins in body if "BAR." in ins)
-    stats = {"registers": regs, "spill_bytes": stack, "loop_instructions": len(body), "loop_barriers": barriers}
+    # ptxas serialises the wgmma pipeline (info C7515) when it cannot keep a wgmma's accumulators untouched:
+    # every HGMMA then waits for itself.
+    wgmma = sum(1 for _, ins in code if "HGMMA" in ins)
+    serialised = wgmma > 0 and sum(1 for _, ins in code if "WARPGROUP.DEPBAR" in ins) >= wgmma
+    stats = {"registers": regs, "spill_bytes": stack, "loop_instructions": len(body), "loop_barriers": barriers,
+             "wgmma_serialised": serialised}
     if outputs_per_thread:
-        stats["per_output"] = round(len(body) / outputs_per_thread, 1)
+        stats[f"per_{unit}"] = round(len(body) / outputs_per_thread, 1)
     return stats
 
 
@@ -137,8 +142,9 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
 
 def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: int = 32,
                       dtype=torch.bfloat16, allow_tf32: bool = False) -> list[dict]:
-    """Registers, spill bytes and main-loop barriers of the attention kernels (forward, delta, dk/dv, dq) as
-    ``attention_fwd`` and ``attention_bwd`` launch them for q (2, n, heads, head_dim) and k, v (2, m, ...)."""
+    """Registers, spill bytes, main-loop instructions (and per score of the tile) and barriers of the attention
+    kernels (forward, delta, dk/dv, dq) as ``attention_fwd`` and ``attention_bwd`` launch them for
+    q (2, n, heads, head_dim) and k, v (2, m, ...)."""
     from fastseg3d.kernels import attention as a
 
     q = torch.empty(2, n, heads, head_dim, dtype=dtype, device="meta")
@@ -157,8 +163,14 @@ def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: in
         launches = _captured(call)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
-    return [{"kernel": fn.fn.__name__, "head_dim": head_dim, "block": (kw["BLOCK_M"], kw.get("BLOCK_N")),
-             **_stats(_compile_like_jit(fn, args, {"num_warps": 4, **kw}))} for fn, args, kw in launches]
+    rows = []
+    for fn, args, kw in launches:
+        kw = {"num_warps": 4, **kw}
+        # per score: main-loop thread-instructions per element of the block's score tile
+        scores = kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * kw["num_warps"]) if "BLOCK_N" in kw else None
+        rows.append({"kernel": fn.fn.__name__, "head_dim": head_dim, "block": (kw["BLOCK_M"], kw.get("BLOCK_N")),
+                     "warps": kw["num_warps"], **_stats(_compile_like_jit(fn, args, kw), scores, "score")})
+    return rows
 
 
 def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2, 14, 128, 128, 128),) * 3,

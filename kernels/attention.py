@@ -28,6 +28,7 @@ def _attn_fwd_kernel(
     N, M, H, qk_scale,
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sob, son, soh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    KEY_TAIL: tl.constexpr,  # M is not a multiple of BLOCK_N: key blocks are masked
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -46,14 +47,23 @@ def _attn_fwd_kernel(
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
-        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # log2 units
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        if KEY_TAIL:
+            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if KEY_TAIL:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        # The scale goes into the exponent's FMA: qk_scale > 0, so the row maximum of the raw scores times the
+        # scale is the maximum of the scaled ones.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # log2 units
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        if KEY_TAIL:
+            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
@@ -115,11 +125,13 @@ def _attn_bwd_dkdv_kernel(
         row_ok = offs_m < row_end
         q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        # A padded query row reads lse = +inf, so its p is 0 with no select per score (a select on the rows, or
+        # none at all, made ptxas serialise the wgmma pipeline at head dim 64). A padded key row (k = v = 0) only
+        # fills a dk/dv row that is never stored.
+        lse2 = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         p_t = tl.exp2(s_t - lse2[None, :])
-        p_t = tl.where(row_ok[None, :] & col_ok[:, None], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -135,6 +147,7 @@ def _attn_bwd_dq_kernel(
     N, M, H, qk_scale, scale,
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh, sgb, sgn, sgh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    KEY_TAIL: tl.constexpr,  # M is not a multiple of BLOCK_N: key blocks are masked
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -155,11 +168,18 @@ def _attn_bwd_dq_kernel(
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < M
-        k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(col_ok[None, :] & row_ok[:, None], p, 0.0)
+        if KEY_TAIL:
+            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :])
+            v = tl.load(v_base + offs_n[:, None] * svm + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if KEY_TAIL:
+            # Padded keys (k = v = 0) would add nothing, but their p = exp2(-lse) overflows where every logit is
+            # very negative. Padded query rows need no mask: they are never stored.
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        p = tl.exp2(s * qk_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -177,24 +197,30 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreter_active() else "ieee"
 
 
-def _blocks(
-    n_rows: int, n_cols: int, head_dim: int, dtype: torch.dtype, dkdv: bool = False
-) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). fp32 tiles are smaller: IEEE (and TF32) dots hold far more registers than
-    half-precision ones, and the half-precision tiles spill for fp32 on sm_90 (checked with bench/sass.py's
-    compile path: these choices compile without spills for head dims 16 to 128)."""
+def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kernel: str) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of ``kernel`` ("fwd", "dq" or "dkdv"), chosen from sm_90 cubins
+    (``python -m bench.sass attention``): the fewest main-loop instructions per score that compile without spills
+    or a serialised wgmma pipeline, for head dims 16 to 128, on Triton 3.6 and 3.9. Eight warps on 64 rows split
+    each row over two warpgroups (cross-warpgroup reductions: about twice the instructions per score), so 64-row
+    tensor-core tiles take four. IEEE fp32 dots run on the FMA units and hold far more registers than tensor-core
+    ones, so their tiles are small. TF32 dk/dv tiles hold 64 keys where they fit, the fewest rows a wgmma takes."""
     np2 = triton.next_power_of_2
     if interpreter_active():
         return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4
-    if dtype == torch.float32:
-        if dkdv:
-            block_m, block_n = (32, 32) if head_dim <= 64 else (32, 16)
+    if precision == "ieee":
+        if kernel == "dkdv":
+            block_m, block_n, warps = (32, 32, 8) if head_dim <= 64 else (32, 16, 8)
         else:
-            block_m, block_n = 64, 32
-        warps = 8
+            block_m, block_n, warps = 64, 32, 4 if head_dim <= 32 else 8
+    elif precision == "tf32":
+        if kernel == "dkdv":
+            block_m, block_n, warps = {16: (64, 64, 4), 32: (64, 64, 4), 64: (32, 64, 4), 128: (64, 32, 8)}[head_dim]
+        else:
+            block_m, block_n, warps = 128, 64, 8
+    elif kernel == "fwd":
+        block_m, block_n, warps = 128, 64, 4 if head_dim <= 64 else 8
     else:
-        block_m = (128 if head_dim <= 64 else 64) if not dkdv else 64
-        block_n, warps = 64, 4 if head_dim <= 64 else 8
+        block_m, block_n, warps = 64, 64, 4
     return max(16, min(block_m, np2(n_rows))), max(16, min(block_n, np2(n_cols))), warps
 
 
@@ -205,12 +231,14 @@ def _qk(q: torch.Tensor) -> tuple[int, int, int]:
 def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     bsz, n, h, d = q.shape
     m = k.shape[1]
-    block_m, block_n, warps = _blocks(n, m, d, q.dtype)
+    precision = _precision(q.dtype)
+    block_m, block_n, warps = _blocks(n, m, d, precision, "fwd")
     grid = (triton.cdiv(n, block_m), bsz * h)
     torch.library.wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, n, m, h, scale * _LOG2E,
         *_qk(q), *_qk(k), *_qk(v), *_qk(out),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype), num_warps=warps,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
+        num_warps=warps,
     )
 
 
@@ -219,9 +247,8 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     bsz, n, h, d = q.shape
     m = k.shape[1]
     precision = _precision(q.dtype)
-    block_m, block_n, warps = _blocks(n, m, d, q.dtype)
-    block_m = min(block_m, 64)
-    kv_block_m, kv_block_n, kv_warps = _blocks(n, m, d, q.dtype, dkdv=True)
+    block_m, block_n, warps = _blocks(n, m, d, precision, "dq")
+    kv_block_m, kv_block_n, kv_warps = _blocks(n, m, d, precision, "dkdv")
 
     delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
     torch.library.wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n, block_m), bsz * h)](
@@ -254,6 +281,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         q, k, v, grad, lse, delta, dq,
         n, m, h, scale * _LOG2E, scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, num_warps=warps,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
+        num_warps=warps,
     )
 

@@ -30,8 +30,13 @@ def _sdpa64(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear", grad="random"):
+def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear", grad="random", offset=0.0):
+    """``offset`` > 0 pushes every logit far below zero (q >= offset, k <= -offset), so lse is very negative."""
     leaves, split = _qkv(b, n, m, h, d, dtype, device, layout)
+    if offset:
+        q, k, _ = split(*leaves)
+        q.copy_(q.abs() + offset)
+        k.copy_(-(k.abs() + offset))
     ours = [t.detach().clone().requires_grad_() for t in leaves]
     ref = [t.detach().double().requires_grad_() for t in leaves]
     with fastseg3d.backend("triton"):
@@ -188,6 +193,13 @@ _INTERPRET_CASES = [
                               for c in _INTERPRET_CASES])
 def test_interpret_kernel_matches_sdpa(poison, b, n, m, h, d, dtype, scale, layout):
     check_against_sdpa(b, n, m, h, d, dtype, "cpu", scale, layout)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("n,m", [(37, 11), (40, 75)])
+def test_interpret_very_negative_logits_with_padded_keys(poison, n, m):
+    """Every logit near -190: a padded key's exp(0 - lse) would overflow, so the masks of the key tail matter."""
+    check_against_sdpa(1, n, m, 1, 16, torch.float32, "cpu", layout="contiguous", offset=6.0)
 
 
 @pytest.mark.interpret
