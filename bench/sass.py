@@ -176,15 +176,26 @@ def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: in
 def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2, 14, 128, 128, 128),) * 3,
                        size=(128, 128, 128), dtype=torch.bfloat16) -> list[dict]:
     """Registers, spill bytes and main-loop barriers of the fused KL kernels (the forward, then a gather kernel per
-    input at a lower resolution than ``size``) for one teacher and up to four students, all with gradients."""
+    input at a lower resolution than ``size``) for one teacher and up to four students, all with gradients; for
+    the forward, instructions per logit read."""
     from fastseg3d.kernels import kl_distill as k
 
     teacher = torch.empty(teacher_shape, dtype=dtype, device="meta")
     students = [torch.empty(s, dtype=dtype, device="meta") for s in student_shapes]
     launches = _captured(lambda: k.kl_distill_fwd(students, teacher, tuple(size), 3.0, [1.0] * len(students),
                                                    [True] * len(students), True))
-    return [{"kernel": fn.fn.__name__, "block_v": kw["BLOCK_V"], **_stats(_compile_like_jit(fn, args, kw))}
-            for fn, args, kw in launches]
+    rows = []
+    for fn, args, kw in launches:
+        compiled = _compile_like_jit(fn, args, kw)
+        row = {"kernel": fn.fn.__name__, "block_v": kw["BLOCK_V"], "warps": kw["num_warps"], **_stats(compiled)}
+        if fn.fn.__name__ == "_kl_fwd_kernel":
+            # the forward has no loop: every instruction, per logit of every input the thread holds
+            code = _cuobjdump(compiled.asm["cubin"], "-sass")
+            n = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", code, re.M))
+            logits = kw["BLOCK_V"] * kw["K"] / (32 * kw["num_warps"]) * (1 + len(students))
+            row["per_element"] = round(n / logits, 1)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None) -> None:

@@ -183,8 +183,8 @@ def _attn_bwd_dq_kernel(
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(dq_ptr + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -243,9 +243,9 @@ def test_backend_policy(monkeypatch):
 
 
 def check_against_reference(student_shapes, teacher_shape, temperature, detach, dtype, device, weights=None,
-                            grad_scale=1.7):
-    students = [_logits(s, dtype, device) for s in student_shapes]
-    teacher = _logits(teacher_shape, dtype, device)
+                            grad_scale=1.7, logit_scale=2.0):
+    students = [_logits(s, dtype, device, logit_scale) for s in student_shapes]
+    teacher = _logits(teacher_shape, dtype, device, logit_scale)
     ref_s = [s.detach().double().requires_grad_() for s in students]
     ref_t = teacher.detach().double().requires_grad_()
     with fastseg3d.backend("triton"):
@@ -290,6 +290,14 @@ _INTERPRET_PAIRS = [
 )
 def test_interpret_kernel_matches_reference(poison, student, teacher, temperature, detach, dtype):
     check_against_reference([student], teacher, temperature, detach, dtype, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_sharp_distributions(poison):
+    """Logits of +-100 at T = 0.05 (z / T near +-2000): the padded channels' finite "minus infinity" still cancels
+    between teacher and student, and nothing overflows."""
+    check_against_reference([(1, 5, 2, 3, 7)], (1, 5, 2, 3, 7), 0.05, False, _F32, "cpu", logit_scale=40.0)
+    check_against_reference([(1, 3, 1, 2, 5)], (1, 3, 2, 4, 5), 0.05, False, _F32, "cpu", logit_scale=40.0)
 
 
 @pytest.mark.interpret
