@@ -54,7 +54,8 @@ def _compile_like_jit(fn, args, kwargs):
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": kwargs["num_warps"]})
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def _cuobjdump(cubin: bytes, flag: str) -> str:

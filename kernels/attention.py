@@ -98,6 +98,7 @@ def _attn_bwd_dkdv_kernel(
     N, M, H, qk_scale, scale, ROWS_PER_SPLIT,
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_TAIL: tl.constexpr,  # N is not a multiple of BLOCK_M: query blocks are masked
 ):
     """dk, dv of one key block from the query rows [split * ROWS_PER_SPLIT, (split + 1) * ROWS_PER_SPLIT).
 
@@ -122,14 +123,21 @@ def _attn_bwd_dkdv_kernel(
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
     for start in range(row_start, row_end, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < row_end
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        # A padded query row reads lse = +inf, so its p is 0 with no select per score (a select on the rows, or
-        # none at all, made ptxas serialise the wgmma pipeline at head dim 64). A padded key row (k = v = 0) only
-        # fills a dk/dv row that is never stored.
-        lse2 = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        if ROW_TAIL:
+            row_ok = offs_m < row_end
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+            # A padded query row reads lse = +inf, so its p is 0 with no select per score (a select on the rows,
+            # or none at all, made ptxas serialise the wgmma pipeline at head dim 64). A padded key row
+            # (k = v = 0) only fills a dk/dv row that is never stored.
+            lse = tl.load(lse_ptr + row_base + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + row_base + offs_m, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :])
+            do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :])
+            lse = tl.load(lse_ptr + row_base + offs_m)
+            delta = tl.load(delta_ptr + row_base + offs_m)
+        lse2 = lse * 1.4426950408889634
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         p_t = tl.exp2(s_t - lse2[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -271,7 +279,10 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         q, k, v, grad, lse, delta, dk_ws, dv_ws,
         n, m, h, scale * _LOG2E, scale, rows_per_split,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad),
-        HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, PRECISION=precision, num_warps=kv_warps,
+        HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, PRECISION=precision,
+        # Unmasked loops only up to head dim 32: at 64 ptxas serialised the bf16 wgmma pipeline (Triton 3.9), at
+        # 128 they spilled (Triton 3.6).
+        ROW_TAIL=n % kv_block_m != 0 or d > 32, num_warps=kv_warps,
     )
     # Fixed-order sums over the splits keep dk/dv deterministic.
     dk.copy_(dk_ws.sum(0).permute(0, 2, 1, 3))

@@ -106,7 +106,8 @@ def test_attention_kernels(dtype, head_dim, precision):
     values.update(dk_ptr="*fp32", dv_ptr="*fp32")
     values.update(_ints("N", "M", "H", "ROWS_PER_SPLIT", *strides),
                   qk_scale="fp32", scale="fp32", HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=64, PRECISION=precision)
-    compile_for_h100(k._attn_bwd_dkdv_kernel, values)
+    for row_tail in (False, True):
+        compile_for_h100(k._attn_bwd_dkdv_kernel, {**values, "ROW_TAIL": row_tail})
 
     strides = [f"s{t}{a}" for t in "qkvdg" for a in ("b", "n" if t in "qdg" else "m", "h")]
     values = _attn_values(dtype, ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dq_ptr"])

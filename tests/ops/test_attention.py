@@ -184,6 +184,9 @@ _INTERPRET_CASES = [
     (1, 70, 70, 3, 16, torch.float16, None, "linear"),
     (1, 33, 129, 2, 64, torch.float16, None, "linear"),
     (1, 20, 1, 1, 128, torch.float32, None, "linear"),
+    # N a multiple of the query block, M of the key block: the unmasked loops
+    (1, 64, 32, 2, 16, torch.float32, None, "linear"),
+    (2, 128, 48, 1, 32, torch.float16, 0.2, "contiguous"),
 ]
 
 
