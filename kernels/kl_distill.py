@@ -344,7 +344,7 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     """(BLOCK_V, VEC, num_warps) of a [BLOCK_K, BLOCK_V] tile of logits (channels x voxels).
 
     Triton lays the tile out with VEC consecutive voxels per thread (the ``max_contiguous`` hint sets it),
-    threads along the voxels first, then warps. Up to 32 channels the tile is sized so that a voxel's channels
+    threads along the voxels first, then warps. Up to 64 channels the tile is sized so that a voxel's channels
     stay in one warp, ``per_thread`` of them per thread: the softmax reductions need no shared memory and no
     barrier (sm_90, DSD's 14 classes and three students in bf16: 62 -> 25 instructions per logit in the
     forward). Wider channel counts keep Triton's own layout (VEC = 0: 16-byte vectors, channels over warps), as
@@ -353,7 +353,7 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
         return _block_v(k_pad, nvox), 0, 4
     if k_pad <= per_thread:
         block_v, warps = vec * 32 * 4, 4
-    elif k_pad <= 32:
+    elif k_pad <= 64:
         block_v, vec, warps = 32 * per_thread // k_pad, 1, 1  # k_pad / per_thread threads per voxel, one warp
     else:
         block_v = _block_v(k_pad, nvox, wide_tile)
