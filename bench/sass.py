@@ -9,7 +9,7 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
     python -m bench.sass dwconv3d                      # 3x3x3 and 1x3x3 at (2, 32, 128^3), bf16, with bias
     python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32 --activation gelu
     python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
-    python -m bench.sass kl_distill                    # DSD's KL at 128^3, 14 classes: deconv and interp heads
+    python -m bench.sass kl_distill                    # DSD's KL, 14 classes: full-resolution heads, then heads upsampled on the fly
 """
 
 from __future__ import annotations
@@ -210,10 +210,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.op == "kl_distill":
-        interp = ((2, 14, 32, 32, 32), (2, 14, 16, 16, 16), (2, 14, 8, 8, 8))
-        for students, teacher in ((((2, 14, 128, 128, 128),) * 3, (2, 14, 128, 128, 128)),
-                                  (interp, (2, 14, 64, 64, 64))):
-            for row in profile_kl_distill(teacher, students, dtype=dtype):
+        # DSD's heads at full resolution, then at 1/2, 1/4 and 1/8 of a full-resolution teacher (forward + gathers)
+        low = ((2, 14, 32, 32, 32), (2, 14, 16, 16, 16), (2, 14, 8, 8, 8))
+        for students, teacher, size in ((((2, 14, 128, 128, 128),) * 3, (2, 14, 128, 128, 128), (128, 128, 128)),
+                                        (low, (2, 14, 64, 64, 64), (64, 64, 64))):
+            for row in profile_kl_distill(teacher, students, size, dtype):
                 print(row)
         return
     if args.op == "attention":
