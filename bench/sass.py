@@ -9,7 +9,7 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
     python -m bench.sass dwconv3d                      # 3x3x3 and 1x3x3 at (2, 32, 128^3), bf16, with bias
     python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32 --activation gelu
     python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
-    python -m bench.sass kl_distill                    # DSD's KL, 14 classes: full-resolution heads, then heads upsampled on the fly
+    python -m bench.sass kl_distill                    # DSD's KL, 14 classes: full-resolution, then upsampled heads
 """
 
 from __future__ import annotations
