@@ -98,7 +98,7 @@ def _attn_bwd_dkdv_kernel(
     N, M, H, qk_scale, scale, ROWS_PER_SPLIT,
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-    ROW_TAIL: tl.constexpr,  # N is not a multiple of BLOCK_M: query blocks are masked
+    ROW_TAIL: tl.constexpr,  # query blocks are masked (N is not a multiple of BLOCK_M, or see the launcher)
 ):
     """dk, dv of one key block from the query rows [split * ROWS_PER_SPLIT, (split + 1) * ROWS_PER_SPLIT).
 
@@ -232,6 +232,12 @@ def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kern
     return max(16, min(block_m, np2(n_rows))), max(16, min(block_n, np2(n_cols))), warps
 
 
+def _qk_scale(scale: float) -> float:
+    """The logit scale in log2 units. A scale so small that it underflows fp32 would turn the -inf of masked keys
+    into NaN (-inf * 0); the smallest normal float gives the same uniform softmax."""
+    return max(scale * _LOG2E, torch.finfo(torch.float32).tiny)
+
+
 def _qk(q: torch.Tensor) -> tuple[int, int, int]:
     return q.stride(0), q.stride(1), q.stride(2)
 
@@ -243,7 +249,7 @@ def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -
     block_m, block_n, warps = _blocks(n, m, d, precision, "fwd")
     grid = (triton.cdiv(n, block_m), bsz * h)
     torch.library.wrap_triton(_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, n, m, h, scale * _LOG2E,
+        q, k, v, out, lse, n, m, h, _qk_scale(scale),
         *_qk(q), *_qk(k), *_qk(v), *_qk(out),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
         num_warps=warps,
@@ -277,7 +283,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     dv_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
     torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(n_kblocks, bsz * h, splits)](
         q, k, v, grad, lse, delta, dk_ws, dv_ws,
-        n, m, h, scale * _LOG2E, scale, rows_per_split,
+        n, m, h, _qk_scale(scale), scale, rows_per_split,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad),
         HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, PRECISION=precision,
         # Unmasked loops only up to head dim 32: at 64 ptxas serialised the bf16 wgmma pipeline (Triton 3.9), at
@@ -290,7 +296,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
 
     torch.library.wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n, block_m), bsz * h)](
         q, k, v, grad, lse, delta, dq,
-        n, m, h, scale * _LOG2E, scale,
+        n, m, h, _qk_scale(scale), scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
         num_warps=warps,

@@ -155,6 +155,7 @@ def _kl_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     if INT64:
         b = b.to(tl.int64)
+        row = row.to(tl.int64)
         offs_v = offs_v.to(tl.int64)
         offs_k = offs_k.to(tl.int64)
     hw = OH * OW
@@ -358,7 +359,8 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     else:
         block_v = _block_v(k_pad, nvox, wide_tile)
         return block_v, 0, 8 if k_pad * block_v >= 4096 else 4
-    return min(block_v, triton.next_power_of_2(nvox)), vec, warps
+    block_v = min(block_v, triton.next_power_of_2(nvox))
+    return block_v, min(vec, block_v), warps
 
 
 def _factors(shape, size) -> tuple[int, int, int]:

@@ -187,6 +187,8 @@ _INTERPRET_CASES = [
     # N a multiple of the query block, M of the key block: the unmasked loops
     (1, 64, 32, 2, 16, torch.float32, None, "linear"),
     (2, 128, 48, 1, 32, torch.float16, 0.2, "contiguous"),
+    # a scale that underflows fp32 in log2 units, with padded keys: a uniform softmax, no NaN
+    (1, 37, 11, 1, 16, torch.float32, 1e-300, "linear"),
 ]
 
 
