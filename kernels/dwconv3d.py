@@ -433,6 +433,18 @@ def _dwconv3d_fwd_kernel(
 
 
 @triton.jit
+def _walk_slices(t, pad_d, INT64: tl.constexpr):
+    """Step t of the weight gradient's depth walk as [1, 1, 1] indices: the dz slice od = t + pad_d whose tap 0
+    reads input slice t, and that input slice."""
+    od = t + pad_d + tl.zeros([1, 1, 1], dtype=tl.int32)
+    idp = t + tl.zeros([1, 1, 1], dtype=tl.int32)
+    if INT64:
+        od = od.to(tl.int64)
+        idp = idp.to(tl.int64)
+    return od, idp
+
+
+@triton.jit
 def _dwconv3d_bwd_weight_kernel(
     x_ptr, g_ptr, dwp_ptr, dbp_ptr,
     C, D_in, H_in, W_in, D_out, H_out, W_out, D_CHUNK,
@@ -498,11 +510,7 @@ def _dwconv3d_bwd_weight_kernel(
         # input row is LANES + KW - 1 column loads, column j meeting lane i through tap kw = j - i.
         win = (tl.zeros(out_mask.shape, dtype=tl.float32),) * (KD * LANES)
         for t in range(d_start - pad_d, d_end - pad_d + KD - 1):
-            od = t + pad_d + tl.zeros([1, 1, 1], dtype=tl.int32)
-            idp = t + tl.zeros([1, 1, 1], dtype=tl.int32)
-            if INT64:
-                od = od.to(tl.int64)
-                idp = idp.to(tl.int64)
+            od, idp = _walk_slices(t, pad_d, INT64)
             shifted = ()
             for i in tl.static_range(LANES):
                 g_ok = (c3 < C) & (h3 < H_out) & (w3 + i < W_out) & (od >= d_start) & (od < d_end)
@@ -533,11 +541,7 @@ def _dwconv3d_bwd_weight_kernel(
         # (output, tap) pair is counted once).
         win = (tl.zeros(out_mask.shape, dtype=tl.float32),) * KD
         for t in range(d_start - pad_d, d_end - pad_d + KD - 1):
-            od = t + pad_d + tl.zeros([1, 1, 1], dtype=tl.int32)
-            idp = t + tl.zeros([1, 1, 1], dtype=tl.int32)
-            if INT64:
-                od = od.to(tl.int64)
-                idp = idp.to(tl.int64)
+            od, idp = _walk_slices(t, pad_d, INT64)
             g_ok = out_mask & (od >= d_start) & (od < d_end)
             g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + w3 * sgw, mask=g_ok, other=0.0)
             g = g.to(tl.float32)
