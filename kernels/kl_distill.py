@@ -17,10 +17,10 @@ scales by the incoming gradient:
     dL/dteacher   = T / (B N) * sum_i w_i p (log p - log q_i - KL_i)
 
 An input at the output resolution receives its gradient directly from the forward kernel. For an upsampled
-input the gradient is the transpose of trilinear interpolation; it is computed by a gather-style kernel over the
-low-resolution voxels, each summing its (2f)^3 contributing output voxels (recomputing the softmaxes there), so
-there are no atomics and no output-resolution intermediate. Per-program loss partial sums are written to a
-workspace and reduced in a fixed order: everything is bitwise deterministic.
+input the forward writes the gradient at the output resolution to a transient fp32 buffer, and a gather-style
+kernel applies the transpose of trilinear interpolation: each low-resolution voxel sums its (2f)^3 contributing
+output voxels, so there are no atomics. Per-program loss partial sums are written to a workspace and reduced in a
+fixed order: everything is bitwise deterministic.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def _kl_fwd_kernel(
     t_ptr, gt_ptr, s0_ptr, gs0_ptr, s1_ptr, gs1_ptr, s2_ptr, gs2_ptr, s3_ptr, gs3_ptr, part_ptr,
     OD, OH, OW, TD, TH, TW,
     S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W,
-    w0, w1, w2, w3, scale2, coef,
+    w0, w1, w2, w3, c0, c1, c2, c3, ct, scale2,
     K: tl.constexpr, NUM_S: tl.constexpr, TFD: tl.constexpr, TFH: tl.constexpr, TFW: tl.constexpr,
     F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr, F1D: tl.constexpr, F1H: tl.constexpr,
     F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
@@ -144,8 +144,9 @@ def _kl_fwd_kernel(
     GRAD_T: tl.constexpr, GRAD0: tl.constexpr, GRAD1: tl.constexpr, GRAD2: tl.constexpr, GRAD3: tl.constexpr,
     INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
 ):
-    """Loss partial sums (one row of MAX_STUDENTS per program) and the gradients of inputs at output resolution
-    (GRAD_*: such an input needs its gradient and is not upsampled)."""
+    """Loss partial sums (one row of MAX_STUDENTS per program) and, where GRAD_* is set, the input gradients at
+    the output resolution (the input's own gradient, or the buffer of an upsampled one), scaled by c* (ct for the
+    teacher, whose terms are in bits)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row = b * tl.num_programs(0) + pid
@@ -175,7 +176,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
         if GRAD0:
-            _store_tile(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w0), mask)
+            _store_tile(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask)
         gt += w0 * gtc
     if NUM_S > 1:
         kl, gs, gtc = _student_terms(
@@ -183,7 +184,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
         if GRAD1:
-            _store_tile(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w1), mask)
+            _store_tile(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask)
         gt += w1 * gtc
     if NUM_S > 2:
         kl, gs, gtc = _student_terms(
@@ -191,7 +192,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
         if GRAD2:
-            _store_tile(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w2), mask)
+            _store_tile(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask)
         gt += w2 * gtc
     if NUM_S > 3:
         kl, gs, gtc = _student_terms(
@@ -199,10 +200,10 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
         if GRAD3:
-            _store_tile(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * (coef * w3), mask)
+            _store_tile(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask)
         gt += w3 * gtc
     if GRAD_T:
-        _store_tile(gt_ptr, b, K, offs_k, offs_v, nvox, gt * (coef * _LN2), mask)
+        _store_tile(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask)
 
 
 @triton.jit
@@ -214,69 +215,21 @@ def _tap_weight(o, j, F: tl.constexpr, N, OUT):
 
 
 @triton.jit
-def _grad_at(
-    t_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, b, K, offs_k, d, h, w, v, mask, TD, TH, TW,
-    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W, w0, w1, w2, w3, scale2,
-    NUM_S: tl.constexpr, TFD: tl.constexpr, TFH: tl.constexpr, TFW: tl.constexpr,
-    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr, F1D: tl.constexpr, F1H: tl.constexpr,
-    F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
-    F3H: tl.constexpr, F3W: tl.constexpr, GRAD_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+def _interp_transpose_kernel(
+    g_ptr, out_ptr, OD, OH, OW, ND, NH, NW, coef,
+    K: tl.constexpr, GFD: tl.constexpr, GFH: tl.constexpr, GFW: tl.constexpr,
+    LD: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """dL/dlogit (without the T/(B N) factor) at output voxels (d, h, w): of the teacher (GRAD_T, summed over
-    the students) or of student 0."""
-    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, v, mask, TD, TH, TW, TFD, TFH, TFW) * scale2
-    log2p, p = _log2_softmax(zt, mask)
-    if GRAD_T:
-        g = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
-        if NUM_S > 0:
-            kl_u, gs_u, gtc = _student_terms(
-                s0_ptr, b, K, offs_k, d, h, w, v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W
-            )
-            g += w0 * gtc
-        if NUM_S > 1:
-            kl_u, gs_u, gtc = _student_terms(
-                s1_ptr, b, K, offs_k, d, h, w, v, mask, S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W
-            )
-            g += w1 * gtc
-        if NUM_S > 2:
-            kl_u, gs_u, gtc = _student_terms(
-                s2_ptr, b, K, offs_k, d, h, w, v, mask, S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W
-            )
-            g += w2 * gtc
-        if NUM_S > 3:
-            kl_u, gs_u, gtc = _student_terms(
-                s3_ptr, b, K, offs_k, d, h, w, v, mask, S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W
-            )
-            g += w3 * gtc
-    else:
-        kl_u, gs, gt_u = _student_terms(
-            s0_ptr, b, K, offs_k, d, h, w, v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W
-        )
-        g = w0 * gs
-    return g
-
-
-@triton.jit
-def _kl_gather_kernel(
-    t_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, g_ptr,
-    OD, OH, OW, TD, TH, TW,
-    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W,
-    ND, NH, NW, w0, w1, w2, w3, scale2, coef,
-    K: tl.constexpr, NUM_S: tl.constexpr, TFD: tl.constexpr, TFH: tl.constexpr, TFW: tl.constexpr,
-    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr, F1D: tl.constexpr, F1H: tl.constexpr,
-    F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
-    F3H: tl.constexpr, F3W: tl.constexpr, GRAD_T: tl.constexpr,
-    GFD: tl.constexpr, GFH: tl.constexpr, GFW: tl.constexpr, LD: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
-):
-    """Gradient of an upsampled input (the teacher with GRAD_T, else student 0) of size (ND, NH, NW) and factors
-    (GFD, GFH, GFW): each low-resolution voxel gathers the L = 2f output voxels per axis (1 where f = 1) whose
-    interpolation reads it, weighted by the trilinear coefficients."""
+    """coef times the transpose of trilinear upsampling by (GFD, GFH, GFW) applied to g, a contiguous
+    (B, K, OD, OH, OW) gradient, written to out (B, K, ND, NH, NW): each low-resolution voxel gathers the L = 2f
+    output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the trilinear coefficients.
+    No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    if VEC > 0:
-        offs_v = tl.max_contiguous(offs_v, VEC)
+    # One voxel per thread, all its classes: a tap's weight and address are then computed once per thread, not
+    # once per voxel of a 16-byte vector (the taps' loads are strided by f along W anyway).
+    offs_v = tl.max_contiguous(pid * BLOCK_V + tl.arange(0, BLOCK_V), 1)
     offs_k = tl.arange(0, BLOCK_K)
     if INT64:
         b = b.to(tl.int64)
@@ -289,6 +242,9 @@ def _kl_gather_kernel(
     jd = offs_v // nhw
     jh = (offs_v % nhw) // NW
     jw = offs_v % NW
+    onvox = OD * OH * OW
+    g_base = g_ptr + b * K * onvox
+    plane = offs_k[:, None] * onvox
     acc = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     for td in range(LD):
         if GFD == 1:
@@ -304,6 +260,8 @@ def _kl_gather_kernel(
             else:
                 oh = jh * GFH - (GFH + 1) // 2 + th
                 wh = wd * _tap_weight(oh, jh, GFH, NH, OH)
+            # Out-of-range taps have zero weight; clamped, they read inside the volume.
+            row = (tl.minimum(tl.maximum(od, 0), OD - 1) * OH + tl.minimum(tl.maximum(oh, 0), OH - 1)) * OW
             for tw in range(LW):
                 if GFW == 1:
                     ow = jw
@@ -311,24 +269,12 @@ def _kl_gather_kernel(
                 else:
                     ow = jw * GFW - (GFW + 1) // 2 + tw
                     wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
-                valid = mask_v & (wgt != 0.0)
-                mask = mask_k[:, None] & valid[None, :]
-                # Out-of-range taps have zero weight and are masked; clamp them so no address goes negative.
-                cd = tl.minimum(tl.maximum(od, 0), OD - 1)
-                ch = tl.minimum(tl.maximum(oh, 0), OH - 1)
-                cw = tl.minimum(tl.maximum(ow, 0), OW - 1)
-                g = _grad_at(
-                    t_ptr, s0_ptr, s1_ptr, s2_ptr, s3_ptr, b, K, offs_k, cd, ch, cw, (cd * OH + ch) * OW + cw,
-                    mask, TD, TH, TW,
-                    S0D, S0H, S0W, S1D, S1H, S1W, S2D, S2H, S2W, S3D, S3H, S3W, w0, w1, w2, w3, scale2,
-                    NUM_S, TFD, TFH, TFW, F0D, F0H, F0W, F1D, F1H, F1W, F2D, F2H, F2W, F3D, F3H, F3W, GRAD_T,
-                    BLOCK_K, BLOCK_V,
-                )
-                acc += tl.where(mask, g, 0.0) * wgt[None, :]
-    mask = mask_k[:, None] & mask_v[None, :]
-    if GRAD_T:
-        coef = coef * _LN2  # the teacher's terms are in bits
-    _store_tile(g_ptr, b, K, offs_k, offs_v, nvox, acc * coef, mask)
+                # Clamped taps stay inside the volume and padded voxels carry weight 0: only padded classes
+                # need a mask.
+                o = row + tl.minimum(tl.maximum(ow, 0), OW - 1)
+                g = tl.load(g_base + (plane + o[None, :]), mask=mask_k[:, None], other=0.0).to(tl.float32)
+                acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
+    _store_tile(out_ptr, b, K, offs_k, offs_v, nvox, acc * coef, mask_k[:, None] & mask_v[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,64 +339,62 @@ def kl_distill_fwd(
 
     t_f = _factors(teacher.shape, size)
     s_f = [_factors(s.shape, size) for s in students]
-    direct_t = t_f == (1, 1, 1)
-    direct_s = [f == (1, 1, 1) for f in s_f]
     g_t = empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if need_teacher else None
     g_s = [empty(s.shape, dtype=s.dtype, device=s.device) if n else None for s, n in zip(students, need_students)]
+
+    # The forward writes each gradient at the output resolution: straight into the gradient of an input at that
+    # resolution, else into a buffer (in the input's dtype, unscaled: w (q - p) stays normal in fp16) that the
+    # transpose of the interpolation then reduces. The alternative, recomputing the softmaxes at the (2f)^3 taps
+    # of every low-resolution voxel, evaluates each output voxel 8 times per upsampled input (about 120
+    # instructions per class and tap). The buffers are freed before returning.
+    def out_res(x, g, factors):
+        if g is None or factors == (1, 1, 1):
+            return g
+        return empty((bsz, k, *size), dtype=x.dtype, device=x.device)
+
+    o_t = out_res(teacher, g_t, t_f)
+    o_s = [out_res(s, g, f) for s, g, f in zip(students, g_s, s_f)]
+    # store scales of the forward: the final ones for a gradient it writes directly
+    c_t = _LN2.value * (coef if o_t is g_t else 1.0)
+    c_s = [w * (coef if o is g else 1.0) for w, o, g in zip(weights, o_s, g_s)]
 
     pad = MAX_STUDENTS - n_s
     s_ptrs = students + [teacher] * pad
     s_sizes = [x for s in students for x in s.shape[2:]] + [1, 1, 1] * pad
     s_facts = [x for f in s_f for x in f] + [1, 1, 1] * pad
     wts = list(weights) + [0.0] * pad
-    gs_ptrs = [g if g is not None else teacher for g in g_s] + [teacher] * pad
-    grad_flags = [n and d for n, d in zip(need_students, direct_s)] + [False] * pad
-    common = dict(
-        NUM_S=n_s, TFD=t_f[0], TFH=t_f[1], TFW=t_f[2],
-        F0D=s_facts[0], F0H=s_facts[1], F0W=s_facts[2], F1D=s_facts[3], F1H=s_facts[4], F1W=s_facts[5],
-        F2D=s_facts[6], F2H=s_facts[7], F2W=s_facts[8], F3D=s_facts[9], F3H=s_facts[10], F3W=s_facts[11],
-        INT64=int64, K=k, BLOCK_K=k_pad,
-    )
+    c_s = c_s + [0.0] * pad
+    gs_ptrs = [g if g is not None else teacher for g in o_s] + [teacher] * pad
+    grad_flags = list(need_students) + [False] * pad
 
-    if direct_t and all(direct_s):
+    if t_f == (1, 1, 1) and all(f == (1, 1, 1) for f in s_f):
         block_v, vec, warps = _tile(k_pad, nvox, 16, max(2, 16 // k_pad), 4096)
     else:  # interpolating an upsampled input holds more values at once
         block_v, vec, warps = _tile(k_pad, nvox, 8, 1, 4096)
     n_prog = triton.cdiv(nvox, block_v)
     partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
     torch.library.wrap_triton(_kl_fwd_kernel)[(n_prog, bsz)](
-        teacher, g_t if g_t is not None else teacher,
+        teacher, o_t if o_t is not None else teacher,
         s_ptrs[0], gs_ptrs[0], s_ptrs[1], gs_ptrs[1], s_ptrs[2], gs_ptrs[2], s_ptrs[3], gs_ptrs[3], partials,
-        od, oh, ow, *teacher.shape[2:], *s_sizes, *wts, scale2, coef,
-        GRAD_T=need_teacher and direct_t, GRAD0=grad_flags[0], GRAD1=grad_flags[1], GRAD2=grad_flags[2],
-        GRAD3=grad_flags[3], BLOCK_V=block_v, VEC=vec, num_warps=warps, **common,
+        od, oh, ow, *teacher.shape[2:], *s_sizes, *wts, *c_s, c_t, scale2,
+        NUM_S=n_s, TFD=t_f[0], TFH=t_f[1], TFW=t_f[2],
+        F0D=s_facts[0], F0H=s_facts[1], F0W=s_facts[2], F1D=s_facts[3], F1H=s_facts[4], F1W=s_facts[5],
+        F2D=s_facts[6], F2H=s_facts[7], F2W=s_facts[8], F3D=s_facts[9], F3H=s_facts[10], F3W=s_facts[11],
+        GRAD_T=need_teacher, GRAD0=grad_flags[0], GRAD1=grad_flags[1], GRAD2=grad_flags[2], GRAD3=grad_flags[3],
+        INT64=int64, K=k, BLOCK_K=k_pad, BLOCK_V=block_v, VEC=vec, num_warps=warps,
     )
 
-    def gather(target: torch.Tensor, out: torch.Tensor, factors, grad_t: bool, slots: list[torch.Tensor],
-               sizes: list[int], facts: list[int], wts: list[float], num_s: int) -> None:
-        nd, nh, nw = target.shape[2:]
+    for x, g, o, factors in zip([teacher, *students], [g_t, *g_s], [o_t, *o_s], [t_f, *s_f]):
+        if g is None or o is g:
+            continue
+        nd, nh, nw = x.shape[2:]
         n_low = nd * nh * nw
-        # Each tap interpolates from up to 8 corners, and the teacher's gather evaluates every student at each
-        # tap: fewer channels per thread than the forward (8 spilled on Triton 3.6).
-        bv, vec, warps = _tile(k_pad, n_low, 2 if grad_t else 4, 1, 2048)
-        args = dict(common, NUM_S=num_s, F0D=facts[0], F0H=facts[1], F0W=facts[2], F1D=facts[3], F1H=facts[4],
-                    F1W=facts[5], F2D=facts[6], F2H=facts[7], F2W=facts[8], F3D=facts[9], F3H=facts[10],
-                    F3W=facts[11])
-        torch.library.wrap_triton(_kl_gather_kernel)[(triton.cdiv(n_low, bv), bsz)](
-            teacher, slots[0], slots[1], slots[2], slots[3], out,
-            od, oh, ow, *teacher.shape[2:], *sizes, nd, nh, nw, *wts, scale2, coef,
-            GRAD_T=grad_t, GFD=factors[0], GFH=factors[1], GFW=factors[2],
+        bv, _, warps = _tile(k_pad, n_low, 16, 1, 4096)  # no reduction over classes: any layout will do
+        torch.library.wrap_triton(_interp_transpose_kernel)[(triton.cdiv(n_low, bv), bsz)](
+            o, g, od, oh, ow, nd, nh, nw, coef, K=k, GFD=factors[0], GFH=factors[1], GFW=factors[2],
             LD=1 if factors[0] == 1 else 2 * factors[0], LH=1 if factors[1] == 1 else 2 * factors[1],
-            LW=1 if factors[2] == 1 else 2 * factors[2], BLOCK_V=bv, VEC=vec, num_warps=warps,
-            **args,
+            LW=1 if factors[2] == 1 else 2 * factors[2], INT64=int64, BLOCK_K=k_pad, BLOCK_V=bv, num_warps=warps,
         )
-
-    for i, (s, g) in enumerate(zip(students, g_s)):
-        if g is not None and not direct_s[i]:
-            gather(s, g, s_f[i], False, [s] + [teacher] * 3, list(s.shape[2:]) + [1] * 9,
-                   list(s_f[i]) + [1] * 9, [weights[i], 0.0, 0.0, 0.0], 1)
-    if g_t is not None and not direct_t:
-        gather(teacher, g_t, t_f, True, s_ptrs, s_sizes, s_facts, wts, n_s)
 
     losses = partials[:, :n_s].sum(0) * (_LN2.value * temperature * temperature / (bsz * nvox))  # bits to nats
     return losses, g_s, g_t

@@ -121,20 +121,18 @@ def test_attention_kernels(dtype, head_dim, precision):
     compile_for_h100(k._attn_bwd_delta_kernel, values)
 
 
-def _kl_values(num_students, factors, teacher_factor, grad_teacher, int64=False, gather=(2, 2, 2)):
-    values = {p: "*bf16" for p in ("t_ptr", *[f"s{i}_ptr" for i in range(4)])}
-    values.update({p: "*fp32" for p in ("gt_ptr", "part_ptr", "g_ptr", *[f"gs{i}_ptr" for i in range(4)])})
-    values.update(_ints("OD", "OH", "OW", "TD", "TH", "TW", "ND", "NH", "NW",
-                        *[f"S{i}{a}" for i in range(4) for a in "DHW"]))
-    values.update({p: "fp32" for p in ("w0", "w1", "w2", "w3", "scale2", "coef")})
+def _kl_values(num_students, factors, teacher_factor, grad_teacher, int64=False):
+    values = {p: "*bf16" for p in ("t_ptr", "gt_ptr", *[f"s{i}_ptr" for i in range(4)],
+                                   *[f"gs{i}_ptr" for i in range(4)])}
+    values["part_ptr"] = "*fp32"
+    values.update(_ints("OD", "OH", "OW", "TD", "TH", "TW", *[f"S{i}{a}" for i in range(4) for a in "DHW"]))
+    values.update({p: "fp32" for p in ("w0", "w1", "w2", "w3", "c0", "c1", "c2", "c3", "ct", "scale2")})
     values.update(NUM_S=num_students, TFD=teacher_factor[0], TFH=teacher_factor[1], TFW=teacher_factor[2],
                   INT64=int64, K=14, BLOCK_K=16, BLOCK_V=256, VEC=2, GRAD_T=grad_teacher)
     for i in range(4):
         for j, axis in enumerate("DHW"):
             values[f"F{i}{axis}"] = factors[i][j] if i < len(factors) else 1
         values[f"GRAD{i}"] = i < num_students
-    values.update({f"GF{a}": g for a, g in zip("DHW", gather)})
-    values.update({f"L{a}": 2 * g if g > 1 else 1 for a, g in zip("DHW", gather)})
     return values
 
 
@@ -144,7 +142,10 @@ def test_distillation_kernels():
 
     compile_for_h100(kl._kl_fwd_kernel, _kl_values(3, [(1, 1, 1), (2, 2, 2), (4, 4, 4)], (1, 1, 1), True), 8)
     compile_for_h100(kl._kl_fwd_kernel, _kl_values(1, [(1, 2, 4)], (2, 1, 1), False, int64=True), 8)
-    compile_for_h100(kl._kl_gather_kernel, _kl_values(1, [(2, 2, 2)], (1, 1, 1), False), 8)
+    transpose = {"g_ptr": "*bf16", "out_ptr": "*bf16", **_ints("OD", "OH", "OW", "ND", "NH", "NW"), "coef": "fp32",
+                 "K": 14, "GFD": 2, "GFH": 4, "GFW": 1, "LD": 4, "LH": 8, "LW": 1, "INT64": False, "BLOCK_K": 16,
+                 "BLOCK_V": 128}
+    compile_for_h100(kl._interp_transpose_kernel, transpose, 4)
     inter = {"s_ptr": "*bf16", "gs_ptr": "*bf16", "t_ptr": "*fp32", "idx_s_ptr": "*i64", "idx_t_ptr": "*i64",
              "part_ptr": "*fp32", **_ints("CS", "CT", "NPAIRS", "OD", "OH", "OW", "SD", "SH", "SW"), "coef": "fp32",
              "FD": 2, "FH": 2, "FW": 2, "NEED_GRAD": True, "INT64": False, "BLOCK_V": 1024}
@@ -198,10 +199,10 @@ def test_attention_kernels_keep_to_registers(head_dim, dtype, tf32):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kl_distill_forward_keeps_to_registers(dtype):
     """DSD's published configuration (three full-resolution students, 14 classes at 128^3; and BraTS' 4 classes),
-    DSD with its heads at 1/2, 1/4 and 1/8 resolution (the gathers of their gradients too), MISSU's widest channel
-    KL (64 channels at 32^3) and a 512-channel one run without spills; up to 64 channels no barrier either (a
-    voxel's channels stay in one warp), and DSD's forward stays under 30 instructions per logit read (62 when the
-    classes were spread over warps)."""
+    DSD with its heads at 1/2, 1/4 and 1/8 resolution (and the transposed interpolations of their gradients),
+    MISSU's widest channel KL (64 channels at 32^3) and a 512-channel one run without spills; up to 64 channels no
+    barrier either (a voxel's channels stay in one warp), and DSD's forward stays under 30 instructions per logit
+    read (62 when the classes were spread over warps)."""
     from bench.sass import profile_kl_distill
 
     full = (2, 14, 128, 128, 128)
@@ -212,7 +213,7 @@ def test_kl_distill_forward_keeps_to_registers(dtype):
     missu = profile_kl_distill((2, 64, 32, 32, 32), ((2, 64, 32, 32, 32),), (32, 32, 32), dtype)
     wide = profile_kl_distill((2, 512, 16, 16, 16), ((2, 512, 16, 16, 16),), (16, 16, 16), dtype)
     assert [r["kernel"] for r in dsd + brats + missu + wide] == ["_kl_fwd_kernel"] * 4
-    assert [r["kernel"] for r in low] == ["_kl_fwd_kernel"] + ["_kl_gather_kernel"] * 3
+    assert [r["kernel"] for r in low] == ["_kl_fwd_kernel"] + ["_interp_transpose_kernel"] * 3
     for row in dsd + brats + low + missu:
         assert row["spill_bytes"] == 0 and row["loop_barriers"] == 0, row
     assert wide[0]["spill_bytes"] == 0, wide
