@@ -52,25 +52,25 @@ def _src_index(o, F: tl.constexpr, N):
 
 
 @triton.jit
-def _lerp_w(row_ptr, w, mask, FW: tl.constexpr, NW):
+def _lerp_w(row_ptr, w, FW: tl.constexpr, NW):
     if FW == 1:
-        v = tl.load(row_ptr + w[None, :], mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(row_ptr + w[None, :]).to(tl.float32)
     else:
         w0, w1, lw = _src_index(w, FW, NW)
-        v0 = tl.load(row_ptr + w0[None, :], mask=mask, other=0.0).to(tl.float32)
-        v1 = tl.load(row_ptr + w1[None, :], mask=mask, other=0.0).to(tl.float32)
+        v0 = tl.load(row_ptr + w0[None, :]).to(tl.float32)
+        v1 = tl.load(row_ptr + w1[None, :]).to(tl.float32)
         v = v0 + (v1 - v0) * lw[None, :]
     return v
 
 
 @triton.jit
-def _lerp_hw(plane_ptr, h, w, mask, FH: tl.constexpr, FW: tl.constexpr, NH, NW):
+def _lerp_hw(plane_ptr, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW):
     if FH == 1:
-        v = _lerp_w(plane_ptr + (h * NW)[None, :], w, mask, FW, NW)
+        v = _lerp_w(plane_ptr + (h * NW)[None, :], w, FW, NW)
     else:
         h0, h1, lh = _src_index(h, FH, NH)
-        v0 = _lerp_w(plane_ptr + (h0 * NW)[None, :], w, mask, FW, NW)
-        v1 = _lerp_w(plane_ptr + (h1 * NW)[None, :], w, mask, FW, NW)
+        v0 = _lerp_w(plane_ptr + (h0 * NW)[None, :], w, FW, NW)
+        v1 = _lerp_w(plane_ptr + (h1 * NW)[None, :], w, FW, NW)
         v = v0 + (v1 - v0) * lh[None, :]
     return v
 
@@ -81,18 +81,22 @@ def _load_logits(
     FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
 ):
     """[BLOCK_K, BLOCK_V] fp32 logits of a contiguous (B, K, ND, NH, NW) tensor at output voxels (d, h, w), whose
-    flat index is v, upsampled trilinearly by (FD, FH, FW); masked entries read 0. At the output resolution the
-    flat index addresses the voxels directly, so consecutive voxels are seen as contiguous (vector loads)."""
+    flat index is v, upsampled trilinearly by (FD, FH, FW). At the output resolution the flat index addresses the
+    voxels directly, so consecutive voxels are seen as contiguous (vector loads), and masked entries read 0.
+    Upsampled, the loads take no mask: the interpolation indices are clamped to the volume (also for padded
+    voxels) and padded classes read the last class, so masked entries hold finite values that the caller
+    discards; a mask would cost a register move per load."""
     nvox = ND * NH * NW
-    base = ptr + b * K * nvox + offs_k[:, None] * nvox
     if FD == 1 and FH == 1 and FW == 1:
+        base = ptr + b * K * nvox + offs_k[:, None] * nvox
         return tl.load(base + v[None, :], mask=mask, other=0.0).to(tl.float32)
+    base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
     if FD == 1:
-        v = _lerp_hw(base + (d * (NH * NW))[None, :], h, w, mask, FH, FW, NH, NW)
+        v = _lerp_hw(base + (d * (NH * NW))[None, :], h, w, FH, FW, NH, NW)
     else:
         d0, d1, ld = _src_index(d, FD, ND)
-        v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, mask, FH, FW, NH, NW)
-        v1 = _lerp_hw(base + (d1 * (NH * NW))[None, :], h, w, mask, FH, FW, NH, NW)
+        v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, FH, FW, NH, NW)
+        v1 = _lerp_hw(base + (d1 * (NH * NW))[None, :], h, w, FH, FW, NH, NW)
         v = v0 + (v1 - v0) * ld[None, :]
     return v
 
