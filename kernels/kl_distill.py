@@ -51,26 +51,61 @@ def _src_index(o, F: tl.constexpr, N):
     return i0.to(o.dtype), i1.to(o.dtype), lam
 
 
+# Layouts. Up to 64 channels a tile keeps a voxel's channels in one warp, VEC voxels per thread (see _tile). Triton
+# derives the layout from the contiguity of each load's and store's addresses; where it is 1 along both axes (a
+# gather, or VEC = 1), versions disagree on the tie: Triton 3.6 lays threads along the channels (16 lanes per
+# voxel, every softmax a shuffle tree and every index computed per channel), later ones along the voxels. A
+# [BLOCK_K, BLOCK_V] access flattened to 1-D has no tie, and its row-major order puts the voxels along the threads
+# on every version. With VEC >= 2 the voxels are contiguous and the tile keeps its 2-D (vector) accesses.
+
+
 @triton.jit
-def _lerp_w(row_ptr, w, FW: tl.constexpr, NW):
+def _load_tile(ptrs, mask, VEC: tl.constexpr):
+    """tl.load of a [BLOCK_K, BLOCK_V] tile of pointers (masked entries read 0; mask None: no mask)."""
+    if VEC == 1:
+        if mask is None:
+            x = tl.reshape(tl.load(tl.reshape(ptrs, [ptrs.numel])), ptrs.shape)
+        else:
+            flat_mask = tl.reshape(tl.broadcast_to(mask, ptrs.shape), [ptrs.numel])
+            x = tl.reshape(tl.load(tl.reshape(ptrs, [ptrs.numel]), mask=flat_mask, other=0.0), ptrs.shape)
+    else:
+        if mask is None:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_2d(ptrs, val, mask, VEC: tl.constexpr):
+    """tl.store of a [BLOCK_K, BLOCK_V] tile."""
+    if VEC == 1:
+        flat_mask = tl.reshape(tl.broadcast_to(mask, ptrs.shape), [ptrs.numel])
+        tl.store(tl.reshape(ptrs, [ptrs.numel]), tl.reshape(val, [ptrs.numel]), mask=flat_mask)
+    else:
+        tl.store(ptrs, val, mask=mask)
+
+
+@triton.jit
+def _lerp_w(row_ptr, w, FW: tl.constexpr, NW, VEC: tl.constexpr):
     if FW == 1:
-        v = tl.load(row_ptr + w[None, :]).to(tl.float32)
+        v = _load_tile(row_ptr + w[None, :], None, VEC).to(tl.float32)
     else:
         w0, w1, lw = _src_index(w, FW, NW)
-        v0 = tl.load(row_ptr + w0[None, :]).to(tl.float32)
-        v1 = tl.load(row_ptr + w1[None, :]).to(tl.float32)
+        v0 = _load_tile(row_ptr + w0[None, :], None, VEC).to(tl.float32)
+        v1 = _load_tile(row_ptr + w1[None, :], None, VEC).to(tl.float32)
         v = v0 + (v1 - v0) * lw[None, :]
     return v
 
 
 @triton.jit
-def _lerp_hw(plane_ptr, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW):
+def _lerp_hw(plane_ptr, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW, VEC: tl.constexpr):
     if FH == 1:
-        v = _lerp_w(plane_ptr + (h * NW)[None, :], w, FW, NW)
+        v = _lerp_w(plane_ptr + (h * NW)[None, :], w, FW, NW, VEC)
     else:
         h0, h1, lh = _src_index(h, FH, NH)
-        v0 = _lerp_w(plane_ptr + (h0 * NW)[None, :], w, FW, NW)
-        v1 = _lerp_w(plane_ptr + (h1 * NW)[None, :], w, FW, NW)
+        v0 = _lerp_w(plane_ptr + (h0 * NW)[None, :], w, FW, NW, VEC)
+        v1 = _lerp_w(plane_ptr + (h1 * NW)[None, :], w, FW, NW, VEC)
         v = v0 + (v1 - v0) * lh[None, :]
     return v
 
@@ -78,7 +113,7 @@ def _lerp_hw(plane_ptr, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW):
 @triton.jit
 def _load_logits(
     ptr, b, K, offs_k, d, h, w, v, mask, ND, NH, NW,
-    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr,
 ):
     """[BLOCK_K, BLOCK_V] fp32 logits of a contiguous (B, K, ND, NH, NW) tensor at output voxels (d, h, w), whose
     flat index is v, upsampled trilinearly by (FD, FH, FW). At the output resolution the flat index addresses the
@@ -89,14 +124,14 @@ def _load_logits(
     nvox = ND * NH * NW
     if FD == 1 and FH == 1 and FW == 1:
         base = ptr + b * K * nvox + offs_k[:, None] * nvox
-        return tl.load(base + v[None, :], mask=mask, other=0.0).to(tl.float32)
+        return _load_tile(base + v[None, :], mask, VEC).to(tl.float32)
     base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
     if FD == 1:
-        v = _lerp_hw(base + (d * (NH * NW))[None, :], h, w, FH, FW, NH, NW)
+        v = _lerp_hw(base + (d * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
     else:
         d0, d1, ld = _src_index(d, FD, ND)
-        v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, FH, FW, NH, NW)
-        v1 = _lerp_hw(base + (d1 * (NH * NW))[None, :], h, w, FH, FW, NH, NW)
+        v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
+        v1 = _lerp_hw(base + (d1 * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
         v = v0 + (v1 - v0) * ld[None, :]
     return v
 
@@ -119,11 +154,11 @@ def _log2_softmax(z, mask):
 @triton.jit
 def _student_terms(
     s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, scale2, log2p, p,
-    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr,
 ):
     """Per-voxel KL(p || q) in bits [BLOCK_V], q - p, and p (log2 p - log2 q - KL) [BLOCK_K, BLOCK_V] for one
     student (the callers scale bits to nats once, where they store)."""
-    zs = _load_logits(s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, FD, FH, FW) * scale2
+    zs = _load_logits(s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, FD, FH, FW, VEC) * scale2
     log2q, q = _log2_softmax(zs, mask)
     a = log2p - log2q
     kl = tl.sum(p * a, axis=0)
@@ -131,8 +166,8 @@ def _student_terms(
 
 
 @triton.jit
-def _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask):
-    tl.store(ptr + b * K * nvox + offs_k[:, None] * nvox + offs_v[None, :], val.to(ptr.dtype.element_ty), mask=mask)
+def _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask, VEC: tl.constexpr):
+    _store_2d(ptr + b * K * nvox + offs_k[:, None] * nvox + offs_v[None, :], val.to(ptr.dtype.element_ty), mask, VEC)
 
 
 @triton.jit
@@ -171,43 +206,43 @@ def _kl_fwd_kernel(
     h = (offs_v % hw) // OW
     w = offs_v % OW
 
-    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, offs_v, mask, TD, TH, TW, TFD, TFH, TFW) * scale2
+    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, offs_v, mask, TD, TH, TW, TFD, TFH, TFW, VEC) * scale2
     log2p, p = _log2_softmax(zt, mask)
     gt = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     if NUM_S > 0:
         kl, gs, gtc = _student_terms(
-            s0_ptr, b, K, offs_k, d, h, w, offs_v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W
+            s0_ptr, b, K, offs_k, d, h, w, offs_v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W, VEC
         )
         tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
         if GRAD0:
-            _store_tile(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask)
+            _store_tile(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask, VEC)
         gt += w0 * gtc
     if NUM_S > 1:
         kl, gs, gtc = _student_terms(
-            s1_ptr, b, K, offs_k, d, h, w, offs_v, mask, S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W
+            s1_ptr, b, K, offs_k, d, h, w, offs_v, mask, S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W, VEC
         )
         tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
         if GRAD1:
-            _store_tile(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask)
+            _store_tile(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask, VEC)
         gt += w1 * gtc
     if NUM_S > 2:
         kl, gs, gtc = _student_terms(
-            s2_ptr, b, K, offs_k, d, h, w, offs_v, mask, S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W
+            s2_ptr, b, K, offs_k, d, h, w, offs_v, mask, S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W, VEC
         )
         tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
         if GRAD2:
-            _store_tile(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask)
+            _store_tile(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask, VEC)
         gt += w2 * gtc
     if NUM_S > 3:
         kl, gs, gtc = _student_terms(
-            s3_ptr, b, K, offs_k, d, h, w, offs_v, mask, S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W
+            s3_ptr, b, K, offs_k, d, h, w, offs_v, mask, S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W, VEC
         )
         tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
         if GRAD3:
-            _store_tile(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask)
+            _store_tile(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask, VEC)
         gt += w3 * gtc
     if GRAD_T:
-        _store_tile(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask)
+        _store_tile(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask, VEC)
 
 
 @triton.jit
@@ -231,9 +266,7 @@ def _interp_transpose_kernel(
     No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    # One voxel per thread, all its classes: a tap's weight and address are then computed once per thread, not
-    # once per voxel of a 16-byte vector (the taps' loads are strided by f along W anyway).
-    offs_v = tl.max_contiguous(pid * BLOCK_V + tl.arange(0, BLOCK_V), 1)
+    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_k = tl.arange(0, BLOCK_K)
     if INT64:
         b = b.to(tl.int64)
@@ -242,13 +275,12 @@ def _interp_transpose_kernel(
     nhw = NH * NW
     nvox = ND * nhw
     mask_v = offs_v < nvox
-    mask_k = offs_k < K
     jd = offs_v // nhw
     jh = (offs_v % nhw) // NW
     jw = offs_v % NW
     onvox = OD * OH * OW
     g_base = g_ptr + b * K * onvox
-    plane = offs_k[:, None] * onvox
+    plane = tl.minimum(offs_k, K - 1)[:, None] * onvox  # padded classes read the last one, and are not stored
     acc = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     for td in range(LD):
         if GFD == 1:
@@ -273,12 +305,13 @@ def _interp_transpose_kernel(
                 else:
                     ow = jw * GFW - (GFW + 1) // 2 + tw
                     wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
-                # Clamped taps stay inside the volume and padded voxels carry weight 0: only padded classes
-                # need a mask.
+                # Clamped taps stay inside the volume and padded voxels carry weight 0: no load needs a mask.
+                # Flat (one voxel per thread, all its classes): a tap's weight and address are computed once
+                # per thread, not once per class.
                 o = row + tl.minimum(tl.maximum(ow, 0), OW - 1)
-                g = tl.load(g_base + (plane + o[None, :]), mask=mask_k[:, None], other=0.0).to(tl.float32)
+                g = _load_tile(g_base + (plane + o[None, :]), None, 1).to(tl.float32)
                 acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
-    _store_tile(out_ptr, b, K, offs_k, offs_v, nvox, acc * coef, mask_k[:, None] & mask_v[None, :])
+    _store_tile(out_ptr, b, K, offs_k, offs_v, nvox, acc * coef, (offs_k < K)[:, None] & mask_v[None, :], 1)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -294,21 +327,21 @@ def _block_v(k_pad: int, nvox: int, tile: int = 4096) -> int:
 def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> tuple[int, int, int]:
     """(BLOCK_V, VEC, num_warps) of a [BLOCK_K, BLOCK_V] tile of logits (channels x voxels).
 
-    Triton lays the tile out with VEC consecutive voxels per thread (the ``max_contiguous`` hint sets it),
-    threads along the voxels first, then warps. Up to 64 channels the tile is sized so that a voxel's channels
+    Triton lays the tile out with VEC consecutive voxels per thread (the ``max_contiguous`` hint sets it; with
+    VEC = 1 the accesses are flattened, see ``_load_tile``), threads along the voxels first, then warps. Up to 64 channels the tile is sized so that a voxel's channels
     stay in one warp, ``per_thread`` of them per thread: the softmax reductions need no shared memory and no
     barrier (sm_90, DSD's 14 classes and three students in bf16: 62 -> 25 instructions per logit in the
     forward). Wider channel counts keep Triton's own layout (VEC = 0: 16-byte vectors, channels over warps), as
     a voxel per thread would read 2-byte rows that far apart."""
-    if interpreter_active():
-        return _block_v(k_pad, nvox), 0, 4
     if k_pad <= per_thread:
         block_v, warps = vec * 32 * 4, 4
     elif k_pad <= 64:
         block_v, vec, warps = 32 * per_thread // k_pad, 1, 1  # k_pad / per_thread threads per voxel, one warp
     else:
-        block_v = _block_v(k_pad, nvox, wide_tile)
-        return block_v, 0, 8 if k_pad * block_v >= 4096 else 4
+        block_v, vec = _block_v(k_pad, nvox, wide_tile), 0
+        warps = 8 if k_pad * block_v >= 4096 else 4
+    if interpreter_active():  # the same code paths (VEC) in larger tiles: the interpreter pays per program
+        block_v, warps = _block_v(k_pad, nvox), 4
     block_v = min(block_v, triton.next_power_of_2(nvox))
     return block_v, min(vec, block_v), warps
 
@@ -373,8 +406,8 @@ def kl_distill_fwd(
 
     if t_f == (1, 1, 1) and all(f == (1, 1, 1) for f in s_f):
         block_v, vec, warps = _tile(k_pad, nvox, 16, max(2, 16 // k_pad), 4096)
-    else:  # interpolating an upsampled input holds more values at once
-        block_v, vec, warps = _tile(k_pad, nvox, 8, 1, 4096)
+    else:  # an upsampled input's loads are gathers (one voxel per thread; 14 classes, bf16: 159 -> 65 on Triton 3.6)
+        block_v, vec, warps = _tile(k_pad, nvox, 16, 1, 4096)
     n_prog = triton.cdiv(nvox, block_v)
     partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
     torch.library.wrap_triton(_kl_fwd_kernel)[(n_prog, bsz)](

@@ -202,7 +202,7 @@ def test_kl_distill_forward_keeps_to_registers(dtype):
     DSD with its heads at 1/2, 1/4 and 1/8 resolution (and the transposed interpolations of their gradients),
     MISSU's widest channel KL (64 channels at 32^3) and a 512-channel one run without spills; up to 64 channels no
     barrier either (a voxel's channels stay in one warp), and DSD's forward stays under 30 instructions per logit
-    read (62 when the classes were spread over warps)."""
+    read (62 when the classes were spread over warps), with upsampled heads under 75."""
     from bench.sass import profile_kl_distill
 
     full = (2, 14, 128, 128, 128)
@@ -218,3 +218,7 @@ def test_kl_distill_forward_keeps_to_registers(dtype):
         assert row["spill_bytes"] == 0 and row["loop_barriers"] == 0, row
     assert wide[0]["spill_bytes"] == 0, wide
     assert dsd[0]["per_element"] < 30, dsd
+    # gathers (upsampled heads) flatten their accesses: Triton 3.6 otherwise lays threads along the classes (159)
+    assert low[0]["per_element"] < 75, low
+    if dtype == torch.bfloat16:
+        assert missu[0]["per_element"] < 35, missu

@@ -172,6 +172,7 @@ _INTERPRET_CASES = [
     ((1, 16, 3, 5, 7), "faithful", torch.float32),
     ((1, 3, 2, 3, 33), "faithful", torch.float32),
     ((2, 64, 2, 3, 3), "mean", torch.float32),
+    ((1, 80, 2, 2, 3), "mean", torch.float32),  # beyond 64 channels: Triton's own 2-D layout
     ((2, 5, 3, 4, 5), "faithful", torch.float16),
     ((1, 16, 3, 5, 7), "mean", torch.float16),
 ]
