@@ -266,7 +266,9 @@ def _interp_transpose_kernel(
     No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
-    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    # One voxel per thread with all its classes (flat accesses, VEC = 1): a tap's weight and address are computed
+    # once per thread, not once per voxel of a 16-byte vector (the taps' loads are strided by f along W anyway).
+    offs_v = tl.max_contiguous(pid * BLOCK_V + tl.arange(0, BLOCK_V), 1)
     offs_k = tl.arange(0, BLOCK_K)
     if INT64:
         b = b.to(tl.int64)
@@ -306,8 +308,6 @@ def _interp_transpose_kernel(
                     ow = jw * GFW - (GFW + 1) // 2 + tw
                     wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
                 # Clamped taps stay inside the volume and padded voxels carry weight 0: no load needs a mask.
-                # Flat (one voxel per thread, all its classes): a tap's weight and address are computed once
-                # per thread, not once per class.
                 o = row + tl.minimum(tl.maximum(ow, 0), OW - 1)
                 g = _load_tile(g_base + (plane + o[None, :]), None, 1).to(tl.float32)
                 acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
