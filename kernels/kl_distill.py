@@ -17,8 +17,8 @@ scales by the incoming gradient:
     dL/dteacher   = T / (B N) * sum_i w_i p (log p - log q_i - KL_i)
 
 An input at the output resolution receives its gradient directly from the forward kernel. For an upsampled
-input the forward writes the gradient at the output resolution to a transient fp32 buffer, and a gather-style
-kernel applies the transpose of trilinear interpolation: each low-resolution voxel sums its (2f)^3 contributing
+input the forward writes the gradient at the output resolution to a transient buffer, and a gather-style kernel
+applies the transpose of trilinear interpolation: each low-resolution voxel sums its (2f)^3 contributing
 output voxels, so there are no atomics. Per-program loss partial sums are written to a workspace and reduced in a
 fixed order: everything is bitwise deterministic.
 """
@@ -118,16 +118,17 @@ def _load_logits(
     """[BLOCK_K, BLOCK_V] fp32 logits of a contiguous (B, K, ND, NH, NW) tensor at output voxels (d, h, w), whose
     flat index is v, upsampled trilinearly by (FD, FH, FW). At the output resolution the flat index addresses the
     voxels directly, so consecutive voxels are seen as contiguous (vector loads), and masked entries read 0.
-    Upsampled, the loads take no mask: the interpolation indices are clamped to the volume (also for padded
-    voxels) and padded classes read the last class, so masked entries hold finite values that the caller
-    discards; a mask would cost a register move per load."""
+    Upsampled, the loads take no mask: the indices are clamped to the volume (the interpolation's, and d on an
+    axis that is not upsampled, which padded voxels past the last would overrun) and padded classes read the
+    last class, so masked entries hold finite values that the caller discards; a mask would cost a register
+    move per load."""
     nvox = ND * NH * NW
     if FD == 1 and FH == 1 and FW == 1:
         base = ptr + b * K * nvox + offs_k[:, None] * nvox
         return _load_tile(base + v[None, :], mask, VEC).to(tl.float32)
     base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
-    if FD == 1:
-        v = _lerp_hw(base + (d * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
+    if FD == 1:  # h < NH and w < NW hold for padded voxels too; d does not
+        v = _lerp_hw(base + (tl.minimum(d, ND - 1) * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
     else:
         d0, d1, ld = _src_index(d, FD, ND)
         v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
@@ -328,9 +329,9 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     """(BLOCK_V, VEC, num_warps) of a [BLOCK_K, BLOCK_V] tile of logits (channels x voxels).
 
     Triton lays the tile out with VEC consecutive voxels per thread (the ``max_contiguous`` hint sets it; with
-    VEC = 1 the accesses are flattened, see ``_load_tile``), threads along the voxels first, then warps. Up to 64 channels the tile is sized so that a voxel's channels
-    stay in one warp, ``per_thread`` of them per thread: the softmax reductions need no shared memory and no
-    barrier (sm_90, DSD's 14 classes and three students in bf16: 62 -> 25 instructions per logit in the
+    VEC = 1 the accesses are flattened, see ``_load_tile``), threads along the voxels first, then warps. Up to 64
+    channels the tile is sized so that a voxel's channels stay in one warp, ``per_thread`` of them per thread:
+    the softmax reductions need no shared memory and no barrier (sm_90, DSD's 14 classes and three students in bf16: 62 -> 25 instructions per logit in the
     forward). Wider channel counts keep Triton's own layout (VEC = 0: 16-byte vectors, channels over warps), as
     a voxel per thread would read 2-byte rows that far apart."""
     if k_pad <= per_thread:
@@ -380,14 +381,18 @@ def kl_distill_fwd(
     g_s = [empty(s.shape, dtype=s.dtype, device=s.device) if n else None for s, n in zip(students, need_students)]
 
     # The forward writes each gradient at the output resolution: straight into the gradient of an input at that
-    # resolution, else into a buffer (in the input's dtype, unscaled: w (q - p) stays normal in fp16) that the
-    # transpose of the interpolation then reduces. The alternative, recomputing the softmaxes at the (2f)^3 taps
-    # of every low-resolution voxel, evaluates each output voxel 8 times per upsampled input (about 120
-    # instructions per class and tap). The buffers are freed before returning.
+    # resolution, else into a buffer that the transpose of the interpolation then reduces, one per upsampled
+    # input (recomputing the softmaxes at the (2f)^3 taps of every low-resolution voxel instead evaluates each
+    # output voxel 8 times per upsampled input, about 120 instructions per class and tap). The buffers are freed
+    # before returning. They hold w (q - p), unscaled by coef so as to stay far from half-precision underflow,
+    # in bf16 for bf16 inputs (that rounding takes the gradients' relative RMS error from about 3e-3 to 6e-3,
+    # the size of the bf16 gradient's own rounding) and in fp32 otherwise (fp16 could overflow on the teacher's
+    # terms at extreme temperatures and weights).
     def out_res(x, g, factors):
         if g is None or factors == (1, 1, 1):
             return g
-        return empty((bsz, k, *size), dtype=x.dtype, device=x.device)
+        return empty((bsz, k, *size), dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32,
+                     device=x.device)
 
     o_t = out_res(teacher, g_t, t_f)
     o_s = [out_res(s, g, f) for s, g, f in zip(students, g_s, s_f)]

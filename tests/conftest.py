@@ -42,3 +42,66 @@ def poison(monkeypatch):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     monkeypatch.setattr(utils, "empty", nan_empty)
+
+
+@pytest.fixture(autouse=True)
+def _bounds_checked(request, monkeypatch):
+    """Under the interpreter every kernel access the mask lets through must fall inside one of the launch's tensor
+    arguments (the extent of its view): an out-of-bounds read whose value is later discarded passes every
+    comparison on CPU and faults, or reads garbage, on a GPU."""
+    if not INTERPRET or "interpret" not in request.keywords:
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    extents: list[tuple[int, int]] = []
+    violations: list[str] = []
+
+    real_init = interpreter.GridExecutor._init_args_hst
+
+    def init_args(self, args_dev, kwargs):
+        args, kw = real_init(self, args_dev, kwargs)
+        extents.clear()
+        for t in [*args, *kw.values()]:
+            if isinstance(t, torch.Tensor) and t.numel() > 0:
+                last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+                extents.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()))
+        return args, kw
+
+    def check(kind, ptrs, mask, itemsize):
+        addr = np.asarray(ptrs.data)
+        if mask is not None:
+            addr = addr[np.asarray(mask.data).astype(bool)]
+        if addr.size == 0:
+            return
+        lo, hi = int(addr.min()), int(addr.max()) + itemsize
+        if not any(start <= lo and hi <= end for start, end in extents):
+            name = getattr(getattr(request, "node", None), "name", "?")
+            violations.append(f"{name}: {kind} of [{lo:#x}, {hi:#x}) outside every tensor argument")
+
+    def itemsize(ptrs):
+        return ptrs.dtype.element_ty.primitive_bitwidth // 8
+
+    real_load = interpreter.InterpreterBuilder.create_masked_load
+    real_store = interpreter.InterpreterBuilder.create_masked_store
+    real_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
+
+    def load(self, ptrs, mask, *args):
+        check("load", ptrs, mask, itemsize(ptrs))
+        return real_load(self, ptrs, mask, *args)
+
+    def store(self, ptrs, value, mask, *args):
+        check("store", ptrs, mask, itemsize(ptrs))
+        return real_store(self, ptrs, value, mask, *args)
+
+    def rmw(self, op, ptrs, value, mask, *args):
+        check("atomic", ptrs, mask, itemsize(ptrs))
+        return real_rmw(self, op, ptrs, value, mask, *args)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", init_args)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", store)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", rmw)
+    yield
+    assert not violations, "\n".join(violations[:5])

@@ -214,9 +214,9 @@ def kl_distill(
     with ``t`` and ``s`` the teacher and student logits (B, K, D, H, W). They may differ in resolution by integer
     factors per axis: each is upsampled trilinearly (``align_corners=False``, like ``F.interpolate``) to ``size``
     (default: the per-axis maximum of the two) on the fly, never materialised. Gradients flow to the student and,
-    unless ``detach_teacher``, to the teacher (DSD's published loss does not detach). An upsampled input's
-    gradient passes through one buffer at ``size`` in the input's dtype, freed before the forward returns (the
-    softmaxes are computed once per voxel, not once per interpolation tap).
+    unless ``detach_teacher``, to the teacher (DSD's published loss does not detach). Each upsampled input's
+    gradient passes through a buffer at ``size`` (bf16 for bf16 inputs, else fp32), freed before the forward
+    returns: the softmaxes are computed once per voxel, not once per interpolation tap.
 
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result); the input gradients are computed in the
     forward pass when an input requires grad, and backward only scales them. Other cases run the reference under

@@ -129,6 +129,8 @@ def _kl_values(num_students, factors, teacher_factor, grad_teacher, int64=False)
     values.update({p: "fp32" for p in ("w0", "w1", "w2", "w3", "c0", "c1", "c2", "c3", "ct", "scale2")})
     values.update(NUM_S=num_students, TFD=teacher_factor[0], TFH=teacher_factor[1], TFW=teacher_factor[2],
                   INT64=int64, K=14, BLOCK_K=16, BLOCK_V=256, VEC=2, GRAD_T=grad_teacher)
+    if teacher_factor != (1, 1, 1) or any(f != (1, 1, 1) for f in factors):
+        values.update(BLOCK_V=128, VEC=1)  # as the launcher tiles upsampled inputs: flat accesses
     for i in range(4):
         for j, axis in enumerate("DHW"):
             values[f"F{i}{axis}"] = factors[i][j] if i < len(factors) else 1

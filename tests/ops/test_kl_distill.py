@@ -280,7 +280,7 @@ _INTERPRET_PAIRS = [
     ((1, 14, 2, 3, 5), (1, 14, 4, 3, 5), 3.0, False, _F32),
     ((2, 5, 3, 5, 7), (2, 5, 3, 5, 7), 3.0, True, _F16),
     ((1, 4, 2, 3, 3), (1, 4, 4, 6, 6), 3.0, False, _F16),
-    ((1, 3, 2, 6, 4), (1, 3, 2, 2, 4), 2.0, False, _F16),  # teacher upsampled by 3: its fp16 buffer
+    ((1, 3, 2, 6, 4), (1, 3, 2, 2, 4), 2.0, False, _F16),  # fp16 teacher upsampled by an odd factor
 ]
 
 
@@ -307,6 +307,20 @@ def test_interpret_multi_student_teacher_low_res(poison):
     # incoming gradient, where backward hands over the forward's gradients as they are
     check_against_reference([(1, 3, 2, 4, 4), (1, 3, 1, 2, 2), (1, 3, 2, 4, 1)], (1, 3, 2, 2, 4), 3.0, False, _F32,
                             "cpu", weights=[1.0, 0.5, -2.0], grad_scale=1.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("classes", [3, 20, 70])
+def test_interpret_many_programs(poison, monkeypatch, classes):
+    """Tiles of 16 voxels (several programs per batch element, a padded last one) with batch 2, upsampled inputs
+    on every path: up to 16 channels one thread per voxel, 20 channels threads sharing a voxel (VEC = 1, flat
+    accesses), 70 channels Triton's own layout (VEC = 0); the teacher upsampled along H and W only (padded voxels
+    past the last must not reach past the input)."""
+    import fastseg3d.kernels.kl_distill as k
+
+    monkeypatch.setattr(k, "_block_v", lambda k_pad, nvox, tile=4096: 16)
+    check_against_reference([(2, classes, 3, 4, 3), (2, classes, 3, 2, 6)], (2, classes, 3, 2, 3), 2.0, False, _F32,
+                            "cpu", weights=[1.0, 0.5])
 
 
 @pytest.mark.interpret
