@@ -91,6 +91,17 @@ def _stats(compiled, outputs_per_thread: float | None = None, unit: str = "outpu
              "wgmma_serialised": serialised}
     if outputs_per_thread:
         stats[f"per_{unit}"] = round(len(body) / outputs_per_thread, 1)
+    # the narrowest loop that loads from global memory, and its instructions per load
+    inner = None
+    for addr, ins in code:
+        m = re.search(r"BRA (0x[0-9a-f]+)", ins)
+        if m and int(m.group(1), 16) < addr:
+            span = [i for a, i in code if int(m.group(1), 16) <= a <= addr]
+            loads = sum(1 for i in span if "LDG" in i)
+            if loads and (inner is None or len(span) < inner[0]):
+                inner = (len(span), loads)
+    if inner:
+        stats["inner_per_load"] = round(inner[0] / inner[1], 1)
     return stats
 
 
@@ -176,9 +187,10 @@ def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: in
 
 def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2, 14, 128, 128, 128),) * 3,
                        size=(128, 128, 128), dtype=torch.bfloat16) -> list[dict]:
-    """Registers, spill bytes and main-loop barriers of the fused KL kernels (the forward, then a gather kernel per
-    input at a lower resolution than ``size``) for one teacher and up to four students, all with gradients; for
-    the forward, instructions per logit read."""
+    """Registers, spill bytes and main-loop barriers of the fused KL kernels (the forward, then a transposed
+    interpolation per input at a lower resolution than ``size``) for one teacher and up to four students, all with
+    gradients; for the forward, instructions per logit read; for a transposed interpolation, main-loop
+    instructions per class and tap."""
     from fastseg3d.kernels import kl_distill as k
 
     teacher = torch.empty(teacher_shape, dtype=dtype, device="meta")
@@ -195,6 +207,8 @@ def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2,
             n = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", code, re.M))
             logits = kw["BLOCK_V"] * kw["K"] / (32 * kw["num_warps"]) * (1 + len(students))
             row["per_element"] = round(n / logits, 1)
+        elif "inner_per_load" in row:  # the transposed interpolation loads one class of one tap per LDG
+            row["per_class_tap"] = row.pop("inner_per_load")
         rows.append(row)
     return rows
 
@@ -210,7 +224,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.op == "kl_distill":
-        # DSD's heads at full resolution, then at 1/2, 1/4 and 1/8 of a full-resolution teacher (forward + gathers)
+        # DSD's heads at full resolution, then at 1/2, 1/4 and 1/8 of a full-resolution teacher (forward and the
+        # transposed interpolations of the heads' gradients)
         low = ((2, 14, 32, 32, 32), (2, 14, 16, 16, 16), (2, 14, 8, 8, 8))
         for students, teacher, size in ((((2, 14, 128, 128, 128),) * 3, (2, 14, 128, 128, 128), (128, 128, 128)),
                                         (low, (2, 14, 64, 64, 64), (64, 64, 64))):

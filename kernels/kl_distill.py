@@ -171,6 +171,27 @@ def _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask, VEC: tl.constexpr):
     _store_2d(ptr + b * K * nvox + offs_k[:, None] * nvox + offs_v[None, :], val.to(ptr.dtype.element_ty), mask, VEC)
 
 
+_VB: tl.constexpr = tl.constexpr(32)  # voxels per block of an output-resolution gradient buffer
+
+
+@triton.jit
+def _blocked_offset(b, K, k, v, nvox):
+    """Offset of class k, voxel v in an output-resolution gradient buffer (B, cdiv(nvox, _VB), K, _VB): a warp's
+    32 voxels of one class are contiguous (coalesced stores), and the classes of a voxel are _VB elements apart,
+    a constant, so that a thread reads them all from one address (immediate offsets)."""
+    return ((b * tl.cdiv(nvox, _VB) + v // _VB) * K + k) * _VB + v % _VB
+
+
+@triton.jit
+def _store_grad(ptr, b, K, offs_k, offs_v, nvox, val, mask, BLOCKED: tl.constexpr, VEC: tl.constexpr):
+    """Store a gradient tile: to the input's gradient (NCDHW), or (BLOCKED) to the buffer of an upsampled input."""
+    if BLOCKED:  # the voxel's address first, then the classes' constant offsets (immediates in the stores)
+        voxel = ptr + _blocked_offset(b, K, 0, offs_v, nvox)
+        _store_2d(voxel[None, :] + offs_k[:, None] * _VB, val.to(ptr.dtype.element_ty), mask, VEC)
+    else:
+        _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask, VEC)
+
+
 @triton.jit
 def _kl_fwd_kernel(
     t_ptr, gt_ptr, s0_ptr, gs0_ptr, s1_ptr, gs1_ptr, s2_ptr, gs2_ptr, s3_ptr, gs3_ptr, part_ptr,
@@ -216,7 +237,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
         if GRAD0:
-            _store_tile(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask, VEC)
+            _store_grad(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask, F0D * F0H * F0W > 1, VEC)
         gt += w0 * gtc
     if NUM_S > 1:
         kl, gs, gtc = _student_terms(
@@ -224,7 +245,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
         if GRAD1:
-            _store_tile(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask, VEC)
+            _store_grad(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask, F1D * F1H * F1W > 1, VEC)
         gt += w1 * gtc
     if NUM_S > 2:
         kl, gs, gtc = _student_terms(
@@ -232,7 +253,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
         if GRAD2:
-            _store_tile(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask, VEC)
+            _store_grad(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask, F2D * F2H * F2W > 1, VEC)
         gt += w2 * gtc
     if NUM_S > 3:
         kl, gs, gtc = _student_terms(
@@ -240,10 +261,10 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
         if GRAD3:
-            _store_tile(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask, VEC)
+            _store_grad(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask, F3D * F3H * F3W > 1, VEC)
         gt += w3 * gtc
     if GRAD_T:
-        _store_tile(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask, VEC)
+        _store_grad(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask, TFD * TFH * TFW > 1, VEC)
 
 
 @triton.jit
@@ -261,8 +282,8 @@ def _interp_transpose_kernel(
     LD: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr,
     INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """coef times the transpose of trilinear upsampling by (GFD, GFH, GFW) applied to g, a contiguous
-    (B, K, OD, OH, OW) gradient, written to out (B, K, ND, NH, NW): each low-resolution voxel gathers the L = 2f
+    """coef times the transpose of trilinear upsampling by (GFD, GFH, GFW) applied to g, a (B, K, OD, OH, OW)
+    gradient in the blocked layout of ``_blocked_offset``, written to out (B, K, ND, NH, NW): each low-resolution voxel gathers the L = 2f
     output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the trilinear coefficients.
     No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
@@ -282,8 +303,7 @@ def _interp_transpose_kernel(
     jh = (offs_v % nhw) // NW
     jw = offs_v % NW
     onvox = OD * OH * OW
-    g_base = g_ptr + b * K * onvox
-    plane = tl.minimum(offs_k, K - 1)[:, None] * onvox  # padded classes read the last one, and are not stored
+    k_read = tl.minimum(offs_k, K - 1)[:, None]  # padded classes read the last one, and are not stored
     acc = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     for td in range(LD):
         if GFD == 1:
@@ -310,7 +330,9 @@ def _interp_transpose_kernel(
                     wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
                 # Clamped taps stay inside the volume and padded voxels carry weight 0: no load needs a mask.
                 o = row + tl.minimum(tl.maximum(ow, 0), OW - 1)
-                g = _load_tile(g_base + (plane + o[None, :]), None, 1).to(tl.float32)
+                # the voxel's address first, then the classes' constant offsets (immediates in the loads)
+                voxel = g_ptr + _blocked_offset(b, K, 0, o, onvox)
+                g = _load_tile(voxel[None, :] + k_read * _VB, None, 1).to(tl.float32)
                 acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
     _store_tile(out_ptr, b, K, offs_k, offs_v, nvox, acc * coef, (offs_k < K)[:, None] & mask_v[None, :], 1)
 
@@ -371,7 +393,8 @@ def kl_distill_fwd(
     od, oh, ow = size
     nvox = od * oh * ow
     k_pad = triton.next_power_of_2(k)
-    int64 = any(t.numel() >= _INT32_MAX for t in (teacher, *students)) or bsz * k * nvox >= _INT32_MAX
+    blocked = bsz * k * triton.cdiv(nvox, _VB.value) * _VB.value  # an output-resolution buffer
+    int64 = any(t.numel() >= _INT32_MAX for t in (teacher, *students)) or blocked >= _INT32_MAX
     scale2 = _LOG2E / temperature  # logits in log2 units
     coef = temperature / (bsz * nvox)
 
@@ -391,8 +414,8 @@ def kl_distill_fwd(
     def out_res(x, g, factors):
         if g is None or factors == (1, 1, 1):
             return g
-        return empty((bsz, k, *size), dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32,
-                     device=x.device)
+        return empty((bsz, triton.cdiv(nvox, _VB.value), k, _VB.value),
+                     dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
 
     o_t = out_res(teacher, g_t, t_f)
     o_s = [out_res(s, g, f) for s, g, f in zip(students, g_s, s_f)]
