@@ -193,12 +193,15 @@ def _join_lanes(lanes, BH: tl.constexpr, G: tl.constexpr, V: tl.constexpr):
 def _lane_row(row, ok, w3, wg, W_in, sxw, pad_w, V: tl.constexpr):
     """One input row for 3-wide undilated W taps on a lane tile (output w = wg + lane = w3), in fp32: the aligned
     vector the outputs sit on (mid) and the element on each side of it (left, right)."""
+    # All three from the vector's own address: with unit W stride and padding 1 (the common case, which Triton
+    # specialises), the edges are immediate offsets of the same 64-bit address instead of two more.
+    vec = row + wg * sxw
     iw = w3 + (1 - pad_w)
-    mid = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+    mid = tl.load(vec + (w3 - wg + (1 - pad_w)) * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
     iw = wg - pad_w
-    left = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+    left = tl.load(vec - pad_w * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
     iw = wg + (V + 1) - pad_w
-    right = tl.load(row + iw * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
+    right = tl.load(vec + ((V + 1) - pad_w) * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
     return left, mid, right
 
 

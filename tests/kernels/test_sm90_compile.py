@@ -178,10 +178,13 @@ def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last, dtype):
     lanes = {"fwd": 2 if channels_last else 16 // dtype.itemsize, "bwd_weight": 2 if channels_last else 4}
     assert stats["lanes"] == lanes[which], stats
     if dtype == torch.bfloat16:
-        # bf16 today: forward 42.2 (NCDHW) and 54 (channels-last), weight gradient 59 and 54. Before the
-        # channel-major columns: forward 44.5 and 61, weight gradient 59 and 65; before the lanes and fp32
-        # padded weights: 77 and 105, 74 and 65; before the rolling walk: 108-138 and 211-437.
+        # bf16 today: forward 40.9 (NCDHW; 41.2 on Triton 3.6) and 54 (channels-last), weight gradient 54.8 and 54.
+        # Before a row's loads shared one address: 42.2 and 59 on NCDHW; before the channel-major columns: forward
+        # 44.5 and 61, weight gradient 59 and 65; before the lanes and fp32 padded weights: 77 and 105, 74 and 65;
+        # before the rolling walk: 108-138 and 211-437. An H200's copy rate leaves room for about 40 at 70%.
         assert stats["per_output"] < {"fwd": 60, "bwd_weight": 62}[which], stats
+        if which == "fwd" and not channels_last:
+            assert stats["per_output"] < 42, stats
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
