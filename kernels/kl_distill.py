@@ -87,25 +87,27 @@ def _store_2d(ptrs, val, mask, VEC: tl.constexpr):
 
 
 @triton.jit
-def _lerp_w(row_ptr, w, FW: tl.constexpr, NW, VEC: tl.constexpr):
+def _lerp_w(base, row, w, FW: tl.constexpr, NW, VEC: tl.constexpr):
+    """Linear interpolation along W of the row at voxel offset ``row`` (per voxel) of the class planes at
+    ``base`` (per class): the offsets are summed per voxel, so that each load costs one address."""
     if FW == 1:
-        v = _load_tile(row_ptr + w[None, :], None, VEC).to(tl.float32)
+        v = _load_tile(base + (row + w)[None, :], None, VEC).to(tl.float32)
     else:
         w0, w1, lw = _src_index(w, FW, NW)
-        v0 = _load_tile(row_ptr + w0[None, :], None, VEC).to(tl.float32)
-        v1 = _load_tile(row_ptr + w1[None, :], None, VEC).to(tl.float32)
+        v0 = _load_tile(base + (row + w0)[None, :], None, VEC).to(tl.float32)
+        v1 = _load_tile(base + (row + w1)[None, :], None, VEC).to(tl.float32)
         v = v0 + (v1 - v0) * lw[None, :]
     return v
 
 
 @triton.jit
-def _lerp_hw(plane_ptr, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW, VEC: tl.constexpr):
+def _lerp_hw(base, plane, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW, VEC: tl.constexpr):
     if FH == 1:
-        v = _lerp_w(plane_ptr + (h * NW)[None, :], w, FW, NW, VEC)
+        v = _lerp_w(base, plane + h * NW, w, FW, NW, VEC)
     else:
         h0, h1, lh = _src_index(h, FH, NH)
-        v0 = _lerp_w(plane_ptr + (h0 * NW)[None, :], w, FW, NW, VEC)
-        v1 = _lerp_w(plane_ptr + (h1 * NW)[None, :], w, FW, NW, VEC)
+        v0 = _lerp_w(base, plane + h0 * NW, w, FW, NW, VEC)
+        v1 = _lerp_w(base, plane + h1 * NW, w, FW, NW, VEC)
         v = v0 + (v1 - v0) * lh[None, :]
     return v
 
@@ -128,11 +130,11 @@ def _load_logits(
         return _load_tile(base + v[None, :], mask, VEC).to(tl.float32)
     base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
     if FD == 1:  # h < NH and w < NW hold for padded voxels too; d does not
-        v = _lerp_hw(base + (tl.minimum(d, ND - 1) * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
+        v = _lerp_hw(base, tl.minimum(d, ND - 1) * (NH * NW), h, w, FH, FW, NH, NW, VEC)
     else:
         d0, d1, ld = _src_index(d, FD, ND)
-        v0 = _lerp_hw(base + (d0 * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
-        v1 = _lerp_hw(base + (d1 * (NH * NW))[None, :], h, w, FH, FW, NH, NW, VEC)
+        v0 = _lerp_hw(base, d0 * (NH * NW), h, w, FH, FW, NH, NW, VEC)
+        v1 = _lerp_hw(base, d1 * (NH * NW), h, w, FH, FW, NH, NW, VEC)
         v = v0 + (v1 - v0) * ld[None, :]
     return v
 
