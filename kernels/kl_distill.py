@@ -87,29 +87,23 @@ def _store_2d(ptrs, val, mask, VEC: tl.constexpr):
 
 
 @triton.jit
-def _lerp_w(base, row, w, FW: tl.constexpr, NW, VEC: tl.constexpr):
-    """Linear interpolation along W of the row at voxel offset ``row`` (per voxel) of the class planes at
-    ``base`` (per class): the offsets are summed per voxel, so that each load costs one address."""
-    if FW == 1:
-        v = _load_tile(base + (row + w)[None, :], None, VEC).to(tl.float32)
-    else:
-        w0, w1, lw = _src_index(w, FW, NW)
-        v0 = _load_tile(base + (row + w0)[None, :], None, VEC).to(tl.float32)
-        v1 = _load_tile(base + (row + w1)[None, :], None, VEC).to(tl.float32)
-        v = v0 + (v1 - v0) * lw[None, :]
-    return v
+def _corner(base, off, wgt, acc, VEC: tl.constexpr):
+    """acc + wgt * the corner at voxel offset ``off`` (per voxel) of the class planes at ``base`` (per class; acc
+    None: the first corner). The offset is summed per voxel, so each load costs one 64-bit address."""
+    x = _load_tile(base + off[None, :], None, VEC).to(tl.float32) * wgt[None, :]
+    if acc is not None:
+        x += acc
+    return x
 
 
 @triton.jit
-def _lerp_hw(base, plane, h, w, FH: tl.constexpr, FW: tl.constexpr, NH, NW, VEC: tl.constexpr):
-    if FH == 1:
-        v = _lerp_w(base, plane + h * NW, w, FW, NW, VEC)
-    else:
-        h0, h1, lh = _src_index(h, FH, NH)
-        v0 = _lerp_w(base, plane + h0 * NW, w, FW, NW, VEC)
-        v1 = _lerp_w(base, plane + h1 * NW, w, FW, NW, VEC)
-        v = v0 + (v1 - v0) * lh[None, :]
-    return v
+def _axis(o, F: tl.constexpr, N):
+    """(i0, i1, weight of i0, weight of i1) of the interpolation along one axis (F == 1: o itself, weight 1)."""
+    if F == 1:
+        one = tl.full(o.shape, 1.0, tl.float32)
+        return o, o, one, one - one
+    i0, i1, lam = _src_index(o, F, N)
+    return i0, i1, 1.0 - lam, lam
 
 
 @triton.jit
@@ -130,13 +124,29 @@ def _load_logits(
         return _load_tile(base + v[None, :], mask, VEC).to(tl.float32)
     base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
     if FD == 1:  # h < NH and w < NW hold for padded voxels too; d does not
-        v = _lerp_hw(base, tl.minimum(d, ND - 1) * (NH * NW), h, w, FH, FW, NH, NW, VEC)
-    else:
-        d0, d1, ld = _src_index(d, FD, ND)
-        v0 = _lerp_hw(base, d0 * (NH * NW), h, w, FH, FW, NH, NW, VEC)
-        v1 = _lerp_hw(base, d1 * (NH * NW), h, w, FH, FW, NH, NW, VEC)
-        v = v0 + (v1 - v0) * ld[None, :]
-    return v
+        d = tl.minimum(d, ND - 1)
+    d0, d1, wd0, wd1 = _axis(d, FD, ND)
+    h0, h1, wh0, wh1 = _axis(h, FH, NH)
+    w0, w1, ww0, ww1 = _axis(w, FW, NW)
+    # The trilinear value as the weighted sum of its corners: per class one multiply-add per corner (a tree of
+    # linear interpolations takes two per interpolation); the corner weights and offsets are per voxel.
+    p0, p1, r0, r1 = d0 * (NH * NW), d1 * (NH * NW), h0 * NW, h1 * NW
+    acc = _corner(base, p0 + r0 + w0, wd0 * wh0 * ww0, None, VEC)
+    if FW > 1:
+        acc = _corner(base, p0 + r0 + w1, wd0 * wh0 * ww1, acc, VEC)
+    if FH > 1:
+        acc = _corner(base, p0 + r1 + w0, wd0 * wh1 * ww0, acc, VEC)
+        if FW > 1:
+            acc = _corner(base, p0 + r1 + w1, wd0 * wh1 * ww1, acc, VEC)
+    if FD > 1:
+        acc = _corner(base, p1 + r0 + w0, wd1 * wh0 * ww0, acc, VEC)
+        if FW > 1:
+            acc = _corner(base, p1 + r0 + w1, wd1 * wh0 * ww1, acc, VEC)
+        if FH > 1:
+            acc = _corner(base, p1 + r1 + w0, wd1 * wh1 * ww0, acc, VEC)
+            if FW > 1:
+                acc = _corner(base, p1 + r1 + w1, wd1 * wh1 * ww1, acc, VEC)
+    return acc
 
 
 @triton.jit
