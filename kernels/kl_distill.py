@@ -295,9 +295,9 @@ def _interp_transpose_kernel(
     INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """coef times the transpose of trilinear upsampling by (GFD, GFH, GFW) applied to g, a (B, K, OD, OH, OW)
-    gradient in the blocked layout of ``_blocked_offset``, written to out (B, K, ND, NH, NW): each low-resolution voxel gathers the L = 2f
-    output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the trilinear coefficients.
-    No atomics: the sums run in a fixed order."""
+    gradient in the blocked layout of ``_blocked_offset``, written to out (B, K, ND, NH, NW): each low-resolution
+    voxel gathers the L = 2f output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the
+    trilinear coefficients. No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     # One voxel per thread with all its classes (flat accesses, VEC = 1): a tap's weight and address are computed
@@ -365,8 +365,8 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     Triton lays the tile out with VEC consecutive voxels per thread (the ``max_contiguous`` hint sets it; with
     VEC = 1 the accesses are flattened, see ``_load_tile``), threads along the voxels first, then warps. Up to 64
     channels the tile is sized so that a voxel's channels stay in one warp, ``per_thread`` of them per thread:
-    the softmax reductions need no shared memory and no barrier (sm_90, DSD's 14 classes and three students in bf16: 62 -> 25 instructions per logit in the
-    forward). Wider channel counts keep Triton's own layout (VEC = 0: 16-byte vectors, channels over warps), as
+    the softmax reductions need no shared memory and no barrier (sm_90, DSD's 14 classes and three students in
+    bf16: 62 -> 25 instructions per logit in the forward). Wider channel counts keep Triton's own layout (VEC = 0: 16-byte vectors, channels over warps), as
     a voxel per thread would read 2-byte rows that far apart."""
     if k_pad <= per_thread:
         block_v, warps = vec * 32 * 4, 4
