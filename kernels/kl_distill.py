@@ -366,8 +366,9 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     VEC = 1 the accesses are flattened, see ``_load_tile``), threads along the voxels first, then warps. Up to 64
     channels the tile is sized so that a voxel's channels stay in one warp, ``per_thread`` of them per thread:
     the softmax reductions need no shared memory and no barrier (sm_90, DSD's 14 classes and three students in
-    bf16: 62 -> 25 instructions per logit in the forward). Wider channel counts keep Triton's own layout (VEC = 0: 16-byte vectors, channels over warps), as
-    a voxel per thread would read 2-byte rows that far apart."""
+    bf16: 62 -> 25 instructions per logit in the forward). Wider channel counts keep Triton's own layout
+    (VEC = 0: 16-byte vectors, channels over warps), as a voxel per thread would read 2-byte rows that far
+    apart."""
     if k_pad <= per_thread:
         block_v, warps = vec * 32 * 4, 4
     elif k_pad <= 64:
