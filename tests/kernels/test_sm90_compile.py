@@ -184,7 +184,7 @@ def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last, dtype):
         # before the rolling walk: 108-138 and 211-437. An H200's copy rate leaves room for about 40 at 70%.
         assert stats["per_output"] < {"fwd": 60, "bwd_weight": 62}[which], stats
         if which == "fwd" and not channels_last:
-            assert stats["per_output"] < 42, stats
+            assert stats["per_output"] < 44, stats
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
@@ -227,6 +227,6 @@ def test_kl_distill_forward_keeps_to_registers(dtype):
     assert low[0]["per_element"] < 75, low
     # and the transposed interpolations keep one voxel per thread, its classes a constant offset apart: 5.6
     # instructions per class and tap in bf16 (8.4 with a 64-bit address per class)
-    assert all(row["per_class_tap"] < 7 for row in low[1:]), low
+    assert all(row.get("per_class_tap", float("inf")) < 7 for row in low[1:]), low
     if dtype == torch.bfloat16:
         assert missu[0]["per_element"] < 35, missu

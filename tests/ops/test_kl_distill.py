@@ -281,6 +281,7 @@ _INTERPRET_PAIRS = [
     ((2, 5, 3, 5, 7), (2, 5, 3, 5, 7), 3.0, True, _F16),
     ((1, 4, 2, 3, 3), (1, 4, 4, 6, 6), 3.0, False, _F16),
     ((1, 3, 2, 6, 4), (1, 3, 2, 2, 4), 2.0, False, _F16),  # fp16 teacher upsampled by an odd factor
+    ((3, 2, 2, 3, 4), (3, 2, 6, 3, 2), 1.5, False, _F32),  # batch 3, depth upsampled by 3, width by 2
 ]
 
 
@@ -310,7 +311,7 @@ def test_interpret_multi_student_teacher_low_res(poison):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("classes", [3, 20, 70])
+@pytest.mark.parametrize("classes", [1, 3, 20, 33, 70])
 def test_interpret_many_programs(poison, monkeypatch, classes):
     """Tiles of 16 voxels (several programs per batch element, a padded last one) with batch 2, upsampled inputs
     on every path: up to 16 channels one thread per voxel, 20 channels threads sharing a voxel (VEC = 1, flat
@@ -422,6 +423,20 @@ def test_gpu_peak_memory_far_below_eager():
     # eager: about 14x the inputs in fp32 intermediates
     assert fused < 0.25 * eager, (fused, eager)
     assert fused <= 1.2 * (2 * t.numel() + s.numel()) * 2 + 2**20
+
+
+def test_64bit_indexing_covers_the_padded_gradient_buffer(monkeypatch):
+    """An upsampled input's output-resolution gradient buffer is padded to whole blocks of voxels: 64-bit indexing
+    is chosen on the padded size, here 64 elements against 33 in the output volume."""
+    import fastseg3d.kernels.kl_distill as k
+    from bench.sass import _captured
+
+    monkeypatch.setattr(k, "_INT32_MAX", 40)
+    teacher = torch.empty(1, 1, 33, 1, 1, device="meta")
+    student = torch.empty(1, 1, 11, 1, 1, device="meta")
+    launches = _captured(lambda: k.kl_distill_fwd([student], teacher, (33, 1, 1), 2.0, [1.0], [True], True))
+    assert [fn.fn.__name__ for fn, _, _ in launches] == ["_kl_fwd_kernel", "_interp_transpose_kernel"]
+    assert all(kw["INT64"] for _, _, kw in launches)
 
 
 def test_scaled_grad_hands_over_the_forward_gradient_on_a_unit_incoming_gradient():
