@@ -182,9 +182,8 @@ def test_dwconv3d_hot_loops_keep_to_registers(which, channels_last, dtype):
         # Before a row's loads shared one address: 42.2 and 59 on NCDHW; before the channel-major columns: forward
         # 44.5 and 61, weight gradient 59 and 65; before the lanes and fp32 padded weights: 77 and 105, 74 and 65;
         # before the rolling walk: 108-138 and 211-437. An H200's copy rate leaves room for about 40 at 70%.
-        assert stats["per_output"] < {"fwd": 60, "bwd_weight": 62}[which], stats
-        if which == "fwd" and not channels_last:
-            assert stats["per_output"] < 44, stats
+        limit = {("fwd", False): 44, ("fwd", True): 53, ("bwd_weight", False): 62, ("bwd_weight", True): 62}
+        assert stats["per_output"] < limit[which, channels_last], stats
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
