@@ -446,11 +446,11 @@ def kl_distill_fwd(
     grad_flags = list(need_students) + [False] * pad
 
     if t_f == (1, 1, 1) and all(f == (1, 1, 1) for f in s_f):
-        # One thread per voxel up to 32 classes while its logits fit: MISSU's 32-channel pair 31 -> 26
-        # instructions per logit; 32 classes and three students spill.
-        per_thread = k_pad if k_pad <= 32 and k * (1 + n_s) <= 100 else 16
-        block_v, vec, warps = _tile(k_pad, nvox, max(16, per_thread), max(1 if per_thread > 16 else 2, 16 // k_pad),
-                                    4096)
+        # 32 classes per thread while a thread's logits fit in registers: MISSU's 32- and 64-channel pairs
+        # 31 -> 26 and 31 -> 28 instructions per logit (32 classes and three students spill; 64 and two students
+        # take all 255 registers).
+        per_thread = 32 if k_pad >= 32 and min(k, 32) * (1 + n_s) <= 80 else 16
+        block_v, vec, warps = _tile(k_pad, nvox, per_thread, 1 if per_thread > 16 else max(2, 16 // k_pad), 4096)
     else:  # an upsampled input's loads are gathers (one voxel per thread; 14 classes, bf16: 159 -> 65 on Triton 3.6)
         block_v, vec, warps = _tile(k_pad, nvox, 16, 1, 4096)
     n_prog = triton.cdiv(nvox, block_v)

@@ -229,5 +229,5 @@ def test_kl_distill_forward_keeps_to_registers(dtype):
     # instructions per class and tap in bf16 (8.4 with a 64-bit address per class)
     assert all(row.get("per_class_tap", float("inf")) < 7 for row in low[1:]), low
     if dtype == torch.bfloat16:
-        assert missu[0]["per_element"] < 35, missu
+        assert missu[0]["per_element"] < 30, missu  # 32 channels per thread (31 with 16)
         assert missu32[0]["per_element"] < 28, missu32  # one thread per voxel (31 with two)
