@@ -97,6 +97,20 @@ def _corner(base, off, wgt, acc, VEC: tl.constexpr):
 
 
 @triton.jit
+def _plane_corners(base, plane, wd, rows, cols, acc, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr):
+    """acc plus the corners of one depth plane (offset ``plane``, weight ``wd``): rows (offset 0, offset 1,
+    weight 0, weight 1) along H and cols likewise along W, the second of each only where that axis is upsampled."""
+    acc = _corner(base, plane + rows[0] + cols[0], wd * rows[2] * cols[2], acc, VEC)
+    if FW > 1:
+        acc = _corner(base, plane + rows[0] + cols[1], wd * rows[2] * cols[3], acc, VEC)
+    if FH > 1:
+        acc = _corner(base, plane + rows[1] + cols[0], wd * rows[3] * cols[2], acc, VEC)
+        if FW > 1:
+            acc = _corner(base, plane + rows[1] + cols[1], wd * rows[3] * cols[3], acc, VEC)
+    return acc
+
+
+@triton.jit
 def _axis(o, F: tl.constexpr, N):
     """(i0, i1, weight of i0, weight of i1) of the interpolation along one axis (F == 1: o itself, weight 1)."""
     if F == 1:
@@ -130,22 +144,11 @@ def _load_logits(
     w0, w1, ww0, ww1 = _axis(w, FW, NW)
     # The trilinear value as the weighted sum of its corners: per class one multiply-add per corner (a tree of
     # linear interpolations takes two per interpolation); the corner weights and offsets are per voxel.
-    p0, p1, r0, r1 = d0 * (NH * NW), d1 * (NH * NW), h0 * NW, h1 * NW
-    acc = _corner(base, p0 + r0 + w0, wd0 * wh0 * ww0, None, VEC)
-    if FW > 1:
-        acc = _corner(base, p0 + r0 + w1, wd0 * wh0 * ww1, acc, VEC)
-    if FH > 1:
-        acc = _corner(base, p0 + r1 + w0, wd0 * wh1 * ww0, acc, VEC)
-        if FW > 1:
-            acc = _corner(base, p0 + r1 + w1, wd0 * wh1 * ww1, acc, VEC)
+    rows = (h0 * NW, h1 * NW, wh0, wh1)
+    cols = (w0, w1, ww0, ww1)
+    acc = _plane_corners(base, d0 * (NH * NW), wd0, rows, cols, None, FH, FW, VEC)
     if FD > 1:
-        acc = _corner(base, p1 + r0 + w0, wd1 * wh0 * ww0, acc, VEC)
-        if FW > 1:
-            acc = _corner(base, p1 + r0 + w1, wd1 * wh0 * ww1, acc, VEC)
-        if FH > 1:
-            acc = _corner(base, p1 + r1 + w0, wd1 * wh1 * ww0, acc, VEC)
-            if FW > 1:
-                acc = _corner(base, p1 + r1 + w1, wd1 * wh1 * ww1, acc, VEC)
+        acc = _plane_corners(base, d1 * (NH * NW), wd1, rows, cols, acc, FH, FW, VEC)
     return acc
 
 
@@ -187,19 +190,20 @@ _VB: tl.constexpr = tl.constexpr(32)  # voxels per block of an output-resolution
 
 
 @triton.jit
-def _blocked_offset(b, K, k, v, nvox):
-    """Offset of class k, voxel v in an output-resolution gradient buffer (B, cdiv(nvox, _VB), K, _VB): a warp's
-    32 voxels of one class are contiguous (coalesced stores), and the classes of a voxel are _VB elements apart,
-    a constant, so that a thread reads them all from one address (immediate offsets)."""
-    return ((b * tl.cdiv(nvox, _VB) + v // _VB) * K + k) * _VB + v % _VB
+def _blocked_ptrs(ptr, b, K, k, v, nvox):
+    """[BLOCK_K, BLOCK_V] pointers to classes k ([BLOCK_K, 1]) of voxels v in an output-resolution gradient
+    buffer (B, cdiv(nvox, _VB), K, _VB): a warp's 32 voxels of one class are contiguous (coalesced stores), and
+    the classes of a voxel are _VB elements apart, a constant. The voxel's address comes first, then the
+    classes' offsets, so a thread reaches all its classes from one address (immediate offsets)."""
+    voxel = ptr + ((b * tl.cdiv(nvox, _VB) + v // _VB) * K * _VB + v % _VB)  # one 64-bit add per voxel
+    return voxel[None, :] + k * _VB
 
 
 @triton.jit
 def _store_grad(ptr, b, K, offs_k, offs_v, nvox, val, mask, BLOCKED: tl.constexpr, VEC: tl.constexpr):
     """Store a gradient tile: to the input's gradient (NCDHW), or (BLOCKED) to the buffer of an upsampled input."""
-    if BLOCKED:  # the voxel's address first, then the classes' constant offsets (immediates in the stores)
-        voxel = ptr + _blocked_offset(b, K, 0, offs_v, nvox)
-        _store_2d(voxel[None, :] + offs_k[:, None] * _VB, val.to(ptr.dtype.element_ty), mask, VEC)
+    if BLOCKED:
+        _store_2d(_blocked_ptrs(ptr, b, K, offs_k[:, None], offs_v, nvox), val.to(ptr.dtype.element_ty), mask, VEC)
     else:
         _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask, VEC)
 
@@ -295,7 +299,7 @@ def _interp_transpose_kernel(
     INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """coef times the transpose of trilinear upsampling by (GFD, GFH, GFW) applied to g, a (B, K, OD, OH, OW)
-    gradient in the blocked layout of ``_blocked_offset``, written to out (B, K, ND, NH, NW): each low-resolution
+    gradient in the blocked layout of ``_blocked_ptrs``, written to out (B, K, ND, NH, NW): each low-resolution
     voxel gathers the L = 2f output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the
     trilinear coefficients. No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
@@ -342,9 +346,7 @@ def _interp_transpose_kernel(
                     wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
                 # Clamped taps stay inside the volume and padded voxels carry weight 0: no load needs a mask.
                 o = row + tl.minimum(tl.maximum(ow, 0), OW - 1)
-                # the voxel's address first, then the classes' constant offsets (immediates in the loads)
-                voxel = g_ptr + _blocked_offset(b, K, 0, o, onvox)
-                g = _load_tile(voxel[None, :] + k_read * _VB, None, 1).to(tl.float32)
+                g = _load_tile(_blocked_ptrs(g_ptr, b, K, k_read, o, onvox), None, 1).to(tl.float32)
                 acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
     _store_tile(out_ptr, b, K, offs_k, offs_v, nvox, acc * coef, (offs_k < K)[:, None] & mask_v[None, :], 1)
 
