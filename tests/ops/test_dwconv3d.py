@@ -290,8 +290,9 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
 
 @pytest.mark.parametrize(
     "shape,kernel,padding,dilation,layout,dtype,lanes",
-    [((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8),
-     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4),
+    [((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8),  # by 2 rows
+     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4),  # by 4 rows
+     ((2, 4, 8, 16, 32), (3, 3, 3), 1, (1, 2, 1), "contiguous", torch.bfloat16, 8),  # dilated H taps: 1 row
      ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 2),  # columns: 4 channels x 2
      ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.float32, 4),  # 4 channels x 4
      ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.bfloat16, 2),  # 8 channels x 2
@@ -318,6 +319,13 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
     launches = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 0))
     assert launches[0][2]["LANES"] == lanes
+    # W-lane tiles: adjacent rows per thread share their input rows where the H taps are undilated
+    rows = {8: 2, 4: 4}.get(lanes, 1) if layout == "contiguous" and dilation[1] == 1 else 1
+    assert launches[0][2]["ROWS"] == rows
+    if lanes and layout == "contiguous":
+        assert launches[0][2]["BLOCK_H"] == 16
+        with_act = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 2))
+        assert with_act[0][2]["ROWS"] == (1 if dtype == torch.bfloat16 else rows)  # within 24 accumulators
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
     # the weight gradient: 4 W lanes per thread on NCDHW, 2 columns on channels-last
     assert launches[0][2]["LANES"] == (0 if not lanes or dilation[0] > 1 else 4 if layout == "contiguous" else 2)
