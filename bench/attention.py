@@ -99,7 +99,7 @@ def _op_setup(spec, dtype, provider, device) -> Setup:
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     size = torch.finfo(dtype).bits // 8
-    io = (2 * n + 2 * m) * c * size
+    io = b * (2 * n + 2 * m) * c * size  # q and the output, k and v
     flops, exps = _core_work(b, heads, n, m, d)
     return Setup(fwd, [q_lin, kv_lin], {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}, min_flops=flops,
                  min_exps=exps)
@@ -125,8 +125,8 @@ def _block_setup(spec, dtype, provider, device) -> Setup:
 
         block = eager if provider == "torch" else compiled(eager, provider, device)
     size = torch.finfo(dtype).bits // 8
-    io = 2 * n * c * size
     b, m = x.shape[0], n // sr**3
+    io = 2 * b * n * c * size
     core_flops, exps = _core_work(b, heads, n, m, c // heads)
     # the q, kv and output projections and the patchify (kernel = stride = sr) conv: 2 FLOPs per MAC
     patchify = m * c * sr**3 * c if sr > 1 else 0

@@ -126,10 +126,23 @@ def exp_per_s(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "clock_rate", 0)
+    clock_khz = getattr(props, "clock_rate", 0) or _max_sm_clock_khz(device)
     if not clock_khz:
+        print("exp ceiling unknown: no SM clock from torch or nvidia-smi", file=sys.stderr)
         return None
     return MUFU_EX2_PER_CLK_PER_SM * props.multi_processor_count * clock_khz * 1e3
+
+
+def _max_sm_clock_khz(device: torch.device) -> int:
+    """The maximum SM clock nvidia-smi reports (kHz), for torch builds whose device properties lack it; 0 if
+    unknown."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        out = subprocess.run(["nvidia-smi", "-i", str(index), "--query-gpu=clocks.max.sm",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+        return int(float(out.stdout.strip().splitlines()[0])) * 1000
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 0
 
 
 class Ceilings:

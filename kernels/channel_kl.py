@@ -26,7 +26,7 @@ def channel_kl_fwd(
     need_grad: bool,
     empty=torch.empty,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(loss as a 0-dim fp32 tensor, dL/dstudent in the student's dtype or None). ``normaliser`` divides the
+    """(loss as a 0-dim fp32 tensor, dL/dstudent or None, fp32 for an fp16 student). ``normaliser`` divides the
     total channel-summed KL."""
     bsz = student.shape[0]
     nvox = student.shape[2] * student.shape[3] * student.shape[4]

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
 
@@ -415,8 +416,9 @@ def kl_distill_fwd(
 
     t_f = _factors(teacher.shape, size)
     s_f = [_factors(s.shape, size) for s in students]
-    g_t = empty(teacher.shape, dtype=teacher.dtype, device=teacher.device) if need_teacher else None
-    g_s = [empty(s.shape, dtype=s.dtype, device=s.device) if n else None for s, n in zip(students, need_students)]
+    g_t = empty(teacher.shape, dtype=saved_grad_dtype(teacher.dtype), device=teacher.device) if need_teacher else None
+    g_s = [empty(s.shape, dtype=saved_grad_dtype(s.dtype), device=s.device) if n else None
+           for s, n in zip(students, need_students)]
 
     # The forward writes each gradient at the output resolution: straight into the gradient of an input at that
     # resolution, else into a buffer that the transpose of the interpolation then reduces, one per upsampled

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["avg_pool", "channel_stats", "selfreg_inter_fwd", "selfreg_intra_fwd"]
 
@@ -217,7 +218,7 @@ def selfreg_inter_fwd(
     block = _block(nvox)
     n_blocks = triton.cdiv(nvox, block)
     partials = empty((bsz * cs * n_blocks,), dtype=torch.float32, device=student.device)
-    grad = empty(student.shape, dtype=student.dtype, device=student.device) if need_grad else None
+    grad = empty(student.shape, dtype=saved_grad_dtype(student.dtype), device=student.device) if need_grad else None
     denom = bsz * npairs * nvox
     torch.library.wrap_triton(_selfreg_inter_kernel)[(n_blocks, cs, bsz)](
         student, grad if grad is not None else student, teacher_pooled, student_channels, teacher_channels,
@@ -256,7 +257,7 @@ def selfreg_intra_fwd(
     block = _block(nvox)
     n_blocks = triton.cdiv(nvox, block)
     partials = empty((bsz * half * n_blocks,), dtype=torch.float32, device=x.device)
-    grad = empty(x.shape, dtype=x.dtype, device=x.device) if need_grad else None
+    grad = empty(x.shape, dtype=saved_grad_dtype(x.dtype), device=x.device) if need_grad else None
     denom = bsz * half * nvox
     torch.library.wrap_triton(_selfreg_intra_kernel)[(n_blocks, half, bsz)](
         x, grad if grad is not None else x, order, partials, c, half, nvox, 2.0 / denom,

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastseg3d import backends
 from fastseg3d.ops import utils
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
 from fastseg3d.reference.channel_kl import REDUCTIONS, channel_kl_fused_ref, channel_kl_normaliser, channel_kl_ref
 
 __all__ = ["channel_kl", "channel_kl_unsupported_reasons"]
@@ -67,7 +68,9 @@ def channel_kl_unsupported_reasons(student: Tensor) -> list[str]:
 def _channel_kl_op(student: Tensor, teacher: Tensor, reduction: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(fp32 loss, dL/dstudent); the gradient is an empty (0,) tensor unless ``need_grad``. The teacher gets none."""
     if student.device.type == "meta":
-        grad = torch.empty_like(student) if need_grad else student.new_empty((0,))
+        grad = student.new_empty((0,))
+        if need_grad:
+            grad = torch.empty_like(student, dtype=saved_grad_dtype(student.dtype))
         return student.new_empty((), dtype=torch.float32), grad
     if not utils.launchable(student.device):
         loss, grad = channel_kl_fused_ref(student, teacher, reduction, need_grad)
@@ -105,7 +108,8 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
     does (its 5-D size is unpacked as (D, B, C, H, W)), i.e. ``mean * D / C``.
 
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result, the student gradient formed in the
-    forward pass when the student requires grad); up to 256 channels. Other cases run the reference under the
+    forward pass when the student requires grad, kept in fp32 for fp16 so a loss scale reaches it before
+    rounding); up to 256 channels. Other cases run the reference under the
     ``auto`` backend.
 
     Example:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from fastseg3d import backends
 from fastseg3d.ops import utils
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
 from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl_distill_multi_ref, kl_distill_ref
 
 __all__ = ["kl_distill", "kl_distill_multi", "kl_distill_unsupported_reasons"]
@@ -118,8 +119,9 @@ def _kl_distill_op(
     need_s, need_t = list(need_grad[:-1]), bool(need_grad[-1])
     n_s = len(students)
     if teacher.device.type == "meta":
-        grads = [torch.empty_like(s) if n else _nothing(s) for s, n in zip(students, need_s)]
-        g_t = torch.empty_like(teacher) if need_t else _nothing(teacher)
+        grads = [torch.empty_like(s, dtype=saved_grad_dtype(s.dtype)) if n else _nothing(s)
+                 for s, n in zip(students, need_s)]
+        g_t = torch.empty_like(teacher, dtype=saved_grad_dtype(teacher.dtype)) if need_t else _nothing(teacher)
         return (teacher.new_empty((), dtype=torch.float32), teacher.new_empty((n_s,), dtype=torch.float32),
                 grads, g_t)
     if not utils.launchable(teacher.device):
@@ -219,7 +221,8 @@ def kl_distill(
     returns: the softmaxes are computed once per voxel, not once per interpolation tap.
 
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result); the input gradients are computed in the
-    forward pass when an input requires grad, and backward only scales them. Other cases run the reference under
+    forward pass when an input requires grad, and backward only scales them (for fp16 inputs they are kept in
+    fp32 until then: at 1 / (B x voxels) they lie below fp16's normal range until a loss scale lifts them). Other cases run the reference under
     the ``auto`` backend.
 
     Example:

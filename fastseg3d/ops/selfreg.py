@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fastseg3d import backends
 from fastseg3d.ops import utils
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
 from fastseg3d.reference.selfreg import (
     pooled_size,
     selfreg_inter_fused_ref,
@@ -143,7 +144,8 @@ def _selfreg_inter_op(
 ) -> tuple[Tensor, list[Tensor]]:
     """(per-student losses (S,) fp32, dL/dstudent_i); a gradient not asked for is an empty (0,) tensor."""
     if teacher.device.type == "meta":
-        grads = [torch.empty_like(s) if n else s.new_empty((0,)) for s, n in zip(students, need_grad)]
+        grads = [torch.empty_like(s, dtype=saved_grad_dtype(s.dtype)) if n else s.new_empty((0,))
+                 for s, n in zip(students, need_grad)]
         return teacher.new_empty((len(students),), dtype=torch.float32), grads
     losses, grads = [], []
     if not utils.launchable(teacher.device):
@@ -183,7 +185,9 @@ _selfreg_inter_op.register_autograd(_inter_backward, setup_context=_inter_setup_
 def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(fp32 loss, dL/dfeature); the gradient is an empty (0,) tensor unless ``need_grad``."""
     if feature.device.type == "meta":
-        grad = torch.empty_like(feature) if need_grad else feature.new_empty((0,))
+        grad = feature.new_empty((0,))
+        if need_grad:
+            grad = torch.empty_like(feature, dtype=saved_grad_dtype(feature.dtype))
         return feature.new_empty((), dtype=torch.float32), grad
     if not utils.launchable(feature.device):
         loss, grad = selfreg_intra_fused_ref(feature, need_grad)
@@ -278,7 +282,8 @@ def selfreg_inter(student: Tensor, teacher: Tensor, student_channels, teacher_ch
     accumulate gradient. Returns a 0-dim fp32 tensor.
 
     fp32, fp16 and bf16 inputs are fused (one read of each input, fp32 math, the student gradient written in the
-    forward pass when the student requires grad); other cases run the reference under the ``auto`` backend.
+    forward pass when the student requires grad, in fp32 for fp16 so a loss scale reaches it before rounding);
+    other cases run the reference under the ``auto`` backend.
 
     Example:
         >>> import torch, fastseg3d

@@ -59,7 +59,9 @@ def scaled_grad(grad_out: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype)
     of forward + backward is otherwise at most half reached). Checking for 1 reads the scalar back, so it is skipped
     while tracing (compile, fake and meta tensors), during CUDA-graph capture and when a graph of the gradient is
     being built. Run twice with ``retain_graph``, a gradient that was changed in place in between makes autograd
-    raise, as for any saved tensor.
+    raise, as for any saved tensor. An fp16 input's gradient is saved in fp32 (see
+    :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`), so a loss scale such as GradScaler's 2^16, which
+    fp16 cannot even represent, is applied in fp32 before the cast.
     """
     if not saved.numel():
         return None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
+
 __all__ = ["REDUCTIONS", "channel_kl_fused_ref", "channel_kl_normaliser", "channel_kl_ref"]
 
 REDUCTIONS = ("mean", "faithful")
@@ -41,12 +43,13 @@ def channel_kl_ref(student: torch.Tensor, teacher: torch.Tensor, reduction: str 
 def channel_kl_fused_ref(
     student: torch.Tensor, teacher: torch.Tensor, reduction: str, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the fused kernel computes, without autograd: (fp32 loss, dL/dstudent in the student's dtype or None)."""
+    """What the fused kernel computes, without autograd: (fp32 loss, dL/dstudent or None), the gradient in
+    :func:`saved_grad_dtype`."""
     norm = channel_kl_normaliser(student.shape, reduction)
     cd = _compute_dtype(student)
     logq = torch.log_softmax(student.to(cd), dim=1)
     logp = torch.log_softmax(teacher.to(cd), dim=1)
     p = logp.exp()
     loss = ((p * (logp - logq)).sum() / norm).float()
-    grad = ((logq.exp() - p) / norm).to(student.dtype) if need_grad else None
+    grad = ((logq.exp() - p) / norm).to(saved_grad_dtype(student.dtype)) if need_grad else None
     return loss, grad

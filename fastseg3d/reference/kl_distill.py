@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
+
 __all__ = ["common_size", "kl_distill_fused_ref", "kl_distill_multi_ref", "kl_distill_ref"]
 
 
@@ -74,7 +76,8 @@ def kl_distill_fused_ref(
     need_teacher: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
     """What the fused kernel computes, without autograd: the unweighted per-student losses (S,) and the weighted
-    gradients of ``sum_i w_i loss_i`` w.r.t. each input (None where not needed), in the inputs' dtypes."""
+    gradients of ``sum_i w_i loss_i`` w.r.t. each input (None where not needed), in the dtypes
+    :func:`saved_grad_dtype` gives."""
     size = tuple(size)
     cd = _compute_dtype(teacher)
     bsz, nvox = teacher.shape[0], size[0] * size[1] * size[2]
@@ -113,4 +116,4 @@ def _downsample_grad(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if n_in != n_out:
             m = _interp_matrix(n_in, n_out, g)
             g = torch.movedim(torch.movedim(g, 2 + axis, -1) @ m, -1, 2 + axis)
-    return g.to(like.dtype)
+    return g.to(saved_grad_dtype(like.dtype))

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from fastseg3d.reference._grad_dtype import saved_grad_dtype
+
 __all__ = [
     "intra_order",
     "pooled_size",
@@ -89,7 +91,8 @@ def selfreg_inter_fused_ref(
     teacher_channels: torch.Tensor,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the fused kernel computes, without autograd: (fp32 loss, dL/dstudent in the student's dtype or None)."""
+    """What the fused kernel computes, without autograd: (fp32 loss, dL/dstudent or None), the gradient in
+    :func:`saved_grad_dtype`."""
     size = pooled_size(student, teacher)
     cd = _compute_dtype(student)
     ps = _pool(student.to(cd), size)
@@ -99,12 +102,13 @@ def selfreg_inter_fused_ref(
     grad = None
     if need_grad:
         g = torch.zeros_like(ps).index_add_(1, student_channels, diff * (2.0 / diff.numel()))
-        grad = _unpool(g, student).to(student.dtype)
+        grad = _unpool(g, student).to(saved_grad_dtype(student.dtype))
     return loss.float(), grad
 
 
 def selfreg_intra_fused_ref(feature: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the fused kernel computes, without autograd: (fp32 loss, dL/dfeature in the input's dtype or None)."""
+    """What the fused kernel computes, without autograd: (fp32 loss, dL/dfeature or None), the gradient in
+    :func:`saved_grad_dtype`."""
     c = feature.shape[1]
     order = intra_order(feature)
     x = feature.to(_compute_dtype(feature))
@@ -114,5 +118,5 @@ def selfreg_intra_fused_ref(feature: torch.Tensor, need_grad: bool) -> tuple[tor
     grad = None
     if need_grad:
         g = diff * (2.0 / diff.numel())
-        grad = torch.zeros_like(x).index_copy_(1, top, g).index_copy_(1, bottom, -g).to(feature.dtype)
+        grad = torch.zeros_like(x).index_copy_(1, top, g).index_copy_(1, bottom, -g).to(saved_grad_dtype(feature.dtype))
     return loss.float(), grad

@@ -149,6 +149,20 @@ def test_backend_policy(monkeypatch):
     assert any("float64" in r for r in reasons) and any("512 channels" in r for r in reasons)
 
 
+def test_fp16_gradients_survive_a_loss_scale():
+    """fp16 training scales the loss by GradScaler's 2^16 before backward. The gradients made in the forward are of
+    order 1 / (B x voxels), below fp16's normal range at this size: they are kept in fp32, and the scale, which fp16
+    cannot represent, is applied before the cast (kept in fp16 they came back as inf, or as a few bits)."""
+    s, t = _features((2, 16, 32, 32, 32), torch.float16), _features((2, 16, 32, 32, 32), torch.float16)
+    ref_s = s.detach().double().requires_grad_()
+    loss, grad = torch.ops.fastseg3d.channel_kl(s, t.detach(), "mean", True)
+    assert grad.dtype == torch.float32
+    (2.0**16 * loss).backward()
+    (2.0**16 * _released(ref_s, t.detach(), "mean")).backward()
+    assert s.grad.dtype == torch.float16
+    assert_close("dstudent", s.grad, ref_s.grad, torch.float16)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier
 
@@ -209,7 +223,8 @@ _GPU_CASES = [(dtype, level) for dtype in (torch.float32, torch.float16, torch.b
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,shape", _GPU_CASES, ids=[f"{str(d)[6:]}-{s[1]}c{s[2]}" for d, s in _GPU_CASES])
 def test_gpu_kernel_matches_reference(poison, dtype, shape):
-    check_against_reference(shape, "faithful", dtype, "cuda")
+    # fp16 as GradScaler runs it: gradients of 1 / (B x voxels) scale come back through a loss scale of 2^16
+    check_against_reference(shape, "faithful", dtype, "cuda", grad_scale=2.0**16 if dtype == torch.float16 else 1.3)
 
 
 @pytest.mark.gpu

@@ -238,6 +238,25 @@ def test_backend_policy(monkeypatch):
     assert any("float64" in r for r in reasons) and any("300 classes" in r for r in reasons)
 
 
+def test_fp16_gradients_survive_a_loss_scale():
+    """fp16 training scales the loss by GradScaler's 2^16 before backward. The gradients made in the forward are of
+    order 1 / (B x voxels), below fp16's normal range at this size: they are kept in fp32, and the scale, which fp16
+    cannot represent, is applied before the cast (kept in fp16 they came back as inf, or as a few bits)."""
+    students = [_logits((2, 4, 32, 32, 32), torch.float16), _logits((2, 4, 16, 16, 16), torch.float16)]
+    teacher = _logits((2, 4, 32, 32, 32), torch.float16)
+    ref_s = [s.detach().double().requires_grad_() for s in students]
+    ref_t = teacher.detach().double().requires_grad_()
+    total, _, grads, g_t = torch.ops.fastseg3d.kl_distill(students, teacher, 3.0, [32, 32, 32], [1.0, 0.5],
+                                                          [True, True, True])
+    assert all(g.dtype == torch.float32 for g in (*grads, g_t))
+    (2.0**16 * total).backward()
+    (2.0**16 * (_published(ref_s[0], ref_t, 3.0) + 0.5 * _published(ref_s[1], ref_t, 3.0))).backward()
+    for i, (a, e) in enumerate(zip(students, ref_s)):
+        assert a.grad.dtype == torch.float16
+        assert_close(f"dstudent[{i}]", a.grad, e.grad, torch.float16)
+    assert_close("dteacher", teacher.grad, ref_t.grad, torch.float16)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier: the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (tiny shapes)
 
@@ -375,8 +394,9 @@ _GPU_CASES = [
 @pytest.mark.parametrize("dtype,factor", _GPU_CASES,
                          ids=[f"{str(d)[6:]}-f{''.join(map(str, f))}" for d, f in _GPU_CASES])
 def test_gpu_kernel_matches_reference(poison, dtype, factor):
+    # fp16 as GradScaler runs it: gradients of 1 / (B x voxels) scale come back through a loss scale of 2^16
     check_against_reference([(2, 14) + tuple(48 // f for f in factor)], (2, 14, 48, 48, 48), 3.0, False, dtype,
-                            "cuda")
+                            "cuda", grad_scale=2.0**16 if dtype == torch.float16 else 1.7)
 
 
 @pytest.mark.gpu

@@ -256,6 +256,28 @@ def test_backend_policy(monkeypatch):
     assert any("float64" in r for r in reasons)
 
 
+def test_fp16_gradients_survive_a_loss_scale():
+    """fp16 training scales the loss by GradScaler's 2^16 before backward. The gradients made in the forward are of
+    order 1 / (B x voxels), below fp16's normal range at this size: they are kept in fp32, and the scale, which fp16
+    cannot represent, is applied before the cast (kept in fp16 they came back as inf, or as a few bits)."""
+    s, t = _feature((2, 16, 16, 16, 16), torch.float16), _feature((2, 8, 32, 32, 32), torch.float16)
+    cs, ct = _pairs(16, 8, 8)
+    ref_s = s.detach().double().requires_grad_()
+    losses, grads = torch.ops.fastseg3d.selfreg_inter([s], t.detach(), [cs], [ct], [True])
+    assert grads[0].dtype == torch.float32
+    (2.0**16 * losses.sum()).backward()
+    (2.0**16 * _published_inter(ref_s, t, cs, ct)).backward()
+    assert_close("dstudent", s.grad, ref_s.grad, torch.float16)
+
+    f = _feature((2, 8, 32, 32, 32), torch.float16)
+    ref = f.detach().double().requires_grad_()
+    loss, grad = torch.ops.fastseg3d.selfreg_intra(f, True)
+    assert grad.dtype == torch.float32
+    (2.0**16 * loss).backward()
+    (2.0**16 * _published_intra(ref)).backward()
+    assert_close("dfeature", f.grad, ref.grad, torch.float16)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier
 
@@ -365,13 +387,16 @@ _GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=lambda d: str(d)[6:])
 def test_gpu_inter_multi_matches_reference(poison, dtype):
     shapes = [(2, 32 * 2**i, 64 >> (i + 1), 64 >> (i + 1), 64 >> (i + 1)) for i in range(4)]
-    check_inter(shapes, (2, 32, 64, 64, 64), [32] * 4, dtype, "cuda", grad_scale=(1.0, 0.5, 2.0, -1.0))
+    # fp16 as GradScaler runs it: gradients of 1 / (B x voxels) scale come back through a loss scale of 2^16
+    scale = 2.0**16 if dtype == torch.float16 else 1.0
+    check_inter(shapes, (2, 32, 64, 64, 64), [32] * 4, dtype, "cuda",
+                grad_scale=tuple(scale * w for w in (1.0, 0.5, 2.0, -1.0)))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", _GPU_DTYPES, ids=lambda d: str(d)[6:])
 def test_gpu_intra_matches_reference(poison, dtype):
-    check_intra((2, 64, 32, 32, 32), dtype, "cuda")
+    check_intra((2, 64, 32, 32, 32), dtype, "cuda", grad_scale=2.0**16 if dtype == torch.float16 else 1.7)
 
 
 @pytest.mark.gpu

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,8 @@ from fastseg3d.train.inference import (
     to_onehot,
     to_prediction,
 )
+
+nib = pytest.importorskip("nibabel")
 
 
 def _conv(kernel: int) -> nn.Module:
