@@ -16,8 +16,8 @@ Backward:
   saved);
 * ``dx`` is the same forward kernel run on ``dz`` with the taps flipped and the padding mirrored;
 * ``dw``/``db``: each program walks a chunk of depth slices for one spatial tile (for 3x3x3 and 1x3x3 the input
-  slices, against a rolling window of dz slices, as the forward does), keeps one elementwise accumulator per tap
-  in registers, reduces each once at the end and writes the sums to its own row of an fp32 workspace, which is
+  slices, against a rolling window of dz slices, as the forward does), keeps one accumulator per tap in
+  registers (a tile, or on NCDHW lane tiles one sum per thread), reduces each once at the end and writes the sums to its own row of an fp32 workspace, which is
   then summed in a fixed order. There are no atomics, so the weight gradient is bitwise deterministic.
 """
 
@@ -203,27 +203,6 @@ def _lane_row(row, ok, w3, wg, W_in, sxw, pad_w, V: tl.constexpr):
     iw = wg + (V + 1) - pad_w
     right = tl.load(vec + ((V + 1) - pad_w) * sxw, mask=ok & (iw >= 0) & (iw < W_in), other=0.0).to(tl.float32)
     return left, mid, right
-
-
-@triton.jit
-def _lane_plane(xs, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
-                KH: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, G: tl.constexpr):
-    """:func:`_plane_loads` for 3-wide undilated W taps on an (H, G, V) lane tile (output w = wg + lane): per row one
-    aligned vector load and the two elements beside it; the shifted taps are the vector's lanes moved in
-    registers."""
-    loaded = ()
-    for kh in tl.static_range(KH):
-        ih = h3 - pad_h + kh * dil_h
-        row = xs + ih * sxh
-        left, mid, right = _lane_row(row, ok & (ih >= 0) & (ih < H_in), w3, wg, W_in, sxw, pad_w, V)
-        lanes = _split_lanes(mid, BH, G, V)
-        lo = (left,)
-        hi = ()
-        for i in tl.static_range(V - 1):
-            lo = lo + (lanes[i],)
-            hi = hi + (lanes[i + 1],)
-        loaded = loaded + (_join_lanes(lo, BH, G, V), mid, _join_lanes(hi + (right,), BH, G, V))
-    return loaded
 
 
 @triton.jit
@@ -469,7 +448,7 @@ def _dwconv3d_bwd_weight_kernel(
     sgb, sgc, sgd, sgh, sgw,
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KD_PER: tl.constexpr, ROLL: tl.constexpr,
-    LANES: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
+    LANES: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     """Per-program partial dw (over KD_PER depth taps starting at kd0) and db over a chunk of depth slices;
@@ -477,8 +456,12 @@ def _dwconv3d_bwd_weight_kernel(
     input slices instead of the output slices.
 
     Each tap keeps an elementwise accumulator over the tile (a tuple of KD_PER*KH*KW register tiles), so the
-    walk over depth slices is loads and FMAs only; the tile is reduced once per tap at the end. LANES: the
-    rolling walk on an (H, G, LANES) lane tile, the input rows read as in the forward's lane path.
+    walk over depth slices is loads and FMAs only; the tile is reduced once per tap at the end.
+
+    LANES on a width-major tile (NCDHW): the rolling walk with a thread's dz as ROWS adjacent rows of LANES
+    consecutive W positions, the input rows read as in the forward's lane path (shared by the rows), and one
+    accumulator per tap and thread: each lane's product is one FMA into it, so the registers hold 27 sums, not
+    27 tiles, and a thread can take 16 outputs.
     """
     KVOL: tl.constexpr = KD * KH * KW
     NT: tl.constexpr = KD_PER * KH * KW
@@ -511,9 +494,11 @@ def _dwconv3d_bwd_weight_kernel(
         if INT64:
             w3 = w3.to(tl.int64)
     elif LANES > 0:
-        h3 = offs_h[:, None, None]
+        # (rows, G, LANES) coordinates: dz rows hr + o (o < ROWS) at w = wg + lane
+        h3 = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BLOCK_H // ROWS) * ROWS)[:, None, None]
         wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W // LANES) * LANES)[None, :, None]
         if INT64:
+            h3 = h3.to(tl.int64)
             wg = wg.to(tl.int64)
         w3 = wg + tl.arange(0, LANES)[None, None, :]
     out_mask = (c3 < C) & (h3 < H_out) & (w3 < W_out)
@@ -552,6 +537,50 @@ def _dwconv3d_bwd_weight_kernel(
                     new = new + (a,)
                 updated = new
             accs = updated
+    elif LANES > 0:
+        BR: tl.constexpr = BLOCK_H // ROWS
+        G: tl.constexpr = BLOCK_W // LANES
+        accs = (tl.zeros([BR, G, 1], dtype=tl.float32),) * NT
+        acc_b = tl.zeros([BR, G, 1], dtype=tl.float32)
+        # win[(kd * ROWS + o) * LANES + i]: lane i of dz row h3 + o at od = t + pad_d - kd (zero outside the run)
+        win = (tl.zeros([BR, G, 1], dtype=tl.float32),) * (KD * ROWS * LANES)
+        # not unrolled: rotating the window in the code instead of moving it (2 moves per output) takes 193
+        # registers instead of 124 on sm_90 for 3x3x3, half the warps per SM
+        for t in range(d_start - pad_d, d_end - pad_d + KD - 1):
+            od, idp = _walk_slices(t, pad_d, INT64)
+            shifted = ()
+            for o in tl.static_range(ROWS):
+                g_ok = (c3 < C) & (h3 + o < H_out) & (w3 < W_out) & (od >= d_start) & (od < d_end)
+                g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + (h3 + o) * sgh + w3 * sgw, mask=g_ok, other=0.0)
+                lanes = _split_lanes(g.to(tl.float32), BR, G, LANES)
+                for i in tl.static_range(LANES):
+                    acc_b += lanes[i]
+                    shifted = shifted + (lanes[i],)
+            for i in tl.static_range((KD - 1) * ROWS * LANES):
+                shifted = shifted + (win[i],)
+            win = shifted
+            # input row h3 - pad_h + j * dil_h meets dz row h3 + o through H tap j - o (ROWS > 1: undilated)
+            ok = (c3 < C) & (idp >= 0) & (idp < D_in)
+            for j in tl.static_range(ROWS + KH - 1):
+                ih = h3 - pad_h + j * dil_h
+                left, mid, right = _lane_row(x_base + idp * sxd + ih * sxh, ok & (ih >= 0) & (ih < H_in), w3, wg,
+                                             W_in, sxw, pad_w, LANES)
+                xl = _split_lanes(mid, BR, G, LANES)
+                updated = ()
+                for n in tl.static_range(NT):
+                    a = accs[n]
+                    for o in tl.static_range(ROWS):
+                        if j - o == (n // 3) % KH:
+                            for i in tl.static_range(LANES):
+                                dz = win[((n // (KH * 3)) * ROWS + o) * LANES + i]
+                                if i + n % 3 == 0:
+                                    a += dz * left
+                                elif i + n % 3 == LANES + 1:
+                                    a += dz * right
+                                else:
+                                    a += dz * xl[i + n % 3 - 1]
+                    updated = updated + (a,)
+                accs = updated
     elif ROLL:
         # Walk the input slices the run reads, each loaded once per in-plane tap, against a window of the KD
         # dz slices that read it (win[kd] is dz at od = id + pad_d - kd; zero outside the run, so every
@@ -567,15 +596,9 @@ def _dwconv3d_bwd_weight_kernel(
             for i in tl.static_range(KD - 1):
                 shifted = shifted + (win[i],)
             win = shifted
-            if LANES > 0:
-                # x beyond the tile's outputs meets dz = 0 there
-                ok = (c3 < C) & (idp >= 0) & (idp < D_in)
-                xs = _lane_plane(x_base + idp * sxd, ok, h3, wg, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h,
-                                 KH, LANES, BLOCK_H, BLOCK_W // LANES)
-            else:
-                ok = out_mask & (idp >= 0) & (idp < D_in)
-                xs = _plane_loads(x_base + idp * sxd, ok, h3, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
-                                  KH, KW)
+            ok = out_mask & (idp >= 0) & (idp < D_in)
+            xs = _plane_loads(x_base + idp * sxd, ok, h3, w3, H_in, W_in, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+                              KH, KW)
             updated = ()
             for kd in tl.static_range(KD):
                 for i in tl.static_range(KH * KW):
@@ -789,8 +812,9 @@ def dwconv3d_bwd_weight(
     kd, kh, kw = kernel_size
     kvol = kd * kh * kw
     # One elementwise accumulator per tap: up to 27 taps per program (larger kernels split by depth tap), with
-    # the tile sized so that the accumulators hold about 128 fp32 values per thread (3x3x3: 4 outputs per
-    # thread, about 200 registers and no spills on sm_90; to be tuned against occupancy on a GPU).
+    # the tile sized so that the accumulators hold about 128 fp32 values per thread (3x3x3 on channel-major
+    # columns: 8 outputs per thread, about 200 registers and no spills on sm_90). NCDHW lane tiles keep one sum
+    # per tap and thread instead and size their tile below.
     kd_per = kd if kvol <= 27 else 1
     n_tap_chunks = kd // kd_per
     # As in the forward: the rolling walk for 3x3x3 and 1x3x3 (each input slice read once per in-plane tap).
@@ -798,6 +822,7 @@ def dwconv3d_bwd_weight(
     taps = kd_per * kh * kw
     interp = interpreter_active()
     tile = 4096 if interp else 128 * max(1, min(8, 1 << ((128 // taps).bit_length() - 1)))
+    lane_rows = 1
     if _takes_columns(x, roll, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
         lanes = min(2, triton.next_power_of_2(w_out))
@@ -805,8 +830,16 @@ def dwconv3d_bwd_weight(
         block_w = groups * lanes
     else:
         block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
-        width = min(16 // x.element_size(), tile // 128)  # a thread's outputs along W, at most one 16-byte vector
-        lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, width, dz)
+        lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, 16 // x.element_size(), dz)
+        if lanes:
+            # One sum per tap and thread: a thread takes a 16-byte vector of dz along W by `rows` adjacent rows,
+            # which share their input rows, while its window of KD * rows * lanes dz values stays within 48.
+            if kh == 3 and dilation[1] == 1:
+                lane_rows = min(4, 1 << ((48 // (kd * lanes)).bit_length() - 1), triton.next_power_of_2(h_out))
+            if interp:
+                lane_rows = min(lane_rows, block_h)
+            else:
+                block_h = min(triton.next_power_of_2(h_out), lane_rows * 128 // (block_w // lanes))
     n_hw = triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
     n_c = triton.cdiv(c, block_c)
     if interp:
@@ -827,7 +860,8 @@ def dwconv3d_bwd_weight(
         c, d_in, h_in, w_in, d_out, h_out, w_out, d_chunk,
         *x.stride(), *dz.stride(),
         *padding, *dilation,
-        KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, LANES=lanes, HAS_BIAS=with_bias, INT64=_needs_int64(x, dz),
+        KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, LANES=lanes, ROWS=lane_rows, HAS_BIAS=with_bias,
+        INT64=_needs_int64(x, dz),
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=4,
     )
     # Fixed-order reductions over the workspace rows: deterministic for a given shape and device.
