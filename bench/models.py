@@ -132,8 +132,9 @@ def register_network(net: Network) -> Case:
                 for side in net.sides]
 
     def providers(spec):
-        # eager first: a whole-network compile can outlast a time box, and the plain eager baseline must not be lost
-        return [*VARIANTS, *(name for v in VARIANTS for name in with_compile(v))]
+        # eager first: a whole-network compile can outlast a time box, and the plain eager baseline must not be lost;
+        # then the plain network compiled, the other peer of the model targets
+        return [*VARIANTS, *(name for v in reversed(VARIANTS) for name in with_compile(v))]
 
     def setup(spec, dtype, provider, device) -> Setup:
         plain = provider.startswith("plain")
