@@ -70,7 +70,7 @@ def _channel_kl_op(student: Tensor, teacher: Tensor, reduction: str, need_grad: 
     if student.device.type == "meta":
         grad = student.new_empty((0,))
         if need_grad:
-            grad = torch.empty_like(student, dtype=saved_grad_dtype(student.dtype))
+            grad = student.new_empty(student.shape, dtype=saved_grad_dtype(student.dtype))
         return student.new_empty((), dtype=torch.float32), grad
     if not utils.launchable(student.device):
         loss, grad = channel_kl_fused_ref(student, teacher, reduction, need_grad)

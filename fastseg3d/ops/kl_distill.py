@@ -119,9 +119,9 @@ def _kl_distill_op(
     need_s, need_t = list(need_grad[:-1]), bool(need_grad[-1])
     n_s = len(students)
     if teacher.device.type == "meta":
-        grads = [torch.empty_like(s, dtype=saved_grad_dtype(s.dtype)) if n else _nothing(s)
+        grads = [s.new_empty(s.shape, dtype=saved_grad_dtype(s.dtype)) if n else _nothing(s)
                  for s, n in zip(students, need_s)]
-        g_t = torch.empty_like(teacher, dtype=saved_grad_dtype(teacher.dtype)) if need_t else _nothing(teacher)
+        g_t = teacher.new_empty(teacher.shape, dtype=saved_grad_dtype(teacher.dtype)) if need_t else _nothing(teacher)
         return (teacher.new_empty((), dtype=torch.float32), teacher.new_empty((n_s,), dtype=torch.float32),
                 grads, g_t)
     if not utils.launchable(teacher.device):
@@ -222,8 +222,8 @@ def kl_distill(
 
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result); the input gradients are computed in the
     forward pass when an input requires grad, and backward only scales them (for fp16 inputs they are kept in
-    fp32 until then: at 1 / (B x voxels) they lie below fp16's normal range until a loss scale lifts them). Other cases run the reference under
-    the ``auto`` backend.
+    fp32 until then: at 1 / (B x voxels) they lie below fp16's normal range until a loss scale lifts them).
+    Other cases run the reference under the ``auto`` backend.
 
     Example:
         >>> import torch, fastseg3d

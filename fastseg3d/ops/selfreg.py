@@ -144,7 +144,7 @@ def _selfreg_inter_op(
 ) -> tuple[Tensor, list[Tensor]]:
     """(per-student losses (S,) fp32, dL/dstudent_i); a gradient not asked for is an empty (0,) tensor."""
     if teacher.device.type == "meta":
-        grads = [torch.empty_like(s, dtype=saved_grad_dtype(s.dtype)) if n else s.new_empty((0,))
+        grads = [s.new_empty(s.shape, dtype=saved_grad_dtype(s.dtype)) if n else s.new_empty((0,))
                  for s, n in zip(students, need_grad)]
         return teacher.new_empty((len(students),), dtype=torch.float32), grads
     losses, grads = [], []
@@ -187,7 +187,7 @@ def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]
     if feature.device.type == "meta":
         grad = feature.new_empty((0,))
         if need_grad:
-            grad = torch.empty_like(feature, dtype=saved_grad_dtype(feature.dtype))
+            grad = feature.new_empty(feature.shape, dtype=saved_grad_dtype(feature.dtype))
         return feature.new_empty((), dtype=torch.float32), grad
     if not utils.launchable(feature.device):
         loss, grad = selfreg_intra_fused_ref(feature, need_grad)

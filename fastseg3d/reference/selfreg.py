@@ -102,7 +102,7 @@ def selfreg_inter_fused_ref(
     grad = None
     if need_grad:
         g = torch.zeros_like(ps).index_add_(1, student_channels, diff * (2.0 / diff.numel()))
-        grad = _unpool(g, student).to(saved_grad_dtype(student.dtype))
+        grad = _unpool(g, student).to(saved_grad_dtype(student.dtype), memory_format=torch.contiguous_format)
     return loss.float(), grad
 
 
@@ -118,5 +118,6 @@ def selfreg_intra_fused_ref(feature: torch.Tensor, need_grad: bool) -> tuple[tor
     grad = None
     if need_grad:
         g = diff * (2.0 / diff.numel())
-        grad = torch.zeros_like(x).index_copy_(1, top, g).index_copy_(1, bottom, -g).to(saved_grad_dtype(feature.dtype))
+        grad = torch.zeros(x.shape, dtype=saved_grad_dtype(feature.dtype), device=x.device)
+        grad.index_copy_(1, top, g.to(grad.dtype)).index_copy_(1, bottom, -g.to(grad.dtype))
     return loss.float(), grad

@@ -73,6 +73,16 @@ def test_zero_for_identical_maps():
     assert channel_kl(x + 3.0, x).abs().item() < 1e-12
 
 
+def test_opcheck_fp16_channels_last():
+    # fp16 with channels-last inputs; on meta tensors the op gives the real one's dtype and strides
+    s = _features((2, 3, 4, 5, 6), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d)
+    t = _features((2, 3, 4, 5, 6), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d)
+    torch.library.opcheck(torch.ops.fastseg3d.channel_kl.default, (s.requires_grad_(), t, "mean", True))
+    _, real = torch.ops.fastseg3d.channel_kl(s, t, "mean", True)
+    _, meta = torch.ops.fastseg3d.channel_kl(s.to("meta"), t.to("meta"), "mean", True)
+    assert (real.dtype, real.stride()) == (meta.dtype, meta.stride()) and real.dtype == torch.float32
+
+
 @pytest.mark.parametrize("reduction,need", [("mean", True), ("faithful", True), ("faithful", False)])
 def test_opcheck(reduction, need):
     s, t = _features((2, 3, 4, 5, 6)), _features((2, 3, 4, 5, 6)).detach()
@@ -197,6 +207,13 @@ _INTERPRET_CASES = [
                          ids=[f"{'x'.join(map(str, c[0]))}-{c[1]}-{str(c[2])[6:]}" for c in _INTERPRET_CASES])
 def test_interpret_kernel_matches_reference(poison, shape, reduction, dtype):
     check_against_reference(shape, reduction, dtype, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_fp16_loss_scale(poison):
+    # fp16 as GradScaler trains it: the kernels keep the forward-made gradients in fp32 and the 2^16 loss scale
+    # (inf in fp16) is applied before the cast
+    check_against_reference((1, 6, 2, 3, 5), "mean", torch.float16, "cpu", grad_scale=2.0**16)
 
 
 @pytest.mark.interpret

@@ -289,23 +289,26 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
 
 
 @pytest.mark.parametrize(
-    "shape,kernel,padding,dilation,layout,dtype,lanes",
-    [((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8),  # by 2 rows
-     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4),  # by 4 rows
-     ((2, 4, 8, 16, 32), (3, 3, 3), 1, (1, 2, 1), "contiguous", torch.bfloat16, 8),  # dilated H taps: 1 row
-     ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 2),  # columns: 4 channels x 2
-     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.float32, 4),  # 4 channels x 4
-     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.bfloat16, 2),  # 8 channels x 2
-     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "channels_last", torch.bfloat16, 0),  # dilated W taps
-     ((2, 4, 8, 16, 40), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 0),  # rows not 16-aligned
-     ((2, 4, 8, 16, 32), (3, 3, 3), (1, 1, 0), 1, "contiguous", torch.bfloat16, 0),  # center tap unaligned
-     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0),  # dilated W taps
-     ((2, 4, 8, 16, 32), (5, 5, 5), 2, 1, "contiguous", torch.bfloat16, 0)],
+    "shape,kernel,padding,dilation,layout,dtype,lanes,rows",
+    [((2, 4, 8, 64, 128), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8, 2),
+     ((2, 4, 8, 64, 128), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4, 4),
+     ((2, 4, 8, 64, 128), (3, 3, 3), 1, (1, 2, 1), "contiguous", torch.bfloat16, 8, 1),  # dilated H taps
+     ((2, 4, 8, 32, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8, 1),  # a plane too short for 2 rows
+     ((2, 4, 8, 128, 16), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.bfloat16, 8, 2),  # narrow: 2 rows, not 4
+     ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 2, 1),  # columns: 4 channels x 2
+     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.float32, 4, 1),  # 4 channels x 4
+     ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.bfloat16, 2, 1),  # 8 channels x 2
+     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "channels_last", torch.bfloat16, 0, 1),  # dilated W taps
+     ((2, 4, 8, 16, 40), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 0, 1),  # rows not 16-aligned
+     ((2, 4, 8, 16, 32), (3, 3, 3), (1, 1, 0), 1, "contiguous", torch.bfloat16, 0, 1),  # center tap unaligned
+     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0, 1),  # dilated W taps
+     ((2, 4, 8, 16, 32), (5, 5, 5), 2, 1, "contiguous", torch.bfloat16, 0, 1)],
 )
-def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dilation, layout, dtype, lanes):
+def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dilation, layout, dtype, lanes, rows):
     """The W-lane path (one aligned vector load per input row, taps shifted in registers) is taken exactly where
-    the JIT can prove each thread's vector aligned; the interpreter tier runs it on every NCDHW 3-wide case.
-    Channel-major tiles take the column path for every undilated rolling walk."""
+    the JIT can prove each thread's vector aligned; the interpreter tier runs it on every NCDHW 3-wide case. A
+    thread's adjacent rows share their input rows where the H taps are undilated and the plane fills 128 threads
+    with them. Channel-major tiles take the column path for every undilated rolling walk."""
     from bench.sass import _captured
     from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
 
@@ -317,20 +320,25 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     out_shape = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(shape[2:], padding, dilation, kernel)]
     out = x.new_empty(*shape[:2], *out_shape)
     w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
+
+    def full(kw):  # a W-lane tile holds one vector per thread and row for each of the 128 threads
+        return kw["BLOCK_H"] // kw["ROWS"] * (kw["BLOCK_W"] // kw["LANES"]) == 128
+
     launches = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 0))
     assert launches[0][2]["LANES"] == lanes
-    # W-lane tiles: adjacent rows per thread share their input rows where the H taps are undilated
-    rows = {8: 2, 4: 4}.get(lanes, 1) if layout == "contiguous" and dilation[1] == 1 else 1
     assert launches[0][2]["ROWS"] == rows
     if lanes and layout == "contiguous":
-        assert launches[0][2]["BLOCK_H"] == 16
+        assert full(launches[0][2])
         with_act = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 2))
-        assert with_act[0][2]["ROWS"] == (1 if dtype == torch.bfloat16 else rows)  # within 24 accumulators
+        # within 24 accumulators
+        assert with_act[0][2]["ROWS"] == min(rows, 1 << ((24 // (kernel[0] * lanes)).bit_length() - 1))
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
     # the weight gradient: as the forward's plain conv on NCDHW (rows within a window of 48 dz values), 2 columns
     # on channels-last
     assert launches[0][2]["LANES"] == (0 if not lanes or dilation[0] > 1 else lanes if layout == "contiguous" else 2)
     assert launches[0][2]["ROWS"] == rows
+    if lanes and layout == "contiguous":
+        assert full(launches[0][2])
 
 
 def test_bad_backend_env_is_reported():
@@ -395,6 +403,28 @@ def test_interpret_64bit_indexing_path(poison, monkeypatch, layout):
 
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
     check_against_reference(layout, (1, 3, 3, 4, 5), (3, 3, 3), "silu", True, _F32, "cpu")
+
+
+_GPU_TILE_CASES = [
+    # shape (B, C, D, H, W), kernel, activation, dtype: rows per thread 1, 1, 2, 4, 1 on a GPU
+    ((1, 2, 3, 1, 16), (3, 3, 3), None, _F16),
+    ((1, 2, 3, 5, 32), (1, 3, 3), "gelu", _F32),
+    ((1, 2, 3, 33, 32), (3, 3, 3), None, _F32),
+    ((1, 1, 3, 129, 16), (1, 3, 3), None, _F16),
+    ((1, 2, 4, 17, 16), (3, 3, 3), "relu", _F16),  # exact in fp16 (silu's fp16 dz, as eager keeps it, costs db 3e-3)
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape,kernel,activation,dtype", _GPU_TILE_CASES,
+                         ids=[f"{'x'.join(map(str, c[0]))}-k{''.join(map(str, c[1]))}-{c[2]}" for c in _GPU_TILE_CASES])
+def test_interpret_gpu_lane_tiles(poison, monkeypatch, shape, kernel, activation, dtype):
+    """The W-lane tiles a GPU launch picks (under the interpreter the launchers take one large tile instead): planes
+    from one row to several tiles, a thread's rows at the H border, tiles holding fewer rows than threads."""
+    import fastseg3d.kernels.dwconv3d as k
+
+    monkeypatch.setattr(k, "interpreter_active", lambda: False)
+    check_against_reference("contiguous", shape, kernel, activation, True, dtype, "cpu")
 
 
 @pytest.mark.interpret

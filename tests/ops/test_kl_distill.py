@@ -126,6 +126,21 @@ def test_opcheck(case):
     torch.library.opcheck(torch.ops.fastseg3d.kl_distill.default, args)
 
 
+def test_opcheck_fp16_channels_last():
+    # fp16 with channels-last inputs; on meta tensors the op gives the real one's dtypes and strides
+    students = [_logits((1, 3, 4, 4, 4), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d),
+                _logits((1, 3, 2, 2, 2), torch.float16)]
+    teacher = _logits((1, 3, 4, 4, 4), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d)
+    for t in (*students, teacher):
+        t.requires_grad_()
+    args = (students, teacher, 2.0, [4, 4, 4], [1.0, 0.5], [True, True, True])
+    torch.library.opcheck(torch.ops.fastseg3d.kl_distill.default, args)
+    real = torch.ops.fastseg3d.kl_distill(*args)
+    meta = torch.ops.fastseg3d.kl_distill([s.to("meta") for s in students], teacher.to("meta"), *args[2:])
+    for a, m in zip([*real[2], real[3]], [*meta[2], meta[3]]):
+        assert (a.dtype, a.shape, a.stride()) == (m.dtype, m.shape, m.stride()) and a.dtype == torch.float32
+
+
 def test_op_cpu_branch_forward_backward_matches_published():
     s = _logits((2, 3, 2, 3, 4))
     t = _logits((2, 3, 4, 3, 8))
@@ -319,6 +334,14 @@ def test_interpret_sharp_distributions(poison):
     between teacher and student, and nothing overflows."""
     check_against_reference([(1, 5, 2, 3, 7)], (1, 5, 2, 3, 7), 0.05, False, _F32, "cpu", logit_scale=40.0)
     check_against_reference([(1, 3, 1, 2, 5)], (1, 3, 2, 4, 5), 0.05, False, _F32, "cpu", logit_scale=40.0)
+
+
+@pytest.mark.interpret
+def test_interpret_fp16_loss_scale(poison):
+    # fp16 as GradScaler trains it: the kernels keep the forward-made gradients in fp32 and the 2^16 loss scale
+    # (inf in fp16) is applied before the cast
+    check_against_reference([(1, 4, 2, 3, 4), (1, 4, 1, 3, 2)], (1, 4, 2, 3, 4), 2.0, False, _F16, "cpu",
+                            grad_scale=2.0**16)
 
 
 @pytest.mark.interpret

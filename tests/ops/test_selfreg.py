@@ -162,6 +162,22 @@ def test_opcheck_intra(need):
     torch.library.opcheck(torch.ops.fastseg3d.selfreg_intra.default, (f, need))
 
 
+def test_opcheck_fp16_channels_last():
+    # fp16 with channels-last inputs; on meta tensors the ops give the real ones' dtypes and strides
+    s = _feature((2, 4, 2, 3, 4), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d)
+    t = _feature((2, 5, 4, 6, 4), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d)
+    args = ([s.requires_grad_()], t, [torch.tensor([0, 2, 3])], [torch.tensor([4, 0, 1])], [True])
+    torch.library.opcheck(torch.ops.fastseg3d.selfreg_inter.default, args)
+    _, (real,) = torch.ops.fastseg3d.selfreg_inter(*args)
+    _, (meta,) = torch.ops.fastseg3d.selfreg_inter([s.to("meta")], t.to("meta"), *args[2:])
+    assert (real.dtype, real.stride()) == (meta.dtype, meta.stride()) and real.dtype == torch.float32
+    f = _feature((2, 6, 3, 4, 5), torch.float16).detach().contiguous(memory_format=torch.channels_last_3d)
+    torch.library.opcheck(torch.ops.fastseg3d.selfreg_intra.default, (f.requires_grad_(), True))
+    _, real = torch.ops.fastseg3d.selfreg_intra(f, True)
+    _, meta = torch.ops.fastseg3d.selfreg_intra(f.to("meta"), True)
+    assert (real.dtype, real.stride()) == (meta.dtype, meta.stride()) and real.dtype == torch.float32
+
+
 def test_compile_fullgraph_ops_forward_backward():
     torch._dynamo.reset()
     s, t, f = _feature((2, 4, 2, 3, 4)), _feature((2, 5, 4, 6, 8)).detach(), _feature((2, 6, 3, 4, 5))
@@ -337,6 +353,15 @@ _INTERPRET_INTER = [
                          ids=[f"{_inter_id(c)}-{str(c[3])[6:]}-dup{int(c[4])}" for c in _INTERPRET_INTER])
 def test_interpret_inter_matches_reference(poison, student, teacher, k, dtype, dup):
     check_inter([student], teacher, [k], dtype, "cpu", duplicates=dup)
+
+
+@pytest.mark.interpret
+def test_interpret_fp16_loss_scale(poison):
+    # fp16 as GradScaler trains it: the kernels keep the forward-made gradients in fp32 and the 2^16 loss scale
+    # (inf in fp16) is applied before the cast
+    check_inter([(1, 4, 2, 2, 2), (1, 6, 4, 4, 4)], (1, 5, 4, 4, 4), [4, 5], _F16, "cpu",
+                grad_scale=(2.0**16, -(2.0**15)))
+    check_intra((1, 6, 2, 3, 4), _F16, "cpu", grad_scale=2.0**16)
 
 
 @pytest.mark.interpret
