@@ -48,11 +48,13 @@ def _pooled_row(
 ):
     """fp32 average over the (FD, FH, FW) cell of pooled voxels (d, h, w) of one channel of a (XD, XH, XW) map."""
     acc = tl.zeros(d.shape, dtype=tl.float32)
+    # one address per pooled voxel; the cell's elements are offsets from it (rows and planes uniform, W immediate)
+    cell = base_ptr + ((d * FD * XH + h * FH) * XW + w * FW)
     for i in range(FD):
-        for j in range(FH):
-            for k in range(FW):
-                off = ((d * FD + i) * XH + (h * FH + j)) * XW + (w * FW + k)
-                acc += tl.load(base_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        for j in tl.static_range(FH):
+            row = cell + (i * XH + j) * XW
+            for k in tl.static_range(FW):
+                acc += tl.load(row + k, mask=mask, other=0.0).to(tl.float32)
     return acc * (1.0 / (FD * FH * FW))
 
 
