@@ -48,7 +48,8 @@ def _pooled_row(
 ):
     """fp32 average over the (FD, FH, FW) cell of pooled voxels (d, h, w) of one channel of a (XD, XH, XW) map."""
     acc = tl.zeros(d.shape, dtype=tl.float32)
-    # one address per pooled voxel; the cell's elements are offsets from it (rows and planes uniform, W immediate)
+    # one address per pooled voxel; the cell's elements are offsets from it (planes and rows uniform, W immediate);
+    # FD stays a loop, so a 4x4x4 cell does not hold 64 loads per output in registers at once
     cell = base_ptr + ((d * FD * XH + h * FH) * XW + w * FW)
     for i in range(FD):
         for j in tl.static_range(FH):
@@ -125,12 +126,13 @@ def _selfreg_inter_kernel(
     tl.store(part_ptr + row, tl.sum(sq, axis=0))
     if NEED_GRAD:
         g = (diff * (coef / (FD * FH * FW))).to(gs_ptr.dtype.element_ty)
-        gs_base = gs_ptr + (b * CS + c) * (SD * SH * SW)
+        # each pooled voxel's gradient to its cell, addressed as _pooled_row reads it
+        cell = gs_ptr + (b * CS + c) * (SD * SH * SW) + ((d * FD * SH + h * FH) * SW + w * FW)
         for i in range(FD):
-            for j2 in range(FH):
-                for k in range(FW):
-                    off = ((d * FD + i) * SH + (h * FH + j2)) * SW + (w * FW + k)
-                    tl.store(gs_base + off, g, mask=mask)
+            for j2 in tl.static_range(FH):
+                row_ptr = cell + (i * SH + j2) * SW
+                for k in tl.static_range(FW):
+                    tl.store(row_ptr + k, g, mask=mask)
 
 
 @triton.jit
