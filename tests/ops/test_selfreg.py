@@ -365,6 +365,15 @@ def test_interpret_fp16_loss_scale(poison):
 
 
 @pytest.mark.interpret
+def test_interpret_64bit_indexing_path(poison, monkeypatch):
+    import fastseg3d.kernels.selfreg as k
+
+    monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
+    check_inter([(1, 4, 2, 2, 2), (1, 3, 4, 8, 4)], (1, 5, 4, 8, 4), [4, 3], _F32, "cpu", grad_scale=(1.5, -0.5))
+    check_intra((1, 6, 2, 3, 4), _F32, "cpu")
+
+
+@pytest.mark.interpret
 def test_interpret_inter_multi_pyramid(poison):
     # levels 4^3 (from the teacher), 2^3 (from 4^3), (4, 2, 8) (from the teacher) and the teacher itself
     check_inter([(1, 4, 4, 4, 4), (1, 6, 2, 2, 2), (1, 3, 4, 2, 8), (1, 2, 8, 8, 8)], (1, 5, 8, 8, 8), [4, 5, 3, 2],
