@@ -1,4 +1,4 @@
-"""Static profile of the dwconv3d and attention kernels as an H100 runs them, on a machine without a GPU.
+"""Static profile of fastseg3d's Triton kernels as an H100 runs them, on a machine without a GPU.
 
 Each launcher is called on ``meta`` tensors of a benchmark shape with its kernel launches captured; each kernel
 is then compiled for sm_90 with the specialisation Triton's JIT would give those arguments (integers equal to 1
@@ -10,6 +10,7 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
     python -m bench.sass dwconv3d --kernel 1 3 3 --dtype float32 --activation gelu
     python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
     python -m bench.sass kl_distill                    # DSD's KL, 14 classes: full-resolution, then upsampled heads
+    python -m bench.sass selfreg                       # SelfReg's pooling and inter term, 2x2x2 cells
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from unittest import mock
 
 import torch
 
-__all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill"]
+__all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_selfreg"]
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32"}
@@ -213,9 +214,34 @@ def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2,
     return rows
 
 
+def profile_selfreg(student_shape=(2, 32, 128, 128, 128), size=(64, 64, 64), dtype=torch.bfloat16) -> list[dict]:
+    """Registers, spill bytes and instructions per pooled voxel of SelfReg's pooling kernel (the teacher's pyramid)
+    and of its inter term with the student's gradient (the student pooled to the teacher's level ``size``): the
+    whole kernel, which has no loop over a cell of up to 2 per axis, per pooled voxel the thread holds."""
+    from fastseg3d.kernels import selfreg as k
+
+    x = torch.empty(student_shape, dtype=dtype, device="meta")
+    teacher = torch.empty((student_shape[0], 16, *size), dtype=torch.float32, device="meta")
+    pairs = torch.arange(16, device="meta")
+
+    def call():
+        k.avg_pool(x, size)
+        k.selfreg_inter_fwd(x, teacher, pairs, pairs, True)
+
+    rows = []
+    for fn, args, kw in _captured(call):
+        compiled = _compile_like_jit(fn, args, kw)
+        code = _cuobjdump(compiled.asm["cubin"], "-sass")
+        n = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", code, re.M))
+        per_thread = kw["BLOCK_V"] / (32 * kw["num_warps"])
+        rows.append({"kernel": fn.fn.__name__, "cell": (kw["FD"], kw["FH"], kw["FW"]), "block_v": kw["BLOCK_V"],
+                     **_stats(compiled), "per_pooled_voxel": round(n / per_thread, 1)})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill"])
+    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill", "selfreg"])
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
     parser.add_argument("--kernel", type=int, nargs=3, action="append", help="dwconv3d kernel (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
@@ -231,6 +257,10 @@ def main(argv=None) -> None:
                                         (low, (2, 14, 64, 64, 64), (64, 64, 64))):
             for row in profile_kl_distill(teacher, students, size, dtype):
                 print(row)
+        return
+    if args.op == "selfreg":
+        for row in profile_selfreg(dtype=dtype):
+            print(row)
         return
     if args.op == "attention":
         for head_dim in (16, 32, 64, 128):
