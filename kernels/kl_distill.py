@@ -8,7 +8,8 @@ on the fly by an integer factor per axis:
 
 A program owns BLOCK_V consecutive output voxels (flattened D, H, W; W is contiguous, so loads are coalesced)
 of one batch element and all K channels in registers ([BLOCK_K, BLOCK_V]); the softmax runs over axis 0.
-Up to four students share one pass over the teacher.
+Up to four students share one pass over the teacher. An upsampled input (up to 16 classes) is read from a
+class-interleaved copy (B, D, H, W, classes), so the corners of its interpolation are vector loads.
 
 Gradients are formed in the same forward pass (Liger-Kernel style) and written to buffers that backward only
 scales by the incoming gradient:
@@ -88,26 +89,39 @@ def _store_2d(ptrs, val, mask, VEC: tl.constexpr):
 
 
 @triton.jit
-def _corner(base, off, wgt, acc, VEC: tl.constexpr):
+def _corner(base, off, wgt, acc, VEC: tl.constexpr, IL: tl.constexpr):
     """acc + wgt * the corner at voxel offset ``off`` (per voxel) of the class planes at ``base`` (per class; acc
-    None: the first corner). The offset is summed per voxel, so each load costs one 64-bit address."""
-    x = _load_tile(base + off[None, :], None, VEC).to(tl.float32) * wgt[None, :]
+    None: the first corner). The offset is summed per voxel, so each load costs one 64-bit address. IL > 0: the
+    input is a class-interleaved copy (voxels of IL classes, ``base`` per batch), and a voxel's classes are one
+    or two 16-byte loads from one address, where planes cost a load and an address per class."""
+    if IL > 0:
+        voxel = base + off[:, None] * IL
+        if IL > 8:
+            lo = tl.load(voxel + tl.arange(0, 8)[None, :])
+            hi = tl.load(voxel + (8 + tl.arange(0, IL - 8))[None, :])
+            x = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (off.shape[0], IL))
+        else:
+            x = tl.load(voxel + tl.arange(0, IL)[None, :])
+        x = tl.trans(x).to(tl.float32) * wgt[None, :]
+    else:
+        x = _load_tile(base + off[None, :], None, VEC).to(tl.float32) * wgt[None, :]
     if acc is not None:
         x += acc
     return x
 
 
 @triton.jit
-def _plane_corners(base, plane, wd, rows, cols, acc, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr):
+def _plane_corners(base, plane, wd, rows, cols, acc, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr,
+                   IL: tl.constexpr):
     """acc plus the corners of one depth plane (offset ``plane``, weight ``wd``): rows (offset 0, offset 1,
     weight 0, weight 1) along H and cols likewise along W, the second of each only where that axis is upsampled."""
-    acc = _corner(base, plane + rows[0] + cols[0], wd * rows[2] * cols[2], acc, VEC)
+    acc = _corner(base, plane + rows[0] + cols[0], wd * rows[2] * cols[2], acc, VEC, IL)
     if FW > 1:
-        acc = _corner(base, plane + rows[0] + cols[1], wd * rows[2] * cols[3], acc, VEC)
+        acc = _corner(base, plane + rows[0] + cols[1], wd * rows[2] * cols[3], acc, VEC, IL)
     if FH > 1:
-        acc = _corner(base, plane + rows[1] + cols[0], wd * rows[3] * cols[2], acc, VEC)
+        acc = _corner(base, plane + rows[1] + cols[0], wd * rows[3] * cols[2], acc, VEC, IL)
         if FW > 1:
-            acc = _corner(base, plane + rows[1] + cols[1], wd * rows[3] * cols[3], acc, VEC)
+            acc = _corner(base, plane + rows[1] + cols[1], wd * rows[3] * cols[3], acc, VEC, IL)
     return acc
 
 
@@ -124,20 +138,23 @@ def _axis(o, F: tl.constexpr, N):
 @triton.jit
 def _load_logits(
     ptr, b, K, offs_k, d, h, w, v, mask, ND, NH, NW,
-    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr, IL: tl.constexpr,
 ):
     """[BLOCK_K, BLOCK_V] fp32 logits of a contiguous (B, K, ND, NH, NW) tensor at output voxels (d, h, w), whose
     flat index is v, upsampled trilinearly by (FD, FH, FW). At the output resolution the flat index addresses the
     voxels directly, so consecutive voxels are seen as contiguous (vector loads), and masked entries read 0.
     Upsampled, the loads take no mask: the indices are clamped to the volume (the interpolation's, and d on an
     axis that is not upsampled, which padded voxels past the last would overrun) and padded classes read the
-    last class, so masked entries hold finite values that the caller discards; a mask would cost a register
-    move per load."""
+    last class (IL > 0: the input is a (B, ND, NH, NW, IL) class-interleaved copy, padded classes zero), so masked
+    entries hold finite values that the caller discards; a mask would cost a register move per load."""
     nvox = ND * NH * NW
     if FD == 1 and FH == 1 and FW == 1:
         base = ptr + b * K * nvox + offs_k[:, None] * nvox
         return _load_tile(base + v[None, :], mask, VEC).to(tl.float32)
-    base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
+    if IL > 0:
+        base = ptr + b * nvox * IL
+    else:
+        base = ptr + b * K * nvox + tl.minimum(offs_k, K - 1)[:, None] * nvox
     if FD == 1:  # h < NH and w < NW hold for padded voxels too; d does not
         d = tl.minimum(d, ND - 1)
     d0, d1, wd0, wd1 = _axis(d, FD, ND)
@@ -147,9 +164,9 @@ def _load_logits(
     # linear interpolations takes two per interpolation); the corner weights and offsets are per voxel.
     rows = (h0 * NW, h1 * NW, wh0, wh1)
     cols = (w0, w1, ww0, ww1)
-    acc = _plane_corners(base, d0 * (NH * NW), wd0, rows, cols, None, FH, FW, VEC)
+    acc = _plane_corners(base, d0 * (NH * NW), wd0, rows, cols, None, FH, FW, VEC, IL)
     if FD > 1:
-        acc = _plane_corners(base, d1 * (NH * NW), wd1, rows, cols, acc, FH, FW, VEC)
+        acc = _plane_corners(base, d1 * (NH * NW), wd1, rows, cols, acc, FH, FW, VEC, IL)
     return acc
 
 
@@ -171,11 +188,11 @@ def _log2_softmax(z, mask):
 @triton.jit
 def _student_terms(
     s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, scale2, log2p, p,
-    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr,
+    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr, IL: tl.constexpr,
 ):
     """Per-voxel KL(p || q) in bits [BLOCK_V], q - p, and p (log2 p - log2 q - KL) [BLOCK_K, BLOCK_V] for one
     student (the callers scale bits to nats once, where they store)."""
-    zs = _load_logits(s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, FD, FH, FW, VEC) * scale2
+    zs = _load_logits(s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, FD, FH, FW, VEC, IL) * scale2
     log2q, q = _log2_softmax(zs, mask)
     a = log2p - log2q
     kl = tl.sum(p * a, axis=0)
@@ -220,7 +237,7 @@ def _kl_fwd_kernel(
     F1W: tl.constexpr, F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr, F3D: tl.constexpr,
     F3H: tl.constexpr, F3W: tl.constexpr,
     GRAD_T: tl.constexpr, GRAD0: tl.constexpr, GRAD1: tl.constexpr, GRAD2: tl.constexpr, GRAD3: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, VEC: tl.constexpr, IL: tl.constexpr,
 ):
     """Loss partial sums (one row of MAX_STUDENTS per program) and, where GRAD_* is set, the input gradients at
     the output resolution (the input's own gradient, or the buffer of an upsampled one), scaled by c* (ct for the
@@ -245,12 +262,12 @@ def _kl_fwd_kernel(
     h = (offs_v % hw) // OW
     w = offs_v % OW
 
-    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, offs_v, mask, TD, TH, TW, TFD, TFH, TFW, VEC) * scale2
+    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, offs_v, mask, TD, TH, TW, TFD, TFH, TFW, VEC, IL) * scale2
     log2p, p = _log2_softmax(zt, mask)
     gt = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
     if NUM_S > 0:
         kl, gs, gtc = _student_terms(
-            s0_ptr, b, K, offs_k, d, h, w, offs_v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W, VEC
+            s0_ptr, b, K, offs_k, d, h, w, offs_v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W, VEC, IL
         )
         tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
         if GRAD0:
@@ -258,7 +275,7 @@ def _kl_fwd_kernel(
         gt += w0 * gtc
     if NUM_S > 1:
         kl, gs, gtc = _student_terms(
-            s1_ptr, b, K, offs_k, d, h, w, offs_v, mask, S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W, VEC
+            s1_ptr, b, K, offs_k, d, h, w, offs_v, mask, S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W, VEC, IL
         )
         tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
         if GRAD1:
@@ -266,7 +283,7 @@ def _kl_fwd_kernel(
         gt += w1 * gtc
     if NUM_S > 2:
         kl, gs, gtc = _student_terms(
-            s2_ptr, b, K, offs_k, d, h, w, offs_v, mask, S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W, VEC
+            s2_ptr, b, K, offs_k, d, h, w, offs_v, mask, S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W, VEC, IL
         )
         tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
         if GRAD2:
@@ -274,7 +291,7 @@ def _kl_fwd_kernel(
         gt += w2 * gtc
     if NUM_S > 3:
         kl, gs, gtc = _student_terms(
-            s3_ptr, b, K, offs_k, d, h, w, offs_v, mask, S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W, VEC
+            s3_ptr, b, K, offs_k, d, h, w, offs_v, mask, S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W, VEC, IL
         )
         tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
         if GRAD3:
@@ -410,12 +427,25 @@ def kl_distill_fwd(
     nvox = od * oh * ow
     k_pad = triton.next_power_of_2(k)
     blocked = bsz * k * triton.cdiv(nvox, _VB.value) * _VB.value  # an output-resolution buffer
-    int64 = any(t.numel() >= _INT32_MAX for t in (teacher, *students)) or blocked >= _INT32_MAX
+
     scale2 = _LOG2E / temperature  # logits in log2 units
     coef = temperature / (bsz * nvox)
 
     t_f = _factors(teacher.shape, size)
     s_f = [_factors(s.shape, size) for s in students]
+    # Up to 16 classes (a thread holds a voxel's classes), upsampled inputs are read through class-interleaved
+    # copies (B, D, H, W, k_pad), zero-padded: a corner's classes are one or two 16-byte loads from one address,
+    # where the planes cost a 2-byte load and an address per class (DSD's decoder group, bf16, sm_90: about 3,100
+    # -> 2,600 instructions per output voxel). The copies are of low-resolution inputs, freed on return.
+    il = k_pad if k_pad <= 16 and (t_f != (1, 1, 1) or any(f != (1, 1, 1) for f in s_f)) else 0
+
+    def interleaved(x, factors):
+        if not il or factors == (1, 1, 1):
+            return x
+        return torch.nn.functional.pad(x.movedim(1, -1), (0, il - k)).contiguous()
+
+    t_in = interleaved(teacher, t_f)
+    s_in = [interleaved(s, f) for s, f in zip(students, s_f)]
     g_t = empty(teacher.shape, dtype=saved_grad_dtype(teacher.dtype), device=teacher.device) if need_teacher else None
     g_s = [empty(s.shape, dtype=saved_grad_dtype(s.dtype), device=s.device) if n else None
            for s, n in zip(students, need_students)]
@@ -434,6 +464,7 @@ def kl_distill_fwd(
         return empty((bsz, triton.cdiv(nvox, _VB.value), k, _VB.value),
                      dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
 
+    int64 = any(t.numel() >= _INT32_MAX for t in (t_in, *s_in)) or blocked >= _INT32_MAX
     o_t = out_res(teacher, g_t, t_f)
     o_s = [out_res(s, g, f) for s, g, f in zip(students, g_s, s_f)]
     # store scales of the forward: the final ones for a gradient it writes directly
@@ -441,7 +472,7 @@ def kl_distill_fwd(
     c_s = [w * (coef if o is g else 1.0) for w, o, g in zip(weights, o_s, g_s)]
 
     pad = MAX_STUDENTS - n_s
-    s_ptrs = students + [teacher] * pad
+    s_ptrs = s_in + [teacher] * pad
     s_sizes = [x for s in students for x in s.shape[2:]] + [1, 1, 1] * pad
     s_facts = [x for f in s_f for x in f] + [1, 1, 1] * pad
     wts = list(weights) + [0.0] * pad
@@ -460,14 +491,14 @@ def kl_distill_fwd(
     n_prog = triton.cdiv(nvox, block_v)
     partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
     torch.library.wrap_triton(_kl_fwd_kernel)[(n_prog, bsz)](
-        teacher, o_t if o_t is not None else teacher,
+        t_in, o_t if o_t is not None else teacher,
         s_ptrs[0], gs_ptrs[0], s_ptrs[1], gs_ptrs[1], s_ptrs[2], gs_ptrs[2], s_ptrs[3], gs_ptrs[3], partials,
         od, oh, ow, *teacher.shape[2:], *s_sizes, *wts, *c_s, c_t, scale2,
         NUM_S=n_s, TFD=t_f[0], TFH=t_f[1], TFW=t_f[2],
         F0D=s_facts[0], F0H=s_facts[1], F0W=s_facts[2], F1D=s_facts[3], F1H=s_facts[4], F1W=s_facts[5],
         F2D=s_facts[6], F2H=s_facts[7], F2W=s_facts[8], F3D=s_facts[9], F3H=s_facts[10], F3W=s_facts[11],
         GRAD_T=need_teacher, GRAD0=grad_flags[0], GRAD1=grad_flags[1], GRAD2=grad_flags[2], GRAD3=grad_flags[3],
-        INT64=int64, K=k, BLOCK_K=k_pad, BLOCK_V=block_v, VEC=vec, num_warps=warps,
+        INT64=int64, K=k, BLOCK_K=k_pad, BLOCK_V=block_v, VEC=vec, IL=il, num_warps=warps,
     )
 
     for x, g, o, factors in zip([teacher, *students], [g_t, *g_s], [o_t, *o_s], [t_f, *s_f]):
