@@ -420,8 +420,6 @@ def kl_distill_fwd(
     needed) for up to MAX_STUDENTS students. ``empty`` allocates every buffer (tests pass a NaN-filling one)."""
     n_s = len(students)
     assert 1 <= n_s <= MAX_STUDENTS
-    teacher = teacher.contiguous()
-    students = [s.contiguous() for s in students]
     bsz, k = teacher.shape[:2]
     od, oh, ow = size
     nvox = od * oh * ow
@@ -439,13 +437,14 @@ def kl_distill_fwd(
     # -> 2,600 instructions per output voxel). The copies are of low-resolution inputs, freed on return.
     il = k_pad if k_pad <= 16 and (t_f != (1, 1, 1) or any(f != (1, 1, 1) for f in s_f)) else 0
 
-    def interleaved(x, factors):
+    def operand(x, factors):  # what the kernel reads: the input in NCDHW, or its class-interleaved copy
         if not il or factors == (1, 1, 1):
-            return x
-        return torch.nn.functional.pad(x.movedim(1, -1), (0, il - k)).contiguous()
+            return x.contiguous()
+        x = x.movedim(1, -1)  # already contiguous for a channels-last input with il == k
+        return x.contiguous() if il == k else torch.nn.functional.pad(x, (0, il - k))
 
-    t_in = interleaved(teacher, t_f)
-    s_in = [interleaved(s, f) for s, f in zip(students, s_f)]
+    t_in = operand(teacher, t_f)
+    s_in = [operand(s, f) for s, f in zip(students, s_f)]
     g_t = empty(teacher.shape, dtype=saved_grad_dtype(teacher.dtype), device=teacher.device) if need_teacher else None
     g_s = [empty(s.shape, dtype=saved_grad_dtype(s.dtype), device=s.device) if n else None
            for s, n in zip(students, need_students)]
@@ -500,6 +499,7 @@ def kl_distill_fwd(
         GRAD_T=need_teacher, GRAD0=grad_flags[0], GRAD1=grad_flags[1], GRAD2=grad_flags[2], GRAD3=grad_flags[3],
         INT64=int64, K=k, BLOCK_K=k_pad, BLOCK_V=block_v, VEC=vec, IL=il, num_warps=warps,
     )
+    del t_in, s_in, s_ptrs  # the interleaved copies: not needed by the transposes
 
     for x, g, o, factors in zip([teacher, *students], [g_t, *g_s], [o_t, *o_s], [t_f, *s_f]):
         if g is None or o is g:

@@ -147,6 +147,13 @@ def test_distillation_kernels():
 
     compile_for_h100(kl._kl_fwd_kernel, _kl_values(3, [(1, 1, 1), (2, 2, 2), (4, 4, 4)], (1, 1, 1), True), 8)
     compile_for_h100(kl._kl_fwd_kernel, _kl_values(1, [(1, 2, 4)], (2, 1, 1), False, int64=True), 8)
+    # class-interleaved upsampled inputs of 1, 2 and 5 classes (one load per corner), and fp32 on the 64-bit path
+    for classes, il in ((1, 1), (2, 2), (5, 8)):
+        compile_for_h100(kl._kl_fwd_kernel, {**_kl_values(2, [(2, 2, 2), (1, 1, 1)], (1, 1, 1), True), "K": classes,
+                                             "BLOCK_K": il, "IL": il}, 4)
+    fp32 = {n: "*fp32" if str(v).startswith("*") else v
+            for n, v in _kl_values(1, [(2, 2, 2)], (1, 2, 1), True, int64=True).items()}
+    compile_for_h100(kl._kl_fwd_kernel, fp32, 4)
     transpose = {"g_ptr": "*bf16", "out_ptr": "*bf16", **_ints("OD", "OH", "OW", "ND", "NH", "NW"), "coef": "fp32",
                  "K": 14, "GFD": 2, "GFH": 4, "GFW": 1, "LD": 4, "LH": 8, "LW": 1, "INT64": False, "BLOCK_K": 16,
                  "BLOCK_V": 128}

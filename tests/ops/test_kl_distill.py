@@ -316,6 +316,8 @@ _INTERPRET_PAIRS = [
     ((1, 4, 2, 3, 3), (1, 4, 4, 6, 6), 3.0, False, _F16),
     ((1, 3, 2, 6, 4), (1, 3, 2, 2, 4), 2.0, False, _F16),  # fp16 teacher upsampled by an odd factor
     ((3, 2, 2, 3, 4), (3, 2, 6, 3, 2), 1.5, False, _F32),  # batch 3, depth upsampled by 3, width by 2
+    ((2, 9, 2, 3, 4), (2, 9, 4, 3, 2), 2.0, False, _F16),  # 9 and 16 classes: the interleaved copies' two loads
+    ((1, 16, 2, 2, 3), (1, 16, 2, 4, 3), 1.5, False, _F16),
 ]
 
 
@@ -480,6 +482,28 @@ def test_64bit_indexing_covers_the_padded_gradient_buffer(monkeypatch):
     launches = _captured(lambda: k.kl_distill_fwd([student], teacher, (33, 1, 1), 2.0, [1.0], [True], True))
     assert [fn.fn.__name__ for fn, _, _ in launches] == ["_kl_fwd_kernel", "_interp_transpose_kernel"]
     assert all(kw["INT64"] for _, _, kw in launches)
+
+
+@pytest.mark.parametrize("classes,factor,il", [(14, 2, 16), (14, 1, 0), (17, 2, 0), (5, 2, 8), (1, 2, 1)])
+def test_upsampled_inputs_are_read_class_interleaved(classes, factor, il):
+    """Up to 16 classes, a launch with an upsampled input reads those inputs from class-interleaved copies (IL =
+    the padded class count); at the output resolution, or with more classes, the NCDHW inputs themselves."""
+    import fastseg3d.kernels.kl_distill as k
+    from bench.sass import _captured
+
+    teacher = torch.empty(2, classes, 8, 8, 8, device="meta", dtype=torch.bfloat16)
+    student = torch.empty(2, classes, 8 // factor, 8, 8, device="meta", dtype=torch.bfloat16)
+    launches = _captured(lambda: k.kl_distill_fwd([student, teacher], teacher, (8, 8, 8), 2.0, [1.0, 1.0],
+                                                   [True, True], True))
+    fn, args, kw = launches[0]
+    assert fn.fn.__name__ == "_kl_fwd_kernel" and kw["IL"] == il
+    if il:  # the student's copy, (B, D, H, W, IL); the other student and the teacher as they are
+        assert args[2].shape == (2, 8 // factor, 8, 8, il) and args[2].is_contiguous()
+        assert args[0].shape == args[4].shape == teacher.shape
+    from fastseg3d.kernels.channel_kl import channel_kl_fwd
+
+    launches = _captured(lambda: channel_kl_fwd(teacher, teacher, 1.0, True))
+    assert launches[0][2]["IL"] == 0
 
 
 def test_scaled_grad_hands_over_the_forward_gradient_on_a_unit_incoming_gradient():
