@@ -431,6 +431,28 @@ def test_gpu_multi_dsd_heads(poison):
 
 
 @pytest.mark.gpu
+def test_gpu_compile_fullgraph_with_upsampled_inputs():
+    # the launcher's class-interleaved copies (movedim, pad) traced inside the triton_op, forward and backward
+    torch._dynamo.reset()
+    s = torch.randn(2, 14, 8, 16, 16, device="cuda", requires_grad=True)
+    t = torch.randn(2, 14, 16, 16, 8, device="cuda", requires_grad=True)
+
+    def fn(s, t):
+        return kl_distill(s, t, 3.0)
+
+    eager = [x.detach().clone().requires_grad_() for x in (s, t)]
+    comp = [x.detach().clone().requires_grad_() for x in (s, t)]
+    with fastseg3d.backend("triton"):
+        y_e = fn(*eager)
+        y_c = torch.compile(fn, fullgraph=True)(*comp)
+    assert_close("loss", y_c, y_e, torch.float32)
+    (2.0 * y_e).backward()
+    (2.0 * y_c).backward()
+    for name, a, e in zip(("dstudent", "dteacher"), comp, eager):
+        assert_close(name, a.grad, e.grad, torch.float32)
+
+
+@pytest.mark.gpu
 def test_gpu_bitwise_determinism():
     t = torch.randn(2, 14, 64, 64, 64, device="cuda", dtype=torch.bfloat16)
     students = [torch.randn(2, 14, 64 // f, 64 // f, 64 // f, device="cuda", dtype=torch.bfloat16) for f in (1, 2, 4)]
