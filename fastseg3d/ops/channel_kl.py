@@ -109,8 +109,7 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
 
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result, the student gradient formed in the
     forward pass when the student requires grad, kept in fp32 for fp16 so a loss scale reaches it before
-    rounding); up to 256 channels. Other cases run the reference under the
-    ``auto`` backend.
+    rounding); up to 256 channels. Other cases run the reference under the ``auto`` backend.
 
     Example:
         >>> import torch, fastseg3d

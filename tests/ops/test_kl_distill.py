@@ -156,24 +156,27 @@ def test_op_cpu_branch_forward_backward_matches_published():
     assert_close("dteacher", t.grad, t2.grad, torch.float32)
 
 
-def test_compile_fullgraph_op_forward_backward():
+def check_compiled_matches_eager(fn, s, t, backend="auto"):
+    """fn(s, t) compiled with fullgraph=True against eager: the loss, and both gradients of twice the loss."""
     torch._dynamo.reset()
-    s = _logits((2, 4, 3, 4, 5))
-    t = _logits((2, 4, 6, 4, 10))
-
-    def fn(s, t):
-        total, _, _, _ = torch.ops.fastseg3d.kl_distill([s], t, 3.0, [6, 4, 10], [1.0], [True, True])
-        return total
-
     eager = [x.detach().clone().requires_grad_() for x in (s, t)]
     comp = [x.detach().clone().requires_grad_() for x in (s, t)]
-    y_e = fn(*eager)
-    y_c = torch.compile(fn, fullgraph=True)(*comp)
+    with fastseg3d.backend(backend):
+        y_e = fn(*eager)
+        y_c = torch.compile(fn, fullgraph=True)(*comp)
     assert_close("loss", y_c, y_e, torch.float32)
     (2.0 * y_e).backward()
     (2.0 * y_c).backward()
     for name, a, e in zip(("dstudent", "dteacher"), comp, eager):
         assert_close(name, a.grad, e.grad, torch.float32)
+
+
+def test_compile_fullgraph_op_forward_backward():
+    def fn(s, t):
+        total, _, _, _ = torch.ops.fastseg3d.kl_distill([s], t, 3.0, [6, 4, 10], [1.0], [True, True])
+        return total
+
+    check_compiled_matches_eager(fn, _logits((2, 4, 3, 4, 5)), _logits((2, 4, 6, 4, 10)))
 
 
 def test_compile_fullgraph_public_functions():
@@ -433,23 +436,9 @@ def test_gpu_multi_dsd_heads(poison):
 @pytest.mark.gpu
 def test_gpu_compile_fullgraph_with_upsampled_inputs():
     # the launcher's class-interleaved copies (movedim, pad) traced inside the triton_op, forward and backward
-    torch._dynamo.reset()
-    s = torch.randn(2, 14, 8, 16, 16, device="cuda", requires_grad=True)
-    t = torch.randn(2, 14, 16, 16, 8, device="cuda", requires_grad=True)
-
-    def fn(s, t):
-        return kl_distill(s, t, 3.0)
-
-    eager = [x.detach().clone().requires_grad_() for x in (s, t)]
-    comp = [x.detach().clone().requires_grad_() for x in (s, t)]
-    with fastseg3d.backend("triton"):
-        y_e = fn(*eager)
-        y_c = torch.compile(fn, fullgraph=True)(*comp)
-    assert_close("loss", y_c, y_e, torch.float32)
-    (2.0 * y_e).backward()
-    (2.0 * y_c).backward()
-    for name, a, e in zip(("dstudent", "dteacher"), comp, eager):
-        assert_close(name, a.grad, e.grad, torch.float32)
+    s = torch.randn(2, 14, 8, 16, 16, device="cuda")
+    t = torch.randn(2, 14, 16, 16, 8, device="cuda")
+    check_compiled_matches_eager(lambda s, t: kl_distill(s, t, 3.0), s, t, backend="triton")
 
 
 @pytest.mark.gpu
