@@ -190,7 +190,7 @@ def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2,
                        size=(128, 128, 128), dtype=torch.bfloat16) -> list[dict]:
     """Registers, spill bytes and main-loop barriers of the fused KL kernels (the forward, then a transposed
     interpolation per input at a lower resolution than ``size``) for one teacher and up to four students, all with
-    gradients; for the forward, instructions per logit read; for a transposed interpolation, main-loop
+    gradients; for the forward, instructions per logit read; for a transposed interpolation, its inner loop's
     instructions per class and tap."""
     from fastseg3d.kernels import kl_distill as k
 
@@ -208,8 +208,12 @@ def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2,
             n = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", code, re.M))
             logits = kw["BLOCK_V"] * kw["K"] / (32 * kw["num_warps"]) * (1 + len(students))
             row["per_element"] = round(n / logits, 1)
-        elif "inner_per_load" in row:  # the transposed interpolation loads one class of one tap per LDG
-            row["per_class_tap"] = row.pop("inner_per_load")
+        elif "inner_per_load" in row:
+            # the transposed interpolation loads a tap's classes in 16-byte vectors from a class-interleaved buffer
+            # (IL > 0), else one class per load
+            il, buffer = kw["IL"], args[0]
+            loads_per_tap = max(1, il * buffer.element_size() // 16) if il else kw["K"]
+            row["per_class_tap"] = round(row.pop("inner_per_load") * loads_per_tap / kw["K"], 1)
         rows.append(row)
     return rows
 

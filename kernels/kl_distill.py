@@ -18,10 +18,10 @@ scales by the incoming gradient:
     dL/dteacher   = T / (B N) * sum_i w_i p (log p - log q_i - KL_i)
 
 An input at the output resolution receives its gradient directly from the forward kernel. For an upsampled
-input the forward writes the gradient at the output resolution to a transient buffer, and a gather-style kernel
-applies the transpose of trilinear interpolation: each low-resolution voxel sums its (2f)^3 contributing
-output voxels, so there are no atomics. Per-program loss partial sums are written to a workspace and reduced in a
-fixed order: everything is bitwise deterministic.
+input the forward writes the gradient at the output resolution to a transient buffer (class-interleaved like the
+copies, up to 16 classes), and a gather-style kernel applies the transpose of trilinear interpolation: each
+low-resolution voxel sums its (2f)^3 contributing output voxels, so there are no atomics. Per-program loss partial
+sums are written to a workspace and reduced in a fixed order: everything is bitwise deterministic.
 """
 
 from __future__ import annotations
@@ -94,7 +94,19 @@ def _corner(base, off, wgt, acc, VEC: tl.constexpr, IL: tl.constexpr):
     None: the first corner). The offset is summed per voxel, so each load costs one 64-bit address. IL > 0: the
     input is a class-interleaved copy (voxels of IL classes, ``base`` per batch), and a voxel's classes are one
     or two 16-byte loads from one address, where planes cost a load and an address per class."""
-    if IL > 0:
+    if IL > 1 and base.dtype.element_ty == tl.bfloat16:
+        # class pairs as int32: the low half's fp32 is a shift, the high half's a mask (a 16-bit split costs two)
+        pair = (base + off[:, None] * IL).to(tl.pointer_type(tl.int32), bitcast=True)
+        if IL > 8:
+            lo = tl.load(pair + tl.arange(0, 4)[None, :])
+            hi = tl.load(pair + (4 + tl.arange(0, IL // 2 - 4))[None, :])
+            v = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (off.shape[0], IL // 2))
+        else:
+            v = tl.load(pair + tl.arange(0, IL // 2)[None, :])
+        even = (v << 16).to(tl.float32, bitcast=True)
+        odd = (v & -65536).to(tl.float32, bitcast=True)
+        x = tl.trans(tl.reshape(tl.join(even, odd), (off.shape[0], IL))) * wgt[None, :]
+    elif IL > 0:
         voxel = base + off[:, None] * IL
         if IL > 8:
             lo = tl.load(voxel + tl.arange(0, 8)[None, :])
@@ -218,9 +230,27 @@ def _blocked_ptrs(ptr, b, K, k, v, nvox):
 
 
 @triton.jit
-def _store_grad(ptr, b, K, offs_k, offs_v, nvox, val, mask, BLOCKED: tl.constexpr, VEC: tl.constexpr):
-    """Store a gradient tile: to the input's gradient (NCDHW), or (BLOCKED) to the buffer of an upsampled input."""
-    if BLOCKED:
+def _store_interleaved(ptr, b, offs_v, nvox, val, mask_v, IL: tl.constexpr):
+    """Store a [IL, BLOCK_V] tile, one voxel per thread, to a class-interleaved (B, voxels, IL) buffer: a voxel's
+    classes are one or two 16-byte stores from one address (all IL of them, padded classes included)."""
+    voxel = ptr + (b * nvox + offs_v)[:, None] * IL
+    x = tl.trans(val).to(ptr.dtype.element_ty)
+    if IL > 8:
+        lo, hi = tl.split(tl.permute(tl.reshape(x, (offs_v.shape[0], 2, 8)), (0, 2, 1)))
+        tl.store(voxel + tl.arange(0, 8)[None, :], lo, mask=mask_v[:, None])
+        tl.store(voxel + (8 + tl.arange(0, IL - 8))[None, :], hi, mask=mask_v[:, None])
+    else:
+        tl.store(voxel + tl.arange(0, IL)[None, :], x, mask=mask_v[:, None])
+
+
+@triton.jit
+def _store_grad(ptr, b, K, offs_k, offs_v, nvox, val, mask, mask_v, BUFFER: tl.constexpr, VEC: tl.constexpr,
+                IL: tl.constexpr):
+    """Store a gradient tile: to the input's gradient (NCDHW), or (BUFFER) to the output-resolution buffer of an
+    upsampled input, class-interleaved where IL > 0, else blocked."""
+    if BUFFER and IL > 0:
+        _store_interleaved(ptr, b, offs_v, nvox, val, mask_v, IL)
+    elif BUFFER:
         _store_2d(_blocked_ptrs(ptr, b, K, offs_k[:, None], offs_v, nvox), val.to(ptr.dtype.element_ty), mask, VEC)
     else:
         _store_tile(ptr, b, K, offs_k, offs_v, nvox, val, mask, VEC)
@@ -271,7 +301,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
         if GRAD0:
-            _store_grad(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask, F0D * F0H * F0W > 1, VEC)
+            _store_grad(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask, mask_v, F0D * F0H * F0W > 1, VEC, IL)
         gt += w0 * gtc
     if NUM_S > 1:
         kl, gs, gtc = _student_terms(
@@ -279,7 +309,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
         if GRAD1:
-            _store_grad(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask, F1D * F1H * F1W > 1, VEC)
+            _store_grad(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask, mask_v, F1D * F1H * F1W > 1, VEC, IL)
         gt += w1 * gtc
     if NUM_S > 2:
         kl, gs, gtc = _student_terms(
@@ -287,7 +317,7 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
         if GRAD2:
-            _store_grad(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask, F2D * F2H * F2W > 1, VEC)
+            _store_grad(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask, mask_v, F2D * F2H * F2W > 1, VEC, IL)
         gt += w2 * gtc
     if NUM_S > 3:
         kl, gs, gtc = _student_terms(
@@ -295,10 +325,10 @@ def _kl_fwd_kernel(
         )
         tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
         if GRAD3:
-            _store_grad(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask, F3D * F3H * F3W > 1, VEC)
+            _store_grad(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask, mask_v, F3D * F3H * F3W > 1, VEC, IL)
         gt += w3 * gtc
     if GRAD_T:
-        _store_grad(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask, TFD * TFH * TFW > 1, VEC)
+        _store_grad(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask, mask_v, TFD * TFH * TFW > 1, VEC, IL)
 
 
 @triton.jit
@@ -314,10 +344,11 @@ def _interp_transpose_kernel(
     g_ptr, out_ptr, OD, OH, OW, ND, NH, NW, coef,
     K: tl.constexpr, GFD: tl.constexpr, GFH: tl.constexpr, GFW: tl.constexpr,
     LD: tl.constexpr, LH: tl.constexpr, LW: tl.constexpr,
-    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    INT64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr, IL: tl.constexpr,
 ):
     """coef times the transpose of trilinear upsampling by (GFD, GFH, GFW) applied to g, a (B, K, OD, OH, OW)
-    gradient in the blocked layout of ``_blocked_ptrs``, written to out (B, K, ND, NH, NW): each low-resolution
+    gradient class-interleaved (B, OD, OH, OW, IL) where IL > 0, else in the blocked layout of ``_blocked_ptrs``,
+    written to out (B, K, ND, NH, NW): each low-resolution
     voxel gathers the L = 2f output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the
     trilinear coefficients. No atomics: the sums run in a fixed order."""
     pid = tl.program_id(0)
@@ -355,7 +386,7 @@ def _interp_transpose_kernel(
                 wh = wd * _tap_weight(oh, jh, GFH, NH, OH)
             # Out-of-range taps have zero weight; clamped, they read inside the volume.
             row = (tl.minimum(tl.maximum(od, 0), OD - 1) * OH + tl.minimum(tl.maximum(oh, 0), OH - 1)) * OW
-            for tw in range(LW):
+            for tw in tl.static_range(LW):
                 if GFW == 1:
                     ow = jw
                     wgt = wh
@@ -364,8 +395,11 @@ def _interp_transpose_kernel(
                     wgt = wh * _tap_weight(ow, jw, GFW, NW, OW)
                 # Clamped taps stay inside the volume and padded voxels carry weight 0: no load needs a mask.
                 o = row + tl.minimum(tl.maximum(ow, 0), OW - 1)
-                g = _load_tile(_blocked_ptrs(g_ptr, b, K, k_read, o, onvox), None, 1).to(tl.float32)
-                acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
+                if IL > 0:
+                    acc = _corner(g_ptr + b * onvox * IL, o, tl.where(mask_v, wgt, 0.0), acc, 1, IL)
+                else:
+                    g = _load_tile(_blocked_ptrs(g_ptr, b, K, k_read, o, onvox), None, 1).to(tl.float32)
+                    acc += g * tl.where(mask_v, wgt, 0.0)[None, :]
     _store_tile(out_ptr, b, K, offs_k, offs_v, nvox, acc * coef, (offs_k < K)[:, None] & mask_v[None, :], 1)
 
 
@@ -424,7 +458,6 @@ def kl_distill_fwd(
     od, oh, ow = size
     nvox = od * oh * ow
     k_pad = triton.next_power_of_2(k)
-    blocked = bsz * k * triton.cdiv(nvox, _VB.value) * _VB.value  # an output-resolution buffer
 
     scale2 = _LOG2E / temperature  # logits in log2 units
     coef = temperature / (bsz * nvox)
@@ -436,6 +469,7 @@ def kl_distill_fwd(
     # where the planes cost a 2-byte load and an address per class (DSD's decoder group, bf16, sm_90: about 3,100
     # -> 2,600 instructions per output voxel). The copies are of low-resolution inputs, freed on return.
     il = k_pad if k_pad <= 16 and (t_f != (1, 1, 1) or any(f != (1, 1, 1) for f in s_f)) else 0
+    buffer = bsz * nvox * il if il else bsz * k * triton.cdiv(nvox, _VB.value) * _VB.value  # one gradient buffer
 
     def operand(x, factors):  # what the kernel reads: the input in NCDHW, or its class-interleaved copy
         if not il or factors == (1, 1, 1):
@@ -456,14 +490,16 @@ def kl_distill_fwd(
     # before returning. They hold w (q - p), unscaled by coef so as to stay far from half-precision underflow,
     # in bf16 for bf16 inputs (that rounding takes the gradients' relative RMS error from about 3e-3 to 6e-3,
     # the size of the bf16 gradient's own rounding) and in fp32 otherwise (fp16 could overflow on the teacher's
-    # terms at extreme temperatures and weights).
+    # terms at extreme temperatures and weights). With interleaved copies (il > 0) the buffers are interleaved
+    # too: the forward stores a voxel's classes as vectors and the transposes load a tap's classes as vectors
+    # (bf16, DSD's decoder group: 5.6 -> about 3 instructions per class and tap), else blocked (_blocked_ptrs).
     def out_res(x, g, factors):
         if g is None or factors == (1, 1, 1):
             return g
-        return empty((bsz, triton.cdiv(nvox, _VB.value), k, _VB.value),
-                     dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
+        shape = (bsz, od, oh, ow, il) if il else (bsz, triton.cdiv(nvox, _VB.value), k, _VB.value)
+        return empty(shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
 
-    int64 = any(t.numel() >= _INT32_MAX for t in (t_in, *s_in)) or blocked >= _INT32_MAX
+    int64 = any(t.numel() >= _INT32_MAX for t in (t_in, *s_in)) or buffer >= _INT32_MAX
     o_t = out_res(teacher, g_t, t_f)
     o_s = [out_res(s, g, f) for s, g, f in zip(students, g_s, s_f)]
     # store scales of the forward: the final ones for a gradient it writes directly
@@ -510,7 +546,8 @@ def kl_distill_fwd(
         torch.library.wrap_triton(_interp_transpose_kernel)[(triton.cdiv(n_low, bv), bsz)](
             o, g, od, oh, ow, nd, nh, nw, coef, K=k, GFD=factors[0], GFH=factors[1], GFW=factors[2],
             LD=1 if factors[0] == 1 else 2 * factors[0], LH=1 if factors[1] == 1 else 2 * factors[1],
-            LW=1 if factors[2] == 1 else 2 * factors[2], INT64=int64, BLOCK_K=k_pad, BLOCK_V=bv, num_warps=warps,
+            LW=1 if factors[2] == 1 else 2 * factors[2], INT64=int64, BLOCK_K=k_pad, BLOCK_V=bv, IL=il,
+            num_warps=warps,
         )
 
     losses = partials[:, :n_s].sum(0) * (_LN2.value * temperature * temperature / (bsz * nvox))  # bits to nats

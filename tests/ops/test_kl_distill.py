@@ -306,7 +306,7 @@ def check_against_reference(student_shapes, teacher_shape, temperature, detach, 
         assert_close("dteacher", teacher.grad, ref_t.grad, dtype)
 
 
-_F32, _F16 = torch.float32, torch.float16
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
 _INTERPRET_PAIRS = [
     # student shape, teacher shape, temperature, detach, dtype
     ((2, 5, 3, 5, 7), (2, 5, 3, 5, 7), 1.0, False, _F32),
@@ -321,6 +321,11 @@ _INTERPRET_PAIRS = [
     ((3, 2, 2, 3, 4), (3, 2, 6, 3, 2), 1.5, False, _F32),  # batch 3, depth upsampled by 3, width by 2
     ((2, 9, 2, 3, 4), (2, 9, 4, 3, 2), 2.0, False, _F16),  # 9 and 16 classes: the interleaved copies' two loads
     ((1, 16, 2, 2, 3), (1, 16, 2, 4, 3), 1.5, False, _F16),
+    # bf16 upsampled inputs and gradient buffers are read as class pairs in int32 (no dot product: the interpreter
+    # is exact here)
+    ((1, 2, 1, 2, 2), (1, 2, 2, 4, 4), 2.0, False, _BF16),
+    ((2, 9, 2, 3, 4), (2, 9, 4, 3, 2), 2.0, False, _BF16),
+    ((1, 16, 2, 2, 3), (1, 16, 2, 4, 3), 1.5, False, _BF16),
 ]
 
 
@@ -481,15 +486,17 @@ def test_gpu_peak_memory_far_below_eager():
     assert fused <= 1.2 * (2 * t.numel() + s.numel()) * 2 + 2**20
 
 
-def test_64bit_indexing_covers_the_padded_gradient_buffer(monkeypatch):
-    """An upsampled input's output-resolution gradient buffer is padded to whole blocks of voxels: 64-bit indexing
-    is chosen on the padded size, here 64 elements against 33 in the output volume."""
+@pytest.mark.parametrize("classes,limit", [(9, 500), (17, 1000)])
+def test_64bit_indexing_covers_the_padded_gradient_buffer(monkeypatch, classes, limit):
+    """An upsampled input's output-resolution gradient buffer is padded: class-interleaved up to 16 classes, to a
+    power of two of them (9 -> 16: 528 elements against the teacher's 297), blocked beyond, to whole blocks of 32
+    voxels (17 classes x 64 voxels against 17 x 33). 64-bit indexing is chosen on the padded size."""
     import fastseg3d.kernels.kl_distill as k
     from bench.sass import _captured
 
-    monkeypatch.setattr(k, "_INT32_MAX", 40)
-    teacher = torch.empty(1, 1, 33, 1, 1, device="meta")
-    student = torch.empty(1, 1, 11, 1, 1, device="meta")
+    monkeypatch.setattr(k, "_INT32_MAX", limit)
+    teacher = torch.empty(1, classes, 33, 1, 1, device="meta")
+    student = torch.empty(1, classes, 11, 1, 1, device="meta")
     launches = _captured(lambda: k.kl_distill_fwd([student], teacher, (33, 1, 1), 2.0, [1.0], [True], True))
     assert [fn.fn.__name__ for fn, _, _ in launches] == ["_kl_fwd_kernel", "_interp_transpose_kernel"]
     assert all(kw["INT64"] for _, _, kw in launches)
@@ -498,7 +505,9 @@ def test_64bit_indexing_covers_the_padded_gradient_buffer(monkeypatch):
 @pytest.mark.parametrize("classes,factor,il", [(14, 2, 16), (14, 1, 0), (17, 2, 0), (5, 2, 8), (1, 2, 1)])
 def test_upsampled_inputs_are_read_class_interleaved(classes, factor, il):
     """Up to 16 classes, a launch with an upsampled input reads those inputs from class-interleaved copies (IL =
-    the padded class count); at the output resolution, or with more classes, the NCDHW inputs themselves."""
+    the padded class count) and writes their gradients at the output resolution class-interleaved too, which the
+    transposed interpolation reads; at the output resolution, or with more classes, the NCDHW inputs themselves
+    (and blocked gradient buffers)."""
     import fastseg3d.kernels.kl_distill as k
     from bench.sass import _captured
 
@@ -511,6 +520,12 @@ def test_upsampled_inputs_are_read_class_interleaved(classes, factor, il):
     if il:  # the student's copy, (B, D, H, W, IL); the other student and the teacher as they are
         assert args[2].shape == (2, 8 // factor, 8, 8, il) and args[2].is_contiguous()
         assert args[0].shape == args[4].shape == teacher.shape
+        assert args[3].shape == (2, 8, 8, 8, il)  # the student's gradient buffer, at the output resolution
+    elif factor > 1:
+        assert args[3].shape == (2, 512 // 32, classes, 32)
+    if factor > 1:
+        assert launches[1][0].fn.__name__ == "_interp_transpose_kernel" and launches[1][2]["IL"] == il
+        assert launches[1][1][0] is args[3]
     from fastseg3d.kernels.channel_kl import channel_kl_fwd
 
     launches = _captured(lambda: channel_kl_fwd(teacher, teacher, 1.0, True))
