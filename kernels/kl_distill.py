@@ -183,32 +183,37 @@ def _load_logits(
 
 
 @triton.jit
-def _log2_softmax(z, mask):
-    """(log2 softmax, softmax) over axis 0 of fp32 [BLOCK_K, BLOCK_V] logits in log2 units (x log2(e) / T).
+def _softmax_parts(z, kmask, scale2):
+    """(u, e, s) of the softmax over axis 0 of raw fp32 [BLOCK_K, BLOCK_V] logits at temperature log2(e) / scale2:
+    u = z * scale2 - max in log2 units (one FMA per logit), e = exp2(u), s = sum e (so log2 softmax = u - log2 s
+    and softmax = e / s).
 
-    Masked entries become a finite "minus infinity": a padded channel gets p = 0 and a log2 p near -1e30 that
-    cancels against the other side's, so nothing downstream needs another select; a masked voxel gets a uniform
-    p on both sides and so contributes 0. The row maximum contributes exp2(0) = 1, so the sum is never 0."""
-    z = tl.where(mask, z, -1.0e30)
-    m = tl.max(z, axis=0)
-    zs = z - m[None, :]
-    e = tl.exp2(zs)
-    s = tl.sum(e, axis=0)
-    return zs - tl.log2(s)[None, :], e * tl.fdiv(1.0, s, ieee_rounding=False)[None, :]
+    Padded classes become a finite "minus infinity", the same on the teacher's side and a student's (the maxima
+    are too small to round it): a padded class gets p = q = 0 and u near -1e30 on both sides, which cancel, so
+    nothing downstream needs another select. Voxels past the volume hold finite values; the caller masks their
+    sums. The row maximum contributes exp2(0) = 1, so the sum is never 0."""
+    z = tl.where(kmask, z, -1.0e30)
+    m = tl.max(z, axis=0) * scale2
+    u = z * scale2 - m[None, :]
+    e = tl.exp2(u)
+    return u, e, tl.sum(e, axis=0)
 
 
 @triton.jit
 def _student_terms(
-    s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, scale2, log2p, p,
+    s_ptr, b, K, offs_k, d, h, w, v, mask, kmask, mask_v, SD, SH, SW, scale2, log2p, p,
     FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, VEC: tl.constexpr, IL: tl.constexpr,
 ):
-    """Per-voxel KL(p || q) in bits [BLOCK_V], q - p, and p (log2 p - log2 q - KL) [BLOCK_K, BLOCK_V] for one
-    student (the callers scale bits to nats once, where they store)."""
-    zs = _load_logits(s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, FD, FH, FW, VEC, IL) * scale2
-    log2q, q = _log2_softmax(zs, mask)
-    a = log2p - log2q
-    kl = tl.sum(p * a, axis=0)
-    return kl, q - p, p * (a - kl[None, :])
+    """For one student with softmax q = e / s: per-voxel KL(p || q) in bits [BLOCK_V] (0 past the volume), its
+    log2 normaliser log2 s [BLOCK_V], dlog = log2 p - u [BLOCK_K, BLOCK_V] (u: the student's log2 softmax before
+    that normaliser), e and s. With a = log2 p - log2 q = dlog + log2 s and sum p = 1, KL = sum p dlog + log2 s:
+    no per-logit log2 q (the callers scale bits to nats once, where they store)."""
+    z = _load_logits(s_ptr, b, K, offs_k, d, h, w, v, mask, SD, SH, SW, FD, FH, FW, VEC, IL)
+    u, e, s = _softmax_parts(z, kmask, scale2)
+    dlog = log2p - u
+    log2s = tl.log2(s)
+    kl = tl.where(mask_v, tl.sum(p * dlog, axis=0) + log2s, 0.0)
+    return kl, log2s, dlog, e, s
 
 
 @triton.jit
@@ -292,43 +297,54 @@ def _kl_fwd_kernel(
     h = (offs_v % hw) // OW
     w = offs_v % OW
 
-    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, offs_v, mask, TD, TH, TW, TFD, TFH, TFW, VEC, IL) * scale2
-    log2p, p = _log2_softmax(zt, mask)
-    gt = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    kmask = offs_k[:, None] < K
+    zt = _load_logits(t_ptr, b, K, offs_k, d, h, w, offs_v, mask, TD, TH, TW, TFD, TFH, TFW, VEC, IL)
+    ut, et, st = _softmax_parts(zt, kmask, scale2)
+    log2p = ut - tl.log2(st)[None, :]
+    p = et * tl.fdiv(1.0, st, ieee_rounding=False)[None, :]
+    # The teacher's gradient, sum_i w_i p (a_i - KL_i), is p (sum_i w_i dlog_i + sum_i w_i (log2 s_i - KL_i)):
+    # one FMA per class and student, the rest per voxel.
+    g_dlog = tl.zeros([BLOCK_K, BLOCK_V], dtype=tl.float32)
+    g_voxel = tl.zeros([BLOCK_V], dtype=tl.float32)
     if NUM_S > 0:
-        kl, gs, gtc = _student_terms(
-            s0_ptr, b, K, offs_k, d, h, w, offs_v, mask, S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W, VEC, IL
-        )
+        kl, log2s, dlog, e, s = _student_terms(s0_ptr, b, K, offs_k, d, h, w, offs_v, mask, kmask, mask_v,
+                                               S0D, S0H, S0W, scale2, log2p, p, F0D, F0H, F0W, VEC, IL)
         tl.store(part_ptr + row * 4 + 0, tl.sum(kl, axis=0))
-        if GRAD0:
-            _store_grad(gs0_ptr, b, K, offs_k, offs_v, nvox, gs * c0, mask, mask_v, F0D * F0H * F0W > 1, VEC, IL)
-        gt += w0 * gtc
+        if GRAD0:  # c (q - p) = e (c / s) - c p
+            _store_grad(gs0_ptr, b, K, offs_k, offs_v, nvox, e * tl.fdiv(c0, s, ieee_rounding=False)[None, :] - c0 * p,
+                        mask, mask_v, F0D * F0H * F0W > 1, VEC, IL)
+        g_dlog += w0 * dlog
+        g_voxel += w0 * (log2s - kl)
     if NUM_S > 1:
-        kl, gs, gtc = _student_terms(
-            s1_ptr, b, K, offs_k, d, h, w, offs_v, mask, S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W, VEC, IL
-        )
+        kl, log2s, dlog, e, s = _student_terms(s1_ptr, b, K, offs_k, d, h, w, offs_v, mask, kmask, mask_v,
+                                               S1D, S1H, S1W, scale2, log2p, p, F1D, F1H, F1W, VEC, IL)
         tl.store(part_ptr + row * 4 + 1, tl.sum(kl, axis=0))
         if GRAD1:
-            _store_grad(gs1_ptr, b, K, offs_k, offs_v, nvox, gs * c1, mask, mask_v, F1D * F1H * F1W > 1, VEC, IL)
-        gt += w1 * gtc
+            _store_grad(gs1_ptr, b, K, offs_k, offs_v, nvox, e * tl.fdiv(c1, s, ieee_rounding=False)[None, :] - c1 * p,
+                        mask, mask_v, F1D * F1H * F1W > 1, VEC, IL)
+        g_dlog += w1 * dlog
+        g_voxel += w1 * (log2s - kl)
     if NUM_S > 2:
-        kl, gs, gtc = _student_terms(
-            s2_ptr, b, K, offs_k, d, h, w, offs_v, mask, S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W, VEC, IL
-        )
+        kl, log2s, dlog, e, s = _student_terms(s2_ptr, b, K, offs_k, d, h, w, offs_v, mask, kmask, mask_v,
+                                               S2D, S2H, S2W, scale2, log2p, p, F2D, F2H, F2W, VEC, IL)
         tl.store(part_ptr + row * 4 + 2, tl.sum(kl, axis=0))
         if GRAD2:
-            _store_grad(gs2_ptr, b, K, offs_k, offs_v, nvox, gs * c2, mask, mask_v, F2D * F2H * F2W > 1, VEC, IL)
-        gt += w2 * gtc
+            _store_grad(gs2_ptr, b, K, offs_k, offs_v, nvox, e * tl.fdiv(c2, s, ieee_rounding=False)[None, :] - c2 * p,
+                        mask, mask_v, F2D * F2H * F2W > 1, VEC, IL)
+        g_dlog += w2 * dlog
+        g_voxel += w2 * (log2s - kl)
     if NUM_S > 3:
-        kl, gs, gtc = _student_terms(
-            s3_ptr, b, K, offs_k, d, h, w, offs_v, mask, S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W, VEC, IL
-        )
+        kl, log2s, dlog, e, s = _student_terms(s3_ptr, b, K, offs_k, d, h, w, offs_v, mask, kmask, mask_v,
+                                               S3D, S3H, S3W, scale2, log2p, p, F3D, F3H, F3W, VEC, IL)
         tl.store(part_ptr + row * 4 + 3, tl.sum(kl, axis=0))
         if GRAD3:
-            _store_grad(gs3_ptr, b, K, offs_k, offs_v, nvox, gs * c3, mask, mask_v, F3D * F3H * F3W > 1, VEC, IL)
-        gt += w3 * gtc
+            _store_grad(gs3_ptr, b, K, offs_k, offs_v, nvox, e * tl.fdiv(c3, s, ieee_rounding=False)[None, :] - c3 * p,
+                        mask, mask_v, F3D * F3H * F3W > 1, VEC, IL)
+        g_dlog += w3 * dlog
+        g_voxel += w3 * (log2s - kl)
     if GRAD_T:
-        _store_grad(gt_ptr, b, K, offs_k, offs_v, nvox, gt * ct, mask, mask_v, TFD * TFH * TFW > 1, VEC, IL)
+        _store_grad(gt_ptr, b, K, offs_k, offs_v, nvox, (ct * p) * (g_dlog + g_voxel[None, :]), mask, mask_v,
+                    TFD * TFH * TFW > 1, VEC, IL)
 
 
 @triton.jit
