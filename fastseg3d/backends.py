@@ -84,7 +84,8 @@ def device_reasons(device: torch.device) -> list[str]:
         return []
     if device.type == "cpu" and interpreter_active() and get_backend() == "triton":
         return []
-    return [f"device={device.type} (Triton kernels run on cuda; on cpu only with TRITON_INTERPRET=1 and the triton backend)"]
+    return [f"device={device.type} (Triton kernels run on cuda; on cpu only with TRITON_INTERPRET=1 and the triton "
+            "backend)"]
 
 
 def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str, str]:

@@ -126,10 +126,10 @@ def load_state_dict_file(path: str | os.PathLike, *, trusted: bool = False) -> d
     """The ``state_dict`` in a checkpoint file, with wrapper prefixes removed.
 
     Reads ``.bin``/``.pt``/``.pth`` with ``torch.load(weights_only=True)``, NumPy arrays allowed (``trusted=True``
-    allows arbitrary pickled objects: only for files you trust) and ``.safetensors`` when the ``safetensors`` package is installed. The file
-    may hold the ``state_dict`` itself or a dict wrapping it under ``network_weights``, ``state_dict``, ``model`` or
-    ``model_state_dict``. ``module.`` (DistributedDataParallel) and ``_orig_mod.`` (``torch.compile``) prefixes are
-    removed.
+    allows arbitrary pickled objects: only for files you trust) and ``.safetensors`` when the ``safetensors``
+    package is installed. The file may hold the ``state_dict`` itself or a dict wrapping it under
+    ``network_weights``, ``state_dict``, ``model`` or ``model_state_dict``. ``module.`` (DistributedDataParallel)
+    and ``_orig_mod.`` (``torch.compile``) prefixes are removed.
 
     Raises:
         FileNotFoundError: no such file.

@@ -17,8 +17,9 @@ Backward:
 * ``dx`` is the same forward kernel run on ``dz`` with the taps flipped and the padding mirrored;
 * ``dw``/``db``: each program walks a chunk of depth slices for one spatial tile (for 3x3x3 and 1x3x3 the input
   slices, against a rolling window of dz slices, as the forward does), keeps one accumulator per tap in
-  registers (a tile, or on NCDHW lane tiles one sum per thread), reduces each once at the end and writes the sums to its own row of an fp32 workspace, which is
-  then summed in a fixed order. There are no atomics, so the weight gradient is bitwise deterministic.
+  registers (a tile, or on NCDHW lane tiles one sum per thread), reduces each once at the end and writes the sums
+  to its own row of an fp32 workspace, which is then summed in a fixed order. There are no atomics, so the weight
+  gradient is bitwise deterministic.
 """
 
 from __future__ import annotations

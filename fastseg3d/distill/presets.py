@@ -77,8 +77,9 @@ def dynunet_layers(net: nn.Module, method: str) -> dict:
     DSD, as DSD's nnU-Net variant: encoder heads on ``input_block`` and ``downsamples.*`` (the deepest
     down-sampling output is the teacher), decoder heads on ``bottleneck`` and every ``upsamples.*`` but the last
     (the one nearest the output is the teacher), and ``share_heads=True``: an encoder and a decoder feature at the
-    same scale share one head, as published (filters 32..320, 8 classes: 8,592 head parameters). SelfReg: encoder ``downsamples.*`` and ``bottleneck``, decoder every ``upsamples.*`` but the last,
-    final the last ``upsamples`` stage.
+    same scale share one head, as published (filters 32..320, 8 classes: 8,592 head parameters). SelfReg: encoder
+    ``downsamples.*`` and ``bottleneck``, decoder every ``upsamples.*`` but the last, final the last ``upsamples``
+    stage.
 
     Example:
         >>> from monai.networks.nets import DynUNet

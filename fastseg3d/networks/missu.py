@@ -277,7 +277,9 @@ class MISSU(nn.Module):
         base = 16
         if embedding_dim != 32 * base:
             # The decoder halves the width at each level and concatenates the encoder skip of the same width.
-            raise ValueError(f"embedding_dim must be {32 * base} so the decoder widths match the skips, got {embedding_dim}")
+            raise ValueError(
+                f"embedding_dim must be {32 * base} so the decoder widths match the skips, got {embedding_dim}"
+            )
         if embedding_dim % num_heads:
             raise ValueError(f"embedding_dim ({embedding_dim}) must be divisible by num_heads ({num_heads})")
         self.in_channels = in_channels
@@ -318,7 +320,9 @@ class MISSU(nn.Module):
             raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
         for axis, size in enumerate(x.shape[2:]):
             if size % 8:
-                raise ValueError(f"input spatial dimension {axis} (size {size}) must be divisible by the total stride 8")
+                raise ValueError(
+                    f"input spatial dimension {axis} (size {size}) must be divisible by the total stride 8"
+                )
         x1, x2, x3, x4 = self.Unet(x)
         y = self.conv_x(F.relu(self.bn(x4)))
         grid = y.shape[2:]

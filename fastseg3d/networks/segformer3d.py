@@ -233,8 +233,9 @@ class SegFormer3D(nn.Module):
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
         mlp_ratios = (mlp_ratio,) * 4 if isinstance(mlp_ratio, int) else tuple(mlp_ratio)
         for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
-                            ("sr_ratios", sr_ratios), ("mlp_ratio", mlp_ratios), ("patch_kernel_size", patch_kernel_size),
-                            ("patch_stride", patch_stride), ("patch_padding", patch_padding)):
+                            ("sr_ratios", sr_ratios), ("mlp_ratio", mlp_ratios),
+                            ("patch_kernel_size", patch_kernel_size), ("patch_stride", patch_stride),
+                            ("patch_padding", patch_padding)):
             if len(value) != 4:
                 raise ValueError(f"{name} must give 4 stages, got {value!r}")
         for dim, heads in zip(embed_dims, num_heads):

@@ -58,11 +58,14 @@ def _validate(x, weight, bias, residual, padding, dilation, activation):
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     if weight.dim() != 5 or weight.shape[1] != 1:
-        raise ValueError(f"weight must have shape (C_out, 1, kD, kH, kW) for a depthwise conv, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must have shape (C_out, 1, kD, kH, kW) for a depthwise conv, got {tuple(weight.shape)}"
+        )
     c = x.shape[1]
     if c == 0 or weight.shape[0] % c != 0:
         raise ValueError(
-            f"weight has {weight.shape[0]} output channels but x has {c} channels; a depthwise conv needs a multiple of C"
+            f"weight has {weight.shape[0]} output channels but x has {c} channels; a depthwise conv needs a "
+            "multiple of C"
         )
     tensors = {"weight": weight}
     if bias is not None:

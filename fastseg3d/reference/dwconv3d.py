@@ -7,7 +7,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activation_grad_ref", "activation_ref", "dwconv3d_backward_ref", "dwconv3d_ref", "dwconv3d_tokens_ref"]
+__all__ = [
+    "ACTIVATIONS", "activation_grad_ref", "activation_ref", "dwconv3d_backward_ref", "dwconv3d_ref",
+    "dwconv3d_tokens_ref",
+]
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
 

@@ -165,7 +165,8 @@ def test_distillation_kernels():
              "part_ptr": "*fp32", **_ints("CS", "CT", "NPAIRS", "OD", "OH", "OW", "SD", "SH", "SW"), "coef": "fp32",
              "FD": 2, "FH": 2, "FW": 2, "NEED_GRAD": True, "INT64": False, "BLOCK_V": 1024}
     compile_for_h100(sr._selfreg_inter_kernel, inter, 8)
-    compile_for_h100(sr._avg_pool_kernel, {"x_ptr": "*bf16", "y_ptr": "*fp32", **_ints("OD", "OH", "OW", "XD", "XH", "XW"),
+    compile_for_h100(sr._avg_pool_kernel, {"x_ptr": "*bf16", "y_ptr": "*fp32",
+                                           **_ints("OD", "OH", "OW", "XD", "XH", "XW"),
                                            "FD": 2, "FH": 4, "FW": 1, "INT64": False, "BLOCK_V": 1024}, 8)
     compile_for_h100(sr._channel_stats_kernel, {"x_ptr": "*bf16", "sum_ptr": "*fp32", "sq_ptr": "*fp32", "NVOX": "i32",
                                                 "INT64": False, "BLOCK_V": 1024}, 8)
