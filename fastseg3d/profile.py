@@ -2,13 +2,109 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from fastseg3d.ops.utils import META_AUTOCAST_DTYPE
 
 __all__ = ["activation_memory"]
+
+_T = torch.Tensor
+# CUDA autocast's cast policies (ATen's autocast_mode.h), by the Python functions that reach those ATen ops. Autocast
+# casts above autograd, so what an op saves for backward is its cast input: the emulation casts at the same level.
+_LOWER = {
+    F.linear, torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+    torch.conv_transpose3d, torch.convolution, torch.prelu, F.prelu, F.scaled_dot_product_attention,
+    torch.matmul, torch.mm, torch.mv, torch.bmm, torch.addmm, torch.addmv, torch.addr, torch.addbmm, torch.baddbmm,
+    torch.einsum, torch.chain_matmul, torch.linalg.multi_dot, torch.linalg.vecdot,
+    _T.matmul, _T.__matmul__, _T.__rmatmul__, _T.mm, _T.mv, _T.bmm, _T.addmm, _T.addmv, _T.addr, _T.addbmm,
+    _T.baddbmm,
+}
+_FP32 = {
+    torch.acos, torch.asin, torch.cosh, torch.erfinv, torch.exp, torch.expm1, torch.log, torch.log10, torch.log2,
+    torch.log1p, torch.reciprocal, torch.rsqrt, torch.sinh, torch.tan, torch.pow, F.softplus,
+    _T.acos, _T.asin, _T.cosh, _T.erfinv, _T.exp, _T.expm1, _T.log, _T.log10, _T.log2, _T.log1p, _T.reciprocal,
+    _T.rsqrt, _T.sinh, _T.tan, _T.pow, _T.__pow__, _T.__rpow__,
+    F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.cosine_similarity, torch.cosine_similarity,
+    F.poisson_nll_loss, F.cosine_embedding_loss, F.nll_loss, F.cross_entropy, F.hinge_embedding_loss, F.kl_div,
+    F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.mse_loss, F.margin_ranking_loss, F.multilabel_margin_loss,
+    F.soft_margin_loss, F.triplet_margin_loss, F.multi_margin_loss, F.binary_cross_entropy_with_logits,
+    torch.dist, F.pdist, torch.cdist, torch.renorm, torch.logsumexp, _T.logsumexp,
+}
+# computed in fp32 (an fp32 dtype argument) when no dtype is given: the input is not cast, the output is fp32
+_FP32_OUT = {
+    F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, _T.softmax, _T.log_softmax, torch.sum, _T.sum,
+    torch.prod, _T.prod, torch.cumsum, _T.cumsum, torch.cumprod, _T.cumprod, torch.linalg.vector_norm,
+    torch.linalg.matrix_norm,
+}
+_PROMOTE = {
+    torch.addcdiv, torch.addcmul, _T.addcdiv, _T.addcmul, torch.atan2, _T.atan2, F.bilinear, torch.cross,
+    torch.dot, _T.dot, torch.vdot, torch.tensordot, F.grid_sample, torch.scatter_add, _T.scatter_add,
+}
+
+
+def _cast(x, dtype: torch.dtype):
+    """``x`` with every meta floating tensor in it (also inside lists and tuples) cast to ``dtype``, fp64 kept."""
+    if isinstance(x, torch.Tensor):
+        if x.device.type == "meta" and x.is_floating_point() and x.dtype not in (dtype, torch.float64):
+            return x.to(dtype)
+        return x
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cast(v, dtype) for v in x)
+    return x
+
+
+def _floating(args) -> list[torch.Tensor]:
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type == "meta" and a.is_floating_point():
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out += _floating(a)
+    return out
+
+
+class _MetaAutocast(TorchFunctionMode):
+    """CUDA autocast's casts on ``meta`` tensors, which ``torch.autocast`` leaves as they are."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = _floating(list(args) + list(kwargs.values()))
+        if any(t.dtype != torch.float64 for t in tensors):
+            if func in _LOWER:
+                args, kwargs = _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+            elif func in _FP32 or (func is F.interpolate and kwargs.get("mode", "nearest") != "area"
+                                   and (len(args) < 4 or args[3] != "area")):
+                args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
+            elif func in _FP32_OUT and kwargs.get("dtype") is None and tensors[0].dtype != torch.float64:
+                kwargs = {**kwargs, "dtype": torch.float32}
+            elif func in _PROMOTE:
+                widest = torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
+                args, kwargs = _cast(args, widest), {k: _cast(v, widest) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _autocast_on_meta(dtype: torch.dtype):
+    if dtype == torch.float32:
+        yield
+        return
+    token = META_AUTOCAST_DTYPE.set(dtype)  # fastseg3d's fused ops cast as ATen's conv and attention do
+    try:
+        with _MetaAutocast(dtype):
+            yield
+    finally:
+        META_AUTOCAST_DTYPE.reset(token)
 
 
 def activation_memory(
@@ -17,13 +113,19 @@ def activation_memory(
     """Bytes of activations a training forward of ``model`` saves for backward, in total and per top-level module.
 
     The model is copied to the ``meta`` device (nothing is allocated, any input size works), run once in training
-    mode on an input of ``input_shape`` (under ``dtype`` autocast when ``dtype`` is not float32), and every tensor
-    saved for backward is counted once per storage. Parameters are not counted. Fused fastseg3d ops take their fused
-    path on ``meta`` tensors, so the count is what the fused network saves on a GPU.
+    mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage.
+    Parameters are not counted. Fused fastseg3d ops take their fused path on ``meta`` tensors, so the count is what
+    the fused network saves on a GPU. With ``dtype`` float16 or bfloat16 the forward runs as under CUDA autocast to
+    that dtype: ``torch.autocast`` does not act on ``meta`` tensors, so its casts are applied here, by the policy of
+    ATen's autocast lists (matrix products and convolutions in ``dtype``; normalisations, softmax, losses,
+    interpolation, exp/log/pow in float32; the rest in the dtype it is given).
 
     Returns:
         ``{"total": bytes, "<child name>": bytes, ...}`` with one entry per direct child of ``model`` (and
         ``"(top)"`` for tensors saved outside any child).
+
+    Raises:
+        ValueError: ``dtype`` is not float32, float16 or bfloat16.
 
     Example:
         >>> from fastseg3d.networks import SegFormer3D
@@ -32,6 +134,8 @@ def activation_memory(
         >>> report["total"] > 0
         True
     """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
     meta_model = copy.deepcopy(model).to("meta").train()
     param_storages = {p.untyped_storage()._cdata for p in meta_model.parameters()}
     param_storages |= {b.untyped_storage()._cdata for b in meta_model.buffers()}
@@ -55,7 +159,7 @@ def activation_memory(
     x = torch.empty(tuple(input_shape), device="meta", requires_grad=False)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            with _autocast_on_meta(dtype):
                 meta_model(x)
     finally:
         for h in handles:

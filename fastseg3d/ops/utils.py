@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 
 from fastseg3d import backends
@@ -9,6 +11,7 @@ from fastseg3d import backends
 __all__ = [
     "FUSED_DTYPES",
     "MAX_GRID_YZ",
+    "META_AUTOCAST_DTYPE",
     "autocast_inputs",
     "base_reasons",
     "check_tensor",
@@ -20,6 +23,8 @@ __all__ = [
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
+# The autocast dtype that fastseg3d.profile emulates on meta tensors (autocast itself acts on CUDA and CPU ones)
+META_AUTOCAST_DTYPE: ContextVar[torch.dtype | None] = ContextVar("META_AUTOCAST_DTYPE", default=None)
 
 
 def base_reasons(t: torch.Tensor) -> list[str]:
@@ -43,11 +48,17 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
 
 
 def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    """Cast floating inputs to the autocast dtype when autocast is on, as ATen's conv and attention ops do."""
+    """Cast floating inputs to the autocast dtype when autocast is on, as ATen's conv and attention ops do (on
+    ``meta`` tensors, while ``fastseg3d.profile`` emulates CUDA autocast)."""
+    dtype = None
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-        return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-    return tensors
+    elif device_type == "meta":
+        dtype = META_AUTOCAST_DTYPE.get()
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def scaled_grad(grad_out: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
