@@ -1,4 +1,4 @@
-"""Command line: ``fastseg3d train | eval | bench | convert | info`` (also ``python -m fastseg3d ...``).
+"""Command line: ``fastseg3d train | eval | profile | bench | convert | info`` (also ``python -m fastseg3d ...``).
 
 ``torchrun --standalone --nproc_per_node=N -m fastseg3d train ...`` trains with DistributedDataParallel.
 """
@@ -87,6 +87,88 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from fastseg3d.profile import activation_memory, largest_cube, training_memory
+    from fastseg3d.train import load_config
+    from fastseg3d.train.builders import build_model, build_objective, data_channels
+
+    if args.size is not None and len(args.size) not in (1, 3):
+        print(f"error: --size takes D H W or one side, got {args.size}", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, list(args.overrides))
+    data, tcfg = cfg["data"], cfg["train"]
+    mode = "softmax" if data["label_mode"] == "labels" else "sigmoid"
+    channels = data_channels(cfg)
+    model = build_model(cfg["model"], *(channels or (None, None)))
+    amp = args.dtype or tcfg["amp"]
+    dtype = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    batch = args.batch or int(data["batch_size"]) * (int(data["num_samples"]) if data["name"] == "msd" else 1)
+    size = tuple(args.size * 3 if len(args.size or ()) == 1 else args.size or data["spatial_size"])
+    own_channels = channels is None
+    if own_channels:  # an MSD config without its folder: the network's own channel counts
+        in_channels = next(m.in_channels for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd))
+        with torch.no_grad():
+            logits = copy.deepcopy(model).to("meta").eval()(torch.empty(1, in_channels, *size, device="meta"))
+        channels = (in_channels, logits.shape[1])
+    step = _train_step(model, build_objective(cfg, mode, channels[1]), mode, channels[1])
+    states = {"adamw": 2, "adam": 2, "sgd": 1 if cfg["optimizer"]["momentum"] else 0}[cfg["optimizer"]["name"]]
+    shape = (batch, channels[0], *size)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg['name']}: {cfg['model']['name']}, {n_params:,} parameters, {channels[0]} -> {channels[1]} channels; "
+          f"a training step on {'x'.join(map(str, shape))}, {'fp32' if dtype == torch.float32 else amp + ' autocast'}")
+    if own_channels:
+        print("  (data.root is not set: the network's own channel counts)")
+    report = training_memory(step, shape, dtype, states)
+    saved = activation_memory(step, shape, dtype)
+    network = activation_memory(model, shape, dtype)
+    parts = ", ".join(f"{name} {_size(v)}" for name, v in network.items() if name != "total" and v)
+    print(f"  saved by the network    {_size(saved['model']):>11}  ({parts})")
+    print(f"  saved by the loss       {_size(saved.get('objective', 0)):>11}  ({cfg['loss']['name']}"
+          + (f" + {cfg['loss']['distill']}" if cfg["loss"]["distill"] != "none" else "") + ")")
+    print(f"  parameters and buffers  {_size(report['parameters']):>11}")
+    print(f"  gradients               {_size(report['gradients']):>11}")
+    print(f"  optimizer state         {_size(report['optimizer']):>11}  ({cfg['optimizer']['name']})")
+    print(f"  at least                {_size(report['total']):>11}  (backward's transient buffers, the allocator's "
+          "slack and the CUDA context come on top)")
+    if tcfg["activation_checkpointing"]:
+        print("  train.activation_checkpointing is on: not modelled, these are the counts without it")
+    if args.max_memory:
+        side = largest_cube(step, batch, channels[0], int(args.max_memory * 2**30), dtype, states)
+        print(f"  largest cube at batch {batch} whose estimate fits {args.max_memory:g} GiB: "
+              + (f"{side}^3" if side else "none"))
+    return 0
+
+
+def _train_step(model, objective, mode: str, num_classes: int):
+    """The network and its training loss as one module (children ``model`` and ``objective``) whose forward takes
+    the input and makes a target of its size: what the memory count runs."""
+    import torch
+
+    class TrainStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model, self.objective = model, objective
+
+        def forward(self, x):
+            b, _, *spatial = x.shape
+            if mode == "softmax":
+                target = torch.zeros(b, 1, *spatial, dtype=torch.long, device=x.device)
+            else:
+                target = torch.zeros(b, num_classes, *spatial, device=x.device)
+            return self.objective(self.model(x), target)[0]
+
+    return TrainStep()
+
+
 def _bench(rest: list[str]) -> int:
     # The suite lives in the source tree's bench/ (not installed): run it from there.
     root = Path(__file__).resolve().parents[1]
@@ -141,6 +223,22 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--save-predictions", action="store_true", help="write predictions as NIfTI")
     ev.add_argument("--device", default="auto")
 
+    prof = sub.add_parser("profile", help="the memory a config's training step needs, counted on the meta device",
+                          description="The activations a training step of the config's network saves for backward "
+                                      "(fused layers as on a GPU), its parameters, gradients and optimizer state, "
+                                      "counted on the meta device: no GPU needed, any size. Trailing key=value "
+                                      "pairs override the config.")
+    prof.add_argument("--config", required=True, help="a YAML file, or a name in configs/ (e.g. segformer3d_brats)")
+    prof.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                      help="fp32, or the autocast dtype (default: the config's train.amp)")
+    prof.add_argument("--batch", type=int, default=None,
+                      help="default: data.batch_size (times data.num_samples for MSD crops)")
+    prof.add_argument("--size", type=int, nargs="+", default=None,
+                      help="D H W, or one side (default: data.spatial_size)")
+    prof.add_argument("--max-memory", type=float, default=None,
+                      help="GiB: also search the largest cube side whose estimate fits")
+    prof.add_argument("overrides", nargs="*", help="config overrides section.key=value")
+
     from fastseg3d import convert
 
     convert.add_arguments(sub.add_parser("convert", help="convert checkpoints to and from the official layouts"))
@@ -157,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "profile":
+        return _profile(args)
     return convert.run(args)
 
 

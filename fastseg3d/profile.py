@@ -1,4 +1,7 @@
-"""Memory accounting on the ``meta`` device: what a training step saves for backward, at any size, for free."""
+"""Memory accounting on the ``meta`` device: what a training step saves for backward, at any size, for free.
+
+``fastseg3d profile --config NAME [--dtype bf16] [--max-memory GIB]`` prints it for a training config.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastseg3d.ops.utils import META_AUTOCAST_DTYPE
 
-__all__ = ["activation_memory"]
+__all__ = ["activation_memory", "largest_cube", "training_memory"]
 
 _T = torch.Tensor
 # CUDA autocast's cast policies (ATen's autocast_mode.h), by the Python functions that reach those ATen ops. Autocast
@@ -165,3 +168,62 @@ def activation_memory(
         for h in handles:
             h.remove()
     return report
+
+
+def training_memory(
+    model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32, optimizer_states: int = 2
+) -> dict[str, int]:
+    """Bytes a training step of ``model`` holds at least: the activations saved for backward (as
+    :func:`activation_memory` counts them), the parameters and buffers, the parameters' gradients and
+    ``optimizer_states`` tensors per trainable parameter (2 for Adam and AdamW, 1 for SGD with momentum).
+
+    Backward's transient buffers, the allocator's slack and the CUDA context come on top: a lower bound.
+
+    Returns:
+        ``{"activations", "parameters", "gradients", "optimizer", "total"}`` in bytes.
+
+    Example:
+        >>> from fastseg3d.networks import SegFormer3D
+        >>> from fastseg3d.profile import training_memory
+        >>> report = training_memory(SegFormer3D(), (2, 4, 128, 128, 128), torch.bfloat16)
+        >>> report["total"] == sum(v for k, v in report.items() if k != "total")
+        True
+    """
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    report = {
+        "activations": activation_memory(model, input_shape, dtype)["total"],
+        "parameters": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
+        "gradients": trainable,
+        "optimizer": optimizer_states * trainable,
+    }
+    report["total"] = sum(report.values())
+    return report
+
+
+def largest_cube(
+    model: nn.Module, batch: int, in_channels: int, budget: int, dtype: torch.dtype = torch.float32,
+    optimizer_states: int = 2, multiple: int = 32, start: int = 64, max_side: int = 4096,
+) -> int:
+    """The largest cube side (a multiple of ``multiple``, at most ``max_side``) whose :func:`training_memory` at
+    ``batch`` fits in ``budget`` bytes; 0 when none does. From ``start`` it doubles, then bisects (the count grows
+    with the side); below ``start`` it steps down by ``multiple``."""
+
+    def fits(side: int) -> bool:
+        shape = (batch, in_channels, side, side, side)
+        return training_memory(model, shape, dtype, optimizer_states)["total"] <= budget
+
+    if not fits(start):
+        return next((side for side in range(start - multiple, 0, -multiple) if fits(side)), 0)
+    good, bad = start, None
+    while bad is None:
+        side = min(2 * good, max_side // multiple * multiple)
+        if side <= good:
+            return good
+        if fits(side):
+            good = side
+        else:
+            bad = side
+    while bad - good > multiple:
+        mid = (good + bad) // 2 // multiple * multiple
+        good, bad = (mid, bad) if fits(mid) else (good, mid)
+    return good

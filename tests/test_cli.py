@@ -30,8 +30,42 @@ def test_op_choices_follow_policy():
 
 def test_help_lists_every_subcommand():
     proc = subprocess.run([sys.executable, "-m", "fastseg3d", "--help"], capture_output=True, text=True, check=True)
-    for command in ("train", "eval", "bench", "convert", "info"):
+    for command in ("train", "eval", "profile", "bench", "convert", "info"):
         assert command in proc.stdout
+
+
+def test_profile_counts_the_configs_training_step(capsys):
+    """The quickstart's step (SegFormer3D, 4 -> 5 channels, DiceCE) at 2x4x32^3: the lines add up to what
+    training_memory counts for the network and its loss, and the largest cube fits the budget while the next side
+    does not."""
+    from fastseg3d.cli import _train_step, main
+    from fastseg3d.profile import largest_cube, training_memory
+    from fastseg3d.train import load_config
+    from fastseg3d.train.builders import build_model, build_objective
+
+    assert main(["profile", "--config", "quickstart", "--size", "32", "--max-memory", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "4 -> 5 channels; a training step on 2x4x32x32x32, fp32" in out and "(dice_ce)" in out
+    step = _train_step(build_model(load_config("quickstart")["model"], 4, 5),
+                       build_objective(load_config("quickstart"), "softmax", 5), "softmax", 5)
+    total = training_memory(step, (2, 4, 32, 32, 32))["total"]
+    line = next(line for line in out.splitlines() if line.strip().startswith("at least"))
+    assert f" {total / 2**20:.1f} MiB" in line, (line, total)
+    side = largest_cube(step, 2, 4, 2**28)
+    assert f"fits 0.25 GiB: {side}^3" in out
+    assert training_memory(step, (2, 4, side, side, side))["total"] <= 2**28
+    assert training_memory(step, (2, 4, side + 32, side + 32, side + 32))["total"] > 2**28
+
+
+def test_profile_of_an_msd_config_without_its_folder_takes_the_networks_channels(capsys):
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "segformer3d_brats", "--size", "64", "--batch", "1", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "4 -> 3 channels; a training step on 1x4x64x64x64, bf16 autocast" in out
+    assert "data.root is not set" in out and "(dice)" in out
+    assert main(["profile", "--config", "quickstart", "--size", "32", "48"]) == 2
+    assert "--size takes D H W or one side" in capsys.readouterr().err
 
 
 def test_bench_forwards_to_the_suite(tmp_path):

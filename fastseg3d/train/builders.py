@@ -19,6 +19,7 @@ __all__ = [
     "build_objective",
     "build_optimizer",
     "build_scheduler",
+    "data_channels",
     "enable_activation_checkpointing",
 ]
 
@@ -39,6 +40,7 @@ def _models() -> dict:
 
 MODELS = ("segformer3d", "mobileutr", "mobileutr_l", "missu", "unet", "dsd_unet", "selfreg_unet")
 
+_REGIONS = ("TC", "WT", "ET")  # BraTS' regions (sigmoid outputs) in the order of the released models
 # The distillation loss each network's training output is made for.
 _DISTILL_FOR = {"dsd_unet": "dsd", "selfreg_unet": "selfreg", "missu": "missu"}
 
@@ -60,10 +62,7 @@ def build_data(cfg: Mapping) -> DataBundle:
     """The datasets of ``cfg["data"]``: the embedded synthetic volumes or a Medical Segmentation Decathlon folder."""
     data = cfg["data"]
     label_mode = data["label_mode"]
-    if label_mode not in ("labels", "brats_regions"):
-        raise ValueError(f"data.label_mode must be 'labels' or 'brats_regions', got {label_mode!r}")
-    mode = "softmax" if label_mode == "labels" else "sigmoid"
-    regions = ("TC", "WT", "ET")
+    mode = _mode(label_mode)
     if data["name"] == "synthetic":
         from fastseg3d.data.synthetic import CLASS_NAMES, SyntheticSegmentation
 
@@ -71,7 +70,7 @@ def build_data(cfg: Mapping) -> DataBundle:
                       cache=bool(data["cache"]))
         train = SyntheticSegmentation(data["num_train"], seed=data["train_seed"], augment=True, **common)
         val = SyntheticSegmentation(data["num_val"], seed=data["val_seed"], augment=False, **common)
-        names = CLASS_NAMES if mode == "softmax" else regions
+        names = CLASS_NAMES if mode == "softmax" else _REGIONS
         return DataBundle(train, val, data["in_channels"], train.num_classes, mode, tuple(names))
     if data["name"] == "msd":
         if not data["root"]:
@@ -86,12 +85,44 @@ def build_data(cfg: Mapping) -> DataBundle:
             data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
             label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=cfg["seed"],
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"])
-        labels = {int(k): v for k, v in props["labels"].items()}
-        names = tuple(labels[i] for i in sorted(labels)) if mode == "softmax" else regions
-        modality_names = props.get("modality")
-        in_channels = len(modality_names) if isinstance(modality_names, Mapping) and modality_names else 1
+        in_channels, names = _msd_channels(props, mode)
         return DataBundle(train, val, in_channels, len(names), mode, names, collate=list_data_collate)
     raise ValueError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
+
+
+def _mode(label_mode: str) -> str:
+    """The network's output activation for ``data.label_mode``."""
+    if label_mode not in ("labels", "brats_regions"):
+        raise ValueError(f"data.label_mode must be 'labels' or 'brats_regions', got {label_mode!r}")
+    return "softmax" if label_mode == "labels" else "sigmoid"
+
+
+def _msd_channels(props: Mapping, mode: str) -> tuple[int, tuple[str, ...]]:
+    """(input channels, class names) of an MSD task's ``dataset.json`` properties."""
+    if mode == "softmax":
+        labels = {int(k): v for k, v in props["labels"].items()}
+        names = tuple(labels[i] for i in sorted(labels))
+    else:
+        names = _REGIONS
+    modality_names = props.get("modality")
+    return (len(modality_names) if isinstance(modality_names, Mapping) and modality_names else 1), names
+
+
+def data_channels(cfg: Mapping) -> tuple[int, int] | None:
+    """(input channels, output channels) that ``cfg["data"]`` gives a network, without building its datasets; None
+    for an MSD config whose ``root`` is not set."""
+    data = cfg["data"]
+    mode = _mode(data["label_mode"])
+    if data["name"] == "synthetic":
+        from fastseg3d.data.synthetic import CLASS_NAMES
+
+        return data["in_channels"], len(CLASS_NAMES) if mode == "softmax" else len(_REGIONS)
+    if not data["root"]:
+        return None
+    from fastseg3d.data.msd import load_msd_datalist
+
+    in_channels, names = _msd_channels(load_msd_datalist(data["root"])[0], mode)
+    return in_channels, len(names)
 
 
 def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> nn.Module:
@@ -193,14 +224,15 @@ class Objective(nn.Module):
         return seg + kd, {"segmentation": seg.detach(), "distill": kd.detach()}
 
 
-def build_objective(cfg: Mapping, data: DataBundle) -> Objective:
-    """The objective of ``cfg["loss"]``; checks that the distillation loss fits the network's training output."""
+def build_objective(cfg: Mapping, mode: str, num_classes: int) -> Objective:
+    """The objective of ``cfg["loss"]`` for a network with ``num_classes`` outputs (``mode``: "softmax" or
+    "sigmoid"); checks that the distillation loss fits the network's training output."""
     distill, model = cfg["loss"]["distill"], cfg["model"]["name"]
     expected = _DISTILL_FOR.get(model, "none")
     if distill != expected and not (model == "missu" and distill == "none"):
         raise ValueError(f"loss.distill={distill!r} does not fit model.name={model!r} (its training output is made "
                          f"for loss.distill={expected!r})")
-    return Objective(cfg["loss"], data.mode, data.out_channels)
+    return Objective(cfg["loss"], mode, num_classes)
 
 
 def build_optimizer(params, opt_cfg: Mapping) -> torch.optim.Optimizer:

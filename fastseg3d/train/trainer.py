@@ -133,7 +133,7 @@ class Trainer:
         seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
         self.data = build_data(cfg)
         self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels).to(self.device)
-        self.objective = build_objective(cfg, self.data).to(self.device)
+        self.objective = build_objective(cfg, self.data.mode, self.data.out_channels).to(self.device)
         tcfg = cfg["train"]
         if tcfg["amp"] not in _AMP:
             raise ValueError(f"train.amp must be none, bf16 or fp16, got {tcfg['amp']!r}")
