@@ -202,10 +202,11 @@ def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2,
     for fn, args, kw in launches:
         compiled = _compile_like_jit(fn, args, kw)
         row = {"kernel": fn.fn.__name__, "block_v": kw["BLOCK_V"], "warps": kw["num_warps"], **_stats(compiled)}
+        code = _cuobjdump(compiled.asm["cubin"], "-sass")
+        n = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", code, re.M))
+        row["barriers"] = code.count("BAR.SYNC")  # the whole kernel's: reductions, and layout conversions
         if fn.fn.__name__ == "_kl_fwd_kernel":
             # the forward has no loop: every instruction, per logit of every input the thread holds
-            code = _cuobjdump(compiled.asm["cubin"], "-sass")
-            n = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", code, re.M))
             logits = kw["BLOCK_V"] * kw["K"] / (32 * kw["num_warps"]) * (1 + len(students))
             row["per_element"] = round(n / logits, 1)
         elif "inner_per_load" in row:
@@ -214,6 +215,8 @@ def profile_kl_distill(teacher_shape=(2, 14, 128, 128, 128), student_shapes=((2,
             il, buffer = kw["IL"], args[0]
             loads_per_tap = max(1, il * buffer.element_size() // 16) if il else kw["K"]
             row["per_class_tap"] = round(row.pop("inner_per_load") * loads_per_tap / kw["K"], 1)
+        else:  # taps unrolled, no loop: the whole kernel per class and tap
+            row["per_class_tap"] = round(n / (kw["LD"] * kw["LH"] * kw["LW"] * kw["K"]), 1)
         rows.append(row)
     return rows
 
