@@ -427,6 +427,34 @@ def test_interpret_gpu_lane_tiles(poison, monkeypatch, shape, kernel, activation
     check_against_reference("contiguous", shape, kernel, activation, True, dtype, "cpu")
 
 
+_PAIR_CASES = [
+    # layout, shape, kernel, activation, residual: bf16 channel-major tiles read as channel pairs in int32 (C a
+    # multiple of the tile's channels), and C = 6, which is not (bf16 vectors split in registers)
+    ("channels_last", (1, 8, 3, 4, 5), (3, 3, 3), "gelu", True),
+    ("tokens", (2, 16, 2, 3, 5), (1, 3, 3), None, False),
+    ("channels_last", (1, 6, 3, 4, 5), (3, 3, 3), "silu", True),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout,shape,kernel,activation,residual", _PAIR_CASES,
+                         ids=[f"{c[0]}-C{c[1][1]}-k{''.join(map(str, c[2]))}" for c in _PAIR_CASES])
+def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation, residual):
+    """bf16 on channel-major tiles, forward and every gradient (no dot product: the interpreter is exact here);
+    the launches read channel pairs exactly where C is a multiple of the tile's channels."""
+    import fastseg3d.kernels.dwconv3d as k
+    from bench.sass import _captured
+
+    check_against_reference(layout, shape, kernel, activation, residual, torch.bfloat16, "cpu")
+    x = torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=torch.channels_last_3d)
+    w = torch.empty((shape[1], 1, *kernel), dtype=torch.bfloat16, device="meta")
+    pad = tuple(s // 2 for s in kernel)
+    launches = _captured(lambda: (k.dwconv3d_fwd(x, k.taps_major(w), None, None, torch.empty_like(x), pad,
+                                                 (1, 1, 1), 0),
+                                  k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)))
+    assert [kw["PAIRS"] for _, _, kw in launches] == [shape[1] % 8 == 0] * 2
+
+
 @pytest.mark.interpret
 def test_interpret_weight_grad_is_bitwise_deterministic():
     x, w, b, _ = _tensors("contiguous", (2, 2, 3, 4, 5), (3, 3, 3), _F32, "cpu")
