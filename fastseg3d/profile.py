@@ -39,12 +39,13 @@ _FP32 = {
     F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.mse_loss, F.margin_ranking_loss, F.multilabel_margin_loss,
     F.soft_margin_loss, F.triplet_margin_loss, F.multi_margin_loss, F.binary_cross_entropy_with_logits,
     torch.dist, F.pdist, torch.cdist, torch.renorm, torch.logsumexp, _T.logsumexp,
+    F.normalize,  # its norm is fp32 under autocast, and so is the quotient
 }
 # computed in fp32 (an fp32 dtype argument) when no dtype is given: the input is not cast, the output is fp32
 _FP32_OUT = {
     F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, _T.softmax, _T.log_softmax, torch.sum, _T.sum,
     torch.prod, _T.prod, torch.cumsum, _T.cumsum, torch.cumprod, _T.cumprod, torch.linalg.vector_norm,
-    torch.linalg.matrix_norm,
+    torch.linalg.matrix_norm, torch.linalg.norm, torch.norm, _T.norm,
 }
 _PROMOTE = {
     torch.addcdiv, torch.addcmul, _T.addcdiv, _T.addcmul, torch.atan2, _T.atan2, F.bilinear, torch.cross,
@@ -74,7 +75,10 @@ def _floating(args) -> list[torch.Tensor]:
 
 
 class _MetaAutocast(TorchFunctionMode):
-    """CUDA autocast's casts on ``meta`` tensors, which ``torch.autocast`` leaves as they are."""
+    """CUDA autocast's casts on ``meta`` tensors, which ``torch.autocast`` leaves as they are.
+
+    A function is seen once, at the Python surface: a composite function outside the lists above runs as it is,
+    and the ops it calls inside are not cast (ATen's autocast would see those)."""
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()
@@ -89,7 +93,8 @@ class _MetaAutocast(TorchFunctionMode):
             elif func in _FP32 or (func is F.interpolate and kwargs.get("mode", "nearest") != "area"
                                    and (len(args) < 4 or args[3] != "area")):
                 args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
-            elif func in _FP32_OUT and kwargs.get("dtype") is None and tensors[0].dtype != torch.float64:
+            elif (func in _FP32_OUT and kwargs.get("dtype") is None and tensors[0].dtype != torch.float64
+                  and not any(isinstance(a, torch.dtype) for a in args)):
                 kwargs = {**kwargs, "dtype": torch.float32}
             elif func in _PROMOTE:
                 widest = torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
@@ -212,11 +217,15 @@ def largest_cube(
         shape = (batch, in_channels, side, side, side)
         return training_memory(model, shape, dtype, optimizer_states)["total"] <= budget
 
+    top = max_side // multiple * multiple
+    start = min(max(start // multiple, 1) * multiple, top)
+    if start <= 0:
+        return 0
     if not fits(start):
         return next((side for side in range(start - multiple, 0, -multiple) if fits(side)), 0)
     good, bad = start, None
     while bad is None:
-        side = min(2 * good, max_side // multiple * multiple)
+        side = min(2 * good, top)
         if side <= good:
             return good
         if fits(side):

@@ -135,8 +135,8 @@ def _store_voxels(voxel, x, mask):
 def _corner(base, off, wgt, acc, VEC: tl.constexpr, IL: tl.constexpr):
     """acc + wgt * the corner at voxel offset ``off`` (per voxel) of the class planes at ``base`` (per class; acc
     None: the first corner). The offset is summed per voxel, so each load costs one 64-bit address. IL > 0: the
-    input is a class-interleaved copy (voxels of IL classes, ``base`` per batch), and a voxel's classes are one
-    or two 16-byte loads from one address, where planes cost a load and an address per class."""
+    input is a class-interleaved copy (voxels of IL classes, ``base`` per batch), and a voxel's classes are up to
+    four 16-byte loads from one address, where planes cost a load and an address per class."""
     if IL > 1 and base.dtype.element_ty == tl.bfloat16:
         # class pairs as int32: the low half's fp32 is a shift, the high half's a mask (a 16-bit split costs two)
         v = _load_voxels((base + off[:, None] * IL).to(tl.pointer_type(tl.int32), bitcast=True), IL // 2)
@@ -218,13 +218,12 @@ def _softmax_parts(z, kmask, scale2):
     u = z * scale2 - max in log2 units (one FMA per logit), e = exp2(u), s = sum e (so log2 softmax = u - log2 s
     and softmax = e / s).
 
-    Padded classes become a finite "minus infinity", the same on the teacher's side and a student's (the maxima
-    are too small to round it): a padded class gets p = q = 0 and u near -1e30 on both sides, which cancel, so
-    nothing downstream needs another select. Voxels past the volume hold finite values; the caller masks their
-    sums. The row maximum contributes exp2(0) = 1, so the sum is never 0."""
-    z = tl.where(kmask, z, -1.0e30)
-    m = tl.max(z, axis=0) * scale2
-    u = z * scale2 - m[None, :]
+    Padded classes get u = -1e30, a finite "minus infinity", the same on the teacher's side and a student's (set
+    after scaling, so no temperature takes it to -inf): p = q = 0 there, and log2 p - u is exactly 0, so nothing
+    downstream needs another select. Voxels past the volume hold finite values; the caller masks their sums. The
+    row maximum contributes exp2(0) = 1, so the sum is never 0."""
+    m = tl.max(tl.where(kmask, z, -3.0e38), axis=0) * scale2
+    u = tl.where(kmask, z * scale2 - m[None, :], -1.0e30)
     e = tl.exp2(u)
     return u, e, tl.sum(e, axis=0)
 
@@ -508,7 +507,7 @@ def kl_distill_fwd(
     t_f = _factors(teacher.shape, size)
     s_f = [_factors(s.shape, size) for s in students]
     # Up to 16 classes (a thread holds a voxel's classes), upsampled inputs are read through class-interleaved
-    # copies (B, D, H, W, k_pad), zero-padded: a corner's classes are one or two 16-byte loads from one address,
+    # copies (B, D, H, W, k_pad), zero-padded: a corner's classes are up to four 16-byte loads from one address,
     # where the planes cost a 2-byte load and an address per class (DSD's decoder group, bf16, sm_90: about 3,100
     # -> 2,600 instructions per output voxel). The copies are of low-resolution inputs, freed on return.
     il = k_pad if k_pad <= 16 and (t_f != (1, 1, 1) or any(f != (1, 1, 1) for f in s_f)) else 0
@@ -518,7 +517,11 @@ def kl_distill_fwd(
         if not il or factors == (1, 1, 1):
             return x.contiguous()
         x = x.movedim(1, -1)  # already contiguous for a channels-last input with il == k
-        return x.contiguous() if il == k else torch.nn.functional.pad(x, (0, il - k))
+        if il != k:
+            return torch.nn.functional.pad(x, (0, il - k))
+        # read in place only from a 4-byte aligned start: bf16 class pairs are read as int32
+        aligned = x.is_contiguous() and x.storage_offset() % 2 == 0
+        return x if aligned else x.clone(memory_format=torch.contiguous_format)
 
     t_in = operand(teacher, t_f)
     s_in = [operand(s, f) for s, f in zip(students, s_f)]
@@ -595,9 +598,10 @@ def kl_distill_fwd(
             continue
         nd, nh, nw = x.shape[2:]
         if il and factors[0] > 1 and factors[1] * factors[2] > 1:
-            # Separably, H and W first into an fp32 interleaved (B, OD, NH, NW, il), then D: 4 + 2 / (fh fw) taps
-            # per output voxel instead of 8 (DSD's decoder group: about 40% fewer transposed-interpolation
-            # instructions), for a transient a quarter of the buffer's voxels at f = 2.
+            # Separably, H and W first into an fp32 interleaved (B, OD, NH, NW, il), then D: per output voxel the
+            # taps of the upsampled axes, 2 each, add over the passes instead of multiplying (2x2x2: 4 + 0.5
+            # instead of 8; DSD's decoder group: about 40% fewer transposed-interpolation instructions), for a
+            # transient of 1 / (fh fw) of the buffer's voxels.
             hw = empty((bsz, od, nh, nw, il), dtype=torch.float32, device=x.device)
             transpose(o, hw, (od, oh, ow), (od, nh, nw), (1, factors[1], factors[2]), 1.0, True)
             transpose(hw, g, (od, nh, nw), (nd, nh, nw), (factors[0], 1, 1), coef, False)

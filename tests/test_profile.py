@@ -40,7 +40,10 @@ class _Policies(nn.Module):
         up = F.interpolate(x, scale_factor=2, mode="trilinear")  # fp32 under CUDA autocast
         area = F.interpolate(x, size=(1, 1, 1), mode="area")  # not in the lists: the dtype it is given
         probs = torch.softmax(x.to(torch.bfloat16), 1, dtype=torch.bfloat16)  # an explicit dtype is kept
-        return up.dtype, area.dtype, probs.dtype, x.double().exp().dtype
+        positional = x.softmax(1, torch.bfloat16)  # also given positionally
+        norms = (x.norm(dim=1), F.normalize(x, dim=1), torch.linalg.norm(x, dim=1))  # fp32 under autocast
+        return (up.dtype, area.dtype, probs.dtype, positional.dtype, *(n.dtype for n in norms),
+                x.double().exp().dtype)
 
 
 def test_policies_of_the_emulation_and_no_leak():
@@ -49,12 +52,23 @@ def test_policies_of_the_emulation_and_no_leak():
 
     x = torch.empty(1, 2, 3, 3, 3, device="meta", dtype=torch.bfloat16)
     with _autocast_on_meta(torch.bfloat16):
-        assert _Policies()(x) == (torch.float32, torch.bfloat16, torch.bfloat16, torch.float64)
+        f32, bf16 = torch.float32, torch.bfloat16
+        assert _Policies()(x) == (f32, bf16, bf16, bf16, f32, f32, f32, torch.float64)
         # fastseg3d's fused ops cast their inputs as ATen's conv and attention do
         w = torch.empty(2, 1, 3, 3, 3, device="meta")
         assert [t.dtype for t in autocast_inputs("meta", w, x.double())] == [torch.bfloat16, torch.float64]
     assert META_AUTOCAST_DTYPE.get() is None and not torch.overrides._is_torch_function_mode_enabled()
     assert autocast_inputs("meta", w)[0].dtype == torch.float32
+
+
+def test_largest_cube_keeps_to_multiples_and_the_maximum():
+    from fastseg3d.profile import largest_cube
+
+    model = nn.Conv3d(1, 2, 3, padding=1)
+    assert largest_cube(model, 1, 1, 2**40, max_side=48) == 32  # 64 is above the maximum: the largest multiple below
+    side = largest_cube(model, 1, 1, 2**40, multiple=48, max_side=400)
+    assert side == 384 and side % 48 == 0
+    assert largest_cube(model, 1, 1, 1) == 0
 
 
 def test_rejects_other_dtypes():

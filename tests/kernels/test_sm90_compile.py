@@ -256,12 +256,12 @@ def test_kl_distill_forward_keeps_to_registers(dtype):
     for row in dsd + brats + low + missu + missu32:
         assert row["spill_bytes"] == 0 and row["loop_barriers"] == 0, row
     assert wide[0]["spill_bytes"] == 0, wide
-    # 20.5 in bf16, 19.4 in fp32 (24.6 and 22.9 while each student logit formed its log2 q and its KL term alone)
+    # 20.2 in bf16, 19.1 in fp32 (24.6 and 22.9 while each student logit formed its log2 q and its KL term alone)
     assert dsd[0]["per_element"] < 23, dsd
     # gathers (upsampled heads) flatten their accesses: Triton 3.6 otherwise lays threads along the classes (159);
-    # the heads are class-interleaved copies, a corner's 14 classes 16-byte loads: 37.7 in bf16 (41.3 with
+    # the heads are class-interleaved copies, a corner's 14 classes 16-byte loads: 37.4 in bf16 (41.3 with
     # per-logit log2 q, 46.3 with a 16-bit split of each class pair, 55.4 with a 2-byte load and an address per
-    # class), 32.1 in fp32 (43.7 while a voxel's 64 bytes were loaded as two 32-byte halves, which spread it over
+    # class), 32.0 in fp32 (43.7 while a voxel's 64 bytes were loaded as two 32-byte halves, which spread it over
     # two threads and converted the layout through shared memory: 17 barriers, 29 before the gradient buffers
     # were interleaved; 20 and 32 on Triton 3.6)
     assert low[0]["per_element"] < 35 if dtype == torch.float32 else low[0]["per_element"] < 40, low

@@ -446,8 +446,12 @@ def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation,
     from bench.sass import _captured
 
     check_against_reference(layout, shape, kernel, activation, residual, torch.bfloat16, "cpu")
-    x = torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=torch.channels_last_3d)
-    w = torch.empty((shape[1], 1, *kernel), dtype=torch.bfloat16, device="meta")
+    b, c, d, h, w_ = shape
+    # tokens (B, N, C) as the op views them, (B, C, D, H, W) with a unit channel stride; or a channels-last volume
+    tokens = torch.empty(b, d * h * w_, c, dtype=torch.bfloat16, device="meta")
+    x = (tokens.view(b, d, h, w_, c).permute(0, 4, 1, 2, 3) if layout == "tokens"
+         else torch.empty(shape, dtype=torch.bfloat16, device="meta").to(memory_format=torch.channels_last_3d))
+    w = torch.empty((c, 1, *kernel), dtype=torch.bfloat16, device="meta")
     pad = tuple(s // 2 for s in kernel)
     launches = _captured(lambda: (k.dwconv3d_fwd(x, k.taps_major(w), None, None, torch.empty_like(x), pad,
                                                  (1, 1, 1), 0),
