@@ -98,14 +98,14 @@ def _profile(args: argparse.Namespace) -> int:
 
     from fastseg3d.profile import activation_memory, largest_cube, training_memory
     from fastseg3d.train import load_config
-    from fastseg3d.train.builders import build_model, build_objective, data_channels
+    from fastseg3d.train.builders import build_model, build_objective, data_channels, output_mode
 
     if args.size is not None and len(args.size) not in (1, 3):
         print(f"error: --size takes D H W or one side, got {args.size}", file=sys.stderr)
         return 2
     cfg = load_config(args.config, list(args.overrides))
     data, tcfg = cfg["data"], cfg["train"]
-    mode = "softmax" if data["label_mode"] == "labels" else "sigmoid"
+    mode = output_mode(data["label_mode"])
     channels = data_channels(cfg)
     model = build_model(cfg["model"], *(channels or (None, None)))
     amp = args.dtype or tcfg["amp"]

@@ -21,6 +21,7 @@ __all__ = [
     "build_scheduler",
     "data_channels",
     "enable_activation_checkpointing",
+    "output_mode",
 ]
 
 
@@ -62,7 +63,7 @@ def build_data(cfg: Mapping) -> DataBundle:
     """The datasets of ``cfg["data"]``: the embedded synthetic volumes or a Medical Segmentation Decathlon folder."""
     data = cfg["data"]
     label_mode = data["label_mode"]
-    mode = _mode(label_mode)
+    mode = output_mode(label_mode)
     if data["name"] == "synthetic":
         from fastseg3d.data.synthetic import CLASS_NAMES, SyntheticSegmentation
 
@@ -90,8 +91,12 @@ def build_data(cfg: Mapping) -> DataBundle:
     raise ValueError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
 
 
-def _mode(label_mode: str) -> str:
-    """The network's output activation for ``data.label_mode``."""
+def output_mode(label_mode: str) -> str:
+    """The network's output activation for ``data.label_mode``: "softmax" (labels) or "sigmoid" (BraTS regions).
+
+    Raises:
+        ValueError: any other label mode.
+    """
     if label_mode not in ("labels", "brats_regions"):
         raise ValueError(f"data.label_mode must be 'labels' or 'brats_regions', got {label_mode!r}")
     return "softmax" if label_mode == "labels" else "sigmoid"
@@ -112,7 +117,7 @@ def data_channels(cfg: Mapping) -> tuple[int, int] | None:
     """(input channels, output channels) that ``cfg["data"]`` gives a network, without building its datasets; None
     for an MSD config whose ``root`` is not set."""
     data = cfg["data"]
-    mode = _mode(data["label_mode"])
+    mode = output_mode(data["label_mode"])
     if data["name"] == "synthetic":
         from fastseg3d.data.synthetic import CLASS_NAMES
 

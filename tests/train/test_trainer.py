@@ -354,3 +354,16 @@ def test_non_finite_loss_stops_every_rank(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("error: non-finite") == 2, proc.stderr[-3000:]
+
+
+def test_output_mode_and_data_channels_follow_the_data_config():
+    from fastseg3d.train.builders import data_channels, output_mode
+
+    assert output_mode("labels") == "softmax" and output_mode("brats_regions") == "sigmoid"
+    with pytest.raises(ValueError, match="data.label_mode"):
+        output_mode("regions")
+    cfg = load_config("quickstart")
+    assert data_channels(cfg) == (4, 5)
+    cfg["data"]["label_mode"] = "brats_regions"
+    assert data_channels(cfg) == (4, 3)
+    assert data_channels(load_config("segformer3d_brats")) is None  # an MSD config whose root is not set
