@@ -124,7 +124,8 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     """Registers, spill bytes and main-loop instructions per output of one dwconv3d kernel on sm_90, with bias
     (and ``activation``) as the benchmark runs it.
 
-    ``which``: "fwd" (the forward kernel, also the dz and dx passes) or "bwd_weight".
+    ``which``: "fwd" (the forward kernel, also the dx pass), "dz" (the forward kernel writing the gradient at the
+    pre-activation, ``dy * act'(conv + bias)``, in the backward of a fused activation) or "bwd_weight".
     """
     from fastseg3d.kernels import dwconv3d as k
 
@@ -135,10 +136,10 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     pad = tuple(s // 2 for s in kernel)
 
     def call():
-        if which == "fwd":
+        if which in ("fwd", "dz"):
             w = torch.empty((c, 1, *kernel), dtype=dtype, device="meta")
             k.dwconv3d_fwd(x, k.taps_major(w), w.new_empty(c), None, torch.empty_like(x), pad, (1, 1, 1),
-                           k.ACT_IDS[activation])
+                           k.ACT_IDS[activation], grad=torch.empty_like(x) if which == "dz" else None)
         else:
             k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)
 
@@ -146,10 +147,11 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     fn, args, kwargs = launches[0]
     tile = kwargs["BLOCK_C"] * kwargs["BLOCK_H"] * kwargs["BLOCK_W"]
     # the forward's W-lane walk is unrolled KD times (its accumulators rotate without moves): a loop pass is KD slices
-    unroll = kwargs["KD"] if which == "fwd" and kwargs["LANES"] and kwargs["BLOCK_C"] == 1 else 1
+    unroll = kwargs["KD"] if which != "bwd_weight" and kwargs["LANES"] and kwargs["BLOCK_C"] == 1 else 1
     return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
             "activation": activation,
             "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]), "lanes": kwargs.get("LANES", 0),
+            "rows": kwargs.get("ROWS", 1),
             **_stats(_compile_like_jit(fn, args, kwargs), unroll * tile / (32 * kwargs["num_warps"]))}
 
 
@@ -252,7 +254,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
     parser.add_argument("--kernel", type=int, nargs=3, action="append", help="dwconv3d kernel (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--activation", choices=["relu", "gelu", "gelu_tanh", "silu"], help="dwconv3d forward")
+    parser.add_argument("--activation", choices=["relu", "gelu", "gelu_tanh", "silu"],
+                        help="dwconv3d forward and dz pass")
     parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -275,7 +278,7 @@ def main(argv=None) -> None:
                 print(row)
         return
     for kernel in args.kernel or [(3, 3, 3), (1, 3, 3)]:
-        for which in ("fwd", "bwd_weight"):
+        for which in ("fwd", "dz", "bwd_weight") if args.activation else ("fwd", "bwd_weight"):
             for cl in (False, True):
                 print(profile_dwconv3d(tuple(args.shape), tuple(kernel), dtype, cl, which, args.activation))
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from fastseg3d.backends import interpreter_active
 
@@ -40,9 +41,55 @@ _MAX_BLOCK_C = 64
 _COLUMN_OUTPUTS = {1: 16, 3: 8}
 
 
+if interpreter_active():  # the interpreter has no libdevice fast math
+
+    @triton.jit
+    def _fast_div(x, y):
+        return x / y
+
+else:
+
+    @triton.jit
+    def _fast_div(x, y):
+        """x / y within 2 ulp for |y| in [2^-126, 2^126] (0 beyond): a reciprocal and a multiply, where the
+        division Triton emits adds range checks (about 8 instructions in all)."""
+        return libdevice.fast_dividef(x, y)
+
+
+@triton.jit
+def _sigmoid(z):
+    # exp2 compiles to ex2.approx.ftz; tl.exp and tl.sigmoid to the non-flushing form, which takes 3 more.
+    return _fast_div(1.0, 1.0 + tl.exp2(-1.4426950408889634 * z))
+
+
 @triton.jit
 def _tanh(u):
-    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    return 2.0 * _sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
+def _erf_over_sqrt2(z):
+    """erf(z / sqrt(2)) in fp32, absolute error below 4e-7 (libdevice's erff: about 1.2e-7).
+
+    A rational approximation in u = z^2 (numerator and denominator of degree 5) on |z| <= 4 sqrt(2), beyond which
+    erf rounds to +-1 in fp32: about 16 instructions on sm_90, where erff computes both of its branches (a
+    polynomial and an exponential) for about 30, which made GELU cost as much as the 3x3x3 conv around it. The
+    coefficients come from a weighted least-squares fit of erf(x) / x in x^2 on [0, 4], iterated toward the least
+    maximum relative error (Loeb's and Lawson's weights), then rescaled to z = x sqrt(2) (powers of two: exact);
+    their fp32 evaluation, not the fit (below 5e-8), sets the error. Tested against float64 erf."""
+    zc = tl.minimum(tl.maximum(z, -5.656854249492381), 5.656854249492381)
+    u = zc * zc
+    p = 4.38990604e-08 * u + 1.25748702e-05
+    p = p * u + 0.000343195134
+    p = p * u + 0.00938685145
+    p = p * u + 0.0684249774
+    p = p * u + 0.797884524
+    q = 1.16928754e-06 * u + 7.40880787e-05
+    q = q * u + 0.00190077489
+    q = q * u + 0.0288363826
+    q = q * u + 0.25242427
+    q = q * u + 1.0
+    return _fast_div(zc * p, q)
 
 
 @triton.jit
@@ -50,11 +97,12 @@ def _act(z, ACT: tl.constexpr):
     if ACT == 1:
         z = tl.maximum(z, 0.0)
     elif ACT == 2:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        h = 0.5 * z
+        z = h + h * _erf_over_sqrt2(z)
     elif ACT == 3:
         z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
     elif ACT == 4:
-        z = z * tl.sigmoid(z)
+        z = z * _sigmoid(z)
     return z
 
 
@@ -64,13 +112,14 @@ def _act_grad(z, ACT: tl.constexpr):
     if ACT == 1:
         g = tl.where(z > 0.0, 1.0, 0.0)
     elif ACT == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
-        g = cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+        # Phi(z) + z phi(z), phi(z) = exp2(-z^2 log2(e) / 2) / sqrt(2 pi)
+        cdf = 0.5 + 0.5 * _erf_over_sqrt2(z)
+        g = cdf + z * 0.3989422804014327 * tl.exp2(z * z * -0.7213475204444817)
     elif ACT == 3:
         t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
         g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     elif ACT == 4:
-        s = tl.sigmoid(z)
+        s = _sigmoid(z)
         g = s * (1.0 + z * (1.0 - s))
     else:
         g = tl.full(z.shape, 1.0, tl.float32)
@@ -849,9 +898,10 @@ def dwconv3d_fwd(
         if lanes and kh == 3 and dilation[1] == 1:
             # A thread's outputs on W-lane tiles: `lanes` along W by `rows` adjacent rows, which share their input
             # rows (rows + 2 loads for 3 * rows), up to 4 rows while the KD * rows * lanes accumulators stay within
-            # a budget. 48 (two rows of 8 for 3x3x3) only for a plain 2-byte conv: at 128 registers on sm_90 it
-            # keeps 16 warps per SM, where an activation or fp32 would take 150 to 250.
-            budget = 48 if vec == 8 and act == 0 and grad is None else 24
+            # a budget. 48 (two rows of 8 for 3x3x3) for 2-byte inputs compiles within 128 registers for sm_90,
+            # which keeps 16 warps per SM, but for the dz pass of relu and silu (139 to 157); fp32 would take 150
+            # to 250.
+            budget = 48 if vec == 8 and (grad is None or act not in (ACT_IDS["relu"], ACT_IDS["silu"])) else 24
             rows = min(4, 1 << ((budget // (kd * lanes)).bit_length() - 1), block_h)
             if not interpreter_active():
                 block_h, rows = _lane_tile_rows(h_out, block_w // lanes, rows)

@@ -15,6 +15,23 @@ from fastseg3d.ops import dwconv3d, dwconv3d_tokens
 from fastseg3d.reference import ACTIVATIONS, dwconv3d_backward_ref, dwconv3d_ref, dwconv3d_tokens_ref
 from tests.utils import assert_close
 
+try:
+    import triton
+    import triton.language as tl
+
+    from fastseg3d.kernels.dwconv3d import _act, _act_grad
+except ImportError:
+    triton = None
+else:
+
+    @triton.jit
+    def _activation_probe(z_ptr, y_ptr, g_ptr, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        """The conv kernels' activation and its derivative, elementwise (test_interpret_activation_accuracy)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        z = tl.load(z_ptr + offs)
+        tl.store(y_ptr + offs, _act(z, ACT))
+        tl.store(g_ptr + offs, _act_grad(z, ACT))
+
 
 def _tensors(layout, shape, kernel, dtype, device, bias=True, residual=False, padding="same", dilation=1):
     """Inputs in the requested layout. ``tokens`` gives (B, N, C) strided tokens (a slice of a wider tensor)."""
@@ -329,9 +346,12 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     assert launches[0][2]["ROWS"] == rows
     if lanes and layout == "contiguous":
         assert full(launches[0][2])
-        with_act = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, 2))
-        # within 24 accumulators
-        assert with_act[0][2]["ROWS"] == min(rows, 1 << ((24 // (kernel[0] * lanes)).bit_length() - 1))
+        # GELU keeps the rows, in the forward and in the dz pass; relu's and silu's dz passes (too many registers
+        # with 2-byte rows) and fp32 stay within 24 accumulators
+        within_24 = min(rows, 1 << ((24 // (kernel[0] * lanes)).bit_length() - 1))
+        for act, grad, expected in ((2, None, rows), (2, out, rows), (1, out, within_24), (4, out, within_24)):
+            with_act = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, act, grad=grad))
+            assert with_act[0][2]["ROWS"] == expected, (act, grad is not None)
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
     # the weight gradient: as the forward's plain conv on NCDHW (rows within a window of 48 dz values), 2 columns
     # on channels-last
@@ -457,6 +477,35 @@ def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation,
                                                  (1, 1, 1), 0),
                                   k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)))
     assert [kw["PAIRS"] for _, _, kw in launches] == [shape[1] % 8 == 0] * 2
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_interpret_activation_accuracy(activation):
+    """The kernels' activations and their derivatives against float64 over [-12, 12] and near 0. GELU's erf is a
+    rational approximation (absolute error below 4e-7, so GELU's below 1e-7 |z| where z > 0); the others differ
+    from the reference only by fp32 rounding (and on a GPU by approximate division and exp2)."""
+    from fastseg3d.kernels.dwconv3d import ACT_IDS
+    from fastseg3d.reference.dwconv3d import activation_grad_ref, activation_ref
+
+    z = torch.cat([torch.linspace(-12, 12, 1 << 16), torch.logspace(-30, 0, 1024), -torch.logspace(-30, 0, 1024),
+                   torch.tensor([0.0, 4 * 2**0.5, -4 * 2**0.5, 5.0, -5.0])])
+    z = torch.cat([z, z.new_zeros(-z.numel() % 1024)])
+    y, g = torch.full_like(z, float("nan")), torch.full_like(z, float("nan"))
+    _activation_probe[(z.numel() // 1024,)](z, y, g, ACT=ACT_IDS[activation], BLOCK=1024)
+    z64 = z.double()
+    y_ref, g_ref = activation_ref(z64, activation), activation_grad_ref(z64, activation)
+    err_y, err_g = (y.double() - y_ref).abs(), (g.double() - g_ref).abs()
+    if activation == "gelu":
+        # erf error e: GELU off by |z| e / 2, its derivative by e / 2 + the exponential's rounding
+        assert (err_y <= 2.5e-7 * z64.abs() + 1e-12).all(), err_y.max()
+        assert err_g.max() < 5e-7, err_g.max()
+        positive = z64 > 0
+        assert (err_y[positive] / y_ref[positive]).max() < 2.5e-7
+    else:
+        # fp32 rounding of a few operations
+        assert (err_y <= 1e-6 * z64.abs().clamp_min(1.0)).all(), err_y.max()
+        assert (err_g <= 2e-6).all(), err_g.max()
 
 
 @pytest.mark.interpret
