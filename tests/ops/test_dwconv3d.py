@@ -480,16 +480,20 @@ def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation,
 
 
 @pytest.mark.interpret
+# exp2 of large z is inf, as intended; gelu_tanh's derivative is 0 * inf where z^2 overflows
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_interpret_activation_accuracy(activation):
-    """The kernels' activations and their derivatives against float64 over [-12, 12] and near 0. GELU's erf is a
-    rational approximation (absolute error below 4e-7, so GELU's below 1e-7 |z| where z > 0); the others differ
-    from the reference only by fp32 rounding (and on a GPU by approximate division and exp2)."""
+    """The kernels' activations and their derivatives against float64 over [-100, 100] (dense on [-12, 12]), near 0
+    and at +-3e38. GELU's erf is a rational approximation (absolute error below 4e-7, so GELU's below 2.5e-7 |z|);
+    the others differ from the reference only by fp32 rounding (and on a GPU by approximate division and exp2)."""
     from fastseg3d.kernels.dwconv3d import ACT_IDS
     from fastseg3d.reference.dwconv3d import activation_grad_ref, activation_ref
 
     z = torch.cat([torch.linspace(-12, 12, 1 << 16), torch.logspace(-30, 0, 1024), -torch.logspace(-30, 0, 1024),
-                   torch.tensor([0.0, 4 * 2**0.5, -4 * 2**0.5, 5.0, -5.0])])
+                   torch.linspace(-100, 100, 1001),
+                   torch.tensor([0.0, 6.0, -6.0, 6.5, -6.5, 1e4, -1e4, 1e13, -1e13, 3e38, -3e38])])
     z = torch.cat([z, z.new_zeros(-z.numel() % 1024)])
     y, g = torch.full_like(z, float("nan")), torch.full_like(z, float("nan"))
     _activation_probe[(z.numel() // 1024,)](z, y, g, ACT=ACT_IDS[activation], BLOCK=1024)
@@ -502,9 +506,12 @@ def test_interpret_activation_accuracy(activation):
         assert err_g.max() < 5e-7, err_g.max()
         positive = z64 > 0
         assert (err_y[positive] / y_ref[positive]).max() < 2.5e-7
+        assert (y[z <= -6.0] == 0).all()  # erf exactly -1 there, not -1 give or take its error times |z|
     else:
         # fp32 rounding of a few operations
         assert (err_y <= 1e-6 * z64.abs().clamp_min(1.0)).all(), err_y.max()
+        if activation == "gelu_tanh":  # z^2 overflows past 1.8e19: NaN, as PyTorch's own backward gives there
+            err_g = err_g[z64.abs() < 1.8e19]
         assert (err_g <= 2e-6).all(), err_g.max()
 
 
