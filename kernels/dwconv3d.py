@@ -69,16 +69,16 @@ def _tanh(u):
 
 @triton.jit
 def _erf_over_sqrt2(z):
-    """erf(z / sqrt(2)) in fp32, absolute error below 4e-7 (libdevice's erff: about 1.2e-7).
+    """erf(z / sqrt(2)) in fp32, absolute error below 5e-7 (libdevice's erff: about 1.2e-7).
 
     A rational approximation in u = z^2, numerator and denominator of degree 5: about 20 instructions on sm_90,
     where erff computes both of its branches (a polynomial and an exponential) for about 30, which made GELU cost
     as much as the 3x3x3 conv around it. The coefficients come from a weighted least-squares fit of erf(x) / x in
     x^2 on [0, 4] (erf rounds to 1 in fp32 from x = 3.92), iterated toward the least maximum relative error (Loeb's
-    and Lawson's weights), then rescaled to z = x sqrt(2) (powers of two: exact); their fp32 evaluation, not the fit
-    (below 5e-8), sets the error. From |z| = 6 on the rational exceeds 1, so clamping z at 6.5 and the result at 1
-    gives exactly +-1 there, and GELU exactly 0 for large negative z (not |z| times the error). Tested against
-    float64 erf."""
+    and Lawson's weights), then rescaled to z = x sqrt(2) (powers of two: exact); their fp32 evaluation and the
+    approximate reciprocal, not the fit (below 5e-8), set the error. In fp32 the rational reaches 1 from about
+    |z| = 5.8 on, so clamping the result at +-1 makes erf exactly +-1 there, and GELU exactly 0 for large negative z
+    (not |z| times the error); z is clamped at 6.5 only to keep u finite. Tested against float64 erf."""
     zc = tl.minimum(tl.maximum(z, -6.5), 6.5)
     u = zc * zc
     p = 4.38990604e-08 * u + 1.25748702e-05
@@ -97,7 +97,7 @@ def _erf_over_sqrt2(z):
 @triton.jit
 def _act(z, ACT: tl.constexpr):
     if ACT == 1:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in PyTorch
     elif ACT == 2:
         h = 0.5 * z
         z = h + h * _erf_over_sqrt2(z)
@@ -112,7 +112,7 @@ def _act(z, ACT: tl.constexpr):
 def _act_grad(z, ACT: tl.constexpr):
     """d act(z) / dz, in fp32."""
     if ACT == 1:
-        g = tl.where(z > 0.0, 1.0, 0.0)
+        g = tl.where(z <= 0.0, 0.0, 1.0)  # NaN passes the gradient, as PyTorch's threshold_backward does
     elif ACT == 2:
         # Phi(z) + z phi(z), phi(z) = exp2(-z^2 log2(e) / 2) / sqrt(2 pi)
         cdf = 0.5 + 0.5 * _erf_over_sqrt2(z)

@@ -346,10 +346,11 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     assert launches[0][2]["ROWS"] == rows
     if lanes and layout == "contiguous":
         assert full(launches[0][2])
-        # GELU keeps the rows, in the forward and in the dz pass; relu's and silu's dz passes (too many registers
-        # with 2-byte rows) and fp32 stay within 24 accumulators
+        # every activation keeps the rows in the forward, GELU and GELU-tanh in the dz pass too; relu's and silu's
+        # dz passes (too many registers with 2-byte rows) and fp32 stay within 24 accumulators
         within_24 = min(rows, 1 << ((24 // (kernel[0] * lanes)).bit_length() - 1))
-        for act, grad, expected in ((2, None, rows), (2, out, rows), (1, out, within_24), (4, out, within_24)):
+        for act, grad, expected in ((1, None, rows), (2, None, rows), (4, None, rows), (2, out, rows), (3, out, rows),
+                                    (1, out, within_24), (4, out, within_24)):
             with_act = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, act, grad=grad))
             assert with_act[0][2]["ROWS"] == expected, (act, grad is not None)
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
@@ -479,40 +480,54 @@ def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation,
     assert [kw["PAIRS"] for _, _, kw in launches] == [shape[1] % 8 == 0] * 2
 
 
-@pytest.mark.interpret
-# exp2 of large z is inf, as intended; gelu_tanh's derivative is 0 * inf where z^2 overflows
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
-def test_interpret_activation_accuracy(activation):
+def check_activation_accuracy(activation, device):
     """The kernels' activations and their derivatives against float64 over [-100, 100] (dense on [-12, 12]), near 0
-    and at +-3e38. GELU's erf is a rational approximation (absolute error below 4e-7, so GELU's below 2.5e-7 |z|);
-    the others differ from the reference only by fp32 rounding (and on a GPU by approximate division and exp2)."""
+    and at +-3e38. GELU's erf is a rational approximation (absolute error below 5e-7 with the GPU's approximate
+    reciprocal, so GELU's below 3e-7 |z|); the others differ from the reference by fp32 rounding (and on a GPU by
+    approximate division and exp2, a few ulp)."""
     from fastseg3d.kernels.dwconv3d import ACT_IDS
     from fastseg3d.reference.dwconv3d import activation_grad_ref, activation_ref
 
     z = torch.cat([torch.linspace(-12, 12, 1 << 16), torch.logspace(-30, 0, 1024), -torch.logspace(-30, 0, 1024),
                    torch.linspace(-100, 100, 1001),
                    torch.tensor([0.0, 6.0, -6.0, 6.5, -6.5, 1e4, -1e4, 1e13, -1e13, 3e38, -3e38])])
-    z = torch.cat([z, z.new_zeros(-z.numel() % 1024)])
+    z = torch.cat([z, z.new_zeros(-z.numel() % 1024)]).to(device)
     y, g = torch.full_like(z, float("nan")), torch.full_like(z, float("nan"))
     _activation_probe[(z.numel() // 1024,)](z, y, g, ACT=ACT_IDS[activation], BLOCK=1024)
-    z64 = z.double()
+    z64 = z.cpu().double()
+    y, g = y.cpu(), g.cpu()
     y_ref, g_ref = activation_ref(z64, activation), activation_grad_ref(z64, activation)
     err_y, err_g = (y.double() - y_ref).abs(), (g.double() - g_ref).abs()
     if activation == "gelu":
         # erf error e: GELU off by |z| e / 2, its derivative by e / 2 + the exponential's rounding
-        assert (err_y <= 2.5e-7 * z64.abs() + 1e-12).all(), err_y.max()
+        assert (err_y <= 3e-7 * z64.abs() + 1e-12).all(), err_y.max()
         assert err_g.max() < 5e-7, err_g.max()
         positive = z64 > 0
-        assert (err_y[positive] / y_ref[positive]).max() < 2.5e-7
-        assert (y[z <= -6.0] == 0).all()  # erf exactly -1 there, not -1 give or take its error times |z|
+        assert (err_y[positive] / y_ref[positive]).max() < 3e-7
+        assert (y[z64 <= -6.0] == 0).all()  # erf exactly -1 there, not -1 give or take its error times |z|
     else:
-        # fp32 rounding of a few operations
         assert (err_y <= 1e-6 * z64.abs().clamp_min(1.0)).all(), err_y.max()
-        if activation == "gelu_tanh":  # z^2 overflows past 1.8e19: NaN, as PyTorch's own backward gives there
-            err_g = err_g[z64.abs() < 1.8e19]
-        assert (err_g <= 2e-6).all(), err_g.max()
+        if activation == "gelu_tanh":
+            # 1 - tanh^2 cancels (up to 2e-6 near z = 5); z^2 overflows past 1.8e19: NaN, as PyTorch's own
+            # backward gives there
+            bound, err_g = 3e-6, err_g[z64.abs() < 1.8e19]
+        else:
+            bound = 1e-6
+        assert (err_g <= bound).all(), err_g.max()
+    # NaN propagates through every activation, as in PyTorch (relu's max.f32 would return 0)
+    nan = torch.full((1024,), float("nan"), device=device)
+    y = torch.zeros_like(nan)
+    _activation_probe[(1,)](nan, y, torch.zeros_like(nan), ACT=ACT_IDS[activation], BLOCK=1024)
+    assert y.isnan().all()
+
+
+@pytest.mark.interpret
+# exp2 of large z is inf, as intended; gelu_tanh's derivative is 0 * inf where z^2 overflows
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_interpret_activation_accuracy(activation):
+    check_activation_accuracy(activation, "cpu")
 
 
 @pytest.mark.interpret
@@ -554,6 +569,13 @@ _GPU_CASES = [
                          ids=[f"{c[0]}-{c[1][1]}c-k{c[2][0]}{c[2][1]}-{c[3]}-{str(c[4])[6:]}" for c in _GPU_CASES])
 def test_gpu_kernel_matches_reference(poison, layout, shape, kernel, activation, dtype):
     check_against_reference(layout, shape, kernel, activation, True, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_gpu_activation_accuracy(activation):
+    """The interpreter tier's bounds with what only the GPU runs: approximate division and ex2.approx.ftz."""
+    check_activation_accuracy(activation, "cuda")
 
 
 @pytest.mark.gpu
