@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.kernels.utils import cdiv, next_power_of_2
 
 __all__ = ["attention_bwd", "attention_fwd"]
 
@@ -212,7 +213,7 @@ def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kern
     each row over two warpgroups (cross-warpgroup reductions: about twice the instructions per score), so 64-row
     tensor-core tiles take four. IEEE fp32 dots run on the FMA units and hold far more registers than tensor-core
     ones, so their tiles are small. TF32 dk/dv tiles hold 64 keys where they fit, the fewest rows a wgmma takes."""
-    np2 = triton.next_power_of_2
+    np2 = next_power_of_2
     if interpreter_active():
         return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4
     if precision == "ieee":
@@ -247,7 +248,7 @@ def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -
     m = k.shape[1]
     precision = _precision(q.dtype)
     block_m, block_n, warps = _blocks(n, m, d, precision, "fwd")
-    grid = (triton.cdiv(n, block_m), bsz * h)
+    grid = (cdiv(n, block_m), bsz * h)
     torch.library.wrap_triton(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, n, m, h, _qk_scale(scale),
         *_qk(q), *_qk(k), *_qk(v), *_qk(out),
@@ -265,20 +266,20 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     kv_block_m, kv_block_n, kv_warps = _blocks(n, m, d, precision, "dkdv")
 
     delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
-    torch.library.wrap_triton(_attn_bwd_delta_kernel)[(triton.cdiv(n, block_m), bsz * h)](
+    torch.library.wrap_triton(_attn_bwd_delta_kernel)[(cdiv(n, block_m), bsz * h)](
         out, grad, delta, n, h, *_qk(out), *_qk(grad), HEAD_DIM=d, BLOCK_M=block_m,
     )
 
-    n_kblocks = triton.cdiv(m, kv_block_n)
-    n_row_blocks = triton.cdiv(n, kv_block_m)
+    n_kblocks = cdiv(m, kv_block_n)
+    n_row_blocks = cdiv(n, kv_block_m)
     if interpreter_active() or q.device.type != "cuda":
         splits = 1
     else:
         # Few key blocks (M = N / sr^3 is small) would leave most SMs idle: split the query rows among programs.
         target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = max(1, min(n_row_blocks, triton.cdiv(target, n_kblocks * bsz * h)))
-    rows_per_split = triton.cdiv(n_row_blocks, splits) * kv_block_m
-    splits = triton.cdiv(n, rows_per_split)
+        splits = max(1, min(n_row_blocks, cdiv(target, n_kblocks * bsz * h)))
+    rows_per_split = cdiv(n_row_blocks, splits) * kv_block_m
+    splits = cdiv(n, rows_per_split)
     dk_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
     dv_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
     torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(n_kblocks, bsz * h, splits)](
@@ -294,7 +295,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     dk.copy_(dk_ws.sum(0).permute(0, 2, 1, 3))
     dv.copy_(dv_ws.sum(0).permute(0, 2, 1, 3))
 
-    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(triton.cdiv(n, block_m), bsz * h)](
+    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(cdiv(n, block_m), bsz * h)](
         q, k, v, grad, lse, delta, dq,
         n, m, h, _qk_scale(scale), scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),

@@ -30,6 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.kernels.utils import cdiv, next_power_of_2
 
 __all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
 
@@ -759,7 +760,7 @@ def taps_major(weight: torch.Tensor) -> torch.Tensor:
     half weights), because the kernels reload taps inside their loops and a half weight costs a conversion
     each time."""
     c = weight.shape[0]
-    taps = weight.new_zeros((*weight.shape[2:], triton.cdiv(c, _MAX_BLOCK_C) * _MAX_BLOCK_C), dtype=torch.float32)
+    taps = weight.new_zeros((*weight.shape[2:], cdiv(c, _MAX_BLOCK_C) * _MAX_BLOCK_C), dtype=torch.float32)
     taps[..., :c] = weight[:, 0].permute(1, 2, 3, 0)
     return taps
 
@@ -775,7 +776,7 @@ def _needs_int64(*tensors: torch.Tensor | None) -> bool:
 def _blocks(x: torch.Tensor, h_out: int, w_out: int, tile: int) -> tuple[int, int, int]:
     """Tile shape: channel-major when the channel stride is 1 (coalesced along C), else width-major."""
     c = x.shape[1]
-    np2 = triton.next_power_of_2
+    np2 = next_power_of_2
     if x.stride(1) == 1 and c > 1:
         block_c = min(np2(c), _MAX_BLOCK_C)
         rest = max(1, tile // block_c)
@@ -809,7 +810,7 @@ def _lane_tile_rows(h_out: int, groups: int, rows: int) -> tuple[int, int]:
     along W. A plane too short for that takes fewer rows per thread first: on a tile with fewer outputs than its
     threads hold, a thread's elements stop being one vector and the lanes go through conversions (32^3 planes:
     86 instructions per output instead of 41)."""
-    h_pad = triton.next_power_of_2(h_out)
+    h_pad = next_power_of_2(h_out)
     rows = max(1, min(rows, h_pad * groups // 128))
     return min(h_pad, rows * 128 // groups), rows
 
@@ -844,13 +845,13 @@ def _chunks(n: int, kd: int, tiles: int, device: torch.device) -> tuple[int, int
     shortest = max(1, 4 * (kd - 1))
     if interpreter_active():
         shortest = 2  # several runs even on the tests' tiny shapes
-        wanted = triton.cdiv(n, shortest)
+        wanted = cdiv(n, shortest)
     elif device.type == "cuda":
-        wanted = triton.cdiv(8 * torch.cuda.get_device_properties(device).multi_processor_count, tiles)
+        wanted = cdiv(8 * torch.cuda.get_device_properties(device).multi_processor_count, tiles)
     else:
         wanted = 1
-    j_chunk = max(shortest, triton.cdiv(n, max(1, wanted)))
-    return j_chunk, triton.cdiv(n, j_chunk)
+    j_chunk = max(shortest, cdiv(n, max(1, wanted)))
+    return j_chunk, cdiv(n, j_chunk)
 
 
 def dwconv3d_fwd(
@@ -880,9 +881,9 @@ def dwconv3d_fwd(
         # input column it loads serves up to KW outputs and each tap's weights serve `lanes` outputs. For 3x3x3
         # (three accumulators per output) 4 channels by 2 columns; for 1x3x3 a 16-byte vector by 16 / vec.
         channels = vec if kd == 1 else 4
-        lanes = min(_COLUMN_OUTPUTS[kd] // channels, triton.next_power_of_2(w_out))
+        lanes = min(_COLUMN_OUTPUTS[kd] // channels, next_power_of_2(w_out))
         tile = 4096 if interpreter_active() else 128 * channels
-        block_c, block_h, groups = _blocks(x, h_out, triton.cdiv(w_out, lanes), tile)
+        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), tile)
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c)
     else:
@@ -907,9 +908,9 @@ def dwconv3d_fwd(
             rows = min(4, 1 << ((budget // (kd * lanes)).bit_length() - 1), block_h)
             if not interpreter_active():
                 block_h, rows = _lane_tile_rows(h_out, block_w // lanes, rows)
-    n_tiles = triton.cdiv(c, block_c) * triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
+    n_tiles = cdiv(c, block_c) * cdiv(h_out, block_h) * cdiv(w_out, block_w)
     dil_d = dilation[0]
-    n_per_residue = triton.cdiv(d_out, dil_d)
+    n_per_residue = cdiv(d_out, dil_d)
     if roll:
         j_chunk, n_chunks = _chunks(n_per_residue, kd, n_tiles * bsz * dil_d, x.device)
     else:
@@ -956,8 +957,8 @@ def dwconv3d_bwd_weight(
     lane_rows = 1
     if _takes_columns(x, roll, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
-        lanes = min(2, triton.next_power_of_2(w_out))
-        block_c, block_h, groups = _blocks(x, h_out, triton.cdiv(w_out, lanes), 4096 if interp else 512)
+        lanes = min(2, next_power_of_2(w_out))
+        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if interp else 512)
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c) and dz.stride(1) == 1 and _channel_pairs(dz, block_c)
     else:
@@ -968,22 +969,22 @@ def dwconv3d_bwd_weight(
             # One sum per tap and thread: a thread takes a 16-byte vector of dz along W by `rows` adjacent rows,
             # which share their input rows, while its window of KD * rows * lanes dz values stays within 48.
             if kh == 3 and dilation[1] == 1:
-                lane_rows = min(4, 1 << ((48 // (kd * lanes)).bit_length() - 1), triton.next_power_of_2(h_out))
+                lane_rows = min(4, 1 << ((48 // (kd * lanes)).bit_length() - 1), next_power_of_2(h_out))
             if interp:
                 lane_rows = min(lane_rows, block_h)
             else:
                 block_h, lane_rows = _lane_tile_rows(h_out, block_w // lanes, lane_rows)
-    n_hw = triton.cdiv(h_out, block_h) * triton.cdiv(w_out, block_w)
-    n_c = triton.cdiv(c, block_c)
+    n_hw = cdiv(h_out, block_h) * cdiv(w_out, block_w)
+    n_c = cdiv(c, block_c)
     if interp:
         n_dchunks = min(2, d_out)  # the chunk boundaries, exercised on the tests' tiny shapes
     elif x.device.type != "cuda":
         n_dchunks = 1
     else:
         target = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        n_dchunks = max(1, min(d_out, triton.cdiv(target, n_hw * n_c * n_tap_chunks * bsz)))
-    d_chunk = triton.cdiv(d_out, n_dchunks)
-    n_dchunks = triton.cdiv(d_out, d_chunk)
+        n_dchunks = max(1, min(d_out, cdiv(target, n_hw * n_c * n_tap_chunks * bsz)))
+    d_chunk = cdiv(d_out, n_dchunks)
+    n_dchunks = cdiv(d_out, d_chunk)
     rows = bsz * n_dchunks * n_hw
     dwp = empty((rows, kvol, c), dtype=torch.float32, device=x.device)
     dbp = empty((rows, c), dtype=torch.float32, device=x.device) if with_bias else None

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.kernels.utils import cdiv, next_power_of_2
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
@@ -452,7 +453,7 @@ def _interp_transpose_kernel(
 def _block_v(k_pad: int, nvox: int, tile: int = 4096) -> int:
     if interpreter_active():
         tile = 16384
-    return max(16, min(triton.next_power_of_2(nvox), tile // k_pad))
+    return max(16, min(next_power_of_2(nvox), tile // k_pad))
 
 
 def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> tuple[int, int, int]:
@@ -474,7 +475,7 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
         warps = 8 if k_pad * block_v >= 4096 else 4
     if interpreter_active():  # the same code paths (VEC) in larger tiles: the interpreter pays per program
         block_v, warps = _block_v(k_pad, nvox), 4
-    block_v = min(block_v, triton.next_power_of_2(nvox))
+    block_v = min(block_v, next_power_of_2(nvox))
     return block_v, min(vec, block_v), warps
 
 
@@ -499,7 +500,7 @@ def kl_distill_fwd(
     bsz, k = teacher.shape[:2]
     od, oh, ow = size
     nvox = od * oh * ow
-    k_pad = triton.next_power_of_2(k)
+    k_pad = next_power_of_2(k)
 
     scale2 = _LOG2E / temperature  # logits in log2 units
     coef = temperature / (bsz * nvox)
@@ -511,7 +512,7 @@ def kl_distill_fwd(
     # where the planes cost a 2-byte load and an address per class (DSD's decoder group, bf16, sm_90: about 3,100
     # -> 2,600 instructions per output voxel). The copies are of low-resolution inputs, freed on return.
     il = k_pad if k_pad <= 16 and (t_f != (1, 1, 1) or any(f != (1, 1, 1) for f in s_f)) else 0
-    buffer = bsz * nvox * il if il else bsz * k * triton.cdiv(nvox, _VB.value) * _VB.value  # one gradient buffer
+    buffer = bsz * nvox * il if il else bsz * k * cdiv(nvox, _VB.value) * _VB.value  # one gradient buffer
 
     def operand(x, factors):  # what the kernel reads: the input in NCDHW, or its class-interleaved copy
         if not il or factors == (1, 1, 1):
@@ -542,7 +543,7 @@ def kl_distill_fwd(
     def out_res(x, g, factors):
         if g is None or factors == (1, 1, 1):
             return g
-        shape = (bsz, od, oh, ow, il) if il else (bsz, triton.cdiv(nvox, _VB.value), k, _VB.value)
+        shape = (bsz, od, oh, ow, il) if il else (bsz, cdiv(nvox, _VB.value), k, _VB.value)
         return empty(shape, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32, device=x.device)
 
     int64 = any(t.numel() >= _INT32_MAX for t in (t_in, *s_in)) or buffer >= _INT32_MAX
@@ -569,7 +570,7 @@ def kl_distill_fwd(
         block_v, vec, warps = _tile(k_pad, nvox, per_thread, 1 if per_thread > 16 else max(2, 16 // k_pad), 4096)
     else:  # an upsampled input's loads are gathers (one voxel per thread; 14 classes, bf16: 159 -> 65 on Triton 3.6)
         block_v, vec, warps = _tile(k_pad, nvox, 16, 1, 4096)
-    n_prog = triton.cdiv(nvox, block_v)
+    n_prog = cdiv(nvox, block_v)
     partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
     torch.library.wrap_triton(_kl_fwd_kernel)[(n_prog, bsz)](
         t_in, o_t if o_t is not None else teacher,
@@ -586,7 +587,7 @@ def kl_distill_fwd(
     def transpose(src, dst, big, small, factors, scale, out_il):
         n_low = small[0] * small[1] * small[2]
         bv, _, warps = _tile(k_pad, n_low, 16, 1, 4096)  # no reduction over classes: any layout will do
-        torch.library.wrap_triton(_interp_transpose_kernel)[(triton.cdiv(n_low, bv), bsz)](
+        torch.library.wrap_triton(_interp_transpose_kernel)[(cdiv(n_low, bv), bsz)](
             src, dst, *big, *small, scale, K=k, GFD=factors[0], GFH=factors[1], GFW=factors[2],
             LD=1 if factors[0] == 1 else 2 * factors[0], LH=1 if factors[1] == 1 else 2 * factors[1],
             LW=1 if factors[2] == 1 else 2 * factors[2], INT64=int64, BLOCK_K=k_pad, BLOCK_V=bv, IL=il,

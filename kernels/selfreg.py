@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.kernels.utils import cdiv, next_power_of_2
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["avg_pool", "channel_stats", "selfreg_inter_fwd", "selfreg_intra_fwd"]
@@ -31,7 +32,7 @@ _INT32_MAX = 2**31 - 1
 
 
 def _block(n: int) -> int:
-    return max(16, min(triton.next_power_of_2(n), 4096 if interpreter_active() else 1024))
+    return max(16, min(next_power_of_2(n), 4096 if interpreter_active() else 1024))
 
 
 def _warps(block: int) -> int:
@@ -194,7 +195,7 @@ def avg_pool(x: torch.Tensor, size: tuple[int, int, int], empty=torch.empty) -> 
     nvox = size[0] * size[1] * size[2]
     out = empty((bsz, c, *size), dtype=torch.float32, device=x.device)
     block = _block(nvox)
-    torch.library.wrap_triton(_avg_pool_kernel)[(triton.cdiv(nvox, block), bsz * c)](
+    torch.library.wrap_triton(_avg_pool_kernel)[(cdiv(nvox, block), bsz * c)](
         x, out, *size, *x.shape[2:], FD=factors[0], FH=factors[1], FW=factors[2], INT64=_int64(x, out),
         BLOCK_V=block, num_warps=_warps(block),
     )
@@ -220,7 +221,7 @@ def selfreg_inter_fwd(
     nvox = size[0] * size[1] * size[2]
     npairs = student_channels.numel()
     block = _block(nvox)
-    n_blocks = triton.cdiv(nvox, block)
+    n_blocks = cdiv(nvox, block)
     partials = empty((bsz * cs * n_blocks,), dtype=torch.float32, device=student.device)
     grad = empty(student.shape, dtype=saved_grad_dtype(student.dtype), device=student.device) if need_grad else None
     denom = bsz * npairs * nvox
@@ -238,7 +239,7 @@ def channel_stats(x: torch.Tensor, empty=torch.empty) -> tuple[torch.Tensor, tor
     bsz, c = x.shape[:2]
     nvox = x.shape[2] * x.shape[3] * x.shape[4]
     block = _block(nvox)
-    n_blocks = triton.cdiv(nvox, block)
+    n_blocks = cdiv(nvox, block)
     sums = empty((bsz, c, n_blocks), dtype=torch.float32, device=x.device)
     sqs = empty((bsz, c, n_blocks), dtype=torch.float32, device=x.device)
     torch.library.wrap_triton(_channel_stats_kernel)[(n_blocks, bsz * c)](
@@ -259,7 +260,7 @@ def selfreg_intra_fwd(
     order = torch.sort(score, descending=True, stable=True).indices
     half = c // 2
     block = _block(nvox)
-    n_blocks = triton.cdiv(nvox, block)
+    n_blocks = cdiv(nvox, block)
     partials = empty((bsz * half * n_blocks,), dtype=torch.float32, device=x.device)
     grad = empty(x.shape, dtype=saved_grad_dtype(x.dtype), device=x.device) if need_grad else None
     denom = bsz * half * nvox
