@@ -122,6 +122,24 @@ def test_backward_reference_matches_autograd(activation, padding, dilation):
         assert_close(name, a, e, torch.float64)
 
 
+@pytest.mark.parametrize("channels,kernel", [(6, (3, 3, 3)), (64, (1, 3, 5)), (130, (3, 1, 1))])
+def test_taps_major_layout_and_zero_padding(monkeypatch, channels, kernel):
+    """The kernels' weight layout: (KD, KH, KW, C rounded up to 64) fp32, the padding zero (the tap loads are
+    unmasked), from a NaN-filled allocation so that an unwritten element shows."""
+    pytest.importorskip("triton")
+    from fastseg3d.kernels.dwconv3d import taps_major
+
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: real_new_empty(self, *a, **kw).fill_(
+        float("nan")))
+    w = torch.randn(channels, 1, *kernel, dtype=torch.bfloat16)
+    taps = taps_major(w)
+    cp = -(-channels // 64) * 64
+    assert taps.shape == (*kernel, cp) and taps.dtype == torch.float32 and taps.is_contiguous()
+    assert torch.equal(taps[..., :channels], w[:, 0].permute(1, 2, 3, 0).float())
+    assert torch.equal(taps[..., channels:], torch.zeros(*kernel, cp - channels))
+
+
 def test_reference_is_depthwise_conv3d():
     x = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64)
     w = torch.randn(4, 1, 1, 3, 5, dtype=torch.float64)
