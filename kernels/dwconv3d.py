@@ -30,7 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastseg3d.backends import interpreter_active
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2
 
 __all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
 
@@ -273,13 +273,10 @@ def _column_row(xs, ok, ih, wg, H_in, W_in, sxh, sxw, pad_w, N: tl.constexpr):
 
 @triton.jit
 def _load_pairs(ptrs, mask):
-    """fp32 [2 * P, H, W] from bf16 channel pairs read as int32 through pointers [P, H, W]: the even channel's fp32
-    is a shift, the odd one's a mask, where splitting a vector of bf16 costs a byte permute and a shift for every
-    odd channel (channels-last 3x3x3 forward on sm_90: 50.5 -> 47.6 instructions per output)."""
-    v = tl.load(ptrs, mask=mask, other=0)
-    even = (v << 16).to(tl.float32, bitcast=True)
-    odd = (v & -65536).to(tl.float32, bitcast=True)
-    return tl.reshape(tl.permute(tl.join(even, odd), (0, 3, 1, 2)), (2 * v.shape[0], v.shape[1], v.shape[2]))
+    """fp32 [2 * P, H, W] from bf16 channel pairs read as int32 through pointers [P, H, W] (channels-last 3x3x3
+    forward on sm_90: 50.5 -> 47.6 instructions per output against splitting bf16 vectors)."""
+    even, odd = bf16_pair_to_fp32(tl.load(ptrs, mask=mask, other=0))
+    return tl.reshape(tl.permute(tl.join(even, odd), (0, 3, 1, 2)), (2 * ptrs.shape[0], ptrs.shape[1], ptrs.shape[2]))
 
 
 @triton.jit

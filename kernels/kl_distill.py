@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
@@ -139,10 +139,9 @@ def _corner(base, off, wgt, acc, VEC: tl.constexpr, IL: tl.constexpr):
     input is a class-interleaved copy (voxels of IL classes, ``base`` per batch), and a voxel's classes are up to
     four 16-byte loads from one address, where planes cost a load and an address per class."""
     if IL > 1 and base.dtype.element_ty == tl.bfloat16:
-        # class pairs as int32: the low half's fp32 is a shift, the high half's a mask (a 16-bit split costs two)
+        # class pairs read as int32 (bf16_pair_to_fp32)
         v = _load_voxels((base + off[:, None] * IL).to(tl.pointer_type(tl.int32), bitcast=True), IL // 2)
-        even = (v << 16).to(tl.float32, bitcast=True)
-        odd = (v & -65536).to(tl.float32, bitcast=True)
+        even, odd = bf16_pair_to_fp32(v)
         x = tl.trans(tl.reshape(tl.join(even, odd), (off.shape[0], IL))) * wgt[None, :]
     elif IL > 0:
         x = tl.trans(_load_voxels(base + off[:, None] * IL, IL)).to(tl.float32) * wgt[None, :]
