@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fastseg3d.backends import tf32_matmul_allowed
+
 ROW_KEYS = (
     "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
     "roofline_pct", "roofline_bound", "device", "torch", "triton", "cuda", "commit", "date",
@@ -159,7 +161,7 @@ class Ceilings:
         """The matmul rate in ``dtype``; ``fma=True``: the fp32 rate, valid as the FMA-pipe rate only while TF32
         is off (otherwise None, rather than a tensor-core rate posing as one)."""
         if fma:
-            if torch.backends.cuda.matmul.allow_tf32:
+            if tf32_matmul_allowed():
                 return None
             dtype = torch.float32
         if dtype not in self._tflops:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "HAS_TRITON", "backend", "get_backend", "interpreter_active", "select"]
+__all__ = ["BACKENDS", "HAS_TRITON", "backend", "get_backend", "interpreter_active", "select", "tf32_matmul_allowed"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -72,6 +72,17 @@ def backend(name: str) -> Iterator[None]:
 def interpreter_active() -> bool:
     """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` when they were decorated)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def tf32_matmul_allowed() -> bool:
+    """Whether fp32 matmuls may use TF32, as set by either of PyTorch's APIs.
+
+    Once ``torch.backends.fp32_precision`` or ``torch.backends.cuda.matmul.fp32_precision`` has been set, reading
+    the legacy ``allow_tf32`` flag raises; the new attribute reflects both (torch >= 2.9)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        return matmul.fp32_precision == "tf32"
+    return bool(matmul.allow_tf32)
 
 
 def device_reasons(device: torch.device) -> list[str]:

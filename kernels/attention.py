@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.backends import interpreter_active
+from fastseg3d.backends import interpreter_active, tf32_matmul_allowed
 from fastseg3d.kernels.utils import cdiv, next_power_of_2
 
 __all__ = ["attention_bwd", "attention_fwd"]
@@ -203,7 +203,7 @@ def _attn_bwd_dq_kernel(
 def _precision(dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return None  # half types: the backend's default tensor-core path
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interpreter_active() else "ieee"
+    return "tf32" if tf32_matmul_allowed() and not interpreter_active() else "ieee"
 
 
 def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kernel: str) -> tuple[int, int, int]:

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg3d.ops.attention import attention
-from fastseg3d.reference.attention import attention_ref
 
 __all__ = ["LocalMultiScaleFusion3d", "MISSU"]
 
@@ -91,10 +90,7 @@ class _SelfAttention(nn.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # strided views: read in place by the fused op
-        if self.training and self.attn_dropout > 0:
-            out = attention_ref(q, k, v, dropout_p=self.attn_dropout)
-        else:
-            out = attention(q, k, v)
+        out = attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
 

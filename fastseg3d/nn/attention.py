@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fastseg3d.ops.attention import attention
-from fastseg3d.reference.attention import attention_ref
 
 __all__ = ["EfficientSelfAttention3d"]
-
-logger = logging.getLogger("fastseg3d")
-
 
 class EfficientSelfAttention3d(nn.Module):
     """PVT/SegFormer spatial-reduction attention on 3D token grids, with SegFormer3D's submodule names.
@@ -70,6 +67,8 @@ class EfficientSelfAttention3d(nn.Module):
             raise ValueError(f"sr_ratio must be an int >= 1, got {sr_ratio!r}")
         if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
             raise ValueError(f"dropout rates must be in [0, 1), got attn_drop={attn_drop}, proj_drop={proj_drop}")
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -90,9 +89,12 @@ class EfficientSelfAttention3d(nn.Module):
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be tokens (B, N, {self.dim}), got shape {tuple(x.shape)}")
-        if len(spatial_shape) != 3:
-            raise ValueError(f"spatial_shape must be (D, H, W), got {tuple(spatial_shape)}")
-        d, h, w = (int(s) for s in spatial_shape)
+        try:
+            d, h, w = (operator.index(s) for s in spatial_shape)
+        except (TypeError, ValueError):
+            raise ValueError(f"spatial_shape must be 3 ints (D, H, W), got {spatial_shape!r}") from None
+        if min(d, h, w) <= 0:
+            raise ValueError(f"spatial_shape must be positive on every axis, got {(d, h, w)}")
         b, n, c = x.shape
         if d * h * w != n:
             raise ValueError(f"spatial_shape {(d, h, w)} has {d * h * w} voxels but x has N={n} tokens")
@@ -110,8 +112,5 @@ class EfficientSelfAttention3d(nn.Module):
             reduced = x
         kv = self.key_value(reduced).unflatten(-1, (2, self.num_heads, self.head_dim))
         k, v = kv[:, :, 0], kv[:, :, 1]
-        if self.training and self.attn_drop > 0:
-            out = attention_ref(q, k, v, self.scale, dropout_p=self.attn_drop)
-        else:
-            out = attention(q, k, v, self.scale)
+        out = attention(q, k, v, self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_dropout(self.proj(out.reshape(b, n, c)))

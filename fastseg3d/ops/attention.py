@@ -8,6 +8,7 @@ recomputes the probabilities. Memory is O(N d): no N x M tensor is allocated on 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -40,7 +41,8 @@ def _validate(q, k, v, scale) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass tensors of one dtype")
         if t.device != q.device:
             raise TypeError(f"{name} is on {t.device} but q is on {q.device}; pass tensors on one device")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
+                              or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 
@@ -109,7 +111,7 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropout_p: float = 0.0) -> Tensor:
     """Non-causal softmax attention ``softmax(q k^T * scale) v`` with N queries and M keys (N != M allowed).
 
     Args:
@@ -117,11 +119,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
         k: (B, M, H, d) keys, e.g. ``kv[:, :, 0]`` of ``kv = key_value(x_).view(B, M, 2, H, d)`` (read in place).
         v: (B, M, H, d) values, ``kv[:, :, 1]``.
         scale: the logit scale; default ``d ** -0.5``.
+        dropout_p: dropout on the probabilities, as in ``F.scaled_dot_product_attention`` (pass 0 in eval); the
+            fused kernel has none, so a rate above 0 runs the reference (logged once under ``auto``, an error
+            under the ``triton`` backend).
 
     Returns:
         (B, N, H, d), contiguous, so ``.reshape(B, N, H * d)`` is free.
 
-    Head dims 16, 32, 64 and 128 in fp32 (TF32 only where ``torch.backends.cuda.matmul.allow_tf32`` allows),
+    Head dims 16, 32, 64 and 128 in fp32 (TF32 only where PyTorch allows it for matmuls:
+    ``torch.backends.cuda.matmul.fp32_precision``, or the legacy ``allow_tf32``),
     fp16 and bf16 are fused; other cases run the reference (``F.scaled_dot_product_attention``) under ``auto``.
 
     Example:
@@ -131,9 +137,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Te
         >>> fastseg3d.ops.attention(q, kv[:, :, 0], kv[:, :, 1]).shape
         torch.Size([2, 37, 2, 32])
     """
+    if all(isinstance(t, Tensor) for t in (q, k, v)):  # cast first: autocast takes mixed dtypes, as SDPA does
+        q, k, v = utils.autocast_inputs(q.device.type, q, k, v)
     _validate(q, k, v, scale)
-    q, k, v = utils.autocast_inputs(q.device.type, q, k, v)
+    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    if backends.select("attention", attention_unsupported_reasons(q, k, v)):
+    reasons = attention_unsupported_reasons(q, k, v)
+    if dropout_p > 0:
+        reasons.append(f"dropout_p={dropout_p} (the fused kernel has no dropout)")
+    if backends.select("attention", reasons):
         return torch.ops.fastseg3d.attention(q, k, v, scale)[0]
-    return attention_ref(q, k, v, scale)
+    return attention_ref(q, k, v, scale, dropout_p=float(dropout_p))

@@ -11,11 +11,12 @@ __all__ = ["attention_backward_ref", "attention_forward_ref", "attention_ref", "
 
 
 def attention_ref(q, k, v, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T * scale) v for q (B, N, H, d), k and v (B, M, H, d); returns (B, N, H, d)."""
+    """softmax(q k^T * scale) v for q (B, N, H, d), k and v (B, M, H, d); returns (B, N, H, d), contiguous as the
+    fused op's (SDPA's math backend returns the (B, H, N, d) order)."""
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, scale=scale
     )
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).contiguous()
 
 
 def attention_forward_ref(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

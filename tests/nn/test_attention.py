@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -85,6 +87,19 @@ def test_attention_dropout_in_training_only():
     assert torch.equal(module(x, (3, 3, 3)), module(x, (3, 3, 3)))
 
 
+def test_attention_dropout_falls_back_through_the_backend_policy(caplog):
+    """Dropout has no fused kernel: the reference, logged under auto, an error under the triton backend."""
+    module = EfficientSelfAttention3d(16, 1, attn_drop=0.1).train()
+    x = torch.randn(1, 27, 16)
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="dropout_p=0.1"):
+        module(x, (3, 3, 3))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastseg3d"):
+        fastseg3d.backends._logged.clear()
+        module(x, (3, 3, 3))
+    assert "dropout_p=0.1" in caplog.text
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
@@ -94,6 +109,9 @@ def test_attention_dropout_in_training_only():
         (lambda: EfficientSelfAttention3d(32, 2, sr_ratio=2)(torch.randn(1, 24, 32), (2, 3, 4)), "divisible by"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 8, 16), (2, 2, 2)), "tokens"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 8, 32), (8,)), "spatial_shape"),
+        (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 32, 32), (2.9, 4, 4)), "3 ints"),
+        (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 32, 32), (-2, -4, 4)), "positive"),
+        (lambda: EfficientSelfAttention3d(32, 2, scale=-1.0), "scale"),
     ],
 )
 def test_bad_inputs(call, match):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,12 +120,29 @@ def test_compile_fullgraph_forward_backward():
 
 
 def test_meta_device_allocates_no_score_matrix():
-    leaves, split = _qkv(2, 262_144, 4096, 1, 32, torch.bfloat16, "meta")
+    """Forward and backward on the meta device, recording every tensor created: none is near N x M (the
+    reference's scores, 2**31 elements here, fail the bound)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    b, n, m, h, d = 2, 262_144, 4096, 1, 32
+    leaves, split = _qkv(b, n, m, h, d, torch.bfloat16, "meta")
     q, k, v = split(*[t.requires_grad_() for t in leaves])
-    out = attention(q, k, v)
-    assert out.device.type == "meta" and out.shape == (2, 262_144, 1, 32)
-    out.sum().backward()
+    with LargestTensor() as mode:
+        out = attention(q, k, v)
+        out.sum().backward()
+    assert out.device.type == "meta" and out.shape == (b, n, h, d)
     assert leaves[1].grad.shape == leaves[1].shape
+    assert mode.largest <= 2 * b * n * h * d < n * m
 
 
 def test_autocast_casts_inputs():
@@ -129,7 +150,49 @@ def test_autocast_casts_inputs():
     kv = torch.randn(1, 3, 2, 1, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attention(q, kv[:, :, 0], kv[:, :, 1])
-    assert out.dtype == torch.bfloat16
+        mixed = attention(q, kv[:, :, 0].bfloat16(), kv[:, :, 1])  # SDPA takes mixed dtypes under autocast too
+    assert out.dtype == mixed.dtype == torch.bfloat16
+
+
+def test_reference_output_is_contiguous_on_every_sdpa_backend():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastseg3d.reference.attention import attention_ref
+
+    kv = torch.randn(2, 7, 2, 3, 8).unbind(2)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = attention_ref(torch.randn(2, 9, 3, 8), *kv)
+    assert out.shape == (2, 9, 3, 8) and out.is_contiguous()
+
+
+def test_scale_accepts_any_real_number():
+    import numpy as np
+
+    x = torch.randn(1, 4, 1, 16)
+    expected = attention(x, x, x, scale=0.5)
+    assert_close("out", attention(x, x, x, scale=np.float32(0.5)), expected, torch.float32)
+
+
+def test_tf32_follows_both_pytorch_apis():
+    """fp32 attention reads PyTorch's TF32 setting: the legacy flag raises once the new API has been used, so
+    reading it would fail every fp32 call of such a user (a process of its own: the setting is global)."""
+    code = (
+        "import torch\n"
+        "from fastseg3d.backends import tf32_matmul_allowed\n"
+        "from fastseg3d.kernels.attention import _precision\n"
+        "assert not tf32_matmul_allowed() and _precision(torch.float32) == 'ieee'\n"
+        "torch.backends.cuda.matmul.allow_tf32 = True\n"
+        "assert tf32_matmul_allowed()\n"
+        "torch.backends.cuda.matmul.allow_tf32 = False\n"
+        "torch.backends.fp32_precision = 'tf32'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'none'\n"
+        "assert tf32_matmul_allowed() and _precision(torch.float32) == 'tf32'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "assert not tf32_matmul_allowed() and _precision(torch.bfloat16) is None\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_unsupported_cases_report_reasons():
