@@ -72,10 +72,17 @@ def scaled_grad(grad_out: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype)
     being built. Run twice with ``retain_graph``, a gradient that was changed in place in between makes autograd
     raise, as for any saved tensor. An fp16 input's gradient is saved in fp32 (see
     :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`), so a loss scale such as GradScaler's 2^16, which
-    fp16 cannot even represent, is applied in fp32 before the cast.
+    fp16 cannot even represent, is applied in fp32 before the cast. A double backward raises.
     """
     if not saved.numel():
         return None
+    if torch.is_grad_enabled() and not _tracing(grad_out):
+        # create_graph=True: the saved gradient is a constant of this graph, so a second derivative would come out
+        # as 0 where it is not
+        raise NotImplementedError(
+            "fastseg3d's fused losses have no double backward (backward(create_graph=True)); run them under "
+            "fastseg3d.backend('torch')"
+        )
     if (saved.dtype == dtype and grad_out.numel() == 1 and not grad_out.requires_grad
             and grad_out.device.type in ("cuda", "cpu") and not _tracing(grad_out) and bool(grad_out == 1)):
         return saved
