@@ -129,8 +129,9 @@ def activation_memory(
     interpolation, exp/log/pow in float32; the rest in the dtype it is given).
 
     Returns:
-        ``{"total": bytes, "<child name>": bytes, ...}`` with one entry per direct child of ``model`` (and
-        ``"(top)"`` for tensors saved outside any child).
+        ``{"total": bytes, "<child name>": bytes, ...}`` with one entry per direct child of ``model`` that saves
+        something (and ``"(top)"`` for tensors saved outside any child). A container child such as an
+        ``nn.ModuleList`` gets what the modules inside it save when ``model`` calls them.
 
     Raises:
         ValueError: ``dtype`` is not float32, float16 or bfloat16.
@@ -157,13 +158,26 @@ def activation_memory(
         if key not in seen and key not in param_storages:
             seen.add(key)
             report["total"] += storage.nbytes()
-            report[current[0]] = report.get(current[0], 0) + storage.nbytes()
+            report[current[-1]] = report.get(current[-1], 0) + storage.nbytes()
         return t
 
     handles = []
+
+    def leave(module, args, out) -> None:  # returns None: a forward hook's return value replaces the output
+        current.pop()
+
+    def attribute(module: nn.Module, name: str) -> None:
+        # A container (ModuleList, ModuleDict) is never called: its parent calls the modules inside, so those are
+        # hooked instead, under the container's top-level name.
+        if type(module).forward is not nn.Module.forward:
+            handles.append(module.register_forward_pre_hook(lambda m, args: current.append(name)))
+            handles.append(module.register_forward_hook(leave, always_call=True))
+        else:
+            for child in module.children():
+                attribute(child, name)
+
     for name, child in meta_model.named_children():
-        handles.append(child.register_forward_pre_hook(lambda m, args, name=name: current.__setitem__(0, name)))
-        handles.append(child.register_forward_hook(lambda m, args, out: current.__setitem__(0, "(top)")))
+        attribute(child, name)
     x = torch.empty(tuple(input_shape), device="meta", requires_grad=False)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

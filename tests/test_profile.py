@@ -76,6 +76,48 @@ def test_rejects_other_dtypes():
         activation_memory(_Tiny(), (2, 10, 8), torch.float64)
 
 
+class _Containers(nn.Module):
+    """Children that are never called themselves: a ModuleList holding a Linear and a ModuleDict."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8), nn.ModuleDict({"inner": nn.Linear(8, 8)})])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks[1]["inner"](self.blocks[0](x)))
+
+
+def test_container_children_get_what_the_modules_inside_save():
+    # Each Linear saves its (2, 8) fp32 input, 64 B; the container's two used to be counted under "(top)".
+    assert activation_memory(_Containers(), (2, 8)) == {"total": 192, "blocks": 128, "head": 64}
+
+
+@pytest.mark.parametrize("network", ["missu", "mobileutr"])
+def test_networks_with_module_lists_are_attributed_per_child(network):
+    from fastseg3d.networks import MISSU
+    from fastseg3d.networks.mobileutr import MobileUtr
+
+    if network == "missu":  # the fusion blocks, called from MISSU.forward in training
+        model, shape, containers = MISSU(), (1, 4, 16, 16, 16), ["fusion"]
+    else:
+        model, shape, containers = MobileUtr(), (1, 1, 32, 32, 32), ["lklgl_bottleneck", "transformer_bottleneck"]
+    report = activation_memory(model, shape)
+    assert all(report.get(name, 0) > 0 for name in containers), report
+    assert sum(v for k, v in report.items() if k != "total") == report["total"]
+    assert report.get("(top)", 0) < 0.01 * report["total"], report
+
+
+def test_segformer3d_with_one_value_per_batch_norm_channel_raises_as_in_training():
+    # Batch 1 at 32^3: the stage-4 grid is 1^3. The meta count used to fail with a ZeroDivisionError inside
+    # BatchNorm's decomposition; it now gives the ValueError a training step raises.
+    from fastseg3d.networks import SegFormer3D
+
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        activation_memory(SegFormer3D(), (1, 4, 32, 32, 32))
+    assert activation_memory(SegFormer3D(), (2, 4, 32, 32, 32))["total"] > 0
+
+
 def test_segformer3d_under_bf16_autocast_saves_less_than_in_fp32_and_than_the_plain_build():
     """At 128³, batch 2: the fused network saves 0.43 GiB under bf16 autocast (0.60 in fp32), the published
     composition 1.10 (1.38; its softmax probabilities and upsampled maps stay fp32 under autocast)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -211,7 +212,8 @@ class MISSU(nn.Module):
     The module tree and ``state_dict`` keys are the released ones (``Unet.*``, ``bn``, ``conv_x``,
     ``position_encoding.position_embeddings``, ``transformer.net.{0..7}.*``, ``pre_head_ln``, ``linear_encoding``,
     ``Enblock8_1``, ``Enblock8_2``, ``DeUp{4,3,2}``, ``DeBlock{4,3,2}``, ``endconv``): 20,392,388 parameters at the
-    defaults, so checkpoints load with ``strict=True``.
+    defaults. Released checkpoints load with ``strict=True`` into ``MISSU(fusion=False)``; the default build adds
+    the training-only ``fusion.*`` blocks, which no released checkpoint has (load those with ``strict=False``).
 
     Decisions where the release is broken or silent:
         * the release cannot be constructed (a factory function shadows the class in ``super()``); this class can;
@@ -270,6 +272,15 @@ class MISSU(nn.Module):
         super().__init__()
         if spatial_dims != 3:
             raise ValueError(f"MISSU supports spatial_dims=3 only, got {spatial_dims}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("embedding_dim", embedding_dim), ("num_heads", num_heads), ("num_layers", num_layers),
+                            ("hidden_dim", hidden_dim)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, value in (("dropout_rate", dropout_rate), ("attn_dropout_rate", attn_dropout_rate),
+                            ("init_dropout", init_dropout)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
         base = 16
         if embedding_dim != 32 * base:
             # The decoder halves the width at each level and concatenates the encoder skip of the same width.

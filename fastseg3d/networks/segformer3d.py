@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +24,13 @@ def _per_axis(value, name: str) -> tuple[int, int, int]:
     if len(value) != 3 or not all(isinstance(v, int) for v in value):
         raise ValueError(f"{name} entries must be ints or 3-tuples of ints, got {value!r}")
     return value
+
+
+def _mlp_ratio(value) -> int:
+    """An expansion ratio as an int: integral reals such as 4.0 are accepted, the hidden width must be whole."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0 or not float(value).is_integer():
+        raise ValueError(f"mlp_ratio must be a positive integer (or one per stage), got {value!r}")
+    return int(value)
 
 
 class _DWConvBN(nn.Module):
@@ -55,7 +63,7 @@ class MixFFN3d(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
-        hidden = mlp_ratio * dim
+        hidden = _mlp_ratio(mlp_ratio) * dim
         self.fc1 = nn.Linear(dim, hidden)
         self.dwconv = _DWConvBN(hidden)
         self.fc2 = nn.Linear(hidden, dim)
@@ -194,7 +202,7 @@ class SegFormer3D(nn.Module):
         in_channels: input channels (4 for BraTS).
         out_channels: classes (3 for BraTS TC/WT/ET); logits, no activation.
         embed_dims, depths, num_heads, sr_ratios: per stage.
-        mlp_ratio: Mix-FFN expansion, an int or one per stage.
+        mlp_ratio: Mix-FFN expansion, a positive integer (an integral float such as 4.0 too) or one per stage.
         patch_kernel_size, patch_stride, patch_padding: per stage, each an int or a 3-tuple (anisotropic).
         decoder_dim: width of the all-MLP decoder.
         attention_scale: "head_dim" (1/sqrt(head_dim), the current official code) or "num_heads"
@@ -218,7 +226,7 @@ class SegFormer3D(nn.Module):
         depths: Sequence[int] = (2, 2, 2, 2),
         num_heads: Sequence[int] = (1, 2, 5, 8),
         sr_ratios: Sequence[int] = (4, 2, 1, 1),
-        mlp_ratio: int | Sequence[int] = 4,
+        mlp_ratio: float | Sequence[float] = 4,
         patch_kernel_size: Sequence = (7, 3, 3, 3),
         patch_stride: Sequence = (4, 2, 2, 2),
         patch_padding: Sequence = (3, 1, 1, 1),
@@ -231,13 +239,20 @@ class SegFormer3D(nn.Module):
             raise ValueError(f"SegFormer3D supports spatial_dims=3 only, got {spatial_dims}")
         if in_channels <= 0 or out_channels <= 0:
             raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
-        mlp_ratios = (mlp_ratio,) * 4 if isinstance(mlp_ratio, int) else tuple(mlp_ratio)
+        if isinstance(mlp_ratio, numbers.Real):
+            mlp_ratios = (mlp_ratio,) * 4
+        else:
+            try:
+                mlp_ratios = tuple(mlp_ratio)
+            except TypeError:
+                raise TypeError(f"mlp_ratio must be a number or one per stage, got {mlp_ratio!r}") from None
         for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
                             ("sr_ratios", sr_ratios), ("mlp_ratio", mlp_ratios),
                             ("patch_kernel_size", patch_kernel_size), ("patch_stride", patch_stride),
                             ("patch_padding", patch_padding)):
             if len(value) != 4:
                 raise ValueError(f"{name} must give 4 stages, got {value!r}")
+        mlp_ratios = tuple(_mlp_ratio(r) for r in mlp_ratios)
         for dim, heads in zip(embed_dims, num_heads):
             if dim % heads:
                 raise ValueError(f"embed_dims {tuple(embed_dims)} must be divisible by num_heads {tuple(num_heads)}")

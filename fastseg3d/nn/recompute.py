@@ -8,7 +8,10 @@ activated tensor is recomputed in backward (elementwise, cheap next to the Linea
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,6 +58,13 @@ class _BatchNormActLinear(torch.autograd.Function):
         return dx, dbn_w, dbn_b, None, None, None, None, None, dweight, dbias
 
 
+def _syncs(bn: nn.Module) -> bool:
+    """Whether ``bn`` is a SyncBatchNorm whose forward would all-reduce its statistics (its own condition)."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized()):
+        return False
+    return dist.get_world_size(bn.process_group or dist.group.WORLD) > 1
+
+
 def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last_3d if x.is_contiguous(memory_format=torch.channels_last_3d) else torch.contiguous_format
 
@@ -65,10 +75,19 @@ def batch_norm_act_linear(
     """``F.linear(tokens(activation(bn(x))), weight, bias)`` for x (B, C, D, H, W); returns tokens (B, N, out).
 
     Equal to the plain composition (same outputs, gradients and running-statistics updates as ``nn.BatchNorm3d``).
-    When it trains with batch statistics and gradients are on, it saves only ``x`` and the batch statistics.
+    When it trains with batch statistics and gradients are on, it saves only ``x`` and the batch statistics. An
+    ``nn.SyncBatchNorm`` that would synchronise its statistics across processes runs through its own ``forward``.
+
+    Raises:
+        ValueError: training with one value per channel (``x``'s batch size times its spatial size is 1), as
+            ``nn.BatchNorm3d`` does.
     """
-    if not (bn.training and torch.is_grad_enabled()):
+    if not (bn.training and torch.is_grad_enabled()) or _syncs(bn):
         return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
+    # native_batch_norm does not check this itself: the unbiased variance of one value would go into running_var
+    # as NaN (and divide by zero on meta tensors).
+    if x.shape[0] * math.prod(x.shape[2:]) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     momentum = bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)

@@ -117,8 +117,9 @@ class _PlainMLP_(nn.Module):
 
 
 class _PlainDecoder(nn.Module):
-    def __init__(self, dims, dim, classes):
+    def __init__(self, dims, dim, classes, upsample=4.0):
         super().__init__()
+        self.upsample = upsample
         for i in range(4):
             setattr(self, f"linear_c{i + 1}", _PlainMLP_(dims[i], dim))
         self.linear_fuse = nn.Sequential(nn.Conv3d(4 * dim, dim, 1, bias=False), nn.BatchNorm3d(dim), nn.ReLU())
@@ -131,18 +132,26 @@ class _PlainDecoder(nn.Module):
             m = mlp.bn(mlp.proj(c.flatten(2).transpose(1, 2))).permute(0, 2, 1).reshape(c.shape[0], -1, *c.shape[2:])
             maps.append(F.interpolate(m, size=c1.shape[2:], mode="trilinear", align_corners=False))
         x = self.linear_pred(self.linear_fuse(torch.cat(maps, 1)))
-        return F.interpolate(x, scale_factor=4.0, mode="trilinear", align_corners=False)
+        return F.interpolate(x, scale_factor=self.upsample, mode="trilinear", align_corners=False)
 
 
 class SegFormer3DRef(nn.Module):
-    """The published SegFormer3D in plain layers; ``scales`` overrides the attention scale per stage."""
+    """The published SegFormer3D in plain layers; ``scales`` overrides the attention scale per stage.
+
+    ``patch_kernel_size``, ``patch_stride`` and ``patch_padding`` give each stage's patch embedding (an int or a
+    (D, H, W) tuple, as ``nn.Conv3d`` takes them); the published model is the default, and the output upsampling
+    undoes the first stage's stride.
+    """
 
     def __init__(self, in_channels=4, out_channels=3, embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2),
-                 num_heads=(1, 2, 5, 8), sr_ratios=(4, 2, 1, 1), mlp_ratio=4, decoder_dim=256, scales=(None,) * 4):
+                 num_heads=(1, 2, 5, 8), sr_ratios=(4, 2, 1, 1), mlp_ratio=4, decoder_dim=256, scales=(None,) * 4,
+                 patch_kernel_size=(7, 3, 3, 3), patch_stride=(4, 2, 2, 2), patch_padding=(3, 1, 1, 1)):
         super().__init__()
         self.segformer_encoder = _PlainEncoder(in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratio,
-                                               (7, 3, 3, 3), (4, 2, 2, 2), (3, 1, 1, 1), scales)
-        self.segformer_decoder = _PlainDecoder(embed_dims, decoder_dim, out_channels)
+                                               patch_kernel_size, patch_stride, patch_padding, scales)
+        first = patch_stride[0]
+        upsample = float(first) if isinstance(first, int) else tuple(float(s) for s in first)
+        self.segformer_decoder = _PlainDecoder(embed_dims, decoder_dim, out_channels, upsample)
 
     def forward(self, x):
         return self.segformer_decoder(*self.segformer_encoder(x))

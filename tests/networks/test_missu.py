@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -133,11 +135,51 @@ def test_interpret_training_step_matches_reference():
 def test_compile_fullgraph_and_bundle_instantiation():
     torch._dynamo.reset()
     net = MISSU(dropout_rate=0.0, init_dropout=0.0)
+    eager = copy.deepcopy(net)
     x = torch.randn(1, 4, 16, 16, 16)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")  # no graph breaks, forward and backward
-    logits, pairs = compiled(x)
-    logits.square().mean().backward()
-    assert net.conv_x.weight.grad is not None
+    results = []
+    for model, params in ((compiled, net), (eager, eager)):
+        logits, pairs = model(x)
+        # the students pass through the fusion blocks: their gradients are checked too
+        loss = logits.square().mean() + sum(s.square().mean() for s, _ in pairs)
+        loss.backward()
+        results.append((logits.detach(), [s.detach() for s, _ in pairs], dict(params.named_parameters())))
+    (logits, students, named), (logits_e, students_e, named_e) = results
+    assert_close("logits", logits, logits_e, torch.float32, scale=10)
+    for i, (s, e) in enumerate(zip(students, students_e)):
+        assert_close(f"student{i}", s, e, torch.float32, scale=10)
+    for name, p in named.items():
+        if name in ("pre_head_ln.weight", "pre_head_ln.bias", "linear_encoding.weight", "linear_encoding.bias"):
+            assert p.grad is None and named_e[name].grad is None  # unused, as in the release
+            continue
+        if named_e[name].grad.abs().max() < 1e-6:
+            # A conv bias right before a training-mode BatchNorm: its gradient is zero up to rounding (about 1e-8
+            # here; every other gradient is above 1e-4), so only its size is compared.
+            assert p.grad.abs().max() < 1e-6, name
+            continue
+        assert_close(f"d{name}", p.grad, named_e[name].grad, torch.float32, scale=10)
     bundle = pytest.importorskip("monai.bundle")
     parser = bundle.ConfigParser({"net": {"_target_": "fastseg3d.networks.MISSU", "in_channels": 2, "out_channels": 3}})
     assert parser.get_parsed_content("net").eval()(torch.randn(1, 2, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"in_channels": 0}, "in_channels"),
+        ({"out_channels": 0}, "out_channels"),
+        ({"num_layers": 0}, "num_layers"),
+        ({"hidden_dim": 0}, "hidden_dim"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"num_heads": 2.0}, "num_heads"),
+        ({"in_channels": True}, "in_channels"),
+        ({"embedding_dim": -512}, "embedding_dim"),
+        ({"dropout_rate": 1.5}, "dropout_rate"),
+        ({"attn_dropout_rate": 1.0}, "attn_dropout_rate"),
+        ({"init_dropout": -0.1}, "init_dropout"),
+    ],
+)
+def test_rejects_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        MISSU(**kwargs)

@@ -170,11 +170,127 @@ def test_bad_inputs(call, match):
         call()
 
 
+_ANISOTROPIC = dict(patch_kernel_size=((3, 7, 7), 3, 3, 3), patch_stride=((2, 4, 4), 2, 2, 2),
+                   patch_padding=((1, 3, 3), 1, 1, 1), sr_ratios=(2, 2, 1, 1))
+
+
 def test_anisotropic_patch_kernels():
-    net = SegFormer3D(**_SMALL, patch_kernel_size=((3, 7, 7), 3, 3, 3), patch_stride=((2, 4, 4), 2, 2, 2),
-                      patch_padding=((1, 3, 3), 1, 1, 1), sr_ratios=(2, 2, 1, 1)).eval()
+    net = SegFormer3D(**_SMALL, **_ANISOTROPIC).eval()
     assert net.total_stride == (16, 32, 32)
     assert net(torch.randn(1, 4, 16, 32, 64)).shape == (1, 3, 16, 32, 64)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_anisotropic_matches_plain_build(mode):
+    ours = SegFormer3D(**_SMALL, **_ANISOTROPIC).double()
+    plain = PlainSegFormer3D(**_SMALL, **_ANISOTROPIC).double()
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    getattr(ours, mode)()
+    getattr(plain, mode)()
+    x = torch.randn(2, 4, 16, 32, 64, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), plain(x2)
+    assert y.shape == (2, 3, 16, 32, 64)
+    assert_close("logits", y, y_ref, torch.float64, scale=1e3)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x.grad, x2.grad, torch.float64, scale=1e3)
+    named_ref = dict(plain.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(f"d{name}", p.grad, named_ref[name].grad, torch.float64, scale=1e3, floor=1e-5)
+
+
+def test_training_with_one_value_per_batch_norm_channel_raises_like_the_plain_build():
+    # Batch 1 at 32^3: the stage-4 grid is 1^3, one value per channel for its Mix-FFN BatchNorm. This used to store
+    # NaN in running_var (and every later eval output was NaN) where the plain build raises.
+    ours, plain = _pair()
+    x = torch.randn(1, 4, 32, 32, 32)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        plain.train()(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ours.train()(x)
+    assert all(torch.isfinite(m.running_var).all() for m in ours.modules() if isinstance(m, nn.BatchNorm3d))
+    assert torch.isfinite(ours.eval()(x)).all()
+
+
+@pytest.mark.parametrize("ratio", [4.0, (4.0, 2, 4, 3.0), [4, 4, 4, 4]])
+def test_mlp_ratio_accepts_integral_numbers(ratio):
+    net = SegFormer3D(**_SMALL, mlp_ratio=ratio)
+    per_stage = (ratio,) * 4 if isinstance(ratio, float) else ratio
+    for s, r in enumerate(per_stage):
+        fc1 = getattr(net.segformer_encoder, f"tf_block{s + 1}")[0].mlp.fc1
+        assert fc1.out_features == int(r) * _SMALL["embed_dims"][s]
+    assert net.eval()(torch.randn(1, 4, 32, 32, 32)).shape == (1, 3, 32, 32, 32)
+
+
+@pytest.mark.parametrize("ratio", [2.5, 0, -4, (4, 4, 4, 1.5), (4, 4, 4, True), "4444", (4, 4, 4)])
+def test_mlp_ratio_rejects_non_integral_or_non_positive(ratio):
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        SegFormer3D(**_SMALL, mlp_ratio=ratio)
+
+
+def test_mlp_ratio_of_the_wrong_type():
+    with pytest.raises(TypeError, match="mlp_ratio"):
+        SegFormer3D(**_SMALL, mlp_ratio=None)
+
+
+def _fake_world(monkeypatch, world_size: int | None, calls: list):
+    """torch.distributed "initialized" with ``world_size`` processes (None: not initialized); SyncBatchNorm.forward
+    records its calls and runs BatchNorm's math (the real one would all-reduce, which needs processes and a GPU)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: world_size is not None)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size)
+
+    def forward(self, x):
+        calls.append(self)
+        return nn.modules.batchnorm._BatchNorm.forward(self, x)
+
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", forward)
+
+
+def _train_step(net, x):
+    net.zero_grad()
+    y = net.train()(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("world_size", [2, 1, None], ids=["synced", "world-size-1", "not-initialized"])
+def test_sync_batch_norm_after_conversion(monkeypatch, world_size):
+    # As the trainer converts the network under DDP: with more than one process every BatchNorm must run through
+    # SyncBatchNorm.forward, else its statistics stay per rank. In one process the fused path stays, with the same
+    # values.
+    import copy
+
+    torch.manual_seed(0)
+    net = SegFormer3D(**_SMALL, depths=(1, 1, 1, 1)).double()
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net))
+    sync_bns = [m for m in synced.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert len(sync_bns) == 5  # one per Mix-FFN, one in the decoder
+    calls = []
+    _fake_world(monkeypatch, world_size, calls)
+    x = torch.randn(2, 4, 32, 32, 32, dtype=torch.float64)
+    y_ref, grads_ref = _train_step(net, x)
+    y, grads = _train_step(synced, x)
+    if world_size != 2:
+        assert calls == []  # the fused path (SyncBatchNorm.forward would run plain BatchNorm here)
+    else:
+        assert sorted(map(id, calls)) == sorted(map(id, sync_bns))
+    assert_close("logits", y, y_ref, torch.float64, scale=1e3)
+    for name, g in grads.items():
+        assert_close(f"d{name}", g, grads_ref[name], torch.float64, scale=1e3, floor=1e-5)
+    bn_ref = dict(net.named_buffers())
+    for name, b in synced.named_buffers():
+        if "running" in name:
+            assert_close(name, b, bn_ref[name], torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------------

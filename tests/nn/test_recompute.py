@@ -55,3 +55,73 @@ def test_saves_only_the_input_and_statistics():
         batch_norm_act_linear(x, bn, "gelu", w, None)
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_one_value_per_channel_in_training_raises_as_batch_norm_does(device):
+    # Without the check the unbiased variance of one value (0 / 0) went into running_var as NaN, silently; on meta
+    # it divided by zero in Python.
+    bn = nn.BatchNorm3d(4, device=device)
+    w = torch.randn(3, 4, device=device, requires_grad=True)
+    x = torch.randn(1, 4, 1, 1, 1, device=device, requires_grad=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm3d(4, device=device)(x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_act_linear(x, bn, "gelu", w, None)
+    if device == "cpu":
+        assert torch.equal(bn.running_var, torch.ones(4)) and torch.equal(bn.running_mean, torch.zeros(4))
+    bn.eval()  # running statistics: one value per channel is fine
+    assert batch_norm_act_linear(x, bn, "gelu", w, None).shape == (1, 1, 3)
+
+
+def _fake_world(monkeypatch, world_size: int, calls: list):
+    """torch.distributed "initialized" with ``world_size`` processes; SyncBatchNorm.forward records its calls and
+    runs BatchNorm's math (the real one would all-reduce, which needs processes and a GPU)."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size)
+
+    def forward(self, x):
+        calls.append(self)
+        return nn.modules.batchnorm._BatchNorm.forward(self, x)
+
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", forward)
+
+
+def test_sync_batch_norm_that_syncs_runs_through_its_own_forward(monkeypatch):
+    calls = []
+    _fake_world(monkeypatch, 2, calls)
+    bn = nn.SyncBatchNorm(6).double().train()
+    bn_ref = nn.BatchNorm3d(6).double()
+    w = torch.randn(5, 6, dtype=torch.float64)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64)
+    y = batch_norm_act_linear(x, bn, "relu", w, None)
+    assert calls == [bn]
+    assert_close("y", y, F.linear(F.relu(bn_ref(x)).flatten(2).transpose(1, 2), w), torch.float64)
+    assert_close("running_var", bn.running_var, bn_ref.running_var, torch.float64)
+    calls.clear()
+    with torch.no_grad():  # no sync: SyncBatchNorm.forward does not sync when not training either
+        batch_norm_act_linear(x, bn.eval(), "relu", w, None)
+    assert calls == [bn]
+
+
+def test_single_process_sync_batch_norm_keeps_the_fused_path():
+    # Not initialized (one process): SyncBatchNorm.forward would run plain BatchNorm, so the fused path is equal.
+    bn = nn.SyncBatchNorm(6).double().train()
+    bn_ref = nn.BatchNorm3d(6).double()
+    w = torch.randn(5, 6, dtype=torch.float64)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = batch_norm_act_linear(x, bn, "gelu", w, None)
+    assert [t.data_ptr() for t in saved if t.numel() >= x.numel()] == [x.data_ptr()]
+    y_ref = F.linear(F.gelu(bn_ref(x2)).flatten(2).transpose(1, 2), w)
+    assert_close("y", y, y_ref, torch.float64)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x.grad, x2.grad, torch.float64)
+    assert_close("running_var", bn.running_var, bn_ref.running_var, torch.float64)
