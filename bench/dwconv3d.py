@@ -1,5 +1,5 @@
 """case=dwconv3d: the fused depthwise 3x3x3 conv (bias) against ATen's native kernel (NCDHW), cuDNN
-(channels_last_3d), SegFormer3D's transpose-conv-transpose token path, and torch.compile.
+(channels_last_3d), SegFormer3D's released token path (views around the conv), and torch.compile.
 
 Compiled peers: on volumes ``torch.compile-max-autotune`` by default (the default mode leaves the conv an extern
 call, i.e. the eager kernel); on tokens ``torch.compile`` by default. The other modes, CUDA graphs included (for
@@ -44,14 +44,26 @@ def _conv(x, w, bias):
 
 
 def _official_token_path(x, w, bias, s):
-    # SegFormer3D's DWConv: tokens -> NCDHW copy -> conv -> tokens copy.
+    # SegFormer3D's DWConv as released: the tokens viewed as a channels-last volume (no copy), the conv (cuDNN takes
+    # that layout), and its channels-last output viewed back as tokens.
     b, _, c = x.shape
-    vol = x.transpose(1, 2).reshape(b, c, s, s, s).contiguous()
-    return F.conv3d(vol, w, bias, padding=1, groups=c).flatten(2).transpose(1, 2).contiguous()
+    vol = x.transpose(1, 2).view(b, c, s, s, s)
+    return F.conv3d(vol, w, bias, padding=1, groups=c).flatten(2).transpose(1, 2)
+
+
+def _conv_backend(x, w, bias) -> str | None:
+    """The algorithm family ATen selects for this depthwise conv (cudnn, slow_conv_dilated3d, ...), as the peer's
+    name only says which one it should be."""
+    try:
+        return str(torch._C._select_conv_backend(x, w, bias, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3,
+                                                 x.shape[1])).rsplit(".", 1)[-1]
+    except (AttributeError, RuntimeError, TypeError):  # a private API
+        return None
 
 
 def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) -> Setup:
     b, c, s = spec["b"], spec["c"], spec["s"]
+    backend = None
     w = (torch.randn(c, 1, 3, 3, 3, device=device) / 27**0.5).to(dtype).requires_grad_()
     bias = torch.randn(c, device=device, dtype=dtype, requires_grad=True)
     if spec["layout"] == "tokens":
@@ -61,6 +73,8 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
                 return fastseg3d.ops.dwconv3d_tokens(x, (s, s, s), w, bias)
         else:
             fn = _official_token_path if provider == "torch" else compiled(_official_token_path, provider, device)
+            if provider == "torch":
+                backend = _conv_backend(x.transpose(1, 2).view(b, c, s, s, s), w, bias)
 
             def fwd():
                 return fn(x, w, bias, s)
@@ -72,6 +86,8 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
                 return fastseg3d.ops.dwconv3d(x, w, bias)
         else:
             fn = _conv if compile_variant(provider) is None else compiled(_conv, provider, device)
+            if compile_variant(provider) is None:
+                backend = _conv_backend(x, w, bias)
 
             def fwd():
                 return fn(x, w, bias)
@@ -80,7 +96,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
     # in fwd, 27 for dx and 27 for dw per element in bwd, whatever the I/O dtype: the FMA-pipe bound.
     flops = 54.0 * x.numel()
     return Setup(fwd, [x, w, bias], {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "fwd+bwd": 5 * nbytes},
-                 min_flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops}, flops_on="fma")
+                 min_flops={"fwd": flops, "bwd": 2 * flops, "fwd+bwd": 3 * flops}, flops_on="fma", backend=backend)
 
 
 def _optional(spec: dict) -> tuple[str, ...]:

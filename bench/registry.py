@@ -40,7 +40,9 @@ class Setup:
     which pipe the FLOPs run on: "matrix" (the measured matmul rate in the row's dtype) or "fma" (the measured
     fp32 matmul rate without TF32, i.e. the CUDA-core FMA rate, for kernels that accumulate in fp32 FMAs whatever
     their I/O dtype). Model cases give ``runners`` instead: one closure per mode (``train_step``, ``infer``); a
-    mode missing from ``runners`` is not measured for that provider."""
+    mode missing from ``runners`` is not measured for that provider. ``backend`` names what a peer runs where that
+    can differ from its name, e.g. the convolution algorithm family ATen selects (performance.md: some cuDNN
+    versions are disabled for half-precision 3D convs, and "cuDNN" then silently runs a slow native kernel)."""
 
     forward: Callable[[], torch.Tensor] | None
     grads_of: list[torch.Tensor]
@@ -49,6 +51,7 @@ class Setup:
     min_flops: dict[str, float] = field(default_factory=dict)
     min_exps: dict[str, float] = field(default_factory=dict)
     flops_on: str = "matrix"
+    backend: str | None = None
 
 
 @dataclass

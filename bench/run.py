@@ -173,7 +173,8 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         roof, bound = None, None
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                           "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound, **env}
+                           "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound,
+                           "backend": setup.backend, **env}
                     utils.write_rows([row], rows_path)
                     rows.append({k: row.get(k) for k in utils.ROW_KEYS})
                     print(f"  {case.name} {label} {dtype_name} {mode} {provider}: {med:.4f} ms", file=sys.stderr)

@@ -21,7 +21,8 @@ from fastseg3d.backends import tf32_matmul_allowed
 
 ROW_KEYS = (
     "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
-    "roofline_pct", "roofline_bound", "device", "torch", "triton", "cuda", "commit", "date",
+    "roofline_pct", "roofline_bound", "backend", "device", "driver", "torch", "triton", "cuda", "cudnn", "commit",
+    "date",
 )
 # Exponentials (MUFU ex2) per clock per SM: the CUDA C++ Programming Guide's arithmetic-throughput table gives 16
 # for compute capability 5.x to 9.0 (H100, H200); newer parts are assumed to match until measured.
@@ -42,11 +43,20 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("FASTSEG3D_COMMIT", "unknown")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
+    driver = "none"
+    if device.type == "cuda":
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            driver = "unknown"
     return {
         "device": name,
+        "driver": driver,
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

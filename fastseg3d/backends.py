@@ -100,12 +100,15 @@ def device_reasons(device: torch.device) -> list[str]:
 
 
 def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str, str]:
-    """The implementation ``op`` takes under ``policy`` given its unsupported ``reasons``, and why."""
+    """The implementation ``op`` takes under ``policy`` given its unsupported ``reasons``, and why: "triton",
+    "torch", or "error" (the triton policy on a case the kernel cannot take raises)."""
     policy = policy or get_backend()
     if policy == "torch":
         return "torch", "FASTSEG3D_BACKEND=torch"
     if not reasons:
         return "triton", "fused kernel supports this case"
+    if policy == "triton":
+        return "error", "NotImplementedError under FASTSEG3D_BACKEND=triton: " + "; ".join(reasons)
     return "torch", "; ".join(reasons)
 
 
@@ -116,9 +119,9 @@ def select(op: str, reasons: list[str]) -> bool:
     non-empty list raises :class:`NotImplementedError`; under ``auto`` the reason is logged once.
     """
     policy = get_backend()
-    if policy == "triton" and reasons:
-        raise NotImplementedError(f"fastseg3d.{op}: the Triton kernel cannot run this case: " + "; ".join(reasons))
     choice, why = decide(op, reasons, policy)
+    if choice == "error":
+        raise NotImplementedError(f"fastseg3d.{op}: the Triton kernel cannot run this case: " + "; ".join(reasons))
     if choice == "torch" and policy == "auto" and not torch.compiler.is_compiling():
         key = (op, why)
         if key not in _logged:

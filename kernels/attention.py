@@ -200,6 +200,15 @@ def _attn_bwd_dq_kernel(
 # Launchers (inputs validated by fastseg3d.ops.attention)
 
 
+def _row_splits(n_row_blocks: int, n_programs: int, device: torch.device) -> int:
+    """Into how many parts the dk/dv kernel splits the query rows, given its programs per split."""
+    if interpreter_active() or device.type != "cuda":
+        return 1
+    # Few key blocks (M = N / sr^3 is small) would leave most SMs idle: split the query rows among programs.
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_row_blocks, cdiv(target, n_programs)))
+
+
 def _precision(dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return None  # half types: the backend's default tensor-core path
@@ -272,12 +281,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
 
     n_kblocks = cdiv(m, kv_block_n)
     n_row_blocks = cdiv(n, kv_block_m)
-    if interpreter_active() or q.device.type != "cuda":
-        splits = 1
-    else:
-        # Few key blocks (M = N / sr^3 is small) would leave most SMs idle: split the query rows among programs.
-        target = 4 * torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = max(1, min(n_row_blocks, cdiv(target, n_kblocks * bsz * h)))
+    splits = _row_splits(n_row_blocks, n_kblocks * bsz * h, q.device)
     rows_per_split = cdiv(n_row_blocks, splits) * kv_block_m
     splits = cdiv(n, rows_per_split)
     dk_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)

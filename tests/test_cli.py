@@ -26,6 +26,9 @@ def test_op_choices_follow_policy():
     assert fastseg3d.info.op_choices(torch.device("meta"))[0][1] == "triton"
     with fastseg3d.backend("torch"):
         assert fastseg3d.info.op_choices(torch.device("meta"))[0] == ("dwconv3d", "torch", "FASTSEG3D_BACKEND=torch")
+    with fastseg3d.backend("triton"):  # where the op raises, info says so
+        name, choice, why = fastseg3d.info.op_choices(cpu)[0]
+        assert choice == "error" and why.startswith("NotImplementedError") and "device=cpu" in why
 
 
 def test_help_lists_every_subcommand():

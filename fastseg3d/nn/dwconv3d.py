@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastseg3d import backends
 from fastseg3d.ops.dwconv3d import dwconv3d
 
 __all__ = ["DepthwiseConv3d"]
@@ -14,7 +15,9 @@ class DepthwiseConv3d(nn.Conv3d):
     """Drop-in ``nn.Conv3d``: same constructor, parameters, ``state_dict`` and ``repr``.
 
     The forward runs :func:`fastseg3d.ops.dwconv3d` when the layer is depthwise (``groups == in_channels ==
-    out_channels``) with stride 1 and zero padding; any other configuration runs ``nn.Conv3d.forward``.
+    out_channels``) with stride 1 and zero padding; any other configuration runs ``nn.Conv3d.forward``, under the
+    backend policy as the op's own fallbacks (logged once under ``auto``, ``NotImplementedError`` under
+    ``triton``). Unbatched (C, D, H, W) input is taken, as ``nn.Conv3d`` takes it.
 
     Example:
         >>> import torch
@@ -24,15 +27,24 @@ class DepthwiseConv3d(nn.Conv3d):
         torch.Size([1, 16, 8, 8, 8])
     """
 
-    def fusable(self) -> bool:
-        return (
-            self.groups == self.in_channels == self.out_channels
-            and tuple(self.stride) == (1, 1, 1)
-            and self.padding_mode == "zeros"
-        )
+    def unfusable_reasons(self) -> list[str]:
+        """Why the configuration cannot take the fused op (empty when it can)."""
+        reasons = []
+        if not self.groups == self.in_channels == self.out_channels:
+            reasons.append(f"groups={self.groups} with {self.in_channels} -> {self.out_channels} channels "
+                           "(fused: depthwise, groups == in == out channels)")
+        if tuple(self.stride) != (1, 1, 1):
+            reasons.append(f"stride {tuple(self.stride)} (fused: 1)")
+        if self.padding_mode != "zeros":
+            reasons.append(f"padding_mode={self.padding_mode!r} (fused: 'zeros')")
+        return reasons
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.fusable():
+        reasons = self.unfusable_reasons()
+        if reasons:
+            backends.select("dwconv3d", reasons)  # raises under the triton backend, logs once under auto
             return super().forward(input)
+        if input.dim() == 4:
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
         return dwconv3d(input, self.weight, self.bias, padding=padding, dilation=tuple(self.dilation))

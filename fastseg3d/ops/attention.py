@@ -71,7 +71,8 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
         return out, lse
     from fastseg3d.kernels.attention import attention_fwd
 
-    attention_fwd(q, k, v, scale, out, lse)
+    with utils.launch_device(q):
+        attention_fwd(q, k, v, scale, out, lse)
     return out, lse
 
 
@@ -90,7 +91,8 @@ def _attention_backward_op(
 
     if grad.stride(-1) != 1:  # e.g. the stride-0 gradient of a sum
         grad = grad.contiguous()
-    attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=utils.empty)
+    with utils.launch_device(q):
+        attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=utils.empty)
     return dq, dk, dv
 
 

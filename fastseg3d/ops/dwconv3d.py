@@ -7,6 +7,7 @@ fake implementation and autograd, so they run under ``torch.compile(fullgraph=Tr
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -147,7 +148,8 @@ def _dwconv3d_op(
     from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_fwd, taps_major
 
     out = _new_output(x, out_shape)
-    return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act])
+    with utils.launch_device(x):
+        return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act])
 
 
 @torch.library.triton_op("fastseg3d::dwconv3d_backward", mutates_args=())
@@ -179,6 +181,14 @@ def _dwconv3d_backward_op(
             db if need_db else x.new_empty((0,)),
         )
 
+    with utils.launch_device(x):
+        dx, dw, db = _backward_launches(grad, x, weight, bias, padding, dilation, act, need_dx, need_dw, need_db)
+    dw_out = dw.reshape(weight.shape).to(weight.dtype) if need_dw else x.new_empty((0,))
+    db_out = db.to(bias.dtype) if need_db else x.new_empty((0,))
+    return dx, dw_out, db_out
+
+
+def _backward_launches(grad, x, weight, bias, padding, dilation, act, need_dx, need_dw, need_db):
     from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
 
     weight_t = taps_major(weight)
@@ -199,9 +209,7 @@ def _dwconv3d_backward_op(
         # dx is the correlation of dz with the flipped taps; mirrored padding keeps the input's size.
         mirrored = tuple(d * (k - 1) - p for k, d, p in zip((kd, kh, kw), dil, pad))
         dwconv3d_fwd(dz, weight_t, None, None, dx, mirrored, dil, 0, flip=True)
-    dw_out = dw.reshape(weight.shape).to(weight.dtype) if need_dw else x.new_empty((0,))
-    db_out = db.to(bias.dtype) if need_db else x.new_empty((0,))
-    return dx, dw_out, db_out
+    return dx, dw, db
 
 
 def _setup_context(ctx, inputs, output):
@@ -301,20 +309,21 @@ def dwconv3d_tokens(
     utils.check_tensor(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D tokens (B, N, C), got shape {tuple(x.shape)}")
-    if (
-        not isinstance(spatial_shape, (tuple, list, torch.Size))
-        or len(spatial_shape) != 3
-        or not all(isinstance(s, int) and s > 0 for s in spatial_shape)
-    ):
+    try:
+        d, h, w = (operator.index(s) for s in spatial_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}") from None
+    if min(d, h, w) <= 0:
         raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}")
-    d, h, w = spatial_shape
     b, n, c = x.shape
     if d * h * w != n:
-        raise ValueError(f"spatial_shape {tuple(spatial_shape)} has {d * h * w} voxels but x has N={n} tokens")
+        raise ValueError(f"spatial_shape {(d, h, w)} has {d * h * w} voxels but x has N={n} tokens")
     if residual is not None:
         utils.check_tensor(residual, "residual")
-        if residual.dim() != 3:
-            raise ValueError(f"residual must be 3-D tokens (B, N, C_out), got shape {tuple(residual.shape)}")
+        utils.check_tensor(weight, "weight")
+        expected = (b, n, weight.shape[0])
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have the output's token shape {expected}, got {tuple(residual.shape)}")
     vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
     res = residual.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3) if residual is not None else None
     y = dwconv3d(vol, weight, bias, "same", 1, activation, res)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from contextvars import ContextVar
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "check_tensor",
     "empty",
     "launchable",
+    "launch_device",
     "layout_of",
     "scaled_grad",
 ]
@@ -53,7 +55,7 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[to
     dtype = None
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-    elif device_type == "meta":
+    elif device_type == "meta" and not torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get
         dtype = META_AUTOCAST_DTYPE.get()
     if dtype is None:
         return tensors
@@ -103,6 +105,15 @@ def launchable(device: torch.device) -> bool:
     Op bodies branch on this before any launch: ``meta`` tensors and other devices take the reference or fake path.
     """
     return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context to launch kernels on ``t``'s GPU in: Triton launches on the current CUDA device and its stream,
+    not on the tensors' device, so tensors on ``cuda:1`` while ``cuda:0`` is current need a device guard (nothing
+    to do when the device is current, as on one GPU)."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def check_tensor(t, name: str) -> None:

@@ -49,9 +49,10 @@ class _PlainDWConv(nn.Module):
         self.bn = nn.BatchNorm3d(dim)
 
     def forward(self, x, dhw):
+        # as released: views both ways (the conv takes the tokens as a channels-last volume), no copies
         b, n, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, *dhw).contiguous()
-        return self.bn(self.dwconv(x)).flatten(2).transpose(1, 2).contiguous()
+        x = x.transpose(1, 2).view(b, c, *dhw)
+        return self.bn(self.dwconv(x)).flatten(2).transpose(1, 2)
 
 
 class _PlainMLP(nn.Module):

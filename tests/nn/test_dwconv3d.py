@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -40,11 +42,34 @@ def test_same_constructor_state_dict_repr_and_output(cfg):
     assert_close("dw", ours.weight.grad, ref.weight.grad, torch.float32)
 
 
-def test_fusable_only_for_depthwise_stride1_zero_padding():
-    assert DepthwiseConv3d(4, 4, 3, padding=1, groups=4).fusable()
-    assert not DepthwiseConv3d(4, 4, 3, stride=2, groups=4).fusable()
-    assert not DepthwiseConv3d(4, 8, 3, groups=4).fusable()
-    assert not DepthwiseConv3d(4, 4, 3, groups=4, padding=1, padding_mode="circular").fusable()
+def test_fused_only_for_depthwise_stride1_zero_padding():
+    assert DepthwiseConv3d(4, 4, 3, padding=1, groups=4).unfusable_reasons() == []
+    assert "stride (2, 2, 2)" in DepthwiseConv3d(4, 4, 3, stride=2, groups=4).unfusable_reasons()[0]
+    assert "groups=4" in DepthwiseConv3d(4, 8, 3, groups=4).unfusable_reasons()[0]
+    assert "circular" in DepthwiseConv3d(4, 4, 3, groups=4, padding=1, padding_mode="circular").unfusable_reasons()[0]
+
+
+def test_unfusable_configuration_follows_the_backend_policy(caplog):
+    """A configuration the op cannot take is a fallback like any other: logged under auto, an error under triton
+    (never silent)."""
+    conv = DepthwiseConv3d(4, 4, 3, stride=2, padding=1, groups=4)
+    x = torch.randn(1, 4, 5, 5, 5)
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match=r"stride \(2, 2, 2\)"):
+        conv(x)
+    fastseg3d.backends._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastseg3d"):
+        y = conv(x)
+    assert "stride (2, 2, 2)" in caplog.text
+    assert_close("y", y, nn.functional.conv3d(x, conv.weight, conv.bias, 2, 1, 1, 4), torch.float32)
+
+
+def test_unbatched_input_as_conv3d():
+    torch.manual_seed(0)
+    ref = nn.Conv3d(4, 4, 3, padding=1, groups=4)
+    ours = DepthwiseConv3d(4, 4, 3, padding=1, groups=4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 5, 6, 7)
+    assert_close("y", ours(x), ref(x), torch.float32)
 
 
 @pytest.mark.interpret

@@ -276,6 +276,17 @@ def test_interpret_expanded_grad_output(poison):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("b,n,m,h,d,splits", [(1, 200, 40, 2, 16, 4), (1, 150, 17, 1, 32, 25), (2, 129, 64, 1, 64, 3)])
+def test_interpret_dkdv_row_splits(poison, monkeypatch, b, n, m, h, d, splits):
+    """The GPU splits the query rows of the dk/dv kernel among programs (a workspace summed in a fixed order);
+    the interpreter takes one split unless forced, so force it here (more splits than row blocks included)."""
+    import fastseg3d.kernels.attention as kernels
+
+    monkeypatch.setattr(kernels, "_row_splits", lambda n_row_blocks, n_programs, device: min(splits, n_row_blocks))
+    check_against_sdpa(b, n, m, h, d, torch.float32, "cpu")
+
+
+@pytest.mark.interpret
 def test_interpret_bitwise_deterministic():
     leaves, split = _qkv(1, 40, 24, 2, 16, torch.float32, "cpu")
     results = []

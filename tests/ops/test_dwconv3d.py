@@ -227,6 +227,9 @@ def test_compile_fullgraph_public_functions():
     assert_close("loss", compiled(x, w), fn(x, w), torch.float32)
     compiled(x, w).backward()
     assert x.grad is not None and w.grad is not None
+    # on the meta device too (memory accounting of compiled code)
+    meta = torch.compile(fn, fullgraph=True, backend="aot_eager")(x.detach().to("meta"), w.detach().to("meta"))
+    assert meta.device.type == "meta"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "tokens"])
@@ -276,6 +279,12 @@ _BAD = [
     (lambda: dwconv3d_tokens(torch.randn(2, 3, 4, 3), (2, 3, 2), torch.randn(3, 1, 3, 3, 3)), ValueError, "3-D"),
     (lambda: dwconv3d_tokens(torch.randn(2, 12, 3), (2, 3), torch.randn(3, 1, 3, 3, 3)), ValueError,
      "spatial_shape"),
+    (lambda: dwconv3d_tokens(torch.randn(2, 12, 3), (2.0, 3, 2), torch.randn(3, 1, 3, 3, 3)), ValueError,
+     "positive ints"),
+    (lambda: dwconv3d_tokens(torch.randn(2, 24, 3), (2, 3, 4), torch.randn(3, 1, 3, 3, 3),
+                             residual=torch.randn(2, 25, 3)), ValueError, "token shape"),
+    (lambda: dwconv3d_tokens(torch.randn(2, 24, 3), (2, 3, 4), torch.randn(3, 1, 3, 3, 3),
+                             residual=torch.randn(2, 24, 4)), ValueError, r"token shape \(2, 24, 3\)"),
 ]
 
 
@@ -283,6 +292,13 @@ _BAD = [
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_tokens_take_numpy_sizes():
+    import numpy as np
+
+    x, w = torch.randn(1, 24, 3), torch.randn(3, 1, 3, 3, 3)
+    assert torch.equal(dwconv3d_tokens(x, np.array([2, 3, 4]), w), dwconv3d_tokens(x, (2, 3, 4), w))
 
 
 def test_backend_policy(monkeypatch, caplog):
@@ -393,17 +409,17 @@ def test_bad_backend_env_is_reported():
 
 _F32, _F16 = torch.float32, torch.float16
 _INTERPRET_CASES = [
-    # layout, shape (B, C, D, H, W), kernel, activation, residual, dtype
+    # layout, shape (B, C, D, H, W), kernel, activation, residual, dtype: every activation with and without residual
     ("contiguous", (1, 3, 5, 7, 9), (3, 3, 3), None, False, _F32),
     ("channels_last", (1, 3, 5, 7, 9), (3, 3, 3), "gelu", True, _F32),
     ("tokens", (2, 4, 3, 5, 6), (3, 3, 3), "gelu", True, _F32),
     ("contiguous", (1, 2, 4, 5, 6), (5, 5, 5), "relu", True, _F32),
     ("channels_last", (1, 3, 3, 4, 5), (7, 7, 7), "silu", False, _F32),
     ("contiguous", (2, 3, 3, 5, 7), (1, 3, 3), "gelu_tanh", True, _F32),
-    ("tokens", (1, 3, 3, 4, 5), (5, 5, 5), "gelu_tanh", True, _F32),
+    ("tokens", (1, 3, 3, 4, 5), (5, 5, 5), "gelu_tanh", False, _F32),
     ("channels_last", (1, 3, 5, 7, 9), (1, 3, 3), "relu", False, _F16),
-    ("contiguous", (1, 3, 5, 7, 9), (3, 3, 3), "gelu", True, _F16),
-    ("tokens", (1, 4, 3, 4, 5), (3, 3, 3), "silu", False, _F16),
+    ("contiguous", (1, 3, 5, 7, 9), (3, 3, 3), "gelu", False, _F16),
+    ("tokens", (1, 4, 3, 4, 5), (3, 3, 3), "silu", True, _F16),
     ("channels_last", (1, 2, 3, 4, 5), (7, 7, 7), None, True, _F16),
 ]
 

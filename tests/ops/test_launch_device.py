@@ -1,0 +1,40 @@
+"""Kernels launch on their tensors' GPU: Triton uses the current CUDA device and its stream, so an op on
+``cuda:1`` tensors while ``cuda:0`` is current must switch devices around the launch."""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fastseg3d.ops.utils import launch_device
+
+
+def test_launch_device_switches_only_to_another_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = launch_device(SimpleNamespace(device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(launch_device(SimpleNamespace(device=torch.device("cuda", 0))), contextlib.nullcontext)
+    assert isinstance(launch_device(torch.randn(2)), contextlib.nullcontext)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_ops_on_a_device_that_is_not_current():
+    import fastseg3d
+
+    torch.cuda.set_device(0)
+    x = torch.randn(1, 8, 6, 7, 9, device="cuda:1", requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, 3, device="cuda:1", requires_grad=True)
+    q = torch.randn(1, 40, 2, 32, device="cuda:1", requires_grad=True)
+    with fastseg3d.backend("triton"):
+        y = fastseg3d.ops.dwconv3d(x, w, activation="gelu")
+        o = fastseg3d.ops.attention(q, q, q)
+    (y.square().sum() + o.square().sum()).backward()
+    with fastseg3d.backend("torch"):
+        y_ref = fastseg3d.ops.dwconv3d(x, w, activation="gelu")
+        o_ref = fastseg3d.ops.attention(q, q, q)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(o, o_ref, rtol=1e-3, atol=1e-3)
