@@ -4,15 +4,19 @@
 # 570: a device call is limited to 10 minutes). $OUT ends with three files: info.txt, bench_table.txt and
 # gpu_check.tgz (everything, results/ included), since a device call brings back only a few files.
 # A copy of the tree without .git does not know its commit: pass it as FASTSEG3D_COMMIT=<sha>.
-#   bash bench/gpu_check.sh                                      # tests, every case, the largest-cube search
+#   bash bench/gpu_check.sh                                      # tests, the target rows, the largest-cube search
+#   PLAN=full SKIP_TESTS=1 bash bench/gpu_check.sh               # then every shape, dtype and mode of every case
 #   SKIP_TESTS=1 BENCH_CASES="missu dsd_unet" bash bench/gpu_check.sh
 #   BENCH_ARGS="--dtype bf16 --providers all" CASE_LIMIT=240 BENCH_CASES=segformer3d bash bench/gpu_check.sh
 #   LARGEST_CUBE_MODELS="segformer3d mobileutr" LARGEST_CUBE_LIMIT=200 SKIP_TESTS=1 BENCH_CASES= bash ...
-# Each case runs in its own process and time box (the limits below, or CASE_LIMIT for all; cut to what is left
-# of BUDGET), so one slow peer (max-autotune) cannot starve the others; rows are written as they are measured.
-# What a box or the budget did not reach is listed at the end: run again with BENCH_CASES (and SKIP_TESTS=1).
+# PLAN=targets (the default) measures first what the issues set targets on, so that one short GPU session
+# yields them: per case the shapes, dtypes and modes of TARGET_ARGS below (BENCH_ARGS is appended and wins).
+# PLAN=full runs each case's whole matrix. Each case runs in its own process and time box (the limits below, or
+# CASE_LIMIT for all; cut to what is left of BUDGET), so one slow peer (max-autotune) cannot starve the others;
+# rows are written as they are measured. What a box or the budget did not reach is listed at the end: run again
+# with BENCH_CASES (and SKIP_TESTS=1). The end of the report checks the issues' targets on the rows on disk.
 # Wheels in $WHEELS (default .whl/) are installed only for packages the image lacks (monai, nibabel, xformers,
-# liger_kernel, ...); torch and triton come with the image.
+# liger_kernel, ...); torch and triton come with the image. SKIP_INSTALL=1 leaves the project's install as it is.
 set -uo pipefail
 START=$SECONDS
 BUDGET="${BUDGET:-570}"
@@ -39,15 +43,17 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     fi
   fi
 fi
-python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
-  echo "install failed"; cat "$OUT/install.log"; exit 1; }
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
+    echo "install failed"; cat "$OUT/install.log"; exit 1; }
+fi
 FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export FASTSEG3D_COMMIT
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c "import torch as t; print('torch', t.__version__, t.version.cuda, 'cudnn', t.backends.cudnn.version())"
-  python3 -c "import importlib.util as u; print('peers:', *[m for m in ('xformers', 'liger_kernel') if u.find_spec(m)])"
+  python3 -c "import importlib.util as u; print('optional:', *[m for m in ('monai', 'xformers', 'liger_kernel') if u.find_spec(m)])"
   echo "commit $FASTSEG3D_COMMIT"
   python3 -m fastseg3d info
 } > "$OUT/info.txt" 2>&1
@@ -70,10 +76,34 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 
 # seconds per case: the ops first, then the models (whose compiled providers compile whole networks)
-declare -A LIMIT=(
-  [dwconv3d]=50 [attention]=35 [attention_block]=35 [kl_distill]=30 [channel_kl]=20 [selfreg]=25
-  [segformer3d]=45 [mobileutr]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30
-)
+PLAN="${PLAN:-targets}"
+declare -A TARGET_ARGS=()
+if [ "$PLAN" = targets ]; then
+  declare -A LIMIT=(
+    [dwconv3d]=45 [attention]=30 [attention_block]=35 [kl_distill]=25 [channel_kl]=15 [selfreg]=15
+    [segformer3d]=50 [mobileutr]=25 [missu]=25 [dsd_unet]=20 [selfreg_unet]=20
+  )
+  # the shapes, dtypes and modes the issues state their targets at (shape labels: python -m bench.run --list)
+  TARGET_ARGS=(
+    [dwconv3d]="--dtype bf16 --shapes 2x32x128^3*,*tokens?32^3"
+    [attention]="--dtype bf16,fp32 --shapes stage1@128^3*,stage2@128^3*"
+    [attention_block]="--dtype bf16 --modes fwd+bwd --shapes stage1@128^3*,stage2@128^3*,stage1@256^3*"
+    [kl_distill]="--dtype bf16 --modes fwd+bwd --shapes *deconv?heads,*interp?heads"
+    [channel_kl]="--dtype bf16 --modes fwd+bwd"
+    [selfreg]="--dtype bf16 --modes fwd+bwd"
+    [segformer3d]="--dtype bf16 --modes train_step --shapes *128^3"
+    [mobileutr]="--dtype bf16 --modes train_step --shapes *96^3"
+    [missu]="--dtype bf16 --modes train_step --shapes *128^3"
+    [dsd_unet]="--dtype bf16 --modes train_step --shapes *128^3"
+    [selfreg_unet]="--dtype bf16 --modes train_step --shapes *128^3"
+  )
+else
+  declare -A LIMIT=(
+    [dwconv3d]=50 [attention]=35 [attention_block]=35 [kl_distill]=30 [channel_kl]=20 [selfreg]=25
+    [segformer3d]=45 [mobileutr]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30
+  )
+fi
+python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): dsd_unet and selfreg_unet will skip"
 CUBE_MODELS="${LARGEST_CUBE_MODELS-segformer3d}"
 CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-60}"
 # 512 (the command's default) is within reach of the fused network on a 141 GB H200: above it, so the ratio to
@@ -82,8 +112,9 @@ CUBE_MAX_SIDE="${LARGEST_CUBE_MAX_SIDE:-768}"
 RESERVE=$(( ${CUBE_MODELS:+CUBE_LIMIT} + 15 ))  # the largest-cube search and the final report
 DEFAULT_CASES="dwconv3d attention attention_block kl_distill channel_kl selfreg"
 DEFAULT_CASES+=" segformer3d mobileutr missu dsd_unet selfreg_unet"
-read -ra bench_args <<< "${BENCH_ARGS:-}"  # split on blanks, no glob expansion ('*compile*' reaches bench.run)
 for case in ${BENCH_CASES-$DEFAULT_CASES}; do
+  # split on blanks, no glob expansion ('*compile*' reaches bench.run); BENCH_ARGS last, so it wins
+  read -ra bench_args <<< "${TARGET_ARGS[$case]:-} ${BENCH_ARGS:-}"
   limit="${CASE_LIMIT:-${LIMIT[$case]:-45}}"
   avail=$(( $(left) - RESERVE ))
   if [ "$avail" -lt 15 ]; then not_run+=("$case"); continue; fi
@@ -108,6 +139,9 @@ fi
 
 # tables and plots from every row on disk, so a case stopped by its box still shows what it measured
 python3 -m bench.run --report --out "$OUT/results" --plot > "$OUT/bench_table.txt" 2>> "$OUT/bench.log"
+python3 -m bench.targets --out "$OUT/results" > "$OUT/results/targets.txt" 2>> "$OUT/bench.log"
+cp "$OUT/info.txt" "$OUT/results/"
+cat "$OUT/results/targets.txt" >> "$OUT/bench_table.txt"
 cat "$OUT/bench_table.txt"
 grep -E "skipped|time limit|out of memory|Error|falls back" "$OUT/bench.log" | tail -n 30
 if [ ${#not_run[@]} -gt 0 ]; then

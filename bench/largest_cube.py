@@ -7,11 +7,14 @@
 For each model (a model case's network at its published configuration, see ``bench/models.py``) and provider, one
 training step (forward, loss, backward, as the model cases' ``train_step``) is tried at cube sides that are
 multiples of the network's total stride: doubling from 64 until a step fails, then bisecting between the largest
-side that trained and the smallest that failed. Between tries the gradients, inputs and the allocator's cache are
+side that trained and the smallest that failed. Plain goes first (its search ends lower, and it is the
+denominator of the fused network's ratio). Between tries the gradients, inputs and the allocator's cache are
 released (``torch.cuda.empty_cache()``). A try fails on CUDA out-of-memory (or an allocation failure reported by
 cuBLAS/cuDNN), or on any other error, which is recorded as the ``stop`` reason, since a kernel that refuses a size
-(an index-width limit, say) bounds what trains just as memory does. Each provider gets an equal share of
-``--time-limit``; a search cut short says so (``converged`` false).
+(an index-width limit, say) bounds what trains just as memory does. Each search gets an equal share of what is
+left of ``--time-limit`` when it starts (a try is never interrupted, so one may overrun its share); a search cut
+short says so (``converged`` false). On SIGTERM (a ``timeout`` box closing) the search under way ends after its
+current try and its row is written with the largest side found so far.
 
 Rows (one per model and provider) go to ``<out>/largest_cube.jsonl``. Needs a GPU: a CPU has no device memory
 limit to find, so the command refuses there.
@@ -23,6 +26,7 @@ import argparse
 import gc
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +43,14 @@ from bench.run import default_out
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 START_SIDE = 64
 _ALLOC_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: a BaseException, so that the tries' ``except Exception`` does not take it for a failure."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 @dataclass
@@ -86,18 +98,23 @@ def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadli
         return deadline is not None and time.monotonic() > deadline
 
     k = min(k_max, max(1, math.ceil(START_SIDE / stride)))
-    while bad is None and not timed_out():
-        if not run(k) or k == k_max:
-            break
-        k = min(k_max, 2 * k)
-    # (when the start side fails, the bisection runs between 0 and it)
-    while bad is not None and bad - good > 1 and not timed_out():
-        run((good + bad) // 2)
+    terminated = False
+    try:
+        while bad is None and not timed_out():
+            if not run(k) or k == k_max:
+                break
+            k = min(k_max, 2 * k)
+        # (when the start side fails, the bisection runs between 0 and it)
+        while bad is not None and bad - good > 1 and not timed_out():
+            run((good + bad) // 2)
+    except Terminated:
+        terminated = True
     converged = (bad is None and good == k_max) or (bad is not None and bad - good == 1)
+    cut = "terminated" if terminated else "time-limit"
     if bad is None:
-        stop = "max-side" if good == k_max else "time-limit"
+        stop = "max-side" if good == k_max else cut
     elif not converged:
-        stop = f"time-limit (last failure: {stop})"
+        stop = f"{cut} (last failure: {stop})"
     return Search(side=good * stride or None, failed_side=bad * stride if bad is not None else None, stop=stop,
                   converged=converged, tries=tries, peak_mem_mb=best.peak_mem_mb, step_ms=best.step_ms)
 
@@ -142,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.largest_cube", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, choices=sorted(NETWORKS), help="repeatable")
-    parser.add_argument("--providers", default=",".join(VARIANTS), help="comma list of fastseg3d, plain")
+    parser.add_argument("--providers", default="plain,fastseg3d", help="comma list of plain, fastseg3d")
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="bf16/fp16: autocast")
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--time-limit", type=float, default=300.0, metavar="SECONDS",
-                        help="for the whole run, shared equally by the (model, provider) searches")
+                        help="for the whole run: each (model, provider) search gets an equal share of what is left")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")
@@ -165,29 +182,37 @@ def main(argv: list[str] | None = None) -> int:
     env = utils.environment(device)
     out = args.out or default_out(env["device"], device)
     total_mb = torch.cuda.get_device_properties(device).total_memory / 2**20
-    budget = args.time_limit / (len(args.model) * len(providers))
+    run_end = time.monotonic() + args.time_limit
+    searches_left = len(args.model) * len(providers)
+    signal.signal(signal.SIGTERM, _terminate)
     rows = []
-    for name in args.model:
+    for name, provider in [(n, p) for n in args.model for p in providers]:
         net = NETWORKS[name]
         stride = net.stride(net.build(net.cfg, False))
-        for provider in providers:
-            plain = provider == "plain"
+        plain = provider == "plain"
+        start = time.monotonic()
+        deadline = start + max(0.0, run_end - start) / searches_left
+        searches_left -= 1
+        try:
             model = build(net, net.cfg, plain, device)
-            start = time.monotonic()
-            found = search(_attempt_fn(net, model, plain, provider, DTYPES[args.dtype], device), stride,
-                           args.max_side, start + budget)
-            row = {"suite": "model", "case": "largest_cube", "model": name, "provider": provider,
-                   "dtype": args.dtype, "batch": 1, "stride": stride, **asdict(found),
-                   "voxels": found.side**3 if found.side else None, "search_s": time.monotonic() - start,
-                   "gpu_total_mb": total_mb, **env}
-            rows.append(row)
-            path = out / "largest_cube.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
+        except Terminated:
+            break
+        found = search(_attempt_fn(net, model, plain, provider, DTYPES[args.dtype], device), stride,
+                       args.max_side, deadline)
+        row = {"suite": "model", "case": "largest_cube", "model": name, "provider": provider,
+               "dtype": args.dtype, "batch": 1, "stride": stride, **asdict(found),
+               "voxels": found.side**3 if found.side else None, "search_s": time.monotonic() - start,
+               "gpu_total_mb": total_mb, **env}
+        rows.append(row)
+        path = out / "largest_cube.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        if found.stop.startswith("terminated"):
+            break
     if args.json == "-":
         for row in rows:
             print(json.dumps(row))

@@ -1,14 +1,16 @@
 """Run benchmark cases and append their rows to bench/results/<device>/<suite>.jsonl (on a CPU: a temporary folder).
 
     python -m bench.run [ops|model] [--case NAME ...] [--dtype fp32,bf16] [--modes fwd,bwd,fwd+bwd,train_step,infer]
-                        [--providers default,NAME,GLOB,all] [--quick] [--out DIR] [--plot] [--json [PATH]]
-                        [--time-limit SECONDS] [--list] [--report]
+                        [--providers default,NAME,GLOB,all] [--shapes GLOB,...] [--quick] [--out DIR] [--plot]
+                        [--json [PATH]] [--time-limit SECONDS] [--list] [--report]
 
 The optional suite runs every case of that suite (``--case`` narrows it). Without ``--providers`` each case runs
 its default providers; ``--providers`` takes names, shell globs (``'*compile*'``) and the words ``default`` and
-``all``. ``--json`` prints the rows as JSON lines instead of the table; ``--json PATH`` writes them to PATH as one
-JSON array (the table is still printed). ``--report`` measures nothing: it prints the table (and ``--plot``s) of
-the rows already under ``--out``. On a CPU the timings only exercise the harness (``--quick``); they say nothing
+``all``; ``--shapes`` keeps the shapes whose label matches one of its globs (``'2x32x128^3*'``; ``--list`` shows
+the labels). A mode, provider pattern or shape pattern that selects nothing in the chosen cases is an error, not
+an empty run. ``--json`` prints the rows as JSON lines instead of the table; ``--json PATH`` writes them to PATH as
+one JSON array (the table is still printed). ``--report`` measures nothing: it prints the table (and ``--plot``s)
+of the rows already under ``--out``. On a CPU the timings only exercise the harness (``--quick``); they say nothing
 about a GPU kernel, and the compiled providers are left out unless asked for.
 """
 
@@ -115,8 +117,34 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _shape_selected(label: str, patterns: list[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(label, p) for p in patterns)
+
+
+def _check_selection(parser, cases: list[Case], modes: list[str], providers: list[str] | None,
+                     shapes: list[str] | None, quick: bool) -> None:
+    """parser.error for a mode or pattern that matches nothing in ``cases`` (a typo would otherwise measure
+    nothing and exit 0)."""
+    unknown = [m for m in modes if m not in MODES + MODEL_MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES + MODEL_MODES)}")
+    if not any(m in case.modes for case in cases for m in modes):
+        parser.error(f"no selected case has the mode(s) {modes}")
+    labels = [(case, label, spec) for case in cases for label, spec in case.shapes(quick)]
+    for p in shapes or ():
+        if not any(fnmatch.fnmatchcase(label, p) for _, label, _ in labels):
+            parser.error(f"--shapes pattern {p!r} matches no shape of the selected cases; shapes: "
+                         + ", ".join(label for _, label, _ in labels))
+    names = {n for case, label, spec in labels if _shape_selected(label, shapes) for n in case.providers(spec)}
+    for p in providers or ():
+        if p not in ("all", "default") and not any(fnmatch.fnmatchcase(n, p) for n in names):
+            parser.error(f"--providers pattern {p!r} matches no provider of the selected cases; providers: "
+                         + ", ".join(sorted(names)))
+
+
 def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings, rows_path: Path,
-             deadline: float | None = None, rows: list[dict] | None = None) -> list[dict]:
+             deadline: float | None = None, rows: list[dict] | None = None,
+             shapes: list[str] | None = None) -> list[dict]:
     """Measure every (shape, dtype, provider, mode) of ``case``; each row is appended to ``rows_path`` and to
     ``rows`` at once, so a run stopped by a time limit keeps what it measured. Raises ``_TimeUp`` once
     ``deadline`` has passed."""
@@ -125,6 +153,8 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
     rep = 1000 if case.suite == "model" else 100
     case_modes = [m for m in modes if m in case.modes]
     for label, spec in case.shapes(quick):
+        if not _shape_selected(label, shapes):
+            continue
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for provider in select_providers(case, spec, providers, device):
@@ -167,14 +197,15 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         continue
                     try:
                         roof, bound = utils.roofline(setup, mode, dtype, ceilings, med)
+                        bandwidth = utils.bandwidth_pct(setup, mode, ceilings, med)
                     except Exception as err:  # noqa: BLE001  (a ceiling that cannot be measured loses its column)
                         print(f"  {case.name} {label} {dtype_name} {mode}: no roofline ({_first_line(err)})",
                               file=sys.stderr)
-                        roof, bound = None, None
+                        roof, bound, bandwidth = None, None, None
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                            "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound,
-                           "backend": setup.backend, **env}
+                           "bandwidth_pct": bandwidth, "backend": setup.backend, **env}
                     utils.write_rows([row], rows_path)
                     rows.append({k: row.get(k) for k in utils.ROW_KEYS})
                     print(f"  {case.name} {label} {dtype_name} {mode} {provider}: {med:.4f} ms", file=sys.stderr)
@@ -221,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES + MODEL_MODES))
     parser.add_argument("--providers", default=None,
                         help="comma list of provider names, globs, 'default' or 'all' (default: each case's defaults)")
+    parser.add_argument("--shapes", default=None, help="comma list of globs on the shape labels (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the harness")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default: bench/results/<device>; on a CPU, a temporary folder)")
@@ -243,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             optional = [p for p in providers if all(p in case.optional(s) for s in specs if p in case.providers(s))]
             default = [p for p in providers if p not in optional]
             print(f"{case.name} ({case.suite}; {', '.join(case.modes)}; {', '.join(case.dtypes)})")
+            print(f"    shapes:   {', '.join(label for label, _ in case.shapes(False))}")
             print(f"    default:  {', '.join(default)}")
             if optional:
                 print(f"    optional: {', '.join(optional)}")
@@ -275,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
               "the harness", file=sys.stderr)
     modes = [m for m in args.modes.split(",") if m]
     providers = args.providers.split(",") if args.providers else None
+    shapes = args.shapes.split(",") if args.shapes else None
+    _check_selection(parser, selected, modes, providers, shapes, args.quick)
     all_rows: list[dict] = []
     by_case: dict[str, list[dict]] = {}
     for case in selected:
@@ -285,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = by_case.setdefault(case.name, [])
         try:
             run_case(case, dtypes, modes, providers, args.quick, device, env, ceilings,
-                     out / f"{case.suite}.jsonl", deadline, rows)
+                     out / f"{case.suite}.jsonl", deadline, rows, shapes)
         except _TimeUp as stop:
             print(f"time limit ({args.time_limit:.0f} s) reached before {stop}; later measurements skipped",
                   file=sys.stderr)

@@ -1,0 +1,187 @@
+"""The issues' performance targets, checked on measured rows.
+
+    python -m bench.targets [--out DIR]        # DIR: a results folder (default: bench/results/<this device>)
+
+Each target compares rows of one run (same device), a ratio against a peer measured beside it or a fraction of
+a ceiling; it is reported as met, short (by how much) or not measured (a row is missing: the case was not run,
+was cut by its time box, or a peer skipped the shape). Targets hold on an H100/H200 only: on another device the
+verdicts are printed but say nothing about them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import utils
+
+
+@dataclass
+class Target:
+    issue: int
+    what: str
+    need: float  # the measured value must be >= need (ratios are taken so that larger is better)
+    measure: Callable[[dict], float | None]  # rows index -> value (None: not measured)
+    unit: str = "x"
+
+
+def _index(rows: list[dict]) -> dict:
+    """(case, shape, dtype, mode, provider) -> the newest row."""
+    out = {}
+    for r in rows:
+        out[(r.get("case"), r.get("shape"), r.get("dtype"), r.get("mode"), r.get("provider"))] = r
+    return out
+
+
+def _get(idx, case, shape, dtype, mode, provider, key="median_ms"):
+    row = idx.get((case, shape, dtype, mode, provider))
+    return None if row is None else row.get(key)
+
+
+def _speedup(case, shape, dtype, mode, peer, provider="fastseg3d"):
+    def measure(idx):
+        ours, theirs = _get(idx, case, shape, dtype, mode, provider), _get(idx, case, shape, dtype, mode, peer)
+        return None if ours is None or theirs is None else theirs / ours
+    return measure
+
+
+def _memory_share(case, shape, dtype, mode, peer, provider="fastseg3d"):
+    """peer's peak / ours: >= 1 / share means ours uses at most ``share`` of the peer's peak."""
+    def measure(idx):
+        ours = _get(idx, case, shape, dtype, mode, provider, "peak_mem_mb")
+        theirs = _get(idx, case, shape, dtype, mode, peer, "peak_mem_mb")
+        return None if not ours or theirs is None else theirs / ours
+    return measure
+
+
+def _bandwidth(case, shape, dtype, mode, provider="fastseg3d"):
+    def measure(idx):
+        return _get(idx, case, shape, dtype, mode, provider, "bandwidth_pct")
+    return measure
+
+
+def _best_of(case, shape, dtype, mode, peers, provider="fastseg3d"):
+    """The fastest of ``peers`` (those measured) over ours."""
+    def measure(idx):
+        ours = _get(idx, case, shape, dtype, mode, provider)
+        theirs = [t for p in peers if (t := _get(idx, case, shape, dtype, mode, p)) is not None]
+        return None if ours is None or not theirs else min(theirs) / ours
+    return measure
+
+
+def _cube_ratio(model):
+    def measure(idx):
+        voxels = {p: r.get("voxels") for (case, m, _, _, p), r in idx.items() if case == "largest_cube" and m == model}
+        ours, plain = voxels.get("fastseg3d"), voxels.get("plain")
+        return None if not ours or not plain else ours / plain
+    return measure
+
+
+_SDPA = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")
+_DW = "2x32x128^3"
+_S1, _S2 = "stage1@128^3 N32768 M512 H1 d32", "stage2@128^3 N4096 M512 H2 d32"
+_DSD = ("2x14x128^3 dsd 6 pairs deconv heads", "2x14x128^3 dsd 6 pairs interp heads")
+
+TARGETS = [
+    Target(2, f"dwconv3d bf16 fwd {_DW} NCDHW: % of copy bandwidth", 70,
+           _bandwidth("dwconv3d", f"{_DW} ncdhw", "bf16", "fwd"), "%"),
+    Target(2, f"dwconv3d bf16 fwd {_DW} channels-last: % of copy bandwidth", 70,
+           _bandwidth("dwconv3d", f"{_DW} channels_last", "bf16", "fwd"), "%"),
+    Target(2, f"dwconv3d bf16 fwd+bwd {_DW} NCDHW: speed-up over ATen's native kernel", 10,
+           _speedup("dwconv3d", f"{_DW} ncdhw", "bf16", "fwd+bwd", "torch (aten-native)")),
+    Target(2, f"dwconv3d bf16 fwd+bwd {_DW} channels-last: speed-up over cuDNN", 1,
+           _speedup("dwconv3d", f"{_DW} channels_last", "bf16", "fwd+bwd", "torch (cudnn-channels-last)")),
+    *[Target(3, f"attention bf16 {mode} {shape.split()[0]}: speed-up over the best SDPA backend", 1,
+             _best_of("attention", shape, "bf16", mode, _SDPA))
+      for shape in (_S1, _S2) for mode in ("fwd", "fwd+bwd")],
+    *[Target(3, f"attention fp32 {mode} {shape.split()[0]}: speed-up over SDPA efficient", 1,
+             _speedup("attention", shape, "fp32", mode, "sdpa-efficient"))
+      for shape in (_S1, _S2) for mode in ("fwd", "fwd+bwd")],
+    *[Target(3, f"attention sub-block bf16 fwd+bwd {shape.split()[0]}: speed-up over {peer}", need,
+             _speedup("attention_block", shape, "bf16", "fwd+bwd", peer))
+      for shape in (_S1, _S2) for peer, need in (("torch", 3), ("torch.compile", 1.5))],
+    *[Target(4, f"kl_distill bf16 fwd+bwd {shape.split(' ', 1)[1]}: {what}", need, fn("kl_distill", shape, "bf16",
+                                                                                          "fwd+bwd", *peer), unit)
+      for shape in _DSD
+      for what, need, fn, peer, unit in (("speed-up over eager", 5, _speedup, ("torch",), "x"),
+                                         ("eager peak / ours (<= 25% of eager)", 4, _memory_share, ("torch",), "x"),
+                                         ("% of the memory roofline", 60, _bandwidth, (), "%"))],
+    Target(5, "SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager", 2,
+           _speedup("segformer3d", "2x4x128^3", "bf16", "train_step", "plain")),
+    Target(5, "SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled", 1.5,
+           _speedup("segformer3d", "2x4x128^3", "bf16", "train_step", "plain+torch.compile")),
+    Target(5, "SegFormer3D train step 128^3 B=2 bf16: plain peak / ours (<= 60% of plain)", 1 / 0.6,
+           _memory_share("segformer3d", "2x4x128^3", "bf16", "train_step", "plain")),
+    Target(7, "SegFormer3D largest trainable cube at batch 1: voxels over plain", 2, _cube_ratio("segformer3d")),
+]
+
+
+def check(rows: list[dict]) -> list[tuple[Target, float | None, str]]:
+    """(target, measured value, verdict) for every target: "met", "short by N%" or "not measured"."""
+    idx = _index(rows)
+    out = []
+    for t in TARGETS:
+        value = t.measure(idx)
+        if value is None:
+            verdict = "not measured"
+        elif value >= t.need:
+            verdict = "met"
+        else:
+            verdict = f"short by {100 * (1 - value / t.need):.0f}%"
+        out.append((t, value, verdict))
+    return out
+
+
+def format_report(results) -> str:
+    lines = [f"{'issue':<6} {'target':<84} {'need':>7} {'measured':>9}  verdict"]
+    for t, value, verdict in results:
+        shown = "-" if value is None else f"{value:.2f}{t.unit}"
+        lines.append(f"#{t.issue:<5} {t.what:<84} {t.need:>6.3g}{t.unit} {shown:>9}  {verdict}")
+    return "\n".join(lines)
+
+
+def load_rows(out: Path) -> list[dict]:
+    rows = []
+    for name in ("ops.jsonl", "model.jsonl", "largest_cube.jsonl"):
+        path = out / name
+        if path.exists():
+            rows += utils.read_rows(path)
+    for r in rows:  # largest_cube rows name the network under "model"
+        if r.get("case") == "largest_cube":
+            r["shape"] = r.get("model")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.targets", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results/<device>)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per target instead")
+    args = parser.parse_args(argv)
+    if args.out is None:
+        import torch
+
+        from bench.run import default_out
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.out = default_out(utils.environment(device)["device"], device)
+    results = check(load_rows(args.out))
+    if args.json:
+        for t, value, verdict in results:
+            print(json.dumps({"issue": t.issue, "target": t.what, "need": t.need, "unit": t.unit, "measured": value,
+                              "verdict": verdict}))
+    else:
+        print(format_report(results))
+    devices = {r.get("device") for r in load_rows(args.out)}
+    if not any(d and ("H100" in d or "H200" in d) for d in devices):
+        print(f"rows from {sorted(d for d in devices if d) or 'no device'}: the targets are stated for an H100/H200",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
