@@ -1,6 +1,8 @@
 """case=attention: the fused attention op against the SDPA backends (each forced) and xformers; and
 case=attention_block: SegFormer3D's whole attention sub-block (LN -> attention -> proj -> residual), fastseg3d's
-module against the published composition, eager and compiled (the autotuned and CUDA-graph modes optional).
+module against the published compositions: the current release's (SDPA, ``torch-sdpa``; compiled as
+``torch.compile``) and the 2024 release's (explicit softmax, ``torch``), eager and compiled (the autotuned and
+CUDA-graph modes optional).
 
 Rooflines: bytes (q, k, v read, o written), matrix FLOPs ``4 B H N M d`` forward and 2.5x that backward, and
 ``B H N M`` exponentials forward plus as many again backward (P is recomputed): with head dim 32 the exponential
@@ -106,7 +108,10 @@ def _op_setup(spec, dtype, provider, device) -> Setup:
 
 
 def _block_providers(spec):
-    return ["fastseg3d", "torch", "torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
+    # torch-sdpa: the current release's composition (SDPA); torch: the 2024 release's (explicit softmax); the compiled
+    # peers compile the current one, the stronger
+    return ["fastseg3d", "torch-sdpa", "torch", "torch.compile", "torch.compile-max-autotune",
+            "torch.compile-reduce-overhead"]
 
 
 def _block_setup(spec, dtype, provider, device) -> Setup:
@@ -120,10 +125,12 @@ def _block_setup(spec, dtype, provider, device) -> Setup:
         def block(x):
             return x + attn(norm(x), grid)
     else:
-        def eager(x):
-            return x + efficient_self_attention3d_ref(attn, norm(x), grid)
+        sdpa = provider != "torch"
 
-        block = eager if provider == "torch" else compiled(eager, provider, device)
+        def eager(x):
+            return x + efficient_self_attention3d_ref(attn, norm(x), grid, sdpa=sdpa)
+
+        block = eager if provider in ("torch", "torch-sdpa") else compiled(eager, provider, device)
     size = torch.finfo(dtype).bits // 8
     b, m = x.shape[0], n // sr**3
     io = 2 * b * n * c * size

@@ -103,7 +103,7 @@ TARGETS = [
       for shape in (_S1, _S2) for mode in ("fwd", "fwd+bwd")],
     *[Target(3, f"attention sub-block bf16 fwd+bwd {shape.split()[0]}: speed-up over {peer}", need,
              _speedup("attention_block", shape, "bf16", "fwd+bwd", peer))
-      for shape in (_S1, _S2) for peer, need in (("torch", 3), ("torch.compile", 1.5))],
+      for shape in (_S1, _S2) for peer, need in (("torch-sdpa", 3), ("torch.compile", 1.5))],
     *[Target(4, f"kl_distill bf16 fwd+bwd {shape.split(' ', 1)[1]}: {what}", need, fn("kl_distill", shape, "bf16",
                                                                                           "fwd+bwd", *peer), unit)
       for shape in _DSD

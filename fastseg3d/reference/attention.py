@@ -42,10 +42,12 @@ def attention_backward_ref(grad, q, k, v, out, lse, scale: float):
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
-def efficient_self_attention3d_ref(module, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+def efficient_self_attention3d_ref(module, x: torch.Tensor, spatial_shape: Sequence[int],
+                                   sdpa: bool = False) -> torch.Tensor:
     """SegFormer3D's self-attention as the published code composes it, with ``module``'s parameters.
 
-    NCDHW copy -> strided Conv3d -> tokens -> LayerNorm -> key_value; explicit softmax(q k^T * scale) v.
+    NCDHW copy -> strided Conv3d -> tokens -> LayerNorm -> key_value; the 2024 release's explicit
+    softmax(q k^T * scale) v, or with ``sdpa`` the current release's ``F.scaled_dot_product_attention``.
     """
     b, n, c = x.shape
     heads, d = module.num_heads, c // module.num_heads
@@ -58,6 +60,9 @@ def efficient_self_attention3d_ref(module, x: torch.Tensor, spatial_shape: Seque
         x_ = x
     kv = module.key_value(x_).reshape(b, -1, 2, heads, d).permute(2, 0, 3, 1, 4)
     k, v = kv[0], kv[1]
-    probs = ((q @ k.transpose(-2, -1)) * module.scale).softmax(dim=-1)
-    out = (probs @ v).transpose(1, 2).reshape(b, n, c)
+    if sdpa:
+        out = F.scaled_dot_product_attention(q, k, v, scale=module.scale)
+    else:
+        out = ((q @ k.transpose(-2, -1)) * module.scale).softmax(dim=-1) @ v
+    out = out.transpose(1, 2).reshape(b, n, c)
     return module.proj(out)

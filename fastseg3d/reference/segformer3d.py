@@ -1,4 +1,5 @@
-"""SegFormer3D as the published code composes it (NCDHW copies, explicit softmax), in plain ``torch.nn`` layers.
+"""SegFormer3D as the published code composes it (an NCDHW copy before the spatial reduction, the 2024 release's
+explicit softmax or the current release's SDPA), in plain ``torch.nn`` layers.
 
 The oracle for :class:`fastseg3d.networks.SegFormer3D` (same ``state_dict`` keys) and the "plain" peer of the model
 benchmark. It takes explicit (D, H, W) grids instead of the official cube-root, so non-cubic inputs work.
@@ -19,6 +20,7 @@ class _PlainAttention(nn.Module):
     def __init__(self, dim, heads, sr, scale):
         super().__init__()
         self.heads, self.sr_ratio, self.scale = heads, sr, scale
+        self.sdpa = False
         self.query = nn.Linear(dim, dim)
         self.key_value = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -38,8 +40,11 @@ class _PlainAttention(nn.Module):
             x_ = x
         kv = self.key_value(x_).reshape(b, -1, 2, self.heads, d).permute(2, 0, 3, 1, 4)
         k, v = kv[0].contiguous(), kv[1].contiguous()
-        attn = ((q @ k.transpose(-2, -1)) * (self.scale or d**-0.5)).softmax(-1)
-        return self.proj_dropout(self.proj((attn @ v).transpose(1, 2).reshape(b, n, c)))
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = ((q @ k.transpose(-2, -1)) * (self.scale or d**-0.5)).softmax(-1) @ v
+        return self.proj_dropout(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
 class _PlainDWConv(nn.Module):
@@ -141,18 +146,24 @@ class SegFormer3DRef(nn.Module):
 
     ``patch_kernel_size``, ``patch_stride`` and ``patch_padding`` give each stage's patch embedding (an int or a
     (D, H, W) tuple, as ``nn.Conv3d`` takes them); the published model is the default, and the output upsampling
-    undoes the first stage's stride.
+    undoes the first stage's stride. The attention core is the 2024 release's explicit softmax (its probabilities
+    saved for backward, the activation-memory reference of about 1.4 GiB at 128³, batch 2); ``sdpa=True`` runs the
+    current release's ``F.scaled_dot_product_attention`` instead (on a GPU its flash or memory-efficient kernels,
+    no N x M tensor), the stronger peer the model benchmark measures.
     """
 
     def __init__(self, in_channels=4, out_channels=3, embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2),
                  num_heads=(1, 2, 5, 8), sr_ratios=(4, 2, 1, 1), mlp_ratio=4, decoder_dim=256, scales=(None,) * 4,
-                 patch_kernel_size=(7, 3, 3, 3), patch_stride=(4, 2, 2, 2), patch_padding=(3, 1, 1, 1)):
+                 patch_kernel_size=(7, 3, 3, 3), patch_stride=(4, 2, 2, 2), patch_padding=(3, 1, 1, 1), sdpa=False):
         super().__init__()
         self.segformer_encoder = _PlainEncoder(in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratio,
                                                patch_kernel_size, patch_stride, patch_padding, scales)
         first = patch_stride[0]
         upsample = float(first) if isinstance(first, int) else tuple(float(s) for s in first)
         self.segformer_decoder = _PlainDecoder(embed_dims, decoder_dim, out_channels, upsample)
+        for module in self.modules():
+            if isinstance(module, _PlainAttention):
+                module.sdpa = sdpa
 
     def forward(self, x):
         return self.segformer_decoder(*self.segformer_encoder(x))

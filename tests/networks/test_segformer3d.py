@@ -97,6 +97,18 @@ def test_gradients_at_batch_1(mode):
     assert abs(numeric.item() - (x.grad * v).sum().item()) <= 1e-6 * abs(numeric.item())
 
 
+def test_plain_build_with_sdpa_matches_explicit_softmax():
+    """The benchmark's plain peer (the current release's SDPA core) computes what the oracle computes."""
+    from fastseg3d.reference.segformer3d import SegFormer3DRef
+
+    torch.manual_seed(0)
+    explicit = SegFormer3DRef(**_SMALL).double().train()
+    sdpa = SegFormer3DRef(**_SMALL, sdpa=True).double().train()
+    sdpa.load_state_dict(explicit.state_dict())
+    x = torch.randn(2, 4, 32, 32, 32, dtype=torch.float64)
+    assert_close("logits", sdpa(x), explicit(x), torch.float64, scale=1e3)
+
+
 def test_num_heads_scale_matches_2024_release():
     ours, plain = _pair(attention_scale="num_heads", scales=tuple(h**-0.5 for h in _SMALL["num_heads"]))
     ours, plain = ours.double().eval(), plain.double().eval()
