@@ -2,9 +2,16 @@
 (F.interpolate, log_softmax, softmax, sum, mean per pair), torch.compile of it (the autotuned and CUDA-graph modes
 optional), and Liger-Kernel's KL divergence where ``liger_kernel`` is installed.
 
-Shapes: B=2, K=14 classes at 128^3, the six DSD pairs with heads kept at their native resolution and upsampled in
-the loss: decoder teacher (dec1) at full resolution with students at 1/2, 1/4 and 1/8; encoder teacher (enc4) at
-1/8 with students at 1/1, 1/2 and 1/4. Also one pair (a 1/2-resolution student against a full-resolution teacher).
+Shapes: B=2, K=14 classes at 128^3, DSD's six pairs (two groups of three students and a teacher) as
+``fastseg3d.networks.dsd_unet`` produces them at that input:
+
+* deconv heads (``head_mode="deconv"``, as published): all eight heads at the full 128^3;
+* interp heads (``head_mode="interp"``): each head at its feature's resolution, upsampled in the loss. The decoder
+  heads sit on the bottleneck and the decoder stages above full resolution, 1/16, 1/8, 1/4 and 1/2 (sides 8, 16,
+  32, 64), so the teacher (dec1) is at 1/2 and the group's pairs are computed at 64^3; the encoder heads are at
+  1/1, 1/2, 1/4 and the teacher (enc4) at 1/8 (sides 128, 64, 32, 16), the pairs at 128^3.
+
+Also one pair (a 1/2-resolution student against a full-resolution teacher).
 
 Liger's ``LigerKLDIVLoss`` is a 2-D (rows, classes) loss on log-probabilities with no softmax, temperature or
 resampling inside, so its provider upsamples and divides by T in eager PyTorch, takes the fp32 log-softmax of both,
@@ -26,10 +33,18 @@ from fastseg3d.reference.kl_distill import common_size, kl_distill_ref
 _T = 3.0
 
 
+# (teacher's downsampling factor, students' factors) per group, decoder group first
+DSD_GROUPS = {
+    "deconv": [(1, (1, 1, 1)), (1, (1, 1, 1))],
+    "interp": [(2, (16, 8, 4)), (8, (1, 2, 4))],
+}
+
+
 def _shapes(quick: bool) -> list[tuple[str, dict]]:
-    b, k, s = (1, 3, 8) if quick else (2, 14, 128)
+    b, k, s = (1, 3, 16) if quick else (2, 14, 128)  # 16: the 1/16 decoder head keeps one voxel
     return [
-        (f"{b}x{k}x{s}^3 dsd 6 pairs", {"b": b, "k": k, "s": s, "groups": [(1, (2, 4, 8)), (8, (1, 2, 4))]}),
+        (f"{b}x{k}x{s}^3 dsd 6 pairs deconv heads", {"b": b, "k": k, "s": s, "groups": DSD_GROUPS["deconv"]}),
+        (f"{b}x{k}x{s}^3 dsd 6 pairs interp heads", {"b": b, "k": k, "s": s, "groups": DSD_GROUPS["interp"]}),
         (f"{b}x{k}x{s}^3 pair s/2", {"b": b, "k": k, "s": s, "groups": [(1, (2,))]}),
     ]
 

@@ -4,6 +4,7 @@ shapes, the roofline arithmetic, the largest-cube search and its refusal without
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -59,6 +60,8 @@ def test_bench_quick_writes_rows_table_and_plot(tmp_path):
     assert {r["provider"] for r in rows} == {"fastseg3d", "torch (aten-native)", "torch (cudnn-channels-last)"}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(tuple(r) == ROW_KEYS and r["median_ms"] > 0 for r in rows)
+    # the eager conv peers say which ATen convolution actually ran
+    assert all(r["backend"] for r in rows if r["provider"].startswith("torch ("))
     assert "fastseg3d x" in proc.stdout
     assert (tmp_path / "dwconv3d.png").stat().st_size > 0
 
@@ -123,7 +126,7 @@ def test_model_case_builds_and_steps(name):
 
 def test_provider_selection():
     case = load_cases()["kl_distill"]
-    (_, spec), _ = case.shapes(True)
+    (_, spec), *_ = case.shapes(True)
     assert run.select_providers(case, spec, None, CPU) == ["fastseg3d", "torch"]
     assert run.select_providers(case, spec, ["default"], CPU) == ["fastseg3d", "torch", "torch.compile"]
     assert run.select_providers(case, spec, ["*max-autotune"], CPU) == ["torch.compile-max-autotune"]
@@ -168,6 +171,35 @@ def test_liger_provider_matches_the_eager_loss():
     torch.testing.assert_close(loss, kl_eager(groups))
 
 
+@pytest.mark.parametrize("mode", ["deconv", "interp"])
+def test_kl_distill_dsd_cases_are_the_heads_dsd_unet_makes(mode):
+    # the issue's DSD case: B = 2, 14 classes, 128^3, six pairs, as dsd_unet's heads of either mode (run on meta)
+    from bench.kl_distill import DSD_GROUPS
+    from fastseg3d.networks import dsd_unet
+
+    case = load_cases()["kl_distill"]
+    for quick in (False, True):
+        specs = [spec for label, spec in case.shapes(quick) if label.endswith(f"dsd 6 pairs {mode} heads")]
+        assert len(specs) == 1 and specs[0]["groups"] == DSD_GROUPS[mode]
+        assert sum(len(students) for _, students in specs[0]["groups"]) == 6
+        assert quick or (specs[0]["b"], specs[0]["k"], specs[0]["s"]) == (2, 14, 128)
+    with torch.device("meta"):
+        net = dsd_unet(3, 1, 14, head_mode=mode)
+    out = net(torch.empty(2, 1, 128, 128, 128, device="meta"))
+    factors = [(128 // heads[-1].shape[-1], tuple(128 // h.shape[-1] for h in heads[:-1]))
+               for heads in (out.decoder, out.encoder)]
+    assert factors == DSD_GROUPS[mode]
+    assert all(h.shape[:2] == (2, 14) and len(set(h.shape[2:])) == 1 for h in (*out.decoder, *out.encoder))
+
+
+def test_kl_distill_quick_cases_run():
+    # every quick shape is valid for the fused loss and its eager peer (the 1/16 head keeps a voxel)
+    case = load_cases()["kl_distill"]
+    for _, spec in case.shapes(True):
+        losses = [case.setup(spec, torch.float32, provider, CPU).forward() for provider in ("fastseg3d", "torch")]
+        assert all(torch.isfinite(loss) for loss in losses)
+
+
 def test_kl_peers_compute_what_the_fused_loss_computes():
     # an encoder-style group: the teacher below every student, the students at three resolutions
     groups = [(torch.randn(1, 3, 2, 2, 2), [torch.randn(1, 3, 8, 8, 8), torch.randn(1, 3, 4, 4, 4)]),
@@ -201,11 +233,109 @@ def test_largest_cube_search_stops_at_its_deadline():
     assert found.tries == 0 and found.side is None and not found.converged and found.stop == "time-limit"
 
 
+def test_largest_cube_search_keeps_what_it_found_when_terminated():
+    """SIGTERM (a time box closing) during a try ends the search with the largest side found so far, where an
+    `except Exception` in the try would have recorded it as a failure of that side."""
+    def attempt(side):
+        if side > 128:
+            raise largest_cube.Terminated
+        return largest_cube.Attempt(True, "", 1.0, 2.0)
+
+    found = largest_cube.search(attempt, 16, 512)
+    assert found.side == 128 and found.failed_side is None and not found.converged and found.stop == "terminated"
+    assert issubclass(largest_cube.Terminated, BaseException) and not issubclass(largest_cube.Terminated, Exception)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_largest_cube_refuses_without_gpu(capsys):
     assert largest_cube.main(["--model", "segformer3d"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def test_gpu_check_script_parses():
-    subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+def test_gpu_check_script_runs_end_to_end(tmp_path):
+    """The whole script on a CPU (a GPU session is short, so it must not fail there first): a stand-in
+    nvidia-smi, the project's install left as it is, one quick case; it leaves the three files a device call
+    brings back, and the archive holds the rows, the table, the targets report and the logs."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 0 MiB, 0 MHz'\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "SKIP_INSTALL": "1",
+           "SKIP_TESTS": "1", "PLAN": "full", "BENCH_CASES": "selfreg", "LARGEST_CUBE_MODELS": "",
+           "BENCH_ARGS": "--quick --dtype fp32 --modes fwd --providers fastseg3d", "BUDGET": "300"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["bench_table.txt", "gpu_check.tgz", "info.txt"]
+    listing = subprocess.run(["tar", "-tzf", str(out / "gpu_check.tgz")], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in ("./results/ops.jsonl", "./results/targets.txt", "./results/info.txt", "./bench.log"):
+        assert name in listing
+    assert "not measured" in (out / "bench_table.txt").read_text()  # the targets report, on a CPU run
+
+
+def _target_plan() -> dict[str, list[str]]:
+    """gpu_check.sh's TARGET_ARGS, case -> arguments."""
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    block = text[text.index("  TARGET_ARGS=(") + len("  TARGET_ARGS=("):]
+    block = block[:block.index("\n  )")]
+    plan = {}
+    for line in block.strip().splitlines():
+        case, args = line.strip().split("=", 1)
+        plan[case.strip("[]")] = args.strip('"').split()
+    return plan
+
+
+def test_gpu_check_target_plan_selects_shapes_of_every_case():
+    """Each case's target arguments select something (a pattern that matched nothing would make bench.run exit
+    with an error and lose the case's box on the GPU)."""
+    plan = _target_plan()
+    assert set(plan) == set(SUITES)
+    for case, args in plan.items():
+        parser = run.argparse.ArgumentParser()
+        parser.add_argument("--dtype")
+        parser.add_argument("--modes", default=",".join(run.MODES + run.MODEL_MODES))
+        parser.add_argument("--shapes")
+        ns = parser.parse_args(args)
+        shapes = ns.shapes.split(",") if ns.shapes else None
+        run._check_selection(parser, [load_cases()[case]], ns.modes.split(","), None, shapes, quick=False)
+        labels = [label for label, _ in load_cases()[case].shapes(False) if run._shape_selected(label, shapes)]
+        assert labels, case
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--modes", "bwd"], "no selected case has the mode"),
+    (["--modes", "fwd,backward"], "unknown mode"),
+    (["--providers", "nosuch"], "matches no provider"),
+    (["--providers", "'torch'"], "matches no provider"),
+    (["--shapes", "2x14x256^3*"], "matches no shape"),
+])
+def test_selection_that_measures_nothing_is_an_error(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--case", "channel_kl", "--quick", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_shapes_filter(tmp_path):
+    rows_path = tmp_path / "rows.json"
+    assert run.main(["--case", "dwconv3d", "--quick", "--dtype", "fp32", "--modes", "fwd", "--providers", "fastseg3d",
+                     "--shapes", "*tokens*", "--out", str(tmp_path), "--json", str(rows_path)]) == 0
+    rows = json.loads(rows_path.read_text())
+    assert rows and all("tokens" in r["shape"] for r in rows)
+
+
+def test_targets_report_met_short_and_missing():
+    from bench import targets
+
+    shape = "2x4x128^3"
+    rows = [{"case": "segformer3d", "shape": shape, "dtype": "bf16", "mode": "train_step", "provider": p,
+             "median_ms": ms, "peak_mem_mb": mb} for p, ms, mb in
+            [("fastseg3d", 10.0, 50.0), ("plain", 25.0, 75.0), ("plain+torch.compile", 12.0, 90.0)]]
+    results = {t.what: (value, verdict) for t, value, verdict in targets.check(rows)}
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (2.5, "met")
+    value, verdict = results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled"]
+    assert value == pytest.approx(1.2) and verdict == "short by 20%"
+    assert results["SegFormer3D train step 128^3 B=2 bf16: plain peak / ours (<= 60% of plain)"][1] == "short by 10%"
+    assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == (None, "not measured")
+    assert "short by 20%" in targets.format_report(targets.check(rows))

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["FeatureTap", "INPUT_SUFFIX", "check_wrapper_args"]
+__all__ = ["FeatureTap", "INPUT_SUFFIX", "check_wrapper_args", "example_input_shapes"]
 
 INPUT_SUFFIX = ":input"
 
@@ -26,6 +26,68 @@ def check_wrapper_args(backbone, encoder_layers, decoder_layers, *extra_layers: 
     if len(set(layers)) != len(layers):
         raise ValueError(f"a layer is named twice among the wrapper's layers: {layers}")
     return layers
+
+
+def _positive_ints(value, n: int) -> tuple[int, ...] | None:
+    """``value`` (an int or a sequence of n ints, e.g. a size or stride attribute) as n positive ints, or None."""
+    if isinstance(value, torch.Size) or isinstance(value, (tuple, list)):
+        values = tuple(value)
+    else:
+        values = (value,) * n
+    try:
+        if len(values) != n or any(isinstance(v, bool) or int(v) != v or v < 1 for v in values):
+            return None
+    except (TypeError, ValueError):
+        return None
+    return tuple(int(v) for v in values)
+
+
+def example_input_shapes(backbone: nn.Module, max_side: int = 1024) -> list[tuple[int, ...]]:
+    """Input shapes (1, C, *spatial) to try, in order, for a dry run of ``backbone`` when none is given.
+
+    C is the backbone's ``in_channels`` attribute, else the input channels of its first convolution (in
+    ``modules()`` order), whose type also gives the spatial dimensions (else a ``spatial_dims`` attribute). The
+    spatial size is the backbone's own where it records one: an ``img_size`` attribute, or ``feat_size`` times
+    ``patch_size`` (MONAI's UNETR), for networks built for one size. Otherwise it is twice the per-axis product of
+    the strides of every convolution and pooling layer (a multiple of what a U-Net's down-sampling path needs,
+    doubled so that instance normalisation sees more than one voxel at the bottleneck), then that doubled, up to
+    ``max_side`` per axis. Empty when nothing gives the channels or the spatial dimensions.
+    """
+    def is_conv(m):  # transposed convolutions up-sample: their stride is no constraint on the input
+        return isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd)
+
+    first = next((m for m in backbone.modules() if is_conv(m)), None)
+    in_channels = getattr(backbone, "in_channels", None)
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        in_channels = first.in_channels if first is not None else None
+    dims = len(first.kernel_size) if first is not None else getattr(backbone, "spatial_dims", None)
+    if in_channels is None or dims not in (1, 2, 3):
+        return []
+    fixed = _positive_ints(getattr(backbone, "img_size", None), dims)
+    if fixed is None:
+        feat = _positive_ints(getattr(backbone, "feat_size", None), dims)
+        patch = _positive_ints(getattr(backbone, "patch_size", None), dims)
+        if feat is not None and patch is not None:
+            fixed = tuple(f * p for f, p in zip(feat, patch))
+    if fixed is not None:
+        return [(1, in_channels, *fixed)]
+    stride = [1] * dims
+    for m in backbone.modules():
+        layer = None
+        if is_conv(m) and len(m.kernel_size) == dims:
+            layer = m.stride
+        elif isinstance(m, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)):
+            kind = type(m).__name__
+            if kind.endswith(f"{dims}d"):
+                layer = m.stride if m.stride is not None else m.kernel_size
+        step = _positive_ints(layer, dims) if layer is not None else None
+        if step is not None:
+            stride = [a * b for a, b in zip(stride, step)]
+    shapes, side = [], [2 * s for s in stride]
+    while max(side) <= max_side:
+        shapes.append((1, in_channels, *side))
+        side = [2 * s for s in side]
+    return shapes
 
 
 def _first_tensor(value, spec: str) -> torch.Tensor:
@@ -101,10 +163,29 @@ class FeatureTap:
             )
         return output, features
 
-    def dry_run(self, backbone: nn.Module, input_shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def dry_run(
+        self, backbone: nn.Module, input_shape: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The output and features for an input of ``input_shape``, from a copy of the backbone on the ``meta``
         device: shapes only, nothing allocated, the backbone untouched. The copy runs in eval mode, so that
-        normalisation layers accept the smallest valid input."""
+        normalisation layers accept the smallest valid input.
+
+        ``input_shape=None`` derives one from the backbone (see :func:`example_input_shapes`) and raises a
+        ``ValueError`` asking for ``input_shape`` when none of the candidates runs."""
+        if input_shape is None:
+            candidates = example_input_shapes(backbone)
+            error = None
+            for shape in candidates:
+                try:
+                    return self.dry_run(backbone, shape)
+                except Exception as e:  # whatever a guessed size breaks, the next candidate may run
+                    error = e
+            tried = ", ".join(str(c) for c in candidates) or "none (no convolution found)"
+            raise ValueError(
+                f"could not derive an example input for {type(backbone).__name__} (tried {tried}"
+                + (f"; the last one failed with {type(error).__name__}: {error}" if error is not None else "")
+                + "): pass input_shape=(B, C, *spatial), the shape of an input the network accepts"
+            ) from error
         if (
             not isinstance(input_shape, (tuple, list, torch.Size))
             or len(input_shape) < 3

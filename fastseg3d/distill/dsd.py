@@ -83,8 +83,11 @@ class DSD(nn.Module):
 
     Heads are built in ``__init__``, so the optimizer and ``state_dict`` see them from the start. Each needs its
     feature's channels and its scale (the output resolution over the feature's, per axis); both are read from a dry
-    run of the backbone on the ``meta`` device with an input of ``input_shape`` (shapes only: free at any size,
-    the backbone's tensors untouched). Any valid input size gives the same heads for a U-Net.
+    run of the backbone on the ``meta`` device (shapes only: free at any size, the backbone's tensors untouched).
+    Any valid input size gives the same heads for a U-Net, so ``input_shape`` is optional: without it the input
+    channels come from the backbone's ``in_channels`` or its first convolution, and the size from its ``img_size``
+    (or UNETR's ``feat_size`` x ``patch_size``), else from the product of its convolution and pooling strides
+    (doubled until a size runs); a ``ValueError`` asks for ``input_shape`` when none does.
 
     ``head_mode="deconv"``: DSD as published, each head upsampled to the output by its repeated x2 transposed conv
     (scales must be isotropic powers of two). ``"interp"``: heads stay at their feature's resolution (1x1 conv only);
@@ -108,15 +111,15 @@ class DSD(nn.Module):
         num_classes: the backbone's output channels.
         head_mode: "deconv" or "interp".
         share_heads: one head for an encoder and a decoder feature at the same scale.
-        input_shape: (keyword) the full shape (B, C, *spatial) of an example input, for the dry run.
+        input_shape: (keyword, optional) the full shape (B, C, *spatial) of an example input, for the dry run;
+            derived from the backbone when omitted.
 
     Example:
         >>> import torch
         >>> from fastseg3d.distill import DSD
         >>> from fastseg3d.networks.unet import UNet
         >>> net = UNet(3, 1, 2, channels=(8, 16, 32))
-        >>> dsd = DSD(net, ["encoder.0", "encoder.1"], ["encoder.2", "decoder.0"], num_classes=2,
-        ...           input_shape=(1, 1, 16, 16, 16))
+        >>> dsd = DSD(net, ["encoder.0", "encoder.1"], ["encoder.2", "decoder.0"], num_classes=2)
         >>> out = dsd(torch.randn(1, 1, 16, 16, 16))
         >>> out.main.shape, len(out.decoder), len(out.encoder)
         (torch.Size([1, 2, 16, 16, 16]), 2, 2)
@@ -133,7 +136,7 @@ class DSD(nn.Module):
         head_mode: str = "deconv",
         share_heads: bool = False,
         *,
-        input_shape: Sequence[int],
+        input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         layers = check_wrapper_args(backbone, encoder_layers, decoder_layers)

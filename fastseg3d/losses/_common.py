@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["as_volume", "check_weight", "dice_ce"]
+__all__ = ["as_volume", "check_weight", "dice_ce", "full_precision"]
 
 
 def as_volume(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -19,6 +19,12 @@ def as_volume(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dim() != 5:
         raise ValueError(f"{name} must be 4-D (B, C, H, W) or 5-D (B, C, D, H, W), got shape {tuple(t.shape)}")
     return t
+
+
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when it is fp16 or bf16, else as it is: MONAI's losses compute in their input's dtype, so the
+    logits they read under autocast are cast (fp64 stays fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def check_weight(value, name: str) -> float:

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight, dice_ce
-from fastseg3d.ops.kl_distill import kl_distill_multi
+from fastseg3d.losses._common import as_volume, check_weight, dice_ce, full_precision
+from fastseg3d.ops.kl_distill import check_temperature, kl_distill_multi
 
 __all__ = ["DSDLoss"]
 
@@ -36,9 +35,13 @@ class DSDLoss(nn.Module):
     Given a plain tensor (the wrapper's eval output) the loss is the DiceCE of it alone, for validation loops.
     :meth:`terms` returns the three parts for logging.
 
+    Half-precision outputs (autocast) need no cast beforehand: the DiceCE terms take fp32 copies of the logits
+    they supervise (main and decoder heads), and the KL terms take every head as it is (the fused op computes in
+    fp32 and keeps each head's gradient in that head's dtype), so no fp32 copy of a head is made for them.
+
     Args:
         num_classes: the number of classes (checked against the logits).
-        temperature: T > 0.
+        temperature: T > 0 (a real number or a 0-d tensor).
         kl_weight: weight of the KL sum (DSD's alpha_KL).
         detach_teacher: stop the KL gradients into the teacher heads.
         include_background, lambda_dice, lambda_ce: passed to MONAI's ``DiceCELoss``.
@@ -69,13 +72,11 @@ class DSDLoss(nn.Module):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not math.isfinite(temperature) or temperature <= 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        temperature = check_temperature(temperature)
         if not isinstance(detach_teacher, bool):
             raise ValueError(f"detach_teacher must be a bool, got {detach_teacher!r}")
         self.num_classes = num_classes
-        self.temperature = float(temperature)
+        self.temperature = temperature
         self.kl_weight = check_weight(kl_weight, "kl_weight")
         self.detach_teacher = detach_teacher
         self.dice_ce = dice_ce(include_background, lambda_dice, lambda_ce)
@@ -97,7 +98,7 @@ class DSDLoss(nn.Module):
         """``{"dice_ce": sum of the DiceCE terms, "kl_decoder": ..., "kl_encoder": ...}`` (KL terms unweighted)."""
         if isinstance(outputs, torch.Tensor):
             self._check_logits(outputs, "outputs", outputs.dim())
-            return {"dice_ce": self.dice_ce(outputs, target)}
+            return {"dice_ce": self.dice_ce(full_precision(outputs), target)}
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
             raise ValueError("outputs must be DSD's training output (main, decoder heads, encoder heads) or a tensor")
         main, decoder, encoder = outputs
@@ -115,8 +116,12 @@ class DSDLoss(nn.Module):
         if tuple(main.shape[2:]) != size:
             raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
         mode = "trilinear" if dims == 5 else "bilinear"
-        seg = self.dice_ce(main, target)
+        # MONAI's DiceCE computes in its input's dtype: it gets fp32 copies of half-precision logits. The KL terms
+        # take the heads as they are: the fused op reads them once, computes in fp32 and keeps each gradient in its
+        # head's dtype.
+        seg = self.dice_ce(full_precision(main), target)
         for h in decoder:
+            h = full_precision(h)
             if tuple(h.shape[2:]) != size:
                 h = F.interpolate(h, size=size, mode=mode, align_corners=False)
             seg = seg + self.dice_ce(h, target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight, dice_ce
+from fastseg3d.losses._common import as_volume, check_weight, dice_ce, full_precision
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter_multi, selfreg_intra
 
 __all__ = ["SelfRegLoss"]
@@ -29,7 +29,13 @@ class SelfRegLoss(nn.Module):
       ``include_segmentation`` (then ``target`` is required); with ``include_segmentation=False`` the loss is
       ``weight * KD`` alone, to be added to a segmentation loss of one's choice (e.g. SelfReg's 0.4 CE + 0.6 Dice).
 
-    Features may be 2-D (B, C, H, W) or 3-D. :meth:`terms` returns the parts for logging.
+    Features may be 2-D (B, C, H, W) or 3-D, and of mixed dtypes (under autocast a feature taken after a
+    LayerNorm, such as UNETR's ``decoder5:input``, stays fp32 while the others are bf16): the regularisers compute
+    in fp32 and return each gradient in its feature's dtype. :meth:`terms` returns the parts for logging.
+
+    Under ``torch.compile(fullgraph=True)`` pass ``generator=None``: torch.compile cannot trace a
+    ``torch.Generator`` object (an int seed makes one), whereas draws from torch's global generator are traced.
+    Without ``fullgraph`` a generator only splits the graph at the channel draws.
 
     Example:
         >>> import torch
@@ -98,7 +104,7 @@ class SelfRegLoss(nn.Module):
         if self.dice_ce is not None:
             if target is None:
                 raise ValueError("target is required when include_segmentation=True")
-            out["segmentation"] = self.dice_ce(logits, target)
+            out["segmentation"] = self.dice_ce(full_precision(logits), target)
         return out
 
     def forward(self, outputs, target: torch.Tensor | None = None) -> torch.Tensor:

@@ -33,8 +33,6 @@ def _validate(student, teacher, reduction) -> None:
         raise TypeError(
             f"teacher is on {teacher.device} but student is on {student.device}; pass tensors on one device"
         )
-    if teacher.dtype != student.dtype:
-        raise TypeError(f"teacher has dtype {teacher.dtype} but student has {student.dtype}; pass tensors of one dtype")
     if teacher.shape[0] != student.shape[0]:
         raise ValueError(f"batch sizes differ: student has {student.shape[0]}, teacher has {teacher.shape[0]}")
     if teacher.shape[1] != student.shape[1]:
@@ -48,9 +46,11 @@ def _validate(student, teacher, reduction) -> None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def channel_kl_unsupported_reasons(student: Tensor) -> list[str]:
+def channel_kl_unsupported_reasons(student: Tensor, teacher: Tensor | None = None) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
     reasons = utils.base_reasons(student)
+    if teacher is not None and teacher.dtype not in utils.FUSED_DTYPES:
+        reasons.append(f"teacher dtype={teacher.dtype} (fused: float32, float16, bfloat16)")
     if student.shape[1] > _MAX_CHANNELS:
         reasons.append(f"{student.shape[1]} channels (fused: up to {_MAX_CHANNELS})")
     if student.shape[0] > utils.MAX_GRID_YZ:
@@ -109,7 +109,9 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
 
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result, the student gradient formed in the
     forward pass when the student requires grad, kept in fp32 for fp16 so a loss scale reaches it before
-    rounding); up to 256 channels. Other cases run the reference under the ``auto`` backend.
+    rounding); up to 256 channels. The two maps may differ in dtype (under autocast a feature taken straight after
+    a normalisation layer stays fp32): the math is fp32 either way and the gradient comes back in the student's
+    dtype. Other cases run the reference under the ``auto`` backend.
 
     Example:
         >>> import torch, fastseg3d
@@ -121,7 +123,7 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
         (torch.Size([]), torch.Size([2, 16, 8, 8, 8]))
     """
     _validate(student, teacher, reduction)
-    if backends.select("channel_kl", channel_kl_unsupported_reasons(student)):
+    if backends.select("channel_kl", channel_kl_unsupported_reasons(student, teacher)):
         need = torch.is_grad_enabled() and student.requires_grad
         loss, _ = torch.ops.fastseg3d.channel_kl(student, teacher.detach(), reduction, need)
         return loss

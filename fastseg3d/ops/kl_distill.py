@@ -10,6 +10,7 @@ and on ``meta`` tensors.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -20,17 +21,28 @@ from fastseg3d.ops import utils
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl_distill_multi_ref, kl_distill_ref
 
-__all__ = ["kl_distill", "kl_distill_multi", "kl_distill_unsupported_reasons"]
+__all__ = ["check_temperature", "kl_distill", "kl_distill_multi", "kl_distill_unsupported_reasons"]
 
 _MAX_CHANNELS = 256  # fastseg3d.kernels.kl_distill.MAX_CHANNELS (not imported: Triton may be absent)
 
 
-def _check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-    return float(temperature)
+def check_temperature(temperature, name: str = "temperature") -> float:
+    """``temperature`` as a float: a real number (Python or NumPy, not a bool) or a 0-d real tensor, finite and > 0.
+
+    Raises:
+        TypeError: any other type.
+        ValueError: zero, negative or not finite.
+    """
+    if isinstance(temperature, Tensor):
+        if temperature.dim() != 0 or temperature.dtype == torch.bool or temperature.is_complex():
+            raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a {temperature.dtype} tensor of "
+                            f"shape {tuple(temperature.shape)}")
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"{name} must be a real number or a 0-d real tensor, got {type(temperature).__name__}")
+    value = float(temperature)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
 
 
 def _validate(students, teacher, temperature, size, weights) -> tuple[float, tuple[int, int, int], list[float]]:
@@ -50,13 +62,11 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
     for name, t in zip(names[1:], students):
         if t.device != teacher.device:
             raise TypeError(f"{name} is on {t.device} but teacher is on {teacher.device}; pass tensors on one device")
-        if t.dtype != teacher.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but teacher has {teacher.dtype}; pass tensors of one dtype")
         if t.shape[0] != teacher.shape[0]:
             raise ValueError(f"batch sizes differ: {name} has {t.shape[0]}, teacher has {teacher.shape[0]}")
         if t.shape[1] != teacher.shape[1]:
             raise ValueError(f"class counts differ: {name} has {t.shape[1]} channels, teacher has {teacher.shape[1]}")
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if size is None:
         size = common_size(*tensors)
     elif (
@@ -85,6 +95,9 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
 def kl_distill_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
     reasons = utils.base_reasons(teacher)
+    odd = sorted({str(s.dtype) for s in students if s.dtype not in utils.FUSED_DTYPES})
+    if odd:
+        reasons.append(f"student dtype {', '.join(odd)} (fused: float32, float16, bfloat16)")
     if teacher.shape[1] > _MAX_CHANNELS:
         reasons.append(f"{teacher.shape[1]} classes (fused: up to {_MAX_CHANNELS})")
     if teacher.shape[0] > utils.MAX_GRID_YZ:
@@ -223,7 +236,9 @@ def kl_distill(
     fp32, fp16 and bf16 inputs are fused (fp32 math, fp32 0-dim result); the input gradients are computed in the
     forward pass when an input requires grad, and backward only scales them (for fp16 inputs they are kept in
     fp32 until then: at 1 / (B x voxels) they lie below fp16's normal range until a loss scale lifts them).
-    Other cases run the reference under the ``auto`` backend.
+    The inputs may differ in dtype (e.g. a head left in fp32 against bf16 heads under autocast): the math is fp32
+    either way and each gradient comes back in its input's own dtype. Other cases run the reference under the
+    ``auto`` backend. ``temperature`` is a real number (Python or NumPy) or a 0-d tensor, read once as a float.
 
     Example:
         >>> import torch, fastseg3d

@@ -52,18 +52,20 @@ def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
             raise ValueError(
                 f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx.dtype} {tuple(idx.shape)}"
             )
+        if idx.numel() == 0:
+            raise ValueError(f"{name} selects no channels")
         check = idx.device.type == "cpu" and not torch.compiler.is_compiling()
-        values = idx
-    else:
-        if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-            raise ValueError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx!r}")
-        check = True
-        values = torch.tensor(list(idx), dtype=torch.int64)
-    if values.numel() == 0:
+        if check and (int(idx.min()) < 0 or int(idx.max()) >= n_channels):
+            raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")
+        return idx.to(device=device, dtype=torch.int64)
+    if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+        raise ValueError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx!r}")
+    if len(idx) == 0:
         raise ValueError(f"{name} selects no channels")
-    if check and (int(values.min()) < 0 or int(values.max()) >= n_channels):
+    # checked as Python ints: reading the values back from a tensor breaks a torch.compile(fullgraph=True) graph
+    if min(idx) < 0 or max(idx) >= n_channels:
         raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")
-    return values.to(device=device, dtype=torch.int64)
+    return torch.tensor(list(idx), dtype=torch.int64, device=device)
 
 
 def _validate_inter(students, teacher, student_channels, teacher_channels):
@@ -75,8 +77,6 @@ def _validate_inter(students, teacher, student_channels, teacher_channels):
         _check_feature(s, name)
         if s.device != teacher.device:
             raise TypeError(f"{name} is on {s.device} but teacher is on {teacher.device}; pass tensors on one device")
-        if s.dtype != teacher.dtype:
-            raise TypeError(f"{name} has dtype {s.dtype} but teacher has {teacher.dtype}; pass tensors of one dtype")
         if s.shape[0] != teacher.shape[0]:
             raise ValueError(f"batch sizes differ: {name} has {s.shape[0]}, teacher has {teacher.shape[0]}")
         for a, b in zip(s.shape[2:], teacher.shape[2:]):
@@ -97,8 +97,17 @@ def _validate_inter(students, teacher, student_channels, teacher_channels):
 def selfreg_inter_unsupported_reasons(teacher: Tensor, students: Sequence[Tensor]) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
     reasons = utils.base_reasons(teacher)
+    # the dtypes may differ (under autocast a feature after a LayerNorm stays fp32): each must be fused
+    odd = sorted({str(s.dtype) for s in students if s.dtype not in utils.FUSED_DTYPES})
+    if odd:
+        reasons.append(f"student dtype {', '.join(odd)} (fused: float32, float16, bfloat16)")
     if teacher.shape[0] > utils.MAX_GRID_YZ or any(s.shape[1] > utils.MAX_GRID_YZ for s in students):
         reasons.append(f"batch or student channels above {utils.MAX_GRID_YZ}")
+    # the teacher's pyramid levels are pooled on a (voxel blocks, B * C) grid
+    full = tuple(teacher.shape[2:])
+    if (teacher.shape[0] * teacher.shape[1] > utils.MAX_GRID_YZ
+            and any(pooled_size(s, teacher) != full for s in students)):
+        reasons.append(f"batch x teacher channels above {utils.MAX_GRID_YZ} (the teacher must be pooled)")
     if any(t.numel() == 0 for t in (teacher, *students)):
         reasons.append("an input has no elements")
     return reasons
@@ -109,6 +118,9 @@ def selfreg_intra_unsupported_reasons(feature: Tensor) -> list[str]:
     reasons = utils.base_reasons(feature)
     if feature.shape[0] > utils.MAX_GRID_YZ or feature.shape[1] // 2 > utils.MAX_GRID_YZ:
         reasons.append(f"batch or half the channels above {utils.MAX_GRID_YZ}")
+    # the channel statistics run on a (voxel blocks, B * C) grid
+    if feature.shape[0] * feature.shape[1] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch x channels above {utils.MAX_GRID_YZ}")
     if feature.numel() == 0:
         reasons.append("feature has no elements")
     return reasons
@@ -251,7 +263,8 @@ def selfreg_inter_multi(
     The teacher (e.g. SelfReg's final decoder feature F_final) is average-pooled once into the pyramid of
     resolutions the students need, each level from the next finer one, instead of once per student.
     ``student_channels[i]`` and ``teacher_channels[i]`` are student i's index sets. SelfReg's KD term averages
-    them: ``selfreg_inter_multi(...).mean()``.
+    them: ``selfreg_inter_multi(...).mean()``. The students' dtypes may differ from each other and from the
+    teacher's; each gradient comes back in its student's dtype.
 
     Example:
         >>> import torch, fastseg3d
@@ -283,7 +296,9 @@ def selfreg_inter(student: Tensor, teacher: Tensor, student_channels, teacher_ch
 
     fp32, fp16 and bf16 inputs are fused (one read of each input, fp32 math, the student gradient written in the
     forward pass when the student requires grad, in fp32 for fp16 so a loss scale reaches it before rounding);
-    other cases run the reference under the ``auto`` backend.
+    other cases run the reference under the ``auto`` backend. The student and the teacher may differ in dtype
+    (under autocast a feature read after a LayerNorm stays fp32 while F_final is bf16): the math is fp32 either way
+    and the gradient comes back in the student's own dtype.
 
     Example:
         >>> import torch, fastseg3d

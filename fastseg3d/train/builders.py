@@ -148,22 +148,16 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
     return _models()[name](**kwargs)
 
 
-def _float(output):
-    """Every floating tensor of a network's output (tensors, tuples, lists, named tuples) in fp32."""
-    if isinstance(output, torch.Tensor):
-        return output.float() if output.is_floating_point() else output
-    if isinstance(output, tuple) and hasattr(output, "_fields"):
-        return type(output)(*(_float(o) for o in output))
-    if isinstance(output, (tuple, list)):
-        return type(output)(_float(o) for o in output)
-    return output
-
-
 class Objective(nn.Module):
     """Segmentation loss plus the method's distillation loss, on whatever the network returns in training.
 
     ``forward(output, target) -> (loss, terms)`` where ``terms`` maps each part's name to a detached scalar for
     logging. In eval every network returns logits and the objective is the segmentation loss alone.
+
+    Under autocast only the logits that MONAI's segmentation losses read are cast to fp32 (those losses compute in
+    their input's dtype); the distillation features and heads go to the fused losses as they are, which compute
+    in fp32 and keep each gradient in its input's dtype. (DSD's nine outputs at 2 x 14 x 128^3 are about 2 GB in
+    fp32: the encoder heads, which only the KL reads, are no longer copied, and no KL gradient is saved in fp32.)
     """
 
     def __init__(self, loss_cfg: Mapping, mode: str, num_classes: int) -> None:
@@ -212,15 +206,16 @@ class Objective(nn.Module):
         return output if isinstance(output, torch.Tensor) else output[0]
 
     def forward(self, output, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        output = _float(output)  # losses in fp32 under autocast: a half-precision KL under- and overflows
+        from fastseg3d.losses._common import full_precision
+
         if isinstance(output, torch.Tensor) or self.distill is None:
-            loss = self.segmentation(self.logits(output), target)
+            loss = self.segmentation(full_precision(self.logits(output)), target)
             return loss, {"segmentation": loss.detach()}
         if self.distill_name == "dsd":
-            terms = self.distill.terms(output, target)
+            terms = self.distill.terms(output, target)  # its DiceCE terms cast the logits they read
             loss = terms["dice_ce"] + self.distill.kl_weight * (terms["kl_decoder"] + terms["kl_encoder"])
             return loss, {k: v.detach() for k, v in terms.items()}
-        seg = self.segmentation(self.logits(output), target)
+        seg = self.segmentation(full_precision(self.logits(output)), target)
         if self.distill_name == "selfreg":
             kd = self.distill(output)
         else:

@@ -178,6 +178,59 @@ def test_compile_fullgraph():
     assert all(p.grad is not None for p in net.parameters())
 
 
+def _head_shapes(dsd):
+    return {k: tuple(v.shape) for k, v in dsd.state_dict().items() if "heads" in k}
+
+
+@pytest.mark.parametrize("mode", ["deconv", "interp"])
+def test_input_shape_is_optional(unetr_cls, mode):
+    """Without input_shape the dry run's input comes from the backbone, and the heads are those built with one:
+    fastseg3d's UNet (2-D and 3-D: in_channels, pooling strides), MONAI's DynUNet (strided convs, residual blocks
+    whose shortcut convs are strided too; anisotropic strides) and UNETR (built for one size: feat_size x
+    patch_size; with the perceptron patch embedding the first conv is encoder1's)."""
+    dyn = {"kernel_size": [3, 3, 3, 3], "upsample_kernel_size": [2, 2, 2], "filters": [4, 8, 16, 16]}
+    cases = [
+        (UNet(3, 2, 3, channels=(4, 8, 8, 8, 8)), (1, 2, 32, 32, 32)),
+        (UNet(2, 1, 3, channels=(4, 8, 8)), (1, 1, 16, 16)),
+        (nets.DynUNet(3, 2, 3, strides=[1, 2, 2, 2], res_block=True, **dyn), (1, 2, 16, 16, 16)),
+        (_small_unetr(unetr_cls, in_channels=2), (1, 2, 32, 32, 32)),
+        (unetr_cls(1, 3, img_size=(32, 32, 16), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4,
+                   proj_type="perceptron"), (1, 1, 32, 32, 16)),
+    ]
+    if mode == "interp":  # scale (2, 2, 1) has no single x2 deconv
+        ups = {"upsample_kernel_size": [2, (2, 2, 1), 2]}
+        aniso = nets.DynUNet(3, 1, 3, strides=[1, 2, (2, 2, 1), 2], **{**dyn, **ups})
+        cases.append((aniso, (1, 1, 16, 16, 8)))
+    for net, shape in cases:
+        name = type(net).__name__
+        layers = (presets.unetr_layers("dsd") if name == "UNETR" else presets.dynunet_layers(net, "dsd")
+                  if name == "DynUNet" else presets.unet_layers(net, "dsd"))
+        given = DSD(net, num_classes=3, head_mode=mode, input_shape=shape, **layers)
+        derived = DSD(net, num_classes=3, head_mode=mode, **layers)
+        assert derived.scales == given.scales, name
+        assert _head_shapes(derived) == _head_shapes(given), name
+        out = derived(torch.randn(shape))
+        assert all(h.shape[1] == 3 for h in (*out.decoder, *out.encoder))
+
+
+def test_input_shape_that_cannot_be_derived():
+    net = UNet(3, 1, 2, channels=(4, 8, 8))
+    net.in_channels = 5  # a wrong record: every candidate input fails in the first conv
+    with pytest.raises(ValueError, match="pass input_shape"):
+        DSD(net, ["encoder.0"], ["decoder.0"], num_classes=2)
+
+    class Tokens(torch.nn.Module):  # nothing tells the input's channels or dimensions
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.mix(x)
+
+    with pytest.raises(ValueError, match="pass input_shape"):
+        DSD(Tokens(), ["mix"], ["mix:input"], num_classes=4)
+
+
 def test_bad_arguments(unetr_cls):
     net = UNet(3, 1, 2, channels=(4, 8, 8))
     shape = (1, 1, 8, 8, 8)

@@ -47,6 +47,26 @@ def test_unetr(unetr_cls):  # noqa: F811
     assert sw.shape == (1, 3, 32, 40, 32)
 
 
+def test_unetr_under_autocast(unetr_cls):  # noqa: F811
+    """UNETR under autocast: ``decoder5:input``, the ViT's LayerNorm output, stays fp32 while the other features
+    and F_final are bf16; the loss takes the mix (the training step runs it after the autocast block, as the
+    trainer does, and inside it)."""
+    torch.manual_seed(0)
+    net = SelfReg(_small_unetr(unetr_cls), **presets.unetr_layers("selfreg"))
+    x, y = torch.randn(1, 1, 32, 32, 32), torch.randint(0, 3, (1, 1, 32, 32, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        inside = SelfRegLoss(generator=0)(out, y)
+    assert out.encoder[-1].dtype == torch.float32 and out.final.dtype == torch.bfloat16
+    loss = SelfRegLoss(generator=0)(out, y)
+    torch.testing.assert_close(loss, inside)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert net.backbone.vit.norm.weight.grad is not None  # the fp32 feature's own path
+    # (MONAI's ViT blocks hold cross-attention norms that UNETR never calls: they get no gradient)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
 def test_dynunet():
     backbone = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
                             upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 16])

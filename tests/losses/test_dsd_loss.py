@@ -3,6 +3,7 @@ a short training run, and the fused KL (Triton interpreter) against the referenc
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,12 +129,51 @@ def test_training_smoke(mode):
         opt.step()
 
 
+@pytest.mark.parametrize("mode", ["deconv", "interp"])
+def test_half_precision_outputs_need_no_cast(mode, monkeypatch):
+    """bf16 outputs (autocast): the DiceCE terms get fp32 copies, the fused KL the heads in their own dtype (no
+    fp32 copies of the heads), and the loss is the one of fp32 copies of the outputs, as the KL computes in fp32."""
+    import fastseg3d.losses.dsd as dsd_module
+
+    out = _outputs(torch.bfloat16, mode)
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    loss_fn = DSDLoss(3)
+    seen = {"dice_ce": [], "kl": []}
+    kl, dice = dsd_module.kl_distill_multi, loss_fn.dice_ce.forward
+    monkeypatch.setattr(dsd_module, "kl_distill_multi",
+                        lambda s, t, *a, **k: seen["kl"].extend(x.dtype for x in (*s, t)) or kl(s, t, *a, **k))
+    monkeypatch.setattr(loss_fn.dice_ce, "forward", lambda x, y: seen["dice_ce"].append(x.dtype) or dice(x, y))
+    loss = loss_fn(out, target)
+    assert seen == {"dice_ce": [torch.float32] * 5, "kl": [torch.bfloat16] * 8}
+    fp32 = DSDOutput(out.main.float(), tuple(h.float() for h in out.decoder), tuple(h.float() for h in out.encoder))
+    torch.testing.assert_close(loss, loss_fn(fp32, target), rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(loss, _grads(out))
+    assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
+    seen["dice_ce"].clear()
+    loss_fn(out.main, target)  # the eval output
+    assert seen["dice_ce"] == [torch.float32]
+
+
+@pytest.mark.parametrize("temperature", [np.float32(2.5), np.int64(2), torch.tensor(2.5), torch.tensor(2)],
+                         ids=["np.float32", "np.int64", "tensor", "int-tensor"])
+def test_temperature_of_numpy_scalars_and_0d_tensors(temperature):
+    loss_fn = DSDLoss(3, temperature=temperature)
+    assert type(loss_fn.temperature) is float and loss_fn.temperature == float(temperature)
+    out = _outputs(torch.float32, "interp")
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    assert loss_fn(out, target).item() == DSDLoss(3, temperature=float(temperature))(out, target).item()
+
+
 def test_bad_arguments():
-    for kwargs in ({"num_classes": 0}, {"num_classes": 2, "temperature": 0}, {"num_classes": 2, "temperature": "3"},
+    for kwargs in ({"num_classes": 0}, {"num_classes": 2, "temperature": 0},
+                   {"num_classes": 2, "temperature": torch.tensor(-1.0)},
                    {"num_classes": 2, "kl_weight": -1}, {"num_classes": 2, "kl_weight": float("nan")},
                    {"num_classes": 2, "detach_teacher": 1}, {"num_classes": 2, "lambda_ce": -1.0}):
         with pytest.raises(ValueError):
             DSDLoss(**kwargs)
+    for temperature in ("3", None, True, torch.tensor([3.0])):
+        with pytest.raises(TypeError, match="temperature"):
+            DSDLoss(2, temperature=temperature)
     loss_fn = DSDLoss(3)
     out = _outputs(torch.float32, "deconv")
     target = torch.randint(0, 3, (2, 1, 8, 8, 8))

@@ -74,6 +74,25 @@ def test_matches_published_formula(dims, dtype):
         assert_close(f"grad[{i}]", a, e, dtype)
 
 
+def test_mixed_and_half_precision_features(monkeypatch):
+    """Under autocast the features are bf16 but one taken after a LayerNorm (UNETR's ``decoder5:input``) stays
+    fp32: the loss is the one of fp32 copies, each gradient in its feature's dtype, and the DiceCE reads fp32."""
+    out = _outputs(torch.bfloat16)
+    out = out._replace(encoder=(*out.encoder[:-1], out.encoder[-1].detach().float().requires_grad_()))
+    target = torch.randint(0, 3, (2, 1, 16, 16, 16))
+    loss_fn = SelfRegLoss(weight=0.5, generator=7)
+    seen = []
+    dice = loss_fn.dice_ce.forward
+    monkeypatch.setattr(loss_fn.dice_ce, "forward", lambda x, y: seen.append(x.dtype) or dice(x, y))
+    loss = loss_fn(out, target)
+    assert seen == [torch.float32]
+    fp32 = SelfRegOutput(*(tuple(x.float() for x in v) if isinstance(v, tuple) else v.float() for v in out))
+    torch.testing.assert_close(loss, SelfRegLoss(weight=0.5, generator=7)(fp32, target), rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(loss, _leaves(out))
+    assert [g.dtype for g in grads] == [x.dtype for x in _leaves(out)]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
 def test_regulariser_only_and_channel_cap():
     out = _outputs(torch.float64)
     loss_fn = SelfRegLoss(weight=1.0, num_channels=4, generator=3, include_segmentation=False)
@@ -97,6 +116,17 @@ def test_channel_draws_are_reproducible():
     c = SelfRegLoss(include_segmentation=False)(out).item()
     torch.manual_seed(5)
     assert SelfRegLoss(include_segmentation=False)(out).item() == c  # the global RNG when no generator
+
+
+def test_compile_fullgraph_with_the_global_generator():
+    # what the docstring advises: torch.compile cannot trace a torch.Generator object, torch's global RNG it can
+    torch._dynamo.reset()
+    out = _outputs(torch.float32)
+    loss_fn = SelfRegLoss(include_segmentation=False)
+    torch.manual_seed(3)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(out)
+    torch.manual_seed(3)
+    torch.testing.assert_close(compiled, loss_fn(out))
 
 
 def test_training_smoke():

@@ -133,7 +133,6 @@ _BAD = [
     (lambda: channel_kl(torch.randn(2, 3, 2, 4, 4), _X), ValueError, "one spatial shape"),
     (lambda: channel_kl(_X, _X, reduction="sum"), ValueError, "reduction"),
     (lambda: channel_kl(_X, _X.to("meta")), TypeError, "is on"),
-    (lambda: channel_kl(_X, _X.half()), TypeError, "dtype"),
     (lambda: channel_kl(_X.int(), _X.int()), TypeError, "floating"),
     (lambda: channel_kl(None, _X), TypeError, "torch.Tensor"),
 ]
@@ -159,6 +158,30 @@ def test_backend_policy(monkeypatch):
     assert any("float64" in r for r in reasons) and any("512 channels" in r for r in reasons)
 
 
+@pytest.mark.parametrize("student,teacher", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=["bf16-f32", "f32-f16"])
+def test_mixed_dtypes(student, teacher):
+    """A decoder feature and a skip of different dtypes (autocast leaves a feature taken after a normalisation
+    layer in fp32): the loss as from float64 copies, the gradient in the student's dtype, the fused op's CPU
+    branch and fake implementation likewise."""
+    s, t = _features((2, 5, 3, 4, 5), student), _features((2, 5, 3, 4, 5), teacher)
+    ref_s = s.detach().double().requires_grad_()
+    loss = channel_kl(s, t, "faithful")
+    expected = _released(ref_s, t.detach(), "faithful")
+    coarse = torch.bfloat16 if torch.bfloat16 in (student, teacher) else torch.float16
+    assert_close("loss", loss, expected, coarse)
+    (1.3 * loss).backward()
+    (1.3 * expected).backward()
+    assert s.grad.dtype == student
+    assert_close("dstudent", s.grad, ref_s.grad, student)
+    args = (s.detach().requires_grad_(), t.detach(), "mean", True)
+    torch.library.opcheck(torch.ops.fastseg3d.channel_kl.default, args)
+    assert torch.ops.fastseg3d.channel_kl(*args)[1].dtype == student
+    meta = torch.empty(1, 3, 2, 2, 2, device="meta")
+    assert not any("dtype" in r for r in channel_kl_unsupported_reasons(meta, meta.bfloat16()))
+    assert any("teacher dtype=torch.float64" in r for r in channel_kl_unsupported_reasons(meta, meta.double()))
+
+
 def test_fp16_gradients_survive_a_loss_scale():
     """fp16 training scales the loss by GradScaler's 2^16 before backward. The gradients made in the forward are of
     order 1 / (B x voxels), below fp16's normal range at this size: they are kept in fp32, and the scale, which fp16
@@ -177,14 +200,15 @@ def test_fp16_gradients_survive_a_loss_scale():
 # Interpreter tier
 
 
-def check_against_reference(shape, reduction, dtype, device, grad_scale=1.3):
-    s, t = _features(shape, dtype, device), _features(shape, dtype, device)
+def check_against_reference(shape, reduction, dtype, device, grad_scale=1.3, teacher_dtype=None):
+    s, t = _features(shape, dtype, device), _features(shape, teacher_dtype or dtype, device)
     ref_s = s.detach().double().requires_grad_()
     with fastseg3d.backend("triton"):
         loss = channel_kl(s, t, reduction)
     expected = _released(ref_s, t.detach(), reduction)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_close("loss", loss, expected, torch.float32 if dtype == torch.float32 else dtype)
+    coarse = next((d for d in (torch.bfloat16, torch.float16) if d in (dtype, t.dtype)), torch.float32)
+    assert_close("loss", loss, expected, coarse)
     (grad_scale * loss).backward()
     (grad_scale * expected).backward()
     assert s.grad.dtype == dtype and t.grad is None
@@ -220,6 +244,12 @@ def test_interpret_fp16_loss_scale(poison):
 def test_interpret_unit_incoming_gradient(poison):
     # loss.backward() as training calls it: backward hands over the forward's gradient without scaling it
     check_against_reference((1, 6, 2, 3, 5), "mean", torch.float16, "cpu", grad_scale=1.0)
+
+
+@pytest.mark.interpret
+def test_interpret_mixed_dtypes(poison):
+    check_against_reference((2, 5, 3, 4, 5), "faithful", torch.bfloat16, "cpu", teacher_dtype=torch.float32)
+    check_against_reference((1, 16, 2, 3, 5), "mean", torch.float32, "cpu", teacher_dtype=torch.float16)
 
 
 @pytest.mark.interpret

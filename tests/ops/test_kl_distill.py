@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,12 @@ _BAD = [
     (lambda: kl_distill(_X, _X, size=(4, 4)), ValueError, "size must be"),
     (lambda: kl_distill(_X, _X, size=(6, 4, 4)), ValueError, "integer factor"),
     (lambda: kl_distill(_X, _X.to("meta")), TypeError, "is on"),
-    (lambda: kl_distill(_X.double(), _X), TypeError, "dtype"),
+    (lambda: kl_distill(_X, _X, temperature="3"), TypeError, "temperature must be a real number"),
+    (lambda: kl_distill(_X, _X, temperature=None), TypeError, "temperature"),
+    (lambda: kl_distill(_X, _X, temperature=True), TypeError, "temperature"),
+    (lambda: kl_distill(_X, _X, temperature=torch.tensor([3.0])), TypeError, "temperature"),
+    (lambda: kl_distill(_X, _X, temperature=torch.tensor(True)), TypeError, "temperature"),
+    (lambda: kl_distill(_X, _X, temperature=torch.tensor(-1.0)), ValueError, "temperature"),
     (lambda: kl_distill(_X.long(), _X.long()), TypeError, "floating"),
     (lambda: kl_distill([1.0], _X), TypeError, "torch.Tensor"),
     (lambda: kl_distill_multi([], _X), ValueError, "non-empty"),
@@ -240,6 +246,65 @@ _BAD = [
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("temperature", [np.float64(3.0), np.float32(3.0), np.int64(3), torch.tensor(3.0),
+                                         torch.tensor(3, dtype=torch.int32), torch.tensor(3.0, dtype=torch.float64)],
+                         ids=["np.float64", "np.float32", "np.int64", "tensor", "int-tensor", "f64-tensor"])
+def test_temperature_of_numpy_scalars_and_0d_tensors(temperature):
+    s, t = _logits((1, 3, 2, 2, 2)), _logits((1, 3, 4, 4, 4))
+    expected = kl_distill(s, t, 3.0)
+    assert kl_distill(s, t, temperature).item() == expected.item()
+    assert kl_distill_multi([s], t, temperature).item() == expected.item()
+
+
+def check_mixed_dtypes(student_dtypes, teacher_dtype, backend):
+    """Students of several dtypes against a teacher of another: the loss as from float64 copies, each gradient in
+    its own input's dtype."""
+    shapes = [(1, 4, 2, 3, 4), (1, 4, 4, 6, 4), (1, 4, 1, 3, 2)][: len(student_dtypes)]
+    students = [_logits(sh, dt) for sh, dt in zip(shapes, student_dtypes)]
+    teacher = _logits((1, 4, 4, 3, 4), teacher_dtype)
+    ref_s = [x.detach().double().requires_grad_() for x in students]
+    ref_t = teacher.detach().double().requires_grad_()
+    weights = [1.0, 0.5, -2.0][: len(students)]
+    with fastseg3d.backend(backend):
+        loss = kl_distill_multi(students, teacher, 2.0, weights=weights)
+    size = (4, 6, 4) if len(students) > 1 else (4, 3, 4)
+    expected = sum(w * _published(x, ref_t, 2.0, size=size) for w, x in zip(weights, ref_s))
+    coarse = torch.bfloat16 if torch.bfloat16 in (*student_dtypes, teacher_dtype) else torch.float16
+    assert loss.dtype == torch.float32
+    assert_close("loss", loss, expected, coarse)
+    (1.7 * loss).backward()
+    (1.7 * expected).backward()
+    for name, a, e in [*((f"dstudent[{i}]", a, e) for i, (a, e) in enumerate(zip(students, ref_s))),
+                       ("dteacher", teacher, ref_t)]:
+        assert a.grad.dtype == a.dtype, (name, a.grad.dtype, a.dtype)
+        assert_close(name, a.grad, e.grad, a.dtype)
+
+
+@pytest.mark.parametrize("students,teacher", [
+    ([torch.float32], torch.bfloat16),
+    ([torch.bfloat16], torch.float32),
+    ([torch.float32, torch.bfloat16, torch.float16], torch.bfloat16),
+], ids=["f32-bf16", "bf16-f32", "multi-bf16"])
+def test_mixed_dtypes(students, teacher):
+    check_mixed_dtypes(students, teacher, "auto")
+    # the op's CPU branch (what the kernel computes) and its fake implementation, on the same mix
+    s = [_logits((1, 3, 2, 2, 4), dt) for dt in students]
+    t = _logits((1, 3, 4, 4, 4), teacher)
+    args = (s, t, 2.0, [4, 4, 4], [1.0] * len(s), [True] * (len(s) + 1))
+    torch.library.opcheck(torch.ops.fastseg3d.kl_distill.default, args)
+    _, _, grads, g_t = torch.ops.fastseg3d.kl_distill(*args)
+    assert [g.dtype for g in (*grads, g_t)] == [torch.float32 if dt == torch.float16 else dt
+                                                 for dt in (*students, teacher)]
+
+
+def test_dtype_outside_the_kernel_takes_the_reference():
+    teacher = torch.empty(1, 3, 4, 4, 4, device="meta")
+    assert not any("student dtype" in r for r in kl_distill_unsupported_reasons(teacher, [teacher.bfloat16()]))
+    assert any("student dtype torch.float64" in r for r in kl_distill_unsupported_reasons(teacher, [teacher.double()]))
+    s, t = _logits((1, 3, 2, 2, 2), torch.float64), _logits((1, 3, 4, 4, 4))
+    assert_close("loss", kl_distill(s, t, 2.0), _published(s, t, 2.0), torch.float32)
 
 
 def test_backend_policy(monkeypatch):
@@ -352,6 +417,14 @@ def test_interpret_sharp_distributions(poison):
     # T = 1e-9 scales logits by about 1.4e9: the padded class's "minus infinity" is set after scaling, so it stays
     # finite (set before, it overflowed to -inf and -inf - -inf made the loss NaN)
     check_against_reference([(1, 3, 1, 2, 5)], (1, 3, 2, 4, 5), 1e-9, False, _F32, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_mixed_dtypes(poison):
+    # each input read in its own dtype (bf16 upsampled inputs as int32 class pairs, fp16 and fp32 as they are), an
+    # upsampled student's gradient buffer in bf16 or fp32 by its own dtype
+    check_mixed_dtypes([torch.float32, torch.bfloat16, torch.float16], torch.bfloat16, "triton")
+    check_mixed_dtypes([torch.bfloat16], torch.float32, "triton")
 
 
 @pytest.mark.interpret
@@ -562,11 +635,12 @@ def test_scaled_grad_hands_over_the_forward_gradient_on_a_unit_incoming_gradient
     from fastseg3d.ops.utils import scaled_grad
 
     g = torch.randn(2, 3, 4, dtype=torch.float16)
-    assert scaled_grad(torch.tensor(1.0), g, torch.float16) is g
-    torch.testing.assert_close(scaled_grad(torch.tensor(-2.5), g, torch.float16), -2.5 * g)
-    assert scaled_grad(torch.tensor(1.0), g, torch.float32).dtype == torch.float32  # a cast is a new tensor
-    assert scaled_grad(torch.tensor(1.0), g.new_empty((0,)), torch.float16) is None
-    traced = scaled_grad(torch.tensor(1.0, device="meta"), g.to("meta"), torch.float16)  # no read-back on meta
-    assert traced.device.type == "meta" and traced is not g
-    one = torch.tensor(1.0, requires_grad=True)  # a gradient graph is being built: keep the dependence on it
-    assert scaled_grad(one, g, torch.float16).requires_grad
+    with torch.no_grad():  # as the autograd engine runs a backward without create_graph
+        assert scaled_grad(torch.tensor(1.0), g, torch.float16) is g
+        torch.testing.assert_close(scaled_grad(torch.tensor(-2.5), g, torch.float16), -2.5 * g)
+        assert scaled_grad(torch.tensor(1.0), g, torch.float32).dtype == torch.float32  # a cast is a new tensor
+        assert scaled_grad(torch.tensor(1.0), g.new_empty((0,)), torch.float16) is None
+        traced = scaled_grad(torch.tensor(1.0, device="meta"), g.to("meta"), torch.float16)  # no read-back on meta
+        assert traced.device.type == "meta" and traced is not g
+    with pytest.raises(NotImplementedError, match="double backward"):  # create_graph: grad mode on in backward
+        scaled_grad(torch.tensor(1.0, requires_grad=True), g, torch.float16)

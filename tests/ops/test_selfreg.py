@@ -15,6 +15,7 @@ from fastseg3d.ops.selfreg import (
     selfreg_inter_multi,
     selfreg_inter_unsupported_reasons,
     selfreg_intra,
+    selfreg_intra_unsupported_reasons,
 )
 from fastseg3d.reference.selfreg import (
     selfreg_inter_fused_ref,
@@ -237,7 +238,6 @@ _BAD = [
     (lambda: selfreg_inter(_X, _X, torch.tensor([0.0, 1.0]), _I), ValueError, "integer tensor"),
     (lambda: selfreg_inter(_X, _X, torch.tensor([], dtype=torch.long), _I), ValueError, "no channels"),
     (lambda: selfreg_inter(_X, _X.to("meta"), _I, _I), TypeError, "is on"),
-    (lambda: selfreg_inter(_X.half(), _X, _I, _I), TypeError, "dtype"),
     (lambda: selfreg_inter(_X.long(), _X.long(), _I, _I), TypeError, "floating"),
     (lambda: selfreg_inter_multi([], _X, [], []), ValueError, "non-empty"),
     (lambda: selfreg_inter_multi([_X, _X], _X, [_I], [_I, _I]), ValueError, "one index set per student"),
@@ -270,6 +270,85 @@ def test_backend_policy(monkeypatch):
         selfreg_intra(torch.randn(1, 2, 2, 2, 2))
     reasons = selfreg_inter_unsupported_reasons(torch.empty(1, 3, 2, 2, 2, device="meta", dtype=torch.float64), [])
     assert any("float64" in r for r in reasons)
+
+
+def check_mixed_dtypes(student_dtypes, teacher_dtype, backend):
+    """Students of several dtypes against a teacher of another (under autocast a feature after a LayerNorm stays
+    fp32): the losses as from float64 copies, each gradient in its student's dtype."""
+    shapes = [(2, 4, 2, 2, 4), (2, 6, 4, 4, 8), (2, 3, 8, 8, 8)][: len(student_dtypes)]
+    students = [_feature(sh, dt, spread=False) for sh, dt in zip(shapes, student_dtypes)]
+    teacher = _feature((2, 5, 4, 4, 8), teacher_dtype, spread=False).detach()
+    pairs = [_pairs(sh[1], 5, 3) for sh in shapes]
+    ref_s = [x.detach().double().requires_grad_() for x in students]
+    with fastseg3d.backend(backend):
+        losses = selfreg_inter_multi(students, teacher, [p[0] for p in pairs], [p[1] for p in pairs])
+    expected = torch.stack([_published_inter(x, teacher.double(), a, b) for x, (a, b) in zip(ref_s, pairs)])
+    coarse = torch.bfloat16 if torch.bfloat16 in (*student_dtypes, teacher_dtype) else torch.float16
+    assert losses.dtype == torch.float32
+    assert_close("losses", losses, expected, coarse)
+    w = torch.tensor([1.5, -0.5, 2.0][: len(students)])
+    (losses * w).sum().backward()
+    (expected * w.double()).sum().backward()
+    for i, (a, e) in enumerate(zip(students, ref_s)):
+        assert a.grad.dtype == a.dtype, (i, a.grad.dtype, a.dtype)
+        assert_close(f"dstudent[{i}]", a.grad, e.grad, a.dtype)
+
+
+@pytest.mark.parametrize("students,teacher", [
+    ([torch.float32], torch.bfloat16),
+    ([torch.bfloat16], torch.float32),
+    ([torch.float32, torch.bfloat16, torch.float16], torch.bfloat16),
+], ids=["f32-bf16", "bf16-f32", "multi-bf16"])
+def test_inter_mixed_dtypes(students, teacher):
+    check_mixed_dtypes(students, teacher, "auto")
+    # the op's CPU branch (what the kernel computes) and its fake implementation, on the same mix
+    s = [_feature((2, 4, 2, 2, 4), dt).detach().requires_grad_() for dt in students]
+    t = _feature((2, 5, 4, 4, 8), teacher).detach()
+    idx = [torch.tensor([0, 2, 3])] * len(s)
+    args = (s, t, idx, [torch.tensor([4, 0, 1])] * len(s), [True] * len(s))
+    torch.library.opcheck(torch.ops.fastseg3d.selfreg_inter.default, args)
+    _, grads = torch.ops.fastseg3d.selfreg_inter(*args)
+    assert [g.dtype for g in grads] == [torch.float32 if dt == torch.float16 else dt for dt in students]
+
+
+def test_inter_dtype_outside_the_kernel_takes_the_reference():
+    teacher = torch.empty(2, 8, 8, 8, 8, device="meta")
+    assert not any("student dtype" in r for r in selfreg_inter_unsupported_reasons(teacher, [teacher.bfloat16()]))
+    reasons = selfreg_inter_unsupported_reasons(teacher, [teacher.half(), teacher.double()])
+    assert any("student dtype torch.float64" in r for r in reasons)
+    s, t = _feature((1, 4, 2, 2, 2), torch.float64), _feature((1, 4, 4, 4, 4))
+    loss = selfreg_inter(s, t, _I, _I)  # float64 student, fp32 teacher: the reference
+    assert_close("loss", loss, _published_inter(s, t, _I, _I), torch.float32)
+
+
+def test_grid_limits_of_the_pooling_and_statistics_kernels():
+    """The teacher's pyramid and intra's channel statistics launch B * C programs along CUDA's grid y (at most
+    65,535): beyond that the reference takes the case, although B and C alone are within the limit."""
+    vit = torch.empty(128, 768, 1, 7, 7, device="meta")  # e.g. ViT-B tokens as a 7x7 map, batch 128
+    assert any("batch x channels" in r for r in selfreg_intra_unsupported_reasons(vit))
+    assert not any("batch x channels" in r for r in selfreg_intra_unsupported_reasons(vit[:64]))
+    coarse = torch.empty(128, 64, 1, 7, 7, device="meta")
+    fine = torch.empty(128, 768, 2, 14, 14, device="meta")
+    assert any("batch x teacher channels" in r for r in selfreg_inter_unsupported_reasons(fine, [coarse]))
+    # a teacher at the students' resolution is not pooled
+    assert not any("batch x teacher" in r for r in selfreg_inter_unsupported_reasons(vit, [coarse]))
+    assert not any("batch x teacher" in r for r in selfreg_inter_unsupported_reasons(fine[:64], [coarse[:64]]))
+
+
+def test_compile_fullgraph_list_indices():
+    """Index lists are range-checked as Python ints, so compiling with fullgraph=True does not stop at reading a
+    tensor's values back."""
+    torch._dynamo.reset()
+    s, t = _feature((1, 4, 2, 2, 2)), _feature((1, 6, 4, 4, 4))
+    compiled = torch.compile(lambda s, t: selfreg_inter(s, t, [0, 1], [5, 2]), fullgraph=True, backend="aot_eager")
+    loss = compiled(s, t)
+    assert_close("loss", loss, _published_inter(s, t, [0, 1], [5, 2]), torch.float32)
+    loss.backward()
+    assert s.grad is not None
+    with pytest.raises(ValueError, match="outside"):
+        selfreg_inter(s, t, [0, 4], [5, 2])
+    with pytest.raises(ValueError, match="outside"):
+        selfreg_inter(s, t, [0, 1], [6, 2])
 
 
 def test_fp16_gradients_survive_a_loss_scale():
@@ -396,6 +475,13 @@ _INTERPRET_INTRA = [((2, 6, 3, 4, 5), _F32), ((1, 8, 2, 7, 3), _F32), ((3, 2, 1,
                          ids=[f"{'x'.join(map(str, c[0]))}-{str(c[1])[6:]}" for c in _INTERPRET_INTRA])
 def test_interpret_intra_matches_reference(poison, shape, dtype):
     check_intra(shape, dtype, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_inter_mixed_dtypes(poison):
+    # the student pooled on the fly in its own dtype, the teacher's pyramid built from a bf16 teacher
+    check_mixed_dtypes([torch.float32, torch.bfloat16, torch.float16], torch.bfloat16, "triton")
+    check_mixed_dtypes([torch.bfloat16], torch.float32, "triton")
 
 
 @pytest.mark.interpret

@@ -367,3 +367,44 @@ def test_output_mode_and_data_channels_follow_the_data_config():
     cfg["data"]["label_mode"] = "brats_regions"
     assert data_channels(cfg) == (4, 3)
     assert data_channels(load_config("segformer3d_brats")) is None  # an MSD config whose root is not set
+
+
+@pytest.mark.parametrize("name", ["dsd_unet", "selfreg_unet"])
+def test_objective_casts_only_the_logits_monai_reads(name, monkeypatch):
+    """Under autocast the distillation heads and features reach the fused ops in bf16 (no fp32 copies of DSD's
+    heads, no fp32 gradients saved for them): only the logits that MONAI's losses read are cast, and the loss is
+    the one of fp32 copies of the outputs, as the fused ops compute in fp32."""
+    import fastseg3d.losses.dsd as dsd_loss
+    import fastseg3d.losses.selfreg as selfreg_loss
+    from fastseg3d.train.builders import build_model, build_objective
+
+    cfg = load_config(name, ["model.kwargs={channels: [4, 8, 8, 8]}"])
+    net = build_model(cfg["model"], 1, 3)
+    objective = build_objective(cfg, "softmax", 3)
+    seen = {"fused": [], "monai": []}
+
+    def record(kind, fn, n_inputs=2):
+        def wrapped(*args, **kwargs):
+            for a in args[:n_inputs]:
+                seen[kind].extend(t.dtype for t in (a if isinstance(a, (list, tuple)) else [a]))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for module, fn in ((dsd_loss, "kl_distill_multi"), (selfreg_loss, "selfreg_inter_multi"),
+                       (selfreg_loss, "selfreg_intra")):
+        monkeypatch.setattr(module, fn, record("fused", getattr(module, fn)))
+    for loss in (objective.segmentation, getattr(objective.distill, "dice_ce", None)):
+        if loss is not None:
+            monkeypatch.setattr(loss, "forward", record("monai", loss.forward, 1))
+    x, y = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = net(x)
+    torch.manual_seed(1)  # SelfReg's channel draws
+    loss, terms = objective(output, y)
+    assert seen["fused"] and set(seen["fused"]) == {torch.bfloat16}
+    assert seen["monai"] and set(seen["monai"]) == {torch.float32}
+    fp32 = type(output)(*(tuple(t.float() for t in v) if isinstance(v, tuple) else v.float() for v in output))
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss, objective(fp32, y)[0], rtol=1e-6, atol=0)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
