@@ -183,7 +183,7 @@ class Ceilings:
         if self.copy_gbs:
             parts.append(f"copy {self.copy_gbs:.0f} GB/s")
         if self.exp_per_s:
-            parts.append(f"exp {self.exp_per_s / 1e12:.2f} T/s (SM clock from the device properties)")
+            parts.append(f"exp {self.exp_per_s / 1e12:.2f} T/s (at the maximum SM clock)")
         return ", ".join(parts)
 
 
@@ -227,26 +227,35 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per (shape, dtype, mode): each provider's median and its speed-up over ``fastseg3d``."""
+    """One line per (shape, dtype, mode, provider): timings, peak memory, roofline and bandwidth fractions, and for
+    a peer its time and peak memory over ``fastseg3d``'s (above 1: fastseg3d is faster, or uses less)."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     lines = [(f"{'case':<16} {'shape':<28} {'dtype':<9} {'mode':<10} {'provider':<40} {'median ms':>10} "
-             f"{'p20':>8} {'p80':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} {'fastseg3d x':>11}")]
+             f"{'p20':>8} {'p80':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} {'bw%':>6} {'fastseg3d x':>11} "
+             f"{'mem x':>6}")]
     for (case, shape, dtype, mode), by_provider in groups.items():
         ours = by_provider.get("fastseg3d")
         for provider, r in by_provider.items():
-            speedup = f"{r['median_ms'] / ours['median_ms']:.2f}" if ours and provider != "fastseg3d" else ""
+            peer = ours is not None and provider != "fastseg3d"
+            speedup = f"{r['median_ms'] / ours['median_ms']:.2f}" if peer else ""
+            mem_x = (f"{r['peak_mem_mb'] / ours['peak_mem_mb']:.2f}"
+                     if peer and r["peak_mem_mb"] is not None and ours["peak_mem_mb"] else "")
             mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
             roof = f"{r['roofline_pct']:.1f}" if r["roofline_pct"] is not None else "-"
+            bw = f"{r['bandwidth_pct']:.1f}" if r.get("bandwidth_pct") is not None else "-"
             bound = r.get("roofline_bound") or "-"
             lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
-                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {mem:>9} {roof:>9} {bound:>6} {speedup:>11}")
+                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {mem:>9} {roof:>9} {bound:>6} {bw:>6} "
+                         f"{speedup:>11} {mem_x:>6}")
     return "\n".join(lines)
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
-    """Grouped bars: median time per provider for every (shape, dtype, mode), one figure per case."""
+    """One figure per case, a group of bars per (shape, dtype, mode): median time per provider (log scale), each
+    peer's time and peak memory over fastseg3d's (above 1: fastseg3d faster, or smaller), and fastseg3d's fraction
+    of its roofline and of the copy bandwidth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,21 +263,42 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
     labels = sorted({(r["shape"], r["dtype"], r["mode"]) for r in rows})
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != "fastseg3d", p))
-    index = {(r["shape"], r["dtype"], r["mode"], r["provider"]): r["median_ms"] for r in rows}
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels) * len(providers) / 2), 5))
-    width = 0.8 / len(providers)
-    for i, provider in enumerate(providers):
-        xs = [j + i * width for j in range(len(labels))]
-        ys = [index.get((*label, provider), 0.0) for label in labels]
-        ax.bar(xs, ys, width, label=provider)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))])
-    ax.set_xticklabels(["\n".join(label) for label in labels], fontsize=7)
-    ax.set_ylabel("median time (ms), lower is better")
-    ax.set_yscale("log")
+    peers = [p for p in providers if p != "fastseg3d"]
+    index = {(r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in rows}
+
+    def value(label, provider, key):
+        row = index.get((*label, provider))
+        return None if row is None else row.get(key)
+
+    def ratio(label, provider, key):
+        ours, theirs = value(label, "fastseg3d", key), value(label, provider, key)
+        return theirs / ours if ours and theirs is not None else 0.0
+
+    fig, axes = plt.subplots(4, 1, figsize=(max(8, 0.9 * len(labels) * len(providers) / 2), 16), sharex=True)
+    panels = [
+        (axes[0], providers, lambda lb, p: value(lb, p, "median_ms") or 0.0, "median time (ms), lower is better"),
+        (axes[1], peers, lambda lb, p: ratio(lb, p, "median_ms"), "peer time / fastseg3d time"),
+        (axes[2], peers, lambda lb, p: ratio(lb, p, "peak_mem_mb"), "peer peak memory / fastseg3d's"),
+        (axes[3], ["roofline_pct", "bandwidth_pct"], lambda lb, key: value(lb, "fastseg3d", key) or 0.0,
+         "fastseg3d: % of roofline, % of copy bandwidth"),
+    ]
+    for ax, series, get, ylabel in panels:
+        width = 0.8 / max(1, len(series))
+        for i, name in enumerate(series):
+            ax.bar([j + i * width for j in range(len(labels))], [get(label, name) for label in labels], width,
+                   label=name)
+        ax.set_ylabel(ylabel, fontsize=8)
+        if series:
+            ax.legend(fontsize=7)
+    axes[0].set_yscale("log")
+    for ax in axes[1:3]:
+        ax.axhline(1.0, color="black", linewidth=0.8)
+    axes[-1].set_xticks([j + 0.4 - 0.4 / max(1, len(providers)) for j in range(len(labels))])
+    axes[-1].set_xticklabels(["\n".join(label) for label in labels], fontsize=7)
     meta = rows[0]
-    ax.set_title(f"{meta['case']} on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})", fontsize=9)
-    ax.legend(fontsize=7)
+    axes[0].set_title(f"{meta['case']} on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})",
+                      fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -78,7 +78,8 @@ def _channel_kl_op(student: Tensor, teacher: Tensor, reduction: str, need_grad: 
         from fastseg3d.kernels.channel_kl import channel_kl_fwd
 
         norm = channel_kl_normaliser(student.shape, reduction)
-        loss, grad = channel_kl_fwd(student, teacher, float(norm), need_grad, empty=utils.empty)
+        with utils.launch_device(student):
+            loss, grad = channel_kl_fwd(student, teacher, float(norm), need_grad, empty=utils.empty)
     return loss, (grad if grad is not None else student.new_empty((0,)))
 
 

@@ -145,10 +145,11 @@ def _kl_distill_op(
         chunks, grads, g_t = [], [], None
         for start in range(0, n_s, MAX_STUDENTS):
             end = min(start + MAX_STUDENTS, n_s)
-            per_c, grads_c, g_t_c = kl_distill_fwd(
-                list(students[start:end]), teacher, tuple(size), temperature, list(weights[start:end]),
-                need_s[start:end], need_t, empty=utils.empty,
-            )
+            with utils.launch_device(teacher):
+                per_c, grads_c, g_t_c = kl_distill_fwd(
+                    list(students[start:end]), teacher, tuple(size), temperature, list(weights[start:end]),
+                    need_s[start:end], need_t, empty=utils.empty,
+                )
             chunks.append(per_c)
             grads += grads_c
             g_t = g_t_c if g_t is None else g_t + g_t_c

@@ -169,12 +169,13 @@ def _selfreg_inter_op(
         from fastseg3d.kernels.selfreg import selfreg_inter_fwd
 
         sizes = [pooled_size(s, teacher) for s in students]
-        pyramid = _pyramid(teacher, sizes)
-        for s, size, cs, ct, need in zip(students, sizes, student_channels, teacher_channels, need_grad):
-            # the student is pooled on the fly by the kernel, the teacher level comes from the pyramid
-            loss, grad = selfreg_inter_fwd(s, pyramid[size], cs, ct, need, empty=utils.empty)
-            losses.append(loss)
-            grads.append(grad)
+        with utils.launch_device(teacher):
+            pyramid = _pyramid(teacher, sizes)
+            for s, size, cs, ct, need in zip(students, sizes, student_channels, teacher_channels, need_grad):
+                # the student is pooled on the fly by the kernel, the teacher level comes from the pyramid
+                loss, grad = selfreg_inter_fwd(s, pyramid[size], cs, ct, need, empty=utils.empty)
+                losses.append(loss)
+                grads.append(grad)
     grads = [g if g is not None else s.new_empty((0,)) for g, s in zip(grads, students)]
     return torch.stack(losses), grads
 
@@ -206,7 +207,8 @@ def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]
     else:
         from fastseg3d.kernels.selfreg import selfreg_intra_fwd
 
-        loss, grad = selfreg_intra_fwd(feature, need_grad, empty=utils.empty)
+        with utils.launch_device(feature):
+            loss, grad = selfreg_intra_fwd(feature, need_grad, empty=utils.empty)
     return loss, (grad if grad is not None else feature.new_empty((0,)))
 
 

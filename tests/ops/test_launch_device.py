@@ -29,12 +29,22 @@ def test_gpu_ops_on_a_device_that_is_not_current():
     x = torch.randn(1, 8, 6, 7, 9, device="cuda:1", requires_grad=True)
     w = torch.randn(8, 1, 3, 3, 3, device="cuda:1", requires_grad=True)
     q = torch.randn(1, 40, 2, 32, device="cuda:1", requires_grad=True)
+    s, t = torch.randn(2, 2, 3, 8, 8, 8, device="cuda:1").unbind(0)
+
+    def losses():
+        return (fastseg3d.ops.kl_distill(s, t, 2.0), fastseg3d.ops.channel_kl(s, t),
+                fastseg3d.ops.selfreg_intra(s), fastseg3d.ops.selfreg_inter(s, t[:, :, ::2, ::2, ::2], [0, 1], [2, 0]))
+
     with fastseg3d.backend("triton"):
         y = fastseg3d.ops.dwconv3d(x, w, activation="gelu")
         o = fastseg3d.ops.attention(q, q, q)
+        fused = losses()
     (y.square().sum() + o.square().sum()).backward()
     with fastseg3d.backend("torch"):
         y_ref = fastseg3d.ops.dwconv3d(x, w, activation="gelu")
         o_ref = fastseg3d.ops.attention(q, q, q)
+        reference = losses()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(o, o_ref, rtol=1e-3, atol=1e-3)
+    for a, e in zip(fused, reference):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
