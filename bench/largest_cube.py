@@ -13,8 +13,8 @@ released (``torch.cuda.empty_cache()``). A try fails on CUDA out-of-memory (or a
 cuBLAS/cuDNN), or on any other error, which is recorded as the ``stop`` reason, since a kernel that refuses a size
 (an index-width limit, say) bounds what trains just as memory does. Each search gets an equal share of what is
 left of ``--time-limit`` when it starts (a try is never interrupted, so one may overrun its share); a search cut
-short says so (``converged`` false). On SIGTERM (a ``timeout`` box closing) the search under way ends after its
-current try and its row is written with the largest side found so far.
+short says so (``converged`` false). On SIGTERM (a ``timeout`` box closing) the search under way stops, its try
+interrupted, and its row is written with the largest side that trained so far (``stop`` "terminated").
 
 Rows (one per model and provider) go to ``<out>/largest_cube.jsonl``. Needs a GPU: a CPU has no device memory
 limit to find, so the command refuses there.
@@ -186,33 +186,33 @@ def main(argv: list[str] | None = None) -> int:
     searches_left = len(args.model) * len(providers)
     signal.signal(signal.SIGTERM, _terminate)
     rows = []
-    for name, provider in [(n, p) for n in args.model for p in providers]:
-        net = NETWORKS[name]
-        stride = net.stride(net.build(net.cfg, False))
-        plain = provider == "plain"
-        start = time.monotonic()
-        deadline = start + max(0.0, run_end - start) / searches_left
-        searches_left -= 1
-        try:
+    try:
+        for name, provider in [(n, p) for n in args.model for p in providers]:
+            net = NETWORKS[name]
+            stride = net.stride(net.build(net.cfg, False))
+            plain = provider == "plain"
+            start = time.monotonic()
+            deadline = start + max(0.0, run_end - start) / searches_left
+            searches_left -= 1
             model = build(net, net.cfg, plain, device)
-        except Terminated:
-            break
-        found = search(_attempt_fn(net, model, plain, provider, DTYPES[args.dtype], device), stride,
-                       args.max_side, deadline)
-        row = {"suite": "model", "case": "largest_cube", "model": name, "provider": provider,
-               "dtype": args.dtype, "batch": 1, "stride": stride, **asdict(found),
-               "voxels": found.side**3 if found.side else None, "search_s": time.monotonic() - start,
-               "gpu_total_mb": total_mb, **env}
-        rows.append(row)
-        path = out / "largest_cube.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        if found.stop.startswith("terminated"):
-            break
+            found = search(_attempt_fn(net, model, plain, provider, DTYPES[args.dtype], device), stride,
+                           args.max_side, deadline)
+            row = {"suite": "model", "case": "largest_cube", "model": name, "provider": provider,
+                   "dtype": args.dtype, "batch": 1, "stride": stride, **asdict(found),
+                   "voxels": found.side**3 if found.side else None, "search_s": time.monotonic() - start,
+                   "gpu_total_mb": total_mb, **env}
+            rows.append(row)
+            path = out / "largest_cube.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            if found.stop.startswith("terminated"):
+                break
+    except Terminated:  # between searches (building a model, writing a row): the rows on disk stand
+        pass
     if args.json == "-":
         for row in rows:
             print(json.dumps(row))

@@ -195,13 +195,13 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: skipped ({_first_line(err)})",
                               file=sys.stderr)
                         continue
+                    bandwidth = utils.bandwidth_pct(setup, mode, ceilings, med)  # the copy, measured at start
                     try:
                         roof, bound = utils.roofline(setup, mode, dtype, ceilings, med)
-                        bandwidth = utils.bandwidth_pct(setup, mode, ceilings, med)
                     except Exception as err:  # noqa: BLE001  (a ceiling that cannot be measured loses its column)
                         print(f"  {case.name} {label} {dtype_name} {mode}: no roofline ({_first_line(err)})",
                               file=sys.stderr)
-                        roof, bound, bandwidth = None, None, None
+                        roof, bound = None, None
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                            "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound,

@@ -74,10 +74,14 @@ def _best_of(case, shape, dtype, mode, peers, provider="fastseg3d"):
 
 
 def _cube_ratio(model):
+    """fastseg3d's voxels over plain's, searched in one dtype (bf16 preferred)."""
     def measure(idx):
-        voxels = {p: r.get("voxels") for (case, m, _, _, p), r in idx.items() if case == "largest_cube" and m == model}
-        ours, plain = voxels.get("fastseg3d"), voxels.get("plain")
-        return None if not ours or not plain else ours / plain
+        for dtype in ("bf16", "fp16", "fp32"):
+            ours = _get(idx, "largest_cube", model, dtype, None, "fastseg3d", "voxels")
+            plain = _get(idx, "largest_cube", model, dtype, None, "plain", "voxels")
+            if ours and plain:
+                return ours / plain
+        return None
     return measure
 
 
@@ -145,11 +149,16 @@ def format_report(results) -> str:
 
 
 def load_rows(out: Path) -> list[dict]:
+    """The rows under ``out`` measured at the commit of the newest row (a results folder accumulates runs: a ratio
+    must not pair rows of different code)."""
     rows = []
     for name in ("ops.jsonl", "model.jsonl", "largest_cube.jsonl"):
         path = out / name
         if path.exists():
             rows += utils.read_rows(path)
+    if rows:
+        newest = max(rows, key=lambda r: r.get("date") or "").get("commit")
+        rows = [r for r in rows if r.get("commit") == newest]
     for r in rows:  # largest_cube rows name the network under "model"
         if r.get("case") == "largest_cube":
             r["shape"] = r.get("model")

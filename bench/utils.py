@@ -284,16 +284,16 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     ]
     for ax, series, get, ylabel in panels:
         width = 0.8 / max(1, len(series))
-        for i, name in enumerate(series):
-            ax.bar([j + i * width for j in range(len(labels))], [get(label, name) for label in labels], width,
-                   label=name)
+        for i, name in enumerate(series):  # each group centred on its label's tick, whatever the panel's series
+            ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(labels))], [get(label, name) for label in labels],
+                   width, label=name)
         ax.set_ylabel(ylabel, fontsize=8)
         if series:
             ax.legend(fontsize=7)
     axes[0].set_yscale("log")
     for ax in axes[1:3]:
         ax.axhline(1.0, color="black", linewidth=0.8)
-    axes[-1].set_xticks([j + 0.4 - 0.4 / max(1, len(providers)) for j in range(len(labels))])
+    axes[-1].set_xticks(range(len(labels)))
     axes[-1].set_xticklabels(["\n".join(label) for label in labels], fontsize=7)
     meta = rows[0]
     axes[0].set_title(f"{meta['case']} on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})",

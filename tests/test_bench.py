@@ -297,11 +297,36 @@ def test_gpu_check_target_plan_selects_shapes_of_every_case():
         parser.add_argument("--dtype")
         parser.add_argument("--modes", default=",".join(run.MODES + run.MODEL_MODES))
         parser.add_argument("--shapes")
+        parser.add_argument("--providers")
         ns = parser.parse_args(args)
         shapes = ns.shapes.split(",") if ns.shapes else None
-        run._check_selection(parser, [load_cases()[case]], ns.modes.split(","), None, shapes, quick=False)
+        providers = ns.providers.split(",") if ns.providers else None
+        run._check_selection(parser, [load_cases()[case]], ns.modes.split(","), providers, shapes, quick=False)
         labels = [label for label, _ in load_cases()[case].shapes(False) if run._shape_selected(label, shapes)]
         assert labels, case
+
+
+def test_gpu_check_target_plan_measures_every_target():
+    """The rows the target plan would write on a GPU (its shapes, dtypes, modes and providers) leave no target of
+    bench/targets.py unmeasured, but the largest cube's (a search of its own)."""
+    from bench import targets
+
+    rows = []
+    for name, args in _target_plan().items():
+        case = load_cases()[name]
+        opts = dict(zip(args[::2], args[1::2]))
+        modes = opts.get("--modes", ",".join(case.modes)).split(",")
+        shapes = opts["--shapes"].split(",") if "--shapes" in opts else None
+        providers = opts["--providers"].split(",") if "--providers" in opts else None
+        for label, spec in case.shapes(False):
+            if not run._shape_selected(label, shapes):
+                continue
+            for provider in run.select_providers(case, spec, providers, torch.device("cuda")):
+                rows += [{"case": name, "shape": label, "dtype": dtype, "mode": mode, "provider": provider,
+                          "median_ms": 1.0, "peak_mem_mb": 1.0, "bandwidth_pct": 1.0}
+                         for dtype in opts["--dtype"].split(",") for mode in modes if mode in case.modes]
+    missing = [t.what for t, value, _ in targets.check(rows) if value is None and "largest" not in t.what]
+    assert not missing, missing
 
 
 @pytest.mark.parametrize("args,message", [

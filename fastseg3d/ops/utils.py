@@ -111,7 +111,11 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context to launch kernels on ``t``'s GPU in: Triton launches on the current CUDA device and its stream,
     not on the tensors' device, so tensors on ``cuda:1`` while ``cuda:0`` is current need a device guard (nothing
     to do when the device is current, as on one GPU)."""
-    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+    from torch._subclasses.fake_tensor import is_fake
+
+    if t.device.type != "cuda" or t.device.index is None or torch.compiler.is_compiling() or is_fake(t):
+        return contextlib.nullcontext()  # traced launches get Inductor's device guard
+    if t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 

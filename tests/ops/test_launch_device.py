@@ -20,6 +20,20 @@ def test_launch_device_switches_only_to_another_gpu(monkeypatch):
     assert isinstance(launch_device(torch.randn(2)), contextlib.nullcontext)
 
 
+def test_launch_device_leaves_traced_tensors_alone(monkeypatch):
+    """Compiling traces the op bodies with fake tensors (also ahead of time, on machines without CUDA): no CUDA call,
+    and Inductor guards the launches it emits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def no_cuda():
+        raise AssertionError("queried the CUDA device while tracing")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    with FakeTensorMode():
+        fake = torch.empty(2, device="cuda:1")
+    assert isinstance(launch_device(fake), contextlib.nullcontext)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_gpu_ops_on_a_device_that_is_not_current():
@@ -39,12 +53,19 @@ def test_gpu_ops_on_a_device_that_is_not_current():
         y = fastseg3d.ops.dwconv3d(x, w, activation="gelu")
         o = fastseg3d.ops.attention(q, q, q)
         fused = losses()
+    # (the autograd engine runs the backward on a thread set to cuda:1 already; it is checked for its values)
     (y.square().sum() + o.square().sum()).backward()
+    grads = [t.grad for t in (x, w, q)]
+    for t in (x, w, q):
+        t.grad = None
     with fastseg3d.backend("torch"):
         y_ref = fastseg3d.ops.dwconv3d(x, w, activation="gelu")
         o_ref = fastseg3d.ops.attention(q, q, q)
         reference = losses()
+    (y_ref.square().sum() + o_ref.square().sum()).backward()
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(o, o_ref, rtol=1e-3, atol=1e-3)
+    for a, e in zip(grads, (x.grad, w.grad, q.grad)):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-3)
     for a, e in zip(fused, reference):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
