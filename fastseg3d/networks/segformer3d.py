@@ -261,6 +261,11 @@ class SegFormer3D(nn.Module):
         kernels = [_per_axis(k, "patch_kernel_size") for k in patch_kernel_size]
         strides = [_per_axis(s, "patch_stride") for s in patch_stride]
         paddings = [_per_axis(p, "patch_padding") for p in patch_padding]
+        for stage, (ks, ss, ps) in enumerate(zip(kernels, strides, paddings)):
+            # a side divisible by the stride must come out divided by it: floor((2p - k) / s) = -1
+            if not all(k - s <= 2 * p < k for k, s, p in zip(ks, ss, ps)):
+                raise ValueError(f"patch_padding {ps} of stage {stage} does not divide the grid by its stride {ss} "
+                                 f"with kernel {ks}: each axis needs kernel - stride <= 2 * padding < kernel")
         scales = [heads**-0.5 if attention_scale == "num_heads" else None for heads in num_heads]
 
         self.in_channels = in_channels

@@ -172,6 +172,8 @@ def test_meta_device_forward_backward_at_128():
         (lambda: SegFormer3D(embed_dims=(32, 64, 161, 256)), "divisible by num_heads"),
         (lambda: SegFormer3D(depths=(2, 2, 2)), "4 stages"),
         (lambda: SegFormer3D(attention_scale="dim"), "attention_scale"),
+        (lambda: SegFormer3D(patch_padding=(1, 1, 1, 1)), "patch_padding \\(1, 1, 1\\) of stage 0"),
+        (lambda: SegFormer3D(patch_kernel_size=(7, 3, (1, 3, 3), 3)), "stage 2"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 4, 32, 48, 32)), "dimension 1 \\(size 48\\)"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(4, 32, 32, 32)), "5-D"),
