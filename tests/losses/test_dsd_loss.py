@@ -164,6 +164,11 @@ def test_temperature_of_numpy_scalars_and_0d_tensors(temperature):
     assert loss_fn(out, target).item() == DSDLoss(3, temperature=float(temperature))(out, target).item()
 
 
+def test_weights_of_numpy_scalars():
+    loss_fn = DSDLoss(3, kl_weight=np.float32(0.5), lambda_ce=np.int64(1))
+    assert type(loss_fn.kl_weight) is float and loss_fn.kl_weight == 0.5
+
+
 def test_bad_arguments():
     for kwargs in ({"num_classes": 0}, {"num_classes": 2, "temperature": 0},
                    {"num_classes": 2, "temperature": torch.tensor(-1.0)},
