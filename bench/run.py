@@ -1,4 +1,4 @@
-"""Run benchmark cases and append their rows to bench/results/<device>/<suite>.jsonl (on a CPU: a temporary folder).
+"""Run benchmark cases and append their rows to bench/results/<device>/<suite>.jsonl (on a CPU: <tmp>/fastseg3d-bench).
 
     python -m bench.run [ops|model] [--case NAME ...] [--dtype fp32,bf16] [--modes fwd,bwd,fwd+bwd,train_step,infer]
                         [--providers default,NAME,GLOB,all] [--shapes GLOB,...] [--quick] [--out DIR] [--plot]
@@ -100,7 +100,8 @@ def select_providers(case: Case, spec: dict, patterns: list[str] | None, device:
 
 
 def default_out(device_name: str, device: torch.device) -> Path:
-    """bench/results/<device> on a GPU; on a CPU a temporary folder, so smoke runs never land among the results."""
+    """bench/results/<device> on a GPU; on a CPU <tmp>/fastseg3d-bench/<device> (it accumulates like the results
+    folder), so smoke runs never land among the results."""
     if device.type == "cuda":
         return utils.RESULTS / utils.device_slug(device_name)
     return Path(tempfile.gettempdir()) / "fastseg3d-bench" / utils.device_slug(device_name)
@@ -240,10 +241,10 @@ def _emit(rows: list[dict], by_case: dict[str, list[dict]], args, out: Path) -> 
                 utils.plot_rows(case_rows, out / f"{name}.png")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> int:
     """The command line (see the module docstring); returns the exit status."""
     cases = load_cases()
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", nargs="?", choices=SUITES, help="run every case of this suite")
     parser.add_argument("--case", action="append", choices=sorted(cases), help="repeatable; default: all")
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default=None, help="comma list of globs on the shape labels (default: all)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test of the harness")
     parser.add_argument("--out", type=Path, default=None,
-                        help="results folder (default: bench/results/<device>; on a CPU, a temporary folder)")
+                        help="results folder (default: bench/results/<device>; CPU: <tmp>/fastseg3d-bench/<device>)")
     parser.add_argument("--plot", action="store_true", help="write <case>.png beside the rows")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")

@@ -14,6 +14,15 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _config(load_config, config: str, overrides: list[str]):
+    """The resolved config, or None after a one-line error (an unknown key, a bad value or file)."""
+    try:
+        return load_config(config, overrides)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+        return None
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastseg3d.train import NonFiniteLossError, Trainer, load_config
 
@@ -26,7 +35,9 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("deterministic=true")
     if args.compile:
         overrides.append("train.compile=true")
-    cfg = load_config(args.config, overrides)
+    cfg = _config(load_config, args.config, overrides)
+    if cfg is None:
+        return 2
     trainer = Trainer(cfg, args.output_dir, resume=args.resume)
     if trainer.is_main:
         print(f"run directory: {trainer.run_dir}")
@@ -103,7 +114,9 @@ def _profile(args: argparse.Namespace) -> int:
     if args.size is not None and len(args.size) not in (1, 3):
         print(f"error: --size takes D H W or one side, got {args.size}", file=sys.stderr)
         return 2
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = _config(load_config, args.config, list(args.overrides))
+    if cfg is None:
+        return 2
     data, tcfg = cfg["data"], cfg["train"]
     mode = output_mode(data["label_mode"])
     channels = data_channels(cfg)
@@ -179,7 +192,7 @@ def _bench(rest: list[str]) -> int:
     sys.path.insert(0, str(root))
     from bench.run import main as bench_main
 
-    return bench_main(rest)
+    return bench_main(rest, prog="fastseg3d bench")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("bench", help="the benchmark suite: fastseg3d bench ops|model [--case NAME] [--dtype ...] "
                                  "[--json PATH] (see bench/README.md)")
 
-    args = parser.parse_args(argv)
+    # key=value overrides may come anywhere after the subcommand, between options too (argparse alone takes them
+    # as one run of positionals)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "overrides", None) is None or any(a.startswith("-") or "=" not in a for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "info":
         from fastseg3d.info import main as info_main

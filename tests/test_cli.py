@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import fastseg3d
@@ -58,6 +59,22 @@ def test_profile_counts_the_configs_training_step(capsys):
     assert f"fits 0.25 GiB: {side}^3" in out
     assert training_memory(step, (2, 4, side, side, side))["total"] <= 2**28
     assert training_memory(step, (2, 4, side + 32, side + 32, side + 32))["total"] > 2**28
+
+
+def test_overrides_anywhere_and_config_errors_in_one_line(capsys):
+    """key=value overrides between options reach the config (argparse alone takes one run of positionals), and a
+    wrong key is one line on stderr, not a traceback."""
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "quickstart", "data.batch_size=3", "--dtype", "fp32", "train.epochs=1",
+                 "--size", "32"]) == 0
+    assert "a training step on 3x4x32x32x32" in capsys.readouterr().out
+    assert main(["profile", "--config", "quickstart", "optimizer.lrr=3", "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'optimizer.lrr'") and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["profile", "--config", "quickstart", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_profile_of_an_msd_config_without_its_folder_takes_the_networks_channels(capsys):
