@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from fastseg3d.ops.attention import attention
+from fastseg3d.ops.utils import check_spatial_shape
 
 __all__ = ["EfficientSelfAttention3d"]
 
@@ -89,15 +89,8 @@ class EfficientSelfAttention3d(nn.Module):
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be tokens (B, N, {self.dim}), got shape {tuple(x.shape)}")
-        try:
-            d, h, w = (operator.index(s) for s in spatial_shape)
-        except (TypeError, ValueError):
-            raise ValueError(f"spatial_shape must be 3 ints (D, H, W), got {spatial_shape!r}") from None
-        if min(d, h, w) <= 0:
-            raise ValueError(f"spatial_shape must be positive on every axis, got {(d, h, w)}")
         b, n, c = x.shape
-        if d * h * w != n:
-            raise ValueError(f"spatial_shape {(d, h, w)} has {d * h * w} voxels but x has N={n} tokens")
+        d, h, w = check_spatial_shape(spatial_shape, n)
         sr = self.sr_ratio
         if d % sr or h % sr or w % sr:
             raise ValueError(f"spatial_shape {(d, h, w)} must be divisible by sr_ratio={sr} on every axis")

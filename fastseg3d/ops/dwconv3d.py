@@ -7,7 +7,6 @@ fake implementation and autograd, so they run under ``torch.compile(fullgraph=Tr
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import torch
@@ -309,15 +308,8 @@ def dwconv3d_tokens(
     utils.check_tensor(x, "x")
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D tokens (B, N, C), got shape {tuple(x.shape)}")
-    try:
-        d, h, w = (operator.index(s) for s in spatial_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}") from None
-    if min(d, h, w) <= 0:
-        raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}")
     b, n, c = x.shape
-    if d * h * w != n:
-        raise ValueError(f"spatial_shape {(d, h, w)} has {d * h * w} voxels but x has N={n} tokens")
+    d, h, w = utils.check_spatial_shape(spatial_shape, n)
     if residual is not None:
         utils.check_tensor(residual, "residual")
         utils.check_tensor(weight, "weight")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from contextvars import ContextVar
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "autocast_inputs",
     "base_reasons",
     "check_tensor",
+    "check_spatial_shape",
     "empty",
     "launchable",
     "launch_device",
@@ -118,6 +120,19 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def check_spatial_shape(spatial_shape, n_tokens: int) -> tuple[int, int, int]:
+    """(D, H, W) of tokens in C order: three positive ints (any integer type) whose product is ``n_tokens``."""
+    try:
+        d, h, w = (operator.index(s) for s in spatial_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}") from None
+    if min(d, h, w) <= 0:
+        raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}")
+    if d * h * w != n_tokens:
+        raise ValueError(f"spatial_shape {(d, h, w)} has {d * h * w} voxels but x has N={n_tokens} tokens")
+    return d, h, w
 
 
 def check_tensor(t, name: str) -> None:
