@@ -271,15 +271,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
 
     if args.list:
         for case in selected:
-            specs = [spec for _, spec in case.shapes(False)]
-            providers = list(dict.fromkeys(p for spec in specs for p in case.providers(spec)))
-            optional = [p for p in providers if all(p in case.optional(s) for s in specs if p in case.providers(s))]
-            default = [p for p in providers if p not in optional]
             print(f"{case.name} ({case.suite}; {', '.join(case.modes)}; {', '.join(case.dtypes)})")
-            print(f"    shapes:   {', '.join(label for label, _ in case.shapes(False))}")
-            print(f"    default:  {', '.join(default)}")
-            if optional:
-                print(f"    optional: {', '.join(optional)}")
+            # shapes grouped by their (default, optional) providers, which can differ (volumes and tokens)
+            groups: dict[tuple, list[str]] = {}
+            for label, spec in case.shapes(False):
+                optional = case.optional(spec)
+                default = tuple(p for p in case.providers(spec) if p not in optional)
+                groups.setdefault((default, tuple(optional)), []).append(label)
+            for (default, optional), labels in groups.items():
+                print(f"    shapes:   {', '.join(labels)}")
+                print(f"    default:  {', '.join(default)}")
+                if optional:
+                    print(f"    optional: {', '.join(optional)}")
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

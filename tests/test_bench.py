@@ -88,6 +88,12 @@ def test_main_lists_cases(capsys):
     text = capsys.readouterr().out
     assert all(name in text for name, suite in SUITES.items() if suite == "model")
     assert "dwconv3d" not in text and "optional:" in text
+    # per group of shapes: torch.compile is optional on volumes (the conv stays an extern call), default on tokens
+    assert run.main(["--case", "dwconv3d", "--list"]) == 0
+    groups = capsys.readouterr().out.split("    shapes:")[1:]
+    volume = next(g for g in groups if "ncdhw" in g)
+    tokens = next(g for g in groups if "tokens" in g)
+    assert "optional: torch.compile," in volume and "default:  fastseg3d, torch, torch.compile\n" in tokens
 
 
 def test_time_limit_stops_before_measuring(tmp_path, capsys):
