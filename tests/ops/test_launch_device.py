@@ -43,7 +43,7 @@ def test_gpu_ops_on_a_device_that_is_not_current():
     x = torch.randn(1, 8, 6, 7, 9, device="cuda:1", requires_grad=True)
     w = torch.randn(8, 1, 3, 3, 3, device="cuda:1", requires_grad=True)
     q = torch.randn(1, 40, 2, 32, device="cuda:1", requires_grad=True)
-    s, t = torch.randn(2, 2, 3, 8, 8, 8, device="cuda:1").unbind(0)
+    s, t = torch.randn(2, 2, 4, 8, 8, 8, device="cuda:1").unbind(0)  # selfreg_intra: even C
 
     def losses():
         return (fastseg3d.ops.kl_distill(s, t, 2.0), fastseg3d.ops.channel_kl(s, t),
