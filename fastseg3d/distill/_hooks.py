@@ -30,7 +30,7 @@ def check_wrapper_args(backbone, encoder_layers, decoder_layers, *extra_layers: 
 
 def _positive_ints(value, n: int) -> tuple[int, ...] | None:
     """``value`` (an int or a sequence of n ints, e.g. a size or stride attribute) as n positive ints, or None."""
-    if isinstance(value, torch.Size) or isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list)):  # torch.Size is a tuple
         values = tuple(value)
     else:
         values = (value,) * n

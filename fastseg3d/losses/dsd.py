@@ -116,10 +116,7 @@ class DSDLoss(nn.Module):
         if tuple(main.shape[2:]) != size:
             raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
         mode = "trilinear" if dims == 5 else "bilinear"
-        # MONAI's DiceCE computes in its input's dtype: it gets fp32 copies of half-precision logits. The KL terms
-        # take the heads as they are: the fused op reads them once, computes in fp32 and keeps each gradient in its
-        # head's dtype.
-        seg = self.dice_ce(full_precision(main), target)
+        seg = self.dice_ce(full_precision(main), target)  # fp32 copies for DiceCE only (see the class docstring)
         for h in decoder:
             h = full_precision(h)
             if tuple(h.shape[2:]) != size:
