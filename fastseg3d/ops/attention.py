@@ -2,7 +2,8 @@
 
 The Triton kernels are in ``fastseg3d.kernels.attention``, the references in ``fastseg3d.reference.attention``.
 ``fastseg3d::attention`` returns the output and the per-row log-sum-exp; ``fastseg3d::attention_backward``
-recomputes the probabilities. Memory is O(N d): no N x M tensor is allocated on the fused path.
+recomputes the probabilities; eager calls skip the dispatcher (:class:`fastseg3d.ops.utils.EagerOp`). Memory is
+O(N d): no N x M tensor is allocated on the fused path.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     return reasons
 
 
-@torch.library.triton_op("fastseg3d::attention", mutates_args=())
+@utils.eager_op("fastseg3d::attention")
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     b, n, h, d = q.shape
     if q.device.type != "meta" and not utils.launchable(q.device):
@@ -76,7 +77,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
     return out, lse
 
 
-@torch.library.triton_op("fastseg3d::attention_backward", mutates_args=())
+@utils.eager_op("fastseg3d::attention_backward")
 def _attention_backward_op(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +107,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.fastseg3d.attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+    dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -149,5 +150,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
     if dropout_p > 0:
         reasons.append(f"dropout_p={dropout_p} (the fused kernel has no dropout)")
     if backends.select("attention", reasons):
-        return torch.ops.fastseg3d.attention(q, k, v, scale)[0]
+        return _attention_op(q, k, v, scale)[0]
     return attention_ref(q, k, v, scale, dropout_p=float(dropout_p))

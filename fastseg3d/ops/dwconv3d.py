@@ -2,7 +2,8 @@
 
 The Triton kernels are in ``fastseg3d.kernels.dwconv3d``, the reference in ``fastseg3d.reference.dwconv3d``.
 Two ``torch.library`` ops carry them, ``fastseg3d::dwconv3d`` and ``fastseg3d::dwconv3d_backward``, each with a
-fake implementation and autograd, so they run under ``torch.compile(fullgraph=True)`` and on ``meta`` tensors.
+fake implementation and autograd, so they run under ``torch.compile(fullgraph=True)`` and on ``meta`` tensors;
+eager calls skip the dispatcher (:class:`fastseg3d.ops.utils.EagerOp`).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _new_output(x: Tensor, shape: Sequence[int]) -> Tensor:
     return utils.empty(shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
 
 
-@torch.library.triton_op("fastseg3d::dwconv3d", mutates_args=())
+@utils.eager_op("fastseg3d::dwconv3d")
 def _dwconv3d_op(
     x: Tensor,
     weight: Tensor,
@@ -151,7 +152,7 @@ def _dwconv3d_op(
         return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act])
 
 
-@torch.library.triton_op("fastseg3d::dwconv3d_backward", mutates_args=())
+@utils.eager_op("fastseg3d::dwconv3d_backward")
 def _dwconv3d_backward_op(
     grad: Tensor,
     x: Tensor,
@@ -223,7 +224,7 @@ def _backward(ctx, grad):
     need_db = need_db and bias is not None
     dx = dw = db = None
     if need_dx or need_dw or need_db:
-        dx, dw, db = torch.ops.fastseg3d.dwconv3d_backward(
+        dx, dw, db = _dwconv3d_backward_op(
             grad, x, weight, bias, ctx.padding, ctx.dilation, ctx.activation, [need_dx, need_dw, need_db]
         )
     return (
@@ -281,7 +282,7 @@ def dwconv3d(
     pad, dil, out_shape = _validate(x, weight, bias, residual, padding, dilation, activation)
     reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
     if backends.select("dwconv3d", reasons):
-        return torch.ops.fastseg3d.dwconv3d(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])
+        return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])
     return dwconv3d_ref(x, weight, bias, pad, dil, activation, residual)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections.abc import Callable
 from contextvars import ContextVar
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from fastseg3d import backends
 
 __all__ = [
+    "EagerOp",
     "FUSED_DTYPES",
     "MAX_GRID_YZ",
     "META_AUTOCAST_DTYPE",
@@ -18,6 +20,7 @@ __all__ = [
     "base_reasons",
     "check_tensor",
     "check_spatial_shape",
+    "eager_op",
     "empty",
     "launchable",
     "launch_device",
@@ -138,3 +141,72 @@ def check_spatial_shape(spatial_shape, n_tokens: int) -> tuple[int, int, int]:
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+class EagerOp:
+    """A ``torch.library`` op (a ``triton_op`` in the ``fastseg3d::`` namespace) that eager code calls directly.
+
+    The dispatcher, autograd wrapper and compile guards of a Python custom op cost about 100 us of host time per
+    call, forward and backward (measured on a CI core, torch 2.13), more than the kernels of SegFormer3D's small
+    stages take on a GPU, so a fused network could not keep the GPU busy. Eager calls on plain tensors therefore
+    run the op's body, and its autograd formulas through a plain ``autograd.Function``, with no dispatcher in
+    between; traced code (``torch.compile``, fake tensors, dispatch modes, functorch transforms, tensor
+    subclasses) calls ``torch.ops.fastseg3d.<name>``, which runs the same body and formulas. Only for ops whose
+    tensor arguments are all top-level (an ``autograd.Function`` does not see tensors inside lists).
+    """
+
+    def __init__(self, name: str, fn: Callable) -> None:
+        self.name = name
+        self.op = torch.library.triton_op(name, mutates_args=())(fn)
+        self._fn = fn
+        self._function: type[torch.autograd.Function] | None = None
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        fn = self._fn
+
+        # forward(ctx, ...) rather than a setup_context staticmethod: apply() would bind the arguments to the
+        # signature with inspect on every call (~40 us)
+        def forward(ctx, *args):
+            with _direct_triton_launches():
+                output = fn(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        # the graph node is named after the op (e.g. dwconv3d_eagerBackward) in profiles and anomaly reports
+        Function = type(self.name.split("::")[-1] + "_eager", (torch.autograd.Function,),
+                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+        self._function = Function
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            if self._function is None:
+                return self.op(*args)  # no autograd formula: the dispatcher's error says so
+            return self._function.apply(*args)
+        with _direct_triton_launches():
+            return self._fn(*args)
+
+
+def eager_op(name: str) -> Callable[[Callable], EagerOp]:
+    """Decorator: register ``fn`` as the op ``name`` (see :class:`EagerOp`)."""
+    return lambda fn: EagerOp(name, fn)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args) -> bool:
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+def _direct_triton_launches() -> contextlib.AbstractContextManager:
+    """Launch kernels wrapped in ``torch.library.wrap_triton`` directly, as ``triton_op`` does for eager tensors
+    (otherwise each launch goes through a higher-order op, about a millisecond)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    return set_wrap_triton_enabled(False)

@@ -1,0 +1,148 @@
+"""fastseg3d.ops.utils.EagerOp: eager calls skip the dispatcher, traced ones go through ``torch.ops.fastseg3d``,
+and both give the same values and gradients (CPU tier on the ops' reference bodies, interpreter tier on the
+kernels)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fastseg3d
+from fastseg3d.ops import utils
+from tests.utils import assert_close
+
+DW = sys.modules["fastseg3d.ops.dwconv3d"]
+ATT = sys.modules["fastseg3d.ops.attention"]
+
+
+def _dw_args(shape=(2, 5, 3, 4, 6)):
+    x = torch.randn(shape).requires_grad_()
+    w = torch.randn(shape[1], 1, 3, 3, 3).requires_grad_()
+    b = torch.randn(shape[1]).requires_grad_()
+    r = torch.randn(shape).requires_grad_()
+    return (x, w, b, r, [1, 1, 1], [1, 1, 1], "gelu")
+
+
+def _att_args():
+    q = torch.randn(2, 37, 2, 16).requires_grad_()
+    kv = torch.randn(2, 11, 2 * 2 * 16).view(2, 11, 2, 2, 16).detach().requires_grad_()
+    return (q, kv[:, :, 0], kv[:, :, 1], 0.3), [q, kv]
+
+
+class _NoDispatcher:
+    """Stands in for an op's ``torch.ops`` entry point: the eager path must not call it."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, *args):
+        raise AssertionError(f"{self.name} went through the dispatcher")
+
+
+def _values_and_grads(fn, args, leaves):
+    out = fn(*args)
+    first = out[0] if isinstance(out, tuple) else out
+    grads = torch.autograd.grad(first, leaves, torch.randn(first.shape, generator=torch.Generator().manual_seed(1)))
+    return first.detach(), grads
+
+
+@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+def test_eager_call_skips_dispatcher_and_matches_it(case, monkeypatch):
+    if case == "dwconv3d":
+        fwd, bwd = DW._dwconv3d_op, DW._dwconv3d_backward_op
+        args = _dw_args()
+        leaves = [a for a in args if isinstance(a, torch.Tensor)]
+    else:
+        fwd, bwd = ATT._attention_op, ATT._attention_backward_op
+        args, leaves = _att_args()
+    expected = _values_and_grads(lambda *a: fwd.op(*a), args, leaves)  # dispatcher, forward and backward
+    monkeypatch.setattr(fwd, "op", _NoDispatcher(fwd.name))
+    monkeypatch.setattr(bwd, "op", _NoDispatcher(bwd.name))
+    out, grads = _values_and_grads(fwd, args, leaves)
+    assert torch.equal(out, expected[0])
+    for g, e in zip(grads, expected[1]):
+        assert torch.equal(g, e)
+
+
+def test_eager_call_without_grad_runs_body():
+    x, w, b, r, *rest = _dw_args()
+    with torch.no_grad():
+        y = DW._dwconv3d_op(x, w, b, r, *rest)
+    assert y.grad_fn is None and not y.requires_grad
+    y = DW._dwconv3d_op(*(t.detach() for t in (x, w, b, r)), *rest)
+    assert y.grad_fn is None
+
+
+def test_eager_call_records_its_own_node():
+    y = DW._dwconv3d_op(*_dw_args())
+    assert type(y.grad_fn).__name__.startswith("dwconv3d_eager")
+
+
+def test_traced_calls_take_dispatcher():
+    plain = torch.randn(2, 3)
+    assert utils._plain_eager((plain, torch.nn.Parameter(plain), None, [1, 2], "gelu"))
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(plain)
+        assert not utils._plain_eager((fake,))
+    assert not utils._plain_eager((plain.as_subclass(_Subclass),))
+    seen = []
+    torch.vmap(lambda t: seen.append(utils._plain_eager((t,))) or t)(plain)
+    assert seen == [False]
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(t):
+        return t * 2, utils._plain_eager((t,))
+
+    assert traced(plain)[1] is False
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_dispatch_mode_sees_the_op():
+    """Under a dispatch mode (a flop counter, a tracer) the op is dispatched, so the mode sees it by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    args = _dw_args()
+    with Record():
+        DW._dwconv3d_op(*args)
+    assert any("fastseg3d.dwconv3d" in name for name in seen)
+
+
+def test_fake_tensor_compile_uses_op():
+    x, w, b, r, *rest = (a.detach() if isinstance(a, torch.Tensor) else a for a in _dw_args())
+    compiled = torch.compile(lambda *a: DW._dwconv3d_op(*a), backend="aot_eager", fullgraph=True)
+    assert_close("y", compiled(x, w, b, r, *rest), DW._dwconv3d_op(x, w, b, r, *rest), torch.float32)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+def test_kernels_eager_matches_dispatcher(case, poison, monkeypatch):
+    """The kernels through the eager path and through ``torch.ops``: same values and gradients, bit for bit (the
+    kernel tests cover the dtypes)."""
+    with fastseg3d.backend("triton"):
+        if case == "dwconv3d":
+            fwd = DW._dwconv3d_op
+            args = _dw_args(shape=(1, 3, 3, 4, 5))
+            leaves = [a for a in args if isinstance(a, torch.Tensor)]
+        else:
+            fwd = ATT._attention_op
+            args, leaves = _att_args()
+        eager = _values_and_grads(fwd, args, leaves)
+        monkeypatch.setattr(utils, "_plain_eager", lambda args: False)
+        dispatched = _values_and_grads(fwd, args, leaves)
+    assert not eager[0].isnan().any()
+    assert torch.equal(eager[0], dispatched[0])
+    for g, e in zip(eager[1], dispatched[1]):
+        assert not g.isnan().any() and torch.equal(g, e)
