@@ -18,17 +18,16 @@ DW = sys.modules["fastseg3d.ops.dwconv3d"]
 ATT = sys.modules["fastseg3d.ops.attention"]
 
 
-def _dw_args(shape=(2, 5, 3, 4, 6)):
-    x = torch.randn(shape).requires_grad_()
-    w = torch.randn(shape[1], 1, 3, 3, 3).requires_grad_()
-    b = torch.randn(shape[1]).requires_grad_()
-    r = torch.randn(shape).requires_grad_()
+def _dw_args(shape=(2, 5, 3, 4, 6), dtype=torch.float32, device="cpu"):
+    x, r = (torch.randn(shape, device=device).to(dtype).requires_grad_() for _ in range(2))
+    w = torch.randn(shape[1], 1, 3, 3, 3, device=device).to(dtype).requires_grad_()
+    b = torch.randn(shape[1], device=device).to(dtype).requires_grad_()
     return (x, w, b, r, [1, 1, 1], [1, 1, 1], "gelu")
 
 
-def _att_args():
-    q = torch.randn(2, 37, 2, 16).requires_grad_()
-    kv = torch.randn(2, 11, 2 * 2 * 16).view(2, 11, 2, 2, 16).detach().requires_grad_()
+def _att_args(n=37, m=11, dtype=torch.float32, device="cpu"):
+    q = torch.randn(2, n, 2, 16, device=device).to(dtype).requires_grad_()
+    kv = torch.randn(2, m, 2 * 2 * 16, device=device).to(dtype).view(2, m, 2, 2, 16).detach().requires_grad_()
     return (q, kv[:, :, 0], kv[:, :, 1], 0.3), [q, kv]
 
 
@@ -45,7 +44,8 @@ class _NoDispatcher:
 def _values_and_grads(fn, args, leaves):
     out = fn(*args)
     first = out[0] if isinstance(out, tuple) else out
-    grads = torch.autograd.grad(first, leaves, torch.randn(first.shape, generator=torch.Generator().manual_seed(1)))
+    g = torch.randn(first.shape, generator=torch.Generator().manual_seed(1)).to(first.device, first.dtype)
+    grads = torch.autograd.grad(first, leaves, g)
     return first.detach(), grads
 
 
@@ -126,23 +126,39 @@ def test_fake_tensor_compile_uses_op():
     assert_close("y", compiled(x, w, b, r, *rest), DW._dwconv3d_op(x, w, b, r, *rest), torch.float32)
 
 
-@pytest.mark.interpret
-@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
-def test_kernels_eager_matches_dispatcher(case, poison, monkeypatch):
-    """The kernels through the eager path and through ``torch.ops``: same values and gradients, bit for bit (the
-    kernel tests cover the dtypes)."""
+def _compare_paths(case, monkeypatch, dtype=torch.float32, device="cpu"):
+    """The kernels through the eager path and through ``torch.ops``: same values and gradients, bit for bit."""
     with fastseg3d.backend("triton"):
         if case == "dwconv3d":
             fwd = DW._dwconv3d_op
-            args = _dw_args(shape=(1, 3, 3, 4, 5))
+            shape = (1, 3, 3, 4, 5) if device == "cpu" else (2, 64, 16, 16, 16)
+            args = _dw_args(shape, dtype, device)
             leaves = [a for a in args if isinstance(a, torch.Tensor)]
         else:
             fwd = ATT._attention_op
-            args, leaves = _att_args()
+            args, leaves = _att_args(*((37, 11) if device == "cpu" else (4096, 512)), dtype, device)
         eager = _values_and_grads(fwd, args, leaves)
-        monkeypatch.setattr(utils, "_plain_eager", lambda args: False)
-        dispatched = _values_and_grads(fwd, args, leaves)
+        with monkeypatch.context() as patch:
+            patch.setattr(utils, "_plain_eager", lambda args: False)
+            dispatched = _values_and_grads(fwd, args, leaves)
     assert not eager[0].isnan().any()
     assert torch.equal(eager[0], dispatched[0])
     for g, e in zip(eager[1], dispatched[1]):
         assert not g.isnan().any() and torch.equal(g, e)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+def test_kernels_eager_matches_dispatcher(case, poison, monkeypatch):
+    _compare_paths(case, monkeypatch)  # the kernel tests cover the dtypes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+def test_gpu_kernels_eager_matches_dispatcher(case, dtype, poison, monkeypatch):
+    torch.use_deterministic_algorithms(True)  # reductions in a fixed order, so the two paths can agree bitwise
+    try:
+        _compare_paths(case, monkeypatch, dtype, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(False)
