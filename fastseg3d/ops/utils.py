@@ -150,26 +150,32 @@ class EagerOp:
     call, forward and backward (measured on a CI core, torch 2.13), more than the kernels of SegFormer3D's small
     stages take on a GPU, so a fused network could not keep the GPU busy. Eager calls on plain tensors therefore
     run the op's body, and its autograd formulas through a plain ``autograd.Function``, with no dispatcher in
-    between; traced code (``torch.compile``, fake tensors, dispatch modes, functorch transforms, tensor
-    subclasses) calls ``torch.ops.fastseg3d.<name>``, which runs the same body and formulas. Only for ops whose
-    tensor arguments are all top-level (an ``autograd.Function`` does not see tensors inside lists).
+    between (under the profiler they are recorded under the op's name). Everything that observes or transforms
+    ops calls ``torch.ops.fastseg3d.<name>``, which runs the same body and formulas: ``torch.compile`` and
+    export, ``torch.jit.trace``, fake tensors, dispatch and function modes, functorch transforms and tensor
+    subclasses. Only for ops whose tensor arguments are all top-level (an ``autograd.Function`` does not see
+    tensors inside lists).
     """
 
     def __init__(self, name: str, fn: Callable) -> None:
+        if "Tensor[]" in torch.library.infer_schema(fn, mutates_args=()).split("->")[0]:
+            raise TypeError(f"{name}: an EagerOp's tensor arguments must be top-level, not lists")
         self.name = name
         self.op = torch.library.triton_op(name, mutates_args=())(fn)
         self._fn = fn
         self._function: type[torch.autograd.Function] | None = None
 
+    def _run(self, *args):
+        with _direct_triton_launches():
+            return self._fn(*args)
+
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
-        fn = self._fn
 
         # forward(ctx, ...) rather than a setup_context staticmethod: apply() would bind the arguments to the
         # signature with inspect on every call (~40 us)
         def forward(ctx, *args):
-            with _direct_triton_launches():
-                output = fn(*args)
+            output = self._run(*args)
             setup_context(ctx, args, output)
             return output
 
@@ -181,12 +187,17 @@ class EagerOp:
     def __call__(self, *args):
         if not _plain_eager(args):
             return self.op(*args)
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function(self.name):
+                return self._call(args)
+        return self._call(args)
+
+    def _call(self, args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             if self._function is None:
                 return self.op(*args)  # no autograd formula: the dispatcher's error says so
             return self._function.apply(*args)
-        with _direct_triton_launches():
-            return self._fn(*args)
+        return self._run(*args)
 
 
 def eager_op(name: str) -> Callable[[Callable], EagerOp]:
@@ -199,7 +210,8 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def _plain_eager(args) -> bool:
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._len_torch_function_stack() or torch._C._are_functorch_transforms_active()
+            or torch._C._get_tracing_state() is not None):
         return False
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
 

@@ -58,7 +58,9 @@ def test_eager_call_skips_dispatcher_and_matches_it(case, monkeypatch):
     else:
         fwd, bwd = ATT._attention_op, ATT._attention_backward_op
         args, leaves = _att_args()
-    expected = _values_and_grads(lambda *a: fwd.op(*a), args, leaves)  # dispatcher, forward and backward
+    with monkeypatch.context() as patch:  # the dispatcher, forward and backward
+        patch.setattr(utils, "_plain_eager", lambda args: False)
+        expected = _values_and_grads(fwd, args, leaves)
     monkeypatch.setattr(fwd, "op", _NoDispatcher(fwd.name))
     monkeypatch.setattr(bwd, "op", _NoDispatcher(bwd.name))
     out, grads = _values_and_grads(fwd, args, leaves)
@@ -67,7 +69,8 @@ def test_eager_call_skips_dispatcher_and_matches_it(case, monkeypatch):
         assert torch.equal(g, e)
 
 
-def test_eager_call_without_grad_runs_body():
+def test_eager_call_without_grad_runs_body(monkeypatch):
+    monkeypatch.setattr(DW._dwconv3d_op, "op", _NoDispatcher("fastseg3d::dwconv3d"))
     x, w, b, r, *rest = _dw_args()
     with torch.no_grad():
         y = DW._dwconv3d_op(x, w, b, r, *rest)
@@ -79,6 +82,43 @@ def test_eager_call_without_grad_runs_body():
 def test_eager_call_records_its_own_node():
     y = DW._dwconv3d_op(*_dw_args())
     assert type(y.grad_fn).__name__.startswith("dwconv3d_eager")
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_eager_body_launches_kernels_directly(grad, monkeypatch):
+    """Inside the body wrap_triton is off (each launch would otherwise go through a higher-order op), also in a
+    backward that autograd runs on another thread."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    seen = []
+    for op in (DW._dwconv3d_op, DW._dwconv3d_backward_op):
+        body = op._fn
+        monkeypatch.setattr(op, "_fn", lambda *a, body=body: seen.append(is_wrap_triton_enabled()) or body(*a))
+    args = _dw_args()
+    with torch.set_grad_enabled(grad):
+        y = DW._dwconv3d_op(*args)
+    if grad:
+        y.sum().backward()
+    assert seen == [False, False] if grad else seen == [False]
+    assert is_wrap_triton_enabled()
+
+
+def test_profiler_records_the_op():
+    args = _dw_args()
+    with torch.profiler.profile() as prof:
+        with torch.no_grad():
+            DW._dwconv3d_op(*args)
+        DW._dwconv3d_op(*args).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("fastseg3d::dwconv3d") == 2 and "fastseg3d::dwconv3d_backward" in names
+
+
+def test_op_with_tensor_list_is_refused():
+    def body(xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0].clone()
+
+    with pytest.raises(TypeError, match="top-level"):
+        utils.EagerOp("fastseg3d::_eager_list_test", body)
 
 
 def test_traced_calls_take_dispatcher():
@@ -97,6 +137,11 @@ def test_traced_calls_take_dispatcher():
         return t * 2, utils._plain_eager((t,))
 
     assert traced(plain)[1] is False
+    with torch.device("cpu"):  # a function mode
+        assert not utils._plain_eager((plain,))
+    jit_seen = []
+    torch.jit.trace(lambda t: jit_seen.append(utils._plain_eager((t,))) or t * 2, plain, check_trace=False)
+    assert jit_seen == [False]
 
 
 class _Subclass(torch.Tensor):
@@ -120,10 +165,19 @@ def test_dispatch_mode_sees_the_op():
     assert any("fastseg3d.dwconv3d" in name for name in seen)
 
 
-def test_fake_tensor_compile_uses_op():
-    x, w, b, r, *rest = (a.detach() if isinstance(a, torch.Tensor) else a for a in _dw_args())
-    compiled = torch.compile(lambda *a: DW._dwconv3d_op(*a), backend="aot_eager", fullgraph=True)
+def test_compile_and_jit_trace_record_the_op():
+    x, w, b, r, *rest = _dw_args()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    compiled = torch.compile(lambda *a: DW._dwconv3d_op(*a), backend=backend, fullgraph=True)
     assert_close("y", compiled(x, w, b, r, *rest), DW._dwconv3d_op(x, w, b, r, *rest), torch.float32)
+    assert "fastseg3d.dwconv3d" in graphs[0]
+    traced = torch.jit.trace(lambda *t: DW._dwconv3d_op(*t, *rest), tuple(t.detach() for t in (x, w, b, r)))
+    assert "fastseg3d::dwconv3d" in str(traced.graph)
 
 
 def _compare_paths(case, monkeypatch, dtype=torch.float32, device="cpu"):
@@ -157,8 +211,9 @@ def test_kernels_eager_matches_dispatcher(case, poison, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", ["dwconv3d", "attention"])
 def test_gpu_kernels_eager_matches_dispatcher(case, dtype, poison, monkeypatch):
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)  # reductions in a fixed order, so the two paths can agree bitwise
     try:
         _compare_paths(case, monkeypatch, dtype, "cuda")
     finally:
-        torch.use_deterministic_algorithms(False)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
