@@ -188,6 +188,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                             fn = _graph_steps(fn, setup)
                         med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of, rep=rep)
                         peak = utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of)
+                        host = utils.host_ms(fn, device, grad_to_none=setup.grads_of)
                     except torch.OutOfMemoryError:
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
                         _free(device)
@@ -205,7 +206,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         roof, bound = None, None
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                           "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound,
+                           "host_ms": host, "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound,
                            "bandwidth_pct": bandwidth, "backend": setup.backend, **env}
                     utils.write_rows([row], rows_path)
                     rows.append({k: row.get(k) for k in utils.ROW_KEYS})

@@ -20,7 +20,7 @@ import torch
 from fastseg3d.backends import tf32_matmul_allowed
 
 ROW_KEYS = (
-    "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb",
+    "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "host_ms", "peak_mem_mb",
     "roofline_pct", "roofline_bound", "bandwidth_pct", "backend", "device", "driver", "torch", "triton", "cuda",
     "cudnn", "commit", "date",
 )
@@ -85,6 +85,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, w
         samples.append((time.perf_counter() - start) * 1e3)
     samples.sort()
     return statistics.median(samples), samples[1], samples[-2]
+
+
+def host_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, samples: int = 5) -> float | None:
+    """Median host (CPU) time to issue one call of ``fn``, in ms, from an idle GPU, without waiting for the GPU to
+    finish; None off CUDA. Where it comes near ``median_ms`` the case is launch-bound: the GPU waits for Python. A
+    call that synchronises (reads a value back) counts its GPU time too, so this is an upper bound there."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(samples):
+        for t in grad_to_none or ():
+            t.grad = None
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize(device)
+    return statistics.median(times)
 
 
 def show_fallbacks() -> None:
@@ -233,8 +251,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     lines = [(f"{'case':<16} {'shape':<28} {'dtype':<9} {'mode':<10} {'provider':<40} {'median ms':>10} "
-             f"{'p20':>8} {'p80':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} {'bw%':>6} {'fastseg3d x':>11} "
-             f"{'mem x':>6}")]
+             f"{'p20':>8} {'p80':>8} {'host ms':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} {'bw%':>6} "
+             f"{'fastseg3d x':>11} {'mem x':>6}")]
     for (case, shape, dtype, mode), by_provider in groups.items():
         ours = by_provider.get("fastseg3d")
         for provider, r in by_provider.items():
@@ -243,11 +261,12 @@ def format_table(rows: list[dict]) -> str:
             mem_x = (f"{r['peak_mem_mb'] / ours['peak_mem_mb']:.2f}"
                      if peer and r["peak_mem_mb"] is not None and ours["peak_mem_mb"] else "")
             mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+            host = f"{r['host_ms']:.4f}" if r.get("host_ms") is not None else "-"
             roof = f"{r['roofline_pct']:.1f}" if r["roofline_pct"] is not None else "-"
             bw = f"{r['bandwidth_pct']:.1f}" if r.get("bandwidth_pct") is not None else "-"
             bound = r.get("roofline_bound") or "-"
             lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
-                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {mem:>9} {roof:>9} {bound:>6} {bw:>6} "
+                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {host:>8} {mem:>9} {roof:>9} {bound:>6} {bw:>6} "
                          f"{speedup:>11} {mem_x:>6}")
     return "\n".join(lines)
 

@@ -151,6 +151,23 @@ def test_cuda_graphs_are_unavailable_on_cpu():
         compiled(lambda x: x, "plain+torch.compile-reduce-overhead", CPU)
 
 
+def test_host_ms_times_issuing_a_call(monkeypatch):
+    from bench.utils import format_table, host_ms
+
+    assert host_ms(lambda: None, CPU) is None
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    leaf = torch.zeros(1, requires_grad=True)
+    leaf.grad = torch.ones(1)
+    cleared = []
+    ms = host_ms(lambda: cleared.append(leaf.grad is None) or time.sleep(0.002), torch.device("cuda"), [leaf])
+    assert ms >= 2.0 and cleared == [True] * 5 and len(synced) == 6  # from an idle GPU each time, then wait once
+    row = {"case": "c", "shape": "s", "dtype": "bf16", "mode": "fwd", "provider": "fastseg3d", "median_ms": 3.0,
+           "p20_ms": 2.9, "p80_ms": 3.1, "host_ms": 0.125, "peak_mem_mb": None, "roofline_pct": None}
+    table = format_table([row]).splitlines()
+    assert "host ms" in table[0] and "0.1250" in table[1]
+
+
 class _Ceilings:
     copy_gbs = 1000.0  # 1 ms per GB
     exp_per_s = 1e12  # 1 ms per 1e9 exps
