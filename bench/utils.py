@@ -87,7 +87,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, w
     return statistics.median(samples), samples[1], samples[-2]
 
 
-def host_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, samples: int = 5) -> float | None:
+def host_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, samples: int = 3) -> float | None:
     """Median host (CPU) time to issue one call of ``fn``, in ms, from an idle GPU, without waiting for the GPU to
     finish; None off CUDA. Where it comes near ``median_ms`` the case is launch-bound: the GPU waits for Python. A
     call that synchronises (reads a value back) counts its GPU time too, so this is an upper bound there."""
