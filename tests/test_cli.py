@@ -103,6 +103,9 @@ def test_import_without_triton_falls_back_to_reference():
         "assert not fastseg3d.backends.HAS_TRITON\n"
         "x, w = torch.randn(1, 2, 3, 4, 5), torch.randn(2, 1, 3, 3, 3)\n"
         "y = fastseg3d.ops.dwconv3d(x, w)\n"
+        "xm, wm = (torch.empty(t.shape, device='meta', requires_grad=True) for t in (x, w))\n"
+        "fastseg3d.ops.dwconv3d(xm, wm, activation='gelu').sum().backward()  # the eager op path on meta\n"
+        "assert wm.grad.shape == w.shape\n"
         "print(fastseg3d.info.op_choices(torch.device('cpu'))[0][2])\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
