@@ -148,7 +148,7 @@ class EagerOp:
 
     The dispatcher, autograd wrapper and compile guards of a Python custom op cost about 100 us of host time per
     call, forward and backward (measured on a CI core, torch 2.13), more than the kernels of SegFormer3D's small
-    stages take on a GPU, so a fused network could not keep the GPU busy. Eager calls on plain tensors therefore
+    stages take on a GPU, so the GPU of a fused network could wait for Python. Eager calls on plain tensors therefore
     run the op's body, and its autograd formulas through a plain ``autograd.Function``, with no dispatcher in
     between (under the profiler they are recorded under the op's name). Everything that observes or transforms
     ops calls ``torch.ops.fastseg3d.<name>``, which runs the same body and formulas: ``torch.compile`` and
