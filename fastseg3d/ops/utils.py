@@ -8,6 +8,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from fastseg3d import backends
 
@@ -219,6 +220,4 @@ def _plain_eager(args) -> bool:
 def _direct_triton_launches() -> contextlib.AbstractContextManager:
     """Launch kernels wrapped in ``torch.library.wrap_triton`` directly, as ``triton_op`` does for eager tensors
     (otherwise each launch goes through a higher-order op, about a millisecond)."""
-    from torch._library.triton import set_wrap_triton_enabled
-
     return set_wrap_triton_enabled(False)
