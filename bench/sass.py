@@ -11,6 +11,8 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
     python -m bench.sass attention --dtype float32     # SegFormer3D stage 1 at 128^3, head dims 16 to 128
     python -m bench.sass kl_distill                    # DSD's KL, 14 classes: full-resolution, then upsampled heads
     python -m bench.sass selfreg                       # SelfReg's pooling and inter term, 2x2x2 cells
+    python -m bench.sass network segformer3d           # every launch of a benchmark network's training step and
+                                                       # inference, and what an H100 would refuse
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_selfreg"]
 
@@ -30,11 +33,8 @@ _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", 
           torch.int32: "i32"}
 
 
-def _compile_like_jit(fn, args, kwargs):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+def _specialisation(fn, args, kwargs) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) of a launch, as Triton's JIT specialises it."""
     signature, constexprs, attrs = {}, {}, {}
     runtime = [p for p in fn.params if not p.is_constexpr]
     for i, p in enumerate(fn.params):
@@ -54,6 +54,15 @@ def _compile_like_jit(fn, args, kwargs):
             signature[p.name] = "i64" if abs(v) >= 2**31 else "i32"
             if v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _compile_like_jit(fn, args, kwargs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = _specialisation(fn, args, kwargs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -106,13 +115,20 @@ def _stats(compiled, outputs_per_thread: float | None = None, unit: str = "outpu
     return stats
 
 
-def _captured(call) -> list:
-    """(kernel, args, kwargs) of every launch ``call()`` makes, none of them run."""
+def _captured(call, grids: list | None = None) -> list:
+    """(kernel, args, kwargs) of every launch ``call()`` makes, none of them run; each launch's grid (a tuple, or
+    a function of the launch's arguments by name) is appended to ``grids`` where given."""
     launches = []
 
+    def launch(fn, grid):
+        def run(*a, **kw):
+            launches.append((fn, a, kw))
+            if grids is not None:
+                grids.append(grid)
+        return run
+
     def capture(fn):
-        return type("_Capture", (), {"__getitem__": lambda self, grid: lambda *a, **kw: launches.append(
-            (fn, a, kw))})()
+        return type("_Capture", (), {"__getitem__": lambda self, grid: launch(fn, grid)})()
 
     with mock.patch.object(torch.library, "wrap_triton", capture):
         call()
@@ -248,9 +264,123 @@ def profile_selfreg(student_shape=(2, 32, 128, 128, 128), size=(64, 64, 64), dty
     return rows
 
 
+# An H100's (and H200's) limits per block: shared memory a kernel may opt into, registers, grid dimensions
+SM90_SMS = 132
+SM90_SHARED_BYTES = 232448
+SM90_REGISTERS = 65536
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+class _FusedCalls(TorchDispatchMode):
+    """Records each call of a ``fastseg3d::`` op: (name, args, kwargs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "fastseg3d":
+            self.calls.append((func._schema.name, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _grid(grid, fn, args, kwargs) -> tuple[int, int, int]:
+    if callable(grid):
+        grid = grid({**dict(zip([p.name for p in fn.params if not p.is_constexpr], args)), **kwargs})
+    return tuple(grid) + (1,) * (3 - len(grid))
+
+
+def _hashable(value):
+    return tuple(map(_hashable, value)) if isinstance(value, (list, tuple)) else value
+
+
+def profile_network(name: str, side: int | None = None, batch: int | None = None, dtype=torch.bfloat16,
+                    modes=("train_step", "infer")) -> list[dict]:
+    """Every distinct Triton launch of the benchmark's network ``name`` (its ``bench.models`` description:
+    configuration, loss, batch and first side unless given), compiled for sm_90: its registers, spill bytes,
+    shared memory and largest grid, and ``problems``, what an H100 would refuse (shared memory or registers per
+    block, grid dimensions; empty when it launches).
+
+    The network runs on ``meta`` tensors (``train_step``: forward, the benchmark's loss and backward, under
+    emulated autocast to ``dtype``; ``infer``: an eval forward under ``no_grad``), every fused op call is recorded,
+    and each is replayed through the function that makes the op's launches (``fastseg3d.ops.utils.LAUNCHES``)
+    with its launches captured, so the kernels, shapes and tile configurations are those the GPU would get.
+    Launches that Triton's JIT would specialise alike are compiled once."""
+    from bench.models import NETWORKS
+    from bench.registry import load_cases
+    from fastseg3d.kernels import utils as kernel_utils
+    from fastseg3d.ops.utils import LAUNCHES
+    from fastseg3d.profile import _autocast_on_meta
+
+    load_cases()
+    net = NETWORKS[name]
+    side = side or net.sides[0]
+    batch = batch or net.batch
+    torch.manual_seed(0)
+    model = net.build(net.cfg, False).to("meta")
+    x = torch.empty(batch, net.in_channels, side, side, side, device="meta")
+    label = torch.zeros(batch, 1, side, side, side, dtype=torch.long, device="meta")
+    calls = []
+    for mode in modes:
+        recorder = _FusedCalls()
+        if mode == "train_step":
+            model.train()
+            with recorder, _autocast_on_meta(dtype):
+                net.loss(False)(model(x), label).backward()
+        else:
+            model.eval()
+            with recorder, _autocast_on_meta(dtype), torch.no_grad():
+                model(x)
+        calls += [(mode, *call) for call in recorder.calls]
+
+    distinct: dict = {}
+    for mode, op, args, kwargs in calls:
+        grids: list = []
+        # launchers split work to fill the GPU's SMs: an H100's (and H200's) 132
+        with mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
+            launches = _captured(lambda: LAUNCHES[op](*args, **kwargs), grids)
+        for (fn, a, kw), grid in zip(launches, grids):
+            kw = {"num_warps": 4, **kw}
+            signature, constexprs, attrs = _specialisation(fn, a, kw)
+            key = (fn.fn.__name__, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
+                   tuple(attrs), kw["num_warps"], kw.get("num_stages"))
+            entry = distinct.setdefault(key, {"launch": (fn, a, kw), "ops": set(), "modes": set(), "calls": 0,
+                                              "grid": (0, 0, 0)})
+            entry["ops"].add(op.split("::")[-1])
+            entry["modes"].add(mode)
+            entry["calls"] += 1
+            entry["grid"] = tuple(max(g, h) for g, h in zip(entry["grid"], _grid(grid, fn, a, kw)))
+
+    rows = []
+    for entry in distinct.values():
+        fn, a, kw = entry["launch"]
+        compiled = _compile_like_jit(fn, a, kw)
+        usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
+        regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
+        shared = compiled.metadata.shared
+        problems = []
+        if shared > SM90_SHARED_BYTES:
+            problems.append(f"{shared} bytes of shared memory (at most {SM90_SHARED_BYTES})")
+        if regs * 32 * kw["num_warps"] > SM90_REGISTERS:
+            problems.append(f"{regs} registers x {32 * kw['num_warps']} threads (at most {SM90_REGISTERS})")
+        for axis, (g, limit) in enumerate(zip(entry["grid"], GRID_LIMITS)):
+            if g > limit:
+                problems.append(f"grid axis {axis}: {g} programs (at most {limit})")
+        config = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        rows.append({"kernel": fn.fn.__name__, "ops": sorted(entry["ops"]), "modes": sorted(entry["modes"]),
+                     "calls": entry["calls"], "config": config, "warps": kw["num_warps"], "registers": regs,
+                     "spill_bytes": stack, "shared_bytes": shared, "grid": entry["grid"], "problems": problems})
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill", "selfreg"])
+    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill", "selfreg", "network"])
+    parser.add_argument("name", nargs="?", help="network: a model case (segformer3d, mobileutr, missu, dsd_unet, "
+                                                "selfreg_unet)")
+    parser.add_argument("--side", type=int, help="network: cubic input side (default: the benchmark's first)")
+    parser.add_argument("--batch", type=int, help="network: batch (default: the benchmark's)")
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
     parser.add_argument("--kernel", type=int, nargs=3, action="append", help="dwconv3d kernel (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
@@ -259,6 +389,18 @@ def main(argv=None) -> None:
     parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.op == "network":
+        if not args.name:
+            parser.error("network needs a model case name")
+        rows = profile_network(args.name, args.side, args.batch, dtype)
+        for row in rows:
+            print(row)
+        refused = [row for row in rows if row["problems"]]
+        print(f"{len(rows)} distinct launches, {sum(r['calls'] for r in rows)} calls, "
+              f"{sum(1 for r in rows if r['spill_bytes'])} spilling, {len(refused)} an H100 would refuse")
+        if refused:
+            raise SystemExit(1)
+        return
     if args.op == "kl_distill":
         # DSD's heads at full resolution, then at 1/2, 1/4 and 1/8 of a full-resolution teacher (forward and the
         # transposed interpolations of the heads' gradients)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active, tf32_matmul_allowed
+from fastseg3d.kernels import utils
 from fastseg3d.kernels.utils import cdiv, next_power_of_2
 
 __all__ = ["attention_bwd", "attention_fwd"]
@@ -202,10 +203,11 @@ def _attn_bwd_dq_kernel(
 
 def _row_splits(n_row_blocks: int, n_programs: int, device: torch.device) -> int:
     """Into how many parts the dk/dv kernel splits the query rows, given its programs per split."""
-    if interpreter_active() or device.type != "cuda":
+    sms = utils.sm_count(device)
+    if sms is None:
         return 1
     # Few key blocks (M = N / sr^3 is small) would leave most SMs idle: split the query rows among programs.
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * sms
     return max(1, min(n_row_blocks, cdiv(target, n_programs)))
 
 

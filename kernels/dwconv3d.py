@@ -30,6 +30,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from fastseg3d.backends import interpreter_active
+from fastseg3d.kernels import utils
 from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2
 
 __all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
@@ -846,10 +847,9 @@ def _chunks(n: int, kd: int, tiles: int, device: torch.device) -> tuple[int, int
     if interpreter_active():
         shortest = 2  # several runs even on the tests' tiny shapes
         wanted = cdiv(n, shortest)
-    elif device.type == "cuda":
-        wanted = cdiv(8 * torch.cuda.get_device_properties(device).multi_processor_count, tiles)
     else:
-        wanted = 1
+        sms = utils.sm_count(device)
+        wanted = 1 if sms is None else cdiv(8 * sms, tiles)
     j_chunk = max(shortest, cdiv(n, max(1, wanted)))
     return j_chunk, cdiv(n, j_chunk)
 
@@ -891,8 +891,11 @@ def dwconv3d_fwd(
         # The in-plane taps are unrolled and their loads issued together, so they share the registers with the KD
         # accumulators: up to 3x3 taps, 16 (KD = 1) or 8 (KD = 3) outputs per thread compile without spills for
         # sm_90 (4 for fp32 channel-major tiles, whose fp32 tap weights take twice the registers); larger kernels
-        # loop over depth taps with 8.
+        # loop over depth taps with up to about 200 in-plane taps x outputs per thread (8 x 5x5 spilled, 4 x 7x7
+        # takes 180 to 216 registers, 4 x 9x9 spilled).
         per_thread = 16 if roll and kd == 1 else 8
+        while per_thread * kh * kw > 196:
+            per_thread //= 2
         if roll and x.element_size() == 4 and x.stride(1) == 1:
             per_thread //= 2
         tile = 4096 if interpreter_active() else 128 * per_thread
@@ -944,16 +947,17 @@ def dwconv3d_bwd_weight(
     kd, kh, kw = kernel_size
     kvol = kd * kh * kw
     # One elementwise accumulator per tap: up to 27 taps per program (larger kernels split by depth tap), with
-    # the tile sized so that the accumulators hold about 128 fp32 values per thread (3x3x3 on channel-major
-    # columns: 8 outputs per thread, about 200 registers and no spills on sm_90). NCDHW lane tiles keep one sum
-    # per tap and thread instead and size their tile below.
+    # the tile sized so that the accumulators hold about 128 fp32 values per thread, 64 beyond 9 taps (100 for
+    # 5x5x5 and 98 for 7x7x7 spilled on sm_90). Channel-major columns (3x3x3: 8 outputs per thread, about 200
+    # registers and no spills) and NCDHW lane tiles (one sum per tap and thread) size their tiles below.
     kd_per = kd if kvol <= 27 else 1
     n_tap_chunks = kd // kd_per
     # As in the forward: the rolling walk for 3x3x3 and 1x3x3 (each input slice read once per in-plane tap).
     roll = kd in (1, 3) and kh * kw <= 9 and dilation[0] == 1
     taps = kd_per * kh * kw
     interp = interpreter_active()
-    tile = 4096 if interp else 128 * max(1, min(8, 1 << ((128 // taps).bit_length() - 1)))
+    budget = 128 if taps <= 9 else 64
+    tile = 4096 if interp else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
     lane_rows = 1
     if _takes_columns(x, roll, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
@@ -976,13 +980,13 @@ def dwconv3d_bwd_weight(
                 block_h, lane_rows = _lane_tile_rows(h_out, block_w // lanes, lane_rows)
     n_hw = cdiv(h_out, block_h) * cdiv(w_out, block_w)
     n_c = cdiv(c, block_c)
+    sms = utils.sm_count(x.device)
     if interp:
         n_dchunks = min(2, d_out)  # the chunk boundaries, exercised on the tests' tiny shapes
-    elif x.device.type != "cuda":
+    elif sms is None:
         n_dchunks = 1
     else:
-        target = 8 * torch.cuda.get_device_properties(x.device).multi_processor_count
-        n_dchunks = max(1, min(d_out, cdiv(target, n_hw * n_c * n_tap_chunks * bsz)))
+        n_dchunks = max(1, min(d_out, cdiv(8 * sms, n_hw * n_c * n_tap_chunks * bsz)))
     d_chunk = cdiv(d_out, n_dchunks)
     n_dchunks = cdiv(d_out, d_chunk)
     rows = bsz * n_dchunks * n_hw

@@ -11,11 +11,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2"]
+import torch
+
+from fastseg3d.backends import interpreter_active
+
+__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count"]
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of ``device``'s GPU, which launchers split work to fill; None under the interpreter
+    and off CUDA (``bench.sass`` stands in an H100's count to configure launches on ``meta`` tensors)."""
+    if interpreter_active() or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def next_power_of_2(n: int) -> int:

@@ -64,16 +64,23 @@ def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
 @utils.eager_op("fastseg3d::attention")
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     b, n, h, d = q.shape
-    if q.device.type != "meta" and not utils.launchable(q.device):
-        return attention_forward_ref(q, k, v, scale)
-    out = utils.empty((b, n, h, d), dtype=q.dtype, device=q.device)
-    lse = utils.empty((b, h, n), dtype=torch.float32, device=q.device)
     if q.device.type == "meta":
-        return out, lse
+        return (utils.empty((b, n, h, d), dtype=q.dtype, device=q.device),
+                utils.empty((b, h, n), dtype=torch.float32, device=q.device))
+    if not utils.launchable(q.device):
+        return attention_forward_ref(q, k, v, scale)
+    with utils.launch_device(q):
+        return _attention_launch(q, k, v, scale)
+
+
+@utils.launches("fastseg3d::attention")
+def _attention_launch(q, k, v, scale):
     from fastseg3d.kernels.attention import attention_fwd
 
-    with utils.launch_device(q):
-        attention_fwd(q, k, v, scale, out, lse)
+    b, n, h, d = q.shape
+    out = utils.empty((b, n, h, d), dtype=q.dtype, device=q.device)
+    lse = utils.empty((b, h, n), dtype=torch.float32, device=q.device)
+    attention_fwd(q, k, v, scale, out, lse)
     return out, lse
 
 
@@ -81,19 +88,22 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor
 def _attention_backward_op(
     grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if q.device.type != "meta" and not utils.launchable(q.device):
-        return attention_backward_ref(grad, q, k, v, out, lse, scale)
-    dq = utils.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = utils.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = utils.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.device.type == "meta":
-        return dq, dk, dv
+        return tuple(utils.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    if not utils.launchable(q.device):
+        return attention_backward_ref(grad, q, k, v, out, lse, scale)
+    with utils.launch_device(q):
+        return _attention_backward_launch(grad, q, k, v, out, lse, scale)
+
+
+@utils.launches("fastseg3d::attention_backward")
+def _attention_backward_launch(grad, q, k, v, out, lse, scale):
     from fastseg3d.kernels.attention import attention_bwd
 
+    dq, dk, dv = (utils.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     if grad.stride(-1) != 1:  # e.g. the stride-0 gradient of a sum
         grad = grad.contiguous()
-    with utils.launch_device(q):
-        attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=utils.empty)
+    attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=utils.empty)
     return dq, dk, dv
 
 

@@ -74,12 +74,17 @@ def _channel_kl_op(student: Tensor, teacher: Tensor, reduction: str, need_grad: 
         return student.new_empty((), dtype=torch.float32), grad
     if not utils.launchable(student.device):
         loss, grad = channel_kl_fused_ref(student, teacher, reduction, need_grad)
-    else:
-        from fastseg3d.kernels.channel_kl import channel_kl_fwd
+        return loss, (grad if grad is not None else student.new_empty((0,)))
+    with utils.launch_device(student):
+        return _channel_kl_launch(student, teacher, reduction, need_grad)
 
-        norm = channel_kl_normaliser(student.shape, reduction)
-        with utils.launch_device(student):
-            loss, grad = channel_kl_fwd(student, teacher, float(norm), need_grad, empty=utils.empty)
+
+@utils.launches("fastseg3d::channel_kl")
+def _channel_kl_launch(student, teacher, reduction, need_grad):
+    from fastseg3d.kernels.channel_kl import channel_kl_fwd
+
+    norm = channel_kl_normaliser(student.shape, reduction)
+    loss, grad = channel_kl_fwd(student, teacher, float(norm), need_grad, empty=utils.empty)
     return loss, (grad if grad is not None else student.new_empty((0,)))
 
 

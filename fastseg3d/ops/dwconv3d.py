@@ -125,6 +125,12 @@ def _new_output(x: Tensor, shape: Sequence[int]) -> Tensor:
     return utils.empty(shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
 
 
+def _out_shape(x: Tensor, weight: Tensor, padding: Sequence[int], dilation: Sequence[int]) -> list[int]:
+    return [x.shape[0], x.shape[1]] + [
+        s + 2 * p - d * (k - 1) for s, p, d, k in zip(x.shape[2:], padding, dilation, weight.shape[2:])
+    ]
+
+
 @utils.eager_op("fastseg3d::dwconv3d")
 def _dwconv3d_op(
     x: Tensor,
@@ -135,21 +141,23 @@ def _dwconv3d_op(
     dilation: list[int],
     activation: str,
 ) -> Tensor:
-    act = None if activation == "none" else activation
-    kernel = weight.shape[2:]
-    out_shape = [x.shape[0], x.shape[1]] + [
-        s + 2 * p - d * (k - 1) for s, p, d, k in zip(x.shape[2:], padding, dilation, kernel)
-    ]
     if x.device.type == "meta":
-        return _new_output(x, out_shape)
+        return _new_output(x, _out_shape(x, weight, padding, dilation))
     if not utils.launchable(x.device):
+        act = None if activation == "none" else activation
         y = dwconv3d_ref(x, weight, bias, tuple(padding), tuple(dilation), act, residual)
         return y.contiguous(memory_format=utils.layout_of(x))
+    with utils.launch_device(x):
+        return _dwconv3d_launch(x, weight, bias, residual, padding, dilation, activation)
+
+
+@utils.launches("fastseg3d::dwconv3d")
+def _dwconv3d_launch(x, weight, bias, residual, padding, dilation, activation):
     from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_fwd, taps_major
 
-    out = _new_output(x, out_shape)
-    with utils.launch_device(x):
-        return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), ACT_IDS[act])
+    act_id = ACT_IDS[None if activation == "none" else activation]
+    out = _new_output(x, _out_shape(x, weight, padding, dilation))
+    return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), act_id)
 
 
 @utils.eager_op("fastseg3d::dwconv3d_backward")
@@ -164,7 +172,6 @@ def _dwconv3d_backward_op(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dw, db); an output not asked for in ``output_mask`` is an empty (0,) tensor."""
-    act = None if activation == "none" else activation
     need_dx, need_dw, need_db = output_mask
     need_db = need_db and bias is not None
     if x.device.type == "meta":
@@ -174,25 +181,25 @@ def _dwconv3d_backward_op(
             torch.empty_like(bias) if need_db else x.new_empty((0,)),
         )
     if not utils.launchable(x.device):
+        act = None if activation == "none" else activation
         dx, dw, db = dwconv3d_backward_ref(grad, x, weight, bias, padding, dilation, act, [need_dx, need_dw, need_db])
         return (
             dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else x.new_empty((0,)),
             dw if need_dw else x.new_empty((0,)),
             db if need_db else x.new_empty((0,)),
         )
-
     with utils.launch_device(x):
-        dx, dw, db = _backward_launches(grad, x, weight, bias, padding, dilation, act, need_dx, need_dw, need_db)
-    dw_out = dw.reshape(weight.shape).to(weight.dtype) if need_dw else x.new_empty((0,))
-    db_out = db.to(bias.dtype) if need_db else x.new_empty((0,))
-    return dx, dw_out, db_out
+        return _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activation, output_mask)
 
 
-def _backward_launches(grad, x, weight, bias, padding, dilation, act, need_dx, need_dw, need_db):
+@utils.launches("fastseg3d::dwconv3d_backward")
+def _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activation, output_mask):
     from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
 
+    need_dx, need_dw, need_db = output_mask
+    need_db = need_db and bias is not None
     weight_t = taps_major(weight)
-    act_id = ACT_IDS[act]
+    act_id = ACT_IDS[None if activation == "none" else activation]
     pad, dil = tuple(padding), tuple(dilation)
     kd, kh, kw = weight.shape[2:]
     dz = grad
@@ -200,16 +207,20 @@ def _backward_launches(grad, x, weight, bias, padding, dilation, act, need_dx, n
         # dz = grad * act'(z), with z recomputed by the forward kernel; the dw and dx passes read it.
         dz = _new_output(x, grad.shape)
         dwconv3d_fwd(x, weight_t, bias, None, dz, pad, dil, act_id, grad=grad)
-    dw = db = None
+    dw_out = db_out = x.new_empty((0,))
     if need_dw or need_db:
         dw, db = dwconv3d_bwd_weight(x, dz, (kd, kh, kw), pad, dil, bias is not None, empty=utils.empty)
+        if need_dw:
+            dw_out = dw.reshape(weight.shape).to(weight.dtype)
+        if need_db:
+            db_out = db.to(bias.dtype)
     dx = x.new_empty((0,))
     if need_dx:
         dx = _new_output(x, x.shape)
         # dx is the correlation of dz with the flipped taps; mirrored padding keeps the input's size.
         mirrored = tuple(d * (k - 1) - p for k, d, p in zip((kd, kh, kw), dil, pad))
         dwconv3d_fwd(dz, weight_t, None, None, dx, mirrored, dil, 0, flip=True)
-    return dx, dw, db
+    return dx, dw_out, db_out
 
 
 def _setup_context(ctx, inputs, output):

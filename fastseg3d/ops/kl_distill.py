@@ -139,23 +139,34 @@ def _kl_distill_op(
                 grads, g_t)
     if not utils.launchable(teacher.device):
         per, grads, g_t = kl_distill_fused_ref(students, teacher, temperature, size, weights, need_s, need_t)
-    else:
-        from fastseg3d.kernels.kl_distill import MAX_STUDENTS, kl_distill_fwd
+        return _kl_outputs(students, teacher, weights, per, grads, g_t)
+    with utils.launch_device(teacher):
+        return _kl_distill_launch(students, teacher, temperature, size, weights, need_grad)
 
-        chunks, grads, g_t = [], [], None
-        for start in range(0, n_s, MAX_STUDENTS):
-            end = min(start + MAX_STUDENTS, n_s)
-            with utils.launch_device(teacher):
-                per_c, grads_c, g_t_c = kl_distill_fwd(
-                    list(students[start:end]), teacher, tuple(size), temperature, list(weights[start:end]),
-                    need_s[start:end], need_t, empty=utils.empty,
-                )
-            chunks.append(per_c)
-            grads += grads_c
-            g_t = g_t_c if g_t is None else g_t + g_t_c
-        per = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+
+@utils.launches("fastseg3d::kl_distill")
+def _kl_distill_launch(students, teacher, temperature, size, weights, need_grad):
+    from fastseg3d.kernels.kl_distill import MAX_STUDENTS, kl_distill_fwd
+
+    need_s, need_t = list(need_grad[:-1]), bool(need_grad[-1])
+    chunks, grads, g_t = [], [], None
+    for start in range(0, len(students), MAX_STUDENTS):
+        end = min(start + MAX_STUDENTS, len(students))
+        per_c, grads_c, g_t_c = kl_distill_fwd(
+            list(students[start:end]), teacher, tuple(size), temperature, list(weights[start:end]),
+            need_s[start:end], need_t, empty=utils.empty,
+        )
+        chunks.append(per_c)
+        grads += grads_c
+        g_t = g_t_c if g_t is None else g_t + g_t_c
+    per = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+    return _kl_outputs(students, teacher, weights, per, grads, g_t)
+
+
+def _kl_outputs(students, teacher, weights, per, grads, g_t):
+    """The op's outputs from the per-student losses and the gradients (None: not asked for)."""
     total = per[0] * weights[0]
-    for i in range(1, n_s):
+    for i in range(1, len(students)):
         total = total + per[i] * weights[i]
     grads = [g if g is not None else _nothing(s) for g, s in zip(grads, students)]
     return total, per, grads, (g_t if g_t is not None else _nothing(teacher))

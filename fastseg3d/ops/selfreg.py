@@ -159,25 +159,34 @@ def _selfreg_inter_op(
         grads = [s.new_empty(s.shape, dtype=saved_grad_dtype(s.dtype)) if n else s.new_empty((0,))
                  for s, n in zip(students, need_grad)]
         return teacher.new_empty((len(students),), dtype=torch.float32), grads
-    losses, grads = [], []
     if not utils.launchable(teacher.device):
+        losses, grads = [], []
         for s, cs, ct, need in zip(students, student_channels, teacher_channels, need_grad):
             loss, grad = selfreg_inter_fused_ref(s, teacher, cs, ct, need)
             losses.append(loss)
             grads.append(grad)
-    else:
-        from fastseg3d.kernels.selfreg import selfreg_inter_fwd
+        return _inter_outputs(students, losses, grads)
+    with utils.launch_device(teacher):
+        return _selfreg_inter_launch(students, teacher, student_channels, teacher_channels, need_grad)
 
-        sizes = [pooled_size(s, teacher) for s in students]
-        with utils.launch_device(teacher):
-            pyramid = _pyramid(teacher, sizes)
-            for s, size, cs, ct, need in zip(students, sizes, student_channels, teacher_channels, need_grad):
-                # the student is pooled on the fly by the kernel, the teacher level comes from the pyramid
-                loss, grad = selfreg_inter_fwd(s, pyramid[size], cs, ct, need, empty=utils.empty)
-                losses.append(loss)
-                grads.append(grad)
-    grads = [g if g is not None else s.new_empty((0,)) for g, s in zip(grads, students)]
-    return torch.stack(losses), grads
+
+@utils.launches("fastseg3d::selfreg_inter")
+def _selfreg_inter_launch(students, teacher, student_channels, teacher_channels, need_grad):
+    from fastseg3d.kernels.selfreg import selfreg_inter_fwd
+
+    sizes = [pooled_size(s, teacher) for s in students]
+    pyramid = _pyramid(teacher, sizes)
+    losses, grads = [], []
+    for s, size, cs, ct, need in zip(students, sizes, student_channels, teacher_channels, need_grad):
+        # the student is pooled on the fly by the kernel, the teacher level comes from the pyramid
+        loss, grad = selfreg_inter_fwd(s, pyramid[size], cs, ct, need, empty=utils.empty)
+        losses.append(loss)
+        grads.append(grad)
+    return _inter_outputs(students, losses, grads)
+
+
+def _inter_outputs(students, losses, grads):
+    return torch.stack(losses), [g if g is not None else s.new_empty((0,)) for g, s in zip(grads, students)]
 
 
 def _inter_setup_context(ctx, inputs, output):
@@ -204,11 +213,16 @@ def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]
         return feature.new_empty((), dtype=torch.float32), grad
     if not utils.launchable(feature.device):
         loss, grad = selfreg_intra_fused_ref(feature, need_grad)
-    else:
-        from fastseg3d.kernels.selfreg import selfreg_intra_fwd
+        return loss, (grad if grad is not None else feature.new_empty((0,)))
+    with utils.launch_device(feature):
+        return _selfreg_intra_launch(feature, need_grad)
 
-        with utils.launch_device(feature):
-            loss, grad = selfreg_intra_fwd(feature, need_grad, empty=utils.empty)
+
+@utils.launches("fastseg3d::selfreg_intra")
+def _selfreg_intra_launch(feature, need_grad):
+    from fastseg3d.kernels.selfreg import selfreg_intra_fwd
+
+    loss, grad = selfreg_intra_fwd(feature, need_grad, empty=utils.empty)
     return loss, (grad if grad is not None else feature.new_empty((0,)))
 
 

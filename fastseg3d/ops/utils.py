@@ -23,8 +23,10 @@ __all__ = [
     "check_spatial_shape",
     "eager_op",
     "empty",
+    "LAUNCHES",
     "launchable",
     "launch_device",
+    "launches",
     "layout_of",
     "scaled_grad",
 ]
@@ -111,6 +113,22 @@ def launchable(device: torch.device) -> bool:
     Op bodies branch on this before any launch: ``meta`` tensors and other devices take the reference or fake path.
     """
     return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+
+
+# op name -> the function that makes its Triton launches (see ``launches``)
+LAUNCHES: dict[str, Callable] = {}
+
+
+def launches(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` makes the Triton launches of the op ``name`` and returns its outputs, from the op's own
+    arguments. The op's body calls it once the case is launchable; ``bench.sass`` calls it on ``meta`` tensors
+    (where the body returns shapes only) to compile, for sm_90, every launch a network makes."""
+
+    def register(fn: Callable) -> Callable:
+        LAUNCHES[name] = fn
+        return fn
+
+    return register
 
 
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:

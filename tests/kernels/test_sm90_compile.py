@@ -303,3 +303,43 @@ def test_selfreg_pooling_keeps_to_registers():
     pool, inter = profile_selfreg()
     assert pool["spill_bytes"] == 0 and inter["spill_bytes"] == 0, (pool, inter)
     assert pool["loop_instructions"] == 0 and pool["per_pooled_voxel"] < 100, pool
+
+
+# MobileUtr's training step adds the 7x7x7 and 9x9x9 weight gradients and dz passes (about five minutes of
+# compiles on a CI core): `python -m bench.sass network mobileutr` checks them.
+@pytest.mark.parametrize("network,modes,ops", [
+    ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward"}),
+    ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl"}),
+    ("dsd_unet", ("train_step",), {"kl_distill"}),  # the fused parts of these two are training losses
+    ("selfreg_unet", ("train_step",), {"selfreg_inter", "selfreg_intra"}),
+    ("mobileutr", ("infer",), {"attention", "dwconv3d"}),
+])
+def test_network_launches_fit_an_h100(network, modes, ops):
+    """Every launch of a benchmark network (its benchmark size, bf16 autocast, the launchers configured for an
+    H100's 132 SMs) compiles for sm_90 within an H100's shared memory, registers and grid limits, without spills."""
+    from bench.sass import profile_network
+
+    rows = profile_network(network, modes=modes)
+    assert {op for row in rows for op in row["ops"]} == ops
+    assert {mode for row in rows for mode in row["modes"]} == set(modes)
+    for row in rows:
+        assert not row["problems"] and row["spill_bytes"] == 0, row
+
+
+def test_network_launch_limits_are_checked(monkeypatch):
+    from bench import sass
+
+    monkeypatch.setattr(sass, "SM90_SHARED_BYTES", 8)
+    monkeypatch.setattr(sass, "GRID_LIMITS", (100, 1, 1))
+    (row,) = sass.profile_network("dsd_unet", modes=("train_step",))
+    assert row["grid"] == (8192, 2, 1) and row["shared_bytes"] > 8, row
+    assert row["problems"] == [f"{row['shared_bytes']} bytes of shared memory (at most 8)",
+                               "grid axis 0: 8192 programs (at most 100)", "grid axis 1: 2 programs (at most 1)"]
+
+
+def test_every_op_registers_its_launches():
+    import fastseg3d.ops  # noqa: F401
+    from fastseg3d.ops.utils import LAUNCHES
+
+    ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastseg3d::")}
+    assert ops and set(LAUNCHES) == ops
