@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_selfreg"]
+__all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_network", "profile_selfreg"]
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32"}
@@ -45,7 +45,8 @@ def _specialisation(fn, args, kwargs) -> tuple[dict, dict, dict]:
         v = args[runtime.index(p)]
         if isinstance(v, torch.Tensor):
             signature[p.name] = "*" + _TYPES[v.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if v.storage_offset() * v.element_size() % 16 == 0:  # storages start 16-byte aligned
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[p.name] = "fp32"
         elif v == 1 and not p.do_not_specialize:
@@ -116,8 +117,8 @@ def _stats(compiled, outputs_per_thread: float | None = None, unit: str = "outpu
 
 
 def _captured(call, grids: list | None = None) -> list:
-    """(kernel, args, kwargs) of every launch ``call()`` makes, none of them run; each launch's grid (a tuple, or
-    a function of the launch's arguments by name) is appended to ``grids`` where given."""
+    """(kernel, args, kwargs) of every launch ``call()`` makes, none of them run; each launch's grid is appended to
+    ``grids`` where given."""
     launches = []
 
     def launch(fn, grid):
@@ -285,14 +286,11 @@ class _FusedCalls(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _grid(grid, fn, args, kwargs) -> tuple[int, int, int]:
-    if callable(grid):
-        grid = grid({**dict(zip([p.name for p in fn.params if not p.is_constexpr], args)), **kwargs})
-    return tuple(grid) + (1,) * (3 - len(grid))
-
-
 def _hashable(value):
-    return tuple(map(_hashable, value)) if isinstance(value, (list, tuple)) else value
+    """A key for a constexpr value that tells True from 1 and 1 from 1.0, as the JIT does."""
+    if isinstance(value, (list, tuple)):
+        return tuple(map(_hashable, value))
+    return type(value).__name__, value
 
 
 def profile_network(name: str, side: int | None = None, batch: int | None = None, dtype=torch.bfloat16,
@@ -343,14 +341,15 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
         for (fn, a, kw), grid in zip(launches, grids):
             kw = {"num_warps": 4, **kw}
             signature, constexprs, attrs = _specialisation(fn, a, kw)
-            key = (fn.fn.__name__, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
+            key = (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
                    tuple(attrs), kw["num_warps"], kw.get("num_stages"))
             entry = distinct.setdefault(key, {"launch": (fn, a, kw), "ops": set(), "modes": set(), "calls": 0,
                                               "grid": (0, 0, 0)})
             entry["ops"].add(op.split("::")[-1])
             entry["modes"].add(mode)
             entry["calls"] += 1
-            entry["grid"] = tuple(max(g, h) for g, h in zip(entry["grid"], _grid(grid, fn, a, kw)))
+            grid = tuple(grid) + (1,) * (3 - len(grid))  # the launchers pass tuples
+            entry["grid"] = tuple(max(g, h) for g, h in zip(entry["grid"], grid))
 
     rows = []
     for entry in distinct.values():
@@ -389,6 +388,8 @@ def main(argv=None) -> None:
     parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    if args.name and args.op != "network":
+        parser.error(f"{args.op} takes no name")
     if args.op == "network":
         if not args.name:
             parser.error("network needs a model case name")

@@ -947,16 +947,17 @@ def dwconv3d_bwd_weight(
     kd, kh, kw = kernel_size
     kvol = kd * kh * kw
     # One elementwise accumulator per tap: up to 27 taps per program (larger kernels split by depth tap), with
-    # the tile sized so that the accumulators hold about 128 fp32 values per thread, 64 beyond 9 taps (100 for
-    # 5x5x5 and 98 for 7x7x7 spilled on sm_90). Channel-major columns (3x3x3: 8 outputs per thread, about 200
-    # registers and no spills) and NCDHW lane tiles (one sum per tap and thread) size their tiles below.
+    # the tile sized so that the accumulators hold about 128 fp32 values per thread, 64 where a split kernel has
+    # more than 9 in-plane taps (100 for 5x5x5 and 98 for 7x7x7 spilled on sm_90). Channel-major columns (3x3x3:
+    # 8 outputs per thread, about 200 registers and no spills) and NCDHW lane tiles (one sum per tap and thread)
+    # size their tiles below.
     kd_per = kd if kvol <= 27 else 1
     n_tap_chunks = kd // kd_per
     # As in the forward: the rolling walk for 3x3x3 and 1x3x3 (each input slice read once per in-plane tap).
     roll = kd in (1, 3) and kh * kw <= 9 and dilation[0] == 1
     taps = kd_per * kh * kw
     interp = interpreter_active()
-    budget = 128 if taps <= 9 else 64
+    budget = 64 if kd_per == 1 and taps > 9 else 128
     tile = 4096 if interp else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
     lane_rows = 1
     if _takes_columns(x, roll, kw, dilation):

@@ -207,7 +207,7 @@ def _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activati
         # dz = grad * act'(z), with z recomputed by the forward kernel; the dw and dx passes read it.
         dz = _new_output(x, grad.shape)
         dwconv3d_fwd(x, weight_t, bias, None, dz, pad, dil, act_id, grad=grad)
-    dw_out = db_out = x.new_empty((0,))
+    dw_out, db_out = x.new_empty((0,)), x.new_empty((0,))  # distinct: an op's outputs may not alias
     if need_dw or need_db:
         dw, db = dwconv3d_bwd_weight(x, dz, (kd, kh, kw), pad, dil, bias is not None, empty=utils.empty)
         if need_dw:

@@ -577,6 +577,26 @@ def test_interpret_weight_grad_is_bitwise_deterministic():
         assert torch.equal(a, e)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("with_bias,mask", [(True, [True, False, False]), (False, [True, False, True]),
+                                            (True, [False, False, True])])
+def test_interpret_backward_outputs_not_asked_for(with_bias, mask):
+    """Through the dispatcher (which rejects outputs that alias each other), the gradients not asked for are
+    distinct empty tensors and the others match the reference (frozen weights: only dx)."""
+    x, w, b, _ = _tensors("contiguous", (1, 2, 3, 4, 5), (3, 3, 3), _F32, "cpu", bias=with_bias)
+    g = torch.randn(1, 2, 3, 4, 5)
+    with fastseg3d.backend("triton"):
+        dx, dw, db = torch.ops.fastseg3d.dwconv3d_backward(g, x, w, b, [1, 1, 1], [1, 1, 1], "gelu", mask)
+    ref = dwconv3d_backward_ref(g, x, w, b, [1, 1, 1], [1, 1, 1], "gelu", [mask[0], mask[1], mask[2] and with_bias])
+    for name, got, expected, asked in zip(("dx", "dw", "db"), (dx, dw, db), ref, mask):
+        if asked and expected is not None:
+            assert_close(name, got, expected, _F32)
+        else:
+            assert got.shape == (0,), name
+    assert len({dx.data_ptr(), dw.data_ptr(), db.data_ptr()} - {0}) == sum(t.numel() > 0 for t in (dx, dw, db))
+    assert dw is not db and dx is not dw
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU tier: real sizes, bf16, determinism, compile on CUDA
 
