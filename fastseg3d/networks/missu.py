@@ -90,7 +90,8 @@ class _SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # strided views: read in place by the fused op
+        # strided views read in place by the fused op; unbind's backward stacks their gradients in one kernel
+        q, k, v = qkv.unbind(2)
         out = attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
         return self.proj_drop(self.proj(out.reshape(b, n, c)))
 

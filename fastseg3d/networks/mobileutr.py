@@ -221,7 +221,8 @@ class _GlobalSparseAttn(nn.Module):
         """``t``: (B, M, C) tokens of the (sub-sampled) ``grid``; returns (B, N, C) at full resolution."""
         b, m, c = t.shape
         qkv = self.qkv(t).view(b, m, 3, self.num_heads, c // self.num_heads)
-        o = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.scale).reshape(b, m, c)
+        # unbind: strided views read in place, whose gradients backward stacks in one kernel
+        o = attention(*qkv.unbind(2), self.scale).reshape(b, m, c)
         if self.sr > 1:
             o = self.norm(_tokens(self.LocalProp(o.transpose(1, 2).unflatten(2, tuple(grid)))))
         return self.proj(o)

@@ -104,6 +104,8 @@ class EfficientSelfAttention3d(nn.Module):
         else:
             reduced = x
         kv = self.key_value(reduced).unflatten(-1, (2, self.num_heads, self.head_dim))
-        k, v = kv[:, :, 0], kv[:, :, 1]
+        # strided views read in place; unbind's backward stacks dk and dv into kv's gradient in one kernel (two
+        # selects would zero-fill two kv-sized buffers, copy into each and add them: five kernels)
+        k, v = kv.unbind(2)
         out = attention(q, k, v, self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_dropout(self.proj(out.reshape(b, n, c)))

@@ -129,8 +129,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
 
     Args:
         q: (B, N, H, d) queries, e.g. ``query(x).view(B, N, H, d)``; any strides with a unit stride on d.
-        k: (B, M, H, d) keys, e.g. ``kv[:, :, 0]`` of ``kv = key_value(x_).view(B, M, 2, H, d)`` (read in place).
-        v: (B, M, H, d) values, ``kv[:, :, 1]``.
+        k: (B, M, H, d) keys, e.g. ``k, v = kv.unbind(2)`` of ``kv = key_value(x_).view(B, M, 2, H, d)`` (views,
+            read in place; unbind's backward stacks dk and dv into kv's gradient in one kernel, where two selects
+            zero-fill two kv-sized buffers).
+        v: (B, M, H, d) values.
         scale: the logit scale; default ``d ** -0.5``.
         dropout_p: dropout on the probabilities, as in ``F.scaled_dot_product_attention`` (pass 0 in eval); the
             fused kernel has none, so a rate above 0 runs the reference (logged once under ``auto``, an error
@@ -147,7 +149,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
         >>> import torch, fastseg3d
         >>> q = torch.randn(2, 37, 2, 32)
         >>> kv = torch.randn(2, 11, 2 * 2 * 32).view(2, 11, 2, 2, 32)
-        >>> fastseg3d.ops.attention(q, kv[:, :, 0], kv[:, :, 1]).shape
+        >>> fastseg3d.ops.attention(q, *kv.unbind(2)).shape
         torch.Size([2, 37, 2, 32])
     """
     if all(isinstance(t, Tensor) for t in (q, k, v)):  # cast first: autocast takes mixed dtypes, as SDPA does

@@ -136,3 +136,36 @@ def test_gpu_module_matches_unfused_composition(monkeypatch, dtype):
     module = EfficientSelfAttention3d(32, 1, sr_ratio=4).cuda().to(dtype)
     with fastseg3d.backend("triton"):
         _compare(module, (32, 32, 24), dtype, "cuda")
+
+
+class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_modules():
+    from fastseg3d.networks.missu import _SelfAttention
+    from fastseg3d.networks.mobileutr import _GlobalSparseAttn
+
+    x = torch.randn(2, 4 * 4 * 2, 32, requires_grad=True)
+    return [
+        ("segformer3d", lambda: EfficientSelfAttention3d(32, 2, sr_ratio=2)(x, (4, 4, 2))),
+        ("missu", lambda: _SelfAttention(32, 2, 0.0, 0.0)(x)),
+        ("mobileutr", lambda: _GlobalSparseAttn(3, 32, 2, 1, True)(x, (4, 4, 2))),
+    ]
+
+
+@pytest.mark.parametrize("name", ["segformer3d", "missu", "mobileutr"])
+def test_kv_gradient_is_one_stack(name):
+    """k and v (and q) are views of one projection's output; their gradients reach it in one stack, not through a
+    zero-filled buffer per view and the sums of those."""
+    forward = dict(_attention_modules())[name]
+    out = forward()
+    with _AtenOps() as log:
+        out.sum().backward()
+    assert "aten::select_backward" not in log.ops and "aten::stack" in log.ops, log.ops
