@@ -113,9 +113,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
+    utils.no_zero_grads(ctx)
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return None, None, None, None
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _attention_backward_op(grad_out, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None

@@ -91,6 +91,7 @@ def _channel_kl_launch(student, teacher, reduction, need_grad):
 def _setup_context(ctx, inputs, output):
     ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
+    utils.no_zero_grads(ctx)
 
 
 def _backward(ctx, grad_loss, grad_grad):

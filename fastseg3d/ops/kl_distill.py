@@ -178,6 +178,7 @@ def _setup_context(ctx, inputs, output):
     ctx.n_students = len(students)
     ctx.dtypes = [s.dtype for s in students] + [teacher.dtype]
     ctx.save_for_backward(*grads, g_t)
+    utils.no_zero_grads(ctx)
 
 
 def _backward(ctx, grad_total, grad_per, grad_grads, grad_gt):

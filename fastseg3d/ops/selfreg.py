@@ -192,10 +192,12 @@ def _inter_outputs(students, losses, grads):
 def _inter_setup_context(ctx, inputs, output):
     ctx.dtypes = [s.dtype for s in inputs[0]]
     ctx.save_for_backward(*output[1])
+    utils.no_zero_grads(ctx)
 
 
 def _inter_backward(ctx, grad_losses, grad_grads):
-    grads = [utils.scaled_grad(grad_losses[i], g, dt) for i, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
+    grads = [utils.scaled_grad(grad_losses[i] if grad_losses is not None else None, g, dt)
+             for i, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
     nones = [None] * len(grads)
     return grads, None, nones, nones, None
 
@@ -229,6 +231,7 @@ def _selfreg_intra_launch(feature, need_grad):
 def _intra_setup_context(ctx, inputs, output):
     ctx.dtype = inputs[0].dtype
     ctx.save_for_backward(output[1])
+    utils.no_zero_grads(ctx)
 
 
 def _intra_backward(ctx, grad_loss, grad_grad):

@@ -28,6 +28,7 @@ __all__ = [
     "launch_device",
     "launches",
     "layout_of",
+    "no_zero_grads",
     "scaled_grad",
 ]
 
@@ -71,9 +72,18 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[to
                  for t in tensors)
 
 
-def scaled_grad(grad_out: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+def no_zero_grads(ctx) -> None:
+    """For an op's ``setup_context``: outputs that receive no gradient reach backward as None, not as zeros.
+
+    Autograd otherwise fills the gradient of every output backward is not given (a loss op's saved gradients,
+    attention's log-sum-exp) with zeros of its size: for the fused losses, a buffer and a fill the size of every
+    input (DSD at 128^3: about 1 GB a step), exactly what they exist to avoid."""
+    ctx.set_materialize_grads(False)
+
+
+def scaled_grad(grad_out: torch.Tensor | None, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """The input gradient of a loss whose forward already made it: ``grad_out * saved`` in ``dtype`` (None for an
-    empty ``saved``, the op's "no gradient" marker).
+    empty ``saved``, the op's "no gradient" marker, and for no ``grad_out``: see :func:`no_zero_grads`).
 
     A loss is usually backpropagated with exactly 1 (``loss.backward()``, or a sum the loss is a term of): then
     ``saved`` itself is returned, which spares a pass over it and a copy the size of the input (the memory roofline
@@ -84,7 +94,7 @@ def scaled_grad(grad_out: torch.Tensor, saved: torch.Tensor, dtype: torch.dtype)
     :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`), so a loss scale such as GradScaler's 2^16, which
     fp16 cannot even represent, is applied in fp32 before the cast. A double backward raises.
     """
-    if not saved.numel():
+    if grad_out is None or not saved.numel():
         return None
     if torch.is_grad_enabled() and not _tracing(grad_out):
         # create_graph=True: the saved gradient is a constant of this graph, so a second derivative would come out

@@ -1,0 +1,60 @@
+"""The fused losses' autograd formulas. They form their gradients in the forward pass, so backward only scales
+them (and allocates nothing the size of an input), and they have no double backward: it raises rather than
+returning second derivatives of 0. The ops run their reference math on CPU tensors (no launch), with the same
+autograd formula as on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastseg3d  # noqa: F401  (registers the ops)
+
+
+def _kl(x):
+    return torch.ops.fastseg3d.kl_distill([x], torch.randn_like(x), 2.0, [4, 4, 4], [1.0], [True, False])[0]
+
+
+def _channel_kl(x):
+    return torch.ops.fastseg3d.channel_kl(x, torch.randn_like(x), "mean", True)[0]
+
+
+def _intra(x):
+    return torch.ops.fastseg3d.selfreg_intra(x, True)[0]
+
+
+def _inter(x):
+    idx = torch.arange(4)
+    return torch.ops.fastseg3d.selfreg_inter([x], torch.randn_like(x), [idx], [idx], [True])[0].sum()
+
+
+class _AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("loss", [_kl, _channel_kl, _intra, _inter], ids=lambda f: f.__name__.strip("_"))
+def test_backward_fills_no_zeros(loss):
+    """The op's outputs that get no gradient (its saved input gradients) reach backward as None: autograd would
+    otherwise fill an input-sized tensor of zeros for each."""
+    x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    out = loss(x)
+    with _AtenOps() as log:
+        out.backward()
+    assert not {"aten::zeros", "aten::zeros_like", "aten::fill_", "aten::new_zeros"} & set(log.ops), log.ops
+    assert x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss", [_kl, _channel_kl, _intra, _inter], ids=lambda f: f.__name__.strip("_"))
+def test_double_backward_raises(loss):
+    x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    (first,) = torch.autograd.grad(loss(x), x)  # the first derivative works
+    assert torch.isfinite(first).all() and first.abs().sum() > 0
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(loss(x), x, create_graph=True)
