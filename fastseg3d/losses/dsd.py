@@ -37,7 +37,8 @@ class DSDLoss(nn.Module):
 
     Half-precision outputs (autocast) need no cast beforehand: the DiceCE terms take fp32 copies of the logits
     they supervise (main and decoder heads), and the KL terms take every head as it is (the fused op computes in
-    fp32 and keeps each head's gradient in that head's dtype), so no fp32 copy of a head is made for them.
+    fp32 and keeps each head's gradient in that head's dtype), so no fp32 copy of a head is made for them. The label
+    is one-hot encoded once for all DiceCE terms, where each ``DiceCELoss`` call would encode and save its own.
 
     Args:
         num_classes: the number of classes (checked against the logits).
@@ -80,6 +81,8 @@ class DSDLoss(nn.Module):
         self.kl_weight = check_weight(kl_weight, "kl_weight")
         self.detach_teacher = detach_teacher
         self.dice_ce = dice_ce(include_background, lambda_dice, lambda_ce)
+        # DiceCE's Dice on a label one-hot encoded once for all heads (see _dice_ce_sum)
+        self._dice = type(self.dice_ce.dice)(include_background=include_background, to_onehot_y=False, softmax=True)
 
     def _check_logits(self, t, name: str, dims: int) -> None:
         if not isinstance(t, torch.Tensor):
@@ -115,14 +118,27 @@ class DSDLoss(nn.Module):
         size = tuple(target.shape[2:])
         if tuple(main.shape[2:]) != size:
             raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
-        mode = "trilinear" if dims == 5 else "bilinear"
-        seg = self.dice_ce(full_precision(main), target)  # fp32 copies for DiceCE only (see the class docstring)
-        for h in decoder:
-            h = full_precision(h)
+        seg = self._dice_ce_sum([main, *decoder], target)
+        return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder"), "kl_encoder": self._kl(encoder, "encoder")}
+
+    def _dice_ce_sum(self, heads: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """The sum of MONAI's DiceCE over ``heads`` (each upsampled to the label's resolution), with the label one-hot
+        encoded once: each DiceCELoss call would encode it again and save its copy for backward, an fp32 tensor the
+        size of the logits per head (DSD at 128^3 with 14 classes: 235 MB each, five heads)."""
+        from monai.networks import one_hot
+
+        size = tuple(target.shape[2:])
+        mode = "trilinear" if target.dim() == 5 else "bilinear"
+        onehot = one_hot(target, num_classes=self.num_classes)
+        total = None
+        for h in heads:
+            h = full_precision(h)  # fp32 copies for DiceCE only (see the class docstring)
             if tuple(h.shape[2:]) != size:
                 h = F.interpolate(h, size=size, mode=mode, align_corners=False)
-            seg = seg + self.dice_ce(h, target)
-        return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder"), "kl_encoder": self._kl(encoder, "encoder")}
+            dc = self.dice_ce
+            term = dc.lambda_dice * self._dice(h, onehot) + dc.lambda_ce * dc.ce(h, target)
+            total = term if total is None else total + term
+        return total
 
     def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
         terms = self.terms(outputs, target)

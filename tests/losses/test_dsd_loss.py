@@ -129,6 +129,24 @@ def test_training_smoke(mode):
         opt.step()
 
 
+def test_label_is_one_hot_encoded_once():
+    """The five DiceCE terms share one one-hot label: backward keeps one copy (each DiceCELoss call would encode
+    and save its own, a tensor the size of the logits)."""
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    expected = F.one_hot(target[:, 0], 3).permute(0, 4, 1, 2, 3).float()
+    saved = {}
+
+    def pack(t):
+        if t.shape == expected.shape and torch.equal(t, expected):
+            saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = DSDLoss(3)(_outputs(torch.float32, "interp"), target)
+    loss.backward()
+    assert len(saved) == 1
+
+
 @pytest.mark.parametrize("mode", ["deconv", "interp"])
 def test_half_precision_outputs_need_no_cast(mode, monkeypatch):
     """bf16 outputs (autocast): the DiceCE terms get fp32 copies, the fused KL the heads in their own dtype (no
@@ -139,10 +157,10 @@ def test_half_precision_outputs_need_no_cast(mode, monkeypatch):
     target = torch.randint(0, 3, (2, 1, 8, 8, 8))
     loss_fn = DSDLoss(3)
     seen = {"dice_ce": [], "kl": []}
-    kl, dice = dsd_module.kl_distill_multi, loss_fn.dice_ce.forward
+    kl, dice = dsd_module.kl_distill_multi, loss_fn._dice.forward
     monkeypatch.setattr(dsd_module, "kl_distill_multi",
                         lambda s, t, *a, **k: seen["kl"].extend(x.dtype for x in (*s, t)) or kl(s, t, *a, **k))
-    monkeypatch.setattr(loss_fn.dice_ce, "forward", lambda x, y: seen["dice_ce"].append(x.dtype) or dice(x, y))
+    monkeypatch.setattr(loss_fn._dice, "forward", lambda x, y: seen["dice_ce"].append(x.dtype) or dice(x, y))
     loss = loss_fn(out, target)
     assert seen == {"dice_ce": [torch.float32] * 5, "kl": [torch.bfloat16] * 8}
     fp32 = DSDOutput(out.main.float(), tuple(h.float() for h in out.decoder), tuple(h.float() for h in out.encoder))
@@ -150,7 +168,9 @@ def test_half_precision_outputs_need_no_cast(mode, monkeypatch):
     grads = torch.autograd.grad(loss, _grads(out))
     assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads)
     seen["dice_ce"].clear()
-    loss_fn(out.main, target)  # the eval output
+    dice_ce = loss_fn.dice_ce.forward  # the eval output: MONAI's DiceCELoss itself
+    monkeypatch.setattr(loss_fn.dice_ce, "forward", lambda x, y: seen["dice_ce"].append(x.dtype) or dice_ce(x, y))
+    loss_fn(out.main, target)
     assert seen["dice_ce"] == [torch.float32]
 
 
