@@ -1,8 +1,24 @@
-"""Comparison helpers with dtype-aware tolerances."""
+"""Test helpers: comparisons with dtype-aware tolerances, and a recorder of the aten ops a computation runs."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# what zero-fills a tensor (autograd's materialised gradients among them)
+ZERO_FILLS = {"aten::zeros", "aten::zeros_like", "aten::new_zeros", "aten::fill_", "aten::zero_"}
+
+
+class AtenOps(TorchDispatchMode):
+    """``with AtenOps() as log: ...`` records the name of every op dispatched in the block in ``log.ops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
 
 # (relative RMS error, max abs error relative to the reference's max abs) per input dtype.
 TOLERANCES = {

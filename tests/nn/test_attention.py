@@ -10,7 +10,7 @@ import torch
 import fastseg3d
 from fastseg3d.nn import EfficientSelfAttention3d
 from fastseg3d.reference.attention import efficient_self_attention3d_ref
-from tests.utils import assert_close
+from tests.utils import AtenOps, assert_close
 
 _OFFICIAL_KEYS = ["query.weight", "query.bias", "key_value.weight", "key_value.bias", "proj.weight", "proj.bias"]
 
@@ -138,16 +138,6 @@ def test_gpu_module_matches_unfused_composition(monkeypatch, dtype):
         _compare(module, (32, 32, 24), dtype, "cuda")
 
 
-class _AtenOps(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
 def _attention_modules():
     from fastseg3d.networks.missu import _SelfAttention
     from fastseg3d.networks.mobileutr import _GlobalSparseAttn
@@ -166,6 +156,6 @@ def test_kv_gradient_is_one_stack(name):
     zero-filled buffer per view and the sums of those."""
     forward = dict(_attention_modules())[name]
     out = forward()
-    with _AtenOps() as log:
+    with AtenOps() as log:
         out.sum().backward()
     assert "aten::select_backward" not in log.ops and "aten::stack" in log.ops, log.ops
