@@ -2,7 +2,9 @@
 
 In a training step the plain composition saves three full-size tensors (BatchNorm's input, the activation's input
 and the Linear's input). Here only BatchNorm's input and two per-channel vectors are saved; the normalised and
-activated tensor is recomputed in backward (elementwise, cheap next to the Linear). Used by SegFormer3D's Mix-FFN
+activated tensor is recomputed in backward with the kernels autograd itself runs (BatchNorm's inference form, the
+activation and its backward: on channels-last input the gradients are the plain composition's, bit for bit), three
+elementwise passes next to the Linear's two products. Used by SegFormer3D's Mix-FFN
 (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
 """
 
@@ -15,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg3d.reference.dwconv3d import activation_grad_ref, activation_ref
+from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
 __all__ = ["batch_norm_act_linear"]
 
@@ -39,23 +41,34 @@ class _BatchNormActLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
-        shape = (1, -1, 1, 1, 1)
-        scale = rstd.view(shape) * (bn_weight.view(shape) if bn_weight is not None else 1.0)
-        z = (x - mean.view(shape)) * scale
-        if bn_bias is not None:
-            z = z + bn_bias.view(shape)
-        z = z.to(x.dtype)
+        # z = bn(x) with the batch statistics in one pass: BatchNorm's inference form, given the batch mean and the
+        # variance whose eps-shifted inverse square root is rstd (the statistics are per channel, so this is free)
+        z = F.batch_norm(x, mean, rstd.pow(-2) - ctx.eps, bn_weight, bn_bias, False, 0.0, ctx.eps)
         h = _tokens(activation_ref(z, ctx.activation))
         g = grad.to(h.dtype)
         dweight = torch.einsum("bno,bnc->oc", g, h).to(weight.dtype)
         dbias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
-        dh = (g @ weight.to(g.dtype)).transpose(1, 2).reshape(z.shape)
-        dz = (dh * activation_grad_ref(z, ctx.activation)).contiguous(memory_format=_format(x))
+        # the (B, N, C) token gradient is the volume in channels-last memory: a view, no transposing copy
+        dh = (g @ weight.to(g.dtype)).unflatten(1, x.shape[2:]).movedim(-1, 1)
+        dz = _activation_backward(dh, z, ctx.activation).contiguous(memory_format=_format(x))
         dx, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
             dz, x, bn_weight, running_mean, running_var, mean, rstd, True, ctx.eps,
             [True, bn_weight is not None, bn_bias is not None],
         )
         return dx, dbn_w, dbn_b, None, None, None, None, None, dweight, dbias
+
+
+def _activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``grad * activation'(z)`` in one ATen kernel, the one autograd runs for the activation."""
+    if activation is None:
+        return grad
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, z, 0)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(grad, z)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def _syncs(bn: nn.Module) -> bool:

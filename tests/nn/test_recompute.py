@@ -46,6 +46,43 @@ def test_matches_plain_composition(activation, momentum, layout):
     assert bn.num_batches_tracked.item() == bn_ref.num_batches_tracked.item() == 2
 
 
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_bf16_autocast_matches_plain_composition(activation, layout):
+    """Under bf16 autocast (SegFormer3D's training): backward recomputes z with BatchNorm's own kernel and applies
+    the activation's own backward kernel, so on channels-last input (the Mix-FFN's token volumes) the gradients are
+    those of autograd on the plain composition, bit for bit."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm3d(16)
+    bn_ref = copy.deepcopy(bn)
+    x = torch.randn(2, 16, 5, 6, 7).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(8, 16)
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = batch_norm_act_linear(x1, bn, activation, w1, None)
+        y_ref = F.linear(act[activation](bn_ref(x2)).flatten(2).transpose(1, 2), w2)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(y, y_ref)
+    pairs = (("dx", x1.grad, x2.grad), ("dw", w1.grad, w2.grad), ("dbn.weight", bn.weight.grad, bn_ref.weight.grad),
+             ("dbn.bias", bn.bias.grad, bn_ref.bias.grad))
+    for name, a, e in pairs:
+        assert a.dtype == e.dtype, name
+        if layout == "channels_last":
+            assert torch.equal(a, e), name
+        else:  # BatchNorm's backward reduces in another order on NCDHW
+            assert_close(name, a, e, torch.bfloat16)
+    assert x1.grad.is_contiguous(memory_format=_FORMATS[layout])
+
+
+_FORMATS = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
+
+
 def test_saves_only_the_input_and_statistics():
     bn = nn.BatchNorm3d(8)
     w = torch.randn(4, 8, requires_grad=True)
