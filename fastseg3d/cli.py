@@ -107,7 +107,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastseg3d.profile import activation_memory, largest_cube, training_memory
+    from fastseg3d.profile import activation_memory, largest_cube, training_memory, write_traffic
     from fastseg3d.train import load_config
     from fastseg3d.train.builders import build_model, build_objective, data_channels, output_mode
 
@@ -152,6 +152,10 @@ def _profile(args: argparse.Namespace) -> int:
     print(f"  optimizer state         {_size(report['optimizer']):>11}  ({cfg['optimizer']['name']})")
     print(f"  at least                {_size(report['total']):>11}  (backward's transient buffers, the allocator's "
           "slack and the CUDA context come on top)")
+    for phase, t in write_traffic(step, shape, dtype).items():
+        top = sorted(t["by_op"].items(), key=lambda kv: -kv[1][1])[:3]
+        print(f"  {phase + ' writes':<24}{_size(t['bytes']):>11}  in {t['ops']} ops; most: "
+              + ", ".join(f"{name} x{count} {_size(nbytes)}" for name, (count, nbytes) in top))
     if tcfg["activation_checkpointing"]:
         print("  train.activation_checkpointing is on: not modelled, these are the counts without it")
     if args.max_memory:
@@ -239,8 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     prof = sub.add_parser("profile", help="the memory a config's training step needs, counted on the meta device",
                           description="The activations a training step of the config's network saves for backward "
                                       "(fused layers as on a GPU), its parameters, gradients and optimizer state, "
-                                      "counted on the meta device: no GPU needed, any size. Trailing key=value "
-                                      "pairs override the config.")
+                                      "and the bytes its forward and backward write, counted on the meta device: "
+                                      "no GPU needed, any size. Trailing key=value pairs override the config.")
     prof.add_argument("--config", required=True, help="a YAML file, or a name in configs/ (e.g. segformer3d_brats)")
     prof.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                       help="fp32, or the autocast dtype (default: the config's train.amp)")

@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastseg3d.ops.utils import META_AUTOCAST_DTYPE
 
-__all__ = ["activation_memory", "largest_cube", "training_memory"]
+__all__ = ["activation_memory", "largest_cube", "training_memory", "write_traffic"]
 
 _T = torch.Tensor
 # CUDA autocast's cast policies (ATen's autocast_mode.h), by the Python functions that reach those ATen ops. Autocast
@@ -217,6 +219,69 @@ def training_memory(
     }
     report["total"] = sum(report.values())
     return report
+
+
+class _Writes(TorchDispatchMode):
+    """Per op name: how many ops wrote memory, and how many bytes (outputs that are not views of an input, and the
+    tensors in-place ops write). In backward the name carries the autograd node that ran it."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_op: dict[str, list[int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        mutable = func._schema.is_mutable
+        written = [t for t in pytree.tree_leaves(out)
+                   if isinstance(t, torch.Tensor) and (mutable or t.untyped_storage()._cdata not in inputs)]
+        if written:
+            name = func._schema.name
+            node = torch._C._current_autograd_node()
+            if node is not None:
+                name = f"{name} ({node.name()})"
+            entry = self.by_op.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += sum(t.numel() * t.element_size() for t in written)
+        return out
+
+
+def write_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> dict:
+    """The ops a training step of ``model`` runs that write memory, forward and backward, and the bytes they write,
+    counted on the ``meta`` device as :func:`activation_memory` runs the step (fused fastseg3d ops as on a GPU,
+    each one op however many kernels it launches). Views are left out; an in-place op counts the tensor it writes.
+    Backward starts from the sum of ``model``'s output (its output itself when a scalar).
+
+    Bytes written are a floor on a step's memory traffic (each is usually read at least once more), and the op
+    count a floor on its launches: ops that write much next to what they compute (casts, zero fills, elementwise
+    chains) are what fusion removes.
+
+    Returns:
+        ``{"forward": {"ops": n, "bytes": b, "by_op": {name: (count, bytes)}}, "backward": {...}}``; in backward,
+        names carry the autograd node that ran the op, e.g. ``"aten::gelu_backward (GeluBackward0)"``.
+
+    Example:
+        >>> from fastseg3d.networks import SegFormer3D
+        >>> from fastseg3d.profile import write_traffic
+        >>> traffic = write_traffic(SegFormer3D(), (2, 4, 128, 128, 128), torch.bfloat16)
+        >>> traffic["backward"]["ops"] > traffic["forward"]["ops"] > 0
+        True
+    """
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    meta_model = copy.deepcopy(model).to("meta").train()
+    x = torch.empty(tuple(input_shape), device="meta")
+    forward, backward = _Writes(), _Writes()
+    with _autocast_on_meta(dtype):
+        with forward:
+            out = meta_model(x)
+        loss = out if out.dim() == 0 else out.float().sum()
+        with backward:
+            loss.backward()
+    return {name: {"ops": sum(c for c, _ in log.by_op.values()), "bytes": sum(b for _, b in log.by_op.values()),
+                   "by_op": {k: tuple(v) for k, v in log.by_op.items()}}
+            for name, log in (("forward", forward), ("backward", backward))}
 
 
 def largest_cube(

@@ -50,6 +50,9 @@ def test_profile_counts_the_configs_training_step(capsys):
     assert main(["profile", "--config", "quickstart", "--size", "32", "--max-memory", "0.25"]) == 0
     out = capsys.readouterr().out
     assert "4 -> 5 channels; a training step on 2x4x32x32x32, fp32" in out and "(dice_ce)" in out
+    for phase in ("forward", "backward"):
+        line = next(line for line in out.splitlines() if line.strip().startswith(f"{phase} writes"))
+        assert " ops; most: aten::" in line, line
     step = _train_step(build_model(load_config("quickstart")["model"], 4, 5),
                        build_objective(load_config("quickstart"), "softmax", 5), "softmax", 5)
     total = training_memory(step, (2, 4, 32, 32, 32))["total"]

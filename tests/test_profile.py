@@ -1,4 +1,5 @@
-"""fastseg3d.profile.activation_memory: the meta-device count, and its emulation of CUDA autocast."""
+"""fastseg3d.profile: the meta-device counts (activations saved, bytes written) and the emulation of CUDA
+autocast."""
 
 from __future__ import annotations
 
@@ -167,3 +168,26 @@ def test_gpu_meta_count_matches_a_cuda_forward(dtype):
         meta = activation_memory(build(), (2, 4, 64, 64, 64), dtype)["total"]
         cuda = _saved_on_cuda(build(), (2, 4, 64, 64, 64), dtype)
         assert abs(meta - cuda) <= 0.02 * cuda, (build.__name__, meta, cuda)
+
+
+def test_write_traffic_counts_ops_that_write_and_their_bytes():
+    """Linear -> GELU on a (4, 8) fp32 input: addmm and gelu write 4 x 16 fp32 values each in forward (the weight's
+    transpose is a view, not counted); backward runs GELU's own backward (256 bytes) and the weight and bias
+    gradients (16 x 8 and 16 values) under the nodes that ran them."""
+    from fastseg3d.profile import write_traffic
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU())
+    traffic = write_traffic(model, (4, 8))
+    forward, backward = traffic["forward"], traffic["backward"]
+    assert forward["by_op"] == {"aten::addmm": (1, 256), "aten::gelu": (1, 256)}
+    assert forward["ops"] == 2 and forward["bytes"] == 512
+    assert backward["by_op"]["aten::gelu_backward (GeluBackward0)"] == (1, 256)
+    assert backward["by_op"]["aten::mm (AddmmBackward0)"] == (1, 16 * 8 * 4)
+    assert backward["by_op"]["aten::sum (AddmmBackward0)"] == (1, 16 * 4)
+    assert backward["bytes"] == sum(b for _, b in backward["by_op"].values())
+    assert not any(name.startswith(("aten::t ", "aten::view", "aten::expand")) for name in backward["by_op"])
+    # under bf16 autocast the Linear runs on cast copies: the casts are counted
+    bf16 = write_traffic(model, (4, 8), torch.bfloat16)["forward"]["by_op"]
+    assert bf16["aten::_to_copy"] == (3, (4 * 8 + 16 * 8 + 16) * 2) and bf16["aten::addmm"] == (1, 128)
+    with pytest.raises(ValueError, match="dtype"):
+        write_traffic(model, (4, 8), torch.float64)
