@@ -305,14 +305,13 @@ def test_selfreg_pooling_keeps_to_registers():
     assert pool["loop_instructions"] == 0 and pool["per_pooled_voxel"] < 100, pool
 
 
-# MobileUtr's training step adds the 7x7x7 and 9x9x9 weight gradients and dz passes (about five minutes of
-# compiles on a CI core): `python -m bench.sass network mobileutr` checks them.
+# MobileUtr's 7x7x7 and 9x9x9 layers take minutes of compiles on a CI core (its inference alone about two):
+# `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward"}),
     ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl"}),
     ("dsd_unet", ("train_step",), {"kl_distill"}),  # the fused parts of these two are training losses
     ("selfreg_unet", ("train_step",), {"selfreg_inter", "selfreg_intra"}),
-    ("mobileutr", ("infer",), {"attention", "dwconv3d"}),
 ])
 def test_network_launches_fit_an_h100(network, modes, ops):
     """Every launch of a benchmark network (its benchmark size, bf16 autocast, the launchers configured for an

@@ -393,7 +393,9 @@ def test_objective_casts_only_the_logits_monai_reads(name, monkeypatch):
     for module, fn in ((dsd_loss, "kl_distill_multi"), (selfreg_loss, "selfreg_inter_multi"),
                        (selfreg_loss, "selfreg_intra")):
         monkeypatch.setattr(module, fn, record("fused", getattr(module, fn)))
-    for loss in (objective.segmentation, getattr(objective.distill, "dice_ce", None)):
+    # DSDLoss runs MONAI's Dice on a shared one-hot label (``_dice``) and DiceCE's CE
+    for loss in (objective.segmentation, getattr(objective.distill, "dice_ce", None),
+                 getattr(objective.distill, "_dice", None)):
         if loss is not None:
             monkeypatch.setattr(loss, "forward", record("monai", loss.forward, 1))
     x, y = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16))
