@@ -164,7 +164,8 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     fn, args, kwargs = launches[0]
     tile = kwargs["BLOCK_C"] * kwargs["BLOCK_H"] * kwargs["BLOCK_W"]
     # the forward's W-lane walk is unrolled KD times (its accumulators rotate without moves): a loop pass is KD slices
-    unroll = kwargs["KD"] if which != "bwd_weight" and kwargs["LANES"] and kwargs["BLOCK_C"] == 1 else 1
+    lane_walk = which != "bwd_weight" and kwargs["LANES"] and kwargs["BLOCK_C"] == 1 and kwargs["ROLL"]
+    unroll = kwargs["KD"] if lane_walk else 1
     return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
             "activation": activation,
             "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]), "lanes": kwargs.get("LANES", 0),

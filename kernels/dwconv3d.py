@@ -9,7 +9,10 @@ Every tensor is addressed through its five logical (B, C, D, H, W) strides, so o
 along C when the channel stride is 1, wide along W otherwise) so loads stay coalesced. On W-major tiles with
 3-wide W taps a thread's outputs are one vector along W, and the W taps are that vector's lanes shifted in
 registers; on channel-major tiles a thread's outputs are a channel vector at a few consecutive W positions, so
-each input column it loads serves several W taps and each tap's weights several outputs.
+each input column it loads serves several W taps and each tap's weights several outputs. Larger kernels (MobileUtr's
+5x5x5 to 9x9x9) take one output slice a program and loop over its depth taps; on W-major tiles with centred W taps
+a thread's outputs are again a vector along W (and a few rows), whose input row is its own vector and the two beside
+it, so each loaded element serves up to KW taps.
 
 Backward:
 * ``dz = dy * act'(z)``, with ``z = conv(x) + b`` recomputed by the forward kernel (nothing but the input is
@@ -41,6 +44,8 @@ _INT32_MAX = 2**31 - 1
 _MAX_BLOCK_C = 64
 # Outputs per thread on channel-major column tiles, by KD: the most that compile without spills for sm_90
 _COLUMN_OUTPUTS = {1: 16, 3: 8}
+# Rows a thread holds on the general path's W-lane tiles, by lanes (8: 2-byte inputs, 4: fp32)
+_WIDE_ROWS = {8: 2, 4: 4}
 
 
 if interpreter_active():  # the interpreter has no libdevice fast math
@@ -260,6 +265,39 @@ def _lane_row(row, ok, w3, wg, W_in, sxw, pad_w, V: tl.constexpr):
 
 
 @triton.jit
+def _times(unit: tl.constexpr, a, b, c, d):
+    return a * unit, b * unit, c * unit, d * unit
+
+
+@triton.jit
+def _wide_row(row, ok, wg, wl, W_in, sxw, BR: tl.constexpr, G: tl.constexpr, V: tl.constexpr, PW: tl.constexpr):
+    """One input row for centred, undilated W taps (KW = 2 * PW + 1) on a W-lane tile whose thread holds outputs
+    w = wg + lane (``wl``), in fp32: the tuple of the V + 2 * PW inputs w - PW + m those outputs read, tap kw of
+    lane i at m = i + kw. They come from three aligned vector loads, the thread's own vector and its neighbours on
+    either side (PW <= V), split into lanes in registers; out-of-volume inputs read 0."""
+    vec = row + wg * sxw
+    lane = tl.arange(0, V)[None, None, :]
+    mid = _split_lanes(tl.load(vec + lane * sxw, mask=ok & (wl < W_in), other=0.0).to(tl.float32), BR, G, V)
+    win = mid
+    if PW > 0:
+        # compared as wl against constants (not wl - V >= 0, wl + V < W_in): the JIT proves these constant over
+        # a vector, so the loads stay vectors
+        prev = tl.load(vec + (lane - V) * sxw, mask=ok & (wl >= V) & (wl < W_in + V), other=0.0)
+        after = tl.load(vec + (lane + V) * sxw, mask=ok & (wl < W_in - V), other=0.0)
+        left = _split_lanes(prev.to(tl.float32), BR, G, V)
+        right = _split_lanes(after.to(tl.float32), BR, G, V)
+        win = ()
+        for m in tl.static_range(V + 2 * PW):
+            if m < PW:
+                win = win + (left[V - PW + m],)
+            elif m < PW + V:
+                win = win + (mid[m - PW],)
+            else:
+                win = win + (right[m - PW - V],)
+    return win
+
+
+@triton.jit
 def _column_row(xs, ok, ih, wg, H_in, W_in, sxh, sxw, pad_w, N: tl.constexpr):
     """Input row ih of the slice at ``xs`` for a channel-major column tile (lane i at output w = wg + i), in fp32:
     the N columns wg - pad_w + j, j < N, each feeding lane i through W tap j - i."""
@@ -314,7 +352,7 @@ def _dwconv3d_fwd_kernel(
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, ROLL: tl.constexpr,
     LANES: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     GRAD_ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, UNIT: tl.constexpr,
 ):
     """y = act(conv + bias) + residual, or with GRAD_ACT: y = g * act'(conv + bias).
 
@@ -327,6 +365,13 @@ def _dwconv3d_fwd_kernel(
     shift. Every input element is loaded and converted KH*KW times instead of KD*KH*KW times. Otherwise (larger
     kernels, whose KD*KH*KW unrolled taps would spill registers) the run is one output slice, which loops over
     its depth taps.
+
+    LANES without ROLL (those larger kernels on a width-major tile, centred undilated W taps, KW // 2 <= LANES): a
+    thread holds ROWS adjacent rows of LANES consecutive W outputs; an input row is three aligned vector loads (the
+    thread's own vector and its neighbours), split into lanes in registers, and each W tap of each output is one FMA
+    on them. With undilated H taps the rows share their input rows. 7x7x7 in bf16 on sm_90: 83 instructions per
+    output and depth tap (two rows of 8 lanes), 376 with one masked load per tap; 9x9x9 at 16^3 (one row): 186
+    against 806.
 
     LANES, on a width-major tile (a rolling walk with 3-wide, undilated W taps: NCDHW): a thread holds LANES
     consecutive outputs along W. Each input row is one aligned vector load plus the two elements beside the
@@ -343,7 +388,18 @@ def _dwconv3d_fwd_kernel(
     read as int32; 50.5 splitting bf16 vectors), 54 with the weights loaded per slice, 61 with one output per
     thread. PAIRS needs C to be a multiple of BLOCK_C (no channel mask, which would split the vectors) and takes
     x's strides in pairs.
+
+    UNIT > 1 (W-lane tiles whose rows are not multiples of 16 elements): W and every stride but W's come divided by
+    UNIT, the lanes of a thread's vector, and are multiplied back here, so the JIT knows them multiples of it and the
+    vectors aligned (it specialises integer arguments on divisibility by 16 only: rows of 24 or 12 elements would
+    load element by element).
     """
+    if UNIT > 1:
+        W_in, W_out = W_in * UNIT, W_out * UNIT
+        sxb, sxc, sxd, sxh = _times(UNIT, sxb, sxc, sxd, sxh)
+        srb, src, srd, srh = _times(UNIT, srb, src, srd, srh)
+        sgb, sgc, sgd, sgh = _times(UNIT, sgb, sgc, sgd, sgh)
+        syb, syc, syd, syh = _times(UNIT, syb, syc, syd, syh)
     pid = tl.program_id(0)
     pid_d = tl.program_id(1)
     b = tl.program_id(2)
@@ -418,7 +474,7 @@ def _dwconv3d_fwd_kernel(
             for i in tl.static_range((KD - 1) * LANES):
                 shifted = shifted + (accs[i],)
             accs = shifted
-    elif LANES > 0:
+    elif LANES > 0 and ROLL:
         G: tl.constexpr = BLOCK_W // LANES
         BR: tl.constexpr = BLOCK_H // ROWS
         # The weights of every tap, loaded once: BLOCK_C is 1 here, one register per tap.
@@ -477,6 +533,45 @@ def _dwconv3d_fwd_kernel(
             for i in tl.static_range((KD - 1) * ROWS * LANES):
                 shifted = shifted + (accs[i],)
             accs = shifted
+    elif LANES > 0:
+        # Larger kernels on W-lane tiles: one output slice, a loop over depth taps, ROWS x LANES outputs a thread.
+        G: tl.constexpr = BLOCK_W // LANES
+        BR: tl.constexpr = BLOCK_H // ROWS
+        PW: tl.constexpr = (KW - 1) // 2  # the launcher takes this path for centred W taps only
+        hr = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BR) * ROWS)[:, None, None]
+        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, :, None]
+        if INT64:
+            hr = hr.to(tl.int64)
+            wg = wg.to(tl.int64)
+        wl = wg + tl.arange(0, LANES)[None, None, :]
+        accs = (tl.broadcast_to(bias, [BR, G, 1]),) * (ROWS * LANES)
+        for kd in range(KD):
+            idp = r - pad_d + dil_d * (j0 + kd) + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                idp = idp.to(tl.int64)
+            d_ok = (idp >= 0) & (idp < D_in)
+            # input row hr - pad_h + j * dil_h feeds output row hr + o through H tap j - o (ROWS > 1: undilated H)
+            for j in tl.static_range(ROWS + KH - 1):
+                ih = hr - pad_h + j * dil_h
+                win = _wide_row(x_base + idp * sxd + ih * sxh, d_ok & (ih >= 0) & (ih < H_in), wg, wl, W_in, sxw,
+                                BR, G, LANES, PW)
+                updated = ()
+                for o in tl.static_range(ROWS):
+                    for i in tl.static_range(LANES):
+                        a = accs[o * LANES + i]
+                        if j - o >= 0 and j - o < KH:
+                            for kw in tl.static_range(KW):
+                                a += win[i + kw] * _tap_weight(w_ptr, offs_c, CP, kd, j - o, kw, KD, KH, KW, FLIP)
+                        updated = updated + (a,)
+                accs = updated
+        for o in tl.static_range(ROWS):
+            done = ()
+            for i in tl.static_range(LANES):
+                done = done + (accs[o * LANES + i],)
+            _finish(_join_lanes(done, BR, G, LANES), j0, j0, j1, r, b, c3, hr + o, wl,
+                    (c3 < C) & (hr + o < H_out) & (wl < W_out), r_ptr, g_ptr, y_ptr, dil_d,
+                    srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
+                    HAS_RES, ACT, GRAD_ACT, INT64)
     elif ROLL:
         fresh = tl.broadcast_to(bias, [BLOCK_C, BLOCK_H, BLOCK_W])
         acc0 = fresh
@@ -543,7 +638,7 @@ def _dwconv3d_bwd_weight_kernel(
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KD_PER: tl.constexpr, ROLL: tl.constexpr,
     LANES: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS: tl.constexpr, UNIT: tl.constexpr,
 ):
     """Per-program partial dw (over KD_PER depth taps starting at kd0) and db over a chunk of depth slices;
     ``g`` is the gradient at the pre-activation, dz. ROLL (all KD taps in the program, depth dilation 1) walks the
@@ -555,8 +650,16 @@ def _dwconv3d_bwd_weight_kernel(
     LANES on a width-major tile (NCDHW): the rolling walk with a thread's dz as ROWS adjacent rows of LANES
     consecutive W positions, the input rows read as in the forward's lane path (shared by the rows), and one
     accumulator per tap and thread: each lane's product is one FMA into it, so the registers hold 27 sums, not
-    27 tiles, and a thread can take 16 outputs.
+    27 tiles, and a thread can take 16 outputs. LANES without ROLL (larger kernels, centred undilated W taps): the
+    same sums per tap and thread over the output slices, each input row read as the forward's general lane path
+    reads it (three aligned vectors), so each loaded element meets up to KW taps of each dz lane.
+
+    UNIT: as in the forward kernel (W and the strides but W's in units of the lanes).
     """
+    if UNIT > 1:
+        W_in, W_out = W_in * UNIT, W_out * UNIT
+        sxb, sxc, sxd, sxh = _times(UNIT, sxb, sxc, sxd, sxh)
+        sgb, sgc, sgd, sgh = _times(UNIT, sgb, sgc, sgd, sgh)
     KVOL: tl.constexpr = KD * KH * KW
     NT: tl.constexpr = KD_PER * KH * KW
     pid = tl.program_id(0)
@@ -642,7 +745,7 @@ def _dwconv3d_bwd_weight_kernel(
                     new = new + (a,)
                 updated = new
             accs = updated
-    elif LANES > 0:
+    elif LANES > 0 and ROLL:
         BR: tl.constexpr = BLOCK_H // ROWS
         G: tl.constexpr = BLOCK_W // LANES
         accs = (tl.zeros([BR, G, 1], dtype=tl.float32),) * NT
@@ -686,6 +789,41 @@ def _dwconv3d_bwd_weight_kernel(
                                     a += dz * xl[i + n % 3 - 1]
                     updated = updated + (a,)
                 accs = updated
+    elif LANES > 0:
+        BR: tl.constexpr = BLOCK_H // ROWS
+        G: tl.constexpr = BLOCK_W // LANES
+        accs = (tl.zeros([BR, G, 1], dtype=tl.float32),) * NT
+        acc_b = tl.zeros([BR, G, 1], dtype=tl.float32)
+        for od_i in range(d_start, d_end):
+            od = od_i
+            if INT64:
+                od = tl.cast(od_i, tl.int64)
+            dz = ()  # dz[o * LANES + i]: lane i of dz row h3 + o
+            for o in tl.static_range(ROWS):
+                g_ok = (c3 < C) & (h3 + o < H_out) & (w3 < W_out)
+                g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + (h3 + o) * sgh + w3 * sgw, mask=g_ok, other=0.0)
+                lanes = _split_lanes(g.to(tl.float32), BR, G, LANES)
+                for i in tl.static_range(LANES):
+                    acc_b += lanes[i]
+                    dz = dz + (lanes[i],)
+            for kdi in tl.static_range(KD_PER):
+                idp = od - pad_d + (kd0 + kdi) * dil_d + tl.zeros([1, 1, 1], dtype=tl.int32)
+                d_ok = (c3 < C) & (idp >= 0) & (idp < D_in)
+                # input row h3 - pad_h + j * dil_h meets dz row h3 + o through H tap j - o (ROWS > 1: undilated)
+                for j in tl.static_range(ROWS + KH - 1):
+                    ih = h3 - pad_h + j * dil_h
+                    win = _wide_row(x_base + idp * sxd + ih * sxh, d_ok & (ih >= 0) & (ih < H_in), wg, w3, W_in,
+                                    sxw, BR, G, LANES, (KW - 1) // 2)
+                    updated = ()
+                    for n in tl.static_range(NT):
+                        a = accs[n]
+                        if n // (KH * KW) == kdi:
+                            for o in tl.static_range(ROWS):
+                                if j - o == (n // KW) % KH:
+                                    for i in tl.static_range(LANES):
+                                        a += dz[o * LANES + i] * win[i + n % KW]
+                        updated = updated + (a,)
+                    accs = updated
     elif ROLL:
         # Walk the input slices the run reads, each loaded once per in-plane tap, against a window of the KD
         # dz slices that read it (win[kd] is dz at od = id + pad_d - kd; zero outside the run, so every
@@ -790,20 +928,70 @@ def _blocks(x: torch.Tensor, h_out: int, w_out: int, tile: int) -> tuple[int, in
     return block_c, block_h, block_w
 
 
-def _lanes(x, three_wide_roll, padding, dilation, block_c, block_w, width, *tensors) -> int:
-    """LANES of a launch: ``width`` for a rolling walk with 3-wide undilated W taps on a W-major tile, else 0.
+def _lanes(three_wide_roll, padding, dilation, block_c, block_w, width) -> int:
+    """LANES of a launch: ``width`` (the aligned W vector a thread can take, 0 for none) for a rolling walk with
+    3-wide undilated W taps on a W-major tile, on a GPU with the center tap on the output, else 0.
 
-    On a GPU only where the JIT can prove each thread's W vector aligned (unit W stride, every other stride and W
-    a multiple of 16 elements, the center tap on the output): unaligned rows load element by element, and the
-    compiler then moves the lanes through shared memory. The interpreter takes it on any shape, so the tests
-    cover it on tiny ones."""
-    if not (three_wide_roll and dilation[2] == 1 and block_c == 1 and block_w >= width):
+    Unaligned rows load element by element, and the compiler then moves the lanes through shared memory: on a GPU
+    ``width`` comes from :func:`_vector_lanes` or :func:`_aligned`. The interpreter takes lanes on any shape, so
+    the tests cover them on tiny ones."""
+    if not (width and three_wide_roll and dilation[2] == 1 and block_c == 1 and block_w >= width):
         return 0
+    return width if interpreter_active() or padding[2] == 1 else 0
+
+
+def _multiples(lanes: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether W and every stride but W's (a unit one) of these tensors are multiples of ``lanes``."""
+    return all(t is None or (t.shape[4] % lanes == 0 and t.stride(4) == 1
+                             and all(s % lanes == 0 for s in t.stride()[:4])) for t in tensors)
+
+
+def _vector_lanes(vec: int, *tensors: torch.Tensor | None) -> int:
+    """The lanes of a thread's W vector in the forward kernel on a GPU: 16 bytes (``vec`` elements) where W and
+    every stride but W's are multiples of ``vec``, else 8 bytes where they are multiples of half of it (2-byte
+    types), on 16-byte aligned data; 0 where neither. The kernel takes W and those strides in units of the lanes
+    (UNIT), so that rows of 24 or 40 elements (96^3 and 160^3 inputs at their 1/4 scale) are aligned vectors too."""
     if interpreter_active():
-        return width
-    aligned = all(t is None or (t.stride(4) == 1 and all(s % 16 == 0 for s in t.stride()[:4]))
-                  for t in (x, *tensors))
-    return width if padding[2] == 1 and x.shape[4] % 16 == 0 and aligned else 0
+        return vec
+    if any(t is not None and t.storage_offset() % vec for t in tensors):
+        return 0
+    for lanes in (vec, vec // 2):
+        if lanes >= 4 and _multiples(lanes, *tensors):
+            return lanes
+    return 0
+
+
+def _aligned(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether the JIT can prove every 16-element W vector of these tensors aligned: unit W stride, every other
+    stride and W a multiple of 16 (the divisibility Triton specialises on)."""
+    return x.shape[4] % 16 == 0 and all(
+        t is None or (t.stride(4) == 1 and all(s % 16 == 0 for s in t.stride()[:4])) for t in (x, *tensors))
+
+
+def _wide_lanes(x, kernel, padding, dilation, h_out, w_out, width) -> bool:
+    """Whether the general path (kernels the rolling walk does not take) runs on W-lane tiles of ``width`` lanes
+    (the aligned W vector a thread can take, 0 for none): a W-major tile, centred undilated W taps reaching at most
+    ``width`` to either side, on a GPU planes of at least a warp's vectors."""
+    kw = kernel[2]
+    if (not width or x.stride(1) == 1 and x.shape[1] > 1 or dilation[2] != 1 or padding[2] != (kw - 1) // 2
+            or kw // 2 > width):
+        return False
+    groups = min(next_power_of_2(w_out), 32 * width) // width
+    return interpreter_active() or next_power_of_2(h_out) * groups >= 32
+
+
+def _wide_lane_tile(h_out: int, w_out: int, lanes: int, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_W, ROWS, num_warps) of a general-path W-lane tile: up to four warps (4096 outputs under the
+    interpreter) of ``rows`` x ``lanes`` outputs a thread, a warp's lane groups across W. Small planes take fewer
+    rows per thread, then fewer warps: a tile with fewer outputs than its threads hold would not keep a thread's
+    outputs one vector (see :func:`_lane_tile_rows`)."""
+    block_w = max(lanes, min(next_power_of_2(w_out), 32 * lanes))
+    groups = block_w // lanes
+    h_pad = next_power_of_2(h_out)
+    rows = max(1, min(rows, h_pad * groups // 32))
+    cap = 4096 // (rows * lanes) if interpreter_active() else 128
+    threads = max(groups, min(cap, h_pad * groups // rows))
+    return rows * threads // groups, block_w, rows, max(1, threads // 32)
 
 
 def _lane_tile_rows(h_out: int, groups: int, rows: int) -> tuple[int, int]:
@@ -835,8 +1023,11 @@ def _pair_strides(t: torch.Tensor, pairs: bool) -> tuple[int, ...]:
     return tuple(s // 2 if pairs and i != 1 else s for i, s in enumerate(t.stride()))
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
-    return tuple(t.stride()) if t is not None else (0, 0, 0, 0, 0)
+def _strides(t: torch.Tensor | None, unit: int = 1) -> tuple[int, ...]:
+    """t's strides, but for W's divided by ``unit`` (the kernel's UNIT)."""
+    if t is None:
+        return (0, 0, 0, 0, 0)
+    return (*(s // unit for s in t.stride()[:4]), t.stride(4))
 
 
 def _chunks(n: int, kd: int, tiles: int, device: torch.device) -> tuple[int, int]:
@@ -876,6 +1067,7 @@ def dwconv3d_fwd(
     roll = kd in (1, 3) and kh * kw <= 9
     vec = 16 // x.element_size()
     rows = 1
+    warps = 4
     if _takes_columns(x, roll, kw, dilation):
         # Channel-major columns: a thread holds a vector of channels at `lanes` consecutive W outputs, so each
         # input column it loads serves up to KW outputs and each tap's weights serve `lanes` outputs. For 3x3x3
@@ -892,7 +1084,8 @@ def dwconv3d_fwd(
         # accumulators: up to 3x3 taps, 16 (KD = 1) or 8 (KD = 3) outputs per thread compile without spills for
         # sm_90 (4 for fp32 channel-major tiles, whose fp32 tap weights take twice the registers); larger kernels
         # loop over depth taps with up to about 200 in-plane taps x outputs per thread (8 x 5x5 spilled, 4 x 7x7
-        # takes 180 to 216 registers, 4 x 9x9 spilled).
+        # takes 180 to 216 registers, 4 x 9x9 spilled), or on W-lane tiles with two rows of 8 lanes (2-byte inputs:
+        # 96 registers at 7x7x7; four rows, 197, save another 14%) or four rows of 4 (fp32: 159 registers).
         per_thread = 16 if roll and kd == 1 else 8
         while per_thread * kh * kw > 196:
             per_thread //= 2
@@ -900,8 +1093,13 @@ def dwconv3d_fwd(
             per_thread //= 2
         tile = 4096 if interpreter_active() else 128 * per_thread
         block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
-        lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, vec, out, residual, grad)
-        if lanes and kh == 3 and dilation[1] == 1:
+        width = _vector_lanes(vec, x, out, residual, grad)
+        lanes = _lanes(roll and kw == 3, padding, dilation, block_c, block_w, width)
+        if not roll and _wide_lanes(x, (kd, kh, kw), padding, dilation, h_out, w_out, width):
+            lanes = width
+            block_h, block_w, rows, warps = _wide_lane_tile(h_out, w_out, lanes,
+                                                            _WIDE_ROWS[lanes] if dilation[1] == 1 else 1)
+        elif lanes and kh == 3 and dilation[1] == 1:
             # A thread's outputs on W-lane tiles: `lanes` along W by `rows` adjacent rows, which share their input
             # rows (rows + 2 loads for 3 * rows), up to 4 rows while the KD * rows * lanes accumulators stay within
             # a budget. 48 (two rows of 8 for 3x3x3) for 2-byte inputs compiles within 128 registers for sm_90,
@@ -919,14 +1117,19 @@ def dwconv3d_fwd(
     else:
         j_chunk, n_chunks = 1, n_per_residue
     grid = (n_tiles, dil_d * n_chunks, bsz)
+    # W-lane tiles take W and the strides in units of their lanes where those are multiples of the lanes but not of
+    # 16 (on a GPU: any lane tile but those): the products cost registers (3x3x3 GELU dz pass: 124 -> 159)
+    tensors = (x, out, residual, grad)
+    unit = lanes if lanes and block_c == 1 and not _aligned(*tensors) and _multiples(lanes, *tensors) else 1
     torch.library.wrap_triton(_dwconv3d_fwd_kernel)[grid](
         x, weight_taps, bias if bias is not None else weight_taps, residual if residual is not None else x,
         grad if grad is not None else x, out,
-        c, weight_taps.shape[3], d_in, h_in, w_in, d_out, h_out, w_out, j_chunk, n_chunks,
-        *_pair_strides(x, pairs), *_strides(residual), *_strides(grad), *out.stride(), *padding, *dilation,
+        c, weight_taps.shape[3], d_in, h_in, w_in // unit, d_out, h_out, w_out // unit, j_chunk, n_chunks,
+        *(_strides(x, unit) if unit > 1 else _pair_strides(x, pairs)), *_strides(residual, unit),
+        *_strides(grad, unit), *_strides(out, unit), *padding, *dilation,
         KD=kd, KH=kh, KW=kw, FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, ACT=act, GRAD_ACT=grad is not None, INT64=_needs_int64(x, out, residual, grad),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, num_warps=4,
+        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
     )
     return out
 
@@ -960,6 +1163,7 @@ def dwconv3d_bwd_weight(
     budget = 64 if kd_per == 1 and taps > 9 else 128
     tile = 4096 if interp else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
     lane_rows = 1
+    warps = 4
     if _takes_columns(x, roll, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
         lanes = min(2, next_power_of_2(w_out))
@@ -969,8 +1173,14 @@ def dwconv3d_bwd_weight(
     else:
         pairs = False
         block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
-        lanes = _lanes(x, roll and kw == 3, padding, dilation, block_c, block_w, 16 // x.element_size(), dz)
-        if lanes:
+        width = _vector_lanes(16 // x.element_size(), x, dz)
+        lanes = _lanes(roll and kw == 3, padding, dilation, block_c, block_w, width)
+        if not roll and _wide_lanes(x, kernel_size, padding, dilation, h_out, w_out, width):
+            # larger kernels: one sum per tap and thread, over two rows of dz lanes (7x7x7 on sm_90: 168 registers
+            # in bf16; fp32 with four rows of 4 took 238, 11% fewer instructions)
+            lanes = width
+            block_h, block_w, lane_rows, warps = _wide_lane_tile(h_out, w_out, lanes, 2 if dilation[1] == 1 else 1)
+        elif lanes:
             # One sum per tap and thread: a thread takes a 16-byte vector of dz along W by `rows` adjacent rows,
             # which share their input rows, while its window of KD * rows * lanes dz values stays within 48.
             if kh == 3 and dilation[1] == 1:
@@ -994,14 +1204,16 @@ def dwconv3d_bwd_weight(
     dwp = empty((rows, kvol, c), dtype=torch.float32, device=x.device)
     dbp = empty((rows, c), dtype=torch.float32, device=x.device) if with_bias else None
     grid = (n_c * n_hw, n_tap_chunks, bsz * n_dchunks)
+    unit = lanes if lanes and block_c == 1 and not _aligned(x, dz) and _multiples(lanes, x, dz) else 1
     torch.library.wrap_triton(_dwconv3d_bwd_weight_kernel)[grid](
         x, dz, dwp, dbp if dbp is not None else dwp,
-        c, d_in, h_in, w_in, d_out, h_out, w_out, d_chunk,
-        *_pair_strides(x, pairs), *_pair_strides(dz, pairs),
+        c, d_in, h_in, w_in // unit, d_out, h_out, w_out // unit, d_chunk,
+        *(_pair_strides(x, pairs) if pairs else _strides(x, unit)),
+        *(_pair_strides(dz, pairs) if pairs else _strides(dz, unit)),
         *padding, *dilation,
         KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, LANES=lanes, ROWS=lane_rows, HAS_BIAS=with_bias,
         INT64=_needs_int64(x, dz),
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, num_warps=4,
+        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
     )
     # Fixed-order reductions over the workspace rows: deterministic for a given shape and device.
     return dwp.sum(0).t(), (dbp.sum(0) if dbp is not None else None)

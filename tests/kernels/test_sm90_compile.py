@@ -39,7 +39,7 @@ def _ints(*names):
 
 
 def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True, roll=True, lanes=0, rows=1,
-                       columns=False, pairs=False):
+                       columns=False, pairs=False, unit=1):
     values = {p: f"*{dtype}" for p in ("x_ptr", "bias_ptr", "r_ptr", "g_ptr", "y_ptr")}
     values["w_ptr"] = "*fp32"
     values.update(_ints("C", "CP", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
@@ -48,7 +48,7 @@ def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=Tr
     block = (32, 1, 32) if columns else (1, 8 * rows, 128) if lanes else (64, 1, 16)
     values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=True,
                   HAS_RES=res, ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1],
-                  BLOCK_W=block[2], PAIRS=pairs)
+                  BLOCK_W=block[2], PAIRS=pairs, UNIT=unit)
     return values
 
 
@@ -58,13 +58,18 @@ def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=Tr
      ("fp32", (7, 7, 7), 3, True, False, False, False, 0, 1), ("bf16", (3, 3, 3), 0, False, True, False, True, 0, 1),
      ("bf16", (5, 5, 5), 2, False, False, True, False, 0, 1), ("fp32", (3, 3, 3), 1, True, True, True, True, 0, 1),
      ("bf16", (3, 3, 3), 2, False, False, False, True, 8, 1), ("fp16", (3, 3, 3), 0, False, True, True, True, 8, 2),
-     ("fp32", (1, 3, 3), 4, True, False, False, True, 4, 4), ("bf16", (1, 3, 3), 0, True, True, False, True, 8, 4)],
+     ("fp32", (1, 3, 3), 4, True, False, False, True, 4, 4), ("bf16", (1, 3, 3), 0, True, True, False, True, 8, 4),
+     # the general path's W-lane tiles (larger kernels): flipped taps and GELU's gradient, a 9x9x9 in int64
+     ("bf16", (7, 7, 7), 2, False, True, True, False, 8, 2), ("fp32", (9, 9, 9), 0, True, False, False, False, 4, 4),
+     # 2-byte rows that are multiples of 4 elements, not 8: 8-byte vectors of 4 lanes
+     ("bf16", (3, 3, 3), 2, False, False, False, True, 4, 4), ("bf16", (9, 9, 9), 0, False, False, True, False, 4, 4)],
 )
 def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll, lanes, rows):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_fwd_kernel
 
+    unit = lanes if lanes == 4 and dtype == "bf16" else 1  # 2-byte rows of 4-element multiples: W, strides in 4s
     compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad, roll=roll,
-                                                              lanes=lanes, rows=rows))
+                                                              lanes=lanes, rows=rows, unit=unit))
 
 
 @pytest.mark.parametrize("kernel,act,int64,pairs", [((3, 3, 3), 0, False, True), ((1, 3, 3), 2, True, True),
@@ -81,7 +86,10 @@ def test_dwconv3d_forward_column_tiles(kernel, act, int64, pairs):
                          [("bf16", (3, 3, 3), 3, False, True, 0, 1), ("fp32", (3, 3, 3), 3, True, True, 0, 1),
                           ("fp16", (3, 3, 3), 3, False, False, 0, 1), ("bf16", (7, 7, 7), 1, False, False, 0, 1),
                           ("bf16", (3, 3, 3), 3, True, True, 8, 2), ("fp32", (1, 3, 3), 1, False, True, 4, 4),
-                          ("bf16", (3, 3, 3), 3, True, True, 2, 1), ("bf16", (1, 3, 3), 1, False, True, 2, 1)])
+                          ("bf16", (3, 3, 3), 3, True, True, 2, 1), ("bf16", (1, 3, 3), 1, False, True, 2, 1),
+                          # larger kernels on W-lane tiles; 2-byte rows of 4-element multiples (8-byte vectors)
+                          ("bf16", (7, 7, 7), 1, False, False, 8, 2), ("fp32", (9, 9, 9), 1, True, False, 4, 2),
+                          ("bf16", (3, 3, 3), 3, False, True, 4, 4), ("bf16", (9, 9, 9), 1, False, False, 4, 2)])
 def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64, roll, lanes, rows):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_bwd_weight_kernel
 
@@ -92,7 +100,7 @@ def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64, roll, lanes, 
     block = (32, 1, 32) if lanes == 2 else (1, 8 * rows, 128) if lanes else (64, 1, 16)
     values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, ROLL=roll, LANES=lanes, ROWS=rows,
                   HAS_BIAS=True, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1], BLOCK_W=block[2],
-                  PAIRS=lanes == 2 and dtype == "bf16")
+                  PAIRS=lanes == 2 and dtype == "bf16", UNIT=lanes if lanes == 4 and dtype == "bf16" else 1)
     compile_for_h100(_dwconv3d_bwd_weight_kernel, values)
 
 
@@ -235,6 +243,22 @@ def test_dwconv3d_fused_gelu_keeps_to_registers(which, channels_last):
     # divisions and one row per thread: 72.3, 79.4, 84.2 and 92.4.
     limit = {("fwd", False): 59, ("fwd", True): 69, ("dz", False): 66, ("dz", True): 78}
     assert stats["per_output"] < limit[which, channels_last], stats
+
+
+@pytest.mark.parametrize("shape,kernel,act,which,lanes,limit", [
+    ((2, 32, 24, 24, 24), (7, 7, 7), "gelu", "fwd", 8, 90),  # 83.2 today; 470 with a masked load per tap
+    ((2, 32, 24, 24, 24), (7, 7, 7), None, "bwd_weight", 8, 80),  # 72.0; 416
+    ((2, 64, 12, 12, 12), (9, 9, 9), None, "fwd", 4, 195),  # 181.6; 912
+    ((2, 64, 12, 12, 12), (9, 9, 9), None, "bwd_weight", 4, 135),  # 125.0; 674
+])
+def test_dwconv3d_large_kernels_keep_to_registers(shape, kernel, act, which, lanes, limit):
+    """MobileUtr's 7x7x7 and 9x9x9 depthwise convs at the 96^3 benchmark (bf16, NCDHW, rows of 24 and 12 elements)
+    take W-lane tiles: no spills, and main-loop instructions per output and depth tap within a bound."""
+    from bench.sass import profile_dwconv3d
+
+    stats = profile_dwconv3d(shape, kernel, torch.bfloat16, False, which, act)
+    assert stats["lanes"] == lanes and stats["spill_bytes"] == 0, stats
+    assert stats["per_output"] < limit, stats
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])

@@ -350,10 +350,12 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
      ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.float32, 4, 1),  # 4 channels x 4
      ((2, 4, 8, 16, 32), (1, 3, 3), (0, 1, 1), 1, "channels_last", torch.bfloat16, 2, 1),  # 8 channels x 2
      ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "channels_last", torch.bfloat16, 0, 1),  # dilated W taps
-     ((2, 4, 8, 16, 40), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 0, 1),  # rows not 16-aligned
+     ((2, 4, 8, 16, 40), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8, 1),  # rows of 40: 8 lanes, UNIT 8
+     ((2, 4, 8, 16, 20), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 4, 1),  # rows of 20: 8-byte vectors
+     ((2, 4, 8, 16, 20), (3, 3, 3), 1, 1, "contiguous", torch.float32, 4, 1),
+     ((2, 4, 8, 16, 18), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 0, 1),  # rows of 18: no vectors
      ((2, 4, 8, 16, 32), (3, 3, 3), (1, 1, 0), 1, "contiguous", torch.bfloat16, 0, 1),  # center tap unaligned
-     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0, 1),  # dilated W taps
-     ((2, 4, 8, 16, 32), (5, 5, 5), 2, 1, "contiguous", torch.bfloat16, 0, 1)],
+     ((2, 4, 8, 16, 32), (3, 3, 3), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0, 1)],  # dilated W taps
 )
 def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dilation, layout, dtype, lanes, rows):
     """The W-lane path (one aligned vector load per input row, taps shifted in registers) is taken exactly where
@@ -387,6 +389,8 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
                                     (1, out, within_24), (4, out, within_24)):
             with_act = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, act, grad=grad))
             assert with_act[0][2]["ROWS"] == expected, (act, grad is not None)
+    # W and the strides in units of the lanes where they are not multiples of 16 (the JIT's divisibility)
+    assert launches[0][2]["UNIT"] == (lanes if layout == "contiguous" and lanes and shape[4] % 16 else 1)
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
     # the weight gradient: as the forward's plain conv on NCDHW (rows within a window of 48 dz values), 2 columns
     # on channels-last
@@ -394,6 +398,7 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     assert launches[0][2]["ROWS"] == rows
     if lanes and layout == "contiguous":
         assert full(launches[0][2])
+        assert launches[0][2]["UNIT"] == (lanes if shape[4] % 16 else 1)
 
 
 def test_bad_backend_env_is_reported():
@@ -402,6 +407,51 @@ def test_bad_backend_env_is_reported():
         capture_output=True, text=True,
     )
     assert proc.returncode != 0 and "FASTSEG3D_BACKEND must be one of" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,padding,dilation,layout,dtype,lanes,rows,warps",
+    [((2, 32, 32, 32, 32), (7, 7, 7), 3, 1, "contiguous", torch.bfloat16, 8, 2, 2),  # MobileUtr's ConvUtr at 128^3
+     ((2, 64, 16, 16, 16), (9, 9, 9), 4, 1, "contiguous", torch.bfloat16, 8, 1, 1),  # its LGL blocks: 8 x 16 x 16
+     ((2, 4, 8, 64, 128), (5, 5, 5), 2, 1, "contiguous", torch.float32, 4, 4, 4),
+     ((2, 4, 8, 16, 16), (9, 9, 9), 4, 1, "contiguous", torch.float32, 4, 2, 1),  # 9-wide on 4 lanes
+     ((2, 4, 8, 64, 128), (5, 3, 3), (2, 2, 1), (1, 2, 1), "contiguous", torch.bfloat16, 8, 1, 4),  # dilated H
+     ((2, 4, 8, 64, 128), (5, 3, 3), (2, 1, 1), 1, "contiguous", torch.bfloat16, 8, 2, 4),  # 3 H taps, 2 rows
+     ((2, 4, 8, 1, 16), (7, 7, 7), 3, 1, "contiguous", torch.bfloat16, 0, 1, 4),  # a plane short of a warp
+     ((2, 4, 8, 16, 40), (7, 7, 7), 3, 1, "contiguous", torch.bfloat16, 8, 2, 2),  # rows of 40: multiples of 8
+     ((2, 4, 8, 12, 12), (9, 9, 9), 4, 1, "contiguous", torch.bfloat16, 4, 2, 1),  # of 12: 8-byte vectors
+     ((2, 4, 8, 16, 18), (7, 7, 7), 3, 1, "contiguous", torch.bfloat16, 0, 1, 4),  # of 18: no vectors
+     ((2, 4, 8, 16, 32), (5, 5, 5), (2, 2, 1), 1, "contiguous", torch.bfloat16, 0, 1, 4),  # W taps not centred
+     ((2, 4, 8, 16, 32), (5, 5, 5), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0, 1, 4),  # dilated W taps
+     ((2, 4, 8, 16, 32), (7, 7, 7), 3, 1, "channels_last", torch.bfloat16, 0, 1, 4)],
+)
+def test_general_path_takes_wide_lanes(shape, kernel, padding, dilation, layout, dtype, lanes, rows, warps):
+    """Kernels the rolling walk does not take (depth taps other than 1 and 3, more than 3x3 in-plane taps) run on
+    W-lane tiles where the W taps are centred and undilated and the rows aligned: three vector loads per input row,
+    the taps shifted in registers. A tile holds one vector per thread and row, with fewer warps on small planes;
+    the weight gradient takes the same lanes."""
+    from bench.sass import _captured
+    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
+
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    padding = (padding,) * 3 if isinstance(padding, int) else padding
+    dilation = (dilation,) * 3 if isinstance(dilation, int) else dilation
+    out_shape = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(shape[2:], padding, dilation, kernel)]
+    out = x.new_empty(*shape[:2], *out_shape)
+    w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
+    for act, grad in ((0, None), (2, None), (4, out)):  # the forward, with GELU, and SiLU's dz pass
+        (_, _, kw), = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, act, grad=grad))
+        unit = lanes if lanes and shape[4] % 16 else 1  # W and the strides in units of the lanes, where not 16s
+        assert (kw["LANES"], kw["ROWS"], kw["num_warps"], kw["ROLL"], kw["UNIT"]) == (lanes, rows, warps, False, unit)
+        if lanes:
+            assert kw["BLOCK_H"] // rows * (kw["BLOCK_W"] // lanes) == 32 * warps
+    # the weight gradient: the same lanes, with up to two rows of them a thread
+    (_, _, kw), = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
+    assert (kw["LANES"], kw["UNIT"], kw["ROLL"]) == (lanes, unit, False) and kw["ROWS"] <= min(2, rows), kw
+    if lanes:
+        assert kw["BLOCK_H"] // kw["ROWS"] * (kw["BLOCK_W"] // lanes) == 32 * kw["num_warps"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -452,12 +502,23 @@ def test_interpret_expanded_grad_output(poison, layout):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_interpret_64bit_indexing_path(poison, monkeypatch, layout):
+@pytest.mark.parametrize("layout,channels,kernel", [("contiguous", 3, (3, 3, 3)), ("channels_last", 3, (3, 3, 3)),
+                                                    ("contiguous", 1, (5, 5, 5))])
+def test_interpret_64bit_indexing_path(poison, monkeypatch, layout, channels, kernel):
     import fastseg3d.kernels.dwconv3d as k
 
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
-    check_against_reference(layout, (1, 3, 3, 4, 5), (3, 3, 3), "silu", True, _F32, "cpu")
+    check_against_reference(layout, (1, channels, 3, 4, 5), kernel, "silu", True, _F32, "cpu")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("kernel,padding,dilation", [((5, 3, 3), (4, 2, 1), (2, 2, 1)),
+                                                     ((5, 3, 5), (1, 0, 2), (1, 1, 1))])
+def test_interpret_wide_lanes_padding_dilation(poison, kernel, padding, dilation):
+    """The general path's W-lane tiles with dilated depth and H taps (one row a thread) and uncentred depth and H
+    padding (the W taps centred, as the path needs)."""
+    check_against_reference("contiguous", (1, 2, 5, 9, 8), kernel, "relu", True, _F32, "cpu",
+                            padding=padding, dilation=dilation)
 
 
 _GPU_TILE_CASES = [
@@ -467,6 +528,14 @@ _GPU_TILE_CASES = [
     ((1, 2, 3, 33, 32), (3, 3, 3), None, _F32),
     ((1, 1, 3, 129, 16), (1, 3, 3), None, _F16),
     ((1, 2, 4, 17, 16), (3, 3, 3), "relu", _F16),  # exact in fp16 (silu's fp16 dz, as eager keeps it, costs db 3e-3)
+    # the general path's W-lane tiles (one warp each): 2 rows of 8 lanes across the H border, 2 rows of 4 lanes,
+    # 9-wide taps reaching a whole 4-lane vector to each side
+    ((1, 1, 3, 17, 16), (5, 5, 5), "gelu", _F16),
+    ((1, 1, 2, 5, 32), (7, 7, 7), None, _F32),
+    ((1, 1, 1, 9, 16), (9, 9, 9), "silu", _F32),
+    # rows that are multiples of 8 and 4 elements, not 16: W and the strides go to the kernel in units of the lanes
+    ((1, 1, 2, 5, 24), (7, 7, 7), None, _F16),
+    ((1, 2, 3, 6, 12), (3, 3, 3), "gelu", _F16),
 ]
 
 
@@ -475,7 +544,8 @@ _GPU_TILE_CASES = [
                          ids=[f"{'x'.join(map(str, c[0]))}-k{''.join(map(str, c[1]))}-{c[2]}" for c in _GPU_TILE_CASES])
 def test_interpret_gpu_lane_tiles(poison, monkeypatch, shape, kernel, activation, dtype):
     """The W-lane tiles a GPU launch picks (under the interpreter the launchers take one large tile instead): planes
-    from one row to several tiles, a thread's rows at the H border, tiles holding fewer rows than threads."""
+    from one row to several tiles, a thread's rows at the H border, tiles holding fewer rows than threads, W and
+    the strides in units of the lanes."""
     import fastseg3d.kernels.dwconv3d as k
 
     monkeypatch.setattr(k, "interpreter_active", lambda: False)
@@ -614,6 +684,11 @@ _GPU_CASES = [
         ("channels_last", (1, 48, 9, 20, 21), (5, 5, 5), "silu"),
         ("contiguous", (1, 16, 7, 33, 35), (1, 7, 7), "gelu_tanh"),
         ("tokens", (1, 160, 4, 6, 5), (3, 3, 3), "relu"),
+        # the general path's W-lane tiles: MobileUtr's 7x7x7 and 9x9x9 on rows of 24 and 12 (W and the strides in
+        # units of the lanes) and of 32, the H border inside a thread's two rows
+        ("contiguous", (2, 8, 11, 23, 24), (7, 7, 7), "gelu"),
+        ("contiguous", (2, 4, 12, 12, 12), (9, 9, 9), None),
+        ("contiguous", (1, 4, 6, 17, 32), (5, 5, 5), "silu"),
     ]
 ]
 
