@@ -951,6 +951,8 @@ def _vector_lanes(vec: int, *tensors: torch.Tensor | None) -> int:
     every stride but W's are multiples of ``vec``, else 8 bytes where they are multiples of half of it (2-byte
     types), on 16-byte aligned data; 0 where neither. The kernel takes W and those strides in units of the lanes
     (UNIT), so that rows of 24 or 40 elements (96^3 and 160^3 inputs at their 1/4 scale) are aligned vectors too."""
+    if vec < 4:  # fp64: the lanes split into 4 or 8
+        return 0
     if interpreter_active():
         return vec
     if any(t is not None and t.storage_offset() % vec for t in tensors):
@@ -968,13 +970,21 @@ def _aligned(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
         t is None or (t.stride(4) == 1 and all(s % 16 == 0 for s in t.stride()[:4])) for t in (x, *tensors))
 
 
+def _unit(lanes: int, block_c: int, int64: bool, *tensors: torch.Tensor | None) -> int:
+    """UNIT of a W-lane launch: ``lanes`` where W and the strides are multiples of them but not of 16, and the
+    indexing is 32-bit (the kernel's products would overflow int32 arguments otherwise), else 1."""
+    if lanes and block_c == 1 and not int64 and not _aligned(*tensors) and _multiples(lanes, *tensors):
+        return lanes
+    return 1
+
+
 def _wide_lanes(x, kernel, padding, dilation, h_out, w_out, width) -> bool:
     """Whether the general path (kernels the rolling walk does not take) runs on W-lane tiles of ``width`` lanes
     (the aligned W vector a thread can take, 0 for none): a W-major tile, centred undilated W taps reaching at most
     ``width`` to either side, on a GPU planes of at least a warp's vectors."""
     kw = kernel[2]
-    if (not width or x.stride(1) == 1 and x.shape[1] > 1 or dilation[2] != 1 or padding[2] != (kw - 1) // 2
-            or kw // 2 > width):
+    if (not width or x.stride(1) == 1 and x.shape[1] > 1 or kw % 2 == 0 or dilation[2] != 1
+            or padding[2] != (kw - 1) // 2 or kw // 2 > width):
         return False
     groups = min(next_power_of_2(w_out), 32 * width) // width
     return interpreter_active() or next_power_of_2(h_out) * groups >= 32
@@ -1118,9 +1128,11 @@ def dwconv3d_fwd(
         j_chunk, n_chunks = 1, n_per_residue
     grid = (n_tiles, dil_d * n_chunks, bsz)
     # W-lane tiles take W and the strides in units of their lanes where those are multiples of the lanes but not of
-    # 16 (on a GPU: any lane tile but those): the products cost registers (3x3x3 GELU dz pass: 124 -> 159)
+    # 16 (on a GPU: any lane tile but those): the products cost registers (3x3x3 GELU dz pass: 124 -> 159). Not
+    # with 64-bit indexing, where they would overflow the 32-bit arguments.
     tensors = (x, out, residual, grad)
-    unit = lanes if lanes and block_c == 1 and not _aligned(*tensors) and _multiples(lanes, *tensors) else 1
+    int64 = _needs_int64(*tensors)
+    unit = _unit(lanes, block_c, int64, *tensors)
     torch.library.wrap_triton(_dwconv3d_fwd_kernel)[grid](
         x, weight_taps, bias if bias is not None else weight_taps, residual if residual is not None else x,
         grad if grad is not None else x, out,
@@ -1128,7 +1140,7 @@ def dwconv3d_fwd(
         *(_strides(x, unit) if unit > 1 else _pair_strides(x, pairs)), *_strides(residual, unit),
         *_strides(grad, unit), *_strides(out, unit), *padding, *dilation,
         KD=kd, KH=kh, KW=kw, FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, ACT=act, GRAD_ACT=grad is not None, INT64=_needs_int64(x, out, residual, grad),
+        HAS_RES=residual is not None, ACT=act, GRAD_ACT=grad is not None, INT64=int64,
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
     )
     return out
@@ -1204,7 +1216,8 @@ def dwconv3d_bwd_weight(
     dwp = empty((rows, kvol, c), dtype=torch.float32, device=x.device)
     dbp = empty((rows, c), dtype=torch.float32, device=x.device) if with_bias else None
     grid = (n_c * n_hw, n_tap_chunks, bsz * n_dchunks)
-    unit = lanes if lanes and block_c == 1 and not _aligned(x, dz) and _multiples(lanes, x, dz) else 1
+    int64 = _needs_int64(x, dz)
+    unit = _unit(lanes, block_c, int64, x, dz)
     torch.library.wrap_triton(_dwconv3d_bwd_weight_kernel)[grid](
         x, dz, dwp, dbp if dbp is not None else dwp,
         c, d_in, h_in, w_in // unit, d_out, h_out, w_out // unit, d_chunk,
@@ -1212,7 +1225,7 @@ def dwconv3d_bwd_weight(
         *(_pair_strides(dz, pairs) if pairs else _strides(dz, unit)),
         *padding, *dilation,
         KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, LANES=lanes, ROWS=lane_rows, HAS_BIAS=with_bias,
-        INT64=_needs_int64(x, dz),
+        INT64=int64,
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
     )
     # Fixed-order reductions over the workspace rows: deterministic for a given shape and device.

@@ -89,7 +89,9 @@ def test_dwconv3d_forward_column_tiles(kernel, act, int64, pairs):
                           ("bf16", (3, 3, 3), 3, True, True, 2, 1), ("bf16", (1, 3, 3), 1, False, True, 2, 1),
                           # larger kernels on W-lane tiles; 2-byte rows of 4-element multiples (8-byte vectors)
                           ("bf16", (7, 7, 7), 1, False, False, 8, 2), ("fp32", (9, 9, 9), 1, True, False, 4, 2),
-                          ("bf16", (3, 3, 3), 3, False, True, 4, 4), ("bf16", (9, 9, 9), 1, False, False, 4, 2)])
+                          ("bf16", (3, 3, 3), 3, False, True, 4, 4), ("bf16", (9, 9, 9), 1, False, False, 4, 2),
+                          # 3x3x3 with dilated depth: all three depth taps in one program on W-lane tiles
+                          ("bf16", (3, 3, 3), 3, False, False, 8, 2)])
 def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64, roll, lanes, rows):
     from fastseg3d.kernels.dwconv3d import _dwconv3d_bwd_weight_kernel
 

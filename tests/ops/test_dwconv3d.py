@@ -344,6 +344,7 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
     [((2, 4, 8, 64, 128), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8, 2),
      ((2, 4, 8, 64, 128), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.float32, 4, 4),
      ((2, 4, 8, 64, 128), (3, 3, 3), 1, (1, 2, 1), "contiguous", torch.bfloat16, 8, 1),  # dilated H taps
+     ((2, 4, 8, 64, 128), (3, 3, 3), (2, 1, 1), (2, 1, 1), "contiguous", torch.bfloat16, 8, 2),  # dilated depth
      ((2, 4, 8, 32, 32), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8, 1),  # a plane too short for 2 rows
      ((2, 4, 8, 128, 16), (1, 3, 3), (0, 1, 1), 1, "contiguous", torch.bfloat16, 8, 2),  # narrow: 2 rows, not 4
      ((2, 4, 8, 16, 32), (3, 3, 3), 1, 1, "channels_last", torch.bfloat16, 2, 1),  # columns: 4 channels x 2
@@ -392,9 +393,10 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     # W and the strides in units of the lanes where they are not multiples of 16 (the JIT's divisibility)
     assert launches[0][2]["UNIT"] == (lanes if layout == "contiguous" and lanes and shape[4] % 16 else 1)
     launches = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
-    # the weight gradient: as the forward's plain conv on NCDHW (rows within a window of 48 dz values), 2 columns
-    # on channels-last
-    assert launches[0][2]["LANES"] == (0 if not lanes or dilation[0] > 1 else lanes if layout == "contiguous" else 2)
+    # the weight gradient: as the forward's plain conv on NCDHW (rows within a window of 48 dz values; with dilated
+    # depth taps, which its rolling walk does not take, the general path's W-lane tiles), 2 columns on channels-last
+    assert launches[0][2]["LANES"] == (lanes if layout == "contiguous" else 0 if not lanes or dilation[0] > 1 else 2)
+    assert launches[0][2]["ROLL"] == (dilation[0] == 1)
     assert launches[0][2]["ROWS"] == rows
     if lanes and layout == "contiguous":
         assert full(launches[0][2])
@@ -449,9 +451,24 @@ def test_general_path_takes_wide_lanes(shape, kernel, padding, dilation, layout,
             assert kw["BLOCK_H"] // rows * (kw["BLOCK_W"] // lanes) == 32 * warps
     # the weight gradient: the same lanes, with up to two rows of them a thread
     (_, _, kw), = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
-    assert (kw["LANES"], kw["UNIT"], kw["ROLL"]) == (lanes, unit, False) and kw["ROWS"] <= min(2, rows), kw
+    assert (kw["LANES"], kw["UNIT"], kw["ROLL"], kw["ROWS"]) == (lanes, unit, False, min(2, rows)), kw
     if lanes:
         assert kw["BLOCK_H"] // kw["ROWS"] * (kw["BLOCK_W"] // lanes) == 32 * kw["num_warps"]
+
+
+def test_wide_lanes_keep_strides_whole_with_64bit_indexing(monkeypatch):
+    """With 64-bit indexing the launchers pass W and the strides as they are (UNIT 1): the kernel's products of
+    strides given in units of the lanes would overflow their 32-bit arguments."""
+    from bench.sass import _captured
+    import fastseg3d.kernels.dwconv3d as k
+
+    x = torch.empty(2, 4, 8, 16, 40, dtype=torch.bfloat16, device="meta")
+    w = k.taps_major(torch.empty(4, 1, 7, 7, 7, device="meta"))
+    for int32_max, unit in ((2**31 - 1, 8), (16, 1)):
+        monkeypatch.setattr(k, "_INT32_MAX", int32_max)
+        (_, _, fwd), = _captured(lambda: k.dwconv3d_fwd(x, w, None, None, torch.empty_like(x), (3, 3, 3), (1, 1, 1), 0))
+        (_, _, bwd), = _captured(lambda: k.dwconv3d_bwd_weight(x, x, (7, 7, 7), (3, 3, 3), (1, 1, 1), True))
+        assert (fwd["UNIT"], fwd["INT64"], bwd["UNIT"], bwd["INT64"]) == (unit, unit == 1, unit, unit == 1)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -509,6 +526,17 @@ def test_interpret_64bit_indexing_path(poison, monkeypatch, layout, channels, ke
 
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
     check_against_reference(layout, (1, channels, 3, 4, 5), kernel, "silu", True, _F32, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_gpu_wide_weight_grad_with_dilated_depth(poison, monkeypatch):
+    """3x3x3 with dilated depth taps on the tiles a GPU picks: the forward's rolling W-lane walk, and a weight
+    gradient on the general path's W-lane tiles with all three depth taps in one program (two rows a thread)."""
+    import fastseg3d.kernels.dwconv3d as k
+
+    monkeypatch.setattr(k, "interpreter_active", lambda: False)
+    check_against_reference("contiguous", (1, 2, 5, 17, 16), (3, 3, 3), "gelu", True, _F16, "cpu",
+                            padding=(2, 1, 1), dilation=(2, 1, 1))
 
 
 @pytest.mark.interpret
