@@ -60,6 +60,7 @@ def test_bench_quick_writes_rows_table_and_plot(tmp_path):
     assert {r["provider"] for r in rows} == {"fastseg3d", "torch (aten-native)", "torch (cudnn-channels-last)"}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(tuple(r) == ROW_KEYS and r["median_ms"] > 0 for r in rows)
+    assert {r["provider"] for r in rows if r["shape"] == "1x4x8^3 ncdhw k5"} == {"fastseg3d", "torch (aten-native)"}
     # the eager conv peers say which ATen convolution actually ran
     assert all(r["backend"] for r in rows if r["provider"].startswith("torch ("))
     assert "fastseg3d x" in proc.stdout
