@@ -368,3 +368,21 @@ def test_every_op_registers_its_launches():
 
     ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastseg3d::")}
     assert ops and set(LAUNCHES) == ops
+
+
+def test_network_cli_reports_and_fails_on_refused_launches(monkeypatch, capsys):
+    """`python -m bench.sass network NAME` prints a row per distinct launch and a summary, and exits 1 when an H100
+    would refuse a launch; a network needs its name, and the op reports take none."""
+    from bench import sass
+
+    sass.main(["network", "dsd_unet"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].endswith(" 0 spilling, 0 an H100 would refuse") and out[-1].startswith("1 distinct launches"), out
+    monkeypatch.setattr(sass, "GRID_LIMITS", (100, 65535, 65535))
+    with pytest.raises(SystemExit) as exc:
+        sass.main(["network", "dsd_unet"])
+    assert exc.value.code == 1 and capsys.readouterr().out.splitlines()[-1].endswith("1 an H100 would refuse")
+    for argv in (["network"], ["dwconv3d", "mobileutr"]):
+        with pytest.raises(SystemExit) as exc:
+            sass.main(argv)
+        assert exc.value.code == 2

@@ -421,6 +421,18 @@ def test_meta_device_forward_backward_at_96(cls):
         0][0].fn[0].weight.shape
 
 
+def test_backward_rebuilds_no_views():
+    """No in-place op on a view (the released ReLU(inplace=True) after InstanceNorm3d, whose output is a view): its
+    backward would rebuild the base's gradient with five input-sized writes per ReLU."""
+    from fastseg3d.profile import write_traffic
+
+    traffic = write_traffic(MobileUtr(spatial_dims=3, in_channels=1, out_channels=14), (2, 1, 96, 96, 96),
+                            torch.bfloat16)
+    names = list(traffic["backward"]["by_op"])
+    assert any("ReluBackward0" in name for name in names), names
+    assert not any("CopySlices" in name or "AsStrided" in name for name in names), names
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
