@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastseg3d.ops.attention import attention
+from fastseg3d.nn.recompute import act_instance_norm_conv
 from fastseg3d.ops.dwconv3d import dwconv3d
 
 __all__ = ["MobileUtr", "MobileUtrL"]
@@ -130,7 +131,13 @@ class _ConvUtr(nn.Module):
         for layer in self.block:
             local = layer[0].fn
             x = local[2](_depthwise(local[0], x, activation="gelu")) + x
-            x = layer[1](x)
+            mlp = layer[1].fn
+            if isinstance(mlp[2], nn.InstanceNorm3d):
+                # GELU -> InstanceNorm -> 1x1 on the 4x expanded channels, saving only the GELU's input
+                h = act_instance_norm_conv(mlp[0](x), "gelu", mlp[2], mlp[3].weight, mlp[3].bias)
+                x = mlp[5](mlp[4](h)) + x
+            else:
+                x = layer[1](x)
         return self.up(x)
 
 
@@ -347,6 +354,9 @@ class MobileUtr(nn.Module):
     attention of every block runs :func:`fastseg3d.ops.attention` (flash-style, no N x N matrix) on strided views
     of the qkv projection, with no permute copies. LocalAgg's grouped 3x3 MLP (channel multiplier 4), the dense
     convs, the norms and LocalProp's transposed conv run PyTorch's ops. Off the GPU every op runs its reference.
+    In 3-D, ConvUtr's GELU -> InstanceNorm -> 1x1 conv on the expanded channels saves only the GELU's input
+    (:func:`fastseg3d.nn.recompute.act_instance_norm_conv`: recomputed in backward), and the ReLUs after the norms
+    run out of place (no rebuild of a view's gradient in backward).
 
     Args:
         spatial_dims: 2 or 3.

@@ -1,11 +1,15 @@
-"""BatchNorm -> activation -> Linear that saves only its input and the batch statistics.
+"""Norm/activation chains into a linear map that save only their input and the statistics.
 
-In a training step the plain composition saves three full-size tensors (BatchNorm's input, the activation's input
-and the Linear's input). Here only BatchNorm's input and two per-channel vectors are saved; the normalised and
-activated tensor is recomputed in backward with the kernels autograd itself runs (BatchNorm's inference form, the
-activation and its backward: on channels-last input the gradients are the plain composition's, bit for bit), three
-elementwise passes next to the Linear's two products. Used by SegFormer3D's Mix-FFN
-(BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
+BatchNorm -> activation -> Linear: in a training step the plain composition saves three full-size tensors
+(BatchNorm's input, the activation's input and the Linear's input). Here only BatchNorm's input and two per-channel
+vectors are saved; the normalised and activated tensor is recomputed in backward with the kernels autograd itself
+runs (BatchNorm's inference form, the activation and its backward: on channels-last input the gradients are the
+plain composition's, bit for bit), three elementwise passes next to the Linear's two products. Used by
+SegFormer3D's Mix-FFN (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
+
+activation -> InstanceNorm -> 1x1x1 conv (MobileUtr's ConvUtr MLP, on its 4x expanded channels): likewise only the
+activation's input and the per-instance statistics are saved, where the plain composition saves the activation's
+input, the norm's input and the conv's input.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
-__all__ = ["batch_norm_act_linear"]
+__all__ = ["act_instance_norm_conv", "batch_norm_act_linear"]
 
 
 def _tokens(vol: torch.Tensor) -> torch.Tensor:
@@ -110,3 +114,57 @@ def batch_norm_act_linear(
     return _BatchNormActLinear.apply(
         x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, activation, weight, bias
     )
+
+
+class _ActInstanceNormConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, activation, eps, weight, bias):
+        a = activation_ref(x, activation)
+        # InstanceNorm as nn.InstanceNorm3d computes it: BatchNorm over the (1, B * C, ...) view
+        z, mean, rstd = torch.native_batch_norm(a.reshape(1, -1, *a.shape[2:]), None, None, None, None, True, 0.0,
+                                                eps)
+        out = F.conv3d(z.view_as(a), weight, bias)  # under autocast in the dtype the plain conv would take
+        ctx.save_for_backward(x, mean, rstd, weight)
+        ctx.activation, ctx.eps, ctx.has_bias = activation, eps, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd, weight = ctx.saved_tensors
+        a = activation_ref(x, ctx.activation)
+        av = a.reshape(1, -1, *a.shape[2:])
+        z = F.batch_norm(av, mean, rstd.pow(-2) - ctx.eps, None, None, False, 0.0, ctx.eps)
+        # the conv's own backward, in the dtype its forward ran in (grad's: bf16 under autocast)
+        dz, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad, z.view_as(a).to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.has_bias else None,
+            [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias],
+        )
+        da, _, _ = torch.ops.aten.native_batch_norm_backward(
+            dz.to(a.dtype).reshape(av.shape), av, None, None, None, mean, rstd, True, ctx.eps, [True, False, False],
+        )
+        dx = _activation_backward(da.view_as(a), x, ctx.activation)
+        return dx, None, None, dweight.to(weight.dtype), dbias.to(weight.dtype) if ctx.has_bias else None
+
+
+def act_instance_norm_conv(
+    x: torch.Tensor, activation: str, norm: nn.InstanceNorm3d, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.conv3d(norm(activation(x)), weight, bias)`` for x (B, C, D, H, W), a 1x1x1 conv ``weight`` (O, C, 1, 1, 1)
+    and an ``nn.InstanceNorm3d`` without affine parameters or running statistics (MobileUtr's).
+
+    Equal to the plain composition; with gradients on it saves only ``x`` and the per-instance statistics. Other
+    norms and convs, and a single voxel (which ``nn.InstanceNorm3d`` refuses in training), run the plain
+    composition.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import act_instance_norm_conv
+        >>> norm, conv = nn.InstanceNorm3d(32), nn.Conv3d(32, 8, 1)
+        >>> x = torch.randn(2, 32, 4, 4, 4, requires_grad=True)
+        >>> act_instance_norm_conv(x, "gelu", norm, conv.weight, conv.bias).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+    if (not torch.is_grad_enabled() or type(norm) is not nn.InstanceNorm3d or norm.affine
+            or norm.track_running_stats or tuple(weight.shape[2:]) != (1, 1, 1) or math.prod(x.shape[2:]) == 1):
+        return F.conv3d(norm(activation_ref(x, activation)), weight, bias)
+    return _ActInstanceNormConv.apply(x, activation, norm.eps, weight, bias)

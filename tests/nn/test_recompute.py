@@ -1,4 +1,4 @@
-"""batch_norm_act_linear against the plain BatchNorm -> activation -> Linear composition."""
+"""batch_norm_act_linear and act_instance_norm_conv against the plain compositions they replace."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg3d.nn.recompute import batch_norm_act_linear
+from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear
 from tests.utils import assert_close
 
 
@@ -162,3 +162,79 @@ def test_single_process_sync_batch_norm_keeps_the_fused_path():
     y_ref.backward(g)
     assert_close("dx", x.grad, x2.grad, torch.float64)
     assert_close("running_var", bn.running_var, bn_ref.running_var, torch.float64)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_act_instance_norm_conv_matches_plain_composition(activation, with_bias):
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm3d(6)
+    conv = nn.Conv3d(6, 4, 1, bias=with_bias).double()
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64) * 2 + 0.5
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    params = [[p.detach().clone().requires_grad_() for p in conv.parameters()] for _ in range(2)]
+    act = F.gelu if activation == "gelu" else F.relu
+    y = act_instance_norm_conv(x1, activation, norm, *params[0], *([] if with_bias else [None]))
+    y_ref = F.conv3d(norm(act(x2)), *params[1])
+    assert_close("y", y, y_ref, torch.float64)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float64)
+    for name, a, e in zip(("dw", "db"), params[0], params[1]):
+        assert_close(name, a.grad, e.grad, torch.float64)
+
+
+def test_act_instance_norm_conv_bf16_autocast_matches_plain_composition():
+    """Under bf16 autocast (MobileUtr's training) the conv runs in bf16 as the plain one does: the same output, and
+    gradients in the plain composition's dtypes, within bf16 rounding (backward recomputes the normalised tensor
+    with the norm's inference form, which may round it differently by an ulp)."""
+    torch.manual_seed(0)
+    norm = nn.InstanceNorm3d(16)
+    x = torch.randn(2, 16, 5, 6, 7).bfloat16()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    conv = nn.Conv3d(16, 8, 1)
+    params = [[p.detach().clone().requires_grad_() for p in conv.parameters()] for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = act_instance_norm_conv(x1, "gelu", norm, *params[0])
+        y_ref = F.conv3d(norm(F.gelu(x2)), *params[1])
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, e in (("dx", x1.grad, x2.grad), ("dw", params[0][0].grad, params[1][0].grad),
+                       ("db", params[0][1].grad, params[1][1].grad)):
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
+
+
+def test_act_instance_norm_conv_saves_only_the_input_and_statistics():
+    norm, conv = nn.InstanceNorm3d(8), nn.Conv3d(8, 4, 1)
+    x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
+
+    def saved_big(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            fn()
+        return [t for t in saved if t.numel() >= x.numel()]
+
+    big = saved_big(lambda: act_instance_norm_conv(x, "gelu", norm, conv.weight, conv.bias))
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    assert len(saved_big(lambda: conv(norm(F.gelu(x))))) == 3  # the plain composition: three
+
+
+def test_act_instance_norm_conv_runs_the_plain_composition_elsewhere():
+    """An affine or tracking InstanceNorm, a conv that is not 1x1x1 and no-grad mode take the plain composition; a
+    single voxel in training raises as nn.InstanceNorm3d does."""
+    x = torch.randn(2, 8, 3, 4, 5, requires_grad=True)
+    conv = nn.Conv3d(8, 4, 1)
+    for norm, weight in ((nn.InstanceNorm3d(8, affine=True), conv.weight),
+                         (nn.InstanceNorm3d(8, track_running_stats=True), conv.weight),
+                         (nn.InstanceNorm3d(8), torch.randn(4, 8, 3, 3, 3))):
+        y = act_instance_norm_conv(x, "gelu", norm, weight, conv.bias)
+        assert y.grad_fn.name() == "ConvolutionBackward0"
+        assert_close("y", y, F.conv3d(norm(F.gelu(x)), weight, conv.bias), torch.float32)
+    with torch.no_grad():
+        assert act_instance_norm_conv(x, "gelu", nn.InstanceNorm3d(8), conv.weight, conv.bias).grad_fn is None
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        act_instance_norm_conv(torch.randn(2, 8, 1, 1, 1), "gelu", nn.InstanceNorm3d(8), conv.weight, conv.bias)
