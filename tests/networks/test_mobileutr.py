@@ -393,18 +393,22 @@ def test_eval_returns_one_tensor_for_sliding_window_inference():
     assert isinstance(y, torch.Tensor) and y.shape == (2, 3, 16, 16, 16)
 
 
-def test_compile_fullgraph_train_step():
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_compile_fullgraph_train_step(spatial_dims):
     # aot_eager: the whole forward and backward captured as one graph (no graph breaks) without inductor's C++
     # code generation, which costs minutes on a cold cache on a 2-core CPU. The GPU tier compiles with inductor.
+    # In 3-D the ConvUtr MLP's recompute (an autograd.Function) is captured too.
     torch._dynamo.reset()
-    net = MobileUtr(spatial_dims=2, in_channels=3, out_channels=2, **_TINY, drop_path_rate=0.0)
+    in_channels = 3 if spatial_dims == 2 else 1
+    net = MobileUtr(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=2, **_TINY, drop_path_rate=0.0)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, in_channels, *(32,) * spatial_dims)
     y = compiled(x)
     assert_close("logits", y, net(x), torch.float32, scale=10)
     y.square().mean().backward()
     assert net.lklgl_bottleneck[0].LocalAgg.pos_embed.weight.grad is not None
     assert net.patch_embeddings.layer1.block[0][0].fn[0].weight.grad is not None
+    assert net.patch_embeddings.layer1.block[0][1].fn[3].weight.grad is not None
 
 
 @pytest.mark.parametrize("cls", [MobileUtr, MobileUtrL])
