@@ -265,6 +265,19 @@ def _lane_row(row, ok, w3, wg, W_in, sxw, pad_w, V: tl.constexpr):
 
 
 @triton.jit
+def _lane_coords(pid_hw, n_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr,
+                 INT64: tl.constexpr):
+    """A W-lane tile's (rows, G, LANES) coordinates: the first of a thread's ROWS adjacent rows (hr, [BR, 1, 1]),
+    its vector's first W (wg, [1, G, 1]) and each lane's W (wl = wg + lane, [1, G, LANES])."""
+    hr = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BLOCK_H // ROWS) * ROWS)[:, None, None]
+    wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W // LANES) * LANES)[None, :, None]
+    if INT64:
+        hr = hr.to(tl.int64)
+        wg = wg.to(tl.int64)
+    return hr, wg, wg + tl.arange(0, LANES)[None, None, :]
+
+
+@triton.jit
 def _times(unit: tl.constexpr, a, b, c, d):
     return a * unit, b * unit, c * unit, d * unit
 
@@ -481,13 +494,8 @@ def _dwconv3d_fwd_kernel(
         ws = ()
         for i in tl.static_range(KD * KH * 3):
             ws = ws + (_tap_weight(w_ptr, offs_c, CP, i // (KH * 3), (i // 3) % KH, i % 3, KD, KH, 3, FLIP),)
-        # (rows, G, LANES) coordinates: a thread's outputs are ROWS adjacent rows from hr, each at w = wg + lane.
-        hr = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BR) * ROWS)[:, None, None]
-        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, :, None]
-        if INT64:
-            hr = hr.to(tl.int64)
-            wg = wg.to(tl.int64)
-        wl = wg + tl.arange(0, LANES)[None, None, :]
+        # a thread's outputs are ROWS adjacent rows from hr, each at w = wg + lane (wl)
+        hr, wg, wl = _lane_coords(pid_hw, n_w, BLOCK_H, BLOCK_W, ROWS, LANES, INT64)
         # accumulators start at the bias: their first FMA adds it, no separate pass over the outputs;
         # accs[(kd * ROWS + o) * LANES + i] is output row hr + o, lane i, fed by the slice through depth tap kd
         fresh = tl.broadcast_to(bias, [BR, G, 1])
@@ -538,12 +546,7 @@ def _dwconv3d_fwd_kernel(
         G: tl.constexpr = BLOCK_W // LANES
         BR: tl.constexpr = BLOCK_H // ROWS
         PW: tl.constexpr = (KW - 1) // 2  # the launcher takes this path for centred W taps only
-        hr = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BR) * ROWS)[:, None, None]
-        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, :, None]
-        if INT64:
-            hr = hr.to(tl.int64)
-            wg = wg.to(tl.int64)
-        wl = wg + tl.arange(0, LANES)[None, None, :]
+        hr, wg, wl = _lane_coords(pid_hw, n_w, BLOCK_H, BLOCK_W, ROWS, LANES, INT64)
         accs = (tl.broadcast_to(bias, [BR, G, 1]),) * (ROWS * LANES)
         for kd in range(KD):
             idp = r - pad_d + dil_d * (j0 + kd) + tl.zeros([1, 1, 1], dtype=tl.int32)
@@ -691,13 +694,8 @@ def _dwconv3d_bwd_weight_kernel(
         if INT64:
             w3 = w3.to(tl.int64)
     elif LANES > 0:
-        # (rows, G, LANES) coordinates: dz rows hr + o (o < ROWS) at w = wg + lane
-        h3 = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BLOCK_H // ROWS) * ROWS)[:, None, None]
-        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, BLOCK_W // LANES) * LANES)[None, :, None]
-        if INT64:
-            h3 = h3.to(tl.int64)
-            wg = wg.to(tl.int64)
-        w3 = wg + tl.arange(0, LANES)[None, None, :]
+        # dz rows h3 + o (o < ROWS) at w = wg + lane (w3)
+        h3, wg, w3 = _lane_coords(pid_hw, n_w, BLOCK_H, BLOCK_W, ROWS, LANES, INT64)
     out_mask = (c3 < C) & (h3 < H_out) & (w3 < W_out)
     x_base = x_ptr + b * sxb + c3 * sxc
     kd0 = pid_t * KD_PER

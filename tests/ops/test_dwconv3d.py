@@ -339,6 +339,21 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
     assert_close("y", dwconv3d(x, w), F.conv3d(x, w, padding="same", groups=3), dtype)
 
 
+def _launch_args(shape, kernel, padding, dilation, layout, dtype):
+    """Meta tensors for a launcher call: x in ``layout``, the tap-major weight, the output; padding and dilation
+    as triples."""
+    from fastseg3d.kernels.dwconv3d import taps_major
+
+    x = torch.empty(shape, dtype=dtype, device="meta")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    padding = (padding,) * 3 if isinstance(padding, int) else padding
+    dilation = (dilation,) * 3 if isinstance(dilation, int) else dilation
+    out_shape = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(shape[2:], padding, dilation, kernel)]
+    w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
+    return x, w, x.new_empty(*shape[:2], *out_shape), padding, dilation
+
+
 @pytest.mark.parametrize(
     "shape,kernel,padding,dilation,layout,dtype,lanes,rows",
     [((2, 4, 8, 64, 128), (3, 3, 3), 1, 1, "contiguous", torch.bfloat16, 8, 2),
@@ -364,16 +379,9 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
     thread's adjacent rows share their input rows where the H taps are undilated and the plane fills 128 threads
     with them. Channel-major tiles take the column path for every undilated rolling walk."""
     from bench.sass import _captured
-    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
+    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd
 
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    padding = (padding,) * 3 if isinstance(padding, int) else padding
-    dilation = (dilation,) * 3 if isinstance(dilation, int) else dilation
-    out_shape = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(shape[2:], padding, dilation, kernel)]
-    out = x.new_empty(*shape[:2], *out_shape)
-    w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
+    x, w, out, padding, dilation = _launch_args(shape, kernel, padding, dilation, layout, dtype)
 
     def full(kw):  # a W-lane tile holds one vector per thread and row for each of the 128 threads
         return kw["BLOCK_H"] // kw["ROWS"] * (kw["BLOCK_W"] // kw["LANES"]) == 128
@@ -433,16 +441,9 @@ def test_general_path_takes_wide_lanes(shape, kernel, padding, dilation, layout,
     the taps shifted in registers. A tile holds one vector per thread and row, with fewer warps on small planes;
     the weight gradient takes the same lanes."""
     from bench.sass import _captured
-    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
+    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd
 
-    x = torch.empty(shape, dtype=dtype, device="meta")
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    padding = (padding,) * 3 if isinstance(padding, int) else padding
-    dilation = (dilation,) * 3 if isinstance(dilation, int) else dilation
-    out_shape = [s + 2 * p - d * (k - 1) for s, p, d, k in zip(shape[2:], padding, dilation, kernel)]
-    out = x.new_empty(*shape[:2], *out_shape)
-    w = taps_major(torch.empty(shape[1], 1, *kernel, device="meta"))
+    x, w, out, padding, dilation = _launch_args(shape, kernel, padding, dilation, layout, dtype)
     for act, grad in ((0, None), (2, None), (4, out)):  # the forward, with GELU, and SiLU's dz pass
         (_, _, kw), = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, act, grad=grad))
         unit = lanes if lanes and shape[4] % 16 else 1  # W and the strides in units of the lanes, where not 16s
