@@ -931,7 +931,7 @@ def _lanes(three_wide_roll, padding, dilation, block_c, block_w, width) -> int:
     3-wide undilated W taps on a W-major tile, on a GPU with the center tap on the output, else 0.
 
     Unaligned rows load element by element, and the compiler then moves the lanes through shared memory: on a GPU
-    ``width`` comes from :func:`_vector_lanes` or :func:`_aligned`. The interpreter takes lanes on any shape, so
+    ``width`` comes from :func:`_vector_lanes`. The interpreter takes lanes on any shape, so
     the tests cover them on tiny ones."""
     if not (width and three_wide_roll and dilation[2] == 1 and block_c == 1 and block_w >= width):
         return 0
@@ -961,17 +961,11 @@ def _vector_lanes(vec: int, *tensors: torch.Tensor | None) -> int:
     return 0
 
 
-def _aligned(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether the JIT can prove every 16-element W vector of these tensors aligned: unit W stride, every other
-    stride and W a multiple of 16 (the divisibility Triton specialises on)."""
-    return x.shape[4] % 16 == 0 and all(
-        t is None or (t.stride(4) == 1 and all(s % 16 == 0 for s in t.stride()[:4])) for t in (x, *tensors))
-
-
 def _unit(lanes: int, block_c: int, int64: bool, *tensors: torch.Tensor | None) -> int:
     """UNIT of a W-lane launch: ``lanes`` where W and the strides are multiples of them but not of 16, and the
     indexing is 32-bit (the kernel's products would overflow int32 arguments otherwise), else 1."""
-    if lanes and block_c == 1 and not int64 and not _aligned(*tensors) and _multiples(lanes, *tensors):
+    # multiples of 16: the divisibility Triton specialises integer arguments on
+    if lanes and block_c == 1 and not int64 and not _multiples(16, *tensors) and _multiples(lanes, *tensors):
         return lanes
     return 1
 
