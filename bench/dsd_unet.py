@@ -26,7 +26,8 @@ NETWORK = Network(
     build=_build,
     loss=_loss,
     stride=lambda model: model.backbone.divisor,
-    plain='the same network and DSDLoss under fastseg3d.backend("torch"): the eager KL composition',
+    plain=('the same network and DSDLoss under fastseg3d.backend("torch"): '
+           'the eager KL composition, plain norm chains'),
     quick_cfg={"channels": (4, 8, 8)},
     quick_side=8,
     cfg={},

@@ -34,7 +34,8 @@ NETWORK = Network(
     build=_build,
     loss=_loss,
     stride=lambda model: 8,  # three stride-2 encoder convs
-    plain='the same module and loss under fastseg3d.backend("torch"): SDPA attention, eager channel KL',
+    plain=('the same module and loss under fastseg3d.backend("torch"): '
+           'SDPA attention, eager channel KL, plain norm chains'),
     quick_cfg={"num_layers": 1, "hidden_dim": 64},
     quick_side=16,
     cfg={},

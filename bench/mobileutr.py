@@ -21,7 +21,8 @@ NETWORK = Network(
     build=_build,
     loss=cross_entropy,
     stride=lambda model: model.total_stride,
-    plain='the same module under fastseg3d.backend("torch"): F.conv3d depthwise convs, SDPA attention',
+    plain=('the same module under fastseg3d.backend("torch"): '
+           'F.conv3d depthwise convs, SDPA attention, plain norm chains'),
     quick_cfg={"dims": (8, 8, 16, 16), "depths": (1, 1, 1, 1, 1), "num_heads": 2},
     quick_side=16,
     cfg={},

@@ -8,7 +8,8 @@ with :func:`backend`:
   Tensors on the ``meta`` device take the fused op's shapes, so memory can be accounted at any size.
 * ``triton``: always the Triton kernel, also on CPU tensors when ``TRITON_INTERPRET=1``; a case the kernel
   cannot run raises :class:`NotImplementedError` with the reasons, never a silent fallback.
-* ``torch``: always the reference.
+* ``torch``: always the reference; the memory-saving recomputations of :mod:`fastseg3d.nn.recompute` run their
+  plain compositions too, so a network under ``torch`` is the plain build the benchmarks compare against.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastseg3d.nn.recompute import norm_act_conv
+
 __all__ = ["UNet", "dsd_unet", "selfreg_unet"]
 
 _NORMS = ("instance", "batch")
@@ -46,6 +48,12 @@ class _ConvBlock(nn.Sequential):
             _act(act),
         )
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv1, norm1, act1, conv2, norm2, act2 = self
+        if isinstance(conv2, nn.Conv3d):
+            return act2(norm2(norm_act_conv(conv1(x), norm1, act1, conv2)))
+        return super().forward(x)
+
 
 class _UpStage(nn.Module):
     """x2 transposed conv of the deeper map, concatenation with the skip, then a conv block."""
@@ -74,7 +82,9 @@ class UNet(nn.Module):
       output conv" (SelfReg's F_final) without knowing the depth;
     * ``out``: the 1x1(x1) output conv (with bias).
 
-    A conv block is (3x3(x3) conv without bias -> norm -> activation) twice. ``forward`` returns logits only.
+    A conv block is (3x3(x3) conv without bias -> norm -> activation) twice. ``forward`` returns logits only. In 3-D
+    each block's middle norm -> activation -> conv saves only the norm's input for backward
+    (:func:`fastseg3d.nn.recompute.norm_act_conv`; hooks on those three submodules do not fire).
 
     Args:
         spatial_dims: 2 or 3.

@@ -10,6 +10,13 @@ SegFormer3D's Mix-FFN (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU 
 activation -> InstanceNorm -> 1x1x1 conv (MobileUtr's ConvUtr MLP, on its 4x expanded channels): likewise only the
 activation's input and the per-instance statistics are saved, where the plain composition saves the activation's
 input, the norm's input and the conv's input.
+
+GroupNorm or BatchNorm -> activation -> any Conv3d (MISSU's pre-activation encoder blocks and decoder blocks): only
+the norm's input and its statistics are saved. Under CUDA bf16/fp16 autocast GroupNorm runs in fp32, so the plain
+composition saves an fp32 copy of its input, the fp32 activation output and the conv's low-precision input: 10 bytes
+per element where this saves 2.
+
+Under ``fastseg3d.backend("torch")`` each of these runs the plain composition (its reference).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fastseg3d import backends
+from fastseg3d.ops.utils import META_AUTOCAST_DTYPE
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
-__all__ = ["act_instance_norm_conv", "batch_norm_act_linear"]
+__all__ = ["act_instance_norm_conv", "batch_norm_act_linear", "norm_act_conv"]
 
 
 def _tokens(vol: torch.Tensor) -> torch.Tensor:
@@ -99,8 +108,19 @@ def batch_norm_act_linear(
         ValueError: training with one value per channel (``x``'s batch size times its spatial size is 1), as
             ``nn.BatchNorm3d`` does.
     """
-    if not (bn.training and torch.is_grad_enabled()) or _syncs(bn):
+    if not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain():
         return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
+    return _BatchNormActLinear.apply(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _bn_momentum(bn, x), bn.eps, activation, weight, bias
+    )
+
+
+def _plain() -> bool:
+    return backends.get_backend() == "torch"
+
+
+def _bn_momentum(bn: nn.BatchNorm3d, x: torch.Tensor) -> float:
+    """The momentum ``bn``'s training forward on ``x`` uses, after counting the batch as ``nn.BatchNorm3d`` does."""
     # native_batch_norm does not check this itself: the unbiased variance of one value would go into running_var
     # as NaN (and divide by zero on meta tensors).
     if x.shape[0] * math.prod(x.shape[2:]) == 1:
@@ -110,10 +130,7 @@ def batch_norm_act_linear(
         bn.num_batches_tracked.add_(1)
         if momentum is None:  # cumulative moving average, as nn.BatchNorm does
             momentum = 1.0 / float(bn.num_batches_tracked)
-    momentum = 0.0 if momentum is None else momentum
-    return _BatchNormActLinear.apply(
-        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, activation, weight, bias
-    )
+    return 0.0 if momentum is None else momentum
 
 
 class _ActInstanceNormConv(torch.autograd.Function):
@@ -164,7 +181,172 @@ def act_instance_norm_conv(
         >>> act_instance_norm_conv(x, "gelu", norm, conv.weight, conv.bias).shape
         torch.Size([2, 8, 4, 4, 4])
     """
-    if (not torch.is_grad_enabled() or type(norm) is not nn.InstanceNorm3d or norm.affine
+    if (not torch.is_grad_enabled() or _plain() or type(norm) is not nn.InstanceNorm3d or norm.affine
             or norm.track_running_stats or tuple(weight.shape[2:]) != (1, 1, 1) or math.prod(x.shape[2:]) == 1):
         return F.conv3d(norm(activation_ref(x, activation)), weight, bias)
     return _ActInstanceNormConv.apply(x, activation, norm.eps, weight, bias)
+
+
+class _NormActConv(torch.autograd.Function):
+    """kind: "group" (``groups`` groups), "instance" (BatchNorm's kernels on the (1, B * C, ...) view, as
+    ``F.instance_norm`` runs) or "batch"; ``act``: ``(name, negative_slope)``."""
+
+    @staticmethod
+    def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
+                act, weight, bias, stride, padding, dilation, conv_groups):
+        ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.act = kind, groups, norm_dtype, eps, act
+        ctx.conv = (stride, padding, dilation, conv_groups)
+        xn = _norm_input(ctx, x)
+        if kind == "group":
+            z, mean, rstd = torch.native_group_norm(xn, norm_weight, norm_bias, x.shape[0], x.shape[1],
+                                                    math.prod(x.shape[2:]), groups, eps)
+        else:
+            w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
+            z, mean, rstd = torch.native_batch_norm(xn, w, b, running_mean, running_var, True, momentum, eps)
+        out = F.conv3d(_act(z.view(x.shape), act), weight, bias, stride, padding, dilation, conv_groups)
+        ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
+        xn = _norm_input(ctx, x)
+        w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
+        if ctx.kind == "group":  # GroupNorm's own forward again: its statistics pass is cheap next to the conv
+            z = torch.native_group_norm(xn, w, b, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups,
+                                        ctx.eps)[0]
+        else:  # BatchNorm's inference form with the batch statistics (see _BatchNormActLinear)
+            z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
+        h = _act(z.view(x.shape), ctx.act)
+        stride, padding, dilation, conv_groups = ctx.conv
+        # the conv's own backward, in the dtype its forward ran in (grad's: the low precision under autocast)
+        dh, dweight, dbias = torch.ops.aten.convolution_backward(
+            grad, h.to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.needs_input_grad[12] else None,
+            stride, padding, dilation, False, [0, 0, 0], conv_groups,
+            [True, ctx.needs_input_grad[11], ctx.needs_input_grad[12]],
+        )
+        # the norms' CPU backward kernels read the output gradient in their input's memory format
+        dz = _act_backward(dh.to(z.dtype), z.view(x.shape), ctx.act).reshape(z.shape).contiguous(
+            memory_format=_format(xn))
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
+        if ctx.kind == "group":
+            dx, dnw, dnb = torch.ops.aten.native_group_norm_backward(
+                dz, xn, mean, rstd, w, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups, mask,
+            )
+        else:
+            dx, dnw, dnb = torch.ops.aten.native_batch_norm_backward(
+                dz, xn, w, running_mean, running_var, mean, rstd, True,
+                ctx.eps, mask,
+            )
+        if ctx.kind == "instance":  # the affine parameters were repeated over the batch
+            dnw = dnw.view(x.shape[0], -1).sum(0) if dnw is not None else None
+            dnb = dnb.view(x.shape[0], -1).sum(0) if dnb is not None else None
+        dx = dx.view(x.shape).to(x.dtype) if dx is not None else None
+        return (dx, None, None, None, None, None, dnw, dnb, None, None, None,
+                dweight.to(weight.dtype) if dweight is not None else None,
+                dbias.to(weight.dtype) if dbias is not None else None, None, None, None, None)
+
+
+def _norm_input(ctx, x: torch.Tensor) -> torch.Tensor:
+    xn = x.to(ctx.norm_dtype)
+    if ctx.kind == "instance":
+        return xn.contiguous().view(1, x.shape[0] * x.shape[1], *x.shape[2:])
+    return xn
+
+
+def _norm_affine(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    if ctx.kind != "instance":
+        return weight, bias
+    return tuple(p.repeat(x.shape[0]) if p is not None else None for p in (weight, bias))
+
+
+def _act(z: torch.Tensor, act: tuple[str | None, float]) -> torch.Tensor:
+    name, slope = act
+    return F.leaky_relu(z, slope) if name == "leaky_relu" else activation_ref(z, name)
+
+
+def _act_backward(grad: torch.Tensor, z: torch.Tensor, act: tuple[str | None, float]) -> torch.Tensor:
+    name, slope = act
+    if name == "leaky_relu":
+        return torch.ops.aten.leaky_relu_backward(grad, z, slope, False)
+    return _activation_backward(grad, z, name)
+
+
+def _act_spec(activation) -> tuple[str | None, float] | None:
+    """``(name, negative_slope)`` for an activation name or module; None for one this module does not know."""
+    if activation is None or isinstance(activation, str):
+        if activation not in ACTIVATIONS + ("leaky_relu",):
+            raise ValueError(f"activation must be one of {ACTIVATIONS + ('leaky_relu',)}, got {activation!r}")
+        return activation, 0.01
+    kind = type(activation)
+    if kind is nn.ReLU:
+        return "relu", 0.0
+    if kind is nn.LeakyReLU:
+        return "leaky_relu", activation.negative_slope
+    if kind is nn.GELU:
+        return ("gelu_tanh" if activation.approximate == "tanh" else "gelu"), 0.0
+    if kind is nn.SiLU:
+        return "silu", 0.0
+    if kind is nn.Identity:
+        return None, 0.0
+    return None
+
+
+def _group_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.group_norm`` computes ``x`` in: fp32 under CUDA autocast (and its emulation on ``meta``
+    tensors by :mod:`fastseg3d.profile`), ``x``'s own elsewhere (CPU autocast leaves GroupNorm alone)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            return torch.float32
+        if x.device.type == "meta" and not torch.compiler.is_compiling() and META_AUTOCAST_DTYPE.get() is not None:
+            return torch.float32
+    return x.dtype
+
+
+def _norm_kind(norm: nn.Module, x: torch.Tensor) -> tuple[str, int] | None:
+    """``(kind, groups)`` for a norm this module recomputes on ``x``; None for the plain composition."""
+    if type(norm) is nn.GroupNorm and x.shape[1] == norm.num_channels:
+        return "group", norm.num_groups
+    if type(norm) is nn.InstanceNorm3d and not norm.track_running_stats and x.shape[1] == norm.num_features:
+        return "instance", 0
+    if type(norm) is nn.BatchNorm3d and norm.training and not _syncs(norm) and x.shape[1] == norm.num_features:
+        return "batch", 0
+    return None
+
+
+def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d) -> torch.Tensor:
+    """``conv(activation(norm(x)))`` for x (B, C, D, H, W), a norm module (``nn.GroupNorm``, ``nn.InstanceNorm3d``
+    without running statistics, or a training ``nn.BatchNorm3d``), an activation (a name in
+    ``("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", None)``, "leaky_relu" with slope 0.01, or an ``nn.ReLU``,
+    ``nn.LeakyReLU``, ``nn.GELU``, ``nn.SiLU`` or ``nn.Identity`` module) and any ``nn.Conv3d`` with zero padding.
+
+    Equal to the plain composition (same outputs, gradients, dtypes under autocast and running-statistics updates);
+    with gradients on it saves only ``x`` and the norm's statistics, and backward recomputes the normalised,
+    activated tensor (one elementwise pass; GroupNorm's statistics once more) before the conv's backward. Other
+    norms and activations, a BatchNorm using its running statistics or synchronising across processes, other
+    padding modes and no-grad mode run the plain composition.
+
+    Raises:
+        ValueError: an activation name it does not know; one value per channel for a training BatchNorm, as
+            ``nn.BatchNorm3d`` does.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import norm_act_conv
+        >>> norm, conv = nn.GroupNorm(4, 16), nn.Conv3d(16, 16, 3, padding=1)
+        >>> x = torch.randn(2, 16, 6, 6, 6, requires_grad=True)
+        >>> norm_act_conv(x, norm, "relu", conv).shape
+        torch.Size([2, 16, 6, 6, 6])
+    """
+    act = _act_spec(activation)
+    kind = _norm_kind(norm, x) if x.dim() == 5 else None
+    if (act is None or kind is None or not torch.is_grad_enabled() or _plain() or type(conv) is not nn.Conv3d
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+        z = norm(x)
+        return conv(activation(z) if callable(activation) else _act(z, act))
+    kind, groups = kind
+    norm_dtype = _group_norm_dtype(x) if kind == "group" else x.dtype
+    momentum = _bn_momentum(norm, x) if kind == "batch" else 0.0
+    running = (norm.running_mean, norm.running_var) if kind == "batch" else (None, None)
+    return _NormActConv.apply(x, kind, groups, norm_dtype, norm.eps, momentum, norm.weight, norm.bias, *running, act,
+                              conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)

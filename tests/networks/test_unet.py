@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+import fastseg3d
 from fastseg3d.distill import DSD, SelfReg
 from fastseg3d.networks.unet import UNet, dsd_unet, selfreg_unet
+from fastseg3d.profile import activation_memory
+from tests.utils import assert_close
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 16, 24)), (3, (1, 2, 8, 16, 8))])
@@ -92,3 +97,42 @@ def test_bundle_instantiation_and_compile(target):
     assert any(g.abs().sum() > 0 for g in grads[1])
     for eager, compiled in zip(*grads):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu"), ("instance", "gelu")])
+def test_blocks_recompute_their_middle_norm_and_activation(norm, act):
+    """In 3-D each conv block's norm -> activation -> conv saves only the norm's input (fastseg3d.nn.recompute):
+    the same training step as the plain composition (fastseg3d.backend("torch")), saving, per block, the
+    activation's output (and, for LeakyReLU and GELU, its input) less, plus the conv's bf16 weight under autocast and
+    the repeated InstanceNorm weight. Counted exactly on the meta device."""
+    torch.manual_seed(0)
+    channels, shape = (4, 8, 16), (2, 1, 16, 16, 16)
+    net = UNet(3, 1, 2, channels=channels, norm=norm, act=act).double()
+    plain = copy.deepcopy(net)
+    x = torch.randn(shape, dtype=torch.float64)
+    y = net(x)
+    with fastseg3d.backend("torch"):
+        y_ref = plain(x)
+    assert_close("logits", y, y_ref, torch.float64)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for (name, p), p_ref in zip(net.named_parameters(), plain.parameters()):
+        assert_close(name, p.grad, p_ref.grad, torch.float64)
+    for (name, b), b_ref in zip(net.named_buffers(), plain.buffers()):
+        assert torch.allclose(b.double(), b_ref.double(), rtol=1e-12, atol=0), name
+    side = shape[2]
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+        fused = activation_memory(net.float(), shape, dtype)
+        with fastseg3d.backend("torch"):
+            reference = activation_memory(net, shape, dtype)
+
+        def saving(levels):
+            tensors = 1 if act == "relu" else 2  # LeakyReLU and GELU save their input, the conv their output
+            return sum(tensors * size * shape[0] * c * (side >> level) ** 3
+                       + (27 * c * c * 2 if dtype == torch.bfloat16 else 0)
+                       + (shape[0] * c * 4 if norm == "instance" else 0) for level, c in levels)
+
+        assert reference["encoder"] - fused["encoder"] == saving(enumerate(channels))
+        assert reference["decoder"] - fused["decoder"] == saving(enumerate(channels[:-1]))
+        assert reference["total"] - fused["total"] == saving(enumerate(channels)) + saving(enumerate(channels[:-1]))

@@ -1,15 +1,19 @@
-"""batch_norm_act_linear and act_instance_norm_conv against the plain compositions they replace."""
+"""batch_norm_act_linear, act_instance_norm_conv and norm_act_conv against the plain compositions they replace."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear
+import fastseg3d
+from fastseg3d.nn import recompute
+from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear, norm_act_conv
+from fastseg3d.profile import activation_memory
 from tests.utils import assert_close
 
 
@@ -238,3 +242,234 @@ def test_act_instance_norm_conv_runs_the_plain_composition_elsewhere():
         assert act_instance_norm_conv(x, "gelu", nn.InstanceNorm3d(8), conv.weight, conv.bias).grad_fn is None
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         act_instance_norm_conv(torch.randn(2, 8, 1, 1, 1), "gelu", nn.InstanceNorm3d(8), conv.weight, conv.bias)
+
+
+_NORMS = {
+    "group": lambda: nn.GroupNorm(2, 6),
+    "group_plain": lambda: nn.GroupNorm(3, 6, affine=False),
+    "instance": lambda: nn.InstanceNorm3d(6, affine=True),
+    "batch": lambda: nn.BatchNorm3d(6, momentum=None),
+}
+_ACTS = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.01), None: lambda t: t}
+
+
+def _randomise(*modules):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in (p for m in modules for p in m.parameters()):
+            p.uniform_(-0.5, 1.5)
+
+
+def _plain(x, norm, activation, conv):
+    return conv(activation(norm(x)) if callable(activation) else _ACTS[activation](norm(x)))
+
+
+@pytest.mark.parametrize("norm", list(_NORMS))
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", None, "gelu_module", "leaky_module"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("conv", ["3x3x3", "strided_dilated_grouped"])
+def test_norm_act_conv_matches_plain_composition(norm, activation, layout, conv):
+    norm = _NORMS[norm]().double()
+    activation = {"gelu_module": nn.GELU(approximate="tanh"), "leaky_module": nn.LeakyReLU(0.2)}.get(activation,
+                                                                                                     activation)
+    conv = (nn.Conv3d(6, 4, 3, padding=1) if conv == "3x3x3"
+            else nn.Conv3d(6, 4, (3, 1, 3), stride=(2, 1, 1), padding=(2, 0, 1), dilation=(2, 1, 1), groups=2,
+                           bias=False)).double()
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 6, 5, 4, 7, dtype=torch.float64) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    for _ in range(2):  # twice: BatchNorm's running statistics and num_batches_tracked must evolve identically
+        y = norm_act_conv(x1, norm, activation, conv)
+        y_ref = _plain(x2, norm_ref, activation, conv_ref)
+    assert y.grad_fn.name() == "_NormActConvBackward"
+    assert_close("y", y, y_ref, torch.float64)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float64)
+    for module, module_ref in ((norm, norm_ref), (conv, conv_ref)):
+        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
+            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float64)
+        for (name, b), b_ref in zip(module.named_buffers(), module_ref.buffers()):
+            assert torch.allclose(b, b_ref, rtol=1e-12, atol=0), name
+
+
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_norm_act_conv_bf16_autocast_matches_plain_composition(norm, layout):
+    """Under CPU bf16 autocast (which leaves the norms in the input's dtype): the same output, and gradients in the
+    plain composition's dtypes."""
+    norm = _NORMS[norm]()
+    conv = nn.Conv3d(6, 8, 3, padding=1)
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 6, 5, 6, 7).bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm_act_conv(x1, norm, nn.LeakyReLU(0.01), conv)
+        y_ref = conv_ref(F.leaky_relu(norm_ref(x2), 0.01))
+    assert y.grad_fn.name() == "_NormActConvBackward"
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    pairs = [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad) for i, (p, q) in enumerate(
+        zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]))]
+    for name, a, e in pairs:
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
+
+
+def test_norm_act_conv_group_norm_in_fp32_as_cuda_autocast_runs_it(monkeypatch):
+    """CUDA autocast runs GroupNorm in fp32 on an fp32 copy of its bf16 input: the recompute does the same (the
+    policy is patched in on the CPU), bit for bit, saving the bf16 input instead of the copy."""
+    monkeypatch.setattr(recompute, "_group_norm_dtype", lambda x: torch.float32)
+    norm, conv = nn.GroupNorm(4, 16), nn.Conv3d(16, 8, 3, padding=1)
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 16, 5, 6, 7).bfloat16()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = norm_act_conv(x1, norm, "relu", conv)
+        y_ref = conv_ref(F.relu(norm_ref(x2.float())))
+    assert [t.dtype for t in saved if t.numel() >= x.numel()] == [torch.bfloat16]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert x1.grad.dtype == torch.bfloat16 and torch.equal(x1.grad, x2.grad)
+    for p, q in zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]):
+        assert p.grad.dtype == q.grad.dtype and torch.equal(p.grad, q.grad)
+
+
+def test_group_norm_dtype_follows_the_autocast_policies():
+    x = torch.randn(1, 4, 2, 2, 2).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # CPU autocast leaves GroupNorm alone
+        assert recompute._group_norm_dtype(x) == torch.bfloat16
+        assert F.group_norm(x, 2).dtype == torch.bfloat16
+    assert recompute._group_norm_dtype(x.to("meta")) == torch.bfloat16
+    token = recompute.META_AUTOCAST_DTYPE.set(torch.bfloat16)  # fastseg3d.profile's CUDA autocast emulation
+    try:
+        assert recompute._group_norm_dtype(x.to("meta")) == torch.float32
+        assert recompute._group_norm_dtype(x.float().to("meta")) == torch.float32
+    finally:
+        recompute.META_AUTOCAST_DTYPE.reset(token)
+
+
+class _Chain(nn.Module):
+    def __init__(self, norm: nn.Module, fused: bool) -> None:
+        super().__init__()
+        self.norm, self.conv, self.fused = norm, nn.Conv3d(16, 16, 3, padding=1), fused
+
+    def forward(self, x):
+        if self.fused:
+            return norm_act_conv(x, self.norm, "relu", self.conv)
+        return self.conv(F.relu(self.norm(x)))
+
+
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_act_conv_saves_only_the_norm_input(norm, dtype):
+    """Counted on the meta device under (emulated) CUDA autocast: the recompute saves the norm's input (in the dtype
+    it arrives in) and per-group statistics; the plain composition also saves the activation (in fp32 after
+    GroupNorm under autocast, which also saves an fp32 copy of its input)."""
+    make = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
+            "batch": lambda: nn.BatchNorm3d(16)}[norm]
+    shape = (2, 16, 8, 8, 8)
+    elems, size = math.prod(shape), torch.tensor([], dtype=dtype).element_size()
+    stem = nn.Conv3d(16, 16, 1)  # so the chain's input is a tensor in the autocast dtype, as in a network
+    fused = activation_memory(nn.Sequential(stem, _Chain(make(), True)), shape, dtype)
+    plain = activation_memory(nn.Sequential(stem, _Chain(make(), False)), shape, dtype)
+    stats = 2 * 2 * 16 * 4  # mean and rstd per instance (the most of the three norms), fp32 here
+    assert elems * size * 2 <= fused["total"] <= elems * size * 2 + stats + 1024  # the stem's input and output
+    # plain: the norm's input (an fp32 copy for GroupNorm under autocast, 4 bytes where the recompute saves 2), the
+    # activation's output (fp32 there too) and the conv's input (the same tensor, or its bf16 cast under autocast)
+    extra = (4 - 2) + 4 + 2 if norm == "group" and dtype == torch.bfloat16 else size
+    weight = 16 * 16 * 27 * size if dtype == torch.bfloat16 else 0  # and the bf16 cast of the conv's weight
+    low = fused["total"] + elems * extra + weight
+    assert low - stats <= plain["total"] <= low + 2 * stats + 1024
+
+
+def test_norm_act_conv_runs_the_plain_composition_elsewhere():
+    """No-grad mode, the torch backend, a BatchNorm on running statistics, a tracking InstanceNorm, other padding
+    modes, string padding, an unknown activation module and 2-D tensors run the plain composition."""
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    conv = nn.Conv3d(6, 4, 3, padding=1)
+    cases = [
+        (nn.BatchNorm3d(6).eval(), "relu", conv),
+        (nn.InstanceNorm3d(6, track_running_stats=True), "relu", conv),
+        (nn.LayerNorm([6, 3, 4, 5]), "relu", conv),
+        (nn.GroupNorm(2, 6), "relu", nn.Conv3d(6, 4, 3, padding=1, padding_mode="reflect")),
+        (nn.GroupNorm(2, 6), "relu", nn.Conv3d(6, 4, 3, padding="same")),
+        (nn.GroupNorm(2, 6), nn.PReLU(), conv),
+    ]
+    for norm, activation, c in cases:
+        y = norm_act_conv(x, norm, activation, c)
+        assert y.grad_fn.name() == "ConvolutionBackward0", (norm, activation, c)
+        assert_close("y", y, _plain(x, norm, activation, c), torch.float32)
+    norm = nn.GroupNorm(2, 6)
+    with fastseg3d.backend("torch"):
+        assert norm_act_conv(x, norm, "relu", conv).grad_fn.name() == "ConvolutionBackward0"
+    with torch.no_grad():
+        assert norm_act_conv(x, norm, "relu", conv).grad_fn is None
+    x2 = torch.randn(2, 6, 4, 5, requires_grad=True)
+    conv2 = nn.Conv2d(6, 4, 3, padding=1)
+    assert_close("y2d", norm_act_conv(x2, norm, "relu", conv2), conv2(F.relu(norm(x2))), torch.float32)
+
+
+def test_norm_act_conv_bad_arguments():
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        norm_act_conv(x, nn.GroupNorm(2, 6), "tanh", nn.Conv3d(6, 4, 1))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        norm_act_conv(torch.randn(1, 6, 1, 1, 1), nn.BatchNorm3d(6), "relu", nn.Conv3d(6, 4, 1))
+    with pytest.raises(RuntimeError):  # the norm's own error: its channels are not x's
+        norm_act_conv(x, nn.GroupNorm(2, 8), "relu", nn.Conv3d(6, 4, 1))
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU tier (not run here: no GPU in this environment)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_gpu_norm_act_conv_under_cuda_autocast_matches_plain_composition(norm, layout):
+    """CUDA's autocast policy (GroupNorm in fp32 on a copy of its input, the others in the input's dtype, mixed
+    with fp32 parameters) is the one the recompute assumes: same output dtypes and values, gradients within bf16
+    rounding, and only the bf16 input saved."""
+    torch.manual_seed(0)
+    norm = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
+            "batch": lambda: nn.BatchNorm3d(16)}[norm]().cuda()
+    conv = nn.Conv3d(16, 8, 3, padding=1).cuda()
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 16, 9, 10, 11, device="cuda").bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert recompute._group_norm_dtype(x) == torch.float32
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = norm_act_conv(x1, norm, "relu", conv)
+        y_ref = conv_ref(F.relu(norm_ref(x2)))
+    assert y.grad_fn.name() == "_NormActConvBackward"
+    assert [t.dtype for t in saved if t.numel() >= x.numel()] == [torch.bfloat16]
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    pairs = [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad) for i, (p, q) in enumerate(
+        zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]))]
+    for name, a, e in pairs:
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
