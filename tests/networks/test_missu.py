@@ -68,6 +68,37 @@ def test_fusion_block_shapes():
     assert x.grad is not None and block.dilate3.weight.grad is not None
 
 
+def test_fusion_block_matches_its_definition():
+    """Dense atrous branches summed with the input, then max pooling at four scales, each squeezed to one channel
+    and upsampled, concatenated with the features and fused by ``fuse`` (the block splits that conv in two)."""
+    import torch.nn.functional as F
+
+    from fastseg3d.networks.missu import LocalMultiScaleFusion3d
+
+    torch.manual_seed(0)
+    block = LocalMultiScaleFusion3d(6).double()
+    x = torch.randn(2, 6, 7, 9, 11, dtype=torch.float64)
+    d1, d2 = block.dilate1(x), block.dilate2(x)
+    d21 = block.dilate2(d1)
+    out = (x + F.relu(d1) + F.relu(block.conv1x1(d2)) + F.relu(block.conv1x1(d21))
+           + F.relu(block.conv1x1(block.dilate3(d21))))
+    pooled = [F.interpolate(block.pool_conv(F.max_pool3d(out, k, k, ceil_mode=True)), size=out.shape[2:],
+                            mode="trilinear", align_corners=False) for k in (2, 3, 5, 6)]
+    assert_close("y", block(x), block.fuse(torch.cat([out, *pooled], dim=1)), torch.float64)
+
+
+def test_fusion_block_saves_no_concatenated_copy():
+    from fastseg3d.networks.missu import LocalMultiScaleFusion3d
+
+    shape = (2, 8, 12, 12, 12)
+    saved = activation_memory(LocalMultiScaleFusion3d(8), shape, torch.float32)["total"]
+    n = 2 * 12**3
+    # the input, d1, ReLU(d1), d2, d21, dilate3(d21), three ReLU outputs of the shared 1x1x1 conv and the sum
+    # (saved by the pooling): 10 full maps; the pooling indices (0.37 of a map), the pooled maps (0.18) and the four
+    # upsampled one-channel maps (0.5) come on top. A concatenated copy of the sum would add one more map.
+    assert 11.0 * 8 * n * 4 < saved < 11.1 * 8 * n * 4
+
+
 def test_eval_is_deterministic_and_returns_logits():
     net = MISSU().eval()  # the release's first-layer dropout also dropped at inference
     x = torch.randn(1, 4, 32, 32, 32)
