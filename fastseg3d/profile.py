@@ -168,11 +168,19 @@ def activation_memory(
     def leave(module, args, out) -> None:  # returns None: a forward hook's return value replaces the output
         current.pop()
 
+    def enter(module, args) -> None:
+        current.append(names[module])
+
+    names: dict[nn.Module, str] = {}
+    # attribution only: fastseg3d's recomputes need not run these hooked modules plainly (see nn.recompute.has_hooks)
+    leave.fastseg3d_passive = enter.fastseg3d_passive = True
+
     def attribute(module: nn.Module, name: str) -> None:
         # A container (ModuleList, ModuleDict) is never called: its parent calls the modules inside, so those are
         # hooked instead, under the container's top-level name.
         if type(module).forward is not nn.Module.forward:
-            handles.append(module.register_forward_pre_hook(lambda m, args: current.append(name)))
+            names[module] = name
+            handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(leave, always_call=True))
         else:
             for child in module.children():

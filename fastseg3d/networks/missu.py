@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastseg3d.nn.recompute import norm_act_conv
+from fastseg3d.nn.recompute import has_hooks, norm_act_conv
 from fastseg3d.ops.attention import attention
 
 __all__ = ["LocalMultiScaleFusion3d", "MISSU"]
@@ -204,6 +204,8 @@ class LocalMultiScaleFusion3d(nn.Module):
         for k in self.pool_sizes:
             p = F.max_pool3d(out, kernel_size=k, stride=k, ceil_mode=True)
             pooled.append(F.interpolate(self.pool_conv(p), size=size, mode="trilinear", align_corners=False))
+        if has_hooks(self.fuse):
+            return self.fuse(torch.cat([out, *pooled], dim=1))
         # fuse(cat([out, *pooled])) as two convs: the pooling already saves ``out``, and a concatenated copy of it
         # would be saved again for the 1x1x1 conv's backward
         channels = out.shape[1]

@@ -84,7 +84,7 @@ class UNet(nn.Module):
 
     A conv block is (3x3(x3) conv without bias -> norm -> activation) twice. ``forward`` returns logits only. In 3-D
     each block's middle norm -> activation -> conv saves only the norm's input for backward
-    (:func:`fastseg3d.nn.recompute.norm_act_conv`; hooks on those three submodules do not fire).
+    (:func:`fastseg3d.nn.recompute.norm_act_conv`; with hooks on those three submodules it runs them plainly).
 
     Args:
         spatial_dims: 2 or 3.

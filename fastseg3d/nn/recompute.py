@@ -27,9 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastseg3d import backends
-from fastseg3d.ops.utils import META_AUTOCAST_DTYPE
+from fastseg3d.ops.utils import META_AUTOCAST_DTYPE, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
 __all__ = ["act_instance_norm_conv", "batch_norm_act_linear", "norm_act_conv"]
@@ -52,6 +53,7 @@ class _BatchNormActLinear(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the recomputed z takes the statistics as constants: no second derivative through them
     def backward(ctx, grad):
         x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
         # z = bn(x) with the batch statistics in one pass: BatchNorm's inference form, given the batch mean and the
@@ -146,6 +148,7 @@ class _ActInstanceNormConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the recomputed z takes the statistics as constants: no second derivative through them
     def backward(ctx, grad):
         x, mean, rstd, weight = ctx.saved_tensors
         a = activation_ref(x, ctx.activation)
@@ -197,17 +200,18 @@ class _NormActConv(torch.autograd.Function):
         ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.act = kind, groups, norm_dtype, eps, act
         ctx.conv = (stride, padding, dilation, conv_groups)
         xn = _norm_input(ctx, x)
+        w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
         if kind == "group":
-            z, mean, rstd = torch.native_group_norm(xn, norm_weight, norm_bias, x.shape[0], x.shape[1],
-                                                    math.prod(x.shape[2:]), groups, eps)
+            z, mean, rstd = torch.native_group_norm(xn, w, b, x.shape[0], x.shape[1], math.prod(x.shape[2:]), groups,
+                                                    eps)
         else:
-            w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
             z, mean, rstd = torch.native_batch_norm(xn, w, b, running_mean, running_var, True, momentum, eps)
         out = F.conv3d(_act(z.view(x.shape), act), weight, bias, stride, padding, dilation, conv_groups)
         ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight)
         return out
 
     @staticmethod
+    @once_differentiable  # the recomputed z takes the statistics as constants: no second derivative through them
     def backward(ctx, grad):
         x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
         xn = _norm_input(ctx, x)
@@ -219,45 +223,74 @@ class _NormActConv(torch.autograd.Function):
             z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
         h = _act(z.view(x.shape), ctx.act)
         stride, padding, dilation, conv_groups = ctx.conv
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
         # the conv's own backward, in the dtype its forward ran in (grad's: the low precision under autocast)
         dh, dweight, dbias = torch.ops.aten.convolution_backward(
             grad, h.to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.needs_input_grad[12] else None,
             stride, padding, dilation, False, [0, 0, 0], conv_groups,
-            [True, ctx.needs_input_grad[11], ctx.needs_input_grad[12]],
+            [any(mask), ctx.needs_input_grad[11], ctx.needs_input_grad[12]],
         )
-        # the norms' CPU backward kernels read the output gradient in their input's memory format
-        dz = _act_backward(dh.to(z.dtype), z.view(x.shape), ctx.act).reshape(z.shape).contiguous(
-            memory_format=_format(xn))
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
-        if ctx.kind == "group":
-            dx, dnw, dnb = torch.ops.aten.native_group_norm_backward(
-                dz, xn, mean, rstd, w, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups, mask,
-            )
-        else:
-            dx, dnw, dnb = torch.ops.aten.native_batch_norm_backward(
-                dz, xn, w, running_mean, running_var, mean, rstd, True,
-                ctx.eps, mask,
-            )
-        if ctx.kind == "instance":  # the affine parameters were repeated over the batch
-            dnw = dnw.view(x.shape[0], -1).sum(0) if dnw is not None else None
-            dnb = dnb.view(x.shape[0], -1).sum(0) if dnb is not None else None
-        dx = dx.view(x.shape).to(x.dtype) if dx is not None else None
+        dx = dnw = dnb = None
+        if any(mask):
+            # the norms' CPU backward kernels read the output gradient in their input's memory format
+            dz = _act_backward(dh.to(z.dtype), z.view(x.shape), ctx.act).reshape(z.shape).contiguous(
+                memory_format=_format(xn))
+            if ctx.kind == "group":
+                # dx always: GroupNorm's CPU backward crashes on channels-last input without it
+                dx, dnw, dnb = torch.ops.aten.native_group_norm_backward(
+                    dz, xn, mean, rstd, w, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups,
+                    [True, mask[1], mask[2]],
+                )
+            else:
+                dx, dnw, dnb = torch.ops.aten.native_batch_norm_backward(
+                    dz, xn, w, running_mean, running_var, mean, rstd, True, ctx.eps, mask,
+                )
+            if ctx.kind == "instance":  # the affine parameters were repeated over the batch
+                dnw = dnw.view(x.shape[0], -1).sum(0) if dnw is not None else None
+                dnb = dnb.view(x.shape[0], -1).sum(0) if dnb is not None else None
+            dx = dx.view(x.shape).to(x.dtype) if mask[0] else None
+            dnw = dnw.to(norm_weight.dtype) if dnw is not None else None
+            dnb = dnb.to(norm_bias.dtype) if dnb is not None else None
         return (dx, None, None, None, None, None, dnw, dnb, None, None, None,
                 dweight.to(weight.dtype) if dweight is not None else None,
                 dbias.to(weight.dtype) if dbias is not None else None, None, None, None, None)
 
 
 def _norm_input(ctx, x: torch.Tensor) -> torch.Tensor:
+    """The tensor the norm's kernel reads, made as ``F.group_norm`` and ``F.instance_norm`` make it."""
     xn = x.to(ctx.norm_dtype)
     if ctx.kind == "instance":
         return xn.contiguous().view(1, x.shape[0] * x.shape[1], *x.shape[2:])
+    if ctx.kind == "group":
+        return xn.contiguous(memory_format=layout_of(xn)) if x.device.type == "cpu" else xn.contiguous()
     return xn
 
 
 def _norm_affine(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
-    if ctx.kind != "instance":
-        return weight, bias
-    return tuple(p.repeat(x.shape[0]) if p is not None else None for p in (weight, bias))
+    """The norm's affine parameters as its kernel takes them: in fp32 where CUDA autocast runs GroupNorm in fp32
+    (it casts every input), repeated over the batch for InstanceNorm."""
+    if ctx.kind == "group" and ctx.norm_dtype != x.dtype:
+        return tuple(p.to(ctx.norm_dtype) if p is not None else None for p in (weight, bias))
+    if ctx.kind == "instance":
+        return tuple(p.repeat(x.shape[0]) if p is not None else None for p in (weight, bias))
+    return weight, bias
+
+
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling one of ``modules`` would run hooks (its own or global ones): a recompute that reads their
+    parameters directly would skip them, so it runs the plain composition instead. Hooks marked with a true
+    ``fastseg3d_passive`` attribute (``fastseg3d.profile``'s attribution, which loses nothing when they do not run)
+    do not count."""
+    from torch.nn.modules import module as m
+
+    def active(*hook_dicts) -> bool:
+        return any(not getattr(h, "fastseg3d_passive", False) for d in hook_dicts for h in d.values())
+
+    if active(m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks,
+              m._global_backward_pre_hooks):
+        return True
+    return any(isinstance(mod, nn.Module) and active(mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks,
+                                                      mod._backward_pre_hooks) for mod in modules)
 
 
 def _act(z: torch.Tensor, act: tuple[str | None, float]) -> torch.Tensor:
@@ -304,10 +337,13 @@ def _group_norm_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _norm_kind(norm: nn.Module, x: torch.Tensor) -> tuple[str, int] | None:
-    """``(kind, groups)`` for a norm this module recomputes on ``x``; None for the plain composition."""
+    """``(kind, groups)`` for a norm this module recomputes on ``x``; None for the plain composition (also where
+    the norm's own forward raises: one value to normalise)."""
+    spatial = math.prod(x.shape[2:])
     if type(norm) is nn.GroupNorm and x.shape[1] == norm.num_channels:
-        return "group", norm.num_groups
-    if type(norm) is nn.InstanceNorm3d and not norm.track_running_stats and x.shape[1] == norm.num_features:
+        return ("group", norm.num_groups) if x.shape[0] * x.shape[1] // norm.num_groups * spatial > 1 else None
+    if (type(norm) is nn.InstanceNorm3d and not norm.track_running_stats and x.shape[1] == norm.num_features
+            and spatial > 1):
         return "instance", 0
     if type(norm) is nn.BatchNorm3d and norm.training and not _syncs(norm) and x.shape[1] == norm.num_features:
         return "batch", 0
@@ -322,9 +358,11 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
 
     Equal to the plain composition (same outputs, gradients, dtypes under autocast and running-statistics updates);
     with gradients on it saves only ``x`` and the norm's statistics, and backward recomputes the normalised,
-    activated tensor (one elementwise pass; GroupNorm's statistics once more) before the conv's backward. Other
-    norms and activations, a BatchNorm using its running statistics or synchronising across processes, other
-    padding modes and no-grad mode run the plain composition.
+    activated tensor (one elementwise pass; GroupNorm's statistics once more) before the conv's backward; that
+    backward is not differentiable again (double backward raises). Other norms and activations, a BatchNorm using
+    its running statistics or synchronising across processes, other padding modes, modules with hooks (weight norm's
+    among them), devices other than CUDA and the CPU, a norm over a single value and no-grad mode run the plain
+    composition.
 
     Raises:
         ValueError: an activation name it does not know; one value per channel for a training BatchNorm, as
@@ -339,9 +377,9 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
         torch.Size([2, 16, 6, 6, 6])
     """
     act = _act_spec(activation)
-    kind = _norm_kind(norm, x) if x.dim() == 5 else None
+    kind = _norm_kind(norm, x) if x.dim() == 5 and x.device.type in ("cuda", "cpu", "meta") else None
     if (act is None or kind is None or not torch.is_grad_enabled() or _plain() or type(conv) is not nn.Conv3d
-            or conv.padding_mode != "zeros" or isinstance(conv.padding, str)):
+            or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or has_hooks(norm, activation, conv)):
         z = norm(x)
         return conv(activation(z) if callable(activation) else _act(z, act))
     kind, groups = kind

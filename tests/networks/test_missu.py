@@ -233,3 +233,31 @@ def test_encoder_norm_chains_save_only_their_inputs():
                        for level, (c, chains) in enumerate(((16, 2), (32, 4), (64, 4), (128, 8))))
         assert plain["Unet"] - fused["Unet"] == expected
         assert fused["total"] < plain["total"] - expected  # the top BatchNorm and the decoder blocks save less too
+
+
+def test_training_step_matches_plain_norm_chains():
+    """The recomputing norm chains and the split fusion conv against the plain composition (the torch backend),
+    in float64: the outputs, every parameter's gradient and the BatchNorm statistics."""
+    torch.manual_seed(0)
+    net = MISSU(num_layers=1, hidden_dim=64, dropout_rate=0.0, init_dropout=0.0).double()
+    plain = copy.deepcopy(net)
+    x = torch.randn(2, 4, 16, 16, 16, dtype=torch.float64)
+    results = []
+    for model, backend in ((net, "auto"), (plain, "torch")):
+        with fastseg3d.backend(backend):
+            logits, pairs = model(x)
+            loss = logits.square().mean() + sum(s.square().mean() for s, _ in pairs)
+            loss.backward()
+        results.append((logits.detach(), [s.detach() for s, _ in pairs]))
+    assert_close("logits", results[0][0], results[1][0], torch.float64)
+    for i, (s, e) in enumerate(zip(results[0][1], results[1][1])):
+        assert_close(f"student{i}", s, e, torch.float64)
+    for (name, p), p_ref in zip(net.named_parameters(), plain.parameters()):
+        if p_ref.grad is None:
+            assert p.grad is None, name
+        elif p_ref.grad.abs().max() < 1e-12:  # a conv bias right before a training BatchNorm: zero up to rounding
+            assert p.grad.abs().max() < 1e-12, name
+        else:
+            assert_close(name, p.grad, p_ref.grad, torch.float64)
+    for (name, b), b_ref in zip(net.named_buffers(), plain.buffers()):
+        assert torch.allclose(b.double(), b_ref.double(), rtol=1e-12, atol=1e-15), name

@@ -249,6 +249,7 @@ _NORMS = {
     "group_plain": lambda: nn.GroupNorm(3, 6, affine=False),
     "instance": lambda: nn.InstanceNorm3d(6, affine=True),
     "batch": lambda: nn.BatchNorm3d(6, momentum=None),
+    "batch_momentum": lambda: nn.BatchNorm3d(6, momentum=0.3),
 }
 _ACTS = {"relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.01), None: lambda t: t}
 
@@ -395,6 +396,9 @@ def test_norm_act_conv_saves_only_the_norm_input(norm, dtype):
     weight = 16 * 16 * 27 * size if dtype == torch.bfloat16 else 0  # and the bf16 cast of the conv's weight
     low = fused["total"] + elems * extra + weight
     assert low - stats <= plain["total"] <= low + 2 * stats + 1024
+    # the count's own (attribution) hooks on the norm and the conv leave the recompute on
+    direct = activation_memory(_Chain(make(), True), shape, dtype)
+    assert set(direct) == {"total", "(top)"} and direct["total"] <= elems * 4 + stats + 1024
 
 
 def test_norm_act_conv_runs_the_plain_composition_elsewhere():
@@ -422,6 +426,110 @@ def test_norm_act_conv_runs_the_plain_composition_elsewhere():
     x2 = torch.randn(2, 6, 4, 5, requires_grad=True)
     conv2 = nn.Conv2d(6, 4, 3, padding=1)
     assert_close("y2d", norm_act_conv(x2, norm, "relu", conv2), conv2(F.relu(norm(x2))), torch.float32)
+
+
+@pytest.mark.parametrize("norm", ["group", "group_plain", "instance", "batch"])
+@pytest.mark.parametrize("view", ["channel_slice", "strided_depth", "channels_last_slice"])
+@pytest.mark.parametrize("grads", ["all", "no_input", "frozen_norm", "input_only"])
+def test_norm_act_conv_views_and_frozen_parts(norm, view, grads):
+    """Inputs that are views (a channel chunk, every other depth slice, a chunk of a channels-last tensor) and
+    every combination of what needs a gradient: the plain composition's results."""
+    norm = _NORMS[norm]().double()
+    conv = nn.Conv3d(6, 4, 3, padding=1).double()
+    _randomise(norm, conv)
+    if grads in ("frozen_norm", "input_only"):
+        norm.requires_grad_(False)
+    if grads == "input_only":
+        conv.requires_grad_(False)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    big = torch.randn(2, 9, 10, 4, 5, dtype=torch.float64)
+    if view == "channels_last_slice":
+        big = big.contiguous(memory_format=torch.channels_last_3d)
+    make = {"channel_slice": lambda t: t[:, :6, :5], "strided_depth": lambda t: t[:, 3:, ::2],
+            "channels_last_slice": lambda t: t[:, 2:8, 1:6]}[view]
+    # the reference's input always needs its gradient: GroupNorm's CPU backward crashes on a channels-last input
+    # that does not (a torch bug the recompute steers around)
+    b1, b2 = big.clone().requires_grad_(grads != "no_input"), big.clone().requires_grad_()
+    y = norm_act_conv(make(b1), norm, "relu", conv)
+    y_ref = _plain(make(b2), norm_ref, "relu", conv_ref)
+    assert y.grad_fn.name() == "_NormActConvBackward"
+    assert_close("y", y, y_ref, torch.float64)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    if grads != "no_input":
+        assert_close("dx", b1.grad, b2.grad, torch.float64)
+    for module, module_ref in ((norm, norm_ref), (conv, conv_ref)):
+        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
+            assert (p.grad is None) == (p_ref.grad is None) == (not p.requires_grad), name
+            if p.grad is not None:
+                assert_close(name, p.grad, p_ref.grad, torch.float64)
+
+
+def test_norm_act_conv_bf16_model_under_fp32_group_norm(monkeypatch):
+    """A model cast to bf16 as a whole, under an autocast that runs GroupNorm in fp32 (CUDA's, patched in): the
+    parameters are cast too, as autocast casts every input, and their gradients come back in bf16."""
+    monkeypatch.setattr(recompute, "_group_norm_dtype", lambda x: torch.float32)
+    norm, conv = nn.GroupNorm(4, 16), nn.Conv3d(16, 8, 3, padding=1)
+    _randomise(norm, conv)
+    norm, conv = norm.bfloat16(), conv.bfloat16()
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 16, 5, 6, 7).bfloat16()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm_act_conv(x1, norm, "relu", conv)
+        y_ref = conv_ref(F.relu(F.group_norm(x2.float(), 4, norm_ref.weight.float(), norm_ref.bias.float())))
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x1.grad, x2.grad)
+    for p, q in zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]):
+        assert p.grad.dtype == q.grad.dtype == torch.bfloat16 and torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_norm_act_conv_runs_hooked_modules_plainly():
+    """A hook on the norm, the activation or the conv (weight norm's pre-hook recomputes the weight) runs: the
+    plain composition, not a recompute that reads the parameters directly."""
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    conv = nn.utils.weight_norm(nn.Conv3d(6, 4, 3, padding=1))
+    with torch.no_grad():
+        conv.weight_g.mul_(2.0)
+    norm = nn.GroupNorm(2, 6)
+    y = norm_act_conv(x, norm, "relu", conv)
+    assert y.grad_fn.name() == "ConvolutionBackward0"
+    assert_close("y", y, conv(F.relu(norm(x))), torch.float32)
+    calls = []
+    act = nn.ReLU()
+    handle = act.register_forward_hook(lambda m, a, o: calls.append(m))
+    norm_act_conv(x, norm, act, nn.Conv3d(6, 4, 1))
+    assert calls == [act]
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: calls.append(m))
+    try:
+        assert norm_act_conv(x, norm, "relu", nn.Conv3d(6, 4, 1)).grad_fn.name() == "ConvolutionBackward0"
+    finally:
+        handle.remove()
+    assert norm_act_conv(x, norm, "relu", nn.Conv3d(6, 4, 1)).grad_fn.name() == "_NormActConvBackward"
+
+
+def test_norm_act_conv_single_values_raise_as_the_norms_do():
+    conv = nn.Conv3d(4, 2, 1)
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        norm_act_conv(torch.randn(2, 4, 1, 1, 1, requires_grad=True), nn.InstanceNorm3d(4), "relu", conv)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        norm_act_conv(torch.randn(1, 4, 1, 1, 1, requires_grad=True), nn.GroupNorm(4, 4), "relu", conv)
+
+
+def test_norm_act_conv_double_backward_raises():
+    """backward recomputes the normalised tensor with the statistics as constants, so it is not differentiable
+    again: a second derivative raises rather than being silently wrong."""
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    y = norm_act_conv(x, nn.InstanceNorm3d(6, affine=True), "gelu", nn.Conv3d(6, 4, 3, padding=1))
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dx.sum().backward()
 
 
 def test_norm_act_conv_bad_arguments():
