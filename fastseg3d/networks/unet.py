@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastseg3d.nn.recompute import norm_act_conv
+from fastseg3d.nn.recompute import norm_act, norm_act_conv
 
 __all__ = ["UNet", "dsd_unet", "selfreg_unet"]
 
@@ -51,7 +51,7 @@ class _ConvBlock(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv1, norm1, act1, conv2, norm2, act2 = self
         if isinstance(conv2, nn.Conv3d):
-            return act2(norm2(norm_act_conv(conv1(x), norm1, act1, conv2)))
+            return norm_act(norm_act_conv(conv1(x), norm1, act1, conv2), norm2, act2)
         return super().forward(x)
 
 
@@ -84,7 +84,8 @@ class UNet(nn.Module):
 
     A conv block is (3x3(x3) conv without bias -> norm -> activation) twice. ``forward`` returns logits only. In 3-D
     each block's middle norm -> activation -> conv saves only the norm's input for backward
-    (:func:`fastseg3d.nn.recompute.norm_act_conv`; with hooks on those three submodules it runs them plainly).
+    (:func:`fastseg3d.nn.recompute.norm_act_conv`) and its last norm -> LeakyReLU saves its output instead of the
+    activation's input (:func:`fastseg3d.nn.recompute.norm_act`); hooked submodules run plainly.
 
     Args:
         spatial_dims: 2 or 3.

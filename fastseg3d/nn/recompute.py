@@ -16,6 +16,9 @@ the norm's input and its statistics are saved. Under CUDA bf16/fp16 autocast Gro
 composition saves an fp32 copy of its input, the fp32 activation output and the conv's low-precision input: 10 bytes
 per element where this saves 2.
 
+A norm -> LeakyReLU (the U-Nets' blocks end with one) saves its output instead of the activation's input: the
+layer after it saves that output anyway, and with a non-negative slope the output's sign gives the derivative.
+
 Under ``fastseg3d.backend("torch")`` each of these runs the plain composition (its reference).
 """
 
@@ -33,7 +36,7 @@ from fastseg3d import backends
 from fastseg3d.ops.utils import META_AUTOCAST_DTYPE, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
-__all__ = ["act_instance_norm_conv", "batch_norm_act_linear", "norm_act_conv"]
+__all__ = ["act_instance_norm_conv", "batch_norm_act_linear", "norm_act", "norm_act_conv"]
 
 
 def _tokens(vol: torch.Tensor) -> torch.Tensor:
@@ -104,13 +107,14 @@ def batch_norm_act_linear(
 
     Equal to the plain composition (same outputs, gradients and running-statistics updates as ``nn.BatchNorm3d``).
     When it trains with batch statistics and gradients are on, it saves only ``x`` and the batch statistics. An
-    ``nn.SyncBatchNorm`` that would synchronise its statistics across processes runs through its own ``forward``.
+    ``nn.SyncBatchNorm`` that would synchronise its statistics across processes, and a BatchNorm with hooks, run
+    through their own ``forward``. The backward is not differentiable again.
 
     Raises:
         ValueError: training with one value per channel (``x``'s batch size times its spatial size is 1), as
             ``nn.BatchNorm3d`` does.
     """
-    if not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain():
+    if not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain() or has_hooks(bn):
         return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
     return _BatchNormActLinear.apply(
         x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _bn_momentum(bn, x), bn.eps, activation, weight, bias
@@ -172,9 +176,9 @@ def act_instance_norm_conv(
     """``F.conv3d(norm(activation(x)), weight, bias)`` for x (B, C, D, H, W), a 1x1x1 conv ``weight`` (O, C, 1, 1, 1)
     and an ``nn.InstanceNorm3d`` without affine parameters or running statistics (MobileUtr's).
 
-    Equal to the plain composition; with gradients on it saves only ``x`` and the per-instance statistics. Other
-    norms and convs, and a single voxel (which ``nn.InstanceNorm3d`` refuses in training), run the plain
-    composition.
+    Equal to the plain composition; with gradients on it saves only ``x`` and the per-instance statistics (the
+    backward is not differentiable again). Other norms and convs, a norm with hooks, and a single voxel (which
+    ``nn.InstanceNorm3d`` refuses in training), run the plain composition.
 
     Example:
         >>> from torch import nn
@@ -184,7 +188,7 @@ def act_instance_norm_conv(
         >>> act_instance_norm_conv(x, "gelu", norm, conv.weight, conv.bias).shape
         torch.Size([2, 8, 4, 4, 4])
     """
-    if (not torch.is_grad_enabled() or _plain() or type(norm) is not nn.InstanceNorm3d or norm.affine
+    if (not torch.is_grad_enabled() or _plain() or has_hooks(norm) or type(norm) is not nn.InstanceNorm3d or norm.affine
             or norm.track_running_stats or tuple(weight.shape[2:]) != (1, 1, 1) or math.prod(x.shape[2:]) == 1):
         return F.conv3d(norm(activation_ref(x, activation)), weight, bias)
     return _ActInstanceNormConv.apply(x, activation, norm.eps, weight, bias)
@@ -199,13 +203,7 @@ class _NormActConv(torch.autograd.Function):
                 act, weight, bias, stride, padding, dilation, conv_groups):
         ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.act = kind, groups, norm_dtype, eps, act
         ctx.conv = (stride, padding, dilation, conv_groups)
-        xn = _norm_input(ctx, x)
-        w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
-        if kind == "group":
-            z, mean, rstd = torch.native_group_norm(xn, w, b, x.shape[0], x.shape[1], math.prod(x.shape[2:]), groups,
-                                                    eps)
-        else:
-            z, mean, rstd = torch.native_batch_norm(xn, w, b, running_mean, running_var, True, momentum, eps)
+        z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
         out = F.conv3d(_act(z.view(x.shape), act), weight, bias, stride, padding, dilation, conv_groups)
         ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight)
         return out
@@ -232,28 +230,69 @@ class _NormActConv(torch.autograd.Function):
         )
         dx = dnw = dnb = None
         if any(mask):
-            # the norms' CPU backward kernels read the output gradient in their input's memory format
-            dz = _act_backward(dh.to(z.dtype), z.view(x.shape), ctx.act).reshape(z.shape).contiguous(
-                memory_format=_format(xn))
-            if ctx.kind == "group":
-                # dx always: GroupNorm's CPU backward crashes on channels-last input without it
-                dx, dnw, dnb = torch.ops.aten.native_group_norm_backward(
-                    dz, xn, mean, rstd, w, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups,
-                    [True, mask[1], mask[2]],
-                )
-            else:
-                dx, dnw, dnb = torch.ops.aten.native_batch_norm_backward(
-                    dz, xn, w, running_mean, running_var, mean, rstd, True, ctx.eps, mask,
-                )
-            if ctx.kind == "instance":  # the affine parameters were repeated over the batch
-                dnw = dnw.view(x.shape[0], -1).sum(0) if dnw is not None else None
-                dnb = dnb.view(x.shape[0], -1).sum(0) if dnb is not None else None
-            dx = dx.view(x.shape).to(x.dtype) if mask[0] else None
-            dnw = dnw.to(norm_weight.dtype) if dnw is not None else None
-            dnb = dnb.to(norm_bias.dtype) if dnb is not None else None
+            dz = _act_backward(dh.to(z.dtype), z.view(x.shape), ctx.act)
+            dx, dnw, dnb = _norm_backward(ctx, dz, x, xn, norm_weight, norm_bias, running_mean, running_var, mean,
+                                          rstd, mask)
         return (dx, None, None, None, None, None, dnw, dnb, None, None, None,
                 dweight.to(weight.dtype) if dweight is not None else None,
                 dbias.to(weight.dtype) if dbias is not None else None, None, None, None, None)
+
+
+class _NormLeakyReLU(torch.autograd.Function):
+    """LeakyReLU(norm(x)) saving the output instead of the activation's input (see :func:`norm_act`)."""
+
+    @staticmethod
+    def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
+                slope):
+        ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.slope = kind, groups, norm_dtype, eps, slope
+        z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
+        out = F.leaky_relu(z.view(x.shape), slope)
+        ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, out = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
+        if not any(mask):
+            return (None,) * 11
+        # a non-negative slope keeps the sign: the output tells where the input was positive
+        dz = torch.ops.aten.leaky_relu_backward(grad, out, ctx.slope, True)
+        dx, dnw, dnb = _norm_backward(ctx, dz, x, _norm_input(ctx, x), norm_weight, norm_bias, running_mean,
+                                      running_var, mean, rstd, mask)
+        return dx, None, None, None, None, None, dnw, dnb, None, None, None
+
+
+def _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum):
+    """The norm's training forward: ``(z, mean, rstd)``, z in the shape its kernel gives (see :func:`_norm_input`)."""
+    xn = _norm_input(ctx, x)
+    w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
+    if ctx.kind == "group":
+        return torch.native_group_norm(xn, w, b, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups, ctx.eps)
+    return torch.native_batch_norm(xn, w, b, running_mean, running_var, True, momentum, ctx.eps)
+
+
+def _norm_backward(ctx, dz, x, xn, norm_weight, norm_bias, running_mean, running_var, mean, rstd, mask):
+    """The norm's own backward kernel: ``(dx, dweight, dbias)`` in the dtypes of ``x`` and the parameters."""
+    # the norms' CPU backward kernels read the output gradient in their input's memory format
+    dz = dz.reshape(xn.shape).contiguous(memory_format=_format(xn))
+    w, _ = _norm_affine(ctx, x, norm_weight, norm_bias)
+    if ctx.kind == "group":
+        # dx always: GroupNorm's CPU backward crashes on channels-last input without it
+        dx, dnw, dnb = torch.ops.aten.native_group_norm_backward(
+            dz, xn, mean, rstd, w, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups,
+            [True, mask[1], mask[2]],
+        )
+    else:
+        dx, dnw, dnb = torch.ops.aten.native_batch_norm_backward(
+            dz, xn, w, running_mean, running_var, mean, rstd, True, ctx.eps, mask,
+        )
+    if ctx.kind == "instance":  # the affine parameters were repeated over the batch
+        dnw = dnw.view(x.shape[0], -1).sum(0) if dnw is not None else None
+        dnb = dnb.view(x.shape[0], -1).sum(0) if dnb is not None else None
+    return (dx.view(x.shape).to(x.dtype) if mask[0] else None, dnw.to(norm_weight.dtype) if dnw is not None else None,
+            dnb.to(norm_bias.dtype) if dnb is not None else None)
 
 
 def _norm_input(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -382,9 +421,38 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
             or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or has_hooks(norm, activation, conv)):
         z = norm(x)
         return conv(activation(z) if callable(activation) else _act(z, act))
+    return _NormActConv.apply(x, *_norm_args(x, norm, kind), act, conv.weight, conv.bias, conv.stride, conv.padding,
+                              conv.dilation, conv.groups)
+
+
+def _norm_args(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> tuple:
+    """The norm's arguments of the autograd functions, counting the batch for a BatchNorm."""
     kind, groups = kind
     norm_dtype = _group_norm_dtype(x) if kind == "group" else x.dtype
     momentum = _bn_momentum(norm, x) if kind == "batch" else 0.0
     running = (norm.running_mean, norm.running_var) if kind == "batch" else (None, None)
-    return _NormActConv.apply(x, kind, groups, norm_dtype, norm.eps, momentum, norm.weight, norm.bias, *running, act,
-                              conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return kind, groups, norm_dtype, norm.eps, momentum, norm.weight, norm.bias, *running
+
+
+def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
+    """``activation(norm(x))`` for x (B, C, D, H, W) and the norms of :func:`norm_act_conv`, saving for backward the
+    output instead of the activation's input where the output gives the activation's derivative: a LeakyReLU with a
+    non-negative slope (``"leaky_relu"`` or an ``nn.LeakyReLU``), whose plain composition saves the norm's input,
+    the activation's input and, through whatever reads it next, the output. The output is usually saved by the next
+    layer anyway, so one input-sized tensor less is kept. Other activations (ReLU already saves its output) and
+    the cases :func:`norm_act_conv` leaves to the plain composition run the plain composition.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import norm_act
+        >>> x = torch.randn(2, 8, 4, 4, 4, requires_grad=True)
+        >>> norm_act(x, nn.InstanceNorm3d(8, affine=True), nn.LeakyReLU(0.01)).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+    act = _act_spec(activation)
+    kind = _norm_kind(norm, x) if x.dim() == 5 and x.device.type in ("cuda", "cpu", "meta") else None
+    if (act is None or act[0] != "leaky_relu" or act[1] < 0 or kind is None or not torch.is_grad_enabled()
+            or _plain() or has_hooks(norm, activation)):
+        z = norm(x)
+        return activation(z) if callable(activation) else _act(z, act)
+    return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1])

@@ -101,7 +101,8 @@ def test_bundle_instantiation_and_compile(target):
 
 @pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu"), ("instance", "gelu")])
 def test_blocks_recompute_their_middle_norm_and_activation(norm, act):
-    """In 3-D each conv block's norm -> activation -> conv saves only the norm's input (fastseg3d.nn.recompute):
+    """In 3-D each conv block's norm -> activation -> conv saves only the norm's input, and its last norm ->
+    LeakyReLU the output instead of the activation's input (fastseg3d.nn.recompute):
     the same training step as the plain composition (fastseg3d.backend("torch")), saving, per block, the
     activation's output (and, for LeakyReLU and GELU, its input) less, plus the conv's bf16 weight under autocast and
     the repeated InstanceNorm weight. Counted exactly on the meta device."""
@@ -128,11 +129,14 @@ def test_blocks_recompute_their_middle_norm_and_activation(norm, act):
             reference = activation_memory(net, shape, dtype)
 
         def saving(levels):
-            tensors = 1 if act == "relu" else 2  # LeakyReLU and GELU save their input, the conv their output
+            # the middle chain: the activation's output (and LeakyReLU's and GELU's input); the last norm ->
+            # LeakyReLU: its input (the output is saved instead, and the next layer saves that anyway)
+            tensors = {"relu": 1, "gelu": 2, "leakyrelu": 3}[act]
+            repeats = 2 if act == "leakyrelu" else 1  # InstanceNorm's weight repeated over the batch, saved plainly
             return sum(tensors * size * shape[0] * c * (side >> level) ** 3
                        + (27 * c * c * 2 if dtype == torch.bfloat16 else 0)
-                       + (shape[0] * c * 4 if norm == "instance" else 0) for level, c in levels)
+                       + (repeats * shape[0] * c * 4 if norm == "instance" else 0) for level, c in levels)
 
-        assert reference["encoder"] - fused["encoder"] == saving(enumerate(channels))
-        assert reference["decoder"] - fused["decoder"] == saving(enumerate(channels[:-1]))
+        # (the total only: a block output saved by both a norm -> LeakyReLU and the next module is counted for the
+        # first module that saves it, so per-module counts shift between stages)
         assert reference["total"] - fused["total"] == saving(enumerate(channels)) + saving(enumerate(channels[:-1]))

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastseg3d
 from fastseg3d.nn import recompute
-from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear, norm_act_conv
+from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear, norm_act, norm_act_conv
 from fastseg3d.profile import activation_memory
 from tests.utils import assert_close
 
@@ -514,6 +514,18 @@ def test_norm_act_conv_runs_hooked_modules_plainly():
     assert norm_act_conv(x, norm, "relu", nn.Conv3d(6, 4, 1)).grad_fn.name() == "_NormActConvBackward"
 
 
+def test_older_recomputes_run_hooked_norms_plainly():
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    calls = []
+    bn, norm = nn.BatchNorm3d(6), nn.InstanceNorm3d(6)
+    for module in (bn, norm):
+        module.register_forward_hook(lambda m, a, o: calls.append(m))
+    y = batch_norm_act_linear(x, bn, "gelu", torch.randn(4, 6), None)
+    z = act_instance_norm_conv(x, "gelu", norm, torch.randn(4, 6, 1, 1, 1), None)
+    assert calls == [bn, norm]
+    assert "BatchNormActLinear" not in y.grad_fn.name() and z.grad_fn.name() == "ConvolutionBackward0"
+
+
 def test_norm_act_conv_single_values_raise_as_the_norms_do():
     conv = nn.Conv3d(4, 2, 1)
     with pytest.raises(ValueError, match="more than 1 spatial element"):
@@ -540,6 +552,86 @@ def test_norm_act_conv_bad_arguments():
         norm_act_conv(torch.randn(1, 6, 1, 1, 1), nn.BatchNorm3d(6), "relu", nn.Conv3d(6, 4, 1))
     with pytest.raises(RuntimeError):  # the norm's own error: its channels are not x's
         norm_act_conv(x, nn.GroupNorm(2, 8), "relu", nn.Conv3d(6, 4, 1))
+
+
+@pytest.mark.parametrize("norm", list(_NORMS))
+@pytest.mark.parametrize("activation", ["leaky_relu", "leaky_module"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "channel_slice"])
+@pytest.mark.parametrize("grads", ["all", "no_input", "frozen_norm"])
+def test_norm_act_matches_plain_composition(norm, activation, layout, grads):
+    norm = _NORMS[norm]().double()
+    activation = nn.LeakyReLU(0.2) if activation == "leaky_module" else activation
+    _randomise(norm)
+    if grads == "frozen_norm":
+        norm.requires_grad_(False)
+    norm_ref = copy.deepcopy(norm)
+    big = torch.randn(2, 8, 5, 4, 7, dtype=torch.float64) * 2 + 0.5
+    if layout == "channels_last":
+        big = big.contiguous(memory_format=torch.channels_last_3d)
+    make = (lambda t: t[:, 1:7]) if layout == "channel_slice" else (lambda t: t[:, :6])
+    b1, b2 = big.clone().requires_grad_(grads != "no_input"), big.clone().requires_grad_()
+    for _ in range(2):  # twice: BatchNorm's running statistics and num_batches_tracked must evolve identically
+        y = norm_act(make(b1), norm, activation)
+        y_ref = (activation if callable(activation) else _ACTS[activation])(norm_ref(make(b2)))
+    if y.requires_grad:  # not with nothing to differentiate (no affine parameters, an input without gradient)
+        assert y.grad_fn.name() == "_NormLeakyReLUBackward"
+    assert_close("y", y, y_ref, torch.float64)
+    if not y.requires_grad:
+        return
+    g = torch.randn_like(y_ref)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    if grads != "no_input":
+        assert_close("dx", b1.grad, b2.grad, torch.float64)
+    for (name, p), p_ref in zip(norm.named_parameters(), norm_ref.parameters()):
+        assert (p.grad is None) == (not p.requires_grad), name
+        if p.grad is not None:
+            assert_close(name, p.grad, p_ref.grad, torch.float64)
+    for (name, b), b_ref in zip(norm.named_buffers(), norm_ref.buffers()):
+        assert torch.allclose(b, b_ref, rtol=1e-12, atol=0), name
+
+
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+def test_norm_act_bf16_autocast_and_what_it_saves(norm):
+    norm = _NORMS[norm]()
+    _randomise(norm)
+    norm_ref = copy.deepcopy(norm)
+    x = torch.randn(2, 6, 5, 6, 7).bfloat16()
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = norm_act(x1, norm, nn.LeakyReLU(0.01))
+        y_ref = F.leaky_relu(norm_ref(x2), 0.01)
+    assert [t.data_ptr() for t in saved if t.numel() >= x.numel()] == [x1.data_ptr(), y.data_ptr()]
+    assert y.dtype == y_ref.dtype and torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert x1.grad.dtype == x2.grad.dtype and torch.equal(x1.grad, x2.grad)
+    for p, q in zip(norm.parameters(), norm_ref.parameters()):
+        assert p.grad.dtype == q.grad.dtype and torch.equal(p.grad, q.grad)
+
+
+def test_norm_act_runs_the_plain_composition_elsewhere():
+    """ReLU (which saves its output already), GELU (whose derivative needs its input), a negative slope, hooks,
+    no-grad mode and the torch backend run the plain composition."""
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    norm = nn.GroupNorm(2, 6)
+    for activation in ("relu", nn.GELU(), nn.LeakyReLU(-0.1), None):
+        y = norm_act(x, norm, activation)
+        assert y.grad_fn.name() != "_NormLeakyReLUBackward"
+        ref = norm(x) if activation is None else (activation if callable(activation) else F.relu)(norm(x))
+        assert_close("y", y, ref, torch.float32)
+    act = nn.LeakyReLU()
+    handle = act.register_forward_hook(lambda m, a, o: None)
+    assert norm_act(x, norm, act).grad_fn.name() == "LeakyReluBackward0"
+    handle.remove()
+    assert norm_act(x, norm, act).grad_fn.name() == "_NormLeakyReLUBackward"
+    with fastseg3d.backend("torch"):
+        assert norm_act(x, norm, act).grad_fn.name() == "LeakyReluBackward0"
+    with torch.no_grad():
+        assert norm_act(x, norm, act).grad_fn is None
 
 
 # ------------------------------------------------------------------------------------------------------
