@@ -673,3 +673,27 @@ def test_gpu_norm_act_conv_under_cuda_autocast_matches_plain_composition(norm, l
     for name, a, e in pairs:
         assert a.dtype == e.dtype, name
         assert_close(name, a, e, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
+    torch.manual_seed(0)
+    norm = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
+            "batch": lambda: nn.BatchNorm3d(16)}[norm]().cuda()
+    _randomise(norm)
+    norm_ref = copy.deepcopy(norm)
+    x = torch.randn(2, 16, 9, 10, 11, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = norm_act(x1, norm, nn.LeakyReLU(0.01))
+        y_ref = F.leaky_relu(norm_ref(x2), 0.01)
+    assert y.grad_fn.name() == "_NormLeakyReLUBackward" and y.dtype == y_ref.dtype
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, e in [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad) for i, (p, q) in
+                                                    enumerate(zip(norm.parameters(), norm_ref.parameters()))]:
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
