@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module_hooks
 
 from fastseg3d import backends
 from fastseg3d.ops.utils import META_AUTOCAST_DTYPE, layout_of
@@ -320,13 +321,12 @@ def has_hooks(*modules: nn.Module) -> bool:
     parameters directly would skip them, so it runs the plain composition instead. Hooks marked with a true
     ``fastseg3d_passive`` attribute (``fastseg3d.profile``'s attribution, which loses nothing when they do not run)
     do not count."""
-    from torch.nn.modules import module as m
-
     def active(*hook_dicts) -> bool:
         return any(not getattr(h, "fastseg3d_passive", False) for d in hook_dicts for h in d.values())
 
-    if active(m._global_forward_hooks, m._global_forward_pre_hooks, m._global_backward_hooks,
-              m._global_backward_pre_hooks):
+    g = _module_hooks
+    if active(g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
+              g._global_backward_pre_hooks):
         return True
     return any(isinstance(mod, nn.Module) and active(mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks,
                                                       mod._backward_pre_hooks) for mod in modules)

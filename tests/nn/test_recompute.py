@@ -265,6 +265,21 @@ def _plain(x, norm, activation, conv):
     return conv(activation(norm(x)) if callable(activation) else _ACTS[activation](norm(x)))
 
 
+# the three recomputed norms on 16 channels
+_NORMS16 = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
+            "batch": lambda: nn.BatchNorm3d(16)}
+
+
+def _assert_bf16_grads_match(x1, x2, modules, modules_ref):
+    """The input's and every parameter's gradient: the same dtype, equal within bf16 rounding."""
+    params = [p for m in modules for p in m.parameters()]
+    params_ref = [p for m in modules_ref for p in m.parameters()]
+    for name, a, e in [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad)
+                                                    for i, (p, q) in enumerate(zip(params, params_ref))]:
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
+
+
 @pytest.mark.parametrize("norm", list(_NORMS))
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu", None, "gelu_module", "leaky_module"])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
@@ -319,11 +334,7 @@ def test_norm_act_conv_bf16_autocast_matches_plain_composition(norm, layout):
     g = torch.randn_like(y_ref)
     y.backward(g)
     y_ref.backward(g)
-    pairs = [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad) for i, (p, q) in enumerate(
-        zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]))]
-    for name, a, e in pairs:
-        assert a.dtype == e.dtype, name
-        assert_close(name, a, e, torch.bfloat16)
+    _assert_bf16_grads_match(x1, x2, (norm, conv), (norm_ref, conv_ref))
 
 
 def test_norm_act_conv_group_norm_in_fp32_as_cuda_autocast_runs_it(monkeypatch):
@@ -381,8 +392,7 @@ def test_norm_act_conv_saves_only_the_norm_input(norm, dtype):
     """Counted on the meta device under (emulated) CUDA autocast: the recompute saves the norm's input (in the dtype
     it arrives in) and per-group statistics; the plain composition also saves the activation (in fp32 after
     GroupNorm under autocast, which also saves an fp32 copy of its input)."""
-    make = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
-            "batch": lambda: nn.BatchNorm3d(16)}[norm]
+    make = _NORMS16[norm]
     shape = (2, 16, 8, 8, 8)
     elems, size = math.prod(shape), torch.tensor([], dtype=dtype).element_size()
     stem = nn.Conv3d(16, 16, 1)  # so the chain's input is a tensor in the autocast dtype, as in a network
@@ -646,8 +656,7 @@ def test_gpu_norm_act_conv_under_cuda_autocast_matches_plain_composition(norm, l
     with fp32 parameters) is the one the recompute assumes: same output dtypes and values, gradients within bf16
     rounding, and only the bf16 input saved."""
     torch.manual_seed(0)
-    norm = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
-            "batch": lambda: nn.BatchNorm3d(16)}[norm]().cuda()
+    norm = _NORMS16[norm]().cuda()
     conv = nn.Conv3d(16, 8, 3, padding=1).cuda()
     _randomise(norm, conv)
     norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
@@ -668,19 +677,14 @@ def test_gpu_norm_act_conv_under_cuda_autocast_matches_plain_composition(norm, l
     g = torch.randn_like(y_ref)
     y.backward(g)
     y_ref.backward(g)
-    pairs = [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad) for i, (p, q) in enumerate(
-        zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]))]
-    for name, a, e in pairs:
-        assert a.dtype == e.dtype, name
-        assert_close(name, a, e, torch.bfloat16)
+    _assert_bf16_grads_match(x1, x2, (norm, conv), (norm_ref, conv_ref))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", ["group", "instance", "batch"])
 def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
     torch.manual_seed(0)
-    norm = {"group": lambda: nn.GroupNorm(4, 16), "instance": lambda: nn.InstanceNorm3d(16, affine=True),
-            "batch": lambda: nn.BatchNorm3d(16)}[norm]().cuda()
+    norm = _NORMS16[norm]().cuda()
     _randomise(norm)
     norm_ref = copy.deepcopy(norm)
     x = torch.randn(2, 16, 9, 10, 11, device="cuda").bfloat16().contiguous(memory_format=torch.channels_last_3d)
@@ -693,7 +697,4 @@ def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
     g = torch.randn_like(y_ref)
     y.backward(g)
     y_ref.backward(g)
-    for name, a, e in [("dx", x1.grad, x2.grad)] + [(f"d{i}", p.grad, q.grad) for i, (p, q) in
-                                                    enumerate(zip(norm.parameters(), norm_ref.parameters()))]:
-        assert a.dtype == e.dtype, name
-        assert_close(name, a, e, torch.bfloat16)
+    _assert_bf16_grads_match(x1, x2, (norm,), (norm_ref,))
