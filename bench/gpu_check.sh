@@ -106,6 +106,7 @@ else
 fi
 python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): dsd_unet and selfreg_unet will skip"
 CUBE_MODELS="${LARGEST_CUBE_MODELS-segformer3d}"
+# the search runs under bf16 autocast (LARGEST_CUBE_DTYPE), the dtype the target is stated in
 CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-60}"
 # 512 (the command's default) is within reach of the fused network on a 141 GB H200: above it, so the ratio to
 # plain is measured rather than bounded
@@ -138,6 +139,7 @@ if [ -n "$CUBE_MODELS" ]; then
   if [ "$t" -ge 20 ]; then
     models=(); for m in $CUBE_MODELS; do models+=(--model "$m"); done
     timeout "$t" python3 -m bench.largest_cube "${models[@]}" --max-side "$CUBE_MAX_SIDE" --out "$OUT/results" \
+      --dtype "${LARGEST_CUBE_DTYPE:-bf16}" \
       --time-limit $(( t - 15 )) \
       > "$OUT/largest_cube.txt" 2>> "$OUT/bench.log"
     rc=$?

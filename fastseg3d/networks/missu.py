@@ -229,6 +229,8 @@ class MISSU(nn.Module):
         * the network returns logits; the release applies a softmax inside the model, which belongs in the loss;
         * ``pre_head_ln`` and ``linear_encoding`` are kept for checkpoint compatibility but, as in the release, unused:
           the decoder reads the last transformer layer's output before the final LayerNorm;
+        * attention dropout defaults to 0 (the release: 0.1), which keeps the attention fused; the released rate,
+          ``attn_dropout_rate=0.1``, runs the reference attention in training;
         * the learned position embedding is for a 16^3 token grid (128^3 inputs); other inputs divisible by 8 get it
           resampled trilinearly to their grid;
         * the paper's local multi-scale fusion block was never released; it is built here in 3D
