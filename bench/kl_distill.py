@@ -8,8 +8,8 @@ Shapes: B=2, K=14 classes at 128^3, DSD's six pairs (two groups of three student
 * deconv heads (``head_mode="deconv"``, as published): all eight heads at the full 128^3;
 * interp heads (``head_mode="interp"``): each head at its feature's resolution, upsampled in the loss. The decoder
   heads sit on the bottleneck and the decoder stages above full resolution, 1/16, 1/8, 1/4 and 1/2 (sides 8, 16,
-  32, 64), so the teacher (dec1) is at 1/2 and the group's pairs are computed at 64^3; the encoder heads are at
-  1/1, 1/2, 1/4 and the teacher (enc4) at 1/8 (sides 128, 64, 32, 16), the pairs at 128^3.
+  32, 64), the teacher (dec1) at 1/2; the encoder heads are at 1/1, 1/2, 1/4 and the teacher (enc4) at 1/8 (sides
+  128, 64, 32, 16). Every pair is computed over the label's 128^3 voxels, as ``DSDLoss`` does.
 
 Also one pair (a 1/2-resolution student against a full-resolution teacher).
 
@@ -28,7 +28,7 @@ import torch
 
 from bench.registry import LOSS_MODES, Case, Setup, compiled, optional_compile, register, require_cuda
 from fastseg3d.ops.kl_distill import kl_distill_multi
-from fastseg3d.reference.kl_distill import common_size, kl_distill_ref
+from fastseg3d.reference.kl_distill import kl_distill_ref
 
 _T = 3.0
 
@@ -56,11 +56,10 @@ def _providers(spec: dict) -> list[str]:
     return providers
 
 
-def _eager(groups):
-    # every pair of a group at the group's common resolution, as kl_distill_multi (and DSD's full-size heads) do
+def _eager(groups, size):
+    # every pair at the label's resolution ``size``, as DSDLoss computes them
     total = 0.0
     for teacher, students in groups:
-        size = common_size(teacher, *students)
         for student in students:
             total = total + kl_distill_ref(student, teacher, _T, size=size)
     return total
@@ -75,10 +74,9 @@ def liger_loss(kl: torch.nn.Module):
             x = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)
         return torch.log_softmax(x / _T, dim=1).movedim(1, -1).reshape(-1, x.shape[1])
 
-    def loss(groups):
+    def loss(groups, size):
         total = 0.0
         for teacher, students in groups:
-            size = common_size(teacher, *students)
             for student in students:
                 total = total + _T * _T * kl(rows(student, size), rows(teacher, size))
         return total
@@ -92,10 +90,11 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
         return torch.randn(b, k, s // f, s // f, s // f, device=device, dtype=dtype, requires_grad=True)
 
     groups = [(logits(tf), [logits(f) for f in sfs]) for tf, sfs in spec["groups"]]
+    size = (s, s, s)
     leaves = [t for teacher, students in groups for t in (teacher, *students)]
     if provider == "fastseg3d":
         def fwd():
-            return sum(kl_distill_multi(students, teacher, _T) for teacher, students in groups)
+            return sum(kl_distill_multi(students, teacher, _T, size=size) for teacher, students in groups)
     else:
         if provider == "liger":
             require_cuda(device, "Liger-Kernel's Triton KL")
@@ -106,7 +105,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
             fn = _eager if provider == "torch" else compiled(_eager, provider, device)
 
         def fwd():
-            return fn(groups)
+            return fn(groups, size)
     nbytes = sum(t.numel() * t.element_size() for t in leaves)
     # fwd reads every input once; the fused backward writes one gradient per input (computed in forward).
     return Setup(fwd, leaves, {"fwd": nbytes, "fwd+bwd": 2 * nbytes})

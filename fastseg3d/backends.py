@@ -4,7 +4,8 @@ The policy is set by ``FASTSEG3D_BACKEND`` (read once, at import) and can be cha
 with :func:`backend`:
 
 * ``auto`` (default): the Triton kernel where the op supports the case (a CUDA tensor, a supported dtype,
-  shape and configuration), otherwise the reference. The reason for a fallback is logged once.
+  shape and configuration), otherwise the reference. The reason for a fallback is logged once (logger
+  ``fastseg3d``): a warning for CUDA tensors, INFO for others.
   Tensors on the ``meta`` device take the fused op's shapes, so memory can be accounted at any size.
 * ``triton``: always the Triton kernel, also on CPU tensors when ``TRITON_INTERPRET=1``; a case the kernel
   cannot run raises :class:`NotImplementedError` with the reasons, never a silent fallback.
@@ -113,11 +114,13 @@ def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str,
     return "torch", "; ".join(reasons)
 
 
-def select(op: str, reasons: list[str]) -> bool:
+def select(op: str, reasons: list[str], device: torch.device) -> bool:
     """True when ``op`` should run its Triton kernel, False for the reference.
 
     ``reasons`` lists why the kernel cannot take this case (empty when it can). Under the ``triton`` policy a
-    non-empty list raises :class:`NotImplementedError`; under ``auto`` the reason is logged once.
+    non-empty list raises :class:`NotImplementedError`; under ``auto`` the reason is logged once: as a warning on
+    a CUDA ``device``, where the user expects the kernel and the fallback costs speed or memory, else at INFO
+    (on CPU the reference is the expected path).
     """
     policy = get_backend()
     choice, why = decide(op, reasons, policy)
@@ -127,5 +130,6 @@ def select(op: str, reasons: list[str]) -> bool:
         key = (op, why)
         if key not in _logged:
             _logged.add(key)
-            logger.info("fastseg3d.%s falls back to the PyTorch reference: %s", op, why)
+            level = logging.WARNING if device.type == "cuda" else logging.INFO
+            logger.log(level, "fastseg3d.%s falls back to the PyTorch reference: %s", op, why)
     return choice == "triton"

@@ -91,8 +91,9 @@ class DSD(nn.Module):
 
     ``head_mode="deconv"``: DSD as published, each head upsampled to the output by its repeated x2 transposed conv
     (scales must be isotropic powers of two). ``"interp"``: heads stay at their feature's resolution (1x1 conv only);
-    no deconv activations are stored, and the fused KL of :class:`fastseg3d.losses.DSDLoss` upsamples the heads on
-    the fly without materialising them (its DiceCE still upsamples the decoder heads to the label's resolution).
+    no deconv activations are stored, and the fused KL of :class:`fastseg3d.losses.DSDLoss` computes every pair over
+    the label's voxels, as with full-resolution heads, upsampling the heads on the fly without materialising them
+    (its DiceCE still upsamples the decoder heads to the label's resolution).
     Any integer scale per axis works.
 
     ``share_heads=True``: an encoder and a decoder feature at the same scale share one head, as DSD's nnU-Net

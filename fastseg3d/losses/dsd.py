@@ -26,11 +26,12 @@ class DSDLoss(nn.Module):
     (:func:`fastseg3d.ops.kl_distill_multi`); the published loss does not detach the teachers
     (``detach_teacher=False``).
 
-    Heads below the output resolution (``head_mode="interp"``): the KL terms upsample them trilinearly on the fly
-    to the finest resolution among the teacher and its students, inside the fused op; for DiceCE a decoder head is
-    upsampled (``F.interpolate``, (bi/tri)linear, ``align_corners=False``) to the label's resolution, so that it is
-    supervised by the full-resolution label as in the published model, never by a resampled label. The main output
-    must be at the label's resolution. 2-D outputs (B, K, H, W) work too.
+    Heads below the output resolution (``head_mode="interp"``): every KL term is a mean over the label's voxels,
+    as with the published full-resolution heads, its inputs upsampled trilinearly (``align_corners=False``) on the
+    fly inside the fused op, never materialised; for DiceCE a decoder head is upsampled (``F.interpolate``,
+    (bi/tri)linear) to the label's resolution, so that it is supervised by the full-resolution label as in the
+    published model, never by a resampled label. The main output must be at the label's resolution, and every
+    head's sides must divide the label's. 2-D outputs (B, K, H, W) work too.
 
     Given a plain tensor (the wrapper's eval output) the loss is the DiceCE of it alone, for validation loops.
     :meth:`terms` returns the three parts for logging.
@@ -91,11 +92,12 @@ class DSDLoss(nn.Module):
             raise ValueError(f"{name} must be ({dims}-D) logits with num_classes={self.num_classes} channels, got "
                              f"shape {tuple(t.shape)}")
 
-    def _kl(self, heads: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    def _kl(self, heads: Sequence[torch.Tensor], name: str, size: tuple[int, ...]) -> torch.Tensor:
         if len(heads) < 2:
             return heads[0].new_zeros((), dtype=torch.float32)
         vols = [as_volume(h, f"{name}[{i}]") for i, h in enumerate(heads)]
-        return kl_distill_multi(vols[:-1], vols[-1], self.temperature, detach_teacher=self.detach_teacher)
+        size = size if len(size) == 3 else (1, *size)
+        return kl_distill_multi(vols[:-1], vols[-1], self.temperature, self.detach_teacher, size)
 
     def terms(self, outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"dice_ce": sum of the DiceCE terms, "kl_decoder": ..., "kl_encoder": ...}`` (KL terms unweighted)."""
@@ -119,7 +121,8 @@ class DSDLoss(nn.Module):
         if tuple(main.shape[2:]) != size:
             raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
         seg = self._dice_ce_sum([main, *decoder], target)
-        return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder"), "kl_encoder": self._kl(encoder, "encoder")}
+        return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder", size),
+                "kl_encoder": self._kl(encoder, "encoder", size)}
 
     def _dice_ce_sum(self, heads: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         """The sum of MONAI's DiceCE over ``heads`` (each upsampled to the label's resolution), with the label one-hot

@@ -42,7 +42,7 @@ class DepthwiseConv3d(nn.Conv3d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         reasons = self.unfusable_reasons()
         if reasons:
-            backends.select("dwconv3d", reasons)  # raises under the triton backend, logs once under auto
+            backends.select("dwconv3d", reasons, input.device)  # raises under the triton backend, logs once under auto
             return super().forward(input)
         if input.dim() == 4:
             return self.forward(input.unsqueeze(0)).squeeze(0)

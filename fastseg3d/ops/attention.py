@@ -164,6 +164,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
     reasons = attention_unsupported_reasons(q, k, v)
     if dropout_p > 0:
         reasons.append(f"dropout_p={dropout_p} (the fused kernel has no dropout)")
-    if backends.select("attention", reasons):
+    if backends.select("attention", reasons, q.device):
         return _attention_op(q, k, v, scale)[0]
     return attention_ref(q, k, v, scale, dropout_p=float(dropout_p))

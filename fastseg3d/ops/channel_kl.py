@@ -130,7 +130,7 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
         (torch.Size([]), torch.Size([2, 16, 8, 8, 8]))
     """
     _validate(student, teacher, reduction)
-    if backends.select("channel_kl", channel_kl_unsupported_reasons(student, teacher)):
+    if backends.select("channel_kl", channel_kl_unsupported_reasons(student, teacher), student.device):
         need = torch.is_grad_enabled() and student.requires_grad
         loss, _ = torch.ops.fastseg3d.channel_kl(student, teacher.detach(), reduction, need)
         return loss

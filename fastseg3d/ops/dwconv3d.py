@@ -292,9 +292,11 @@ def dwconv3d(
         x, weight, bias, residual = utils.autocast_inputs(x.device.type, x, weight, bias, residual)
     pad, dil, out_shape = _validate(x, weight, bias, residual, padding, dilation, activation)
     reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
-    if backends.select("dwconv3d", reasons):
+    if backends.select("dwconv3d", reasons, x.device):
         return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])
-    return dwconv3d_ref(x, weight, bias, pad, dil, activation, residual)
+    # ATen's conv may return another layout (fp64 on CPU and CUDA goes contiguous)
+    y = dwconv3d_ref(x, weight, bias, pad, dil, activation, residual)
+    return y.contiguous(memory_format=utils.layout_of(x))
 
 
 def dwconv3d_tokens(
@@ -322,14 +324,18 @@ def dwconv3d_tokens(
         raise ValueError(f"x must be 3-D tokens (B, N, C), got shape {tuple(x.shape)}")
     b, n, c = x.shape
     d, h, w = utils.check_spatial_shape(spatial_shape, n)
+    vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
+    res = None
     if residual is not None:
         utils.check_tensor(residual, "residual")
         utils.check_tensor(weight, "weight")
-        expected = (b, n, weight.shape[0])
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"residual must have the output's token shape {expected}, got {tuple(residual.shape)}")
-    vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
-    res = residual.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3) if residual is not None else None
+        # a weight that does not fit x is left to dwconv3d's checks, which name it before the residual
+        if weight.dim() == 5 and weight.shape[1] == 1 and c > 0 and weight.shape[0] % c == 0:
+            expected = (b, n, weight.shape[0])
+            if tuple(residual.shape) != expected:
+                raise ValueError(
+                    f"residual must have the output's token shape {expected}, got {tuple(residual.shape)}")
+            res = residual.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
     y = dwconv3d(vol, weight, bias, "same", 1, activation, res)
     # A view on the fused path (its output is channels-last); the reference path may need the copy.
     return y.permute(0, 2, 3, 4, 1).reshape(b, n, y.shape[1]).contiguous()

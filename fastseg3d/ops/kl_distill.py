@@ -203,13 +203,15 @@ def kl_distill_multi(
     teacher: Tensor,
     temperature: float = 1.0,
     detach_teacher: bool = False,
+    size: Sequence[int] | None = None,
     weights: Sequence[float] | None = None,
     return_per_student: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Weighted sum of :func:`kl_distill` of several students against one teacher, in one pass over the teacher.
 
-    Every pair is computed at the common resolution of all inputs (the per-axis maximum), so
-    ``kl_distill_multi(students, t) == sum(kl_distill(s, t, size=common))``. The result is a 0-dim fp32 tensor
+    Every pair is computed at one resolution, ``size`` (default: the per-axis maximum of all inputs), so
+    ``kl_distill_multi(students, t, size=size) == sum(kl_distill(s, t, size=size))``; every input's sides must
+    divide it. The result is a 0-dim fp32 tensor
     ``sum_i weights[i] * loss_i`` (weights default to 1): a scalar, because the teacher's gradient couples all
     students and is formed in the forward pass. With ``return_per_student=True`` also the (S,) detached
     per-student losses (unweighted), e.g. for logging. Up to four students share one kernel launch; more are
@@ -225,7 +227,7 @@ def kl_distill_multi(
         (torch.Size([]), torch.Size([2, 4, 4, 4, 4]))
     """
     return _kl_distill(
-        students, teacher, temperature, detach_teacher, None, weights, return_per_student, "kl_distill_multi"
+        students, teacher, temperature, detach_teacher, size, weights, return_per_student, "kl_distill_multi"
     )
 
 
@@ -268,7 +270,7 @@ def kl_distill(
 def _kl_distill(students, teacher, temperature, detach_teacher, size, weights, return_per_student, name):
     temperature, size, weights = _validate(students, teacher, temperature, size, weights)
     students = list(students)
-    if backends.select("kl_distill", kl_distill_unsupported_reasons(teacher, students)):
+    if backends.select("kl_distill", kl_distill_unsupported_reasons(teacher, students), teacher.device):
         if detach_teacher:
             teacher = teacher.detach()
         need = [_needs_grad(s) for s in students] + [_needs_grad(teacher)]
@@ -278,5 +280,5 @@ def _kl_distill(students, teacher, temperature, detach_teacher, size, weights, r
         total = kl_distill_ref(students[0], teacher, temperature, detach_teacher, size)
         per = total.detach().reshape(1)
     else:
-        total, per = kl_distill_multi_ref(students, teacher, temperature, detach_teacher, weights)
+        total, per = kl_distill_multi_ref(students, teacher, temperature, detach_teacher, size, weights)
     return (total, per) if return_per_student else total

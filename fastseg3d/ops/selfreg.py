@@ -334,7 +334,7 @@ def selfreg_inter(student: Tensor, teacher: Tensor, student_channels, teacher_ch
 
 def _selfreg_inter(students, teacher, student_channels, teacher_channels) -> Tensor:
     cs, ct = _validate_inter(students, teacher, student_channels, teacher_channels)
-    if backends.select("selfreg_inter", selfreg_inter_unsupported_reasons(teacher, students)):
+    if backends.select("selfreg_inter", selfreg_inter_unsupported_reasons(teacher, students), teacher.device):
         need = [_needs_grad(s) for s in students]
         losses, _ = torch.ops.fastseg3d.selfreg_inter(students, teacher.detach(), cs, ct, need)
         return losses
@@ -365,7 +365,7 @@ def selfreg_intra(feature: Tensor) -> Tensor:
     _check_feature(feature, "feature")
     if feature.shape[1] % 2:
         raise ValueError(f"selfreg_intra needs an even channel count, got C={feature.shape[1]}")
-    if backends.select("selfreg_intra", selfreg_intra_unsupported_reasons(feature)):
+    if backends.select("selfreg_intra", selfreg_intra_unsupported_reasons(feature), feature.device):
         loss, _ = torch.ops.fastseg3d.selfreg_intra(feature, _needs_grad(feature))
         return loss
     return selfreg_intra_ref(feature)

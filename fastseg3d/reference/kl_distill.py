@@ -56,10 +56,12 @@ def kl_distill_multi_ref(
     teacher: torch.Tensor,
     temperature: float = 1.0,
     detach_teacher: bool = False,
+    size: Sequence[int] | None = None,
     weights: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_i w_i loss_i, the per-student losses) with every pair at the common resolution of all inputs."""
-    size = common_size(teacher, *students)
+    """(sum_i w_i loss_i, the per-student losses) with every pair at ``size`` (default: the common resolution of
+    all inputs)."""
+    size = tuple(size) if size is not None else common_size(teacher, *students)
     weights = [1.0] * len(students) if weights is None else list(weights)
     losses = [kl_distill_ref(s, teacher, temperature, detach_teacher, size) for s in students]
     total = sum(w * loss for w, loss in zip(weights, losses))

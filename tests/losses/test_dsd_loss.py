@@ -38,11 +38,10 @@ def _expected(out, target, temperature=3.0, kl_weight=1.0, detach=False):
         total = total + dice_ce(_up(h, size), target)
     kl = 0.0
     for heads in (out.decoder, out.encoder):
-        # every pair at the finest resolution among the teacher and its students
-        common = tuple(max(h.shape[2 + i] for h in heads) for i in range(heads[0].dim() - 2))
-        teacher = _up(heads[-1], common)
+        # every pair over the label's voxels, as with the published full-resolution heads
+        teacher = _up(heads[-1], size)
         for s in heads[:-1]:
-            kl = kl + _kl_pix(_up(s, common), teacher, temperature, detach)
+            kl = kl + _kl_pix(_up(s, size), teacher, temperature, detach)
     return total + kl_weight * kl
 
 

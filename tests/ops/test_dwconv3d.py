@@ -161,6 +161,19 @@ def test_op_cpu_branch_matches_reference_and_keeps_layout(layout, activation):
     assert y.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("policy", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_reference_path_keeps_layout(layout, dtype, policy):
+    # fp64 is never fused, and ATen's conv returns it contiguous whatever the input's layout
+    x, w, b, r = _tensors(layout, (2, 5, 4, 6, 3), (3, 3, 3), dtype, "cpu", residual=True)
+    with fastseg3d.backend(policy):
+        y = dwconv3d(x, w, b, activation="gelu", residual=r)
+    assert_close("y", y, dwconv3d_ref(x, w, b, activation="gelu", residual=r), dtype)
+    fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt), y.stride()
+
+
 def test_tokens_reference_path_on_strided_tokens():
     x, w, b, r = _tensors("tokens", (2, 6, 3, 4, 5), (3, 3, 3), torch.float64, "cpu", residual=True)
     assert x.stride(1) == 12  # a view with a unit channel stride, not contiguous
@@ -285,6 +298,9 @@ _BAD = [
                              residual=torch.randn(2, 25, 3)), ValueError, "token shape"),
     (lambda: dwconv3d_tokens(torch.randn(2, 24, 3), (2, 3, 4), torch.randn(3, 1, 3, 3, 3),
                              residual=torch.randn(2, 24, 4)), ValueError, r"token shape \(2, 24, 3\)"),
+    # the channel mismatch is named, not the residual that follows from it
+    (lambda: dwconv3d_tokens(torch.randn(2, 24, 3), (2, 3, 4), torch.randn(4, 1, 3, 3, 3),
+                             residual=torch.randn(2, 24, 3)), ValueError, "weight has 4 output channels but x has 3"),
 ]
 
 
@@ -319,6 +335,13 @@ def test_backend_policy(monkeypatch, caplog):
         dwconv3d(x, w)
     fallbacks = [r for r in caplog.records if "falls back" in r.getMessage()]
     assert len(fallbacks) == 1 and "device=cpu" in fallbacks[0].getMessage()
+    assert fallbacks[0].levelno == logging.INFO  # the expected path on CPU
+    # on a CUDA tensor the user expected the kernel: a warning, which Python shows with no logging set up
+    caplog.clear()
+    assert not fastseg3d.backends.select("dwconv3d", ["dtype=torch.float64"], torch.device("cuda", 0))
+    assert not fastseg3d.backends.select("dwconv3d", ["dtype=torch.float64"], torch.device("cuda", 0))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "fastseg3d.dwconv3d falls back to the PyTorch reference: dtype=torch.float64")]
     with pytest.raises(ValueError, match="backend must be one of"):
         with fastseg3d.backend("cuda"):
             pass

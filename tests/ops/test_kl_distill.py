@@ -96,6 +96,18 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
     assert kl_distill(torch.randn_like(x), x, 2.0).item() > 0
 
 
+def test_multi_at_a_given_size_equals_sum_of_pairs_at_it():
+    t = _logits((2, 4, 2, 4, 3), torch.float64)
+    students = [_logits((2, 4, 4, 2, 6), torch.float64), _logits((2, 4, 1, 1, 3), torch.float64)]
+    size = (8, 4, 6)  # finer than every input
+    total, per = kl_distill_multi(students, t, 3.0, False, size, weights=[1.0, 0.5], return_per_student=True)
+    expected = [_published(s, t, 3.0, size=size) for s in students]
+    assert_close("total", total, expected[0] + 0.5 * expected[1], torch.float64)
+    assert_close("per", per, torch.stack(expected), torch.float64)
+    with pytest.raises(ValueError, match="students\\[0\\] has spatial shape \\(4, 2, 6\\)"):
+        kl_distill_multi(students, t, 3.0, size=(8, 4, 9))
+
+
 def test_multi_equals_sum_of_pairs_at_common_resolution():
     t = _logits((2, 4, 4, 4, 6), torch.float64)
     students = [_logits((2, 4, 8, 4, 6), torch.float64), _logits((2, 4, 2, 2, 3), torch.float64),
@@ -345,17 +357,17 @@ def test_fp16_gradients_survive_a_loss_scale():
 
 
 def check_against_reference(student_shapes, teacher_shape, temperature, detach, dtype, device, weights=None,
-                            grad_scale=1.7, logit_scale=2.0):
+                            grad_scale=1.7, logit_scale=2.0, size=None):
     students = [_logits(s, dtype, device, logit_scale) for s in student_shapes]
     teacher = _logits(teacher_shape, dtype, device, logit_scale)
     ref_s = [s.detach().double().requires_grad_() for s in students]
     ref_t = teacher.detach().double().requires_grad_()
     with fastseg3d.backend("triton"):
         if len(students) == 1 and weights is None:
-            loss = kl_distill(students[0], teacher, temperature, detach)
+            loss = kl_distill(students[0], teacher, temperature, detach, size)
         else:
-            loss = kl_distill_multi(students, teacher, temperature, detach, weights=weights)
-    size = tuple(max(t.shape[2 + i] for t in [*students, teacher]) for i in range(3))
+            loss = kl_distill_multi(students, teacher, temperature, detach, size, weights=weights)
+    size = size or tuple(max(t.shape[2 + i] for t in [*students, teacher]) for i in range(3))
     weights = weights or [1.0] * len(students)
     expected = sum(w * _published(s, ref_t, temperature, detach, size) for w, s in zip(weights, ref_s))
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -441,6 +453,13 @@ def test_interpret_multi_student_teacher_low_res(poison):
     # incoming gradient, where backward hands over the forward's gradients as they are
     check_against_reference([(1, 3, 2, 4, 4), (1, 3, 1, 2, 2), (1, 3, 2, 4, 1)], (1, 3, 2, 2, 4), 3.0, False, _F32,
                             "cpu", weights=[1.0, 0.5, -2.0], grad_scale=1.0)
+
+
+@pytest.mark.interpret
+def test_interpret_multi_student_at_a_finer_size(poison):
+    # every pair over a grid finer than every input (DSD's interp heads against the label's resolution)
+    check_against_reference([(1, 3, 1, 2, 2), (1, 3, 2, 1, 4)], (1, 3, 2, 2, 2), 2.0, False, _F32, "cpu",
+                            weights=[1.0, 0.5], size=(2, 4, 4))
 
 
 @pytest.mark.interpret
