@@ -89,6 +89,11 @@ class SelfRegLoss(nn.Module):
         enc = [as_volume(f, f"encoder[{i}]") for i, f in enumerate(encoder)]
         dec = [as_volume(f, f"decoder[{i}]") for i, f in enumerate(decoder)]
         final = as_volume(final, "final")
+        for name, feats in (("encoder", enc), ("decoder", dec)):
+            for i, f in enumerate(feats):
+                if f.shape[1] % 2:  # the intra term pairs the top and bottom halves of the ranked channels
+                    raise ValueError(f"{name}[{i}] has {f.shape[1]} channels; SelfReg's intra term needs an even "
+                                     "channel count")
         intra = (torch.stack([selfreg_intra(f) for f in enc]).mean()
                  + torch.stack([selfreg_intra(f) for f in dec]).mean())
         students = dec + enc

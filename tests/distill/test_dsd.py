@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastseg3d.distill import DSD, DeepUp, DSDOutput, presets
+from fastseg3d.losses import DSDLoss
 from fastseg3d.networks.unet import UNet, dsd_unet
 
 nets = pytest.importorskip("monai.networks.nets")
@@ -96,6 +97,8 @@ def test_unetr_training_and_eval(unetr_cls):
     dsd = DSD(net, num_classes=3, input_shape=(1, 1, 32, 32, 32), **presets.unetr_layers("dsd"))
     out = dsd(torch.randn(1, 1, 32, 32, 32))
     assert len(out) == 3 and all(t.shape == (1, 3, 32, 32, 32) for t in (out.main, *out.decoder, *out.encoder))
+    DSDLoss(num_classes=3)(out, torch.randint(0, 3, (1, 1, 32, 32, 32))).backward()
+    assert all(p.grad is not None for p in dsd.encoder_heads.parameters())
     dsd.eval()
     with torch.no_grad():
         sw = inferers.sliding_window_inference(torch.randn(1, 1, 40, 32, 32), (32, 32, 32), 1, dsd)

@@ -155,8 +155,10 @@ def test_bad_arguments():
         loss_fn(out[:3])
     with pytest.raises(ValueError, match="non-empty"):
         loss_fn(SelfRegOutput(out.logits, (), out.decoder, out.final))
-    with pytest.raises(ValueError, match="even"):
-        odd = torch.randn(2, 5, 8, 8, 8)
+    odd = torch.randn(2, 5, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"encoder\[0\] has 5 channels.*even"):
         loss_fn(SelfRegOutput(out.logits, (odd,), out.decoder, out.final))
+    with pytest.raises(ValueError, match=r"decoder\[1\] has 5 channels.*even"):
+        loss_fn(SelfRegOutput(out.logits, out.encoder, (out.decoder[0], odd), out.final))
     with pytest.raises(ValueError, match="4-D"):
         loss_fn(SelfRegOutput(out.logits, (torch.randn(2, 4, 8),), out.decoder, out.final))
