@@ -44,7 +44,7 @@ def _from_env() -> str:
 
 
 _state = {"backend": _from_env()}
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, int]] = set()
 
 
 def get_backend() -> str:
@@ -114,22 +114,23 @@ def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str,
     return "torch", "; ".join(reasons)
 
 
-def select(op: str, reasons: list[str], device: torch.device) -> bool:
+def select(op: str, reasons: list[str], device: torch.device | None = None) -> bool:
     """True when ``op`` should run its Triton kernel, False for the reference.
 
     ``reasons`` lists why the kernel cannot take this case (empty when it can). Under the ``triton`` policy a
-    non-empty list raises :class:`NotImplementedError`; under ``auto`` the reason is logged once: as a warning on
-    a CUDA ``device``, where the user expects the kernel and the fallback costs speed or memory, else at INFO
-    (on CPU the reference is the expected path).
+    non-empty list raises :class:`NotImplementedError`; under ``auto`` the reason is logged once: as a warning when
+    ``device`` (the inputs') is a CUDA device, where the user expects the kernel and the fallback costs speed or
+    memory, else at INFO (on CPU the reference is the expected path; no ``device``: a fallback by design, e.g. a
+    converted layer whose configuration the kernel does not take).
     """
     policy = get_backend()
     choice, why = decide(op, reasons, policy)
     if choice == "error":
         raise NotImplementedError(f"fastseg3d.{op}: the Triton kernel cannot run this case: " + "; ".join(reasons))
     if choice == "torch" and policy == "auto" and not torch.compiler.is_compiling():
-        key = (op, why)
+        level = logging.WARNING if device is not None and device.type == "cuda" else logging.INFO
+        key = (op, why, level)  # a reason first met on CPU is still shown when it recurs on a GPU
         if key not in _logged:
             _logged.add(key)
-            level = logging.WARNING if device.type == "cuda" else logging.INFO
             logger.log(level, "fastseg3d.%s falls back to the PyTorch reference: %s", op, why)
     return choice == "triton"

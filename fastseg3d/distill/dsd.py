@@ -93,7 +93,8 @@ class DSD(nn.Module):
     (scales must be isotropic powers of two). ``"interp"``: heads stay at their feature's resolution (1x1 conv only);
     no deconv activations are stored, and the fused KL of :class:`fastseg3d.losses.DSDLoss` computes every pair over
     the label's voxels, as with full-resolution heads, upsampling the heads on the fly without materialising them
-    (its DiceCE still upsamples the decoder heads to the label's resolution).
+    (its DiceCE still upsamples the decoder heads to the label's resolution): the mode saves the heads' memory,
+    while the KL's arithmetic stays that of full-resolution heads.
     Any integer scale per axis works.
 
     ``share_heads=True``: an encoder and a decoder feature at the same scale share one head, as DSD's nnU-Net

@@ -66,7 +66,9 @@ class EfficientSelfAttention3d(nn.Module):
                 raise TypeError(f"{name} must be an int, got {value!r}")
         if dim <= 0 or num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
-        if isinstance(sr_ratio, bool) or not isinstance(sr_ratio, int) or sr_ratio < 1:
+        if isinstance(sr_ratio, bool) or not isinstance(sr_ratio, int):
+            raise TypeError(f"sr_ratio must be an int, got {sr_ratio!r}")
+        if sr_ratio < 1:
             raise ValueError(f"sr_ratio must be an int >= 1, got {sr_ratio!r}")
         if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
             raise ValueError(f"dropout rates must be in [0, 1), got attn_drop={attn_drop}, proj_drop={proj_drop}")

@@ -42,7 +42,9 @@ class DepthwiseConv3d(nn.Conv3d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         reasons = self.unfusable_reasons()
         if reasons:
-            backends.select("dwconv3d", reasons, input.device)  # raises under the triton backend, logs once under auto
+            # raises under the triton backend; under auto an INFO line once: convert_model converts such layers
+            # (strided, say) for their keys, knowing they run ATen's conv
+            backends.select("dwconv3d", reasons)
             return super().forward(input)
         if input.dim() == 4:
             return self.forward(input.unsqueeze(0)).squeeze(0)

@@ -72,7 +72,7 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
     elif (
         not isinstance(size, (tuple, list, torch.Size))
         or len(size) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) and v > 0 for v in size)
     ):
         raise ValueError(f"size must be 3 positive ints (D, H, W), got {size!r}")
     size = tuple(size)

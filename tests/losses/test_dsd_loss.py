@@ -235,3 +235,16 @@ def test_fused_kl_matches_reference():
     assert_close("kl", results["triton"][0].reshape(1), results["torch"][0].reshape(1), torch.float32)
     for i, (a, e) in enumerate(zip(results["triton"][1], results["torch"][1])):
         assert_close(f"grad[{i}]", a, e, torch.float32)
+
+
+def test_kl_terms_trace_with_symbolic_sizes():
+    # the loss resolution comes from the label's shape, a SymInt under symbolic tracing (torch.export with dynamic
+    # sizes)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    loss_fn = DSDLoss(num_classes=3)
+    out = _outputs(torch.float32, "interp")
+    heads = [h.detach() for h in out.decoder]
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    graph = make_fx(lambda d, t: loss_fn._kl(d, "decoder", tuple(t.shape[2:])), tracing_mode="symbolic")(heads, target)
+    assert_close("kl", graph(heads, target), loss_fn._kl(heads, "decoder", (8, 8, 8)), torch.float32)

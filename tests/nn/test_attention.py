@@ -105,7 +105,6 @@ def test_attention_dropout_falls_back_through_the_backend_policy(caplog):
     [
         (lambda: EfficientSelfAttention3d(30, 4), "multiple of num_heads"),
         (lambda: EfficientSelfAttention3d(32, 2, sr_ratio=0), "sr_ratio"),
-        (lambda: EfficientSelfAttention3d(32, 2, sr_ratio=True), "sr_ratio"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 10, 32), (2, 2, 2)), "has 8 voxels"),
         (lambda: EfficientSelfAttention3d(32, 2, sr_ratio=2)(torch.randn(1, 24, 32), (2, 3, 4)), "divisible by"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 8, 16), (2, 2, 2)), "tokens"),
@@ -120,11 +119,13 @@ def test_bad_inputs(call, match):
         call()
 
 
-@pytest.mark.parametrize("dim,heads,match", [(32, 2.0, "num_heads must be an int"), (32.0, 2, "dim must be an int"),
-                                             (32, True, "num_heads must be an int")])
-def test_non_integer_sizes_raise_type_error(dim, heads, match):
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=32, num_heads=2.0), "num_heads must be an int"), (dict(dim=32.0, num_heads=2), "dim must be an int"),
+    (dict(dim=32, num_heads=True), "num_heads must be an int"), (dict(dim=32, num_heads=2, sr_ratio=2.0), "sr_ratio"),
+    (dict(dim=32, num_heads=2, sr_ratio=True), "sr_ratio must be an int")])
+def test_non_integer_sizes_raise_type_error(kwargs, match):
     with pytest.raises(TypeError, match=match):
-        EfficientSelfAttention3d(dim, heads)
+        EfficientSelfAttention3d(**kwargs)
 
 
 @pytest.mark.interpret

@@ -337,11 +337,15 @@ def test_backend_policy(monkeypatch, caplog):
     assert len(fallbacks) == 1 and "device=cpu" in fallbacks[0].getMessage()
     assert fallbacks[0].levelno == logging.INFO  # the expected path on CPU
     # on a CUDA tensor the user expected the kernel: a warning, which Python shows with no logging set up
+    # (a reason met on CPU first is still shown on the GPU); with no device (a fallback by design): INFO
     caplog.clear()
-    assert not fastseg3d.backends.select("dwconv3d", ["dtype=torch.float64"], torch.device("cuda", 0))
-    assert not fastseg3d.backends.select("dwconv3d", ["dtype=torch.float64"], torch.device("cuda", 0))
-    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.WARNING, "fastseg3d.dwconv3d falls back to the PyTorch reference: dtype=torch.float64")]
+    with caplog.at_level(logging.INFO, logger="fastseg3d"):
+        for device in ("cpu", "cuda", "cuda", None):
+            device = torch.device(device) if device else None
+            assert not fastseg3d.backends.select("dwconv3d", ["dtype=torch.float64"], device)
+    message = "fastseg3d.dwconv3d falls back to the PyTorch reference: dtype=torch.float64"
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.INFO, message),
+                                                                      (logging.WARNING, message)]
     with pytest.raises(ValueError, match="backend must be one of"):
         with fastseg3d.backend("cuda"):
             pass
