@@ -103,13 +103,10 @@ def _size(n: int) -> str:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    import copy
+    import contextlib
 
-    import torch
-
-    from fastseg3d.profile import activation_memory, largest_cube, training_memory, write_traffic
+    from fastseg3d.backends import backend
     from fastseg3d.train import load_config
-    from fastseg3d.train.builders import build_model, build_objective, data_channels, output_mode
 
     if args.size is not None and len(args.size) not in (1, 3):
         print(f"error: --size takes D H W or one side, got {args.size}", file=sys.stderr)
@@ -117,6 +114,20 @@ def _profile(args: argparse.Namespace) -> int:
     cfg = _config(load_config, args.config, list(args.overrides))
     if cfg is None:
         return 2
+    # the config's backend, as training applies it: backend=torch counts the plain compositions (the references and
+    # plain norm chains that the benchmarks' plain networks run)
+    with backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
+        return _profile_config(args, cfg)
+
+
+def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
+    import copy
+
+    import torch
+
+    from fastseg3d.profile import activation_memory, largest_cube, training_memory, write_traffic
+    from fastseg3d.train.builders import build_model, build_objective, data_channels, output_mode
+
     data, tcfg = cfg["data"], cfg["train"]
     mode = output_mode(data["label_mode"])
     channels = data_channels(cfg)
@@ -137,7 +148,8 @@ def _profile(args: argparse.Namespace) -> int:
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg['name']}: {cfg['model']['name']}, {n_params:,} parameters, {channels[0]} -> {channels[1]} channels; "
-          f"a training step on {'x'.join(map(str, shape))}, {'fp32' if dtype == torch.float32 else amp + ' autocast'}")
+          f"a training step on {'x'.join(map(str, shape))}, {'fp32' if dtype == torch.float32 else amp + ' autocast'}"
+          + (f"; backend {cfg['backend']}" if cfg["backend"] else ""))
     if own_channels:
         print("  (data.root is not set: the network's own channel counts)")
     report = training_memory(step, shape, dtype, states)
@@ -244,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                           description="The activations a training step of the config's network saves for backward "
                                       "(fused layers as on a GPU), its parameters, gradients and optimizer state, "
                                       "and the bytes its forward and backward write, counted on the meta device: "
-                                      "no GPU needed, any size. Trailing key=value pairs override the config.")
+                                      "no GPU needed, any size. Trailing key=value pairs override the config; "
+                                      "backend=torch counts the plain compositions instead of the fused layers.")
     prof.add_argument("--config", required=True, help="a YAML file, or a name in configs/ (e.g. segformer3d_brats)")
     prof.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                       help="fp32, or the autocast dtype (default: the config's train.amp)")

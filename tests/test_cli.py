@@ -64,6 +64,26 @@ def test_profile_counts_the_configs_training_step(capsys):
     assert training_memory(step, (2, 4, side + 32, side + 32, side + 32))["total"] > 2**28
 
 
+def test_profile_counts_the_plain_compositions_under_backend_torch(capsys):
+    """The config's backend applies as in training: backend=torch counts the references and plain norm chains
+    (SegFormer3D's Mix-FFN then saves its BatchNorm and GELU outputs), for a fused-against-plain comparison."""
+    import fastseg3d
+    from fastseg3d.cli import main
+
+    def saved(*overrides):
+        assert main(["profile", "--config", "quickstart", *overrides, "--size", "32"]) == 0
+        out = capsys.readouterr().out
+        line = next(line for line in out.splitlines() if line.strip().startswith("saved by the network"))
+        value, unit = line.split()[4:6]
+        return out, float(value) * (1024 if unit == "GiB" else 1)
+
+    fused_out, fused = saved()
+    plain_out, plain = saved("backend=torch")
+    assert "; backend torch" in plain_out and "backend" not in fused_out.splitlines()[0]
+    assert plain > 1.2 * fused, (plain, fused)
+    assert fastseg3d.get_backend() == "auto"
+
+
 def test_overrides_anywhere_and_config_errors_in_one_line(capsys):
     """key=value overrides between options reach the config (argparse alone takes one run of positionals), and a
     wrong key is one line on stderr, not a traceback."""
