@@ -216,8 +216,7 @@ class _NormActConv(torch.autograd.Function):
         xn = _norm_input(ctx, x)
         w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
         if ctx.kind == "group":  # GroupNorm's own forward again: its statistics pass is cheap next to the conv
-            z = torch.native_group_norm(xn, w, b, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups,
-                                        ctx.eps)[0]
+            z = _group_norm(ctx, xn, w, b, x.shape)[0]
         else:  # BatchNorm's inference form with the batch statistics (see _BatchNormActLinear)
             z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
         h = _act(z.view(x.shape), ctx.act)
@@ -270,8 +269,13 @@ def _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, mom
     xn = _norm_input(ctx, x)
     w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
     if ctx.kind == "group":
-        return torch.native_group_norm(xn, w, b, x.shape[0], x.shape[1], math.prod(x.shape[2:]), ctx.groups, ctx.eps)
+        return _group_norm(ctx, xn, w, b, x.shape)
     return torch.native_batch_norm(xn, w, b, running_mean, running_var, True, momentum, ctx.eps)
+
+
+def _group_norm(ctx, xn, w, b, shape):
+    """GroupNorm's own training forward on (B, C, *spatial) ``shape``: ``(z, mean, rstd)``."""
+    return torch.native_group_norm(xn, w, b, shape[0], shape[1], math.prod(shape[2:]), ctx.groups, ctx.eps)
 
 
 def _norm_backward(ctx, dz, x, xn, norm_weight, norm_bias, running_mean, running_var, mean, rstd, mask):
@@ -377,7 +381,9 @@ def _group_norm_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _norm_kind(norm: nn.Module, x: torch.Tensor) -> tuple[str, int] | None:
     """``(kind, groups)`` for a norm this module recomputes on ``x``; None for the plain composition (also where
-    the norm's own forward raises: one value to normalise)."""
+    the norm's own forward raises: one value to normalise, and on other ranks and devices)."""
+    if x.dim() != 5 or x.device.type not in ("cuda", "cpu", "meta"):
+        return None
     spatial = math.prod(x.shape[2:])
     if type(norm) is nn.GroupNorm and x.shape[1] == norm.num_channels:
         return ("group", norm.num_groups) if x.shape[0] * x.shape[1] // norm.num_groups * spatial > 1 else None
@@ -416,7 +422,7 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
         torch.Size([2, 16, 6, 6, 6])
     """
     act = _act_spec(activation)
-    kind = _norm_kind(norm, x) if x.dim() == 5 and x.device.type in ("cuda", "cpu", "meta") else None
+    kind = _norm_kind(norm, x)
     if (act is None or kind is None or not torch.is_grad_enabled() or _plain() or type(conv) is not nn.Conv3d
             or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or has_hooks(norm, activation, conv)):
         z = norm(x)
@@ -450,7 +456,7 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
         torch.Size([2, 8, 4, 4, 4])
     """
     act = _act_spec(activation)
-    kind = _norm_kind(norm, x) if x.dim() == 5 and x.device.type in ("cuda", "cpu", "meta") else None
+    kind = _norm_kind(norm, x)
     if (act is None or act[0] != "leaky_relu" or act[1] < 0 or kind is None or not torch.is_grad_enabled()
             or _plain() or has_hooks(norm, activation)):
         z = norm(x)
