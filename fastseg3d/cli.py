@@ -48,20 +48,25 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         if dist.is_initialized():
-            # Every rank stopped at the same step, but tearing the process group down after an interrupted step
-            # can still block on a peer (seen on CI): leave at once, the run directory is already closed.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(3)
+            _leave(3)
         return 3
-    if dist.is_initialized():
-        dist.destroy_process_group()
     if trainer.is_main and result and result["dice"] is not None:
         per_class = ", ".join(f"{name} {value:.3f}" if value is not None else f"{name} n/a"
                               for name, value in zip(_foreground(trainer), result["dice_per_class"]))
         print(f"final validation: mean foreground Dice {result['dice']:.4f} ({per_class})")
         print(f"checkpoints, metrics.jsonl, curves.png and images/ are in {trainer.run_dir}")
+    if dist.is_initialized():
+        _leave(0)
     return 0
+
+
+def _leave(code: int) -> None:
+    """End a torchrun worker at once. Every rank has passed the last barrier, and the checkpoints and metrics are
+    written and closed; tearing the gloo/NCCL process group down (``destroy_process_group``, or the interpreter's
+    finalisation without it) can still block on a peer, and CI saw a two-rank run hang there after its last line."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _foreground(trainer) -> list[str]:
