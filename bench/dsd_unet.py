@@ -1,8 +1,9 @@
-"""suite=model, case=dsd_unet: a training step of DSD-UNet (a 5-level U-Net with DSD's 4 + 4 deconv heads, in 1 /
-out 14) with :class:`fastseg3d.losses.DSDLoss` (five DiceCE terms and six T = 3 KL terms, the KL terms in one fused
-pass per teacher) against the same network and loss under ``fastseg3d.backend("torch")`` (the eager KL
-composition); eager and compiled, 2 x 1 x 128^3 and 160^3 patches. The network has no fused layer and the heads are
-skipped in eval, so inference is the plain U-Net for both and is measured once (provider fastseg3d)."""
+"""suite=model, case=dsd_unet: a training step of DSD-UNet (a 5-level U-Net with DSD's 4 + 4 deconv heads, in 1 / out
+14) with :class:`fastseg3d.losses.DSDLoss` (five DiceCE terms and six T = 3 KL terms, the KL terms in one fused pass
+per teacher, the DiceCE terms keeping only the logits) against the same network and loss under
+``fastseg3d.backend("torch")`` (the eager KL composition, MONAI's DiceCE composition); eager and compiled, 2 x 1 x
+128^3 and 160^3 patches. The network has no fused layer and the heads are skipped in eval, so inference is the plain
+U-Net for both and is measured once (provider fastseg3d)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ NETWORK = Network(
     loss=_loss,
     stride=lambda model: model.backbone.divisor,
     plain=('the same network and DSDLoss under fastseg3d.backend("torch"): '
-           'the eager KL composition, plain norm chains'),
+           "the eager KL composition, MONAI's DiceCE composition, plain norm chains"),
     quick_cfg={"channels": (4, 8, 8)},
     quick_side=8,
     cfg={},

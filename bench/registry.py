@@ -115,6 +115,7 @@ def load_cases() -> dict[str, Case]:
     from bench import (  # noqa: F401  (self-registering)
         attention,
         channel_kl,
+        dice_ce,
         dsd_unet,
         dwconv3d,
         kl_distill,

@@ -1,8 +1,8 @@
 """suite=model, case=selfreg_unet: a training step of SelfReg-UNet (a 5-level U-Net, in 1 / out 14) with
 :class:`fastseg3d.losses.SelfRegLoss` (DiceCE plus 0.015 x the fused intra-feature and semantic-consistency terms)
-against the same network and loss under ``fastseg3d.backend("torch")`` (the eager pooling, sort and MSE
-composition); eager and compiled, 2 x 1 x 128^3 and 160^3 patches. SelfReg adds nothing at inference, so inference
-is the plain U-Net for both and is measured once (provider fastseg3d)."""
+against the same network and loss under ``fastseg3d.backend("torch")`` (the eager pooling, sort and MSE composition,
+MONAI's DiceCE composition); eager and compiled, 2 x 1 x 128^3 and 160^3 patches. SelfReg adds nothing at inference,
+so inference is the plain U-Net for both and is measured once (provider fastseg3d)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ NETWORK = Network(
     loss=_loss,
     stride=lambda model: model.backbone.divisor,
     plain=('the same network and SelfRegLoss under fastseg3d.backend("torch"): '
-           'the eager regularisers, plain norm chains'),
+           "the eager regularisers, MONAI's DiceCE composition, plain norm chains"),
     quick_cfg={"channels": (4, 8, 8)},
     quick_side=8,
     cfg={},

@@ -6,9 +6,8 @@ import math
 import numbers
 
 import torch
-from torch import nn
 
-__all__ = ["as_volume", "check_weight", "dice_ce", "full_precision"]
+__all__ = ["as_volume", "check_weight", "full_precision"]
 
 
 def as_volume(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -34,13 +33,3 @@ def check_weight(value, name: str) -> float:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
-
-def dice_ce(include_background: bool, lambda_dice: float, lambda_ce: float) -> nn.Module:
-    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``, the segmentation loss of DSD's recipe."""
-    try:
-        from monai.losses import DiceCELoss
-    except ImportError as e:
-        raise ImportError("the segmentation term needs MONAI: pip install 'fastseg3d[monai]'") from e
-    return DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True,
-                      lambda_dice=check_weight(lambda_dice, "lambda_dice"),
-                      lambda_ce=check_weight(lambda_ce, "lambda_ce"))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight, dice_ce, full_precision
+from fastseg3d.losses._common import as_volume, check_weight
+from fastseg3d.losses.dice_ce import DiceCELoss
 from fastseg3d.ops.kl_distill import check_temperature, kl_distill_multi
 
 __all__ = ["DSDLoss"]
@@ -19,7 +19,8 @@ class DSDLoss(nn.Module):
 
     ``L = sum over (main, every decoder head) of DiceCE(logits, target)
     + kl_weight * (sum_{decoder students} KL_T(dec teacher || s) + sum_{encoder students} KL_T(enc teacher || s))``,
-    with MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` and ``KL_T = T^2 * mean over batch and voxels of
+    with MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (computed by :class:`fastseg3d.losses.DiceCELoss`,
+    which keeps only the logits for backward) and ``KL_T = T^2 * mean over batch and voxels of
     the class-summed KL between softmax(logits / T)``; the teachers are the last decoder head (nearest the output)
     and the last encoder head (the deepest). With DSD's 4 + 4 heads that is the published five DiceCE terms and six
     KL terms, T = 3, both weights 1. Each teacher's KL terms are one fused pass
@@ -28,25 +29,26 @@ class DSDLoss(nn.Module):
 
     Heads below the output resolution (``head_mode="interp"``): every KL term is a mean over the label's voxels,
     as with the published full-resolution heads, its inputs upsampled trilinearly (``align_corners=False``) on the
-    fly inside the fused op, never materialised; for DiceCE a decoder head is upsampled (``F.interpolate``,
-    (bi/tri)linear) to the label's resolution, so that it is supervised by the full-resolution label as in the
-    published model, never by a resampled label. The main output must be at the label's resolution, and every
-    head's sides must divide the label's. 2-D outputs (B, K, H, W) work too.
+    fly inside the fused op, never materialised; for DiceCE a decoder head is upsampled ((bi/tri)linear, as
+    ``F.interpolate``) to the label's resolution inside the loss and kept at its own resolution for backward, so
+    that it is supervised by the full-resolution label as in the published model, never by a resampled label. The
+    main output must be at the label's resolution, and every head's sides must divide the label's. 2-D outputs
+    (B, K, H, W) work too.
 
     Given a plain tensor (the wrapper's eval output) the loss is the DiceCE of it alone, for validation loops.
     :meth:`terms` returns the three parts for logging.
 
-    Half-precision outputs (autocast) need no cast beforehand: the DiceCE terms take fp32 copies of the logits
-    they supervise (main and decoder heads), and the KL terms take every head as it is (the fused op computes in
-    fp32 and keeps each head's gradient in that head's dtype), so no fp32 copy of a head is made for them. The label
-    is one-hot encoded once for all DiceCE terms, where each ``DiceCELoss`` call would encode and save its own.
+    Half-precision outputs (autocast) need no cast beforehand: every term computes in fp32 and returns each head's
+    gradient in that head's dtype. For backward the DiceCE terms keep the logits (2 bytes per logit in bf16), where
+    MONAI's keep an fp32 softmax, log-softmax and one-hot label (12 bytes per upsampled logit): at 2 x 2 x 128^3 the
+    five terms leave 16 MiB instead of 512 MiB.
 
     Args:
         num_classes: the number of classes (checked against the logits).
         temperature: T > 0 (a real number or a 0-d tensor).
         kl_weight: weight of the KL sum (DSD's alpha_KL).
         detach_teacher: stop the KL gradients into the teacher heads.
-        include_background, lambda_dice, lambda_ce: passed to MONAI's ``DiceCELoss``.
+        include_background, lambda_dice, lambda_ce: as MONAI's ``DiceCELoss`` takes them.
 
     Example:
         >>> import torch
@@ -81,9 +83,7 @@ class DSDLoss(nn.Module):
         self.temperature = temperature
         self.kl_weight = check_weight(kl_weight, "kl_weight")
         self.detach_teacher = detach_teacher
-        self.dice_ce = dice_ce(include_background, lambda_dice, lambda_ce)
-        # DiceCE's Dice on a label one-hot encoded once for all heads (see _dice_ce_sum)
-        self._dice = type(self.dice_ce.dice)(include_background=include_background, to_onehot_y=False, softmax=True)
+        self.dice_ce = DiceCELoss(include_background, lambda_dice, lambda_ce)
 
     def _check_logits(self, t, name: str, dims: int) -> None:
         if not isinstance(t, torch.Tensor):
@@ -103,7 +103,7 @@ class DSDLoss(nn.Module):
         """``{"dice_ce": sum of the DiceCE terms, "kl_decoder": ..., "kl_encoder": ...}`` (KL terms unweighted)."""
         if isinstance(outputs, torch.Tensor):
             self._check_logits(outputs, "outputs", outputs.dim())
-            return {"dice_ce": self.dice_ce(full_precision(outputs), target)}
+            return {"dice_ce": self.dice_ce(outputs, target)}
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
             raise ValueError("outputs must be DSD's training output (main, decoder heads, encoder heads) or a tensor")
         main, decoder, encoder = outputs
@@ -120,28 +120,9 @@ class DSDLoss(nn.Module):
         size = tuple(target.shape[2:])
         if tuple(main.shape[2:]) != size:
             raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
-        seg = self._dice_ce_sum([main, *decoder], target)
+        seg = sum(self.dice_ce(h, target) for h in [main, *decoder])
         return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder", size),
                 "kl_encoder": self._kl(encoder, "encoder", size)}
-
-    def _dice_ce_sum(self, heads: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """The sum of MONAI's DiceCE over ``heads`` (each upsampled to the label's resolution), with the label one-hot
-        encoded once: each DiceCELoss call would encode it again and save its copy for backward, an fp32 tensor the
-        size of the logits per head (DSD at 128^3 with 14 classes: 235 MB each, five heads)."""
-        from monai.networks import one_hot
-
-        size = tuple(target.shape[2:])
-        mode = "trilinear" if target.dim() == 5 else "bilinear"
-        onehot = one_hot(target, num_classes=self.num_classes)
-        total = None
-        for h in heads:
-            h = full_precision(h)  # fp32 copies for DiceCE only (see the class docstring)
-            if tuple(h.shape[2:]) != size:
-                h = F.interpolate(h, size=size, mode=mode, align_corners=False)
-            dc = self.dice_ce
-            term = dc.lambda_dice * self._dice(h, onehot) + dc.lambda_ce * dc.ce(h, target)
-            total = term if total is None else total + term
-        return total
 
     def forward(self, outputs, target: torch.Tensor) -> torch.Tensor:
         terms = self.terms(outputs, target)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight, dice_ce, full_precision
+from fastseg3d.losses._common import as_volume, check_weight
+from fastseg3d.losses.dice_ce import DiceCELoss
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter_multi, selfreg_intra
 
 __all__ = ["SelfRegLoss"]
@@ -25,7 +26,8 @@ class SelfRegLoss(nn.Module):
       capped by ``num_channels``. The channels are redrawn at every call from ``generator`` (a
       ``torch.Generator``, or an int seed for a new CPU one; ``None`` uses torch's global RNG), in the order
       decoder features then encoder features, student then F_final, so runs are reproducible.
-    * segmentation: MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` on the logits when
+    * segmentation: :class:`fastseg3d.losses.DiceCELoss` (MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``,
+      keeping only the logits for backward) on the logits when
       ``include_segmentation`` (then ``target`` is required); with ``include_segmentation=False`` the loss is
       ``weight * KD`` alone, to be added to a segmentation loss of one's choice (e.g. SelfReg's 0.4 CE + 0.6 Dice).
 
@@ -76,7 +78,7 @@ class SelfRegLoss(nn.Module):
             raise ValueError(f"include_segmentation must be a bool, got {include_segmentation!r}")
         self.num_channels = num_channels
         self.generator = generator
-        self.dice_ce = dice_ce(include_background, lambda_dice, lambda_ce) if include_segmentation else None
+        self.dice_ce = DiceCELoss(include_background, lambda_dice, lambda_ce) if include_segmentation else None
 
     def terms(self, outputs, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"intra": ..., "inter": ...}`` (unweighted) and ``"segmentation"`` when it is included."""
@@ -109,7 +111,7 @@ class SelfRegLoss(nn.Module):
         if self.dice_ce is not None:
             if target is None:
                 raise ValueError("target is required when include_segmentation=True")
-            out["segmentation"] = self.dice_ce(full_precision(logits), target)
+            out["segmentation"] = self.dice_ce(logits, target)
         return out
 
     def forward(self, outputs, target: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,7 @@ from fastseg3d.reference.attention import (
     efficient_self_attention3d_ref,
 )
 from fastseg3d.reference.channel_kl import REDUCTIONS, channel_kl_fused_ref, channel_kl_normaliser, channel_kl_ref
+from fastseg3d.reference.dice_ce import dice_ce_ref, upsampled_logits
 from fastseg3d.reference.dwconv3d import (
     ACTIVATIONS,
     activation_grad_ref,
@@ -39,6 +40,7 @@ __all__ = [
     "channel_kl_normaliser",
     "channel_kl_ref",
     "common_size",
+    "dice_ce_ref",
     "dwconv3d_backward_ref",
     "dwconv3d_ref",
     "dwconv3d_tokens_ref",
@@ -54,4 +56,5 @@ __all__ = [
     "selfreg_inter_ref",
     "selfreg_intra_fused_ref",
     "selfreg_intra_ref",
+    "upsampled_logits",
 ]

@@ -155,28 +155,37 @@ class Objective(nn.Module):
     logging. In eval every network returns logits and the objective is the segmentation loss alone.
 
     Under autocast only the logits that MONAI's segmentation losses read are cast to fp32 (those losses compute in
-    their input's dtype); the distillation features and heads go to the fused losses as they are, which compute
-    in fp32 and keep each gradient in its input's dtype. (DSD's nine outputs at 2 x 14 x 128^3 are about 2 GB in
-    fp32: the encoder heads, which only the KL reads, are no longer copied, and no KL gradient is saved in fp32.)
+    their input's dtype); fastseg3d's DiceCE (the loss on label maps) and the fused distillation losses take
+    logits, features and heads as they are, compute in fp32 and keep each gradient in its input's dtype. (DSD's
+    nine outputs at 2 x 14 x 128^3 are about 2 GB in fp32: no head is copied, and no gradient is saved in fp32.)
     """
 
     def __init__(self, loss_cfg: Mapping, mode: str, num_classes: int) -> None:
         super().__init__()
-        from monai.losses import DiceCELoss, DiceLoss
+        from monai.losses import DiceCELoss as MONAIDiceCELoss
+        from monai.losses import DiceLoss
+
+        from fastseg3d.losses import DiceCELoss
 
         name, distill = loss_cfg["name"], loss_cfg["distill"]
         if mode == "sigmoid" and not loss_cfg["include_background"]:
             raise ValueError("loss.include_background=false with sigmoid regions would drop the first region (TC): "
                              "every region is foreground, keep it true")
-        common = dict(include_background=loss_cfg["include_background"], to_onehot_y=mode == "softmax",
-                      softmax=mode == "softmax", sigmoid=mode == "sigmoid")
-        if name == "dice":
-            self.segmentation = DiceLoss(**common)
-        elif name == "dice_ce":
-            self.segmentation = DiceCELoss(**common, lambda_dice=loss_cfg["lambda_dice"],
-                                           lambda_ce=loss_cfg["lambda_ce"])
-        else:
+        common = dict(include_background=loss_cfg["include_background"], sigmoid=True)
+        if name not in ("dice", "dice_ce"):
             raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
+        if mode == "softmax":
+            # MONAI's DiceCE (Dice alone: lambda_ce = 0) on label maps, keeping only the logits for backward; it
+            # takes half-precision logits as they are, where MONAI's losses compute in their input's dtype
+            dice_only = name == "dice"
+            self.segmentation = DiceCELoss(loss_cfg["include_background"],
+                                           1.0 if dice_only else loss_cfg["lambda_dice"],
+                                           0.0 if dice_only else loss_cfg["lambda_ce"])
+        elif name == "dice":
+            self.segmentation = DiceLoss(**common)
+        else:
+            self.segmentation = MONAIDiceCELoss(**common, lambda_dice=loss_cfg["lambda_dice"],
+                                                lambda_ce=loss_cfg["lambda_ce"])
         kwargs = dict(loss_cfg["distill_kwargs"] or {})
         self.distill_name = distill
         if distill == "none":
@@ -205,17 +214,22 @@ class Objective(nn.Module):
         """The main logits of a network's output (a tensor, or the first element of a training tuple)."""
         return output if isinstance(output, torch.Tensor) else output[0]
 
-    def forward(self, output, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _segmentation(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        from fastseg3d.losses import DiceCELoss
         from fastseg3d.losses._common import full_precision
 
+        lean = isinstance(self.segmentation, DiceCELoss)
+        return self.segmentation(logits if lean else full_precision(logits), target)
+
+    def forward(self, output, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         if isinstance(output, torch.Tensor) or self.distill is None:
-            loss = self.segmentation(full_precision(self.logits(output)), target)
+            loss = self._segmentation(self.logits(output), target)
             return loss, {"segmentation": loss.detach()}
         if self.distill_name == "dsd":
             terms = self.distill.terms(output, target)  # its DiceCE terms cast the logits they read
             loss = terms["dice_ce"] + self.distill.kl_weight * (terms["kl_decoder"] + terms["kl_encoder"])
             return loss, {k: v.detach() for k, v in terms.items()}
-        seg = self.segmentation(full_precision(self.logits(output)), target)
+        seg = self._segmentation(self.logits(output), target)
         if self.distill_name == "selfreg":
             kd = self.distill(output)
         else:

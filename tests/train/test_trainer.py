@@ -370,10 +370,10 @@ def test_output_mode_and_data_channels_follow_the_data_config():
 
 
 @pytest.mark.parametrize("name", ["dsd_unet", "selfreg_unet"])
-def test_objective_casts_only_the_logits_monai_reads(name, monkeypatch):
-    """Under autocast the distillation heads and features reach the fused ops in bf16 (no fp32 copies of DSD's
-    heads, no fp32 gradients saved for them): only the logits that MONAI's losses read are cast, and the loss is
-    the one of fp32 copies of the outputs, as the fused ops compute in fp32."""
+def test_objective_casts_no_output_under_autocast(name, monkeypatch):
+    """Under autocast the logits, heads and features reach fastseg3d's DiceCE and the fused ops in bf16 (no fp32
+    copies of DSD's heads, no fp32 gradients saved for them), and the loss is the one of fp32 copies of the
+    outputs, as every term computes in fp32."""
     import fastseg3d.losses.dsd as dsd_loss
     import fastseg3d.losses.selfreg as selfreg_loss
     from fastseg3d.train.builders import build_model, build_objective
@@ -381,7 +381,7 @@ def test_objective_casts_only_the_logits_monai_reads(name, monkeypatch):
     cfg = load_config(name, ["model.kwargs={channels: [4, 8, 8, 8]}"])
     net = build_model(cfg["model"], 1, 3)
     objective = build_objective(cfg, "softmax", 3)
-    seen = {"fused": [], "monai": []}
+    seen = {"fused": [], "dice_ce": []}
 
     def record(kind, fn, n_inputs=2):
         def wrapped(*args, **kwargs):
@@ -393,20 +393,44 @@ def test_objective_casts_only_the_logits_monai_reads(name, monkeypatch):
     for module, fn in ((dsd_loss, "kl_distill_multi"), (selfreg_loss, "selfreg_inter_multi"),
                        (selfreg_loss, "selfreg_intra")):
         monkeypatch.setattr(module, fn, record("fused", getattr(module, fn)))
-    # DSDLoss runs MONAI's Dice on a shared one-hot label (``_dice``) and DiceCE's CE
-    for loss in (objective.segmentation, getattr(objective.distill, "dice_ce", None),
-                 getattr(objective.distill, "_dice", None)):
+    for loss in (objective.segmentation, getattr(objective.distill, "dice_ce", None)):
         if loss is not None:
-            monkeypatch.setattr(loss, "forward", record("monai", loss.forward, 1))
+            monkeypatch.setattr(loss, "forward", record("dice_ce", loss.forward, 1))
     x, y = torch.randn(2, 1, 16, 16, 16), torch.randint(0, 3, (2, 1, 16, 16, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = net(x)
     torch.manual_seed(1)  # SelfReg's channel draws
     loss, terms = objective(output, y)
     assert seen["fused"] and set(seen["fused"]) == {torch.bfloat16}
-    assert seen["monai"] and set(seen["monai"]) == {torch.float32}
+    assert seen["dice_ce"] and set(seen["dice_ce"]) == {torch.bfloat16}
     fp32 = type(output)(*(tuple(t.float() for t in v) if isinstance(v, tuple) else v.float() for v in output))
     torch.manual_seed(1)
     torch.testing.assert_close(loss, objective(fp32, y)[0], rtol=1e-6, atol=0)
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "dice"])
+def test_objective_segmentation_on_labels_is_monais(name):
+    """On label maps the objective's segmentation loss is fastseg3d's DiceCE (Dice alone for ``loss.name=dice``),
+    equal to MONAI's loss of the same settings, value and gradient."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from fastseg3d.train.builders import build_objective
+
+    cfg = load_config("quickstart", [f"loss.name={name}", "loss.include_background=false", "loss.lambda_dice=0.6",
+                                     "loss.lambda_ce=0.4"])
+    objective = build_objective(cfg, "softmax", 4)
+    if name == "dice":
+        expected_fn = DiceLoss(include_background=False, to_onehot_y=True, softmax=True)
+    else:
+        expected_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, lambda_dice=0.6,
+                                 lambda_ce=0.4)
+    logits = torch.randn(2, 4, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 4, (2, 1, 6, 5, 7)).double()
+    loss, terms = objective(logits, target)
+    expected = expected_fn(logits, target)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0],
+                               rtol=1e-10, atol=1e-14)
+    assert set(terms) == {"segmentation"}

@@ -1,0 +1,55 @@
+"""Reference Dice + cross-entropy on softmax logits, as MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``
+computes it, in plain autograd ops.
+
+``loss = lambda_dice * mean_{b, k in S} (1 - (2 I_bk + smooth_nr) / (G_bk + P_bk + smooth_dr))
++ lambda_ce * mean_{b, voxel} (-log p_{b, label, voxel})``, with ``p = softmax(logits)`` over the classes,
+``I = sum_voxels p * onehot``, ``P = sum_voxels p``, ``G = sum_voxels onehot`` and ``S`` every class, or every class
+but 0 without the background. Logits below the label's resolution are first upsampled ((bi/tri)linear,
+``align_corners=False``). Math in fp32 (fp64 for fp64 logits).
+
+Autograd saves what the plain composition saves: the softmax, the log-softmax (inside ``cross_entropy``) and the
+one-hot label, each the size of the upsampled logits in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dice_ce_ref", "upsampled_logits"]
+
+
+def upsampled_logits(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``logits`` in the compute dtype (fp32; fp64 stays fp64), upsampled to ``size`` when smaller."""
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    if tuple(z.shape[2:]) == tuple(size):
+        return z
+    return F.interpolate(z, size=tuple(size), mode="trilinear" if z.dim() == 5 else "bilinear", align_corners=False)
+
+
+def dice_ce_ref(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    include_background: bool = True,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    smooth_nr: float = 1e-5,
+    smooth_dr: float = 1e-5,
+) -> torch.Tensor:
+    """Dice + cross-entropy of ``logits`` (B, K, *spatial) against the class map ``target`` (B, 1, *spatial_t), as a
+    0-d tensor in the compute dtype. ``spatial_t`` is ``spatial`` or a multiple of it per axis."""
+    size = tuple(target.shape[2:])
+    z = upsampled_logits(logits, size)
+    labels = target.long()
+    p = torch.softmax(z, 1)
+    onehot = torch.zeros_like(p).scatter_(1, labels, 1.0)
+    dims = tuple(range(2, z.dim()))
+    intersection = (p * onehot).sum(dims)
+    denominator = onehot.sum(dims) + p.sum(dims)
+    dice = 1.0 - (2.0 * intersection + smooth_nr) / (denominator + smooth_dr)
+    if not include_background:
+        dice = dice[:, 1:]
+    ce = F.cross_entropy(z, labels[:, 0])
+    return lambda_dice * dice.mean() + lambda_ce * ce
