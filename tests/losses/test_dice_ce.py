@@ -3,9 +3,13 @@ half-precision logits, the upsampled heads, what it saves for backward, meta, co
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastseg3d import backend
 from fastseg3d.losses import DiceCELoss, dice_ce
@@ -93,6 +97,47 @@ def test_saved_logits_stay_at_the_heads_resolution():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         dice_ce(logits, target)
     assert max(t.numel() for t in saved if t.dtype.is_floating_point) == logits.numel()
+
+
+class _PeakBytes(TorchDispatchMode):
+    """The peak bytes of the tensors that ops create inside the mode (a storage counts until its tensor dies)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                n = t.untyped_storage().nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, n)
+        return out
+
+    def _free(self, n):
+        self.live -= n
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_transient_memory(factor):
+    """Forward peaks at one fp32 map and a bool one-hot label, backward at two fp32 maps (bytes per logit at the
+    label's resolution), against about four maps each for the plain composition."""
+    logits = torch.randn(2, 5, 16 // factor, 16 // factor, 16 // factor).bfloat16().requires_grad_()
+    target = torch.randint(0, 5, (2, 1, 16, 16, 16))
+    per_logit = 2 * 5 * 16**3
+    peaks = {}
+    for name in ("auto", "torch"):
+        with backend(name):
+            with _PeakBytes() as fwd:
+                loss = dice_ce(logits, target)
+            with _PeakBytes() as bwd:
+                loss.backward()
+        peaks[name] = (fwd.peak / per_logit, bwd.peak / per_logit)
+    assert peaks["auto"][0] <= 5.5 and peaks["auto"][1] <= 10, peaks  # and (B, 1, voxels) maps: 1/K each
+    assert peaks["torch"][0] >= 12 and peaks["torch"][1] >= 12, peaks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
