@@ -41,13 +41,11 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.output_dir, resume=args.resume)
     if trainer.is_main:
         print(f"run directory: {trainer.run_dir}")
-    import torch.distributed as dist
-
     try:
         result = trainer.fit()
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
-        if dist.is_initialized():
+        if trainer.owns_process_group:
             _leave(3)
         return 3
     if trainer.is_main and result and result["dice"] is not None:
@@ -55,15 +53,16 @@ def _train(args: argparse.Namespace) -> int:
                               for name, value in zip(_foreground(trainer), result["dice_per_class"]))
         print(f"final validation: mean foreground Dice {result['dice']:.4f} ({per_class})")
         print(f"checkpoints, metrics.jsonl, curves.png and images/ are in {trainer.run_dir}")
-    if dist.is_initialized():
+    if trainer.owns_process_group:
         _leave(0)
     return 0
 
 
 def _leave(code: int) -> None:
-    """End a torchrun worker at once. Every rank has passed the last barrier, and the checkpoints and metrics are
-    written and closed; tearing the gloo/NCCL process group down (``destroy_process_group``, or the interpreter's
-    finalisation without it) can still block on a peer, and CI saw a two-rank run hang there after its last line."""
+    """End a torchrun worker whose process group the trainer made, at once. Every rank has passed the last barrier,
+    and the checkpoints and metrics are written and closed; tearing the gloo/NCCL process group down
+    (``destroy_process_group``, or the interpreter's finalisation without it) can still block on a peer, and CI saw
+    a two-rank run hang there after its last line."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -35,31 +35,53 @@ from fastseg3d.reference.dice_ce import dice_ce_ref, upsampled_logits
 __all__ = ["DiceCELoss", "dice_ce"]
 
 
-def _log_probs(logits: torch.Tensor, size) -> torch.Tensor:
-    """The log-softmax over the classes of the logits upsampled to ``size`` in the compute dtype, formed in place
-    when that is a fresh tensor (the transient memory of forward and backward is two compute-dtype maps)."""
+def _probabilities(logits: torch.Tensor, size, labels: torch.Tensor | None = None):
+    """The softmax over the classes of the logits upsampled to ``size``, in the compute dtype and formed in place
+    in one fresh map; given ``labels``, also the log-probability of each voxel's label, (B, 1, *size)."""
     z = upsampled_logits(logits, size)
-    lse = torch.logsumexp(z, 1, keepdim=True)
-    return z - lse if z is logits else z.sub_(lse)
+    top = z.amax(1, keepdim=True)
+    z = z - top if z is logits else z.sub_(top)
+    at_label = z.gather(1, labels) if labels is not None else None
+    total = z.exp_().sum(1, keepdim=True)
+    p = z.div_(total)
+    return p if labels is None else (p, at_label.sub_(total.log_()))
+
+
+@torch.library.custom_op("fastseg3d::upsample_adjoint", mutates_args=())
+def _upsample_adjoint(grad: torch.Tensor, input_size: list[int]) -> torch.Tensor:
+    """The adjoint of ``F.interpolate(x, size, mode="(bi/tri)linear", align_corners=False)`` (a size, no scales)
+    for x of ``input_size``: an op of its own, since ATen's upsample backwards take no symbolic sizes when traced
+    (dynamic shapes under torch.compile)."""
+    backward = (torch.ops.aten.upsample_trilinear3d_backward if grad.dim() == 5
+                else torch.ops.aten.upsample_bilinear2d_backward)
+    return backward(grad, list(grad.shape[2:]), input_size, False)
+
+
+@_upsample_adjoint.register_fake
+def _(grad, input_size):
+    return grad.new_empty(input_size)
 
 
 class _DiceCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr):
         labels = target.long()
-        logp = _log_probs(logits, target.shape[2:])
-        ce = -logp.gather(1, labels).mean()
-        p = logp.exp_()
-        onehot = torch.zeros(p.shape, dtype=torch.bool, device=p.device).scatter_(1, labels, True)
+        p, log_p_label = _probabilities(logits, target.shape[2:], labels)
+        ce = -log_p_label.mean()
         dims = tuple(range(2, p.dim()))
-        predicted, ground = p.sum(dims), onehot.sum(dims, dtype=p.dtype)
-        intersection = p.mul_(onehot).sum(dims)
+        predicted = p.sum(dims)
+        elsewhere = torch.ones(p.shape, dtype=torch.bool, device=p.device).scatter_(1, labels, False)
+        intersection = p.masked_fill_(elsewhere, 0.0).sum(dims)
+        # the one-hot label's voxel count per class, summed in p's map as MONAI sums its fp32 one-hot (a bool map's
+        # sum would convert it to int64 first)
+        ground = p.fill_(1.0).masked_fill_(elsewhere, 0.0).sum(dims)
+        del p
         denominator = ground + predicted + smooth_dr
         ratio = (2.0 * intersection + smooth_nr) / denominator
         first = 0 if include_background else 1
         dice = (1.0 - ratio[:, first:]).mean()
         # dDice/dp_bkv = a_bk * y_bkv + b_bk (Dice's weight folded in; zero for a left-out background)
-        scale = (lambda_dice / (p.shape[0] * (p.shape[1] - first))) / denominator
+        scale = (lambda_dice / (ratio.shape[0] * (ratio.shape[1] - first))) / denominator
         a, b = -2.0 * scale, ratio * scale
         if first:
             a[:, 0] = 0.0
@@ -74,7 +96,7 @@ class _DiceCE(torch.autograd.Function):
         logits, target, a, b = ctx.saved_tensors
         size = list(target.shape[2:])
         labels = target.long()
-        p = _log_probs(logits, size).exp_()
+        p = _probabilities(logits, size)
         # g = dDice/dp: b everywhere, a + b at each voxel's label
         tail = (...,) + (None,) * (p.dim() - 2)
         g = b[tail].expand(p.shape).clone()
@@ -90,14 +112,12 @@ class _DiceCE(torch.autograd.Function):
         del p
         g.scatter_(1, labels, g.gather(1, labels) - ce_scale)
         g.mul_(grad)
-        if list(logits.shape[2:]) != size:  # the adjoint of the upsampling (F.interpolate with a size: no scales)
-            upsample_backward = (torch.ops.aten.upsample_trilinear3d_backward if g.dim() == 5
-                                 else torch.ops.aten.upsample_bilinear2d_backward)
-            g = upsample_backward(g, size, list(logits.shape), False)
+        if list(logits.shape[2:]) != size:
+            g = _upsample_adjoint(g, list(logits.shape))
         return g.to(logits.dtype), None, None, None, None, None, None
 
 
-def _check(logits, target, include_background, smooth_nr, smooth_dr) -> None:
+def _check_tensors(logits, target) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if not isinstance(target, torch.Tensor):
@@ -116,11 +136,16 @@ def _check(logits, target, include_background, smooth_nr, smooth_dr) -> None:
         if n <= 0 or m < n or m % n:
             raise ValueError(f"logits {tuple(logits.shape[2:])} must have the target's spatial shape "
                              f"{tuple(target.shape[2:])} or divide it per axis (they are upsampled to it)")
+
+
+def _check_settings(include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr) -> tuple[float, ...]:
     if not isinstance(include_background, bool):
         raise ValueError(f"include_background must be a bool, got {include_background!r}")
     for name, value in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return (check_weight(lambda_dice, "lambda_dice"), check_weight(lambda_ce, "lambda_ce"), float(smooth_nr),
+            float(smooth_dr))
 
 
 def dice_ce(
@@ -148,12 +173,13 @@ def dice_ce(
         >>> label = torch.randint(0, 3, (2, 1, 8, 8, 8))
         >>> dice_ce(logits, label).backward()
     """
-    _check(logits, target, include_background, smooth_nr, smooth_dr)
-    lambda_dice, lambda_ce = check_weight(lambda_dice, "lambda_dice"), check_weight(lambda_ce, "lambda_ce")
+    _check_tensors(logits, target)
+    if not torch.compiler.is_compiling():  # traced with dynamic shapes, the numbers may be symbolic
+        lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
+                                                                       smooth_nr, smooth_dr)
     if backends.get_backend() == "torch":
         return dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
-    return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, float(smooth_nr),
-                         float(smooth_dr))
+    return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
 
 
 class DiceCELoss(nn.Module):
@@ -175,12 +201,9 @@ class DiceCELoss(nn.Module):
     def __init__(self, include_background: bool = True, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
                  smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
         super().__init__()
-        if not isinstance(include_background, bool):
-            raise ValueError(f"include_background must be a bool, got {include_background!r}")
         self.include_background = include_background
-        self.lambda_dice = check_weight(lambda_dice, "lambda_dice")
-        self.lambda_ce = check_weight(lambda_ce, "lambda_ce")
-        self.smooth_nr, self.smooth_dr = smooth_nr, smooth_dr
+        self.lambda_dice, self.lambda_ce, self.smooth_nr, self.smooth_dr = _check_settings(
+            include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return dice_ce(input, target, self.include_background, self.lambda_dice, self.lambda_ce, self.smooth_nr,

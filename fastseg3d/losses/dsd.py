@@ -39,9 +39,10 @@ class DSDLoss(nn.Module):
     :meth:`terms` returns the three parts for logging.
 
     Half-precision outputs (autocast) need no cast beforehand: every term computes in fp32 and returns each head's
-    gradient in that head's dtype. For backward the DiceCE terms keep the logits (2 bytes per logit in bf16), where
-    MONAI's keep an fp32 softmax, log-softmax and one-hot label (12 bytes per upsampled logit): at 2 x 2 x 128^3 the
-    five terms leave 16 MiB instead of 512 MiB.
+    gradient in that head's dtype. For backward the DiceCE terms keep the logits (2 bytes per logit in bf16, each head
+    at its own resolution) and the label, where MONAI's keep an fp32 softmax, log-softmax and one-hot label (12 bytes
+    per upsampled logit): with five full-resolution heads at 2 x 2 x 128^3, 112 MiB (80 MiB of heads and the 32 MiB
+    int64 label) instead of 512 MiB.
 
     Args:
         num_classes: the number of classes (checked against the logits).

@@ -120,7 +120,9 @@ class Trainer:
         self.device = resolve_device(cfg["device"], self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if self.distributed and not dist.is_initialized():
+        # a process group that the caller made stays the caller's (the CLI ends only its own workers at once)
+        self.owns_process_group = self.distributed and not dist.is_initialized()
+        if self.owns_process_group:
             # Validation runs on rank 0 while the others wait at a barrier: allow it the time it needs.
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=float(cfg["train"]["dist_timeout_minutes"])))
