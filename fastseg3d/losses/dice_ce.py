@@ -11,9 +11,10 @@ the gradient is a closed form:
 
 with ``y`` the one-hot label and ``a``, ``b`` the derivative of the mean Dice term with respect to the
 probabilities (zero for the background when it is left out). The value is the reference's
-(:func:`fastseg3d.reference.dice_ce.dice_ce_ref`, MONAI's composition) up to rounding. The transient memory is one
-compute-dtype map and a bool one-hot label in forward and two compute-dtype maps in backward (the softmax and the
-gradient, formed in place), where the composition's forward and backward each peak near four.
+(:func:`fastseg3d.reference.dice_ce.dice_ce_ref`, MONAI's composition) up to rounding. Transient memory, in
+compute-dtype maps of the upsampled logits: forward peaks at one map (the probabilities, formed in place), a bool
+one-hot label (a quarter map) and two (B, 1, voxels) maps; backward at two maps (the probabilities and the
+gradient) and two (B, 1, voxels) maps. The composition's forward peaks at three to four maps and keeps three.
 
 Under ``fastseg3d.backend("torch")`` the reference runs instead: the plain composition that the benchmarks' plain
 networks use.
