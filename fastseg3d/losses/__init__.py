@@ -1,5 +1,5 @@
 """Losses of the self-distilling segmentation methods, on fastseg3d's fused distillation ops, and a DiceCE that
-keeps only the logits for backward."""
+keeps only the logits and the label for backward."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Dice + cross-entropy on softmax logits that keeps only the logits for backward.
+"""Dice + cross-entropy on softmax logits that keeps only the logits and the label for backward.
 
 MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` leaves autograd the fp32 softmax, the fp32 log-softmax of its
 cross-entropy and the one-hot label: 12 bytes per logit, six times the logits of a bf16 network. DSD's five
 supervised heads at 2 x 2 x 128^3 hold 480 MiB that way, a quarter of what the whole training step saves.
 Here the forward pass keeps the logits as they come (2 bytes per logit in bf16, and a head below the label's
-resolution is kept at its own resolution) and two (B, K) coefficient tables; backward recomputes the softmax, and
-the gradient is a closed form:
+resolution is kept at its own resolution), the label and two (B, K) coefficient tables; backward recomputes the
+softmax, and the gradient is a closed form:
 
 ``dL/dz = p * (g - sum_c p_c g_c) + lambda_ce * (p - y) / (B * voxels)``, ``g = lambda_dice * (a_bk * y + b_bk)``
 
@@ -13,8 +13,9 @@ with ``y`` the one-hot label and ``a``, ``b`` the derivative of the mean Dice te
 probabilities (zero for the background when it is left out). The value is the reference's
 (:func:`fastseg3d.reference.dice_ce.dice_ce_ref`, MONAI's composition) up to rounding. Transient memory, in
 compute-dtype maps of the upsampled logits: forward peaks at one map (the probabilities, formed in place), a bool
-one-hot label (a quarter map) and two (B, 1, voxels) maps; backward at two maps (the probabilities and the
-gradient) and two (B, 1, voxels) maps. The composition's forward peaks at three to four maps and keeps three.
+one-hot label (a quarter map) and two (B, 1, voxels) maps at most; backward at two maps (the probabilities and the
+gradient) and two (B, 1, voxels) maps. A label that is not int64 is converted to int64 in each pass (8 bytes per
+voxel), as the gathers and scatters need. The composition's forward peaks at three to four maps and keeps three.
 
 Under ``fastseg3d.backend("torch")`` the reference runs instead: the plain composition that the benchmarks' plain
 networks use.
@@ -30,7 +31,6 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastseg3d import backends
-from fastseg3d.losses._common import check_weight
 from fastseg3d.reference.dice_ce import dice_ce_ref, upsampled_logits
 
 __all__ = ["DiceCELoss", "dice_ce"]
@@ -42,6 +42,7 @@ def _probabilities(logits: torch.Tensor, size, labels: torch.Tensor | None = Non
     z = upsampled_logits(logits, size)
     top = z.amax(1, keepdim=True)
     z = z - top if z is logits else z.sub_(top)
+    del top
     at_label = z.gather(1, labels) if labels is not None else None
     total = z.exp_().sum(1, keepdim=True)
     p = z.div_(total)
@@ -139,14 +140,19 @@ def _check_tensors(logits, target) -> None:
                              f"{tuple(target.shape[2:])} or divide it per axis (they are upsampled to it)")
 
 
-def _check_settings(include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr) -> tuple[float, ...]:
+def _check_settings(include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr) -> tuple:
+    """The weights and smoothing terms as floats (finite, >= 0). Under torch.compile they pass as they are: with
+    dynamic shapes they may be symbolic, and a module's are checked when it is made."""
     if not isinstance(include_background, bool):
         raise ValueError(f"include_background must be a bool, got {include_background!r}")
-    for name, value in (("smooth_nr", smooth_nr), ("smooth_dr", smooth_dr)):
+    settings = (("lambda_dice", lambda_dice), ("lambda_ce", lambda_ce), ("smooth_nr", smooth_nr),
+                ("smooth_dr", smooth_dr))
+    if torch.compiler.is_compiling():
+        return tuple(value for _, value in settings)
+    for name, value in settings:
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return (check_weight(lambda_dice, "lambda_dice"), check_weight(lambda_ce, "lambda_ce"), float(smooth_nr),
-            float(smooth_dr))
+    return tuple(float(value) for _, value in settings)
 
 
 def dice_ce(
@@ -175,9 +181,8 @@ def dice_ce(
         >>> dice_ce(logits, label).backward()
     """
     _check_tensors(logits, target)
-    if not torch.compiler.is_compiling():  # traced with dynamic shapes, the numbers may be symbolic
-        lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
-                                                                       smooth_nr, smooth_dr)
+    lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
+                                                                   smooth_nr, smooth_dr)
     if backends.get_backend() == "torch":
         return dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
     return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)

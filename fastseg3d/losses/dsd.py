@@ -20,7 +20,7 @@ class DSDLoss(nn.Module):
     ``L = sum over (main, every decoder head) of DiceCE(logits, target)
     + kl_weight * (sum_{decoder students} KL_T(dec teacher || s) + sum_{encoder students} KL_T(enc teacher || s))``,
     with MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (computed by :class:`fastseg3d.losses.DiceCELoss`,
-    which keeps only the logits for backward) and ``KL_T = T^2 * mean over batch and voxels of
+    which keeps only the logits and the label for backward) and ``KL_T = T^2 * mean over batch and voxels of
     the class-summed KL between softmax(logits / T)``; the teachers are the last decoder head (nearest the output)
     and the last encoder head (the deepest). With DSD's 4 + 4 heads that is the published five DiceCE terms and six
     KL terms, T = 3, both weights 1. Each teacher's KL terms are one fused pass

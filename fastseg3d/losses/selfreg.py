@@ -27,7 +27,7 @@ class SelfRegLoss(nn.Module):
       ``torch.Generator``, or an int seed for a new CPU one; ``None`` uses torch's global RNG), in the order
       decoder features then encoder features, student then F_final, so runs are reproducible.
     * segmentation: :class:`fastseg3d.losses.DiceCELoss` (MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)``,
-      keeping only the logits for backward) on the logits when
+      keeping only the logits and the label for backward) on the logits when
       ``include_segmentation`` (then ``target`` is required); with ``include_segmentation=False`` the loss is
       ``weight * KD`` alone, to be added to a segmentation loss of one's choice (e.g. SelfReg's 0.4 CE + 0.6 Dice).
 

@@ -7,8 +7,9 @@ computes it, in plain autograd ops.
 but 0 without the background. Logits below the label's resolution are first upsampled ((bi/tri)linear,
 ``align_corners=False``). Math in fp32 (fp64 for fp64 logits).
 
-Autograd saves what the plain composition saves: the softmax, the log-softmax (inside ``cross_entropy``) and the
-one-hot label, each the size of the upsampled logits in the compute dtype.
+Autograd saves what the plain composition saves: the softmax and the one-hot label for the Dice term and the
+log-softmax (inside ``cross_entropy``) for the cross-entropy, each the size of the upsampled logits in the compute
+dtype; a term of weight 0 is left out, with what it would save.
 """
 
 from __future__ import annotations

@@ -175,8 +175,9 @@ class Objective(nn.Module):
         if name not in ("dice", "dice_ce"):
             raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
         if mode == "softmax":
-            # MONAI's DiceCE (Dice alone: lambda_ce = 0) on label maps, keeping only the logits for backward; it
-            # takes half-precision logits as they are, where MONAI's losses compute in their input's dtype
+            # MONAI's DiceCE (Dice alone: lambda_ce = 0) on label maps, keeping only the logits and the label for
+            # backward; it takes half-precision logits as they are, where MONAI's losses compute in their input's
+            # dtype
             dice_only = name == "dice"
             self.segmentation = DiceCELoss(loss_cfg["include_background"],
                                            1.0 if dice_only else loss_cfg["lambda_dice"],

@@ -122,17 +122,25 @@ def test_backward_reference_matches_autograd(activation, padding, dilation):
         assert_close(name, a, e, torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("view", [False, True])
 @pytest.mark.parametrize("channels,kernel", [(6, (3, 3, 3)), (64, (1, 3, 5)), (130, (3, 1, 1))])
-def test_taps_major_layout_and_zero_padding(monkeypatch, channels, kernel):
-    """The kernels' weight layout: (KD, KH, KW, C rounded up to 64) fp32, the padding zero (the tap loads are
-    unmasked), from a NaN-filled allocation so that an unwritten element shows."""
+def test_taps_major_layout_and_zero_padding(monkeypatch, channels, kernel, view, dtype):
+    """The kernels' weight layout: (KD, KH, KW, C rounded up to 64) fp32 contiguous, the padding zero (the tap loads
+    are unmasked), from NaN-filled allocations so that an unwritten element shows; also from a permuted view of a
+    weight (whose layout a padding op may keep)."""
     pytest.importorskip("triton")
     from fastseg3d.kernels.dwconv3d import taps_major
 
-    real_new_empty = torch.Tensor.new_empty
-    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: real_new_empty(self, *a, **kw).fill_(
-        float("nan")))
-    w = torch.randn(channels, 1, *kernel, dtype=torch.bfloat16)
+    for name in ("new_empty", "new_zeros"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, **kw: _real(self, *a, **kw).fill_(
+            float("nan")))
+    if view:
+        kd, kh, kw = kernel
+        w = torch.randn(kd, kw, channels, kh, dtype=dtype).permute(2, 0, 3, 1).unsqueeze(1)
+    else:
+        w = torch.randn(channels, 1, *kernel, dtype=dtype)
     taps = taps_major(w)
     cp = -(-channels // 64) * 64
     assert taps.shape == (*kernel, cp) and taps.dtype == torch.float32 and taps.is_contiguous()
