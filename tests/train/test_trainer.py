@@ -264,6 +264,29 @@ def test_activation_checkpointing_keeps_gradients():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_train_leaves_a_callers_process_group_alone(tmp_path, monkeypatch):
+    """Under torchrun, ``fastseg3d train`` ends its workers at once (os._exit) only when its trainer made the
+    process group; called in a process whose group the caller made, it returns and leaves the group up."""
+    import torch.distributed as dist
+
+    from fastseg3d.cli import main
+
+    def leave(code):  # os._exit would end pytest itself, with this code
+        raise AssertionError(f"os._exit({code}) in a process whose group the caller made")
+
+    monkeypatch.setattr(os, "_exit", leave)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        code = main(["train", "--config", "quickstart", "--epochs", "1", *TINY_UNET, *TINY_DATA, "--output-dir",
+                     str(tmp_path)])
+        assert code == 0 and dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    assert (tmp_path / "checkpoint_final.pt").is_file()
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, accumulation):
     """torchrun with 2 gloo processes of 2 cases each == 1 process of 4 cases (same data order, averaged grads),
