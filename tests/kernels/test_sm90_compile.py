@@ -366,8 +366,11 @@ def test_every_op_registers_its_launches():
     import fastseg3d.ops  # noqa: F401
     from fastseg3d.ops.utils import LAUNCHES
 
+    import fastseg3d.losses  # noqa: F401  (registers the one op without Triton launches)
+
     ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastseg3d::")}
-    assert ops and set(LAUNCHES) == ops
+    # DiceCE's upsampling adjoint is an op only so that traced backwards take symbolic sizes: ATen computes it
+    assert "fastseg3d::upsample_adjoint" in ops and set(LAUNCHES) == ops - {"fastseg3d::upsample_adjoint"}
 
 
 def test_network_cli_reports_and_fails_on_refused_launches(monkeypatch, capsys):
