@@ -274,15 +274,18 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 
 class _FusedCalls(TorchDispatchMode):
-    """Records each call of a ``fastseg3d::`` op: (name, args, kwargs)."""
+    """Records each call of a ``fastseg3d::`` op that makes Triton launches: (name, args, kwargs)."""
 
     def __init__(self):
         super().__init__()
+        from fastseg3d.ops.utils import LAUNCHES
+
+        self.launching = LAUNCHES
         self.calls = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func.namespace == "fastseg3d":
+        if func.namespace == "fastseg3d" and func._schema.name in self.launching:
             self.calls.append((func._schema.name, args, kwargs))
         return func(*args, **kwargs)
 
