@@ -21,20 +21,30 @@ def _rebuild(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     return new
 
 
-def _swap(model: nn.Module, match, cls: type[nn.Module]) -> nn.Module:
+def _swap(model: nn.Module, match, cls: type[nn.Module], done: dict[int, nn.Module] | None = None) -> nn.Module:
+    # ``done`` maps each swapped module to its replacement, so a module registered in several places (tied
+    # layers) stays one module
+    done = {} if done is None else done
     if match(model):
-        return _rebuild(model, cls)
-    for name, child in model.named_children():
+        if id(model) not in done:
+            done[id(model)] = _rebuild(model, cls)
+        return done[id(model)]
+    # not named_children(), which yields a module registered twice only once
+    for name, child in list(model._modules.items()):
+        if child is None:
+            continue
         if match(child):
-            setattr(model, name, _rebuild(child, cls))
-        else:
-            _swap(child, match, cls)
+            setattr(model, name, _swap(child, match, cls, done))
+        elif id(child) not in done:
+            done[id(child)] = _swap(child, match, cls, done)
     return model
 
 
 def convert_model(model: nn.Module) -> nn.Module:
     """Replace every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` by
-    :class:`fastseg3d.nn.DepthwiseConv3d`, in place; returns the model.
+    :class:`fastseg3d.nn.DepthwiseConv3d`, in place; returns the model. A model that is itself a depthwise
+    ``nn.Conv3d`` cannot change class in place: use the returned module. A module registered under several names
+    stays one module.
 
     Example:
         >>> import torch, fastseg3d
@@ -47,5 +57,6 @@ def convert_model(model: nn.Module) -> nn.Module:
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert_model`: every ``DepthwiseConv3d`` becomes a plain ``nn.Conv3d`` again, in place."""
+    """Undo :func:`convert_model`: every ``DepthwiseConv3d`` becomes a plain ``nn.Conv3d`` again, in place (a
+    model that is itself one is returned as a new ``nn.Conv3d``)."""
     return _swap(model, lambda m: type(m) is DepthwiseConv3d, nn.Conv3d)

@@ -51,6 +51,21 @@ def test_convert_leaves_other_convs_and_handles_a_bare_module():
     assert type(fastseg3d.revert_model(bare)) is nn.Conv3d
 
 
+def test_convert_keeps_a_shared_module_one_module_and_numpy_int_settings_work():
+    import numpy as np
+
+    conv = nn.Conv3d(4, 4, 3, padding=np.int64(1), dilation=np.int64(1), groups=4)
+    model = nn.Sequential(conv, nn.ReLU(), conv, nn.Sequential(conv))
+    x = torch.randn(1, 4, 5, 6, 7)
+    expected = model(x)
+    fastseg3d.convert_model(model)
+    assert type(model[0]) is DepthwiseConv3d and model[0] is model[2] is model[3][0]
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias", "3.0.weight", "3.0.bias"]
+    assert_close("y", model(x), expected, torch.float32)
+    fastseg3d.revert_model(model)
+    assert type(model[0]) is nn.Conv3d and model[0] is model[2] is model[3][0]
+
+
 def test_converted_model_trains_like_the_original():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv3d(2, 4, 1), nn.Conv3d(4, 4, 3, padding=1, groups=4), nn.GELU(), nn.Conv3d(4, 1, 1))

@@ -28,9 +28,9 @@ import numbers
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from fastseg3d import backends
+from fastseg3d.ops import utils
 from fastseg3d.reference.dice_ce import dice_ce_ref, upsampled_logits
 
 __all__ = ["DiceCELoss", "dice_ce"]
@@ -93,8 +93,13 @@ class _DiceCE(torch.autograd.Function):
         return lambda_dice * dice + lambda_ce * ce
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
+        utils.refuse_double_backward(grad)
+        with torch.no_grad():
+            return _DiceCE._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         logits, target, a, b = ctx.saved_tensors
         size = list(target.shape[2:])
         labels = target.long()
@@ -183,7 +188,8 @@ def dice_ce(
     _check_tensors(logits, target)
     lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
                                                                    smooth_nr, smooth_dr)
-    if backends.get_backend() == "torch":
+    # an empty batch's mean is NaN, as in MONAI's composition
+    if backends.get_backend() == "torch" or logits.shape[0] == 0:
         return dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
     return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
 

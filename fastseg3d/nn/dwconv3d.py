@@ -48,5 +48,9 @@ class DepthwiseConv3d(nn.Conv3d):
             return super().forward(input)
         if input.dim() == 4:
             return self.forward(input.unsqueeze(0)).squeeze(0)
+        # the op would take a weight with a multiple of x's channels as a channel multiplier
+        if isinstance(input, torch.Tensor) and input.dim() == 5 and input.shape[1] != self.in_channels:
+            raise ValueError(f"input has {input.shape[1]} channels but this layer has in_channels={self.in_channels} "
+                             f"(input shape {tuple(input.shape)})")
         padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
         return dwconv3d(input, self.weight, self.bias, padding=padding, dilation=tuple(self.dilation))

@@ -31,6 +31,8 @@ def _validate(q, k, v, scale) -> None:
             raise ValueError(f"{name} must be 4-D (B, tokens, heads, head_dim), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q, k and v need a head_dim >= 1, got shape {tuple(q.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have one shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:

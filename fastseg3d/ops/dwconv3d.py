@@ -8,6 +8,7 @@ eager calls skip the dispatcher (:class:`fastseg3d.ops.utils.EagerOp`).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -22,15 +23,22 @@ __all__ = ["dwconv3d", "dwconv3d_tokens", "dwconv3d_unsupported_reasons"]
 _ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
 
 
+def _index(v) -> int | None:
+    """``v`` as an int where conv3d takes it as one (NumPy integers too), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
+
+
 def _triple(value, name: str, allow_zero: bool) -> tuple[int, int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * 3
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
+    single = _index(value)
+    values = (single,) * 3 if single is not None else value
+    if not isinstance(values, (tuple, list)) or len(values) != 3 or any(_index(v) is None for v in values):
         raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {value!r}")
+    value = tuple(_index(v) for v in values)
     low = 0 if allow_zero else 1
     if any(v < low for v in value):
         raise ValueError(f"{name} must be >= {low} on every axis, got {tuple(value)}")
@@ -288,9 +296,25 @@ def dwconv3d(
         >>> fastseg3d.ops.dwconv3d(x, w, activation="gelu").shape
         torch.Size([1, 8, 6, 7, 9])
     """
+    late_residual = None
     if isinstance(x, Tensor) and isinstance(weight, Tensor):
+        for name, t in (("bias", bias), ("residual", residual)):
+            if t is not None:
+                utils.check_tensor(t, name)
+        cast = utils.autocast_dtype(x.device.type)
+        if residual is not None and cast is not None and residual.dtype != cast and residual.dtype.is_floating_point:
+            # autocast casts the conv's operands only: as in the plain composition, a residual in another dtype is
+            # added to the conv's output in the promoted dtype (the residual stream stays fp32)
+            late_residual, residual = residual, None
         x, weight, bias, residual = utils.autocast_inputs(x.device.type, x, weight, bias, residual)
+        if late_residual is not None and late_residual.device != x.device:
+            raise TypeError(f"residual is on {late_residual.device} but x is on {x.device}; pass tensors on one "
+                            "device")
     pad, dil, out_shape = _validate(x, weight, bias, residual, padding, dilation, activation)
+    if late_residual is not None:
+        if tuple(late_residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(late_residual.shape)}")
+        return dwconv3d(x, weight, bias, padding, dilation, activation) + late_residual
     reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
     if backends.select("dwconv3d", reasons, x.device):
         return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])

@@ -211,7 +211,7 @@ def kl_distill_multi(
 
     Every pair is computed at one resolution, ``size`` (default: the per-axis maximum of all inputs), so
     ``kl_distill_multi(students, t, size=size) == sum(kl_distill(s, t, size=size))``; every input's sides must
-    divide it. The result is a 0-dim fp32 tensor
+    divide it. The result is a 0-dim fp32 tensor (fp64 for fp64 inputs)
     ``sum_i weights[i] * loss_i`` (weights default to 1): a scalar, because the teacher's gradient couples all
     students and is formed in the forward pass. With ``return_per_student=True`` also the (S,) detached
     per-student losses (unweighted), e.g. for logging. Up to four students share one kernel launch; more are

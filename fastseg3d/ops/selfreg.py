@@ -277,7 +277,8 @@ def selfreg_inter_multi(
     student_channels: Sequence,
     teacher_channels: Sequence,
 ) -> Tensor:
-    """:func:`selfreg_inter` of several students against one teacher: an (S,) fp32 tensor of per-student losses.
+    """:func:`selfreg_inter` of several students against one teacher: an (S,) tensor of per-student losses (fp32;
+    fp64 for fp64 inputs).
 
     The teacher (e.g. SelfReg's final decoder feature F_final) is average-pooled once into the pyramid of
     resolutions the students need, each level from the next finer one, instead of once per student.
@@ -311,7 +312,7 @@ def selfreg_inter(student: Tensor, teacher: Tensor, student_channels, teacher_ch
     per-axis minimum), the channels ``student_channels[j]`` of the student and ``teacher_channels[j]`` of the
     teacher are paired, and the loss is their mean squared difference; the teacher is detached. Index sets are
     1-D integer tensors or sequences of equal length (see :func:`random_channel_pairs`); repeated student indices
-    accumulate gradient. Returns a 0-dim fp32 tensor.
+    accumulate gradient. Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
 
     fp32, fp16 and bf16 inputs are fused (one read of each input, fp32 math, the student gradient written in the
     forward pass when the student requires grad, in fp32 for fp16 so a loss scale reaches it before rounding);
@@ -349,7 +350,7 @@ def selfreg_intra(feature: Tensor) -> Tensor:
     Channels are ranked by the mean over batch and voxels of their per-(b, c) L2-normalised maps
     (``F.normalize(f, p=2, dim=voxels)``), and the loss is the mean squared difference between the top half and
     the bottom half (channel ``order[j]`` against ``order[C/2 + j]``), with gradients to both halves and none
-    through the ranking, as coded. C must be even. Returns a 0-dim fp32 tensor.
+    through the ranking, as coded. C must be even. Returns a 0-dim fp32 tensor (fp64 for fp64 input).
 
     The fused path reads the map twice (per-channel statistics, then the loss and both halves' gradients in one
     pass); the pairing depends on a global statistic, so one pass is not possible.

@@ -58,14 +58,19 @@ def layout_of(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts conv and matmul inputs to on ``device_type``, None when it is off."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if device_type == "meta" and not torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get
+        return META_AUTOCAST_DTYPE.get()
+    return None
+
+
 def autocast_inputs(device_type: str, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """Cast floating inputs to the autocast dtype when autocast is on, as ATen's conv and attention ops do (on
     ``meta`` tensors, while ``fastseg3d.profile`` emulates CUDA autocast)."""
-    dtype = None
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    elif device_type == "meta" and not torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get
-        dtype = META_AUTOCAST_DTYPE.get()
+    dtype = autocast_dtype(device_type)
     if dtype is None:
         return tensors
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -96,17 +101,21 @@ def scaled_grad(grad_out: torch.Tensor | None, saved: torch.Tensor, dtype: torch
     """
     if grad_out is None or not saved.numel():
         return None
-    if torch.is_grad_enabled() and not _tracing(grad_out):
-        # create_graph=True: the saved gradient is a constant of this graph, so a second derivative would come out
-        # as 0 where it is not
-        raise NotImplementedError(
-            "fastseg3d's fused losses have no double backward (backward(create_graph=True)); run them under "
-            "fastseg3d.backend('torch')"
-        )
+    refuse_double_backward(grad_out)
     if (saved.dtype == dtype and grad_out.numel() == 1 and not grad_out.requires_grad
             and grad_out.device.type in ("cuda", "cpu") and not _tracing(grad_out) and bool(grad_out == 1)):
         return saved
     return (grad_out * saved).to(dtype)
+
+
+def refuse_double_backward(grad_out: torch.Tensor) -> None:
+    """For a loss's backward that forms its gradient from saved tensors: under ``create_graph=True`` that gradient
+    would be a constant of the new graph, and a second derivative through it would silently come out as 0."""
+    if torch.is_grad_enabled() and not _tracing(grad_out):
+        raise NotImplementedError(
+            "fastseg3d's fused losses have no double backward (backward(create_graph=True)); run them under "
+            "fastseg3d.backend('torch')"
+        )
 
 
 def _tracing(t: torch.Tensor) -> bool:

@@ -229,6 +229,23 @@ def test_bad_inputs():
         DiceCELoss(include_background=1)
 
 
+def test_double_backward_raises_instead_of_a_silent_zero():
+    x, target = torch.randn(2, 4, 4, 5, 6), torch.randint(0, 3, (2, 1, 4, 5, 6))
+    w = torch.randn(3, 4, 1, 1, 1, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(dice_ce(F.conv3d(x, w), target), w, create_graph=True)
+    with backend("torch"):  # the reference has one
+        (grad,) = torch.autograd.grad(dice_ce(F.conv3d(x, w), target), w, create_graph=True)
+    assert grad.requires_grad
+
+
+def test_an_empty_batch_gives_nan_as_monai():
+    logits = torch.randn(0, 3, 4, 5, 6, requires_grad=True)
+    target = torch.zeros(0, 1, 4, 5, 6, dtype=torch.long)
+    loss = dice_ce(logits, target)
+    assert loss.isnan() and _monai(logits, target, True, 1.0, 1.0).isnan()
+
+
 @pytest.mark.gpu
 def test_gpu_bf16_matches_monai_and_holds_a_sixth():
     """DSD's head size at 128^3 with 14 classes, bf16 logits: the value and gradient of MONAI's loss on fp32 copies,

@@ -72,6 +72,16 @@ def test_unbatched_input_as_conv3d():
     assert_close("y", ours(x), ref(x), torch.float32)
 
 
+def test_input_channels_must_match_like_conv3d():
+    # the op would run a weight whose channels are a multiple of the input's as a channel multiplier
+    conv = DepthwiseConv3d(4, 4, 3, padding=1, groups=4)
+    for c in (1, 2):
+        with pytest.raises(ValueError, match="in_channels=4"):
+            conv(torch.randn(1, c, 5, 5, 5))
+        with pytest.raises(RuntimeError):
+            nn.Conv3d.forward(conv, torch.randn(1, c, 5, 5, 5))
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("padding", [1, "same", 0])
 def test_interpret_module_fused_path(poison, padding):

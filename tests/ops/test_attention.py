@@ -220,6 +220,8 @@ _BAD = [
      TypeError, "k has dtype"),
     (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32, device="meta")),
      TypeError, "v is on"),
+    (lambda: attention(torch.randn(2, 4, 1, 0), torch.randn(2, 3, 1, 0), torch.randn(2, 3, 1, 0)), ValueError,
+     "head_dim >= 1"),
     (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32), scale=-1.0),
      ValueError, "scale"),
     (lambda: attention(torch.ones(2, 4, 1, 32, dtype=torch.long), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)),

@@ -276,6 +276,44 @@ def test_autocast_casts_like_conv3d():
     assert y.dtype == expected.dtype == torch.bfloat16
 
 
+def test_autocast_keeps_a_residual_of_another_dtype_out_of_the_cast():
+    # as in the plain composition, where bf16 conv output + fp32 residual is fp32: the residual stream keeps its
+    # precision
+    torch.manual_seed(0)
+    x, w, b = torch.randn(1, 4, 3, 4, 5), torch.randn(4, 1, 3, 3, 3), torch.randn(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dwconv3d(x, w, b, activation="gelu", residual=x)
+        expected = F.gelu(F.conv3d(x, w, b, padding=1, groups=4)) + x
+        same = dwconv3d(x, w, b, residual=x.bfloat16())
+        with pytest.raises(ValueError, match="residual must have"):
+            dwconv3d(x, w, b, residual=x[:, :, :2])
+    assert y.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    assert same.dtype == torch.bfloat16
+
+
+def test_autocast_still_names_a_bias_that_is_not_a_tensor():
+    x, w = torch.randn(1, 4, 3, 4, 5), torch.randn(4, 1, 3, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+            dwconv3d(x, w, [0.0] * 4)
+        with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+            dwconv3d(x, w, residual=1.0)
+
+
+def test_numpy_integers_as_padding_and_dilation():
+    import numpy as np
+
+    x, w = torch.randn(1, 4, 6, 7, 8), torch.randn(4, 1, 3, 3, 3)
+    expected = F.conv3d(x, w, padding=2, dilation=2, groups=4)
+    torch.testing.assert_close(dwconv3d(x, w, padding=np.int64(2), dilation=np.int32(2)), expected)
+    torch.testing.assert_close(dwconv3d(x, w, padding=(np.int64(2),) * 3, dilation=[2, np.int8(2), 2]), expected)
+    with pytest.raises(ValueError, match="padding"):
+        dwconv3d(x, w, padding=1.0)
+    with pytest.raises(ValueError, match="dilation"):
+        dwconv3d(x, w, dilation=True)
+
+
 _BAD = [
     (lambda: dwconv3d(torch.randn(2, 3, 4, 4), torch.randn(3, 1, 3, 3, 3)), ValueError, "x must be 5-D"),
     (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 3, 3, 3)), ValueError, "weight must have shape"),
