@@ -94,6 +94,8 @@ def _validate(x, weight, bias, residual, padding, dilation, activation):
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     dil = _triple(dilation, "dilation", allow_zero=False)
     kernel = tuple(weight.shape[2:])
+    if 0 in kernel:
+        raise ValueError(f"weight has an empty kernel {kernel}")
     pad = _padding(padding, kernel, dil)
     if pad == "same":
         out_spatial = tuple(x.shape[2:])
