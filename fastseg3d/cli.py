@@ -14,6 +14,12 @@ from pathlib import Path
 __all__ = ["main"]
 
 
+def _error(message) -> int:
+    """A usage error in one line on stderr; exit code 2, as argparse's."""
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
 def _config(load_config, config: str, overrides: list[str]):
     """The resolved config, or None after a one-line error (an unknown key, a bad value or file)."""
     try:
@@ -25,6 +31,7 @@ def _config(load_config, config: str, overrides: list[str]):
 
 def _train(args: argparse.Namespace) -> int:
     from fastseg3d.train import NonFiniteLossError, Trainer, load_config
+    from fastseg3d.train.trainer import SetupError
 
     overrides = list(args.overrides)
     for flag, key in ((args.amp, "train.amp"), (args.device, "device"), (args.seed, "seed"),
@@ -38,7 +45,10 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _config(load_config, args.config, overrides)
     if cfg is None:
         return 2
-    trainer = Trainer(cfg, args.output_dir, resume=args.resume)
+    try:
+        trainer = Trainer(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
+    except SetupError as err:
+        return _error(err)
     if trainer.is_main:
         print(f"run directory: {trainer.run_dir}")
     try:
@@ -75,7 +85,18 @@ def _foreground(trainer) -> list[str]:
 
 def _eval(args: argparse.Namespace) -> int:
     from fastseg3d.train.evaluate import evaluate_checkpoint
+    from fastseg3d.train.trainer import SetupError, resolve_device
 
+    # the usual mistakes, checked before the checkpoint and the data are loaded
+    if not Path(args.checkpoint).is_file():
+        return _error(f"checkpoint {args.checkpoint} does not exist")
+    if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
+        return _error(f"--data {args.data} is not a folder ('synthetic' or a Medical Segmentation Decathlon task "
+                      "folder)")
+    try:
+        resolve_device(args.device)
+    except SetupError as err:
+        return _error(err)
     val = {}
     if args.roi is not None:
         val["roi_size"] = args.roi
@@ -112,9 +133,12 @@ def _profile(args: argparse.Namespace) -> int:
     from fastseg3d.backends import backend
     from fastseg3d.train import load_config
 
-    if args.size is not None and len(args.size) not in (1, 3):
-        print(f"error: --size takes D H W or one side, got {args.size}", file=sys.stderr)
-        return 2
+    if args.size is not None:
+        # --size takes every token up to the next option: the key=value ones among them are overrides
+        args.overrides = [*args.overrides, *(t for t in args.size if isinstance(t, str))]
+        args.size = [t for t in args.size if isinstance(t, int)]
+        if len(args.size) not in (1, 3):
+            return _error(f"--size takes D H W or one side, got {args.size}")
     cfg = _config(load_config, args.config, list(args.overrides))
     if cfg is None:
         return 2
@@ -122,6 +146,17 @@ def _profile(args: argparse.Namespace) -> int:
     # plain norm chains that the benchmarks' plain networks run)
     with backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
         return _profile_config(args, cfg)
+
+
+def _size_token(token: str) -> int | str:
+    """A value of profile's ``--size``, or a key=value override written after it."""
+    if "=" in token:
+        return token
+    try:
+        return int(token)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{token!r} is neither a side (an integer) nor a key=value override"
+                                         ) from None
 
 
 def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
@@ -229,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
                                        "(e.g. optimizer.lr=3e-4 data.batch_size=4).")
     train.add_argument("--config", required=True, help="a YAML file, or a name in configs/ (e.g. quickstart)")
     train.add_argument("--output-dir", default=None, help="run directory (default: runs/<name>)")
-    train.add_argument("--resume", default=None, help="'auto' (the run directory's latest checkpoint) or a path")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", default=None, help="'auto' (the run directory's latest checkpoint) or a path")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a run directory that holds a run, removing its checkpoints, "
+                            "metrics.jsonl, curves.png, images/ and tb/ (without it, or --resume, such a directory "
+                            "is an error)")
     train.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None)
     train.add_argument("--device", default=None, help="auto, cpu, cuda")
     train.add_argument("--seed", type=int, default=None)
@@ -267,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="fp32, or the autocast dtype (default: the config's train.amp)")
     prof.add_argument("--batch", type=int, default=None,
                       help="default: data.batch_size (times data.num_samples for MSD crops)")
-    prof.add_argument("--size", type=int, nargs="+", default=None,
+    prof.add_argument("--size", type=_size_token, nargs="+", default=None,
                       help="D H W, or one side (default: data.spatial_size)")
     prof.add_argument("--max-memory", type=float, default=None,
                       help="GiB: also search the largest cube side whose estimate fits")

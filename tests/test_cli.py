@@ -100,6 +100,22 @@ def test_overrides_anywhere_and_config_errors_in_one_line(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_profile_overrides_after_size(capsys):
+    """--size takes one or three sides, and key=value tokens after it stay overrides (its nargs would take them)."""
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "quickstart", "--size", "32", "backend=torch", "data.batch_size=3"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "a training step on 3x4x32x32x32" in first and first.endswith("; backend torch")
+    assert main(["profile", "--config", "quickstart", "--size", "32", "64", "96", "data.batch_size=1"]) == 0
+    assert "a training step on 1x4x32x64x96" in capsys.readouterr().out
+    assert main(["profile", "--config", "quickstart", "--size", "data.batch_size=1"]) == 2
+    assert "--size takes D H W or one side, got []" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["profile", "--config", "quickstart", "--size", "big"])
+    assert "'big' is neither a side (an integer) nor a key=value override" in capsys.readouterr().err
+
+
 def test_profile_of_an_msd_config_without_its_folder_takes_the_networks_channels(capsys):
     from fastseg3d.cli import main
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from fastseg3d.data.msd import (
     build_msd_datasets,
     infer_modality,
+    label_names,
     load_msd_datalist,
     msd_transforms,
+    num_input_channels,
     num_output_channels,
     split_cases,
 )
@@ -18,8 +20,10 @@ __all__ = [
     "build_msd_datasets",
     "generate_case",
     "infer_modality",
+    "label_names",
     "load_msd_datalist",
     "msd_transforms",
+    "num_input_channels",
     "num_output_channels",
     "split_cases",
 ]

@@ -2,10 +2,14 @@
 
 A task folder is the MSD layout ``TaskXX_Name/{dataset.json, imagesTr/, labelsTr/}``; ``dataset.json`` lists the
 training cases with paths relative to its own folder (``"./imagesTr/x.nii.gz"``) and declares ``labels``
-(``{"0": "background", ...}``) and ``modality`` (``{"0": "FLAIR", ...}``). Multi-modal tasks (BraTS, Prostate)
-store the modalities as the last axis of a 4-D NIfTI, which :func:`msd_transforms` moves to the channel axis.
+(``{"0": "background", ...}``) and ``modality`` (``{"0": "FLAIR", ...}``). The nnU-Net v2 spelling of the same is
+read too: ``channel_names`` for ``modality`` and ``labels`` as ``{"background": 0, ...}`` (its region labels, lists
+of label values, are rejected). Multi-modal tasks (BraTS, Prostate) store the modalities as the last axis of a
+4-D NIfTI, which :func:`msd_transforms` moves to the channel axis; a case with another number of channels than
+``dataset.json`` declares is an error.
 
-Only :func:`load_msd_datalist`, :func:`split_cases` and :func:`infer_modality` work without MONAI; everything
+Only :func:`load_msd_datalist`, :func:`split_cases` and the ``dataset.json`` readers (:func:`infer_modality`,
+:func:`label_names`, :func:`num_input_channels`, :func:`num_output_channels`) work without MONAI; everything
 that builds transforms or datasets imports MONAI when called and raises ``ImportError`` naming
 ``pip install "fastseg3d[monai]"`` when it is missing. :class:`CheckCased` and :class:`ConvertMSDBratsRegionsd`
 subclass MONAI's ``MapTransform``, so they are defined on first access (and stay picklable for DataLoader workers).
@@ -43,8 +47,10 @@ __all__ = [
     "InvalidCaseError",
     "build_msd_datasets",
     "infer_modality",
+    "label_names",
     "load_msd_datalist",
     "msd_transforms",
+    "num_input_channels",
     "num_output_channels",
     "split_cases",
 ]
@@ -55,6 +61,8 @@ LABEL_MODES = ("labels", "brats_regions")
 # core, 3 enhancing); MONAI's ConvertToMultiChannelBasedOnBratsClassesd assumes the BraTS 1/2/4 coding instead.
 BRATS_REGIONS = ("TC", "WT", "ET")
 _BRATS_NUM_CLASSES = 4
+# Where dataset.json names the image channels: MSD's key, then nnU-Net v2's key for the same {"0": "CT", ...}.
+_CHANNEL_KEYS = ("modality", "channel_names")
 
 _MONAI_HINT = 'pip install "fastseg3d[monai]"'
 
@@ -91,7 +99,8 @@ def load_msd_datalist(root: str | os.PathLike) -> tuple[dict[str, Any], list[dic
 
     Raises:
         FileNotFoundError: the folder, ``dataset.json``, or a listed image or label file is missing.
-        ValueError: ``dataset.json`` is not valid JSON or has no usable ``training`` list.
+        ValueError: ``dataset.json`` is not valid JSON, has no usable ``training`` list, or its ``labels``,
+            ``modality`` or ``channel_names`` cannot be read (see :func:`label_names`, :func:`num_input_channels`).
 
     Example:
         >>> props, cases = load_msd_datalist("Task09_Spleen")  # doctest: +SKIP
@@ -111,6 +120,9 @@ def load_msd_datalist(root: str | os.PathLike) -> tuple[dict[str, Any], list[dic
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(meta, dict) or not isinstance(meta.get("training"), list) or not meta["training"]:
         raise ValueError(f"{path} has no non-empty 'training' list of {{'image': ..., 'label': ...}} entries")
+    # Now rather than when the first case loads, and with the file's path in the message.
+    label_names(meta, where=path)
+    _channel_names(meta, where=path)
 
     cases = []
     for i, entry in enumerate(meta["training"]):
@@ -150,29 +162,100 @@ def split_cases(cases: Sequence[Any], val_frac: float = 0.2, seed: int = 0) -> t
     return train, val
 
 
+def _indexed(mapping: Mapping, what: str) -> list[Any]:
+    """The values of a ``{"0": ..., "1": ...}`` mapping in index order; the keys must be exactly 0..N-1."""
+    try:
+        by_index = {int(k): v for k, v in mapping.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} keys must be integers 0..N-1, got {list(mapping)}") from None
+    if sorted(by_index) != list(range(len(mapping))):
+        raise ValueError(f"{what} keys must be 0..N-1, got {list(mapping)}")
+    return [by_index[i] for i in range(len(mapping))]
+
+
+def _channel_names(properties: Mapping[str, Any], where: str = "dataset.json") -> tuple[str, ...] | None:
+    """The image channels ``dataset.json`` declares, in channel order; ``None`` when it declares none."""
+    for key in _CHANNEL_KEYS:
+        if key not in properties:
+            continue
+        names = properties[key]
+        if isinstance(names, str):
+            return (names,)
+        if not isinstance(names, Mapping) or not names:
+            raise ValueError(f"{where}: {key!r} must map channel indices to names, like {{'0': 'CT'}}, got {names!r}")
+        return tuple(str(name) for name in _indexed(names, f"{where}: {key!r}"))
+    return None
+
+
 def infer_modality(properties: Mapping[str, Any]) -> str:
-    """``"CT"`` when ``dataset.json``'s ``modality`` names CT (MSD Liver, Lung, Pancreas, ...), else ``"MRI"``.
+    """``"CT"`` when a channel of ``dataset.json`` is named CT (MSD Liver, Lung, Pancreas, ...), else ``"MRI"``.
+
+    The channels are read from ``modality`` or, when it is absent, from nnU-Net v2's ``channel_names``.
 
     Example:
         >>> infer_modality({"modality": {"0": "CT"}}), infer_modality({"modality": {"0": "T2", "1": "ADC"}})
         ('CT', 'MRI')
+        >>> infer_modality({"channel_names": {"0": "CT"}})
+        'CT'
     """
-    modality = properties.get("modality", {})
-    values = modality.values() if isinstance(modality, Mapping) else [modality]
-    return "CT" if any(str(v).strip().upper() == "CT" for v in values) else "MRI"
+    names = _channel_names(properties) or ()
+    return "CT" if any(name.strip().upper() == "CT" for name in names) else "MRI"
+
+
+def num_input_channels(properties: Mapping[str, Any]) -> int:
+    """Image channels of the task: the entries of ``modality`` (or ``channel_names``), 1 when neither is given.
+
+    Example:
+        >>> num_input_channels({"modality": {"0": "FLAIR", "1": "T1w"}}), num_input_channels({})
+        (2, 1)
+    """
+    names = _channel_names(properties)
+    return 1 if names is None else len(names)
+
+
+def label_names(properties: Mapping[str, Any], where: str = "dataset.json") -> tuple[str, ...]:
+    """Class names in label-value order, from ``labels`` as MSD writes it or as nnU-Net v2 does.
+
+    MSD maps values to names (``{"0": "background", "1": "edema"}``), nnU-Net v2 names to values
+    (``{"background": 0, "edema": 1}``); either way the values must be 0..N-1. nnU-Net v2's regions (a name mapped
+    to a list of values) and its ``ignore`` label are rejected: fastseg3d trains one class per label value (BraTS'
+    nested regions are ``data.label_mode: brats_regions``).
+
+    Args:
+        properties: ``dataset.json``'s content.
+        where: how errors name the file.
+
+    Raises:
+        ValueError: ``labels`` is missing or in neither form, or has regions or an ``ignore`` label.
+
+    Example:
+        >>> label_names({"labels": {"0": "background", "1": "spleen"}})
+        ('background', 'spleen')
+        >>> label_names({"labels": {"background": 0, "edema": 1, "enhancing": 2}})
+        ('background', 'edema', 'enhancing')
+    """
+    labels = properties.get("labels")
+    if not isinstance(labels, Mapping) or not labels:
+        raise ValueError(f"{where} has no 'labels' mapping like {{'0': 'background', '1': ...}} "
+                         "(or nnU-Net v2's {'background': 0, ...})")
+    regions = {name: value for name, value in labels.items() if isinstance(value, (list, tuple))}
+    if regions:
+        raise ValueError(f"{where}: 'labels' has nnU-Net v2 regions (lists of label values) {regions}, which "
+                         "fastseg3d does not train: map each name to one label value (for BraTS' nested TC/WT/ET, "
+                         "use the label values with data.label_mode: brats_regions)")
+    if all(isinstance(value, int) and not isinstance(value, bool) for value in labels.values()):
+        if "ignore" in labels:
+            raise ValueError(f"{where}: 'labels' has nnU-Net v2's 'ignore' label (unannotated voxels), which "
+                             "fastseg3d does not support: annotate those voxels or relabel them as background")
+        if sorted(labels.values()) != list(range(len(labels))):
+            raise ValueError(f"{where}: 'labels' values must be 0..N-1, each once, got {dict(labels)}")
+        by_value = {value: name for name, value in labels.items()}
+        return tuple(str(by_value[i]) for i in range(len(labels)))
+    return tuple(str(name) for name in _indexed(labels, f"{where}: 'labels'"))
 
 
 def _num_classes(properties: Mapping[str, Any]) -> int:
-    labels = properties.get("labels")
-    if not isinstance(labels, Mapping) or not labels:
-        raise ValueError("dataset.json has no 'labels' mapping like {'0': 'background', '1': ...}")
-    try:
-        values = sorted(int(k) for k in labels)
-    except ValueError as err:
-        raise ValueError(f"dataset.json 'labels' keys must be integers, got {list(labels)}") from err
-    if values != list(range(len(values))):
-        raise ValueError(f"dataset.json 'labels' keys must be 0..N-1, got {values}")
-    return len(values)
+    return len(label_names(properties))
 
 
 def num_output_channels(properties: Mapping[str, Any], label_mode: str = "labels") -> int:
@@ -214,6 +297,7 @@ def _monai_classes() -> dict[str, type]:
         """Reject a loaded, channel-first case that would train silently wrong; the error names both files.
 
         Raises :class:`InvalidCaseError` (a ``ValueError``) when the image is not a (C, D, H, W) volume, when
+        it has other than ``num_channels`` channels (the ones ``dataset.json`` declares; ``None``: any), when
         the label is not one channel of the image's spatial shape, when a label value is not an integer in
         ``0..num_classes-1``, or when the image has NaN or inf. Put it right after ``EnsureChannelFirstd`` and
         before any resampling, so the shapes and values are the files' own.
@@ -223,11 +307,16 @@ def _monai_classes() -> dict[str, type]:
             >>> check({"image": image, "label": label})  # returns its input unchanged when the case is valid
         """
 
-        def __init__(self, num_classes: int, image_key: str = "image", label_key: str = "label") -> None:
+        def __init__(
+            self, num_classes: int, image_key: str = "image", label_key: str = "label", num_channels: int | None = None
+        ) -> None:
             super().__init__((image_key, label_key))
             if num_classes < 1:
                 raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            if num_channels is not None and num_channels < 1:
+                raise ValueError(f"num_channels must be >= 1, got {num_channels}")
             self.num_classes = num_classes
+            self.num_channels = num_channels
             self.image_key = image_key
             self.label_key = label_key
 
@@ -244,6 +333,12 @@ def _monai_classes() -> dict[str, type]:
             if image.ndim != 4:
                 raise InvalidCaseError(
                     f"{self._source(data)}: image must be a channel-first 3-D volume, got shape {tuple(image.shape)}"
+                )
+            if self.num_channels is not None and image.shape[0] != self.num_channels:
+                raise InvalidCaseError(
+                    f"{self._source(data)}: image has {image.shape[0]} channel(s) but dataset.json declares "
+                    f"{self.num_channels} ('modality' or 'channel_names'; MSD stores the channels of a multi-modal "
+                    "image as the last axis of a 4-D NIfTI)"
                 )
             if label.ndim != 4 or label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
                 raise InvalidCaseError(
@@ -323,6 +418,7 @@ def msd_transforms(
     spatial_size: Sequence[int] = (96, 96, 96),
     pixdim: Sequence[float] | float | None = None,
     num_classes: int,
+    in_channels: int | None = None,
     label_mode: str = "labels",
     ct_range: tuple[float, float] = (-175.0, 250.0),
     num_samples: int = 1,
@@ -353,6 +449,8 @@ def msd_transforms(
         pixdim: target voxel spacing in mm, or ``None`` to keep the files' spacing.
         num_classes: classes in the label files (``len(dataset.json["labels"])``); labels outside
             ``0..num_classes-1`` are an error. ``"brats_regions"`` needs the 4-class MSD BraTS coding.
+        in_channels: image channels (:func:`num_input_channels`); an image with another number is an error.
+            ``None`` takes any number.
         label_mode: ``"labels"`` (class indices) or ``"brats_regions"`` (see :class:`ConvertMSDBratsRegionsd`).
         ct_range: HU window mapped to [0, 1] for CT.
         num_samples: random crops per volume in ``"train"`` mode.
@@ -382,6 +480,8 @@ def msd_transforms(
     spatial_size = tuple(int(s) for s in spatial_size)
     if len(spatial_size) != 3 or min(spatial_size) < 1:
         raise ValueError(f"spatial_size must be 3 positive ints, got {spatial_size}")
+    if in_channels is not None and in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1 (or None), got {in_channels}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not ct_range[0] < ct_range[1]:
@@ -399,7 +499,7 @@ def msd_transforms(
     tf: list = [
         T.LoadImaged(keys, reader="NibabelReader", image_only=True),
         T.EnsureChannelFirstd(keys),
-        classes["CheckCased"](num_classes),
+        classes["CheckCased"](num_classes, num_channels=in_channels),
         # labels=None is the nibabel RAS convention in MONAI 1.5 and the new default in 1.6 (silences a warning).
         T.Orientationd(keys, axcodes="RAS", labels=None),
     ]
@@ -451,10 +551,10 @@ def build_msd_datasets(
 ) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """Train and val datasets of an MSD task folder, split by :func:`split_cases`, with :func:`msd_transforms`.
 
-    ``num_classes`` comes from ``dataset.json``'s ``labels`` and ``modality`` (when ``None``) from
-    :func:`infer_modality`; the network needs :func:`num_output_channels` outputs. With ``num_samples > 1``
-    a training item is a list of crops, so load it with
-    ``monai.data.DataLoader(train_ds, batch_size=B, collate_fn=monai.data.list_data_collate)``, which gives
+    ``num_classes`` comes from ``dataset.json``'s ``labels``, the image channels every case must have from
+    :func:`num_input_channels` and ``modality`` (when ``None``) from :func:`infer_modality`; the network needs
+    :func:`num_output_channels` outputs. With ``num_samples > 1`` a training item is a list of crops, so load it
+    with ``monai.data.DataLoader(train_ds, batch_size=B, collate_fn=monai.data.list_data_collate)``, which gives
     batches of ``B * num_samples`` crops (it also collates the ``num_samples=1`` dicts). Validation items are
     whole volumes of different sizes: use ``batch_size=1``. ``cache=True`` uses ``monai.data.CacheDataset``,
     which keeps every case after its last deterministic transform in memory.
@@ -478,6 +578,7 @@ def build_msd_datasets(
         "spatial_size": spatial_size,
         "pixdim": pixdim,
         "num_classes": num_classes,
+        "in_channels": num_input_channels(properties),
         "label_mode": label_mode,
     }
     train_tf = msd_transforms(

@@ -13,12 +13,13 @@ Example:
 from __future__ import annotations
 
 from fastseg3d.train.checkpoint import atomic_save, load_checkpoint, unwrap_model
-from fastseg3d.train.config import DEFAULTS, load_config, save_config
+from fastseg3d.train.config import DEFAULTS, SetupError, load_config, save_config
 from fastseg3d.train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "DEFAULTS",
     "NonFiniteLossError",
+    "SetupError",
     "Trainer",
     "atomic_save",
     "load_checkpoint",

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastseg3d.train.config import SetupError
+
 __all__ = [
     "MODELS",
     "DataBundle",
@@ -59,8 +61,16 @@ class DataBundle:
     collate: Any = None
 
 
-def build_data(cfg: Mapping) -> DataBundle:
-    """The datasets of ``cfg["data"]``: the embedded synthetic volumes or a Medical Segmentation Decathlon folder."""
+def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
+    """The datasets of ``cfg["data"]``: the embedded synthetic volumes or a Medical Segmentation Decathlon folder.
+
+    With ``training`` (the default) the sizes a run needs are checked here, before any epoch: at least one optimizer
+    step of training cases (``data.batch_size`` x ``train.grad_accumulation``) and, unless ``val.every`` is 0, at
+    least one validation case. ``training=False`` (evaluation) skips those checks.
+
+    Raises:
+        ValueError: a bad data config, or (``training``) too few cases; the message names the keys to change.
+    """
     data = cfg["data"]
     label_mode = data["label_mode"]
     mode = output_mode(label_mode)
@@ -71,11 +81,14 @@ def build_data(cfg: Mapping) -> DataBundle:
                       cache=bool(data["cache"]))
         train = SyntheticSegmentation(data["num_train"], seed=data["train_seed"], augment=True, **common)
         val = SyntheticSegmentation(data["num_val"], seed=data["val_seed"], augment=False, **common)
+        if training:
+            _check_split_sizes(cfg, len(train), len(val), f"data.num_train={len(train)}, data.num_val={len(val)}",
+                               "raise data.num_train", "raise data.num_val")
         names = CLASS_NAMES if mode == "softmax" else _REGIONS
         return DataBundle(train, val, data["in_channels"], train.num_classes, mode, tuple(names))
     if data["name"] == "msd":
         if not data["root"]:
-            raise ValueError("data.root must name a Medical Segmentation Decathlon task folder for data.name=msd")
+            raise SetupError("data.root must name a Medical Segmentation Decathlon task folder for data.name=msd")
         from monai.data import list_data_collate
 
         from fastseg3d.data.msd import build_msd_datasets, infer_modality, load_msd_datalist
@@ -86,9 +99,29 @@ def build_data(cfg: Mapping) -> DataBundle:
             data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
             label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=cfg["seed"],
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"])
+        if training:
+            counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "
+                      f"for training, {len(val)} for validation (data.val_frac={data['val_frac']})")
+            _check_split_sizes(cfg, len(train), len(val), counts, "add cases to dataset.json or lower data.val_frac",
+                               "add cases to dataset.json (2 or more)")
         in_channels, names = _msd_channels(props, mode)
         return DataBundle(train, val, in_channels, len(names), mode, names, collate=list_data_collate)
-    raise ValueError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
+    raise SetupError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
+
+
+def _check_split_sizes(cfg: Mapping, num_train: int, num_val: int, counts: str, more_train: str,
+                       more_val: str) -> None:
+    """Too few cases fail here, not after an epoch without a batch or at a validation without cases; ``counts``
+    says where the numbers come from, ``more_train`` and ``more_val`` how to get more cases."""
+    batch, accum = int(cfg["data"]["batch_size"]), int(cfg["train"]["grad_accumulation"])
+    if num_train < batch * accum:
+        keys = "data.batch_size" + (" or train.grad_accumulation" if accum > 1 else "")
+        step = f"data.batch_size={batch}" + (f" x train.grad_accumulation={accum}" if accum > 1 else "")
+        raise SetupError(f"{counts}; one optimizer step needs {step} training cases: lower {keys}, or {more_train}")
+    every = int(cfg["val"]["every"])
+    if num_val == 0 and every > 0:
+        raise SetupError(f"{counts}; val.every={every} needs at least one validation case: {more_val}, or set "
+                         "val.every=0 to train without validation")
 
 
 def output_mode(label_mode: str) -> str:
@@ -98,19 +131,15 @@ def output_mode(label_mode: str) -> str:
         ValueError: any other label mode.
     """
     if label_mode not in ("labels", "brats_regions"):
-        raise ValueError(f"data.label_mode must be 'labels' or 'brats_regions', got {label_mode!r}")
+        raise SetupError(f"data.label_mode must be 'labels' or 'brats_regions', got {label_mode!r}")
     return "softmax" if label_mode == "labels" else "sigmoid"
 
 
 def _msd_channels(props: Mapping, mode: str) -> tuple[int, tuple[str, ...]]:
     """(input channels, class names) of an MSD task's ``dataset.json`` properties."""
-    if mode == "softmax":
-        labels = {int(k): v for k, v in props["labels"].items()}
-        names = tuple(labels[i] for i in sorted(labels))
-    else:
-        names = _REGIONS
-    modality_names = props.get("modality")
-    return (len(modality_names) if isinstance(modality_names, Mapping) and modality_names else 1), names
+    from fastseg3d.data.msd import label_names, num_input_channels
+
+    return num_input_channels(props), label_names(props) if mode == "softmax" else _REGIONS
 
 
 def data_channels(cfg: Mapping) -> tuple[int, int] | None:
@@ -134,13 +163,13 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
     """The network ``model_cfg["name"]`` with ``model_cfg["kwargs"]``; channels default to the data's."""
     name = model_cfg["name"]
     if name not in MODELS:
-        raise ValueError(f"model.name must be one of {MODELS}, got {name!r}")
+        raise SetupError(f"model.name must be one of {MODELS}, got {name!r}")
     kwargs = dict(model_cfg.get("kwargs") or {})
     for key, value in (("in_channels", in_channels), ("out_channels", out_channels)):
         if value is None:
             continue
         if key in kwargs and kwargs[key] != value:
-            raise ValueError(f"model.kwargs.{key}={kwargs[key]} but the data has {value}")
+            raise SetupError(f"model.kwargs.{key}={kwargs[key]} but the data has {value}")
         kwargs[key] = value
     for key, value in kwargs.items():
         if isinstance(value, list):
@@ -169,11 +198,11 @@ class Objective(nn.Module):
 
         name, distill = loss_cfg["name"], loss_cfg["distill"]
         if mode == "sigmoid" and not loss_cfg["include_background"]:
-            raise ValueError("loss.include_background=false with sigmoid regions would drop the first region (TC): "
+            raise SetupError("loss.include_background=false with sigmoid regions would drop the first region (TC): "
                              "every region is foreground, keep it true")
         common = dict(include_background=loss_cfg["include_background"], sigmoid=True)
         if name not in ("dice", "dice_ce"):
-            raise ValueError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
+            raise SetupError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
         if mode == "softmax":
             # MONAI's DiceCE (Dice alone: lambda_ce = 0) on label maps, keeping only the logits and the label for
             # backward; it takes half-precision logits as they are, where MONAI's losses compute in their input's
@@ -195,7 +224,7 @@ class Objective(nn.Module):
             from fastseg3d.losses import DSDLoss
 
             if mode != "softmax":
-                raise ValueError("loss.distill=dsd needs label maps (data.label_mode=labels): DSD's KL is a softmax")
+                raise SetupError("loss.distill=dsd needs label maps (data.label_mode=labels): DSD's KL is a softmax")
             self.distill = DSDLoss(num_classes, include_background=loss_cfg["include_background"],
                                    lambda_dice=loss_cfg["lambda_dice"], lambda_ce=loss_cfg["lambda_ce"], **kwargs)
         elif distill == "selfreg":
@@ -208,7 +237,7 @@ class Objective(nn.Module):
 
             self.distill = MISSUDistillLoss(**kwargs)
         else:
-            raise ValueError(f"loss.distill must be none, dsd, selfreg or missu, got {distill!r}")
+            raise SetupError(f"loss.distill must be none, dsd, selfreg or missu, got {distill!r}")
 
     @staticmethod
     def logits(output) -> torch.Tensor:
@@ -245,7 +274,7 @@ def build_objective(cfg: Mapping, mode: str, num_classes: int) -> Objective:
     distill, model = cfg["loss"]["distill"], cfg["model"]["name"]
     expected = _DISTILL_FOR.get(model, "none")
     if distill != expected and not (model == "missu" and distill == "none"):
-        raise ValueError(f"loss.distill={distill!r} does not fit model.name={model!r} (its training output is made "
+        raise SetupError(f"loss.distill={distill!r} does not fit model.name={model!r} (its training output is made "
                          f"for loss.distill={expected!r})")
     return Objective(cfg["loss"], mode, num_classes)
 
@@ -261,7 +290,7 @@ def build_optimizer(params, opt_cfg: Mapping) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=opt_cfg["momentum"],
                                nesterov=opt_cfg["nesterov"])
-    raise ValueError(f"optimizer.name must be adamw, adam or sgd, got {name!r}")
+    raise SetupError(f"optimizer.name must be adamw, adam or sgd, got {name!r}")
 
 
 def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
@@ -270,7 +299,7 @@ def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
     warmup = int(sched_cfg["warmup"])
     floor = float(sched_cfg["min_lr"]) / base_lr if base_lr > 0 else 0.0
     if name not in ("constant", "warmup_cosine", "warmup_cosine_restarts", "poly", "step"):
-        raise ValueError("scheduler.name must be constant, warmup_cosine, warmup_cosine_restarts, poly or step, got "
+        raise SetupError("scheduler.name must be constant, warmup_cosine, warmup_cosine_restarts, poly or step, got "
                          f"{name!r}")
 
     def factor(t: int) -> float:
@@ -295,7 +324,7 @@ def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
 def build_scheduler(optimizer: torch.optim.Optimizer, sched_cfg: Mapping, total: int):
     """A ``LambdaLR`` over ``total`` intervals (steps or epochs, as ``sched_cfg["interval"]`` says)."""
     if sched_cfg["interval"] not in ("step", "epoch"):
-        raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {sched_cfg['interval']!r}")
+        raise SetupError(f"scheduler.interval must be 'step' or 'epoch', got {sched_cfg['interval']!r}")
     factor = schedule_factor(sched_cfg, optimizer.param_groups[0]["lr"], total)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -2,8 +2,8 @@
 
 The dictionary follows nnU-Net's keys (``network_weights`` unwrapped from DDP and ``torch.compile``,
 ``optimizer_state``, ``grad_scaler_state``) plus ``scheduler_state``, ``rng_state``, ``step``, ``epoch``,
-``best_metric``, ``config``, ``model`` (name and constructor arguments, enough to rebuild the network) and
-``fastseg3d_version``.
+``best_metric``, ``val_pending`` (written before the epoch's validation, which was due), ``config``, ``model`` (name
+and constructor arguments, enough to rebuild the network) and ``fastseg3d_version``.
 """
 
 from __future__ import annotations

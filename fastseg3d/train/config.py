@@ -3,7 +3,10 @@
 A config is a nested dictionary with the sections below (every key has a default, so a YAML file states only what
 differs). ``load_config`` merges a file over :data:`DEFAULTS`, applies command-line overrides such as
 ``optimizer.lr=3e-4`` or ``data.spatial_size=[96,96,96]`` (values parsed as YAML), and rejects unknown keys, so a typo
-fails at once instead of being ignored for a whole run. The resolved config is saved in the run directory.
+fails at once instead of being ignored for a whole run. Values are checked against their default's type (a boolean
+takes YAML's true/false only, a list its length and element type; :data:`_TYPES` gives the types of the keys whose
+default is null) and against the value ranges of :data:`_RANGES`. The sizes and spacings of :data:`_PER_AXIS` take a
+single number for all three axes (``data.spatial_size=96``). The resolved config is saved in the run directory.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULTS", "find_config", "load_config", "merge", "parse_overrides", "save_config"]
+__all__ = ["DEFAULTS", "SetupError", "find_config", "load_config", "merge", "parse_overrides", "save_config"]
+
+
+class SetupError(ValueError):
+    """A run cannot start as asked, for a mistake seen before training starts: a config that does not fit the data
+    or itself, a run folder that holds another run, a checkpoint or data folder that does not exist, a device torch
+    does not see. The command line reports it in one line."""
+
 
 DEFAULTS: dict[str, Any] = {
     "name": "run",
@@ -141,18 +151,131 @@ def merge(base: Mapping, update: Mapping, path: str = "") -> dict:
     return out
 
 
+# The values a key takes when its default does not show them, as prototypes checked like defaults (None: null).
+_TYPES: dict[str, tuple[Any, ...]] = {
+    "backend": (None, ""),
+    "output_dir": (None, ""),
+    "data.root": (None, ""),
+    "data.modality": (None, ""),
+    "data.pixdim": (None, [1.0, 1.0, 1.0]),
+    "train.max_steps": (None, 1),
+    "train.grad_clip": (None, 1.0),
+    "train.progress": ("auto", True),
+    "val.roi_size": (None, [1, 1, 1]),
+    "val.max_cases": (None, 1),
+}
+# One value per spatial axis: a single number stands for all three.
+_PER_AXIS = ("data.spatial_size", "data.pixdim", "val.roi_size")
+# Intervals of the numbers (each element of a list) that a key takes.
+_RANGES: dict[str, str] = {
+    "data.spatial_size": "[1, inf)",
+    "data.batch_size": "[1, inf)",
+    "data.num_workers": "[0, inf)",
+    "data.in_channels": "[1, inf)",
+    "data.num_train": "[1, inf)",
+    "data.num_val": "[1, inf)",
+    "data.pixdim": "(0, inf)",
+    "data.num_samples": "[1, inf)",
+    "data.val_frac": "(0, 1)",
+    "data.flip_prob": "[0, 1]",
+    "data.intensity_jitter": "[0, inf)",
+    "loss.lambda_dice": "[0, inf)",
+    "loss.lambda_ce": "[0, inf)",
+    "optimizer.lr": "(0, inf)",
+    "optimizer.weight_decay": "[0, inf)",
+    "optimizer.betas": "[0, 1)",
+    "optimizer.momentum": "[0, inf)",
+    "scheduler.warmup": "[0, inf)",
+    "scheduler.min_lr": "[0, inf)",
+    "scheduler.restart_period": "[1, inf)",
+    "scheduler.power": "[0, inf)",
+    "scheduler.step_size": "[1, inf)",
+    "scheduler.gamma": "(0, inf)",
+    "train.epochs": "[1, inf)",
+    "train.max_steps": "[1, inf)",
+    "train.grad_clip": "(0, inf]",
+    "train.grad_accumulation": "[1, inf)",
+    "train.dist_timeout_minutes": "(0, inf)",
+    "train.log_every": "[1, inf)",
+    "val.every": "[0, inf)",
+    "val.roi_size": "[1, inf)",
+    "val.overlap": "[0, 1)",
+    "val.sw_batch_size": "[1, inf)",
+    "val.max_cases": "[1, inf)",
+    "val.num_images": "[0, inf)",
+    "checkpoint.save_every": "[1, inf)",
+}
+_MISMATCH = object()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _describe(proto: Any, dotted: str) -> str:
+    if proto is None:
+        return "null"
+    if isinstance(proto, bool):
+        return "true or false"
+    if isinstance(proto, int):
+        return "an integer"
+    if isinstance(proto, float):
+        return "a number"
+    if isinstance(proto, str):
+        return "a string"
+    kind = "integers" if isinstance(proto[0], int) else "numbers"
+    return f"a list of {len(proto)} {kind}" + (f" (or {_describe(proto[0], dotted)} for all)" if dotted in _PER_AXIS
+                                               else "")
+
+
+def _converted(proto: Any, value: Any, dotted: str) -> Any:
+    """``value`` as the type of ``proto`` (integers from integral floats, floats from integers, lists from tuples),
+    or ``_MISMATCH``."""
+    if proto is None:
+        return None if value is None else _MISMATCH
+    if isinstance(proto, bool):
+        return value if isinstance(value, bool) else _MISMATCH
+    if isinstance(proto, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) and not isinstance(value, bool) else _MISMATCH
+    if isinstance(proto, float):
+        return float(value) if _is_number(value) else _MISMATCH
+    if isinstance(proto, str):
+        return value if isinstance(value, str) else _MISMATCH
+    if dotted in _PER_AXIS and _is_number(value):
+        value = [value] * len(proto)
+    if not isinstance(value, (list, tuple)) or len(value) != len(proto):
+        return _MISMATCH
+    items = [_converted(p, v, dotted) for p, v in zip(proto, value)]
+    return _MISMATCH if any(item is _MISMATCH for item in items) else items
+
+
+def _in_range(value: float, interval: str) -> bool:
+    low, high = (float(bound) for bound in interval[1:-1].split(", "))
+    above = value >= low if interval[0] == "[" else value > low
+    return above and (value <= high if interval[-1] == "]" else value < high)
+
+
 def _typed(default: Any, value: Any, dotted: str) -> Any:
-    """``value`` checked against the default's type: numbers stay numbers, integer keys take integers only."""
-    number = isinstance(default, (int, float)) and not isinstance(default, bool)
-    if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ValueError(f"config key {dotted!r} must be a number, got {value!r}")
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if not value.is_integer():
-            raise ValueError(f"config key {dotted!r} must be an integer, got {value!r}")
-        value = int(value)
-    elif isinstance(default, float) and isinstance(value, int):
-        value = float(value)
-    return copy.deepcopy(value)
+    """``value`` checked against the type of ``default`` (or the key's :data:`_TYPES`) and the key's
+    :data:`_RANGES`; ``ValueError`` naming the key when it does not fit."""
+    protos = _TYPES.get(dotted, (default,))
+    for proto in protos:
+        converted = _converted(proto, value, dotted)
+        if converted is not _MISMATCH:
+            break
+    else:
+        kinds = " or ".join(_describe(proto, dotted) for proto in protos)
+        raise ValueError(f"config key {dotted!r} must be {kinds}, got {value!r}")
+    interval = _RANGES.get(dotted)
+    numbers = converted if isinstance(converted, list) else [converted]
+    if interval and any(_is_number(x) and not _in_range(x, interval) for x in numbers):
+        low, high = interval[1:-1].split(", ")
+        bounds = f"{'>=' if interval[0] == '[' else '>'} {low}" if high == "inf" else f"in {interval}"
+        what = "values" if isinstance(converted, list) else "value"
+        raise ValueError(f"config key {dotted!r} {what} must be {bounds}, got {value!r}")
+    return copy.deepcopy(converted)
 
 
 def _yaml():

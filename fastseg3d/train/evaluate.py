@@ -21,7 +21,7 @@ logger = logging.getLogger("fastseg3d")
 
 def _eval_dataset(cfg: dict, split: str):
     """The validation split of the run's data, or (``split="all"``) every labelled case of an MSD folder."""
-    data = build_data(cfg)
+    data = build_data(cfg, training=False)
     if split == "val":
         return data, data.val
     if split != "all":

@@ -50,20 +50,25 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(self.path.parent / "tb"), **kwargs)
         return self.writer
 
+    def rows(self) -> list[dict]:
+        """The rows written so far."""
+        if not self.path.is_file():
+            return []
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by the crash being resumed from
+                continue
+        return rows
+
     def truncate_after(self, step: int) -> None:
         self.purge_step = step + 1
         if not self.path.is_file():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the crash being resumed from
-                continue
-            if row.get("step", 0) <= step:
-                keep.append(line)
+        keep = [row for row in self.rows() if row.get("step", 0) <= step]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
         os.replace(tmp, self.path)
 
     def log(self, row: dict) -> None:

@@ -38,10 +38,10 @@ from fastseg3d.train.checkpoint import (
     restore_rng_state,
     unwrap_model,
 )
-from fastseg3d.train.config import save_config
+from fastseg3d.train.config import SetupError, save_config
 from fastseg3d.train.logger import MetricsLogger, progress_bar
 
-__all__ = ["NonFiniteLossError", "Trainer", "resolve_device", "seed_everything"]
+__all__ = ["NonFiniteLossError", "SetupError", "Trainer", "resolve_device", "seed_everything"]
 
 logger = logging.getLogger("fastseg3d")
 
@@ -55,10 +55,13 @@ class NonFiniteLossError(RuntimeError):
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SetupError(f"device={name!r} is not auto, cpu, cuda or cuda:N") from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device=cuda was asked for but torch sees no CUDA device")
+            raise SetupError("device=cuda was asked for but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device
@@ -92,6 +95,35 @@ def _seed_worker(worker_id: int, rank: int) -> None:
         transform.set_random_state(seed=seed)
 
 
+def _absolute_root(cfg: Mapping) -> Mapping:
+    """``cfg`` with ``data.root`` made absolute, so that the saved config and checkpoints find the data from any
+    directory (``fastseg3d eval --checkpoint`` elsewhere)."""
+    root = cfg["data"]["root"]
+    return {**cfg, "data": {**cfg["data"], "root": os.path.abspath(root)}} if root else cfg
+
+
+def _flatten(cfg: Mapping, prefix: str = "") -> dict:
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}``."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _remove_run(run_dir: Path) -> None:
+    """What a run writes into its folder; anything else there (an ``eval/`` folder, notes) stays."""
+    import shutil
+
+    for pattern in ("checkpoint_*.pt", ".checkpoint_*.tmp", "metrics.jsonl*", "curves.png"):
+        for path in run_dir.glob(pattern):
+            path.unlink()
+    for folder in ("images", "tb"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
 def _world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without it."""
     return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
@@ -106,6 +138,8 @@ class Trainer:
         output_dir: the run directory (default ``cfg["output_dir"]`` or ``runs/<name>``).
         resume: ``None`` (start fresh), ``"auto"`` (``checkpoint_latest.pt`` of the run directory if it exists) or a
             checkpoint path.
+        overwrite: start over in a run directory that holds a run (checkpoints or ``metrics.jsonl``), removing
+            what that run wrote; without it (or ``resume``) such a directory raises :class:`SetupError`.
 
     Example:
         >>> from fastseg3d.train import Trainer, load_config
@@ -113,11 +147,15 @@ class Trainer:
         >>> Trainer(cfg, "runs/try").fit()  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: Mapping, output_dir: str | os.PathLike | None = None, resume: str | None = None) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Mapping, output_dir: str | os.PathLike | None = None, resume: str | None = None,
+                 overwrite: bool = False) -> None:
+        self.cfg = cfg = _absolute_root(cfg)
         self.rank, self.local_rank, self.world = _world()
         self.distributed = self.world > 1
+        self.is_main = self.rank == 0
         self.device = resolve_device(cfg["device"], self.local_rank)
+        self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
+        resume_path = self._check_start(resume, overwrite)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         # a process group that the caller made stays the caller's (the CLI ends only its own workers at once)
@@ -126,11 +164,6 @@ class Trainer:
             # Validation runs on rank 0 while the others wait at a barrier: allow it the time it needs.
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=float(cfg["train"]["dist_timeout_minutes"])))
-        self.is_main = self.rank == 0
-        self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
 
         seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
         self.data = build_data(cfg)
@@ -182,9 +215,49 @@ class Trainer:
         self.step = 0
         self.start_epoch = 0
         self.best_metric = -math.inf
+        self.val_pending = False  # the resumed checkpoint's epoch still needs its validation
         self.metrics = MetricsLogger(self.run_dir) if self.is_main else None
+        if resume_path is not None:
+            self._resume(resume_path)
+        elif resume == "auto" and self.metrics is not None:
+            self.metrics.truncate_after(0)  # the rows of a run that never wrote a checkpoint: every row is past step 0
+        if self.is_main:
+            # Only now that the network is built and the checkpoint loaded: a start or resume that fails leaves the
+            # folder's run (and its config.yaml) as it was.
+            if overwrite:
+                _remove_run(self.run_dir)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+    def _check_start(self, resume: str | None, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from, after checks for the usual mistakes, before anything is built, written or
+        waited for: under torchrun every process makes them and stops at once."""
+        if resume is not None and overwrite:
+            raise SetupError("resume and overwrite exclude each other")
+        data = self.cfg["data"]
+        if data["name"] == "msd":
+            if not data["root"]:
+                raise SetupError("data.name=msd needs data.root=<a Medical Segmentation Decathlon task folder>")
+            if not os.path.isfile(os.path.join(data["root"], "dataset.json")):
+                problem = "has no dataset.json" if os.path.isdir(data["root"]) else "does not exist"
+                raise SetupError(f"data.root={data['root']} {problem}; it must be a Medical Segmentation Decathlon "
+                                 "task folder")
+        if resume == "auto":
+            path = self.run_dir / "checkpoint_latest.pt"
+            if path.is_file():
+                return path
+            logger.info("resume=auto: no %s yet, starting fresh", path)
+            return None
         if resume is not None:
-            self._resume(resume)
+            if not Path(resume).is_file():
+                raise SetupError(f"resume checkpoint {resume} does not exist")
+            return Path(resume)
+        held = sorted(p.name for p in self.run_dir.glob("checkpoint_*.pt"))
+        held += ["metrics.jsonl"] if (self.run_dir / "metrics.jsonl").is_file() else []
+        if held and not overwrite:
+            raise SetupError(f"{self.run_dir} holds a run ({', '.join(held)}): pass --resume auto to continue it, "
+                             "--overwrite to start over (removing its checkpoints, metrics and images), or another "
+                             "--output-dir")
+        return None
 
     # ----------------------------------------------------------------------------------------------- data
     def _loader(self) -> torch.utils.data.DataLoader:
@@ -213,7 +286,7 @@ class Trainer:
         return image, label
 
     # ----------------------------------------------------------------------------------------------- checkpoints
-    def _checkpoint(self, epoch: int) -> dict:
+    def _checkpoint(self, epoch: int, val_pending: bool = False) -> dict:
         return {
             "network_weights": unwrap_model(self.model).state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -223,6 +296,7 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "best_metric": self.best_metric,
+            "val_pending": val_pending,
             "config": dict(self.cfg),
             "model": {"name": self.cfg["model"]["name"], "kwargs": self._model_kwargs()},
             "fastseg3d_version": _version(),
@@ -234,18 +308,36 @@ class Trainer:
         kwargs.setdefault("out_channels", self.data.out_channels)
         return kwargs
 
-    def save(self, kind: str, epoch: int) -> Path:
+    def save(self, kind: str, epoch: int, val_pending: bool = False) -> Path:
         path = self.run_dir / f"checkpoint_{kind}.pt"
         if self.is_main:
-            atomic_save(self._checkpoint(epoch), path)
+            atomic_save(self._checkpoint(epoch, val_pending), path)
         return path
 
-    def _resume(self, resume: str) -> None:
-        path = self.run_dir / "checkpoint_latest.pt" if resume == "auto" else Path(resume)
-        if resume == "auto" and not path.is_file():
-            logger.info("resume=auto: no %s yet, starting fresh", path)
-            return
+    def _compare_config(self, saved: Mapping, path: Path) -> None:
+        """Log where this config differs from the checkpoint's: resume is exact only with the same config, though a
+        longer or shorter run (``train.epochs``, ``train.max_steps``) is an expected change."""
+        missing = object()
+        old, new = _flatten(saved), _flatten(self.cfg)
+        changed = {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(old.keys() | new.keys())
+                   if old.get(key, missing) != new.get(key, missing)}
+
+        def describe(keys):
+            return ", ".join(f"{key} " + " -> ".join("unset" if v is missing else repr(v) for v in changed[key])
+                             for key in keys)
+
+        length = [key for key in changed if key in ("train.epochs", "train.max_steps")]
+        others = [key for key in changed if key not in length]
+        if length:
+            logger.info("resuming %s with %s", path, describe(length))
+        if others:
+            logger.warning("the config differs from that of %s in %s; resume is exact only with the checkpoint's "
+                           "config", path, describe(others))
+
+    def _resume(self, path: Path) -> None:
         ckpt = load_checkpoint(path)
+        if self.is_main and ckpt.get("config"):
+            self._compare_config(ckpt["config"], path)
         unwrap_model(self.model).load_state_dict(ckpt["network_weights"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
@@ -260,6 +352,11 @@ class Trainer:
             self.best_metric = max(self.best_metric, float(load_checkpoint(best)["best_metric"]))
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
+            # Checkpoints are written before their epoch's validation: its val row says whether it finished (and
+            # val.every=0 is the way to resume past a validation that keeps failing).
+            self.val_pending = bool(ckpt.get("val_pending")) and int(self.cfg["val"]["every"]) > 0 and not any(
+                row.get("split") == "val" and row.get("step") == self.step and row.get("epoch") == int(ckpt["epoch"])
+                for row in self.metrics.rows())
         logger.info("resumed from %s at epoch %d, step %d", path, self.start_epoch, self.step)
 
     # ----------------------------------------------------------------------------------------------- steps
@@ -363,6 +460,15 @@ class Trainer:
     @torch.no_grad()
     def validate(self, epoch: int) -> dict:
         """Sliding-window inference over the validation set (main process); loss, Dice (and HD95) per class."""
+        # The latest checkpoint holds the RNG states from before validation: whatever validation draws must not
+        # reach the training that follows, or a resumed run would differ from an uninterrupted one.
+        rng = capture_rng_state()
+        try:
+            return self._validate(epoch)
+        finally:
+            restore_rng_state(rng)
+
+    def _validate(self, epoch: int) -> dict:
         from fastseg3d.train.inference import MetricAccumulator, labels_from_prediction, predict_case
         from fastseg3d.train.plots import plot_slices
 
@@ -399,12 +505,14 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict:
-        from fastseg3d.train.plots import plot_curves
-
         last: dict = {}
         vcfg, ccfg = self.cfg["val"], self.cfg["checkpoint"]
         epoch = self.start_epoch - 1
         try:
+            if self.val_pending:
+                # The checkpoint resumed from was written before its epoch's validation, which did not finish. Only
+                # the main process validates, with no collective, so the others wait in the next epoch's first one.
+                last = self._validation(epoch)
             for epoch in range(self.start_epoch, self.epochs):
                 if self.max_steps is not None and self.step >= int(self.max_steps):
                     epoch -= 1  # a run resumed after reaching max_steps has nothing left to train
@@ -412,18 +520,12 @@ class Trainer:
                 more = self.train_epoch(epoch)
                 final = not more or epoch == self.epochs - 1
                 val_due = int(vcfg["every"]) > 0 and ((epoch + 1) % int(vcfg["every"]) == 0 or final)
-                if val_due and self.is_main:
-                    last = self.validate(epoch)
-                    self.metrics.log({"step": self.step, "epoch": epoch, "split": "val", **last})
-                    logger.info("epoch %d step %d: val loss %.4f, dice %s", epoch, self.step, last["loss"],
-                                "n/a" if last["dice"] is None else f"{last['dice']:.4f}")
-                    if last["dice"] is not None and last["dice"] > self.best_metric:
-                        self.best_metric = last["dice"]
-                        self.save("best", epoch)
-                    names = self.data.class_names[0 if self.data.mode == "sigmoid" else 1:]
-                    plot_curves(self.metrics.path, self.run_dir / "curves.png", class_names=list(names))
                 if (epoch + 1) % int(ccfg["save_every"]) == 0 or final:
-                    self.save("latest", epoch)
+                    # Before validation, so that a crash in it (a bad case, the sliding window out of memory) keeps
+                    # the epoch's training; a run resumed from it validates first when the validation did not end.
+                    self.save("latest", epoch, val_pending=val_due)
+                if val_due and self.is_main:
+                    last = self._validation(epoch)
                 if self.distributed:
                     dist.barrier()
                 if not more:
@@ -433,6 +535,22 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         return last
+
+    def _validation(self, epoch: int) -> dict:
+        """Validate, keep the best checkpoint, then log the val row and draw the curves (main process)."""
+        from fastseg3d.train.plots import plot_curves
+
+        result = self.validate(epoch)
+        if result["dice"] is not None and result["dice"] > self.best_metric:
+            self.best_metric = result["dice"]
+            self.save("best", epoch)
+        # The row after the best checkpoint: a resumed run takes the row as the sign that this validation is done.
+        self.metrics.log({"step": self.step, "epoch": epoch, "split": "val", **result})
+        logger.info("epoch %d step %d: val loss %.4f, dice %s", epoch, self.step, result["loss"],
+                    "n/a" if result["dice"] is None else f"{result['dice']:.4f}")
+        names = self.data.class_names[0 if self.data.mode == "sigmoid" else 1:]
+        plot_curves(self.metrics.path, self.run_dir / "curves.png", class_names=list(names))
+        return result
 
 
 def _version() -> str:

@@ -17,8 +17,10 @@ from fastseg3d.data import msd
 from fastseg3d.data.msd import (
     build_msd_datasets,
     infer_modality,
+    label_names,
     load_msd_datalist,
     msd_transforms,
+    num_input_channels,
     num_output_channels,
     split_cases,
 )
@@ -89,6 +91,17 @@ def _make_task(root, n_cases: int = 3, modality: dict | None = None, labels: dic
     return task
 
 
+def _rewrite_json(task: str, drop: tuple[str, ...] = (), **entries) -> None:
+    path = os.path.join(task, "dataset.json")
+    with open(path) as f:
+        meta = json.load(f)
+    for key in drop:
+        del meta[key]
+    meta.update(entries)
+    with open(path, "w") as f:
+        json.dump(meta, f)
+
+
 @pytest.fixture
 def task(tmp_path) -> str:
     return _make_task(str(tmp_path))
@@ -130,6 +143,46 @@ def test_infer_modality():
     assert infer_modality({"modality": {"0": "CT"}}) == "CT"
     assert infer_modality({"modality": {"0": "T2", "1": "ADC"}}) == "MRI"
     assert infer_modality({}) == "MRI"
+
+
+@pytest.mark.parametrize("props, modality, channels", [
+    ({"channel_names": {"0": "CT"}}, "CT", 1),
+    ({"channel_names": {"0": "T2", "1": "ADC"}}, "MRI", 2),
+    ({"modality": {"0": "FLAIR", "1": "T1w", "2": "T1gd"}, "channel_names": {"0": "CT"}}, "MRI", 3),  # modality first
+    ({"modality": "CT"}, "CT", 1),
+    ({}, "MRI", 1),
+])
+def test_channels_from_modality_or_channel_names(props, modality, channels):
+    assert infer_modality(props) == modality and num_input_channels(props) == channels
+
+
+@pytest.mark.parametrize("labels, names", [
+    ({"0": "background", "1": "edema", "2": "core"}, ("background", "edema", "core")),
+    ({"1": "edema", "0": "background"}, ("background", "edema")),
+    ({"background": 0, "edema": 1, "core": 2}, ("background", "edema", "core")),
+    ({"core": 2, "background": 0, "edema": 1}, ("background", "edema", "core")),
+])
+def test_label_names_msd_and_nnunet_v2_forms(labels, names):
+    assert label_names({"labels": labels}) == names
+    assert num_output_channels({"labels": labels}) == len(names)
+
+
+@pytest.mark.parametrize("entries, match", [
+    ({"labels": {"background": 0, "whole tumor": [1, 2, 3], "enhancing": 3}}, "regions"),
+    ({"labels": {"background": 0, "tumour": 1, "ignore": 2}}, "'ignore' label"),
+    ({"labels": {"0": "background", "2": "tumour"}}, "0..N-1"),
+    ({"labels": {"background": 0, "tumour": 2}}, "0..N-1"),
+    ({"labels": {"background": 0, "a": 1, "b": 1}}, "0..N-1"),
+    ({"labels": {"background": 0, "tumour": "1"}}, "integers"),
+    ({"labels": {}}, "no 'labels'"),
+    ({"channel_names": {"1": "CT"}}, "'channel_names' keys must be 0..N-1"),
+    ({"modality": ["T2", "ADC"]}, "'modality' must map channel indices"),
+])
+def test_unreadable_dataset_json_names_the_file(task, entries, match):
+    _rewrite_json(task, drop=("modality",) if "channel_names" in entries else (), **entries)
+    with pytest.raises(ValueError, match=match) as info:
+        load_msd_datalist(task)
+    assert os.path.join(task, "dataset.json") in str(info.value)
 
 
 def test_split_deterministic_and_disjoint():
@@ -250,6 +303,19 @@ def test_ct_normalisation_range(tmp_path):
     assert image.shape[1:] == (SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4)
 
 
+def test_nnunet_v2_ct_task_is_windowed_as_ct(tmp_path):
+    task = _make_task(str(tmp_path), modality={"0": "CT"}, labels={"0": "background", "1": "a", "2": "b", "3": "c"})
+    _rewrite_json(task, drop=("modality",), channel_names={"0": "CT"},
+                  labels={"background": 0, "a": 1, "b": 2, "c": 3})
+    train_ds, val_ds, props = build_msd_datasets(task, spatial_size=(8, 8, 8), val_frac=0.4)
+    assert infer_modality(props) == "CT" and num_output_channels(props) == 4
+    out = val_ds[0]
+    image = out["image"]
+    assert image.shape[0] == 1 and float(image.min()) == 0.0 and float(image.max()) == 1.0  # HU window, not z-score
+    torch.testing.assert_close(image[out["label"] == 1].unique(), torch.tensor([0.5]))  # 37.5 HU
+    assert train_ds[0]["image"].shape == (1, 8, 8, 8)
+
+
 def test_transforms_pickle(cases):
     tf = pickle.loads(pickle.dumps(msd_transforms("train", spatial_size=(8, 8, 8), num_classes=4)))
     assert tf(cases[0])["image"].shape == (2, 8, 8, 8)
@@ -264,6 +330,7 @@ def test_transforms_pickle(cases):
         ({"label_mode": "brats_regions", "num_classes": 3}, "num_classes=4"),
         ({"spatial_size": (8, 8)}, "spatial_size"),
         ({"num_samples": 0}, "num_samples"),
+        ({"in_channels": 0}, "in_channels"),
     ],
 )
 def test_transform_arguments_validated(kwargs, match):
@@ -329,6 +396,29 @@ def test_nan_image_names_files(cases):
     image[3, 3, 3, 1] = np.nan
     _break_case(cases[0], image=image)
     assert "NaN" in str(_case_error(cases[0]).value)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_channels_other_than_declared_name_files(cases, in_channels):
+    message = str(_case_error(cases[0], in_channels=in_channels).value)  # the fake cases have 2 channels
+    assert f"image has 2 channel(s) but dataset.json declares {in_channels}" in message
+
+
+def test_declared_channels_checked_on_a_3d_image(cases):
+    image = nib.load(cases[0]["image"]).get_fdata().astype(np.float32)[..., 0]
+    _break_case(cases[0], image=image)
+    assert "image has 1 channel(s) but dataset.json declares 2" in str(_case_error(cases[0], in_channels=2).value)
+    assert _val(cases[0], in_channels=1)["image"].shape[0] == 1
+
+
+def test_datasets_check_the_channels_dataset_json_declares(task):
+    _rewrite_json(task, modality={"0": "FLAIR"})
+    train_ds, val_ds, _ = build_msd_datasets(task, spatial_size=(8, 8, 8))
+    with pytest.raises(msd.InvalidCaseError, match="declares 1") as info:
+        train_ds[0]
+    assert train_ds.data[0]["image"] in str(info.value)
+    _rewrite_json(task, drop=("modality",), channel_names={"0": "FLAIR", "1": "T1w"})
+    assert build_msd_datasets(task, spatial_size=(8, 8, 8))[0][0]["image"].shape == (2, 8, 8, 8)
 
 
 def test_dataset_item_raises_case_error(task, cases):

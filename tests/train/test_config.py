@@ -1,0 +1,124 @@
+"""Config loading: every value checked against its key's type and range when the config is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("yaml")
+
+from fastseg3d.cli import main as cli_main  # noqa: E402
+from fastseg3d.train.config import _TYPES, DEFAULTS, load_config, merge, save_config  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _leaves(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and f"{prefix}{key}" not in ("model.kwargs", "loss.distill_kwargs"):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_every_null_default_declares_its_type():
+    # A key whose default is null would otherwise take nothing but null.
+    nulls = {key for key, value in _leaves(DEFAULTS).items() if value is None}
+    assert nulls == {key for key, protos in _TYPES.items() if None in protos}
+
+
+@pytest.mark.parametrize("override, match", [
+    ("deterministic=maybe", "'deterministic' must be true or false, got 'maybe'"),
+    ('data.cache="false"', "'data.cache' must be true or false, got 'false'"),
+    ("data.cache=1", "'data.cache' must be true or false"),
+    ("train.compile=yes please", "'train.compile' must be true or false"),
+    ("data.spatial_size=[32,32]", r"'data.spatial_size' must be a list of 3 integers \(or an integer for all\)"),
+    ("data.spatial_size=[32,32,32.5]", "'data.spatial_size' must be a list of 3 integers"),
+    ("data.spatial_size=abc", "'data.spatial_size' must be a list of 3 integers"),
+    ("data.spatial_size=[0,32,32]", "'data.spatial_size' values must be >= 1"),
+    ("optimizer.betas=0.9", "'optimizer.betas' must be a list of 2 numbers, got 0.9"),
+    ("optimizer.betas=[0.9,1.0]", r"'optimizer.betas' values must be in \[0, 1\)"),
+    ("val.roi_size=abc", "'val.roi_size' must be null or a list of 3 integers"),
+    ("val.roi_size=[32,32,-1]", "'val.roi_size' values must be >= 1"),
+    ("data.pixdim=[1.5,1.5]", "'data.pixdim' must be null or a list of 3 numbers"),
+    ("data.pixdim=0", "'data.pixdim' values must be > 0"),
+    ("train.grad_clip=abc", "'train.grad_clip' must be null or a number, got 'abc'"),
+    ("train.grad_clip=0", "'train.grad_clip' value must be > 0"),
+    ("train.max_steps=abc", "'train.max_steps' must be null or an integer"),
+    ("train.max_steps=1.5", "'train.max_steps' must be null or an integer"),
+    ("train.max_steps=0", "'train.max_steps' value must be >= 1"),
+    ("val.max_cases=true", "'val.max_cases' must be null or an integer"),
+    ("train.progress=1", "'train.progress' must be a string or true or false"),
+    ("data.root=[a]", "'data.root' must be null or a string"),
+    ("name=2024", "'name' must be a string"),
+    ("val.overlap=1.0", r"'val.overlap' value must be in \[0, 1\), got 1.0"),
+    ("val.overlap=-0.1", r"'val.overlap' value must be in \[0, 1\)"),
+    ("train.epochs=0", "'train.epochs' value must be >= 1"),
+    ("data.batch_size=0", "'data.batch_size' value must be >= 1"),
+    ("data.val_frac=1", r"'data.val_frac' value must be in \(0, 1\)"),
+    ("data.flip_prob=1.5", r"'data.flip_prob' value must be in \[0, 1\]"),
+    ("optimizer.lr=0", "'optimizer.lr' value must be > 0"),
+    ("optimizer.lr=.nan", "'optimizer.lr' value must be > 0, got nan"),
+    ("train.grad_accumulation=0", "'train.grad_accumulation' value must be >= 1"),
+    ("val.every=-1", "'val.every' value must be >= 0"),
+    ("checkpoint.save_every=0", "'checkpoint.save_every' value must be >= 1"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        load_config("quickstart", [override])
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("deterministic=true", "deterministic", True),
+    ("data.cache=no", "data.cache", False),  # a YAML boolean
+    ("data.spatial_size=32", "data.spatial_size", [32, 32, 32]),  # one side for all three axes
+    ("data.spatial_size=[32.0,16,16]", "data.spatial_size", [32, 16, 16]),
+    ("val.roi_size=48", "val.roi_size", [48, 48, 48]),
+    ("val.roi_size=null", "val.roi_size", None),
+    ("data.pixdim=1.5", "data.pixdim", [1.5, 1.5, 1.5]),
+    ("data.pixdim=[1,1,2]", "data.pixdim", [1.0, 1.0, 2.0]),
+    ("train.grad_clip=1", "train.grad_clip", 1.0),
+    ("train.max_steps=20.0", "train.max_steps", 20),
+    ("train.max_steps=null", "train.max_steps", None),
+    ("train.progress=false", "train.progress", False),
+    ("train.progress=auto", "train.progress", "auto"),
+    ("val.overlap=0", "val.overlap", 0.0),
+    ("val.every=0", "val.every", 0),
+    ("optimizer.lr=1e30", "optimizer.lr", 1e30),
+    ("backend=torch", "backend", "torch"),
+])
+def test_good_values_are_typed(override, key, value):
+    section, _, name = key.rpartition(".")
+    cfg = load_config("quickstart", [override])
+    got = cfg[section][name] if section else cfg[name]
+    assert got == value and type(got) is type(value)
+
+
+def test_file_values_are_checked_too(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  cache: 'false'\n")
+    with pytest.raises(ValueError, match="'data.cache' must be true or false"):
+        load_config(path)
+    path.write_text("train:\n  max_steps: 100\n")
+    assert load_config(path, ["train.max_steps=null"])["train"]["max_steps"] is None  # an override may unset it
+
+
+def test_merge_takes_tuples_as_lists():
+    cfg = merge(DEFAULTS, {"data": {"spatial_size": (32, 32, 32)}, "val": {"roi_size": (16, 16, 16)}})
+    assert cfg["data"]["spatial_size"] == [32, 32, 32] and cfg["val"]["roi_size"] == [16, 16, 16]
+
+
+def test_cli_reports_a_bad_value_in_one_line(capsys):
+    assert cli_main(["train", "--config", "quickstart", "val.overlap=1.0"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: config key 'val.overlap' value must be in [0, 1), got 1.0"

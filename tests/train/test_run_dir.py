@@ -1,0 +1,194 @@
+"""The run directory: a second run cannot replace a first one, a crash in validation keeps the epoch's training,
+config.yaml is written only once a run or resume has started, data.root is stored absolute, usage mistakes are
+one-line errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("monai")
+pytest.importorskip("yaml")
+
+from fastseg3d.cli import main as cli_main  # noqa: E402
+from fastseg3d.train import Trainer, load_checkpoint, load_config  # noqa: E402
+from tests.train.test_trainer import TINY_DATA, TINY_UNET  # noqa: E402
+
+ONE_EPOCH = ["--config", "quickstart", "--epochs", "1", *TINY_UNET, *TINY_DATA]
+
+
+def _rows(run: Path, split: str | None = None) -> list[dict]:
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in rows if split is None or r["split"] == split]
+
+
+def test_a_new_run_into_a_folder_that_holds_a_run_is_refused_unless_overwrite(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", *ONE_EPOCH, "--output-dir", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert {"checkpoint_best.pt", "metrics.jsonl", "config.yaml"} <= set(before)
+    capsys.readouterr()
+
+    # a changed config too: the refusal comes before config.yaml is touched
+    assert cli_main(["train", *ONE_EPOCH, "--output-dir", str(run), "optimizer.lr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run} holds a run (checkpoint_best.pt, ") and err.count("\n") == 1
+    assert "--resume auto" in err and "--overwrite" in err and "--output-dir" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse: the two exclude each other
+        cli_main(["train", *ONE_EPOCH, "--output-dir", str(run), "--resume", "auto", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+    (run / "notes.txt").write_text("mine")
+    (run / "tb").mkdir()
+    (run / "tb" / "events.old").write_text("old")
+    (run / "images" / "val_7.png").write_bytes(b"old")
+    assert cli_main(["train", *ONE_EPOCH, "--output-dir", str(run), "--overwrite", "val.every=0"]) == 0
+    # the old run's files are gone (no val rows, no best checkpoint, no images), what is not a run's stays
+    assert not (run / "checkpoint_best.pt").exists() and not (run / "images").exists()
+    assert not (run / "tb" / "events.old").exists() and (run / "notes.txt").read_text() == "mine"
+    assert [r["step"] for r in _rows(run)] == [1, 2] and not _rows(run, "val")
+    assert load_config(run / "config.yaml")["val"]["every"] == 0
+
+
+def test_resume_auto_without_a_checkpoint_starts_a_fresh_metrics_file(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # the rows of a run that never wrote a checkpoint (stopped in its first epoch)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 0, "split": "train", "loss": 9.0}) + "\n")
+    Trainer(load_config("quickstart", ["train.epochs=1", *TINY_UNET, *TINY_DATA, "val.every=0"]), run,
+            resume="auto").fit()
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == [1, 2] and 9.0 not in [r["loss"] for r in rows]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_a_crash_in_validation_keeps_the_epochs_training_and_the_resumed_run_validates_it(tmp_path,
+                                                                                          monkeypatch):
+    args = ["deterministic=true", "train.epochs=2", *TINY_UNET, *TINY_DATA, "val.num_images=0"]
+    _validate = Trainer._validate
+
+    def validate_drawing(self, epoch):
+        torch.rand(1)  # what validation draws must not reach the training (its checkpoint is from before it)
+        return _validate(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_validate", validate_drawing)
+    whole = tmp_path / "whole"
+    trainer = Trainer(load_config("quickstart", args), whole)
+    expected = trainer.fit()
+    state = torch.get_rng_state()
+    trainer.validate(1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+    part = tmp_path / "part"
+    validate = Trainer.validate
+
+    def crash_at(crash_epoch):
+        def validate_or_crash(self, epoch):
+            if epoch == crash_epoch:
+                raise _Interrupt
+            return validate(self, epoch)
+        return validate_or_crash
+
+    monkeypatch.setattr(Trainer, "validate", crash_at(0))
+    with pytest.raises(_Interrupt):
+        Trainer(load_config("quickstart", args), part).fit()
+    ckpt = load_checkpoint(part / "checkpoint_latest.pt")
+    assert ckpt["epoch"] == 0 and ckpt["step"] == 2 and ckpt["val_pending"]  # epoch 0's training is kept
+    # the resumed run validates epoch 0 first, then crashes in the last epoch's validation
+    monkeypatch.setattr(Trainer, "validate", crash_at(1))
+    with pytest.raises(_Interrupt):
+        Trainer(load_config("quickstart", args), part, resume="auto").fit()
+    assert load_checkpoint(part / "checkpoint_latest.pt")["epoch"] == 1
+    monkeypatch.setattr(Trainer, "validate", validate)
+    resumed = Trainer(load_config("quickstart", args), part, resume="auto")
+    assert resumed.val_pending
+    assert resumed.fit()["dice"] == expected["dice"]  # nothing left to train: the last validation alone
+
+    assert [r["loss"] for r in _rows(part, "train")] == [r["loss"] for r in _rows(whole, "train")]
+    assert [(r["epoch"], r["dice"]) for r in _rows(part, "val")] == [(r["epoch"], r["dice"])
+                                                                     for r in _rows(whole, "val")]
+    for kind in ("final", "best"):
+        a = load_checkpoint(whole / f"checkpoint_{kind}.pt")
+        b = load_checkpoint(part / f"checkpoint_{kind}.pt")
+        assert a["epoch"] == b["epoch"] and a["best_metric"] == b["best_metric"]
+        assert all(torch.equal(a["network_weights"][k], b["network_weights"][k]) for k in a["network_weights"])
+    # a resume after the validation finished does not repeat it
+    assert not Trainer(load_config("quickstart", [*args, "train.epochs=3"]), part, resume="auto").val_pending
+
+
+def test_a_failed_start_or_resume_leaves_the_run_and_a_changed_config_is_named(tmp_path, caplog):
+    args = ["train.epochs=1", *TINY_UNET, *TINY_DATA]
+    run = tmp_path / "run"
+    Trainer(load_config("quickstart", args), run).fit()
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+    with pytest.raises(ValueError, match="loss.distill='dsd' does not fit"):  # fails building, before removing
+        Trainer(load_config("quickstart", [*args, "loss.distill=dsd"]), run, overwrite=True)
+    bigger = [*args, "model.kwargs={spatial_dims: 3, channels: [8, 16, 32]}"]
+    with caplog.at_level(logging.INFO, logger="fastseg3d"), pytest.raises(RuntimeError, match="size mismatch"):
+        Trainer(load_config("quickstart", bigger), run, resume="auto")
+    assert "model.kwargs.channels [4, 8, 16] -> [8, 16, 32]" in caplog.text
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastseg3d"):
+        Trainer(load_config("quickstart", [*args, "train.epochs=2", "val.overlap=0.25"]), run, resume="auto")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "val.overlap 0.5 -> 0.25" in warnings[0] and "epochs" not in warnings[0]
+    assert "train.epochs 1 -> 2" in caplog.text
+    assert load_config(run / "config.yaml")["train"]["epochs"] == 2  # the resumed run's config
+
+
+def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
+    from tests.data.test_msd import _make_task
+
+    _make_task(str(tmp_path / "data"), n_cases=3)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    code = cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--max-steps", "1", *TINY_UNET,
+                     "data.name=msd", "data.root=data/Task01_Fake", "data.spatial_size=[16,16,16]",
+                     "data.batch_size=1", "val.roi_size=[16,16,16]", "val.num_images=0", "train.progress=false"])
+    assert code == 0
+    root = str(tmp_path / "data" / "Task01_Fake")
+    assert load_config(run / "config.yaml")["data"]["root"] == root
+    assert load_checkpoint(run / "checkpoint_final.pt")["config"]["data"]["root"] == root
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--no-hd95"]) == 0
+
+
+def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    def error(*argv):
+        assert cli_main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    run = str(tmp_path / "run")
+    assert "data.root=" in error("train", *ONE_EPOCH, "--output-dir", run, "data.name=msd")
+    assert f"data.root={tmp_path / 'nope'} does not exist" in error("train", *ONE_EPOCH, "--output-dir", run,
+                                                                    "data.name=msd", f"data.root={tmp_path}/nope")
+    assert f"data.root={tmp_path} has no dataset.json" in error("train", *ONE_EPOCH, "--output-dir", run,
+                                                                "data.name=msd", f"data.root={tmp_path}")
+    assert "resume checkpoint nope.pt does not exist" in error("train", *ONE_EPOCH, "--output-dir", run,
+                                                               "--resume", "nope.pt")
+    assert "device='gpu' is not" in error("train", *ONE_EPOCH, "--output-dir", run, "--device", "gpu")
+    ckpt = tmp_path / "some.pt"
+    ckpt.write_bytes(b"not read before the checks")
+    assert "checkpoint nope.pt does not exist" in error("eval", "--checkpoint", "nope.pt")
+    assert "--data /nope is not a folder" in error("eval", "--checkpoint", str(ckpt), "--data", "/nope")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "torch sees no CUDA device" in error("train", *ONE_EPOCH, "--output-dir", run, "--device", "cuda")
+    assert "torch sees no CUDA device" in error("eval", "--checkpoint", str(ckpt), "--device", "cuda")
+    assert not Path(run).exists()  # nothing was written
