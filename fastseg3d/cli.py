@@ -93,6 +93,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data not in (None, "synthetic") and not Path(args.data).is_dir():
         return _error(f"--data {args.data} is not a folder ('synthetic' or a Medical Segmentation Decathlon task "
                       "folder)")
+    if args.max_cases is not None and args.max_cases < 1:
+        return _error(f"--max-cases must be >= 1, got {args.max_cases}")
     try:
         resolve_device(args.device)
     except SetupError as err:
@@ -107,9 +109,15 @@ def _eval(args: argparse.Namespace) -> int:
         val["flip_tta"] = True
     val["hd95"] = not args.no_hd95
     out = args.output_dir or Path(args.checkpoint).resolve().parent / "eval"
-    result = evaluate_checkpoint(args.checkpoint, out, data=args.data, label_mode=args.label_mode, split=args.split,
-                                 val_overrides=val,
-                                 save_predictions=args.save_predictions, device=args.device)
+    try:
+        result = evaluate_checkpoint(args.checkpoint, out, data=args.data, label_mode=args.label_mode,
+                                     split=args.split, val_overrides=val, save_predictions=args.save_predictions,
+                                     device=args.device)
+    except SetupError as err:
+        return _error(err)
+    if args.split == "test":
+        print(f"{result['num_cases']} cases predicted into {result['predictions']}")
+        return 0
     names = result["class_names"]
     dice = "n/a" if result["dice"] is None else f"{result['dice']:.4f}"
     print(f"{result['num_cases']} cases: mean Dice {dice}"
@@ -282,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="evaluate a checkpoint (sliding window, Dice, HD95, NIfTI predictions)")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", default=None, help="'synthetic' or an MSD task folder (default: the run's data)")
-    ev.add_argument("--split", choices=["val", "all"], default="val")
+    ev.add_argument("--split", choices=["val", "all", "test"], default="val",
+                    help="val: the run's validation split; all: every labelled case of an MSD folder; test: its "
+                         "unlabelled cases (dataset.json's test list, else imagesTs/), predicted into NIfTI files")
     ev.add_argument("--label-mode", choices=["labels", "brats_regions"], default=None,
                     help="default: the run's (needed for converted checkpoints, which have no data config)")
     ev.add_argument("--output-dir", default=None, help="default: <checkpoint folder>/eval")

@@ -49,6 +49,7 @@ __all__ = [
     "infer_modality",
     "label_names",
     "load_msd_datalist",
+    "load_msd_test_list",
     "msd_transforms",
     "num_input_channels",
     "num_output_channels",
@@ -137,6 +138,36 @@ def load_msd_datalist(root: str | os.PathLike) -> tuple[dict[str, Any], list[dic
         cases.append(case)
     properties = {key: value for key, value in meta.items() if key != "training"}
     return properties, cases
+
+
+def load_msd_test_list(root: str | os.PathLike) -> list[dict[str, str]]:
+    """The unlabelled cases of an MSD task folder: ``dataset.json``'s ``test`` list (paths, or
+    ``{"image": path}`` entries, relative to the folder), or, where it has none (nnU-Net v2), every NIfTI in
+    ``imagesTs/``. One ``{"image": abs path, "name": file stem}`` per case.
+
+    Raises:
+        FileNotFoundError: a listed file is missing. ValueError: the folder lists no test case.
+    """
+    root = os.path.abspath(os.fspath(root))
+    path = os.path.join(root, "dataset.json")
+    with open(path, encoding="utf-8") as f:
+        listed = json.load(f).get("test") or []
+    images = []
+    for i, entry in enumerate(listed):
+        image = entry.get("image") if isinstance(entry, dict) else entry
+        if not isinstance(image, str):
+            raise ValueError(f"{path}: test entry {i} is not a path or an {{'image': str}} object: {entry!r}")
+        images.append(os.path.normpath(os.path.join(root, image)))
+    if not listed:
+        folder = os.path.join(root, "imagesTs")
+        if os.path.isdir(folder):
+            images = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith((".nii.gz", ".nii")))
+    if not images:
+        raise ValueError(f"{path} lists no test cases and {os.path.join(root, 'imagesTs')} holds no NIfTI files")
+    for i, image in enumerate(images):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image file of test entry {i} listed in {path} is missing: {image}")
+    return [{"image": image, "name": _case_name(image)} for image in images]
 
 
 def split_cases(cases: Sequence[Any], val_frac: float = 0.2, seed: int = 0) -> tuple[list[Any], list[Any]]:
@@ -322,14 +353,13 @@ def _monai_classes() -> dict[str, type]:
 
         def _source(self, data: Mapping[str, Any]) -> str:
             files = []
-            for key in (self.image_key, self.label_key):
+            for key in (k for k in (self.image_key, self.label_key) if k in data):
                 meta = getattr(data[key], "meta", {})
                 files.append(f"{key} {meta.get('filename_or_obj', data.get('name', '<in memory>'))}")
             return ", ".join(files)
 
         def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
             image = torch.as_tensor(data[self.image_key])
-            label = torch.as_tensor(data[self.label_key])
             if image.ndim != 4:
                 raise InvalidCaseError(
                     f"{self._source(data)}: image must be a channel-first 3-D volume, got shape {tuple(image.shape)}"
@@ -340,13 +370,16 @@ def _monai_classes() -> dict[str, type]:
                     f"{self.num_channels} ('modality' or 'channel_names'; MSD stores the channels of a multi-modal "
                     "image as the last axis of a 4-D NIfTI)"
                 )
+            if not torch.isfinite(image).all():
+                raise InvalidCaseError(f"{self._source(data)}: image has NaN or inf values")
+            if self.label_key not in data:  # an unlabelled case, to predict
+                return dict(data)
+            label = torch.as_tensor(data[self.label_key])
             if label.ndim != 4 or label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
                 raise InvalidCaseError(
                     f"{self._source(data)}: label shape {tuple(label.shape)} does not match image shape "
                     f"{tuple(image.shape)} (expected (1, *{tuple(image.shape[1:])}))"
                 )
-            if not torch.isfinite(image).all():
-                raise InvalidCaseError(f"{self._source(data)}: image has NaN or inf values")
             values = torch.unique(label)
             bad = values[(values < 0) | (values > self.num_classes - 1) | (values != values.round())]
             if bad.numel():
@@ -443,7 +476,7 @@ def msd_transforms(
     ``monai.transforms.Invertd`` can map a prediction back onto the file's grid.
 
     Args:
-        mode: ``"train"`` or ``"val"``.
+        mode: ``"train"``, ``"val"`` or ``"predict"`` (``"val"`` for cases without a label: keys ``image`` only).
         modality: ``"CT"`` or ``"MRI"`` (see :func:`infer_modality`).
         spatial_size: training crop size; volumes smaller than it are zero-padded first.
         pixdim: target voxel spacing in mm, or ``None`` to keep the files' spacing.
@@ -463,8 +496,8 @@ def msd_transforms(
         >>> sample["image"].shape, sample["label"].dtype  # doctest: +SKIP
         (torch.Size([1, 64, 64, 64]), torch.int64)
     """
-    if mode not in ("train", "val"):
-        raise ValueError(f"mode must be 'train' or 'val', got {mode!r}")
+    if mode not in ("train", "val", "predict"):
+        raise ValueError(f"mode must be 'train', 'val' or 'predict', got {mode!r}")
     modality = str(modality).upper()
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -495,7 +528,7 @@ def msd_transforms(
     classes = _monai_classes()
     from monai import transforms as T
 
-    keys = ("image", "label")
+    keys = ("image",) if mode == "predict" else ("image", "label")
     tf: list = [
         T.LoadImaged(keys, reader="NibabelReader", image_only=True),
         T.EnsureChannelFirstd(keys),
@@ -504,7 +537,7 @@ def msd_transforms(
         T.Orientationd(keys, axcodes="RAS", labels=None),
     ]
     if pixdim is not None:
-        tf.append(T.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")))
+        tf.append(T.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")[:len(keys)]))
     if modality == "CT":
         tf.append(
             T.ScaleIntensityRanged("image", a_min=ct_range[0], a_max=ct_range[1], b_min=0.0, b_max=1.0, clip=True)
@@ -526,12 +559,12 @@ def msd_transforms(
             T.RandScaleIntensityd("image", factors=intensity_jitter, prob=0.5),
             T.RandShiftIntensityd("image", offsets=intensity_jitter, prob=0.5),
         ]
-    if label_mode == "brats_regions":
-        tf.append(classes["ConvertMSDBratsRegionsd"]("label"))
-    tf += [
-        T.EnsureTyped("image", dtype=torch.float32, track_meta=True),
-        T.EnsureTyped("label", dtype=torch.int64 if label_mode == "labels" else torch.float32, track_meta=True),
-    ]
+    tf.append(T.EnsureTyped("image", dtype=torch.float32, track_meta=True))
+    if mode != "predict":
+        if label_mode == "brats_regions":
+            tf.append(classes["ConvertMSDBratsRegionsd"]("label"))
+        tf.append(T.EnsureTyped("label", dtype=torch.int64 if label_mode == "labels" else torch.float32,
+                                track_meta=True))
     return classes["_Pipeline"](tf)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from fastseg3d.train.builders import build_data, build_model
 from fastseg3d.train.checkpoint import load_checkpoint
+from fastseg3d.train.config import SetupError
 from fastseg3d.train.trainer import resolve_device
 
 __all__ = ["evaluate_checkpoint"]
@@ -20,23 +21,36 @@ logger = logging.getLogger("fastseg3d")
 
 
 def _eval_dataset(cfg: dict, split: str):
-    """The validation split of the run's data, or (``split="all"``) every labelled case of an MSD folder."""
+    """The validation split of the run's data, every labelled case of an MSD folder (``split="all"``) or its
+    unlabelled test cases (``split="test"``)."""
     data = build_data(cfg, training=False)
     if split == "val":
         return data, data.val
-    if split != "all":
-        raise ValueError(f"split must be 'val' or 'all', got {split!r}")
+    if split not in ("all", "test"):
+        raise SetupError(f"split must be 'val', 'all' or 'test', got {split!r}")
     if cfg["data"]["name"] != "msd":
-        raise ValueError("split='all' needs an MSD folder (--data DIR); synthetic data has only its validation set")
+        raise SetupError(f"split='{split}' needs an MSD folder (--data DIR); synthetic data has only its validation "
+                         "set")
     from monai.data import Dataset
 
-    from fastseg3d.data.msd import infer_modality, load_msd_datalist, msd_transforms, num_output_channels
+    from fastseg3d.data.msd import (
+        infer_modality,
+        load_msd_datalist,
+        load_msd_test_list,
+        msd_transforms,
+        num_input_channels,
+        num_output_channels,
+    )
 
     dcfg = cfg["data"]
     props, cases = load_msd_datalist(dcfg["root"])
-    transform = msd_transforms("val", modality=dcfg["modality"] or infer_modality(props),
+    if split == "test":
+        cases = load_msd_test_list(dcfg["root"])
+    transform = msd_transforms("predict" if split == "test" else "val",
+                               modality=dcfg["modality"] or infer_modality(props),
                                spatial_size=dcfg["spatial_size"], pixdim=dcfg["pixdim"],
-                               num_classes=num_output_channels(props, "labels"), label_mode=dcfg["label_mode"])
+                               num_classes=num_output_channels(props, "labels"), label_mode=dcfg["label_mode"],
+                               in_channels=num_input_channels(props))
     return data, Dataset(cases, transform)
 
 
@@ -73,13 +87,17 @@ def evaluate_checkpoint(
         data: ``"synthetic"`` or an MSD task folder; ``None`` keeps the checkpoint's data.
         label_mode: ``"labels"`` or ``"brats_regions"``; ``None`` keeps the checkpoint's (a converted checkpoint has
             no data config: give it here).
-        split: ``"val"`` (the run's validation split) or ``"all"`` (every labelled case of the MSD folder).
+        split: ``"val"`` (the run's validation split), ``"all"`` (every labelled case of the MSD folder) or
+            ``"test"`` (its unlabelled cases: ``dataset.json``'s ``test`` list, else ``imagesTs/``; predictions
+            only, always saved, and no metrics).
         val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``, ...).
         save_predictions: write the predicted label maps as NIfTI.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``num_cases``).
+        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``num_cases``, and
+        ``class_names``); for ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``,
+        also written as ``predictions.json`` in place of ``eval_metrics.json``.
     """
     from fastseg3d.train.config import DEFAULTS, merge
     from fastseg3d.train.inference import (
@@ -126,19 +144,25 @@ def evaluate_checkpoint(
         case = predict_case(model, item, roi, vcfg, bundle.mode, bundle.out_channels, dev)
         pred = case["pred"]
         name = item.get("name") or Path(str(item["image"].meta.get("filename_or_obj", f"case_{i}"))).name.split(".")[0]
-        row = acc.update(pred, case["target"], spacing=case["spacing"])
+        row = {} if split == "test" else acc.update(pred, case["target"], spacing=case["spacing"])
         cases.append({"case": name, **row})
-        if save_predictions:
+        if save_predictions or split == "test":
             labels = labels_from_prediction(pred, bundle.mode, regions=regions).cpu()
             affine = None
             if getattr(item["image"], "applied_operations", None) is not None:
                 labels, affine = _to_input_grid(labels, item["image"], dataset.transform)
             save_prediction_nifti(labels, affine, out / "predictions" / f"{name}.nii.gz")
-        logger.info("%s: dice %s", name, row["dice"])
-    result = acc.aggregate()
+        logger.info("%s: %s", name, "predicted" if split == "test" else f"dice {row['dice']}")
+    if split == "test":
+        result = {"num_cases": len(cases), "predictions": str(out / "predictions")}
+    elif not cases:
+        raise SetupError(f"no case to evaluate in split {split!r} (val.max_cases={vcfg['max_cases']})")
+    else:
+        result = acc.aggregate()
     result["class_names"] = [c for c in bundle.class_names][0 if bundle.mode == "sigmoid" else 1:]
-    tmp = out / "eval_metrics.json.tmp"
+    target = out / ("predictions.json" if split == "test" else "eval_metrics.json")
+    tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(json.dumps({"checkpoint": str(checkpoint), "split": split, "mean": result, "cases": cases},
                               indent=2))
-    os.replace(tmp, out / "eval_metrics.json")
+    os.replace(tmp, target)
     return result

@@ -427,15 +427,15 @@ def save_prediction_nifti(
 
 def predict_case(model, item: dict, roi_size, val_cfg: dict, mode: str, num_classes: int,
                  device: torch.device) -> dict[str, Any]:
-    """One validation or evaluation case (a dataset item with ``image`` (C, *spatial) and ``label``), predicted
-    with :func:`sliding_window_predict` under the ``val`` config's settings.
+    """One validation or evaluation case (a dataset item with ``image`` (C, *spatial) and, unless it is to be
+    predicted only, ``label``), predicted with :func:`sliding_window_predict` under the ``val`` config's settings.
 
     Returns ``image`` and ``label`` (batched, on ``device``), fp32 ``logits``, the binary ``pred`` and ``target``
     channels that :class:`MetricAccumulator` takes, and ``spacing``: the voxel size of a MONAI ``MetaTensor`` image
-    (so HD95 comes in millimetres), else ``None`` (voxels).
+    (so HD95 comes in millimetres), else ``None`` (voxels). ``label`` and ``target`` are None without a label.
     """
     image = torch.as_tensor(item["image"])[None].to(device)
-    label = torch.as_tensor(item["label"])[None].to(device)
+    label = torch.as_tensor(item["label"])[None].to(device) if "label" in item else None
     logits = sliding_window_predict(model, image, roi_size, overlap=val_cfg["overlap"],
                                     sw_batch_size=val_cfg["sw_batch_size"], blend=val_cfg["blend"],
                                     flip_tta=val_cfg["flip_tta"]).float()
@@ -445,6 +445,6 @@ def predict_case(model, item: dict, roi_size, val_cfg: dict, mode: str, num_clas
         "label": label,
         "logits": logits,
         "pred": to_prediction(logits, mode),
-        "target": to_onehot(label, num_classes, mode),
+        "target": None if label is None else to_onehot(label, num_classes, mode),
         "spacing": [float(v) for v in pixdim[:3]] if pixdim is not None else None,
     }

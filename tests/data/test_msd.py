@@ -19,6 +19,7 @@ from fastseg3d.data.msd import (
     infer_modality,
     label_names,
     load_msd_datalist,
+    load_msd_test_list,
     msd_transforms,
     num_input_channels,
     num_output_channels,
@@ -465,3 +466,45 @@ def test_single_sample_items_are_dicts(task):
     assert isinstance(train_ds[0], dict) and train_ds[0]["label"].shape == (3, 8, 8, 8)
     batch = next(iter(monai_data.DataLoader(train_ds, batch_size=2)))  # the default collate works for one crop per case
     assert batch["image"].shape == (2, 2, 8, 8, 8) and batch["label"].shape == (2, 3, 8, 8, 8)
+
+
+def add_test_cases(task: str, n: int = 2, listed: bool = True) -> list[str]:
+    """Unlabelled 2-modality images in ``imagesTs/`` (``dataset.json``'s ``test`` list naming them, or not, as
+    nnU-Net v2 writes it); returns their paths."""
+    os.makedirs(os.path.join(task, "imagesTs"), exist_ok=True)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        image = np.zeros((*SHAPE, 2), np.float32)
+        image[2:-2, 2:-2, 2:-2] = rng.uniform(1.0, 2.0, (SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4, 2))
+        paths.append(os.path.join(task, "imagesTs", f"FAKE_{100 + i:03d}.nii.gz"))
+        _save(image, paths[-1])
+    _rewrite_json(task, test=[f"./imagesTs/{os.path.basename(p)}" for p in paths] if listed else [])
+    return paths
+
+
+def test_test_list_from_dataset_json_or_images_ts(task):
+    with pytest.raises(ValueError, match="lists no test cases"):
+        load_msd_test_list(task)
+    paths = add_test_cases(task)
+    cases = load_msd_test_list(task)
+    assert [c["image"] for c in cases] == paths and cases[0]["name"] == "FAKE_100"
+    _rewrite_json(task, test=[{"image": "./imagesTs/FAKE_101.nii.gz"}])
+    assert [c["image"] for c in load_msd_test_list(task)] == paths[1:]
+    _rewrite_json(task, drop=("test",))  # nnU-Net v2: the folder is the list
+    assert [c["image"] for c in load_msd_test_list(task)] == paths
+    _rewrite_json(task, test=["./imagesTs/missing.nii.gz"])
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        load_msd_test_list(task)
+    _rewrite_json(task, test=[3])
+    with pytest.raises(ValueError, match="test entry 0"):
+        load_msd_test_list(task)
+
+
+def test_predict_transforms_take_an_image_alone_and_check_it(task):
+    paths = add_test_cases(task, n=1)
+    tf = msd_transforms("predict", modality="MRI", num_classes=4, in_channels=2, pixdim=(2.0, 2.0, 2.0))
+    item = tf({"image": paths[0], "name": "FAKE_100"})
+    assert "label" not in item and item["image"].shape[0] == 2 and item["image"].dtype == torch.float32
+    with pytest.raises(msd.InvalidCaseError, match="declares 3"):
+        msd_transforms("predict", num_classes=4, in_channels=3)({"image": paths[0]})

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,6 +247,33 @@ def test_msd_folder_trains_and_evaluates(tmp_path):
     # The prediction lies voxel for voxel on the input file's grid (reorientation and cropping undone).
     assert pred.shape == image.shape[:3]
     assert pred.affine == pytest.approx(image.affine)
+
+
+def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
+    from tests.data.test_msd import _make_task, add_test_cases
+
+    task = _make_task(str(tmp_path / "data"), n_cases=3)
+    images = add_test_cases(task)
+    run = tmp_path / "run"
+    assert cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--epochs", "1", *TINY_UNET,
+                     "data.name=msd", f"data.root={task}", "data.spatial_size=[16,16,16]", "data.batch_size=1",
+                     "val.every=0", "data.pixdim=[2.0,2.0,2.0]", "val.roi_size=[16,16,16]",
+                     "train.progress=false"]) == 0
+    out = tmp_path / "test"
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "test", "--output-dir",
+                     str(out)]) == 0
+    listed = json.loads((out / "predictions.json").read_text())
+    assert listed["mean"]["num_cases"] == 2 and [c["case"] for c in listed["cases"]] == ["FAKE_100", "FAKE_101"]
+    assert not (out / "eval_metrics.json").exists()
+    nib = pytest.importorskip("nibabel")
+    for path in images:
+        image = nib.load(path)
+        pred = nib.load(str(out / "predictions" / Path(path).name))
+        # on the input file's grid: the resampling to 2 mm, the reorientation and the crop undone
+        assert pred.shape == image.shape[:3] and pred.affine == pytest.approx(image.affine)
+        assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "test", "--data",
+                     "synthetic"]) == 2
 
 
 def test_activation_checkpointing_keeps_gradients():
