@@ -54,17 +54,35 @@ def _eval_dataset(cfg: dict, split: str):
     return data, Dataset(cases, transform)
 
 
-def _to_input_grid(labels: torch.Tensor, image, transform) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_input_grid(volume: torch.Tensor, image, transform) -> tuple[torch.Tensor, torch.Tensor]:
     """Undo the spatial transforms (reorientation, resampling, cropping) that ``image`` went through, so that the
-    prediction lies voxel for voxel on the input file's grid, with the file's affine."""
+    prediction ``volume`` (C, *spatial: a label map or binary channels) lies voxel for voxel on the input file's
+    grid, with the file's affine."""
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
-    pred = MetaTensor(labels[None].float(), affine=image.affine, meta=dict(image.meta))
+    pred = MetaTensor(volume.float(), affine=image.affine, meta=dict(image.meta))
     pred.applied_operations = list(image.applied_operations)
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
         {"pred": pred, "image": image})["pred"]
-    return inverted[0].round().long(), inverted.affine
+    return inverted.round().long(), inverted.affine
+
+
+def _file_target(path: str, num_classes: int, label_mode: str) -> tuple[torch.Tensor, list[float]]:
+    """The label file as the metrics take it, (1, K, *file grid), and its voxel size in mm."""
+    import nibabel as nib
+    import numpy as np
+
+    from fastseg3d.data.msd import ConvertMSDBratsRegionsd
+    from fastseg3d.train.inference import to_onehot
+
+    file = nib.load(path)
+    label = torch.as_tensor(np.asarray(file.dataobj)).round().long()[None]
+    if label_mode == "brats_regions":
+        target = ConvertMSDBratsRegionsd("label")({"label": label})["label"][None]
+    else:
+        target = to_onehot(label[None], num_classes, "softmax")
+    return target, [float(z) for z in file.header.get_zooms()[:3]]
 
 
 def evaluate_checkpoint(
@@ -95,8 +113,10 @@ def evaluate_checkpoint(
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``num_cases``, and
-        ``class_names``); for ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``,
+        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``num_cases``,
+        ``class_names`` and ``grid``: ``"label files"`` where MSD data was resampled to ``data.pixdim`` and the
+        predictions were taken back to each label file's grid and voxel size to be scored, else
+        ``"network input"``); for ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``,
         also written as ``predictions.json`` in place of ``eval_metrics.json``.
     """
     from fastseg3d.train.config import DEFAULTS, merge
@@ -138,19 +158,30 @@ def evaluate_checkpoint(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cases = []
+    # MSD data resampled to data.pixdim: predictions go back to each label file's grid to be scored
+    on_file_grid = cfg["data"]["name"] == "msd" and cfg["data"]["pixdim"] is not None
     n = len(dataset) if vcfg["max_cases"] is None else min(len(dataset), int(vcfg["max_cases"]))
     for i in range(n):
         item = dataset[i]
         case = predict_case(model, item, roi, vcfg, bundle.mode, bundle.out_channels, dev)
         pred = case["pred"]
         name = item.get("name") or Path(str(item["image"].meta.get("filename_or_obj", f"case_{i}"))).name.split(".")[0]
-        row = {} if split == "test" else acc.update(pred, case["target"], spacing=case["spacing"])
+        if split == "test":
+            row = {}
+        elif on_file_grid:
+            # scored where the label file lies, as published results are, not on the resampled grid
+            target, spacing = _file_target(dataset.data[i]["label"], bundle.out_channels, cfg["data"]["label_mode"])
+            row = acc.update(_to_input_grid(pred[0].cpu(), item["image"], dataset.transform)[0][None].float(),
+                             target, spacing=spacing)
+        else:
+            row = acc.update(pred, case["target"], spacing=case["spacing"])
         cases.append({"case": name, **row})
         if save_predictions or split == "test":
             labels = labels_from_prediction(pred, bundle.mode, regions=regions).cpu()
             affine = None
             if getattr(item["image"], "applied_operations", None) is not None:
-                labels, affine = _to_input_grid(labels, item["image"], dataset.transform)
+                labels, affine = _to_input_grid(labels[None], item["image"], dataset.transform)
+                labels = labels[0]
             save_prediction_nifti(labels, affine, out / "predictions" / f"{name}.nii.gz")
         logger.info("%s: %s", name, "predicted" if split == "test" else f"dice {row['dice']}")
     if split == "test":
@@ -159,6 +190,7 @@ def evaluate_checkpoint(
         raise SetupError(f"no case to evaluate in split {split!r} (val.max_cases={vcfg['max_cases']})")
     else:
         result = acc.aggregate()
+        result["grid"] = "label files" if on_file_grid else "network input"
     result["class_names"] = [c for c in bundle.class_names][0 if bundle.mode == "sigmoid" else 1:]
     target = out / ("predictions.json" if split == "test" else "eval_metrics.json")
     tmp = target.with_name(target.name + ".tmp")

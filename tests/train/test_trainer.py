@@ -274,6 +274,19 @@ def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
         assert set(np.unique(np.asarray(pred.dataobj)).tolist()) <= {0, 1, 2, 3}
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "test", "--data",
                      "synthetic"]) == 2
+    # the labelled cases, resampled to 2 mm for the network, are scored on their label files' grids
+    scored = tmp_path / "all"
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "all", "--output-dir",
+                     str(scored), "--save-predictions", "--no-hd95"]) == 0
+    result = json.loads((scored / "eval_metrics.json").read_text())
+    assert result["mean"]["grid"] == "label files"
+    for row in result["cases"]:
+        pred = np.asarray(nib.load(str(scored / "predictions" / f"{row['case']}.nii.gz")).dataobj)
+        truth = np.asarray(nib.load(str(Path(task) / "labelsTr" / f"{row['case']}.nii.gz")).dataobj)
+        for k, dice in enumerate(row["dice_per_class"], start=1):
+            p, t = pred == k, truth == k
+            expected = 2 * (p & t).sum() / (p.sum() + t.sum()) if t.any() else None
+            assert dice == pytest.approx(expected, abs=1e-6) if expected is not None else dice in (None, 1.0, 0.0)
 
 
 def test_activation_checkpointing_keeps_gradients():
