@@ -97,7 +97,7 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
         modality = data["modality"] or infer_modality(props)
         train, val, props = build_msd_datasets(
             data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
-            label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=cfg["seed"],
+            label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=data["split_seed"],
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"])
         if training:
             counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "

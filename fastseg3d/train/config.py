@@ -58,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
         "pixdim": None,
         "num_samples": 1,
         "val_frac": 0.2,
+        # the MSD train/val split's own seed, apart from the run's: runs with other seeds validate on the same cases
+        "split_seed": 0,
         "cache": False,
         "flip_prob": 0.5,
         "intensity_jitter": 0.1,
@@ -177,6 +179,7 @@ _RANGES: dict[str, str] = {
     "data.pixdim": "(0, inf)",
     "data.num_samples": "[1, inf)",
     "data.val_frac": "(0, 1)",
+    "data.split_seed": "[0, inf)",
     "data.flip_prob": "[0, 1]",
     "data.intensity_jitter": "[0, inf)",
     "loss.lambda_dice": "[0, inf)",

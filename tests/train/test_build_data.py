@@ -79,3 +79,13 @@ def test_dataset_json_errors_name_the_file(tmp_path):
     assert os.path.join(task, "dataset.json") in str(info.value)
     with open(os.path.join(task, "dataset.json")) as f:
         assert json.load(f)["labels"]["whole tumor"] == [1, 2, 3]
+
+
+def test_the_validation_split_follows_split_seed_not_the_runs_seed(tmp_path):
+    task = _make_task(str(tmp_path), n_cases=10)
+
+    def val_cases(*overrides):
+        return [case["name"] for case in build_data(_cfg(task, "data.batch_size=1", *overrides)).val.data]
+
+    assert val_cases("seed=1") == val_cases("seed=2") == val_cases()
+    assert any(val_cases(f"data.split_seed={s}") != val_cases() for s in range(1, 6))
