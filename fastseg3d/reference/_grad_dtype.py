@@ -1,10 +1,11 @@
-"""The dtype in which a fused loss keeps the input gradient it computes in its forward pass."""
+"""The dtypes of the fused losses: the one they compute in, and the one in which they keep the input gradient they
+compute in their forward pass."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["saved_grad_dtype"]
+__all__ = ["compute_dtype", "saved_grad_dtype"]
 
 
 def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -17,3 +18,8 @@ def saved_grad_dtype(dtype: torch.dtype) -> torch.dtype:
     fp32's range.
     """
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 where any input is fp64 (a float64 check stays float64), else fp32 (half inputs are computed in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32

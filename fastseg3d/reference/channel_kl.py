@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastseg3d.reference._grad_dtype import saved_grad_dtype
+from fastseg3d.reference._grad_dtype import compute_dtype, saved_grad_dtype
 
 __all__ = ["REDUCTIONS", "channel_kl_fused_ref", "channel_kl_normaliser", "channel_kl_ref"]
 
@@ -27,14 +27,10 @@ def channel_kl_normaliser(shape, reduction: str) -> int:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def channel_kl_ref(student: torch.Tensor, teacher: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """MISSU's per-level distillation loss, differentiable (student only) by autograd; a 0-dim tensor."""
     norm = channel_kl_normaliser(student.shape, reduction)
-    cd = _compute_dtype(student)
+    cd = compute_dtype(student, teacher)
     logq = torch.log_softmax(student.to(cd), dim=1)
     logp = torch.log_softmax(teacher.detach().to(cd), dim=1)
     return (logp.exp() * (logp - logq)).sum() / norm
@@ -46,7 +42,7 @@ def channel_kl_fused_ref(
     """What the fused kernel computes, without autograd: (fp32 loss, dL/dstudent or None), the gradient in
     :func:`saved_grad_dtype`."""
     norm = channel_kl_normaliser(student.shape, reduction)
-    cd = _compute_dtype(student)
+    cd = compute_dtype(student, teacher)
     logq = torch.log_softmax(student.to(cd), dim=1)
     logp = torch.log_softmax(teacher.to(cd), dim=1)
     p = logp.exp()

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastseg3d.reference._grad_dtype import saved_grad_dtype
+from fastseg3d.reference._grad_dtype import compute_dtype, saved_grad_dtype
 
 __all__ = ["common_size", "kl_distill_fused_ref", "kl_distill_multi_ref", "kl_distill_ref"]
 
@@ -20,10 +20,6 @@ __all__ = ["common_size", "kl_distill_fused_ref", "kl_distill_multi_ref", "kl_di
 def common_size(*tensors: torch.Tensor) -> tuple[int, int, int]:
     """The per-axis maximum spatial size of 5-D tensors: the resolution the loss is computed at by default."""
     return tuple(max(t.shape[2 + i] for t in tensors) for i in range(3))
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -41,7 +37,7 @@ def kl_distill_ref(
 ) -> torch.Tensor:
     """DSD's KL term for one (student, teacher) pair, differentiable by autograd; a 0-dim fp32 (fp64) tensor."""
     size = tuple(size) if size is not None else common_size(student, teacher)
-    cd = _compute_dtype(student)
+    cd = compute_dtype(student, teacher)
     s = _upsample(student.to(cd), size) / temperature
     t = _upsample(teacher.to(cd), size) / temperature
     if detach_teacher:
@@ -81,7 +77,7 @@ def kl_distill_fused_ref(
     gradients of ``sum_i w_i loss_i`` w.r.t. each input (None where not needed), in the dtypes
     :func:`saved_grad_dtype` gives."""
     size = tuple(size)
-    cd = _compute_dtype(teacher)
+    cd = compute_dtype(teacher, *students)
     bsz, nvox = teacher.shape[0], size[0] * size[1] * size[2]
     coef = temperature / (bsz * nvox)
     t = _upsample(teacher.to(cd), size) / temperature

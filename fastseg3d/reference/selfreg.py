@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from fastseg3d.reference._grad_dtype import saved_grad_dtype
+from fastseg3d.reference._grad_dtype import compute_dtype, saved_grad_dtype
 
 __all__ = [
     "intra_order",
@@ -19,10 +19,6 @@ __all__ = [
     "selfreg_intra_fused_ref",
     "selfreg_intra_ref",
 ]
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def pooled_size(student: torch.Tensor, teacher: torch.Tensor) -> tuple[int, int, int]:
@@ -44,7 +40,7 @@ def selfreg_inter_ref(
     """SCR: ``mse(pool(student)[:, cs], pool(teacher).detach()[:, ct])`` with the larger map average-pooled to the
     smaller one (per axis) by integer factors; a 0-dim tensor, gradient to the student only."""
     size = pooled_size(student, teacher)
-    cd = _compute_dtype(student)
+    cd = compute_dtype(student, teacher)
     s = _pool(student.to(cd), size).index_select(1, student_channels.to(student.device))
     t = _pool(teacher.detach().to(cd), size).index_select(1, teacher_channels.to(teacher.device))
     return F.mse_loss(s, t)
@@ -58,7 +54,7 @@ def selfreg_inter_multi_ref(students, teacher, student_channels, teacher_channel
 
 def intra_order(feature: torch.Tensor) -> torch.Tensor:
     """Channels sorted by descending score ``mean over (batch, voxels) of F.normalize(f, p=2, dim=voxels)``."""
-    x = feature.detach().to(_compute_dtype(feature)).flatten(2)
+    x = feature.detach().to(compute_dtype(feature)).flatten(2)
     score = F.normalize(x, p=2, dim=2).mean(dim=(0, 2))
     return torch.sort(score, descending=True, stable=True).indices
 
@@ -70,7 +66,7 @@ def selfreg_intra_ref(feature: torch.Tensor) -> torch.Tensor:
     if c % 2:
         raise ValueError(f"selfreg_intra needs an even channel count, got C={c}")
     order = intra_order(feature)
-    x = feature.to(_compute_dtype(feature)).index_select(1, order)
+    x = feature.to(compute_dtype(feature)).index_select(1, order)
     return F.mse_loss(x[:, : c // 2], x[:, c // 2:])
 
 
@@ -94,7 +90,7 @@ def selfreg_inter_fused_ref(
     """What the fused kernel computes, without autograd: (fp32 loss, dL/dstudent or None), the gradient in
     :func:`saved_grad_dtype`."""
     size = pooled_size(student, teacher)
-    cd = _compute_dtype(student)
+    cd = compute_dtype(student, teacher)
     ps = _pool(student.to(cd), size)
     pt = _pool(teacher.to(cd), size).index_select(1, teacher_channels)
     diff = ps.index_select(1, student_channels) - pt
@@ -111,7 +107,7 @@ def selfreg_intra_fused_ref(feature: torch.Tensor, need_grad: bool) -> tuple[tor
     :func:`saved_grad_dtype`."""
     c = feature.shape[1]
     order = intra_order(feature)
-    x = feature.to(_compute_dtype(feature))
+    x = feature.to(compute_dtype(feature))
     top, bottom = order[: c // 2], order[c // 2:]
     diff = x.index_select(1, top) - x.index_select(1, bottom)
     loss = diff.pow(2).mean()

@@ -297,3 +297,11 @@ def test_gpu_bitwise_determinism_and_memory():
     channel_kl_ref(x, t, "faithful").backward()
     eager = torch.cuda.max_memory_allocated() - base
     assert max(peaks) < 0.25 * eager, (peaks, eager)
+
+
+def test_a_float64_teacher_makes_the_loss_float64():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 3, 4, 5), torch.randn(2, 5, 3, 4, 5, dtype=torch.float64)
+    loss = channel_kl(s, t)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, channel_kl(s.double(), t), rtol=1e-6, atol=0)

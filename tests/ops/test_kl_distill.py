@@ -649,3 +649,11 @@ def test_scaled_grad_hands_over_the_forward_gradient_on_a_unit_incoming_gradient
         assert traced.device.type == "meta" and traced is not g
     with pytest.raises(NotImplementedError, match="double backward"):  # create_graph: grad mode on in backward
         scaled_grad(torch.tensor(1.0, requires_grad=True), g, torch.float16)
+
+def test_a_float64_input_makes_the_whole_loss_float64():
+    torch.manual_seed(0)
+    s, t = torch.randn(1, 3, 4, 4, 4), torch.randn(1, 3, 2, 2, 2, dtype=torch.float64)
+    for loss in (kl_distill(s, t, temperature=2.0), kl_distill(s.double(), t.float(), temperature=2.0)):
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, kl_distill(s.double(), t, temperature=2.0), rtol=1e-6, atol=0)
+    assert kl_distill_multi([s, s], t).dtype == torch.float64

@@ -546,3 +546,12 @@ def test_gpu_bitwise_determinism_and_memory():
         fused = peak(lambda x: selfreg_inter(x, final, cs, ct))
     eager = peak(lambda x: selfreg_inter_ref(x, final, cs.cuda(), ct.cuda()))
     assert fused < 0.5 * eager, (fused, eager)
+
+
+def test_a_float64_teacher_makes_the_inter_loss_float64():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 4, 3, 4, 5), torch.randn(2, 6, 6, 8, 10, dtype=torch.float64)
+    cs, ct = torch.tensor([0, 2]), torch.tensor([5, 1])
+    loss = selfreg_inter(s, t, cs, ct)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, selfreg_inter(s.double(), t, cs, ct), rtol=1e-6, atol=0)
