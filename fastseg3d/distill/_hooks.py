@@ -113,6 +113,19 @@ class _Capture:
             self.store[self.spec] = _first_tensor(args if self.use_input else output, self.spec)
 
 
+def _remove_captures(backbone: nn.Module, state: dict | None = None) -> None:
+    """Remove the capture hooks of one tap (``state``), or of every tap, from ``backbone``'s modules.
+
+    Found by type and state rather than through handles, which would still point at the original's modules in a
+    deep copy of the wrapper."""
+    for module in backbone.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            stale = [key for key, hook in hooks.items()
+                     if isinstance(hook, _Capture) and (state is None or hook.state is state)]
+            for key in stale:
+                del hooks[key]
+
+
 class FeatureTap:
     """Hooks on ``backbone`` layers named by ``specs``; :meth:`run` returns the output and the captured features.
 
@@ -120,10 +133,12 @@ class FeatureTap:
     or its first tensor when the output is a tuple or list. With the suffix ``":input"`` (``"decoder5:input"``) it
     is the module's first positional input instead (a forward pre-hook), for features that no submodule returns,
     such as UNETR's bottleneck volume. Outside :meth:`run` the hooks store nothing, so evaluation keeps no
-    features alive.
+    features alive. A new tap on a backbone replaces the hooks of an earlier one, so wrapping twice does not stack
+    them; :meth:`remove` takes this tap's off.
     """
 
     def __init__(self, backbone: nn.Module, specs: Sequence[str]) -> None:
+        _remove_captures(backbone)
         self.store: dict[str, torch.Tensor] = {}
         self.state = {"on": False}
         self.specs = tuple(specs)
@@ -141,6 +156,10 @@ class FeatureTap:
                 module.register_forward_pre_hook(hook)
             else:
                 module.register_forward_hook(hook)
+
+    def remove(self, backbone: nn.Module) -> None:
+        """Take this tap's hooks off ``backbone``."""
+        _remove_captures(backbone, self.state)
 
     def run(self, backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``backbone(x)`` and the features of every spec, in spec order."""

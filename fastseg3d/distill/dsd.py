@@ -202,6 +202,12 @@ class DSD(nn.Module):
         self.encoder_heads = nn.ModuleList(heads[:n_enc])
         self.decoder_heads = nn.ModuleList(heads[n_enc:])
 
+    def unwrap(self) -> nn.Module:
+        """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.jit.script`` cannot
+        script a module with Python hooks); the wrapper does not train after this."""
+        self._tap.remove(self.backbone)
+        return self.backbone
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | DSDOutput:
         if not self.training:
             return self.backbone(x)

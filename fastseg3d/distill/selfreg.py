@@ -65,6 +65,12 @@ class SelfReg(nn.Module):
         self.final_layer = final_layer
         self._tap = FeatureTap(backbone, layers)
 
+    def unwrap(self) -> nn.Module:
+        """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.jit.script`` cannot
+        script a module with Python hooks); the wrapper does not train after this."""
+        self._tap.remove(self.backbone)
+        return self.backbone
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | SelfRegOutput:
         if not self.training:
             return self.backbone(x)

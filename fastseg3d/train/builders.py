@@ -225,8 +225,10 @@ class Objective(nn.Module):
 
             if mode != "softmax":
                 raise SetupError("loss.distill=dsd needs label maps (data.label_mode=labels): DSD's KL is a softmax")
+            # its segmentation terms are the same loss as self.segmentation (Dice alone for loss.name=dice)
+            seg = self.segmentation
             self.distill = DSDLoss(num_classes, include_background=loss_cfg["include_background"],
-                                   lambda_dice=loss_cfg["lambda_dice"], lambda_ce=loss_cfg["lambda_ce"], **kwargs)
+                                   lambda_dice=seg.lambda_dice, lambda_ce=seg.lambda_ce, **kwargs)
         elif distill == "selfreg":
             from fastseg3d.losses import SelfRegLoss
 

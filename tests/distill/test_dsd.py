@@ -125,6 +125,30 @@ def test_dynunet():
     assert interp(torch.randn(2, 1, 8, 8, 8)).decoder[0].shape == (2, 2, 2, 2, 8)
 
 
+def _hooks(module):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def test_wrapping_again_replaces_the_hooks_and_unwrap_takes_them_off():
+    net = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
+                       filters=[4, 8, 16])
+    layers = presets.dynunet_layers(net, "dsd")
+    first = DSD(net, num_classes=2, input_shape=(1, 1, 16, 16, 16), **layers)
+    once = _hooks(net)
+    assert once == 4
+    second = DSD(net, num_classes=2, input_shape=(1, 1, 16, 16, 16), **layers)
+    assert _hooks(net) == once
+    x = torch.randn(2, 1, 16, 16, 16)
+    assert len(second(x).decoder) == 2
+    with pytest.raises(RuntimeError, match="did not call the hooked layers"):  # its hooks were replaced
+        first(x)
+    twin = copy.deepcopy(second)
+    assert twin.unwrap() is twin.backbone and _hooks(twin.backbone) == 0 and _hooks(net) == once
+    backbone = second.unwrap()
+    assert backbone is net and _hooks(net) == 0
+    torch.jit.script(backbone.eval())  # scripting refuses Python hooks
+
+
 def test_dynunet_shared_heads_published_size():
     """seeds.md: DynUNet (filters 32..320, 8 classes) grows by 8,592 parameters under DSD, heads shared per scale."""
     net = nets.DynUNet(3, 1, 8, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,

@@ -31,6 +31,13 @@ def test_unet_training_and_eval(spatial_dims):
     assert not net._tap.store
 
 
+def test_unwrap_takes_the_hooks_off():
+    net = UNet(3, 1, 2, channels=(4, 8, 16))
+    wrapped = SelfReg(net, **presets.unet_layers(net, "selfreg"))
+    assert any(m._forward_hooks for m in net.modules())
+    assert wrapped.unwrap() is net and not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
 def test_unetr(unetr_cls):  # noqa: F811
     net = SelfReg(_small_unetr(unetr_cls), **presets.unetr_layers("selfreg"))
     out = net(torch.randn(1, 1, 32, 32, 32))

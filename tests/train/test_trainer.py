@@ -475,6 +475,19 @@ def test_objective_casts_no_output_under_autocast(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["dice_ce", "dice"])
+def test_dsd_supervises_its_heads_with_the_configured_segmentation_loss(name):
+    from fastseg3d.train.builders import build_objective
+
+    cfg = load_config("dsd_unet", [f"loss.name={name}", "loss.lambda_dice=0.6",
+                                     "loss.lambda_ce=0.4"])
+    objective = build_objective(cfg, "softmax", 3)
+    dice_ce = objective.distill.dice_ce
+    expected = (1.0, 0.0) if name == "dice" else (0.6, 0.4)
+    assert (dice_ce.lambda_dice, dice_ce.lambda_ce) == expected
+    assert (objective.segmentation.lambda_dice, objective.segmentation.lambda_ce) == expected
+
+
+@pytest.mark.parametrize("name", ["dice_ce", "dice"])
 def test_objective_segmentation_on_labels_is_monais(name):
     """On label maps the objective's segmentation loss is fastseg3d's DiceCE (Dice alone for ``loss.name=dice``),
     equal to MONAI's loss of the same settings, value and gradient."""
