@@ -30,13 +30,15 @@ def check_temperature(temperature, name: str = "temperature") -> float:
     """``temperature`` as a float: a real number (Python or NumPy, not a bool) or a 0-d real tensor, finite and > 0.
 
     Raises:
-        TypeError: any other type.
+        TypeError: any other type, or a meta tensor (it holds no value).
         ValueError: zero, negative or not finite.
     """
     if isinstance(temperature, Tensor):
         if temperature.dim() != 0 or temperature.dtype == torch.bool or temperature.is_complex():
             raise TypeError(f"{name} must be a real number or a 0-d real tensor, got a {temperature.dtype} tensor of "
                             f"shape {tuple(temperature.shape)}")
+        if temperature.is_meta:
+            raise TypeError(f"{name} is a meta tensor, which holds no value: pass a Python number")
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{name} must be a real number or a 0-d real tensor, got {type(temperature).__name__}")
     value = float(temperature)

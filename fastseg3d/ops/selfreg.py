@@ -54,6 +54,8 @@ def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
             )
         if idx.numel() == 0:
             raise ValueError(f"{name} selects no channels")
+        if idx.is_meta and device.type != "meta":
+            raise TypeError(f"{name} is a meta tensor, which holds no indices, for a map on {device}")
         check = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if check and (int(idx.min()) < 0 or int(idx.max()) >= n_channels):
             raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")

@@ -247,6 +247,7 @@ _BAD = [
     (lambda: kl_distill(_X, _X, temperature=torch.tensor([3.0])), TypeError, "temperature"),
     (lambda: kl_distill(_X, _X, temperature=torch.tensor(True)), TypeError, "temperature"),
     (lambda: kl_distill(_X, _X, temperature=torch.tensor(-1.0)), ValueError, "temperature"),
+    (lambda: kl_distill(_X, _X, temperature=torch.tensor(3.0, device="meta")), TypeError, "temperature is a meta"),
     (lambda: kl_distill(_X.long(), _X.long()), TypeError, "floating"),
     (lambda: kl_distill([1.0], _X), TypeError, "torch.Tensor"),
     (lambda: kl_distill_multi([], _X), ValueError, "non-empty"),

@@ -238,6 +238,7 @@ _BAD = [
     (lambda: selfreg_inter(_X, _X, torch.tensor([0.0, 1.0]), _I), ValueError, "integer tensor"),
     (lambda: selfreg_inter(_X, _X, torch.tensor([], dtype=torch.long), _I), ValueError, "no channels"),
     (lambda: selfreg_inter(_X, _X.to("meta"), _I, _I), TypeError, "is on"),
+    (lambda: selfreg_inter(_X, _X, _I.to("meta"), _I), TypeError, "student_channels is a meta tensor"),
     (lambda: selfreg_inter(_X.long(), _X.long(), _I, _I), TypeError, "floating"),
     (lambda: selfreg_inter_multi([], _X, [], []), ValueError, "non-empty"),
     (lambda: selfreg_inter_multi([_X, _X], _X, [_I], [_I, _I]), ValueError, "one index set per student"),
