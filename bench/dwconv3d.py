@@ -1,6 +1,7 @@
 """case=dwconv3d: the fused depthwise 3x3x3 conv (bias) against ATen's native kernel (NCDHW), cuDNN
 (channels_last_3d), SegFormer3D's released token path (views around the conv), and torch.compile; and MobileUtr's
-7x7x7 and 9x9x9 depthwise convs (NCDHW, 'same' padding) at its 96^3 and 128^3 inputs.
+7x7x7 and 9x9x9 depthwise convs ('same' padding) at its 96^3 and 128^3 inputs (NCDHW) and its 96^3 input
+(channels-last).
 
 Compiled peers: on volumes ``torch.compile-max-autotune`` by default (the default mode leaves the conv an extern
 call, i.e. the eager kernel); on tokens ``torch.compile`` by default. The other modes, CUDA graphs included (for
@@ -31,6 +32,9 @@ def _shapes(quick: bool) -> list[tuple[str, dict]]:
             out.append((f"{b}x{c}x{s}^3 {layout}", {"layout": layout, "b": b, "c": c, "s": s, "k": 3}))
     for b, c, s, k in [(1, 4, 8, 5)] if quick else _LARGE:
         out.append((f"{b}x{c}x{s}^3 ncdhw k{k}", {"layout": "ncdhw", "b": b, "c": c, "s": s, "k": k}))
+    # the same convs on channels-last volumes (channel-major column tiles), at the 96^3 input
+    for b, c, s, k in [] if quick else _LARGE[:2]:
+        out.append((f"{b}x{c}x{s}^3 channels_last k{k}", {"layout": "channels_last", "b": b, "c": c, "s": s, "k": k}))
     for b, s, c in stages:
         out.append((f"{b}x{s ** 3}x{c} tokens {s}^3", {"layout": "tokens", "b": b, "c": c, "s": s, "k": 3}))
     return out

@@ -86,7 +86,7 @@ if [ "$PLAN" = targets ]; then
   # the shapes, dtypes, modes and peers the targets are stated on (bench/targets.py; shape labels: python -m
   # bench.run --list); a measurement that has started runs to its end, so no compile the targets do not read
   TARGET_ARGS=(
-    [dwconv3d]="--dtype bf16 --modes fwd,fwd+bwd --providers fastseg3d,torch?(*) --shapes 2x32x128^3*,*k7,*k9"
+    [dwconv3d]="--dtype bf16 --modes fwd,fwd+bwd --providers fastseg3d,torch?(*) --shapes 2x32x128^3*,*ncdhw?k7,*ncdhw?k9"
     [attention]="--dtype bf16,fp32 --modes fwd,fwd+bwd --shapes stage1@128^3*,stage2@128^3*"
     [attention_block]="--dtype bf16 --modes fwd+bwd --providers fastseg3d,torch-sdpa,torch.compile --shapes stage?@128^3*"
     [kl_distill]="--dtype bf16 --modes fwd+bwd --providers fastseg3d,torch --shapes *deconv?heads,*interp?heads"

@@ -166,11 +166,13 @@ def profile_dwconv3d(shape=(2, 32, 128, 128, 128), kernel=(3, 3, 3), dtype=torch
     # the forward's W-lane walk is unrolled KD times (its accumulators rotate without moves): a loop pass is KD slices
     lane_walk = which != "bwd_weight" and kwargs["LANES"] and kwargs["BLOCK_C"] == 1 and kwargs["ROLL"]
     unroll = kwargs["KD"] if lane_walk else 1
+    # a weight gradient split by rows of in-plane taps: per output and depth tap, every chunk's loop
+    chunks = -(-kwargs["KH"] // kwargs["KH_PER"]) if which == "bwd_weight" else 1
     return {"which": which, "layout": "channels_last" if channels_last else "ncdhw", "kernel": kernel,
             "activation": activation,
             "block": (kwargs["BLOCK_C"], kwargs["BLOCK_H"], kwargs["BLOCK_W"]), "lanes": kwargs.get("LANES", 0),
             "rows": kwargs.get("ROWS", 1),
-            **_stats(_compile_like_jit(fn, args, kwargs), unroll * tile / (32 * kwargs["num_warps"]))}
+            **_stats(_compile_like_jit(fn, args, kwargs), unroll * tile / (32 * kwargs["num_warps"] * chunks))}
 
 
 def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: int = 32,

@@ -355,6 +355,15 @@ def _column_row_pairs(xp, ok, ih, wg, H_in, W_in, sxh2, sxw2, pad_w, N: tl.const
 
 
 @triton.jit
+def _column_row_any(x_base, xp_base, off_d, d_ok, c_ok, ih, wg, H_in, W_in, sxh, sxw, pad_w, N: tl.constexpr,
+                    PAIRS: tl.constexpr):
+    """:func:`_column_row_pairs` (PAIRS) or :func:`_column_row` for the slice at offset ``off_d``."""
+    if PAIRS:
+        return _column_row_pairs(xp_base + off_d, d_ok, ih, wg, H_in, W_in, sxh, sxw, pad_w, N)
+    return _column_row(x_base + off_d, d_ok & c_ok, ih, wg, H_in, W_in, sxh, sxw, pad_w, N)
+
+
+@triton.jit
 def _dwconv3d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, r_ptr, g_ptr, y_ptr,
     C, CP, D_in, H_in, W_in, D_out, H_out, W_out, J_CHUNK, N_CHUNKS,
@@ -403,6 +412,12 @@ def _dwconv3d_fwd_kernel(
     thread. PAIRS needs C to be a multiple of BLOCK_C (no channel mask, which would split the vectors) and takes
     x's strides in pairs.
 
+    LANES on a channel-major tile without ROLL (larger kernels, undilated W taps): one output slice, a loop over
+    depth taps; a thread holds a channel vector at ROWS x LANES outputs, an input row is LANES + KW - 1 column
+    loads shared by the lanes (and with undilated H taps by the rows) it feeds, and a tap's weights serve them
+    all: 7x7x7 in bf16 issues 105 instructions per output and depth tap on sm_90 (fp32 with two rows: 73), 249
+    with one load per tap.
+
     UNIT > 1 (W-lane tiles whose rows are not multiples of 16 elements): W and every stride but W's come divided by
     UNIT, the lanes of a thread's vector, and are multiplied back here, so the JIT knows them multiples of it and the
     vectors aligned (it specialises integer arguments on divisibility by 16 only: rows of 24 or 12 elements would
@@ -441,7 +456,7 @@ def _dwconv3d_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)[:, None, None]
 
-    if LANES > 0 and BLOCK_C > 1:
+    if LANES > 0 and BLOCK_C > 1 and ROLL:
         G: tl.constexpr = BLOCK_W // LANES
         # (C, H, G) column tiles: output w = wg + lane; the input column wg - pad_w + i feeds lane i - kw
         wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, None, :]
@@ -488,6 +503,55 @@ def _dwconv3d_fwd_kernel(
             for i in tl.static_range((KD - 1) * LANES):
                 shifted = shifted + (accs[i],)
             accs = shifted
+    elif LANES > 0 and BLOCK_C > 1:
+        # Larger kernels on channel-major column tiles: one output slice, a loop over depth taps. A thread holds
+        # ROWS rows of LANES consecutive W outputs, each a channel vector; an input row is LANES + KW - 1 column
+        # loads, each shared by the lanes it feeds and (undilated H taps) by the rows it feeds, and a tap's weights
+        # serve every lane.
+        G: tl.constexpr = BLOCK_W // LANES
+        BR: tl.constexpr = BLOCK_H // ROWS
+        NCOL: tl.constexpr = LANES + KW - 1
+        wg = ((pid_hw % n_w) * BLOCK_W + tl.arange(0, G) * LANES)[None, None, :]
+        hr = ((pid_hw // n_w) * BLOCK_H + tl.arange(0, BR) * ROWS)[None, :, None]
+        if INT64:
+            wg = wg.to(tl.int64)
+            hr = hr.to(tl.int64)
+        accs = (tl.broadcast_to(bias, [BLOCK_C, BR, G]),) * (ROWS * LANES)
+        xp_base = x_base
+        if PAIRS:
+            xp_base = _pair_base(x_ptr, b, sxb, pid_c, BLOCK_C, INT64)
+        for kd in range(KD):
+            idp = r - pad_d + dil_d * (j0 + kd) + tl.zeros([1, 1, 1], dtype=tl.int32)
+            if INT64:
+                idp = idp.to(tl.int64)
+            d_ok = (idp >= 0) & (idp < D_in)
+            # win: the columns of input rows kh .. kh + ROWS - 1 (undilated H when ROWS > 1), row o feeding output
+            # row hr + o through H tap kh; each step loads one new row, and a tap's weights serve every row
+            win = ()
+            for j in tl.static_range(ROWS - 1):
+                win = win + _column_row_any(x_base, xp_base, idp * sxd, d_ok, c3 < C, hr - pad_h + j, wg, H_in, W_in,
+                                            sxh, sxw, pad_w, NCOL, PAIRS)
+            for kh in tl.static_range(KH):
+                win = win + _column_row_any(x_base, xp_base, idp * sxd, d_ok, c3 < C,
+                                            hr - pad_h + kh * dil_h + ROWS - 1, wg, H_in, W_in, sxh, sxw, pad_w,
+                                            NCOL, PAIRS)
+                for kw in tl.static_range(KW):
+                    w = _tap_weight(w_ptr, offs_c, CP, kd, kh, kw, KD, KH, KW, FLIP)
+                    updated = ()
+                    for i in tl.static_range(ROWS * LANES):
+                        updated = updated + (accs[i] + win[(i // LANES) * NCOL + i % LANES + kw] * w,)
+                    accs = updated
+                rest = ()
+                for m in tl.static_range((ROWS - 1) * NCOL):
+                    rest = rest + (win[NCOL + m],)
+                win = rest
+        for o in tl.static_range(ROWS):
+            for i in tl.static_range(LANES):
+                wi = wg + i
+                _finish(accs[o * LANES + i], j0, j0, j1, r, b, c3, hr + o, wi,
+                        (c3 < C) & (hr + o < H_out) & (wi < W_out), r_ptr, g_ptr, y_ptr, dil_d,
+                        srb, src, srd, srh, srw, sgb, sgc, sgd, sgh, sgw, syb, syc, syd, syh, syw,
+                        HAS_RES, ACT, GRAD_ACT, INT64)
     elif LANES > 0 and ROLL:
         G: tl.constexpr = BLOCK_W // LANES
         BR: tl.constexpr = BLOCK_H // ROWS
@@ -640,7 +704,8 @@ def _dwconv3d_bwd_weight_kernel(
     sxb, sxc, sxd, sxh, sxw,
     sgb, sgc, sgd, sgh, sgw,
     pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KD_PER: tl.constexpr, ROLL: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, KD_PER: tl.constexpr, KH_PER: tl.constexpr,
+    ROLL: tl.constexpr,
     LANES: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, INT64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, PAIRS: tl.constexpr, UNIT: tl.constexpr,
 ):
@@ -658,6 +723,10 @@ def _dwconv3d_bwd_weight_kernel(
     same sums per tap and thread over the output slices, each input row read as the forward's general lane path
     reads it (three aligned vectors), so each loaded element meets up to KW taps of each dz lane.
 
+    LANES on a channel-major tile without ROLL (larger kernels, undilated W taps: channels-last, tokens): over the
+    output slices, a thread's dz at LANES consecutive W positions meets each input row's LANES + KW - 1 columns, with
+    one sum per tap and channel; a program takes KH_PER rows of one depth tap's taps.
+
     UNIT: as in the forward kernel (W and the strides but W's in units of the lanes).
     """
     if UNIT > 1:
@@ -665,7 +734,8 @@ def _dwconv3d_bwd_weight_kernel(
         sxb, sxc, sxd, sxh = _times(UNIT, sxb, sxc, sxd, sxh)
         sgb, sgc, sgd, sgh = _times(UNIT, sgb, sgc, sgd, sgh)
     KVOL: tl.constexpr = KD * KH * KW
-    NT: tl.constexpr = KD_PER * KH * KW
+    NT: tl.constexpr = KD_PER * KH_PER * KW
+    N_KH: tl.constexpr = (KH + KH_PER - 1) // KH_PER
     pid = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_bd = tl.program_id(2)
@@ -699,11 +769,14 @@ def _dwconv3d_bwd_weight_kernel(
         h3, wg, w3 = _lane_coords(pid_hw, n_w, BLOCK_H, BLOCK_W, ROWS, LANES, INT64)
     out_mask = (c3 < C) & (h3 < H_out) & (w3 < W_out)
     x_base = x_ptr + b * sxb + c3 * sxc
-    kd0 = pid_t * KD_PER
+    # the program's taps: KD_PER depth taps from kd0, or (KD_PER = 1, larger kernels on column tiles) KH_PER rows
+    # of one depth tap's taps from kh0 (the last chunk's rows past KH are computed, not stored)
+    kd0 = (pid_t // N_KH) * KD_PER
+    kh0 = (pid_t % N_KH) * KH_PER
 
     accs = (tl.zeros(out_mask.shape, dtype=tl.float32),) * NT
     acc_b = tl.zeros(out_mask.shape, dtype=tl.float32)
-    if COLUMNS:
+    if COLUMNS and ROLL:
         # The rolling walk below on column tiles: win[kd * LANES + i] is lane i's dz slice for depth tap kd; an
         # input row is LANES + KW - 1 column loads, column j meeting lane i through tap kw = j - i.
         win = (tl.zeros(out_mask.shape, dtype=tl.float32),) * (KD * LANES)
@@ -744,6 +817,45 @@ def _dwconv3d_bwd_weight_kernel(
                     new = new + (a,)
                 updated = new
             accs = updated
+    elif COLUMNS:
+        # Larger kernels on column tiles: over the output slices, a thread's dz at LANES consecutive W positions
+        # meets each input row's LANES + KW - 1 columns, column j meeting lane i through tap kw = j - i; a tap's
+        # accumulator takes every lane's product.
+        if PAIRS:
+            xp_base = _pair_base(x_ptr, b, sxb, pid_c, BLOCK_C, INT64)
+            gp_base = _pair_base(g_ptr, b, sgb, pid_c, BLOCK_C, INT64)
+        for od_i in range(d_start, d_end):
+            od = od_i
+            if INT64:
+                od = tl.cast(od_i, tl.int64)
+            dz = ()
+            for i in tl.static_range(LANES):
+                if PAIRS:
+                    g = _load_pairs(gp_base + od * sgd + h3 * sgh + (w3 + i) * sgw, (h3 < H_out) & (w3 + i < W_out))
+                else:
+                    g = tl.load(g_ptr + b * sgb + c3 * sgc + od * sgd + h3 * sgh + (w3 + i) * sgw,
+                                mask=(c3 < C) & (h3 < H_out) & (w3 + i < W_out), other=0.0).to(tl.float32)
+                acc_b += g
+                dz = dz + (g,)
+            for kdi in tl.static_range(KD_PER):
+                idp = od - pad_d + (kd0 + kdi) * dil_d + tl.zeros([1, 1, 1], dtype=tl.int32)
+                d_ok = (idp >= 0) & (idp < D_in)
+                for khi in tl.static_range(KH_PER):
+                    ih = h3 - pad_h + (kh0 + khi) * dil_h
+                    if PAIRS:
+                        cols = _column_row_pairs(xp_base + idp * sxd, d_ok, ih, w3, H_in, W_in, sxh, sxw, pad_w,
+                                                 LANES + KW - 1)
+                    else:
+                        cols = _column_row(x_base + idp * sxd, d_ok & (c3 < C), ih, w3, H_in, W_in, sxh, sxw, pad_w,
+                                           LANES + KW - 1)
+                    updated = ()
+                    for n in tl.static_range(NT):
+                        a = accs[n]
+                        if n // (KH_PER * KW) == kdi and (n // KW) % KH_PER == khi:
+                            for i in tl.static_range(LANES):
+                                a += dz[i] * cols[i + n % KW]
+                        updated = updated + (a,)
+                    accs = updated
     elif LANES > 0 and ROLL:
         BR: tl.constexpr = BLOCK_H // ROWS
         G: tl.constexpr = BLOCK_W // LANES
@@ -866,9 +978,13 @@ def _dwconv3d_bwd_weight_kernel(
             accs = updated
 
     row = pid_bd * (n_h * n_w) + pid_hw
-    dw_row = dwp_ptr + row * KVOL * C + kd0 * KH * KW * C + offs_c
+    dw_row = dwp_ptr + row * KVOL * C + (kd0 * KH + kh0) * KW * C + offs_c
     for i in tl.static_range(NT):
-        tl.store(dw_row + i * C, _tile_sum(accs[i], LANES > 0 and not COLUMNS), mask=offs_c < C)
+        tap_ok = offs_c < C
+        if KH_PER < KH:
+            # a vector, not a scalar: the interpreter mis-types `tensor & scalar_bool` masks
+            tap_ok = tap_ok & (offs_c * 0 + kh0 + i // KW < KH)
+        tl.store(dw_row + i * C, _tile_sum(accs[i], LANES > 0 and not COLUMNS), mask=tap_ok)
     if HAS_BIAS:
         if pid_t == 0:
             tl.store(dbp_ptr + row * C + offs_c, _tile_sum(acc_b, LANES > 0 and not COLUMNS), mask=offs_c < C)
@@ -1007,10 +1123,31 @@ def _lane_tile_rows(h_out: int, groups: int, rows: int) -> tuple[int, int]:
     return min(h_pad, rows * 128 // groups), rows
 
 
-def _takes_columns(x: torch.Tensor, roll: bool, kw: int, dilation: tuple[int, int, int]) -> bool:
-    """A rolling walk on a channel-major tile (unit channel stride) whose W taps are adjacent: channel-major
-    columns."""
-    return roll and x.stride(1) == 1 and x.shape[1] > 1 and (kw == 1 or dilation[2] == 1)
+def _takes_columns(x: torch.Tensor, kw: int, dilation: tuple[int, int, int]) -> bool:
+    """A channel-major tile (unit channel stride) whose W taps are adjacent: channel-major columns."""
+    return x.stride(1) == 1 and x.shape[1] > 1 and (kw == 1 or dilation[2] == 1)
+
+
+def _large_columns(element_size: int, kw: int, dil_h: int) -> tuple[int, int, int]:
+    """(channels, lanes, rows) a thread holds on the channel-major column tiles of kernels larger than the rolling
+    walk takes. Chosen on sm_90 compiles at (2, 32, 128^3) and (2, 32, 24^3) for 7x7x7 and (2, 64, 12^3) for 9x9x9
+    (main-loop instructions per output and depth tap, against 249 and 600 with one load per tap): 2-byte inputs 4
+    channels by 4 lanes (105, 147 to 207 registers; two rows spilled) and for 9-wide rows 8 by 2 (203; 4 by 4
+    spilled); fp32 4 by 4 by two rows (73, 152 registers; 93 with one row) and for 9-wide rows 4 by 2 by two rows
+    (146; one row of 4 lanes 150). Rows share their input rows only where the H taps are undilated."""
+    if element_size == 4:
+        return (4, 4 if kw <= 7 else 2, 2) if dil_h == 1 else (4, 4, 1)
+    return (4, 4, 1) if kw <= 7 else (8, 2, 1)
+
+
+def _large_grad_columns(element_size: int, kh: int, kw: int) -> tuple[int, int, int]:
+    """(channels, lanes, rows of taps) of the weight gradient's column tiles for kernels larger than the rolling
+    walk takes: 2 channels at 4 lanes a thread and one fp32 sum per tap and channel, up to 49 taps a program for
+    2-byte inputs (7x7: 122 instructions per output and depth tap on sm_90, 225 registers) and 28 for fp32 and
+    9-wide rows (7x7 fp32: 127 over two programs, 182 registers; 9x9: 203 in bf16, 180 in fp32), against 410 and
+    674 with one load per tap; 4 channels spilled or took every register, for about 10% fewer instructions."""
+    taps = 49 if element_size == 2 and kw <= 7 else 28
+    return 2, 4, max(1, min(kh, taps // kw))
 
 
 def _channel_pairs(x: torch.Tensor, block_c: int) -> bool:
@@ -1071,14 +1208,21 @@ def dwconv3d_fwd(
     vec = 16 // x.element_size()
     rows = 1
     warps = 4
-    if _takes_columns(x, roll, kw, dilation):
+    if _takes_columns(x, kw, dilation):
         # Channel-major columns: a thread holds a vector of channels at `lanes` consecutive W outputs, so each
         # input column it loads serves up to KW outputs and each tap's weights serve `lanes` outputs. For 3x3x3
         # (three accumulators per output) 4 channels by 2 columns; for 1x3x3 a 16-byte vector by 16 / vec.
-        channels = vec if kd == 1 else 4
-        lanes = min(_COLUMN_OUTPUTS[kd] // channels, next_power_of_2(w_out))
+        if roll:
+            channels = vec if kd == 1 else 4
+            lanes = min(_COLUMN_OUTPUTS[kd] // channels, next_power_of_2(w_out))
+        else:
+            channels, lanes, rows = _large_columns(x.element_size(), kw, dilation[1])
+            lanes = min(lanes, next_power_of_2(w_out))
+            rows = min(rows, next_power_of_2(h_out))
         tile = 4096 if interpreter_active() else 128 * channels
-        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), tile)
+        # the tile in units of a thread's rows and lanes
+        block_c, block_h, groups = _blocks(x, cdiv(h_out, rows), cdiv(w_out, lanes), tile)
+        block_h *= rows
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c)
     else:
@@ -1161,6 +1305,7 @@ def dwconv3d_bwd_weight(
     # size their tiles below.
     kd_per = kd if kvol <= 27 else 1
     n_tap_chunks = kd // kd_per
+    kh_per = kh
     # As in the forward: the rolling walk for 3x3x3 and 1x3x3 (each input slice read once per in-plane tap).
     roll = kd in (1, 3) and kh * kw <= 9 and dilation[0] == 1
     taps = kd_per * kh * kw
@@ -1169,10 +1314,19 @@ def dwconv3d_bwd_weight(
     tile = 4096 if interp else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
     lane_rows = 1
     warps = 4
-    if _takes_columns(x, roll, kw, dilation):
+    if roll and _takes_columns(x, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
         lanes = min(2, next_power_of_2(w_out))
         block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if interp else 512)
+        block_w = groups * lanes
+        pairs = _channel_pairs(x, block_c) and dz.stride(1) == 1 and _channel_pairs(dz, block_c)
+    elif _takes_columns(x, kw, dilation):
+        # larger kernels on channel-major columns: one sum per tap and channel a thread holds, over kh_per rows of
+        # taps a program
+        channels, lanes, kh_per = _large_grad_columns(x.element_size(), kh, kw)
+        kd_per, n_tap_chunks = 1, kd * cdiv(kh, kh_per)
+        lanes = min(lanes, next_power_of_2(w_out))
+        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if interp else 128 * channels)
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c) and dz.stride(1) == 1 and _channel_pairs(dz, block_c)
     else:
@@ -1217,7 +1371,7 @@ def dwconv3d_bwd_weight(
         *(_pair_strides(x, pairs) if pairs else _strides(x, unit)),
         *(_pair_strides(dz, pairs) if pairs else _strides(dz, unit)),
         *padding, *dilation,
-        KD=kd, KH=kh, KW=kw, KD_PER=kd_per, ROLL=roll, LANES=lanes, ROWS=lane_rows, HAS_BIAS=with_bias,
+        KD=kd, KH=kh, KW=kw, KD_PER=kd_per, KH_PER=kh_per, ROLL=roll, LANES=lanes, ROWS=lane_rows, HAS_BIAS=with_bias,
         INT64=int64,
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
     )

@@ -45,7 +45,7 @@ def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=Tr
     values.update(_ints("C", "CP", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
                         *[f"s{t}{a}" for t in "xrgy" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
-    block = (32, 1, 32) if columns else (1, 8 * rows, 128) if lanes else (64, 1, 16)
+    block = (32, rows, 32) if columns else (1, 8 * rows, 128) if lanes else (64, 1, 16)
     values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=True,
                   HAS_RES=res, ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1],
                   BLOCK_W=block[2], PAIRS=pairs, UNIT=unit)
@@ -72,13 +72,18 @@ def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll, la
                                                               lanes=lanes, rows=rows, unit=unit))
 
 
-@pytest.mark.parametrize("kernel,act,int64,pairs", [((3, 3, 3), 0, False, True), ((1, 3, 3), 2, True, True),
-                                                    ((3, 3, 3), 1, True, False)])
-def test_dwconv3d_forward_column_tiles(kernel, act, int64, pairs):
+@pytest.mark.parametrize("kernel,act,int64,pairs,lanes,rows,grad",
+                         [((3, 3, 3), 0, False, True, 2, 1, False), ((1, 3, 3), 2, True, True, 2, 1, False),
+                          ((3, 3, 3), 1, True, False, 2, 1, False),
+                          # larger kernels: flipped taps (the dx pass) in int64, GELU's dz pass on two rows
+                          ((7, 7, 7), 0, True, True, 4, 1, False), ((5, 5, 5), 2, False, False, 4, 2, True)])
+def test_dwconv3d_forward_column_tiles(kernel, act, int64, pairs, lanes, rows, grad):
     """Channel-major column tiles (channels-last and tokens), bf16 read as channel pairs in int32 or as bf16."""
     from fastseg3d.kernels.dwconv3d import _dwconv3d_fwd_kernel
 
-    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values("bf16", kernel, act, int64, lanes=2, columns=True,
+    roll = kernel[0] in (1, 3) and kernel[1] * kernel[2] <= 9
+    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values("bf16", kernel, act, int64, flip=int64, grad=grad,
+                                                              roll=roll, lanes=lanes, rows=rows, columns=True,
                                                               pairs=pairs))
 
 
@@ -100,9 +105,26 @@ def test_dwconv3d_weight_grad_kernel(dtype, kernel, kd_per, int64, roll, lanes, 
                         *[f"s{t}{a}" for t in "xg" for a in "bcdhw"],
                         "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
     block = (32, 1, 32) if lanes == 2 else (1, 8 * rows, 128) if lanes else (64, 1, 16)
-    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, ROLL=roll, LANES=lanes, ROWS=rows,
-                  HAS_BIAS=True, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1], BLOCK_W=block[2],
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=kd_per, KH_PER=kernel[1], ROLL=roll, LANES=lanes,
+                  ROWS=rows, HAS_BIAS=True, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1], BLOCK_W=block[2],
                   PAIRS=lanes == 2 and dtype == "bf16", UNIT=lanes if lanes == 4 and dtype == "bf16" else 1)
+    compile_for_h100(_dwconv3d_bwd_weight_kernel, values)
+
+
+@pytest.mark.parametrize("dtype,kernel,kh_per,int64,pairs", [("bf16", (7, 7, 7), 7, False, True),
+                                                             ("fp32", (7, 7, 7), 4, True, False),
+                                                             ("fp16", (1, 9, 9), 3, False, False)])
+def test_dwconv3d_weight_grad_large_kernel_columns(dtype, kernel, kh_per, int64, pairs):
+    """Larger kernels' weight gradient on channel-major column tiles, a depth tap's rows of taps whole or split
+    over programs (the last chunk's rows past KH masked), bf16 read as channel pairs, 64-bit indexing."""
+    from fastseg3d.kernels.dwconv3d import _dwconv3d_bwd_weight_kernel
+
+    values = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dwp_ptr": "*fp32", "dbp_ptr": "*fp32"}
+    values.update(_ints("C", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "D_CHUNK",
+                        *[f"s{t}{a}" for t in "xg" for a in "bcdhw"],
+                        "pad_d", "pad_h", "pad_w", "dil_d", "dil_h", "dil_w"))
+    values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], KD_PER=1, KH_PER=kh_per, ROLL=False, LANES=4, ROWS=1,
+                  HAS_BIAS=True, INT64=int64, BLOCK_C=32, BLOCK_H=1, BLOCK_W=32, PAIRS=pairs, UNIT=1)
     compile_for_h100(_dwconv3d_bwd_weight_kernel, values)
 
 
@@ -260,6 +282,23 @@ def test_dwconv3d_large_kernels_keep_to_registers(shape, kernel, act, which, lan
 
     stats = profile_dwconv3d(shape, kernel, torch.bfloat16, False, which, act)
     assert stats["lanes"] == lanes and stats["spill_bytes"] == 0, stats
+    assert stats["per_output"] < limit, stats
+
+
+@pytest.mark.parametrize("shape,kernel,act,which,dtype,limit", [
+    ((2, 32, 24, 24, 24), (7, 7, 7), "gelu", "dz", torch.bfloat16, 112),  # 105.8 today; 249 with a load per tap
+    ((2, 64, 12, 12, 12), (9, 9, 9), None, "fwd", torch.bfloat16, 215),  # 202.9; 600
+    ((2, 32, 24, 24, 24), (7, 7, 7), None, "fwd", torch.float32, 78),  # 73.1 (two rows a thread); 186
+    ((2, 32, 24, 24, 24), (7, 7, 7), None, "bwd_weight", torch.bfloat16, 130),  # 122.0; 410
+    ((2, 64, 12, 12, 12), (9, 9, 9), None, "bwd_weight", torch.float32, 190),  # 179.6 over three programs; 556
+])
+def test_dwconv3d_channels_last_large_kernels_keep_to_registers(shape, kernel, act, which, dtype, limit):
+    """The same convs on channels-last volumes take channel-major column tiles: no spills, and main-loop
+    instructions per output and depth tap within a bound."""
+    from bench.sass import profile_dwconv3d
+
+    stats = profile_dwconv3d(shape, kernel, dtype, True, which, act)
+    assert stats["lanes"] > 0 and stats["spill_bytes"] == 0, stats
     assert stats["per_output"] < limit, stats
 
 

@@ -508,8 +508,7 @@ def test_bad_backend_env_is_reported():
      ((2, 4, 8, 12, 12), (9, 9, 9), 4, 1, "contiguous", torch.bfloat16, 4, 2, 1),  # of 12: 8-byte vectors
      ((2, 4, 8, 16, 18), (7, 7, 7), 3, 1, "contiguous", torch.bfloat16, 0, 1, 4),  # of 18: no vectors
      ((2, 4, 8, 16, 32), (5, 5, 5), (2, 2, 1), 1, "contiguous", torch.bfloat16, 0, 1, 4),  # W taps not centred
-     ((2, 4, 8, 16, 32), (5, 5, 5), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0, 1, 4),  # dilated W taps
-     ((2, 4, 8, 16, 32), (7, 7, 7), 3, 1, "channels_last", torch.bfloat16, 0, 1, 4)],
+     ((2, 4, 8, 16, 32), (5, 5, 5), 2, (1, 1, 2), "contiguous", torch.bfloat16, 0, 1, 4)],  # dilated W taps
 )
 def test_general_path_takes_wide_lanes(shape, kernel, padding, dilation, layout, dtype, lanes, rows, warps):
     """Kernels the rolling walk does not take (depth taps other than 1 and 3, more than 3x3 in-plane taps) run on
@@ -531,6 +530,48 @@ def test_general_path_takes_wide_lanes(shape, kernel, padding, dilation, layout,
     assert (kw["LANES"], kw["UNIT"], kw["ROLL"], kw["ROWS"]) == (lanes, unit, False, min(2, rows)), kw
     if lanes:
         assert kw["BLOCK_H"] // kw["ROWS"] * (kw["BLOCK_W"] // lanes) == 32 * kw["num_warps"]
+
+
+@pytest.mark.parametrize(
+    "shape,kernel,padding,dilation,dtype,channels,lanes,rows",
+    [((2, 32, 24, 24, 24), (7, 7, 7), 3, 1, torch.bfloat16, 4, 4, 1),  # MobileUtr's ConvUtr, channels-last
+     ((2, 64, 12, 12, 12), (9, 9, 9), 4, 1, torch.bfloat16, 8, 2, 1),  # its LGL blocks
+     ((2, 32, 24, 24, 24), (7, 7, 7), 3, 1, torch.float32, 4, 4, 2),
+     ((2, 64, 12, 12, 12), (9, 9, 9), 4, 1, torch.float32, 4, 2, 2),
+     ((2, 32, 16, 16, 16), (5, 5, 5), 2, (1, 2, 1), torch.float32, 4, 4, 1),  # dilated H taps: one row
+     ((2, 32, 16, 16, 16), (5, 5, 5), (2, 2, 0), 1, torch.bfloat16, 4, 4, 1),  # W taps not centred
+     ((2, 32, 16, 16, 2), (1, 7, 7), (0, 3, 3), 1, torch.float16, 4, 2, 1),  # a row narrower than the lanes
+     ((2, 32, 16, 16, 16), (5, 5, 5), 2, (1, 1, 2), torch.bfloat16, 0, 0, 1)],  # dilated W taps: a load per tap
+)
+def test_channel_major_large_kernels_take_columns(shape, kernel, padding, dilation, dtype, channels, lanes, rows):
+    """Kernels the rolling walk does not take, on channels-last volumes and tokens (a unit channel stride), run on
+    channel-major column tiles where the W taps are undilated: a thread holds `channels` channels at `rows` x
+    `lanes` outputs, and each input column it loads serves the lanes (and rows) it feeds. The weight gradient
+    takes 2 channels at 4 lanes a thread and splits a depth tap's rows of taps over programs beyond 49 taps (28
+    for fp32 and 9-wide rows)."""
+    from bench.sass import _captured
+    from fastseg3d.kernels.dwconv3d import dwconv3d_bwd_weight, dwconv3d_fwd
+
+    x, w, out, padding, dilation = _launch_args(shape, kernel, padding, dilation, "channels_last", dtype)
+    out = out.contiguous(memory_format=torch.channels_last_3d)  # as the op allocates it
+    for act, grad, flip in ((0, None, False), (2, None, False), (4, out, False), (0, None, True)):
+        (_, _, kw), = _captured(lambda: dwconv3d_fwd(x, w, None, None, out, padding, dilation, act, grad=grad,
+                                                     flip=flip))
+        assert (kw["LANES"], kw["ROWS"], kw["ROLL"], kw["UNIT"]) == (lanes, rows, False, 1), kw
+        if lanes:
+            # 128 threads of `channels` x `rows` x `lanes` outputs
+            tile = kw["BLOCK_C"] * kw["BLOCK_H"] * kw["BLOCK_W"]
+            assert kw["BLOCK_C"] == min(shape[1], 64) and tile == 128 * channels * rows * lanes, kw
+            assert kw["PAIRS"] == (dtype == torch.bfloat16), kw
+    grids = []
+    (_, _, kw), = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True), grids)
+    taps = 49 if dtype != torch.float32 and kernel[2] <= 7 else 28
+    kh_per = min(kernel[1], taps // kernel[2]) if lanes else kernel[1]
+    assert (kw["LANES"], kw["KH_PER"], kw["ROLL"]) == (min(4, shape[4]) if lanes else 0, kh_per, False), kw
+    assert grids[0][1] == kernel[0] * -(-kernel[1] // kh_per)  # a program per depth tap and row chunk
+    if lanes:
+        assert kw["BLOCK_C"] * kw["BLOCK_H"] * kw["BLOCK_W"] == 128 * 2 * min(4, shape[4]), kw
+        assert kw["PAIRS"] == (dtype == torch.bfloat16), kw
 
 
 def test_wide_lanes_keep_strides_whole_with_64bit_indexing(monkeypatch):
@@ -597,7 +638,7 @@ def test_interpret_expanded_grad_output(poison, layout):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("layout,channels,kernel", [("contiguous", 3, (3, 3, 3)), ("channels_last", 3, (3, 3, 3)),
-                                                    ("contiguous", 1, (5, 5, 5))])
+                                                    ("contiguous", 1, (5, 5, 5)), ("channels_last", 3, (5, 5, 5))])
 def test_interpret_64bit_indexing_path(poison, monkeypatch, layout, channels, kernel):
     import fastseg3d.kernels.dwconv3d as k
 
@@ -657,12 +698,43 @@ def test_interpret_gpu_lane_tiles(poison, monkeypatch, shape, kernel, activation
     check_against_reference("contiguous", shape, kernel, activation, True, dtype, "cpu")
 
 
+_GPU_COLUMN_CASES = [
+    # layout, shape (B, C, D, H, W), kernel, activation, dtype, padding, dilation: the channel-major column tiles of
+    # kernels larger than the rolling walk takes, as a GPU launch picks them: rows at the H border, W not a multiple
+    # of the lanes, C not a multiple of the tile's channels, uncentred and dilated taps
+    ("channels_last", (1, 8, 2, 9, 13), (7, 7, 7), "gelu", _F16, "same", 1),
+    ("channels_last", (1, 6, 2, 7, 10), (5, 5, 5), None, _F32, "same", 1),
+    ("tokens", (2, 4, 2, 3, 5), (3, 5, 5), "silu", _F32, "same", 1),
+    ("channels_last", (1, 8, 1, 4, 12), (1, 9, 9), None, _F16, "same", 1),
+    ("channels_last", (1, 3, 4, 9, 7), (3, 5, 5), "relu", _F32, (1, 4, 1), (1, 2, 1)),
+    ("channels_last", (1, 4, 3, 6, 9), (5, 5, 5), None, _F32, (2, 1, 3), 1),
+    ("channels_last", (1, 4, 2, 8, 9), (3, 7, 7), "gelu", _F32, "same", 1),  # weight gradient: 4 + 3 rows of taps
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout,shape,kernel,activation,dtype,padding,dilation", _GPU_COLUMN_CASES,
+                         ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-k{''.join(map(str, c[2]))}"
+                              for c in _GPU_COLUMN_CASES])
+def test_interpret_gpu_large_kernel_columns(poison, monkeypatch, layout, shape, kernel, activation, dtype, padding,
+                                            dilation):
+    """Kernels larger than the rolling walk takes on the channel-major column tiles a GPU launch picks (under the
+    interpreter the launchers take one large tile instead), forward and every gradient (the dx pass runs the
+    forward kernel on flipped taps, the dz pass with the activation's derivative)."""
+    import fastseg3d.kernels.dwconv3d as k
+
+    monkeypatch.setattr(k, "interpreter_active", lambda: False)
+    check_against_reference(layout, shape, kernel, activation, True, dtype, "cpu", padding=padding,
+                            dilation=dilation)
+
+
 _PAIR_CASES = [
     # layout, shape, kernel, activation, residual: bf16 channel-major tiles read as channel pairs in int32 (C a
     # multiple of the tile's channels), and C = 6, which is not (bf16 vectors split in registers)
     ("channels_last", (1, 8, 3, 4, 5), (3, 3, 3), "gelu", True),
     ("tokens", (2, 16, 2, 3, 5), (1, 3, 3), None, False),
     ("channels_last", (1, 6, 3, 4, 5), (3, 3, 3), "silu", True),
+    ("channels_last", (1, 8, 3, 4, 5), (5, 5, 5), "gelu", True),  # larger kernels' column tiles
 ]
 
 
