@@ -723,9 +723,10 @@ def _dwconv3d_bwd_weight_kernel(
     same sums per tap and thread over the output slices, each input row read as the forward's general lane path
     reads it (three aligned vectors), so each loaded element meets up to KW taps of each dz lane.
 
-    LANES on a channel-major tile without ROLL (larger kernels, undilated W taps: channels-last, tokens): over the
-    output slices, a thread's dz at LANES consecutive W positions meets each input row's LANES + KW - 1 columns, with
-    one sum per tap and channel; a program takes KH_PER rows of one depth tap's taps.
+    LANES on a channel-major tile without ROLL (larger kernels or dilated depth taps, undilated W taps:
+    channels-last, tokens): over the output slices, a thread's dz at LANES consecutive W positions meets each input
+    row's LANES + KW - 1 columns, with one sum per tap and channel; a program takes KH_PER rows of one depth tap's
+    taps.
 
     UNIT: as in the forward kernel (W and the strides but W's in units of the lanes).
     """
@@ -1141,11 +1142,12 @@ def _large_columns(element_size: int, kw: int, dil_h: int) -> tuple[int, int, in
 
 
 def _large_grad_columns(element_size: int, kh: int, kw: int) -> tuple[int, int, int]:
-    """(channels, lanes, rows of taps) of the weight gradient's column tiles for kernels larger than the rolling
-    walk takes: 2 channels at 4 lanes a thread and one fp32 sum per tap and channel, up to 49 taps a program for
-    2-byte inputs (7x7: 122 instructions per output and depth tap on sm_90, 225 registers) and 28 for fp32 and
-    9-wide rows (7x7 fp32: 127 over two programs, 182 registers; 9x9: 203 in bf16, 180 in fp32), against 410 and
-    674 with one load per tap; 4 channels spilled or took every register, for about 10% fewer instructions."""
+    """(channels, lanes, rows of taps) of the weight gradient's column tiles for kernels its rolling walk does not
+    take (larger ones, dilated depth taps): 2 channels at 4 lanes a thread and one fp32 sum per tap and channel,
+    up to 49 taps a program for 2-byte inputs (7x7: 122 instructions per output and depth tap on sm_90, 225
+    registers) and 28 for fp32 and 9-wide rows (7x7 fp32: 127 over two programs, 182 registers; 9x9: 203 in bf16,
+    180 in fp32), against 410 and 674 with one load per tap; 4 channels spilled or took every register, for about
+    10% fewer instructions."""
     taps = 49 if element_size == 2 and kw <= 7 else 28
     return 2, 4, max(1, min(kh, taps // kw))
 
@@ -1321,8 +1323,8 @@ def dwconv3d_bwd_weight(
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c) and dz.stride(1) == 1 and _channel_pairs(dz, block_c)
     elif _takes_columns(x, kw, dilation):
-        # larger kernels on channel-major columns: one sum per tap and channel a thread holds, over kh_per rows of
-        # taps a program
+        # larger kernels (or dilated depth taps) on channel-major columns: one sum per tap and channel a thread
+        # holds, over kh_per rows of taps a program
         channels, lanes, kh_per = _large_grad_columns(x.element_size(), kh, kw)
         kd_per, n_tap_chunks = 1, kd * cdiv(kh, kh_per)
         lanes = min(lanes, next_power_of_2(w_out))
