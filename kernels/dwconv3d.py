@@ -1133,9 +1133,10 @@ def _large_columns(element_size: int, kw: int, dil_h: int) -> tuple[int, int, in
     """(channels, lanes, rows) a thread holds on the channel-major column tiles of kernels larger than the rolling
     walk takes. Chosen on sm_90 compiles at (2, 32, 128^3) and (2, 32, 24^3) for 7x7x7 and (2, 64, 12^3) for 9x9x9
     (main-loop instructions per output and depth tap, against 249 and 600 with one load per tap): 2-byte inputs 4
-    channels by 4 lanes (105, 147 to 207 registers; two rows spilled) and for 9-wide rows 8 by 2 (203; 4 by 4
-    spilled); fp32 4 by 4 by two rows (73, 152 registers; 93 with one row) and for 9-wide rows 4 by 2 by two rows
-    (146; one row of 4 lanes 150). Rows share their input rows only where the H taps are undilated."""
+    channels by 4 lanes (105, 147 to 207 registers; two rows spilled, and 8 by 2 by two rows read as bf16 vectors,
+    98.5 with no activation, spilled with GELU) and for 9-wide rows 8 by 2 (203; 4 by 4 spilled); fp32 4 by 4 by two
+    rows (73, 152 registers; 93 with one row) and for 9-wide rows 4 by 2 by two rows (146; one row of 4 lanes 150).
+    Rows share their input rows only where the H taps are undilated."""
     if element_size == 4:
         return (4, 4 if kw <= 7 else 2, 2) if dil_h == 1 else (4, 4, 1)
     return (4, 4, 1) if kw <= 7 else (8, 2, 1)
