@@ -853,6 +853,10 @@ _GPU_CASES = [
         ("contiguous", (2, 8, 11, 23, 24), (7, 7, 7), "gelu"),
         ("contiguous", (2, 4, 12, 12, 12), (9, 9, 9), None),
         ("contiguous", (1, 4, 6, 17, 32), (5, 5, 5), "silu"),
+        # the same on channel-major column tiles (bf16 as channel pairs; the weight gradient's 9x9 rows of taps
+        # split over three programs)
+        ("channels_last", (2, 32, 11, 23, 24), (7, 7, 7), "gelu"),
+        ("tokens", (2, 64, 12, 12, 12), (9, 9, 9), None),
     ]
 ]
 
