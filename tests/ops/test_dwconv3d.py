@@ -709,6 +709,8 @@ _GPU_COLUMN_CASES = [
     ("channels_last", (1, 3, 4, 9, 7), (3, 5, 5), "relu", _F32, (1, 4, 1), (1, 2, 1)),
     ("channels_last", (1, 4, 3, 6, 9), (5, 5, 5), None, _F32, (2, 1, 3), 1),
     ("channels_last", (1, 4, 2, 8, 9), (3, 7, 7), "gelu", _F32, "same", 1),  # weight gradient: 4 + 3 rows of taps
+    ("channels_last", (1, 4, 2, 5, 3), (5, 5, 5), None, _F16, "same", 1),  # a row narrower than a thread's lanes
+    ("tokens", (1, 4, 3, 6, 1), (5, 5, 5), "gelu", _F32, "same", 1),  # one column: one lane
 ]
 
 
