@@ -72,8 +72,9 @@ def backend(name: str) -> Iterator[None]:
 
 
 def interpreter_active() -> bool:
-    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET=1`` when they were decorated)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET`` set when they were decorated, read as
+    Triton reads it: 1, true, yes, on or y in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 
 def tf32_matmul_allowed() -> bool:

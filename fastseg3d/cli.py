@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -152,8 +153,11 @@ def _profile(args: argparse.Namespace) -> int:
         return 2
     # the config's backend, as training applies it: backend=torch counts the plain compositions (the references and
     # plain norm chains that the benchmarks' plain networks run)
-    with backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
-        return _profile_config(args, cfg)
+    try:
+        with backend(cfg["backend"]) if cfg["backend"] else contextlib.nullcontext():
+            return _profile_config(args, cfg)
+    except ValueError as err:  # a setup the network or the backend rejects (e.g. a size its strides do not divide)
+        return _error(err)
 
 
 def _size_token(token: str) -> int | str:
@@ -161,10 +165,33 @@ def _size_token(token: str) -> int | str:
     if "=" in token:
         return token
     try:
-        return int(token)
+        side = int(token)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{token!r} is neither a side (an integer) nor a key=value override"
                                          ) from None
+    if side < 1:
+        raise argparse.ArgumentTypeError(f"a side must be a positive integer, got {side}")
+    return side
+
+
+def _positive_int(token: str) -> int:
+    try:
+        value = int(token)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{token!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _positive_gib(token: str) -> float:
+    try:
+        value = float(token)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{token!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number of GiB, got {token}")
+    return value
 
 
 def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
@@ -181,7 +208,9 @@ def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
     model = build_model(cfg["model"], *(channels or (None, None)))
     amp = args.dtype or tcfg["amp"]
     dtype = {"none": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    batch = args.batch or int(data["batch_size"]) * (int(data["num_samples"]) if data["name"] == "msd" else 1)
+    batch = args.batch
+    if batch is None:
+        batch = int(data["batch_size"]) * (int(data["num_samples"]) if data["name"] == "msd" else 1)
     size = tuple(args.size * 3 if len(args.size or ()) == 1 else args.size or data["spatial_size"])
     own_channels = channels is None
     if own_channels:  # an MSD config without its folder: the network's own channel counts
@@ -190,7 +219,10 @@ def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
             logits = copy.deepcopy(model).to("meta").eval()(torch.empty(1, in_channels, *size, device="meta"))
         channels = (in_channels, logits.shape[1])
     step = _train_step(model, build_objective(cfg, mode, channels[1]), mode, channels[1])
-    states = {"adamw": 2, "adam": 2, "sgd": 1 if cfg["optimizer"]["momentum"] else 0}[cfg["optimizer"]["name"]]
+    opt = cfg["optimizer"]
+    # Adam keeps a third state per parameter, the running maximum of exp_avg_sq, with amsgrad
+    states = {"adamw": 2, "adam": 2, "sgd": 1 if opt["momentum"] else 0}[opt["name"]] + (
+        opt["name"] != "sgd" and bool(opt["amsgrad"]))
     shape = (batch, channels[0], *size)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -208,7 +240,8 @@ def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
           + (f" + {cfg['loss']['distill']}" if cfg["loss"]["distill"] != "none" else "") + ")")
     print(f"  parameters and buffers  {_size(report['parameters']):>11}")
     print(f"  gradients               {_size(report['gradients']):>11}")
-    print(f"  optimizer state         {_size(report['optimizer']):>11}  ({cfg['optimizer']['name']})")
+    print(f"  optimizer state         {_size(report['optimizer']):>11}  ({opt['name']}"
+          + (", amsgrad" if opt["name"] != "sgd" and opt["amsgrad"] else "") + ")")
     print(f"  at least                {_size(report['total']):>11}  (backward's transient buffers, the allocator's "
           "slack and the CUDA context come on top)")
     for phase, t in write_traffic(step, shape, dtype).items():
@@ -217,7 +250,7 @@ def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
               + ", ".join(f"{name} x{count} {_size(nbytes)}" for name, (count, nbytes) in top))
     if tcfg["activation_checkpointing"]:
         print("  train.activation_checkpointing is on: not modelled, these are the counts without it")
-    if args.max_memory:
+    if args.max_memory is not None:
         side = largest_cube(step, batch, channels[0], int(args.max_memory * 2**30), dtype, states)
         print(f"  largest cube at batch {batch} whose estimate fits {args.max_memory:g} GiB: "
               + (f"{side}^3" if side else "none"))
@@ -315,11 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--config", required=True, help="a YAML file, or a name in configs/ (e.g. segformer3d_brats)")
     prof.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                       help="fp32, or the autocast dtype (default: the config's train.amp)")
-    prof.add_argument("--batch", type=int, default=None,
+    prof.add_argument("--batch", type=_positive_int, default=None,
                       help="default: data.batch_size (times data.num_samples for MSD crops)")
     prof.add_argument("--size", type=_size_token, nargs="+", default=None,
                       help="D H W, or one side (default: data.spatial_size)")
-    prof.add_argument("--max-memory", type=float, default=None,
+    prof.add_argument("--max-memory", type=_positive_gib, default=None,
                       help="GiB: also search the largest cube side whose estimate fits")
     prof.add_argument("overrides", nargs="*", help="config overrides section.key=value")
 

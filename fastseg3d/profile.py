@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -117,6 +119,45 @@ def _autocast_on_meta(dtype: torch.dtype):
         META_AUTOCAST_DTYPE.reset(token)
 
 
+def _check(input_shape: Sequence[int], dtype: torch.dtype) -> tuple[int, ...]:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
+    try:
+        shape = tuple(operator.index(s) for s in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}") from None
+    if not shape or min(shape) < 1:
+        raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
+    return shape
+
+
+def _training_forward() -> contextlib.ExitStack:
+    """Grad mode on whatever the caller's mode (under ``torch.no_grad()`` nothing would be saved for backward)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def _tensor_leaves(out) -> list[torch.Tensor]:
+    """The tensors in a model's output: a tensor, or tuples (NamedTuples too), lists, dicts and dataclasses of them."""
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif isinstance(out, tuple):
+        out = list(out)
+    if isinstance(out, (list, dict)):
+        values = out.values() if isinstance(out, dict) else out
+        return [t for v in values for t in _tensor_leaves(v)]
+    return [out] if isinstance(out, torch.Tensor) else []
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """``model`` in training mode on the ``meta`` device, a copy (a ``torch.compile``d model: its eager module)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: count what the eager module saves
+    with _training_forward():  # parameters made under inference_mode could not be saved for backward
+        return copy.deepcopy(model).to("meta").train()
+
+
 def activation_memory(
     model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32
 ) -> dict[str, int]:
@@ -136,7 +177,7 @@ def activation_memory(
         ``nn.ModuleList`` gets what the modules inside it save when ``model`` calls them.
 
     Raises:
-        ValueError: ``dtype`` is not float32, float16 or bfloat16.
+        ValueError: ``dtype`` is not float32, float16 or bfloat16, or ``input_shape`` not positive ints.
 
     Example:
         >>> from fastseg3d.networks import SegFormer3D
@@ -145,9 +186,8 @@ def activation_memory(
         >>> report["total"] > 0
         True
     """
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    meta_model = copy.deepcopy(model).to("meta").train()
+    input_shape = _check(input_shape, dtype)
+    meta_model = _meta_copy(model)
     param_storages = {p.untyped_storage()._cdata for p in meta_model.parameters()}
     param_storages |= {b.untyped_storage()._cdata for b in meta_model.buffers()}
     seen: set[int] = set()
@@ -188,11 +228,10 @@ def activation_memory(
 
     for name, child in meta_model.named_children():
         attribute(child, name)
-    x = torch.empty(tuple(input_shape), device="meta", requires_grad=False)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _training_forward(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with _autocast_on_meta(dtype):
-                meta_model(x)
+                meta_model(torch.empty(input_shape, device="meta"))
     finally:
         for h in handles:
             h.remove()
@@ -218,6 +257,8 @@ def training_memory(
         >>> report["total"] == sum(v for k, v in report.items() if k != "total")
         True
     """
+    if isinstance(optimizer_states, bool) or not isinstance(optimizer_states, int) or optimizer_states < 0:
+        raise ValueError(f"optimizer_states must be an int >= 0, got {optimizer_states!r}")
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     report = {
         "activations": activation_memory(model, input_shape, dtype)["total"],
@@ -259,7 +300,8 @@ def write_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch.dty
     """The ops a training step of ``model`` runs that write memory, forward and backward, and the bytes they write,
     counted on the ``meta`` device as :func:`activation_memory` runs the step (fused fastseg3d ops as on a GPU,
     each one op however many kernels it launches). Views are left out; an in-place op counts the tensor it writes.
-    Backward starts from the sum of ``model``'s output (its output itself when a scalar).
+    Backward starts from the sum of ``model``'s floating-point outputs (an output itself when a scalar; tuples,
+    dicts and dataclasses of tensors too).
 
     Bytes written are a floor on a step's memory traffic (each is usually read at least once more), and the op
     count a floor on its launches: ops that write much next to what they compute (casts, zero fills, elementwise
@@ -276,15 +318,17 @@ def write_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch.dty
         >>> traffic["backward"]["ops"] > traffic["forward"]["ops"] > 0
         True
     """
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    meta_model = copy.deepcopy(model).to("meta").train()
-    x = torch.empty(tuple(input_shape), device="meta")
+    input_shape = _check(input_shape, dtype)
+    meta_model = _meta_copy(model)
     forward, backward = _Writes(), _Writes()
-    with _autocast_on_meta(dtype):
+    with _training_forward(), _autocast_on_meta(dtype):
+        x = torch.empty(input_shape, device="meta")
         with forward:
             out = meta_model(x)
-        loss = out if out.dim() == 0 else out.float().sum()
+        leaves = [t for t in _tensor_leaves(out) if t.is_floating_point() and t.requires_grad]
+        if not leaves:
+            raise ValueError("the model's output has no floating-point tensor that requires grad: no backward to run")
+        loss = sum(t if t.dim() == 0 else t.float().sum() for t in leaves)
         with backward:
             loss.backward()
     return {name: {"ops": sum(c for c, _ in log.by_op.values()), "bytes": sum(b for _, b in log.by_op.values()),
@@ -299,6 +343,10 @@ def largest_cube(
     """The largest cube side (a multiple of ``multiple``, at most ``max_side``) whose :func:`training_memory` at
     ``batch`` fits in ``budget`` bytes; 0 when none does. From ``start`` it doubles, then bisects (the count grows
     with the side); below ``start`` it steps down by ``multiple``."""
+    for name, value, low in (("batch", batch, 1), ("in_channels", in_channels, 1), ("budget", budget, 0),
+                             ("multiple", multiple, 1), ("start", start, 1), ("max_side", max_side, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
     def fits(side: int) -> bool:
         shape = (batch, in_channels, side, side, side)

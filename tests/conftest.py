@@ -3,12 +3,12 @@ process (Triton reads it when kernels are decorated, and it breaks compile/opche
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fastseg3d.backends import interpreter_active
+
+INTERPRET = interpreter_active()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,6 +11,17 @@ import torch
 import fastseg3d
 
 
+@pytest.mark.parametrize("value,active", [("1", True), ("true", True), ("ON", True), ("yes", True), ("0", False),
+                                          ("false", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, active):
+    """TRITON_INTERPRET=true turned Triton's interpreter on while fastseg3d took it as off (and refused CPU
+    launches)."""
+    from fastseg3d.backends import interpreter_active
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_active() is active
+
+
 def test_info_command_lists_versions_and_op_choices():
     proc = subprocess.run([sys.executable, "-m", "fastseg3d", "info"], capture_output=True, text=True, check=True)
     out = proc.stdout
@@ -114,6 +125,49 @@ def test_profile_overrides_after_size(capsys):
     with pytest.raises(SystemExit):
         main(["profile", "--config", "quickstart", "--size", "big"])
     assert "'big' is neither a side (an integer) nor a key=value override" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch", "0"], "--batch: must be a positive integer, got 0"),
+    (["--batch", "-2"], "--batch: must be a positive integer, got -2"),
+    (["--size", "0"], "a side must be a positive integer, got 0"),
+    (["--max-memory", "0"], "--max-memory: must be a positive finite number of GiB, got 0"),
+    (["--max-memory", "inf"], "--max-memory: must be a positive finite number of GiB, got inf"),
+    (["--max-memory", "nan"], "--max-memory: must be a positive finite number of GiB, got nan"),
+])
+def test_profile_rejects_bad_numbers(capsys, argv, message):
+    """Zero was read as unset (--batch 0 profiled the config's batch), the rest ended in tracebacks."""
+    from fastseg3d.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["profile", "--config", "quickstart", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_profile_reports_setup_errors_in_one_line(capsys):
+    from fastseg3d.cli import main
+
+    # a size the network's strides do not divide, and an unknown backend
+    for argv, message in ((["--size", "33"], "error: "), (["backend=bogus"], "error: backend must be one of")):
+        assert main(["profile", "--config", "quickstart", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_profile_counts_amsgrads_third_state(capsys):
+    from fastseg3d.cli import main
+
+    def optimizer_line(*overrides):
+        assert main(["profile", "--config", "missu_brats", "--size", "32", "--batch", "1", *overrides]) == 0
+        out = capsys.readouterr().out
+        params = next(line for line in out.splitlines() if "parameters and buffers" in line)
+        return next(line for line in out.splitlines() if "optimizer state" in line), params
+
+    with_amsgrad, params = optimizer_line()
+    without, _ = optimizer_line("optimizer.amsgrad=false")
+    assert with_amsgrad.endswith("(adam, amsgrad)") and without.endswith("(adam)")
+    mib = [float(line.split()[2]) for line in (with_amsgrad, without)]
+    assert abs(mib[0] / mib[1] - 1.5) < 0.01, (with_amsgrad, without, params)
 
 
 def test_profile_of_an_msd_config_without_its_folder_takes_the_networks_channels(capsys):

@@ -77,6 +77,73 @@ def test_rejects_other_dtypes():
         activation_memory(_Tiny(), (2, 10, 8), torch.float64)
 
 
+def test_counts_a_training_forward_whatever_the_callers_grad_mode():
+    """Under no_grad or inference_mode nothing would be saved for backward: the count runs with grad on (it
+    counted 0 and every cube fitted), and a torch.compile'd model is counted as its eager module."""
+    from fastseg3d.profile import largest_cube, write_traffic
+
+    model = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 2, 1))
+    shape = (1, 1, 16, 16, 16)
+    expected = activation_memory(model, shape)["total"]
+    side = largest_cube(model, 1, 1, 2**30, max_side=1024)
+    assert expected > 0 and side < 1024
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert activation_memory(model, shape)["total"] == expected
+            assert largest_cube(model, 1, 1, 2**30, max_side=1024) == side
+            assert write_traffic(model, shape)["backward"]["ops"] > 0
+    assert activation_memory(torch.compile(model), shape)["total"] == expected
+    assert all(p.device.type == "cpu" and not p.is_inference() for p in model.parameters())
+
+
+class _Heads(nn.Module):
+    """A training output that is not one tensor: a NamedTuple of a tensor and a dict of tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv3d(1, 2, 1), nn.Conv3d(1, 3, 1)
+
+    def forward(self, x):
+        from collections import namedtuple
+
+        return namedtuple("Out", "main aux")(self.a(x), {"b": self.b(x), "n": 3})
+
+
+def test_write_traffic_runs_backward_from_every_floating_output():
+    from fastseg3d.profile import write_traffic
+
+    traffic = write_traffic(_Heads(), (1, 1, 4, 4, 4))
+    names = " ".join(traffic["backward"]["by_op"])
+    assert names.count("ConvolutionBackward0") >= 1 and traffic["backward"]["bytes"] > 0
+    # both heads' weight gradients are written: 2 and 3 output channels
+    assert traffic["backward"]["by_op"]["aten::convolution_backward (ConvolutionBackward0)"][0] == 2
+    with pytest.raises(ValueError, match="no floating-point tensor that requires grad"):
+        write_traffic(nn.ReLU(), (1, 1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: activation_memory(_Tiny(), (2, -1, 8)), "input_shape"),
+    (lambda: activation_memory(_Tiny(), (2, 10.5, 8)), "input_shape"),
+    (lambda: activation_memory(_Tiny(), ()), "input_shape"),
+])
+def test_rejects_bad_shapes(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_training_memory_and_largest_cube_reject_bad_arguments():
+    from fastseg3d.profile import largest_cube, training_memory
+
+    model = nn.Conv3d(1, 2, 1)
+    with pytest.raises(ValueError, match="optimizer_states"):
+        training_memory(model, (1, 1, 4, 4, 4), optimizer_states=-1)
+    for kwargs, name in (({"batch": 0}, "batch"), ({"multiple": 0}, "multiple"), ({"budget": -1}, "budget"),
+                         ({"in_channels": 0}, "in_channels"), ({"max_side": 0}, "max_side")):
+        args = {"batch": 1, "in_channels": 1, "budget": 2**30, **kwargs}
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            largest_cube(model, **args)
+
+
 class _Containers(nn.Module):
     """Children that are never called themselves: a ModuleList holding a Linear and a ModuleDict."""
 
