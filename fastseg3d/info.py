@@ -52,9 +52,11 @@ def _probe_cases(device: torch.device, dtype: torch.dtype):
     yield "selfreg_intra", device_reasons + selfreg_intra_unsupported_reasons(feat)
 
 
-def op_choices(device: torch.device | None = None, dtype: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str]]:
-    """(op, implementation, why) for each op on ``device`` (default: cuda if available, else cpu)."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def op_choices(device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16
+               ) -> list[tuple[str, str, str]]:
+    """(op, implementation, why) for each op on ``device`` (a device or its name; default: cuda if available, else
+    cpu)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return [(name, *backends.decide(name, reasons)) for name, reasons in _probe_cases(device, dtype)]
 
 

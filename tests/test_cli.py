@@ -35,6 +35,7 @@ def test_op_choices_follow_policy():
     cpu = torch.device("cpu")
     assert fastseg3d.info.op_choices(cpu)[0][1] == "torch"
     assert "device=cpu" in fastseg3d.info.op_choices(cpu)[0][2]
+    assert fastseg3d.info.op_choices("cpu") == fastseg3d.info.op_choices(cpu)  # a device's name too
     assert fastseg3d.info.op_choices(torch.device("meta"))[0][1] == "triton"
     with fastseg3d.backend("torch"):
         assert fastseg3d.info.op_choices(torch.device("meta"))[0] == ("dwconv3d", "torch", "FASTSEG3D_BACKEND=torch")
