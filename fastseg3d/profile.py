@@ -164,7 +164,8 @@ def activation_memory(
     """Bytes of activations a training forward of ``model`` saves for backward, in total and per top-level module.
 
     The model is copied to the ``meta`` device (nothing is allocated, any input size works), run once in training
-    mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage.
+    mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage
+    (also those of a graph the forward builds and drops before it returns: an overcount for such forwards).
     Parameters are not counted. Fused fastseg3d ops take their fused path on ``meta`` tensors, so the count is what
     the fused network saves on a GPU. With ``dtype`` float16 or bfloat16 the forward runs as under CUDA autocast to
     that dtype: ``torch.autocast`` does not act on ``meta`` tensors, so its casts are applied here, by the policy of
