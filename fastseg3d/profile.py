@@ -155,7 +155,13 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """``model`` in training mode on the ``meta`` device, a copy (a ``torch.compile``d model: its eager module)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: count what the eager module saves
     with _training_forward():  # parameters made under inference_mode could not be saved for backward
-        return copy.deepcopy(model).to("meta").train()
+        try:
+            clone = copy.deepcopy(model)
+        except RuntimeError as err:  # e.g. torch.nn.utils.weight_norm's computed weight after a forward
+            raise TypeError(f"the model cannot be copied to the meta device for counting ({err}); modules holding "
+                            "non-leaf tensors, such as torch.nn.utils.weight_norm's, can use "
+                            "torch.nn.utils.parametrizations instead") from err
+        return clone.to("meta").train()
 
 
 def activation_memory(

@@ -109,6 +109,13 @@ class _Heads(nn.Module):
         return namedtuple("Out", "main aux")(self.a(x), {"b": self.b(x), "n": 3})
 
 
+def test_a_model_that_cannot_be_copied_gets_a_clear_error():
+    model = nn.Sequential(nn.utils.weight_norm(nn.Conv3d(1, 2, 1)))
+    model(torch.randn(1, 1, 2, 2, 2))  # the computed weight, a non-leaf tensor, stays on the module
+    with pytest.raises(TypeError, match="cannot be copied to the meta device"):
+        activation_memory(model, (1, 1, 4, 4, 4))
+
+
 def test_write_traffic_runs_backward_from_every_floating_output():
     from fastseg3d.profile import write_traffic
 
