@@ -171,7 +171,9 @@ def activation_memory(
 
     The model is copied to the ``meta`` device (nothing is allocated, any input size works), run once in training
     mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage
-    (also those of a graph the forward builds and drops before it returns: an overcount for such forwards).
+    (also those of a graph the forward builds and drops before it returns: an overcount for such forwards). The
+    copy keeps the model's hooks, which fastseg3d's distillation wrappers need: a hook of the caller's that stores
+    outputs gets ``meta`` tensors, and one that reads values (``.item()``) fails; remove such hooks first.
     Parameters are not counted. Fused fastseg3d ops take their fused path on ``meta`` tensors, so the count is what
     the fused network saves on a GPU. With ``dtype`` float16 or bfloat16 the forward runs as under CUDA autocast to
     that dtype: ``torch.autocast`` does not act on ``meta`` tensors, so its casts are applied here, by the policy of
