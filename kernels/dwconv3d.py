@@ -822,6 +822,7 @@ def _dwconv3d_bwd_weight_kernel(
         # Larger kernels on column tiles: over the output slices, a thread's dz at LANES consecutive W positions
         # meets each input row's LANES + KW - 1 columns, column j meeting lane i through tap kw = j - i; a tap's
         # accumulator takes every lane's product.
+        xp_base = x_base
         if PAIRS:
             xp_base = _pair_base(x_ptr, b, sxb, pid_c, BLOCK_C, INT64)
             gp_base = _pair_base(g_ptr, b, sgb, pid_c, BLOCK_C, INT64)
@@ -842,13 +843,8 @@ def _dwconv3d_bwd_weight_kernel(
                 idp = od - pad_d + (kd0 + kdi) * dil_d + tl.zeros([1, 1, 1], dtype=tl.int32)
                 d_ok = (idp >= 0) & (idp < D_in)
                 for khi in tl.static_range(KH_PER):
-                    ih = h3 - pad_h + (kh0 + khi) * dil_h
-                    if PAIRS:
-                        cols = _column_row_pairs(xp_base + idp * sxd, d_ok, ih, w3, H_in, W_in, sxh, sxw, pad_w,
-                                                 LANES + KW - 1)
-                    else:
-                        cols = _column_row(x_base + idp * sxd, d_ok & (c3 < C), ih, w3, H_in, W_in, sxh, sxw, pad_w,
-                                           LANES + KW - 1)
+                    cols = _column_row_any(x_base, xp_base, idp * sxd, d_ok, c3 < C, h3 - pad_h + (kh0 + khi) * dil_h,
+                                           w3, H_in, W_in, sxh, sxw, pad_w, LANES + KW - 1, PAIRS)
                     updated = ()
                     for n in tl.static_range(NT):
                         a = accs[n]
