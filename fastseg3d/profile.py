@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastseg3d.ops.utils import META_AUTOCAST_DTYPE
+from fastseg3d.ops.utils import META_AUTOCAST
 
 __all__ = ["activation_memory", "largest_cube", "training_memory", "write_traffic"]
 
@@ -82,18 +82,16 @@ class _MetaAutocast(TorchFunctionMode):
     """CUDA autocast's casts on ``meta`` tensors, which ``torch.autocast`` leaves as they are.
 
     A function is seen once, at the Python surface: a composite function outside the lists above runs as it is,
-    and the ops it calls inside are not cast (ATen's autocast would see those)."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
+    and the ops it calls inside are not cast (ATen's autocast would see those). It casts while CUDA autocast's flag
+    is on, to its dtype, so a model's ``torch.autocast("cuda", enabled=False)`` regions run uncast, as on a GPU."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = _floating(list(args) + list(kwargs.values()))
-        if any(t.dtype != torch.float64 for t in tensors):
+        if torch.is_autocast_enabled("cuda") and any(t.dtype != torch.float64 for t in tensors):
             if func in _LOWER:
-                args, kwargs = _cast(args, self.dtype), {k: _cast(v, self.dtype) for k, v in kwargs.items()}
+                dtype = torch.get_autocast_dtype("cuda")
+                args, kwargs = _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
             elif func in _FP32 or (func is F.interpolate and kwargs.get("mode", "nearest") != "area"
                                    and (len(args) < 4 or args[3] != "area")):
                 args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
@@ -111,12 +109,19 @@ def _autocast_on_meta(dtype: torch.dtype):
     if dtype == torch.float32:
         yield
         return
-    token = META_AUTOCAST_DTYPE.set(dtype)  # fastseg3d's fused ops cast as ATen's conv and attention do
+    # CUDA autocast's flag and dtype as torch.autocast("cuda") sets them, which it refuses to do without CUDA; its
+    # casts act on CUDA tensors only, so the flag changes nothing on meta ones but what the emulation reads
+    state = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    token = META_AUTOCAST.set(True)  # fastseg3d's fused ops cast as ATen's conv and attention do
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
     try:
-        with _MetaAutocast(dtype):
+        with _MetaAutocast():
             yield
     finally:
-        META_AUTOCAST_DTYPE.reset(token)
+        torch.set_autocast_enabled("cuda", state[0])
+        torch.set_autocast_dtype("cuda", state[1])
+        META_AUTOCAST.reset(token)
 
 
 def _check(input_shape: Sequence[int], dtype: torch.dtype) -> tuple[int, ...]:
@@ -178,7 +183,9 @@ def activation_memory(
     the fused network saves on a GPU. With ``dtype`` float16 or bfloat16 the forward runs as under CUDA autocast to
     that dtype: ``torch.autocast`` does not act on ``meta`` tensors, so its casts are applied here, by the policy of
     ATen's autocast lists (matrix products and convolutions in ``dtype``; normalisations, softmax, losses,
-    interpolation, exp/log/pow in float32; the rest in the dtype it is given).
+    interpolation, exp/log/pow in float32; the rest in the dtype it is given). The model's own
+    ``torch.autocast("cuda", enabled=False)`` regions run uncast, as on a GPU; a region that turns CUDA autocast on
+    (or changes its dtype) acts only where CUDA is available: elsewhere torch disables it and it runs uncast.
 
     Returns:
         ``{"total": bytes, "<child name>": bytes, ...}`` with one entry per direct child of ``model`` that saves

@@ -36,6 +36,21 @@ def test_counts_what_each_op_saves_in_fp32_and_under_autocast():
         assert activation_memory(_Tiny(), (2, 10, 8), dtype) == expected
 
 
+class _Fp32Region(_Tiny):
+    """_Tiny with its fc in a region the model keeps out of autocast, as models do for fp32-sensitive layers."""
+
+    def forward(self, x):
+        with torch.autocast("cuda", enabled=False):
+            h = self.fc(x)
+        return self.norm(h).softmax(-1) @ self.w2
+
+
+def test_a_model_s_autocast_off_region_runs_uncast():
+    # as _Tiny under autocast, but fc saves its fp32 input (640, not 320)
+    expected = {"total": 4128, "fc": 640, "norm": 1440, "(top)": 2048}
+    assert activation_memory(_Fp32Region(), (2, 10, 8), torch.bfloat16) == expected
+
+
 class _Policies(nn.Module):
     def forward(self, x):
         up = F.interpolate(x, scale_factor=2, mode="trilinear")  # fp32 under CUDA autocast
@@ -48,7 +63,7 @@ class _Policies(nn.Module):
 
 
 def test_policies_of_the_emulation_and_no_leak():
-    from fastseg3d.ops.utils import META_AUTOCAST_DTYPE, autocast_inputs
+    from fastseg3d.ops.utils import META_AUTOCAST, autocast_inputs
     from fastseg3d.profile import _autocast_on_meta
 
     x = torch.empty(1, 2, 3, 3, 3, device="meta", dtype=torch.bfloat16)
@@ -58,7 +73,10 @@ def test_policies_of_the_emulation_and_no_leak():
         # fastseg3d's fused ops cast their inputs as ATen's conv and attention do
         w = torch.empty(2, 1, 3, 3, 3, device="meta")
         assert [t.dtype for t in autocast_inputs("meta", w, x.double())] == [torch.bfloat16, torch.float64]
-    assert META_AUTOCAST_DTYPE.get() is None and not torch.overrides._is_torch_function_mode_enabled()
+        with torch.autocast("cuda", enabled=False):
+            assert _Policies()(x)[:4] == (bf16, bf16, bf16, bf16) and autocast_inputs("meta", w)[0].dtype == f32
+    assert not META_AUTOCAST.get() and not torch.overrides._is_torch_function_mode_enabled()
+    assert not torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
     assert autocast_inputs("meta", w)[0].dtype == torch.float32
 
 

@@ -34,7 +34,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module_hooks
 
 from fastseg3d import backends
-from fastseg3d.ops.utils import META_AUTOCAST_DTYPE, layout_of
+from fastseg3d.ops.utils import autocast_dtype, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
 __all__ = ["act_instance_norm_conv", "batch_norm_act_linear", "norm_act", "norm_act_conv"]
@@ -374,7 +374,7 @@ def _group_norm_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype in (torch.float16, torch.bfloat16):
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             return torch.float32
-        if x.device.type == "meta" and not torch.compiler.is_compiling() and META_AUTOCAST_DTYPE.get() is not None:
+        if x.device.type == "meta" and autocast_dtype("meta") is not None:
             return torch.float32
     return x.dtype
 

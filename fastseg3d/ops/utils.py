@@ -16,7 +16,7 @@ __all__ = [
     "EagerOp",
     "FUSED_DTYPES",
     "MAX_GRID_YZ",
-    "META_AUTOCAST_DTYPE",
+    "META_AUTOCAST",
     "autocast_inputs",
     "base_reasons",
     "check_tensor",
@@ -34,8 +34,9 @@ __all__ = [
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
-# The autocast dtype that fastseg3d.profile emulates on meta tensors (autocast itself acts on CUDA and CPU ones)
-META_AUTOCAST_DTYPE: ContextVar[torch.dtype | None] = ContextVar("META_AUTOCAST_DTYPE", default=None)
+# True while fastseg3d.profile emulates CUDA autocast on meta tensors (autocast itself acts on CUDA and CPU ones);
+# the emulation turns CUDA autocast's flag on, so a model's own autocast regions switch it and set its dtype
+META_AUTOCAST: ContextVar[bool] = ContextVar("META_AUTOCAST", default=False)
 
 
 def base_reasons(t: torch.Tensor) -> list[str]:
@@ -62,8 +63,9 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast casts conv and matmul inputs to on ``device_type``, None when it is off."""
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    if device_type == "meta" and not torch.compiler.is_compiling():  # Dynamo cannot trace ContextVar.get
-        return META_AUTOCAST_DTYPE.get()
+    if (device_type == "meta" and not torch.compiler.is_compiling()  # Dynamo cannot trace ContextVar.get
+            and META_AUTOCAST.get() and torch.is_autocast_enabled("cuda")):
+        return torch.get_autocast_dtype("cuda")
     return None
 
 

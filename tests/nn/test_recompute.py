@@ -13,7 +13,7 @@ from torch import nn
 import fastseg3d
 from fastseg3d.nn import recompute
 from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear, norm_act, norm_act_conv
-from fastseg3d.profile import activation_memory
+from fastseg3d.profile import _autocast_on_meta, activation_memory
 from tests.utils import assert_close
 
 
@@ -367,12 +367,11 @@ def test_group_norm_dtype_follows_the_autocast_policies():
         assert recompute._group_norm_dtype(x) == torch.bfloat16
         assert F.group_norm(x, 2).dtype == torch.bfloat16
     assert recompute._group_norm_dtype(x.to("meta")) == torch.bfloat16
-    token = recompute.META_AUTOCAST_DTYPE.set(torch.bfloat16)  # fastseg3d.profile's CUDA autocast emulation
-    try:
+    with _autocast_on_meta(torch.bfloat16):  # fastseg3d.profile's CUDA autocast emulation
         assert recompute._group_norm_dtype(x.to("meta")) == torch.float32
         assert recompute._group_norm_dtype(x.float().to("meta")) == torch.float32
-    finally:
-        recompute.META_AUTOCAST_DTYPE.reset(token)
+        with torch.autocast("cuda", enabled=False):  # a model's own fp32 region
+            assert recompute._group_norm_dtype(x.to("meta")) == torch.bfloat16
 
 
 class _Chain(nn.Module):
