@@ -286,9 +286,15 @@ def training_memory(
     return report
 
 
+# allocations: the op that fills the buffer (an out= variant, copy_) counts the bytes
+_ALLOCATIONS = frozenset({"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::empty_permuted",
+                          "aten::new_empty", "aten::new_empty_strided"})
+
+
 class _Writes(TorchDispatchMode):
     """Per op name: how many ops wrote memory, and how many bytes (outputs that are not views of an input, and the
-    tensors in-place ops write). In backward the name carries the autograd node that ran it."""
+    tensors in-place and out= ops write; allocations write nothing). In backward the name carries the autograd node
+    that ran it."""
 
     def __init__(self):
         super().__init__()
@@ -301,7 +307,7 @@ class _Writes(TorchDispatchMode):
         mutable = func._schema.is_mutable
         written = [t for t in pytree.tree_leaves(out)
                    if isinstance(t, torch.Tensor) and (mutable or t.untyped_storage()._cdata not in inputs)]
-        if written:
+        if written and func._schema.name not in _ALLOCATIONS:
             name = func._schema.name
             node = torch._C._current_autograd_node()
             if node is not None:
@@ -315,7 +321,8 @@ class _Writes(TorchDispatchMode):
 def write_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> dict:
     """The ops a training step of ``model`` runs that write memory, forward and backward, and the bytes they write,
     counted on the ``meta`` device as :func:`activation_memory` runs the step (fused fastseg3d ops as on a GPU,
-    each one op however many kernels it launches). Views are left out; an in-place op counts the tensor it writes.
+    each one op however many kernels it launches). Views and allocations are left out; an in-place or out= op
+    counts the tensor it writes.
     Backward starts from the sum of ``model``'s floating-point outputs (an output itself when a scalar; tuples,
     dicts and dataclasses of tensors too).
 

@@ -283,3 +283,20 @@ def test_write_traffic_counts_ops_that_write_and_their_bytes():
     assert bf16["aten::_to_copy"] == (3, (4 * 8 + 16 * 8 + 16) * 2) and bf16["aten::addmm"] == (1, 128)
     with pytest.raises(ValueError, match="dtype"):
         write_traffic(model, (4, 8), torch.float64)
+
+
+class _IntoBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        out = torch.empty_like(x)  # written by the out= op, not here
+        return torch.mul(x, 2, out=out) + x.new_empty(x.shape).fill_(1) * self.w
+
+
+def test_write_traffic_counts_a_buffer_where_it_is_written():
+    from fastseg3d.profile import write_traffic
+
+    by_op = write_traffic(_IntoBuffer(), (4, 8))["forward"]["by_op"]
+    assert by_op == {"aten::mul": (2, 256), "aten::fill_": (1, 128), "aten::add": (1, 128)}

@@ -205,7 +205,8 @@ class _NormActConv(torch.autograd.Function):
         ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.act = kind, groups, norm_dtype, eps, act
         ctx.conv = (stride, padding, dilation, conv_groups)
         z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
-        out = F.conv3d(_act(z.view(x.shape), act), weight, bias, stride, padding, dilation, conv_groups)
+        h = _act_as(z.view(x.shape), act, _conv_dtype(z))
+        out = F.conv3d(h, weight, bias, stride, padding, dilation, conv_groups)
         ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight)
         return out
 
@@ -219,18 +220,18 @@ class _NormActConv(torch.autograd.Function):
             z = _group_norm(ctx, xn, w, b, x.shape)[0]
         else:  # BatchNorm's inference form with the batch statistics (see _BatchNormActLinear)
             z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
-        h = _act(z.view(x.shape), ctx.act)
+        h = _act_as(z.view(x.shape), ctx.act, grad.dtype)
         stride, padding, dilation, conv_groups = ctx.conv
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
         # the conv's own backward, in the dtype its forward ran in (grad's: the low precision under autocast)
         dh, dweight, dbias = torch.ops.aten.convolution_backward(
-            grad, h.to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.needs_input_grad[12] else None,
+            grad, h, weight.to(grad.dtype), [weight.shape[0]] if ctx.needs_input_grad[12] else None,
             stride, padding, dilation, False, [0, 0, 0], conv_groups,
             [any(mask), ctx.needs_input_grad[11], ctx.needs_input_grad[12]],
         )
         dx = dnw = dnb = None
         if any(mask):
-            dz = _act_backward(dh.to(z.dtype), z.view(x.shape), ctx.act)
+            dz = _act_backward_as(dh, z.view(x.shape), ctx.act)
             dx, dnw, dnb = _norm_backward(ctx, dz, x, xn, norm_weight, norm_bias, running_mean, running_var, mean,
                                           rstd, mask)
         return (dx, None, None, None, None, None, dnw, dnb, None, None, None,
@@ -346,6 +347,28 @@ def _act_backward(grad: torch.Tensor, z: torch.Tensor, act: tuple[str | None, fl
     if name == "leaky_relu":
         return torch.ops.aten.leaky_relu_backward(grad, z, slope, False)
     return _activation_backward(grad, z, name)
+
+
+def _conv_dtype(z: torch.Tensor) -> torch.dtype:
+    """The dtype a conv reads ``z`` in: the autocast dtype where autocast casts it, else its own."""
+    cast = autocast_dtype(z.device.type)
+    return cast if cast is not None and z.dtype in (torch.float32, torch.float16, torch.bfloat16) else z.dtype
+
+
+def _act_as(z: torch.Tensor, act: tuple[str | None, float], dtype: torch.dtype) -> torch.Tensor:
+    """``act(z)`` in ``dtype`` (the same values as ``act(z).to(dtype)``). A ReLU writes the cast output in its one
+    pass: where GroupNorm runs in fp32 under CUDA autocast, that spares the fp32 activation (4 bytes an element)
+    that the plain chain writes before the conv's cast."""
+    if act[0] == "relu" and dtype != z.dtype:
+        return torch.maximum(z, torch.zeros((), dtype=z.dtype), out=torch.empty_like(z, dtype=dtype))
+    return _act(z, act).to(dtype)
+
+
+def _act_backward_as(grad: torch.Tensor, z: torch.Tensor, act: tuple[str | None, float]) -> torch.Tensor:
+    """``grad * act'(z)`` in ``z``'s dtype; a ReLU reads a lower-precision ``grad`` as it is (no cast copy)."""
+    if act[0] == "relu":
+        return torch.ops.aten.threshold_backward.grad_input(grad, z, 0, grad_input=torch.empty_like(z))
+    return _act_backward(grad.to(z.dtype), z, act)
 
 
 def _act_spec(activation) -> tuple[str | None, float] | None:

@@ -13,7 +13,7 @@ from torch import nn
 import fastseg3d
 from fastseg3d.nn import recompute
 from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear, norm_act, norm_act_conv
-from fastseg3d.profile import _autocast_on_meta, activation_memory
+from fastseg3d.profile import _autocast_on_meta, activation_memory, write_traffic
 from tests.utils import assert_close
 
 
@@ -408,6 +408,22 @@ def test_norm_act_conv_saves_only_the_norm_input(norm, dtype):
     # the count's own (attribution) hooks on the norm and the conv leave the recompute on
     direct = activation_memory(_Chain(make(), True), shape, dtype)
     assert set(direct) == {"total", "(top)"} and direct["total"] <= elems * 4 + stats + 1024
+
+
+def test_norm_act_conv_relu_writes_the_conv_input_in_its_dtype():
+    """Under (emulated) CUDA autocast GroupNorm runs in fp32: the ReLU writes the conv's bf16 input in its one pass
+    (the plain chain writes an fp32 activation, then the conv's cast), forward and in backward's recomputation, and
+    backward reads the conv's bf16 input gradient as it is (no fp32 copy)."""
+    shape = (2, 16, 8, 8, 8)
+    elems = math.prod(shape)
+    stem = nn.Conv3d(16, 16, 1)
+    fused = write_traffic(nn.Sequential(stem, _Chain(nn.GroupNorm(4, 16), True)), shape, torch.bfloat16)
+    plain = write_traffic(nn.Sequential(stem, _Chain(nn.GroupNorm(4, 16), False)), shape, torch.bfloat16)
+    assert "aten::relu" not in fused["forward"]["by_op"] and fused["forward"]["by_op"]["aten::maximum"][1] == 2 * elems
+    assert 4 * elems - 64 <= plain["forward"]["bytes"] - fused["forward"]["bytes"] <= 4 * elems
+    # backward recomputes the fp32 copy of the input, the fp32 norm output and the bf16 activation (10 bytes an
+    # element), and spares the plain chain's fp32 copy of the activation's gradient (4)
+    assert fused["backward"]["bytes"] - plain["backward"]["bytes"] <= 7 * elems
 
 
 def test_norm_act_conv_runs_the_plain_composition_elsewhere():
