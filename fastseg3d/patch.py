@@ -1,8 +1,9 @@
-"""Swap fastseg3d layers into an existing model, and back, sharing the parameters."""
+"""Swap fastseg3d layers into an existing model, and back, in place."""
 
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fastseg3d.nn.dwconv3d import DepthwiseConv3d
 
@@ -10,41 +11,37 @@ __all__ = ["convert_model", "revert_model"]
 
 
 def _is_depthwise(module: nn.Module) -> bool:
-    return type(module) is nn.Conv3d and module.groups == module.in_channels == module.out_channels
+    return (parametrize.type_before_parametrizations(module) is nn.Conv3d
+            and module.groups == module.in_channels == module.out_channels)
 
 
-def _rebuild(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    # The new module takes over the old one's attributes: the same Parameter objects, buffers and hooks,
-    # so state_dict keys, optimizer references and outputs are unchanged.
-    new = cls.__new__(cls)
-    new.__dict__.update(module.__dict__)
-    return new
+def _is_fused(module: nn.Module) -> bool:
+    return parametrize.type_before_parametrizations(module) is DepthwiseConv3d
 
 
-def _swap(model: nn.Module, match, cls: type[nn.Module], done: dict[int, nn.Module] | None = None) -> nn.Module:
-    # ``done`` maps each swapped module to its replacement, so a module registered in several places (tied
-    # layers) stays one module
-    done = {} if done is None else done
-    if match(model):
-        if id(model) not in done:
-            done[id(model)] = _rebuild(model, cls)
-        return done[id(model)]
-    # not named_children(), which yields a module registered twice only once
-    for name, child in list(model._modules.items()):
-        if child is None:
-            continue
-        if match(child):
-            setattr(model, name, _swap(child, match, cls, done))
-        elif id(child) not in done:
-            done[id(child)] = _swap(child, match, cls, done)
+def _change_class(module: nn.Module, cls: type[nn.Module]) -> None:
+    # The module object itself changes class: its parameters, buffers, hooks (whose weak references point at it),
+    # a compiled call and every place that holds it stay as they are, so state_dict keys, optimizer references,
+    # tied layers and outputs are unchanged.
+    if parametrize.is_parametrized(module):
+        # the class torch.nn.utils.parametrize made on top of the old one carries the parametrized properties
+        extra = {k: v for k, v in vars(type(module)).items() if k not in ("__dict__", "__weakref__", "__module__")}
+        cls = type(f"Parametrized{cls.__name__}", (cls,), extra)
+    module.__class__ = cls
+
+
+def _swap(model: nn.Module, match, cls: type[nn.Module]) -> nn.Module:
+    for module in model.modules():
+        if match(module):
+            _change_class(module, cls)
     return model
 
 
 def convert_model(model: nn.Module) -> nn.Module:
-    """Replace every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` by
-    :class:`fastseg3d.nn.DepthwiseConv3d`, in place; returns the model. A model that is itself a depthwise
-    ``nn.Conv3d`` cannot change class in place: use the returned module. A module registered under several names
-    stays one module.
+    """Make every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` a
+    :class:`fastseg3d.nn.DepthwiseConv3d`, in place (the modules change class, so everything that holds them,
+    hooks included, keeps working); returns ``model``, which may itself be such a conv. Parametrized convs
+    (``torch.nn.utils.parametrize``) keep their parametrizations.
 
     Example:
         >>> import torch, fastseg3d
@@ -57,6 +54,5 @@ def convert_model(model: nn.Module) -> nn.Module:
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert_model`: every ``DepthwiseConv3d`` becomes a plain ``nn.Conv3d`` again, in place (a
-    model that is itself one is returned as a new ``nn.Conv3d``)."""
-    return _swap(model, lambda m: type(m) is DepthwiseConv3d, nn.Conv3d)
+    """Undo :func:`convert_model`: every ``DepthwiseConv3d`` becomes a plain ``nn.Conv3d`` again, in place."""
+    return _swap(model, _is_fused, nn.Conv3d)

@@ -46,9 +46,51 @@ def test_convert_leaves_other_convs_and_handles_a_bare_module():
     model = nn.Sequential(nn.Conv3d(4, 8, 3), nn.Conv3d(8, 8, 3, groups=8), nn.Conv3d(8, 16, 3, groups=8))
     fastseg3d.convert_model(model)
     assert [type(m) for m in model] == [nn.Conv3d, DepthwiseConv3d, nn.Conv3d]
-    bare = fastseg3d.convert_model(nn.Conv3d(5, 5, 3, groups=5))
-    assert type(bare) is DepthwiseConv3d
-    assert type(fastseg3d.revert_model(bare)) is nn.Conv3d
+    conv = nn.Conv3d(5, 5, 3, groups=5)
+    bare = fastseg3d.convert_model(conv)
+    assert bare is conv and type(bare) is DepthwiseConv3d  # the module itself changes class
+    assert fastseg3d.revert_model(bare) is conv and type(conv) is nn.Conv3d
+
+
+def test_converted_modules_keep_their_hooks_and_compiled_call():
+    """Hooks hold weak references to their module, and Module.compile() a call bound to it: both follow the
+    module, which changes class in place (a new module object left them on the old one)."""
+    import gc
+
+    model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1, groups=4), nn.Conv3d(4, 4, 3, padding=1, groups=4))
+    state = model.state_dict()
+    loaded = []
+    model[0].register_load_state_dict_pre_hook(lambda module, *args: loaded.append(type(module)))
+    model[1].compile(backend="eager")
+    x = torch.randn(1, 4, 5, 5, 5)
+    expected = model(x)
+    fastseg3d.convert_model(model)
+    gc.collect()
+    model.load_state_dict(state)
+    assert loaded == [DepthwiseConv3d]
+    calls = []
+    model[1].register_forward_pre_hook(lambda module, args: calls.append(type(module)))
+    with fastseg3d.backend("torch"):
+        assert_close("y", model(x), expected, torch.float32)
+    assert calls == [DepthwiseConv3d]
+
+
+def test_convert_keeps_parametrizations():
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Sequential(parametrizations.weight_norm(nn.Conv3d(4, 4, 3, padding=1, groups=4)))
+    keys = list(model.state_dict())
+    x = torch.randn(1, 4, 5, 5, 5)
+    expected = model(x)
+    fastseg3d.convert_model(model)
+    assert isinstance(model[0], DepthwiseConv3d) and parametrize.is_parametrized(model[0], "weight")
+    assert list(model.state_dict()) == keys
+    assert_close("y", model(x), expected, torch.float32)
+    model(x).sum().backward()
+    assert model[0].parametrizations.weight.original1.grad is not None
+    fastseg3d.revert_model(model)
+    assert parametrize.type_before_parametrizations(model[0]) is nn.Conv3d
+    assert_close("y", model(x), expected, torch.float32)
 
 
 def test_convert_keeps_a_shared_module_one_module_and_numpy_int_settings_work():
