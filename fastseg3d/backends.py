@@ -21,8 +21,12 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch.autograd import forward_ad
 
-__all__ = ["BACKENDS", "HAS_TRITON", "backend", "get_backend", "interpreter_active", "select", "tf32_matmul_allowed"]
+__all__ = [
+    "BACKENDS", "HAS_TRITON", "backend", "get_backend", "interpreter_active", "select", "tf32_matmul_allowed",
+    "transform_reasons",
+]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -100,6 +104,17 @@ def device_reasons(device: torch.device) -> list[str]:
         return []
     return [f"device={device.type} (Triton kernels run on cuda; on cpu only with TRITON_INTERPRET=1 and the triton "
             "backend)"]
+
+
+def transform_reasons() -> list[str]:
+    """Why no fused op can run now (empty when one can): their autograd has backward formulas only, so under a
+    ``torch.func`` transform (grad, jvp, vmap, ...) or forward-mode AD the references run, whose ATen ops support
+    them (PyTorch's custom-op autograd refuses ``torch.func.grad`` and gives a zero tangent under ``jvp``)."""
+    if torch.compiler.is_compiling():
+        return []
+    if torch._C._are_functorch_transforms_active() or getattr(forward_ad, "_current_level", -1) >= 0:
+        return ["a torch.func transform or forward-mode AD is active (fused ops have backward formulas only)"]
+    return []
 
 
 def decide(op: str, reasons: list[str], policy: str | None = None) -> tuple[str, str]:

@@ -189,7 +189,7 @@ def dice_ce(
     lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
                                                                    smooth_nr, smooth_dr)
     # an empty batch's mean is NaN, as in MONAI's composition
-    if backends.get_backend() == "torch" or logits.shape[0] == 0:
+    if backends.get_backend() == "torch" or logits.shape[0] == 0 or backends.transform_reasons():
         return dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
     return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
 

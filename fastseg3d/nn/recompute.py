@@ -123,7 +123,8 @@ def batch_norm_act_linear(
 
 
 def _plain() -> bool:
-    return backends.get_backend() == "torch"
+    # under torch.func transforms too: the autograd.Functions here have no setup_context or jvp
+    return backends.get_backend() == "torch" or bool(backends.transform_reasons())
 
 
 def _bn_momentum(bn: nn.BatchNorm3d, x: torch.Tensor) -> float:

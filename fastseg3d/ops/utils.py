@@ -40,8 +40,8 @@ META_AUTOCAST: ContextVar[bool] = ContextVar("META_AUTOCAST", default=False)
 
 
 def base_reasons(t: torch.Tensor) -> list[str]:
-    """The reasons every fused op shares for not taking ``t``: its device and its dtype."""
-    reasons = backends.device_reasons(t.device)
+    """The reasons every fused op shares for not taking ``t``: its device, its dtype and an active transform."""
+    reasons = backends.device_reasons(t.device) + backends.transform_reasons()
     if t.dtype not in FUSED_DTYPES:
         reasons.append(f"dtype={t.dtype} (fused: float32, float16, bfloat16)")
     return reasons
@@ -192,9 +192,9 @@ class EagerOp:
     run the op's body, and its autograd formulas through a plain ``autograd.Function``, with no dispatcher in
     between (under the profiler they are recorded under the op's name). Everything that observes or transforms
     ops calls ``torch.ops.fastseg3d.<name>``, which runs the same body and formulas: ``torch.compile`` and
-    export, ``torch.jit.trace``, fake tensors, dispatch and function modes, functorch transforms and tensor
-    subclasses. Only for ops whose tensor arguments are all top-level (an ``autograd.Function`` does not see
-    tensors inside lists).
+    export, ``torch.jit.trace``, fake tensors, dispatch and function modes, functorch transforms (though the public
+    functions run the references there: ``backends.transform_reasons``) and tensor subclasses. Only for ops whose
+    tensor arguments are all top-level (an ``autograd.Function`` does not see tensors inside lists).
     """
 
     def __init__(self, name: str, fn: Callable) -> None:
