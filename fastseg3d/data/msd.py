@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import random
+import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -140,34 +141,60 @@ def load_msd_datalist(root: str | os.PathLike) -> tuple[dict[str, Any], list[dic
     return properties, cases
 
 
+def _images_ts(folder: str) -> tuple[list[str], list[str]]:
+    """The NIfTI files of ``imagesTs/`` (hidden files, such as the ``._*`` copies macOS tools leave, skipped) and
+    their case names. nnU-Net's single-channel ``{case}_0000`` files are case ``{case}``; its one file per channel
+    of a multi-channel case is refused: a case is one (4-D, channels last) file, as in the Decathlon."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".nii.gz", ".nii")) and not n.startswith("."))
+    stems = [_case_name(n) for n in names]
+    channels: dict[str, set[str]] = {}
+    for stem in stems:
+        match = re.fullmatch(r"(.+)_(\d{4})", stem)
+        if match is None:
+            return [os.path.join(folder, n) for n in names], stems
+        channels.setdefault(match[1], set()).add(match[2])
+    counts = {len(found) for found in channels.values()}
+    if (len(channels) > 1 and len(counts) == 1 and min(counts) > 1
+            and all(found == {f"{c:04d}" for c in range(len(found))} for found in channels.values())):
+        raise ValueError(f"{folder} holds one file per channel ({{case}}_0000, {{case}}_0001, ..., as nnU-Net v2 "
+                         "writes them): give each case as one file with its channels on the last axis, as the "
+                         "Decathlon does, or list the cases in dataset.json's 'test'")
+    if all(found == {"0000"} for found in channels.values()):
+        stems = [stem[:-5] for stem in stems]
+    return [os.path.join(folder, n) for n in names], stems
+
+
 def load_msd_test_list(root: str | os.PathLike) -> list[dict[str, str]]:
     """The unlabelled cases of an MSD task folder: ``dataset.json``'s ``test`` list (paths, or
-    ``{"image": path}`` entries, relative to the folder), or, where it has none (nnU-Net v2), every NIfTI in
-    ``imagesTs/``. One ``{"image": abs path, "name": file stem}`` per case.
+    ``{"image": path}`` entries, relative to the folder), or, where it has none, every NIfTI in ``imagesTs/``
+    (hidden files skipped; nnU-Net's single-channel ``{case}_0000`` files named ``{case}``). One
+    ``{"image": abs path, "name": case name}`` per case.
 
     Raises:
-        FileNotFoundError: a listed file is missing. ValueError: the folder lists no test case.
+        FileNotFoundError: a listed file is missing. ValueError: the folder lists no test case, or ``imagesTs/``
+            holds one file per channel (nnU-Net v2's multi-channel layout).
     """
     root = os.path.abspath(os.fspath(root))
     path = os.path.join(root, "dataset.json")
     with open(path, encoding="utf-8") as f:
         listed = json.load(f).get("test") or []
-    images = []
+    images, names = [], []
     for i, entry in enumerate(listed):
         image = entry.get("image") if isinstance(entry, dict) else entry
         if not isinstance(image, str):
             raise ValueError(f"{path}: test entry {i} is not a path or an {{'image': str}} object: {entry!r}")
         images.append(os.path.normpath(os.path.join(root, image)))
+        names.append(_case_name(images[-1]))
     if not listed:
         folder = os.path.join(root, "imagesTs")
         if os.path.isdir(folder):
-            images = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith((".nii.gz", ".nii")))
+            images, names = _images_ts(folder)
     if not images:
         raise ValueError(f"{path} lists no test cases and {os.path.join(root, 'imagesTs')} holds no NIfTI files")
     for i, image in enumerate(images):
         if not os.path.isfile(image):
             raise FileNotFoundError(f"image file of test entry {i} listed in {path} is missing: {image}")
-    return [{"image": image, "name": _case_name(image)} for image in images]
+    return [{"image": image, "name": name} for image, name in zip(images, names)]
 
 
 def split_cases(cases: Sequence[Any], val_frac: float = 0.2, seed: int = 0) -> tuple[list[Any], list[Any]]:

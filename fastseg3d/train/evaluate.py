@@ -77,7 +77,10 @@ def _file_target(path: str, num_classes: int, label_mode: str) -> tuple[torch.Te
     from fastseg3d.train.inference import to_onehot
 
     file = nib.load(path)
-    label = torch.as_tensor(np.asarray(file.dataobj)).round().long()[None]
+    array = np.asarray(file.dataobj)
+    if array.ndim > 3 and all(n == 1 for n in array.shape[3:]):  # (X, Y, Z, 1) files, which loading squeezes too
+        array = array.reshape(array.shape[:3])
+    label = torch.as_tensor(array).round().long()[None]
     if label_mode == "brats_regions":
         target = ConvertMSDBratsRegionsd("label")({"label": label})["label"][None]
     else:

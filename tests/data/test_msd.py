@@ -501,6 +501,27 @@ def test_test_list_from_dataset_json_or_images_ts(task):
         load_msd_test_list(task)
 
 
+def test_images_ts_names_skips_hidden_files_and_refuses_one_file_per_channel(task):
+    folder = os.path.join(task, "imagesTs")
+    os.makedirs(folder)
+    _rewrite_json(task, drop=("test",))
+    image = np.zeros(SHAPE, np.float32)
+    for name in ("pat_000_0000", "pat_001_0000", "._pat_000_0000"):  # macOS leaves ._ copies in archives
+        _save(image, os.path.join(folder, name + ".nii.gz"))
+    cases = load_msd_test_list(task)
+    assert [c["name"] for c in cases] == ["pat_000", "pat_001"]  # nnU-Net's single-channel files
+    assert cases[0]["image"] == os.path.join(folder, "pat_000_0000.nii.gz")
+    for name in ("pat_000_0001", "pat_001_0001"):
+        _save(image, os.path.join(folder, name + ".nii.gz"))
+    with pytest.raises(ValueError, match="one file per channel"):
+        load_msd_test_list(task)
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    for name in ("amos_0001", "amos_0002", "amos_0007"):  # four-digit case numbers are cases
+        _save(image, os.path.join(folder, name + ".nii.gz"))
+    assert [c["name"] for c in load_msd_test_list(task)] == ["amos_0001", "amos_0002", "amos_0007"]
+
+
 def test_predict_transforms_take_an_image_alone_and_check_it(task):
     paths = add_test_cases(task, n=1)
     tf = msd_transforms("predict", modality="MRI", num_classes=4, in_channels=2, pixdim=(2.0, 2.0, 2.0))

@@ -287,6 +287,15 @@ def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
             p, t = pred == k, truth == k
             expected = 2 * (p & t).sum() / (p.sum() + t.sum()) if t.any() else None
             assert dice == pytest.approx(expected, abs=1e-6) if expected is not None else dice in (None, 1.0, 0.0)
+    # label files stored as (X, Y, Z, 1), which loading squeezes, are scored the same
+    for row in result["cases"]:
+        path = str(Path(task) / "labelsTr" / f"{row['case']}.nii.gz")
+        file = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(file.dataobj)[..., None], file.affine), path)
+    again = tmp_path / "again"
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "all", "--output-dir",
+                     str(again), "--no-hd95"]) == 0
+    assert json.loads((again / "eval_metrics.json").read_text())["cases"] == result["cases"]
 
 
 def test_activation_checkpointing_keeps_gradients():
