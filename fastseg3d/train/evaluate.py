@@ -141,18 +141,27 @@ def evaluate_checkpoint(
     if label_mode is not None:
         cfg["data"]["label_mode"] = label_mode
     cfg["data"]["cache"] = False  # evaluation reads each case once; caching would load the training set too
-    cfg["val"] = merge(cfg["val"], val_overrides or {}, "val.")
-    bundle, dataset = _eval_dataset(cfg, split)
-    out_channels = ckpt["model"]["kwargs"].get("out_channels")
-    if out_channels is not None and out_channels != bundle.out_channels:
-        raise ValueError(f"checkpoint {checkpoint} predicts {out_channels} channels but the data "
-                         f"({cfg['data']['name']}, label_mode={cfg['data']['label_mode']}) has {bundle.out_channels}")
+    try:  # the settings and the data folder, before any case is loaded: a mistake is one line on the command line
+        cfg["val"] = merge(cfg["val"], val_overrides or {}, "val.")
+        bundle, dataset = _eval_dataset(cfg, split)
+    except SetupError:
+        raise
+    except (ValueError, FileNotFoundError) as err:
+        raise SetupError(str(err)) from err
+    kwargs = ckpt["model"]["kwargs"]
+    described = f"the data ({cfg['data']['name']}, label_mode={cfg['data']['label_mode']})"
+    if kwargs.get("out_channels") not in (None, bundle.out_channels):
+        raise SetupError(f"checkpoint {checkpoint} predicts {kwargs['out_channels']} channels but {described} has "
+                         f"{bundle.out_channels}")
+    if kwargs.get("in_channels") not in (None, bundle.in_channels):
+        raise SetupError(f"checkpoint {checkpoint} takes {kwargs['in_channels']} input channels but {described} has "
+                         f"{bundle.in_channels}")
     dev = resolve_device(device)
     model = build_model(ckpt["model"]).to(dev)
     try:
         model.load_state_dict(ckpt["network_weights"])
     except RuntimeError as err:
-        raise ValueError(f"checkpoint {checkpoint} does not fit model {ckpt['model']['name']}: {err}") from err
+        raise SetupError(f"checkpoint {checkpoint} does not fit model {ckpt['model']['name']}: {err}") from err
     model.eval()
     vcfg = cfg["val"]
     roi = vcfg["roi_size"] or cfg["data"]["spatial_size"]

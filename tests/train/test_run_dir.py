@@ -168,6 +168,27 @@ def test_a_relative_data_root_is_stored_absolute(tmp_path, monkeypatch):
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--no-hd95"]) == 0
 
 
+def test_eval_setup_mistakes_are_one_line_errors(tmp_path, capsys):
+    from tests.data.test_msd import _make_task
+
+    task = _make_task(str(tmp_path / "data"), n_cases=3)  # two MRI channels
+    run = tmp_path / "run"
+    assert cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--max-steps", "1", *TINY_UNET,
+                     "data.name=msd", f"data.root={task}", "data.spatial_size=[16,16,16]", "data.batch_size=1",
+                     "val.roi_size=[16,16,16]", "val.num_images=0", "train.progress=false"]) == 0
+    capsys.readouterr()
+    ckpt = str(run / "checkpoint_final.pt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    three = _make_task(str(tmp_path / "three"), n_cases=2, modality={"0": "FLAIR", "1": "T1w", "2": "T2w"})
+    for argv, message in ((["--overlap", "1.5"], "overlap"), (["--data", str(empty)], "no dataset.json"),
+                          (["--data", "synthetic"], "predicts 4 channels but the data (synthetic"),
+                          (["--data", three], "takes 2 input channels but the data (msd")):
+        assert cli_main(["eval", "--checkpoint", ckpt, "--no-hd95", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
 def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     def error(*argv):
         assert cli_main(list(argv)) == 2
