@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -356,9 +357,11 @@ def _monai_classes() -> dict[str, type]:
 
         Raises :class:`InvalidCaseError` (a ``ValueError``) when the image is not a (C, D, H, W) volume, when
         it has other than ``num_channels`` channels (the ones ``dataset.json`` declares; ``None``: any), when
-        the label is not one channel of the image's spatial shape, when a label value is not an integer in
-        ``0..num_classes-1``, or when the image has NaN or inf. Put it right after ``EnsureChannelFirstd`` and
-        before any resampling, so the shapes and values are the files' own.
+        the label is not one channel of the image's spatial shape, when the label file's affine places it
+        elsewhere than the image (voxel size, orientation or origin differing by more than 1e-3, relative or in
+        mm), when a label value is not an integer in ``0..num_classes-1``, or when the image has NaN or inf. Put
+        it right after ``EnsureChannelFirstd`` and before any resampling, so the shapes, affines and values are
+        the files' own.
 
         Example:
             >>> check = CheckCased(num_classes=4)  # doctest: +SKIP
@@ -407,6 +410,15 @@ def _monai_classes() -> dict[str, type]:
                     f"{self._source(data)}: label shape {tuple(label.shape)} does not match image shape "
                     f"{tuple(image.shape)} (expected (1, *{tuple(image.shape[1:])}))"
                 )
+            affines = [getattr(data[key], "affine", None) for key in (self.image_key, self.label_key)]
+            if all(a is not None for a in affines):
+                image_affine, label_affine = (torch.as_tensor(a, dtype=torch.float64) for a in affines)
+                if not torch.allclose(label_affine, image_affine, rtol=1e-3, atol=1e-3):
+                    raise InvalidCaseError(
+                        f"{self._source(data)}: the label file's affine {label_affine[:3].tolist()} places it "
+                        f"elsewhere than the image's {image_affine[:3].tolist()} (voxel size, orientation or "
+                        "origin): the label would be misaligned; fix the label file's header"
+                    )
             values = torch.unique(label)
             bad = values[(values < 0) | (values > self.num_classes - 1) | (values != values.round())]
             if bad.numel():
@@ -648,6 +660,21 @@ def build_msd_datasets(
     train_tf.set_random_state(seed=seed)
     val_tf = msd_transforms("val", **common)
     if cache:
-        train_ds = CacheDataset(train_cases, train_tf, progress=False)
-        return train_ds, CacheDataset(val_cases, val_tf, progress=False), properties
+        try:
+            train_ds = CacheDataset(train_cases, train_tf, progress=False)
+            return train_ds, CacheDataset(val_cases, val_tf, progress=False), properties
+        except Exception:
+            _join_pool_workers()
+            raise
     return Dataset(train_cases, train_tf), Dataset(val_cases, val_tf), properties
+
+
+def _join_pool_workers(timeout: float = 120.0) -> None:
+    """Wait for the threads of a ``multiprocessing`` thread pool that an error left working. ``CacheDataset`` loads
+    cases on one; when a case raises, the error reaches the caller while the other threads still load theirs, and a
+    process that exits with torch code running on them aborts ("terminate called without an active exception")."""
+    from multiprocessing.pool import worker
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and getattr(thread, "_target", None) is worker:
+            thread.join(timeout)

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -382,6 +383,28 @@ def _case_error(case: dict, mode: str = "val", **kwargs) -> pytest.ExceptionInfo
 def test_shape_mismatch_names_files(cases):
     _break_case(cases[0], label=np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] - 1), np.uint8))
     assert "does not match" in str(_case_error(cases[0]).value)
+
+
+def test_a_bad_case_while_caching_ends_the_process_cleanly(tmp_path):
+    """CacheDataset loads cases on a thread pool: the error of one case must not leave the others loading while
+    the process exits (it aborted with "terminate called without an active exception")."""
+    task = _make_task(str(tmp_path), n_cases=6)
+    case = load_msd_datalist(task)[1][0]
+    _break_case(case, label=np.zeros((SHAPE[0], SHAPE[1], SHAPE[2] - 1), np.uint8))
+    code = ("from fastseg3d.data.msd import build_msd_datasets; "
+            f"build_msd_datasets({task!r}, spatial_size=(8, 8, 8), val_frac=0.5, cache=True)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "does not match image shape" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_label_placed_elsewhere_names_files(cases):
+    label = np.asarray(nib.load(cases[0]["label"]).dataobj)
+    nib.save(nib.Nifti1Image(label, np.eye(4)), cases[0]["label"])  # a header written without the image's
+    assert "places it elsewhere than the image" in str(_case_error(cases[0]).value)
+    shifted = AFFINE.copy()
+    shifted[:3, 3] += 1e-4  # float rounding of a header is not a misplacement
+    nib.save(nib.Nifti1Image(label, shifted), cases[0]["label"])
+    assert _val(cases[0])["label"].shape[0] == 1
 
 
 def test_label_out_of_range_names_files(cases):
