@@ -378,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
             if overrides:
                 raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)} only apply with --from")
             config = fastseg3d_to_official(args.input, args.output, trusted=args.trusted)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing, unreadable or unwritable path, a folder for a file
         print(f"fastseg3d convert: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} (SegFormer3D {config})")

@@ -41,7 +41,9 @@ def convert_model(model: nn.Module) -> nn.Module:
     """Make every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` a
     :class:`fastseg3d.nn.DepthwiseConv3d`, in place (the modules change class, so everything that holds them,
     hooks included, keeps working); returns ``model``, which may itself be such a conv. Parametrized convs
-    (``torch.nn.utils.parametrize``) keep their parametrizations.
+    (``torch.nn.utils.parametrize``) keep their parametrizations. ``torch.fx.symbolic_trace`` and
+    ``torch.jit.script`` cannot follow ``DepthwiseConv3d.forward``, which branches on its input: revert the model
+    first (``torch.jit.trace``, ``torch.export`` and ``torch.compile`` take it as it is).
 
     Example:
         >>> import torch, fastseg3d

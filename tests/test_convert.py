@@ -168,5 +168,7 @@ def test_command_line(tmp_path, net, capsys):
     assert main(["--to", "official-segformer3d", str(converted), str(tmp_path / "o.bin"), "--num-heads",
                  "1", "1", "1", "1"]) == 1
     assert "--num-heads" in capsys.readouterr().err
+    assert main(["--from", "official-segformer3d", str(official), str(tmp_path)]) == 1  # a folder as the output
+    assert capsys.readouterr().err.startswith("fastseg3d convert: error: ")
     with pytest.raises(SystemExit):
         main(["--from", "official-segformer3d", "--to", "official-segformer3d", "a", "b"])

@@ -17,7 +17,9 @@ class DepthwiseConv3d(nn.Conv3d):
     The forward runs :func:`fastseg3d.ops.dwconv3d` when the layer is depthwise (``groups == in_channels ==
     out_channels``) with stride 1 and zero padding; any other configuration runs ``nn.Conv3d.forward``, under the
     backend policy as the op's own fallbacks (logged once under ``auto``, ``NotImplementedError`` under
-    ``triton``). Unbatched (C, D, H, W) input is taken, as ``nn.Conv3d`` takes it.
+    ``triton``). Unbatched (C, D, H, W) input is taken, as ``nn.Conv3d`` takes it. Wrong input raises
+    ``ValueError``/``TypeError`` naming it (``nn.Conv3d`` raises ``RuntimeError``). The fused path has backward
+    formulas only: a double backward through it raises, and ``torch.func`` transforms run the reference.
 
     Example:
         >>> import torch
@@ -46,11 +48,15 @@ class DepthwiseConv3d(nn.Conv3d):
             # (strided, say) for their keys, knowing they run ATen's conv
             backends.select("dwconv3d", reasons)
             return super().forward(input)
-        if input.dim() == 4:
-            return self.forward(input.unsqueeze(0)).squeeze(0)
-        # the op would take a weight with a multiple of x's channels as a channel multiplier
-        if isinstance(input, torch.Tensor) and input.dim() == 5 and input.shape[1] != self.in_channels:
-            raise ValueError(f"input has {input.shape[1]} channels but this layer has in_channels={self.in_channels} "
-                             f"(input shape {tuple(input.shape)})")
+        if isinstance(input, torch.Tensor):
+            if input.dim() not in (4, 5):
+                raise ValueError(f"input must be 5-D (B, C, D, H, W) or unbatched 4-D (C, D, H, W), got shape "
+                                 f"{tuple(input.shape)}")
+            # the op would take a weight with a multiple of x's channels as a channel multiplier
+            if input.shape[-4] != self.in_channels:
+                raise ValueError(f"input has {input.shape[-4]} channels but this layer has "
+                                 f"in_channels={self.in_channels} (input shape {tuple(input.shape)})")
+            if input.dim() == 4:
+                return self.forward(input.unsqueeze(0)).squeeze(0)
         padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
         return dwconv3d(input, self.weight, self.bias, padding=padding, dilation=tuple(self.dilation))

@@ -80,6 +80,10 @@ def test_input_channels_must_match_like_conv3d():
             conv(torch.randn(1, c, 5, 5, 5))
         with pytest.raises(RuntimeError):
             nn.Conv3d.forward(conv, torch.randn(1, c, 5, 5, 5))
+    with pytest.raises(ValueError, match=r"input shape \(2, 5, 5, 5\)"):  # the caller's unbatched shape
+        conv(torch.randn(2, 5, 5, 5))
+    with pytest.raises(ValueError, match=r"unbatched 4-D \(C, D, H, W\), got shape \(4, 5, 5\)"):
+        conv(torch.randn(4, 5, 5))
 
 
 @pytest.mark.interpret
