@@ -49,7 +49,7 @@ class _BatchNormActLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation, weight, bias):
         z, mean, rstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
-        h = _tokens(activation_ref(z, activation))
+        h = _tokens(_act_as(z, (activation, 0.0), _conv_dtype(z)))
         w = weight.to(h.dtype)
         out = F.linear(h, w, bias.to(h.dtype) if bias is not None else None)
         ctx.save_for_backward(x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight)
@@ -63,13 +63,14 @@ class _BatchNormActLinear(torch.autograd.Function):
         # z = bn(x) with the batch statistics in one pass: BatchNorm's inference form, given the batch mean and the
         # variance whose eps-shifted inverse square root is rstd (the statistics are per channel, so this is free)
         z = F.batch_norm(x, mean, rstd.pow(-2) - ctx.eps, bn_weight, bn_bias, False, 0.0, ctx.eps)
-        h = _tokens(activation_ref(z, ctx.activation))
-        g = grad.to(h.dtype)
+        # the linear's backward in the dtype its forward ran in (grad's: the low precision under autocast)
+        g = grad
+        h = _tokens(_act_as(z, (ctx.activation, 0.0), g.dtype))
         dweight = torch.einsum("bno,bnc->oc", g, h).to(weight.dtype)
         dbias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
         # the (B, N, C) token gradient is the volume in channels-last memory: a view, no transposing copy
         dh = (g @ weight.to(g.dtype)).unflatten(1, x.shape[2:]).movedim(-1, 1)
-        dz = _activation_backward(dh, z, ctx.activation).contiguous(memory_format=_format(x))
+        dz = _act_backward_as(dh, z, (ctx.activation, 0.0)).contiguous(memory_format=_format(x))
         dx, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
             dz, x, bn_weight, running_mean, running_var, mean, rstd, True, ctx.eps,
             [True, bn_weight is not None, bn_bias is not None],
@@ -351,15 +352,16 @@ def _act_backward(grad: torch.Tensor, z: torch.Tensor, act: tuple[str | None, fl
 
 
 def _conv_dtype(z: torch.Tensor) -> torch.dtype:
-    """The dtype a conv reads ``z`` in: the autocast dtype where autocast casts it, else its own."""
+    """The dtype a conv or linear reads ``z`` in: the autocast dtype where autocast casts it, else its own."""
     cast = autocast_dtype(z.device.type)
     return cast if cast is not None and z.dtype in (torch.float32, torch.float16, torch.bfloat16) else z.dtype
 
 
 def _act_as(z: torch.Tensor, act: tuple[str | None, float], dtype: torch.dtype) -> torch.Tensor:
     """``act(z)`` in ``dtype`` (the same values as ``act(z).to(dtype)``). A ReLU writes the cast output in its one
-    pass: where GroupNorm runs in fp32 under CUDA autocast, that spares the fp32 activation (4 bytes an element)
-    that the plain chain writes before the conv's cast."""
+    pass: where the norm runs in fp32 under autocast (GroupNorm under CUDA autocast, an fp32 input such as
+    SegFormer3D's upsampled decoder sum), that spares the fp32 activation (4 bytes an element) that the plain chain
+    writes before the conv's or linear's cast."""
     if act[0] == "relu" and dtype != z.dtype:
         return torch.maximum(z, torch.zeros((), dtype=z.dtype), out=torch.empty_like(z, dtype=dtype))
     return _act(z, act).to(dtype)

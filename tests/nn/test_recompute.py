@@ -87,6 +87,45 @@ def test_bf16_autocast_matches_plain_composition(activation, layout):
 _FORMATS = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 
 
+def test_fp32_input_under_autocast_matches_plain_composition():
+    """SegFormer3D's decoder: an fp32 input (the upsampled sum) under bf16 autocast, BatchNorm and ReLU in fp32 and
+    the linear in bf16. The ReLU writes the linear's bf16 input directly and backward runs the linear's gradients
+    in bf16, as autograd on the plain composition does: the same output, gradients in its dtypes."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm3d(16)
+    bn_ref = copy.deepcopy(bn)
+    x = torch.randn(2, 16, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(8, 16)
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = batch_norm_act_linear(x1, bn, "relu", w1, None)
+        y_ref = F.linear(F.relu(bn_ref(x2)).flatten(2).transpose(1, 2), w2)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, e in (("dx", x1.grad, x2.grad), ("dw", w1.grad, w2.grad), ("dbn.weight", bn.weight.grad,
+                                                                             bn_ref.weight.grad)):
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
+    # counted under (emulated) CUDA autocast: no fp32 activation, forward or in backward's recomputation
+    traffic = write_traffic(_DecoderHead(), (2, 16, 5, 6, 7), torch.bfloat16)
+    forward, backward = traffic["forward"]["by_op"], traffic["backward"]["by_op"]
+    assert "aten::relu" not in forward and forward["aten::maximum"] == (1, 2 * x.numel())
+    assert backward["aten::maximum (_BatchNormActLinearBackward)"] == (1, 2 * x.numel())
+    assert not any(name.startswith("aten::relu") for name in backward)
+
+
+class _DecoderHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.w = nn.BatchNorm3d(16), nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x):
+        return batch_norm_act_linear(x, self.bn, "relu", self.w, None)
+
+
 def test_saves_only_the_input_and_statistics():
     bn = nn.BatchNorm3d(8)
     w = torch.randn(4, 8, requires_grad=True)
