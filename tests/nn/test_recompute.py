@@ -752,3 +752,27 @@ def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
     y.backward(g)
     y_ref.backward(g)
     _assert_bf16_grads_match(x1, x2, (norm,), (norm_ref,))
+
+
+@pytest.mark.gpu
+def test_gpu_batch_norm_act_linear_fp32_input_under_cuda_autocast():
+    """SegFormer3D's decoder on a GPU: the ReLU's cast-in-one-pass (a CPU scalar operand, a bf16 out= buffer) and
+    the bf16 backward GEMMs give the plain composition's output and gradients."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm3d(16).cuda()
+    bn_ref = copy.deepcopy(bn)
+    x = torch.randn(2, 16, 9, 10, 11, device="cuda").contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    w = torch.randn(8, 16, device="cuda")
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = batch_norm_act_linear(x1, bn, "relu", w1, None)
+        y_ref = F.linear(F.relu(bn_ref(x2)).flatten(2).transpose(1, 2), w2)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, e in (("dx", x1.grad, x2.grad), ("dw", w1.grad, w2.grad)):
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
