@@ -133,25 +133,34 @@ class FeatureTap:
     or its first tensor when the output is a tuple or list. With the suffix ``":input"`` (``"decoder5:input"``) it
     is the module's first positional input instead (a forward pre-hook), for features that no submodule returns,
     such as UNETR's bottleneck volume. Outside :meth:`run` the hooks store nothing, so evaluation keeps no
-    features alive. A new tap on a backbone replaces the hooks of an earlier one, so wrapping twice does not stack
-    them; :meth:`remove` takes this tap's off.
+    features alive. The names are checked when the tap is made; :meth:`attach` puts its hooks on, replacing those
+    of an earlier tap, so wrapping twice does not stack them, and a wrapper whose construction fails leaves the
+    backbone as it was; :meth:`remove` takes this tap's off.
     """
 
     def __init__(self, backbone: nn.Module, specs: Sequence[str]) -> None:
-        _remove_captures(backbone)
         self.store: dict[str, torch.Tensor] = {}
         self.state = {"on": False}
         self.specs = tuple(specs)
         for spec in self.specs:
-            if not isinstance(spec, str) or not spec:
-                raise ValueError(f"layer names must be non-empty strings, got {spec!r}")
+            self._module(backbone, spec)
+
+    def _module(self, backbone: nn.Module, spec) -> nn.Module:
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"layer names must be non-empty strings, got {spec!r}")
+        name = spec[: -len(INPUT_SUFFIX)] if spec.endswith(INPUT_SUFFIX) else spec
+        try:
+            return backbone.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the backbone has no submodule {name!r} (layer {spec!r})") from None
+
+    def attach(self, backbone: nn.Module) -> None:
+        """Put this tap's hooks on ``backbone``, taking off those of any other tap."""
+        _remove_captures(backbone)
+        for spec in self.specs:
             use_input = spec.endswith(INPUT_SUFFIX)
-            name = spec[: -len(INPUT_SUFFIX)] if use_input else spec
-            try:
-                module = backbone.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"the backbone has no submodule {name!r} (layer {spec!r})") from None
             hook = _Capture(self.store, self.state, spec, use_input)
+            module = self._module(backbone, spec)
             if use_input:
                 module.register_forward_pre_hook(hook)
             else:
@@ -167,6 +176,9 @@ class FeatureTap:
         self.state["on"] = True
         try:
             output = backbone(x)
+        except BaseException:
+            self.store.clear()  # a failed step (an OOM, say) must not keep the features and their graphs
+            raise
         finally:
             self.state["on"] = False
         missing = [s for s in self.specs if s not in self.store]
@@ -220,6 +232,26 @@ class FeatureTap:
         for b in backbone.buffers():
             memo[id(b)] = torch.empty_like(b, device="meta")
         clone = copy.deepcopy(backbone, memo).eval()
-        x = torch.empty(tuple(input_shape), device="meta")
+        x = torch.empty(tuple(input_shape), device="meta", dtype=param_dtype_device(backbone)[0])
+        tap = FeatureTap(clone, self.specs)
+        tap.attach(clone)
         with torch.no_grad():
-            return FeatureTap(clone, self.specs).run(clone, x)
+            return tap.run(clone, x)
+
+
+def param_dtype_device(backbone: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of the backbone's first floating-point parameter (the defaults without one): where
+    the wrapper's example input and heads go."""
+    for p in backbone.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+class NoDataParallel:
+    """Mixin for the wrappers: ``nn.DataParallel``'s replicas would share one tap (its store and switch) across
+    their threads, so replicating is refused with a pointer to DDP, under which each process has its own."""
+
+    def _replicate_for_data_parallel(self):
+        raise RuntimeError(f"{type(self).__name__} cannot run under nn.DataParallel (its replicas would share the "
+                           "feature hooks across threads): use DistributedDataParallel")

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastseg3d.distill._hooks import FeatureTap, check_wrapper_args
+from fastseg3d.distill._hooks import FeatureTap, NoDataParallel, check_wrapper_args, param_dtype_device
 
 __all__ = ["DSD", "DSDOutput", "DeepUp", "HEAD_MODES"]
 
@@ -72,7 +72,7 @@ class DeepUp(nn.Module):
         return x
 
 
-class DSD(nn.Module):
+class DSD(NoDataParallel, nn.Module):
     """Wrap any U-shaped network for Dual Self-Distillation: class heads on named encoder and decoder features.
 
     Forward hooks on ``encoder_layers`` (ordered shallow to deep, the teacher, DSD's "enc4", last) and
@@ -199,8 +199,10 @@ class DSD(nn.Module):
         self.spatial_dims = spatial_dims
         self.share_heads = share_heads
         self.scales = dict(zip(layers, scale_list))
-        self.encoder_heads = nn.ModuleList(heads[:n_enc])
-        self.decoder_heads = nn.ModuleList(heads[n_enc:])
+        dtype, device = param_dtype_device(backbone)  # the heads live with the backbone's parameters
+        self.encoder_heads = nn.ModuleList(heads[:n_enc]).to(device=device, dtype=dtype)
+        self.decoder_heads = nn.ModuleList(heads[n_enc:]).to(device=device, dtype=dtype)
+        self._tap.attach(backbone)  # last: a constructor that raised has left the backbone as it was
 
     def unwrap(self) -> nn.Module:
         """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.jit.script`` cannot

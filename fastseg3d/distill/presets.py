@@ -15,10 +15,11 @@ __all__ = ["METHODS", "dynunet_layers", "unet_layers", "unetr_layers"]
 METHODS = ("dsd", "selfreg")
 
 
-def _check(net: nn.Module | None, cls_name: str, method: str) -> None:
-    # by class name: MONAI is optional, and a subclass keeps the layer names
-    if net is not None and not any(c.__name__ == cls_name for c in type(net).__mro__):
-        raise TypeError(f"expected a {cls_name}, got {type(net).__name__}")
+def _check(net: nn.Module | None, cls_name: str, method: str, package: str) -> None:
+    # by class name and package: MONAI is optional, a subclass keeps the layer names, and MONAI's UNet is another UNet
+    if net is not None and not any(c.__name__ == cls_name and c.__module__.startswith(package)
+                                   for c in type(net).__mro__):
+        raise TypeError(f"expected {package}'s {cls_name}, got {type(net).__module__}.{type(net).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -37,7 +38,7 @@ def unet_layers(net: nn.Module, method: str) -> dict:
         >>> presets.unet_layers(UNet(3, 1, 2, channels=(8, 16, 32)), "selfreg")
         {'encoder_layers': ('encoder.1', 'encoder.2'), 'decoder_layers': ('decoder.0',), 'final_layer': 'final'}
     """
-    _check(net, "UNet", method)
+    _check(net, "UNet", method, "fastseg3d.")
     levels = len(net.encoder)
     if levels < 3:
         raise ValueError(f"the presets need a UNet of at least 3 levels, got {levels}")
@@ -63,7 +64,7 @@ def unetr_layers(method: str) -> dict:
         >>> presets.unetr_layers("dsd")["decoder_layers"]
         ('decoder5:input', 'decoder5', 'decoder4', 'decoder3')
     """
-    _check(None, "UNETR", method)
+    _check(None, "UNETR", method, "monai.")
     if method == "dsd":
         return {"encoder_layers": ("encoder1", "encoder2", "encoder3", "encoder4"),
                 "decoder_layers": ("decoder5:input", "decoder5", "decoder4", "decoder3")}
@@ -88,7 +89,7 @@ def dynunet_layers(net: nn.Module, method: str) -> dict:
         >>> presets.dynunet_layers(net, "selfreg")["final_layer"]
         'upsamples.1'
     """
-    _check(net, "DynUNet", method)
+    _check(net, "DynUNet", method, "monai.")
     n_up = len(net.upsamples)
     ups = tuple(f"upsamples.{j}" for j in range(n_up - 1))
     downs = tuple(f"downsamples.{i}" for i in range(len(net.downsamples)))

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastseg3d.distill._hooks import FeatureTap, check_wrapper_args
+from fastseg3d.distill._hooks import FeatureTap, NoDataParallel, check_wrapper_args
 
 __all__ = ["SelfReg", "SelfRegOutput"]
 
@@ -26,7 +26,7 @@ class SelfRegOutput(NamedTuple):
     final: torch.Tensor
 
 
-class SelfReg(nn.Module):
+class SelfReg(NoDataParallel, nn.Module):
     """Wrap any U-shaped network for SelfReg: forward hooks expose encoder, decoder and final features.
 
     SelfReg adds no parameters and no inference cost: in training the forward returns a :class:`SelfRegOutput`,
@@ -64,6 +64,7 @@ class SelfReg(nn.Module):
         self.decoder_layers = tuple(decoder_layers)
         self.final_layer = final_layer
         self._tap = FeatureTap(backbone, layers)
+        self._tap.attach(backbone)
 
     def unwrap(self) -> nn.Module:
         """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.jit.script`` cannot

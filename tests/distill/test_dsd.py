@@ -149,6 +149,42 @@ def test_wrapping_again_replaces_the_hooks_and_unwrap_takes_them_off():
     torch.jit.script(backbone.eval())  # scripting refuses Python hooks
 
 
+def test_a_failed_wrapper_leaves_the_backbone_as_it_was():
+    from fastseg3d.distill import SelfReg
+
+    net = UNet(3, 1, 2, channels=(4, 8, 8))
+    good = SelfReg(net, ["encoder.1"], ["decoder.0"], "final")
+    hooks = _hooks(net)
+    for bad in ({"encoder_layers": ["encoder.0", "encoder.9"]}, {"num_classes": 3}):
+        with pytest.raises(ValueError):
+            DSD(net, **{"encoder_layers": ["encoder.0"], "decoder_layers": ["decoder.0"], "num_classes": 2,
+                        "input_shape": (1, 1, 8, 8, 8), **bad})
+        assert _hooks(net) == hooks
+    assert len(good(torch.randn(1, 1, 8, 8, 8)).encoder) == 1  # the earlier wrapper still trains
+
+
+def test_a_failed_step_keeps_no_features_and_data_parallel_is_refused():
+    net = dsd_unet(3, 1, 2, channels=(4, 8, 8, 8))
+
+    def fail(module, args, output):
+        raise RuntimeError("out of memory")
+
+    handle = net.backbone.decoder[1].register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        net(torch.randn(1, 1, 16, 16, 16))
+    assert net._tap.store == {}
+    handle.remove()
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        net._replicate_for_data_parallel()  # what nn.DataParallel's replicate calls on every module
+
+
+def test_heads_follow_the_backbone_dtype():
+    net = UNet(3, 1, 2, channels=(4, 8, 8)).double()
+    dsd = DSD(net, ["encoder.0"], ["decoder.0"], num_classes=2)
+    assert {p.dtype for p in dsd.parameters()} == {torch.float64}
+    assert dsd(torch.randn(1, 1, 8, 8, 8, dtype=torch.float64)).decoder[0].dtype == torch.float64
+
+
 def test_dynunet_shared_heads_published_size():
     """seeds.md: DynUNet (filters 32..320, 8 classes) grows by 8,592 parameters under DSD, heads shared per scale."""
     net = nets.DynUNet(3, 1, 8, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,

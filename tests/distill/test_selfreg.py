@@ -114,6 +114,9 @@ def test_bad_arguments():
         SelfReg("net", ["encoder.1"], ["decoder.0"], "final")
     with pytest.raises(TypeError):
         presets.dynunet_layers(net, "selfreg")
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    with pytest.raises(TypeError, match="fastseg3d.'s UNet"):  # MONAI's UNet has other layer names
+        presets.unet_layers(monai_nets.UNet(3, 1, 2, channels=(4, 8, 8), strides=(2, 2)), "dsd")
     with pytest.raises(ValueError):
         presets.unet_layers(net, "missu")
     with pytest.raises(ValueError, match="3 levels"):
