@@ -50,8 +50,8 @@ class DSDLoss(nn.Module):
         kl_weight: weight of the KL sum (DSD's alpha_KL).
         detach_teacher: stop the KL gradients into the teacher heads. The encoder teacher's head has no DiceCE
             term, so then nothing trains it (its students learn from its initial projection, and DDP needs
-            ``find_unused_parameters=True``): use it with ``share_heads=True``, where that head is a decoder
-            head's too, or not at all.
+            ``find_unused_parameters=True``, which ``fastseg3d train`` sets): use it with ``share_heads=True``,
+            where that head is a decoder head's too, or not at all.
         include_background, lambda_dice, lambda_ce: as MONAI's ``DiceCELoss`` takes them.
 
     Example:

@@ -337,6 +337,26 @@ def test_train_leaves_a_callers_process_group_alone(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint_final.pt").is_file()
 
 
+def test_ddp_trains_dsd_with_a_detached_teacher(tmp_path, monkeypatch):
+    """With detach_teacher, DSD's encoder teacher head gets no gradient: DDP must be told (it raised on the second
+    step)."""
+    import torch.distributed as dist
+
+    from fastseg3d.cli import main
+
+    monkeypatch.setattr(os, "_exit", lambda code: None)
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "2")):  # read as torchrun; a group of one
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        code = main(["train", "--config", "dsd_unet", "--epochs", "1", "--output-dir", str(tmp_path),
+                     "model.kwargs={channels: [4, 8, 8, 8]}", "data.name=synthetic", "loss.distill_kwargs="
+                     "{detach_teacher: true}", "train.amp=none", "data.cache=false", "data.num_workers=0", *TINY_DATA])
+    finally:
+        dist.destroy_process_group()
+    assert code == 0 and (tmp_path / "checkpoint_final.pt").is_file()
+
+
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_processes_match_one_on_the_same_global_batch(tmp_path, accumulation):
     """torchrun with 2 gloo processes of 2 cases each == 1 process of 4 cases (same data order, averaged grads),
