@@ -286,6 +286,8 @@ class MISSU(nn.Module):
         super().__init__()
         if spatial_dims != 3:
             raise ValueError(f"MISSU supports spatial_dims=3 only, got {spatial_dims}")
+        if not isinstance(fusion, bool):
+            raise ValueError(f"fusion must be a bool, got {fusion!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
                             ("embedding_dim", embedding_dim), ("num_heads", num_heads), ("num_layers", num_layers),
                             ("hidden_dim", hidden_dim)):

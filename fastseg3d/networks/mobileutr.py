@@ -418,8 +418,16 @@ class MobileUtr(nn.Module):
             if dim % num_heads:
                 raise ValueError(f"dims[2] and dims[3] ({dims[2]}, {dims[3]}) must be divisible by num_heads "
                                  f"({num_heads})")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}")
+        if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
+        for dim, blocks in ((dims[2], depths[3]), (dims[3], depths[4])):
+            if blocks and int(dim * mlp_ratio) < 1:
+                raise ValueError(f"mlp_ratio={mlp_ratio!r} gives the width-{dim} blocks an empty MLP")
+        if depths[3] and sr_ratio > 1 and int(dims[2] * mlp_ratio) % dims[2]:
+            # the LGL blocks' local MLP is a grouped conv with groups=dims[2]
+            raise ValueError(f"mlp_ratio={mlp_ratio!r} must make the LGL blocks' MLP width int(dims[2] * mlp_ratio) "
+                             f"= {int(dims[2] * mlp_ratio)} a multiple of dims[2] = {dims[2]} (its convs are grouped "
+                             "by dims[2])")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
 

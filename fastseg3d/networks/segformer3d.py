@@ -26,6 +26,10 @@ def _per_axis(value, name: str) -> tuple[int, int, int]:
     return value
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _mlp_ratio(value) -> int:
     """An expansion ratio as an int: integral reals such as 4.0 are accepted, the hidden width must be whole."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0 or not float(value).is_integer():
@@ -181,7 +185,8 @@ class _Decoder(nn.Module):
             pred = self.linear_pred
             tokens = batch_norm_act_linear(fused, self.linear_fuse[1], "relu", pred.weight.flatten(1), pred.bias)
             logits = tokens.unflatten(1, size).permute(0, 4, 1, 2, 3)
-        return self.upsample_volume(logits)
+        # NCDHW logits, as the official model returns them: copying the small map keeps the upsampled one so
+        return self.upsample_volume(logits.contiguous())
 
 
 class SegFormer3D(nn.Module):
@@ -237,8 +242,13 @@ class SegFormer3D(nn.Module):
         super().__init__()
         if spatial_dims != 3:
             raise ValueError(f"SegFormer3D supports spatial_dims=3 only, got {spatial_dims}")
-        if in_channels <= 0 or out_channels <= 0:
-            raise ValueError(f"in_channels and out_channels must be positive, got {in_channels}, {out_channels}")
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("decoder_dim", decoder_dim)):
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(decoder_dropout, bool) or not isinstance(decoder_dropout, numbers.Real) or not (
+                0.0 <= decoder_dropout < 1.0):
+            raise ValueError(f"decoder_dropout must be a number in [0, 1), got {decoder_dropout!r}")
         if isinstance(mlp_ratio, numbers.Real):
             mlp_ratios = (mlp_ratio,) * 4
         else:
@@ -253,6 +263,10 @@ class SegFormer3D(nn.Module):
             if len(value) != 4:
                 raise ValueError(f"{name} must give 4 stages, got {value!r}")
         mlp_ratios = tuple(_mlp_ratio(r) for r in mlp_ratios)
+        for name, value, low in (("embed_dims", embed_dims, 1), ("depths", depths, 0), ("num_heads", num_heads, 1),
+                                 ("sr_ratios", sr_ratios, 1)):
+            if not all(_is_int(v) and v >= low for v in value):
+                raise ValueError(f"{name} must be 4 ints >= {low}, got {tuple(value)!r}")
         for dim, heads in zip(embed_dims, num_heads):
             if dim % heads:
                 raise ValueError(f"embed_dims {tuple(embed_dims)} must be divisible by num_heads {tuple(num_heads)}")

@@ -123,6 +123,7 @@ def test_meta_device_at_128():
         (lambda: MISSU(spatial_dims=2), "spatial_dims"),
         (lambda: MISSU(embedding_dim=256), "embedding_dim must be 512"),
         (lambda: MISSU(num_heads=7), "num_heads"),
+        (lambda: MISSU(fusion="no"), "fusion must be a bool"),
         (lambda: MISSU()(torch.randn(1, 4, 32, 36, 32)), "dimension 1 \\(size 36\\)"),
         (lambda: MISSU()(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
     ],

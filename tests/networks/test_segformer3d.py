@@ -137,6 +137,9 @@ def test_eval_returns_one_tensor_for_sliding_window_inference():
     with torch.no_grad():
         out = inferers.sliding_window_inference(torch.randn(1, 4, 40, 48, 36), (32, 32, 32), 2, net, overlap=0.25)
     assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 40, 48, 36)
+    for mode in (net.eval, net.train):  # NCDHW logits, as the official model's
+        mode()
+        assert net(torch.randn(2, 4, 32, 32, 32)).is_contiguous()
 
 
 def test_monai_bundle_instantiation():
@@ -182,6 +185,13 @@ def test_meta_device_forward_backward_at_128():
         (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 4, 32, 48, 32)), "dimension 1 \\(size 48\\)"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(4, 32, 32, 32)), "5-D"),
+        (lambda: SegFormer3D(num_heads=(0, 1, 1, 1)), "num_heads must be 4 ints >= 1"),
+        (lambda: SegFormer3D(depths=(-1, 2, 2, 2)), "depths must be 4 ints >= 0"),
+        (lambda: SegFormer3D(embed_dims=(32.0, 64, 160, 256)), "embed_dims"),
+        (lambda: SegFormer3D(decoder_dim=0), "decoder_dim"),
+        (lambda: SegFormer3D(in_channels=True), "in_channels"),
+        (lambda: SegFormer3D(out_channels="3"), "out_channels"),
+        (lambda: SegFormer3D(decoder_dropout=2), "decoder_dropout"),
     ],
 )
 def test_bad_inputs(call, match):
