@@ -263,7 +263,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
                         help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no measurement after this many seconds (what was measured is kept)")
-    parser.add_argument("--list", action="store_true", help="list the cases, their suites and providers, and exit")
+    parser.add_argument("--list", action="store_true",
+                        help="list the cases, their suites, shape labels (--quick: the tiny ones) and providers, and "
+                             "exit")
     parser.add_argument("--report", action="store_true",
                         help="measure nothing: table (and --plot) of the rows already in --out")
     args = parser.parse_args(argv)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
             print(f"{case.name} ({case.suite}; {', '.join(case.modes)}; {', '.join(case.dtypes)})")
             # shapes grouped by their (default, optional) providers, which can differ (volumes and tokens)
             groups: dict[tuple, list[str]] = {}
-            for label, spec in case.shapes(False):
+            for label, spec in case.shapes(args.quick):
                 optional = case.optional(spec)
                 default = tuple(p for p in case.providers(spec) if p not in optional)
                 groups.setdefault((default, tuple(optional)), []).append(label)
@@ -289,6 +291,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = utils.environment(device)
     out = args.out or default_out(env["device"], device)
+    # before anything is measured: a path that cannot take the results would lose them at the end
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
+    if args.json not in (None, "-") and Path(args.json).is_dir():
+        parser.error(f"--json {args.json} is a folder: give the file to write the rows to")
 
     if args.report:
         names = {c.name for c in selected}

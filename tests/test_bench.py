@@ -95,6 +95,21 @@ def test_main_lists_cases(capsys):
     volume = next(g for g in groups if "ncdhw" in g)
     tokens = next(g for g in groups if "tokens" in g)
     assert "optional: torch.compile," in volume and "default:  fastseg3d, torch, torch.compile\n" in tokens
+    # --quick lists the tiny labels that --shapes then matches
+    assert run.main(["--case", "dwconv3d", "--list", "--quick"]) == 0
+    quick = capsys.readouterr().out
+    assert "128^3" not in quick and quick.count("shapes:") >= 2
+
+
+def test_paths_that_cannot_take_the_rows_fail_before_measuring(tmp_path, capsys):
+    taken = tmp_path / "file"
+    taken.write_text("")
+    for argv in (["--out", str(taken)], ["--out", str(tmp_path / "rows"), "--json", str(tmp_path)]):
+        with pytest.raises(SystemExit) as info:
+            run.main(["--case", "channel_kl", "--quick", *argv])
+        assert info.value.code == 2
+        assert "is a f" in capsys.readouterr().err
+    assert not (tmp_path / "rows").exists()
 
 
 def test_time_limit_stops_before_measuring(tmp_path, capsys):
