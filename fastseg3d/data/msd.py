@@ -159,7 +159,7 @@ def _images_ts(folder: str) -> tuple[list[str], list[str]]:
             and all(found == {f"{c:04d}" for c in range(len(found))} for found in channels.values())):
         raise ValueError(f"{folder} holds one file per channel ({{case}}_0000, {{case}}_0001, ..., as nnU-Net v2 "
                          "writes them): give each case as one file with its channels on the last axis, as the "
-                         "Decathlon does, or list the cases in dataset.json's 'test'")
+                         "Decathlon does")
     if all(found == {"0000"} for found in channels.values()):
         stems = [stem[:-5] for stem in stems]
     return [os.path.join(folder, n) for n in names], stems
