@@ -118,6 +118,7 @@ def load_cases() -> dict[str, Case]:
         dice_ce,
         dsd_unet,
         dwconv3d,
+        group_norm_act,
         kl_distill,
         missu,
         mobileutr,

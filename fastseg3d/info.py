@@ -51,6 +51,10 @@ def _probe_cases(device: torch.device, dtype: torch.dtype):
     yield "selfreg_inter", device_reasons + selfreg_inter_unsupported_reasons(feat, [feat])
     yield "selfreg_intra", device_reasons + selfreg_intra_unsupported_reasons(feat)
 
+    from fastseg3d.ops.group_norm_act import group_norm_act_unsupported_reasons
+
+    yield "group_norm_act", device_reasons + group_norm_act_unsupported_reasons(feat)
+
 
 def op_choices(device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16
                ) -> list[tuple[str, str, str]]:

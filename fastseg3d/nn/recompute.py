@@ -14,7 +14,10 @@ input, the norm's input and the conv's input.
 GroupNorm or BatchNorm -> activation -> any Conv3d (MISSU's pre-activation encoder blocks and decoder blocks): only
 the norm's input and its statistics are saved. Under CUDA bf16/fp16 autocast GroupNorm runs in fp32, so the plain
 composition saves an fp32 copy of its input, the fp32 activation output and the conv's low-precision input: 10 bytes
-per element where this saves 2.
+per element where this saves 2. Where the fused kernels run (CUDA), GroupNorm and a ReLU, GELU or SiLU are one
+kernel (``fastseg3d.ops.group_norm_act``), forward and in backward's recompute: it reads the bf16 input as it is
+and writes the conv's bf16 input once, and its backward writes the bf16 input gradient directly (no fp32 copies
+of the input, the normalised tensor or their gradients).
 
 A norm -> LeakyReLU (the U-Nets' blocks end with one) saves its output instead of the activation's input: the
 layer after it saves that output anyway, and with a non-negative slope the output's sign gives the derivative.
@@ -34,6 +37,12 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _module_hooks
 
 from fastseg3d import backends
+from fastseg3d.ops.group_norm_act import (
+    group_norm_act_backward,
+    group_norm_act_fused,
+    group_norm_act_recompute,
+    group_norm_act_unsupported_reasons,
+)
 from fastseg3d.ops.utils import autocast_dtype, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
@@ -203,11 +212,15 @@ class _NormActConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
-                act, weight, bias, stride, padding, dilation, conv_groups):
+                act, weight, bias, stride, padding, dilation, conv_groups, fused):
         ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.act = kind, groups, norm_dtype, eps, act
-        ctx.conv = (stride, padding, dilation, conv_groups)
-        z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
-        h = _act_as(z.view(x.shape), act, _conv_dtype(z))
+        ctx.conv, ctx.fused = (stride, padding, dilation, conv_groups), fused
+        if fused:  # GroupNorm and the activation in one kernel, written once in x's dtype
+            y, mean, rstd = group_norm_act_fused(x, norm_weight, norm_bias, groups, eps, act[0])
+            h = y.to(_conv_dtype(y))
+        else:
+            z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
+            h = _act_as(z.view(x.shape), act, _conv_dtype(z))
         out = F.conv3d(h, weight, bias, stride, padding, dilation, conv_groups)
         ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight)
         return out
@@ -216,13 +229,16 @@ class _NormActConv(torch.autograd.Function):
     @once_differentiable  # the recomputed z takes the statistics as constants: no second derivative through them
     def backward(ctx, grad):
         x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
-        xn = _norm_input(ctx, x)
-        w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
-        if ctx.kind == "group":  # GroupNorm's own forward again: its statistics pass is cheap next to the conv
-            z = _group_norm(ctx, xn, w, b, x.shape)[0]
-        else:  # BatchNorm's inference form with the batch statistics (see _BatchNormActLinear)
-            z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
-        h = _act_as(z.view(x.shape), ctx.act, grad.dtype)
+        if ctx.fused:
+            h = group_norm_act_recompute(x, norm_weight, norm_bias, mean, rstd, ctx.act[0]).to(grad.dtype)
+        else:
+            xn = _norm_input(ctx, x)
+            w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
+            if ctx.kind == "group":  # GroupNorm's own forward again: its statistics pass is cheap next to the conv
+                z = _group_norm(ctx, xn, w, b, x.shape)[0]
+            else:  # BatchNorm's inference form with the batch statistics (see _BatchNormActLinear)
+                z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
+            h = _act_as(z.view(x.shape), ctx.act, grad.dtype)
         stride, padding, dilation, conv_groups = ctx.conv
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
         # the conv's own backward, in the dtype its forward ran in (grad's: the low precision under autocast)
@@ -232,13 +248,16 @@ class _NormActConv(torch.autograd.Function):
             [any(mask), ctx.needs_input_grad[11], ctx.needs_input_grad[12]],
         )
         dx = dnw = dnb = None
-        if any(mask):
+        if any(mask) and ctx.fused:
+            dx, dnw, dnb = group_norm_act_backward(dh, x, norm_weight, norm_bias, mean, rstd, ctx.eps, ctx.act[0],
+                                                   mask)
+        elif any(mask):
             dz = _act_backward_as(dh, z.view(x.shape), ctx.act)
             dx, dnw, dnb = _norm_backward(ctx, dz, x, xn, norm_weight, norm_bias, running_mean, running_var, mean,
                                           rstd, mask)
         return (dx, None, None, None, None, None, dnw, dnb, None, None, None,
                 dweight.to(weight.dtype) if dweight is not None else None,
-                dbias.to(weight.dtype) if dbias is not None else None, None, None, None, None)
+                dbias.to(weight.dtype) if dbias is not None else None, None, None, None, None, None)
 
 
 class _NormLeakyReLU(torch.autograd.Function):
@@ -453,8 +472,10 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
             or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or has_hooks(norm, activation, conv)):
         z = norm(x)
         return conv(activation(z) if callable(activation) else _act(z, act))
+    fused = kind[0] == "group" and act[0] != "leaky_relu" and backends.select(
+        "group_norm_act", group_norm_act_unsupported_reasons(x, norm.weight, norm.bias), x.device)
     return _NormActConv.apply(x, *_norm_args(x, norm, kind), act, conv.weight, conv.bias, conv.stride, conv.padding,
-                              conv.dilation, conv.groups)
+                              conv.dilation, conv.groups, fused)
 
 
 def _norm_args(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> tuple:

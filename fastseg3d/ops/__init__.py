@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastseg3d.ops.attention import attention
 from fastseg3d.ops.channel_kl import channel_kl
 from fastseg3d.ops.dwconv3d import dwconv3d, dwconv3d_tokens
+from fastseg3d.ops.group_norm_act import group_norm_act
 from fastseg3d.ops.kl_distill import kl_distill, kl_distill_multi
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter, selfreg_inter_multi, selfreg_intra
 
@@ -13,6 +14,7 @@ __all__ = [
     "channel_kl",
     "dwconv3d",
     "dwconv3d_tokens",
+    "group_norm_act",
     "kl_distill",
     "kl_distill_multi",
     "random_channel_pairs",

@@ -18,6 +18,12 @@ from fastseg3d.reference.dwconv3d import (
     dwconv3d_ref,
     dwconv3d_tokens_ref,
 )
+from fastseg3d.reference.group_norm_act import (
+    group_norm_act_apply_ref,
+    group_norm_act_backward_ref,
+    group_norm_act_fused_ref,
+    group_norm_act_ref,
+)
 from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl_distill_multi_ref, kl_distill_ref
 from fastseg3d.reference.selfreg import (
     intra_order,
@@ -45,6 +51,10 @@ __all__ = [
     "dwconv3d_ref",
     "dwconv3d_tokens_ref",
     "efficient_self_attention3d_ref",
+    "group_norm_act_apply_ref",
+    "group_norm_act_backward_ref",
+    "group_norm_act_fused_ref",
+    "group_norm_act_ref",
     "intra_order",
     "kl_distill_fused_ref",
     "kl_distill_multi_ref",

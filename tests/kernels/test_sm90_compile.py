@@ -224,6 +224,26 @@ def test_distillation_kernels():
                                                 "NEED_GRAD": True, "INT64": True, "BLOCK_V": 1024}, 8)
 
 
+@pytest.mark.parametrize("dtype,int64,act,block_c", [("bf16", False, 1, 4), ("fp16", True, 2, 64),
+                                                     ("fp32", False, 4, 1), ("bf16", True, 0, 16),
+                                                     ("fp32", True, 3, 4)])
+def test_group_norm_act_kernels(dtype, int64, act, block_c):
+    """Every GroupNorm kernel in each dtype, activation and index width, at the tile shapes the launcher picks
+    (NCDHW: up to 4 channels; channels-last: up to 64), without spills."""
+    from bench.sass import _stats
+    from fastseg3d.kernels import group_norm_act as gn
+
+    values = {"x_ptr": f"*{dtype}", "dy_ptr": "*bf16", "y_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "w_ptr": "*fp32",
+              "bias_ptr": "*fp32", **{p: "*fp32" for p in ("mean_ptr", "m2_ptr", "rstd_ptr", "out_mean_ptr",
+                                                           "out_rstd_ptr", "sdz_ptr", "sdzx_ptr", "c1_ptr", "c2_ptr")},
+              **_ints("C", "S", "G", "CG", "SPLIT", "tiles_per_split", "chunk", "sb", "sc", "ss"), "eps": "fp32",
+              "HAS_W": True, "HAS_B": act != 0, "ACT": act, "BLOCK_S": 2048 // block_c, "BLOCK_C": block_c,
+              "INT64": int64, "BLOCK_P": 64, "BLOCK_CG": 16}
+    for kernel in (gn._stats_kernel, gn._finalize_kernel, gn._apply_kernel, gn._bwd_reduce_kernel,
+                   gn._bwd_dx_kernel):
+        assert _stats(compile_for_h100(kernel, values))["spill_bytes"] == 0, kernel.__name__
+
+
 @pytest.mark.parametrize("which", ["fwd", "bwd_weight"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -374,7 +394,8 @@ def test_selfreg_pooling_keeps_to_registers():
 # `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward"}),
-    ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl"}),
+    ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", "group_norm_act",
+                                        "group_norm_act_apply", "group_norm_act_backward"}),
     ("dsd_unet", ("train_step",), {"kl_distill"}),  # the fused parts of these two are training losses
     ("selfreg_unet", ("train_step",), {"selfreg_inter", "selfreg_intra"}),
 ])

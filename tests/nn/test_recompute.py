@@ -449,10 +449,12 @@ def test_norm_act_conv_saves_only_the_norm_input(norm, dtype):
     assert set(direct) == {"total", "(top)"} and direct["total"] <= elems * 4 + stats + 1024
 
 
-def test_norm_act_conv_relu_writes_the_conv_input_in_its_dtype():
-    """Under (emulated) CUDA autocast GroupNorm runs in fp32: the ReLU writes the conv's bf16 input in its one pass
-    (the plain chain writes an fp32 activation, then the conv's cast), forward and in backward's recomputation, and
-    backward reads the conv's bf16 input gradient as it is (no fp32 copy)."""
+def test_norm_act_conv_relu_writes_the_conv_input_in_its_dtype(monkeypatch):
+    """Where the fused GroupNorm cannot run (no Triton), under (emulated) CUDA autocast GroupNorm runs in fp32: the
+    ReLU writes the conv's bf16 input in its one pass (the plain chain writes an fp32 activation, then the conv's
+    cast), forward and in backward's recomputation, and backward reads the conv's bf16 input gradient as it is (no
+    fp32 copy)."""
+    monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: ["triton is not installed"])
     shape = (2, 16, 8, 8, 8)
     elems = math.prod(shape)
     stem = nn.Conv3d(16, 16, 1)
@@ -463,6 +465,26 @@ def test_norm_act_conv_relu_writes_the_conv_input_in_its_dtype():
     # backward recomputes the fp32 copy of the input, the fp32 norm output and the bf16 activation (10 bytes an
     # element), and spares the plain chain's fp32 copy of the activation's gradient (4)
     assert fused["backward"]["bytes"] - plain["backward"]["bytes"] <= 7 * elems
+
+
+def test_norm_act_conv_fused_group_norm_writes_the_conv_input_once():
+    """Where the fused kernels run (here: counted on the meta device under emulated CUDA autocast), GroupNorm and
+    the ReLU are one op that reads the bf16 input and writes the conv's bf16 input and the statistics: 12 bytes an
+    element fewer than the plain chain's fp32 copy, fp32 norm output and fp32 activation and cast. Backward's
+    recompute writes the bf16 conv input again and the norm's backward the bf16 input gradient, with no fp32
+    copies of the input, of the norm's output or of their gradients."""
+    shape = (2, 16, 8, 8, 8)
+    elems, stats = math.prod(shape), 2 * 2 * 4 * 4  # fp32 mean and rstd per (batch, group)
+    stem = nn.Conv3d(16, 16, 1)
+    fused = write_traffic(nn.Sequential(stem, _Chain(nn.GroupNorm(4, 16), True)), shape, torch.bfloat16)
+    plain = write_traffic(nn.Sequential(stem, _Chain(nn.GroupNorm(4, 16), False)), shape, torch.bfloat16)
+    assert fused["forward"]["by_op"]["fastseg3d::group_norm_act"] == (1, 2 * elems + stats)
+    assert not any("group_norm" in op for op in fused["forward"]["by_op"] if op.startswith("aten::"))
+    assert plain["forward"]["bytes"] - fused["forward"]["bytes"] == 12 * elems
+    backward = fused["backward"]["by_op"]
+    assert backward["fastseg3d::group_norm_act_apply (_NormActConvBackward)"] == (1, 2 * elems)
+    assert backward["fastseg3d::group_norm_act_backward (_NormActConvBackward)"][1] == 2 * elems + 2 * 16 * 4
+    assert plain["backward"]["bytes"] - fused["backward"]["bytes"] >= 9 * elems
 
 
 def test_norm_act_conv_runs_the_plain_composition_elsewhere():
@@ -699,6 +721,79 @@ def test_norm_act_runs_the_plain_composition_elsewhere():
 
 
 # ------------------------------------------------------------------------------------------------------
+# Interpreter tier: the fused GroupNorm + activation inside norm_act_conv (TRITON_INTERPRET=1)
+
+
+def _count_fused(monkeypatch) -> list:
+    calls = []
+    real = recompute.group_norm_act_fused
+    monkeypatch.setattr(recompute, "group_norm_act_fused", lambda *a: calls.append(a[-1]) or real(*a))
+    return calls
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("activation", ["relu", None, "gelu_module", "silu_module"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_interpret_norm_act_conv_fused_group_norm_matches_plain_composition(activation, layout, monkeypatch, poison):
+    calls = _count_fused(monkeypatch)
+    activation = {"gelu_module": nn.GELU(), "silu_module": nn.SiLU()}.get(activation, activation)
+    norm, conv = nn.GroupNorm(3, 6), nn.Conv3d(6, 4, 3, padding=1)
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 6, 5, 4, 7) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with fastseg3d.backend("triton"):
+        y = norm_act_conv(x1, norm, activation, conv)
+    y_ref = _plain(x2, norm_ref, activation, conv_ref)
+    assert y.grad_fn.name() == "_NormActConvBackward" and len(calls) == 1
+    assert_close("y", y, y_ref, torch.float32)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for module, module_ref in ((norm, norm_ref), (conv, conv_ref)):
+        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
+            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+
+
+@pytest.mark.interpret
+def test_interpret_norm_act_conv_fused_group_norm_under_fp32_group_norm_autocast(monkeypatch):
+    """bf16 input under autocast with CUDA's GroupNorm policy patched in: the fused kernel reads the bf16 input and
+    writes the conv's bf16 input; output and gradients within bf16 rounding of the plain chain, in its dtypes."""
+    calls = _count_fused(monkeypatch)
+    monkeypatch.setattr(recompute, "_group_norm_dtype", lambda x: torch.float32)
+    norm, conv = nn.GroupNorm(4, 16), nn.Conv3d(16, 8, 3, padding=1)
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 16, 3, 4, 5).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastseg3d.backend("triton"):
+        y = norm_act_conv(x1, norm, "relu", conv)
+        y_ref = conv_ref(F.relu(norm_ref(x2.float())))
+    assert len(calls) == 1 and y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    _assert_bf16_grads_match(x1, x2, (norm, conv), (norm_ref, conv_ref))
+
+
+@pytest.mark.interpret
+def test_interpret_norm_act_conv_leaky_relu_keeps_the_aten_group_norm(monkeypatch):
+    calls = _count_fused(monkeypatch)
+    norm, conv = nn.GroupNorm(3, 6), nn.Conv3d(6, 4, 3, padding=1)
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    with fastseg3d.backend("triton"):
+        y = norm_act_conv(x, norm, "leaky_relu", conv)
+    assert y.grad_fn.name() == "_NormActConvBackward" and calls == []
+    assert_close("y", y, conv(F.leaky_relu(norm(x), 0.01)), torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------
 # GPU tier (not run here: no GPU in this environment)
 
 
@@ -732,6 +827,14 @@ def test_gpu_norm_act_conv_under_cuda_autocast_matches_plain_composition(norm, l
     y.backward(g)
     y_ref.backward(g)
     _assert_bf16_grads_match(x1, x2, (norm, conv), (norm_ref, conv_ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_gpu_norm_act_conv_group_norm_without_the_fused_kernel(layout, monkeypatch):
+    """The ATen GroupNorm path (where the fused kernel cannot run) under CUDA autocast, as above."""
+    monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: ["triton is not installed"])
+    test_gpu_norm_act_conv_under_cuda_autocast_matches_plain_composition("group", layout)
 
 
 @pytest.mark.gpu

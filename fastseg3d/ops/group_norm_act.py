@@ -1,0 +1,253 @@
+"""Fused GroupNorm and activation: ``act(group_norm(x))`` in fp32 math, written once in the input's dtype.
+
+Under CUDA autocast ``F.group_norm`` copies a bf16 input to fp32, normalises into another fp32 tensor, and the
+activation writes a third before the next conv casts it back to bf16: 10 bytes written an element where this
+writes 2, and backward likewise (MISSU's encoder and decoder blocks run GroupNorm -> ReLU -> conv at every level).
+
+The Triton kernels are in ``fastseg3d.kernels.group_norm_act``, the reference in
+``fastseg3d.reference.group_norm_act``. Three ``torch.library`` ops carry them, each with a fake implementation:
+``fastseg3d::group_norm_act`` (with autograd; returns the output and the per-group mean and rstd),
+``fastseg3d::group_norm_act_apply`` (the output again from given statistics: the recompute of
+``fastseg3d.nn.recompute.norm_act_conv``) and ``fastseg3d::group_norm_act_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from fastseg3d import backends
+from fastseg3d.ops import utils
+from fastseg3d.reference.dwconv3d import ACTIVATIONS
+from fastseg3d.reference.group_norm_act import (
+    group_norm_act_apply_ref,
+    group_norm_act_backward_ref,
+    group_norm_act_fused_ref,
+    group_norm_act_ref,
+)
+
+__all__ = ["group_norm_act", "group_norm_act_unsupported_reasons"]
+
+_ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+
+
+def _act(name: str) -> str | None:
+    return None if name == "none" else name
+
+
+def _validate(x, num_groups, weight, bias, eps, activation) -> None:
+    utils.check_tensor(x, "x")
+    if x.dim() != 5:
+        raise ValueError(f"x must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    if x.shape[1] % num_groups:
+        raise ValueError(f"x has {x.shape[1]} channels, which num_groups={num_groups} does not divide")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        utils.check_tensor(p, name)
+        if tuple(p.shape) != (x.shape[1],):
+            raise ValueError(f"{name} must have shape ({x.shape[1]},) for x's {x.shape[1]} channels, got "
+                             f"{tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+        if p.device != x.device:
+            raise TypeError(f"{name} is on {p.device} but x is on {x.device}; pass tensors on one device")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def group_norm_act_unsupported_reasons(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
+                                       ) -> list[str]:
+    """Why the fused kernels cannot take this (already validated) case; empty when they can."""
+    reasons = utils.base_reasons(x)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype not in utils.FUSED_DTYPES:
+            reasons.append(f"{name} dtype={p.dtype} (fused: float32, float16, bfloat16)")
+    if x.shape[0] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch above {utils.MAX_GRID_YZ}")
+    if x.numel() == 0:
+        reasons.append("x has no elements")
+    return reasons
+
+
+def _new_output(x: Tensor) -> Tensor:
+    return utils.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
+
+
+def _needs(output_mask, weight, bias) -> tuple[bool, bool, bool]:
+    return output_mask[0], output_mask[1] and weight is not None, output_mask[2] and bias is not None
+
+
+def _stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    return tuple(x.new_empty((x.shape[0], groups), dtype=torch.float32) for _ in range(2))
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+@utils.eager_op("fastseg3d::group_norm_act")
+def _group_norm_act_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+                       activation: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y in x's dtype and layout, mean, rstd): the statistics fp32 (B, groups)."""
+    if x.device.type == "meta":
+        return (_new_output(x), *_stats(x, groups))
+    if not utils.launchable(x.device):
+        y, mean, rstd = group_norm_act_fused_ref(x, weight, bias, groups, eps, _act(activation))
+        return y.contiguous(memory_format=utils.layout_of(x)), mean.float(), rstd.float()
+    with utils.launch_device(x):
+        return _group_norm_act_launch(x, weight, bias, groups, eps, activation)
+
+
+@utils.launches("fastseg3d::group_norm_act")
+def _group_norm_act_launch(x, weight, bias, groups, eps, activation):
+    from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply, group_norm_act_stats
+
+    mean, rstd = group_norm_act_stats(x, groups, eps, empty=utils.empty)
+    y = group_norm_act_apply(x, weight, bias, mean, rstd, ACT_IDS[_act(activation)], _new_output(x))
+    return y, mean, rstd
+
+
+@utils.eager_op("fastseg3d::group_norm_act_apply")
+def _group_norm_act_apply_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+                             activation: str) -> Tensor:
+    """``act((x - mean) * rstd * weight + bias)`` from given statistics, in x's dtype and layout (no autograd)."""
+    if x.device.type == "meta":
+        return _new_output(x)
+    if not utils.launchable(x.device):
+        y = group_norm_act_apply_ref(x, weight, bias, mean, rstd, _act(activation))
+        return y.contiguous(memory_format=utils.layout_of(x))
+    with utils.launch_device(x):
+        return _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation)
+
+
+@utils.launches("fastseg3d::group_norm_act_apply")
+def _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation):
+    from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply
+
+    return group_norm_act_apply(x, weight, bias, mean, rstd, ACT_IDS[_act(activation)], _new_output(x))
+
+
+@utils.eager_op("fastseg3d::group_norm_act_backward")
+def _group_norm_act_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                                rstd: Tensor, eps: float, activation: str, output_mask: list[bool]
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias) in the dtypes of x and the parameters; an output not asked for in ``output_mask`` (or
+    of an absent parameter) is an empty (0,) tensor. ``grad`` has x's shape and layout."""
+    need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
+    none = x.new_empty((0,))
+    if x.device.type == "meta":
+        return (_new_output(x) if need_dx else none, torch.empty_like(weight) if need_dw else x.new_empty((0,)),
+                torch.empty_like(bias) if need_db else x.new_empty((0,)))
+    if not utils.launchable(x.device):
+        dx, dw, db = group_norm_act_backward_ref(grad, x, weight, bias, mean.shape[1], eps, _act(activation),
+                                                 [need_dx, need_dw, need_db])
+        return (dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else none,
+                dw if need_dw else x.new_empty((0,)), db if need_db else x.new_empty((0,)))
+    with utils.launch_device(x):
+        return _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, output_mask)
+
+
+@utils.launches("fastseg3d::group_norm_act_backward")
+def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, output_mask):
+    from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_bwd
+
+    need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
+    dx, dw, db = group_norm_act_bwd(grad.contiguous(memory_format=utils.layout_of(x)), x, weight, bias, mean, rstd,
+                                    ACT_IDS[_act(activation)], need_dx, empty=utils.empty)
+    return (dx if need_dx else x.new_empty((0,)), dw.to(weight.dtype) if need_dw else x.new_empty((0,)),
+            db.to(bias.dtype) if need_db else x.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, groups, eps, activation = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.eps, ctx.activation = eps, activation
+    utils.no_zero_grads(ctx)
+
+
+def _backward(ctx, grad, grad_mean, grad_rstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if grad is None or not any(mask):
+        return None, None, None, None, None, None
+    dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, ctx.eps, ctx.activation, mask)
+    return (dx if mask[0] else None, dw if mask[1] and weight is not None else None,
+            db if mask[2] and bias is not None else None, None, None, None)
+
+
+_group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def group_norm_act_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+                         activation: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused forward on an already validated and selected case: (y, mean, rstd)."""
+    x = x.contiguous(memory_format=utils.layout_of(x))
+    return _group_norm_act_op(x, weight, bias, groups, float(eps), _ACT_NAMES[activation])
+
+
+def group_norm_act_recompute(x, weight, bias, mean, rstd, activation: str | None) -> Tensor:
+    """:func:`group_norm_act_fused`'s output again from its statistics (``x`` as it was given there)."""
+    x = x.contiguous(memory_format=utils.layout_of(x))
+    return _group_norm_act_apply_op(x, weight, bias, mean, rstd, _ACT_NAMES[activation])
+
+
+def group_norm_act_backward(grad, x, weight, bias, mean, rstd, eps: float, activation: str | None, output_mask):
+    """(dx, dweight, dbias) of :func:`group_norm_act_fused` (None where not asked for or absent)."""
+    x = x.contiguous(memory_format=utils.layout_of(x))
+    dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, float(eps), _ACT_NAMES[activation],
+                                             list(output_mask))
+    return (dx if output_mask[0] else None, dw if output_mask[1] and weight is not None else None,
+            db if output_mask[2] and bias is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def group_norm_act(
+    x: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> Tensor:
+    """GroupNorm followed by an activation, ``activation(F.group_norm(x, num_groups, weight, bias, eps))``.
+
+    Args:
+        x: (B, C, D, H, W), NCDHW-contiguous or ``channels_last_3d`` (the output keeps the layout).
+        num_groups: groups, dividing C.
+        weight, bias: (C,) affine parameters or None, in any floating dtype (fp32 master weights with a bf16 x).
+        eps: added to the variance.
+        activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu".
+
+    The statistics and the normalisation are computed in fp32 and the output is written once, in x's dtype: for
+    fp16 and bf16 inputs these are the values CUDA autocast's fp32 GroupNorm gives, rounded to x's dtype (the
+    dtype the conv after the norm reads under autocast), without autocast's fp32 copies. fp32, fp16 and bf16 are
+    fused on CUDA (forward and backward, deterministic: per-program partial sums reduced in a fixed order); other
+    cases run the reference under the ``auto`` backend.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> x = torch.randn(2, 16, 4, 6, 5)
+        >>> norm = torch.nn.GroupNorm(8, 16)
+        >>> y = fastseg3d.ops.group_norm_act(x, 8, norm.weight, norm.bias, activation="relu")
+        >>> torch.allclose(y, torch.relu(norm(x)), atol=1e-6)
+        True
+    """
+    _validate(x, num_groups, weight, bias, eps, activation)
+    if backends.select("group_norm_act", group_norm_act_unsupported_reasons(x, weight, bias), x.device):
+        return group_norm_act_fused(x, weight, bias, num_groups, eps, activation)[0]
+    y = group_norm_act_ref(x, num_groups, weight, bias, eps, activation)
+    return y.contiguous(memory_format=utils.layout_of(x))

@@ -1,0 +1,74 @@
+"""Reference GroupNorm with a fused activation in ATen ops: ``activation(F.group_norm(x, ...))``.
+
+fp16 and bf16 inputs are normalised in fp32, as CUDA autocast runs GroupNorm, and the result is returned in the
+input's dtype (what the conv after the norm reads under autocast). Math in fp64 for fp64 inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastseg3d.reference._grad_dtype import compute_dtype
+from fastseg3d.reference.dwconv3d import activation_grad_ref, activation_ref
+
+__all__ = [
+    "group_norm_act_apply_ref",
+    "group_norm_act_backward_ref",
+    "group_norm_act_fused_ref",
+    "group_norm_act_ref",
+]
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t.to(dtype) if t is not None else None
+
+
+def group_norm_act_ref(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, activation=None):
+    """``activation(F.group_norm(x, num_groups, weight, bias, eps))`` in x's dtype, differentiable by autograd."""
+    cd = compute_dtype(x)
+    z = F.group_norm(x.to(cd), num_groups, _cast(weight, cd), _cast(bias, cd), eps)
+    return activation_ref(z, activation).to(x.dtype)
+
+
+def group_norm_act_fused_ref(x, weight, bias, groups: int, eps: float, activation):
+    """What the fused forward returns, without autograd: (y in x's dtype, mean, rstd), the statistics
+    (B, G) in fp32 (fp64 for fp64 inputs)."""
+    cd = compute_dtype(x)
+    xc = x.to(cd).contiguous()
+    z, mean, rstd = torch.native_group_norm(xc, _cast(weight, cd), _cast(bias, cd), x.shape[0], x.shape[1],
+                                            math.prod(x.shape[2:]), groups, eps)
+    return activation_ref(z, activation).to(x.dtype), mean, rstd
+
+
+def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation):
+    """``activation((x - mean) * rstd * weight + bias)`` with given per-group statistics, in x's dtype."""
+    per_group = x.shape[1] // mean.shape[1]
+    shape = (x.shape[0], x.shape[1], 1, 1, 1)
+    scale = rstd.repeat_interleave(per_group, dim=1).view(shape)
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype).view(1, -1, 1, 1, 1)
+    shift = -mean.repeat_interleave(per_group, dim=1).view(shape) * scale
+    if bias is not None:
+        shift = shift + bias.to(scale.dtype).view(1, -1, 1, 1, 1)
+    z = x.to(scale.dtype) * scale + shift
+    return activation_ref(z, activation).to(x.dtype)
+
+
+def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, activation, output_mask):
+    """(dx, dweight, dbias) of :func:`group_norm_act_ref` in the dtypes of x and the parameters, from GroupNorm's
+    own forward and backward kernels (no autograd: op bodies run below it); None where ``output_mask`` is False
+    (and for an absent parameter)."""
+    cd = compute_dtype(x)
+    xc, wc = x.to(cd).contiguous(), _cast(weight, cd)
+    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    z, mean, rstd = torch.native_group_norm(xc, wc, _cast(bias, cd), n, c, s, groups, eps)
+    dz = (grad.to(cd) * activation_grad_ref(z, activation)).contiguous()
+    need_dw, need_db = output_mask[1] and weight is not None, output_mask[2] and bias is not None
+    # dx always: GroupNorm's CPU backward kernel does not take a mask without it on every layout
+    dx, dw, db = torch.ops.aten.native_group_norm_backward(dz, xc, mean, rstd, wc, n, c, s, groups,
+                                                           [True, need_dw, need_db])
+    return (dx.to(x.dtype) if output_mask[0] else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(bias.dtype) if need_db else None)

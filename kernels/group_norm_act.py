@@ -1,0 +1,317 @@
+"""Triton kernels of GroupNorm with a fused activation: ``y = act((x - mean_g) * rstd_g * w_c + b_c)``.
+
+Every tensor is addressed through its (B, C, S) strides, S the flattened spatial extent, so one set of kernels
+serves NCDHW and ``channels_last_3d``. A program owns a [BLOCK_S, BLOCK_C] tile of one batch element: a few
+channels and a long run of voxels on NCDHW, every channel of a short run of voxels on channels-last, so loads
+stay coalesced in both (on channels-last a group's channels are only a few of every voxel's C values).
+
+Forward, three launches:
+
+1. statistics: program (split, channel block, b) walks its share of the voxels tile by tile, summing ``x -
+   shift`` and its square elementwise in registers, the shift being each channel's mean over the program's first
+   tile (near the mean, so the sum of squares does not cancel for a feature whose mean is large against its
+   spread), and writes each channel's mean and sum of squared deviations to a (B, SPLIT, C) workspace.
+2. finalize: one program per (b, group) merges its channels' and splits' partials (Chan's formula) in a fixed
+   order into the group's mean and rstd (fp32, (B, G), as ``native_group_norm`` returns them).
+3. apply: ``z = x * scale_c + shift_c`` (scale = rstd w, shift = b - mean scale, GroupNorm's CUDA form), ``y =
+   act(z)`` in the output's dtype: under autocast the conv after the norm reads bf16, and no fp32 copy of the
+   input or of the normalised tensor is written.
+
+Backward, given ``dy``:
+
+1. reduce: program (split, channel block, b) recomputes z, ``dz = dy * act'(z)``, and sums per channel ``dz``
+   and ``dz * xhat`` over its share of the voxels into (B, SPLIT, C) workspaces (no atomics: the caller sums
+   them in a fixed order into dweight, dbias and the two per-group terms of dx);
+2. dx: ``rstd * (w_c dz - c1_g - xhat c2_g)``, with ``c1 = sum_c w_c sum dz / M`` and ``c2 = sum_c w_c sum dz
+   xhat / M`` over the group's M values.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastseg3d.backends import interpreter_active
+from fastseg3d.kernels import utils
+from fastseg3d.kernels.dwconv3d import ACT_IDS, _act, _act_grad  # the activations the dwconv3d kernels fuse
+from fastseg3d.kernels.utils import cdiv, next_power_of_2
+
+__all__ = ["ACT_IDS", "MAX_SPLIT", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_stats"]
+
+_INT32_MAX = 2**31 - 1
+MAX_SPLIT = 64  # splits of a channel's voxels; the finalize program holds SPLIT x channels-per-group partials
+_MAX_BLOCK_C = 64
+
+
+def _tile(x: torch.Tensor) -> tuple[int, int]:
+    """(BLOCK_S, BLOCK_C): wide along the unit-stride axis. Tiny tiles under the interpreter, so that small tests
+    cross tiles, splits and channel blocks."""
+    interpret = interpreter_active()
+    if _channels_last(x):
+        block_c = min(next_power_of_2(x.shape[1]), 16 if interpret else _MAX_BLOCK_C)
+    else:
+        block_c = min(next_power_of_2(x.shape[1]), 2 if interpret else 4)
+    return max((64 if interpret else 2048) // block_c, 1), block_c
+
+
+def _split(x: torch.Tensor, n_tiles: int, programs_per_split: int) -> tuple[int, int]:
+    """(SPLIT, tiles per split): enough programs to fill the GPU (four per SM), at most MAX_SPLIT."""
+    sms = utils.sm_count(x.device)
+    wanted = 4 * sms if sms is not None else 6
+    split = min(n_tiles, MAX_SPLIT, max(1, cdiv(wanted, programs_per_split)))
+    per = cdiv(n_tiles, split)
+    return cdiv(n_tiles, per), per
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.shape[1] > 1 and x.stride(1) == 1
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, channel, voxel) strides of a 5-D tensor contiguous in its layout, from its shape: a size-1 axis of a
+    contiguous tensor may carry any stride."""
+    c, s = x.shape[1], x.shape[2] * x.shape[3] * x.shape[4]
+    return (c * s, 1, c) if _channels_last(x) else (c * s, s, 1)
+
+
+def _int64(x: torch.Tensor) -> bool:
+    return x.numel() >= _INT32_MAX
+
+
+@triton.jit
+def _offsets(b, ch, offs_s, sb, sc, ss, INT64: tl.constexpr):
+    if INT64:
+        b, ch, offs_s = b.to(tl.int64), ch.to(tl.int64), offs_s.to(tl.int64)
+    return b * sb + ch[None, :] * sc + offs_s[:, None] * ss
+
+
+@triton.jit
+def _stats_kernel(
+    x_ptr, mean_ptr, m2_ptr, C, S, SPLIT, tiles_per_split, sb, sc, ss,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
+    c_ok = ch < C
+    s_first = pid_s * tiles_per_split * BLOCK_S
+    # sums of x - shift, the shift being each channel's mean over the program's first tile: near the mean, so the
+    # sum of squares does not cancel (a raw sum of squares would lose the variance of a feature whose mean is large
+    # against its spread). The sums stay elementwise in registers; one reduction at the end.
+    offs_s = s_first + tl.arange(0, BLOCK_S)
+    mask = (offs_s < S)[:, None] & c_ok[None, :]
+    v = tl.load(x_ptr + _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask=mask, other=0.0).to(tl.float32)
+    shift = tl.sum(v, axis=0) / tl.minimum(S - s_first, BLOCK_S).to(tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    acc_sq = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for t in range(tiles_per_split):
+        offs_s = s_first + t * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (offs_s < S)[:, None] & c_ok[None, :]
+        v = tl.load(x_ptr + _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, v - shift[None, :], 0.0)
+        acc += d
+        acc_sq += d * d
+    n = tl.minimum(S - s_first, tiles_per_split * BLOCK_S).to(tl.float32)
+    total = tl.sum(acc, axis=0)
+    out = (b * SPLIT + pid_s) * C + ch
+    tl.store(mean_ptr + out, shift + total / n, mask=c_ok)
+    tl.store(m2_ptr + out, tl.maximum(tl.sum(acc_sq, axis=0) - total * total / n, 0.0), mask=c_ok)
+
+
+@triton.jit
+def _finalize_kernel(
+    mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, C, S, G, CG, SPLIT, chunk, eps,
+    BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr,
+):
+    pid = tl.program_id(0)  # b * G + g
+    b = pid // G
+    g = pid % G
+    p = tl.arange(0, BLOCK_P)
+    cnt = tl.minimum(tl.maximum(S - p * chunk, 0), chunk).to(tl.float32)  # voxels of each split
+    rows = (b * SPLIT + p)[:, None] * C + g * CG
+    # two passes over the group's partials: the mean weighted by the counts, then the deviations around it
+    total = tl.zeros([], dtype=tl.float32)
+    weighted = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_CG):
+        c = c0 + tl.arange(0, BLOCK_CG)
+        mask = (p < SPLIT)[:, None] & (c < CG)[None, :]
+        n = tl.where(mask, cnt[:, None], 0.0)
+        total += tl.sum(tl.sum(n, axis=1), axis=0)
+        weighted += tl.sum(tl.sum(n * tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0), axis=1), axis=0)
+    mean = weighted / total
+    m2 = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, CG, BLOCK_CG):
+        c = c0 + tl.arange(0, BLOCK_CG)
+        mask = (p < SPLIT)[:, None] & (c < CG)[None, :]
+        d = tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0) - mean
+        q = tl.load(m2_ptr + rows + c[None, :], mask=mask, other=0.0)
+        m2 += tl.sum(tl.sum(tl.where(mask, q + cnt[:, None] * d * d, 0.0), axis=1), axis=0)
+    tl.store(out_mean_ptr + pid, mean)
+    tl.store(out_rstd_ptr + pid, 1.0 / tl.sqrt_rn(m2 / total + eps))
+
+
+@triton.jit
+def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """Per channel: (mean, rstd, w, scale = rstd w, shift = bias - mean scale), fp32 vectors."""
+    grp = b * G + ch // CG
+    mean = tl.load(mean_ptr + grp, mask=c_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + grp, mask=c_ok, other=0.0)
+    w = tl.load(w_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) if HAS_W else tl.full(ch.shape, 1.0, tl.float32)
+    shift = tl.load(bias_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) if HAS_B else tl.zeros(ch.shape, tl.float32)
+    scale = rstd * w
+    return mean, rstd, w, scale, shift - mean * scale
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, y_ptr, C, S, G, CG, sb, sc, ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
+    c_ok = ch < C
+    _, _, _, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W, HAS_B)
+    mask = (offs_s < S)[:, None] & c_ok[None, :]
+    offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _act(x * scale[None, :] + shift[None, :], ACT)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, ACT: tl.constexpr):
+    """(dz = dy * act'(z), xhat) of one tile, z as the forward computed it."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        dz = dz * _act_grad(x * scale[None, :] + shift[None, :], ACT)
+    return dz, (x - mean[None, :]) * rstd[None, :]
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr, C, S, G, CG, SPLIT, tiles_per_split,
+    sb, sc, ss, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
+    c_ok = ch < C
+    mean, rstd, _, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W, HAS_B)
+    # elementwise sums in registers, one reduction at the end (a reduction per tile would synchronise the program)
+    sdz = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    sdzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for t in range(tiles_per_split):
+        offs_s = (pid_s * tiles_per_split + t) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (offs_s < S)[:, None] & c_ok[None, :]
+        dz, xhat = _dz(x_ptr, dy_ptr, _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask, mean, rstd, scale, shift,
+                       ACT)
+        dz = tl.where(mask, dz, 0.0)
+        sdz += dz
+        sdzx += dz * xhat
+    out = (b * SPLIT + pid_s) * C + ch
+    tl.store(sdz_ptr + out, tl.sum(sdz, axis=0), mask=c_ok)
+    tl.store(sdzx_ptr + out, tl.sum(sdzx, axis=0), mask=c_ok)
+
+
+@triton.jit
+def _bwd_dx_kernel(
+    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, G, CG, sb, sc, ss,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+):
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.program_id(2)
+    c_ok = ch < C
+    mean, rstd, w, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W, HAS_B)
+    grp = b * G + ch // CG
+    c1 = tl.load(c1_ptr + grp, mask=c_ok, other=0.0)
+    c2 = tl.load(c2_ptr + grp, mask=c_ok, other=0.0)
+    mask = (offs_s < S)[:, None] & c_ok[None, :]
+    offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
+    dz, xhat = _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, ACT)
+    dx = rstd[None, :] * (w[None, :] * dz - c1[None, :] - xhat * c2[None, :])
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _grid_s(x: torch.Tensor, block_s: int, block_c: int) -> tuple[int, int, int, int]:
+    """(C, S, voxel tiles, channel blocks)."""
+    c = x.shape[1]
+    s = x.shape[2] * x.shape[3] * x.shape[4]
+    return c, s, cdiv(s, block_s), cdiv(c, block_c)
+
+
+def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, empty=torch.empty
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of each (batch, group), fp32 (B, G), for x (B, C, D, H, W) contiguous in either layout."""
+    block_s, block_c = _tile(x)
+    c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
+    bsz = x.shape[0]
+    split, per = _split(x, n_tiles, n_cb * bsz)
+    means = empty((bsz, split, c), dtype=torch.float32, device=x.device)
+    m2s = empty((bsz, split, c), dtype=torch.float32, device=x.device)
+    torch.library.wrap_triton(_stats_kernel)[(split, n_cb, bsz)](
+        x, means, m2s, c, s, split, per, *_strides(x),
+        BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=4,
+    )
+    mean = empty((bsz, groups), dtype=torch.float32, device=x.device)
+    rstd = empty((bsz, groups), dtype=torch.float32, device=x.device)
+    cg = c // groups
+    torch.library.wrap_triton(_finalize_kernel)[(bsz * groups,)](
+        means, m2s, mean, rstd, c, s, groups, cg, split, per * block_s, eps,
+        BLOCK_P=next_power_of_2(split), BLOCK_CG=min(next_power_of_2(cg), 64), num_warps=4,
+    )
+    return mean, rstd
+
+
+def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, out: torch.Tensor) -> torch.Tensor:
+    """Writes ``act((x - mean) * rstd * weight + bias)`` into ``out`` (x's shape and strides) and returns it."""
+    block_s, block_c = _tile(x)
+    c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
+    groups = mean.shape[1]
+    torch.library.wrap_triton(_apply_kernel)[(n_tiles, n_cb, x.shape[0])](
+        x, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, out,
+        c, s, groups, c // groups, *_strides(x),
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id,
+        BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=4,
+    )
+    return out
+
+
+def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, need_dx: bool, empty=torch.empty
+                       ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(dx in x's dtype and strides or None, dweight and dbias as fp32 (C,)) for ``dy`` of x's shape and strides
+    (dweight and dbias are formed whether or not the norm is affine: dx needs the same sums)."""
+    block_s, block_c = _tile(x)
+    c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
+    bsz, groups = mean.shape
+    split, per = _split(x, n_tiles, n_cb * bsz)
+    sdz = empty((bsz, split, c), dtype=torch.float32, device=x.device)
+    sdzx = empty((bsz, split, c), dtype=torch.float32, device=x.device)
+    w_arg = weight if weight is not None else mean
+    b_arg = bias if bias is not None else mean
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, BLOCK_S=block_s, BLOCK_C=block_c,
+                 INT64=_int64(x), num_warps=4)
+    torch.library.wrap_triton(_bwd_reduce_kernel)[(split, n_cb, bsz)](
+        x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, groups, c // groups, split, per, *_strides(x), **flags,
+    )
+    dbias, dweight = sdz.sum(1), sdzx.sum(1)  # (B, C), summed over the splits in a fixed order
+    if not need_dx:
+        return None, dweight.sum(0), dbias.sum(0)
+    w = weight.float() if weight is not None else torch.ones((), dtype=torch.float32, device=x.device)
+    per_group = c // groups * s
+    c1 = (dbias * w).view(bsz, groups, -1).sum(-1) / per_group
+    c2 = (dweight * w).view(bsz, groups, -1).sum(-1) / per_group
+    layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
+    dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
+    torch.library.wrap_triton(_bwd_dx_kernel)[(n_tiles, n_cb, bsz)](
+        x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, groups, c // groups, *_strides(x), **flags,
+    )
+    return dx, dweight.sum(0), dbias.sum(0)
+
+
