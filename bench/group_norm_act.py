@@ -1,8 +1,10 @@
-"""case=group_norm_act: GroupNorm(8 groups) -> ReLU as MISSU's blocks run it, fused, against the eager composition
-as bf16 autocast runs it (GroupNorm in fp32 on a copy of the input, the ReLU in fp32, the next conv's cast back to
-the input's dtype: ``fastseg3d.reference.group_norm_act``) and torch.compile of it.
+"""case=group_norm_act: GroupNorm(8 groups) -> ReLU as MISSU's blocks run it, and affine InstanceNorm -> LeakyReLU
+as the U-Nets' blocks run it, fused, against the eager composition as bf16 autocast runs it (GroupNorm in fp32 on a
+copy of the input, the activation in fp32, the next conv's cast back to the input's dtype:
+``fastseg3d.reference.group_norm_act``) and torch.compile of it.
 
-Shapes: MISSU's first and third encoder levels at a 128^3 input, B=2: 16 channels at 128^3, 64 at 32^3 (NCDHW).
+Shapes: MISSU's first and third encoder levels at a 128^3 input, B=2: 16 channels at 128^3, 64 at 32^3 (NCDHW);
+the U-Net's first level, 32 channels at 128^3, B=2, channels-last.
 """
 
 from __future__ import annotations
@@ -13,31 +15,33 @@ import fastseg3d
 from bench.registry import Case, Setup, compiled, optional_compile, register
 from fastseg3d.reference.group_norm_act import group_norm_act_ref
 
-_GROUPS = 8
-
-
 def _shapes(quick: bool) -> list[tuple[str, dict]]:
-    levels = [(1, 16, 8)] if quick else [(2, 16, 128), (2, 64, 32)]
-    return [(f"{b}x{c}x{s}^3 G{_GROUPS} relu", {"b": b, "c": c, "s": s}) for b, c, s in levels]
+    missu = [(1, 16, 8)] if quick else [(2, 16, 128), (2, 64, 32)]
+    out = [(f"{b}x{c}x{s}^3 G8 relu", {"b": b, "c": c, "s": s, "groups": 8, "act": "relu", "layout": "ncdhw"})
+           for b, c, s in missu]
+    for b, c, s in [(1, 8, 8)] if quick else [(2, 32, 128)]:
+        out.append((f"{b}x{c}x{s}^3 instance leaky_relu channels_last",
+                    {"b": b, "c": c, "s": s, "groups": c, "act": "leaky_relu", "layout": "channels_last"}))
+    return out
 
 
 def _providers(spec: dict) -> list[str]:
-    return ["fastseg3d", "torch", "torch.compile"]
-
-
-def _eager(x, w, b):
-    return group_norm_act_ref(x, _GROUPS, w, b, 1e-5, "relu")
+    return ["fastseg3d", "torch", "torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
 
 
 def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) -> Setup:
-    b, c, s = spec["b"], spec["c"], spec["s"]
-    x = torch.randn(b, c, s, s, s, device=device, dtype=dtype, requires_grad=True)
+    b, c, s, groups, act = spec["b"], spec["c"], spec["s"], spec["groups"], spec["act"]
+    fmt = torch.channels_last_3d if spec["layout"] == "channels_last" else torch.contiguous_format
+    x = torch.randn(b, c, s, s, s, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
     w = (1.0 + 0.1 * torch.randn(c, device=device)).requires_grad_()  # fp32 parameters, as under autocast
     bias = (0.1 * torch.randn(c, device=device)).requires_grad_()
     if provider == "fastseg3d":
         def fwd():
-            return fastseg3d.ops.group_norm_act(x, _GROUPS, w, bias, 1e-5, "relu")
+            return fastseg3d.ops.group_norm_act(x, groups, w, bias, 1e-5, act)
     else:
+        def _eager(x, w, b):
+            return group_norm_act_ref(x, groups, w, b, 1e-5, act)
+
         fn = _eager if provider == "torch" else compiled(_eager, provider, device)
 
         def fwd():

@@ -2,20 +2,21 @@
 
 Every tensor is addressed through its (B, C, S) strides, S the flattened spatial extent, so one set of kernels
 serves NCDHW and ``channels_last_3d``. A program owns a [BLOCK_S, BLOCK_C] tile of one batch element: a few
-channels and a long run of voxels on NCDHW, every channel of a short run of voxels on channels-last, so loads
-stay coalesced in both (on channels-last a group's channels are only a few of every voxel's C values).
+channels and a long run of voxels on NCDHW, up to 64 consecutive channels of a short run of voxels on
+channels-last, so loads stay coalesced in both (on channels-last a group's channels are only a few of every
+voxel's C values).
 
 Forward, three launches:
 
-1. statistics: program (split, channel block, b) walks its share of the voxels tile by tile, summing ``x -
-   shift`` and its square elementwise in registers, the shift being each channel's mean over the program's first
-   tile (near the mean, so the sum of squares does not cancel for a feature whose mean is large against its
-   spread), and writes each channel's mean and sum of squared deviations to a (B, SPLIT, C) workspace.
+1. statistics: program (split, channel block, b) walks its share of the voxels tile by tile with a Welford
+   update in every register lane (a sum of squares would cancel for a feature whose mean is large against its
+   spread), merges the lanes once at the end, and writes each channel's mean and sum of squared deviations to a
+   (B, SPLIT, C) workspace.
 2. finalize: one program per (b, group) merges its channels' and splits' partials (Chan's formula) in a fixed
    order into the group's mean and rstd (fp32, (B, G), as ``native_group_norm`` returns them).
 3. apply: ``z = x * scale_c + shift_c`` (scale = rstd w, shift = b - mean scale, GroupNorm's CUDA form), ``y =
-   act(z)`` in the output's dtype: under autocast the conv after the norm reads bf16, and no fp32 copy of the
-   input or of the normalised tensor is written.
+   act(z)`` in the output's dtype (the dtype the conv after the norm reads: bf16 under autocast), with no fp32
+   copy of the input or of the normalised tensor written.
 
 Backward, given ``dy``:
 
@@ -34,14 +35,17 @@ import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.dwconv3d import ACT_IDS, _act, _act_grad  # the activations the dwconv3d kernels fuse
+from fastseg3d.kernels.dwconv3d import ACT_IDS as _DWCONV_ACT_IDS
+from fastseg3d.kernels.dwconv3d import _act, _act_grad  # the activations the dwconv3d kernels fuse
 from fastseg3d.kernels.utils import cdiv, next_power_of_2
 
-__all__ = ["ACT_IDS", "MAX_SPLIT", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_stats"]
+__all__ = ["ACT_IDS", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_stats"]
 
+ACT_IDS = {**_DWCONV_ACT_IDS, "leaky_relu": 5}  # and LeakyReLU, whose slope is a runtime argument
 _INT32_MAX = 2**31 - 1
-MAX_SPLIT = 64  # splits of a channel's voxels; the finalize program holds SPLIT x channels-per-group partials
+_MAX_SPLIT = 512  # splits of a channel's voxels, each a program per channel block and batch element
 _MAX_BLOCK_C = 64
+_WARPS = 8  # for the 2048-element tiles: 8 values a thread (the statistics' two fp32 accumulators spill at 4 warps)
 
 
 def _tile(x: torch.Tensor) -> tuple[int, int]:
@@ -56,10 +60,11 @@ def _tile(x: torch.Tensor) -> tuple[int, int]:
 
 
 def _split(x: torch.Tensor, n_tiles: int, programs_per_split: int) -> tuple[int, int]:
-    """(SPLIT, tiles per split): enough programs to fill the GPU (four per SM), at most MAX_SPLIT."""
+    """(SPLIT, tiles per split): enough programs to keep HBM busy (eight of 4 warps per SM; under the interpreter a
+    dozen, so that tests cross splits and tiles within one)."""
     sms = utils.sm_count(x.device)
-    wanted = 4 * sms if sms is not None else 6
-    split = min(n_tiles, MAX_SPLIT, max(1, cdiv(wanted, programs_per_split)))
+    wanted = 8 * sms if sms is not None else 12
+    split = min(n_tiles, _MAX_SPLIT, max(1, cdiv(wanted, programs_per_split)))
     per = cdiv(n_tiles, split)
     return cdiv(n_tiles, per), per
 
@@ -96,27 +101,26 @@ def _stats_kernel(
     b = tl.program_id(2)
     c_ok = ch < C
     s_first = pid_s * tiles_per_split * BLOCK_S
-    # sums of x - shift, the shift being each channel's mean over the program's first tile: near the mean, so the
-    # sum of squares does not cancel (a raw sum of squares would lose the variance of a feature whose mean is large
-    # against its spread). The sums stay elementwise in registers; one reduction at the end.
-    offs_s = s_first + tl.arange(0, BLOCK_S)
-    mask = (offs_s < S)[:, None] & c_ok[None, :]
-    v = tl.load(x_ptr + _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask=mask, other=0.0).to(tl.float32)
-    shift = tl.sum(v, axis=0) / tl.minimum(S - s_first, BLOCK_S).to(tl.float32)
-    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    rows = tl.arange(0, BLOCK_S)
+    # Welford's update in every register lane, no reduction in the loop. Only the volume's last tile can be partial,
+    # so a lane that takes tile t has taken the t before it: one reciprocal per tile serves all lanes.
+    mean = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     for t in range(tiles_per_split):
-        offs_s = s_first + t * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_s = s_first + t * BLOCK_S + rows
         mask = (offs_s < S)[:, None] & c_ok[None, :]
         v = tl.load(x_ptr + _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask=mask, other=0.0).to(tl.float32)
-        d = tl.where(mask, v - shift[None, :], 0.0)
-        acc += d
-        acc_sq += d * d
-    n = tl.minimum(S - s_first, tiles_per_split * BLOCK_S).to(tl.float32)
-    total = tl.sum(acc, axis=0)
+        delta = v - mean
+        mean += tl.where(mask, delta * (1.0 / (t + 1.0)), 0.0)
+        m2 += tl.where(mask, delta * (v - mean), 0.0)
+    # merge the lanes (Chan's formula): each row was inside the volume in its first `cnt` tiles
+    cnt = tl.minimum(tl.maximum(tl.cdiv(S - s_first - rows, BLOCK_S), 0), tiles_per_split).to(tl.float32)
+    n = tl.sum(cnt, axis=0)
+    ch_mean = tl.sum(cnt[:, None] * mean, axis=0) / n
+    d = mean - ch_mean[None, :]
     out = (b * SPLIT + pid_s) * C + ch
-    tl.store(mean_ptr + out, shift + total / n, mask=c_ok)
-    tl.store(m2_ptr + out, tl.maximum(tl.sum(acc_sq, axis=0) - total * total / n, 0.0), mask=c_ok)
+    tl.store(mean_ptr + out, ch_mean, mask=c_ok)
+    tl.store(m2_ptr + out, tl.sum(m2 + cnt[:, None] * d * d, axis=0), mask=c_ok)
 
 
 @triton.jit
@@ -127,28 +131,52 @@ def _finalize_kernel(
     pid = tl.program_id(0)  # b * G + g
     b = pid // G
     g = pid % G
-    p = tl.arange(0, BLOCK_P)
-    cnt = tl.minimum(tl.maximum(S - p * chunk, 0), chunk).to(tl.float32)  # voxels of each split
-    rows = (b * SPLIT + p)[:, None] * C + g * CG
-    # two passes over the group's partials: the mean weighted by the counts, then the deviations around it
+    # two passes over the group's (split, channel) partials: the mean weighted by the counts, then the deviations
     total = tl.zeros([], dtype=tl.float32)
     weighted = tl.zeros([], dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_CG):
-        c = c0 + tl.arange(0, BLOCK_CG)
-        mask = (p < SPLIT)[:, None] & (c < CG)[None, :]
-        n = tl.where(mask, cnt[:, None], 0.0)
-        total += tl.sum(tl.sum(n, axis=1), axis=0)
-        weighted += tl.sum(tl.sum(n * tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0), axis=1), axis=0)
+    for p0 in range(0, SPLIT, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        cnt = tl.minimum(tl.maximum(S - p * chunk, 0), chunk).to(tl.float32)  # voxels of each split
+        rows = (b * SPLIT + p)[:, None] * C + g * CG
+        for c0 in range(0, CG, BLOCK_CG):
+            c = c0 + tl.arange(0, BLOCK_CG)
+            mask = (p < SPLIT)[:, None] & (c < CG)[None, :]
+            n = tl.where(mask, cnt[:, None], 0.0)
+            total += tl.sum(tl.sum(n, axis=1), axis=0)
+            m = tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0)
+            weighted += tl.sum(tl.sum(n * m, axis=1), axis=0)
     mean = weighted / total
     m2 = tl.zeros([], dtype=tl.float32)
-    for c0 in range(0, CG, BLOCK_CG):
-        c = c0 + tl.arange(0, BLOCK_CG)
-        mask = (p < SPLIT)[:, None] & (c < CG)[None, :]
-        d = tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0) - mean
-        q = tl.load(m2_ptr + rows + c[None, :], mask=mask, other=0.0)
-        m2 += tl.sum(tl.sum(tl.where(mask, q + cnt[:, None] * d * d, 0.0), axis=1), axis=0)
+    for p0 in range(0, SPLIT, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        cnt = tl.minimum(tl.maximum(S - p * chunk, 0), chunk).to(tl.float32)
+        rows = (b * SPLIT + p)[:, None] * C + g * CG
+        for c0 in range(0, CG, BLOCK_CG):
+            c = c0 + tl.arange(0, BLOCK_CG)
+            mask = (p < SPLIT)[:, None] & (c < CG)[None, :]
+            d = tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0) - mean
+            q = tl.load(m2_ptr + rows + c[None, :], mask=mask, other=0.0)
+            m2 += tl.sum(tl.sum(tl.where(mask, q + cnt[:, None] * d * d, 0.0), axis=1), axis=0)
     tl.store(out_mean_ptr + pid, mean)
     tl.store(out_rstd_ptr + pid, 1.0 / tl.sqrt_rn(m2 / total + eps))
+
+
+@triton.jit
+def _activate(z, slope, ACT: tl.constexpr):
+    if ACT == 5:
+        y = tl.where(z > 0.0, z, z * slope)  # NaN stays NaN
+    else:
+        y = _act(z, ACT)
+    return y
+
+
+@triton.jit
+def _activate_grad(z, slope, ACT: tl.constexpr):
+    if ACT == 5:
+        g = tl.where(z > 0.0, 1.0, slope)  # leaky_relu_backward's choice at 0
+    else:
+        g = _act_grad(z, ACT)
+    return g
 
 
 @triton.jit
@@ -165,7 +193,7 @@ def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W: tl.c
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, y_ptr, C, S, G, CG, sb, sc, ss,
+    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, y_ptr, C, S, G, CG, sb, sc, ss, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -177,24 +205,24 @@ def _apply_kernel(
     mask = (offs_s < S)[:, None] & c_ok[None, :]
     offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _act(x * scale[None, :] + shift[None, :], ACT)
+    y = _activate(x * scale[None, :] + shift[None, :], slope, ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, ACT: tl.constexpr):
+def _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT: tl.constexpr):
     """(dz = dy * act'(z), xhat) of one tile, z as the forward computed it."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if ACT != 0:
-        dz = dz * _act_grad(x * scale[None, :] + shift[None, :], ACT)
+        dz = dz * _activate_grad(x * scale[None, :] + shift[None, :], slope, ACT)
     return dz, (x - mean[None, :]) * rstd[None, :]
 
 
 @triton.jit
 def _bwd_reduce_kernel(
     x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr, C, S, G, CG, SPLIT, tiles_per_split,
-    sb, sc, ss, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    sb, sc, ss, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -209,7 +237,7 @@ def _bwd_reduce_kernel(
         offs_s = (pid_s * tiles_per_split + t) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (offs_s < S)[:, None] & c_ok[None, :]
         dz, xhat = _dz(x_ptr, dy_ptr, _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask, mean, rstd, scale, shift,
-                       ACT)
+                       slope, ACT)
         dz = tl.where(mask, dz, 0.0)
         sdz += dz
         sdzx += dz * xhat
@@ -220,7 +248,7 @@ def _bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_dx_kernel(
-    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, G, CG, sb, sc, ss,
+    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, G, CG, sb, sc, ss, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -234,7 +262,7 @@ def _bwd_dx_kernel(
     c2 = tl.load(c2_ptr + grp, mask=c_ok, other=0.0)
     mask = (offs_s < S)[:, None] & c_ok[None, :]
     offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
-    dz, xhat = _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, ACT)
+    dz, xhat = _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT)
     dx = rstd[None, :] * (w[None, :] * dz - c1[None, :] - xhat * c2[None, :])
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -257,33 +285,34 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, empty=torch.e
     m2s = empty((bsz, split, c), dtype=torch.float32, device=x.device)
     torch.library.wrap_triton(_stats_kernel)[(split, n_cb, bsz)](
         x, means, m2s, c, s, split, per, *_strides(x),
-        BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=4,
+        BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
     mean = empty((bsz, groups), dtype=torch.float32, device=x.device)
     rstd = empty((bsz, groups), dtype=torch.float32, device=x.device)
     cg = c // groups
     torch.library.wrap_triton(_finalize_kernel)[(bsz * groups,)](
         means, m2s, mean, rstd, c, s, groups, cg, split, per * block_s, eps,
-        BLOCK_P=next_power_of_2(split), BLOCK_CG=min(next_power_of_2(cg), 64), num_warps=4,
+        BLOCK_P=min(next_power_of_2(split), 64), BLOCK_CG=min(next_power_of_2(cg), 32), num_warps=4,
     )
     return mean, rstd
 
 
-def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, out: torch.Tensor) -> torch.Tensor:
-    """Writes ``act((x - mean) * rstd * weight + bias)`` into ``out`` (x's shape and strides) and returns it."""
+def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, slope: float, out: torch.Tensor) -> torch.Tensor:
+    """Writes ``act((x - mean) * rstd * weight + bias)`` into ``out`` (x's shape and strides) and returns it;
+    ``slope`` is LeakyReLU's negative slope."""
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
     groups = mean.shape[1]
     torch.library.wrap_triton(_apply_kernel)[(n_tiles, n_cb, x.shape[0])](
         x, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, out,
-        c, s, groups, c // groups, *_strides(x),
+        c, s, groups, c // groups, *_strides(x), slope,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id,
-        BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=4,
+        BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
     return out
 
 
-def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, need_dx: bool, empty=torch.empty
+def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: float, need_dx: bool, empty=torch.empty
                        ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype and strides or None, dweight and dbias as fp32 (C,)) for ``dy`` of x's shape and strides
     (dweight and dbias are formed whether or not the norm is affine: dx needs the same sums)."""
@@ -296,9 +325,10 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, need_dx: bo
     w_arg = weight if weight is not None else mean
     b_arg = bias if bias is not None else mean
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, BLOCK_S=block_s, BLOCK_C=block_c,
-                 INT64=_int64(x), num_warps=4)
+                 INT64=_int64(x), num_warps=_WARPS)
     torch.library.wrap_triton(_bwd_reduce_kernel)[(split, n_cb, bsz)](
-        x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, groups, c // groups, split, per, *_strides(x), **flags,
+        x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, groups, c // groups, split, per, *_strides(x), slope,
+        **flags,
     )
     dbias, dweight = sdz.sum(1), sdzx.sum(1)  # (B, C), summed over the splits in a fixed order
     if not need_dx:
@@ -310,7 +340,7 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, need_dx: bo
     layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
     dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
     torch.library.wrap_triton(_bwd_dx_kernel)[(n_tiles, n_cb, bsz)](
-        x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, groups, c // groups, *_strides(x), **flags,
+        x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, groups, c // groups, *_strides(x), slope, **flags,
     )
     return dx, dweight.sum(0), dbias.sum(0)
 

@@ -14,10 +14,11 @@ input, the norm's input and the conv's input.
 GroupNorm or BatchNorm -> activation -> any Conv3d (MISSU's pre-activation encoder blocks and decoder blocks): only
 the norm's input and its statistics are saved. Under CUDA bf16/fp16 autocast GroupNorm runs in fp32, so the plain
 composition saves an fp32 copy of its input, the fp32 activation output and the conv's low-precision input: 10 bytes
-per element where this saves 2. Where the fused kernels run (CUDA), GroupNorm and a ReLU, GELU or SiLU are one
-kernel (``fastseg3d.ops.group_norm_act``), forward and in backward's recompute: it reads the bf16 input as it is
-and writes the conv's bf16 input once, and its backward writes the bf16 input gradient directly (no fp32 copies
-of the input, the normalised tensor or their gradients).
+per element where this saves 2. Where the fused kernels run (CUDA), a GroupNorm or an InstanceNorm (GroupNorm with
+one channel per group) and its activation are one kernel (``fastseg3d.ops.group_norm_act``), forward and in
+backward's recompute: it reads the bf16 input as it is and writes the conv's bf16 input once, and its backward
+writes the bf16 input gradient directly (no fp32 copies of the input, the normalised tensor or their gradients
+under autocast, and no normalised tensor or activation gradient in any dtype).
 
 A norm -> LeakyReLU (the U-Nets' blocks end with one) saves its output instead of the activation's input: the
 layer after it saves that output anyway, and with a non-negative slope the output's sign gives the derivative.
@@ -208,16 +209,18 @@ def act_instance_norm_conv(
 
 class _NormActConv(torch.autograd.Function):
     """kind: "group" (``groups`` groups), "instance" (BatchNorm's kernels on the (1, B * C, ...) view, as
-    ``F.instance_norm`` runs) or "batch"; ``act``: ``(name, negative_slope)``."""
+    ``F.instance_norm`` runs) or "batch"; ``act``: ``(name, negative_slope)``; ``fused``: the groups the fused
+    GroupNorm kernel normalises over, 0 where ATen's norm runs."""
 
     @staticmethod
     def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
                 act, weight, bias, stride, padding, dilation, conv_groups, fused):
         ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.act = kind, groups, norm_dtype, eps, act
         ctx.conv, ctx.fused = (stride, padding, dilation, conv_groups), fused
-        if fused:  # GroupNorm and the activation in one kernel, written once in x's dtype
-            y, mean, rstd = group_norm_act_fused(x, norm_weight, norm_bias, groups, eps, act[0])
-            h = y.to(_conv_dtype(y))
+        if fused:  # the norm and the activation in one kernel, written once in the dtype the conv reads
+            x = x.contiguous(memory_format=layout_of(x))
+            h, mean, rstd = group_norm_act_fused(x, norm_weight, norm_bias, fused, eps, *act,
+                                                 out_dtype=_conv_dtype_of(norm_dtype, x.device.type))
         else:
             z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
             h = _act_as(z.view(x.shape), act, _conv_dtype(z))
@@ -230,7 +233,7 @@ class _NormActConv(torch.autograd.Function):
     def backward(ctx, grad):
         x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
         if ctx.fused:
-            h = group_norm_act_recompute(x, norm_weight, norm_bias, mean, rstd, ctx.act[0]).to(grad.dtype)
+            h = group_norm_act_recompute(x, norm_weight, norm_bias, mean, rstd, *ctx.act, out_dtype=grad.dtype)
         else:
             xn = _norm_input(ctx, x)
             w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
@@ -250,7 +253,7 @@ class _NormActConv(torch.autograd.Function):
         dx = dnw = dnb = None
         if any(mask) and ctx.fused:
             dx, dnw, dnb = group_norm_act_backward(dh, x, norm_weight, norm_bias, mean, rstd, ctx.eps, ctx.act[0],
-                                                   mask)
+                                                   mask, ctx.act[1])
         elif any(mask):
             dz = _act_backward_as(dh, z.view(x.shape), ctx.act)
             dx, dnw, dnb = _norm_backward(ctx, dz, x, xn, norm_weight, norm_bias, running_mean, running_var, mean,
@@ -265,11 +268,18 @@ class _NormLeakyReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
-                slope):
-        ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.slope = kind, groups, norm_dtype, eps, slope
-        z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
-        out = F.leaky_relu(z.view(x.shape), slope)
-        ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, out)
+                slope, fused):
+        ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps = kind, groups, norm_dtype, eps
+        ctx.slope, ctx.fused = slope, fused
+        if fused:  # the norm and the LeakyReLU in one kernel, in the norm's dtype; backward recomputes the sign
+            x = x.contiguous(memory_format=layout_of(x))
+            out, mean, rstd = group_norm_act_fused(x, norm_weight, norm_bias, fused, eps, "leaky_relu", slope,
+                                                   out_dtype=norm_dtype)
+        else:
+            z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
+            out = F.leaky_relu(z.view(x.shape), slope)
+        ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd,
+                              None if fused else out)
         return out
 
     @staticmethod
@@ -278,12 +288,16 @@ class _NormLeakyReLU(torch.autograd.Function):
         x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, out = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
         if not any(mask):
-            return (None,) * 11
-        # a non-negative slope keeps the sign: the output tells where the input was positive
-        dz = torch.ops.aten.leaky_relu_backward(grad, out, ctx.slope, True)
-        dx, dnw, dnb = _norm_backward(ctx, dz, x, _norm_input(ctx, x), norm_weight, norm_bias, running_mean,
-                                      running_var, mean, rstd, mask)
-        return dx, None, None, None, None, None, dnw, dnb, None, None, None
+            return (None,) * 12
+        if ctx.fused:
+            dx, dnw, dnb = group_norm_act_backward(grad, x, norm_weight, norm_bias, mean, rstd, ctx.eps, "leaky_relu",
+                                                   mask, ctx.slope)
+        else:
+            # a non-negative slope keeps the sign: the output tells where the input was positive
+            dz = torch.ops.aten.leaky_relu_backward(grad, out, ctx.slope, True)
+            dx, dnw, dnb = _norm_backward(ctx, dz, x, _norm_input(ctx, x), norm_weight, norm_bias, running_mean,
+                                          running_var, mean, rstd, mask)
+        return dx, None, None, None, None, None, dnw, dnb, None, None, None, None
 
 
 def _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum):
@@ -372,8 +386,12 @@ def _act_backward(grad: torch.Tensor, z: torch.Tensor, act: tuple[str | None, fl
 
 def _conv_dtype(z: torch.Tensor) -> torch.dtype:
     """The dtype a conv or linear reads ``z`` in: the autocast dtype where autocast casts it, else its own."""
-    cast = autocast_dtype(z.device.type)
-    return cast if cast is not None and z.dtype in (torch.float32, torch.float16, torch.bfloat16) else z.dtype
+    return _conv_dtype_of(z.dtype, z.device.type)
+
+
+def _conv_dtype_of(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    cast = autocast_dtype(device_type)
+    return cast if cast is not None and dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
 
 
 def _act_as(z: torch.Tensor, act: tuple[str | None, float], dtype: torch.dtype) -> torch.Tensor:
@@ -446,7 +464,9 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
     ``("relu", "leaky_relu", "gelu", "gelu_tanh", "silu", None)``, "leaky_relu" with slope 0.01, or an ``nn.ReLU``,
     ``nn.LeakyReLU``, ``nn.GELU``, ``nn.SiLU`` or ``nn.Identity`` module) and any ``nn.Conv3d`` with zero padding.
 
-    Equal to the plain composition (same outputs, gradients, dtypes under autocast and running-statistics updates);
+    Equal to the plain composition (same outputs, gradients, dtypes under autocast and running-statistics updates;
+    where the fused GroupNorm kernel runs, within rounding: it rounds the normalised, activated tensor once, where
+    the plain chain may round the norm's output and then the activation's);
     with gradients on it saves only ``x`` and the norm's statistics, and backward recomputes the normalised,
     activated tensor (one elementwise pass; GroupNorm's statistics once more) before the conv's backward; that
     backward is not differentiable again (double backward raises). Other norms and activations, a BatchNorm using
@@ -472,10 +492,21 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
             or conv.padding_mode != "zeros" or isinstance(conv.padding, str) or has_hooks(norm, activation, conv)):
         z = norm(x)
         return conv(activation(z) if callable(activation) else _act(z, act))
-    fused = kind[0] == "group" and act[0] != "leaky_relu" and backends.select(
-        "group_norm_act", group_norm_act_unsupported_reasons(x, norm.weight, norm.bias), x.device)
     return _NormActConv.apply(x, *_norm_args(x, norm, kind), act, conv.weight, conv.bias, conv.stride, conv.padding,
-                              conv.dilation, conv.groups, fused)
+                              conv.dilation, conv.groups, _fused_groups(x, norm, kind))
+
+
+def _fused_groups(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> int:
+    """The groups ``fastseg3d.ops.group_norm_act`` normalises ``norm`` over where its kernels run (an InstanceNorm is
+    a GroupNorm with one channel per group), 0 for ATen's norm (BatchNorm's statistics span the batch)."""
+    if kind[0] not in ("group", "instance"):
+        return 0
+    reasons = group_norm_act_unsupported_reasons(x, norm.weight, norm.bias)
+    if reasons and backends.get_backend() == "triton":
+        return 0  # ATen's norm, as for the norms the kernel does not take (the triton policy would raise)
+    if not backends.select("group_norm_act", reasons, x.device):
+        return 0
+    return kind[1] if kind[0] == "group" else x.shape[1]
 
 
 def _norm_args(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> tuple:
@@ -492,8 +523,10 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
     output instead of the activation's input where the output gives the activation's derivative: a LeakyReLU with a
     non-negative slope (``"leaky_relu"`` or an ``nn.LeakyReLU``), whose plain composition saves the norm's input,
     the activation's input and, through whatever reads it next, the output. The output is usually saved by the next
-    layer anyway, so one input-sized tensor less is kept. Other activations (ReLU already saves its output) and
-    the cases :func:`norm_act_conv` leaves to the plain composition run the plain composition.
+    layer anyway, so one input-sized tensor less is kept. Where the fused GroupNorm kernel runs (a GroupNorm or an
+    InstanceNorm on CUDA), norm and activation are one kernel, and backward recomputes the sign from the input.
+    Other activations (ReLU already saves its output) and the cases :func:`norm_act_conv` leaves to the plain
+    composition run the plain composition.
 
     Example:
         >>> from torch import nn
@@ -508,4 +541,4 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
             or _plain() or has_hooks(norm, activation)):
         z = norm(x)
         return activation(z) if callable(activation) else _act(z, act)
-    return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1])
+    return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1], _fused_groups(x, norm, kind))

@@ -1,14 +1,17 @@
 """Fused GroupNorm and activation: ``act(group_norm(x))`` in fp32 math, written once in the input's dtype.
 
-Under CUDA autocast ``F.group_norm`` copies a bf16 input to fp32, normalises into another fp32 tensor, and the
-activation writes a third before the next conv casts it back to bf16: 10 bytes written an element where this
-writes 2, and backward likewise (MISSU's encoder and decoder blocks run GroupNorm -> ReLU -> conv at every level).
+Under CUDA autocast ``F.group_norm`` copies a bf16 input to fp32, normalises into another fp32 tensor, the
+activation writes a third, and the next conv casts it back to bf16: 14 bytes written an element where this writes
+2, and backward likewise (MISSU's encoder blocks run GroupNorm -> ReLU -> conv at every level). With one channel
+per group it is an affine InstanceNorm (the U-Nets' blocks: InstanceNorm -> LeakyReLU).
 
 The Triton kernels are in ``fastseg3d.kernels.group_norm_act``, the reference in
-``fastseg3d.reference.group_norm_act``. Three ``torch.library`` ops carry them, each with a fake implementation:
-``fastseg3d::group_norm_act`` (with autograd; returns the output and the per-group mean and rstd),
-``fastseg3d::group_norm_act_apply`` (the output again from given statistics: the recompute of
-``fastseg3d.nn.recompute.norm_act_conv``) and ``fastseg3d::group_norm_act_backward``.
+``fastseg3d.reference.group_norm_act``. Three ``torch.library`` ops carry them (``triton_op``s, so ``torch.compile``
+and fake tensors trace their bodies; ``meta`` tensors take a shapes-only branch): ``fastseg3d::group_norm_act``
+(with autograd; returns the output and the per-group mean and rstd), ``fastseg3d::group_norm_act_apply`` (the
+output again from given statistics: the recompute of ``fastseg3d.nn.recompute.norm_act_conv``) and
+``fastseg3d::group_norm_act_backward``. The forward and apply ops write the output in a given dtype (the conv's
+under autocast).
 """
 
 from __future__ import annotations
@@ -31,14 +34,15 @@ from fastseg3d.reference.group_norm_act import (
 
 __all__ = ["group_norm_act", "group_norm_act_unsupported_reasons"]
 
-_ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
+ACTIVATIONS_FUSED = (*ACTIVATIONS, "leaky_relu")
+_ACT_NAMES = {a: "none" if a is None else a for a in ACTIVATIONS_FUSED}
 
 
 def _act(name: str) -> str | None:
     return None if name == "none" else name
 
 
-def _validate(x, num_groups, weight, bias, eps, activation) -> None:
+def _validate(x, num_groups, weight, bias, eps, activation, negative_slope) -> None:
     utils.check_tensor(x, "x")
     if x.dim() != 5:
         raise ValueError(f"x must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
@@ -61,8 +65,11 @@ def _validate(x, num_groups, weight, bias, eps, activation) -> None:
             raise TypeError(f"{name} is on {p.device} but x is on {x.device}; pass tensors on one device")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if activation not in ACTIVATIONS_FUSED:
+        raise ValueError(f"activation must be one of {ACTIVATIONS_FUSED}, got {activation!r}")
+    if (isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real)
+            or not math.isfinite(negative_slope)):
+        raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
 
 
 def group_norm_act_unsupported_reasons(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
@@ -79,8 +86,13 @@ def group_norm_act_unsupported_reasons(x: Tensor, weight: Tensor | None = None, 
     return reasons
 
 
-def _new_output(x: Tensor) -> Tensor:
-    return utils.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
+def _new_output(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return utils.empty(x.shape, dtype=dtype or x.dtype, device=x.device, memory_format=utils.layout_of(x))
+
+
+def _params(weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """The affine parameters as the kernels read them: unit stride (C values each)."""
+    return tuple(p.contiguous() if p is not None else None for p in (weight, bias))
 
 
 def _needs(output_mask, weight, bias) -> tuple[bool, bool, bool]:
@@ -97,50 +109,55 @@ def _stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
 
 @utils.eager_op("fastseg3d::group_norm_act")
 def _group_norm_act_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                       activation: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(y in x's dtype and layout, mean, rstd): the statistics fp32 (B, groups)."""
+                       activation: str, negative_slope: float, out_dtype: torch.dtype
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y in ``out_dtype`` and x's layout, mean, rstd): the statistics fp32 (B, groups)."""
     if x.device.type == "meta":
-        return (_new_output(x), *_stats(x, groups))
+        return (_new_output(x, out_dtype), *_stats(x, groups))
     if not utils.launchable(x.device):
-        y, mean, rstd = group_norm_act_fused_ref(x, weight, bias, groups, eps, _act(activation))
+        y, mean, rstd = group_norm_act_fused_ref(x, weight, bias, groups, eps, _act(activation), negative_slope,
+                                                 out_dtype)
         return y.contiguous(memory_format=utils.layout_of(x)), mean.float(), rstd.float()
     with utils.launch_device(x):
-        return _group_norm_act_launch(x, weight, bias, groups, eps, activation)
+        return _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype)
 
 
 @utils.launches("fastseg3d::group_norm_act")
-def _group_norm_act_launch(x, weight, bias, groups, eps, activation):
+def _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply, group_norm_act_stats
 
     mean, rstd = group_norm_act_stats(x, groups, eps, empty=utils.empty)
-    y = group_norm_act_apply(x, weight, bias, mean, rstd, ACT_IDS[_act(activation)], _new_output(x))
+    y = group_norm_act_apply(x, *_params(weight, bias), mean, rstd, ACT_IDS[_act(activation)], negative_slope,
+                             _new_output(x, out_dtype))
     return y, mean, rstd
 
 
 @utils.eager_op("fastseg3d::group_norm_act_apply")
 def _group_norm_act_apply_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
-                             activation: str) -> Tensor:
-    """``act((x - mean) * rstd * weight + bias)`` from given statistics, in x's dtype and layout (no autograd)."""
+                             activation: str, negative_slope: float, out_dtype: torch.dtype) -> Tensor:
+    """``act((x - mean) * rstd * weight + bias)`` from given statistics, in ``out_dtype`` and x's layout (no
+    autograd)."""
     if x.device.type == "meta":
-        return _new_output(x)
+        return _new_output(x, out_dtype)
     if not utils.launchable(x.device):
-        y = group_norm_act_apply_ref(x, weight, bias, mean, rstd, _act(activation))
+        y = group_norm_act_apply_ref(x, weight, bias, mean, rstd, _act(activation), negative_slope, out_dtype)
         return y.contiguous(memory_format=utils.layout_of(x))
     with utils.launch_device(x):
-        return _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation)
+        return _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negative_slope, out_dtype)
 
 
 @utils.launches("fastseg3d::group_norm_act_apply")
-def _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation):
+def _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negative_slope, out_dtype):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply
 
-    return group_norm_act_apply(x, weight, bias, mean, rstd, ACT_IDS[_act(activation)], _new_output(x))
+    return group_norm_act_apply(x, *_params(weight, bias), mean, rstd, ACT_IDS[_act(activation)], negative_slope,
+                                _new_output(x, out_dtype))
 
 
 @utils.eager_op("fastseg3d::group_norm_act_backward")
 def _group_norm_act_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
-                                rstd: Tensor, eps: float, activation: str, output_mask: list[bool]
-                                ) -> tuple[Tensor, Tensor, Tensor]:
+                                rstd: Tensor, eps: float, activation: str, negative_slope: float,
+                                output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) in the dtypes of x and the parameters; an output not asked for in ``output_mask`` (or
     of an absent parameter) is an empty (0,) tensor. ``grad`` has x's shape and layout."""
     need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
@@ -150,29 +167,32 @@ def _group_norm_act_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, 
                 torch.empty_like(bias) if need_db else x.new_empty((0,)))
     if not utils.launchable(x.device):
         dx, dw, db = group_norm_act_backward_ref(grad, x, weight, bias, mean.shape[1], eps, _act(activation),
-                                                 [need_dx, need_dw, need_db])
+                                                 [need_dx, need_dw, need_db], negative_slope)
         return (dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else none,
                 dw if need_dw else x.new_empty((0,)), db if need_db else x.new_empty((0,)))
     with utils.launch_device(x):
-        return _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, output_mask)
+        return _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, negative_slope,
+                                               output_mask)
 
 
 @utils.launches("fastseg3d::group_norm_act_backward")
-def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, output_mask):
+def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, negative_slope,
+                                    output_mask):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_bwd
 
     need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
-    dx, dw, db = group_norm_act_bwd(grad.contiguous(memory_format=utils.layout_of(x)), x, weight, bias, mean, rstd,
-                                    ACT_IDS[_act(activation)], need_dx, empty=utils.empty)
+    dx, dw, db = group_norm_act_bwd(grad.contiguous(memory_format=utils.layout_of(x)), x, *_params(weight, bias),
+                                    mean, rstd, ACT_IDS[_act(activation)], negative_slope, need_dx,
+                                    empty=utils.empty)
     return (dx if need_dx else x.new_empty((0,)), dw.to(weight.dtype) if need_dw else x.new_empty((0,)),
             db.to(bias.dtype) if need_db else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, eps, activation = inputs
+    x, weight, bias, groups, eps, activation, negative_slope, out_dtype = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.eps, ctx.activation = eps, activation
+    ctx.eps, ctx.activation, ctx.negative_slope = eps, activation, negative_slope
     utils.no_zero_grads(ctx)
 
 
@@ -180,33 +200,37 @@ def _backward(ctx, grad, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     if grad is None or not any(mask):
-        return None, None, None, None, None, None
-    dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, ctx.eps, ctx.activation, mask)
+        return None, None, None, None, None, None, None, None
+    dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, ctx.eps, ctx.activation,
+                                             ctx.negative_slope, mask)
     return (dx if mask[0] else None, dw if mask[1] and weight is not None else None,
-            db if mask[2] and bias is not None else None, None, None, None)
+            db if mask[2] and bias is not None else None, None, None, None, None, None)
 
 
 _group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def group_norm_act_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                         activation: str | None) -> tuple[Tensor, Tensor, Tensor]:
-    """The fused forward on an already validated and selected case: (y, mean, rstd)."""
-    x = x.contiguous(memory_format=utils.layout_of(x))
-    return _group_norm_act_op(x, weight, bias, groups, float(eps), _ACT_NAMES[activation])
+                         activation: str | None, negative_slope: float = 0.01, out_dtype: torch.dtype | None = None
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused forward on an already validated and selected case, ``x`` contiguous in its layout: (y in
+    ``out_dtype``, default x's, mean, rstd)."""
+    return _group_norm_act_op(x, weight, bias, groups, float(eps), _ACT_NAMES[activation], float(negative_slope),
+                              out_dtype or x.dtype)
 
 
-def group_norm_act_recompute(x, weight, bias, mean, rstd, activation: str | None) -> Tensor:
-    """:func:`group_norm_act_fused`'s output again from its statistics (``x`` as it was given there)."""
-    x = x.contiguous(memory_format=utils.layout_of(x))
-    return _group_norm_act_apply_op(x, weight, bias, mean, rstd, _ACT_NAMES[activation])
+def group_norm_act_recompute(x, weight, bias, mean, rstd, activation: str | None, negative_slope: float = 0.01,
+                             out_dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`group_norm_act_fused`'s output again from its statistics."""
+    return _group_norm_act_apply_op(x, weight, bias, mean, rstd, _ACT_NAMES[activation], float(negative_slope),
+                                    out_dtype or x.dtype)
 
 
-def group_norm_act_backward(grad, x, weight, bias, mean, rstd, eps: float, activation: str | None, output_mask):
+def group_norm_act_backward(grad, x, weight, bias, mean, rstd, eps: float, activation: str | None, output_mask,
+                            negative_slope: float = 0.01):
     """(dx, dweight, dbias) of :func:`group_norm_act_fused` (None where not asked for or absent)."""
-    x = x.contiguous(memory_format=utils.layout_of(x))
     dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, float(eps), _ACT_NAMES[activation],
-                                             list(output_mask))
+                                             float(negative_slope), list(output_mask))
     return (dx if output_mask[0] else None, dw if output_mask[1] and weight is not None else None,
             db if output_mask[2] and bias is not None else None)
 
@@ -222,6 +246,7 @@ def group_norm_act(
     bias: Tensor | None = None,
     eps: float = 1e-5,
     activation: str | None = None,
+    negative_slope: float = 0.01,
 ) -> Tensor:
     """GroupNorm followed by an activation, ``activation(F.group_norm(x, num_groups, weight, bias, eps))``.
 
@@ -230,7 +255,11 @@ def group_norm_act(
         num_groups: groups, dividing C.
         weight, bias: (C,) affine parameters or None, in any floating dtype (fp32 master weights with a bf16 x).
         eps: added to the variance.
-        activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu".
+        activation: None, "relu", "leaky_relu" (with ``negative_slope``), "gelu" (erf), "gelu_tanh" or "silu".
+        negative_slope: LeakyReLU's slope for negative inputs.
+
+    With ``num_groups`` equal to C this is an affine InstanceNorm (``nn.InstanceNorm3d(C, affine=True)``) followed by
+    the activation.
 
     The statistics and the normalisation are computed in fp32 and the output is written once, in x's dtype: for
     fp16 and bf16 inputs these are the values CUDA autocast's fp32 GroupNorm gives, rounded to x's dtype (the
@@ -246,8 +275,9 @@ def group_norm_act(
         >>> torch.allclose(y, torch.relu(norm(x)), atol=1e-6)
         True
     """
-    _validate(x, num_groups, weight, bias, eps, activation)
+    _validate(x, num_groups, weight, bias, eps, activation, negative_slope)
     if backends.select("group_norm_act", group_norm_act_unsupported_reasons(x, weight, bias), x.device):
-        return group_norm_act_fused(x, weight, bias, num_groups, eps, activation)[0]
-    y = group_norm_act_ref(x, num_groups, weight, bias, eps, activation)
+        x = x.contiguous(memory_format=utils.layout_of(x))
+        return group_norm_act_fused(x, weight, bias, num_groups, eps, activation, negative_slope)[0]
+    y = group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope)
     return y.contiguous(memory_format=utils.layout_of(x))

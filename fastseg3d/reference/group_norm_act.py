@@ -1,4 +1,5 @@
-"""Reference GroupNorm with a fused activation in ATen ops: ``activation(F.group_norm(x, ...))``.
+"""Reference GroupNorm with a fused activation in ATen ops: ``activation(F.group_norm(x, ...))``, the activation
+one of ``fastseg3d.reference.dwconv3d.ACTIVATIONS`` or "leaky_relu" (with ``negative_slope``).
 
 fp16 and bf16 inputs are normalised in fp32, as CUDA autocast runs GroupNorm, and the result is returned in the
 input's dtype (what the conv after the norm reads under autocast). Math in fp64 for fp64 inputs.
@@ -22,29 +23,51 @@ __all__ = [
 ]
 
 
+def _activate(z, activation, negative_slope: float):
+    return F.leaky_relu(z, negative_slope) if activation == "leaky_relu" else activation_ref(z, activation)
+
+
+def _activate_grad(z, activation, negative_slope: float):
+    if activation == "leaky_relu":
+        return torch.where(z > 0, 1.0, torch.full_like(z, negative_slope))
+    return activation_grad_ref(z, activation)
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t.to(dtype) if t is not None else None
 
 
-def group_norm_act_ref(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, activation=None):
+def _weight(weight, bias, channels: int, dtype: torch.dtype):
+    """``weight`` in ``dtype``; ones where only a bias is given (ATen's CPU GroupNorm backward fails on a bias
+    without a weight)."""
+    if weight is None and bias is not None:
+        return torch.ones(channels, dtype=dtype, device=bias.device)
+    return _cast(weight, dtype)
+
+
+def group_norm_act_ref(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, activation=None,
+                       negative_slope: float = 0.01):
     """``activation(F.group_norm(x, num_groups, weight, bias, eps))`` in x's dtype, differentiable by autograd."""
     cd = compute_dtype(x)
-    z = F.group_norm(x.to(cd), num_groups, _cast(weight, cd), _cast(bias, cd), eps)
-    return activation_ref(z, activation).to(x.dtype)
+    z = F.group_norm(x.to(cd), num_groups, _weight(weight, bias, x.shape[1], cd), _cast(bias, cd), eps)
+    return _activate(z, activation, negative_slope).to(x.dtype)
 
 
-def group_norm_act_fused_ref(x, weight, bias, groups: int, eps: float, activation):
-    """What the fused forward returns, without autograd: (y in x's dtype, mean, rstd), the statistics
-    (B, G) in fp32 (fp64 for fp64 inputs)."""
+def group_norm_act_fused_ref(x, weight, bias, groups: int, eps: float, activation, negative_slope: float = 0.01,
+                             out_dtype: torch.dtype | None = None):
+    """What the fused forward returns, without autograd: (y in ``out_dtype``, default x's, mean, rstd), the
+    statistics (B, G) in fp32 (fp64 for fp64 inputs)."""
     cd = compute_dtype(x)
     xc = x.to(cd).contiguous()
     z, mean, rstd = torch.native_group_norm(xc, _cast(weight, cd), _cast(bias, cd), x.shape[0], x.shape[1],
                                             math.prod(x.shape[2:]), groups, eps)
-    return activation_ref(z, activation).to(x.dtype), mean, rstd
+    return _activate(z, activation, negative_slope).to(out_dtype or x.dtype), mean, rstd
 
 
-def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation):
-    """``activation((x - mean) * rstd * weight + bias)`` with given per-group statistics, in x's dtype."""
+def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation, negative_slope: float = 0.01,
+                             out_dtype: torch.dtype | None = None):
+    """``activation((x - mean) * rstd * weight + bias)`` with given per-group statistics, in ``out_dtype`` (default
+    x's)."""
     per_group = x.shape[1] // mean.shape[1]
     shape = (x.shape[0], x.shape[1], 1, 1, 1)
     scale = rstd.repeat_interleave(per_group, dim=1).view(shape)
@@ -54,18 +77,19 @@ def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation):
     if bias is not None:
         shift = shift + bias.to(scale.dtype).view(1, -1, 1, 1, 1)
     z = x.to(scale.dtype) * scale + shift
-    return activation_ref(z, activation).to(x.dtype)
+    return _activate(z, activation, negative_slope).to(out_dtype or x.dtype)
 
 
-def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, activation, output_mask):
+def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, activation, output_mask,
+                                negative_slope: float = 0.01):
     """(dx, dweight, dbias) of :func:`group_norm_act_ref` in the dtypes of x and the parameters, from GroupNorm's
     own forward and backward kernels (no autograd: op bodies run below it); None where ``output_mask`` is False
     (and for an absent parameter)."""
     cd = compute_dtype(x)
-    xc, wc = x.to(cd).contiguous(), _cast(weight, cd)
+    xc, wc = x.to(cd).contiguous(), _weight(weight, bias, x.shape[1], cd)
     n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
     z, mean, rstd = torch.native_group_norm(xc, wc, _cast(bias, cd), n, c, s, groups, eps)
-    dz = (grad.to(cd) * activation_grad_ref(z, activation)).contiguous()
+    dz = (grad.to(cd) * _activate_grad(z, activation, negative_slope)).contiguous()
     need_dw, need_db = output_mask[1] and weight is not None, output_mask[2] and bias is not None
     # dx always: GroupNorm's CPU backward kernel does not take a mask without it on every layout
     dx, dw, db = torch.ops.aten.native_group_norm_backward(dz, xc, mean, rstd, wc, n, c, s, groups,

@@ -727,7 +727,7 @@ def test_norm_act_runs_the_plain_composition_elsewhere():
 def _count_fused(monkeypatch) -> list:
     calls = []
     real = recompute.group_norm_act_fused
-    monkeypatch.setattr(recompute, "group_norm_act_fused", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(recompute, "group_norm_act_fused", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     return calls
 
 
@@ -783,14 +783,74 @@ def test_interpret_norm_act_conv_fused_group_norm_under_fp32_group_norm_autocast
 
 
 @pytest.mark.interpret
-def test_interpret_norm_act_conv_leaky_relu_keeps_the_aten_group_norm(monkeypatch):
+@pytest.mark.parametrize("norm", ["group", "instance"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_interpret_norm_leaky_relu_chains_on_the_fused_kernel(norm, layout, monkeypatch, poison):
+    """The U-Nets' blocks: norm -> LeakyReLU -> conv and norm -> LeakyReLU (an affine InstanceNorm is GroupNorm with
+    a channel per group) run on the fused kernel and match the plain composition, output and every gradient."""
     calls = _count_fused(monkeypatch)
-    norm, conv = nn.GroupNorm(3, 6), nn.Conv3d(6, 4, 3, padding=1)
-    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    make = {"group": lambda: nn.GroupNorm(3, 6), "instance": lambda: nn.InstanceNorm3d(6, affine=True)}[norm]
+    norm1, norm2, conv = make(), make(), nn.Conv3d(6, 6, 3, padding=1)
+    _randomise(norm1, norm2, conv)
+    refs = copy.deepcopy((norm1, norm2, conv))
+    x = torch.randn(2, 6, 5, 4, 7) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     with fastseg3d.backend("triton"):
-        y = norm_act_conv(x, norm, "leaky_relu", conv)
+        y = norm_act(norm_act_conv(x1, norm1, nn.LeakyReLU(0.2), conv), norm2, "leaky_relu")
+    y_ref = F.leaky_relu(refs[1](refs[2](F.leaky_relu(refs[0](x2), 0.2))), 0.01)
+    assert y.grad_fn.name() == "_NormLeakyReLUBackward" and calls == [6 if norm == "instance" else 3] * 2
+    assert_close("y", y, y_ref, torch.float32)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for module, module_ref in zip((norm1, norm2, conv), refs):
+        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
+            # the conv bias's gradient is 0 up to rounding where a per-channel norm follows: errors against 0.01
+            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0, floor=0.01)
+
+
+@pytest.mark.interpret
+def test_interpret_fp32_input_under_autocast_writes_the_conv_dtype(monkeypatch):
+    """An fp32 input under (CPU) bf16 autocast: the fused forward and its recompute write the conv's bf16 input
+    directly, and output and gradients match the plain chain within bf16 rounding."""
+    calls = _count_fused(monkeypatch)
+    written = []
+    real = recompute.group_norm_act_recompute
+    monkeypatch.setattr(recompute, "group_norm_act_recompute",
+                        lambda *a, **k: written.append(real(*a, **k)) or written[-1])
+    norm, conv = nn.GroupNorm(4, 16), nn.Conv3d(16, 8, 3, padding=1)
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x = torch.randn(2, 16, 3, 4, 5)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastseg3d.backend("triton"):
+        y = norm_act_conv(x1, norm, "relu", conv)
+        y_ref = conv_ref(F.relu(norm_ref(x2)))
+    assert len(calls) == 1 and y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert [t.dtype for t in written] == [torch.bfloat16]
+    assert x1.grad.dtype == torch.float32
+    assert_close("dx", x1.grad, x2.grad, torch.bfloat16)
+
+
+@pytest.mark.interpret
+def test_interpret_triton_policy_keeps_aten_norms_for_what_the_kernel_refuses(monkeypatch):
+    """fp64 under the triton policy: the fused GroupNorm refuses it, and the chain runs ATen's norm (no raise)."""
+    calls = _count_fused(monkeypatch)
+    norm, conv = nn.GroupNorm(3, 6).double(), nn.Conv3d(6, 4, 3, padding=1).double()
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    with fastseg3d.backend("triton"):
+        y = norm_act_conv(x, norm, "relu", conv)
     assert y.grad_fn.name() == "_NormActConvBackward" and calls == []
-    assert_close("y", y, conv(F.leaky_relu(norm(x), 0.01)), torch.float32)
+    assert_close("y", y, conv(F.relu(norm(x))), torch.float64)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from fastseg3d.reference.group_norm_act import (
 )
 from tests.utils import assert_close
 
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+ACTS = [None, "relu", "leaky_relu", "gelu", "gelu_tanh", "silu"]
 _LAYOUTS = {"ncdhw": torch.contiguous_format, "cl": torch.channels_last_3d}
 
 
@@ -32,26 +32,28 @@ def _inputs(shape, dtype=torch.float32, layout="ncdhw", affine=True, offset=0.0,
     return x, w, b
 
 
-def _formula(x, groups, w, b, eps, activation):
+def _formula(x, groups, w, b, eps, activation, slope=0.01):
     """GroupNorm written out in float64: per (batch, group) mean and biased variance over channels and voxels."""
     xd = x.double()
     g = xd.reshape(x.shape[0], groups, -1)
     z = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt()).reshape(x.shape)
     if w is not None:
-        z = z * w.double().view(1, -1, 1, 1, 1) + b.double().view(1, -1, 1, 1, 1)
-    return activation_ref(z, activation)
+        z = z * w.double().view(1, -1, 1, 1, 1)
+    if b is not None:
+        z = z + b.double().view(1, -1, 1, 1, 1)
+    return F.leaky_relu(z, slope) if activation == "leaky_relu" else activation_ref(z, activation)
 
 
-def _check(x, w, b, groups, activation, dtype, scale=1.0):
+def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01):
     """The public function (whatever backend is active) against the float64 formula, forward and gradients."""
-    y = group_norm_act(x, groups, w, b, 1e-5, activation)
+    y = group_norm_act(x, groups, w, b, 1e-5, activation, slope)
     assert y.dtype == x.dtype and y.is_contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
     xd = x.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_() if w is not None else None
     bd = b.detach().double().requires_grad_() if b is not None else None
-    expected = _formula(xd, groups, wd, bd, 1e-5, activation)
+    expected = _formula(xd, groups, wd, bd, 1e-5, activation, slope)
     assert_close("y", y, expected, dtype, scale)
-    dy = torch.randn_like(expected)
+    dy = torch.randn_like(expected).contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
     y.backward(dy.to(y.dtype))
     expected.backward(dy)
     # the input gradient takes the sum of three terms of similar size: a few roundings more than the output
@@ -85,16 +87,16 @@ def test_fused_reference_pieces_agree():
     """The op bodies' references: the forward's statistics are GroupNorm's, the apply from them gives the output
     again, and the backward is autograd's gradient of the reference."""
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float64, "cl")
-    y, mean, rstd = group_norm_act_fused_ref(x.detach(), w.detach(), b.detach(), 3, 1e-5, "gelu")
+    y, mean, rstd = group_norm_act_fused_ref(x.detach(), w.detach(), b.detach(), 3, 1e-5, "leaky_relu", 0.2)
     g = x.detach().reshape(2, 3, -1)
     assert_close("mean", mean, g.mean(-1), torch.float64)
     assert_close("rstd", rstd, (g.var(-1, unbiased=False) + 1e-5).rsqrt(), torch.float64)
-    assert_close("apply", group_norm_act_apply_ref(x.detach(), w.detach(), b.detach(), mean, rstd, "gelu"), y,
-                 torch.float64)
+    assert_close("apply", group_norm_act_apply_ref(x.detach(), w.detach(), b.detach(), mean, rstd, "leaky_relu", 0.2),
+                 y, torch.float64)
     dy = torch.randn_like(y)
-    dx, dw, db = group_norm_act_backward_ref(dy, x.detach(), w.detach(), b.detach(), 3, 1e-5, "gelu",
-                                             [True, True, True])
-    group_norm_act_ref(x, 3, w, b, 1e-5, "gelu").backward(dy)
+    dx, dw, db = group_norm_act_backward_ref(dy, x.detach(), w.detach(), b.detach(), 3, 1e-5, "leaky_relu",
+                                             [True, True, True], 0.2)
+    group_norm_act_ref(x, 3, w, b, 1e-5, "leaky_relu", 0.2).backward(dy)
     for name, got, want in (("dx", dx, x.grad), ("dw", dw, w.grad), ("db", db, b.grad)):
         assert_close(name, got, want, torch.float64)
     assert group_norm_act_backward_ref(dy, x.detach(), None, None, 3, 1e-5, None, [False, True, True]) == (
@@ -107,10 +109,33 @@ def test_cpu_runs_the_reference_in_the_input_layout(layout):
     _check(x, w, b, 4, "relu", torch.float32)
 
 
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_reference_with_one_affine_parameter(which):
+    """A weight without a bias and a bias without a weight (ATen's CPU backward fails on the latter by itself)."""
+    x, w, b = _inputs((2, 6, 3, 4, 5), torch.float64)
+    w, b = (w, None) if which == "weight" else (None, b)
+    y = group_norm_act(x, 3, w, b, 1e-5, "relu")
+    p = w if w is not None else b
+    y.backward(torch.randn_like(y))
+    dx, dw, db = group_norm_act_backward_ref(torch.ones_like(y), x.detach(), w, b, 3, 1e-5, "relu", [True] * 3)
+    assert dx.shape == x.shape and (dw is None) == (w is None) and (db is None) == (b is None)
+    assert p.grad is not None and x.grad is not None
+
+
 def test_matches_group_norm_module_without_affine():
     x, _, _ = _inputs((2, 8, 3, 4, 5), affine=False)
     norm = torch.nn.GroupNorm(2, 8, affine=False)
     assert_close("y", group_norm_act(x, 2), norm(x), torch.float32)
+
+
+def test_one_channel_per_group_is_an_affine_instance_norm():
+    x, w, b = _inputs((2, 8, 3, 4, 5))
+    norm = torch.nn.InstanceNorm3d(8, affine=True)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        norm.bias.copy_(b)
+    assert_close("y", group_norm_act(x, 8, w, b, 1e-5, "leaky_relu", 0.1), F.leaky_relu(norm(x), 0.1),
+                 torch.float32)
 
 
 @pytest.mark.parametrize(
@@ -127,11 +152,14 @@ def test_matches_group_norm_module_without_affine():
         (dict(eps=-1.0), ValueError, "eps must be a finite number"),
         (dict(eps=float("nan")), ValueError, "eps must be a finite number"),
         (dict(activation="tanh"), ValueError, "activation must be one of"),
+        (dict(negative_slope=float("inf")), ValueError, "negative_slope must be a finite number"),
+        (dict(negative_slope=None), ValueError, "negative_slope must be a finite number"),
         (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
     ],
 )
 def test_bad_input(kwargs, error, match):
-    args = dict(x=torch.randn(2, 8, 2, 3, 4), num_groups=4, weight=None, bias=None, eps=1e-5, activation=None)
+    args = dict(x=torch.randn(2, 8, 2, 3, 4), num_groups=4, weight=None, bias=None, eps=1e-5, activation=None,
+                negative_slope=0.01)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         group_norm_act(**args)
@@ -147,22 +175,25 @@ def test_unsupported_reasons():
 
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("activation", ["none", "relu", "gelu"])
+@pytest.mark.parametrize("activation", ["none", "relu", "leaky_relu", "gelu"])
 def test_opcheck(layout, affine, activation):
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, layout, affine)
-    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act.default, (x, w, b, 3, 1e-5, activation))
+    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act.default,
+                          (x, w, b, 3, 1e-5, activation, 0.2, torch.float32))
     x, w, b = (t.detach() if t is not None else None for t in (x, w, b))  # these two have no autograd
-    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 3, 1e-5, activation)
-    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_apply.default, (x, w, b, mean, rstd, activation))
+    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 3, 1e-5, activation, 0.2, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_apply.default,
+                          (x, w, b, mean, rstd, activation, 0.2, torch.float16))
     torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_backward.default,
-                          (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, activation, [True, affine, True]))
+                          (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, activation, 0.2, [True, affine, True]))
 
 
 def test_compile_fullgraph_forward_backward():
     x, w, b = _inputs((2, 8, 3, 4, 5), torch.float32, "cl")
 
     def fn(x, w, b):
-        return torch.ops.fastseg3d.group_norm_act(x, w, b, 4, 1e-5, "silu")[0].square().sum()
+        return torch.ops.fastseg3d.group_norm_act(x, w, b, 4, 1e-5, "silu", 0.01, x.dtype)[0].square().sum()
 
     x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
     fn(x, w, b).backward()
@@ -217,9 +248,58 @@ def test_kernels_every_activation(activation, affine, poison):
 
 
 @pytest.mark.interpret
-def test_kernels_keep_the_variance_of_an_offset_feature(poison):
-    """A mean 300 times the spread: a sum of squares in fp32 would cancel; the merged per-tile deviations do not."""
-    x, w, b = _inputs((2, 4, 5, 6, 7), torch.float32, "ncdhw", offset=300.0)
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_kernels_instance_norm_and_leaky_relu(layout, poison):
+    """One channel per group (an affine InstanceNorm) with a LeakyReLU of slope 0.2, as the U-Nets' blocks."""
+    x, w, b = _inputs((2, 5, 3, 4, 6), torch.float16, layout)
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, 5, "leaky_relu", torch.float16, slope=0.2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("which", ["weight", "bias", "strided"])
+def test_kernels_with_one_or_strided_affine_parameters(which, poison):
+    x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "cl")
+    if which == "strided":  # every other element of a longer vector: the kernels read unit-stride copies
+        w = torch.randn(12).mul(0.5).add(1.0)[::2].requires_grad_()
+        b = torch.randn(12)[1::2].requires_grad_()
+    else:
+        w, b = (w, None) if which == "weight" else (None, b)
+    xd = x.detach().double().requires_grad_()
+    with fastseg3d.backend("triton"):
+        y = group_norm_act(x, 3, w, b, 1e-5, "gelu")
+    expected = _formula(xd, 3, w, b, 1e-5, "gelu")
+    assert_close("y", y, expected, torch.float32)
+    dy = torch.randn_like(expected)
+    with fastseg3d.backend("triton"):
+        y.backward(dy.float())
+    expected.backward(dy)
+    assert_close("dx", x.grad, xd.grad, torch.float32, 2.0)
+    assert (w is None or w.grad is not None) and (b is None or b.grad is not None)
+
+
+@pytest.mark.interpret
+def test_kernels_write_the_requested_output_dtype(poison):
+    """The forward and apply ops write fp32 input's output in bf16 directly (the conv's dtype under autocast)."""
+    x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "ncdhw")
+    with fastseg3d.backend("triton"):
+        y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w.detach(), b.detach(), 3, 1e-5, "relu",
+                                                           0.01, torch.bfloat16)
+        again = torch.ops.fastseg3d.group_norm_act_apply(x.detach(), w.detach(), b.detach(), mean, rstd, "relu",
+                                                         0.01, torch.bfloat16)
+    expected = F.relu(F.group_norm(x.detach().double(), 3, w.detach().double(), b.detach().double(), 1e-5))
+    assert y.dtype == again.dtype == torch.bfloat16 and torch.equal(y, again)
+    assert_close("y", y, expected, torch.bfloat16)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_kernels_keep_the_variance_of_an_offset_feature(layout, poison):
+    """A mean 300 times the spread, whose first voxels sit at 0: a sum of squares in fp32 would cancel, and so would
+    sums shifted by the first values; Welford's update does not."""
+    x, w, b = _inputs((2, 4, 5, 6, 7), torch.float32, layout, offset=300.0)
+    with torch.no_grad():
+        x[:, :, 0] = 0.0
     with fastseg3d.backend("triton"):
         _check(x, w, b, 2, None, torch.float32, scale=4.0)
 
@@ -250,7 +330,7 @@ def test_kernels_64bit_indexing(monkeypatch, poison):
 def test_kernel_statistics_are_group_norms(poison):
     x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "cl")
     with fastseg3d.backend("triton"):
-        _, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "none")
+        _, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "none", 0.01, x.dtype)
     _, mean_ref, rstd_ref = torch.native_group_norm(x.detach().contiguous(), w, b, 2, 6, 105, 3, 1e-5)
     assert_close("mean", mean, mean_ref, torch.float32)
     assert_close("rstd", rstd, rstd_ref, torch.float32)
@@ -263,8 +343,38 @@ def test_kernel_statistics_are_group_norms(poison):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
-@pytest.mark.parametrize("shape, groups", [((2, 32, 24, 20, 17), 8), ((1, 128, 9, 10, 11), 8), ((2, 6, 5, 7, 3), 3)])
-def test_gpu_kernels_match_the_formula(shape, groups, layout, dtype):
+@pytest.mark.parametrize("shape, groups, activation", [
+    ((2, 32, 24, 20, 17), 8, "relu"), ((1, 128, 9, 10, 11), 8, "silu"), ((2, 6, 5, 7, 3), 3, "gelu"),
+    ((2, 32, 9, 8, 7), 32, "leaky_relu"), ((1, 64, 40, 40, 40), 1, None),
+])
+def test_gpu_kernels_match_the_formula(shape, groups, activation, layout, dtype, poison):
     x, w, b = _inputs(shape, dtype, layout, device="cuda")
     with fastseg3d.backend("triton"):
-        _check(x, w, b, groups, "relu", dtype)
+        _check(x, w, b, groups, activation, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_gradients_are_bitwise_deterministic():
+    x, w, b = _inputs((2, 32, 40, 36, 33), torch.bfloat16, "cl", device="cuda")
+    dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        for t in (x, w, b):
+            t.grad = None
+        group_norm_act(x, 8, w, b, activation="relu").backward(dy)
+        grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    assert all(torch.equal(a, c) for g in grads[1:] for a, c in zip(grads[0], g))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_runs_the_kernels():
+    x, w, b = _inputs((2, 16, 12, 10, 9), torch.bfloat16, "ncdhw", device="cuda")
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+
+    def fn(x, w, b):
+        return group_norm_act(x, 8, w, b, activation="relu").float().square().sum()
+
+    fn(x, w, b).backward()
+    torch.compile(fn, fullgraph=True)(x2, w2, b2).backward()
+    for name, got, want in (("dx", x2.grad, x.grad), ("dw", w2.grad, w.grad), ("db", b2.grad, b.grad)):
+        assert_close(name, got, want, torch.bfloat16)
