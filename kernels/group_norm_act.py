@@ -49,14 +49,16 @@ _WARPS = 8  # for the 2048-element tiles: 8 values a thread (the statistics' two
 
 
 def _tile(x: torch.Tensor) -> tuple[int, int]:
-    """(BLOCK_S, BLOCK_C): wide along the unit-stride axis. Tiny tiles under the interpreter, so that small tests
-    cross tiles, splits and channel blocks."""
-    interpret = interpreter_active()
-    if _channels_last(x):
-        block_c = min(next_power_of_2(x.shape[1]), 16 if interpret else _MAX_BLOCK_C)
-    else:
-        block_c = min(next_power_of_2(x.shape[1]), 2 if interpret else 4)
-    return max((64 if interpret else 2048) // block_c, 1), block_c
+    """(BLOCK_S, BLOCK_C): wide along the unit-stride axis. Under the interpreter, which costs per program, small
+    tiles on small tensors (tests cross tiles, splits and channel blocks) and about four tiles a channel block on
+    larger ones (the networks' tests)."""
+    c = x.shape[1]
+    if not interpreter_active():
+        block_c = min(next_power_of_2(c), _MAX_BLOCK_C if _channels_last(x) else 4)
+        return 2048 // block_c, block_c
+    block_c = min(next_power_of_2(c), 16 if _channels_last(x) or c > 8 else 2)
+    s = x.shape[2] * x.shape[3] * x.shape[4]
+    return max(64 // block_c, min(next_power_of_2(cdiv(s, 4)), 4096)), block_c
 
 
 def _split(x: torch.Tensor, n_tiles: int, programs_per_split: int) -> tuple[int, int]:

@@ -809,8 +809,11 @@ def test_interpret_norm_leaky_relu_chains_on_the_fused_kernel(norm, layout, monk
     assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
     for module, module_ref in zip((norm1, norm2, conv), refs):
         for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
-            # the conv bias's gradient is 0 up to rounding where a per-channel norm follows: errors against 0.01
-            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0, floor=0.01)
+            if module is conv and name == "bias" and norm == "instance":
+                # a per-channel norm after the conv removes its bias: the gradient is 0 up to rounding on both sides
+                assert p.grad.abs().max() < 1e-4 and p_ref.grad.abs().max() < 1e-4
+                continue
+            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
 
 
 @pytest.mark.interpret
