@@ -1,10 +1,12 @@
-"""case=group_norm_act: GroupNorm(8 groups) -> ReLU as MISSU's blocks run it, and affine InstanceNorm -> LeakyReLU
-as the U-Nets' blocks run it, fused, against the eager composition as bf16 autocast runs it (GroupNorm in fp32 on a
-copy of the input, the activation in fp32, the next conv's cast back to the input's dtype:
-``fastseg3d.reference.group_norm_act``) and torch.compile of it.
+"""case=group_norm_act: GroupNorm(8 groups) -> ReLU as MISSU's blocks run it, affine InstanceNorm -> LeakyReLU as
+the U-Nets' blocks run it, and GELU -> InstanceNorm (the activation first) as MobileUtr's ConvUtr runs it, fused,
+against the eager composition as bf16 autocast runs it (GroupNorm in fp32 on a copy of the input, the activation in
+fp32, the next conv's cast back to the input's dtype: ``fastseg3d.reference.group_norm_act``; MobileUtr's GELU and
+InstanceNorm in bf16, each written) and torch.compile of it.
 
 Shapes: MISSU's first and third encoder levels at a 128^3 input, B=2: 16 channels at 128^3, 64 at 32^3 (NCDHW);
-the U-Net's first level, 32 channels at 128^3, B=2, channels-last.
+the U-Net's first level, 32 channels at 128^3, B=2, channels-last; MobileUtr's first ConvUtr stage's expanded
+channels at its 96^3 benchmark input, B=4: 64 channels at 96^3.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import fastseg3d
 from bench.registry import Case, Setup, compiled, optional_compile, register
 from fastseg3d.reference.group_norm_act import group_norm_act_ref
 
+
 def _shapes(quick: bool) -> list[tuple[str, dict]]:
     missu = [(1, 16, 8)] if quick else [(2, 16, 128), (2, 64, 32)]
     out = [(f"{b}x{c}x{s}^3 G8 relu", {"b": b, "c": c, "s": s, "groups": 8, "act": "relu", "layout": "ncdhw"})
@@ -22,6 +25,9 @@ def _shapes(quick: bool) -> list[tuple[str, dict]]:
     for b, c, s in [(1, 8, 8)] if quick else [(2, 32, 128)]:
         out.append((f"{b}x{c}x{s}^3 instance leaky_relu channels_last",
                     {"b": b, "c": c, "s": s, "groups": c, "act": "leaky_relu", "layout": "channels_last"}))
+    for b, c, s in [(1, 8, 8)] if quick else [(4, 64, 96)]:
+        out.append((f"{b}x{c}x{s}^3 gelu first instance",
+                    {"b": b, "c": c, "s": s, "groups": c, "act": "gelu", "layout": "ncdhw", "first": True}))
     return out
 
 
@@ -33,11 +39,24 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
     b, c, s, groups, act = spec["b"], spec["c"], spec["s"], spec["groups"], spec["act"]
     fmt = torch.channels_last_3d if spec["layout"] == "channels_last" else torch.contiguous_format
     x = torch.randn(b, c, s, s, s, device=device, dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    first = spec.get("first", False)
     w = (1.0 + 0.1 * torch.randn(c, device=device)).requires_grad_()  # fp32 parameters, as under autocast
     bias = (0.1 * torch.randn(c, device=device)).requires_grad_()
+    params = [w, bias]
+    if first:  # MobileUtr's InstanceNorm has no affine parameters
+        w = bias = None
+        params = []
     if provider == "fastseg3d":
         def fwd():
-            return fastseg3d.ops.group_norm_act(x, groups, w, bias, 1e-5, act)
+            return fastseg3d.ops.group_norm_act(x, groups, w, bias, 1e-5, act, activation_first=first)
+    elif first:  # as MobileUtr's plain blocks run under autocast: GELU and InstanceNorm in bf16
+        def _eager(x):
+            return torch.nn.functional.instance_norm(torch.nn.functional.gelu(x))
+
+        fn = _eager if provider == "torch" else compiled(_eager, provider, device)
+
+        def fwd():
+            return fn(x)
     else:
         def _eager(x, w, b):
             return group_norm_act_ref(x, groups, w, b, 1e-5, act)
@@ -48,7 +67,7 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
             return fn(x, w, bias)
     nbytes = x.numel() * x.element_size()
     # fwd reads x and writes y; bwd reads x and dy and writes dx (the statistics and parameters are negligible)
-    return Setup(fwd, [x, w, bias], {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "fwd+bwd": 5 * nbytes})
+    return Setup(fwd, [x, *params], {"fwd": 2 * nbytes, "bwd": 3 * nbytes, "fwd+bwd": 5 * nbytes})
 
 
 CASE = register(Case(name="group_norm_act", shapes=_shapes, providers=_providers, setup=_setup,

@@ -1,4 +1,6 @@
-"""Triton kernels of GroupNorm with a fused activation: ``y = act((x - mean_g) * rstd_g * w_c + b_c)``.
+"""Triton kernels of GroupNorm with a fused activation: ``y = act((x - mean_g) * rstd_g * w_c + b_c)``, or with the
+activation first (``PRE``: MobileUtr's GELU -> InstanceNorm), ``y = (a - mean_g) * rstd_g * w_c + b_c`` with
+``a = act(x)`` recomputed wherever x is read (never written).
 
 Every tensor is addressed through its (B, C, S) strides, S the flattened spatial extent, so one set of kernels
 serves NCDHW and ``channels_last_3d``. A program owns a [BLOCK_S, BLOCK_C] tile of one batch element: a few
@@ -20,11 +22,11 @@ Forward, three launches:
 
 Backward, given ``dy``:
 
-1. reduce: program (split, channel block, b) recomputes z, ``dz = dy * act'(z)``, and sums per channel ``dz``
-   and ``dz * xhat`` over its share of the voxels into (B, SPLIT, C) workspaces (no atomics: the caller sums
-   them in a fixed order into dweight, dbias and the two per-group terms of dx);
+1. reduce: program (split, channel block, b) recomputes z, ``dz = dy * act'(z)`` (``dz = dy`` with ``PRE``), and
+   sums per channel ``dz`` and ``dz * xhat`` over its share of the voxels into (B, SPLIT, C) workspaces (no
+   atomics: the caller sums them in a fixed order into dweight, dbias and the two per-group terms of dx);
 2. dx: ``rstd * (w_c dz - c1_g - xhat c2_g)``, with ``c1 = sum_c w_c sum dz / M`` and ``c2 = sum_c w_c sum dz
-   xhat / M`` over the group's M values.
+   xhat / M`` over the group's M values (times ``act'(x)`` with ``PRE``).
 """
 
 from __future__ import annotations
@@ -94,9 +96,27 @@ def _offsets(b, ch, offs_s, sb, sc, ss, INT64: tl.constexpr):
 
 
 @triton.jit
+def _activate(z, slope, ACT: tl.constexpr):
+    if ACT == 5:
+        y = tl.where(z > 0.0, z, z * slope)  # NaN stays NaN
+    else:
+        y = _act(z, ACT)
+    return y
+
+
+@triton.jit
+def _activate_grad(z, slope, ACT: tl.constexpr):
+    if ACT == 5:
+        g = tl.where(z > 0.0, 1.0, slope)  # leaky_relu_backward's choice at 0
+    else:
+        g = _act_grad(z, ACT)
+    return g
+
+
+@triton.jit
 def _stats_kernel(
-    x_ptr, mean_ptr, m2_ptr, C, S, SPLIT, tiles_per_split, sb, sc, ss,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    x_ptr, mean_ptr, m2_ptr, C, S, SPLIT, tiles_per_split, sb, sc, ss, slope,
+    ACT: tl.constexpr, PRE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -112,6 +132,8 @@ def _stats_kernel(
         offs_s = s_first + t * BLOCK_S + rows
         mask = (offs_s < S)[:, None] & c_ok[None, :]
         v = tl.load(x_ptr + _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask=mask, other=0.0).to(tl.float32)
+        if PRE:
+            v = _activate(v, slope, ACT)
         delta = v - mean
         mean += tl.where(mask, delta * (1.0 / (t + 1.0)), 0.0)
         m2 += tl.where(mask, delta * (v - mean), 0.0)
@@ -164,24 +186,6 @@ def _finalize_kernel(
 
 
 @triton.jit
-def _activate(z, slope, ACT: tl.constexpr):
-    if ACT == 5:
-        y = tl.where(z > 0.0, z, z * slope)  # NaN stays NaN
-    else:
-        y = _act(z, ACT)
-    return y
-
-
-@triton.jit
-def _activate_grad(z, slope, ACT: tl.constexpr):
-    if ACT == 5:
-        g = tl.where(z > 0.0, 1.0, slope)  # leaky_relu_backward's choice at 0
-    else:
-        g = _act_grad(z, ACT)
-    return g
-
-
-@triton.jit
 def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Per channel: (mean, rstd, w, scale = rstd w, shift = bias - mean scale), fp32 vectors."""
     grp = b * G + ch // CG
@@ -196,7 +200,7 @@ def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W: tl.c
 @triton.jit
 def _apply_kernel(
     x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, y_ptr, C, S, G, CG, sb, sc, ss, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -207,24 +211,32 @@ def _apply_kernel(
     mask = (offs_s < S)[:, None] & c_ok[None, :]
     offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _activate(x * scale[None, :] + shift[None, :], slope, ACT)
+    if PRE:
+        y = _activate(x, slope, ACT) * scale[None, :] + shift[None, :]
+    else:
+        y = _activate(x * scale[None, :] + shift[None, :], slope, ACT)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT: tl.constexpr):
-    """(dz = dy * act'(z), xhat) of one tile, z as the forward computed it."""
+def _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT: tl.constexpr, PRE: tl.constexpr):
+    """(dz, xhat, x) of one tile: the gradient and the value of the norm's output before its activation, z as the
+    forward computed it (``dz = dy`` with ``PRE``: the activation is on the norm's input), and the input."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if ACT != 0:
-        dz = dz * _activate_grad(x * scale[None, :] + shift[None, :], slope, ACT)
-    return dz, (x - mean[None, :]) * rstd[None, :]
+    if PRE:
+        xhat = (_activate(x, slope, ACT) - mean[None, :]) * rstd[None, :]
+    else:
+        if ACT != 0:
+            dz = dz * _activate_grad(x * scale[None, :] + shift[None, :], slope, ACT)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+    return dz, xhat, x
 
 
 @triton.jit
 def _bwd_reduce_kernel(
     x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr, C, S, G, CG, SPLIT, tiles_per_split,
-    sb, sc, ss, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    sb, sc, ss, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
@@ -238,8 +250,8 @@ def _bwd_reduce_kernel(
     for t in range(tiles_per_split):
         offs_s = (pid_s * tiles_per_split + t) * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (offs_s < S)[:, None] & c_ok[None, :]
-        dz, xhat = _dz(x_ptr, dy_ptr, _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask, mean, rstd, scale, shift,
-                       slope, ACT)
+        dz, xhat, _input = _dz(x_ptr, dy_ptr, _offsets(b, ch, offs_s, sb, sc, ss, INT64), mask, mean, rstd, scale,
+                          shift, slope, ACT, PRE)
         dz = tl.where(mask, dz, 0.0)
         sdz += dz
         sdzx += dz * xhat
@@ -251,7 +263,7 @@ def _bwd_reduce_kernel(
 @triton.jit
 def _bwd_dx_kernel(
     x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, G, CG, sb, sc, ss, slope,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -264,8 +276,10 @@ def _bwd_dx_kernel(
     c2 = tl.load(c2_ptr + grp, mask=c_ok, other=0.0)
     mask = (offs_s < S)[:, None] & c_ok[None, :]
     offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
-    dz, xhat = _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT)
+    dz, xhat, x = _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT, PRE)
     dx = rstd[None, :] * (w[None, :] * dz - c1[None, :] - xhat * c2[None, :])
+    if PRE:
+        dx = dx * _activate_grad(x, slope, ACT)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -276,9 +290,10 @@ def _grid_s(x: torch.Tensor, block_s: int, block_c: int) -> tuple[int, int, int,
     return c, s, cdiv(s, block_s), cdiv(c, block_c)
 
 
-def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, empty=torch.empty
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd) of each (batch, group), fp32 (B, G), for x (B, C, D, H, W) contiguous in either layout."""
+def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, act_id: int = 0, slope: float = 0.0,
+                         pre: bool = False, empty=torch.empty) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of each (batch, group), fp32 (B, G), for x (B, C, D, H, W) contiguous in either layout (of
+    ``act(x)`` with ``pre``)."""
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
     bsz = x.shape[0]
@@ -286,7 +301,7 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, empty=torch.e
     means = empty((bsz, split, c), dtype=torch.float32, device=x.device)
     m2s = empty((bsz, split, c), dtype=torch.float32, device=x.device)
     torch.library.wrap_triton(_stats_kernel)[(split, n_cb, bsz)](
-        x, means, m2s, c, s, split, per, *_strides(x),
+        x, means, m2s, c, s, split, per, *_strides(x), slope, ACT=act_id if pre else 0, PRE=pre and act_id != 0,
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
     mean = empty((bsz, groups), dtype=torch.float32, device=x.device)
@@ -299,23 +314,24 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, empty=torch.e
     return mean, rstd
 
 
-def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, slope: float, out: torch.Tensor) -> torch.Tensor:
-    """Writes ``act((x - mean) * rstd * weight + bias)`` into ``out`` (x's shape and strides) and returns it;
-    ``slope`` is LeakyReLU's negative slope."""
+def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, slope: float, out: torch.Tensor,
+                         pre: bool = False) -> torch.Tensor:
+    """Writes ``act((x - mean) * rstd * weight + bias)`` (``(act(x) - mean) * rstd * weight + bias`` with ``pre``)
+    into ``out`` (x's shape and strides) and returns it; ``slope`` is LeakyReLU's negative slope."""
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
     groups = mean.shape[1]
     torch.library.wrap_triton(_apply_kernel)[(n_tiles, n_cb, x.shape[0])](
         x, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, out,
         c, s, groups, c // groups, *_strides(x), slope,
-        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id,
+        HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, PRE=pre and act_id != 0,
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
     return out
 
 
-def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: float, need_dx: bool, empty=torch.empty
-                       ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: float, need_dx: bool, pre: bool = False,
+                       empty=torch.empty) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype and strides or None, dweight and dbias as fp32 (C,)) for ``dy`` of x's shape and strides
     (dweight and dbias are formed whether or not the norm is affine: dx needs the same sums)."""
     block_s, block_c = _tile(x)
@@ -326,8 +342,8 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: floa
     sdzx = empty((bsz, split, c), dtype=torch.float32, device=x.device)
     w_arg = weight if weight is not None else mean
     b_arg = bias if bias is not None else mean
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, BLOCK_S=block_s, BLOCK_C=block_c,
-                 INT64=_int64(x), num_warps=_WARPS)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, PRE=pre and act_id != 0,
+                 BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS)
     torch.library.wrap_triton(_bwd_reduce_kernel)[(split, n_cb, bsz)](
         x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, groups, c // groups, split, per, *_strides(x), slope,
         **flags,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastseg3d.ops.attention import attention
-from fastseg3d.nn.recompute import act_instance_norm_conv
+from fastseg3d.nn.recompute import act_instance_norm, act_instance_norm_conv, norm_act, norm_act_conv
 from fastseg3d.ops.dwconv3d import dwconv3d
 
 __all__ = ["MobileUtr", "MobileUtrL"]
@@ -135,10 +135,10 @@ class _ConvUtr(nn.Module):
             if isinstance(mlp[2], nn.InstanceNorm3d):
                 # GELU -> InstanceNorm -> 1x1 on the 4x expanded channels, saving only the GELU's input
                 h = act_instance_norm_conv(mlp[0](x), "gelu", mlp[2], mlp[3].weight, mlp[3].bias)
-                x = mlp[5](mlp[4](h)) + x
+                x = act_instance_norm(h, "gelu", mlp[5]) + x
             else:
                 x = layer[1](x)
-        return self.up(x)
+        return norm_act(self.up[0](x), self.up[1], self.up[2])
 
 
 class _Embeddings(nn.Module):
@@ -158,7 +158,7 @@ class _Embeddings(nn.Module):
         self.down = _MAXPOOL[spatial_dims](2, 2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        x0 = self.layer1(self.stem(x))
+        x0 = self.layer1(norm_act(self.stem[0](x), self.stem[1], self.stem[2]))
         x1 = self.layer2(self.down(x0))
         x2 = self.layer3(self.down(x1))
         return x2, (x0, x1, x2)
@@ -298,7 +298,8 @@ class _ConvBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        conv = self.conv
+        return norm_act(norm_act_conv(conv[0](x), conv[1], conv[2], conv[3]), conv[4], conv[5])
 
 
 class _UpConv(nn.Module):
@@ -317,7 +318,8 @@ class _UpConv(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(x)
+        up = self.up
+        return norm_act(up[1](up[0](x)), up[2], up[3])
 
 
 def _check_positive_ints(name: str, value, length: int, allow_zero: bool = False) -> tuple[int, ...]:
@@ -354,9 +356,14 @@ class MobileUtr(nn.Module):
     attention of every block runs :func:`fastseg3d.ops.attention` (flash-style, no N x N matrix) on strided views
     of the qkv projection, with no permute copies. LocalAgg's grouped 3x3 MLP (channel multiplier 4), the dense
     convs, the norms and LocalProp's transposed conv run PyTorch's ops. Off the GPU every op runs its reference.
-    In 3-D, ConvUtr's GELU -> InstanceNorm -> 1x1 conv on the expanded channels saves only the GELU's input
-    (:func:`fastseg3d.nn.recompute.act_instance_norm_conv`: recomputed in backward), and the ReLUs after the norms
-    run out of place (no rebuild of a view's gradient in backward).
+    In 3-D the InstanceNorm chains run :mod:`fastseg3d.nn.recompute`: ConvUtr's GELU -> InstanceNorm -> 1x1 conv on
+    the expanded channels saves only the GELU's input (``act_instance_norm_conv``: recomputed in backward), its
+    second GELU -> InstanceNorm (``act_instance_norm``), and the stem's, conv blocks' and up-convs' InstanceNorm ->
+    ReLU (``norm_act``; the conv blocks' middle norm -> ReLU -> conv through ``norm_act_conv``, which saves only the
+    norm's input). On CUDA each norm and its activation is one kernel (:func:`fastseg3d.ops.group_norm_act`, with
+    the activation first for ConvUtr's): the activated or normalised intermediate is never written, forward or
+    backward. Elsewhere they run ATen's norms, and the ReLUs run out of place (no rebuild of a view's gradient in
+    backward).
 
     Args:
         spatial_dims: 2 or 3.

@@ -9,7 +9,9 @@ SegFormer3D's Mix-FFN (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU 
 
 activation -> InstanceNorm -> 1x1x1 conv (MobileUtr's ConvUtr MLP, on its 4x expanded channels): likewise only the
 activation's input and the per-instance statistics are saved, where the plain composition saves the activation's
-input, the norm's input and the conv's input.
+input, the norm's input and the conv's input. Where the fused kernels run, the activation and the norm are one
+kernel (``fastseg3d.ops.group_norm_act`` with the activation first), forward and in backward's recompute, and the
+input gradient is written once: the activated tensor and its gradient are never written.
 
 GroupNorm or BatchNorm -> activation -> any Conv3d (MISSU's pre-activation encoder blocks and decoder blocks): only
 the norm's input and its statistics are saved. Under CUDA bf16/fp16 autocast GroupNorm runs in fp32, so the plain
@@ -20,8 +22,10 @@ backward's recompute: it reads the bf16 input as it is and writes the conv's bf1
 writes the bf16 input gradient directly (no fp32 copies of the input, the normalised tensor or their gradients
 under autocast, and no normalised tensor or activation gradient in any dtype).
 
-A norm -> LeakyReLU (the U-Nets' blocks end with one) saves its output instead of the activation's input: the
-layer after it saves that output anyway, and with a non-negative slope the output's sign gives the derivative.
+A GroupNorm or InstanceNorm -> activation with no conv after it (the U-Nets' blocks end with one, MobileUtr's with
+InstanceNorm -> ReLU) is the fused kernel alone where it runs; elsewhere a norm -> LeakyReLU saves its output instead
+of the activation's input: the layer after it saves that output anyway, and with a non-negative slope the output's
+sign gives the derivative.
 
 Under ``fastseg3d.backend("torch")`` each of these runs the plain composition (its reference).
 """
@@ -47,7 +51,7 @@ from fastseg3d.ops.group_norm_act import (
 from fastseg3d.ops.utils import autocast_dtype, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
-__all__ = ["act_instance_norm_conv", "batch_norm_act_linear", "norm_act", "norm_act_conv"]
+__all__ = ["act_instance_norm", "act_instance_norm_conv", "batch_norm_act_linear", "norm_act", "norm_act_conv"]
 
 
 def _tokens(vol: torch.Tensor) -> torch.Tensor:
@@ -153,34 +157,53 @@ def _bn_momentum(bn: nn.BatchNorm3d, x: torch.Tensor) -> float:
 
 
 class _ActInstanceNormConv(torch.autograd.Function):
+    """``fused``: whether the fused GroupNorm kernel (one channel per group, the activation first) runs the
+    activation and the norm."""
+
     @staticmethod
-    def forward(ctx, x, activation, eps, weight, bias):
-        a = activation_ref(x, activation)
-        # InstanceNorm as nn.InstanceNorm3d computes it: BatchNorm over the (1, B * C, ...) view
-        z, mean, rstd = torch.native_batch_norm(a.reshape(1, -1, *a.shape[2:]), None, None, None, None, True, 0.0,
-                                                eps)
-        out = F.conv3d(z.view_as(a), weight, bias)  # under autocast in the dtype the plain conv would take
+    def forward(ctx, x, activation, eps, weight, bias, fused):
+        if fused:  # written once, in the dtype the conv reads
+            x = x.contiguous(memory_format=layout_of(x))
+            z, mean, rstd = group_norm_act_fused(x, None, None, x.shape[1], eps, activation,
+                                                 out_dtype=_conv_dtype_of(x.dtype, x.device.type),
+                                                 activation_first=True)
+        else:
+            a = activation_ref(x, activation)
+            # InstanceNorm as nn.InstanceNorm3d computes it: BatchNorm over the (1, B * C, ...) view
+            z, mean, rstd = torch.native_batch_norm(a.reshape(1, -1, *a.shape[2:]), None, None, None, None, True,
+                                                    0.0, eps)
+            z = z.view_as(a)
+        out = F.conv3d(z, weight, bias)  # under autocast in the dtype the plain conv would take
         ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.activation, ctx.eps, ctx.has_bias = activation, eps, bias is not None
+        ctx.activation, ctx.eps, ctx.has_bias, ctx.fused = activation, eps, bias is not None, fused
         return out
 
     @staticmethod
     @once_differentiable  # the recomputed z takes the statistics as constants: no second derivative through them
     def backward(ctx, grad):
         x, mean, rstd, weight = ctx.saved_tensors
-        a = activation_ref(x, ctx.activation)
-        av = a.reshape(1, -1, *a.shape[2:])
-        z = F.batch_norm(av, mean, rstd.pow(-2) - ctx.eps, None, None, False, 0.0, ctx.eps)
+        if ctx.fused:
+            z = group_norm_act_recompute(x, None, None, mean, rstd, ctx.activation, out_dtype=grad.dtype,
+                                         activation_first=True)
+        else:
+            a = activation_ref(x, ctx.activation)
+            av = a.reshape(1, -1, *a.shape[2:])
+            z = F.batch_norm(av, mean, rstd.pow(-2) - ctx.eps, None, None, False, 0.0, ctx.eps).view_as(a)
         # the conv's own backward, in the dtype its forward ran in (grad's: bf16 under autocast)
         dz, dweight, dbias = torch.ops.aten.convolution_backward(
-            grad, z.view_as(a).to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.has_bias else None,
+            grad, z.to(grad.dtype), weight.to(grad.dtype), [weight.shape[0]] if ctx.has_bias else None,
             [1, 1, 1], [0, 0, 0], [1, 1, 1], False, [0, 0, 0], 1, [True, True, ctx.has_bias],
         )
-        da, _, _ = torch.ops.aten.native_batch_norm_backward(
-            dz.to(a.dtype).reshape(av.shape), av, None, None, None, mean, rstd, True, ctx.eps, [True, False, False],
-        )
-        dx = _activation_backward(da.view_as(a), x, ctx.activation)
-        return dx, None, None, dweight.to(weight.dtype), dbias.to(weight.dtype) if ctx.has_bias else None
+        if ctx.fused:
+            dx = group_norm_act_backward(dz, x, None, None, mean, rstd, ctx.eps, ctx.activation, [True, False, False],
+                                         activation_first=True)[0]
+        else:
+            da, _, _ = torch.ops.aten.native_batch_norm_backward(
+                dz.to(a.dtype).reshape(av.shape), av, None, None, None, mean, rstd, True, ctx.eps,
+                [True, False, False],
+            )
+            dx = _activation_backward(da.view_as(a), x, ctx.activation)
+        return dx, None, None, dweight.to(weight.dtype), dbias.to(weight.dtype) if ctx.has_bias else None, None
 
 
 def act_instance_norm_conv(
@@ -189,9 +212,10 @@ def act_instance_norm_conv(
     """``F.conv3d(norm(activation(x)), weight, bias)`` for x (B, C, D, H, W), a 1x1x1 conv ``weight`` (O, C, 1, 1, 1)
     and an ``nn.InstanceNorm3d`` without affine parameters or running statistics (MobileUtr's).
 
-    Equal to the plain composition; with gradients on it saves only ``x`` and the per-instance statistics (the
-    backward is not differentiable again). Other norms and convs, a norm with hooks, and a single voxel (which
-    ``nn.InstanceNorm3d`` refuses in training), run the plain composition.
+    Equal to the plain composition (within rounding where the fused kernels run: they keep the activation in fp32,
+    where the plain composition rounds it to x's dtype before the norm); with gradients on it saves only ``x`` and
+    the per-instance statistics (the backward is not differentiable again). Other norms and convs, a norm with
+    hooks, and a single voxel (which ``nn.InstanceNorm3d`` refuses in training), run the plain composition.
 
     Example:
         >>> from torch import nn
@@ -201,10 +225,38 @@ def act_instance_norm_conv(
         >>> act_instance_norm_conv(x, "gelu", norm, conv.weight, conv.bias).shape
         torch.Size([2, 8, 4, 4, 4])
     """
-    if (not torch.is_grad_enabled() or _plain() or has_hooks(norm) or type(norm) is not nn.InstanceNorm3d or norm.affine
-            or norm.track_running_stats or tuple(weight.shape[2:]) != (1, 1, 1) or math.prod(x.shape[2:]) == 1):
+    if (not torch.is_grad_enabled() or not _takes_act_norm(x, norm) or tuple(weight.shape[2:]) != (1, 1, 1)
+            or norm.affine):
         return F.conv3d(norm(activation_ref(x, activation)), weight, bias)
-    return _ActInstanceNormConv.apply(x, activation, norm.eps, weight, bias)
+    return _ActInstanceNormConv.apply(x, activation, norm.eps, weight, bias,
+                                      _fused_groups(x, norm, ("instance", 0)) > 0)
+
+
+def _takes_act_norm(x: torch.Tensor, norm: nn.Module) -> bool:
+    """Whether ``norm`` is an InstanceNorm the activation-first recomputes take on ``x``."""
+    return not (_plain() or has_hooks(norm) or type(norm) is not nn.InstanceNorm3d or norm.track_running_stats
+                or x.dim() != 5 or x.shape[1] != norm.num_features or math.prod(x.shape[2:]) == 1)
+
+
+def act_instance_norm(x: torch.Tensor, activation: str, norm: nn.InstanceNorm3d) -> torch.Tensor:
+    """``norm(activation(x))`` for x (B, C, D, H, W), an activation name (``fastseg3d.ops.group_norm_act``'s) and an
+    ``nn.InstanceNorm3d`` without running statistics (MobileUtr's GELU -> InstanceNorm).
+
+    Where the fused kernels run (CUDA), one kernel: the activated tensor is neither written nor saved (the plain
+    composition writes it and saves it and x), and backward writes the input gradient once. Elsewhere (other
+    devices, the torch backend, a norm with hooks or running statistics, a single voxel) the plain composition.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import act_instance_norm
+        >>> act_instance_norm(torch.randn(2, 8, 4, 4, 4), "gelu", nn.InstanceNorm3d(8)).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+    if _takes_act_norm(x, norm) and _fused_groups(x, norm, ("instance", 0)):
+        x = x.contiguous(memory_format=layout_of(x))
+        return group_norm_act_fused(x, norm.weight, norm.bias, x.shape[1], norm.eps, activation,
+                                    activation_first=True)[0]
+    return norm(activation_ref(x, activation))
 
 
 class _NormActConv(torch.autograd.Function):
@@ -268,18 +320,11 @@ class _NormLeakyReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
-                slope, fused):
-        ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps = kind, groups, norm_dtype, eps
-        ctx.slope, ctx.fused = slope, fused
-        if fused:  # the norm and the LeakyReLU in one kernel, in the norm's dtype; backward recomputes the sign
-            x = x.contiguous(memory_format=layout_of(x))
-            out, mean, rstd = group_norm_act_fused(x, norm_weight, norm_bias, fused, eps, "leaky_relu", slope,
-                                                   out_dtype=norm_dtype)
-        else:
-            z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
-            out = F.leaky_relu(z.view(x.shape), slope)
-        ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd,
-                              None if fused else out)
+                slope):
+        ctx.kind, ctx.groups, ctx.norm_dtype, ctx.eps, ctx.slope = kind, groups, norm_dtype, eps, slope
+        z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
+        out = F.leaky_relu(z.view(x.shape), slope)
+        ctx.save_for_backward(x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, out)
         return out
 
     @staticmethod
@@ -288,16 +333,12 @@ class _NormLeakyReLU(torch.autograd.Function):
         x, norm_weight, norm_bias, running_mean, running_var, mean, rstd, out = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]
         if not any(mask):
-            return (None,) * 12
-        if ctx.fused:
-            dx, dnw, dnb = group_norm_act_backward(grad, x, norm_weight, norm_bias, mean, rstd, ctx.eps, "leaky_relu",
-                                                   mask, ctx.slope)
-        else:
-            # a non-negative slope keeps the sign: the output tells where the input was positive
-            dz = torch.ops.aten.leaky_relu_backward(grad, out, ctx.slope, True)
-            dx, dnw, dnb = _norm_backward(ctx, dz, x, _norm_input(ctx, x), norm_weight, norm_bias, running_mean,
-                                          running_var, mean, rstd, mask)
-        return dx, None, None, None, None, None, dnw, dnb, None, None, None, None
+            return (None,) * 11
+        # a non-negative slope keeps the sign: the output tells where the input was positive
+        dz = torch.ops.aten.leaky_relu_backward(grad, out, ctx.slope, True)
+        dx, dnw, dnb = _norm_backward(ctx, dz, x, _norm_input(ctx, x), norm_weight, norm_bias, running_mean,
+                                      running_var, mean, rstd, mask)
+        return dx, None, None, None, None, None, dnw, dnb, None, None, None
 
 
 def _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum):
@@ -519,14 +560,16 @@ def _norm_args(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> tuple
 
 
 def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
-    """``activation(norm(x))`` for x (B, C, D, H, W) and the norms of :func:`norm_act_conv`, saving for backward the
-    output instead of the activation's input where the output gives the activation's derivative: a LeakyReLU with a
-    non-negative slope (``"leaky_relu"`` or an ``nn.LeakyReLU``), whose plain composition saves the norm's input,
-    the activation's input and, through whatever reads it next, the output. The output is usually saved by the next
-    layer anyway, so one input-sized tensor less is kept. Where the fused GroupNorm kernel runs (a GroupNorm or an
-    InstanceNorm on CUDA), norm and activation are one kernel, and backward recomputes the sign from the input.
-    Other activations (ReLU already saves its output) and the cases :func:`norm_act_conv` leaves to the plain
-    composition run the plain composition.
+    """``activation(norm(x))`` for x (B, C, D, H, W) and the norms and activations of :func:`norm_act_conv`.
+
+    Where the fused GroupNorm kernel runs (a GroupNorm or an InstanceNorm on CUDA), norm and activation are one
+    kernel (``fastseg3d.ops.group_norm_act``, in the norm's output dtype), which saves only x and the statistics
+    and writes the output and, in backward, the input gradient once. Elsewhere a LeakyReLU with a non-negative
+    slope (``"leaky_relu"`` or an ``nn.LeakyReLU``) saves the output instead of the activation's input: its plain
+    composition saves the norm's input, the activation's input and, through whatever reads it next, the output,
+    which the next layer usually saves anyway, so one input-sized tensor less is kept. Other activations (ReLU
+    already saves its output) and the cases :func:`norm_act_conv` leaves to the plain composition run the plain
+    composition.
 
     Example:
         >>> from torch import nn
@@ -537,8 +580,13 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
     """
     act = _act_spec(activation)
     kind = _norm_kind(norm, x)
-    if (act is None or act[0] != "leaky_relu" or act[1] < 0 or kind is None or not torch.is_grad_enabled()
-            or _plain() or has_hooks(norm, activation)):
-        z = norm(x)
-        return activation(z) if callable(activation) else _act(z, act)
-    return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1], _fused_groups(x, norm, kind))
+    if act is not None and kind is not None and not _plain() and not has_hooks(norm, activation):
+        fused = _fused_groups(x, norm, kind)
+        if fused:
+            x = x.contiguous(memory_format=layout_of(x))
+            out_dtype = _group_norm_dtype(x) if kind[0] == "group" else x.dtype
+            return group_norm_act_fused(x, norm.weight, norm.bias, fused, norm.eps, *act, out_dtype=out_dtype)[0]
+        if act[0] == "leaky_relu" and act[1] >= 0 and torch.is_grad_enabled():
+            return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1])
+    z = norm(x)
+    return activation(z) if callable(activation) else _act(z, act)

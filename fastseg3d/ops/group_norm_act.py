@@ -3,7 +3,8 @@
 Under CUDA autocast ``F.group_norm`` copies a bf16 input to fp32, normalises into another fp32 tensor, the
 activation writes a third, and the next conv casts it back to bf16: 14 bytes written an element where this writes
 2, and backward likewise (MISSU's encoder blocks run GroupNorm -> ReLU -> conv at every level). With one channel
-per group it is an affine InstanceNorm (the U-Nets' blocks: InstanceNorm -> LeakyReLU).
+per group it is an affine InstanceNorm (the U-Nets' blocks: InstanceNorm -> LeakyReLU). With the activation first
+(MobileUtr's ConvUtr: GELU -> InstanceNorm) the activated input is recomputed wherever it is read, never written.
 
 The Triton kernels are in ``fastseg3d.kernels.group_norm_act``, the reference in
 ``fastseg3d.reference.group_norm_act``. Three ``torch.library`` ops carry them (``triton_op``s, so ``torch.compile``
@@ -42,7 +43,7 @@ def _act(name: str) -> str | None:
     return None if name == "none" else name
 
 
-def _validate(x, num_groups, weight, bias, eps, activation, negative_slope) -> None:
+def _validate(x, num_groups, weight, bias, eps, activation, negative_slope, activation_first) -> None:
     utils.check_tensor(x, "x")
     if x.dim() != 5:
         raise ValueError(f"x must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
@@ -70,6 +71,8 @@ def _validate(x, num_groups, weight, bias, eps, activation, negative_slope) -> N
     if (isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real)
             or not math.isfinite(negative_slope)):
         raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+    if not isinstance(activation_first, bool):
+        raise TypeError(f"activation_first must be a bool, got {activation_first!r}")
 
 
 def group_norm_act_unsupported_reasons(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None
@@ -109,55 +112,60 @@ def _stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
 
 @utils.eager_op("fastseg3d::group_norm_act")
 def _group_norm_act_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                       activation: str, negative_slope: float, out_dtype: torch.dtype
+                       activation: str, negative_slope: float, out_dtype: torch.dtype, activation_first: bool
                        ) -> tuple[Tensor, Tensor, Tensor]:
     """(y in ``out_dtype`` and x's layout, mean, rstd): the statistics fp32 (B, groups)."""
     if x.device.type == "meta":
         return (_new_output(x, out_dtype), *_stats(x, groups))
     if not utils.launchable(x.device):
         y, mean, rstd = group_norm_act_fused_ref(x, weight, bias, groups, eps, _act(activation), negative_slope,
-                                                 out_dtype)
+                                                 out_dtype, activation_first)
         return y.contiguous(memory_format=utils.layout_of(x)), mean.float(), rstd.float()
     with utils.launch_device(x):
-        return _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype)
+        return _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype,
+                                      activation_first)
 
 
 @utils.launches("fastseg3d::group_norm_act")
-def _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype):
+def _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply, group_norm_act_stats
 
-    mean, rstd = group_norm_act_stats(x, groups, eps, empty=utils.empty)
-    y = group_norm_act_apply(x, *_params(weight, bias), mean, rstd, ACT_IDS[_act(activation)], negative_slope,
-                             _new_output(x, out_dtype))
+    act_id = ACT_IDS[_act(activation)]
+    mean, rstd = group_norm_act_stats(x, groups, eps, act_id, negative_slope, activation_first, empty=utils.empty)
+    y = group_norm_act_apply(x, *_params(weight, bias), mean, rstd, act_id, negative_slope,
+                             _new_output(x, out_dtype), activation_first)
     return y, mean, rstd
 
 
 @utils.eager_op("fastseg3d::group_norm_act_apply")
 def _group_norm_act_apply_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
-                             activation: str, negative_slope: float, out_dtype: torch.dtype) -> Tensor:
-    """``act((x - mean) * rstd * weight + bias)`` from given statistics, in ``out_dtype`` and x's layout (no
-    autograd)."""
+                             activation: str, negative_slope: float, out_dtype: torch.dtype, activation_first: bool
+                             ) -> Tensor:
+    """The forward's output again from given statistics, in ``out_dtype`` and x's layout (no autograd)."""
     if x.device.type == "meta":
         return _new_output(x, out_dtype)
     if not utils.launchable(x.device):
-        y = group_norm_act_apply_ref(x, weight, bias, mean, rstd, _act(activation), negative_slope, out_dtype)
+        y = group_norm_act_apply_ref(x, weight, bias, mean, rstd, _act(activation), negative_slope, out_dtype,
+                                     activation_first)
         return y.contiguous(memory_format=utils.layout_of(x))
     with utils.launch_device(x):
-        return _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negative_slope, out_dtype)
+        return _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negative_slope, out_dtype,
+                                            activation_first)
 
 
 @utils.launches("fastseg3d::group_norm_act_apply")
-def _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negative_slope, out_dtype):
+def _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negative_slope, out_dtype,
+                                 activation_first):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply
 
     return group_norm_act_apply(x, *_params(weight, bias), mean, rstd, ACT_IDS[_act(activation)], negative_slope,
-                                _new_output(x, out_dtype))
+                                _new_output(x, out_dtype), activation_first)
 
 
 @utils.eager_op("fastseg3d::group_norm_act_backward")
 def _group_norm_act_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
                                 rstd: Tensor, eps: float, activation: str, negative_slope: float,
-                                output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                                output_mask: list[bool], activation_first: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias) in the dtypes of x and the parameters; an output not asked for in ``output_mask`` (or
     of an absent parameter) is an empty (0,) tensor. ``grad`` has x's shape and layout."""
     need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
@@ -167,32 +175,33 @@ def _group_norm_act_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, 
                 torch.empty_like(bias) if need_db else x.new_empty((0,)))
     if not utils.launchable(x.device):
         dx, dw, db = group_norm_act_backward_ref(grad, x, weight, bias, mean.shape[1], eps, _act(activation),
-                                                 [need_dx, need_dw, need_db], negative_slope)
+                                                 [need_dx, need_dw, need_db], negative_slope, activation_first)
         return (dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else none,
                 dw if need_dw else x.new_empty((0,)), db if need_db else x.new_empty((0,)))
     with utils.launch_device(x):
         return _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, negative_slope,
-                                               output_mask)
+                                               output_mask, activation_first)
 
 
 @utils.launches("fastseg3d::group_norm_act_backward")
 def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, activation, negative_slope,
-                                    output_mask):
+                                    output_mask, activation_first):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_bwd
 
     need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
     dx, dw, db = group_norm_act_bwd(grad.contiguous(memory_format=utils.layout_of(x)), x, *_params(weight, bias),
                                     mean, rstd, ACT_IDS[_act(activation)], negative_slope, need_dx,
-                                    empty=utils.empty)
+                                    activation_first, empty=utils.empty)
     return (dx if need_dx else x.new_empty((0,)), dw.to(weight.dtype) if need_dw else x.new_empty((0,)),
             db.to(bias.dtype) if need_db else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, eps, activation, negative_slope, out_dtype = inputs
+    x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.eps, ctx.activation, ctx.negative_slope = eps, activation, negative_slope
+    ctx.eps, ctx.activation, ctx.negative_slope, ctx.activation_first = eps, activation, negative_slope, \
+        activation_first
     utils.no_zero_grads(ctx)
 
 
@@ -200,37 +209,37 @@ def _backward(ctx, grad, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     if grad is None or not any(mask):
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, ctx.eps, ctx.activation,
-                                             ctx.negative_slope, mask)
+                                             ctx.negative_slope, mask, ctx.activation_first)
     return (dx if mask[0] else None, dw if mask[1] and weight is not None else None,
-            db if mask[2] and bias is not None else None, None, None, None, None, None)
+            db if mask[2] and bias is not None else None, None, None, None, None, None, None)
 
 
 _group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def group_norm_act_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                         activation: str | None, negative_slope: float = 0.01, out_dtype: torch.dtype | None = None
-                         ) -> tuple[Tensor, Tensor, Tensor]:
+                         activation: str | None, negative_slope: float = 0.01, out_dtype: torch.dtype | None = None,
+                         activation_first: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The fused forward on an already validated and selected case, ``x`` contiguous in its layout: (y in
     ``out_dtype``, default x's, mean, rstd)."""
     return _group_norm_act_op(x, weight, bias, groups, float(eps), _ACT_NAMES[activation], float(negative_slope),
-                              out_dtype or x.dtype)
+                              out_dtype or x.dtype, bool(activation_first))
 
 
 def group_norm_act_recompute(x, weight, bias, mean, rstd, activation: str | None, negative_slope: float = 0.01,
-                             out_dtype: torch.dtype | None = None) -> Tensor:
+                             out_dtype: torch.dtype | None = None, activation_first: bool = False) -> Tensor:
     """:func:`group_norm_act_fused`'s output again from its statistics."""
     return _group_norm_act_apply_op(x, weight, bias, mean, rstd, _ACT_NAMES[activation], float(negative_slope),
-                                    out_dtype or x.dtype)
+                                    out_dtype or x.dtype, bool(activation_first))
 
 
 def group_norm_act_backward(grad, x, weight, bias, mean, rstd, eps: float, activation: str | None, output_mask,
-                            negative_slope: float = 0.01):
+                            negative_slope: float = 0.01, activation_first: bool = False):
     """(dx, dweight, dbias) of :func:`group_norm_act_fused` (None where not asked for or absent)."""
     dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, float(eps), _ACT_NAMES[activation],
-                                             float(negative_slope), list(output_mask))
+                                             float(negative_slope), list(output_mask), bool(activation_first))
     return (dx if output_mask[0] else None, dw if output_mask[1] and weight is not None else None,
             db if output_mask[2] and bias is not None else None)
 
@@ -247,8 +256,10 @@ def group_norm_act(
     eps: float = 1e-5,
     activation: str | None = None,
     negative_slope: float = 0.01,
+    activation_first: bool = False,
 ) -> Tensor:
-    """GroupNorm followed by an activation, ``activation(F.group_norm(x, num_groups, weight, bias, eps))``.
+    """GroupNorm followed by an activation, ``activation(F.group_norm(x, num_groups, weight, bias, eps))``, or
+    preceded by it, ``F.group_norm(activation(x), ...)`` with ``activation_first``.
 
     Args:
         x: (B, C, D, H, W), NCDHW-contiguous or ``channels_last_3d`` (the output keeps the layout).
@@ -257,6 +268,8 @@ def group_norm_act(
         eps: added to the variance.
         activation: None, "relu", "leaky_relu" (with ``negative_slope``), "gelu" (erf), "gelu_tanh" or "silu".
         negative_slope: LeakyReLU's slope for negative inputs.
+        activation_first: apply the activation to the norm's input instead of its output (MobileUtr's GELU ->
+            InstanceNorm); the activated input is recomputed where it is read, never written.
 
     With ``num_groups`` equal to C this is an affine InstanceNorm (``nn.InstanceNorm3d(C, affine=True)``) followed by
     the activation.
@@ -275,9 +288,10 @@ def group_norm_act(
         >>> torch.allclose(y, torch.relu(norm(x)), atol=1e-6)
         True
     """
-    _validate(x, num_groups, weight, bias, eps, activation, negative_slope)
+    _validate(x, num_groups, weight, bias, eps, activation, negative_slope, activation_first)
     if backends.select("group_norm_act", group_norm_act_unsupported_reasons(x, weight, bias), x.device):
         x = x.contiguous(memory_format=utils.layout_of(x))
-        return group_norm_act_fused(x, weight, bias, num_groups, eps, activation, negative_slope)[0]
-    y = group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope)
+        return group_norm_act_fused(x, weight, bias, num_groups, eps, activation, negative_slope,
+                                    activation_first=activation_first)[0]
+    y = group_norm_act_ref(x, num_groups, weight, bias, eps, activation, negative_slope, activation_first)
     return y.contiguous(memory_format=utils.layout_of(x))

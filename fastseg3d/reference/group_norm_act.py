@@ -1,5 +1,6 @@
-"""Reference GroupNorm with a fused activation in ATen ops: ``activation(F.group_norm(x, ...))``, the activation
-one of ``fastseg3d.reference.dwconv3d.ACTIVATIONS`` or "leaky_relu" (with ``negative_slope``).
+"""Reference GroupNorm with a fused activation in ATen ops: ``activation(F.group_norm(x, ...))``, or
+``F.group_norm(activation(x), ...)`` with ``activation_first``, the activation one of
+``fastseg3d.reference.dwconv3d.ACTIVATIONS`` or "leaky_relu" (with ``negative_slope``).
 
 fp16 and bf16 inputs are normalised in fp32, as CUDA autocast runs GroupNorm, and the result is returned in the
 input's dtype (what the conv after the norm reads under autocast). Math in fp64 for fp64 inputs.
@@ -45,29 +46,39 @@ def _weight(weight, bias, channels: int, dtype: torch.dtype):
     return _cast(weight, dtype)
 
 
+def _pre_post(activation, activation_first: bool):
+    """(the activation applied to the norm's input, the one applied to its output)."""
+    return (activation, None) if activation_first else (None, activation)
+
+
 def group_norm_act_ref(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5, activation=None,
-                       negative_slope: float = 0.01):
-    """``activation(F.group_norm(x, num_groups, weight, bias, eps))`` in x's dtype, differentiable by autograd."""
+                       negative_slope: float = 0.01, activation_first: bool = False):
+    """``activation(F.group_norm(x, num_groups, weight, bias, eps))`` (``F.group_norm(activation(x), ...)`` with
+    ``activation_first``) in x's dtype, differentiable by autograd."""
     cd = compute_dtype(x)
-    z = F.group_norm(x.to(cd), num_groups, _weight(weight, bias, x.shape[1], cd), _cast(bias, cd), eps)
-    return _activate(z, activation, negative_slope).to(x.dtype)
+    pre, post = _pre_post(activation, activation_first)
+    a = _activate(x.to(cd), pre, negative_slope)
+    z = F.group_norm(a, num_groups, _weight(weight, bias, x.shape[1], cd), _cast(bias, cd), eps)
+    return _activate(z, post, negative_slope).to(x.dtype)
 
 
 def group_norm_act_fused_ref(x, weight, bias, groups: int, eps: float, activation, negative_slope: float = 0.01,
-                             out_dtype: torch.dtype | None = None):
+                             out_dtype: torch.dtype | None = None, activation_first: bool = False):
     """What the fused forward returns, without autograd: (y in ``out_dtype``, default x's, mean, rstd), the
     statistics (B, G) in fp32 (fp64 for fp64 inputs)."""
     cd = compute_dtype(x)
-    xc = x.to(cd).contiguous()
-    z, mean, rstd = torch.native_group_norm(xc, _cast(weight, cd), _cast(bias, cd), x.shape[0], x.shape[1],
+    pre, post = _pre_post(activation, activation_first)
+    a = _activate(x.to(cd), pre, negative_slope).contiguous()
+    z, mean, rstd = torch.native_group_norm(a, _cast(weight, cd), _cast(bias, cd), x.shape[0], x.shape[1],
                                             math.prod(x.shape[2:]), groups, eps)
-    return _activate(z, activation, negative_slope).to(out_dtype or x.dtype), mean, rstd
+    return _activate(z, post, negative_slope).to(out_dtype or x.dtype), mean, rstd
 
 
 def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation, negative_slope: float = 0.01,
-                             out_dtype: torch.dtype | None = None):
-    """``activation((x - mean) * rstd * weight + bias)`` with given per-group statistics, in ``out_dtype`` (default
-    x's)."""
+                             out_dtype: torch.dtype | None = None, activation_first: bool = False):
+    """``activation((x - mean) * rstd * weight + bias)`` (``(activation(x) - mean) * rstd * weight + bias`` with
+    ``activation_first``) with given per-group statistics, in ``out_dtype`` (default x's)."""
+    pre, post = _pre_post(activation, activation_first)
     per_group = x.shape[1] // mean.shape[1]
     shape = (x.shape[0], x.shape[1], 1, 1, 1)
     scale = rstd.repeat_interleave(per_group, dim=1).view(shape)
@@ -76,23 +87,29 @@ def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation, negative_s
     shift = -mean.repeat_interleave(per_group, dim=1).view(shape) * scale
     if bias is not None:
         shift = shift + bias.to(scale.dtype).view(1, -1, 1, 1, 1)
-    z = x.to(scale.dtype) * scale + shift
-    return _activate(z, activation, negative_slope).to(out_dtype or x.dtype)
+    z = _activate(x.to(scale.dtype), pre, negative_slope) * scale + shift
+    return _activate(z, post, negative_slope).to(out_dtype or x.dtype)
 
 
 def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, activation, output_mask,
-                                negative_slope: float = 0.01):
+                                negative_slope: float = 0.01, activation_first: bool = False):
     """(dx, dweight, dbias) of :func:`group_norm_act_ref` in the dtypes of x and the parameters, from GroupNorm's
     own forward and backward kernels (no autograd: op bodies run below it); None where ``output_mask`` is False
     (and for an absent parameter)."""
     cd = compute_dtype(x)
+    pre, post = _pre_post(activation, activation_first)
     xc, wc = x.to(cd).contiguous(), _weight(weight, bias, x.shape[1], cd)
+    a = _activate(xc, pre, negative_slope)
     n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
-    z, mean, rstd = torch.native_group_norm(xc, wc, _cast(bias, cd), n, c, s, groups, eps)
-    dz = (grad.to(cd) * _activate_grad(z, activation, negative_slope)).contiguous()
+    z, mean, rstd = torch.native_group_norm(a, wc, _cast(bias, cd), n, c, s, groups, eps)
+    dz = grad.to(cd)
+    if post is not None:
+        dz = dz * _activate_grad(z, post, negative_slope)
     need_dw, need_db = output_mask[1] and weight is not None, output_mask[2] and bias is not None
     # dx always: GroupNorm's CPU backward kernel does not take a mask without it on every layout
-    dx, dw, db = torch.ops.aten.native_group_norm_backward(dz, xc, mean, rstd, wc, n, c, s, groups,
+    dx, dw, db = torch.ops.aten.native_group_norm_backward(dz.contiguous(), a, mean, rstd, wc, n, c, s, groups,
                                                            [True, need_dw, need_db])
+    if pre is not None:
+        dx = dx * _activate_grad(xc, pre, negative_slope)
     return (dx.to(x.dtype) if output_mask[0] else None, dw.to(weight.dtype) if need_dw else None,
             db.to(bias.dtype) if need_db else None)

@@ -224,12 +224,13 @@ def test_distillation_kernels():
                                                 "NEED_GRAD": True, "INT64": True, "BLOCK_V": 1024}, 8)
 
 
-@pytest.mark.parametrize("dtype,int64,act,block_c", [("bf16", False, 1, 4), ("fp16", True, 2, 64),
-                                                     ("fp32", False, 4, 1), ("bf16", True, 0, 16),
-                                                     ("fp32", True, 3, 4), ("bf16", False, 5, 32)])
-def test_group_norm_act_kernels(dtype, int64, act, block_c):
-    """Every GroupNorm kernel in each dtype, activation and index width, at the tile shapes the launcher picks
-    (NCDHW: up to 4 channels; channels-last: up to 64), without spills."""
+@pytest.mark.parametrize("dtype,int64,act,block_c,pre", [("bf16", False, 1, 4, False), ("fp16", True, 2, 64, False),
+                                                         ("fp32", False, 4, 1, False), ("bf16", True, 0, 16, False),
+                                                         ("fp32", True, 3, 4, False), ("bf16", False, 5, 32, False),
+                                                         ("bf16", False, 2, 64, True), ("fp32", True, 4, 4, True)])
+def test_group_norm_act_kernels(dtype, int64, act, block_c, pre):
+    """Every GroupNorm kernel in each dtype, activation (after the norm, or before it with ``pre``) and index width,
+    at the tile shapes the launcher picks (NCDHW: up to 4 channels; channels-last: up to 64), without spills."""
     from bench.sass import _stats
     from fastseg3d.kernels import group_norm_act as gn
 
@@ -238,7 +239,8 @@ def test_group_norm_act_kernels(dtype, int64, act, block_c):
                                                            "out_rstd_ptr", "sdz_ptr", "sdzx_ptr", "c1_ptr", "c2_ptr")},
               **_ints("C", "S", "G", "CG", "SPLIT", "tiles_per_split", "chunk", "sb", "sc", "ss"), "eps": "fp32",
               "slope": "fp32",
-              "HAS_W": True, "HAS_B": act != 0, "ACT": act, "BLOCK_S": 2048 // block_c, "BLOCK_C": block_c,
+              "HAS_W": not pre, "HAS_B": act != 0, "ACT": act, "PRE": pre, "BLOCK_S": 2048 // block_c,
+              "BLOCK_C": block_c,
               "INT64": int64, "BLOCK_P": 64, "BLOCK_CG": 32}
     for kernel in (gn._stats_kernel, gn._apply_kernel, gn._bwd_reduce_kernel, gn._bwd_dx_kernel):
         assert _stats(compile_for_h100(kernel, values, gn._WARPS))["spill_bytes"] == 0, kernel.__name__

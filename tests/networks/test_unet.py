@@ -102,7 +102,8 @@ def test_bundle_instantiation_and_compile(target):
 @pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu"), ("instance", "gelu")])
 def test_blocks_recompute_their_middle_norm_and_activation(norm, act):
     """In 3-D each conv block's norm -> activation -> conv saves only the norm's input, and its last norm ->
-    LeakyReLU the output instead of the activation's input (fastseg3d.nn.recompute):
+    activation only the norm's input too where the fused kernel takes the norm (a GroupNorm or InstanceNorm, on CUDA
+    and on meta tensors; a LeakyReLU after another norm saves its output instead of its input: fastseg3d.nn.recompute):
     the same training step as the plain composition (fastseg3d.backend("torch")), saving, per block, the
     activation's output (and, for LeakyReLU and GELU, its input) less, plus the conv's bf16 weight under autocast and
     the repeated InstanceNorm weight. Counted exactly on the meta device."""
@@ -129,10 +130,11 @@ def test_blocks_recompute_their_middle_norm_and_activation(norm, act):
             reference = activation_memory(net, shape, dtype)
 
         def saving(levels):
-            # the middle chain: the activation's output (and LeakyReLU's and GELU's input); the last norm ->
-            # LeakyReLU: its input (the output is saved instead, and the next layer saves that anyway)
-            tensors = {"relu": 1, "gelu": 2, "leakyrelu": 3}[act]
-            repeats = 2 if act == "leakyrelu" else 1  # InstanceNorm's weight repeated over the batch, saved plainly
+            # the middle chain: the activation's output (and LeakyReLU's and GELU's input); the last InstanceNorm ->
+            # activation (fused): the activation's input (the next layer saves the output anyway); the last
+            # BatchNorm -> ReLU is plain
+            tensors = {"relu": 1, "gelu": 3, "leakyrelu": 3}[act]
+            repeats = 2  # InstanceNorm's weight repeated over the batch, saved plainly
             return sum(tensors * size * shape[0] * c * (side >> level) ** 3
                        + (27 * c * c * 2 if dtype == torch.bfloat16 else 0)
                        + (repeats * shape[0] * c * 4 if norm == "instance" else 0) for level, c in levels)

@@ -1,4 +1,5 @@
-"""batch_norm_act_linear, act_instance_norm_conv and norm_act_conv against the plain compositions they replace."""
+"""batch_norm_act_linear, act_instance_norm_conv, act_instance_norm, norm_act_conv and norm_act against the plain
+compositions they replace."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from torch import nn
 
 import fastseg3d
 from fastseg3d.nn import recompute
-from fastseg3d.nn.recompute import act_instance_norm_conv, batch_norm_act_linear, norm_act, norm_act_conv
+from fastseg3d.nn.recompute import (
+    act_instance_norm,
+    act_instance_norm_conv,
+    batch_norm_act_linear,
+    norm_act,
+    norm_act_conv,
+)
 from fastseg3d.profile import _autocast_on_meta, activation_memory, write_traffic
 from tests.utils import assert_close
 
@@ -281,6 +288,19 @@ def test_act_instance_norm_conv_runs_the_plain_composition_elsewhere():
         assert act_instance_norm_conv(x, "gelu", nn.InstanceNorm3d(8), conv.weight, conv.bias).grad_fn is None
     with pytest.raises(ValueError, match="more than 1 spatial element"):
         act_instance_norm_conv(torch.randn(2, 8, 1, 1, 1), "gelu", nn.InstanceNorm3d(8), conv.weight, conv.bias)
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_act_instance_norm_is_the_plain_composition_off_the_fused_kernels(affine):
+    """On CPU (no fused kernel) and under the torch backend: the plain GELU -> InstanceNorm, gradients included."""
+    norm = nn.InstanceNorm3d(6, affine=affine)
+    _randomise(norm)
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    for backend in ("auto", "torch"):
+        with fastseg3d.backend(backend):
+            y = act_instance_norm(x, "gelu", norm)
+        assert y.grad_fn.name() == "ViewBackward0"  # nn.InstanceNorm3d's view of its batch-norm output
+        assert torch.equal(y, norm(F.gelu(x)))
 
 
 _NORMS = {
@@ -800,7 +820,7 @@ def test_interpret_norm_leaky_relu_chains_on_the_fused_kernel(norm, layout, monk
     with fastseg3d.backend("triton"):
         y = norm_act(norm_act_conv(x1, norm1, nn.LeakyReLU(0.2), conv), norm2, "leaky_relu")
     y_ref = F.leaky_relu(refs[1](refs[2](F.leaky_relu(refs[0](x2), 0.2))), 0.01)
-    assert y.grad_fn.name() == "_NormLeakyReLUBackward" and calls == [6 if norm == "instance" else 3] * 2
+    assert y.grad_fn.name().startswith("group_norm_act") and calls == [6 if norm == "instance" else 3] * 2
     assert_close("y", y, y_ref, torch.float32)
     g = torch.randn_like(y_ref)
     with fastseg3d.backend("triton"):
@@ -814,6 +834,89 @@ def test_interpret_norm_leaky_relu_chains_on_the_fused_kernel(norm, layout, monk
                 assert p.grad.abs().max() < 1e-4 and p_ref.grad.abs().max() < 1e-4
                 continue
             assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_interpret_norm_relu_and_no_activation_on_the_fused_kernel(layout, monkeypatch, poison):
+    """norm -> ReLU and a bare norm (MobileUtr's InstanceNorm -> ReLU blocks) through ``norm_act``: one fused op
+    that saves only its input, output and every gradient as the plain composition's."""
+    calls = _count_fused(monkeypatch)
+    norms = nn.InstanceNorm3d(6), nn.GroupNorm(3, 6)
+    _randomise(*norms)
+    refs = copy.deepcopy(norms)
+    x = torch.randn(2, 6, 5, 4, 7) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with fastseg3d.backend("triton"):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = norm_act(norm_act(x1, norms[0], nn.ReLU()), norms[1], None)
+    y_ref = refs[1](F.relu(refs[0](x2)))
+    assert calls == [6, 3] and len([t for t in saved if t.numel() >= x.numel()]) == 2
+    assert_close("y", y, y_ref, torch.float32)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for (name, p), p_ref in zip(norms[1].named_parameters(), refs[1].parameters()):
+        assert_close(f"dGroupNorm.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_interpret_act_instance_norm_chains_on_the_fused_kernel(layout, monkeypatch, poison):
+    """MobileUtr's ConvUtr MLP, GELU -> InstanceNorm -> 1x1 conv -> GELU -> InstanceNorm, on the fused kernel with
+    the activation first: output and every gradient as the plain composition's, and each chain saves only its
+    input (the plain one also saves the GELU's output)."""
+    calls = _count_fused(monkeypatch)
+    norm1, norm2, conv = nn.InstanceNorm3d(8), nn.InstanceNorm3d(4), nn.Conv3d(8, 4, 1)
+    _randomise(conv)
+    conv_ref = copy.deepcopy(conv)
+    x = torch.randn(2, 8, 5, 4, 7) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with fastseg3d.backend("triton"):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            h = act_instance_norm_conv(x1, "gelu", norm1, conv.weight, conv.bias)
+            y = act_instance_norm(h, "gelu", norm2)
+    y_ref = norm2(F.gelu(conv_ref(norm1(F.gelu(x2)))))
+    assert calls == [8, 4] and h.grad_fn.name() == "_ActInstanceNormConvBackward"
+    assert [t.data_ptr() for t in saved if t.numel() >= h.numel()] == [x1.data_ptr(), h.data_ptr()]
+    assert_close("y", y, y_ref, torch.float32)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for (name, p), p_ref in zip(conv.named_parameters(), conv_ref.parameters()):
+        assert_close(f"dconv.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+
+
+@pytest.mark.interpret
+def test_interpret_act_instance_norm_conv_bf16_autocast(monkeypatch):
+    """bf16 input under autocast (MobileUtr's training): the fused forward writes the conv's bf16 input, and output
+    and gradients match the plain composition within bf16 rounding, in its dtypes."""
+    calls = _count_fused(monkeypatch)
+    norm, conv = nn.InstanceNorm3d(16), nn.Conv3d(16, 8, 1)
+    _randomise(conv)
+    conv_ref = copy.deepcopy(conv)
+    x = torch.randn(2, 16, 3, 4, 5).bfloat16().contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastseg3d.backend("triton"):
+        y = act_instance_norm_conv(x1, "gelu", norm, conv.weight, conv.bias)
+        y_ref = conv_ref(norm(F.gelu(x2)))
+    assert calls == [16] and y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    _assert_bf16_grads_match(x1, x2, (conv,), (conv_ref,))
 
 
 @pytest.mark.interpret
@@ -942,3 +1045,33 @@ def test_gpu_batch_norm_act_linear_fp32_input_under_cuda_autocast():
     for name, a, e in (("dx", x1.grad, x2.grad), ("dw", w1.grad, w2.grad)):
         assert a.dtype == e.dtype, name
         assert_close(name, a, e, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_gpu_act_instance_norm_chains_under_cuda_autocast(layout):
+    """MobileUtr's GELU -> InstanceNorm -> 1x1 conv -> GELU -> InstanceNorm and InstanceNorm -> ReLU on the fused
+    kernels under CUDA bf16 autocast: the plain composition's dtypes, values within bf16 rounding, and only the
+    chains' inputs saved."""
+    torch.manual_seed(0)
+    norm1, norm2, norm3 = nn.InstanceNorm3d(64), nn.InstanceNorm3d(16), nn.InstanceNorm3d(16)
+    conv = nn.Conv3d(64, 16, 1).cuda()
+    conv_ref = copy.deepcopy(conv)
+    x = torch.randn(2, 64, 20, 18, 17, device="cuda").bfloat16()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            h = act_instance_norm_conv(x1, "gelu", norm1, conv.weight, conv.bias)
+            y = norm_act(act_instance_norm(h, "gelu", norm2), norm3, nn.ReLU())
+        y_ref = F.relu(norm3(norm2(F.gelu(conv_ref(norm1(F.gelu(x2)))))))
+    assert h.grad_fn.name() == "_ActInstanceNormConvBackward" and y.grad_fn.name().startswith("group_norm_act")
+    assert len([t for t in saved if t.numel() >= h.numel()]) == 3  # x, h and the second norm's output
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert_close("y", y, y_ref, torch.bfloat16, 2.0)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    _assert_bf16_grads_match(x1, x2, (conv,), (conv_ref,))

@@ -32,26 +32,31 @@ def _inputs(shape, dtype=torch.float32, layout="ncdhw", affine=True, offset=0.0,
     return x, w, b
 
 
-def _formula(x, groups, w, b, eps, activation, slope=0.01):
-    """GroupNorm written out in float64: per (batch, group) mean and biased variance over channels and voxels."""
-    xd = x.double()
+def _act(z, activation, slope):
+    return F.leaky_relu(z, slope) if activation == "leaky_relu" else activation_ref(z, activation)
+
+
+def _formula(x, groups, w, b, eps, activation, slope=0.01, first=False):
+    """GroupNorm written out in float64: per (batch, group) mean and biased variance over channels and voxels; the
+    activation on its output, or on its input with ``first``."""
+    xd = _act(x.double(), activation, slope) if first else x.double()
     g = xd.reshape(x.shape[0], groups, -1)
     z = ((g - g.mean(-1, keepdim=True)) / (g.var(-1, unbiased=False, keepdim=True) + eps).sqrt()).reshape(x.shape)
     if w is not None:
         z = z * w.double().view(1, -1, 1, 1, 1)
     if b is not None:
         z = z + b.double().view(1, -1, 1, 1, 1)
-    return F.leaky_relu(z, slope) if activation == "leaky_relu" else activation_ref(z, activation)
+    return z if first else _act(z, activation, slope)
 
 
-def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01):
+def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01, first=False):
     """The public function (whatever backend is active) against the float64 formula, forward and gradients."""
-    y = group_norm_act(x, groups, w, b, 1e-5, activation, slope)
+    y = group_norm_act(x, groups, w, b, 1e-5, activation, slope, first)
     assert y.dtype == x.dtype and y.is_contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
     xd = x.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_() if w is not None else None
     bd = b.detach().double().requires_grad_() if b is not None else None
-    expected = _formula(xd, groups, wd, bd, 1e-5, activation, slope)
+    expected = _formula(xd, groups, wd, bd, 1e-5, activation, slope, first)
     assert_close("y", y, expected, dtype, scale)
     dy = torch.randn_like(expected).contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
     y.backward(dy.to(y.dtype))
@@ -67,11 +72,12 @@ def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01):
 # CPU tier
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["after", "first"])
 @pytest.mark.parametrize("activation", ACTS)
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
-def test_reference_matches_the_formula(activation, layout):
+def test_reference_matches_the_formula(activation, layout, first):
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float64, layout)
-    _check(x, w, b, 3, activation, torch.float64)
+    _check(x, w, b, 3, activation, torch.float64, first=first)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -83,20 +89,23 @@ def test_reference_normalises_half_inputs_in_fp32(dtype):
     assert y.dtype == dtype and torch.equal(y, expected)
 
 
-def test_fused_reference_pieces_agree():
-    """The op bodies' references: the forward's statistics are GroupNorm's, the apply from them gives the output
-    again, and the backward is autograd's gradient of the reference."""
+@pytest.mark.parametrize("first", [False, True], ids=["after", "first"])
+def test_fused_reference_pieces_agree(first):
+    """The op bodies' references: the forward's statistics are GroupNorm's (of the activated input with
+    ``activation_first``), the apply from them gives the output again, and the backward is autograd's gradient of
+    the reference."""
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float64, "cl")
-    y, mean, rstd = group_norm_act_fused_ref(x.detach(), w.detach(), b.detach(), 3, 1e-5, "leaky_relu", 0.2)
-    g = x.detach().reshape(2, 3, -1)
+    y, mean, rstd = group_norm_act_fused_ref(x.detach(), w.detach(), b.detach(), 3, 1e-5, "leaky_relu", 0.2,
+                                             activation_first=first)
+    g = (F.leaky_relu(x.detach(), 0.2) if first else x.detach()).reshape(2, 3, -1)
     assert_close("mean", mean, g.mean(-1), torch.float64)
     assert_close("rstd", rstd, (g.var(-1, unbiased=False) + 1e-5).rsqrt(), torch.float64)
-    assert_close("apply", group_norm_act_apply_ref(x.detach(), w.detach(), b.detach(), mean, rstd, "leaky_relu", 0.2),
-                 y, torch.float64)
+    assert_close("apply", group_norm_act_apply_ref(x.detach(), w.detach(), b.detach(), mean, rstd, "leaky_relu", 0.2,
+                                                   activation_first=first), y, torch.float64)
     dy = torch.randn_like(y)
     dx, dw, db = group_norm_act_backward_ref(dy, x.detach(), w.detach(), b.detach(), 3, 1e-5, "leaky_relu",
-                                             [True, True, True], 0.2)
-    group_norm_act_ref(x, 3, w, b, 1e-5, "leaky_relu", 0.2).backward(dy)
+                                             [True, True, True], 0.2, first)
+    group_norm_act_ref(x, 3, w, b, 1e-5, "leaky_relu", 0.2, first).backward(dy)
     for name, got, want in (("dx", dx, x.grad), ("dw", dw, w.grad), ("db", db, b.grad)):
         assert_close(name, got, want, torch.float64)
     assert group_norm_act_backward_ref(dy, x.detach(), None, None, 3, 1e-5, None, [False, True, True]) == (
@@ -155,11 +164,12 @@ def test_one_channel_per_group_is_an_affine_instance_norm():
         (dict(negative_slope=float("inf")), ValueError, "negative_slope must be a finite number"),
         (dict(negative_slope=None), ValueError, "negative_slope must be a finite number"),
         (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+        (dict(activation_first=1), TypeError, "activation_first must be a bool"),
     ],
 )
 def test_bad_input(kwargs, error, match):
     args = dict(x=torch.randn(2, 8, 2, 3, 4), num_groups=4, weight=None, bias=None, eps=1e-5, activation=None,
-                negative_slope=0.01)
+                negative_slope=0.01, activation_first=False)
     args.update(kwargs)
     with pytest.raises(error, match=match):
         group_norm_act(**args)
@@ -175,25 +185,27 @@ def test_unsupported_reasons():
 
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("activation", ["none", "relu", "leaky_relu", "gelu"])
-def test_opcheck(layout, affine, activation):
+@pytest.mark.parametrize("activation, first", [("none", False), ("relu", False), ("leaky_relu", False),
+                                               ("gelu", False), ("gelu", True)])
+def test_opcheck(layout, affine, activation, first):
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, layout, affine)
     torch.library.opcheck(torch.ops.fastseg3d.group_norm_act.default,
-                          (x, w, b, 3, 1e-5, activation, 0.2, torch.float32))
+                          (x, w, b, 3, 1e-5, activation, 0.2, torch.float32, first))
     x, w, b = (t.detach() if t is not None else None for t in (x, w, b))  # these two have no autograd
-    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 3, 1e-5, activation, 0.2, torch.bfloat16)
+    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 3, 1e-5, activation, 0.2, torch.bfloat16, first)
     assert y.dtype == torch.bfloat16
     torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_apply.default,
-                          (x, w, b, mean, rstd, activation, 0.2, torch.float16))
+                          (x, w, b, mean, rstd, activation, 0.2, torch.float16, first))
     torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_backward.default,
-                          (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, activation, 0.2, [True, affine, True]))
+                          (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, activation, 0.2, [True, affine, True],
+                           first))
 
 
 def test_compile_fullgraph_forward_backward():
     x, w, b = _inputs((2, 8, 3, 4, 5), torch.float32, "cl")
 
     def fn(x, w, b):
-        return torch.ops.fastseg3d.group_norm_act(x, w, b, 4, 1e-5, "silu", 0.01, x.dtype)[0].square().sum()
+        return torch.ops.fastseg3d.group_norm_act(x, w, b, 4, 1e-5, "silu", 0.01, x.dtype, True)[0].square().sum()
 
     x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
     fn(x, w, b).backward()
@@ -248,6 +260,21 @@ def test_kernels_every_activation(activation, affine, poison):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("activation", ["gelu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernels_activation_first(activation, layout, dtype, poison):
+    """The activation on the norm's input (MobileUtr's GELU -> InstanceNorm): statistics, output and every
+    gradient of the activated input, groups of several channels and one channel per group."""
+    x, w, b = _inputs((2, 6, 3, 5, 7), dtype, layout)
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, 3, activation, dtype, slope=0.2, first=True)
+    x, _, _ = _inputs((2, 6, 3, 5, 7), dtype, layout, affine=False)
+    with fastseg3d.backend("triton"):
+        _check(x, None, None, 6, activation, dtype, slope=0.2, first=True)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 def test_kernels_instance_norm_and_leaky_relu(layout, poison):
     """One channel per group (an affine InstanceNorm) with a LeakyReLU of slope 0.2, as the U-Nets' blocks."""
@@ -284,9 +311,9 @@ def test_kernels_write_the_requested_output_dtype(poison):
     x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "ncdhw")
     with fastseg3d.backend("triton"):
         y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w.detach(), b.detach(), 3, 1e-5, "relu",
-                                                           0.01, torch.bfloat16)
+                                                           0.01, torch.bfloat16, False)
         again = torch.ops.fastseg3d.group_norm_act_apply(x.detach(), w.detach(), b.detach(), mean, rstd, "relu",
-                                                         0.01, torch.bfloat16)
+                                                         0.01, torch.bfloat16, False)
     expected = F.relu(F.group_norm(x.detach().double(), 3, w.detach().double(), b.detach().double(), 1e-5))
     assert y.dtype == again.dtype == torch.bfloat16 and torch.equal(y, again)
     assert_close("y", y, expected, torch.bfloat16)
@@ -330,10 +357,15 @@ def test_kernels_64bit_indexing(monkeypatch, poison):
 def test_kernel_statistics_are_group_norms(poison):
     x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "cl")
     with fastseg3d.backend("triton"):
-        _, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "none", 0.01, x.dtype)
+        _, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "none", 0.01, x.dtype, False)
+        _, mean_a, rstd_a = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "gelu", 0.01, x.dtype,
+                                                               True)
     _, mean_ref, rstd_ref = torch.native_group_norm(x.detach().contiguous(), w, b, 2, 6, 105, 3, 1e-5)
     assert_close("mean", mean, mean_ref, torch.float32)
     assert_close("rstd", rstd, rstd_ref, torch.float32)
+    _, mean_ref, rstd_ref = torch.native_group_norm(F.gelu(x.detach()).contiguous(), w, b, 2, 6, 105, 3, 1e-5)
+    assert_close("mean of gelu(x)", mean_a, mean_ref, torch.float32)
+    assert_close("rstd of gelu(x)", rstd_a, rstd_ref, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -347,10 +379,11 @@ def test_kernel_statistics_are_group_norms(poison):
     ((2, 32, 24, 20, 17), 8, "relu"), ((1, 128, 9, 10, 11), 8, "silu"), ((2, 6, 5, 7, 3), 3, "gelu"),
     ((2, 32, 9, 8, 7), 32, "leaky_relu"), ((1, 64, 40, 40, 40), 1, None),
 ])
-def test_gpu_kernels_match_the_formula(shape, groups, activation, layout, dtype, poison):
+@pytest.mark.parametrize("first", [False, True], ids=["after", "first"])
+def test_gpu_kernels_match_the_formula(shape, groups, activation, layout, dtype, first, poison):
     x, w, b = _inputs(shape, dtype, layout, device="cuda")
     with fastseg3d.backend("triton"):
-        _check(x, w, b, groups, activation, dtype)
+        _check(x, w, b, groups, activation, dtype, first=first)
 
 
 @pytest.mark.gpu
