@@ -125,6 +125,7 @@ def load_cases() -> dict[str, Case]:
         segformer3d,
         selfreg,
         selfreg_unet,
+        upsample_sum,
     )
 
     return CASES

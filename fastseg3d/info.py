@@ -55,6 +55,12 @@ def _probe_cases(device: torch.device, dtype: torch.dtype):
 
     yield "group_norm_act", device_reasons + group_norm_act_unsupported_reasons(feat)
 
+    from fastseg3d.ops.upsample_sum import upsample_sum_unsupported_reasons
+
+    with torch.device("meta"):  # SegFormer3D's decoder at a 128^3 input
+        parts = [torch.empty(2, 256, s, s, s, dtype=dtype) for s in (32, 16, 8, 4)]
+    yield "upsample_sum", device_reasons + upsample_sum_unsupported_reasons(parts, (32, 32, 32))
+
 
 def op_choices(device: torch.device | str | None = None, dtype: torch.dtype = torch.bfloat16
                ) -> list[tuple[str, str, str]]:

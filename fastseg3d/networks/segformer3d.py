@@ -13,6 +13,7 @@ from torch import nn
 from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.recompute import batch_norm_act_linear
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
+from fastseg3d.ops.upsample_sum import upsample_sum
 
 __all__ = ["MixFFN3d", "SegFormer3D"]
 
@@ -166,18 +167,17 @@ class _Decoder(nn.Module):
     def forward(self, c1, c2, c3, c4) -> torch.Tensor:
         # linear_fuse's 1x1x1 conv over the 1,024-channel concat of upsampled maps equals the sum of its four
         # 256-channel slices applied to each map *before* upsampling (both are linear): same result, and neither the
-        # concat nor the three upsampled 256-channel inputs are materialised or saved for backward.
+        # concat nor the three upsampled 256-channel inputs are materialised or saved for backward. The three
+        # upsamplings and the sum are one kernel where it runs (fastseg3d.ops.upsample_sum), writing the sum once.
         size = c1.shape[2:]
         fuse_weight = self.linear_fuse[0].weight.flatten(1)
         width = fuse_weight.shape[0]
-        fused = None
+        parts = []
         for j, (i, c) in enumerate(((4, c4), (3, c3), (2, c2), (1, c1))):
             tokens = getattr(self, f"linear_c{i}").tokens(c)
             part = F.linear(tokens, fuse_weight[:, j * width:(j + 1) * width])
-            part = part.unflatten(1, c.shape[2:]).permute(0, 4, 1, 2, 3)
-            if i != 1:
-                part = F.interpolate(part, size=size, mode="trilinear", align_corners=False)
-            fused = part if fused is None else fused + part
+            parts.append(part.unflatten(1, c.shape[2:]).permute(0, 4, 1, 2, 3))
+        fused = upsample_sum(parts, size)
         if self.training and self.dropout.p > 0:
             logits = self.linear_pred(self.dropout(self.linear_fuse[2](self.linear_fuse[1](fused))))
         else:
@@ -200,7 +200,9 @@ class SegFormer3D(nn.Module):
     What is fused: the attention core of every block (:class:`fastseg3d.nn.EfficientSelfAttention3d`: flash-style,
     O(N d) memory, spatial reduction on the tokens in place); the Mix-FFN's depthwise conv runs on the token layout
     with no transposes, and in eval its BatchNorm folds into the conv so conv + BatchNorm + GELU is one kernel. Stage
-    outputs are channels-last views of the tokens (the official code makes a contiguous NCDHW copy per stage).
+    outputs are channels-last views of the tokens (the official code makes a contiguous NCDHW copy per stage). The
+    decoder projects each stage's map before upsampling (no 1,024-channel concat) and resizes and sums the four
+    projections in one kernel (:func:`fastseg3d.ops.upsample_sum`).
 
     Args:
         spatial_dims: must be 3.

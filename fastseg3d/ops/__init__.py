@@ -8,6 +8,7 @@ from fastseg3d.ops.dwconv3d import dwconv3d, dwconv3d_tokens
 from fastseg3d.ops.group_norm_act import group_norm_act
 from fastseg3d.ops.kl_distill import kl_distill, kl_distill_multi
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter, selfreg_inter_multi, selfreg_intra
+from fastseg3d.ops.upsample_sum import upsample_sum
 
 __all__ = [
     "attention",
@@ -21,4 +22,5 @@ __all__ = [
     "selfreg_inter",
     "selfreg_inter_multi",
     "selfreg_intra",
+    "upsample_sum",
 ]

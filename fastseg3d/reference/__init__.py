@@ -34,6 +34,7 @@ from fastseg3d.reference.selfreg import (
     selfreg_intra_fused_ref,
     selfreg_intra_ref,
 )
+from fastseg3d.reference.upsample_sum import upsample_sum_ref
 
 __all__ = [
     "activation_grad_ref",
@@ -66,5 +67,6 @@ __all__ = [
     "selfreg_inter_ref",
     "selfreg_intra_fused_ref",
     "selfreg_intra_ref",
+    "upsample_sum_ref",
     "upsampled_logits",
 ]

@@ -247,6 +247,24 @@ def test_group_norm_act_kernels(dtype, int64, act, block_c, pre):
     assert _stats(compile_for_h100(gn._finalize_kernel, values))["spill_bytes"] == 0
 
 
+@pytest.mark.parametrize("dtype,n,same,cl,int64", [("bf16", 4, (False, False, False, True), True, False),
+                                                   ("fp32", 2, (False, False, False, False), False, True),
+                                                   ("fp16", 3, (True, False, False, False), True, True)])
+def test_upsample_sum_kernel(dtype, n, same, cl, int64):
+    """The resize-and-sum kernel for SegFormer3D's decoder (four maps, the last at the output's size) and other
+    cases, at the launcher's tiles (channels-last: 64 channels x 8 voxels; NCDHW: 4 x 128), without spills."""
+    from bench.sass import _stats
+    from fastseg3d.kernels import upsample_sum as us
+
+    block_c = 64 if cl else 4
+    values = {"y_ptr": "*fp32", **{f"x{i}_ptr": f"*{dtype}" for i in range(4)}, **_ints("C", "OD", "OH", "OW"),
+              **_ints(*[f"{a}{i}" for i in range(4) for a in ("D", "H", "W")]),
+              **{f"s{a}{i}": "fp32" for i in range(4) for a in "dhw"},
+              "N": n, **{f"SAME{i}": same[i] for i in range(4)}, "CL": cl, "INT64": int64,
+              "BLOCK_V": 512 // block_c, "BLOCK_C": block_c}
+    assert _stats(compile_for_h100(us._upsample_sum_kernel, values, us._WARPS))["spill_bytes"] == 0
+
+
 @pytest.mark.parametrize("which", ["fwd", "bwd_weight"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -399,7 +417,8 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
 # MobileUtr's 7x7x7 and 9x9x9 layers take minutes of compiles on a CI core (its inference alone about two):
 # `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
-    ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward"}),
+    ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward",
+                                              "upsample_sum"}),
     ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT}),
     # the U-Nets' fused parts: their training losses, and their norm -> LeakyReLU chains
     ("dsd_unet", ("train_step",), {"kl_distill", *_NORM_ACT}),

@@ -1,0 +1,179 @@
+"""Fused sum of trilinear resizes: ``sum_i F.interpolate(x_i, size, mode="trilinear", align_corners=False)``.
+
+SegFormer3D's all-MLP decoder brings its four 256-channel maps (at 1/4, 1/8, 1/16 and 1/32 of the input) to the
+first one's size and sums them: plainly three resizes and three adds, each writing a full-resolution tensor (fp32
+under CUDA autocast, which resizes in fp32: 384 MiB at a 128^3 input, batch 2). Here one kernel reads the small maps and
+writes the sum once, in the dtype the plain composition gives.
+
+The Triton kernel is in ``fastseg3d.kernels.upsample_sum``, the reference (the plain composition) in
+``fastseg3d.reference.upsample_sum``. The ``torch.library`` op ``fastseg3d::upsample_sum`` takes up to four inputs
+(``x0`` and three optional ones, so an eager call needs no list); its backward is each resize's own backward
+(ATen's ``upsample_trilinear3d_backward``, as the plain composition runs it), which writes only input-sized
+gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastseg3d import backends
+from fastseg3d.ops import utils
+from fastseg3d.reference.upsample_sum import upsample_sum_ref
+
+__all__ = ["upsample_sum", "upsample_sum_unsupported_reasons"]
+
+_MAX_INPUTS = 4  # fastseg3d.kernels.upsample_sum.MAX_INPUTS (that module needs Triton)
+
+
+def _validate(inputs, size) -> tuple[int, int, int]:
+    """The output's (D, H, W)."""
+    if isinstance(inputs, Tensor) or not isinstance(inputs, Sequence):
+        raise TypeError(f"inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
+    if not inputs:
+        raise ValueError("inputs must hold at least one tensor")
+    for i, x in enumerate(inputs):
+        utils.check_tensor(x, f"inputs[{i}]")
+        if x.dim() != 5:
+            raise ValueError(f"inputs[{i}] must be 5-D (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"inputs[{i}] must be a floating-point tensor, got {x.dtype}")
+        if x.device != inputs[0].device:
+            raise TypeError(f"inputs[{i}] is on {x.device} but inputs[0] is on {inputs[0].device}; pass tensors on "
+                            "one device")
+        if x.shape[:2] != inputs[0].shape[:2]:
+            raise ValueError(f"inputs[{i}] has batch and channels {tuple(x.shape[:2])}, inputs[0] "
+                             f"{tuple(inputs[0].shape[:2])}: they must match")
+    if size is None:
+        return tuple(max(inputs, key=lambda t: t.shape[2] * t.shape[3] * t.shape[4]).shape[2:])
+    if (isinstance(size, (str, Tensor)) or not isinstance(size, Sequence) or len(size) != 3
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)):
+        raise ValueError(f"size must be three positive ints (D, H, W), got {size!r}")
+    return tuple(int(s) for s in size)
+
+
+def _out_dtype(inputs: Sequence[Tensor], size: tuple[int, int, int]) -> torch.dtype:
+    """The plain composition's result dtype: CUDA autocast resizes in fp32 (fp64 stays; CPU autocast leaves the
+    resize alone), the adds promote."""
+    device_type = inputs[0].device.type
+    cast = device_type in ("cuda", "meta") and utils.autocast_dtype(device_type) is not None
+    return functools.reduce(torch.promote_types, (
+        torch.float32 if cast and tuple(x.shape[2:]) != size and x.dtype != torch.float64 else x.dtype
+        for x in inputs))
+
+
+def upsample_sum_unsupported_reasons(inputs: Sequence[Tensor], size: Sequence[int]) -> list[str]:
+    """Why the fused kernel cannot take this (already validated) case; empty when it can."""
+    reasons = utils.base_reasons(inputs[0])
+    for i, x in enumerate(inputs[1:], 1):
+        if x.dtype not in utils.FUSED_DTYPES:
+            reasons.append(f"inputs[{i}] dtype={x.dtype} (fused: float32, float16, bfloat16)")
+    if len(inputs) > _MAX_INPUTS:
+        reasons.append(f"{len(inputs)} inputs (fused: up to {_MAX_INPUTS})")
+    if inputs[0].shape[0] > utils.MAX_GRID_YZ:
+        reasons.append(f"batch above {utils.MAX_GRID_YZ}")
+    if any(x.numel() == 0 for x in inputs):
+        reasons.append("an input has no elements")
+    return reasons
+
+
+def _new_output(x: Tensor, size, dtype: torch.dtype) -> Tensor:
+    return utils.empty((*x.shape[:2], *size), dtype=dtype, device=x.device, memory_format=utils.layout_of(x))
+
+
+# ------------------------------------------------------------------------------------------------------
+# torch.library op
+
+
+@utils.eager_op("fastseg3d::upsample_sum")
+def _upsample_sum_op(x0: Tensor, x1: Tensor | None, x2: Tensor | None, x3: Tensor | None, size: list[int],
+                     out_dtype: torch.dtype) -> Tensor:
+    """The sum of the given inputs resized to ``size``, in ``out_dtype`` and x0's layout; every input contiguous
+    in that layout."""
+    inputs = [x for x in (x0, x1, x2, x3) if x is not None]
+    if x0.device.type == "meta":
+        return _new_output(x0, size, out_dtype)
+    if not utils.launchable(x0.device):
+        y = upsample_sum_ref(inputs, size).to(out_dtype).contiguous(memory_format=utils.layout_of(x0))
+        return y.clone() if y is x0 else y  # an op's output may not alias its input
+    with utils.launch_device(x0):
+        return _upsample_sum_launch(x0, x1, x2, x3, size, out_dtype)
+
+
+@utils.launches("fastseg3d::upsample_sum")
+def _upsample_sum_launch(x0, x1, x2, x3, size, out_dtype):
+    from fastseg3d.kernels.upsample_sum import upsample_sum as launch
+
+    inputs = [x for x in (x0, x1, x2, x3) if x is not None]
+    out = _new_output(x0, size, out_dtype)
+    return launch(inputs, out, utils.layout_of(x0) == torch.channels_last_3d)
+
+
+def _setup_context(ctx, inputs, output):
+    *xs, _, _ = inputs
+    ctx.inputs = [(x.shape, x.dtype) if x is not None else None for x in xs]
+
+
+def _backward(ctx, grad):
+    if grad is None:
+        return (None,) * 6
+    grads = []
+    for i, spec in enumerate(ctx.inputs):
+        if spec is None or not ctx.needs_input_grad[i]:
+            grads.append(None)
+            continue
+        shape, dtype = spec
+        if shape[2:] == grad.shape[2:]:
+            grads.append(grad.to(dtype))
+        else:
+            # the resize's own backward, as the plain composition runs it, in the gradient's dtype (fp32 under
+            # autocast, which resized in fp32)
+            g = torch.ops.aten.upsample_trilinear3d_backward.default(grad, list(grad.shape[2:]), list(shape), False)
+            grads.append(g.to(dtype))
+    return (*grads, None, None)
+
+
+_upsample_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def upsample_sum(inputs: Sequence[Tensor], size: Sequence[int] | None = None) -> Tensor:
+    """The sum of trilinear resizes, ``sum_i F.interpolate(inputs[i], size, mode="trilinear",
+    align_corners=False)``, an input already at ``size`` added as it is, written once.
+
+    Args:
+        inputs: tensors (B, C, D_i, H_i, W_i) with one batch size and channel count, any sizes (the resize is
+            F.interpolate's without a scale factor: upsampling or downsampling along each axis).
+        size: the output's (D, H, W); by default the largest input's.
+
+    Returns:
+        (B, C, *size) in inputs[0]'s layout (NCDHW or ``channels_last_3d``) and in the dtype the plain composition
+        gives: fp32 under CUDA autocast where an input is resized (it resizes in fp32), else the inputs' promoted
+        dtype. Math in fp32.
+
+    Up to four fp32, fp16 or bf16 inputs are fused on CUDA: one kernel reads them and writes the sum (the plain
+    composition writes every resize and every partial sum). Backward is each resize's own backward (ATen's, as for
+    the plain composition: on CUDA it accumulates with atomics). Other cases run the reference under the ``auto``
+    backend.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> parts = [torch.randn(2, 8, 8, 8, 8), torch.randn(2, 8, 4, 4, 4), torch.randn(2, 8, 2, 2, 2)]
+        >>> fastseg3d.ops.upsample_sum(parts).shape
+        torch.Size([2, 8, 8, 8, 8])
+    """
+    size = _validate(inputs, size)
+    out_dtype = _out_dtype(inputs, size)
+    if backends.select("upsample_sum", upsample_sum_unsupported_reasons(inputs, size), inputs[0].device):
+        layout = utils.layout_of(inputs[0])
+        xs = [x.contiguous(memory_format=layout) for x in inputs] + [None] * (_MAX_INPUTS - len(inputs))
+        return _upsample_sum_op(*xs, list(size), out_dtype)
+    y = upsample_sum_ref(inputs, size).to(out_dtype)
+    return y.contiguous(memory_format=utils.layout_of(inputs[0]))
