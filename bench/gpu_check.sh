@@ -82,7 +82,7 @@ if [ "$PLAN" = targets ]; then
   declare -A LIMIT=(
     [dwconv3d]=45 [attention]=30 [attention_block]=35 [kl_distill]=25 [channel_kl]=20 [selfreg]=20
     [segformer3d]=120 [mobileutr]=25 [missu]=25 [dsd_unet]=20 [selfreg_unet]=20 [dice_ce]=10 [group_norm_act]=10
-    [upsample_sum]=10
+    [upsample_sum]=10 [layer_norm]=10
   )
   # the shapes, dtypes, modes and peers the targets are stated on (bench/targets.py; shape labels: python -m
   # bench.run --list); a measurement that has started runs to its end, so no compile the targets do not read
@@ -96,6 +96,7 @@ if [ "$PLAN" = targets ]; then
     [dice_ce]="--dtype bf16 --modes fwd+bwd"
     [group_norm_act]="--dtype bf16 --modes fwd,fwd+bwd --providers fastseg3d,torch"
     [upsample_sum]="--dtype bf16 --modes fwd,fwd+bwd --providers fastseg3d,torch"
+    [layer_norm]="--dtype bf16 --modes fwd,fwd+bwd --providers fastseg3d,torch"
     [segformer3d]="--dtype bf16 --modes train_step --providers fastseg3d,plain,plain+torch.compile --shapes *128^3"
     [mobileutr]="--dtype bf16 --modes train_step --shapes *96^3"
     [missu]="--dtype bf16 --modes train_step --shapes *128^3"
@@ -106,7 +107,7 @@ else
   declare -A LIMIT=(
     [dwconv3d]=50 [attention]=35 [attention_block]=35 [kl_distill]=30 [channel_kl]=20 [selfreg]=25
     [segformer3d]=45 [mobileutr]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30 [dice_ce]=15 [group_norm_act]=15
-    [upsample_sum]=15
+    [upsample_sum]=15 [layer_norm]=15
   )
 fi
 python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): dsd_unet and selfreg_unet will skip"
@@ -122,8 +123,10 @@ if [ "$PLAN" = targets ]; then
   # others run in what is left
   DEFAULT_CASES="segformer3d dwconv3d attention attention_block kl_distill"
   DEFAULT_CASES+=" channel_kl selfreg mobileutr missu dsd_unet selfreg_unet dice_ce group_norm_act upsample_sum"
+  DEFAULT_CASES+=" layer_norm"
 else
   DEFAULT_CASES="dwconv3d attention attention_block kl_distill channel_kl selfreg dice_ce group_norm_act upsample_sum"
+  DEFAULT_CASES+=" layer_norm"
   DEFAULT_CASES+=" segformer3d mobileutr missu dsd_unet selfreg_unet"
 fi
 for case in ${BENCH_CASES-$DEFAULT_CASES}; do

@@ -120,6 +120,7 @@ def load_cases() -> dict[str, Case]:
         dwconv3d,
         group_norm_act,
         kl_distill,
+        layer_norm,
         missu,
         mobileutr,
         segformer3d,

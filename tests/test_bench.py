@@ -26,8 +26,8 @@ from bench.utils import ROW_KEYS, read_rows, roofline
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
     "dwconv3d": "ops", "attention": "ops", "attention_block": "ops", "kl_distill": "ops", "channel_kl": "ops",
-    "selfreg": "ops", "dice_ce": "ops", "group_norm_act": "ops", "upsample_sum": "ops", "segformer3d": "model",
-    "mobileutr": "model", "missu": "model", "dsd_unet": "model", "selfreg_unet": "model",
+    "selfreg": "ops", "dice_ce": "ops", "group_norm_act": "ops", "upsample_sum": "ops", "layer_norm": "ops",
+    "segformer3d": "model", "mobileutr": "model", "missu": "model", "dsd_unet": "model", "selfreg_unet": "model",
 }
 CPU = torch.device("cpu")
 

@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from fastseg3d.ops.attention import attention
-from fastseg3d.nn.recompute import act_instance_norm, act_instance_norm_conv, norm_act, norm_act_conv
+from fastseg3d.nn.recompute import (
+    act_instance_norm,
+    act_instance_norm_conv,
+    layer_norm_for_linear,
+    norm_act,
+    norm_act_conv,
+)
 from fastseg3d.ops.dwconv3d import dwconv3d
 
 __all__ = ["MobileUtr", "MobileUtrL"]
@@ -264,8 +270,9 @@ class _SelfAttn(nn.Module):
         # only the kept tokens are normalised and projected.
         src = x[(slice(None), slice(None)) + (slice(None, None, sr),) * len(spatial)] if sr > 1 else x
         t = _tokens(x)
-        t = t + self.drop_path(self.attn(self.norm1(_tokens(src)), src.shape[2:]))
-        t = t + self.drop_path(self.mlp(self.norm2(t)))
+        # the norms' outputs go only to Linear layers (qkv, fc1): written in the dtype those read
+        t = t + self.drop_path(self.attn(layer_norm_for_linear(_tokens(src), self.norm1), src.shape[2:]))
+        t = t + self.drop_path(self.mlp(layer_norm_for_linear(t, self.norm2)))
         return t.transpose(1, 2).unflatten(2, spatial)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
-from fastseg3d.nn.recompute import batch_norm_act_linear
+from fastseg3d.nn.recompute import batch_norm_act_linear, layer_norm_for_linear
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
 from fastseg3d.ops.upsample_sum import upsample_sum
 
@@ -95,8 +95,9 @@ class _TransformerBlock(nn.Module):
         self.mlp = MixFFN3d(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x), spatial_shape)
-        return x + self.mlp(self.norm2(x), spatial_shape)
+        # the norms' outputs go only to Linear (and conv) layers: written in the dtype those read
+        x = x + self.attention(layer_norm_for_linear(x, self.norm1), spatial_shape)
+        return x + self.mlp(layer_norm_for_linear(x, self.norm2), spatial_shape)
 
 
 class _PatchEmbedding(nn.Module):
@@ -147,7 +148,7 @@ class _LinearEmbed(nn.Module):
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, D, H, W) -> LayerNorm(proj(tokens)), (B, N, out_dim)."""
-        return self.bn(self.proj(x.flatten(2).transpose(1, 2)))
+        return layer_norm_for_linear(self.proj(x.flatten(2).transpose(1, 2)), self.bn)
 
 
 class _Decoder(nn.Module):
@@ -202,7 +203,9 @@ class SegFormer3D(nn.Module):
     with no transposes, and in eval its BatchNorm folds into the conv so conv + BatchNorm + GELU is one kernel. Stage
     outputs are channels-last views of the tokens (the official code makes a contiguous NCDHW copy per stage). The
     decoder projects each stage's map before upsampling (no 1,024-channel concat) and resizes and sums the four
-    projections in one kernel (:func:`fastseg3d.ops.upsample_sum`).
+    projections in one kernel (:func:`fastseg3d.ops.upsample_sum`). The LayerNorms read by a Linear (each block's
+    two, the spatial reduction's, the decoder's) write the Linear's input dtype directly under autocast
+    (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`).
 
     Args:
         spatial_dims: must be 3.

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastseg3d.nn.recompute import layer_norm_for_linear
 from fastseg3d.ops.attention import attention
 from fastseg3d.ops.utils import check_spatial_shape
 
@@ -105,7 +106,7 @@ class EfficientSelfAttention3d(nn.Module):
             # Tokens are already NDHWC: read them as a channels_last_3d volume, no copy.
             vol = x.unflatten(1, (d, h, w)).permute(0, 4, 1, 2, 3)
             reduced = self.sr(vol).flatten(2).transpose(1, 2)
-            reduced = self.sr_norm(reduced)
+            reduced = layer_norm_for_linear(reduced, self.sr_norm)  # read only by key_value
         else:
             reduced = x
         kv = self.key_value(reduced).unflatten(-1, (2, self.num_heads, self.head_dim))

@@ -22,6 +22,10 @@ backward's recompute: it reads the bf16 input as it is and writes the conv's bf1
 writes the bf16 input gradient directly (no fp32 copies of the input, the normalised tensor or their gradients
 under autocast, and no normalised tensor or activation gradient in any dtype).
 
+LayerNorm -> Linear (SegFormer3D's blocks, its spatial reduction and its decoder): under autocast LayerNorm returns
+fp32 and the Linear casts it; where the fused kernel runs, the norm writes the Linear's dtype directly
+(``fastseg3d.ops.layer_norm``) and its backward reads that gradient as it is.
+
 A GroupNorm or InstanceNorm -> activation with no conv after it (the U-Nets' blocks end with one, MobileUtr's with
 InstanceNorm -> ReLU) is the fused kernel alone where it runs; elsewhere a norm -> LeakyReLU saves its output instead
 of the activation's input: the layer after it saves that output anyway, and with a non-negative slope the output's
@@ -48,10 +52,18 @@ from fastseg3d.ops.group_norm_act import (
     group_norm_act_recompute,
     group_norm_act_unsupported_reasons,
 )
+from fastseg3d.ops.layer_norm import fused_layer_norm, layer_norm_unsupported_reasons
 from fastseg3d.ops.utils import autocast_dtype, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 
-__all__ = ["act_instance_norm", "act_instance_norm_conv", "batch_norm_act_linear", "norm_act", "norm_act_conv"]
+__all__ = [
+    "act_instance_norm",
+    "act_instance_norm_conv",
+    "batch_norm_act_linear",
+    "layer_norm_for_linear",
+    "norm_act",
+    "norm_act_conv",
+]
 
 
 def _tokens(vol: torch.Tensor) -> torch.Tensor:
@@ -590,3 +602,29 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
             return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1])
     z = norm(x)
     return activation(z) if callable(activation) else _act(z, act)
+
+
+def layer_norm_for_linear(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``norm(x)`` for an ``nn.LayerNorm`` over x's last axis whose output only a Linear, conv or matmul reads.
+
+    Where the fused kernel runs (CUDA), the output is written in the dtype that layer reads: the autocast dtype
+    under autocast, where ``nn.LayerNorm`` returns fp32 for the layer to cast (the same values, written once), x's
+    otherwise. Elsewhere, and for a norm with hooks, other normalised shapes or cases the kernel does not take,
+    ``norm(x)`` itself.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import layer_norm_for_linear
+        >>> layer_norm_for_linear(torch.randn(2, 10, 32), nn.LayerNorm(32)).shape
+        torch.Size([2, 10, 32])
+    """
+    if (type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or x.dim() < 1
+            or x.shape[-1] != norm.normalized_shape[0] or _plain() or has_hooks(norm)):
+        return norm(x)
+    out_dtype = _conv_dtype_of(x.dtype, x.device.type)
+    reasons = layer_norm_unsupported_reasons(x, norm.weight, norm.bias, out_dtype)
+    if reasons and backends.get_backend() == "triton":
+        return norm(x)  # ATen's norm, as for the norms the fused GroupNorm does not take
+    if not backends.select("layer_norm", reasons, x.device):
+        return norm(x)
+    return fused_layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype)

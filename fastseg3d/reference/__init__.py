@@ -25,6 +25,7 @@ from fastseg3d.reference.group_norm_act import (
     group_norm_act_ref,
 )
 from fastseg3d.reference.kl_distill import common_size, kl_distill_fused_ref, kl_distill_multi_ref, kl_distill_ref
+from fastseg3d.reference.layer_norm import layer_norm_backward_ref, layer_norm_fused_ref, layer_norm_ref
 from fastseg3d.reference.selfreg import (
     intra_order,
     pooled_size,
@@ -60,6 +61,9 @@ __all__ = [
     "kl_distill_fused_ref",
     "kl_distill_multi_ref",
     "kl_distill_ref",
+    "layer_norm_backward_ref",
+    "layer_norm_fused_ref",
+    "layer_norm_ref",
     "pooled_size",
     "REDUCTIONS",
     "selfreg_inter_fused_ref",

@@ -265,6 +265,23 @@ def test_upsample_sum_kernel(dtype, n, same, cl, int64):
     assert _stats(compile_for_h100(us._upsample_sum_kernel, values, us._WARPS))["spill_bytes"] == 0
 
 
+@pytest.mark.parametrize("dtype,out,c,int64", [("fp32", "bf16", 32, False), ("bf16", "bf16", 160, True),
+                                               ("fp16", "fp32", 4096, False)])
+def test_layer_norm_kernels(dtype, out, c, int64):
+    """LayerNorm forward and backward at the launcher's tiles (2048 elements; one row of up to 4096), without
+    spills."""
+    from bench.sass import _stats
+    from fastseg3d.kernels import layer_norm as ln
+
+    block_m, block_c, warps = ln._block(c)
+    values = {"x_ptr": f"*{dtype}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{out}", "dy_ptr": f"*{out}",
+              "dx_ptr": f"*{dtype}", **{p: "*fp32" for p in ("mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")},
+              **_ints("M", "C", "sx", "tiles_per_program"), "eps": "fp32", "HAS_W": True, "HAS_B": True,
+              "NEED_DX": True, "BLOCK_M": block_m, "BLOCK_C": block_c, "INT64": int64}
+    for kernel in (ln._layer_norm_fwd_kernel, ln._layer_norm_bwd_kernel):
+        assert _stats(compile_for_h100(kernel, values, warps))["spill_bytes"] == 0, kernel.__name__
+
+
 @pytest.mark.parametrize("which", ["fwd", "bwd_weight"])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -418,7 +435,7 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
 # `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward",
-                                              "upsample_sum"}),
+                                              "upsample_sum", "layer_norm", "layer_norm_backward"}),
     ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT}),
     # the U-Nets' fused parts: their training losses, and their norm -> LeakyReLU chains
     ("dsd_unet", ("train_step",), {"kl_distill", *_NORM_ACT}),

@@ -1,0 +1,48 @@
+"""case=layer_norm: SegFormer3D's LayerNorms before a Linear under bf16 autocast (stage 1's 32 channels on the 32^3
+tokens of a 128^3 input, stage 3's 160 on 8^3, B=2): the residual stream's fp32 tokens in, the Linear's bf16 input
+out, fused (``fastseg3d.ops.layer_norm`` with ``out_dtype=torch.bfloat16``), against ``F.layer_norm`` as autocast
+runs it (fp32 out) followed by the Linear's cast to bf16, eager and compiled. In fp32 everything stays fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from bench.registry import Case, Setup, compiled, optional_compile, register
+
+
+def _shapes(quick: bool) -> list[tuple[str, dict]]:
+    sizes = [(1, 64, 32)] if quick else [(2, 32 ** 3, 32), (2, 8 ** 3, 160)]
+    return [(f"{b}x{n}x{c}", {"b": b, "n": n, "c": c}) for b, n, c in sizes]
+
+
+def _providers(spec: dict) -> list[str]:
+    return ["fastseg3d", "torch", "torch.compile", "torch.compile-max-autotune", "torch.compile-reduce-overhead"]
+
+
+def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) -> Setup:
+    b, n, c = spec["b"], spec["n"], spec["c"]
+    x = torch.randn(b, n, c, device=device).requires_grad_()  # the residual stream: fp32 under autocast
+    w = (1.0 + 0.1 * torch.randn(c, device=device)).requires_grad_()
+    bias = (0.1 * torch.randn(c, device=device)).requires_grad_()
+    if provider == "fastseg3d":
+        def fwd():
+            return fastseg3d.ops.layer_norm(x, w, bias, 1e-5, dtype)
+    else:
+        def _eager(x, w, b):
+            return F.layer_norm(x, (c,), w, b, 1e-5).to(dtype)  # autocast's fp32 norm, the Linear's cast
+
+        fn = _eager if provider == "torch" else compiled(_eager, provider, device)
+
+        def fwd():
+            return fn(x, w, bias)
+    nbytes_in, nbytes_out = x.numel() * 4, x.numel() * dtype.itemsize
+    # fwd reads x and writes y; bwd reads x and dy and writes dx (fp32, as x)
+    return Setup(fwd, [x, w, bias], {"fwd": nbytes_in + nbytes_out, "bwd": 2 * nbytes_in + nbytes_out,
+                                     "fwd+bwd": 3 * nbytes_in + 2 * nbytes_out})
+
+
+CASE = register(Case(name="layer_norm", shapes=_shapes, providers=_providers, setup=_setup,
+                     optional=optional_compile("")))

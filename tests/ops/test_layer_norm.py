@@ -1,0 +1,255 @@
+"""fastseg3d.ops.layer_norm (LayerNorm over the last axis, output in a requested dtype): CPU, interpreter and GPU
+tiers."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastseg3d
+from fastseg3d.ops.layer_norm import layer_norm, layer_norm_unsupported_reasons
+from fastseg3d.reference.layer_norm import layer_norm_backward_ref, layer_norm_fused_ref, layer_norm_ref
+from tests.utils import assert_close
+
+
+def _inputs(shape, dtype=torch.float32, affine=True, offset=0.0, device="cpu"):
+    x = (offset + 1.5 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+    c, pd = shape[-1], torch.float64 if dtype == torch.float64 else torch.float32  # fp32 master weights
+    w = (1.0 + 0.5 * torch.randn(c, device=device, dtype=pd)).requires_grad_() if affine else None
+    b = (0.3 * torch.randn(c, device=device, dtype=pd)).requires_grad_() if affine else None
+    return x, w, b
+
+
+def _check(x, w, b, dtype, out_dtype=None, scale=1.0):
+    """The public function (whatever backend is active) against F.layer_norm in float64, forward and gradients;
+    ``dtype`` sets the tolerances."""
+    y = layer_norm(x, w, b, 1e-5, out_dtype)
+    assert y.dtype == (out_dtype or x.dtype) and y.is_contiguous() and y.shape == x.shape
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_() if w is not None else None
+    bd = b.detach().double().requires_grad_() if b is not None else None
+    expected = F.layer_norm(xd, x.shape[-1:], wd, bd, 1e-5)
+    assert_close("y", y, expected, dtype, scale)
+    dy = torch.randn_like(expected)
+    y.backward(dy.to(y.dtype))
+    expected.backward(dy.to(y.dtype).double())
+    assert x.grad.dtype == x.dtype
+    assert_close("dx", x.grad, xd.grad, dtype, 2 * scale)
+    if w is not None:
+        assert w.grad.dtype == w.dtype and b.grad.dtype == b.dtype
+        assert_close("dweight", w.grad, wd.grad, dtype, 2 * scale)
+        assert_close("dbias", b.grad, bd.grad, dtype, 2 * scale)
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU tier
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_reference_matches_layer_norm(affine):
+    _check(*_inputs((2, 7, 12), torch.float64, affine), torch.float64)
+
+
+def test_reference_writes_the_requested_dtype_once():
+    """bf16 out of an fp32 (or bf16) input: the values of fp32 LayerNorm cast once, as a Linear under autocast
+    reads them."""
+    x, w, b = _inputs((3, 5, 16))
+    y = layer_norm_ref(x, w, b, 1e-5, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, F.layer_norm(x, (16,), w, b).bfloat16())
+    xb = x.detach().bfloat16()
+    assert torch.equal(layer_norm_ref(xb, w, b), F.layer_norm(xb.float(), (16,), w, b).bfloat16())
+
+
+def test_fused_reference_pieces_agree():
+    x, w, b = _inputs((2, 3, 10), torch.float64)
+    y, mean, rstd = layer_norm_fused_ref(x.detach(), w.detach(), b.detach(), 1e-5, torch.float64)
+    assert mean.shape == rstd.shape == (6,)
+    assert_close("mean", mean, x.detach().reshape(6, 10).mean(-1), torch.float64)
+    dy = torch.randn_like(y)
+    dx, dw, db = layer_norm_backward_ref(dy, x.detach(), w.detach(), b.detach(), 1e-5, [True, True, True])
+    layer_norm_ref(x, w, b).backward(dy)
+    for name, got, want in (("dx", dx, x.grad), ("dw", dw, w.grad), ("db", db, b.grad)):
+        assert_close(name, got, want, torch.float64)
+    assert layer_norm_backward_ref(dy, x.detach(), None, None, 1e-5, [False, True, True]) == (None, None, None)
+
+
+def test_cpu_runs_the_reference_on_strided_input():
+    x, w, b = _inputs((4, 6, 24))
+    _check(x.detach()[:, ::2].requires_grad_(), w, b, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=torch.randn(2, 0)), ValueError, "non-empty last axis"),
+        (dict(x=torch.ones(2, 8, dtype=torch.int64)), TypeError, "x must be a floating-point"),
+        (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(8,\)"),
+        (dict(bias=torch.ones(8, dtype=torch.int32)), TypeError, "bias must be a floating-point"),
+        (dict(weight=torch.ones(8, device="meta")), TypeError, "weight is on meta"),
+        (dict(eps=-1.0), ValueError, "eps must be a finite number"),
+        (dict(out_dtype=torch.int32), TypeError, "out_dtype must be a floating"),
+        (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(kwargs, error, match):
+    args = dict(x=torch.randn(2, 3, 8), weight=None, bias=None, eps=1e-5, out_dtype=None)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        layer_norm(**args)
+
+
+def test_unsupported_reasons():
+    x = torch.empty(2, 5, 32, device="meta")
+    assert layer_norm_unsupported_reasons(x, torch.ones(32, device="meta"), None, torch.bfloat16) == []
+    assert "dtype=torch.float64" in layer_norm_unsupported_reasons(x.double())[0]
+    assert "out_dtype=torch.float64" in layer_norm_unsupported_reasons(x, out_dtype=torch.float64)[0]
+    assert "last axis of 5000" in layer_norm_unsupported_reasons(torch.empty(2, 5000, device="meta"))[0]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_opcheck(affine):
+    x, w, b = _inputs((2, 5, 12), torch.float32, affine)
+    torch.library.opcheck(torch.ops.fastseg3d.layer_norm.default, (x, w, b, 1e-5, torch.float32))
+    x, w, b = (t.detach() if t is not None else None for t in (x, w, b))
+    y, mean, rstd = torch.ops.fastseg3d.layer_norm(x, w, b, 1e-5, torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and mean.shape == (10,)
+    torch.library.opcheck(torch.ops.fastseg3d.layer_norm_backward.default,
+                          (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, [True, affine, True]))
+
+
+def test_compile_fullgraph_forward_backward():
+    x, w, b = _inputs((2, 9, 16))
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+
+    def fn(x, w, b):
+        return torch.ops.fastseg3d.layer_norm(x, w, b, 1e-5, x.dtype)[0].square().sum()
+
+    fn(x, w, b).backward()
+    torch.compile(fn, fullgraph=True)(x2, w2, b2).backward()
+    for name, got, want in (("dx", x2.grad, x.grad), ("dw", w2.grad, w.grad), ("db", b2.grad, b.grad)):
+        assert_close(name, got, want, torch.float32)
+
+
+def test_meta_device_forward_backward():
+    x, w, b = (t.detach().to("meta").requires_grad_() for t in _inputs((2, 7, 32), torch.bfloat16))
+    y = layer_norm(x, w, b, out_dtype=torch.bfloat16)
+    assert y.device.type == "meta" and y.dtype == torch.bfloat16
+    assert y.grad_fn.name().startswith("layer_norm")
+    y.sum().backward()
+    assert x.grad.shape == x.shape and x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interpreter tier: the Triton kernels on CPU (TRITON_INTERPRET=1)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", [(2, 37, 32), (1, 5, 7), (3, 256), (1, 2, 3, 160)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_kernels_match_layer_norm(shape, dtype, affine, poison):
+    with fastseg3d.backend("triton"):
+        _check(*_inputs(shape, dtype, affine), dtype)
+
+
+@pytest.mark.interpret
+def test_kernels_write_the_requested_dtype(poison):
+    """fp32 in, bf16 out (SegFormer3D's norms under autocast): the values of fp32 LayerNorm rounded once (within a
+    bf16 ulp here: the interpreter truncates where a GPU rounds to nearest)."""
+    x, w, b = _inputs((2, 33, 64))
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, torch.bfloat16, torch.bfloat16)
+
+
+@pytest.mark.interpret
+def test_kernels_on_strided_rows_and_an_offset_feature(poison):
+    """Every other token of a (B, N, C) tensor (rows read in place) and a mean 300 times the spread."""
+    x, w, b = _inputs((2, 40, 24), offset=300.0)
+    xs = x.detach()[:, ::2].requires_grad_()
+    with fastseg3d.backend("triton"):
+        _check(xs, w, b, torch.float32, scale=4.0)
+
+
+@pytest.mark.interpret
+def test_kernels_parameter_gradients_are_deterministic():
+    x, w, b = _inputs((4, 50, 32))
+    grads = []
+    with fastseg3d.backend("triton"):
+        for _ in range(2):
+            for t in (x, w, b):
+                t.grad = None
+            layer_norm(x, w, b).square().sum().backward()
+            grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+@pytest.mark.interpret
+def test_kernels_64bit_indexing(monkeypatch, poison):
+    k = sys.modules["fastseg3d.kernels.layer_norm"]
+    monkeypatch.setattr(k, "_INT32_MAX", 16)
+    with fastseg3d.backend("triton"):
+        _check(*_inputs((2, 9, 20)), torch.float32)
+
+
+@pytest.mark.interpret
+def test_layer_norm_for_linear_writes_the_autocast_dtype(monkeypatch):
+    """SegFormer3D's norms: under (CPU) bf16 autocast the fused norm writes the Linear's bf16 input, and the
+    Linear's output and every gradient match the plain composition within bf16 rounding."""
+    from torch import nn
+
+    from fastseg3d.nn.recompute import layer_norm_for_linear
+
+    norm, lin = nn.LayerNorm(32), nn.Linear(32, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 11, 32)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastseg3d.backend("triton"):
+        h = layer_norm_for_linear(x1, norm)
+        y = lin(h)
+    assert h.dtype == torch.bfloat16 and h.grad_fn.name().startswith("layer_norm")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref = lin(F.layer_norm(x2, (32,), norm.weight, norm.bias))
+    assert_close("y", y, y_ref, torch.bfloat16)
+    g = torch.randn_like(y_ref)
+    grads = []
+    for out, inp in ((y, x1), (y_ref, x2)):
+        norm.zero_grad()
+        with fastseg3d.backend("triton"):
+            out.backward(g)
+        grads.append((inp.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for name, a, e in zip(("dx", "dweight", "dbias"), *grads):
+        assert a.dtype == e.dtype
+        assert_close(name, a, e, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU tier
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 32768, 32), (2, 4096, 160), (3, 1000, 256), (7, 5, 100), (2, 9, 4096)],
+                         ids=str)
+def test_gpu_kernels_match_layer_norm(shape, dtype, poison):
+    with fastseg3d.backend("triton"):
+        _check(*_inputs(shape, dtype, device="cuda"), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_input_to_bf16_output_and_determinism():
+    x, w, b = _inputs((2, 32768, 64), device="cuda")
+    dy = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(2):
+        for t in (x, w, b):
+            t.grad = None
+        y = layer_norm(x, w, b, out_dtype=torch.bfloat16)
+        y.backward(dy)
+        grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
+    assert_close("y", y, F.layer_norm(x.detach(), (64,), w.detach(), b.detach()), torch.bfloat16)
+    assert all(torch.equal(a, c) for a, c in zip(*grads))
