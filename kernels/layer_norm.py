@@ -99,8 +99,10 @@ def _layer_norm_bwd_kernel(
     tl.store(db_ptr + pid * C + cols, tl.sum(db, axis=0), mask=c_ok)
 
 
-def _int64(*tensors: torch.Tensor) -> bool:
-    return max(t.numel() for t in tensors) > _INT32_MAX
+def _int64(x2d: torch.Tensor, *contiguous: torch.Tensor) -> bool:
+    """Whether an offset can pass int32: x2d's largest (its rows may be strided), the contiguous tensors' sizes."""
+    last = (x2d.shape[0] - 1) * x2d.stride(0) + x2d.shape[1]
+    return max(last, *(t.numel() for t in contiguous)) > _INT32_MAX
 
 
 def layer_norm_fwd(x2d: torch.Tensor, weight, bias, eps: float, y: torch.Tensor, mean: torch.Tensor,

@@ -50,8 +50,8 @@ def _voxel(d, h, w, D, H, W, C, CL: tl.constexpr):
 def _add_input(acc, x_ptr, b, ch, mask, od, oh, ow, OD, OH, OW, C, D, H, W, sd, sh, sw,
                SAME: tl.constexpr, CL: tl.constexpr, INT64: tl.constexpr):
     """``acc`` plus input ``x`` resized to the output's voxels (od, oh, ow) for channels ``ch``."""
-    if INT64:
-        D, H, W = D.to(tl.int64), H.to(tl.int64), W.to(tl.int64)
+    if INT64:  # tl.cast: a size of 1 arrives as a constant, which has no .to
+        D, H, W = tl.cast(D, tl.int64), tl.cast(H, tl.int64), tl.cast(W, tl.int64)
     if CL:
         base = x_ptr + b * (D * H * W * C) + ch[None, :]
     else:
@@ -96,8 +96,8 @@ def _upsample_sum_kernel(
     b = tl.program_id(2)
     if INT64:
         v = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-        b, ch, C = b.to(tl.int64), ch.to(tl.int64), C.to(tl.int64)
-        OD, OH, OW = OD.to(tl.int64), OH.to(tl.int64), OW.to(tl.int64)
+        b, ch, C = b.to(tl.int64), ch.to(tl.int64), tl.cast(C, tl.int64)
+        OD, OH, OW = tl.cast(OD, tl.int64), tl.cast(OH, tl.int64), tl.cast(OW, tl.int64)
     mask = (v < OD * OH * OW)[:, None] & (ch < C)[None, :]
     ow = v % OW
     oh = (v // OW) % OH

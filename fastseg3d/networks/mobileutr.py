@@ -18,6 +18,7 @@ from fastseg3d.ops.attention import attention
 from fastseg3d.nn.recompute import (
     act_instance_norm,
     act_instance_norm_conv,
+    has_hooks,
     layer_norm_for_linear,
     norm_act,
     norm_act_conv,
@@ -138,7 +139,7 @@ class _ConvUtr(nn.Module):
             local = layer[0].fn
             x = local[2](_depthwise(local[0], x, activation="gelu")) + x
             mlp = layer[1].fn
-            if isinstance(mlp[2], nn.InstanceNorm3d):
+            if isinstance(mlp[2], nn.InstanceNorm3d) and not has_hooks(mlp[1], mlp[4]):
                 # GELU -> InstanceNorm -> 1x1 on the 4x expanded channels, saving only the GELU's input
                 h = act_instance_norm_conv(mlp[0](x), "gelu", mlp[2], mlp[3].weight, mlp[3].bias)
                 x = act_instance_norm(h, "gelu", mlp[5]) + x

@@ -76,6 +76,8 @@ def upsample_sum_unsupported_reasons(inputs: Sequence[Tensor], size: Sequence[in
         reasons.append(f"{len(inputs)} inputs (fused: up to {_MAX_INPUTS})")
     if inputs[0].shape[0] > utils.MAX_GRID_YZ:
         reasons.append(f"batch above {utils.MAX_GRID_YZ}")
+    if inputs[0].shape[1] > 4 * utils.MAX_GRID_YZ:  # NCDHW tiles take 4 channels, one grid row each
+        reasons.append(f"channels above {4 * utils.MAX_GRID_YZ}")
     if any(x.numel() == 0 for x in inputs):
         reasons.append("an input has no elements")
     return reasons

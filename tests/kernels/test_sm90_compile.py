@@ -23,7 +23,8 @@ def compile_for_h100(kernel, values: dict, num_warps: int = 4):
     signature, constexprs = {}, {}
     for i, param in enumerate(kernel.params):
         value = values[param.name]
-        if param.is_constexpr:
+        if param.is_constexpr or (isinstance(value, int) and not isinstance(value, bool)):
+            # an int runtime argument given as a value: specialised, as Triton specialises an argument equal to 1
             signature[param.name] = "constexpr"
             constexprs[(i,)] = value
         else:
@@ -247,12 +248,13 @@ def test_group_norm_act_kernels(dtype, int64, act, block_c, pre):
     assert _stats(compile_for_h100(gn._finalize_kernel, values))["spill_bytes"] == 0
 
 
-@pytest.mark.parametrize("dtype,n,same,cl,int64", [("bf16", 4, (False, False, False, True), True, False),
-                                                   ("fp32", 2, (False, False, False, False), False, True),
-                                                   ("fp16", 3, (True, False, False, False), True, True)])
-def test_upsample_sum_kernel(dtype, n, same, cl, int64):
+@pytest.mark.parametrize("dtype,n,same,cl,int64,ones", [("bf16", 4, (False, False, False, True), True, False, False),
+                                                        ("fp32", 2, (False, False, False, False), False, True, False),
+                                                        ("fp16", 3, (True, False, False, False), True, True, True)])
+def test_upsample_sum_kernel(dtype, n, same, cl, int64, ones):
     """The resize-and-sum kernel for SegFormer3D's decoder (four maps, the last at the output's size) and other
-    cases, at the launcher's tiles (channels-last: 64 channels x 8 voxels; NCDHW: 4 x 128), without spills."""
+    cases, at the launcher's tiles (channels-last: 64 channels x 8 voxels; NCDHW: 4 x 128), without spills; with
+    ``ones``, sizes and a channel count of 1, which Triton specialises as constants (also on the 64-bit path)."""
     from bench.sass import _stats
     from fastseg3d.kernels import upsample_sum as us
 
@@ -262,6 +264,8 @@ def test_upsample_sum_kernel(dtype, n, same, cl, int64):
               **{f"s{a}{i}": "fp32" for i in range(4) for a in "dhw"},
               "N": n, **{f"SAME{i}": same[i] for i in range(4)}, "CL": cl, "INT64": int64,
               "BLOCK_V": 512 // block_c, "BLOCK_C": block_c}
+    if ones:
+        values.update(C=1, OD=1, D0=1, H1=1, W2=1)
     assert _stats(compile_for_h100(us._upsample_sum_kernel, values, us._WARPS))["spill_bytes"] == 0
 
 

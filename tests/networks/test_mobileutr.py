@@ -444,6 +444,21 @@ def test_meta_device_forward_backward_at_96(cls):
         0][0].fn[0].weight.shape
 
 
+def test_hooks_on_the_convutr_mlp_activations_run():
+    """A hook on a ConvUtr MLP's GELU module sends that MLP through its modules (the fused chains call the
+    activation by name), so the hook runs, and the output is the same."""
+    torch.manual_seed(0)
+    net = MobileUtr(spatial_dims=3, in_channels=1, out_channels=2, dims=(4, 8, 16, 16), depths=(1, 1, 1, 0, 1),
+                    kernels=(3, 3, 3), num_heads=1, drop_path_rate=0.0)
+    x = torch.randn(1, 1, 8, 16, 16)
+    y = net(x)
+    calls = []
+    mlp = net.patch_embeddings.layer1.block[0][1].fn
+    for module in (mlp[1], mlp[4]):
+        module.register_forward_hook(lambda m, a, o: calls.append(m))
+    assert torch.allclose(net(x), y, atol=1e-6) and calls == [mlp[1], mlp[4]]
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_backward_rebuilds_no_views(backend):
     """No in-place op on a view (the released ReLU(inplace=True) after InstanceNorm3d, whose output is a view): its
