@@ -53,19 +53,7 @@ def _validate(x, num_groups, weight, bias, eps, activation, negative_slope, acti
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if x.shape[1] % num_groups:
         raise ValueError(f"x has {x.shape[1]} channels, which num_groups={num_groups} does not divide")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        utils.check_tensor(p, name)
-        if tuple(p.shape) != (x.shape[1],):
-            raise ValueError(f"{name} must have shape ({x.shape[1]},) for x's {x.shape[1]} channels, got "
-                             f"{tuple(p.shape)}")
-        if not p.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
-        if p.device != x.device:
-            raise TypeError(f"{name} is on {p.device} but x is on {x.device}; pass tensors on one device")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    utils.check_norm_args(x, weight, bias, eps, x.shape[1], f"x's {x.shape[1]} channels")
     if activation not in ACTIVATIONS_FUSED:
         raise ValueError(f"activation must be one of {ACTIVATIONS_FUSED}, got {activation!r}")
     if (isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real)

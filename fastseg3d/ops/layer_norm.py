@@ -12,8 +12,6 @@ and rstd) and ``fastseg3d::layer_norm_backward``.
 
 from __future__ import annotations
 
-import math
-import numbers
 
 import torch
 from torch import Tensor
@@ -33,18 +31,7 @@ def _validate(x, weight, bias, eps, out_dtype) -> None:
         raise ValueError(f"x must have a non-empty last axis to normalise, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            continue
-        utils.check_tensor(p, name)
-        if tuple(p.shape) != (x.shape[-1],):
-            raise ValueError(f"{name} must have shape ({x.shape[-1]},) for x's last axis, got {tuple(p.shape)}")
-        if not p.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
-        if p.device != x.device:
-            raise TypeError(f"{name} is on {p.device} but x is on {x.device}; pass tensors on one device")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    utils.check_norm_args(x, weight, bias, eps, x.shape[-1], "x's last axis")
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating torch.dtype or None, got {out_dtype!r}")
 

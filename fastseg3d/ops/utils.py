@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import operator
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -19,6 +21,7 @@ __all__ = [
     "META_AUTOCAST",
     "autocast_inputs",
     "base_reasons",
+    "check_norm_args",
     "check_tensor",
     "check_spatial_shape",
     "eager_op",
@@ -181,6 +184,23 @@ def check_spatial_shape(spatial_shape, n_tokens: int) -> tuple[int, int, int]:
 def check_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_norm_args(x: torch.Tensor, weight, bias, eps, channels: int, what: str) -> None:
+    """A norm's affine parameters (None, or floating (channels,) tensors on x's device; ``what`` names the axis
+    they scale in the error) and its eps (a finite number >= 0)."""
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_tensor(p, name)
+        if tuple(p.shape) != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) for {what}, got {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
+        if p.device != x.device:
+            raise TypeError(f"{name} is on {p.device} but x is on {x.device}; pass tensors on one device")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
 class EagerOp:

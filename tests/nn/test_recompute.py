@@ -744,6 +744,14 @@ def test_norm_act_runs_the_plain_composition_elsewhere():
 # Interpreter tier: the fused GroupNorm + activation inside norm_act_conv (TRITON_INTERPRET=1)
 
 
+def _input_pair(channels: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two equal leaf inputs (2, channels, 5, 4, 7) in ``layout``: one for the fused chain, one for the plain."""
+    x = torch.randn(2, channels, 5, 4, 7) * 2 + 0.5
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x.clone().requires_grad_(), x.clone().requires_grad_()
+
+
 def _count_fused(monkeypatch) -> list:
     calls = []
     real = recompute.group_norm_act_fused
@@ -760,10 +768,7 @@ def test_interpret_norm_act_conv_fused_group_norm_matches_plain_composition(acti
     norm, conv = nn.GroupNorm(3, 6), nn.Conv3d(6, 4, 3, padding=1)
     _randomise(norm, conv)
     norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
-    x = torch.randn(2, 6, 5, 4, 7) * 2 + 0.5
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1, x2 = _input_pair(6, layout)
     with fastseg3d.backend("triton"):
         y = norm_act_conv(x1, norm, activation, conv)
     y_ref = _plain(x2, norm_ref, activation, conv_ref)
@@ -813,10 +818,7 @@ def test_interpret_norm_leaky_relu_chains_on_the_fused_kernel(norm, layout, monk
     norm1, norm2, conv = make(), make(), nn.Conv3d(6, 6, 3, padding=1)
     _randomise(norm1, norm2, conv)
     refs = copy.deepcopy((norm1, norm2, conv))
-    x = torch.randn(2, 6, 5, 4, 7) * 2 + 0.5
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1, x2 = _input_pair(6, layout)
     with fastseg3d.backend("triton"):
         y = norm_act(norm_act_conv(x1, norm1, nn.LeakyReLU(0.2), conv), norm2, "leaky_relu")
     y_ref = F.leaky_relu(refs[1](refs[2](F.leaky_relu(refs[0](x2), 0.2))), 0.01)
@@ -845,16 +847,13 @@ def test_interpret_norm_relu_and_no_activation_on_the_fused_kernel(layout, monke
     norms = nn.InstanceNorm3d(6), nn.GroupNorm(3, 6)
     _randomise(*norms)
     refs = copy.deepcopy(norms)
-    x = torch.randn(2, 6, 5, 4, 7) * 2 + 0.5
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1, x2 = _input_pair(6, layout)
     saved = []
     with fastseg3d.backend("triton"):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             y = norm_act(norm_act(x1, norms[0], nn.ReLU()), norms[1], None)
     y_ref = refs[1](F.relu(refs[0](x2)))
-    assert calls == [6, 3] and len([t for t in saved if t.numel() >= x.numel()]) == 2
+    assert calls == [6, 3] and len([t for t in saved if t.numel() >= x1.numel()]) == 2
     assert_close("y", y, y_ref, torch.float32)
     g = torch.randn_like(y_ref)
     with fastseg3d.backend("triton"):
@@ -875,10 +874,7 @@ def test_interpret_act_instance_norm_chains_on_the_fused_kernel(layout, monkeypa
     norm1, norm2, conv = nn.InstanceNorm3d(8), nn.InstanceNorm3d(4), nn.Conv3d(8, 4, 1)
     _randomise(conv)
     conv_ref = copy.deepcopy(conv)
-    x = torch.randn(2, 8, 5, 4, 7) * 2 + 0.5
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1, x2 = _input_pair(8, layout)
     saved = []
     with fastseg3d.backend("triton"):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
