@@ -1,12 +1,15 @@
 """case=group_norm_act: GroupNorm(8 groups) -> ReLU as MISSU's blocks run it, affine InstanceNorm -> LeakyReLU as
-the U-Nets' blocks run it, and GELU -> InstanceNorm (the activation first) as MobileUtr's ConvUtr runs it, fused,
-against the eager composition as bf16 autocast runs it (GroupNorm in fp32 on a copy of the input, the activation in
-fp32, the next conv's cast back to the input's dtype: ``fastseg3d.reference.group_norm_act``; MobileUtr's GELU and
-InstanceNorm in bf16, each written) and torch.compile of it.
+the U-Nets' blocks run it, GELU -> InstanceNorm (the activation first) as MobileUtr's ConvUtr runs it, and a
+training BatchNorm -> GELU as SegFormer3D's Mix-FFN runs it (``fastseg3d.nn.recompute.norm_act``, running
+statistics updated), fused, against the eager composition as bf16 autocast runs it (GroupNorm in fp32 on a copy of
+the input, the activation in fp32, the next conv's cast back to the input's dtype:
+``fastseg3d.reference.group_norm_act``; MobileUtr's GELU and InstanceNorm, and BatchNorm and its GELU, in bf16,
+each written) and torch.compile of it.
 
 Shapes: MISSU's first and third encoder levels at a 128^3 input, B=2: 16 channels at 128^3, 64 at 32^3 (NCDHW);
 the U-Net's first level, 32 channels at 128^3, B=2, channels-last; MobileUtr's first ConvUtr stage's expanded
-channels at its 96^3 benchmark input, B=4: 64 channels at 96^3.
+channels at its 96^3 benchmark input, B=4: 64 channels at 96^3; SegFormer3D's first Mix-FFN at a 128^3 input, B=2:
+128 channels at 32^3 (the token layout: channels-last).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 import fastseg3d
 from bench.registry import Case, Setup, compiled, optional_compile, register
+from fastseg3d.nn.recompute import norm_act
 from fastseg3d.reference.group_norm_act import group_norm_act_ref
 
 
@@ -28,6 +32,9 @@ def _shapes(quick: bool) -> list[tuple[str, dict]]:
     for b, c, s in [(1, 8, 8)] if quick else [(4, 64, 96)]:
         out.append((f"{b}x{c}x{s}^3 gelu first instance",
                     {"b": b, "c": c, "s": s, "groups": c, "act": "gelu", "layout": "ncdhw", "first": True}))
+    for b, c, s in [(2, 8, 8)] if quick else [(2, 128, 32)]:
+        out.append((f"{b}x{c}x{s}^3 batch gelu channels_last",
+                    {"b": b, "c": c, "s": s, "groups": c, "act": "gelu", "layout": "channels_last", "batch": True}))
     return out
 
 
@@ -46,7 +53,19 @@ def _setup(spec: dict, dtype: torch.dtype, provider: str, device: torch.device) 
     if first:  # MobileUtr's InstanceNorm has no affine parameters
         w = bias = None
         params = []
-    if provider == "fastseg3d":
+    if spec.get("batch"):  # a training BatchNorm module: its parameters, running statistics and batch count
+        bn = torch.nn.BatchNorm3d(c).to(device)
+        params = [bn.weight, bn.bias]
+
+        def _eager(x):
+            return torch.nn.functional.gelu(bn(x))
+
+        fn = (lambda x: norm_act(x, bn, act)) if provider == "fastseg3d" else _eager if provider == "torch" else \
+            compiled(_eager, provider, device)
+
+        def fwd():
+            return fn(x)
+    elif provider == "fastseg3d":
         def fwd():
             return fastseg3d.ops.group_norm_act(x, groups, w, bias, 1e-5, act, activation_first=first)
     elif first:  # as MobileUtr's plain blocks run under autocast: GELU and InstanceNorm in bf16

@@ -15,10 +15,15 @@ Forward, three launches:
    spread), merges the lanes once at the end, and writes each channel's mean and sum of squared deviations to a
    (B, SPLIT, C) workspace.
 2. finalize: one program per (b, group) merges its channels' and splits' partials (Chan's formula) in a fixed
-   order into the group's mean and rstd (fp32, (B, G), as ``native_group_norm`` returns them).
+   order into the group's mean and rstd (fp32, (B, G), as ``native_group_norm`` returns them). With statistics
+   over the batch (BatchNorm: one group per channel), one program per group merges every batch element's partials
+   into (1, G).
 3. apply: ``z = x * scale_c + shift_c`` (scale = rstd w, shift = b - mean scale, GroupNorm's CUDA form), ``y =
    act(z)`` in the output's dtype (the dtype the conv after the norm reads: bf16 under autocast), with no fp32
    copy of the input or of the normalised tensor written.
+
+The apply and backward kernels read a batch element's statistics at ``b * GB``: GB = G, or 0 where the statistics
+span the batch.
 
 Backward, given ``dy``:
 
@@ -149,9 +154,10 @@ def _stats_kernel(
 
 @triton.jit
 def _finalize_kernel(
-    mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, C, S, G, CG, SPLIT, chunk, eps,
+    mean_ptr, m2_ptr, out_mean_ptr, out_rstd_ptr, C, S, G, CG, SPLIT, SPLIT_B, chunk, eps,
     BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
+    # SPLIT partial rows per program, SPLIT_B of them per batch element (SPLIT = B * SPLIT_B over the batch)
     pid = tl.program_id(0)  # b * G + g
     b = pid // G
     g = pid % G
@@ -160,7 +166,7 @@ def _finalize_kernel(
     weighted = tl.zeros([], dtype=tl.float32)
     for p0 in range(0, SPLIT, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        cnt = tl.minimum(tl.maximum(S - p * chunk, 0), chunk).to(tl.float32)  # voxels of each split
+        cnt = tl.minimum(tl.maximum(S - (p % SPLIT_B) * chunk, 0), chunk).to(tl.float32)  # voxels of each split
         rows = (b * SPLIT + p)[:, None] * C + g * CG
         for c0 in range(0, CG, BLOCK_CG):
             c = c0 + tl.arange(0, BLOCK_CG)
@@ -173,7 +179,7 @@ def _finalize_kernel(
     m2 = tl.zeros([], dtype=tl.float32)
     for p0 in range(0, SPLIT, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        cnt = tl.minimum(tl.maximum(S - p * chunk, 0), chunk).to(tl.float32)
+        cnt = tl.minimum(tl.maximum(S - (p % SPLIT_B) * chunk, 0), chunk).to(tl.float32)
         rows = (b * SPLIT + p)[:, None] * C + g * CG
         for c0 in range(0, CG, BLOCK_CG):
             c = c0 + tl.arange(0, BLOCK_CG)
@@ -186,9 +192,9 @@ def _finalize_kernel(
 
 
 @triton.jit
-def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, GB, CG, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Per channel: (mean, rstd, w, scale = rstd w, shift = bias - mean scale), fp32 vectors."""
-    grp = b * G + ch // CG
+    grp = b * GB + ch // CG
     mean = tl.load(mean_ptr + grp, mask=c_ok, other=0.0)
     rstd = tl.load(rstd_ptr + grp, mask=c_ok, other=0.0)
     w = tl.load(w_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) if HAS_W else tl.full(ch.shape, 1.0, tl.float32)
@@ -199,7 +205,7 @@ def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W: tl.c
 
 @triton.jit
 def _apply_kernel(
-    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, y_ptr, C, S, G, CG, sb, sc, ss, slope,
+    x_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, y_ptr, C, S, GB, CG, sb, sc, ss, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -207,7 +213,7 @@ def _apply_kernel(
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     c_ok = ch < C
-    _, _, _, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W, HAS_B)
+    _, _, _, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, GB, CG, HAS_W, HAS_B)
     mask = (offs_s < S)[:, None] & c_ok[None, :]
     offs = _offsets(b, ch, offs_s, sb, sc, ss, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -235,7 +241,7 @@ def _dz(x_ptr, dy_ptr, offs, mask, mean, rstd, scale, shift, slope, ACT: tl.cons
 
 @triton.jit
 def _bwd_reduce_kernel(
-    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr, C, S, G, CG, SPLIT, tiles_per_split,
+    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, sdz_ptr, sdzx_ptr, C, S, GB, CG, SPLIT, tiles_per_split,
     sb, sc, ss, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -243,7 +249,7 @@ def _bwd_reduce_kernel(
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     c_ok = ch < C
-    mean, rstd, _, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W, HAS_B)
+    mean, rstd, _, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, GB, CG, HAS_W, HAS_B)
     # elementwise sums in registers, one reduction at the end (a reduction per tile would synchronise the program)
     sdz = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
     sdzx = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -262,7 +268,7 @@ def _bwd_reduce_kernel(
 
 @triton.jit
 def _bwd_dx_kernel(
-    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, G, CG, sb, sc, ss, slope,
+    x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, GB, CG, sb, sc, ss, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
@@ -270,8 +276,8 @@ def _bwd_dx_kernel(
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
     c_ok = ch < C
-    mean, rstd, w, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, G, CG, HAS_W, HAS_B)
-    grp = b * G + ch // CG
+    mean, rstd, w, scale, shift = _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, GB, CG, HAS_W, HAS_B)
+    grp = b * GB + ch // CG
     c1 = tl.load(c1_ptr + grp, mask=c_ok, other=0.0)
     c2 = tl.load(c2_ptr + grp, mask=c_ok, other=0.0)
     mask = (offs_s < S)[:, None] & c_ok[None, :]
@@ -291,9 +297,10 @@ def _grid_s(x: torch.Tensor, block_s: int, block_c: int) -> tuple[int, int, int,
 
 
 def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, act_id: int = 0, slope: float = 0.0,
-                         pre: bool = False, empty=torch.empty) -> tuple[torch.Tensor, torch.Tensor]:
+                         pre: bool = False, batch: bool = False, empty=torch.empty
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, rstd) of each (batch, group), fp32 (B, G), for x (B, C, D, H, W) contiguous in either layout (of
-    ``act(x)`` with ``pre``)."""
+    ``act(x)`` with ``pre``); with ``batch``, of each group over the whole batch, (1, G)."""
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
     bsz = x.shape[0]
@@ -304,26 +311,33 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, act_id: int =
         x, means, m2s, c, s, split, per, *_strides(x), slope, ACT=act_id if pre else 0, PRE=pre and act_id != 0,
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
-    mean = empty((bsz, groups), dtype=torch.float32, device=x.device)
-    rstd = empty((bsz, groups), dtype=torch.float32, device=x.device)
+    n_stats, rows = (1, bsz * split) if batch else (bsz, split)
+    mean = empty((n_stats, groups), dtype=torch.float32, device=x.device)
+    rstd = empty((n_stats, groups), dtype=torch.float32, device=x.device)
     cg = c // groups
-    torch.library.wrap_triton(_finalize_kernel)[(bsz * groups,)](
-        means, m2s, mean, rstd, c, s, groups, cg, split, per * block_s, eps,
-        BLOCK_P=min(next_power_of_2(split), 64), BLOCK_CG=min(next_power_of_2(cg), 32), num_warps=4,
+    torch.library.wrap_triton(_finalize_kernel)[(n_stats * groups,)](
+        means, m2s, mean, rstd, c, s, groups, cg, rows, split, per * block_s, eps,
+        BLOCK_P=min(next_power_of_2(rows), 64), BLOCK_CG=min(next_power_of_2(cg), 32), num_warps=4,
     )
     return mean, rstd
+
+
+def _batch_stride(x: torch.Tensor, mean: torch.Tensor) -> int:
+    """Where a batch element's statistics start: 0 when one set (1, G) spans the batch."""
+    return mean.shape[1] if mean.shape[0] == x.shape[0] else 0
 
 
 def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, slope: float, out: torch.Tensor,
                          pre: bool = False) -> torch.Tensor:
     """Writes ``act((x - mean) * rstd * weight + bias)`` (``(act(x) - mean) * rstd * weight + bias`` with ``pre``)
-    into ``out`` (x's shape and strides) and returns it; ``slope`` is LeakyReLU's negative slope."""
+    into ``out`` (x's shape and strides) and returns it; ``slope`` is LeakyReLU's negative slope. The statistics
+    are (B, G), or (1, G) over the whole batch."""
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
     groups = mean.shape[1]
     torch.library.wrap_triton(_apply_kernel)[(n_tiles, n_cb, x.shape[0])](
         x, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, out,
-        c, s, groups, c // groups, *_strides(x), slope,
+        c, s, _batch_stride(x, mean), c // groups, *_strides(x), slope,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, PRE=pre and act_id != 0,
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
@@ -333,10 +347,12 @@ def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, slope: float,
 def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: float, need_dx: bool, pre: bool = False,
                        empty=torch.empty) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(dx in x's dtype and strides or None, dweight and dbias as fp32 (C,)) for ``dy`` of x's shape and strides
-    (dweight and dbias are formed whether or not the norm is affine: dx needs the same sums)."""
+    (dweight and dbias are formed whether or not the norm is affine: dx needs the same sums); the statistics (B, G),
+    or (1, G) over the whole batch."""
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
-    bsz, groups = mean.shape
+    bsz, groups = x.shape[0], mean.shape[1]
+    gb = _batch_stride(x, mean)
     split, per = _split(x, n_tiles, n_cb * bsz)
     sdz = empty((bsz, split, c), dtype=torch.float32, device=x.device)
     sdzx = empty((bsz, split, c), dtype=torch.float32, device=x.device)
@@ -345,20 +361,21 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: floa
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, PRE=pre and act_id != 0,
                  BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS)
     torch.library.wrap_triton(_bwd_reduce_kernel)[(split, n_cb, bsz)](
-        x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, groups, c // groups, split, per, *_strides(x), slope,
+        x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, gb, c // groups, split, per, *_strides(x), slope,
         **flags,
     )
     dbias, dweight = sdz.sum(1), sdzx.sum(1)  # (B, C), summed over the splits in a fixed order
     if not need_dx:
         return None, dweight.sum(0), dbias.sum(0)
     w = weight.float() if weight is not None else torch.ones((), dtype=torch.float32, device=x.device)
-    per_group = c // groups * s
-    c1 = (dbias * w).view(bsz, groups, -1).sum(-1) / per_group
-    c2 = (dweight * w).view(bsz, groups, -1).sum(-1) / per_group
+    n_stats = mean.shape[0]
+    per_group = c // groups * s * (bsz // n_stats)
+    c1 = (dbias.view(-1, n_stats, c).sum(0) * w).view(n_stats, groups, -1).sum(-1) / per_group
+    c2 = (dweight.view(-1, n_stats, c).sum(0) * w).view(n_stats, groups, -1).sum(-1) / per_group
     layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
     dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
     torch.library.wrap_triton(_bwd_dx_kernel)[(n_tiles, n_cb, bsz)](
-        x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, groups, c // groups, *_strides(x), slope, **flags,
+        x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, gb, c // groups, *_strides(x), slope, **flags,
     )
     return dx, dweight.sum(0), dbias.sum(0)
 

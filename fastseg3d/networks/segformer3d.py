@@ -63,7 +63,8 @@ class MixFFN3d(nn.Module):
     Keys: ``fc1``, ``dwconv.dwconv``, ``dwconv.bn``, ``fc2``. With running statistics (eval) the BatchNorm folds into
     the conv, and conv + bias + BatchNorm + GELU is one fused kernel. With batch statistics (training) the conv runs
     fused on the tokens, and BatchNorm -> GELU -> fc2 saves only the conv output and the batch statistics,
-    recomputing the normalised and activated tensor in backward.
+    recomputing the normalised and activated tensor in backward; on CUDA BatchNorm and GELU are one kernel that
+    writes fc2's input once (:func:`fastseg3d.nn.recompute.batch_norm_act_linear`).
     """
 
     def __init__(self, dim: int, mlp_ratio: int = 4, dropout: float = 0.0) -> None:

@@ -2,10 +2,13 @@
 
 BatchNorm -> activation -> Linear: in a training step the plain composition saves three full-size tensors
 (BatchNorm's input, the activation's input and the Linear's input). Here only BatchNorm's input and two per-channel
-vectors are saved; the normalised and activated tensor is recomputed in backward with the kernels autograd itself
-runs (BatchNorm's inference form, the activation and its backward: on channels-last input the gradients are the
-plain composition's, bit for bit), three elementwise passes next to the Linear's two products. Used by
-SegFormer3D's Mix-FFN (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
+vectors are saved; the normalised and activated tensor is recomputed in backward. Where the fused norm kernels run
+(CUDA: ``fastseg3d.ops.group_norm_act`` with statistics over the batch), BatchNorm and activation are one kernel
+that writes the Linear's input once, in the dtype it reads, forward and in backward's recompute, and backward
+writes the input gradient once (no normalised tensor or activation gradient is written). Elsewhere the recompute
+runs the kernels autograd itself runs (BatchNorm's inference form, the activation and its backward: on
+channels-last input the gradients are the plain composition's, bit for bit). Used by SegFormer3D's Mix-FFN
+(BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
 
 activation -> InstanceNorm -> 1x1x1 conv (MobileUtr's ConvUtr MLP, on its 4x expanded channels): likewise only the
 activation's input and the per-instance statistics are saved, where the plain composition saves the activation's
@@ -16,8 +19,9 @@ input gradient is written once: the activated tensor and its gradient are never 
 GroupNorm or BatchNorm -> activation -> any Conv3d (MISSU's pre-activation encoder blocks and decoder blocks): only
 the norm's input and its statistics are saved. Under CUDA bf16/fp16 autocast GroupNorm runs in fp32, so the plain
 composition saves an fp32 copy of its input, the fp32 activation output and the conv's low-precision input: 10 bytes
-per element where this saves 2. Where the fused kernels run (CUDA), a GroupNorm or an InstanceNorm (GroupNorm with
-one channel per group) and its activation are one kernel (``fastseg3d.ops.group_norm_act``), forward and in
+per element where this saves 2. Where the fused kernels run (CUDA), a GroupNorm, an InstanceNorm (GroupNorm with
+one channel per group) or a training BatchNorm (one channel per group, statistics over the batch) and its
+activation are one kernel (``fastseg3d.ops.group_norm_act``), forward and in
 backward's recompute: it reads the bf16 input as it is and writes the conv's bf16 input once, and its backward
 writes the bf16 input gradient directly (no fp32 copies of the input, the normalised tensor or their gradients
 under autocast, and no normalised tensor or activation gradient in any dtype).
@@ -26,10 +30,10 @@ LayerNorm -> Linear (SegFormer3D's blocks, its spatial reduction and its decoder
 fp32 and the Linear casts it; where the fused kernel runs, the norm writes the Linear's dtype directly
 (``fastseg3d.ops.layer_norm``) and its backward reads that gradient as it is.
 
-A GroupNorm or InstanceNorm -> activation with no conv after it (the U-Nets' blocks end with one, MobileUtr's with
-InstanceNorm -> ReLU) is the fused kernel alone where it runs; elsewhere a norm -> LeakyReLU saves its output instead
-of the activation's input: the layer after it saves that output anyway, and with a non-negative slope the output's
-sign gives the derivative.
+A norm -> activation with no conv after it (the U-Nets' blocks end with one, MobileUtr's with InstanceNorm ->
+ReLU, MISSU's decoder blocks with BatchNorm -> ReLU) is the fused kernel alone where it runs; elsewhere a norm ->
+LeakyReLU saves its output instead of the activation's input: the layer after it saves that output anyway, and
+with a non-negative slope the output's sign gives the derivative.
 
 Under ``fastseg3d.backend("torch")`` each of these runs the plain composition (its reference).
 """
@@ -72,36 +76,68 @@ def _tokens(vol: torch.Tensor) -> torch.Tensor:
 
 
 class _BatchNormActLinear(torch.autograd.Function):
+    """``fused``: whether the fused norm kernels (``fastseg3d.ops.group_norm_act`` with statistics over the batch)
+    run the BatchNorm and the activation."""
+
     @staticmethod
-    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation, weight, bias):
-        z, mean, rstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
-        h = _tokens(_act_as(z, (activation, 0.0), _conv_dtype(z)))
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, activation, weight, bias,
+                fused):
+        if fused:  # the norm and the activation in one kernel, written once in the dtype the linear reads
+            x = x.contiguous(memory_format=layout_of(x))
+            h, mean, rstd = group_norm_act_fused(x, bn_weight, bn_bias, x.shape[1], eps, activation, 0.0,
+                                                 out_dtype=_conv_dtype_of(x.dtype, x.device.type), batch_stats=True)
+            _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, x)
+            h = _tokens(h)
+        else:
+            z, mean, rstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum,
+                                                    eps)
+            h = _tokens(_act_as(z, (activation, 0.0), _conv_dtype(z)))
         w = weight.to(h.dtype)
         out = F.linear(h, w, bias.to(h.dtype) if bias is not None else None)
         ctx.save_for_backward(x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight)
-        ctx.eps, ctx.activation, ctx.has_bias = eps, activation, bias is not None
+        ctx.eps, ctx.activation, ctx.has_bias, ctx.fused = eps, activation, bias is not None, fused
         return out
 
     @staticmethod
     @once_differentiable  # the recomputed z takes the statistics as constants: no second derivative through them
     def backward(ctx, grad):
         x, bn_weight, bn_bias, running_mean, running_var, mean, rstd, weight = ctx.saved_tensors
-        # z = bn(x) with the batch statistics in one pass: BatchNorm's inference form, given the batch mean and the
-        # variance whose eps-shifted inverse square root is rstd (the statistics are per channel, so this is free)
-        z = F.batch_norm(x, mean, rstd.pow(-2) - ctx.eps, bn_weight, bn_bias, False, 0.0, ctx.eps)
         # the linear's backward in the dtype its forward ran in (grad's: the low precision under autocast)
         g = grad
-        h = _tokens(_act_as(z, (ctx.activation, 0.0), g.dtype))
+        if ctx.fused:
+            h = _tokens(group_norm_act_recompute(x, bn_weight, bn_bias, mean, rstd, ctx.activation, 0.0,
+                                                 out_dtype=g.dtype))
+        else:
+            # z = bn(x) with the batch statistics in one pass: BatchNorm's inference form, given the batch mean and
+            # the variance whose eps-shifted inverse square root is rstd (per channel statistics: this is free)
+            z = F.batch_norm(x, mean, rstd.pow(-2) - ctx.eps, bn_weight, bn_bias, False, 0.0, ctx.eps)
+            h = _tokens(_act_as(z, (ctx.activation, 0.0), g.dtype))
         dweight = torch.einsum("bno,bnc->oc", g, h).to(weight.dtype)
         dbias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
         # the (B, N, C) token gradient is the volume in channels-last memory: a view, no transposing copy
         dh = (g @ weight.to(g.dtype)).unflatten(1, x.shape[2:]).movedim(-1, 1)
-        dz = _act_backward_as(dh, z, (ctx.activation, 0.0)).contiguous(memory_format=_format(x))
-        dx, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
-            dz, x, bn_weight, running_mean, running_var, mean, rstd, True, ctx.eps,
-            [True, bn_weight is not None, bn_bias is not None],
-        )
-        return dx, dbn_w, dbn_b, None, None, None, None, None, dweight, dbias
+        mask = [True, bn_weight is not None, bn_bias is not None]
+        if ctx.fused:  # the activation's gradient inside the norm's backward kernels: dx written once
+            dx, dbn_w, dbn_b = group_norm_act_backward(dh, x, bn_weight, bn_bias, mean, rstd, ctx.eps,
+                                                       ctx.activation, mask)
+        else:
+            dz = _act_backward_as(dh, z, (ctx.activation, 0.0)).contiguous(memory_format=_format(x))
+            dx, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
+                dz, x, bn_weight, running_mean, running_var, mean, rstd, True, ctx.eps, mask,
+            )
+        return dx, dbn_w, dbn_b, None, None, None, None, None, dweight, dbias, None
+
+
+def _update_running_stats(running_mean, running_var, mean, rstd, eps: float, momentum: float, x: torch.Tensor):
+    """A training BatchNorm's running-statistics update (``native_batch_norm``'s: the unbiased variance) from the
+    fused kernels' batch statistics (1, C)."""
+    if running_mean is None or running_var is None or momentum == 0.0:
+        return
+    count = x.shape[0] * math.prod(x.shape[2:])
+    with torch.no_grad():  # few launches: BatchNorm's own kernel does this in its statistics pass
+        var = rstd.view(-1).pow(-2).sub_(eps).clamp_(min=0.0).mul_(count / (count - 1))
+        torch._foreach_lerp_([running_mean, running_var],
+                             [mean.view(-1).to(running_mean.dtype), var.to(running_var.dtype)], momentum)
 
 
 def _activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -133,10 +169,13 @@ def batch_norm_act_linear(
 ) -> torch.Tensor:
     """``F.linear(tokens(activation(bn(x))), weight, bias)`` for x (B, C, D, H, W); returns tokens (B, N, out).
 
-    Equal to the plain composition (same outputs, gradients and running-statistics updates as ``nn.BatchNorm3d``).
-    When it trains with batch statistics and gradients are on, it saves only ``x`` and the batch statistics. An
-    ``nn.SyncBatchNorm`` that would synchronise its statistics across processes, and a BatchNorm with hooks, run
-    through their own ``forward``. The backward is not differentiable again.
+    Equal to the plain composition (same outputs, gradients and running-statistics updates as ``nn.BatchNorm3d``;
+    within rounding where the fused kernels run). When it trains with batch statistics and gradients are on, it
+    saves only ``x`` and the batch statistics. Where the fused norm kernels run (CUDA), the BatchNorm and the
+    activation are one kernel that writes the linear's input once in the dtype it reads (forward and in backward's
+    recompute), and backward writes the input gradient once. An ``nn.SyncBatchNorm`` that would synchronise its
+    statistics across processes, and a BatchNorm with hooks, run through their own ``forward``. The backward is not
+    differentiable again.
 
     Raises:
         ValueError: training with one value per channel (``x``'s batch size times its spatial size is 1), as
@@ -145,7 +184,8 @@ def batch_norm_act_linear(
     if not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain() or has_hooks(bn):
         return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
     return _BatchNormActLinear.apply(
-        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _bn_momentum(bn, x), bn.eps, activation, weight, bias
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _bn_momentum(bn, x), bn.eps, activation, weight, bias,
+        _fused_groups(x, bn, ("batch", 0)) > 0,
     )
 
 
@@ -274,7 +314,7 @@ def act_instance_norm(x: torch.Tensor, activation: str, norm: nn.InstanceNorm3d)
 class _NormActConv(torch.autograd.Function):
     """kind: "group" (``groups`` groups), "instance" (BatchNorm's kernels on the (1, B * C, ...) view, as
     ``F.instance_norm`` runs) or "batch"; ``act``: ``(name, negative_slope)``; ``fused``: the groups the fused
-    GroupNorm kernel normalises over, 0 where ATen's norm runs."""
+    norm kernels normalise over (statistics over the batch for "batch"), 0 where ATen's norm runs."""
 
     @staticmethod
     def forward(ctx, x, kind, groups, norm_dtype, eps, momentum, norm_weight, norm_bias, running_mean, running_var,
@@ -284,7 +324,10 @@ class _NormActConv(torch.autograd.Function):
         if fused:  # the norm and the activation in one kernel, written once in the dtype the conv reads
             x = x.contiguous(memory_format=layout_of(x))
             h, mean, rstd = group_norm_act_fused(x, norm_weight, norm_bias, fused, eps, *act,
-                                                 out_dtype=_conv_dtype_of(norm_dtype, x.device.type))
+                                                 out_dtype=_conv_dtype_of(norm_dtype, x.device.type),
+                                                 batch_stats=kind == "batch")
+            if kind == "batch":
+                _update_running_stats(running_mean, running_var, mean, rstd, eps, momentum, x)
         else:
             z, mean, rstd = _norm_forward(ctx, x, norm_weight, norm_bias, running_mean, running_var, momentum)
             h = _act_as(z.view(x.shape), act, _conv_dtype(z))
@@ -551,15 +594,14 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
 
 def _fused_groups(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> int:
     """The groups ``fastseg3d.ops.group_norm_act`` normalises ``norm`` over where its kernels run (an InstanceNorm is
-    a GroupNorm with one channel per group), 0 for ATen's norm (BatchNorm's statistics span the batch)."""
-    if kind[0] not in ("group", "instance"):
-        return 0
+    a GroupNorm with one channel per group, a training BatchNorm one with statistics over the batch), 0 for ATen's
+    norm."""
     reasons = group_norm_act_unsupported_reasons(x, norm.weight, norm.bias)
     if reasons and backends.get_backend() == "triton":
         return 0  # ATen's norm, as for the norms the kernel does not take (the triton policy would raise)
     if not backends.select("group_norm_act", reasons, x.device):
         return 0
-    return kind[1] if kind[0] == "group" else x.shape[1]
+    return kind[1] if kind[0] == "group" else x.shape[1]  # one channel per group for "instance" and "batch"
 
 
 def _norm_args(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> tuple:
@@ -574,10 +616,11 @@ def _norm_args(x: torch.Tensor, norm: nn.Module, kind: tuple[str, int]) -> tuple
 def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
     """``activation(norm(x))`` for x (B, C, D, H, W) and the norms and activations of :func:`norm_act_conv`.
 
-    Where the fused GroupNorm kernel runs (a GroupNorm or an InstanceNorm on CUDA), norm and activation are one
-    kernel (``fastseg3d.ops.group_norm_act``, in the norm's output dtype), which saves only x and the statistics
-    and writes the output and, in backward, the input gradient once. Elsewhere a LeakyReLU with a non-negative
-    slope (``"leaky_relu"`` or an ``nn.LeakyReLU``) saves the output instead of the activation's input: its plain
+    Where the fused norm kernels run (a GroupNorm, an InstanceNorm or a training BatchNorm on CUDA), norm and
+    activation are one kernel (``fastseg3d.ops.group_norm_act``, in the norm's output dtype), which saves only x and
+    the statistics and writes the output and, in backward, the input gradient once (a BatchNorm's running
+    statistics updated as its own forward updates them). Elsewhere a LeakyReLU with a non-negative slope
+    (``"leaky_relu"`` or an ``nn.LeakyReLU``) saves the output instead of the activation's input: its plain
     composition saves the norm's input, the activation's input and, through whatever reads it next, the output,
     which the next layer usually saves anyway, so one input-sized tensor less is kept. Other activations (ReLU
     already saves its output) and the cases :func:`norm_act_conv` leaves to the plain composition run the plain
@@ -597,7 +640,13 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
         if fused:
             x = x.contiguous(memory_format=layout_of(x))
             out_dtype = _group_norm_dtype(x) if kind[0] == "group" else x.dtype
-            return group_norm_act_fused(x, norm.weight, norm.bias, fused, norm.eps, *act, out_dtype=out_dtype)[0]
+            batch = kind[0] == "batch"
+            momentum = _bn_momentum(norm, x) if batch else 0.0
+            y, mean, rstd = group_norm_act_fused(x, norm.weight, norm.bias, fused, norm.eps, *act,
+                                                 out_dtype=out_dtype, batch_stats=batch)
+            if batch:
+                _update_running_stats(norm.running_mean, norm.running_var, mean, rstd, norm.eps, momentum, x)
+            return y
         if act[0] == "leaky_relu" and act[1] >= 0 and torch.is_grad_enabled():
             return _NormLeakyReLU.apply(x, *_norm_args(x, norm, kind), act[1])
     z = norm(x)

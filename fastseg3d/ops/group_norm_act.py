@@ -13,6 +13,10 @@ and fake tensors trace their bodies; ``meta`` tensors take a shapes-only branch)
 output again from given statistics: the recompute of ``fastseg3d.nn.recompute.norm_act_conv``) and
 ``fastseg3d::group_norm_act_backward``. The forward and apply ops write the output in a given dtype (the conv's
 under autocast).
+
+The forward op also takes statistics over the whole batch (``batch_stats``, with one group per channel: a training
+BatchNorm's, which ``fastseg3d.nn.recompute`` fuses with its activation); its statistics are then (1, G), and the
+apply and backward ops read such statistics as spanning the batch. The running statistics are the caller's.
 """
 
 from __future__ import annotations
@@ -90,8 +94,13 @@ def _needs(output_mask, weight, bias) -> tuple[bool, bool, bool]:
     return output_mask[0], output_mask[1] and weight is not None, output_mask[2] and bias is not None
 
 
-def _stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
-    return tuple(x.new_empty((x.shape[0], groups), dtype=torch.float32) for _ in range(2))
+def _stats(x: Tensor, groups: int, batch_stats: bool) -> tuple[Tensor, Tensor]:
+    return tuple(x.new_empty((1 if batch_stats else x.shape[0], groups), dtype=torch.float32) for _ in range(2))
+
+
+def _spans_batch(x: Tensor, mean: Tensor) -> bool:
+    """Whether statistics (1, G) were taken over x's whole batch (the same thing for a batch of one)."""
+    return mean.shape[0] != x.shape[0]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -100,26 +109,29 @@ def _stats(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
 
 @utils.eager_op("fastseg3d::group_norm_act")
 def _group_norm_act_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
-                       activation: str, negative_slope: float, out_dtype: torch.dtype, activation_first: bool
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y in ``out_dtype`` and x's layout, mean, rstd): the statistics fp32 (B, groups)."""
+                       activation: str, negative_slope: float, out_dtype: torch.dtype, activation_first: bool,
+                       batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y in ``out_dtype`` and x's layout, mean, rstd): the statistics fp32 (B, groups), (1, groups) with
+    ``batch_stats``."""
     if x.device.type == "meta":
-        return (_new_output(x, out_dtype), *_stats(x, groups))
+        return (_new_output(x, out_dtype), *_stats(x, groups, batch_stats))
     if not utils.launchable(x.device):
         y, mean, rstd = group_norm_act_fused_ref(x, weight, bias, groups, eps, _act(activation), negative_slope,
-                                                 out_dtype, activation_first)
+                                                 out_dtype, activation_first, batch_stats)
         return y.contiguous(memory_format=utils.layout_of(x)), mean.float(), rstd.float()
     with utils.launch_device(x):
         return _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype,
-                                      activation_first)
+                                      activation_first, batch_stats)
 
 
 @utils.launches("fastseg3d::group_norm_act")
-def _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first):
+def _group_norm_act_launch(x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first,
+                           batch_stats):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply, group_norm_act_stats
 
     act_id = ACT_IDS[_act(activation)]
-    mean, rstd = group_norm_act_stats(x, groups, eps, act_id, negative_slope, activation_first, empty=utils.empty)
+    mean, rstd = group_norm_act_stats(x, groups, eps, act_id, negative_slope, activation_first, batch_stats,
+                                      empty=utils.empty)
     y = group_norm_act_apply(x, *_params(weight, bias), mean, rstd, act_id, negative_slope,
                              _new_output(x, out_dtype), activation_first)
     return y, mean, rstd
@@ -163,7 +175,8 @@ def _group_norm_act_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, 
                 torch.empty_like(bias) if need_db else x.new_empty((0,)))
     if not utils.launchable(x.device):
         dx, dw, db = group_norm_act_backward_ref(grad, x, weight, bias, mean.shape[1], eps, _act(activation),
-                                                 [need_dx, need_dw, need_db], negative_slope, activation_first)
+                                                 [need_dx, need_dw, need_db], negative_slope, activation_first,
+                                                 _spans_batch(x, mean))
         return (dx.contiguous(memory_format=utils.layout_of(x)) if need_dx else none,
                 dw if need_dw else x.new_empty((0,)), db if need_db else x.new_empty((0,)))
     with utils.launch_device(x):
@@ -185,7 +198,7 @@ def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, acti
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first = inputs
+    x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first, _batch_stats = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
     ctx.eps, ctx.activation, ctx.negative_slope, ctx.activation_first = eps, activation, negative_slope, \
@@ -197,11 +210,11 @@ def _backward(ctx, grad, grad_mean, grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:3])
     if grad is None or not any(mask):
-        return (None,) * 9
+        return (None,) * 10
     dx, dw, db = _group_norm_act_backward_op(grad, x, weight, bias, mean, rstd, ctx.eps, ctx.activation,
                                              ctx.negative_slope, mask, ctx.activation_first)
     return (dx if mask[0] else None, dw if mask[1] and weight is not None else None,
-            db if mask[2] and bias is not None else None, None, None, None, None, None, None)
+            db if mask[2] and bias is not None else None, None, None, None, None, None, None, None)
 
 
 _group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,16 +222,17 @@ _group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 def group_norm_act_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
                          activation: str | None, negative_slope: float = 0.01, out_dtype: torch.dtype | None = None,
-                         activation_first: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                         activation_first: bool = False, batch_stats: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """The fused forward on an already validated and selected case, ``x`` contiguous in its layout: (y in
-    ``out_dtype``, default x's, mean, rstd)."""
+    ``out_dtype``, default x's, mean, rstd); with ``batch_stats`` the statistics span the batch (BatchNorm's in
+    training, with ``groups`` equal to C)."""
     return _group_norm_act_op(x, weight, bias, groups, float(eps), _ACT_NAMES[activation], float(negative_slope),
-                              out_dtype or x.dtype, bool(activation_first))
+                              out_dtype or x.dtype, bool(activation_first), bool(batch_stats))
 
 
 def group_norm_act_recompute(x, weight, bias, mean, rstd, activation: str | None, negative_slope: float = 0.01,
                              out_dtype: torch.dtype | None = None, activation_first: bool = False) -> Tensor:
-    """:func:`group_norm_act_fused`'s output again from its statistics."""
+    """:func:`group_norm_act_fused`'s output again from its statistics ((B, G), or (1, G) over the batch)."""
     return _group_norm_act_apply_op(x, weight, bias, mean, rstd, _ACT_NAMES[activation], float(negative_slope),
                                     out_dtype or x.dtype, bool(activation_first))
 

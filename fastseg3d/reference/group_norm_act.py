@@ -4,6 +4,9 @@
 
 fp16 and bf16 inputs are normalised in fp32, as CUDA autocast runs GroupNorm, and the result is returned in the
 input's dtype (what the conv after the norm reads under autocast). Math in fp64 for fp64 inputs.
+
+The fused forward and backward also take statistics over the whole batch (``batch_stats``: BatchNorm's, with one
+group per channel): GroupNorm of the (1, C, B * S) tensor that puts the batch elements side by side.
 """
 
 from __future__ import annotations
@@ -46,6 +49,16 @@ def _weight(weight, bias, channels: int, dtype: torch.dtype):
     return _cast(weight, dtype)
 
 
+def _merge_batch(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (1, C, B * S): the batch elements side by side, one instance."""
+    return t.transpose(0, 1).reshape(1, t.shape[1], -1).contiguous()
+
+
+def _split_batch(t: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of :func:`_merge_batch` for a tensor of ``shape``."""
+    return t.view(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+
+
 def _pre_post(activation, activation_first: bool):
     """(the activation applied to the norm's input, the one applied to its output)."""
     return (activation, None) if activation_first else (None, activation)
@@ -63,24 +76,28 @@ def group_norm_act_ref(x, num_groups: int, weight=None, bias=None, eps: float = 
 
 
 def group_norm_act_fused_ref(x, weight, bias, groups: int, eps: float, activation, negative_slope: float = 0.01,
-                             out_dtype: torch.dtype | None = None, activation_first: bool = False):
+                             out_dtype: torch.dtype | None = None, activation_first: bool = False,
+                             batch_stats: bool = False):
     """What the fused forward returns, without autograd: (y in ``out_dtype``, default x's, mean, rstd), the
-    statistics (B, G) in fp32 (fp64 for fp64 inputs)."""
+    statistics (B, G) in fp32 (fp64 for fp64 inputs), or (1, G) over the whole batch with ``batch_stats``."""
     cd = compute_dtype(x)
     pre, post = _pre_post(activation, activation_first)
-    a = _activate(x.to(cd), pre, negative_slope).contiguous()
-    z, mean, rstd = torch.native_group_norm(a, _cast(weight, cd), _cast(bias, cd), x.shape[0], x.shape[1],
-                                            math.prod(x.shape[2:]), groups, eps)
+    a = _activate(x.to(cd), pre, negative_slope)
+    a = _merge_batch(a) if batch_stats else a.contiguous()
+    z, mean, rstd = torch.native_group_norm(a, _cast(weight, cd), _cast(bias, cd), a.shape[0], a.shape[1],
+                                            math.prod(a.shape[2:]), groups, eps)
+    z = _split_batch(z, x.shape) if batch_stats else z
     return _activate(z, post, negative_slope).to(out_dtype or x.dtype), mean, rstd
 
 
 def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation, negative_slope: float = 0.01,
                              out_dtype: torch.dtype | None = None, activation_first: bool = False):
     """``activation((x - mean) * rstd * weight + bias)`` (``(activation(x) - mean) * rstd * weight + bias`` with
-    ``activation_first``) with given per-group statistics, in ``out_dtype`` (default x's)."""
+    ``activation_first``) with given per-group statistics ((B, G), or (1, G) for the whole batch), in ``out_dtype``
+    (default x's)."""
     pre, post = _pre_post(activation, activation_first)
     per_group = x.shape[1] // mean.shape[1]
-    shape = (x.shape[0], x.shape[1], 1, 1, 1)
+    shape = (mean.shape[0], x.shape[1], 1, 1, 1)
     scale = rstd.repeat_interleave(per_group, dim=1).view(shape)
     if weight is not None:
         scale = scale * weight.to(scale.dtype).view(1, -1, 1, 1, 1)
@@ -92,15 +109,17 @@ def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation, negative_s
 
 
 def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, activation, output_mask,
-                                negative_slope: float = 0.01, activation_first: bool = False):
-    """(dx, dweight, dbias) of :func:`group_norm_act_ref` in the dtypes of x and the parameters, from GroupNorm's
-    own forward and backward kernels (no autograd: op bodies run below it); None where ``output_mask`` is False
-    (and for an absent parameter)."""
+                                negative_slope: float = 0.01, activation_first: bool = False,
+                                batch_stats: bool = False):
+    """(dx, dweight, dbias) of :func:`group_norm_act_ref` (of :func:`group_norm_act_fused_ref`'s output with
+    ``batch_stats``) in the dtypes of x and the parameters, from GroupNorm's own forward and backward kernels (no
+    autograd: op bodies run below it); None where ``output_mask`` is False (and for an absent parameter)."""
     cd = compute_dtype(x)
     pre, post = _pre_post(activation, activation_first)
-    xc, wc = x.to(cd).contiguous(), _weight(weight, bias, x.shape[1], cd)
+    xc, wc = x.to(cd), _weight(weight, bias, x.shape[1], cd)
+    xc, grad = (_merge_batch(xc), _merge_batch(grad)) if batch_stats else (xc.contiguous(), grad)
     a = _activate(xc, pre, negative_slope)
-    n, c, s = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    n, c, s = a.shape[0], a.shape[1], math.prod(a.shape[2:])
     z, mean, rstd = torch.native_group_norm(a, wc, _cast(bias, cd), n, c, s, groups, eps)
     dz = grad.to(cd)
     if post is not None:
@@ -111,5 +130,7 @@ def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, 
                                                            [True, need_dw, need_db])
     if pre is not None:
         dx = dx * _activate_grad(xc, pre, negative_slope)
+    if batch_stats:
+        dx = _split_batch(dx, x.shape)
     return (dx.to(x.dtype) if output_mask[0] else None, dw.to(weight.dtype) if need_dw else None,
             db.to(bias.dtype) if need_db else None)

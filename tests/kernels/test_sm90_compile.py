@@ -238,7 +238,8 @@ def test_group_norm_act_kernels(dtype, int64, act, block_c, pre):
     values = {"x_ptr": f"*{dtype}", "dy_ptr": "*bf16", "y_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "w_ptr": "*fp32",
               "bias_ptr": "*fp32", **{p: "*fp32" for p in ("mean_ptr", "m2_ptr", "rstd_ptr", "out_mean_ptr",
                                                            "out_rstd_ptr", "sdz_ptr", "sdzx_ptr", "c1_ptr", "c2_ptr")},
-              **_ints("C", "S", "G", "CG", "SPLIT", "tiles_per_split", "chunk", "sb", "sc", "ss"), "eps": "fp32",
+              **_ints("C", "S", "G", "GB", "CG", "SPLIT", "SPLIT_B", "tiles_per_split", "chunk", "sb", "sc", "ss"),
+              "eps": "fp32",
               "slope": "fp32",
               "HAS_W": not pre, "HAS_B": act != 0, "ACT": act, "PRE": pre, "BLOCK_S": 2048 // block_c,
               "BLOCK_C": block_c,
@@ -439,7 +440,7 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
 # `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward",
-                                              "upsample_sum", "layer_norm", "layer_norm_backward"}),
+                                              "upsample_sum", "layer_norm", "layer_norm_backward", *_NORM_ACT}),
     ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT}),
     # the U-Nets' fused parts: their training losses, and their norm -> LeakyReLU chains
     ("dsd_unet", ("train_step",), {"kl_distill", *_NORM_ACT}),

@@ -94,7 +94,7 @@ def test_bf16_autocast_matches_plain_composition(activation, layout):
 _FORMATS = {"channels_last": torch.channels_last_3d, "contiguous": torch.contiguous_format}
 
 
-def test_fp32_input_under_autocast_matches_plain_composition():
+def test_fp32_input_under_autocast_matches_plain_composition(monkeypatch):
     """SegFormer3D's decoder: an fp32 input (the upsampled sum) under bf16 autocast, BatchNorm and ReLU in fp32 and
     the linear in bf16. The ReLU writes the linear's bf16 input directly and backward runs the linear's gradients
     in bf16, as autograd on the plain composition does: the same output, gradients in its dtypes."""
@@ -116,11 +116,23 @@ def test_fp32_input_under_autocast_matches_plain_composition():
                                                                              bn_ref.weight.grad)):
         assert a.dtype == e.dtype, name
         assert_close(name, a, e, torch.bfloat16)
-    # counted under (emulated) CUDA autocast: no fp32 activation, forward or in backward's recomputation
+    # counted under (emulated) CUDA autocast, where the fused norm kernels run: BatchNorm and ReLU write the
+    # linear's bf16 input once, forward and in backward's recomputation, and backward the fp32 input gradient once
+    n = x.numel()
     traffic = write_traffic(_DecoderHead(), (2, 16, 5, 6, 7), torch.bfloat16)
     forward, backward = traffic["forward"]["by_op"], traffic["backward"]["by_op"]
-    assert "aten::relu" not in forward and forward["aten::maximum"] == (1, 2 * x.numel())
-    assert backward["aten::maximum (_BatchNormActLinearBackward)"] == (1, 2 * x.numel())
+    assert forward["fastseg3d::group_norm_act"] == (1, 2 * n + 2 * 4 * 16)  # and the (1, C) fp32 statistics
+    assert backward["fastseg3d::group_norm_act_apply (_BatchNormActLinearBackward)"] == (1, 2 * n)
+    assert backward["fastseg3d::group_norm_act_backward (_BatchNormActLinearBackward)"] == (1, 4 * n + 2 * 4 * 16)
+    assert not any(name.split()[0] in ("aten::native_batch_norm", "aten::maximum", "aten::relu",
+                                       "aten::threshold_backward", "aten::native_batch_norm_backward")
+                   for name in (*forward, *backward))
+    # without them (no Triton): no fp32 activation, forward or in backward's recomputation
+    monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: ["triton is not installed"])
+    traffic = write_traffic(_DecoderHead(), (2, 16, 5, 6, 7), torch.bfloat16)
+    forward, backward = traffic["forward"]["by_op"], traffic["backward"]["by_op"]
+    assert "aten::relu" not in forward and forward["aten::maximum"] == (1, 2 * n)
+    assert backward["aten::maximum (_BatchNormActLinearBackward)"] == (1, 2 * n)
     assert not any(name.startswith("aten::relu") for name in backward)
 
 
@@ -131,6 +143,39 @@ class _DecoderHead(nn.Module):
 
     def forward(self, x):
         return batch_norm_act_linear(x, self.bn, "relu", self.w, None)
+
+
+def test_fused_batch_norm_chains_compile_fullgraph(monkeypatch):
+    """The fused BatchNorm paths (forced on CPU, where the op runs its reference body) trace whole under
+    ``torch.compile(fullgraph=True)``, running-statistics updates included, and match eager."""
+    monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: [])
+    monkeypatch.setattr(recompute.backends, "select", lambda *args, **kwargs: True)
+    w = torch.randn(5, 6, requires_grad=True)
+    x1, x2 = _input_pair(6, "channels_last")
+    norms = nn.BatchNorm3d(6), nn.BatchNorm3d(5)
+    refs = copy.deepcopy(norms)
+
+    def step(x, bn1, bn2):
+        tokens = batch_norm_act_linear(x, bn1, "gelu", w, None)
+        return norm_act(tokens.unflatten(1, x.shape[2:]).permute(0, 4, 1, 2, 3), bn2, "relu")
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    y = torch.compile(step, fullgraph=True, backend=backend)(x1, *norms)
+    y_ref = step(x2, *refs)
+    assert "".join(graphs).count("fastseg3d.group_norm_act.default") == 2
+    assert_close("y", y, y_ref, torch.float32)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for a, e in zip(norms, refs):
+        for name in ("running_mean", "running_var"):
+            assert_close(name, getattr(a, name), getattr(e, name), torch.float32)
+        assert a.num_batches_tracked.item() == e.num_batches_tracked.item() == 1
 
 
 def test_saves_only_the_input_and_statistics():
@@ -785,6 +830,71 @@ def test_interpret_norm_act_conv_fused_group_norm_matches_plain_composition(acti
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_interpret_batch_norm_act_linear_on_the_fused_kernels(activation, layout, monkeypatch, poison):
+    """SegFormer3D's Mix-FFN (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> linear) with the norm and
+    the activation in one kernel (statistics over the batch): output, every gradient, and the running statistics
+    and batch count over two steps, as ``nn.BatchNorm3d`` updates them."""
+    calls = _count_fused(monkeypatch)
+    bn = nn.BatchNorm3d(6)
+    _randomise(bn)
+    bn_ref = copy.deepcopy(bn)
+    x1, x2 = _input_pair(6, layout)
+    w = torch.randn(5, 6)
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    b1, b2 = torch.zeros(5, requires_grad=True), torch.zeros(5, requires_grad=True)
+    act = F.gelu if activation == "gelu" else F.relu
+    for _ in range(2):
+        with fastseg3d.backend("triton"):
+            y = batch_norm_act_linear(x1, bn, activation, w1, b1)
+        y_ref = F.linear(act(bn_ref(x2)).flatten(2).transpose(1, 2), w2, b2)
+    assert calls == [6, 6] and y.grad_fn.name() == "_BatchNormActLinearBackward"
+    assert_close("y", y, y_ref, torch.float32)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    for name, a, e in (("dx", x1, x2), ("dw", w1, w2), ("db", b1, b2), ("dbn.weight", bn.weight, bn_ref.weight),
+                       ("dbn.bias", bn.bias, bn_ref.bias)):
+        assert_close(name, a.grad, e.grad, torch.float32, 2.0)
+    for name in ("running_mean", "running_var"):
+        assert_close(name, getattr(bn, name), getattr(bn_ref, name), torch.float32)
+    assert bn.num_batches_tracked.item() == bn_ref.num_batches_tracked.item() == 2
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_interpret_batch_norm_relu_chains_on_the_fused_kernels(layout, monkeypatch, poison):
+    """MISSU's decoder block, conv -> BatchNorm -> ReLU -> conv -> BatchNorm -> ReLU: both norms on the fused kernels
+    with statistics over the batch, matching the plain composition (output, gradients, running statistics)."""
+    calls = _count_fused(monkeypatch)
+    norm1, norm2, conv = nn.BatchNorm3d(6, momentum=None), nn.BatchNorm3d(6), nn.Conv3d(6, 6, 3, padding=1)
+    _randomise(norm1, norm2, conv)
+    refs = copy.deepcopy((norm1, norm2, conv))
+    x1, x2 = _input_pair(6, layout)
+    with fastseg3d.backend("triton"):
+        y = norm_act(norm_act_conv(x1, norm1, "relu", conv), norm2, nn.ReLU())
+    y_ref = F.relu(refs[1](refs[2](F.relu(refs[0](x2)))))
+    assert calls == [6, 6] and y.grad_fn.name().startswith("group_norm_act")
+    assert_close("y", y, y_ref, torch.float32)
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for module, module_ref in zip((norm1, norm2, conv), refs):
+        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
+            if module is conv and name == "bias":  # BatchNorm after the conv removes its bias: a gradient of 0
+                assert p.grad.abs().max() < 1e-4 and p_ref.grad.abs().max() < 1e-4
+                continue
+            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if hasattr(module, name):
+                assert_close(name, getattr(module, name).float(), getattr(module_ref, name).float(), torch.float32)
+
+
+@pytest.mark.interpret
 def test_interpret_norm_act_conv_fused_group_norm_under_fp32_group_norm_autocast(monkeypatch):
     """bf16 input under autocast with CUDA's GroupNorm policy patched in: the fused kernel reads the bf16 input and
     writes the conv's bf16 input; output and gradients within bf16 rounding of the plain chain, in its dtypes."""
@@ -1011,7 +1121,7 @@ def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = norm_act(x1, norm, nn.LeakyReLU(0.01))
         y_ref = F.leaky_relu(norm_ref(x2), 0.01)
-    assert y.grad_fn.name() == "_NormLeakyReLUBackward" and y.dtype == y_ref.dtype
+    assert y.grad_fn.name().startswith("group_norm_act") and y.dtype == y_ref.dtype  # the fused kernels
     assert_close("y", y, y_ref, torch.bfloat16)
     g = torch.randn_like(y_ref)
     y.backward(g)
@@ -1020,12 +1130,17 @@ def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
 
 
 @pytest.mark.gpu
-def test_gpu_batch_norm_act_linear_fp32_input_under_cuda_autocast():
-    """SegFormer3D's decoder on a GPU: the ReLU's cast-in-one-pass (a CPU scalar operand, a bf16 out= buffer) and
-    the bf16 backward GEMMs give the plain composition's output and gradients."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "aten"])
+def test_gpu_batch_norm_act_linear_fp32_input_under_cuda_autocast(fused, monkeypatch):
+    """SegFormer3D's decoder on a GPU: the fused BatchNorm -> ReLU writing the linear's bf16 input and the bf16
+    backward GEMMs give the plain composition's output, gradients and running statistics; so does the ATen path
+    (without the fused kernels) with the ReLU's cast-in-one-pass (a CPU scalar operand, a bf16 out= buffer)."""
     torch.manual_seed(0)
     bn = nn.BatchNorm3d(16).cuda()
     bn_ref = copy.deepcopy(bn)
+    if not fused:
+        monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: ["triton is not installed"])
+    calls = _count_fused(monkeypatch)
     x = torch.randn(2, 16, 9, 10, 11, device="cuda").contiguous(memory_format=torch.channels_last_3d)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     w = torch.randn(8, 16, device="cuda")
@@ -1033,14 +1148,17 @@ def test_gpu_batch_norm_act_linear_fp32_input_under_cuda_autocast():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = batch_norm_act_linear(x1, bn, "relu", w1, None)
         y_ref = F.linear(F.relu(bn_ref(x2)).flatten(2).transpose(1, 2), w2)
-    assert y.dtype == y_ref.dtype == torch.bfloat16
+    assert len(calls) == fused and y.dtype == y_ref.dtype == torch.bfloat16
     assert_close("y", y, y_ref, torch.bfloat16)
     g = torch.randn_like(y_ref)
     y.backward(g)
     y_ref.backward(g)
-    for name, a, e in (("dx", x1.grad, x2.grad), ("dw", w1.grad, w2.grad)):
+    for name, a, e in (("dx", x1.grad, x2.grad), ("dw", w1.grad, w2.grad), ("dbn.weight", bn.weight.grad,
+                                                                             bn_ref.weight.grad)):
         assert a.dtype == e.dtype, name
         assert_close(name, a, e, torch.bfloat16)
+    for name in ("running_mean", "running_var"):
+        assert_close(name, getattr(bn, name), getattr(bn_ref, name), torch.float32)
 
 
 @pytest.mark.gpu

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import fastseg3d
-from fastseg3d.ops.group_norm_act import group_norm_act, group_norm_act_unsupported_reasons
+from fastseg3d.ops.group_norm_act import (
+    group_norm_act,
+    group_norm_act_fused,
+    group_norm_act_recompute,
+    group_norm_act_unsupported_reasons,
+)
 from fastseg3d.reference.dwconv3d import activation_ref
 from fastseg3d.reference.group_norm_act import (
     group_norm_act_apply_ref,
@@ -68,6 +73,47 @@ def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01, first=Fals
         assert_close("dbias", b.grad, bd.grad, dtype, 2 * scale)
 
 
+def _batch_formula(x, w, b, eps, activation):
+    """A training BatchNorm written out in float64 (per channel, over the batch and the voxels), then the
+    activation."""
+    xd = x.double()
+    dims = (0, 2, 3, 4)
+    z = (xd - xd.mean(dims, keepdim=True)) / (xd.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+    if w is not None:
+        z = z * w.double().view(1, -1, 1, 1, 1)
+    if b is not None:
+        z = z + b.double().view(1, -1, 1, 1, 1)
+    return _act(z, activation, 0.01)
+
+
+def _check_batch(x, w, b, activation, dtype, out_dtype=None):
+    """The forward op with statistics over the batch (whatever backend is active) against the float64 BatchNorm
+    formula: output, statistics (1, C), the apply op from them, and every gradient."""
+    y, mean, rstd = group_norm_act_fused(x, w, b, x.shape[1], 1e-5, activation, out_dtype=out_dtype,
+                                         batch_stats=True)
+    assert y.dtype == (out_dtype or x.dtype) and mean.shape == rstd.shape == (1, x.shape[1])
+    assert y.is_contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_() if w is not None else None
+    bd = b.detach().double().requires_grad_() if b is not None else None
+    expected = _batch_formula(xd, wd, bd, 1e-5, activation)
+    assert_close("y", y, expected, y.dtype)
+    dims = (0, 2, 3, 4)
+    # the statistics are fp32 (as the ops return them for any input)
+    assert_close("mean", mean.view(-1), xd.detach().mean(dims), torch.float32)
+    assert_close("rstd", rstd.view(-1), (xd.detach().var(dims, unbiased=False) + 1e-5).rsqrt(), torch.float32)
+    again = group_norm_act_recompute(x.detach(), w, b, mean, rstd, activation, out_dtype=y.dtype)
+    assert_close("apply", again, y, torch.float32 if y.dtype == torch.float64 else y.dtype)  # fp32 statistics
+    # the gradient as y's dtype holds it (bf16 for an fp32 input read in bf16)
+    dy = torch.randn_like(expected).to(y.dtype).contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
+    y.backward(dy)
+    expected.backward(dy.double())
+    assert_close("dx", x.grad, xd.grad, dtype, 2.0)
+    if w is not None:
+        assert_close("dweight", w.grad, wd.grad, dtype, 2.0)
+        assert_close("dbias", b.grad, bd.grad, dtype, 2.0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # CPU tier
 
@@ -110,6 +156,17 @@ def test_fused_reference_pieces_agree(first):
         assert_close(name, got, want, torch.float64)
     assert group_norm_act_backward_ref(dy, x.detach(), None, None, 3, 1e-5, None, [False, True, True]) == (
         None, None, None)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", None])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_batch_statistics_reference_is_batch_norm(activation, layout):
+    """With statistics over the batch (one group per channel), the ops' references are a training BatchNorm and
+    its gradients, in either layout."""
+    x, w, b = _inputs((3, 5, 2, 3, 4), torch.float64, layout)
+    _check_batch(x, w, b, activation, torch.float64)
+    x, _, _ = _inputs((3, 5, 2, 3, 4), torch.float64, layout, affine=False)
+    _check_batch(x, None, None, activation, torch.float64)
 
 
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
@@ -190,9 +247,10 @@ def test_unsupported_reasons():
 def test_opcheck(layout, affine, activation, first):
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, layout, affine)
     torch.library.opcheck(torch.ops.fastseg3d.group_norm_act.default,
-                          (x, w, b, 3, 1e-5, activation, 0.2, torch.float32, first))
+                          (x, w, b, 3, 1e-5, activation, 0.2, torch.float32, first, False))
     x, w, b = (t.detach() if t is not None else None for t in (x, w, b))  # these two have no autograd
-    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 3, 1e-5, activation, 0.2, torch.bfloat16, first)
+    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 3, 1e-5, activation, 0.2, torch.bfloat16, first,
+                                                       False)
     assert y.dtype == torch.bfloat16
     torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_apply.default,
                           (x, w, b, mean, rstd, activation, 0.2, torch.float16, first))
@@ -201,11 +259,26 @@ def test_opcheck(layout, affine, activation, first):
                            first))
 
 
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_opcheck_batch_statistics(layout):
+    x, w, b = _inputs((3, 5, 2, 3, 4), torch.float32, layout)
+    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act.default,
+                          (x, w, b, 5, 1e-5, "gelu", 0.01, torch.float32, False, True))
+    x, w, b = x.detach(), w.detach(), b.detach()
+    y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x, w, b, 5, 1e-5, "gelu", 0.01, torch.bfloat16, False, True)
+    assert mean.shape == (1, 5)
+    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_apply.default,
+                          (x, w, b, mean, rstd, "gelu", 0.01, torch.float16, False))
+    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_backward.default,
+                          (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, "gelu", 0.01, [True, True, True], False))
+
+
 def test_compile_fullgraph_forward_backward():
     x, w, b = _inputs((2, 8, 3, 4, 5), torch.float32, "cl")
 
     def fn(x, w, b):
-        return torch.ops.fastseg3d.group_norm_act(x, w, b, 4, 1e-5, "silu", 0.01, x.dtype, True)[0].square().sum()
+        return torch.ops.fastseg3d.group_norm_act(x, w, b, 4, 1e-5, "silu", 0.01, x.dtype, True,
+                                                  False)[0].square().sum()
 
     x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
     fn(x, w, b).backward()
@@ -311,7 +384,7 @@ def test_kernels_write_the_requested_output_dtype(poison):
     x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "ncdhw")
     with fastseg3d.backend("triton"):
         y, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w.detach(), b.detach(), 3, 1e-5, "relu",
-                                                           0.01, torch.bfloat16, False)
+                                                           0.01, torch.bfloat16, False, False)
         again = torch.ops.fastseg3d.group_norm_act_apply(x.detach(), w.detach(), b.detach(), mean, rstd, "relu",
                                                          0.01, torch.bfloat16, False)
     expected = F.relu(F.group_norm(x.detach().double(), 3, w.detach().double(), b.detach().double(), 1e-5))
@@ -329,6 +402,28 @@ def test_kernels_keep_the_variance_of_an_offset_feature(layout, poison):
         x[:, :, 0] = 0.0
     with fastseg3d.backend("triton"):
         _check(x, w, b, 2, None, torch.float32, scale=4.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape, activation", [((3, 5, 3, 4, 5), "gelu"), ((2, 20, 3, 3, 3), "relu"),
+                                               ((4, 3, 1, 1, 2), None)])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernels_batch_statistics(shape, activation, layout, dtype, poison):
+    """Statistics over the batch (a training BatchNorm, one group per channel): partials of every batch element
+    and split merged per channel, and the apply and backward kernels reading one set for the batch; a channel
+    block that straddles the channel count, and two voxels a batch element."""
+    x, w, b = _inputs(shape, dtype, layout)
+    with fastseg3d.backend("triton"):
+        _check_batch(x, w, b, activation, dtype)
+
+
+@pytest.mark.interpret
+def test_kernels_batch_statistics_write_the_requested_dtype(poison):
+    """SegFormer3D's decoder: an fp32 BatchNorm input whose ReLU output the linear reads in bf16."""
+    x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, "cl")
+    with fastseg3d.backend("triton"):
+        _check_batch(x, w, b, "relu", torch.float32, out_dtype=torch.bfloat16)
 
 
 @pytest.mark.interpret
@@ -357,9 +452,10 @@ def test_kernels_64bit_indexing(monkeypatch, poison):
 def test_kernel_statistics_are_group_norms(poison):
     x, w, b = _inputs((2, 6, 3, 5, 7), torch.float32, "cl")
     with fastseg3d.backend("triton"):
-        _, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "none", 0.01, x.dtype, False)
+        _, mean, rstd = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "none", 0.01, x.dtype, False,
+                                                           False)
         _, mean_a, rstd_a = torch.ops.fastseg3d.group_norm_act(x.detach(), w, b, 3, 1e-5, "gelu", 0.01, x.dtype,
-                                                               True)
+                                                               True, False)
     _, mean_ref, rstd_ref = torch.native_group_norm(x.detach().contiguous(), w, b, 2, 6, 105, 3, 1e-5)
     assert_close("mean", mean, mean_ref, torch.float32)
     assert_close("rstd", rstd, rstd_ref, torch.float32)
@@ -384,6 +480,17 @@ def test_gpu_kernels_match_the_formula(shape, groups, activation, layout, dtype,
     x, w, b = _inputs(shape, dtype, layout, device="cuda")
     with fastseg3d.backend("triton"):
         _check(x, w, b, groups, activation, dtype, first=first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+@pytest.mark.parametrize("shape, activation", [((2, 128, 24, 20, 17), "gelu"), ((2, 256, 16, 16, 16), "relu"),
+                                               ((3, 7, 5, 6, 7), None)])
+def test_gpu_kernels_batch_statistics(shape, activation, layout, dtype, poison):
+    x, w, b = _inputs(shape, dtype, layout, device="cuda")
+    with fastseg3d.backend("triton"):
+        _check_batch(x, w, b, activation, dtype)
 
 
 @pytest.mark.gpu
