@@ -31,7 +31,8 @@ Backward, given ``dy``:
    sums per channel ``dz`` and ``dz * xhat`` over its share of the voxels into (B, SPLIT, C) workspaces (no
    atomics: the caller sums them in a fixed order into dweight, dbias and the two per-group terms of dx);
 2. dx: ``rstd * (w_c dz - c1_g - xhat c2_g)``, with ``c1 = sum_c w_c sum dz / M`` and ``c2 = sum_c w_c sum dz
-   xhat / M`` over the group's M values (times ``act'(x)`` with ``PRE``).
+   xhat / M`` over the group's M values, the whole batch's with statistics over the batch (times ``act'(x)`` with
+   ``PRE``).
 """
 
 from __future__ import annotations

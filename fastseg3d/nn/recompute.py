@@ -119,7 +119,7 @@ class _BatchNormActLinear(torch.autograd.Function):
         mask = [True, bn_weight is not None, bn_bias is not None]
         if ctx.fused:  # the activation's gradient inside the norm's backward kernels: dx written once
             dx, dbn_w, dbn_b = group_norm_act_backward(dh, x, bn_weight, bn_bias, mean, rstd, ctx.eps,
-                                                       ctx.activation, mask)
+                                                       ctx.activation, mask, 0.0)
         else:
             dz = _act_backward_as(dh, z, (ctx.activation, 0.0)).contiguous(memory_format=_format(x))
             dx, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
@@ -130,14 +130,15 @@ class _BatchNormActLinear(torch.autograd.Function):
 
 def _update_running_stats(running_mean, running_var, mean, rstd, eps: float, momentum: float, x: torch.Tensor):
     """A training BatchNorm's running-statistics update (``native_batch_norm``'s: the unbiased variance) from the
-    fused kernels' batch statistics (1, C)."""
-    if running_mean is None or running_var is None or momentum == 0.0:
+    fused kernels' batch statistics (1, C). The variance comes back from rstd: exact to fp32 rounding of var + eps
+    (a variance far below eps keeps fewer digits, which eps outweighs wherever the running variance is used)."""
+    if running_mean is None or running_var is None:  # no test of momentum: traced, it can be a data-dependent float
         return
     count = x.shape[0] * math.prod(x.shape[2:])
     with torch.no_grad():  # few launches: BatchNorm's own kernel does this in its statistics pass
         var = rstd.view(-1).pow(-2).sub_(eps).clamp_(min=0.0).mul_(count / (count - 1))
-        torch._foreach_lerp_([running_mean, running_var],
-                             [mean.view(-1).to(running_mean.dtype), var.to(running_var.dtype)], momentum)
+        running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
+        running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
 def _activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -178,10 +179,14 @@ def batch_norm_act_linear(
     differentiable again.
 
     Raises:
-        ValueError: training with one value per channel (``x``'s batch size times its spatial size is 1), as
-            ``nn.BatchNorm3d`` does.
+        ValueError: an activation outside ``fastseg3d.reference.dwconv3d.ACTIVATIONS``; training with one value per
+            channel (``x``'s batch size times its spatial size is 1), as ``nn.BatchNorm3d`` does; and what
+            ``bn`` itself raises for an input of another rank or channel count.
     """
-    if not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain() or has_hooks(bn):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if (not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain() or has_hooks(bn) or x.dim() != 5
+            or x.shape[1] != bn.num_features):
         return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
     return _BatchNormActLinear.apply(
         x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _bn_momentum(bn, x), bn.eps, activation, weight, bias,
@@ -561,7 +566,7 @@ def norm_act_conv(x: torch.Tensor, norm: nn.Module, activation, conv: nn.Conv3d)
     ``nn.LeakyReLU``, ``nn.GELU``, ``nn.SiLU`` or ``nn.Identity`` module) and any ``nn.Conv3d`` with zero padding.
 
     Equal to the plain composition (same outputs, gradients, dtypes under autocast and running-statistics updates;
-    where the fused GroupNorm kernel runs, within rounding: it rounds the normalised, activated tensor once, where
+    where the fused norm kernels run, within rounding: they round the normalised, activated tensor once, where
     the plain chain may round the norm's output and then the activation's);
     with gradients on it saves only ``x`` and the norm's statistics, and backward recomputes the normalised,
     activated tensor (one elementwise pass; GroupNorm's statistics once more) before the conv's backward; that

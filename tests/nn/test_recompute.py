@@ -145,14 +145,17 @@ class _DecoderHead(nn.Module):
         return batch_norm_act_linear(x, self.bn, "relu", self.w, None)
 
 
-def test_fused_batch_norm_chains_compile_fullgraph(monkeypatch):
+@pytest.mark.parametrize("compiler", ["graph", "aot_eager"])
+def test_fused_batch_norm_chains_compile_fullgraph(compiler, monkeypatch):
     """The fused BatchNorm paths (forced on CPU, where the op runs its reference body) trace whole under
-    ``torch.compile(fullgraph=True)``, running-statistics updates included, and match eager."""
+    ``torch.compile(fullgraph=True)`` (also through AOTAutograd, which functionalises the running statistics'
+    updates) and match the plain composition: output, gradients, running statistics and batch counts over two
+    steps, one norm with a cumulative average (``momentum=None``)."""
     monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: [])
     monkeypatch.setattr(recompute.backends, "select", lambda *args, **kwargs: True)
     w = torch.randn(5, 6, requires_grad=True)
-    x1, x2 = _input_pair(6, "channels_last")
-    norms = nn.BatchNorm3d(6), nn.BatchNorm3d(5)
+    norms = nn.BatchNorm3d(6), nn.BatchNorm3d(5, momentum=None)
+    _randomise(*norms)
     refs = copy.deepcopy(norms)
 
     def step(x, bn1, bn2):
@@ -161,21 +164,26 @@ def test_fused_batch_norm_chains_compile_fullgraph(monkeypatch):
 
     graphs = []
 
-    def backend(gm, example_inputs):
+    def record(gm, example_inputs):
         graphs.append(gm.print_readable(print_output=False))
         return gm.forward
 
-    y = torch.compile(step, fullgraph=True, backend=backend)(x1, *norms)
-    y_ref = step(x2, *refs)
-    assert "".join(graphs).count("fastseg3d.group_norm_act.default") == 2
-    assert_close("y", y, y_ref, torch.float32)
-    y.square().sum().backward()
-    y_ref.square().sum().backward()
-    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    compiled = torch.compile(step, fullgraph=True, backend=record if compiler == "graph" else "aot_eager")
+    for _ in range(2):
+        x1, x2 = _input_pair(6, "channels_last")
+        y = compiled(x1, *norms)
+        with fastseg3d.backend("torch"):
+            y_ref = step(x2, *refs)
+        assert_close("y", y, y_ref, torch.float32)
+        y.square().sum().backward()
+        y_ref.square().sum().backward()
+        assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    if compiler == "graph":
+        assert "".join(graphs).count("fastseg3d.group_norm_act.default") == 2
     for a, e in zip(norms, refs):
         for name in ("running_mean", "running_var"):
             assert_close(name, getattr(a, name), getattr(e, name), torch.float32)
-        assert a.num_batches_tracked.item() == e.num_batches_tracked.item() == 1
+        assert a.num_batches_tracked.item() == e.num_batches_tracked.item() == 2
 
 
 def test_saves_only_the_input_and_statistics():
@@ -204,6 +212,23 @@ def test_one_value_per_channel_in_training_raises_as_batch_norm_does(device):
         assert torch.equal(bn.running_var, torch.ones(4)) and torch.equal(bn.running_mean, torch.zeros(4))
     bn.eval()  # running statistics: one value per channel is fine
     assert batch_norm_act_linear(x, bn, "gelu", w, None).shape == (1, 1, 3)
+
+
+def test_bad_activation_and_mismatched_norm_raise(monkeypatch):
+    """An activation the plain composition does not know, and an input whose channels are not the BatchNorm's
+    (which the fused kernels would read past its parameters), raise whichever path would run."""
+    bn = nn.BatchNorm3d(4)
+    w = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        batch_norm_act_linear(torch.randn(2, 4, 2, 2, 2), bn, "leaky_relu", w, None)
+    monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: [])
+    monkeypatch.setattr(recompute.backends, "select", lambda *args, **kwargs: True)
+    calls = _count_fused(monkeypatch)
+    with pytest.raises(RuntimeError, match="running_mean should contain 6 elements not 4"):
+        batch_norm_act_linear(torch.randn(2, 6, 2, 2, 2, requires_grad=True), bn, "gelu", torch.randn(3, 6), None)
+    with pytest.raises(ValueError, match="expected 5D input"):
+        batch_norm_act_linear(torch.randn(2, 4, 2, 2, requires_grad=True), bn, "gelu", w, None)
+    assert calls == []
 
 
 def _fake_world(monkeypatch, world_size: int, calls: list):
@@ -872,11 +897,12 @@ def test_interpret_batch_norm_relu_chains_on_the_fused_kernels(layout, monkeypat
     norm1, norm2, conv = nn.BatchNorm3d(6, momentum=None), nn.BatchNorm3d(6), nn.Conv3d(6, 6, 3, padding=1)
     _randomise(norm1, norm2, conv)
     refs = copy.deepcopy((norm1, norm2, conv))
-    x1, x2 = _input_pair(6, layout)
-    with fastseg3d.backend("triton"):
-        y = norm_act(norm_act_conv(x1, norm1, "relu", conv), norm2, nn.ReLU())
-    y_ref = F.relu(refs[1](refs[2](F.relu(refs[0](x2)))))
-    assert calls == [6, 6] and y.grad_fn.name().startswith("group_norm_act")
+    for _ in range(2):  # the second step's cumulative average weighs the first
+        x1, x2 = _input_pair(6, layout)
+        with fastseg3d.backend("triton"):
+            y = norm_act(norm_act_conv(x1, norm1, "relu", conv), norm2, nn.ReLU())
+        y_ref = F.relu(refs[1](refs[2](F.relu(refs[0](x2)))))
+    assert calls == [6, 6] * 2 and y.grad_fn.name().startswith("group_norm_act")
     assert_close("y", y, y_ref, torch.float32)
     g = torch.randn_like(y_ref)
     with fastseg3d.backend("triton"):
@@ -1127,6 +1153,9 @@ def test_gpu_norm_act_under_cuda_autocast_matches_plain_composition(norm):
     y.backward(g)
     y_ref.backward(g)
     _assert_bf16_grads_match(x1, x2, (norm,), (norm_ref,))
+    for name in ("running_mean", "running_var"):
+        if getattr(norm, name, None) is not None:
+            assert_close(name, getattr(norm, name), getattr(norm_ref, name), torch.float32)
 
 
 @pytest.mark.gpu

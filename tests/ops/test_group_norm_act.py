@@ -406,13 +406,14 @@ def test_kernels_keep_the_variance_of_an_offset_feature(layout, poison):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("shape, activation", [((3, 5, 3, 4, 5), "gelu"), ((2, 20, 3, 3, 3), "relu"),
-                                               ((4, 3, 1, 1, 2), None)])
+                                               ((4, 3, 1, 1, 2), None), ((1, 5, 3, 4, 5), "silu")])
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_kernels_batch_statistics(shape, activation, layout, dtype, poison):
     """Statistics over the batch (a training BatchNorm, one group per channel): partials of every batch element
     and split merged per channel, and the apply and backward kernels reading one set for the batch; a channel
-    block that straddles the channel count, and two voxels a batch element."""
+    block that straddles the channel count, two voxels a batch element, and a batch of one (where the (1, C)
+    statistics are also the per-instance ones)."""
     x, w, b = _inputs(shape, dtype, layout)
     with fastseg3d.backend("triton"):
         _check_batch(x, w, b, activation, dtype)
