@@ -822,6 +822,23 @@ def _input_pair(channels: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]
     return x.clone().requires_grad_(), x.clone().requires_grad_()
 
 
+def _backward_and_compare(y, y_ref, x1, x2, modules, refs, bias_removed: bool) -> None:
+    """Backward through a fused chain (triton backend) and its plain composition with the same gradient; the input
+    and every parameter gradient agree. ``bias_removed``: a per-channel norm follows the conv, whose bias gradient
+    is then 0 up to rounding on both sides."""
+    g = torch.randn_like(y_ref)
+    with fastseg3d.backend("triton"):
+        y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    for module, module_ref in zip(modules, refs):
+        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
+            if bias_removed and isinstance(module, nn.Conv3d) and name == "bias":
+                assert p.grad.abs().max() < 1e-4 and p_ref.grad.abs().max() < 1e-4
+                continue
+            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+
+
 def _count_fused(monkeypatch) -> list:
     calls = []
     real = recompute.group_norm_act_fused
@@ -844,14 +861,7 @@ def test_interpret_norm_act_conv_fused_group_norm_matches_plain_composition(acti
     y_ref = _plain(x2, norm_ref, activation, conv_ref)
     assert y.grad_fn.name() == "_NormActConvBackward" and len(calls) == 1
     assert_close("y", y, y_ref, torch.float32)
-    g = torch.randn_like(y_ref)
-    with fastseg3d.backend("triton"):
-        y.backward(g)
-    y_ref.backward(g)
-    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
-    for module, module_ref in ((norm, norm_ref), (conv, conv_ref)):
-        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
-            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+    _backward_and_compare(y, y_ref, x1, x2, (norm, conv), (norm_ref, conv_ref), bias_removed=False)
 
 
 @pytest.mark.interpret
@@ -904,17 +914,8 @@ def test_interpret_batch_norm_relu_chains_on_the_fused_kernels(layout, monkeypat
         y_ref = F.relu(refs[1](refs[2](F.relu(refs[0](x2)))))
     assert calls == [6, 6] * 2 and y.grad_fn.name().startswith("group_norm_act")
     assert_close("y", y, y_ref, torch.float32)
-    g = torch.randn_like(y_ref)
-    with fastseg3d.backend("triton"):
-        y.backward(g)
-    y_ref.backward(g)
-    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+    _backward_and_compare(y, y_ref, x1, x2, (norm1, norm2, conv), refs, bias_removed=True)
     for module, module_ref in zip((norm1, norm2, conv), refs):
-        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
-            if module is conv and name == "bias":  # BatchNorm after the conv removes its bias: a gradient of 0
-                assert p.grad.abs().max() < 1e-4 and p_ref.grad.abs().max() < 1e-4
-                continue
-            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             if hasattr(module, name):
                 assert_close(name, getattr(module, name).float(), getattr(module_ref, name).float(), torch.float32)
@@ -960,18 +961,7 @@ def test_interpret_norm_leaky_relu_chains_on_the_fused_kernel(norm, layout, monk
     y_ref = F.leaky_relu(refs[1](refs[2](F.leaky_relu(refs[0](x2), 0.2))), 0.01)
     assert y.grad_fn.name().startswith("group_norm_act") and calls == [6 if norm == "instance" else 3] * 2
     assert_close("y", y, y_ref, torch.float32)
-    g = torch.randn_like(y_ref)
-    with fastseg3d.backend("triton"):
-        y.backward(g)
-    y_ref.backward(g)
-    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
-    for module, module_ref in zip((norm1, norm2, conv), refs):
-        for (name, p), p_ref in zip(module.named_parameters(), module_ref.parameters()):
-            if module is conv and name == "bias" and norm == "instance":
-                # a per-channel norm after the conv removes its bias: the gradient is 0 up to rounding on both sides
-                assert p.grad.abs().max() < 1e-4 and p_ref.grad.abs().max() < 1e-4
-                continue
-            assert_close(f"d{type(module).__name__}.{name}", p.grad, p_ref.grad, torch.float32, 2.0)
+    _backward_and_compare(y, y_ref, x1, x2, (norm1, norm2, conv), refs, bias_removed=norm == "instance")
 
 
 @pytest.mark.interpret
