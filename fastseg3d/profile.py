@@ -304,9 +304,14 @@ class _Writes(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        mutable = func._schema.is_mutable
-        written = [t for t in pytree.tree_leaves(out)
-                   if isinstance(t, torch.Tensor) and (mutable or t.untyped_storage()._cdata not in inputs)]
+        if func._schema.is_mutable:  # what it writes in place (a foreach op returns nothing) and its new outputs
+            written = _written_arguments(func, args, kwargs)
+            seen = {t.untyped_storage()._cdata for t in written}
+            written += [t for t in pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in seen]
+        else:
+            written = [t for t in pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs]
         if written and func._schema.name not in _ALLOCATIONS:
             name = func._schema.name
             node = torch._C._current_autograd_node()
@@ -316,6 +321,17 @@ class _Writes(TorchDispatchMode):
             entry[0] += 1
             entry[1] += sum(t.numel() * t.element_size() for t in written)
         return out
+
+
+def _written_arguments(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors an op's schema marks as written (``Tensor(a!)``, also in lists), positional or keyword."""
+    written = []
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            continue
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        written += [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return written
 
 
 def write_traffic(model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> dict:

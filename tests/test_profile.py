@@ -300,3 +300,22 @@ def test_write_traffic_counts_a_buffer_where_it_is_written():
 
     by_op = write_traffic(_IntoBuffer(), (4, 8))["forward"]["by_op"]
     assert by_op == {"aten::mul": (2, 256), "aten::fill_": (1, 128), "aten::add": (1, 128)}
+
+
+class _Foreach(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        a, b = torch.empty_like(x), x.new_empty(3, dtype=torch.bfloat16)
+        with torch.no_grad():
+            torch._foreach_copy_([a, b], [x * 2, x.new_ones(3)])  # returns nothing: what it writes is its first list
+        return (a + b) * self.w
+
+
+def test_write_traffic_counts_in_place_ops_that_return_nothing():
+    from fastseg3d.profile import write_traffic
+
+    by_op = write_traffic(_Foreach(), (3,))["forward"]["by_op"]
+    assert by_op["aten::_foreach_copy_"] == (1, 3 * 4 + 3 * 2)

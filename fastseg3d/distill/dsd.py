@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fastseg3d.distill._hooks import FeatureTap, NoDataParallel, check_wrapper_args, param_dtype_device
+from fastseg3d.nn.autocast_weights import autocast_weights
 
 __all__ = ["DSD", "DSDOutput", "DeepUp", "HEAD_MODES"]
 
@@ -218,8 +219,9 @@ class DSD(NoDataParallel, nn.Module):
             raise ValueError(f"the backbone returned shape {tuple(main.shape)} in training, not "
                              f"(B, {self.num_classes}, *spatial) logits (turn off the backbone's own deep supervision)")
         n_enc = len(self.encoder_layers)
-        enc = tuple(head(f) for head, f in zip(self.encoder_heads, feats[:n_enc]))
-        dec = tuple(head(f) for head, f in zip(self.decoder_heads, feats[n_enc:]))
+        with autocast_weights(self.encoder_heads, self.decoder_heads):  # the heads' casts in one launch each way
+            enc = tuple(head(f) for head, f in zip(self.encoder_heads, feats[:n_enc]))
+            dec = tuple(head(f) for head, f in zip(self.decoder_heads, feats[n_enc:]))
         if self.head_mode == "deconv":
             for layer, h in zip(self.encoder_layers + self.decoder_layers, enc + dec):
                 if h.shape[2:] != main.shape[2:]:

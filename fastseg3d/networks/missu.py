@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastseg3d.nn.autocast_weights import autocast_weights
 from fastseg3d.nn.recompute import has_hooks, norm_act, norm_act_conv
 from fastseg3d.ops.attention import attention
 
@@ -348,21 +349,22 @@ class MISSU(nn.Module):
                 raise ValueError(
                     f"input spatial dimension {axis} (size {size}) must be divisible by the total stride 8"
                 )
-        x1, x2, x3, x4 = self.Unet(x)
-        y = norm_act_conv(x4, self.bn, "relu", self.conv_x)
-        grid = y.shape[2:]
-        tokens = y.flatten(2).transpose(1, 2)
-        tokens = self.pe_dropout(tokens + self._position_embeddings(grid))
-        tokens = self.transformer(tokens)
-        y = tokens.transpose(1, 2).unflatten(2, grid)
-        y = self.Enblock8_2(self.Enblock8_1(y))
-        y4 = self.DeBlock4(self.DeUp4(y, x3))
-        y3 = self.DeBlock3(self.DeUp3(y4, x2))
-        y2 = self.DeBlock2(self.DeUp2(y3, x1))
-        logits = self.endconv(y2)
-        if not self.training:
-            return logits
-        students = [y4, y3, y2]
-        if hasattr(self, "fusion"):
-            students = [block(y) for block, y in zip(self.fusion, students)]
-        return logits, list(zip(students, [x3, x2, x1]))
+        with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)
+            x1, x2, x3, x4 = self.Unet(x)
+            y = norm_act_conv(x4, self.bn, "relu", self.conv_x)
+            grid = y.shape[2:]
+            tokens = y.flatten(2).transpose(1, 2)
+            tokens = self.pe_dropout(tokens + self._position_embeddings(grid))
+            tokens = self.transformer(tokens)
+            y = tokens.transpose(1, 2).unflatten(2, grid)
+            y = self.Enblock8_2(self.Enblock8_1(y))
+            y4 = self.DeBlock4(self.DeUp4(y, x3))
+            y3 = self.DeBlock3(self.DeUp3(y4, x2))
+            y2 = self.DeBlock2(self.DeUp2(y3, x1))
+            logits = self.endconv(y2)
+            if not self.training:
+                return logits
+            students = [y4, y3, y2]
+            if hasattr(self, "fusion"):
+                students = [block(y) for block, y in zip(self.fusion, students)]
+            return logits, list(zip(students, [x3, x2, x1]))

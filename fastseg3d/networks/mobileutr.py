@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fastseg3d.ops.attention import attention
+from fastseg3d.nn.autocast_weights import autocast_weights
 from fastseg3d.nn.recompute import (
     act_instance_norm,
     act_instance_norm_conv,
@@ -494,18 +495,19 @@ class MobileUtr(nn.Module):
         self._check_input(x)
         if x.shape[1] != self.in_channels:  # 2-D release: a grey image is repeated to 3 channels
             x = x.expand(-1, self.in_channels, *x.shape[2:])
-        x, (s0, s1, s2) = self.patch_embeddings(x)
-        x = self.down(x)
-        for block in self.lklgl_bottleneck:
-            x = block(x)
-        x = self.expend_dims(x)
-        for block in self.transformer_bottleneck:
-            x = block(x)
-        x = self.reduce_dims(x)
-        x = self.Up_conv4(torch.cat((x, self.down(s2)), dim=1))
-        x = self.Up_conv3(torch.cat((self.Up3(x), self.down(s1)), dim=1))
-        x = self.Up_conv2(torch.cat((self.Up2(x), self.down(s0)), dim=1))
-        return self.head(self.Up1(x))
+        with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)
+            x, (s0, s1, s2) = self.patch_embeddings(x)
+            x = self.down(x)
+            for block in self.lklgl_bottleneck:
+                x = block(x)
+            x = self.expend_dims(x)
+            for block in self.transformer_bottleneck:
+                x = block(x)
+            x = self.reduce_dims(x)
+            x = self.Up_conv4(torch.cat((x, self.down(s2)), dim=1))
+            x = self.Up_conv3(torch.cat((self.Up3(x), self.down(s1)), dim=1))
+            x = self.Up_conv2(torch.cat((self.Up2(x), self.down(s0)), dim=1))
+            return self.head(self.Up1(x))
 
 
 class MobileUtrL(MobileUtr):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
+from fastseg3d.nn.autocast_weights import autocast_weights
 from fastseg3d.nn.recompute import batch_norm_act_linear, layer_norm_for_linear
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
 from fastseg3d.ops.upsample_sum import upsample_sum
@@ -339,5 +340,6 @@ class SegFormer3D(nn.Module):
                 raise ValueError(
                     f"input spatial dimension {axis} (size {size}) must be divisible by the total stride {factor}"
                 )
-        c1, c2, c3, c4 = self.segformer_encoder(x)
-        return self.segformer_decoder(c1, c2, c3, c4)
+        with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)
+            c1, c2, c3, c4 = self.segformer_encoder(x)
+            return self.segformer_decoder(c1, c2, c3, c4)

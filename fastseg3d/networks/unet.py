@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fastseg3d.nn.autocast_weights import autocast_weights
 from fastseg3d.nn.recompute import norm_act, norm_act_conv
 
 __all__ = ["UNet", "dsd_unet", "selfreg_unet"]
@@ -165,14 +166,15 @@ class UNet(nn.Module):
                     f"input spatial dimension {axis} (size {size}) must be divisible by {self.divisor} "
                     f"(2**(levels-1) for {self.levels} levels)"
                 )
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        x = skips.pop()
-        for stage in self.decoder:
-            x = stage(x, skips.pop())
-        return self.out(self.final(x))
+        with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)
+            skips = []
+            for stage in self.encoder:
+                x = stage(x)
+                skips.append(x)
+            x = skips.pop()
+            for stage in self.decoder:
+                x = stage(x, skips.pop())
+            return self.out(self.final(x))
 
 
 def dsd_unet(
