@@ -23,7 +23,8 @@ Forward, three launches:
    copy of the input or of the normalised tensor written.
 
 The apply and backward kernels read a batch element's statistics at ``b * GB``: GB = G, or 0 where the statistics
-span the batch.
+span the batch. A training BatchNorm's running statistics take a fourth launch, one program per 1024 channels
+(``native_batch_norm``'s update, from the merged statistics).
 
 Backward, given ``dy``:
 
@@ -47,7 +48,8 @@ from fastseg3d.kernels.dwconv3d import ACT_IDS as _DWCONV_ACT_IDS
 from fastseg3d.kernels.dwconv3d import _act, _act_grad  # the activations the dwconv3d kernels fuse
 from fastseg3d.kernels.utils import cdiv, next_power_of_2
 
-__all__ = ["ACT_IDS", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_stats"]
+__all__ = ["ACT_IDS", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_running_stats",
+           "group_norm_act_stats"]
 
 ACT_IDS = {**_DWCONV_ACT_IDS, "leaky_relu": 5}  # and LeakyReLU, whose slope is a runtime argument
 _INT32_MAX = 2**31 - 1
@@ -193,6 +195,29 @@ def _finalize_kernel(
 
 
 @triton.jit
+def _lerp(start, end, weight):
+    """ATen's lerp (the form it picks by the weight's size), in fp32."""
+    return tl.where(tl.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight))
+
+
+@triton.jit
+def _running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, rstd_ptr, C, eps, momentum, unbias, BLOCK: tl.constexpr):
+    # native_batch_norm's update: running = lerp(running, batch statistic, momentum), with the unbiased variance
+    # recovered from rstd, each statistic rounded to the running buffer's dtype before the lerp as there
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < C
+    mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
+    rstd = tl.load(rstd_ptr + c, mask=ok, other=1.0)
+    var = tl.maximum(1.0 / (rstd * rstd) - eps, 0.0) * unbias
+    rm = tl.load(rm_ptr + c, mask=ok, other=0.0)
+    rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
+    mean = mean.to(rm_ptr.dtype.element_ty).to(tl.float32)
+    var = var.to(rv_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(rm_ptr + c, _lerp(rm.to(tl.float32), mean, momentum).to(rm_ptr.dtype.element_ty), mask=ok)
+    tl.store(rv_ptr + c, _lerp(rv.to(tl.float32), var, momentum).to(rv_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _affine(w_ptr, bias_ptr, mean_ptr, rstd_ptr, b, ch, c_ok, GB, CG, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
     """Per channel: (mean, rstd, w, scale = rstd w, shift = bias - mean scale), fp32 vectors."""
     grp = b * GB + ch // CG
@@ -321,6 +346,18 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, act_id: int =
         BLOCK_P=min(next_power_of_2(rows), 64), BLOCK_CG=min(next_power_of_2(cg), 32), num_warps=4,
     )
     return mean, rstd
+
+
+def group_norm_act_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                                 rstd: torch.Tensor, eps: float, momentum: float, count: int) -> None:
+    """A training BatchNorm's running statistics (contiguous (C,) buffers, any floating dtype) updated in place
+    from the batch statistics (C,) of :func:`group_norm_act_stats` with ``batch``, over ``count`` values a channel,
+    in one launch (ATen's BatchNorm does it in its statistics kernel; unfused it is six small ops)."""
+    c = running_mean.numel()
+    block = min(next_power_of_2(c), 1024)
+    torch.library.wrap_triton(_running_stats_kernel)[(cdiv(c, block),)](
+        running_mean, running_var, mean, rstd, c, eps, momentum, count / (count - 1), BLOCK=block, num_warps=8,
+    )
 
 
 def _batch_stride(x: torch.Tensor, mean: torch.Tensor) -> int:

@@ -349,7 +349,8 @@ class MISSU(nn.Module):
                 raise ValueError(
                     f"input spatial dimension {axis} (size {size}) must be divisible by the total stride 8"
                 )
-        with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)
+        # autocast's weight casts in one launch each way (a training step); linear_encoding never runs
+        with autocast_weights(self, exclude=(self.linear_encoding,)):
             x1, x2, x3, x4 = self.Unet(x)
             y = norm_act_conv(x4, self.bn, "relu", self.conv_x)
             grid = y.shape[2:]

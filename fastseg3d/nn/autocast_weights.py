@@ -13,6 +13,9 @@ fastseg3d's networks run their training forward in it; wrap your own model's for
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -33,14 +36,18 @@ class _CastWeights(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, dtype, *params):
-        ctx.set_materialize_grads(False)  # a parameter this forward does not use gets no gradient, not zeros
+        ctx.set_materialize_grads(False)  # a copy backward does not reach gets no gradient, not zeros
         out = [torch.empty_like(p, dtype=dtype) for p in params]
         torch._foreach_copy_(out, params)
+        # a frozen parameter's copy stays out of the graph, as autocast's cast of it would
+        ctx.mark_non_differentiable(*[o for o, p in zip(out, params) if not p.requires_grad])
         return tuple(out)
 
     @staticmethod
     def backward(ctx, *grads):
         present = [g for g in grads if g is not None]
+        if not present:
+            return (None,) * (len(grads) + 1)
         if torch.is_grad_enabled():  # create_graph: casts autograd can differentiate again
             cast = [g.float() for g in present]
         else:
@@ -50,21 +57,26 @@ class _CastWeights(torch.autograd.Function):
         return (None, *(None if g is None else next(it) for g in grads))
 
 
-class autocast_weights:  # noqa: N801 - a context manager, named like torch.autocast
+def autocast_weights(*modules: nn.Module, exclude: Iterable[nn.Module] = ()) -> contextlib.AbstractContextManager:
     """Context manager: the Linear and convolution parameters of ``modules`` cast to the autocast dtype in one launch
     for the block (and their gradients back to fp32 in one), instead of one cast per parameter and use.
 
     It acts in a training forward (on the modules in training mode, with grad enabled) under autocast on the
-    parameters' device, on the fp32 ``nn.Parameter`` weights and biases of ``nn.Linear``, ``nn.Conv*d``,
-    ``nn.ConvTranspose*d`` and :class:`fastseg3d.nn.DepthwiseConv3d` layers (exactly those types: a subclass may
-    read its weight otherwise). While the block runs, those layers' ``weight`` and ``bias`` are the low-precision
-    copies: code in the block that reads them for anything but the layer's own op sees the copy. Elsewhere it does
-    nothing: without autocast, in inference, under ``fastseg3d.backend("torch")`` (the plain composition), under
+    parameters' device with its cast cache on, on the fp32 ``nn.Parameter`` weights and biases of ``nn.Linear``,
+    ``nn.Conv*d``, ``nn.ConvTranspose*d`` and :class:`fastseg3d.nn.DepthwiseConv3d` layers (exactly those types: a
+    subclass may read its weight otherwise), but for the layers in ``exclude`` (and those inside them). While the
+    block runs, those layers' ``weight`` and ``bias`` are the low-precision copies. Elsewhere it does nothing:
+    without autocast, in inference, under ``fastseg3d.backend("torch")`` (the plain composition), under
     ``torch.compile`` (which fuses the casts itself), functorch transforms and tracing.
 
-    The gradients are autocast's, and the parameters' own gradient accumulators receive them (hooks and optimizers
-    see no difference); a parameter the block does not use gets none. They arrive together, once backward has
-    produced the last of them, so DDP cannot start reducing them while the rest of backward runs.
+    The values and gradients are autocast's (a parameter's uses in the block are summed in the low precision and
+    cast once, as with autocast's cached cast), and the parameters' own gradient accumulators receive them, all
+    together once backward has produced the last of them (2 bytes a parameter held until then; DDP cannot start
+    reducing them earlier). Every layer in the block should run in it, under the block's autocast state:
+    ``exclude`` the others, i.e. a layer the forward does not call (its parameters get no gradient, as under
+    autocast, but hooks on them are called with None and DDP sees them as used), a layer that runs under
+    ``torch.autocast(enabled=False)`` or another dtype inside the block, or one whose weight the forward reads for
+    something else than the layer's own op (it would read the copy).
 
     Example:
         >>> import torch
@@ -79,23 +91,28 @@ class autocast_weights:  # noqa: N801 - a context manager, named like torch.auto
         >>> model[0].weight.grad.dtype
         torch.float32
     """
+    for module in (*modules, *exclude):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not modules:
+        raise TypeError("autocast_weights needs at least one module")
+    if torch.compiler.is_compiling():  # Dynamo would run a whole frame eagerly on a graph break in a Python context
+        return contextlib.nullcontext()
+    return _AutocastWeights(modules, tuple(exclude))
 
-    def __init__(self, *modules: nn.Module) -> None:
-        if not modules:
-            raise TypeError("autocast_weights needs at least one module")
-        for module in modules:
-            if not isinstance(module, nn.Module):
-                raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-        self.modules = modules
+
+class _AutocastWeights:
+    def __init__(self, modules: tuple[nn.Module, ...], exclude: tuple[nn.Module, ...]) -> None:
+        self.modules, self.exclude = modules, exclude
         self._swapped: list[tuple[dict, str, nn.Parameter]] = []
 
-    def __enter__(self) -> autocast_weights:
-        if (not torch.is_grad_enabled() or _traced()
-                or backends.get_backend() == "torch"):  # the plain composition casts as autocast does
-            return self
+    def __enter__(self) -> None:
+        if not torch.is_grad_enabled() or _traced() or backends.get_backend() == "torch":
+            return  # (the plain composition casts as autocast does)
+        skip = {id(m) for e in self.exclude for m in e.modules()}
         slots, params, index = [], [], {}
         for m in (m for module in self.modules if module.training for m in module.modules()):
-            if type(m) not in _CAST_TYPES:
+            if type(m) not in _CAST_TYPES or id(m) in skip:
                 continue
             for name in ("weight", "bias"):
                 p = m._parameters.get(name)
@@ -106,16 +123,16 @@ class autocast_weights:  # noqa: N801 - a context manager, named like torch.auto
                     params.append(p)
                 slots.append((m._parameters, name, index[id(p)]))
         if not params:
-            return self
+            return
         device_type = params[0].device.type
         dtype = autocast_dtype(device_type)
-        if dtype is None or dtype == torch.float32 or any(p.device != params[0].device for p in params):
-            return self
+        if (dtype is None or dtype == torch.float32 or any(p.device != params[0].device for p in params)
+                or (device_type != "meta" and not torch.is_autocast_cache_enabled())):
+            return  # without autocast's cache each use casts (and its gradient is cast back) on its own
         casts = _CastWeights.apply(dtype, *params)
         for parameters, name, i in slots:
             self._swapped.append((parameters, name, params[i]))
             parameters[name] = casts[i]
-        return self
 
     def __exit__(self, *exc) -> bool:
         for parameters, name, p in reversed(self._swapped):

@@ -54,11 +54,13 @@ from fastseg3d.ops.group_norm_act import (
     group_norm_act_backward,
     group_norm_act_fused,
     group_norm_act_recompute,
+    group_norm_act_running_stats,
     group_norm_act_unsupported_reasons,
 )
 from fastseg3d.ops.layer_norm import fused_layer_norm, layer_norm_unsupported_reasons
 from fastseg3d.ops.utils import autocast_dtype, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
+from fastseg3d.reference.group_norm_act import group_norm_act_running_stats_ref
 
 __all__ = [
     "act_instance_norm",
@@ -130,15 +132,15 @@ class _BatchNormActLinear(torch.autograd.Function):
 
 def _update_running_stats(running_mean, running_var, mean, rstd, eps: float, momentum: float, x: torch.Tensor):
     """A training BatchNorm's running-statistics update (``native_batch_norm``'s: the unbiased variance) from the
-    fused kernels' batch statistics (1, C). The variance comes back from rstd: exact to fp32 rounding of var + eps
-    (a variance far below eps keeps fewer digits, which eps outweighs wherever the running variance is used)."""
-    if running_mean is None or running_var is None:  # no test of momentum: traced, it can be a data-dependent float
+    fused kernels' batch statistics (1, C): one launch in eager mode, where it would otherwise be six small ops."""
+    if running_mean is None or running_var is None:
         return
     count = x.shape[0] * math.prod(x.shape[2:])
-    with torch.no_grad():  # few launches: BatchNorm's own kernel does this in its statistics pass
-        var = rstd.view(-1).pow(-2).sub_(eps).clamp_(min=0.0).mul_(count / (count - 1))
-        running_mean.lerp_(mean.view(-1).to(running_mean.dtype), momentum)
-        running_var.lerp_(var.to(running_var.dtype), momentum)
+    with torch.no_grad():
+        if torch.compiler.is_compiling():  # traced momentum may be a data-dependent float; Inductor fuses these
+            group_norm_act_running_stats_ref(running_mean, running_var, mean, rstd, eps, momentum, count)
+        else:
+            group_norm_act_running_stats(running_mean, running_var, mean, rstd, eps, momentum, count)
 
 
 def _activation_backward(grad: torch.Tensor, z: torch.Tensor, activation: str | None) -> torch.Tensor:

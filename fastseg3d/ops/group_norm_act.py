@@ -7,16 +7,18 @@ per group it is an affine InstanceNorm (the U-Nets' blocks: InstanceNorm -> Leak
 (MobileUtr's ConvUtr: GELU -> InstanceNorm) the activated input is recomputed wherever it is read, never written.
 
 The Triton kernels are in ``fastseg3d.kernels.group_norm_act``, the reference in
-``fastseg3d.reference.group_norm_act``. Three ``torch.library`` ops carry them (``triton_op``s, so ``torch.compile``
+``fastseg3d.reference.group_norm_act``. Four ``torch.library`` ops carry them (``triton_op``s, so ``torch.compile``
 and fake tensors trace their bodies; ``meta`` tensors take a shapes-only branch): ``fastseg3d::group_norm_act``
 (with autograd; returns the output and the per-group mean and rstd), ``fastseg3d::group_norm_act_apply`` (the
-output again from given statistics: the recompute of ``fastseg3d.nn.recompute.norm_act_conv``) and
-``fastseg3d::group_norm_act_backward``. The forward and apply ops write the output in a given dtype (the conv's
-under autocast).
+output again from given statistics: the recompute of ``fastseg3d.nn.recompute.norm_act_conv``),
+``fastseg3d::group_norm_act_backward`` and ``fastseg3d::group_norm_act_running_stats`` (a training BatchNorm's
+running statistics, updated in place from the forward's statistics over the batch). The forward and apply ops
+write the output in a given dtype (the conv's under autocast).
 
 The forward op also takes statistics over the whole batch (``batch_stats``, with one group per channel: a training
 BatchNorm's, which ``fastseg3d.nn.recompute`` fuses with its activation); its statistics are then (1, G), and the
-apply and backward ops read such statistics as spanning the batch. The running statistics are the caller's.
+apply and backward ops read such statistics as spanning the batch; the caller updates the running statistics
+with them (``group_norm_act_running_stats``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from fastseg3d.reference.group_norm_act import (
     group_norm_act_backward_ref,
     group_norm_act_fused_ref,
     group_norm_act_ref,
+    group_norm_act_running_stats_ref,
 )
 
 __all__ = ["group_norm_act", "group_norm_act_unsupported_reasons"]
@@ -197,6 +200,28 @@ def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, acti
             db.to(bias.dtype) if need_db else x.new_empty((0,)))
 
 
+@utils.eager_op("fastseg3d::group_norm_act_running_stats", mutates_args=("running_mean", "running_var"))
+def _running_stats_op(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, eps: float,
+                      momentum: float, count: int) -> None:
+    """A training BatchNorm's running statistics (C,) updated in place from batch statistics (C,) (no autograd)."""
+    if running_mean.device.type == "meta":
+        return
+    if not (utils.launchable(running_mean.device) and running_mean.is_contiguous() and running_var.is_contiguous()
+            and running_mean.dtype in utils.FUSED_DTYPES and running_var.dtype in utils.FUSED_DTYPES):
+        group_norm_act_running_stats_ref(running_mean, running_var, mean, rstd, eps, momentum, count)
+        return
+    with utils.launch_device(running_mean):
+        _running_stats_launch(running_mean, running_var, mean, rstd, eps, momentum, count)
+
+
+@utils.launches("fastseg3d::group_norm_act_running_stats")
+def _running_stats_launch(running_mean, running_var, mean, rstd, eps, momentum, count):
+    from fastseg3d.kernels.group_norm_act import group_norm_act_running_stats
+
+    group_norm_act_running_stats(running_mean, running_var, mean.contiguous(), rstd.contiguous(), eps, momentum,
+                                 count)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first, _batch_stats = inputs
     _, mean, rstd = output
@@ -244,6 +269,15 @@ def group_norm_act_backward(grad, x, weight, bias, mean, rstd, eps: float, activ
                                              float(negative_slope), list(output_mask), bool(activation_first))
     return (dx if output_mask[0] else None, dw if output_mask[1] and weight is not None else None,
             db if output_mask[2] and bias is not None else None)
+
+
+def group_norm_act_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, eps: float,
+                                 momentum: float, count: int) -> None:
+    """A training BatchNorm's running statistics updated in place as ``native_batch_norm`` updates them (the
+    unbiased variance), from :func:`group_norm_act_fused`'s statistics over the batch (``batch_stats``, (1, C)),
+    taken over ``count`` values a channel: one launch where the fused kernels run."""
+    _running_stats_op(running_mean, running_var, mean.reshape(-1), rstd.reshape(-1), float(eps), float(momentum),
+                      int(count))
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -217,11 +217,11 @@ class EagerOp:
     tensor arguments are all top-level (an ``autograd.Function`` does not see tensors inside lists).
     """
 
-    def __init__(self, name: str, fn: Callable) -> None:
-        if "Tensor[]" in torch.library.infer_schema(fn, mutates_args=()).split("->")[0]:
+    def __init__(self, name: str, fn: Callable, mutates_args: tuple[str, ...] = ()) -> None:
+        if "Tensor[]" in torch.library.infer_schema(fn, mutates_args=mutates_args).split("->")[0]:
             raise TypeError(f"{name}: an EagerOp's tensor arguments must be top-level, not lists")
         self.name = name
-        self.op = torch.library.triton_op(name, mutates_args=())(fn)
+        self.op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         self._fn = fn
         self._function: type[torch.autograd.Function] | None = None
 
@@ -260,9 +260,10 @@ class EagerOp:
         return self._run(*args)
 
 
-def eager_op(name: str) -> Callable[[Callable], EagerOp]:
-    """Decorator: register ``fn`` as the op ``name`` (see :class:`EagerOp`)."""
-    return lambda fn: EagerOp(name, fn)
+def eager_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], EagerOp]:
+    """Decorator: register ``fn`` as the op ``name`` (see :class:`EagerOp`), writing in place the arguments named in
+    ``mutates_args``."""
+    return lambda fn: EagerOp(name, fn, mutates_args)
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)

@@ -24,6 +24,7 @@ __all__ = [
     "group_norm_act_backward_ref",
     "group_norm_act_fused_ref",
     "group_norm_act_ref",
+    "group_norm_act_running_stats_ref",
 ]
 
 
@@ -106,6 +107,17 @@ def group_norm_act_apply_ref(x, weight, bias, mean, rstd, activation, negative_s
         shift = shift + bias.to(scale.dtype).view(1, -1, 1, 1, 1)
     z = _activate(x.to(scale.dtype), pre, negative_slope) * scale + shift
     return _activate(z, post, negative_slope).to(out_dtype or x.dtype)
+
+
+def group_norm_act_running_stats_ref(running_mean, running_var, mean, rstd, eps: float, momentum: float,
+                                     count: int) -> None:
+    """``native_batch_norm``'s running-statistics update, in place, from batch statistics over ``count`` values a
+    channel given as the mean and rstd = 1 / sqrt(var + eps) of :func:`group_norm_act_fused_ref` with
+    ``batch_stats``: the unbiased variance comes back from rstd, exact to the rounding of var + eps (a variance far
+    below eps keeps fewer digits, which eps outweighs wherever the running variance is used)."""
+    var = rstd.reshape(-1).pow(-2).sub_(eps).clamp_(min=0.0).mul_(count / (count - 1))
+    running_mean.lerp_(mean.reshape(-1).to(running_mean.dtype), momentum)
+    running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
 def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, activation, output_mask,

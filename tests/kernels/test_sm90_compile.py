@@ -249,6 +249,18 @@ def test_group_norm_act_kernels(dtype, int64, act, block_c, pre):
     assert _stats(compile_for_h100(gn._finalize_kernel, values))["spill_bytes"] == 0
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_group_norm_act_running_stats_kernel(dtype):
+    """A training BatchNorm's running-statistics update, in each buffer dtype, at the launcher's 1024 channels a
+    program."""
+    from bench.sass import _stats
+    from fastseg3d.kernels import group_norm_act as gn
+
+    values = {"rm_ptr": f"*{dtype}", "rv_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "C": "i32",
+              "eps": "fp32", "momentum": "fp32", "unbias": "fp32", "BLOCK": 1024}
+    assert _stats(compile_for_h100(gn._running_stats_kernel, values, 8))["spill_bytes"] == 0
+
+
 @pytest.mark.parametrize("dtype,n,same,cl,int64,ones", [("bf16", 4, (False, False, False, True), True, False, False),
                                                         ("fp32", 2, (False, False, False, False), False, True, False),
                                                         ("fp16", 3, (True, False, False, False), True, True, True)])
@@ -440,8 +452,10 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
 # `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward",
-                                              "upsample_sum", "layer_norm", "layer_norm_backward", *_NORM_ACT}),
-    ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT}),
+                                              "upsample_sum", "layer_norm", "layer_norm_backward", *_NORM_ACT,
+                                              "group_norm_act_running_stats"}),
+    ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT,
+                                        "group_norm_act_running_stats"}),
     # the U-Nets' fused parts: their training losses, and their norm -> LeakyReLU chains
     ("dsd_unet", ("train_step",), {"kl_distill", *_NORM_ACT}),
     ("selfreg_unet", ("train_step",), {"selfreg_inter", "selfreg_intra", *_NORM_ACT}),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ from fastseg3d.ops.group_norm_act import (
     group_norm_act,
     group_norm_act_fused,
     group_norm_act_recompute,
+    group_norm_act_running_stats,
     group_norm_act_unsupported_reasons,
 )
 from fastseg3d.reference.dwconv3d import activation_ref
@@ -21,6 +23,7 @@ from fastseg3d.reference.group_norm_act import (
     group_norm_act_backward_ref,
     group_norm_act_fused_ref,
     group_norm_act_ref,
+    group_norm_act_running_stats_ref,
 )
 from tests.utils import assert_close
 
@@ -273,6 +276,27 @@ def test_opcheck_batch_statistics(layout):
                           (torch.randn_like(y), x, w, b, mean, rstd, 1e-5, "gelu", 0.01, [True, True, True], False))
 
 
+@pytest.mark.parametrize("momentum", [0.1, 0.75])
+def test_running_stats_update_is_batch_norms(momentum):
+    """From the fused statistics over the batch, the running statistics come out as native_batch_norm's own update
+    makes them (unbiased variance, lerp by the momentum), on fp32 and bf16 buffers."""
+    x = 2.0 * torch.randn(3, 5, 2, 3, 4) + 1.0
+    _, mean, rstd = group_norm_act_fused_ref(x, None, None, 5, 1e-5, None, 0.01, torch.float32, False, True)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        rm, rv = torch.randn(5).to(dtype), (torch.rand(5) + 0.5).to(dtype)
+        rm_ref, rv_ref = rm.float(), rv.float()
+        F.batch_norm(x, rm_ref, rv_ref, training=True, momentum=momentum, eps=1e-5)
+        group_norm_act_running_stats(rm, rv, mean, rstd, 1e-5, momentum, 3 * 24)
+        torch.testing.assert_close(rm.float(), rm_ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(rv.float(), rv_ref, rtol=tol, atol=tol)
+
+
+def test_opcheck_running_stats():
+    rm, rv, mean, rstd = torch.randn(5), torch.rand(5) + 0.5, torch.randn(5), torch.rand(5) + 0.5
+    torch.library.opcheck(torch.ops.fastseg3d.group_norm_act_running_stats.default,
+                          (rm, rv, mean, rstd, 1e-5, 0.1, 24))
+
+
 def test_compile_fullgraph_forward_backward():
     x, w, b = _inputs((2, 8, 3, 4, 5), torch.float32, "cl")
 
@@ -427,6 +451,36 @@ def test_kernels_batch_statistics_write_the_requested_dtype(poison):
         _check_batch(x, w, b, "relu", torch.float32, out_dtype=torch.bfloat16)
 
 
+def _check_running_stats(c, momentum, dtype, device="cpu"):
+    """The kernel's update against the reference's, on buffers that are the first C values of longer ones (nothing
+    past C is written), with one channel whose variance rounds below zero (clamped to 0)."""
+    mean = torch.randn(c, device=device)
+    rstd = torch.rand(c, device=device) + 0.2
+    rstd[0] = 2.0 / math.sqrt(1e-5)  # var + eps = eps / 4
+    stores = [torch.randn(c + 3, device=device).to(dtype), (torch.rand(c + 3, device=device) + 0.5).to(dtype)]
+    stores[1][0] = 1e-4  # a negative variance (-0.75 eps) would move it by 8% or more
+    rm, rv = stores[0][:c], stores[1][:c]
+    expected = [rm.clone(), rv.clone()]
+    rv0 = rv[0].item()
+    group_norm_act_running_stats_ref(*expected, mean, rstd, 1e-5, momentum, 10)
+    tails = [t[c:].clone() for t in stores]
+    group_norm_act_running_stats(rm, rv, mean, rstd, 1e-5, momentum, 10)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for got, want in zip((rm, rv), expected):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert all(torch.equal(t[c:], tail) for t, tail in zip(stores, tails))
+    assert rv[0].item() == pytest.approx((1 - momentum) * rv0, rel=tol)  # the clamped variance: 0
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("c", [1, 37, 1500])
+@pytest.mark.parametrize("momentum", [0.1, 0.75])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_running_stats(c, momentum, dtype):
+    with fastseg3d.backend("triton"):
+        _check_running_stats(c, momentum, dtype)
+
+
 @pytest.mark.interpret
 def test_kernels_weight_gradients_are_deterministic():
     x, w, b = _inputs((2, 6, 4, 5, 7), torch.float32, "cl")
@@ -492,6 +546,13 @@ def test_gpu_kernels_batch_statistics(shape, activation, layout, dtype, poison):
     x, w, b = _inputs(shape, dtype, layout, device="cuda")
     with fastseg3d.backend("triton"):
         _check_batch(x, w, b, activation, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c", [256, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_kernel_running_stats(c, dtype):
+    _check_running_stats(c, 0.1, dtype, device="cuda")
 
 
 @pytest.mark.gpu
