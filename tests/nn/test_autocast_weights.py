@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastseg3d
 from fastseg3d.nn import DepthwiseConv3d, autocast_weights
 from fastseg3d.profile import write_traffic
+from tests.utils import AtenOps
 
 _module = sys.modules["fastseg3d.nn.autocast_weights"]
+
+
+@contextlib.contextmanager
+def _per_parameter_casts(on: bool = True):
+    """Within: fastseg3d's blocks do nothing (autocast's own casts), when ``on``."""
+    real = _module._traced
+    if on:
+        _module._traced = lambda: True
+    try:
+        yield
+    finally:
+        _module._traced = real
 
 
 class _Net(nn.Module):
@@ -104,20 +117,11 @@ def test_parameters_swapped_inside_and_restored():
 
 
 def test_one_cast_each_way():
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func._schema.name)
-            return func(*args, **(kwargs or {}))
-
     ours, plain = _pair()
     x = torch.randn(1, 3, 2, 2, 2)
     counts = {}
     for name, net in (("ours", ours), ("plain", plain)):
-        mode = Count()
+        mode = AtenOps()
         with torch.autocast("cpu", dtype=torch.bfloat16), mode:
             out = net(x)
             out.float().sum().backward()
@@ -311,14 +315,10 @@ def test_gpu_network_step_matches_per_parameter_casts():
     x = torch.randn(2, 4, 64, 64, 64, device="cuda")
     results = []
     for net, off in ((ours, False), (plain, True)):
-        real = _module._traced
-        _module._traced = (lambda: True) if off else real
-        try:
+        with _per_parameter_casts(off):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = net(x)
             out.float().square().mean().backward()
-        finally:
-            _module._traced = real
         results.append((out, {n: p.grad for n, p in net.named_parameters()}))
     (out, grads), (ref_out, ref_grads) = results
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
@@ -348,15 +348,11 @@ def test_every_cast_layer_of_the_networks_runs(network, one_thread):
     x = torch.randn(shape)
     grads = []
     for model, off in ((net, False), (plain, True), (copy.deepcopy(plain), True)):
-        real = _module._traced
-        _module._traced = (lambda: True) if off else real
-        try:
+        with _per_parameter_casts(off):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = model(x)
             outputs = [out[0], *(s for s, _ in out[1])] if isinstance(out, tuple) else [out]  # MISSU's students
             sum(o.float().square().mean() for o in outputs).backward()
-        finally:
-            _module._traced = real
         grads.append({n: p.grad for n, p in model.named_parameters()})
     excluded = {"linear_encoding"} if network == "missu" else set()
     for name, m in net.named_modules():
@@ -388,11 +384,7 @@ def test_segformer3d_with_frozen_batch_norms_folds_from_fp32_weights(one_thread)
     x = torch.randn(2, 4, 32, 32, 32)
     outs = []
     for model, off in ((net, False), (plain, True)):
-        real = _module._traced
-        _module._traced = (lambda: True) if off else real
-        try:
+        with _per_parameter_casts(off):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outs.append(model(x))
-        finally:
-            _module._traced = real
     assert torch.equal(outs[0], outs[1])
