@@ -341,8 +341,10 @@ class SegFormer3D(nn.Module):
                     f"input spatial dimension {axis} (size {size}) must be divisible by the total stride {factor}"
                 )
         # autocast's weight casts in one launch each way (a training step); a conv whose BatchNorm folds into its
-        # weight (running statistics, e.g. frozen BatchNorms) is read in fp32 for the fold
-        folded = [m.dwconv for m in self.modules() if isinstance(m, _DWConvBN) and not m.uses_batch_stats()]
+        # weight (running statistics, e.g. frozen BatchNorms) is read in fp32 for the fold (the walk only where the
+        # block can act: inference skips it)
+        folded = ([m.dwconv for m in self.modules() if isinstance(m, _DWConvBN) and not m.uses_batch_stats()]
+                  if self.training else [])
         with autocast_weights(self, exclude=folded):
             c1, c2, c3, c4 = self.segformer_encoder(x)
             return self.segformer_decoder(c1, c2, c3, c4)
