@@ -55,11 +55,12 @@ def _probe_cases(device: torch.device, dtype: torch.dtype):
 
     yield "group_norm_act", device_reasons + group_norm_act_unsupported_reasons(feat)
 
-    from fastseg3d.ops.layer_norm import layer_norm_unsupported_reasons
+    from fastseg3d.ops.layer_norm import add_layer_norm_unsupported_reasons, layer_norm_unsupported_reasons
 
     with torch.device("meta"):
         tokens = torch.empty(2, 32768, 32, dtype=dtype)  # SegFormer3D stage 1 at a 128^3 input
     yield "layer_norm", device_reasons + layer_norm_unsupported_reasons(tokens, out_dtype=dtype)
+    yield "add_layer_norm", device_reasons + add_layer_norm_unsupported_reasons(tokens, tokens, out_dtype=dtype)
 
     from fastseg3d.ops.upsample_sum import upsample_sum_unsupported_reasons
 

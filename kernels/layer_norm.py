@@ -11,6 +11,12 @@ Forward: one pass per tile (statistics in fp32, the mean subtracted before squar
 mean and rstd (fp32). Backward: ``dx = rstd * (w dy - mean(w dy) - xhat mean(w dy xhat))`` per row; a program walks
 its share of the row tiles and sums ``dy xhat`` and ``dy`` per channel in registers, written as one partial per
 program and summed by the caller in a fixed order (deterministic, no atomics).
+
+With a residual (a pre-norm transformer's ``s = x + branch; y = norm(s)``) the forward adds it in the same pass and
+writes the sum ``s`` as well (rounded to its dtype before the statistics, as the plain add's output is), and the
+backward adds the gradient ``s`` receives from later layers to the norm's input gradient and writes the total in
+both inputs' dtypes: the add, the accumulation of the two gradients and the branch's cast are not separate
+kernels, and neither the sum nor the accumulated gradient is read back.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ def _block(c: int) -> tuple[int, int, int]:
 
 @triton.jit
 def _layer_norm_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, sx, eps,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, M, C, sx, sr, eps,
+    HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
@@ -48,6 +55,11 @@ def _layer_norm_fwd_kernel(
     if INT64:
         r = rows.to(tl.int64)
     x = tl.load(x_ptr + r[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        total = x + tl.load(r_ptr + r[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = total.to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + r[:, None] * C + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
     mean = tl.sum(x, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=1) / C + eps)
@@ -63,8 +75,9 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    x_ptr, w_ptr, dy_ptr, mean_ptr, rstd_ptr, dx_ptr, dw_ptr, db_ptr, M, C, sx, tiles_per_program,
-    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
+    x_ptr, w_ptr, dy_ptr, ds_ptr, mean_ptr, rstd_ptr, dx_ptr, dr_ptr, dw_ptr, db_ptr, M, C, sx, tiles_per_program,
+    HAS_W: tl.constexpr, NEED_DX: tl.constexpr, HAS_DS: tl.constexpr, NEED_DR: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -94,34 +107,48 @@ def _layer_norm_bwd_kernel(
             c1 = tl.sum(wdy * xhat, axis=1) / C
             c2 = tl.sum(wdy, axis=1) / C
             dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+            if HAS_DS:
+                dx += tl.load(ds_ptr + r[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             tl.store(dx_ptr + r[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if NEED_DR:
+                tl.store(dr_ptr + r[:, None] * C + cols[None, :], dx.to(dr_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_ptr + pid * C + cols, tl.sum(dw, axis=0), mask=c_ok)
     tl.store(db_ptr + pid * C + cols, tl.sum(db, axis=0), mask=c_ok)
 
 
-def _int64(x2d: torch.Tensor, *contiguous: torch.Tensor) -> bool:
-    """Whether an offset can pass int32: x2d's largest (its rows may be strided), the contiguous tensors' sizes."""
-    last = (x2d.shape[0] - 1) * x2d.stride(0) + x2d.shape[1]
-    return max(last, *(t.numel() for t in contiguous)) > _INT32_MAX
+def _int64(*tensors: torch.Tensor) -> bool:
+    """Whether an offset can pass int32: the largest of (M, C) row views (their rows may be strided) and of
+    contiguous tensors of any rank."""
+    def last(t):
+        return (t.shape[0] - 1) * t.stride(0) + t.shape[1] if t.dim() == 2 else t.numel()
+
+    return max(last(t) for t in tensors) > _INT32_MAX
 
 
 def layer_norm_fwd(x2d: torch.Tensor, weight, bias, eps: float, y: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor) -> None:
-    """Writes y (M, C contiguous), mean and rstd (M,) for x2d (M, C) with a unit stride along C."""
+                   rstd: torch.Tensor, residual2d: torch.Tensor | None = None, s: torch.Tensor | None = None) -> None:
+    """Writes y (M, C contiguous), mean and rstd (M,) for x2d (M, C) with a unit stride along C; with residual2d
+    (M, C, unit stride along C) normalises ``s = x2d + residual2d`` and writes it to s (M, C contiguous)."""
     m, c = x2d.shape
     block_m, block_c, warps = _block(c)
+    res = residual2d is not None
     torch.library.wrap_triton(_layer_norm_fwd_kernel)[(cdiv(m, block_m),)](
-        x2d, weight if weight is not None else mean, bias if bias is not None else mean, y, mean, rstd,
-        m, c, x2d.stride(0), eps,
-        HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        INT64=_int64(x2d, y), num_warps=warps,
+        x2d, residual2d if res else x2d, weight if weight is not None else mean,
+        bias if bias is not None else mean, y, s if res else y, mean, rstd,
+        m, c, x2d.stride(0), residual2d.stride(0) if res else 0, eps,
+        HAS_RES=res, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+        INT64=_int64(x2d, y, *((residual2d, s) if res else ())), num_warps=warps,
     )
 
 
 def layer_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight, mean, rstd, dx: torch.Tensor | None,
-                   empty=torch.empty) -> tuple[torch.Tensor, torch.Tensor]:
+                   empty=torch.empty, ds: torch.Tensor | None = None, dr: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Writes dx (M, C contiguous, when given) and returns (dweight, dbias) as fp32 (C,), for dy2d (M, C
-    contiguous) and x2d (M, C) with a unit stride along C."""
+    contiguous) and x2d (M, C) with a unit stride along C. ``ds`` (M, C contiguous) is added to the input gradient,
+    which goes to ``dr`` (M, C contiguous) as well; without dx it goes to dr alone."""
+    if dx is None:
+        dx, dr = dr, None
     m, c = x2d.shape
     block_m, block_c, warps = _block(c)
     n_tiles = cdiv(m, block_m)
@@ -132,9 +159,9 @@ def layer_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight, mean, rstd, dx
     dw = empty((programs, c), dtype=torch.float32, device=x2d.device)
     db = empty((programs, c), dtype=torch.float32, device=x2d.device)
     torch.library.wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
-        x2d, weight if weight is not None else mean, dy2d, mean, rstd, dx if dx is not None else dy2d, dw, db,
-        m, c, x2d.stride(0), per,
-        HAS_W=weight is not None, NEED_DX=dx is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        INT64=_int64(x2d, dy2d), num_warps=warps,
+        x2d, weight if weight is not None else mean, dy2d, ds if ds is not None else dy2d, mean, rstd,
+        dx if dx is not None else dy2d, dr if dr is not None else dy2d, dw, db, m, c, x2d.stride(0), per,
+        HAS_W=weight is not None, NEED_DX=dx is not None, HAS_DS=ds is not None, NEED_DR=dr is not None,
+        BLOCK_M=block_m, BLOCK_C=block_c, INT64=_int64(x2d, dy2d), num_warps=warps,
     )
     return dw.sum(0), db.sum(0)

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.autocast_weights import autocast_weights
-from fastseg3d.nn.recompute import batch_norm_act_linear, layer_norm_for_linear
+from fastseg3d.nn.recompute import add_layer_norm, batch_norm_act_linear, has_hooks, layer_norm_for_linear
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
 from fastseg3d.ops.upsample_sum import upsample_sum
 
@@ -97,9 +97,21 @@ class _TransformerBlock(nn.Module):
         self.mlp = MixFFN3d(dim, mlp_ratio)
 
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
-        # the norms' outputs go only to Linear (and conv) layers: written in the dtype those read
-        x = x + self.attention(layer_norm_for_linear(x, self.norm1), spatial_shape)
-        return x + self.mlp(layer_norm_for_linear(x, self.norm2), spatial_shape)
+        x, branch = self.branches(x, None, spatial_shape)
+        return x + branch
+
+    def branches(self, x: torch.Tensor, pending: torch.Tensor | None, spatial_shape: Sequence[int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block on ``x + pending`` (None: on x), returning its residual stream before the last add and the
+        Mix-FFN's output: each residual add joins the LayerNorm after it (:func:`add_layer_norm`), this block's
+        and, for its last one, the next block's or the stage's."""
+        # the block norms' outputs go only to Linear (and conv) layers: written in the dtype those read
+        if pending is None:
+            h = layer_norm_for_linear(x, self.norm1)
+        else:
+            x, h = add_layer_norm(x, pending, self.norm1, for_linear=True)
+        x, h = add_layer_norm(x, self.attention(h, spatial_shape), self.norm2, for_linear=True)
+        return x, self.mlp(h, spatial_shape)
 
 
 class _PatchEmbedding(nn.Module):
@@ -133,9 +145,16 @@ class _Encoder(nn.Module):
         maps = []
         for s in range(1, 5):
             tokens, spatial = getattr(self, f"embed_{s}")(x)
+            pending = None  # the last block's Mix-FFN output, added in the next norm's kernel
             for block in getattr(self, f"tf_block{s}"):
-                tokens = block(tokens, spatial)
-            tokens = getattr(self, f"norm{s}")(tokens)
+                if has_hooks(block):  # its hooks see its input and output
+                    if pending is not None:
+                        tokens, pending = tokens + pending, None
+                    tokens = block(tokens, spatial)
+                else:
+                    tokens, pending = block.branches(tokens, pending, spatial)
+            norm = getattr(self, f"norm{s}")
+            tokens = norm(tokens) if pending is None else add_layer_norm(tokens, pending, norm)[1]
             # (B, N, C) -> (B, C, D, H, W) as a channels_last_3d view: no copy.
             x = tokens.unflatten(1, spatial).permute(0, 4, 1, 2, 3)
             maps.append(x)
@@ -207,7 +226,8 @@ class SegFormer3D(nn.Module):
     decoder projects each stage's map before upsampling (no 1,024-channel concat) and resizes and sums the four
     projections in one kernel (:func:`fastseg3d.ops.upsample_sum`). The LayerNorms read by a Linear (each block's
     two, the spatial reduction's, the decoder's) write the Linear's input dtype directly under autocast
-    (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`).
+    (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`), and each residual add runs in the kernel of the
+    LayerNorm after it, forward and backward (:func:`fastseg3d.nn.recompute.add_layer_norm`).
 
     Args:
         spatial_dims: must be 3.

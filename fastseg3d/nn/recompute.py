@@ -28,7 +28,8 @@ under autocast, and no normalised tensor or activation gradient in any dtype).
 
 LayerNorm -> Linear (SegFormer3D's blocks, its spatial reduction and its decoder): under autocast LayerNorm returns
 fp32 and the Linear casts it; where the fused kernel runs, the norm writes the Linear's dtype directly
-(``fastseg3d.ops.layer_norm``) and its backward reads that gradient as it is.
+(``fastseg3d.ops.layer_norm``) and its backward reads that gradient as it is. A residual add before the norm (a
+pre-norm transformer's ``x + branch``) joins the norm's kernel (``add_layer_norm``).
 
 A norm -> activation with no conv after it (the U-Nets' blocks end with one, MobileUtr's with InstanceNorm ->
 ReLU, MISSU's decoder blocks with BatchNorm -> ReLU) is the fused kernel alone where it runs; elsewhere a norm ->
@@ -57,13 +58,19 @@ from fastseg3d.ops.group_norm_act import (
     group_norm_act_running_stats,
     group_norm_act_unsupported_reasons,
 )
-from fastseg3d.ops.layer_norm import fused_layer_norm, layer_norm_unsupported_reasons
+from fastseg3d.ops.layer_norm import (
+    add_layer_norm_unsupported_reasons,
+    fused_add_layer_norm,
+    fused_layer_norm,
+    layer_norm_unsupported_reasons,
+)
 from fastseg3d.ops.utils import autocast_dtype, layout_of
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, activation_ref
 from fastseg3d.reference.group_norm_act import group_norm_act_running_stats_ref
 
 __all__ = [
     "act_instance_norm",
+    "add_layer_norm",
     "act_instance_norm_conv",
     "batch_norm_act_linear",
     "layer_norm_for_linear",
@@ -684,3 +691,47 @@ def layer_norm_for_linear(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     if not backends.select("layer_norm", reasons, x.device):
         return norm(x)
     return fused_layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, for_linear: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, norm(s))`` for ``s = x + residual`` and an ``nn.LayerNorm`` over the last axis: a pre-norm
+    transformer's residual step, the sum continuing the residual stream and its norm feeding the next branch.
+
+    Where the fused kernel runs (CUDA), one kernel adds, writes s and writes the norm
+    (:func:`fastseg3d.ops.add_layer_norm`), and its backward adds the gradient s receives from later layers and
+    writes the total in x's and the residual's dtypes: under autocast (fp32 stream, bf16 branch) the add, the
+    accumulation of the two gradients and the branch gradient's cast are gone. ``for_linear``: only Linear, conv
+    or matmul layers read ``norm(s)``, which is then written in the dtype they read (as in
+    :func:`layer_norm_for_linear`); otherwise in the dtype ``norm(s)`` has. Elsewhere, and for a norm with hooks,
+    other normalised shapes or cases the kernel does not take, ``x + residual`` and the norm as separate ops.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import add_layer_norm
+        >>> x, branch, norm = torch.randn(2, 10, 32), torch.randn(2, 10, 32), nn.LayerNorm(32)
+        >>> s, y = add_layer_norm(x, branch, norm)
+        >>> torch.equal(s, x + branch) and torch.equal(y, norm(x + branch))
+        True
+    """
+    def separate() -> tuple[torch.Tensor, torch.Tensor]:
+        total = x + residual
+        return total, (layer_norm_for_linear(total, norm) if for_linear else norm(total))
+
+    if (type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or x.dim() < 1
+            or not isinstance(residual, torch.Tensor) or residual.shape != x.shape or residual.device != x.device
+            or x.shape[-1] != norm.normalized_shape[0] or _plain() or has_hooks(norm)):
+        return separate()
+    sum_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if for_linear:
+        out_dtype = _conv_dtype_of(sum_dtype, x.device.type)
+    elif sum_dtype == torch.float32 or autocast_dtype(x.device.type) is None:
+        out_dtype = sum_dtype  # what LayerNorm returns, with autocast or without
+    else:
+        return separate()  # a low-precision norm's output dtype under autocast depends on the device's policy
+    reasons = add_layer_norm_unsupported_reasons(x, residual, norm.weight, norm.bias, out_dtype)
+    if reasons and backends.get_backend() == "triton":
+        return separate()  # the add and ATen's norm, as layer_norm_for_linear does
+    if not backends.select("add_layer_norm", reasons, x.device):
+        return separate()
+    return fused_add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, out_dtype)

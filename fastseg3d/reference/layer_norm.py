@@ -1,4 +1,5 @@
-"""Reference LayerNorm over the last axis in ATen ops, its output in a requested dtype.
+"""Reference LayerNorm over the last axis in ATen ops, its output in a requested dtype, and the residual step
+``s = x + residual; y = LayerNorm(s)`` of a pre-norm transformer.
 
 fp16 and bf16 inputs are normalised in fp32 (as autocast runs ``F.layer_norm``), and the result is cast once to the
 output dtype (the Linear's input dtype under autocast). Math in fp64 for fp64 inputs.
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 
 from fastseg3d.reference._grad_dtype import compute_dtype
 
-__all__ = ["layer_norm_backward_ref", "layer_norm_fused_ref", "layer_norm_ref"]
+__all__ = ["add_layer_norm_backward_ref", "add_layer_norm_fused_ref", "add_layer_norm_ref", "layer_norm_backward_ref",
+           "layer_norm_fused_ref", "layer_norm_ref"]
 
 
 def _cast(t, dtype):
@@ -46,3 +48,27 @@ def layer_norm_backward_ref(grad, x, weight, bias, eps: float, output_mask):
                                                            [output_mask[0], need_dw, need_db])
     return (dx.to(x.dtype) if output_mask[0] else None, dw.to(weight.dtype) if need_dw else None,
             db.to(bias.dtype) if need_db else None)
+
+
+def add_layer_norm_ref(x, residual, weight=None, bias=None, eps: float = 1e-5, out_dtype: torch.dtype | None = None):
+    """``(s, layer_norm_ref(s, ...))`` for ``s = x + residual``, differentiable by autograd."""
+    total = x + residual
+    return total, layer_norm_ref(total, weight, bias, eps, out_dtype)
+
+
+def add_layer_norm_fused_ref(x, residual, weight, bias, eps: float, out_dtype: torch.dtype):
+    """What the fused residual forward returns, without autograd: (s, y, mean, rstd)."""
+    total = x + residual
+    return (total, *layer_norm_fused_ref(total, weight, bias, eps, out_dtype))
+
+
+def add_layer_norm_backward_ref(grad, grad_sum, total, weight, bias, eps: float, x_dtype: torch.dtype,
+                                residual_dtype: torch.dtype, output_mask):
+    """(dx, dresidual, dweight, dbias) as autograd forms them for the plain add and norm: LayerNorm's input gradient
+    in s's dtype, plus ``grad_sum`` (what s receives from elsewhere; None for nothing), cast to each input's dtype;
+    None where ``output_mask`` is False (and for an absent parameter)."""
+    need_input = output_mask[0] or output_mask[1]
+    ds, dw, db = layer_norm_backward_ref(grad, total, weight, bias, eps, [need_input, *output_mask[2:]])
+    if need_input and grad_sum is not None:
+        ds = ds + grad_sum
+    return (ds.to(x_dtype) if output_mask[0] else None, ds.to(residual_dtype) if output_mask[1] else None, dw, db)

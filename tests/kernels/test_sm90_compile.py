@@ -282,19 +282,25 @@ def test_upsample_sum_kernel(dtype, n, same, cl, int64, ones):
     assert _stats(compile_for_h100(us._upsample_sum_kernel, values, us._WARPS))["spill_bytes"] == 0
 
 
-@pytest.mark.parametrize("dtype,out,c,int64", [("fp32", "bf16", 32, False), ("bf16", "bf16", 160, True),
-                                               ("fp16", "fp32", 4096, False)])
-def test_layer_norm_kernels(dtype, out, c, int64):
+@pytest.mark.parametrize("dtype,out,c,int64,res", [("fp32", "bf16", 32, False, None), ("bf16", "bf16", 160, True, None),
+                                                   ("fp16", "fp32", 4096, False, None),
+                                                   ("fp32", "bf16", 32, False, "bf16"),
+                                                   ("fp32", "bf16", 256, True, "bf16"),
+                                                   ("bf16", "bf16", 4096, False, "bf16")])
+def test_layer_norm_kernels(dtype, out, c, int64, res):
     """LayerNorm forward and backward at the launcher's tiles (2048 elements; one row of up to 4096), without
-    spills."""
+    spills; with a residual (``res``, its dtype: the add, the sum written and its gradient added and written twice)
+    too."""
     from bench.sass import _stats
     from fastseg3d.kernels import layer_norm as ln
 
     block_m, block_c, warps = ln._block(c)
     values = {"x_ptr": f"*{dtype}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{out}", "dy_ptr": f"*{out}",
               "dx_ptr": f"*{dtype}", **{p: "*fp32" for p in ("mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr")},
-              **_ints("M", "C", "sx", "tiles_per_program"), "eps": "fp32", "HAS_W": True, "HAS_B": True,
-              "NEED_DX": True, "BLOCK_M": block_m, "BLOCK_C": block_c, "INT64": int64}
+              "r_ptr": f"*{res or dtype}", "s_ptr": f"*{dtype}", "ds_ptr": f"*{dtype}", "dr_ptr": f"*{res or dtype}",
+              **_ints("M", "C", "sx", "sr", "tiles_per_program"), "eps": "fp32", "HAS_W": True, "HAS_B": True,
+              "NEED_DX": True, "HAS_RES": res is not None, "HAS_DS": res is not None, "NEED_DR": res is not None,
+              "BLOCK_M": block_m, "BLOCK_C": block_c, "INT64": int64}
     for kernel in (ln._layer_norm_fwd_kernel, ln._layer_norm_bwd_kernel):
         assert _stats(compile_for_h100(kernel, values, warps))["spill_bytes"] == 0, kernel.__name__
 
@@ -452,7 +458,8 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
 # `python -m bench.sass network mobileutr` checks its launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward",
-                                              "upsample_sum", "layer_norm", "layer_norm_backward", *_NORM_ACT,
+                                              "upsample_sum", "layer_norm", "layer_norm_backward", "add_layer_norm",
+                                              "add_layer_norm_backward", *_NORM_ACT,
                                               "group_norm_act_running_stats"}),
     ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT,
                                         "group_norm_act_running_stats"}),

@@ -1,5 +1,5 @@
-"""fastseg3d.ops.layer_norm (LayerNorm over the last axis, output in a requested dtype): CPU, interpreter and GPU
-tiers."""
+"""fastseg3d.ops.layer_norm (LayerNorm over the last axis, output in a requested dtype) and
+fastseg3d.ops.add_layer_norm (the residual add before it in the same kernel): CPU, interpreter and GPU tiers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,18 @@ import torch
 import torch.nn.functional as F
 
 import fastseg3d
-from fastseg3d.ops.layer_norm import layer_norm, layer_norm_unsupported_reasons
-from fastseg3d.reference.layer_norm import layer_norm_backward_ref, layer_norm_fused_ref, layer_norm_ref
+from fastseg3d.ops.layer_norm import (
+    add_layer_norm,
+    add_layer_norm_unsupported_reasons,
+    layer_norm,
+    layer_norm_unsupported_reasons,
+)
+from fastseg3d.reference.layer_norm import (
+    add_layer_norm_backward_ref,
+    layer_norm_backward_ref,
+    layer_norm_fused_ref,
+    layer_norm_ref,
+)
 from tests.utils import assert_close
 
 
@@ -42,6 +52,34 @@ def _check(x, w, b, dtype, out_dtype=None, scale=1.0):
         assert w.grad.dtype == w.dtype and b.grad.dtype == b.dtype
         assert_close("dweight", w.grad, wd.grad, dtype, 2 * scale)
         assert_close("dbias", b.grad, bd.grad, dtype, 2 * scale)
+
+
+def _check_add(x, r, w, b, dtype, out_dtype=None, use_sum=True, scale=1.0):
+    """The public residual step (whatever backend is active) against ``s = x + r`` (rounded to its dtype) and
+    F.layer_norm(s) in float64, forward and the gradients of a loss that reads y and, with ``use_sum``, s (as the
+    next residual add does); ``dtype`` sets the tolerances."""
+    total, y = add_layer_norm(x, r, w, b, 1e-5, out_dtype)
+    sum_dtype = torch.promote_types(x.dtype, r.dtype)
+    assert total.dtype == sum_dtype and y.dtype == (out_dtype or sum_dtype)
+    assert total.is_contiguous() and y.is_contiguous() and total.shape == y.shape == x.shape
+    leaves = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
+    doubles = {id(t): t.detach().double().requires_grad_() for t in leaves}
+    xd, rd = (doubles.get(id(t), t.detach().double()) for t in (x, r))
+    wd, bd = (doubles.get(id(t), t.detach().double()) if t is not None else None for t in (w, b))
+    sd = xd + rd
+    sd = sd + (sd.detach().to(sum_dtype).double() - sd.detach())  # the sum as rounded to its dtype, same gradient
+    yd = F.layer_norm(sd, x.shape[-1:], wd, bd, 1e-5)
+    assert torch.equal(total, (x.detach().to(sum_dtype) + r.detach().to(sum_dtype)))
+    assert_close("y", y, yd, dtype, scale)
+    dy, ds = torch.randn_like(yd).to(y.dtype), torch.randn_like(sd).to(sum_dtype)
+    loss = (y.double() * dy.double()).sum() + ((total.double() * ds.double()).sum() if use_sum else 0)
+    loss_d = (yd * dy.double()).sum() + ((sd * ds.double()).sum() if use_sum else 0)
+    grads = torch.autograd.grad(loss, leaves)
+    expected = torch.autograd.grad(loss_d, [doubles[id(t)] for t in leaves])
+    names = {id(x): "dx", id(r): "dresidual", id(w): "dweight", id(b): "dbias"}
+    for t, got, want in zip(leaves, grads, expected):
+        assert got.dtype == t.dtype, names[id(t)]
+        assert_close(names[id(t)], got, want, dtype, 2 * scale)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -107,6 +145,91 @@ def test_unsupported_reasons():
     assert "dtype=torch.float64" in layer_norm_unsupported_reasons(x.double())[0]
     assert "out_dtype=torch.float64" in layer_norm_unsupported_reasons(x, out_dtype=torch.float64)[0]
     assert "last axis of 5000" in layer_norm_unsupported_reasons(torch.empty(2, 5000, device="meta"))[0]
+
+
+@pytest.mark.parametrize("use_sum", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_reference_matches_add_and_layer_norm(affine, use_sum):
+    x, w, b = _inputs((2, 7, 12), torch.float64, affine)
+    _check_add(x, torch.randn(2, 7, 12, dtype=torch.float64).requires_grad_(), w, b, torch.float64, use_sum=use_sum)
+
+
+def test_add_reference_in_mixed_dtypes_matches_autograd():
+    """An fp32 stream and a bf16 branch (SegFormer3D under autocast): the sum in fp32, its gradient cast to bf16 for
+    the branch, as autograd forms them for ``x + r`` and the norm."""
+    x, w, b = _inputs((3, 5, 16))
+    r = torch.randn(3, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    total, y = add_layer_norm(x, r, w, b, out_dtype=torch.bfloat16)
+    plain = x + r
+    assert total.dtype == torch.float32 and torch.equal(total, plain)
+    assert torch.equal(y, F.layer_norm(plain, (16,), w, b).bfloat16())
+    dy, ds = torch.randn(3, 5, 16, dtype=torch.bfloat16), torch.randn(3, 5, 16)
+    dx, dr, dw, db = add_layer_norm_backward_ref(dy, ds, total.detach(), w.detach(), b.detach(), 1e-5,
+                                                 torch.float32, torch.bfloat16, [True, True, True, True])
+    torch.autograd.backward([F.layer_norm(plain, (16,), w, b).bfloat16(), plain], [dy, ds])
+    for name, got, want in (("dx", dx, x.grad), ("dresidual", dr, r.grad), ("dw", dw, w.grad), ("db", db, b.grad)):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize(
+    "residual, error, match",
+    [
+        (torch.randn(2, 3, 4), ValueError, r"residual must have x's shape \(2, 3, 8\)"),
+        (torch.ones(2, 3, 8, dtype=torch.int64), TypeError, "residual must be a floating-point"),
+        (torch.randn(2, 3, 8, device="meta"), TypeError, "residual is on meta"),
+        ([1.0], TypeError, "residual must be a torch.Tensor"),
+    ],
+)
+def test_add_bad_residual(residual, error, match):
+    with pytest.raises(error, match=match):
+        add_layer_norm(torch.randn(2, 3, 8), residual)
+
+
+def test_add_unsupported_reasons():
+    x = torch.empty(2, 5, 32, device="meta")
+    assert add_layer_norm_unsupported_reasons(x, x.bfloat16(), out_dtype=torch.bfloat16) == []
+    assert "residual dtype=torch.float64" in add_layer_norm_unsupported_reasons(x, x.double())[0]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_opcheck(affine):
+    x, w, b = _inputs((2, 5, 12), torch.float32, affine)
+    r = torch.randn(2, 5, 12, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastseg3d.add_layer_norm.default, (x, r, w, b, 1e-5, torch.bfloat16))
+    x, r, w, b = (t.detach() if t is not None else None for t in (x, r, w, b))
+    total, y, mean, rstd = torch.ops.fastseg3d.add_layer_norm(x, r, w, b, 1e-5, torch.bfloat16)
+    assert total.dtype == torch.float32 and y.dtype == torch.bfloat16 and mean.shape == (10,)
+    backward = torch.ops.fastseg3d.add_layer_norm_backward.default
+    for grad_sum in (torch.randn_like(total), None):
+        torch.library.opcheck(backward, (torch.randn_like(y), grad_sum, total, w, b, mean, rstd, 1e-5, torch.float32,
+                                         torch.bfloat16, [True, True, affine, True]))
+    torch.library.opcheck(backward, (torch.randn_like(y), None, total, w, b, mean, rstd, 1e-5, torch.float32,
+                                     torch.bfloat16, [False, True, False, False]))
+
+
+def test_add_compile_fullgraph_forward_backward():
+    x, w, b = _inputs((2, 9, 16))
+    r = torch.randn(2, 9, 16, requires_grad=True)
+    copies = [t.detach().clone().requires_grad_() for t in (x, r, w, b)]
+
+    def fn(x, r, w, b):
+        total, y = torch.ops.fastseg3d.add_layer_norm(x, r, w, b, 1e-5, x.dtype)[:2]
+        return y.square().sum() + total.sin().sum()
+
+    fn(x, r, w, b).backward()
+    torch.compile(fn, fullgraph=True)(*copies).backward()
+    for name, got, want in zip(("dx", "dresidual", "dw", "db"), (t.grad for t in copies),
+                               (t.grad for t in (x, r, w, b))):
+        assert_close(name, got, want, torch.float32)
+
+
+def test_add_meta_device_forward_backward():
+    x, w, b = (t.detach().to("meta").requires_grad_() for t in _inputs((2, 7, 32)))
+    r = torch.empty(2, 7, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    total, y = add_layer_norm(x, r, w, b, out_dtype=torch.bfloat16)
+    assert total.dtype == torch.float32 and y.dtype == torch.bfloat16 and y.grad_fn.name().startswith("add_layer_norm")
+    (y.sum() + total.sum()).backward()
+    assert x.grad.dtype == torch.float32 and r.grad.dtype == torch.bfloat16 and w.grad.shape == (32,)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -227,6 +350,89 @@ def test_layer_norm_for_linear_writes_the_autocast_dtype(monkeypatch):
         assert_close(name, a, e, torch.bfloat16)
 
 
+_ADD_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float16)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape", [(2, 37, 32), (1, 5, 7), (3, 256)], ids=str)
+@pytest.mark.parametrize("dtypes", _ADD_DTYPES, ids=lambda d: f"{str(d[0])[6:]}+{str(d[1])[6:]}")
+@pytest.mark.parametrize("use_sum", [True, False])
+def test_add_kernels_match_add_and_layer_norm(shape, dtypes, use_sum, poison):
+    x, w, b = _inputs(shape, dtypes[0])
+    r = (1.5 * torch.randn(shape)).to(dtypes[1]).requires_grad_()
+    with fastseg3d.backend("triton"):
+        _check_add(x, r, w, b, dtypes[1], use_sum=use_sum)
+
+
+@pytest.mark.interpret
+def test_add_kernels_write_the_requested_dtype_on_strided_rows(poison):
+    """Every other token of the stream and a window of a wider branch's channels (rows read in place, with
+    different row strides), a mean 300 times the spread, no affine parameters, and the norm written in fp16 for a
+    Linear."""
+    x, _, _ = _inputs((2, 40, 24), offset=300.0)
+    r = torch.randn(2, 20, 32)
+    xs, rs = x.detach()[:, ::2].requires_grad_(), r[..., 4:28].requires_grad_()
+    with fastseg3d.backend("triton"):
+        _check_add(xs, rs, None, None, torch.float16, torch.float16, scale=4.0)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("needs", ["x", "residual", "parameters"])
+def test_add_kernels_with_some_gradients(needs, poison):
+    x, w, b = _inputs((2, 9, 20))
+    r = torch.randn(2, 9, 20)
+    x.requires_grad_(needs == "x")
+    r.requires_grad_(needs == "residual")
+    w.requires_grad_(needs == "parameters")
+    b.requires_grad_(needs == "parameters")
+    with fastseg3d.backend("triton"):
+        _check_add(x, r, w, b, torch.float32)
+
+
+@pytest.mark.interpret
+def test_add_kernels_64bit_indexing(monkeypatch, poison):
+    k = sys.modules["fastseg3d.kernels.layer_norm"]
+    monkeypatch.setattr(k, "_INT32_MAX", 16)
+    x, w, b = _inputs((2, 9, 20))
+    with fastseg3d.backend("triton"):
+        _check_add(x, torch.randn(2, 9, 20, dtype=torch.float16).requires_grad_(), w, b, torch.float16)
+
+
+@pytest.mark.interpret
+def test_add_layer_norm_module_helper_matches_the_plain_residual_step():
+    """nn.recompute.add_layer_norm (SegFormer3D's residual adds) under (CPU) bf16 autocast: the fp32 stream plus
+    a Linear's bf16 output, the norm written in bf16 for the next Linear; outputs and every gradient as the plain
+    ``x + branch`` and LayerNorm within bf16 rounding, the sum itself exactly."""
+    from torch import nn
+
+    from fastseg3d.nn.recompute import add_layer_norm as add_norm
+
+    norm, branch, lin = nn.LayerNorm(32), nn.Linear(32, 32), nn.Linear(32, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 11, 32)
+    results = []
+    for backend in ("triton", "torch"):
+        xi = x.clone().requires_grad_()
+        for m in (norm, branch, lin):
+            m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), fastseg3d.backend(backend):
+            total, h = add_norm(xi, branch(xi), norm, for_linear=True)
+            out = lin(h)
+        assert total.dtype == torch.float32
+        if backend == "triton":  # the plain norm returns fp32 under autocast, for the Linear to cast
+            assert h.dtype == torch.bfloat16 and h.grad_fn.name().startswith("add_layer_norm")
+        with fastseg3d.backend(backend):
+            (out.float().square().sum() + total.sin().sum()).backward()
+        results.append((total, out, xi.grad, norm.weight.grad.clone(), norm.bias.grad.clone(),
+                        branch.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, a, e in zip(("out", "dx", "dweight", "dbias", "dbranch"), results[0][1:], results[1][1:]):
+        assert a.dtype == e.dtype
+        assert_close(name, a, e, torch.bfloat16)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU tier
 
@@ -253,3 +459,14 @@ def test_gpu_fp32_input_to_bf16_output_and_determinism():
         grads.append((x.grad.clone(), w.grad.clone(), b.grad.clone()))
     assert_close("y", y, F.layer_norm(x.detach(), (64,), w.detach(), b.detach()), torch.bfloat16)
     assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [*_ADD_DTYPES, (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+                         ids=str)
+@pytest.mark.parametrize("shape", [(2, 32768, 32), (2, 512, 256), (7, 5, 100)], ids=str)
+def test_gpu_add_kernels_match_add_and_layer_norm(shape, dtypes, poison):
+    x, w, b = _inputs(shape, dtypes[0], device="cuda")
+    r = (1.5 * torch.randn(shape, device="cuda")).to(dtypes[1]).requires_grad_()
+    with fastseg3d.backend("triton"):
+        _check_add(x, r, w, b, dtypes[1], out_dtype=dtypes[1])
