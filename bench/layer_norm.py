@@ -67,9 +67,11 @@ def _residual_setup(x, w, bias, dtype, provider, device) -> Setup:
 
         def fwd():
             return fn(x, r, w, bias)
-    n = x.numel()
-    # fwd reads x and r, writes s and y; bwd reads s and dy, writes dx (fp32) and dr
-    fwd_bytes, bwd_bytes = n * (4 + dtype.itemsize) + n * (4 + dtype.itemsize), 2 * n * (4 + dtype.itemsize)
+    n, item = x.numel(), dtype.itemsize
+    # fwd reads x and r, writes s and y; bwd reads s and dy, writes dx (fp32) and, in another dtype, dr (one
+    # gradient serves both inputs of one dtype)
+    fwd_bytes = n * (4 + item) + n * (4 + item)
+    bwd_bytes = n * (4 + item) + n * (4 + (item if dtype != torch.float32 else 0))
     return Setup(fwd, [x, r, w, bias], {"fwd": fwd_bytes, "bwd": bwd_bytes, "fwd+bwd": fwd_bytes + bwd_bytes})
 
 

@@ -13,6 +13,8 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
     python -m bench.sass selfreg                       # SelfReg's pooling and inter term, 2x2x2 cells
     python -m bench.sass network segformer3d           # every launch of a benchmark network's training step and
                                                        # inference, and what an H100 would refuse
+    python -m bench.sass launches segformer3d          # how many kernels its bf16 training step launches
+                                                       # (--plain: the plain variant's)
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def profile_attention(n: int = 32768, m: int = 512, heads: int = 1, head_dim: in
         torch.backends.cuda.matmul.allow_tf32 = previous
     rows = []
     for fn, args, kw in launches:
+        if fn.fn.__module__ != a.__name__:  # the shared sum of dk/dv's partials
+            continue
         kw = {"num_warps": 4, **kw}
         # per score: main-loop thread-instructions per element of the block's score tile
         scores = kw["BLOCK_M"] * kw["BLOCK_N"] / (32 * kw["num_warps"]) if "BLOCK_N" in kw else None
@@ -379,11 +383,53 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
     return rows
 
 
+def launch_counts(name: str, side: int | None = None, batch: int | None = None, dtype=torch.bfloat16,
+                  plain: bool = False) -> dict:
+    """The kernels a training step (forward, the benchmark's loss, backward) of the benchmark network ``name``
+    launches on a GPU, counted on ``meta`` tensors: each ATen op that writes memory (as
+    :func:`fastseg3d.profile.write_traffic` counts them; about one kernel each), and for each fused op call its
+    Triton launches and the ATen ops its launcher runs around them (workspace sums, casts). Eager PyTorch issues
+    each at a few microseconds of host time, so this bounds a launch-bound step from below.
+
+    ``plain``: the benchmark's plain variant (the network from plain layers, every op's reference, the plain loss).
+
+    Returns ``{"total": n, "aten": n, "fused": n, "by_op": {op: [calls, launches]}}`` (fused ops only in
+    ``by_op``)."""
+    from bench.models import NETWORKS, variant_context
+    from bench.registry import load_cases
+    from fastseg3d.kernels import utils as kernel_utils
+    from fastseg3d.ops.utils import LAUNCHES
+    from fastseg3d.profile import _autocast_on_meta, _Writes
+
+    load_cases()
+    net = NETWORKS[name]
+    side = side or net.sides[0]
+    batch = batch or net.batch
+    torch.manual_seed(0)
+    model = net.build(net.cfg, plain).to("meta").train()
+    x = torch.empty(batch, net.in_channels, side, side, side, device="meta")
+    label = torch.zeros(batch, 1, side, side, side, dtype=torch.long, device="meta")
+    writes, recorder = _Writes(), _FusedCalls()
+    with writes, recorder, _autocast_on_meta(dtype), variant_context(plain):
+        net.loss(plain)(model(x), label).backward()
+    by_op: dict[str, list[int]] = {}
+    for op, args, kwargs in recorder.calls:
+        inner = _Writes()
+        with mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS), inner:
+            triton_launches = _captured(lambda: LAUNCHES[op](*args, **kwargs))
+        entry = by_op.setdefault(op, [0, 0])
+        entry[0] += 1
+        entry[1] += len(triton_launches) + sum(c for c, _ in inner.by_op.values())
+    aten = sum(c for name_, (c, _) in writes.by_op.items() if not name_.startswith("fastseg3d::"))
+    fused = sum(launches for _, launches in by_op.values())
+    return {"total": aten + fused, "aten": aten, "fused": fused, "by_op": by_op}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill", "selfreg", "network"])
-    parser.add_argument("name", nargs="?", help="network: a model case (segformer3d, mobileutr, missu, dsd_unet, "
-                                                "selfreg_unet)")
+    parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill", "selfreg", "network", "launches"])
+    parser.add_argument("name", nargs="?", help="network, launches: a model case (segformer3d, mobileutr, missu, "
+                                                "dsd_unet, selfreg_unet)")
     parser.add_argument("--side", type=int, help="network: cubic input side (default: the benchmark's first)")
     parser.add_argument("--batch", type=int, help="network: batch (default: the benchmark's)")
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
@@ -392,10 +438,20 @@ def main(argv=None) -> None:
     parser.add_argument("--activation", choices=["relu", "gelu", "gelu_tanh", "silu"],
                         help="dwconv3d forward and dz pass")
     parser.add_argument("--tf32", action="store_true", help="attention: fp32 dots in TF32")
+    parser.add_argument("--plain", action="store_true", help="launches: the benchmark's plain variant")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    if args.name and args.op != "network":
+    if args.name and args.op not in ("network", "launches"):
         parser.error(f"{args.op} takes no name")
+    if args.op == "launches":
+        if not args.name:
+            parser.error("launches needs a model case name")
+        counts = launch_counts(args.name, args.side, args.batch, dtype, args.plain)
+        for op, (calls, launches) in sorted(counts["by_op"].items(), key=lambda kv: -kv[1][1]):
+            print(f"{op:48s} {calls:5d} calls {launches:6d} launches")
+        print(f"{counts['total']} launches: {counts['aten']} ATen ops, {counts['fused']} by {len(counts['by_op'])} "
+              f"fused ops")
+        return
     if args.op == "network":
         if not args.name:
             parser.error("network needs a model case name")

@@ -104,7 +104,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dk, dv of one key block from the query rows [split * ROWS_PER_SPLIT, (split + 1) * ROWS_PER_SPLIT).
 
-    Writes fp32 partials to dk/dv workspaces of shape (splits, B, H, M, d)."""
+    Writes fp32 partials to dk/dv workspaces of shape (splits, B, M, H, d): dk/dv's own layout, per split."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -146,7 +146,7 @@ def _attn_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
-    out = ((pid_s * tl.num_programs(1) + pid_bh).to(tl.int64) * M + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+    out = (((pid_s * (tl.num_programs(1) // H) + b) * M + offs_n[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
     tl.store(dk_ptr + out, dk * scale, mask=col_ok[:, None])
     tl.store(dv_ptr + out, dv, mask=col_ok[:, None])
 
@@ -286,8 +286,8 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     splits = _row_splits(n_row_blocks, n_kblocks * bsz * h, q.device)
     rows_per_split = cdiv(n_row_blocks, splits) * kv_block_m
     splits = cdiv(n, rows_per_split)
-    dk_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
-    dv_ws = empty((splits, bsz, h, m, d), dtype=torch.float32, device=q.device)
+    dk_ws = empty((splits, bsz, m, h, d), dtype=torch.float32, device=q.device)
+    dv_ws = empty((splits, bsz, m, h, d), dtype=torch.float32, device=q.device)
     torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(n_kblocks, bsz * h, splits)](
         q, k, v, grad, lse, delta, dk_ws, dv_ws,
         n, m, h, _qk_scale(scale), scale, rows_per_split,
@@ -297,9 +297,8 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         # 128 they spilled (Triton 3.6).
         ROW_TAIL=n % kv_block_m != 0 or d > 32, num_warps=kv_warps,
     )
-    # Fixed-order sums over the splits keep dk/dv deterministic.
-    dk.copy_(dk_ws.sum(0).permute(0, 2, 1, 3))
-    dv.copy_(dv_ws.sum(0).permute(0, 2, 1, 3))
+    # Fixed-order sums over the splits keep dk/dv deterministic: one launch for both, in their dtype
+    utils.sum_partials(dk_ws.view(splits, 1, -1), dk.view(-1), dv_ws.view(splits, 1, -1), dv.view(-1))
 
     torch.library.wrap_triton(_attn_bwd_dq_kernel)[(cdiv(n, block_m), bsz * h)](
         q, k, v, grad, lse, delta, dq,

@@ -1290,9 +1290,10 @@ def dwconv3d_bwd_weight(
     dilation: tuple[int, int, int],
     with_bias: bool,
     empty=torch.empty,
+    dtypes: tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight and bias gradients (fp32, shapes (C, KD*KH*KW) and (C,), the latter when ``with_bias``) from the
-    gradient ``dz`` at the pre-activation. ``empty`` allocates the workspaces (tests pass a NaN-filling one)."""
+    """Weight and bias gradients (shapes (C, KD*KH*KW) and (C,), the latter when ``with_bias``, in ``dtypes``) from
+    the gradient ``dz`` at the pre-activation. ``empty`` allocates the workspaces (tests pass a NaN-filling one)."""
     bsz, c, d_in, h_in, w_in = x.shape
     _, _, d_out, h_out, w_out = dz.shape
     kd, kh, kw = kernel_size
@@ -1374,5 +1375,8 @@ def dwconv3d_bwd_weight(
         INT64=int64,
         BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
     )
-    # Fixed-order reductions over the workspace rows: deterministic for a given shape and device.
-    return dwp.sum(0).t(), (dbp.sum(0) if dbp is not None else None)
+    # Fixed-order reductions over the workspace rows (one launch): deterministic for a given shape and device.
+    dw = empty((c, kvol), dtype=dtypes[0], device=x.device)
+    db = empty((c,), dtype=dtypes[1], device=x.device) if with_bias else None
+    utils.sum_partials(dwp, dw, dbp.view(rows, 1, c) if with_bias else None, db)
+    return dw, db

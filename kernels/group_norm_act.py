@@ -26,14 +26,15 @@ The apply and backward kernels read a batch element's statistics at ``b * GB``: 
 span the batch. A training BatchNorm's running statistics take a fourth launch, one program per 1024 channels
 (``native_batch_norm``'s update, from the merged statistics).
 
-Backward, given ``dy``:
+Backward, given ``dy``, three launches:
 
 1. reduce: program (split, channel block, b) recomputes z, ``dz = dy * act'(z)`` (``dz = dy`` with ``PRE``), and
    sums per channel ``dz`` and ``dz * xhat`` over its share of the voxels into (B, SPLIT, C) workspaces (no
-   atomics: the caller sums them in a fixed order into dweight, dbias and the two per-group terms of dx);
-2. dx: ``rstd * (w_c dz - c1_g - xhat c2_g)``, with ``c1 = sum_c w_c sum dz / M`` and ``c2 = sum_c w_c sum dz
-   xhat / M`` over the group's M values, the whole batch's with statistics over the batch (times ``act'(x)`` with
-   ``PRE``).
+   atomics);
+2. finalize: the workspaces summed in a fixed order into dweight and dbias (C,) and the two per-group terms of dx,
+   ``c1 = sum_c w_c sum dz / M`` and ``c2 = sum_c w_c sum dz xhat / M`` over the group's M values (the whole
+   batch's with statistics over the batch): one launch where ATen reductions took a dozen;
+3. dx: ``rstd * (w_c dz - c1_g - xhat c2_g)`` (times ``act'(x)`` with ``PRE``).
 """
 
 from __future__ import annotations
@@ -293,6 +294,58 @@ def _bwd_reduce_kernel(
 
 
 @triton.jit
+def _bwd_finalize_kernel(
+    sdz_ptr, sdzx_ptr, w_ptr, c1_ptr, c2_ptr, dw_ptr, db_ptr, B, C, G, CG, SPLIT, NB, N_A, count,
+    HAS_W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P2: tl.constexpr, BLOCK_C2: tl.constexpr,
+):
+    # The (batch, split, channel) partials of the reduce kernel, summed in one launch (in place of a dozen small
+    # ATen reductions). Programs below N_A: dx's per-(statistics row, group) coefficients c1 = sum(w dz) / count,
+    # c2 = sum(w dz xhat) / count, for BLOCK_G groups of the row, over the row's NB batch elements. The others: the
+    # parameter gradients (sums over the batch and the splits) of BLOCK_C2 channels. Fixed order: deterministic.
+    pid = tl.program_id(0)
+    if pid < N_A:
+        n_gb = tl.cdiv(G, BLOCK_G)
+        n = pid // n_gb
+        g = (pid % n_gb) * BLOCK_G + tl.arange(0, BLOCK_G)
+        p_ar = tl.arange(0, BLOCK_P)
+        a1 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_K], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_P, BLOCK_G, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, CG, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            ch = g[:, None] * CG + k[None, :]
+            c_ok = (g < G)[:, None] & (k < CG)[None, :]
+            if HAS_W:
+                w = tl.load(w_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(c_ok, 1.0, 0.0)
+            for b in range(n * NB, n * NB + NB):
+                for p0 in range(0, SPLIT, BLOCK_P):
+                    p = p0 + p_ar
+                    mask = (p < SPLIT)[:, None, None] & c_ok[None, :, :]
+                    offs = (b * SPLIT + p)[:, None, None] * C + ch[None, :, :]
+                    a1 += tl.load(sdz_ptr + offs, mask=mask, other=0.0) * w[None, :, :]
+                    a2 += tl.load(sdzx_ptr + offs, mask=mask, other=0.0) * w[None, :, :]
+        out = n * G + g
+        tl.store(c1_ptr + out, tl.sum(tl.sum(a1, axis=2), axis=0) / count, mask=g < G)
+        tl.store(c2_ptr + out, tl.sum(tl.sum(a2, axis=2), axis=0) / count, mask=g < G)
+    else:
+        ch2 = (pid - N_A) * BLOCK_C2 + tl.arange(0, BLOCK_C2)
+        p_ar2 = tl.arange(0, BLOCK_P2)
+        d1 = tl.zeros([BLOCK_P2, BLOCK_C2], dtype=tl.float32)
+        d2 = tl.zeros([BLOCK_P2, BLOCK_C2], dtype=tl.float32)
+        for b2 in range(0, B):
+            for q0 in range(0, SPLIT, BLOCK_P2):
+                q = q0 + p_ar2
+                mask2 = (q < SPLIT)[:, None] & (ch2 < C)[None, :]
+                offs2 = (b2 * SPLIT + q)[:, None] * C + ch2[None, :]
+                d1 += tl.load(sdz_ptr + offs2, mask=mask2, other=0.0)
+                d2 += tl.load(sdzx_ptr + offs2, mask=mask2, other=0.0)
+        tl.store(db_ptr + ch2, tl.sum(d1, axis=0), mask=ch2 < C)
+        tl.store(dw_ptr + ch2, tl.sum(d2, axis=0), mask=ch2 < C)
+
+
+@triton.jit
 def _bwd_dx_kernel(
     x_ptr, dy_ptr, w_ptr, bias_ptr, mean_ptr, rstd_ptr, c1_ptr, c2_ptr, dx_ptr, C, S, GB, CG, sb, sc, ss, slope,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
@@ -402,19 +455,29 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: floa
         x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, gb, c // groups, split, per, *_strides(x), slope,
         **flags,
     )
-    dbias, dweight = sdz.sum(1), sdzx.sum(1)  # (B, C), summed over the splits in a fixed order
+    n_stats, cg = mean.shape[0], c // groups
+    c1 = empty((n_stats, groups), dtype=torch.float32, device=x.device)
+    c2 = empty((n_stats, groups), dtype=torch.float32, device=x.device)
+    dweight = empty((c,), dtype=torch.float32, device=x.device)
+    dbias = empty((c,), dtype=torch.float32, device=x.device)
+    block_k = min(next_power_of_2(cg), 1024)
+    block_g = min(next_power_of_2(groups), max(1, 256 // block_k))
+    block_c2 = min(next_power_of_2(c), 64)
+    n_a = n_stats * cdiv(groups, block_g) if need_dx else 0  # without dx, the parameter gradients alone
+    torch.library.wrap_triton(_bwd_finalize_kernel)[(n_a + cdiv(c, block_c2),)](
+        sdz, sdzx, w_arg, c1, c2, dweight, dbias, bsz, c, groups, cg, split, bsz // n_stats, n_a,
+        float(cg * s * (bsz // n_stats)), HAS_W=weight is not None,
+        # tiles of a fixed size whatever the splits, 8 warps (4 put 8 bytes on the stack on sm_90 for some)
+        BLOCK_P=max(1, 2048 // (block_g * block_k)), BLOCK_G=block_g, BLOCK_K=block_k,
+        BLOCK_P2=2048 // block_c2, BLOCK_C2=block_c2, num_warps=8,
+    )
     if not need_dx:
-        return None, dweight.sum(0), dbias.sum(0)
-    w = weight.float() if weight is not None else torch.ones((), dtype=torch.float32, device=x.device)
-    n_stats = mean.shape[0]
-    per_group = c // groups * s * (bsz // n_stats)
-    c1 = (dbias.view(-1, n_stats, c).sum(0) * w).view(n_stats, groups, -1).sum(-1) / per_group
-    c2 = (dweight.view(-1, n_stats, c).sum(0) * w).view(n_stats, groups, -1).sum(-1) / per_group
+        return None, dweight, dbias
     layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
     dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
     torch.library.wrap_triton(_bwd_dx_kernel)[(n_tiles, n_cb, bsz)](
         x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, gb, c // groups, *_strides(x), slope, **flags,
     )
-    return dx, dweight.sum(0), dbias.sum(0)
+    return dx, dweight, dbias
 
 

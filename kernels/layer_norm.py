@@ -10,7 +10,7 @@ values (C up to ``MAX_C``).
 Forward: one pass per tile (statistics in fp32, the mean subtracted before squaring), writing y and the per-row
 mean and rstd (fp32). Backward: ``dx = rstd * (w dy - mean(w dy) - xhat mean(w dy xhat))`` per row; a program walks
 its share of the row tiles and sums ``dy xhat`` and ``dy`` per channel in registers, written as one partial per
-program and summed by the caller in a fixed order (deterministic, no atomics).
+program and summed in a fixed order by one more launch (deterministic, no atomics).
 
 With a residual (a pre-norm transformer's ``s = x + branch; y = norm(s)``) the forward adds it in the same pass and
 writes the sum ``s`` as well (rounded to its dtype before the statistics, as the plain add's output is), and the
@@ -164,4 +164,7 @@ def layer_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight, mean, rstd, dx
         HAS_W=weight is not None, NEED_DX=dx is not None, HAS_DS=ds is not None, NEED_DR=dr is not None,
         BLOCK_M=block_m, BLOCK_C=block_c, INT64=_int64(x2d, dy2d), num_warps=warps,
     )
-    return dw.sum(0), db.sum(0)
+    dweight = empty((c,), dtype=torch.float32, device=x2d.device)
+    dbias = empty((c,), dtype=torch.float32, device=x2d.device)
+    utils.sum_partials(dw.view(programs, 1, c), dweight, db.view(programs, 1, c), dbias)
+    return dweight, dbias

@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel files: the launchers' grid arithmetic in plain Python, and bf16 channel pairs.
+"""Helpers shared by the kernel files: the launchers' grid arithmetic in plain Python, bf16 channel pairs, and the
+fixed-order sums of per-program partials that make parameter gradients deterministic.
 
 ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions: each call from Python goes through Triton's
 JIT wrapper (about 2 us on a CI core), and a launcher makes up to 15 of them per launch, where the GPU spends about
@@ -15,7 +16,7 @@ import torch
 
 from fastseg3d.backends import interpreter_active
 
-__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count"]
+__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials"]
 
 
 def cdiv(a: int, b: int) -> int:
@@ -41,3 +42,43 @@ def bf16_pair_to_fp32(v):
     half's fp32 is a shift and the high half's a mask, where splitting a vector of bf16 costs a byte permute and a
     shift for every odd element."""
     return (v << 16).to(tl.float32, bitcast=True), (v & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _sum_columns(src_ptr, out_ptr, P, K, C, col0, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # columns n = k * C + c of a (P, K, C) fp32 source, summed over P in a fixed order, written to out[c * K + k]
+    n = col0 + tl.arange(0, BLOCK_N)
+    n_ok = n < K * C
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = (p < P)[:, None] & n_ok[None, :]
+        acc += tl.load(src_ptr + p[:, None] * (K * C) + n[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + (n % C) * K + n // C, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _sum_partials_kernel(a_ptr, out_a_ptr, KA, b_ptr, out_b_ptr, KB, P, C, BLOCKS_A,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < BLOCKS_A:
+        _sum_columns(a_ptr, out_a_ptr, P, KA, C, pid * BLOCK_N, BLOCK_P, BLOCK_N)
+    else:
+        _sum_columns(b_ptr, out_b_ptr, P, KB, C, (pid - BLOCKS_A) * BLOCK_N, BLOCK_P, BLOCK_N)
+
+
+def sum_partials(a: torch.Tensor, out_a: torch.Tensor, b: torch.Tensor | None = None,
+                 out_b: torch.Tensor | None = None) -> None:
+    """One launch: ``out_a`` (C, K) contiguous, in its own dtype, = ``a.sum(0).transpose`` for fp32 partials ``a``
+    (P, K, C) contiguous, summed over P in a fixed order (deterministic); likewise ``out_b`` from ``b`` (P, K', C),
+    with the same P and C, when given (a weight's and a bias's gradient)."""
+    p, ka, c = a.shape
+    kb = b.shape[1] if b is not None else 0
+    # the interpreter costs per program: wide tiles there
+    block_n = min(next_power_of_2(max(ka, kb) * c), 8192 if interpreter_active() else 256)
+    block_p = min(next_power_of_2(p), max(1, 2048 // block_n))
+    blocks_a = cdiv(ka * c, block_n)
+    torch.library.wrap_triton(_sum_partials_kernel)[(blocks_a + cdiv(kb * c, block_n),)](
+        a, out_a, ka, b if b is not None else a, out_b if out_b is not None else out_a, kb, p, c, blocks_a,
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+    )

@@ -30,6 +30,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """A training run under test turns deterministic algorithms on for the process; the tests after it must not
+    inherit them (ATen then decomposes its upsampling, for one)."""
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    yield
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[2], state[3]
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """Every buffer fastseg3d hands to a kernel starts as NaN, so an unwritten element fails the comparison."""

@@ -114,6 +114,13 @@ class _TransformerBlock(nn.Module):
         return x, self.mlp(h, spatial_shape)
 
 
+def _called_as_module(block: nn.Module) -> bool:
+    """Whether ``block`` must run through its own call: hooks that see its input and output, a replaced forward
+    (activation checkpointing, ``fastseg3d.train``'s included), a compiled call or a wrapper class."""
+    return (type(block) is not _TransformerBlock or "forward" in vars(block)
+            or getattr(block, "_compiled_call_impl", None) is not None or has_hooks(block))
+
+
 class _PatchEmbedding(nn.Module):
     def __init__(self, in_channels: int, dim: int, kernel_size, stride, padding) -> None:
         super().__init__()
@@ -147,7 +154,7 @@ class _Encoder(nn.Module):
             tokens, spatial = getattr(self, f"embed_{s}")(x)
             pending = None  # the last block's Mix-FFN output, added in the next norm's kernel
             for block in getattr(self, f"tf_block{s}"):
-                if has_hooks(block):  # its hooks see its input and output
+                if _called_as_module(block):
                     if pending is not None:
                         tokens, pending = tokens + pending, None
                     tokens = block(tokens, spatial)

@@ -219,11 +219,12 @@ def _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activati
         dwconv3d_fwd(x, weight_t, bias, None, dz, pad, dil, act_id, grad=grad)
     dw_out, db_out = x.new_empty((0,)), x.new_empty((0,))  # distinct: an op's outputs may not alias
     if need_dw or need_db:
-        dw, db = dwconv3d_bwd_weight(x, dz, (kd, kh, kw), pad, dil, bias is not None, empty=utils.empty)
+        dw, db = dwconv3d_bwd_weight(x, dz, (kd, kh, kw), pad, dil, bias is not None, empty=utils.empty,
+                                     dtypes=(weight.dtype, bias.dtype if bias is not None else weight.dtype))
         if need_dw:
-            dw_out = dw.reshape(weight.shape).to(weight.dtype)
+            dw_out = dw.view(weight.shape)
         if need_db:
-            db_out = db.to(bias.dtype)
+            db_out = db
     dx = x.new_empty((0,))
     if need_dx:
         dx = _new_output(x, x.shape)

@@ -236,6 +236,8 @@ def _add_layer_norm_backward_op(grad: Tensor, grad_sum: Tensor | None, total: Te
     if not utils.launchable(total.device):
         dx, dr, dw, db = add_layer_norm_backward_ref(grad, grad_sum, total, weight, bias, eps, x_dtype,
                                                      residual_dtype, [need_dx, need_dr, need_dw, need_db])
+        if dr is not None and dr is dx:  # op outputs may not alias each other
+            dr = dr.clone()
         return tuple(t.contiguous() if t is not None else total.new_empty((0,)) for t in (dx, dr, dw, db))
     with utils.launch_device(total):
         return _add_layer_norm_backward_launch(grad, grad_sum, total, weight, bias, mean, rstd, eps, x_dtype,
@@ -252,7 +254,7 @@ def _add_layer_norm_backward_launch(grad, grad_sum, total, weight, bias, mean, r
     c = total.shape[-1]
     dx = utils.empty(total.shape, dtype=x_dtype, device=total.device) if need_dx else None
     dr = utils.empty(total.shape, dtype=residual_dtype, device=total.device) if need_dr else None
-    dw, db = layer_norm_bwd(grad.contiguous().view(-1, c), total.view(-1, c), _params(weight, bias)[0], mean, rstd,
+    dw, db = layer_norm_bwd(grad.contiguous().view(-1, c), _rows(total), _params(weight, bias)[0], mean, rstd,
                             dx.view(-1, c) if need_dx else None, empty=utils.empty,
                             ds=grad_sum.contiguous().view(-1, c) if grad_sum is not None else None,
                             dr=dr.view(-1, c) if need_dr else None)
@@ -373,4 +375,4 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Tensor | None = None, bi
     if backends.select("add_layer_norm", reasons, x.device):
         return fused_add_layer_norm(x, residual, weight, bias, eps, out_dtype)
     total, y = add_layer_norm_ref(x, residual, weight, bias, eps, out_dtype)
-    return total, y.contiguous()
+    return total.contiguous(), y.contiguous()

@@ -249,6 +249,37 @@ def test_group_norm_act_kernels(dtype, int64, act, block_c, pre):
     assert _stats(compile_for_h100(gn._finalize_kernel, values))["spill_bytes"] == 0
 
 
+@pytest.mark.parametrize("cg,groups,has_w", [(1, 1024, True), (64, 8, True), (4096, 1, False), (6, 5, True)])
+def test_group_norm_act_backward_finalize_kernel(cg, groups, has_w):
+    """The backward's one-launch sums of the partials at the launcher's tiles (one channel a group, as BatchNorm and
+    InstanceNorm; GroupNorm's wider groups; a group wider than the 1024-channel tile), without spills."""
+    from bench.sass import _stats
+    from fastseg3d.kernels import group_norm_act as gn
+    from fastseg3d.kernels.utils import next_power_of_2
+
+    block_k = min(next_power_of_2(cg), 1024)
+    block_g = min(next_power_of_2(groups), max(1, 256 // block_k))
+    values = {**{p: "*fp32" for p in ("sdz_ptr", "sdzx_ptr", "w_ptr", "c1_ptr", "c2_ptr", "dw_ptr", "db_ptr")},
+              **_ints("B", "C", "G", "CG", "SPLIT", "NB", "N_A"), "count": "fp32", "HAS_W": has_w,
+              "BLOCK_P": max(1, 2048 // (block_g * block_k)), "BLOCK_G": block_g, "BLOCK_K": block_k,
+              "BLOCK_P2": 32, "BLOCK_C2": 64}
+    assert _stats(compile_for_h100(gn._bwd_finalize_kernel, values, 8))["spill_bytes"] == 0
+    values.update(CG=1, NB=1)  # as the JIT specialises InstanceNorm's (one channel a group, one batch element a row)
+    if cg == 1:
+        assert _stats(compile_for_h100(gn._bwd_finalize_kernel, values, 8))["spill_bytes"] == 0
+
+
+@pytest.mark.parametrize("out", ["fp32", "bf16"])
+def test_sum_partials_kernel(out):
+    """The fixed-order sums of per-program partials (parameter gradients; attention's dk/dv), without spills."""
+    from bench.sass import _stats
+    from fastseg3d.kernels import utils as ku
+
+    values = {"a_ptr": "*fp32", "b_ptr": "*fp32", "out_a_ptr": f"*{out}", "out_b_ptr": "*fp32",
+              **_ints("KA", "KB", "P", "C", "BLOCKS_A"), "BLOCK_P": 8, "BLOCK_N": 256}
+    assert _stats(compile_for_h100(ku._sum_partials_kernel, values))["spill_bytes"] == 0
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_group_norm_act_running_stats_kernel(dtype):
     """A training BatchNorm's running-statistics update, in each buffer dtype, at the launcher's 1024 channels a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 
@@ -35,3 +36,36 @@ def test_no_kernel_accumulates_with_atomics():
             if "atomic" in name:
                 found.append(f"{path.name}:{node.lineno} {name}")
     assert not found, found
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("shape_a,shape_b", [((5, 3, 7), (5, 1, 7)), ((3, 1, 300), None), ((1, 27, 2), (1, 1, 2))],
+                         ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_sum_partials_sums_in_a_fixed_order_into_the_transposed_outputs(shape_a, shape_b, out_dtype):
+    """Per-program partials (P, K, C) summed over P into a (C, K) output in its dtype, and a second source in the
+    same launch (a weight's and a bias's gradient); outputs poisoned with NaN first."""
+    from fastseg3d.kernels.utils import sum_partials
+
+    a = torch.randn(shape_a)
+    out_a = torch.full((shape_a[2], shape_a[1]), float("nan"), dtype=out_dtype)
+    b = torch.randn(shape_b) if shape_b else None
+    out_b = torch.full((shape_b[2], shape_b[1]), float("nan")) if shape_b else None
+    sum_partials(a, out_a, b, out_b)
+    torch.testing.assert_close(out_a, a.double().sum(0).t().to(out_dtype), rtol=1e-3, atol=1e-5)
+    if b is not None:
+        torch.testing.assert_close(out_b, b.double().sum(0).t().float(), rtol=1e-6, atol=1e-6)
+
+
+def test_training_step_launch_counts():
+    """The kernels SegFormer3D's bf16 training step launches (ATen ops and the fused ops' own launches, meta
+    tensors): each fused backward sums its workspaces in one launch (GroupNorm/BatchNorm: reduce, finalize, dx;
+    LayerNorm: the kernel and the parameter gradients' sum; attention: delta, dk/dv, their sum, dq)."""
+    from bench.sass import launch_counts
+
+    counts = launch_counts("segformer3d", side=64)
+    launches = {op.split("::")[1]: n / calls for op, (calls, n) in counts["by_op"].items()}
+    assert launches["group_norm_act_backward"] == 3 and launches["layer_norm_backward"] <= 2.5
+    assert launches["add_layer_norm_backward"] == 2 and launches["attention_backward"] == 4
+    assert launches["dwconv3d_backward"] <= 4
+    assert counts["total"] == counts["aten"] + counts["fused"] < 600

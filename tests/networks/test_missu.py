@@ -108,6 +108,40 @@ def test_eval_is_deterministic_and_returns_logits():
     assert not torch.allclose(a.sum(1), torch.ones_like(a.sum(1)))  # logits: the release returned probabilities
 
 
+def test_transformer_residual_adds_run_in_the_norms_kernels():
+    """The bf16 training step (meta, as on a GPU): each residual add but the last runs in the next layer's
+    LayerNorm kernel, and every norm writes its Linear's bf16 input (no ATen LayerNorm, no casts of its output)."""
+    from fastseg3d.profile import write_traffic
+
+    net = MISSU(dropout_rate=0.0, init_dropout=0.0)
+    traffic = write_traffic(net, (2, 4, 64, 64, 64), torch.bfloat16)
+    forward, backward = traffic["forward"]["by_op"], traffic["backward"]["by_op"]
+    assert forward["fastseg3d::add_layer_norm"][0] == 2 * 4 - 1 and forward["fastseg3d::layer_norm"][0] == 1
+    assert "aten::native_layer_norm" not in forward
+    assert backward["fastseg3d::add_layer_norm_backward (GeneratedBackwardFor_fastseg3d_add_layer_norm_default"
+                    "Backward)"][0] == 7
+
+
+def test_hooked_transformer_layers_see_their_own_input_and_output():
+    """A hooked residual layer runs as a module: its hooks see what the plain composition's layer takes and
+    returns, and the outputs are unchanged."""
+    torch.manual_seed(0)
+    net = MISSU(num_layers=2, hidden_dim=64, dropout_rate=0.0, init_dropout=0.0).double().train()
+    x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64)
+    outputs, seen = [], []
+    for hooked in (False, True):
+        handle = None
+        if hooked:
+            handle = net.transformer.net[2].register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+        torch.manual_seed(1)
+        outputs.append(net(x)[0].detach())
+        if handle is not None:
+            handle.remove()
+    assert torch.equal(outputs[0], outputs[1]) and len(seen) == 1
+    inp, out = seen[0]
+    assert torch.equal(out, net.transformer.net[2].fn(inp) + inp)
+
+
 def test_meta_device_at_128():
     with torch.device("meta"):
         net = MISSU()

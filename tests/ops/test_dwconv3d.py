@@ -526,7 +526,7 @@ def test_general_path_takes_wide_lanes(shape, kernel, padding, dilation, layout,
         if lanes:
             assert kw["BLOCK_H"] // rows * (kw["BLOCK_W"] // lanes) == 32 * warps
     # the weight gradient: the same lanes, with up to two rows of them a thread
-    (_, _, kw), = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
+    (_, _, kw), _ = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True))
     assert (kw["LANES"], kw["UNIT"], kw["ROLL"], kw["ROWS"]) == (lanes, unit, False, min(2, rows)), kw
     if lanes:
         assert kw["BLOCK_H"] // kw["ROWS"] * (kw["BLOCK_W"] // lanes) == 32 * kw["num_warps"]
@@ -564,7 +564,7 @@ def test_channel_major_large_kernels_take_columns(shape, kernel, padding, dilati
             assert kw["BLOCK_C"] == min(shape[1], 64) and tile == 128 * channels * rows * lanes, kw
             assert kw["PAIRS"] == (dtype == torch.bfloat16), kw
     grids = []
-    (_, _, kw), = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True), grids)
+    (_, _, kw), _ = _captured(lambda: dwconv3d_bwd_weight(x, out, kernel, padding, dilation, True), grids)
     taps = 49 if dtype != torch.float32 and kernel[2] <= 7 else 28
     kh_per = min(kernel[1], taps // kernel[2]) if lanes else kernel[1]
     assert (kw["LANES"], kw["KH_PER"], kw["ROLL"]) == (min(4, shape[4]) if lanes else 0, kh_per, False), kw
@@ -585,7 +585,7 @@ def test_wide_lanes_keep_strides_whole_with_64bit_indexing(monkeypatch):
     for int32_max, unit in ((2**31 - 1, 8), (16, 1)):
         monkeypatch.setattr(k, "_INT32_MAX", int32_max)
         (_, _, fwd), = _captured(lambda: k.dwconv3d_fwd(x, w, None, None, torch.empty_like(x), (3, 3, 3), (1, 1, 1), 0))
-        (_, _, bwd), = _captured(lambda: k.dwconv3d_bwd_weight(x, x, (7, 7, 7), (3, 3, 3), (1, 1, 1), True))
+        (_, _, bwd), _ = _captured(lambda: k.dwconv3d_bwd_weight(x, x, (7, 7, 7), (3, 3, 3), (1, 1, 1), True))
         assert (fwd["UNIT"], fwd["INT64"], bwd["UNIT"], bwd["INT64"]) == (unit, unit == 1, unit, unit == 1)
 
 
@@ -760,7 +760,7 @@ def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation,
     launches = _captured(lambda: (k.dwconv3d_fwd(x, k.taps_major(w), None, None, torch.empty_like(x), pad,
                                                  (1, 1, 1), 0),
                                   k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)))
-    assert [kw["PAIRS"] for _, _, kw in launches] == [shape[1] % 8 == 0] * 2
+    assert [kw["PAIRS"] for _, _, kw in launches if "PAIRS" in kw] == [shape[1] % 8 == 0] * 2
 
 
 def check_activation_accuracy(activation, device):

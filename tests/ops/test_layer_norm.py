@@ -205,6 +205,29 @@ def test_add_opcheck(affine):
                                          torch.bfloat16, [True, True, affine, True]))
     torch.library.opcheck(backward, (torch.randn_like(y), None, total, w, b, mean, rstd, 1e-5, torch.float32,
                                      torch.bfloat16, [False, True, False, False]))
+    # one dtype: both input gradients asked for are distinct outputs
+    torch.library.opcheck(backward, (torch.randn_like(y), None, total, w, b, mean, rstd, 1e-5, torch.float32,
+                                     torch.float32, [True, True, affine, True]))
+
+
+def test_add_launch_switches_to_64bit_offsets_for_any_operand():
+    """The forward's 64-bit switch looks at every operand: a small stream with a residual whose rows lie 2^30
+    elements apart, and 2^31 elements (meta tensors: nothing is allocated or run)."""
+    pytest.importorskip("triton")
+    from bench.sass import _captured
+    from fastseg3d.ops.layer_norm import _add_layer_norm_launch
+
+    def int64_flag(x, r):
+        launches = _captured(lambda: _add_layer_norm_launch(x, r, None, None, 1e-5, torch.bfloat16))
+        assert len(launches) == 1
+        return launches[0][2]["INT64"]
+
+    small = torch.empty(1, 4, 64, device="meta")
+    assert not int64_flag(small, torch.empty(1, 4, 64, device="meta", dtype=torch.bfloat16))
+    far = torch.empty(4 * 2**30, device="meta", dtype=torch.bfloat16).as_strided((1, 4, 64), (4 * 2**30, 2**30, 1))
+    assert int64_flag(small, far)
+    big = torch.empty(2, 2**24, 64, device="meta")
+    assert int64_flag(big, big.bfloat16())
 
 
 def test_add_compile_fullgraph_forward_backward():
@@ -377,16 +400,29 @@ def test_add_kernels_write_the_requested_dtype_on_strided_rows(poison):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("needs", ["x", "residual", "parameters"])
-def test_add_kernels_with_some_gradients(needs, poison):
+def test_add_kernels_with_some_gradients(needs, residual_dtype, poison):
     x, w, b = _inputs((2, 9, 20))
-    r = torch.randn(2, 9, 20)
+    r = torch.randn(2, 9, 20).to(residual_dtype)
     x.requires_grad_(needs == "x")
     r.requires_grad_(needs == "residual")
     w.requires_grad_(needs == "parameters")
     b.requires_grad_(needs == "parameters")
     with fastseg3d.backend("triton"):
-        _check_add(x, r, w, b, torch.float32)
+        _check_add(x, r, w, b, residual_dtype)
+
+
+@pytest.mark.interpret
+def test_add_kernels_when_only_the_sum_is_used():
+    """The norm's output unused: the sum's gradient passes to both inputs in their dtypes, as through an add."""
+    x, w, b = _inputs((2, 9, 20))
+    r = torch.randn(2, 9, 20, dtype=torch.float16, requires_grad=True)
+    with fastseg3d.backend("triton"):
+        total, _ = add_layer_norm(x, r, w, b)
+    ds = torch.randn_like(total)
+    total.backward(ds)
+    assert torch.equal(x.grad, ds) and torch.equal(r.grad, ds.half()) and w.grad is None
 
 
 @pytest.mark.interpret
