@@ -19,6 +19,9 @@ from fastseg3d.backends import interpreter_active
 __all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials"]
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -45,7 +48,8 @@ def bf16_pair_to_fp32(v):
 
 
 @triton.jit
-def _sum_columns(src_ptr, out_ptr, P, K, C, col0, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_columns(src_ptr, out_ptr, P, K, C, col0, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                 INT64: tl.constexpr):
     # columns n = k * C + c of a (P, K, C) fp32 source, summed over P in a fixed order, written to out[c * K + k]
     n = col0 + tl.arange(0, BLOCK_N)
     n_ok = n < K * C
@@ -53,18 +57,20 @@ def _sum_columns(src_ptr, out_ptr, P, K, C, col0, BLOCK_P: tl.constexpr, BLOCK_N
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < P)[:, None] & n_ok[None, :]
+        if INT64:
+            p = p.to(tl.int64)
         acc += tl.load(src_ptr + p[:, None] * (K * C) + n[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + (n % C) * K + n // C, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _sum_partials_kernel(a_ptr, out_a_ptr, KA, b_ptr, out_b_ptr, KB, P, C, BLOCKS_A,
-                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
     pid = tl.program_id(0)
     if pid < BLOCKS_A:
-        _sum_columns(a_ptr, out_a_ptr, P, KA, C, pid * BLOCK_N, BLOCK_P, BLOCK_N)
+        _sum_columns(a_ptr, out_a_ptr, P, KA, C, pid * BLOCK_N, BLOCK_P, BLOCK_N, INT64)
     else:
-        _sum_columns(b_ptr, out_b_ptr, P, KB, C, (pid - BLOCKS_A) * BLOCK_N, BLOCK_P, BLOCK_N)
+        _sum_columns(b_ptr, out_b_ptr, P, KB, C, (pid - BLOCKS_A) * BLOCK_N, BLOCK_P, BLOCK_N, INT64)
 
 
 def sum_partials(a: torch.Tensor, out_a: torch.Tensor, b: torch.Tensor | None = None,
@@ -80,5 +86,5 @@ def sum_partials(a: torch.Tensor, out_a: torch.Tensor, b: torch.Tensor | None = 
     blocks_a = cdiv(ka * c, block_n)
     torch.library.wrap_triton(_sum_partials_kernel)[(blocks_a + cdiv(kb * c, block_n),)](
         a, out_a, ka, b if b is not None else a, out_b if out_b is not None else out_a, kb, p, c, blocks_a,
-        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4,
+        BLOCK_P=block_p, BLOCK_N=block_n, INT64=(p + block_p) * max(ka, kb) * c > _INT32_MAX, num_warps=4,
     )

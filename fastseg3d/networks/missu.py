@@ -10,7 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastseg3d.nn.autocast_weights import autocast_weights
-from fastseg3d.nn.recompute import add_layer_norm, has_hooks, layer_norm_for_linear, norm_act, norm_act_conv
+from fastseg3d.nn.recompute import (
+    add_layer_norm,
+    has_hooks,
+    layer_norm_for_linear,
+    needs_own_call,
+    norm_act,
+    norm_act_conv,
+)
 from fastseg3d.ops.attention import attention
 
 __all__ = ["LocalMultiScaleFusion3d", "MISSU"]
@@ -140,10 +147,13 @@ class _Transformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # ``self.net(x)``, with each residual add run in the kernel of the next layer's LayerNorm (add_layer_norm);
         # the norms' outputs go only to Linear layers, and are written in the dtype those read
+        if needs_own_call(self.net, nn.Sequential):
+            return self.net(x)
         pending = None  # the last layer's branch, not yet added
         for layer in self.net:
             pre = layer.fn
-            if has_hooks(layer, pre):  # hooks see their modules' own inputs and outputs
+            # hooks, a replaced forward or a wrapper see the layer's own call
+            if needs_own_call(layer, _Residual) or needs_own_call(pre, _PreNorm):
                 if pending is not None:
                     x, pending = pending + x, None
                 x = layer(x)

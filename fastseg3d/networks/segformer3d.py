@@ -12,7 +12,7 @@ from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.autocast_weights import autocast_weights
-from fastseg3d.nn.recompute import add_layer_norm, batch_norm_act_linear, has_hooks, layer_norm_for_linear
+from fastseg3d.nn.recompute import add_layer_norm, batch_norm_act_linear, layer_norm_for_linear, needs_own_call
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
 from fastseg3d.ops.upsample_sum import upsample_sum
 
@@ -114,13 +114,6 @@ class _TransformerBlock(nn.Module):
         return x, self.mlp(h, spatial_shape)
 
 
-def _called_as_module(block: nn.Module) -> bool:
-    """Whether ``block`` must run through its own call: hooks that see its input and output, a replaced forward
-    (activation checkpointing, ``fastseg3d.train``'s included), a compiled call or a wrapper class."""
-    return (type(block) is not _TransformerBlock or "forward" in vars(block)
-            or getattr(block, "_compiled_call_impl", None) is not None or has_hooks(block))
-
-
 class _PatchEmbedding(nn.Module):
     def __init__(self, in_channels: int, dim: int, kernel_size, stride, padding) -> None:
         super().__init__()
@@ -154,7 +147,8 @@ class _Encoder(nn.Module):
             tokens, spatial = getattr(self, f"embed_{s}")(x)
             pending = None  # the last block's Mix-FFN output, added in the next norm's kernel
             for block in getattr(self, f"tf_block{s}"):
-                if _called_as_module(block):
+                # hooks, activation checkpointing (fastseg3d.train's too) or a wrapper see the block's own call
+                if needs_own_call(block, _TransformerBlock):
                     if pending is not None:
                         tokens, pending = tokens + pending, None
                     tokens = block(tokens, spatial)

@@ -482,6 +482,14 @@ def has_hooks(*modules: nn.Module) -> bool:
                                                       mod._backward_pre_hooks) for mod in modules)
 
 
+def needs_own_call(module: nn.Module, expected: type) -> bool:
+    """Whether ``module`` must run through its own call rather than a fused path that reads its submodules: hooks
+    that see its input and output, a replaced ``forward`` (activation checkpointing), a compiled call, or a class
+    other than ``expected`` (a wrapper or subclass)."""
+    return (type(module) is not expected or "forward" in vars(module)
+            or getattr(module, "_compiled_call_impl", None) is not None or has_hooks(module))
+
+
 def _act(z: torch.Tensor, act: tuple[str | None, float]) -> torch.Tensor:
     name, slope = act
     return F.leaky_relu(z, slope) if name == "leaky_relu" else activation_ref(z, name)

@@ -269,14 +269,14 @@ def test_group_norm_act_backward_finalize_kernel(cg, groups, has_w):
         assert _stats(compile_for_h100(gn._bwd_finalize_kernel, values, 8))["spill_bytes"] == 0
 
 
-@pytest.mark.parametrize("out", ["fp32", "bf16"])
-def test_sum_partials_kernel(out):
+@pytest.mark.parametrize("out,int64", [("fp32", False), ("bf16", True)])
+def test_sum_partials_kernel(out, int64):
     """The fixed-order sums of per-program partials (parameter gradients; attention's dk/dv), without spills."""
     from bench.sass import _stats
     from fastseg3d.kernels import utils as ku
 
     values = {"a_ptr": "*fp32", "b_ptr": "*fp32", "out_a_ptr": f"*{out}", "out_b_ptr": "*fp32",
-              **_ints("KA", "KB", "P", "C", "BLOCKS_A"), "BLOCK_P": 8, "BLOCK_N": 256}
+              **_ints("KA", "KB", "P", "C", "BLOCKS_A"), "BLOCK_P": 8, "BLOCK_N": 256, "INT64": int64}
     assert _stats(compile_for_h100(ku._sum_partials_kernel, values))["spill_bytes"] == 0
 
 

@@ -140,6 +140,13 @@ def test_hooked_transformer_layers_see_their_own_input_and_output():
     assert torch.equal(outputs[0], outputs[1]) and len(seen) == 1
     inp, out = seen[0]
     assert torch.equal(out, net.transformer.net[2].fn(inp) + inp)
+    # a replaced forward (activation checkpointing's way) and a hook on the whole stack run too
+    calls = []
+    layer = net.transformer.net[1]
+    layer.forward = lambda x, _f=layer.forward: calls.append(1) or _f(x)
+    net.transformer.net.register_forward_hook(lambda m, args, out: calls.append(2))
+    torch.manual_seed(1)
+    assert torch.equal(net(x)[0], outputs[0]) and calls == [1, 2]
 
 
 def test_meta_device_at_128():

@@ -519,6 +519,32 @@ def test_kernel_statistics_are_group_norms(poison):
     assert_close("rstd of gelu(x)", rstd_a, rstd_ref, torch.float32)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("c,groups,batch_stats", [(300, 300, False), (300, 300, True), (2048, 1, False)], ids=str)
+@pytest.mark.parametrize("need_dx", [True, False])
+def test_kernels_backward_finalize_on_wide_grids(c, groups, batch_stats, need_dx, poison):
+    """The backward's one-launch sums on more than one program of each kind: 300 one-channel groups (several
+    programs per statistics row; channel blocks past 64), one group of 2048 channels (past its 1024-channel tile),
+    and the parameter gradients alone (x without a gradient)."""
+    x, w, b = _inputs((2, c, 2, 2, 3))
+    x.requires_grad_(need_dx)
+    with fastseg3d.backend("triton"):
+        if batch_stats:
+            y = group_norm_act_fused(x, w, b, c, 1e-5, "relu", batch_stats=True)[0]
+        else:
+            y = group_norm_act(x, groups, w, b, 1e-5, "relu")
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    expected = _batch_formula(xd, wd, bd, 1e-5, "relu") if batch_stats else _formula(xd, groups, wd, bd, 1e-5, "relu")
+    dy = torch.randn_like(expected)
+    y.backward(dy.float())
+    expected.backward(dy)
+    for name, got, want in (("dx", x.grad, xd.grad), ("dweight", w.grad, wd.grad), ("dbias", b.grad, bd.grad)):
+        if name == "dx" and not need_dx:
+            assert got is None
+            continue
+        assert_close(name, got, want, torch.float32, 2)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU tier
 
