@@ -493,7 +493,8 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
                                               "add_layer_norm_backward", *_NORM_ACT,
                                               "group_norm_act_running_stats"}),
     ("missu", ("train_step", "infer"), {"attention", "attention_backward", "channel_kl", *_NORM_ACT,
-                                        "group_norm_act_running_stats"}),
+                                        "group_norm_act_running_stats", "layer_norm", "layer_norm_backward",
+                                        "add_layer_norm", "add_layer_norm_backward"}),
     # the U-Nets' fused parts: their training losses, and their norm -> LeakyReLU chains
     ("dsd_unet", ("train_step",), {"kl_distill", *_NORM_ACT}),
     ("selfreg_unet", ("train_step",), {"selfreg_inter", "selfreg_intra", *_NORM_ACT}),
