@@ -280,13 +280,12 @@ def _add_backward(ctx, grad_sum, grad, grad_mean, grad_rstd):
     if grad is None:  # only the sum is used: its gradient passes to both inputs, as through an add
         return (grad_sum.to(ctx.dtypes[0]) if mask[0] else None, grad_sum.to(ctx.dtypes[1]) if mask[1] else None,
                 None, None, None, None)
-    if ctx.dtypes[0] == ctx.dtypes[1]:  # one gradient for both inputs, as an add passes it on
-        dx, _, dw, db = _add_layer_norm_backward_op(grad, grad_sum, total, weight, bias, mean, rstd, ctx.eps,
-                                                    *ctx.dtypes, [mask[0] or mask[1], False, *mask[2:]])
+    shared = ctx.dtypes[0] == ctx.dtypes[1]  # then one gradient serves both inputs, as an add passes it on
+    op_mask = [mask[0] or mask[1], False, *mask[2:]] if shared else mask
+    dx, dr, dw, db = _add_layer_norm_backward_op(grad, grad_sum, total, weight, bias, mean, rstd, ctx.eps,
+                                                 *ctx.dtypes, op_mask)
+    if shared:
         dr = dx
-    else:
-        dx, dr, dw, db = _add_layer_norm_backward_op(grad, grad_sum, total, weight, bias, mean, rstd, ctx.eps,
-                                                     *ctx.dtypes, mask)
     return (dx if mask[0] else None, dr if mask[1] else None, dw if mask[2] and weight is not None else None,
             db if mask[3] and bias is not None else None, None, None)
 
