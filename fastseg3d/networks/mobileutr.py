@@ -246,7 +246,9 @@ class _GlobalSparseAttn(nn.Module):
         # unbind: strided views read in place, whose gradients backward stacks in one kernel
         o = attention(*qkv.unbind(2), self.scale).reshape(b, m, c)
         if self.sr > 1:
-            o = self.norm(_tokens(self.LocalProp(o.transpose(1, 2).unflatten(2, tuple(grid)))))
+            # read only by proj: written in the dtype it reads
+            o = layer_norm_for_linear(_tokens(self.LocalProp(o.transpose(1, 2).unflatten(2, tuple(grid)))),
+                                      self.norm)
         return self.proj(o)
 
 

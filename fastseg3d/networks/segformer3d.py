@@ -12,7 +12,13 @@ from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.autocast_weights import autocast_weights
-from fastseg3d.nn.recompute import add_layer_norm, batch_norm_act_linear, layer_norm_for_linear, needs_own_call
+from fastseg3d.nn.recompute import (
+    add_layer_norm,
+    apply_layer_norm,
+    batch_norm_act_linear,
+    layer_norm_for_linear,
+    needs_own_call,
+)
 from fastseg3d.ops.dwconv3d import dwconv3d_tokens
 from fastseg3d.ops.upsample_sum import upsample_sum
 
@@ -123,7 +129,7 @@ class _PatchEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         y = self.patch_embeddings(x)
         spatial = tuple(y.shape[2:])
-        return self.norm(y.flatten(2).transpose(1, 2)), spatial
+        return apply_layer_norm(y.flatten(2).transpose(1, 2), self.norm), spatial
 
 
 class _Encoder(nn.Module):
@@ -154,8 +160,12 @@ class _Encoder(nn.Module):
                     tokens = block(tokens, spatial)
                 else:
                     tokens, pending = block.branches(tokens, pending, spatial)
+            # read only by the next stage's patch conv and the decoder's Linear: written in the dtype they read
             norm = getattr(self, f"norm{s}")
-            tokens = norm(tokens) if pending is None else add_layer_norm(tokens, pending, norm)[1]
+            if pending is None:
+                tokens = layer_norm_for_linear(tokens, norm)
+            else:
+                tokens = add_layer_norm(tokens, pending, norm, for_linear=True)[1]
             # (B, N, C) -> (B, C, D, H, W) as a channels_last_3d view: no copy.
             x = tokens.unflatten(1, spatial).permute(0, 4, 1, 2, 3)
             maps.append(x)

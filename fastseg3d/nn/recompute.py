@@ -72,6 +72,7 @@ __all__ = [
     "act_instance_norm",
     "add_layer_norm",
     "act_instance_norm_conv",
+    "apply_layer_norm",
     "batch_norm_act_linear",
     "layer_norm_for_linear",
     "norm_act",
@@ -502,6 +503,9 @@ def _act_backward(grad: torch.Tensor, z: torch.Tensor, act: tuple[str | None, fl
     return _activation_backward(grad, z, name)
 
 
+_AUTOCAST_FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes autocast casts
+
+
 def _conv_dtype(z: torch.Tensor) -> torch.dtype:
     """The dtype a conv or linear reads ``z`` in: the autocast dtype where autocast casts it, else its own."""
     return _conv_dtype_of(z.dtype, z.device.type)
@@ -509,7 +513,7 @@ def _conv_dtype(z: torch.Tensor) -> torch.dtype:
 
 def _conv_dtype_of(dtype: torch.dtype, device_type: str) -> torch.dtype:
     cast = autocast_dtype(device_type)
-    return cast if cast is not None and dtype in (torch.float32, torch.float16, torch.bfloat16) else dtype
+    return cast if cast is not None and dtype in _AUTOCAST_FLOATS else dtype
 
 
 def _act_as(z: torch.Tensor, act: tuple[str | None, float], dtype: torch.dtype) -> torch.Tensor:
@@ -689,10 +693,40 @@ def layer_norm_for_linear(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
         >>> layer_norm_for_linear(torch.randn(2, 10, 32), nn.LayerNorm(32)).shape
         torch.Size([2, 10, 32])
     """
+    return _layer_norm_in(x, norm, _conv_dtype_of(x.dtype, x.device.type))
+
+
+def apply_layer_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """``norm(x)`` for an ``nn.LayerNorm`` over x's last axis, in the dtype ``norm(x)`` has.
+
+    Where the fused kernel runs (CUDA), a low-precision x is read as it is: under CUDA autocast LayerNorm runs in
+    fp32, so the plain norm first writes an fp32 copy of x, and in backward casts x's gradient from fp32 in a
+    kernel of its own; here the norm writes fp32 from the bf16 input and its backward writes the bf16 gradient.
+    Elsewhere, and for a norm with hooks, other normalised shapes or cases the kernel does not take, ``norm(x)``
+    itself.
+
+    Example:
+        >>> from torch import nn
+        >>> from fastseg3d.nn.recompute import apply_layer_norm
+        >>> x, norm = torch.randn(2, 10, 32), nn.LayerNorm(32)
+        >>> torch.equal(apply_layer_norm(x, norm), norm(x))
+        True
+    """
+    return _layer_norm_in(x, norm, _norm_dtype_of(x.dtype, x.device.type))
+
+
+def _norm_dtype_of(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype ``nn.LayerNorm`` returns for an input of ``dtype``: CUDA's autocast runs it in fp32, CPU's in the
+    input's dtype."""
+    fp32 = autocast_dtype(device_type) is not None and device_type != "cpu" and dtype in _AUTOCAST_FLOATS
+    return torch.float32 if fp32 else dtype
+
+
+def _layer_norm_in(x: torch.Tensor, norm: nn.Module, out_dtype: torch.dtype) -> torch.Tensor:
+    """``norm(x)`` in ``out_dtype`` through the fused kernel where it takes the case, else ``norm(x)``."""
     if (type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1 or x.dim() < 1
             or x.shape[-1] != norm.normalized_shape[0] or _plain() or has_hooks(norm)):
         return norm(x)
-    out_dtype = _conv_dtype_of(x.dtype, x.device.type)
     reasons = layer_norm_unsupported_reasons(x, norm.weight, norm.bias, out_dtype)
     if reasons and backends.get_backend() == "triton":
         return norm(x)  # ATen's norm, as for the norms the fused GroupNorm does not take
@@ -731,12 +765,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, for
             or x.shape[-1] != norm.normalized_shape[0] or _plain() or has_hooks(norm)):
         return separate()
     sum_dtype = torch.promote_types(x.dtype, residual.dtype)
-    if for_linear:
-        out_dtype = _conv_dtype_of(sum_dtype, x.device.type)
-    elif sum_dtype == torch.float32 or autocast_dtype(x.device.type) is None:
-        out_dtype = sum_dtype  # what LayerNorm returns, with autocast or without
-    else:
-        return separate()  # a low-precision norm's output dtype under autocast depends on the device's policy
+    out_dtype = (_conv_dtype_of if for_linear else _norm_dtype_of)(sum_dtype, x.device.type)
     reasons = add_layer_norm_unsupported_reasons(x, residual, norm.weight, norm.bias, out_dtype)
     if reasons and backends.get_backend() == "triton":
         return separate()  # the add and ATen's norm, as layer_norm_for_linear does

@@ -120,6 +120,20 @@ def test_residual_adds_run_in_the_norms_kernels():
     assert traffic["backward"]["ops"] < plain["backward"]["ops"] - 32
 
 
+def test_norms_read_and_write_the_dtypes_of_their_neighbours():
+    """The bf16 training step (meta, as on a GPU): every LayerNorm runs in a fused kernel, the patch embeddings'
+    reading the conv's bf16 output as it is and the stages' writing the bf16 the next patch conv and the decoder
+    read: the only activation casts left are the input image's and the logits'."""
+    from fastseg3d.profile import write_traffic
+
+    traffic = write_traffic(SegFormer3D(**_SMALL), (2, 4, 64, 64, 64), torch.bfloat16)
+    forward, backward = traffic["forward"]["by_op"], traffic["backward"]["by_op"]
+    assert "aten::native_layer_norm" not in forward
+    assert forward["fastseg3d::layer_norm"][0] == 4 + 4 + 4 + 4  # patch embeddings, first blocks, sr, decoder
+    assert forward["aten::_to_copy"][0] == 2
+    assert backward["aten::_to_copy (ToCopyBackward0)"][0] == 1
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_gradients_at_batch_1(mode):
     # An independent oracle: the directional derivative by central differences.

@@ -373,6 +373,62 @@ def test_layer_norm_for_linear_writes_the_autocast_dtype(monkeypatch):
         assert_close(name, a, e, torch.bfloat16)
 
 
+def test_module_helpers_return_the_norms_dtype_under_cuda_autocast():
+    """Under CUDA bf16 autocast (emulated on meta, as fastseg3d.profile runs a step) LayerNorm returns fp32 for a
+    bf16 input: apply_layer_norm and add_layer_norm (not for a Linear) return that in the fused op, the helpers for
+    a Linear bf16; CPU autocast keeps a bf16 norm in bf16."""
+    from torch import nn
+
+    from fastseg3d.nn.recompute import add_layer_norm as add_norm
+    from fastseg3d.nn.recompute import apply_layer_norm, layer_norm_for_linear
+    from fastseg3d.profile import _autocast_on_meta
+
+    norm = nn.LayerNorm(32).to("meta")
+    x = torch.empty(2, 5, 32, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    r = torch.empty(2, 5, 32, device="meta", dtype=torch.bfloat16)
+    with _autocast_on_meta(torch.bfloat16):
+        assert norm(x).dtype == torch.float32
+        y = apply_layer_norm(x.transpose(0, 1), norm)  # rows not evenly spaced: a copy, then the kernel
+        total, y_add = add_norm(x, r, norm)
+        h, (_, h_add) = layer_norm_for_linear(x, norm), add_norm(x, r, norm, for_linear=True)
+    assert y.dtype == y_add.dtype == torch.float32 and total.dtype == torch.bfloat16
+    assert h.dtype == h_add.dtype == torch.bfloat16
+    # (the dispatcher's ops under the emulation's function mode)
+    assert "fastseg3d_layer_norm" in y.grad_fn.name() and "fastseg3d_add_layer_norm" in y_add.grad_fn.name()
+    assert y.shape == (5, 2, 32)
+    cpu_norm, xc = nn.LayerNorm(32), torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(apply_layer_norm(xc, cpu_norm), cpu_norm(xc))
+
+
+@pytest.mark.interpret
+def test_apply_layer_norm_on_a_patch_embeddings_tokens(poison):
+    """nn.recompute.apply_layer_norm on the transposed view of a conv's NCDHW fp16 output (SegFormer3D's patch
+    embeddings), output and every gradient as the module's within fp16 rounding."""
+    from torch import nn
+
+    from fastseg3d.nn.recompute import apply_layer_norm
+
+    norm = nn.LayerNorm(12).half()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    conv = torch.randn(2, 12, 3, 4, 5, dtype=torch.float16)
+    results = []
+    for backend in ("triton", "torch"):
+        x = conv.clone().requires_grad_()
+        norm.zero_grad()
+        with fastseg3d.backend(backend):
+            y = apply_layer_norm(x.flatten(2).transpose(1, 2), norm)
+            if backend == "triton":
+                assert y.grad_fn.name().startswith("layer_norm")
+            y.float().sin().sum().backward()
+        results.append((y, x.grad, norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), *results):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        assert_close(name, a, e, torch.float16)
+
+
 _ADD_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float16)]
 
 
