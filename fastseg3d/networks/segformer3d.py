@@ -235,10 +235,11 @@ class SegFormer3D(nn.Module):
     with no transposes, and in eval its BatchNorm folds into the conv so conv + BatchNorm + GELU is one kernel. Stage
     outputs are channels-last views of the tokens (the official code makes a contiguous NCDHW copy per stage). The
     decoder projects each stage's map before upsampling (no 1,024-channel concat) and resizes and sums the four
-    projections in one kernel (:func:`fastseg3d.ops.upsample_sum`). The LayerNorms read by a Linear (each block's
-    two, the spatial reduction's, the decoder's) write the Linear's input dtype directly under autocast
-    (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`), and each residual add runs in the kernel of the
-    LayerNorm after it, forward and backward (:func:`fastseg3d.nn.recompute.add_layer_norm`).
+    projections in one kernel (:func:`fastseg3d.ops.upsample_sum`). The LayerNorms read only by a Linear or conv
+    (each block's two, the spatial reduction's, the decoder's, each stage's last) write that layer's input dtype
+    directly under autocast (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`), the patch embeddings' read the
+    conv's output in its dtype (:func:`fastseg3d.nn.recompute.apply_layer_norm`), and each residual add runs in the
+    kernel of the LayerNorm after it, forward and backward (:func:`fastseg3d.nn.recompute.add_layer_norm`).
 
     Args:
         spatial_dims: must be 3.
