@@ -3,7 +3,9 @@ variant, the training loss, the input stride), the training-step and inference r
 ``model``-suite case. ``bench/largest_cube.py`` reads the same descriptions.
 
 Providers: ``fastseg3d`` (the network on fastseg3d's fused ops) and ``plain`` (the same network with every fused
-part in plain PyTorch; what that means is per network, see :attr:`Network.plain`), each eager and compiled.
+part in plain PyTorch; what that means is per network, see :attr:`Network.plain`), each eager, eager captured in
+a CUDA graph (``+cuda-graph``: the step's launches replayed by one host call, which a fixed patch size allows) and
+compiled.
 ``train_step`` is forward, loss and backward (no optimizer step: it is the same for both); ``infer`` is an eval
 forward under ``torch.no_grad``. bf16/fp16 rows run under ``torch.autocast`` with fp32 parameters.
 """
@@ -19,7 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg3d
-from bench.registry import MODEL_MODES, Case, Setup, compile_variant, compiled, optional_compile, register, with_compile
+from bench.registry import (
+    CUDA_GRAPH,
+    MODEL_MODES,
+    Case,
+    Setup,
+    Unavailable,
+    compile_variant,
+    compiled,
+    optional_compile,
+    register,
+    with_compile,
+)
 
 VARIANTS = ("fastseg3d", "plain")
 
@@ -62,10 +75,32 @@ def cross_entropy(_plain: bool) -> Callable[[object, torch.Tensor], torch.Tensor
     return loss
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
+    """``cache=False`` for a step captured in a CUDA graph: casts autocast caches during capture would outlive it."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
+    """``step`` (fixed inputs) captured in one CUDA graph, and a closure that replays it. Three warm-up runs on a
+    side stream first (they compile the Triton kernels and settle the allocator, as capture requires); the
+    parameters' gradients are cleared before capture, so the graph writes them rather than adding to tensors
+    allocated outside it."""
+    if device.type != "cuda":
+        raise Unavailable("CUDA graphs need a GPU")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def variant_context(plain: bool):
@@ -97,22 +132,39 @@ def runners(net: Network, model: nn.Module, plain: bool, provider: str, x: torch
     if compile_variant(provider) is not None:
         forward_loss = compiled(forward_loss, provider, device)
         forward = compiled(forward, provider, device)
+    graph = provider.endswith(CUDA_GRAPH)
 
     def train_step():
         model.train()
-        with variant_context(plain), autocast(device, dtype):
+        with variant_context(plain), autocast(device, dtype, cache=not graph):
             loss = forward_loss(x, label)
             loss.backward()
 
     def infer():
         model.eval()
-        with variant_context(plain), torch.no_grad(), autocast(device, dtype):
+        with variant_context(plain), torch.no_grad(), autocast(device, dtype, cache=not graph):
             return forward(x)
 
     out = {"train_step": train_step}
     if net.infer_fused or not plain:
         out["infer"] = infer
+    if graph:  # captured on a mode's first call: a mode not measured costs no capture
+        params = list(model.parameters())
+        return {mode: _captured_on_first_call(fn, params, device) for mode, fn in out.items()}
     return out
+
+
+def _captured_on_first_call(fn: Callable[[], object], params: list[torch.Tensor], device: torch.device
+                            ) -> Callable[[], None]:
+    replay = None
+
+    def run():
+        nonlocal replay
+        if replay is None:
+            replay = graphed(fn, params, device)
+        replay()
+
+    return run
 
 
 def build(net: Network, cfg: dict, plain: bool, device: torch.device) -> nn.Module:
@@ -133,11 +185,14 @@ def register_network(net: Network) -> Case:
 
     def providers(spec):
         # eager first: a whole-network compile can outlast a time box, and the plain eager baseline must not be lost;
-        # then the plain network compiled, the other peer of the model targets
-        return [*VARIANTS, *(name for v in reversed(VARIANTS) for name in with_compile(v))]
+        # then the plain network compiled, the other peer of the model targets; then both captured in CUDA graphs
+        plain_compiled, *rest = (name for v in reversed(VARIANTS) for name in with_compile(v))
+        return [*VARIANTS, plain_compiled, *(v + CUDA_GRAPH for v in VARIANTS), *rest]
 
     def setup(spec, dtype, provider, device) -> Setup:
         plain = provider.startswith("plain")
+        if provider.endswith(CUDA_GRAPH) and device.type != "cuda":
+            raise Unavailable("CUDA graphs need a GPU")
         model = build(net, spec["cfg"], plain, device)
         x, label = inputs(net, spec["b"], spec["side"], device)
         return Setup(None, list(model.parameters()), {},

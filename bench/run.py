@@ -30,6 +30,7 @@ import torch
 from bench import utils
 from bench.registry import (
     COMPILE_MODES,
+    CUDA_GRAPH,
     MODEL_MODES,
     MODES,
     SUITES,
@@ -187,7 +188,9 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         if COMPILE_MODES.get(compile_variant(provider)) == "reduce-overhead":
                             fn = _graph_steps(fn, setup)
                         med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of, rep=rep)
-                        peak = utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of)
+                        # a graph's replay allocates nothing: its buffers stay in the pool captured with it
+                        peak = (None if provider.endswith(CUDA_GRAPH)
+                                else utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of))
                         host = utils.host_ms(fn, device, grad_to_none=setup.grads_of)
                     except torch.OutOfMemoryError:
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)

@@ -159,12 +159,72 @@ def test_provider_selection():
     assert model.providers(mspec)[:3] == ["fastseg3d", "plain", "plain+torch.compile"]
     assert case.dtypes[0] == "bf16"  # the headline dtype first, so a time box reaches it
     assert run.select_providers(model, mspec, ["plain*"], CPU) == [
-        "plain", "plain+torch.compile", "plain+torch.compile-max-autotune", "plain+torch.compile-reduce-overhead"]
+        "plain", "plain+torch.compile", "plain+cuda-graph", "plain+torch.compile-max-autotune",
+        "plain+torch.compile-reduce-overhead"]
 
 
 def test_cuda_graphs_are_unavailable_on_cpu():
+    from bench.models import graphed
+
     with pytest.raises(Unavailable):
         compiled(lambda x: x, "plain+torch.compile-reduce-overhead", CPU)
+    with pytest.raises(Unavailable):
+        graphed(lambda: None, [], CPU)
+    model = load_cases()["segformer3d"]
+    (_, spec), = model.shapes(True)
+    for provider in ("fastseg3d+cuda-graph", "plain+cuda-graph"):
+        assert provider in run.select_providers(model, spec, None, CPU)
+        with pytest.raises(Unavailable):
+            model.setup(spec, torch.float32, provider, CPU)
+
+
+def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypatch):
+    """bench.models.graphed's protocol, with CUDA's stream and graph objects stood in for: three warm-up steps on a
+    side stream, gradients cleared, one step captured, and the graph's replay returned."""
+    import contextlib
+
+    from bench.models import graphed
+
+    events = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append("side stream")
+        yield
+
+    @contextlib.contextmanager
+    def capture(graph):
+        events.append("capture")
+        yield
+        events.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    w = torch.ones(3, requires_grad=True)
+
+    def step():
+        events.append(("step", w.grad is None))
+        (2 * w).sum().backward()
+
+    replay = graphed(step, [w], torch.device("cuda"))
+    assert events == ["wait", "side stream", ("step", True), ("step", False), ("step", False), "wait", "capture",
+                      ("step", True), "captured"]
+    replay()
+    assert events[-1] == "replay"
 
 
 def test_host_ms_times_issuing_a_call(monkeypatch):
@@ -408,3 +468,18 @@ def test_targets_report_met_short_and_missing():
     assert results["SegFormer3D train step 128^3 B=2 bf16: plain peak / ours (<= 60% of plain)"][1] == "short by 10%"
     assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == (None, "not measured")
     assert "short by 20%" in targets.format_report(targets.check(rows))
+
+
+def test_host_times_every_fused_op_of_a_step():
+    """bench.host on SegFormer3D (in a process of its own: it needs the interpreter's launch path): every fused op
+    of the step, forward and backward, with a positive host time per call."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # it sets the variable itself
+    out = subprocess.run([sys.executable, "-m", "bench.host", "segformer3d", "--steps", "1"], capture_output=True,
+                         text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for op in ("attention", "attention (bwd)", "dwconv3d", "add_layer_norm (bwd)", "group_norm_act_backward"):
+        row = next(line for line in lines if line.startswith(f"fastseg3d::{op} "))
+        calls, per_call = float(row.split()[-6]), float(row.split()[-2])
+        assert calls >= 1 and per_call > 0
+    assert lines[-1].startswith("segformer3d at 1x64^3: fused ops' host time")

@@ -15,6 +15,7 @@ from torch._library.triton import set_wrap_triton_enabled
 from fastseg3d import backends
 
 __all__ = [
+    "EAGER_OPS",
     "EagerOp",
     "FUSED_DTYPES",
     "MAX_GRID_YZ",
@@ -203,6 +204,9 @@ def check_norm_args(x: torch.Tensor, weight, bias, eps, channels: int, what: str
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
+EAGER_OPS: dict[str, EagerOp] = {}  # every fused op by name
+
+
 class EagerOp:
     """A ``torch.library`` op (a ``triton_op`` in the ``fastseg3d::`` namespace) that eager code calls directly.
 
@@ -221,6 +225,7 @@ class EagerOp:
         if "Tensor[]" in torch.library.infer_schema(fn, mutates_args=mutates_args).split("->")[0]:
             raise TypeError(f"{name}: an EagerOp's tensor arguments must be top-level, not lists")
         self.name = name
+        EAGER_OPS[name] = self
         self.op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         self._fn = fn
         self._function: type[torch.autograd.Function] | None = None

@@ -1,0 +1,120 @@
+"""Host time of fastseg3d's fused ops in a benchmark network's training step, on a machine without a GPU.
+
+Eager PyTorch issues every op from Python, and where kernels are short (SegFormer3D's small stages) the GPU waits
+for the host. This runs a network's training step (forward, the benchmark's loss, backward) on CPU tensors with
+every Triton launch replaced by a no-op, and times each fused op call from its entry to its return: validation,
+backend choice, autograd, launch planning, allocations and the ATen ops its launcher runs (on a GPU those launch
+kernels of their own, at about the same host cost). Triton's own launch path (argument binding, the driver call)
+is not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its full one) at
+batch 1 and a small side, so that the CPU work of the launchers' ATen ops stays small next to their Python.
+
+    python -m bench.host segformer3d                # per fused op: calls, ms per step, us per call
+    python -m bench.host missu --side 32 --steps 5
+
+Times are this machine's; ratios between runs of one machine compare versions of the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+import torch
+
+__all__ = ["host_times"]
+
+# the smallest cubic side each network trains on at batch 1 (SegFormer3D's deepest BatchNorm needs 2^3 voxels)
+_SIDES = {"segformer3d": 64, "mobileutr": 32, "missu": 32, "dsd_unet": 32, "selfreg_unet": 32}
+_FULL = {"mobileutr"}  # its small configuration has a head dim the attention kernels do not take
+
+
+def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int = 3, full: bool = False) -> dict:
+    """Per fused op of network ``name``'s training step: ``{"by_op": {op: (calls, seconds)}, "fused_s": s,
+    "step_s": s}`` per step (``"op (bwd)"``: the op's autograd backward). Needs ``TRITON_INTERPRET=1`` set
+    before Triton kernels were first imported (``main`` sees to it)."""
+    import triton.runtime.interpreter as interpreter
+
+    import fastseg3d
+    from bench.models import NETWORKS, variant_context
+    from bench.registry import load_cases
+    from fastseg3d.ops import utils as op_utils
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("bench.host needs TRITON_INTERPRET=1 in the environment (python -m bench.host sets it)")
+    load_cases()
+    net = NETWORKS[name]
+    side = side or _SIDES.get(name, 32)
+    seconds: collections.Counter = collections.Counter()
+    calls: collections.Counter = collections.Counter()
+    inside = [0]  # ops called by another op's body or backward are part of that op's time
+
+    def timed(key, fn):
+        def run(*args):
+            if inside[0]:
+                return fn(*args)
+            inside[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                seconds[key(args)] += time.perf_counter() - start
+                calls[key(args)] += 1
+                inside[0] -= 1
+        return run
+
+    patches = [(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None),
+               (op_utils.EagerOp, "__call__", timed(lambda a: a[0].name, op_utils.EagerOp.__call__))]
+    for op in op_utils.EAGER_OPS.values():
+        if op._function is not None:
+            backward = op._function.backward
+            patches.append((op._function, "backward",
+                            staticmethod(timed(lambda a, n=op.name: n + " (bwd)", backward))))
+    saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr))
+             for obj, attr, _ in patches]
+    try:
+        for obj, attr, value in patches:
+            setattr(obj, attr, value)
+        torch.manual_seed(0)
+        model = net.build(net.cfg if full or name in _FULL else net.quick_cfg, False).train()
+        x = torch.randn(1, net.in_channels, side, side, side)
+        label = torch.randint(0, net.out_channels, (1, 1, side, side, side))
+        loss = net.loss(False)
+        with fastseg3d.backend("triton"), variant_context(False):
+            for _ in range(warmup):
+                loss(model(x), label).backward()
+            seconds.clear()
+            calls.clear()
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss(model(x), label).backward()
+            step = (time.perf_counter() - start) / steps
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+    by_op = {k: (calls[k] / steps, seconds[k] / steps) for k in sorted(seconds, key=lambda k: -seconds[k])}
+    return {"by_op": by_op, "fused_s": sum(s for _, s in by_op.values()), "step_s": step, "side": side}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", help="a model case (segformer3d, mobileutr, missu, dsd_unet, selfreg_unet)")
+    parser.add_argument("--side", type=int, help="cubic input side (default: the smallest the network trains on)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--full", action="store_true", help="the benchmark's full configuration")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") != "1":  # read when kernels are decorated: start again with it set
+        os.execvpe(sys.executable, [sys.executable, "-m", "bench.host", *(argv or sys.argv[1:])],
+                   {**os.environ, "TRITON_INTERPRET": "1"})
+    torch.set_num_threads(1)
+    result = host_times(args.name, args.side, args.steps, full=args.full)
+    for op, (n, s) in result["by_op"].items():
+        print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {s / n * 1e6:8.1f} us/call")
+    print(f"{args.name} at 1x{result['side']}^3: fused ops' host time {result['fused_s'] * 1e3:.2f} ms of a "
+          f"{result['step_s'] * 1e3:.1f} ms CPU step")
+
+
+if __name__ == "__main__":
+    main()
