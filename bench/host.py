@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -33,7 +34,7 @@ _FULL = {"mobileutr"}  # its small configuration has a head dim the attention ke
 
 def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int = 3, full: bool = False) -> dict:
     """Per fused op of network ``name``'s training step: ``{"by_op": {op: (calls, seconds)}, "fused_s": s,
-    "step_s": s}`` per step (``"op (bwd)"``: the op's autograd backward). Needs ``TRITON_INTERPRET=1`` set
+    "step_s": s}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are the steps' medians). Needs ``TRITON_INTERPRET=1`` set
     before Triton kernels were first imported (``main`` sees to it)."""
     import triton.runtime.interpreter as interpreter
 
@@ -87,15 +88,18 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
                 loss(model(x), label).backward()
             seconds.clear()
             calls.clear()
-            start = time.perf_counter()
+            per_step, step_times = [], []
             for _ in range(steps):
+                before, start = sum(seconds.values()), time.perf_counter()
                 loss(model(x), label).backward()
-            step = (time.perf_counter() - start) / steps
+                step_times.append(time.perf_counter() - start)
+                per_step.append(sum(seconds.values()) - before)
     finally:
         for obj, attr, value in saved:
             setattr(obj, attr, value)
     by_op = {k: (calls[k] / steps, seconds[k] / steps) for k in sorted(seconds, key=lambda k: -seconds[k])}
-    return {"by_op": by_op, "fused_s": sum(s for _, s in by_op.values()), "step_s": step, "side": side}
+    return {"by_op": by_op, "fused_s": statistics.median(per_step), "step_s": statistics.median(step_times),
+            "side": side}
 
 
 def main(argv=None) -> None:

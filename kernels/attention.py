@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fastseg3d.backends import interpreter_active, tf32_matmul_allowed
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
 
 __all__ = ["attention_bwd", "attention_fwd"]
 
@@ -260,7 +260,7 @@ def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -
     precision = _precision(q.dtype)
     block_m, block_n, warps = _blocks(n, m, d, precision, "fwd")
     grid = (cdiv(n, block_m), bsz * h)
-    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+    wrap(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, n, m, h, _qk_scale(scale),
         *_qk(q), *_qk(k), *_qk(v), *_qk(out),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
@@ -277,7 +277,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     kv_block_m, kv_block_n, kv_warps = _blocks(n, m, d, precision, "dkdv")
 
     delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
-    torch.library.wrap_triton(_attn_bwd_delta_kernel)[(cdiv(n, block_m), bsz * h)](
+    wrap(_attn_bwd_delta_kernel)[(cdiv(n, block_m), bsz * h)](
         out, grad, delta, n, h, *_qk(out), *_qk(grad), HEAD_DIM=d, BLOCK_M=block_m,
     )
 
@@ -288,7 +288,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     splits = cdiv(n, rows_per_split)
     dk_ws = empty((splits, bsz, m, h, d), dtype=torch.float32, device=q.device)
     dv_ws = empty((splits, bsz, m, h, d), dtype=torch.float32, device=q.device)
-    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(n_kblocks, bsz * h, splits)](
+    wrap(_attn_bwd_dkdv_kernel)[(n_kblocks, bsz * h, splits)](
         q, k, v, grad, lse, delta, dk_ws, dv_ws,
         n, m, h, _qk_scale(scale), scale, rows_per_split,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad),
@@ -300,7 +300,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     # Fixed-order sums over the splits keep dk/dv deterministic: one launch for both, in their dtype
     utils.sum_partials(dk_ws.view(splits, 1, -1), dk.view(-1), dv_ws.view(splits, 1, -1), dv.view(-1))
 
-    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(cdiv(n, block_m), bsz * h)](
+    wrap(_attn_bwd_dq_kernel)[(cdiv(n, block_m), bsz * h)](
         q, k, v, grad, lse, delta, dq,
         n, m, h, _qk_scale(scale), scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),

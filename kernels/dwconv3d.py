@@ -35,7 +35,7 @@ from triton.language.extra import libdevice
 
 from fastseg3d.backends import interpreter_active
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2
+from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
 
 __all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
 
@@ -1269,7 +1269,7 @@ def dwconv3d_fwd(
     tensors = (x, out, residual, grad)
     int64 = _needs_int64(*tensors)
     unit = _unit(lanes, block_c, int64, *tensors)
-    torch.library.wrap_triton(_dwconv3d_fwd_kernel)[grid](
+    wrap(_dwconv3d_fwd_kernel)[grid](
         x, weight_taps, bias if bias is not None else weight_taps, residual if residual is not None else x,
         grad if grad is not None else x, out,
         c, weight_taps.shape[3], d_in, h_in, w_in // unit, d_out, h_out, w_out // unit, j_chunk, n_chunks,
@@ -1365,7 +1365,7 @@ def dwconv3d_bwd_weight(
     grid = (n_c * n_hw, n_tap_chunks, bsz * n_dchunks)
     int64 = _needs_int64(x, dz)
     unit = _unit(lanes, block_c, int64, x, dz)
-    torch.library.wrap_triton(_dwconv3d_bwd_weight_kernel)[grid](
+    wrap(_dwconv3d_bwd_weight_kernel)[grid](
         x, dz, dwp, dbp if dbp is not None else dwp,
         c, d_in, h_in, w_in // unit, d_out, h_out, w_out // unit, d_chunk,
         *(_pair_strides(x, pairs) if pairs else _strides(x, unit)),

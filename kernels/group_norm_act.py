@@ -47,7 +47,7 @@ from fastseg3d.backends import interpreter_active
 from fastseg3d.kernels import utils
 from fastseg3d.kernels.dwconv3d import ACT_IDS as _DWCONV_ACT_IDS
 from fastseg3d.kernels.dwconv3d import _act, _act_grad  # the activations the dwconv3d kernels fuse
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
 
 __all__ = ["ACT_IDS", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_running_stats",
            "group_norm_act_stats"]
@@ -386,7 +386,7 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, act_id: int =
     split, per = _split(x, n_tiles, n_cb * bsz)
     means = empty((bsz, split, c), dtype=torch.float32, device=x.device)
     m2s = empty((bsz, split, c), dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(_stats_kernel)[(split, n_cb, bsz)](
+    wrap(_stats_kernel)[(split, n_cb, bsz)](
         x, means, m2s, c, s, split, per, *_strides(x), slope, ACT=act_id if pre else 0, PRE=pre and act_id != 0,
         BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS,
     )
@@ -394,7 +394,7 @@ def group_norm_act_stats(x: torch.Tensor, groups: int, eps: float, act_id: int =
     mean = empty((n_stats, groups), dtype=torch.float32, device=x.device)
     rstd = empty((n_stats, groups), dtype=torch.float32, device=x.device)
     cg = c // groups
-    torch.library.wrap_triton(_finalize_kernel)[(n_stats * groups,)](
+    wrap(_finalize_kernel)[(n_stats * groups,)](
         means, m2s, mean, rstd, c, s, groups, cg, rows, split, per * block_s, eps,
         BLOCK_P=min(next_power_of_2(rows), 64), BLOCK_CG=min(next_power_of_2(cg), 32), num_warps=4,
     )
@@ -408,7 +408,7 @@ def group_norm_act_running_stats(running_mean: torch.Tensor, running_var: torch.
     in one launch (ATen's BatchNorm does it in its statistics kernel; unfused it is six small ops)."""
     c = running_mean.numel()
     block = min(next_power_of_2(c), 1024)
-    torch.library.wrap_triton(_running_stats_kernel)[(cdiv(c, block),)](
+    wrap(_running_stats_kernel)[(cdiv(c, block),)](
         running_mean, running_var, mean, rstd, c, eps, momentum, count / (count - 1), BLOCK=block, num_warps=8,
     )
 
@@ -426,7 +426,7 @@ def group_norm_act_apply(x, weight, bias, mean, rstd, act_id: int, slope: float,
     block_s, block_c = _tile(x)
     c, s, n_tiles, n_cb = _grid_s(x, block_s, block_c)
     groups = mean.shape[1]
-    torch.library.wrap_triton(_apply_kernel)[(n_tiles, n_cb, x.shape[0])](
+    wrap(_apply_kernel)[(n_tiles, n_cb, x.shape[0])](
         x, weight if weight is not None else mean, bias if bias is not None else mean, mean, rstd, out,
         c, s, _batch_stride(x, mean), c // groups, *_strides(x), slope,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, PRE=pre and act_id != 0,
@@ -451,7 +451,7 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: floa
     b_arg = bias if bias is not None else mean
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=act_id, PRE=pre and act_id != 0,
                  BLOCK_S=block_s, BLOCK_C=block_c, INT64=_int64(x), num_warps=_WARPS)
-    torch.library.wrap_triton(_bwd_reduce_kernel)[(split, n_cb, bsz)](
+    wrap(_bwd_reduce_kernel)[(split, n_cb, bsz)](
         x, dy, w_arg, b_arg, mean, rstd, sdz, sdzx, c, s, gb, c // groups, split, per, *_strides(x), slope,
         **flags,
     )
@@ -464,7 +464,7 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: floa
     block_g = min(next_power_of_2(groups), max(1, 256 // block_k))
     block_c2 = min(next_power_of_2(c), 64)
     n_a = n_stats * cdiv(groups, block_g) if need_dx else 0  # without dx, the parameter gradients alone
-    torch.library.wrap_triton(_bwd_finalize_kernel)[(n_a + cdiv(c, block_c2),)](
+    wrap(_bwd_finalize_kernel)[(n_a + cdiv(c, block_c2),)](
         sdz, sdzx, w_arg, c1, c2, dweight, dbias, bsz, c, groups, cg, split, bsz // n_stats, n_a,
         float(cg * s * (bsz // n_stats)), HAS_W=weight is not None,
         # tiles of a fixed size whatever the splits, 8 warps (4 put 8 bytes on the stack on sm_90 for some)
@@ -475,7 +475,7 @@ def group_norm_act_bwd(dy, x, weight, bias, mean, rstd, act_id: int, slope: floa
         return None, dweight, dbias
     layout = torch.channels_last_3d if _channels_last(x) else torch.contiguous_format
     dx = empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout)
-    torch.library.wrap_triton(_bwd_dx_kernel)[(n_tiles, n_cb, bsz)](
+    wrap(_bwd_dx_kernel)[(n_tiles, n_cb, bsz)](
         x, dy, w_arg, b_arg, mean, rstd, c1, c2, dx, c, s, gb, c // groups, *_strides(x), slope, **flags,
     )
     return dx, dweight, dbias

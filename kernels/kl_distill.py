@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
-from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2
+from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
@@ -571,7 +571,7 @@ def kl_distill_fwd(
         block_v, vec, warps = _tile(k_pad, nvox, 16, 1, 4096)
     n_prog = cdiv(nvox, block_v)
     partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
-    torch.library.wrap_triton(_kl_fwd_kernel)[(n_prog, bsz)](
+    wrap(_kl_fwd_kernel)[(n_prog, bsz)](
         t_in, o_t if o_t is not None else teacher,
         s_ptrs[0], gs_ptrs[0], s_ptrs[1], gs_ptrs[1], s_ptrs[2], gs_ptrs[2], s_ptrs[3], gs_ptrs[3], partials,
         od, oh, ow, *teacher.shape[2:], *s_sizes, *wts, *c_s, c_t, scale2,
@@ -586,7 +586,7 @@ def kl_distill_fwd(
     def transpose(src, dst, big, small, factors, scale, out_il):
         n_low = small[0] * small[1] * small[2]
         bv, _, warps = _tile(k_pad, n_low, 16, 1, 4096)  # no reduction over classes: any layout will do
-        torch.library.wrap_triton(_interp_transpose_kernel)[(cdiv(n_low, bv), bsz)](
+        wrap(_interp_transpose_kernel)[(cdiv(n_low, bv), bsz)](
             src, dst, *big, *small, scale, K=k, GFD=factors[0], GFH=factors[1], GFW=factors[2],
             LD=1 if factors[0] == 1 else 2 * factors[0], LH=1 if factors[1] == 1 else 2 * factors[1],
             LW=1 if factors[2] == 1 else 2 * factors[2], INT64=int64, BLOCK_K=k_pad, BLOCK_V=bv, IL=il,

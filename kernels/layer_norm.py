@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
 
 __all__ = ["MAX_C", "layer_norm_bwd", "layer_norm_fwd"]
 
@@ -132,7 +132,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight, bias, eps: float, y: torch.Tensor,
     m, c = x2d.shape
     block_m, block_c, warps = _block(c)
     res = residual2d is not None
-    torch.library.wrap_triton(_layer_norm_fwd_kernel)[(cdiv(m, block_m),)](
+    wrap(_layer_norm_fwd_kernel)[(cdiv(m, block_m),)](
         x2d, residual2d if res else x2d, weight if weight is not None else mean,
         bias if bias is not None else mean, y, s if res else y, mean, rstd,
         m, c, x2d.stride(0), residual2d.stride(0) if res else 0, eps,
@@ -158,7 +158,7 @@ def layer_norm_bwd(dy2d: torch.Tensor, x2d: torch.Tensor, weight, mean, rstd, dx
     programs = cdiv(n_tiles, per)
     dw = empty((programs, c), dtype=torch.float32, device=x2d.device)
     db = empty((programs, c), dtype=torch.float32, device=x2d.device)
-    torch.library.wrap_triton(_layer_norm_bwd_kernel)[(programs,)](
+    wrap(_layer_norm_bwd_kernel)[(programs,)](
         x2d, weight if weight is not None else mean, dy2d, ds if ds is not None else dy2d, mean, rstd,
         dx if dx is not None else dy2d, dr if dr is not None else dy2d, dw, db, m, c, x2d.stride(0), per,
         HAS_W=weight is not None, NEED_DX=dx is not None, HAS_DS=ds is not None, NEED_DR=dr is not None,

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.backends import interpreter_active
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["avg_pool", "channel_stats", "selfreg_inter_fwd", "selfreg_intra_fwd"]
@@ -195,7 +195,7 @@ def avg_pool(x: torch.Tensor, size: tuple[int, int, int], empty=torch.empty) -> 
     nvox = size[0] * size[1] * size[2]
     out = empty((bsz, c, *size), dtype=torch.float32, device=x.device)
     block = _block(nvox)
-    torch.library.wrap_triton(_avg_pool_kernel)[(cdiv(nvox, block), bsz * c)](
+    wrap(_avg_pool_kernel)[(cdiv(nvox, block), bsz * c)](
         x, out, *size, *x.shape[2:], FD=factors[0], FH=factors[1], FW=factors[2], INT64=_int64(x, out),
         BLOCK_V=block, num_warps=_warps(block),
     )
@@ -225,7 +225,7 @@ def selfreg_inter_fwd(
     partials = empty((bsz * cs * n_blocks,), dtype=torch.float32, device=student.device)
     grad = empty(student.shape, dtype=saved_grad_dtype(student.dtype), device=student.device) if need_grad else None
     denom = bsz * npairs * nvox
-    torch.library.wrap_triton(_selfreg_inter_kernel)[(n_blocks, cs, bsz)](
+    wrap(_selfreg_inter_kernel)[(n_blocks, cs, bsz)](
         student, grad if grad is not None else student, teacher_pooled, student_channels, teacher_channels,
         partials, cs, ct, npairs, *size, *student.shape[2:], 2.0 / denom,
         FD=factors[0], FH=factors[1], FW=factors[2], NEED_GRAD=need_grad, INT64=_int64(student, teacher_pooled),
@@ -242,7 +242,7 @@ def channel_stats(x: torch.Tensor, empty=torch.empty) -> tuple[torch.Tensor, tor
     n_blocks = cdiv(nvox, block)
     sums = empty((bsz, c, n_blocks), dtype=torch.float32, device=x.device)
     sqs = empty((bsz, c, n_blocks), dtype=torch.float32, device=x.device)
-    torch.library.wrap_triton(_channel_stats_kernel)[(n_blocks, bsz * c)](
+    wrap(_channel_stats_kernel)[(n_blocks, bsz * c)](
         x, sums, sqs, nvox, INT64=_int64(x), BLOCK_V=block, num_warps=_warps(block),
     )
     return sums.sum(-1), sqs.sum(-1)
@@ -264,7 +264,7 @@ def selfreg_intra_fwd(
     partials = empty((bsz * half * n_blocks,), dtype=torch.float32, device=x.device)
     grad = empty(x.shape, dtype=saved_grad_dtype(x.dtype), device=x.device) if need_grad else None
     denom = bsz * half * nvox
-    torch.library.wrap_triton(_selfreg_intra_kernel)[(n_blocks, half, bsz)](
+    wrap(_selfreg_intra_kernel)[(n_blocks, half, bsz)](
         x, grad if grad is not None else x, order, partials, c, half, nvox, 2.0 / denom,
         NEED_GRAD=need_grad, INT64=_int64(x), BLOCK_V=block, num_warps=_warps(block),
     )

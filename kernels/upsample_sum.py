@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.kernels.utils import cdiv, next_power_of_2
+from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
 
 __all__ = ["MAX_INPUTS", "upsample_sum"]
 
@@ -144,7 +144,7 @@ def upsample_sum(inputs: list[torch.Tensor], out: torch.Tensor, channels_last: b
         same.append(i < len(inputs) and (d, h, w) == (od, oh, ow))
     pointers = [inputs[i] if i < len(inputs) else inputs[0] for i in range(MAX_INPUTS)]
     int64 = max(t.numel() for t in (out, *inputs)) > _INT32_MAX
-    torch.library.wrap_triton(_upsample_sum_kernel)[(cdiv(od * oh * ow, block_v), cdiv(c, block_c), b)](
+    wrap(_upsample_sum_kernel)[(cdiv(od * oh * ow, block_v), cdiv(c, block_c), b)](
         out, *pointers, c, od, oh, ow, *args,
         N=len(inputs), SAME0=same[0], SAME1=same[1], SAME2=same[2], SAME3=same[3], CL=channels_last, INT64=int64,
         BLOCK_V=block_v, BLOCK_C=block_c, num_warps=_WARPS,

@@ -12,11 +12,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+import functools
+
 import torch
+from torch._library.triton import is_wrap_triton_enabled
 
 from fastseg3d.backends import interpreter_active
 
-__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials"]
+__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials", "wrap"]
 
 
 _INT32_MAX = 2**31 - 1
@@ -29,9 +32,21 @@ def cdiv(a: int, b: int) -> int:
 def sm_count(device: torch.device) -> int | None:
     """Streaming multiprocessors of ``device``'s GPU, which launchers split work to fill; None under the interpreter
     and off CUDA (``bench.sass`` stands in an H100's count to configure launches on ``meta`` tensors)."""
-    if interpreter_active() or device.type != "cuda":
+    if device.type != "cuda" or interpreter_active():
         return None
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def wrap(kernel):
+    """``torch.library.wrap_triton(kernel)``, for a launch: the kernel itself where fastseg3d's eager ops turned
+    wrapping off, without wrap_triton's checks (about 3 us a launch on a CI core, 270 launches in a SegFormer3D
+    step); the traceable wrapper where a ``triton_op`` is traced."""
+    return kernel if not is_wrap_triton_enabled() else torch.library.wrap_triton(kernel)
 
 
 def next_power_of_2(n: int) -> int:
@@ -84,7 +99,7 @@ def sum_partials(a: torch.Tensor, out_a: torch.Tensor, b: torch.Tensor | None = 
     block_n = min(next_power_of_2(max(ka, kb) * c), 8192 if interpreter_active() else 256)
     block_p = min(next_power_of_2(p), max(1, 2048 // block_n))
     blocks_a = cdiv(ka * c, block_n)
-    torch.library.wrap_triton(_sum_partials_kernel)[(blocks_a + cdiv(kb * c, block_n),)](
+    wrap(_sum_partials_kernel)[(blocks_a + cdiv(kb * c, block_n),)](
         a, out_a, ka, b if b is not None else a, out_b if out_b is not None else out_a, kb, p, c, blocks_a,
         BLOCK_P=block_p, BLOCK_N=block_n, INT64=(p + block_p) * max(ka, kb) * c > _INT32_MAX, num_warps=4,
     )

@@ -11,6 +11,7 @@ from contextvars import ContextVar
 
 import torch
 from torch._library.triton import set_wrap_triton_enabled
+from torch._subclasses.fake_tensor import is_fake
 
 from fastseg3d import backends
 
@@ -125,8 +126,6 @@ def refuse_double_backward(grad_out: torch.Tensor) -> None:
 
 
 def _tracing(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
     if torch.compiler.is_compiling() or is_fake(t):
         return True
     return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
@@ -160,8 +159,6 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context to launch kernels on ``t``'s GPU in: Triton launches on the current CUDA device and its stream,
     not on the tensors' device, so tensors on ``cuda:1`` while ``cuda:0`` is current need a device guard (nothing
     to do when the device is current, as on one GPU)."""
-    from torch._subclasses.fake_tensor import is_fake
-
     if t.device.type != "cuda" or t.device.index is None or torch.compiler.is_compiling() or is_fake(t):
         return contextlib.nullcontext()  # traced launches get Inductor's device guard
     if t.device.index != torch.cuda.current_device():
