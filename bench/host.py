@@ -4,8 +4,8 @@ Eager PyTorch issues every op from Python, and where kernels are short (SegForme
 for the host. This runs a network's training step (forward, the benchmark's loss, backward) on CPU tensors with
 every Triton launch replaced by a no-op, and times each fused op call from its entry to its return: validation,
 backend choice, autograd, launch planning, allocations and the ATen ops its launcher runs (on a GPU those launch
-kernels of their own, at about the same host cost). Triton's own launch path (argument binding, the driver call)
-is not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its full one) at
+kernels of their own, at about the same host cost), in CPU time of the calling thread (other processes do not
+count). Triton's own launch path (argument binding, the driver call) is not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its full one) at
 batch 1 and a small side, so that the CPU work of the launchers' ATen ops stays small next to their Python.
 
     python -m bench.host segformer3d                # per fused op: calls, ms per step, us per call
@@ -34,11 +34,12 @@ _FULL = {"mobileutr"}  # its small configuration has a head dim the attention ke
 
 def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int = 3, full: bool = False) -> dict:
     """Per fused op of network ``name``'s training step: ``{"by_op": {op: (calls, seconds)}, "fused_s": s,
-    "step_s": s}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are the steps' medians). Needs ``TRITON_INTERPRET=1`` set
-    before Triton kernels were first imported (``main`` sees to it)."""
+    "step_s": s}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are the steps' medians).
+    Needs ``TRITON_INTERPRET=1`` set before Triton kernels were first imported (``main`` sees to it)."""
     import triton.runtime.interpreter as interpreter
 
     import fastseg3d
+    from fastseg3d import backends
     from bench.models import NETWORKS, variant_context
     from bench.registry import load_cases
     from fastseg3d.ops import utils as op_utils
@@ -57,16 +58,18 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
             if inside[0]:
                 return fn(*args)
             inside[0] += 1
-            start = time.perf_counter()
+            start = time.thread_time()
             try:
                 return fn(*args)
             finally:
-                seconds[key(args)] += time.perf_counter() - start
+                seconds[key(args)] += time.thread_time() - start
                 calls[key(args)] += 1
                 inside[0] -= 1
         return run
 
+    # no launch, and no interpreter check (CUDA tensors skip it): what stays is what a GPU's host runs
     patches = [(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None),
+               (backends, "interpreter_active", lambda: True),
                (op_utils.EagerOp, "__call__", timed(lambda a: a[0].name, op_utils.EagerOp.__call__))]
     for op in op_utils.EAGER_OPS.values():
         if op._function is not None:
@@ -90,9 +93,9 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
             calls.clear()
             per_step, step_times = [], []
             for _ in range(steps):
-                before, start = sum(seconds.values()), time.perf_counter()
+                before, start = sum(seconds.values()), time.thread_time()
                 loss(model(x), label).backward()
-                step_times.append(time.perf_counter() - start)
+                step_times.append(time.thread_time() - start)
                 per_step.append(sum(seconds.values()) - before)
     finally:
         for obj, attr, value in saved:

@@ -15,9 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.backends import interpreter_active, tf32_matmul_allowed
+from fastseg3d.backends import tf32_matmul_allowed
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
 
 __all__ = ["attention_bwd", "attention_fwd"]
 
@@ -214,7 +214,7 @@ def _row_splits(n_row_blocks: int, n_programs: int, device: torch.device) -> int
 def _precision(dtype: torch.dtype) -> str | None:
     if dtype != torch.float32:
         return None  # half types: the backend's default tensor-core path
-    return "tf32" if tf32_matmul_allowed() and not interpreter_active() else "ieee"
+    return "tf32" if tf32_matmul_allowed() and not INTERPRET else "ieee"
 
 
 def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kernel: str) -> tuple[int, int, int]:
@@ -225,7 +225,7 @@ def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kern
     tensor-core tiles take four. IEEE fp32 dots run on the FMA units and hold far more registers than tensor-core
     ones, so their tiles are small. TF32 dk/dv tiles hold 64 keys where they fit, the fewest rows a wgmma takes."""
     np2 = next_power_of_2
-    if interpreter_active():
+    if INTERPRET:
         return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4
     if precision == "ieee":
         if kernel == "dkdv":

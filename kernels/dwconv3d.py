@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from fastseg3d.backends import interpreter_active
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
 
 __all__ = ["ACT_IDS", "dwconv3d_bwd_weight", "dwconv3d_fwd", "taps_major"]
 
@@ -49,7 +48,7 @@ _COLUMN_OUTPUTS = {1: 16, 3: 8}
 _WIDE_ROWS = {8: 2, 4: 4}
 
 
-if interpreter_active():  # the interpreter has no libdevice fast math
+if INTERPRET:  # the interpreter has no libdevice fast math
 
     @triton.jit
     def _fast_div(x, y):
@@ -1049,7 +1048,7 @@ def _lanes(three_wide_roll, padding, dilation, block_c, block_w, width) -> int:
     the tests cover them on tiny ones."""
     if not (width and three_wide_roll and dilation[2] == 1 and block_c == 1 and block_w >= width):
         return 0
-    return width if interpreter_active() or padding[2] == 1 else 0
+    return width if INTERPRET or padding[2] == 1 else 0
 
 
 def _multiples(lanes: int, *tensors: torch.Tensor | None) -> bool:
@@ -1065,7 +1064,7 @@ def _vector_lanes(vec: int, *tensors: torch.Tensor | None) -> int:
     (UNIT), so that rows of 24 or 40 elements (96^3 and 160^3 inputs at their 1/4 scale) are aligned vectors too."""
     if vec < 4:  # fp64: the lanes split into 4 or 8
         return 0
-    if interpreter_active():
+    if INTERPRET:
         return vec
     if any(t is not None and t.storage_offset() % vec for t in tensors):
         return 0
@@ -1093,7 +1092,7 @@ def _wide_lanes(x, kernel, padding, dilation, h_out, w_out, width) -> bool:
             or padding[2] != (kw - 1) // 2 or kw // 2 > width):
         return False
     groups = min(next_power_of_2(w_out), 32 * width) // width
-    return interpreter_active() or next_power_of_2(h_out) * groups >= 32
+    return INTERPRET or next_power_of_2(h_out) * groups >= 32
 
 
 def _wide_lane_tile(h_out: int, w_out: int, lanes: int, rows: int) -> tuple[int, int, int, int]:
@@ -1105,7 +1104,7 @@ def _wide_lane_tile(h_out: int, w_out: int, lanes: int, rows: int) -> tuple[int,
     groups = block_w // lanes
     h_pad = next_power_of_2(h_out)
     rows = max(1, min(rows, h_pad * groups // 32))
-    cap = 4096 // (rows * lanes) if interpreter_active() else 128
+    cap = 4096 // (rows * lanes) if INTERPRET else 128
     threads = max(groups, min(cap, h_pad * groups // rows))
     return rows * threads // groups, block_w, rows, max(1, threads // 32)
 
@@ -1174,7 +1173,7 @@ def _chunks(n: int, kd: int, tiles: int, device: torch.device) -> tuple[int, int
     outputs reads J + KD - 1 slices, so runs are at least 4 * (KD - 1) long; beyond that they are cut until the
     grid fills the GPU."""
     shortest = max(1, 4 * (kd - 1))
-    if interpreter_active():
+    if INTERPRET:
         shortest = 2  # several runs even on the tests' tiny shapes
         wanted = cdiv(n, shortest)
     else:
@@ -1218,7 +1217,7 @@ def dwconv3d_fwd(
             channels, lanes, rows = _large_columns(x.element_size(), kw, dilation[1])
             lanes = min(lanes, next_power_of_2(w_out))
             rows = min(rows, next_power_of_2(h_out))
-        tile = 4096 if interpreter_active() else 128 * channels
+        tile = 4096 if INTERPRET else 128 * channels
         # the tile in units of a thread's rows and lanes
         block_c, block_h, groups = _blocks(x, cdiv(h_out, rows), cdiv(w_out, lanes), tile)
         block_h *= rows
@@ -1237,7 +1236,7 @@ def dwconv3d_fwd(
             per_thread //= 2
         if roll and x.element_size() == 4 and x.stride(1) == 1:
             per_thread //= 2
-        tile = 4096 if interpreter_active() else 128 * per_thread
+        tile = 4096 if INTERPRET else 128 * per_thread
         block_c, block_h, block_w = _blocks(x, h_out, w_out, tile)
         width = _vector_lanes(vec, x, out, residual, grad)
         lanes = _lanes(roll and kw == 3, padding, dilation, block_c, block_w, width)
@@ -1253,7 +1252,7 @@ def dwconv3d_fwd(
             # to 250.
             budget = 48 if vec == 8 and (grad is None or act not in (ACT_IDS["relu"], ACT_IDS["silu"])) else 24
             rows = min(4, 1 << ((budget // (kd * lanes)).bit_length() - 1), block_h)
-            if not interpreter_active():
+            if not INTERPRET:
                 block_h, rows = _lane_tile_rows(h_out, block_w // lanes, rows)
     n_tiles = cdiv(c, block_c) * cdiv(h_out, block_h) * cdiv(w_out, block_w)
     dil_d = dilation[0]
@@ -1309,7 +1308,7 @@ def dwconv3d_bwd_weight(
     # As in the forward: the rolling walk for 3x3x3 and 1x3x3 (each input slice read once per in-plane tap).
     roll = kd in (1, 3) and kh * kw <= 9 and dilation[0] == 1
     taps = kd_per * kh * kw
-    interp = interpreter_active()
+    interp = INTERPRET
     budget = 64 if kd_per == 1 and taps > 9 else 128
     tile = 4096 if interp else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
     lane_rows = 1

@@ -43,11 +43,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.backends import interpreter_active
 from fastseg3d.kernels import utils
 from fastseg3d.kernels.dwconv3d import ACT_IDS as _DWCONV_ACT_IDS
 from fastseg3d.kernels.dwconv3d import _act, _act_grad  # the activations the dwconv3d kernels fuse
-from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
 
 __all__ = ["ACT_IDS", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_running_stats",
            "group_norm_act_stats"]
@@ -64,7 +63,7 @@ def _tile(x: torch.Tensor) -> tuple[int, int]:
     tiles on small tensors (tests cross tiles, splits and channel blocks) and about four tiles a channel block on
     larger ones (the networks' tests)."""
     c = x.shape[1]
-    if not interpreter_active():
+    if not INTERPRET:
         block_c = min(next_power_of_2(c), _MAX_BLOCK_C if _channels_last(x) else 4)
         return 2048 // block_c, block_c
     block_c = min(next_power_of_2(c), 16 if _channels_last(x) or c > 8 else 2)

@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.backends import interpreter_active
-from fastseg3d.kernels.utils import bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
@@ -450,7 +449,7 @@ def _interp_transpose_kernel(
 
 
 def _block_v(k_pad: int, nvox: int, tile: int = 4096) -> int:
-    if interpreter_active():
+    if INTERPRET:
         tile = 16384
     return max(16, min(next_power_of_2(nvox), tile // k_pad))
 
@@ -472,7 +471,7 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     else:
         block_v, vec = _block_v(k_pad, nvox, wide_tile), 0
         warps = 8 if k_pad * block_v >= 4096 else 4
-    if interpreter_active():  # the same code paths (VEC) in larger tiles: the interpreter pays per program
+    if INTERPRET:  # the same code paths (VEC) in larger tiles: the interpreter pays per program
         block_v, warps = _block_v(k_pad, nvox), 4
     block_v = min(block_v, next_power_of_2(nvox))
     return block_v, min(vec, block_v), warps

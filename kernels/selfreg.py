@@ -22,8 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.backends import interpreter_active
-from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["avg_pool", "channel_stats", "selfreg_inter_fwd", "selfreg_intra_fwd"]
@@ -32,7 +31,7 @@ _INT32_MAX = 2**31 - 1
 
 
 def _block(n: int) -> int:
-    return max(16, min(next_power_of_2(n), 4096 if interpreter_active() else 1024))
+    return max(16, min(next_power_of_2(n), 4096 if INTERPRET else 1024))
 
 
 def _warps(block: int) -> int:

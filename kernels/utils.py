@@ -19,10 +19,13 @@ from torch._library.triton import is_wrap_triton_enabled
 
 from fastseg3d.backends import interpreter_active
 
-__all__ = ["bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials", "wrap"]
+__all__ = ["INTERPRET", "bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials", "wrap"]
 
 
 _INT32_MAX = 2**31 - 1
+# Whether the kernels run in Triton's interpreter, as Triton read it when it decorated them (this import); the
+# launchers read it on every launch, where the environment would cost a microsecond a lookup
+INTERPRET = interpreter_active()
 
 
 def cdiv(a: int, b: int) -> int:
@@ -32,7 +35,7 @@ def cdiv(a: int, b: int) -> int:
 def sm_count(device: torch.device) -> int | None:
     """Streaming multiprocessors of ``device``'s GPU, which launchers split work to fill; None under the interpreter
     and off CUDA (``bench.sass`` stands in an H100's count to configure launches on ``meta`` tensors)."""
-    if device.type != "cuda" or interpreter_active():
+    if device.type != "cuda" or INTERPRET:
         return None
     return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -96,7 +99,7 @@ def sum_partials(a: torch.Tensor, out_a: torch.Tensor, b: torch.Tensor | None = 
     p, ka, c = a.shape
     kb = b.shape[1] if b is not None else 0
     # the interpreter costs per program: wide tiles there
-    block_n = min(next_power_of_2(max(ka, kb) * c), 8192 if interpreter_active() else 256)
+    block_n = min(next_power_of_2(max(ka, kb) * c), 8192 if INTERPRET else 256)
     block_p = min(next_power_of_2(p), max(1, 2048 // block_n))
     blocks_a = cdiv(ka * c, block_n)
     wrap(_sum_partials_kernel)[(blocks_a + cdiv(kb * c, block_n),)](

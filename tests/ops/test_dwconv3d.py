@@ -652,7 +652,7 @@ def test_interpret_gpu_wide_weight_grad_with_dilated_depth(poison, monkeypatch):
     gradient on the general path's W-lane tiles with all three depth taps in one program (two rows a thread)."""
     import fastseg3d.kernels.dwconv3d as k
 
-    monkeypatch.setattr(k, "interpreter_active", lambda: False)
+    monkeypatch.setattr(k, "INTERPRET", False)
     check_against_reference("contiguous", (1, 2, 5, 17, 16), (3, 3, 3), "gelu", True, _F16, "cpu",
                             padding=(2, 1, 1), dilation=(2, 1, 1))
 
@@ -694,7 +694,7 @@ def test_interpret_gpu_lane_tiles(poison, monkeypatch, shape, kernel, activation
     the strides in units of the lanes."""
     import fastseg3d.kernels.dwconv3d as k
 
-    monkeypatch.setattr(k, "interpreter_active", lambda: False)
+    monkeypatch.setattr(k, "INTERPRET", False)
     check_against_reference("contiguous", shape, kernel, activation, True, dtype, "cpu")
 
 
@@ -725,7 +725,7 @@ def test_interpret_gpu_large_kernel_columns(poison, monkeypatch, layout, shape, 
     forward kernel on flipped taps, the dz pass with the activation's derivative)."""
     import fastseg3d.kernels.dwconv3d as k
 
-    monkeypatch.setattr(k, "interpreter_active", lambda: False)
+    monkeypatch.setattr(k, "INTERPRET", False)
     check_against_reference(layout, shape, kernel, activation, True, dtype, "cpu", padding=padding,
                             dilation=dilation)
 
