@@ -5,8 +5,10 @@ for the host. This runs a network's training step (forward, the benchmark's loss
 every Triton launch replaced by a no-op, and times each fused op call from its entry to its return: validation,
 backend choice, autograd, launch planning, allocations and the ATen ops its launcher runs (on a GPU those launch
 kernels of their own, at about the same host cost), in CPU time of the calling thread (other processes do not
-count). Triton's own launch path (argument binding, the driver call) is not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its full one) at
-batch 1 and a small side, so that the CPU work of the launchers' ATen ops stays small next to their Python.
+count), with the launchers planning as for a GPU. Triton's own launch path (argument binding, the driver call) is
+not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its full one; for
+MobileUtr always, whose small one has a head dim the attention kernels do not take) at batch 1 and a small side,
+so that the CPU work of the launchers' ATen ops stays small next to their Python.
 
     python -m bench.host segformer3d                # per fused op: calls, ms per step, us per call
     python -m bench.host missu --side 32 --steps 5
@@ -70,6 +72,8 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
     # no launch, and no interpreter check (CUDA tensors skip it): what stays is what a GPU's host runs
     patches = [(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None),
                (backends, "interpreter_active", lambda: True),
+               # the launchers plan as for a GPU (their interpreter branches take larger tiles)
+               *((module, "INTERPRET", False) for module in _kernel_modules()),
                (op_utils.EagerOp, "__call__", timed(lambda a: a[0].name, op_utils.EagerOp.__call__))]
     for op in op_utils.EAGER_OPS.values():
         if op._function is not None:
@@ -78,7 +82,9 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
                             staticmethod(timed(lambda a, n=op.name: n + " (bwd)", backward))))
     saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr))
              for obj, attr, _ in patches]
+    threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)  # intra-op threads would run outside the timed thread
         for obj, attr, value in patches:
             setattr(obj, attr, value)
         torch.manual_seed(0)
@@ -98,11 +104,23 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
                 step_times.append(time.thread_time() - start)
                 per_step.append(sum(seconds.values()) - before)
     finally:
+        torch.set_num_threads(threads)
         for obj, attr, value in saved:
             setattr(obj, attr, value)
     by_op = {k: (calls[k] / steps, seconds[k] / steps) for k in sorted(seconds, key=lambda k: -seconds[k])}
     return {"by_op": by_op, "fused_s": statistics.median(per_step), "step_s": statistics.median(step_times),
             "side": side}
+
+
+def _kernel_modules() -> list:
+    """The kernel modules whose launchers read ``INTERPRET``."""
+    import importlib
+    import pkgutil
+
+    from fastseg3d import kernels
+
+    modules = [importlib.import_module(f"fastseg3d.kernels.{m.name}") for m in pkgutil.iter_modules(kernels.__path__)]
+    return [m for m in modules if hasattr(m, "INTERPRET")]
 
 
 def main(argv=None) -> None:
@@ -115,7 +133,6 @@ def main(argv=None) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":  # read when kernels are decorated: start again with it set
         os.execvpe(sys.executable, [sys.executable, "-m", "bench.host", *(argv or sys.argv[1:])],
                    {**os.environ, "TRITON_INTERPRET": "1"})
-    torch.set_num_threads(1)
     result = host_times(args.name, args.side, args.steps, full=args.full)
     for op, (n, s) in result["by_op"].items():
         print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {s / n * 1e6:8.1f} us/call")

@@ -75,20 +75,22 @@ def cross_entropy(_plain: bool) -> Callable[[object, torch.Tensor], torch.Tensor
     return loss
 
 
-def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True):
-    """``cache=False`` for a step captured in a CUDA graph: casts autocast caches during capture would outlive it."""
+def autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
     """``step`` (fixed inputs) captured in one CUDA graph, and a closure that replays it. Three warm-up runs on a
     side stream first (they compile the Triton kernels and settle the allocator, as capture requires); the
     parameters' gradients are cleared before capture, so the graph writes them rather than adding to tensors
-    allocated outside it."""
+    allocated outside it. ``step`` enters and leaves autocast itself: the casts autocast caches are freed into the
+    graph's pool when it leaves (an autocast around the capture would keep them past it, and must be off)."""
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a GPU")
+    if torch.is_autocast_enabled(device.type):
+        raise RuntimeError("graphed: capture outside autocast; the step enters it itself")
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -136,13 +138,13 @@ def runners(net: Network, model: nn.Module, plain: bool, provider: str, x: torch
 
     def train_step():
         model.train()
-        with variant_context(plain), autocast(device, dtype, cache=not graph):
+        with variant_context(plain), autocast(device, dtype):
             loss = forward_loss(x, label)
             loss.backward()
 
     def infer():
         model.eval()
-        with variant_context(plain), torch.no_grad(), autocast(device, dtype, cache=not graph):
+        with variant_context(plain), torch.no_grad(), autocast(device, dtype):
             return forward(x)
 
     out = {"train_step": train_step}

@@ -27,6 +27,7 @@ import tempfile
 from unittest import mock
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_network", "profile_selfreg"]
@@ -133,7 +134,8 @@ def _captured(call, grids: list | None = None) -> list:
     def capture(fn):
         return type("_Capture", (), {"__getitem__": lambda self, grid: launch(fn, grid)})()
 
-    with mock.patch.object(torch.library, "wrap_triton", capture):
+    # wrapping on, so that every launch reaches wrap_triton, also one made inside an eager op's body
+    with set_wrap_triton_enabled(True), mock.patch.object(torch.library, "wrap_triton", capture):
         call()
     return launches
 

@@ -237,7 +237,9 @@ class SegFormer3D(nn.Module):
     decoder projects each stage's map before upsampling (no 1,024-channel concat) and resizes and sums the four
     projections in one kernel (:func:`fastseg3d.ops.upsample_sum`). The LayerNorms read only by a Linear or conv
     (each block's two, the spatial reduction's, the decoder's, each stage's last) write that layer's input dtype
-    directly under autocast (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`), the patch embeddings' read the
+    directly under autocast (:func:`fastseg3d.nn.recompute.layer_norm_for_linear`; a stage map's two gradients, from
+    the next patch embedding and the decoder, are then added in bf16, as autocast adds those of any bf16 tensor read
+    twice, and the encoder returns bf16 maps under autocast), the patch embeddings' read the
     conv's output in its dtype (:func:`fastseg3d.nn.recompute.apply_layer_norm`), and each residual add runs in the
     kernel of the LayerNorm after it, forward and backward (:func:`fastseg3d.nn.recompute.add_layer_norm`).
 
