@@ -36,8 +36,8 @@ _FULL = {"mobileutr"}  # its small configuration has a head dim the attention ke
 
 def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int = 3, full: bool = False) -> dict:
     """Per fused op of network ``name``'s training step: ``{"by_op": {op: (calls, seconds)}, "fused_s": s,
-    "step_s": s}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are the steps' medians).
-    Needs ``TRITON_INTERPRET=1`` set before Triton kernels were first imported (``main`` sees to it)."""
+    "step_s": s, "launches": n}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are the steps'
+    medians). Needs ``TRITON_INTERPRET=1`` set before Triton kernels were first imported (``main`` sees to it)."""
     import triton.runtime.interpreter as interpreter
 
     import fastseg3d
@@ -70,7 +70,12 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
         return run
 
     # no launch, and no interpreter check (CUDA tensors skip it): what stays is what a GPU's host runs
-    patches = [(interpreter.InterpretedFunction, "run", lambda self, *args, **kwargs: None),
+    launches = [0]
+
+    def no_launch(self, *args, **kwargs):
+        launches[0] += 1
+
+    patches = [(interpreter.InterpretedFunction, "run", no_launch),
                (backends, "interpreter_active", lambda: True),
                # the launchers plan as for a GPU (their interpreter branches take larger tiles)
                *((module, "INTERPRET", False) for module in _kernel_modules()),
@@ -97,6 +102,7 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
                 loss(model(x), label).backward()
             seconds.clear()
             calls.clear()
+            launches[0] = 0
             per_step, step_times = [], []
             for _ in range(steps):
                 before, start = sum(seconds.values()), time.thread_time()
@@ -109,7 +115,7 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
             setattr(obj, attr, value)
     by_op = {k: (calls[k] / steps, seconds[k] / steps) for k in sorted(seconds, key=lambda k: -seconds[k])}
     return {"by_op": by_op, "fused_s": statistics.median(per_step), "step_s": statistics.median(step_times),
-            "side": side}
+            "launches": launches[0] / steps, "side": side}
 
 
 def _kernel_modules() -> list:
@@ -136,6 +142,7 @@ def main(argv=None) -> None:
     result = host_times(args.name, args.side, args.steps, full=args.full)
     for op, (n, s) in result["by_op"].items():
         print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {s / n * 1e6:8.1f} us/call")
+    print(f"{args.name}: {result['launches']:.0f} Triton launches a step (their launch path not timed)")
     print(f"{args.name} at 1x{result['side']}^3: fused ops' host time {result['fused_s'] * 1e3:.2f} ms of a "
           f"{result['step_s'] * 1e3:.1f} ms CPU step")
 
