@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 
 import torch
+from torch._library import triton as _torch_triton
 from torch._library.triton import set_wrap_triton_enabled
 from torch._subclasses.fake_tensor import is_fake
 
@@ -228,8 +229,15 @@ class EagerOp:
         self._function: type[torch.autograd.Function] | None = None
 
     def _run(self, *args):
-        with _direct_triton_launches():
+        if _WRAP_STATE is None:
+            with _direct_triton_launches():
+                return self._fn(*args)
+        previous = getattr(_WRAP_STATE, "value", _WRAP_DEFAULT)
+        _WRAP_STATE.value = False
+        try:
             return self._fn(*args)
+        finally:
+            _WRAP_STATE.value = previous
 
     def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
         self.op.register_autograd(backward, setup_context=setup_context)
@@ -247,15 +255,16 @@ class EagerOp:
         self._function = Function
 
     def __call__(self, *args):
-        if not _plain_eager(args):
+        grad = _eager_grad(args)
+        if grad is None:
             return self.op(*args)
         if torch.autograd._profiler_enabled():
             with torch.profiler.record_function(self.name):
-                return self._call(args)
-        return self._call(args)
+                return self._call(args, grad)
+        return self._call(args, grad)
 
-    def _call(self, args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    def _call(self, args, grad: bool):
+        if grad and torch.is_grad_enabled():
             if self._function is None:
                 return self.op(*args)  # no autograd formula: the dispatcher's error says so
             return self._function.apply(*args)
@@ -271,12 +280,26 @@ def eager_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callabl
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(args) -> bool:
+def _eager_grad(args) -> bool | None:
+    """None where the call must go through the dispatcher (a tensor subclass or fake tensor among ``args``, or
+    compile, a dispatch or function mode, a functorch transform or jit tracing active); otherwise whether a
+    tensor in ``args`` requires a gradient (one pass over them)."""
+    grad = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSORS:
+                return None
+            grad = grad or a.requires_grad
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._len_torch_function_stack() or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state() is not None):
-        return False
-    return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+        return None
+    return grad
+
+
+# the thread-local flag set_wrap_triton_enabled sets (set directly, without its generator, on every eager call)
+_WRAP_STATE = getattr(_torch_triton, "wrap_triton_enabled", None)
+_WRAP_DEFAULT = getattr(_torch_triton, "wrap_triton_enabled_default", True)
 
 
 def _direct_triton_launches() -> contextlib.AbstractContextManager:

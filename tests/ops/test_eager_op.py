@@ -59,7 +59,7 @@ def test_eager_call_skips_dispatcher_and_matches_it(case, monkeypatch):
         fwd, bwd = ATT._attention_op, ATT._attention_backward_op
         args, leaves = _att_args()
     with monkeypatch.context() as patch:  # the dispatcher, forward and backward
-        patch.setattr(utils, "_plain_eager", lambda args: False)
+        patch.setattr(utils, "_eager_grad", lambda args: None)
         expected = _values_and_grads(fwd, args, leaves)
     monkeypatch.setattr(fwd, "op", _NoDispatcher(fwd.name))
     monkeypatch.setattr(bwd, "op", _NoDispatcher(bwd.name))
@@ -84,12 +84,16 @@ def test_eager_call_records_its_own_node():
     assert type(y.grad_fn).__name__.startswith("dwconv3d_eager")
 
 
+@pytest.mark.parametrize("flag", ["thread-local", "context manager"])
 @pytest.mark.parametrize("grad", [True, False])
-def test_eager_body_launches_kernels_directly(grad, monkeypatch):
+def test_eager_body_launches_kernels_directly(grad, flag, monkeypatch):
     """Inside the body wrap_triton is off (each launch would otherwise go through a higher-order op), also in a
-    backward that autograd runs on another thread."""
+    backward that autograd runs on another thread; set through torch's thread-local flag, or through its context
+    manager where a torch version lacks the flag."""
     from torch._library.triton import is_wrap_triton_enabled
 
+    if flag == "context manager":
+        monkeypatch.setattr(utils, "_WRAP_STATE", None)
     seen = []
     for op in (DW._dwconv3d_op, DW._dwconv3d_backward_op):
         body = op._fn
@@ -123,25 +127,26 @@ def test_op_with_tensor_list_is_refused():
 
 def test_traced_calls_take_dispatcher():
     plain = torch.randn(2, 3)
-    assert utils._plain_eager((plain, torch.nn.Parameter(plain), None, [1, 2], "gelu"))
+    assert utils._eager_grad((plain, torch.nn.Parameter(plain), None, [1, 2], "gelu")) is True
+    assert utils._eager_grad((plain, None, "gelu")) is False
     with FakeTensorMode() as mode:
         fake = mode.from_tensor(plain)
-        assert not utils._plain_eager((fake,))
-    assert not utils._plain_eager((plain.as_subclass(_Subclass),))
+        assert utils._eager_grad((fake,)) is None
+    assert utils._eager_grad((plain.as_subclass(_Subclass),)) is None
     seen = []
-    torch.vmap(lambda t: seen.append(utils._plain_eager((t,))) or t)(plain)
-    assert seen == [False]
+    torch.vmap(lambda t: seen.append(utils._eager_grad((t,))) or t)(plain)
+    assert seen == [None]
 
     @torch.compile(backend="eager", fullgraph=True)
     def traced(t):
-        return t * 2, utils._plain_eager((t,))
+        return t * 2, utils._eager_grad((t,)) is None
 
-    assert traced(plain)[1] is False
+    assert traced(plain)[1] is True
     with torch.device("cpu"):  # a function mode
-        assert not utils._plain_eager((plain,))
+        assert utils._eager_grad((plain,)) is None
     jit_seen = []
-    torch.jit.trace(lambda t: jit_seen.append(utils._plain_eager((t,))) or t * 2, plain, check_trace=False)
-    assert jit_seen == [False]
+    torch.jit.trace(lambda t: jit_seen.append(utils._eager_grad((t,))) or t * 2, plain, check_trace=False)
+    assert jit_seen == [None]
 
 
 class _Subclass(torch.Tensor):
@@ -193,7 +198,7 @@ def _compare_paths(case, monkeypatch, dtype=torch.float32, device="cpu"):
             args, leaves = _att_args(*((37, 11) if device == "cpu" else (4096, 512)), dtype, device)
         eager = _values_and_grads(fwd, args, leaves)
         with monkeypatch.context() as patch:
-            patch.setattr(utils, "_plain_eager", lambda args: False)
+            patch.setattr(utils, "_eager_grad", lambda args: None)
             dispatched = _values_and_grads(fwd, args, leaves)
     assert not eager[0].isnan().any()
     assert torch.equal(eager[0], dispatched[0])
