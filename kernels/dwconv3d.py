@@ -1308,15 +1308,14 @@ def dwconv3d_bwd_weight(
     # As in the forward: the rolling walk for 3x3x3 and 1x3x3 (each input slice read once per in-plane tap).
     roll = kd in (1, 3) and kh * kw <= 9 and dilation[0] == 1
     taps = kd_per * kh * kw
-    interp = INTERPRET
     budget = 64 if kd_per == 1 and taps > 9 else 128
-    tile = 4096 if interp else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
+    tile = 4096 if INTERPRET else 128 * min(8, 1 << (max(1, budget // taps).bit_length() - 1))
     lane_rows = 1
     warps = 4
     if roll and _takes_columns(x, kw, dilation):
         # channel-major columns, as in the forward: 4 channels at 2 consecutive W positions per thread
         lanes = min(2, next_power_of_2(w_out))
-        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if interp else 512)
+        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if INTERPRET else 512)
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c) and dz.stride(1) == 1 and _channel_pairs(dz, block_c)
     elif _takes_columns(x, kw, dilation):
@@ -1325,7 +1324,7 @@ def dwconv3d_bwd_weight(
         channels, lanes, kh_per = _large_grad_columns(x.element_size(), kh, kw)
         kd_per, n_tap_chunks = 1, kd * cdiv(kh, kh_per)
         lanes = min(lanes, next_power_of_2(w_out))
-        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if interp else 128 * channels)
+        block_c, block_h, groups = _blocks(x, h_out, cdiv(w_out, lanes), 4096 if INTERPRET else 128 * channels)
         block_w = groups * lanes
         pairs = _channel_pairs(x, block_c) and dz.stride(1) == 1 and _channel_pairs(dz, block_c)
     else:
@@ -1343,14 +1342,14 @@ def dwconv3d_bwd_weight(
             # which share their input rows, while its window of KD * rows * lanes dz values stays within 48.
             if kh == 3 and dilation[1] == 1:
                 lane_rows = min(4, 1 << ((48 // (kd * lanes)).bit_length() - 1), next_power_of_2(h_out))
-            if interp:
+            if INTERPRET:
                 lane_rows = min(lane_rows, block_h)
             else:
                 block_h, lane_rows = _lane_tile_rows(h_out, block_w // lanes, lane_rows)
     n_hw = cdiv(h_out, block_h) * cdiv(w_out, block_w)
     n_c = cdiv(c, block_c)
     sms = utils.sm_count(x.device)
-    if interp:
+    if INTERPRET:
         n_dchunks = min(2, d_out)  # the chunk boundaries, exercised on the tests' tiny shapes
     elif sms is None:
         n_dchunks = 1

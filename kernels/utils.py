@@ -9,10 +9,10 @@ microsecond.
 
 from __future__ import annotations
 
+import functools
+
 import triton
 import triton.language as tl
-
-import functools
 
 import torch
 from torch._library.triton import is_wrap_triton_enabled
