@@ -317,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--deterministic", action="store_true")
-    train.add_argument("--compile", action="store_true", help="torch.compile the network")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile the network in mode default (other modes by the override "
+                            "train.compile=reduce-overhead, max-autotune, ...)")
     train.add_argument("overrides", nargs="*", help="config overrides section.key=value")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint (sliding window, Dice, HD95, NIfTI predictions)")

@@ -99,7 +99,7 @@ DEFAULTS: dict[str, Any] = {
         "amp": "none",  # none | bf16 | fp16 (fp16 uses a gradient scaler)
         "grad_clip": None,  # max gradient norm
         "grad_accumulation": 1,
-        "compile": False,
+        "compile": False,  # false | true (mode "default") | a torch.compile mode, e.g. reduce-overhead
         "channels_last": False,
         "activation_checkpointing": False,
         "sync_batchnorm": True,  # under DDP on CUDA
@@ -163,6 +163,7 @@ _TYPES: dict[str, tuple[Any, ...]] = {
     "train.max_steps": (None, 1),
     "train.grad_clip": (None, 1.0),
     "train.progress": ("auto", True),
+    "train.compile": (False, "default"),
     "val.roi_size": (None, [1, 1, 1]),
     "val.max_cases": (None, 1),
 }

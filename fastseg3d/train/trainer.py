@@ -48,6 +48,20 @@ logger = logging.getLogger("fastseg3d")
 _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+def _compile_mode(value: bool | str) -> str | None:
+    """``train.compile`` as a ``torch.compile`` mode (None: eager)."""
+    if value is False:
+        return None
+    mode = "default" if value is True else value
+    if mode not in _COMPILE_MODES:
+        raise ValueError(f"train.compile must be true, false or one of {', '.join(_COMPILE_MODES)}, got {value!r}")
+    return mode
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -212,8 +226,9 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
-        if tcfg["compile"]:
-            net = torch.compile(net)
+        self.compile_mode = _compile_mode(tcfg["compile"])
+        if self.compile_mode is not None:
+            net = torch.compile(net, mode=self.compile_mode)
         self.net = net
 
         self.step = 0
@@ -395,6 +410,9 @@ class Trainer:
         start = time.perf_counter()
         for batch in self.train_loader:
             image, label = self._to_device(batch)
+            if self.compile_mode in _CUDA_GRAPH_MODES:
+                # a new iteration: the graphs' outputs of the last one (read by then) may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             last_micro = micro == self.accum - 1
             sync = self.net.no_sync() if self.distributed and not last_micro else contextlib.nullcontext()
             with sync:

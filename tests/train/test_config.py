@@ -41,7 +41,7 @@ def test_every_null_default_declares_its_type():
     ("deterministic=maybe", "'deterministic' must be true or false, got 'maybe'"),
     ('data.cache="false"', "'data.cache' must be true or false, got 'false'"),
     ("data.cache=1", "'data.cache' must be true or false"),
-    ("train.compile=yes please", "'train.compile' must be true or false"),
+    ("train.compile=1", "'train.compile' must be true or false or a string"),
     ("data.spatial_size=[32,32]", r"'data.spatial_size' must be a list of 3 integers \(or an integer for all\)"),
     ("data.spatial_size=[32,32,32.5]", "'data.spatial_size' must be a list of 3 integers"),
     ("data.spatial_size=abc", "'data.spatial_size' must be a list of 3 integers"),

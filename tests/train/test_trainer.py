@@ -409,14 +409,30 @@ def test_training_options_run(extra, tmp_path):
         assert load_checkpoint(tmp_path / "checkpoint_final.pt")["grad_scaler_state"]  # the scaler is saved
 
 
-def test_compiled_training_matches_eager(tmp_path):
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    # reduce-overhead marks each step's start for CUDA graphs (on CPU tensors Inductor compiles without them)
+    marks = []
+    mark = torch.compiler.cudagraph_mark_step_begin
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(mark()))
     args = [*TINY_UNET, *TINY_DATA, "train.epochs=1", "val.every=0", "deterministic=true"]
     Trainer(load_config("quickstart", args), tmp_path / "eager").fit()
-    Trainer(load_config("quickstart", [*args, "train.compile=true"]), tmp_path / "compiled").fit()
+    assert not marks
+    Trainer(load_config("quickstart", [*args, "train.compile=reduce-overhead"]), tmp_path / "compiled").fit()
+    assert len(marks) == 2
     eager, compiled = _rows(tmp_path / "eager", "train"), _rows(tmp_path / "compiled", "train")
     assert len(eager) == len(compiled) == 2
     for a, b in zip(eager, compiled):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_compile_takes_true_false_or_a_mode():
+    from fastseg3d.train.trainer import _compile_mode
+
+    assert _compile_mode(False) is None
+    assert _compile_mode(True) == "default"
+    assert _compile_mode("max-autotune-no-cudagraphs") == "max-autotune-no-cudagraphs"
+    with pytest.raises(ValueError, match="train.compile must be true, false or one of default, reduce-overhead"):
+        _compile_mode("fast")
 
 
 def test_metrics_mirror_to_tensorboard_when_installed(tmp_path, monkeypatch):
