@@ -10,7 +10,7 @@ not included: no kernel runs. The network is the benchmark's small configuration
 MobileUtr always, whose small one has a head dim the attention kernels do not take) at batch 1 and a small side,
 so that the CPU work of the launchers' ATen ops stays small next to their Python.
 
-    python -m bench.host segformer3d                # per fused op: calls, ms per step, us per call
+    python -m bench.host segformer3d                # per fused op: calls, ms and Triton launches per step
     python -m bench.host missu --side 32 --steps 5
 
 Times are this machine's; ratios between runs of one machine compare versions of the code.
@@ -35,9 +35,10 @@ _FULL = {"mobileutr"}  # its small configuration has a head dim the attention ke
 
 
 def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int = 3, full: bool = False) -> dict:
-    """Per fused op of network ``name``'s training step: ``{"by_op": {op: (calls, seconds)}, "fused_s": s,
-    "step_s": s, "launches": n}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are the steps'
-    medians). Needs ``TRITON_INTERPRET=1`` set before Triton kernels were first imported (``main`` sees to it)."""
+    """Per fused op of network ``name``'s training step: ``{"by_op": {op: (calls, seconds, Triton launches)},
+    "fused_s": s, "step_s": s, "launches": n}`` per step (``"op (bwd)"``: the op's autograd backward; the totals are
+    the steps' medians). Needs ``TRITON_INTERPRET=1`` set before Triton kernels were first imported (``main``
+    sees to it)."""
     import triton.runtime.interpreter as interpreter
 
     import fastseg3d
@@ -54,12 +55,15 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
     seconds: collections.Counter = collections.Counter()
     calls: collections.Counter = collections.Counter()
     inside = [0]  # ops called by another op's body or backward are part of that op's time
+    current = [None]  # the op being timed, whose launches the stub counts
+    launched: collections.Counter = collections.Counter()
 
     def timed(key, fn):
         def run(*args):
             if inside[0]:
                 return fn(*args)
             inside[0] += 1
+            current[0] = key(args)
             start = time.thread_time()
             try:
                 return fn(*args)
@@ -67,13 +71,12 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
                 seconds[key(args)] += time.thread_time() - start
                 calls[key(args)] += 1
                 inside[0] -= 1
+                current[0] = None
         return run
 
     # no launch, and no interpreter check (CUDA tensors skip it): what stays is what a GPU's host runs
-    launches = [0]
-
     def no_launch(self, *args, **kwargs):
-        launches[0] += 1
+        launched[current[0]] += 1
 
     patches = [(interpreter.InterpretedFunction, "run", no_launch),
                (backends, "interpreter_active", lambda: True),
@@ -102,7 +105,7 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
                 loss(model(x), label).backward()
             seconds.clear()
             calls.clear()
-            launches[0] = 0
+            launched.clear()
             per_step, step_times = [], []
             for _ in range(steps):
                 before, start = sum(seconds.values()), time.thread_time()
@@ -113,9 +116,10 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
         torch.set_num_threads(threads)
         for obj, attr, value in saved:
             setattr(obj, attr, value)
-    by_op = {k: (calls[k] / steps, seconds[k] / steps) for k in sorted(seconds, key=lambda k: -seconds[k])}
+    by_op = {k: (calls[k] / steps, seconds[k] / steps, launched[k] / steps)
+             for k in sorted(seconds, key=lambda k: -seconds[k])}
     return {"by_op": by_op, "fused_s": statistics.median(per_step), "step_s": statistics.median(step_times),
-            "launches": launches[0] / steps, "side": side}
+            "launches": sum(launched.values()) / steps, "side": side}
 
 
 def _kernel_modules() -> list:
@@ -140,8 +144,8 @@ def main(argv=None) -> None:
         os.execvpe(sys.executable, [sys.executable, "-m", "bench.host", *(argv or sys.argv[1:])],
                    {**os.environ, "TRITON_INTERPRET": "1"})
     result = host_times(args.name, args.side, args.steps, full=args.full)
-    for op, (n, s) in result["by_op"].items():
-        print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {s / n * 1e6:8.1f} us/call")
+    for op, (n, s, launches) in result["by_op"].items():
+        print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {s / n * 1e6:8.1f} us/call {launches:5.0f} launches")
     print(f"{args.name}: {result['launches']:.0f} Triton launches a step (their launch path not timed)")
     print(f"{args.name} at 1x{result['side']}^3: fused ops' host time {result['fused_s'] * 1e3:.2f} ms of a "
           f"{result['step_s'] * 1e3:.1f} ms CPU step")
