@@ -147,6 +147,18 @@ def test_traced_calls_take_dispatcher():
     jit_seen = []
     torch.jit.trace(lambda t: jit_seen.append(utils._eager_grad((t,))) or t * 2, plain, check_trace=False)
     assert jit_seen == [None]
+    leaked = []  # a functorch wrapper that outlived its transform: the dispatcher path unwraps it
+    torch.func.grad(lambda t: leaked.append(t) or t.sum())(plain)
+    assert utils._eager_grad((leaked[0],)) is None
+
+
+def test_leaked_functorch_wrapper_is_unwrapped():
+    leaked = []
+    x, w, b, r, *rest = _dw_args()
+    torch.func.grad(lambda t: leaked.append(t) or t.sum())(x.detach())
+    y = DW._dwconv3d_op(leaked[0], w, b, r, *rest)
+    y.sum().backward()
+    assert w.grad is not None and torch.equal(y.detach(), DW._dwconv3d_op(x.detach(), w, b, r, *rest).detach())
 
 
 class _Subclass(torch.Tensor):
