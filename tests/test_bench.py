@@ -460,12 +460,17 @@ def test_targets_report_met_short_and_missing():
     shape = "2x4x128^3"
     rows = [{"case": "segformer3d", "shape": shape, "dtype": "bf16", "mode": "train_step", "provider": p,
              "median_ms": ms, "peak_mem_mb": mb} for p, ms, mb in
-            [("fastseg3d", 10.0, 50.0), ("plain", 25.0, 75.0), ("plain+torch.compile", 12.0, 90.0)]]
+            [("fastseg3d", 10.0, 50.0), ("plain", 25.0, 75.0), ("plain+torch.compile", 12.0, 90.0),
+             ("fastseg3d+torch.compile", 5.0, 45.0)]]
     results = {t.what: (value, verdict) for t, value, verdict in targets.check(rows)}
     assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (2.5, "met")
     value, verdict = results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled"]
     assert value == pytest.approx(1.2) and verdict == "short by 20%"
     assert results["SegFormer3D train step 128^3 B=2 bf16: plain peak / ours (<= 60% of plain)"][1] == "short by 10%"
+    assert results["SegFormer3D train step 128^3 B=2 bf16, compiled: speed-up over plain compiled"] == (2.4, "met")
+    assert results["SegFormer3D train step 128^3 B=2 bf16, CUDA graph: speed-up over plain eager"] == (
+        None, "not measured")
+    assert not any("CUDA graph: plain peak" in what for what in results)  # replays report no peak memory
     assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == (None, "not measured")
     assert "short by 20%" in targets.format_report(targets.check(rows))
 
