@@ -3,7 +3,8 @@
 The Triton kernels are in ``fastseg3d.kernels.dwconv3d``, the reference in ``fastseg3d.reference.dwconv3d``.
 Two ``torch.library`` ops carry them, ``fastseg3d::dwconv3d`` and ``fastseg3d::dwconv3d_backward``, each with a
 fake implementation and autograd, so they run under ``torch.compile(fullgraph=True)`` and on ``meta`` tensors;
-eager calls skip the dispatcher (:class:`fastseg3d.ops.utils.EagerOp`).
+eager calls skip the dispatcher (:class:`fastseg3d.ops.utils.EagerOp`). The forward op also returns the weight as
+the kernels read it (tap-major fp32), which backward reads again: one copy of the weight per call, not two.
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[
 # torch.library ops
 
 
+# the channel padding of the kernels' tap-major weight (fastseg3d.kernels.dwconv3d.taps_major; that module needs
+# Triton)
+TAPS_CHANNEL_MULTIPLE = 64
+
+
 def _new_output(x: Tensor, shape: Sequence[int]) -> Tensor:
     return utils.empty(shape, dtype=x.dtype, device=x.device, memory_format=utils.layout_of(x))
 
@@ -150,13 +156,17 @@ def _dwconv3d_op(
     padding: list[int],
     dilation: list[int],
     activation: str,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
+    """(y in x's layout, the weight as the kernels read it: kept for backward, which reads it too; an empty (0,)
+    tensor where no kernel ran)."""
     if x.device.type == "meta":
-        return _new_output(x, _out_shape(x, weight, padding, dilation))
+        channels = -(-weight.shape[0] // TAPS_CHANNEL_MULTIPLE) * TAPS_CHANNEL_MULTIPLE
+        taps = x.new_empty((*weight.shape[2:], channels), dtype=torch.float32)
+        return _new_output(x, _out_shape(x, weight, padding, dilation)), taps
     if not utils.launchable(x.device):
         act = None if activation == "none" else activation
         y = dwconv3d_ref(x, weight, bias, tuple(padding), tuple(dilation), act, residual)
-        return y.contiguous(memory_format=utils.layout_of(x))
+        return y.contiguous(memory_format=utils.layout_of(x)), x.new_empty((0,), dtype=torch.float32)
     with utils.launch_device(x):
         return _dwconv3d_launch(x, weight, bias, residual, padding, dilation, activation)
 
@@ -167,7 +177,8 @@ def _dwconv3d_launch(x, weight, bias, residual, padding, dilation, activation):
 
     act_id = ACT_IDS[None if activation == "none" else activation]
     out = _new_output(x, _out_shape(x, weight, padding, dilation))
-    return dwconv3d_fwd(x, taps_major(weight), bias, residual, out, tuple(padding), tuple(dilation), act_id)
+    taps = taps_major(weight)
+    return dwconv3d_fwd(x, taps, bias, residual, out, tuple(padding), tuple(dilation), act_id), taps
 
 
 @utils.eager_op("fastseg3d::dwconv3d_backward")
@@ -175,13 +186,15 @@ def _dwconv3d_backward_op(
     grad: Tensor,
     x: Tensor,
     weight: Tensor,
+    weight_taps: Tensor,
     bias: Tensor | None,
     padding: list[int],
     dilation: list[int],
     activation: str,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dx, dw, db); an output not asked for in ``output_mask`` is an empty (0,) tensor."""
+    """(dx, dw, db); an output not asked for in ``output_mask`` is an empty (0,) tensor. ``weight_taps``: the
+    forward's (its second output; empty: made here)."""
     need_dx, need_dw, need_db = output_mask
     need_db = need_db and bias is not None
     if x.device.type == "meta":
@@ -199,16 +212,17 @@ def _dwconv3d_backward_op(
             db if need_db else x.new_empty((0,)),
         )
     with utils.launch_device(x):
-        return _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activation, output_mask)
+        return _dwconv3d_backward_launch(grad, x, weight, weight_taps, bias, padding, dilation, activation,
+                                         output_mask)
 
 
 @utils.launches("fastseg3d::dwconv3d_backward")
-def _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activation, output_mask):
+def _dwconv3d_backward_launch(grad, x, weight, weight_taps, bias, padding, dilation, activation, output_mask):
     from fastseg3d.kernels.dwconv3d import ACT_IDS, dwconv3d_bwd_weight, dwconv3d_fwd, taps_major
 
     need_dx, need_dw, need_db = output_mask
     need_db = need_db and bias is not None
-    weight_t = taps_major(weight)
+    weight_t = weight_taps if weight_taps.numel() else taps_major(weight)
     act_id = ACT_IDS[None if activation == "none" else activation]
     pad, dil = tuple(padding), tuple(dilation)
     kd, kh, kw = weight.shape[2:]
@@ -236,18 +250,21 @@ def _dwconv3d_backward_launch(grad, x, weight, bias, padding, dilation, activati
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, padding, dilation, activation = inputs
-    ctx.save_for_backward(x, weight, bias)
+    ctx.save_for_backward(x, weight, output[1], bias)
     ctx.padding, ctx.dilation, ctx.activation = padding, dilation, activation
+    utils.no_zero_grads(ctx)
 
 
-def _backward(ctx, grad):
-    x, weight, bias = ctx.saved_tensors
+def _backward(ctx, grad, grad_taps):
+    x, weight, taps, bias = ctx.saved_tensors
     need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
     need_db = need_db and bias is not None
     dx = dw = db = None
+    if grad is None:
+        return None, None, None, None, None, None, None
     if need_dx or need_dw or need_db:
         dx, dw, db = _dwconv3d_backward_op(
-            grad, x, weight, bias, ctx.padding, ctx.dilation, ctx.activation, [need_dx, need_dw, need_db]
+            grad, x, weight, taps, bias, ctx.padding, ctx.dilation, ctx.activation, [need_dx, need_dw, need_db]
         )
     return (
         dx if need_dx else None,
@@ -320,7 +337,7 @@ def dwconv3d(
         return dwconv3d(x, weight, bias, padding, dilation, activation) + late_residual
     reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
     if backends.select("dwconv3d", reasons, x.device):
-        return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])
+        return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])[0]
     # ATen's conv may return another layout (fp64 on CPU and CUDA goes contiguous)
     y = dwconv3d_ref(x, weight, bias, pad, dil, activation, residual)
     return y.contiguous(memory_format=utils.layout_of(x))

@@ -75,5 +75,5 @@ def test_training_step_launch_counts():
     launches = {op.split("::")[1]: n / calls for op, (calls, n) in counts["by_op"].items()}
     assert launches["group_norm_act_backward"] == 3 and launches["layer_norm_backward"] <= 2.5
     assert launches["add_layer_norm_backward"] == 2 and launches["attention_backward"] == 4
-    assert launches["dwconv3d_backward"] <= 4
+    assert launches["dwconv3d_backward"] <= 3  # the forward's tap-major weight read again, not remade
     assert counts["total"] == counts["aten"] + counts["fused"] < 600

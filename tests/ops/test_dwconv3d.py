@@ -163,7 +163,8 @@ def test_reference_is_depthwise_conv3d():
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_op_cpu_branch_matches_reference_and_keeps_layout(layout, activation):
     x, w, b, r = _tensors(layout, (2, 5, 4, 6, 3), (3, 3, 3), torch.float32, "cpu", residual=True)
-    y = torch.ops.fastseg3d.dwconv3d(x, w, b, r, [1, 1, 1], [1, 1, 1], activation or "none")
+    y, taps = torch.ops.fastseg3d.dwconv3d(x, w, b, r, [1, 1, 1], [1, 1, 1], activation or "none")
+    assert taps.shape == (0,)  # no kernel ran: backward makes its own
     assert_close("y", y, dwconv3d_ref(x, w, b, activation=activation, residual=r), torch.float32)
     fmt = torch.channels_last_3d if layout == "channels_last" else torch.contiguous_format
     assert y.is_contiguous(memory_format=fmt)
@@ -208,10 +209,10 @@ def test_opcheck(case):
             t.requires_grad_()
     args = (x, w, b, r, case["padding"], [1, 1, 1], case["activation"])
     torch.library.opcheck(torch.ops.fastseg3d.dwconv3d.default, args)
-    y = torch.ops.fastseg3d.dwconv3d(*args)
+    y, taps = torch.ops.fastseg3d.dwconv3d(*args)
     g = torch.randn_like(y)
-    bwd_args = (g, x.detach(), w.detach(), b.detach() if b is not None else None, case["padding"], [1, 1, 1],
-                case["activation"], [True, True, b is not None])
+    bwd_args = (g, x.detach(), w.detach(), taps.detach(), b.detach() if b is not None else None, case["padding"],
+                [1, 1, 1], case["activation"], [True, True, b is not None])
     torch.library.opcheck(torch.ops.fastseg3d.dwconv3d_backward.default, bwd_args)
 
 
@@ -220,7 +221,7 @@ def test_compile_fullgraph_op_forward_backward():
     x, w, b, r = _tensors("channels_last", (2, 4, 5, 6, 7), (3, 3, 3), torch.float32, "cpu", residual=True)
 
     def fn(x, w, b, r):
-        return torch.ops.fastseg3d.dwconv3d(x, w, b, r, [1, 1, 1], [1, 1, 1], "gelu_tanh")
+        return torch.ops.fastseg3d.dwconv3d(x, w, b, r, [1, 1, 1], [1, 1, 1], "gelu_tanh")[0]
 
     eager = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
     comp = [t.detach().clone().requires_grad_() for t in (x, w, b, r)]
@@ -265,6 +266,20 @@ def test_meta_device_forward_backward(layout):
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
     y.sum().backward()
     assert x.grad.shape == x.shape and w.grad.shape == w.shape and b.grad.shape == b.shape
+
+
+@pytest.mark.parametrize("channels,kernel", [(5, (3, 3, 3)), (64, (1, 3, 5)), (130, (7, 7, 7))])
+def test_meta_taps_have_the_kernels_shape(channels, kernel):
+    """The forward's second output, the weight as the kernels read it (backward reads it again), has on meta the
+    shape the launcher gives it, so that memory accounting and launch counts see what a GPU does."""
+    pytest.importorskip("triton")
+    from fastseg3d.kernels.dwconv3d import taps_major
+
+    w = torch.randn(channels, 1, *kernel)
+    x = torch.empty(1, channels, 4, 5, 6, device="meta")
+    _, taps = torch.ops.fastseg3d.dwconv3d(x, w.to("meta"), None, None, [k // 2 for k in kernel], [1, 1, 1], "none")
+    expected = taps_major(w)
+    assert taps.shape == expected.shape and taps.dtype == expected.dtype
 
 
 def test_autocast_casts_like_conv3d():
@@ -822,7 +837,8 @@ def test_interpret_backward_outputs_not_asked_for(with_bias, mask):
     x, w, b, _ = _tensors("contiguous", (1, 2, 3, 4, 5), (3, 3, 3), _F32, "cpu", bias=with_bias)
     g = torch.randn(1, 2, 3, 4, 5)
     with fastseg3d.backend("triton"):
-        dx, dw, db = torch.ops.fastseg3d.dwconv3d_backward(g, x, w, b, [1, 1, 1], [1, 1, 1], "gelu", mask)
+        dx, dw, db = torch.ops.fastseg3d.dwconv3d_backward(g, x, w, x.new_empty((0,)), b, [1, 1, 1], [1, 1, 1],
+                                                           "gelu", mask)
     ref = dwconv3d_backward_ref(g, x, w, b, [1, 1, 1], [1, 1, 1], "gelu", [mask[0], mask[1], mask[2] and with_bias])
     for name, got, expected, asked in zip(("dx", "dw", "db"), (dx, dw, db), ref, mask):
         if asked and expected is not None:

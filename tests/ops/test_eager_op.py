@@ -73,14 +73,14 @@ def test_eager_call_without_grad_runs_body(monkeypatch):
     monkeypatch.setattr(DW._dwconv3d_op, "op", _NoDispatcher("fastseg3d::dwconv3d"))
     x, w, b, r, *rest = _dw_args()
     with torch.no_grad():
-        y = DW._dwconv3d_op(x, w, b, r, *rest)
+        y = DW._dwconv3d_op(x, w, b, r, *rest)[0]
     assert y.grad_fn is None and not y.requires_grad
-    y = DW._dwconv3d_op(*(t.detach() for t in (x, w, b, r)), *rest)
+    y = DW._dwconv3d_op(*(t.detach() for t in (x, w, b, r)), *rest)[0]
     assert y.grad_fn is None
 
 
 def test_eager_call_records_its_own_node():
-    y = DW._dwconv3d_op(*_dw_args())
+    y = DW._dwconv3d_op(*_dw_args())[0]
     assert type(y.grad_fn).__name__.startswith("dwconv3d_eager")
 
 
@@ -100,7 +100,7 @@ def test_eager_body_launches_kernels_directly(grad, flag, monkeypatch):
         monkeypatch.setattr(op, "_fn", lambda *a, body=body: seen.append(is_wrap_triton_enabled()) or body(*a))
     args = _dw_args()
     with torch.set_grad_enabled(grad):
-        y = DW._dwconv3d_op(*args)
+        y = DW._dwconv3d_op(*args)[0]
     if grad:
         y.sum().backward()
     assert seen == [False, False] if grad else seen == [False]
@@ -112,7 +112,7 @@ def test_profiler_records_the_op():
     with torch.profiler.profile() as prof:
         with torch.no_grad():
             DW._dwconv3d_op(*args)
-        DW._dwconv3d_op(*args).sum().backward()
+        DW._dwconv3d_op(*args)[0].sum().backward()
     names = [e.name for e in prof.events()]
     assert names.count("fastseg3d::dwconv3d") == 2 and "fastseg3d::dwconv3d_backward" in names
 
@@ -156,9 +156,9 @@ def test_leaked_functorch_wrapper_is_unwrapped():
     leaked = []
     x, w, b, r, *rest = _dw_args()
     torch.func.grad(lambda t: leaked.append(t) or t.sum())(x.detach())
-    y = DW._dwconv3d_op(leaked[0], w, b, r, *rest)
+    y = DW._dwconv3d_op(leaked[0], w, b, r, *rest)[0]
     y.sum().backward()
-    assert w.grad is not None and torch.equal(y.detach(), DW._dwconv3d_op(x.detach(), w, b, r, *rest).detach())
+    assert w.grad is not None and torch.equal(y.detach(), DW._dwconv3d_op(x.detach(), w, b, r, *rest)[0].detach())
 
 
 class _Subclass(torch.Tensor):
@@ -190,10 +190,10 @@ def test_compile_and_jit_trace_record_the_op():
         graphs.append(str(gm.graph))
         return gm
 
-    compiled = torch.compile(lambda *a: DW._dwconv3d_op(*a), backend=backend, fullgraph=True)
-    assert_close("y", compiled(x, w, b, r, *rest), DW._dwconv3d_op(x, w, b, r, *rest), torch.float32)
+    compiled = torch.compile(lambda *a: DW._dwconv3d_op(*a)[0], backend=backend, fullgraph=True)
+    assert_close("y", compiled(x, w, b, r, *rest), DW._dwconv3d_op(x, w, b, r, *rest)[0], torch.float32)
     assert "fastseg3d.dwconv3d" in graphs[0]
-    traced = torch.jit.trace(lambda *t: DW._dwconv3d_op(*t, *rest), tuple(t.detach() for t in (x, w, b, r)))
+    traced = torch.jit.trace(lambda *t: DW._dwconv3d_op(*t, *rest)[0], tuple(t.detach() for t in (x, w, b, r)))
     assert "fastseg3d::dwconv3d" in str(traced.graph)
 
 
