@@ -59,14 +59,14 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
     launched: collections.Counter = collections.Counter()
 
     def timed(key, fn):
-        def run(*args):
+        def run(*args, **kwargs):
             if inside[0]:
-                return fn(*args)
+                return fn(*args, **kwargs)
             inside[0] += 1
             current[0] = key(args)
             start = time.thread_time()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
                 seconds[key(args)] += time.thread_time() - start
                 calls[key(args)] += 1
@@ -88,6 +88,11 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
             backward = op._function.backward
             patches.append((op._function, "backward",
                             staticmethod(timed(lambda a, n=op.name: n + " (bwd)", backward))))
+    # the ops with tensor lists (the fused losses) are called through the dispatcher, from their modules' globals,
+    # and their autograd formula is read from the op at each backward
+    for module, attr, op in _dispatched_ops():
+        patches.append((module, attr, timed(lambda a, n=op._qualname: n, op)))
+        patches.append((op, "_backward_fn", timed(lambda a, n=op._qualname: n + " (bwd)", op._backward_fn)))
     saved = [(obj, attr, obj.__dict__[attr] if attr in obj.__dict__ else getattr(obj, attr))
              for obj, attr, _ in patches]
     threads = torch.get_num_threads()
@@ -118,8 +123,31 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
             setattr(obj, attr, value)
     by_op = {k: (calls[k] / steps, seconds[k] / steps, launched[k] / steps)
              for k in sorted(seconds, key=lambda k: -seconds[k])}
+    if launched[None]:  # outside every timed op: a fused op this does not know of
+        by_op["(outside the fused ops)"] = (0, 0.0, launched[None] / steps)
     return {"by_op": by_op, "fused_s": statistics.median(per_step), "step_s": statistics.median(step_times),
             "launches": sum(launched.values()) / steps, "side": side}
+
+
+def _dispatched_ops() -> list:
+    """(module, global name, op) of each fused op that is not an ``EagerOp`` (a ``torch.library`` custom op whose
+    eager calls go through the dispatcher)."""
+    import importlib
+    import pkgutil
+
+    from torch._library.custom_ops import CustomOpDef
+
+    from fastseg3d import ops
+    from fastseg3d.ops import utils as op_utils
+
+    eager = {op.op for op in op_utils.EAGER_OPS.values()}
+    out = []
+    for info in pkgutil.iter_modules(ops.__path__):
+        module = importlib.import_module(f"fastseg3d.ops.{info.name}")
+        for attr, value in vars(module).items():
+            if isinstance(value, CustomOpDef) and value._qualname.startswith("fastseg3d::") and value not in eager:
+                out.append((module, attr, value))
+    return out
 
 
 def _kernel_modules() -> list:
@@ -145,7 +173,8 @@ def main(argv=None) -> None:
                    {**os.environ, "TRITON_INTERPRET": "1"})
     result = host_times(args.name, args.side, args.steps, full=args.full)
     for op, (n, s, launches) in result["by_op"].items():
-        print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {s / n * 1e6:8.1f} us/call {launches:5.0f} launches")
+        per_call = s / n * 1e6 if n else 0.0
+        print(f"{op:48s} {n:5.0f} calls {s * 1e3:8.2f} ms {per_call:8.1f} us/call {launches:5.0f} launches")
     print(f"{args.name}: {result['launches']:.0f} Triton launches a step (their launch path not timed)")
     print(f"{args.name} at 1x{result['side']}^3: fused ops' host time {result['fused_s'] * 1e3:.2f} ms of a "
           f"{result['step_s'] * 1e3:.1f} ms CPU step")

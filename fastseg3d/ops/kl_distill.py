@@ -276,7 +276,7 @@ def _kl_distill(students, teacher, temperature, detach_teacher, size, weights, r
         if detach_teacher:
             teacher = teacher.detach()
         need = [_needs_grad(s) for s in students] + [_needs_grad(teacher)]
-        total, per, _, _ = torch.ops.fastseg3d.kl_distill(students, teacher, temperature, list(size), weights, need)
+        total, per, _, _ = _kl_distill_op(students, teacher, temperature, list(size), weights, need)
         per = per.detach()
     elif name == "kl_distill":
         total = kl_distill_ref(students[0], teacher, temperature, detach_teacher, size)

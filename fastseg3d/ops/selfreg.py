@@ -339,7 +339,7 @@ def _selfreg_inter(students, teacher, student_channels, teacher_channels) -> Ten
     cs, ct = _validate_inter(students, teacher, student_channels, teacher_channels)
     if backends.select("selfreg_inter", selfreg_inter_unsupported_reasons(teacher, students), teacher.device):
         need = [_needs_grad(s) for s in students]
-        losses, _ = torch.ops.fastseg3d.selfreg_inter(students, teacher.detach(), cs, ct, need)
+        losses, _ = _selfreg_inter_op(students, teacher.detach(), cs, ct, need)
         return losses
     if len(students) == 1:
         return selfreg_inter_ref(students[0], teacher, cs[0], ct[0]).reshape(1)
@@ -369,6 +369,6 @@ def selfreg_intra(feature: Tensor) -> Tensor:
     if feature.shape[1] % 2:
         raise ValueError(f"selfreg_intra needs an even channel count, got C={feature.shape[1]}")
     if backends.select("selfreg_intra", selfreg_intra_unsupported_reasons(feature), feature.device):
-        loss, _ = torch.ops.fastseg3d.selfreg_intra(feature, _needs_grad(feature))
+        loss, _ = _selfreg_intra_op(feature, _needs_grad(feature))
         return loss
     return selfreg_intra_ref(feature)
