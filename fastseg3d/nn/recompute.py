@@ -468,7 +468,8 @@ def _norm_affine(ctx, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
 
 
 def has_hooks(*modules: nn.Module) -> bool:
-    """Whether calling one of ``modules`` would run hooks (its own or global ones): a recompute that reads their
+    """Whether calling one of ``modules`` would run hooks (its own or global ones), or a ``forward`` replaced on the
+    instance or a compiled call (``module.compile()``), which act as hooks too: a recompute that reads their
     parameters directly would skip them, so it runs the plain composition instead. Hooks marked with a true
     ``fastseg3d_passive`` attribute (``fastseg3d.profile``'s attribution, which loses nothing when they do not run)
     do not count."""
@@ -479,16 +480,16 @@ def has_hooks(*modules: nn.Module) -> bool:
     if active(g._global_forward_hooks, g._global_forward_pre_hooks, g._global_backward_hooks,
               g._global_backward_pre_hooks):
         return True
-    return any(isinstance(mod, nn.Module) and active(mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks,
-                                                      mod._backward_pre_hooks) for mod in modules)
+    return any(isinstance(mod, nn.Module) and (
+        active(mod._forward_hooks, mod._forward_pre_hooks, mod._backward_hooks, mod._backward_pre_hooks)
+        or "forward" in vars(mod) or getattr(mod, "_compiled_call_impl", None) is not None) for mod in modules)
 
 
 def needs_own_call(module: nn.Module, expected: type) -> bool:
     """Whether ``module`` must run through its own call rather than a fused path that reads its submodules: hooks
     that see its input and output, a replaced ``forward`` (activation checkpointing), a compiled call, or a class
     other than ``expected`` (a wrapper or subclass)."""
-    return (type(module) is not expected or "forward" in vars(module)
-            or getattr(module, "_compiled_call_impl", None) is not None or has_hooks(module))
+    return type(module) is not expected or has_hooks(module)
 
 
 def _act(z: torch.Tensor, act: tuple[str | None, float]) -> torch.Tensor:

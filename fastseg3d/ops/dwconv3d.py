@@ -251,6 +251,7 @@ def _dwconv3d_backward_launch(grad, x, weight, weight_taps, bias, padding, dilat
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, padding, dilation, activation = inputs
     ctx.save_for_backward(x, weight, output[1], bias)
+    ctx.mark_non_differentiable(output[1])
     ctx.padding, ctx.dilation, ctx.activation = padding, dilation, activation
     utils.no_zero_grads(ctx)
 

@@ -226,6 +226,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, groups, eps, activation, negative_slope, out_dtype, activation_first, _batch_stats = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.eps, ctx.activation, ctx.negative_slope, ctx.activation_first = eps, activation, negative_slope, \
         activation_first
     utils.no_zero_grads(ctx)

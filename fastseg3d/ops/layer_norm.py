@@ -141,7 +141,7 @@ def _layer_norm_backward_op(grad: Tensor, x: Tensor, weight: Tensor | None, bias
     need_dw, need_db = output_mask[1] and weight is not None, output_mask[2] and bias is not None
     none = x.new_empty((0,))
     if x.device.type == "meta":
-        return (x.new_empty(x.shape) if need_dx else none, torch.empty_like(weight) if need_dw else none,
+        return (x.new_empty(x.shape) if need_dx else none, torch.empty_like(weight) if need_dw else x.new_empty((0,)),
                 torch.empty_like(bias) if need_db else x.new_empty((0,)))
     if not utils.launchable(x.device):
         dx, dw, db = layer_norm_backward_ref(grad, x, weight, bias, eps, [need_dx, need_dw, need_db])
@@ -169,6 +169,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.eps = eps
     utils.no_zero_grads(ctx)
 
@@ -267,6 +268,7 @@ def _add_setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps, _ = inputs
     total, _, mean, rstd = output
     ctx.save_for_backward(total, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
     ctx.eps = eps
     ctx.dtypes = (x.dtype, residual.dtype)
     utils.no_zero_grads(ctx)

@@ -234,3 +234,25 @@ def test_gpu_kernels_eager_matches_dispatcher(case, dtype, poison, monkeypatch):
         _compare_paths(case, monkeypatch, dtype, "cuda")
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def _aux_output_cases():
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    v = torch.randn(2, 4, 3, 4, 5, requires_grad=True)
+    w = torch.randn(4, 1, 3, 3, 3, requires_grad=True)
+    return [
+        ("layer_norm", (x, None, None, 1e-5, torch.float32), 1),
+        ("add_layer_norm", (x, x * 2, None, None, 1e-5, torch.float32), 2),
+        ("group_norm_act", (v, None, None, 2, 1e-5, "relu", 0.0, torch.float32, False, False), 1),
+        ("dwconv3d", (v, w, None, None, [1, 1, 1], [1, 1, 1], "none"), 1),
+    ]
+
+
+@pytest.mark.parametrize("path", ["eager", "dispatcher"])
+def test_auxiliary_outputs_carry_no_gradient(path):
+    """Statistics and the conv's tap-major weight are outputs for backward's sake: marked non-differentiable, so
+    that a gradient through them raises instead of silently coming out as zero."""
+    for name, args, n_differentiable in _aux_output_cases():
+        op = utils.EAGER_OPS[f"fastseg3d::{name}"]
+        out = op(*args) if path == "eager" else getattr(torch.ops.fastseg3d, name)(*args)
+        assert [o.requires_grad for o in out] == [True] * n_differentiable + [False] * (len(out) - n_differentiable)

@@ -376,7 +376,7 @@ def test_layer_norm_for_linear_writes_the_autocast_dtype(monkeypatch):
 def test_module_helpers_return_the_norms_dtype_under_cuda_autocast():
     """Under CUDA bf16 autocast (emulated on meta, as fastseg3d.profile runs a step) LayerNorm returns fp32 for a
     bf16 input: apply_layer_norm and add_layer_norm (not for a Linear) return that in the fused op, the helpers for
-    a Linear bf16; CPU autocast keeps a bf16 norm in bf16."""
+    a Linear bf16 (CPU autocast: test_module_helpers_under_cpu_autocast_return_the_norms_dtype)."""
     from torch import nn
 
     from fastseg3d.nn.recompute import add_layer_norm as add_norm
@@ -396,9 +396,6 @@ def test_module_helpers_return_the_norms_dtype_under_cuda_autocast():
     # (the dispatcher's ops under the emulation's function mode)
     assert "fastseg3d_layer_norm" in y.grad_fn.name() and "fastseg3d_add_layer_norm" in y_add.grad_fn.name()
     assert y.shape == (5, 2, 32)
-    cpu_norm, xc = nn.LayerNorm(32), torch.randn(2, 5, 32, dtype=torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(apply_layer_norm(xc, cpu_norm), cpu_norm(xc))
 
 
 @pytest.mark.interpret
@@ -427,6 +424,40 @@ def test_apply_layer_norm_on_a_patch_embeddings_tokens(poison):
     for name, a, e in zip(("y", "dx", "dweight", "dbias"), *results):
         assert a.dtype == e.dtype and a.shape == e.shape
         assert_close(name, a, e, torch.float16)
+
+
+@pytest.mark.interpret
+def test_module_helpers_under_cpu_autocast_return_the_norms_dtype():
+    """CPU autocast runs LayerNorm in its input's dtype (CUDA's in fp32): the fused helpers return what the module
+    does, through the kernels."""
+    from torch import nn
+
+    from fastseg3d.nn.recompute import add_layer_norm as add_norm
+    from fastseg3d.nn.recompute import apply_layer_norm
+
+    norm = nn.LayerNorm(16)
+    x, r = torch.randn(2, 5, 16, dtype=torch.float16), torch.randn(2, 5, 16, dtype=torch.float16)
+    with fastseg3d.backend("triton"), torch.autocast("cpu", dtype=torch.float16):
+        expected = norm(x).dtype
+        y, (_, y_add) = apply_layer_norm(x, norm), add_norm(x, r, norm)
+    assert expected == torch.float16 and y.dtype == y_add.dtype == expected
+    assert y.grad_fn.name().startswith("layer_norm") and y_add.grad_fn.name().startswith("add_layer_norm")
+
+
+def test_module_helpers_run_a_replaced_forward():
+    """A LayerNorm whose forward is replaced on the instance runs that forward, not the fused kernel (meta tensors,
+    where the fused ops run their shape-only branch)."""
+    from torch import nn
+
+    from fastseg3d.nn.recompute import add_layer_norm as add_norm
+    from fastseg3d.nn.recompute import apply_layer_norm, layer_norm_for_linear
+
+    norm = nn.LayerNorm(16).to("meta")
+    x = torch.empty(2, 5, 16, device="meta", requires_grad=True)
+    assert apply_layer_norm(x, norm).grad_fn.name().startswith("layer_norm")  # the fused op, unreplaced
+    norm.forward = lambda t: t * 2
+    for y in (apply_layer_norm(x, norm), layer_norm_for_linear(x, norm), add_norm(x, x, norm)[1]):
+        assert y.grad_fn.name() == "MulBackward0"
 
 
 _ADD_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.float16)]
