@@ -46,7 +46,8 @@ class Network:
     replaces, for the README and the rows' readers. Unless ``plain_model`` is set, the plain variant is the
     fastseg3d module run under ``fastseg3d.backend("torch")`` (every fused op runs its PyTorch reference).
     ``infer_fused=False``: inference runs no fused op (the fused parts are training losses), so it is measured
-    for the fastseg3d variant only.
+    for the fastseg3d variant only. ``graphable=False``: the training step cannot be captured in a CUDA graph (its
+    loss draws on the host every step), so there are no ``+cuda-graph`` providers.
     """
 
     name: str
@@ -63,6 +64,7 @@ class Network:
     batch: int = 2
     quick_batch: int = 1
     infer_fused: bool = True
+    graphable: bool = True
 
 
 NETWORKS: dict[str, Network] = {}
@@ -189,7 +191,8 @@ def register_network(net: Network) -> Case:
         # eager first: a whole-network compile can outlast a time box, and the plain eager baseline must not be lost;
         # then the plain network compiled, the other peer of the model targets; then both captured in CUDA graphs
         plain_compiled, *rest = (name for v in reversed(VARIANTS) for name in with_compile(v))
-        return [*VARIANTS, plain_compiled, *(v + CUDA_GRAPH for v in VARIANTS), *rest]
+        graphed_variants = [v + CUDA_GRAPH for v in VARIANTS] if net.graphable else []
+        return [*VARIANTS, plain_compiled, *graphed_variants, *rest]
 
     def setup(spec, dtype, provider, device) -> Setup:
         plain = provider.startswith("plain")

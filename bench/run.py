@@ -185,11 +185,12 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         fn = _closure(setup, mode)
                         if fn is None:
                             continue
-                        if COMPILE_MODES.get(compile_variant(provider)) == "reduce-overhead":
+                        replayed = COMPILE_MODES.get(compile_variant(provider)) == "reduce-overhead"
+                        if replayed:
                             fn = _graph_steps(fn, setup)
                         med, p20, p80 = utils.time_ms(fn, device, grad_to_none=setup.grads_of, rep=rep)
                         # a graph's replay allocates nothing: its buffers stay in the pool captured with it
-                        peak = (None if provider.endswith(CUDA_GRAPH)
+                        peak = (None if replayed or provider.endswith(CUDA_GRAPH)
                                 else utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of))
                         host = utils.host_ms(fn, device, grad_to_none=setup.grads_of)
                     except torch.OutOfMemoryError:

@@ -33,5 +33,6 @@ NETWORK = Network(
     quick_side=8,
     cfg={},
     infer_fused=False,
+    graphable=False,  # SelfRegLoss draws its channel pairs on the host and copies them over every step
 )
 CASE = register_network(NETWORK)

@@ -41,11 +41,11 @@ def _train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={flag}")
     if args.deterministic:
         overrides.append("deterministic=true")
-    if args.compile:
-        overrides.append("train.compile=true")
     cfg = _config(load_config, args.config, overrides)
     if cfg is None:
         return 2
+    if args.compile and cfg["train"]["compile"] is False:  # a mode the config names stays
+        cfg["train"]["compile"] = True
     try:
         trainer = Trainer(cfg, args.output_dir, resume=args.resume, overwrite=args.overwrite)
     except SetupError as err:

@@ -205,3 +205,23 @@ def test_import_without_triton_falls_back_to_reference():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "triton is not installed" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides,expected", [([], True), (["train.compile=reduce-overhead"], "reduce-overhead")])
+def test_train_compile_flag_keeps_a_mode_the_config_names(monkeypatch, overrides, expected):
+    import fastseg3d.train
+    from fastseg3d.cli import main
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def trainer(cfg, *args, **kwargs):
+        seen.append(cfg["train"]["compile"])
+        raise Stop
+
+    monkeypatch.setattr(fastseg3d.train, "Trainer", trainer)
+    with pytest.raises(Stop):
+        main(["train", "--config", "quickstart", "--compile", *overrides])
+    assert seen == [expected]

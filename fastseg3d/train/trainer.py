@@ -168,6 +168,7 @@ class Trainer:
         self.distributed = self.world > 1
         self.is_main = self.rank == 0
         self.device = resolve_device(cfg["device"], self.local_rank)
+        self.compile_mode = _compile_mode(cfg["train"]["compile"])  # checked before anything is built
         self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
         resume_path = self._check_start(resume, overwrite)
         if self.device.type == "cuda":
@@ -199,6 +200,12 @@ class Trainer:
             if int(cfg[section][name]) < 1:
                 raise ValueError(f"{key} must be >= 1, got {cfg[section][name]!r}")
         self.accum = int(tcfg["grad_accumulation"])
+        if self.accum > 1 and self.compile_mode in _CUDA_GRAPH_MODES:
+            # the graphs' outputs are freed at the next step, the parameters' gradients included, which the next
+            # micro-batch's backward would accumulate into
+            raise ValueError(f"train.compile={tcfg['compile']} replays CUDA graphs, which cannot accumulate "
+                             "gradients over micro-batches: use train.grad_accumulation=1, or "
+                             "train.compile=max-autotune-no-cudagraphs")
         self.train_loader = self._loader()
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -226,7 +233,6 @@ class Trainer:
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
-        self.compile_mode = _compile_mode(tcfg["compile"])
         if self.compile_mode is not None:
             net = torch.compile(net, mode=self.compile_mode)
         self.net = net

@@ -425,7 +425,7 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
-def test_compile_takes_true_false_or_a_mode():
+def test_compile_takes_true_false_or_a_mode(tmp_path):
     from fastseg3d.train.trainer import _compile_mode
 
     assert _compile_mode(False) is None
@@ -433,6 +433,11 @@ def test_compile_takes_true_false_or_a_mode():
     assert _compile_mode("max-autotune-no-cudagraphs") == "max-autotune-no-cudagraphs"
     with pytest.raises(ValueError, match="train.compile must be true, false or one of default, reduce-overhead"):
         _compile_mode("fast")
+
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.compile=reduce-overhead",
+                                     "train.grad_accumulation=2"])
+    with pytest.raises(ValueError, match="cannot accumulate gradients over micro-batches"):
+        Trainer(cfg, tmp_path)
 
 
 def test_metrics_mirror_to_tensorboard_when_installed(tmp_path, monkeypatch):
