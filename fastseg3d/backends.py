@@ -11,6 +11,11 @@ with :func:`backend`:
   cannot run raises :class:`NotImplementedError` with the reasons, never a silent fallback.
 * ``torch``: always the reference; the memory-saving recomputations of :mod:`fastseg3d.nn.recompute` run their
   plain compositions too, so a network under ``torch`` is the plain build the benchmarks compare against.
+
+``FASTSEG3D_CHECK_FINITE=1`` (or :func:`check_finite` for a block) makes every fused kernel call check its
+floating-point tensor inputs, forward and backward, and raise ``ValueError`` naming the op and the argument that
+holds a NaN or an infinity: a kernel's output from such an input may differ from ATen's, and the first fused op to
+meet one says where it came in. Each check reads the tensor and waits for the GPU: for debugging, not training.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import torch
 from torch.autograd import forward_ad
 
 __all__ = [
-    "BACKENDS", "HAS_TRITON", "backend", "get_backend", "interpreter_active", "select", "tf32_matmul_allowed",
-    "transform_reasons",
+    "BACKENDS", "HAS_TRITON", "backend", "check_finite", "checking_finite", "get_backend", "interpreter_active",
+    "select", "tf32_matmul_allowed", "transform_reasons",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -47,7 +52,14 @@ def _from_env() -> str:
     return name
 
 
-_state = {"backend": _from_env()}
+def _check_finite_from_env() -> bool:
+    value = os.environ.get("FASTSEG3D_CHECK_FINITE", "0").strip().lower()
+    if value not in ("0", "1", "", "false", "true"):
+        raise ValueError(f"FASTSEG3D_CHECK_FINITE must be 0 or 1, got {value!r}")
+    return value in ("1", "true")
+
+
+_state = {"backend": _from_env(), "check_finite": _check_finite_from_env()}
 _logged: set[tuple[str, str, int]] = set()
 
 
@@ -73,6 +85,33 @@ def backend(name: str) -> Iterator[None]:
         yield
     finally:
         _state["backend"] = previous
+
+
+def checking_finite() -> bool:
+    """Whether fused kernel calls check their inputs for NaN and infinity (see :func:`check_finite`)."""
+    return _state["check_finite"]
+
+
+@contextlib.contextmanager
+def check_finite(enabled: bool = True) -> Iterator[None]:
+    """Within the block, every fused kernel call (forward and backward) checks its floating-point tensor inputs and
+    raises ``ValueError`` naming the op and the argument that holds a NaN or an infinity (the references, plain
+    PyTorch, are left to ``torch.autograd.detect_anomaly``). Each check reads the tensor and synchronises with the
+    GPU, and compiled code is not checked.
+
+    Example:
+        >>> import torch, fastseg3d
+        >>> with fastseg3d.check_finite():
+        ...     pass  # a NaN reaching a fused kernel here raises ValueError
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous = _state["check_finite"]
+    _state["check_finite"] = enabled
+    try:
+        yield
+    finally:
+        _state["check_finite"] = previous
 
 
 def interpreter_active() -> bool:

@@ -132,6 +132,8 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
     _validate(student, teacher, reduction)
     if backends.select("channel_kl", channel_kl_unsupported_reasons(student, teacher), student.device):
         need = torch.is_grad_enabled() and student.requires_grad
+        if backends.checking_finite():
+            utils.check_finite_inputs("fastseg3d::channel_kl", ("student", "teacher"), (student, teacher))
         loss, _ = _channel_kl_op(student, teacher.detach(), reduction, need)
         return loss
     return channel_kl_ref(student, teacher, reduction)

@@ -276,6 +276,8 @@ def _kl_distill(students, teacher, temperature, detach_teacher, size, weights, r
         if detach_teacher:
             teacher = teacher.detach()
         need = [_needs_grad(s) for s in students] + [_needs_grad(teacher)]
+        if backends.checking_finite():
+            utils.check_finite_inputs("fastseg3d::kl_distill", ("students", "teacher"), (students, teacher))
         total, per, _, _ = _kl_distill_op(students, teacher, temperature, list(size), weights, need)
         per = per.detach()
     elif name == "kl_distill":

@@ -339,6 +339,8 @@ def _selfreg_inter(students, teacher, student_channels, teacher_channels) -> Ten
     cs, ct = _validate_inter(students, teacher, student_channels, teacher_channels)
     if backends.select("selfreg_inter", selfreg_inter_unsupported_reasons(teacher, students), teacher.device):
         need = [_needs_grad(s) for s in students]
+        if backends.checking_finite():
+            utils.check_finite_inputs("fastseg3d::selfreg_inter", ("students", "teacher"), (students, teacher))
         losses, _ = _selfreg_inter_op(students, teacher.detach(), cs, ct, need)
         return losses
     if len(students) == 1:
@@ -369,6 +371,8 @@ def selfreg_intra(feature: Tensor) -> Tensor:
     if feature.shape[1] % 2:
         raise ValueError(f"selfreg_intra needs an even channel count, got C={feature.shape[1]}")
     if backends.select("selfreg_intra", selfreg_intra_unsupported_reasons(feature), feature.device):
+        if backends.checking_finite():
+            utils.check_finite_inputs("fastseg3d::selfreg_intra", ("feature",), (feature,))
         loss, _ = _selfreg_intra_op(feature, _needs_grad(feature))
         return loss
     return selfreg_intra_ref(feature)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import numbers
 import operator
@@ -24,6 +25,7 @@ __all__ = [
     "META_AUTOCAST",
     "autocast_inputs",
     "base_reasons",
+    "check_finite_inputs",
     "check_norm_args",
     "check_tensor",
     "check_spatial_shape",
@@ -185,6 +187,21 @@ def check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def check_finite_inputs(op: str, names, args) -> None:
+    """Under :func:`fastseg3d.check_finite`: ``ValueError`` naming ``op`` and the first floating-point tensor among
+    ``args`` (or inside a list of them) that holds a NaN or an infinity; ``names`` are the arguments' names. Not
+    while compiling: the check reads values back."""
+    if torch.compiler.is_compiling():
+        return
+    for name, a in zip(names, args):
+        items = [(name, a)] if isinstance(a, torch.Tensor) else (
+            [(f"{name}[{i}]", t) for i, t in enumerate(a)] if isinstance(a, (list, tuple)) else [])
+        for label, t in items:
+            if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" and t.numel()
+                    and not bool(torch.isfinite(t).all())):
+                raise ValueError(f"{op}: {label} holds NaN or infinite values (fastseg3d.check_finite is on)")
+
+
 def check_norm_args(x: torch.Tensor, weight, bias, eps, channels: int, what: str) -> None:
     """A norm's affine parameters (None, or floating (channels,) tensors on x's device; ``what`` names the axis
     they scale in the error) and its eps (a finite number >= 0)."""
@@ -223,6 +240,7 @@ class EagerOp:
         if "Tensor[]" in torch.library.infer_schema(fn, mutates_args=mutates_args).split("->")[0]:
             raise TypeError(f"{name}: an EagerOp's tensor arguments must be top-level, not lists")
         self.name = name
+        self._arg_names = tuple(inspect.signature(fn).parameters)
         EAGER_OPS[name] = self
         self.op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         self._fn = fn
@@ -262,6 +280,8 @@ class EagerOp:
         grad = _eager_grad(args)
         if grad is None:
             return self.op(*args)
+        if backends.checking_finite():
+            check_finite_inputs(self.name, self._arg_names, args)
         if torch.autograd._profiler_enabled():
             with torch.profiler.record_function(self.name):
                 return self._call(args, grad)
