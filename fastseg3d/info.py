@@ -92,6 +92,7 @@ def collect() -> dict:
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "backend policy": backends.get_backend(),
         "TRITON_INTERPRET": "1" if backends.interpreter_active() else "0",
+        "check_finite": "on" if backends.checking_finite() else "off",
     }
 
 

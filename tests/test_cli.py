@@ -25,7 +25,7 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, active)
 def test_info_command_lists_versions_and_op_choices():
     proc = subprocess.run([sys.executable, "-m", "fastseg3d", "info"], capture_output=True, text=True, check=True)
     out = proc.stdout
-    for key in ("torch", "triton", "cuda", "monai", "device", "backend policy"):
+    for key in ("torch", "triton", "cuda", "monai", "device", "backend policy", "check_finite"):
         assert key in out
     assert torch.__version__ in out
     assert "dwconv3d" in out and "dwconv3d_tokens" in out
