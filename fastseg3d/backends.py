@@ -97,7 +97,8 @@ def check_finite(enabled: bool = True) -> Iterator[None]:
     """Within the block, every fused kernel call (forward and backward) checks its floating-point tensor inputs and
     raises ``ValueError`` naming the op and the argument that holds a NaN or an infinity (the references, plain
     PyTorch, are left to ``torch.autograd.detect_anomaly``). Each check reads the tensor and synchronises with the
-    GPU, and compiled code is not checked.
+    GPU; compiled code and CUDA-graph captures are not checked. With fp16 and a gradient scaler, whose first steps
+    overflow by design (the scaler skips them), the gradients' check raises on those steps: check in bf16 or fp32.
 
     Example:
         >>> import torch, fastseg3d

@@ -136,16 +136,24 @@ class _ConvUtr(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.block:
+        # the fused path reads the layers' parameters past their containers: a hook (or replaced forward) anywhere
+        # in a layer sends that layer through its modules
+        layers = [self.block] if has_hooks(self.block) else self.block
+        for layer in layers:
+            if has_hooks(*layer.modules()):
+                x = layer(x)
+                continue
             local = layer[0].fn
             x = local[2](_depthwise(local[0], x, activation="gelu")) + x
             mlp = layer[1].fn
-            if isinstance(mlp[2], nn.InstanceNorm3d) and not has_hooks(mlp[1], mlp[4]):
+            if isinstance(mlp[2], nn.InstanceNorm3d):
                 # GELU -> InstanceNorm -> 1x1 on the 4x expanded channels, saving only the GELU's input
                 h = act_instance_norm_conv(mlp[0](x), "gelu", mlp[2], mlp[3].weight, mlp[3].bias)
                 x = act_instance_norm(h, "gelu", mlp[5]) + x
             else:
                 x = layer[1](x)
+        if has_hooks(self.up):
+            return self.up(x)
         return norm_act(self.up[0](x), self.up[1], self.up[2])
 
 

@@ -190,7 +190,7 @@ def check_tensor(t, name: str) -> None:
 def check_finite_inputs(op: str, names, args) -> None:
     """Under :func:`fastseg3d.check_finite`: ``ValueError`` naming ``op`` and the first floating-point tensor among
     ``args`` (or inside a list of them) that holds a NaN or an infinity; ``names`` are the arguments' names. Not
-    while compiling: the check reads values back."""
+    while compiling, on fake tensors or during CUDA-graph capture: the check reads values back."""
     if torch.compiler.is_compiling():
         return
     for name, a in zip(names, args):
@@ -198,7 +198,7 @@ def check_finite_inputs(op: str, names, args) -> None:
             [(f"{name}[{i}]", t) for i, t in enumerate(a)] if isinstance(a, (list, tuple)) else [])
         for label, t in items:
             if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" and t.numel()
-                    and not bool(torch.isfinite(t).all())):
+                    and not _tracing(t) and not bool(torch.isfinite(t).all())):
                 raise ValueError(f"{op}: {label} holds NaN or infinite values (fastseg3d.check_finite is on)")
 
 

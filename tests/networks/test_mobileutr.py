@@ -444,19 +444,23 @@ def test_meta_device_forward_backward_at_96(cls):
         0][0].fn[0].weight.shape
 
 
-def test_hooks_on_the_convutr_mlp_activations_run():
-    """A hook on a ConvUtr MLP's GELU module sends that MLP through its modules (the fused chains call the
-    activation by name), so the hook runs, and the output is the same."""
+def test_hooks_anywhere_in_a_convutr_run():
+    """A hook on any module of a ConvUtr (a container the fused path steps past, a GELU it calls by name, a conv
+    whose weight it reads) sends the layer through its modules, so the hook runs, and the output is the same."""
     torch.manual_seed(0)
     net = MobileUtr(spatial_dims=3, in_channels=1, out_channels=2, dims=(4, 8, 16, 16), depths=(1, 1, 1, 0, 1),
                     kernels=(3, 3, 3), num_heads=1, drop_path_rate=0.0)
     x = torch.randn(1, 1, 8, 16, 16)
     y = net(x)
-    calls = []
-    mlp = net.patch_embeddings.layer1.block[0][1].fn
-    for module in (mlp[1], mlp[4]):
-        module.register_forward_hook(lambda m, a, o: calls.append(m))
-    assert torch.allclose(net(x), y, atol=1e-6) and calls == [mlp[1], mlp[4]]
+    utr = net.patch_embeddings.layer1
+    layer = utr.block[0]
+    mlp = layer[1].fn
+    modules = (mlp[1], mlp[4], mlp[3], mlp, layer[1], layer[0].fn[1], layer, utr.block, utr.up, utr.up[0])
+    for module in modules:
+        calls = []
+        handle = module.register_forward_hook(lambda m, a, o: calls.append(m))
+        assert torch.allclose(net(x), y, atol=1e-6) and calls == [module], module
+        handle.remove()
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

@@ -59,8 +59,12 @@ def test_lists_non_float_and_empty_tensors():
         utils.check_finite_inputs("op", ("xs", "index", "empty"), ([ok, ok], torch.tensor([1, 2]), torch.empty(0)))
         with pytest.raises(ValueError, match=r"op: xs\[1\] holds"):
             utils.check_finite_inputs("op", ("xs",), ([ok, torch.tensor([1.0, float("nan")])],))
-        # meta tensors hold no values
+        # meta and fake tensors hold no values (nor may a check read any back under CUDA-graph capture)
         utils.check_finite_inputs("op", ("x",), (torch.empty(3, device="meta"),))
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            utils.check_finite_inputs("op", ("x",), (mode.from_tensor(torch.tensor([float("nan")])),))
 
 
 def test_switch_takes_a_bool_and_the_environment_sets_it():
