@@ -222,6 +222,10 @@ def _dwconv3d_backward_launch(grad, x, weight, weight_taps, bias, padding, dilat
 
     need_dx, need_dw, need_db = output_mask
     need_db = need_db and bias is not None
+    if weight_taps.numel() and (weight_taps.dtype != torch.float32 or weight_taps.shape[:3] != weight.shape[2:]
+                                or weight_taps.shape[3] < weight.shape[0] or not weight_taps.is_contiguous()):
+        raise ValueError(f"weight_taps must be the forward's tap-major fp32 weight (kD, kH, kW, >= C) or empty, got "
+                         f"{tuple(weight_taps.shape)} {weight_taps.dtype}")
     weight_t = weight_taps if weight_taps.numel() else taps_major(weight)
     act_id = ACT_IDS[None if activation == "none" else activation]
     pad, dil = tuple(padding), tuple(dilation)

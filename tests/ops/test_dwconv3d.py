@@ -829,6 +829,17 @@ def test_interpret_activation_accuracy(activation):
 
 
 @pytest.mark.interpret
+def test_interpret_backward_refuses_foreign_taps():
+    x, w, b, _ = _tensors("contiguous", (1, 2, 3, 4, 5), (3, 3, 3), _F32, "cpu")
+    g = torch.randn(1, 2, 3, 4, 5)
+    with fastseg3d.backend("triton"):
+        for taps in (torch.zeros(3, 3, 5, 64), torch.zeros(3, 3, 3, 64, dtype=torch.float16)):
+            with pytest.raises(ValueError, match="weight_taps must be the forward's tap-major fp32 weight"):
+                torch.ops.fastseg3d.dwconv3d_backward(g, x, w, taps, b, [1, 1, 1], [1, 1, 1], "none",
+                                                      [True, True, True])
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("with_bias,mask", [(True, [True, False, False]), (False, [True, False, True]),
                                             (True, [False, False, True])])
 def test_interpret_backward_outputs_not_asked_for(with_bias, mask):
