@@ -5,10 +5,10 @@ for the host. This runs a network's training step (forward, the benchmark's loss
 every Triton launch replaced by a no-op, and times each fused op call from its entry to its return: validation,
 backend choice, autograd, launch planning, allocations and the ATen ops its launcher runs (on a GPU those launch
 kernels of their own, at about the same host cost), in CPU time of the calling thread (other processes do not
-count), with the launchers planning as for a GPU. Triton's own launch path (argument binding, the driver call) is
-not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its full one; for
-MobileUtr always, whose small one has a head dim the attention kernels do not take) at batch 1 and a small side,
-so that the CPU work of the launchers' ATen ops stays small next to their Python.
+count), with the launchers planning as for an H100 (132 SMs). Triton's own launch path (argument binding, the
+driver call) is not included: no kernel runs. The network is the benchmark's small configuration (``--full``: its
+full one; for MobileUtr always, whose small one has a head dim the attention kernels do not take) at batch 1 and a
+small side, so that the CPU work of the launchers' ATen ops stays small next to their Python.
 
     python -m bench.host segformer3d                # per fused op: calls, ms and Triton launches per step
     python -m bench.host missu --side 32 --steps 5
@@ -45,6 +45,8 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
     from fastseg3d import backends
     from bench.models import NETWORKS, variant_context
     from bench.registry import load_cases
+    from bench.sass import SM90_SMS
+    from fastseg3d.kernels import utils as kernel_utils
     from fastseg3d.ops import utils as op_utils
 
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -80,8 +82,9 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
 
     patches = [(interpreter.InterpretedFunction, "run", no_launch),
                (backends, "interpreter_active", lambda: True),
-               # the launchers plan as for a GPU (their interpreter branches take larger tiles)
+               # the launchers plan as for a GPU (their interpreter branches take larger tiles), an H100's
                *((module, "INTERPRET", False) for module in _kernel_modules()),
+               (kernel_utils, "sm_count", lambda device: SM90_SMS),
                (op_utils.EagerOp, "__call__", timed(lambda a: a[0].name, op_utils.EagerOp.__call__))]
     for op in op_utils.EAGER_OPS.values():
         if op._function is not None:
