@@ -56,6 +56,42 @@ def poison(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _bf16_as_on_gpu(request, monkeypatch):
+    """Under the interpreter, bf16 as a GPU computes it. Triton's interpreter holds bf16 values as their uint16 bit
+    patterns: ``tl.dot`` on them multiplies the integers, and a cast from fp32 truncates where the GPU rounds to
+    nearest even. A GPU's bf16 dot multiplies exactly and accumulates in fp32, which a dot of the operands widened
+    to fp32 reproduces up to summation order."""
+    if not INTERPRET or "interpret" not in request.keywords:
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def to_fp32(handle):
+        bits = torch.from_numpy(np.ascontiguousarray(handle.data).view(np.int16))
+        return interpreter.TensorHandle(bits.view(torch.bfloat16).float().numpy(), tl.float32)
+
+    real_dot = interpreter.InterpreterBuilder.create_dot
+    real_cast = interpreter.InterpreterBuilder.cast_impl
+
+    def dot(self, a, b, d, *args):
+        if tl.bfloat16 in (a.dtype.scalar, b.dtype.scalar):
+            a, b = (to_fp32(t) if t.dtype.scalar == tl.bfloat16 else t for t in (a, b))
+        return real_dot(self, a, b, d, *args)
+
+    def cast(self, src, dst_type):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar == tl.float32:
+            rounded = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return real_cast(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast)
+    yield
+
+
+@pytest.fixture(autouse=True)
 def _bounds_checked(request, monkeypatch):
     """Under the interpreter every kernel access the mask lets through must fall inside one of the launch's tensor
     arguments (the extent of its view): an out-of-bounds read whose value is later discarded passes every

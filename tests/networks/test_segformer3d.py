@@ -388,6 +388,26 @@ def test_interpret_fused_network_matches_reference(mode):
         assert_close(name, a, e, torch.float32, scale=10)
 
 
+@pytest.mark.interpret
+def test_interpret_fused_network_matches_reference_under_bf16_autocast():
+    """The training step under CPU bf16 autocast, every kernel in bf16 where the network feeds it bf16 (conftest
+    makes the interpreter's bf16 dots and casts those of a GPU)."""
+    torch.manual_seed(0)
+    net = SegFormer3D(**_SMALL, depths=(1, 1, 1, 1)).train()
+    x = torch.randn(2, 4, 32, 32, 32)
+    outs = []
+    for backend in ("triton", "torch"):
+        xi = x.clone().requires_grad_()
+        net.zero_grad()
+        with fastseg3d.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        outs.append((y.detach().float(), xi.grad, net.segformer_encoder.tf_block1[0].mlp.fc1.weight.grad.clone()))
+    for name, a, e in zip(("logits", "dx", "dfc1"), *outs):
+        assert_close(name, a, e, torch.bfloat16, scale=10)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU tier
 

@@ -136,6 +136,15 @@ def test_interpret_module_matches_unfused_composition(poison, sr, spatial, heads
         _compare(module, spatial, torch.float32, "cpu")
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("sr,spatial,heads", [(1, (3, 5, 4), 2), (2, (4, 6, 2), 1)])
+def test_interpret_bf16_module_matches_unfused_composition(poison, sr, spatial, heads):
+    """bf16 parameters and tokens (the interpreter's bf16 dots made faithful by conftest's ``_bf16_as_on_gpu``)."""
+    module = EfficientSelfAttention3d(32 * heads, heads, sr_ratio=sr).to(torch.bfloat16)
+    with fastseg3d.backend("triton"):
+        _compare(module, spatial, torch.bfloat16, "cpu")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_module_matches_unfused_composition(monkeypatch, dtype):

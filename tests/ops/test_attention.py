@@ -254,6 +254,11 @@ _INTERPRET_CASES = [
     (2, 128, 48, 1, 32, torch.float16, 0.2, "contiguous"),
     # a scale that underflows fp32 in log2 units, with padded keys: a uniform softmax, no NaN
     (1, 37, 11, 1, 16, torch.float32, 1e-300, "linear"),
+    # bf16 (conftest's _bf16_as_on_gpu: the interpreter's own bf16 dot multiplies bit patterns)
+    (2, 37, 11, 1, 32, torch.bfloat16, None, "linear"),
+    (1, 100, 64, 2, 32, torch.bfloat16, 0.3, "contiguous"),
+    (1, 70, 70, 3, 16, torch.bfloat16, None, "linear"),
+    (1, 33, 129, 2, 64, torch.bfloat16, None, "linear"),
 ]
 
 
