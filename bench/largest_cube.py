@@ -45,6 +45,9 @@ START_SIDE = 64
 _ALLOC_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
+DEVICE_LOST = "device lost"
+
+
 class Terminated(BaseException):
     """SIGTERM arrived: a BaseException, so that the tries' ``except Exception`` does not take it for a failure."""
 
@@ -98,7 +101,7 @@ def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadli
         return deadline is not None and time.monotonic() > deadline
 
     k = min(k_max, max(1, math.ceil(START_SIDE / stride)))
-    terminated = False
+    cut = "time-limit"
     try:
         while bad is None and not timed_out():
             if not run(k) or k == k_max:
@@ -108,20 +111,16 @@ def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadli
         while bad is not None and bad - good > 1 and not timed_out():
             run((good + bad) // 2)
     except Terminated:
-        terminated = True
+        cut = "terminated"
+    except utils.DeviceLost as lost:  # the GPU is unusable from here: the search ends where it stands
+        cut = f"{DEVICE_LOST} at {lost}"
     converged = (bad is None and good == k_max) or (bad is not None and bad - good == 1)
-    cut = "terminated" if terminated else "time-limit"
     if bad is None:
         stop = "max-side" if good == k_max else cut
     elif not converged:
         stop = f"{cut} (last failure: {stop})"
     return Search(side=good * stride or None, failed_side=bad * stride if bad is not None else None, stop=stop,
                   converged=converged, tries=tries, peak_mem_mb=best.peak_mem_mb, step_ms=best.step_ms)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _attempt_fn(net, model, plain: bool, provider: str, dtype: torch.dtype, device: torch.device):
@@ -140,21 +139,27 @@ def _attempt_fn(net, model, plain: bool, provider: str, dtype: torch.dtype, devi
         except torch.OutOfMemoryError:
             result = Attempt(False, "out of memory")
         except Exception as err:  # noqa: BLE001  (any failure bounds the trainable size; its reason is kept)
+            if utils.device_lost(err):
+                # no clean-up (each CUDA call would raise this again) and no further try in this process
+                print(f"  {net.name} {provider} {side}^3: {utils.first_line(err)}", file=sys.stderr)
+                raise utils.DeviceLost(f"{side}^3: {utils.first_line(err)}") from None
             text = str(err)
-            result = Attempt(False, "out of memory" if any(f in text for f in _ALLOC_FAILURES) else _first_line(err))
+            result = Attempt(False, "out of memory" if any(f in text for f in _ALLOC_FAILURES)
+                             else utils.first_line(err))
         finally:
             # the failed step's tensors die with the exception frame, before the cache is emptied
             x = label = step = None
-            model.zero_grad(set_to_none=True)
-            gc.collect()
-            torch.cuda.empty_cache()
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.empty_cache()
         print(f"  {net.name} {provider} {side}^3: {'ok' if result.ok else result.reason}", file=sys.stderr)
         return result
     return attempt
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (see the module docstring); returns the exit status (2: no GPU)."""
+    """The command line (see the module docstring); returns the exit status (2: no GPU; 1: the GPU's context was
+    lost, and the searches after it were not run)."""
     load_cases()
     parser = argparse.ArgumentParser(prog="python -m bench.largest_cube", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     searches_left = len(args.model) * len(providers)
     signal.signal(signal.SIGTERM, _terminate)
     rows = []
+    status = 0
     try:
         for name, provider in [(n, p) for n in args.model for p in providers]:
             net = NETWORKS[name]
@@ -206,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+            if DEVICE_LOST in found.stop:
+                print("the GPU's context is lost: the searches left are not run", file=sys.stderr)
+                status = 1
+                break
             del model
             gc.collect()
             torch.cuda.empty_cache()
@@ -220,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows))
     if args.json not in (None, "-"):
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
-    return 0
+    return status
 
 
 def format_table(rows: list[dict]) -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg3d
+from bench import utils
 from bench.registry import (
     CUDA_GRAPH,
     MODEL_MODES,
@@ -102,8 +103,23 @@ def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torc
     for p in params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    stream = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as err:
+        # capture_end raises (the capture was invalidated) before it restores the stream and ends the allocator's
+        # routing of that stream's allocations into the graph's pool: undo both, so that the next provider of this
+        # process runs as usual, and report what broke the capture rather than capture_end's own error
+        torch.cuda.set_stream(stream)
+        end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+        if end_pool is not None:
+            with contextlib.suppress(Exception):  # ended already where capture_end got that far
+                end_pool(stream.device_index, graph.pool())
+        cause = err
+        while cause.__context__ is not None and isinstance(cause.__context__, Exception):
+            cause = cause.__context__
+        raise RuntimeError(f"CUDA graph capture failed: {utils.first_line(cause)}") from err
     return graph.replay
 
 

@@ -108,11 +108,6 @@ def default_out(device_name: str, device: torch.device) -> Path:
     return Path(tempfile.gettempdir()) / "fastseg3d-bench" / utils.device_slug(device_name)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -172,11 +167,16 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                     continue
                 except torch.OutOfMemoryError:
                     print(f"  {case.name} {label} {dtype_name} {provider}: out of memory in setup", file=sys.stderr)
-                    _free(device)
-                    continue
+                    setup = None
                 except Exception as err:  # noqa: BLE001  (a peer that rejects the case must not stop the others)
-                    print(f"  {case.name} {label} {dtype_name} {provider}: skipped ({_first_line(err)})",
+                    if utils.device_lost(err):
+                        raise utils.DeviceLost(f"{case.name} {label} {dtype_name} {provider}: "
+                                               f"{utils.first_line(err)}") from err
+                    print(f"  {case.name} {label} {dtype_name} {provider}: skipped ({utils.first_line(err)})",
                           file=sys.stderr)
+                    continue
+                if setup is None:
+                    _free(device)  # outside the except block, whose traceback holds the failed setup's tensors
                     continue
                 for mode in case_modes:
                     if deadline is not None and time.monotonic() > deadline:
@@ -195,17 +195,22 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         host = utils.host_ms(fn, device, grad_to_none=setup.grads_of)
                     except torch.OutOfMemoryError:
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
-                        _free(device)
-                        continue
+                        fn = None
                     except Exception as err:  # noqa: BLE001  (likewise, at the first call: compile errors)
-                        print(f"  {case.name} {label} {dtype_name} {mode} {provider}: skipped ({_first_line(err)})",
-                              file=sys.stderr)
+                        if utils.device_lost(err):
+                            raise utils.DeviceLost(f"{case.name} {label} {dtype_name} {mode} {provider}: "
+                                                   f"{utils.first_line(err)}") from err
+                        print(f"  {case.name} {label} {dtype_name} {mode} {provider}: skipped "
+                              f"({utils.first_line(err)})", file=sys.stderr)
+                        continue
+                    if fn is None:
+                        _free(device)  # outside the except block, whose traceback holds the step's tensors
                         continue
                     bandwidth = utils.bandwidth_pct(setup, mode, ceilings, med)  # the copy, measured at start
                     try:
                         roof, bound = utils.roofline(setup, mode, dtype, ceilings, med)
                     except Exception as err:  # noqa: BLE001  (a ceiling that cannot be measured loses its column)
-                        print(f"  {case.name} {label} {dtype_name} {mode}: no roofline ({_first_line(err)})",
+                        print(f"  {case.name} {label} {dtype_name} {mode}: no roofline ({utils.first_line(err)})",
                               file=sys.stderr)
                         roof, bound = None, None
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
@@ -215,7 +220,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                     utils.write_rows([row], rows_path)
                     rows.append({k: row.get(k) for k in utils.ROW_KEYS})
                     print(f"  {case.name} {label} {dtype_name} {mode} {provider}: {med:.4f} ms", file=sys.stderr)
-                del setup
+                fn = setup = None  # the last closure holds the setup (a model, a captured graph) too
                 _free(device)
     return rows
 
@@ -328,6 +333,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     _check_selection(parser, selected, modes, providers, shapes, args.quick)
     all_rows: list[dict] = []
     by_case: dict[str, list[dict]] = {}
+    status = 0
     for case in selected:
         dtypes = args.dtype.split(",") if args.dtype else list(case.dtypes)
         unknown = [d for d in dtypes if d not in DTYPES]
@@ -341,11 +347,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
             print(f"time limit ({args.time_limit:.0f} s) reached before {stop}; later measurements skipped",
                   file=sys.stderr)
             break
+        except utils.DeviceLost as lost:
+            print(f"the GPU's context is lost at {lost}; the rows measured before are written, the rest of this run "
+                  "is not measured (run the cases left in a new process)", file=sys.stderr)
+            status = 1
+            break
         finally:
             all_rows += rows
     _emit(all_rows, by_case, args, out)
     print(f"rows appended under {out}", file=sys.stderr)
-    return 0
+    return status
 
 
 if __name__ == "__main__":

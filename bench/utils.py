@@ -28,6 +28,26 @@ ROW_KEYS = (
 # for compute capability 5.x to 9.0 (H100, H200); newer parts are assumed to match until measured.
 MUFU_EX2_PER_CLK_PER_SM = 16
 RESULTS = Path(__file__).resolve().parent / "results"
+# CUDA errors that leave the process's context unusable (CUDA's "sticky" errors), as CUDA and Triton word them
+_STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "misaligned address", "illegal instruction",
+                       "unspecified launch failure", "hardware stack error", "uncorrectable ECC error")
+
+
+class DeviceLost(RuntimeError):
+    """The GPU's context is lost (see :func:`device_lost`): every later CUDA call of the process fails alike."""
+
+
+def device_lost(err: BaseException) -> bool:
+    """Whether ``err`` is a CUDA error after which the process cannot use the GPU again (an illegal address, a
+    device-side assert, ...): a benchmark process ends there, rather than logging each later measurement as
+    skipped with the same error, or raising it again from its clean-up."""
+    text = str(err)
+    return any(phrase in text for phrase in _STICKY_CUDA_ERRORS)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def environment(device: torch.device) -> dict:

@@ -230,6 +230,97 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
     assert events[-1] == "replay"
 
 
+def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatch):
+    """A step that breaks its capture (a host read-back, say): capture_end raises before it restores the current
+    stream or ends the allocator's routing into the graph's pool; graphed undoes both and names the step's error."""
+    import contextlib
+
+    from bench.models import graphed
+
+    current, ended = ["default"], []
+
+    class Stream:
+        device_index = 0
+
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def pool(self):
+            return (7, 0)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        current[0] = "capture stream"
+        try:
+            yield
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, "default"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda device, pool: ended.append((device, pool)),
+                        raising=False)
+    calls = [0]
+
+    def step():
+        calls[0] += 1
+        if calls[0] == 4:  # the captured run
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    with pytest.raises(RuntimeError, match="capture failed: RuntimeError: CUDA error: operation not permitted"):
+        graphed(step, [], torch.device("cuda"))
+    assert current == ["default"] and ended == [(0, (7, 0))]
+
+
+def test_a_lost_device_ends_the_case_process(monkeypatch, tmp_path, capsys):
+    """After a sticky CUDA error (an illegal address in some provider's kernel) every later call fails alike: the
+    run stops there with status 1, keeping the rows measured before, rather than logging every later provider as
+    skipped (or failing again in its clean-up)."""
+    from bench import utils
+
+    assert utils.device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert utils.device_lost(RuntimeError("Triton Error [CUDA]: device-side assert triggered"))
+    assert not utils.device_lost(RuntimeError("CUDA error: operation not permitted when stream is capturing"))
+    assert not utils.device_lost(torch.OutOfMemoryError("CUDA out of memory"))
+    case = load_cases()["channel_kl"]
+    (_, spec), *_ = case.shapes(True)
+    providers = run.select_providers(case, spec, None, CPU)
+    assert len(providers) >= 2
+    real_setup = case.setup
+
+    def setup(spec, dtype, provider, device):
+        if provider == providers[1]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real_setup(spec, dtype, provider, device)
+
+    monkeypatch.setattr(case, "setup", setup)
+    assert run.main(["--case", "channel_kl", "--quick", "--dtype", "fp32", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "context is lost at channel_kl" in err and "illegal memory access" in err and "skipped (" not in err
+    rows = read_rows(tmp_path / "ops.jsonl")
+    assert rows and {r["provider"] for r in rows} == {providers[0]}
+
+
+def test_largest_cube_search_ends_where_the_device_is_lost():
+    from bench import utils
+
+    def attempt(side):
+        if side > 128:
+            raise utils.DeviceLost(f"{side}^3: AcceleratorError: CUDA error: an illegal memory access")
+        return largest_cube.Attempt(True, "", 1.0, 2.0)
+
+    found = largest_cube.search(attempt, 16, 512)
+    assert found.side == 128 and not found.converged and found.stop.startswith("device lost at 256^3")
+
+
 def test_host_ms_times_issuing_a_call(monkeypatch):
     from bench.utils import format_table, host_ms
 
