@@ -31,6 +31,7 @@ from torch import nn
 
 from fastseg3d import backends
 from fastseg3d.ops import utils
+from fastseg3d.ops.upsample_sum import upsample_adjoint
 from fastseg3d.reference.dice_ce import dice_ce_ref, upsampled_logits
 
 __all__ = ["DiceCELoss", "dice_ce"]
@@ -47,21 +48,6 @@ def _probabilities(logits: torch.Tensor, size, labels: torch.Tensor | None = Non
     total = z.exp_().sum(1, keepdim=True)
     p = z.div_(total)
     return p if labels is None else (p, at_label.sub_(total.log_()))
-
-
-@torch.library.custom_op("fastseg3d::upsample_adjoint", mutates_args=())
-def _upsample_adjoint(grad: torch.Tensor, input_size: list[int]) -> torch.Tensor:
-    """The adjoint of ``F.interpolate(x, size, mode="(bi/tri)linear", align_corners=False)`` (a size, no scales)
-    for x of ``input_size``: an op of its own, since ATen's upsample backwards take no symbolic sizes when traced
-    (dynamic shapes under torch.compile)."""
-    backward = (torch.ops.aten.upsample_trilinear3d_backward if grad.dim() == 5
-                else torch.ops.aten.upsample_bilinear2d_backward)
-    return backward(grad, list(grad.shape[2:]), input_size, False)
-
-
-@_upsample_adjoint.register_fake
-def _(grad, input_size):
-    return grad.new_empty(input_size)
 
 
 class _DiceCE(torch.autograd.Function):
@@ -120,7 +106,7 @@ class _DiceCE(torch.autograd.Function):
         g.scatter_(1, labels, g.gather(1, labels) - ce_scale)
         g.mul_(grad)
         if list(logits.shape[2:]) != size:
-            g = _upsample_adjoint(g, list(logits.shape))
+            g = upsample_adjoint(g, list(logits.shape))
         return g.to(logits.dtype), None, None, None, None, None, None
 
 

@@ -8,8 +8,7 @@ writes the sum once, in the dtype the plain composition gives.
 The Triton kernel is in ``fastseg3d.kernels.upsample_sum``, the reference (the plain composition) in
 ``fastseg3d.reference.upsample_sum``. The ``torch.library`` op ``fastseg3d::upsample_sum`` takes up to four inputs
 (``x0`` and three optional ones, so an eager call needs no list); its backward is each resize's own backward
-(ATen's ``upsample_trilinear3d_backward``, as the plain composition runs it), which writes only input-sized
-gradients.
+(``upsample_adjoint``: as the plain composition's), which writes only input-sized gradients.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from fastseg3d import backends
 from fastseg3d.ops import utils
 from fastseg3d.reference.upsample_sum import upsample_sum_ref
 
-__all__ = ["upsample_sum", "upsample_sum_unsupported_reasons"]
+__all__ = ["upsample_adjoint", "upsample_sum", "upsample_sum_unsupported_reasons"]
 
 _MAX_INPUTS = 4  # fastseg3d.kernels.upsample_sum.MAX_INPUTS (that module needs Triton)
 
@@ -132,14 +131,56 @@ def _backward(ctx, grad):
         if shape[2:] == grad.shape[2:]:
             grads.append(grad.to(dtype))
         else:
-            # the resize's own backward, as the plain composition runs it, in the gradient's dtype (fp32 under
-            # autocast, which resized in fp32)
-            g = torch.ops.aten.upsample_trilinear3d_backward.default(grad, list(grad.shape[2:]), list(shape), False)
-            grads.append(g.to(dtype))
+            # the resize's own backward, in the gradient's dtype (fp32 under autocast, which resized in fp32)
+            grads.append(upsample_adjoint(grad, list(shape)).to(dtype))
     return (*grads, None, None)
 
 
 _upsample_sum_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastseg3d::upsample_adjoint", mutates_args=())
+def upsample_adjoint(grad: Tensor, input_size: list[int]) -> Tensor:
+    """The adjoint of ``F.interpolate(x, size, mode="(bi/tri)linear", align_corners=False)`` (a size, no scale
+    factors) for x of shape ``input_size``, in grad's dtype: the gradient of such a resize, as the plain
+    composition's backward gives it. That is ATen's backward kernel, except on a GPU under
+    ``torch.use_deterministic_algorithms``, where ATen's kernel accumulates with atomics (and F.interpolate runs a
+    decomposition instead): there the adjoint is a product with each axis's interpolation matrix, summed in a fixed
+    order. An op of its own, since ATen's upsample backwards take no symbolic sizes when traced (dynamic shapes
+    under torch.compile)."""
+    if not grad.is_cpu and torch.are_deterministic_algorithms_enabled():
+        return interpolation_adjoint(grad, input_size)
+    backward = (torch.ops.aten.upsample_trilinear3d_backward if grad.dim() == 5
+                else torch.ops.aten.upsample_bilinear2d_backward)
+    return backward(grad, list(grad.shape[2:]), input_size, False)
+
+
+@upsample_adjoint.register_fake
+def _(grad, input_size):
+    return grad.new_empty(input_size)
+
+
+def interpolation_adjoint(grad: Tensor, input_size: Sequence[int]) -> Tensor:
+    """:func:`upsample_adjoint` as products with the (out x in) linear-interpolation matrix of each resized axis,
+    in fp32: deterministic on every device (no scatter), and a few GEMMs with inner sizes of the output's sides."""
+    g = grad.float()
+    for axis in range(2, grad.dim()):
+        n_out, n_in = grad.shape[axis], input_size[axis]
+        if n_out != n_in:  # a resize to the same size is the identity
+            g = (g.movedim(axis, -1) @ _interpolation_matrix(n_out, n_in, grad.device)).movedim(-1, axis)
+    return g.to(grad.dtype)
+
+
+def _interpolation_matrix(n_out: int, n_in: int, device: torch.device) -> Tensor:
+    """(n_out, n_in) fp32 weights of linear interpolation with align_corners=False from n_in to n_out samples
+    (ATen's source index: (o + 0.5) * n_in / n_out - 0.5, clamped at 0; the upper neighbour clamped to the edge)."""
+    src = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_(min=0)
+    i0 = src.floor().clamp_(max=n_in - 1)
+    i1 = (i0 + 1).clamp_(max=n_in - 1)
+    w1 = src - i0
+    cols = torch.arange(n_in, device=device, dtype=torch.float64)
+    a = (1 - w1)[:, None] * (cols == i0[:, None]) + w1[:, None] * (cols == i1[:, None])
+    return a.float()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -161,9 +202,10 @@ def upsample_sum(inputs: Sequence[Tensor], size: Sequence[int] | None = None) ->
         dtype. Math in fp32.
 
     Up to four fp32, fp16 or bf16 inputs are fused on CUDA: one kernel reads them and writes the sum (the plain
-    composition writes every resize and every partial sum). Backward is each resize's own backward (ATen's, as for
-    the plain composition: on CUDA it accumulates with atomics). Other cases run the reference under the ``auto``
-    backend.
+    composition writes every resize and every partial sum). Backward is each resize's own backward
+    (:func:`upsample_adjoint`: ATen's, as for the plain composition, which on CUDA accumulates with atomics; under
+    ``torch.use_deterministic_algorithms`` products with interpolation matrices). Other cases run the reference
+    under the ``auto`` backend.
 
     Example:
         >>> import torch, fastseg3d

@@ -78,19 +78,29 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def capture_rng_state() -> dict:
-    """Python, numpy, torch CPU and (if present) CUDA generator states."""
+def capture_rng_state(device: torch.device) -> dict:
+    """Python, numpy, torch CPU and, when ``device`` (the process's training device) is a GPU, its CUDA generator
+    states. Only the training device's: under torchrun rank 0 writes the checkpoint, and its states of the other
+    GPUs were seeded and never drawn from, while rank r's own GPU has drawn as rank 0's has (every rank is seeded
+    alike and draws in step)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    """The states :func:`capture_rng_state` took, the CUDA one into ``device`` (a run resumed on a GPU after one on
+    the CPU keeps its seeded CUDA state)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        # A run resumed on fewer visible GPUs restores the states it has devices for.
-        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    cuda_state = state.get("cuda")
+    if cuda_state is None or device.type != "cuda":
+        return
+    if isinstance(cuda_state, torch.Tensor):
+        torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    else:  # older checkpoints held every visible GPU's state: this device's entry
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index < len(cuda_state):
+            torch.cuda.set_rng_state(cuda_state[index].cpu(), device)

@@ -66,7 +66,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device; ``auto`` and ``cuda`` take the local rank's GPU (the
+    only choice under torchrun, where a fixed ``cuda:N`` would put every rank on one GPU)."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -78,6 +80,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             raise SetupError("device=cuda was asked for but torch sees no CUDA device")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        elif world > 1:
+            raise SetupError(f"device={name!r} names one GPU for all {world} processes; under torchrun use "
+                             "device=cuda (or auto): each process takes its local rank's GPU")
     return device
 
 
@@ -167,7 +172,7 @@ class Trainer:
         self.rank, self.local_rank, self.world = _world()
         self.distributed = self.world > 1
         self.is_main = self.rank == 0
-        self.device = resolve_device(cfg["device"], self.local_rank)
+        self.device = resolve_device(cfg["device"], self.local_rank, self.world)
         self.compile_mode = _compile_mode(cfg["train"]["compile"])  # checked before anything is built
         self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
         resume_path = self._check_start(resume, overwrite)
@@ -317,7 +322,7 @@ class Trainer:
             "optimizer_state": self.optimizer.state_dict(),
             "scheduler_state": self.scheduler.state_dict(),
             "grad_scaler_state": self.scaler.state_dict(),
-            "rng_state": capture_rng_state(),
+            "rng_state": capture_rng_state(self.device),
             "step": self.step,
             "epoch": epoch,
             "best_metric": self.best_metric,
@@ -367,7 +372,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
         self.scaler.load_state_dict(ckpt["grad_scaler_state"])
-        restore_rng_state(ckpt["rng_state"])
+        restore_rng_state(ckpt["rng_state"], self.device)
         self.step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best_metric = float(ckpt["best_metric"])
@@ -490,11 +495,11 @@ class Trainer:
         """Sliding-window inference over the validation set (main process); loss, Dice (and HD95) per class."""
         # The latest checkpoint holds the RNG states from before validation: whatever validation draws must not
         # reach the training that follows, or a resumed run would differ from an uninterrupted one.
-        rng = capture_rng_state()
+        rng = capture_rng_state(self.device)
         try:
             return self._validate(epoch)
         finally:
-            restore_rng_state(rng)
+            restore_rng_state(rng, self.device)
 
     def _validate(self, epoch: int) -> dict:
         from fastseg3d.train.inference import MetricAccumulator, labels_from_prediction, predict_case

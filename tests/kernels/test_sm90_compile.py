@@ -530,7 +530,8 @@ def test_every_op_registers_its_launches():
     import fastseg3d.losses  # noqa: F401  (registers the one op without Triton launches)
 
     ops = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("fastseg3d::")}
-    # DiceCE's upsampling adjoint is an op only so that traced backwards take symbolic sizes: ATen computes it
+    # the resizes' adjoint (upsample_sum's and DiceCE's backward) is an op only so that traced backwards take
+    # symbolic sizes: ATen (or interpolation matrices) computes it, no Triton launch
     assert "fastseg3d::upsample_adjoint" in ops and set(LAUNCHES) == ops - {"fastseg3d::upsample_adjoint"}
 
 

@@ -123,12 +123,9 @@ def test_more_inputs_than_the_kernel_takes_run_the_reference():
 def test_opcheck(layout, count):
     xs = _inputs(2, 3, [(4, 5, 6), (2, 3, 3), (4, 5, 6)][:count], torch.float32, layout)
     args = (*xs, *[None] * (4 - count), [4, 5, 6], torch.float32)
-    # test_aot_dispatch_dynamic traces backward's ATen upsample_trilinear3d_backward with symbolic sizes outside
-    # the Python dispatcher, where its meta kernel takes only ints; torch.compile runs it (dynamic test below)
-    torch.library.opcheck(torch.ops.fastseg3d.upsample_sum.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    if count == 1:
-        torch.library.opcheck(torch.ops.fastseg3d.upsample_sum.default, args)
+    # test_aot_dispatch_dynamic included: backward's resizes go through fastseg3d::upsample_adjoint (ATen's
+    # upsample backward takes no symbolic sizes)
+    torch.library.opcheck(torch.ops.fastseg3d.upsample_sum.default, args)
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -143,6 +140,36 @@ def test_compile_fullgraph_forward_backward(dynamic):
     torch.compile(fn, fullgraph=True, dynamic=dynamic)(*xs2).backward()
     for i, (a, b) in enumerate(zip(xs2, xs)):
         assert_close(f"d inputs[{i}]", a.grad, b.grad, torch.float32)
+
+
+def test_op_compiles_with_dynamic_shapes_forward_backward():
+    """The op itself (on CPU the public function takes the reference) traced with symbolic sizes, backward too."""
+    xs = _inputs(2, 3, [(2, 3, 2), (4, 6, 5)], torch.float32, "ncdhw")
+    xs2 = [x.detach().clone().requires_grad_() for x in xs]
+
+    def fn(a, b):
+        return torch.ops.fastseg3d.upsample_sum(a, b, None, None, [4, 6, 5], torch.float32).square().sum()
+
+    fn(*xs).backward()
+    torch._dynamo.reset()
+    torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")(*xs2).backward()
+    for i, (a, b) in enumerate(zip(xs2, xs)):
+        assert_close(f"d inputs[{i}]", a.grad, b.grad, torch.float32)
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 3, 4, 5), (6, 8, 5)), ((1, 2, 7, 3, 9), (3, 8, 4)),
+                                        ((1, 2, 4, 3), (8, 9)), ((1, 1, 5, 2), (2, 7))], ids=str)
+def test_interpolation_adjoint_is_aten_upsample_backward(shape, size):
+    """The adjoint a GPU takes under deterministic algorithms (interpolation matrices, no atomics) against ATen's
+    backward, upsampling and downsampling, 2-D and 3-D."""
+    from fastseg3d.ops.upsample_sum import interpolation_adjoint
+
+    g = torch.randn(*shape[:2], *size, dtype=torch.float64)
+    backward = (torch.ops.aten.upsample_trilinear3d_backward if g.dim() == 5
+                else torch.ops.aten.upsample_bilinear2d_backward)
+    expected = backward(g, list(size), list(shape), False)
+    assert_close("adjoint", interpolation_adjoint(g, shape).double(), expected, torch.float32)
+    assert interpolation_adjoint(g.float(), shape).dtype == torch.float32
 
 
 def test_meta_device_forward_backward():
@@ -216,6 +243,27 @@ def test_gpu_kernel_matches_the_plain_composition(layout, dtype, poison):
         _check(_inputs(2, 256, [(3, 3, 3), (6, 6, 6), (12, 12, 12), (24, 24, 24)], dtype, layout, "cuda"),
                (24, 24, 24), dtype)
         _check(_inputs(1, 37, [(5, 7, 3), (9, 13, 11)], dtype, layout, "cuda"), (17, 13, 12), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_under_deterministic_algorithms_is_reproducible():
+    """ATen's CUDA upsample backward accumulates with atomics (an alert under deterministic algorithms): the
+    resizes' adjoint there is the interpolation matrices', bitwise reproducible and equal to the plain
+    composition's. (warn_only: cuBLAS alerts too unless CUBLAS_WORKSPACE_CONFIG was set before its first use,
+    as the trainer sets it; the alerts of upsampling are what must not appear.)"""
+    import warnings
+
+    parts = _inputs(2, 64, [(4, 4, 4), (8, 8, 8), (16, 16, 16)], torch.float32, "cl", "cuda")
+    g = torch.randn(2, 64, 16, 16, 16, device="cuda")
+    expected = torch.autograd.grad(upsample_sum_ref(parts, (16, 16, 16)), parts, g)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # conftest restores the setting
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = [torch.autograd.grad(upsample_sum(parts), parts, g) for _ in range(2)]
+    assert not [w for w in caught if "upsample" in str(w.message)], [str(w.message) for w in caught]
+    for i, (a, b, e) in enumerate(zip(*runs, expected)):
+        assert torch.equal(a, b), f"inputs[{i}]"
+        assert_close(f"d inputs[{i}]", a, e, torch.float32)
 
 
 @pytest.mark.gpu

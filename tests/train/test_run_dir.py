@@ -213,3 +213,40 @@ def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert "torch sees no CUDA device" in error("train", *ONE_EPOCH, "--output-dir", run, "--device", "cuda")
     assert "torch sees no CUDA device" in error("eval", "--checkpoint", str(ckpt), "--device", "cuda")
     assert not Path(run).exists()  # nothing was written
+
+
+def test_rng_state_holds_the_training_gpus_generator_only(monkeypatch):
+    """Under torchrun rank 0 writes the checkpoint: its other GPUs' generators were seeded and never drawn from,
+    so each rank restores rank 0's training-GPU state into its own GPU (every rank draws in step); checkpoints that
+    held every GPU's state restore this device's entry."""
+    from fastseg3d.train import checkpoint
+
+    drawn = {0: torch.tensor([10], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: drawn[torch.device(device).index].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device: restored.__setitem__(torch.device(device).index, state))
+    state = checkpoint.capture_rng_state(torch.device("cuda", 0))
+    assert torch.equal(state["cuda"], drawn[0])
+    checkpoint.restore_rng_state(state, torch.device("cuda", 3))  # rank 3's GPU
+    assert list(restored) == [3] and torch.equal(restored[3], drawn[0])
+    restored.clear()
+    checkpoint.restore_rng_state({**state, "cuda": [drawn[0], drawn[1]]}, torch.device("cuda", 1))
+    assert list(restored) == [1] and torch.equal(restored[1], drawn[1])
+    restored.clear()
+    cpu_state = checkpoint.capture_rng_state(torch.device("cpu"))
+    assert "cuda" not in cpu_state
+    checkpoint.restore_rng_state(state, torch.device("cpu"))  # a CPU run ignores a GPU run's CUDA state
+    assert not restored
+
+
+def test_a_fixed_gpu_index_under_torchrun_is_refused(monkeypatch):
+    """Every rank would train on the one GPU named; ``cuda`` and ``auto`` take the local rank's."""
+    from fastseg3d.train.trainer import SetupError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", local_rank=2, world=4) == torch.device("cuda", 2)
+    assert resolve_device("auto", local_rank=1, world=4) == torch.device("cuda", 1)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(SetupError, match="names one GPU for all 4 processes"):
+        resolve_device("cuda:1", local_rank=2, world=4)
