@@ -208,7 +208,8 @@ def _running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, rstd_ptr, C, eps, momentum, 
     ok = c < C
     mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
     rstd = tl.load(rstd_ptr + c, mask=ok, other=1.0)
-    var = tl.maximum(1.0 / (rstd * rstd) - eps, 0.0) * unbias
+    # NaN statistics stay NaN, as ATen's update leaves them (a GPU's plain max would drop them)
+    var = tl.maximum(1.0 / (rstd * rstd) - eps, 0.0, propagate_nan=tl.PropagateNan.ALL) * unbias
     rm = tl.load(rm_ptr + c, mask=ok, other=0.0)
     rv = tl.load(rv_ptr + c, mask=ok, other=0.0)
     mean = mean.to(rm_ptr.dtype.element_ty).to(tl.float32)

@@ -241,6 +241,8 @@ def test_unsupported_reasons():
     assert "dtype=torch.float64" in group_norm_act_unsupported_reasons(x.double())[0]
     assert "weight dtype" in group_norm_act_unsupported_reasons(x, torch.ones(8, device="meta").double())[0]
     assert "no elements" in group_norm_act_unsupported_reasons(torch.empty(2, 8, 0, 3, 4, device="meta"))[0]
+    wide = torch.empty(1, 16 * 65535 + 16, 1, 1, 1, device="meta")  # more channel tiles than a grid row takes
+    assert "channels above 1048560" in group_norm_act_unsupported_reasons(wide)[0]
 
 
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
@@ -453,10 +455,13 @@ def test_kernels_batch_statistics_write_the_requested_dtype(poison):
 
 def _check_running_stats(c, momentum, dtype, device="cpu"):
     """The kernel's update against the reference's, on buffers that are the first C values of longer ones (nothing
-    past C is written), with one channel whose variance rounds below zero (clamped to 0)."""
+    past C is written), with one channel whose variance rounds below zero (clamped to 0) and one whose statistics
+    are NaN (kept NaN, as ATen's update keeps them: a GPU's plain max would turn the variance into 0)."""
     mean = torch.randn(c, device=device)
     rstd = torch.rand(c, device=device) + 0.2
     rstd[0] = 2.0 / math.sqrt(1e-5)  # var + eps = eps / 4
+    if c > 1:
+        rstd[1] = float("nan")
     stores = [torch.randn(c + 3, device=device).to(dtype), (torch.rand(c + 3, device=device) + 0.5).to(dtype)]
     stores[1][0] = 1e-4  # a negative variance (-0.75 eps) would move it by 8% or more
     rm, rv = stores[0][:c], stores[1][:c]
@@ -467,7 +472,8 @@ def _check_running_stats(c, momentum, dtype, device="cpu"):
     group_norm_act_running_stats(rm, rv, mean, rstd, 1e-5, momentum, 10)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     for got, want in zip((rm, rv), expected):
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+    assert c == 1 or rv[1].isnan()
     assert all(torch.equal(t[c:], tail) for t, tail in zip(stores, tails))
     assert rv[0].item() == pytest.approx((1 - momentum) * rv0, rel=tol)  # the clamped variance: 0
 
