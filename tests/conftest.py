@@ -92,6 +92,85 @@ def _bf16_as_on_gpu(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _no_cross_program_hazards(request, monkeypatch):
+    """The interpreter runs a launch's programs one after another; a GPU runs them at once, in any order. So no
+    byte that one program of a launch writes may be written or read by another program of that launch (partial
+    sums go to per-program workspaces that a later launch reduces): a race there passes on CPU and breaks on a
+    GPU."""
+    if not INTERPRET or "interpret" not in request.keywords:
+        yield
+        return
+    import numpy as np
+    from triton.runtime import interpreter
+
+    program = [None]
+    log: dict[str, list] | None = None
+    hazards: list[str] = []
+
+    def touched(ptrs, mask):
+        addr = np.asarray(ptrs.data)
+        if mask is not None:
+            addr = addr[np.broadcast_to(np.asarray(mask.data), addr.shape)]
+        size = ptrs.dtype.element_ty.primitive_bitwidth // 8
+        return addr.ravel() if size == 1 else (addr.reshape(-1, 1) + np.arange(size, dtype=addr.dtype)).ravel()
+
+    real_set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
+    real_load = interpreter.InterpreterBuilder.create_masked_load
+    real_store = interpreter.InterpreterBuilder.create_masked_store
+    real_call = interpreter.GridExecutor.__call__
+
+    def set_grid_idx(self, x, y, z):
+        program[0] = (x, y, z)
+        return real_set_grid_idx(self, x, y, z)
+
+    def load(self, ptrs, mask, *args):
+        if log is not None:
+            log["load"].append((touched(ptrs, mask), program[0]))
+        return real_load(self, ptrs, mask, *args)
+
+    def store(self, ptrs, value, mask, *args):
+        if log is not None:
+            log["store"].append((touched(ptrs, mask), program[0]))
+        return real_store(self, ptrs, value, mask, *args)
+
+    def flat(entries, ids):
+        if not entries:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return (np.concatenate([a for a, _ in entries]),
+                np.concatenate([np.full(a.shape, ids.setdefault(p, len(ids)), np.int64) for a, p in entries]))
+
+    def call(self, *args, **kwargs):
+        nonlocal log
+        log = {"load": [], "store": []}
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            entries, log = log, None
+            ids: dict = {}
+            stored, by = flat(entries["store"], ids)
+            loaded, reader = flat(entries["load"], ids)
+            if stored.size:
+                order = np.lexsort((by, stored))
+                stored, by = stored[order], by[order]
+                addresses, first = np.unique(stored, return_index=True)
+                lowest, highest = by[first], by[np.r_[first[1:], stored.size] - 1]
+                name = getattr(self.fn, "__name__", "?")
+                if (lowest != highest).any():
+                    hazards.append(f"{name}: {int((lowest != highest).sum())} bytes written by two programs")
+                at = np.minimum(np.searchsorted(addresses, loaded), addresses.size - 1)
+                other = (addresses[at] == loaded) & ((lowest[at] != reader) | (highest[at] != reader))
+                if other.any():
+                    hazards.append(f"{name}: {int(other.sum())} byte reads of what another program writes")
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", store)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", call)
+    yield
+    assert not hazards, "\n".join(hazards[:5])
+
+
+@pytest.fixture(autouse=True)
 def _bounds_checked(request, monkeypatch):
     """Under the interpreter every kernel access the mask lets through must fall inside one of the launch's tensor
     arguments (the extent of its view): an out-of-bounds read whose value is later discarded passes every

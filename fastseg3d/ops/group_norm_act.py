@@ -79,8 +79,8 @@ def group_norm_act_unsupported_reasons(x: Tensor, weight: Tensor | None = None, 
             reasons.append(f"{name} dtype={p.dtype} (fused: float32, float16, bfloat16)")
     if x.shape[0] > utils.MAX_GRID_YZ:
         reasons.append(f"batch above {utils.MAX_GRID_YZ}")
-    if x.dim() > 1 and x.shape[1] > 16 * utils.MAX_GRID_YZ:  # the GPU tiles take up to 16 channels, a grid row each
-        reasons.append(f"channels above {16 * utils.MAX_GRID_YZ}")
+    if x.dim() > 1 and x.shape[1] > 4 * utils.MAX_GRID_YZ:  # NCDHW tiles take 4 channels, one grid row each
+        reasons.append(f"channels above {4 * utils.MAX_GRID_YZ}")
     if x.numel() == 0:
         reasons.append("x has no elements")
     return reasons

@@ -241,8 +241,8 @@ def test_unsupported_reasons():
     assert "dtype=torch.float64" in group_norm_act_unsupported_reasons(x.double())[0]
     assert "weight dtype" in group_norm_act_unsupported_reasons(x, torch.ones(8, device="meta").double())[0]
     assert "no elements" in group_norm_act_unsupported_reasons(torch.empty(2, 8, 0, 3, 4, device="meta"))[0]
-    wide = torch.empty(1, 16 * 65535 + 16, 1, 1, 1, device="meta")  # more channel tiles than a grid row takes
-    assert "channels above 1048560" in group_norm_act_unsupported_reasons(wide)[0]
+    wide = torch.empty(1, 4 * 65535 + 4, 1, 1, 1, device="meta")  # more channel tiles than a grid row takes
+    assert "channels above 262140" in group_norm_act_unsupported_reasons(wide)[0]
 
 
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
