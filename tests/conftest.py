@@ -92,89 +92,16 @@ def _bf16_as_on_gpu(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _no_cross_program_hazards(request, monkeypatch):
-    """The interpreter runs a launch's programs one after another; a GPU runs them at once, in any order. So no
-    byte that one program of a launch writes may be written or read by another program of that launch (partial
-    sums go to per-program workspaces that a later launch reduces): a race there passes on CPU and breaks on a
-    GPU."""
-    if not INTERPRET or "interpret" not in request.keywords:
-        yield
-        return
-    import numpy as np
-    from triton.runtime import interpreter
+def _launches_checked(request, monkeypatch):
+    """Under the interpreter, two checks of every kernel access the mask lets through:
 
-    program = [None]
-    log: dict[str, list] | None = None
-    hazards: list[str] = []
-
-    def touched(ptrs, mask):
-        addr = np.asarray(ptrs.data)
-        if mask is not None:
-            addr = addr[np.broadcast_to(np.asarray(mask.data), addr.shape)]
-        size = ptrs.dtype.element_ty.primitive_bitwidth // 8
-        return addr.ravel() if size == 1 else (addr.reshape(-1, 1) + np.arange(size, dtype=addr.dtype)).ravel()
-
-    real_set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
-    real_load = interpreter.InterpreterBuilder.create_masked_load
-    real_store = interpreter.InterpreterBuilder.create_masked_store
-    real_call = interpreter.GridExecutor.__call__
-
-    def set_grid_idx(self, x, y, z):
-        program[0] = (x, y, z)
-        return real_set_grid_idx(self, x, y, z)
-
-    def load(self, ptrs, mask, *args):
-        if log is not None:
-            log["load"].append((touched(ptrs, mask), program[0]))
-        return real_load(self, ptrs, mask, *args)
-
-    def store(self, ptrs, value, mask, *args):
-        if log is not None:
-            log["store"].append((touched(ptrs, mask), program[0]))
-        return real_store(self, ptrs, value, mask, *args)
-
-    def flat(entries, ids):
-        if not entries:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return (np.concatenate([a for a, _ in entries]),
-                np.concatenate([np.full(a.shape, ids.setdefault(p, len(ids)), np.int64) for a, p in entries]))
-
-    def call(self, *args, **kwargs):
-        nonlocal log
-        log = {"load": [], "store": []}
-        try:
-            return real_call(self, *args, **kwargs)
-        finally:
-            entries, log = log, None
-            ids: dict = {}
-            stored, by = flat(entries["store"], ids)
-            loaded, reader = flat(entries["load"], ids)
-            if stored.size:
-                order = np.lexsort((by, stored))
-                stored, by = stored[order], by[order]
-                addresses, first = np.unique(stored, return_index=True)
-                lowest, highest = by[first], by[np.r_[first[1:], stored.size] - 1]
-                name = getattr(self.fn, "__name__", "?")
-                if (lowest != highest).any():
-                    hazards.append(f"{name}: {int((lowest != highest).sum())} bytes written by two programs")
-                at = np.minimum(np.searchsorted(addresses, loaded), addresses.size - 1)
-                other = (addresses[at] == loaded) & ((lowest[at] != reader) | (highest[at] != reader))
-                if other.any():
-                    hazards.append(f"{name}: {int(other.sum())} byte reads of what another program writes")
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", store)
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", call)
-    yield
-    assert not hazards, "\n".join(hazards[:5])
-
-
-@pytest.fixture(autouse=True)
-def _bounds_checked(request, monkeypatch):
-    """Under the interpreter every kernel access the mask lets through must fall inside one of the launch's tensor
-    arguments (the extent of its view): an out-of-bounds read whose value is later discarded passes every
-    comparison on CPU and faults, or reads garbage, on a GPU."""
+    - bounds: it falls inside one of the launch's tensor arguments (the extent of its view): an out-of-bounds read
+      whose value is later discarded passes every comparison on CPU and faults, or reads garbage, on a GPU;
+    - hazards: the interpreter runs a launch's programs one after another, a GPU at once and in any order, so no
+      byte that one program of a launch writes may be written or read by another program of that launch (partial
+      sums go to per-program workspaces that a later launch reduces): a race there passes on CPU and breaks on a
+      GPU.
+    """
     if not INTERPRET or "interpret" not in request.keywords:
         yield
         return
@@ -182,9 +109,16 @@ def _bounds_checked(request, monkeypatch):
     from triton.runtime import interpreter
 
     extents: list[tuple[int, int]] = []
+    program = [None]
+    log: dict[str, list] = {"load": [], "store": []}
     violations: list[str] = []
 
     real_init = interpreter.GridExecutor._init_args_hst
+    real_call = interpreter.GridExecutor.__call__
+    real_set_grid_idx = interpreter.InterpreterBuilder.set_grid_idx
+    real_load = interpreter.InterpreterBuilder.create_masked_load
+    real_store = interpreter.InterpreterBuilder.create_masked_store
+    real_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
 
     def init_args(self, args_dev, kwargs):
         args, kw = real_init(self, args_dev, kwargs)
@@ -195,37 +129,70 @@ def _bounds_checked(request, monkeypatch):
                 extents.append((t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()))
         return args, kw
 
-    def check(kind, ptrs, mask, itemsize):
+    def set_grid_idx(self, x, y, z):
+        program[0] = (x, y, z)
+        return real_set_grid_idx(self, x, y, z)
+
+    def check(kind, ptrs, mask):
+        """Bounds now; the bytes touched kept (with the program) for the launch's hazard check."""
         addr = np.asarray(ptrs.data)
         if mask is not None:
-            addr = addr[np.asarray(mask.data).astype(bool)]
+            addr = addr[np.broadcast_to(np.asarray(mask.data).astype(bool), addr.shape)]
         if addr.size == 0:
             return
-        lo, hi = int(addr.min()), int(addr.max()) + itemsize
+        size = ptrs.dtype.element_ty.primitive_bitwidth // 8
+        lo, hi = int(addr.min()), int(addr.max()) + size
         if not any(start <= lo and hi <= end for start, end in extents):
             name = getattr(getattr(request, "node", None), "name", "?")
             violations.append(f"{name}: {kind} of [{lo:#x}, {hi:#x}) outside every tensor argument")
-
-    def itemsize(ptrs):
-        return ptrs.dtype.element_ty.primitive_bitwidth // 8
-
-    real_load = interpreter.InterpreterBuilder.create_masked_load
-    real_store = interpreter.InterpreterBuilder.create_masked_store
-    real_rmw = interpreter.InterpreterBuilder.create_atomic_rmw
+        touched = addr.ravel() if size == 1 else (addr.reshape(-1, 1) + np.arange(size, dtype=addr.dtype)).ravel()
+        log["store" if kind == "store" else "load"].append((touched, program[0]))
 
     def load(self, ptrs, mask, *args):
-        check("load", ptrs, mask, itemsize(ptrs))
+        check("load", ptrs, mask)
         return real_load(self, ptrs, mask, *args)
 
     def store(self, ptrs, value, mask, *args):
-        check("store", ptrs, mask, itemsize(ptrs))
+        check("store", ptrs, mask)
         return real_store(self, ptrs, value, mask, *args)
 
     def rmw(self, op, ptrs, value, mask, *args):
-        check("atomic", ptrs, mask, itemsize(ptrs))
+        check("atomic", ptrs, mask)
         return real_rmw(self, op, ptrs, value, mask, *args)
 
+    def flat(entries, ids):
+        if not entries:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return (np.concatenate([a for a, _ in entries]),
+                np.concatenate([np.full(a.shape, ids.setdefault(p, len(ids)), np.int64) for a, p in entries]))
+
+    def call(self, *args, **kwargs):
+        log["load"].clear()
+        log["store"].clear()
+        try:
+            return real_call(self, *args, **kwargs)
+        finally:
+            ids: dict = {}
+            stored, by = flat(log["store"], ids)
+            loaded, reader = flat(log["load"], ids)
+            log["load"].clear()
+            log["store"].clear()
+            if stored.size:
+                order = np.lexsort((by, stored))
+                stored, by = stored[order], by[order]
+                addresses, first = np.unique(stored, return_index=True)
+                lowest, highest = by[first], by[np.r_[first[1:], stored.size] - 1]
+                name = getattr(self.fn, "__name__", "?")
+                if (lowest != highest).any():
+                    violations.append(f"{name}: {int((lowest != highest).sum())} bytes written by two programs")
+                at = np.minimum(np.searchsorted(addresses, loaded), addresses.size - 1)
+                other = (addresses[at] == loaded) & ((lowest[at] != reader) | (highest[at] != reader))
+                if other.any():
+                    violations.append(f"{name}: {int(other.sum())} byte reads of what another program writes")
+
     monkeypatch.setattr(interpreter.GridExecutor, "_init_args_hst", init_args)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", call)
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "set_grid_idx", set_grid_idx)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_load", load)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", store)
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", rmw)
