@@ -72,6 +72,33 @@ def _compile_like_jit(fn, args, kwargs):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+_COPIES: dict = {}
+
+
+def torch_compile_copy(fn):
+    """``fn`` as ``torch.compile`` rebuilds it when a ``triton_op`` is compiled: Inductor writes the kernel's source
+    and the ``@triton.jit`` functions it calls into a module of their own, with ``triton`` and ``tl`` imported and
+    only the bare names that come from triton re-imported (a module global such as ``libdevice`` is not), and
+    compiles that module in a worker process. A name the copy lacks fails there, not in eager runs."""
+    if fn not in _COPIES:
+        import importlib.util
+
+        from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
+
+        source = "import triton\nimport triton.language as tl\n\n@triton.jit\n"
+        source += user_defined_triton_kernel_transitive_closure_source_code(fn)
+        name = f"torch_compile_copy_{len(_COPIES)}_{fn.fn.__name__}"
+        # JITFunction reads its source back from the file (inspect), so the file outlives the call
+        path = os.path.join(tempfile.mkdtemp(prefix="fastseg3d-sass-"), f"{name}.py")
+        with open(path, "w") as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _COPIES[fn] = getattr(module, fn.fn.__name__)
+    return _COPIES[fn]
+
+
 def _cuobjdump(cubin: bytes, flag: str) -> str:
     import triton
 
@@ -316,7 +343,8 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
     emulated autocast to ``dtype``; ``infer``: an eval forward under ``no_grad``), every fused op call is recorded,
     and each is replayed through the function that makes the op's launches (``fastseg3d.ops.utils.LAUNCHES``)
     with its launches captured, so the kernels, shapes and tile configurations are those the GPU would get.
-    Launches that Triton's JIT would specialise alike are compiled once."""
+    Launches that Triton's JIT would specialise alike are compiled once, each from the copy ``torch.compile`` makes
+    of it (``torch_compile_copy``), so the check covers compiled models too."""
     from bench.models import NETWORKS
     from bench.registry import load_cases
     from fastseg3d.kernels import utils as kernel_utils
@@ -366,7 +394,8 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
     rows = []
     for entry in distinct.values():
         fn, a, kw = entry["launch"]
-        compiled = _compile_like_jit(fn, a, kw)
+        # the copy torch.compile makes of the kernel: the same code, and the names it lacks would fail to compile
+        compiled = _compile_like_jit(torch_compile_copy(fn), a, kw)
         usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
         regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
         shared = compiled.metadata.shared

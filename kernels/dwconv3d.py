@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+# imported by name: torch.compile copies a kernel's source and re-imports only the triton names it calls bare
+from triton.language.extra.libdevice import fast_dividef
 
 from fastseg3d.kernels import utils
 from fastseg3d.kernels.utils import INTERPRET, bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
@@ -60,7 +61,7 @@ else:
     def _fast_div(x, y):
         """x / y within 2 ulp for |y| in [2^-126, 2^126] (0 beyond): a reciprocal and a multiply, where the
         division Triton emits adds range checks (about 8 instructions in all)."""
-        return libdevice.fast_dividef(x, y)
+        return fast_dividef(x, y)
 
 
 @triton.jit
