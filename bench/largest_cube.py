@@ -7,14 +7,16 @@
 For each model (a model case's network at its published configuration, see ``bench/models.py``) and provider, one
 training step (forward, loss, backward, as the model cases' ``train_step``) is tried at cube sides that are
 multiples of the network's total stride: doubling from 64 until a step fails, then bisecting between the largest
-side that trained and the smallest that failed. Plain goes first (its search ends lower, and it is the
-denominator of the fused network's ratio). Between tries the gradients, inputs and the allocator's cache are
-released (``torch.cuda.empty_cache()``). A try fails on CUDA out-of-memory (or an allocation failure reported by
-cuBLAS/cuDNN), or on any other error, which is recorded as the ``stop`` reason, since a kernel that refuses a size
-(an index-width limit, say) bounds what trains just as memory does. Each search gets an equal share of what is
-left of ``--time-limit`` when it starts (a try is never interrupted, so one may overrun its share); a search cut
-short says so (``converged`` false). On SIGTERM (a ``timeout`` box closing) the search under way stops, its try
-interrupted, and its row is written with the largest side that trained so far (``stop`` "terminated").
+side that trained and the smallest that failed; once two sides have trained, the next try is the side that their
+peak memories, extended linearly in the voxels, predict to fill the GPU (tries at large sides take seconds each).
+Plain goes first (its search ends lower, and it is the denominator of the fused network's ratio). Between tries the
+gradients, inputs and the allocator's cache are released (``torch.cuda.empty_cache()``). A try fails on CUDA
+out-of-memory (or an allocation failure reported by cuBLAS/cuDNN), or on any other error, which is recorded as the
+``stop`` reason, since a kernel that refuses a size (an index-width limit, say) bounds what trains just as memory
+does. Each search gets an equal share of what is left of ``--time-limit`` when it starts (a try is never
+interrupted, so one may overrun its share); a search cut short says so (``converged`` false). On SIGTERM (a
+``timeout`` box closing) the search under way stops, its try interrupted, and its row is written with the largest
+side that trained so far (``stop`` "terminated").
 
 Rows (one per model and provider) go to ``<out>/largest_cube.jsonl``. Needs a GPU: a CPU has no device memory
 limit to find, so the command refuses there.
@@ -78,14 +80,20 @@ class Search:
     step_ms: float | None
 
 
-def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadline: float | None = None) -> Search:
+def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadline: float | None = None,
+           capacity_mb: float | None = None) -> Search:
     """Largest side (a multiple of ``stride``, at most ``max_side``) for which ``attempt`` succeeds, assuming that
-    success is monotone in the side: doubling from ``START_SIDE``, then bisection."""
+    success is monotone in the side: doubling from ``START_SIDE``, then bisection. With ``capacity_mb`` (the
+    device's memory), once two sides have trained the next try is the side their peak memories, extended linearly
+    in the voxels, predict to fill it (at most four times the side, and inside the bisection's bracket), since
+    each try at a large side costs seconds: the search then usually ends with the predicted side and its
+    neighbour."""
     k_max = max_side // stride
     if k_max < 1:
         raise ValueError(f"max_side {max_side} is below the stride {stride}")
     good, bad = 0, None  # largest good and smallest bad multiple of the stride
     best, stop, tries = Attempt(False), "", 0
+    fits: list[tuple[float, float]] = []  # (voxels, peak MB) of the sides that trained
 
     def run(k: int) -> bool:
         nonlocal good, bad, best, stop, tries
@@ -93,9 +101,21 @@ def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadli
         a = attempt(k * stride)
         if a.ok:
             good, best = k, a
+            if a.peak_mem_mb is not None:
+                fits.append((float(k * stride) ** 3, a.peak_mem_mb))
         else:
             bad, stop = k, a.reason
         return a.ok
+
+    def predicted() -> int | None:
+        """The multiple of the stride whose predicted peak fills ``capacity_mb`` (None: no prediction)."""
+        if capacity_mb is None or len(fits) < 2:
+            return None
+        (v0, m0), (v1, m1) = fits[-2], fits[-1]
+        if v1 <= v0 or m1 <= m0:
+            return None
+        voxels = v1 + (capacity_mb - m1) * (v1 - v0) / (m1 - m0)
+        return int(voxels ** (1 / 3) // stride) if voxels > 0 else None
 
     def timed_out() -> bool:
         return deadline is not None and time.monotonic() > deadline
@@ -106,10 +126,14 @@ def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadli
         while bad is None and not timed_out():
             if not run(k) or k == k_max:
                 break
-            k = min(k_max, 2 * k)
+            guess = predicted()
+            k = min(k_max, 2 * k if guess is None else max(k + 1, min(guess, 4 * k)))
         # (when the start side fails, the bisection runs between 0 and it)
         while bad is not None and bad - good > 1 and not timed_out():
-            run((good + bad) // 2)
+            guess = predicted()
+            if guess is not None and guess == good:  # the prediction is on the edge: its neighbour decides
+                guess += 1
+            run(guess if guess is not None and good < guess < bad else (good + bad) // 2)
     except Terminated:
         cut = "terminated"
     except utils.DeviceLost as lost:  # the GPU is unusable from here: the search ends where it stands
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             searches_left -= 1
             model = build(net, net.cfg, plain, device)
             found = search(_attempt_fn(net, model, plain, provider, DTYPES[args.dtype], device), stride,
-                           args.max_side, deadline)
+                           args.max_side, deadline, capacity_mb=total_mb)
             row = {"suite": "model", "case": "largest_cube", "model": name, "provider": provider,
                    "dtype": args.dtype, "batch": 1, "stride": stride, **asdict(found),
                    "voxels": found.side**3 if found.side else None, "search_s": time.monotonic() - start,

@@ -3,6 +3,8 @@ process (Triton reads it when kernels are decorated, and it breaks compile/opche
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -23,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_not_interp)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """With ``FASTSEG3D_FAILURE_LOG`` set (bench/gpu_check.sh sets it), each failure's traceback is appended to that
+    file as the test ends: a GPU run cut by its time box prints no summary, and its failures would say nothing."""
+    path = os.environ.get("FASTSEG3D_FAILURE_LOG")
+    # under pytest-xdist the controller receives every worker's reports: it alone writes
+    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 
 
 @pytest.fixture(autouse=True)

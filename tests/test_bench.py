@@ -426,6 +426,25 @@ def test_largest_cube_search(limit):
         assert found.failed_side == expected + 16 and found.stop == "out of memory"
 
 
+@pytest.mark.parametrize("capacity", [3_000.0, 60_000.0, 143_000.0])
+def test_largest_cube_search_jumps_to_the_side_memory_predicts(capacity):
+    """Peak memory linear in the voxels (a constant plus bytes per voxel, as a network's activations): with the
+    device's capacity known, the search tries the predicted side and its neighbour, not a bisection's dozen."""
+    tried = []
+
+    def attempt(side):
+        tried.append(side)
+        peak = 900.0 + 2.1e-4 * side**3
+        ok = peak <= capacity
+        return largest_cube.Attempt(ok, "" if ok else "out of memory", peak if ok else None, 1.0 if ok else None)
+
+    found = largest_cube.search(attempt, 32, 4096, capacity_mb=capacity)
+    expected = max(s for s in range(32, 4097, 32) if 900.0 + 2.1e-4 * s**3 <= capacity)
+    assert found.side == expected and found.failed_side == expected + 32 and found.converged
+    plain = largest_cube.search(attempt, 32, 4096)
+    assert found.tries <= min(5, plain.tries), (tried, found.tries, plain.tries)
+
+
 def test_largest_cube_search_stops_at_its_deadline():
     found = largest_cube.search(lambda side: largest_cube.Attempt(True), 16, 4096, deadline=time.monotonic() - 1)
     assert found.tries == 0 and found.side is None and not found.converged and found.stop == "time-limit"
@@ -471,6 +490,23 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     for name in ("./results/ops.jsonl", "./results/targets.txt", "./results/info.txt", "./bench.log"):
         assert name in listing
     assert "not measured" in (out / "bench_table.txt").read_text()  # the targets report, on a CPU run
+
+
+def test_failures_are_logged_as_they_happen(tmp_path):
+    """gpu_check.sh's test tier may be cut by its box before pytest prints a summary: with FASTSEG3D_FAILURE_LOG,
+    the project's conftest appends each failure's traceback to that file when the test ends."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_sample.py").write_text(
+        "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n")
+    log = tmp_path / "failures.log"
+    env = {**os.environ, "FASTSEG3D_FAILURE_LOG": str(log)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    text = log.read_text()
+    assert text.startswith("=== test_sample.py::test_fails (call)") and "AssertionError: arithmetic" in text
+    assert "test_passes" not in text
 
 
 def _target_plan() -> dict[str, list[str]]:
