@@ -1204,7 +1204,17 @@ def test_gpu_act_instance_norm_chains_under_cuda_autocast(layout):
     assert len([t for t in saved if t.numel() >= h.numel()]) == 3  # x, h and the second norm's output
     assert y.dtype == y_ref.dtype == torch.bfloat16
     assert_close("y", y, y_ref, torch.bfloat16, 2.0)
-    g = torch.randn_like(y_ref)
+    # no gradient where either ReLU input is near its kink: the chains round differently (the fused one keeps the
+    # GELUs in fp32), and where that flips the ReLU's mask dx moves by about 4% RMS, as far as float64 is from
+    # either (the H200 run failed here)
+    g = torch.randn_like(y_ref) * ((y > 0.1) & (y_ref > 0.1))
     y.backward(g)
     y_ref.backward(g)
-    _assert_bf16_grads_match(x1, x2, (conv,), (conv_ref,))
+    for name, a, e in (("dx", x1.grad, x2.grad), ("dconv.weight", conv.weight.grad, conv_ref.weight.grad)):
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
+    # GELU -> InstanceNorm after the conv nearly cancels its bias: its gradient is a small sum of bf16-rounded
+    # terms, so its error is measured against the weight gradient's scale
+    assert conv.bias.grad.dtype == conv_ref.bias.grad.dtype
+    assert_close("dconv.bias", conv.bias.grad, conv_ref.bias.grad, torch.bfloat16,
+                 floor=conv_ref.weight.grad.abs().max().item())
