@@ -79,6 +79,25 @@ def _graph_steps(fn, setup):
     return step
 
 
+def _graph_ms(fn, setup, device: torch.device, label: str) -> float | None:
+    """Median time of ``fn`` captured in one CUDA graph and replayed: the GPU's own time for the call, without the
+    host's time to issue it, which on a slow host can exceed it (None where the call cannot be captured)."""
+    from bench.models import graphed
+
+    replay = None
+    try:
+        replay = graphed(fn, list(setup.grads_of or ()), device)
+        return utils.time_ms(replay, device, rep=100)[0]
+    except Exception as err:  # noqa: BLE001  (a call that cannot be captured loses this column only)
+        if utils.device_lost(err):
+            raise
+        print(f"  {label}: no graph time ({utils.first_line(err)})", file=sys.stderr)
+        return None
+    finally:
+        replay = None  # noqa: F841  (the graph and its memory pool go with it)
+        _free(device)
+
+
 def select_providers(case: Case, spec: dict, patterns: list[str] | None, device: torch.device) -> list[str]:
     """The providers of ``case`` at ``spec`` that this run measures (see the module docstring)."""
     names = case.providers(spec)
@@ -193,6 +212,9 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         peak = (None if replayed or provider.endswith(CUDA_GRAPH)
                                 else utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of))
                         host = utils.host_ms(fn, device, grad_to_none=setup.grads_of)
+                        what = f"{case.name} {label} {dtype_name} {mode} {provider}"
+                        graph = (_graph_ms(fn, setup, device, what)
+                                 if case.suite == "ops" and device.type == "cuda" and not replayed else None)
                     except torch.OutOfMemoryError:
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
                         fn = None
@@ -215,8 +237,8 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         roof, bound = None, None
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
-                           "host_ms": host, "peak_mem_mb": peak, "roofline_pct": roof, "roofline_bound": bound,
-                           "bandwidth_pct": bandwidth, "backend": setup.backend, **env}
+                           "host_ms": host, "graph_ms": graph, "peak_mem_mb": peak, "roofline_pct": roof,
+                           "roofline_bound": bound, "bandwidth_pct": bandwidth, "backend": setup.backend, **env}
                     utils.write_rows([row], rows_path)
                     rows.append({k: row.get(k) for k in utils.ROW_KEYS})
                     print(f"  {case.name} {label} {dtype_name} {mode} {provider}: {med:.4f} ms", file=sys.stderr)

@@ -20,9 +20,9 @@ import torch
 from fastseg3d.backends import tf32_matmul_allowed
 
 ROW_KEYS = (
-    "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "host_ms", "peak_mem_mb",
-    "roofline_pct", "roofline_bound", "bandwidth_pct", "backend", "device", "driver", "torch", "triton", "cuda",
-    "cudnn", "commit", "date",
+    "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "host_ms", "graph_ms",
+    "peak_mem_mb", "roofline_pct", "roofline_bound", "bandwidth_pct", "backend", "device", "driver", "torch", "triton",
+    "cuda", "cudnn", "commit", "date",
 )
 # Exponentials (MUFU ex2) per clock per SM: the CUDA C++ Programming Guide's arithmetic-throughput table gives 16
 # for compute capability 5.x to 9.0 (H100, H200); newer parts are assumed to match until measured.
@@ -271,8 +271,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     lines = [(f"{'case':<16} {'shape':<28} {'dtype':<9} {'mode':<10} {'provider':<40} {'median ms':>10} "
-             f"{'p20':>8} {'p80':>8} {'host ms':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} {'bw%':>6} "
-             f"{'fastseg3d x':>11} {'mem x':>6}")]
+             f"{'p20':>8} {'p80':>8} {'host ms':>8} {'graph ms':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} "
+             f"{'bw%':>6} {'fastseg3d x':>11} {'mem x':>6}")]
     for (case, shape, dtype, mode), by_provider in groups.items():
         ours = by_provider.get("fastseg3d")
         for provider, r in by_provider.items():
@@ -282,12 +282,13 @@ def format_table(rows: list[dict]) -> str:
                      if peer and r["peak_mem_mb"] is not None and ours["peak_mem_mb"] else "")
             mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
             host = f"{r['host_ms']:.4f}" if r.get("host_ms") is not None else "-"
+            graph = f"{r['graph_ms']:.4f}" if r.get("graph_ms") is not None else "-"
             roof = f"{r['roofline_pct']:.1f}" if r["roofline_pct"] is not None else "-"
             bw = f"{r['bandwidth_pct']:.1f}" if r.get("bandwidth_pct") is not None else "-"
             bound = r.get("roofline_bound") or "-"
             lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
-                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {host:>8} {mem:>9} {roof:>9} {bound:>6} {bw:>6} "
-                         f"{speedup:>11} {mem_x:>6}")
+                         f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {host:>8} {graph:>8} {mem:>9} {roof:>9} "
+                         f"{bound:>6} {bw:>6} {speedup:>11} {mem_x:>6}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -336,6 +337,38 @@ def test_host_ms_times_issuing_a_call(monkeypatch):
            "p20_ms": 2.9, "p80_ms": 3.1, "host_ms": 0.125, "peak_mem_mb": None, "roofline_pct": None}
     table = format_table([row]).splitlines()
     assert "host ms" in table[0] and "0.1250" in table[1]
+
+
+def test_graph_ms_times_the_captured_call(monkeypatch, capsys):
+    """An op row's graph_ms: the call captured in a CUDA graph and its replay timed (the GPU's time without the
+    host's); a call that cannot be captured loses the column only, a lost device still ends the run."""
+    from bench import models, utils
+    from bench.utils import format_table
+
+    replays = []
+    monkeypatch.setattr(models, "graphed", lambda fn, params, device: lambda: replays.append(1))
+    monkeypatch.setattr(utils, "time_ms", lambda fn, device, rep=100, grad_to_none=None: (fn() or 0.25, 0.3, 0.2))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    setup = SimpleNamespace(grads_of=[torch.zeros(1, requires_grad=True)])
+    assert run._graph_ms(lambda: None, setup, torch.device("cuda"), "case") == 0.25 and replays == [1]
+
+    def refuse(fn, params, device):
+        raise RuntimeError("CUDA graph capture failed: operation not permitted when stream is capturing")
+    monkeypatch.setattr(models, "graphed", refuse)
+    assert run._graph_ms(lambda: None, setup, torch.device("cuda"), "attention x") is None
+    assert "attention x: no graph time (RuntimeError: CUDA graph capture failed" in capsys.readouterr().err
+
+    def lost(fn, params, device):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(models, "graphed", lost)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        run._graph_ms(lambda: None, setup, torch.device("cuda"), "case")
+
+    row = {"case": "c", "shape": "s", "dtype": "bf16", "mode": "fwd", "provider": "fastseg3d", "median_ms": 3.0,
+           "p20_ms": 2.9, "p80_ms": 3.1, "host_ms": 0.125, "graph_ms": 0.0625, "peak_mem_mb": None,
+           "roofline_pct": None}
+    table = format_table([row]).splitlines()
+    assert "graph ms" in table[0] and "0.0625" in table[1]
 
 
 class _Ceilings:
