@@ -9,6 +9,7 @@
 #   SKIP_TESTS=1 BENCH_CASES="missu dsd_unet" bash bench/gpu_check.sh
 #   BENCH_ARGS="--dtype bf16 --providers all" CASE_LIMIT=240 BENCH_CASES=segformer3d bash bench/gpu_check.sh
 #   LARGEST_CUBE_MODELS="segformer3d mobileutr" LARGEST_CUBE_LIMIT=200 SKIP_TESTS=1 BENCH_CASES= bash ...
+#   BENCH_CASES= LARGEST_CUBE_MODELS= HOST_PROFILE_MODELS= TEST_TIMEOUT=540 bash bench/gpu_check.sh  # tests only
 # PLAN=targets (the default) measures first what the issues set targets on, so that one short GPU session
 # yields them: per case the shapes, dtypes and modes of TARGET_ARGS below (BENCH_ARGS is appended and wins).
 # PLAN=full runs each case's whole matrix. Each case runs in its own process and time box (the limits below, or
@@ -123,7 +124,10 @@ CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-90}"
 # on the 141 GB H200 plain SegFormer3D trained up to 736^3 and the fused one at 512^3 peaked at 19.6 GB (memory
 # predicts about 990^3): the bound sits above that, so the ratio to plain is measured rather than bounded
 CUBE_MAX_SIDE="${LARGEST_CUBE_MAX_SIDE:-1280}"
-RESERVE=$(( ${CUBE_MODELS:+CUBE_LIMIT} + 15 ))  # the largest-cube search and the final report
+# cProfile of the fused eager step (bench/host_profile.py): on the H200 session's host it was launch-bound
+PROFILE_MODELS="${HOST_PROFILE_MODELS-segformer3d}"
+PROFILE_LIMIT="${HOST_PROFILE_LIMIT:-40}"
+RESERVE=$(( ${CUBE_MODELS:+CUBE_LIMIT} + ${PROFILE_MODELS:+PROFILE_LIMIT} + 15 ))  # the searches, profiles, report
 if [ "$PLAN" = targets ]; then
   # the cases with targets first, SegFormer3D's (whose compiled peers compile whole training graphs) leading; the
   # others run in what is left
@@ -146,6 +150,14 @@ for case in ${BENCH_CASES-$DEFAULT_CASES}; do
   # one can end within it (half of a short box)
   timeout "$t" python3 -m bench.run --case "$case" --out "$OUT/results" --time-limit $(( t >= 30 ? t - 15 : t / 2 )) \
     "${bench_args[@]}" >> "$OUT/bench.log" 2>&1 || { echo "bench $case failed or was killed at its ${t} s box"; status=1; }
+done
+
+for model in $PROFILE_MODELS; do
+  t=$(( $(left) - 15 < PROFILE_LIMIT ? $(left) - 15 : PROFILE_LIMIT ))
+  if [ "$t" -lt 20 ]; then not_run+=("host_profile:$model"); continue; fi
+  timeout "$t" python3 -m bench.host_profile "$model" --out "$OUT/results/host_profile_$model.txt" \
+    > /dev/null 2>> "$OUT/bench.log" || { echo "host_profile $model failed or was cut at its ${t} s box"; status=1; }
+  head -n 1 "$OUT/results/host_profile_$model.txt" 2>/dev/null
 done
 
 if [ -n "$CUBE_MODELS" ]; then

@@ -339,6 +339,18 @@ def test_host_ms_times_issuing_a_call(monkeypatch):
     assert "host ms" in table[0] and "0.1250" in table[1]
 
 
+def test_host_profile_reports_a_training_step(tmp_path):
+    from bench import host_profile
+
+    out = tmp_path / "profile.txt"
+    assert host_profile.main(["segformer3d", "--side", "64", "--batch", "1", "--steps", "1", "--top", "5",
+                              "--dtype", "fp32", "--out", str(out)]) == 0
+    text = out.read_text()
+    head = text.splitlines()[0]
+    assert head.startswith("segformer3d fastseg3d 1x64^3 float32 on cpu:") and "host ms per step" in head
+    assert "--- by own time" in text and "--- by with callees" in text and "train_step" in text
+
+
 def test_graph_ms_times_the_captured_call(monkeypatch, capsys):
     """An op row's graph_ms: the call captured in a CUDA graph and its replay timed (the GPU's time without the
     host's); a call that cannot be captured loses the column only, a lost device still ends the run."""
@@ -513,6 +525,7 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "SKIP_INSTALL": "1",
            "SKIP_TESTS": "1", "PLAN": "full", "BENCH_CASES": "selfreg", "LARGEST_CUBE_MODELS": "",
+           "HOST_PROFILE_MODELS": "",
            "BENCH_ARGS": "--quick --dtype fp32 --modes fwd --providers fastseg3d", "BUDGET": "300"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=280)
