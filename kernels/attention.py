@@ -22,6 +22,7 @@ from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
 __all__ = ["attention_bwd", "attention_fwd"]
 
 _LOG2E = 1.4426950408889634
+STAGES = 3  # Triton's default software-pipelining depth, until a GPU sweep (python -m bench.tune_attention) says
 
 
 @triton.jit
@@ -217,8 +218,9 @@ def _precision(dtype: torch.dtype) -> str | None:
     return "tf32" if tf32_matmul_allowed() and not INTERPRET else "ieee"
 
 
-def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kernel: str) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) of ``kernel`` ("fwd", "dq" or "dkdv"), chosen from sm_90 cubins
+def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kernel: str
+            ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("fwd", "dq" or "dkdv"), chosen from sm_90 cubins
     (``python -m bench.sass attention``): the fewest main-loop instructions per score that compile without spills
     or a serialised wgmma pipeline, for head dims 16 to 128, on Triton 3.6 and 3.9. Eight warps on 64 rows split
     each row over two warpgroups (cross-warpgroup reductions: about twice the instructions per score), so 64-row
@@ -226,7 +228,7 @@ def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kern
     ones, so their tiles are small. TF32 dk/dv tiles hold 64 keys where they fit, the fewest rows a wgmma takes."""
     np2 = next_power_of_2
     if INTERPRET:
-        return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4
+        return max(16, min(64, np2(n_rows))), max(16, min(64, np2(n_cols))), 4, STAGES
     if precision == "ieee":
         if kernel == "dkdv":
             block_m, block_n, warps = (32, 32, 8) if head_dim <= 64 else (32, 16, 8)
@@ -241,7 +243,7 @@ def _blocks(n_rows: int, n_cols: int, head_dim: int, precision: str | None, kern
         block_m, block_n, warps = 128, 64, 4 if head_dim <= 64 else 8
     else:
         block_m, block_n, warps = 64, 64, 4
-    return max(16, min(block_m, np2(n_rows))), max(16, min(block_n, np2(n_cols))), warps
+    return max(16, min(block_m, np2(n_rows))), max(16, min(block_n, np2(n_cols))), warps, STAGES
 
 
 def _qk_scale(scale: float) -> float:
@@ -258,13 +260,13 @@ def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -
     bsz, n, h, d = q.shape
     m = k.shape[1]
     precision = _precision(q.dtype)
-    block_m, block_n, warps = _blocks(n, m, d, precision, "fwd")
+    block_m, block_n, warps, stages = _blocks(n, m, d, precision, "fwd")
     grid = (cdiv(n, block_m), bsz * h)
     wrap(_attn_fwd_kernel)[grid](
         q, k, v, out, lse, n, m, h, _qk_scale(scale),
         *_qk(q), *_qk(k), *_qk(v), *_qk(out),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
 
 
@@ -273,8 +275,8 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     bsz, n, h, d = q.shape
     m = k.shape[1]
     precision = _precision(q.dtype)
-    block_m, block_n, warps = _blocks(n, m, d, precision, "dq")
-    kv_block_m, kv_block_n, kv_warps = _blocks(n, m, d, precision, "dkdv")
+    block_m, block_n, warps, stages = _blocks(n, m, d, precision, "dq")
+    kv_block_m, kv_block_n, kv_warps, kv_stages = _blocks(n, m, d, precision, "dkdv")
 
     delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
     wrap(_attn_bwd_delta_kernel)[(cdiv(n, block_m), bsz * h)](
@@ -295,7 +297,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, PRECISION=precision,
         # Unmasked loops only up to head dim 32: at 64 ptxas serialised the bf16 wgmma pipeline (Triton 3.9), at
         # 128 they spilled (Triton 3.6).
-        ROW_TAIL=n % kv_block_m != 0 or d > 32, num_warps=kv_warps,
+        ROW_TAIL=n % kv_block_m != 0 or d > 32, num_warps=kv_warps, num_stages=kv_stages,
     )
     # Fixed-order sums over the splits keep dk/dv deterministic: one launch for both, in their dtype
     utils.sum_partials(dk_ws.view(splits, 1, -1), dk.view(-1), dv_ws.view(splits, 1, -1), dv.view(-1))
@@ -305,6 +307,6 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         n, m, h, _qk_scale(scale), scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
 

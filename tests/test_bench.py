@@ -351,6 +351,42 @@ def test_host_profile_reports_a_training_step(tmp_path):
     assert "--- by own time" in text and "--- by with callees" in text and "train_step" in text
 
 
+def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
+    """bench.tune_attention puts each candidate in place of the tile table for one kernel only, discards a tile
+    whose outputs differ from the table's, records compile failures, and ranks the rest by time."""
+    from bench import tune_attention
+    from fastseg3d.kernels import attention as kern
+
+    seen = []
+
+    def fake_fwd(q, k, v, scale, out, lse):
+        tile = kern._blocks(q.shape[1], k.shape[1], q.shape[3], None, "fwd")
+        seen.append(tile)
+        if tile[:3] == (32, 32, 4) and tile[3] == 4:
+            raise RuntimeError("out of resource: shared memory, Required: 300000")
+        out.fill_(2.0 if tile[:2] == (128, 128) else 1.0)  # one tile "computes something else"
+
+    monkeypatch.setattr(kern, "attention_fwd", fake_fwd)
+    monkeypatch.setattr(kern, "_precision", lambda dtype: None)
+
+    def time_fn(fn):
+        fn()
+        bm, bn, warps, stages = seen[-1]
+        return 1.0 / (bm * bn) + 1e-6 * bn + 0.001 * stages + 0.0001 * warps
+
+    rows = tune_attention.sweep("tiny", torch.float32, ("fwd",), torch.device("cpu"), time_fn)
+    assert len(rows) == len(tune_attention.candidates("fwd", 16, None)) + 1  # the table's (64, 16) tile too
+    assert all(r["kernel"] == "fwd" for r in rows) and sum(r["current"] for r in rows) == 1
+    bad = [r for r in rows if r["ok"] is False]
+    failed = [r for r in rows if r["error"]]
+    assert bad and all((r["block_m"], r["block_n"]) == (128, 128) for r in bad)
+    assert len(failed) == 1 and "out of resource" in failed[0]["error"] and failed[0]["ms"] is None
+    text = tune_attention.report(rows, 3).splitlines()
+    assert text[0].startswith("tiny float32 fwd: current table")
+    assert text[1].strip().startswith("BLOCK_M 128 BLOCK_N  64 warps 4 stages 2")  # the fastest that matched
+    assert any("computed something else" in line for line in text) and any("1 tiles failed" in line for line in text)
+
+
 def test_graph_ms_times_the_captured_call(monkeypatch, capsys):
     """An op row's graph_ms: the call captured in a CUDA graph and its replay timed (the GPU's time without the
     host's); a call that cannot be captured loses the column only, a lost device still ends the run."""
