@@ -264,9 +264,21 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def counterpart(provider: str, providers) -> str | None:
+    """The fastseg3d row a peer's row is compared with: the same variant of the fused model where one was measured
+    (``plain+cuda-graph`` against ``fastseg3d+cuda-graph``), else plain ``fastseg3d``; None for fastseg3d's own
+    rows."""
+    if provider == "fastseg3d" or provider.startswith("fastseg3d+"):
+        return None
+    if provider.startswith("plain+") and "fastseg3d" + provider[len("plain"):] in providers:
+        return "fastseg3d" + provider[len("plain"):]
+    return "fastseg3d"
+
+
 def format_table(rows: list[dict]) -> str:
     """One line per (shape, dtype, mode, provider): timings, peak memory, roofline and bandwidth fractions, and for
-    a peer its time and peak memory over ``fastseg3d``'s (above 1: fastseg3d is faster, or uses less)."""
+    a peer its time and peak memory over its fastseg3d counterpart's (``counterpart``; above 1: fastseg3d is
+    faster, or uses less)."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
@@ -274,9 +286,9 @@ def format_table(rows: list[dict]) -> str:
              f"{'p20':>8} {'p80':>8} {'host ms':>8} {'graph ms':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} "
              f"{'bw%':>6} {'fastseg3d x':>11} {'mem x':>6}")]
     for (case, shape, dtype, mode), by_provider in groups.items():
-        ours = by_provider.get("fastseg3d")
         for provider, r in by_provider.items():
-            peer = ours is not None and provider != "fastseg3d"
+            ours = by_provider.get(counterpart(provider, by_provider) or "")
+            peer = ours is not None
             speedup = f"{r['median_ms'] / ours['median_ms']:.2f}" if peer else ""
             mem_x = (f"{r['peak_mem_mb'] / ours['peak_mem_mb']:.2f}"
                      if peer and r["peak_mem_mb"] is not None and ours["peak_mem_mb"] else "")
@@ -294,8 +306,8 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_rows(rows: list[dict], path: Path) -> None:
     """One figure per case, a group of bars per (shape, dtype, mode): median time per provider (log scale), each
-    peer's time and peak memory over fastseg3d's (above 1: fastseg3d faster, or smaller), and fastseg3d's fraction
-    of its roofline and of the copy bandwidth."""
+    peer's time and peak memory over its fastseg3d counterpart's (``counterpart``; above 1: fastseg3d faster, or
+    smaller), and, where the case has them, fastseg3d's fractions of its roofline and of the copy bandwidth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +315,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
     labels = sorted({(r["shape"], r["dtype"], r["mode"]) for r in rows})
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != "fastseg3d", p))
-    peers = [p for p in providers if p != "fastseg3d"]
+    peers = [p for p in providers if counterpart(p, providers) is not None]
     index = {(r["shape"], r["dtype"], r["mode"], r["provider"]): r for r in rows}
 
     def value(label, provider, key):
@@ -311,17 +323,20 @@ def plot_rows(rows: list[dict], path: Path) -> None:
         return None if row is None else row.get(key)
 
     def ratio(label, provider, key):
-        ours, theirs = value(label, "fastseg3d", key), value(label, provider, key)
+        ours, theirs = value(label, counterpart(provider, providers), key), value(label, provider, key)
         return theirs / ours if ours and theirs is not None else 0.0
 
-    fig, axes = plt.subplots(4, 1, figsize=(max(8, 0.9 * len(labels) * len(providers) / 2), 16), sharex=True)
+    roofline = any(r.get("roofline_pct") is not None or r.get("bandwidth_pct") is not None for r in rows)
+    fig, axes = plt.subplots(3 + roofline, 1, figsize=(max(8, 0.9 * len(labels) * len(providers) / 2),
+                                                       4 * (3 + roofline)), sharex=True)
     panels = [
         (axes[0], providers, lambda lb, p: value(lb, p, "median_ms") or 0.0, "median time (ms), lower is better"),
-        (axes[1], peers, lambda lb, p: ratio(lb, p, "median_ms"), "peer time / fastseg3d time"),
-        (axes[2], peers, lambda lb, p: ratio(lb, p, "peak_mem_mb"), "peer peak memory / fastseg3d's"),
-        (axes[3], ["roofline_pct", "bandwidth_pct"], lambda lb, key: value(lb, "fastseg3d", key) or 0.0,
-         "fastseg3d: % of roofline, % of copy bandwidth"),
+        (axes[1], peers, lambda lb, p: ratio(lb, p, "median_ms"), "peer time / fastseg3d counterpart's"),
+        (axes[2], peers, lambda lb, p: ratio(lb, p, "peak_mem_mb"), "peer peak memory / fastseg3d counterpart's"),
     ]
+    if roofline:
+        panels.append((axes[3], ["roofline_pct", "bandwidth_pct"], lambda lb, key: value(lb, "fastseg3d", key) or 0.0,
+                       "fastseg3d: % of roofline, % of copy bandwidth"))
     for ax, series, get, ylabel in panels:
         width = 0.8 / max(1, len(series))
         for i, name in enumerate(series):  # each group centred on its label's tick, whatever the panel's series

@@ -387,6 +387,29 @@ def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
     assert any("computed something else" in line for line in text) and any("1 tiles failed" in line for line in text)
 
 
+def test_peers_are_compared_with_their_fused_counterpart(tmp_path):
+    """A captured or compiled plain model is compared with the same variant of the fused one where that was
+    measured (the table's ratio columns and the plots), else with eager fastseg3d; fused variants are no peers."""
+    from bench.utils import counterpart, format_table, plot_rows
+
+    names = {"fastseg3d", "fastseg3d+cuda-graph", "plain", "plain+cuda-graph", "plain+torch.compile"}
+    assert counterpart("plain+cuda-graph", names) == "fastseg3d+cuda-graph"
+    assert counterpart("plain+torch.compile", names) == "fastseg3d" and counterpart("plain", names) == "fastseg3d"
+    assert counterpart("fastseg3d+cuda-graph", names) is None and counterpart("sdpa-flash", names) == "fastseg3d"
+    times = {"fastseg3d": 80.0, "fastseg3d+cuda-graph": 10.0, "plain": 240.0, "plain+cuda-graph": 200.0,
+             "plain+torch.compile": 160.0}
+    rows = [{"suite": "model", "case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step",
+             "provider": p, "median_ms": t, "p20_ms": t, "p80_ms": t, "host_ms": None, "graph_ms": None,
+             "peak_mem_mb": None if "graph" in p else t, "roofline_pct": None, "roofline_bound": None,
+             "bandwidth_pct": None, "device": "GPU", "torch": "2", "triton": "3"} for p, t in times.items()]
+    # the last columns: the peer's time and peak memory over its counterpart's (no memory for a graph's replay)
+    ratios = {line.split()[4]: line.split()[-2:] for line in format_table(rows).splitlines()[1:]}
+    assert ratios == {"fastseg3d": ["-", "-"], "fastseg3d+cuda-graph": ["-", "-"], "plain": ["3.00", "3.00"],
+                      "plain+cuda-graph": ["-", "20.00"], "plain+torch.compile": ["2.00", "2.00"]}, ratios
+    plot_rows(rows, tmp_path / "segformer3d.png")
+    assert (tmp_path / "segformer3d.png").stat().st_size > 0
+
+
 def test_graph_ms_times_the_captured_call(monkeypatch, capsys):
     """An op row's graph_ms: the call captured in a CUDA graph and its replay timed (the GPU's time without the
     host's); a call that cannot be captured loses the column only, a lost device still ends the run."""
