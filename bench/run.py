@@ -191,7 +191,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                     if utils.device_lost(err):
                         raise utils.DeviceLost(f"{case.name} {label} {dtype_name} {provider}: "
                                                f"{utils.first_line(err)}") from err
-                    print(f"  {case.name} {label} {dtype_name} {provider}: skipped ({utils.first_line(err)})",
+                    print(f"  {case.name} {label} {dtype_name} {provider}: skipped ({utils.error_summary(err)})",
                           file=sys.stderr)
                     continue
                 if setup is None:
@@ -223,7 +223,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                             raise utils.DeviceLost(f"{case.name} {label} {dtype_name} {mode} {provider}: "
                                                    f"{utils.first_line(err)}") from err
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: skipped "
-                              f"({utils.first_line(err)})", file=sys.stderr)
+                              f"({utils.error_summary(err)})", file=sys.stderr)
                         continue
                     if fn is None:
                         _free(device)  # outside the except block, whose traceback holds the step's tensors

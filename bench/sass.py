@@ -36,8 +36,9 @@ _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", 
           torch.int32: "i32"}
 
 
-def _specialisation(fn, args, kwargs) -> tuple[dict, dict, dict]:
-    """(signature, constexprs, attributes) of a launch, as Triton's JIT specialises it."""
+def _specialisation(fn, args, kwargs, float_type: str = "fp32") -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attributes) of a launch, as Triton's JIT specialises it; Python floats typed
+    ``float_type`` (Inductor types them fp64 in the user kernels of a compiled model, torch >= 2.11)."""
     signature, constexprs, attrs = {}, {}, {}
     runtime = [p for p in fn.params if not p.is_constexpr]
     for i, p in enumerate(fn.params):
@@ -51,7 +52,7 @@ def _specialisation(fn, args, kwargs) -> tuple[dict, dict, dict]:
             if v.storage_offset() * v.element_size() % 16 == 0:  # storages start 16-byte aligned
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
-            signature[p.name] = "fp32"
+            signature[p.name] = float_type
         elif v == 1 and not p.do_not_specialize:
             signature[p.name], constexprs[(i,)] = "constexpr", 1
         else:
@@ -61,12 +62,12 @@ def _specialisation(fn, args, kwargs) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
-def _compile_like_jit(fn, args, kwargs):
+def _compile_like_jit(fn, args, kwargs, float_type: str = "fp32"):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, constexprs, attrs = _specialisation(fn, args, kwargs)
+    signature, constexprs, attrs = _specialisation(fn, args, kwargs, float_type)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -77,15 +78,16 @@ _COPIES: dict = {}
 
 def torch_compile_copy(fn):
     """``fn`` as ``torch.compile`` rebuilds it when a ``triton_op`` is compiled: Inductor writes the kernel's source
-    and the ``@triton.jit`` functions it calls into a module of their own, with ``triton`` and ``tl`` imported and
-    only the bare names that come from triton re-imported (a module global such as ``libdevice`` is not), and
-    compiles that module in a worker process. A name the copy lacks fails there, not in eager runs."""
+    and the ``@triton.jit`` functions it calls into a module of their own, under its usual imports (``triton``,
+    ``tl``, ``libdevice``, ...), with only the bare names that come from triton re-imported (another module global
+    is not), and compiles that module in a worker process. A name the copy lacks fails there, not in eager runs."""
     if fn not in _COPIES:
         import importlib.util
 
+        from torch._inductor.codegen.triton import TritonKernel
         from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
 
-        source = "import triton\nimport triton.language as tl\n\n@triton.jit\n"
+        source = TritonKernel.gen_common_triton_imports() + "\n@triton.jit\n"
         source += user_defined_triton_kernel_transitive_closure_source_code(fn)
         name = f"torch_compile_copy_{len(_COPIES)}_{fn.fn.__name__}"
         # JITFunction reads its source back from the file (inspect), so the file outlives the call
@@ -343,8 +345,9 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
     emulated autocast to ``dtype``; ``infer``: an eval forward under ``no_grad``), every fused op call is recorded,
     and each is replayed through the function that makes the op's launches (``fastseg3d.ops.utils.LAUNCHES``)
     with its launches captured, so the kernels, shapes and tile configurations are those the GPU would get.
-    Launches that Triton's JIT would specialise alike are compiled once, each from the copy ``torch.compile`` makes
-    of it (``torch_compile_copy``), so the check covers compiled models too."""
+    Launches that Triton's JIT would specialise alike are compiled once, as a compiled model gets them: from the copy
+    ``torch.compile`` makes of each (``torch_compile_copy``), float arguments typed fp64 as Inductor types them. The
+    code is the eager kernels', so the check covers eager and compiled models."""
     from bench.models import NETWORKS
     from bench.registry import load_cases
     from fastseg3d.kernels import utils as kernel_utils
@@ -394,8 +397,9 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
     rows = []
     for entry in distinct.values():
         fn, a, kw = entry["launch"]
-        # the copy torch.compile makes of the kernel: the same code, and the names it lacks would fail to compile
-        compiled = _compile_like_jit(torch_compile_copy(fn), a, kw)
+        # as a compiled model gets it: the copy torch.compile makes of the kernel (the names it lacks would fail to
+        # compile), its float arguments fp64 (the kernels take them to fp32 themselves)
+        compiled = _compile_like_jit(torch_compile_copy(fn), a, kw, float_type="fp64")
         usage = _cuobjdump(compiled.asm["cubin"], "-res-usage")
         regs, stack = (int(v) for v in re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups())
         shared = compiled.metadata.shared

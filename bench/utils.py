@@ -50,6 +50,17 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
+def error_summary(err: BaseException, width: int = 300) -> str:
+    """``first_line``, and the exception lines within the message (the first, a chained traceback's root cause,
+    and the last): a compile error re-raised from a worker process ("InductorError: SubprocException: An exception
+    occurred in a subprocess:") says what broke only further down."""
+    lines = [line.strip() for line in str(err).strip().splitlines()[1:]]
+    causes = list(dict.fromkeys(line[:width] for line in lines
+                                if re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", line)))
+    head = first_line(err)
+    return f"{head} [... {' | '.join(causes[:1] + causes[1:][-1:])}]" if causes else head
+
+
 def environment(device: torch.device) -> dict:
     try:
         import triton

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fastseg3d.backends import tf32_matmul_allowed
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, f32, next_power_of_2, wrap
 
 __all__ = ["attention_bwd", "attention_fwd"]
 
@@ -33,6 +33,7 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     KEY_TAIL: tl.constexpr,  # M is not a multiple of BLOCK_N: key blocks are masked
 ):
+    qk_scale = f32(qk_scale)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -106,6 +107,7 @@ def _attn_bwd_dkdv_kernel(
     """dk, dv of one key block from the query rows [split * ROWS_PER_SPLIT, (split + 1) * ROWS_PER_SPLIT).
 
     Writes fp32 partials to dk/dv workspaces of shape (splits, B, M, H, d): dk/dv's own layout, per split."""
+    qk_scale, scale = f32(qk_scale), f32(scale)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -160,6 +162,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     KEY_TAIL: tl.constexpr,  # M is not a multiple of BLOCK_N: key blocks are masked
 ):
+    qk_scale, scale = f32(qk_scale), f32(scale)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)

@@ -46,7 +46,7 @@ import triton.language as tl
 from fastseg3d.kernels import utils
 from fastseg3d.kernels.dwconv3d import ACT_IDS as _DWCONV_ACT_IDS
 from fastseg3d.kernels.dwconv3d import _act, _act_grad  # the activations the dwconv3d kernels fuse
-from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, f32, next_power_of_2, wrap
 
 __all__ = ["ACT_IDS", "group_norm_act_apply", "group_norm_act_bwd", "group_norm_act_running_stats",
            "group_norm_act_stats"]
@@ -126,6 +126,7 @@ def _stats_kernel(
     x_ptr, mean_ptr, m2_ptr, C, S, SPLIT, tiles_per_split, sb, sc, ss, slope,
     ACT: tl.constexpr, PRE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
+    slope = f32(slope)
     pid_s = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -161,6 +162,7 @@ def _finalize_kernel(
     BLOCK_P: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
     # SPLIT partial rows per program, SPLIT_B of them per batch element (SPLIT = B * SPLIT_B over the batch)
+    eps = f32(eps)
     pid = tl.program_id(0)  # b * G + g
     b = pid // G
     g = pid % G
@@ -204,6 +206,7 @@ def _lerp(start, end, weight):
 def _running_stats_kernel(rm_ptr, rv_ptr, mean_ptr, rstd_ptr, C, eps, momentum, unbias, BLOCK: tl.constexpr):
     # native_batch_norm's update: running = lerp(running, batch statistic, momentum), with the unbiased variance
     # recovered from rstd, each statistic rounded to the running buffer's dtype before the lerp as there
+    eps, momentum, unbias = f32(eps), f32(momentum), f32(unbias)
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = c < C
     mean = tl.load(mean_ptr + c, mask=ok, other=0.0)
@@ -236,6 +239,7 @@ def _apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
+    slope = f32(slope)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -272,6 +276,7 @@ def _bwd_reduce_kernel(
     sb, sc, ss, slope, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
+    slope = f32(slope)
     pid_s = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)
@@ -303,6 +308,7 @@ def _bwd_finalize_kernel(
     # ATen reductions). Programs below N_A: dx's per-(statistics row, group) coefficients c1 = sum(w dz) / count,
     # c2 = sum(w dz xhat) / count, for BLOCK_G groups of the row, over the row's NB batch elements. The others: the
     # parameter gradients (sums over the batch and the splits) of BLOCK_C2 channels. Fixed order: deterministic.
+    count = f32(count)
     pid = tl.program_id(0)
     if pid < N_A:
         n_gb = tl.cdiv(G, BLOCK_G)
@@ -351,6 +357,7 @@ def _bwd_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, PRE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
+    slope = f32(slope)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.kernels.utils import INTERPRET, bf16_pair_to_fp32, cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, bf16_pair_to_fp32, cdiv, f32, next_power_of_2, wrap
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["MAX_CHANNELS", "MAX_STUDENTS", "kl_distill_fwd"]
@@ -299,6 +299,8 @@ def _kl_fwd_kernel(
     """Loss partial sums (one row of MAX_STUDENTS per program) and, where GRAD_* is set, the input gradients at
     the output resolution (the input's own gradient, or the buffer of an upsampled one), scaled by c* (ct for the
     teacher, whose terms are in bits)."""
+    w0, w1, w2, w3, c0 = f32(w0), f32(w1), f32(w2), f32(w3), f32(c0)
+    c1, c2, c3, ct, scale2 = f32(c1), f32(c2), f32(c3), f32(ct), f32(scale2)
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row = b * tl.num_programs(0) + pid
@@ -389,6 +391,7 @@ def _interp_transpose_kernel(
     written to out (B, K, ND, NH, NW), or class-interleaved (B, ND, NH, NW, IL) with OUT_IL: each low-resolution
     voxel gathers the L = 2f output voxels per axis (1 where f = 1) whose interpolation reads it, weighted by the
     trilinear coefficients. No atomics: the sums run in a fixed order."""
+    coef = f32(coef)
     pid = tl.program_id(0)
     b = tl.program_id(1)
     # One voxel per thread with all its classes (flat accesses, VEC = 1): a tap's weight and address are computed

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import cdiv, f32, next_power_of_2, wrap
 
 __all__ = ["MAX_C", "layer_norm_bwd", "layer_norm_fwd"]
 
@@ -47,6 +47,7 @@ def _layer_norm_fwd_kernel(
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     INT64: tl.constexpr,
 ):
+    eps = f32(eps)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.kernels.utils import INTERPRET, cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, f32, next_power_of_2, wrap
 from fastseg3d.reference._grad_dtype import saved_grad_dtype
 
 __all__ = ["avg_pool", "channel_stats", "selfreg_inter_fwd", "selfreg_intra_fwd"]
@@ -89,6 +89,7 @@ def _selfreg_inter_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """Grid (pooled-voxel blocks, student channels, batch). The teacher ``t`` is at the pooled size (OD, OH, OW)."""
+    coef = f32(coef)
     pid = tl.program_id(0)
     c = tl.program_id(1)
     b = tl.program_id(2)
@@ -158,6 +159,7 @@ def _selfreg_intra_kernel(
     NEED_GRAD: tl.constexpr, INT64: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Grid (voxel blocks, HALF, batch): pair channel order[j] (top half) with order[HALF + j] (bottom half)."""
+    coef = f32(coef)
     pid = tl.program_id(0)
     j = tl.program_id(1)
     b = tl.program_id(2)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastseg3d.kernels.utils import cdiv, next_power_of_2, wrap
+from fastseg3d.kernels.utils import cdiv, f32, next_power_of_2, wrap
 
 __all__ = ["MAX_INPUTS", "upsample_sum"]
 
@@ -91,6 +91,10 @@ def _upsample_sum_kernel(
     N: tl.constexpr, SAME0: tl.constexpr, SAME1: tl.constexpr, SAME2: tl.constexpr, SAME3: tl.constexpr,
     CL: tl.constexpr, INT64: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    sd0, sh0, sw0 = f32(sd0), f32(sh0), f32(sw0)
+    sd1, sh1, sw1 = f32(sd1), f32(sh1), f32(sw1)
+    sd2, sh2, sw2 = f32(sd2), f32(sh2), f32(sw2)
+    sd3, sh3, sw3 = f32(sd3), f32(sh3), f32(sw3)
     v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2)

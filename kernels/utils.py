@@ -58,6 +58,15 @@ def next_power_of_2(n: int) -> int:
 
 
 @triton.jit
+def f32(x):
+    """A float argument as fp32. Eager launches type a Python float fp32, but torch.compile's Inductor passes the
+    float arguments of user kernels as fp64 (torch >= 2.11), which would turn the fp32 math around them fp64 (and
+    loop-carried fp32 values into type errors). ``full`` rather than ``.to``: an int argument equal to 1 arrives as
+    a constant, which has no ``.to``."""
+    return tl.full([], x, tl.float32)
+
+
+@triton.jit
 def bf16_pair_to_fp32(v):
     """(even, odd): the fp32 values of the two bf16 halves of int32 ``v`` (low half first, as in memory). The low
     half's fp32 is a shift and the high half's a mask, where splitting a vector of bf16 costs a byte permute and a

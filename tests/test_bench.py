@@ -410,6 +410,24 @@ def test_peers_are_compared_with_their_fused_counterpart(tmp_path):
     assert (tmp_path / "segformer3d.png").stat().st_size > 0
 
 
+def test_error_summary_keeps_the_cause_at_the_end_of_a_message():
+    from bench.utils import error_summary
+
+    class InductorError(RuntimeError):
+        pass
+
+    err = InductorError("SubprocException: An exception occurred in a subprocess:\n\nTraceback (most recent call "
+                        "last):\n  File \"x.py\", line 3\nAssertionError: Loop-carried variable m_i has initial "
+                        "type fp32 but is re-assigned to fp64\n\nThe above exception was the direct cause of the "
+                        "following exception:\n\ntriton.compiler.errors.CompilationError: at 12:8:\n"
+                        "    m_i = tl.maximum(m_i, s)\n        ^")
+    assert error_summary(err) == (
+        "InductorError: SubprocException: An exception occurred in a subprocess: [... AssertionError: Loop-carried "
+        "variable m_i has initial type fp32 but is re-assigned to fp64 | triton.compiler.errors.CompilationError: "
+        "at 12:8:]")
+    assert error_summary(ValueError("bad shape")) == "ValueError: bad shape"
+
+
 def test_graph_ms_times_the_captured_call(monkeypatch, capsys):
     """An op row's graph_ms: the call captured in a CUDA graph and its replay timed (the GPU's time without the
     host's); a call that cannot be captured loses the column only, a lost device still ends the run."""
