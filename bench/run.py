@@ -87,15 +87,15 @@ def _graph_ms(fn, setup, device: torch.device, label: str) -> float | None:
     replay = None
     try:
         replay = graphed(fn, list(setup.grads_of or ()), device)
-        return utils.time_ms(replay, device, rep=100)[0]
+        ms = utils.time_ms(replay, device, rep=100)[0]
     except Exception as err:  # noqa: BLE001  (a call that cannot be captured loses this column only)
         if utils.device_lost(err):
-            raise
+            raise  # no clean-up: every CUDA call would raise again
         print(f"  {label}: no graph time ({utils.first_line(err)})", file=sys.stderr)
-        return None
-    finally:
-        replay = None  # noqa: F841  (the graph and its memory pool go with it)
-        _free(device)
+        ms = None
+    replay = None  # noqa: F841  (the graph and its memory pool go with it)
+    _free(device)
+    return ms
 
 
 def select_providers(case: Case, spec: dict, patterns: list[str] | None, device: torch.device) -> list[str]:
@@ -213,8 +213,10 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                                 else utils.peak_memory_mb(fn, device, grad_to_none=setup.grads_of))
                         host = utils.host_ms(fn, device, grad_to_none=setup.grads_of)
                         what = f"{case.name} {label} {dtype_name} {mode} {provider}"
-                        graph = (_graph_ms(fn, setup, device, what)
-                                 if case.suite == "ops" and device.type == "cuda" and not replayed else None)
+                        # not for bwd rows: their forward ran before, outside the capture, and autograd would run
+                        # the backward on that forward's stream rather than the capturing one
+                        graph = (_graph_ms(fn, setup, device, what) if case.suite == "ops" and mode != "bwd"
+                                 and device.type == "cuda" and not replayed else None)
                     except torch.OutOfMemoryError:
                         print(f"  {case.name} {label} {dtype_name} {mode} {provider}: out of memory", file=sys.stderr)
                         fn = None

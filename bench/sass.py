@@ -346,8 +346,8 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
     and each is replayed through the function that makes the op's launches (``fastseg3d.ops.utils.LAUNCHES``)
     with its launches captured, so the kernels, shapes and tile configurations are those the GPU would get.
     Launches that Triton's JIT would specialise alike are compiled once, as a compiled model gets them: from the copy
-    ``torch.compile`` makes of each (``torch_compile_copy``), float arguments typed fp64 as Inductor types them. The
-    code is the eager kernels', so the check covers eager and compiled models."""
+    ``torch.compile`` makes of each (``torch_compile_copy``), float arguments typed fp64 as Inductor types them.
+    The code is the eager kernels' (the op tests compile those as the JIT types them)."""
     from bench.models import NETWORKS
     from bench.registry import load_cases
     from fastseg3d.kernels import utils as kernel_utils

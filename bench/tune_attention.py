@@ -8,7 +8,8 @@ exponential bound against 29% for cuDNN's SDPA, with tiles chosen from sm_90 cub
 ``attention`` benchmark case's labels) and kernel, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) is
 put in place of ``_blocks``'s answer for that kernel only, checked against the current table's output (a tile that
 computes something else is reported, not ranked) and timed as a CUDA graph's replay
-(``triton.testing.do_bench_cudagraph``: the GPU's time, without the host's). ``fwd`` times the forward; ``dq`` and
+(``triton.testing.do_bench_cudagraph``, the median: the GPU's time without the host's, with the L2 cache warm, so
+comparable between tiles rather than with the benchmark rows). ``fwd`` times the forward; ``dq`` and
 ``dkdv`` time the whole backward (delta, dk/dv, their sum, dq) with only that kernel's tile changed. Candidates
 that fail to compile (shared memory, registers) are listed with the reason. Prints the fastest ``--top`` per
 (shape, kernel) with the current table's time and rank; ``--out`` writes every result as JSON.
@@ -26,6 +27,8 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+
+from bench.utils import device_lost, first_line
 
 __all__ = ["candidates", "main", "sweep"]
 
@@ -74,7 +77,7 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
         import triton.testing
 
         def time_fn(fn):
-            return triton.testing.do_bench_cudagraph(fn, rep=50)
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
     q, k, v = _inputs(label, dtype, device)
     bsz, n, h, d = q.shape
@@ -93,11 +96,12 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
         return lambda: kern.attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv)
 
     def results(kernel: str) -> list[torch.Tensor]:
-        return [out.clone()] if kernel == "fwd" else [dq.clone(), dk.clone(), dv.clone()]
+        return [out.clone(), lse.clone()] if kernel == "fwd" else [dq.clone(), dk.clone(), dv.clone()]
 
-    kern.attention_fwd(q, k, v, scale, out, lse)
     rows = []
     for kernel in kernels:
+        # the backward reads out and lse: the table's, not those of the forward sweep's last candidate
+        kern.attention_fwd(q, k, v, scale, out, lse)
         fn = run(kernel)
         fn()
         expected = results(kernel)
@@ -122,10 +126,9 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
                                     for a, e in zip(got, expected))
                     row["ms"] = time_fn(fn)
             except Exception as err:  # noqa: BLE001  (a tile the compiler or the GPU refuses is a result)
-                text = str(err).strip()
-                row["error"] = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-                if "illegal" in text or "unspecified launch failure" in text:
+                if device_lost(err):
                     raise
+                row["error"] = first_line(err)
             rows.append(row)
     return rows
 

@@ -334,7 +334,9 @@ def plot_rows(rows: list[dict], path: Path) -> None:
         return None if row is None else row.get(key)
 
     def ratio(label, provider, key):
-        ours, theirs = value(label, counterpart(provider, providers), key), value(label, provider, key)
+        # the counterpart among the providers measured at this label, as the table picks it
+        measured = {p for p in providers if (*label, p) in index}
+        ours, theirs = value(label, counterpart(provider, measured), key), value(label, provider, key)
         return theirs / ours if ours and theirs is not None else 0.0
 
     roofline = any(r.get("roofline_pct") is not None or r.get("bandwidth_pct") is not None for r in rows)
