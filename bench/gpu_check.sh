@@ -123,7 +123,7 @@ CUBE_MODELS="${LARGEST_CUBE_MODELS-segformer3d}"
 # the search runs under bf16 autocast (LARGEST_CUBE_DTYPE), the dtype the target is stated in
 CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-90}"
 # on the 141 GB H200 plain SegFormer3D trained up to 736^3 and the fused one at 512^3 peaked at 19.6 GB (memory
-# predicts about 990^3): the bound sits above that, so the ratio to plain is measured rather than bounded
+# predicts about 970^3): the bound sits above that, so the ratio to plain is measured rather than bounded
 CUBE_MAX_SIDE="${LARGEST_CUBE_MAX_SIDE:-1280}"
 # cProfile of the fused eager step (bench/host_profile.py): on the H200 session's host it was launch-bound
 PROFILE_MODELS="${HOST_PROFILE_MODELS-segformer3d}"
