@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-# imported by name: torch.compile copies a kernel's source and re-imports only the triton names it calls bare
 from triton.language.extra.libdevice import fast_dividef
 
 from fastseg3d.kernels import utils
