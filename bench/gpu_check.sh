@@ -10,6 +10,7 @@
 #   BENCH_ARGS="--dtype bf16 --providers all" CASE_LIMIT=240 BENCH_CASES=segformer3d bash bench/gpu_check.sh
 #   LARGEST_CUBE_MODELS="segformer3d mobileutr" LARGEST_CUBE_LIMIT=200 SKIP_TESTS=1 BENCH_CASES= bash ...
 #   BENCH_CASES= LARGEST_CUBE_MODELS= HOST_PROFILE_MODELS= TEST_TIMEOUT=540 bash bench/gpu_check.sh  # tests only
+#   TUNE_OPS="dwconv3d kl_distill attention" TUNE_LIMIT=60 SKIP_TESTS=1 BENCH_CASES= bash ...  # plan sweeps
 # PLAN=targets (the default) measures first what the issues set targets on, so that one short GPU session
 # yields them: per case the shapes, dtypes and modes of TARGET_ARGS below (BENCH_ARGS is appended and wins).
 # PLAN=full runs each case's whole matrix. Each case runs in its own process and time box (the limits below, or
@@ -128,7 +129,12 @@ CUBE_MAX_SIDE="${LARGEST_CUBE_MAX_SIDE:-1280}"
 # cProfile of the fused eager step (bench/host_profile.py): on the H200 session's host it was launch-bound
 PROFILE_MODELS="${HOST_PROFILE_MODELS-segformer3d}"
 PROFILE_LIMIT="${HOST_PROFILE_LIMIT:-40}"
-RESERVE=$(( ${CUBE_MODELS:+CUBE_LIMIT} + ${PROFILE_MODELS:+PROFILE_LIMIT} + 15 ))  # the searches, profiles, report
+# launch-plan sweeps (bench/tune.py), one box per op, only where asked: TUNE_OPS="dwconv3d kl_distill attention"
+TUNE_OPS="${TUNE_OPS-}"
+TUNE_LIMIT="${TUNE_LIMIT:-60}"
+n_tune=$(wc -w <<< "$TUNE_OPS")
+# the sweeps, searches, profiles and the report
+RESERVE=$(( n_tune * TUNE_LIMIT + ${CUBE_MODELS:+CUBE_LIMIT} + ${PROFILE_MODELS:+PROFILE_LIMIT} + 15 ))
 if [ "$PLAN" = targets ]; then
   # the cases with targets first, SegFormer3D's (whose compiled peers compile whole training graphs) leading; the
   # others run in what is left
@@ -151,6 +157,15 @@ for case in ${BENCH_CASES-$DEFAULT_CASES}; do
   # one can end within it (half of a short box)
   timeout "$t" python3 -m bench.run --case "$case" --out "$OUT/results" --time-limit $(( t >= 30 ? t - 15 : t / 2 )) \
     "${bench_args[@]}" >> "$OUT/bench.log" 2>&1 || { echo "bench $case failed or was killed at its ${t} s box"; status=1; }
+done
+
+for op in $TUNE_OPS; do
+  t=$(( $(left) - 15 < TUNE_LIMIT ? $(left) - 15 : TUNE_LIMIT ))
+  if [ "$t" -lt 20 ]; then not_run+=("tune:$op"); continue; fi
+  # --time-limit stops new candidates; the JSON is written after each shape
+  timeout "$t" python3 -m bench.tune "$op" --time-limit $(( t - 10 )) --out "$OUT/results/tune_$op.json" \
+    > "$OUT/results/tune_$op.txt" 2>> "$OUT/bench.log" || { echo "tune $op failed or was cut at its ${t} s box"; status=1; }
+  cat "$OUT/results/tune_$op.txt"
 done
 
 for model in $PROFILE_MODELS; do
@@ -188,7 +203,7 @@ cat "$OUT/bench_table.txt"
 grep -E "skipped|time limit|out of memory|Error|falls back" "$OUT/bench.log" | tail -n 30
 if [ ${#not_run[@]} -gt 0 ]; then
   cases=()
-  for c in "${not_run[@]}"; do case "$c" in largest_cube|host_profile:*) ;; *) cases+=("$c") ;; esac; done
+  for c in "${not_run[@]}"; do case "$c" in largest_cube|host_profile:*|tune:*) ;; *) cases+=("$c") ;; esac; done
   echo "not run within BUDGET=${BUDGET}s: ${not_run[*]} (cases: run again with SKIP_TESTS=1 BENCH_CASES=\"${cases[*]}\")"
 fi
 

@@ -1,39 +1,28 @@
-"""Sweep the attention kernels' tiles on a GPU: the table ``kernels/attention.py::_blocks`` should hold.
-
-    python -m bench.tune_attention [--shapes stage1@128^3,stage2@128^3] [--dtype bf16] [--kernels fwd,dq,dkdv]
-                                   [--top 5] [--time-limit 240] [--out FILE.json]
+"""``python -m bench.tune attention``: the attention kernels' tiles, the table ``kernels/attention.py::_blocks``
+should hold.
 
 On the H200 session the fused forward at SegFormer3D's stage 1 (N 32,768, M 512, d 32, bf16) ran at 12% of the
-exponential bound against 29% for cuDNN's SDPA, with tiles chosen from sm_90 cubins alone. For each shape (the
-``attention`` benchmark case's labels) and kernel, every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) is
-put in place of ``_blocks``'s answer for that kernel only, checked against the current table's output (a tile that
-computes something else is reported, not ranked) and timed as a CUDA graph's replay
-(``triton.testing.do_bench_cudagraph``, the median: the GPU's time without the host's, with the L2 cache warm, so
-comparable between tiles rather than with the benchmark rows). ``fwd`` times the forward; ``dq`` and
-``dkdv`` time the whole backward (delta, dk/dv, their sum, dq) with only that kernel's tile changed. Candidates
-that fail to compile (shared memory, registers) are listed with the reason. Prints the fastest ``--top`` per
-(shape, kernel) with the current table's time and rank; ``--out`` writes every result as JSON.
+exponential bound against 29% for cuDNN's SDPA, with tiles chosen from sm_90 cubins alone. Every candidate
+(BLOCK_M, BLOCK_N, num_warps, num_stages) is put in place of ``_blocks``'s answer for one kernel only. ``fwd``
+times the forward; ``dq`` and ``dkdv`` time the whole backward (delta, dk/dv, their sum, dq) with only that
+kernel's tile changed.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from unittest import mock
 
 import torch
 
-from bench.utils import device_lost, first_line
+from bench.tune import default_time_fn, new_row, tolerance, try_plan
 
-__all__ = ["candidates", "main", "sweep"]
+__all__ = ["KERNELS", "SHAPES", "candidates", "sweep"]
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KERNELS = ("fwd", "dq", "dkdv")
+SHAPES = ("stage1@128^3", "stage2@128^3")
 
 
 def candidates(kernel: str, head_dim: int, precision: str | None) -> list[tuple[int, int, int, int]]:
@@ -73,11 +62,7 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
     from fastseg3d.kernels import attention as kern
 
     device = device or torch.device("cuda")
-    if time_fn is None:
-        import triton.testing
-
-        def time_fn(fn):
-            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    time_fn = time_fn or default_time_fn
 
     q, k, v = _inputs(label, dtype, device)
     bsz, n, h, d = q.shape
@@ -88,7 +73,7 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
     grad = torch.randn_like(q)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     table = kern._blocks
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    tol = tolerance(dtype)
 
     def run(kernel: str) -> Callable[[], None]:
         if kernel == "fwd":
@@ -111,78 +96,12 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
         for cand in ([] if current in pool else [current]) + pool:  # the table's own tile is always timed
             if deadline is not None and time.monotonic() > deadline:
                 return rows
-            row = {"shape": label, "dtype": str(dtype).removeprefix("torch."), "kernel": kernel,
-                   "block_m": cand[0], "block_n": cand[1], "warps": cand[2], "stages": cand[3],
-                   "current": cand == current, "ms": None, "ok": None, "error": None}
+            plan = dict(zip(("BLOCK_M", "BLOCK_N", "warps", "stages"), cand))
 
             def patched(n_rows, n_cols, head_dim, prec, which, cand=cand, kernel=kernel):
                 return cand if which == kernel else table(n_rows, n_cols, head_dim, prec, which)
 
-            try:
-                with mock.patch.object(kern, "_blocks", patched):
-                    fn()
-                    got = results(kernel)
-                    row["ok"] = all(torch.allclose(a.float(), e.float(), rtol=tol, atol=tol)
-                                    for a, e in zip(got, expected))
-                    row["ms"] = time_fn(fn)
-            except Exception as err:  # noqa: BLE001  (a tile the compiler or the GPU refuses is a result)
-                if device_lost(err):
-                    raise
-                row["error"] = first_line(err)
-            rows.append(row)
+            rows.append(try_plan(new_row("attention", label, dtype, kernel, plan, cand == current),
+                                 lambda patched=patched: mock.patch.object(kern, "_blocks", patched), fn,
+                                 lambda kernel=kernel: results(kernel), expected, tol, time_fn))
     return rows
-
-
-def report(rows: list[dict], top: int) -> str:
-    lines = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
-    for (shape, dtype, kernel), group in groups.items():
-        ranked = sorted((r for r in group if r["ms"] is not None and r["ok"]), key=lambda r: r["ms"])
-        current = next((r for r in group if r["current"]), None)
-        where = (f"current table {current['ms']:.4f} ms, rank {ranked.index(current) + 1} of {len(ranked)}"
-                 if current in ranked else "current table not timed")
-        lines.append(f"{shape} {dtype} {kernel}: {where}")
-        for r in ranked[:top]:
-            lines.append(f"  BLOCK_M {r['block_m']:>3} BLOCK_N {r['block_n']:>3} warps {r['warps']} "
-                         f"stages {r['stages']}: {r['ms']:.4f} ms" + ("  (current)" if r["current"] else ""))
-        wrong = [r for r in group if r["ok"] is False]
-        failed = [r for r in group if r["error"]]
-        if wrong:
-            lines.append(f"  {len(wrong)} tiles computed something else (e.g. {wrong[0]['block_m']}x"
-                         f"{wrong[0]['block_n']}, {wrong[0]['warps']} warps, {wrong[0]['stages']} stages)")
-        if failed:
-            lines.append(f"  {len(failed)} tiles failed, e.g. {failed[0]['error']}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tune_attention", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default="stage1@128^3,stage2@128^3")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    parser.add_argument("--kernels", default=",".join(KERNELS))
-    parser.add_argument("--top", type=int, default=5)
-    parser.add_argument("--time-limit", type=float, default=240.0, metavar="SECONDS")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    kernels = [k for k in args.kernels.split(",") if k]
-    if any(k not in KERNELS for k in kernels):
-        parser.error(f"--kernels: choose from {KERNELS}")
-    if not torch.cuda.is_available():
-        print("tune_attention needs a CUDA device: tiles are timed on the GPU they are for", file=sys.stderr)
-        return 2
-    deadline = time.monotonic() + args.time_limit
-    rows = []
-    for label in args.shapes.split(","):
-        rows += sweep(label, DTYPES[args.dtype], kernels, deadline=deadline)
-        if args.out is not None:  # after each shape, so a box that closes keeps what was timed
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    print(report(rows, args.top))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

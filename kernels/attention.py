@@ -22,7 +22,7 @@ from fastseg3d.kernels.utils import INTERPRET, cdiv, f32, next_power_of_2, wrap
 __all__ = ["attention_bwd", "attention_fwd"]
 
 _LOG2E = 1.4426950408889634
-STAGES = 3  # Triton's default pipelining depth; python -m bench.tune_attention sweeps it on a GPU
+STAGES = 3  # Triton's default pipelining depth; python -m bench.tune attention sweeps it on a GPU
 
 
 @triton.jit

@@ -46,6 +46,12 @@ _MAX_BLOCK_C = 64
 _COLUMN_OUTPUTS = {1: 16, 3: 8}
 # Rows a thread holds on the general path's W-lane tiles, by lanes (8: 2-byte inputs, 4: fp32)
 _WIDE_ROWS = {8: 2, 4: 4}
+# The forward's rolling walk along depth: the grid's programs per SM (its runs are cut until it has them) and the
+# software-pipelining depth of its slice loads (1: none; 2 or 3 stage them through shared memory with cp.async,
+# sm_90 bf16 3x3x3: 128 -> 155 registers NCDHW, 216 -> 227 channels-last). Not yet chosen by measurement:
+# ``python -m bench.tune dwconv3d`` sweeps both on a GPU.
+PROGRAMS_PER_SM = 8
+WALK_STAGES = 1
 
 
 if INTERPRET:  # the interpreter has no libdevice fast math
@@ -374,7 +380,7 @@ def _dwconv3d_fwd_kernel(
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, FLIP: tl.constexpr, ROLL: tl.constexpr,
     LANES: tl.constexpr, ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     GRAD_ACT: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    PAIRS: tl.constexpr, UNIT: tl.constexpr,
+    PAIRS: tl.constexpr, UNIT: tl.constexpr, STAGES: tl.constexpr,
 ):
     """y = act(conv + bias) + residual, or with GRAD_ACT: y = g * act'(conv + bias).
 
@@ -468,7 +474,7 @@ def _dwconv3d_fwd_kernel(
             w_all = w_all + (_tap_weight(w_ptr, offs_c, CP, i // (KH * KW), (i // KW) % KH, i % KW, KD, KH, KW, FLIP),)
         if PAIRS:  # bf16 channel pairs as int32: x's strides come in pairs, C is a multiple of BLOCK_C
             xp_base = _pair_base(x_ptr, b, sxb, pid_c, BLOCK_C, INT64)
-        for t in range(j0, j1 + KD - 1):
+        for t in tl.range(j0, j1 + KD - 1, num_stages=STAGES):
             idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
                 idp = idp.to(tl.int64)
@@ -565,7 +571,7 @@ def _dwconv3d_fwd_kernel(
         fresh = tl.broadcast_to(bias, [BR, G, 1])
         accs = (fresh,) * (KD * ROWS * LANES)
         # unrolled KD times, the accumulators' roles rotate in the code instead of moving between registers
-        for t in tl.range(j0, j1 + KD - 1, loop_unroll_factor=KD):
+        for t in tl.range(j0, j1 + KD - 1, loop_unroll_factor=KD, num_stages=STAGES):
             idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
                 idp = idp.to(tl.int64)
@@ -644,7 +650,7 @@ def _dwconv3d_fwd_kernel(
         acc0 = fresh
         acc1 = fresh
         acc2 = fresh
-        for t in range(j0, j1 + KD - 1):
+        for t in tl.range(j0, j1 + KD - 1, num_stages=STAGES):
             idp = r - pad_d + dil_d * t + tl.zeros([1, 1, 1], dtype=tl.int32)
             if INT64:
                 idp = idp.to(tl.int64)
@@ -1171,14 +1177,14 @@ def _strides(t: torch.Tensor | None, unit: int = 1) -> tuple[int, ...]:
 def _chunks(n: int, kd: int, tiles: int, device: torch.device) -> tuple[int, int]:
     """(J_CHUNK, N_CHUNKS) of the rolling walk: split ``n`` outputs of a depth residue into runs. A run of J
     outputs reads J + KD - 1 slices, so runs are at least 4 * (KD - 1) long; beyond that they are cut until the
-    grid fills the GPU."""
+    grid has PROGRAMS_PER_SM programs for each SM."""
     shortest = max(1, 4 * (kd - 1))
     if INTERPRET:
         shortest = 2  # several runs even on the tests' tiny shapes
         wanted = cdiv(n, shortest)
     else:
         sms = utils.sm_count(device)
-        wanted = 1 if sms is None else cdiv(8 * sms, tiles)
+        wanted = 1 if sms is None else cdiv(PROGRAMS_PER_SM * sms, tiles)
     j_chunk = max(shortest, cdiv(n, max(1, wanted)))
     return j_chunk, cdiv(n, j_chunk)
 
@@ -1276,7 +1282,8 @@ def dwconv3d_fwd(
         *_strides(grad, unit), *_strides(out, unit), *padding, *dilation,
         KD=kd, KH=kh, KW=kw, FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, ACT=act, GRAD_ACT=grad is not None, INT64=int64,
-        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, num_warps=warps,
+        BLOCK_C=block_c, BLOCK_H=block_h, BLOCK_W=block_w, PAIRS=pairs, UNIT=unit, STAGES=WALK_STAGES,
+        num_warps=warps,
     )
     return out
 

@@ -480,6 +480,24 @@ def _tile(k_pad: int, nvox: int, per_thread: int, vec: int, wide_tile: int) -> t
     return block_v, min(vec, block_v), warps
 
 
+def _fwd_tile(k: int, k_pad: int, nvox: int, n_s: int, same_res: bool) -> tuple[int, int, int]:
+    """(BLOCK_V, VEC, num_warps) of the forward (``python -m bench.tune kl_distill`` sweeps it on a GPU)."""
+    if same_res:
+        # 32 classes per thread while a thread's logits fit in registers: MISSU's 32- and 64-channel pairs
+        # 31 -> 26 and 31 -> 28 instructions per logit (32 classes and three students spill; 64 and two students
+        # take all 255 registers).
+        per_thread = 32 if k_pad >= 32 and min(k, 32) * (1 + n_s) <= 80 else 16
+        return _tile(k_pad, nvox, per_thread, 1 if per_thread > 16 else max(2, 16 // k_pad), 4096)
+    # an upsampled input's loads are gathers (one voxel per thread; 14 classes, bf16: 159 -> 65 on Triton 3.6)
+    return _tile(k_pad, nvox, 16, 1, 4096)
+
+
+def _transpose_tile(k_pad: int, n_low: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) of a transposed interpolation: no reduction over classes, any layout will do."""
+    block_v, _, warps = _tile(k_pad, n_low, 16, 1, 4096)
+    return block_v, warps
+
+
 def _factors(shape, size) -> tuple[int, int, int]:
     return tuple(o // n for o, n in zip(size, shape[2:]))
 
@@ -563,14 +581,8 @@ def kl_distill_fwd(
     gs_ptrs = [g if g is not None else teacher for g in o_s] + [teacher] * pad
     grad_flags = list(need_students) + [False] * pad
 
-    if t_f == (1, 1, 1) and all(f == (1, 1, 1) for f in s_f):
-        # 32 classes per thread while a thread's logits fit in registers: MISSU's 32- and 64-channel pairs
-        # 31 -> 26 and 31 -> 28 instructions per logit (32 classes and three students spill; 64 and two students
-        # take all 255 registers).
-        per_thread = 32 if k_pad >= 32 and min(k, 32) * (1 + n_s) <= 80 else 16
-        block_v, vec, warps = _tile(k_pad, nvox, per_thread, 1 if per_thread > 16 else max(2, 16 // k_pad), 4096)
-    else:  # an upsampled input's loads are gathers (one voxel per thread; 14 classes, bf16: 159 -> 65 on Triton 3.6)
-        block_v, vec, warps = _tile(k_pad, nvox, 16, 1, 4096)
+    same_res = t_f == (1, 1, 1) and all(f == (1, 1, 1) for f in s_f)
+    block_v, vec, warps = _fwd_tile(k, k_pad, nvox, n_s, same_res)
     n_prog = cdiv(nvox, block_v)
     partials = empty((bsz * n_prog, MAX_STUDENTS), dtype=torch.float32, device=teacher.device)
     wrap(_kl_fwd_kernel)[(n_prog, bsz)](
@@ -587,7 +599,7 @@ def kl_distill_fwd(
 
     def transpose(src, dst, big, small, factors, scale, out_il):
         n_low = small[0] * small[1] * small[2]
-        bv, _, warps = _tile(k_pad, n_low, 16, 1, 4096)  # no reduction over classes: any layout will do
+        bv, warps = _transpose_tile(k_pad, n_low)
         wrap(_interp_transpose_kernel)[(cdiv(n_low, bv), bsz)](
             src, dst, *big, *small, scale, K=k, GFD=factors[0], GFH=factors[1], GFW=factors[2],
             LD=1 if factors[0] == 1 else 2 * factors[0], LH=1 if factors[1] == 1 else 2 * factors[1],

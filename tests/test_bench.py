@@ -352,9 +352,9 @@ def test_host_profile_reports_a_training_step(tmp_path):
 
 
 def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
-    """bench.tune_attention puts each candidate in place of the tile table for one kernel only, discards a tile
+    """bench.tune attention puts each candidate in place of the tile table for one kernel only, discards a tile
     whose outputs differ from the table's, records compile failures, and ranks the rest by time."""
-    from bench import tune_attention
+    from bench import tune, tune_attention
     from fastseg3d.kernels import attention as kern
 
     seen = []
@@ -379,12 +379,21 @@ def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
     assert all(r["kernel"] == "fwd" for r in rows) and sum(r["current"] for r in rows) == 1
     bad = [r for r in rows if r["ok"] is False]
     failed = [r for r in rows if r["error"]]
-    assert bad and all((r["block_m"], r["block_n"]) == (128, 128) for r in bad)
+    assert bad and all((r["plan"]["BLOCK_M"], r["plan"]["BLOCK_N"]) == (128, 128) for r in bad)
     assert len(failed) == 1 and "out of resource" in failed[0]["error"] and failed[0]["ms"] is None
-    text = tune_attention.report(rows, 3).splitlines()
-    assert text[0].startswith("tiny float32 fwd: current table")
-    assert text[1].strip().startswith("BLOCK_M 128 BLOCK_N  64 warps 4 stages 2")  # the fastest that matched
-    assert any("computed something else" in line for line in text) and any("1 tiles failed" in line for line in text)
+    text = tune.report(rows, 3).splitlines()
+    assert text[0].startswith("attention tiny float32 fwd: current plan")
+    assert text[1].strip().startswith("BLOCK_M 128 BLOCK_N 64 warps 4 stages 2:")  # the fastest that matched
+    assert any("computed something else" in line for line in text) and any("1 plans failed" in line for line in text)
+
+
+def test_tune_cli_without_a_gpu_says_so(capsys):
+    from bench import tune
+
+    assert tune.main(["kl_distill"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tune.main(["dwconv3d", "--kernels", "dkdv"])
 
 
 def test_peers_are_compared_with_their_fused_counterpart(tmp_path):
@@ -772,3 +781,71 @@ def test_host_times_every_fused_op_of_a_step(name, args, ops):
     assert lines[-2].startswith(f"{name}: ") and total > 20  # Triton launches a step
     assert sum(float(row.split()[-2]) for row in rows) == total
     assert lines[-1].startswith(f"{name} at 1x") and "fused ops' host time" in lines[-1]
+
+
+def test_tuners_reach_the_launches():
+    """What bench.tune patches is what the launchers read: dwconv3d's walk constants reach its launch (STAGES and the
+    grid's depth runs), the kl_distill tile functions reach the forward's and the transposes' launches (captured on
+    meta tensors, none run)."""
+    from unittest import mock
+
+    from bench.sass import _captured
+    from fastseg3d.kernels import dwconv3d as dw
+    from fastseg3d.kernels import kl_distill as kl
+    from fastseg3d.kernels import utils as kernel_utils
+
+    x = torch.empty(2, 32, 64, 64, 64, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(32, 1, 3, 3, 3, dtype=torch.bfloat16, device="meta")
+
+    def conv(grids):
+        return _captured(lambda: dw.dwconv3d_fwd(x, dw.taps_major(w), None, None, torch.empty_like(x), (1, 1, 1),
+                                                 (1, 1, 1), 0), grids)
+
+    with mock.patch.object(kernel_utils, "sm_count", lambda device: 132), mock.patch.object(dw, "INTERPRET", False):
+        grids = []
+        (_, _, table), = conv(grids)
+        with mock.patch.object(dw, "WALK_STAGES", 3), mock.patch.object(dw, "PROGRAMS_PER_SM", 1):
+            (_, _, tuned), = conv(grids)
+    assert table["STAGES"] == 1 and tuned["STAGES"] == 3
+    assert grids[1][1] < grids[0][1]  # fewer, longer depth runs for fewer programs per SM
+
+    teacher = torch.empty(2, 14, 32, 32, 32, dtype=torch.bfloat16, device="meta")
+    students = [torch.empty(2, 14, 16, 16, 16, dtype=torch.bfloat16, device="meta")]
+    with mock.patch.object(kl, "_fwd_tile", lambda *a: (64, 1, 2)), \
+            mock.patch.object(kl, "_transpose_tile", lambda *a: (32, 1)):
+        launches = _captured(lambda: kl.kl_distill_fwd(students, teacher, (32, 32, 32), 3.0, [1.0], [True], True))
+    by_kernel = {fn.fn.__name__: kw for fn, _, kw in launches}
+    assert (by_kernel["_kl_fwd_kernel"]["BLOCK_V"], by_kernel["_kl_fwd_kernel"]["num_warps"]) == (64, 2)
+    assert (by_kernel["_interp_transpose_kernel"]["BLOCK_V"], by_kernel["_interp_transpose_kernel"]["num_warps"]) == (
+        32, 1)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("op,label,kernels,pool", [
+    ("dwconv3d", "1x4x8^3 ncdhw", ("fwd",), [(3, 4)]),
+    ("dwconv3d", "1x4x8^3 channels_last", ("fwd",), [(2, 16)]),
+    ("kl_distill", "1x3x16^3 pair s/2", ("fwd", "transpose"), None),
+])
+def test_interpret_tune_sweep_runs_candidates(op, label, kernels, pool, monkeypatch):
+    """The dwconv3d and kl_distill sweeps run each candidate through the real kernels (the interpreter ignores the
+    pipelining depth, not its code path), time the planner's own plan first and find every candidate's outputs
+    equal to it."""
+    import importlib
+
+    tuner = importlib.import_module(f"bench.tune_{op}")
+    if op == "kl_distill":
+        monkeypatch.setattr(tuner, "candidates", lambda kernel, k_pad, same_res: [(2048, 2, 4)] if kernel == "fwd"
+                            else [(256, 2)])
+    else:
+        monkeypatch.setattr(tuner, "candidates", lambda: pool)
+    timed = []
+
+    def time_fn(fn):
+        fn()
+        timed.append(1)
+        return float(len(timed))
+
+    rows = tuner.sweep(label, torch.float32, kernels, torch.device("cpu"), time_fn)
+    assert [r["kernel"] for r in rows] == [k for k in kernels for _ in range(2)]
+    assert all(r["ok"] and r["error"] is None for r in rows), rows
+    assert [r["current"] for r in rows] == [True, False] * len(kernels)

@@ -40,7 +40,7 @@ def _ints(*names):
 
 
 def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True, roll=True, lanes=0, rows=1,
-                       columns=False, pairs=False, unit=1):
+                       columns=False, pairs=False, unit=1, stages=1):
     values = {p: f"*{dtype}" for p in ("x_ptr", "bias_ptr", "r_ptr", "g_ptr", "y_ptr")}
     values["w_ptr"] = "*fp32"
     values.update(_ints("C", "CP", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
@@ -49,7 +49,7 @@ def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=Tr
     block = (32, rows, 32) if columns else (1, 8 * rows, 128) if lanes else (64, 1, 16)
     values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=True,
                   HAS_RES=res, ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1],
-                  BLOCK_W=block[2], PAIRS=pairs, UNIT=unit)
+                  BLOCK_W=block[2], PAIRS=pairs, UNIT=unit, STAGES=stages)
     return values
 
 
@@ -71,6 +71,18 @@ def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll, la
     unit = lanes if lanes == 4 and dtype == "bf16" else 1  # 2-byte rows of 4-element multiples: W, strides in 4s
     compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, act, int64, flip, grad, roll=roll,
                                                               lanes=lanes, rows=rows, unit=unit))
+
+
+@pytest.mark.parametrize("dtype,kernel,lanes,columns,pairs", [
+    ("bf16", (3, 3, 3), 8, False, False), ("fp32", (3, 3, 3), 4, False, False), ("bf16", (3, 3, 3), 0, False, False),
+    ("bf16", (3, 3, 3), 2, True, True), ("fp16", (1, 3, 3), 2, True, False)])
+def test_dwconv3d_forward_pipelined_walk(dtype, kernel, lanes, columns, pairs):
+    """The rolling walk with its slice loads software-pipelined through shared memory (WALK_STAGES > 1, which
+    bench.tune sweeps): the W-lane, plain and channel-major column walks."""
+    from fastseg3d.kernels.dwconv3d import _dwconv3d_fwd_kernel
+
+    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, 0, False, lanes=lanes, rows=1,
+                                                              columns=columns, pairs=pairs, stages=3))
 
 
 @pytest.mark.parametrize("kernel,act,int64,pairs,lanes,rows,grad",
