@@ -9,30 +9,34 @@ The planners' choices were made from sm_90 cubins alone (registers, spills, inst
 the H200 session measured the results short of their targets (attention's stage-1 forward at 12% of the
 exponential bound, dwconv3d's forward at 39% of copy bandwidth, the DSD KL at 23% of the memory roofline). For
 each shape (the op's benchmark labels) and kernel, every candidate plan is put in place of the planner's answer
-for that kernel only, checked against the current plan's outputs (a plan that computes something else is reported,
-not ranked) and timed as a CUDA graph's replay (``triton.testing.do_bench_cudagraph``, the median: the GPU's time
+for that kernel only, checked against the current plan's outputs (written over NaN, compared relative to each
+output's scale: a plan that computes something else or leaves an output partly unwritten is reported, not ranked)
+and timed as a CUDA graph's replay (``triton.testing.do_bench_cudagraph``, the median: the GPU's time
 without the host's, with the L2 cache warm, so comparable between plans rather than with the benchmark rows).
 Candidates that fail to compile (shared memory, registers) are listed with the reason. Prints the fastest ``--top``
-per (shape, kernel) with the current plan's time and rank; ``--out`` writes every result as JSON. The per-op
-candidates and runs are in ``bench/tune_<op>.py``.
+per (shape, kernel) with the current plan's time and rank; ``--out`` writes every result as JSON as it is
+measured. The per-op candidates and runs are in ``bench/tune_<op>.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import importlib
-import json
-import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 
-import torch
+_START = time.monotonic()  # --time-limit counts from here: the imports take seconds of a time box too
 
-from bench.utils import device_lost, first_line
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-__all__ = ["OPS", "main", "report", "try_plan"]
+import torch  # noqa: E402
+
+from bench.utils import device_lost, first_line  # noqa: E402
+
+__all__ = ["OPS", "main", "nan_empty", "report", "try_plan"]
 
 OPS = ("attention", "dwconv3d", "kl_distill")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -48,22 +52,40 @@ def tolerance(dtype: torch.dtype) -> float:
     return 2e-2 if dtype != torch.float32 else 1e-4
 
 
-def try_plan(row: dict, patch: Callable[[], contextlib.AbstractContextManager], fn: Callable[[], object],
+def nan_empty(*args, **kwargs) -> torch.Tensor:
+    """``torch.empty`` filled with NaN (floating dtypes): a plan that leaves part of an output unwritten fails its
+    check instead of passing on the previous plan's values left in reused memory."""
+    t = torch.empty(*args, **kwargs)
+    return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def matches(got: torch.Tensor, expected: torch.Tensor, tol: float) -> bool:
+    """Equal within ``tol`` relative to the expected tensor's own scale (the KL's gradients are about 1e-6, far
+    below any fixed absolute tolerance); NaN anywhere fails."""
+    got, expected = got.float(), expected.float()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    return torch.allclose(got, expected, rtol=tol, atol=tol * scale)
+
+
+def try_plan(row: dict, patch: Callable[[], object], fn: Callable[[], object],
              results: Callable[[], list[torch.Tensor]], expected: list[torch.Tensor], tol: float,
-             time_fn: Callable[[Callable[[], object]], float]) -> dict:
-    """Run ``fn`` under ``patch()`` (the candidate in place of the planner's answer), compare ``results()`` with
-    ``expected`` and time it; fills ``row``'s ``ok``, ``ms`` or ``error``. A lost device is raised: every later
-    CUDA call would fail too."""
+             time_fn: Callable[[Callable[[], object]], float], check: Callable[[], object] | None = None,
+             sink: Callable[[dict], None] | None = None) -> dict:
+    """Under ``patch()`` (a context manager putting the candidate in place of the planner's answer): run ``check``
+    (``fn`` with its outputs poisoned; default ``fn``), compare ``results()`` with ``expected``, then time ``fn``;
+    fills ``row``'s ``ok``, ``ms`` or ``error`` and hands it to ``sink``. A lost device is raised: every later CUDA
+    call would fail too."""
     try:
         with patch():
-            fn()
-            got = results()
-            row["ok"] = all(torch.allclose(a.float(), e.float(), rtol=tol, atol=tol) for a, e in zip(got, expected))
+            (check or fn)()
+            row["ok"] = all(matches(a, e, tol) for a, e in zip(results(), expected))
             row["ms"] = time_fn(fn)
     except Exception as err:  # noqa: BLE001  (a plan the compiler or the GPU refuses is a result)
         if device_lost(err):
             raise
         row["error"] = first_line(err)
+    if sink is not None:
+        sink(row)
     return row
 
 
@@ -114,18 +136,33 @@ def main(argv: list[str] | None = None) -> int:
     if any(k not in tuner.KERNELS for k in kernels):
         parser.error(f"--kernels: choose from {tuner.KERNELS}")
     labels = args.shapes.split(",") if args.shapes else list(tuner.SHAPES)
+    unknown = [label for label in labels if label not in tuner.labels()]
+    if unknown:
+        parser.error(f"--shapes: unknown {args.op} shapes {unknown}; known: {tuner.labels()}")
     if not torch.cuda.is_available():
         print("bench.tune needs a CUDA device: plans are timed on the GPU they are for", file=sys.stderr)
         return 2
-    deadline = time.monotonic() + args.time_limit
-    rows = []
-    for label in labels:
-        rows += tuner.sweep(label, DTYPES[args.dtype], kernels, deadline=deadline)
-        if args.out is not None:  # after each shape, so a box that closes keeps what was timed
+    deadline = _START + args.time_limit
+    rows: list[dict] = []
+
+    def sink(row: dict) -> None:  # every row on disk as it is measured: a box that closes keeps what was timed
+        rows.append(row)
+        if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=1) + "\n")
-        if time.monotonic() > deadline:
-            break
+
+    def stop(signum, frame):  # timeout(1) sends SIGTERM when the box closes
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        # kernel by kernel over the shapes: a box that closes early has the first kernel (the one the targets are
+        # on) at every shape
+        for kernel in kernels:
+            for label in labels:
+                tuner.sweep(label, DTYPES[args.dtype], [kernel], deadline=deadline, sink=sink)
+    except KeyboardInterrupt:
+        print("bench.tune: stopped; the plans timed so far:", file=sys.stderr)
     print(report(rows, args.top))
     return 0
 

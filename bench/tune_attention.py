@@ -17,9 +17,9 @@ from unittest import mock
 
 import torch
 
-from bench.tune import default_time_fn, new_row, tolerance, try_plan
+from bench.tune import default_time_fn, nan_empty, new_row, tolerance, try_plan
 
-__all__ = ["KERNELS", "SHAPES", "candidates", "sweep"]
+__all__ = ["KERNELS", "SHAPES", "candidates", "labels", "sweep"]
 
 KERNELS = ("fwd", "dq", "dkdv")
 SHAPES = ("stage1@128^3", "stage2@128^3")
@@ -40,6 +40,13 @@ def candidates(kernel: str, head_dim: int, precision: str | None) -> list[tuple[
     return out
 
 
+def labels() -> list[str]:
+    """The shapes it knows: the attention benchmark's labels."""
+    from bench.attention import _grids
+
+    return [g[0] for g in (*_grids(False), *_grids(True))]
+
+
 def _inputs(label: str, dtype: torch.dtype, device: torch.device):
     from bench.attention import _grids
 
@@ -56,9 +63,10 @@ def _inputs(label: str, dtype: torch.dtype, device: torch.device):
 
 
 def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device | None = None,
-          time_fn: Callable[[Callable[[], object]], float] | None = None, deadline: float | None = None) -> list[dict]:
+          time_fn: Callable[[Callable[[], object]], float] | None = None, deadline: float | None = None,
+          sink: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per (kernel, candidate): ``ms`` (None where it failed, with ``error``), ``current`` (the table's own
-    choice) and ``ok`` (its outputs matched the table's within the dtype's tolerance)."""
+    choice) and ``ok`` (its outputs, written over NaN, matched the table's within the dtype's tolerance)."""
     from fastseg3d.kernels import attention as kern
 
     device = device or torch.device("cuda")
@@ -79,6 +87,17 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
         if kernel == "fwd":
             return lambda: kern.attention_fwd(q, k, v, scale, out, lse)
         return lambda: kern.attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv)
+
+    def check(kernel: str) -> Callable[[], None]:
+        def poisoned():
+            if kernel == "fwd":
+                for t in (out, lse):
+                    t.fill_(float("nan"))
+                return kern.attention_fwd(q, k, v, scale, out, lse)
+            for t in (dq, dk, dv):
+                t.fill_(float("nan"))
+            return kern.attention_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=nan_empty)
+        return poisoned
 
     def results(kernel: str) -> list[torch.Tensor]:
         return [out.clone(), lse.clone()] if kernel == "fwd" else [dq.clone(), dk.clone(), dv.clone()]
@@ -103,5 +122,5 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
 
             rows.append(try_plan(new_row("attention", label, dtype, kernel, plan, cand == current),
                                  lambda patched=patched: mock.patch.object(kern, "_blocks", patched), fn,
-                                 lambda kernel=kernel: results(kernel), expected, tol, time_fn))
+                                 lambda kernel=kernel: results(kernel), expected, tol, time_fn, check(kernel), sink))
     return rows

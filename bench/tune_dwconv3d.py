@@ -19,9 +19,9 @@ from unittest import mock
 
 import torch
 
-from bench.tune import default_time_fn, new_row, tolerance, try_plan
+from bench.tune import default_time_fn, nan_empty, new_row, tolerance, try_plan
 
-__all__ = ["KERNELS", "SHAPES", "candidates", "sweep"]
+__all__ = ["KERNELS", "SHAPES", "candidates", "labels", "sweep"]
 
 KERNELS = ("fwd", "fwd+bwd")
 SHAPES = ("2x32x128^3 ncdhw", "2x32x128^3 channels_last")
@@ -30,6 +30,13 @@ SHAPES = ("2x32x128^3 ncdhw", "2x32x128^3 channels_last")
 def candidates() -> list[tuple[int, int]]:
     """(WALK_STAGES, PROGRAMS_PER_SM) to try."""
     return list(itertools.product((1, 2, 3), (4, 8, 16)))
+
+
+def labels() -> list[str]:
+    """The shapes it knows: the dwconv3d benchmark's labels."""
+    from bench.dwconv3d import _shapes
+
+    return [name for name, _ in (*_shapes(False), *_shapes(True))]
 
 
 def _inputs(label: str, dtype: torch.dtype, device: torch.device):
@@ -51,10 +58,13 @@ def _inputs(label: str, dtype: torch.dtype, device: torch.device):
 
 
 def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device | None = None,
-          time_fn: Callable[[Callable[[], object]], float] | None = None, deadline: float | None = None) -> list[dict]:
-    """One row per (kernel, candidate), as :func:`bench.tune.try_plan` fills them."""
+          time_fn: Callable[[Callable[[], object]], float] | None = None, deadline: float | None = None,
+          sink: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per (kernel, candidate), as :func:`bench.tune.try_plan` fills them (checked with every buffer the op
+    allocates filled with NaN first)."""
     import fastseg3d
     from fastseg3d.kernels import dwconv3d as kern
+    from fastseg3d.ops import utils as op_utils
 
     device = device or torch.device("cuda")
     time_fn = time_fn or default_time_fn
@@ -97,7 +107,11 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
                     stack.enter_context(mock.patch.object(kern, "PROGRAMS_PER_SM", cand[1]))
                     return stack
 
+                def check(fn=fn):
+                    with mock.patch.object(op_utils, "empty", nan_empty):
+                        fn()
+
                 plan = {"WALK_STAGES": cand[0], "PROGRAMS_PER_SM": cand[1]}
                 rows.append(try_plan(new_row("dwconv3d", label, dtype, kernel, plan, cand == current), patch, fn,
-                                     lambda: [t.clone() for t in out], expected, tol, time_fn))
+                                     lambda: [t.clone() for t in out], expected, tol, time_fn, check, sink))
     return rows

@@ -47,9 +47,10 @@ _COLUMN_OUTPUTS = {1: 16, 3: 8}
 # Rows a thread holds on the general path's W-lane tiles, by lanes (8: 2-byte inputs, 4: fp32)
 _WIDE_ROWS = {8: 2, 4: 4}
 # The forward's rolling walk along depth: the grid's programs per SM (its runs are cut until it has them) and the
-# software-pipelining depth of its slice loads (1: none; 2 or 3 stage them through shared memory with cp.async,
-# sm_90 bf16 3x3x3: 128 -> 155 registers NCDHW, 216 -> 227 channels-last). Not yet chosen by measurement:
-# ``python -m bench.tune dwconv3d`` sweeps both on a GPU.
+# software-pipelining depth of its slice loads (1: none; 2 or 3 stage them through shared memory with cp.async;
+# sm_90 bf16 3x3x3 at 3 stages: NCDHW 144 -> 166 registers on Triton 3.6, 128 -> 155 on 3.9, and 48 KB of shared
+# memory; channels-last 215 -> 227, 24 KB). Not yet chosen by measurement: ``python -m bench.tune dwconv3d``
+# sweeps both on a GPU.
 PROGRAMS_PER_SM = 8
 WALK_STAGES = 1
 

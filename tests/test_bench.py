@@ -3,6 +3,7 @@ shapes, the roofline arithmetic, the largest-cube search and its refusal without
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -365,6 +366,7 @@ def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
         if tile[:3] == (32, 32, 4) and tile[3] == 4:
             raise RuntimeError("out of resource: shared memory, Required: 300000")
         out.fill_(2.0 if tile[:2] == (128, 128) else 1.0)  # one tile "computes something else"
+        lse.fill_(0.5)
 
     monkeypatch.setattr(kern, "attention_fwd", fake_fwd)
     monkeypatch.setattr(kern, "_precision", lambda dtype: None)
@@ -387,13 +389,49 @@ def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
     assert any("computed something else" in line for line in text) and any("1 plans failed" in line for line in text)
 
 
-def test_tune_cli_without_a_gpu_says_so(capsys):
+def test_tune_cli_refuses_what_it_cannot_time(capsys, monkeypatch):
+    """No GPU: exit status 2 and why; an unknown kernel or shape: a usage error, before any CUDA work."""
     from bench import tune
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert tune.main(["kl_distill"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tune.main(["dwconv3d", "--kernels", "dkdv"])
+    with pytest.raises(SystemExit):
+        tune.main(["dwconv3d", "--shapes", "2x32x128^3 nchw"])
+    assert "unknown dwconv3d shapes" in capsys.readouterr().err
+
+
+def test_tune_check_is_relative_and_sees_unwritten_outputs():
+    """A plan's outputs are compared relative to each expected tensor's scale (the KL's gradients are ~1e-6, which a
+    fixed tolerance would never fail) and written over NaN first: an output the plan leaves partly unwritten fails
+    even where memory reuse would hand it the previous plan's values."""
+    from bench import tune
+
+    expected = [torch.full((8,), 1e-6)]
+    row = tune.new_row("op", "s", torch.float32, "k", {}, False)
+    got: list[torch.Tensor] = []
+
+    def half_written(empty):
+        t = empty((8,), dtype=torch.float32)
+        t[:4] = 1e-6
+        got[:] = [t]
+
+    def no_patch():
+        return contextlib.nullcontext()
+
+    ok = tune.try_plan(dict(row), no_patch, lambda: got.__setitem__(slice(None), [torch.full((8,), 1.5e-6)]),
+                       lambda: got, expected, 2e-2, lambda fn: 1.0)
+    assert ok["ok"] is False  # 50% off, far below any absolute tolerance
+    reused = lambda *a, **k: torch.full((8,), 1e-6)  # noqa: E731  (what reused memory may hold)
+    unwritten = tune.try_plan(dict(row), no_patch, lambda: half_written(reused), lambda: got, expected, 2e-2,
+                              lambda fn: 1.0, check=lambda: half_written(tune.nan_empty))
+    assert unwritten["ok"] is False and unwritten["ms"] == 1.0
+    seen = []
+    good = tune.try_plan(dict(row), no_patch, lambda: half_written(reused), lambda: [torch.full((8,), 1e-6)],
+                         expected, 2e-2, lambda fn: 1.0, sink=seen.append)
+    assert good["ok"] is True and seen == [good]
 
 
 def test_peers_are_compared_with_their_fused_counterpart(tmp_path):
@@ -827,15 +865,16 @@ def test_tuners_reach_the_launches():
     ("kl_distill", "1x3x16^3 pair s/2", ("fwd", "transpose"), None),
 ])
 def test_interpret_tune_sweep_runs_candidates(op, label, kernels, pool, monkeypatch):
-    """The dwconv3d and kl_distill sweeps run each candidate through the real kernels (the interpreter ignores the
-    pipelining depth, not its code path), time the planner's own plan first and find every candidate's outputs
-    equal to it."""
+    """The dwconv3d and kl_distill sweeps end to end through the real kernels: the planner's own plan timed first,
+    each candidate's outputs (written over NaN) equal to it. The interpreter ignores dwconv3d's pipelining depth and
+    grid size (test_tuners_reach_the_launches checks that they reach its launches; sm_90 compiles, that the depth
+    pipelines); for kl_distill the candidates are real tiles."""
     import importlib
 
     tuner = importlib.import_module(f"bench.tune_{op}")
     if op == "kl_distill":
-        monkeypatch.setattr(tuner, "candidates", lambda kernel, k_pad, same_res: [(2048, 2, 4)] if kernel == "fwd"
-                            else [(256, 2)])
+        monkeypatch.setattr(tuner, "candidates", lambda kernel, k_pad, same_res: [(256, 1, 8)] if kernel == "fwd"
+                            else [(256, 8)])
     else:
         monkeypatch.setattr(tuner, "candidates", lambda: pool)
     timed = []

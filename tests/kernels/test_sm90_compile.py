@@ -40,7 +40,7 @@ def _ints(*names):
 
 
 def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=True, roll=True, lanes=0, rows=1,
-                       columns=False, pairs=False, unit=1, stages=1):
+                       columns=False, pairs=False, unit=1):
     values = {p: f"*{dtype}" for p in ("x_ptr", "bias_ptr", "r_ptr", "g_ptr", "y_ptr")}
     values["w_ptr"] = "*fp32"
     values.update(_ints("C", "CP", "D_in", "H_in", "W_in", "D_out", "H_out", "W_out", "J_CHUNK", "N_CHUNKS",
@@ -49,7 +49,7 @@ def _dwconv_fwd_values(dtype, kernel, act, int64, flip=False, grad=False, res=Tr
     block = (32, rows, 32) if columns else (1, 8 * rows, 128) if lanes else (64, 1, 16)
     values.update(KD=kernel[0], KH=kernel[1], KW=kernel[2], FLIP=flip, ROLL=roll, LANES=lanes, ROWS=rows, HAS_BIAS=True,
                   HAS_RES=res, ACT=act, GRAD_ACT=grad, INT64=int64, BLOCK_C=block[0], BLOCK_H=block[1],
-                  BLOCK_W=block[2], PAIRS=pairs, UNIT=unit, STAGES=stages)
+                  BLOCK_W=block[2], PAIRS=pairs, UNIT=unit, STAGES=1)
     return values
 
 
@@ -73,16 +73,34 @@ def test_dwconv3d_forward_kernel(dtype, kernel, act, int64, flip, grad, roll, la
                                                               lanes=lanes, rows=rows, unit=unit))
 
 
-@pytest.mark.parametrize("dtype,kernel,lanes,columns,pairs", [
-    ("bf16", (3, 3, 3), 8, False, False), ("fp32", (3, 3, 3), 4, False, False), ("bf16", (3, 3, 3), 0, False, False),
-    ("bf16", (3, 3, 3), 2, True, True), ("fp16", (1, 3, 3), 2, True, False)])
-def test_dwconv3d_forward_pipelined_walk(dtype, kernel, lanes, columns, pairs):
-    """The rolling walk with its slice loads software-pipelined through shared memory (WALK_STAGES > 1, which
-    bench.tune sweeps): the W-lane, plain and channel-major column walks."""
-    from fastseg3d.kernels.dwconv3d import _dwconv3d_fwd_kernel
+@pytest.mark.parametrize("dtype,channels_last,kernel", [
+    (torch.bfloat16, False, (3, 3, 3)), (torch.bfloat16, True, (3, 3, 3)), (torch.float32, False, (3, 3, 3)),
+    (torch.float16, True, (1, 3, 3))])
+def test_dwconv3d_forward_pipelined_walk(dtype, channels_last, kernel):
+    """The rolling walk with its slice loads software-pipelined (WALK_STAGES > 1, which bench.tune sweeps), compiled
+    as the planner launches it (W-lane tiles NCDHW, channel-major columns channels-last, with the JIT's
+    specialisation: without the divisibility hints the row loads are too narrow for cp.async): the loads go through
+    shared memory with cp.async only when staged."""
+    from unittest import mock
 
-    compile_for_h100(_dwconv3d_fwd_kernel, _dwconv_fwd_values(dtype, kernel, 0, False, lanes=lanes, rows=1,
-                                                              columns=columns, pairs=pairs, stages=3))
+    from bench.sass import _captured, _compile_like_jit
+    from fastseg3d.kernels import dwconv3d as k
+
+    x = torch.empty(2, 32, 64, 64, 64, dtype=dtype, device="meta")
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last_3d)
+    w = torch.empty(32, 1, *kernel, dtype=dtype, device="meta")
+    compiled = []
+    for stages in (1, 3):
+        with mock.patch.object(k, "WALK_STAGES", stages), mock.patch.object(k, "INTERPRET", False):
+            (fn, args, kwargs), = _captured(lambda: k.dwconv3d_fwd(
+                x, k.taps_major(w), w.new_empty(32), None, torch.empty_like(x), tuple(s // 2 for s in kernel),
+                (1, 1, 1), 0))
+        assert kwargs["STAGES"] == stages and kwargs["LANES"] > 0
+        compiled.append(_compile_like_jit(fn, args, kwargs))
+    plain, staged = compiled
+    assert "cp.async" not in plain.asm["ptx"] and "cp.async" in staged.asm["ptx"]
+    assert staged.metadata.shared > plain.metadata.shared
 
 
 @pytest.mark.parametrize("kernel,act,int64,pairs,lanes,rows,grad",
