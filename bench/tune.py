@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from bench.utils import device_lost, first_line  # noqa: E402
 
-__all__ = ["OPS", "main", "nan_empty", "report", "try_plan"]
+__all__ = ["OPS", "main", "nan_empty", "poisoned", "report", "try_plan"]
 
 OPS = ("attention", "dwconv3d", "kl_distill")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,6 +57,18 @@ def nan_empty(*args, **kwargs) -> torch.Tensor:
     check instead of passing on the previous plan's values left in reused memory."""
     t = torch.empty(*args, **kwargs)
     return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+def poisoned(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with every buffer fastseg3d's ops allocate (``fastseg3d.ops.utils.empty``) filled with NaN first."""
+    from unittest import mock
+
+    from fastseg3d.ops import utils as op_utils
+
+    def run():
+        with mock.patch.object(op_utils, "empty", nan_empty):
+            return fn()
+    return run
 
 
 def matches(got: torch.Tensor, expected: torch.Tensor, tol: float) -> bool:

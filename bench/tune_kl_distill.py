@@ -21,7 +21,7 @@ from unittest import mock
 
 import torch
 
-from bench.tune import default_time_fn, nan_empty, new_row, tolerance, try_plan
+from bench.tune import default_time_fn, new_row, poisoned, tolerance, try_plan
 
 __all__ = ["KERNELS", "SHAPES", "candidates", "labels", "sweep"]
 
@@ -68,7 +68,6 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
     """One row per (kernel, candidate), as :func:`bench.tune.try_plan` fills them (checked with every buffer the op
     allocates filled with NaN first)."""
     from fastseg3d.kernels import kl_distill as kern
-    from fastseg3d.ops import utils as op_utils
     from fastseg3d.ops.kl_distill import _kl_distill_launch
 
     device = device or torch.device("cuda")
@@ -84,9 +83,7 @@ def sweep(label: str, dtype: torch.dtype, kernels=KERNELS, device: torch.device 
             results += [per, *grads, g_t]
         out[:] = results
 
-    def check():
-        with mock.patch.object(op_utils, "empty", nan_empty):
-            fn()
+    check = poisoned(fn)
 
     # the plans the tables give, and the cases they see, recorded on the table's own run
     seen: dict[str, set] = {"fwd": set(), "transpose": set()}
