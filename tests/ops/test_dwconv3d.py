@@ -898,6 +898,23 @@ def test_gpu_kernel_matches_reference(poison, layout, shape, kernel, activation,
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout,shape,kernel,activation,dtype", [
+    ("contiguous", (2, 8, 13, 17, 40), (3, 3, 3), "gelu", torch.bfloat16),
+    ("channels_last", (2, 32, 13, 17, 24), (3, 3, 3), None, torch.bfloat16),
+    ("tokens", (2, 32, 9, 10, 11), (1, 3, 3), "silu", torch.float32),
+    ("contiguous", (1, 4, 11, 9, 16), (3, 3, 3), None, torch.float16),
+])
+def test_gpu_pipelined_walk_matches_reference(poison, monkeypatch, layout, shape, kernel, activation, dtype):
+    """The forward walk with its slice loads staged through shared memory (WALK_STAGES = 3, a bench.tune candidate;
+    the forward, and the input gradient's pass of the same kernel), on every walk: W-lane, channel-major columns,
+    tokens."""
+    from fastseg3d.kernels import dwconv3d as kern
+
+    monkeypatch.setattr(kern, "WALK_STAGES", 3)
+    check_against_reference(layout, shape, kernel, activation, True, dtype, "cuda")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
 def test_gpu_activation_accuracy(activation):
     """The interpreter tier's bounds with what only the GPU runs: approximate division and ex2.approx.ftz."""
