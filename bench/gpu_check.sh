@@ -76,8 +76,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   extra=()
   python3 -c "import xdist" 2>/dev/null && extra+=(-n "${TEST_WORKERS:-12}")
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
+  # the slowest tests at the end (where the tier completes): what to split or trim when it outgrows its box
   timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
-    "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
+    --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
   tail -n 25 "$OUT/gpu_tests.log"
   if [ -s "$FASTSEG3D_FAILURE_LOG" ]; then
     echo "failures ($FASTSEG3D_FAILURE_LOG, first lines):"; grep -E "^=== |^E " "$FASTSEG3D_FAILURE_LOG" | head -n 40
