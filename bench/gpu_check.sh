@@ -11,6 +11,7 @@
 #   LARGEST_CUBE_MODELS="segformer3d mobileutr" LARGEST_CUBE_LIMIT=200 SKIP_TESTS=1 BENCH_CASES= bash ...
 #   BENCH_CASES= LARGEST_CUBE_MODELS= HOST_PROFILE_MODELS= TEST_TIMEOUT=540 bash bench/gpu_check.sh  # tests only
 #   TUNE_OPS="dwconv3d kl_distill attention" TUNE_LIMIT=60 SKIP_TESTS=1 BENCH_CASES= bash ...  # plan sweeps
+#   TESTS_PASSED=gpu_results.txt BENCH_CASES= ... bash bench/gpu_check.sh   # a cut tier: the tests not yet passed
 # PLAN=targets (the default) measures first what the issues set targets on, so that one short GPU session
 # yields them: per case the shapes, dtypes and modes of TARGET_ARGS below (BENCH_ARGS is appended and wins).
 # PLAN=full runs each case's whole matrix. Each case runs in its own process and time box (the limits below, or
@@ -73,6 +74,14 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # summary
   export FASTSEG3D_FAILURE_LOG="$OUT/gpu_failures.log"
   : > "$FASTSEG3D_FAILURE_LOG"
+  # one line per test as it ends ("passed <node id>"); TESTS_PASSED=<an earlier run's gpu_results.txt, in the
+  # tree> leaves out the tests that passed there, and the new file starts with them, so it stays the whole record
+  export FASTSEG3D_RESULTS_LOG="$OUT/gpu_results.txt"
+  : > "$FASTSEG3D_RESULTS_LOG"
+  if [ -n "${TESTS_PASSED:-}" ]; then
+    export FASTSEG3D_SKIP_PASSED="$TESTS_PASSED"
+    cat "$TESTS_PASSED" >> "$FASTSEG3D_RESULTS_LOG"
+  fi
   extra=()
   python3 -c "import xdist" 2>/dev/null && extra+=(-n "${TEST_WORKERS:-12}")
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
@@ -80,6 +89,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
     --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
   tail -n 25 "$OUT/gpu_tests.log"
+  # the last line of each test decides; a test not listed did not end within the box
+  awk '{last[$2] = $1} END {for (t in last) n[last[t]]++; printf "GPU tier so far:"; for (o in n) printf " %d %s", n[o], o; print ""}' \
+    "$FASTSEG3D_RESULTS_LOG"
   if [ -s "$FASTSEG3D_FAILURE_LOG" ]; then
     echo "failures ($FASTSEG3D_FAILURE_LOG, first lines):"; grep -E "^=== |^E " "$FASTSEG3D_FAILURE_LOG" | head -n 40
   fi

@@ -25,19 +25,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_not_interp)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+    # a GPU tier cut by its time box goes on where it stopped: the tests that passed in an earlier run are left out
+    path = os.environ.get("FASTSEG3D_SKIP_PASSED")
+    if path:
+        with open(path) as f:  # a test's last line decides (a teardown error follows its call's "passed")
+            last = dict(reversed(line.strip().split(" ", 1)) for line in f if " " in line.strip())
+        passed = {nodeid for nodeid, outcome in last.items() if outcome == "passed"}
+        done = [item for item in items if item.nodeid in passed]
+        if done:
+            config.hook.pytest_deselected(items=done)
+            items[:] = [item for item in items if item.nodeid not in passed]
 
 
 def pytest_runtest_logreport(report):
     """With ``FASTSEG3D_FAILURE_LOG`` set (bench/gpu_check.sh sets it), each failure's traceback is appended to that
-    file as the test ends: a GPU run cut by its time box prints no summary, and its failures would say nothing."""
-    path = os.environ.get("FASTSEG3D_FAILURE_LOG")
+    file as the test ends: a GPU run cut by its time box prints no summary, and its failures would say nothing.
+    With ``FASTSEG3D_RESULTS_LOG`` set, one line ``<outcome> <node id>`` per test as it ends (the file that
+    ``FASTSEG3D_SKIP_PASSED`` reads back)."""
     # under pytest-xdist the controller receives every worker's reports: it alone writes
-    if not path or not report.failed or os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    try:
-        with open(path, "a") as f:
-            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
-    except OSError:  # the log is a convenience: an unwritable path must not stop the run
+    failures, results = os.environ.get("FASTSEG3D_FAILURE_LOG"), os.environ.get("FASTSEG3D_RESULTS_LOG")
+    try:  # the logs are a convenience: an unwritable path must not stop the run
+        if failures and report.failed:
+            with open(failures, "a") as f:
+                f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+        # a test ends at its call, or at a setup that failed or skipped; a teardown error fails a passed test
+        ended = report.when == "call" or (report.when == "setup" and not report.passed) or report.failed
+        if results and ended:
+            outcome = "error" if report.failed and report.when != "call" else report.outcome
+            with open(results, "a") as f:
+                f.write(f"{outcome} {report.nodeid}\n")
+    except OSError:
         pass
 
 

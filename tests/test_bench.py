@@ -679,6 +679,40 @@ def test_failures_are_logged_as_they_happen(tmp_path):
     assert "test_passes" not in text
 
 
+def test_cut_tier_resumes_where_it_stopped(tmp_path):
+    """FASTSEG3D_RESULTS_LOG records each test's outcome as it ends; a later run given that file as
+    FASTSEG3D_SKIP_PASSED leaves out what passed (a teardown error after a passed call counts as not passed) and
+    runs the rest, so a GPU tier cut by its box can be finished by a second call."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n\n\n@pytest.fixture\ndef broken_teardown():\n    yield\n"
+        "    raise RuntimeError('teardown')\n\n\n"
+        "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert False\n\n\n"
+        "def test_skips():\n    pytest.skip('no')\n\n\ndef test_teardown_errs(broken_teardown):\n    pass\n")
+    log = tmp_path / "results.txt"
+    env = {**os.environ, "FASTSEG3D_RESULTS_LOG": str(log)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+
+    def run_tier(extra_env):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+                              cwd=tmp_path, env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
+
+    first = run_tier({})
+    assert first.returncode == 1, first.stdout[-2000:]
+    lines = log.read_text().splitlines()
+    assert sorted(lines) == sorted(["passed test_sample.py::test_passes", "failed test_sample.py::test_fails",
+                                    "skipped test_sample.py::test_skips", "passed test_sample.py::test_teardown_errs",
+                                    "error test_sample.py::test_teardown_errs"])
+    resume = tmp_path / "earlier.txt"
+    resume.write_text(log.read_text())
+    log.unlink()
+    second = run_tier({"FASTSEG3D_SKIP_PASSED": str(resume)})
+    assert "1 deselected" in second.stdout, second.stdout[-2000:]
+    assert "test_passes" not in log.read_text()
+    assert {line.split()[1] for line in log.read_text().splitlines()} == {
+        "test_sample.py::test_fails", "test_sample.py::test_skips", "test_sample.py::test_teardown_errs"}
+
+
 def _target_plan() -> dict[str, list[str]]:
     """gpu_check.sh's TARGET_ARGS, case -> arguments."""
     text = (ROOT / "bench" / "gpu_check.sh").read_text()
