@@ -59,7 +59,8 @@ def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
         check = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         if check and (int(idx.min()) < 0 or int(idx.max()) >= n_channels):
             raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")
-        return idx.to(device=device, dtype=torch.int64)
+        # SelfReg draws its channels on the host every step: a blocking copy would stall the step there
+        return utils.host_to_device(idx.to(dtype=torch.int64), device)
     if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
         raise ValueError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx!r}")
     if len(idx) == 0:
@@ -67,7 +68,7 @@ def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
     # checked as Python ints: reading the values back from a tensor breaks a torch.compile(fullgraph=True) graph
     if min(idx) < 0 or max(idx) >= n_channels:
         raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")
-    return torch.tensor(list(idx), dtype=torch.int64, device=device)
+    return utils.host_to_device(torch.tensor(list(idx), dtype=torch.int64), device)
 
 
 def _validate_inter(students, teacher, student_channels, teacher_channels):

@@ -31,6 +31,7 @@ __all__ = [
     "check_spatial_shape",
     "eager_op",
     "empty",
+    "host_to_device",
     "LAUNCHES",
     "launchable",
     "launch_device",
@@ -58,6 +59,15 @@ def base_reasons(t: torch.Tensor) -> list[str]:
 def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """Every buffer a fused op hands to a kernel is allocated here (tests swap in a NaN-filling version)."""
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (host memory) on ``device``, without the wait a blocking copy to a GPU makes for every kernel queued
+    before it: the copy goes through pinned memory, which the caching host allocator holds until the copy has run,
+    so ``t`` may change after the call."""
+    if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:

@@ -549,6 +549,51 @@ def test_gpu_bitwise_determinism_and_memory():
     assert fused < 0.5 * eager, (fused, eager)
 
 
+@pytest.mark.gpu
+def test_gpu_host_channels_do_not_wait_for_the_gpu():
+    """SelfReg draws its channel subsets on the host every step; copying them to the GPU must not wait for the
+    kernels queued before (a blocking copy would), and the copy must not see the host tensor change after it."""
+    from fastseg3d.ops.utils import host_to_device
+
+    def busy_gpu():
+        a = torch.randn(4096, 4096, device="cuda")
+        for _ in range(80):  # a few hundred ms of queued work
+            a = torch.tanh(a @ a)
+        return a
+
+    host_to_device(torch.arange(4), torch.device("cuda"))  # the pinned pool's first allocation
+    busy = busy_gpu()
+    host = torch.arange(64)
+    copied = host_to_device(host, torch.device("cuda"))
+    waited = torch.cuda.current_stream().query()
+    host.fill_(-1)
+    assert not waited and torch.equal(copied.cpu(), torch.arange(64))
+
+    final = torch.randn(2, 32, 32, 32, 32, device="cuda")
+    block = torch.randn(2, 64, 8, 8, 8, device="cuda", requires_grad=True)
+    cs, ct = random_channel_pairs(64, 32)
+    expected = selfreg_inter_ref(block, final, cs.cuda(), ct.cuda())
+    with fastseg3d.backend("triton"):
+        selfreg_inter(block, final, cs, ct)  # the kernels compiled before the clock starts
+    torch.cuda.synchronize()
+    busy = busy_gpu()
+    with fastseg3d.backend("triton"):
+        loss = selfreg_inter(block, final, cs, ct)
+        lists = selfreg_inter(block, final, cs.tolist(), ct.tolist())
+    assert not torch.cuda.current_stream().query()
+    del busy
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lists, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_host_to_device_off_the_gpu_is_a_plain_copy():
+    from fastseg3d.ops.utils import host_to_device
+
+    t = torch.tensor([3, 1, 2])
+    assert host_to_device(t, torch.device("cpu")) is t
+    assert host_to_device(t, torch.device("meta")).device.type == "meta"
+
+
 def test_a_float64_teacher_makes_the_inter_loss_float64():
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 3, 4, 5), torch.randn(2, 6, 6, 8, 10, dtype=torch.float64)
