@@ -183,6 +183,30 @@ def test_reference_path_keeps_layout(layout, dtype, policy):
     assert y.is_contiguous(memory_format=fmt), y.stride()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [64, 512])
+def test_cpu_half_reference_gradients_on_tiny_channels_last_volumes(channels, dtype, autocast):
+    """ATen's CPU bf16 depthwise conv gets the weight gradient wrong on a 2^3 channels-last volume (SegFormer3D's
+    stage 4 under CPU autocast trained into infinite gradients); the reference computes half dtypes in fp32 there,
+    autocast or not."""
+    torch.manual_seed(0)
+    param_dtype = torch.float32 if autocast else dtype  # autocast: fp32 parameters, the op's operands cast
+    x = torch.randn(4, 8, channels).to(dtype)  # tokens: the volume is a channels-last view
+    w = torch.randn(channels, 1, 3, 3, 3).to(dtype).to(param_dtype).requires_grad_()
+    b = torch.randn(channels).to(dtype).to(param_dtype).requires_grad_()
+    g = torch.randn(4, 8, channels).to(dtype)
+    with fastseg3d.backend("torch"):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
+            y = dwconv3d_tokens(x, (2, 2, 2), w, b, activation="gelu")
+        y.backward(g)
+        w32, b32 = (t.detach().float().requires_grad_() for t in (w, b))
+        dwconv3d_tokens(x.float(), (2, 2, 2), w32, b32, activation="gelu").backward(g.float())
+    assert y.dtype == dtype and w.grad.dtype == b.grad.dtype == param_dtype
+    for name, got, want in (("dw", w.grad, w32.grad), ("db", b.grad, b32.grad)):
+        assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max(), name
+
+
 def test_tokens_reference_path_on_strided_tokens():
     x, w, b, r = _tensors("tokens", (2, 6, 3, 4, 5), (3, 3, 3), torch.float64, "cpu", residual=True)
     assert x.stride(1) == 12  # a view with a unit channel stride, not contiguous
