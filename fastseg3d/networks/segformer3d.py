@@ -326,6 +326,7 @@ class SegFormer3D(nn.Module):
         self.in_channels = in_channels
         self.sr_ratios = tuple(sr_ratios)
         self.strides = strides
+        self._grid_stride = tuple(math.prod(stride[axis] for stride in strides) for axis in range(3))  # last stage
         self.segformer_encoder = _Encoder(in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratios,
                                           kernels, strides, paddings, scales)
         self.segformer_decoder = _Decoder(embed_dims, decoder_dim, out_channels, decoder_dropout,
@@ -374,6 +375,16 @@ class SegFormer3D(nn.Module):
                 raise ValueError(
                     f"input spatial dimension {axis} (size {size}) must be divisible by the total stride {factor}"
                 )
+        # said here, in the words ATen's BatchNorm would use deep in the stack
+        deepest = x.shape[0]
+        for axis, size in enumerate(x.shape[2:]):
+            deepest *= size // self._grid_stride[axis]
+        if deepest == 1 and any(m.uses_batch_stats() for m in self.modules() if isinstance(m, _DWConvBN)):
+            raise ValueError(
+                f"Expected more than 1 value per channel when training: a training SegFormer3D's last stage holds "
+                f"one token at batch {x.shape[0]} and input {tuple(x.shape[2:])} for its BatchNorm (use a batch of "
+                "2 or more, a larger input, or eval())"
+            )
         # autocast's weight casts in one launch each way (a training step); a conv whose BatchNorm folds into its
         # weight (running statistics, e.g. frozen BatchNorms) is read in fp32 for the fold (the walk only where the
         # block can act: inference skips it)

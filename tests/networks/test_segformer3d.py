@@ -284,7 +284,7 @@ def test_training_with_one_value_per_batch_norm_channel_raises_like_the_plain_bu
     x = torch.randn(1, 4, 32, 32, 32)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         plain.train()(x)
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
+    with pytest.raises(ValueError, match="more than 1 value per channel .* last stage holds one token"):
         ours.train()(x)
     assert all(torch.isfinite(m.running_var).all() for m in ours.modules() if isinstance(m, nn.BatchNorm3d))
     assert torch.isfinite(ours.eval()(x)).all()
