@@ -117,7 +117,8 @@ def _eval(args: argparse.Namespace) -> int:
     except SetupError as err:
         return _error(err)
     if args.split == "test":
-        print(f"{result['num_cases']} cases predicted into {result['predictions']}")
+        n = result["num_cases"]
+        print(f"{n} case{'' if n == 1 else 's'} predicted into {result['predictions']}")
         return 0
     names = result["class_names"]
     dice = "n/a" if result["dice"] is None else f"{result['dice']:.4f}"

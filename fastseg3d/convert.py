@@ -238,7 +238,8 @@ def infer_segformer3d_config(state_dict: Mapping[str, torch.Tensor], **overrides
     }
     if "num_heads" not in overrides and embed_dims != [32, 64, 160, 256]:
         warnings.warn(f"num_heads cannot be read from a state_dict; using the official {config['num_heads']} for "
-                      f"embed_dims {embed_dims}. Pass num_heads if the checkpoint was trained with others.",
+                      f"embed_dims {embed_dims}. Pass num_heads (fastseg3d convert: --num-heads H H H H) if the "
+                      "checkpoint was trained with others.",
                       stacklevel=2)
     config.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
     return config
@@ -379,7 +380,9 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in overrides)} only apply with --from")
             config = fastseg3d_to_official(args.input, args.output, trusted=args.trusted)
     except (ValueError, OSError) as e:  # OSError: a missing, unreadable or unwritable path, a folder for a file
-        print(f"fastseg3d convert: error: {e}", file=sys.stderr)
+        hint = (" (the heads are not stored in the weights: pass --num-heads H H H H)"
+                if args.from_format and "num_heads" in str(e) and "num_heads" not in overrides else "")
+        print(f"fastseg3d convert: error: {e}{hint}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} (SegFormer3D {config})")
     return 0

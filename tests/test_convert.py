@@ -168,6 +168,11 @@ def test_command_line(tmp_path, net, capsys):
     assert main(["--to", "official-segformer3d", str(converted), str(tmp_path / "o.bin"), "--num-heads",
                  "1", "1", "1", "1"]) == 1
     assert "--num-heads" in capsys.readouterr().err
+    # heads are not in the weights: the official default (1, 2, 5, 8) does not divide these widths
+    with pytest.warns(UserWarning, match="--num-heads"):
+        assert main(["--from", "official-segformer3d", str(official), str(tmp_path / "h.pt"),
+                     "--patch-stride", "2,4,4", "2", "2", "2"]) == 1
+    assert "divisible by num_heads" in (err := capsys.readouterr().err) and "pass --num-heads" in err
     assert main(["--from", "official-segformer3d", str(official), str(tmp_path)]) == 1  # a folder as the output
     assert capsys.readouterr().err.startswith("fastseg3d convert: error: ")
     with pytest.raises(SystemExit):

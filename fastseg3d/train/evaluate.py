@@ -61,7 +61,8 @@ def _to_input_grid(volume: torch.Tensor, image, transform) -> tuple[torch.Tensor
     from monai.data import MetaTensor
     from monai.transforms import Invertd
 
-    pred = MetaTensor(volume.float(), affine=image.affine, meta=dict(image.meta))
+    meta = {k: v for k, v in image.meta.items() if k != "affine"}  # given once (MONAI warns of a second)
+    pred = MetaTensor(volume.float(), affine=image.affine, meta=meta)
     pred.applied_operations = list(image.applied_operations)
     inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
         {"pred": pred, "image": image})["pred"]

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -450,7 +451,7 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             if self.cfg["scheduler"]["interval"] == "step":
-                self.scheduler.step()
+                self._schedule()
             self.step += 1
             if bar is not None:
                 bar.update(1)
@@ -468,8 +469,15 @@ class Trainer:
         if bar is not None:
             bar.close()
         if self.cfg["scheduler"]["interval"] == "epoch":
-            self.scheduler.step()
+            self._schedule()
         return self.max_steps is None or self.step < int(self.max_steps)
+
+    def _schedule(self) -> None:
+        with warnings.catch_warnings():
+            # fp16's GradScaler skips the optimizer's step while it lowers its scale (the first steps of a run), after
+            # which the schedule steps on as in PyTorch's AMP recipe; PyTorch warns of it as of a misordered loop
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
 
     def _check_finite(self, value: torch.Tensor, what: str, epoch: int) -> None:
         """Raise :class:`NonFiniteLossError` on every rank together (a lone rank raising would hang the others)."""
@@ -541,6 +549,10 @@ class Trainer:
         last: dict = {}
         vcfg, ccfg = self.cfg["val"], self.cfg["checkpoint"]
         epoch = self.start_epoch - 1
+        done = self.start_epoch >= self.epochs or (self.max_steps is not None and self.step >= int(self.max_steps))
+        if done and not self.val_pending:
+            logger.info("the run had already finished (epoch %d, step %d): nothing left to train; its final "
+                        "checkpoint is written again", epoch, self.step)
         try:
             if self.val_pending:
                 # The checkpoint resumed from was written before its epoch's validation, which did not finish. Only

@@ -68,6 +68,17 @@ def test_resume_auto_without_a_checkpoint_starts_a_fresh_metrics_file(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and 9.0 not in [r["loss"] for r in rows]
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_left(tmp_path, caplog):
+    run = tmp_path / "run"
+    cfg = load_config("quickstart", ["train.epochs=1", *TINY_UNET, *TINY_DATA, "val.every=0"])
+    Trainer(cfg, run).fit()
+    rows = _rows(run)
+    with caplog.at_level(logging.INFO, logger="fastseg3d"):
+        Trainer(cfg, run, resume="auto").fit()
+    assert "already finished (epoch 0, step 2): nothing left to train" in caplog.text
+    assert _rows(run) == rows
+
+
 class _Interrupt(Exception):
     pass
 
