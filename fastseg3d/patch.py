@@ -31,6 +31,8 @@ def _change_class(module: nn.Module, cls: type[nn.Module]) -> None:
 
 
 def _swap(model: nn.Module, match, cls: type[nn.Module]) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
         if match(module):
             _change_class(module, cls)

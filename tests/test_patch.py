@@ -50,6 +50,9 @@ def test_convert_leaves_other_convs_and_handles_a_bare_module():
     bare = fastseg3d.convert_model(conv)
     assert bare is conv and type(bare) is DepthwiseConv3d  # the module itself changes class
     assert fastseg3d.revert_model(bare) is conv and type(conv) is nn.Conv3d
+    for swap in (fastseg3d.convert_model, fastseg3d.revert_model):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got NoneType"):
+            swap(None)
 
 
 def test_converted_modules_keep_their_hooks_and_compiled_call():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from fastseg3d.nn.recompute import layer_norm_for_linear
 from fastseg3d.ops.attention import attention
-from fastseg3d.ops.utils import check_spatial_shape
+from fastseg3d.ops.utils import check_spatial_shape, check_tensor
 
 __all__ = ["EfficientSelfAttention3d"]
 
@@ -62,13 +63,12 @@ class EfficientSelfAttention3d(nn.Module):
         scale: float | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int):
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("sr_ratio", sr_ratio)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+        dim, num_heads, sr_ratio = int(dim), int(num_heads), int(sr_ratio)  # NumPy ints as nn.Linear takes them
         if dim <= 0 or num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
-        if isinstance(sr_ratio, bool) or not isinstance(sr_ratio, int):
-            raise TypeError(f"sr_ratio must be an int, got {sr_ratio!r}")
         if sr_ratio < 1:
             raise ValueError(f"sr_ratio must be an int >= 1, got {sr_ratio!r}")
         if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
@@ -93,6 +93,7 @@ class EfficientSelfAttention3d(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}, scale={self.scale:.4g}"
 
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
+        check_tensor(x, "x")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be tokens (B, N, {self.dim}), got shape {tuple(x.shape)}")
         b, n, c = x.shape

@@ -12,7 +12,7 @@ __all__ = ["DepthwiseConv3d"]
 
 
 class DepthwiseConv3d(nn.Conv3d):
-    """Drop-in ``nn.Conv3d``: same constructor, parameters, ``state_dict`` and ``repr``.
+    """Drop-in ``nn.Conv3d``: same constructor, parameters, ``state_dict`` and ``repr`` arguments.
 
     The forward runs :func:`fastseg3d.ops.dwconv3d` when the layer is depthwise (``groups == in_channels ==
     out_channels``) with stride 1 and zero padding; any other configuration runs ``nn.Conv3d.forward``, under the

@@ -128,6 +128,16 @@ def test_non_integer_sizes_raise_type_error(kwargs, match):
         EfficientSelfAttention3d(**kwargs)
 
 
+def test_numpy_sizes_and_a_non_tensor_input():
+    import numpy as np
+
+    module = EfficientSelfAttention3d(np.int64(32), np.int32(2), sr_ratio=np.int64(2))
+    assert (module.dim, module.num_heads, module.sr_ratio) == (32, 2, 2) and type(module.dim) is int
+    assert module(torch.randn(1, 8, 32), (2, 2, 2)).shape == (1, 8, 32)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        module(None, (2, 2, 2))
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("sr,spatial,heads", [(1, (3, 5, 4), 1), (2, (4, 6, 2), 2), (4, (8, 4, 12), 1)])
 def test_interpret_module_matches_unfused_composition(poison, sr, spatial, heads):
