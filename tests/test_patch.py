@@ -133,3 +133,16 @@ def test_converted_model_trains_like_the_original():
 def _ctor(m: nn.Conv3d) -> dict:
     return dict(in_channels=m.in_channels, out_channels=m.out_channels, kernel_size=m.kernel_size,
                 padding=m.padding, groups=m.groups)
+
+
+def test_a_traced_converted_conv_follows_each_inputs_layout():
+    """As a traced nn.Conv3d does: the example input's layout is not baked into the trace."""
+    conv = fastseg3d.convert_model(nn.Conv3d(3, 3, 3, padding=1, groups=3))
+    contiguous = torch.randn(2, 3, 4, 5, 6)
+    channels_last = contiguous.contiguous(memory_format=torch.channels_last_3d)
+    for example, other in ((contiguous, channels_last), (channels_last, contiguous)):
+        traced = torch.jit.trace(conv, example)
+        for x in (example, other):
+            y = traced(x)
+            assert y.stride() == nn.Conv3d.forward(conv, x).stride()
+            torch.testing.assert_close(y, conv(x), rtol=0, atol=0)

@@ -343,9 +343,10 @@ def dwconv3d(
     reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
     if backends.select("dwconv3d", reasons, x.device):
         return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])[0]
-    # ATen's conv may return another layout (fp64 on CPU and CUDA goes contiguous)
+    # ATen's conv may return another layout (fp64 on CPU and CUDA goes contiguous); a trace would record the
+    # layout of its example input as a constant, where the conv alone follows each input's, as nn.Conv3d does
     y = dwconv3d_ref(x, weight, bias, pad, dil, activation, residual)
-    return y.contiguous(memory_format=utils.layout_of(x))
+    return y if torch.jit.is_tracing() else y.contiguous(memory_format=utils.layout_of(x))
 
 
 def dwconv3d_tokens(
