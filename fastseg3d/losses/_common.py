@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import re
 
 import torch
 
-__all__ = ["as_volume", "check_weight", "full_precision"]
+__all__ = ["as_volume", "check_like", "check_weight", "full_precision", "named_errors"]
 
 
 def as_volume(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -33,3 +35,26 @@ def check_weight(value, name: str) -> float:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
+
+
+def check_like(named: list[tuple[str, torch.Tensor]], ref_name: str, ref: torch.Tensor) -> None:
+    """Each ``(name, tensor)`` has ``ref``'s rank and batch size, so an error names the argument the caller passed
+    rather than the fused op's ``students[k]`` (a 2-D map beside 3-D ones would otherwise read as depth 1)."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor) and t.dim() != ref.dim():
+            raise ValueError(f"{name} is {t.dim()}-D but {ref_name} is {ref.dim()}-D: the maps of one loss are all "
+                             "2-D or all 3-D")
+        if isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor) and t.shape[:1] != ref.shape[:1]:
+            raise ValueError(f"{name} has batch size {t.shape[0]} but {ref_name} has {ref.shape[0]}")
+
+
+@contextlib.contextmanager
+def named_errors(students: list[str], teacher: str):
+    """Inside, a fused op's ``ValueError``/``TypeError`` about its ``students[k]`` (or ``student``) and ``teacher``
+    is raised again with the loss's own argument names."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        msg = re.sub(r"\bstudents\[(\d+)\]", lambda m: students[int(m.group(1))], str(e))
+        msg = re.sub(r"\bstudent\b", students[0], msg) if len(students) == 1 else msg
+        raise type(e)(re.sub(r"\bteacher\b", teacher, msg)) from e

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight
+from fastseg3d.losses._common import as_volume, check_like, check_weight, named_errors
 from fastseg3d.losses.dice_ce import DiceCELoss
 from fastseg3d.ops.kl_distill import check_temperature, kl_distill_multi
 
@@ -101,7 +101,8 @@ class DSDLoss(nn.Module):
             return heads[0].new_zeros((), dtype=torch.float32)
         vols = [as_volume(h, f"{name}[{i}]") for i, h in enumerate(heads)]
         size = size if len(size) == 3 else (1, *size)
-        return kl_distill_multi(vols[:-1], vols[-1], self.temperature, self.detach_teacher, size)
+        with named_errors([f"{name}[{i}]" for i in range(len(heads) - 1)], f"{name}[{len(heads) - 1}]"):
+            return kl_distill_multi(vols[:-1], vols[-1], self.temperature, self.detach_teacher, size)
 
     def terms(self, outputs, target: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"dice_ce": sum of the DiceCE terms, "kl_decoder": ..., "kl_encoder": ...}`` (KL terms unweighted)."""
@@ -111,13 +112,14 @@ class DSDLoss(nn.Module):
         if not isinstance(outputs, (tuple, list)) or len(outputs) != 3:
             raise ValueError("outputs must be DSD's training output (main, decoder heads, encoder heads) or a tensor")
         main, decoder, encoder = outputs
-        self._check_logits(main, "main", main.dim())
-        dims = main.dim()
+        dims = main.dim() if isinstance(main, torch.Tensor) and main.dim() in (4, 5) else 5
+        self._check_logits(main, "main", dims)
         for name, heads in (("decoder", decoder), ("encoder", encoder)):
             if not isinstance(heads, (tuple, list)) or len(heads) == 0:
                 raise ValueError(f"{name} must be a non-empty sequence of head logits")
             for i, h in enumerate(heads):
                 self._check_logits(h, f"{name}[{i}]", dims)
+            check_like([(f"{name}[{i}]", h) for i, h in enumerate(heads)], "main", main)
         if not isinstance(target, torch.Tensor) or target.dim() != dims or target.shape[1] != 1:
             raise ValueError(f"target must be a ({dims}-D) label map (B, 1, *spatial), got "
                              f"{getattr(target, 'shape', type(target).__name__)}")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight
+from fastseg3d.losses._common import as_volume, check_like, check_weight, named_errors
 from fastseg3d.ops.channel_kl import channel_kl
 from fastseg3d.reference.channel_kl import REDUCTIONS
 
@@ -54,7 +54,9 @@ class MISSUDistillLoss(nn.Module):
                              "pass one skip per decoder feature")
         total = None
         for i, (d, s) in enumerate(zip(decoder_features, skip_features)):
-            loss = channel_kl(as_volume(d, f"decoder_features[{i}]"), as_volume(s, f"skip_features[{i}]"),
-                              self.reduction)
+            dv, sv = as_volume(d, f"decoder_features[{i}]"), as_volume(s, f"skip_features[{i}]")
+            check_like([(f"decoder_features[{i}]", d)], f"skip_features[{i}]", s)
+            with named_errors([f"decoder_features[{i}]"], f"skip_features[{i}]"):
+                loss = channel_kl(dv, sv, self.reduction)
             total = loss if total is None else total + loss
         return self.weight * total

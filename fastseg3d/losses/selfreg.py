@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastseg3d.losses._common import as_volume, check_weight
+from fastseg3d.losses._common import as_volume, check_like, check_weight, named_errors
 from fastseg3d.losses.dice_ce import DiceCELoss
 from fastseg3d.ops.selfreg import random_channel_pairs, selfreg_inter_multi, selfreg_intra
 
@@ -90,7 +90,11 @@ class SelfRegLoss(nn.Module):
                 raise ValueError(f"{name} must be a non-empty sequence of feature maps")
         enc = [as_volume(f, f"encoder[{i}]") for i, f in enumerate(encoder)]
         dec = [as_volume(f, f"decoder[{i}]") for i, f in enumerate(decoder)]
-        final = as_volume(final, "final")
+        final_volume = as_volume(final, "final")
+        # ranks compared before the 2-D maps take a depth of one
+        check_like([*((f"encoder[{i}]", f) for i, f in enumerate(encoder)),
+                    *((f"decoder[{i}]", f) for i, f in enumerate(decoder))], "final", final)
+        final = final_volume
         for name, feats in (("encoder", enc), ("decoder", dec)):
             for i, f in enumerate(feats):
                 if f.shape[1] % 2:  # the intra term pairs the top and bottom halves of the ranked channels
@@ -107,7 +111,9 @@ class SelfRegLoss(nn.Module):
             a, b = random_channel_pairs(f.shape[1], final.shape[1], k, generator=self.generator)
             cs.append(a)
             ct.append(b)
-        out = {"intra": intra, "inter": selfreg_inter_multi(students, final, cs, ct).mean()}
+        names = [*(f"decoder[{i}]" for i in range(len(dec))), *(f"encoder[{i}]" for i in range(len(enc)))]
+        with named_errors(names, "final"):
+            out = {"intra": intra, "inter": selfreg_inter_multi(students, final, cs, ct).mean()}
         if self.dice_ce is not None:
             if target is None:
                 raise ValueError("target is required when include_segmentation=True")

@@ -200,6 +200,14 @@ def test_bad_arguments():
         loss_fn((out.main, out.decoder), target)
     with pytest.raises(ValueError, match="non-empty"):
         loss_fn(DSDOutput(out.main, (), out.encoder), target)
+    # errors name the loss's own arguments, not the fused op's students and teacher
+    with pytest.raises(ValueError, match=r"decoder\[1\] has batch size 1 but main has 2"):
+        loss_fn(DSDOutput(out.main, (out.decoder[0], out.decoder[1][:1], *out.decoder[2:]), out.encoder), target)
+    odd = torch.randn(2, 3, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"encoder\[0\] has spatial shape \(3, 8, 8\)"):
+        loss_fn(DSDOutput(out.main, out.decoder, (odd, *out.encoder[1:])), target)
+    with pytest.raises(ValueError, match="main must be \\(5-D\\) logits"):
+        loss_fn(DSDOutput(out.main[..., None], out.decoder, out.encoder), target)
 
 
 @pytest.mark.interpret

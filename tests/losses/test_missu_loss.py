@@ -61,5 +61,8 @@ def test_bad_arguments():
         loss_fn([], [])
     with pytest.raises(ValueError, match="non-empty"):
         loss_fn(dec[0], skip[0])
-    with pytest.raises(ValueError, match="spatial shape"):
+    with pytest.raises(ValueError, match=r"spatial shape.*(decoder_features|skip_features)\[0\]|"
+                                         r"(decoder_features|skip_features)\[0\].*spatial shape"):
         loss_fn([dec[0]], [skip[0][:, :, :1]])
+    with pytest.raises(ValueError, match=r"decoder_features\[1\] has batch size 1 but skip_features\[1\] has 2"):
+        loss_fn([dec[0], dec[1][:1]], skip[:2])

@@ -157,3 +157,10 @@ def test_bad_arguments():
         loss_fn(SelfRegOutput(out.logits, out.encoder, (out.decoder[0], odd), out.final))
     with pytest.raises(ValueError, match="4-D"):
         loss_fn(SelfRegOutput(out.logits, (torch.randn(2, 4, 8),), out.decoder, out.final))
+    # a 2-D map beside a 3-D final, a batch that differs and a ratio that does not divide, by the loss's own names
+    with pytest.raises(ValueError, match=r"encoder\[0\] is 4-D but final is 5-D"):
+        loss_fn(SelfRegOutput(out.logits, (out.encoder[0][:, :, 0],), out.decoder, out.final))
+    with pytest.raises(ValueError, match=r"decoder\[0\] has batch size 1 but final has 2"):
+        loss_fn(SelfRegOutput(out.logits, out.encoder, (out.decoder[0][:1], *out.decoder[1:]), out.final))
+    with pytest.raises(ValueError, match=r"encoder\[0\]"):
+        loss_fn(SelfRegOutput(out.logits, (out.encoder[0][:, :, :3],), out.decoder, out.final))
