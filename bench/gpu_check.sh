@@ -77,10 +77,13 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # one line per test as it ends ("passed <node id>"); TESTS_PASSED=<an earlier run's gpu_results.txt, in the
   # tree> leaves out the tests that passed there, and the new file starts with them, so it stays the whole record
   export FASTSEG3D_RESULTS_LOG="$OUT/gpu_results.txt"
-  : > "$FASTSEG3D_RESULTS_LOG"
   if [ -n "${TESTS_PASSED:-}" ]; then
-    export FASTSEG3D_SKIP_PASSED="$TESTS_PASSED"
-    cat "$TESTS_PASSED" >> "$FASTSEG3D_RESULTS_LOG"
+    # a copy: TESTS_PASSED may name the log itself
+    cp "$TESTS_PASSED" /tmp/gpu_tests_passed.txt
+    export FASTSEG3D_SKIP_PASSED=/tmp/gpu_tests_passed.txt
+    cat /tmp/gpu_tests_passed.txt > "$FASTSEG3D_RESULTS_LOG"
+  else
+    : > "$FASTSEG3D_RESULTS_LOG"
   fi
   extra=()
   python3 -c "import xdist" 2>/dev/null && extra+=(-n "${TEST_WORKERS:-12}")
@@ -90,7 +93,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
   tail -n 25 "$OUT/gpu_tests.log"
   # the last line of each test decides; a test not listed did not end within the box
-  awk '{last[$2] = $1} END {for (t in last) n[last[t]]++; printf "GPU tier so far:"; for (o in n) printf " %d %s", n[o], o; print ""}' \
+  # (node ids may hold blanks: the id is the line after its first word)
+  awk '{o = $1; sub(/^[^ ]+ /, ""); last[$0] = o} END {for (t in last) n[last[t]]++; printf "GPU tier so far:";
+       for (o in n) printf " %d %s", n[o], o; print ""}' \
     "$FASTSEG3D_RESULTS_LOG"
   if [ -s "$FASTSEG3D_FAILURE_LOG" ]; then
     echo "failures ($FASTSEG3D_FAILURE_LOG, first lines):"; grep -E "^=== |^E " "$FASTSEG3D_FAILURE_LOG" | head -n 40

@@ -379,7 +379,8 @@ class SegFormer3D(nn.Module):
         deepest = x.shape[0]
         for axis, size in enumerate(x.shape[2:]):
             deepest *= size // self._grid_stride[axis]
-        if deepest == 1 and any(m.uses_batch_stats() for m in self.modules() if isinstance(m, _DWConvBN)):
+        last_stage = self.segformer_encoder.tf_block4.modules()
+        if deepest == 1 and any(m.uses_batch_stats() for m in last_stage if isinstance(m, _DWConvBN)):
             raise ValueError(
                 f"Expected more than 1 value per channel when training: a training SegFormer3D's last stage holds "
                 f"one token at batch {x.shape[0]} and input {tuple(x.shape[2:])} for its BatchNorm (use a batch of "

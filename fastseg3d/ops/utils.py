@@ -67,7 +67,8 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     so ``t`` may change after the call."""
     if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)  # a pinned t itself would race the copy
+    return staged.to(device, non_blocking=True)
 
 
 def layout_of(x: torch.Tensor) -> torch.memory_format:

@@ -72,7 +72,8 @@ def dwconv3d_ref(
     if _cpu_half(x):
         with torch.autocast("cpu", enabled=False):  # which would cast the conv's operands back
             y = dwconv3d_ref(*_fp32(x, weight, bias), padding, dilation, activation, *_fp32(residual))
-        return y.to(x.dtype)
+        # ATen's dtype: the conv's, promoted by a residual's (e.g. an fp32 stream)
+        return y.to(x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype))
     y = F.conv3d(x, weight, bias, stride=1, padding=padding, dilation=dilation, groups=x.shape[1])
     y = activation_ref(y, activation)
     if residual is not None:

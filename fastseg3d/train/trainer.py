@@ -473,7 +473,10 @@ class Trainer:
         return self.max_steps is None or self.step < int(self.max_steps)
 
     def _schedule(self) -> None:
-        with warnings.catch_warnings():
+        if getattr(self.scheduler, "_step_count", 1) != 1:  # PyTorch checks the order at the first step only
+            self.scheduler.step()
+            return
+        with warnings.catch_warnings():  # (which resets the once-only warnings: not at every step)
             # fp16's GradScaler skips the optimizer's step while it lowers its scale (the first steps of a run), after
             # which the schedule steps on as in PyTorch's AMP recipe; PyTorch warns of it as of a misordered loop
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")

@@ -288,6 +288,11 @@ def test_training_with_one_value_per_batch_norm_channel_raises_like_the_plain_bu
         ours.train()(x)
     assert all(torch.isfinite(m.running_var).all() for m in ours.modules() if isinstance(m, nn.BatchNorm3d))
     assert torch.isfinite(ours.eval()(x)).all()
+    # no BatchNorm at the last stage, or its BatchNorms frozen: nothing to refuse
+    assert SegFormer3D(**_SMALL, depths=(1, 1, 1, 0)).train()(x).shape == (1, 3, 32, 32, 32)
+    frozen = SegFormer3D(**_SMALL).train()
+    frozen.segformer_encoder.tf_block4.eval()
+    assert frozen(x).shape == (1, 3, 32, 32, 32)
 
 
 @pytest.mark.parametrize("ratio", [4.0, (4.0, 2, 4, 3.0), [4, 4, 4, 4]])

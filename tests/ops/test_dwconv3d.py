@@ -205,6 +205,10 @@ def test_cpu_half_reference_gradients_on_tiny_channels_last_volumes(channels, dt
     assert y.dtype == dtype and w.grad.dtype == b.grad.dtype == param_dtype
     for name, got, want in (("dw", w.grad, w32.grad), ("db", b.grad, b32.grad)):
         assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max(), name
+    # ATen's dtypes: an fp32 residual promotes the half conv's output
+    vol = x.transpose(1, 2).reshape(4, channels, 2, 2, 2)
+    assert dwconv3d_ref(vol, w.detach().to(dtype), residual=vol.float()).dtype == torch.float32
+    assert dwconv3d_ref(vol, w.detach().to(dtype), residual=vol).dtype == dtype
 
 
 def test_tokens_reference_path_on_strided_tokens():
