@@ -77,10 +77,11 @@ def backend(name: str) -> Iterator[None]:
         >>> with fastseg3d.backend("torch"):
         ...     pass  # every fastseg3d op runs its pure-PyTorch reference here
     """
-    if name not in BACKENDS:
+    policy = name.strip().lower() if isinstance(name, str) else name  # as FASTSEG3D_BACKEND is read
+    if policy not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = _state["backend"]
-    _state["backend"] = name
+    _state["backend"] = policy
     try:
         yield
     finally:

@@ -44,8 +44,9 @@ def _validate(q, k, v, scale) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass tensors of one dtype")
         if t.device != q.device:
             raise TypeError(f"{name} is on {t.device} but q is on {q.device}; pass tensors on one device")
-    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
-                              or not math.isfinite(scale) or scale <= 0):
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise TypeError(f"scale must be a Python or NumPy real number or None, got {type(scale).__name__}")
+    if scale is not None and (not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 

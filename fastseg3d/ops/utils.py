@@ -186,7 +186,7 @@ def check_spatial_shape(spatial_shape, n_tokens: int) -> tuple[int, int, int]:
         d, h, w = (operator.index(s) for s in spatial_shape)
     except (TypeError, ValueError):
         raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}") from None
-    if min(d, h, w) <= 0:
+    if min(d, h, w) <= 0 or any(isinstance(s, bool) for s in spatial_shape):
         raise ValueError(f"spatial_shape must be 3 positive ints (D, H, W), got {spatial_shape!r}")
     if d * h * w != n_tokens:
         raise ValueError(f"spatial_shape {(d, h, w)} has {d * h * w} voxels but x has N={n_tokens} tokens")

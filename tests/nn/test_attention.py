@@ -111,6 +111,7 @@ def test_attention_dropout_falls_back_through_the_backend_policy(caplog):
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 8, 32), (8,)), "spatial_shape"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 32, 32), (2.9, 4, 4)), "3 positive ints"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 32, 32), (-2, -4, 4)), "3 positive ints"),
+        (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 1, 32), (True, True, True)), "3 positive ints"),
         (lambda: EfficientSelfAttention3d(32, 2, scale=-1.0), "scale"),
     ],
 )

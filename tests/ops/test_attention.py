@@ -226,6 +226,8 @@ _BAD = [
      ValueError, "scale"),
     (lambda: attention(torch.ones(2, 4, 1, 32, dtype=torch.long), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)),
      TypeError, "floating"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32),
+                       scale=torch.tensor(0.5)), TypeError, "scale must be a Python or NumPy real number"),
 ]
 
 

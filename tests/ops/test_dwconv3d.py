@@ -423,9 +423,13 @@ def test_backend_policy(monkeypatch, caplog):
     with fastseg3d.backend("torch"):
         dwconv3d(x, w)
     assert calls == [1]
-    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="device=cpu"):
+    with fastseg3d.backend(" Triton"), pytest.raises(NotImplementedError, match="device=cpu"):  # as the variable
+        assert fastseg3d.get_backend() == "triton"
         dwconv3d(x, w)
     assert fastseg3d.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastseg3d.backend("cuda"):
+            pass
     fastseg3d.backends._logged.clear()
     with caplog.at_level(logging.INFO, logger="fastseg3d"):
         dwconv3d(x, w)
