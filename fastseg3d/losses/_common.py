@@ -36,15 +36,15 @@ def check_weight(value, name: str) -> float:
     return float(value)
 
 
-
 def check_like(named: list[tuple[str, torch.Tensor]], ref_name: str, ref: torch.Tensor) -> None:
     """Each ``(name, tensor)`` has ``ref``'s rank and batch size, so an error names the argument the caller passed
-    rather than the fused op's ``students[k]`` (a 2-D map beside 3-D ones would otherwise read as depth 1)."""
+    rather than the fused op's ``students[k]`` (a 2-D map beside 3-D ones would otherwise read as depth 1). The
+    callers have checked that each is a tensor."""
     for name, t in named:
-        if isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor) and t.dim() != ref.dim():
+        if t.dim() != ref.dim():
             raise ValueError(f"{name} is {t.dim()}-D but {ref_name} is {ref.dim()}-D: the maps of one loss are all "
                              "2-D or all 3-D")
-        if isinstance(t, torch.Tensor) and isinstance(ref, torch.Tensor) and t.shape[:1] != ref.shape[:1]:
+        if t.shape[0] != ref.shape[0]:
             raise ValueError(f"{name} has batch size {t.shape[0]} but {ref_name} has {ref.shape[0]}")
 
 
