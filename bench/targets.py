@@ -78,14 +78,28 @@ def _best_of(case, shape, dtype, mode, peers, provider="fastseg3d", key="median_
     return measure
 
 
+class AtLeast(float):
+    """A measured value that only bounds the true one from below (a search cut before it found its limit)."""
+
+
+class AtMost(float):
+    """A measured value that only bounds the true one from above."""
+
+
 def _cube_ratio(model):
-    """fastseg3d's voxels over plain's, searched in one dtype (bf16 preferred)."""
+    """fastseg3d's voxels over plain's, searched in one dtype (bf16 preferred). A search cut short (its time box)
+    before any side failed has found only a lower bound of its side: the ratio is then a bound."""
     def measure(idx):
         for dtype in ("bf16", "fp16", "fp32"):
             ours = _get(idx, "largest_cube", model, dtype, None, "fastseg3d", "voxels")
             plain = _get(idx, "largest_cube", model, dtype, None, "plain", "voxels")
             if ours and plain:
-                return ours / plain
+                ours_cut, plain_cut = (_get(idx, "largest_cube", model, dtype, None, p, "failed_side") is None
+                                       and _get(idx, "largest_cube", model, dtype, None, p, "stop") != "max-side"
+                                       for p in ("fastseg3d", "plain"))
+                if ours_cut and plain_cut:
+                    return None
+                return AtLeast(ours / plain) if ours_cut else AtMost(ours / plain) if plain_cut else ours / plain
         return None
     return measure
 
@@ -147,13 +161,18 @@ TARGETS = [
 
 
 def check(rows: list[dict]) -> list[tuple[Target, float | None, str]]:
-    """(target, measured value, verdict) for every target: "met", "short by N%" or "not measured"."""
+    """(target, measured value, verdict) for every target: "met", "short by N%" or "not measured" (also where the
+    value is a bound on the wrong side of the need: a search cut short)."""
     idx = _index(rows)
     out = []
     for t in TARGETS:
         value = t.measure(idx)
         if value is None:
             verdict = "not measured"
+        elif isinstance(value, AtLeast) and value < t.need:
+            verdict = f"not measured (search cut: at least {value:.2f}{t.unit})"
+        elif isinstance(value, AtMost) and value >= t.need:
+            verdict = f"not measured (peer's search cut: at most {value:.2f}{t.unit})"
         elif value >= t.need:
             verdict = "met"
         else:

@@ -810,6 +810,28 @@ def test_targets_report_met_short_and_missing():
     assert "short by 20%" in targets.format_report(targets.check(rows))
 
 
+@pytest.mark.parametrize("ours,plain,verdict", [
+    ((512, None, "time-limit"), (736, 768, "out of memory"), "not measured (search cut: at least 0.34x)"),
+    ((1024, None, "time-limit"), (736, 768, "out of memory"), "met"),  # a lower bound that already meets it
+    ((960, 992, "out of memory"), (736, 768, "out of memory"), "met"),
+    ((800, 832, "out of memory"), (736, 768, "out of memory"), "short by 36%"),
+    ((960, 992, "out of memory"), (640, None, "time-limit"), "not measured (peer's search cut: at most 3.38x)"),
+    ((800, 832, "out of memory"), (736, None, "time-limit"), "short by 36%"),  # an upper bound below it
+    ((1280, None, "max-side"), (736, 768, "out of memory"), "met"),
+    ((512, None, "time-limit"), (640, None, "time-limit"), "not measured"),
+])
+def test_cube_target_of_a_cut_search_is_a_bound(ours, plain, verdict):
+    """A largest-cube search cut by its time box before any side failed found a lower bound of its side: the
+    ratio is a bound, and a verdict on the wrong side of it says so instead of "short" or "met"."""
+    from bench import targets
+
+    rows = [{"case": "largest_cube", "shape": "segformer3d", "dtype": "bf16", "mode": None, "provider": p,
+             "voxels": side ** 3, "failed_side": failed, "stop": stop}
+            for p, (side, failed, stop) in (("fastseg3d", ours), ("plain", plain))]
+    results = {t.what: v for t, _, v in targets.check(rows)}
+    assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == verdict
+
+
 def test_op_targets_have_replayed_twins():
     """Each op speed or bandwidth target is also judged on the rows' CUDA-graph replay time (graph_ms), where the
     host's Python no longer counts; the bandwidth share scales by median / replay time."""
