@@ -46,8 +46,7 @@ class Network:
     ``(output, label) -> scalar`` (label: (B, 1, *spatial) class indices); ``plain`` says what the plain variant
     replaces, for the README and the rows' readers. Unless ``plain_model`` is set, the plain variant is the
     fastseg3d module run under ``fastseg3d.backend("torch")`` (every fused op runs its PyTorch reference).
-    ``infer_fused=False``: inference runs no fused op (the fused parts are training losses), so it is measured
-    for the fastseg3d variant only. ``graphable=False``: the training step cannot be captured in a CUDA graph (its
+    ``graphable=False``: the training step cannot be captured in a CUDA graph (its
     loss draws on the host every step), so there are no ``+cuda-graph`` providers.
     """
 
@@ -64,7 +63,6 @@ class Network:
     sides: tuple[int, ...] = (128, 160)
     batch: int = 2
     quick_batch: int = 1
-    infer_fused: bool = True
     graphable: bool = True
 
 
@@ -165,9 +163,7 @@ def runners(net: Network, model: nn.Module, plain: bool, provider: str, x: torch
         with variant_context(plain), torch.no_grad(), autocast(device, dtype):
             return forward(x)
 
-    out = {"train_step": train_step}
-    if net.infer_fused or not plain:
-        out["infer"] = infer
+    out = {"train_step": train_step, "infer": infer}
     if graph:  # captured on a mode's first call: a mode not measured costs no capture
         params = list(model.parameters())
         return {mode: _captured_on_first_call(fn, params, device) for mode, fn in out.items()}

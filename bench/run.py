@@ -255,7 +255,7 @@ def _selected_cases(cases: dict[str, Case], suite: str | None, names: list[str] 
         wrong = [n for n in names if suite and cases[n].suite != suite]
         if wrong:
             parser.error(f"case(s) {', '.join(wrong)} are not in the {suite!r} suite")
-        return [cases[n] for n in names]
+        return [cases[n] for n in dict.fromkeys(names)]  # a case named twice is measured once
     return [c for _, c in sorted(cases.items()) if suite is None or c.suite == suite]
 
 
@@ -337,6 +337,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
             path = out / f"{suite}.jsonl"
             if path.exists():
                 rows += [r for r in utils.read_rows(path) if r.get("case") in names]
+        if not rows:
+            print(f"no rows of {', '.join(sorted(names))} under {out}", file=sys.stderr)
+            return 1
         by_case = {}
         for r in rows:
             by_case.setdefault(r["case"], []).append(r)

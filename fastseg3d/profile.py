@@ -131,7 +131,7 @@ def _check(input_shape: Sequence[int], dtype: torch.dtype) -> tuple[int, ...]:
         shape = tuple(operator.index(s) for s in input_shape)
     except TypeError:
         raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}") from None
-    if not shape or min(shape) < 1:
+    if not shape or min(shape) < 1 or any(isinstance(s, bool) for s in input_shape):
         raise ValueError(f"input_shape must be a sequence of positive ints, got {input_shape!r}")
     return shape
 
@@ -175,17 +175,20 @@ def activation_memory(
     """Bytes of activations a training forward of ``model`` saves for backward, in total and per top-level module.
 
     The model is copied to the ``meta`` device (nothing is allocated, any input size works), run once in training
-    mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage
-    (also those of a graph the forward builds and drops before it returns: an overcount for such forwards). The
-    copy keeps the model's hooks, which fastseg3d's distillation wrappers need: a hook of the caller's that stores
-    outputs gets ``meta`` tensors, and one that reads values (``.item()``) fails; remove such hooks first.
-    Parameters are not counted. Fused fastseg3d ops take their fused path on ``meta`` tensors, so the count is what
-    the fused network saves on a GPU. With ``dtype`` float16 or bfloat16 the forward runs as under CUDA autocast to
-    that dtype: ``torch.autocast`` does not act on ``meta`` tensors, so its casts are applied here, by the policy of
-    ATen's autocast lists (matrix products and convolutions in ``dtype``; normalisations, softmax, losses,
-    interpolation, exp/log/pow in float32; the rest in the dtype it is given). The model's own
-    ``torch.autocast("cuda", enabled=False)`` regions run uncast, as on a GPU; a region that turns CUDA autocast on
-    (or changes its dtype) acts only where CUDA is available: elsewhere torch disables it and it runs uncast.
+    mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage (also
+    those of a graph the forward builds and drops before it returns: an overcount for such forwards). The copy keeps
+    the model's hooks, which fastseg3d's distillation wrappers need: a hook of the caller's that stores outputs gets
+    ``meta`` tensors, and one that reads values (``.item()``) fails; remove such hooks first. Parameters are not
+    counted. Fused fastseg3d ops take their fused path on ``meta`` tensors, so the count is what the fused network
+    saves on a GPU. ``F.scaled_dot_product_attention`` on ``meta`` tensors (the references' and plain layers'
+    attention) saves what its math backend saves, the fp32 N x M probabilities among it, where a GPU's flash or
+    efficient backend saves only the output and the log-sum-exp: counts of such models are upper bounds. With
+    ``dtype`` float16 or bfloat16 the forward runs as under CUDA autocast to that dtype: ``torch.autocast`` does not
+    act on ``meta`` tensors, so its casts are applied here, by the policy of ATen's autocast lists (matrix products
+    and convolutions in ``dtype``; normalisations, softmax, losses, interpolation, exp/log/pow in float32; the rest
+    in the dtype it is given). The model's own ``torch.autocast("cuda", enabled=False)`` regions run uncast, as on a
+    GPU; a region that turns CUDA autocast on (or changes its dtype) acts only where CUDA is available: elsewhere
+    torch disables it and it runs uncast.
 
     Returns:
         ``{"total": bytes, "<child name>": bytes, ...}`` with one entry per direct child of ``model`` that saves
@@ -207,6 +210,8 @@ def activation_memory(
     param_storages = {p.untyped_storage()._cdata for p in meta_model.parameters()}
     param_storages |= {b.untyped_storage()._cdata for b in meta_model.buffers()}
     seen: set[int] = set()
+    # the counted storages stay referenced: a freed one's address may be reused by a new storage (meta: no memory)
+    counted: list = []
     report: dict[str, int] = {"total": 0}
     current = ["(top)"]
 
@@ -215,6 +220,7 @@ def activation_memory(
         key = storage._cdata
         if key not in seen and key not in param_storages:
             seen.add(key)
+            counted.append(storage)
             report["total"] += storage.nbytes()
             report[current[-1]] = report.get(current[-1], 0) + storage.nbytes()
         return t
@@ -396,7 +402,13 @@ def largest_cube(
     if start <= 0:
         return 0
     if not fits(start):
-        return next((side for side in range(start - multiple, 0, -multiple) if fits(side)), 0)
+        for side in range(start - multiple, 0, -multiple):
+            try:
+                if fits(side):
+                    return side
+            except ValueError:  # a side the network refuses to train (SegFormer3D: one token at its last stage)
+                return 0
+        return 0
     good, bad = start, None
     while bad is None:
         side = min(2 * good, top)

@@ -126,13 +126,26 @@ def test_model_suite_rows_and_report(tmp_path, capsys):
     assert run.main([*argv, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert all(tuple(r) == ROW_KEYS and r["suite"] == "model" for r in rows)
-    # the U-Nets' inference runs no fused op: measured for fastseg3d only
+    # the U-Nets' inference runs fused norm-activation kernels: measured against the plain chains
     assert {(r["provider"], r["mode"]) for r in rows} == {
-        ("fastseg3d", "train_step"), ("fastseg3d", "infer"), ("plain", "train_step")}
+        ("fastseg3d", "train_step"), ("fastseg3d", "infer"), ("plain", "train_step"), ("plain", "infer")}
     capsys.readouterr()
     assert run.main(["--report", "--case", "selfreg_unet", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert table.count("selfreg_unet") == len(rows)
+    # a folder without the case's rows says so (a typo in --out would otherwise print an empty table)
+    assert run.main(["--report", "--case", "selfreg_unet", "--out", str(tmp_path / "elsewhere")]) == 1
+    assert "no rows of selfreg_unet" in capsys.readouterr().err
+
+
+def test_a_case_named_twice_is_measured_once(tmp_path):
+    out = tmp_path / "rows.json"
+    argv = ["--case", "upsample_sum", "--case", "upsample_sum", "--quick", "--modes", "fwd", "--dtype", "fp32",
+            "--providers", "fastseg3d", "--out", str(tmp_path), "--json", str(out)]
+    assert run.main(argv) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == len({(r["shape"], r["provider"]) for r in rows}) > 0
+    assert len((tmp_path / "ops.jsonl").read_text().splitlines()) == len(rows)
 
 
 @pytest.mark.parametrize("name", ["segformer3d", "mobileutr", "missu", "dsd_unet", "selfreg_unet"])

@@ -90,6 +90,39 @@ def test_largest_cube_keeps_to_multiples_and_the_maximum():
     assert largest_cube(model, 1, 1, 1) == 0
 
 
+def test_largest_cube_below_the_sides_a_network_trains_is_none():
+    """Stepping down from a start side that does not fit reaches sides the network refuses to train (SegFormer3D's
+    last stage holds one token at 32^3, batch 1, which BatchNorm refuses in training): none fits."""
+    from fastseg3d.networks import SegFormer3D
+    from fastseg3d.profile import largest_cube
+
+    assert largest_cube(SegFormer3D(), 1, 4, 10 * 2**20, torch.bfloat16) == 0
+    with pytest.raises(ValueError, match="channels"):  # a wrong input at the start side is still the caller's error
+        largest_cube(SegFormer3D(), 1, 3, 10 * 2**20, torch.bfloat16)
+
+
+class _DropsAGraph(nn.Module):
+    """Builds and drops small graphs before the tensors it keeps: their freed storages' addresses come back."""
+
+    def __init__(self, drop: bool):
+        super().__init__()
+        self.w, self.drop = nn.Parameter(torch.ones(1)), drop
+
+    def forward(self, x):
+        if self.drop:
+            for _ in range(2):
+                y = (x[:, :1, :1] * self.w).sin()
+                del y
+        return (x * self.w).sin().cos()
+
+
+def test_a_storage_freed_during_the_forward_does_not_hide_a_later_one():
+    shape = (1, 8, 16, 32, 32)
+    kept = activation_memory(_DropsAGraph(False), shape)["total"]
+    assert kept >= 2 * 4 * 8 * 16 * 32 * 32  # x * w and its sin, fp32
+    assert activation_memory(_DropsAGraph(True), shape)["total"] >= kept  # counted, never hidden
+
+
 def test_rejects_other_dtypes():
     with pytest.raises(ValueError, match="dtype"):
         activation_memory(_Tiny(), (2, 10, 8), torch.float64)
@@ -150,6 +183,7 @@ def test_write_traffic_runs_backward_from_every_floating_output():
     (lambda: activation_memory(_Tiny(), (2, -1, 8)), "input_shape"),
     (lambda: activation_memory(_Tiny(), (2, 10.5, 8)), "input_shape"),
     (lambda: activation_memory(_Tiny(), ()), "input_shape"),
+    (lambda: activation_memory(_Tiny(), (2, True, 8)), "input_shape"),
 ])
 def test_rejects_bad_shapes(call, match):
     with pytest.raises(ValueError, match=match):

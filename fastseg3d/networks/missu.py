@@ -270,7 +270,7 @@ class MISSU(nn.Module):
     qkv projection, O(N d) memory); attention dropout > 0 in training runs the reference. The encoder blocks'
     GroupNorm -> ReLU -> conv, the bottleneck's BatchNorm -> ReLU -> ``conv_x`` and the decoder blocks' middle
     BatchNorm -> ReLU -> conv save only the norm's input for backward (:func:`fastseg3d.nn.recompute.norm_act_conv`):
-    at 128^3, batch 2, bf16 autocast the network saves 3.93 GiB instead of 6.13 (with the fusion blocks' 1x1x1
+    at 128^3, batch 2, bf16 autocast the network saves 3.95 GiB instead of 6.13 (with the fusion blocks' 1x1x1
     conv split so that it saves no concatenated copy). On CUDA each of these norms and its ReLU is one fused kernel
     (:func:`fastseg3d.ops.group_norm_act`; BatchNorm's statistics over the batch), and so are the decoder blocks'
     closing BatchNorm -> ReLU (:func:`fastseg3d.nn.recompute.norm_act`). The transformer's LayerNorms write their
