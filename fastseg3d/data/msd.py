@@ -346,6 +346,19 @@ def _find_case_error(err: BaseException) -> InvalidCaseError | None:
     return None
 
 
+def _load_error(err: BaseException, case: Any) -> InvalidCaseError | None:
+    """A case's files that could not be read (truncated or corrupt NIfTI): MONAI's wrapped error, with its root cause,
+    under the files' names."""
+    if not isinstance(case, dict) or "LoadImage" not in str(err):
+        return None
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    files = " and ".join(str(case[k]) for k in ("image", "label") if k in case)
+    detail = str(root).splitlines()[0] if str(root) else ""
+    return InvalidCaseError(f"cannot read {files}: {type(root).__name__}" + (f": {detail}" if detail else ""))
+
+
 @functools.cache
 def _monai_classes() -> dict[str, type]:
     """Define the MONAI subclasses once MONAI is known to be importable (module ``__getattr__`` serves them)."""
@@ -462,7 +475,7 @@ def _monai_classes() -> dict[str, type]:
             try:
                 out = super().__call__(input_, *args, **kwargs)
             except RuntimeError as err:
-                case_error = _find_case_error(err)
+                case_error = _find_case_error(err) or _load_error(err, input_)
                 if case_error is None:
                     raise
                 raise case_error from None

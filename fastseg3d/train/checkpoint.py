@@ -23,6 +23,7 @@ __all__ = [
     "capture_rng_state",
     "load_checkpoint",
     "numpy_array_globals",
+    "remove_stale_temporaries",
     "restore_rng_state",
     "unwrap_model",
 ]
@@ -40,7 +41,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: never a half-written file."""
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: never a half-written file.
+    The file gets the permissions of any file the process creates (``mkstemp``'s are private to the user); a process
+    killed while writing leaves its ``.<name>.*.tmp`` behind, which :func:`remove_stale_temporaries` clears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -49,10 +52,26 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading it sets it: set it back at once
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files :func:`atomic_save` left in ``folder`` when its process was killed while writing
+    (call it only where no other process is saving there); returns them."""
+    stale = sorted(Path(folder).glob(".checkpoint_*.pt.*.tmp"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def numpy_array_globals() -> list:

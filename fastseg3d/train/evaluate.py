@@ -126,6 +126,7 @@ def evaluate_checkpoint(
     from fastseg3d.train.config import DEFAULTS, merge
     from fastseg3d.train.inference import (
         MetricAccumulator,
+        check_window,
         labels_from_prediction,
         predict_case,
         save_prediction_nifti,
@@ -166,6 +167,11 @@ def evaluate_checkpoint(
     model.eval()
     vcfg = cfg["val"]
     roi = vcfg["roi_size"] or cfg["data"]["spatial_size"]
+    try:
+        check_window(model, kwargs["in_channels"], roi, "roi" if vcfg["roi_size"] else "the checkpoint's crop size "
+                     "(data.spatial_size; --roi sets the window)")
+    except ValueError as err:
+        raise SetupError(str(err)) from None
     regions = bundle.class_names if bundle.mode == "sigmoid" else None
     acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]))
     out = Path(output_dir)

@@ -14,6 +14,7 @@ MONAI and nibabel are imported where they are used, so importing this module nee
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 import math
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "MetricAccumulator",
+    "check_window",
     "labels_from_prediction",
     "predict_case",
     "save_prediction_nifti",
@@ -40,6 +42,21 @@ __all__ = [
 ]
 
 _MODES = ("softmax", "sigmoid")
+
+
+def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[int], name: str) -> None:
+    """Raise a ``ValueError`` naming the setting ``name`` when ``model`` (in eval) refuses a ``(1, in_channels,
+    *roi_size)`` window, the input :func:`sliding_window_predict` gives it, before a run gets to its first
+    validation: the forward runs on a ``meta`` copy (no memory, no time)."""
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+    except RuntimeError:  # a module that cannot be copied (weight_norm's computed weight): its first window tells
+        return
+    try:
+        with torch.no_grad():
+            meta(torch.empty(1, in_channels, *roi_size, device="meta"))
+    except ValueError as err:
+        raise ValueError(f"{name}={list(roi_size)}: the network cannot take windows of that size ({err})") from None
 _BRATS_REGIONS = ("TC", "WT", "ET")
 
 

@@ -36,6 +36,7 @@ from fastseg3d.train.checkpoint import (
     atomic_save,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng_state,
     unwrap_model,
 )
@@ -187,8 +188,22 @@ class Trainer:
                                     timeout=datetime.timedelta(minutes=float(cfg["train"]["dist_timeout_minutes"])))
 
         seed_everything(int(cfg["seed"]), bool(cfg["deterministic"]))
-        self.data = build_data(cfg)
-        self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels).to(self.device)
+        try:  # a data folder or setting the run cannot use is a mistake to report in one line, as eval does
+            self.data = build_data(cfg)
+        except SetupError:
+            raise
+        except (ValueError, FileNotFoundError) as err:
+            raise SetupError(str(err)) from err
+        self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels)
+        if int(cfg["val"]["every"]) > 0:  # found now, not after the first epoch
+            from fastseg3d.train.inference import check_window
+
+            try:
+                check_window(self.model, self.data.in_channels, cfg["val"]["roi_size"] or cfg["data"]["spatial_size"],
+                             "val.roi_size" if cfg["val"]["roi_size"] else "data.spatial_size (val.roi_size unset)")
+            except ValueError as err:
+                raise SetupError(str(err)) from None
+        self.model = self.model.to(self.device)
         self.objective = build_objective(cfg, self.data.mode, self.data.out_channels).to(self.device)
         tcfg = cfg["train"]
         if tcfg["amp"] not in _AMP:
@@ -257,6 +272,8 @@ class Trainer:
             # folder's run (and its config.yaml) as it was.
             if overwrite:
                 _remove_run(self.run_dir)
+            for tmp in remove_stale_temporaries(self.run_dir):
+                logger.info("removed %s, a checkpoint a killed process was writing", tmp.name)
             save_config(cfg, self.run_dir / "config.yaml")
 
     def _check_start(self, resume: str | None, overwrite: bool) -> Path | None:
@@ -366,12 +383,37 @@ class Trainer:
                            "config", path, describe(others))
 
     def _resume(self, path: Path) -> None:
+        """Load the checkpoint's state. The optimizer's hyperparameters (learning rate, weight decay, momenta) are
+        the config's: the checkpoint gives the optimizer's moments and the schedule's position, and a config that
+        changes them (a lower learning rate to go on with, say) is what runs, as its ``config.yaml`` says."""
         ckpt = load_checkpoint(path)
-        if self.is_main and ckpt.get("config"):
-            self._compare_config(ckpt["config"], path)
-        unwrap_model(self.model).load_state_dict(ckpt["network_weights"])
-        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        saved = ckpt.get("config") or {}
+        if self.is_main and saved:
+            self._compare_config(saved, path)
+        saved_optimizer = saved.get("optimizer", {}).get("name")
+        if saved_optimizer and saved_optimizer != self.cfg["optimizer"]["name"]:
+            raise SetupError(f"{path} holds the state of optimizer.name={saved_optimizer}, not "
+                             f"{self.cfg['optimizer']['name']}: resume with the checkpoint's optimizer, or start a "
+                             "new run")
+        try:
+            unwrap_model(self.model).load_state_dict(ckpt["network_weights"])
+        except RuntimeError as err:
+            old, new = _flatten(saved.get("model", {}), "model."), _flatten(self.cfg["model"], "model.")
+            keys = sorted(k for k in old.keys() | new.keys() if k in old and k in new and old[k] != new[k]
+                          or (k in old) != (k in new))
+            raise SetupError(f"{path} holds weights of another network than this config builds"
+                             + (f" (it differs in {', '.join(keys)})" if keys else "")
+                             + f": {' '.join(str(err).split())[:400]}") from None
+        config_groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        except (ValueError, KeyError) as err:
+            raise SetupError(f"{path}'s optimizer state does not fit this config's optimizer: {err}") from None
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
+        for i, (group, config) in enumerate(zip(self.optimizer.param_groups, config_groups)):
+            group.update({k: v for k, v in config.items() if k not in ("lr", "initial_lr")})
+            self.scheduler.base_lrs[i] = group["initial_lr"] = config["initial_lr"]
+            group["lr"] = config["initial_lr"] * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["grad_scaler_state"])
         restore_rng_state(ckpt["rng_state"], self.device)
         self.step = int(ckpt["step"])

@@ -385,6 +385,16 @@ def test_shape_mismatch_names_files(cases):
     assert "does not match" in str(_case_error(cases[0]).value)
 
 
+@pytest.mark.parametrize("key", ["image", "label"])
+def test_a_truncated_file_names_the_case(cases, key):
+    """MONAI's wrapped reader error (EOFError of a cut .nii.gz) comes out under the case's files."""
+    data = open(cases[0][key], "rb").read()
+    with open(cases[0][key], "wb") as f:
+        f.write(data[: len(data) // 2])
+    info = _case_error(cases[0])
+    assert isinstance(info.value, msd.InvalidCaseError) and "cannot read" in str(info.value)
+
+
 def test_a_bad_case_while_caching_ends_the_process_cleanly(tmp_path):
     """CacheDataset loads cases on a thread pool: the error of one case must not leave the others loading while
     the process exits (it aborted with "terminate called without an active exception")."""

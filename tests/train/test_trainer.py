@@ -583,3 +583,66 @@ def test_objective_segmentation_on_labels_is_monais(name):
     torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(expected, logits)[0],
                                rtol=1e-10, atol=1e-14)
     assert set(terms) == {"segmentation"}
+
+
+def test_resume_takes_the_configs_optimizer_settings_and_refuses_another_optimizer_or_network(tmp_path):
+    """The checkpoint gives the optimizer's moments and the schedule's position; a changed learning rate or weight
+    decay is what runs (and what config.yaml says). Another optimizer or network is a one-line SetupError, before
+    the run's config.yaml is rewritten."""
+    from fastseg3d.train import SetupError
+
+    base = [*TINY_UNET, *TINY_DATA, "val.every=0", "scheduler.name=constant", "scheduler.warmup=0"]
+    run = tmp_path / "run"
+    Trainer(load_config("quickstart", [*base, "train.epochs=1"]), run).fit()
+    config = (run / "config.yaml").read_text()
+    for change, match in (("optimizer.name=sgd", "optimizer.name=adamw, not sgd"),
+                          ("model.kwargs={spatial_dims: 3, channels: [4, 8, 32]}", "model.kwargs.channels")):
+        with pytest.raises(SetupError, match=match):
+            Trainer(load_config("quickstart", [*base, "train.epochs=2", change]), run, resume="auto")
+        assert (run / "config.yaml").read_text() == config
+    trainer = Trainer(load_config("quickstart", [*base, "train.epochs=2", "optimizer.lr=1e-5",
+                                                 "optimizer.weight_decay=0.5"]), run, resume="auto")
+    group = trainer.optimizer.param_groups[0]
+    assert group["lr"] == 1e-5 and group["weight_decay"] == 0.5 and trainer.scheduler.base_lrs == [1e-5]
+    assert trainer.optimizer.state  # the moments came from the checkpoint
+    trainer.fit()
+    assert {r["lr"] for r in _rows(run, "train") if r["epoch"] == 1} == {1e-5}
+    assert "lr: 1.0e-05" in (run / "config.yaml").read_text()
+
+
+def test_checkpoints_are_readable_as_other_files_and_a_killed_writes_temporary_goes(tmp_path):
+    from fastseg3d.train.checkpoint import remove_stale_temporaries
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"network_weights": {}}, tmp_path / "checkpoint_best.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "checkpoint_best.pt").stat().st_mode & 0o777 == 0o644
+    stale = tmp_path / ".checkpoint_latest.pt.abc123.tmp"
+    stale.write_bytes(b"half")
+    (tmp_path / "keep.tmp").write_bytes(b"")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_best.pt", "keep.tmp"]
+
+
+def test_a_window_the_network_cannot_take_and_bad_data_are_setup_errors(tmp_path):
+    """Found when the run starts, not at its first validation (SegFormer3D's windows must be multiples of 32), and
+    a data folder the run cannot read is one line, as eval reports it."""
+    from fastseg3d.train import SetupError
+    from fastseg3d.train.evaluate import evaluate_checkpoint
+
+    segformer = ["model.kwargs={embed_dims: [8, 16, 16, 16], num_heads: [1, 1, 1, 1], depths: [1, 1, 1, 1], "
+                 "decoder_dim: 16}", "data.spatial_size=[32,32,32]", "data.num_train=2", "data.num_val=1",
+                 "data.batch_size=2", "train.progress=false"]
+    with pytest.raises(SetupError, match=r"val.roi_size=\[40, 40, 40\].*divisible"):
+        Trainer(load_config("quickstart", [*segformer, "val.roi_size=[40,40,40]"]), tmp_path / "a")
+    run = tmp_path / "b"
+    Trainer(load_config("quickstart", [*segformer, "train.epochs=1", "train.max_steps=1", "val.every=0"]), run).fit()
+    with pytest.raises(SetupError, match=r"roi=\[48, 32, 32\].*divisible"):
+        evaluate_checkpoint(run / "checkpoint_final.pt", tmp_path / "eval", val_overrides={"roi_size": [48, 32, 32]})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "dataset.json").write_text('{"training": [')
+    with pytest.raises(SetupError, match="dataset.json is not valid JSON"):
+        Trainer(load_config("quickstart", [*TINY_UNET, "data.name=msd", f"data.root={bad}"]), tmp_path / "c")
