@@ -11,8 +11,12 @@ __all__ = ["convert_model", "revert_model"]
 
 
 def _is_depthwise(module: nn.Module) -> bool:
+    """A plain depthwise ``nn.Conv3d`` whose settings the fused kernel takes (stride 1, zero padding, odd kernels up
+    to 9): the others would run ATen's conv anyway, and the ``triton`` backend would refuse them."""
     return (parametrize.type_before_parametrizations(module) is nn.Conv3d
-            and module.groups == module.in_channels == module.out_channels)
+            and module.groups == module.in_channels == module.out_channels
+            and tuple(module.stride) == (1, 1, 1) and module.padding_mode == "zeros"
+            and all(k % 2 == 1 and k <= 9 for k in module.kernel_size))
 
 
 def _is_fused(module: nn.Module) -> bool:
@@ -40,7 +44,8 @@ def _swap(model: nn.Module, match, cls: type[nn.Module]) -> nn.Module:
 
 
 def convert_model(model: nn.Module) -> nn.Module:
-    """Make every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` a
+    """Make every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` that the fused kernel takes
+    (stride 1, ``padding_mode="zeros"``, odd kernel sizes up to 9; strided down-sampling convs stay as they are) a
     :class:`fastseg3d.nn.DepthwiseConv3d`, in place (the modules change class, so everything that holds them,
     hooks included, keeps working); returns ``model``, which may itself be such a conv. Parametrized convs
     (``torch.nn.utils.parametrize``) keep their parametrizations. ``torch.fx.symbolic_trace`` and

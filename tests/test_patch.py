@@ -21,7 +21,8 @@ def test_convert_monai_mednext_keeps_keys_parameters_and_outputs():
     net = _mednext()
     keys = list(net.state_dict())
     params = {name: p for name, p in net.named_parameters()}
-    depthwise = [n for n, m in net.named_modules() if type(m) is nn.Conv3d and m.groups == m.in_channels > 1]
+    depthwise = [n for n, m in net.named_modules()
+                 if type(m) is nn.Conv3d and m.groups == m.in_channels > 1 and m.stride == (1, 1, 1)]
     assert depthwise, "MedNeXt should contain depthwise convolutions"
     x = torch.randn(1, 1, 32, 32, 32)
     net.eval()
@@ -31,7 +32,8 @@ def test_convert_monai_mednext_keeps_keys_parameters_and_outputs():
     assert converted is net
     modules = dict(net.named_modules())
     assert all(type(modules[n]) is DepthwiseConv3d for n in depthwise)
-    assert not any(type(m) is nn.Conv3d and m.groups == m.in_channels > 1 for m in net.modules())
+    # MedNeXt's down-sampling blocks' depthwise convs have stride 2: left alone
+    assert all(m.stride == (2, 2, 2) for m in net.modules() if type(m) is nn.Conv3d and m.groups == m.in_channels > 1)
     assert list(net.state_dict()) == keys
     assert all(p is params[name] for name, p in net.named_parameters())  # shared, not copied
     assert_close("y", net(x), expected, torch.float32)
@@ -43,9 +45,13 @@ def test_convert_monai_mednext_keeps_keys_parameters_and_outputs():
 
 
 def test_convert_leaves_other_convs_and_handles_a_bare_module():
-    model = nn.Sequential(nn.Conv3d(4, 8, 3), nn.Conv3d(8, 8, 3, groups=8), nn.Conv3d(8, 16, 3, groups=8))
+    model = nn.Sequential(nn.Conv3d(4, 8, 3), nn.Conv3d(8, 8, 3, groups=8), nn.Conv3d(8, 16, 3, groups=8),
+                          nn.Conv3d(8, 8, 3, stride=2, groups=8), nn.Conv3d(8, 8, 3, padding_mode="reflect", groups=8),
+                          nn.Conv3d(8, 8, (1, 2, 3), groups=8), nn.Conv3d(8, 8, 11, groups=8),
+                          nn.Conv3d(8, 8, (1, 9, 9), groups=8))
     fastseg3d.convert_model(model)
-    assert [type(m) for m in model] == [nn.Conv3d, DepthwiseConv3d, nn.Conv3d]
+    # the depthwise convs the kernel cannot take (stride, reflect padding, even or > 9 kernels) stay ATen's
+    assert [type(m) for m in model] == [nn.Conv3d, DepthwiseConv3d, *[nn.Conv3d] * 5, DepthwiseConv3d]
     conv = nn.Conv3d(5, 5, 3, groups=5)
     bare = fastseg3d.convert_model(conv)
     assert bare is conv and type(bare) is DepthwiseConv3d  # the module itself changes class

@@ -1,4 +1,6 @@
-"""Drop-in ``nn.Module``s: same constructor, parameters and ``state_dict`` keys as the layers they replace."""
+"""Drop-in ``nn.Module``s with the ``state_dict`` keys of the layers they replace: ``DepthwiseConv3d`` has
+``nn.Conv3d``'s constructor too; ``EfficientSelfAttention3d`` has the keys of SegFormer3D's attention, but a forward
+that takes the volume's ``spatial_shape``."""
 
 from __future__ import annotations
 

@@ -44,8 +44,7 @@ class DepthwiseConv3d(nn.Conv3d):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         reasons = self.unfusable_reasons()
         if reasons:
-            # raises under the triton backend; under auto an INFO line once: convert_model converts such layers
-            # (strided, say) for their keys, knowing they run ATen's conv
+            # raises under the triton backend; under auto an INFO line once (convert_model leaves such layers alone)
             backends.select("dwconv3d", reasons)
             return super().forward(input)
         if isinstance(input, torch.Tensor):
