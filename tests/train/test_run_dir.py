@@ -15,7 +15,7 @@ pytest.importorskip("monai")
 pytest.importorskip("yaml")
 
 from fastseg3d.cli import main as cli_main  # noqa: E402
-from fastseg3d.train import Trainer, load_checkpoint, load_config  # noqa: E402
+from fastseg3d.train import SetupError, Trainer, load_checkpoint, load_config  # noqa: E402
 from tests.train.test_trainer import TINY_DATA, TINY_UNET  # noqa: E402
 
 ONE_EPOCH = ["--config", "quickstart", "--epochs", "1", *TINY_UNET, *TINY_DATA]
@@ -146,7 +146,8 @@ def test_a_failed_start_or_resume_leaves_the_run_and_a_changed_config_is_named(t
     with pytest.raises(ValueError, match="loss.distill='dsd' does not fit"):  # fails building, before removing
         Trainer(load_config("quickstart", [*args, "loss.distill=dsd"]), run, overwrite=True)
     bigger = [*args, "model.kwargs={spatial_dims: 3, channels: [8, 16, 32]}"]
-    with caplog.at_level(logging.INFO, logger="fastseg3d"), pytest.raises(RuntimeError, match="size mismatch"):
+    with (caplog.at_level(logging.INFO, logger="fastseg3d"),
+          pytest.raises(SetupError, match="differs in model.kwargs.channels.*size mismatch")):
         Trainer(load_config("quickstart", bigger), run, resume="auto")
     assert "model.kwargs.channels [4, 8, 16] -> [8, 16, 32]" in caplog.text
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
@@ -253,7 +254,7 @@ def test_rng_state_holds_the_training_gpus_generator_only(monkeypatch):
 
 def test_a_fixed_gpu_index_under_torchrun_is_refused(monkeypatch):
     """Every rank would train on the one GPU named; ``cuda`` and ``auto`` take the local rank's."""
-    from fastseg3d.train.trainer import SetupError, resolve_device
+    from fastseg3d.train.trainer import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cuda", local_rank=2, world=4) == torch.device("cuda", 2)
