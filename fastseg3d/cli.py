@@ -52,6 +52,8 @@ def _train(args: argparse.Namespace) -> int:
         return _error(err)
     if trainer.is_main:
         print(f"run directory: {trainer.run_dir}")
+    from fastseg3d.data.msd import InvalidCaseError
+
     try:
         result = trainer.fit()
     except NonFiniteLossError as err:
@@ -59,6 +61,15 @@ def _train(args: argparse.Namespace) -> int:
         if trainer.owns_process_group:
             _leave(3)
         return 3
+    except InvalidCaseError as err:
+        # from a DataLoader worker the message carries the worker's traceback: its last line is the case's error
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = lines[-1].split("InvalidCaseError: ", 1)[-1] if lines else ""
+        print(f"error: {reason}\nthe run's checkpoints are kept: fix or remove the case, then --resume auto",
+              file=sys.stderr)
+        if trainer.owns_process_group:
+            _leave(2)
+        return 2
     if trainer.is_main and result and result["dice"] is not None:
         per_class = ", ".join(f"{name} {value:.3f}" if value is not None else f"{name} n/a"
                               for name, value in zip(_foreground(trainer), result["dice_per_class"]))

@@ -646,3 +646,20 @@ def test_a_window_the_network_cannot_take_and_bad_data_are_setup_errors(tmp_path
     (bad / "dataset.json").write_text('{"training": [')
     with pytest.raises(SetupError, match="dataset.json is not valid JSON"):
         Trainer(load_config("quickstart", [*TINY_UNET, "data.name=msd", f"data.root={bad}"]), tmp_path / "c")
+
+
+def test_a_bad_case_found_in_training_is_one_line_and_keeps_the_run(tmp_path, capsys):
+    from tests.data.test_msd import SHAPE, _break_case, _make_task
+
+    from fastseg3d.data.msd import load_msd_datalist
+
+    task = _make_task(str(tmp_path / "data"), n_cases=4)
+    for case in load_msd_datalist(task)[1]:
+        _break_case(case, label=np.full(SHAPE, 7, np.uint8))
+    run = tmp_path / "run"
+    code = cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--epochs", "1", *TINY_UNET,
+                     "data.name=msd", f"data.root={task}", "data.spatial_size=[16,16,16]", "data.batch_size=1",
+                     "val.roi_size=[16,16,16]", "train.progress=false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: image " in err and "outside the declared classes" in err and "Traceback" not in err
