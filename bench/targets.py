@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,28 +79,38 @@ def _best_of(case, shape, dtype, mode, peers, provider="fastseg3d", key="median_
     return measure
 
 
-class AtLeast(float):
-    """A measured value that only bounds the true one from below (a search cut before it found its limit)."""
+class Bounds(float):
+    """A value known only to lie in ``[lo, hi]`` (``hi`` may be infinite); as a float, ``lo``."""
+
+    def __new__(cls, lo: float, hi: float):
+        value = super().__new__(cls, lo)
+        value.lo, value.hi = lo, hi
+        return value
 
 
-class AtMost(float):
-    """A measured value that only bounds the true one from above."""
+def _cube_range(row: dict) -> tuple[float, float]:
+    """The voxels of the largest side a search row brackets: exact when it converged; a search cut short (its time
+    box) knows the side that trained and, if one failed, that the answer lies below it."""
+    voxels = float(row["voxels"])
+    if row.get("stop") == "max-side":  # it trained at the largest side it was allowed
+        return voxels, math.inf
+    if row.get("converged", True):
+        return voxels, voxels
+    failed, stride = row.get("failed_side"), row.get("stride") or 1
+    return voxels, math.inf if failed is None else float(failed - stride) ** 3
 
 
 def _cube_ratio(model):
-    """fastseg3d's voxels over plain's, searched in one dtype (bf16 preferred). A search cut short (its time box)
-    before any side failed has found only a lower bound of its side: the ratio is then a bound."""
+    """fastseg3d's voxels over plain's, searched in one dtype (bf16 preferred); a :class:`Bounds` where a search
+    was cut short."""
     def measure(idx):
         for dtype in ("bf16", "fp16", "fp32"):
-            ours = _get(idx, "largest_cube", model, dtype, None, "fastseg3d", "voxels")
-            plain = _get(idx, "largest_cube", model, dtype, None, "plain", "voxels")
-            if ours and plain:
-                ours_cut, plain_cut = (_get(idx, "largest_cube", model, dtype, None, p, "failed_side") is None
-                                       and _get(idx, "largest_cube", model, dtype, None, p, "stop") != "max-side"
-                                       for p in ("fastseg3d", "plain"))
-                if ours_cut and plain_cut:
-                    return None
-                return AtLeast(ours / plain) if ours_cut else AtMost(ours / plain) if plain_cut else ours / plain
+            ours, plain = (idx.get(("largest_cube", model, dtype, None, p)) for p in ("fastseg3d", "plain"))
+            if ours and plain and ours.get("voxels") and plain.get("voxels"):
+                (ours_lo, ours_hi), (plain_lo, plain_hi) = _cube_range(ours), _cube_range(plain)
+                if ours_lo == ours_hi and plain_lo == plain_hi:
+                    return ours_lo / plain_lo
+                return Bounds(ours_lo / plain_hi, ours_hi / plain_lo)
         return None
     return measure
 
@@ -169,10 +180,18 @@ def check(rows: list[dict]) -> list[tuple[Target, float | None, str]]:
         value = t.measure(idx)
         if value is None:
             verdict = "not measured"
-        elif isinstance(value, AtLeast) and value < t.need:
-            verdict = f"not measured (search cut: at least {value:.2f}{t.unit})"
-        elif isinstance(value, AtMost) and value >= t.need:
-            verdict = f"not measured (peer's search cut: at most {value:.2f}{t.unit})"
+        elif isinstance(value, Bounds):
+            if value.lo >= t.need:
+                verdict = "met"
+            elif value.hi < t.need:
+                verdict = f"short by at least {100 * (1 - value.hi / t.need):.0f}%"
+            elif math.isinf(value.hi):
+                verdict = (f"not measured (search cut: at least {value.lo:.2f}{t.unit})" if value.lo > 0 else
+                           "not measured (searches cut)")
+            elif value.lo == 0:
+                verdict = f"not measured (search cut: at most {value.hi:.2f}{t.unit})"
+            else:
+                verdict = f"not measured (search cut: between {value.lo:.2f} and {value.hi:.2f}{t.unit})"
         elif value >= t.need:
             verdict = "met"
         else:

@@ -406,8 +406,8 @@ def largest_cube(
             try:
                 if fits(side):
                     return side
-            except ValueError:  # a side the network refuses to train (SegFormer3D: one token at its last stage)
-                return 0
+            except ValueError:  # a side the network refuses to train (not a multiple of its stride, say)
+                continue
         return 0
     good, bad = start, None
     while bad is None:

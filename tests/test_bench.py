@@ -824,23 +824,27 @@ def test_targets_report_met_short_and_missing():
 
 
 @pytest.mark.parametrize("ours,plain,verdict", [
-    ((512, None, "time-limit"), (736, 768, "out of memory"), "not measured (search cut: at least 0.34x)"),
-    ((1024, None, "time-limit"), (736, 768, "out of memory"), "met"),  # a lower bound that already meets it
-    ((960, 992, "out of memory"), (736, 768, "out of memory"), "met"),
-    ((800, 832, "out of memory"), (736, 768, "out of memory"), "short by 36%"),
-    ((960, 992, "out of memory"), (640, None, "time-limit"), "not measured (peer's search cut: at most 3.38x)"),
-    ((800, 832, "out of memory"), (736, None, "time-limit"), "short by 36%"),  # an upper bound below it
-    ((1280, None, "max-side"), (736, 768, "out of memory"), "met"),
-    ((512, None, "time-limit"), (640, None, "time-limit"), "not measured"),
+    ((512, None, False), (736, 768, True), "not measured (search cut: at least 0.34x)"),
+    ((1024, None, False), (736, 768, True), "met"),  # a lower bound that already meets it
+    ((960, 992, True), (736, 768, True), "met"),
+    ((800, 832, True), (736, 768, True), "short by 36%"),
+    ((960, 992, True), (640, None, False), "not measured (search cut: at most 3.38x)"),
+    ((800, 832, True), (736, None, False), "short by at least 36%"),  # an upper bound below it
+    ((1280, None, True), (736, 768, True), "met"),  # max-side: at least that
+    ((512, None, False), (640, None, False), "not measured (searches cut)"),
+    # a bisection cut after a failure brackets the side: 512 trained, 1024 failed, so 512..992
+    ((512, 1024, False), (736, 768, True), "not measured (search cut: between 0.34 and 2.45x)"),
+    ((512, 608, False), (736, 768, True), "short by at least 76%"),
 ])
 def test_cube_target_of_a_cut_search_is_a_bound(ours, plain, verdict):
-    """A largest-cube search cut by its time box before any side failed found a lower bound of its side: the
-    ratio is a bound, and a verdict on the wrong side of it says so instead of "short" or "met"."""
+    """A largest-cube search cut by its time box found a side that trains and maybe one that fails: the ratio is a
+    bracket, and a verdict it does not settle says so instead of "short" or "met"."""
     from bench import targets
 
     rows = [{"case": "largest_cube", "shape": "segformer3d", "dtype": "bf16", "mode": None, "provider": p,
-             "voxels": side ** 3, "failed_side": failed, "stop": stop}
-            for p, (side, failed, stop) in (("fastseg3d", ours), ("plain", plain))]
+             "voxels": side ** 3, "failed_side": failed, "converged": converged, "stride": 32,
+             "stop": "max-side" if side == 1280 else "out of memory" if converged else "time-limit"}
+            for p, (side, failed, converged) in (("fastseg3d", ours), ("plain", plain))]
     results = {t.what: v for t, _, v in targets.check(rows)}
     assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == verdict
 

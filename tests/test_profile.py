@@ -246,8 +246,8 @@ def test_segformer3d_with_one_value_per_batch_norm_channel_raises_as_in_training
 
 
 def test_segformer3d_under_bf16_autocast_saves_less_than_in_fp32_and_than_the_plain_build():
-    """At 128³, batch 2: the fused network saves 0.43 GiB under bf16 autocast (0.60 in fp32), the published
-    composition 1.10 (1.38; its softmax probabilities and upsampled maps stay fp32 under autocast)."""
+    """At 128³, batch 2: the fused network saves 0.37 GiB under bf16 autocast (0.60 in fp32), the published
+    composition 1.10 (1.37; its softmax probabilities and upsampled maps stay fp32 under autocast)."""
     from fastseg3d.networks import SegFormer3D
     from fastseg3d.reference.segformer3d import SegFormer3DRef
 

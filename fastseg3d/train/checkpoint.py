@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,27 +42,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace``: never a half-written file.
-    The file gets the permissions of any file the process creates (``mkstemp``'s are private to the user); a process
-    killed while writing leaves its ``.<name>.*.tmp`` behind, which :func:`remove_stale_temporaries` clears."""
+    The file gets the permissions of any file the process creates (the umask's; ``mkstemp``'s would be private to the
+    user); a process killed while writing leaves its ``.<name>.*.tmp`` behind, which
+    :func:`remove_stale_temporaries` clears."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # reading it sets it: set it back at once
-    os.umask(mask)
-    return mask
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:

@@ -159,19 +159,19 @@ def evaluate_checkpoint(
         raise SetupError(f"checkpoint {checkpoint} takes {kwargs['in_channels']} input channels but {described} has "
                          f"{bundle.in_channels}")
     dev = resolve_device(device)
-    model = build_model(ckpt["model"]).to(dev)
+    model = build_model(ckpt["model"])
     try:
         model.load_state_dict(ckpt["network_weights"])
     except RuntimeError as err:
         raise SetupError(f"checkpoint {checkpoint} does not fit model {ckpt['model']['name']}: {err}") from err
-    model.eval()
     vcfg = cfg["val"]
     roi = vcfg["roi_size"] or cfg["data"]["spatial_size"]
-    try:
-        check_window(model, kwargs["in_channels"], roi, "roi" if vcfg["roi_size"] else "the checkpoint's crop size "
+    try:  # on the CPU model, before it takes GPU memory
+        check_window(model, bundle.in_channels, roi, "roi" if vcfg["roi_size"] else "the checkpoint's crop size "
                      "(data.spatial_size; --roi sets the window)")
     except ValueError as err:
         raise SetupError(str(err)) from None
+    model = model.to(dev).eval()
     regions = bundle.class_names if bundle.mode == "sigmoid" else None
     acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]))
     out = Path(output_dir)

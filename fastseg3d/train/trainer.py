@@ -151,6 +151,10 @@ def _world() -> tuple[int, int, int]:
             int(os.environ.get("WORLD_SIZE", "1")))
 
 
+# the optimizer settings a resumed run takes from its config (the state's moments do not depend on them)
+_RESUME_SETTINGS = ("lr", "initial_lr", "weight_decay", "betas", "eps", "momentum", "dampening", "nesterov")
+
+
 class Trainer:
     """Builds a run from a resolved config and trains it.
 
@@ -409,9 +413,15 @@ class Trainer:
             self.optimizer.load_state_dict(ckpt["optimizer_state"])
         except (ValueError, KeyError) as err:
             raise SetupError(f"{path}'s optimizer state does not fit this config's optimizer: {err}") from None
+        for group, config in zip(self.optimizer.param_groups, config_groups):
+            # a setting that changes what the state holds (amsgrad's maxima) cannot change on resume
+            fixed = sorted(k for k in config if k not in _RESUME_SETTINGS and k in group and group[k] != config[k])
+            if fixed:
+                raise SetupError(f"{path}'s optimizer state was made with " + ", ".join(
+                    f"{k}={group[k]!r}" for k in fixed) + ": resume with those, or start a new run")
         self.scheduler.load_state_dict(ckpt["scheduler_state"])
         for i, (group, config) in enumerate(zip(self.optimizer.param_groups, config_groups)):
-            group.update({k: v for k, v in config.items() if k not in ("lr", "initial_lr")})
+            group.update({k: config[k] for k in _RESUME_SETTINGS if k in config and k not in ("lr", "initial_lr")})
             self.scheduler.base_lrs[i] = group["initial_lr"] = config["initial_lr"]
             group["lr"] = config["initial_lr"] * self.scheduler.lr_lambdas[i](self.scheduler.last_epoch)
         self.scaler.load_state_dict(ckpt["grad_scaler_state"])

@@ -596,6 +596,7 @@ def test_resume_takes_the_configs_optimizer_settings_and_refuses_another_optimiz
     Trainer(load_config("quickstart", [*base, "train.epochs=1"]), run).fit()
     config = (run / "config.yaml").read_text()
     for change, match in (("optimizer.name=sgd", "optimizer.name=adamw, not sgd"),
+                          ("optimizer.amsgrad=true", "made with amsgrad=False"),
                           ("model.kwargs={spatial_dims: 3, channels: [4, 8, 32]}", "model.kwargs.channels")):
         with pytest.raises(SetupError, match=match):
             Trainer(load_config("quickstart", [*base, "train.epochs=2", change]), run, resume="auto")
@@ -659,7 +660,8 @@ def test_a_bad_case_found_in_training_is_one_line_and_keeps_the_run(tmp_path, ca
     run = tmp_path / "run"
     code = cli_main(["train", "--config", "quickstart", "--output-dir", str(run), "--epochs", "1", *TINY_UNET,
                      "data.name=msd", f"data.root={task}", "data.spatial_size=[16,16,16]", "data.batch_size=1",
-                     "val.roi_size=[16,16,16]", "train.progress=false"])
+                     "data.cache=false", "data.num_workers=1", "val.roi_size=[16,16,16]", "train.progress=false"])
     err = capsys.readouterr().err
     assert code == 2
     assert "error: image " in err and "outside the declared classes" in err and "Traceback" not in err
+    assert "checkpoints are kept" in err  # found while training (from a DataLoader worker), not at setup
