@@ -22,6 +22,7 @@ class MISSUDistillLoss(nn.Module):
     (y4, x3_1), (y3, x2_1), (y2, x1_1) and sums them (``y_kall``). ``reduction="mean"`` averages the channel-summed
     KL over batch and voxels; ``"faithful"`` divides the sum by B*C*H*W as the released code does (i.e. mean
     * D / C per pair). The published weight was not released; ``weight`` defaults to 1. Maps may be 2-D or 3-D.
+    MISSU's training output ``(logits, pairs)`` goes in as ``loss(pairs)``.
 
     Args:
         weight: factor on the sum (>= 0).
@@ -45,7 +46,15 @@ class MISSUDistillLoss(nn.Module):
         self.weight = check_weight(weight, "weight")
         self.reduction = reduction
 
-    def forward(self, decoder_features: Sequence[torch.Tensor], skip_features: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, decoder_features: Sequence, skip_features: Sequence[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """``(decoder_features, skip_features)``, or MISSU's training ``pairs`` (``[(decoder, skip), ...]``) alone."""
+        if skip_features is None:
+            pairs = decoder_features
+            if (not isinstance(pairs, (tuple, list)) or not pairs
+                    or not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs)):
+                raise ValueError("pass decoder_features and skip_features, or MISSU's pairs [(decoder, skip), ...]")
+            decoder_features, skip_features = [p[0] for p in pairs], [p[1] for p in pairs]
         for name, feats in (("decoder_features", decoder_features), ("skip_features", skip_features)):
             if isinstance(feats, torch.Tensor) or not isinstance(feats, (tuple, list)) or len(feats) == 0:
                 raise ValueError(f"{name} must be a non-empty sequence of feature maps")

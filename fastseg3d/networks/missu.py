@@ -228,8 +228,10 @@ class LocalMultiScaleFusion3d(nn.Module):
         size = out.shape[2:]
         pooled = []
         for k in self.pool_sizes:
-            p = F.max_pool3d(out, kernel_size=k, stride=k, ceil_mode=True)
-            pooled.append(F.interpolate(self.pool_conv(p), size=size, mode="trilinear", align_corners=False))
+            p = self.pool_conv(F.max_pool3d(out, kernel_size=k, stride=k, ceil_mode=True))
+            # one pooled voxel: trilinear upsampling is a broadcast (Inductor's CPU backward failed on its resize)
+            pooled.append(p.expand(*p.shape[:2], *size) if p.shape[2:].numel() == 1 else
+                          F.interpolate(p, size=size, mode="trilinear", align_corners=False))
         if has_hooks(self.fuse):
             return self.fuse(torch.cat([out, *pooled], dim=1))
         # fuse(cat([out, *pooled])) as two convs: the pooling already saves ``out``, and a concatenated copy of it
@@ -254,7 +256,8 @@ class MISSU(nn.Module):
         * InitConv's 3D dropout runs only in training (the release drops at inference too);
         * the network returns logits; the release applies a softmax inside the model, which belongs in the loss;
         * ``pre_head_ln`` and ``linear_encoding`` are kept for checkpoint compatibility but, as in the release, unused:
-          the decoder reads the last transformer layer's output before the final LayerNorm;
+          the decoder reads the last transformer layer's output before the final LayerNorm; their parameters do not
+          require gradients, so DistributedDataParallel needs no ``find_unused_parameters`` for them;
         * attention dropout defaults to 0 (the release: 0.1), which keeps the attention fused; the released rate,
           ``attn_dropout_rate=0.1``, runs the reference attention in training;
         * the learned position embedding is for a 16^3 token grid (128^3 inputs); other inputs divisible by 8 get it
@@ -344,8 +347,8 @@ class MISSU(nn.Module):
         self.pe_dropout = nn.Dropout(dropout_rate)
         self.transformer = _Transformer(embedding_dim, num_layers, num_heads, hidden_dim, dropout_rate,
                                         attn_dropout_rate)
-        self.pre_head_ln = nn.LayerNorm(embedding_dim)
-        self.linear_encoding = nn.Linear(base * 8 * in_channels, embedding_dim)
+        self.pre_head_ln = nn.LayerNorm(embedding_dim).requires_grad_(False)
+        self.linear_encoding = nn.Linear(base * 8 * in_channels, embedding_dim).requires_grad_(False)
         self.Enblock8_1 = _DecBlock(embedding_dim, embedding_dim // 4, residual=False)
         self.Enblock8_2 = _DecBlock(embedding_dim // 4, embedding_dim // 4, residual=True)
         self.DeUp4 = _DeUpCat(embedding_dim // 4, embedding_dim // 8)

@@ -25,6 +25,7 @@ from fastseg3d.nn.recompute import (
     norm_act_conv,
 )
 from fastseg3d.ops.dwconv3d import dwconv3d
+from fastseg3d.reference.dwconv3d import activation_ref
 
 __all__ = ["MobileUtr", "MobileUtrL"]
 
@@ -50,8 +51,12 @@ def _depthwise(conv: nn.Module, x: torch.Tensor, activation: str | None = None,
     """``activation(conv(x)) + residual`` for a depthwise stride-1 ``conv``, in one fused kernel.
 
     A 2-D conv runs as a 3-D conv over a depth-1 volume with a (1, k, k) kernel: the parameter keeps its released
-    4-D shape and only a view of it reaches the op.
+    4-D shape and only a view of it reaches the op. A hooked or replaced ``conv`` is called (its hooks see it).
     """
+    if has_hooks(conv) or not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        y = conv(x)
+        y = activation_ref(y, activation) if activation is not None else y
+        return y if residual is None else y + residual
     if conv.weight.dim() == 4:
         y = dwconv3d(
             x.unsqueeze(2),

@@ -16,6 +16,7 @@ from fastseg3d.nn.recompute import (
     add_layer_norm,
     apply_layer_norm,
     batch_norm_act_linear,
+    has_hooks,
     layer_norm_for_linear,
     needs_own_call,
 )
@@ -53,6 +54,10 @@ class _DWConvBN(nn.Module):
         self.dwconv = nn.Conv3d(dim, dim, 3, 1, 1, bias=True, groups=dim)
         self.bn = nn.BatchNorm3d(dim)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``bn(dwconv(x))`` on a (B, C, D, H, W) volume: the plain composition (hooks on these layers see it)."""
+        return self.bn(self.dwconv(x))
+
     def uses_batch_stats(self) -> bool:
         return self.bn.training or self.bn.running_mean is None
 
@@ -84,6 +89,11 @@ class MixFFN3d(nn.Module):
 
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
         h = self.fc1(x)
+        if (needs_own_call(self.dwconv, _DWConvBN) or has_hooks(self.dwconv.dwconv, self.dwconv.bn, self.fc2)
+                or not isinstance(self.dwconv.dwconv, nn.Conv3d) or type(self.fc2) is not nn.Linear):
+            # hooked or replaced layers run as called (a fused path reads their weights and would skip them)
+            vol = self.dwconv(h.unflatten(1, tuple(spatial_shape)).permute(0, 4, 1, 2, 3))
+            return self.dropout(self.fc2(self.dropout(F.gelu(vol).permute(0, 2, 3, 4, 1).flatten(1, 3))))
         if not self.dwconv.uses_batch_stats():
             return self.dropout(self.fc2(self.dropout(self.dwconv.folded_gelu(h, spatial_shape))))
         y = dwconv3d_tokens(h, spatial_shape, self.dwconv.dwconv.weight, self.dwconv.dwconv.bias)
@@ -178,8 +188,12 @@ class _LinearEmbed(nn.Module):
         self.proj = nn.Linear(in_dim, out_dim)
         self.bn = nn.LayerNorm(out_dim)  # named ``bn`` in the official code, but a LayerNorm
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, D, H, W) -> LayerNorm(proj(tokens)), (B, N, out_dim), the plain composition."""
+        return self.bn(self.proj(x.flatten(2).transpose(1, 2)))
+
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, D, H, W) -> LayerNorm(proj(tokens)), (B, N, out_dim)."""
+        """:meth:`forward` with the LayerNorm writing the dtype the next Linear reads."""
         return layer_norm_for_linear(self.proj(x.flatten(2).transpose(1, 2)), self.bn)
 
 
@@ -203,11 +217,22 @@ class _Decoder(nn.Module):
         # concat nor the three upsampled 256-channel inputs are materialised or saved for backward. The three
         # upsamplings and the sum are one kernel where it runs (fastseg3d.ops.upsample_sum), writing the sum once.
         size = c1.shape[2:]
+        embeds = [getattr(self, f"linear_c{i}") for i in (4, 3, 2, 1)]
+        if (needs_own_call(self.linear_pred, nn.Conv3d) or needs_own_call(self.linear_fuse, nn.Sequential)
+                or type(self.linear_fuse[0]) is not nn.Conv3d
+                or has_hooks(*self.linear_fuse, *(m for e in embeds for m in e.modules()))):
+            # the published composition, each layer called (hooks see it, a replaced layer runs)
+            maps = []
+            for embed, c in zip(embeds, (c4, c3, c2, c1)):
+                vol = embed(c).transpose(1, 2).unflatten(2, c.shape[2:])
+                maps.append(F.interpolate(vol, size=size, mode="trilinear", align_corners=False))
+            fused = self.linear_fuse(torch.cat(maps, dim=1))
+            return self.upsample_volume(self.linear_pred(self.dropout(fused)).contiguous())
         fuse_weight = self.linear_fuse[0].weight.flatten(1)
         width = fuse_weight.shape[0]
         parts = []
-        for j, (i, c) in enumerate(((4, c4), (3, c3), (2, c2), (1, c1))):
-            tokens = getattr(self, f"linear_c{i}").tokens(c)
+        for j, (embed, c) in enumerate(zip(embeds, (c4, c3, c2, c1))):
+            tokens = embed.tokens(c)
             part = F.linear(tokens, fuse_weight[:, j * width:(j + 1) * width])
             parts.append(part.unflatten(1, c.shape[2:]).permute(0, 4, 1, 2, 3))
         fused = upsample_sum(parts, size)

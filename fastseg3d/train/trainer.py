@@ -250,11 +250,9 @@ class Trainer:
             if self.device.type == "cuda" and tcfg["sync_batchnorm"]:
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
                 self.model = net
-            # MISSU keeps the released pre_head_ln/linear_encoding for checkpoint keys, and DSD's encoder teacher
-            # head has no loss term once its KL gradients are detached: they get no gradient.
+            # DSD's encoder teacher head has no loss term once its KL gradients are detached: it gets no gradient
             lcfg = cfg["loss"]
-            unused = cfg["model"]["name"] == "missu" or (
-                lcfg["distill"] == "dsd" and bool(lcfg["distill_kwargs"].get("detach_teacher")))
+            unused = lcfg["distill"] == "dsd" and bool(lcfg["distill_kwargs"].get("detach_teacher"))
             net = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)

@@ -57,6 +57,8 @@ def test_bad_arguments():
     loss_fn = MISSUDistillLoss()
     with pytest.raises(ValueError, match="one skip per decoder feature"):
         loss_fn(dec, skip[:2])
+    with pytest.raises(ValueError, match="or MISSU's pairs"):  # one argument: it must be the (decoder, skip) pairs
+        loss_fn(dec)
     with pytest.raises(ValueError, match="non-empty"):
         loss_fn([], [])
     with pytest.raises(ValueError, match="non-empty"):

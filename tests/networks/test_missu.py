@@ -42,9 +42,14 @@ def test_training_returns_distillation_pairs_for_the_loss():
     assert [tuple(d.shape) for d, _ in pairs] == [(2, 64, 8, 8, 8), (2, 32, 16, 16, 16), (2, 16, 32, 32, 32)]
     assert all(d.shape == s.shape for d, s in pairs)
     loss = MISSUDistillLoss()([d for d, _ in pairs], [s for _, s in pairs])
-    loss.backward()
+    assert MISSUDistillLoss()(pairs) == loss  # the training output's pairs go in as they are
+    (loss + logits.mean()).backward()
     assert torch.isfinite(loss) and net.DeBlock2.conv1.weight.grad is not None
     assert net.fusion[2].fuse.weight.grad is not None  # the fusion block learns from the distillation
+    # every parameter that requires a gradient gets one (DDP needs no find_unused_parameters): the released
+    # pre_head_ln and linear_encoding, kept for the keys, require none
+    assert [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert not any(p.requires_grad for p in [*net.pre_head_ln.parameters(), *net.linear_encoding.parameters()])
 
 
 def test_fusion_block_is_training_only():
@@ -68,7 +73,8 @@ def test_fusion_block_shapes():
     assert x.grad is not None and block.dilate3.weight.grad is not None
 
 
-def test_fusion_block_matches_its_definition():
+@pytest.mark.parametrize("shape", [(7, 9, 11), (4, 5, 6)])  # (4, 5, 6): the 5- and 6-pools keep one voxel
+def test_fusion_block_matches_its_definition(shape):
     """Dense atrous branches summed with the input, then max pooling at four scales, each squeezed to one channel
     and upsampled, concatenated with the features and fused by ``fuse`` (the block splits that conv in two)."""
     import torch.nn.functional as F
@@ -77,7 +83,7 @@ def test_fusion_block_matches_its_definition():
 
     torch.manual_seed(0)
     block = LocalMultiScaleFusion3d(6).double()
-    x = torch.randn(2, 6, 7, 9, 11, dtype=torch.float64)
+    x = torch.randn(2, 6, *shape, dtype=torch.float64)
     d1, d2 = block.dilate1(x), block.dilate2(x)
     d21 = block.dilate2(d1)
     out = (x + F.relu(d1) + F.relu(block.conv1x1(d2)) + F.relu(block.conv1x1(d21))

@@ -600,3 +600,20 @@ def test_monai_bundle_instantiation():
     net = parser.get_parsed_content("net")
     assert isinstance(net, MobileUtr)
     assert net.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+def test_hooks_on_fused_depthwise_convs_fire():
+    """The position-encoding and attention depthwise convs run fused from their weights: a hook on one is called
+    (and what it returns is used), as for any layer."""
+    torch.manual_seed(0)
+    net = MobileUtr(3, 1, 3).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    expected = net(x)
+    block = net.lklgl_bottleneck[0]
+    fired = []
+    block.SelfAttn.pos_embed.register_forward_hook(lambda m, i, o: fired.append("pos"))
+    block.LocalAgg.attn.register_forward_hook(lambda m, i, o: fired.append("attn"))
+    torch.testing.assert_close(net(x), expected)
+    assert sorted(fired) == ["attn", "pos"]
+    block.SelfAttn.pos_embed.register_forward_hook(lambda m, i, o: o * 0)
+    assert not torch.allclose(net(x), expected)

@@ -457,3 +457,34 @@ def test_train_step_updates_batch_norm_statistics_like_the_plain_build():
     for name, value in ours.state_dict().items():
         if "running" in name or "num_batches" in name:
             assert_close(name, value.double(), ref[name].double(), torch.float64)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_hooks_on_fused_layers_fire_and_change_nothing_else(mode):
+    """Hooks on the layers a fused path reads directly (the decoder's embeddings, linear_fuse and linear_pred, a
+    Mix-FFN's depthwise conv, BatchNorm and fc2) see their calls, as MONAI's GradCAM and the distillation taps need;
+    the network's output and gradients stay those of the fused path."""
+    import copy
+
+    torch.manual_seed(0)
+    net = SegFormer3D(embed_dims=(8, 16, 32, 32), num_heads=(1, 1, 2, 2), decoder_dim=16)
+    fused, hooked = copy.deepcopy(net), copy.deepcopy(net)
+    getattr(fused, mode)(), getattr(hooked, mode)()
+    fired = set()
+    mlp = hooked.segformer_encoder.tf_block1[0].mlp
+    for name, layer in (("pred", hooked.segformer_decoder.linear_pred), ("c2", hooked.segformer_decoder.linear_c2),
+                        ("fuse", hooked.segformer_decoder.linear_fuse[0]), ("dw", mlp.dwconv.dwconv),
+                        ("bn", mlp.dwconv.bn), ("fc2", mlp.fc2)):
+        layer.register_forward_hook(lambda m, i, o, name=name: fired.add(name))
+    x = torch.randn(2, 4, 32, 32, 32)
+    expected, out = fused(x), hooked(x)
+    assert fired == {"pred", "c2", "fuse", "dw", "bn", "fc2"}
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    if mode == "train":
+        expected.square().mean().backward()
+        out.square().mean().backward()
+        grads = dict(fused.named_parameters())
+        for name, p in hooked.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+    hooked.segformer_decoder.linear_pred = nn.Sequential(nn.Identity(), hooked.segformer_decoder.linear_pred)
+    torch.testing.assert_close(hooked(x), expected, rtol=1e-4, atol=1e-4)  # a replaced layer runs as called
