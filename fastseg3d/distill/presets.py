@@ -19,7 +19,7 @@ def _check(net: nn.Module | None, cls_name: str, method: str, package: str) -> N
     # by class name and package: MONAI is optional, a subclass keeps the layer names, and MONAI's UNet is another UNet
     if net is not None and not any(c.__name__ == cls_name and c.__module__.startswith(package)
                                    for c in type(net).__mro__):
-        raise TypeError(f"expected {package}'s {cls_name}, got {type(net).__module__}.{type(net).__name__}")
+        raise TypeError(f"expected {package.rstrip('.')}'s {cls_name}, got {type(net).__module__}.{type(net).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
@@ -90,6 +90,9 @@ def dynunet_layers(net: nn.Module, method: str) -> dict:
         'upsamples.1'
     """
     _check(net, "DynUNet", method, "monai.")
+    if getattr(net, "deep_supervision", False):
+        raise ValueError("DynUNet(deep_supervision=True) returns its heads stacked with the logits; build it with "
+                         "deep_supervision=False (the wrapper taps the decoder itself)")
     n_up = len(net.upsamples)
     ups = tuple(f"upsamples.{j}" for j in range(n_up - 1))
     downs = tuple(f"downsamples.{i}" for i in range(len(net.downsamples)))

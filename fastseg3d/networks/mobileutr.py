@@ -459,7 +459,8 @@ class MobileUtr(nn.Module):
             raise ValueError(f"mlp_ratio={mlp_ratio!r} must make the LGL blocks' MLP width int(dims[2] * mlp_ratio) "
                              f"= {int(dims[2] * mlp_ratio)} a multiple of dims[2] = {dims[2]} (its convs are grouped "
                              "by dims[2])")
-        if not 0.0 <= drop_path_rate < 1.0:
+        if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) or not (
+                0.0 <= drop_path_rate < 1.0):
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
 
         self.spatial_dims = spatial_dims

@@ -311,5 +311,11 @@ def test_bad_arguments(unetr_cls):
         ds = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
                           filters=[4, 8, 8], deep_supervision=True)
         DSD(ds, ["input_block"], ["bottleneck"], 2, input_shape=(1, 1, 8, 8, 8))(torch.randn(1, 1, 8, 8, 8))
+    from fastseg3d.distill import presets
+
+    with pytest.raises(ValueError, match="deep_supervision=False"):  # the preset says so before any forward
+        presets.dynunet_layers(ds, "dsd")
+    with pytest.raises(TypeError, match="expected fastseg3d's UNet, got"):
+        presets.unet_layers(ds, "dsd")
     with pytest.raises(ValueError, match="tokens"):  # UNETR's ViT returns tokens: tap "decoder5:input" instead
         DSD(_small_unetr(unetr_cls), ["encoder1"], ["vit"], 3, input_shape=(1, 1, 32, 32, 32))

@@ -489,6 +489,7 @@ def test_backward_rebuilds_no_views(backend):
         (lambda: MobileUtr(kernels=(3, 4, 7)), "odd"),
         (lambda: MobileUtr(num_heads=3), "divisible by num_heads"),
         (lambda: MobileUtr(drop_path_rate=1.0), "drop_path_rate"),
+        (lambda: MobileUtr(drop_path_rate="0.1"), "drop_path_rate"),
         (lambda: MobileUtr(mlp_ratio=2.5), "multiple of dims\\[2\\]"),
         (lambda: MobileUtr(spatial_dims=3, mlp_ratio=0.01), "empty MLP"),
         (lambda: MobileUtr(mlp_ratio="4"), "mlp_ratio must be a positive number"),

@@ -75,6 +75,10 @@ def test_bad_arguments():
         net(torch.randn(1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="dimension 2 \\(size 6\\) must be divisible by 4"):
         net(torch.randn(1, 2, 8, 8, 6))
+    from fastseg3d.networks import selfreg_unet
+
+    with pytest.raises(ValueError, match="even channel counts"):  # SelfReg halves each tapped feature's channels
+        selfreg_unet(3, 1, 2, channels=(4, 7, 16))
 
 
 @pytest.mark.parametrize("target", ["fastseg3d.networks.UNet", "fastseg3d.networks.dsd_unet",
