@@ -115,7 +115,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError):
         presets.dynunet_layers(net, "selfreg")
     monai_nets = pytest.importorskip("monai.networks.nets")
-    with pytest.raises(TypeError, match="fastseg3d.'s UNet"):  # MONAI's UNet has other layer names
+    with pytest.raises(TypeError, match="fastseg3d's UNet"):  # MONAI's UNet has other layer names
         presets.unet_layers(monai_nets.UNet(3, 1, 2, channels=(4, 8, 8), strides=(2, 2)), "dsd")
     with pytest.raises(ValueError):
         presets.unet_layers(net, "missu")
