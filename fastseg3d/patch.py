@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fastseg3d.nn.dwconv3d import DepthwiseConv3d
+from fastseg3d.ops.dwconv3d import fusable_kernel
 
 __all__ = ["convert_model", "revert_model"]
 
@@ -16,7 +17,7 @@ def _is_depthwise(module: nn.Module) -> bool:
     return (parametrize.type_before_parametrizations(module) is nn.Conv3d
             and module.groups == module.in_channels == module.out_channels
             and tuple(module.stride) == (1, 1, 1) and module.padding_mode == "zeros"
-            and all(k % 2 == 1 and k <= 9 for k in module.kernel_size))
+            and fusable_kernel(module.kernel_size))
 
 
 def _is_fused(module: nn.Module) -> bool:

@@ -233,8 +233,8 @@ def selfreg_unet(
     from fastseg3d.distill import SelfReg, presets
 
     net = UNet(spatial_dims, in_channels, out_channels, channels, **unet_kwargs)
-    odd = [c for c in channels if c % 2]
-    if odd:  # SelfReg's intra-feature term compares the top and bottom halves of each tapped feature's channels
+    # SelfReg's intra-feature term compares the top and bottom halves of each tapped feature's channels
+    if any(c % 2 for c in channels):
         raise ValueError(f"selfreg_unet needs even channel counts (SelfReg splits each feature's channels in "
                          f"halves), got channels={tuple(channels)}")
     return SelfReg(net, **presets.unet_layers(net, "selfreg"))

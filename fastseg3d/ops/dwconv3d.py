@@ -19,7 +19,7 @@ from fastseg3d import backends
 from fastseg3d.ops import utils
 from fastseg3d.reference.dwconv3d import ACTIVATIONS, dwconv3d_backward_ref, dwconv3d_ref
 
-__all__ = ["dwconv3d", "dwconv3d_tokens", "dwconv3d_unsupported_reasons"]
+__all__ = ["dwconv3d", "dwconv3d_tokens", "dwconv3d_unsupported_reasons", "fusable_kernel"]
 
 _ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu"}
 
@@ -113,13 +113,18 @@ def _validate(x, weight, bias, residual, padding, dilation, activation):
     return pad, dil, out_shape
 
 
+def fusable_kernel(kernel: Sequence[int]) -> bool:
+    """Whether the fused kernel takes these kernel sizes: odd, 1 to 9, per axis."""
+    return all(k % 2 == 1 and k <= 9 for k in kernel)
+
+
 def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[int]) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
     reasons = utils.base_reasons(x)
     if weight.shape[0] != x.shape[1]:
         reasons.append(f"channel multiplier {weight.shape[0] // x.shape[1]} > 1")
     kernel = tuple(weight.shape[2:])
-    if any(k % 2 == 0 or k > 9 for k in kernel):
+    if not fusable_kernel(kernel):
         reasons.append(f"kernel size {kernel} (fused: odd sizes 1 to 9 per axis)")
     if x.numel() == 0:
         reasons.append("x has no elements")

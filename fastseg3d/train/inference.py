@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 _MODES = ("softmax", "sigmoid")
+_BRATS_REGIONS = ("TC", "WT", "ET")
 
 
 def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[int], name: str) -> None:
@@ -57,7 +58,6 @@ def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[in
             meta(torch.empty(1, in_channels, *roi_size, device="meta"))
     except ValueError as err:
         raise ValueError(f"{name}={list(roi_size)}: the network cannot take windows of that size ({err})") from None
-_BRATS_REGIONS = ("TC", "WT", "ET")
 
 
 def _check_mode(mode: str) -> None:

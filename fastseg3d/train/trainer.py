@@ -134,6 +134,17 @@ def _flatten(cfg: Mapping, prefix: str = "") -> dict:
     return out
 
 
+_UNSET = object()
+
+
+def _changed(old: Mapping, new: Mapping, prefix: str = "") -> dict[str, tuple]:
+    """The dotted keys whose values differ between two configs, in order: ``{key: (old, new)}`` (``_UNSET`` where a
+    config lacks the key)."""
+    old, new = _flatten(old, prefix), _flatten(new, prefix)
+    return {key: (old.get(key, _UNSET), new.get(key, _UNSET)) for key in sorted(old.keys() | new.keys())
+            if old.get(key, _UNSET) != new.get(key, _UNSET)}
+
+
 def _remove_run(run_dir: Path) -> None:
     """What a run writes into its folder; anything else there (an ``eval/`` folder, notes) stays."""
     import shutil
@@ -367,13 +378,10 @@ class Trainer:
     def _compare_config(self, saved: Mapping, path: Path) -> None:
         """Log where this config differs from the checkpoint's: resume is exact only with the same config, though a
         longer or shorter run (``train.epochs``, ``train.max_steps``) is an expected change."""
-        missing = object()
-        old, new = _flatten(saved), _flatten(self.cfg)
-        changed = {key: (old.get(key, missing), new.get(key, missing)) for key in sorted(old.keys() | new.keys())
-                   if old.get(key, missing) != new.get(key, missing)}
+        changed = _changed(saved, self.cfg)
 
         def describe(keys):
-            return ", ".join(f"{key} " + " -> ".join("unset" if v is missing else repr(v) for v in changed[key])
+            return ", ".join(f"{key} " + " -> ".join("unset" if v is _UNSET else repr(v) for v in changed[key])
                              for key in keys)
 
         length = [key for key in changed if key in ("train.epochs", "train.max_steps")]
@@ -400,9 +408,7 @@ class Trainer:
         try:
             unwrap_model(self.model).load_state_dict(ckpt["network_weights"])
         except RuntimeError as err:
-            old, new = _flatten(saved.get("model", {}), "model."), _flatten(self.cfg["model"], "model.")
-            keys = sorted(k for k in old.keys() | new.keys() if k in old and k in new and old[k] != new[k]
-                          or (k in old) != (k in new))
+            keys = list(_changed(saved.get("model", {}), self.cfg["model"], "model."))
             raise SetupError(f"{path} holds weights of another network than this config builds"
                              + (f" (it differs in {', '.join(keys)})" if keys else "")
                              + f": {' '.join(str(err).split())[:400]}") from None
