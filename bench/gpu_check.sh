@@ -85,8 +85,18 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   else
     : > "$FASTSEG3D_RESULTS_LOG"
   fi
+  # "<s since start> <worker> <s taken> <node id>" per test as it ends: where a cut tier spent its box
+  export FASTSEG3D_DURATIONS_LOG="$OUT/gpu_durations.txt"
+  : > "$FASTSEG3D_DURATIONS_LOG"
   extra=()
-  python3 -c "import xdist" 2>/dev/null && extra+=(-n "${TEST_WORKERS:-12}")
+  workers="${TEST_WORKERS:-12}"
+  if python3 -c "import xdist" 2>/dev/null; then
+    extra+=(-n "$workers")
+    # (load scheduling, xdist's default, hands tests out in the collection's order: the conftest puts what only a
+    # GPU checks first)
+    # each worker's ATen CPU work on its share of the cores, not every core's thread in every worker
+    export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+  fi
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
   # the slowest tests at the end (where the tier completes): what to split or trim when it outgrows its box
   timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
@@ -97,6 +107,10 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   awk '{o = $1; sub(/^[^ ]+ /, ""); last[$0] = o} END {for (t in last) n[last[t]]++; printf "GPU tier so far:";
        for (o in n) printf " %d %s", n[o], o; print ""}' \
     "$FASTSEG3D_RESULTS_LOG"
+  echo "slowest tests (s taken, worker, s since start):"
+  sort -k3 -nr "$FASTSEG3D_DURATIONS_LOG" | head -n 12 | awk '{id = $0; for (i = 0; i < 3; i++) sub(/^[^ ]+ /, "", id)
+    printf "  %6s %-5s %6s  %s\n", $3, $2, $1, id}'
+  unset OMP_NUM_THREADS
   if [ -s "$FASTSEG3D_FAILURE_LOG" ]; then
     echo "failures ($FASTSEG3D_FAILURE_LOG, first lines):"; grep -E "^=== |^E " "$FASTSEG3D_FAILURE_LOG" | head -n 40
   fi

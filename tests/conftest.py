@@ -4,6 +4,8 @@ process (Triton reads it when kernels are decorated, and it breaks compile/opche
 from __future__ import annotations
 
 import os
+import re
+import time
 
 import pytest
 import torch
@@ -11,6 +13,14 @@ import torch
 from fastseg3d.backends import interpreter_active
 
 INTERPRET = interpreter_active()
+_STARTED = time.monotonic()
+_SECONDS: dict[str, float] = {}  # a test's setup, call and teardown times so far (the durations log)
+
+
+def _gpu_rank(item) -> int:
+    """The GPU tier's order: bf16 and dtype-free tests (what only a GPU can check) before the fp32 and fp16 cases,
+    which the interpreter tier also runs, so that a tier cut by its time box has checked the former."""
+    return 1 if re.search(r"(?<!b)float(16|32)\b|(?<!b)fp(16|32)\b", item.nodeid) else 0
 
 
 def pytest_collection_modifyitems(config, items):
@@ -25,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_not_interp)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+    items.sort(key=lambda item: _gpu_rank(item) if "gpu" in item.keywords else 0)  # stable: else as collected
     # a GPU tier cut by its time box goes on where it stopped: the tests that passed in an earlier run are left out
     path = os.environ.get("FASTSEG3D_SKIP_PASSED")
     if path:
@@ -41,11 +52,14 @@ def pytest_runtest_logreport(report):
     """With ``FASTSEG3D_FAILURE_LOG`` set (bench/gpu_check.sh sets it), each failure's traceback is appended to that
     file as the test ends: a GPU run cut by its time box prints no summary, and its failures would say nothing.
     With ``FASTSEG3D_RESULTS_LOG`` set, one line ``<outcome> <node id>`` per test as it ends (the file that
-    ``FASTSEG3D_SKIP_PASSED`` reads back)."""
+    ``FASTSEG3D_SKIP_PASSED`` reads back). With ``FASTSEG3D_DURATIONS_LOG`` set, one line ``<seconds since the
+    session began> <worker> <seconds the test took> <node id>`` per test as it ends: where a tier cut by its box
+    spent its time (pytest's --durations summary is printed only at the end)."""
     # under pytest-xdist the controller receives every worker's reports: it alone writes
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     failures, results = os.environ.get("FASTSEG3D_FAILURE_LOG"), os.environ.get("FASTSEG3D_RESULTS_LOG")
+    durations = os.environ.get("FASTSEG3D_DURATIONS_LOG")
     try:  # the logs are a convenience: an unwritable path must not stop the run
         if failures and report.failed:
             with open(failures, "a") as f:
@@ -56,6 +70,14 @@ def pytest_runtest_logreport(report):
             outcome = "error" if report.failed and report.when != "call" else report.outcome
             with open(results, "a") as f:
                 f.write(f"{outcome} {report.nodeid}\n")
+        if durations:
+            seconds = _SECONDS.pop(report.nodeid, 0.0) + report.duration
+            if report.when == "teardown":
+                worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "-")
+                with open(durations, "a") as f:
+                    f.write(f"{time.monotonic() - _STARTED:.1f} {worker} {seconds:.1f} {report.nodeid}\n")
+            else:
+                _SECONDS[report.nodeid] = seconds
     except OSError:
         pass
 

@@ -726,6 +726,34 @@ def test_cut_tier_resumes_where_it_stopped(tmp_path):
         "test_sample.py::test_fails", "test_sample.py::test_skips", "test_sample.py::test_teardown_errs"}
 
 
+def test_tier_durations_and_gpu_order(tmp_path):
+    """FASTSEG3D_DURATIONS_LOG gets a line per test as it ends (setup, call and teardown together); the GPU tier
+    runs its bf16 and dtype-free tests before the fp32/fp16 cases the interpreter tier also checks (here skipped:
+    the order is the collection's)."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
+    (tmp_path / "test_sample.py").write_text(
+        "import time\nimport pytest\n\n\n@pytest.fixture\ndef slow_setup():\n    time.sleep(0.3)\n\n\n"
+        "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])\n"
+        "def test_gpu_case(dtype):\n    pass\n\n\n@pytest.mark.gpu\ndef test_gpu_memory():\n    pass\n\n\n"
+        "def test_cpu(slow_setup):\n    time.sleep(0.3)\n")
+    log = tmp_path / "durations.txt"
+    env = {**os.environ, "FASTSEG3D_DURATIONS_LOG": str(log)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    order = [line.split()[0].split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
+    assert order == ["test_gpu_case[bfloat16]", "test_gpu_memory", "test_cpu", "test_gpu_case[float32]",
+                     "test_gpu_case[float16]"], order
+    rows = [line.split(" ", 3) for line in log.read_text().splitlines()]
+    assert [r[3] for r in rows] == [f"test_sample.py::{name}" for name in order]
+    ended, took = {r[3]: float(r[0]) for r in rows}, {r[3]: float(r[2]) for r in rows}
+    assert took["test_sample.py::test_cpu"] >= 0.6  # its fixture's setup counted with its call
+    assert ended["test_sample.py::test_gpu_case[float16]"] >= ended["test_sample.py::test_cpu"] >= 0.6
+    assert all(r[1] == "-" for r in rows)
+
+
 def _target_plan() -> dict[str, list[str]]:
     """gpu_check.sh's TARGET_ARGS, case -> arguments."""
     text = (ROOT / "bench" / "gpu_check.sh").read_text()
