@@ -20,7 +20,11 @@ _SECONDS: dict[str, float] = {}  # a test's setup, call and teardown times so fa
 def _gpu_rank(item) -> int:
     """The GPU tier's order: bf16 and dtype-free tests (what only a GPU can check) before the fp32 and fp16 cases,
     which the interpreter tier also runs, so that a tier cut by its time box has checked the former."""
-    return 1 if re.search(r"(?<!b)float(16|32)\b|(?<!b)fp(16|32)\b", item.nodeid) else 0
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    dtypes = {v for v in params.values() if isinstance(v, torch.dtype)}
+    if dtypes:
+        return int(dtypes <= {torch.float32, torch.float16})
+    return int(bool(re.search(r"(?<![a-z])(float|fp)(16|32)(?![0-9a-z_])|(?<![a-z])float(16|32)_[0-9]", item.nodeid)))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -733,9 +733,11 @@ def test_tier_durations_and_gpu_order(tmp_path):
     (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
     (tmp_path / "test_sample.py").write_text(
-        "import time\nimport pytest\n\n\n@pytest.fixture\ndef slow_setup():\n    time.sleep(0.3)\n\n\n"
+        "import time\nimport pytest\nimport torch\n\n\n@pytest.fixture\ndef slow_setup():\n    time.sleep(0.3)\n\n\n"
         "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])\n"
         "def test_gpu_case(dtype):\n    pass\n\n\n@pytest.mark.gpu\ndef test_gpu_memory():\n    pass\n\n\n"
+        "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])\n"
+        "def test_gpu_dtype(dtype):\n    pass\n\n\n"
         "def test_cpu(slow_setup):\n    time.sleep(0.3)\n")
     log = tmp_path / "durations.txt"
     env = {**os.environ, "FASTSEG3D_DURATIONS_LOG": str(log)}
@@ -744,8 +746,8 @@ def test_tier_durations_and_gpu_order(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:]
     order = [line.split()[0].split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
-    assert order == ["test_gpu_case[bfloat16]", "test_gpu_memory", "test_cpu", "test_gpu_case[float32]",
-                     "test_gpu_case[float16]"], order
+    assert order == ["test_gpu_case[bfloat16]", "test_gpu_memory", "test_gpu_dtype[dtype1]", "test_cpu",
+                     "test_gpu_case[float32]", "test_gpu_case[float16]", "test_gpu_dtype[dtype0]"], order
     rows = [line.split(" ", 3) for line in log.read_text().splitlines()]
     assert [r[3] for r in rows] == [f"test_sample.py::{name}" for name in order]
     ended, took = {r[3]: float(r[0]) for r in rows}, {r[3]: float(r[2]) for r in rows}
