@@ -7,9 +7,10 @@
 For each model (a model case's network at its published configuration, see ``bench/models.py``) and provider, one
 training step (forward, loss, backward, as the model cases' ``train_step``) is tried at cube sides that are
 multiples of the network's total stride: doubling from 64 until a step fails, then bisecting between the largest
-side that trained and the smallest that failed; once two sides have trained, the next try is the side that their
-peak memories, extended linearly in the voxels, predict to fill the GPU (tries at large sides take seconds each).
-Plain goes first (its search ends lower, and it is the denominator of the fused network's ratio). Between tries the
+side that trained and the smallest that failed; once a side has trained, the next try is the side its peak memory
+predicts to fill the GPU (in proportion to the voxels; from two sides, extended linearly), since tries at large
+sides take seconds each. Plain goes first (its search ends lower, and it is the denominator of the fused network's
+ratio). Between tries the
 gradients, inputs and the allocator's cache are released (``torch.cuda.empty_cache()``). A try fails on CUDA
 out-of-memory (or an allocation failure reported by cuBLAS/cuDNN), or on any other error, which is recorded as the
 ``stop`` reason, since a kernel that refuses a size (an index-width limit, say) bounds what trains just as memory
@@ -83,11 +84,12 @@ class Search:
 def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadline: float | None = None,
            capacity_mb: float | None = None) -> Search:
     """Largest side (a multiple of ``stride``, at most ``max_side``) for which ``attempt`` succeeds, assuming that
-    success is monotone in the side: doubling from ``START_SIDE``, then bisection. With ``capacity_mb`` (the
-    device's memory), once two sides have trained the next try is the side their peak memories, extended linearly
-    in the voxels, predict to fill it (at most four times the side, and inside the bisection's bracket), since
-    each try at a large side costs seconds: the search then usually ends with the predicted side and its
-    neighbour."""
+    success is monotone in the side: doubling from ``START_SIDE``, then bisection. With
+    ``capacity_mb`` (the device's memory), once a side has trained the next try is the side predicted to fill it
+    (at most four times the side, and inside the bisection's bracket), since each try at a large side costs
+    seconds: from one side, its peak in proportion to the voxels (the fixed part of the peak, weights and
+    workspaces, makes that prediction fall short of the limit, so it usually trains); from two, their peaks
+    extended linearly. The search then usually ends with the predicted side and its neighbour."""
     k_max = max_side // stride
     if k_max < 1:
         raise ValueError(f"max_side {max_side} is below the stride {stride}")
@@ -109,8 +111,11 @@ def search(attempt: Callable[[int], Attempt], stride: int, max_side: int, deadli
 
     def predicted() -> int | None:
         """The multiple of the stride whose predicted peak fills ``capacity_mb`` (None: no prediction)."""
-        if capacity_mb is None or len(fits) < 2:
+        if capacity_mb is None or not fits:
             return None
+        if len(fits) == 1:
+            v1, m1 = fits[0]
+            return int((v1 * capacity_mb / m1) ** (1 / 3) // stride) if m1 > 0 else None
         (v0, m0), (v1, m1) = fits[-2], fits[-1]
         if v1 <= v0 or m1 <= m0:
             return None

@@ -627,6 +627,24 @@ def test_largest_cube_search_jumps_to_the_side_memory_predicts(capacity):
     assert found.tries <= min(5, plain.tries), (tried, found.tries, plain.tries)
 
 
+@pytest.mark.parametrize("capacity,expected", [(136_582.0, [64, 256, 960, 992]), (1_000.0, [64, 96, 128, 160])])
+def test_largest_cube_search_predicts_from_one_side(capacity, expected):
+    """One trained side predicts in proportion to its voxels (short of the limit, as its peak holds a fixed part):
+    with the fused SegFormer3D's peaks on the H200 (19.6 GB at 512^3), 64^3, then the four-fold cap's 256^3, then
+    the side two peaks predict and its neighbour: two tries at large sides where doubling from 64 took four. Near
+    the limit, one step up at a time."""
+    tried = []
+
+    def attempt(side):
+        peak = 500.0 + 1.46e-4 * side**3
+        tried.append(side)
+        ok = peak <= capacity
+        return largest_cube.Attempt(ok, "" if ok else "out of memory", peak if ok else None, 1.0 if ok else None)
+
+    found = largest_cube.search(attempt, 32, 1280, capacity_mb=capacity)
+    assert tried == expected and found.side == expected[-2] and found.converged
+
+
 def test_largest_cube_search_stops_at_its_deadline():
     found = largest_cube.search(lambda side: largest_cube.Attempt(True), 16, 4096, deadline=time.monotonic() - 1)
     assert found.tries == 0 and found.side is None and not found.converged and found.stop == "time-limit"
