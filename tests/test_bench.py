@@ -693,17 +693,24 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     assert "not measured" in (out / "bench_table.txt").read_text()  # the targets report, on a CPU run
 
 
+def _run_sample_tier(tmp_path, source: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    """pytest on ``source`` (one test file) in ``tmp_path`` with the project's conftest, as the controller of a
+    GPU tier (not an xdist worker), ``env`` added to the environment."""
+    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
+    (tmp_path / "test_sample.py").write_text(source)
+    full_env = {**os.environ, **env}
+    full_env.pop("PYTEST_XDIST_WORKER", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args, str(tmp_path)],
+                          cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120)
+
+
 def test_failures_are_logged_as_they_happen(tmp_path):
     """gpu_check.sh's test tier may be cut by its box before pytest prints a summary: with FASTSEG3D_FAILURE_LOG,
     the project's conftest appends each failure's traceback to that file when the test ends."""
-    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
-    (tmp_path / "test_sample.py").write_text(
-        "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n")
     log = tmp_path / "failures.log"
-    env = {**os.environ, "FASTSEG3D_FAILURE_LOG": str(log)}
-    env.pop("PYTEST_XDIST_WORKER", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = _run_sample_tier(
+        tmp_path, "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert 1 + 1 == 3, 'arithmetic'\n",
+        {"FASTSEG3D_FAILURE_LOG": str(log)}, "-q")
     assert proc.returncode == 1, proc.stdout[-2000:]
     text = log.read_text()
     assert text.startswith("=== test_sample.py::test_fails (call)") and "AssertionError: arithmetic" in text
@@ -714,21 +721,12 @@ def test_cut_tier_resumes_where_it_stopped(tmp_path):
     """FASTSEG3D_RESULTS_LOG records each test's outcome as it ends; a later run given that file as
     FASTSEG3D_SKIP_PASSED leaves out what passed (a teardown error after a passed call counts as not passed) and
     runs the rest, so a GPU tier cut by its box can be finished by a second call."""
-    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
-    (tmp_path / "test_sample.py").write_text(
-        "import pytest\n\n\n@pytest.fixture\ndef broken_teardown():\n    yield\n"
-        "    raise RuntimeError('teardown')\n\n\n"
-        "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert False\n\n\n"
-        "def test_skips():\n    pytest.skip('no')\n\n\ndef test_teardown_errs(broken_teardown):\n    pass\n")
+    source = ("import pytest\n\n\n@pytest.fixture\ndef broken_teardown():\n    yield\n"
+              "    raise RuntimeError('teardown')\n\n\n"
+              "def test_passes():\n    pass\n\n\ndef test_fails():\n    assert False\n\n\n"
+              "def test_skips():\n    pytest.skip('no')\n\n\ndef test_teardown_errs(broken_teardown):\n    pass\n")
     log = tmp_path / "results.txt"
-    env = {**os.environ, "FASTSEG3D_RESULTS_LOG": str(log)}
-    env.pop("PYTEST_XDIST_WORKER", None)
-
-    def run_tier(extra_env):
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
-                              cwd=tmp_path, env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
-
-    first = run_tier({})
+    first = _run_sample_tier(tmp_path, source, {"FASTSEG3D_RESULTS_LOG": str(log)}, "-q", "-rA")
     assert first.returncode == 1, first.stdout[-2000:]
     lines = log.read_text().splitlines()
     assert sorted(lines) == sorted(["passed test_sample.py::test_passes", "failed test_sample.py::test_fails",
@@ -737,7 +735,8 @@ def test_cut_tier_resumes_where_it_stopped(tmp_path):
     resume = tmp_path / "earlier.txt"
     resume.write_text(log.read_text())
     log.unlink()
-    second = run_tier({"FASTSEG3D_SKIP_PASSED": str(resume)})
+    second = _run_sample_tier(tmp_path, source, {"FASTSEG3D_RESULTS_LOG": str(log),
+                                                 "FASTSEG3D_SKIP_PASSED": str(resume)}, "-q", "-rA")
     assert "1 deselected" in second.stdout, second.stdout[-2000:]
     assert "test_passes" not in log.read_text()
     assert {line.split()[1] for line in log.read_text().splitlines()} == {
@@ -748,20 +747,15 @@ def test_tier_durations_and_gpu_order(tmp_path):
     """FASTSEG3D_DURATIONS_LOG gets a line per test as it ends (setup, call and teardown together); the GPU tier
     runs its bf16 and dtype-free tests before the fp32/fp16 cases the interpreter tier also checks (here skipped:
     the order is the collection's)."""
-    (tmp_path / "conftest.py").write_text((ROOT / "tests" / "conftest.py").read_text())
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
-    (tmp_path / "test_sample.py").write_text(
-        "import time\nimport pytest\nimport torch\n\n\n@pytest.fixture\ndef slow_setup():\n    time.sleep(0.3)\n\n\n"
-        "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])\n"
-        "def test_gpu_case(dtype):\n    pass\n\n\n@pytest.mark.gpu\ndef test_gpu_memory():\n    pass\n\n\n"
-        "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])\n"
-        "def test_gpu_dtype(dtype):\n    pass\n\n\n"
-        "def test_cpu(slow_setup):\n    time.sleep(0.3)\n")
+    source = ("import time\nimport pytest\nimport torch\n\n\n@pytest.fixture\ndef slow_setup():\n"
+              "    time.sleep(0.3)\n\n\n@pytest.mark.gpu\n"
+              "@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])\n"
+              "def test_gpu_case(dtype):\n    pass\n\n\n@pytest.mark.gpu\ndef test_gpu_memory():\n    pass\n\n\n"
+              "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])\n"
+              "def test_gpu_dtype(dtype):\n    pass\n\n\ndef test_cpu(slow_setup):\n    time.sleep(0.3)\n")
     log = tmp_path / "durations.txt"
-    env = {**os.environ, "FASTSEG3D_DURATIONS_LOG": str(log)}
-    env.pop("PYTEST_XDIST_WORKER", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = _run_sample_tier(tmp_path, source, {"FASTSEG3D_DURATIONS_LOG": str(log)}, "-v")
     assert proc.returncode == 0, proc.stdout[-2000:]
     order = [line.split()[0].split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
     assert order == ["test_gpu_case[bfloat16]", "test_gpu_memory", "test_gpu_dtype[dtype1]", "test_cpu",
