@@ -15,7 +15,8 @@ with :func:`backend`:
 ``FASTSEG3D_CHECK_FINITE=1`` (or :func:`check_finite` for a block) makes every fused kernel call check its
 floating-point tensor inputs, forward and backward, and raise ``ValueError`` naming the op and the argument that
 holds a NaN or an infinity: a kernel's output from such an input may differ from ATen's, and the first fused op to
-meet one says where it came in. Each check reads the tensor and waits for the GPU: for debugging, not training.
+meet one says where it came in; the DiceCE loss also checks that its labels are class indices (which it does on
+a CPU always). Each check reads the tensor and waits for the GPU: for debugging, not training.
 """
 
 from __future__ import annotations

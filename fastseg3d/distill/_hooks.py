@@ -113,6 +113,41 @@ class _Capture:
             self.store[self.spec] = _first_tensor(args if self.use_input else output, self.spec)
 
 
+def _attached(backbone: nn.Module, state: dict) -> bool:
+    """Whether any capture hook of the tap with ``state`` is on ``backbone``."""
+    return any(isinstance(hook, _Capture) and hook.state is state
+               for module in backbone.modules()
+               for hooks in (module._forward_hooks, module._forward_pre_hooks) for hook in hooks.values())
+
+
+def _meta_clone(backbone: nn.Module) -> nn.Module:
+    """A copy of ``backbone`` on the ``meta`` device in eval mode, without its hooks: for shape-only runs that
+    allocate nothing, whose forward must neither run the user's hooks (a logging hook would log, a NaN guard would
+    fail on meta tensors) nor touch the backbone."""
+    # Seeding deepcopy's memo with meta stand-ins copies the modules but none of the weights. (functional_call
+    # would avoid the copy but mishandles DynUNet, whose blocks are reachable under two names.)
+    memo = {}
+    for p in backbone.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in backbone.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    try:
+        clone = copy.deepcopy(backbone, memo)
+    except Exception as e:  # a tensor that is no parameter or buffer (old-style weight_norm's), a lock, ...
+        raise TypeError(
+            f"the wrapper derives its heads' shapes from a copy of the backbone on the meta device, and "
+            f"{type(backbone).__name__} cannot be copied ({type(e).__name__}: {e}); a weight computed by a hook, as "
+            "torch.nn.utils.weight_norm's, is the usual cause: use torch.nn.utils.parametrizations.weight_norm"
+        ) from e
+    for module in clone.modules():  # the clone's hook dicts are its own copies: the backbone keeps its hooks
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            hooks = getattr(module, name, None)
+            if hooks is not None:
+                hooks.clear()
+    return clone.eval()
+
+
 def _remove_captures(backbone: nn.Module, state: dict | None = None) -> None:
     """Remove the capture hooks of one tap (``state``), or of every tap, from ``backbone``'s modules.
 
@@ -184,6 +219,11 @@ class FeatureTap:
         missing = [s for s in self.specs if s not in self.store]
         if missing:
             self.store.clear()
+            if not _attached(backbone, self.state):
+                raise RuntimeError(
+                    "this wrapper's feature hooks are no longer on the backbone: unwrap() took them off, or another "
+                    "wrapper of the same backbone replaced them; wrap the backbone again to train with this loss"
+                )
             raise RuntimeError(f"the backbone's forward did not call the hooked layers {missing}")
         features = [self.store[s] for s in self.specs]
         self.store.clear()
@@ -202,41 +242,39 @@ class FeatureTap:
         normalisation layers accept the smallest valid input.
 
         ``input_shape=None`` derives one from the backbone (see :func:`example_input_shapes`) and raises a
-        ``ValueError`` asking for ``input_shape`` when none of the candidates runs."""
-        if input_shape is None:
-            candidates = example_input_shapes(backbone)
-            error = None
-            for shape in candidates:
-                try:
-                    return self.dry_run(backbone, shape)
-                except Exception as e:  # whatever a guessed size breaks, the next candidate may run
-                    error = e
-            tried = ", ".join(str(c) for c in candidates) or "none (no convolution found)"
-            raise ValueError(
-                f"could not derive an example input for {type(backbone).__name__} (tried {tried}"
-                + (f"; the last one failed with {type(error).__name__}: {error}" if error is not None else "")
-                + "): pass input_shape=(B, C, *spatial), the shape of an input the network accepts"
-            ) from error
-        if (
+        ``ValueError`` asking for ``input_shape`` when none of the candidates runs; a backbone that cannot be
+        copied raises ``TypeError``."""
+        if input_shape is not None and (
             not isinstance(input_shape, (tuple, list, torch.Size))
             or len(input_shape) < 3
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in input_shape)
         ):
             raise ValueError(f"input_shape must be the full shape of an example input (B, C, *spatial), got "
                              f"{input_shape!r}")
-        # Seeding deepcopy's memo with meta stand-ins copies the modules but none of the weights. (functional_call
-        # would avoid the copy but mishandles DynUNet, whose blocks are reachable under two names.)
-        memo = {}
-        for p in backbone.parameters():
-            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-        for b in backbone.buffers():
-            memo[id(b)] = torch.empty_like(b, device="meta")
-        clone = copy.deepcopy(backbone, memo).eval()
-        x = torch.empty(tuple(input_shape), device="meta", dtype=param_dtype_device(backbone)[0])
+        clone = _meta_clone(backbone)
         tap = FeatureTap(clone, self.specs)
         tap.attach(clone)
-        with torch.no_grad():
-            return tap.run(clone, x)
+        dtype = param_dtype_device(backbone)[0]
+
+        def run(shape):
+            with torch.no_grad():
+                return tap.run(clone, torch.empty(tuple(shape), device="meta", dtype=dtype))
+
+        if input_shape is not None:
+            return run(input_shape)
+        candidates = example_input_shapes(backbone)
+        error = None
+        for shape in candidates:
+            try:
+                return run(shape)
+            except Exception as e:  # whatever a guessed size breaks, the next candidate may run
+                error = e
+        tried = ", ".join(str(c) for c in candidates) or "none (no convolution found)"
+        raise ValueError(
+            f"could not derive an example input for {type(backbone).__name__} (tried {tried}"
+            + (f"; the last one failed with {type(error).__name__}: {error}" if error is not None else "")
+            + "): pass input_shape=(B, C, *spatial), the shape of an input the network accepts"
+        ) from error
 
 
 def param_dtype_device(backbone: nn.Module) -> tuple[torch.dtype, torch.device]:

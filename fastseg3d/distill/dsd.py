@@ -206,8 +206,9 @@ class DSD(NoDataParallel, nn.Module):
         self._tap.attach(backbone)  # last: a constructor that raised has left the backbone as it was
 
     def unwrap(self) -> nn.Module:
-        """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.jit.script`` cannot
-        script a module with Python hooks); the wrapper does not train after this."""
+        """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.export``, or
+        ``torch.jit.trace`` under ``torch.no_grad()``; ``torch.jit.script`` refuses Python hooks, and fastseg3d's
+        own networks are not scriptable); the wrapper does not train after this (it raises, saying so)."""
         self._tap.remove(self.backbone)
         return self.backbone
 

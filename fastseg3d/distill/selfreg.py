@@ -67,8 +67,9 @@ class SelfReg(NoDataParallel, nn.Module):
         self._tap.attach(backbone)
 
     def unwrap(self) -> nn.Module:
-        """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.jit.script`` cannot
-        script a module with Python hooks); the wrapper does not train after this."""
+        """The backbone with the wrapper's hooks taken off, for deployment or export (``torch.export``, or
+        ``torch.jit.trace`` under ``torch.no_grad()``; ``torch.jit.script`` refuses Python hooks, and fastseg3d's
+        own networks are not scriptable); the wrapper does not train after this (it raises, saying so)."""
         self._tap.remove(self.backbone)
         return self.backbone
 

@@ -131,6 +131,22 @@ def _check_tensors(logits, target) -> None:
                              f"{tuple(target.shape[2:])} or divide it per axis (they are upsampled to it)")
 
 
+def _check_labels(logits, target) -> None:
+    """Every label a class index in [0, K): a value outside would index past the one-hot map (a bare indexing
+    error on a CPU, a device-side assert that ends the process on a GPU). Reading the labels is free of a sync on
+    a CPU, so it is done there always, on a GPU under :func:`fastseg3d.check_finite`."""
+    if torch.compiler.is_compiling() or target.numel() == 0 or not (
+            target.device.type == "cpu" or (target.device.type == "cuda" and backends.checking_finite())):
+        return
+    k = logits.shape[1]
+    if target.is_floating_point() and not bool(torch.isfinite(target).all()):
+        raise ValueError("target holds NaN or infinite labels")
+    low, high = (float(v) for v in target.aminmax())
+    if low < 0 or high >= k:
+        raise ValueError(f"target holds labels from {low:g} to {high:g}; the {k} classes of logits take labels 0 to "
+                         f"{k - 1}")
+
+
 def _check_settings(include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr) -> tuple:
     """The weights and smoothing terms as floats (finite, >= 0). Under torch.compile they pass as they are: with
     dynamic shapes they may be symbolic, and a module's are checked when it is made."""
@@ -172,6 +188,7 @@ def dice_ce(
         >>> dice_ce(logits, label).backward()
     """
     _check_tensors(logits, target)
+    _check_labels(logits, target)
     lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
                                                                    smooth_nr, smooth_dr)
     # an empty batch's mean is NaN, as in MONAI's composition

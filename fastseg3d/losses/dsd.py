@@ -126,6 +126,11 @@ class DSDLoss(nn.Module):
         size = tuple(target.shape[2:])
         if tuple(main.shape[2:]) != size:
             raise ValueError(f"main logits {tuple(main.shape[2:])} and target {size} must have one spatial shape")
+        for name, heads in (("decoder", decoder), ("encoder", encoder)):
+            for i, h in enumerate(heads):  # upsampled to the label's size in the DiceCE and KL terms
+                if any(n < 1 or m % n for n, m in zip(h.shape[2:], size)):
+                    raise ValueError(f"{name}[{i}] has spatial shape {tuple(h.shape[2:])}, which must divide the "
+                                     f"target's {size} per axis")
         seg = sum(self.dice_ce(h, target) for h in [main, *decoder])
         return {"dice_ce": seg, "kl_decoder": self._kl(decoder, "decoder", size),
                 "kl_encoder": self._kl(encoder, "encoder", size)}

@@ -232,9 +232,10 @@ def selfreg_unet(
     """
     from fastseg3d.distill import SelfReg, presets
 
-    net = UNet(spatial_dims, in_channels, out_channels, channels, **unet_kwargs)
-    # SelfReg's intra-feature term compares the top and bottom halves of each tapped feature's channels
-    if any(c % 2 for c in channels):
-        raise ValueError(f"selfreg_unet needs even channel counts (SelfReg splits each feature's channels in "
-                         f"halves), got channels={tuple(channels)}")
+    # SelfReg's intra-feature term compares the top and bottom halves of the channels of every encoder and decoder
+    # feature it taps: all stages but the full-resolution one (channels[0] feeds only F_final, which it does not split)
+    net = UNet(spatial_dims, in_channels, out_channels, channels, **unet_kwargs)  # checks channels first
+    if any(c % 2 for c in tuple(channels)[1:]):
+        raise ValueError(f"selfreg_unet needs even channel counts after the first (SelfReg splits those features' "
+                         f"channels in halves), got channels={tuple(channels)}")
     return SelfReg(net, **presets.unet_layers(net, "selfreg"))

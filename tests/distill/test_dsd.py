@@ -140,12 +140,14 @@ def test_wrapping_again_replaces_the_hooks_and_unwrap_takes_them_off():
     assert _hooks(net) == once
     x = torch.randn(2, 1, 16, 16, 16)
     assert len(second(x).decoder) == 2
-    with pytest.raises(RuntimeError, match="did not call the hooked layers"):  # its hooks were replaced
+    with pytest.raises(RuntimeError, match="no longer on the backbone: unwrap"):  # its hooks were replaced
         first(x)
     twin = copy.deepcopy(second)
     assert twin.unwrap() is twin.backbone and _hooks(twin.backbone) == 0 and _hooks(net) == once
     backbone = second.unwrap()
     assert backbone is net and _hooks(net) == 0
+    with pytest.raises(RuntimeError, match="no longer on the backbone: unwrap"):
+        second(x)
     torch.jit.script(backbone.eval())  # scripting refuses Python hooks
 
 
@@ -276,6 +278,37 @@ def test_input_shape_is_optional(unetr_cls, mode):
         assert all(h.shape[1] == 3 for h in (*out.decoder, *out.encoder))
 
 
+def test_construction_runs_no_user_hook_and_needs_a_copyable_backbone():
+    """The shape-only run is on a hook-free meta copy: the backbone's own hooks (a logger, a NaN guard that reads
+    values) neither run nor fail it, and keep working afterwards; a backbone that cannot be copied (old-style
+    weight_norm's computed weight) gets a TypeError saying so, not a request for input_shape."""
+    net = UNet(3, 1, 3, channels=(4, 8, 16))
+    seen = []
+    net.encoder[1].register_forward_hook(lambda m, a, o: seen.append(o.device.type))
+
+    def nan_guard(module, args, output):
+        if not torch.isfinite(output).all():
+            raise FloatingPointError("NaN")
+
+    net.encoder[0].register_forward_hook(nan_guard)
+    wrapped = DSD(net, num_classes=3, **presets.unet_layers(net, "dsd"))
+    assert seen == []
+    wrapped(torch.randn(1, 1, 16, 16, 16))
+    assert seen == ["cpu"]
+
+    class WeightNormed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.utils.weight_norm(torch.nn.Conv3d(1, 4, 3, padding=1))
+            self.b = torch.nn.Conv3d(4, 2, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    with pytest.raises(TypeError, match="cannot be copied.*parametrizations.weight_norm"):
+        DSD(WeightNormed(), ["a"], ["b:input"], num_classes=2)
+
+
 def test_input_shape_that_cannot_be_derived():
     net = UNet(3, 1, 2, channels=(4, 8, 8))
     net.in_channels = 5  # a wrong record: every candidate input fails in the first conv
@@ -319,3 +352,17 @@ def test_bad_arguments(unetr_cls):
         presets.unet_layers(ds, "dsd")
     with pytest.raises(ValueError, match="tokens"):  # UNETR's ViT returns tokens: tap "decoder5:input" instead
         DSD(_small_unetr(unetr_cls), ["encoder1"], ["vit"], 3, input_shape=(1, 1, 32, 32, 32))
+
+
+def test_unwrapped_preset_exports_and_traces():
+    """What unwrap()'s docstring promises for fastseg3d's own UNet: torch.export, and torch.jit.trace under
+    no_grad, give the eager outputs."""
+    backbone = dsd_unet(3, 1, 3, channels=(4, 8, 16)).unwrap().eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        expected = backbone(x)
+        traced = torch.jit.trace(backbone, x)
+        torch.testing.assert_close(traced(x), expected)
+    exported = torch.export.export(backbone, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), expected)

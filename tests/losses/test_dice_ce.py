@@ -227,6 +227,14 @@ def test_bad_inputs():
         dice_ce(logits, target, smooth_dr=float("nan"))
     with pytest.raises(ValueError, match="include_background"):
         DiceCELoss(include_background=1)
+    # labels outside [0, K) would index past the one-hot map (a device-side assert on a GPU)
+    with pytest.raises(ValueError, match="target holds labels from 1 to 3; the 3 classes"):
+        dice_ce(logits, target.clamp(0, 2) + 1)
+    with pytest.raises(ValueError, match="labels from -1"):
+        DiceCELoss()(logits, target - 1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        dice_ce(logits, target.float().masked_fill(target == 0, float("nan")))
+    dice_ce(logits, target.float())  # float labels that are class indices are fine, as in MONAI
 
 
 def test_double_backward_raises_instead_of_a_silent_zero():

@@ -206,6 +206,8 @@ def test_bad_arguments():
     odd = torch.randn(2, 3, 3, 8, 8)
     with pytest.raises(ValueError, match=r"encoder\[0\] has spatial shape \(3, 8, 8\)"):
         loss_fn(DSDOutput(out.main, out.decoder, (odd, *out.encoder[1:])), target)
+    with pytest.raises(ValueError, match=r"decoder\[0\] has spatial shape \(3, 8, 8\)"):
+        loss_fn(DSDOutput(out.main, (odd, *out.decoder[1:]), out.encoder), target)
     with pytest.raises(ValueError, match="main must be \\(5-D\\) logits"):
         loss_fn(DSDOutput(out.main[..., None], out.decoder, out.encoder), target)
 

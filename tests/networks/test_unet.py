@@ -10,6 +10,7 @@ from torch import nn
 
 import fastseg3d
 from fastseg3d.distill import DSD, SelfReg
+from fastseg3d.losses import SelfRegLoss
 from fastseg3d.networks.unet import UNet, dsd_unet, selfreg_unet
 from fastseg3d.profile import activation_memory
 from tests.utils import assert_close
@@ -75,10 +76,11 @@ def test_bad_arguments():
         net(torch.randn(1, 1, 8, 8, 8))
     with pytest.raises(ValueError, match="dimension 2 \\(size 6\\) must be divisible by 4"):
         net(torch.randn(1, 2, 8, 8, 6))
-    from fastseg3d.networks import selfreg_unet
-
     with pytest.raises(ValueError, match="even channel counts"):  # SelfReg halves each tapped feature's channels
         selfreg_unet(3, 1, 2, channels=(4, 7, 16))
+    odd_first = selfreg_unet(3, 1, 2, channels=(3, 8, 16))  # channels[0] feeds only F_final, which is not halved
+    out = odd_first(torch.randn(1, 1, 8, 8, 8))
+    assert out.final.shape[1] == 3 and torch.isfinite(SelfRegLoss()(out, torch.randint(0, 2, (1, 1, 8, 8, 8))))
 
 
 @pytest.mark.parametrize("target", ["fastseg3d.networks.UNet", "fastseg3d.networks.dsd_unet",
