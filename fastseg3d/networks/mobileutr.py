@@ -16,6 +16,7 @@ from torch import nn
 
 from fastseg3d.ops.attention import attention
 from fastseg3d.nn.autocast_weights import autocast_weights
+from fastseg3d.nn.dwconv3d import DepthwiseConv3d
 from fastseg3d.nn.recompute import (
     act_instance_norm,
     act_instance_norm_conv,
@@ -53,7 +54,7 @@ def _depthwise(conv: nn.Module, x: torch.Tensor, activation: str | None = None,
     A 2-D conv runs as a 3-D conv over a depth-1 volume with a (1, k, k) kernel: the parameter keeps its released
     4-D shape and only a view of it reaches the op. A hooked or replaced ``conv`` is called (its hooks see it).
     """
-    if has_hooks(conv) or not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+    if has_hooks(conv) or type(conv) not in (nn.Conv2d, nn.Conv3d, DepthwiseConv3d):  # a subclass may compute
         y = conv(x)
         y = activation_ref(y, activation) if activation is not None else y
         return y if residual is None else y + residual

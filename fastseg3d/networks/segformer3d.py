@@ -12,6 +12,7 @@ from torch import nn
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.autocast_weights import autocast_weights
+from fastseg3d.nn.dwconv3d import DepthwiseConv3d
 from fastseg3d.nn.recompute import (
     add_layer_norm,
     apply_layer_norm,
@@ -90,7 +91,7 @@ class MixFFN3d(nn.Module):
     def forward(self, x: torch.Tensor, spatial_shape: Sequence[int]) -> torch.Tensor:
         h = self.fc1(x)
         if (needs_own_call(self.dwconv, _DWConvBN) or has_hooks(self.dwconv.dwconv, self.dwconv.bn, self.fc2)
-                or not isinstance(self.dwconv.dwconv, nn.Conv3d) or type(self.fc2) is not nn.Linear):
+                or type(self.dwconv.dwconv) not in (nn.Conv3d, DepthwiseConv3d) or type(self.fc2) is not nn.Linear):
             # hooked or replaced layers run as called (a fused path reads their weights and would skip them)
             vol = self.dwconv(h.unflatten(1, tuple(spatial_shape)).permute(0, 4, 1, 2, 3))
             return self.dropout(self.fc2(self.dropout(F.gelu(vol).permute(0, 2, 3, 4, 1).flatten(1, 3))))
@@ -220,7 +221,7 @@ class _Decoder(nn.Module):
         embeds = [getattr(self, f"linear_c{i}") for i in (4, 3, 2, 1)]
         if (needs_own_call(self.linear_pred, nn.Conv3d) or needs_own_call(self.linear_fuse, nn.Sequential)
                 or type(self.linear_fuse[0]) is not nn.Conv3d
-                or has_hooks(*self.linear_fuse, *(m for e in embeds for m in e.modules()))):
+                or has_hooks(self.dropout, *self.linear_fuse, *(m for e in embeds for m in e.modules()))):
             # the published composition, each layer called (hooks see it, a replaced layer runs)
             maps = []
             for embed, c in zip(embeds, (c4, c3, c2, c1)):

@@ -6,8 +6,9 @@ vectors are saved; the normalised and activated tensor is recomputed in backward
 (CUDA: ``fastseg3d.ops.group_norm_act`` with statistics over the batch), BatchNorm and activation are one kernel
 that writes the Linear's input once, in the dtype it reads, forward and in backward's recompute, and backward
 writes the input gradient once (no normalised tensor or activation gradient is written). Elsewhere the recompute
-runs the kernels autograd itself runs (BatchNorm's inference form, the activation and its backward: on
-channels-last input the gradients are the plain composition's, bit for bit). Used by SegFormer3D's Mix-FFN
+runs the kernels autograd itself runs (BatchNorm's inference form, the activation and its backward: the gradients
+are the plain composition's up to the last bit of the recomputed normalisation, where an element on an activation's
+kink may take the other side: in bf16 without fp32 statistics, one rounding step). Used by SegFormer3D's Mix-FFN
 (BatchNorm -> GELU -> fc2) and decoder (BatchNorm -> ReLU -> 1x1x1 conv).
 
 activation -> InstanceNorm -> 1x1x1 conv (MobileUtr's ConvUtr MLP, on its 4x expanded channels): likewise only the
@@ -196,7 +197,7 @@ def batch_norm_act_linear(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if (not (bn.training and torch.is_grad_enabled()) or _syncs(bn) or _plain() or has_hooks(bn) or x.dim() != 5
-            or x.shape[1] != bn.num_features):
+            or x.shape[1] != bn.num_features or x.numel() == 0):
         return F.linear(_tokens(activation_ref(bn(x), activation)), weight, bias)
     return _BatchNormActLinear.apply(
         x, bn.weight, bn.bias, bn.running_mean, bn.running_var, _bn_momentum(bn, x), bn.eps, activation, weight, bias,
@@ -302,7 +303,7 @@ def act_instance_norm_conv(
 def _takes_act_norm(x: torch.Tensor, norm: nn.Module) -> bool:
     """Whether ``norm`` is an InstanceNorm the activation-first recomputes take on ``x``."""
     return not (_plain() or has_hooks(norm) or type(norm) is not nn.InstanceNorm3d or norm.track_running_stats
-                or x.dim() != 5 or x.shape[1] != norm.num_features or math.prod(x.shape[2:]) == 1)
+                or x.dim() != 5 or x.shape[1] != norm.num_features or math.prod(x.shape[2:]) == 1 or x.numel() == 0)
 
 
 def act_instance_norm(x: torch.Tensor, activation: str, norm: nn.InstanceNorm3d) -> torch.Tensor:
@@ -568,7 +569,7 @@ def _group_norm_dtype(x: torch.Tensor) -> torch.dtype:
 def _norm_kind(norm: nn.Module, x: torch.Tensor) -> tuple[str, int] | None:
     """``(kind, groups)`` for a norm this module recomputes on ``x``; None for the plain composition (also where
     the norm's own forward raises: one value to normalise, and on other ranks and devices)."""
-    if x.dim() != 5 or x.device.type not in ("cuda", "cpu", "meta"):
+    if x.dim() != 5 or x.device.type not in ("cuda", "cpu", "meta") or x.numel() == 0:
         return None
     spatial = math.prod(x.shape[2:])
     if type(norm) is nn.GroupNorm and x.shape[1] == norm.num_channels:
@@ -649,9 +650,10 @@ def norm_act(x: torch.Tensor, norm: nn.Module, activation) -> torch.Tensor:
     statistics updated as its own forward updates them). Elsewhere a LeakyReLU with a non-negative slope
     (``"leaky_relu"`` or an ``nn.LeakyReLU``) saves the output instead of the activation's input: its plain
     composition saves the norm's input, the activation's input and, through whatever reads it next, the output,
-    which the next layer usually saves anyway, so one input-sized tensor less is kept. Other activations (ReLU
-    already saves its output) and the cases :func:`norm_act_conv` leaves to the plain composition run the plain
-    composition.
+    which the next layer usually saves anyway, so one input-sized tensor less is kept (as with ``inplace=True``,
+    the output must then not be changed in place before backward: autograd raises if it is). Other activations
+    (ReLU already saves its output) and the cases :func:`norm_act_conv` leaves to the plain composition run the
+    plain composition.
 
     Example:
         >>> from torch import nn

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -618,3 +620,25 @@ def test_hooks_on_fused_depthwise_convs_fire():
     assert sorted(fired) == ["attn", "pos"]
     block.SelfAttn.pos_embed.register_forward_hook(lambda m, i, o: o * 0)
     assert not torch.allclose(net(x), expected)
+
+
+def test_depthwise_conv_subclass_runs_as_called():
+    """A depthwise conv replaced by a subclass with its own forward (a computed weight) is called, not read for its
+    weight: the network then equals one whose conv holds that computed weight."""
+
+    class Doubled(torch.nn.Conv3d):
+        def forward(self, x):
+            return self._conv_forward(x, 2.0 * self.weight, self.bias)
+
+    torch.manual_seed(0)
+    net = MobileUtr(3, 1, 3).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    block = net.lklgl_bottleneck[0]
+    old = block.SelfAttn.pos_embed
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        twin.lklgl_bottleneck[0].SelfAttn.pos_embed.weight.mul_(2.0)
+    new = Doubled(old.in_channels, old.out_channels, old.kernel_size, padding=old.padding, groups=old.groups)
+    new.load_state_dict(old.state_dict())
+    block.SelfAttn.pos_embed = new
+    torch.testing.assert_close(net(x), twin(x))

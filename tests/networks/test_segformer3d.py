@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastseg3d
 from fastseg3d.networks import SegFormer3D
+from fastseg3d.networks.segformer3d import MixFFN3d
 from fastseg3d.reference.segformer3d import SegFormer3DRef as PlainSegFormer3D
 from tests.utils import assert_close
 
@@ -474,11 +476,11 @@ def test_hooks_on_fused_layers_fire_and_change_nothing_else(mode):
     mlp = hooked.segformer_encoder.tf_block1[0].mlp
     for name, layer in (("pred", hooked.segformer_decoder.linear_pred), ("c2", hooked.segformer_decoder.linear_c2),
                         ("fuse", hooked.segformer_decoder.linear_fuse[0]), ("dw", mlp.dwconv.dwconv),
-                        ("bn", mlp.dwconv.bn), ("fc2", mlp.fc2)):
+                        ("bn", mlp.dwconv.bn), ("fc2", mlp.fc2), ("drop", hooked.segformer_decoder.dropout)):
         layer.register_forward_hook(lambda m, i, o, name=name: fired.add(name))
     x = torch.randn(2, 4, 32, 32, 32)
     expected, out = fused(x), hooked(x)
-    assert fired == {"pred", "c2", "fuse", "dw", "bn", "fc2"}
+    assert fired == {"pred", "c2", "fuse", "dw", "bn", "fc2", "drop"}
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     if mode == "train":
         expected.square().mean().backward()
@@ -488,3 +490,27 @@ def test_hooks_on_fused_layers_fire_and_change_nothing_else(mode):
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
     hooked.segformer_decoder.linear_pred = nn.Sequential(nn.Identity(), hooked.segformer_decoder.linear_pred)
     torch.testing.assert_close(hooked(x), expected, rtol=1e-4, atol=1e-4)  # a replaced layer runs as called
+
+
+class _ScaledConv3d(nn.Conv3d):
+    """A conv subclass that computes its own weight (as a weight-standardised conv does)."""
+
+    def forward(self, x):
+        return self._conv_forward(x, 2.0 * self.weight, self.bias)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_mix_ffn_runs_a_conv_subclass_as_called(mode):
+    """A depthwise conv replaced by a Conv3d subclass with its own forward is called, not read for its weight."""
+    torch.manual_seed(0)
+    mlp = MixFFN3d(8, 2)
+    getattr(mlp, mode)()
+    old = mlp.dwconv.dwconv
+    new = _ScaledConv3d(old.in_channels, old.out_channels, old.kernel_size, padding=old.padding,
+                        groups=old.groups)
+    new.load_state_dict(old.state_dict())
+    mlp.dwconv.dwconv = new
+    x = torch.randn(2, 4 * 4 * 4, 8)
+    vol = mlp.dwconv(mlp.fc1(x).unflatten(1, (4, 4, 4)).permute(0, 4, 1, 2, 3))
+    expected = mlp.fc2(F.gelu(vol).permute(0, 2, 3, 4, 1).flatten(1, 3))
+    torch.testing.assert_close(mlp(x, (4, 4, 4)), expected)

@@ -710,6 +710,32 @@ def test_norm_act_conv_single_values_raise_as_the_norms_do():
         norm_act_conv(torch.randn(1, 4, 1, 1, 1, requires_grad=True), nn.GroupNorm(4, 4), "relu", conv)
 
 
+def test_empty_batches_run_as_the_plain_compositions():
+    """A zero-size batch gives what the plain layers give (an empty output, empty gradients, a BatchNorm's step
+    counted), where native_batch_norm refuses an empty input."""
+    conv = nn.Conv3d(4, 3, 3, padding=1)
+    w = torch.randn(3, 4)
+    cases = [
+        (lambda x, n: norm_act_conv(x, n, "relu", conv), lambda x, n: conv(F.relu(n(x))), nn.BatchNorm3d(4)),
+        (lambda x, n: norm_act_conv(x, n, "relu", conv), lambda x, n: conv(F.relu(n(x))), nn.InstanceNorm3d(4)),
+        (lambda x, n: norm_act(x, n, "leaky_relu"), lambda x, n: F.leaky_relu(n(x), 0.01), nn.BatchNorm3d(4)),
+        (lambda x, n: batch_norm_act_linear(x, n, "gelu", w, None),
+         lambda x, n: F.linear(F.gelu(n(x)).flatten(2).transpose(1, 2), w), nn.BatchNorm3d(4)),
+        (lambda x, n: act_instance_norm_conv(x, "gelu", n, conv.weight[:, :, 1:2, 1:2, 1:2], None),
+         lambda x, n: F.conv3d(n(F.gelu(x)), conv.weight[:, :, 1:2, 1:2, 1:2]), nn.InstanceNorm3d(4)),
+    ]
+    for ours, plain, norm in cases:
+        x = torch.randn(0, 4, 3, 3, 3, requires_grad=True)
+        mine, theirs = copy.deepcopy(norm), copy.deepcopy(norm)
+        y, expected = ours(x, mine), plain(x, theirs)
+        assert y.shape == expected.shape and y.numel() == 0
+        (dx,) = torch.autograd.grad(y.sum(), x)
+        assert dx.shape == x.shape
+        assert mine.state_dict().keys() == theirs.state_dict().keys()
+        for key, value in theirs.state_dict().items():
+            assert torch.equal(mine.state_dict()[key], value), key
+
+
 def test_norm_act_conv_double_backward_raises():
     """backward recomputes the normalised tensor with the statistics as constants, so it is not differentiable
     again: a second derivative raises rather than being silently wrong."""
