@@ -80,7 +80,7 @@ def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def _torch_load(path: Path, trusted: bool) -> Any:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -94,9 +94,14 @@ def _torch_load(path: Path, trusted: bool) -> Any:
         with torch.serialization.safe_globals(numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        hint = "" if trusted else (" If it is a checkpoint you trust that stores objects other than tensors, "
-                                   "containers and NumPy arrays, load it with trusted=True (--trusted).")
+        text = str(e).strip()
+        # the safe loader's own reason follows its generic preamble ("Unsupported operand 110" for a corrupt file)
+        text = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        first_line = text.splitlines()[0] if text else ""
+        # only a file that the safe loader refused for its objects loads with trusted=True; a corrupt one does not
+        hint = "" if trusted or "Unsupported global" not in first_line else (
+            " If it is a checkpoint you trust that stores objects other than tensors, containers and NumPy arrays, "
+            "load it with trusted=True (--trusted).")
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {first_line}).{hint}"
                          ) from e
 
@@ -271,6 +276,14 @@ def _check_against(config: dict[str, Any], state_dict: Mapping[str, torch.Tensor
     return list(expected)
 
 
+def _refuse_same_file(in_path: Path, out_path: str | os.PathLike) -> None:
+    """Writing over the input would lose what the output does not keep (a training checkpoint's optimizer state
+    and model metadata, or the official file)."""
+    out = Path(out_path)
+    if out.exists() and in_path.exists() and os.path.samefile(in_path, out):
+        raise ValueError(f"{out} is the input file: write the converted checkpoint to another path")
+
+
 def official_to_fastseg3d(in_path: str | os.PathLike, out_path: str | os.PathLike, *, trusted: bool = False,
                           **overrides: Any) -> dict[str, Any]:
     """Convert an official SegFormer3D ``state_dict`` file into a fastseg3d checkpoint; returns the model kwargs.
@@ -284,6 +297,7 @@ def official_to_fastseg3d(in_path: str | os.PathLike, out_path: str | os.PathLik
     import fastseg3d
 
     in_path = Path(in_path)
+    _refuse_same_file(in_path, out_path)
     state_dict = load_state_dict_file(in_path, trusted=trusted)
     try:
         config = infer_segformer3d_config(state_dict, **overrides)
@@ -308,6 +322,7 @@ def fastseg3d_to_official(in_path: str | os.PathLike, out_path: str | os.PathLik
     ``SegFormer3D(**kwargs)`` before writing. Returns the model kwargs.
     """
     in_path = Path(in_path)
+    _refuse_same_file(in_path, out_path)
     checkpoint = _torch_load(in_path, trusted)
     if not isinstance(checkpoint, Mapping) or not _is_state_dict(checkpoint.get("network_weights")):
         raise ValueError(f"{in_path}: not a fastseg3d checkpoint (no 'network_weights' state_dict)")
@@ -381,7 +396,7 @@ def run(args: argparse.Namespace) -> int:
             config = fastseg3d_to_official(args.input, args.output, trusted=args.trusted)
     except (ValueError, OSError) as e:  # OSError: a missing, unreadable or unwritable path, a folder for a file
         hint = (" (the heads are not stored in the weights: pass --num-heads H H H H)"
-                if args.from_format and "num_heads" in str(e) and "num_heads" not in overrides else "")
+                if args.from_format and "divisible by num_heads" in str(e) and "num_heads" not in overrides else "")
         print(f"fastseg3d convert: error: {e}{hint}", file=sys.stderr)
         return 1
     print(f"wrote {args.output} (SegFormer3D {config})")

@@ -127,10 +127,14 @@ def test_wrong_keys_are_listed(tmp_path, net):
 def test_unreadable_files_name_the_file(tmp_path):
     corrupt = tmp_path / "corrupt.bin"
     corrupt.write_bytes(b"not a checkpoint" * 8)
-    with pytest.raises(ValueError, match="corrupt.bin"):
+    with pytest.raises(ValueError, match="corrupt.bin") as err:
         load_state_dict_file(corrupt)
+    # the loader's reason, and no --trusted hint: that is for files the safe loader refused, not corrupt ones
+    assert "Unsupported operand" in str(err.value) and "--trusted" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="absent.bin"):
         load_state_dict_file(tmp_path / "absent.bin")
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        load_state_dict_file(tmp_path)
     empty = tmp_path / "no_tensors.pt"
     torch.save({"epoch": 3, "model": {"name": "segformer3d"}}, empty)
     with pytest.raises(ValueError, match="no_tensors.pt.*no state_dict"):
@@ -175,5 +179,17 @@ def test_command_line(tmp_path, net, capsys):
     assert "divisible by num_heads" in (err := capsys.readouterr().err) and "pass --num-heads" in err
     assert main(["--from", "official-segformer3d", str(official), str(tmp_path)]) == 1  # a folder as the output
     assert capsys.readouterr().err.startswith("fastseg3d convert: error: ")
+    # the output is the input: refused, the input kept (a training checkpoint would lose its optimizer state)
+    before = converted.read_bytes()
+    assert main(["--to", "official-segformer3d", str(converted), str(tmp_path / "." / converted.name)]) == 1
+    assert "is the input file" in capsys.readouterr().err and converted.read_bytes() == before
+    assert main(["--from", "official-segformer3d", str(official), str(official), "--num-heads", "1", "2", "3",
+                 "4"]) == 1
+    assert "is the input file" in capsys.readouterr().err
+    extra = tmp_path / "extra.bin"
+    torch.save({**net.state_dict(), "module_extra": torch.zeros(1)}, extra)
+    assert main(["--from", "official-segformer3d", str(extra), str(tmp_path / "e.pt"), "--num-heads", "1", "2", "3",
+                 "4", "--patch-stride", "2,4,4", "2", "2", "2"]) == 1
+    assert "module_extra" in (err := capsys.readouterr().err) and "--num-heads" not in err
     with pytest.raises(SystemExit):
         main(["--from", "official-segformer3d", "--to", "official-segformer3d", "a", "b"])
