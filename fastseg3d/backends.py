@@ -30,8 +30,8 @@ import torch
 from torch.autograd import forward_ad
 
 __all__ = [
-    "BACKENDS", "HAS_TRITON", "backend", "check_finite", "checking_finite", "get_backend", "interpreter_active",
-    "select", "tf32_matmul_allowed", "transform_reasons",
+    "BACKENDS", "HAS_TRITON", "backend", "check_finite", "checking_finite", "environment_error", "get_backend",
+    "interpreter_active", "select", "tf32_matmul_allowed", "transform_reasons",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -60,13 +60,37 @@ def _check_finite_from_env() -> bool:
     return value in ("1", "true")
 
 
-_state = {"backend": _from_env(), "check_finite": _check_finite_from_env()}
+def _read_env(read):
+    """The variable's value, or None with the error kept: ``import fastseg3d`` (and the CLI's ``--help``) must not
+    fail on a bad value; the first use of the setting raises it (see :func:`environment_error`)."""
+    try:
+        return read()
+    except ValueError as err:
+        _env_errors[read.__name__] = str(err)
+        return None
+
+
+_env_errors: dict[str, str] = {}
+_state = {"backend": _read_env(_from_env), "check_finite": _read_env(_check_finite_from_env)}
 _logged: set[tuple[str, str, int]] = set()
+
+
+def environment_error() -> str | None:
+    """What is wrong with ``FASTSEG3D_BACKEND`` or ``FASTSEG3D_CHECK_FINITE`` as set when fastseg3d was imported (None
+    when both are valid)."""
+    return next(iter(_env_errors.values()), None)
+
+
+def _setting(key: str, reader) -> object:
+    value = _state[key]
+    if value is None:
+        raise ValueError(_env_errors[reader.__name__])
+    return value
 
 
 def get_backend() -> str:
     """The backend policy in force: ``"auto"``, ``"triton"`` or ``"torch"``."""
-    return _state["backend"]
+    return _setting("backend", _from_env)
 
 
 @contextlib.contextmanager
@@ -91,7 +115,7 @@ def backend(name: str) -> Iterator[None]:
 
 def checking_finite() -> bool:
     """Whether fused kernel calls check their inputs for NaN and infinity (see :func:`check_finite`)."""
-    return _state["check_finite"]
+    return _setting("check_finite", _check_finite_from_env)
 
 
 @contextlib.contextmanager

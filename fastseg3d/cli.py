@@ -384,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fastseg3d.backends import environment_error
+
+    if environment_error():
+        return _error(environment_error())
     if args.command == "info":
         from fastseg3d.info import main as info_main
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fastseg3d.train.checkpoint import numpy_array_globals
+from fastseg3d.train.checkpoint import load_error_reason, numpy_array_globals
 
 __all__ = [
     "OFFICIAL_SEGFORMER3D_DEFAULTS",
@@ -94,16 +94,12 @@ def _torch_load(path: Path, trusted: bool) -> Any:
         with torch.serialization.safe_globals(numpy_array_globals()):
             return torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as e:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        text = str(e).strip()
-        # the safe loader's own reason follows its generic preamble ("Unsupported operand 110" for a corrupt file)
-        text = text.split("WeightsUnpickler error:", 1)[-1].strip()
-        first_line = text.splitlines()[0] if text else ""
+        reason = load_error_reason(e)
         # only a file that the safe loader refused for its objects loads with trusted=True; a corrupt one does not
-        hint = "" if trusted or "Unsupported global" not in first_line else (
+        hint = "" if trusted or "Unsupported global" not in reason else (
             " If it is a checkpoint you trust that stores objects other than tensors, containers and NumPy arrays, "
             "load it with trusted=True (--trusted).")
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {first_line}).{hint}"
-                         ) from e
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({reason}).{hint}") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -192,7 +188,8 @@ def infer_segformer3d_config(state_dict: Mapping[str, torch.Tensor], **overrides
     """
     from fastseg3d.networks import SegFormer3D
 
-    allowed = set(inspect.signature(SegFormer3D).parameters)
+    defaults = inspect.signature(SegFormer3D).parameters
+    allowed = set(defaults)
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"unknown SegFormer3D arguments {unknown}; allowed: {sorted(allowed)}")
@@ -207,9 +204,13 @@ def infer_segformer3d_config(state_dict: Mapping[str, torch.Tensor], **overrides
         kernels.append(_compact(list(patch.shape[2:])))
         blocks = sorted({int(m.group(1)) for k in state_dict
                          if (m := re.match(rf"{_ENC}\.tf_block{s}\.(\d+)\.", k))})
-        if not blocks or blocks != list(range(len(blocks))):
+        if blocks != list(range(len(blocks))):
             raise ValueError(f"not a SegFormer3D state_dict: stage {s} has transformer blocks {blocks}")
         depths.append(len(blocks))
+        if not blocks:  # a stage of depth 0 (patch embedding and norm only) stores neither ratio: the defaults
+            sr_ratios.append(defaults["sr_ratios"].default[s - 1])
+            mlp_ratios.append(defaults["mlp_ratio"].default)
+            continue
         srs, ratios = set(), set()
         for i in blocks:
             sr = state_dict.get(f"{_ENC}.tf_block{s}.{i}.attention.sr.weight")

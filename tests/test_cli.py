@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -149,10 +150,40 @@ def test_profile_reports_setup_errors_in_one_line(capsys):
     from fastseg3d.cli import main
 
     # a size the network's strides do not divide, and an unknown backend
-    for argv, message in ((["--size", "33"], "error: "), (["backend=bogus"], "error: backend must be one of")):
-        assert main(["profile", "--config", "quickstart", *argv]) == 2
+    for argv, message in ((["--size", "33"], "error: "),
+                          (["backend=bogus"], "error: config key 'backend' must be one of null, 'auto'"),
+                          (["train.amp=bf17"], "error: config key 'train.amp' must be one of 'none', 'bf16'"),
+                          (["train.compile=bogus"], "error: config key 'train.compile' must be one of false, true"),
+                          (["optimizer.name=bogus"], "error: config key 'optimizer.name' must be one of"),
+                          (["scheduler.name=bogus"], "error: config key 'scheduler.name' must be one of"),
+                          (["data.name=bogus"], "error: config key 'data.name' must be one of"),
+                          (["model.kwargs.bogus=1"], "error: model.name=segformer3d with model.kwargs"),
+                          (["model.name=unet"], "error: model.name=unet with model.kwargs"),
+                          (["train=1", "train.amp=bf16"], "error: override 'train.amp=bf16' conflicts with the "
+                                                          "earlier override of 'train'")):
+        assert main(["profile", "--config", "quickstart", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_environment_variables_are_one_line_errors():
+    """A bad FASTSEG3D_BACKEND or FASTSEG3D_CHECK_FINITE does not break `import fastseg3d` or --help; a command
+    says what is wrong in one line (exit status 2), and an op raises ValueError."""
+    for name, value in (("FASTSEG3D_BACKEND", "bogus"), ("FASTSEG3D_CHECK_FINITE", "2")):
+        env = {**os.environ, name: value}
+        assert subprocess.run([sys.executable, "-m", "fastseg3d", "--help"], env=env, capture_output=True,
+                              text=True).returncode == 0
+        proc = subprocess.run([sys.executable, "-m", "fastseg3d", "info"], env=env, capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: {name} must be " + ("one of ('auto', 'triton', 'torch'), got 'bogus'" if value == "bogus"
+                                         else "0 or 1, got '2'")], proc.stderr
+    code = ("import torch, fastseg3d\ntry:\n    fastseg3d.ops.dwconv3d(torch.randn(1, 2, 3, 3, 3), "
+            "torch.randn(2, 1, 3, 3, 3))\nexcept ValueError as e:\n    print(e)\n"
+            "with fastseg3d.backend('torch'):\n    fastseg3d.ops.dwconv3d(torch.randn(1, 2, 3, 3, 3), "
+            "torch.randn(2, 1, 3, 3, 3))\n")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTSEG3D_BACKEND": "bogus"},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "FASTSEG3D_BACKEND must be one of" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_profile_counts_amsgrads_third_state(capsys):

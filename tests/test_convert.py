@@ -193,3 +193,14 @@ def test_command_line(tmp_path, net, capsys):
     assert "module_extra" in (err := capsys.readouterr().err) and "--num-heads" not in err
     with pytest.raises(SystemExit):
         main(["--from", "official-segformer3d", "--to", "official-segformer3d", "a", "b"])
+
+
+def test_a_stage_of_depth_zero_converts(tmp_path):
+    """SegFormer3D takes a stage without transformer blocks; its weights convert both ways."""
+    net = SegFormer3D(embed_dims=(8, 16, 16, 16), num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 0), decoder_dim=8)
+    path = tmp_path / "official.bin"
+    torch.save(net.state_dict(), path)
+    config = official_to_fastseg3d(path, tmp_path / "fs.pt", num_heads=[1, 1, 1, 1])
+    assert config["depths"] == [1, 1, 1, 0]
+    rebuilt = SegFormer3D(**config)
+    rebuilt.load_state_dict(torch.load(tmp_path / "fs.pt", weights_only=True)["network_weights"])

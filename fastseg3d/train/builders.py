@@ -42,6 +42,8 @@ def _models() -> dict:
 
 
 MODELS = ("segformer3d", "mobileutr", "mobileutr_l", "missu", "unet", "dsd_unet", "selfreg_unet")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("constant", "warmup_cosine", "warmup_cosine_restarts", "poly", "step")
 
 _REGIONS = ("TC", "WT", "ET")  # BraTS' regions (sigmoid outputs) in the order of the released models
 # The distillation loss each network's training output is made for.
@@ -174,7 +176,10 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
     for key, value in kwargs.items():
         if isinstance(value, list):
             kwargs[key] = tuple(value)
-    return _models()[name](**kwargs)
+    try:
+        return _models()[name](**kwargs)
+    except (TypeError, ValueError) as err:  # an unknown or ill-typed argument, a value the network refuses
+        raise SetupError(f"model.name={name} with model.kwargs {kwargs}: {err}") from err
 
 
 class Objective(nn.Module):
@@ -292,7 +297,7 @@ def build_optimizer(params, opt_cfg: Mapping) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=opt_cfg["momentum"],
                                nesterov=opt_cfg["nesterov"])
-    raise SetupError(f"optimizer.name must be adamw, adam or sgd, got {name!r}")
+    raise SetupError(f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
@@ -300,9 +305,8 @@ def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
     name = sched_cfg["name"]
     warmup = int(sched_cfg["warmup"])
     floor = float(sched_cfg["min_lr"]) / base_lr if base_lr > 0 else 0.0
-    if name not in ("constant", "warmup_cosine", "warmup_cosine_restarts", "poly", "step"):
-        raise SetupError("scheduler.name must be constant, warmup_cosine, warmup_cosine_restarts, poly or step, got "
-                         f"{name!r}")
+    if name not in SCHEDULERS:
+        raise SetupError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
     def factor(t: int) -> float:
         if t < warmup:

@@ -18,10 +18,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastseg3d.train.config import SetupError
+
 __all__ = [
     "atomic_save",
     "capture_rng_state",
     "load_checkpoint",
+    "load_error_reason",
     "numpy_array_globals",
     "remove_stale_temporaries",
     "restore_rng_state",
@@ -86,10 +89,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(numpy_array_globals()):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint {path} is corrupt or not a torch file: {err}") from err
+        raise SetupError(f"checkpoint {path} is corrupt or not a torch file ({load_error_reason(err)})") from err
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
-        raise ValueError(f"checkpoint {path} is not a fastseg3d checkpoint (no 'network_weights')")
+        hint = ""
+        if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            hint = (": a plain state_dict, e.g. the official SegFormer3D's pytorch_model.bin, converts with "
+                    "fastseg3d convert --from official-segformer3d")
+        raise SetupError(f"checkpoint {path} is not a fastseg3d checkpoint (no 'network_weights'){hint}")
     return ckpt
+
+
+def load_error_reason(err: BaseException) -> str:
+    """The line of a ``torch.load`` failure that says what is wrong with the file: the weights-only unpickler puts
+    its reason ("Unsupported operand 110" for a corrupt file) after a generic preamble."""
+    text = str(err).strip().split("WeightsUnpickler error:", 1)[-1].strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def capture_rng_state(device: torch.device) -> dict:

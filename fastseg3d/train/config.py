@@ -212,6 +212,42 @@ _RANGES: dict[str, str] = {
 _MISMATCH = object()
 
 
+def _choices() -> dict[str, tuple]:
+    """The values each enumerated key takes (the lists live with the code that acts on them)."""
+    from fastseg3d.backends import BACKENDS
+    from fastseg3d.train.builders import MODELS, OPTIMIZERS, SCHEDULERS
+    from fastseg3d.train.trainer import _AMP, _COMPILE_MODES
+
+    return {
+        "backend": (None, "", *BACKENDS),
+        "model.name": MODELS,
+        "data.name": ("synthetic", "msd"),
+        "data.label_mode": ("labels", "brats_regions"),
+        "loss.name": ("dice", "dice_ce"),
+        "loss.distill": ("none", "dsd", "selfreg", "missu"),
+        "optimizer.name": OPTIMIZERS,
+        "scheduler.name": SCHEDULERS,
+        "scheduler.interval": ("step", "epoch"),
+        "train.amp": tuple(_AMP),
+        "train.compile": (False, True, *_COMPILE_MODES),
+        "train.progress": ("auto", True, False),
+        "val.blend": ("gaussian", "constant"),
+    }
+
+
+def check_choices(cfg: Mapping) -> None:
+    """``ValueError`` naming the key whose value is none of those it takes (see :func:`_choices`)."""
+    for dotted, allowed in _choices().items():
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = node.get(part, _MISMATCH) if isinstance(node, Mapping) else _MISMATCH
+        # True == 1 and False == 0 in a tuple's `in`: compare types too
+        if node is not _MISMATCH and not any(node == a and type(node) is type(a) for a in allowed):
+            shown = ", ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else repr(a)
+                              for a in allowed if a != "")
+            raise ValueError(f"config key {dotted!r} must be one of {shown}, got {node!r}")
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -328,8 +364,11 @@ def parse_overrides(items: Sequence[str]) -> dict:
             value = _Replace(value)
         node = out
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):  # an earlier override set a value where this one needs a section
+                raise ValueError(f"override {item!r} conflicts with the earlier override of "
+                                 f"{'.'.join(parts[:i + 1])!r}")
         node[parts[-1]] = value
     return out
 
@@ -360,11 +399,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
             loaded = yaml.load(file.read_text(), Loader=_loader()) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"config {file} is not valid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"config {file} is not a text file ({err.reason} at byte {err.start})") from err
         if not isinstance(loaded, Mapping):
             raise ValueError(f"config {file} must hold a mapping at the top level")
         cfg = merge(cfg, loaded)
     if overrides:
         cfg = merge(cfg, parse_overrides(overrides))
+    check_choices(cfg)
     return cfg
 
 

@@ -133,6 +133,11 @@ def evaluate_checkpoint(
     )
 
     ckpt = load_checkpoint(checkpoint)
+    model_cfg = ckpt.get("model")
+    if not (isinstance(model_cfg, dict) and isinstance(model_cfg.get("name"), str)
+            and isinstance(model_cfg.get("kwargs"), dict)):
+        raise SetupError(f"checkpoint {checkpoint} does not say which network it holds (no 'model' with a name and "
+                         "kwargs)")
     cfg = merge(DEFAULTS, ckpt.get("config") or {})
     cfg = copy.deepcopy(cfg)
     if data is not None:
@@ -163,7 +168,8 @@ def evaluate_checkpoint(
     try:
         model.load_state_dict(ckpt["network_weights"])
     except RuntimeError as err:
-        raise SetupError(f"checkpoint {checkpoint} does not fit model {ckpt['model']['name']}: {err}") from err
+        raise SetupError(f"checkpoint {checkpoint} does not fit model {ckpt['model']['name']}: "
+                         f"{' '.join(str(err).split())[:400]}") from None
     vcfg = cfg["val"]
     roi = vcfg["roi_size"] or cfg["data"]["spatial_size"]
     try:  # on the CPU model, before it takes GPU memory
@@ -175,7 +181,10 @@ def evaluate_checkpoint(
     regions = bundle.class_names if bundle.mode == "sigmoid" else None
     acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]))
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, a read-only place
+        raise SetupError(f"cannot write the results to {out}: {err.strerror or err}") from None
     cases = []
     # MSD data resampled to data.pixdim: predictions go back to each label file's grid to be scored
     on_file_grid = cfg["data"]["name"] == "msd" and cfg["data"]["pixdim"] is not None

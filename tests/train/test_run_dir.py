@@ -193,12 +193,34 @@ def test_eval_setup_mistakes_are_one_line_errors(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     three = _make_task(str(tmp_path / "three"), n_cases=2, modality={"0": "FLAIR", "1": "T1w", "2": "T2w"})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     for argv, message in ((["--overlap", "1.5"], "overlap"), (["--data", str(empty)], "no dataset.json"),
                           (["--data", "synthetic"], "predicts 4 channels but the data (synthetic"),
-                          (["--data", three], "takes 2 input channels but the data (msd")):
+                          (["--data", three], "takes 2 input channels but the data (msd"),
+                          (["--output-dir", str(a_file)], f"cannot write the results to {a_file}")):
         assert cli_main(["eval", "--checkpoint", ckpt, "--no-hd95", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+    # checkpoints eval and --resume cannot use: one line each, naming the file
+    saved = torch.load(ckpt, weights_only=False)
+    corrupt, plain, anonymous, other = (tmp_path / f"{n}.pt" for n in ("corrupt", "plain", "anonymous", "other"))
+    corrupt.write_bytes(b"hello, not a checkpoint")
+    torch.save(saved["network_weights"], plain)
+    torch.save({k: v for k, v in saved.items() if k != "model"}, anonymous)
+    torch.save({**saved, "model": {"name": "segformer3d", "kwargs": {"in_channels": 2, "out_channels": 4}}}, other)
+    for path, message in ((corrupt, "is corrupt or not a torch file ("),
+                          (plain, "converts with fastseg3d convert --from official-segformer3d"),
+                          (anonymous, "does not say which network it holds"),
+                          (other, "does not fit model segformer3d: Error(s) in loading state_dict")):
+        assert cli_main(["eval", "--checkpoint", str(path), "--no-hd95"]) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err and len(err) < 600, err
+    assert cli_main(["train", "--config", "quickstart", "--output-dir", str(tmp_path / "again"), "--max-steps", "1",
+                     "--resume", str(corrupt)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint ") and "corrupt" in err and err.count("\n") == 1, err
 
 
 def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
