@@ -8,7 +8,6 @@ O(N d): no N x M tensor is allocated on the fused path.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -46,7 +45,7 @@ def _validate(q, k, v, scale) -> None:
             raise TypeError(f"{name} is on {t.device} but q is on {q.device}; pass tensors on one device")
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a Python or NumPy real number or None, got {type(scale).__name__}")
-    if scale is not None and (not math.isfinite(scale) or scale <= 0):
+    if scale is not None and (not utils.finite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
 
 

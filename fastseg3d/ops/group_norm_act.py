@@ -23,7 +23,6 @@ with them (``group_norm_act_running_stats``).
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -64,7 +63,7 @@ def _validate(x, num_groups, weight, bias, eps, activation, negative_slope, acti
     if activation not in ACTIVATIONS_FUSED:
         raise ValueError(f"activation must be one of {ACTIVATIONS_FUSED}, got {activation!r}")
     if (isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real)
-            or not math.isfinite(negative_slope)):
+            or not utils.finite(negative_slope)):
         raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
     if not isinstance(activation_first, bool):
         raise TypeError(f"activation_first must be a bool, got {activation_first!r}")

@@ -9,7 +9,6 @@ and on ``meta`` tensors.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -42,7 +41,7 @@ def check_temperature(temperature, name: str = "temperature") -> float:
     elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"{name} must be a real number or a 0-d real tensor, got {type(temperature).__name__}")
     value = float(temperature)
-    if not math.isfinite(value) or value <= 0:
+    if not utils.finite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return value
 
@@ -68,6 +67,8 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
             raise ValueError(f"batch sizes differ: {name} has {t.shape[0]}, teacher has {teacher.shape[0]}")
         if t.shape[1] != teacher.shape[1]:
             raise ValueError(f"class counts differ: {name} has {t.shape[1]} channels, teacher has {teacher.shape[1]}")
+    if teacher.shape[1] == 0:
+        raise ValueError(f"teacher has no classes (shape {tuple(teacher.shape)}): logits need K >= 1 channels")
     temperature = check_temperature(temperature)
     if size is None:
         size = common_size(*tensors)
@@ -88,9 +89,13 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
     if weights is None:
         weights = [1.0] * len(students)
     else:
+        if (not isinstance(weights, (list, tuple)) or len(weights) != len(students)
+                or not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights)):
+            raise ValueError(f"weights must be a list of {len(students)} real numbers, one per student, got "
+                             f"{weights!r}")
         weights = [float(w) for w in weights]
-        if len(weights) != len(students) or not all(math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be {len(students)} finite numbers, got {weights!r}")
+        if not all(utils.finite(w) for w in weights):
+            raise ValueError(f"weights must be finite, got {weights!r}")
     return temperature, size, weights
 
 

@@ -47,8 +47,14 @@ def _validate(inputs, size) -> tuple[int, int, int]:
         if x.shape[:2] != inputs[0].shape[:2]:
             raise ValueError(f"inputs[{i}] has batch and channels {tuple(x.shape[:2])}, inputs[0] "
                              f"{tuple(inputs[0].shape[:2])}: they must match")
-    if size is None:
-        return tuple(max(inputs, key=lambda t: t.shape[2] * t.shape[3] * t.shape[4]).shape[2:])
+        if 0 in x.shape[2:]:
+            raise ValueError(f"inputs[{i}] has an empty spatial axis, shape {tuple(x.shape)}: nothing to resize from")
+    if size is None:  # the largest input's size (a loop: torch.compile refuses max(key=...))
+        largest = inputs[0]
+        for x in inputs[1:]:
+            if x.shape[2] * x.shape[3] * x.shape[4] > largest.shape[2] * largest.shape[3] * largest.shape[4]:
+                largest = x
+        return tuple(largest.shape[2:])
     if (isinstance(size, (str, Tensor)) or not isinstance(size, Sequence) or len(size) != 3
             or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"size must be three positive ints (D, H, W), got {size!r}")
@@ -220,4 +226,5 @@ def upsample_sum(inputs: Sequence[Tensor], size: Sequence[int] | None = None) ->
         xs = [x.contiguous(memory_format=layout) for x in inputs] + [None] * (_MAX_INPUTS - len(inputs))
         return _upsample_sum_op(*xs, list(size), out_dtype)
     y = upsample_sum_ref(inputs, size).to(out_dtype)
-    return y.contiguous(memory_format=utils.layout_of(inputs[0]))
+    y = y.contiguous(memory_format=utils.layout_of(inputs[0]))
+    return y.clone() if y is inputs[0] else y  # one input at the output's size: a new tensor, never the input

@@ -30,6 +30,7 @@ __all__ = [
     "check_tensor",
     "check_spatial_shape",
     "eager_op",
+    "finite",
     "empty",
     "host_to_device",
     "LAUNCHES",
@@ -46,6 +47,13 @@ MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
 # True while fastseg3d.profile emulates CUDA autocast on meta tensors (autocast itself acts on CUDA and CPU ones);
 # the emulation turns CUDA autocast's flag on, so a model's own autocast regions switch it and set its dtype
 META_AUTOCAST: ContextVar[bool] = ContextVar("META_AUTOCAST", default=False)
+
+
+def finite(value) -> bool:
+    """Whether a real number is finite (not NaN or infinite). Comparisons, where ``math.isfinite`` stops
+    ``torch.compile(fullgraph=True)`` once the number is a symbolic float (``dynamic=True``, or a value that changed
+    between calls)."""
+    return -math.inf < value < math.inf
 
 
 def base_reasons(t: torch.Tensor) -> list[str]:
@@ -226,7 +234,7 @@ def check_norm_args(x: torch.Tensor, weight, bias, eps, channels: int, what: str
             raise TypeError(f"{name} must be a floating-point tensor, got {p.dtype}")
         if p.device != x.device:
             raise TypeError(f"{name} is on {p.device} but x is on {x.device}; pass tensors on one device")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not finite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 

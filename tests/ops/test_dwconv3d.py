@@ -540,11 +540,12 @@ def test_launchers_take_lanes_where_rows_are_aligned(shape, kernel, padding, dil
 
 
 def test_bad_backend_env_is_reported():
-    proc = subprocess.run(
-        [sys.executable, "-c", "import fastseg3d"], env={"FASTSEG3D_BACKEND": "cudnn", "PATH": ""},
-        capture_output=True, text=True,
-    )
-    assert proc.returncode != 0 and "FASTSEG3D_BACKEND must be one of" in proc.stderr
+    """import fastseg3d works (the CLI's --help too); the first op call raises, naming the variable."""
+    code = ("import torch, fastseg3d\n"
+            "fastseg3d.ops.dwconv3d(torch.randn(1, 2, 3, 3, 3), torch.randn(2, 1, 3, 3, 3))")
+    proc = subprocess.run([sys.executable, "-c", code], env={"FASTSEG3D_BACKEND": "cudnn", "PATH": ""},
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "ValueError: FASTSEG3D_BACKEND must be one of" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

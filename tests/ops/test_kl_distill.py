@@ -252,6 +252,11 @@ _BAD = [
     (lambda: kl_distill([1.0], _X), TypeError, "torch.Tensor"),
     (lambda: kl_distill_multi([], _X), ValueError, "non-empty"),
     (lambda: kl_distill_multi([_X, _X], _X, weights=[1.0]), ValueError, "weights"),
+    (lambda: kl_distill_multi([_X], _X, weights=2.0), ValueError, "weights must be a list of 1 real"),
+    (lambda: kl_distill_multi([_X], _X, weights=["a"]), ValueError, "weights must be a list of 1 real"),
+    (lambda: kl_distill_multi([_X], _X, weights=[None]), ValueError, "weights must be a list of 1 real"),
+    (lambda: kl_distill_multi([_X], _X, weights=[float("inf")]), ValueError, "weights must be finite"),
+    (lambda: kl_distill(torch.randn(2, 0, 2, 2, 2), torch.randn(2, 0, 4, 4, 4)), ValueError, "no classes"),
 ]
 
 

@@ -96,6 +96,8 @@ def test_meta_follows_cuda_autocast_as_profile_emulates_it():
         ([torch.randn(1, 2, 2, 2, 2)], (4, 4), ValueError, "size must be three positive ints"),
         ([torch.randn(1, 2, 2, 2, 2)], (4, 0, 4), ValueError, "size must be three positive ints"),
         ([torch.randn(1, 2, 2, 2, 2)], (4, 4.0, 4), ValueError, "size must be three positive ints"),
+        ([torch.randn(1, 2, 4, 4, 4), torch.randn(1, 2, 0, 2, 2)], None, ValueError,
+         r"inputs\[1\] has an empty spatial axis"),
     ],
 )
 def test_bad_input(inputs, size, error, match):
