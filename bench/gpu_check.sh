@@ -94,8 +94,13 @@ if [ -z "${SKIP_TESTS:-}" ]; then
     extra+=(-n "$workers")
     # (load scheduling, xdist's default, hands tests out in the collection's order: the conftest puts what only a
     # GPU checks first)
-    # each worker's ATen CPU work on its share of the cores, not every core's thread in every worker
-    export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+    # each worker's ATen CPU work on its share of the cores, not every core's thread in every worker (a count
+    # only: "auto" and 0 are left to xdist)
+    case "$workers" in
+      ''|0|*[!0-9]*) ;;
+      *) saved_omp="${OMP_NUM_THREADS-unset}"
+         export OMP_NUM_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 )) ;;
+    esac
   fi
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
   # the slowest tests at the end (where the tier completes): what to split or trim when it outgrows its box
@@ -110,7 +115,9 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   echo "slowest tests (s taken, worker, s since start):"
   sort -k3 -nr "$FASTSEG3D_DURATIONS_LOG" | head -n 12 | awk '{id = $0; for (i = 0; i < 3; i++) sub(/^[^ ]+ /, "", id)
     printf "  %6s %-5s %6s  %s\n", $3, $2, $1, id}'
-  unset OMP_NUM_THREADS
+  if [ -n "${saved_omp:-}" ]; then
+    if [ "$saved_omp" = unset ]; then unset OMP_NUM_THREADS; else export OMP_NUM_THREADS="$saved_omp"; fi
+  fi
   if [ -s "$FASTSEG3D_FAILURE_LOG" ]; then
     echo "failures ($FASTSEG3D_FAILURE_LOG, first lines):"; grep -E "^=== |^E " "$FASTSEG3D_FAILURE_LOG" | head -n 40
   fi

@@ -166,6 +166,14 @@ def test_profile_reports_setup_errors_in_one_line(capsys):
         assert err.startswith(message) and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_backend_key_is_read_as_the_backend_context_reads_it():
+    from fastseg3d.train import load_config
+
+    assert load_config("quickstart", ["backend=Torch"])["backend"] == "Torch"  # fastseg3d.backend() lowers it
+    with pytest.raises(ValueError, match="config key 'backend' must be one of"):
+        load_config("quickstart", ["backend=cudnn"])
+
+
 def test_bad_environment_variables_are_one_line_errors():
     """A bad FASTSEG3D_BACKEND or FASTSEG3D_CHECK_FINITE does not break `import fastseg3d` or --help; a command
     says what is wrong in one line (exit status 2), and an op raises ValueError."""

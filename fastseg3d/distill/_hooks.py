@@ -131,21 +131,27 @@ def _meta_clone(backbone: nn.Module) -> nn.Module:
         memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
     for b in backbone.buffers():
         memo[id(b)] = torch.empty_like(b, device="meta")
-    try:
-        clone = copy.deepcopy(backbone, memo)
-    except Exception as e:  # a tensor that is no parameter or buffer (old-style weight_norm's), a lock, ...
-        raise TypeError(
-            f"the wrapper derives its heads' shapes from a copy of the backbone on the meta device, and "
-            f"{type(backbone).__name__} cannot be copied ({type(e).__name__}: {e}); a weight computed by a hook, as "
-            "torch.nn.utils.weight_norm's, is the usual cause: use torch.nn.utils.parametrizations.weight_norm"
-        ) from e
-    for module in clone.modules():  # the clone's hook dicts are its own copies: the backbone keeps its hooks
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-                     "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+    for module in backbone.modules():  # empty hook dicts in the copy: no hook (nor the object it is bound to) copied
+        for name in _HOOK_DICTS:
             hooks = getattr(module, name, None)
             if hooks is not None:
-                hooks.clear()
+                memo[id(hooks)] = type(hooks)()
+    try:
+        clone = copy.deepcopy(backbone, memo)
+    except Exception as e:  # a tensor that is no parameter or buffer (old-style weight_norm's weight), a lock, ...
+        raise TypeError(
+            f"the wrapper derives its heads' shapes from a copy of the backbone on the meta device, and "
+            f"{type(backbone).__name__} cannot be copied ({type(e).__name__}: {e}): an attribute that is neither a "
+            "parameter nor a buffer and cannot be copied, such as the weight torch.nn.utils.weight_norm computes "
+            "(use torch.nn.utils.parametrizations.weight_norm)"
+        ) from e
     return clone.eval()
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs",
+               "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
 
 
 def _remove_captures(backbone: nn.Module, state: dict | None = None) -> None:

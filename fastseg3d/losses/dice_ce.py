@@ -28,6 +28,7 @@ import numbers
 
 import torch
 from torch import nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from fastseg3d import backends
 from fastseg3d.ops import utils
@@ -135,8 +136,12 @@ def _check_labels(logits, target) -> None:
     """Every label a class index in [0, K): a value outside would index past the one-hot map (a bare indexing
     error on a CPU, a device-side assert that ends the process on a GPU). Reading the labels is free of a sync on
     a CPU, so it is done there always, on a GPU under :func:`fastseg3d.check_finite`."""
-    if torch.compiler.is_compiling() or target.numel() == 0 or not (
+    if target.numel() == 0 or not (
             target.device.type == "cpu" or (target.device.type == "cuda" and backends.checking_finite())):
+        return
+    # no value to read while tracing (compile, fake tensors, CUDA-graph capture, make_fx) or under a torch.func
+    # transform
+    if utils._tracing(target) or backends.transform_reasons() or get_proxy_mode() is not None:
         return
     k = logits.shape[1]
     if target.is_floating_point() and not bool(torch.isfinite(target).all()):

@@ -89,11 +89,16 @@ def _validate(students, teacher, temperature, size, weights) -> tuple[float, tup
     if weights is None:
         weights = [1.0] * len(students)
     else:
-        if (not isinstance(weights, (list, tuple)) or len(weights) != len(students)
-                or not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in weights)):
-            raise ValueError(f"weights must be a list of {len(students)} real numbers, one per student, got "
-                             f"{weights!r}")
-        weights = [float(w) for w in weights]
+        given = weights
+        try:  # numbers, 0-d tensors or NumPy scalars, in a list, a tuple, a 1-D tensor or array
+            values = list(given)
+            if any(isinstance(w, bool) for w in values):
+                raise TypeError
+            weights = [float(w) for w in values]
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"weights must be {len(students)} real numbers, one per student, got {given!r}") from err
+        if len(weights) != len(students):
+            raise ValueError(f"weights must be {len(students)} numbers, one per student, got {len(weights)}")
         if not all(utils.finite(w) for w in weights):
             raise ValueError(f"weights must be finite, got {weights!r}")
     return temperature, size, weights

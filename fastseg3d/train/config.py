@@ -241,6 +241,8 @@ def check_choices(cfg: Mapping) -> None:
         node: Any = cfg
         for part in dotted.split("."):
             node = node.get(part, _MISMATCH) if isinstance(node, Mapping) else _MISMATCH
+        if dotted == "backend" and isinstance(node, str):  # read as fastseg3d.backend() reads it
+            node = node.strip().lower()
         # True == 1 and False == 0 in a tuple's `in`: compare types too
         if node is not _MISMATCH and not any(node == a and type(node) is type(a) for a in allowed):
             shown = ", ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else repr(a)

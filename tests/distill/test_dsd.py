@@ -4,6 +4,7 @@ published UNETR head parameter count (seeds.md §5.3), meta device, compile, bad
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -291,10 +292,20 @@ def test_construction_runs_no_user_hook_and_needs_a_copyable_backbone():
             raise FloatingPointError("NaN")
 
     net.encoder[0].register_forward_hook(nan_guard)
+
+    class Recorder:  # a hook bound to an object that cannot be copied (a lock, a file, a SummaryWriter)
+        def __init__(self):
+            self.lock, self.calls = threading.Lock(), 0
+
+        def hook(self, module, args, output):
+            self.calls += 1
+
+    recorder = Recorder()
+    net.decoder[0].register_forward_hook(recorder.hook)
     wrapped = DSD(net, num_classes=3, **presets.unet_layers(net, "dsd"))
-    assert seen == []
+    assert seen == [] and recorder.calls == 0
     wrapped(torch.randn(1, 1, 16, 16, 16))
-    assert seen == ["cpu"]
+    assert seen == ["cpu"] and recorder.calls == 1
 
     class WeightNormed(torch.nn.Module):
         def __init__(self):

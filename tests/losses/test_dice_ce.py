@@ -286,3 +286,18 @@ def test_upsample_adjoint_op(shape, size):
     up = F.interpolate(x, size=size, mode="trilinear" if x.dim() == 5 else "bilinear", align_corners=False)
     adjoint = torch.ops.fastseg3d.upsample_adjoint(g, list(shape))
     torch.testing.assert_close((up * g).sum(), (x * adjoint).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_label_check_reads_no_value_while_tracing():
+    """The labels are read back only in eager calls: torch.func transforms, fake tensors and make_fx trace through
+    (they run the reference), as before the check existed."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    logits, target = torch.randn(4, 1, 3, 4, 4, 4), torch.randint(0, 3, (4, 1, 1, 4, 4, 4))
+    batched = torch.vmap(dice_ce)(logits, target)
+    torch.testing.assert_close(batched, torch.stack([dice_ce(x, t) for x, t in zip(logits, target)]))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        assert dice_ce(logits[0], target[0]).shape == ()
+    graph = make_fx(DiceCELoss())(logits[0], target[0])
+    torch.testing.assert_close(graph(logits[0], target[0]), dice_ce(logits[0], target[0]))

@@ -252,9 +252,10 @@ _BAD = [
     (lambda: kl_distill([1.0], _X), TypeError, "torch.Tensor"),
     (lambda: kl_distill_multi([], _X), ValueError, "non-empty"),
     (lambda: kl_distill_multi([_X, _X], _X, weights=[1.0]), ValueError, "weights"),
-    (lambda: kl_distill_multi([_X], _X, weights=2.0), ValueError, "weights must be a list of 1 real"),
-    (lambda: kl_distill_multi([_X], _X, weights=["a"]), ValueError, "weights must be a list of 1 real"),
-    (lambda: kl_distill_multi([_X], _X, weights=[None]), ValueError, "weights must be a list of 1 real"),
+    (lambda: kl_distill_multi([_X], _X, weights=2.0), TypeError, "weights must be 1 real numbers"),
+    (lambda: kl_distill_multi([_X], _X, weights=["a"]), TypeError, "weights must be 1 real numbers"),
+    (lambda: kl_distill_multi([_X], _X, weights=[None]), TypeError, "weights must be 1 real numbers"),
+    (lambda: kl_distill_multi([_X], _X, weights=[True]), TypeError, "weights must be 1 real numbers"),
     (lambda: kl_distill_multi([_X], _X, weights=[float("inf")]), ValueError, "weights must be finite"),
     (lambda: kl_distill(torch.randn(2, 0, 2, 2, 2), torch.randn(2, 0, 4, 4, 4)), ValueError, "no classes"),
 ]
@@ -264,6 +265,13 @@ _BAD = [
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_weights_in_any_sequence_of_real_numbers():
+    s, t = torch.randn(1, 3, 2, 2, 2), torch.randn(1, 3, 4, 4, 4)
+    expected = kl_distill_multi([s, s], t, weights=[0.5, 2.0])
+    for weights in (torch.tensor([0.5, 2.0]), np.array([0.5, 2.0]), (0.5, torch.tensor(2.0)), iter([0.5, 2.0])):
+        torch.testing.assert_close(kl_distill_multi([s, s], t, weights=weights), expected)
 
 
 @pytest.mark.parametrize("temperature", [np.float64(3.0), np.float32(3.0), np.int64(3), torch.tensor(3.0),
