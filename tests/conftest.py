@@ -76,7 +76,8 @@ def pytest_runtest_logreport(report):
                 f.write(f"{outcome} {report.nodeid}\n")
         if durations:
             seconds = _SECONDS.pop(report.nodeid, 0.0) + report.duration
-            if report.when == "teardown":
+            # a test ends at its teardown, or at the report xdist makes for a worker that crashed during it
+            if report.when not in ("setup", "call"):
                 worker = getattr(getattr(getattr(report, "node", None), "gateway", None), "id", "-")
                 with open(durations, "a") as f:
                     f.write(f"{time.monotonic() - _STARTED:.1f} {worker} {seconds:.1f} {report.nodeid}\n")
