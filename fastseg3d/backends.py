@@ -60,18 +60,18 @@ def _check_finite_from_env() -> bool:
     return value in ("1", "true")
 
 
-def _read_env(read):
+def _read_env(key: str, read):
     """The variable's value, or None with the error kept: ``import fastseg3d`` (and the CLI's ``--help``) must not
     fail on a bad value; the first use of the setting raises it (see :func:`environment_error`)."""
     try:
         return read()
     except ValueError as err:
-        _env_errors[read.__name__] = str(err)
+        _env_errors[key] = str(err)
         return None
 
 
 _env_errors: dict[str, str] = {}
-_state = {"backend": _read_env(_from_env), "check_finite": _read_env(_check_finite_from_env)}
+_state = {"backend": _read_env("backend", _from_env), "check_finite": _read_env("check_finite", _check_finite_from_env)}
 _logged: set[tuple[str, str, int]] = set()
 
 
@@ -81,16 +81,15 @@ def environment_error() -> str | None:
     return next(iter(_env_errors.values()), None)
 
 
-def _setting(key: str, reader) -> object:
-    value = _state[key]
-    if value is None:
-        raise ValueError(_env_errors[reader.__name__])
-    return value
+def _setting(key: str) -> object:
+    if _state[key] is None:
+        raise ValueError(_env_errors[key])
+    return _state[key]
 
 
 def get_backend() -> str:
     """The backend policy in force: ``"auto"``, ``"triton"`` or ``"torch"``."""
-    return _setting("backend", _from_env)
+    return _setting("backend")
 
 
 @contextlib.contextmanager
@@ -115,7 +114,7 @@ def backend(name: str) -> Iterator[None]:
 
 def checking_finite() -> bool:
     """Whether fused kernel calls check their inputs for NaN and infinity (see :func:`check_finite`)."""
-    return _setting("check_finite", _check_finite_from_env)
+    return _setting("check_finite")
 
 
 @contextlib.contextmanager
