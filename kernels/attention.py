@@ -6,7 +6,9 @@ output are read in place); o (B, N, H, d) contiguous; lse (B, H, N) fp32, natura
 Forward: one program per (query block, batch x head); online softmax in fp32 with exp2; saves only o and lse.
 Backward: ``delta = rowsum(o * do)``; dk/dv by key block, each program walking a share of the query blocks
 (partial sums over shares land in an fp32 workspace and are reduced in a fixed order); dq by query block.
-No atomics: every gradient is bitwise deterministic. No N x M tensor is ever allocated.
+No atomics: every gradient is bitwise deterministic. No N x M tensor is ever allocated. Row offsets are formed in
+64 bits (INT64) where an operand's offsets reach 2^31 (e.g. MISSU's q/k/v, views of its qkv output with a token
+stride of 1,536, from 896^3 inputs on): the JIT multiplies 32-bit indices and strides in 32 bits.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import triton.language as tl
 
 from fastseg3d.backends import tf32_matmul_allowed
 from fastseg3d.kernels import utils
-from fastseg3d.kernels.utils import INTERPRET, cdiv, f32, next_power_of_2, wrap
+from fastseg3d.kernels.utils import INTERPRET, cdiv, f32, needs_int64, next_power_of_2, wrap
 
 __all__ = ["attention_bwd", "attention_fwd"]
 
@@ -32,6 +34,7 @@ def _attn_fwd_kernel(
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sob, son, soh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     KEY_TAIL: tl.constexpr,  # M is not a multiple of BLOCK_N: key blocks are masked
+    INT64: tl.constexpr,
 ):
     qk_scale = f32(qk_scale)
     pid_m = tl.program_id(0)
@@ -39,6 +42,8 @@ def _attn_fwd_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -50,6 +55,8 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
         col_ok = offs_n < M
         if KEY_TAIL:
             k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -81,13 +88,15 @@ def _attn_fwd_kernel(
 def _attn_bwd_delta_kernel(
     o_ptr, do_ptr, delta_ptr, N, H,
     sob, son, soh, sdb, sdn, sdh,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, INT64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
     o = tl.load(o_ptr + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -103,6 +112,7 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     ROW_TAIL: tl.constexpr,  # query blocks are masked (N is not a multiple of BLOCK_M, or see the launcher)
+    INT64: tl.constexpr,
 ):
     """dk, dv of one key block from the query rows [split * ROWS_PER_SPLIT, (split + 1) * ROWS_PER_SPLIT).
 
@@ -114,6 +124,8 @@ def _attn_bwd_dkdv_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        offs_n = offs_n.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     col_ok = offs_n < M
     k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -128,6 +140,8 @@ def _attn_bwd_dkdv_kernel(
     row_end = tl.minimum(row_start + ROWS_PER_SPLIT, N)
     for start in range(row_start, row_end, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
+        if INT64:
+            offs_m = offs_m.to(tl.int64)
         if ROW_TAIL:
             row_ok = offs_m < row_end
             q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -161,6 +175,7 @@ def _attn_bwd_dq_kernel(
     sqb, sqn, sqh, skb, skm, skh, svb, svm, svh, sdb, sdn, sdh, sgb, sgn, sgh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
     KEY_TAIL: tl.constexpr,  # M is not a multiple of BLOCK_N: key blocks are masked
+    INT64: tl.constexpr,
 ):
     qk_scale, scale = f32(qk_scale), f32(scale)
     pid_m = tl.program_id(0)
@@ -168,6 +183,8 @@ def _attn_bwd_dq_kernel(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INT64:
+        offs_m = offs_m.to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
@@ -181,6 +198,8 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for start in range(0, M, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
         col_ok = offs_n < M
         if KEY_TAIL:
             k = tl.load(k_base + offs_n[:, None] * skm + offs_d[None, :], mask=col_ok[:, None], other=0.0)
@@ -269,7 +288,7 @@ def attention_fwd(q, k, v, scale: float, out: torch.Tensor, lse: torch.Tensor) -
         q, k, v, out, lse, n, m, h, _qk_scale(scale),
         *_qk(q), *_qk(k), *_qk(v), *_qk(out),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
-        num_warps=warps, num_stages=stages,
+        INT64=needs_int64(q, k, v, out), num_warps=warps, num_stages=stages,
     )
 
 
@@ -284,6 +303,7 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
     delta = empty((bsz, h, n), dtype=torch.float32, device=q.device)
     wrap(_attn_bwd_delta_kernel)[(cdiv(n, block_m), bsz * h)](
         out, grad, delta, n, h, *_qk(out), *_qk(grad), HEAD_DIM=d, BLOCK_M=block_m,
+        INT64=needs_int64(out, grad),
     )
 
     n_kblocks = cdiv(m, kv_block_n)
@@ -300,7 +320,8 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         HEAD_DIM=d, BLOCK_M=kv_block_m, BLOCK_N=kv_block_n, PRECISION=precision,
         # Unmasked loops only up to head dim 32: at 64 ptxas serialised the bf16 wgmma pipeline (Triton 3.9), at
         # 128 they spilled (Triton 3.6).
-        ROW_TAIL=n % kv_block_m != 0 or d > 32, num_warps=kv_warps, num_stages=kv_stages,
+        ROW_TAIL=n % kv_block_m != 0 or d > 32, INT64=needs_int64(q, k, v, grad),
+        num_warps=kv_warps, num_stages=kv_stages,
     )
     # Fixed-order sums over the splits keep dk/dv deterministic: one launch for both, in their dtype
     utils.sum_partials(dk_ws.view(splits, 1, -1), dk.view(-1), dv_ws.view(splits, 1, -1), dv.view(-1))
@@ -310,6 +331,6 @@ def attention_bwd(grad, q, k, v, out, lse, scale: float, dq, dk, dv, empty=torch
         n, m, h, _qk_scale(scale), scale,
         *_qk(q), *_qk(k), *_qk(v), *_qk(grad), *_qk(dq),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=precision, KEY_TAIL=m % block_n != 0,
-        num_warps=warps, num_stages=stages,
+        INT64=needs_int64(q, k, v, grad, dq), num_warps=warps, num_stages=stages,
     )
 

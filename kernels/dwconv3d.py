@@ -1022,12 +1022,8 @@ def taps_major(weight: torch.Tensor) -> torch.Tensor:
     return taps.new_empty(taps.shape, dtype=torch.float32).copy_(taps)
 
 
-def _max_offset(t: torch.Tensor) -> int:
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
-
-
 def _needs_int64(*tensors: torch.Tensor | None) -> bool:
-    return any(t is not None and _max_offset(t) >= _INT32_MAX for t in tensors)
+    return utils.needs_int64(*tensors, limit=_INT32_MAX)
 
 
 def _blocks(x: torch.Tensor, h_out: int, w_out: int, tile: int) -> tuple[int, int, int]:

@@ -19,7 +19,8 @@ from torch._library.triton import is_wrap_triton_enabled
 
 from fastseg3d.backends import interpreter_active
 
-__all__ = ["INTERPRET", "bf16_pair_to_fp32", "cdiv", "next_power_of_2", "sm_count", "sum_partials", "wrap"]
+__all__ = ["INTERPRET", "bf16_pair_to_fp32", "cdiv", "max_offset", "needs_int64", "next_power_of_2", "sm_count",
+           "sum_partials", "wrap"]
 
 
 _INT32_MAX = 2**31 - 1
@@ -30,6 +31,17 @@ INTERPRET = interpreter_active()
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset a kernel addresses in ``t``, from its sizes and strides (views included)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def needs_int64(*tensors: torch.Tensor | None, limit: int = _INT32_MAX) -> bool:
+    """Whether a kernel must form its offsets into ``tensors`` in 64 bits: Triton multiplies 32-bit indices and
+    strides (an integer argument below 2^31 is an i32) in 32 bits, which wraps silently beyond ``limit``."""
+    return any(t is not None and max_offset(t) >= limit for t in tensors)
 
 
 def sm_count(device: torch.device) -> int | None:

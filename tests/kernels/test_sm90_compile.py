@@ -167,6 +167,10 @@ def _attn_values(dtype, names):
     return values
 
 
+# (masked tail, 64-bit row offsets) of each attention kernel compiled: the int64 variant masks its tail too
+_TAILS = ((False, False), (True, False), (True, True))
+
+
 @pytest.mark.parametrize("dtype,head_dim,precision", [("bf16", 32, None), ("fp16", 64, None), ("fp32", 32, "ieee"),
                                                       ("fp32", 16, "tf32"), ("bf16", 128, None)])
 def test_attention_kernels(dtype, head_dim, precision):
@@ -176,27 +180,29 @@ def test_attention_kernels(dtype, head_dim, precision):
     values = _attn_values(dtype, ["q_ptr", "k_ptr", "v_ptr", "o_ptr", "lse_ptr"])
     values.update(_ints("N", "M", "H", *strides), qk_scale="fp32", HEAD_DIM=head_dim, BLOCK_M=128, BLOCK_N=64,
                   PRECISION=precision)
-    for key_tail in (False, True):
-        compile_for_h100(k._attn_fwd_kernel, {**values, "KEY_TAIL": key_tail}, num_warps=4 if head_dim <= 64 else 8)
+    for key_tail, int64 in _TAILS:
+        compile_for_h100(k._attn_fwd_kernel, {**values, "KEY_TAIL": key_tail, "INT64": int64},
+                         num_warps=4 if head_dim <= 64 else 8)
 
     strides = [f"s{t}{a}" for t in "qkvd" for a in ("b", "n" if t in "qd" else "m", "h")]
     values = _attn_values(dtype, ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr"])
     values.update(dk_ptr="*fp32", dv_ptr="*fp32")
     values.update(_ints("N", "M", "H", "ROWS_PER_SPLIT", *strides),
                   qk_scale="fp32", scale="fp32", HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=64, PRECISION=precision)
-    for row_tail in (False, True):
-        compile_for_h100(k._attn_bwd_dkdv_kernel, {**values, "ROW_TAIL": row_tail})
+    for row_tail, int64 in _TAILS:
+        compile_for_h100(k._attn_bwd_dkdv_kernel, {**values, "ROW_TAIL": row_tail, "INT64": int64})
 
     strides = [f"s{t}{a}" for t in "qkvdg" for a in ("b", "n" if t in "qdg" else "m", "h")]
     values = _attn_values(dtype, ["q_ptr", "k_ptr", "v_ptr", "do_ptr", "lse_ptr", "delta_ptr", "dq_ptr"])
     values.update(_ints("N", "M", "H", *strides), qk_scale="fp32", scale="fp32", HEAD_DIM=head_dim, BLOCK_M=64,
                   BLOCK_N=64, PRECISION=precision)
-    for key_tail in (False, True):
-        compile_for_h100(k._attn_bwd_dq_kernel, {**values, "KEY_TAIL": key_tail})
+    for key_tail, int64 in _TAILS:
+        compile_for_h100(k._attn_bwd_dq_kernel, {**values, "KEY_TAIL": key_tail, "INT64": int64})
 
     values = {"o_ptr": f"*{dtype}", "do_ptr": f"*{dtype}", "delta_ptr": "*fp32"}
     values.update(_ints("N", "H", "sob", "son", "soh", "sdb", "sdn", "sdh"), HEAD_DIM=head_dim, BLOCK_M=64)
-    compile_for_h100(k._attn_bwd_delta_kernel, values)
+    for int64 in (False, True):
+        compile_for_h100(k._attn_bwd_delta_kernel, {**values, "INT64": int64})
 
 
 def _kl_values(num_students, factors, teacher_factor, grad_teacher, int64=False):

@@ -195,6 +195,33 @@ def test_tf32_follows_both_pytorch_apis():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_launches_take_64bit_row_offsets_where_offsets_reach_2_31():
+    """MISSU's q, k and v are views of its qkv output (token stride 3 x 512): at a 960^3 input their offsets pass
+    2^31 although every stride fits 32 bits; SegFormer3D's stage 1 at 128^3 stays in 32 bits (meta tensors:
+    nothing is allocated or run)."""
+    pytest.importorskip("triton")
+    from bench.sass import _captured
+    from fastseg3d.kernels.attention import attention_bwd, attention_fwd
+
+    def flags(b, n, h, d):
+        qkv = torch.empty(b, n, 3, h, d, device="meta", dtype=torch.bfloat16)
+        q, k, v = qkv.unbind(2)
+        out, grad = torch.empty(b, n, h, d, device="meta", dtype=torch.bfloat16), torch.empty_like(q)
+        lse = torch.empty(b, h, n, device="meta")
+        launches = _captured(lambda: attention_fwd(q, k, v, 0.125, out, lse))
+        launches += _captured(lambda: attention_bwd(grad, q, k, v, out, lse, 0.125, *(torch.empty_like(t)
+                                                                                        for t in (q, k, v))))
+        return {fn.__name__: kw["INT64"] for fn, _, kw in launches if fn.__name__.startswith("_attn")}
+
+    kernels = {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    missu = flags(1, 120**3, 8, 64)
+    assert set(missu) == kernels
+    # o, do and dq are contiguous (stride 512): only the kernels reading q, k or v need 64 bits
+    assert missu == {"_attn_fwd_kernel": True, "_attn_bwd_delta_kernel": False, "_attn_bwd_dkdv_kernel": True,
+                     "_attn_bwd_dq_kernel": True}
+    assert not any(flags(2, 32**3, 1, 32).values())
+
+
 def test_unsupported_cases_report_reasons():
     q = torch.randn(1, 4, 2, 24, device="meta")
     assert any("head_dim=24" in r for r in attention_unsupported_reasons(q, q, q))
@@ -293,6 +320,16 @@ def test_interpret_dkdv_row_splits(poison, monkeypatch, b, n, m, h, d, splits):
 
     monkeypatch.setattr(kernels, "_row_splits", lambda n_row_blocks, n_programs, device: splits)
     check_against_sdpa(b, n, m, h, d, torch.float32, "cpu")
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["linear", "contiguous"])
+def test_interpret_64bit_row_offsets(poison, monkeypatch, layout):
+    """Every kernel's 64-bit row offsets (taken where an operand's offsets reach 2^31), forced on a small case."""
+    import fastseg3d.kernels.attention as kernels
+
+    monkeypatch.setattr(kernels, "needs_int64", lambda *tensors: True)
+    check_against_sdpa(1, 37, 11, 2, 16, torch.float32, "cpu", layout=layout)
 
 
 # ------------------------------------------------------------------------------------------------------
