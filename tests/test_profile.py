@@ -281,6 +281,7 @@ def _saved_on_cuda(model: nn.Module, shape, dtype) -> int:
     return total
 
 
+@pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_meta_count_matches_a_cuda_forward(dtype):

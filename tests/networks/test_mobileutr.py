@@ -575,6 +575,7 @@ def test_interpret_3d_norm_chains_on_the_fused_kernel(monkeypatch, poison):
 # GPU tier (not run here: no GPU in this environment)
 
 
+@pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fused_3d_base_matches_reference(monkeypatch, dtype):

@@ -419,6 +419,7 @@ def test_interpret_fused_network_matches_reference_under_bf16_autocast():
 # GPU tier
 
 
+@pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_fused_network_matches_reference(monkeypatch, dtype):

@@ -303,6 +303,7 @@ def test_dsd_heads_cast_once():
     assert traffic["forward"]["by_op"].get("aten::_to_copy", (0, 0))[0] <= 2
 
 
+@pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 def test_gpu_network_step_matches_per_parameter_casts():
     """On CUDA (the multi-tensor copy's fast path converts dtypes): a SegFormer3D training step under bf16 autocast
@@ -324,8 +325,11 @@ def test_gpu_network_step_matches_per_parameter_casts():
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for name, g in grads.items():
         assert g.dtype == torch.float32, name
-        # the fused weight gradients sum their tiles in a fixed order, but cuBLAS may pick other kernels
-        torch.testing.assert_close(g, ref_grads[name], rtol=1e-2, atol=1e-5, msg=name)
+        # the fused weight gradients sum their tiles in a fixed order, but cuBLAS may pick other kernels; errors
+        # relative to each gradient's scale (the attention projections' reach 1e-4), with a floor for the conv
+        # biases ahead of a BatchNorm, whose gradients are zero up to rounding (1e-8)
+        ref = ref_grads[name]
+        torch.testing.assert_close(g, ref, rtol=1e-2, atol=1e-3 * ref.abs().max().item() + 1e-7, msg=name)
 
 
 @pytest.mark.parametrize("network", ["segformer3d", "mobileutr", "missu", "unet"])

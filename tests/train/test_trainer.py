@@ -425,6 +425,7 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
+@pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 def test_gpu_reduce_overhead_training_matches_eager(tmp_path):
     """The quickstart SegFormer3D (fused ops) trained under bf16 autocast eagerly and with train.compile=
