@@ -26,7 +26,9 @@ _ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_t
 
 def _index(v) -> int | None:
     """``v`` as an int where conv3d takes it as one (NumPy integers too), else None."""
-    if isinstance(v, bool):
+    # sequences are answered without operator.index's TypeError: Dynamo (torch 2.11) turns that error, raised in
+    # traced code, into an InternalTorchDynamoError instead of the except clause below
+    if isinstance(v, (bool, tuple, list, str)):
         return None
     try:
         return operator.index(v)
