@@ -21,6 +21,21 @@ def _error(message) -> int:
     return 2
 
 
+# what train, eval and profile import (configs, MONAI's losses, metrics, sliding window and transforms): the
+# ``train`` extra
+_TRAIN_MODULES = ("yaml", "monai")
+
+
+def _missing_train_modules() -> list[str]:
+    missing = []
+    for name in _TRAIN_MODULES:
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def _config(load_config, config: str, overrides: list[str]):
     """The resolved config, or None after a one-line error (an unknown key, a bad value or file)."""
     try:
@@ -392,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastseg3d.info import main as info_main
 
         return info_main()
+    missing = _missing_train_modules() if args.command in ("train", "eval", "profile") else []
+    if missing:
+        return _error(f"fastseg3d {args.command} needs the training extra ({', '.join(missing)} not importable): "
+                      "pip install 'fastseg3d[train]'")
     if args.command == "train":
         return _train(args)
     if args.command == "eval":

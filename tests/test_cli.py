@@ -113,6 +113,20 @@ def test_overrides_anywhere_and_config_errors_in_one_line(capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["train", "--config", "quickstart"], ["profile", "--config", "quickstart"],
+                                     ["eval", "--checkpoint", "missing.pt"]])
+def test_commands_without_the_training_extra_say_so_in_one_line(capsys, monkeypatch, command):
+    """Without MONAI (a plain ``pip install fastseg3d``) train, eval and profile end at once with the install to
+    run, not with a traceback from the loss's import."""
+    from fastseg3d.cli import main
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # import monai raises ImportError
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: fastseg3d {command[0]} needs the training extra (monai not importable)")
+    assert "pip install 'fastseg3d[train]'" in err and "Traceback" not in err
+
+
 def test_profile_overrides_after_size(capsys):
     """--size takes one or three sides, and key=value tokens after it stay overrides (its nargs would take them)."""
     from fastseg3d.cli import main
