@@ -52,6 +52,8 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export FASTSEG3D_COMMIT
+# bench.targets reads the newest commit's rows only: rows of "unknown" would not join another call's
+[ "$FASTSEG3D_COMMIT" = unknown ] && echo "WARNING: commit unknown (a tree without .git): pass FASTSEG3D_COMMIT=<sha>"
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
@@ -78,6 +80,7 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # tree> leaves out the tests that passed there, and the new file starts with them, so it stays the whole record
   export FASTSEG3D_RESULTS_LOG="$OUT/gpu_results.txt"
   if [ -n "${TESTS_PASSED:-}" ]; then
+    [ -f "$TESTS_PASSED" ] || { echo "TESTS_PASSED=$TESTS_PASSED: no such file (copy the returned gpu_results.txt into the tree)"; exit 2; }
     # a copy: TESTS_PASSED may name the log itself
     cp "$TESTS_PASSED" /tmp/gpu_tests_passed.txt
     export FASTSEG3D_SKIP_PASSED=/tmp/gpu_tests_passed.txt
@@ -106,6 +109,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   # the slowest tests at the end (where the tier completes): what to split or trim when it outgrows its box
   timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
     --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
+  # 124 (its box closed) would read as the whole call timing out to the caller: 3 says the tier was cut
+  if [ "$status" -eq 124 ]; then echo "GPU tier: cut by its ${t} s box"; status=3; fi
   tail -n 25 "$OUT/gpu_tests.log"
   # the last line of each test decides; a test not listed did not end within the box
   # (node ids may hold blanks: the id is the line after its first word)
@@ -203,7 +208,11 @@ for op in $TUNE_OPS; do
   if [ "$t" -lt 20 ]; then not_run+=("tune:$op"); continue; fi
   # --time-limit stops new candidates; the JSON is written after each shape
   timeout "$t" python3 -m bench.tune "$op" --time-limit $(( t - 10 )) --out "$OUT/results/tune_$op.json" \
-    > "$OUT/results/tune_$op.txt" 2>> "$OUT/bench.log" || { echo "tune $op failed or was cut at its ${t} s box"; status=1; }
+    > "$OUT/results/tune_$op.txt" 2>> "$OUT/bench.log"
+  rc=$?
+  # 124: cut by its box, even where it ended cleanly on the SIGTERM (rows written as measured)
+  if [ "$rc" -eq 124 ]; then echo "tune $op: cut by its ${t} s box (rows written)";
+  elif [ "$rc" -ne 0 ]; then echo "tune $op failed ($rc)"; status=1; fi
   cat "$OUT/results/tune_$op.txt"
 done
 
@@ -211,7 +220,10 @@ for model in $PROFILE_MODELS; do
   t=$(( $(left) - 15 < PROFILE_LIMIT ? $(left) - 15 : PROFILE_LIMIT ))
   if [ "$t" -lt 20 ]; then not_run+=("host_profile:$model"); continue; fi
   timeout "$t" python3 -m bench.host_profile "$model" --out "$OUT/results/host_profile_$model.txt" \
-    > /dev/null 2>> "$OUT/bench.log" || { echo "host_profile $model failed or was cut at its ${t} s box"; status=1; }
+    > /dev/null 2>> "$OUT/bench.log"
+  rc=$?
+  if [ "$rc" -eq 124 ]; then echo "host_profile $model: cut by its ${t} s box";
+  elif [ "$rc" -ne 0 ]; then echo "host_profile $model failed ($rc)"; status=1; fi
   head -n 1 "$OUT/results/host_profile_$model.txt" 2>/dev/null
 done
 

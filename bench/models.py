@@ -102,18 +102,23 @@ def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torc
         p.grad = None
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.current_stream(device)
+    # a pool of our own: after a failed capture the graph will not name its pool (CUDAGraph::pool() checks for a
+    # successful capture), and the allocator must still be told that routing into it ended
+    pool = torch.cuda.graph_pool_handle()
     try:
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             step()
     except Exception as err:
         # capture_end raises (the capture was invalidated) before it restores the stream and ends the allocator's
-        # routing of that stream's allocations into the graph's pool: undo both, so that the next provider of this
-        # process runs as usual, and report what broke the capture rather than capture_end's own error
+        # routing of that stream's allocations into the pool: undo both and release the pool, so that the next
+        # provider of this process runs as usual (a routing left open fails every later capture and empty_cache),
+        # and report what broke the capture rather than capture_end's own error
         torch.cuda.set_stream(stream)
-        end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
-        if end_pool is not None:
-            with contextlib.suppress(Exception):  # ended already where capture_end got that far
-                end_pool(stream.device_index, graph.pool())
+        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+            undo = getattr(torch._C, name, None)
+            if undo is not None:
+                with contextlib.suppress(Exception):  # done already where capture_end got that far
+                    undo(stream.device_index, pool)
         cause = err
         while cause.__context__ is not None and isinstance(cause.__context__, Exception):
             cause = cause.__context__

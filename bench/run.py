@@ -17,6 +17,7 @@ about a GPU kernel, and the compiled providers are left out unless asked for.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import gc
 import json
@@ -79,6 +80,36 @@ def _graph_steps(fn, setup):
     return step
 
 
+@contextlib.contextmanager
+def _eager_loss_seeds():
+    """The fused losses' backward returns the gradient its forward made as it is where the incoming gradient is 1
+    (``ops.utils.scaled_grad``), which it learns by reading that scalar back: not allowed in a capture, where it
+    scales the gradient instead, a pass over every gradient that the eager call does not make. Here each decision
+    of the eager warm-up calls is recorded and the capture repeats the first call's, in order, so that the graph
+    holds the eager call's GPU work."""
+    from fastseg3d.ops import utils as op_utils
+
+    original = op_utils.scaled_grad
+    decisions: list[bool] = []
+    replayed = [0]
+
+    def scaled_grad(grad_out, saved, dtype):
+        if not torch.cuda.is_current_stream_capturing():
+            out = original(grad_out, saved, dtype)
+            decisions.append(out is saved)
+            return out
+        i, replayed[0] = replayed[0], replayed[0] + 1
+        if i < len(decisions) and decisions[i]:
+            return saved
+        return original(grad_out, saved, dtype)
+
+    op_utils.scaled_grad = scaled_grad
+    try:
+        yield
+    finally:
+        op_utils.scaled_grad = original
+
+
 def _graph_ms(fn, setup, device: torch.device, label: str) -> float | None:
     """Median time of ``fn`` captured in one CUDA graph and replayed: the GPU's own time for the call, without the
     host's time to issue it, which on a slow host can exceed it (None where the call cannot be captured)."""
@@ -86,7 +117,8 @@ def _graph_ms(fn, setup, device: torch.device, label: str) -> float | None:
 
     replay = None
     try:
-        replay = graphed(fn, list(setup.grads_of or ()), device)
+        with _eager_loss_seeds():
+            replay = graphed(fn, list(setup.grads_of or ()), device)
         ms = utils.time_ms(replay, device, rep=100)[0]
     except Exception as err:  # noqa: BLE001  (a call that cannot be captured loses this column only)
         if utils.device_lost(err):

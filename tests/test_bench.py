@@ -222,7 +222,7 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
         yield
 
     @contextlib.contextmanager
-    def capture(graph):
+    def capture(graph, pool=None):
         events.append("capture")
         yield
         events.append("captured")
@@ -232,6 +232,7 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
     w = torch.ones(3, requires_grad=True)
 
     def step():
@@ -243,6 +244,25 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
                       ("step", True), "captured"]
     replay()
     assert events[-1] == "replay"
+
+
+def test_graph_capture_repeats_the_eager_calls_loss_seed_decisions(monkeypatch):
+    """In a capture the fused losses cannot read their incoming gradient back: the capture repeats what the eager
+    warm-up calls decided (1: the saved gradient as it is; else scaled), in order."""
+    from bench.run import _eager_loss_seeds
+    from fastseg3d.ops import utils as op_utils
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    saved = torch.full((3,), 0.5)
+    with _eager_loss_seeds(), torch.no_grad():  # as in a backward
+        for _ in range(2):  # warm-up steps, each with a loss seeded by 1 and one by 3
+            assert op_utils.scaled_grad(torch.tensor(1.0), saved, saved.dtype) is saved
+            assert torch.equal(op_utils.scaled_grad(torch.tensor(3.0), saved, saved.dtype), torch.full((3,), 1.5))
+        capturing[0] = True  # the values are not read here: 5.0 stands for a scalar the capture cannot see
+        assert op_utils.scaled_grad(torch.tensor(5.0), saved, saved.dtype) is saved
+        assert torch.equal(op_utils.scaled_grad(torch.tensor(3.0), saved, saved.dtype), torch.full((3,), 1.5))
+    assert op_utils.scaled_grad.__module__ == "fastseg3d.ops.utils"
 
 
 def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatch):
@@ -264,11 +284,12 @@ def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatc
             pass
 
     class Graph:
-        def pool(self):
-            return (7, 0)
+        def pool(self):  # as ATen's after a failed capture
+            raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
 
     @contextlib.contextmanager
-    def capture(graph):
+    def capture(graph, pool=None):
+        assert pool == (0, 7)
         current[0] = "capture stream"
         try:
             yield
@@ -281,7 +302,10 @@ def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatc
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, "default"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
-    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda device, pool: ended.append((device, pool)),
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 7))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda device, pool: ended.append(("end", device, pool)),
+                        raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda device, pool: ended.append(("release", device, pool)),
                         raising=False)
     calls = [0]
 
@@ -292,7 +316,7 @@ def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatc
 
     with pytest.raises(RuntimeError, match="capture failed: RuntimeError: CUDA error: operation not permitted"):
         graphed(step, [], torch.device("cuda"))
-    assert current == ["default"] and ended == [(0, (7, 0))]
+    assert current == ["default"] and ended == [("end", 0, (0, 7)), ("release", 0, (0, 7))]
 
 
 def test_a_lost_device_ends_the_case_process(monkeypatch, tmp_path, capsys):
