@@ -27,6 +27,7 @@ _START = time.monotonic()  # --time-limit counts from here: the imports take sec
 import argparse  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -161,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+            partial = args.out.with_name(args.out.name + ".partial")  # a SIGTERM mid-write keeps the last whole file
+            partial.write_text(json.dumps(rows, indent=1) + "\n")
+            os.replace(partial, args.out)
 
     def stop(signum, frame):  # timeout(1) sends SIGTERM when the box closes
         raise KeyboardInterrupt
