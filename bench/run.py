@@ -205,12 +205,15 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
             continue
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
+            after_compiled = False
             for provider in select_providers(case, spec, providers, device):
                 if deadline is not None and time.monotonic() > deadline:
                     raise _TimeUp(f"{case.name} {label} {dtype_name} {provider}")
-                if compile_variant(provider) is not None:
-                    # a fresh cache per setup: no recompile limit reached silently (which would run eager)
+                if compile_variant(provider) is not None or after_compiled:
+                    # a fresh cache per compiled setup: no recompile limit reached silently (which would run
+                    # eager); and after one, no compiled graph's memory (a reduce-overhead pool) in the next's peak
                     torch._dynamo.reset()
+                after_compiled = compile_variant(provider) is not None
                 try:
                     setup = case.setup(spec, dtype, provider, device)
                 except Unavailable as err:
