@@ -65,6 +65,7 @@ export FASTSEG3D_COMMIT
 cat "$OUT/info.txt"
 
 status=0
+tier_cut=0
 not_run=()
 if [ -z "${SKIP_TESTS:-}" ]; then
   t=$(( $(left) < ${TEST_TIMEOUT:-300} ? $(left) : ${TEST_TIMEOUT:-300} ))
@@ -108,9 +109,13 @@ if [ -z "${SKIP_TESTS:-}" ]; then
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
   # the slowest tests at the end (where the tier completes): what to split or trim when it outgrows its box
   timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
-    --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1 || status=$?
-  # 124 (its box closed) would read as the whole call timing out to the caller: 3 says the tier was cut
-  if [ "$status" -eq 124 ]; then echo "GPU tier: cut by its ${t} s box"; status=3; fi
+    --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  # 124 (its box closed) or 137 would read as the whole call timing out to the caller: a cut tier ends the script
+  # with 3 (where nothing failed), a killed one with 1
+  if [ "$rc" -eq 124 ]; then echo "GPU tier: cut by its ${t} s box"; tier_cut=1;
+  elif [ "$rc" -gt 128 ]; then echo "GPU tier: killed by signal $(( rc - 128 ))"; status=1;
+  elif [ "$rc" -ne 0 ]; then status=$rc; fi
   tail -n 25 "$OUT/gpu_tests.log"
   # the last line of each test decides; a test not listed did not end within the box
   # (node ids may hold blanks: the id is the line after its first word)
@@ -263,4 +268,5 @@ tar -czf /tmp/gpu_check.tgz -C "$OUT" --exclude=gpu_check.tgz . && mv /tmp/gpu_c
   && find "$OUT" -mindepth 1 -maxdepth 1 ! -name info.txt ! -name bench_table.txt ! -name gpu_check.tgz \
     -exec rm -rf {} +
 echo "gpu_check: $(( SECONDS - START )) s"
+if [ "$status" -eq 0 ] && [ "$tier_cut" -eq 1 ]; then exit 3; fi
 exit $status

@@ -102,8 +102,9 @@ def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torc
         p.grad = None
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.current_stream(device)
-    # a pool of our own: after a failed capture the graph will not name its pool (CUDAGraph::pool() checks for a
-    # successful capture), and the allocator must still be told that routing into it ended
+    # a pool of our own: after a capture that failed before its end the graph will not name its pool
+    # (CUDAGraph::pool() checks that the capture ended), and the allocator must still be told that routing into it
+    # ended, and the pool released (the graph releases it only when the capture ended)
     pool = torch.cuda.graph_pool_handle()
     try:
         with torch.cuda.graph(graph, pool=pool):
@@ -114,11 +115,14 @@ def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torc
         # provider of this process runs as usual (a routing left open fails every later capture and empty_cache),
         # and report what broke the capture rather than capture_end's own error
         torch.cuda.set_stream(stream)
-        for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-            undo = getattr(torch._C, name, None)
-            if undo is not None:
-                with contextlib.suppress(Exception):  # done already where capture_end got that far
-                    undo(stream.device_index, pool)
+        try:  # the graph names its pool once capture_end got past ending the routing: it then releases the pool
+            graph.pool()
+        except Exception:  # noqa: BLE001
+            for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+                undo = getattr(torch._C, name, None)
+                if undo is not None:
+                    with contextlib.suppress(Exception):
+                        undo(stream.device_index, pool)
         cause = err
         while cause.__context__ is not None and isinstance(cause.__context__, Exception):
             cause = cause.__context__

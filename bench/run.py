@@ -200,12 +200,12 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
     # a model step takes 0.1-1 s: 100 ms of repetitions would leave one sample for the median and quantiles
     rep = 1000 if case.suite == "model" else 100
     case_modes = [m for m in modes if m in case.modes]
+    after_compiled = False
     for label, spec in case.shapes(quick):
         if not _shape_selected(label, shapes):
             continue
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            after_compiled = False
             for provider in select_providers(case, spec, providers, device):
                 if deadline is not None and time.monotonic() > deadline:
                     raise _TimeUp(f"{case.name} {label} {dtype_name} {provider}")

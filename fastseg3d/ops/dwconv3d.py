@@ -26,9 +26,10 @@ _ACT_NAMES = {None: "none", "relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_t
 
 def _index(v) -> int | None:
     """``v`` as an int where conv3d takes it as one (NumPy integers too), else None."""
-    # sequences are answered without operator.index's TypeError: Dynamo (torch 2.11) turns that error, raised in
-    # traced code, into an InternalTorchDynamoError instead of the except clause below
-    if isinstance(v, (bool, tuple, list, str)):
+    # what has no __index__ (sequences, floats, None) is answered without operator.index's TypeError: Dynamo
+    # (torch 2.11) turns that error, raised in traced code, into an InternalTorchDynamoError instead of the except
+    # clause below (kept for objects whose __index__ raises, such as float tensors)
+    if isinstance(v, bool) or not hasattr(type(v), "__index__"):
         return None
     try:
         return operator.index(v)

@@ -7,6 +7,8 @@ cubin with the ptxas bundled in the Triton wheel.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -167,8 +169,8 @@ def _attn_values(dtype, names):
     return values
 
 
-# (masked tail, 64-bit row offsets) of each attention kernel compiled: the int64 variant masks its tail too
-_TAILS = ((False, False), (True, False), (True, True))
+# (masked tail, 64-bit row offsets) of each attention kernel compiled
+_TAILS = tuple(itertools.product((False, True), repeat=2))
 
 
 @pytest.mark.parametrize("dtype,head_dim,precision", [("bf16", 32, None), ("fp16", 64, None), ("fp32", 32, "ieee"),
