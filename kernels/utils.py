@@ -27,6 +27,7 @@ _INT32_MAX = 2**31 - 1
 # Whether the kernels run in Triton's interpreter, as Triton read it when it decorated them (this import); the
 # launchers read it on every launch, where the environment would cost a microsecond a lookup
 INTERPRET = interpreter_active()
+_WRAPPABLE = (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner)  # what wrap_triton takes
 
 
 def cdiv(a: int, b: int) -> int:
@@ -60,8 +61,11 @@ def _sms(index: int) -> int:
 def wrap(kernel):
     """``torch.library.wrap_triton(kernel)``, for a launch: the kernel itself where fastseg3d's eager ops turned
     wrapping off, without wrap_triton's checks (about 3 us a launch on a CI core, 270 launches in a SegFormer3D
-    step); the traceable wrapper where a ``triton_op`` is traced."""
-    return kernel if not is_wrap_triton_enabled() else torch.library.wrap_triton(kernel)
+    step), and in an interpreter whose kernels wrap_triton does not take (Triton 3.6's InterpretedFunction); the
+    traceable wrapper where a ``triton_op`` is traced."""
+    if not is_wrap_triton_enabled() or (INTERPRET and not isinstance(kernel, _WRAPPABLE)):
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 def next_power_of_2(n: int) -> int:
