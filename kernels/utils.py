@@ -28,6 +28,7 @@ _INT32_MAX = 2**31 - 1
 # launchers read it on every launch, where the environment would cost a microsecond a lookup
 INTERPRET = interpreter_active()
 _WRAPPABLE = (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner)  # what wrap_triton takes
+_WRAP_TRITON = torch.library.wrap_triton
 
 
 def cdiv(a: int, b: int) -> int:
@@ -63,8 +64,10 @@ def wrap(kernel):
     wrapping off, without wrap_triton's checks (about 3 us a launch on a CI core, 270 launches in a SegFormer3D
     step), and in an interpreter whose kernels wrap_triton does not take (Triton 3.6's InterpretedFunction); the
     traceable wrapper where a ``triton_op`` is traced."""
-    if not is_wrap_triton_enabled() or (INTERPRET and not isinstance(kernel, _WRAPPABLE)):
+    if not is_wrap_triton_enabled():
         return kernel
+    if INTERPRET and not isinstance(kernel, _WRAPPABLE) and torch.library.wrap_triton is _WRAP_TRITON:
+        return kernel  # nothing traces under the interpreter; a stand-in (bench.sass capturing launches) gets it
     return torch.library.wrap_triton(kernel)
 
 
