@@ -43,7 +43,22 @@ def max_offset(t: torch.Tensor) -> int:
 def needs_int64(*tensors: torch.Tensor | None, limit: int = _INT32_MAX) -> bool:
     """Whether a kernel must form its offsets into ``tensors`` in 64 bits: Triton multiplies 32-bit indices and
     strides (an integer argument below 2^31 is an i32) in 32 bits, which wraps silently beyond ``limit``."""
-    return any(t is not None and max_offset(t) >= limit for t in tensors)
+    for t in tensors:
+        if t is None or _storage_below(t, limit):
+            continue
+        if max_offset(t) >= limit:
+            return True
+    return False
+
+
+def _storage_below(t: torch.Tensor, limit: int) -> bool:
+    """Whether ``t``'s storage holds at most ``limit`` elements, so that no offset into it reaches ``limit``: one
+    call where the exact bound walks the sizes and strides in Python (about 1 us a tensor, at up to 15 tensors a
+    launch on an attention backward)."""
+    try:
+        return t.untyped_storage().nbytes() <= limit * t.element_size()
+    except (NotImplementedError, RuntimeError):  # a tensor without a storage of its own (functionalised, ...)
+        return False
 
 
 def sm_count(device: torch.device) -> int | None:
