@@ -53,8 +53,8 @@ def needs_int64(*tensors: torch.Tensor | None, limit: int = _INT32_MAX) -> bool:
 
 def _storage_below(t: torch.Tensor, limit: int) -> bool:
     """Whether ``t``'s storage holds at most ``limit`` elements, so that no offset into it reaches ``limit``: one
-    call where the exact bound walks the sizes and strides in Python (about 1 us a tensor, at up to 15 tensors a
-    launch on an attention backward)."""
+    call where the exact bound walks the sizes and strides in Python (four tensors: 1.2 us against 4.2 us on a CI
+    core; an attention forward and backward checks 15)."""
     try:
         return t.untyped_storage().nbytes() <= limit * t.element_size()
     except (NotImplementedError, RuntimeError):  # a tensor without a storage of its own (functionalised, ...)
