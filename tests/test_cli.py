@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +31,45 @@ def test_info_command_lists_versions_and_op_choices():
         assert key in out
     assert torch.__version__ in out
     assert "dwconv3d" in out and "dwconv3d_tokens" in out
+
+
+def test_info_console_script():
+    """The `fastseg3d` command the install puts beside the interpreter (the README's `fastseg3d info`)."""
+    script = shutil.which("fastseg3d", path=os.path.dirname(sys.executable)) or shutil.which("fastseg3d")
+    assert script is not None, "the install put no fastseg3d command on the PATH"
+    out = subprocess.run([script, "info"], capture_output=True, text=True, check=True).stdout
+    assert "fastseg3d environment" in out and "dwconv3d" in out
+
+
+@pytest.mark.parametrize("value,policy", [("torch", "torch"), (" Triton ", "triton"), ("AUTO", "auto")])
+def test_backend_environment_variable_sets_the_policy(value, policy):
+    """FASTSEG3D_BACKEND's valid values, read at import: on a CPU without the interpreter ``triton`` refuses the
+    depthwise conv, ``torch`` and ``auto`` run its reference."""
+    code = ("import torch, fastseg3d\nprint(fastseg3d.get_backend())\ntry:\n"
+            "    fastseg3d.ops.dwconv3d(torch.randn(1, 2, 3, 3, 3), torch.randn(2, 1, 3, 3, 3))\n    print('ran')\n"
+            "except NotImplementedError as e:\n    print('refused:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "FASTSEG3D_BACKEND": value},
+                          capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and lines[0] == policy, proc.stderr[-2000:]
+    assert lines[1].startswith("refused:" if policy == "triton" else "ran"), lines
+    if policy == "triton":
+        assert "device=cpu" in lines[1]
+
+
+def test_kernels_are_installed_only_as_fastseg3d_kernels(tmp_path):
+    """The Triton kernels live in the repository's ``kernels/`` but install as ``fastseg3d.kernels``: outside the
+    checkout, a bare ``import kernels`` does not find them."""
+    code = "import importlib.util\nspec = importlib.util.find_spec('kernels')\nprint(spec.origin if spec else '')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          check=True)
+    import fastseg3d.kernels
+
+    ours = os.path.dirname(os.path.realpath(fastseg3d.kernels.__file__))
+    origin = proc.stdout.strip()
+    assert not origin or os.path.dirname(os.path.realpath(origin)) != ours, origin
 
 
 def test_op_choices_follow_policy():

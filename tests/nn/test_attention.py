@@ -58,14 +58,24 @@ def test_num_heads_scale_reproduces_2024_release():
 
 
 def test_compile_fullgraph_forward_backward():
+    """The compiled module's output and every gradient (tokens and parameters) against eager's."""
     torch._dynamo.reset()
+    torch.manual_seed(0)
     module = EfficientSelfAttention3d(32, 2, sr_ratio=2)
     x = torch.randn(2, 4 * 6 * 2, 32, requires_grad=True)
-    compiled = torch.compile(module, fullgraph=True)
-    y = compiled(x, (4, 6, 2))
-    assert_close("y", y, module(x, (4, 6, 2)), torch.float32)
-    y.sum().backward()
-    assert x.grad is not None and module.sr.weight.grad is not None
+    g = torch.randn(2, 4 * 6 * 2, 32)
+    y_eager = module(x, (4, 6, 2))
+    y_eager.backward(g)
+    eager = {"x": x.grad.clone(), **{name: p.grad.clone() for name, p in module.named_parameters()}}
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    y = torch.compile(module, fullgraph=True)(x, (4, 6, 2))
+    assert_close("y", y, y_eager, torch.float32)
+    y.backward(g)
+    compiled = {"x": x.grad, **{name: p.grad for name, p in module.named_parameters()}}
+    assert set(compiled) == set(eager) and len(eager) == 11
+    for name, grad in compiled.items():
+        assert_close(f"d{name}", grad, eager[name], torch.float32)
 
 
 def test_meta_device_at_full_resolution():
@@ -148,12 +158,14 @@ def test_interpret_module_matches_unfused_composition(poison, sr, spatial, heads
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("sr,spatial,heads", [(1, (3, 5, 4), 2), (2, (4, 6, 2), 1)])
-def test_interpret_bf16_module_matches_unfused_composition(poison, sr, spatial, heads):
-    """bf16 parameters and tokens (the interpreter's bf16 dots made faithful by conftest's ``_bf16_as_on_gpu``)."""
-    module = EfficientSelfAttention3d(32 * heads, heads, sr_ratio=sr).to(torch.bfloat16)
+def test_interpret_half_module_matches_unfused_composition(poison, sr, spatial, heads, dtype):
+    """fp16 and bf16 parameters and tokens (the interpreter's bf16 dots made faithful by conftest's
+    ``_bf16_as_on_gpu``)."""
+    module = EfficientSelfAttention3d(32 * heads, heads, sr_ratio=sr).to(dtype)
     with fastseg3d.backend("triton"):
-        _compare(module, spatial, torch.bfloat16, "cpu")
+        _compare(module, spatial, dtype, "cpu")
 
 
 @pytest.mark.gpu
