@@ -266,6 +266,7 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                         _free(device)  # outside the except block, whose traceback holds the step's tensors
                         continue
                     bandwidth = utils.bandwidth_pct(setup, mode, ceilings, med)  # the copy, measured at start
+                    exp = utils.exp_pct(setup, mode, ceilings, med)
                     try:
                         roof, bound = utils.roofline(setup, mode, dtype, ceilings, med)
                     except Exception as err:  # noqa: BLE001  (a ceiling that cannot be measured loses its column)
@@ -275,7 +276,8 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
                     row = {"suite": case.suite, "case": case.name, "shape": label, "dtype": dtype_name, "mode": mode,
                            "provider": provider, "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                            "host_ms": host, "graph_ms": graph, "peak_mem_mb": peak, "roofline_pct": roof,
-                           "roofline_bound": bound, "bandwidth_pct": bandwidth, "backend": setup.backend, **env}
+                           "roofline_bound": bound, "bandwidth_pct": bandwidth, "exp_pct": exp,
+                           "backend": setup.backend, **env}
                     utils.write_rows([row], rows_path)
                     rows.append({k: row.get(k) for k in utils.ROW_KEYS})
                     print(f"  {case.name} {label} {dtype_name} {mode} {provider}: {med:.4f} ms", file=sys.stderr)

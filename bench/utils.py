@@ -21,8 +21,8 @@ from fastseg3d.backends import tf32_matmul_allowed
 
 ROW_KEYS = (
     "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "host_ms", "graph_ms",
-    "peak_mem_mb", "roofline_pct", "roofline_bound", "bandwidth_pct", "backend", "device", "driver", "torch", "triton",
-    "cuda", "cudnn", "commit", "date",
+    "peak_mem_mb", "roofline_pct", "roofline_bound", "bandwidth_pct", "exp_pct", "backend", "device", "driver", "torch",
+    "triton", "cuda", "cudnn", "commit", "date",
 )
 # Exponentials (MUFU ex2) per clock per SM: the CUDA C++ Programming Guide's arithmetic-throughput table gives 16
 # for compute capability 5.x to 9.0 (H100, H200); newer parts are assumed to match until measured.
@@ -248,12 +248,28 @@ def roofline(setup, mode: str, dtype: torch.dtype, ceilings: Ceilings | None, me
         rate = ceilings.tflops(dtype, fma=setup.flops_on == "fma")
         if rate:
             bounds[setup.flops_on] = setup.min_flops[mode] / (rate * 1e12)
-    if mode in setup.min_exps and ceilings.exp_per_s:
-        bounds["exp"] = setup.min_exps[mode] / ceilings.exp_per_s
+    exp_seconds = _exp_seconds(setup, mode, ceilings)
+    if exp_seconds is not None:
+        bounds["exp"] = exp_seconds
     if not bounds:
         return None, None
     bound, seconds = max(bounds.items(), key=lambda kv: kv[1])
     return 100.0 * seconds / (median_ms * 1e-3), bound
+
+
+def _exp_seconds(setup, mode: str, ceilings: Ceilings) -> float | None:
+    """The time the exponential unit needs for the mode's minimum exponentials; None without either."""
+    if mode not in setup.min_exps or not ceilings.exp_per_s:
+        return None
+    return setup.min_exps[mode] / ceilings.exp_per_s
+
+
+def exp_pct(setup, mode: str, ceilings: Ceilings | None, median_ms: float) -> float | None:
+    """The exponential term alone as a percentage of the measured median, as ``bandwidth_pct`` is for the memory
+    term: the roofline keeps only the binding ceiling, and attention's exp-unit share would be lost wherever the
+    memory or matrix bound is the larger."""
+    seconds = None if ceilings is None else _exp_seconds(setup, mode, ceilings)
+    return None if seconds is None else 100.0 * seconds / (median_ms * 1e-3)
 
 
 def bandwidth_pct(setup, mode: str, ceilings: Ceilings | None, median_ms: float) -> float | None:
@@ -287,15 +303,15 @@ def counterpart(provider: str, providers) -> str | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per (shape, dtype, mode, provider): timings, peak memory, roofline and bandwidth fractions, and for
-    a peer its time and peak memory over its fastseg3d counterpart's (``counterpart``; above 1: fastseg3d is
-    faster, or uses less)."""
+    """One line per (shape, dtype, mode, provider): timings, peak memory, roofline, bandwidth and exponential-unit
+    fractions, and for a peer its time and peak memory over its fastseg3d counterpart's (``counterpart``; above 1:
+    fastseg3d is faster, or uses less)."""
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault((r["case"], r["shape"], r["dtype"], r["mode"]), {})[r["provider"]] = r
     lines = [(f"{'case':<16} {'shape':<28} {'dtype':<9} {'mode':<10} {'provider':<40} {'median ms':>10} "
              f"{'p20':>8} {'p80':>8} {'host ms':>8} {'graph ms':>8} {'peak MB':>9} {'roofline%':>9} {'bound':>6} "
-             f"{'bw%':>6} {'fastseg3d x':>11} {'mem x':>6}")]
+             f"{'bw%':>6} {'exp%':>5} {'fastseg3d x':>11} {'mem x':>6}")]
     for (case, shape, dtype, mode), by_provider in groups.items():
         for provider, r in by_provider.items():
             ours = by_provider.get(counterpart(provider, by_provider) or "")
@@ -308,17 +324,19 @@ def format_table(rows: list[dict]) -> str:
             graph = f"{r['graph_ms']:.4f}" if r.get("graph_ms") is not None else "-"
             roof = f"{r['roofline_pct']:.1f}" if r["roofline_pct"] is not None else "-"
             bw = f"{r['bandwidth_pct']:.1f}" if r.get("bandwidth_pct") is not None else "-"
+            exp = f"{r['exp_pct']:.1f}" if r.get("exp_pct") is not None else "-"  # rows older than the key lack it
             bound = r.get("roofline_bound") or "-"
             lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
                          f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {host:>8} {graph:>8} {mem:>9} {roof:>9} "
-                         f"{bound:>6} {bw:>6} {speedup:>11} {mem_x:>6}")
+                         f"{bound:>6} {bw:>6} {exp:>5} {speedup:>11} {mem_x:>6}")
     return "\n".join(lines)
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
     """One figure per case, a group of bars per (shape, dtype, mode): median time per provider (log scale), each
     peer's time and peak memory over its fastseg3d counterpart's (``counterpart``; above 1: fastseg3d faster, or
-    smaller), and, where the case has them, fastseg3d's fractions of its roofline and of the copy bandwidth."""
+    smaller), and, where the case has them, fastseg3d's fractions of its roofline, of the copy bandwidth and of the
+    exponential unit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,7 +357,9 @@ def plot_rows(rows: list[dict], path: Path) -> None:
         ours, theirs = value(label, counterpart(provider, measured), key), value(label, provider, key)
         return theirs / ours if ours and theirs is not None else 0.0
 
-    roofline = any(r.get("roofline_pct") is not None or r.get("bandwidth_pct") is not None for r in rows)
+    # the fractions some row has: no row of a case without exponentials (or older than the key) has exp_pct
+    fractions = [k for k in ("roofline_pct", "bandwidth_pct", "exp_pct") if any(r.get(k) is not None for r in rows)]
+    roofline = bool(fractions)
     fig, axes = plt.subplots(3 + roofline, 1, figsize=(max(8, 0.9 * len(labels) * len(providers) / 2),
                                                        4 * (3 + roofline)), sharex=True)
     panels = [
@@ -348,8 +368,8 @@ def plot_rows(rows: list[dict], path: Path) -> None:
         (axes[2], peers, lambda lb, p: ratio(lb, p, "peak_mem_mb"), "peer peak memory / fastseg3d counterpart's"),
     ]
     if roofline:
-        panels.append((axes[3], ["roofline_pct", "bandwidth_pct"], lambda lb, key: value(lb, "fastseg3d", key) or 0.0,
-                       "fastseg3d: % of roofline, % of copy bandwidth"))
+        panels.append((axes[3], fractions, lambda lb, key: value(lb, "fastseg3d", key) or 0.0,
+                       "fastseg3d: % of roofline, copy bandwidth, exp unit"))
     for ax, series, get, ylabel in panels:
         width = 0.8 / max(1, len(series))
         for i, name in enumerate(series):  # each group centred on its label's tick, whatever the panel's series

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from bench.kl_distill import liger_loss
 from bench.models import NETWORKS
 from bench.registry import Setup, Unavailable, compiled, load_cases
 from fastseg3d.ops import kl_distill_multi
-from bench.utils import ROW_KEYS, read_rows, roofline
+from bench.utils import ROW_KEYS, exp_pct, format_table, read_rows, roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -78,6 +79,37 @@ def test_main_ops_suite_writes_valid_json(tmp_path):
     # on a CPU the default set leaves the compiled providers out
     assert not any("compile" in r["provider"] for r in rows)
     assert len(read_rows(tmp_path / "ops.jsonl")) == len(rows)
+
+
+# the providers of each case that run on a CPU without torch.compile: fastseg3d (its reference fallback there) and
+# the eager peers (SDPA's efficient and cuDNN backends need CUDA)
+_EAGER_QUICK_RUNS = {
+    "attention": ("fp32", ("fastseg3d", "sdpa-flash", "sdpa-math")),
+    "attention_block": ("fp32", ("fastseg3d", "torch-sdpa", "torch")),
+    "dice_ce": ("fp32", ("fastseg3d", "torch")),
+    "group_norm_act": ("fp32", ("fastseg3d", "torch")),
+    "layer_norm": ("fp32", ("fastseg3d", "torch")),
+    "segformer3d": ("bf16", ("fastseg3d", "plain")),  # a model case under autocast
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EAGER_QUICK_RUNS))
+def test_quick_run_writes_a_row_per_provider_and_mode(name, tmp_path, capsys):
+    """Each case through bench.run on its tiny shapes: a row for every shape, requested provider and mode, with a
+    finite positive median (a provider or mode that fails writes no row, only a "skipped" line)."""
+    dtype, providers = _EAGER_QUICK_RUNS[name]
+    case = load_cases()[name]
+    out = tmp_path / "rows.json"
+    assert run.main(["--case", name, "--quick", "--dtype", dtype, "--providers", ",".join(providers),
+                     "--out", str(tmp_path), "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped (" not in err and "out of memory" not in err, err
+    rows = json.loads(out.read_text())
+    expected = {(label, p, m) for label, _ in case.shapes(True) for p in providers for m in case.modes}
+    assert len(rows) == len(expected) and {(r["shape"], r["provider"], r["mode"]) for r in rows} == expected
+    assert all(tuple(r) == ROW_KEYS and r["dtype"] == dtype for r in rows)
+    assert all(math.isfinite(r["median_ms"]) and r["median_ms"] > 0 for r in rows)
+    assert read_rows(tmp_path / f"{case.suite}.jsonl") == rows
 
 
 def test_main_rejects_a_case_of_the_other_suite():
@@ -566,6 +598,38 @@ def test_roofline_takes_the_binding_ceiling():
     assert roofline(fma, "fwd", torch.bfloat16, _Ceilings(), median_ms=20.0) == (pytest.approx(50.0), "fma")
     assert roofline(setup, "bwd", torch.bfloat16, _Ceilings(), 1.0) == (None, None)
     assert roofline(setup, "fwd", torch.bfloat16, None, 1.0) == (None, None)
+
+
+def test_exp_pct_is_kept_where_another_ceiling_binds(tmp_path):
+    """exp_pct: the exponential term alone (minimum exponentials / the exp rate / the median) beside the binding
+    ceiling's roofline_pct; None for a mode without exponentials or an unknown rate. A run fills it per row, and
+    the table shows it, "-" for rows written before the key."""
+    setup = Setup(None, [], {"fwd": 4 * 10**9}, min_flops={"fwd": 1e12}, min_exps={"fwd": 1e9})  # 4, 2 and 1 ms
+    assert roofline(setup, "fwd", torch.bfloat16, _Ceilings(), median_ms=8.0) == (pytest.approx(50.0), "memory")
+    assert exp_pct(setup, "fwd", _Ceilings(), median_ms=8.0) == pytest.approx(12.5)
+    assert exp_pct(setup, "bwd", _Ceilings(), 8.0) is None
+    assert exp_pct(Setup(None, [], {"fwd": 10**9}), "fwd", _Ceilings(), 8.0) is None
+
+    class NoExpRate(_Ceilings):
+        exp_per_s = None
+
+    assert exp_pct(setup, "fwd", NoExpRate(), 8.0) is None and exp_pct(setup, "fwd", None, 8.0) is None
+
+    rows: list[dict] = []
+    for name in ("attention", "layer_norm"):
+        run.run_case(load_cases()[name], ["fp32"], ["fwd"], ["fastseg3d"], True, CPU, {}, _Ceilings(),
+                     tmp_path / "ops.jsonl", rows=rows)
+    attention = [r for r in rows if r["case"] == "attention"]
+    assert attention and all(r["exp_pct"] == pytest.approx(100 * 2 * 64 * 8 / 1e12 / (r["median_ms"] * 1e-3))
+                             for r in attention)  # tiny: batch 2, N64, M8, one head
+    assert all(r["exp_pct"] is None for r in rows if r["case"] == "layer_norm")
+    assert read_rows(tmp_path / "ops.jsonl") == rows
+
+    row = {"case": "attention", "shape": "s", "dtype": "bf16", "mode": "fwd", "provider": "fastseg3d",
+           "median_ms": 8.0, "p20_ms": 7.9, "p80_ms": 8.1, "peak_mem_mb": None, "roofline_pct": 50.0,
+           "roofline_bound": "memory", "bandwidth_pct": 50.0}
+    table = format_table([{**row, "exp_pct": 12.5}, {**row, "shape": "older"}]).splitlines()
+    assert "exp%" in table[0] and table[1].split()[-2:] == ["50.0", "12.5"] and table[2].split()[-2:] == ["50.0", "-"]
 
 
 def test_liger_provider_matches_the_eager_loss():
