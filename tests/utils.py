@@ -53,3 +53,40 @@ def assert_close(
             f"{name}: relative RMS error {rel_rms:.3e} (tol {rms_tol:.1e}), max error {rel_max:.3e} of scale "
             f"(tol {max_tol:.1e}); worst at {idx}: got {a[idx].item():.6g}, expected {e[idx].item():.6g}"
         )
+
+
+def assert_backends_agree(net, x, backend: str, floor: float, loss=None, dtype: torch.dtype = torch.float32,
+                          autocast: torch.dtype | None = None, scale: float = 10) -> None:
+    """A training step of ``net`` under ``backend`` and under the reference backend: the same logits, input gradient
+    and every parameter gradient (each measured against ``floor`` times the largest parameter gradient, so that the
+    gradients of parameters the loss barely reaches are not judged on their rounding alone). ``loss(output)``
+    defaults to the mean square of the logits; ``dtype`` and ``scale`` set the tolerances; ``autocast`` runs the step
+    under CPU autocast in that dtype."""
+    import contextlib
+
+    import fastseg3d
+
+    loss = loss or (lambda y: y.float().square().mean())
+    outs = []
+    for name in (backend, "torch"):
+        net.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        cast = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
+        with fastseg3d.backend(name), cast:
+            y = net(xi)
+            loss(y).backward()
+        logits = y if isinstance(y, torch.Tensor) else y[0]
+        outs.append((logits.detach().float(), xi.grad, [p.grad for p in net.parameters()]))
+    (y, dx, grads), (y_ref, dx_ref, grads_ref) = outs
+    assert_close("logits", y, y_ref, dtype, scale=scale)
+    assert_close("dx", dx, dx_ref, dtype, scale=scale)
+    floor = floor * max(g.abs().max().item() for g in grads_ref if g is not None)
+    checked = 0
+    for (name, _), g, g_ref in zip(net.named_parameters(), grads, grads_ref):
+        assert (g is None) == (g_ref is None), f"{name}: a gradient on one backend only"
+        if g is not None:
+            assert_close(name, g, g_ref, dtype, scale=scale, floor=floor)
+            checked += 1
+    assert checked, "no parameter received a gradient"
+

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastseg3d
 from fastseg3d.networks.mobileutr import MobileUtr, MobileUtrL
-from tests.utils import assert_close
+from tests.utils import assert_backends_agree, assert_close
 
 # ------------------------------------------------------------------------------------------------------
 # A plain-PyTorch build of the released Mobile U-ViT architecture (nn.Conv*, explicit softmax attention, the
@@ -529,27 +529,7 @@ def test_interpret_fused_network_matches_reference():
     torch.manual_seed(0)
     net = MobileUtr(spatial_dims=2, in_channels=1, out_channels=2, **_MICRO).train()
     # a conv bias ahead of a norm gets a gradient of zero up to rounding: errors are measured against the largest
-    _assert_backends_agree(net, torch.randn(1, 1, 16, 16), "triton", floor=1e-3)
-
-
-def _assert_backends_agree(net, x, backend: str, floor: float) -> None:
-    """A training step of ``net`` under ``backend`` and under the reference backend: the same logits, input
-    gradient and parameter gradients (each measured against ``floor`` times the largest parameter gradient)."""
-    outs = []
-    for name in (backend, "torch"):
-        net.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(1)
-        with fastseg3d.backend(name):
-            y = net(xi)
-            y.square().mean().backward()
-        outs.append((y.detach(), xi.grad, [p.grad for p in net.parameters()]))
-    (y, dx, grads), (y_ref, dx_ref, grads_ref) = outs
-    assert_close("logits", y, y_ref, torch.float32, scale=10)
-    assert_close("dx", dx, dx_ref, torch.float32, scale=10)
-    floor = floor * max(g.abs().max().item() for g in grads_ref)
-    for (name, _), g, g_ref in zip(net.named_parameters(), grads, grads_ref):
-        assert_close(name, g, g_ref, torch.float32, scale=10, floor=floor)
+    assert_backends_agree(net, torch.randn(1, 1, 16, 16), "triton", floor=1e-3)
 
 
 @pytest.mark.interpret
@@ -567,7 +547,7 @@ def test_interpret_3d_norm_chains_on_the_fused_kernel(monkeypatch, poison):
                     kernels=(3, 3, 3), num_heads=1).train()
     # a conv bias ahead of an InstanceNorm has a gradient of zero up to rounding (1e-7 where others reach 1e-3):
     # errors are measured against a hundredth of the largest gradient
-    _assert_backends_agree(net, torch.randn(1, 1, 8, 16, 16), "auto", floor=1e-2)
+    assert_backends_agree(net, torch.randn(1, 1, 8, 16, 16), "auto", floor=1e-2)
     assert len(chosen) == 23  # stem 1, ConvUtr 3 x 3, conv blocks 5 x 2, up-convs 3
 
 

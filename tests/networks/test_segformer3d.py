@@ -11,7 +11,7 @@ import fastseg3d
 from fastseg3d.networks import SegFormer3D
 from fastseg3d.networks.segformer3d import MixFFN3d
 from fastseg3d.reference.segformer3d import SegFormer3DRef as PlainSegFormer3D
-from tests.utils import assert_close
+from tests.utils import assert_backends_agree, assert_close
 
 _SMALL = dict(embed_dims=(16, 32, 32, 32), num_heads=(1, 1, 1, 2), decoder_dim=32)
 
@@ -378,21 +378,12 @@ def test_sync_batch_norm_after_conversion(monkeypatch, world_size):
 @pytest.mark.interpret
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_interpret_fused_network_matches_reference(mode):
+    """Logits, input gradient and every parameter gradient on the fused kernels against the reference backend."""
     torch.manual_seed(0)
     # the interpreter is slow: two blocks in the first stage (a residual add deferred into the next block's norm),
     # one in the others
     net = getattr(SegFormer3D(**_SMALL, depths=(2, 1, 1, 1)), mode)()
-    x = torch.randn(2, 4, 32, 32, 32)
-    outs = []
-    for backend in ("triton", "torch"):
-        xi = x.clone().requires_grad_()
-        net.zero_grad()
-        with fastseg3d.backend(backend):
-            y = net(xi)
-        y.square().mean().backward()
-        outs.append((y.detach(), xi.grad, net.segformer_encoder.tf_block1[0].mlp.fc1.weight.grad.clone()))
-    for name, a, e in zip(("logits", "dx", "dfc1"), *outs):
-        assert_close(name, a, e, torch.float32, scale=10)
+    assert_backends_agree(net, torch.randn(2, 4, 32, 32, 32), "triton", floor=1e-3)
 
 
 @pytest.mark.interpret
@@ -401,18 +392,16 @@ def test_interpret_fused_network_matches_reference_under_bf16_autocast():
     makes the interpreter's bf16 dots and casts those of a GPU)."""
     torch.manual_seed(0)
     net = SegFormer3D(**_SMALL, depths=(1, 1, 1, 1)).train()
-    x = torch.randn(2, 4, 32, 32, 32)
-    outs = []
-    for backend in ("triton", "torch"):
-        xi = x.clone().requires_grad_()
-        net.zero_grad()
-        with fastseg3d.backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
-            y = net(xi)
+
+    def loss(y):
         assert y.dtype == torch.bfloat16
-        y.float().square().mean().backward()
-        outs.append((y.detach().float(), xi.grad, net.segformer_encoder.tf_block1[0].mlp.fc1.weight.grad.clone()))
-    for name, a, e in zip(("logits", "dx", "dfc1"), *outs):
-        assert_close(name, a, e, torch.bfloat16, scale=10)
+        return y.float().square().mean()
+
+    # scale 15: the last stage holds two tokens at 32^3, so its weight gradients are sums of two outer products of
+    # bf16-rounded vectors, with no averaging of the rounding (tf_block4's fc1 differs by 11x bf16's RMS tolerance,
+    # the rest by at most 8x)
+    assert_backends_agree(net, torch.randn(2, 4, 32, 32, 32), "triton", floor=1e-2, loss=loss,
+                          dtype=torch.bfloat16, autocast=torch.bfloat16, scale=15)
 
 
 # ------------------------------------------------------------------------------------------------------

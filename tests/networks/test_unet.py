@@ -10,10 +10,10 @@ from torch import nn
 
 import fastseg3d
 from fastseg3d.distill import DSD, SelfReg
-from fastseg3d.losses import SelfRegLoss
+from fastseg3d.losses import DSDLoss, SelfRegLoss
 from fastseg3d.networks.unet import UNet, dsd_unet, selfreg_unet
 from fastseg3d.profile import activation_memory
-from tests.utils import assert_close
+from tests.utils import assert_backends_agree, assert_close
 
 
 @pytest.mark.parametrize("spatial_dims,shape", [(2, (2, 1, 16, 24)), (3, (1, 2, 8, 16, 8))])
@@ -52,6 +52,40 @@ def test_meta_device():
         net = UNet(3, 4, 3)
     out = net(torch.empty(2, 4, 128, 128, 96, device="meta"))
     assert out.shape == (2, 3, 128, 128, 96) and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("spatial_dims,shape", [(3, (2, 4, 32, 32, 16)), (2, (2, 4, 32, 16))])
+def test_meta_device_training_step(spatial_dims, shape):
+    """Forward and backward on the meta device: a gradient for the input and every parameter, nothing allocated."""
+    with torch.device("meta"):
+        net = UNet(spatial_dims, 4, 3)
+    x = torch.empty(shape, device="meta", requires_grad=True)
+    net(x).square().mean().backward()
+    assert x.grad.shape == shape and x.grad.device.type == "meta"
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in net.parameters())
+
+
+def test_presets_train_on_the_meta_device():
+    """dsd_unet with DSDLoss and selfreg_unet with SelfRegLoss: a whole training step on the meta device."""
+    with torch.device("meta"):
+        nets = {"dsd": dsd_unet(3, 1, 3, channels=(4, 8, 8, 8)), "selfreg": selfreg_unet(3, 1, 3, channels=(4, 8, 8))}
+    losses = {"dsd": DSDLoss(3), "selfreg": SelfRegLoss(generator=0)}
+    label = torch.zeros(1, 1, 16, 16, 16, dtype=torch.long, device="meta")
+    for name, net in nets.items():
+        loss = losses[name](net(torch.empty(1, 1, 16, 16, 16, device="meta")), label)
+        assert loss.device.type == "meta" and loss.shape == ()
+        loss.backward()
+        assert all(p.grad is not None and p.grad.device.type == "meta" for p in net.parameters()), name
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu")])
+def test_interpret_fused_network_matches_reference(norm, act):
+    """A training step of a small 3-D UNet with its norm -> activation chains on the fused kernels (the
+    interpreter) against the reference backend: logits, input gradient and every parameter gradient."""
+    torch.manual_seed(0)
+    net = UNet(3, 2, 3, channels=(4, 8, 8), norm=norm, act=act).train()
+    assert_backends_agree(net, torch.randn(2, 2, 8, 8, 8), "triton", floor=1e-3)
 
 
 def test_presets():
