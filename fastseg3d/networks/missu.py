@@ -318,7 +318,8 @@ class MISSU(nn.Module):
     ) -> None:
         super().__init__()
         if spatial_dims != 3:
-            raise ValueError(f"MISSU supports spatial_dims=3 only, got {spatial_dims}")
+            raise ValueError(f"MISSU supports spatial_dims=3 only, got {spatial_dims} (its first argument, as in "
+                             "MONAI's networks: MISSU(3, 4, 4) or MISSU(in_channels=4, out_channels=4))")
         if not isinstance(fusion, bool):
             raise ValueError(f"fusion must be a bool, got {fusion!r}")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),

@@ -247,3 +247,21 @@ def test_kl_terms_trace_with_symbolic_sizes():
     target = torch.randint(0, 3, (2, 1, 8, 8, 8))
     graph = make_fx(lambda d, t: loss_fn._kl(d, "decoder", tuple(t.shape[2:])), tracing_mode="symbolic")(heads, target)
     assert_close("kl", graph(heads, target), loss_fn._kl(heads, "decoder", (8, 8, 8)), torch.float32)
+
+
+def test_compile_fullgraph_matches_eager():
+    """The whole loss (DiceCE on every head and the six KL terms) under torch.compile(fullgraph=True): the eager
+    value and the gradient of every head."""
+    torch.manual_seed(0)
+    net = dsd_unet(3, 1, 3, channels=(4, 8, 8, 8))
+    out = net(torch.randn(1, 1, 16, 16, 16))
+    label = torch.randint(0, 3, (1, 1, 16, 16, 16))
+    heads = [out.main, *out.decoder, *out.encoder]
+    loss = DSDLoss(3)
+    eager = loss(out, label)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(out, label)
+    assert_close("loss", compiled, eager, torch.float32)
+    for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(compiled, heads, retain_graph=True),
+                                       torch.autograd.grad(eager, heads, retain_graph=True))):
+        assert_close(f"dhead{i}", g, g_ref, torch.float32)

@@ -68,3 +68,22 @@ def test_bad_arguments():
         loss_fn([dec[0]], [skip[0][:, :, :1]])
     with pytest.raises(ValueError, match=r"decoder_features\[1\] has batch size 1 but skip_features\[1\] has 2"):
         loss_fn([dec[0], dec[1][:1]], skip[:2])
+
+
+def test_meta_device_and_compile():
+    """The loss on the meta device (forward and the students' gradients) and under torch.compile(fullgraph=True):
+    the eager value and gradients."""
+    torch.manual_seed(0)
+    students = [torch.randn(2, c, n, n, n, requires_grad=True) for c, n in ((8, 4), (16, 2))]
+    teachers = [torch.randn(2, c, n, n, n) for c, n in ((8, 4), (16, 2))]
+    loss = MISSUDistillLoss()
+    meta = [s.detach().to("meta").requires_grad_() for s in students]
+    value = loss(meta, [t.to("meta") for t in teachers])
+    value.backward()
+    assert value.device.type == "meta" and [s.grad.shape for s in meta] == [s.shape for s in students]
+    eager = loss(students, teachers)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")(students, teachers)
+    assert_close("loss", compiled, eager, torch.float32)
+    for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(compiled, students), torch.autograd.grad(eager, students))):
+        assert_close(f"dstudent{i}", g, g_ref, torch.float32)

@@ -168,6 +168,7 @@ def test_meta_device_at_128():
     "call,match",
     [
         (lambda: MISSU(spatial_dims=2), "spatial_dims"),
+        (lambda: MISSU(4, 4), "got 4 \\(its first argument.*MISSU\\(in_channels=4, out_channels=4\\)"),
         (lambda: MISSU(embedding_dim=256), "embedding_dim must be 512"),
         (lambda: MISSU(num_heads=7), "num_heads"),
         (lambda: MISSU(fusion="no"), "fusion must be a bool"),
