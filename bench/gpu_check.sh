@@ -25,6 +25,7 @@ START=$SECONDS
 BUDGET="${BUDGET:-570}"
 OUT="${OUT:-$PWD/gpu_out}"
 WHEELS="${WHEELS:-.whl}"
+SITE="${WHEEL_SITE:-/tmp/site}"  # where carried wheels install (the image's site-packages stay as they are)
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 
@@ -37,13 +38,15 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null || missing+=("$wheel")
   done
   if [ ${#missing[@]} -gt 0 ]; then
-    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${missing[@]}"
-    then
-      export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
-      echo "installed from $WHEELS: ${missing[*]##*/}"
-    else
-      echo "could not install from $WHEELS: ${missing[*]##*/}"
-    fi
+    # one wheel at a time: a wheel the image refuses (a platform tag) does not keep the others out
+    for wheel in "${missing[@]}"; do
+      if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$wheel"; then
+        echo "installed from $WHEELS: ${wheel##*/}"
+      else
+        echo "could not install from $WHEELS: ${wheel##*/}"
+      fi
+    done
+    export PYTHONPATH="$SITE:${PYTHONPATH:-}"
   fi
 fi
 if [ -z "${SKIP_INSTALL:-}" ]; then

@@ -763,6 +763,19 @@ def test_largest_cube_refuses_without_gpu(capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def _write_wheel(path, name: str, tag: str) -> None:
+    """A minimal wheel of an empty package ``name`` (what pip needs: the package, METADATA, WHEEL, RECORD)."""
+    import zipfile
+
+    info = f"{name}-0.1.dist-info"
+    files = {f"{name}/__init__.py": "", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
+             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: fastseg3d-tests\nRoot-Is-Purelib: true\nTag: {tag}\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+
+
 def test_gpu_check_script_runs_end_to_end(tmp_path):
     """The whole script on a CPU (a GPU session is short, so it must not fail there first): a stand-in
     nvidia-smi, the project's install left as it is, one quick case; it leaves the three files a device call
@@ -772,18 +785,27 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 0 MiB, 0 MHz'\n")
     (fake / "nvidia-smi").chmod(0o755)
     out = tmp_path / "out"
+    # carried wheels: one this machine takes, one it refuses (a Windows tag), which must not keep the first out
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name, tag in (("fs3dprobe", "py3-none-any"), ("fs3drefused", "cp312-cp312-win_amd64")):
+        _write_wheel(wheels / f"{name}-0.1-{tag}.whl", name, tag)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "SKIP_INSTALL": "1",
            "SKIP_TESTS": "1", "PLAN": "full", "BENCH_CASES": "selfreg", "LARGEST_CUBE_MODELS": "",
-           "HOST_PROFILE_MODELS": "",
+           "HOST_PROFILE_MODELS": "", "WHEELS": str(wheels), "WHEEL_SITE": str(tmp_path / "site"),
            "BENCH_ARGS": "--quick --dtype fp32 --modes fwd --providers fastseg3d", "BUDGET": "300"}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"installed from {wheels}: fs3dprobe-0.1-py3-none-any.whl" in proc.stdout, proc.stdout[-3000:]
+    assert f"could not install from {wheels}: fs3drefused-0.1-cp312-cp312-win_amd64.whl" in proc.stdout
+    assert (tmp_path / "site" / "fs3dprobe" / "__init__.py").exists()
     assert sorted(p.name for p in out.iterdir()) == ["bench_table.txt", "gpu_check.tgz", "info.txt"]
     listing = subprocess.run(["tar", "-tzf", str(out / "gpu_check.tgz")], capture_output=True, text=True,
                              check=True).stdout.split()
-    for name in ("./results/ops.jsonl", "./results/targets.txt", "./results/info.txt", "./bench.log"):
-        assert name in listing
+    for name in ("./results/ops.jsonl", "./results/targets.txt", "./results/info.txt", "./bench.log",
+                 "./results/selfreg.png"):
+        assert name in listing, listing
     assert "not measured" in (out / "bench_table.txt").read_text()  # the targets report, on a CPU run
 
 
