@@ -1119,3 +1119,16 @@ def test_interpret_tune_sweep_runs_candidates(op, label, kernels, pool, monkeypa
     assert [r["kernel"] for r in rows] == [k for k in kernels for _ in range(2)]
     assert all(r["ok"] and r["error"] is None for r in rows), rows
     assert [r["current"] for r in rows] == [True, False] * len(kernels)
+
+
+def test_256_cube_attention_target_compares_the_peak_with_one_score_matrix():
+    """The sub-block trains at 256^3 (N 262,144, M 4,096, one head, batch 2) within one fp32 copy of the scores,
+    8 GiB: the value is that matrix over the fused step's peak."""
+    from bench import targets
+
+    what = "attention sub-block bf16 fwd+bwd stage1@256^3: one fp32 N x M score matrix / our peak"
+    for peak, value, verdict in ((4096.0, 2.0, "met"), (16384.0, 0.5, "short by 50%")):
+        rows = [{"case": "attention_block", "shape": "stage1@256^3 N262144 M4096 H1 d32", "dtype": "bf16",
+                 "mode": "fwd+bwd", "provider": "fastseg3d", "median_ms": 9.0, "peak_mem_mb": peak}]
+        results = {t.what: (v, verdict) for t, v, verdict in targets.check(rows)}
+        assert results[what] == (pytest.approx(value), verdict)
