@@ -142,8 +142,8 @@ declare -A TARGET_ARGS=()
 if [ "$PLAN" = targets ]; then
   declare -A LIMIT=(
     [dwconv3d]=45 [attention]=30 [attention_block]=35 [kl_distill]=25 [channel_kl]=20 [selfreg]=20
-    [segformer3d]=210 [mobileutr]=25 [missu]=25 [dsd_unet]=20 [selfreg_unet]=20 [dice_ce]=10 [group_norm_act]=15
-    [upsample_sum]=10 [layer_norm]=15
+    [segformer3d]=210 [mobileutr]=25 [mobileutrl]=25 [missu]=25 [dsd_unet]=20 [selfreg_unet]=20 [dice_ce]=10
+    [group_norm_act]=15 [upsample_sum]=10 [layer_norm]=15
   )
   # the shapes, dtypes, modes and peers the targets are stated on (bench/targets.py; shape labels: python -m
   # bench.run --list); a measurement that has started runs to its end, so no compile the targets do not read
@@ -160,6 +160,7 @@ if [ "$PLAN" = targets ]; then
     [layer_norm]="--dtype bf16 --modes fwd,fwd+bwd --providers fastseg3d,torch"
     [segformer3d]="--dtype bf16 --modes train_step --providers fastseg3d,plain,plain+torch.compile,*cuda-graph,fastseg3d+torch.compile --shapes *128^3"
     [mobileutr]="--dtype bf16 --modes train_step --shapes *96^3"
+    [mobileutrl]="--dtype bf16 --modes train_step --shapes *96^3"
     [missu]="--dtype bf16 --modes train_step --shapes *128^3"
     [dsd_unet]="--dtype bf16 --modes train_step --shapes *128^3"
     [selfreg_unet]="--dtype bf16 --modes train_step --shapes *128^3"
@@ -167,8 +168,8 @@ if [ "$PLAN" = targets ]; then
 else
   declare -A LIMIT=(
     [dwconv3d]=50 [attention]=35 [attention_block]=35 [kl_distill]=30 [channel_kl]=20 [selfreg]=25
-    [segformer3d]=45 [mobileutr]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30 [dice_ce]=15 [group_norm_act]=15
-    [upsample_sum]=15 [layer_norm]=20
+    [segformer3d]=45 [mobileutr]=35 [mobileutrl]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30 [dice_ce]=15
+    [group_norm_act]=15 [upsample_sum]=15 [layer_norm]=20
   )
 fi
 python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): dsd_unet and selfreg_unet will skip"
@@ -192,11 +193,12 @@ if [ "$PLAN" = targets ]; then
   # others run in what is left
   DEFAULT_CASES="segformer3d dwconv3d attention attention_block kl_distill"
   DEFAULT_CASES+=" channel_kl selfreg mobileutr missu dsd_unet selfreg_unet dice_ce group_norm_act upsample_sum"
+  DEFAULT_CASES+=" mobileutrl"
   DEFAULT_CASES+=" layer_norm"
 else
   DEFAULT_CASES="dwconv3d attention attention_block kl_distill channel_kl selfreg dice_ce group_norm_act upsample_sum"
   DEFAULT_CASES+=" layer_norm"
-  DEFAULT_CASES+=" segformer3d mobileutr missu dsd_unet selfreg_unet"
+  DEFAULT_CASES+=" segformer3d mobileutr mobileutrl missu dsd_unet selfreg_unet"
 fi
 for case in ${BENCH_CASES-$DEFAULT_CASES}; do
   # split on blanks, no glob expansion ('*compile*' reaches bench.run); BENCH_ARGS last, so it wins

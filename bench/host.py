@@ -30,8 +30,8 @@ import torch
 __all__ = ["host_times"]
 
 # the smallest cubic side each network trains on at batch 1 (SegFormer3D's deepest BatchNorm needs 2^3 voxels)
-_SIDES = {"segformer3d": 64, "mobileutr": 32, "missu": 32, "dsd_unet": 32, "selfreg_unet": 32}
-_FULL = {"mobileutr"}  # its small configuration has a head dim the attention kernels do not take
+_SIDES = {"segformer3d": 64, "mobileutr": 32, "mobileutrl": 32, "missu": 32, "dsd_unet": 32, "selfreg_unet": 32}
+_FULL = {"mobileutr", "mobileutrl"}  # their small configurations have a head dim the attention kernels do not take
 
 
 def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int = 3, full: bool = False) -> dict:
@@ -166,7 +166,7 @@ def _kernel_modules() -> list:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", help="a model case (segformer3d, mobileutr, missu, dsd_unet, selfreg_unet)")
+    parser.add_argument("name", help="a model case (segformer3d, mobileutr, mobileutrl, missu, dsd_unet, selfreg_unet)")
     parser.add_argument("--side", type=int, help="cubic input side (default: the smallest the network trains on)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--full", action="store_true", help="the benchmark's full configuration")

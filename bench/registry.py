@@ -125,6 +125,7 @@ def load_cases() -> dict[str, Case]:
         layer_norm,
         missu,
         mobileutr,
+        mobileutrl,
         segformer3d,
         selfreg,
         selfreg_unet,

@@ -463,8 +463,8 @@ def launch_counts(name: str, side: int | None = None, batch: int | None = None, 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("op", choices=["dwconv3d", "attention", "kl_distill", "selfreg", "network", "launches"])
-    parser.add_argument("name", nargs="?", help="network, launches: a model case (segformer3d, mobileutr, missu, "
-                                                "dsd_unet, selfreg_unet)")
+    parser.add_argument("name", nargs="?", help="network, launches: a model case (segformer3d, mobileutr, "
+                                                "mobileutrl, missu, dsd_unet, selfreg_unet)")
     parser.add_argument("--side", type=int, help="network: cubic input side (default: the benchmark's first)")
     parser.add_argument("--batch", type=int, help="network: batch (default: the benchmark's)")
     parser.add_argument("--shape", type=int, nargs=5, default=[2, 32, 128, 128, 128], help="dwconv3d input")
