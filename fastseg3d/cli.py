@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     convert.add_arguments(sub.add_parser("convert", help="convert checkpoints to and from the official layouts"))
     sub.add_parser("bench", help="the benchmark suite: fastseg3d bench ops|model [--case NAME] [--dtype ...] "
-                                 "[--json PATH] (see bench/README.md)")
+                                 "[--json [PATH]] (see bench/README.md)")
 
     # key=value overrides may come anywhere after the subcommand, between options too (argparse alone takes them
     # as one run of positionals)

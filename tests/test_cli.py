@@ -276,12 +276,25 @@ def test_profile_of_an_msd_config_without_its_folder_takes_the_networks_channels
     assert "--size takes D H W or one side" in capsys.readouterr().err
 
 
-def test_bench_forwards_to_the_suite(tmp_path):
+def test_bench_forwards_to_the_suite(tmp_path, capsys):
+    """`fastseg3d bench ops|model [--case NAME] [--dtype ...] [--json [PATH]]`: rows for the asked case and dtype,
+    as a JSON array in PATH, or as JSON lines on stdout with a bare --json."""
+    import json
+
     from fastseg3d.cli import main
 
     out = tmp_path / "rows.json"
-    assert main(["bench", "ops", "--case", "selfreg", "--quick", "--json", str(out)]) == 0
-    assert out.is_file() and out.stat().st_size > 0
+    assert main(["bench", "ops", "--case", "selfreg", "--quick", "--dtype", "fp32", "--out", str(tmp_path),
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and {(r["case"], r["dtype"]) for r in rows} == {("selfreg", "fp32")}
+    assert all(r["median_ms"] > 0 for r in rows)
+    capsys.readouterr()
+    assert main(["bench", "model", "--case", "segformer3d", "--quick", "--dtype", "fp32", "--modes", "infer",
+                 "--providers", "fastseg3d", "--out", str(tmp_path), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines and all((r["suite"], r["case"], r["mode"], r["provider"]) == ("model", "segformer3d", "infer",
+                                                                              "fastseg3d") for r in lines)
 
 
 def test_import_without_triton_falls_back_to_reference():
