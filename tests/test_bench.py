@@ -1133,3 +1133,17 @@ def test_256_cube_attention_target_compares_the_peak_with_one_score_matrix():
                  "mode": "fwd+bwd", "provider": "fastseg3d", "median_ms": 9.0, "peak_mem_mb": peak}]
         results = {t.what: (v, verdict) for t, v, verdict in targets.check(rows)}
         assert results[what] == (pytest.approx(value), verdict)
+
+
+def test_attention_stage1_minimum_work_matches_the_spec():
+    """SegFormer3D's stage 1 at 128^3 (N 32,768, M 512, C 32, one head), per sample in bf16: q, k, v and the output
+    4.26 MB, 2.15 GFLOP of matrix products and 16.8 M exponentials forward (performance.md's roofline of it); the
+    benchmark runs batch 2, and backward recomputes the probabilities."""
+    case = load_cases()["attention"]
+    spec = dict(case.shapes(False))["stage1@128^3 N32768 M512 H1 d32"]
+    setup = case.setup(spec, torch.bfloat16, "fastseg3d", CPU)
+    assert setup.min_bytes["fwd"] / 2 == pytest.approx(4.26e6, rel=2e-3)
+    assert setup.min_flops["fwd"] / 2 == pytest.approx(2.147e9, rel=1e-3)
+    assert setup.min_exps["fwd"] / 2 == 32768 * 512
+    assert setup.min_exps["fwd+bwd"] == 2 * setup.min_exps["fwd"] and setup.min_flops["fwd+bwd"] == 3.5 * (
+        setup.min_flops["fwd"])
