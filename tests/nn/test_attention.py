@@ -200,3 +200,34 @@ def test_kv_gradient_is_one_stack(name):
     with AtenOps() as log:
         out.sum().backward()
     assert "aten::select_backward" not in log.ops and "aten::stack" in log.ops, log.ops
+
+
+def test_spatial_reduction_reads_the_tokens_in_place():
+    """The module's forward and backward copy no token-sized tensor (the published code copies the tokens into an
+    NCDHW volume before the strided conv: the same detector sees that copy in the reference composition)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.found = numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func._schema.name
+            leaves = torch.utils._pytree.tree_leaves(out)
+            if name in ("aten::clone", "aten::_to_copy", "aten::copy_", "aten::_reshape_copy") and any(
+                    isinstance(t, torch.Tensor) and t.numel() == self.numel for t in leaves):
+                self.found.append(name)
+            return out
+
+    torch.manual_seed(0)
+    module = EfficientSelfAttention3d(32, 2, sr_ratio=2)
+    spatial = (4, 6, 8)
+    x = torch.randn(2, 4 * 6 * 8, 32, requires_grad=True)
+    with Copies(x.numel()) as log:
+        module(x, spatial).sum().backward()
+    assert not log.found, log.found
+    with Copies(x.numel()) as log, fastseg3d.backend("torch"):
+        efficient_self_attention3d_ref(module, x, spatial)
+    assert "aten::clone" in log.found
