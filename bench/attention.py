@@ -1,4 +1,5 @@
-"""case=attention: the fused attention op against the SDPA backends (each forced) and xformers; and
+"""case=attention: the fused attention op against the SDPA backends (each forced), xformers and, on request
+(``--providers flex`` or ``all``: each shape and dtype compiles its own kernels), FlexAttention compiled; and
 case=attention_block: SegFormer3D's whole attention sub-block (LN -> attention -> proj -> residual), fastseg3d's
 module against the published compositions: the current release's (SDPA, ``torch-sdpa``; compiled as
 ``torch.compile``) and the 2024 release's (explicit softmax, ``torch``), eager and compiled (the autotuned and
@@ -62,7 +63,7 @@ def _op_providers(spec):
     providers = ["fastseg3d", *_SDPA]
     if importlib.util.find_spec("xformers") is not None:
         providers.append("xformers")
-    return providers
+    return [*providers, "flex"]
 
 
 def _core_work(b: int, heads: int, n: int, m: int, d: int) -> tuple[dict, dict]:
@@ -93,6 +94,15 @@ def _op_setup(spec, dtype, provider, device) -> Setup:
 
         def fwd():
             return xops.memory_efficient_attention(*qkv())
+    elif provider == "flex":
+        require_cuda(device, "FlexAttention's compiled kernels")
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def fwd():
+            q, k, v = (t.transpose(1, 2) for t in qkv())
+            return flex(q, k, v).transpose(1, 2)
     else:
         if provider in _GPU_ONLY_SDPA:
             require_cuda(device, f"SDPA's {_SDPA[provider].lower()} backend")
@@ -148,7 +158,8 @@ def _block_setup(spec, dtype, provider, device) -> Setup:
                  {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}, min_flops=flops, min_exps=exps)
 
 
-register(Case(name="attention", shapes=_shapes, providers=_op_providers, setup=_op_setup))
+register(Case(name="attention", shapes=_shapes, providers=_op_providers, setup=_op_setup,
+              optional=lambda spec: ("flex",)))
 _OPTIONAL = optional_compile("")
 
 
