@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
+import fastseg3d
 from fastseg3d.backends import tf32_matmul_allowed
 
 ROW_KEYS = (
     "suite", "case", "shape", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "host_ms", "graph_ms",
     "peak_mem_mb", "roofline_pct", "roofline_bound", "bandwidth_pct", "exp_pct", "backend", "device", "driver", "torch",
-    "triton", "cuda", "cudnn", "commit", "date",
+    "triton", "cuda", "cudnn", "fastseg3d", "commit", "date",
 )
 # Exponentials (MUFU ex2) per clock per SM: the CUDA C++ Programming Guide's arithmetic-throughput table gives 16
 # for compute capability 5.x to 9.0 (H100, H200); newer parts are assumed to match until measured.
@@ -69,8 +70,13 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = "none"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        git = ["git", "-C", str(Path(__file__).parent)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        # rows of a tree with uncommitted changes to tracked files do not belong to the commit alone
+        if subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                          check=True).stdout.strip():
+            commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = os.environ.get("FASTSEG3D_COMMIT", "unknown")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
@@ -88,6 +94,7 @@ def environment(device: torch.device) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",
         "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none",
+        "fastseg3d": fastseg3d.__version__,
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -1147,3 +1147,28 @@ def test_attention_stage1_minimum_work_matches_the_spec():
     assert setup.min_exps["fwd"] / 2 == 32768 * 512
     assert setup.min_exps["fwd+bwd"] == 2 * setup.min_exps["fwd"] and setup.min_flops["fwd+bwd"] == 3.5 * (
         setup.min_flops["fwd"])
+
+
+def test_environment_names_versions_and_a_dirty_tree(tmp_path, monkeypatch):
+    """Rows carry the library's version and the commit, marked +dirty where tracked files changed; a tree without
+    git takes FASTSEG3D_COMMIT."""
+    import fastseg3d
+    from bench import utils
+
+    env = utils.environment(CPU)
+    assert env["fastseg3d"] == fastseg3d.__version__ and set(env) <= set(ROW_KEYS)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout (CI's clone is one)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        assert env["commit"] == head.stdout.strip() + ("+dirty" if dirty else "")
+    monkeypatch.setenv("FASTSEG3D_COMMIT", "abc1234")
+    real_run = subprocess.run
+
+    def no_git(cmd, *args, **kwargs):
+        if cmd[0] == "git":
+            raise OSError("no git here")
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(utils.subprocess, "run", no_git)
+    assert utils.environment(CPU)["commit"] == "abc1234"
