@@ -1172,3 +1172,44 @@ def test_environment_names_versions_and_a_dirty_tree(tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils.subprocess, "run", no_git)
     assert utils.environment(CPU)["commit"] == "abc1234"
+
+
+def test_largest_cube_main_writes_a_row_per_search(tmp_path, monkeypatch, capsys):
+    """``python -m bench.largest_cube`` end to end with the GPU stood in for: a step whose peak grows with the
+    voxels and that runs out of memory past a side per provider; the rows (one per model and provider) land in
+    ``largest_cube.jsonl`` and the JSON file, and the table names each stop."""
+    class Props:
+        total_memory = 100 * 2**30
+
+    limit = {"plain": 256, "fastseg3d": 384}
+    peak = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["bytes"])
+    monkeypatch.setattr(largest_cube.utils, "environment", lambda device: {"device": "Stand-in GPU", "commit": "x"})
+    monkeypatch.setattr(largest_cube, "build", lambda net, cfg, plain, device: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(largest_cube, "inputs", lambda net, b, side, device: (side, None))
+
+    def runners(net, model, plain, provider, x, label, dtype, device):
+        def step():
+            if x > limit[provider]:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            peak["bytes"] = 1e-3 * x**3 * 2**20
+        return {"train_step": step}
+
+    monkeypatch.setattr(largest_cube, "runners", runners)
+    monkeypatch.setattr(largest_cube.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM handling
+    out = tmp_path / "rows.json"
+    status = largest_cube.main(["--model", "segformer3d", "--max-side", "512", "--time-limit", "60",
+                                "--out", str(tmp_path), "--json", str(out)])
+    assert status == 0
+    rows = json.loads(out.read_text())
+    assert [(r["provider"], r["side"], r["stop"]) for r in rows] == [("plain", 256, "out of memory"),
+                                                                      ("fastseg3d", 384, "out of memory")]
+    assert all(r["converged"] and r["voxels"] == r["side"] ** 3 for r in rows)
+    on_disk = [json.loads(line) for line in (tmp_path / "largest_cube.jsonl").read_text().splitlines()]
+    assert [r["side"] for r in on_disk] == [256, 384]
+    table = largest_cube.format_table(rows)
+    assert "plain" in table and "384" in table and "out of memory" in table and "(unfinished)" not in table
