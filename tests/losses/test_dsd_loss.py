@@ -213,7 +213,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.interpret
-def test_fused_kl_matches_reference():
+def test_fused_kl_matches_reference(poison):
     # Decoder students below the teacher's resolution (upsampled inside the kernel), encoder heads at full
     # resolution. A teacher coarser than its students (DSD's interp-mode encoder) is left to the op's own tests:
     # the interpreter takes tens of seconds on it even at 4x4x2.

@@ -182,7 +182,7 @@ def test_bad_inputs(call, match):
 
 
 @pytest.mark.interpret
-def test_interpret_fused_attention_matches_reference():
+def test_interpret_fused_attention_matches_reference(poison):
     torch.manual_seed(0)
     net = MISSU(dropout_rate=0.0, init_dropout=0.0).eval()
     x = torch.randn(1, 4, 32, 32, 32)
@@ -195,7 +195,7 @@ def test_interpret_fused_attention_matches_reference():
 
 
 @pytest.mark.interpret
-def test_interpret_training_step_matches_reference():
+def test_interpret_training_step_matches_reference(poison):
     """Training logits, input gradient and every parameter gradient (the fused attention's dq/dk/dv feed the
     transformer's) through the distillation loss, on the fused kernels against the reference backend."""
     torch.manual_seed(0)

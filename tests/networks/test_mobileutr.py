@@ -525,7 +525,7 @@ _MICRO = dict(dims=(4, 8, 16, 16), depths=(1, 1, 1, 1, 1), num_heads=1)
 
 
 @pytest.mark.interpret
-def test_interpret_fused_network_matches_reference():
+def test_interpret_fused_network_matches_reference(poison):
     torch.manual_seed(0)
     net = MobileUtr(spatial_dims=2, in_channels=1, out_channels=2, **_MICRO).train()
     # a conv bias ahead of a norm gets a gradient of zero up to rounding: errors are measured against the largest

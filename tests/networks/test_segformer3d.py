@@ -377,7 +377,7 @@ def test_sync_batch_norm_after_conversion(monkeypatch, world_size):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_interpret_fused_network_matches_reference(mode):
+def test_interpret_fused_network_matches_reference(mode, poison):
     """Logits, input gradient and every parameter gradient on the fused kernels against the reference backend."""
     torch.manual_seed(0)
     # the interpreter is slow: two blocks in the first stage (a residual add deferred into the next block's norm),
@@ -387,7 +387,7 @@ def test_interpret_fused_network_matches_reference(mode):
 
 
 @pytest.mark.interpret
-def test_interpret_fused_network_matches_reference_under_bf16_autocast():
+def test_interpret_fused_network_matches_reference_under_bf16_autocast(poison):
     """The training step under CPU bf16 autocast, every kernel in bf16 where the network feeds it bf16 (conftest
     makes the interpreter's bf16 dots and casts those of a GPU)."""
     torch.manual_seed(0)

@@ -80,7 +80,7 @@ def test_presets_train_on_the_meta_device():
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu")])
-def test_interpret_fused_network_matches_reference(norm, act):
+def test_interpret_fused_network_matches_reference(norm, act, poison):
     """A training step of a small 3-D UNet with its norm -> activation chains on the fused kernels (the
     interpreter) against the reference backend: logits, input gradient and every parameter gradient."""
     torch.manual_seed(0)

@@ -948,7 +948,7 @@ def test_interpret_batch_norm_relu_chains_on_the_fused_kernels(layout, monkeypat
 
 
 @pytest.mark.interpret
-def test_interpret_norm_act_conv_fused_group_norm_under_fp32_group_norm_autocast(monkeypatch):
+def test_interpret_norm_act_conv_fused_group_norm_under_fp32_group_norm_autocast(monkeypatch, poison):
     """bf16 input under autocast with CUDA's GroupNorm policy patched in: the fused kernel reads the bf16 input and
     writes the conv's bf16 input; output and gradients within bf16 rounding of the plain chain, in its dtypes."""
     calls = _count_fused(monkeypatch)
@@ -1046,7 +1046,7 @@ def test_interpret_act_instance_norm_chains_on_the_fused_kernel(layout, monkeypa
 
 
 @pytest.mark.interpret
-def test_interpret_act_instance_norm_conv_bf16_autocast(monkeypatch):
+def test_interpret_act_instance_norm_conv_bf16_autocast(monkeypatch, poison):
     """bf16 input under autocast (MobileUtr's training): the fused forward writes the conv's bf16 input, and output
     and gradients match the plain composition within bf16 rounding, in its dtypes."""
     calls = _count_fused(monkeypatch)
@@ -1068,7 +1068,7 @@ def test_interpret_act_instance_norm_conv_bf16_autocast(monkeypatch):
 
 
 @pytest.mark.interpret
-def test_interpret_fp32_input_under_autocast_writes_the_conv_dtype(monkeypatch):
+def test_interpret_fp32_input_under_autocast_writes_the_conv_dtype(monkeypatch, poison):
     """An fp32 input under (CPU) bf16 autocast: the fused forward and its recompute write the conv's bf16 input
     directly, and output and gradients match the plain chain within bf16 rounding."""
     calls = _count_fused(monkeypatch)

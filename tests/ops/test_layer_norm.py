@@ -340,7 +340,7 @@ def test_kernels_64bit_indexing(monkeypatch, poison):
 
 
 @pytest.mark.interpret
-def test_layer_norm_for_linear_writes_the_autocast_dtype(monkeypatch):
+def test_layer_norm_for_linear_writes_the_autocast_dtype(monkeypatch, poison):
     """SegFormer3D's norms: under (CPU) bf16 autocast the fused norm writes the Linear's bf16 input, and the
     Linear's output and every gradient match the plain composition within bf16 rounding."""
     from torch import nn
@@ -426,7 +426,7 @@ def test_apply_layer_norm_on_a_patch_embeddings_tokens(poison):
 
 
 @pytest.mark.interpret
-def test_module_helpers_under_cpu_autocast_return_the_norms_dtype():
+def test_module_helpers_under_cpu_autocast_return_the_norms_dtype(poison):
     """CPU autocast runs LayerNorm in its input's dtype (CUDA's in fp32): the fused helpers return what the module
     does, through the kernels."""
     from torch import nn
@@ -500,7 +500,7 @@ def test_add_kernels_with_some_gradients(needs, residual_dtype, poison):
 
 
 @pytest.mark.interpret
-def test_add_kernels_when_only_the_sum_is_used():
+def test_add_kernels_when_only_the_sum_is_used(poison):
     """The norm's output unused: the sum's gradient passes to both inputs in their dtypes, as through an add."""
     x, w, b = _inputs((2, 9, 20))
     r = torch.randn(2, 9, 20, dtype=torch.float16, requires_grad=True)
@@ -521,7 +521,7 @@ def test_add_kernels_64bit_indexing(monkeypatch, poison):
 
 
 @pytest.mark.interpret
-def test_add_layer_norm_module_helper_matches_the_plain_residual_step():
+def test_add_layer_norm_module_helper_matches_the_plain_residual_step(poison):
     """nn.recompute.add_layer_norm (SegFormer3D's residual adds) under (CPU) bf16 autocast: the fp32 stream plus
     a Linear's bf16 output, the norm written in bf16 for the next Linear; outputs and every gradient as the plain
     ``x + branch`` and LayerNorm within bf16 rounding, the sum itself exactly."""
