@@ -128,6 +128,19 @@ def _block_providers(spec):
             "torch.compile-reduce-overhead"]
 
 
+def _sdpa_choice(b: int, n: int, m: int, heads: int, d: int, dtype, device) -> str | None:
+    """The backend ``F.scaled_dot_product_attention`` picks for the published composition's q, k and v (permuted
+    views of the Linear outputs), as the ``torch-sdpa`` peer's name does not say which one runs."""
+    from torch.nn.attention import SDPBackend
+
+    q = torch.empty(b, n, heads, d, device=device, dtype=dtype).permute(0, 2, 1, 3)
+    k, v = torch.empty(b, m, 2, heads, d, device=device, dtype=dtype).permute(2, 0, 3, 1, 4)
+    try:
+        return "sdpa-" + SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().removesuffix("_attention")
+    except (AttributeError, RuntimeError, TypeError, ValueError):  # a private API
+        return None
+
+
 def _block_setup(spec, dtype, provider, device) -> Setup:
     grid, c, heads, sr = spec["grid"], spec["c"], spec["heads"], spec["sr"]
     n = grid[0] * grid[1] * grid[2]
@@ -154,8 +167,9 @@ def _block_setup(spec, dtype, provider, device) -> Setup:
     linear = 2.0 * b * (n * c * c + patchify + m * c * 2 * c + n * c * c)
     flops = {"fwd": core_flops["fwd"] + linear, "bwd": core_flops["bwd"] + 2 * linear,
              "fwd+bwd": core_flops["fwd+bwd"] + 3 * linear}
+    backend = _sdpa_choice(b, n, m, heads, c // heads, dtype, device) if provider == "torch-sdpa" else None
     return Setup(lambda: block(x), [x, *attn.parameters(), *norm.parameters()],
-                 {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}, min_flops=flops, min_exps=exps)
+                 {"fwd": io, "bwd": 2 * io, "fwd+bwd": 3 * io}, min_flops=flops, min_exps=exps, backend=backend)
 
 
 register(Case(name="attention", shapes=_shapes, providers=_op_providers, setup=_op_setup,

@@ -1213,3 +1213,12 @@ def test_largest_cube_main_writes_a_row_per_search(tmp_path, monkeypatch, capsys
     assert [r["side"] for r in on_disk] == [256, 384]
     table = largest_cube.format_table(rows)
     assert "plain" in table and "384" in table and "out of memory" in table and "(unfinished)" not in table
+
+
+def test_attention_block_sdpa_peer_names_the_backend_sdpa_picks():
+    """The torch-sdpa peer's rows say which SDPA backend its automatic dispatch takes (its name does not)."""
+    case = load_cases()["attention_block"]
+    (_, spec), = case.shapes(True)
+    setup = case.setup(spec, torch.float32, "torch-sdpa", CPU)
+    assert setup.backend in ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"), setup.backend
+    assert case.setup(spec, torch.float32, "fastseg3d", CPU).backend is None
