@@ -46,14 +46,15 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         echo "could not install from $WHEELS: ${wheel##*/}"
       fi
     done
-    export PYTHONPATH="$SITE:${PYTHONPATH:-}"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
 if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
     echo "install failed"; cat "$OUT/install.log"; exit 1; }
 fi
-FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(python3 -c "from bench.utils import git_commit; print(git_commit())" \
+  2>/dev/null || echo unknown)}"
 export FASTSEG3D_COMMIT
 # bench.targets reads the newest commit's rows only: rows of "unknown" would not join another call's
 [ "$FASTSEG3D_COMMIT" = unknown ] && echo "WARNING: commit unknown (a tree without .git): pass FASTSEG3D_COMMIT=<sha>"

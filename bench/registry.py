@@ -27,6 +27,8 @@ COMPILE_MODES = {
 }
 # The autotuned and CUDA-graph variants cost minutes of compilation per shape: asked for with --providers.
 OPTIONAL_COMPILE = ("torch.compile-max-autotune", "torch.compile-reduce-overhead")
+# peers that compile under another name (their setup calls torch.compile): Dynamo's cache is reset before each
+COMPILED_PEERS = ("flex",)
 # the suffix of a model provider whose eager step is captured in a CUDA graph (bench.models.graphed)
 CUDA_GRAPH = "+cuda-graph"
 

@@ -31,6 +31,7 @@ import torch
 from bench import utils
 from bench.registry import (
     COMPILE_MODES,
+    COMPILED_PEERS,
     CUDA_GRAPH,
     MODEL_MODES,
     MODES,
@@ -209,11 +210,12 @@ def run_case(case: Case, dtypes, modes, providers, quick, device, env, ceilings,
             for provider in select_providers(case, spec, providers, device):
                 if deadline is not None and time.monotonic() > deadline:
                     raise _TimeUp(f"{case.name} {label} {dtype_name} {provider}")
-                if compile_variant(provider) is not None or after_compiled:
+                compiles = compile_variant(provider) is not None or provider in COMPILED_PEERS
+                if compiles or after_compiled:
                     # a fresh cache per compiled setup: no recompile limit reached silently (which would run
                     # eager); and after one, no compiled graph's memory (a reduce-overhead pool) in the next's peak
                     torch._dynamo.reset()
-                after_compiled = compile_variant(provider) is not None
+                after_compiled = compiles
                 try:
                     setup = case.setup(spec, dtype, provider, device)
                 except Unavailable as err:

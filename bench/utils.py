@@ -69,16 +69,7 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    try:
-        git = ["git", "-C", str(Path(__file__).parent)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        # rows of a tree with uncommitted changes to tracked files do not belong to the commit alone
-        if subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                          check=True).stdout.strip():
-            commit += "+dirty"
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("FASTSEG3D_COMMIT", "unknown")
+    commit = os.environ.get("FASTSEG3D_COMMIT") or git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     driver = "none"
     if device.type == "cuda":
@@ -98,6 +89,24 @@ def environment(device: torch.device) -> dict:
         "commit": commit,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def git_commit() -> str:
+    """The checkout's short commit, with ``+dirty`` where tracked files outside ``bench/results`` (which the
+    benchmarks append to) have uncommitted changes; "unknown" without git. ``gpu_check.sh`` computes the same
+    string once and passes it as ``FASTSEG3D_COMMIT``, so that every row of a run carries one commit."""
+    git = ["git", "-C", str(Path(__file__).resolve().parents[1])]
+    try:
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    try:
+        status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)bench/results"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return commit
+    return commit + ("+dirty" if status.strip() else "")
 
 
 def device_slug(name: str) -> str:

@@ -95,9 +95,11 @@ _EAGER_QUICK_RUNS = {
 
 
 @pytest.mark.parametrize("name", sorted(_EAGER_QUICK_RUNS))
-def test_quick_run_writes_a_row_per_provider_and_mode(name, tmp_path, capsys):
-    """Each case through bench.run on its tiny shapes: a row for every shape, requested provider and mode, with a
-    finite positive median (a provider or mode that fails writes no row, only a "skipped" line)."""
+def test_quick_run_writes_a_row_per_provider_and_mode(name, tmp_path, capsys, monkeypatch):
+    """Each case through bench.run on its tiny shapes, on the CPU (also in a GPU tier: on a GPU SDPA's flash
+    backend refuses fp32): a row for every shape, requested provider and mode, with a finite positive median (a
+    provider or mode that fails writes no row, only a "skipped" line)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     dtype, providers = _EAGER_QUICK_RUNS[name]
     case = load_cases()[name]
     out = tmp_path / "rows.json"
@@ -1149,29 +1151,35 @@ def test_attention_stage1_minimum_work_matches_the_spec():
         setup.min_flops["fwd"])
 
 
-def test_environment_names_versions_and_a_dirty_tree(tmp_path, monkeypatch):
-    """Rows carry the library's version and the commit, marked +dirty where tracked files changed; a tree without
-    git takes FASTSEG3D_COMMIT."""
+def test_environment_names_versions_and_a_dirty_tree(monkeypatch):
+    """Rows carry the library's version and one commit string: FASTSEG3D_COMMIT where set (gpu_check sets it once
+    for a run), else the checkout's commit, +dirty where tracked files outside bench/results changed (the
+    benchmarks append to the committed rows there); "unknown" without git, the bare hash if only status fails."""
     import fastseg3d
     from bench import utils
 
-    env = utils.environment(CPU)
-    assert env["fastseg3d"] == fastseg3d.__version__ and set(env) <= set(ROW_KEYS)
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    if head.returncode == 0:  # a checkout (CI's clone is one)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        assert env["commit"] == head.stdout.strip() + ("+dirty" if dirty else "")
-    monkeypatch.setenv("FASTSEG3D_COMMIT", "abc1234")
-    real_run = subprocess.run
+    answers = {}
 
-    def no_git(cmd, *args, **kwargs):
-        if cmd[0] == "git":
-            raise OSError("no git here")
-        return real_run(cmd, *args, **kwargs)
+    def fake_git(cmd, *args, **kwargs):
+        if cmd[0] != "git":
+            raise AssertionError(cmd)
+        what = answers[cmd[3]]
+        if isinstance(what, BaseException):
+            raise what
+        assert cmd[3] != "status" or ":(exclude)bench/results" in cmd
+        return SimpleNamespace(stdout=what, returncode=0)
 
-    monkeypatch.setattr(utils.subprocess, "run", no_git)
-    assert utils.environment(CPU)["commit"] == "abc1234"
+    monkeypatch.setattr(utils.subprocess, "run", fake_git)
+    monkeypatch.delenv("FASTSEG3D_COMMIT", raising=False)
+    for rev, status, expected in (("abc1234\n", "", "abc1234"), ("abc1234\n", " M kernels/utils.py\n", "abc1234+dirty"),
+                                  ("abc1234\n", subprocess.CalledProcessError(1, "git"), "abc1234"),
+                                  (OSError("no git"), "", "unknown")):
+        answers.update({"rev-parse": rev, "status": status})
+        env = utils.environment(CPU)
+        assert env["commit"] == expected and env["fastseg3d"] == fastseg3d.__version__
+    assert set(env) <= set(ROW_KEYS)
+    monkeypatch.setenv("FASTSEG3D_COMMIT", "def5678")
+    assert utils.environment(CPU)["commit"] == "def5678"
 
 
 def test_largest_cube_main_writes_a_row_per_search(tmp_path, monkeypatch, capsys):
@@ -1222,3 +1230,15 @@ def test_attention_block_sdpa_peer_names_the_backend_sdpa_picks():
     setup = case.setup(spec, torch.float32, "torch-sdpa", CPU)
     assert setup.backend in ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"), setup.backend
     assert case.setup(spec, torch.float32, "fastseg3d", CPU).backend is None
+
+
+def test_compiled_peers_under_another_name_get_a_fresh_dynamo_cache(tmp_path, monkeypatch):
+    """flex compiles FlexAttention in its setup: Dynamo is reset before each of its setups too, so its 8-recompile
+    limit is never reached across shapes and dtypes (past it, Dynamo would run flex eagerly under the flex name)."""
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    assert run.main(["--case", "attention", "--quick", "--dtype", "fp32,bf16", "--modes", "fwd", "--providers",
+                     "flex,fastseg3d", "--out", str(tmp_path), "--json", str(tmp_path / "rows.json")]) == 0
+    # fastseg3d, flex per dtype: before each flex, and before the setup after one (no compiled graph's memory in
+    # the next peak): fp32 flex, bf16 fastseg3d, bf16 flex
+    assert len(resets) == 3, resets

@@ -35,7 +35,12 @@ def test_info_command_lists_versions_and_op_choices():
 
 def test_info_console_script():
     """The `fastseg3d` command the install puts beside the interpreter (the README's `fastseg3d info`)."""
-    script = shutil.which("fastseg3d", path=os.path.dirname(sys.executable)) or shutil.which("fastseg3d")
+    import sysconfig
+
+    # where pip puts this interpreter's scripts (a --user install's too), before whatever else is on the PATH
+    places = [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user"),
+              os.path.dirname(sys.executable)]
+    script = shutil.which("fastseg3d", path=os.pathsep.join(places)) or shutil.which("fastseg3d")
     assert script is not None, "the install put no fastseg3d command on the PATH"
     out = subprocess.run([script, "info"], capture_output=True, text=True, check=True).stdout
     assert "fastseg3d environment" in out and "dwconv3d" in out

@@ -73,9 +73,11 @@ def assert_backends_agree(net, x, backend: str, floor: float, loss=None, dtype: 
         xi = x.clone().requires_grad_()
         torch.manual_seed(1)
         cast = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-        with fastseg3d.backend(name), cast:
-            y = net(xi)
-            loss(y).backward()
+        with fastseg3d.backend(name):
+            with cast:  # the forward and the loss only: backward runs outside autocast, as in training
+                y = net(xi)
+                value = loss(y)
+            value.backward()
         logits = y if isinstance(y, torch.Tensor) else y[0]
         outs.append((logits.detach().float(), xi.grad, [p.grad for p in net.parameters()]))
     (y, dx, grads), (y_ref, dx_ref, grads_ref) = outs
