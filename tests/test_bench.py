@@ -1242,3 +1242,19 @@ def test_compiled_peers_under_another_name_get_a_fresh_dynamo_cache(tmp_path, mo
     # fastseg3d, flex per dtype: before each flex, and before the setup after one (no compiled graph's memory in
     # the next peak): fp32 flex, bf16 fastseg3d, bf16 flex
     assert len(resets) == 3, resets
+
+
+def test_exp_ceiling_from_the_sm_count_and_the_maximum_clock(monkeypatch):
+    """16 exponentials a clock per SM x SMs x the maximum SM clock: from torch's device properties, or from
+    nvidia-smi where a torch build's properties lack the clock (an H200: 132 SMs at 1,980 MHz, 4.18 T/s)."""
+    from bench import utils
+
+    cuda = torch.device("cuda", 0)
+    props = SimpleNamespace(multi_processor_count=132, clock_rate=1_980_000)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert utils.exp_per_s(cuda) == pytest.approx(16 * 132 * 1.98e9)
+    props.clock_rate = 0
+    monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="1980\n"))
+    assert utils.exp_per_s(cuda) == pytest.approx(4.18176e12)
+    monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=""))
+    assert utils.exp_per_s(cuda) is None and utils.exp_per_s(CPU) is None
