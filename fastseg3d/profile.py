@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import operator
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -176,7 +177,9 @@ def activation_memory(
 
     The model is copied to the ``meta`` device (nothing is allocated, any input size works), run once in training
     mode on an fp32 input of ``input_shape``, and every tensor saved for backward is counted once per storage (also
-    those of a graph the forward builds and drops before it returns: an overcount for such forwards). The copy keeps
+    those of a graph the forward builds and drops before it returns: an overcount for such forwards); then the
+    step's backward runs there too, from unit gradients of the outputs (a backward that fails on ``meta`` tensors is
+    warned about, and the forward's count returned). The copy keeps
     the model's hooks, which fastseg3d's distillation wrappers need: a hook of the caller's that stores outputs gets
     ``meta`` tensors, and one that reads values (``.item()``) fails; remove such hooks first. Parameters are not
     counted. Fused fastseg3d ops take their fused path on ``meta`` tensors, so the count is what the fused network
@@ -253,11 +256,27 @@ def activation_memory(
     try:
         with _training_forward(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with _autocast_on_meta(dtype):
-                meta_model(torch.empty(input_shape, device="meta"))
+                out = meta_model(torch.empty(input_shape, device="meta"))
     finally:
         for h in handles:
             h.remove()
+    _meta_backward(out)
     return report
+
+
+def _meta_backward(out) -> None:
+    """The training step's backward on the meta device, from unit gradients of every output that needs one: it
+    checks that the step runs there (it saves nothing more). A backward that fails is warned about, not raised:
+    the forward's count stands."""
+    outputs = [t for t in _tensor_leaves(out) if t.requires_grad]
+    if not outputs:
+        return
+    try:
+        with _training_forward():
+            torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+    except Exception as err:  # noqa: BLE001  (a model's own op without a meta backward)
+        warnings.warn(f"activation_memory: the backward on the meta device failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); the count is the forward's", stacklevel=3)
 
 
 def training_memory(

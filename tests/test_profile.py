@@ -354,3 +354,34 @@ def test_write_traffic_counts_in_place_ops_that_return_nothing():
 
     by_op = write_traffic(_Foreach(), (3,))["forward"]["by_op"]
     assert by_op["aten::_foreach_copy_"] == (1, 3 * 4 + 3 * 2)
+
+
+def test_activation_memory_runs_the_backward_on_meta():
+    """The training step's backward runs on the meta device too (the model's hooks, kept on the copy, see it); one
+    that fails there is warned about and the forward's count returned."""
+    seen = []
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 2, 1))
+    net[0].register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].device.type))
+    report = activation_memory(net, (1, 2, 8, 8, 8))
+    assert seen == ["meta"] and report["total"] > 0
+
+    class NoMetaBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            raise NotImplementedError("no meta kernel")
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return NoMetaBackward.apply(self.conv(x))
+
+    with pytest.warns(UserWarning, match="backward on the meta device failed \\(NotImplementedError: no meta"):
+        failed = activation_memory(Model(), (1, 2, 8, 8, 8))
+    assert failed["total"] == activation_memory(torch.nn.Conv3d(2, 2, 3, padding=1), (1, 2, 8, 8, 8))["total"] > 0
