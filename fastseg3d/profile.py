@@ -275,8 +275,9 @@ def _meta_backward(out) -> None:
         with _training_forward():
             torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     except Exception as err:  # noqa: BLE001  (a model's own op without a meta backward)
+        first_line = str(err).split("\n", 1)[0]
         warnings.warn(f"activation_memory: the backward on the meta device failed ({type(err).__name__}: "
-                      f"{str(err).splitlines()[0] if str(err) else ''}); the count is the forward's", stacklevel=3)
+                      f"{first_line}); the count is the forward's", stacklevel=3)
 
 
 def training_memory(

@@ -57,7 +57,7 @@ def _storage_below(t: torch.Tensor, limit: int) -> bool:
     core; an attention forward and backward checks 15)."""
     try:
         return t.untyped_storage().nbytes() <= limit * t.element_size()
-    except (NotImplementedError, RuntimeError):  # a tensor without a storage of its own (functionalised, ...)
+    except (NotImplementedError, RuntimeError):  # a tensor without a storage to ask (sparse, some subclasses)
         return False
 
 
