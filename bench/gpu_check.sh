@@ -53,6 +53,20 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
     echo "install failed"; cat "$OUT/install.log"; exit 1; }
 fi
+# Kernels compiled beforehand without a GPU (bench/warm_cache.py), carried as a tarball: the network-scale tests
+# and the target plan find them in Triton's cache instead of compiling them one after another in the box.
+# WARM_PLAN="gpu_tier targets" compiles what is still missing here first, on every core at once.
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastseg3d-triton-cache}"
+CACHE_TARBALL="${TRITON_CACHE_TARBALL:-.triton-cache.tgz}"
+if [ -f "$CACHE_TARBALL" ]; then
+  python3 -m bench.warm_cache --install "$CACHE_TARBALL" --dir "$TRITON_CACHE_DIR" \
+    || echo "could not install the carried Triton cache $CACHE_TARBALL"
+fi
+if [ -n "${WARM_PLAN:-}" ]; then
+  read -ra warm_plan <<< "$WARM_PLAN"
+  timeout "${WARM_LIMIT:-150}" python3 -m bench.warm_cache --plan "${warm_plan[@]}" --cache-dir "$TRITON_CACHE_DIR" \
+    || echo "warm_cache: failed or cut by its ${WARM_LIMIT:-150} s box"
+fi
 FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(python3 -c "from bench.utils import git_commit; print(git_commit())" \
   2>/dev/null || echo unknown)}"
 export FASTSEG3D_COMMIT
@@ -268,6 +282,9 @@ if [ ${#not_run[@]} -gt 0 ]; then
   for c in "${not_run[@]}"; do case "$c" in largest_cube|host_profile:*|tune:*) ;; *) cases+=("$c") ;; esac; done
   echo "not run within BUDGET=${BUDGET}s: ${not_run[*]} (cases: run again with SKIP_TESTS=1 BENCH_CASES=\"${cases[*]}\")"
 fi
+
+# which kernels this run compiled itself (not carried): what the next tarball's plan should add
+python3 -m bench.warm_cache --report "$TRITON_CACHE_DIR" > "$OUT/triton_cache.txt" 2>&1 && head -n 1 "$OUT/triton_cache.txt"
 
 # a device call brings back a few files only: everything goes into one archive beside the two summaries
 tar -czf /tmp/gpu_check.tgz -C "$OUT" --exclude=gpu_check.tgz . && mv /tmp/gpu_check.tgz "$OUT/" \

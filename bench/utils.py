@@ -109,6 +109,18 @@ def git_commit() -> str:
     return commit + ("+dirty" if status.strip() else "")
 
 
+def gpu_check_target_args() -> dict[str, list[str]]:
+    """``bench/gpu_check.sh``'s target plan (its ``TARGET_ARGS``): case -> the ``bench.run`` arguments it passes."""
+    text = (Path(__file__).resolve().parent / "gpu_check.sh").read_text()
+    block = text[text.index("  TARGET_ARGS=(") + len("  TARGET_ARGS=("):]
+    block = block[:block.index("\n  )")]
+    plan = {}
+    for line in block.strip().splitlines():
+        case, args = line.strip().split("=", 1)
+        plan[case.strip("[]")] = args.strip('"').split()
+    return plan
+
+
 def device_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 

@@ -24,7 +24,7 @@ from bench.kl_distill import liger_loss
 from bench.models import NETWORKS
 from bench.registry import Setup, Unavailable, compiled, load_cases
 from fastseg3d.ops import kl_distill_multi
-from bench.utils import ROW_KEYS, exp_pct, format_table, read_rows, roofline
+from bench.utils import ROW_KEYS, exp_pct, format_table, gpu_check_target_args, read_rows, roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = {
@@ -793,21 +793,34 @@ def test_gpu_check_script_runs_end_to_end(tmp_path):
     wheels.mkdir()
     for name, tag in (("fs3dprobe", "py3-none-any"), ("fs3drefused", "cp312-cp312-win_amd64")):
         _write_wheel(wheels / f"{name}-0.1-{tag}.whl", name, tag)
+    # a carried Triton cache (bench/warm_cache.py) of one kernel: its entry, the group file naming it, the manifest
+    from bench import warm_cache
+
+    built = tmp_path / "built"
+    (built / "KEY").mkdir(parents=True)
+    (built / "KEY" / "_k.json").write_text("{}")
+    (built / "KEY" / "__grp___k.json").write_text(json.dumps({"child_paths": {"_k.json": str(built / "KEY/_k.json")}}))
+    warm_cache._pack(str(built), str(tmp_path / "cache.tgz"))
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "SKIP_INSTALL": "1",
            "SKIP_TESTS": "1", "PLAN": "full", "BENCH_CASES": "selfreg", "LARGEST_CUBE_MODELS": "",
            "HOST_PROFILE_MODELS": "", "WHEELS": str(wheels), "WHEEL_SITE": str(tmp_path / "site"),
-           "BENCH_ARGS": "--quick --dtype fp32 --modes fwd --providers fastseg3d", "BUDGET": "300"}
+           "BENCH_ARGS": "--quick --dtype fp32 --modes fwd --providers fastseg3d", "BUDGET": "300",
+           "TRITON_CACHE_TARBALL": str(tmp_path / "cache.tgz"), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"installed from {wheels}: fs3dprobe-0.1-py3-none-any.whl" in proc.stdout, proc.stdout[-3000:]
     assert f"could not install from {wheels}: fs3drefused-0.1-cp312-cp312-win_amd64.whl" in proc.stdout
     assert (tmp_path / "site" / "fs3dprobe" / "__init__.py").exists()
+    assert f"Triton cache: 1 kernels carried into {tmp_path / 'cache'}" in proc.stdout, proc.stdout[-3000:]
+    group = json.loads((tmp_path / "cache" / "KEY" / "__grp___k.json").read_text())
+    assert group["child_paths"] == {"_k.json": str(tmp_path / "cache" / "KEY" / "_k.json")}
+    assert "Triton cache: 1 kernels carried, 0 compiled in this run" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["bench_table.txt", "gpu_check.tgz", "info.txt"]
     listing = subprocess.run(["tar", "-tzf", str(out / "gpu_check.tgz")], capture_output=True, text=True,
                              check=True).stdout.split()
     for name in ("./results/ops.jsonl", "./results/targets.txt", "./results/info.txt", "./bench.log",
-                 "./results/selfreg.png"):
+                 "./results/selfreg.png", "./triton_cache.txt"):
         assert name in listing, listing
     assert "not measured" in (out / "bench_table.txt").read_text()  # the targets report, on a CPU run
 
@@ -887,22 +900,10 @@ def test_tier_durations_and_gpu_order(tmp_path):
     assert all(r[1] == "-" for r in rows)
 
 
-def _target_plan() -> dict[str, list[str]]:
-    """gpu_check.sh's TARGET_ARGS, case -> arguments."""
-    text = (ROOT / "bench" / "gpu_check.sh").read_text()
-    block = text[text.index("  TARGET_ARGS=(") + len("  TARGET_ARGS=("):]
-    block = block[:block.index("\n  )")]
-    plan = {}
-    for line in block.strip().splitlines():
-        case, args = line.strip().split("=", 1)
-        plan[case.strip("[]")] = args.strip('"').split()
-    return plan
-
-
 def test_gpu_check_target_plan_selects_shapes_of_every_case():
     """Each case's target arguments select something (a pattern that matched nothing would make bench.run exit
     with an error and lose the case's box on the GPU)."""
-    plan = _target_plan()
+    plan = gpu_check_target_args()
     assert set(plan) == set(SUITES)
     for case, args in plan.items():
         parser = run.argparse.ArgumentParser()
@@ -924,7 +925,7 @@ def test_gpu_check_target_plan_measures_every_target():
     from bench import targets
 
     rows = []
-    for name, args in _target_plan().items():
+    for name, args in gpu_check_target_args().items():
         case = load_cases()[name]
         opts = dict(zip(args[::2], args[1::2]))
         modes = opts.get("--modes", ",".join(case.modes)).split(",")

@@ -1,0 +1,350 @@
+"""A Triton cache for a GPU session, compiled here without a GPU.
+
+Most of a short GPU session's test tier is Triton compiling: the network-scale GPU tests compile 70 to 90 kernels
+one after another on one core, longer than their box. This module compiles those kernels beforehand, on a machine
+without a GPU, into a Triton cache the device call carries, so the GPU run finds them compiled.
+
+It runs what the GPU session runs on ``meta`` tensors (the networks of the GPU tier's network tests, the benchmark
+target plan's cases, as ``bench/gpu_check.sh`` runs them), records every fused op call, replays each through the
+function that makes the op's launches with the launches captured (as ``bench.sass`` does), and hands each distinct
+launch to Triton's own JIT with a stand-in CUDA driver (an sm_90 target) and ``warmup=True``: the JIT specialises
+the arguments and computes the cache key itself, so the keys are those the GPU run will compute, provided the same
+Triton wheel, Python and fastseg3d source (kernels' line numbers count). Build it with the GPU image's versions (the
+venv of bench/README.md's gpu_check section, Triton 3.6 on Python 3.12) from the tree the device call carries::
+
+    /tmp/v212/bin/python -m bench.warm_cache --out .triton-cache.tgz         # then carry it: carry [".whl", ...]
+    python3 -m bench.warm_cache --install .triton-cache.tgz --dir DIR       # on the GPU machine (gpu_check does)
+    python3 -m bench.warm_cache --report DIR                                 # what the GPU run compiled itself
+
+Only binaries and metadata are kept (``TRITON_STORE_BINARY_ONLY``). Triton records each file's absolute path in
+the cache, so ``--install`` rewrites them for the directory it extracts into. The kernels ``torch.compile`` builds
+(its own copies of the user kernels) and the op tests' small shapes are not covered: they compile on the GPU, the
+op tests in parallel workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import tarfile
+import tempfile
+import time
+from unittest import mock
+
+import torch
+
+__all__ = ["collect", "compile_launches", "install", "report"]
+
+MANIFEST = "fastseg3d-manifest.json"
+SM90 = ("cuda", 90, 32)
+
+
+class _Driver:
+    """What Triton's JIT asks of its driver before it compiles: an sm_90 target, device 0, a stream."""
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget(*SM90)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+
+class _DevicePointer:
+    """A CUDA tensor as the JIT's specialisation reads it: its dtype and an address whose alignment is the view's
+    (allocations start 512-byte aligned, so a view's alignment is its storage offset's)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.dtype = t.dtype
+        self._address = 2**20 + t.storage_offset() * t.element_size()
+
+    def data_ptr(self) -> int:
+        return self._address
+
+
+def _network_calls(build, shape, dtype, train: bool, loss=None, input_grad: bool = False) -> list:
+    """The fused op calls of a forward (and, when ``train`` or ``input_grad``, backward) of ``build()`` on meta
+    tensors of ``shape`` under emulated CUDA autocast to ``dtype``."""
+    from bench.sass import _FusedCalls
+    from fastseg3d.profile import _autocast_on_meta
+
+    torch.manual_seed(0)
+    model = build().to("meta").train(train)
+    x = torch.empty(shape, device="meta", requires_grad=input_grad)
+    recorder = _FusedCalls()
+    with recorder:
+        with _autocast_on_meta(dtype):
+            y = model(x)
+            value = loss(y) if loss else (y if isinstance(y, torch.Tensor) else y[0]).float().square().mean()
+        if train or input_grad:
+            value.backward()
+    return recorder.calls
+
+
+def _case_calls(name: str, dtype_name: str, shape_patterns: list[str] | None, modes: tuple[str, ...]) -> list:
+    """The fused op calls of a benchmark case's ``fastseg3d`` provider on meta tensors: each selected shape's
+    forward, and backward where ``modes`` asks for it (model cases: their training step and inference, as
+    ``bench.sass.profile_network`` runs them)."""
+    import fnmatch
+
+    from bench.models import NETWORKS
+    from bench.registry import load_cases
+    from bench.run import DTYPES
+    from bench.sass import _FusedCalls
+
+    case = load_cases()[name]
+    dtype = DTYPES[dtype_name]
+    calls = []
+    for label, spec in case.shapes(False):
+        if shape_patterns and not any(fnmatch.fnmatchcase(label, p) for p in shape_patterns):
+            continue
+        if case.suite == "model":
+            net = NETWORKS[name]
+            label_t = torch.zeros(spec["b"], 1, *(spec["side"],) * 3, dtype=torch.long, device="meta")
+            shape = (spec["b"], net.in_channels, *(spec["side"],) * 3)
+            if "train_step" in modes:
+                calls += _network_calls(lambda: net.build(spec["cfg"], False), shape, dtype, True,
+                                        loss=lambda y: net.loss(False)(y, label_t))
+            if "infer" in modes:
+                with torch.no_grad():
+                    calls += _network_calls(lambda: net.build(spec["cfg"], False), shape, dtype, False)
+            continue
+        setup = case.setup(spec, dtype, "fastseg3d", torch.device("meta"))
+        recorder = _FusedCalls()
+        with recorder:
+            if "fwd" in modes:
+                with torch.no_grad():
+                    setup.forward()
+            if ("fwd+bwd" in modes or "bwd" in modes) and setup.grads_of:
+                y = setup.forward()
+                y.backward(torch.ones_like(y))
+        calls += recorder.calls
+    return calls
+
+
+def _gpu_tier_plan() -> list:
+    """The network-scale GPU tests (each compiles dozens of kernels in one worker)."""
+    from fastseg3d.networks import MobileUtr, SegFormer3D
+
+    calls = []
+    for dtype in (torch.float32, torch.bfloat16):
+        # tests/networks/test_segformer3d.py, tests/test_profile.py: SegFormer3D at (2, 4, 64^3)
+        calls += _network_calls(SegFormer3D, (2, 4, 64, 64, 64), dtype, True)
+        # tests/networks/test_mobileutr.py: MobileUtr 3-D in eval, gradients to the input
+        calls += _network_calls(lambda: MobileUtr(spatial_dims=3, in_channels=1, out_channels=14),
+                                (1, 1, 64, 64, 64), dtype, False, input_grad=True)
+    return calls
+
+
+def _target_plan() -> list:
+    """bench/gpu_check.sh's target plan (its TARGET_ARGS): each case's shapes, dtypes and modes."""
+    from bench.registry import load_cases
+    from bench.utils import gpu_check_target_args
+
+    calls = []
+    for name, args in gpu_check_target_args().items():
+        opts = dict(zip(args[::2], args[1::2]))
+        case = load_cases()[name]
+        modes = tuple(opts.get("--modes", ",".join(case.modes)).split(","))
+        shapes = opts["--shapes"].split(",") if "--shapes" in opts else None
+        for dtype in opts.get("--dtype", case.dtypes[0]).split(","):
+            try:
+                calls += _case_calls(name, dtype, shapes, modes)
+            except Exception as e:  # a case that cannot run on meta compiles on the GPU instead
+                print(f"warm_cache: {name} {dtype} skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                      file=sys.stderr)
+    return calls
+
+
+def _largest_cube_plan() -> list:
+    """bench.largest_cube's search of the fused SegFormer3D (gpu_check's default), batch 1, bf16: the sides it
+    doubles through, and one near where the H200's memory predicted its limit (its last tries land near it)."""
+    from bench.largest_cube import START_SIDE
+    from bench.models import NETWORKS
+    from bench.registry import load_cases
+
+    load_cases()
+    net = NETWORKS["segformer3d"]
+    sides = [START_SIDE * 2**i for i in range(4) if START_SIDE * 2**i <= 512] + [960]
+    calls = []
+    for side in sides:
+        label = torch.zeros(1, 1, side, side, side, dtype=torch.long, device="meta")
+        calls += _network_calls(lambda: net.build(net.cfg, False), (1, net.in_channels, side, side, side),
+                                torch.bfloat16, True, loss=lambda y: net.loss(False)(y, label))
+    return calls
+
+
+PLANS = {"gpu_tier": _gpu_tier_plan, "targets": _target_plan, "largest_cube": _largest_cube_plan}
+
+
+def collect(calls: list) -> list:
+    """The distinct Triton launches (kernel, args, kwargs) that ``calls`` (recorded fused op calls) make on an
+    H100 or H200, one per specialisation the JIT would compile."""
+    from bench.sass import SM90_SMS, _captured, _hashable, _specialisation
+    from fastseg3d.kernels import utils as kernel_utils
+    from fastseg3d.ops.utils import LAUNCHES
+
+    distinct: dict = {}
+    for op, args, kwargs in calls:
+        with mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
+            launches = _captured(lambda: LAUNCHES[op](*args, **kwargs))
+        for fn, a, kw in launches:
+            signature, constexprs, attrs = _specialisation(fn, a, kw)
+            key = (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
+                   tuple(attrs), kw.get("num_warps"), kw.get("num_stages"))
+            distinct.setdefault(key, (fn, a, kw))
+    return list(distinct.values())
+
+
+_WORK: list = []
+
+
+def _compile_one(i: int) -> tuple[str, str, float]:
+    from triton.runtime import driver
+
+    fn, args, kwargs = _WORK[i]
+    previous = driver._active  # the real one, where there is one (a GPU machine)
+    driver.set_active(_Driver())
+    try:
+        start = time.perf_counter()
+        stand_ins = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in args]
+        kernel = fn.run(*stand_ins, grid=(1,), warmup=True, **kwargs)
+        return fn.fn.__name__, kernel.hash, time.perf_counter() - start
+    finally:
+        driver._active = previous
+        # the JIT's in-memory cache was keyed under the stand-in driver's device
+        fn.device_caches.clear()
+
+
+def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tuple[str, str, float]]:
+    """Compiles each launch through Triton's JIT for sm_90 into ``cache_dir`` (binaries and metadata only), in
+    ``jobs`` processes (default: one per core); returns (kernel, cache hash, seconds) per launch."""
+    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY")}
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ["TRITON_STORE_BINARY_ONLY"] = "1"
+    _WORK[:] = launches
+    jobs = jobs or os.cpu_count() or 1
+    try:
+        if jobs == 1:
+            return [_compile_one(i) for i in range(len(launches))]
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            return pool.map(_compile_one, range(len(launches)), chunksize=1)
+    finally:
+        _WORK.clear()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pack(cache_dir: str, out: str) -> None:
+    # the cache's entries (one directory per kernel, named from its key), as report() compares them
+    entries = sorted(e.name for e in os.scandir(cache_dir) if e.is_dir())
+    manifest = {"entries": entries, "root": cache_dir,
+                "triton": __import__("triton").__version__, "python": sys.version.split()[0]}
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(cache_dir, arcname=".")
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo(MANIFEST)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def install(tarball: str, cache_dir: str) -> int:
+    """Extracts a carried cache into ``cache_dir`` with Triton's recorded file paths rewritten for it; returns the
+    number of kernels."""
+    os.makedirs(cache_dir, exist_ok=True)
+    with tarfile.open(tarball) as tar:
+        tar.extractall(cache_dir, filter="data")
+    with open(os.path.join(cache_dir, MANIFEST)) as f:
+        root = json.load(f)["root"]
+    for entry in os.scandir(cache_dir):
+        if not entry.is_dir():
+            continue
+        for name in os.listdir(entry.path):
+            if name.startswith("__grp__"):
+                path = os.path.join(entry.path, name)
+                with open(path) as f:
+                    group = json.load(f)
+                group["child_paths"] = {c: os.path.join(cache_dir, os.path.relpath(p, root))
+                                        for c, p in group["child_paths"].items()}
+                with open(path, "w") as f:
+                    json.dump(group, f)
+    with open(os.path.join(cache_dir, MANIFEST)) as f:
+        return len(json.load(f)["entries"])
+
+
+def report(cache_dir: str) -> dict:
+    """What a run compiled itself beside the carried kernels: ``{"carried": n, "compiled": {kernel: count}}``."""
+    if not os.path.isdir(cache_dir):
+        return {"carried": 0, "compiled": {}}
+    path = os.path.join(cache_dir, MANIFEST)
+    carried = set()
+    if os.path.exists(path):
+        with open(path) as f:
+            carried = set(json.load(f)["entries"])
+    compiled: dict[str, int] = {}
+    for entry in os.scandir(cache_dir):
+        if entry.is_dir() and entry.name not in carried:
+            names = [n[:-5] for n in os.listdir(entry.path) if n.endswith(".json") and not n.startswith("__grp__")]
+            for name in names:
+                compiled[name] = compiled.get(name, 0) + 1
+    return {"carried": len(carried), "compiled": dict(sorted(compiled.items()))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="build: the tarball to write (e.g. .triton-cache.tgz)")
+    parser.add_argument("--plan", nargs="+", choices=sorted(PLANS), default=sorted(PLANS))
+    parser.add_argument("--cache-dir", help="build: compile into this directory (on a GPU machine: its "
+                                             "TRITON_CACHE_DIR), else into a temporary one")
+    parser.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per core)")
+    parser.add_argument("--install", metavar="TARBALL", help="extract a carried cache into --dir")
+    parser.add_argument("--dir", help="--install: the cache directory (TRITON_CACHE_DIR)")
+    parser.add_argument("--report", metavar="DIR", help="what a run compiled beside the carried kernels")
+    args = parser.parse_args(argv)
+    # a time box's SIGTERM ends the pool with its workers (which would otherwise go on compiling beside the tests)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    if args.install:
+        if not args.dir:
+            parser.error("--install needs --dir")
+        print(f"Triton cache: {install(args.install, args.dir)} kernels carried into {args.dir}")
+        return
+    if args.report:
+        r = report(args.report)
+        total = sum(r["compiled"].values())
+        print(f"Triton cache: {r['carried']} kernels carried, {total} compiled in this run"
+              + "".join(f"\n  {n} x{c}" for n, c in r["compiled"].items()))
+        return
+    if not (args.out or args.cache_dir):
+        parser.error("give --out or --cache-dir (build), --install or --report")
+    start = time.perf_counter()
+    calls = [call for plan in args.plan for call in PLANS[plan]()]
+    launches = collect(calls)
+    print(f"{len(calls)} fused calls, {len(launches)} distinct launches ({time.perf_counter() - start:.0f} s)")
+    with tempfile.TemporaryDirectory(prefix="fastseg3d-triton-cache-") as tmp:
+        cache_dir = os.path.abspath(args.cache_dir or tmp)
+        compiled = compile_launches(launches, cache_dir, args.jobs)
+        if args.out:
+            _pack(cache_dir, args.out)
+    slowest = sorted(compiled, key=lambda c: -c[2])[:5]
+    print(f"compiled in {time.perf_counter() - start:.0f} s"
+          + (f"; {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB" if args.out else f" into {cache_dir}")
+          + "; slowest: " + ", ".join(f"{n} {s:.0f} s" for n, _, s in slowest))
+
+
+if __name__ == "__main__":
+    main()

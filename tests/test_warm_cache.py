@@ -1,0 +1,127 @@
+"""bench.warm_cache: Triton kernels compiled for sm_90 without a GPU, found again in the cache by the key Triton's
+JIT computes, after the tarball moves to another directory."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench import sass, warm_cache
+from fastseg3d.ops.utils import LAUNCHES
+
+triton = pytest.importorskip("triton")
+
+
+def _upsample_sum_launches() -> list:
+    """The smallest kernel there is: upsample_sum's, fp32 and fp16 (two specialisations)."""
+    launches = []
+    for dtype in (torch.float32, torch.float16):
+        x = torch.empty(2, 8, 4, 4, 4, dtype=dtype, device="meta")
+        skip = torch.empty(2, 8, 8, 8, 8, dtype=dtype, device="meta")
+        launches += warm_cache.collect(_fused_calls(lambda: _upsample_sum(x, skip)))
+    return launches
+
+
+def _upsample_sum(x, skip):
+    import fastseg3d
+
+    return fastseg3d.ops.upsample_sum([x, skip])
+
+
+def _fused_calls(call) -> list:
+    recorder = sass._FusedCalls()
+    with recorder:
+        call()
+    return recorder.calls
+
+
+def _hit(launch, monkeypatch, cache_dir) -> tuple[bool, str]:
+    """Whether Triton's JIT (stand-in driver, a fresh in-memory cache) finds ``launch`` compiled in ``cache_dir``
+    under the key it computes, and the kernel's hash."""
+    events = []
+    monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: events.append(kw["cache_hit"]))
+    [(_, kernel_hash, _)] = warm_cache.compile_launches([launch], str(cache_dir), jobs=1)
+    return events == [True], kernel_hash
+
+
+def test_plans_record_the_networks_launches():
+    """The GPU tier's network tests alone make over a hundred distinct launches (each test compiles them one
+    after another in one worker); every fused kernel family of SegFormer3D and MobileUtr is among them."""
+    launches = warm_cache.collect(warm_cache.PLANS["gpu_tier"]())
+    names = {fn.fn.__name__ for fn, _, _ in launches}
+    assert len(launches) > 100
+    assert {"_dwconv3d_fwd_kernel", "_dwconv3d_bwd_weight_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel",
+            "_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_upsample_sum_kernel"} <= names, names
+    # distinct: no two with the same specialisation
+    keys = {(fn, str(sass._specialisation(fn, a, kw)), kw.get("num_warps")) for fn, a, kw in launches}
+    assert len(keys) == len(launches)
+
+
+def test_target_plan_follows_gpu_check(monkeypatch):
+    """The target plan runs each case of gpu_check.sh's TARGET_ARGS with its shapes, dtypes and modes."""
+    seen = []
+    monkeypatch.setattr(warm_cache, "_case_calls", lambda *a: seen.append(a) or [])
+    warm_cache.PLANS["targets"]()
+    from bench.utils import gpu_check_target_args
+
+    plan = gpu_check_target_args()
+    assert {name for name, *_ in seen} == set(plan)
+    assert ("segformer3d", "bf16", ["*128^3"], ("train_step",)) in seen
+    assert ("attention", "fp32", ["stage1@128^3*", "stage2@128^3*"], ("fwd", "fwd+bwd")) in seen
+
+
+def test_compiled_kernels_are_found_by_the_jit_key_after_install(tmp_path, monkeypatch):
+    """Compiled through the JIT with the stand-in driver (two processes), packed, installed elsewhere: Triton
+    finds each kernel there by the key of the launch's specialisation (binaries and metadata only), and the report
+    tells a kernel compiled later from the carried ones."""
+    launches = _upsample_sum_launches()
+    assert len(launches) == 2
+    build = tmp_path / "build"
+    compiled = warm_cache.compile_launches(launches, str(build), jobs=2)
+    assert os.environ.get("TRITON_STORE_BINARY_ONLY") != "1"  # restored
+    assert len({h for _, h, _ in compiled}) == 2
+    for entry in build.iterdir():
+        suffixes = {p.suffix for p in entry.iterdir()}
+        assert {".json", ".cubin"} <= suffixes and not suffixes & {".ttir", ".ttgir", ".llir", ".ptx"}, suffixes
+    tarball = tmp_path / "cache.tgz"
+    warm_cache._pack(str(build), str(tarball))
+    import shutil
+
+    shutil.rmtree(build)  # the recorded paths point nowhere now: install must rewrite them
+    target = tmp_path / "elsewhere" / "cache"
+    assert warm_cache.install(str(tarball), str(target)) == 2
+    for launch, (_, expected, _) in zip(launches, compiled):
+        hit, got = _hit(launch, monkeypatch, target)
+        assert hit and got == expected
+    assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {}}
+    # a kernel compiled in the run, beside the carried ones
+    # (another shape of the same dtypes would be the same specialisation: a bf16 one is not)
+    x = torch.empty(1, 4, 3, 3, 3, dtype=torch.bfloat16, device="meta")
+    skip = torch.empty(1, 4, 9, 9, 9, dtype=torch.bfloat16, device="meta")
+    other = warm_cache.collect(_fused_calls(lambda: _upsample_sum(x, skip)))
+    hit, _ = _hit(other[0], monkeypatch, target)
+    assert not hit
+    assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {"_upsample_sum_kernel": 1}}
+
+
+def test_compile_leaves_the_driver_as_it_was(tmp_path):
+    from triton.runtime import driver
+
+    before = driver._active
+    warm_cache.compile_launches(_upsample_sum_launches()[:1], str(tmp_path), jobs=1)
+    assert driver._active is before
+
+
+def test_cli_report_and_errors(tmp_path, capsys):
+    (tmp_path / warm_cache.MANIFEST).write_text(json.dumps({"entries": ["a"], "root": "/x"}))
+    warm_cache.main(["--report", str(tmp_path)])
+    assert "1 kernels carried, 0 compiled in this run" in capsys.readouterr().out
+    warm_cache.main(["--report", str(tmp_path / "missing")])
+    assert "0 kernels carried, 0 compiled in this run" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        warm_cache.main(["--install", "x.tgz"])  # no --dir
+    assert "--install needs --dir" in capsys.readouterr().err
+    assert set(LAUNCHES)  # the ops the plans replay register their launchers
