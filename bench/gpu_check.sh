@@ -55,7 +55,7 @@ if [ -z "${SKIP_INSTALL:-}" ]; then
 fi
 # Kernels compiled beforehand without a GPU (bench/warm_cache.py), carried as a tarball: the network-scale tests
 # and the target plan find them in Triton's cache instead of compiling them one after another in the box.
-# WARM_PLAN="gpu_tier targets" compiles what is still missing here first, on every core at once.
+# WARM_PLAN="gpu_tests targets" compiles what is still missing here first, on every core at once.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastseg3d-triton-cache}"
 CACHE_TARBALL="${TRITON_CACHE_TARBALL:-.triton-cache.tgz}"
 if [ -f "$CACHE_TARBALL" ]; then

@@ -1,30 +1,34 @@
 """A Triton cache for a GPU session, compiled here without a GPU.
 
-Most of a short GPU session's test tier is Triton compiling: the network-scale GPU tests compile 70 to 90 kernels
-one after another on one core, longer than their box. This module compiles those kernels beforehand, on a machine
-without a GPU, into a Triton cache the device call carries, so the GPU run finds them compiled.
+Most of a short GPU session's test tier is Triton compiling, and the network-scale GPU tests compile theirs one
+after another in one worker, longer than their box. This module compiles the kernels beforehand, on a machine
+without a GPU, into a Triton cache that the device call carries, so the GPU run finds them compiled.
 
-It runs what the GPU session runs on ``meta`` tensors (the networks of the GPU tier's network tests, the benchmark
-target plan's cases, as ``bench/gpu_check.sh`` runs them), records every fused op call, replays each through the
-function that makes the op's launches with the launches captured (as ``bench.sass`` does), and hands each distinct
-launch to Triton's own JIT with a stand-in CUDA driver (an sm_90 target) and ``warmup=True``: the JIT specialises
-the arguments and computes the cache key itself, so the keys are those the GPU run will compute, provided the same
-Triton wheel, Python and fastseg3d source (kernels' line numbers count). Build it with the GPU image's versions (the
-venv of bench/README.md's gpu_check section, Triton 3.6 on Python 3.12) from the tree the device call carries::
+Three plans run on ``meta`` tensors what the GPU session runs: ``gpu_tests``, the GPU test tier itself (``tests -m
+gpu``, but the ``torch.compile`` tests, each test as far as it gets on meta tensors: :class:`_GpuTestsOnMeta`);
+``targets``, the benchmark target plan of ``bench/gpu_check.sh`` (its ``TARGET_ARGS``); ``largest_cube``, the sides
+the fused SegFormer3D's cube search tries. Every fused op call is recorded and replayed through the function that
+makes the op's launches, with the launches captured (as ``bench.sass`` does), and each distinct launch goes to
+Triton's own JIT under a stand-in CUDA driver (target sm_90) with ``warmup=True``: the JIT specialises the arguments
+and computes the cache key itself, so the keys are the ones the GPU run computes, given the same Triton wheel,
+Python and fastseg3d source (the kernels' line numbers count). Build with the GPU image's versions (the venv of
+bench/README.md's gpu_check section: Triton 3.6, Python 3.12) from the tree the device call carries::
 
-    /tmp/v212/bin/python -m bench.warm_cache --out .triton-cache.tgz         # then carry it: carry [".whl", ...]
-    python3 -m bench.warm_cache --install .triton-cache.tgz --dir DIR       # on the GPU machine (gpu_check does)
-    python3 -m bench.warm_cache --report DIR                                 # what the GPU run compiled itself
+    /tmp/v212/bin/python -m bench.warm_cache --out .triton-cache.tgz      # then carry [".whl", ".triton-cache.tgz"]
+    python3 -m bench.warm_cache --dry-run --plan gpu_tests               # the distinct launches, by kernel
+    python3 -m bench.warm_cache --install .triton-cache.tgz --dir DIR    # on the GPU machine (gpu_check does it)
+    python3 -m bench.warm_cache --report DIR                              # what the GPU run still compiled itself
 
-Only binaries and metadata are kept (``TRITON_STORE_BINARY_ONLY``). Triton records each file's absolute path in
-the cache, so ``--install`` rewrites them for the directory it extracts into. The kernels ``torch.compile`` builds
-(its own copies of the user kernels) and the op tests' small shapes are not covered: they compile on the GPU, the
-op tests in parallel workers.
+Only binaries and metadata are kept (``TRITON_STORE_BINARY_ONLY``). Triton records each file's absolute path in the
+cache, so ``--install`` rewrites them for the directory it extracts into. Not covered: the kernels ``torch.compile``
+builds (its own copies of the user kernels), a test's launches after the point where it needs real values, and the
+tuning sweeps' candidates.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import multiprocessing
@@ -36,7 +40,10 @@ import tempfile
 import time
 from unittest import mock
 
+import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["collect", "compile_launches", "install", "report"]
 
@@ -134,17 +141,106 @@ def _case_calls(name: str, dtype_name: str, shape_patterns: list[str] | None, mo
     return calls
 
 
-def _gpu_tier_plan() -> list:
-    """The network-scale GPU tests (each compiles dozens of kernels in one worker)."""
-    from fastseg3d.networks import MobileUtr, SegFormer3D
+class _CudaAsMeta(TorchFunctionMode):
+    """CUDA tensors made meta ones: a device argument naming CUDA names ``meta``, ``.cuda()`` moves to meta."""
 
-    calls = []
-    for dtype in (torch.float32, torch.bfloat16):
-        # tests/networks/test_segformer3d.py, tests/test_profile.py: SegFormer3D at (2, 4, 64^3)
-        calls += _network_calls(SegFormer3D, (2, 4, 64, 64, 64), dtype, True)
-        # tests/networks/test_mobileutr.py: MobileUtr 3-D in eval, gradients to the input
-        calls += _network_calls(lambda: MobileUtr(spatial_dims=3, in_channels=1, out_channels=14),
-                                (1, 1, 64, 64, 64), dtype, False, input_grad=True)
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0].to("meta")
+        if getattr(func, "__self__", None) is torch.Tensor.is_cuda:  # the property's getter
+            return True
+        return func(*map(_meta, args), **{k: _meta(v) for k, v in kwargs.items()})
+
+
+class _MetaValues(TorchDispatchMode):
+    """Values read from meta tensors: ``torch.equal`` holds, a number is 1 and a flag False (a rejection loop
+    ends); only the calls around them matter here. A test that reads too many (a loop on them) is stopped."""
+
+    LIMIT = 100_000
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default) and args[0].is_meta:
+            self.reads += 1
+            if self.reads > self.LIMIT:
+                raise RuntimeError(f"{self.LIMIT} values read from meta tensors: a loop on them")
+            if func is torch.ops.aten.equal.default:
+                return True
+            t = args[0]
+            return False if t.dtype == torch.bool else 1.0 if t.is_floating_point() else 1
+        return func(*args, **(kwargs or {}))
+
+
+def _meta(value):
+    if isinstance(value, str) and value.startswith("cuda") or isinstance(value, torch.device) and value.type == "cuda":
+        return "meta"
+    return value
+
+
+class _GpuTestsOnMeta:
+    """A pytest plugin that runs the GPU tier on meta tensors and records each test's fused op calls: CUDA tensors
+    are meta ones (:class:`_CudaAsMeta`), CUDA autocast is emulated, comparisons and the CUDA memory calls do
+    nothing, values read from meta tensors are stand-ins (:class:`_MetaValues`). A test stops where it needs more
+    (a generator on the GPU, a kernel launched outside an op, an assertion on a value); the calls it made until
+    then are kept."""
+
+    def __init__(self, calls: list):
+        self.calls = calls
+        self._available = None
+
+    def pytest_configure(self, config):
+        # the conftest skips the GPU tests where CUDA is not available
+        self._available = mock.patch.object(torch.cuda, "is_available", lambda: True)
+        self._available.start()
+
+    def pytest_unconfigure(self, config):
+        self._available.stop()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(self, item):
+        from bench.sass import _FusedCalls
+        from fastseg3d.profile import _autocast_on_meta
+
+        real_autocast = torch.autocast
+
+        def autocast(device_type, dtype=None, enabled=True, cache_enabled=None):
+            if device_type in ("cuda", "meta"):
+                return _autocast_on_meta(dtype or torch.float16) if enabled else contextlib.nullcontext()
+            return real_autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
+
+        def nothing(*args, **kwargs):
+            return 0
+
+        recorder = _FusedCalls()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(torch, "autocast", autocast))
+            for name in ("synchronize", "memory_allocated", "max_memory_allocated", "reset_peak_memory_stats",
+                         "empty_cache", "_sleep"):
+                stack.enter_context(mock.patch.object(torch.cuda, name, nothing))
+            stack.enter_context(mock.patch.object(torch.cuda, "mem_get_info", lambda *a: (80 * 2**30, 80 * 2**30)))
+            stack.enter_context(mock.patch.object(torch.testing, "assert_close", nothing))
+            for module in {item.module, sys.modules.get("tests.utils")} - {None}:
+                if hasattr(module, "assert_close"):
+                    stack.enter_context(mock.patch.object(module, "assert_close", nothing))
+            stack.enter_context(_CudaAsMeta())
+            stack.enter_context(recorder)
+            stack.enter_context(_MetaValues())
+            yield
+        self.calls += recorder.calls
+
+
+def _gpu_tests_plan() -> list:
+    """The fused op calls of every GPU test (tests -m gpu) as far as each runs on meta tensors; not the
+    ``torch.compile`` tests (Inductor compiles its own copies of the kernels)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    calls: list = []
+    pytest.main([os.path.join(root, "tests"), "-m", "gpu", "-k", "not compile", "-q", "-p", "no:cacheprovider",
+                 "--no-header", "--tb=line", "-rN", "--rootdir", root], plugins=[_GpuTestsOnMeta(calls)])
+    print("(on meta tensors: a failed test stopped early, and its calls until then are kept)")
     return calls
 
 
@@ -186,7 +282,7 @@ def _largest_cube_plan() -> list:
     return calls
 
 
-PLANS = {"gpu_tier": _gpu_tier_plan, "targets": _target_plan, "largest_cube": _largest_cube_plan}
+PLANS = {"gpu_tests": _gpu_tests_plan, "targets": _target_plan, "largest_cube": _largest_cube_plan}
 
 
 def collect(calls: list) -> list:
@@ -312,6 +408,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cache-dir", help="build: compile into this directory (on a GPU machine: its "
                                              "TRITON_CACHE_DIR), else into a temporary one")
     parser.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per core)")
+    parser.add_argument("--dry-run", action="store_true", help="count the distinct launches, compile nothing")
     parser.add_argument("--install", metavar="TARBALL", help="extract a carried cache into --dir")
     parser.add_argument("--dir", help="--install: the cache directory (TRITON_CACHE_DIR)")
     parser.add_argument("--report", metavar="DIR", help="what a run compiled beside the carried kernels")
@@ -329,12 +426,18 @@ def main(argv=None) -> None:
         print(f"Triton cache: {r['carried']} kernels carried, {total} compiled in this run"
               + "".join(f"\n  {n} x{c}" for n, c in r["compiled"].items()))
         return
-    if not (args.out or args.cache_dir):
-        parser.error("give --out or --cache-dir (build), --install or --report")
+    if not (args.out or args.cache_dir or args.dry_run):
+        parser.error("give --out or --cache-dir (build), --dry-run, --install or --report")
     start = time.perf_counter()
     calls = [call for plan in args.plan for call in PLANS[plan]()]
     launches = collect(calls)
     print(f"{len(calls)} fused calls, {len(launches)} distinct launches ({time.perf_counter() - start:.0f} s)")
+    if args.dry_run:
+        counts: dict[str, int] = {}
+        for fn, _, _ in launches:
+            counts[fn.fn.__name__] = counts.get(fn.fn.__name__, 0) + 1
+        print("".join(f"  {name} x{n}\n" for name, n in sorted(counts.items())), end="")
+        return
     with tempfile.TemporaryDirectory(prefix="fastseg3d-triton-cache-") as tmp:
         cache_dir = os.path.abspath(args.cache_dir or tmp)
         compiled = compile_launches(launches, cache_dir, args.jobs)
