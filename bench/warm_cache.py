@@ -307,26 +307,34 @@ def collect(calls: list) -> list:
 _WORK: list = []
 
 
-def _compile_one(i: int) -> tuple[str, str, float]:
+def _compile_one(i: int) -> tuple[str, str | None, float, str | None]:
+    from bench.sass import SM90_SHARED_BYTES
     from triton.runtime import driver
 
     fn, args, kwargs = _WORK[i]
     previous = driver._active  # the real one, where there is one (a GPU machine)
     driver.set_active(_Driver())
+    start = time.perf_counter()
     try:
-        start = time.perf_counter()
         stand_ins = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in args]
         kernel = fn.run(*stand_ins, grid=(1,), warmup=True, **kwargs)
-        return fn.fn.__name__, kernel.hash, time.perf_counter() - start
+    except Exception as e:  # a kernel that does not compile for sm_90: reported, the others go on
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        return fn.fn.__name__, None, time.perf_counter() - start, f"{type(e).__name__}: {lines[-1] if lines else ''}"
     finally:
         driver._active = previous
         # the JIT's in-memory cache was keyed under the stand-in driver's device
         fn.device_caches.clear()
+    problem = None
+    if kernel.metadata.shared > SM90_SHARED_BYTES:
+        problem = f"{kernel.metadata.shared} bytes of shared memory (an H100 block takes {SM90_SHARED_BYTES})"
+    return fn.fn.__name__, kernel.hash, time.perf_counter() - start, problem
 
 
-def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tuple[str, str, float]]:
+def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tuple[str, str | None, float, str | None]]:
     """Compiles each launch through Triton's JIT for sm_90 into ``cache_dir`` (binaries and metadata only), in
-    ``jobs`` processes (default: one per core); returns (kernel, cache hash, seconds) per launch."""
+    ``jobs`` processes (default: one per core); returns (kernel, cache hash or None, seconds, problem or None) per
+    launch: a problem is a compile error or what an H100 would refuse to launch (shared memory)."""
     saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY")}
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ["TRITON_STORE_BINARY_ONLY"] = "1"
@@ -446,7 +454,12 @@ def main(argv=None) -> None:
     slowest = sorted(compiled, key=lambda c: -c[2])[:5]
     print(f"compiled in {time.perf_counter() - start:.0f} s"
           + (f"; {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB" if args.out else f" into {cache_dir}")
-          + "; slowest: " + ", ".join(f"{n} {s:.0f} s" for n, _, s in slowest))
+          + "; slowest: " + ", ".join(f"{n} {s:.0f} s" for n, _, s, _ in slowest))
+    problems = [(n, p) for n, _, _, p in compiled if p]
+    for name, problem in problems:
+        print(f"PROBLEM {name}: {problem}")
+    if problems:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _hit(launch, monkeypatch, cache_dir) -> tuple[bool, str]:
     under the key it computes, and the kernel's hash."""
     events = []
     monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: events.append(kw["cache_hit"]))
-    [(_, kernel_hash, _)] = warm_cache.compile_launches([launch], str(cache_dir), jobs=1)
+    [(_, kernel_hash, _, _)] = warm_cache.compile_launches([launch], str(cache_dir), jobs=1)
     return events == [True], kernel_hash
 
 
@@ -106,7 +106,7 @@ def test_compiled_kernels_are_found_by_the_jit_key_after_install(tmp_path, monke
     build = tmp_path / "build"
     compiled = warm_cache.compile_launches(launches, str(build), jobs=2)
     assert os.environ.get("TRITON_STORE_BINARY_ONLY") != "1"  # restored
-    assert len({h for _, h, _ in compiled}) == 2
+    assert len({h for _, h, _, _ in compiled}) == 2 and not any(p for *_, p in compiled)
     for entry in build.iterdir():
         suffixes = {p.suffix for p in entry.iterdir()}
         assert {".json", ".cubin"} <= suffixes and not suffixes & {".ttir", ".ttgir", ".llir", ".ptx"}, suffixes
@@ -117,7 +117,7 @@ def test_compiled_kernels_are_found_by_the_jit_key_after_install(tmp_path, monke
     shutil.rmtree(build)  # the recorded paths point nowhere now: install must rewrite them
     target = tmp_path / "elsewhere" / "cache"
     assert warm_cache.install(str(tarball), str(target)) == 2
-    for launch, (_, expected, _) in zip(launches, compiled):
+    for launch, (_, expected, _, _) in zip(launches, compiled):
         hit, got = _hit(launch, monkeypatch, target)
         assert hit and got == expected
     assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {}}
@@ -149,3 +149,14 @@ def test_cli_report_and_errors(tmp_path, capsys):
         warm_cache.main(["--install", "x.tgz"])  # no --dir
     assert "--install needs --dir" in capsys.readouterr().err
     assert set(LAUNCHES)  # the ops the plans replay register their launchers
+
+
+def test_a_launch_that_does_not_compile_is_reported(tmp_path):
+    """A kernel that fails to compile for sm_90 is named with its error, and the others are still compiled."""
+    good = _upsample_sum_launches()[0]
+    fn, args, kwargs = good
+    bad = (fn, args, {**kwargs, "BLOCK_V": 3})  # tl.arange needs a power of two
+    results = warm_cache.compile_launches([bad, good], str(tmp_path), jobs=1)
+    (name, kernel_hash, _, problem), (_, good_hash, _, good_problem) = results
+    assert name == "_upsample_sum_kernel" and kernel_hash is None and problem, results
+    assert good_hash and good_problem is None
