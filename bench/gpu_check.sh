@@ -57,6 +57,12 @@ fi
 # and the target plan find them in Triton's cache instead of compiling them one after another in the box.
 # WARM_PLAN="gpu_tests targets" compiles what is still missing here first, on every core at once.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastseg3d-triton-cache}"
+# the ptxas version is part of every key: Triton's own for the whole run, as the tarball was built (a process that
+# compiled with torch.compile would otherwise move to torch's for the rest of its life)
+if [ -z "${TRITON_PTXAS_PATH:-}" ]; then
+  ptxas_path="$(python3 -c "from bench.warm_cache import ptxas; print(ptxas())" 2>/dev/null)"
+  [ -x "$ptxas_path" ] && export TRITON_PTXAS_PATH="$ptxas_path"
+fi
 CACHE_TARBALL="${TRITON_CACHE_TARBALL:-.triton-cache.tgz}"
 if [ -f "$CACHE_TARBALL" ]; then
   python3 -m bench.warm_cache --install "$CACHE_TARBALL" --dir "$TRITON_CACHE_DIR" \
@@ -64,7 +70,7 @@ if [ -f "$CACHE_TARBALL" ]; then
 fi
 if [ -n "${WARM_PLAN:-}" ]; then
   read -ra warm_plan <<< "$WARM_PLAN"
-  timeout "${WARM_LIMIT:-150}" python3 -m bench.warm_cache --plan "${warm_plan[@]}" --cache-dir "$TRITON_CACHE_DIR" \
+  timeout -k 10 "${WARM_LIMIT:-150}" python3 -m bench.warm_cache --plan "${warm_plan[@]}" --cache-dir "$TRITON_CACHE_DIR" \
     || echo "warm_cache: failed or cut by its ${WARM_LIMIT:-150} s box"
 fi
 FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(python3 -c "from bench.utils import git_commit; print(git_commit())" \

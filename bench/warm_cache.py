@@ -11,7 +11,8 @@ the fused SegFormer3D's cube search tries. Every fused op call is recorded and r
 makes the op's launches, with the launches captured (as ``bench.sass`` does), and each distinct launch goes to
 Triton's own JIT under a stand-in CUDA driver (target sm_90) with ``warmup=True``: the JIT specialises the arguments
 and computes the cache key itself, so the keys are the ones the GPU run computes, given the same Triton wheel,
-Python and fastseg3d source (the kernels' line numbers count). Build with the GPU image's versions (the venv of
+ptxas (Triton's own on both sides: :func:`ptxas`), Python and fastseg3d source (the kernels' line numbers count);
+``--install`` warns where the first three differ. Build with the GPU image's versions (the venv of
 bench/README.md's gpu_check section: Triton 3.6, Python 3.12) from the tree the device call carries::
 
     /tmp/v212/bin/python -m bench.warm_cache --out .triton-cache.tgz      # then carry [".whl", ".triton-cache.tgz"]
@@ -29,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -45,7 +48,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["collect", "compile_launches", "install", "report"]
+__all__ = ["collect", "compile_launches", "distinct", "install", "launches_of", "ptxas", "report"]
 
 MANIFEST = "fastseg3d-manifest.json"
 SM90 = ("cuda", 90, 32)
@@ -188,8 +191,8 @@ class _GpuTestsOnMeta:
     (a generator on the GPU, a kernel launched outside an op, an assertion on a value); the calls it made until
     then are kept."""
 
-    def __init__(self, calls: list):
-        self.calls = calls
+    def __init__(self, launches: list):
+        self.launches = launches
         self._available = None
 
     def pytest_configure(self, config):
@@ -230,18 +233,19 @@ class _GpuTestsOnMeta:
             stack.enter_context(recorder)
             stack.enter_context(_MetaValues())
             yield
-        self.calls += recorder.calls
+        # before the test's teardown undoes its settings (TF32, determinism), which the launchers read
+        self.launches += launches_of(recorder.calls)
 
 
 def _gpu_tests_plan() -> list:
-    """The fused op calls of every GPU test (tests -m gpu) as far as each runs on meta tensors; not the
+    """The launches of every GPU test (tests -m gpu) as far as each runs on meta tensors; not the
     ``torch.compile`` tests (Inductor compiles its own copies of the kernels)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    calls: list = []
+    launches: list = []
     pytest.main([os.path.join(root, "tests"), "-m", "gpu", "-k", "not compile", "-q", "-p", "no:cacheprovider",
-                 "--no-header", "--tb=line", "-rN", "--rootdir", root], plugins=[_GpuTestsOnMeta(calls)])
-    print("(on meta tensors: a failed test stopped early, and its calls until then are kept)")
-    return calls
+                 "--no-header", "--tb=line", "-rN", "--rootdir", root], plugins=[_GpuTestsOnMeta(launches)])
+    print("(on meta tensors: a failed test stopped early, and its launches until then are kept)")
+    return launches
 
 
 def _target_plan() -> list:
@@ -261,7 +265,7 @@ def _target_plan() -> list:
             except Exception as e:  # a case that cannot run on meta compiles on the GPU instead
                 print(f"warm_cache: {name} {dtype} skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
                       file=sys.stderr)
-    return calls
+    return launches_of(calls)
 
 
 def _largest_cube_plan() -> list:
@@ -279,32 +283,77 @@ def _largest_cube_plan() -> list:
         label = torch.zeros(1, 1, side, side, side, dtype=torch.long, device="meta")
         calls += _network_calls(lambda: net.build(net.cfg, False), (1, net.in_channels, side, side, side),
                                 torch.bfloat16, True, loss=lambda y: net.loss(False)(y, label))
-    return calls
+    return launches_of(calls)
 
 
 PLANS = {"gpu_tests": _gpu_tests_plan, "targets": _target_plan, "largest_cube": _largest_cube_plan}
 
 
-def collect(calls: list) -> list:
-    """The distinct Triton launches (kernel, args, kwargs) that ``calls`` (recorded fused op calls) make on an
-    H100 or H200, one per specialisation the JIT would compile."""
-    from bench.sass import SM90_SMS, _captured, _hashable, _specialisation
+def launches_of(calls: list) -> list:
+    """The Triton launches (kernel, args, kwargs) that ``calls`` (recorded fused op calls) make on an H100 or H200
+    (132 SMs: the launchers split work by the SM count). Global state the launchers read (TF32, determinism) is
+    read now: replay a test's calls before its settings are undone. A call whose replay fails is reported and
+    skipped."""
+    from bench.sass import SM90_SMS, _captured
     from fastseg3d.kernels import utils as kernel_utils
     from fastseg3d.ops.utils import LAUNCHES
 
-    distinct: dict = {}
+    launches = []
     for op, args, kwargs in calls:
-        with mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
-            launches = _captured(lambda: LAUNCHES[op](*args, **kwargs))
-        for fn, a, kw in launches:
-            signature, constexprs, attrs = _specialisation(fn, a, kw)
-            key = (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
-                   tuple(attrs), kw.get("num_warps"), kw.get("num_stages"))
-            distinct.setdefault(key, (fn, a, kw))
-    return list(distinct.values())
+        try:
+            with mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
+                launches += _captured(lambda: LAUNCHES[op](*args, **kwargs))
+        except Exception as e:
+            print(f"warm_cache: {op} not replayed ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                  file=sys.stderr)
+    return launches
+
+
+def distinct(launches: list) -> list:
+    """One launch per specialisation the JIT would compile."""
+    from bench.sass import _hashable, _specialisation
+
+    seen: dict = {}
+    for fn, a, kw in launches:
+        signature, constexprs, attrs = _specialisation(fn, a, kw)
+        key = (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
+               tuple(attrs), kw.get("num_warps"), kw.get("num_stages"))
+        seen.setdefault(key, (fn, a, kw))
+    return list(seen.values())
+
+
+def collect(calls: list) -> list:
+    """The distinct launches of ``calls``."""
+    return distinct(launches_of(calls))
+
+
+def ptxas() -> str:
+    """The ptxas both sides compile with: Triton's own. Its version is part of every cache key, and a process
+    that has compiled with ``torch.compile`` would otherwise have moved to torch's (Inductor points
+    ``TRITON_PTXAS_PATH`` at it where it is unset), so ``gpu_check.sh`` sets it for the whole run."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def key_facts() -> dict:
+    """What every cache key holds besides the kernel: Triton's build, the ptxas version (of ``TRITON_PTXAS_PATH``
+    where set, else Triton's own), the Python version."""
+    import triton
+    from triton.runtime.cache import triton_key
+
+    path = os.environ.get("TRITON_PTXAS_PATH") or ptxas()
+    try:
+        version = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+        version = version.strip().splitlines()[-1]
+    except (OSError, subprocess.CalledProcessError) as e:
+        version = f"unknown ({type(e).__name__})"
+    return {"triton": triton.__version__, "triton_key": hashlib.sha256(triton_key().encode()).hexdigest(),
+            "ptxas": version, "python": sys.version.split()[0]}
 
 
 _WORK: list = []
+_POOL = None
 
 
 def _compile_one(i: int) -> tuple[str, str | None, float, str | None]:
@@ -335,17 +384,20 @@ def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tupl
     """Compiles each launch through Triton's JIT for sm_90 into ``cache_dir`` (binaries and metadata only), in
     ``jobs`` processes (default: one per core); returns (kernel, cache hash or None, seconds, problem or None) per
     launch: a problem is a compile error or what an H100 would refuse to launch (shared memory)."""
-    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY")}
+    global _POOL
+    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY", "TRITON_PTXAS_PATH")}
     os.environ["TRITON_CACHE_DIR"] = cache_dir
     os.environ["TRITON_STORE_BINARY_ONLY"] = "1"
+    os.environ["TRITON_PTXAS_PATH"] = saved["TRITON_PTXAS_PATH"] or ptxas()
     _WORK[:] = launches
     jobs = jobs or os.cpu_count() or 1
     try:
         if jobs == 1:
             return [_compile_one(i) for i in range(len(launches))]
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            return pool.map(_compile_one, range(len(launches)), chunksize=1)
+        with multiprocessing.get_context("fork").Pool(jobs) as _POOL:
+            return _POOL.map(_compile_one, range(len(launches)), chunksize=1)
     finally:
+        _POOL = None
         _WORK.clear()
         for k, v in saved.items():
             if v is None:
@@ -357,8 +409,7 @@ def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tupl
 def _pack(cache_dir: str, out: str) -> None:
     # the cache's entries (one directory per kernel, named from its key), as report() compares them
     entries = sorted(e.name for e in os.scandir(cache_dir) if e.is_dir())
-    manifest = {"entries": entries, "root": cache_dir,
-                "triton": __import__("triton").__version__, "python": sys.version.split()[0]}
+    manifest = {"entries": entries, "root": os.path.abspath(cache_dir), **key_facts()}
     with tarfile.open(out, "w:gz") as tar:
         tar.add(cache_dir, arcname=".")
         data = json.dumps(manifest).encode()
@@ -368,45 +419,74 @@ def _pack(cache_dir: str, out: str) -> None:
 
 
 def install(tarball: str, cache_dir: str) -> int:
-    """Extracts a carried cache into ``cache_dir`` with Triton's recorded file paths rewritten for it; returns the
-    number of kernels."""
+    """Extracts a carried cache into ``cache_dir`` with the file paths Triton recorded rewritten for it (only the
+    carried ones: kernels an earlier call compiled here keep theirs); returns the number of kernels. Warns where
+    this machine's Triton, ptxas or Python would give other keys."""
+    cache_dir = os.path.abspath(cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
     with tarfile.open(tarball) as tar:
         tar.extractall(cache_dir, filter="data")
     with open(os.path.join(cache_dir, MANIFEST)) as f:
-        root = json.load(f)["root"]
-    for entry in os.scandir(cache_dir):
-        if not entry.is_dir():
-            continue
-        for name in os.listdir(entry.path):
-            if name.startswith("__grp__"):
-                path = os.path.join(entry.path, name)
+        manifest = json.load(f)
+    root = manifest["root"].rstrip(os.sep) + os.sep
+    for name in manifest["entries"]:
+        entry = os.path.join(cache_dir, name)
+        for file in os.listdir(entry):
+            if file.startswith("__grp__"):
+                path = os.path.join(entry, file)
                 with open(path) as f:
                     group = json.load(f)
-                group["child_paths"] = {c: os.path.join(cache_dir, os.path.relpath(p, root))
+                group["child_paths"] = {c: os.path.join(cache_dir, p[len(root):]) if p.startswith(root) else p
                                         for c, p in group["child_paths"].items()}
                 with open(path, "w") as f:
                     json.dump(group, f)
-    with open(os.path.join(cache_dir, MANIFEST)) as f:
-        return len(json.load(f)["entries"])
+    here = key_facts()
+    differ = [f"{k} {manifest.get(k)} there, {v} here" for k, v in here.items() if manifest.get(k) != v]
+    if differ:
+        print("WARNING: the carried Triton cache was built with other versions, its keys will not match: "
+              + "; ".join(differ), file=sys.stderr)
+    return len(manifest["entries"])
 
 
 def report(cache_dir: str) -> dict:
-    """What a run compiled itself beside the carried kernels: ``{"carried": n, "compiled": {kernel: count}}``."""
+    """What a run compiled itself beside the carried kernels: ``{"carried": n, "compiled": {kernel: count},
+    "inductor": {kernel: count}}``, the latter the kernels ``torch.compile`` built (its copies of fastseg3d's
+    kernels carry the same names), told apart by the source file their IR names (kept where the run stores more
+    than binaries)."""
+    out = {"carried": 0, "compiled": {}, "inductor": {}}
     if not os.path.isdir(cache_dir):
-        return {"carried": 0, "compiled": {}}
+        return out
     path = os.path.join(cache_dir, MANIFEST)
     carried = set()
     if os.path.exists(path):
         with open(path) as f:
             carried = set(json.load(f)["entries"])
-    compiled: dict[str, int] = {}
+    out["carried"] = len(carried)
     for entry in os.scandir(cache_dir):
-        if entry.is_dir() and entry.name not in carried:
-            names = [n[:-5] for n in os.listdir(entry.path) if n.endswith(".json") and not n.startswith("__grp__")]
-            for name in names:
-                compiled[name] = compiled.get(name, 0) + 1
-    return {"carried": len(carried), "compiled": dict(sorted(compiled.items()))}
+        if not entry.is_dir() or entry.name in carried:
+            continue
+        files = os.listdir(entry.path)
+        for name in [n[:-5] for n in files if n.endswith(".json") and not n.startswith("__grp__")]:
+            kind = "compiled"
+            if f"{name}.source" in files:
+                with open(os.path.join(entry.path, f"{name}.source")) as f:
+                    if "torchinductor" in f.readline():
+                        kind = "inductor"
+            out[kind][name] = out[kind].get(name, 0) + 1
+    out["compiled"] = dict(sorted(out["compiled"].items()))
+    out["inductor"] = dict(sorted(out["inductor"].items()))
+    return out
+
+
+def _terminate(*_) -> None:
+    """A time box's SIGTERM: the compile workers end with the build (they would go on beside the tests), and so
+    does a pytest run in progress (which would take the exit for a failed test)."""
+    pool = _POOL
+    if pool is not None:
+        for worker in list(getattr(pool, "_pool", [])):
+            with contextlib.suppress(OSError):
+                os.kill(worker.pid, signal.SIGKILL)
+    os._exit(124)
 
 
 def main(argv=None) -> None:
@@ -422,7 +502,7 @@ def main(argv=None) -> None:
     parser.add_argument("--report", metavar="DIR", help="what a run compiled beside the carried kernels")
     args = parser.parse_args(argv)
     # a time box's SIGTERM ends the pool with its workers (which would otherwise go on compiling beside the tests)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
+    signal.signal(signal.SIGTERM, _terminate)
     if args.install:
         if not args.dir:
             parser.error("--install needs --dir")
@@ -430,16 +510,16 @@ def main(argv=None) -> None:
         return
     if args.report:
         r = report(args.report)
-        total = sum(r["compiled"].values())
-        print(f"Triton cache: {r['carried']} kernels carried, {total} compiled in this run"
+        print(f"Triton cache: {r['carried']} kernels carried, {sum(r['compiled'].values())} compiled in this run"
+              f" (and {sum(r['inductor'].values())} by torch.compile)"
               + "".join(f"\n  {n} x{c}" for n, c in r["compiled"].items()))
         return
     if not (args.out or args.cache_dir or args.dry_run):
         parser.error("give --out or --cache-dir (build), --dry-run, --install or --report")
     start = time.perf_counter()
-    calls = [call for plan in args.plan for call in PLANS[plan]()]
-    launches = collect(calls)
-    print(f"{len(calls)} fused calls, {len(launches)} distinct launches ({time.perf_counter() - start:.0f} s)")
+    every = [launch for plan in args.plan for launch in PLANS[plan]()]
+    launches = distinct(every)
+    print(f"{len(every)} launches, {len(launches)} distinct ({time.perf_counter() - start:.0f} s)")
     if args.dry_run:
         counts: dict[str, int] = {}
         for fn, _, _ in launches:

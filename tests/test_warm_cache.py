@@ -62,7 +62,7 @@ def test_gpu_tests_plan_records_the_tier_on_meta():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = re.search(r"(\d+) failed, (\d+) passed", proc.stdout)
     assert summary and int(summary[2]) > 3 * int(summary[1]), proc.stdout[-2000:]
-    launches = int(re.search(r"(\d+) distinct launches", proc.stdout)[1])
+    launches = int(re.search(r"launches, (\d+) distinct", proc.stdout)[1])
     kernels = dict(re.findall(r"^  (\w+) x(\d+)$", proc.stdout, re.M))
     assert launches > 500 and sum(map(int, kernels.values())) == launches
     assert {"_dwconv3d_fwd_kernel", "_dwconv3d_bwd_weight_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel",
@@ -120,7 +120,7 @@ def test_compiled_kernels_are_found_by_the_jit_key_after_install(tmp_path, monke
     for launch, (_, expected, _, _) in zip(launches, compiled):
         hit, got = _hit(launch, monkeypatch, target)
         assert hit and got == expected
-    assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {}}
+    assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {}, "inductor": {}}
     # a kernel compiled in the run, beside the carried ones
     # (another shape of the same dtypes would be the same specialisation: a bf16 one is not)
     x = torch.empty(1, 4, 3, 3, 3, dtype=torch.bfloat16, device="meta")
@@ -128,7 +128,93 @@ def test_compiled_kernels_are_found_by_the_jit_key_after_install(tmp_path, monke
     other = warm_cache.collect(_fused_calls(lambda: _upsample_sum(x, skip)))
     hit, _ = _hit(other[0], monkeypatch, target)
     assert not hit
-    assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {"_upsample_sum_kernel": 1}}
+    # and one of torch.compile's, its IR naming Inductor's copy of the source
+    inductor = target / "INDUCTOR"
+    inductor.mkdir()
+    (inductor / "_upsample_sum_kernel.json").write_text("{}")
+    (inductor / "_upsample_sum_kernel.source").write_text('#loc = loc("/tmp/torchinductor_root/ab/cd.py":12:0)\n')
+    assert warm_cache.report(str(target)) == {"carried": 2, "compiled": {"_upsample_sum_kernel": 1},
+                                              "inductor": {"_upsample_sum_kernel": 1}}
+    # installed again (a second call on a warm machine): the kernels compiled here keep their paths
+    groups = {p: p.read_text() for p in target.glob("*/__grp__*") if p.parent.name not in _entries(target)}
+    assert groups
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert warm_cache.install(str(tarball), "cache") == 2  # a relative directory
+    assert {p: p.read_text() for p in groups} == groups
+    for launch in launches:
+        assert _hit(launch, monkeypatch, target)[0]
+
+
+def _entries(cache_dir) -> set:
+    return set(json.loads((cache_dir / warm_cache.MANIFEST).read_text())["entries"])
+
+
+def test_keys_of_stand_ins_match_those_of_real_tensors(tmp_path):
+    """The JIT specialises a stand-in pointer as it does a tensor with the same dtype and storage offset: the
+    same kernel hash for an aligned and a misaligned (fp16, one element in) first argument."""
+    from triton.runtime import driver
+
+    (fn, args, kwargs), _ = _upsample_sum_launches()
+    i = next(k for k, a in enumerate(args) if isinstance(a, torch.Tensor))
+    hashes = {}
+    for offset in (0, 1):
+        base = torch.empty(args[i].numel() + 8, dtype=args[i].dtype, device="meta")
+        meta_args = list(args)
+        meta_args[i] = base[offset:offset + args[i].numel()]
+        [(_, hashes["stand-in", offset], _, _)] = warm_cache.compile_launches([(fn, meta_args, kwargs)],
+                                                                              str(tmp_path), jobs=1)
+        real = [torch.empty(a.shape, dtype=a.dtype) if isinstance(a, torch.Tensor) else a for a in meta_args]
+        real[i] = torch.empty(base.shape, dtype=base.dtype)[offset:offset + args[i].numel()]
+        previous = driver._active
+        driver.set_active(warm_cache._Driver())
+        try:
+            os.environ["TRITON_CACHE_DIR"] = str(tmp_path)
+            hashes["tensor", offset] = fn.run(*real, grid=(1,), warmup=True, **kwargs).hash
+        finally:
+            os.environ.pop("TRITON_CACHE_DIR")
+            driver._active = previous
+            fn.device_caches.clear()
+    assert hashes["stand-in", 0] == hashes["tensor", 0] != hashes["tensor", 1] == hashes["stand-in", 1], hashes
+
+
+def test_install_warns_where_the_keys_would_differ(tmp_path, capsys):
+    build = tmp_path / "build"
+    build.mkdir()
+    tarball = tmp_path / "cache.tgz"
+    warm_cache._pack(str(build), str(tarball))
+    assert warm_cache.install(str(tarball), str(tmp_path / "a")) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    manifest = tmp_path / "a" / warm_cache.MANIFEST
+    facts = json.loads(manifest.read_text())
+    facts["ptxas"] = "Build cuda_13.0"
+    manifest.write_text(json.dumps(facts))
+    import tarfile
+
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(manifest, arcname=warm_cache.MANIFEST)
+    warm_cache.install(str(tarball), str(tmp_path / "b"))
+    err = capsys.readouterr().err
+    assert "its keys will not match: ptxas Build cuda_13.0 there" in err, err
+
+
+def test_sigterm_ends_the_plan_at_once():
+    """A time box's SIGTERM ends the build at once, also in the middle of the GPU tests' pytest run (pytest would
+    take a SystemExit for a failed test and go on)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FASTSEG3D_", "PYTEST_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "bench.warm_cache", "--plan", "gpu_tests", "--dry-run"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the tests have started
+        if line.startswith((".", "F")):
+            break
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 124
+    assert time.monotonic() - start < 10
 
 
 def test_compile_leaves_the_driver_as_it_was(tmp_path):
