@@ -4,16 +4,17 @@ Most of a short GPU session's test tier is Triton compiling, and the network-sca
 after another in one worker, longer than their box. This module compiles the kernels beforehand, on a machine
 without a GPU, into a Triton cache that the device call carries, so the GPU run finds them compiled.
 
-Three plans run on ``meta`` tensors what the GPU session runs: ``gpu_tests``, the GPU test tier itself (``tests -m
+Four plans run on ``meta`` tensors what the GPU session runs: ``gpu_tests``, the GPU test tier itself (``tests -m
 gpu``, but the ``torch.compile`` tests, each test as far as it gets on meta tensors: :class:`_GpuTestsOnMeta`);
 ``targets``, the benchmark target plan of ``bench/gpu_check.sh`` (its ``TARGET_ARGS``); ``largest_cube``, the sides
-the fused SegFormer3D's cube search tries. Every fused op call is recorded and replayed through the function that
-makes the op's launches, with the launches captured (as ``bench.sass`` does), and each distinct launch goes to
-Triton's own JIT under a stand-in CUDA driver (target sm_90) with ``warmup=True``: the JIT specialises the arguments
-and computes the cache key itself, so the keys are the ones the GPU run computes, given the same Triton wheel,
-ptxas (Triton's own on both sides: :func:`ptxas`), Python and fastseg3d source (the kernels' line numbers count);
-``--install`` warns where the first three differ. Build with the GPU image's versions (the venv of
-bench/README.md's gpu_check section: Triton 3.6, Python 3.12) from the tree the device call carries::
+the fused SegFormer3D's cube search tries; ``tune``, the candidates of ``bench.tune``'s sweeps. Every fused op call
+is recorded and replayed through the function that makes the op's launches, with the launches captured (as
+``bench.sass`` does), and each distinct launch goes to Triton's own JIT under a stand-in CUDA driver (target sm_90)
+with ``warmup=True``: the JIT specialises the arguments and computes the cache key itself, so the keys are the ones
+the GPU run computes, given the same Triton wheel, ptxas (Triton's own on both sides: :func:`ptxas`), Python and
+fastseg3d source (the kernels' line numbers count); ``--install`` warns where the first three differ. Build with the
+GPU image's versions (the venv of bench/README.md's gpu_check section: Triton 3.6, Python 3.12) from the tree the
+device call carries::
 
     /tmp/v212/bin/python -m bench.warm_cache --out .triton-cache.tgz      # then carry [".whl", ".triton-cache.tgz"]
     python3 -m bench.warm_cache --dry-run --plan gpu_tests               # the distinct launches, by kernel
@@ -22,8 +23,7 @@ bench/README.md's gpu_check section: Triton 3.6, Python 3.12) from the tree the 
 
 Only binaries and metadata are kept (``TRITON_STORE_BINARY_ONLY``). Triton records each file's absolute path in the
 cache, so ``--install`` rewrites them for the directory it extracts into. Not covered: the kernels ``torch.compile``
-builds (its own copies of the user kernels), a test's launches after the point where it needs real values, and the
-tuning sweeps' candidates.
+builds (its own copies of the user kernels) and a test's launches after the point where it needs real values.
 """
 
 from __future__ import annotations
@@ -157,8 +157,9 @@ class _CudaAsMeta(TorchFunctionMode):
 
 
 class _MetaValues(TorchDispatchMode):
-    """Values read from meta tensors: ``torch.equal`` holds, a number is 1 and a flag False (a rejection loop
-    ends); only the calls around them matter here. A test that reads too many (a loop on them) is stopped."""
+    """Values read from meta tensors: ``torch.equal`` and ``torch.allclose`` hold, a number is 1 and a flag False
+    (a rejection loop ends); only the calls around them matter here. A test that reads too many (a loop on them) is
+    stopped."""
 
     LIMIT = 100_000
 
@@ -167,11 +168,12 @@ class _MetaValues(TorchDispatchMode):
         self.reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.equal.default) and args[0].is_meta:
+        comparisons = (torch.ops.aten.equal.default, torch.ops.aten.allclose.default)
+        if (func is torch.ops.aten._local_scalar_dense.default or func in comparisons) and args[0].is_meta:
             self.reads += 1
             if self.reads > self.LIMIT:
                 raise RuntimeError(f"{self.LIMIT} values read from meta tensors: a loop on them")
-            if func is torch.ops.aten.equal.default:
+            if func in comparisons:
                 return True
             t = args[0]
             return False if t.dtype == torch.bool else 1.0 if t.is_floating_point() else 1
@@ -226,6 +228,7 @@ class _GpuTestsOnMeta:
                 stack.enter_context(mock.patch.object(torch.cuda, name, nothing))
             stack.enter_context(mock.patch.object(torch.cuda, "mem_get_info", lambda *a: (80 * 2**30, 80 * 2**30)))
             stack.enter_context(mock.patch.object(torch.testing, "assert_close", nothing))
+            stack.enter_context(mock.patch.object(torch, "Generator", _cpu_generator))
             for module in {item.module, sys.modules.get("tests.utils")} - {None}:
                 if hasattr(module, "assert_close"):
                     stack.enter_context(mock.patch.object(module, "assert_close", nothing))
@@ -286,7 +289,49 @@ def _largest_cube_plan() -> list:
     return launches_of(calls)
 
 
-PLANS = {"gpu_tests": _gpu_tests_plan, "targets": _target_plan, "largest_cube": _largest_cube_plan}
+def _cpu_generator(device=None):
+    """A generator for meta tensors (their draws take a CPU one): ``torch.Generator(device="cuda")`` stands in."""
+    return _GENERATOR()
+
+
+_GENERATOR = torch.Generator
+
+
+def _tune_plan() -> list:
+    """``python -m bench.tune OP``'s candidates at their default shapes (bf16), for every op it sweeps: each
+    candidate's launches are taken where the sweep would time them, with the candidate in place."""
+    import importlib
+
+    from bench.sass import SM90_SMS, _captured, _FusedCalls
+    from bench.tune import OPS
+    from fastseg3d.kernels import utils as kernel_utils
+
+    launches: list = []
+
+    def record(fn):
+        recorder = _FusedCalls()
+        with recorder:
+            fn()
+        launches.extend(launches_of(recorder.calls))
+        return 1.0
+
+    for op in OPS:
+        tuner = importlib.import_module(f"bench.tune_{op}")
+        for label in tuner.SHAPES:
+            try:
+                # the sweeps also call launchers directly: those launches are captured as they are made
+                with _CudaAsMeta(), _MetaValues(), mock.patch.object(torch, "Generator", _cpu_generator), \
+                        mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
+                    launches.extend(_captured(lambda: tuner.sweep(label, torch.bfloat16, device=torch.device("meta"),
+                                                                  time_fn=record)))
+            except Exception as e:
+                print(f"warm_cache: tune {op} {label} skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                      file=sys.stderr)
+    return launches
+
+
+PLANS = {"gpu_tests": _gpu_tests_plan, "targets": _target_plan, "largest_cube": _largest_cube_plan,
+         "tune": _tune_plan}
 
 
 def launches_of(calls: list) -> list:

@@ -246,3 +246,16 @@ def test_a_launch_that_does_not_compile_is_reported(tmp_path):
     (name, kernel_hash, _, problem), (_, good_hash, _, good_problem) = results
     assert name == "_upsample_sum_kernel" and kernel_hash is None and problem, results
     assert good_hash and good_problem is None
+
+
+def test_tune_plan_takes_every_candidate_of_the_sweeps():
+    """bench.tune's sweeps, run on meta tensors: each candidate's launches with the candidate in place (dwconv3d's
+    walk depths 1 to 3), for every op the sweeps cover."""
+    launches = warm_cache.distinct(warm_cache.PLANS["tune"]())
+    names = {fn.fn.__name__ for fn, _, _ in launches}
+    assert {"_dwconv3d_fwd_kernel", "_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel",
+            "_kl_fwd_kernel", "_interp_transpose_kernel"} <= names, names
+    stages = {kw["STAGES"] for fn, _, kw in launches if fn.fn.__name__ == "_dwconv3d_fwd_kernel"}
+    assert stages == {1, 2, 3}
+    blocks = {(kw["BLOCK_M"], kw["BLOCK_N"]) for fn, _, kw in launches if fn.fn.__name__ == "_attn_fwd_kernel"}
+    assert len(blocks) > 3, blocks
