@@ -104,6 +104,17 @@ def _restore_determinism():
 
 
 @pytest.fixture
+def no_tf32():
+    """True fp32 matmuls and convs for the test, restored after it. Not monkeypatch: from pytest 9.1 on, its undo
+    deletes what it took for an instance attribute, which ``torch.backends.cuda.matmul`` (attributes served by
+    ``__getattr__``) refuses, an error at every such test's teardown that leaves TF32 off."""
+    state = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = state
+
+
+@pytest.fixture
 def poison(monkeypatch):
     """Every buffer fastseg3d hands to a kernel starts as NaN, so an unwritten element fails the comparison."""
     from fastseg3d.ops import utils

@@ -836,6 +836,19 @@ def _run_sample_tier(tmp_path, source: str, env: dict, *args: str) -> subprocess
                           cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=120)
 
 
+def test_no_tf32_fixture_restores_without_a_teardown_error(tmp_path):
+    """The GPU tests' ``no_tf32`` fixture turns TF32 off for one test and back after it, with no error at teardown
+    (pytest's monkeypatch, from 9.1 on, fails to undo ``torch.backends.cuda.matmul``'s attributes)."""
+    source = ("import torch\n\ntorch.backends.cuda.matmul.allow_tf32 = True\n"
+              "torch.backends.cudnn.allow_tf32 = True\n\n\n"
+              "def test_off(no_tf32):\n"
+              "    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32\n\n\n"
+              "def test_back():\n"
+              "    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32\n")
+    proc = _run_sample_tier(tmp_path, source, {})
+    assert proc.returncode == 0 and "2 passed" in proc.stdout and "error" not in proc.stdout, proc.stdout[-2000:]
+
+
 def test_failures_are_logged_as_they_happen(tmp_path):
     """gpu_check.sh's test tier may be cut by its box before pytest prints a summary: with FASTSEG3D_FAILURE_LOG,
     the project's conftest appends each failure's traceback to that file when the test ends."""

@@ -558,10 +558,8 @@ def test_interpret_3d_norm_chains_on_the_fused_kernel(monkeypatch, poison):
 @pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_fused_3d_base_matches_reference(monkeypatch, dtype):
+def test_gpu_fused_3d_base_matches_reference(no_tf32, dtype):
     # fp32 convs on both sides: TF32 ones would turn fp32 rounding differences into errors above the tolerance
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     net = MobileUtr(spatial_dims=3, in_channels=1, out_channels=14).cuda().eval()
     x = torch.randn(1, 1, 64, 64, 64, device="cuda")

@@ -411,10 +411,8 @@ def test_interpret_fused_network_matches_reference_under_bf16_autocast(poison):
 @pytest.mark.timeout(480)  # a network's ~70-90 Triton specialisations compile one after another in one worker
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_fused_network_matches_reference(monkeypatch, dtype):
+def test_gpu_fused_network_matches_reference(no_tf32, dtype):
     # fp32 convs on both sides: TF32 ones would turn fp32 rounding differences into errors above the tolerance
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     net = SegFormer3D().cuda()
     x = torch.randn(2, 4, 64, 64, 64, device="cuda")

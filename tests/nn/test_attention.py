@@ -170,10 +170,8 @@ def test_interpret_half_module_matches_unfused_composition(poison, sr, spatial, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_module_matches_unfused_composition(monkeypatch, dtype):
+def test_gpu_module_matches_unfused_composition(no_tf32, dtype):
     # true fp32 everywhere, the strided conv of the spatial reduction (cuDNN) included
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     module = EfficientSelfAttention3d(32, 1, sr_ratio=4).cuda().to(dtype)
     with fastseg3d.backend("triton"):
         _compare(module, (32, 32, 24), dtype, "cuda")

@@ -346,8 +346,7 @@ _GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,n,m,h,d,dtype", _GPU_CASES,
                          ids=[f"B{c[0]}-N{c[1]}-M{c[2]}-H{c[3]}-d{c[4]}-{str(c[5])[6:]}" for c in _GPU_CASES])
-def test_gpu_kernel_matches_sdpa(poison, monkeypatch, b, n, m, h, d, dtype):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_gpu_kernel_matches_sdpa(poison, no_tf32, b, n, m, h, d, dtype):
     check_against_sdpa(b, n, m, h, d, dtype, "cuda")
 
 
