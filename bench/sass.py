@@ -30,7 +30,8 @@ import torch
 from torch._library.triton import set_wrap_triton_enabled
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_network", "profile_selfreg"]
+__all__ = ["launch_key", "profile_attention", "profile_dwconv3d", "profile_kl_distill", "profile_network",
+           "profile_selfreg"]
 
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int64: "i64",
           torch.int32: "i32"}
@@ -334,6 +335,14 @@ def _hashable(value):
     return type(value).__name__, value
 
 
+def launch_key(fn, args, kwargs) -> tuple:
+    """Equal for two launches that Triton's JIT would compile into one kernel: the kernel, its specialisation and
+    launch options."""
+    signature, constexprs, attrs = _specialisation(fn, args, kwargs)
+    return (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()), tuple(attrs),
+            kwargs.get("num_warps"), kwargs.get("num_stages"))
+
+
 def profile_network(name: str, side: int | None = None, batch: int | None = None, dtype=torch.bfloat16,
                     modes=("train_step", "infer")) -> list[dict]:
     """Every distinct Triton launch of the benchmark's network ``name`` (its ``bench.models`` description:
@@ -383,11 +392,8 @@ def profile_network(name: str, side: int | None = None, batch: int | None = None
             launches = _captured(lambda: LAUNCHES[op](*args, **kwargs), grids)
         for (fn, a, kw), grid in zip(launches, grids):
             kw = {"num_warps": 4, **kw}
-            signature, constexprs, attrs = _specialisation(fn, a, kw)
-            key = (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
-                   tuple(attrs), kw["num_warps"], kw.get("num_stages"))
-            entry = distinct.setdefault(key, {"launch": (fn, a, kw), "ops": set(), "modes": set(), "calls": 0,
-                                              "grid": (0, 0, 0)})
+            entry = distinct.setdefault(launch_key(fn, a, kw), {"launch": (fn, a, kw), "ops": set(), "modes": set(),
+                                                                "calls": 0, "grid": (0, 0, 0)})
             entry["ops"].add(op.split("::")[-1])
             entry["modes"].add(mode)
             entry["calls"] += 1

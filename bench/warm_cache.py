@@ -48,6 +48,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.utils import first_line
+
 __all__ = ["collect", "compile_launches", "distinct", "install", "launches_of", "ptxas", "report"]
 
 MANIFEST = "fastseg3d-manifest.json"
@@ -266,7 +268,7 @@ def _target_plan() -> list:
             try:
                 calls += _case_calls(name, dtype, shapes, modes)
             except Exception as e:  # a case that cannot run on meta compiles on the GPU instead
-                print(f"warm_cache: {name} {dtype} skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                print(f"warm_cache: {name} {dtype} skipped ({first_line(e)[:160]})",
                       file=sys.stderr)
     return launches_of(calls)
 
@@ -289,12 +291,12 @@ def _largest_cube_plan() -> list:
     return launches_of(calls)
 
 
+_GENERATOR = torch.Generator
+
+
 def _cpu_generator(device=None):
     """A generator for meta tensors (their draws take a CPU one): ``torch.Generator(device="cuda")`` stands in."""
     return _GENERATOR()
-
-
-_GENERATOR = torch.Generator
 
 
 def _tune_plan() -> list:
@@ -325,7 +327,7 @@ def _tune_plan() -> list:
                     launches.extend(_captured(lambda: tuner.sweep(label, torch.bfloat16, device=torch.device("meta"),
                                                                   time_fn=record)))
             except Exception as e:
-                print(f"warm_cache: tune {op} {label} skipped ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+                print(f"warm_cache: tune {op} {label} skipped ({first_line(e)[:160]})",
                       file=sys.stderr)
     return launches
 
@@ -349,21 +351,18 @@ def launches_of(calls: list) -> list:
             with mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
                 launches += _captured(lambda: LAUNCHES[op](*args, **kwargs))
         except Exception as e:
-            print(f"warm_cache: {op} not replayed ({type(e).__name__}: {str(e).splitlines()[0][:120]})",
+            print(f"warm_cache: {op} not replayed ({first_line(e)[:160]})",
                   file=sys.stderr)
     return launches
 
 
 def distinct(launches: list) -> list:
     """One launch per specialisation the JIT would compile."""
-    from bench.sass import _hashable, _specialisation
+    from bench.sass import launch_key
 
     seen: dict = {}
     for fn, a, kw in launches:
-        signature, constexprs, attrs = _specialisation(fn, a, kw)
-        key = (fn, tuple(signature.items()), tuple((k, _hashable(v)) for k, v in constexprs.items()),
-               tuple(attrs), kw.get("num_warps"), kw.get("num_stages"))
-        seen.setdefault(key, (fn, a, kw))
+        seen.setdefault(launch_key(fn, a, kw), (fn, a, kw))
     return list(seen.values())
 
 
