@@ -259,3 +259,13 @@ def test_tune_plan_takes_every_candidate_of_the_sweeps():
     assert stages == {1, 2, 3}
     blocks = {(kw["BLOCK_M"], kw["BLOCK_N"]) for fn, _, kw in launches if fn.fn.__name__ == "_attn_fwd_kernel"}
     assert len(blocks) > 3, blocks
+
+
+def test_cli_builds_a_tarball(tmp_path, monkeypatch, capsys):
+    """``--plan ... --out``: the plan's launches compiled and packed; the tarball installs."""
+    monkeypatch.setitem(warm_cache.PLANS, "tune", _upsample_sum_launches)
+    tarball = tmp_path / "cache.tgz"
+    warm_cache.main(["--plan", "tune", "--out", str(tarball), "--jobs", "1"])
+    out = capsys.readouterr().out
+    assert "2 launches, 2 distinct" in out and "compiled in" in out and "PROBLEM" not in out, out
+    assert warm_cache.install(str(tarball), str(tmp_path / "cache")) == 2
