@@ -202,29 +202,66 @@ def dice_ce(
     return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
 
 
-class DiceCELoss(nn.Module):
-    """:func:`dice_ce` as a module: in place of MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` with its
-    default smoothing and mean reductions, at a sixth of the memory it leaves autograd with bf16 logits.
+# the settings of MONAI's DiceCELoss under which it is dice_ce (the others at their defaults)
+_FUSED_SETTINGS = {"to_onehot_y": True, "softmax": True, "sigmoid": False, "other_act": None, "squared_pred": False,
+                   "jaccard": False, "reduction": "mean", "batch": False, "weight": None, "label_smoothing": 0.0}
 
-    Args:
-        include_background: keep class 0 in the Dice term (the cross-entropy always covers every class).
-        lambda_dice, lambda_ce: the weights of the two terms.
-        smooth_nr, smooth_dr: added to the Dice numerator and denominator.
+
+class DiceCELoss(nn.Module):
+    """MONAI's ``DiceCELoss``, with its constructor, defaults and values: on label maps with a softmax
+    (``to_onehot_y=True, softmax=True``, which is how MONAI's segmentation recipes call it) it computes
+    :func:`dice_ce`, which leaves autograd a sixth of MONAI's memory with bf16 logits; every other setting runs
+    MONAI's own ``DiceCELoss`` (``monai`` must be installed for those).
+
+    The fused case: ``to_onehot_y=True, softmax=True`` and MONAI's defaults for ``sigmoid``, ``other_act``,
+    ``squared_pred``, ``jaccard``, ``reduction`` ("mean"), ``batch``, ``weight`` and ``label_smoothing``; the
+    arguments it reads are ``include_background`` (class 0 in the Dice term; the cross-entropy always covers every
+    class), ``smooth_nr``, ``smooth_dr`` (added to the Dice numerator and denominator), ``lambda_dice`` and
+    ``lambda_ce`` (the terms' weights). It takes the logits (B, K, *spatial), K >= 2, and a class map (B, 1,
+    *spatial_t): unlike MONAI's, logits smaller than the label by integer factors per axis (a deep-supervision
+    head) are upsampled inside. ``fused`` says whether it runs, ``composition`` holds MONAI's loss otherwise.
 
     Example:
         >>> import torch
         >>> from fastseg3d.losses import DiceCELoss
-        >>> loss_fn = DiceCELoss(include_background=False)
+        >>> loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True)
         >>> loss = loss_fn(torch.randn(1, 4, 16, 16, 16), torch.randint(0, 4, (1, 1, 16, 16, 16)))
     """
 
-    def __init__(self, include_background: bool = True, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
-                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5) -> None:
+    def __init__(self, include_background: bool = True, to_onehot_y: bool = False, sigmoid: bool = False,
+                 softmax: bool = False, other_act=None, squared_pred: bool = False, jaccard: bool = False,
+                 reduction: str = "mean", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
+                 weight: torch.Tensor | None = None, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.include_background = include_background
         self.lambda_dice, self.lambda_ce, self.smooth_nr, self.smooth_dr = _check_settings(
             include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
+        settings = {"to_onehot_y": to_onehot_y, "softmax": softmax, "sigmoid": sigmoid, "other_act": other_act,
+                    "squared_pred": squared_pred, "jaccard": jaccard, "reduction": reduction, "batch": batch,
+                    "weight": weight, "label_smoothing": label_smoothing}
+        unfused = [name for name, value in settings.items()
+                   if not (value is _FUSED_SETTINGS[name] or (isinstance(value, (bool, int, float, str))
+                                                                and value == _FUSED_SETTINGS[name]))]
+        self.fused = not unfused
+        self.composition = None
+        if unfused:
+            try:
+                from monai.losses import DiceCELoss as MONAIDiceCELoss
+            except ImportError as e:
+                given = ", ".join(f"{name}={settings[name]!r}" for name in unfused)
+                raise ValueError(
+                    f"DiceCELoss({given}) is MONAI's composition, and monai is not installed (pip install monai); "
+                    "fastseg3d computes the label-map case, to_onehot_y=True and softmax=True with MONAI's "
+                    "defaults for the other settings") from e
+            self.composition = MONAIDiceCELoss(
+                include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid, softmax=softmax,
+                other_act=other_act, squared_pred=squared_pred, jaccard=jaccard, reduction=reduction,
+                smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch, weight=weight, lambda_dice=lambda_dice,
+                lambda_ce=lambda_ce, label_smoothing=label_smoothing)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.composition is not None:
+            return self.composition(input, target)
         return dice_ce(input, target, self.include_background, self.lambda_dice, self.lambda_ce, self.smooth_nr,
                        self.smooth_dr)

@@ -87,7 +87,8 @@ class DSDLoss(nn.Module):
         self.temperature = temperature
         self.kl_weight = check_weight(kl_weight, "kl_weight")
         self.detach_teacher = detach_teacher
-        self.dice_ce = DiceCELoss(include_background, lambda_dice, lambda_ce)
+        self.dice_ce = DiceCELoss(include_background, to_onehot_y=True, softmax=True, lambda_dice=lambda_dice,
+                                  lambda_ce=lambda_ce)
 
     def _check_logits(self, t, name: str, dims: int) -> None:
         if not isinstance(t, torch.Tensor):

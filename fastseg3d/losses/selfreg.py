@@ -78,7 +78,8 @@ class SelfRegLoss(nn.Module):
             raise ValueError(f"include_segmentation must be a bool, got {include_segmentation!r}")
         self.num_channels = num_channels
         self.generator = generator
-        self.dice_ce = DiceCELoss(include_background, lambda_dice, lambda_ce) if include_segmentation else None
+        self.dice_ce = DiceCELoss(include_background, to_onehot_y=True, softmax=True, lambda_dice=lambda_dice,
+                                  lambda_ce=lambda_ce) if include_segmentation else None
 
     def terms(self, outputs, target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``{"intra": ..., "inter": ...}`` (unweighted) and ``"segmentation"`` when it is included."""

@@ -213,9 +213,9 @@ class Objective(nn.Module):
             # backward; it takes half-precision logits as they are, where MONAI's losses compute in their input's
             # dtype
             dice_only = name == "dice"
-            self.segmentation = DiceCELoss(loss_cfg["include_background"],
-                                           1.0 if dice_only else loss_cfg["lambda_dice"],
-                                           0.0 if dice_only else loss_cfg["lambda_ce"])
+            self.segmentation = DiceCELoss(loss_cfg["include_background"], to_onehot_y=True, softmax=True,
+                                           lambda_dice=1.0 if dice_only else loss_cfg["lambda_dice"],
+                                           lambda_ce=0.0 if dice_only else loss_cfg["lambda_ce"])
         elif name == "dice":
             self.segmentation = DiceLoss(**common)
         else:

@@ -154,11 +154,64 @@ def test_low_precision_logits(dtype, layout):
 
 def test_module_and_grad_output_scale():
     logits, target = _data((2, 3, 4, 5, 6), (4, 5, 6), seed=3)
-    loss = DiceCELoss(include_background=False, lambda_dice=0.6, lambda_ce=0.4)
+    loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, lambda_dice=0.6, lambda_ce=0.4)
     (grad,) = torch.autograd.grad(3.0 * loss(logits, target), logits)
     expected = 3.0 * _monai(logits, target, False, 0.6, 0.4)
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+
+
+MONAI_SETTINGS = [  # (keyword arguments of MONAI's DiceCELoss, whether fastseg3d computes them)
+    (dict(to_onehot_y=True, softmax=True), True),
+    (dict(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=0.0, smooth_dr=1e-3, lambda_ce=0.3),
+     True),
+    (dict(to_onehot_y=True, softmax=True, batch=True), False),
+    (dict(to_onehot_y=True, softmax=True, weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)), False),
+    (dict(to_onehot_y=True, softmax=True, squared_pred=True, jaccard=True), False),
+    (dict(to_onehot_y=True, softmax=True, reduction="sum"), False),
+    (dict(to_onehot_y=True, softmax=True, label_smoothing=0.1), False),
+    (dict(to_onehot_y=True, sigmoid=True), False),
+    (dict(to_onehot_y=True, other_act=torch.tanh), False),
+    (dict(softmax=True), False),  # a one-hot target
+    ({}, False),  # MONAI's defaults: the logits as probabilities, a one-hot target
+]
+
+
+@pytest.mark.parametrize("kwargs,fused", MONAI_SETTINGS, ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+def test_module_takes_monais_signature(kwargs, fused):
+    """Code written for MONAI's DiceCELoss runs unchanged: the same value and gradient for every setting, the label
+    maps with a softmax computed here and the rest by MONAI's own loss."""
+    logits, labels = _data((2, 3, 4, 5, 3), (4, 5, 3), seed=5)
+    one_hot = kwargs.get("to_onehot_y", False) is False
+    target = F.one_hot(labels[:, 0].long(), 3).movedim(-1, 1).double() if one_hot else labels
+    loss = DiceCELoss(**kwargs)
+    assert loss.fused is fused and (loss.composition is None) is fused
+    out = loss(logits, target)
+    (grad,) = torch.autograd.grad(out, logits)
+    expected = monai_losses.DiceCELoss(**kwargs)(logits, target)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    if fused:  # what autograd keeps is the logits and the label, not MONAI's softmax maps
+        assert out.grad_fn.name() != monai_losses.DiceCELoss(**kwargs)(logits, target).grad_fn.name()
+
+
+def test_module_without_monai_names_the_settings_it_cannot_fuse(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_monai(name, *args, **kwargs):
+        if name == "monai" or name.startswith("monai."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_monai)
+    assert DiceCELoss(to_onehot_y=True, softmax=True).fused
+    with pytest.raises(ValueError, match=r"DiceCELoss\(to_onehot_y=False, softmax=False\) is MONAI's composition"):
+        DiceCELoss()
+    with pytest.raises(ValueError, match=r"DiceCELoss\(batch=True\)"):
+        DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
 
 
 def test_meta_device_forward_and_backward():
@@ -231,7 +284,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="target holds labels from 1 to 3; the 3 classes"):
         dice_ce(logits, target.clamp(0, 2) + 1)
     with pytest.raises(ValueError, match="labels from -1"):
-        DiceCELoss()(logits, target - 1)
+        DiceCELoss(to_onehot_y=True, softmax=True)(logits, target - 1)
     with pytest.raises(ValueError, match="NaN or infinite"):
         dice_ce(logits, target.float().masked_fill(target == 0, float("nan")))
     dice_ce(logits, target.float())  # float labels that are class indices are fine, as in MONAI
@@ -299,5 +352,5 @@ def test_label_check_reads_no_value_while_tracing():
     torch.testing.assert_close(batched, torch.stack([dice_ce(x, t) for x, t in zip(logits, target)]))
     with FakeTensorMode(allow_non_fake_inputs=True):
         assert dice_ce(logits[0], target[0]).shape == ()
-    graph = make_fx(DiceCELoss())(logits[0], target[0])
+    graph = make_fx(DiceCELoss(to_onehot_y=True, softmax=True))(logits[0], target[0])
     torch.testing.assert_close(graph(logits[0], target[0]), dice_ce(logits[0], target[0]))
