@@ -53,30 +53,34 @@ def _probabilities(logits: torch.Tensor, size, labels: torch.Tensor | None = Non
 
 class _DiceCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr):
+    def forward(ctx, logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr, squared_pred,
+                batch, reduction):
         labels = target.long()
         p, log_p_label = _probabilities(logits, target.shape[2:], labels)
-        ce = -log_p_label.mean()
-        dims = tuple(range(2, p.dim()))
-        predicted = p.sum(dims)
+        ce = -(log_p_label.sum() if reduction == "sum" else log_p_label.mean())
+        # the sums over voxels (and the batch): tables (B, K), or (1, K) with batch
+        dims = (0, *range(2, p.dim())) if batch else tuple(range(2, p.dim()))
+        predicted = (torch.linalg.vector_norm(p, dim=dims) ** 2 if squared_pred else p.sum(dims)).view(-1, p.shape[1])
         elsewhere = torch.ones(p.shape, dtype=torch.bool, device=p.device).scatter_(1, labels, False)
-        intersection = p.masked_fill_(elsewhere, 0.0).sum(dims)
+        intersection = p.masked_fill_(elsewhere, 0.0).sum(dims).view(-1, p.shape[1])
         # the one-hot label's voxel count per class, summed in p's map as MONAI sums its fp32 one-hot (a bool map's
         # sum would convert it to int64 first)
-        ground = p.fill_(1.0).masked_fill_(elsewhere, 0.0).sum(dims)
+        ground = p.fill_(1.0).masked_fill_(elsewhere, 0.0).sum(dims).view(-1, p.shape[1])
         del p
         denominator = ground + predicted + smooth_dr
         ratio = (2.0 * intersection + smooth_nr) / denominator
         first = 0 if include_background else 1
-        dice = (1.0 - ratio[:, first:]).mean()
-        # dDice/dp_bkv = a_bk * y_bkv + b_bk (Dice's weight folded in; zero for a left-out background)
-        scale = (lambda_dice / (ratio.shape[0] * (ratio.shape[1] - first))) / denominator
+        terms = 1.0 - ratio[:, first:]
+        dice = terms.sum() if reduction == "sum" else terms.mean()
+        # dDice/dp_bkv = a_bk * y_bkv + b_bk (times 2 p_bkv with squared_pred), Dice's weight folded in; zero for
+        # a left-out background
+        scale = (lambda_dice / (1 if reduction == "sum" else terms.numel())) / denominator
         a, b = -2.0 * scale, ratio * scale
         if first:
             a[:, 0] = 0.0
             b[:, 0] = 0.0
         ctx.save_for_backward(logits, target, a, b)
-        ctx.lambda_ce = lambda_ce
+        ctx.lambda_ce, ctx.squared_pred, ctx.ce_sum = lambda_ce, squared_pred, reduction == "sum"
         return lambda_dice * dice + lambda_ce * ce
 
     @staticmethod
@@ -91,24 +95,29 @@ class _DiceCE(torch.autograd.Function):
         size = list(target.shape[2:])
         labels = target.long()
         p = _probabilities(logits, size)
-        # g = dDice/dp: b everywhere, a + b at each voxel's label
+        # g = dDice/dp: b everywhere (2 b p with squared_pred), plus a at each voxel's label
         tail = (...,) + (None,) * (p.dim() - 2)
-        g = b[tail].expand(p.shape).clone()
         flat = labels.flatten(2)
-        at_label = (a + b)[..., None].expand(-1, -1, flat.shape[2]).gather(1, flat)
-        g.scatter_(1, labels, at_label.view(labels.shape))
+        if ctx.squared_pred:
+            g = torch.mul(p, 2.0 * b[tail])
+            at_label = a[..., None].expand(flat.shape[0], -1, flat.shape[2]).gather(1, flat)
+            g.scatter_add_(1, labels, at_label.view(labels.shape))
+        else:
+            g = b[tail].expand(p.shape).clone()
+            at_label = (a + b)[..., None].expand(flat.shape[0], -1, flat.shape[2]).gather(1, flat)
+            g.scatter_(1, labels, at_label.view(labels.shape))
         # through the softmax: p * (g - sum_c p_c g_c)
         g.mul_(p)
         g.addcmul_(p, g.sum(1, keepdim=True), value=-1.0)
-        # the cross-entropy's lambda_ce * (p - y) / (B * voxels)
-        ce_scale = ctx.lambda_ce / labels.numel()
+        # the cross-entropy's lambda_ce * (p - y), over B * voxels for its mean
+        ce_scale = ctx.lambda_ce if ctx.ce_sum else ctx.lambda_ce / labels.numel()
         g.add_(p, alpha=ce_scale)
         del p
         g.scatter_(1, labels, g.gather(1, labels) - ce_scale)
         g.mul_(grad)
         if list(logits.shape[2:]) != size:
             g = upsample_adjoint(g, list(logits.shape))
-        return g.to(logits.dtype), None, None, None, None, None, None
+        return g.to(logits.dtype), *(None,) * 9
 
 
 def _check_tensors(logits, target) -> None:
@@ -167,6 +176,14 @@ def _check_settings(include_background, lambda_dice, lambda_ce, smooth_nr, smoot
     return tuple(float(value) for _, value in settings)
 
 
+def _check_forms(squared_pred, batch, reduction) -> None:
+    for name, value in (("squared_pred", squared_pred), ("batch", batch)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a bool, got {value!r}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
 def dice_ce(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -175,10 +192,15 @@ def dice_ce(
     lambda_ce: float = 1.0,
     smooth_nr: float = 1e-5,
     smooth_dr: float = 1e-5,
+    *,
+    squared_pred: bool = False,
+    batch: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` (mean reductions, the Dice over every (batch, class)
-    pair) of ``logits`` (B, K, *spatial), K >= 2, against the class map ``target`` (B, 1, *spatial_t), keeping only
-    the logits for backward.
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True)`` of ``logits`` (B, K, *spatial), K >= 2, against the
+    class map ``target`` (B, 1, *spatial_t), keeping only the logits for backward. As in MONAI's: the Dice term per
+    (batch, class) pair (per class over the whole batch with ``batch``), the probabilities squared in its
+    denominator with ``squared_pred``, and both terms averaged (``reduction="mean"``) or summed (``"sum"``).
 
     ``spatial_t`` is ``spatial`` or a multiple of it per axis: smaller logits (a deep-supervision head) are
     upsampled ((bi/tri)linear, ``align_corners=False``) to the label's resolution inside the loss, as
@@ -196,15 +218,18 @@ def dice_ce(
     _check_labels(logits, target)
     lambda_dice, lambda_ce, smooth_nr, smooth_dr = _check_settings(include_background, lambda_dice, lambda_ce,
                                                                    smooth_nr, smooth_dr)
+    _check_forms(squared_pred, batch, reduction)
     # an empty batch's mean is NaN, as in MONAI's composition
     if backends.get_backend() == "torch" or logits.shape[0] == 0 or backends.transform_reasons():
-        return dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
-    return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
+        return dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr,
+                           squared_pred=squared_pred, batch=batch, reduction=reduction)
+    return _DiceCE.apply(logits, target, include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr,
+                         squared_pred, batch, reduction)
 
 
 # the settings of MONAI's DiceCELoss under which it is dice_ce (the others at their defaults)
-_FUSED_SETTINGS = {"to_onehot_y": True, "softmax": True, "sigmoid": False, "other_act": None, "squared_pred": False,
-                   "jaccard": False, "reduction": "mean", "batch": False, "weight": None, "label_smoothing": 0.0}
+_FUSED_SETTINGS = {"to_onehot_y": True, "softmax": True, "sigmoid": False, "other_act": None, "jaccard": False,
+                   "weight": None, "label_smoothing": 0.0}
 
 
 class DiceCELoss(nn.Module):
@@ -213,13 +238,15 @@ class DiceCELoss(nn.Module):
     :func:`dice_ce`, which leaves autograd a sixth of MONAI's memory with bf16 logits; every other setting runs
     MONAI's own ``DiceCELoss`` (``monai`` must be installed for those).
 
-    The fused case: ``to_onehot_y=True, softmax=True`` and MONAI's defaults for ``sigmoid``, ``other_act``,
-    ``squared_pred``, ``jaccard``, ``reduction`` ("mean"), ``batch``, ``weight`` and ``label_smoothing``; the
-    arguments it reads are ``include_background`` (class 0 in the Dice term; the cross-entropy always covers every
-    class), ``smooth_nr``, ``smooth_dr`` (added to the Dice numerator and denominator), ``lambda_dice`` and
-    ``lambda_ce`` (the terms' weights). It takes the logits (B, K, *spatial), K >= 2, and a class map (B, 1,
-    *spatial_t): unlike MONAI's, logits smaller than the label by integer factors per axis (a deep-supervision
-    head) are upsampled inside. ``fused`` says whether it runs, ``composition`` holds MONAI's loss otherwise.
+    The fused case: ``to_onehot_y=True, softmax=True``, ``reduction`` "mean" or "sum", and MONAI's defaults for
+    ``sigmoid``, ``other_act``, ``jaccard``, ``weight`` and ``label_smoothing``; the arguments it reads are
+    ``include_background`` (class 0 in the Dice term; the cross-entropy always covers every class), ``smooth_nr``,
+    ``smooth_dr`` (added to the Dice numerator and denominator), ``squared_pred`` (the probabilities squared in the
+    denominator), ``batch`` (one Dice term per class over the whole batch), ``reduction`` (both terms averaged or
+    summed), ``lambda_dice`` and ``lambda_ce`` (the terms' weights). It takes the logits (B, K, *spatial),
+    K >= 2, and a class map (B, 1, *spatial_t): unlike MONAI's, logits smaller than the label by integer factors
+    per axis (a deep-supervision head) are upsampled inside. ``fused`` says whether it runs, ``composition`` holds
+    MONAI's loss otherwise.
 
     Example:
         >>> import torch
@@ -238,12 +265,16 @@ class DiceCELoss(nn.Module):
         self.lambda_dice, self.lambda_ce, self.smooth_nr, self.smooth_dr = _check_settings(
             include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)
         settings = {"to_onehot_y": to_onehot_y, "softmax": softmax, "sigmoid": sigmoid, "other_act": other_act,
-                    "squared_pred": squared_pred, "jaccard": jaccard, "reduction": reduction, "batch": batch,
-                    "weight": weight, "label_smoothing": label_smoothing}
+                    "jaccard": jaccard, "weight": weight, "label_smoothing": label_smoothing, "reduction": reduction}
         unfused = [name for name, value in settings.items()
-                   if not (value is _FUSED_SETTINGS[name] or (isinstance(value, (bool, int, float, str))
-                                                                and value == _FUSED_SETTINGS[name]))]
+                   if name != "reduction" and not (value is _FUSED_SETTINGS[name] or (
+                       isinstance(value, (bool, int, float, str)) and value == _FUSED_SETTINGS[name]))]
+        if reduction not in ("mean", "sum"):
+            unfused.append("reduction")
+        self.squared_pred, self.batch, self.reduction = squared_pred, batch, reduction
         self.fused = not unfused
+        if self.fused:
+            _check_forms(squared_pred, batch, reduction)
         self.composition = None
         if unfused:
             try:
@@ -264,4 +295,4 @@ class DiceCELoss(nn.Module):
         if self.composition is not None:
             return self.composition(input, target)
         return dice_ce(input, target, self.include_background, self.lambda_dice, self.lambda_ce, self.smooth_nr,
-                       self.smooth_dr)
+                       self.smooth_dr, squared_pred=self.squared_pred, batch=self.batch, reduction=self.reduction)

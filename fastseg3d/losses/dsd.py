@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -53,6 +53,8 @@ class DSDLoss(nn.Module):
             ``find_unused_parameters=True``, which ``fastseg3d train`` sets): use it with ``share_heads=True``,
             where that head is a decoder head's too, or not at all.
         include_background, lambda_dice, lambda_ce: as MONAI's ``DiceCELoss`` takes them.
+        dice_ce_kwargs: MONAI's ``DiceCELoss`` settings for the DiceCE terms beyond those (``batch``,
+            ``squared_pred``, ``reduction``, ``smooth_nr``, ``smooth_dr``).
 
     Example:
         >>> import torch
@@ -76,6 +78,7 @@ class DSDLoss(nn.Module):
         include_background: bool = True,
         lambda_dice: float = 1.0,
         lambda_ce: float = 1.0,
+        dice_ce_kwargs: Mapping | None = None,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
@@ -88,7 +91,11 @@ class DSDLoss(nn.Module):
         self.kl_weight = check_weight(kl_weight, "kl_weight")
         self.detach_teacher = detach_teacher
         self.dice_ce = DiceCELoss(include_background, to_onehot_y=True, softmax=True, lambda_dice=lambda_dice,
-                                  lambda_ce=lambda_ce)
+                                  lambda_ce=lambda_ce, **(dice_ce_kwargs or {}))
+        if not self.dice_ce.fused:  # MONAI's composition would take no head below the label's resolution
+            raise ValueError(f"dice_ce_kwargs={dict(dice_ce_kwargs)} is MONAI's composition, which takes no head "
+                             "below the label's resolution; DSDLoss takes batch, squared_pred, reduction, smooth_nr "
+                             "and smooth_dr")
 
     def _check_logits(self, t, name: str, dims: int) -> None:
         if not isinstance(t, torch.Tensor):

@@ -182,6 +182,14 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
         raise SetupError(f"model.name={name} with model.kwargs {kwargs}: {err}") from err
 
 
+def _setup(cls, key: str, *args, **kwargs):
+    """``cls(*args, **kwargs)``, where a refused argument is a ``SetupError`` naming the config key that gave it."""
+    try:
+        return cls(*args, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise SetupError(f"{key}: {cls.__name__} refuses {kwargs}: {err}") from err
+
+
 class Objective(nn.Module):
     """Segmentation loss plus the method's distillation loss, on whatever the network returns in training.
 
@@ -205,7 +213,13 @@ class Objective(nn.Module):
         if mode == "sigmoid" and not loss_cfg["include_background"]:
             raise SetupError("loss.include_background=false with sigmoid regions would drop the first region (TC): "
                              "every region is foreground, keep it true")
-        common = dict(include_background=loss_cfg["include_background"], sigmoid=True)
+        dice_kwargs = dict(loss_cfg["dice_kwargs"] or {})
+        named = sorted(set(dice_kwargs) & {"include_background", "lambda_dice", "lambda_ce", "to_onehot_y", "softmax",
+                                            "sigmoid"})
+        if named:
+            raise SetupError(f"loss.dice_kwargs cannot set {', '.join(named)}: loss.name, loss.include_background, "
+                             "loss.lambda_dice, loss.lambda_ce and data.label_mode say those")
+        common = dict(include_background=loss_cfg["include_background"], sigmoid=True, **dice_kwargs)
         if name not in ("dice", "dice_ce"):
             raise SetupError(f"loss.name must be 'dice' or 'dice_ce', got {name!r}")
         if mode == "softmax":
@@ -213,14 +227,15 @@ class Objective(nn.Module):
             # backward; it takes half-precision logits as they are, where MONAI's losses compute in their input's
             # dtype
             dice_only = name == "dice"
-            self.segmentation = DiceCELoss(loss_cfg["include_background"], to_onehot_y=True, softmax=True,
-                                           lambda_dice=1.0 if dice_only else loss_cfg["lambda_dice"],
-                                           lambda_ce=0.0 if dice_only else loss_cfg["lambda_ce"])
+            self.segmentation = _setup(DiceCELoss, "loss.dice_kwargs", loss_cfg["include_background"],
+                                       to_onehot_y=True, softmax=True,
+                                       lambda_dice=1.0 if dice_only else loss_cfg["lambda_dice"],
+                                       lambda_ce=0.0 if dice_only else loss_cfg["lambda_ce"], **dice_kwargs)
         elif name == "dice":
-            self.segmentation = DiceLoss(**common)
+            self.segmentation = _setup(DiceLoss, "loss.dice_kwargs", **common)
         else:
-            self.segmentation = MONAIDiceCELoss(**common, lambda_dice=loss_cfg["lambda_dice"],
-                                                lambda_ce=loss_cfg["lambda_ce"])
+            self.segmentation = _setup(MONAIDiceCELoss, "loss.dice_kwargs", **common,
+                                       lambda_dice=loss_cfg["lambda_dice"], lambda_ce=loss_cfg["lambda_ce"])
         kwargs = dict(loss_cfg["distill_kwargs"] or {})
         self.distill_name = distill
         if distill == "none":
@@ -233,7 +248,8 @@ class Objective(nn.Module):
             # its segmentation terms are the same loss as self.segmentation (Dice alone for loss.name=dice)
             seg = self.segmentation
             self.distill = DSDLoss(num_classes, include_background=loss_cfg["include_background"],
-                                   lambda_dice=seg.lambda_dice, lambda_ce=seg.lambda_ce, **kwargs)
+                                   lambda_dice=seg.lambda_dice, lambda_ce=seg.lambda_ce, dice_ce_kwargs=dice_kwargs,
+                                   **kwargs)
         elif distill == "selfreg":
             from fastseg3d.losses import SelfRegLoss
 

@@ -69,6 +69,9 @@ DEFAULTS: dict[str, Any] = {
         "include_background": True,
         "lambda_dice": 1.0,
         "lambda_ce": 1.0,
+        # MONAI's further DiceLoss/DiceCELoss arguments for the segmentation terms (batch, squared_pred, reduction,
+        # smooth_nr, smooth_dr, ...), e.g. a published recipe's Dice form
+        "dice_kwargs": {},
         # none | dsd | selfreg | missu: the method's distillation loss, on the network's training output
         "distill": "none",
         "distill_kwargs": {},
@@ -124,7 +127,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-_FREE_FORM = ("model.kwargs", "loss.distill_kwargs")
+_FREE_FORM = ("model.kwargs", "loss.dice_kwargs", "loss.distill_kwargs")
 
 
 class _Replace(dict):
@@ -134,7 +137,7 @@ class _Replace(dict):
 def merge(base: Mapping, update: Mapping, path: str = "") -> dict:
     """Recursive merge of ``update`` over ``base``; unknown keys raise ``KeyError`` naming the dotted path.
 
-    Free-form sections (``model.kwargs``, ``loss.distill_kwargs``) take any keys.
+    Free-form sections (``model.kwargs``, ``loss.dice_kwargs``, ``loss.distill_kwargs``) take any keys.
     """
     out = copy.deepcopy(dict(base))
     free = path.rstrip(".") in _FREE_FORM

@@ -22,14 +22,14 @@ CASES = [  # logits shape, target spatial shape, include_background, lambda_dice
 ]
 
 
-def _monai(logits, target, include_background, lambda_dice, lambda_ce):
+def _monai(logits, target, include_background, lambda_dice, lambda_ce, **forms):
     """MONAI's loss on the logits upsampled with F.interpolate (the composition DSD's deep supervision runs)."""
     size = target.shape[2:]
     if tuple(logits.shape[2:]) != tuple(size):
         mode = "trilinear" if logits.dim() == 5 else "bilinear"
         logits = F.interpolate(logits, size=tuple(size), mode=mode, align_corners=False)
     fn = monai_losses.DiceCELoss(include_background=include_background, to_onehot_y=True, softmax=True,
-                                 lambda_dice=lambda_dice, lambda_ce=lambda_ce)
+                                 lambda_dice=lambda_dice, lambda_ce=lambda_ce, **forms)
     return fn(logits, target)
 
 
@@ -56,9 +56,35 @@ def test_matches_monai_in_float64(impl, shape, size, include_background, lambda_
     torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("impl", ["lean", "reference"])
+@pytest.mark.parametrize("forms", [dict(batch=True), dict(squared_pred=True), dict(reduction="sum"),
+                                   dict(squared_pred=True, batch=True, reduction="sum")],
+                         ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+@pytest.mark.parametrize("case", [1, 3], ids=["half-res-head", "ce-only"])
+def test_monai_forms_in_float64(impl, forms, case):
+    """MONAI's batch, squared_pred and sum reductions, on heads below the label's resolution."""
+    shape, size, include_background, lambda_dice, lambda_ce = CASES[case]
+    lambda_ce = lambda_ce or 0.5
+    logits, target = _data(shape, size, seed=7)
+    expected = _monai(logits, target, include_background, lambda_dice, lambda_ce, **forms)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    fn = dice_ce if impl == "lean" else dice_ce_ref
+    out = fn(logits, target, include_background, lambda_dice, lambda_ce, **forms)
+    (grad,) = torch.autograd.grad(out, logits)
+    tol = 1e-8 if forms.get("squared_pred") else 1e-12  # MONAI's squared intersection cancels digits
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad, expected_grad, rtol=100 * tol, atol=10 * tol * expected_grad.abs().max().item())
+    if impl == "lean":  # and the reference, which sums the squares as the formula does, much closer
+        reference = dice_ce_ref(logits, target, include_background, lambda_dice, lambda_ce, **forms)
+        torch.testing.assert_close(out, reference, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, torch.autograd.grad(reference, logits)[0], rtol=1e-10, atol=1e-14)
+
+
 def test_gradcheck():
     logits, target = _data((2, 3, 3, 2, 4), (6, 4, 4), seed=1)
     torch.autograd.gradcheck(lambda z: dice_ce(z, target, False, 0.7, 0.3, 1e-3, 1e-3), (logits,))
+    torch.autograd.gradcheck(lambda z: dice_ce(z, target, False, 0.7, 0.3, 1e-3, 1e-3, squared_pred=True,
+                                               batch=True, reduction="sum"), (logits,))
 
 
 def test_backend_torch_runs_the_reference():
@@ -165,10 +191,17 @@ MONAI_SETTINGS = [  # (keyword arguments of MONAI's DiceCELoss, whether fastseg3
     (dict(to_onehot_y=True, softmax=True), True),
     (dict(to_onehot_y=True, softmax=True, include_background=False, smooth_nr=0.0, smooth_dr=1e-3, lambda_ce=0.3),
      True),
-    (dict(to_onehot_y=True, softmax=True, batch=True), False),
+    (dict(to_onehot_y=True, softmax=True, batch=True), True),
+    (dict(to_onehot_y=True, softmax=True, squared_pred=True), True),
+    (dict(to_onehot_y=True, softmax=True, reduction="sum", lambda_dice=0.7), True),
+    # MISSU's softmax Dice (seeds §4.4) and TransUNet's, which SelfReg trains with (§3.3)
+    (dict(to_onehot_y=True, softmax=True, include_background=False, reduction="sum", batch=True, smooth_nr=0.0,
+          lambda_ce=0.0), True),
+    (dict(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.4, lambda_ce=0.6), True),
+    (dict(to_onehot_y=True, softmax=True, include_background=False, squared_pred=True, batch=True,
+          reduction="sum"), True),
     (dict(to_onehot_y=True, softmax=True, weight=torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)), False),
     (dict(to_onehot_y=True, softmax=True, squared_pred=True, jaccard=True), False),
-    (dict(to_onehot_y=True, softmax=True, reduction="sum"), False),
     (dict(to_onehot_y=True, softmax=True, label_smoothing=0.1), False),
     (dict(to_onehot_y=True, sigmoid=True), False),
     (dict(to_onehot_y=True, other_act=torch.tanh), False),
@@ -190,8 +223,10 @@ def test_module_takes_monais_signature(kwargs, fused):
     (grad,) = torch.autograd.grad(out, logits)
     expected = monai_losses.DiceCELoss(**kwargs)(logits, target)
     (expected_grad,) = torch.autograd.grad(expected, logits)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+    # with squared_pred MONAI forms the intersection as (|p|^2 + |y|^2 - |p - y|^2) / 2, which cancels digits
+    tol = 1e-8 if kwargs.get("squared_pred") else 1e-12
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(grad, expected_grad, rtol=100 * tol, atol=tol)
     if fused:  # what autograd keeps is the logits and the label, not MONAI's softmax maps
         assert out.grad_fn.name() != monai_losses.DiceCELoss(**kwargs)(logits, target).grad_fn.name()
 
@@ -210,8 +245,10 @@ def test_module_without_monai_names_the_settings_it_cannot_fuse(monkeypatch):
     assert DiceCELoss(to_onehot_y=True, softmax=True).fused
     with pytest.raises(ValueError, match=r"DiceCELoss\(to_onehot_y=False, softmax=False\) is MONAI's composition"):
         DiceCELoss()
-    with pytest.raises(ValueError, match=r"DiceCELoss\(batch=True\)"):
-        DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    with pytest.raises(ValueError, match=r"DiceCELoss\(label_smoothing=0.1\)"):
+        DiceCELoss(to_onehot_y=True, softmax=True, label_smoothing=0.1)
+    with pytest.raises(ValueError, match=r"DiceCELoss\(reduction='none'\)"):
+        DiceCELoss(to_onehot_y=True, softmax=True, reduction="none")
 
 
 def test_meta_device_forward_and_backward():
@@ -280,6 +317,12 @@ def test_bad_inputs():
         dice_ce(logits, target, smooth_dr=float("nan"))
     with pytest.raises(ValueError, match="include_background"):
         DiceCELoss(include_background=1)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        dice_ce(logits, target, reduction="none")
+    with pytest.raises(ValueError, match="batch must be a bool"):
+        dice_ce(logits, target, batch=1)
+    with pytest.raises(ValueError, match="squared_pred must be a bool"):
+        DiceCELoss(to_onehot_y=True, softmax=True, squared_pred="yes")
     # labels outside [0, K) would index past the one-hot map (a device-side assert on a GPU)
     with pytest.raises(ValueError, match="target holds labels from 1 to 3; the 3 classes"):
         dice_ce(logits, target.clamp(0, 2) + 1)

@@ -95,6 +95,21 @@ def test_terms_and_tensor_input():
     assert torch.allclose(loss_fn(out.main, target), dice_ce(out.main, target))
 
 
+def test_dice_ce_kwargs_set_every_dice_ce_term():
+    """MONAI's further DiceCE settings reach every supervised head, upsampled ones included; one only MONAI's
+    composition computes (which takes no upsampled head) is refused."""
+    out = _outputs(torch.float64, "interp")
+    target = torch.randint(0, 3, (2, 1, 8, 8, 8))
+    forms = dict(batch=True, squared_pred=True, reduction="sum")
+    loss_fn = DSDLoss(3, dice_ce_kwargs=forms)
+    dice_ce = monai_losses.DiceCELoss(to_onehot_y=True, softmax=True, **forms)
+    size = tuple(target.shape[2:])
+    expected = sum(dice_ce(_up(h, size), target) for h in (out.main, *out.decoder))
+    torch.testing.assert_close(loss_fn.terms(out, target)["dice_ce"], expected, rtol=1e-8, atol=1e-8)
+    with pytest.raises(ValueError, match="dice_ce_kwargs=.*label_smoothing"):
+        DSDLoss(3, dice_ce_kwargs={"label_smoothing": 0.1})
+
+
 def test_two_dimensional():
     def t(f):
         return torch.randn(2, 3, 8 // f, 8 // f, dtype=torch.float64)

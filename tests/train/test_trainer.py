@@ -586,6 +586,55 @@ def test_objective_segmentation_on_labels_is_monais(name):
     assert set(terms) == {"segmentation"}
 
 
+@pytest.mark.parametrize("config,expected", [
+    # MISSU's released softmax_dice (seeds §4.4): per label over the batch, summed, no numerator smoothing
+    ("missu_brats", dict(include_background=False, to_onehot_y=True, softmax=True, batch=True, reduction="sum",
+                         smooth_nr=0.0)),
+    # TransUNet's Dice, 0.6 of SelfReg's loss with 0.4 CE (§3.3): squares in the denominator, per class over the batch
+    ("selfreg_unet", dict(to_onehot_y=True, softmax=True, squared_pred=True, batch=True, lambda_dice=0.6,
+                          lambda_ce=0.4)),
+])
+def test_recipe_configs_train_the_published_dice(config, expected):
+    """The recipes' Dice forms come through loss.dice_kwargs to the fused loss: MONAI's loss of the published
+    settings, value and gradient."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from fastseg3d.train.builders import build_objective
+
+    cfg = load_config(config)
+    objective = build_objective(cfg, "softmax", 4)
+    assert objective.segmentation.fused
+    if cfg["loss"]["name"] == "dice":
+        expected_fn = DiceLoss(**expected)
+    else:
+        expected_fn = DiceCELoss(**expected)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.randint(0, 4, (2, 1, 6, 5, 7), generator=g).double()
+    loss = objective.segmentation(logits, target)  # the term the recipe's distillation loss is added to
+    reference = expected_fn(logits, target)
+    torch.testing.assert_close(loss, reference, rtol=1e-8, atol=1e-8)  # MONAI's squared form cancels digits
+    torch.testing.assert_close(torch.autograd.grad(loss, logits)[0], torch.autograd.grad(reference, logits)[0],
+                               rtol=1e-6, atol=1e-10)
+
+
+def test_dice_kwargs_reach_dsd_terms_and_bad_ones_are_named():
+    from fastseg3d.train import SetupError
+    from fastseg3d.train.builders import build_objective
+
+    cfg = load_config("dsd_unet", ["loss.dice_kwargs={batch: true, squared_pred: true}"])
+    objective = build_objective(cfg, "softmax", 3)
+    for loss in (objective.segmentation, objective.distill.dice_ce):
+        assert loss.fused and (loss.batch, loss.squared_pred) == (True, True)
+    with pytest.raises(SetupError, match="loss.dice_kwargs cannot set include_background"):
+        build_objective(load_config("quickstart", ["loss.dice_kwargs={include_background: false}"]), "softmax", 3)
+    with pytest.raises(SetupError, match="loss.dice_kwargs: DiceCELoss refuses"):
+        build_objective(load_config("quickstart", ["loss.dice_kwargs={bogus: 1}"]), "softmax", 3)
+    with pytest.raises(SetupError, match="loss.dice_kwargs: DiceLoss refuses"):
+        build_objective(load_config("quickstart", ["loss.name=dice", "loss.dice_kwargs={reduction: median}"]),
+                        "sigmoid", 3)
+
+
 def test_resume_takes_the_configs_optimizer_settings_and_refuses_another_optimizer_or_network(tmp_path):
     """The checkpoint gives the optimizer's moments and the schedule's position; a changed learning rate or weight
     decay is what runs (and what config.yaml says). Another optimizer or network is a one-line SetupError, before
