@@ -48,6 +48,7 @@ __all__ = [
     "ConvertMSDBratsRegionsd",  # noqa: F822
     "InvalidCaseError",
     "build_msd_datasets",
+    "build_transforms",
     "infer_modality",
     "label_names",
     "load_msd_datalist",
@@ -509,15 +510,19 @@ def msd_transforms(
     num_samples: int = 1,
     flip_prob: float = 0.5,
     intensity_jitter: float = 0.1,
+    crop_ratio: Sequence[float] | None = (1.0, 1.0),
+    augment: Sequence[Mapping[str, Any]] | None = None,
 ) -> Compose:
     """MONAI dictionary transforms (keys ``image``, ``label``) from an MSD datalist entry to a training sample.
 
     Load (nibabel) -> channel first -> :class:`CheckCased` -> RAS -> optional resampling to ``pixdim``
     (bilinear image, nearest label) -> intensity normalisation (CT: HU window ``ct_range`` to [0, 1], clipped;
     MRI: z-score of the nonzero voxels per channel) -> crop to the image's foreground; then for ``"train"``:
-    pad to ``spatial_size``, ``num_samples`` random crops of ``spatial_size`` centred half on foreground and
-    half on background, a flip along each axis with ``flip_prob``, intensity scale and shift of
-    ``intensity_jitter`` (each with probability 0.5); ``"val"`` is deterministic and keeps the whole volume.
+    pad to ``spatial_size``, ``num_samples`` random crops of ``spatial_size`` (centred on foreground and
+    background voxels in the ratio ``crop_ratio``, or anywhere when it is ``None``), then the augmentation: by
+    default a flip along each axis with ``flip_prob``, intensity scale and shift of ``intensity_jitter`` (each with
+    probability 0.5), or the transforms ``augment`` describes; ``"val"`` is deterministic and keeps the whole
+    volume.
 
     Output (a dict for ``"val"`` and for ``num_samples=1``, else a list of ``num_samples`` dicts, which
     ``monai.data.list_data_collate`` flattens into the batch): ``"image"`` float32 MetaTensor (C, D, H, W),
@@ -541,6 +546,11 @@ def msd_transforms(
         num_samples: random crops per volume in ``"train"`` mode.
         flip_prob: probability of a flip along each spatial axis in ``"train"`` mode.
         intensity_jitter: relative scale and absolute shift range of the intensity augmentation.
+        crop_ratio: ``(pos, neg)`` of ``RandCropByPosNegLabeld`` (``(1, 0)``: every crop centred on foreground),
+            or ``None`` for crops centred anywhere (``RandSpatialCropSamplesd``).
+        augment: instead of the default flips and intensity jitter, MONAI dictionary transforms as a MONAI bundle
+            writes them (see :func:`build_transforms`), e.g. ``[{"_target_": "RandRotate90d", "keys": ["image",
+            "label"], "prob": 0.1}]``; they run on the crops, the label still holding class indices.
 
     Example:
         >>> tf = msd_transforms("train", modality="CT", spatial_size=(64, 64, 64), num_classes=2)  # doctest: +SKIP
@@ -575,6 +585,8 @@ def msd_transforms(
         raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
     if intensity_jitter < 0:
         raise ValueError(f"intensity_jitter must be >= 0, got {intensity_jitter}")
+    if crop_ratio is not None and (len(crop_ratio) != 2 or min(crop_ratio) < 0 or sum(crop_ratio) <= 0):
+        raise ValueError(f"crop_ratio must be (pos, neg) >= 0, not both 0, or None, got {crop_ratio}")
 
     _require_monai()
     classes = _monai_classes()
@@ -604,13 +616,20 @@ def msd_transforms(
     if mode == "train":
         tf += [
             T.SpatialPadd(keys, spatial_size=spatial_size),
-            T.RandCropByPosNegLabeld(
-                keys, label_key="label", spatial_size=spatial_size, pos=1, neg=1, num_samples=num_samples
+            T.RandSpatialCropSamplesd(keys, roi_size=spatial_size, num_samples=num_samples, random_size=False)
+            if crop_ratio is None else T.RandCropByPosNegLabeld(
+                keys, label_key="label", spatial_size=spatial_size, pos=crop_ratio[0], neg=crop_ratio[1],
+                num_samples=num_samples
             ),
-            *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
-            T.RandScaleIntensityd("image", factors=intensity_jitter, prob=0.5),
-            T.RandShiftIntensityd("image", offsets=intensity_jitter, prob=0.5),
         ]
+        if augment is None:
+            tf += [
+                *(T.RandFlipd(keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
+                T.RandScaleIntensityd("image", factors=intensity_jitter, prob=0.5),
+                T.RandShiftIntensityd("image", offsets=intensity_jitter, prob=0.5),
+            ]
+        else:
+            tf += build_transforms(augment)
     tf.append(T.EnsureTyped("image", dtype=torch.float32, track_meta=True))
     if mode != "predict":
         if label_mode == "brats_regions":
@@ -618,6 +637,45 @@ def msd_transforms(
         tf.append(T.EnsureTyped("label", dtype=torch.int64 if label_mode == "labels" else torch.float32,
                                 track_meta=True))
     return classes["_Pipeline"](tf)
+
+
+def build_transforms(specs: Sequence[Mapping[str, Any]], where: str = "augment") -> list:
+    """The transforms a list of specs describes, as a MONAI bundle writes them: ``{"_target_": name, **kwargs}``,
+    ``name`` a transform of ``monai.transforms`` or a dotted path to any callable (``"mypkg.MyTransformd"``); a
+    value that is itself such a spec (or a list of them) is built first, so ``OneOf`` and ``Compose`` take
+    their transforms the same way. ``ValueError`` naming the spec (``where[i]``) that cannot be built."""
+    import importlib
+
+    from monai import transforms as T
+
+    def build(node: Any, at: str) -> Any:
+        if isinstance(node, Mapping):
+            target = node.get("_target_")
+            if not isinstance(target, str) or not target:
+                raise ValueError(f"{at} must name its transform in '_target_', got {dict(node)!r}")
+            module, _, name = target.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module) if module else T, name)
+            except (ImportError, AttributeError) as err:
+                raise ValueError(f"{at}: no transform {target!r} (a name in monai.transforms or a dotted path)"
+                                 ) from err
+            kwargs = {k: build(v, f"{at}.{k}") for k, v in node.items() if k != "_target_"}
+            try:
+                return cls(**kwargs)
+            except Exception as err:
+                raise ValueError(f"{at}: {target}({kwargs}) failed: {err}") from err
+        if isinstance(node, (list, tuple)):
+            return [build(v, f"{at}[{i}]") for i, v in enumerate(node)]
+        return node
+
+    if isinstance(specs, (str, Mapping)) or not isinstance(specs, Sequence):
+        raise ValueError(f"{where} must be a list of transforms, got {specs!r}")
+    out = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"{where}[{i}] must be a mapping with '_target_', got {spec!r}")
+        out.append(build(spec, f"{where}[{i}]"))
+    return out
 
 
 def build_msd_datasets(
@@ -633,6 +691,8 @@ def build_msd_datasets(
     cache: bool = False,
     flip_prob: float = 0.5,
     intensity_jitter: float = 0.1,
+    crop_ratio: Sequence[float] | None = (1.0, 1.0),
+    augment: Sequence[Mapping[str, Any]] | None = None,
 ) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """Train and val datasets of an MSD task folder, split by :func:`split_cases`, with :func:`msd_transforms`.
 
@@ -667,7 +727,8 @@ def build_msd_datasets(
         "label_mode": label_mode,
     }
     train_tf = msd_transforms(
-        "train", num_samples=num_samples, flip_prob=flip_prob, intensity_jitter=intensity_jitter, **common
+        "train", num_samples=num_samples, flip_prob=flip_prob, intensity_jitter=intensity_jitter,
+        crop_ratio=crop_ratio, augment=augment, **common
     )
     # Reproducible ds[i] without a DataLoader; monai.data.DataLoader reseeds the transforms per worker anyway.
     train_tf.set_random_state(seed=seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,13 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
     if data["name"] == "synthetic":
         from fastseg3d.data.synthetic import CLASS_NAMES, SyntheticSegmentation
 
+        # the synthetic volumes are drawn whole and augmented by their own generator (a recipe tried on them keeps
+        # its MSD settings)
+        ignored = [key for key, default in (("crop_ratio", [1.0, 1.0]), ("augment", None)) if data[key] != default]
+        if ignored:
+            warnings.warn(f"{', '.join('data.' + k for k in ignored)} apply to data.name=msd; the synthetic volumes "
+                          "have their own augmentation", stacklevel=2)
+
         common = dict(spatial_size=data["spatial_size"], in_channels=data["in_channels"], label_mode=label_mode,
                       cache=bool(data["cache"]))
         train = SyntheticSegmentation(data["num_train"], seed=data["train_seed"], augment=True, **common)
@@ -93,14 +101,24 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
             raise SetupError("data.root must name a Medical Segmentation Decathlon task folder for data.name=msd")
         from monai.data import list_data_collate
 
-        from fastseg3d.data.msd import build_msd_datasets, infer_modality, load_msd_datalist
+        from fastseg3d.data.msd import build_msd_datasets, build_transforms, infer_modality, load_msd_datalist
+
+        if data["crop_ratio"] is not None and not sum(data["crop_ratio"]) > 0:
+            raise SetupError(f"data.crop_ratio={data['crop_ratio']}: foreground and background both 0 (null: crops "
+                             "centred anywhere)")
+        if data["augment"] is not None:
+            try:
+                build_transforms(data["augment"], "data.augment")
+            except ValueError as err:
+                raise SetupError(str(err)) from err
 
         props, _ = load_msd_datalist(data["root"])
         modality = data["modality"] or infer_modality(props)
         train, val, props = build_msd_datasets(
             data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
             label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=data["split_seed"],
-            cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"])
+            cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"],
+            crop_ratio=data["crop_ratio"], augment=data["augment"])
         if training:
             counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "
                       f"for training, {len(val)} for validation (data.val_frac={data['val_frac']})")

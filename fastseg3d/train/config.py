@@ -63,6 +63,11 @@ DEFAULTS: dict[str, Any] = {
         "cache": False,
         "flip_prob": 0.5,
         "intensity_jitter": 0.1,
+        # MSD training crops centred on foreground and background voxels in this ratio; null: anywhere
+        "crop_ratio": [1.0, 1.0],
+        # MSD training augmentation: null (flips with flip_prob, intensity jitter) or a list of MONAI dictionary
+        # transforms as a bundle writes them, [{_target_: RandFlipd, keys: [image, label], prob: 0.3}, ...]
+        "augment": None,
     },
     "loss": {
         "name": "dice_ce",  # dice | dice_ce
@@ -128,6 +133,8 @@ DEFAULTS: dict[str, Any] = {
 
 
 _FREE_FORM = ("model.kwargs", "loss.dice_kwargs", "loss.distill_kwargs")
+# Keys that take null or a list of anything (checked when the run is set up)
+_FREE_LISTS = ("data.augment",)
 
 
 class _Replace(dict):
@@ -145,7 +152,11 @@ def merge(base: Mapping, update: Mapping, path: str = "") -> dict:
         dotted = f"{path}{key}"
         if key not in out and not free:
             raise KeyError(f"unknown config key {dotted!r}; known keys here: {sorted(out)}")
-        if free or (isinstance(value, _Replace) and dotted in _FREE_FORM):
+        if dotted in _FREE_LISTS and not free:
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"config key {dotted!r} must be null or a list, got {value!r}")
+            out[key] = copy.deepcopy(list(value) if value is not None else None)
+        elif free or (isinstance(value, _Replace) and dotted in _FREE_FORM):
             out[key] = copy.deepcopy(dict(value) if isinstance(value, _Replace) else value)
         elif isinstance(out[key], dict):
             if not isinstance(value, Mapping):
@@ -163,6 +174,7 @@ _TYPES: dict[str, tuple[Any, ...]] = {
     "data.root": (None, ""),
     "data.modality": (None, ""),
     "data.pixdim": (None, [1.0, 1.0, 1.0]),
+    "data.crop_ratio": (None, [1.0, 1.0]),
     "train.max_steps": (None, 1),
     "train.grad_clip": (None, 1.0),
     "train.progress": ("auto", True),
@@ -186,6 +198,7 @@ _RANGES: dict[str, str] = {
     "data.split_seed": "[0, inf)",
     "data.flip_prob": "[0, 1]",
     "data.intensity_jitter": "[0, inf)",
+    "data.crop_ratio": "[0, inf)",
     "loss.lambda_dice": "[0, inf)",
     "loss.lambda_ce": "[0, inf)",
     "optimizer.lr": "(0, inf)",

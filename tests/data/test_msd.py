@@ -17,6 +17,7 @@ import torch
 from fastseg3d.data import msd
 from fastseg3d.data.msd import (
     build_msd_datasets,
+    build_transforms,
     infer_modality,
     label_names,
     load_msd_datalist,
@@ -316,6 +317,62 @@ def test_nnunet_v2_ct_task_is_windowed_as_ct(tmp_path):
     assert image.shape[0] == 1 and float(image.min()) == 0.0 and float(image.max()) == 1.0  # HU window, not z-score
     torch.testing.assert_close(image[out["label"] == 1].unique(), torch.tensor([0.5]))  # 37.5 HU
     assert train_ds[0]["image"].shape == (1, 8, 8, 8)
+
+
+def _transform_types(tf) -> list[str]:
+    return [type(t).__name__ for t in tf.transforms]
+
+
+def test_crop_ratio_centres_every_crop_on_foreground_or_anywhere(cases):
+    """(1, 0): every crop's centre voxel is foreground; None: crops anywhere (RandSpatialCropSamplesd), no label
+    needed to place them."""
+    tf = msd_transforms("train", spatial_size=(5, 5, 5), num_classes=4, num_samples=4, crop_ratio=(1.0, 0.0))
+    tf.set_random_state(seed=0)
+    for _ in range(3):
+        assert all(s["label"][0, 2, 2, 2] > 0 for s in tf(cases[0]))
+    anywhere = msd_transforms("train", spatial_size=(5, 5, 5), num_classes=4, num_samples=4, crop_ratio=None)
+    assert "RandSpatialCropSamplesd" in _transform_types(anywhere)
+    assert "RandCropByPosNegLabeld" not in _transform_types(anywhere)
+    anywhere.set_random_state(seed=0)
+    assert any(s["label"][0, 2, 2, 2] == 0 for _ in range(3) for s in anywhere(cases[0]))
+    for bad in ((1.0,), (0.0, 0.0), (-1.0, 1.0)):
+        with pytest.raises(ValueError, match="crop_ratio"):
+            msd_transforms("train", num_classes=4, crop_ratio=bad)
+
+
+def test_augment_replaces_the_default_augmentation(cases):
+    default = _transform_types(msd_transforms("train", spatial_size=(8, 8, 8), num_classes=4))
+    assert default.count("RandFlipd") == 3 and "RandShiftIntensityd" in default
+    specs = [{"_target_": "RandRotate90d", "keys": ["image", "label"], "prob": 1.0, "max_k": 3},
+             {"_target_": "monai.transforms.RandShiftIntensityd", "keys": ["image"], "offsets": 0.1, "prob": 1.0}]
+    tf = msd_transforms("train", spatial_size=(8, 8, 8), num_classes=4, augment=specs)
+    types = _transform_types(tf)
+    assert "RandFlipd" not in types and types.count("RandShiftIntensityd") == 1 and "RandRotate90d" in types
+    assert types.index("RandRotate90d") > types.index("RandCropByPosNegLabeld")  # on the crops
+    out = pickle.loads(pickle.dumps(tf))(cases[0])
+    assert out["image"].shape == (2, 8, 8, 8) and set(out["label"].unique().tolist()) <= {0, 1, 2, 3}
+    assert "RandFlipd" not in _transform_types(msd_transforms("train", num_classes=4, augment=[]))
+
+
+def test_build_transforms_nested_and_named_errors():
+    from monai.transforms import OneOf, RandFlipd
+
+    (one_of,) = build_transforms([{"_target_": "OneOf", "weights": [0.5, 0.5], "transforms": [
+        {"_target_": "RandFlipd", "keys": ["image"], "prob": 1.0, "spatial_axis": 0},
+        {"_target_": "Compose", "transforms": [{"_target_": "RandFlipd", "keys": ["image"], "prob": 1.0}]}]}])
+    assert isinstance(one_of, OneOf) and isinstance(one_of.transforms[0], RandFlipd)
+    assert list(one_of.weights) == [0.5, 0.5]
+    for specs, match in (
+            ({"_target_": "RandFlipd"}, r"augment must be a list"),
+            (["RandFlipd"], r"augment\[0\] must be a mapping"),
+            ([{"keys": ["image"]}], r"augment\[0\] must name its transform in '_target_'"),
+            ([{"_target_": "RandFlipX", "keys": ["image"]}], r"augment\[0\]: no transform 'RandFlipX'"),
+            ([{"_target_": "nowhere.RandFlipd"}], r"augment\[0\]: no transform 'nowhere.RandFlipd'"),
+            ([{"_target_": "RandFlipd", "keys": ["image"], "bogus": 1}], r"augment\[0\]: RandFlipd\(.*\) failed"),
+            ([{"_target_": "OneOf", "transforms": [{"_target_": "RandZoom9d"}]}],
+             r"augment\[0\].transforms\[0\]: no transform 'RandZoom9d'")):
+        with pytest.raises(ValueError, match=match):
+            build_transforms(specs)
 
 
 def test_transforms_pickle(cases):

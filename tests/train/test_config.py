@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("yaml")
 
 from fastseg3d.cli import main as cli_main  # noqa: E402
-from fastseg3d.train.config import _TYPES, DEFAULTS, load_config, merge, save_config  # noqa: E402
+from fastseg3d.train.config import _FREE_LISTS, _TYPES, DEFAULTS, load_config, merge, save_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -33,8 +33,11 @@ def test_every_recipe_loads_and_round_trips(path, tmp_path):
 
 def test_every_null_default_declares_its_type():
     # A key whose default is null would otherwise take nothing but null.
+    # (data.augment, a list of anything, is checked when the run is set up; data.crop_ratio's default is a value
+    # and it takes null too)
     nulls = {key for key, value in _leaves(DEFAULTS).items() if value is None}
-    assert nulls == {key for key, protos in _TYPES.items() if None in protos}
+    assert nulls - set(_FREE_LISTS) == {key for key, protos in _TYPES.items() if None in protos} - {"data.crop_ratio"}
+    assert set(_FREE_LISTS) <= nulls and None in _TYPES["data.crop_ratio"]
 
 
 @pytest.mark.parametrize("override, match", [
@@ -52,6 +55,9 @@ def test_every_null_default_declares_its_type():
     ("val.roi_size=[32,32,-1]", "'val.roi_size' values must be >= 1"),
     ("data.pixdim=[1.5,1.5]", "'data.pixdim' must be null or a list of 3 numbers"),
     ("data.pixdim=0", "'data.pixdim' values must be > 0"),
+    ("data.crop_ratio=[1]", "'data.crop_ratio' must be null or a list of 2 numbers"),
+    ("data.crop_ratio=[1,-1]", "'data.crop_ratio' values must be >= 0"),
+    ("data.augment={_target_: RandFlipd}", "'data.augment' must be null or a list"),
     ("train.grad_clip=abc", "'train.grad_clip' must be null or a number, got 'abc'"),
     ("train.grad_clip=0", "'train.grad_clip' value must be > 0"),
     ("train.max_steps=abc", "'train.max_steps' must be null or an integer"),

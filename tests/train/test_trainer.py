@@ -225,6 +225,53 @@ def test_every_recipe_trains_a_step_on_synthetic_data(name, tmp_path):
         assert "distill" in train[0]
 
 
+@pytest.mark.parametrize("name", ["segformer3d_brats", "mobileutr_btcv", "missu_brats", "dsd_unet", "selfreg_unet"])
+def test_every_recipe_augments_msd_crops_as_published(name, tmp_path):
+    """Each recipe's crops and augmentation (data.crop_ratio, data.augment) build from its config and give
+    training crops of the configured size, labels as the loss wants them."""
+    from monai.data import list_data_collate
+
+    from tests.data.test_msd import _make_task
+    from fastseg3d.train.builders import build_data
+
+    task = _make_task(str(tmp_path), n_cases=3)
+    cfg = load_config(name, [f"data.root={task}", "data.spatial_size=[12,12,8]", "data.pixdim=null"])
+    expected = {"segformer3d_brats": ("RandSpatialCropSamplesd", ["RandFlipd", "RandRotated", "RandCoarseDropoutd",
+                                                                  "GibbsNoised"]),
+                "mobileutr_btcv": ("RandCropByPosNegLabeld", ["RandFlipd"] * 3 + [
+                    "RandRotate90d", "RandScaleIntensityd", "RandShiftIntensityd"]),
+                "missu_brats": ("RandSpatialCropSamplesd", ["RandFlipd"] * 3 + [
+                    "RandScaleIntensityd", "RandShiftIntensityd"]),
+                "dsd_unet": ("RandCropByPosNegLabeld", ["RandFlipd"] * 3 + ["RandRotate90d", "RandShiftIntensityd"]),
+                "selfreg_unet": ("RandCropByPosNegLabeld", ["OneOf"])}[name]
+    data = build_data(cfg, training=False)
+    types = [type(t).__name__ for t in data.train.transform.transforms]
+    crop = types.index(expected[0])
+    assert types[crop + 1:crop + 1 + len(expected[1])] == expected[1]
+    batch = list_data_collate([data.train[i] for i in range(2)])
+    crops = 2 * cfg["data"]["num_samples"]
+    assert batch["image"].shape == (crops, 2, 12, 12, 8)
+    assert batch["label"].shape == (crops, 3 if cfg["data"]["label_mode"] == "brats_regions" else 1, 12, 12, 8)
+
+
+def test_bad_augment_is_a_setup_error_and_synthetic_data_warns(tmp_path):
+    from fastseg3d.train import SetupError
+    from tests.data.test_msd import _make_task
+    from fastseg3d.train.builders import build_data
+
+    task = _make_task(str(tmp_path), n_cases=3)
+    base = ["data.name=msd", f"data.root={task}", "data.spatial_size=[8,8,8]"]
+    with pytest.raises(SetupError, match=r"data.augment\[1\]: no transform 'RandFlop'"):
+        build_data(load_config("quickstart", [*base, "data.augment=[{_target_: RandFlipd, keys: [image]}, "
+                                                     "{_target_: RandFlop}]"]))
+    with pytest.raises(SetupError, match="data.crop_ratio"):
+        build_data(load_config("quickstart", [*base, "data.crop_ratio=[0, 0]"]))
+    with pytest.raises(ValueError, match="data.augment' must be null or a list"):
+        load_config("quickstart", ["data.augment=RandFlipd"])
+    with pytest.warns(UserWarning, match="data.crop_ratio, data.augment apply to data.name=msd"):
+        build_data(load_config("dsd_unet", ["data.name=synthetic", "data.spatial_size=[16,16,16]"]), training=False)
+
+
 def test_msd_folder_trains_and_evaluates(tmp_path):
     from tests.data.test_msd import _make_task
 
