@@ -179,14 +179,44 @@ def data_channels(cfg: Mapping) -> tuple[int, int] | None:
     return in_channels, len(names)
 
 
+def _network(name: str):
+    """The constructor ``model.name`` names: one of :data:`MODELS`, or a dotted path to any callable."""
+    if name in MODELS:
+        return _models()[name]
+    module, _, attr = name.rpartition(".")
+    if not module:
+        raise SetupError(f"model.name must be one of {MODELS} or a dotted path to a network, got {name!r}")
+    import importlib
+
+    try:
+        ctor = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise SetupError(f"model.name={name}: cannot import it ({err})") from err
+    if not callable(ctor):
+        raise SetupError(f"model.name={name} is not a class or function")
+    return ctor
+
+
+def _takes(ctor, key: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(ctor).parameters
+    except (TypeError, ValueError):
+        return True
+    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> nn.Module:
-    """The network ``model_cfg["name"]`` with ``model_cfg["kwargs"]``; channels default to the data's."""
+    """The network ``model_cfg["name"]`` (one of :data:`MODELS`, or a dotted path such as
+    ``monai.networks.nets.MedNeXt``) with ``model_cfg["kwargs"]``; channels default to the data's (where the
+    constructor takes them). With ``model_cfg["convert"]`` fastseg3d's fused layers are swapped in
+    (:func:`fastseg3d.convert_model`)."""
     name = model_cfg["name"]
-    if name not in MODELS:
-        raise SetupError(f"model.name must be one of {MODELS}, got {name!r}")
+    ctor = _network(name)
     kwargs = dict(model_cfg.get("kwargs") or {})
     for key, value in (("in_channels", in_channels), ("out_channels", out_channels)):
-        if value is None:
+        if value is None or not (name in MODELS or _takes(ctor, key)):
             continue
         if key in kwargs and kwargs[key] != value:
             raise SetupError(f"model.kwargs.{key}={kwargs[key]} but the data has {value}")
@@ -195,9 +225,16 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
         if isinstance(value, list):
             kwargs[key] = tuple(value)
     try:
-        return _models()[name](**kwargs)
+        model = ctor(**kwargs)
     except (TypeError, ValueError) as err:  # an unknown or ill-typed argument, a value the network refuses
         raise SetupError(f"model.name={name} with model.kwargs {kwargs}: {err}") from err
+    if not isinstance(model, nn.Module):
+        raise SetupError(f"model.name={name} made a {type(model).__name__}, not a torch.nn.Module")
+    if model_cfg.get("convert"):
+        import fastseg3d
+
+        fastseg3d.convert_model(model)
+    return model
 
 
 def _setup(cls, key: str, *args, **kwargs):

@@ -36,9 +36,12 @@ DEFAULTS: dict[str, Any] = {
     "backend": None,  # auto | triton | torch; None keeps FASTSEG3D_BACKEND
     "output_dir": None,
     "model": {
-        # segformer3d | mobileutr | mobileutr_l | missu | unet | dsd_unet | selfreg_unet; kwargs go to its constructor
+        # segformer3d | mobileutr | mobileutr_l | missu | unet | dsd_unet | selfreg_unet, or a dotted path to any
+        # network (monai.networks.nets.MedNeXt); kwargs go to its constructor
         "name": "segformer3d",
         "kwargs": {},
+        # swap fastseg3d's fused layers into the network (fastseg3d.convert_model), e.g. into a MONAI network
+        "convert": False,
     },
     "data": {
         "name": "synthetic",  # synthetic | msd
@@ -259,10 +262,14 @@ def check_choices(cfg: Mapping) -> None:
             node = node.get(part, _MISMATCH) if isinstance(node, Mapping) else _MISMATCH
         if dotted == "backend" and isinstance(node, str):  # read as fastseg3d.backend() reads it
             node = node.strip().lower()
+        if dotted == "model.name" and isinstance(node, str) and "." in node:
+            continue  # a dotted path to a network, imported when the run is set up
         # True == 1 and False == 0 in a tuple's `in`: compare types too
         if node is not _MISMATCH and not any(node == a and type(node) is type(a) for a in allowed):
             shown = ", ".join("null" if a is None else str(a).lower() if isinstance(a, bool) else repr(a)
                               for a in allowed if a != "")
+            if dotted == "model.name":
+                shown += " or a dotted path to a network (monai.networks.nets.MedNeXt)"
             raise ValueError(f"config key {dotted!r} must be one of {shown}, got {node!r}")
 
 

@@ -359,14 +359,20 @@ class Trainer:
             "best_metric": self.best_metric,
             "val_pending": val_pending,
             "config": dict(self.cfg),
-            "model": {"name": self.cfg["model"]["name"], "kwargs": self._model_kwargs()},
+            "model": {"name": self.cfg["model"]["name"], "kwargs": self._model_kwargs(),
+                      "convert": bool(self.cfg["model"]["convert"])},
             "fastseg3d_version": _version(),
         }
 
     def _model_kwargs(self) -> dict:
+        """The constructor's arguments, the data's channels included where it takes them (as build_model gave)."""
+        from fastseg3d.train.builders import MODELS, _network, _takes
+
+        name = self.cfg["model"]["name"]
         kwargs = dict(self.cfg["model"]["kwargs"] or {})
-        kwargs.setdefault("in_channels", self.data.in_channels)
-        kwargs.setdefault("out_channels", self.data.out_channels)
+        for key, value in (("in_channels", self.data.in_channels), ("out_channels", self.data.out_channels)):
+            if name in MODELS or _takes(_network(name), key):
+                kwargs.setdefault(key, value)
         return kwargs
 
     def save(self, kind: str, epoch: int, val_pending: bool = False) -> Path:

@@ -272,6 +272,44 @@ def test_bad_augment_is_a_setup_error_and_synthetic_data_warns(tmp_path):
         build_data(load_config("dsd_unet", ["data.name=synthetic", "data.spatial_size=[16,16,16]"]), training=False)
 
 
+def test_a_monai_network_by_dotted_path_trains_converted_and_evaluates(tmp_path):
+    """model.name takes any network by its import path (channels from the data where its constructor takes them)
+    and model.convert swaps the fused layers in: MONAI's MedNeXt trains on fastseg3d's depthwise convs, its
+    checkpoint keeps MedNeXt's own keys and evaluates."""
+    from monai.networks.nets import MedNeXt
+
+    from fastseg3d.nn import DepthwiseConv3d
+    from fastseg3d.train.evaluate import evaluate_checkpoint
+
+    cfg = load_config("quickstart", [
+        *TINY_DATA, "data.spatial_size=[32,32,32]", "val.roi_size=[32,32,32]", "model.name=monai.networks.nets.MedNeXt",
+        "model.convert=true",
+        "model.kwargs={spatial_dims: 3, init_filters: 4, kernel_size: 3, blocks_down: [1, 1, 1, 1], "
+        "blocks_bottleneck: 1, blocks_up: [1, 1, 1, 1]}", "train.max_steps=1", "val.every=1", "val.num_images=0"])
+    trainer = Trainer(cfg, tmp_path)
+    assert isinstance(trainer.model, MedNeXt)
+    assert sum(type(m) is DepthwiseConv3d for m in trainer.model.modules()) > 0
+    trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "checkpoint_final.pt")
+    assert ckpt["model"]["convert"] is True and ckpt["model"]["kwargs"]["out_channels"] == trainer.data.out_channels
+    plain = MedNeXt(**{k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model"]["kwargs"].items()})
+    assert list(ckpt["network_weights"]) == list(plain.state_dict())
+    result = evaluate_checkpoint(tmp_path / "checkpoint_final.pt", tmp_path / "eval")
+    assert result["num_cases"] == 1
+
+
+def test_model_name_by_path_errors_are_one_line(tmp_path):
+    from fastseg3d.train import SetupError
+
+    for name, match in (("nowhere.Net", "model.name=nowhere.Net: cannot import it"),
+                        ("torch.pi", "model.name=torch.pi is not a class or function"),
+                        ("collections.OrderedDict", "made a OrderedDict, not a torch.nn.Module"),
+                        ("unknown", "'model.name' must be one of .* or a dotted path to a network")):
+        with pytest.raises((SetupError, ValueError), match=match):
+            Trainer(load_config("quickstart", [*TINY_DATA, f"model.name={name}", "model.kwargs={size: [2]}"]),
+                    tmp_path)
+
+
 def test_msd_folder_trains_and_evaluates(tmp_path):
     from tests.data.test_msd import _make_task
 
