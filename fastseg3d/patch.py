@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fastseg3d.nn.dwconv3d import DepthwiseConv3d
+from fastseg3d.nn.norm import GroupNorm, InstanceNorm3d
 from fastseg3d.ops.dwconv3d import fusable_kernel
 
 __all__ = ["convert_model", "revert_model"]
@@ -20,8 +21,13 @@ def _is_depthwise(module: nn.Module) -> bool:
             and fusable_kernel(module.kernel_size))
 
 
-def _is_fused(module: nn.Module) -> bool:
-    return parametrize.type_before_parametrizations(module) is DepthwiseConv3d
+def _of_type(cls: type[nn.Module]):
+    return lambda module: parametrize.type_before_parametrizations(module) is cls
+
+
+# fastseg3d's layer for each torch layer it replaces
+_NORMS = ((nn.GroupNorm, GroupNorm), (nn.InstanceNorm3d, InstanceNorm3d))
+_FUSED = ((DepthwiseConv3d, nn.Conv3d), (GroupNorm, nn.GroupNorm), (InstanceNorm3d, nn.InstanceNorm3d))
 
 
 def _change_class(module: nn.Module, cls: type[nn.Module]) -> None:
@@ -35,23 +41,32 @@ def _change_class(module: nn.Module, cls: type[nn.Module]) -> None:
     module.__class__ = cls
 
 
-def _swap(model: nn.Module, match, cls: type[nn.Module]) -> nn.Module:
+def _swap(model: nn.Module, swaps) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
-        if match(module):
-            _change_class(module, cls)
+        for match, cls in swaps:
+            if match(module):
+                _change_class(module, cls)
+                break
     return model
 
 
-def convert_model(model: nn.Module) -> nn.Module:
-    """Make every depthwise ``nn.Conv3d`` (groups == in == out channels) of ``model`` that the fused kernel takes
-    (stride 1, ``padding_mode="zeros"``, odd kernel sizes up to 9; strided down-sampling convs stay as they are) a
-    :class:`fastseg3d.nn.DepthwiseConv3d`, in place (the modules change class, so everything that holds them,
-    hooks included, keeps working); returns ``model``, which may itself be such a conv. Parametrized convs
-    (``torch.nn.utils.parametrize``) keep their parametrizations. ``torch.fx.symbolic_trace`` and
-    ``torch.jit.script`` cannot follow ``DepthwiseConv3d.forward``, which branches on its input: revert the model
-    first (``torch.jit.trace``, ``torch.export`` and ``torch.compile`` take it as it is).
+def convert_model(model: nn.Module, *, conv: bool = True, norm: bool = False) -> nn.Module:
+    """Swap fastseg3d's layers into ``model``, in place (the modules change class, so everything that holds them,
+    hooks included, keeps working, and the ``state_dict`` keys stay); returns ``model``, which may itself be such
+    a layer. Parametrized layers (``torch.nn.utils.parametrize``) keep their parametrizations.
+
+    - ``conv``: every depthwise ``nn.Conv3d`` (groups == in == out channels) that the fused kernel takes (stride 1,
+      ``padding_mode="zeros"``, odd kernel sizes up to 9; strided down-sampling convs stay as they are) becomes a
+      :class:`fastseg3d.nn.DepthwiseConv3d`.
+    - ``norm``: every ``nn.GroupNorm`` becomes a :class:`fastseg3d.nn.GroupNorm` and every ``nn.InstanceNorm3d`` an
+      :class:`fastseg3d.nn.InstanceNorm3d` (the fused GroupNorm kernel on volumes; under autocast their output
+      keeps the input's dtype, where torch's norms return fp32: off by default for that reason).
+
+    ``torch.fx.symbolic_trace`` and ``torch.jit.script`` cannot follow the swapped layers' forwards, which branch
+    on their input: revert the model first (``torch.jit.trace``, ``torch.export`` and ``torch.compile`` take it as
+    it is).
 
     Example:
         >>> import torch, fastseg3d
@@ -60,9 +75,15 @@ def convert_model(model: nn.Module) -> nn.Module:
         >>> type(net[0]).__name__
         'DepthwiseConv3d'
     """
-    return _swap(model, _is_depthwise, DepthwiseConv3d)
+    for name, value in (("conv", conv), ("norm", norm)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    swaps = [(_is_depthwise, DepthwiseConv3d)] if conv else []
+    if norm:
+        swaps += [(_of_type(torch_cls), cls) for torch_cls, cls in _NORMS]
+    return _swap(model, swaps)
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert_model`: every ``DepthwiseConv3d`` becomes a plain ``nn.Conv3d`` again, in place."""
-    return _swap(model, _is_fused, nn.Conv3d)
+    """Undo :func:`convert_model`: every layer it swapped in becomes its torch layer again, in place."""
+    return _swap(model, [(_of_type(cls), torch_cls) for cls, torch_cls in _FUSED])

@@ -64,6 +64,36 @@ def test_convert_leaves_other_convs_and_handles_a_bare_module():
             swap(None)
 
 
+@pytest.mark.parametrize("network", ["mednext", "unet"])
+def test_convert_norms_of_monai_networks(network):
+    """norm=True: MedNeXt's GroupNorms and MONAI UNet's InstanceNorm3ds become fastseg3d's, keys and outputs as
+    they were; conv=False leaves the depthwise convs; revert_model undoes both."""
+    from fastseg3d.nn import GroupNorm, InstanceNorm3d
+
+    if network == "mednext":
+        net = _mednext()
+        torch_norm, norm = nn.GroupNorm, GroupNorm
+    else:
+        nets = pytest.importorskip("monai.networks.nets")
+        net = nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2),
+                        norm="instance")
+        torch_norm, norm = nn.InstanceNorm3d, InstanceNorm3d
+    names = [n for n, m in net.named_modules() if type(m) is torch_norm]
+    assert names
+    keys, x = list(net.state_dict()), torch.randn(1, 1, 32, 32, 32)
+    expected = net.eval()(x)
+    fastseg3d.convert_model(net, conv=False, norm=True)
+    modules = dict(net.named_modules())
+    assert all(type(modules[n]) is norm for n in names)
+    assert not any(type(m) is DepthwiseConv3d for m in net.modules())
+    assert list(net.state_dict()) == keys
+    assert_close("y", net(x), expected, torch.float32)
+    fastseg3d.revert_model(net)
+    assert all(type(modules[n]) is torch_norm for n in names)
+    with pytest.raises(TypeError, match="norm must be a bool"):
+        fastseg3d.convert_model(net, norm="yes")
+
+
 def test_converted_modules_keep_their_hooks_and_compiled_call():
     """Hooks hold weak references to their module, and Module.compile() a call bound to it: both follow the
     module, which changes class in place (a new module object left them on the old one)."""

@@ -1,11 +1,12 @@
-"""Drop-in ``nn.Module``s with the ``state_dict`` keys of the layers they replace: ``DepthwiseConv3d`` has
-``nn.Conv3d``'s constructor too; ``EfficientSelfAttention3d`` has the keys of SegFormer3D's attention, but a forward
-that takes the volume's ``spatial_shape``."""
+"""Drop-in ``nn.Module``s with the ``state_dict`` keys of the layers they replace: ``DepthwiseConv3d``,
+``GroupNorm`` and ``InstanceNorm3d`` have their torch layers' constructors too; ``EfficientSelfAttention3d`` has the
+keys of SegFormer3D's attention, but a forward that takes the volume's ``spatial_shape``."""
 
 from __future__ import annotations
 
 from fastseg3d.nn.attention import EfficientSelfAttention3d
 from fastseg3d.nn.autocast_weights import autocast_weights
 from fastseg3d.nn.dwconv3d import DepthwiseConv3d
+from fastseg3d.nn.norm import GroupNorm, InstanceNorm3d
 
-__all__ = ["DepthwiseConv3d", "EfficientSelfAttention3d", "autocast_weights"]
+__all__ = ["DepthwiseConv3d", "EfficientSelfAttention3d", "GroupNorm", "InstanceNorm3d", "autocast_weights"]
