@@ -57,6 +57,7 @@ __all__ = [
     "num_input_channels",
     "num_output_channels",
     "split_cases",
+    "split_from_file",
 ]
 
 MODALITIES = ("CT", "MRI")
@@ -220,6 +221,41 @@ def split_cases(cases: Sequence[Any], val_frac: float = 0.2, seed: int = 0) -> t
     train = [case for i, case in enumerate(cases) if i not in val_idx]
     val = [case for i, case in enumerate(cases) if i in val_idx]
     return train, val
+
+
+def split_from_file(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike, fold: int = 0
+                    ) -> tuple[list[Any], list[Any]]:
+    """Split ``cases`` (entries with a ``"name"``) into (train, val) as a JSON file lists their names: ``{"train":
+    [...], "val": [...]}``, or nnU-Net's ``splits_final.json`` (a list of such folds; ``fold`` picks one). A name
+    may carry its ``.nii.gz``; cases the file lists on neither side are left out. ``ValueError`` naming the file
+    for a name no case has, a name on both sides, or an empty side."""
+    try:
+        with open(path) as f:
+            split = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"split file {path}: {err}") from err
+    if isinstance(split, list):
+        if not 0 <= fold < len(split):
+            raise ValueError(f"split file {path} holds {len(split)} fold(s); fold {fold} is not among them")
+        split = split[fold]
+    if not (isinstance(split, Mapping) and all(isinstance(split.get(k), list) for k in ("train", "val"))):
+        raise ValueError(f"split file {path} must hold {{\"train\": [names], \"val\": [names]}} or a list of them")
+    by_name = {case["name"]: case for case in cases}
+    sides = []
+    for side in ("train", "val"):
+        names = [_case_name(str(n)) for n in split[side]]
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(f"split file {path}: {side} names {len(missing)} case(s) dataset.json does not list, "
+                             f"e.g. {missing[:3]}")
+        if not names:
+            raise ValueError(f"split file {path}: no {side} cases")
+        sides.append(set(names))
+    both = sides[0] & sides[1]
+    if both:
+        raise ValueError(f"split file {path}: {len(both)} case(s) on both sides, e.g. {sorted(both)[:3]}")
+    # dataset.json's order on each side, as split_cases keeps it
+    return [c for c in cases if c["name"] in sides[0]], [c for c in cases if c["name"] in sides[1]]
 
 
 def _indexed(mapping: Mapping, what: str) -> list[Any]:
@@ -693,8 +729,11 @@ def build_msd_datasets(
     intensity_jitter: float = 0.1,
     crop_ratio: Sequence[float] | None = (1.0, 1.0),
     augment: Sequence[Mapping[str, Any]] | None = None,
+    split_file: str | os.PathLike | None = None,
+    fold: int = 0,
 ) -> tuple[Dataset, Dataset, dict[str, Any]]:
-    """Train and val datasets of an MSD task folder, split by :func:`split_cases`, with :func:`msd_transforms`.
+    """Train and val datasets of an MSD task folder, split by :func:`split_cases` (or by ``split_file`` and
+    ``fold``: :func:`split_from_file`), with :func:`msd_transforms`.
 
     ``num_classes`` comes from ``dataset.json``'s ``labels``, the image channels every case must have from
     :func:`num_input_channels` and ``modality`` (when ``None``) from :func:`infer_modality`; the network needs
@@ -717,7 +756,10 @@ def build_msd_datasets(
 
     num_classes = _num_classes(properties)
     modality = infer_modality(properties) if modality is None else modality
-    train_cases, val_cases = split_cases(cases, val_frac=val_frac, seed=seed)
+    if split_file is not None:
+        train_cases, val_cases = split_from_file(cases, split_file, fold)
+    else:
+        train_cases, val_cases = split_cases(cases, val_frac=val_frac, seed=seed)
     common = {
         "modality": modality,
         "spatial_size": spatial_size,

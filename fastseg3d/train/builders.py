@@ -118,10 +118,13 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
             data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
             label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=data["split_seed"],
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"],
-            crop_ratio=data["crop_ratio"], augment=data["augment"])
+            crop_ratio=data["crop_ratio"], augment=data["augment"], split_file=data["split_file"] or None,
+            fold=data["fold"])
         if training:
             counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "
-                      f"for training, {len(val)} for validation (data.val_frac={data['val_frac']})")
+                      f"for training, {len(val)} for validation ("
+                      + (f"data.split_file={data['split_file']}, data.fold={data['fold']})" if data["split_file"]
+                         else f"data.val_frac={data['val_frac']})"))
             _check_split_sizes(cfg, len(train), len(val), counts, "add cases to dataset.json or lower data.val_frac",
                                "add cases to dataset.json (2 or more)")
         in_channels, names = _msd_channels(props, mode)

@@ -63,6 +63,10 @@ DEFAULTS: dict[str, Any] = {
         "val_frac": 0.2,
         # the MSD train/val split's own seed, apart from the run's: runs with other seeds validate on the same cases
         "split_seed": 0,
+        # a JSON file of case names, {"train": [...], "val": [...]} or nnU-Net's splits_final.json (data.fold picks
+        # the fold), in place of the seeded split (a published model's own split)
+        "split_file": None,
+        "fold": 0,
         "cache": False,
         "flip_prob": 0.5,
         "intensity_jitter": 0.1,
@@ -175,6 +179,7 @@ _TYPES: dict[str, tuple[Any, ...]] = {
     "backend": (None, ""),
     "output_dir": (None, ""),
     "data.root": (None, ""),
+    "data.split_file": (None, ""),
     "data.modality": (None, ""),
     "data.pixdim": (None, [1.0, 1.0, 1.0]),
     "data.crop_ratio": (None, [1.0, 1.0]),
@@ -199,6 +204,7 @@ _RANGES: dict[str, str] = {
     "data.num_samples": "[1, inf)",
     "data.val_frac": "(0, 1)",
     "data.split_seed": "[0, inf)",
+    "data.fold": "[0, inf)",
     "data.flip_prob": "[0, 1]",
     "data.intensity_jitter": "[0, inf)",
     "data.crop_ratio": "[0, inf)",

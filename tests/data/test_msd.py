@@ -26,6 +26,7 @@ from fastseg3d.data.msd import (
     num_input_channels,
     num_output_channels,
     split_cases,
+    split_from_file,
 )
 
 nib = pytest.importorskip("nibabel")
@@ -201,6 +202,37 @@ def test_split_deterministic_and_disjoint():
 def test_split_keeps_one_case_each_side(n, val_frac):
     train, val = split_cases(list(range(n)), val_frac=val_frac)
     assert len(train) >= 1 and len(val) >= 1 and len(train) + len(val) == n
+
+
+def test_split_from_file_and_nnunet_folds(tmp_path):
+    cases = [{"name": f"c{i}"} for i in range(5)]
+    own = tmp_path / "split.json"
+    own.write_text(json.dumps({"train": ["c3", "c0.nii.gz", "c1"], "val": ["c4"]}))
+    train, val = split_from_file(cases, own)
+    assert [c["name"] for c in train] == ["c0", "c1", "c3"] and [c["name"] for c in val] == ["c4"]  # c2 unused
+    folds = tmp_path / "splits_final.json"
+    folds.write_text(json.dumps([{"train": ["c0", "c1"], "val": ["c2"]}, {"train": ["c2", "c3"], "val": ["c4"]}]))
+    assert [c["name"] for c in split_from_file(cases, folds, fold=1)[1]] == ["c4"]
+    for content, match in (({"train": ["c0"], "val": ["c9"]}, r"val names 1 case\(s\) dataset.json does not list"),
+                           ({"train": ["c0", "c1"], "val": ["c1"]}, "1 case\\(s\\) on both sides"),
+                           ({"train": ["c0"], "val": []}, "no val cases"),
+                           ({"train": ["c0"]}, "must hold")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(content))
+        with pytest.raises(ValueError, match=match):
+            split_from_file(cases, bad)
+    with pytest.raises(ValueError, match="holds 2 fold"):
+        split_from_file(cases, folds, fold=2)
+    with pytest.raises(ValueError, match="split file .*missing.json"):
+        split_from_file(cases, tmp_path / "missing.json")
+
+
+def test_datasets_follow_a_split_file(task, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["FAKE_001", "FAKE_002"], "val": ["FAKE_000"]}))
+    train_ds, val_ds, _ = build_msd_datasets(task, spatial_size=(8, 8, 8), split_file=split)
+    assert [c["name"] for c in train_ds.data] == ["FAKE_001", "FAKE_002"]
+    assert [c["name"] for c in val_ds.data] == ["FAKE_000"]
 
 
 def test_split_rejects_bad_fraction():

@@ -310,6 +310,25 @@ def test_model_name_by_path_errors_are_one_line(tmp_path):
                     tmp_path)
 
 
+def test_split_file_sets_the_training_and_validation_cases(tmp_path):
+    from fastseg3d.train import SetupError
+    from fastseg3d.train.builders import build_data
+    from tests.data.test_msd import _make_task
+
+    task = _make_task(str(tmp_path), n_cases=4)
+    folds = tmp_path / "splits_final.json"
+    folds.write_text(json.dumps([{"train": ["FAKE_000", "FAKE_001"], "val": ["FAKE_002"]},
+                                 {"train": ["FAKE_000", "FAKE_003"], "val": ["FAKE_001"]}]))
+    base = ["data.name=msd", f"data.root={task}", "data.spatial_size=[8,8,8]", f"data.split_file={folds}"]
+    data = build_data(load_config("quickstart", [*base, "data.fold=1", "data.batch_size=2"]))
+    assert [c["name"] for c in data.train.data] == ["FAKE_000", "FAKE_003"]
+    assert [c["name"] for c in data.val.data] == ["FAKE_001"]
+    with pytest.raises(SetupError, match=r"data.split_file=.*data.fold=0\)"):  # 2 cases, a step of 4
+        Trainer(load_config("quickstart", [*base, "data.batch_size=4"]), tmp_path / "run")
+    with pytest.raises(SetupError, match="holds 2 fold"):
+        Trainer(load_config("quickstart", [*base, "data.fold=5"]), tmp_path / "run")
+
+
 def test_msd_folder_trains_and_evaluates(tmp_path):
     from tests.data.test_msd import _make_task
 
