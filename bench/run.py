@@ -2,22 +2,24 @@
 
     python -m bench.run [ops|model] [--case NAME ...] [--dtype fp32,bf16] [--modes fwd,bwd,fwd+bwd,train_step,infer]
                         [--providers default,NAME,GLOB,all] [--shapes GLOB,...] [--quick] [--out DIR] [--plot]
-                        [--json [PATH]] [--time-limit SECONDS] [--list] [--report]
+                        [--json [PATH]] [--csv PATH] [--time-limit SECONDS] [--list] [--report]
 
 The optional suite runs every case of that suite (``--case`` narrows it). Without ``--providers`` each case runs
 its default providers; ``--providers`` takes names, shell globs (``'*compile*'``) and the words ``default`` and
 ``all``; ``--shapes`` keeps the shapes whose label matches one of its globs (``'2x32x128^3*'``; ``--list`` shows
 the labels). A mode, provider pattern or shape pattern that selects nothing in the chosen cases is an error, not
 an empty run. ``--json`` prints the rows as JSON lines instead of the table; ``--json PATH`` writes them to PATH as
-one JSON array (the table is still printed). ``--report`` measures nothing: it prints the table (and ``--plot``s)
-of the rows already under ``--out``. On a CPU the timings only exercise the harness (``--quick``); they say nothing
-about a GPU kernel, and the compiled providers are left out unless asked for.
+one JSON array (the table is still printed), ``--csv PATH`` as CSV, one row a line. ``--report`` measures nothing:
+it prints the table (and ``--plot``s) of the rows already under ``--out``. On a CPU the timings only exercise the
+harness (``--quick``); they say nothing about a GPU kernel, and the compiled providers are left out unless asked
+for.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import fnmatch
 import gc
 import json
@@ -308,6 +310,12 @@ def _emit(rows: list[dict], by_case: dict[str, list[dict]], args, out: Path) -> 
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(rows, indent=1) + "\n")
+    if args.csv is not None:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=utils.ROW_KEYS)
+            writer.writeheader()
+            writer.writerows(rows)
     if args.plot:
         for name, case_rows in by_case.items():
             if case_rows:
@@ -333,6 +341,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     parser.add_argument("--plot", action="store_true", help="write <case>.png beside the rows")
     parser.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                         help="print JSON lines instead of the table; with PATH, write the rows there as a JSON array")
+    parser.add_argument("--csv", type=Path, default=None, metavar="PATH", help="write the rows to PATH as CSV")
     parser.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                         help="start no measurement after this many seconds (what was measured is kept)")
     parser.add_argument("--list", action="store_true",
@@ -366,8 +375,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
     # before anything is measured: a path that cannot take the results would lose them at the end
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")
-    if args.json not in (None, "-") and Path(args.json).is_dir():
-        parser.error(f"--json {args.json} is a folder: give the file to write the rows to")
+    for flag, path in (("--json", args.json if args.json != "-" else None), ("--csv", args.csv)):
+        if path is not None and Path(path).is_dir():
+            parser.error(f"{flag} {path} is a folder: give the file to write the rows to")
 
     if args.report:
         names = {c.name for c in selected}

@@ -71,11 +71,18 @@ def test_bench_quick_writes_rows_table_and_plot(tmp_path):
     assert (tmp_path / "dwconv3d.png").stat().st_size > 0
 
 
-def test_main_ops_suite_writes_valid_json(tmp_path):
-    out = tmp_path / "rows.json"
-    assert run.main(["ops", "--case", "dwconv3d", "--quick", "--json", str(out), "--out", str(tmp_path)]) == 0
+def test_main_ops_suite_writes_valid_json_and_csv(tmp_path):
+    import csv
+
+    out, table = tmp_path / "rows.json", tmp_path / "csv" / "rows.csv"
+    assert run.main(["ops", "--case", "dwconv3d", "--quick", "--json", str(out), "--csv", str(table), "--out",
+                     str(tmp_path)]) == 0
     rows = json.loads(out.read_text())
     assert rows and all(tuple(r) == ROW_KEYS for r in rows)
+    with open(table, newline="") as f:
+        read = list(csv.DictReader(f))
+    assert [tuple(r) for r in read] == [ROW_KEYS] * len(rows)
+    assert [(r["provider"], float(r["median_ms"])) for r in read] == [(r["provider"], r["median_ms"]) for r in rows]
     assert {r["suite"] for r in rows} == {"ops"} and {r["dtype"] for r in rows} == {"fp32", "bf16"}
     # on a CPU the default set leaves the compiled providers out
     assert not any("compile" in r["provider"] for r in rows)
@@ -141,7 +148,8 @@ def test_main_lists_cases(capsys):
 def test_paths_that_cannot_take_the_rows_fail_before_measuring(tmp_path, capsys):
     taken = tmp_path / "file"
     taken.write_text("")
-    for argv in (["--out", str(taken)], ["--out", str(tmp_path / "rows"), "--json", str(tmp_path)]):
+    for argv in (["--out", str(taken)], ["--out", str(tmp_path / "rows"), "--json", str(tmp_path)],
+                 ["--out", str(tmp_path / "rows"), "--csv", str(tmp_path)]):
         with pytest.raises(SystemExit) as info:
             run.main(["--case", "channel_kl", "--quick", *argv])
         assert info.value.code == 2
