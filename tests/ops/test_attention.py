@@ -60,6 +60,33 @@ def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear"
         assert_close(f"grad[{i}]", a.grad, e.grad, dtype, scale=2.0, floor=1.0)
 
 
+def check_flash_rule(b, n, m, h, d, dtype, device):
+    """flash-attention's rule for low precision: against a float64 reference, the kernel's largest error in the
+    output and in each gradient is at most twice that of PyTorch's attention composition run in the same dtype
+    (scores, softmax and product each rounded to it), plus a small floor."""
+    leaves, split = _qkv(b, n, m, h, d, dtype, device, "contiguous")
+    ours = [t.detach().clone().requires_grad_() for t in leaves]
+    low = [t.detach().clone().requires_grad_() for t in leaves]
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    scale = d ** -0.5
+    with fastseg3d.backend("triton"):
+        out = attention(*split(*ours))
+    q, k, v = (t.transpose(1, 2) for t in split(*low))
+    out_low = (torch.softmax((q @ k.transpose(-1, -2)) * scale, -1) @ v).transpose(1, 2)
+    expected = _sdpa64(*split(*ref), scale)
+    g = torch.randn(expected.shape, device=device, dtype=torch.float64).to(dtype)
+    for o, ins in ((out, ours), (out_low, low), (expected, ref)):
+        o.backward(g.to(o.dtype))
+    pairs = [("out", out, out_low, expected)] + [
+        (f"grad[{i}]", a.grad, p.grad, e.grad) for i, (a, p, e) in enumerate(zip(ours, low, ref))]
+    for name, got, torch_low, want in pairs:
+        err = (got.double() - want).abs().max().item()
+        torch_err = (torch_low.double() - want).abs().max().item()
+        assert err <= 2 * torch_err + 1e-5, f"{name}: error {err:.3e}, PyTorch's in {dtype}: {torch_err:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# CPU tier
 # ------------------------------------------------------------------------------------------------------
 # CPU tier
 
@@ -307,6 +334,12 @@ def test_interpret_very_negative_logits_with_padded_keys(poison, n, m):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("n,m,h,d", [(37, 11, 1, 32), (70, 70, 3, 16)])
+def test_interpret_flash_attention_error_rule(poison, n, m, h, d):
+    check_flash_rule(1, n, m, h, d, torch.float16, "cpu")
+
+
+@pytest.mark.interpret
 def test_interpret_expanded_grad_output(poison):
     check_against_sdpa(1, 21, 9, 2, 16, torch.float32, "cpu", grad="sum")
 
@@ -348,6 +381,14 @@ _GPU_CASES = [
                          ids=[f"B{c[0]}-N{c[1]}-M{c[2]}-H{c[3]}-d{c[4]}-{str(c[5])[6:]}" for c in _GPU_CASES])
 def test_gpu_kernel_matches_sdpa(poison, no_tf32, b, n, m, h, d, dtype):
     check_against_sdpa(b, n, m, h, d, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,n,m,h,d", [(2, 32768, 512, 1, 32), (2, 4096, 512, 2, 32), (1, 4096, 4096, 1, 64),
+                                       (2, 1000, 333, 4, 128)])
+def test_gpu_flash_attention_error_rule(poison, no_tf32, b, n, m, h, d, dtype):
+    check_flash_rule(b, n, m, h, d, dtype, "cuda")
 
 
 @pytest.mark.gpu
