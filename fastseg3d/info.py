@@ -77,6 +77,15 @@ def op_choices(device: torch.device | str | None = None, dtype: torch.dtype = to
     return [(name, *backends.decide(name, reasons)) for name, reasons in _probe_cases(device, dtype)]
 
 
+def _extension() -> str:
+    """Whether the optional compiled extension ``fastseg3d._C`` is built (``FASTSEG3D_BUILD_CUDA=1``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("fastseg3d._C") is None:
+        return "not built (optional; csrc/ holds no sources yet, every op runs on Triton or its reference)"
+    return "built (fastseg3d._C)"
+
+
 def collect() -> dict:
     from fastseg3d import __version__
 
@@ -89,6 +98,7 @@ def collect() -> dict:
         "cuda": torch.version.cuda or "none (CPU build of torch)",
         "cudnn": str(torch.backends.cudnn.version()) if cuda else "n/a",
         "monai": _version("monai"),
+        "cuda extension": _extension(),
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "backend policy": backends.get_backend(),
         "TRITON_INTERPRET": "1" if backends.interpreter_active() else "0",

@@ -31,6 +31,7 @@ def test_info_command_lists_versions_and_op_choices():
         assert key in out
     assert torch.__version__ in out
     assert "dwconv3d" in out and "dwconv3d_tokens" in out
+    assert "cuda extension    not built (optional" in out
 
 
 def test_info_console_script():
