@@ -465,6 +465,24 @@ class Trainer:
             value /= self.world
         return float(value)
 
+    def train_step(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
+        """Forward, loss and backward of one micro-batch (its gradient scaled by the gradient scaler and divided by
+        the accumulation): the loss and the terms logged beside it. A subclass may override it (nnU-Net's
+        ``train_step``); the optimizer step, clipping and schedule stay :meth:`train_epoch`'s."""
+        with self._autocast():
+            output = self.net(image)
+        loss, terms = self.objective(output, label)
+        self._check_finite(loss, "loss", epoch)
+        self.scaler.scale(loss / self.accum).backward()
+        return loss, terms
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (every process); a hook for subclasses."""
+
+    def on_epoch_end(self, epoch: int, result: dict) -> None:
+        """Called after each epoch, its checkpoint and its validation (every process; ``result`` is the
+        validation's on the main process when one ran, else {}); a hook for subclasses."""
+
     def train_epoch(self, epoch: int) -> bool:
         """One pass over the training set; returns False when ``max_steps`` stopped it."""
         self.net.train()
@@ -490,11 +508,7 @@ class Trainer:
             last_micro = micro == self.accum - 1
             sync = self.net.no_sync() if self.distributed and not last_micro else contextlib.nullcontext()
             with sync:
-                with self._autocast():
-                    output = self.net(image)
-                loss, terms = self.objective(output, label)
-                self._check_finite(loss, "loss", epoch)
-                self.scaler.scale(loss / self.accum).backward()
+                loss, terms = self.train_step(image, label, epoch)
             for key, value in {"loss": loss.detach(), **terms}.items():
                 sums[key] = sums.get(key, 0.0) + self._reduce(value)
             count += 1
@@ -627,6 +641,7 @@ class Trainer:
                 if self.max_steps is not None and self.step >= int(self.max_steps):
                     epoch -= 1  # a run resumed after reaching max_steps has nothing left to train
                     break
+                self.on_epoch_start(epoch)
                 more = self.train_epoch(epoch)
                 final = not more or epoch == self.epochs - 1
                 val_due = int(vcfg["every"]) > 0 and ((epoch + 1) % int(vcfg["every"]) == 0 or final)
@@ -634,10 +649,11 @@ class Trainer:
                     # Before validation, so that a crash in it (a bad case, the sliding window out of memory) keeps
                     # the epoch's training; a run resumed from it validates first when the validation did not end.
                     self.save("latest", epoch, val_pending=val_due)
-                if val_due and self.is_main:
-                    last = self._validation(epoch)
+                result = self._validation(epoch) if val_due and self.is_main else {}
+                last = result or last
                 if self.distributed:
                     dist.barrier()
+                self.on_epoch_end(epoch, result)
                 if not more:
                     break
             self.save("final", epoch)

@@ -329,6 +329,33 @@ def test_split_file_sets_the_training_and_validation_cases(tmp_path):
         Trainer(load_config("quickstart", [*base, "data.fold=5"]), tmp_path / "run")
 
 
+def test_subclass_hooks_train_step_and_epoch_callbacks(tmp_path):
+    """nnU-Net's shape: a subclass overrides train_step (here an extra weight penalty, logged as a term) and gets
+    on_epoch_start/on_epoch_end around each epoch, the validation result with the end."""
+    calls = []
+
+    class Penalised(Trainer):
+        def train_step(self, image, label, epoch):
+            with self._autocast():
+                output = self.net(image)
+            loss, terms = self.objective(output, label)
+            penalty = sum(p.square().sum() for p in self.model.parameters()) * 1e-4
+            (loss + penalty).backward()
+            return loss + penalty, {**terms, "penalty": penalty.detach()}
+
+        def on_epoch_start(self, epoch):
+            calls.append(("start", epoch))
+
+        def on_epoch_end(self, epoch, result):
+            calls.append(("end", epoch, sorted(result)[:1]))
+
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=2", "val.every=2", "val.num_images=0"])
+    result = Penalised(cfg, tmp_path).fit()
+    assert calls == [("start", 0), ("end", 0, []), ("start", 1), ("end", 1, sorted(result)[:1])]
+    train = _rows(tmp_path, "train")
+    assert train and all(r["penalty"] > 0 and r["loss"] > r["segmentation"] for r in train)
+
+
 def test_msd_folder_trains_and_evaluates(tmp_path):
     from tests.data.test_msd import _make_task
 
