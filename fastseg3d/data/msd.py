@@ -238,6 +238,8 @@ def split_from_file(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike,
         if not 0 <= fold < len(split):
             raise ValueError(f"split file {path} holds {len(split)} fold(s); fold {fold} is not among them")
         split = split[fold]
+    elif fold != 0:
+        raise ValueError(f"split file {path} holds one split, not folds; fold {fold} is not among them")
     if not (isinstance(split, Mapping) and all(isinstance(split.get(k), list) for k in ("train", "val"))):
         raise ValueError(f"split file {path} must hold {{\"train\": [names], \"val\": [names]}} or a list of them")
     by_name = {case["name"]: case for case in cases}

@@ -261,6 +261,12 @@ class DiceCELoss(nn.Module):
                  weight: torch.Tensor | None = None, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
                  label_smoothing: float = 0.0) -> None:
         super().__init__()
+        # MONAI's switches are bools: a number there is most likely an older positional call's weight
+        for name, value in (("to_onehot_y", to_onehot_y), ("sigmoid", sigmoid), ("softmax", softmax),
+                            ("squared_pred", squared_pred), ("jaccard", jaccard), ("batch", batch)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r} (DiceCELoss takes MONAI's signature; pass "
+                                "lambda_dice, lambda_ce, smooth_nr and smooth_dr by keyword)")
         self.include_background = include_background
         self.lambda_dice, self.lambda_ce, self.smooth_nr, self.smooth_dr = _check_settings(
             include_background, lambda_dice, lambda_ce, smooth_nr, smooth_dr)

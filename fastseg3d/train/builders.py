@@ -84,8 +84,9 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
         # its MSD settings)
         ignored = [key for key, default in (("crop_ratio", [1.0, 1.0]), ("augment", None)) if data[key] != default]
         if ignored:
-            warnings.warn(f"{', '.join('data.' + k for k in ignored)} apply to data.name=msd; the synthetic volumes "
-                          "have their own augmentation", stacklevel=2)
+            verb = "apply" if len(ignored) > 1 else "applies"
+            warnings.warn(f"{', '.join('data.' + k for k in ignored)} {verb} to data.name=msd; the synthetic "
+                          "volumes have their own augmentation", stacklevel=2)
 
         common = dict(spatial_size=data["spatial_size"], in_channels=data["in_channels"], label_mode=label_mode,
                       cache=bool(data["cache"]))
@@ -125,8 +126,11 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
                       f"for training, {len(val)} for validation ("
                       + (f"data.split_file={data['split_file']}, data.fold={data['fold']})" if data["split_file"]
                          else f"data.val_frac={data['val_frac']})"))
-            _check_split_sizes(cfg, len(train), len(val), counts, "add cases to dataset.json or lower data.val_frac",
-                               "add cases to dataset.json (2 or more)")
+            more_train, more_val = (("list more training cases in data.split_file", "list a validation case in "
+                                     "data.split_file") if data["split_file"] else
+                                    ("add cases to dataset.json or lower data.val_frac",
+                                     "add cases to dataset.json (2 or more)"))
+            _check_split_sizes(cfg, len(train), len(val), counts, more_train, more_val)
         in_channels, names = _msd_channels(props, mode)
         return DataBundle(train, val, in_channels, len(names), mode, names, collate=list_data_collate)
     raise SetupError(f"data.name must be 'synthetic' or 'msd', got {data['name']!r}")
@@ -305,9 +309,9 @@ class Objective(nn.Module):
                 raise SetupError("loss.distill=dsd needs label maps (data.label_mode=labels): DSD's KL is a softmax")
             # its segmentation terms are the same loss as self.segmentation (Dice alone for loss.name=dice)
             seg = self.segmentation
-            self.distill = DSDLoss(num_classes, include_background=loss_cfg["include_background"],
-                                   lambda_dice=seg.lambda_dice, lambda_ce=seg.lambda_ce, dice_ce_kwargs=dice_kwargs,
-                                   **kwargs)
+            self.distill = _setup(DSDLoss, "loss.dice_kwargs and loss.distill_kwargs", num_classes,
+                                  include_background=loss_cfg["include_background"], lambda_dice=seg.lambda_dice,
+                                  lambda_ce=seg.lambda_ce, dice_ce_kwargs=dice_kwargs, **kwargs)
         elif distill == "selfreg":
             from fastseg3d.losses import SelfRegLoss
 
@@ -329,7 +333,8 @@ class Objective(nn.Module):
         from fastseg3d.losses import DiceCELoss
         from fastseg3d.losses._common import full_precision
 
-        lean = isinstance(self.segmentation, DiceCELoss)
+        # MONAI's composition (a setting the fused loss does not take) computes in its input's dtype: fp32 it
+        lean = isinstance(self.segmentation, DiceCELoss) and self.segmentation.fused
         return self.segmentation(logits if lean else full_precision(logits), target)
 
     def forward(self, output, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

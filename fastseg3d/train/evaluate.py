@@ -23,6 +23,10 @@ logger = logging.getLogger("fastseg3d")
 def _eval_dataset(cfg: dict, split: str):
     """The validation split of the run's data, every labelled case of an MSD folder (``split="all"``) or its
     unlabelled test cases (``split="test"``)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["data"]["augment"] = None  # training's augmentation: nothing evaluation runs
+    if split != "val":
+        cfg["data"]["split_file"] = None  # only the validation cases need the run's split
     data = build_data(cfg, training=False)
     if split == "val":
         return data, data.val

@@ -223,6 +223,8 @@ def test_split_from_file_and_nnunet_folds(tmp_path):
             split_from_file(cases, bad)
     with pytest.raises(ValueError, match="holds 2 fold"):
         split_from_file(cases, folds, fold=2)
+    with pytest.raises(ValueError, match="holds one split, not folds"):
+        split_from_file(cases, own, fold=1)
     with pytest.raises(ValueError, match="split file .*missing.json"):
         split_from_file(cases, tmp_path / "missing.json")
 

@@ -60,11 +60,15 @@ def test_matches_monai_in_float64(impl, shape, size, include_background, lambda_
 @pytest.mark.parametrize("forms", [dict(batch=True), dict(squared_pred=True), dict(reduction="sum"),
                                    dict(squared_pred=True, batch=True, reduction="sum")],
                          ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
-@pytest.mark.parametrize("case", [1, 3], ids=["half-res-head", "ce-only"])
+@pytest.mark.parametrize("case", [
+    ((2, 3, 3, 4, 5), (6, 8, 5), False, 0.6, 0.4),  # a head at half the label's resolution on two axes
+    ((3, 2, 9, 10), (18, 10), True, 1.0, 0.5),  # 2-D, two classes
+    ((2, 4, 5, 6, 7), (5, 6, 7), True, 0.3, 1.0),
+], ids=["half-res-head", "2d", "full-res"])
 def test_monai_forms_in_float64(impl, forms, case):
-    """MONAI's batch, squared_pred and sum reductions, on heads below the label's resolution."""
-    shape, size, include_background, lambda_dice, lambda_ce = CASES[case]
-    lambda_ce = lambda_ce or 0.5
+    """MONAI's batch, squared_pred and sum reductions (batches of two and three), on heads below the label's
+    resolution too."""
+    shape, size, include_background, lambda_dice, lambda_ce = case
     logits, target = _data(shape, size, seed=7)
     expected = _monai(logits, target, include_background, lambda_dice, lambda_ce, **forms)
     (expected_grad,) = torch.autograd.grad(expected, logits)
@@ -321,8 +325,11 @@ def test_bad_inputs():
         dice_ce(logits, target, reduction="none")
     with pytest.raises(ValueError, match="batch must be a bool"):
         dice_ce(logits, target, batch=1)
-    with pytest.raises(ValueError, match="squared_pred must be a bool"):
+    with pytest.raises(TypeError, match="squared_pred must be a bool"):
         DiceCELoss(to_onehot_y=True, softmax=True, squared_pred="yes")
+    # an older positional call, DiceCELoss(include_background, lambda_dice, lambda_ce), is not read as MONAI's
+    with pytest.raises(TypeError, match="to_onehot_y must be a bool, got 0.6 .*by keyword"):
+        DiceCELoss(False, 0.6, 0.4)
     # labels outside [0, K) would index past the one-hot map (a device-side assert on a GPU)
     with pytest.raises(ValueError, match="target holds labels from 1 to 3; the 3 classes"):
         dice_ce(logits, target.clamp(0, 2) + 1)

@@ -327,6 +327,14 @@ def test_split_file_sets_the_training_and_validation_cases(tmp_path):
         Trainer(load_config("quickstart", [*base, "data.batch_size=4"]), tmp_path / "run")
     with pytest.raises(SetupError, match="holds 2 fold"):
         Trainer(load_config("quickstart", [*base, "data.fold=5"]), tmp_path / "run")
+    # evaluation of every case, or of another folder, does not need the run's split file
+    from fastseg3d.train.evaluate import _eval_dataset
+
+    cfg = load_config("quickstart", [*base.copy()[:-1], f"data.split_file={tmp_path / 'gone.json'}"])
+    _, dataset = _eval_dataset(cfg, "all")
+    assert len(dataset) == 4
+    with pytest.raises(ValueError, match="gone.json"):
+        _eval_dataset(cfg, "val")
 
 
 def test_subclass_hooks_train_step_and_epoch_callbacks(tmp_path):
@@ -761,6 +769,14 @@ def test_dice_kwargs_reach_dsd_terms_and_bad_ones_are_named():
         build_objective(load_config("quickstart", ["loss.dice_kwargs={include_background: false}"]), "softmax", 3)
     with pytest.raises(SetupError, match="loss.dice_kwargs: DiceCELoss refuses"):
         build_objective(load_config("quickstart", ["loss.dice_kwargs={bogus: 1}"]), "softmax", 3)
+    # a setting only MONAI's composition computes: MONAI's loss, on fp32 logits (it computes in its input's dtype)
+    objective = build_objective(load_config("quickstart", ["loss.dice_kwargs={label_smoothing: 0.1}"]), "softmax", 3)
+    assert not objective.segmentation.fused
+    logits, target = torch.randn(2, 3, 4, 5, 6, dtype=torch.bfloat16), torch.randint(0, 3, (2, 1, 4, 5, 6))
+    expected = objective.segmentation.composition(logits.float(), target)
+    torch.testing.assert_close(objective(logits, target)[0], expected)
+    with pytest.raises(SetupError, match="loss.dice_kwargs and loss.distill_kwargs: DSDLoss refuses"):
+        build_objective(load_config("dsd_unet", ["loss.dice_kwargs={label_smoothing: 0.1}"]), "softmax", 3)
     with pytest.raises(SetupError, match="loss.dice_kwargs: DiceLoss refuses"):
         build_objective(load_config("quickstart", ["loss.name=dice", "loss.dice_kwargs={reduction: median}"]),
                         "sigmoid", 3)
