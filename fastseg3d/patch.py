@@ -62,7 +62,7 @@ def convert_model(model: nn.Module, *, conv: bool = True, norm: bool = False) ->
       :class:`fastseg3d.nn.DepthwiseConv3d`.
     - ``norm``: every ``nn.GroupNorm`` becomes a :class:`fastseg3d.nn.GroupNorm` and every ``nn.InstanceNorm3d`` an
       :class:`fastseg3d.nn.InstanceNorm3d` (the fused GroupNorm kernel on volumes; under autocast their output
-      keeps the input's dtype, where torch's norms return fp32: off by default for that reason).
+      keeps the input's dtype, where torch's GroupNorm returns fp32: off by default for that reason).
 
     ``torch.fx.symbolic_trace`` and ``torch.jit.script`` cannot follow the swapped layers' forwards, which branch
     on their input: revert the model first (``torch.jit.trace``, ``torch.export`` and ``torch.compile`` take it as

@@ -45,8 +45,8 @@ class InstanceNorm3d(nn.InstanceNorm3d):
 
     Without running statistics (``track_running_stats=False``, the default, and MONAI's "instance" norm) an
     InstanceNorm is a GroupNorm with one channel per group, and on batched volumes the forward runs
-    :func:`fastseg3d.ops.group_norm_act` as :class:`GroupNorm` does (affine or not; under autocast the output
-    keeps the input's dtype where ``nn.InstanceNorm3d`` returns fp32). With running statistics, and on unbatched
+    :func:`fastseg3d.ops.group_norm_act` as :class:`GroupNorm` does (affine or not; under autocast both keep the
+    input's dtype: instance norm is not among autocast's fp32 ops). With running statistics, and on unbatched
     input, it runs ``nn.InstanceNorm3d.forward``.
 
     Example:
