@@ -135,6 +135,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.flip_tta:
         val["flip_tta"] = True
     val["hd95"] = not args.no_hd95
+    if args.msd:
+        val["msd"] = True
     out = args.output_dir or Path(args.checkpoint).resolve().parent / "eval"
     try:
         result = evaluate_checkpoint(args.checkpoint, out, data=args.data, label_mode=args.label_mode,
@@ -149,10 +151,13 @@ def _eval(args: argparse.Namespace) -> int:
     names = result["class_names"]
     dice = "n/a" if result["dice"] is None else f"{result['dice']:.4f}"
     print(f"{result['num_cases']} cases: mean Dice {dice}"
-          + (f", mean HD95 {result['hd95']:.2f}" if result.get("hd95") is not None else ""))
+          + (f", mean HD95 {result['hd95']:.2f}" if result.get("hd95") is not None else "")
+          + (f", mean surface distance {result['msd']:.2f}" if result.get("msd") is not None else ""))
     for i, name in enumerate(names):
-        hd = result.get("hd95_per_class")
-        extra = f"  HD95 {hd[i]:.2f}" if hd and hd[i] is not None else ""
+        extra = ""
+        for key, label in (("hd95_per_class", "HD95"), ("msd_per_class", "MSD")):
+            values = result.get(key)
+            extra += f"  {label} {values[i]:.2f}" if values and values[i] is not None else ""
         dice = result["dice_per_class"][i]
         print(f"  {name:>12}: Dice {dice:.4f}{extra}" if dice is not None else f"  {name:>12}: Dice n/a")
     print(f"results in {Path(out) / 'eval_metrics.json'}")
@@ -364,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--blend", choices=["gaussian", "constant"], default=None)
     ev.add_argument("--flip-tta", action="store_true", help="average over the 8 flips of the spatial axes")
     ev.add_argument("--no-hd95", action="store_true", help="skip HD95 (Dice only)")
+    ev.add_argument("--msd", action="store_true", help="the mean surface distance too (as DSD reports)")
     ev.add_argument("--max-cases", type=int, default=None)
     ev.add_argument("--save-predictions", action="store_true", help="write predictions as NIfTI")
     ev.add_argument("--device", default="auto")

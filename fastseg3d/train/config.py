@@ -131,6 +131,7 @@ DEFAULTS: dict[str, Any] = {
         "blend": "gaussian",  # gaussian | constant
         "flip_tta": False,
         "hd95": False,
+        "msd": False,  # mean surface distance (MONAI's SurfaceDistanceMetric), as DSD reports
         "max_cases": None,
         "num_images": 2,  # validation cases drawn as orthogonal slices (PNG)
     },

@@ -183,7 +183,8 @@ def evaluate_checkpoint(
         raise SetupError(str(err)) from None
     model = model.to(dev).eval()
     regions = bundle.class_names if bundle.mode == "sigmoid" else None
-    acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]))
+    acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]),
+                            msd=bool(vcfg["msd"]))
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -200,10 +200,11 @@ def to_onehot(label: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
 
 
 def _per_case(
-    pred: torch.Tensor, target: torch.Tensor, include_background: bool, hd95: bool, spacing: Any
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(cases, classes) Dice and HD95 as float64 arrays; NaN where a value is undefined."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    pred: torch.Tensor, target: torch.Tensor, include_background: bool, hd95: bool, spacing: Any, msd: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(cases, classes) Dice, HD95 and mean surface distance as float64 arrays (None: not asked for); NaN where a
+    value is undefined."""
+    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
     if pred.shape != target.shape or pred.dim() < 3:
         raise ValueError(f"pred and target must both be (B, K, *spatial), got {tuple(pred.shape)} and "
@@ -211,17 +212,21 @@ def _per_case(
     # ignore_empty: an empty ground-truth class has no Dice (NaN), whatever was predicted.
     dice = compute_dice(pred, target, include_background=include_background, ignore_empty=True)
     dice = dice.double().cpu().numpy()
-    if not hd95:
-        return dice, None
-    with warnings.catch_warnings():
-        # Empty classes are expected (NaN below), and MONAI 1.6 warns about its own deprecated argument.
-        warnings.filterwarnings("ignore", message=".*is all 0.*")
-        warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy.*")
-        hd = compute_hausdorff_distance(pred, target, include_background=include_background, percentile=95,
-                                        spacing=spacing)
-    hd = hd.double().cpu().numpy()
-    hd[~np.isfinite(hd)] = np.nan
-    return dice, hd
+    distances = []
+    for wanted, compute, kwargs in ((hd95, compute_hausdorff_distance, {"percentile": 95}),
+                                    (msd, compute_average_surface_distance, {})):
+        if not wanted:
+            distances.append(None)
+            continue
+        with warnings.catch_warnings():
+            # Empty classes are expected (NaN below), and MONAI 1.6 warns about its own deprecated argument.
+            warnings.filterwarnings("ignore", message=".*is all 0.*")
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*always_return_as_numpy.*")
+            d = compute(pred, target, include_background=include_background, spacing=spacing, **kwargs)
+        d = d.double().cpu().numpy()
+        d[~np.isfinite(d)] = np.nan
+        distances.append(d)
+    return dice, *distances
 
 
 def _nanmean(values: np.ndarray, axis: int | None = None) -> np.ndarray | float:
@@ -237,10 +242,10 @@ def _to_json(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
-def _summary(dice: np.ndarray, hd: np.ndarray | None) -> dict[str, Any]:
+def _summary(dice: np.ndarray, hd: np.ndarray | None, msd: np.ndarray | None = None) -> dict[str, Any]:
     """Per class: mean over cases; overall: mean over classes; NaN -> None throughout (JSON-serialisable)."""
     out: dict[str, Any] = {}
-    for name, values in (("dice", dice), ("hd95", hd)):
+    for name, values in (("dice", dice), ("hd95", hd), ("msd", msd)):
         if values is None:
             out[name], out[f"{name}_per_class"] = None, None
             continue
@@ -257,9 +262,11 @@ def segmentation_metrics(
     include_background: bool,
     hd95: bool = True,
     spacing: float | Sequence[float] | None = None,
+    msd: bool = False,
 ) -> dict[str, Any]:
-    """Dice and 95th-percentile Hausdorff distance per class (MONAI ``compute_dice`` / ``compute_hausdorff_distance``,
-    what ``DiceMetric`` and ``HausdorffDistanceMetric(percentile=95)`` compute).
+    """Dice, 95th-percentile Hausdorff distance and mean surface distance per class (MONAI ``compute_dice`` /
+    ``compute_hausdorff_distance`` / ``compute_average_surface_distance``, what ``DiceMetric``,
+    ``HausdorffDistanceMetric(percentile=95)`` and ``SurfaceDistanceMetric()`` compute; DSD reports the last).
 
     Args:
         pred, target: binary ``(B, K, *spatial)`` (from :func:`to_prediction` and :func:`to_onehot`).
@@ -268,19 +275,21 @@ def segmentation_metrics(
         hd95: compute HD95 (a distance transform per class and case, the expensive part); with ``False`` the
             ``hd95`` entries are ``None``.
         spacing: voxel size per spatial axis (or one for all) so HD95 is in physical units; default voxels.
+        msd: compute the mean surface distance (MONAI's default, from the prediction's surface to the label's), in
+            the same units; with ``False`` the ``msd`` entries are ``None``.
 
     Returns:
-        ``{"dice", "dice_per_class", "hd95", "hd95_per_class"}``. Per class: mean over the batch; overall: mean over
-        classes. Undefined values are ``None``: Dice of a class absent from the ground truth, HD95 of a class
-        absent from the ground truth or the prediction (a missed class still counts through its Dice of 0), and a
-        mean over nothing but undefined values.
+        ``{"dice", "dice_per_class", "hd95", "hd95_per_class", "msd", "msd_per_class"}``. Per class: mean over
+        the batch; overall: mean over classes. Undefined values are ``None``: Dice of a class absent from the
+        ground truth, a distance of a class absent from the ground truth or the prediction (a missed class still
+        counts through its Dice of 0), and a mean over nothing but undefined values.
 
     Example:
         >>> t = torch.zeros(1, 2, 4, 4, 4); t[:, 1, :2] = 1; t[:, 0] = 1 - t[:, 1]
         >>> segmentation_metrics(t, t, include_background=False, hd95=False)["dice_per_class"]
         [1.0]
     """
-    return _summary(*_per_case(pred, target, include_background, hd95, spacing))
+    return _summary(*_per_case(pred, target, include_background, hd95, spacing, msd))
 
 
 class MetricAccumulator:
@@ -299,15 +308,17 @@ class MetricAccumulator:
     """
 
     def __init__(self, *, include_background: bool, hd95: bool = True,
-                 spacing: float | Sequence[float] | None = None) -> None:
+                 spacing: float | Sequence[float] | None = None, msd: bool = False) -> None:
         self.include_background = include_background
         self.hd95 = hd95
+        self.msd = msd
         self.spacing = spacing
         self.reset()
 
     def reset(self) -> None:
         self._dice: list[np.ndarray] = []
         self._hd: list[np.ndarray] = []
+        self._msd: list[np.ndarray] = []
         self._scalars: dict[str, list[tuple[float, int]]] = {}
 
     def __len__(self) -> int:
@@ -317,20 +328,23 @@ class MetricAccumulator:
                **scalars: float) -> dict[str, Any]:
         """Add the ``B`` cases of one batch; returns their metrics. ``spacing`` overrides the constructor's for
         this batch (cases resampled differently); each scalar counts once per case of the batch."""
-        dice, hd = _per_case(pred, target, self.include_background, self.hd95,
-                             self.spacing if spacing is None else spacing)
+        dice, hd, msd = _per_case(pred, target, self.include_background, self.hd95,
+                                  self.spacing if spacing is None else spacing, self.msd)
         self._dice.append(dice)
         if hd is not None:
             self._hd.append(hd)
+        if msd is not None:
+            self._msd.append(msd)
         for name, value in scalars.items():
             self._scalars.setdefault(name, []).append((float(value), len(dice)))
-        return _summary(dice, hd)
+        return _summary(dice, hd, msd)
 
     def aggregate(self) -> dict[str, Any]:
         """Means over all cases so far: the keys of :func:`segmentation_metrics`, ``num_cases`` and the scalars."""
         if not self._dice:
             raise ValueError("MetricAccumulator.aggregate() before any update()")
-        out = _summary(np.concatenate(self._dice), np.concatenate(self._hd) if self._hd else None)
+        out = _summary(np.concatenate(self._dice), np.concatenate(self._hd) if self._hd else None,
+                       np.concatenate(self._msd) if self._msd else None)
         out["num_cases"] = len(self)
         for name, pairs in self._scalars.items():
             out[name] = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)

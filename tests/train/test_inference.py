@@ -165,7 +165,8 @@ def test_empty_classes_give_none_and_are_skipped_in_means():
 
     empty = torch.zeros(1, 1, 4, 4, 4)
     nothing = segmentation_metrics(empty, empty, include_background=True)
-    assert nothing == {"dice": None, "dice_per_class": [None], "hd95": None, "hd95_per_class": [None]}
+    assert nothing == {"dice": None, "dice_per_class": [None], "hd95": None, "hd95_per_class": [None], "msd": None,
+                       "msd_per_class": None}
 
 
 def test_accumulator_means_over_defined_cases():
@@ -189,6 +190,29 @@ def test_accumulator_means_over_defined_cases():
     acc.reset()
     with pytest.raises(ValueError):
         acc.aggregate()
+
+
+@pytest.mark.parametrize("spacing", [None, (2.0, 1.0, 1.0)])
+def test_mean_surface_distance_is_monais(spacing):
+    """msd=True: MONAI's SurfaceDistanceMetric() (from the prediction's surface to the label's), per class, in the
+    voxel size's units; through the accumulator too."""
+    from monai.metrics import compute_average_surface_distance
+
+    gt = torch.zeros(2, 20, 20, 20, dtype=torch.long)
+    pred = torch.zeros_like(gt)
+    gt[:, 4:10, 4:10, 4:10] = 1
+    pred[0, 7:13, 4:10, 4:12] = 1
+    pred[1, 4:10, 5:11, 4:10] = 1
+    p, t = (torch.cat([_onehot(v[i], 2) for i in range(2)]) for v in (pred, gt))
+    expected = compute_average_surface_distance(p, t, include_background=False, spacing=spacing)
+    m = segmentation_metrics(p, t, include_background=False, hd95=False, spacing=spacing, msd=True)
+    assert m["msd_per_class"] == [pytest.approx(expected.mean().item())] and m["msd"] == m["msd_per_class"][0]
+    assert m["hd95"] is None and 0 < m["msd"] < 3 * (2.0 if spacing else 1.0)
+    acc = MetricAccumulator(include_background=False, hd95=False, spacing=spacing, msd=True)
+    acc.update(p[:1], t[:1])
+    acc.update(p[1:], t[1:])
+    assert acc.aggregate()["msd"] == pytest.approx(m["msd"])
+    assert segmentation_metrics(p, t, include_background=False, hd95=False)["msd"] is None
 
 
 def test_accumulator_hd95_with_per_batch_spacing():

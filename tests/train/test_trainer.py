@@ -377,9 +377,10 @@ def test_msd_folder_trains_and_evaluates(tmp_path):
     assert len(val[0]["dice_per_class"]) == 3  # dataset.json declares 4 labels: background + 3
     out = tmp_path / "eval"
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", "all", "--output-dir",
-                     str(out), "--save-predictions"]) == 0
+                     str(out), "--save-predictions", "--msd"]) == 0
     result = json.loads((out / "eval_metrics.json").read_text())
     assert result["mean"]["num_cases"] == 4 and result["mean"]["hd95_per_class"] is not None
+    assert len(result["mean"]["msd_per_class"]) == 3
     nib = pytest.importorskip("nibabel")
     image = nib.load(str(Path(task) / "imagesTr" / "FAKE_000.nii.gz"))
     pred = nib.load(str(out / "predictions" / "FAKE_000.nii.gz"))
