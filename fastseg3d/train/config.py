@@ -137,6 +137,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "checkpoint": {
         "save_every": 1,  # epochs between checkpoint_latest.pt writes
+        # also keep the best of the epochs after this one in checkpoint_best_after.pt (SegFormer3D's cutoff, 400)
+        "best_after_epoch": None,
     },
 }
 
@@ -191,6 +193,7 @@ _TYPES: dict[str, tuple[Any, ...]] = {
     "train.compile": (False, "default"),
     "val.roi_size": (None, [1, 1, 1]),
     "val.max_cases": (None, 1),
+    "checkpoint.best_after_epoch": (None, 1),
 }
 # One value per spatial axis: a single number stands for all three.
 _PER_AXIS = ("data.spatial_size", "data.pixdim", "val.roi_size")
@@ -235,6 +238,7 @@ _RANGES: dict[str, str] = {
     "val.max_cases": "[1, inf)",
     "val.num_images": "[0, inf)",
     "checkpoint.save_every": "[1, inf)",
+    "checkpoint.best_after_epoch": "[0, inf)",
 }
 _MISMATCH = object()
 

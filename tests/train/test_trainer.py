@@ -364,6 +364,22 @@ def test_subclass_hooks_train_step_and_epoch_callbacks(tmp_path):
     assert train and all(r["penalty"] > 0 and r["loss"] > r["segmentation"] for r in train)
 
 
+def test_best_after_epoch_keeps_a_second_best_checkpoint(tmp_path):
+    """checkpoint.best_after_epoch: the best of the later epochs in checkpoint_best_after.pt (SegFormer3D keeps the
+    best model after epoch 400 apart), beside the overall best; a resumed run goes on from both bests."""
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=3", "val.num_images=0",
+                                     "checkpoint.best_after_epoch=0"])
+    Trainer(cfg, tmp_path).fit()
+    after, best = (load_checkpoint(tmp_path / f"checkpoint_{k}.pt") for k in ("best_after", "best"))
+    dice = {r["epoch"]: r["dice"] for r in _rows(tmp_path, "val")}
+    assert after["epoch"] > 0 and after["best_metric_after"] == max(dice[1], dice[2])
+    assert best["best_metric"] == max(dice.values()) >= after["best_metric_after"]
+    resumed = Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=4", "val.num_images=0",
+                                                 "checkpoint.best_after_epoch=0"]), tmp_path, resume="auto")
+    assert resumed.best_metric_after == after["best_metric_after"]
+    assert load_config("segformer3d_brats")["checkpoint"]["best_after_epoch"] == 400
+
+
 def test_msd_folder_trains_and_evaluates(tmp_path):
     from tests.data.test_msd import _make_task
 
