@@ -51,11 +51,13 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     for flag, key in ((args.amp, "train.amp"), (args.device, "device"), (args.seed, "seed"),
-                      (args.epochs, "train.epochs"), (args.max_steps, "train.max_steps")):
+                      (args.epochs, "train.epochs"), (args.max_steps, "train.max_steps"), (args.backend, "backend"),
+                      (args.val_every, "val.every"), (args.save_every, "checkpoint.save_every")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    if args.deterministic:
-        overrides.append("deterministic=true")
+    for flag, key in ((args.deterministic, "deterministic"), (args.channels_last, "train.channels_last")):
+        if flag:
+            overrides.append(f"{key}=true")
     cfg = _config(load_config, args.config, overrides)
     if cfg is None:
         return 2
@@ -349,6 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--deterministic", action="store_true")
+    train.add_argument("--backend", choices=["auto", "triton", "torch"], default=None,
+                       help="the fused ops' backend policy (FASTSEG3D_BACKEND for this run)")
+    train.add_argument("--channels-last", action="store_true", help="train.channels_last=true")
+    train.add_argument("--val-every", type=int, default=None, help="epochs between validations (0: never)")
+    train.add_argument("--save-every", type=int, default=None, help="epochs between checkpoint_latest.pt writes")
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the network in mode default (other modes by the override "
                             "train.compile=reduce-overhead, max-autotune, ...)")

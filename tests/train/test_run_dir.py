@@ -284,3 +284,16 @@ def test_a_fixed_gpu_index_under_torchrun_is_refused(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(SetupError, match="names one GPU for all 4 processes"):
         resolve_device("cuda:1", local_rank=2, world=4)
+
+
+def test_train_flags_are_config_overrides(tmp_path):
+    """--backend, --channels-last, --val-every and --save-every set their config keys (as key=value would)."""
+    import yaml
+
+    run = tmp_path / "run"
+    assert cli_main(["train", *ONE_EPOCH, "--output-dir", str(run), "--backend", "torch", "--channels-last",
+                     "--val-every", "0", "--save-every", "2"]) == 0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert (cfg["backend"], cfg["train"]["channels_last"], cfg["val"]["every"], cfg["checkpoint"]["save_every"]) == (
+        "torch", True, 0, 2)
+    assert not _rows(run, "val")
