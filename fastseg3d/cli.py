@@ -137,8 +137,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.flip_tta:
         val["flip_tta"] = True
     val["hd95"] = not args.no_hd95
-    if args.msd:
-        val["msd"] = True
+    val["msd"] = args.msd
     out = args.output_dir or Path(args.checkpoint).resolve().parent / "eval"
     try:
         result = evaluate_checkpoint(args.checkpoint, out, data=args.data, label_mode=args.label_mode,
@@ -375,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--sw-batch-size", type=int, default=None)
     ev.add_argument("--blend", choices=["gaussian", "constant"], default=None)
     ev.add_argument("--flip-tta", action="store_true", help="average over the 8 flips of the spatial axes")
-    ev.add_argument("--no-hd95", action="store_true", help="skip HD95 (Dice only)")
-    ev.add_argument("--msd", action="store_true", help="the mean surface distance too (as DSD reports)")
+    ev.add_argument("--no-hd95", action="store_true", help="skip HD95")
+    ev.add_argument("--msd", action="store_true",
+                    help="the mean surface distance too (as DSD reports; in mm where the data has a voxel size)")
     ev.add_argument("--max-cases", type=int, default=None)
     ev.add_argument("--save-predictions", action="store_true", help="write predictions as NIfTI")
     ev.add_argument("--device", default="auto")

@@ -137,7 +137,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "checkpoint": {
         "save_every": 1,  # epochs between checkpoint_latest.pt writes
-        # also keep the best of the epochs after this one in checkpoint_best_after.pt (SegFormer3D's cutoff, 400)
+        # a new best after this epoch is also written to checkpoint_best_after.pt, which then holds the best model
+        # as of the last epoch that improved on every earlier one (SegFormer3D's post-cutoff folder, epoch 400)
         "best_after_epoch": None,
     },
 }

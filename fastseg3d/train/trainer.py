@@ -40,7 +40,7 @@ from fastseg3d.train.checkpoint import (
     restore_rng_state,
     unwrap_model,
 )
-from fastseg3d.train.config import SetupError, save_config
+from fastseg3d.train.config import DEFAULTS, SetupError, save_config
 from fastseg3d.train.logger import MetricsLogger, progress_bar
 
 __all__ = ["NonFiniteLossError", "SetupError", "Trainer", "resolve_device", "seed_everything"]
@@ -274,7 +274,6 @@ class Trainer:
         self.step = 0
         self.start_epoch = 0
         self.best_metric = -math.inf
-        self.best_metric_after = -math.inf  # over the epochs after checkpoint.best_after_epoch
         self.val_pending = False  # the resumed checkpoint's epoch still needs its validation
         self.metrics = MetricsLogger(self.run_dir) if self.is_main else None
         if resume_path is not None:
@@ -358,7 +357,6 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "best_metric": self.best_metric,
-            "best_metric_after": self.best_metric_after,
             "val_pending": val_pending,
             "config": dict(self.cfg),
             "model": {"name": self.cfg["model"]["name"], "kwargs": self._model_kwargs(),
@@ -386,7 +384,10 @@ class Trainer:
     def _compare_config(self, saved: Mapping, path: Path) -> None:
         """Log where this config differs from the checkpoint's: resume is exact only with the same config, though a
         longer or shorter run (``train.epochs``, ``train.max_steps``) is an expected change."""
-        changed = _changed(saved, self.cfg)
+        defaults = _flatten(DEFAULTS)
+        # a key added to fastseg3d after the checkpoint was written, at its default, is no change
+        changed = {key: values for key, values in _changed(saved, self.cfg).items()
+                   if not (values[0] is _UNSET and key in defaults and values[1] == defaults[key])}
 
         def describe(keys):
             return ", ".join(f"{key} " + " -> ".join("unset" if v is _UNSET else repr(v) for v in changed[key])
@@ -441,12 +442,10 @@ class Trainer:
         self.step = int(ckpt["step"])
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.best_metric = float(ckpt["best_metric"])
-        self.best_metric_after = float(ckpt.get("best_metric_after", -math.inf))
-        # A latest checkpoint older than a best one must not let a worse model replace it.
-        for name, attr in (("best", "best_metric"), ("best_after", "best_metric_after")):
-            best = self.run_dir / f"checkpoint_{name}.pt"
-            if best.is_file():
-                setattr(self, attr, max(getattr(self, attr), float(load_checkpoint(best).get(attr, -math.inf))))
+        best = self.run_dir / "checkpoint_best.pt"
+        if best.is_file():
+            # A latest checkpoint older than the best one must not let a worse model replace it.
+            self.best_metric = max(self.best_metric, float(load_checkpoint(best)["best_metric"]))
         if self.metrics is not None:
             self.metrics.truncate_after(self.step)
             # Checkpoints are written before their epoch's validation: its val row says whether it finished (and
@@ -675,11 +674,9 @@ class Trainer:
         if result["dice"] is not None and result["dice"] > self.best_metric:
             self.best_metric = result["dice"]
             self.save("best", epoch)
-        after = self.cfg["checkpoint"]["best_after_epoch"]
-        if (after is not None and epoch > int(after) and result["dice"] is not None
-                and result["dice"] > self.best_metric_after):
-            self.best_metric_after = result["dice"]
-            self.save("best_after", epoch)
+            after = self.cfg["checkpoint"]["best_after_epoch"]
+            if after is not None and epoch > int(after):  # a new best after the cutoff: also kept apart
+                self.save("best_after", epoch)
         # The row after the best checkpoint: a resumed run takes the row as the sign that this validation is done.
         self.metrics.log({"step": self.step, "epoch": epoch, "split": "val", **result})
         logger.info("epoch %d step %d: val loss %.4f, dice %s", epoch, self.step, result["loss"],
