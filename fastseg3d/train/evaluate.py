@@ -116,12 +116,14 @@ def evaluate_checkpoint(
         split: ``"val"`` (the run's validation split), ``"all"`` (every labelled case of the MSD folder) or
             ``"test"`` (its unlabelled cases: ``dataset.json``'s ``test`` list, else ``imagesTs/``; predictions
             only, always saved, and no metrics).
-        val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``, ...).
+        val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``,
+            ``msd``, ...).
         save_predictions: write the predicted label maps as NIfTI.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``num_cases``,
+        the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``msd``, ``msd_per_class``,
+        ``num_cases``,
         ``class_names`` and ``grid``: ``"label files"`` where MSD data was resampled to ``data.pixdim`` and the
         predictions were taken back to each label file's grid and voxel size to be scored, else
         ``"network input"``); for ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``,
