@@ -24,6 +24,7 @@ __all__ = [
     "build_scheduler",
     "data_channels",
     "enable_activation_checkpointing",
+    "model_kwargs",
     "output_mode",
 ]
 
@@ -214,11 +215,9 @@ def _takes(ctor, key: str) -> bool:
     return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> nn.Module:
-    """The network ``model_cfg["name"]`` (one of :data:`MODELS`, or a dotted path such as
-    ``monai.networks.nets.MedNeXt``) with ``model_cfg["kwargs"]``; channels default to the data's (where the
-    constructor takes them). With ``model_cfg["convert"]`` fastseg3d's fused layers are swapped in
-    (:func:`fastseg3d.convert_model`)."""
+def model_kwargs(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> dict:
+    """``model_cfg["kwargs"]`` with the data's channels where the constructor takes them (a channel count the
+    kwargs give must be the data's)."""
     name = model_cfg["name"]
     ctor = _network(name)
     kwargs = dict(model_cfg.get("kwargs") or {})
@@ -228,6 +227,16 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
         if key in kwargs and kwargs[key] != value:
             raise SetupError(f"model.kwargs.{key}={kwargs[key]} but the data has {value}")
         kwargs[key] = value
+    return kwargs
+
+
+def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> nn.Module:
+    """The network ``model_cfg["name"]`` (one of :data:`MODELS`, or a dotted path such as
+    ``monai.networks.nets.MedNeXt``) with :func:`model_kwargs`. With ``model_cfg["convert"]`` fastseg3d's fused
+    layers are swapped in (:func:`fastseg3d.convert_model`)."""
+    name = model_cfg["name"]
+    ctor = _network(name)
+    kwargs = model_kwargs(model_cfg, in_channels, out_channels)
     for key, value in kwargs.items():
         if isinstance(value, list):
             kwargs[key] = tuple(value)

@@ -31,6 +31,7 @@ from fastseg3d.train.builders import (
     build_optimizer,
     build_scheduler,
     enable_activation_checkpointing,
+    model_kwargs,
 )
 from fastseg3d.train.checkpoint import (
     atomic_save,
@@ -366,14 +367,7 @@ class Trainer:
 
     def _model_kwargs(self) -> dict:
         """The constructor's arguments, the data's channels included where it takes them (as build_model gave)."""
-        from fastseg3d.train.builders import MODELS, _network, _takes
-
-        name = self.cfg["model"]["name"]
-        kwargs = dict(self.cfg["model"]["kwargs"] or {})
-        for key, value in (("in_channels", self.data.in_channels), ("out_channels", self.data.out_channels)):
-            if name in MODELS or _takes(_network(name), key):
-                kwargs.setdefault(key, value)
-        return kwargs
+        return model_kwargs(self.cfg["model"], self.data.in_channels, self.data.out_channels)
 
     def save(self, kind: str, epoch: int, val_pending: bool = False) -> Path:
         path = self.run_dir / f"checkpoint_{kind}.pt"
