@@ -136,6 +136,10 @@ def _eval(args: argparse.Namespace) -> int:
             val[key] = getattr(args, key)
     if args.flip_tta:
         val["flip_tta"] = True
+    if args.relabel_small is not None:
+        val["relabel_small"] = args.relabel_small
+    if args.no_relabel_small:
+        val["relabel_small"] = None
     val["hd95"] = not args.no_hd95
     val["msd"] = args.msd
     out = args.output_dir or Path(args.checkpoint).resolve().parent / "eval"
@@ -374,6 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--sw-batch-size", type=int, default=None)
     ev.add_argument("--blend", choices=["gaussian", "constant"], default=None)
     ev.add_argument("--flip-tta", action="store_true", help="average over the 8 flips of the spatial axes")
+    relabel = ev.add_mutually_exclusive_group()
+    relabel.add_argument("--relabel-small", type=int, nargs=3, metavar=("CLASS", "INTO", "MIN_VOXELS"),
+                         default=None,
+                         help="a case predicting fewer than MIN_VOXELS of channel CLASS gets them as INTO (BraTS "
+                              "post-processing: 3 2 500 for MSD labels, 2 0 500 for TC/WT/ET regions)")
+    relabel.add_argument("--no-relabel-small", action="store_true",
+                         help="no post-processing, even where the run's val.relabel_small sets it")
     ev.add_argument("--no-hd95", action="store_true", help="skip HD95")
     ev.add_argument("--msd", action="store_true",
                     help="the mean surface distance too (as DSD reports; in mm where the data has a voxel size)")

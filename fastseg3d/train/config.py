@@ -130,6 +130,9 @@ DEFAULTS: dict[str, Any] = {
         "sw_batch_size": 1,
         "blend": "gaussian",  # gaussian | constant
         "flip_tta": False,
+        # [class, into, min_voxels]: in a case predicting fewer than min_voxels of channel `class`, those voxels
+        # become channel `into` (TransBTS/MISSU: enhancing tumour under 500 voxels -> non-enhancing); null: off
+        "relabel_small": None,
         "hd95": False,
         "msd": False,  # mean surface distance (MONAI's SurfaceDistanceMetric), as DSD reports
         "max_cases": None,
@@ -194,6 +197,7 @@ _TYPES: dict[str, tuple[Any, ...]] = {
     "train.compile": (False, "default"),
     "val.roi_size": (None, [1, 1, 1]),
     "val.max_cases": (None, 1),
+    "val.relabel_small": (None, [0, 0, 1]),
     "checkpoint.best_after_epoch": (None, 1),
 }
 # One value per spatial axis: a single number stands for all three.
@@ -237,6 +241,7 @@ _RANGES: dict[str, str] = {
     "val.overlap": "[0, 1)",
     "val.sw_batch_size": "[1, inf)",
     "val.max_cases": "[1, inf)",
+    "val.relabel_small": "[0, inf)",
     "val.num_images": "[0, inf)",
     "checkpoint.save_every": "[1, inf)",
     "checkpoint.best_after_epoch": "[0, inf)",

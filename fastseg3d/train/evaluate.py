@@ -117,7 +117,7 @@ def evaluate_checkpoint(
             ``"test"`` (its unlabelled cases: ``dataset.json``'s ``test`` list, else ``imagesTs/``; predictions
             only, always saved, and no metrics).
         val_overrides: keys of the ``val`` config section (``roi_size``, ``overlap``, ``flip_tta``, ``hd95``,
-            ``msd``, ...).
+            ``msd``, ``relabel_small``, ...).
         save_predictions: write the predicted label maps as NIfTI.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
@@ -132,6 +132,7 @@ def evaluate_checkpoint(
     from fastseg3d.train.config import DEFAULTS, merge
     from fastseg3d.train.inference import (
         MetricAccumulator,
+        check_relabel,
         check_window,
         labels_from_prediction,
         predict_case,
@@ -179,6 +180,7 @@ def evaluate_checkpoint(
     vcfg = cfg["val"]
     roi = vcfg["roi_size"] or cfg["data"]["spatial_size"]
     try:  # on the CPU model, before it takes GPU memory
+        check_relabel(vcfg["relabel_small"], bundle.out_channels, "val.relabel_small")
         check_window(model, bundle.in_channels, roi, "roi" if vcfg["roi_size"] else "the checkpoint's crop size "
                      "(data.spatial_size; --roi sets the window)")
     except ValueError as err:

@@ -31,9 +31,11 @@ import torch.nn.functional as F
 
 __all__ = [
     "MetricAccumulator",
+    "check_relabel",
     "check_window",
     "labels_from_prediction",
     "predict_case",
+    "relabel_small_class",
     "save_prediction_nifti",
     "segmentation_metrics",
     "sliding_window_predict",
@@ -177,6 +179,62 @@ def to_prediction(logits: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "sigmoid":
         return (logits > 0).float()
     return F.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1).float()
+
+
+def check_relabel(spec: Sequence[int] | None, num_classes: int, name: str = "relabel") -> tuple[int, int, int] | None:
+    """``(source, into, min_voxels)`` from a ``[source, into, min_voxels]`` setting (``None`` passes through), or a
+    ``ValueError`` naming the setting ``name`` when the channels are not two different ones of ``num_classes`` or
+    ``min_voxels`` is below 1."""
+    if spec is None:
+        return None
+    if isinstance(spec, (str, bytes)) or len(spec) != 3 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in spec):
+        raise ValueError(f"{name} must be [class, into, min_voxels] (three integers), got {spec!r}")
+    source, into, min_voxels = spec
+    if not (0 <= source < num_classes and 0 <= into < num_classes) or source == into:
+        raise ValueError(f"{name}={list(spec)}: class and into must be two different channels of the "
+                         f"{num_classes} the network predicts")
+    if min_voxels < 1:
+        raise ValueError(f"{name}={list(spec)}: min_voxels must be >= 1")
+    return source, into, min_voxels
+
+
+def relabel_small_class(pred: torch.Tensor, source: int, into: int, min_voxels: int) -> torch.Tensor:
+    """Move channel ``source`` of a binary prediction into channel ``into`` in every case where fewer than
+    ``min_voxels`` voxels are predicted ``source``.
+
+    BraTS post-processing (TransBTS's and MISSU's inference): a case with a few hundred enhancing-tumour voxels is
+    more often a false positive than a small tumour, and an empty enhancing tumour scores Dice 1 when the label
+    has none, so those voxels become non-enhancing tumour. One rule serves both label encodings:
+
+    * ``"softmax"`` one-hot classes (MSD Task01: 2 non-enhancing, 3 enhancing): ``source=3, into=2``;
+    * ``"sigmoid"`` BraTS regions (TC, WT, ET): ``source=2`` (ET), ``into=0`` (TC); the voxels stay tumour core.
+
+    Args:
+        pred: binary ``(B, K, *spatial)`` from :func:`to_prediction`.
+        source, into: channel indices, different.
+        min_voxels: a case keeps ``source`` when it predicts at least this many voxels of it.
+
+    Returns:
+        a new tensor of ``pred``'s shape and dtype.
+
+    Example:
+        >>> p = torch.zeros(2, 4, 8, 8, 8); p[:, 0] = 1
+        >>> p[0, 3, :2], p[0, 0, :2] = 1, 0           # case 0: 128 voxels of class 3
+        >>> p[1, 3, :1, :1], p[1, 0, :1, :1] = 1, 0   # case 1: 8 voxels of class 3
+        >>> q = relabel_small_class(p, 3, 2, 100)
+        >>> q[:, 3].sum((1, 2, 3)).tolist(), q[:, 2].sum((1, 2, 3)).tolist()
+        ([128.0, 0.0], [0.0, 8.0])
+    """
+    if pred.dim() < 3:
+        raise ValueError(f"pred must be (B, K, *spatial), got shape {tuple(pred.shape)}")
+    source, into, min_voxels = check_relabel([source, into, min_voxels], pred.shape[1])
+    small = (pred[:, source] > 0.5).flatten(1).sum(1) < min_voxels
+    moved = pred[:, source] * small.view((-1,) + (1,) * (pred.dim() - 2)).to(pred.dtype)
+    out = pred.clone()
+    out[:, into] = torch.maximum(pred[:, into], moved)
+    out[:, source] = pred[:, source] - moved
+    return out
 
 
 def to_onehot(label: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
@@ -459,7 +517,8 @@ def save_prediction_nifti(
 def predict_case(model, item: dict, roi_size, val_cfg: dict, mode: str, num_classes: int,
                  device: torch.device) -> dict[str, Any]:
     """One validation or evaluation case (a dataset item with ``image`` (C, *spatial) and, unless it is to be
-    predicted only, ``label``), predicted with :func:`sliding_window_predict` under the ``val`` config's settings.
+    predicted only, ``label``), predicted with :func:`sliding_window_predict` under the ``val`` config's settings;
+    ``val.relabel_small`` (``[class, into, min_voxels]``) post-processes it with :func:`relabel_small_class`.
 
     Returns ``image`` and ``label`` (batched, on ``device``), fp32 ``logits``, the binary ``pred`` and ``target``
     channels that :class:`MetricAccumulator` takes, and ``spacing``: the voxel size of a MONAI ``MetaTensor`` image
@@ -470,12 +529,16 @@ def predict_case(model, item: dict, roi_size, val_cfg: dict, mode: str, num_clas
     logits = sliding_window_predict(model, image, roi_size, overlap=val_cfg["overlap"],
                                     sw_batch_size=val_cfg["sw_batch_size"], blend=val_cfg["blend"],
                                     flip_tta=val_cfg["flip_tta"]).float()
+    pred = to_prediction(logits, mode)
+    relabel = check_relabel(val_cfg.get("relabel_small"), num_classes, "val.relabel_small")
+    if relabel is not None:
+        pred = relabel_small_class(pred, *relabel)
     pixdim = getattr(item["image"], "pixdim", None)
     return {
         "image": image,
         "label": label,
         "logits": logits,
-        "pred": to_prediction(logits, mode),
+        "pred": pred,
         "target": None if label is None else to_onehot(label, num_classes, mode),
         "spacing": [float(v) for v in pixdim[:3]] if pixdim is not None else None,
     }

@@ -212,9 +212,10 @@ class Trainer:
             raise SetupError(str(err)) from err
         self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels)
         if int(cfg["val"]["every"]) > 0:  # found now, not after the first epoch
-            from fastseg3d.train.inference import check_window
+            from fastseg3d.train.inference import check_relabel, check_window
 
             try:
+                check_relabel(cfg["val"]["relabel_small"], self.data.out_channels, "val.relabel_small")
                 check_window(self.model, self.data.in_channels, cfg["val"]["roi_size"] or cfg["data"]["spatial_size"],
                              "val.roi_size" if cfg["val"]["roi_size"] else "data.spatial_size (val.roi_size unset)")
             except ValueError as err:

@@ -13,6 +13,7 @@ from torch import nn
 from fastseg3d.train.inference import (
     MetricAccumulator,
     labels_from_prediction,
+    relabel_small_class,
     save_prediction_nifti,
     segmentation_metrics,
     sliding_window_predict,
@@ -278,3 +279,60 @@ def test_softmax_and_generic_sigmoid_labels():
     assert labels_from_prediction(pred, "sigmoid").flatten().tolist() == [0, 1, 2, 1]
     with pytest.raises(ValueError, match="one case"):
         labels_from_prediction(torch.zeros(2, 3, 4, 4, 4), "softmax")
+
+
+# ------------------------------------------------------------------------------------------------------
+# post-processing
+
+
+def test_relabel_small_class_on_msd_labels():
+    """Per case: below the threshold the enhancing voxels (3) become non-enhancing (2), at it they stay."""
+    labels = torch.zeros(3, 6, 7, 8, dtype=torch.long)
+    labels[:, 1:3] = 1
+    labels[:, 3, :2] = 2
+    labels[0, 4, :3, :3] = 3  # 9 voxels of class 3
+    labels[1, 4, :2, :2] = 3  # 4 voxels
+    pred = to_onehot(labels[:, None], 4, "softmax")
+    before = pred.clone()
+    out = relabel_small_class(pred, 3, 2, 5)
+    assert torch.equal(pred, before)  # a new tensor
+    assert out.dtype == pred.dtype and out.shape == pred.shape
+    expected = labels.clone()
+    expected[1][labels[1] == 3] = 2
+    assert torch.equal(out.argmax(1), expected)
+    assert torch.equal(out.sum(1), torch.ones_like(out.sum(1)))  # still one-hot
+    # exactly min_voxels: kept
+    assert torch.equal(relabel_small_class(pred, 3, 2, 4).argmax(1), labels)
+
+
+def test_relabel_small_class_on_brats_regions():
+    """(TC, WT, ET): a small ET leaves the ET channel and stays tumour core, even where TC was not predicted."""
+    msd = torch.zeros(2, 5, 6, 7, dtype=torch.long)
+    msd[:, 1:4] = 1
+    msd[:, 2, 1:4, 1:4] = 2
+    msd[0, 2, 2, 2] = 3  # case 0: one ET voxel
+    msd[1, 2, 1:3, 1:3] = 3  # case 1: 4 ET voxels
+    pred = torch.stack([_brats_regions(m) for m in msd])
+    pred[0, 0, 2, 2, 2] = 0  # ET predicted outside TC
+    out = relabel_small_class(pred, 2, 0, 2)
+    assert out[0, 2].sum() == 0 and out[0, 0, 2, 2, 2] == 1
+    assert torch.equal(out[1], pred[1])
+    assert torch.equal(out[:, 1], pred[:, 1])  # WT untouched
+    expected = msd.clone()
+    expected[0][msd[0] == 3] = 2
+    assert torch.equal(torch.stack([labels_from_prediction(o, "sigmoid", regions="brats") for o in out]), expected)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((3, 3, 10), "two different channels"),
+    ((4, 2, 10), "two different channels"),
+    ((-1, 2, 10), "two different channels"),
+    ((3, 2, 0), "min_voxels must be >= 1"),
+    ((3, 2, True), "three integers"),
+    ((3.0, 2, 10), "three integers"),
+])
+def test_relabel_small_class_rejects_bad_settings(args, match):
+    with pytest.raises(ValueError, match=match):
+        relabel_small_class(torch.zeros(1, 4, 2, 2, 2), *args)
+    with pytest.raises(ValueError, match="pred must be"):
+        relabel_small_class(torch.zeros(4, 2), 1, 0, 1)

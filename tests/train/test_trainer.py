@@ -102,6 +102,24 @@ def test_train_writes_run_directory_and_eval_reads_it(tmp_path):
     pred = nib.load(str(out / "predictions" / "synthetic_2_0000.nii.gz"))
     assert pred.shape == (16, 16, 16)
 
+    # Post-processing: the most frequent predicted class, under a threshold above its count, moves into another.
+    plain = np.asarray(pred.dataobj).astype(np.int64)
+    source = int(np.bincount(plain.ravel()).argmax())
+    into = (source + 1) % 5
+    relabelled = tmp_path / "relabelled"
+    code = cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(relabelled),
+                     "--save-predictions", "--flip-tta", "--relabel-small", str(source), str(into), str(plain.size)])
+    assert code == 0
+    moved = np.asarray(nib.load(str(relabelled / "predictions" / "synthetic_2_0000.nii.gz")).dataobj)
+    assert np.array_equal(moved, np.where(plain == source, into, plain))
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(relabelled),
+                     "--relabel-small", "5", "1", "10"]) != 0
+    from fastseg3d.train import SetupError
+
+    with pytest.raises(SetupError, match=r"val.relabel_small=\[1, 1, 10\]: class and into must be two different"):
+        Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, "val.relabel_small=[1, 1, 10]",
+                                           f"output_dir={tmp_path / 'bad'}"]))
+
 
 class _Interrupt(Exception):
     pass
