@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -30,6 +32,20 @@ _NORMS = ((nn.GroupNorm, GroupNorm), (nn.InstanceNorm3d, InstanceNorm3d))
 _FUSED = ((DepthwiseConv3d, nn.Conv3d), (GroupNorm, nn.GroupNorm), (InstanceNorm3d, nn.InstanceNorm3d))
 
 
+def _monai_sablock() -> type[nn.Module] | None:
+    # A model holding MONAI's SABlock has imported it: nothing to convert, and nothing imported, without it.
+    module = sys.modules.get("monai.networks.blocks.selfattention")
+    return getattr(module, "SABlock", None)
+
+
+def _fused_pairs() -> list[tuple[type[nn.Module], type[nn.Module]]]:
+    pairs = list(_FUSED)
+    fused_sablock = sys.modules.get("fastseg3d.nn.sablock")
+    if fused_sablock is not None:
+        pairs.append((fused_sablock.SABlock, _monai_sablock()))
+    return pairs
+
+
 def _change_class(module: nn.Module, cls: type[nn.Module]) -> None:
     # The module object itself changes class: its parameters, buffers, hooks (whose weak references point at it),
     # a compiled call and every place that holds it stay as they are, so state_dict keys, optimizer references,
@@ -52,7 +68,7 @@ def _swap(model: nn.Module, swaps) -> nn.Module:
     return model
 
 
-def convert_model(model: nn.Module, *, conv: bool = True, norm: bool = False) -> nn.Module:
+def convert_model(model: nn.Module, *, conv: bool = True, attention: bool = True, norm: bool = False) -> nn.Module:
     """Swap fastseg3d's layers into ``model``, in place (the modules change class, so everything that holds them,
     hooks included, keeps working, and the ``state_dict`` keys stay); returns ``model``, which may itself be such
     a layer. Parametrized layers (``torch.nn.utils.parametrize``) keep their parametrizations.
@@ -60,6 +76,9 @@ def convert_model(model: nn.Module, *, conv: bool = True, norm: bool = False) ->
     - ``conv``: every depthwise ``nn.Conv3d`` (groups == in == out channels) that the fused kernel takes (stride 1,
       ``padding_mode="zeros"``, odd kernel sizes up to 9; strided down-sampling convs stay as they are) becomes a
       :class:`fastseg3d.nn.DepthwiseConv3d`.
+    - ``attention``: every MONAI ``SABlock`` (the attention of ViT and UNETR) becomes a
+      :class:`fastseg3d.nn.SABlock`, which runs the flash-style attention kernel and never forms the N x N matrix
+      (blocks with ``causal``, ``rel_pos_embedding``, ``save_attn`` or ``attention_dtype`` keep MONAI's forward).
     - ``norm``: every ``nn.GroupNorm`` becomes a :class:`fastseg3d.nn.GroupNorm` and every ``nn.InstanceNorm3d`` an
       :class:`fastseg3d.nn.InstanceNorm3d` (the fused GroupNorm kernel on volumes; under autocast their output
       keeps the input's dtype, where torch's GroupNorm returns fp32: off by default for that reason).
@@ -75,15 +94,21 @@ def convert_model(model: nn.Module, *, conv: bool = True, norm: bool = False) ->
         >>> type(net[0]).__name__
         'DepthwiseConv3d'
     """
-    for name, value in (("conv", conv), ("norm", norm)):
+    for name, value in (("conv", conv), ("attention", attention), ("norm", norm)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {value!r}")
     swaps = [(_is_depthwise, DepthwiseConv3d)] if conv else []
     if norm:
         swaps += [(_of_type(torch_cls), cls) for torch_cls, cls in _NORMS]
+    monai_sablock = _monai_sablock()
+    if attention and monai_sablock is not None:
+        from fastseg3d.nn.sablock import SABlock
+
+        swaps.append((_of_type(monai_sablock), SABlock))
     return _swap(model, swaps)
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`convert_model`: every layer it swapped in becomes its torch layer again, in place."""
-    return _swap(model, [(_of_type(cls), torch_cls) for cls, torch_cls in _FUSED])
+    """Undo :func:`convert_model`: every layer it swapped in becomes its torch (or MONAI) layer again, in
+    place."""
+    return _swap(model, [(_of_type(cls), torch_cls) for cls, torch_cls in _fused_pairs()])

@@ -40,8 +40,8 @@ DEFAULTS: dict[str, Any] = {
         # network (monai.networks.nets.MedNeXt); kwargs go to its constructor
         "name": "segformer3d",
         "kwargs": {},
-        # swap fastseg3d's depthwise convs into the network (fastseg3d.convert_model with its defaults: the norms
-        # stay torch's), e.g. into a MONAI network
+        # swap fastseg3d's depthwise convs and attention into the network (fastseg3d.convert_model with its
+        # defaults: the norms stay torch's), e.g. into a MONAI network
         "convert": False,
     },
     "data": {
