@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="val: the run's validation split; all: every labelled case of an MSD folder; test: its "
                          "unlabelled cases (dataset.json's test list, else imagesTs/), predicted into NIfTI files")
     ev.add_argument("--label-mode", choices=["labels", "brats_regions"], default=None,
-                    help="default: the run's (needed for converted checkpoints, which have no data config)")
+                    help="default: the run's (needed for converted checkpoints, which have no data config but "
+                         "for BraTS SegFormer3D weights)")
     ev.add_argument("--output-dir", default=None, help="default: <checkpoint folder>/eval")
     ev.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window roi (default: the run's)")
     ev.add_argument("--overlap", type=float, default=None)

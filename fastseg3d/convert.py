@@ -292,8 +292,9 @@ def official_to_fastseg3d(in_path: str | os.PathLike, out_path: str | os.PathLik
     The configuration is inferred from the shapes (:func:`infer_segformer3d_config`; ``overrides`` supply what
     shapes cannot, e.g. ``num_heads``, ``attention_scale="num_heads"``), every key and shape is checked against
     ``SegFormer3D(**config)`` (a ``ValueError`` lists missing/unexpected keys and shape mismatches), and
-    ``{"network_weights", "model": {"name": "segformer3d", "kwargs"}, "fastseg3d_version"}`` is written atomically.
-    Tensors are stored unchanged (dtype included).
+    ``{"network_weights", "model": {"name": "segformer3d", "kwargs"}, "fastseg3d_version"}`` is written atomically,
+    with ``"config"``, the ``segformer3d_brats`` recipe, for a BraTS network (4 inputs, 3 outputs), so evaluation
+    prepares the cases as the release did. Tensors are stored unchanged (dtype included).
     """
     import fastseg3d
 
@@ -305,11 +306,21 @@ def official_to_fastseg3d(in_path: str | os.PathLike, out_path: str | os.PathLik
     except ValueError as e:
         raise ValueError(f"{in_path}: {e}") from e
     keys = _check_against(config, state_dict, in_path)
-    _atomic_torch_save({
+    checkpoint = {
         "network_weights": {k: state_dict[k].detach().cpu().contiguous() for k in keys},
         "model": {"name": "segformer3d", "kwargs": config},
         "fastseg3d_version": fastseg3d.__version__,
-    }, out_path)
+    }
+    if config["in_channels"] == 4 and config["out_channels"] == 3:
+        # The released weights are BraTS's: `fastseg3d eval --data <Task01_BrainTumour>` then prepares the cases as
+        # the release did (per-slice min-max, fixed box, swapped axes) and scores TC/WT/ET.
+        try:
+            from fastseg3d.train.config import load_config
+
+            checkpoint["config"] = load_config("segformer3d_brats")
+        except ImportError:  # the training extra (PyYAML) is not installed: weights only
+            pass
+    _atomic_torch_save(checkpoint, out_path)
     return config
 
 

@@ -74,6 +74,7 @@ def test_round_trip(tmp_path, net, wrapped):
     ckpt = torch.load(converted, weights_only=True)
     assert ckpt["model"] == {"name": "segformer3d", "kwargs": cfg}
     assert ckpt["fastseg3d_version"] == fastseg3d.__version__
+    assert "config" not in ckpt  # not a BraTS network: no data pipeline to assume
     rebuilt = SegFormer3D(**ckpt["model"]["kwargs"])
     rebuilt.load_state_dict(ckpt["network_weights"], strict=True)
     x = _input(net)
@@ -204,3 +205,20 @@ def test_a_stage_of_depth_zero_converts(tmp_path):
     assert config["depths"] == [1, 1, 1, 0]
     rebuilt = SegFormer3D(**config)
     rebuilt.load_state_dict(torch.load(tmp_path / "fs.pt", weights_only=True)["network_weights"])
+
+
+def test_brats_weights_carry_the_recipe_data_pipeline(tmp_path):
+    """Official BraTS weights (4 inputs, 3 outputs), converted, evaluate on the preprocessing they were trained on."""
+    pytest.importorskip("yaml")
+    from fastseg3d.train.config import DEFAULTS, load_config, merge
+
+    with torch.device("meta"):
+        sd = SegFormer3D().state_dict()
+    official = tmp_path / "pytorch_model.bin"
+    torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()}, official)
+    official_to_fastseg3d(official, tmp_path / "segformer3d.pt")
+    ckpt = torch.load(tmp_path / "segformer3d.pt", weights_only=True)
+    recipe = load_config("segformer3d_brats")
+    assert ckpt["config"] == recipe
+    cfg = merge(DEFAULTS, ckpt["config"])  # as fastseg3d eval reads it
+    assert cfg["data"]["label_mode"] == "brats_regions" and cfg["data"]["preprocess"] == recipe["data"]["preprocess"]

@@ -47,6 +47,7 @@ __all__ = [
     "CheckCased",  # noqa: F822 (defined on first access by the module __getattr__, as it needs MONAI)
     "ConvertMSDBratsRegionsd",  # noqa: F822
     "InvalidCaseError",
+    "MinMaxPerSliced",  # noqa: F822
     "build_msd_datasets",
     "build_transforms",
     "infer_modality",
@@ -502,6 +503,44 @@ def _monai_classes() -> dict[str, type]:
                 out[key] = torch.cat([core, whole, label == 3], dim=0).float()
             return out
 
+    class MinMaxPerSliced(MapTransform):
+        """Scale each slice of each channel to [0, 1] by its own minimum and maximum (a constant slice becomes 0).
+
+        SegFormer3D's BraTS preprocessing, which fits scikit-learn's ``MinMaxScaler`` to each modality reshaped to
+        (H * W, D): every index of the last axis (an axial slice of the BraTS files) is scaled on its own. Put it
+        after ``Orientationd``: for volumes whose last axis stays the axial one (BraTS), reorienting first gives
+        the same values.
+
+        Args:
+            keys: the images to scale.
+            axis: the spatial axis whose slices are scaled apart (0, 1 or 2; default the last).
+
+        Example:
+            >>> x = torch.tensor([[[[1.0, 5.0], [3.0, 5.0]]]])  # (C, D, H, W) = (1, 1, 2, 2): slices along W
+            >>> MinMaxPerSliced("image")({"image": x})["image"][0, 0]
+            tensor([[0., 0.],
+                    [1., 0.]])
+        """
+
+        def __init__(self, keys: Any, axis: int = -1, allow_missing_keys: bool = False) -> None:
+            super().__init__(keys, allow_missing_keys)
+            if axis not in (-3, -2, -1, 0, 1, 2) or isinstance(axis, bool):
+                raise ValueError(f"axis must be a spatial axis, 0, 1 or 2 (or -3..-1), got {axis!r}")
+            self.axis = axis % 3
+
+        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(data)
+            for key in self.key_iterator(out):
+                image = out[key]
+                if image.ndim != 4:
+                    raise ValueError(f"{key} must be a channel-first (C, D, H, W) volume, got shape "
+                                     f"{tuple(image.shape)}")
+                reduce = tuple(d for d in (1, 2, 3) if d != self.axis + 1)
+                low = image.amin(dim=reduce, keepdim=True)
+                span = image.amax(dim=reduce, keepdim=True) - low
+                out[key] = (image - low) / torch.where(span > 0, span, torch.ones_like(span))
+            return out
+
     class _Pipeline(Compose):
         """The MSD Compose: errors of :class:`CheckCased` come out as themselves and one crop as a dict.
 
@@ -521,7 +560,8 @@ def _monai_classes() -> dict[str, type]:
             single = isinstance(out, list) and len(out) == 1 and not isinstance(input_, list)
             return out[0] if single else out
 
-    classes = {"CheckCased": CheckCased, "ConvertMSDBratsRegionsd": ConvertMSDBratsRegionsd, "_Pipeline": _Pipeline}
+    classes = {"CheckCased": CheckCased, "ConvertMSDBratsRegionsd": ConvertMSDBratsRegionsd,
+               "MinMaxPerSliced": MinMaxPerSliced, "_Pipeline": _Pipeline}
     for name, cls in classes.items():
         # Make pickle find them through this module's __getattr__ (DataLoader workers under spawn pickle them).
         cls.__qualname__ = name
@@ -530,7 +570,7 @@ def _monai_classes() -> dict[str, type]:
 
 
 def __getattr__(name: str) -> type:
-    if name in ("CheckCased", "ConvertMSDBratsRegionsd", "_Pipeline"):
+    if name in ("CheckCased", "ConvertMSDBratsRegionsd", "MinMaxPerSliced", "_Pipeline"):
         return _monai_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -550,12 +590,14 @@ def msd_transforms(
     intensity_jitter: float = 0.1,
     crop_ratio: Sequence[float] | None = (1.0, 1.0),
     augment: Sequence[Mapping[str, Any]] | None = None,
+    preprocess: Sequence[Mapping[str, Any]] | None = None,
 ) -> Compose:
     """MONAI dictionary transforms (keys ``image``, ``label``) from an MSD datalist entry to a training sample.
 
     Load (nibabel) -> channel first -> :class:`CheckCased` -> RAS -> optional resampling to ``pixdim``
     (bilinear image, nearest label) -> intensity normalisation (CT: HU window ``ct_range`` to [0, 1], clipped;
-    MRI: z-score of the nonzero voxels per channel) -> crop to the image's foreground; then for ``"train"``:
+    MRI: z-score of the nonzero voxels per channel) -> crop to the image's foreground, or in place of those two
+    the transforms ``preprocess`` describes; then for ``"train"``:
     pad to ``spatial_size``, ``num_samples`` random crops of ``spatial_size`` (centred on foreground and
     background voxels in the ratio ``crop_ratio``, or anywhere when it is ``None``), then the augmentation: by
     default a flip along each axis with ``flip_prob``, intensity scale and shift of ``intensity_jitter`` (each with
@@ -589,6 +631,11 @@ def msd_transforms(
         augment: instead of the default flips and intensity jitter, MONAI dictionary transforms as a MONAI bundle
             writes them (see :func:`build_transforms`), e.g. ``[{"_target_": "RandRotate90d", "keys": ["image",
             "label"], "prob": 0.1}]``; they run on the crops, the label still holding class indices.
+        preprocess: instead of the normalisation and foreground crop, transforms written as ``augment`` is, run in
+            every mode on the whole volume (in ``"predict"`` mode without a label: their ``label`` keys may be
+            missing); e.g. SegFormer3D's official preprocessing: :class:`MinMaxPerSliced`, ``SpatialCropd`` to a
+            fixed box, ``Transposed`` (spatial transforms MONAI can invert, so predictions still map back onto
+            the files' grid).
 
     Example:
         >>> tf = msd_transforms("train", modality="CT", spatial_size=(64, 64, 64), num_classes=2)  # doctest: +SKIP
@@ -640,17 +687,22 @@ def msd_transforms(
     ]
     if pixdim is not None:
         tf.append(T.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")[:len(keys)]))
-    if modality == "CT":
-        tf.append(
-            T.ScaleIntensityRanged("image", a_min=ct_range[0], a_max=ct_range[1], b_min=0.0, b_max=1.0, clip=True)
-        )
-        crop_select = _is_positive  # the window maps air to 0
+    if preprocess is not None:
+        tf += _allow_missing_label(build_transforms(preprocess, "preprocess")) if mode == "predict" else \
+            build_transforms(preprocess, "preprocess")
     else:
-        tf.append(T.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
-        # Half of the normalised voxels are negative, so image > 0 would crop into the anatomy; the zeros that
-        # nonzero=True left untouched are the background.
-        crop_select = _is_nonzero
-    tf.append(T.CropForegroundd(keys, source_key="image", select_fn=crop_select, allow_smaller=True))
+        if modality == "CT":
+            tf.append(
+                T.ScaleIntensityRanged("image", a_min=ct_range[0], a_max=ct_range[1], b_min=0.0, b_max=1.0,
+                                       clip=True)
+            )
+            crop_select = _is_positive  # the window maps air to 0
+        else:
+            tf.append(T.NormalizeIntensityd("image", nonzero=True, channel_wise=True))
+            # Half of the normalised voxels are negative, so image > 0 would crop into the anatomy; the zeros that
+            # nonzero=True left untouched are the background.
+            crop_select = _is_nonzero
+        tf.append(T.CropForegroundd(keys, source_key="image", select_fn=crop_select, allow_smaller=True))
     if mode == "train":
         tf += [
             T.SpatialPadd(keys, spatial_size=spatial_size),
@@ -675,6 +727,22 @@ def msd_transforms(
         tf.append(T.EnsureTyped("label", dtype=torch.int64 if label_mode == "labels" else torch.float32,
                                 track_meta=True))
     return classes["_Pipeline"](tf)
+
+
+def _allow_missing_label(transforms: list) -> list:
+    """The transforms (and those nested in ``Compose``/``OneOf``...) told to skip keys a case lacks: a case to
+    predict has no label."""
+    from monai.transforms import MapTransform
+
+    def walk(t: Any) -> None:
+        if isinstance(t, MapTransform):
+            t.allow_missing_keys = True
+        for inner in getattr(t, "transforms", ()) or ():
+            walk(inner)
+
+    for t in transforms:
+        walk(t)
+    return transforms
 
 
 def build_transforms(specs: Sequence[Mapping[str, Any]], where: str = "augment") -> list:
@@ -731,6 +799,7 @@ def build_msd_datasets(
     intensity_jitter: float = 0.1,
     crop_ratio: Sequence[float] | None = (1.0, 1.0),
     augment: Sequence[Mapping[str, Any]] | None = None,
+    preprocess: Sequence[Mapping[str, Any]] | None = None,
     split_file: str | os.PathLike | None = None,
     fold: int = 0,
 ) -> tuple[Dataset, Dataset, dict[str, Any]]:
@@ -769,6 +838,7 @@ def build_msd_datasets(
         "num_classes": num_classes,
         "in_channels": num_input_channels(properties),
         "label_mode": label_mode,
+        "preprocess": preprocess,
     }
     train_tf = msd_transforms(
         "train", num_samples=num_samples, flip_prob=flip_prob, intensity_jitter=intensity_jitter,

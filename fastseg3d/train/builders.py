@@ -83,11 +83,12 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
 
         # the synthetic volumes are drawn whole and augmented by their own generator (a recipe tried on them keeps
         # its MSD settings)
-        ignored = [key for key, default in (("crop_ratio", [1.0, 1.0]), ("augment", None)) if data[key] != default]
+        ignored = [key for key, default in (("crop_ratio", [1.0, 1.0]), ("augment", None), ("preprocess", None))
+                   if data[key] != default]
         if ignored:
             verb = "apply" if len(ignored) > 1 else "applies"
             warnings.warn(f"{', '.join('data.' + k for k in ignored)} {verb} to data.name=msd; the synthetic "
-                          "volumes have their own augmentation", stacklevel=2)
+                          "volumes have their own normalisation and augmentation", stacklevel=2)
 
         common = dict(spatial_size=data["spatial_size"], in_channels=data["in_channels"], label_mode=label_mode,
                       cache=bool(data["cache"]))
@@ -108,11 +109,12 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
         if data["crop_ratio"] is not None and not sum(data["crop_ratio"]) > 0:
             raise SetupError(f"data.crop_ratio={data['crop_ratio']}: foreground and background both 0 (null: crops "
                              "centred anywhere)")
-        if data["augment"] is not None:
-            try:
-                build_transforms(data["augment"], "data.augment")
-            except ValueError as err:
-                raise SetupError(str(err)) from err
+        for key in ("augment", "preprocess"):
+            if data[key] is not None:
+                try:
+                    build_transforms(data[key], f"data.{key}")
+                except ValueError as err:
+                    raise SetupError(str(err)) from err
 
         props, _ = load_msd_datalist(data["root"])
         modality = data["modality"] or infer_modality(props)
@@ -120,7 +122,8 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
             data["root"], modality=modality, spatial_size=data["spatial_size"], pixdim=data["pixdim"],
             label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=data["split_seed"],
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"],
-            crop_ratio=data["crop_ratio"], augment=data["augment"], split_file=data["split_file"] or None,
+            crop_ratio=data["crop_ratio"], augment=data["augment"], preprocess=data["preprocess"],
+            split_file=data["split_file"] or None,
             fold=data["fold"])
         if training:
             counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "

@@ -76,6 +76,10 @@ DEFAULTS: dict[str, Any] = {
         # MSD training augmentation: null (flips with flip_prob, intensity jitter) or a list of MONAI dictionary
         # transforms as a bundle writes them, [{_target_: RandFlipd, keys: [image, label], prob: 0.3}, ...]
         "augment": None,
+        # MSD intensity normalisation and crop: null (the modality's: CT window or MRI z-score, then the foreground
+        # crop) or a list of MONAI dictionary transforms in their place, run on whole volumes for training,
+        # validation and prediction (SegFormer3D's official per-slice min-max and fixed box: segformer3d_brats)
+        "preprocess": None,
     },
     "loss": {
         "name": "dice_ce",  # dice | dice_ce
@@ -149,7 +153,7 @@ DEFAULTS: dict[str, Any] = {
 
 _FREE_FORM = ("model.kwargs", "loss.dice_kwargs", "loss.distill_kwargs")
 # Keys that take null or a list of anything (checked when the run is set up)
-_FREE_LISTS = ("data.augment",)
+_FREE_LISTS = ("data.augment", "data.preprocess")
 
 
 class _Replace(dict):

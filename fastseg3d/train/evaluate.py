@@ -54,7 +54,7 @@ def _eval_dataset(cfg: dict, split: str):
                                modality=dcfg["modality"] or infer_modality(props),
                                spatial_size=dcfg["spatial_size"], pixdim=dcfg["pixdim"],
                                num_classes=num_output_channels(props, "labels"), label_mode=dcfg["label_mode"],
-                               in_channels=num_input_channels(props))
+                               in_channels=num_input_channels(props), preprocess=dcfg["preprocess"])
     return data, Dataset(cases, transform)
 
 

@@ -653,3 +653,27 @@ def test_predict_transforms_take_an_image_alone_and_check_it(task):
     assert "label" not in item and item["image"].shape[0] == 2 and item["image"].dtype == torch.float32
     with pytest.raises(msd.InvalidCaseError, match="declares 3"):
         msd_transforms("predict", num_classes=4, in_channels=3)({"image": paths[0]})
+
+
+def test_min_max_per_slice_scales_each_slice_of_each_channel():
+    from fastseg3d.data.msd import MinMaxPerSliced
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 7, dtype=torch.float64) * 3 + 1
+    x[1, :, :, 4] = 2.5  # a constant slice
+    for axis in (0, 1, 2, -1):
+        out = MinMaxPerSliced("image", axis=axis)({"image": x.clone(), "other": 1})
+        assert out["other"] == 1
+        y = out["image"]
+        a = axis % 3 + 1
+        moved, got = x.movedim(a, 1), y.movedim(a, 1)  # (C, slice, ...)
+        for c in range(2):
+            for i in range(moved.shape[1]):
+                s = moved[c, i]
+                expected = (s - s.min()) / (s.max() - s.min()) if s.max() > s.min() else torch.zeros_like(s)
+                assert torch.allclose(got[c, i], expected)
+    assert MinMaxPerSliced("image")({"image": x})["image"][1, :, :, 4].eq(0).all()
+    with pytest.raises(ValueError, match="axis must be a spatial axis"):
+        MinMaxPerSliced("image", axis=3)
+    with pytest.raises(ValueError, match=r"image must be a channel-first \(C, D, H, W\) volume"):
+        MinMaxPerSliced("image")({"image": torch.zeros(4, 4, 4)})

@@ -435,6 +435,60 @@ def test_msd_folder_trains_and_evaluates(tmp_path):
     assert pred.affine == pytest.approx(image.affine)
 
 
+def test_segformer3d_preprocessing_as_released_and_predictions_back_on_the_files(tmp_path):
+    """data.preprocess as segformer3d_brats writes it (per-slice min-max, a fixed box, axes 1 and 3 swapped), on
+    a box that fits the fake volumes: the network's input is the file's volume so transformed, validation, the
+    unlabelled test cases and the saved predictions go through it, and predictions land back on the files' grid
+    (zero outside the box)."""
+    nib = pytest.importorskip("nibabel")
+    from tests.data.test_msd import _make_task, add_test_cases
+    from fastseg3d.train.builders import build_data
+
+    task = _make_task(str(tmp_path / "data"), n_cases=3)
+    images = add_test_cases(task)
+    start, end = [2, 3, 1], [18, 15, 13]
+    preprocess = load_config("segformer3d_brats")["data"]["preprocess"]
+    assert [p["_target_"] for p in preprocess] == ["fastseg3d.data.msd.MinMaxPerSliced", "SpatialCropd", "Transposed"]
+    assert preprocess[1]["roi_start"] == [56, 56, 13] and preprocess[1]["roi_end"] == [184, 184, 141]
+    box = (f"data.preprocess=[{{_target_: fastseg3d.data.msd.MinMaxPerSliced, keys: [image], axis: 2}}, "
+           f"{{_target_: SpatialCropd, keys: [image, label], roi_start: {start}, roi_end: {end}}}, "
+           "{_target_: Transposed, keys: [image, label], indices: [0, 3, 2, 1]}]")
+    overrides = [f"data.root={task}", box, "data.spatial_size=[12,12,16]", "data.num_samples=1",
+                 "data.batch_size=1", "data.num_workers=0", "val.roi_size=[12,12,16]", "val.hd95=false",
+                 "val.num_images=0", "checkpoint.best_after_epoch=null", *TINY_UNET]
+    cfg = load_config("segformer3d_brats", overrides)
+    data = build_data(cfg, training=False)
+    item = data.val[0]
+    name = Path(str(item["image"].meta["filename_or_obj"])).name
+    file = np.asarray(nib.load(str(Path(task) / "imagesTr" / name)).dataobj).astype(np.float64)
+    volume = np.moveaxis(file, -1, 0)[:, ::-1]  # channel first, RAS (the fake files' x axis is flipped)
+    low = volume.min(axis=(1, 2), keepdims=True)
+    span = volume.max(axis=(1, 2), keepdims=True) - low
+    scaled = (volume - low) / np.where(span > 0, span, 1.0)  # each z slice of each channel on its own
+    expected = scaled[:, start[0]:end[0], start[1]:end[1], start[2]:end[2]].transpose(0, 3, 2, 1)
+    np.testing.assert_allclose(np.asarray(item["image"]), expected, atol=1e-6)
+    label = np.asarray(nib.load(str(Path(task) / "labelsTr" / name)).dataobj)[::-1]
+    label = label[start[0]:end[0], start[1]:end[1], start[2]:end[2]].transpose(2, 1, 0)
+    assert np.array_equal(np.asarray(item["label"][2]), label == 3)  # ET, of the same box and axes
+
+    run = tmp_path / "run"
+    assert cli_main(["train", "--config", "segformer3d_brats", "--output-dir", str(run), "--epochs", "1",
+                     "--max-steps", "1", "train.progress=false", *overrides]) == 0
+    for split in ("all", "test"):
+        out = tmp_path / split
+        assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--split", split,
+                         "--output-dir", str(out), "--save-predictions", "--no-hd95"]) == 0
+        paths = images if split == "test" else sorted(str(p) for p in (Path(task) / "imagesTr").iterdir())
+        for path in paths:
+            image = nib.load(path)
+            pred = np.asarray(nib.load(str(out / "predictions" / Path(path).name)).dataobj)
+            assert pred.shape == image.shape[:3]
+            inside = np.zeros(pred.shape, bool)
+            inside[image.shape[0] - end[0]:image.shape[0] - start[0], start[1]:end[1], start[2]:end[2]] = True
+            # the box, undone (x flipped back onto the file's axis); the untrained network marks tumour in it
+            assert not pred[~inside].any() and pred[inside].any()
+
+
 def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
     from tests.data.test_msd import _make_task, add_test_cases
 
