@@ -104,8 +104,8 @@ class DSD(NoDataParallel, nn.Module):
     ``state_dict``, and once in ``parameters()``.
 
     Layer names follow ``named_modules()``; ``"name:input"`` taps a module's first input (see
-    :mod:`fastseg3d.distill.presets` for fastseg3d's UNet, MONAI's UNETR and DynUNet). The backbone must return
-    one logits tensor.
+    :mod:`fastseg3d.distill.presets` for fastseg3d's UNet, MONAI's UNETR, DynUNet, SwinUNETR and VNet). The backbone
+    must return one logits tensor.
 
     Args:
         backbone: the segmentation network, kept as ``self.backbone``.

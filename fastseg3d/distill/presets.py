@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["METHODS", "dynunet_layers", "unet_layers", "unetr_layers"]
+__all__ = ["METHODS", "dynunet_layers", "swinunetr_layers", "unet_layers", "unetr_layers", "vnet_layers"]
 
 METHODS = ("dsd", "selfreg")
 
@@ -99,3 +99,48 @@ def dynunet_layers(net: nn.Module, method: str) -> dict:
     if method == "dsd":
         return {"encoder_layers": ("input_block", *downs), "decoder_layers": ("bottleneck", *ups), "share_heads": True}
     return {"encoder_layers": (*downs, "bottleneck"), "decoder_layers": ups, "final_layer": f"upsamples.{n_up - 1}"}
+
+
+def swinunetr_layers(method: str) -> dict:
+    """MONAI's ``SwinUNETR`` (any configuration: the names do not depend on it).
+
+    DSD, as DSD's SwinUNETR variant: encoder heads on ``encoder1`` (1/1) .. ``encoder4`` (1/8, teacher), decoder
+    heads on ``decoder5`` (1/16) .. ``decoder2`` (1/2, teacher), and ``share_heads=True``: a decoder feature uses the
+    encoder head of its scale, as published (the 1/16 head, on the Swin stage the release taps but leaves out of
+    its loss, is the decoder's own here: the same parameters, 1,336 at feature size 12 and 4 classes). SelfReg:
+    encoder ``encoder2 .. encoder4`` and the bottleneck ``encoder10``, decoder ``decoder5 .. decoder2``, final
+    ``decoder1`` (the feature the output conv reads).
+
+    Example:
+        >>> from fastseg3d.distill import presets
+        >>> presets.swinunetr_layers("dsd")["decoder_layers"]
+        ('decoder5', 'decoder4', 'decoder3', 'decoder2')
+    """
+    _check(None, "SwinUNETR", method, "monai.")
+    if method == "dsd":
+        return {"encoder_layers": ("encoder1", "encoder2", "encoder3", "encoder4"),
+                "decoder_layers": ("decoder5", "decoder4", "decoder3", "decoder2"), "share_heads": True}
+    return {"encoder_layers": ("encoder2", "encoder3", "encoder4", "encoder10"),
+            "decoder_layers": ("decoder5", "decoder4", "decoder3", "decoder2"), "final_layer": "decoder1"}
+
+
+def vnet_layers(method: str) -> dict:
+    """MONAI's ``VNet``.
+
+    DSD, as DSD's VNet variant: encoder heads on ``in_tr`` (1/1), ``down_tr32``, ``down_tr64`` and ``down_tr128``
+    (1/8, teacher), decoder heads on ``down_tr256`` (1/16), ``up_tr256``, ``up_tr128`` and ``up_tr64`` (1/2, teacher),
+    8 separate heads (the release also builds a ninth, on ``up_tr32``, that its forward never calls: 152
+    parameters at 4 classes, not built here). SelfReg: encoder ``down_tr32 .. down_tr256``, decoder ``up_tr256 ..
+    up_tr64``, final ``up_tr32``.
+
+    Example:
+        >>> from fastseg3d.distill import presets
+        >>> presets.vnet_layers("dsd")["encoder_layers"]
+        ('in_tr', 'down_tr32', 'down_tr64', 'down_tr128')
+    """
+    _check(None, "VNet", method, "monai.")
+    if method == "dsd":
+        return {"encoder_layers": ("in_tr", "down_tr32", "down_tr64", "down_tr128"),
+                "decoder_layers": ("down_tr256", "up_tr256", "up_tr128", "up_tr64")}
+    return {"encoder_layers": ("down_tr32", "down_tr64", "down_tr128", "down_tr256"),
+            "decoder_layers": ("up_tr256", "up_tr128", "up_tr64"), "final_layer": "up_tr32"}

@@ -126,6 +126,53 @@ def test_dynunet():
     assert interp(torch.randn(2, 1, 8, 8, 8)).decoder[0].shape == (2, 2, 2, 2, 8)
 
 
+@pytest.mark.parametrize("feature_size,in_channels,classes,base,grown", [
+    (12, 4, 4, 4_079_386, 4_080_722),  # seeds.md §5.3: SwinUNETR f12 on BraTS
+    (36, 1, 8, 35_072_774, 35_079_574),  # SwinUNETR f36 on MMWHS
+])
+def test_swinunetr_heads_match_published(feature_size, in_channels, classes, base, grown):
+    """DSD's SwinUNETR: the decoder reuses the encoder heads at 1/8, 1/4 and 1/2; the 1/16 head is the
+    decoder's alone."""
+    net = nets.SwinUNETR(in_channels=in_channels, out_channels=classes, feature_size=feature_size)
+    assert sum(p.numel() for p in net.parameters()) == base
+    dsd = DSD(net, num_classes=classes, input_shape=(1, in_channels, 64, 64, 64), **presets.swinunetr_layers("dsd"))
+    assert sum(p.numel() for p in dsd.parameters()) == grown
+    assert [dsd.scales[n][0] for n in dsd.decoder_layers] == [16, 8, 4, 2]
+    assert all(dsd.decoder_heads[j] is dsd.encoder_heads[i] for j, i in ((1, 3), (2, 2), (3, 1)))
+    assert not any(dsd.decoder_heads[0] is head for head in dsd.encoder_heads)
+
+
+def test_vnet_heads_match_published():
+    """DSD's VNet, 4 -> 4 classes: 45,611,916 -> 45,616,820 as released, whose ninth head (on up_tr32, 152
+    parameters) its forward never calls; the preset builds the eight it uses."""
+    net = nets.VNet(in_channels=4, out_channels=4)
+    assert sum(p.numel() for p in net.parameters()) == 45_611_916
+    dsd = DSD(net, num_classes=4, input_shape=(1, 4, 64, 64, 64), **presets.vnet_layers("dsd"))
+    assert sum(p.numel() for p in dsd.parameters()) == 45_616_820 - 152
+    assert [dsd.scales[n][0] for n in dsd.encoder_layers] == [1, 2, 4, 8]
+    assert [dsd.scales[n][0] for n in dsd.decoder_layers] == [16, 8, 4, 2]
+
+
+@pytest.mark.parametrize("name", ["SwinUNETR", "VNet"])
+def test_swinunetr_and_vnet_training_and_eval(name):
+    torch.manual_seed(0)
+    if name == "SwinUNETR":
+        net, layers = nets.SwinUNETR(in_channels=1, out_channels=3, feature_size=12), presets.swinunetr_layers("dsd")
+    else:
+        net, layers = nets.VNet(in_channels=1, out_channels=3, dropout_prob_down=None,
+                                dropout_prob_up=(None, 0.0)), presets.vnet_layers("dsd")
+    dsd = DSD(net, num_classes=3, **layers)  # the input size derived from the backbone's strides
+    side = 64 if name == "SwinUNETR" else 32  # SwinUNETR's instance norm needs its 1/32 bottleneck above 1 voxel
+    out = dsd(torch.randn(1, 1, side, side, side))
+    assert all(t.shape == (1, 3, side, side, side) for t in (out.main, *out.decoder, *out.encoder))
+    DSDLoss(num_classes=3)(out, torch.randint(0, 3, (1, 1, side, side, side))).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dsd.encoder_heads.parameters())
+    dsd.eval()
+    with torch.no_grad():
+        x = torch.randn(1, 1, side, side, side)
+        torch.testing.assert_close(dsd(x), net(x))
+
+
 def _hooks(module):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
 

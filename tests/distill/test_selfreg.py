@@ -74,6 +74,29 @@ def test_unetr_under_autocast(unetr_cls):  # noqa: F811
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("name", ["SwinUNETR", "VNet"])
+def test_swinunetr_and_vnet(name):
+    torch.manual_seed(0)
+    if name == "SwinUNETR":
+        backbone, layers = nets.SwinUNETR(in_channels=1, out_channels=3, feature_size=12), \
+            presets.swinunetr_layers("selfreg")
+        side = 64  # its instance norm needs the 1/32 bottleneck above 1 voxel
+        expected = [(12, 32, 32, 32), (24, 16, 16, 16), (48, 8, 8, 8), (192, 2, 2, 2)]
+        head = backbone.out
+    else:
+        backbone, layers = nets.VNet(in_channels=1, out_channels=3), presets.vnet_layers("selfreg")
+        side = 32
+        expected = [(32, 16, 16, 16), (64, 8, 8, 8), (128, 4, 4, 4), (256, 2, 2, 2)]
+        head = backbone.out_tr
+    net = SelfReg(backbone, **layers)
+    out = net(torch.randn(1, 1, side, side, side))
+    assert [tuple(f.shape[1:]) for f in out.encoder] == expected
+    torch.testing.assert_close(head(out.final), out.logits)
+    loss = SelfRegLoss(generator=0)(out, torch.randint(0, 3, (1, 1, side, side, side)))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def test_dynunet():
     backbone = nets.DynUNet(3, 1, 2, kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2],
                             upsample_kernel_size=[2, 2, 2], filters=[4, 8, 16, 16])
