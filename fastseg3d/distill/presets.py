@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["METHODS", "dynunet_layers", "swinunetr_layers", "unet_layers", "unetr_layers", "vnet_layers"]
+__all__ = ["METHODS", "dynunet_layers", "layers_for", "swinunetr_layers", "unet_layers", "unetr_layers",
+           "vnet_layers"]
 
 METHODS = ("dsd", "selfreg")
 
@@ -144,3 +145,28 @@ def vnet_layers(method: str) -> dict:
                 "decoder_layers": ("down_tr256", "up_tr256", "up_tr128", "up_tr64")}
     return {"encoder_layers": ("down_tr32", "down_tr64", "down_tr128", "down_tr256"),
             "decoder_layers": ("up_tr256", "up_tr128", "up_tr64"), "final_layer": "up_tr32"}
+
+
+# (class name, package, preset, whether the preset reads the built network)
+_PRESETS = (("UNet", "fastseg3d.", "unet_layers", True), ("UNETR", "monai.", "unetr_layers", False),
+            ("DynUNet", "monai.", "dynunet_layers", True), ("SwinUNETR", "monai.", "swinunetr_layers", False),
+            ("VNet", "monai.", "vnet_layers", False))
+
+
+def layers_for(net: nn.Module, method: str) -> dict:
+    """The preset of ``net``'s class (fastseg3d's UNet, MONAI's UNETR, DynUNet, SwinUNETR or VNet, subclasses
+    included) for ``method``; a ``ValueError`` naming those for any other network.
+
+    Example:
+        >>> from fastseg3d.networks.unet import UNet
+        >>> from fastseg3d.distill import presets
+        >>> presets.layers_for(UNet(3, 1, 2, channels=(8, 16, 32)), "dsd")["decoder_layers"]
+        ('encoder.2', 'decoder.0')
+    """
+    for cls_name, package, preset, reads_net in _PRESETS:
+        if any(c.__name__ == cls_name and c.__module__.startswith(package) for c in type(net).__mro__):
+            fn = globals()[preset]
+            return fn(net, method) if reads_net else fn(method)
+    known = ", ".join(f"{package.rstrip('.')}'s {name}" for name, package, _, _ in _PRESETS)
+    raise ValueError(f"no {method} preset for {type(net).__module__}.{type(net).__name__}: the presets cover "
+                     f"{known} (other networks: wrap them with fastseg3d.distill.DSD/SelfReg and their layer names)")

@@ -236,7 +236,9 @@ def model_kwargs(model_cfg: Mapping, in_channels: int | None = None, out_channel
 def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels: int | None = None) -> nn.Module:
     """The network ``model_cfg["name"]`` (one of :data:`MODELS`, or a dotted path such as
     ``monai.networks.nets.MedNeXt``) with :func:`model_kwargs`. With ``model_cfg["convert"]`` fastseg3d's fused
-    layers are swapped in (:func:`fastseg3d.convert_model`)."""
+    layers are swapped in (:func:`fastseg3d.convert_model`); with ``model_cfg["wrap"]`` (``"dsd"``, ``"selfreg"``)
+    the network is wrapped in :class:`fastseg3d.distill.DSD` / :class:`~fastseg3d.distill.SelfReg` with the layers
+    of its preset (:func:`fastseg3d.distill.presets.layers_for`)."""
     name = model_cfg["name"]
     ctor = _network(name)
     kwargs = model_kwargs(model_cfg, in_channels, out_channels)
@@ -253,7 +255,27 @@ def build_model(model_cfg: Mapping, in_channels: int | None = None, out_channels
         import fastseg3d
 
         fastseg3d.convert_model(model)
+    wrap = model_cfg.get("wrap")
+    if wrap:
+        model = _wrap(model, wrap, name, out_channels if out_channels is not None else kwargs.get("out_channels"))
     return model
+
+
+def _wrap(model: nn.Module, method: str, name: str, num_classes: int | None) -> nn.Module:
+    from fastseg3d.distill import DSD, SelfReg, presets
+
+    if name in _DISTILL_FOR:
+        raise SetupError(f"model.wrap={method}: model.name={name} is already built for loss.distill="
+                         f"{_DISTILL_FOR[name]!r}")
+    try:
+        layers = presets.layers_for(model, method)
+        if method == "dsd":
+            if num_classes is None:
+                raise ValueError("DSD's heads need the network's output channels (model.kwargs.out_channels)")
+            return DSD(model, num_classes=num_classes, **layers)
+        return SelfReg(model, **layers)
+    except (TypeError, ValueError) as err:
+        raise SetupError(f"model.wrap={method} on model.name={name}: {err}") from err
 
 
 def _setup(cls, key: str, *args, **kwargs):
@@ -370,10 +392,11 @@ def build_objective(cfg: Mapping, mode: str, num_classes: int) -> Objective:
     """The objective of ``cfg["loss"]`` for a network with ``num_classes`` outputs (``mode``: "softmax" or
     "sigmoid"); checks that the distillation loss fits the network's training output."""
     distill, model = cfg["loss"]["distill"], cfg["model"]["name"]
-    expected = _DISTILL_FOR.get(model, "none")
+    expected = cfg["model"].get("wrap") or _DISTILL_FOR.get(model, "none")
     if distill != expected and not (model == "missu" and distill == "none"):
-        raise SetupError(f"loss.distill={distill!r} does not fit model.name={model!r} (its training output is made "
-                         f"for loss.distill={expected!r})")
+        wrapped = f" with model.wrap={expected}" if cfg["model"].get("wrap") else ""
+        raise SetupError(f"loss.distill={distill!r} does not fit model.name={model!r}{wrapped} (its training output "
+                         f"is made for loss.distill={expected!r})")
     return Objective(cfg["loss"], mode, num_classes)
 
 

@@ -43,6 +43,9 @@ DEFAULTS: dict[str, Any] = {
         # swap fastseg3d's depthwise convs and attention into the network (fastseg3d.convert_model with its
         # defaults: the norms stay torch's), e.g. into a MONAI network
         "convert": False,
+        # train a MONAI network (UNETR, DynUNet, SwinUNETR, VNet) or the UNet with dual self-distillation or
+        # SelfReg: null | dsd | selfreg, wrapped with the layers of fastseg3d.distill.presets (loss.distill to match)
+        "wrap": None,
     },
     "data": {
         "name": "synthetic",  # synthetic | msd
@@ -189,6 +192,7 @@ def merge(base: Mapping, update: Mapping, path: str = "") -> dict:
 # The values a key takes when its default does not show them, as prototypes checked like defaults (None: null).
 _TYPES: dict[str, tuple[Any, ...]] = {
     "backend": (None, ""),
+    "model.wrap": (None, ""),
     "output_dir": (None, ""),
     "data.root": (None, ""),
     "data.split_file": (None, ""),
@@ -262,6 +266,7 @@ def _choices() -> dict[str, tuple]:
     return {
         "backend": (None, "", *BACKENDS),
         "model.name": MODELS,
+        "model.wrap": (None, "dsd", "selfreg"),
         "data.name": ("synthetic", "msd"),
         "data.label_mode": ("labels", "brats_regions"),
         "loss.name": ("dice", "dice_ce"),

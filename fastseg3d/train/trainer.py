@@ -362,7 +362,7 @@ class Trainer:
             "val_pending": val_pending,
             "config": dict(self.cfg),
             "model": {"name": self.cfg["model"]["name"], "kwargs": self._model_kwargs(),
-                      "convert": bool(self.cfg["model"]["convert"])},
+                      "convert": bool(self.cfg["model"]["convert"]), "wrap": self.cfg["model"]["wrap"]},
             "fastseg3d_version": _version(),
         }
 

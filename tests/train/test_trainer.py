@@ -316,6 +316,52 @@ def test_a_monai_network_by_dotted_path_trains_converted_and_evaluates(tmp_path)
     assert result["num_cases"] == 1
 
 
+@pytest.mark.parametrize("wrap", ["dsd", "selfreg"])
+def test_model_wrap_trains_a_monai_network_with_self_distillation(wrap, tmp_path):
+    """model.wrap wraps a MONAI network in DSD or SelfReg with its preset: DynUNet trains with the DSD loss (heads
+    shared per scale, as published), UNETR with SelfReg's; the checkpoint says so and evaluates the bare logits."""
+    from fastseg3d.distill import DSD, SelfReg
+    from fastseg3d.train import SetupError
+    from fastseg3d.train.evaluate import evaluate_checkpoint
+
+    if wrap == "dsd":
+        net = ["model.name=monai.networks.nets.DynUNet", "model.kwargs={spatial_dims: 3, kernel_size: [3, 3, 3, 3], "
+               "strides: [1, 2, 2, 2], upsample_kernel_size: [2, 2, 2], filters: [4, 8, 16, 16]}"]
+    else:
+        pytest.importorskip("einops")
+        net = ["model.name=monai.networks.nets.UNETR", "model.kwargs={img_size: 32, feature_size: 8, hidden_size: 48, "
+               "mlp_dim: 96, num_heads: 4}"]
+    base = [*TINY_DATA, "data.spatial_size=[32,32,32]", "val.roi_size=[32,32,32]", *net, "train.max_steps=1",
+            "val.num_images=0"]
+    trainer = Trainer(load_config("quickstart", [*base, f"model.wrap={wrap}", f"loss.distill={wrap}"]), tmp_path)
+    assert isinstance(trainer.model, DSD if wrap == "dsd" else SelfReg)
+    if wrap == "dsd":
+        assert trainer.model.decoder_heads[-1] is trainer.model.encoder_heads[1]  # both at 1/2
+    trainer.fit()
+    row = _rows(tmp_path, "train")[0]
+    assert {"kl_decoder", "kl_encoder"} <= set(row) if wrap == "dsd" else "distill" in row
+    ckpt = load_checkpoint(tmp_path / "checkpoint_final.pt")
+    assert ckpt["model"]["wrap"] == wrap
+    assert evaluate_checkpoint(tmp_path / "checkpoint_final.pt", tmp_path / "eval")["num_cases"] == 1
+    with pytest.raises(SetupError, match=f"loss.distill='none' does not fit .* with model.wrap={wrap}"):
+        Trainer(load_config("quickstart", [*base, f"model.wrap={wrap}"]), tmp_path / "a")
+
+
+def test_model_wrap_errors_are_one_line(tmp_path):
+    from fastseg3d.train import SetupError
+
+    mednext = ["model.name=monai.networks.nets.MedNeXt", "model.kwargs={spatial_dims: 3, init_filters: 4}"]
+    with pytest.raises(SetupError, match="model.wrap=dsd on model.name=monai.networks.nets.MedNeXt: no dsd preset "
+                                         "for .*MedNeXt: the presets cover fastseg3d's UNet, monai's UNETR"):
+        Trainer(load_config("quickstart", [*TINY_DATA, *mednext, "model.wrap=dsd", "loss.distill=dsd"]), tmp_path / "a")
+    with pytest.raises(SetupError, match="model.wrap=selfreg: model.name=dsd_unet is already built for "
+                                         "loss.distill='dsd'"):
+        Trainer(load_config("dsd_unet", [*TINY_DATA, "data.name=synthetic", "model.wrap=selfreg",
+                                         "loss.distill=selfreg"]), tmp_path / "b")
+    with pytest.raises(ValueError, match="config key 'model.wrap' must be one of null, 'dsd', 'selfreg'"):
+        load_config("quickstart", ["model.wrap=missu"])
+
+
 def test_model_name_by_path_errors_are_one_line(tmp_path):
     from fastseg3d.train import SetupError
 
