@@ -140,6 +140,9 @@ DEFAULTS: dict[str, Any] = {
         # [class, into, min_voxels]: in a case predicting fewer than min_voxels of channel `class`, those voxels
         # become channel `into` (TransBTS/MISSU: enhancing tumour under 500 voxels -> non-enhancing); null: off
         "relabel_small": None,
+        # a class absent from a case's label has no Dice (MONAI's default); false: 1 if none predicted, else 0
+        # (the BraTS challenge's scoring)
+        "ignore_empty": True,
         "hd95": False,
         "msd": False,  # mean surface distance (MONAI's SurfaceDistanceMetric), as DSD reports
         "max_cases": None,

@@ -188,7 +188,7 @@ def evaluate_checkpoint(
     model = model.to(dev).eval()
     regions = bundle.class_names if bundle.mode == "sigmoid" else None
     acc = MetricAccumulator(include_background=bundle.mode == "sigmoid", hd95=bool(vcfg["hd95"]),
-                            msd=bool(vcfg["msd"]))
+                            msd=bool(vcfg["msd"]), ignore_empty=bool(vcfg["ignore_empty"]))
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

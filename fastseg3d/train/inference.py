@@ -205,7 +205,8 @@ def relabel_small_class(pred: torch.Tensor, source: int, into: int, min_voxels: 
 
     BraTS post-processing (TransBTS's and MISSU's inference): a case with a few hundred enhancing-tumour voxels is
     more often a false positive than a small tumour, and an empty enhancing tumour scores Dice 1 when the label
-    has none, so those voxels become non-enhancing tumour. One rule serves both label encodings:
+    has none (scored so with ``ignore_empty=False``; under MONAI's default the empty case has no Dice and the
+    rule can only cost), so those voxels become non-enhancing tumour. One rule serves both label encodings:
 
     * ``"softmax"`` one-hot classes (MSD Task01: 2 non-enhancing, 3 enhancing): ``source=3, into=2``;
     * ``"sigmoid"`` BraTS regions (TC, WT, ET): ``source=2`` (ET), ``into=0`` (TC); the voxels stay tumour core.
@@ -258,7 +259,8 @@ def to_onehot(label: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor:
 
 
 def _per_case(
-    pred: torch.Tensor, target: torch.Tensor, include_background: bool, hd95: bool, spacing: Any, msd: bool = False
+    pred: torch.Tensor, target: torch.Tensor, include_background: bool, hd95: bool, spacing: Any, msd: bool = False,
+    ignore_empty: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(cases, classes) Dice, HD95 and mean surface distance as float64 arrays (None: not asked for); NaN where a
     value is undefined."""
@@ -267,8 +269,9 @@ def _per_case(
     if pred.shape != target.shape or pred.dim() < 3:
         raise ValueError(f"pred and target must both be (B, K, *spatial), got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
-    # ignore_empty: an empty ground-truth class has no Dice (NaN), whatever was predicted.
-    dice = compute_dice(pred, target, include_background=include_background, ignore_empty=True)
+    # ignore_empty: an empty ground-truth class has no Dice (NaN), whatever was predicted; else 1 for an empty
+    # prediction and 0 for any voxel predicted (the BraTS challenge's scoring)
+    dice = compute_dice(pred, target, include_background=include_background, ignore_empty=ignore_empty)
     dice = dice.double().cpu().numpy()
     distances = []
     for wanted, compute, kwargs in ((hd95, compute_hausdorff_distance, {"percentile": 95}),
@@ -321,6 +324,7 @@ def segmentation_metrics(
     hd95: bool = True,
     spacing: float | Sequence[float] | None = None,
     msd: bool = False,
+    ignore_empty: bool = True,
 ) -> dict[str, Any]:
     """Dice, 95th-percentile Hausdorff distance and mean surface distance per class (MONAI ``compute_dice`` /
     ``compute_hausdorff_distance`` / ``compute_average_surface_distance``, what ``DiceMetric``,
@@ -335,6 +339,9 @@ def segmentation_metrics(
         spacing: voxel size per spatial axis (or one for all) so HD95 is in physical units; default voxels.
         msd: compute the mean surface distance (MONAI's default, from the prediction's surface to the label's), in
             the same units; with ``False`` the ``msd`` entries are ``None``.
+        ignore_empty: a class absent from a case's ground truth has no Dice (MONAI's default); with ``False`` it
+            scores 1 where nothing was predicted and 0 otherwise, as the BraTS challenge scores (the case where
+            post-processing such as :func:`relabel_small_class` pays).
 
     Returns:
         ``{"dice", "dice_per_class", "hd95", "hd95_per_class", "msd", "msd_per_class"}``. Per class: mean over
@@ -347,7 +354,7 @@ def segmentation_metrics(
         >>> segmentation_metrics(t, t, include_background=False, hd95=False)["dice_per_class"]
         [1.0]
     """
-    return _summary(*_per_case(pred, target, include_background, hd95, spacing, msd))
+    return _summary(*_per_case(pred, target, include_background, hd95, spacing, msd, ignore_empty))
 
 
 class MetricAccumulator:
@@ -366,8 +373,9 @@ class MetricAccumulator:
     """
 
     def __init__(self, *, include_background: bool, hd95: bool = True,
-                 spacing: float | Sequence[float] | None = None, msd: bool = False) -> None:
+                 spacing: float | Sequence[float] | None = None, msd: bool = False, ignore_empty: bool = True) -> None:
         self.include_background = include_background
+        self.ignore_empty = ignore_empty
         self.hd95 = hd95
         self.msd = msd
         self.spacing = spacing
@@ -387,7 +395,7 @@ class MetricAccumulator:
         """Add the ``B`` cases of one batch; returns their metrics. ``spacing`` overrides the constructor's for
         this batch (cases resampled differently); each scalar counts once per case of the batch."""
         dice, hd, msd = _per_case(pred, target, self.include_background, self.hd95,
-                                  self.spacing if spacing is None else spacing, self.msd)
+                                  self.spacing if spacing is None else spacing, self.msd, self.ignore_empty)
         self._dice.append(dice)
         if hd is not None:
             self._hd.append(hd)

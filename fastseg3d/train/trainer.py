@@ -596,7 +596,7 @@ class Trainer:
         roi = vcfg["roi_size"] or self.cfg["data"]["spatial_size"]
         # Mean foreground Dice: the background label is left out; every BraTS region is foreground.
         acc = MetricAccumulator(include_background=self.data.mode == "sigmoid", hd95=bool(vcfg["hd95"]),
-                                msd=bool(vcfg["msd"]))
+                                msd=bool(vcfg["msd"]), ignore_empty=bool(vcfg["ignore_empty"]))
         regions = self.data.class_names if self.data.mode == "sigmoid" else None
         n = len(self.data.val) if vcfg["max_cases"] is None else min(len(self.data.val), int(vcfg["max_cases"]))
         for i in range(n):

@@ -336,3 +336,23 @@ def test_relabel_small_class_rejects_bad_settings(args, match):
         relabel_small_class(torch.zeros(1, 4, 2, 2, 2), *args)
     with pytest.raises(ValueError, match="pred must be"):
         relabel_small_class(torch.zeros(4, 2), 1, 0, 1)
+
+
+def test_relabel_small_class_pays_under_brats_scoring():
+    """A case without enhancing tumour in its label: a few false-positive ET voxels score 0 under BraTS's scoring
+    (ignore_empty=False) and 1 once relabelled; under MONAI's default (ignore_empty) the class has no Dice."""
+    labels = torch.zeros(1, 8, 8, 8, dtype=torch.long)
+    labels[:, 2:6, 2:6, 2:6] = 2  # non-enhancing tumour, no ET
+    pred_labels = labels.clone()
+    pred_labels[:, 3, 3, 3:5] = 3  # two false-positive ET voxels
+    target = to_onehot(labels[:, None], 4, "softmax")
+    pred = to_onehot(pred_labels[:, None], 4, "softmax")
+    et = 2  # index of class 3 among the foreground classes
+    brats = MetricAccumulator(include_background=False, hd95=False, ignore_empty=False)
+    assert brats.update(pred, target)["dice_per_class"][et] == 0.0
+    assert brats.update(relabel_small_class(pred, 3, 2, 500), target)["dice_per_class"][et] == 1.0
+    assert brats.aggregate()["dice_per_class"][et] == 0.5
+    monai = MetricAccumulator(include_background=False, hd95=False)
+    assert monai.update(pred, target)["dice_per_class"][et] is None
+    assert segmentation_metrics(pred, target, include_background=False, hd95=False,
+                                ignore_empty=False)["dice_per_class"][et] == 0.0

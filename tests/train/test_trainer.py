@@ -112,6 +112,12 @@ def test_train_writes_run_directory_and_eval_reads_it(tmp_path):
     assert code == 0
     moved = np.asarray(nib.load(str(relabelled / "predictions" / "synthetic_2_0000.nii.gz")).dataobj)
     assert np.array_equal(moved, np.where(plain == source, into, plain))
+    # BraTS's scoring: every class has a Dice, the ones absent from the label too
+    scored = tmp_path / "scored"
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(scored),
+                     "--score-empty", "--no-hd95"]) == 0
+    cases = json.loads((scored / "eval_metrics.json").read_text())["cases"]
+    assert all(d is not None for case in cases for d in case["dice_per_class"])
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(relabelled),
                      "--relabel-small", "5", "1", "10"]) != 0
     from fastseg3d.train import SetupError
