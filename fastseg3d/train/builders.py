@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastseg3d.train.config import SetupError
+from fastseg3d.train.config import SetupError, find_split_file
 
 __all__ = [
     "MODELS",
@@ -123,7 +123,7 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
             label_mode=label_mode, num_samples=data["num_samples"], val_frac=data["val_frac"], seed=data["split_seed"],
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"],
             crop_ratio=data["crop_ratio"], augment=data["augment"], preprocess=data["preprocess"],
-            split_file=data["split_file"] or None,
+            split_file=find_split_file(data["split_file"]) if data["split_file"] else None,
             fold=data["fold"])
         if training:
             counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "

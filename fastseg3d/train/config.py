@@ -68,7 +68,8 @@ DEFAULTS: dict[str, Any] = {
         # the MSD train/val split's own seed, apart from the run's: runs with other seeds validate on the same cases
         "split_seed": 0,
         # a JSON file of case names, {"train": [...], "val": [...]} or nnU-Net's splits_final.json (data.fold picks
-        # the fold), in place of the seeded split (a published model's own split)
+        # the fold), in place of the seeded split (a published model's own split); a bare name is one of the
+        # recipes' published splits (configs/splits: segformer3d_brats)
         "split_file": None,
         "fold": 0,
         "cache": False,
@@ -428,14 +429,32 @@ def parse_overrides(items: Sequence[str]) -> dict:
     return out
 
 
+def _recipe_folders() -> tuple[Path, Path]:
+    # the repository's configs/ in a source checkout, fastseg3d/configs in an installed wheel
+    package = Path(__file__).resolve().parents[1]
+    return package.parent / "configs", package / "configs"
+
+
+def find_split_file(name: str | os.PathLike) -> Path:
+    """A split file's path as given, or a bare name (``segformer3d_brats``) looked up among the recipes' published
+    splits (``<recipes>/splits/<name>.json``); a name found in neither place is returned as given."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for folder in _recipe_folders():
+        for candidate in (folder / "splits" / path.name, folder / "splits" / f"{path.name}.json"):
+            if candidate.is_file():
+                return candidate
+    return path
+
+
 def find_config(name: str | os.PathLike) -> Path:
     """A config path as given, or a bare name (``quickstart``) looked up among the recipes: the repository's
     ``configs/`` in a source checkout, ``fastseg3d/configs`` in an installed wheel."""
     path = Path(name)
     if path.is_file():
         return path
-    package = Path(__file__).resolve().parents[1]
-    places = (package.parent / "configs", package / "configs")
+    places = _recipe_folders()
     for folder in places:
         for candidate in (folder / path.name, folder / f"{path.name}.yaml"):
             if candidate.is_file():

@@ -259,7 +259,9 @@ def test_every_recipe_augments_msd_crops_as_published(name, tmp_path):
     from fastseg3d.train.builders import build_data
 
     task = _make_task(str(tmp_path), n_cases=3)
-    cfg = load_config(name, [f"data.root={task}", "data.spatial_size=[12,12,8]", "data.pixdim=null"])
+    # (the fake cases are not BraTS's: no published split)
+    cfg = load_config(name, [f"data.root={task}", "data.spatial_size=[12,12,8]", "data.pixdim=null",
+                             "data.split_file=null"])
     expected = {"segformer3d_brats": ("RandSpatialCropSamplesd", ["RandFlipd", "RandRotated", "RandCoarseDropoutd",
                                                                   "GibbsNoised"]),
                 "mobileutr_btcv": ("RandCropByPosNegLabeld", ["RandFlipd"] * 3 + [
@@ -292,7 +294,7 @@ def test_bad_augment_is_a_setup_error_and_synthetic_data_warns(tmp_path):
         build_data(load_config("quickstart", [*base, "data.crop_ratio=[0, 0]"]))
     with pytest.raises(ValueError, match="data.augment' must be null or a list"):
         load_config("quickstart", ["data.augment=RandFlipd"])
-    with pytest.warns(UserWarning, match="data.crop_ratio, data.augment apply to data.name=msd"):
+    with pytest.warns(UserWarning, match="data.crop_ratio, data.augment, data.preprocess apply to data.name=msd"):
         build_data(load_config("dsd_unet", ["data.name=synthetic", "data.spatial_size=[16,16,16]"]), training=False)
 
 
@@ -505,7 +507,7 @@ def test_segformer3d_preprocessing_as_released_and_predictions_back_on_the_files
     box = (f"data.preprocess=[{{_target_: fastseg3d.data.msd.MinMaxPerSliced, keys: [image], axis: 2}}, "
            f"{{_target_: SpatialCropd, keys: [image, label], roi_start: {start}, roi_end: {end}}}, "
            "{_target_: Transposed, keys: [image, label], indices: [0, 3, 2, 1]}]")
-    overrides = [f"data.root={task}", box, "data.spatial_size=[12,12,16]", "data.num_samples=1",
+    overrides = [f"data.root={task}", box, "data.split_file=null", "data.spatial_size=[12,12,16]", "data.num_samples=1",
                  "data.batch_size=1", "data.num_workers=0", "val.roi_size=[12,12,16]", "val.hd95=false",
                  "val.num_images=0", "checkpoint.best_after_epoch=null", *TINY_UNET]
     cfg = load_config("segformer3d_brats", overrides)
@@ -539,6 +541,25 @@ def test_segformer3d_preprocessing_as_released_and_predictions_back_on_the_files
             inside[image.shape[0] - end[0]:image.shape[0] - start[0], start[1]:end[1], start[2]:end[2]] = True
             # the box, undone (x flipped back onto the file's axis); the untrained network marks tumour in it
             assert not pred[~inside].any() and pred[inside].any()
+
+
+def test_segformer3d_recipe_validates_on_the_released_split():
+    """configs/splits/segformer3d_brats.json: the release's 73 validation cases, the other 411 of MSD Task01 train;
+    the recipe names it, found by name from any working directory."""
+    from fastseg3d.data.msd import split_from_file
+    from fastseg3d.train.config import find_split_file
+
+    cfg = load_config("segformer3d_brats")
+    path = find_split_file(cfg["data"]["split_file"])
+    assert path.name == "segformer3d_brats.json" and path.is_file()
+    split = json.loads(path.read_text())
+    assert len(split["val"]) == 73 and len(split["train"]) == 411
+    assert sorted(split["train"] + split["val"]) == [f"BRATS_{i:03d}" for i in range(1, 485)]
+    assert {"BRATS_377", "BRATS_173", "BRATS_048"} <= set(split["val"]) and "BRATS_016" in split["train"]
+    cases = [{"name": f"BRATS_{i:03d}", "image": f"{i}.nii.gz"} for i in range(1, 485)]
+    train, val = split_from_file(cases, path)
+    assert [c["name"] for c in val][:3] == ["BRATS_010", "BRATS_026", "BRATS_029"] and len(train) == 411
+    assert find_split_file("no_such_split") == Path("no_such_split")  # left for the loader's error
 
 
 def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
