@@ -78,7 +78,7 @@ def convert_model(model: nn.Module, *, conv: bool = True, attention: bool = True
       :class:`fastseg3d.nn.DepthwiseConv3d`.
     - ``attention``: every MONAI ``SABlock`` (the attention of ViT and UNETR) becomes a
       :class:`fastseg3d.nn.SABlock`, which runs the flash-style attention kernel and never forms the N x N matrix
-      (blocks with ``causal``, ``rel_pos_embedding``, ``save_attn`` or ``attention_dtype`` keep MONAI's forward).
+      (blocks with ``causal``, ``rel_pos_embedding``, ``save_attn`` or ``attention_dtype`` stay MONAI's).
     - ``norm``: every ``nn.GroupNorm`` becomes a :class:`fastseg3d.nn.GroupNorm` and every ``nn.InstanceNorm3d`` an
       :class:`fastseg3d.nn.InstanceNorm3d` (the fused GroupNorm kernel on volumes; under autocast their output
       keeps the input's dtype, where torch's GroupNorm returns fp32: off by default for that reason).
@@ -104,7 +104,8 @@ def convert_model(model: nn.Module, *, conv: bool = True, attention: bool = True
     if attention and monai_sablock is not None:
         from fastseg3d.nn.sablock import SABlock
 
-        swaps.append((_of_type(monai_sablock), SABlock))
+        # blocks whose settings the kernel never takes stay MONAI's (the triton backend would refuse them)
+        swaps.append((lambda m: _of_type(monai_sablock)(m) and not SABlock.static_reasons(m), SABlock))
     return _swap(model, swaps)
 
 

@@ -23,7 +23,8 @@ class SABlock(_MonaiSABlock):
     has no dropout); in eval there is none, also for ``use_flash_attention=True``, whose MONAI forward passes its
     dropout rate to ``scaled_dot_product_attention`` in eval too.
 
-    :func:`fastseg3d.convert_model` turns the SABlocks of an existing network (UNETR, ViT) into this class.
+    :func:`fastseg3d.convert_model` turns the SABlocks of an existing network (UNETR, ViT) into this class, those
+    with none of the settings above.
 
     Example:
         >>> import torch
@@ -33,8 +34,9 @@ class SABlock(_MonaiSABlock):
         torch.Size([2, 27, 64])
     """
 
-    def unfusable_reasons(self, attn_mask: torch.Tensor | None = None) -> list[str]:
-        """Why this block (and ``attn_mask``) cannot take the fused op (empty when it can)."""
+    def static_reasons(self) -> list[str]:
+        """Why this block's configuration can never take the fused op (empty when it can):
+        :func:`fastseg3d.convert_model` leaves such blocks MONAI's."""
         reasons = []
         if self.causal:
             reasons.append("causal=True (fused: non-causal)")
@@ -44,6 +46,13 @@ class SABlock(_MonaiSABlock):
             reasons.append("save_attn=True (the fused kernel never forms the attention matrix)")
         if self.attention_dtype is not None:
             reasons.append(f"attention_dtype={self.attention_dtype} (fused: the input's dtype)")
+        return reasons
+
+    def unfusable_reasons(self, attn_mask: torch.Tensor | None = None) -> list[str]:
+        """Why this call (the block, its mode and ``attn_mask``) cannot take the fused op (empty when it can)."""
+        reasons = self.static_reasons()
+        if self.training and self.dropout_rate >= 1.0:
+            reasons.append("dropout_rate=1.0 in training (every attention weight dropped)")
         if attn_mask is not None:
             reasons.append("an attn_mask (fused: none)")
         return reasons

@@ -65,24 +65,42 @@ def test_matches_monai_forward_and_gradients(kwargs):
         _compare(monai, fused, (2, 27, monai.hidden_input_size), torch.float64)
 
 
-@pytest.mark.parametrize("kwargs,mask", [
-    (dict(causal=True, sequence_length=27), None),
-    (dict(save_attn=True), None),
-    (dict(rel_pos_embedding="decomposed", input_size=(3, 3, 3)), None),
-    (dict(attention_dtype=torch.float64), None),
-    ({}, "mask"),
+@pytest.mark.parametrize("kwargs", [
+    dict(causal=True, sequence_length=27),
+    dict(save_attn=True),
+    dict(rel_pos_embedding="decomposed", input_size=(3, 3, 3)),
+    dict(attention_dtype=torch.float64),
 ])
-def test_what_the_kernel_cannot_take_runs_monais_forward(kwargs, mask, caplog):
-    monai, fused = _pair(hidden_size=32, num_heads=2, **kwargs)
+def test_blocks_the_kernel_never_takes_stay_monais(kwargs, caplog):
+    """convert_model leaves them MONAI's; built directly, the fused class runs MONAI's forward for them (logged
+    under auto, refused under triton)."""
+    torch.manual_seed(0)
+    monai = MonaiSABlock(hidden_size=32, num_heads=2, **kwargs).double()
+    assert type(fastseg3d.convert_model(monai)) is MonaiSABlock
+    fused = fastseg3d.nn.SABlock(hidden_size=32, num_heads=2, **kwargs).double()
+    fused.load_state_dict(monai.state_dict())
     x = torch.randn(2, 27, 32, dtype=torch.float64)
-    args = (x,) if mask is None else (x, (torch.rand(2, 27) > 0.3).double())
     with caplog.at_level(logging.INFO, logger="fastseg3d"):
-        assert torch.equal(fused(*args), monai(*args))  # MONAI's own forward, bit for bit
+        assert torch.equal(fused(x), monai(x))  # MONAI's own forward, bit for bit
     assert any("attention falls back" in r.message for r in caplog.records)
     if kwargs.get("save_attn"):
         assert fused.att_mat.shape == (2, 2, 27, 27)
     with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="attention"):
-        fused(*args)
+        fused(x)
+
+
+def test_a_mask_or_dropping_everything_runs_monais_forward():
+    monai, fused = _pair(hidden_size=32, num_heads=2)
+    x = torch.randn(2, 27, 32, dtype=torch.float64)
+    mask = (torch.rand(2, 27) > 0.3).double()
+    assert torch.equal(fused(x, mask), monai(x, mask))
+    with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="attn_mask"):
+        fused(x, mask)
+    monai, fused = _pair(hidden_size=32, num_heads=2, dropout_rate=1.0)
+    torch.manual_seed(3)
+    expected = monai.train()(x)
+    torch.manual_seed(3)
+    assert torch.equal(fused.train()(x), expected)  # (all zeros but the output bias)
 
 
 def test_dropout_in_training_only():
@@ -147,6 +165,19 @@ def test_convert_unetr_keeps_keys_parameters_and_outputs():
     assert_close("y", net(x), expected, torch.float32)
     with pytest.raises(TypeError, match="attention must be a bool"):
         fastseg3d.convert_model(net, attention="yes")
+
+
+def test_convert_spatial_attention_block():
+    """MONAI's SpatialAttentionBlock (generative U-Nets) feeds its SABlock a transposed, non-contiguous view."""
+    from monai.networks.blocks.spatialattention import SpatialAttentionBlock
+
+    torch.manual_seed(0)
+    block = SpatialAttentionBlock(spatial_dims=3, num_channels=32, num_head_channels=16).double().eval()
+    x = torch.randn(2, 32, 3, 4, 5, dtype=torch.float64)
+    expected = block(x)
+    fastseg3d.convert_model(block)
+    assert type(block.attn) is fastseg3d.nn.SABlock
+    assert_close("y", block(x), expected, torch.float64)
 
 
 @pytest.mark.interpret
