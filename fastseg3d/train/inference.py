@@ -541,12 +541,26 @@ def predict_case(model, item: dict, roi_size, val_cfg: dict, mode: str, num_clas
     relabel = check_relabel(val_cfg.get("relabel_small"), num_classes, "val.relabel_small")
     if relabel is not None:
         pred = relabel_small_class(pred, *relabel)
-    pixdim = getattr(item["image"], "pixdim", None)
     return {
         "image": image,
         "label": label,
         "logits": logits,
         "pred": pred,
         "target": None if label is None else to_onehot(label, num_classes, mode),
-        "spacing": [float(v) for v in pixdim[:3]] if pixdim is not None else None,
+        "spacing": _voxel_spacing(item["image"]),
     }
+
+
+def _voxel_spacing(image: Any) -> list[float] | None:
+    """The voxel size along the axes of a MONAI ``MetaTensor`` as it is now, None for a plain tensor.
+
+    ``Transposed`` moves the axes but leaves the affine (MONAI documents it), so the affine's spacing is permuted
+    as each recorded transpose permuted the axes."""
+    pixdim = getattr(image, "pixdim", None)
+    if pixdim is None:
+        return None
+    spacing = [float(v) for v in pixdim[:3]]
+    for op in getattr(image, "applied_operations", None) or ():
+        if op.get("class") == "Transposed":
+            spacing = [spacing[i - 1] for i in op["extra_info"]["indices"][1:]]
+    return spacing

@@ -356,3 +356,18 @@ def test_relabel_small_class_pays_under_brats_scoring():
     assert monai.update(pred, target)["dice_per_class"][et] is None
     assert segmentation_metrics(pred, target, include_background=False, hd95=False,
                                 ignore_empty=False)["dice_per_class"][et] == 0.0
+
+
+def test_voxel_spacing_follows_transposed_axes():
+    """Transposed (SegFormer3D's swapped axes) leaves the affine as it was: the spacing HD95 is measured in is
+    permuted with the axes."""
+    from monai.data import MetaTensor
+    from monai.transforms import Transposed
+
+    from fastseg3d.train.inference import _voxel_spacing
+
+    image = MetaTensor(torch.zeros(1, 4, 5, 6), affine=torch.diag(torch.tensor([1.0, 2.0, 3.0, 1.0])))
+    assert _voxel_spacing(image) == [1.0, 2.0, 3.0]
+    swapped = Transposed("image", indices=[0, 3, 2, 1])({"image": image})["image"]
+    assert swapped.shape == (1, 6, 5, 4) and _voxel_spacing(swapped) == [3.0, 2.0, 1.0]
+    assert _voxel_spacing(torch.zeros(1, 4, 5, 6)) is None
