@@ -164,7 +164,7 @@ if [ "$PLAN" = targets ]; then
   declare -A LIMIT=(
     [dwconv3d]=45 [attention]=30 [attention_block]=35 [kl_distill]=25 [channel_kl]=20 [selfreg]=20
     [segformer3d]=210 [mobileutr]=25 [mobileutrl]=25 [missu]=25 [dsd_unet]=20 [selfreg_unet]=20 [dice_ce]=10
-    [group_norm_act]=15 [upsample_sum]=10 [layer_norm]=15
+    [group_norm_act]=15 [upsample_sum]=10 [layer_norm]=15 [unetr]=25 [mednext]=25
   )
   # the shapes, dtypes, modes and peers the targets are stated on (bench/targets.py; shape labels: python -m
   # bench.run --list); a measurement that has started runs to its end, so no compile the targets do not read
@@ -185,12 +185,14 @@ if [ "$PLAN" = targets ]; then
     [missu]="--dtype bf16 --modes train_step --shapes *128^3"
     [dsd_unet]="--dtype bf16 --modes train_step --shapes *128^3"
     [selfreg_unet]="--dtype bf16 --modes train_step --shapes *128^3"
+    [unetr]="--dtype bf16 --modes train_step --providers fastseg3d,plain"
+    [mednext]="--dtype bf16 --modes train_step --providers fastseg3d,plain --shapes *128^3"
   )
 else
   declare -A LIMIT=(
     [dwconv3d]=50 [attention]=35 [attention_block]=35 [kl_distill]=30 [channel_kl]=20 [selfreg]=25
     [segformer3d]=45 [mobileutr]=35 [mobileutrl]=35 [missu]=35 [dsd_unet]=30 [selfreg_unet]=30 [dice_ce]=15
-    [group_norm_act]=15 [upsample_sum]=15 [layer_norm]=20
+    [group_norm_act]=15 [upsample_sum]=15 [layer_norm]=20 [unetr]=35 [mednext]=35
   )
 fi
 python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): dsd_unet and selfreg_unet will skip"
@@ -215,11 +217,11 @@ if [ "$PLAN" = targets ]; then
   DEFAULT_CASES="segformer3d dwconv3d attention attention_block kl_distill"
   DEFAULT_CASES+=" channel_kl selfreg mobileutr missu dsd_unet selfreg_unet dice_ce group_norm_act upsample_sum"
   DEFAULT_CASES+=" mobileutrl"
-  DEFAULT_CASES+=" layer_norm"
+  DEFAULT_CASES+=" layer_norm unetr mednext"
 else
   DEFAULT_CASES="dwconv3d attention attention_block kl_distill channel_kl selfreg dice_ce group_norm_act upsample_sum"
   DEFAULT_CASES+=" layer_norm"
-  DEFAULT_CASES+=" segformer3d mobileutr mobileutrl missu dsd_unet selfreg_unet"
+  DEFAULT_CASES+=" segformer3d mobileutr mobileutrl missu dsd_unet selfreg_unet unetr mednext"
 fi
 for case in ${BENCH_CASES-$DEFAULT_CASES}; do
   # split on blanks, no glob expansion ('*compile*' reaches bench.run); BENCH_ARGS last, so it wins

@@ -125,12 +125,14 @@ def load_cases() -> dict[str, Case]:
         group_norm_act,
         kl_distill,
         layer_norm,
+        mednext,
         missu,
         mobileutr,
         mobileutrl,
         segformer3d,
         selfreg,
         selfreg_unet,
+        unetr,
         upsample_sum,
     )
 

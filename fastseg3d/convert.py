@@ -247,6 +247,12 @@ def infer_segformer3d_config(state_dict: Mapping[str, torch.Tensor], **overrides
                       f"embed_dims {embed_dims}. Pass num_heads (fastseg3d convert: --num-heads H H H H) if the "
                       "checkpoint was trained with others.",
                       stacklevel=2)
+    if "attention_scale" not in overrides and (config["in_channels"], config["out_channels"]) == (4, 3) \
+            and embed_dims == [32, 64, 160, 256]:
+        warnings.warn("the released BraTS weights were trained by the 2024 code, which scales attention by "
+                      "num_heads ** -0.5: pass attention_scale='num_heads' (fastseg3d convert: --attention-scale "
+                      "num_heads) to reproduce them; converting with the current code's head_dim ** -0.5.",
+                      stacklevel=2)
     config.update({k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})
     return config
 

@@ -31,7 +31,7 @@ SUITES = {
     "dwconv3d": "ops", "attention": "ops", "attention_block": "ops", "kl_distill": "ops", "channel_kl": "ops",
     "selfreg": "ops", "dice_ce": "ops", "group_norm_act": "ops", "upsample_sum": "ops", "layer_norm": "ops",
     "segformer3d": "model", "mobileutr": "model", "mobileutrl": "model", "missu": "model", "dsd_unet": "model",
-    "selfreg_unet": "model",
+    "selfreg_unet": "model", "unetr": "model", "mednext": "model",
 }
 CPU = torch.device("cpu")
 
@@ -191,7 +191,8 @@ def test_a_case_named_twice_is_measured_once(tmp_path):
     assert len((tmp_path / "ops.jsonl").read_text().splitlines()) == len(rows)
 
 
-@pytest.mark.parametrize("name", ["segformer3d", "mobileutr", "mobileutrl", "missu", "dsd_unet", "selfreg_unet"])
+@pytest.mark.parametrize("name", ["segformer3d", "mobileutr", "mobileutrl", "missu", "dsd_unet", "selfreg_unet",
+                                  "unetr", "mednext"])
 def test_model_case_builds_and_steps(name):
     case = load_cases()[name]
     (_, spec), = case.shapes(True)

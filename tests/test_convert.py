@@ -57,7 +57,8 @@ def test_infer_config(net):
 def test_infer_config_of_the_official_default():
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        cfg = infer_segformer3d_config(SegFormer3D().state_dict())
+        # (the release's scale given: without it, converting the BraTS widths warns about it)
+        cfg = infer_segformer3d_config(SegFormer3D().state_dict(), attention_scale="num_heads")
     with torch.device("meta"):
         assert sum(p.numel() for p in SegFormer3D(**cfg).parameters()) == 4_525_251
     assert cfg["patch_padding"] == [3, 1, 1, 1] and cfg["mlp_ratio"] == 4 and cfg["sr_ratios"] == [4, 2, 1, 1]
@@ -216,7 +217,10 @@ def test_brats_weights_carry_the_recipe_data_pipeline(tmp_path):
         sd = SegFormer3D().state_dict()
     official = tmp_path / "pytorch_model.bin"
     torch.save({k: torch.zeros(v.shape, dtype=v.dtype) for k, v in sd.items()}, official)
-    official_to_fastseg3d(official, tmp_path / "segformer3d.pt")
+    with pytest.warns(UserWarning, match="--attention-scale num_heads"):  # the released weights' scale
+        official_to_fastseg3d(official, tmp_path / "other.pt")
+    assert official_to_fastseg3d(official, tmp_path / "segformer3d.pt",
+                                 attention_scale="num_heads")["attention_scale"] == "num_heads"
     ckpt = torch.load(tmp_path / "segformer3d.pt", weights_only=True)
     recipe = load_config("segformer3d_brats")
     assert ckpt["config"] == recipe

@@ -11,6 +11,7 @@ import torch
 import fastseg3d
 from tests.utils import assert_close
 
+pytest.importorskip("einops")  # MONAI's SABlock rearranges with it
 blocks = pytest.importorskip("monai.networks.blocks.selfattention")
 MonaiSABlock = blocks.SABlock
 
