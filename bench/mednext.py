@@ -25,7 +25,7 @@ NETWORK = Network(
     stride=lambda model: 16,
     plain="MONAI's MedNeXt as built (ATen's depthwise conv3d, torch's GroupNorm)",
     quick_cfg={"init_filters": 4, "blocks_down": (1, 1, 1, 1), "blocks_bottleneck": 1, "blocks_up": (1, 1, 1, 1)},
-    quick_side=16,
+    quick_side=32,  # its norms need more than one voxel at the 1/16 bottleneck
     cfg={"init_filters": 32, "kernel_size": 3},
 )
 CASE = register_network(NETWORK)
