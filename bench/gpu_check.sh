@@ -195,7 +195,8 @@ else
     [group_norm_act]=15 [upsample_sum]=15 [layer_norm]=20 [unetr]=35 [mednext]=35
   )
 fi
-python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): dsd_unet and selfreg_unet will skip"
+python3 -c "import monai" 2>/dev/null || echo "monai is missing (carry its wheel): unetr and mednext will skip"
+python3 -c "import einops" 2>/dev/null || echo "einops is missing (carry its wheel): unetr and the SABlock tests will skip"
 CUBE_MODELS="${LARGEST_CUBE_MODELS-segformer3d}"
 # the search runs under bf16 autocast (LARGEST_CUBE_DTYPE), the dtype the target is stated in
 CUBE_LIMIT="${LARGEST_CUBE_LIMIT:-90}"

@@ -1,7 +1,7 @@
-"""suite=model, case=mednext: MONAI's MedNeXt (in 1 / out 14, 32 initial filters, 3^3 kernels, one block per
-stage) after ``fastseg3d.convert_model(net, norm=True)`` (its depthwise convs on the fused kernel, its GroupNorms on
-the fused GroupNorm) against MONAI's own (ATen's depthwise conv3d and GroupNorm); a training step (forward,
-cross-entropy, backward) and inference, eager and compiled, 2 x 1 x 128^3 and 160^3."""
+"""suite=model, case=mednext: MONAI's MedNeXt (in 1 / out 14, 32 initial filters, 3^3 kernels, MONAI's default two
+blocks per stage) after ``fastseg3d.convert_model(net, norm=True)`` (its depthwise convs on the fused kernel, its
+GroupNorms on the fused GroupNorm) against MONAI's own (ATen's depthwise conv3d and GroupNorm); a training step
+(forward, cross-entropy, backward) and inference, eager and compiled, 2 x 1 x 128^3 and 160^3."""
 
 from __future__ import annotations
 

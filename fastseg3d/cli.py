@@ -140,8 +140,8 @@ def _eval(args: argparse.Namespace) -> int:
         val["relabel_small"] = args.relabel_small
     if args.no_relabel_small:
         val["relabel_small"] = None
-    if args.score_empty:
-        val["ignore_empty"] = False
+    if args.score_empty or args.no_score_empty:
+        val["ignore_empty"] = args.no_score_empty
     val["hd95"] = not args.no_hd95
     val["msd"] = args.msd
     out = args.output_dir or Path(args.checkpoint).resolve().parent / "eval"
@@ -388,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
                               "post-processing: 3 2 500 for MSD labels, 2 0 500 for TC/WT/ET regions)")
     relabel.add_argument("--no-relabel-small", action="store_true",
                          help="no post-processing, even where the run's val.relabel_small sets it")
-    ev.add_argument("--score-empty", action="store_true",
-                    help="a class absent from a case's label scores Dice 1 if none is predicted, else 0 (BraTS's "
-                         "scoring; default: no Dice, as MONAI's)")
+    empty = ev.add_mutually_exclusive_group()
+    empty.add_argument("--score-empty", action="store_true",
+                       help="a class absent from a case's label scores Dice 1 if none is predicted, else 0 (as BraTS "
+                            "scores Dice; distances stay undefined there)")
+    empty.add_argument("--no-score-empty", action="store_true",
+                       help="such a class has no Dice (MONAI's default), even where the run's val.ignore_empty is "
+                            "false")
     ev.add_argument("--no-hd95", action="store_true", help="skip HD95")
     ev.add_argument("--msd", action="store_true",
                     help="the mean surface distance too (as DSD reports; in mm where the data has a voxel size)")

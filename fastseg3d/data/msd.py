@@ -224,12 +224,13 @@ def split_cases(cases: Sequence[Any], val_frac: float = 0.2, seed: int = 0) -> t
     return train, val
 
 
-def split_from_file(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike, fold: int = 0
-                    ) -> tuple[list[Any], list[Any]]:
+def split_from_file(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike, fold: int = 0,
+                    required: Sequence[str] = ("train", "val")) -> tuple[list[Any], list[Any]]:
     """Split ``cases`` (entries with a ``"name"``) into (train, val) as a JSON file lists their names: ``{"train":
     [...], "val": [...]}``, or nnU-Net's ``splits_final.json`` (a list of such folds; ``fold`` picks one). A name
     may carry its ``.nii.gz``; cases the file lists on neither side are left out. ``ValueError`` naming the file
-    for a name no case has, a name on both sides, or an empty side."""
+    for a name no case has, a name on both sides, or an empty side, on the ``required`` sides (evaluation asks
+    for ``("val",)``: a folder holding the validation cases only will do, the training side keeps what it has)."""
     try:
         with open(path) as f:
             split = json.load(f)
@@ -248,10 +249,12 @@ def split_from_file(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike,
     for side in ("train", "val"):
         names = [_case_name(str(n)) for n in split[side]]
         missing = [n for n in names if n not in by_name]
-        if missing:
+        if side not in required:
+            names = [n for n in names if n in by_name]
+        elif missing:
             raise ValueError(f"split file {path}: {side} names {len(missing)} case(s) dataset.json does not list, "
-                             f"e.g. {missing[:3]}")
-        if not names:
+                             f"e.g. {missing[:3]} (data.split_file=null: the seeded split)")
+        elif not names:
             raise ValueError(f"split file {path}: no {side} cases")
         sides.append(set(names))
     both = sides[0] & sides[1]
@@ -802,6 +805,7 @@ def build_msd_datasets(
     preprocess: Sequence[Mapping[str, Any]] | None = None,
     split_file: str | os.PathLike | None = None,
     fold: int = 0,
+    split_sides: Sequence[str] = ("train", "val"),
 ) -> tuple[Dataset, Dataset, dict[str, Any]]:
     """Train and val datasets of an MSD task folder, split by :func:`split_cases` (or by ``split_file`` and
     ``fold``: :func:`split_from_file`), with :func:`msd_transforms`.
@@ -828,7 +832,7 @@ def build_msd_datasets(
     num_classes = _num_classes(properties)
     modality = infer_modality(properties) if modality is None else modality
     if split_file is not None:
-        train_cases, val_cases = split_from_file(cases, split_file, fold)
+        train_cases, val_cases = split_from_file(cases, split_file, fold, split_sides)
     else:
         train_cases, val_cases = split_cases(cases, val_frac=val_frac, seed=seed)
     common = {

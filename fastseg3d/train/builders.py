@@ -124,7 +124,7 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
             cache=data["cache"], flip_prob=data["flip_prob"], intensity_jitter=data["intensity_jitter"],
             crop_ratio=data["crop_ratio"], augment=data["augment"], preprocess=data["preprocess"],
             split_file=find_split_file(data["split_file"]) if data["split_file"] else None,
-            fold=data["fold"])
+            fold=data["fold"], split_sides=("train", "val") if training else ("val",))
         if training:
             counts = (f"data.root={data['root']} lists {len(train) + len(val)} case(s) in dataset.json: {len(train)} "
                       f"for training, {len(val)} for validation ("

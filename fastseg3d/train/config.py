@@ -142,7 +142,7 @@ DEFAULTS: dict[str, Any] = {
         # become channel `into` (TransBTS/MISSU: enhancing tumour under 500 voxels -> non-enhancing); null: off
         "relabel_small": None,
         # a class absent from a case's label has no Dice (MONAI's default); false: 1 if none predicted, else 0
-        # (the BraTS challenge's scoring)
+        # (as the BraTS challenge scores Dice; HD95 and the surface distance stay undefined there)
         "ignore_empty": True,
         "hd95": False,
         "msd": False,  # mean surface distance (MONAI's SurfaceDistanceMetric), as DSD reports
@@ -436,10 +436,11 @@ def _recipe_folders() -> tuple[Path, Path]:
 
 
 def find_split_file(name: str | os.PathLike) -> Path:
-    """A split file's path as given, or a bare name (``segformer3d_brats``) looked up among the recipes' published
-    splits (``<recipes>/splits/<name>.json``); a name found in neither place is returned as given."""
+    """A split file's path as given, or a bare name (``segformer3d_brats``, no folder) looked up among the recipes'
+    published splits (``<recipes>/splits/<name>.json``); anything else is returned as given (a path that does not
+    exist is the loader's error, never a published split of the same name)."""
     path = Path(name)
-    if path.is_file():
+    if path.is_file() or path.parent != Path("."):
         return path
     for folder in _recipe_folders():
         for candidate in (folder / "splits" / path.name, folder / "splits" / f"{path.name}.json"):

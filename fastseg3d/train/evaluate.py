@@ -123,11 +123,11 @@ def evaluate_checkpoint(
 
     Returns:
         the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``msd``, ``msd_per_class``,
-        ``num_cases``,
-        ``class_names`` and ``grid``: ``"label files"`` where MSD data was resampled to ``data.pixdim`` and the
-        predictions were taken back to each label file's grid and voxel size to be scored, else
-        ``"network input"``); for ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``,
-        also written as ``predictions.json`` in place of ``eval_metrics.json``.
+        ``num_cases``, ``class_names``, ``ignore_empty`` (how a class absent from a label was scored) and
+        ``grid``: ``"label files"`` where MSD data was resampled to ``data.pixdim`` and the predictions were taken
+        back to each label file's grid and voxel size to be scored, else ``"network input"``); for
+        ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``, also written as
+        ``predictions.json`` in place of ``eval_metrics.json``.
     """
     from fastseg3d.train.config import DEFAULTS, merge
     from fastseg3d.train.inference import (
@@ -228,6 +228,7 @@ def evaluate_checkpoint(
     else:
         result = acc.aggregate()
         result["grid"] = "label files" if on_file_grid else "network input"
+        result["ignore_empty"] = bool(vcfg["ignore_empty"])
     result["class_names"] = [c for c in bundle.class_names][0 if bundle.mode == "sigmoid" else 1:]
     target = out / ("predictions.json" if split == "test" else "eval_metrics.json")
     tmp = target.with_name(target.name + ".tmp")

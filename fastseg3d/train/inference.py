@@ -340,8 +340,9 @@ def segmentation_metrics(
         msd: compute the mean surface distance (MONAI's default, from the prediction's surface to the label's), in
             the same units; with ``False`` the ``msd`` entries are ``None``.
         ignore_empty: a class absent from a case's ground truth has no Dice (MONAI's default); with ``False`` it
-            scores 1 where nothing was predicted and 0 otherwise, as the BraTS challenge scores (the case where
-            post-processing such as :func:`relabel_small_class` pays).
+            scores 1 where nothing was predicted and 0 otherwise, as the BraTS challenge scores Dice (the case
+            where post-processing such as :func:`relabel_small_class` pays). Dice only: the distances stay
+            undefined where the label or the prediction is empty.
 
     Returns:
         ``{"dice", "dice_per_class", "hd95", "hd95_per_class", "msd", "msd_per_class"}``. Per class: mean over

@@ -116,8 +116,12 @@ def test_train_writes_run_directory_and_eval_reads_it(tmp_path):
     scored = tmp_path / "scored"
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(scored),
                      "--score-empty", "--no-hd95"]) == 0
-    cases = json.loads((scored / "eval_metrics.json").read_text())["cases"]
-    assert all(d is not None for case in cases for d in case["dice_per_class"])
+    scored_json = json.loads((scored / "eval_metrics.json").read_text())
+    assert scored_json["mean"]["ignore_empty"] is False
+    assert all(d is not None for case in scored_json["cases"] for d in case["dice_per_class"])
+    assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(scored),
+                     "--no-score-empty", "--no-hd95"]) == 0
+    assert json.loads((scored / "eval_metrics.json").read_text())["mean"]["ignore_empty"] is True
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(relabelled),
                      "--relabel-small", "5", "1", "10"]) != 0
     from fastseg3d.train import SetupError
@@ -560,6 +564,15 @@ def test_segformer3d_recipe_validates_on_the_released_split():
     train, val = split_from_file(cases, path)
     assert [c["name"] for c in val][:3] == ["BRATS_010", "BRATS_026", "BRATS_029"] and len(train) == 411
     assert find_split_file("no_such_split") == Path("no_such_split")  # left for the loader's error
+    # a path (a folder in it) is never taken for the published split of the same name
+    assert find_split_file("/nowhere/segformer3d_brats.json") == Path("/nowhere/segformer3d_brats.json")
+    assert find_split_file("typo/segformer3d_brats") == Path("typo/segformer3d_brats")
+    # a folder holding only some training cases: training refuses it, evaluation (the val side) takes it
+    some = [c for c in cases if c["name"] in set(split["val"]) or c["name"] == "BRATS_016"]
+    with pytest.raises(ValueError, match=r"train names 410 case\(s\).*data.split_file=null"):
+        split_from_file(some, path)
+    train, val = split_from_file(some, path, required=("val",))
+    assert [c["name"] for c in train] == ["BRATS_016"] and len(val) == 73
 
 
 def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
