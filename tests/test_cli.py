@@ -338,3 +338,23 @@ def test_train_compile_flag_keeps_a_mode_the_config_names(monkeypatch, overrides
     with pytest.raises(Stop):
         main(["train", "--config", "quickstart", "--compile", *overrides])
     assert seen == [expected]
+
+
+def test_profile_of_a_wrapped_monai_network(capsys):
+    """model.wrap on a MONAI network: the count covers the DSD heads and their loss (more saved than the bare
+    network with its plain loss)."""
+    pytest.importorskip("monai.networks.nets")
+    from fastseg3d.cli import main
+
+    net = ["model.name=monai.networks.nets.DynUNet", "model.kwargs={spatial_dims: 3, kernel_size: [3, 3, 3], "
+           "strides: [1, 2, 2], upsample_kernel_size: [2, 2], filters: [4, 8, 16]}", "data.in_channels=1"]
+
+    def saved(*overrides):
+        assert main(["profile", "--config", "quickstart", "--size", "32", "--batch", "1", *net, *overrides]) == 0
+        out = capsys.readouterr().out
+        network = next(line for line in out.splitlines() if "saved by the network" in line)
+        loss = next(line for line in out.splitlines() if "saved by the loss" in line)
+        return float(network.split()[4]) + float(loss.split()[4]), network, loss
+
+    (wrapped, network, loss), (bare, _, _) = saved("model.wrap=dsd", "loss.distill=dsd"), saved()
+    assert wrapped > bare and "encoder_heads" in network and "dice_ce + dsd" in loss, (wrapped, bare, loss)
