@@ -359,6 +359,20 @@ def test_model_wrap_trains_a_monai_network_with_self_distillation(wrap, tmp_path
         Trainer(load_config("quickstart", [*base, f"model.wrap={wrap}"]), tmp_path / "a")
 
 
+def test_a_wrapped_run_resumes(tmp_path):
+    """A DSD-wrapped DynUNet (heads shared per scale, so fewer parameters than heads) resumes its weights and
+    optimizer state."""
+    net = ["model.name=monai.networks.nets.DynUNet", "model.kwargs={spatial_dims: 3, kernel_size: [3, 3, 3, 3], "
+           "strides: [1, 2, 2, 2], upsample_kernel_size: [2, 2, 2], filters: [4, 8, 16, 16]}", "model.wrap=dsd",
+           "loss.distill=dsd"]
+    args = ["train", "--config", "quickstart", "--output-dir", str(tmp_path), *TINY_DATA, "val.every=0", *net]
+    assert cli_main([*args, "--epochs", "1"]) == 0
+    assert cli_main([*args, "--epochs", "2", "--resume", "auto"]) == 0
+    ckpt = load_checkpoint(tmp_path / "checkpoint_final.pt")
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and ckpt["model"]["wrap"] == "dsd"
+    assert any(k.startswith("encoder_heads.") for k in ckpt["network_weights"])
+
+
 def test_model_wrap_errors_are_one_line(tmp_path):
     from fastseg3d.train import SetupError
 
