@@ -390,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="no post-processing, even where the run's val.relabel_small sets it")
     empty = ev.add_mutually_exclusive_group()
     empty.add_argument("--score-empty", action="store_true",
-                       help="a class absent from a case's label scores Dice 1 if none is predicted, else 0 (as BraTS "
-                            "scores Dice; distances stay undefined there)")
+                       help="classes empty on a side scored as BraTS does: Dice 1 and distance 0 when both sides are "
+                            "empty, else Dice 0 and the volume's diagonal")
     empty.add_argument("--no-score-empty", action="store_true",
-                       help="such a class has no Dice (MONAI's default), even where the run's val.ignore_empty is "
-                            "false")
+                       help="such classes have no Dice or distance (MONAI's defaults), even where the run's "
+                            "val.ignore_empty is false")
     ev.add_argument("--no-hd95", action="store_true", help="skip HD95")
     ev.add_argument("--msd", action="store_true",
                     help="the mean surface distance too (as DSD reports; in mm where the data has a voxel size)")

@@ -141,8 +141,9 @@ DEFAULTS: dict[str, Any] = {
         # [class, into, min_voxels]: in a case predicting fewer than min_voxels of channel `class`, those voxels
         # become channel `into` (TransBTS/MISSU: enhancing tumour under 500 voxels -> non-enhancing); null: off
         "relabel_small": None,
-        # a class absent from a case's label has no Dice (MONAI's default); false: 1 if none predicted, else 0
-        # (as the BraTS challenge scores Dice; HD95 and the surface distance stay undefined there)
+        # a class absent from a case's label has no Dice, one absent from either side no distance (MONAI's
+        # defaults); false: scored as BraTS does (Dice 1 and distance 0 when both sides are empty, else Dice 0 and
+        # the volume's diagonal)
         "ignore_empty": True,
         "hd95": False,
         "msd": False,  # mean surface distance (MONAI's SurfaceDistanceMetric), as DSD reports

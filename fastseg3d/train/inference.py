@@ -263,7 +263,8 @@ def _per_case(
     ignore_empty: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(cases, classes) Dice, HD95 and mean surface distance as float64 arrays (None: not asked for); NaN where a
-    value is undefined."""
+    value is undefined. With ``ignore_empty=False`` a class empty on a side is scored as the BraTS challenge does:
+    Dice 1 and distance 0 when both sides are empty, else Dice 0 and the volume's diagonal as the distance."""
     from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
     if pred.shape != target.shape or pred.dim() < 3:
@@ -273,6 +274,14 @@ def _per_case(
     # prediction and 0 for any voxel predicted (the BraTS challenge's scoring)
     dice = compute_dice(pred, target, include_background=include_background, ignore_empty=ignore_empty)
     dice = dice.double().cpu().numpy()
+    if not ignore_empty and (hd95 or msd):
+        first = 0 if include_background else 1
+        pred_empty = (pred[:, first:].flatten(2) == 0).all(-1).cpu().numpy()
+        target_empty = (target[:, first:].flatten(2) == 0).all(-1).cpu().numpy()
+        sizes = np.asarray(pred.shape[2:], np.float64)
+        steps = np.broadcast_to(np.asarray(1.0 if spacing is None else spacing, np.float64), sizes.shape)
+        # BraTS's penalty: 373.13 mm, the diagonal of its 240 x 240 x 155 volumes at 1 mm
+        diagonal = float(np.sqrt(((sizes * steps) ** 2).sum()))
     distances = []
     for wanted, compute, kwargs in ((hd95, compute_hausdorff_distance, {"percentile": 95}),
                                     (msd, compute_average_surface_distance, {})):
@@ -286,6 +295,8 @@ def _per_case(
             d = compute(pred, target, include_background=include_background, spacing=spacing, **kwargs)
         d = d.double().cpu().numpy()
         d[~np.isfinite(d)] = np.nan
+        if not ignore_empty:
+            d = np.where(pred_empty & target_empty, 0.0, np.where(pred_empty | target_empty, diagonal, d))
         distances.append(d)
     return dice, *distances
 
@@ -339,10 +350,11 @@ def segmentation_metrics(
         spacing: voxel size per spatial axis (or one for all) so HD95 is in physical units; default voxels.
         msd: compute the mean surface distance (MONAI's default, from the prediction's surface to the label's), in
             the same units; with ``False`` the ``msd`` entries are ``None``.
-        ignore_empty: a class absent from a case's ground truth has no Dice (MONAI's default); with ``False`` it
-            scores 1 where nothing was predicted and 0 otherwise, as the BraTS challenge scores Dice (the case
-            where post-processing such as :func:`relabel_small_class` pays). Dice only: the distances stay
-            undefined where the label or the prediction is empty.
+        ignore_empty: a class absent from a case's ground truth has no Dice, and a class absent from either side no
+            distance (MONAI's defaults); with ``False`` such classes are scored as the BraTS challenge scores them:
+            Dice 1 and distances 0 when both sides are empty, else Dice 0 and the volume's diagonal (in
+            ``spacing``'s units; BraTS's 373.13 mm) as the distance (the case where post-processing such as
+            :func:`relabel_small_class` pays).
 
     Returns:
         ``{"dice", "dice_per_class", "hd95", "hd95_per_class", "msd", "msd_per_class"}``. Per class: mean over

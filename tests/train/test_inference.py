@@ -371,3 +371,28 @@ def test_voxel_spacing_follows_transposed_axes():
     swapped = Transposed("image", indices=[0, 3, 2, 1])({"image": image})["image"]
     assert swapped.shape == (1, 6, 5, 4) and _voxel_spacing(swapped) == [3.0, 2.0, 1.0]
     assert _voxel_spacing(torch.zeros(1, 4, 5, 6)) is None
+
+
+@pytest.mark.parametrize("spacing", [None, (1.0, 2.0, 0.5)])
+def test_brats_scoring_of_empty_classes(spacing):
+    """ignore_empty=False: Dice 1 / distance 0 where both sides are empty, Dice 0 / the volume's diagonal where one
+    is; MONAI's default leaves those undefined (None in the summaries)."""
+    labels = torch.zeros(1, 6, 8, 10, dtype=torch.long)
+    labels[:, 1:4, 2:6, 2:7] = 1
+    labels[:, 2, 3, 3:5] = 3  # class 3 in the label, not predicted; class 2 on neither side
+    pred_labels = labels.clone()
+    pred_labels[pred_labels == 3] = 1
+    target = to_onehot(labels[:, None], 4, "softmax")
+    pred = to_onehot(pred_labels[:, None], 4, "softmax")
+    steps = np.ones(3) if spacing is None else np.asarray(spacing)
+    diagonal = float(np.sqrt(((np.asarray([6, 8, 10]) * steps) ** 2).sum()))
+    brats = segmentation_metrics(pred, target, include_background=False, hd95=True, msd=True, spacing=spacing,
+                                 ignore_empty=False)
+    assert brats["dice_per_class"][1:] == [1.0, 0.0]
+    assert brats["hd95_per_class"][1:] == [0.0, pytest.approx(diagonal)]
+    assert brats["msd_per_class"][1:] == [0.0, pytest.approx(diagonal)]
+    assert brats["hd95_per_class"][0] == segmentation_metrics(pred, target, include_background=False,
+                                                              spacing=spacing)["hd95_per_class"][0]  # unchanged
+    monai = segmentation_metrics(pred, target, include_background=False, hd95=True, msd=True, spacing=spacing)
+    assert monai["dice_per_class"][1:] == [None, 0.0]
+    assert monai["hd95_per_class"][1:] == [None, None] and monai["msd_per_class"][1:] == [None, None]
