@@ -104,8 +104,9 @@ def convert_model(model: nn.Module, *, conv: bool = True, attention: bool = True
     if attention and monai_sablock is not None:
         from fastseg3d.nn.sablock import SABlock
 
+        is_monai = _of_type(monai_sablock)
         # blocks whose settings the kernel never takes stay MONAI's (the triton backend would refuse them)
-        swaps.append((lambda m: _of_type(monai_sablock)(m) and not SABlock.static_reasons(m), SABlock))
+        swaps.append((lambda m: is_monai(m) and not SABlock.static_reasons(m), SABlock))
     return _swap(model, swaps)
 
 

@@ -691,8 +691,8 @@ def msd_transforms(
     if pixdim is not None:
         tf.append(T.Spacingd(keys, pixdim=pixdim, mode=("bilinear", "nearest")[:len(keys)]))
     if preprocess is not None:
-        tf += _allow_missing_label(build_transforms(preprocess, "preprocess")) if mode == "predict" else \
-            build_transforms(preprocess, "preprocess")
+        built = build_transforms(preprocess, "preprocess")
+        tf += _allow_missing_label(built) if mode == "predict" else built
     else:
         if modality == "CT":
             tf.append(

@@ -16,10 +16,13 @@ __all__ = ["METHODS", "dynunet_layers", "layers_for", "swinunetr_layers", "unet_
 METHODS = ("dsd", "selfreg")
 
 
-def _check(net: nn.Module | None, cls_name: str, method: str, package: str) -> None:
+def _is(net: nn.Module, cls_name: str, package: str) -> bool:
     # by class name and package: MONAI is optional, a subclass keeps the layer names, and MONAI's UNet is another UNet
-    if net is not None and not any(c.__name__ == cls_name and c.__module__.startswith(package)
-                                   for c in type(net).__mro__):
+    return any(c.__name__ == cls_name and c.__module__.startswith(package) for c in type(net).__mro__)
+
+
+def _check(net: nn.Module | None, cls_name: str, method: str, package: str) -> None:
+    if net is not None and not _is(net, cls_name, package):
         raise TypeError(f"expected {package.rstrip('.')}'s {cls_name}, got {type(net).__module__}.{type(net).__name__}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -164,7 +167,7 @@ def layers_for(net: nn.Module, method: str) -> dict:
         ('encoder.2', 'decoder.0')
     """
     for cls_name, package, preset, reads_net in _PRESETS:
-        if any(c.__name__ == cls_name and c.__module__.startswith(package) for c in type(net).__mro__):
+        if _is(net, cls_name, package):
             fn = globals()[preset]
             return fn(net, method) if reads_net else fn(method)
     known = ", ".join(f"{package.rstrip('.')}'s {name}" for name, package, _, _ in _PRESETS)
