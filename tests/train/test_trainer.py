@@ -112,6 +112,16 @@ def test_train_writes_run_directory_and_eval_reads_it(tmp_path):
     assert code == 0
     moved = np.asarray(nib.load(str(relabelled / "predictions" / "synthetic_2_0000.nii.gz")).dataobj)
     assert np.array_equal(moved, np.where(plain == source, into, plain))
+    # a run whose config relabels: eval follows it, --no-relabel-small turns it off
+    ckpt = load_checkpoint(run / "checkpoint_final.pt")
+    ckpt["config"]["val"]["relabel_small"] = [source, into, int(plain.size)]
+    torch.save(ckpt, tmp_path / "relabelling.pt")
+    for flags, expected in (([], np.where(plain == source, into, plain)), (["--no-relabel-small"], plain)):
+        out = tmp_path / f"own{len(flags)}"
+        assert cli_main(["eval", "--checkpoint", str(tmp_path / "relabelling.pt"), "--output-dir", str(out),
+                         "--save-predictions", "--flip-tta", *flags]) == 0
+        got = np.asarray(nib.load(str(out / "predictions" / "synthetic_2_0000.nii.gz")).dataobj)
+        assert np.array_equal(got, expected), flags
     # BraTS's scoring: every class has a Dice, the ones absent from the label too
     scored = tmp_path / "scored"
     assert cli_main(["eval", "--checkpoint", str(run / "checkpoint_final.pt"), "--output-dir", str(scored),
