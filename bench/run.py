@@ -86,31 +86,28 @@ def _graph_steps(fn, setup):
 @contextlib.contextmanager
 def _eager_loss_seeds():
     """The fused losses' backward returns the gradient its forward made as it is where the incoming gradient is 1
-    (``ops.utils.scaled_grad``), which it learns by reading that scalar back: not allowed in a capture, where it
-    scales the gradient instead, a pass over every gradient that the eager call does not make. Here each decision
-    of the eager warm-up calls is recorded and the capture repeats the first call's, in order, so that the graph
-    holds the eager call's GPU work."""
+    (``ops.utils.scaled_grads``), which it learns by reading that gradient back (``ops.utils.unit_grad``): not
+    allowed in a capture, where it scales the gradient instead, a pass over every gradient that the eager call does
+    not make. Here each decision of the eager warm-up calls is recorded and the capture repeats the first call's, in
+    order, so that the graph holds the eager call's GPU work."""
     from fastseg3d.ops import utils as op_utils
 
-    original = op_utils.scaled_grad
+    original = op_utils.unit_grad
     decisions: list[bool] = []
     replayed = [0]
 
-    def scaled_grad(grad_out, saved, dtype):
+    def unit_grad(grad_out):
         if not torch.cuda.is_current_stream_capturing():
-            out = original(grad_out, saved, dtype)
-            decisions.append(out is saved)
-            return out
+            decisions.append(original(grad_out))
+            return decisions[-1]
         i, replayed[0] = replayed[0], replayed[0] + 1
-        if i < len(decisions) and decisions[i]:
-            return saved
-        return original(grad_out, saved, dtype)
+        return i < len(decisions) and decisions[i]
 
-    op_utils.scaled_grad = scaled_grad
+    op_utils.unit_grad = unit_grad
     try:
         yield
     finally:
-        op_utils.scaled_grad = original
+        op_utils.unit_grad = original
 
 
 def _graph_ms(fn, setup, device: torch.device, label: str) -> float | None:

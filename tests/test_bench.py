@@ -305,12 +305,14 @@ def test_graph_capture_repeats_the_eager_calls_loss_seed_decisions(monkeypatch):
     saved = torch.full((3,), 0.5)
     with _eager_loss_seeds(), torch.no_grad():  # as in a backward
         for _ in range(2):  # warm-up steps, each with a loss seeded by 1 and one by 3
-            assert op_utils.scaled_grad(torch.tensor(1.0), saved, saved.dtype) is saved
-            assert torch.equal(op_utils.scaled_grad(torch.tensor(3.0), saved, saved.dtype), torch.full((3,), 1.5))
+            assert op_utils.scaled_grads(torch.tensor(1.0), [saved], [saved.dtype])[0] is saved
+            assert torch.equal(op_utils.scaled_grads(torch.tensor(3.0), [saved], [saved.dtype])[0],
+                               torch.full((3,), 1.5))
         capturing[0] = True  # the values are not read here: 5.0 stands for a scalar the capture cannot see
-        assert op_utils.scaled_grad(torch.tensor(5.0), saved, saved.dtype) is saved
-        assert torch.equal(op_utils.scaled_grad(torch.tensor(3.0), saved, saved.dtype), torch.full((3,), 1.5))
-    assert op_utils.scaled_grad.__module__ == "fastseg3d.ops.utils"
+        assert op_utils.scaled_grads(torch.tensor(5.0), [saved], [saved.dtype])[0] is saved
+        assert torch.equal(op_utils.scaled_grads(torch.tensor(3.0), [saved], [saved.dtype])[0],
+                           torch.full((3,), 1.5))
+    assert op_utils.unit_grad.__module__ == "fastseg3d.ops.utils"
 
 
 @pytest.mark.parametrize("capture_ended", [False, True])

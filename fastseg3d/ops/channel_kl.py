@@ -64,7 +64,7 @@ def channel_kl_unsupported_reasons(student: Tensor, teacher: Tensor | None = Non
 # torch.library op
 
 
-@torch.library.triton_op("fastseg3d::channel_kl", mutates_args=())
+@utils.eager_op("fastseg3d::channel_kl")
 def _channel_kl_op(student: Tensor, teacher: Tensor, reduction: str, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(fp32 loss, dL/dstudent); the gradient is an empty (0,) tensor unless ``need_grad``. The teacher gets none."""
     if student.device.type == "meta":
@@ -96,7 +96,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_grad):
     (saved,) = ctx.saved_tensors
-    return utils.scaled_grad(grad_loss, saved, ctx.dtype), None, None, None
+    return utils.scaled_grads(grad_loss, [saved], [ctx.dtype])[0], None, None, None
 
 
 _channel_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -132,8 +132,6 @@ def channel_kl(student: Tensor, teacher: Tensor, reduction: str = "mean") -> Ten
     _validate(student, teacher, reduction)
     if backends.select("channel_kl", channel_kl_unsupported_reasons(student, teacher), student.device):
         need = torch.is_grad_enabled() and student.requires_grad
-        if backends.checking_finite():
-            utils.check_finite_inputs("fastseg3d::channel_kl", ("student", "teacher"), (student, teacher))
         loss, _ = _channel_kl_op(student, teacher.detach(), reduction, need)
         return loss
     return channel_kl_ref(student, teacher, reduction)

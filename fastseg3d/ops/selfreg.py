@@ -149,7 +149,7 @@ def _pyramid(teacher: Tensor, sizes: list[tuple[int, int, int]]) -> dict[tuple[i
     return levels
 
 
-@torch.library.triton_op("fastseg3d::selfreg_inter", mutates_args=())
+@utils.eager_op("fastseg3d::selfreg_inter")
 def _selfreg_inter_op(
     students: list[Tensor],
     teacher: Tensor,
@@ -199,8 +199,7 @@ def _inter_setup_context(ctx, inputs, output):
 
 
 def _inter_backward(ctx, grad_losses, grad_grads):
-    grads = [utils.scaled_grad(grad_losses[i] if grad_losses is not None else None, g, dt)
-             for i, (g, dt) in enumerate(zip(ctx.saved_tensors, ctx.dtypes))]
+    grads = utils.scaled_grads(grad_losses, ctx.saved_tensors, ctx.dtypes)
     nones = [None] * len(grads)
     return grads, None, nones, nones, None
 
@@ -208,7 +207,7 @@ def _inter_backward(ctx, grad_losses, grad_grads):
 _selfreg_inter_op.register_autograd(_inter_backward, setup_context=_inter_setup_context)
 
 
-@torch.library.triton_op("fastseg3d::selfreg_intra", mutates_args=())
+@utils.eager_op("fastseg3d::selfreg_intra")
 def _selfreg_intra_op(feature: Tensor, need_grad: bool) -> tuple[Tensor, Tensor]:
     """(fp32 loss, dL/dfeature); the gradient is an empty (0,) tensor unless ``need_grad``."""
     if feature.device.type == "meta":
@@ -239,7 +238,7 @@ def _intra_setup_context(ctx, inputs, output):
 
 def _intra_backward(ctx, grad_loss, grad_grad):
     (saved,) = ctx.saved_tensors
-    return utils.scaled_grad(grad_loss, saved, ctx.dtype), None
+    return utils.scaled_grads(grad_loss, [saved], [ctx.dtype])[0], None
 
 
 _selfreg_intra_op.register_autograd(_intra_backward, setup_context=_intra_setup_context)
@@ -340,8 +339,6 @@ def _selfreg_inter(students, teacher, student_channels, teacher_channels) -> Ten
     cs, ct = _validate_inter(students, teacher, student_channels, teacher_channels)
     if backends.select("selfreg_inter", selfreg_inter_unsupported_reasons(teacher, students), teacher.device):
         need = [_needs_grad(s) for s in students]
-        if backends.checking_finite():
-            utils.check_finite_inputs("fastseg3d::selfreg_inter", ("students", "teacher"), (students, teacher))
         losses, _ = _selfreg_inter_op(students, teacher.detach(), cs, ct, need)
         return losses
     if len(students) == 1:
@@ -372,8 +369,6 @@ def selfreg_intra(feature: Tensor) -> Tensor:
     if feature.shape[1] % 2:
         raise ValueError(f"selfreg_intra needs an even channel count, got C={feature.shape[1]}")
     if backends.select("selfreg_intra", selfreg_intra_unsupported_reasons(feature), feature.device):
-        if backends.checking_finite():
-            utils.check_finite_inputs("fastseg3d::selfreg_intra", ("feature",), (feature,))
         loss, _ = _selfreg_intra_op(feature, _needs_grad(feature))
         return loss
     return selfreg_intra_ref(feature)

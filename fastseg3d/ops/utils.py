@@ -39,7 +39,7 @@ __all__ = [
     "launches",
     "layout_of",
     "no_zero_grads",
-    "scaled_grad",
+    "scaled_grads",
 ]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -115,26 +115,44 @@ def no_zero_grads(ctx) -> None:
     ctx.set_materialize_grads(False)
 
 
-def scaled_grad(grad_out: torch.Tensor | None, saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """The input gradient of a loss whose forward already made it: ``grad_out * saved`` in ``dtype`` (None for an
-    empty ``saved``, the op's "no gradient" marker, and for no ``grad_out``: see :func:`no_zero_grads`).
+def unit_grad(grad_out: torch.Tensor) -> bool:
+    """Whether a loss's incoming gradient is exactly 1 everywhere, read back from its device; False while tracing
+    (compile, fake and meta tensors), during CUDA-graph capture and when a graph of the gradient is being built."""
+    return (not grad_out.requires_grad and grad_out.device.type in ("cuda", "cpu") and not _tracing(grad_out)
+            and bool((grad_out == 1).all()))
 
-    A loss is usually backpropagated with exactly 1 (``loss.backward()``, or a sum the loss is a term of): then
-    ``saved`` itself is returned, which spares a pass over it and a copy the size of the input (the memory roofline
-    of forward + backward is otherwise at most half reached). Checking for 1 reads the scalar back, so it is skipped
-    while tracing (compile, fake and meta tensors), during CUDA-graph capture and when a graph of the gradient is
-    being built. Run twice with ``retain_graph``, a gradient that was changed in place in between makes autograd
-    raise, as for any saved tensor. An fp16 input's gradient is saved in fp32 (see
-    :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`), so a loss scale such as GradScaler's 2^16, which
-    fp16 cannot even represent, is applied in fp32 before the cast. A double backward raises.
+
+def scaled_grads(grad_out: torch.Tensor | None, saved, dtypes) -> list[torch.Tensor | None]:
+    """The input gradients of a loss whose forward already made them (``saved``, one per input, an empty tensor
+    where it made none): ``grad_out * saved[i]`` in ``dtypes[i]``, None for an empty one and for no ``grad_out``
+    (see :func:`no_zero_grads`). ``grad_out`` is the loss's incoming gradient, 0-d, or one per input for a loss
+    with a value per input.
+
+    A loss is usually backpropagated with exactly 1 (``loss.backward()``, or a sum the loss is a term of): then each
+    saved gradient already in its input's dtype is returned as it is, which spares a pass over it and a copy the size
+    of the input (the memory roofline of forward + backward is otherwise at most half reached). Checking for 1 reads
+    ``grad_out`` back (:func:`unit_grad`), once a call whatever the number of inputs. Run twice with
+    ``retain_graph``, a gradient that was changed in place in between makes autograd raise, as for any saved
+    tensor. An fp16 input's gradient is saved in fp32 (see :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`),
+    so a loss scale such as GradScaler's 2^16, which fp16 cannot even represent, is applied in fp32 before the cast.
+    A double backward raises.
     """
-    if grad_out is None or not saved.numel():
-        return None
+    if grad_out is None:
+        return [None] * len(saved)
     refuse_double_backward(grad_out)
-    if (saved.dtype == dtype and grad_out.numel() == 1 and not grad_out.requires_grad
-            and grad_out.device.type in ("cuda", "cpu") and not _tracing(grad_out) and bool(grad_out == 1)):
-        return saved
-    return (grad_out * saved).to(dtype)
+    unit = None  # read back only where a saved gradient could be handed over as it is
+    out = []
+    for i, (g, dtype) in enumerate(zip(saved, dtypes)):
+        if not g.numel():
+            out.append(None)
+            continue
+        if g.dtype == dtype:
+            unit = unit_grad(grad_out) if unit is None else unit
+            if unit:
+                out.append(g)
+                continue
+        out.append(((grad_out[i] if grad_out.dim() else grad_out) * g).to(dtype))
+    return out
 
 
 def refuse_double_backward(grad_out: torch.Tensor) -> None:
@@ -251,15 +269,17 @@ class EagerOp:
     between (under the profiler they are recorded under the op's name). Everything that observes or transforms
     ops calls ``torch.ops.fastseg3d.<name>``, which runs the same body and formulas: ``torch.compile`` and
     export, ``torch.jit.trace``, fake tensors, dispatch and function modes, functorch transforms (though the public
-    functions run the references there: ``backends.transform_reasons``) and tensor subclasses. Only for ops whose
-    tensor arguments are all top-level (an ``autograd.Function`` does not see tensors inside lists).
+    functions run the references there: ``backends.transform_reasons``) and tensor subclasses. An ``autograd.Function``
+    sees only top-level tensors, so tensor-list arguments (the multi-student losses) reach it flattened, and their
+    gradients are flattened back from the lists the op's backward returns.
     """
 
     def __init__(self, name: str, fn: Callable, mutates_args: tuple[str, ...] = ()) -> None:
-        if "Tensor[]" in torch.library.infer_schema(fn, mutates_args=mutates_args).split("->")[0]:
-            raise TypeError(f"{name}: an EagerOp's tensor arguments must be top-level, not lists")
+        schema = torch._C.parse_schema(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         self.name = name
         self._arg_names = tuple(inspect.signature(fn).parameters)
+        # positions of the Tensor[] arguments, which the autograd.Function takes flattened
+        self._lists = tuple(i for i, a in enumerate(schema.arguments) if str(a.type) == "List[Tensor]")
         EAGER_OPS[name] = self
         self.op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         self._fn = fn
@@ -282,21 +302,51 @@ class EagerOp:
 
         # forward(ctx, ...) rather than a setup_context staticmethod: apply() would bind the arguments to the
         # signature with inspect on every call (~40 us)
-        def forward(ctx, *args):
-            output = self._run(*args)
-            setup_context(ctx, args, output)
-            return output
+        if self._lists:
+            lists = self._lists
+
+            def forward(ctx, lengths, *flat):
+                args, at = [], 0
+                for i in range(len(flat) - sum(lengths) + len(lengths)):
+                    if i in lists:
+                        n = lengths[lists.index(i)]
+                        args.append(list(flat[at:at + n]))
+                        at += n
+                    else:
+                        args.append(flat[at])
+                        at += 1
+                output = self._run(*args)
+                setup_context(ctx, args, output)
+                ctx.eager_lengths = lengths
+                return output
+
+            def flat_backward(ctx, *grads):
+                out = backward(ctx, *grads)
+                flat = [None]  # the lengths
+                for i, g in enumerate(out):
+                    if i in lists:
+                        flat.extend(g if g is not None else [None] * ctx.eager_lengths[lists.index(i)])
+                    else:
+                        flat.append(g)
+                return tuple(flat)
+        else:
+            def forward(ctx, *args):
+                output = self._run(*args)
+                setup_context(ctx, args, output)
+                return output
+
+            flat_backward = backward
 
         # the graph node is named after the op (e.g. dwconv3d_eagerBackward) in profiles and anomaly reports
         Function = type(self.name.split("::")[-1] + "_eager", (torch.autograd.Function,),
-                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                        {"forward": staticmethod(forward), "backward": staticmethod(flat_backward)})
         self._function = Function
         # autograd's own apply, without Function.apply's Python checks for functorch (_eager_grad has made them):
         # ~3.5 us a call
         self._apply = super(torch.autograd.Function, Function).apply
 
     def __call__(self, *args):
-        grad = _eager_grad(args)
+        grad = _eager_grad(args, self._lists)
         if grad is None:
             return self.op(*args)
         if backends.checking_finite():
@@ -310,6 +360,14 @@ class EagerOp:
         if grad and torch.is_grad_enabled():
             if self._function is None:
                 return self.op(*args)  # no autograd formula: the dispatcher's error says so
+            if self._lists:
+                flat = []
+                for i, a in enumerate(args):
+                    if i in self._lists:
+                        flat.extend(a)
+                    else:
+                        flat.append(a)
+                return self._apply(tuple(len(args[i]) for i in self._lists), *flat)
             return self._apply(*args)
         return self._run(*args)
 
@@ -324,16 +382,17 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _eager_grad(args) -> bool | None:
+def _eager_grad(args, lists: tuple[int, ...] = ()) -> bool | None:
     """None where the call must go through the dispatcher (a tensor subclass, fake tensor or functorch wrapper left
-    over from a finished transform among ``args``, or compile, a dispatch or function mode, a functorch transform or
-    jit tracing active); otherwise whether a tensor in ``args`` requires a gradient (one pass over them)."""
+    over from a finished transform among ``args``, or in the tensor lists at positions ``lists``, or compile, a
+    dispatch or function mode, a functorch transform or jit tracing active); otherwise whether one of those tensors
+    requires a gradient (one pass over them)."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._len_torch_function_stack() or torch._C._are_functorch_transforms_active()
             or torch._C._get_tracing_state() is not None):
         return None
     grad = False
-    for a in args:
+    for a in (*args, *(t for i in lists for t in args[i])) if lists else args:
         if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN_TENSORS or _functorch_wrapped(a):
                 return None

@@ -16,6 +16,10 @@ from tests.utils import assert_close
 
 DW = sys.modules["fastseg3d.ops.dwconv3d"]
 ATT = sys.modules["fastseg3d.ops.attention"]
+KL = sys.modules["fastseg3d.ops.kl_distill"]
+CKL = sys.modules["fastseg3d.ops.channel_kl"]
+SR = sys.modules["fastseg3d.ops.selfreg"]
+LOSSES = ["kl_distill", "selfreg_inter", "channel_kl", "selfreg_intra"]
 
 
 def _dw_args(shape=(2, 5, 3, 4, 6), dtype=torch.float32, device="cpu"):
@@ -29,6 +33,35 @@ def _att_args(n=37, m=11, dtype=torch.float32, device="cpu"):
     q = torch.randn(2, n, 2, 16, device=device).to(dtype).requires_grad_()
     kv = torch.randn(2, m, 2 * 2 * 16, device=device).to(dtype).view(2, m, 2, 2, 16).detach().requires_grad_()
     return (q, kv[:, :, 0], kv[:, :, 1], 0.3), [q, kv]
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu", grad=True):
+    return torch.randn(shape, device=device).to(dtype).requires_grad_(grad)
+
+
+def _loss_args(case, dtype=torch.float32, device="cpu", scale=1):
+    """(op, args, leaves) of a fused loss op: tensor-list arguments (the multi-student forms) among them, a
+    student that needs no gradient, unequal weights, resolution ratios."""
+    s = scale
+    if case == "kl_distill":
+        teacher = _randn(2, 3, 4 * s, 6 * s, 8 * s, dtype=dtype, device=device)
+        students = [_randn(2, 3, 4 * s, 6 * s, 8 * s, dtype=dtype, device=device),
+                    _randn(2, 3, 2 * s, 3 * s, 4 * s, dtype=dtype, device=device, grad=False),
+                    _randn(2, 3, 4 * s, 3 * s, 8 * s, dtype=dtype, device=device)]
+        args = (students, teacher, 2.0, [4 * s, 6 * s, 8 * s], [1.0, 0.5, 2.0], [True, False, True, True])
+        return KL._kl_distill_op, args, [students[0], students[2], teacher]
+    if case == "selfreg_inter":
+        teacher = _randn(2, 6, 4 * s, 4 * s, 4 * s, dtype=dtype, device=device, grad=False)
+        students = [_randn(2, 4, 2 * s, 2 * s, 2 * s, dtype=dtype, device=device),
+                    _randn(2, 6, 4 * s, 4 * s, 4 * s, dtype=dtype, device=device)]
+        index = [torch.tensor(i, device=device) for i in ([0, 2, 3], [1, 5, 0], [5, 1, 2], [0, 3, 4])]
+        return SR._selfreg_inter_op, (students, teacher, index[:2], index[2:], [True, True]), students
+    if case == "channel_kl":
+        student = _randn(2, 5, 3 * s, 4 * s, 5 * s, dtype=dtype, device=device)
+        teacher = _randn(2, 5, 3 * s, 4 * s, 5 * s, dtype=dtype, device=device, grad=False)
+        return CKL._channel_kl_op, (student, teacher, "mean", True), [student]
+    feature = _randn(2, 6, 3 * s, 4 * s, 5 * s, dtype=dtype, device=device)
+    return SR._selfreg_intra_op, (feature, True), [feature]
 
 
 class _NoDispatcher:
@@ -49,20 +82,24 @@ def _values_and_grads(fn, args, leaves):
     return first.detach(), grads
 
 
-@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+@pytest.mark.parametrize("case", ["dwconv3d", "attention", *LOSSES])
 def test_eager_call_skips_dispatcher_and_matches_it(case, monkeypatch):
+    bwd = None  # the losses form their gradients in the forward pass: no backward op
     if case == "dwconv3d":
         fwd, bwd = DW._dwconv3d_op, DW._dwconv3d_backward_op
         args = _dw_args()
         leaves = [a for a in args if isinstance(a, torch.Tensor)]
-    else:
+    elif case == "attention":
         fwd, bwd = ATT._attention_op, ATT._attention_backward_op
         args, leaves = _att_args()
+    else:
+        fwd, args, leaves = _loss_args(case)
     with monkeypatch.context() as patch:  # the dispatcher, forward and backward
-        patch.setattr(utils, "_eager_grad", lambda args: None)
+        patch.setattr(utils, "_eager_grad", lambda args, lists=(): None)
         expected = _values_and_grads(fwd, args, leaves)
     monkeypatch.setattr(fwd, "op", _NoDispatcher(fwd.name))
-    monkeypatch.setattr(bwd, "op", _NoDispatcher(bwd.name))
+    if bwd is not None:
+        monkeypatch.setattr(bwd, "op", _NoDispatcher(bwd.name))
     out, grads = _values_and_grads(fwd, args, leaves)
     assert torch.equal(out, expected[0])
     for g, e in zip(grads, expected[1]):
@@ -117,12 +154,41 @@ def test_profiler_records_the_op():
     assert names.count("fastseg3d::dwconv3d") == 2 and "fastseg3d::dwconv3d_backward" in names
 
 
-def test_op_with_tensor_list_is_refused():
-    def body(xs: list[torch.Tensor]) -> torch.Tensor:
-        return xs[0].clone()
+def test_tensor_list_arguments_reach_autograd_flattened():
+    """Tensors inside list arguments are the Function's inputs (flattened), each gets its own gradient, and a
+    tensor-list output passes through."""
+    def body(xs: list[torch.Tensor], y: torch.Tensor, zs: list[torch.Tensor], w: float
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        total = y.sum() * w
+        for t in (*xs, *zs):
+            total = total + (t * t).sum()
+        return total, [t.detach() * 2 for t in (*xs, *zs)]
 
-    with pytest.raises(TypeError, match="top-level"):
-        utils.EagerOp("fastseg3d::_eager_list_test", body)
+    def setup(ctx, inputs, output):
+        ctx.n = len(inputs[0])
+        ctx.save_for_backward(inputs[1], *output[1])
+        ctx.w = inputs[3]
+
+    def backward(ctx, grad, grad_list):
+        y, *doubled = ctx.saved_tensors
+        grads = [grad * d for d in doubled]
+        return grads[:ctx.n], grad * ctx.w * torch.ones_like(y), grads[ctx.n:], None
+
+    op = utils.EagerOp("fastseg3d::_eager_list_test", body)
+    op.register_autograd(backward, setup_context=setup)
+    op.op = _NoDispatcher(op.name)
+    xs = [torch.randn(3, requires_grad=True) for _ in range(2)]
+    y = torch.randn(4, requires_grad=True)
+    zs = [torch.randn(2, 2), torch.randn(5, requires_grad=True)]
+    total, doubled = op(xs, y, zs, 3.0)
+    assert type(total.grad_fn).__name__ == "_eager_list_test_eagerBackward" and len(doubled) == 4
+    total.backward()
+    for t in (*xs, zs[1]):
+        assert torch.equal(t.grad, 2 * t.detach())
+    assert torch.equal(y.grad, torch.full((4,), 3.0)) and zs[0].grad is None
+    assert utils._eager_grad(([torch.randn(2).as_subclass(_Subclass)],), (0,)) is None
+    assert utils._eager_grad(([torch.randn(2)], torch.randn(2)), (0,)) is False
+    assert utils._eager_grad(([torch.randn(2, requires_grad=True)], torch.randn(2)), (0,)) is True
 
 
 def test_traced_calls_take_dispatcher():
@@ -205,12 +271,14 @@ def _compare_paths(case, monkeypatch, dtype=torch.float32, device="cpu"):
             shape = (1, 3, 3, 4, 5) if device == "cpu" else (2, 64, 16, 16, 16)
             args = _dw_args(shape, dtype, device)
             leaves = [a for a in args if isinstance(a, torch.Tensor)]
-        else:
+        elif case == "attention":
             fwd = ATT._attention_op
             args, leaves = _att_args(*((37, 11) if device == "cpu" else (4096, 512)), dtype, device)
+        else:
+            fwd, args, leaves = _loss_args(case, dtype, device, 1 if device == "cpu" else 8)
         eager = _values_and_grads(fwd, args, leaves)
         with monkeypatch.context() as patch:
-            patch.setattr(utils, "_eager_grad", lambda args: None)
+            patch.setattr(utils, "_eager_grad", lambda args, lists=(): None)
             dispatched = _values_and_grads(fwd, args, leaves)
     assert not eager[0].isnan().any()
     assert torch.equal(eager[0], dispatched[0])
@@ -219,14 +287,14 @@ def _compare_paths(case, monkeypatch, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+@pytest.mark.parametrize("case", ["dwconv3d", "attention", *LOSSES])
 def test_kernels_eager_matches_dispatcher(case, poison, monkeypatch):
     _compare_paths(case, monkeypatch)  # the kernel tests cover the dtypes
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ["dwconv3d", "attention"])
+@pytest.mark.parametrize("case", ["dwconv3d", "attention", *LOSSES])
 def test_gpu_kernels_eager_matches_dispatcher(case, dtype, poison, monkeypatch):
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)  # reductions in a fixed order, so the two paths can agree bitwise
