@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window roi (default: the run's)")
     ev.add_argument("--overlap", type=float, default=None)
     ev.add_argument("--sw-batch-size", type=int, default=None)
-    ev.add_argument("--blend", choices=["gaussian", "constant"], default=None)
+    ev.add_argument("--blend", choices=["gaussian", "constant", "first"], default=None)
     ev.add_argument("--flip-tta", action="store_true", help="average over the 8 flips of the spatial axes")
     relabel = ev.add_mutually_exclusive_group()
     relabel.add_argument("--relabel-small", type=int, nargs=3, metavar=("CLASS", "INTO", "MIN_VOXELS"),

@@ -136,7 +136,7 @@ DEFAULTS: dict[str, Any] = {
         "roi_size": None,  # sliding-window roi; None: data.spatial_size
         "overlap": 0.5,
         "sw_batch_size": 1,
-        "blend": "gaussian",  # gaussian | constant
+        "blend": "gaussian",  # gaussian | constant | first
         "flip_tta": False,
         # [class, into, min_voxels]: in a case predicting fewer than min_voxels of channel `class`, those voxels
         # become channel `into` (TransBTS/MISSU: enhancing tumour under 500 voxels -> non-enhancing); null: off
@@ -282,7 +282,7 @@ def _choices() -> dict[str, tuple]:
         "train.amp": tuple(_AMP),
         "train.compile": (False, True, *_COMPILE_MODES),
         "train.progress": ("auto", True, False),
-        "val.blend": ("gaussian", "constant"),
+        "val.blend": ("gaussian", "constant", "first"),
     }
 
 

@@ -100,6 +100,9 @@ def _first_output(output: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass logits_fn")
 
 
+BLENDS = ("gaussian", "constant", "first")  # sliding_window_predict's ways of joining windows
+
+
 def sliding_window_predict(
     model: Callable[[torch.Tensor], Any],
     image: torch.Tensor,
@@ -124,7 +127,10 @@ def sliding_window_predict(
         roi_size: window size per spatial axis (an int for all axes).
         overlap: fraction of the window shared by neighbours (SegFormer3D validates with 0.5).
         sw_batch_size: windows per model call.
-        blend: ``"gaussian"`` (weights fall off towards window borders) or ``"constant"`` (plain average).
+        blend: ``"gaussian"`` (weights fall off towards window borders), ``"constant"`` (plain average) or
+            ``"first"``: no blending, each voxel from the first window along each axis that covers it (the windows
+            are MONAI's), as TransBTS and MISSU stitch their eight fixed 128^3 crops of a BraTS volume (overlap
+            0.125 places the windows there).
         flip_tta: average over the 8 flips of the spatial axes.
         logits_fn: extracts the logits tensor from the model's output; default: the output if it is a tensor,
             else its first element (tuple/list), first value (dict) or first field (dataclass).
@@ -139,8 +145,8 @@ def sliding_window_predict(
     """
     from monai.inferers import sliding_window_inference
 
-    if blend not in ("gaussian", "constant"):
-        raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+    if blend not in BLENDS:
+        raise ValueError(f"blend must be one of {', '.join(map(repr, BLENDS))}, got {blend!r}")
     if image.dim() < 3:
         raise ValueError(f"image must be (B, C, *spatial), got shape {tuple(image.shape)}")
     extract = logits_fn or _first_output
@@ -158,11 +164,55 @@ def sliding_window_predict(
     with torch.no_grad():
         for dims in flips:
             x = image.flip(dims) if dims else image
-            out = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode=blend)
-            out = out.as_subclass(torch.Tensor)
+            if blend == "first":
+                out = _first_window_inference(x, roi_size, sw_batch_size, predictor, overlap)
+            else:
+                out = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode=blend)
+                out = out.as_subclass(torch.Tensor)
             out = out.flip(dims) if dims else out
             total = out if total is None else total.add_(out)
     return total / len(flips) if len(flips) > 1 else total
+
+
+def _first_window_inference(image: torch.Tensor, roi_size, sw_batch_size: int, predictor, overlap: float
+                            ) -> torch.Tensor:
+    """Logits from MONAI's windows (its roi fall-back, zero padding of an image smaller than the window, scan
+    intervals and starts), each voxel taken from the first window along each axis that covers it."""
+    from monai.data.utils import dense_patch_slices
+    from monai.utils import fall_back_tuple
+
+    n = image.dim() - 2
+    shape = tuple(image.shape[2:])
+    roi = fall_back_tuple(roi_size if isinstance(roi_size, Sequence) else (roi_size,) * n, shape)
+    pads = [max(r - s, 0) for r, s in zip(roi, shape)]
+    if any(pads):
+        image = F.pad(image, [p for d in reversed(range(n)) for p in (pads[d] // 2, pads[d] - pads[d] // 2)])
+    size = tuple(image.shape[2:])
+    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, size)]
+    owned = []  # per axis: (window start, first voxel it gives, end), in scan order
+    for axis in range(n):
+        starts = sorted({w[axis].start for w in dense_patch_slices(size, roi, interval)})
+        ends = [start + roi[axis] for start in starts]
+        owned.append(list(zip(starts, [0, *ends[:-1]], ends)))
+    windows = list(itertools.product(*owned))
+    out = None
+    bsz = image.shape[0]
+    for first in range(0, len(windows), sw_batch_size):
+        chunk = windows[first:first + sw_batch_size]
+        crops = [image[(slice(None), slice(None), *(slice(st, st + r) for (st, _, _), r in zip(w, roi)))]
+                 for w in chunk]
+        logits = predictor(torch.cat(crops)).as_subclass(torch.Tensor)
+        if tuple(logits.shape[2:]) != tuple(roi):
+            raise ValueError(f"blend='first' needs the model's output the size of its window {tuple(roi)}, got "
+                             f"{tuple(logits.shape[2:])}")
+        if out is None:
+            out = logits.new_empty((bsz, logits.shape[1], *size))
+        for w, part in zip(chunk, logits.split(bsz)):
+            dst = (slice(None), slice(None), *(slice(lo, hi) for _, lo, hi in w))
+            src = (slice(None), slice(None), *(slice(lo - st, hi - st) for st, lo, hi in w))
+            out[dst] = part[src]
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))
+    return out[(slice(None), slice(None), *crop)]
 
 
 def to_prediction(logits: torch.Tensor, mode: str) -> torch.Tensor:

@@ -90,6 +90,64 @@ def test_logits_taken_from_structured_outputs(wrap):
     assert torch.all(custom == 1)
 
 
+def test_first_window_stitches_as_transbts():
+    """blend="first" at overlap 0.125 on a BraTS volume is TransBTS's test-time stitching of its 8 fixed crops
+    (its tailor_and_concat, transcribed): a 3x3x3 conv pads each crop's border, so every crop's logits differ
+    where crops overlap, and the stitching decides which the output holds. The missu_brats recipe validates so."""
+    from fastseg3d.train.config import load_config
+
+    val = load_config("missu_brats")["val"]
+    net = nn.Conv3d(1, 2, 3, padding=1).eval()
+    x = torch.randn(1, 1, 240, 240, 155)
+    out = sliding_window_predict(net, x, val["roi_size"], overlap=val["overlap"], blend=val["blend"])
+    with torch.no_grad():
+        crops = [net(x[..., h:h + 128, w:w + 128, d:d + 128]) for d in (0, 27) for h in (0, 112) for w in (0, 112)]
+    y = torch.empty(1, 2, 240, 240, 155)
+    y[..., :128, :128, :128] = crops[0]
+    y[..., :128, 128:240, :128] = crops[1][..., :, 16:128, :]
+    y[..., 128:240, :128, :128] = crops[2][..., 16:128, :, :]
+    y[..., 128:240, 128:240, :128] = crops[3][..., 16:128, 16:128, :]
+    y[..., :128, :128, 128:155] = crops[4][..., 101:128]
+    y[..., :128, 128:240, 128:155] = crops[5][..., :, 16:128, 101:128]
+    y[..., 128:240, :128, 128:155] = crops[6][..., 16:128, :, 101:128]
+    y[..., 128:240, 128:240, 128:155] = crops[7][..., 16:128, 16:128, 101:128]
+    assert torch.equal(out, y)
+    # batched windows: the same up to the conv's rounding on a batch
+    torch.testing.assert_close(sliding_window_predict(net, x, 128, overlap=0.125, blend="first", sw_batch_size=3), y)
+    averaged = sliding_window_predict(net, x, 128, overlap=0.125, blend="constant")
+    assert not torch.allclose(out, averaged)
+
+
+@pytest.mark.parametrize("roi", [(8, 8, 8), (32, 6, 40)], ids=["windows", "roi-larger-than-image"])
+def test_first_window_covers_every_voxel(roi):
+    net = _conv(1)
+    x = torch.randn(2, 2, 20, 23, 17)
+    for batch in (1, 4):
+        out = sliding_window_predict(net, x, roi, overlap=0.25, sw_batch_size=batch, blend="first")
+        torch.testing.assert_close(out, net(x).detach())
+    conv = _conv(3)  # one window over the zero-padded image, as MONAI's
+    torch.testing.assert_close(sliding_window_predict(conv, x, (32, 32, 32), blend="first"),
+                               sliding_window_predict(conv, x, (32, 32, 32), blend="constant"))
+
+
+def test_first_window_owner_of_each_voxel():
+    """Each window fills its part with its scan index: every voxel comes from the first window along each axis
+    that covers it (overlap 0.75 at roi 8 on 16 voxels: starts 0, 2, 4, 6, 8; the first window gives 0-7, each
+    later one the 2 voxels past the previous one's end)."""
+    count = [0]
+
+    def numbered(t):
+        count[0] += 1
+        return torch.full((t.shape[0], 1, *t.shape[2:]), float(count[0] - 1))
+
+    out = sliding_window_predict(numbered, torch.randn(1, 2, 16, 16, 16), 8, overlap=0.75, blend="first")
+    owner = torch.tensor([0] * 8 + [1, 1, 2, 2, 3, 3, 4, 4])
+    expected = owner[:, None, None] * 25 + owner[None, :, None] * 5 + owner[None, None, :]
+    assert count[0] == 125 and torch.equal(out[0, 0], expected.float())
+    with pytest.raises(ValueError, match="size of its window"):
+        sliding_window_predict(lambda t: _conv(1)(t)[..., :4], torch.randn(1, 2, 16, 16, 16), 8, blend="first")
+
+
 def test_bad_blend_rejected():
     with pytest.raises(ValueError, match="blend"):
         sliding_window_predict(_conv(1), torch.randn(1, 2, 4, 4, 4), 4, blend="mean")
