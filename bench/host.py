@@ -91,8 +91,8 @@ def host_times(name: str, side: int | None = None, steps: int = 10, warmup: int 
             backward = op._function.backward
             patches.append((op._function, "backward",
                             staticmethod(timed(lambda a, n=op.name: n + " (bwd)", backward))))
-    # the ops with tensor lists (the fused losses) are called through the dispatcher, from their modules' globals,
-    # and their autograd formula is read from the op at each backward
+    # the ops that are not EagerOps (the resize's adjoint) are called through the dispatcher, from their modules'
+    # globals, and their autograd formula is read from the op at each backward
     for module, attr, op in _dispatched_ops():
         patches.append((module, attr, timed(lambda a, n=op._qualname: n, op)))
         patches.append((op, "_backward_fn", timed(lambda a, n=op._qualname: n + " (bwd)", op._backward_fn)))

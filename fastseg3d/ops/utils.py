@@ -40,6 +40,7 @@ __all__ = [
     "layout_of",
     "no_zero_grads",
     "scaled_grads",
+    "unit_grad",
 ]
 
 FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -280,6 +281,10 @@ class EagerOp:
         self._arg_names = tuple(inspect.signature(fn).parameters)
         # positions of the Tensor[] arguments, which the autograd.Function takes flattened
         self._lists = tuple(i for i, a in enumerate(schema.arguments) if str(a.type) == "List[Tensor]")
+        for a in schema.arguments:
+            if "Tensor" in str(a.type) and str(a.type) not in ("Tensor", "Optional[Tensor]", "List[Tensor]"):
+                raise TypeError(f"{name}: an EagerOp takes tensors, optional tensors and lists of tensors, not "
+                                f"{a.type} ({a.name})")
         EAGER_OPS[name] = self
         self.op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
         self._fn = fn
@@ -347,10 +352,10 @@ class EagerOp:
 
     def __call__(self, *args):
         grad = _eager_grad(args, self._lists)
+        if backends.checking_finite() and not torch._C._are_functorch_transforms_active():
+            check_finite_inputs(self.name, self._arg_names, args)  # skips compile, fake and meta tensors
         if grad is None:
             return self.op(*args)
-        if backends.checking_finite():
-            check_finite_inputs(self.name, self._arg_names, args)
         if torch.autograd._profiler_enabled():
             with torch.profiler.record_function(self.name):
                 return self._call(args, grad)

@@ -182,7 +182,7 @@ def evaluate_checkpoint(
     try:  # on the CPU model, before it takes GPU memory
         check_relabel(vcfg["relabel_small"], bundle.out_channels, "val.relabel_small")
         check_window(model, bundle.in_channels, roi, "roi" if vcfg["roi_size"] else "the checkpoint's crop size "
-                     "(data.spatial_size; --roi sets the window)")
+                     "(data.spatial_size; --roi sets the window)", vcfg["blend"])
     except ValueError as err:
         raise SetupError(str(err)) from None
     model = model.to(dev).eval()

@@ -47,19 +47,26 @@ _MODES = ("softmax", "sigmoid")
 _BRATS_REGIONS = ("TC", "WT", "ET")
 
 
-def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[int], name: str) -> None:
+def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[int], name: str,
+                 blend: str = "gaussian") -> None:
     """Raise a ``ValueError`` naming the setting ``name`` when ``model`` (in eval) refuses a ``(1, in_channels,
-    *roi_size)`` window, the input :func:`sliding_window_predict` gives it, before a run gets to its first
-    validation: the forward runs on a ``meta`` copy (no memory, no time)."""
+    *roi_size)`` window, the input :func:`sliding_window_predict` gives it, or, for ``blend="first"``, returns
+    logits of another size, before a run gets to its first validation: the forward runs on a ``meta`` copy (no
+    memory, no time)."""
     try:
         meta = copy.deepcopy(model).to("meta").eval()
     except RuntimeError:  # a module that cannot be copied (weight_norm's computed weight): its first window tells
         return
     try:
         with torch.no_grad():
-            meta(torch.empty(1, in_channels, *roi_size, device="meta"))
+            out = meta(torch.empty(1, in_channels, *roi_size, device="meta"))
     except ValueError as err:
         raise ValueError(f"{name}={list(roi_size)}: the network cannot take windows of that size ({err})") from None
+    if blend == "first":
+        got = tuple(_first_output(out).shape[2:])
+        if got != tuple(roi_size):
+            raise ValueError(f"{name}={list(roi_size)}: blend 'first' needs logits the size of the window, the "
+                             f"network gives {list(got)}")
 
 
 def _check_mode(mode: str) -> None:
@@ -112,14 +119,18 @@ def sliding_window_predict(
     sw_batch_size: int = 1,
     blend: str = "gaussian",
     flip_tta: bool = False,
+    mode: str | None = None,
     logits_fn: Callable[[Any], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Logits for a whole volume from windows of ``roi_size`` (MONAI ``sliding_window_inference``).
 
     Runs under ``torch.no_grad``; putting the model in eval mode is the caller's job. A ``roi_size`` larger than the
-    image pads it (MONAI crops the result back). With ``flip_tta`` the logits are averaged over the identity and the
-    7 non-empty combinations of flips of the spatial axes (flip the input, predict, flip the logits back): 8 full
-    sliding-window passes.
+    image pads it (MONAI crops the result back). With ``flip_tta`` the predictions are averaged over the identity and
+    the 7 non-empty combinations of flips of the spatial axes (flip the input, predict, flip the output back): 8 full
+    sliding-window passes. With a ``mode`` it is the probabilities that are averaged, as TransBTS (MISSU's
+    evaluation) and nnU-Net do, and their logits that come back: the log of the mean softmax (``"softmax"``) or the
+    logit of the mean sigmoid (``"sigmoid"``), finite (probabilities clamped at 1e-7 from 0 and 1), which
+    :func:`to_prediction` reads as it reads logits; without one the logits are averaged.
 
     Args:
         model: called on ``(sw_batch_size, C, *roi_size)`` windows.
@@ -132,6 +143,7 @@ def sliding_window_predict(
             are MONAI's), as TransBTS and MISSU stitch their eight fixed 128^3 crops of a BraTS volume (overlap
             0.125 places the windows there).
         flip_tta: average over the 8 flips of the spatial axes.
+        mode: ``"softmax"`` or ``"sigmoid"``: average the flips' probabilities, not their logits.
         logits_fn: extracts the logits tensor from the model's output; default: the output if it is a tensor,
             else its first element (tuple/list), first value (dict) or first field (dataclass).
 
@@ -149,6 +161,8 @@ def sliding_window_predict(
         raise ValueError(f"blend must be one of {', '.join(map(repr, BLENDS))}, got {blend!r}")
     if image.dim() < 3:
         raise ValueError(f"image must be (B, C, *spatial), got shape {tuple(image.shape)}")
+    if mode is not None:
+        _check_mode(mode)
     extract = logits_fn or _first_output
     # Plain tensors: MetaTensor bookkeeping on every window costs time and is not needed for logits.
     image = image.as_subclass(torch.Tensor)
@@ -170,8 +184,16 @@ def sliding_window_predict(
                 out = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap, mode=blend)
                 out = out.as_subclass(torch.Tensor)
             out = out.flip(dims) if dims else out
+            if len(flips) > 1 and mode is not None:
+                out = out.float().softmax(1) if mode == "softmax" else out.float().sigmoid()
             total = out if total is None else total.add_(out)
-    return total / len(flips) if len(flips) > 1 else total
+    if len(flips) == 1:
+        return total
+    total /= len(flips)
+    if mode is None:
+        return total
+    # finite logits of the mean probabilities: log(p) for the softmax, log(p / (1 - p)) for the sigmoid
+    return total.clamp_(1e-7).log_() if mode == "softmax" else torch.logit(total, eps=1e-7)
 
 
 def _first_window_inference(image: torch.Tensor, roi_size, sw_batch_size: int, predictor, overlap: float
@@ -179,37 +201,40 @@ def _first_window_inference(image: torch.Tensor, roi_size, sw_batch_size: int, p
     """Logits from MONAI's windows (its roi fall-back, zero padding of an image smaller than the window, scan
     intervals and starts), each voxel taken from the first window along each axis that covers it."""
     from monai.data.utils import dense_patch_slices
-    from monai.utils import fall_back_tuple
+    from monai.utils import ensure_tuple_rep, fall_back_tuple
 
     n = image.dim() - 2
     shape = tuple(image.shape[2:])
-    roi = fall_back_tuple(roi_size if isinstance(roi_size, Sequence) else (roi_size,) * n, shape)
+    roi = fall_back_tuple(roi_size, shape)
+    overlaps = ensure_tuple_rep(overlap, n)
+    if any(not 0 <= o < 1 for o in overlaps):
+        raise ValueError(f"overlap must be >= 0 and < 1, got {overlap!r}")
     pads = [max(r - s, 0) for r, s in zip(roi, shape)]
     if any(pads):
         image = F.pad(image, [p for d in reversed(range(n)) for p in (pads[d] // 2, pads[d] - pads[d] // 2)])
     size = tuple(image.shape[2:])
-    interval = [r if r == s else max(int(r * (1 - overlap)), 1) for r, s in zip(roi, size)]
+    interval = [r if r == s else max(int(r * (1 - o)), 1) for r, s, o in zip(roi, size, overlaps)]
     owned = []  # per axis: (window start, first voxel it gives, end), in scan order
     for axis in range(n):
         starts = sorted({w[axis].start for w in dense_patch_slices(size, roi, interval)})
         ends = [start + roi[axis] for start in starts]
         owned.append(list(zip(starts, [0, *ends[:-1]], ends)))
-    windows = list(itertools.product(*owned))
+    # (image, window) pairs, sw_batch_size of them a model call, as MONAI batches them
+    pairs = [(b, w) for b in range(image.shape[0]) for w in itertools.product(*owned)]
     out = None
-    bsz = image.shape[0]
-    for first in range(0, len(windows), sw_batch_size):
-        chunk = windows[first:first + sw_batch_size]
-        crops = [image[(slice(None), slice(None), *(slice(st, st + r) for (st, _, _), r in zip(w, roi)))]
-                 for w in chunk]
+    for first in range(0, len(pairs), sw_batch_size):
+        chunk = pairs[first:first + sw_batch_size]
+        crops = [image[(slice(b, b + 1), slice(None), *(slice(st, st + r) for (st, _, _), r in zip(w, roi)))]
+                 for b, w in chunk]
         logits = predictor(torch.cat(crops)).as_subclass(torch.Tensor)
         if tuple(logits.shape[2:]) != tuple(roi):
             raise ValueError(f"blend='first' needs the model's output the size of its window {tuple(roi)}, got "
                              f"{tuple(logits.shape[2:])}")
         if out is None:
-            out = logits.new_empty((bsz, logits.shape[1], *size))
-        for w, part in zip(chunk, logits.split(bsz)):
-            dst = (slice(None), slice(None), *(slice(lo, hi) for _, lo, hi in w))
-            src = (slice(None), slice(None), *(slice(lo - st, hi - st) for st, lo, hi in w))
+            out = logits.new_empty((image.shape[0], logits.shape[1], *size))
+        for (b, w), part in zip(chunk, logits):
+            dst = (b, slice(None), *(slice(lo, hi) for _, lo, hi in w))
+            src = (slice(None), *(slice(lo - st, hi - st) for st, lo, hi in w))
             out[dst] = part[src]
     crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pads, shape))
     return out[(slice(None), slice(None), *crop)]
@@ -599,7 +624,7 @@ def predict_case(model, item: dict, roi_size, val_cfg: dict, mode: str, num_clas
     label = torch.as_tensor(item["label"])[None].to(device) if "label" in item else None
     logits = sliding_window_predict(model, image, roi_size, overlap=val_cfg["overlap"],
                                     sw_batch_size=val_cfg["sw_batch_size"], blend=val_cfg["blend"],
-                                    flip_tta=val_cfg["flip_tta"]).float()
+                                    flip_tta=val_cfg["flip_tta"], mode=mode).float()
     pred = to_prediction(logits, mode)
     relabel = check_relabel(val_cfg.get("relabel_small"), num_classes, "val.relabel_small")
     if relabel is not None:

@@ -217,7 +217,8 @@ class Trainer:
             try:
                 check_relabel(cfg["val"]["relabel_small"], self.data.out_channels, "val.relabel_small")
                 check_window(self.model, self.data.in_channels, cfg["val"]["roi_size"] or cfg["data"]["spatial_size"],
-                             "val.roi_size" if cfg["val"]["roi_size"] else "data.spatial_size (val.roi_size unset)")
+                             "val.roi_size" if cfg["val"]["roi_size"] else "data.spatial_size (val.roi_size unset)",
+                             cfg["val"]["blend"])
             except ValueError as err:
                 raise SetupError(str(err)) from None
         self.model = self.model.to(self.device)

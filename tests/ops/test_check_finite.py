@@ -53,6 +53,24 @@ def test_backward_gradient_named():
             y.backward(grad)
 
 
+def test_dispatched_calls_are_checked_too():
+    """Under a function or dispatch mode (here ``torch.device``) the op goes through the dispatcher: its inputs are
+    checked all the same, a loss's list of students included."""
+    import sys
+
+    kl = sys.modules["fastseg3d.ops.kl_distill"]
+    x = torch.randn(2, 3, 8)
+    x[0, 1, 2] = float("nan")
+    student = torch.randn(1, 3, 2, 2, 2)
+    student[0, 1, 1, 1, 1] = float("inf")
+    with fastseg3d.check_finite(), torch.device("cpu"):
+        assert utils._eager_grad((x,)) is None  # the dispatcher's path
+        with pytest.raises(ValueError, match="fastseg3d::layer_norm: x holds"):
+            LN(*_ln_args(x))
+        with pytest.raises(ValueError, match=r"fastseg3d::kl_distill: students\[0\] holds"):
+            kl._kl_distill_op([student], torch.randn(1, 3, 2, 2, 2), 2.0, [2, 2, 2], [1.0], [False, False])
+
+
 def test_lists_non_float_and_empty_tensors():
     ok = torch.randn(3)
     with fastseg3d.check_finite():

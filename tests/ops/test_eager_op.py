@@ -191,6 +191,14 @@ def test_tensor_list_arguments_reach_autograd_flattened():
     assert utils._eager_grad(([torch.randn(2, requires_grad=True)], torch.randn(2)), (0,)) is True
 
 
+def test_other_tensor_containers_are_refused():
+    def body(xs: list[torch.Tensor | None]) -> torch.Tensor:
+        return xs[0].clone()
+
+    with pytest.raises(TypeError, match="optional tensors and lists of tensors"):
+        utils.EagerOp("fastseg3d::_eager_optional_list_test", body)
+
+
 def test_traced_calls_take_dispatcher():
     plain = torch.randn(2, 3)
     assert utils._eager_grad((plain, torch.nn.Parameter(plain), None, [1, 2], "gelu")) is True

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastseg3d.train.inference import (
@@ -69,6 +70,29 @@ def test_flip_tta_averages_the_eight_flips():
     assert not torch.allclose(out, net(x).detach())
 
 
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_flip_tta_averages_probabilities_with_a_mode(mode):
+    """TransBTS's (and nnU-Net's) test-time averaging: the flips' probabilities are averaged, and their logits come
+    back, so that to_prediction gives the prediction of the mean probabilities."""
+    net = _conv(3)
+    x = torch.randn(1, 2, 6, 7, 5) * 4
+    dims = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+    act = (lambda t: t.softmax(1)) if mode == "softmax" else torch.sigmoid
+    with torch.no_grad():
+        mean = sum(act(net(x.flip(d)).flip(d) if d else net(x)) for d in dims) / 8
+    out = sliding_window_predict(net, x, (6, 7, 5), blend="constant", flip_tta=True, mode=mode)
+    torch.testing.assert_close(act(out), mean)
+    assert torch.isfinite(out).all()
+    expected = F.one_hot(mean.argmax(1), 3).movedim(-1, 1).float() if mode == "softmax" else (mean > 0.5).float()
+    assert torch.equal(to_prediction(out, mode), expected)
+    averaged_logits = sliding_window_predict(net, x, (6, 7, 5), blend="constant", flip_tta=True)
+    assert not torch.allclose(act(averaged_logits), mean)
+    # without TTA there is nothing to average: the logits as they are
+    torch.testing.assert_close(sliding_window_predict(net, x, (6, 7, 5), mode=mode), net(x).detach())
+    with pytest.raises(ValueError, match="mode"):
+        sliding_window_predict(net, x, (6, 7, 5), flip_tta=True, mode="probabilities")
+
+
 @dataclasses.dataclass
 class _Output:
     logits: torch.Tensor
@@ -128,6 +152,33 @@ def test_first_window_covers_every_voxel(roi):
     conv = _conv(3)  # one window over the zero-padded image, as MONAI's
     torch.testing.assert_close(sliding_window_predict(conv, x, (32, 32, 32), blend="first"),
                                sliding_window_predict(conv, x, (32, 32, 32), blend="constant"))
+
+
+def test_first_window_takes_monai_arguments_and_batches():
+    """As MONAI's: roi as an int, an array or with -1 (the image's size), overlap per axis and checked, and
+    sw_batch_size windows a model call whatever the batch."""
+    net = _conv(1)
+    x = torch.randn(3, 2, 10, 12, 9)
+    calls = []
+    out = sliding_window_predict(lambda t: calls.append(t.shape[0]) or net(t), x, np.array([8, -1, 8]),
+                                 overlap=[0.5, 0.0, 0.25], sw_batch_size=5, blend="first")
+    torch.testing.assert_close(out, net(x).detach())
+    assert max(calls) == 5 and sum(calls) == 3 * 2 * 1 * 2  # 3 images x 2 windows along D, 1 along H, 2 along W
+    for overlap in (-0.25, 1.0):
+        with pytest.raises(ValueError, match="overlap"):
+            sliding_window_predict(net, x, 8, overlap=overlap, blend="first")
+
+
+def test_check_window_for_first_blend_needs_logits_of_the_window_size():
+    from fastseg3d.train.inference import check_window
+
+    class Half(nn.Module):
+        def forward(self, x):
+            return x[:, :, ::2, ::2, ::2]
+
+    check_window(Half(), 2, (8, 8, 8), "val.roi_size")  # averaged windows: MONAI resizes them
+    with pytest.raises(ValueError, match=r"val.roi_size=\[8, 8, 8\]: blend 'first' needs logits the size"):
+        check_window(Half(), 2, (8, 8, 8), "val.roi_size", "first")
 
 
 def test_first_window_owner_of_each_voxel():
