@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastseg3d
-from bench import utils
 from bench.registry import (
     CUDA_GRAPH,
     MODEL_MODES,
@@ -34,6 +33,7 @@ from bench.registry import (
     register,
     with_compile,
 )
+from fastseg3d.train.cuda_graph import capture_step
 
 VARIANTS = ("fastseg3d", "plain")
 
@@ -83,51 +83,11 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def graphed(step: Callable[[], object], params: list[torch.Tensor], device: torch.device) -> Callable[[], None]:
-    """``step`` (fixed inputs) captured in one CUDA graph, and a closure that replays it. Three warm-up runs on a
-    side stream first (they compile the Triton kernels and settle the allocator, as capture requires); the
-    parameters' gradients are cleared before capture, so the graph writes them rather than adding to tensors
-    allocated outside it. ``step`` enters and leaves autocast itself: the casts autocast caches are freed into the
-    graph's pool when it leaves (an autocast around the capture would keep them past it, and must be off)."""
+    """``step`` (fixed inputs) captured in one CUDA graph, and a closure that replays it
+    (:func:`fastseg3d.train.cuda_graph.capture_step`, which the trainer's ``train.cuda_graph`` uses too)."""
     if device.type != "cuda":
         raise Unavailable("CUDA graphs need a GPU")
-    if torch.is_autocast_enabled(device.type):
-        raise RuntimeError("graphed: capture outside autocast; the step enters it itself")
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    for p in params:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.current_stream(device)
-    # a pool of our own: after a capture that failed before its end the graph will not name its pool
-    # (CUDAGraph::pool() checks that the capture ended), and the allocator must still be told that routing into it
-    # ended, and the pool released (the graph releases it only when the capture ended)
-    pool = torch.cuda.graph_pool_handle()
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            step()
-    except Exception as err:
-        # capture_end raises (the capture was invalidated) before it restores the stream and ends the allocator's
-        # routing of that stream's allocations into the pool: undo both and release the pool, so that the next
-        # provider of this process runs as usual (a routing left open fails every later capture and empty_cache),
-        # and report what broke the capture rather than capture_end's own error
-        torch.cuda.set_stream(stream)
-        try:  # the graph names its pool once capture_end got past ending the routing: it then releases the pool
-            graph.pool()
-        except Exception:  # noqa: BLE001
-            for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-                undo = getattr(torch._C, name, None)
-                if undo is not None:
-                    with contextlib.suppress(Exception):
-                        undo(stream.device_index, pool)
-        cause = err
-        while cause.__context__ is not None and isinstance(cause.__context__, Exception):
-            cause = cause.__context__
-        raise RuntimeError(f"CUDA graph capture failed: {utils.first_line(cause)}") from err
-    return graph.replay
+    return capture_step(step, params, device)
 
 
 def variant_context(plain: bool):

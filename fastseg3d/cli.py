@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> int:
                       (args.val_every, "val.every"), (args.save_every, "checkpoint.save_every")):
         if flag is not None:
             overrides.append(f"{key}={flag}")
-    for flag, key in ((args.deterministic, "deterministic"), (args.channels_last, "train.channels_last")):
+    for flag, key in ((args.deterministic, "deterministic"), (args.channels_last, "train.channels_last"),
+                      (args.cuda_graph, "train.cuda_graph")):
         if flag:
             overrides.append(f"{key}=true")
     cfg = _config(load_config, args.config, overrides)
@@ -364,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--compile", action="store_true",
                        help="torch.compile the network in mode default (other modes by the override "
                             "train.compile=reduce-overhead, max-autotune, ...)")
+    train.add_argument("--cuda-graph", action="store_true",
+                       help="train.cuda_graph=true: capture the training step in a CUDA graph and replay it")
     train.add_argument("overrides", nargs="*", help="config overrides section.key=value")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint (sliding window, Dice, HD95, NIfTI predictions)")

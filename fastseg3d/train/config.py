@@ -124,6 +124,7 @@ DEFAULTS: dict[str, Any] = {
         "grad_clip": None,  # max gradient norm
         "grad_accumulation": 1,
         "compile": False,  # false | true (mode "default") | a torch.compile mode, e.g. reduce-overhead
+        "cuda_graph": False,  # capture the eager step (forward, loss, backward) in a CUDA graph and replay it
         "channels_last": False,
         "activation_checkpointing": False,
         "sync_batchnorm": True,  # under DDP on CUDA

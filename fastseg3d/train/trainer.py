@@ -10,6 +10,7 @@ synthetic data's augmentation is a function of (case, epoch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import logging
@@ -17,7 +18,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -53,6 +54,39 @@ _AMP = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@dataclasses.dataclass
+class _StepGraph:
+    """A captured training step: its input tensors, its replay, and the loss and terms each replay rewrites."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    replay: Callable[[], None]
+    loss: torch.Tensor
+    terms: dict
+
+    def fits(self, image: torch.Tensor, label: torch.Tensor) -> bool:
+        return (image.shape == self.image.shape and label.shape == self.label.shape and image.dtype == self.image.dtype
+                and label.dtype == self.label.dtype)
+
+
+def _check_cuda_graph(trainer: Trainer) -> None:
+    """``SetupError`` where ``train.cuda_graph`` cannot work: off CUDA, with gradient accumulation (each replay
+    overwrites the gradients), with ``train.compile`` (its CUDA-graph modes capture the compiled step themselves),
+    under torchrun (DDP's gradient all-reduce runs outside the graph)."""
+    tcfg = trainer.cfg["train"]
+    if trainer.device.type != "cuda":
+        raise SetupError(f"train.cuda_graph needs a CUDA device, the run is on {trainer.device}")
+    if trainer.accum > 1:
+        raise SetupError("train.cuda_graph replays a step that overwrites the gradients, which cannot accumulate "
+                         "over micro-batches: use train.grad_accumulation=1")
+    if trainer.compile_mode is not None:
+        raise SetupError(f"train.cuda_graph and train.compile={tcfg['compile']} exclude each other "
+                         "(train.compile=reduce-overhead captures the compiled step in CUDA graphs)")
+    if trainer.distributed:
+        raise SetupError("train.cuda_graph runs in one process (under torchrun DDP's gradient all-reduce would run "
+                         "outside the graph)")
 
 
 def _compile_mode(value: bool | str) -> str | None:
@@ -245,6 +279,11 @@ class Trainer:
             raise ValueError(f"train.compile={tcfg['compile']} replays CUDA graphs, which cannot accumulate "
                              "gradients over micro-batches: use train.grad_accumulation=1, or "
                              "train.compile=max-autotune-no-cudagraphs")
+        self.cuda_graph = bool(tcfg["cuda_graph"])
+        if self.cuda_graph:
+            _check_cuda_graph(self)
+        self._graph: _StepGraph | None = None
+        self._graph_failed = False
         self.train_loader = self._loader()
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -475,6 +514,44 @@ class Trainer:
         self.scaler.scale(loss / self.accum).backward()
         return loss, terms
 
+    def _graphed_step(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
+        """``train.cuda_graph``: :meth:`train_step` captured in a CUDA graph at the first batch (three warm-up
+        runs of it first, on that batch), then replayed on each batch copied into the graph's inputs; a batch of
+        another shape, or a step that cannot be captured, runs eagerly."""
+        if self._graph is None and not self._graph_failed:
+            self._capture(image, label, epoch)
+        graph = self._graph
+        if graph is not None and graph.fits(image, label):
+            graph.image.copy_(image)
+            graph.label.copy_(label)
+            graph.replay()
+            self._check_finite(graph.loss, "loss", epoch)
+            return graph.loss, graph.terms
+        if graph is not None:  # the graph's gradients, which an eager backward adds to: zeroed where they are
+            self.optimizer.zero_grad(set_to_none=False)
+        return self.train_step(image, label, epoch)
+
+    def _capture(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> None:
+        from fastseg3d.train.cuda_graph import capture_step
+
+        inputs = image.clone(), label.clone()  # the graph's inputs, in the batch's memory format
+        outputs: list = []
+
+        def step() -> tuple:
+            outputs[:] = self.train_step(*inputs, epoch)
+            return tuple(outputs)
+
+        try:
+            replay = capture_step(step, list(self.model.parameters()), self.device)
+        except RuntimeError as err:
+            self._graph_failed = True
+            for p in self.model.parameters():  # what the failed capture's backward left, in its released pool
+                p.grad = None
+            logger.warning("train.cuda_graph: the training step could not be captured (%s); it runs eagerly", err)
+            return
+        self._graph = _StepGraph(*inputs, replay, *outputs)
+        logger.info("train.cuda_graph: the training step is captured")
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each training epoch (every process); a hook for subclasses."""
 
@@ -507,7 +584,8 @@ class Trainer:
             last_micro = micro == self.accum - 1
             sync = self.net.no_sync() if self.distributed and not last_micro else contextlib.nullcontext()
             with sync:
-                loss, terms = self.train_step(image, label, epoch)
+                loss, terms = self._graphed_step(image, label, epoch) if self.cuda_graph else self.train_step(
+                    image, label, epoch)
             for key, value in {"loss": loss.detach(), **terms}.items():
                 sums[key] = sums.get(key, 0.0) + self._reduce(value)
             count += 1
@@ -524,7 +602,8 @@ class Trainer:
                     self._check_finite(norm, "gradient norm", epoch)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            if self._graph is None:  # a captured step's replay overwrites the gradients it holds
+                self.optimizer.zero_grad(set_to_none=True)
             if self.cfg["scheduler"]["interval"] == "step":
                 self._schedule()
             self.step += 1
@@ -558,7 +637,10 @@ class Trainer:
             self.scheduler.step()
 
     def _check_finite(self, value: torch.Tensor, what: str, epoch: int) -> None:
-        """Raise :class:`NonFiniteLossError` on every rank together (a lone rank raising would hang the others)."""
+        """Raise :class:`NonFiniteLossError` on every rank together (a lone rank raising would hang the others).
+        Not while a CUDA graph captures the step (it reads the value back): the replay's loss is checked."""
+        if value.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
         ok = torch.isfinite(value.detach()).float().reshape(())
         if self.distributed:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
