@@ -270,7 +270,8 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
         yield
 
     @contextlib.contextmanager
-    def capture(graph, pool=None):
+    def capture(graph, pool=None, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"  # a DataLoader's pin-memory thread must not spoil it
         events.append("capture")
         yield
         events.append("captured")
@@ -343,7 +344,7 @@ def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatc
             return (0, 7)
 
     @contextlib.contextmanager
-    def capture(graph, pool=None):
+    def capture(graph, pool=None, capture_error_mode="global"):
         assert pool == (0, 7)
         current[0] = "capture stream"
         try:

@@ -21,15 +21,17 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
-def capture_step(step: Callable[[], object], params: list[torch.Tensor], device: torch.device
-                 ) -> Callable[[], None]:
+def capture_step(step: Callable[[], object], params: list[torch.Tensor], device: torch.device,
+                 before_capture: Callable[[], None] | None = None) -> Callable[[], None]:
     """``step`` (forward, loss and backward on fixed input tensors) captured in one CUDA graph, and the graph's
     replay. Three warm-up runs on a side stream first (they compile the Triton kernels and settle the allocator, as
-    capture requires); the parameters' gradients are cleared before capture, so the graph writes them (each replay
-    overwrites them) rather than adding to tensors allocated outside it. ``step`` enters and leaves autocast itself:
-    the casts autocast caches are freed into the graph's pool when it leaves (an autocast around the capture would
-    keep them past it, and must be off). A step that cannot be captured (it reads a value back, or copies host data
-    in) raises ``RuntimeError`` naming the cause, with the stream and the allocator restored."""
+    capture requires), then ``before_capture`` (the trainer undoes what they changed); the parameters' gradients are
+    cleared before capture, so the graph writes them (each replay overwrites them) rather than adding to tensors
+    allocated outside it. ``step`` enters and leaves autocast itself: the casts autocast caches are freed into the
+    graph's pool when it leaves (an autocast around the capture would keep them past it, and must be off). Errors of
+    other threads (a DataLoader's pin-memory thread) do not spoil the capture. A step that cannot be captured (it
+    reads a value back, or copies host data in) raises ``RuntimeError`` naming the cause, with the stream and the
+    allocator restored."""
     if torch.is_autocast_enabled(device.type):
         raise RuntimeError("capture_step: capture outside autocast; the step enters it itself")
     side = torch.cuda.Stream(device)
@@ -38,6 +40,8 @@ def capture_step(step: Callable[[], object], params: list[torch.Tensor], device:
         for _ in range(3):
             step()
     torch.cuda.current_stream(device).wait_stream(side)
+    if before_capture is not None:
+        before_capture()
     for p in params:
         p.grad = None
     graph = torch.cuda.CUDAGraph()
@@ -47,7 +51,7 @@ def capture_step(step: Callable[[], object], params: list[torch.Tensor], device:
     # ended, and the pool released (the graph releases it only when the capture ended)
     pool = torch.cuda.graph_pool_handle()
     try:
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
             step()
     except Exception as err:
         # capture_end raises (the capture was invalidated) before it restores the stream and ends the allocator's

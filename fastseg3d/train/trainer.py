@@ -65,6 +65,7 @@ class _StepGraph:
     replay: Callable[[], None]
     loss: torch.Tensor
     terms: dict
+    grads: list  # (parameter, the gradient the graph writes)
 
     def fits(self, image: torch.Tensor, label: torch.Tensor) -> bool:
         return (image.shape == self.image.shape and label.shape == self.label.shape and image.dtype == self.image.dtype
@@ -74,8 +75,16 @@ class _StepGraph:
 def _check_cuda_graph(trainer: Trainer) -> None:
     """``SetupError`` where ``train.cuda_graph`` cannot work: off CUDA, with gradient accumulation (each replay
     overwrites the gradients), with ``train.compile`` (its CUDA-graph modes capture the compiled step themselves),
-    under torchrun (DDP's gradient all-reduce runs outside the graph)."""
+    under torchrun (DDP's gradient all-reduce runs outside the graph), with activation checkpointing (it reads the
+    CUDA generator's state back), with SelfReg's loss (its channel subsets, drawn on the host each step, would be
+    replayed as the capture drew them)."""
     tcfg = trainer.cfg["train"]
+    if trainer.cfg["loss"]["distill"] == "selfreg":
+        raise SetupError("train.cuda_graph cannot replay SelfReg's loss, whose channel subsets are drawn on the host "
+                         "every step: train it eagerly")
+    if tcfg["activation_checkpointing"]:
+        raise SetupError("train.cuda_graph and train.activation_checkpointing exclude each other (the recompute "
+                         "reads the CUDA generator's state, which a capture does not allow)")
     if trainer.device.type != "cuda":
         raise SetupError(f"train.cuda_graph needs a CUDA device, the run is on {trainer.device}")
     if trainer.accum > 1:
@@ -283,7 +292,6 @@ class Trainer:
         if self.cuda_graph:
             _check_cuda_graph(self)
         self._graph: _StepGraph | None = None
-        self._graph_failed = False
         self.train_loader = self._loader()
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -516,40 +524,52 @@ class Trainer:
 
     def _graphed_step(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
         """``train.cuda_graph``: :meth:`train_step` captured in a CUDA graph at the first batch (three warm-up
-        runs of it first, on that batch), then replayed on each batch copied into the graph's inputs; a batch of
-        another shape, or a step that cannot be captured, runs eagerly."""
-        if self._graph is None and not self._graph_failed:
+        runs of it first, on that batch, whose effects on buffers and random generators are undone), then replayed
+        on each batch copied into the graph's inputs; a batch of another shape runs eagerly."""
+        if self._graph is None:
             self._capture(image, label, epoch)
         graph = self._graph
-        if graph is not None and graph.fits(image, label):
-            graph.image.copy_(image)
-            graph.label.copy_(label)
-            graph.replay()
-            self._check_finite(graph.loss, "loss", epoch)
-            return graph.loss, graph.terms
-        if graph is not None:  # the graph's gradients, which an eager backward adds to: zeroed where they are
+        if not graph.fits(image, label):
+            # eagerly, into the graph's gradients (an eager backward adds to them): zeroed where they are
+            for p, g in graph.grads:
+                p.grad = g
             self.optimizer.zero_grad(set_to_none=False)
-        return self.train_step(image, label, epoch)
+            return self.train_step(image, label, epoch)
+        graph.image.copy_(image)
+        graph.label.copy_(label)
+        graph.replay()
+        for p, g in graph.grads:  # the optimizer reads what the replay wrote, even if a hook set .grad to None
+            p.grad = g
+        self._check_finite(graph.loss, "loss", epoch)
+        return graph.loss, graph.terms
 
     def _capture(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> None:
         from fastseg3d.train.cuda_graph import capture_step
 
         inputs = image.clone(), label.clone()  # the graph's inputs, in the batch's memory format
         outputs: list = []
+        # the warm-up runs are not training steps: the buffers they update (BatchNorm's running statistics) and the
+        # random numbers they draw (dropout) are put back, so that the replays train as the eager loop does
+        buffers = [(b, b.clone()) for b in self.model.buffers()]
+        rng = capture_rng_state(self.device)
+
+        def undo_warm_up() -> None:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            restore_rng_state(rng, self.device)
 
         def step() -> tuple:
             outputs[:] = self.train_step(*inputs, epoch)
             return tuple(outputs)
 
+        params = list(self.model.parameters())
         try:
-            replay = capture_step(step, list(self.model.parameters()), self.device)
+            replay = capture_step(step, params, self.device, undo_warm_up)
         except RuntimeError as err:
-            self._graph_failed = True
-            for p in self.model.parameters():  # what the failed capture's backward left, in its released pool
-                p.grad = None
-            logger.warning("train.cuda_graph: the training step could not be captured (%s); it runs eagerly", err)
-            return
-        self._graph = _StepGraph(*inputs, replay, *outputs)
+            raise RuntimeError(f"train.cuda_graph: the training step could not be captured ({err}); train without "
+                               "train.cuda_graph") from err
+        self._graph = _StepGraph(*inputs, replay, *outputs, [(p, p.grad) for p in params if p.grad is not None])
         logger.info("train.cuda_graph: the training step is captured")
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -742,6 +762,7 @@ class Trainer:
         finally:
             if self.metrics is not None:
                 self.metrics.close()
+            self._graph = None  # its memory pool, a training step's activations and gradients
         return last
 
     def _validation(self, epoch: int) -> dict:
