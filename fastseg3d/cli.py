@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    from fastseg3d.train.inference import BLENDS  # (numpy and torch only; MONAI where it is used)
+
     parser = argparse.ArgumentParser(prog="fastseg3d", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -382,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window roi (default: the run's)")
     ev.add_argument("--overlap", type=float, default=None)
     ev.add_argument("--sw-batch-size", type=int, default=None)
-    ev.add_argument("--blend", choices=["gaussian", "constant", "first"], default=None)
+    ev.add_argument("--blend", choices=BLENDS, default=None)
     ev.add_argument("--flip-tta", action="store_true", help="average over the 8 flips of the spatial axes")
     relabel = ev.add_mutually_exclusive_group()
     relabel.add_argument("--relabel-small", type=int, nargs=3, metavar=("CLASS", "INTO", "MIN_VOXELS"),

@@ -267,6 +267,7 @@ def _choices() -> dict[str, tuple]:
     """The values each enumerated key takes (the lists live with the code that acts on them)."""
     from fastseg3d.backends import BACKENDS
     from fastseg3d.train.builders import MODELS, OPTIMIZERS, SCHEDULERS
+    from fastseg3d.train.inference import BLENDS
     from fastseg3d.train.trainer import _AMP, _COMPILE_MODES
 
     return {
@@ -283,7 +284,7 @@ def _choices() -> dict[str, tuple]:
         "train.amp": tuple(_AMP),
         "train.compile": (False, True, *_COMPILE_MODES),
         "train.progress": ("auto", True, False),
-        "val.blend": ("gaussian", "constant", "first"),
+        "val.blend": BLENDS,
     }
 
 
