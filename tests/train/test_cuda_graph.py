@@ -158,6 +158,14 @@ def test_refusals(tmp_path):
         load_config("quickstart", ["train.cuda_graph=3"])
 
 
+def test_cli_flag_sets_it(tmp_path, capsys):
+    from fastseg3d.cli import main
+
+    code = main(["train", "--config", "quickstart", "--output-dir", str(tmp_path / "run"), "--cuda-graph",
+                 *TINY_UNET, *TINY_DATA])
+    assert code == 2 and "train.cuda_graph needs a CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 # (ids without fp32/fp16, which the tier's order puts last as cases the interpreter tier covers: these it does not)
 @pytest.mark.parametrize("case", ["float-dsd-batchnorm", "bf16-dropout", "half-scaler-clip-dropout-workers"])
