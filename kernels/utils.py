@@ -112,15 +112,18 @@ def bf16_pair_to_fp32(v):
 def _sum_columns(src_ptr, out_ptr, P, K, C, col0, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                  INT64: tl.constexpr):
     # columns n = k * C + c of a (P, K, C) fp32 source, summed over P in a fixed order, written to out[c * K + k]
+    kc = K * C
+    if INT64:  # the columns too: attention's dk partials have K * C = B * M * H * d
+        kc = tl.full([], K, tl.int64) * C
     n = col0 + tl.arange(0, BLOCK_N)
-    n_ok = n < K * C
+    n_ok = n < kc
     acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = (p < P)[:, None] & n_ok[None, :]
         if INT64:
             p = p.to(tl.int64)
-        acc += tl.load(src_ptr + p[:, None] * (K * C) + n[None, :], mask=mask, other=0.0)
+        acc += tl.load(src_ptr + p[:, None] * kc + n[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + (n % C) * K + n // C, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -128,6 +131,8 @@ def _sum_columns(src_ptr, out_ptr, P, K, C, col0, BLOCK_P: tl.constexpr, BLOCK_N
 def _sum_partials_kernel(a_ptr, out_a_ptr, KA, b_ptr, out_b_ptr, KB, P, C, BLOCKS_A,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, INT64: tl.constexpr):
     pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
     if pid < BLOCKS_A:
         _sum_columns(a_ptr, out_a_ptr, P, KA, C, pid * BLOCK_N, BLOCK_P, BLOCK_N, INT64)
     else:
