@@ -46,7 +46,9 @@ def _check_feature(t, name: str) -> None:
 
 
 def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
-    """A 1-D int64 index tensor on ``device``; range-checked unless it is already on an accelerator (a sync)."""
+    """A 1-D int64 index tensor on ``device``, range-checked: on the host with a ``ValueError``; on an
+    accelerator by a device-side assert (reading the values back would wait for the GPU), as the reference's
+    indexing would raise, since the kernels would read another channel's or batch element's values."""
     if isinstance(idx, Tensor):
         if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
             raise ValueError(
@@ -56,9 +58,12 @@ def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
             raise ValueError(f"{name} selects no channels")
         if idx.is_meta and device.type != "meta":
             raise TypeError(f"{name} is a meta tensor, which holds no indices, for a map on {device}")
-        check = idx.device.type == "cpu" and not torch.compiler.is_compiling()
-        if check and (int(idx.min()) < 0 or int(idx.max()) >= n_channels):
-            raise ValueError(f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels")
+        outside = f"{name} has indices outside [0, {n_channels}) for a map with {n_channels} channels"
+        if not torch.compiler.is_compiling() and idx.device.type == "cpu":
+            if int(idx.min()) < 0 or int(idx.max()) >= n_channels:
+                raise ValueError(outside)
+        elif not torch.compiler.is_compiling() and not idx.is_meta:
+            torch._assert_async(((idx >= 0) & (idx < n_channels)).all(), outside)
         # SelfReg draws its channels on the host every step: a blocking copy would stall the step there
         return utils.host_to_device(idx.to(dtype=torch.int64), device)
     if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 
 import pytest
@@ -577,6 +578,27 @@ def test_gpu_host_channels_do_not_wait_for_the_gpu():
     assert torch.equal(copied.cpu(), torch.arange(64))
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lists, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_channels_outside_the_map_on_the_gpu_stop_the_run():
+    """Indices already on the GPU are checked by a device-side assert, not read back: out of range, the kernel
+    would read another channel's values. The assert spoils the CUDA context, hence a process of its own."""
+    code = (
+        "import torch, fastseg3d\n"
+        "from fastseg3d.ops import selfreg_inter\n"
+        "s = torch.randn(2, 4, 4, 4, 4, device='cuda'); t = torch.randn(2, 6, 8, 8, 8, device='cuda')\n"
+        "with fastseg3d.backend('triton'):\n"
+        "    ok = selfreg_inter(s, t, torch.tensor([0, 1], device='cuda'), torch.tensor([5, 0], device='cuda'))\n"
+        "    torch.cuda.synchronize(); print('in range', float(ok))\n"
+        "    selfreg_inter(s, t, torch.tensor([0, 1], device='cuda'), torch.tensor([6, 0], device='cuda'))\n"
+        "    torch.cuda.synchronize()\n"
+        "print('not stopped')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "in range" in proc.stdout, proc.stderr
+    assert proc.returncode != 0 and "not stopped" not in proc.stdout, proc.stdout
+    assert "assert" in proc.stderr.lower(), proc.stderr
 
 
 def test_host_to_device_off_the_gpu_is_a_plain_copy():
