@@ -981,6 +981,8 @@ def _dwconv3d_bwd_weight_kernel(
             accs = updated
 
     row = pid_bd * (n_h * n_w) + pid_hw
+    if INT64:  # the workspace (rows, KVOL, C) can pass 2^31 elements where x does not (channels-last, 9x9x9)
+        row = row.to(tl.int64)
     dw_row = dwp_ptr + row * KVOL * C + (kd0 * KH + kh0) * KW * C + offs_c
     for i in tl.static_range(NT):
         tap_ok = offs_c < C
@@ -1365,7 +1367,7 @@ def dwconv3d_bwd_weight(
     dwp = empty((rows, kvol, c), dtype=torch.float32, device=x.device)
     dbp = empty((rows, c), dtype=torch.float32, device=x.device) if with_bias else None
     grid = (n_c * n_hw, n_tap_chunks, bsz * n_dchunks)
-    int64 = _needs_int64(x, dz)
+    int64 = _needs_int64(x, dz, dwp)
     unit = _unit(lanes, block_c, int64, x, dz)
     wrap(_dwconv3d_bwd_weight_kernel)[grid](
         x, dz, dwp, dbp if dbp is not None else dwp,

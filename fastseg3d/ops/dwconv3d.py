@@ -121,7 +121,8 @@ def fusable_kernel(kernel: Sequence[int]) -> bool:
     return all(k % 2 == 1 and k <= 9 for k in kernel)
 
 
-def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[int]) -> list[str]:
+def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[int],
+                                 dilation: Sequence[int] = (1, 1, 1)) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
     reasons = utils.base_reasons(x)
     if weight.shape[0] != x.shape[1]:
@@ -131,7 +132,9 @@ def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[
         reasons.append(f"kernel size {kernel} (fused: odd sizes 1 to 9 per axis)")
     if x.numel() == 0:
         reasons.append("x has no elements")
-    if out_shape[0] > utils.MAX_GRID_YZ or out_shape[2] > utils.MAX_GRID_YZ:
+    # a grid row per depth, rounded up to whole depth-dilation residues; the input-gradient pass walks x's depth
+    dil_d = dilation[0]
+    if out_shape[0] > utils.MAX_GRID_YZ or -(-max(x.shape[2], out_shape[2]) // dil_d) * dil_d > utils.MAX_GRID_YZ:
         reasons.append(f"batch or depth above {utils.MAX_GRID_YZ}")
     return reasons
 
@@ -141,8 +144,12 @@ def dwconv3d_unsupported_reasons(x: Tensor, weight: Tensor, out_shape: Sequence[
 
 
 # the channel padding of the kernels' tap-major weight (fastseg3d.kernels.dwconv3d.taps_major; that module needs
-# Triton)
+# Triton): its tap loads read whole channel blocks, unmasked
 TAPS_CHANNEL_MULTIPLE = 64
+
+
+def _taps_channels(c: int) -> int:
+    return -(-c // TAPS_CHANNEL_MULTIPLE) * TAPS_CHANNEL_MULTIPLE
 
 
 def _new_output(x: Tensor, shape: Sequence[int]) -> Tensor:
@@ -168,8 +175,7 @@ def _dwconv3d_op(
     """(y in x's layout, the weight as the kernels read it: kept for backward, which reads it too; an empty (0,)
     tensor where no kernel ran)."""
     if x.device.type == "meta":
-        channels = -(-weight.shape[0] // TAPS_CHANNEL_MULTIPLE) * TAPS_CHANNEL_MULTIPLE
-        taps = x.new_empty((*weight.shape[2:], channels), dtype=torch.float32)
+        taps = x.new_empty((*weight.shape[2:], _taps_channels(weight.shape[0])), dtype=torch.float32)
         return _new_output(x, _out_shape(x, weight, padding, dilation)), taps
     if not utils.launchable(x.device):
         act = None if activation == "none" else activation
@@ -231,8 +237,10 @@ def _dwconv3d_backward_launch(grad, x, weight, weight_taps, bias, padding, dilat
     need_dx, need_dw, need_db = output_mask
     need_db = need_db and bias is not None
     if weight_taps.numel() and (weight_taps.dtype != torch.float32 or weight_taps.shape[:3] != weight.shape[2:]
-                                or weight_taps.shape[3] < weight.shape[0] or not weight_taps.is_contiguous()):
-        raise ValueError(f"weight_taps must be the forward's tap-major fp32 weight (kD, kH, kW, >= C) or empty, got "
+                                or weight_taps.shape[3] != _taps_channels(weight.shape[0])
+                                or not weight_taps.is_contiguous()):
+        raise ValueError(f"weight_taps must be the forward's tap-major fp32 weight (kD, kH, kW, C rounded up to "
+                         f"{TAPS_CHANNEL_MULTIPLE}) or empty, got "
                          f"{tuple(weight_taps.shape)} {weight_taps.dtype}")
     weight_t = weight_taps if weight_taps.numel() else taps_major(weight)
     act_id = ACT_IDS[None if activation == "none" else activation]
@@ -348,7 +356,7 @@ def dwconv3d(
         if tuple(late_residual.shape) != out_shape:
             raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(late_residual.shape)}")
         return dwconv3d(x, weight, bias, padding, dilation, activation) + late_residual
-    reasons = dwconv3d_unsupported_reasons(x, weight, out_shape)
+    reasons = dwconv3d_unsupported_reasons(x, weight, out_shape, dil)
     if backends.select("dwconv3d", reasons, x.device):
         return _dwconv3d_op(x, weight, bias, residual, list(pad), list(dil), _ACT_NAMES[activation])[0]
     # ATen's conv may return another layout (fp64 on CPU and CUDA goes contiguous); a trace would record the

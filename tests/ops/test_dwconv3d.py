@@ -467,6 +467,24 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
     assert_close("y", dwconv3d(x, w), F.conv3d(x, w, padding="same", groups=3), dtype)
 
 
+@pytest.mark.parametrize("depth,kernel,padding,dilation", [
+    (65540, 9, "valid", 1),  # the output's depth fits a grid axis, the input gradient's pass walks x's
+    (65535, 5, "same", 2),  # a grid row per depth rounded up to whole residues of the depth dilation
+])
+def test_depths_past_the_grid_limit_go_to_the_reference(depth, kernel, padding, dilation):
+    from fastseg3d.ops.dwconv3d import _validate, dwconv3d_unsupported_reasons
+    from fastseg3d.ops.utils import MAX_GRID_YZ
+
+    x = torch.empty(1, 2, depth, 12, 12, device="meta")
+    w = torch.empty(2, 1, kernel, kernel, kernel, device="meta")
+    pad, dil, out_shape = _validate(x, w, None, None, padding, (dilation, 1, 1), None)
+    assert out_shape[2] <= MAX_GRID_YZ
+    assert f"batch or depth above {MAX_GRID_YZ}" in dwconv3d_unsupported_reasons(x, w, out_shape, dil)
+    smaller = torch.empty(1, 2, depth - 2 * dilation * (kernel - 1), 12, 12, device="meta")
+    _, _, out_shape = _validate(smaller, w, None, None, padding, (dilation, 1, 1), None)
+    assert not dwconv3d_unsupported_reasons(smaller, w, out_shape, dil)
+
+
 def _launch_args(shape, kernel, padding, dilation, layout, dtype):
     """Meta tensors for a launcher call: x in ``layout``, the tap-major weight, the output; padding and dilation
     as triples."""
@@ -640,6 +658,22 @@ def test_wide_lanes_keep_strides_whole_with_64bit_indexing(monkeypatch):
         (_, _, fwd), = _captured(lambda: k.dwconv3d_fwd(x, w, None, None, torch.empty_like(x), (3, 3, 3), (1, 1, 1), 0))
         (_, _, bwd), _ = _captured(lambda: k.dwconv3d_bwd_weight(x, x, (7, 7, 7), (3, 3, 3), (1, 1, 1), True))
         assert (fwd["UNIT"], fwd["INT64"], bwd["UNIT"], bwd["INT64"]) == (unit, unit == 1, unit, unit == 1)
+
+
+def test_a_weight_gradient_workspace_past_2_31_takes_64bit_indexing(monkeypatch):
+    """The weight gradient's per-program partials (rows, taps, C) can pass 2^31 elements where x does not
+    (channels-last tiles of one row by 16 columns, 9x9x9 taps): its offsets need 64-bit indexing too."""
+    from bench.sass import _captured
+    import fastseg3d.kernels.dwconv3d as k
+    from fastseg3d.kernels import utils as kernel_utils
+
+    monkeypatch.setattr(kernel_utils, "sm_count", lambda device: 132)  # an H100's depth chunks
+    x = torch.empty(1, 64, 32, 864, 864, dtype=torch.bfloat16, device="meta")
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    (_, args, kw), _ = _captured(lambda: k.dwconv3d_bwd_weight(x, x, (9, 9, 9), (4, 4, 4), (1, 1, 1), True))
+    workspace = args[2]
+    assert x.numel() < 2**31 - 1 <= workspace.numel()
+    assert kw["INT64"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -871,7 +905,8 @@ def test_interpret_backward_refuses_foreign_taps():
     x, w, b, _ = _tensors("contiguous", (1, 2, 3, 4, 5), (3, 3, 3), _F32, "cpu")
     g = torch.randn(1, 2, 3, 4, 5)
     with fastseg3d.backend("triton"):
-        for taps in (torch.zeros(3, 3, 5, 64), torch.zeros(3, 3, 3, 64, dtype=torch.float16)):
+        # C unpadded: the kernels' tap loads read whole 64-channel blocks
+        for taps in (torch.zeros(3, 3, 5, 64), torch.zeros(3, 3, 3, 64, dtype=torch.float16), torch.zeros(3, 3, 3, 2)):
             with pytest.raises(ValueError, match="weight_taps must be the forward's tap-major fp32 weight"):
                 torch.ops.fastseg3d.dwconv3d_backward(g, x, w, taps, b, [1, 1, 1], [1, 1, 1], "none",
                                                       [True, True, True])
