@@ -581,9 +581,10 @@ def test_gpu_host_channels_do_not_wait_for_the_gpu():
 
 
 @pytest.mark.gpu
-def test_gpu_channels_outside_the_map_on_the_gpu_stop_the_run():
+def test_gpu_channels_outside_the_map_on_the_gpu_stop_the_run_fp32():
     """Indices already on the GPU are checked by a device-side assert, not read back: out of range, the kernel
-    would read another channel's values. The assert spoils the CUDA context, hence a process of its own."""
+    would read another channel's values. The assert spoils the CUDA context, hence a process of its own (fp32:
+    the GPU tier's order runs it after the checks that only a GPU makes)."""
     code = (
         "import torch, fastseg3d\n"
         "from fastseg3d.ops import selfreg_inter\n"
