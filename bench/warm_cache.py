@@ -450,12 +450,24 @@ def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tupl
                 os.environ[k] = v
 
 
-def _pack(cache_dir: str, out: str) -> None:
-    # the cache's entries (one directory per kernel, named from its key), as report() compares them
-    entries = sorted(e.name for e in os.scandir(cache_dir) if e.is_dir())
+def _entry_hash(path: str) -> str | None:
+    """The compile hash a cache entry (a kernel's directory) records in its metadata."""
+    for name in os.listdir(path):
+        if name.endswith(".json") and not name.startswith("__grp__"):
+            with open(os.path.join(path, name)) as f:
+                return json.load(f).get("hash")
+    return None
+
+
+def _pack(cache_dir: str, out: str, keep: set[str] | None = None) -> None:
+    """Packs the cache's entries (one directory per kernel, named from its key; only those whose compile hash is in
+    ``keep`` where given: a directory built into again keeps the kernels of older sources, which no run asks for)."""
+    entries = sorted(e.name for e in os.scandir(cache_dir)
+                     if e.is_dir() and (keep is None or _entry_hash(e.path) in keep))
     manifest = {"entries": entries, "root": os.path.abspath(cache_dir), **key_facts()}
     with tarfile.open(out, "w:gz") as tar:
-        tar.add(cache_dir, arcname=".")
+        for name in entries:
+            tar.add(os.path.join(cache_dir, name), arcname=name)
         data = json.dumps(manifest).encode()
         info = tarfile.TarInfo(MANIFEST)
         info.size = len(data)
@@ -574,7 +586,7 @@ def main(argv=None) -> None:
         cache_dir = os.path.abspath(args.cache_dir or tmp)
         compiled = compile_launches(launches, cache_dir, args.jobs)
         if args.out:
-            _pack(cache_dir, args.out)
+            _pack(cache_dir, args.out, {h for _, h, _, _ in compiled if h})
     slowest = sorted(compiled, key=lambda c: -c[2])[:5]
     print(f"compiled in {time.perf_counter() - start:.0f} s"
           + (f"; {args.out}: {os.path.getsize(args.out) / 2**20:.1f} MiB" if args.out else f" into {cache_dir}")

@@ -262,10 +262,17 @@ def test_tune_plan_takes_every_candidate_of_the_sweeps():
 
 
 def test_cli_builds_a_tarball(tmp_path, monkeypatch, capsys):
-    """``--plan ... --out``: the plan's launches compiled and packed; the tarball installs."""
+    """``--plan ... --out``: the plan's launches compiled and packed; the tarball installs. Built into a directory
+    that holds a kernel of an older source (an incremental build), the tarball leaves that one out."""
     monkeypatch.setitem(warm_cache.PLANS, "tune", _upsample_sum_launches)
+    build = tmp_path / "build"
+    stale = build / "STALEENTRY"
+    stale.mkdir(parents=True)
+    (stale / "_upsample_sum_kernel.json").write_text('{"hash": "0123"}')
+    (stale / "_upsample_sum_kernel.cubin").write_bytes(b"")
     tarball = tmp_path / "cache.tgz"
-    warm_cache.main(["--plan", "tune", "--out", str(tarball), "--jobs", "1"])
+    warm_cache.main(["--plan", "tune", "--cache-dir", str(build), "--out", str(tarball), "--jobs", "1"])
     out = capsys.readouterr().out
     assert "2 launches, 2 distinct" in out and "compiled in" in out and "PROBLEM" not in out, out
     assert warm_cache.install(str(tarball), str(tmp_path / "cache")) == 2
+    assert not (tmp_path / "cache" / "STALEENTRY").exists() and len(list(build.iterdir())) == 3
