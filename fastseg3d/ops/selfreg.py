@@ -319,7 +319,9 @@ def selfreg_inter(student: Tensor, teacher: Tensor, student_channels, teacher_ch
     per-axis minimum), the channels ``student_channels[j]`` of the student and ``teacher_channels[j]`` of the
     teacher are paired, and the loss is their mean squared difference; the teacher is detached. Index sets are
     1-D integer tensors or sequences of equal length (see :func:`random_channel_pairs`); repeated student indices
-    accumulate gradient. Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
+    accumulate gradient. An index outside its map's channels raises a ``ValueError``, but for a tensor already on
+    the GPU, which a device-side assert checks (reading it back would wait for the GPU): the run stops there, as
+    indexing out of range does. Returns a 0-dim fp32 tensor (fp64 for fp64 inputs).
 
     fp32, fp16 and bf16 inputs are fused (one read of each input, fp32 math, the student gradient written in the
     forward pass when the student requires grad, in fp32 for fp16 so a loss scale reaches it before rounding);
