@@ -73,9 +73,13 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torc
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` (host memory) on ``device``, without the wait a blocking copy to a GPU makes for every kernel queued
     before it: the copy goes through pinned memory, which the caching host allocator holds until the copy has run,
-    so ``t`` may change after the call."""
+    so ``t`` may change after the call. Refused while a CUDA graph captures: each replay would reuse the values of
+    the capture (SelfReg's channels, drawn anew every step)."""
     if device.type != "cuda" or t.device.type != "cpu" or torch.compiler.is_compiling():
         return t.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("host data copied in during CUDA graph capture would be replayed as captured (SelfReg "
+                           "draws its channels on the host every step): pass them as GPU tensors, or do not capture")
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)  # a pinned t itself would race the copy
     return staged.to(device, non_blocking=True)
 

@@ -51,7 +51,10 @@ def capture_step(step: Callable[[], object], params: list[torch.Tensor], device:
     # ended, and the pool released (the graph releases it only when the capture ended)
     pool = torch.cuda.graph_pool_handle()
     try:
-        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        # a capture stream of the device's own: torch's default one is made once, on the device current at the first
+        # capture of the process, and a capture on another device would record nothing of the step's work
+        with (torch.cuda.device(device),
+              torch.cuda.graph(graph, pool=pool, stream=torch.cuda.Stream(device), capture_error_mode="thread_local")):
             step()
     except Exception as err:
         # capture_end raises (the capture was invalidated) before it restores the stream and ends the allocator's

@@ -292,6 +292,7 @@ class Trainer:
         if self.cuda_graph:
             _check_cuda_graph(self)
         self._graph: _StepGraph | None = None
+        self._loss_ok: torch.Tensor | None = None  # the step's losses so far all finite (on the device)
         self.train_loader = self._loader()
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
@@ -504,23 +505,26 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _reduce(self, value: torch.Tensor) -> float:
-        if self.distributed:
-            value = value.detach().clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return float(value)
-
     def train_step(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
         """Forward, loss and backward of one micro-batch (its gradient scaled by the gradient scaler and divided by
         the accumulation): the loss and the terms logged beside it. A subclass may override it (nnU-Net's
-        ``train_step``); the optimizer step, clipping and schedule stay :meth:`train_epoch`'s."""
+        ``train_step``; passing its loss to :meth:`_note_finite`); the optimizer step, clipping, schedule and the
+        check of the losses stay :meth:`train_epoch`'s."""
         with self._autocast():
             output = self.net(image)
         loss, terms = self.objective(output, label)
-        self._check_finite(loss, "loss", epoch)
+        self._note_finite(loss)
         self.scaler.scale(loss / self.accum).backward()
         return loss, terms
+
+    def _note_finite(self, loss: torch.Tensor) -> None:
+        """Records on the device whether ``loss`` is finite; :meth:`_check_step` reads it back once an optimizer step
+        (reading every micro-batch's loss back would stall the GPU before each backward). Not while a CUDA graph
+        captures the step: each replay's loss is noted."""
+        if loss.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return
+        ok = torch.isfinite(loss.detach()).all()
+        self._loss_ok = ok if self._loss_ok is None else self._loss_ok & ok
 
     def _graphed_step(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
         """``train.cuda_graph``: :meth:`train_step` captured in a CUDA graph at the first batch (three warm-up
@@ -540,7 +544,7 @@ class Trainer:
         graph.replay()
         for p, g in graph.grads:  # the optimizer reads what the replay wrote, even if a hook set .grad to None
             p.grad = g
-        self._check_finite(graph.loss, "loss", epoch)
+        self._note_finite(graph.loss)
         return graph.loss, graph.terms
 
     def _capture(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> None:
@@ -592,7 +596,7 @@ class Trainer:
             transform.set_random_state(seed=(int(self.cfg["seed"]) * 100_003 + epoch * 1_009 + self.rank) % 2**32)
         tcfg = self.cfg["train"]
         bar = progress_bar(self.steps_per_epoch, tcfg["progress"], f"epoch {epoch}") if self.is_main else None
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: read back when logged
         count = 0
         micro = 0
         start = time.perf_counter()
@@ -606,20 +610,21 @@ class Trainer:
             with sync:
                 loss, terms = self._graphed_step(image, label, epoch) if self.cuda_graph else self.train_step(
                     image, label, epoch)
-            for key, value in {"loss": loss.detach(), **terms}.items():
-                sums[key] = sums.get(key, 0.0) + self._reduce(value)
+            for key, value in {"loss": loss, **terms}.items():
+                # a new tensor (a graph's outputs are overwritten by its next replay)
+                sums[key] = sums.get(key, 0) + torch.as_tensor(value).detach().to(self.device, torch.float32)
             count += 1
             micro += 1
             if not last_micro:
                 continue
             micro = 0
+            norm = None
             if tcfg["grad_clip"] or not self.scaler.is_enabled():
                 self.scaler.unscale_(self.optimizer)
                 limit = float(tcfg["grad_clip"]) if tcfg["grad_clip"] else math.inf
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit)
-                if not self.scaler.is_enabled():
-                    # Without a scaler nothing else stops an infinite gradient from poisoning the weights.
-                    self._check_finite(norm, "gradient norm", epoch)
+            # Without a scaler nothing else stops an infinite gradient from poisoning the weights.
+            self._check_step(epoch, None if self.scaler.is_enabled() else norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             if self._graph is None:  # a captured step's replay overwrites the gradients it holds
@@ -629,17 +634,18 @@ class Trainer:
             self.step += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
             if self.step % int(tcfg["log_every"]) == 0:
-                self._log_train(epoch, sums, count, start)
+                self._log_train(epoch, sums, count, start, bar)
                 sums, count, start = {}, 0, time.perf_counter()
             if self.max_steps is not None and self.step >= int(self.max_steps):
                 break
         if micro:
-            # Fewer micro-batches than an accumulation left at the epoch's end: dropped, as drop_last drops a batch.
+            # Fewer micro-batches than an accumulation left at the epoch's end: dropped, as drop_last drops a batch
+            # (their losses still checked).
+            self._check_step(epoch)
             self.optimizer.zero_grad(set_to_none=True)
         if count:
-            self._log_train(epoch, sums, count, start)  # the epoch's tail, so every epoch has a train row
+            self._log_train(epoch, sums, count, start, bar)  # the epoch's tail, so every epoch has a train row
         if bar is not None:
             bar.close()
         if self.cfg["scheduler"]["interval"] == "epoch":
@@ -656,24 +662,38 @@ class Trainer:
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
 
-    def _check_finite(self, value: torch.Tensor, what: str, epoch: int) -> None:
-        """Raise :class:`NonFiniteLossError` on every rank together (a lone rank raising would hang the others).
-        Not while a CUDA graph captures the step (it reads the value back): the replay's loss is checked."""
-        if value.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return
-        ok = torch.isfinite(value.detach()).float().reshape(())
+    def _check_step(self, epoch: int, norm: torch.Tensor | None = None) -> None:
+        """Before an optimizer step: raise :class:`NonFiniteLossError` when a loss of its micro-batches (or
+        ``norm``, the gradient norm) was not finite, on every rank together (a lone rank raising would hang the
+        others). One read-back a step."""
+        flags = [torch.ones((), device=self.device) if self._loss_ok is None else self._loss_ok.float()]
+        self._loss_ok = None
+        if norm is not None:
+            flags.append(torch.isfinite(norm).float())
+        ok = torch.stack([f.reshape(()).to(self.device) for f in flags])
         if self.distributed:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item() == 1.0:
+        loss_ok, *norm_ok = ok.tolist()
+        if loss_ok == 1.0 and all(v == 1.0 for v in norm_ok):
             return
+        what = "loss" if loss_ok != 1.0 else "gradient norm"
         latest = self.run_dir / "checkpoint_latest.pt"
         kept = f"the last good checkpoint is {latest}" if latest.is_file() else "no checkpoint was written yet"
         raise NonFiniteLossError(f"non-finite {what} at epoch {epoch}, step {self.step + 1}; stopped, {kept}")
 
-    def _log_train(self, epoch: int, sums: dict, count: int, start: float) -> None:
+    def _log_train(self, epoch: int, sums: dict, count: int, start: float, bar=None) -> None:
+        """The mean loss and terms since the last row (every rank: their means over ranks are one all-reduce, and
+        the values' one read-back), written by the main process, shown on its progress bar."""
+        keys = list(sums)
+        values = torch.stack([sums[k].reshape(()) for k in keys])
+        if self.distributed:
+            dist.all_reduce(values)
+            values /= self.world
+        row = {k: v / count for k, v in zip(keys, values.tolist())}
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
         if self.metrics is None:
             return
-        row = {k: v / count for k, v in sums.items()}
         self.metrics.log({"step": self.step, "epoch": epoch, "split": "train", **row,
                           "lr": self.optimizer.param_groups[0]["lr"],
                           "seconds_per_step": (time.perf_counter() - start) * self.accum / count})

@@ -610,6 +610,17 @@ def test_host_to_device_off_the_gpu_is_a_plain_copy():
     assert host_to_device(t, torch.device("meta")).device.type == "meta"
 
 
+def test_host_to_device_refuses_a_cuda_graph_capture(monkeypatch):
+    """A copy of host data captured in a CUDA graph would replay the captured values (SelfReg's channels, drawn
+    anew every step): refused, before any CUDA call."""
+    from fastseg3d.ops.utils import host_to_device
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="during CUDA graph capture"):
+        host_to_device(torch.tensor([3, 1, 2]), torch.device("cuda"))
+    assert host_to_device(torch.tensor([3, 1, 2]), torch.device("cpu")).tolist() == [3, 1, 2]
+
+
 def test_a_float64_teacher_makes_the_inter_loss_float64():
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 3, 4, 5), torch.randn(2, 6, 6, 8, 10, dtype=torch.float64)

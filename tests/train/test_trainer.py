@@ -201,6 +201,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         Trainer(load_config("quickstart", ["train.epochs=3", *TINY_UNET, *TINY_DATA]), tmp_path / "again").fit()
 
 
+def test_the_loop_reads_values_back_once_a_step(tmp_path, monkeypatch):
+    """A read-back waits for the GPU to finish what was queued: the loop takes one an optimizer step (its losses'
+    and gradient norm's finiteness, before the optimizer's step) and one a logged row, not one for each
+    micro-batch's loss and term. With gradient accumulation (2 micro-batches a step) and a row every 2 steps."""
+    import sys
+
+    trainer_file = sys.modules[Trainer.__module__].__file__
+    reads = []
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            if caller.f_code.co_filename == trainer_file:
+                reads.append(caller.f_code.co_name)
+            return real(self, *args, **kwargs)
+        return read
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    data = [o for o in TINY_DATA if not o.startswith("train.log_every")]
+    cfg = load_config("quickstart", [*TINY_UNET, *data, "train.epochs=1", "data.num_train=8", "data.batch_size=1",
+                                     "train.grad_accumulation=2", "train.log_every=2"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_epoch(0)
+    assert trainer.step == 4
+    assert sorted(reads) == ["_check_step"] * 4 + ["_log_train"] * 2, reads
+
+
 def test_checkpoints_are_atomic_and_corruption_is_named(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_latest.pt"
     atomic_save({"network_weights": {"w": torch.ones(2)}}, path)
