@@ -270,8 +270,15 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
         yield
 
     @contextlib.contextmanager
-    def capture(graph, pool=None, capture_error_mode="global"):
+    def on_device(device):
+        events.append(f"on {device}")
+        yield
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None, stream=None, capture_error_mode="global"):
         assert capture_error_mode == "thread_local"  # a DataLoader's pin-memory thread must not spoil it
+        # a stream of the device's own (torch's default capture stream lives on the first capture's device)
+        assert isinstance(stream, Stream)
         events.append("capture")
         yield
         events.append("captured")
@@ -279,6 +286,7 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "device", on_device)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 1))
@@ -289,8 +297,8 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
         (2 * w).sum().backward()
 
     replay = graphed(step, [w], torch.device("cuda"))
-    assert events == ["wait", "side stream", ("step", True), ("step", False), ("step", False), "wait", "capture",
-                      ("step", True), "captured"]
+    assert events == ["wait", "side stream", ("step", True), ("step", False), ("step", False), "wait", "on cuda",
+                      "capture", ("step", True), "captured"]
     replay()
     assert events[-1] == "replay"
 
@@ -344,7 +352,7 @@ def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatc
             return (0, 7)
 
     @contextlib.contextmanager
-    def capture(graph, pool=None, capture_error_mode="global"):
+    def capture(graph, pool=None, stream=None, capture_error_mode="global"):
         assert pool == (0, 7)
         current[0] = "capture stream"
         try:
@@ -355,6 +363,7 @@ def test_graphed_failed_capture_restores_the_stream_and_the_allocator(monkeypatc
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, "default"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
