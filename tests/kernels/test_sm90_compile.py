@@ -524,7 +524,7 @@ _NORM_ACT = ("group_norm_act", "group_norm_act_apply", "group_norm_act_backward"
 
 
 # MobileUtr's 7x7x7 and 9x9x9 layers take minutes of compiles on a CI core (its inference alone about two):
-# `python -m bench.sass network mobileutr` checks its launches.
+# `python -m bench.sass network mobileutr` (and `mobileutrl`) checks their launches.
 @pytest.mark.parametrize("network,modes,ops", [
     ("segformer3d", ("train_step", "infer"), {"attention", "attention_backward", "dwconv3d", "dwconv3d_backward",
                                               "upsample_sum", "layer_norm", "layer_norm_backward", "add_layer_norm",

@@ -850,6 +850,84 @@ def test_interpret_bf16_channel_pairs(poison, layout, shape, kernel, activation,
     assert [kw["PAIRS"] for _, _, kw in launches if "PAIRS" in kw] == [shape[1] % 8 == 0] * 2
 
 
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_interpret_rolling_walks_without_lanes(poison, layout):
+    """A dilated W rules out W lanes and column tiles: the forward's and the weight gradient's rolling walks on
+    plain tiles (channel-major ones on channels-last), each depth residue in several runs."""
+    check_against_reference(layout, (1, 3, 5, 6, 7), (3, 3, 3), "gelu", True, _F32, "cpu",
+                            padding=(1, 1, 2), dilation=(1, 1, 2))
+
+
+@pytest.mark.interpret
+def test_interpret_general_path_with_dilated_h_and_w(poison):
+    """More H and W taps than the rolling walk takes, with H and W dilated: the general path's tap addressing in
+    the forward, the dz pass and the dx pass (flipped taps)."""
+    check_against_reference("contiguous", (1, 2, 4, 7, 8), (3, 5, 5), "silu", True, _F32, "cpu",
+                            padding=(1, 4, 4), dilation=(1, 2, 2))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout,shape,kernel,activation", [
+    ("contiguous", (1, 2, 17, 5, 16), (3, 3, 3), "gelu"),  # W-lane tiles, depth in two runs
+    ("channels_last", (1, 4, 4, 5, 9), (5, 5, 5), None),  # column tiles
+    ("contiguous", (1, 3, 11, 6, 7), (3, 3, 3), "relu"),  # plain tiles
+])
+def test_interpret_gpu_tiles_in_several_runs_and_depth_chunks(poison, monkeypatch, layout, shape, kernel, activation):
+    """The tiles a GPU launch picks, on a GPU of one SM: the rolling forward's depth residues cut into several runs
+    and the weight gradient's depth into several chunks (with an H100's 132 SMs the tests' shapes take one of
+    each)."""
+    from bench.sass import _captured
+    import fastseg3d.kernels.dwconv3d as k
+    from fastseg3d.kernels import utils as kernel_utils
+
+    monkeypatch.setattr(k, "INTERPRET", False)
+    monkeypatch.setattr(kernel_utils, "sm_count", lambda device: 1)
+    x = torch.empty(shape, device="meta")
+    x = x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
+    pad = tuple(s // 2 for s in kernel)
+    launches = _captured(lambda: (
+        k.dwconv3d_fwd(x, k.taps_major(torch.empty(shape[1], 1, *kernel, device="meta")), None, None,
+                       torch.empty_like(x), pad, (1, 1, 1), 0),
+        k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)))
+    fwd, bwd = (dict(zip([n for n in fn.arg_names if n not in kw], args)) | kw for fn, args, kw in launches[:2])
+    assert fwd["N_CHUNKS"] > 1 and bwd["D_CHUNK"] < shape[2], (fwd, bwd)
+    check_against_reference(layout, shape, kernel, activation, True, _F32, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_64bit_offsets_of_a_sparse_view(poison):
+    """A small channel-major view whose last depth slices lie past 2^31 elements of its storage (4 GiB reserved,
+    a few pages touched): the 64-bit offsets are needed for real, forward and every gradient."""
+    from bench.sass import _captured
+    import fastseg3d.kernels.dwconv3d as k
+
+    shape, depth_stride = (1, 8, 3, 4, 5), 2**30
+    strides = (3 * depth_stride, 1, depth_stride, 5 * 8, 8)
+    size = 2 * depth_stride + 4 * 5 * 8
+    meta = torch.empty(size, dtype=torch.float16, device="meta").as_strided(shape, strides)
+    (_, _, kw), = _captured(lambda: k.dwconv3d_fwd(meta, k.taps_major(torch.empty(8, 1, 3, 3, 3, device="meta")),
+                                                   None, None, torch.empty(shape, device="meta", dtype=meta.dtype),
+                                                   (1, 1, 1), (1, 1, 1), 0))
+    assert kw["INT64"]
+
+    x = torch.empty(size, dtype=torch.float16).as_strided(shape, strides)
+    x.copy_(torch.randn(shape, dtype=torch.float16))
+    x.requires_grad_()
+    weight = (torch.randn(8, 1, 3, 3, 3) / 9).half().requires_grad_()
+    bias = torch.randn(8).half().requires_grad_()
+    with fastseg3d.backend("triton"):
+        y = dwconv3d(x, weight, bias, padding=1, activation="gelu")
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y_ref = dwconv3d_ref(*ref, padding=1, activation="gelu")
+    assert_close("y", y, y_ref, torch.float16)
+    g = torch.randn_like(y_ref).half()
+    y.backward(g)
+    y_ref.backward(g.double())
+    for name, a, e in zip(("dx", "dweight", "dbias"), (x, weight, bias), ref):
+        assert_close(name, a.grad, e.grad, torch.float16)
+
 def check_activation_accuracy(activation, device):
     """The kernels' activations and their derivatives against float64 over [-100, 100] (dense on [-12, 12]), near 0
     and at +-3e38. GELU's erf is a rational approximation (absolute error below 5e-7 with the GPU's approximate
