@@ -363,6 +363,56 @@ def test_interpret_64bit_row_offsets(poison, monkeypatch, layout):
     check_against_sdpa(1, 37, 11, 2, 16, torch.float32, "cpu", layout=layout)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("n,m,d,dtype", [(128, 40, 16, torch.float32), (256, 100, 32, torch.float16)])
+def test_interpret_gpu_tiles_with_row_splits(poison, monkeypatch, n, m, d, dtype):
+    """The tiles a GPU launch takes (fp32's FMA-unit tables: dk/dv tiles smaller than dq's) on a GPU of one SM,
+    whose dk/dv kernel splits the query rows in two, with unmasked row loops (N a multiple of the row tile)."""
+    from bench.sass import _captured
+    import fastseg3d.kernels.attention as kernels
+    from fastseg3d.kernels import utils as kernel_utils
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernel_utils, "sm_count", lambda device: 1)
+    q, k, v = (torch.empty(1, t, 1, d, dtype=dtype, device="meta") for t in (n, m, m))
+    out, lse = torch.empty_like(q), torch.empty(1, 1, n, device="meta")
+    launches = _captured(lambda: kernels.attention_bwd(out, q, k, v, out, lse, 0.25, *(torch.empty_like(t) for t in
+                                                                                         (q, k, v))))
+    dkdv = next(kw for _, _, kw in launches if "ROW_TAIL" in kw)
+    dq = next(kw for _, _, kw in launches if "KEY_TAIL" in kw)
+    assert not dkdv["ROW_TAIL"] and dkdv["BLOCK_M"] < n // 2, dkdv
+    if dtype == torch.float32:
+        assert (dkdv["BLOCK_M"], dkdv["BLOCK_N"]) != (dq["BLOCK_M"], dq["BLOCK_N"])
+    check_against_sdpa(1, n, m, 1, d, dtype, "cpu", layout="contiguous")
+
+
+@pytest.mark.interpret
+def test_interpret_64bit_offsets_of_a_sparse_view(poison):
+    """q a small view whose rows lie 2^26 elements apart (a 5 GiB storage reserved, a few pages touched): its last
+    rows' offsets pass 2^31, so the kernels' 64-bit offsets are needed for real, forward and every gradient."""
+    from bench.sass import _captured
+    import fastseg3d.kernels.attention as kernels
+
+    n, m, d = 37, 11, 16
+    q = torch.empty(n * 2**26, dtype=torch.float16).as_strided((1, n, 1, d), (n * 2**26, 2**26, d, 1))
+    q.copy_(torch.randn(1, n, 1, d, dtype=torch.float16))
+    k, v = (torch.randn(1, m, 1, d, dtype=torch.float16) for _ in range(2))
+    launches = _captured(lambda: kernels.attention_fwd(q, k, v, 0.25, torch.empty(1, n, 1, d, device="meta"),
+                                                       torch.empty(1, 1, n, device="meta")))
+    assert launches[0][2]["INT64"]
+    ours = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with fastseg3d.backend("triton"):
+        out = attention(*ours)
+    expected = _sdpa64(*ref, d ** -0.5)
+    assert_close("out", out, expected, torch.float16)
+    g = torch.randn(expected.shape, dtype=torch.float64).half()
+    out.backward(g)
+    expected.backward(g.double())
+    for i, (a, e) in enumerate(zip(ours, ref)):
+        assert_close(f"grad[{i}]", a.grad, e.grad, torch.float16, scale=2.0, floor=1.0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU tier
 
