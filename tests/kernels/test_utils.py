@@ -39,20 +39,25 @@ def test_no_kernel_accumulates_with_atomics():
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("shape_a,shape_b", [((5, 3, 7), (5, 1, 7)), ((3, 1, 300), None), ((1, 27, 2), (1, 1, 2))],
-                         ids=str)
+@pytest.mark.parametrize("shape_a,shape_b", [((5, 3, 7), (5, 1, 7)), ((3, 1, 300), None), ((1, 27, 2), (1, 1, 2)),
+                                             ((4, 27, 20), (4, 1, 20))], ids=str)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("int64", [False, True])
-def test_sum_partials_sums_in_a_fixed_order_into_the_transposed_outputs(shape_a, shape_b, out_dtype, int64,
+@pytest.mark.parametrize("tiles", ["interpreter", "gpu"])
+def test_sum_partials_sums_in_a_fixed_order_into_the_transposed_outputs(shape_a, shape_b, out_dtype, int64, tiles,
                                                                         monkeypatch):
     """Per-program partials (P, K, C) summed over P into a (C, K) output in its dtype, and a second source in the
-    same launch (a weight's and a bias's gradient); outputs poisoned with NaN first."""
+    same launch (a weight's and a bias's gradient); outputs poisoned with NaN first. The GPU's column tiles are
+    narrower than the interpreter's: more than one a source, the second source's starting after the first's."""
     import sys
 
     from fastseg3d.kernels.utils import sum_partials
 
+    utils = sys.modules["fastseg3d.kernels.utils"]
     if int64:
-        monkeypatch.setattr(sys.modules["fastseg3d.kernels.utils"], "_INT32_MAX", 4)
+        monkeypatch.setattr(utils, "_INT32_MAX", 4)
+    if tiles == "gpu":
+        monkeypatch.setattr(utils, "INTERPRET", False)
 
     a = torch.randn(shape_a)
     out_a = torch.full((shape_a[2], shape_a[1]), float("nan"), dtype=out_dtype)

@@ -57,14 +57,14 @@ def _formula(x, groups, w, b, eps, activation, slope=0.01, first=False):
     return z if first else _act(z, activation, slope)
 
 
-def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01, first=False):
+def _check(x, w, b, groups, activation, dtype, scale=1.0, slope=0.01, first=False, eps=1e-5):
     """The public function (whatever backend is active) against the float64 formula, forward and gradients."""
-    y = group_norm_act(x, groups, w, b, 1e-5, activation, slope, first)
+    y = group_norm_act(x, groups, w, b, eps, activation, slope, first)
     assert y.dtype == x.dtype and y.is_contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
     xd = x.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_() if w is not None else None
     bd = b.detach().double().requires_grad_() if b is not None else None
-    expected = _formula(xd, groups, wd, bd, 1e-5, activation, slope, first)
+    expected = _formula(xd, groups, wd, bd, eps, activation, slope, first)
     assert_close("y", y, expected, dtype, scale)
     dy = torch.randn_like(expected).contiguous(memory_format=fastseg3d.ops.utils.layout_of(x))
     y.backward(dy.to(y.dtype))
@@ -416,6 +416,42 @@ def test_kernels_write_the_requested_output_dtype(poison):
     expected = F.relu(F.group_norm(x.detach().double(), 3, w.detach().double(), b.detach().double(), 1e-5))
     assert y.dtype == again.dtype == torch.bfloat16 and torch.equal(y, again)
     assert_close("y", y, expected, torch.bfloat16)
+
+
+@pytest.mark.interpret
+def test_kernels_add_eps_to_the_variance(poison):
+    """A near-constant feature (variance 1e-4) with eps = 1e-2: 1 / sqrt(var + eps), not 1 / (sqrt(var) + eps)."""
+    x, w, b = _inputs((2, 4, 3, 4, 5))
+    with torch.no_grad():
+        x.mul_(1e-2 / 1.5).add_(1.0)
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, 2, "gelu", torch.float32, eps=1e-2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_kernels_leaky_relu_takes_the_slope_at_zero(layout, poison):
+    """A channel whose weight and bias are 0 normalises to exactly 0, where LeakyReLU's gradient is the slope (as
+    PyTorch's): the bias gradient tells."""
+    x, w, b = _inputs((1, 4, 2, 3, 4), layout=layout)
+    with torch.no_grad():
+        w[0], b[0] = 0.0, 0.0
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, 2, "leaky_relu", torch.float32, slope=0.2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_kernels_merge_the_many_splits_of_a_gpu(monkeypatch, layout, poison):
+    """An H100's split count (132 SMs) on small tiles: more than 64 partial rows a group for the finalize kernel
+    to merge (the interpreter's own plan makes a dozen), per group and over the batch."""
+    import fastseg3d.kernels.group_norm_act as k
+
+    monkeypatch.setattr(k.utils, "sm_count", lambda device: 132)
+    monkeypatch.setattr(k, "_tile", lambda x: (8, 2))
+    with fastseg3d.backend("triton"):
+        _check(*_inputs((1, 2, 4, 8, 17), torch.float32, layout), 1, "gelu", torch.float32)
+        _check_batch(*_inputs((2, 2, 4, 8, 17), torch.float32, layout), "relu", torch.float32)
 
 
 @pytest.mark.interpret

@@ -33,15 +33,15 @@ def _inputs(shape, dtype=torch.float32, affine=True, offset=0.0, device="cpu"):
     return x, w, b
 
 
-def _check(x, w, b, dtype, out_dtype=None, scale=1.0):
+def _check(x, w, b, dtype, out_dtype=None, scale=1.0, eps=1e-5):
     """The public function (whatever backend is active) against F.layer_norm in float64, forward and gradients;
     ``dtype`` sets the tolerances."""
-    y = layer_norm(x, w, b, 1e-5, out_dtype)
+    y = layer_norm(x, w, b, eps, out_dtype)
     assert y.dtype == (out_dtype or x.dtype) and y.is_contiguous() and y.shape == x.shape
     xd = x.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_() if w is not None else None
     bd = b.detach().double().requires_grad_() if b is not None else None
-    expected = F.layer_norm(xd, x.shape[-1:], wd, bd, 1e-5)
+    expected = F.layer_norm(xd, x.shape[-1:], wd, bd, eps)
     assert_close("y", y, expected, dtype, scale)
     dy = torch.randn_like(expected)
     y.backward(dy.to(y.dtype))
@@ -316,6 +316,26 @@ def test_kernels_on_strided_rows_and_an_offset_feature(poison):
     xs = x.detach()[:, ::2].requires_grad_()
     with fastseg3d.backend("triton"):
         _check(xs, w, b, torch.float32, scale=4.0)
+
+
+@pytest.mark.interpret
+def test_kernels_add_eps_to_the_variance(poison):
+    """Near-constant rows (variance 1e-4) with eps = 1e-2: 1 / sqrt(var + eps), not 1 / (sqrt(var) + eps)."""
+    x, w, b = _inputs((5, 24))
+    with torch.no_grad():
+        x.mul_(1e-2 / 1.5).add_(1.0)
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, torch.float32, eps=1e-2)
+
+
+@pytest.mark.interpret
+def test_add_kernels_normalise_the_rounded_sum(poison):
+    """bf16 branch values near 600 (bf16's spacing there is 4): the statistics are those of the sum as rounded to
+    bf16 and written, as the unfused add then norm computes them, not of the exact sum."""
+    x, w, b = _inputs((4, 32), torch.bfloat16)
+    r = (600.0 + torch.randn(4, 32)).bfloat16().requires_grad_()
+    with fastseg3d.backend("triton"):
+        _check_add(x, r, w, b, torch.bfloat16)
 
 
 @pytest.mark.interpret

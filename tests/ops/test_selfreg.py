@@ -437,6 +437,17 @@ def test_interpret_inter_matches_reference(poison, student, teacher, k, dtype, d
 
 
 @pytest.mark.interpret
+def test_interpret_many_blocks_a_map(poison, monkeypatch):
+    """Pooled maps of more voxels than a program's block (a GPU's 1024; here 16): each (b, c) map's partial sums
+    come from several programs, in the inter term and the intra term's channel statistics."""
+    import fastseg3d.kernels.selfreg as k
+
+    monkeypatch.setattr(k, "_block", lambda n: 16)
+    check_inter([(2, 4, 4, 6, 10)], (2, 6, 8, 12, 20), [3], _F32, "cpu")
+    check_intra((2, 4, 4, 6, 10), _F32, "cpu")
+
+
+@pytest.mark.interpret
 def test_interpret_fp16_loss_scale(poison):
     # fp16 as GradScaler trains it: the kernels keep the forward-made gradients in fp32 and the 2^16 loss scale
     # (inf in fp16) is applied before the cast
