@@ -434,6 +434,45 @@ def test_interpret_kernel_matches_reference(poison, student, teacher, temperatur
     check_against_reference([student], teacher, temperature, detach, dtype, "cpu")
 
 
+_GPU_TILE_PAIRS = [
+    # student shape, teacher shape, dtype: the tiles a GPU launch takes (the interpreter's own are larger), each
+    # input over more than one program a batch element
+    ((1, 20, 3, 7, 9), (1, 20, 3, 7, 9), _F32),  # 32 padded classes a thread, 128 voxels a program
+    ((1, 40, 2, 3, 5), (1, 40, 2, 3, 5), _F32),  # 64 padded classes: two threads a voxel, 16 voxels a program
+    ((2, 3, 5, 9, 13), (2, 3, 5, 9, 13), _F16),  # 4 padded classes: 4 voxels a thread, 512 a program
+    ((1, 14, 2, 3, 4), (1, 14, 4, 6, 8), _F32),  # an upsampled student: one voxel a thread, 128 a program
+    ((1, 70, 2, 3, 7), (1, 70, 2, 3, 7), _F32),  # more than 64 classes: Triton's own layout, 32 voxels a program
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("student,teacher,dtype", _GPU_TILE_PAIRS,
+                         ids=[f"K{c[0][1]}-{_pair_id(c[:2])}-{str(c[2])[6:]}" for c in _GPU_TILE_PAIRS])
+def test_interpret_gpu_tiles(poison, monkeypatch, student, teacher, dtype):
+    """Forward and gradients on the tiles a GPU launch takes: several programs a batch element, the last one
+    masked."""
+    import fastseg3d.kernels.kl_distill as k
+
+    monkeypatch.setattr(k, "INTERPRET", False)
+    grids = []
+    wrap = k.wrap
+
+    def recording(fn):
+        launcher = wrap(fn)
+        if fn is not k._kl_fwd_kernel:
+            return launcher
+
+        class Grid:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return launcher[grid]
+        return Grid()
+
+    monkeypatch.setattr(k, "wrap", recording)
+    check_against_reference([student], teacher, 2.0, False, dtype, "cpu")
+    assert grids and all(g[0] > 1 for g in grids), grids
+
+
 @pytest.mark.interpret
 def test_interpret_sharp_distributions(poison):
     """Logits of +-100 at T = 0.05 (z / T near +-2000): the padded channels' finite "minus infinity" still cancels
