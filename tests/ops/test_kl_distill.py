@@ -627,6 +627,28 @@ def test_gpu_peak_memory_far_below_eager():
     assert fused <= 1.05 * per_teacher_element * t.numel() + 8 * s.numel() + 2**22, (fused, t.numel())
 
 
+
+@pytest.mark.gpu
+def test_gpu_64bit_indexing_large_tensor():
+    """Student and teacher of 2.18e9 elements (> 2^31), bf16: a block of 8 depth slices repeated 65 times, so the
+    loss is the block's and each repeat's gradient the block's over 65; the last repeat lies past 2^31 elements."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    block, repeats = (1, 16, 8, 512, 512), 65
+    base = [(2.0 * torch.randn(block, device="cuda")).bfloat16() for _ in range(2)]
+    s, t = (b.repeat(1, 1, repeats, 1, 1).requires_grad_() for b in base)
+    with fastseg3d.backend("triton"):
+        loss = kl_distill(s, t, 2.0)
+    loss.backward()
+    ref_s, ref_t = (b.double().requires_grad_() for b in base)
+    expected = _published(ref_s, ref_t, 2.0)
+    expected.backward()
+    assert_close("loss", loss, expected, torch.bfloat16)
+    for name, got, want in (("dstudent", s.grad, ref_s.grad), ("dteacher", t.grad, ref_t.grad)):
+        for part in (slice(0, 8), slice(-8, None)):
+            assert_close(f"{name}[{part}]", got[:, :, part].double() * repeats, want, torch.bfloat16)
+
 @pytest.mark.parametrize("classes,limit", [(9, 500), (17, 1000)])
 def test_64bit_indexing_covers_the_padded_gradient_buffer(monkeypatch, classes, limit):
     """An upsampled input's output-resolution gradient buffer is padded: class-interleaved up to 16 classes, to a
