@@ -248,6 +248,22 @@ def test_gpu_kernel_matches_the_plain_composition(layout, dtype, poison):
 
 
 @pytest.mark.gpu
+def test_gpu_64bit_indexing_large_tensor(poison):
+    """An output of 2.18e9 elements (> 2^31), bf16 NCDHW: its last channel lies past 2^31 elements, checked against
+    the resizes of that channel alone (channels do not mix)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    parts = [torch.randn(1, 256, *s, device="cuda", dtype=torch.bfloat16) for s in ((65, 64, 64), (65, 128, 128))]
+    size = (130, 256, 256)
+    with fastseg3d.backend("triton"):
+        y = upsample_sum(parts, size)
+    assert y.numel() > 2**31
+    for c in (0, 255):
+        expected = upsample_sum_ref([p[:, c:c + 1].double() for p in parts], size)
+        assert_close(f"y[:, {c}]", y[:, c:c + 1], expected, torch.bfloat16)
+
+@pytest.mark.gpu
 def test_gpu_backward_under_deterministic_algorithms_is_reproducible():
     """ATen's CUDA upsample backward accumulates with atomics (an alert under deterministic algorithms): the
     resizes' adjoint there is the interpolation matrices', bitwise reproducible and equal to the plain
