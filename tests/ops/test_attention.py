@@ -387,16 +387,21 @@ def test_interpret_gpu_tiles_with_row_splits(poison, monkeypatch, n, m, d, dtype
 
 
 @pytest.mark.interpret
-def test_interpret_64bit_offsets_of_a_sparse_view(poison):
-    """q a small view whose rows lie 2^26 elements apart (a 5 GiB storage reserved, a few pages touched): its last
-    rows' offsets pass 2^31, so the kernels' 64-bit offsets are needed for real, forward and every gradient."""
+@pytest.mark.parametrize("sparse", ["q", "k", "v"])
+def test_interpret_64bit_offsets_of_a_sparse_view(poison, sparse):
+    """One operand a small view whose rows lie 2^28 elements apart (a storage of 3 to 10 GiB reserved, a few pages
+    touched): its last rows' offsets pass 2^31, so the kernels' 64-bit offsets are needed for real, forward and
+    every gradient."""
     from bench.sass import _captured
     import fastseg3d.kernels.attention as kernels
 
     n, m, d = 37, 11, 16
-    q = torch.empty(n * 2**26, dtype=torch.float16).as_strided((1, n, 1, d), (n * 2**26, 2**26, d, 1))
-    q.copy_(torch.randn(1, n, 1, d, dtype=torch.float16))
-    k, v = (torch.randn(1, m, 1, d, dtype=torch.float16) for _ in range(2))
+    tensors = {"q": torch.randn(1, n, 1, d, dtype=torch.float16), "k": torch.randn(1, m, 1, d, dtype=torch.float16),
+               "v": torch.randn(1, m, 1, d, dtype=torch.float16)}
+    rows = tensors[sparse].shape[1]
+    view = torch.empty(rows * 2**28, dtype=torch.float16).as_strided((1, rows, 1, d), (rows * 2**28, 2**28, d, 1))
+    tensors[sparse] = view.copy_(tensors[sparse])
+    q, k, v = tensors.values()
     launches = _captured(lambda: kernels.attention_fwd(q, k, v, 0.25, torch.empty(1, n, 1, d, device="meta"),
                                                        torch.empty(1, 1, n, device="meta")))
     assert launches[0][2]["INT64"]
