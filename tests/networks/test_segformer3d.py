@@ -9,7 +9,7 @@ from torch import nn
 
 import fastseg3d
 from fastseg3d.networks import SegFormer3D
-from fastseg3d.networks.segformer3d import MixFFN3d
+from fastseg3d.networks.segformer3d import MixFFN3d, _DWConvBN
 from fastseg3d.reference.segformer3d import SegFormer3DRef as PlainSegFormer3D
 from tests.utils import assert_backends_agree, assert_close
 
@@ -502,3 +502,26 @@ def test_mix_ffn_runs_a_conv_subclass_as_called(mode):
     vol = mlp.dwconv(mlp.fc1(x).unflatten(1, (4, 4, 4)).permute(0, 4, 1, 2, 3))
     expected = mlp.fc2(F.gelu(vol).permute(0, 2, 3, 4, 1).flatten(1, 3))
     torch.testing.assert_close(mlp(x, (4, 4, 4)), expected)
+
+
+class _ScaledDWConvBN(_DWConvBN):
+    """A user's subclass of the Mix-FFN's conv block with a forward of its own."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_mix_ffn_runs_a_subclassed_conv_block_as_called(mode):
+    """A subclass of a sub-block (not only of a leaf layer) runs through its own forward, not the fused path."""
+    torch.manual_seed(0)
+    mlp = MixFFN3d(8, 2)
+    mlp.dwconv.__class__ = _ScaledDWConvBN
+    getattr(mlp, mode)()
+    x = torch.randn(2, 4 * 4 * 4, 8)
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in mlp.state_dict().items()}
+        vol = mlp.dwconv(mlp.fc1(x).unflatten(1, (4, 4, 4)).permute(0, 4, 1, 2, 3))
+        expected = mlp.fc2(F.gelu(vol).permute(0, 2, 3, 4, 1).flatten(1, 3))
+        mlp.load_state_dict(before)  # the running statistics as before the reference call
+        torch.testing.assert_close(mlp(x, (4, 4, 4)), expected)

@@ -642,6 +642,51 @@ def test_norm_act_conv_views_and_frozen_parts(norm, view, grads):
                 assert_close(name, p.grad, p_ref.grad, torch.float64)
 
 
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+@pytest.mark.parametrize("chain", ["norm_act_conv", "norm_act"])
+def test_one_norm_parameter_frozen(norm, frozen, chain):
+    """A norm whose weight (or bias) alone is frozen: it gets no gradient, the other one the plain composition's
+    (the recomputes' backward keeps the two apart)."""
+    norm = _NORMS[norm]().double()
+    conv = nn.Conv3d(6, 4, 3, padding=1).double()
+    _randomise(norm, conv)
+    getattr(norm, frozen).requires_grad_(False)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x1 = torch.randn(2, 6, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    if chain == "norm_act_conv":
+        y, y_ref = norm_act_conv(x1, norm, "relu", conv), conv_ref(F.relu(norm_ref(x2)))
+    else:
+        y, y_ref = norm_act(x1, norm, nn.LeakyReLU(0.1)), F.leaky_relu(norm_ref(x2), 0.1)
+    assert y.grad_fn.name() in ("_NormActConvBackward", "_NormLeakyReLUBackward")
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float64)
+    for name in ("weight", "bias"):
+        p, p_ref = getattr(norm, name), getattr(norm_ref, name)
+        assert (p.grad is None) == (p_ref.grad is None) == (name == frozen), name
+        if p_ref.grad is not None:
+            assert_close(f"d{name}", p.grad, p_ref.grad, torch.float64)
+
+
+@pytest.mark.parametrize("norm", ["group", "instance", "batch"])
+def test_fp64_under_cpu_autocast_stays_fp64(norm):
+    """Autocast casts no fp64 tensor: an fp64 model under CPU bf16 autocast gets the plain composition's fp64
+    results (the recompute does not cast the conv's input to the autocast dtype)."""
+    norm = _NORMS[norm]().double()
+    conv = nn.Conv3d(6, 4, 1).double()
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x1 = torch.randn(2, 6, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm_act_conv(x1, norm, "relu", conv)
+        y_ref = conv_ref(F.relu(norm_ref(x2)))
+    assert y.dtype == y_ref.dtype == torch.float64
+    assert_close("y", y, y_ref, torch.float64)
+
 def test_norm_act_conv_bf16_model_under_fp32_group_norm(monkeypatch):
     """A model cast to bf16 as a whole, under an autocast that runs GroupNorm in fp32 (CUDA's, patched in): the
     parameters are cast too, as autocast casts every input, and their gradients come back in bf16."""

@@ -419,6 +419,26 @@ def test_kernels_write_the_requested_output_dtype(poison):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("frozen", ["weight", "bias"])
+def test_kernels_one_parameter_frozen(frozen, poison):
+    """The weight (or the bias) alone frozen: it gets no gradient, the other one and the input theirs."""
+    x, w, b = _inputs((2, 8, 3, 4, 5))
+    {"weight": w, "bias": b}[frozen].requires_grad_(False)
+    with fastseg3d.backend("triton"):
+        y = group_norm_act(x, 4, w, b, 1e-5, "relu")
+    xd, wd, bd = (t.detach().double().requires_grad_(t.requires_grad) for t in (x, w, b))
+    expected = _formula(xd, 4, wd, bd, 1e-5, "relu")
+    dy = torch.randn_like(expected)
+    y.backward(dy.float())
+    expected.backward(dy)
+    assert_close("dx", x.grad, xd.grad, torch.float32, 2.0)
+    for name, p, pd in (("weight", w, wd), ("bias", b, bd)):
+        assert (p.grad is None) == (name == frozen), name
+        if p.grad is not None:
+            assert_close(f"d{name}", p.grad, pd.grad, torch.float32, 2.0)
+
+
+@pytest.mark.interpret
 def test_kernels_add_eps_to_the_variance(poison):
     """A near-constant feature (variance 1e-4) with eps = 1e-2: 1 / sqrt(var + eps), not 1 / (sqrt(var) + eps)."""
     x, w, b = _inputs((2, 4, 3, 4, 5))
