@@ -201,6 +201,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         Trainer(load_config("quickstart", ["train.epochs=3", *TINY_UNET, *TINY_DATA]), tmp_path / "again").fit()
 
 
+@pytest.mark.parametrize("where", ["earlier_micro_batch_loss", "gradient"])
+def test_a_non_finite_value_the_last_loss_does_not_show_stops(where, tmp_path, monkeypatch):
+    """With 2 micro-batches a step: a loss that is NaN on the first micro-batch only, with finite gradients (its
+    value alone is bad), or an infinite gradient under finite losses: either stops the run before the step."""
+    from fastseg3d.train.builders import Objective
+
+    calls = {"n": 0}
+    forward = Objective.forward
+
+    def nan_on_first_micro_batches(self, output, target):
+        loss, terms = forward(self, output, target)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] % 2 == 1:
+                return loss + torch.full((), float("nan")), terms
+        return loss, terms
+
+    data = [o for o in TINY_DATA if not o.startswith("data.batch_size")]
+    cfg = load_config("quickstart", [*TINY_UNET, *data, "train.epochs=1", "data.batch_size=1",
+                                     "train.grad_accumulation=2"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    if where == "gradient":
+        next(trainer.model.parameters()).register_hook(lambda g: g * float("inf"))
+    else:
+        monkeypatch.setattr(Objective, "forward", nan_on_first_micro_batches)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    what = "gradient norm" if where == "gradient" else "loss"
+    with pytest.raises(NonFiniteLossError, match=f"non-finite {what} at epoch 0, step 1"):
+        trainer.train_epoch(0)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
 def test_the_loop_reads_values_back_once_a_step(tmp_path, monkeypatch):
     """A read-back waits for the GPU to finish what was queued: the loop takes one an optimizer step (its losses'
     and gradient norm's finiteness, before the optimizer's step) and one a logged row, not one for each
