@@ -884,13 +884,9 @@ def test_interpret_gpu_tiles_in_several_runs_and_depth_chunks(poison, monkeypatc
 
     monkeypatch.setattr(k, "INTERPRET", False)
     monkeypatch.setattr(kernel_utils, "sm_count", lambda device: 1)
-    x = torch.empty(shape, device="meta")
-    x = x.contiguous(memory_format=torch.channels_last_3d) if layout == "channels_last" else x
-    pad = tuple(s // 2 for s in kernel)
-    launches = _captured(lambda: (
-        k.dwconv3d_fwd(x, k.taps_major(torch.empty(shape[1], 1, *kernel, device="meta")), None, None,
-                       torch.empty_like(x), pad, (1, 1, 1), 0),
-        k.dwconv3d_bwd_weight(x, torch.empty_like(x), kernel, pad, (1, 1, 1), True)))
+    x, w, out, pad, dil = _launch_args(shape, kernel, tuple(s // 2 for s in kernel), 1, layout, torch.float32)
+    launches = _captured(lambda: (k.dwconv3d_fwd(x, w, None, None, out, pad, dil, 0),
+                                  k.dwconv3d_bwd_weight(x, out, kernel, pad, dil, True)))
     fwd, bwd = (dict(zip([n for n in fn.arg_names if n not in kw], args)) | kw for fn, args, kw in launches[:2])
     assert fwd["N_CHUNKS"] > 1 and bwd["D_CHUNK"] < shape[2], (fwd, bwd)
     check_against_reference(layout, shape, kernel, activation, True, _F32, "cpu")
