@@ -128,3 +128,12 @@ def test_cli_reports_a_bad_value_in_one_line(capsys):
     assert cli_main(["train", "--config", "quickstart", "val.overlap=1.0"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: config key 'val.overlap' value must be in [0, 1), got 1.0"
+
+
+def test_a_dotted_key_sets_one_value_of_a_free_form_section():
+    # the recipe file's model.kwargs.channels replaced, its other keys and the override's new key kept
+    cfg = load_config("dsd_unet", ["model.kwargs.channels=[8, 16, 32]", "model.kwargs.strides=[2, 2]"])
+    assert cfg["model"]["kwargs"] == {"channels": [8, 16, 32], "strides": [2, 2]}
+    cfg = load_config("quickstart", ["model.kwargs.embed_dims=[8, 16, 32, 64]"])
+    assert cfg["model"]["kwargs"]["embed_dims"] == [8, 16, 32, 64]
+    assert load_config("quickstart")["model"]["kwargs"]["embed_dims"] == [16, 32, 64, 128]  # the file untouched

@@ -52,6 +52,23 @@ def test_gaussian_covers_non_divisible_image(roi):
     torch.testing.assert_close(out, net(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blend", ["gaussian", "constant"])
+def test_blends_are_monais(blend):
+    """Windows that disagree (a 3-wide kernel sees each window's zero padding at its borders): each blend weighs
+    them as MONAI's sliding_window_inference does, and the two blends differ."""
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(0)
+    net = _conv(3)
+    x = torch.randn(1, 2, 20, 23, 17)
+    out = sliding_window_predict(net, x, 8, overlap=0.5, sw_batch_size=2, blend=blend)
+    with torch.no_grad():
+        expected = sliding_window_inference(x, 8, 2, net, overlap=0.5, mode=blend)
+    torch.testing.assert_close(out, expected.as_subclass(torch.Tensor))
+    other = sliding_window_predict(net, x, 8, overlap=0.5, blend="constant" if blend == "gaussian" else "gaussian")
+    assert (out - other).abs().max() > 1e-3
+
+
 def test_flip_tta_is_identity_for_flip_equivariant_model():
     net = _conv(1)
     x = torch.randn(1, 2, 10, 12, 6)

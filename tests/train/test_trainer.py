@@ -1134,3 +1134,136 @@ def test_a_bad_case_found_in_training_is_one_line_and_keeps_the_run(tmp_path, ca
     assert code == 2
     assert "error: image " in err and "outside the declared classes" in err and "Traceback" not in err
     assert "checkpoints are kept" in err  # found while training (from a DataLoader worker), not at setup
+
+
+def _sgd(lr: float) -> list[str]:
+    """Plain gradient descent: a step's weight change is -lr times the gradient (Adam's would not show its scale)."""
+    return ["optimizer.name=sgd", f"optimizer.lr={lr}", "optimizer.momentum=0", "optimizer.weight_decay=0",
+            "scheduler.name=constant", "scheduler.warmup=0", "val.every=0", "deterministic=true", "train.epochs=1"]
+
+
+def test_accumulated_micro_batches_step_as_their_whole_batch(tmp_path):
+    """One step on 4 cases, as one batch or as 2 accumulated micro-batches of 2 (the same cases: the order is a
+    function of seed and epoch, the augmentation of case and epoch; the norms are per case): the same update."""
+    data = [o for o in TINY_DATA if not o.startswith("data.batch_size")]
+    updates = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        cfg = load_config("quickstart", [*TINY_UNET, *data, *_sgd(0.5), f"data.batch_size={batch}",
+                                         f"train.grad_accumulation={accumulation}"])
+        trainer = Trainer(cfg, tmp_path / f"accumulate{accumulation}")
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        trainer.train_epoch(0)
+        assert trainer.step == 1
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)]))
+    whole, accumulated = updates
+    assert whole.norm() > 1e-3
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", ["none", "fp16"])
+def test_clipping_bounds_the_true_gradient(amp, tmp_path):
+    """A clipped step of plain gradient descent moves the weights by lr * the clip's norm, also under fp16, whose
+    scaler multiplies the gradients by 2^16 until they are unscaled (clipping them scaled would move them 2^16
+    times too little)."""
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, *_sgd(1.0), "train.max_steps=1", f"train.amp={amp}",
+                                     "train.grad_clip=0.01"])
+    trainer = Trainer(cfg, tmp_path)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_epoch(0)
+    if amp == "fp16":
+        assert trainer.scaler.get_scale() == 2.0**16  # no overflow: the step was taken
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(trainer.model.parameters(), before)])
+    assert update.norm().item() == pytest.approx(0.01, rel=1e-3)
+
+
+def test_resume_restores_the_gradient_scaler(tmp_path):
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=2", "val.every=0", "train.amp=fp16"])
+    Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=1", "val.every=0",
+                                       "train.amp=fp16"]), tmp_path).fit()
+    path = tmp_path / "checkpoint_latest.pt"
+    ckpt = load_checkpoint(path)
+    # a scale the run lowered after overflows, and steps counted towards its next growth
+    ckpt["grad_scaler_state"].update(scale=512.0, _growth_tracker=7)
+    atomic_save(ckpt, path)
+    trainer = Trainer(cfg, tmp_path, resume="auto")
+    assert trainer.scaler.get_scale() == 512.0 and trainer.scaler.state_dict()["_growth_tracker"] == 7
+
+
+def test_resume_keeps_the_best_checkpoints_metric(tmp_path):
+    """The latest checkpoint is written before its epoch's validation: a new best found by that validation is in
+    checkpoint_best.pt only. A resumed run must not replace that best by a worse model."""
+    args = [*TINY_UNET, *TINY_DATA, "deterministic=true"]
+    Trainer(load_config("quickstart", [*args, "train.epochs=1"]), tmp_path).fit()
+    best = load_checkpoint(tmp_path / "checkpoint_best.pt")
+    assert load_checkpoint(tmp_path / "checkpoint_latest.pt")["best_metric"] == -float("inf")
+    best["best_metric"] = 2.0  # above any Dice
+    atomic_save(best, tmp_path / "checkpoint_best.pt")
+    trainer = Trainer(load_config("quickstart", [*args, "train.epochs=2"]), tmp_path, resume="auto")
+    assert trainer.best_metric == 2.0
+    trainer.fit()
+    assert len(_rows(tmp_path, "val")) == 2
+    kept = load_checkpoint(tmp_path / "checkpoint_best.pt")
+    assert kept["best_metric"] == 2.0 and kept["epoch"] == 0
+
+
+def test_validation_leaves_the_training_random_streams_alone(tmp_path, monkeypatch):
+    """Whatever validation draws (a network that samples in eval mode, a random transform) does not reach the
+    training after it: a resumed run, whose checkpoint was written before validation, would differ otherwise."""
+    import random
+
+    from fastseg3d.train import inference
+    from fastseg3d.train.checkpoint import capture_rng_state
+
+    predict_case = inference.predict_case
+
+    def drawing(*args, **kwargs):
+        torch.rand(3), np.random.rand(3), random.random()
+        return predict_case(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_case", drawing)
+    trainer = Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=1"]), tmp_path)
+    before = capture_rng_state(trainer.device)
+    trainer.validate(0)
+    after = capture_rng_state(trainer.device)
+    assert torch.equal(after["torch"], before["torch"]) and after["python"] == before["python"]
+    assert all(np.array_equal(a, b) for a, b in zip(after["numpy"], before["numpy"]))
+    torch.rand(3)  # (the patch drew: the comparison above can fail)
+    assert not torch.equal(capture_rng_state(trainer.device)["torch"], before["torch"])
+
+
+class _Draws(torch.utils.data.Dataset):
+    """A torch draw and a draw of a MONAI-style transform's own generator, per item."""
+
+    class Transform:
+        def set_random_state(self, seed):
+            self.R = np.random.RandomState(seed)
+
+    def __init__(self):
+        self.transform = self.Transform()
+        self.transform.set_random_state(0)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor([torch.rand(()).item(), self.transform.R.rand()], dtype=torch.float64)
+
+
+def test_data_workers_draw_apart_per_rank_and_worker():
+    """With data.num_workers=2 under torchrun, each rank's workers draw their own torch and transform streams
+    (torch gives every rank the same worker seeds), reproducibly for a seed."""
+    import functools
+
+    from fastseg3d.train.trainer import _seed_worker
+
+    def draws(rank):
+        torch.manual_seed(0)  # the loader's base seed comes from torch's generator, alike on every rank
+        loader = torch.utils.data.DataLoader(_Draws(), batch_size=1, num_workers=2,
+                                             worker_init_fn=functools.partial(_seed_worker, rank=rank))
+        return torch.cat(list(loader))  # items 0, 2 from worker 0; 1, 3 from worker 1
+
+    rank0, rank1 = draws(0), draws(1)
+    torch.testing.assert_close(draws(0), rank0, rtol=0, atol=0)
+    for d in (rank0, rank1):  # two workers, each stream its own
+        assert len(set(d[:, 0].tolist())) == 4 and len(set(d[:, 1].tolist())) == 4
+    assert not set(rank0.flatten().tolist()) & set(rank1.flatten().tolist())
