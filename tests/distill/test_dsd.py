@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastseg3d.distill import DSD, DeepUp, DSDOutput, presets
 from fastseg3d.losses import DSDLoss
@@ -424,3 +425,27 @@ def test_unwrapped_preset_exports_and_traces():
     exported = torch.export.export(backbone, (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), expected)
+
+
+def test_deepup_scale_1_applies_its_transposed_conv():
+    """As published, a head at the output's resolution is conv 1x1x1 -> transposed conv 1x1x1 (stride 1)."""
+    torch.manual_seed(0)
+    head = DeepUp(3, 8, 4, scale=1).double()
+    x = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64)
+    expected = F.conv_transpose3d(F.conv3d(x, head.conv.weight, head.conv.bias), head.up.weight, head.up.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), expected)
+
+
+def test_dry_run_is_in_eval_mode():
+    """The heads' shapes come from a run in eval mode: a BatchNorm U-Net whose bottleneck holds one voxel at the
+    given input (batch 1, 4^3 with three levels) builds, and the backbone stays in training mode, untouched."""
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(4, 8, 8), norm="batch").train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dsd = DSD(net, ["encoder.0", "encoder.1"], ["encoder.2", "decoder.0"], num_classes=2,
+              input_shape=(1, 1, 4, 4, 4))
+    assert net.training and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert [dsd.scales[n][0] for n in ("encoder.0", "encoder.1", "encoder.2", "decoder.0")] == [1, 2, 4, 2]
+    out = dsd(torch.randn(2, 1, 8, 8, 8))
+    assert all(t.shape == (2, 2, 8, 8, 8) for t in (*out.decoder, *out.encoder))

@@ -6,10 +6,13 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fastseg3d
 from fastseg3d.losses import MISSUDistillLoss
 from fastseg3d.networks import MISSU
+from fastseg3d.networks.missu import _SelfAttention
 from fastseg3d.profile import activation_memory
 from tests.utils import assert_backends_agree, assert_close
 
@@ -77,8 +80,6 @@ def test_fusion_block_shapes():
 def test_fusion_block_matches_its_definition(shape):
     """Dense atrous branches summed with the input, then max pooling at four scales, each squeezed to one channel
     and upsampled, concatenated with the features and fused by ``fuse`` (the block splits that conv in two)."""
-    import torch.nn.functional as F
-
     from fastseg3d.networks.missu import LocalMultiScaleFusion3d
 
     torch.manual_seed(0)
@@ -306,3 +307,116 @@ def test_training_step_matches_plain_norm_chains():
             assert_close(name, p.grad, p_ref.grad, torch.float64)
     for (name, b), b_ref in zip(net.named_buffers(), plain.buffers()):
         assert torch.allclose(b.double(), b_ref.double(), rtol=1e-12, atol=1e-15), name
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return MISSU(fusion=False, dropout_rate=0.0, init_dropout=0.0).double().eval()
+
+
+def _randomise_norm(norm):
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+        if getattr(norm, "running_mean", None) is not None:
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+
+
+def test_encoder_block_is_a_pre_activation_residual(net):
+    """TransBTS's EnBlock: GN1 -> ReLU -> conv1 -> GN2 -> ReLU -> conv2, plus the input (norms randomised so that
+    using one for the other shows)."""
+    torch.manual_seed(1)
+    block = net.Unet.EnBlock2_1
+    _randomise_norm(block.bn1), _randomise_norm(block.bn2)
+    x = torch.randn(2, 32, 6, 4, 5, dtype=torch.float64)
+    h = F.conv3d(F.relu(F.group_norm(x, 8, block.bn1.weight, block.bn1.bias, 1e-5)), block.conv1.weight,
+                 block.conv1.bias, padding=1)
+    h = F.conv3d(F.relu(F.group_norm(h, 8, block.bn2.weight, block.bn2.bias, 1e-5)), block.conv2.weight,
+                 block.conv2.bias, padding=1)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), h + x)
+
+
+@pytest.mark.parametrize("name,residual", [("Enblock8_1", False), ("Enblock8_2", True), ("DeBlock4", True),
+                                           ("DeBlock3", True), ("DeBlock2", True)])
+def test_decoder_blocks_match_the_release(net, name, residual):
+    """conv1 -> BN1 -> ReLU -> conv2 -> BN2 -> ReLU, plus the input in every block but Enblock8_1 (the release's
+    EnBlock1 has no shortcut, its EnBlock2 and DeBlock have one); eval mode, randomised running statistics."""
+    torch.manual_seed(2)
+    block = getattr(net, name)
+    _randomise_norm(block.bn1), _randomise_norm(block.bn2)
+    x = torch.randn(1, block.conv1.in_channels, 4, 4, 4, dtype=torch.float64)
+
+    def bn(h, m):
+        return F.batch_norm(h, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    h = F.relu(bn(F.conv3d(x, block.conv1.weight, block.conv1.bias, padding=1), block.bn1))
+    h = F.relu(bn(F.conv3d(h, block.conv2.weight, block.conv2.bias, padding=1), block.bn2))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), h + x if residual else h)
+
+
+def test_deup_concatenates_the_skip_first(net):
+    """DeUp_Cat as released: conv3(cat(skip, deconv(conv1(x)))), the skip in the first half of conv3's inputs."""
+    torch.manual_seed(3)
+    up = net.DeUp2
+    x = torch.randn(1, 32, 4, 4, 4, dtype=torch.float64)
+    skip = torch.randn(1, 16, 8, 8, 8, dtype=torch.float64)
+    y = F.conv_transpose3d(F.conv3d(x, up.conv1.weight, up.conv1.bias), up.conv2.weight, up.conv2.bias, stride=2)
+    expected = F.conv3d(torch.cat((skip, y), dim=1), up.conv3.weight, up.conv3.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(up(x, skip), expected)
+
+
+def test_self_attention_matches_explicit_softmax():
+    """softmax(q k^T / sqrt(head_dim)) v on the qkv projection's (3, heads, head_dim) split, then proj."""
+    torch.manual_seed(4)
+    attn = _SelfAttention(32, 2, 0.0, 0.0).double().eval()
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    b, n, c = x.shape
+    q, k, v = (x @ attn.qkv.weight.T).reshape(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    out = ((q @ k.transpose(-2, -1)) * 16**-0.5).softmax(-1) @ v
+    expected = attn.proj(out.transpose(1, 2).reshape(b, n, c))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x), expected)
+
+
+def test_only_the_attention_layers_drop_after_the_branch():
+    """The release wraps attention in PreNormDrop (dropout on the branch) and the feed-forward in PreNorm (no
+    dropout besides its own two)."""
+    net = MISSU(fusion=False, num_layers=2, hidden_dim=64, dropout_rate=0.3)
+    for i, layer in enumerate(net.transformer.net):
+        if i % 2 == 0:
+            assert isinstance(layer.fn.dropout, nn.Dropout) and layer.fn.dropout.p == 0.3, i
+        else:
+            assert isinstance(layer.fn.dropout, nn.Identity), i
+
+
+def test_transformer_tokens_become_the_decoder_volume_in_dhw_order(net):
+    """The (B, N, C) tokens, N in (D, H, W) order, return to a (B, C, D, H, W) volume by a transpose (not a
+    reshape of the token-major memory); a non-cubic grid (2, 2, 3)."""
+    seen = {}
+    h1 = net.transformer.register_forward_hook(lambda m, a, o: seen.__setitem__("tokens", o))
+    h2 = net.Enblock8_1.register_forward_pre_hook(lambda m, a: seen.__setitem__("volume", a[0]))
+    try:
+        with torch.no_grad():
+            net(torch.randn(1, 4, 16, 16, 24, dtype=torch.float64))
+    finally:
+        h1.remove(), h2.remove()
+    tokens, volume = seen["tokens"], seen["volume"]
+    assert tokens.shape == (1, 12, 512) and volume.shape == (1, 512, 2, 2, 3)
+    for n, (d, h, w) in enumerate((d, h, w) for d in range(2) for h in range(2) for w in range(3)):
+        torch.testing.assert_close(volume[0, :, d, h, w], tokens[0, n])
+
+
+def test_position_embedding_is_resampled_along_its_own_axes(net):
+    """The 16^3 learned embedding resampled to a (16, 16, 8) grid: D and H kept, W halved (trilinear,
+    align_corners=False, is the mean of voxel pairs 2w and 2w + 1), tokens in (D, H, W) order."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        net.position_encoding.position_embeddings.normal_()
+    pos = net.position_encoding.position_embeddings.detach().view(16, 16, 16, -1)
+    expected = (0.5 * (pos[:, :, 0::2] + pos[:, :, 1::2])).reshape(1, 16 * 16 * 8, -1)
+    torch.testing.assert_close(net._position_embeddings((16, 16, 8)).detach(), expected)

@@ -621,3 +621,18 @@ def test_depthwise_conv_subclass_runs_as_called():
     new.load_state_dict(old.state_dict())
     block.SelfAttn.pos_embed = new
     torch.testing.assert_close(net(x), twin(x))
+
+
+@pytest.mark.parametrize("mlp_ratio", [2, 3.0])
+def test_mlp_ratio_sets_every_block_mlp_width(mlp_ratio):
+    dims = (8, 16, 32, 48)
+    net = MobileUtr(spatial_dims=3, in_channels=1, out_channels=2, dims=dims, depths=(1, 1, 1, 1, 1),
+                    num_heads=2, mlp_ratio=mlp_ratio)
+    for blocks, dim in ((net.lklgl_bottleneck, dims[2]), (net.transformer_bottleneck, dims[3])):
+        for block in blocks:
+            mlp = block.SelfAttn.mlp
+            assert (mlp.fc1.in_features, mlp.fc1.out_features) == (dim, int(dim * mlp_ratio))
+            assert (mlp.fc2.in_features, mlp.fc2.out_features) == (int(dim * mlp_ratio), dim)
+    local = net.lklgl_bottleneck[0].LocalAgg.mlp  # grouped 3x3 convs dim -> int(dim * mlp_ratio) -> dim
+    assert (local.fc1.out_channels, local.fc2.in_channels) == (int(dims[2] * mlp_ratio),) * 2
+    assert net.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)

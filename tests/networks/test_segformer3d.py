@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -524,4 +526,85 @@ def test_mix_ffn_runs_a_subclassed_conv_block_as_called(mode):
         vol = mlp.dwconv(mlp.fc1(x).unflatten(1, (4, 4, 4)).permute(0, 4, 1, 2, 3))
         expected = mlp.fc2(F.gelu(vol).permute(0, 2, 3, 4, 1).flatten(1, 3))
         mlp.load_state_dict(before)  # the running statistics as before the reference call
+        torch.testing.assert_close(mlp(x, (4, 4, 4)), expected)
+
+
+def test_eval_fold_uses_each_batch_norm_eps():
+    """A BatchNorm eps other than the default (a converted or fine-tuned model's) must reach the eval-mode fold of
+    BatchNorm into the Mix-FFN's depthwise conv: against the plain build with the same eps."""
+    torch.manual_seed(0)
+    ours, plain = _pair()
+    ours, plain = ours.double(), plain.double()
+    with torch.no_grad():
+        for m in ours.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.05, 0.2)  # small variances: eps = 0.1 matters
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    plain.load_state_dict(ours.state_dict())
+    for net in (ours, plain):
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.eps = 0.1
+        net.eval()
+    _check_against_plain(ours, plain, (2, 4, 32, 32, 32))
+
+
+def test_decoder_dropout_follows_the_fuse_batch_norm():
+    """Decoder dropout sits before the prediction conv, after linear_fuse's BatchNorm -> ReLU (as released): the
+    BatchNorm's batch statistics, and so its running statistics, are those of the undropped features, whatever
+    the dropout draws. Compared with the same weights and decoder_dropout=0."""
+    torch.manual_seed(0)
+    dropped = SegFormer3D(**_SMALL, decoder_dropout=0.5).double().train()
+    plain = SegFormer3D(**_SMALL).double().train()
+    plain.load_state_dict(dropped.state_dict())
+    x = torch.randn(2, 4, 32, 32, 32, dtype=torch.float64)
+    y = dropped(x)
+    plain(x)
+    assert torch.isfinite(y).all()
+    bn, bn_ref = dropped.segformer_decoder.linear_fuse[1], plain.segformer_decoder.linear_fuse[1]
+    torch.testing.assert_close(bn.running_mean, bn_ref.running_mean)
+    torch.testing.assert_close(bn.running_var, bn_ref.running_var)
+    dropped.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropped(x), plain(x))  # no dropout in eval
+
+
+def test_official_initialisation():
+    """The official init: Linear weights trunc_normal(std 0.02) with zero bias; convs normal(0, sqrt(2 / fan_out))
+    with fan_out = kernel volume x out_channels / groups (so a depthwise 3^3 conv has std sqrt(2 / 27)); norms at
+    weight 1, bias 0."""
+    torch.manual_seed(0)
+    net = SegFormer3D()
+    linear = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, nn.Linear)])
+    assert abs(linear.std().item() / 0.02 - 1) < 0.05 and linear.abs().max() <= 2.0
+    assert all(m.bias is None or not m.bias.any() for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv3d)))
+    enc = net.segformer_encoder
+    for conv in (enc.embed_1.patch_embeddings, enc.embed_3.patch_embeddings, enc.tf_block1[0].mlp.dwconv.dwconv,
+                 enc.tf_block4[1].mlp.dwconv.dwconv, enc.tf_block1[0].attention.sr):
+        fan_out = math.prod(conv.kernel_size) * conv.out_channels / conv.groups
+        assert abs(conv.weight.std().item() / math.sqrt(2.0 / fan_out) - 1) < 0.1, conv
+    for m in net.modules():
+        if isinstance(m, (nn.LayerNorm, nn.BatchNorm3d)):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and not m.bias.any()
+
+
+def test_mix_ffn_batch_norm_without_running_statistics_in_eval():
+    """A BatchNorm built with track_running_stats=False normalises with the batch's statistics in eval too
+    (nn.BatchNorm3d's rule), so there is nothing to fold into the conv: against the plain composition."""
+    torch.manual_seed(0)
+    mlp = MixFFN3d(8, 2).double()
+    mlp.dwconv.bn = nn.BatchNorm3d(16, track_running_stats=False).double()
+    with torch.no_grad():
+        mlp.dwconv.bn.weight.uniform_(0.5, 1.5)
+        mlp.dwconv.bn.bias.uniform_(-0.5, 0.5)
+    mlp.eval()
+    x = torch.randn(2, 4 * 4 * 4, 8, dtype=torch.float64)
+    vol = mlp.fc1(x).unflatten(1, (4, 4, 4)).permute(0, 4, 1, 2, 3)
+    conv = mlp.dwconv.dwconv
+    h = F.conv3d(vol, conv.weight, conv.bias, padding=1, groups=16)
+    h = F.batch_norm(h, None, None, mlp.dwconv.bn.weight, mlp.dwconv.bn.bias, True, 0.0, mlp.dwconv.bn.eps)
+    expected = mlp.fc2(F.gelu(h).permute(0, 2, 3, 4, 1).flatten(1, 3))
+    with torch.no_grad():
         torch.testing.assert_close(mlp(x, (4, 4, 4)), expected)

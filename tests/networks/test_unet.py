@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fastseg3d
@@ -182,3 +183,36 @@ def test_blocks_recompute_their_middle_norm_and_activation(norm, act):
         # (the total only: a block output saved by both a norm -> LeakyReLU and the next module is counted for the
         # first module that saves it, so per-module counts shift between stages)
         assert reference["total"] - fused["total"] == saving(enumerate(channels)) + saving(enumerate(channels[:-1]))
+
+
+def _conv_block_ref(block, x, norm, act):
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    for c, n in ((block[0], block[1]), (block[3], block[4])):
+        assert c.bias is None
+        x = conv(x, c.weight, padding=1)
+        if norm == "instance":
+            assert n.affine  # nnU-Net's affine InstanceNorm
+            x = F.instance_norm(x, weight=n.weight, bias=n.bias, eps=1e-5)
+        else:  # training: the batch's statistics
+            x = F.batch_norm(x, None, None, n.weight, n.bias, True, 0.0, 1e-5)
+        x = {"leakyrelu": lambda t: F.leaky_relu(t, 0.01), "relu": F.relu, "gelu": F.gelu}[act](x)
+    return x
+
+
+@pytest.mark.parametrize("spatial_dims", [3, 2])
+@pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu"), ("instance", "gelu")])
+def test_blocks_and_stages_match_hand_written(spatial_dims, norm, act):
+    torch.manual_seed(0)
+    net = UNet(spatial_dims, 2, 3, channels=(4, 8), norm=norm, act=act).double().train()
+    with torch.no_grad():  # distinct norms: the first and second of a block cannot stand in for each other
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 2, *(8,) * spatial_dims, dtype=torch.float64)
+    pool = F.max_pool3d if spatial_dims == 3 else F.max_pool2d
+    with torch.no_grad():
+        e0 = net.encoder[0](x)
+        torch.testing.assert_close(e0, _conv_block_ref(net.encoder[0], x, norm, act))
+        # encoder.1: 2x max pooling, then the conv block
+        torch.testing.assert_close(net.encoder[1](e0), _conv_block_ref(net.encoder[1][1], pool(e0, 2), norm, act))
