@@ -296,9 +296,12 @@ fi
 python3 -m bench.warm_cache --report "$TRITON_CACHE_DIR" > "$OUT/triton_cache.txt" 2>&1 && head -n 1 "$OUT/triton_cache.txt"
 
 # a device call brings back a few files only: everything goes into one archive beside the two summaries
-tar -czf /tmp/gpu_check.tgz -C "$OUT" --exclude=gpu_check.tgz . && mv /tmp/gpu_check.tgz "$OUT/" \
+# (built outside $OUT, which it archives: in a folder of its own, so that two runs on one machine do not share it)
+archive_dir=$(mktemp -d)
+tar -czf "$archive_dir/gpu_check.tgz" -C "$OUT" --exclude=gpu_check.tgz . && mv "$archive_dir/gpu_check.tgz" "$OUT/" \
   && find "$OUT" -mindepth 1 -maxdepth 1 ! -name info.txt ! -name bench_table.txt ! -name gpu_check.tgz \
     -exec rm -rf {} +
+rmdir "$archive_dir"
 echo "gpu_check: $(( SECONDS - START )) s"
 if [ "$status" -eq 0 ] && [ "$tier_cut" -eq 1 ]; then exit 3; fi
 exit $status

@@ -1297,3 +1297,441 @@ def test_exp_ceiling_from_the_sm_count_and_the_maximum_clock(monkeypatch):
     assert utils.exp_per_s(cuda) == pytest.approx(4.18176e12)
     monkeypatch.setattr(utils.subprocess, "run", lambda *a, **k: SimpleNamespace(stdout=""))
     assert utils.exp_per_s(cuda) is None and utils.exp_per_s(CPU) is None
+
+
+def _clock(monkeypatch, module, durations_ms):
+    """A stand-in for ``module``'s ``time.perf_counter``: each call of the returned ``fn`` advances it by the next
+    of ``durations_ms``; returns (fn, calls) where calls records, per call, whether the leaf's .grad was None."""
+    now = [0.0]
+    left = list(durations_ms)
+    calls = []
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: now[0], monotonic=time.monotonic))
+
+    def fn(leaf=None):
+        calls.append(leaf is None or leaf.grad is None)
+        now[0] += left.pop(0) * 1e-3
+    return fn, calls
+
+
+def test_cpu_timing_is_the_median_of_five_timed_calls_after_an_untimed_one(monkeypatch):
+    """On a CPU ``time_ms`` calls once untimed (the warm-up: a first call's compile or allocation), then times five
+    calls, each from cleared gradients: (median, second and fourth of the five sorted samples)."""
+    from bench import utils
+
+    leaf = torch.zeros(1, requires_grad=True)
+    step, calls = _clock(monkeypatch, utils, [1000.0, 5.0, 1.0, 3.0, 9.0, 2.0])
+
+    def fn():
+        step(leaf)
+        leaf.grad = torch.ones(1)
+
+    assert utils.time_ms(fn, CPU, grad_to_none=[leaf]) == pytest.approx((3.0, 2.0, 5.0))
+    assert len(calls) == 6 and calls[1:] == [True] * 5
+
+
+def test_cuda_timing_asks_do_bench_for_the_median_p20_and_p80(monkeypatch):
+    """On CUDA ``time_ms`` is ``triton.testing.do_bench``'s (median, p20, p80), whatever order it asks them in."""
+    testing = pytest.importorskip("triton.testing")
+    from bench import utils
+
+    seen = {}
+
+    def do_bench(fn, warmup, rep, grad_to_none, quantiles):
+        seen.update(warmup=warmup, rep=rep, grad_to_none=grad_to_none)
+        return [100.0 * q for q in quantiles]  # samples spread evenly over 0..100 ms
+
+    monkeypatch.setattr(testing, "do_bench", do_bench)
+    leaf = torch.zeros(1, requires_grad=True)
+    assert utils.time_ms(lambda: None, torch.device("cuda"), [leaf], warmup=7, rep=300) == pytest.approx(
+        (50.0, 20.0, 80.0))
+    assert seen == {"warmup": 7, "rep": 300, "grad_to_none": [leaf]}
+
+
+def test_host_ms_is_the_median_issue_time(monkeypatch):
+    from bench import utils
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    step, _ = _clock(monkeypatch, utils, [3.0, 1.0, 2.0])
+    assert utils.host_ms(step, torch.device("cuda")) == pytest.approx(2.0)
+
+
+def test_peak_memory_is_the_calls_own_peak_in_mib(monkeypatch):
+    """``peak_memory_mb``: the allocator's peak reset before the call (an earlier, larger peak must not count), the
+    timing runs' gradients cleared first, the peak in MiB (2**20 bytes)."""
+    from bench import utils
+
+    mib = 2**20
+    allocator = {"current": 100 * mib, "peak": 5000 * mib}  # the timing runs' peak is still recorded
+
+    def reset(device=None):
+        allocator["peak"] = allocator["current"]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocator["peak"])
+    leaf = torch.zeros(1, requires_grad=True)
+    leaf.grad = torch.ones(1)
+    seen = []
+
+    def fn():
+        seen.append(leaf.grad is None)
+        allocator["peak"] = max(allocator["peak"], allocator["current"] + 30 * mib)
+
+    assert utils.peak_memory_mb(fn, torch.device("cuda"), grad_to_none=[leaf]) == 130.0 and seen == [True]
+
+
+def test_measured_ceilings_count_read_and_write_bytes_and_two_flops_per_multiply_add(monkeypatch):
+    """The copy moves each byte twice (read and write) and the rate is in GB/s (1e9); an n x n matmul does 2 n^3
+    FLOPs, in TFLOP/s (1e12)."""
+    from bench import utils
+
+    buffer = SimpleNamespace(copy_=lambda src: None)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: buffer)
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: buffer)
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: buffer)
+    monkeypatch.setattr(utils, "time_ms", lambda fn, device, **k: (0.5, 0.4, 0.6))
+    cuda = torch.device("cuda")
+    assert utils.copy_bandwidth_gbs(cuda, nbytes=10**9) == pytest.approx(2 * 10**9 / 0.5e-3 / 1e9)  # 4,000 GB/s
+    assert utils.matmul_tflops(cuda, torch.float32) == pytest.approx(2 * 4096**3 / 0.5e-3 / 1e12)
+    assert utils.matmul_tflops(cuda, torch.bfloat16) == pytest.approx(2 * 8192**3 / 0.5e-3 / 1e12)
+
+
+def test_bandwidth_pct_is_the_memory_term_alone_in_gb():
+    """bytes / (copy GB/s x 1e9) over the median, also where another ceiling binds."""
+    from bench.utils import bandwidth_pct
+
+    class Ceilings:
+        copy_gbs = 1000.0  # 1 ms per 1e9 bytes
+        exp_per_s = None
+
+        def tflops(self, dtype, fma=False):
+            return 100.0
+
+    setup = Setup(None, [], {"fwd": 10**9}, min_flops={"fwd": 1e12})  # 1 ms memory, 10 ms matrix
+    assert bandwidth_pct(setup, "fwd", Ceilings(), median_ms=4.0) == pytest.approx(25.0)
+    assert bandwidth_pct(setup, "bwd", Ceilings(), 4.0) is None and bandwidth_pct(setup, "fwd", None, 4.0) is None
+
+
+def test_fma_ceiling_is_the_fp32_rate_only_without_tf32(monkeypatch):
+    """With TF32 on, the fp32 matmul runs on the tensor cores: it is no FMA-pipe rate, and an "fma" case gets no
+    such ceiling (rather than a tensor-core rate posing as one); with TF32 off, the fp32 rate whatever the dtype."""
+    from bench import utils
+
+    rates = {torch.float32: 60.0, torch.bfloat16: 900.0}
+    monkeypatch.setattr(utils, "matmul_tflops", lambda device, dtype: rates[dtype])
+    ceilings = utils.Ceilings(CPU)  # no copy or exp rate off CUDA; the matmul rates stood in for
+    monkeypatch.setattr(utils, "tf32_matmul_allowed", lambda: True)
+    assert ceilings.tflops(torch.bfloat16, fma=True) is None and ceilings.tflops(torch.bfloat16) == 900.0
+    monkeypatch.setattr(utils, "tf32_matmul_allowed", lambda: False)
+    assert ceilings.tflops(torch.bfloat16, fma=True) == 60.0
+
+
+def _table_rows(rows):
+    """{(dtype, provider): (median, speed-up, mem x)} of format_table's lines (shape and case one token each)."""
+    out = {}
+    for line in format_table(rows).splitlines()[1:]:
+        cols = line.split()
+        out[(cols[2], cols[4])] = (float(cols[5]), *cols[-2:]) if cols[4].startswith("plain") else (float(cols[5]),)
+    return out
+
+
+def test_table_groups_by_dtype_and_compares_each_peer_with_its_counterpart():
+    """One line per (case, shape, dtype, mode, provider), the newest row of a rerun; a peer's time and peak memory
+    over its counterpart's (plain+torch.compile against fastseg3d+torch.compile where that was measured)."""
+    base = {"suite": "model", "case": "segformer3d", "shape": "2x4x128^3", "mode": "train_step", "p20_ms": 1.0,
+            "p80_ms": 1.0, "roofline_pct": None}
+    rows = [{**base, "dtype": d, "provider": p, "median_ms": ms, "peak_mem_mb": mb} for d, p, ms, mb in (
+        ("bf16", "fastseg3d", 10.0, 100.0), ("bf16", "fastseg3d+torch.compile", 5.0, 75.0),
+        ("bf16", "plain", 30.0, 300.0), ("bf16", "plain+torch.compile", 15.0, 150.0),
+        ("fp32", "fastseg3d", 20.0, 200.0), ("fp32", "plain", 30.0, 300.0),
+        ("fp32", "plain", 50.0, 400.0))]  # a rerun of fp32 plain: the newer row stands
+    assert _table_rows(rows) == {
+        ("bf16", "fastseg3d"): (10.0,), ("bf16", "fastseg3d+torch.compile"): (5.0,),
+        ("bf16", "plain"): (30.0, "3.00", "3.00"), ("bf16", "plain+torch.compile"): (15.0, "3.00", "2.00"),
+        ("fp32", "fastseg3d"): (20.0,), ("fp32", "plain"): (50.0, "2.50", "2.00")}
+    assert all(line.split()[3] == "train_step" for line in format_table(rows).splitlines()[1:])
+
+
+def test_plot_ratios_are_peer_over_the_counterpart_measured_at_each_shape(tmp_path, monkeypatch):
+    """The plot's ratio panels: a peer's time and peak memory over its counterpart's at the same label, the
+    counterpart chosen among the providers measured there (plain+cuda-graph against fastseg3d+cuda-graph where that
+    ran, else eager fastseg3d); 0 where there is nothing to compare."""
+    import matplotlib.axes
+
+    from bench.utils import plot_rows
+
+    bars = []
+    original = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        bars.append((self, kwargs.get("label"), list(height)))
+        return original(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    measured = {"a": {"fastseg3d": (40.0, 100.0), "fastseg3d+cuda-graph": (10.0, None), "plain": (120.0, 300.0),
+                      "plain+cuda-graph": (200.0, None)},
+                "b": {"fastseg3d": (60.0, 50.0), "plain": (90.0, 100.0), "plain+cuda-graph": (120.0, None)}}
+    rows = [{"case": "segformer3d", "shape": shape, "dtype": "bf16", "mode": "train_step", "provider": p,
+             "median_ms": ms, "peak_mem_mb": mb, "roofline_pct": None, "device": "GPU", "torch": "2", "triton": "3"}
+            for shape, by_provider in measured.items() for p, (ms, mb) in by_provider.items()]
+    plot_rows(rows, tmp_path / "segformer3d.png")
+    panels = {}
+    for ax, label, heights in bars:
+        panels.setdefault(ax.get_ylabel(), {})[label] = heights
+    assert panels["peer time / fastseg3d counterpart's"] == {"plain": [3.0, 1.5], "plain+cuda-graph": [20.0, 2.0]}
+    assert panels["peer peak memory / fastseg3d counterpart's"] == {"plain": [3.0, 2.0],
+                                                                      "plain+cuda-graph": [0.0, 0.0]}
+
+
+def test_rows_keep_the_keys_the_report_and_the_targets_read(tmp_path):
+    """A row written and read back keeps what the table and bench.targets read: its replay time (the targets'
+    "replayed" twins) and the backend a peer ran."""
+    from bench import targets
+    from bench.utils import write_rows
+
+    row = {"suite": "ops", "case": "dwconv3d", "shape": "2x32x128^3 ncdhw", "dtype": "bf16", "mode": "fwd",
+           "provider": "fastseg3d", "median_ms": 0.3, "graph_ms": 0.2, "host_ms": 0.01, "bandwidth_pct": 40.0,
+           "exp_pct": None, "peak_mem_mb": 10.0, "roofline_pct": 40.0, "roofline_bound": "memory",
+           "backend": "triton"}
+    write_rows([row], tmp_path / "ops.jsonl")
+    (back,) = read_rows(tmp_path / "ops.jsonl")
+    assert {k: back[k] for k in row} == row and tuple(back) == ROW_KEYS
+    results = {t.what: value for t, value, _ in targets.check([back])}
+    assert results["dwconv3d bf16 fwd 2x32x128^3 NCDHW: % of copy bandwidth, replayed"] == pytest.approx(60.0)
+
+
+def _fake_case(suite, providers, modes, setup):
+    from bench.registry import Case
+
+    return Case(name=f"fake_{suite}", shapes=lambda quick: [("s", {})], providers=lambda spec: list(providers),
+                setup=setup, modes=modes, suite=suite)
+
+
+def test_run_case_rows_on_a_gpu(monkeypatch, tmp_path):
+    """``run_case`` on a CUDA device, the measurements stood in for: model steps get 1,000 ms of repetitions (ops
+    100 ms); op rows get a CUDA-graph replay time except bwd rows; a +cuda-graph replay has no peak of its own; each
+    row carries its dtype, mode and provider."""
+    from bench import utils
+    from bench.registry import MODEL_MODES, MODES
+
+    reps, graphed = [], []
+    monkeypatch.setattr(utils, "time_ms", lambda fn, device, grad_to_none=None, rep=100: reps.append(rep) or (
+        1.0, 0.9, 1.1))
+    monkeypatch.setattr(utils, "peak_memory_mb", lambda fn, device, grad_to_none=None: 5.0)
+    monkeypatch.setattr(utils, "host_ms", lambda fn, device, grad_to_none=None: 0.1)
+    monkeypatch.setattr(run, "_graph_ms", lambda fn, setup, device, what: graphed.append(what) or 0.5)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cuda = torch.device("cuda")
+
+    def op_setup(spec, dtype, provider, device):
+        x = torch.randn(4, requires_grad=True)
+        return Setup(lambda: x * 2, [x], {})
+
+    ops = _fake_case("ops", ("fastseg3d", "torch"), MODES, op_setup)
+    rows = run.run_case(ops, ["fp32", "bf16"], list(MODES), None, True, cuda, {}, None, tmp_path / "ops.jsonl")
+    assert [(r["dtype"], r["provider"], r["mode"]) for r in rows] == [
+        (d, p, m) for d in ("fp32", "bf16") for p in ("fastseg3d", "torch") for m in MODES]
+    assert {(r["mode"], r["graph_ms"]) for r in rows} == {("fwd", 0.5), ("fwd+bwd", 0.5), ("bwd", None)}
+    assert len(graphed) == 8 and reps == [100] * len(rows) and all(r["peak_mem_mb"] == 5.0 for r in rows)
+
+    def model_setup(spec, dtype, provider, device):
+        return Setup(None, [], {}, runners={"train_step": lambda: None, "infer": lambda: None})
+
+    reps.clear()
+    model = _fake_case("model", ("fastseg3d", "plain", "fastseg3d+cuda-graph"), MODEL_MODES, model_setup)
+    rows = run.run_case(model, ["bf16"], list(MODEL_MODES), None, True, cuda, {}, None, tmp_path / "model.jsonl")
+    assert reps == [1000] * len(rows) == [1000] * 6
+    assert {(r["provider"], r["peak_mem_mb"], r["graph_ms"]) for r in rows} == {
+        ("fastseg3d", 5.0, None), ("plain", 5.0, None), ("fastseg3d+cuda-graph", None, None)}
+    assert read_rows(tmp_path / "model.jsonl") == rows
+
+
+def test_closures_backpropagate_a_loss_with_one_and_time_fwd_without_a_graph():
+    """A scalar output (a loss) is backpropagated with 1, as loss.backward() does (the fused losses' backward
+    takes a shortcut there); fwd runs under no_grad."""
+    x = torch.randn(3, 4, requires_grad=True)
+    setup = Setup(lambda: (3.0 * x).sum(), [x], {})
+    assert not run._closure(setup, "fwd")().requires_grad
+    for mode in ("bwd", "fwd+bwd"):
+        x.grad = None
+        run._closure(setup, mode)()
+        torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+
+
+def test_report_prints_only_the_selected_cases_rows(tmp_path, capsys):
+    from bench.utils import write_rows
+
+    rows = [{"suite": "ops", "case": case, "shape": "s", "dtype": "fp32", "mode": "fwd", "provider": "fastseg3d",
+             "median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0} for case in ("selfreg", "channel_kl")]
+    write_rows(rows, tmp_path / "ops.jsonl")
+    assert run.main(["--report", "--case", "selfreg", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["selfreg"]
+
+
+def test_targets_judge_a_value_at_the_need_as_met_on_the_newest_rows():
+    """Met means >= need, for a value and for the lower end of a bound; a rerun's newer row replaces the older; the
+    cube ratio is read in bf16 where both dtypes were searched."""
+    from bench import targets
+
+    train = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step"}
+    rows = [{**train, "provider": p, "median_ms": ms} for p, ms in (
+        ("fastseg3d", 10.0), ("plain", 15.0), ("plain", 20.0), ("plain+torch.compile", 15.0))]
+    cube = {"case": "largest_cube", "shape": "segformer3d", "mode": None, "stride": 32, "failed_side": None}
+    rows += [{**cube, "dtype": "bf16", "provider": "fastseg3d", "voxels": 2000, "converged": False,
+              "stop": "time-limit"},  # cut: at least 2000 voxels
+             {**cube, "dtype": "bf16", "provider": "plain", "voxels": 1000, "converged": True, "stop": "out of memory"},
+             {**cube, "dtype": "fp32", "provider": "fastseg3d", "voxels": 1000, "converged": True,
+              "stop": "out of memory"},
+             {**cube, "dtype": "fp32", "provider": "plain", "voxels": 1000, "converged": True, "stop": "out of memory"}]
+    results = {t.what: (value, verdict) for t, value, verdict in targets.check(rows)}
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (2.0, "met")
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled"] == (1.5, "met")
+    value, verdict = results["SegFormer3D largest trainable cube at batch 1: voxels over plain"]
+    assert (value.lo, value.hi, verdict) == (2.0, float("inf"), "met")
+
+
+def test_targets_load_the_newest_commits_rows_and_the_cube_searches(tmp_path):
+    """A results folder holds several runs: the targets read the rows of the newest row's commit, the largest-cube
+    searches among them (their network under "model")."""
+    from bench import targets
+
+    train = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step"}
+    lines = [{**train, "provider": p, "median_ms": ms, "commit": c, "date": d} for p, ms, c, d in (
+        ("fastseg3d", 10.0, "old", "2024-01-01T00:00:00Z"), ("plain", 100.0, "old", "2024-01-01T00:00:00Z"),
+        ("fastseg3d", 10.0, "new", "2025-01-01T00:00:00Z"), ("plain", 25.0, "new", "2025-01-01T00:00:00Z"))]
+    (tmp_path / "model.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cubes = [{"suite": "model", "case": "largest_cube", "model": "segformer3d", "provider": p, "dtype": "bf16",
+              "voxels": v, "converged": True, "stop": "out of memory", "failed_side": None, "stride": 32,
+              "commit": "new", "date": "2025-01-02T00:00:00Z"} for p, v in (("plain", 1000), ("fastseg3d", 2500))]
+    (tmp_path / "largest_cube.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cubes))
+    results = {t.what: (value, verdict) for t, value, verdict in targets.check(targets.load_rows(tmp_path))}
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (2.5, "met")
+    assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == (2.5, "met")
+
+
+def _stand_in_gpu(monkeypatch, total_gib=100):
+    """largest_cube.main's GPU stood in for: the allocator's peak since its last reset, in bytes."""
+    class Props:
+        total_memory = total_gib * 2**30
+
+    allocator = {"peak": 0}
+    load_cases()
+    net = largest_cube.NETWORKS["segformer3d"]  # its stride, without building the full network on the CPU
+    monkeypatch.setattr(net, "build", lambda cfg, plain: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(net, "stride", lambda model: 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: allocator.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    monkeypatch.setattr(largest_cube.utils, "environment", lambda device: {"device": "Stand-in GPU", "commit": "x"})
+    monkeypatch.setattr(largest_cube, "build", lambda net, cfg, plain, device: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(largest_cube, "inputs", lambda net, b, side, device: (side, None))
+    monkeypatch.setattr(largest_cube.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM handling
+    return allocator
+
+
+def test_largest_cube_rows_carry_the_found_sides_own_peak_in_mib(tmp_path, monkeypatch):
+    """Each try's peak is its own (the allocator's peak reset before it: a failed larger try, which filled the
+    memory, must not count for the side found after it), in MiB; a cuBLAS allocation failure is out of memory."""
+    allocator = _stand_in_gpu(monkeypatch)
+    limit = {"plain": 256, "fastseg3d": 384}
+
+    def runners(net, model, plain, provider, x, label, dtype, device):
+        def step():
+            if x > limit[provider]:
+                allocator["peak"] = max(allocator["peak"], 99 * 2**30)  # filled the memory, then failed
+                if provider == "plain":
+                    raise torch.OutOfMemoryError("CUDA out of memory")
+                raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+            allocator["peak"] = max(allocator["peak"], int(1e-3 * x**3 * 2**20))  # 1e-3 MiB a voxel
+        return {"train_step": step}
+
+    monkeypatch.setattr(largest_cube, "runners", runners)
+    out = tmp_path / "rows.json"
+    assert largest_cube.main(["--model", "segformer3d", "--max-side", "512", "--time-limit", "60",
+                              "--out", str(tmp_path), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["provider"], r["side"], r["stop"]) for r in rows] == [("plain", 256, "out of memory"),
+                                                                      ("fastseg3d", 384, "out of memory")]
+    for r in rows:
+        assert r["peak_mem_mb"] == pytest.approx(1e-3 * r["side"] ** 3, rel=1e-6), r
+
+
+def test_largest_cube_searches_share_what_is_left_of_the_time_limit(tmp_path, monkeypatch):
+    """Each search gets an equal share of what is left when it starts: with the clock standing still, the first of
+    two gets half of --time-limit and the last all that is left."""
+    _stand_in_gpu(monkeypatch)
+    monkeypatch.setattr(largest_cube, "time", SimpleNamespace(monotonic=lambda: 1000.0, perf_counter=time.perf_counter))
+    deadlines = []
+
+    def search(attempt, stride, max_side, deadline=None, capacity_mb=None):
+        deadlines.append(deadline)
+        return largest_cube.Search(side=64, failed_side=96, stop="out of memory", converged=True, tries=2,
+                                   peak_mem_mb=1.0, step_ms=1.0)
+
+    monkeypatch.setattr(largest_cube, "search", search)
+    assert largest_cube.main(["--model", "segformer3d", "--time-limit", "60", "--out", str(tmp_path),
+                              "--json", str(tmp_path / "rows.json")]) == 0
+    assert deadlines == [1030.0, 1060.0]
+
+
+class _Recorder(torch.nn.Module):
+    """A 1x1 conv to BraTS's 3 classes that records, per call, its training flag, the backend policy and grad mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(4, 3, 1)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append((self.training, fastseg3d.get_backend(), torch.is_grad_enabled()))
+        return self.conv(x)
+
+
+def test_model_runners_train_and_infer_in_their_modes_and_variant():
+    """``infer`` is an eval forward without grad, ``train_step`` a training one, whichever ran before; the plain
+    variant runs both under the torch backend, the fused one under the caller's policy."""
+    from bench.models import NETWORKS, runners
+
+    load_cases()
+    net = NETWORKS["segformer3d"]
+    x, label = torch.randn(1, 4, 4, 4, 4), torch.randint(0, 3, (1, 1, 4, 4, 4))
+    for plain, policy in ((True, "torch"), (False, fastseg3d.get_backend())):
+        model = _Recorder()
+        steps = runners(net, model, plain, "plain" if plain else "fastseg3d", x, label, torch.float32, CPU)
+        steps["infer"]()
+        steps["train_step"]()
+        steps["infer"]()
+        assert model.seen == [(False, policy, False), (True, policy, True), (False, policy, False)], plain
+
+
+def test_model_cases_build_the_plain_network_for_every_plain_provider(monkeypatch):
+    from bench import models
+
+    built = []
+    real = models.build
+    monkeypatch.setattr(models, "build", lambda net, cfg, plain, device: built.append(plain) or real(net, cfg, plain,
+                                                                                                     device))
+    case = load_cases()["segformer3d"]
+    (_, spec), = case.shapes(True)
+    for provider in ("plain", "plain+torch.compile", "fastseg3d", "fastseg3d+torch.compile"):
+        case.setup(spec, torch.float32, provider, CPU)  # compiled lazily: nothing compiles here
+    assert built == [True, True, False, False]
+
+
+def test_host_times_are_per_step_whatever_the_number_of_steps():
+    """bench.host's calls, Triton launches and their total are per training step: one step and two steps of the
+    same network give the same counts (in a process of its own, with the interpreter's launch path)."""
+    code = ("import json\nfrom bench.host import host_times\n"
+            "runs = [host_times('selfreg_unet', 8, steps=n, warmup=w) for n, w in ((1, 1), (2, 0))]\n"
+            "print(json.dumps([[{k: [v[0], v[2]] for k, v in r['by_op'].items()}, r['launches']] for r in runs]))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    (one, launches_one), (two, launches_two) = json.loads(out.stdout.splitlines()[-1])
+    assert one == two and launches_one == launches_two > 0
+    assert sum(launches for _, launches in one.values()) == launches_one

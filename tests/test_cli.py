@@ -358,3 +358,124 @@ def test_profile_of_a_wrapped_monai_network(capsys):
 
     (wrapped, network, loss), (bare, _, _) = saved("model.wrap=dsd", "loss.distill=dsd"), saved()
     assert wrapped > bare and "encoder_heads" in network and "dice_ce + dsd" in loss, (wrapped, bare, loss)
+
+
+_OPS = ("dwconv3d", "dwconv3d_tokens", "attention", "kl_distill", "channel_kl", "selfreg_inter", "selfreg_intra",
+        "group_norm_act", "layer_norm", "add_layer_norm", "upsample_sum")
+
+
+def test_every_op_choice_follows_the_device_and_the_dtype():
+    """Every op, not only the first: on a CPU without the interpreter each falls back for the device; on meta (no
+    device reason) an fp64 input falls back for its dtype, and a bf16 one takes the kernel."""
+    from fastseg3d.info import op_choices
+
+    cpu = op_choices("cpu")
+    assert [name for name, _, _ in cpu] == list(_OPS)
+    assert all(choice == "torch" and why.startswith("device=cpu") for _, choice, why in cpu), cpu
+    fp64 = op_choices("meta", torch.float64)
+    assert all(choice == "torch" and "dtype=torch.float64" in why for _, choice, why in fp64), fp64
+    assert all(choice == "triton" for _, choice, _ in op_choices("meta", torch.bfloat16))
+
+
+def test_info_prints_each_ops_choice_and_reason(capsys, monkeypatch):
+    """`fastseg3d info`'s op lines name the implementation and why (on a CPU: the device)."""
+    from fastseg3d import info
+
+    monkeypatch.setattr(info, "collect", lambda: {"fastseg3d": fastseg3d.__version__})  # the versions: elsewhere
+    assert info.main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("ops (bf16 input on the default device)")
+    ops = lines[start + 1:]
+    assert [line.split()[0] for line in ops] == list(_OPS)
+    expected = {name: (choice, why) for name, choice, why in info.op_choices()}
+    for line in ops:
+        name, choice, why = line.split(maxsplit=2)
+        assert (choice, why) == expected[name], line
+    if not torch.cuda.is_available():
+        assert all("device=cpu" in line for line in ops)
+
+
+def test_info_reports_the_interpreter_and_the_finite_checks(monkeypatch):
+    from fastseg3d.info import collect
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert collect()["TRITON_INTERPRET"] == "0"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert collect()["TRITON_INTERPRET"] == "1"
+    with fastseg3d.check_finite(False):
+        assert collect()["check_finite"] == "off"
+    with fastseg3d.check_finite():
+        assert collect()["check_finite"] == "on"
+
+
+def test_profile_default_batch_of_an_msd_config_is_its_crops_per_step(capsys):
+    """An MSD config's step holds data.batch_size volumes x data.num_samples crops (segformer3d_brats: 2 x 4)."""
+    from fastseg3d.cli import main
+    from fastseg3d.train import load_config
+
+    data = load_config("segformer3d_brats")["data"]
+    assert main(["profile", "--config", "segformer3d_brats", "--size", "32"]) == 0
+    batch = data["batch_size"] * data["num_samples"]
+    assert batch == 8 and f"a training step on {batch}x4x32x32x32" in capsys.readouterr().out
+
+
+def test_profile_counts_sgds_momentum_buffer_only_with_momentum(capsys):
+    from fastseg3d.cli import main
+
+    def lines(*overrides):
+        assert main(["profile", "--config", "quickstart", "--size", "32", "optimizer.name=sgd", *overrides]) == 0
+        out = capsys.readouterr().out.splitlines()
+        return [next(line for line in out if line.strip().startswith(key)) for key in ("gradients", "optimizer")]
+
+    grads, state = lines("optimizer.momentum=0.9")
+    assert state.split()[2:4] == grads.split()[1:3] and state.endswith("(sgd)")  # one buffer per parameter
+    _, state = lines("optimizer.momentum=0")
+    assert state.split()[2:4] == ["0.0", "MiB"] and state.endswith("(sgd)")
+
+
+def test_profile_network_line_is_the_network_alone(capsys):
+    """"saved by the network" is what the network saves (activation_memory of the model by itself), the loss's
+    share on its own line."""
+    from fastseg3d.cli import main
+    from fastseg3d.profile import activation_memory
+    from fastseg3d.train import load_config
+    from fastseg3d.train.builders import build_model
+
+    assert main(["profile", "--config", "quickstart", "--size", "32"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    line = next(line for line in out if line.strip().startswith("saved by the network"))
+    network = activation_memory(build_model(load_config("quickstart")["model"], 4, 5), (2, 4, 32, 32, 32))["total"]
+    assert line.split()[4:6] == [f"{network / 2**20:.1f}", "MiB"], (line, network)
+    loss = next(line for line in out if line.strip().startswith("saved by the loss"))
+    assert float(loss.split()[4]) > 0  # the DiceCE saves something, which the network's line must not hold
+
+
+def test_profile_max_memory_is_in_gib(capsys):
+    """--max-memory is GiB (2**30 bytes): a budget just above the 64^3 step's estimate takes 64^3, which the same
+    number of GB (1e9 bytes) would not fit."""
+    import math
+
+    from fastseg3d.cli import _train_step, main
+    from fastseg3d.profile import training_memory
+    from fastseg3d.train import load_config
+    from fastseg3d.train.builders import build_model, build_objective
+
+    cfg = load_config("quickstart")
+    step = _train_step(build_model(cfg["model"], 4, 5), build_objective(cfg, "softmax", 5), "softmax", 5)
+
+    def total(side):
+        return training_memory(step, (2, 4, side, side, side))["total"]
+
+    gib = math.ceil(total(64) / 2**30 * 1e4) / 1e4
+    assert total(64) <= gib * 2**30 < total(96) and gib * 1e9 < total(64)
+    assert main(["profile", "--config", "quickstart", "--max-memory", str(gib)]) == 0
+    assert f"whose estimate fits {gib:g} GiB: 64^3" in capsys.readouterr().out
+
+
+def test_bench_passes_every_argument_to_the_suite(capsys):
+    """`fastseg3d bench model --list`: the suite word reaches bench.run (the model cases only are listed)."""
+    from fastseg3d.cli import main
+
+    assert main(["bench", "model", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert "segformer3d" in listed and "dwconv3d" not in listed and "kl_distill" not in listed

@@ -386,3 +386,44 @@ def test_activation_memory_runs_the_backward_on_meta():
     with pytest.warns(UserWarning, match="backward on the meta device failed \\(NotImplementedError: no meta"):
         failed = activation_memory(Model(), (1, 2, 8, 8, 8))
     assert failed["total"] == activation_memory(torch.nn.Conv3d(2, 2, 3, padding=1), (1, 2, 8, 8, 8))["total"] > 0
+
+
+def _conv_step_bytes(side: int) -> int:
+    """A Conv3d(1, 2, 3) training step at batch 1 on an fp32 side^3 input, by hand: the input it saves for its
+    weight's gradient (4 bytes a voxel), 56 parameters (2 x 27 weights, 2 biases) of 4 bytes, as many gradient
+    bytes, and Adam's two states of them."""
+    params = (2 * 27 + 2) * 4
+    return 4 * side**3 + params + params + 2 * params
+
+
+def test_largest_cube_takes_a_side_whose_estimate_fills_the_budget_exactly():
+    """"Fits in ``budget``" is ``<=``: a budget of exactly a side's estimate takes that side, at the start side and
+    at the smallest multiple the step-down below it reaches."""
+    from fastseg3d.profile import largest_cube, training_memory
+
+    model = nn.Conv3d(1, 2, 3, padding=1)
+    assert training_memory(model, (1, 1, 64, 64, 64))["total"] == _conv_step_bytes(64)  # the count is the hand one
+    assert largest_cube(model, 1, 1, _conv_step_bytes(64)) == 64
+    assert largest_cube(model, 1, 1, _conv_step_bytes(64) - 1) == 32
+    assert largest_cube(model, 1, 1, _conv_step_bytes(96)) == 96  # bisection between 64 and 128
+    # below the start side: each multiple down to the smallest is tried
+    assert largest_cube(model, 1, 1, _conv_step_bytes(32)) == 32
+    assert largest_cube(model, 1, 1, _conv_step_bytes(32) - 1) == 0
+    assert largest_cube(model, 1, 1, _conv_step_bytes(16), multiple=16) == 16
+
+
+def test_training_memory_counts_buffers_and_only_the_trainable_parameters_gradients():
+    """Parameters and buffers are held, whether they train or not; gradients and optimizer states are kept for the
+    trainable parameters only (a frozen conv, a BatchNorm with its running statistics)."""
+    from fastseg3d.profile import activation_memory, training_memory
+
+    model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2))
+    model[0].requires_grad_(False)
+    shape = (2, 1, 4, 4, 4)
+    conv = (2 * 1 + 2) * 4  # frozen: 2 weights, 2 biases
+    norm = (2 + 2) * 4  # trainable: weight and bias
+    buffers = 2 * 4 + 2 * 4 + 8  # running mean and variance, and the int64 batch count
+    report = training_memory(model, shape, optimizer_states=2)
+    assert report["parameters"] == conv + norm + buffers
+    assert report["gradients"] == norm and report["optimizer"] == 2 * norm
+    assert report["total"] == activation_memory(model, shape)["total"] + conv + norm + buffers + 3 * norm
