@@ -301,7 +301,7 @@ archive_dir=$(mktemp -d)
 tar -czf "$archive_dir/gpu_check.tgz" -C "$OUT" --exclude=gpu_check.tgz . && mv "$archive_dir/gpu_check.tgz" "$OUT/" \
   && find "$OUT" -mindepth 1 -maxdepth 1 ! -name info.txt ! -name bench_table.txt ! -name gpu_check.tgz \
     -exec rm -rf {} +
-rmdir "$archive_dir"
+rm -rf "$archive_dir"
 echo "gpu_check: $(( SECONDS - START )) s"
 if [ "$status" -eq 0 ] && [ "$tier_cut" -eq 1 ]; then exit 3; fi
 exit $status

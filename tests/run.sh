@@ -12,7 +12,7 @@ empty=0
 tier() { "$@" || { rc=$?; [ "$rc" -eq 5 ] && [ "$nargs" -gt 0 ] || exit "$rc"; empty=$((empty + 1)); }; }
 # Each tier over pytest-xdist workers, one a core up to 4 (a worker holds torch and a compiled network or two: more
 # would cost memory for little): the interpreter runs one program at a time on one core, and the CPU tier's tests
-# are mostly Python-bound. On the 2-core CI machine this takes the tiers from 11 and 12 minutes to 7 and 8.
+# are mostly Python-bound. On the 2-core CI machine this takes the tiers from 11 and 12 minutes to 7 and 6.
 workers=$(nproc 2>/dev/null || echo 2)
 workers=$(( workers < 4 ? workers : 4 ))
 tier python3 -m pytest tests fastseg3d --doctest-modules -m "not interpret and not gpu" -q -p no:cacheprovider \

@@ -1221,33 +1221,44 @@ def test_environment_names_versions_and_a_dirty_tree(monkeypatch):
     assert utils.environment(CPU)["commit"] == "def5678"
 
 
+def _stand_in_gpu(monkeypatch, total_gib=100):
+    """largest_cube.main's GPU stood in for: the allocator's peak since its last reset, in bytes."""
+    class Props:
+        total_memory = total_gib * 2**30
+
+    allocator = {"peak": 0}
+    load_cases()
+    net = largest_cube.NETWORKS["segformer3d"]  # its stride, without building the full network on the CPU
+    monkeypatch.setattr(net, "build", lambda cfg, plain: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(net, "stride", lambda model: 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("synchronize", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: allocator.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
+    monkeypatch.setattr(largest_cube.utils, "environment", lambda device: {"device": "Stand-in GPU", "commit": "x"})
+    monkeypatch.setattr(largest_cube, "build", lambda net, cfg, plain, device: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(largest_cube, "inputs", lambda net, b, side, device: (side, None))
+    monkeypatch.setattr(largest_cube.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM handling
+    return allocator
+
+
 def test_largest_cube_main_writes_a_row_per_search(tmp_path, monkeypatch, capsys):
     """``python -m bench.largest_cube`` end to end with the GPU stood in for: a step whose peak grows with the
     voxels and that runs out of memory past a side per provider; the rows (one per model and provider) land in
     ``largest_cube.jsonl`` and the JSON file, and the table names each stop."""
-    class Props:
-        total_memory = 100 * 2**30
-
+    allocator = _stand_in_gpu(monkeypatch)
     limit = {"plain": 256, "fastseg3d": 384}
-    peak = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: peak["bytes"])
-    monkeypatch.setattr(largest_cube.utils, "environment", lambda device: {"device": "Stand-in GPU", "commit": "x"})
-    monkeypatch.setattr(largest_cube, "build", lambda net, cfg, plain, device: torch.nn.Linear(1, 1))
-    monkeypatch.setattr(largest_cube, "inputs", lambda net, b, side, device: (side, None))
 
     def runners(net, model, plain, provider, x, label, dtype, device):
         def step():
             if x > limit[provider]:
                 raise torch.OutOfMemoryError("CUDA out of memory")
-            peak["bytes"] = 1e-3 * x**3 * 2**20
+            allocator["peak"] = 1e-3 * x**3 * 2**20
         return {"train_step": step}
 
     monkeypatch.setattr(largest_cube, "runners", runners)
-    monkeypatch.setattr(largest_cube.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM handling
     out = tmp_path / "rows.json"
     status = largest_cube.main(["--model", "segformer3d", "--max-side", "512", "--time-limit", "60",
                                 "--out", str(tmp_path), "--json", str(out)])
@@ -1400,16 +1411,9 @@ def test_bandwidth_pct_is_the_memory_term_alone_in_gb():
     """bytes / (copy GB/s x 1e9) over the median, also where another ceiling binds."""
     from bench.utils import bandwidth_pct
 
-    class Ceilings:
-        copy_gbs = 1000.0  # 1 ms per 1e9 bytes
-        exp_per_s = None
-
-        def tflops(self, dtype, fma=False):
-            return 100.0
-
-    setup = Setup(None, [], {"fwd": 10**9}, min_flops={"fwd": 1e12})  # 1 ms memory, 10 ms matrix
-    assert bandwidth_pct(setup, "fwd", Ceilings(), median_ms=4.0) == pytest.approx(25.0)
-    assert bandwidth_pct(setup, "bwd", Ceilings(), 4.0) is None and bandwidth_pct(setup, "fwd", None, 4.0) is None
+    setup = Setup(None, [], {"fwd": 10**9}, min_flops={"fwd": 1e12})  # 1 ms memory, 2 ms matrix
+    assert bandwidth_pct(setup, "fwd", _Ceilings(), median_ms=4.0) == pytest.approx(25.0)
+    assert bandwidth_pct(setup, "bwd", _Ceilings(), 4.0) is None and bandwidth_pct(setup, "fwd", None, 4.0) is None
 
 
 def test_fma_ceiling_is_the_fp32_rate_only_without_tf32(monkeypatch):
@@ -1608,29 +1612,6 @@ def test_targets_load_the_newest_commits_rows_and_the_cube_searches(tmp_path):
     results = {t.what: (value, verdict) for t, value, verdict in targets.check(targets.load_rows(tmp_path))}
     assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (2.5, "met")
     assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == (2.5, "met")
-
-
-def _stand_in_gpu(monkeypatch, total_gib=100):
-    """largest_cube.main's GPU stood in for: the allocator's peak since its last reset, in bytes."""
-    class Props:
-        total_memory = total_gib * 2**30
-
-    allocator = {"peak": 0}
-    load_cases()
-    net = largest_cube.NETWORKS["segformer3d"]  # its stride, without building the full network on the CPU
-    monkeypatch.setattr(net, "build", lambda cfg, plain: torch.nn.Linear(1, 1))
-    monkeypatch.setattr(net, "stride", lambda model: 32)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("synchronize", "empty_cache"):
-        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: allocator.update(peak=0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak"])
-    monkeypatch.setattr(largest_cube.utils, "environment", lambda device: {"device": "Stand-in GPU", "commit": "x"})
-    monkeypatch.setattr(largest_cube, "build", lambda net, cfg, plain, device: torch.nn.Linear(1, 1))
-    monkeypatch.setattr(largest_cube, "inputs", lambda net, b, side, device: (side, None))
-    monkeypatch.setattr(largest_cube.signal, "signal", lambda *args: None)  # pytest keeps its SIGTERM handling
-    return allocator
 
 
 def test_largest_cube_rows_carry_the_found_sides_own_peak_in_mib(tmp_path, monkeypatch):
