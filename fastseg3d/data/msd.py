@@ -544,6 +544,43 @@ def _monai_classes() -> dict[str, type]:
                 out[key] = (image - low) / torch.where(span > 0, span, torch.ones_like(span))
             return out
 
+    class NormalizeOverBraind(MapTransform):
+        """Z-score each channel over one mask shared by all channels, the voxels where the channels' sum is
+        positive (TransBTS's and MISSU's brain mask for BraTS), leaving the voxels outside it as they are.
+
+        Unlike ``NormalizeIntensityd(nonzero=True, channel_wise=True)``, which takes each channel's own nonzero
+        voxels, a brain voxel that is 0 in one modality is normalised with that modality's brain voxels (and
+        counts in its mean and standard deviation). The standard deviation is the population one (numpy's, as the
+        release computes it); a channel constant over the mask is only centred.
+
+        Args:
+            keys: the images to normalise, channel-first (C, D, H, W).
+
+        Example:
+            >>> x = torch.tensor([[[[0.0, 2.0, 4.0]]], [[[0.0, 0.0, 3.0]]]])  # (C, D, H, W) = (2, 1, 1, 3)
+            >>> NormalizeOverBraind("image")({"image": x})["image"][:, 0, 0]
+            tensor([[ 0., -1.,  1.],
+                    [ 0., -1.,  1.]])
+        """
+
+        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(data)
+            for key in self.key_iterator(out):
+                image = out[key]
+                if image.ndim != 4:
+                    raise ValueError(f"{key} must be a channel-first (C, D, H, W) volume, got shape "
+                                     f"{tuple(image.shape)}")
+                mask = image.sum(dim=0, keepdim=True) > 0
+                n = mask.sum()
+                if not n:
+                    continue
+                inside = torch.where(mask, image, torch.zeros_like(image))
+                mean = inside.sum(dim=(1, 2, 3), keepdim=True) / n
+                centred = torch.where(mask, image - mean, torch.zeros_like(image))
+                std = (centred.square().sum(dim=(1, 2, 3), keepdim=True) / n).sqrt()
+                out[key] = torch.where(mask, centred / torch.where(std > 0, std, torch.ones_like(std)), image)
+            return out
+
     class _Pipeline(Compose):
         """The MSD Compose: errors of :class:`CheckCased` come out as themselves and one crop as a dict.
 
@@ -564,7 +601,7 @@ def _monai_classes() -> dict[str, type]:
             return out[0] if single else out
 
     classes = {"CheckCased": CheckCased, "ConvertMSDBratsRegionsd": ConvertMSDBratsRegionsd,
-               "MinMaxPerSliced": MinMaxPerSliced, "_Pipeline": _Pipeline}
+               "MinMaxPerSliced": MinMaxPerSliced, "NormalizeOverBraind": NormalizeOverBraind, "_Pipeline": _Pipeline}
     for name, cls in classes.items():
         # Make pickle find them through this module's __getattr__ (DataLoader workers under spawn pickle them).
         cls.__qualname__ = name
@@ -573,7 +610,7 @@ def _monai_classes() -> dict[str, type]:
 
 
 def __getattr__(name: str) -> type:
-    if name in ("CheckCased", "ConvertMSDBratsRegionsd", "MinMaxPerSliced", "_Pipeline"):
+    if name in ("CheckCased", "ConvertMSDBratsRegionsd", "MinMaxPerSliced", "NormalizeOverBraind", "_Pipeline"):
         return _monai_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -69,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
         "split_seed": 0,
         # a JSON file of case names, {"train": [...], "val": [...]} or nnU-Net's splits_final.json (data.fold picks
         # the fold), in place of the seeded split (a published model's own split); a bare name is one of the
-        # recipes' published splits (configs/splits: segformer3d_brats)
+        # recipes' published splits (configs/splits: segformer3d_brats, dsd_unet)
         "split_file": None,
         "fold": 0,
         "cache": False,

@@ -655,6 +655,38 @@ def test_predict_transforms_take_an_image_alone_and_check_it(task):
         msd_transforms("predict", num_classes=4, in_channels=3)({"image": paths[0]})
 
 
+def test_normalize_over_brain_is_transbts_z_score():
+    """TransBTS's preprocessing (MISSU's): mask = the modalities' sum > 0, then each modality's masked voxels
+    minus their mean, over their (population) standard deviation; outside the mask the image stays as it is."""
+    import numpy as np
+
+    from fastseg3d.data.msd import NormalizeOverBraind
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.5, 9.0, size=(4, 6, 7, 5))
+    image[:, :2] = 0.0  # background: every modality 0
+    image[2, 3, 1:4, 2] = 0.0  # brain voxels that are 0 in one modality only
+    image[3, 2:, :, :] = 7.0  # a modality constant over the brain
+    expected = image.copy()
+    mask = image.sum(0) > 0
+    for k in range(4):
+        x = expected[k]
+        y = x[mask]
+        x[mask] -= y.mean()
+        if y.std() > 0:
+            x[mask] /= y.std()
+    out = NormalizeOverBraind("image")({"image": torch.from_numpy(image.copy()), "other": 1})
+    assert out["other"] == 1
+    got = out["image"].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert (got[2, 3, 1:4, 2] < 0).all()  # normalised with the brain, where a per-channel nonzero mask keeps 0
+    assert (got[:, :2] == 0).all() and (got[3][mask] == 0).all()
+    empty = torch.zeros(2, 3, 3, 3)
+    assert NormalizeOverBraind("image")({"image": empty})["image"].eq(0).all()
+    with pytest.raises(ValueError, match=r"image must be a channel-first \(C, D, H, W\) volume"):
+        NormalizeOverBraind("image")({"image": torch.zeros(4, 4, 4)})
+
+
 def test_min_max_per_slice_scales_each_slice_of_each_channel():
     from fastseg3d.data.msd import MinMaxPerSliced
 

@@ -632,6 +632,62 @@ def test_segformer3d_preprocessing_as_released_and_predictions_back_on_the_files
             assert not pred[~inside].any() and pred[inside].any()
 
 
+def test_dsd_recipe_validates_on_the_released_split():
+    """configs/splits/dsd_unet.json: DSD's MSD-BraTS split as its loader draws it: the 484 cases sorted by name,
+    the last 24 held out for testing, the other 460 shuffled by random.Random(0), the last 72 of them validation."""
+    import random
+
+    from fastseg3d.data.msd import split_from_file
+    from fastseg3d.train.config import find_split_file
+
+    path = find_split_file(load_config("dsd_unet")["data"]["split_file"])
+    assert path.name == "dsd_unet.json" and path.is_file()
+    split = json.loads(path.read_text())
+    names = [f"BRATS_{i:03d}" for i in range(1, 485)]
+    rest = names[:-24]
+    random.Random(0).shuffle(rest)
+    assert sorted(split["train"]) == sorted(rest[:-72]) and sorted(split["val"]) == sorted(rest[-72:])
+    assert len(split["train"]) == 388 and len(split["val"]) == 72
+    cases = [{"name": n, "image": f"{n}.nii.gz"} for n in names]
+    train, val = split_from_file(cases, path)
+    held_out = {c["name"] for c in cases} - {c["name"] for c in train + val}
+    assert held_out == set(names[-24:])  # BRATS_461 to BRATS_484: never trained or validated on
+
+
+def test_mobileutr_recipe_schedules_as_unetr_btcv():
+    """UNETR/BTCV's LinearWarmupCosineAnnealingLR (50 warm-up epochs, cosine to 0 at epoch 5000, stepped per
+    epoch), from lr / 50 where the release starts at 0; its Dice form and constant sliding-window blending."""
+    import math
+
+    cfg = load_config("mobileutr_btcv")
+    sched = cfg["scheduler"]
+    assert sched["interval"] == "epoch" and cfg["train"]["epochs"] == 5000
+    factor = schedule_factor(sched, cfg["optimizer"]["lr"], cfg["train"]["epochs"])
+    for epoch in range(1, 50):  # the release: linear from 0 at epoch 0 to the peak at epoch 49
+        assert factor(epoch) == pytest.approx(min((epoch + 1) / 50, 1.0))
+    for epoch in (50, 51, 1000, 2525, 4999):
+        assert factor(epoch) == pytest.approx(0.5 * (1 + math.cos(math.pi * (epoch - 50) / 4950)))
+    assert factor(0) == pytest.approx(1 / 50)
+    assert cfg["loss"]["dice_kwargs"] == {"squared_pred": True, "smooth_nr": 0.0, "smooth_dr": 1e-6}
+    assert cfg["val"]["blend"] == "constant" and cfg["val"]["overlap"] == 0.5
+
+
+def test_selfreg_recipe_turns_zero_to_three_quarters_evenly():
+    """TransUNet's rot90 draws k from 0..3 uniformly; the recipe's RandRotate90d (k in 1..3 when it fires) fires
+    with p 0.75, which gives the same distribution."""
+    from fastseg3d.data.msd import build_transforms
+
+    (rotate,) = [spec for spec in load_config("selfreg_unet")["data"]["augment"][0]["transforms"][0]["transforms"]
+                 if spec["_target_"] == "RandRotate90d"]
+    (t,) = build_transforms([rotate])
+    t.set_random_state(0)
+    counts = np.zeros(4)
+    for _ in range(8000):
+        t.randomize()
+        counts[t._rand_k % 4 if t._do_transform else 0] += 1
+    assert np.allclose(counts / counts.sum(), 0.25, atol=0.015), counts
+
+
 def test_segformer3d_recipe_validates_on_the_released_split():
     """configs/splits/segformer3d_brats.json: the release's 73 validation cases, the other 411 of MSD Task01 train;
     the recipe names it, found by name from any working directory."""
