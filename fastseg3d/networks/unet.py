@@ -14,6 +14,7 @@ __all__ = ["UNet", "dsd_unet", "selfreg_unet"]
 
 _NORMS = ("instance", "batch")
 _ACTS = ("relu", "leakyrelu", "gelu")
+_UPSAMPLES = ("deconv", "nontrainable")
 
 
 def _conv(spatial_dims: int) -> type[nn.Module]:
@@ -36,15 +37,18 @@ def _act(kind: str) -> nn.Module:
 
 
 class _ConvBlock(nn.Sequential):
-    """(3x3(x3) conv -> norm -> activation) twice; the convs have no bias since a norm follows."""
+    """(3x3(x3) conv -> norm -> activation) twice, the first to ``mid_channels`` (default ``out_channels``); the
+    convs have no bias since a norm follows."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str, act: str) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str, act: str,
+                 mid_channels: int | None = None) -> None:
         conv = _conv(spatial_dims)
+        mid = mid_channels or out_channels
         super().__init__(
-            conv(in_channels, out_channels, 3, padding=1, bias=False),
-            _norm(norm, spatial_dims, out_channels),
+            conv(in_channels, mid, 3, padding=1, bias=False),
+            _norm(norm, spatial_dims, mid),
             _act(act),
-            conv(out_channels, out_channels, 3, padding=1, bias=False),
+            conv(mid, out_channels, 3, padding=1, bias=False),
             _norm(norm, spatial_dims, out_channels),
             _act(act),
         )
@@ -57,13 +61,26 @@ class _ConvBlock(nn.Sequential):
 
 
 class _UpStage(nn.Module):
-    """x2 transposed conv of the deeper map, concatenation with the skip, then a conv block."""
+    """x2 upsampling of the deeper map, concatenation with the skip, then a conv block.
 
-    def __init__(self, spatial_dims: int, deep_channels: int, channels: int, norm: str, act: str) -> None:
+    "deconv": a transposed conv to the skip's ``channels``, and a block from twice those to ``channels``.
+    "nontrainable": (bi/tri)linear interpolation with ``align_corners=True``, and a block from the concatenation
+    through half its channels to ``out_channels`` (SelfReg's ``UNet_hd`` with ``bilinear=True``)."""
+
+    def __init__(self, spatial_dims: int, deep_channels: int, channels: int, norm: str, act: str,
+                 upsample: str = "deconv", out_channels: int | None = None) -> None:
         super().__init__()
-        deconv = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
-        self.up = deconv(deep_channels, channels, 2, stride=2)
-        self.block = _ConvBlock(spatial_dims, 2 * channels, channels, norm, act)
+        if upsample == "deconv":
+            deconv = nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
+            self.up = deconv(deep_channels, channels, 2, stride=2)
+            self.block = _ConvBlock(spatial_dims, 2 * channels, channels, norm, act)
+            self.out_channels = channels
+        else:
+            self.up = nn.Upsample(scale_factor=2, mode="trilinear" if spatial_dims == 3 else "bilinear",
+                                  align_corners=True)
+            cat = channels + deep_channels
+            self.block = _ConvBlock(spatial_dims, cat, out_channels, norm, act, mid_channels=cat // 2)
+            self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.block(torch.cat([skip, self.up(x)], dim=1))
@@ -77,8 +94,13 @@ class UNet(nn.Module):
 
     * ``encoder.0``: conv block at full resolution; ``encoder.i`` (i >= 1): 2x max pooling then a conv block, so
       ``encoder.{levels-1}`` is the bottleneck;
-    * ``decoder.j`` (j = 0 .. levels-2): x2 transposed conv, concatenation with the skip ``encoder.{levels-2-j}``,
-      conv block; ``decoder.j`` works at 1/2**(levels-2-j), the last one at full resolution;
+    * ``decoder.j`` (j = 0 .. levels-2): x2 upsampling, concatenation with the skip ``encoder.{levels-2-j}``,
+      conv block; ``decoder.j`` works at 1/2**(levels-2-j), the last one at full resolution. With
+      ``upsample="deconv"`` the upsampling is a transposed conv to the skip's channels and the stage at level ``i``
+      outputs ``channels[i]``; with ``"nontrainable"`` it is (bi/tri)linear interpolation (``align_corners=True``),
+      the block goes from the concatenation through half its channels to ``channels[max(i - 1, 0)]``, so that
+      ``UNet(2, 1, 9, (64, 128, 256, 512, 512), "batch", "relu", "nontrainable")`` is SelfReg's ``UNet_hd``
+      (``bilinear=True``, 17,262,345 parameters; its own names differ);
     * ``final``: an identity on the last decoder output, named so that wrappers can hook "the feature before the
       output conv" (SelfReg's F_final) without knowing the depth;
     * ``out``: the 1x1(x1) output conv (with bias).
@@ -95,6 +117,7 @@ class UNet(nn.Module):
         channels: channels per level, at least two levels; inputs sides must be divisible by 2**(levels-1).
         norm: "instance" (affine InstanceNorm, as nnU-Net) or "batch".
         act: "relu", "leakyrelu" (slope 0.01, as nnU-Net) or "gelu".
+        upsample: "deconv" (transposed convs) or "nontrainable" (interpolation, as SelfReg's ``UNet_hd``).
 
     Example:
         >>> import torch
@@ -112,6 +135,7 @@ class UNet(nn.Module):
         channels: Sequence[int] = (32, 64, 128, 256, 320),
         norm: str = "instance",
         act: str = "leakyrelu",
+        upsample: str = "deconv",
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -128,6 +152,8 @@ class UNet(nn.Module):
             raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
         if act not in _ACTS:
             raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+        if upsample not in _UPSAMPLES:
+            raise ValueError(f"upsample must be one of {_UPSAMPLES}, got {upsample!r}")
 
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -138,11 +164,13 @@ class UNet(nn.Module):
         for i in range(1, len(channels)):
             stages.append(nn.Sequential(pool(2), _ConvBlock(spatial_dims, channels[i - 1], channels[i], norm, act)))
         self.encoder = nn.ModuleList(stages)
-        self.decoder = nn.ModuleList(
-            _UpStage(spatial_dims, channels[i + 1], channels[i], norm, act) for i in reversed(range(len(channels) - 1))
-        )
+        decoder, deep = [], channels[-1]
+        for i in reversed(range(len(channels) - 1)):
+            decoder.append(_UpStage(spatial_dims, deep, channels[i], norm, act, upsample, channels[max(i - 1, 0)]))
+            deep = decoder[-1].out_channels
+        self.decoder = nn.ModuleList(decoder)
         self.final = nn.Identity()
-        self.out = _conv(spatial_dims)(channels[0], out_channels, 1)
+        self.out = _conv(spatial_dims)(deep, out_channels, 1)
 
     @property
     def levels(self) -> int:
@@ -220,7 +248,8 @@ def selfreg_unet(
 
     Encoder features: every encoder stage but the full-resolution one; decoder features: every decoder stage but
     the last; F_final: the last decoder output (``final``), as in SelfReg's ``UNet_hd`` (see
-    :func:`fastseg3d.distill.presets.unet_layers`). ``unet_kwargs`` go to :class:`UNet`.
+    :func:`fastseg3d.distill.presets.unet_layers`). ``unet_kwargs`` go to :class:`UNet`: the published network is
+    ``selfreg_unet(2, 1, 9, (64, 128, 256, 512, 512), norm="batch", act="relu", upsample="nontrainable")``.
 
     Example:
         >>> import torch
@@ -233,9 +262,11 @@ def selfreg_unet(
     from fastseg3d.distill import SelfReg, presets
 
     # SelfReg's intra-feature term compares the top and bottom halves of the channels of every encoder and decoder
-    # feature it taps: all stages but the full-resolution one (channels[0] feeds only F_final, which it does not split)
+    # feature it taps: all stages but the full-resolution ones (the last decoder stage is F_final, which it does not
+    # split; with transposed convs channels[0] is only there, with interpolation also in the 1/2-resolution stage)
     net = UNet(spatial_dims, in_channels, out_channels, channels, **unet_kwargs)  # checks channels first
-    if any(c % 2 for c in tuple(channels)[1:]):
-        raise ValueError(f"selfreg_unet needs even channel counts after the first (SelfReg splits those features' "
-                         f"channels in halves), got channels={tuple(channels)}")
+    tapped = [*net.channels[1:], *(stage.out_channels for stage in net.decoder[:-1])]
+    if any(c % 2 for c in tapped):
+        raise ValueError(f"selfreg_unet needs even channel counts in every feature it taps (SelfReg splits their "
+                         f"channels in halves): channels={tuple(channels)} taps features of {tapped} channels")
     return SelfReg(net, **presets.unet_layers(net, "selfreg"))

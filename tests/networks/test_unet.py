@@ -199,6 +199,43 @@ def _conv_block_ref(block, x, norm, act):
     return x
 
 
+def test_nontrainable_upsampling_is_selfreg_unet_hd():
+    """upsample="nontrainable": SelfReg's UNet_hd (bilinear=True): 17,262,345 parameters at its published size,
+    and, re-derived by hand, Up = x2 interpolation with align_corners=True, concatenation [skip, up], then a block
+    from the concatenation through half its channels; the output conv reads the last stage's channels[0]."""
+    with torch.device("meta"):
+        hd = UNet(2, 1, 9, (64, 128, 256, 512, 512), "batch", "relu", "nontrainable")
+        published = selfreg_unet(2, 1, 9, (64, 128, 256, 512, 512), norm="batch", act="relu", upsample="nontrainable")
+    assert sum(p.numel() for p in hd.parameters()) == 17_262_345
+    assert sum(p.numel() for p in published.parameters()) == 17_262_345
+    feats = published(torch.empty(2, 1, 224, 224, device="meta"))
+    assert [f.shape[1:] for f in feats.encoder] == [(128, 112, 112), (256, 56, 56), (512, 28, 28), (512, 14, 14)]
+    assert [f.shape[1:] for f in feats.decoder] == [(256, 28, 28), (128, 56, 56), (64, 112, 112)]
+    assert feats.final.shape[1:] == (64, 224, 224)
+    for spatial_dims in (2, 3):
+        torch.manual_seed(0)
+        net = UNet(spatial_dims, 2, 3, (4, 6, 8, 8), "batch", "relu", "nontrainable").double().train()
+        x = torch.randn(2, 2, *(8,) * spatial_dims, dtype=torch.float64)
+        mode = "trilinear" if spatial_dims == 3 else "bilinear"
+        pool = F.max_pool3d if spatial_dims == 3 else F.max_pool2d
+        with torch.no_grad():
+            skips = [_conv_block_ref(net.encoder[0], x, "batch", "relu")]
+            for stage in net.encoder[1:]:
+                skips.append(_conv_block_ref(stage[1], pool(skips[-1], 2), "batch", "relu"))
+            y = skips.pop()
+            for stage, out_channels in zip(net.decoder, (6, 4, 4)):
+                cat = torch.cat([skips.pop(), F.interpolate(y, scale_factor=2, mode=mode, align_corners=True)], 1)
+                assert stage.block[0].weight.shape[:2] == (cat.shape[1] // 2, cat.shape[1])
+                y = _conv_block_ref(stage.block, cat, "batch", "relu")
+                assert y.shape[1] == out_channels
+            conv = F.conv3d if spatial_dims == 3 else F.conv2d
+            torch.testing.assert_close(net(x), conv(y, net.out.weight, net.out.bias))
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        UNet(upsample="pixelshuffle")
+    with pytest.raises(ValueError, match=r"taps features of \[8, 8, 3\] channels"):  # the decoder outputs channels[0]
+        selfreg_unet(3, 1, 2, channels=(3, 8, 8), upsample="nontrainable")
+
+
 @pytest.mark.parametrize("spatial_dims", [3, 2])
 @pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu"), ("instance", "gelu")])
 def test_blocks_and_stages_match_hand_written(spatial_dims, norm, act):
