@@ -80,12 +80,14 @@ def test_presets_train_on_the_meta_device():
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("norm,act", [("instance", "leakyrelu"), ("batch", "relu")])
-def test_interpret_fused_network_matches_reference(norm, act, poison):
+@pytest.mark.parametrize("norm,act,upsample", [("instance", "leakyrelu", "deconv"), ("batch", "relu", "deconv"),
+                                               ("batch", "relu", "nontrainable")])
+def test_interpret_fused_network_matches_reference(norm, act, upsample, poison):
     """A training step of a small 3-D UNet with its norm -> activation chains on the fused kernels (the
-    interpreter) against the reference backend: logits, input gradient and every parameter gradient."""
+    interpreter) against the reference backend: logits, input gradient and every parameter gradient (with
+    interpolating stages, blocks whose middle channels differ from their output's)."""
     torch.manual_seed(0)
-    net = UNet(3, 2, 3, channels=(4, 8, 8), norm=norm, act=act).train()
+    net = UNet(3, 2, 3, channels=(4, 8, 8), norm=norm, act=act, upsample=upsample).train()
     assert_backends_agree(net, torch.randn(2, 2, 8, 8, 8), "triton", floor=1e-3)
 
 
