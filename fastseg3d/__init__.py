@@ -4,7 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from fastseg3d import backends, distill, info, losses, networks, nn, ops, reference
+import importlib
+
+from fastseg3d import backends, distill, losses, networks, nn, ops, reference
 from fastseg3d.backends import backend, check_finite, get_backend
 from fastseg3d.patch import convert_model, revert_model
 
@@ -24,3 +26,10 @@ __all__ = [
     "reference",
     "revert_model",
 ]
+
+
+def __getattr__(name: str):
+    # imported on first use, so that ``python -m fastseg3d.info`` runs the module once, as __main__
+    if name == "info":
+        return importlib.import_module("fastseg3d.info")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

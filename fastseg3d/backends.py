@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +32,7 @@ from torch.autograd import forward_ad
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "backend", "check_finite", "checking_finite", "environment_error", "get_backend",
-    "interpreter_active", "select", "tf32_matmul_allowed", "transform_reasons",
+    "interpreter_active", "interpreter_requested", "select", "tf32_matmul_allowed", "transform_reasons",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -140,10 +141,18 @@ def check_finite(enabled: bool = True) -> Iterator[None]:
         _state["check_finite"] = previous
 
 
-def interpreter_active() -> bool:
-    """True when Triton kernels run in the interpreter (``TRITON_INTERPRET`` set when they were decorated, read as
-    Triton reads it: 1, true, yes, on or y in any case)."""
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's interpreter now, read as Triton reads it: 1, true, yes, on or
+    y in any case."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+
+def interpreter_active() -> bool:
+    """True when fastseg3d's Triton kernels run in the interpreter: once they are imported, as
+    ``TRITON_INTERPRET`` was when Triton decorated them (a later change of the variable has no effect on them);
+    before, as it is now (what Triton will read)."""
+    decorated = getattr(sys.modules.get("fastseg3d.kernels.utils"), "INTERPRET", None)
+    return interpreter_requested() if decorated is None else decorated
 
 
 def tf32_matmul_allowed() -> bool:

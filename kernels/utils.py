@@ -17,7 +17,7 @@ import triton.language as tl
 import torch
 from torch._library.triton import is_wrap_triton_enabled
 
-from fastseg3d.backends import interpreter_active
+from fastseg3d.backends import interpreter_requested
 
 __all__ = ["INTERPRET", "bf16_pair_to_fp32", "cdiv", "max_offset", "needs_int64", "next_power_of_2", "sm_count",
            "sum_partials", "wrap"]
@@ -26,7 +26,7 @@ __all__ = ["INTERPRET", "bf16_pair_to_fp32", "cdiv", "max_offset", "needs_int64"
 _INT32_MAX = 2**31 - 1
 # Whether the kernels run in Triton's interpreter, as Triton read it when it decorated them (this import); the
 # launchers read it on every launch, where the environment would cost a microsecond a lookup
-INTERPRET = interpreter_active()
+INTERPRET = interpreter_requested()
 _WRAPPABLE = (triton.runtime.jit.JITFunction, triton.runtime.autotuner.Autotuner)  # what wrap_triton takes
 _WRAP_TRITON = torch.library.wrap_triton
 

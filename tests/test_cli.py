@@ -18,14 +18,40 @@ import fastseg3d
 def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, active):
     """TRITON_INTERPRET=true turned Triton's interpreter on while fastseg3d took it as off (and refused CPU
     launches)."""
-    from fastseg3d.backends import interpreter_active
+    from fastseg3d.backends import interpreter_requested
 
     monkeypatch.setenv("TRITON_INTERPRET", value)
-    assert interpreter_active() is active
+    assert interpreter_requested() is active
 
 
-def test_info_command_lists_versions_and_op_choices():
-    proc = subprocess.run([sys.executable, "-m", "fastseg3d", "info"], capture_output=True, text=True, check=True)
+def test_the_interpreter_is_what_the_kernels_were_decorated_with():
+    """TRITON_INTERPRET set after the kernels were imported changes nothing for them (Triton read it when it
+    decorated them): fastseg3d keeps to the compiled kernels, so a CPU tensor under the triton backend gets the
+    NotImplementedError naming the device, not a Triton launch that fails for want of a GPU driver."""
+    code = ("import os, torch, fastseg3d, fastseg3d.kernels.dwconv3d\n"
+            "from fastseg3d import backends\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "print(backends.interpreter_requested(), backends.interpreter_active())\n"
+            "try:\n"
+            "    with fastseg3d.backend('triton'):\n"
+            "        fastseg3d.ops.dwconv3d(torch.randn(1, 2, 3, 3, 3), torch.randn(2, 1, 3, 3, 3))\n"
+            "except NotImplementedError as e:\n"
+            "    print('refused:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0, proc.stderr
+    assert lines[0] == "True False"
+    assert lines[1].startswith("refused:") and "device=cpu" in lines[1]
+
+
+@pytest.mark.parametrize("command", [["fastseg3d", "info"], ["fastseg3d.info"]])
+def test_info_command_lists_versions_and_op_choices(command):
+    """``python -m fastseg3d info`` and ``python -m fastseg3d.info`` (as ``python -m xformers.info``), the latter
+    without runpy's warning about a module the package imported before running it."""
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", *command], capture_output=True,
+                          text=True, check=True)
+    assert "RuntimeWarning" not in proc.stderr
     out = proc.stdout
     for key in ("torch", "triton", "cuda", "monai", "device", "backend policy", "check_finite"):
         assert key in out
@@ -398,9 +424,12 @@ def test_info_prints_each_ops_choice_and_reason(capsys, monkeypatch):
 def test_info_reports_the_interpreter_and_the_finite_checks(monkeypatch):
     from fastseg3d.info import collect
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from fastseg3d.kernels import utils as kernel_utils
+
+    # as the kernels were decorated
+    monkeypatch.setattr(kernel_utils, "INTERPRET", False)
     assert collect()["TRITON_INTERPRET"] == "0"
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernel_utils, "INTERPRET", True)
     assert collect()["TRITON_INTERPRET"] == "1"
     with fastseg3d.check_finite(False):
         assert collect()["check_finite"] == "off"

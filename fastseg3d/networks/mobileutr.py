@@ -348,6 +348,8 @@ class _UpConv(nn.Module):
 
 
 def _check_positive_ints(name: str, value, length: int, allow_zero: bool = False) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise ValueError(f"{name} must be {length} ints, got {value!r}")
     value = tuple(value)
     low = 0 if allow_zero else 1
     if len(value) != length or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value):

@@ -319,15 +319,12 @@ class SegFormer3D(nn.Module):
         if isinstance(mlp_ratio, numbers.Real):
             mlp_ratios = (mlp_ratio,) * 4
         else:
-            try:
-                mlp_ratios = tuple(mlp_ratio)
-            except TypeError:
-                raise TypeError(f"mlp_ratio must be a number or one per stage, got {mlp_ratio!r}") from None
+            mlp_ratios = mlp_ratio
         for name, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads),
                             ("sr_ratios", sr_ratios), ("mlp_ratio", mlp_ratios),
                             ("patch_kernel_size", patch_kernel_size), ("patch_stride", patch_stride),
                             ("patch_padding", patch_padding)):
-            if len(value) != 4:
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 4:
                 raise ValueError(f"{name} must give 4 stages, got {value!r}")
         mlp_ratios = tuple(_mlp_ratio(r) for r in mlp_ratios)
         for name, value, low in (("embed_dims", embed_dims, 1), ("depths", depths, 0), ("num_heads", num_heads, 1),

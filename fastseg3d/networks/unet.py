@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -12,8 +12,10 @@ from fastseg3d.nn.recompute import norm_act, norm_act_conv
 
 __all__ = ["UNet", "dsd_unet", "selfreg_unet"]
 
-_NORMS = ("instance", "batch")
-_ACTS = ("relu", "leakyrelu", "gelu")
+# the layers' names and the keyword arguments each takes, in MONAI's spelling (``Norm``/``Act`` names in any case,
+# or a (name, kwargs) pair)
+_NORMS = {"instance": ("affine", "eps"), "batch": ("eps", "momentum")}
+_ACTS = {"relu": ("inplace",), "leakyrelu": ("negative_slope", "inplace"), "gelu": ()}
 _UPSAMPLES = ("deconv", "nontrainable")
 
 
@@ -21,18 +23,34 @@ def _conv(spatial_dims: int) -> type[nn.Module]:
     return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
 
 
-def _norm(kind: str, spatial_dims: int, channels: int) -> nn.Module:
+def _layer(value, kinds: Mapping[str, tuple], what: str) -> tuple[str, dict]:
+    """(name, kwargs) of a norm or activation given as a name (any case) or MONAI's ``(name, {kwargs})`` (a list
+    in a YAML or JSON config)."""
+    name, kwargs = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value, {})
+    if not isinstance(name, str) or name.lower() not in kinds or not isinstance(kwargs, Mapping):
+        raise ValueError(f"{what} must be one of {tuple(kinds)} (any case) or MONAI's (name, {{kwargs}}), "
+                         f"got {value!r}")
+    name = name.lower()
+    unknown = sorted(set(kwargs) - set(kinds[name]))
+    if unknown:
+        raise ValueError(f"{what}: {name} takes {', '.join(kinds[name]) or 'no arguments'} here, got {unknown}")
+    return name, dict(kwargs)
+
+
+def _norm(spec: tuple[str, dict], spatial_dims: int, channels: int) -> nn.Module:
+    kind, kwargs = spec
     if kind == "instance":
-        # affine, as nnU-Net: MONAI's default InstanceNorm has no parameters, which weakens a plain U-Net
-        return (nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
-    return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels)
+        # affine by default, as nnU-Net: MONAI's default InstanceNorm has no parameters, which weakens a plain U-Net
+        return (nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d)(channels, **{"affine": True, **kwargs})
+    return (nn.BatchNorm3d if spatial_dims == 3 else nn.BatchNorm2d)(channels, **kwargs)
 
 
-def _act(kind: str) -> nn.Module:
+def _act(spec: tuple[str, dict]) -> nn.Module:
+    kind, kwargs = spec
     if kind == "relu":
-        return nn.ReLU()
+        return nn.ReLU(**kwargs)
     if kind == "leakyrelu":
-        return nn.LeakyReLU(0.01)
+        return nn.LeakyReLU(**{"negative_slope": 0.01, **kwargs})
     return nn.GELU()
 
 
@@ -40,7 +58,7 @@ class _ConvBlock(nn.Sequential):
     """(3x3(x3) conv -> norm -> activation) twice, the first to ``mid_channels`` (default ``out_channels``); the
     convs have no bias since a norm follows."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: str, act: str,
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, norm: tuple, act: tuple,
                  mid_channels: int | None = None) -> None:
         conv = _conv(spatial_dims)
         mid = mid_channels or out_channels
@@ -67,7 +85,7 @@ class _UpStage(nn.Module):
     "nontrainable": (bi/tri)linear interpolation with ``align_corners=True``, and a block from the concatenation
     through half its channels to ``out_channels`` (SelfReg's ``UNet_hd`` with ``bilinear=True``)."""
 
-    def __init__(self, spatial_dims: int, deep_channels: int, channels: int, norm: str, act: str,
+    def __init__(self, spatial_dims: int, deep_channels: int, channels: int, norm: tuple, act: tuple,
                  upsample: str = "deconv", out_channels: int | None = None) -> None:
         super().__init__()
         if upsample == "deconv":
@@ -115,8 +133,11 @@ class UNet(nn.Module):
         in_channels: input channels.
         out_channels: classes (logits, no activation).
         channels: channels per level, at least two levels; inputs sides must be divisible by 2**(levels-1).
-        norm: "instance" (affine InstanceNorm, as nnU-Net) or "batch".
-        act: "relu", "leakyrelu" (slope 0.01, as nnU-Net) or "gelu".
+        norm: "instance" (affine InstanceNorm, as nnU-Net) or "batch", in any case (MONAI's ``Norm`` names), or
+            MONAI's ``(name, kwargs)`` form with the kwargs ``affine`` and ``eps`` (instance), ``eps`` and
+            ``momentum`` (batch).
+        act: "relu", "leakyrelu" (slope 0.01, as nnU-Net) or "gelu", in any case (MONAI's ``Act`` names), or
+            ``(name, kwargs)`` with ``negative_slope`` (leakyrelu) and ``inplace`` (relu, leakyrelu).
         upsample: "deconv" (transposed convs) or "nontrainable" (interpolation, as SelfReg's ``UNet_hd``).
 
     Example:
@@ -133,8 +154,8 @@ class UNet(nn.Module):
         in_channels: int = 1,
         out_channels: int = 2,
         channels: Sequence[int] = (32, 64, 128, 256, 320),
-        norm: str = "instance",
-        act: str = "leakyrelu",
+        norm: str | tuple = "instance",
+        act: str | tuple = "leakyrelu",
         upsample: str = "deconv",
     ) -> None:
         super().__init__()
@@ -148,10 +169,7 @@ class UNet(nn.Module):
         channels = tuple(channels)
         if len(channels) < 2 or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels):
             raise ValueError(f"channels must give at least 2 levels of positive ints, got {channels!r}")
-        if norm not in _NORMS:
-            raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
-        if act not in _ACTS:
-            raise ValueError(f"act must be one of {_ACTS}, got {act!r}")
+        norm, act = _layer(norm, _NORMS, "norm"), _layer(act, _ACTS, "act")
         if upsample not in _UPSAMPLES:
             raise ValueError(f"upsample must be one of {_UPSAMPLES}, got {upsample!r}")
 

@@ -181,7 +181,7 @@ def launchable(device: torch.device) -> bool:
 
     Op bodies branch on this before any launch: ``meta`` tensors and other devices take the reference or fake path.
     """
-    return device.type == "cuda" or (device.type == "cpu" and backends.HAS_TRITON and backends.interpreter_active())
+    return backends.HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and backends.interpreter_active()))
 
 
 # op name -> the function that makes its Triton launches (see ``launches``)

@@ -487,6 +487,8 @@ def test_backward_rebuilds_no_views(backend):
         (lambda: MobileUtr(spatial_dims=1), "spatial_dims"),
         (lambda: MobileUtr(spatial_dims=3, in_channels=0), "in_channels"),
         (lambda: MobileUtr(dims=(16, 32, 64)), "dims"),
+        (lambda: MobileUtr(dims=16), "dims must be 4 ints"),
+        (lambda: MobileUtr(kernels=3), "kernels must be"),
         (lambda: MobileUtr(depths=(1, 1, 3, 3)), "depths"),
         (lambda: MobileUtr(kernels=(3, 4, 7)), "odd"),
         (lambda: MobileUtr(num_heads=3), "divisible by num_heads"),

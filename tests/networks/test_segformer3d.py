@@ -315,9 +315,12 @@ def test_mlp_ratio_rejects_non_integral_or_non_positive(ratio):
         SegFormer3D(**_SMALL, mlp_ratio=ratio)
 
 
-def test_mlp_ratio_of_the_wrong_type():
-    with pytest.raises(TypeError, match="mlp_ratio"):
-        SegFormer3D(**_SMALL, mlp_ratio=None)
+@pytest.mark.parametrize("name,value", [("mlp_ratio", None), ("embed_dims", 32), ("depths", None),
+                                        ("patch_kernel_size", 7), ("sr_ratios", "4211")])
+def test_per_stage_arguments_of_the_wrong_type(name, value):
+    """A ValueError naming the argument (MONAI's convention), not a TypeError from deep inside the constructor."""
+    with pytest.raises(ValueError, match=f"{name} must give 4 stages"):
+        SegFormer3D(**{**_SMALL, name: value})
 
 
 def _fake_world(monkeypatch, world_size: int | None, calls: list):

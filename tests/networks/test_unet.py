@@ -81,7 +81,9 @@ def test_presets_train_on_the_meta_device():
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("norm,act,upsample", [("instance", "leakyrelu", "deconv"), ("batch", "relu", "deconv"),
-                                               ("batch", "relu", "nontrainable")])
+                                               ("batch", "relu", "nontrainable"),
+                                               (("INSTANCE", {"affine": False, "eps": 1e-3}),
+                                                ("LeakyReLU", {"negative_slope": 0.2, "inplace": True}), "deconv")])
 def test_interpret_fused_network_matches_reference(norm, act, upsample, poison):
     """A training step of a small 3-D UNet with its norm -> activation chains on the fused kernels (the
     interpreter) against the reference backend: logits, input gradient and every parameter gradient (with
@@ -199,6 +201,31 @@ def _conv_block_ref(block, x, norm, act):
             x = F.batch_norm(x, None, None, n.weight, n.bias, True, 0.0, 1e-5)
         x = {"leakyrelu": lambda t: F.leaky_relu(t, 0.01), "relu": F.relu, "gelu": F.gelu}[act](x)
     return x
+
+
+def test_norm_and_act_take_monai_spellings():
+    """MONAI's Norm/Act names (upper case) and its (name, kwargs) form, a list in a YAML config; a keyword the layer
+    does not take here is a ValueError naming it."""
+    from monai.networks.layers import Act, Norm
+
+    net = UNet(3, 1, 2, (4, 8), norm=Norm.INSTANCE, act=Act.LEAKYRELU)
+    ref = UNet(3, 1, 2, (4, 8))
+    assert str(net) == str(ref)
+    net = UNet(2, 1, 2, (4, 8), norm=["batch", {"eps": 1e-3, "momentum": 0.05}],
+               act=("leakyrelu", {"negative_slope": 0.2, "inplace": True}))
+    bn, act = net.encoder[0][1], net.encoder[0][2]
+    assert isinstance(bn, nn.BatchNorm2d) and (bn.eps, bn.momentum) == (1e-3, 0.05)
+    assert isinstance(act, nn.LeakyReLU) and act.negative_slope == 0.2 and act.inplace
+    plain = UNet(3, 1, 2, (4, 8), norm=("instance", {"affine": False}), act="GELU")
+    assert not plain.encoder[0][1].affine and isinstance(plain.encoder[0][2], nn.GELU)
+    assert sum(p.numel() for p in plain.parameters()) < sum(p.numel() for p in ref.parameters())
+    with pytest.raises(ValueError, match=r"norm: batch takes eps, momentum here, got \['affine'\]"):
+        UNet(norm=("batch", {"affine": False}))
+    with pytest.raises(ValueError, match=r"act: gelu takes no arguments here, got \['approximate'\]"):
+        UNet(act=("gelu", {"approximate": "tanh"}))
+    for bad in ("group", ("instance", "affine"), ("instance", {}, {}), None):
+        with pytest.raises(ValueError, match="norm must be one of"):
+            UNet(norm=bad)
 
 
 def test_nontrainable_upsampling_is_selfreg_unet_hd():
