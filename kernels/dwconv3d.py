@@ -1202,8 +1202,11 @@ def dwconv3d_fwd(
 ) -> torch.Tensor:
     """Launch the forward kernel into ``out``; with ``grad`` it writes ``grad * act'(conv(x) + bias)``.
 
-    ``weight_taps``: the weight as :func:`taps_major` gives it.
+    ``weight_taps``: the weight as :func:`taps_major` gives it. ``bias``: any (C,) tensor; the kernel reads it at
+    unit stride (a copy of C elements where it is a strided view).
     """
+    if bias is not None:
+        bias = bias.contiguous()
     _, c, d_in, h_in, w_in = x.shape
     bsz, _, d_out, h_out, w_out = out.shape
     kd, kh, kw, _ = weight_taps.shape

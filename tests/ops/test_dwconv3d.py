@@ -718,6 +718,37 @@ def test_interpret_padding_dilation_and_no_bias(poison, layout, padding, dilatio
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["contiguous", "tokens"])
+def test_interpret_strided_bias(poison, layout):
+    """A bias that is a strided view (every other element of a buffer): the kernel reads it at unit stride, so it
+    must get the view's values, not the buffer's first C (a fuzzing find), in the output and every gradient."""
+    torch.manual_seed(0)
+    c = 3
+    x = torch.randn(1, c, 3, 4, 5)
+    if layout == "tokens":
+        x = x.flatten(2).transpose(1, 2)  # (B, N, C) with a channel stride of 1
+    w = torch.randn(c, 1, 3, 3, 3) / 9
+    buffer = torch.randn(2 * c, requires_grad=True)
+    grad = None
+    for backend in ("triton", "torch"):
+        xs, ws = (t.detach().clone().requires_grad_() for t in (x, w))
+        bias = buffer[::2]
+        assert bias.stride() == (2,)
+        with fastseg3d.backend(backend):
+            y = (fastseg3d.ops.dwconv3d_tokens(xs, (3, 4, 5), ws, bias, activation="gelu") if layout == "tokens"
+                 else fastseg3d.ops.dwconv3d(xs, ws, bias, activation="gelu"))
+        grad = torch.randn_like(y) if grad is None else grad
+        y.backward(grad)
+        got = [y.detach(), xs.grad, ws.grad, buffer.grad.clone()]
+        buffer.grad = None
+        if backend == "triton":
+            fused = got
+    for name, a, e in zip(("y", "dx", "dweight", "dbias"), fused, got):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=name)
+    assert fused[3][1::2].eq(0).all()  # the buffer's other elements get no gradient
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_interpret_expanded_grad_output(poison, layout):
     check_against_reference(layout, (1, 3, 4, 5, 6), (3, 3, 3), "gelu", False, _F32, "cpu", grad="sum")
