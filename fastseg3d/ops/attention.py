@@ -150,6 +150,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
     ``torch.backends.cuda.matmul.fp32_precision``, or the legacy ``allow_tf32``),
     fp16 and bf16 are fused; other cases run the reference (``F.scaled_dot_product_attention``) under ``auto``.
 
+    Any scale is taken, but the fused backward recomputes the probabilities from the fp32 log-sum-exp the forward
+    saves, as flash-style kernels do, so the gradients' relative error grows with the largest logit's magnitude,
+    about ``|logit| * 2**-24`` (1e-5 at logits of 200, where PyTorch's fp32 softmax stays near 2**-24); logits
+    above about 1e8 make them overflow. The forward is exact to fp32 rounding at any scale.
+
     Example:
         >>> import torch, fastseg3d
         >>> q = torch.randn(2, 37, 2, 32)
