@@ -506,7 +506,23 @@ def _monai_classes() -> dict[str, type]:
                 out[key] = torch.cat([core, whole, label == 3], dim=0).float()
             return out
 
-    class MinMaxPerSliced(MapTransform):
+    class _PerVolume(MapTransform):
+        """A dictionary transform applying ``volume`` to each key's channel-first (C, D, H, W) image."""
+
+        def volume(self, image: torch.Tensor) -> torch.Tensor:
+            raise NotImplementedError
+
+        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+            out = dict(data)
+            for key in self.key_iterator(out):
+                image = out[key]
+                if image.ndim != 4:
+                    raise ValueError(f"{key} must be a channel-first (C, D, H, W) volume, got shape "
+                                     f"{tuple(image.shape)}")
+                out[key] = self.volume(image)
+            return out
+
+    class MinMaxPerSliced(_PerVolume):
         """Scale each slice of each channel to [0, 1] by its own minimum and maximum (a constant slice becomes 0).
 
         SegFormer3D's BraTS preprocessing, which fits scikit-learn's ``MinMaxScaler`` to each modality reshaped to
@@ -531,20 +547,13 @@ def _monai_classes() -> dict[str, type]:
                 raise ValueError(f"axis must be a spatial axis, 0, 1 or 2 (or -3..-1), got {axis!r}")
             self.axis = axis % 3
 
-        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-            out = dict(data)
-            for key in self.key_iterator(out):
-                image = out[key]
-                if image.ndim != 4:
-                    raise ValueError(f"{key} must be a channel-first (C, D, H, W) volume, got shape "
-                                     f"{tuple(image.shape)}")
-                reduce = tuple(d for d in (1, 2, 3) if d != self.axis + 1)
-                low = image.amin(dim=reduce, keepdim=True)
-                span = image.amax(dim=reduce, keepdim=True) - low
-                out[key] = (image - low) / torch.where(span > 0, span, torch.ones_like(span))
-            return out
+        def volume(self, image: torch.Tensor) -> torch.Tensor:
+            reduce = tuple(d for d in (1, 2, 3) if d != self.axis + 1)
+            low = image.amin(dim=reduce, keepdim=True)
+            span = image.amax(dim=reduce, keepdim=True) - low
+            return (image - low) / torch.where(span > 0, span, torch.ones_like(span))
 
-    class NormalizeOverBraind(MapTransform):
+    class NormalizeOverBraind(_PerVolume):
         """Z-score each channel over one mask shared by all channels, the voxels where the channels' sum is
         positive (TransBTS's and MISSU's brain mask for BraTS), leaving the voxels outside it as they are.
 
@@ -563,23 +572,16 @@ def _monai_classes() -> dict[str, type]:
                     [ 0., -1.,  1.]])
         """
 
-        def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
-            out = dict(data)
-            for key in self.key_iterator(out):
-                image = out[key]
-                if image.ndim != 4:
-                    raise ValueError(f"{key} must be a channel-first (C, D, H, W) volume, got shape "
-                                     f"{tuple(image.shape)}")
-                mask = image.sum(dim=0, keepdim=True) > 0
-                n = mask.sum()
-                if not n:
-                    continue
-                inside = torch.where(mask, image, torch.zeros_like(image))
-                mean = inside.sum(dim=(1, 2, 3), keepdim=True) / n
-                centred = torch.where(mask, image - mean, torch.zeros_like(image))
-                std = (centred.square().sum(dim=(1, 2, 3), keepdim=True) / n).sqrt()
-                out[key] = torch.where(mask, centred / torch.where(std > 0, std, torch.ones_like(std)), image)
-            return out
+        def volume(self, image: torch.Tensor) -> torch.Tensor:
+            mask = image.sum(dim=0, keepdim=True) > 0
+            n = mask.sum()
+            if not n:
+                return image
+            inside = torch.where(mask, image, torch.zeros_like(image))
+            mean = inside.sum(dim=(1, 2, 3), keepdim=True) / n
+            centred = torch.where(mask, image - mean, torch.zeros_like(image))
+            std = (centred.square().sum(dim=(1, 2, 3), keepdim=True) / n).sqrt()
+            return torch.where(mask, centred / torch.where(std > 0, std, torch.ones_like(std)), image)
 
     class _Pipeline(Compose):
         """The MSD Compose: errors of :class:`CheckCased` come out as themselves and one crop as a dict.
