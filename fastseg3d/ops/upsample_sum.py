@@ -88,8 +88,18 @@ def upsample_sum_unsupported_reasons(inputs: Sequence[Tensor], size: Sequence[in
     return reasons
 
 
-def _new_output(x: Tensor, size, dtype: torch.dtype) -> Tensor:
-    return utils.empty((*x.shape[:2], *size), dtype=dtype, device=x.device, memory_format=utils.layout_of(x))
+def _layout(inputs: Sequence[Tensor]) -> torch.memory_format:
+    """The layout of inputs made contiguous in one layout, read from the first with more than one voxel: a
+    contiguous (B, C, 1, 1, 1) tensor is contiguous in both layouts, and its strides say channels-last."""
+    for x in inputs:
+        if x.shape[2] * x.shape[3] * x.shape[4] > 1:
+            return utils.layout_of(x)
+    return utils.layout_of(inputs[0])
+
+
+def _new_output(inputs: Sequence[Tensor], size, dtype: torch.dtype) -> Tensor:
+    x = inputs[0]
+    return utils.empty((*x.shape[:2], *size), dtype=dtype, device=x.device, memory_format=_layout(inputs))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -99,13 +109,13 @@ def _new_output(x: Tensor, size, dtype: torch.dtype) -> Tensor:
 @utils.eager_op("fastseg3d::upsample_sum")
 def _upsample_sum_op(x0: Tensor, x1: Tensor | None, x2: Tensor | None, x3: Tensor | None, size: list[int],
                      out_dtype: torch.dtype) -> Tensor:
-    """The sum of the given inputs resized to ``size``, in ``out_dtype`` and x0's layout; every input contiguous
-    in that layout."""
+    """The sum of the given inputs resized to ``size``, in ``out_dtype`` and their layout (every input contiguous
+    in one layout)."""
     inputs = [x for x in (x0, x1, x2, x3) if x is not None]
     if x0.device.type == "meta":
-        return _new_output(x0, size, out_dtype)
+        return _new_output(inputs, size, out_dtype)
     if not utils.launchable(x0.device):
-        y = upsample_sum_ref(inputs, size).to(out_dtype).contiguous(memory_format=utils.layout_of(x0))
+        y = upsample_sum_ref(inputs, size).to(out_dtype).contiguous(memory_format=_layout(inputs))
         return y.clone() if y is x0 else y  # an op's output may not alias its input
     with utils.launch_device(x0):
         return _upsample_sum_launch(x0, x1, x2, x3, size, out_dtype)
@@ -116,8 +126,8 @@ def _upsample_sum_launch(x0, x1, x2, x3, size, out_dtype):
     from fastseg3d.kernels.upsample_sum import upsample_sum as launch
 
     inputs = [x for x in (x0, x1, x2, x3) if x is not None]
-    out = _new_output(x0, size, out_dtype)
-    return launch(inputs, out, utils.layout_of(x0) == torch.channels_last_3d)
+    out = _new_output(inputs, size, out_dtype)
+    return launch(inputs, out, _layout(inputs) == torch.channels_last_3d)
 
 
 def _setup_context(ctx, inputs, output):
@@ -224,7 +234,8 @@ def upsample_sum(inputs: Sequence[Tensor], size: Sequence[int] | None = None) ->
     if backends.select("upsample_sum", upsample_sum_unsupported_reasons(inputs, size), inputs[0].device):
         layout = utils.layout_of(inputs[0])
         xs = [x.contiguous(memory_format=layout) for x in inputs] + [None] * (_MAX_INPUTS - len(inputs))
-        return _upsample_sum_op(*xs, list(size), out_dtype)
+        # a copy only where every input has one voxel (their layout cannot be told from their strides)
+        return _upsample_sum_op(*xs, list(size), out_dtype).contiguous(memory_format=layout)
     y = upsample_sum_ref(inputs, size).to(out_dtype)
     y = y.contiguous(memory_format=utils.layout_of(inputs[0]))
     return y.clone() if y is inputs[0] else y  # one input at the output's size: a new tensor, never the input

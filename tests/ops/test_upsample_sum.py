@@ -224,6 +224,21 @@ def test_kernel_refuses_more_than_four_inputs_under_the_triton_policy():
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_kernel_takes_a_one_voxel_view_first(layout, poison):
+    """inputs[0] a one-voxel view (B, C, 1, 1, 1) of a larger map: once copied it is contiguous in both layouts (its
+    strides say channels-last), and the kernel must read every input in the layout the others were copied to (it
+    read NCDHW inputs as channels-last). With only one-voxel inputs the output still takes inputs[0]'s layout."""
+    (big,) = _inputs(2, 5, [(3, 3, 3)], torch.float32, layout)
+    x0 = big.detach()[:, :, 1:2, :1, 2:].requires_grad_()
+    (x1,) = _inputs(2, 5, [(3, 4, 5)], torch.float32, layout)
+    with fastseg3d.backend("triton"):
+        _check([x0, x1], (3, 4, 5), torch.float32)
+        x0.grad = None
+        _check([x0], (3, 4, 5), torch.float32)
+
+
+@pytest.mark.interpret
 def test_kernel_64bit_indexing(monkeypatch, poison):
     k = sys.modules["fastseg3d.kernels.upsample_sum"]
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every launch takes the int64 path
