@@ -146,10 +146,14 @@ def _stats_kernel(
         delta = v - mean
         mean += tl.where(mask, delta * (1.0 / (t + 1.0)), 0.0)
         m2 += tl.where(mask, delta * (v - mean), 0.0)
-    # merge the lanes (Chan's formula): each row was inside the volume in its first `cnt` tiles
+    # merge the lanes (Chan's formula): each row was inside the volume in its first `cnt` tiles. The mean in delta
+    # form, about the first lane's (inside the volume in every split): a constant channel's lanes all hold its value
+    # exactly, and so does the merged mean (a count-weighted sum / count is a few ulps off, which rstd = 1/sqrt(eps)
+    # would multiply into a constant group's output)
     cnt = tl.minimum(tl.maximum(tl.cdiv(S - s_first - rows, BLOCK_S), 0), tiles_per_split).to(tl.float32)
     n = tl.sum(cnt, axis=0)
-    ch_mean = tl.sum(cnt[:, None] * mean, axis=0) / n
+    first = tl.sum(tl.where(rows[:, None] == 0, mean, 0.0), axis=0)
+    ch_mean = first + tl.sum(tl.where(cnt[:, None] > 0.0, cnt[:, None] * (mean - first[None, :]), 0.0), axis=0) / n
     d = mean - ch_mean[None, :]
     out = (b * SPLIT + pid_s) * C + ch
     tl.store(mean_ptr + out, ch_mean, mask=c_ok)
@@ -166,7 +170,9 @@ def _finalize_kernel(
     pid = tl.program_id(0)  # b * G + g
     b = pid // G
     g = pid % G
-    # two passes over the group's (split, channel) partials: the mean weighted by the counts, then the deviations
+    # two passes over the group's (split, channel) partials: the mean weighted by the counts, then the deviations.
+    # The mean in delta form about the first partial's (as the stats kernel's lane merge: exact for a constant group)
+    first = tl.load(mean_ptr + (b * SPLIT) * C + g * CG)
     total = tl.zeros([], dtype=tl.float32)
     weighted = tl.zeros([], dtype=tl.float32)
     for p0 in range(0, SPLIT, BLOCK_P):
@@ -179,8 +185,8 @@ def _finalize_kernel(
             n = tl.where(mask, cnt[:, None], 0.0)
             total += tl.sum(tl.sum(n, axis=1), axis=0)
             m = tl.load(mean_ptr + rows + c[None, :], mask=mask, other=0.0)
-            weighted += tl.sum(tl.sum(n * m, axis=1), axis=0)
-    mean = weighted / total
+            weighted += tl.sum(tl.sum(tl.where(mask, n * (m - first), 0.0), axis=1), axis=0)
+    mean = first + weighted / total
     m2 = tl.zeros([], dtype=tl.float32)
     for p0 in range(0, SPLIT, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)

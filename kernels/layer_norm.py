@@ -7,10 +7,11 @@ backward. Here the forward writes the Linear's bf16 input directly and the backw
 is. Rows are the flattened leading axes (tokens); a program owns a [BLOCK_M, BLOCK_C] tile, the whole row of C
 values (C up to ``MAX_C``).
 
-Forward: one pass per tile (statistics in fp32, the mean subtracted before squaring), writing y and the per-row
-mean and rstd (fp32). Backward: ``dx = rstd * (w dy - mean(w dy) - xhat mean(w dy xhat))`` per row; a program walks
-its share of the row tiles and sums ``dy xhat`` and ``dy`` per channel in registers, written as one partial per
-program and summed in a fixed order by one more launch (deterministic, no atomics).
+Forward: one pass per tile (statistics in fp32, the mean taken about the row's first value and subtracted before
+squaring), writing y and the per-row mean and rstd (fp32). Backward: ``dx = rstd * (w dy - mean(w dy) - xhat
+mean(w dy xhat))`` per row; a program walks its share of the row tiles and sums ``dy xhat`` and ``dy`` per channel
+in registers, written as one partial per program and summed in a fixed order by one more launch (deterministic, no
+atomics).
 
 With a residual (a pre-norm transformer's ``s = x + branch; y = norm(s)``) the forward adds it in the same pass and
 writes the sum ``s`` as well (rounded to its dtype before the statistics, as the plain add's output is), and the
@@ -61,7 +62,10 @@ def _layer_norm_fwd_kernel(
         s = total.to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + r[:, None] * C + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
+    # the mean about the row's first value: exact for a constant row (sum / C is a few ulps off, which rstd =
+    # 1/sqrt(eps) would multiply into its output, where ATen's gives exactly 0)
+    first = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
+    mean = first + tl.sum(tl.where(mask, x - first[:, None], 0.0), axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=1) / C + eps)
     y = xc * rstd[:, None]

@@ -59,7 +59,8 @@ class InstanceNorm3d(nn.InstanceNorm3d):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.track_running_stats or not (isinstance(input, torch.Tensor) and input.dim() == 5):
+        if (self.track_running_stats or not (isinstance(input, torch.Tensor) and input.dim() == 5)
+                or input.shape[2] * input.shape[3] * input.shape[4] == 1):  # torch's refusal of one voxel
             return super().forward(input)
         if self.affine:
             _check_channels(input, self.num_features)

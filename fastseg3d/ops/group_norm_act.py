@@ -59,6 +59,9 @@ def _validate(x, num_groups, weight, bias, eps, activation, negative_slope, acti
         raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
     if x.shape[1] % num_groups:
         raise ValueError(f"x has {x.shape[1]} channels, which num_groups={num_groups} does not divide")
+    if x.shape[0] * x.shape[1] // num_groups * x.shape[2] * x.shape[3] * x.shape[4] == 1:
+        # F.group_norm's refusal (its statistics would be of one value), so that every backend raises alike
+        raise ValueError(f"x of shape {tuple(x.shape)} has one value per group: GroupNorm needs more than one")
     utils.check_norm_args(x, weight, bias, eps, x.shape[1], f"x's {x.shape[1]} channels")
     if activation not in ACTIVATIONS_FUSED:
         raise ValueError(f"activation must be one of {ACTIVATIONS_FUSED}, got {activation!r}")
@@ -92,6 +95,11 @@ def _new_output(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 def _params(weight: Tensor | None, bias: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """The affine parameters as the kernels read them: unit stride (C values each)."""
     return tuple(p.contiguous() if p is not None else None for p in (weight, bias))
+
+
+def _stat_rows(mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """The statistics as the kernels read them: rows of G values at a stride of G."""
+    return mean.contiguous(), rstd.contiguous()
 
 
 def _needs(output_mask, weight, bias) -> tuple[bool, bool, bool]:
@@ -162,8 +170,8 @@ def _group_norm_act_apply_launch(x, weight, bias, mean, rstd, activation, negati
                                  activation_first):
     from fastseg3d.kernels.group_norm_act import ACT_IDS, group_norm_act_apply
 
-    return group_norm_act_apply(x, *_params(weight, bias), mean, rstd, ACT_IDS[_act(activation)], negative_slope,
-                                _new_output(x, out_dtype), activation_first)
+    return group_norm_act_apply(x, *_params(weight, bias), *_stat_rows(mean, rstd), ACT_IDS[_act(activation)],
+                                negative_slope, _new_output(x, out_dtype), activation_first)
 
 
 @utils.eager_op("fastseg3d::group_norm_act_backward")
@@ -195,7 +203,7 @@ def _group_norm_act_backward_launch(grad, x, weight, bias, mean, rstd, eps, acti
 
     need_dx, need_dw, need_db = _needs(output_mask, weight, bias)
     dx, dw, db = group_norm_act_bwd(grad.contiguous(memory_format=utils.layout_of(x)), x, *_params(weight, bias),
-                                    mean, rstd, ACT_IDS[_act(activation)], negative_slope, need_dx,
+                                    *_stat_rows(mean, rstd), ACT_IDS[_act(activation)], negative_slope, need_dx,
                                     activation_first, empty=utils.empty)
     return (dx if need_dx else x.new_empty((0,)), dw.to(weight.dtype) if need_dw else x.new_empty((0,)),
             db.to(bias.dtype) if need_db else x.new_empty((0,)))
@@ -253,8 +261,8 @@ def group_norm_act_fused(x: Tensor, weight: Tensor | None, bias: Tensor | None, 
     """The fused forward on an already validated and selected case, ``x`` contiguous in its layout: (y in
     ``out_dtype``, default x's, mean, rstd); with ``batch_stats`` the statistics span the batch (BatchNorm's in
     training, with ``groups`` equal to C)."""
-    return _group_norm_act_op(x, weight, bias, groups, float(eps), _ACT_NAMES[activation], float(negative_slope),
-                              out_dtype or x.dtype, bool(activation_first), bool(batch_stats))
+    return _group_norm_act_op(x, weight, bias, int(groups), float(eps), _ACT_NAMES[activation],
+                              float(negative_slope), out_dtype or x.dtype, bool(activation_first), bool(batch_stats))
 
 
 def group_norm_act_recompute(x, weight, bias, mean, rstd, activation: str | None, negative_slope: float = 0.01,

@@ -56,6 +56,14 @@ def test_fallbacks_and_errors():
         GroupNorm(3, 6)(torch.randn(1, 4, 3, 3, 3))
     with pytest.raises(ValueError, match=r"input has 4 channels but this layer normalises 6"):
         InstanceNorm3d(6, affine=True)(torch.randn(1, 4, 3, 3, 3))
+    # statistics of one value: refused as torch refuses them (InstanceNorm: one voxel; GroupNorm: one value in all)
+    for norm in (InstanceNorm3d(6), InstanceNorm3d(6).eval(), nn.InstanceNorm3d(6)):
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            norm(torch.randn(2, 6, 1, 1, 1))
+    for norm in (GroupNorm(1, 1), nn.GroupNorm(1, 1)):
+        with pytest.raises(ValueError):
+            norm(torch.randn(1, 1, 1, 1, 1))
+    assert_close("y", GroupNorm(3, 3)(x := torch.randn(2, 3, 1, 1, 1)), nn.GroupNorm(3, 3)(x), torch.float32)
 
 
 @pytest.mark.interpret

@@ -225,6 +225,7 @@ def test_one_channel_per_group_is_an_affine_instance_norm():
         (dict(negative_slope=None), ValueError, "negative_slope must be a finite number"),
         (dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
         (dict(activation_first=1), TypeError, "activation_first must be a bool"),
+        (dict(x=torch.randn(1, 1, 1, 1, 1), num_groups=1), ValueError, "one value per group"),  # as F.group_norm
     ],
 )
 def test_bad_input(kwargs, error, match):
@@ -487,6 +488,29 @@ def test_kernels_keep_the_variance_of_an_offset_feature(layout, poison):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("plan", ["interpreter", "gpu"])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_kernels_normalise_a_constant_group_to_exactly_zero(monkeypatch, plan, layout, poison):
+    """Groups of one large value each (InstanceNorm and two channels a group): their variance is 0, so rstd =
+    1/sqrt(eps) multiplies any error of the mean into the output. The lanes' and splits' means merge in delta form,
+    exact for a constant group, as Welford's in ATen (count-weighted sums / counts were a few ulps off: outputs of
+    0.25 instead of 0 at 1000, an input gradient 11% off). A GPU's split plan too; a numpy integer group count."""
+    import numpy as np
+
+    import fastseg3d.kernels.group_norm_act as k
+
+    if plan == "gpu":
+        monkeypatch.setattr(k.utils, "sm_count", lambda device: 132)
+        monkeypatch.setattr(k, "_tile", lambda x: (8, 2))
+    value = torch.tensor([1000.3, 1000.3, 3.3, 3.3]).view(1, 4, 1, 1, 1)
+    for groups in (4, 2):
+        x = value.expand(2, 4, 5, 7, 9).contiguous(memory_format=_LAYOUTS[layout]).requires_grad_()
+        with fastseg3d.backend("triton"):
+            assert torch.equal(group_norm_act(x.detach(), np.int64(groups)), torch.zeros_like(x))
+            _check(x, None, None, groups, "gelu", torch.float32)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("shape, activation", [((3, 5, 3, 4, 5), "gelu"), ((2, 20, 3, 3, 3), "relu"),
                                                ((4, 3, 1, 1, 2), None), ((1, 5, 3, 4, 5), "silu")])
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
@@ -563,6 +587,17 @@ def test_kernels_64bit_indexing(monkeypatch, poison):
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, "ncdhw")
     with fastseg3d.backend("triton"):
         _check(x, w, b, 3, "gelu", torch.float32)
+
+
+@pytest.mark.interpret
+def test_kernel_recompute_takes_strided_statistics(poison):
+    """The apply and backward kernels read statistics rows at a stride of G: views of other strides are copied."""
+    x, w, b = _inputs((3, 6, 2, 3, 4), torch.float32)
+    mean, rstd = torch.randn(6, 3).t(), (torch.rand(6, 3) + 0.5).t()  # (B, G) views with strides (1, 3)
+    expected = group_norm_act_apply_ref(x.detach(), w, b, mean, rstd, "gelu", 0.01, torch.float32, False)
+    with fastseg3d.backend("triton"):
+        y = group_norm_act_recompute(x.detach(), w, b, mean, rstd, "gelu")
+    assert_close("y", y, expected, torch.float32)
 
 
 @pytest.mark.interpret

@@ -329,6 +329,20 @@ def test_kernels_add_eps_to_the_variance(poison):
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("c", [7, 160, 257])
+def test_kernels_normalise_a_constant_row_to_exactly_zero(c, poison):
+    """Rows of one large value: their variance is 0, so rstd = 1/sqrt(eps) multiplies any error of the mean into
+    the output. Taken about the row's first value the mean is exact, as ATen's (a sum / C was a few ulps off:
+    outputs of 0.02-0.04 instead of 0 at 1000); their input gradient is dx = rstd (dy - mean(dy)), and a constant
+    sum of x and a residual as well."""
+    x = torch.tensor([0.7, 100.1, 1000.3]).view(3, 1).expand(3, c).contiguous().requires_grad_()
+    with fastseg3d.backend("triton"):
+        assert torch.equal(layer_norm(x.detach()), torch.zeros_like(x))
+        assert torch.equal(add_layer_norm(x.detach() / 4, 3 * x.detach() / 4)[1], torch.zeros_like(x))
+        _check(x, None, None, torch.float32)
+
+
+@pytest.mark.interpret
 def test_add_kernels_normalise_the_rounded_sum(poison):
     """bf16 branch values near 600 (bf16's spacing there is 4): the statistics are those of the sum as rounded to
     bf16 and written, as the unfused add then norm computes them, not of the exact sum."""
