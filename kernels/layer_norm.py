@@ -46,6 +46,7 @@ def _block(c: int) -> tuple[int, int, int]:
 def _layer_norm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, s_ptr, mean_ptr, rstd_ptr, M, C, sx, sr, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    COL_TAIL: tl.constexpr,  # C < BLOCK_C: the tile's last columns are masked
     INT64: tl.constexpr,
 ):
     eps = f32(eps)
@@ -57,15 +58,21 @@ def _layer_norm_fwd_kernel(
     if INT64:
         r = rows.to(tl.int64)
     x = tl.load(x_ptr + r[:, None] * sx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # the mean about the row's first value: exact for a constant row (sum / C is a few ulps off, which rstd =
+    # 1/sqrt(eps) would multiply into its output, where ATen's gives exactly 0). Loaded again (from L1): taking it
+    # out of the tile costs one more cross-thread reduction a row
+    first = tl.load(x_ptr + r * sx, mask=rows < M, other=0.0).to(tl.float32)
     if HAS_RES:
         total = x + tl.load(r_ptr + r[:, None] * sr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = total.to(s_ptr.dtype.element_ty)
         tl.store(s_ptr + r[:, None] * C + cols[None, :], s, mask=mask)
         x = s.to(tl.float32)
-    # the mean about the row's first value: exact for a constant row (sum / C is a few ulps off, which rstd =
-    # 1/sqrt(eps) would multiply into its output, where ATen's gives exactly 0)
-    first = tl.sum(tl.where(cols[None, :] == 0, x, 0.0), axis=1)
-    mean = first + tl.sum(tl.where(mask, x - first[:, None], 0.0), axis=1) / C
+        first = first + tl.load(r_ptr + r * sr, mask=rows < M, other=0.0).to(tl.float32)
+        first = first.to(s_ptr.dtype.element_ty).to(tl.float32)
+    d = x - first[:, None]  # 0 on rows past M (x and first read 0 there)
+    if COL_TAIL:
+        d = tl.where(c_ok[None, :], d, 0.0)
+    mean = first + tl.sum(d, axis=1) / C
     xc = tl.where(mask, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(xc * xc, axis=1) / C + eps)
     y = xc * rstd[:, None]
@@ -142,7 +149,7 @@ def layer_norm_fwd(x2d: torch.Tensor, weight, bias, eps: float, y: torch.Tensor,
         bias if bias is not None else mean, y, s if res else y, mean, rstd,
         m, c, x2d.stride(0), residual2d.stride(0) if res else 0, eps,
         HAS_RES=res, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-        INT64=_int64(x2d, y, *((residual2d, s) if res else ())), num_warps=warps,
+        COL_TAIL=c != block_c, INT64=_int64(x2d, y, *((residual2d, s) if res else ())), num_warps=warps,
     )
 
 

@@ -369,7 +369,7 @@ def test_layer_norm_kernels(dtype, out, c, int64, res):
               "r_ptr": f"*{res or dtype}", "s_ptr": f"*{dtype}", "ds_ptr": f"*{dtype}", "dr_ptr": f"*{res or dtype}",
               **_ints("M", "C", "sx", "sr", "tiles_per_program"), "eps": "fp32", "HAS_W": True, "HAS_B": True,
               "NEED_DX": True, "HAS_RES": res is not None, "HAS_DS": res is not None, "NEED_DR": res is not None,
-              "BLOCK_M": block_m, "BLOCK_C": block_c, "INT64": int64}
+              "BLOCK_M": block_m, "BLOCK_C": block_c, "COL_TAIL": c != block_c, "INT64": int64}
     for kernel in (ln._layer_norm_fwd_kernel, ln._layer_norm_bwd_kernel):
         assert _stats(compile_for_h100(kernel, values, warps))["spill_bytes"] == 0, kernel.__name__
 

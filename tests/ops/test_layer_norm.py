@@ -329,7 +329,7 @@ def test_kernels_add_eps_to_the_variance(poison):
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("c", [7, 160, 257])
+@pytest.mark.parametrize("c", [7, 32, 160, 257])
 def test_kernels_normalise_a_constant_row_to_exactly_zero(c, poison):
     """Rows of one large value: their variance is 0, so rstd = 1/sqrt(eps) multiplies any error of the mean into
     the output. Taken about the row's first value the mean is exact, as ATen's (a sum / C was a few ulps off:
