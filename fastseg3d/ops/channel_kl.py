@@ -96,7 +96,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_grad):
     (saved,) = ctx.saved_tensors
-    return utils.scaled_grads(grad_loss, [saved], [ctx.dtype])[0], None, None, None
+    return utils.scaled_grads(ctx, grad_loss, [saved], [ctx.dtype])[0], None, None, None
 
 
 _channel_kl_op.register_autograd(_backward, setup_context=_setup_context)

@@ -198,7 +198,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_total, grad_per, grad_grads, grad_gt):
     saved = ctx.saved_tensors
-    out = utils.scaled_grads(grad_total, saved, ctx.dtypes)
+    out = utils.scaled_grads(ctx, grad_total, saved, ctx.dtypes)
     return out[: ctx.n_students], out[-1], None, None, None, None
 
 

@@ -65,7 +65,7 @@ def _channels(idx, name: str, n_channels: int, device: torch.device) -> Tensor:
         elif not torch.compiler.is_compiling() and not idx.is_meta:
             torch._assert_async(((idx >= 0) & (idx < n_channels)).all(), outside)
         # SelfReg draws its channels on the host every step: a blocking copy would stall the step there
-        return utils.host_to_device(idx.to(dtype=torch.int64), device)
+        return utils.host_to_device(idx.to(dtype=torch.int64).contiguous(), device)
     if not isinstance(idx, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
         raise ValueError(f"{name} must be a 1-D integer tensor or a sequence of ints, got {idx!r}")
     if len(idx) == 0:
@@ -204,7 +204,7 @@ def _inter_setup_context(ctx, inputs, output):
 
 
 def _inter_backward(ctx, grad_losses, grad_grads):
-    grads = utils.scaled_grads(grad_losses, ctx.saved_tensors, ctx.dtypes)
+    grads = utils.scaled_grads(ctx, grad_losses, ctx.saved_tensors, ctx.dtypes)
     nones = [None] * len(grads)
     return grads, None, nones, nones, None
 
@@ -243,7 +243,7 @@ def _intra_setup_context(ctx, inputs, output):
 
 def _intra_backward(ctx, grad_loss, grad_grad):
     (saved,) = ctx.saved_tensors
-    return utils.scaled_grads(grad_loss, [saved], [ctx.dtype])[0], None
+    return utils.scaled_grads(ctx, grad_loss, [saved], [ctx.dtype])[0], None
 
 
 _selfreg_intra_op.register_autograd(_intra_backward, setup_context=_intra_setup_context)

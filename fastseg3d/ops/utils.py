@@ -127,7 +127,7 @@ def unit_grad(grad_out: torch.Tensor) -> bool:
             and bool((grad_out == 1).all()))
 
 
-def scaled_grads(grad_out: torch.Tensor | None, saved, dtypes) -> list[torch.Tensor | None]:
+def scaled_grads(ctx, grad_out: torch.Tensor | None, saved, dtypes) -> list[torch.Tensor | None]:
     """The input gradients of a loss whose forward already made them (``saved``, one per input, an empty tensor
     where it made none): ``grad_out * saved[i]`` in ``dtypes[i]``, None for an empty one and for no ``grad_out``
     (see :func:`no_zero_grads`). ``grad_out`` is the loss's incoming gradient, 0-d, or one per input for a loss
@@ -136,16 +136,19 @@ def scaled_grads(grad_out: torch.Tensor | None, saved, dtypes) -> list[torch.Ten
     A loss is usually backpropagated with exactly 1 (``loss.backward()``, or a sum the loss is a term of): then each
     saved gradient already in its input's dtype is returned as it is, which spares a pass over it and a copy the size
     of the input (the memory roofline of forward + backward is otherwise at most half reached). Checking for 1 reads
-    ``grad_out`` back (:func:`unit_grad`), once a call whatever the number of inputs. Run twice with
-    ``retain_graph``, a gradient that was changed in place in between makes autograd raise, as for any saved
-    tensor. An fp16 input's gradient is saved in fp32 (see :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`),
-    so a loss scale such as GradScaler's 2^16, which fp16 cannot even represent, is applied in fp32 before the cast.
-    A double backward raises.
+    ``grad_out`` back (:func:`unit_grad`), once a call whatever the number of inputs. Only the first backward
+    through ``ctx``'s node hands them over: a retained graph's later backwards get copies (two
+    ``torch.autograd.grad`` calls would otherwise return one tensor twice). A saved gradient that was changed in
+    place in between (a ``.grad`` it became, accumulated into by the second ``backward``, zeroed or clipped) makes
+    autograd raise at the next backward, as for any saved tensor. An fp16 input's gradient is saved in fp32 (see
+    :func:`fastseg3d.reference._grad_dtype.saved_grad_dtype`), so a loss scale such as GradScaler's 2^16, which fp16
+    cannot even represent, is applied in fp32 before the cast. A double backward raises.
     """
     if grad_out is None:
         return [None] * len(saved)
     refuse_double_backward(grad_out)
     unit = None  # read back only where a saved gradient could be handed over as it is
+    handed_over = getattr(ctx, "grads_handed_over", False)
     out = []
     for i, (g, dtype) in enumerate(zip(saved, dtypes)):
         if not g.numel():
@@ -154,7 +157,8 @@ def scaled_grads(grad_out: torch.Tensor | None, saved, dtypes) -> list[torch.Ten
         if g.dtype == dtype:
             unit = unit_grad(grad_out) if unit is None else unit
             if unit:
-                out.append(g)
+                out.append(g.clone() if handed_over else g)
+                ctx.grads_handed_over = True
                 continue
         out.append(((grad_out[i] if grad_out.dim() else grad_out) * g).to(dtype))
     return out

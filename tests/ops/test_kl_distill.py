@@ -712,31 +712,41 @@ def test_a_channels_last_input_is_read_in_place_only_from_an_aligned_start():
 
 
 def test_scaled_grads_hand_over_the_forward_gradients_on_a_unit_incoming_gradient(monkeypatch):
+    from types import SimpleNamespace
+
     from fastseg3d.ops import utils
+
+    def scaled(*args):  # a node's first backward
+        return utils.scaled_grads(SimpleNamespace(), *args)
 
     g = torch.randn(2, 3, 4, dtype=torch.float16)
     reads = []
     monkeypatch.setattr(utils, "unit_grad", lambda t, read=utils.unit_grad: reads.append(t) or read(t))
     with torch.no_grad():  # as the autograd engine runs a backward without create_graph
         one = torch.tensor(1.0)
-        assert utils.scaled_grads(one, [g], [torch.float16])[0] is g
-        torch.testing.assert_close(utils.scaled_grads(torch.tensor(-2.5), [g], [torch.float16])[0], -2.5 * g)
-        assert utils.scaled_grads(one, [g], [torch.float32])[0].dtype == torch.float32  # a cast is a new tensor
-        assert utils.scaled_grads(one, [g.new_empty((0,))], [torch.float16]) == [None]
-        assert utils.scaled_grads(None, [g, g], [torch.float16] * 2) == [None, None]
-        traced = utils.scaled_grads(torch.tensor(1.0, device="meta"), [g.to("meta")], [torch.float16])[0]
+        assert scaled(one, [g], [torch.float16])[0] is g
+        torch.testing.assert_close(scaled(torch.tensor(-2.5), [g], [torch.float16])[0], -2.5 * g)
+        assert scaled(one, [g], [torch.float32])[0].dtype == torch.float32  # a cast is a new tensor
+        assert scaled(one, [g.new_empty((0,))], [torch.float16]) == [None]
+        assert scaled(None, [g, g], [torch.float16] * 2) == [None, None]
+        traced = scaled(torch.tensor(1.0, device="meta"), [g.to("meta")], [torch.float16])[0]
         assert traced.device.type == "meta" and traced is not g  # no read-back on meta
         # several inputs: one read-back a call; an incoming gradient per input scales each by its own
         reads.clear()
         h = torch.randn(3, dtype=torch.float16)
-        out = utils.scaled_grads(one, [g, g.new_empty((0,)), h], [torch.float16] * 3)
+        out = scaled(one, [g, g.new_empty((0,)), h], [torch.float16] * 3)
         assert out[0] is g and out[1] is None and out[2] is h and len(reads) == 1
-        out = utils.scaled_grads(torch.tensor([1.0, 2.0]), [g, h], [torch.float16] * 2)
+        out = scaled(torch.tensor([1.0, 2.0]), [g, h], [torch.float16] * 2)
         torch.testing.assert_close(out[0], g)
         torch.testing.assert_close(out[1], 2 * h)
-        assert utils.scaled_grads(torch.tensor([1.0, 1.0]), [g, h], [torch.float16] * 2)[1] is h
+        assert scaled(torch.tensor([1.0, 1.0]), [g, h], [torch.float16] * 2)[1] is h
+        # a node's later backwards (a retained graph) get copies of what its first one handed over
+        ctx = SimpleNamespace()
+        assert utils.scaled_grads(ctx, one, [g], [torch.float16])[0] is g
+        again = utils.scaled_grads(ctx, one, [g], [torch.float16])[0]
+        assert again is not g and torch.equal(again, g)
     with pytest.raises(NotImplementedError, match="double backward"):  # create_graph: grad mode on in backward
-        utils.scaled_grads(torch.tensor(1.0, requires_grad=True), [g], [torch.float16])
+        scaled(torch.tensor(1.0, requires_grad=True), [g], [torch.float16])
 
 
 def test_a_float64_input_makes_the_whole_loss_float64():

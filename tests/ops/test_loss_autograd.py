@@ -47,3 +47,26 @@ def test_double_backward_raises(loss):
     assert torch.isfinite(first).all() and first.abs().sum() > 0
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(loss(x), x, create_graph=True)
+
+
+@pytest.mark.parametrize("loss", [_kl, _channel_kl, _intra, _inter], ids=lambda f: f.__name__.strip("_"))
+def test_retained_graph_gets_copies_after_the_first_backward(loss):
+    """The first backward hands the saved gradient over as it is; later ones through a retained graph get copies,
+    so two gradients asked of one graph are two tensors. A second ``backward`` accumulates into the ``.grad`` the
+    first one became, a change to a saved tensor that autograd then refuses, loudly, at a third."""
+    x = torch.randn(1, 4, 4, 4, 4, requires_grad=True)
+    out = loss(x)
+    (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(out, x, retain_graph=True)
+    assert torch.equal(g1, g2) and g1.data_ptr() != g2.data_ptr()
+    g1.zero_()  # the tensor handed over, saved by the node: the next backward notices
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, x, retain_graph=True)
+
+    out = loss(x)
+    out.backward(retain_graph=True)
+    first = x.grad.clone()
+    out.backward(retain_graph=True)
+    assert torch.equal(x.grad, 2 * first)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()

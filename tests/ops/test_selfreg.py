@@ -379,7 +379,8 @@ def test_fp16_gradients_survive_a_loss_scale():
 # Interpreter tier
 
 
-def check_inter(student_shapes, teacher_shape, ks, dtype, device, duplicates=False, grad_scale=(1.5, -0.5, 2.0)):
+def check_inter(student_shapes, teacher_shape, ks, dtype, device, duplicates=False, grad_scale=(1.5, -0.5, 2.0),
+                strided=False):
     students = [_feature(s, dtype, device, spread=False) for s in student_shapes]
     teacher = _feature(teacher_shape, dtype, device, spread=False)
     pairs = [_pairs(s[1], teacher_shape[1], k) for s, k in zip(student_shapes, ks)]
@@ -387,6 +388,8 @@ def check_inter(student_shapes, teacher_shape, ks, dtype, device, duplicates=Fal
         pairs[0][0][1] = pairs[0][0][0]
     cs = [p[0].to(device) for p in pairs]
     ct = [p[1].to(device) for p in pairs]
+    if strided:  # int64 views of every other element (the kernels read indices at unit stride)
+        cs, ct = ([torch.stack([i, i.flip(0) + 99], 1)[:, 0] for i in idx] for idx in (cs, ct))
     ref_s = [s.detach().double().requires_grad_() for s in students]
     with fastseg3d.backend("triton"):
         if len(students) == 1:
@@ -463,6 +466,12 @@ def test_interpret_64bit_indexing_path(poison, monkeypatch):
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every tensor takes the int64 path
     check_inter([(1, 4, 2, 2, 2), (1, 3, 4, 8, 4)], (1, 5, 4, 8, 4), [4, 3], _F32, "cpu", grad_scale=(1.5, -0.5))
     check_intra((1, 6, 2, 3, 4), _F32, "cpu")
+
+
+@pytest.mark.interpret
+def test_interpret_strided_channel_indices(poison):
+    check_inter([(1, 4, 2, 2, 2)], (1, 5, 4, 4, 4), [3], _F32, "cpu", strided=True)
+    check_inter([(1, 4, 2, 2, 2), (1, 6, 4, 4, 4)], (1, 5, 4, 4, 4), [4, 5], _F32, "cpu", strided=True)
 
 
 @pytest.mark.interpret
