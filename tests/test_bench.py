@@ -306,6 +306,8 @@ def test_graphed_warms_up_on_a_side_stream_and_captures_fresh_gradients(monkeypa
 def test_graph_capture_repeats_the_eager_calls_loss_seed_decisions(monkeypatch):
     """In a capture the fused losses cannot read their incoming gradient back: the capture repeats what the eager
     warm-up calls decided (1: the saved gradient as it is; else scaled), in order."""
+    from types import SimpleNamespace
+
     from bench.run import _eager_loss_seeds
     from fastseg3d.ops import utils as op_utils
 
@@ -314,12 +316,12 @@ def test_graph_capture_repeats_the_eager_calls_loss_seed_decisions(monkeypatch):
     saved = torch.full((3,), 0.5)
     with _eager_loss_seeds(), torch.no_grad():  # as in a backward
         for _ in range(2):  # warm-up steps, each with a loss seeded by 1 and one by 3
-            assert op_utils.scaled_grads(torch.tensor(1.0), [saved], [saved.dtype])[0] is saved
-            assert torch.equal(op_utils.scaled_grads(torch.tensor(3.0), [saved], [saved.dtype])[0],
+            assert op_utils.scaled_grads(SimpleNamespace(), torch.tensor(1.0), [saved], [saved.dtype])[0] is saved
+            assert torch.equal(op_utils.scaled_grads(SimpleNamespace(), torch.tensor(3.0), [saved], [saved.dtype])[0],
                                torch.full((3,), 1.5))
         capturing[0] = True  # the values are not read here: 5.0 stands for a scalar the capture cannot see
-        assert op_utils.scaled_grads(torch.tensor(5.0), [saved], [saved.dtype])[0] is saved
-        assert torch.equal(op_utils.scaled_grads(torch.tensor(3.0), [saved], [saved.dtype])[0],
+        assert op_utils.scaled_grads(SimpleNamespace(), torch.tensor(5.0), [saved], [saved.dtype])[0] is saved
+        assert torch.equal(op_utils.scaled_grads(SimpleNamespace(), torch.tensor(3.0), [saved], [saved.dtype])[0],
                            torch.full((3,), 1.5))
     assert op_utils.unit_grad.__module__ == "fastseg3d.ops.utils"
 
