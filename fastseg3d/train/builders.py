@@ -453,19 +453,38 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute, in backward, the activations of every outermost block of ``model``; returns how many.
 
     A block is a module whose class name ends in ``Block`` (the transformer and conv blocks of fastseg3d's
-    networks). Non-reentrant checkpointing, so hooks and autocast behave as without it.
+    networks). Non-reentrant checkpointing, so hooks and autocast behave as without it. The recompute runs with the
+    parameter tensors the forward ran with: under :func:`fastseg3d.nn.autocast_weights` those are low-precision
+    copies swapped in for the network's forward, gone by the time backward recomputes the block.
     """
     from torch.utils.checkpoint import checkpoint
 
     count = 0
+
+    def checkpointed(block: nn.Module, forward):
+        def run(*args, **kwargs):
+            slots = [(m._parameters, name, t) for m in block.modules() for name, t in m._parameters.items()]
+
+            def again(*a, **k):
+                current = [(params, name, params[name]) for params, name, _ in slots]
+                for params, name, t in slots:
+                    params[name] = t
+                try:
+                    return forward(*a, **k)
+                finally:
+                    for params, name, t in current:
+                        params[name] = t
+
+            return checkpoint(again, *args, use_reentrant=False, **kwargs)
+
+        return run
 
     def wrap(module: nn.Module) -> None:
         nonlocal count
         for child in module.children():
             kind = type(child).__name__.lstrip("_")
             if kind.endswith("Block"):
-                forward = child.forward
-                child.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+                child.forward = checkpointed(child, child.forward)
                 count += 1
             else:
                 wrap(child)

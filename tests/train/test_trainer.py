@@ -765,9 +765,12 @@ def test_eval_predicts_the_unlabelled_test_cases(tmp_path):
     assert json.loads((again / "eval_metrics.json").read_text())["cases"] == result["cases"]
 
 
-def test_activation_checkpointing_keeps_gradients(monkeypatch):
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_activation_checkpointing_keeps_gradients(monkeypatch, amp):
     """Every wrapped block is checkpointed (SegFormer3D runs a block whose forward was replaced through its call,
-    not through its deferred residual path) and the gradients are unchanged."""
+    not through its deferred residual path) and the gradients are unchanged; under autocast too, where the
+    network's forward swaps in low-precision weight copies (autocast_weights) that the recompute must see again
+    (it recomputed with the fp32 parameters: torch's CheckpointError)."""
     import torch.utils.checkpoint as checkpointing
 
     from fastseg3d.networks import SegFormer3D
@@ -783,7 +786,8 @@ def test_activation_checkpointing_keeps_gradients(monkeypatch):
     assert enable_activation_checkpointing(ckpt) == 5
     x = torch.randn(2, 2, 32, 32, 32)
     for net in (plain, ckpt):
-        net(x).square().mean().backward()
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            net(x).float().square().mean().backward()
     assert len(calls) == 5
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
