@@ -198,6 +198,9 @@ def _profile(args: argparse.Namespace) -> int:
             return _profile_config(args, cfg)
     except ValueError as err:  # a setup the network or the backend rejects (e.g. a size its strides do not divide)
         return _error(err)
+    except RuntimeError as err:  # a network that takes one input size (MONAI's UNETR) fails in its ops at others
+        return _error(f"the network cannot run a training step at this size (--size, data.spatial_size or the "
+                      f"--max-memory search): {str(err).strip().splitlines()[0]}")
 
 
 def _size_token(token: str) -> int | str:

@@ -216,6 +216,19 @@ def test_profile_overrides_after_size(capsys):
     assert "'big' is neither a side (an integer) nor a key=value override" in capsys.readouterr().err
 
 
+def test_profile_of_a_network_with_one_input_size(capsys):
+    """MONAI's UNETR takes its img_size only: other sizes fail inside its ops (a RuntimeError), one line, exit 2."""
+    from fastseg3d.cli import main
+
+    net = ["model.name=monai.networks.nets.UNETR", "data.spatial_size=16", "model.kwargs={img_size: [16, 16, 16], "
+           "feature_size: 4, hidden_size: 32, mlp_dim: 32, num_heads: 2}"]
+    assert main(["profile", "--config", "quickstart", *net]) == 0
+    capsys.readouterr()
+    assert main(["profile", "--config", "quickstart", "--size", "32", *net]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the network cannot run a training step at this size") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--batch", "0"], "--batch: must be a positive integer, got 0"),
     (["--batch", "-2"], "--batch: must be a positive integer, got -2"),

@@ -218,6 +218,9 @@ _TYPES: dict[str, tuple[Any, ...]] = {
 _PER_AXIS = ("data.spatial_size", "data.pixdim", "val.roi_size")
 # Intervals of the numbers (each element of a list) that a key takes.
 _RANGES: dict[str, str] = {
+    "seed": "[0, 1e19)",  # the seeds within torch's 64 bits
+    "data.train_seed": "[0, 1e19)",
+    "data.val_seed": "[0, 1e19)",
     "data.spatial_size": "[1, inf)",
     "data.batch_size": "[1, inf)",
     "data.num_workers": "[0, inf)",
@@ -227,7 +230,7 @@ _RANGES: dict[str, str] = {
     "data.pixdim": "(0, inf)",
     "data.num_samples": "[1, inf)",
     "data.val_frac": "(0, 1)",
-    "data.split_seed": "[0, inf)",
+    "data.split_seed": "[0, 1e19)",
     "data.fold": "[0, inf)",
     "data.flip_prob": "[0, 1]",
     "data.intensity_jitter": "[0, inf)",
@@ -386,13 +389,19 @@ def _yaml():
 
 
 def _loader():
-    """PyYAML's safe loader with YAML 1.2 floats: "1e-4" is a number, not the string YAML 1.1 makes of it."""
+    """PyYAML's safe loader with YAML 1.2 floats and booleans: "1e-4" is a number, not the string YAML 1.1 makes of
+    it, and only true/false are booleans (YAML 1.1's yes/no/on/off are strings, which a boolean key refuses by
+    name, rather than a silent ``train.amp=no`` read as False)."""
     yaml = _yaml()
 
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:bool"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -418,7 +427,11 @@ def parse_overrides(items: Sequence[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
-        value = yaml.load(raw, Loader=_loader()) if raw else None
+        try:
+            value = yaml.load(raw, Loader=_loader()) if raw else None
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({reason})") from None
         if isinstance(value, dict):
             value = _Replace(value)
         node = out

@@ -236,6 +236,8 @@ class Trainer:
         self.device = resolve_device(cfg["device"], self.local_rank, self.world)
         self.compile_mode = _compile_mode(cfg["train"]["compile"])  # checked before anything is built
         self.run_dir = Path(output_dir or cfg["output_dir"] or Path("runs") / cfg["name"])
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise SetupError(f"the run directory {self.run_dir} is a file (--output-dir or output_dir names a folder)")
         resume_path = self._check_start(resume, overwrite)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -254,9 +256,13 @@ class Trainer:
         except (ValueError, FileNotFoundError) as err:
             raise SetupError(str(err)) from err
         self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels)
-        if int(cfg["val"]["every"]) > 0:  # found now, not after the first epoch
-            from fastseg3d.train.inference import check_relabel, check_window
+        from fastseg3d.train.inference import check_relabel, check_window
 
+        try:  # the training crops: found now, not in the first step
+            check_window(self.model, self.data.in_channels, cfg["data"]["spatial_size"], "data.spatial_size")
+        except ValueError as err:
+            raise SetupError(str(err)) from None
+        if int(cfg["val"]["every"]) > 0:  # found now, not after the first epoch
             try:
                 check_relabel(cfg["val"]["relabel_small"], self.data.out_channels, "val.relabel_small")
                 check_window(self.model, self.data.in_channels, cfg["val"]["roi_size"] or cfg["data"]["spatial_size"],

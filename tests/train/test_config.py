@@ -78,6 +78,13 @@ def test_every_null_default_declares_its_type():
     ("train.grad_accumulation=0", "'train.grad_accumulation' value must be >= 1"),
     ("val.every=-1", "'val.every' value must be >= 0"),
     ("checkpoint.save_every=0", "'checkpoint.save_every' value must be >= 1"),
+    # YAML 1.2 booleans: YAML 1.1's yes/no/on/off are strings, which boolean and choice keys refuse by name
+    ("deterministic=no", "'deterministic' must be true or false, got 'no'"),
+    ("train.channels_last=on", "'train.channels_last' must be true or false, got 'on'"),
+    ("train.amp=no", "'train.amp' must be one of 'none', 'bf16', 'fp16', got 'no'"),
+    ("seed=-1", r"'seed' value must be in \[0, 1e19\)"),
+    ("data.train_seed=" + "9" * 20, r"'data.train_seed' value must be in \[0, 1e19\)"),
+    ("data.spatial_size=[32, 32", "override 'data.spatial_size=\\[32, 32': its value is not valid YAML"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
@@ -86,7 +93,8 @@ def test_bad_values_name_the_key(override, match):
 
 @pytest.mark.parametrize("override, key, value", [
     ("deterministic=true", "deterministic", True),
-    ("data.cache=no", "data.cache", False),  # a YAML boolean
+    ("data.cache=false", "data.cache", False),
+    ("data.cache=True", "data.cache", True),
     ("data.spatial_size=32", "data.spatial_size", [32, 32, 32]),  # one side for all three axes
     ("data.spatial_size=[32.0,16,16]", "data.spatial_size", [32, 16, 16]),
     ("val.roi_size=48", "val.roi_size", [48, 48, 48]),

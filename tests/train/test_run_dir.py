@@ -246,7 +246,14 @@ def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert "torch sees no CUDA device" in error("train", *ONE_EPOCH, "--output-dir", run, "--device", "cuda")
     assert "torch sees no CUDA device" in error("eval", "--checkpoint", str(ckpt), "--device", "cuda")
+    # training crops the network cannot take (a U-Net of three levels: multiples of 4), with validation off too
+    assert "data.spatial_size=[18, 16, 16]: the network cannot take" in error(
+        "train", *ONE_EPOCH, "--output-dir", run, "data.spatial_size=[18,16,16]", "val.every=0")
+    assert "its value is not valid YAML (expected ',' or ']'" in error(
+        "train", *ONE_EPOCH, "--output-dir", run, "data.spatial_size=[16, 16, 16")
+    assert "'seed' value must be in [0, 1e19)" in error("train", *ONE_EPOCH, "--output-dir", run, "seed=" + "9" * 20)
     assert not Path(run).exists()  # nothing was written
+    assert f"the run directory {ckpt} is a file" in error("train", *ONE_EPOCH, "--output-dir", str(ckpt))
 
 
 def test_rng_state_holds_the_training_gpus_generator_only(monkeypatch):
