@@ -83,17 +83,20 @@ def build_data(cfg: Mapping, *, training: bool = True) -> DataBundle:
 
         # the synthetic volumes are drawn whole and augmented by their own generator (a recipe tried on them keeps
         # its MSD settings)
-        ignored = [key for key, default in (("crop_ratio", [1.0, 1.0]), ("augment", None), ("preprocess", None))
-                   if data[key] != default]
+        ignored = [key for key, default in (("crop_ratio", [1.0, 1.0]), ("augment", None), ("preprocess", None),
+                                            ("split_file", None)) if data[key] != default]
         if ignored:
             verb = "apply" if len(ignored) > 1 else "applies"
             warnings.warn(f"{', '.join('data.' + k for k in ignored)} {verb} to data.name=msd; the synthetic "
-                          "volumes have their own normalisation and augmentation", stacklevel=2)
+                          "volumes have their own normalisation, augmentation and train/val sets", stacklevel=2)
 
         common = dict(spatial_size=data["spatial_size"], in_channels=data["in_channels"], label_mode=label_mode,
                       cache=bool(data["cache"]))
-        train = SyntheticSegmentation(data["num_train"], seed=data["train_seed"], augment=True, **common)
-        val = SyntheticSegmentation(data["num_val"], seed=data["val_seed"], augment=False, **common)
+        try:
+            train = SyntheticSegmentation(data["num_train"], seed=data["train_seed"], augment=True, **common)
+            val = SyntheticSegmentation(data["num_val"], seed=data["val_seed"], augment=False, **common)
+        except ValueError as err:  # its arguments are the data section's keys of the same names
+            raise ValueError(f"data.{err}") from None
         if training:
             _check_split_sizes(cfg, len(train), len(val), f"data.num_train={len(train)}, data.num_val={len(val)}",
                                "raise data.num_train", "raise data.num_val")

@@ -369,8 +369,11 @@ def test_bad_augment_is_a_setup_error_and_synthetic_data_warns(tmp_path):
         build_data(load_config("quickstart", [*base, "data.crop_ratio=[0, 0]"]))
     with pytest.raises(ValueError, match="data.augment' must be null or a list"):
         load_config("quickstart", ["data.augment=RandFlipd"])
-    with pytest.warns(UserWarning, match="data.crop_ratio, data.augment, data.preprocess apply to data.name=msd"):
+    with pytest.warns(UserWarning, match="data.crop_ratio, data.augment, data.preprocess, data.split_file apply to "
+                                         "data.name=msd"):
         build_data(load_config("dsd_unet", ["data.name=synthetic", "data.spatial_size=[16,16,16]"]), training=False)
+    with pytest.raises(ValueError, match=r"^data.in_channels must be 1 to 4, got 5"):
+        build_data(load_config("quickstart", ["data.in_channels=5"]), training=False)
 
 
 def test_a_monai_network_by_dotted_path_trains_converted_and_evaluates(tmp_path):
