@@ -339,6 +339,9 @@ class Objective(nn.Module):
         self.distill_name = distill
         if distill == "none":
             self.distill = None
+            if kwargs:  # a recipe's settings with its distillation switched off (an ablation): said, not an error
+                warnings.warn(f"loss.distill_kwargs ({', '.join(sorted(kwargs))}) apply to a distillation loss; "
+                              "loss.distill=none takes none", stacklevel=2)
         elif distill == "dsd":
             from fastseg3d.losses import DSDLoss
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1032,6 +1033,18 @@ def test_dsd_supervises_its_heads_with_the_configured_segmentation_loss(name):
     expected = (1.0, 0.0) if name == "dice" else (0.6, 0.4)
     assert (dice_ce.lambda_dice, dice_ce.lambda_ce) == expected
     assert (objective.segmentation.lambda_dice, objective.segmentation.lambda_ce) == expected
+
+
+def test_distill_kwargs_without_a_distillation_are_said():
+    """A recipe's distillation settings with loss.distill=none (an ablation): a warning naming them, no error."""
+    from fastseg3d.train.builders import build_objective
+
+    cfg = load_config("quickstart", ["loss.distill=none", "loss.distill_kwargs={temperature: 2.0}"])
+    with pytest.warns(UserWarning, match=r"loss.distill_kwargs \(temperature\) apply to a distillation loss"):
+        assert build_objective(cfg, "softmax", 3).distill is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_objective(load_config("quickstart", ["loss.distill=none"]), "softmax", 3)
 
 
 @pytest.mark.parametrize("name", ["dice_ce", "dice"])
