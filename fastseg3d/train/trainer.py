@@ -258,18 +258,17 @@ class Trainer:
         self.model = build_model(cfg["model"], self.data.in_channels, self.data.out_channels)
         from fastseg3d.train.inference import check_relabel, check_window
 
-        try:  # the training crops: found now, not in the first step
+        vcfg = cfg["val"]
+        try:  # found now, not in the first step or after the first epoch
             check_window(self.model, self.data.in_channels, cfg["data"]["spatial_size"], "data.spatial_size")
+            if int(vcfg["every"]) > 0:
+                check_relabel(vcfg["relabel_small"], self.data.out_channels, "val.relabel_small")
+                if vcfg["roi_size"] or vcfg["blend"] == "first":  # else the windows are the crops checked above
+                    check_window(self.model, self.data.in_channels, vcfg["roi_size"] or cfg["data"]["spatial_size"],
+                                 "val.roi_size" if vcfg["roi_size"] else "data.spatial_size (val.roi_size unset)",
+                                 vcfg["blend"])
         except ValueError as err:
             raise SetupError(str(err)) from None
-        if int(cfg["val"]["every"]) > 0:  # found now, not after the first epoch
-            try:
-                check_relabel(cfg["val"]["relabel_small"], self.data.out_channels, "val.relabel_small")
-                check_window(self.model, self.data.in_channels, cfg["val"]["roi_size"] or cfg["data"]["spatial_size"],
-                             "val.roi_size" if cfg["val"]["roi_size"] else "data.spatial_size (val.roi_size unset)",
-                             cfg["val"]["blend"])
-            except ValueError as err:
-                raise SetupError(str(err)) from None
         self.model = self.model.to(self.device)
         self.objective = build_objective(cfg, self.data.mode, self.data.out_channels).to(self.device)
         tcfg = cfg["train"]
