@@ -114,6 +114,7 @@ def _foreground(trainer) -> list[str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from fastseg3d.data.msd import InvalidCaseError
     from fastseg3d.train.evaluate import evaluate_checkpoint
     from fastseg3d.train.trainer import SetupError, resolve_device
 
@@ -151,6 +152,8 @@ def _eval(args: argparse.Namespace) -> int:
                                      split=args.split, val_overrides=val, save_predictions=args.save_predictions,
                                      device=args.device)
     except SetupError as err:
+        return _error(err)
+    except InvalidCaseError as err:  # cases load one by one as they are predicted
         return _error(err)
     if args.split == "test":
         n = result["num_cases"]

@@ -124,8 +124,9 @@ def evaluate_checkpoint(
     Returns:
         the mean metrics (``dice``, ``dice_per_class``, ``hd95``, ``hd95_per_class``, ``msd``, ``msd_per_class``,
         ``num_cases``, ``class_names``, ``ignore_empty`` (how a class absent from a label was scored) and
-        ``grid``: ``"label files"`` where MSD data was resampled to ``data.pixdim`` and the predictions were taken
-        back to each label file's grid and voxel size to be scored, else ``"network input"``); for
+        ``grid``: ``"label files"`` for MSD data, whose predictions are taken back to each label file's grid and
+        voxel size to be scored, past the reorientation, resampling and foreground crop (which follows the image and
+        may leave labelled voxels out), ``"network input"`` for the synthetic volumes); for
         ``split="test"`` ``num_cases``, ``predictions`` (the folder) and ``class_names``, also written as
         ``predictions.json`` in place of ``eval_metrics.json``.
     """
@@ -195,8 +196,9 @@ def evaluate_checkpoint(
     except OSError as err:  # a file of that name, a read-only place
         raise SetupError(f"cannot write the results to {out}: {err.strerror or err}") from None
     cases = []
-    # MSD data resampled to data.pixdim: predictions go back to each label file's grid to be scored
-    on_file_grid = cfg["data"]["name"] == "msd" and cfg["data"]["pixdim"] is not None
+    # MSD predictions go back to each label file's grid to be scored: the network's grid is resampled (data.pixdim)
+    # and cropped to the image's foreground, which can leave labelled voxels out
+    on_file_grid = cfg["data"]["name"] == "msd"
     n = len(dataset) if vcfg["max_cases"] is None else min(len(dataset), int(vcfg["max_cases"]))
     for i in range(n):
         item = dataset[i]

@@ -1346,3 +1346,61 @@ def test_data_workers_draw_apart_per_rank_and_worker():
     for d in (rank0, rank1):  # two workers, each stream its own
         assert len(set(d[:, 0].tolist())) == 4 and len(set(d[:, 1].tolist())) == 4
     assert not set(rank0.flatten().tolist()) & set(rank1.flatten().tolist())
+
+
+def _ct_task_with_air_over_the_label(root: Path, bad_label: bool = False) -> str:
+    """One CT case, 12^3: a labelled block of 6^3 voxels of which the first 2 of 6 slabs lie in air (-1000 HU), which
+    the foreground crop (following the image) leaves out."""
+    nib = pytest.importorskip("nibabel")
+    task = root / "Task99_Air"
+    for d in ("imagesTr", "labelsTr"):
+        (task / d).mkdir(parents=True)
+    label = np.zeros((12, 12, 12), np.uint8)
+    label[2:8, 3:9, 3:9] = 1
+    if bad_label:
+        label[3, 3, 3] = 7
+    image = np.full((12, 12, 12), 40.0, np.float32)
+    image[:4] = -1000.0
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(task / "imagesTr" / "c0.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(task / "labelsTr" / "c0.nii.gz"))
+    (task / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "lesion"}, "modality": {"0": "CT"},
+        "training": [{"image": "./imagesTr/c0.nii.gz", "label": "./labelsTr/c0.nii.gz"}]}))
+    return str(task)
+
+
+def _everywhere_class_1(path: Path, task: str) -> None:
+    """A checkpoint of a 1x1x1 conv predicting class 1 at every voxel it sees."""
+    conv = torch.nn.Conv3d(1, 2, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([0.0, 1.0]))
+    torch.save({"model": {"name": "torch.nn.Conv3d", "kwargs": {"in_channels": 1, "out_channels": 2,
+                                                                "kernel_size": 1}},
+                "network_weights": conv.state_dict(),
+                "config": {"data": {"name": "msd", "root": task, "spatial_size": [8, 8, 8], "pixdim": None}}}, path)
+
+
+def test_eval_scores_msd_cases_on_the_label_files_past_the_foreground_crop(tmp_path):
+    """Without resampling (data.pixdim null) the cases are still scored on their label files: on the network's grid,
+    cropped to the image's foreground, the labelled voxels in air were left out and Dice came out higher."""
+    task = _ct_task_with_air_over_the_label(tmp_path)
+    _everywhere_class_1(tmp_path / "m.pt", task)
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--split", "all", "--no-hd95",
+                     "--output-dir", str(out)]) == 0
+    result = json.loads((out / "eval_metrics.json").read_text())
+    assert result["mean"]["grid"] == "label files"
+    predicted, labelled, both = 8 * 12 * 12, 6 * 6 * 6, 4 * 6 * 6  # class 1 on the 8 slabs the crop keeps
+    assert result["mean"]["dice"] == pytest.approx(2 * both / (predicted + labelled), abs=1e-6)
+
+
+def test_eval_of_a_bad_case_is_one_line(tmp_path, capsys):
+    """Evaluation loads its cases one by one as it predicts them: a case found invalid there is one line, as in
+    training, not a traceback."""
+    task = _ct_task_with_air_over_the_label(tmp_path, bad_label=True)
+    _everywhere_class_1(tmp_path / "m.pt", task)
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--split", "all", "--no-hd95",
+                     "--output-dir", str(tmp_path / "eval")]) == 2
+    err = capsys.readouterr().err
+    assert "error: image " in err and "outside the declared classes" in err and "Traceback" not in err
