@@ -93,6 +93,13 @@ def _file_target(path: str, num_classes: int, label_mode: str) -> tuple[torch.Te
     return target, [float(z) for z in file.header.get_zooms()[:3]]
 
 
+def _image_file(image) -> str | None:
+    """The NIfTI file a case's prediction lies on (the first of per-modality files), None where there is none."""
+    if isinstance(image, (list, tuple)):
+        image = image[0] if image else None
+    return str(image) if isinstance(image, (str, os.PathLike)) and str(image).endswith((".nii", ".nii.gz")) else None
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -217,11 +224,12 @@ def evaluate_checkpoint(
         cases.append({"case": name, **row})
         if save_predictions or split == "test":
             labels = labels_from_prediction(pred, bundle.mode, regions=regions).cpu()
-            affine = None
+            affine = like = None
             if getattr(item["image"], "applied_operations", None) is not None:
                 labels, affine = _to_input_grid(labels[None], item["image"], dataset.transform)
                 labels = labels[0]
-            save_prediction_nifti(labels, affine, out / "predictions" / f"{name}.nii.gz")
+                like = _image_file(dataset.data[i]["image"]) if on_file_grid else None
+            save_prediction_nifti(labels, affine, out / "predictions" / f"{name}.nii.gz", like=like)
         logger.info("%s: %s", name, "predicted" if split == "test" else f"dice {row['dice']}")
     if split == "test":
         result = {"num_cases": len(cases), "predictions": str(out / "predictions")}

@@ -563,13 +563,16 @@ def labels_from_prediction(pred: torch.Tensor, mode: str, *,
 
 
 def save_prediction_nifti(
-    labels: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray | None, path: str | os.PathLike
+    labels: torch.Tensor | np.ndarray, affine: torch.Tensor | np.ndarray | None, path: str | os.PathLike,
+    *, like: str | os.PathLike | None = None,
 ) -> Path:
     """Write a label volume as NIfTI (``.nii`` or ``.nii.gz``), atomically.
 
     The data are stored as ``uint8`` when the labels fit, else ``int16``; ``affine`` (4x4 voxel-to-world, e.g. the
     ``affine`` of the MONAI-loaded image; ``None`` for identity) is written as both sform and qform, so readers that
-    prefer either place the labels on the image. Parent folders are created.
+    prefer either place the labels on the image. ``like``, the NIfTI image the labels lie on voxel for voxel (same
+    grid), gives its sform and qform and their codes in place of ``affine``: where a file's two disagree, MONAI's
+    loader may take the qform, and viewers the sform. Parent folders are created.
 
     Example:
         >>> import tempfile
@@ -604,6 +607,16 @@ def save_prediction_nifti(
     image = nib.Nifti1Image(labels.astype(dtype), affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
+    if like is not None:
+        header = nib.load(str(like)).header
+        if tuple(header.get_data_shape()[:3]) != labels.shape:
+            raise ValueError(f"labels of shape {labels.shape} do not lie on {like} (shape "
+                             f"{tuple(header.get_data_shape())})")
+        sform, scode = header.get_sform(coded=True)
+        qform, qcode = header.get_qform(coded=True)
+        if scode or qcode:  # else (an ANALYZE-style header) ``affine`` stands
+            image.set_sform(sform, code=int(scode))
+            image.set_qform(qform, code=int(qcode))
     image.header.set_xyzt_units("mm")
     with _atomic_path(path) as tmp:
         nib.save(image, tmp)

@@ -522,3 +522,24 @@ def test_brats_scoring_of_empty_classes(spacing):
     monai = segmentation_metrics(pred, target, include_background=False, hd95=True, msd=True, spacing=spacing)
     assert monai["dice_per_class"][1:] == [None, 0.0]
     assert monai["hd95_per_class"][1:] == [None, None] and monai["msd_per_class"][1:] == [None, None]
+
+
+def test_nifti_takes_the_image_files_sform_and_qform(tmp_path):
+    """A file whose sform and qform differ (a registration's edited sform, a shear a qform cannot hold): MONAI's
+    loader may take the qform where viewers take the sform; ``like`` writes the prediction with the file's own
+    two, so it overlays the scan either way."""
+    sform = np.array([[0.0, 0.0, 2.0, -10.0], [-1.0, 0.0, 0.0, 20.0], [0.0, 1.5, 0.0, 5.0], [0, 0, 0, 1]])
+    qform = np.diag([-1.0, -1.0, 1.0, 1.0])
+    qform[:3, 3] = [30, 40, -50]
+    scan = nib.Nifti1Image(np.zeros((6, 7, 8, 2), np.float32), sform)
+    scan.set_qform(qform, code=1)
+    scan.set_sform(sform, code=2)
+    nib.save(scan, str(tmp_path / "scan.nii.gz"))
+    labels = np.random.default_rng(0).integers(0, 3, (6, 7, 8))
+    out = nib.load(save_prediction_nifti(labels, qform, tmp_path / "p.nii.gz", like=tmp_path / "scan.nii.gz"))
+    np.testing.assert_allclose(out.get_sform(), sform)
+    np.testing.assert_allclose(out.get_qform(), qform, atol=1e-6)
+    assert (int(out.header["sform_code"]), int(out.header["qform_code"])) == (2, 1)
+    np.testing.assert_array_equal(np.asarray(out.dataobj), labels)
+    with pytest.raises(ValueError, match="do not lie on"):
+        save_prediction_nifti(labels[:5], None, tmp_path / "q.nii.gz", like=tmp_path / "scan.nii.gz")
