@@ -9,6 +9,8 @@ attention runs :func:`fastseg3d.ops.attention` on views of the qkv projection.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import torch
@@ -405,8 +407,9 @@ class MobileUtr(nn.Module):
         sr_ratio: token sub-sampling of the LGL attention (the transformer blocks use 1).
         drop_path_rate: stochastic depth of every LGL block (constant, as released; the transformer blocks use 0).
 
-    Inputs must be (B, in_channels, *spatial) with every spatial side divisible by :attr:`total_stride`
-    (16 at the defaults: three max-pools by 2 and the LGL sub-sampling by 2). ``forward`` returns one logits
+    Inputs must be (B, in_channels, *spatial) with every spatial side a positive multiple of :attr:`total_stride`
+    (16 at the defaults: three max-pools by 2 and the LGL sub-sampling by 2), and in 3-D not all sides 8 (a
+    one-voxel bottleneck, which its InstanceNorm cannot normalise). ``forward`` returns one logits
     tensor of shape (B, out_channels, *spatial) in both train and eval mode (no deep supervision).
 
     Example:
@@ -452,7 +455,8 @@ class MobileUtr(nn.Module):
             if dim % num_heads:
                 raise ValueError(f"dims[2] and dims[3] ({dims[2]}, {dims[3]}) must be divisible by num_heads "
                                  f"({num_heads})")
-        if not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0:
+        if (not isinstance(mlp_ratio, (int, float)) or isinstance(mlp_ratio, bool) or not mlp_ratio > 0
+                or not math.isfinite(mlp_ratio)):
             raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
         for dim, blocks in ((dims[2], depths[3]), (dims[3], depths[4])):
             if blocks and int(dim * mlp_ratio) < 1:
@@ -505,10 +509,15 @@ class MobileUtr(nn.Module):
             raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
         factor = self.total_stride
         for axis, size in enumerate(x.shape[2:]):
-            if size % factor:
+            if size % factor or size == 0:
                 raise ValueError(
-                    f"input spatial dimension {axis} (size {size}) must be divisible by the total stride {factor}"
+                    f"input spatial dimension {axis} (size {size}) must be a positive multiple of the total stride "
+                    f"{factor}"
                 )
+        if self.spatial_dims == 3 and all(size == 8 for size in x.shape[2:]):
+            # the bottleneck (sides / 8) would be one voxel, which expend_dims' InstanceNorm cannot normalise
+            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} leaves a one-voxel bottleneck (sides / 8), "
+                             "which the bottleneck's InstanceNorm cannot normalise: make one side 16 or more")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -497,6 +497,13 @@ def test_backward_rebuilds_no_views(backend):
         (lambda: MobileUtr(mlp_ratio=2.5), "multiple of dims\\[2\\]"),
         (lambda: MobileUtr(spatial_dims=3, mlp_ratio=0.01), "empty MLP"),
         (lambda: MobileUtr(mlp_ratio="4"), "mlp_ratio must be a positive number"),
+        (lambda: MobileUtr(mlp_ratio=float("inf")), "mlp_ratio must be a positive number"),
+        (lambda: MobileUtr(**_TINY)(torch.randn(1, 1, 16, 0, 16)), "dimension 1 \\(size 0\\).*positive multiple"),
+        (lambda: MobileUtr(spatial_dims=2, **_TINY)(torch.randn(1, 3, 0, 16)), "dimension 0 \\(size 0\\)"),
+        # a one-voxel bottleneck (total stride 8 without the LGL blocks): InstanceNorm's error 14 frames deep, and
+        # in eval too
+        (lambda: MobileUtr(**{**_TINY, "depths": (1, 1, 1, 0, 1)}).eval()(torch.randn(1, 1, 8, 8, 8)),
+         "one-voxel bottleneck"),
         (lambda: MobileUtr(**_TINY)(torch.randn(1, 1, 16, 24, 16)), "dimension 1 \\(size 24\\).*total stride 16"),
         (lambda: MobileUtr(**_TINY)(torch.randn(1, 1, 16, 16, 8)), "dimension 2 \\(size 8\\)"),
         (lambda: MobileUtr(**_TINY)(torch.randn(1, 2, 16, 16, 16)), "in_channels=1"),
