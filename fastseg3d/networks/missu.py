@@ -376,9 +376,9 @@ class MISSU(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
         for axis, size in enumerate(x.shape[2:]):
-            if size % 8:
+            if size % 8 or size == 0:
                 raise ValueError(
-                    f"input spatial dimension {axis} (size {size}) must be divisible by the total stride 8"
+                    f"input spatial dimension {axis} (size {size}) must be a positive multiple of the total stride 8"
                 )
         # autocast's weight casts in one launch each way (a training step); linear_encoding never runs
         with autocast_weights(self, exclude=(self.linear_encoding,)):

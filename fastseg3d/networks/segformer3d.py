@@ -394,9 +394,10 @@ class SegFormer3D(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
         for axis, (size, factor) in enumerate(zip(x.shape[2:], self.total_stride)):
-            if size % factor:
+            if size % factor or size == 0:
                 raise ValueError(
-                    f"input spatial dimension {axis} (size {size}) must be divisible by the total stride {factor}"
+                    f"input spatial dimension {axis} (size {size}) must be a positive multiple of the total stride "
+                    f"{factor}"
                 )
         # said here, in the words ATen's BatchNorm would use deep in the stack
         deepest = x.shape[0]

@@ -207,9 +207,9 @@ class UNet(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the network expects in_channels={self.in_channels}")
         for axis, size in enumerate(x.shape[2:]):
-            if size % self.divisor:
+            if size % self.divisor or size == 0:
                 raise ValueError(
-                    f"input spatial dimension {axis} (size {size}) must be divisible by {self.divisor} "
+                    f"input spatial dimension {axis} (size {size}) must be a positive multiple of {self.divisor} "
                     f"(2**(levels-1) for {self.levels} levels)"
                 )
         with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)

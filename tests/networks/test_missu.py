@@ -174,6 +174,7 @@ def test_meta_device_at_128():
         (lambda: MISSU(num_heads=7), "num_heads"),
         (lambda: MISSU(fusion="no"), "fusion must be a bool"),
         (lambda: MISSU()(torch.randn(1, 4, 32, 36, 32)), "dimension 1 \\(size 36\\)"),
+        (lambda: MISSU()(torch.randn(1, 4, 0, 32, 32)), "dimension 0 \\(size 0\\).*positive multiple"),
         (lambda: MISSU()(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
     ],
 )

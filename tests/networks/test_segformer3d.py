@@ -240,6 +240,7 @@ def test_meta_device_forward_backward_at_128():
         (lambda: SegFormer3D(patch_padding=(1, 1, 1, 1)), "patch_padding \\(1, 1, 1\\) of stage 0"),
         (lambda: SegFormer3D(patch_kernel_size=(7, 3, (1, 3, 3), 3)), "stage 2"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 4, 32, 48, 32)), "dimension 1 \\(size 48\\)"),
+        (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 4, 32, 0, 32)), "dimension 1 \\(size 0\\).*positive multiple"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(1, 3, 32, 32, 32)), "in_channels=4"),
         (lambda: SegFormer3D(**_SMALL)(torch.randn(4, 32, 32, 32)), "5-D"),
         (lambda: SegFormer3D(num_heads=(0, 1, 1, 1)), "num_heads must be 4 ints >= 1"),

@@ -113,8 +113,10 @@ def test_bad_arguments():
         net(torch.randn(1, 2, 8, 8))
     with pytest.raises(ValueError, match="in_channels=2"):
         net(torch.randn(1, 1, 8, 8, 8))
-    with pytest.raises(ValueError, match="dimension 2 \\(size 6\\) must be divisible by 4"):
+    with pytest.raises(ValueError, match="dimension 2 \\(size 6\\) must be a positive multiple of 4"):
         net(torch.randn(1, 2, 8, 8, 6))
+    with pytest.raises(ValueError, match="dimension 0 \\(size 0\\) must be a positive multiple of 4"):
+        net(torch.randn(1, 2, 0, 8, 8))
     with pytest.raises(ValueError, match="even channel counts"):  # SelfReg halves each tapped feature's channels
         selfreg_unet(3, 1, 2, channels=(4, 7, 16))
     odd_first = selfreg_unet(3, 1, 2, channels=(3, 8, 16))  # channels[0] feeds only F_final, which is not halved

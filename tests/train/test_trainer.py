@@ -1181,11 +1181,11 @@ def test_a_window_the_network_cannot_take_and_bad_data_are_setup_errors(tmp_path
     segformer = ["model.kwargs={embed_dims: [8, 16, 16, 16], num_heads: [1, 1, 1, 1], depths: [1, 1, 1, 1], "
                  "decoder_dim: 16}", "data.spatial_size=[32,32,32]", "data.num_train=2", "data.num_val=1",
                  "data.batch_size=2", "train.progress=false"]
-    with pytest.raises(SetupError, match=r"val.roi_size=\[40, 40, 40\].*divisible"):
+    with pytest.raises(SetupError, match=r"val.roi_size=\[40, 40, 40\].*positive multiple"):
         Trainer(load_config("quickstart", [*segformer, "val.roi_size=[40,40,40]"]), tmp_path / "a")
     run = tmp_path / "b"
     Trainer(load_config("quickstart", [*segformer, "train.epochs=1", "train.max_steps=1", "val.every=0"]), run).fit()
-    with pytest.raises(SetupError, match=r"roi=\[48, 32, 32\].*divisible"):
+    with pytest.raises(SetupError, match=r"roi=\[48, 32, 32\].*positive multiple"):
         evaluate_checkpoint(run / "checkpoint_final.pt", tmp_path / "eval", val_overrides={"roi_size": [48, 32, 32]})
     bad = tmp_path / "bad"
     bad.mkdir()
