@@ -253,7 +253,8 @@ def split_from_file(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike,
             names = [n for n in names if n in by_name]
         elif missing:
             raise ValueError(f"split file {path}: {side} names {len(missing)} case(s) dataset.json does not list, "
-                             f"e.g. {missing[:3]} (data.split_file=null: the seeded split)")
+                             f"e.g. {missing[:3]} (training: data.split_file=null for the seeded split; evaluation: "
+                             "--split all scores every labelled case)")
         elif not names:
             raise ValueError(f"split file {path}: no {side} cases")
         sides.append(set(names))

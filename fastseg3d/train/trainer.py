@@ -104,7 +104,7 @@ def _compile_mode(value: bool | str) -> str | None:
         return None
     mode = "default" if value is True else value
     if mode not in _COMPILE_MODES:
-        raise ValueError(f"train.compile must be true, false or one of {', '.join(_COMPILE_MODES)}, got {value!r}")
+        raise SetupError(f"train.compile must be true, false or one of {', '.join(_COMPILE_MODES)}, got {value!r}")
     return mode
 
 
@@ -273,7 +273,7 @@ class Trainer:
         self.objective = build_objective(cfg, self.data.mode, self.data.out_channels).to(self.device)
         tcfg = cfg["train"]
         if tcfg["amp"] not in _AMP:
-            raise ValueError(f"train.amp must be none, bf16 or fp16, got {tcfg['amp']!r}")
+            raise SetupError(f"train.amp must be none, bf16 or fp16, got {tcfg['amp']!r}")
         self.amp_dtype = _AMP[tcfg["amp"]]
         self.memory_format = torch.channels_last_3d if tcfg["channels_last"] else torch.contiguous_format
         if tcfg["channels_last"]:
@@ -285,12 +285,12 @@ class Trainer:
         for key in ("train.grad_accumulation", "train.log_every", "checkpoint.save_every"):
             section, name = key.split(".")
             if int(cfg[section][name]) < 1:
-                raise ValueError(f"{key} must be >= 1, got {cfg[section][name]!r}")
+                raise SetupError(f"{key} must be >= 1, got {cfg[section][name]!r}")
         self.accum = int(tcfg["grad_accumulation"])
         if self.accum > 1 and self.compile_mode in _CUDA_GRAPH_MODES:
             # the graphs' outputs are freed at the next step, the parameters' gradients included, which the next
             # micro-batch's backward would accumulate into
-            raise ValueError(f"train.compile={tcfg['compile']} replays CUDA graphs, which cannot accumulate "
+            raise SetupError(f"train.compile={tcfg['compile']} replays CUDA graphs, which cannot accumulate "
                              "gradients over micro-batches: use train.grad_accumulation=1, or "
                              "train.compile=max-autotune-no-cudagraphs")
         self.cuda_graph = bool(tcfg["cuda_graph"])
@@ -301,7 +301,7 @@ class Trainer:
         self.train_loader = self._loader()
         self.steps_per_epoch = len(self.train_loader) // self.accum
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set gives {len(self.train_loader)} batches per epoch and process, fewer "
+            raise SetupError(f"the training set gives {len(self.train_loader)} batches per epoch and process, fewer "
                              f"than train.grad_accumulation={self.accum}")
         self.epochs = int(tcfg["epochs"])
         self.max_steps = tcfg["max_steps"]
@@ -386,7 +386,7 @@ class Trainer:
             drop_last=True)
         batch = int(dcfg["batch_size"])
         if batch % self.world:
-            raise ValueError(f"data.batch_size={batch} (global) must be divisible by the {self.world} processes")
+            raise SetupError(f"data.batch_size={batch} (global) must be divisible by the {self.world} processes")
         worker_init = functools.partial(_seed_worker, rank=self.rank)
         return torch.utils.data.DataLoader(
             self.data.train, batch_size=batch // self.world, sampler=self.sampler, drop_last=True,
@@ -511,16 +511,22 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self, image: torch.Tensor, label: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
-        """Forward, loss and backward of one micro-batch (its gradient scaled by the gradient scaler and divided by
-        the accumulation): the loss and the terms logged beside it. A subclass may override it (nnU-Net's
-        ``train_step``; passing its loss to :meth:`_note_finite`); the optimizer step, clipping, schedule and the
-        check of the losses stay :meth:`train_epoch`'s."""
+        """Forward, loss and :meth:`backward` of one micro-batch: the loss and the terms logged beside it. A
+        subclass may override it (nnU-Net's ``train_step``), calling :meth:`backward` on its loss in place of
+        ``loss.backward()``; the optimizer step, clipping, schedule and the check of the losses stay
+        :meth:`train_epoch`'s."""
         with self._autocast():
             output = self.net(image)
         loss, terms = self.objective(output, label)
+        self.backward(loss)
+        return loss, terms
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward of a micro-batch's ``loss`` as the loop's optimizer step expects it: divided by
+        ``train.grad_accumulation`` (the step takes the mean over its micro-batches), scaled by fp16's gradient
+        scaler (which the step unscales), and noted for the non-finite-loss stop."""
         self._note_finite(loss)
         self.scaler.scale(loss / self.accum).backward()
-        return loss, terms
 
     def _note_finite(self, loss: torch.Tensor) -> None:
         """Records on the device whether ``loss`` is finite; :meth:`_check_step` reads it back once an optimizer step

@@ -145,3 +145,23 @@ def test_a_dotted_key_sets_one_value_of_a_free_form_section():
     cfg = load_config("quickstart", ["model.kwargs.embed_dims=[8, 16, 32, 64]"])
     assert cfg["model"]["kwargs"]["embed_dims"] == [8, 16, 32, 64]
     assert load_config("quickstart")["model"]["kwargs"]["embed_dims"] == [16, 32, 64, 128]  # the file untouched
+
+
+def test_the_readme_lists_every_config_key():
+    """The README's table of config keys names every key the config takes, so a key added here gets a line there."""
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme.split("<summary>Every config key", 1)[1].split("</details>", 1)[0]
+    rows = {row.split("|")[1] for row in table.splitlines() if row.startswith("| `")}
+    named = {key.strip("` ") for cell in rows for key in cell.split(",")}
+
+    def leaves(section, prefix=""):
+        for key, value in section.items():
+            free = f"{prefix}{key}" in ("model.kwargs", "loss.dice_kwargs", "loss.distill_kwargs")
+            if isinstance(value, dict) and not free:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    keys = set(leaves(DEFAULTS))
+    assert keys - named == set(), "keys the README's table leaves out"
+    assert named - keys == set(), "keys the README's table names that the config does not take"

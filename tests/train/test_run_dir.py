@@ -254,6 +254,9 @@ def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     assert "'seed' value must be in [0, 1e19)" in error("train", *ONE_EPOCH, "--output-dir", run, "seed=" + "9" * 20)
     assert not Path(run).exists()  # nothing was written
     assert f"the run directory {ckpt} is a file" in error("train", *ONE_EPOCH, "--output-dir", str(ckpt))
+    # found once the network and the data are built: still one line
+    assert "cannot accumulate gradients" in error("train", *ONE_EPOCH, "--output-dir", str(tmp_path / "r2"),
+                                                  "train.compile=reduce-overhead", "train.grad_accumulation=2")
 
 
 def test_rng_state_holds_the_training_gpus_generator_only(monkeypatch):

@@ -513,7 +513,7 @@ def test_subclass_hooks_train_step_and_epoch_callbacks(tmp_path):
                 output = self.net(image)
             loss, terms = self.objective(output, label)
             penalty = sum(p.square().sum() for p in self.model.parameters()) * 1e-4
-            (loss + penalty).backward()
+            self.backward(loss + penalty)
             return loss + penalty, {**terms, "penalty": penalty.detach()}
 
         def on_epoch_start(self, epoch):
@@ -527,6 +527,28 @@ def test_subclass_hooks_train_step_and_epoch_callbacks(tmp_path):
     assert calls == [("start", 0), ("end", 0, []), ("start", 1), ("end", 1, sorted(result)[:1])]
     train = _rows(tmp_path, "train")
     assert train and all(r["penalty"] > 0 and r["loss"] > r["segmentation"] for r in train)
+
+
+def test_an_overridden_train_step_calling_backward_trains_as_the_loop_does(tmp_path):
+    """``self.backward(loss)`` divides by the accumulation (and scales for fp16): an override written with it
+    takes the same steps as the built-in train_step, where ``loss.backward()`` took steps twice as long."""
+    class Own(Trainer):
+        def train_step(self, image, label, epoch):
+            with self._autocast():
+                output = self.net(image)
+            loss, terms = self.objective(output, label)
+            self.backward(loss)
+            return loss, terms
+
+    overrides = [*TINY_UNET, *TINY_DATA, "data.batch_size=1", "train.grad_accumulation=2", "train.max_steps=2",
+                 "val.every=0", "optimizer.name=sgd"]
+    weights = []
+    for cls, run in ((Trainer, "a"), (Own, "b")):
+        trainer = cls(load_config("quickstart", overrides), tmp_path / run)
+        trainer.fit()
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_best_after_epoch_keeps_a_second_best_checkpoint(tmp_path, caplog):
