@@ -67,7 +67,10 @@ _DEC = "segformer_decoder"
 def _atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file next to ``path``, then one rename: no half-written checkpoint on a crash."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {path}: a file stands where its folder {path.parent} would be") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         torch.save(obj, tmp)
@@ -159,7 +162,10 @@ def load_state_dict_file(path: str | os.PathLike, *, trusted: bool = False) -> d
 
 def _require(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     if key not in state_dict:
-        raise ValueError(f"not a SegFormer3D state_dict: no {key!r}")
+        # the keys it has show a prefix to strip (a Lightning module's "model.", say)
+        found = [k for k in state_dict if k.endswith(key)][:1] or list(state_dict)[:3]
+        raise ValueError(f"not a SegFormer3D state_dict: no {key!r} (it has {', '.join(map(repr, found))}"
+                         f"{', ...' if len(state_dict) > len(found) else ''})")
     return state_dict[key]
 
 
@@ -283,6 +289,14 @@ def _check_against(config: dict[str, Any], state_dict: Mapping[str, torch.Tensor
     return list(expected)
 
 
+def _tensor_out(t: torch.Tensor, key: str, source: Path) -> torch.Tensor:
+    """A state_dict tensor as written: dense, on the CPU, contiguous; a tensor without values to write is refused."""
+    if t.is_meta or t.layout != torch.strided:
+        what = "a meta tensor (no values)" if t.is_meta else f"a {t.layout} tensor"
+        raise ValueError(f"{source}: {key} is {what}; a checkpoint holds dense weights")
+    return t.detach().cpu().contiguous()
+
+
 def _refuse_same_file(in_path: Path, out_path: str | os.PathLike) -> None:
     """Writing over the input would lose what the output does not keep (a training checkpoint's optimizer state
     and model metadata, or the official file)."""
@@ -313,7 +327,7 @@ def official_to_fastseg3d(in_path: str | os.PathLike, out_path: str | os.PathLik
         raise ValueError(f"{in_path}: {e}") from e
     keys = _check_against(config, state_dict, in_path)
     checkpoint = {
-        "network_weights": {k: state_dict[k].detach().cpu().contiguous() for k in keys},
+        "network_weights": {k: _tensor_out(state_dict[k], k, in_path) for k in keys},
         "model": {"name": "segformer3d", "kwargs": config},
         "fastseg3d_version": fastseg3d.__version__,
     }
@@ -337,7 +351,8 @@ def fastseg3d_to_official(in_path: str | os.PathLike, out_path: str | os.PathLik
     ``in_path`` is a converted checkpoint or a training checkpoint (``network_weights`` and ``model`` keys; the
     optimizer state etc. are dropped). The model name must be ``segformer3d``; a checkpoint without ``model``
     metadata is accepted if its weights have the SegFormer3D structure. Keys and shapes are checked against
-    ``SegFormer3D(**kwargs)`` before writing. Returns the model kwargs.
+    ``SegFormer3D(**kwargs)`` before writing. Returns the model kwargs (without metadata, those the weights
+    determine).
     """
     in_path = Path(in_path)
     _refuse_same_file(in_path, out_path)
@@ -351,7 +366,11 @@ def fastseg3d_to_official(in_path: str | os.PathLike, out_path: str | os.PathLik
         if name.lower() != "segformer3d":
             raise ValueError(f"{in_path}: holds a {name or 'unnamed'} model; only segformer3d converts to the "
                              "official SegFormer3D format")
-        config = dict(model.get("kwargs") or {})
+        kwargs = model.get("kwargs") or {}
+        if not isinstance(kwargs, Mapping):
+            raise ValueError(f"{in_path}: model.kwargs must be a mapping of SegFormer3D arguments, got "
+                             f"{type(kwargs).__name__}")
+        config = dict(kwargs)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # num_heads does not matter for the weights written here
@@ -359,8 +378,17 @@ def fastseg3d_to_official(in_path: str | os.PathLike, out_path: str | os.PathLik
                 config = infer_segformer3d_config(state_dict)
             except ValueError as e:
                 raise ValueError(f"{in_path}: no model metadata and {e}") from e
+        # what the weights do not store (the heads, the patch strides and paddings) is unknown: the structure is
+        # checked with values that fit any widths and kernels (one head, non-overlapping patches), and only what
+        # the weights do say is returned
+        for key in ("num_heads", "patch_stride", "patch_padding", "attention_scale"):
+            del config[key]
+        keys = _check_against({**config, "num_heads": [1] * 4, "patch_stride": config["patch_kernel_size"],
+                               "patch_padding": [0] * 4}, state_dict, in_path)
+        _atomic_torch_save({k: _tensor_out(state_dict[k], k, in_path) for k in keys}, out_path)
+        return config
     keys = _check_against(config, state_dict, in_path)
-    _atomic_torch_save({k: state_dict[k].detach().cpu().contiguous() for k in keys}, out_path)
+    _atomic_torch_save({k: _tensor_out(state_dict[k], k, in_path) for k in keys}, out_path)
     return config
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import platform
+import sys
 
 import torch
 
@@ -107,6 +108,10 @@ def collect() -> dict:
 
 
 def main() -> int:
+    error = backends.environment_error()
+    if error:  # a bad FASTSEG3D_* value: one line, as `fastseg3d info` says it
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     info = collect()
     width = max(map(len, info))
     print("fastseg3d environment")

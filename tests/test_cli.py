@@ -60,6 +60,14 @@ def test_info_command_lists_versions_and_op_choices(command):
     assert "cuda extension    not built (optional" in out
 
 
+@pytest.mark.parametrize("command", [["fastseg3d", "info"], ["fastseg3d.info"]])
+def test_info_with_a_bad_environment_value_is_one_line(command):
+    env = {**os.environ, "FASTSEG3D_BACKEND": "garbage"}
+    proc = subprocess.run([sys.executable, "-m", *command], env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: FASTSEG3D_BACKEND")
+
+
 def test_info_console_script():
     """The `fastseg3d` command the install puts beside the interpreter (the README's `fastseg3d info`)."""
     import sysconfig

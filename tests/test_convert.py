@@ -208,6 +208,62 @@ def test_a_stage_of_depth_zero_converts(tmp_path):
     rebuilt.load_state_dict(torch.load(tmp_path / "fs.pt", weights_only=True)["network_weights"])
 
 
+def test_a_stage_of_depth_zero_takes_no_spatial_reduction_stride():
+    """A stage without blocks has no attention, so its sr ratio (which the official format cannot store: the
+    converter gives it the default) does not constrain the input size."""
+    kwargs = dict(embed_dims=(8, 16, 16, 16), num_heads=(1, 1, 1, 1), depths=(0, 1, 1, 1), decoder_dim=8,
+                  patch_stride=(1, 1, 1, 1), patch_kernel_size=(3, 3, 3, 3), patch_padding=(1, 1, 1, 1))
+    assert SegFormer3D(**kwargs, sr_ratios=(4, 1, 1, 1)).total_stride == (1, 1, 1)
+    assert SegFormer3D(**{**kwargs, "depths": (1, 1, 1, 1)}, sr_ratios=(4, 1, 1, 1)).total_stride == (4, 4, 4)
+
+
+def test_to_official_without_model_metadata_needs_only_the_weights(tmp_path):
+    """What the weights do not store (heads, patch strides and paddings) cannot stop a checkpoint without model
+    metadata from converting: widths the official heads do not divide, and an even patch kernel, convert."""
+    net = SegFormer3D(in_channels=1, out_channels=2, embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 3, 4),
+                      patch_kernel_size=(7, 2, 3, 3), patch_stride=(4, 2, 2, 2), patch_padding=(3, 0, 1, 1),
+                      decoder_dim=8)
+    torch.save({"network_weights": net.state_dict()}, tmp_path / "bare.pt")
+    config = fastseg3d_to_official(tmp_path / "bare.pt", tmp_path / "official.bin")
+    assert "num_heads" not in config and config["embed_dims"] == [8, 16, 24, 32]
+    restored = torch.load(tmp_path / "official.bin", weights_only=True)
+    assert list(restored) == list(net.state_dict())
+    assert all(torch.equal(restored[k], v) for k, v in net.state_dict().items())
+
+
+def test_malformed_checkpoints_are_one_line_errors(tmp_path, net, capsys):
+    """Kwargs that are not a mapping, tensors without values to write, and an output whose folder is a file."""
+    def error(*argv):
+        assert main(list(argv)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("fastseg3d convert: error: ") and err.count("\n") == 1, err
+        return err
+
+    torch.save({"network_weights": net.state_dict(), "model": {"name": "segformer3d", "kwargs": [1, 2]}},
+               tmp_path / "list.pt")
+    assert "model.kwargs must be a mapping" in error("--to", "official-segformer3d", str(tmp_path / "list.pt"),
+                                                     str(tmp_path / "o.bin"))
+    heads = ["--num-heads", "1", "2", "3", "4", "--patch-stride", "2,4,4", "2", "2", "2"]
+    meta = {k: v.to("meta") for k, v in net.state_dict().items()}
+    torch.save(meta, tmp_path / "meta.bin")
+    assert "is a meta tensor" in error("--from", "official-segformer3d", str(tmp_path / "meta.bin"),
+                                       str(tmp_path / "m.pt"), *heads)
+    sparse = {**net.state_dict(), "segformer_decoder.linear_pred.bias":
+              net.state_dict()["segformer_decoder.linear_pred.bias"].to_sparse()}
+    torch.save(sparse, tmp_path / "sparse.bin")
+    assert "sparse" in error("--from", "official-segformer3d", str(tmp_path / "sparse.bin"), str(tmp_path / "s.pt"),
+                             *heads)
+    torch.save(net.state_dict(), tmp_path / "ok.bin")
+    (tmp_path / "afile").write_text("")
+    assert "a file stands where its folder" in error("--from", "official-segformer3d", str(tmp_path / "ok.bin"),
+                                                     str(tmp_path / "afile" / "o.pt"), *heads)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    # a Lightning module's checkpoint: the keys found show the prefix to strip
+    torch.save({"state_dict": {f"model.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "last.ckpt")
+    assert "it has 'model.segformer_encoder.embed_1.patch_embeddings.weight'" in error(
+        "--from", "official-segformer3d", str(tmp_path / "last.ckpt"), str(tmp_path / "l.pt"), *heads)
+
+
 def test_brats_weights_carry_the_recipe_data_pipeline(tmp_path):
     """Official BraTS weights (4 inputs, 3 outputs), converted, evaluate on the preprocessing they were trained on."""
     pytest.importorskip("yaml")

@@ -348,6 +348,7 @@ class SegFormer3D(nn.Module):
 
         self.in_channels = in_channels
         self.sr_ratios = tuple(sr_ratios)
+        self.depths = tuple(depths)
         self.strides = strides
         self._grid_stride = tuple(math.prod(stride[axis] for stride in strides) for axis in range(3))  # last stage
         self.segformer_encoder = _Encoder(in_channels, embed_dims, depths, num_heads, sr_ratios, mlp_ratios,
@@ -380,11 +381,13 @@ class SegFormer3D(nn.Module):
             total = 1
             for stride in self.strides:
                 total *= stride[axis]
-            # Each stage's grid must also be divisible by its spatial-reduction ratio.
+            # Each stage's grid must also be divisible by its spatial-reduction ratio (a stage without blocks
+            # has no attention to reduce for)
             grid_factor = 1
             for s, stride in enumerate(self.strides):
                 grid_factor *= stride[axis]
-                total = math.lcm(total, grid_factor * self.sr_ratios[s])
+                if self.depths[s]:
+                    total = math.lcm(total, grid_factor * self.sr_ratios[s])
             out.append(total)
         return tuple(out)
 
