@@ -49,7 +49,7 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
-if [ -z "${SKIP_INSTALL:-}" ]; then
+if [ "${SKIP_INSTALL:-0}" = 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || {
     echo "install failed"; cat "$OUT/install.log"; exit 1; }
 fi
@@ -91,7 +91,7 @@ cat "$OUT/info.txt"
 status=0
 tier_cut=0
 not_run=()
-if [ -z "${SKIP_TESTS:-}" ]; then
+if [ "${SKIP_TESTS:-0}" = 0 ]; then
   t=$(( $(left) < ${TEST_TIMEOUT:-300} ? $(left) : ${TEST_TIMEOUT:-300} ))
   # Most of the GPU tier's time is Triton compiling a few hundred specialisations on one core: spread the tests
   # over processes (pytest-xdist is in the GPU image) so the compiles run side by side.

@@ -21,7 +21,8 @@ def _gpu_rank(item) -> int:
     """The GPU tier's order: bf16 and dtype-free tests (what only a GPU can check) before the fp32 and fp16 cases,
     which the interpreter tier also runs, so that a tier cut by its time box has checked the former."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    dtypes = {v for v in params.values() if isinstance(v, torch.dtype)}
+    # a dtype parameter, or dtypes inside a tuple parameter ((x dtype, residual dtype), say)
+    dtypes = {d for v in params.values() for d in (v if isinstance(v, tuple) else (v,)) if isinstance(d, torch.dtype)}
     if dtypes:
         return int(dtypes <= {torch.float32, torch.float16})
     return int(bool(re.search(r"(?<![a-z])(float|fp)(16|32)(?![0-9a-z_])|(?<![a-z])float(16|32)_[0-9]", item.nodeid)))

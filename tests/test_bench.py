@@ -925,13 +925,17 @@ def test_tier_durations_and_gpu_order(tmp_path):
               "@pytest.mark.parametrize('dtype', ['float32', 'bfloat16', 'float16'])\n"
               "def test_gpu_case(dtype):\n    pass\n\n\n@pytest.mark.gpu\ndef test_gpu_memory():\n    pass\n\n\n"
               "@pytest.mark.gpu\n@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])\n"
-              "def test_gpu_dtype(dtype):\n    pass\n\n\ndef test_cpu(slow_setup):\n    time.sleep(0.3)\n")
+              "def test_gpu_dtype(dtype):\n    pass\n\n\n@pytest.mark.gpu\n"
+              "@pytest.mark.parametrize('dtypes', [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)])\n"
+              "def test_gpu_pair(dtypes):\n    pass\n\n\ndef test_cpu(slow_setup):\n    time.sleep(0.3)\n")
     log = tmp_path / "durations.txt"
     proc = _run_sample_tier(tmp_path, source, {"FASTSEG3D_DURATIONS_LOG": str(log)}, "-v")
     assert proc.returncode == 0, proc.stdout[-2000:]
     order = [line.split()[0].split("::")[1] for line in proc.stdout.splitlines() if "::" in line]
-    assert order == ["test_gpu_case[bfloat16]", "test_gpu_memory", "test_gpu_dtype[dtype1]", "test_cpu",
-                     "test_gpu_case[float32]", "test_gpu_case[float16]", "test_gpu_dtype[dtype0]"], order
+    # a bf16 case inside a tuple of dtypes too (its id names float32 as well)
+    assert order == ["test_gpu_case[bfloat16]", "test_gpu_memory", "test_gpu_dtype[dtype1]", "test_gpu_pair[dtypes0]",
+                     "test_cpu", "test_gpu_case[float32]", "test_gpu_case[float16]", "test_gpu_dtype[dtype0]",
+                     "test_gpu_pair[dtypes1]"], order
     rows = [line.split(" ", 3) for line in log.read_text().splitlines()]
     assert [r[3] for r in rows] == [f"test_sample.py::{name}" for name in order]
     ended, took = {r[3]: float(r[0]) for r in rows}, {r[3]: float(r[2]) for r in rows}

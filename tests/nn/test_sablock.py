@@ -16,12 +16,12 @@ blocks = pytest.importorskip("monai.networks.blocks.selfattention")
 MonaiSABlock = blocks.SABlock
 
 
-def _pair(dtype=torch.float64, device="cpu", **kwargs):
+def _pair(dtype=torch.float64, device="cpu", std=0.2, **kwargs):
     """MONAI's block and its fused twin with the same parameters (the twin a copy, so the gradients are apart)."""
     torch.manual_seed(0)
     monai = MonaiSABlock(**kwargs).to(device, dtype)
     for p in monai.parameters():  # biases start at zero: give them values a wrong layout would show
-        torch.nn.init.normal_(p, std=0.2)
+        torch.nn.init.normal_(p, std=std)
     fused = fastseg3d.convert_model(copy.deepcopy(monai))
     assert type(fused) is fastseg3d.nn.SABlock
     return monai, fused
@@ -197,8 +197,11 @@ def test_interpret_matches_monai(poison, dtype, kwargs):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_matches_monai(no_tf32, dtype):
-    """UNETR's block at 128^3 with 16^3 patches: 512 tokens, 12 heads of 64."""
-    monai, fused = _pair(torch.float64, "cuda", hidden_size=768, num_heads=12, qkv_bias=True)
+    """UNETR's block at 128^3 with 16^3 patches: 512 tokens, 12 heads of 64. The logits' spread grows as std^2 x
+    hidden_size: the interpreter tier's 0.2 gives logits of std 31 here, a one-hot softmax whose bf16 rounding of
+    q and k alone (exact arithmetic after it) misses the tolerance; 0.04 gives std 1.2, the best case then at 58%
+    (bf16) and 36% (fp16) of the tolerance."""
+    monai, fused = _pair(torch.float64, "cuda", std=0.04, hidden_size=768, num_heads=12, qkv_bias=True)
     fused = fused.to(dtype)
     with fastseg3d.backend("triton"):
         _compare(monai, fused, (2, 512, 768), dtype, "cuda")
@@ -222,4 +225,7 @@ def test_gpu_never_forms_the_attention_matrix():
             torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - base
     assert peaks["monai"] > 2 * matrix, peaks  # the scores and probabilities, saved for backward
-    assert peaks["fused"] < matrix / 4, peaks
+    # what the fused block holds beyond its inputs: q, k, v, the output and their gradients (about 27 MiB in bf16)
+    # and the backward's fp32 dk/dv partials, 12 MiB a row split (two on 114-132 SMs): 48 MiB, a quarter of the
+    # matrix to 0.4%; a third leaves room for a third split on a larger GPU
+    assert peaks["fused"] < matrix / 3, peaks
