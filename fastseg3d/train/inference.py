@@ -60,8 +60,15 @@ def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[in
     try:
         with torch.no_grad():
             out = meta(torch.empty(1, in_channels, *roi_size, device="meta"))
-    except ValueError as err:
-        raise ValueError(f"{name}={list(roi_size)}: the network cannot take windows of that size ({err})") from None
+    except NotImplementedError:  # an op without a meta kernel: the first window tells
+        return
+    except (ValueError, RuntimeError) as err:
+        # torch's and MONAI's networks refuse a size with a RuntimeError (a concat of mismatched skips, a kernel
+        # larger than its input); one about the meta device itself (a value read back) says nothing of the size
+        if isinstance(err, RuntimeError) and "meta" in str(err).lower():
+            return
+        raise ValueError(f"{name}={list(roi_size)}: the network cannot take windows of that size "
+                         f"({' '.join(str(err).split())[:300]})") from None
     if blend == "first":
         got = tuple(_first_output(out).shape[2:])
         if got != tuple(roi_size):
@@ -354,7 +361,10 @@ def _per_case(
         pred_empty = (pred[:, first:].flatten(2) == 0).all(-1).cpu().numpy()
         target_empty = (target[:, first:].flatten(2) == 0).all(-1).cpu().numpy()
         sizes = np.asarray(pred.shape[2:], np.float64)
-        steps = np.broadcast_to(np.asarray(1.0 if spacing is None else spacing, np.float64), sizes.shape)
+        steps = np.asarray(1.0 if spacing is None else spacing, np.float64)
+        if steps.ndim > 1 or steps.size not in (1, sizes.size):
+            raise ValueError(f"spacing must be one number or one per spatial axis ({sizes.size}), got {spacing!r}")
+        steps = np.broadcast_to(steps, sizes.shape)
         # BraTS's penalty: 373.13 mm, the diagonal of its 240 x 240 x 155 volumes at 1 mm
         diagonal = float(np.sqrt(((sizes * steps) ** 2).sum()))
     distances = []
@@ -520,7 +530,9 @@ def _region_channels(regions: str | Sequence[str] | None) -> tuple[int, int, int
 
 def labels_from_prediction(pred: torch.Tensor, mode: str, *,
                            regions: str | Sequence[str] | None = None) -> torch.Tensor:
-    """One integer label volume ``(*spatial)`` from a one-case prediction ``(K, *spatial)`` or ``(1, K, *spatial)``.
+    """One integer label volume ``(*spatial)`` from a one-case prediction ``(K, *spatial)``, or ``(1, K, D, H, W)``
+    in 3-D (a 4-D tensor is read as ``(K, D, H, W)``: a batched 2-D prediction ``(1, K, H, W)`` is passed as
+    ``pred[0]``).
 
     * ``"softmax"``: argmax over channels (logits or one-hot).
     * ``"sigmoid"`` with BraTS regions (``regions="brats"``, the SegFormer3D channel order TC, WT, ET, or channel

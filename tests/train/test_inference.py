@@ -198,6 +198,34 @@ def test_check_window_for_first_blend_needs_logits_of_the_window_size():
         check_window(Half(), 2, (8, 8, 8), "val.roi_size", "first")
 
 
+def test_check_window_names_the_setting_for_a_network_that_raises_runtime_errors():
+    """torch's and MONAI's networks refuse a size with a RuntimeError (MONAI's UNet concatenating skips of
+    mismatched sizes); one about the meta device itself (a value read back) is no verdict on the size."""
+    from monai.networks.nets import UNet as MonaiUNet
+
+    from fastseg3d.train.inference import check_window
+
+    net = MonaiUNet(3, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2))
+    check_window(net, 1, (16, 16, 16), "val.roi_size")
+    with pytest.raises(ValueError, match=r"val.roi_size=\[12, 12, 12\]: the network cannot take.*Sizes of tensors"):
+        check_window(net, 1, (12, 12, 12), "val.roi_size")
+
+    class ReadsBack(nn.Module):
+        def forward(self, x):
+            return x * float(x.mean())
+
+    check_window(ReadsBack(), 1, (5, 5, 5), "val.roi_size")
+
+
+def test_brats_scoring_refuses_a_spacing_of_another_length():
+    from fastseg3d.train.inference import segmentation_metrics
+
+    pred = torch.zeros(1, 2, 4, 4, 4)
+    pred[:, 1, :2] = 1
+    with pytest.raises(ValueError, match=r"spacing must be one number or one per spatial axis \(3\)"):
+        segmentation_metrics(pred, pred.flip(2), include_background=False, ignore_empty=False, spacing=[1.0, 2.0])
+
+
 def test_first_window_owner_of_each_voxel():
     """Each window fills its part with its scan index: every voxel comes from the first window along each axis
     that covers it (overlap 0.75 at roi 8 on 16 voxels: starts 0, 2, 4, 6, 8; the first window gives 0-7, each
