@@ -41,8 +41,15 @@ def _compare(module, spatial, dtype, device, train_grads=True):
         y.backward(g.to(dtype))
         y_ref.backward(g)
         assert_close("dx", x.grad, x_ref.grad, dtype, scale=2.0)
+        # the spatial-reduction norm's bias reaches the keys as a logit shift the softmax cancels: part of its
+        # gradient is zero up to rounding, which 16-bit rounding dominates (a plain bf16 composition misses the
+        # tolerance by 9x there): in fp16/bf16 each parameter's error is measured against a twentieth of the
+        # largest parameter gradient at least
+        floor = 0.0
+        if dtype in (torch.float16, torch.bfloat16):
+            floor = 0.05 * max(p.grad.abs().max().item() for p in ref_module.parameters())
         for (name, p), p_ref in zip(module.named_parameters(), ref_module.parameters()):
-            assert_close(f"d{name}", p.grad, p_ref.grad, dtype, scale=2.0)
+            assert_close(f"d{name}", p.grad, p_ref.grad, dtype, scale=2.0, floor=floor)
 
 
 @pytest.mark.parametrize("sr,spatial", [(1, (3, 5, 4)), (2, (4, 6, 2)), (4, (8, 4, 12))])
