@@ -58,7 +58,8 @@ def _padding(padding, kernel: Sequence[int], dilation: Sequence[int]) -> tuple[i
             raise ValueError(f"padding must be 'same', 'valid', an int or 3 ints, got {padding!r}")
         if any(k % 2 == 0 for k in kernel):
             return "same"
-        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+        # int(): torch.jit.trace hands the weight's shape over as 0-d tensors, which the op's int[] refuses
+        return tuple(int(d * (k - 1) // 2) for k, d in zip(kernel, dilation))
     return _triple(padding, "padding", allow_zero=True)
 
 

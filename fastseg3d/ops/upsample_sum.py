@@ -55,6 +55,10 @@ def _validate(inputs, size) -> tuple[int, int, int]:
             if x.shape[2] * x.shape[3] * x.shape[4] > largest.shape[2] * largest.shape[3] * largest.shape[4]:
                 largest = x
         return tuple(largest.shape[2:])
+    if isinstance(size, Sequence) and not isinstance(size, str):
+        # torch.jit.trace hands a shape's entries over as 0-d integer tensors
+        size = [int(s) if isinstance(s, Tensor) and s.dim() == 0 and not s.is_floating_point()
+                and s.dtype != torch.bool else s for s in size]
     if (isinstance(size, (str, Tensor)) or not isinstance(size, Sequence) or len(size) != 3
             or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in size)):
         raise ValueError(f"size must be three positive ints (D, H, W), got {size!r}")

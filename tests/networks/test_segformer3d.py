@@ -612,3 +612,14 @@ def test_mix_ffn_batch_norm_without_running_statistics_in_eval():
     expected = mlp.fc2(F.gelu(h).permute(0, 2, 3, 4, 1).flatten(1, 3))
     with torch.no_grad():
         torch.testing.assert_close(mlp(x, (4, 4, 4)), expected)
+
+
+def test_jit_trace_for_deployment():
+    """torch.jit.trace (and the legacy ONNX exporter built on it) hands the decoder's target size over as 0-d
+    tensors, which the resize-and-sum refused; the traced network gives the eager outputs."""
+    torch.manual_seed(0)
+    net = SegFormer3D(in_channels=1, out_channels=3, **_SMALL).eval()
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):
+        traced = torch.jit.trace(net, x)
+        torch.testing.assert_close(traced(x), net(x))

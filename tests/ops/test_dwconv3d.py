@@ -1151,3 +1151,16 @@ def test_gpu_64bit_indexing_large_tensor():
     assert_close("y head", y[:, :, :2], F.conv3d(head, w.double(), padding=(0, 1, 1), groups=16), torch.bfloat16)
     tail = F.pad(x[:, :, -4:].double(), (0, 0, 0, 0, 0, 1))
     assert_close("y tail", y[:, :, -3:], F.conv3d(tail, w.double(), padding=(0, 1, 1), groups=16), torch.bfloat16)
+
+
+@pytest.mark.interpret
+def test_interpret_jit_trace_of_same_padding(poison):
+    """Under torch.jit.trace the weight's shape is 0-d tensors: the padding 'same' derives from it reached the op's
+    int[] argument as tensors (an internal assert in the tracer)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 3, 4, 5, 3), torch.randn(3, 1, 3, 3, 3)
+    tokens = x.flatten(2).transpose(1, 2)
+    with torch.no_grad(), fastseg3d.backend("triton"):
+        traced = torch.jit.trace(lambda t, k: dwconv3d_tokens(t, (4, 5, 3), k), (tokens, w))
+        assert "fastseg3d::dwconv3d" in str(traced.graph)
+        torch.testing.assert_close(traced(tokens, w), dwconv3d_tokens_ref(tokens, (4, 5, 3), w), rtol=1e-5, atol=1e-5)
