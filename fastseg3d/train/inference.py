@@ -212,6 +212,8 @@ def _first_window_inference(image: torch.Tensor, roi_size, sw_batch_size: int, p
 
     n = image.dim() - 2
     shape = tuple(image.shape[2:])
+    if not isinstance(roi_size, int) and len(roi_size) != n:  # fall_back_tuple's own error names no argument
+        raise ValueError(f"roi_size {tuple(roi_size)} must have one size per spatial axis of the image ({n})")
     roi = fall_back_tuple(roi_size, shape)
     overlaps = ensure_tuple_rep(overlap, n)
     if any(not 0 <= o < 1 for o in overlaps):
@@ -494,6 +496,9 @@ class MetricAccumulator:
         this batch (cases resampled differently); each scalar counts once per case of the batch."""
         dice, hd, msd = _per_case(pred, target, self.include_background, self.hd95,
                                   self.spacing if spacing is None else spacing, self.msd, self.ignore_empty)
+        if self._dice and dice.shape[1] != self._dice[0].shape[1]:  # else a numpy error at aggregate()
+            raise ValueError(f"pred has {pred.shape[1]} channels where the earlier updates had other counts: one "
+                             "accumulator scores one set of classes")
         self._dice.append(dice)
         if hd is not None:
             self._hd.append(hd)

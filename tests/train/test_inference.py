@@ -571,3 +571,21 @@ def test_nifti_takes_the_image_files_sform_and_qform(tmp_path):
     np.testing.assert_array_equal(np.asarray(out.dataobj), labels)
     with pytest.raises(ValueError, match="do not lie on"):
         save_prediction_nifti(labels[:5], None, tmp_path / "q.nii.gz", like=tmp_path / "scan.nii.gz")
+
+
+def test_accumulator_refuses_another_class_count_at_update():
+    from fastseg3d.train.inference import MetricAccumulator
+
+    acc = MetricAccumulator(include_background=False, hd95=False)
+    pred = torch.zeros(1, 3, 4, 4, 4)
+    pred[:, 0] = 1
+    acc.update(pred, pred)
+    with pytest.raises(ValueError, match="pred has 4 channels where the earlier updates had other counts"):
+        acc.update(torch.zeros(1, 4, 4, 4, 4), torch.zeros(1, 4, 4, 4, 4))
+    assert acc.aggregate()["num_cases"] == 1
+
+
+def test_first_blend_names_a_roi_of_another_length():
+    net = nn.Conv3d(1, 2, 1)
+    with pytest.raises(ValueError, match=r"roi_size \(8, 8\) must have one size per spatial axis of the image \(3\)"):
+        sliding_window_predict(net, torch.randn(1, 1, 8, 8, 8), (8, 8), blend="first")
