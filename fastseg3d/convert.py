@@ -370,7 +370,7 @@ def fastseg3d_to_official(in_path: str | os.PathLike, out_path: str | os.PathLik
         if not isinstance(kwargs, Mapping):
             raise ValueError(f"{in_path}: model.kwargs must be a mapping of SegFormer3D arguments, got "
                              f"{type(kwargs).__name__}")
-        config = dict(kwargs)
+        config = check = dict(kwargs)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # num_heads does not matter for the weights written here
@@ -383,11 +383,8 @@ def fastseg3d_to_official(in_path: str | os.PathLike, out_path: str | os.PathLik
         # the weights do say is returned
         for key in ("num_heads", "patch_stride", "patch_padding", "attention_scale"):
             del config[key]
-        keys = _check_against({**config, "num_heads": [1] * 4, "patch_stride": config["patch_kernel_size"],
-                               "patch_padding": [0] * 4}, state_dict, in_path)
-        _atomic_torch_save({k: _tensor_out(state_dict[k], k, in_path) for k in keys}, out_path)
-        return config
-    keys = _check_against(config, state_dict, in_path)
+        check = {**config, "num_heads": [1] * 4, "patch_stride": config["patch_kernel_size"], "patch_padding": [0] * 4}
+    keys = _check_against(check, state_dict, in_path)
     _atomic_torch_save({k: _tensor_out(state_dict[k], k, in_path) for k in keys}, out_path)
     return config
 
