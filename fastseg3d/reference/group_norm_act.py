@@ -137,9 +137,14 @@ def group_norm_act_backward_ref(grad, x, weight, bias, groups: int, eps: float, 
     if post is not None:
         dz = dz * _activate_grad(z, post, negative_slope)
     need_dw, need_db = output_mask[1] and weight is not None, output_mask[2] and bias is not None
+    # GroupNorm's backward expands sum(dz * (a - mean)) as sum(dz * a) - mean * sum(dz), which cancels where |mean|
+    # >> std (fp32 dweight 20x off at mean = 400 std): it gets the input centred, with a zero mean. The second pass
+    # takes out the rounding of the mean (fp32 for half inputs), which rstd would scale into every term.
+    centred = a.view(n, groups, -1) - mean.unsqueeze(-1)
+    centred = (centred - centred.mean(-1, keepdim=True)).view(a.shape)
     # dx always: GroupNorm's CPU backward kernel does not take a mask without it on every layout
-    dx, dw, db = torch.ops.aten.native_group_norm_backward(dz.contiguous(), a, mean, rstd, wc, n, c, s, groups,
-                                                           [True, need_dw, need_db])
+    dx, dw, db = torch.ops.aten.native_group_norm_backward(dz.contiguous(), centred, torch.zeros_like(mean), rstd,
+                                                           wc, n, c, s, groups, [True, need_dw, need_db])
     if pre is not None:
         dx = dx * _activate_grad(xc, pre, negative_slope)
     if batch_stats:

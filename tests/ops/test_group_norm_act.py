@@ -172,6 +172,26 @@ def test_batch_statistics_reference_is_batch_norm(activation, layout):
     _check_batch(x, None, None, activation, torch.float64)
 
 
+@pytest.mark.parametrize("batch_stats", [False, True], ids=["groups", "batch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_backward_keeps_the_gradients_of_an_offset_feature(dtype, batch_stats):
+    """A mean 400 times the spread: the gradients as the fp64 formula gives them from the same (rounded) input,
+    to fp32 accuracy (GroupNorm's backward, fed the input as it is, loses two digits of dweight and one of dx)."""
+    torch.manual_seed(0)
+    x, w, b = _inputs((2, 8, 7, 9, 11), dtype, offset=400.0)
+    groups = 8 if batch_stats else 4
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    got = group_norm_act_backward_ref(dy.to(dtype), x.detach(), w.detach(), b.detach(), groups, 1e-5, None,
+                                      [True] * 3, batch_stats=batch_stats)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    expected = (_batch_formula(xd, wd, bd, 1e-5, None) if batch_stats
+                else _formula(xd, groups, wd, bd, 1e-5, None))
+    expected.backward(dy.to(dtype).double())
+    assert_close("dx", got[0], xd.grad, dtype, 4.0)
+    assert_close("dweight", got[1], wd.grad, torch.float32)  # fp32 parameters
+    assert_close("dbias", got[2], bd.grad, torch.float32, 4.0)
+
+
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 def test_cpu_runs_the_reference_in_the_input_layout(layout):
     x, w, b = _inputs((2, 8, 3, 4, 5), torch.float32, layout)
