@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from fastseg3d.nn.recompute import layer_norm_for_linear
-from fastseg3d.ops.attention import attention
+from fastseg3d.ops.attention import attention, check_dropout, check_scale
 from fastseg3d.ops.utils import check_spatial_shape, check_tensor
 
 __all__ = ["EfficientSelfAttention3d"]
@@ -71,16 +70,15 @@ class EfficientSelfAttention3d(nn.Module):
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if sr_ratio < 1:
             raise ValueError(f"sr_ratio must be an int >= 1, got {sr_ratio!r}")
-        if not 0.0 <= attn_drop < 1.0 or not 0.0 <= proj_drop < 1.0:
-            raise ValueError(f"dropout rates must be in [0, 1), got attn_drop={attn_drop}, proj_drop={proj_drop}")
-        if scale is not None and not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+        check_dropout("attn_drop", attn_drop)
+        check_dropout("proj_drop", proj_drop)
+        check_scale(scale)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.sr_ratio = sr_ratio
         self.scale = float(scale) if scale is not None else self.head_dim**-0.5
-        self.attn_drop = attn_drop
+        self.attn_drop = float(attn_drop)
         self.query = nn.Linear(dim, dim, bias=qkv_bias)
         self.key_value = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -17,7 +17,7 @@ from fastseg3d import backends
 from fastseg3d.ops import utils
 from fastseg3d.reference.attention import attention_backward_ref, attention_forward_ref, attention_ref
 
-__all__ = ["attention", "attention_unsupported_reasons"]
+__all__ = ["attention", "attention_unsupported_reasons", "check_dropout", "check_scale"]
 
 _FUSED_HEAD_DIMS = (16, 32, 64, 128)
 
@@ -43,10 +43,24 @@ def _validate(q, k, v, scale) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass tensors of one dtype")
         if t.device != q.device:
             raise TypeError(f"{name} is on {t.device} but q is on {q.device}; pass tensors on one device")
+    check_scale(scale)
+
+
+def check_scale(scale) -> None:
+    """``TypeError``/``ValueError`` unless ``scale`` is None or a positive finite real number (the forward kernel
+    takes each row's maximum of the scaled logits from the unscaled ones)."""
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a Python or NumPy real number or None, got {type(scale).__name__}")
     if scale is not None and (not utils.finite(scale) or scale <= 0):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+
+
+def check_dropout(name: str, rate) -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``rate`` is a real number in [0, 1)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise TypeError(f"{name} must be a Python or NumPy real number, got {type(rate).__name__}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}")
 
 
 def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
@@ -56,8 +70,8 @@ def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
         reasons.append(f"head_dim={q.shape[-1]} (fused: {', '.join(map(str, _FUSED_HEAD_DIMS))})")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         reasons.append("head_dim is not the unit-stride axis of q, k and v")
-    if q.shape[1] == 0 or k.shape[1] == 0 or q.shape[0] == 0:
-        reasons.append("no tokens")
+    if 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[1]):
+        reasons.append("no tokens or no heads")
     if q.shape[0] * q.shape[2] > utils.MAX_GRID_YZ:
         reasons.append(f"batch x heads above {utils.MAX_GRID_YZ}")
     return reasons
@@ -150,10 +164,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
     ``torch.backends.cuda.matmul.fp32_precision``, or the legacy ``allow_tf32``),
     fp16 and bf16 are fused; other cases run the reference (``F.scaled_dot_product_attention``) under ``auto``.
 
-    Any scale is taken, but the fused backward recomputes the probabilities from the fp32 log-sum-exp the forward
-    saves, as flash-style kernels do, so the gradients' relative error grows with the largest logit's magnitude,
-    about ``|logit| * 2**-24`` (1e-5 at logits of 200, where PyTorch's fp32 softmax stays near 2**-24); logits
-    above about 1e8 make them overflow. The forward is exact to fp32 rounding at any scale.
+    Any positive scale is taken, but the fused backward recomputes the probabilities from the fp32 log-sum-exp the
+    forward saves, as flash-style kernels do, so the gradients' relative error grows with the largest logit's
+    magnitude, about ``|logit| * 2**-24`` (1e-5 at logits of 200, where PyTorch's fp32 softmax stays near
+    2**-24); logits above about 1e8 make them overflow. The forward is exact to fp32 rounding at any scale.
 
     Example:
         >>> import torch, fastseg3d
@@ -165,8 +179,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None, dropo
     if all(isinstance(t, Tensor) for t in (q, k, v)):  # cast first: autocast takes mixed dtypes, as SDPA does
         q, k, v = utils.autocast_inputs(q.device.type, q, k, v)
     _validate(q, k, v, scale)
-    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    check_dropout("dropout_p", dropout_p)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
     reasons = attention_unsupported_reasons(q, k, v)
     if dropout_p > 0:

@@ -130,6 +130,8 @@ def test_attention_dropout_falls_back_through_the_backend_policy(caplog):
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 32, 32), (-2, -4, 4)), "3 positive ints"),
         (lambda: EfficientSelfAttention3d(32, 2)(torch.randn(1, 1, 32), (True, True, True)), "3 positive ints"),
         (lambda: EfficientSelfAttention3d(32, 2, scale=-1.0), "scale"),
+        (lambda: EfficientSelfAttention3d(32, 2, attn_drop=1.0), "attn_drop must be a number in"),
+        (lambda: EfficientSelfAttention3d(32, 2, proj_drop=-0.1), "proj_drop must be a number in"),
     ],
 )
 def test_bad_inputs(call, match):
@@ -140,7 +142,12 @@ def test_bad_inputs(call, match):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dim=32, num_heads=2.0), "num_heads must be an int"), (dict(dim=32.0, num_heads=2), "dim must be an int"),
     (dict(dim=32, num_heads=True), "num_heads must be an int"), (dict(dim=32, num_heads=2, sr_ratio=2.0), "sr_ratio"),
-    (dict(dim=32, num_heads=2, sr_ratio=True), "sr_ratio must be an int")])
+    (dict(dim=32, num_heads=2, sr_ratio=True), "sr_ratio must be an int"),
+    (dict(dim=32, num_heads=2, scale=True), "scale must be a Python or NumPy real number"),
+    (dict(dim=32, num_heads=2, scale=torch.tensor(0.5)), "scale must be a Python or NumPy real number"),
+    (dict(dim=32, num_heads=2, attn_drop="0.1"), "attn_drop must be a Python or NumPy real number"),
+    (dict(dim=32, num_heads=2, attn_drop=torch.tensor(0.1)), "attn_drop must be a Python or NumPy real number"),
+    (dict(dim=32, num_heads=2, proj_drop=None), "proj_drop must be a Python or NumPy real number")])
 def test_non_integer_sizes_raise_type_error(kwargs, match):
     with pytest.raises(TypeError, match=match):
         EfficientSelfAttention3d(**kwargs)

@@ -254,6 +254,9 @@ def test_unsupported_cases_report_reasons():
     assert any("dtype" in r for r in attention_unsupported_reasons(q, q, q))
     t = torch.randn(1, 32, 2, 4, device="meta").transpose(1, 3)
     assert any("unit-stride" in r for r in attention_unsupported_reasons(t, t, t))
+    # no heads: the backward's partial sums would be launched with a block of 0 heads x d
+    q, kv = torch.randn(2, 5, 0, 16, device="meta"), torch.randn(2, 3, 0, 16, device="meta")
+    assert "no tokens or no heads" in attention_unsupported_reasons(q, kv, kv)
     with fastseg3d.backend("triton"), pytest.raises(NotImplementedError, match="head_dim=24"):
         x = torch.randn(1, 4, 2, 24)
         attention(x, x, x)
@@ -280,6 +283,12 @@ _BAD = [
      TypeError, "floating"),
     (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32),
                        scale=torch.tensor(0.5)), TypeError, "scale must be a Python or NumPy real number"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32),
+                       dropout_p=torch.tensor(0.1)), TypeError, "dropout_p must be a Python or NumPy real number"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32), dropout_p=True),
+     TypeError, "dropout_p must be a Python or NumPy real number"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32), dropout_p=1.0),
+     ValueError, "dropout_p must be a number in"),
 ]
 
 
