@@ -270,6 +270,11 @@ def kl_distill(
     either way and each gradient comes back in its input's own dtype. Other cases run the reference under the
     ``auto`` backend. ``temperature`` is a real number (Python or NumPy) or a 0-d tensor, read once as a float.
 
+    Range: the loss is a second-order difference of first-order terms in (t - s) / T, so in fp32 its value's
+    relative error grows about as T**2 * 1e-8 (1e-7 at T = 1 to 10, 1e-4 at T = 100; on both backends); the
+    gradients stay accurate. Logits must be finite: an infinite one (a masked class) gives NaN, where
+    ``F.kl_div`` takes 0 * log 0 as 0 (:func:`fastseg3d.check_finite` catches it).
+
     Example:
         >>> import torch, fastseg3d
         >>> teacher = torch.randn(2, 14, 32, 32, 32)                       # e.g. DSD's dec1 head

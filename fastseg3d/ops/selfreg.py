@@ -362,7 +362,9 @@ def selfreg_intra(feature: Tensor) -> Tensor:
     through the ranking, as coded. C must be even. Returns a 0-dim fp32 tensor (fp64 for fp64 input).
 
     The fused path reads the map twice (per-channel statistics, then the loss and both halves' gradients in one
-    pass); the pairing depends on a global statistic, so one pass is not possible.
+    pass); the pairing depends on a global statistic, so one pass is not possible. Channels whose scores tie in
+    exact arithmetic (constant maps, multiples of one map) are ordered by the rounding of their sums, which differs
+    between the kernel and the reference (they sum in other orders), so the two may pair such channels apart.
 
     Example:
         >>> import torch, fastseg3d
