@@ -326,7 +326,8 @@ def dwconv3d(
         padding: "same", "valid", an int or 3 ints (zero padding).
         dilation: an int or 3 ints.
         activation: None, "relu", "gelu" (erf), "gelu_tanh" or "silu", applied before the residual.
-        residual: a tensor of the output's shape added last, or None.
+        residual: a tensor of the output's shape added last, or None; in x's dtype (under autocast, one of
+            another floating dtype is added in the promoted dtype, as the plain composition adds it).
 
     fp32, fp16 and bf16 inputs are fused with fp32 accumulation; other cases (channel multiplier > 1, even
     kernels, other dtypes or devices) run the reference under the ``auto`` backend.
@@ -377,7 +378,8 @@ def dwconv3d_tokens(
     """:func:`dwconv3d` ("same" padding) on tokens (B, N, C) with N = D*H*W in C order.
 
     Works on the layout that transformer blocks hold (e.g. SegFormer3D's Mix-FFN) with no transposes or copies:
-    any strides with a unit channel stride are read in place, and the output is (B, N, C) contiguous.
+    any strides are read in place (a unit channel stride, as Linear outputs have, keeps the loads coalesced), and
+    the output is (B, N, C) contiguous.
 
     Example:
         >>> import torch, fastseg3d
