@@ -427,6 +427,10 @@ def schedule_factor(sched_cfg: Mapping, base_lr: float, total: int):
     floor = float(sched_cfg["min_lr"]) / base_lr if base_lr > 0 else 0.0
     if name not in SCHEDULERS:
         raise SetupError(f"scheduler.name must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    if name in ("warmup_cosine", "warmup_cosine_restarts") and float(sched_cfg["min_lr"]) > base_lr:
+        # the cosine would climb from the learning rate to the floor
+        raise SetupError(f"scheduler.min_lr ({sched_cfg['min_lr']}) must not exceed optimizer.lr ({base_lr}) "
+                         f"for the {name} schedule")
 
     def factor(t: int) -> float:
         if t < warmup:

@@ -395,7 +395,18 @@ def _loader():
     yaml = _yaml()
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            # PyYAML keeps the last of two equal keys: a section or key written twice is a mistake to name
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            "while reading a mapping", node.start_mark, f"the key {key!r} is given twice",
+                            key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
 
     Loader.yaml_implicit_resolvers = {
         k: [(tag, regexp) for tag, regexp in v if tag != "tag:yaml.org,2002:bool"]

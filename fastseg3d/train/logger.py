@@ -55,7 +55,8 @@ class MetricsLogger:
         if not self.path.is_file():
             return []
         rows = []
-        for line in self.path.read_text().splitlines():
+        # a crash can leave bytes that are not UTF-8: decoded as U+FFFD, their line fails to parse as a cut one does
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut short by the crash being resumed from

@@ -56,6 +56,14 @@ def test_config_defaults_overrides_and_errors(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ValueError, match="bad.yaml"):
         load_config(bad)
+    # a key or section written twice (YAML keeps the last one silently)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("val:\n  every: 3\n  every: 0\n")
+    with pytest.raises(ValueError, match="(?s)twice.yaml.*the key 'every' is given twice"):
+        load_config(twice)
+    twice.write_text("val: {every: 3}\ntrain: {epochs: 2}\nval: {every: 1}\n")
+    with pytest.raises(ValueError, match="the key 'val' is given twice"):
+        load_config(twice)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_config("nope")
 
@@ -72,6 +80,11 @@ def test_schedules():
     assert [f(2), f(3), f(6)] == [1.0, 0.5, 0.25]
     with pytest.raises(ValueError, match="scheduler.name"):
         schedule_factor({**base, "name": "cosine"}, 1.0, 10)
+    # a floor above the learning rate would turn the cosine's decay into a climb
+    for name in ("warmup_cosine", "warmup_cosine_restarts"):
+        with pytest.raises(ValueError, match=r"scheduler.min_lr \(0.01\) must not exceed optimizer.lr \(0.001\)"):
+            schedule_factor({**base, "name": name, "min_lr": 0.01}, 1e-3, 10)
+    assert schedule_factor({**base, "name": "warmup_cosine", "min_lr": 1e-3}, 1e-3, 10)(5) == pytest.approx(1.0)
 
 
 def test_train_writes_run_directory_and_eval_reads_it(tmp_path):
@@ -977,6 +990,18 @@ def test_metrics_mirror_to_tensorboard_when_installed(tmp_path, monkeypatch):
     assert ("val/loss", 0.5, 3) in written and ("val/dice_per_class/0", 0.6, 3) in written
     assert not any(w[0] == "val/dice_per_class/1" for w in written) and written[-1] == ("closed",)
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["dice_per_class"] == [0.6, None]
+
+
+def test_metrics_rows_skip_what_a_crash_left(tmp_path):
+    """Resuming reads metrics.jsonl back: a line cut short or holding bytes that are not UTF-8 is dropped."""
+    from fastseg3d.train.logger import MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "loss": 0.5}\n{"step": 2, "lo\xff\xfe\n{"step": 3}\n'
+                                             b'\x00\x00')
+    log = MetricsLogger(tmp_path)
+    assert log.rows() == [{"step": 1, "loss": 0.5}, {"step": 3}]
+    log.truncate_after(1)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
 
 
 def test_non_finite_loss_stops_every_rank(tmp_path):
