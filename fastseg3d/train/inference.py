@@ -48,32 +48,44 @@ _BRATS_REGIONS = ("TC", "WT", "ET")
 
 
 def check_window(model: torch.nn.Module, in_channels: int, roi_size: Sequence[int], name: str,
-                 blend: str = "gaussian") -> None:
+                 blend: str = "gaussian", train_batch: int | None = None) -> None:
     """Raise a ``ValueError`` naming the setting ``name`` when ``model`` (in eval) refuses a ``(1, in_channels,
     *roi_size)`` window, the input :func:`sliding_window_predict` gives it, or, for ``blend="first"``, returns
-    logits of another size, before a run gets to its first validation: the forward runs on a ``meta`` copy (no
-    memory, no time)."""
+    logits of another size, or, with ``train_batch``, when in training it refuses a batch of that many crops of
+    ``roi_size`` (BatchNorm needs more than one value a channel), before a run gets to its first step or
+    validation: the forwards run on a ``meta`` copy (no memory, no time)."""
     try:
         meta = copy.deepcopy(model).to("meta").eval()
     except RuntimeError:  # a module that cannot be copied (weight_norm's computed weight): its first window tells
         return
-    try:
-        with torch.no_grad():
-            out = meta(torch.empty(1, in_channels, *roi_size, device="meta"))
-    except NotImplementedError:  # an op without a meta kernel: the first window tells
+    out = _meta_forward(meta, 1, in_channels, roi_size, f"{name}={list(roi_size)}: the network cannot take "
+                                                        f"windows of that size")
+    if out is None:
         return
-    except (ValueError, RuntimeError) as err:
-        # torch's and MONAI's networks refuse a size with a RuntimeError (a concat of mismatched skips, a kernel
-        # larger than its input); one about the meta device itself (a value read back) says nothing of the size
-        if isinstance(err, RuntimeError) and "meta" in str(err).lower():
-            return
-        raise ValueError(f"{name}={list(roi_size)}: the network cannot take windows of that size "
-                         f"({' '.join(str(err).split())[:300]})") from None
     if blend == "first":
         got = tuple(_first_output(out).shape[2:])
         if got != tuple(roi_size):
             raise ValueError(f"{name}={list(roi_size)}: blend 'first' needs logits the size of the window, the "
                              f"network gives {list(got)}")
+    if train_batch is not None:
+        _meta_forward(meta.train(), train_batch, in_channels, roi_size,
+                      f"{name}={list(roi_size)} in batches of {train_batch} (per process): the network cannot "
+                      f"train on that")
+
+
+def _meta_forward(meta: torch.nn.Module, batch: int, in_channels: int, size: Sequence[int], message: str):
+    """``meta``'s output for a (batch, in_channels, *size) meta input; None where the meta device cannot tell."""
+    try:
+        with torch.no_grad():
+            return meta(torch.empty(batch, in_channels, *size, device="meta"))
+    except NotImplementedError:  # an op without a meta kernel: the first step or window tells
+        return None
+    except (ValueError, RuntimeError) as err:
+        # torch's and MONAI's networks refuse a size with a RuntimeError (a concat of mismatched skips, a kernel
+        # larger than its input); one about the meta device itself (a value read back) says nothing of the size
+        if isinstance(err, RuntimeError) and "meta" in str(err).lower():
+            return None
+        raise ValueError(f"{message} ({' '.join(str(err).split())[:300]})") from None
 
 
 def _check_mode(mode: str) -> None:

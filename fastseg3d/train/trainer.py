@@ -260,7 +260,9 @@ class Trainer:
 
         vcfg = cfg["val"]
         try:  # found now, not in the first step or after the first epoch
-            check_window(self.model, self.data.in_channels, cfg["data"]["spatial_size"], "data.spatial_size")
+            batch = int(cfg["data"]["batch_size"])
+            check_window(self.model, self.data.in_channels, cfg["data"]["spatial_size"], "data.spatial_size",
+                         train_batch=batch // self.world if batch % self.world == 0 else None)
             if int(vcfg["every"]) > 0:
                 check_relabel(vcfg["relabel_small"], self.data.out_channels, "val.relabel_small")
                 if vcfg["roi_size"] or vcfg["blend"] == "first":  # else the windows are the crops checked above

@@ -217,6 +217,19 @@ def test_check_window_names_the_setting_for_a_network_that_raises_runtime_errors
     check_window(ReadsBack(), 1, (5, 5, 5), "val.roi_size")
 
 
+def test_check_window_in_training_names_a_batch_the_network_cannot_train_on():
+    from fastseg3d.train.inference import check_window
+
+    net = nn.Sequential(nn.Conv3d(1, 4, 4, stride=4), nn.BatchNorm3d(4))
+    check_window(net, 1, (4, 4, 4), "data.spatial_size")  # eval: one voxel is fine
+    check_window(net, 1, (4, 4, 4), "data.spatial_size", train_batch=2)
+    check_window(net, 1, (8, 4, 4), "data.spatial_size", train_batch=1)
+    with pytest.raises(ValueError, match=r"data.spatial_size=\[4, 4, 4\] in batches of 1 \(per process\): the "
+                                         r"network cannot train on that \(Expected more than 1 value per channel"):
+        check_window(net, 1, (4, 4, 4), "data.spatial_size", train_batch=1)
+    assert net.training  # the check ran on a copy
+
+
 def test_brats_scoring_refuses_a_spacing_of_another_length():
     from fastseg3d.train.inference import segmentation_metrics
 

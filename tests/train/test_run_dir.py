@@ -249,6 +249,10 @@ def test_usage_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     # training crops the network cannot take (a U-Net of three levels: multiples of 4), with validation off too
     assert "data.spatial_size=[18, 16, 16]: the network cannot take" in error(
         "train", *ONE_EPOCH, "--output-dir", run, "data.spatial_size=[18,16,16]", "val.every=0")
+    # the quickstart SegFormer3D at 32^3 keeps one token at its last stage: a batch of one trains no BatchNorm there
+    assert "data.spatial_size=[32, 32, 32] in batches of 1 (per process): the network cannot train on that" in error(
+        "train", "--config", "quickstart", "--output-dir", run, "data.spatial_size=32", "data.batch_size=1",
+        "data.num_train=2", "data.num_val=1")
     assert "its value is not valid YAML (expected ',' or ']'" in error(
         "train", *ONE_EPOCH, "--output-dir", run, "data.spatial_size=[16, 16, 16")
     assert "'seed' value must be in [0, 1e19)" in error("train", *ONE_EPOCH, "--output-dir", run, "seed=" + "9" * 20)
