@@ -78,10 +78,13 @@ def convert_model(model: nn.Module, *, conv: bool = True, attention: bool = True
       :class:`fastseg3d.nn.DepthwiseConv3d`.
     - ``attention``: every MONAI ``SABlock`` (the attention of ViT and UNETR) becomes a
       :class:`fastseg3d.nn.SABlock`, which runs the flash-style attention kernel and never forms the N x N matrix
-      (blocks with ``causal``, ``rel_pos_embedding``, ``save_attn`` or ``attention_dtype`` stay MONAI's).
+      (blocks with ``causal``, ``rel_pos_embedding``, ``save_attn``, ``attention_dtype`` or a head size other than
+      16, 32, 64 or 128 stay MONAI's).
     - ``norm``: every ``nn.GroupNorm`` becomes a :class:`fastseg3d.nn.GroupNorm` and every ``nn.InstanceNorm3d`` an
       :class:`fastseg3d.nn.InstanceNorm3d` (the fused GroupNorm kernel on volumes; under autocast their output
-      keeps the input's dtype, where torch's GroupNorm returns fp32: off by default for that reason).
+      keeps the input's dtype, where torch's GroupNorm returns fp32: off by default for that reason). For models
+      built from torch's layers: fastseg3d's own networks fuse their norms already (their recomputed norm blocks
+      take torch's norm classes, and run the plain composition on converted ones).
 
     ``torch.fx.symbolic_trace`` and ``torch.jit.script`` cannot follow the swapped layers' forwards, which branch
     on their input: revert the model first (``torch.jit.trace``, ``torch.export`` and ``torch.compile`` take it as

@@ -6,7 +6,7 @@ import torch
 from monai.networks.blocks.selfattention import SABlock as _MonaiSABlock
 
 from fastseg3d import backends
-from fastseg3d.ops.attention import attention
+from fastseg3d.ops.attention import FUSED_HEAD_DIMS, attention
 
 __all__ = ["SABlock"]
 
@@ -19,9 +19,10 @@ class SABlock(_MonaiSABlock):
     the N x N attention matrix is never formed, forward or backward. What the fused kernel has no place for runs
     MONAI's forward (logged once under the ``auto`` backend, ``NotImplementedError`` under ``triton``):
     ``causal=True``, ``rel_pos_embedding``, ``save_attn=True`` (the matrix it saves is never formed),
-    ``attention_dtype`` and an ``attn_mask``. Attention dropout in training runs the op's reference (the kernel
-    has no dropout); in eval there is none, also for ``use_flash_attention=True``, whose MONAI forward passes its
-    dropout rate to ``scaled_dot_product_attention`` in eval too.
+    ``attention_dtype``, a head size other than 16, 32, 64 or 128, and an ``attn_mask``. Attention dropout in
+    training runs the op's reference (the kernel has no dropout); in eval there is none, also for
+    ``use_flash_attention=True``, whose MONAI forward passes its dropout rate to ``scaled_dot_product_attention``
+    in eval too.
 
     :func:`fastseg3d.convert_model` turns the SABlocks of an existing network (UNETR, ViT) into this class, those
     with none of the settings above.
@@ -46,6 +47,8 @@ class SABlock(_MonaiSABlock):
             reasons.append("save_attn=True (the fused kernel never forms the attention matrix)")
         if self.attention_dtype is not None:
             reasons.append(f"attention_dtype={self.attention_dtype} (fused: the input's dtype)")
+        if self.dim_head not in FUSED_HEAD_DIMS:
+            reasons.append(f"dim_head={self.dim_head} (fused: {', '.join(map(str, FUSED_HEAD_DIMS))})")
         return reasons
 
     def unfusable_reasons(self, attn_mask: torch.Tensor | None = None) -> list[str]:

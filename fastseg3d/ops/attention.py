@@ -17,9 +17,9 @@ from fastseg3d import backends
 from fastseg3d.ops import utils
 from fastseg3d.reference.attention import attention_backward_ref, attention_forward_ref, attention_ref
 
-__all__ = ["attention", "attention_unsupported_reasons", "check_dropout", "check_scale"]
+__all__ = ["FUSED_HEAD_DIMS", "attention", "attention_unsupported_reasons", "check_dropout", "check_scale"]
 
-_FUSED_HEAD_DIMS = (16, 32, 64, 128)
+FUSED_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def _validate(q, k, v, scale) -> None:
@@ -66,8 +66,8 @@ def check_dropout(name: str, rate) -> None:
 def attention_unsupported_reasons(q: Tensor, k: Tensor, v: Tensor) -> list[str]:
     """Why the fused kernel cannot take this (already validated) case; empty when it can."""
     reasons = utils.base_reasons(q)
-    if q.shape[-1] not in _FUSED_HEAD_DIMS:
-        reasons.append(f"head_dim={q.shape[-1]} (fused: {', '.join(map(str, _FUSED_HEAD_DIMS))})")
+    if q.shape[-1] not in FUSED_HEAD_DIMS:
+        reasons.append(f"head_dim={q.shape[-1]} (fused: {', '.join(map(str, FUSED_HEAD_DIMS))})")
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         reasons.append("head_dim is not the unit-stride axis of q, k and v")
     if 0 in (q.shape[0], q.shape[1], q.shape[2], k.shape[1]):

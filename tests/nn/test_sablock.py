@@ -71,6 +71,7 @@ def test_matches_monai_forward_and_gradients(kwargs):
     dict(save_attn=True),
     dict(rel_pos_embedding="decomposed", input_size=(3, 3, 3)),
     dict(attention_dtype=torch.float64),
+    dict(dim_head=24),
 ])
 def test_blocks_the_kernel_never_takes_stay_monais(kwargs, caplog):
     """convert_model leaves them MONAI's; built directly, the fused class runs MONAI's forward for them (logged
