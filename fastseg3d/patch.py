@@ -71,7 +71,8 @@ def _swap(model: nn.Module, swaps) -> nn.Module:
 def convert_model(model: nn.Module, *, conv: bool = True, attention: bool = True, norm: bool = False) -> nn.Module:
     """Swap fastseg3d's layers into ``model``, in place (the modules change class, so everything that holds them,
     hooks included, keeps working, and the ``state_dict`` keys stay); returns ``model``, which may itself be such
-    a layer. Parametrized layers (``torch.nn.utils.parametrize``) keep their parametrizations.
+    a layer. Parametrized layers (``torch.nn.utils.parametrize``) keep their parametrizations. Lazy layers
+    (``nn.LazyConv3d``, ...) are matched once a first forward has made them the layers they stand for.
 
     - ``conv``: every depthwise ``nn.Conv3d`` (groups == in == out channels) that the fused kernel takes (stride 1,
       ``padding_mode="zeros"``, odd kernel sizes up to 9; strided down-sampling convs stay as they are) becomes a
