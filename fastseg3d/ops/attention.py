@@ -17,7 +17,7 @@ from fastseg3d import backends
 from fastseg3d.ops import utils
 from fastseg3d.reference.attention import attention_backward_ref, attention_forward_ref, attention_ref
 
-__all__ = ["FUSED_HEAD_DIMS", "attention", "attention_unsupported_reasons", "check_dropout", "check_scale"]
+__all__ = ["attention", "attention_unsupported_reasons"]  # the checks and head dims serve fastseg3d.nn
 
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 
