@@ -294,7 +294,7 @@ class EagerOp:
                 raise TypeError(f"{name}: an EagerOp takes tensors, optional tensors and lists of tensors, not "
                                 f"{a.type} ({a.name})")
         EAGER_OPS[name] = self
-        self.op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        self.op = torch.library.triton_op(name, mutates_args=mutates_args)(_plain_tensor_body(fn))
         self._fn = fn
         self._function: type[torch.autograd.Function] | None = None
         self._apply: Callable | None = None
@@ -393,6 +393,33 @@ def eager_op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable[[Callabl
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_NO_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def _plain(a):
+    """``a`` as a plain tensor where it is an instance of a subclass that only overrides ``__torch_function__``
+    (MONAI's MetaTensor), else ``a``; tensor lists element-wise."""
+    if isinstance(a, torch.Tensor):
+        t = type(a)
+        return a if t in _PLAIN_TENSORS or t.__torch_dispatch__ is not _NO_DISPATCH else a.as_subclass(torch.Tensor)
+    if isinstance(a, list):
+        return [_plain(t) for t in a]
+    return a
+
+
+def _plain_tensor_body(fn: Callable) -> Callable:
+    """The dispatcher's body of an op: ``fn`` on its arguments with the tensors of ``__torch_function__`` subclasses
+    as plain tensors (aliases of the same memory). Such a subclass reaches the body as itself, and its Python
+    overrides (MetaTensor's ``new_empty``) would run inside the op and the kernels' launches (Triton's interpreter
+    copies arguments with ``new_empty``); the subclass's ``__torch_function__`` still wraps the op's outputs.
+    Subclasses that dispatch (fake and functional tensors) are the tracing machinery's and stay as they are."""
+
+    def body(*args):
+        return fn(*(_plain(a) for a in args))
+
+    body.__name__, body.__qualname__, body.__module__ = fn.__name__, fn.__qualname__, fn.__module__
+    body.__signature__ = inspect.signature(fn, eval_str=True)  # infer_schema reads strings in body's globals
+    return body
 
 
 def _eager_grad(args, lists: tuple[int, ...] = ()) -> bool | None:
