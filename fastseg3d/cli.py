@@ -297,10 +297,23 @@ def _profile_config(args: argparse.Namespace, cfg: dict) -> int:
     if tcfg["activation_checkpointing"]:
         print("  train.activation_checkpointing is on: not modelled, these are the counts without it")
     if args.max_memory is not None:
-        side = largest_cube(step, batch, channels[0], int(args.max_memory * 2**30), dtype, states)
+        # sides in steps the network takes (a deeper U-Net's stride is 64 or more)
+        multiple = math.lcm(32, _input_stride(model))
+        side = largest_cube(step, batch, channels[0], int(args.max_memory * 2**30), dtype, states,
+                            multiple=multiple, start=max(64, multiple))
         print(f"  largest cube at batch {batch} whose estimate fits {args.max_memory:g} GiB: "
               + (f"{side}^3" if side else "none"))
     return 0
+
+
+def _input_stride(model) -> int:
+    """What every input side of ``model`` must be a multiple of: the ``total_stride`` (per axis: their least common
+    multiple, for a cube) or ``divisor`` of its first module that has one, else 1."""
+    for m in model.modules():
+        stride = getattr(m, "total_stride", None) or getattr(m, "divisor", None)
+        if stride:
+            return math.lcm(*stride) if isinstance(stride, (tuple, list)) else int(stride)
+    return 1
 
 
 def _train_step(model, objective, mode: str, num_classes: int):

@@ -407,28 +407,40 @@ def largest_cube(
 ) -> int:
     """The largest cube side (a multiple of ``multiple``, at most ``max_side``) whose :func:`training_memory` at
     ``batch`` fits in ``budget`` bytes; 0 when none does. From ``start`` it doubles, then bisects (the count grows
-    with the side); below ``start`` it steps down by ``multiple``."""
+    with the side); below ``start`` it steps down by ``multiple``. A side the network refuses (its ``ValueError``:
+    not a multiple of its stride, a one-voxel bottleneck) counts as not fitting, and a refused ``start`` moves up
+    to the first side it takes (up to four times ``start``; beyond, its error is raised). Pass the network's stride
+    (or a multiple of it) as ``multiple`` for an exact answer, as ``fastseg3d profile --max-memory`` does."""
     for name, value, low in (("batch", batch, 1), ("in_channels", in_channels, 1), ("budget", budget, 0),
                              ("multiple", multiple, 1), ("start", start, 1), ("max_side", max_side, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
-    def fits(side: int) -> bool:
-        shape = (batch, in_channels, side, side, side)
-        return training_memory(model, shape, dtype, optimizer_states)["total"] <= budget
+    refusals = []
+
+    def fits(side: int) -> bool | None:
+        """Whether ``side`` fits; None where the network refuses it."""
+        try:
+            return training_memory(model, (batch, in_channels, side, side, side), dtype,
+                                   optimizer_states)["total"] <= budget
+        except ValueError as e:
+            refusals.append(e)
+            return None
 
     top = max_side // multiple * multiple
     start = min(max(start // multiple, 1) * multiple, top)
     if start <= 0:
         return 0
-    if not fits(start):
-        for side in range(start - multiple, 0, -multiple):
-            try:
-                if fits(side):
-                    return side
-            except ValueError:  # a side the network refuses to train (not a multiple of its stride, say)
-                continue
-        return 0
+    ok, first = fits(start), start
+    # the smallest sides may be too small for the network (a one-voxel bottleneck) or off its stride; refused up to
+    # four times the start, the input is the caller's mistake (its channels, say): the start side's error says so
+    while ok is None and start + multiple <= min(top, 4 * first):
+        start += multiple
+        ok = fits(start)
+    if ok is None:
+        raise refusals[0]
+    if not ok:
+        return next((side for side in range(start - multiple, 0, -multiple) if fits(side)), 0)
     good, bad = start, None
     while bad is None:
         side = min(2 * good, top)

@@ -237,6 +237,19 @@ def test_profile_of_a_network_with_one_input_size(capsys):
     assert err.startswith("error: the network cannot run a training step at this size") and err.count("\n") == 1
 
 
+def test_profile_largest_cube_steps_by_the_networks_stride(capsys):
+    """A 7-level U-Net (stride 64): the search ended with the network's error about a side no one asked for (64^3,
+    a one-voxel bottleneck; 160^3, off its stride); it now tries multiples of 64 from 128."""
+    import re
+
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "dsd_unet", "--size", "128", "--batch", "1", "--dtype", "bf16",
+                 "model.kwargs.channels=[4,4,4,4,4,4,4]", "--max-memory", "2"]) == 0
+    side = int(re.search(r"largest cube at batch 1 whose estimate fits 2 GiB: (\d+)\^3", capsys.readouterr().out)[1])
+    assert side >= 128 and side % 64 == 0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--batch", "0"], "--batch: must be a positive integer, got 0"),
     (["--batch", "-2"], "--batch: must be a positive integer, got -2"),

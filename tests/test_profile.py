@@ -101,6 +101,19 @@ def test_largest_cube_below_the_sides_a_network_trains_is_none():
         largest_cube(SegFormer3D(), 1, 3, 10 * 2**20, torch.bfloat16)
 
 
+def test_largest_cube_of_a_network_with_a_larger_stride():
+    """A 7-level U-Net (stride 64) refuses 64^3 (a one-voxel bottleneck) and 96^3 (off its stride): the start moves
+    up to 128, and refused sides count as not fitting, where they ended the search with the network's error."""
+    from fastseg3d.networks import UNet
+    from fastseg3d.profile import largest_cube, training_memory
+
+    net = UNet(3, 1, 2, channels=(4,) * 7)
+    budget = training_memory(net, (1, 1, 256, 256, 256), torch.bfloat16)["total"]
+    assert largest_cube(net, 1, 1, budget, torch.bfloat16) == 256
+    assert largest_cube(net, 1, 1, budget, torch.bfloat16, multiple=64) == 256
+    assert largest_cube(net, 1, 1, budget - 1, torch.bfloat16, multiple=64) == 192
+
+
 class _DropsAGraph(nn.Module):
     """Builds and drops small graphs before the tensors it keeps: their freed storages' addresses come back."""
 

@@ -282,7 +282,8 @@ class MISSU(nn.Module):
 
     Training returns ``(logits, pairs)`` with ``pairs = [(y4, x3), (y3, x2), (y2, x1)]``: each decoder output (through
     the fusion block when there is one) with the encoder skip of its shape, the inputs of
-    :class:`fastseg3d.losses.MISSUDistillLoss`. Eval returns the logits.
+    :class:`fastseg3d.losses.MISSUDistillLoss`. Eval returns the logits. Input sides must be positive multiples of
+    8 (and in training at batch 1 not all 8: the bottleneck's BatchNorm would see one voxel).
 
     Args:
         spatial_dims: must be 3.
@@ -380,6 +381,11 @@ class MISSU(nn.Module):
                 raise ValueError(
                     f"input spatial dimension {axis} (size {size}) must be a positive multiple of the total stride 8"
                 )
+        if self.training and x.shape[0] == 1 and all(size == 8 for size in x.shape[2:]):
+            # the bottleneck's BatchNorm would see one value per channel: ATen's error names neither size nor fix
+            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} leaves a one-voxel bottleneck (sides / 8), "
+                             "which the bottleneck's BatchNorm cannot normalise in training at batch 1: make one side "
+                             "16 or more, or train at batch 2 or more")
         # autocast's weight casts in one launch each way (a training step); linear_encoding never runs
         with autocast_weights(self, exclude=(self.linear_encoding,)):
             x1, x2, x3, x4 = self.Unet(x)

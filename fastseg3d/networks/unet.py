@@ -132,7 +132,9 @@ class UNet(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: input channels.
         out_channels: classes (logits, no activation).
-        channels: channels per level, at least two levels; inputs sides must be divisible by 2**(levels-1).
+        channels: channels per level, at least two levels; input sides must be divisible by 2**(levels-1), and
+            not all equal to it (a one-voxel bottleneck) with instance norm, or with batch norm when training at
+            batch 1.
         norm: "instance" (affine InstanceNorm, as nnU-Net) or "batch", in any case (MONAI's ``Norm`` names), or
             MONAI's ``(name, kwargs)`` form with the kwargs ``affine`` and ``eps`` (instance), ``eps`` and
             ``momentum`` (batch).
@@ -177,6 +179,7 @@ class UNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.channels = channels
+        self._norm_kind = norm[0]
         pool = nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
         stages = [_ConvBlock(spatial_dims, in_channels, channels[0], norm, act)]
         for i in range(1, len(channels)):
@@ -212,6 +215,14 @@ class UNet(nn.Module):
                     f"input spatial dimension {axis} (size {size}) must be a positive multiple of {self.divisor} "
                     f"(2**(levels-1) for {self.levels} levels)"
                 )
+        if all(size == self.divisor for size in x.shape[2:]) and (
+                self._norm_kind == "instance" or (self.training and x.shape[0] == 1)):
+            # the bottleneck's norm would see one value per channel: ATen's error names neither the size nor the fix
+            what = ("InstanceNorm cannot normalise" if self._norm_kind == "instance"
+                    else "BatchNorm cannot normalise in training at batch 1")
+            raise ValueError(f"input of spatial size {tuple(x.shape[2:])} leaves a one-voxel bottleneck (sides / "
+                             f"{self.divisor}), which the bottleneck's {what}: make one side {2 * self.divisor} or "
+                             "more" + ("" if self._norm_kind == "instance" else ", or train at batch 2 or more"))
         with autocast_weights(self):  # autocast's weight casts in one launch each way (a training step)
             skips = []
             for stage in self.encoder:

@@ -117,6 +117,15 @@ def test_bad_arguments():
         net(torch.randn(1, 2, 8, 8, 6))
     with pytest.raises(ValueError, match="dimension 0 \\(size 0\\) must be a positive multiple of 4"):
         net(torch.randn(1, 2, 0, 8, 8))
+    # a one-voxel bottleneck: ATen's norm error ("when training", even in eval) named neither the size nor the fix
+    with pytest.raises(ValueError, match=r"\(4, 4, 4\) leaves a one-voxel bottleneck .* InstanceNorm.* side 8"):
+        net.eval()(torch.randn(1, 2, 4, 4, 4))
+    assert net(torch.randn(1, 2, 4, 4, 8)).shape == (1, 2, 4, 4, 8)
+    batch = UNet(2, 2, 2, channels=(4, 8), norm="batch")
+    with pytest.raises(ValueError, match=r"\(2, 2\) leaves a one-voxel bottleneck .* batch 1: .* batch 2 or more"):
+        batch.train()(torch.randn(1, 2, 2, 2))
+    assert batch(torch.randn(2, 2, 2, 2)).shape == (2, 2, 2, 2)  # training at batch 2, and eval at batch 1
+    assert batch.eval()(torch.randn(1, 2, 2, 2)).shape == (1, 2, 2, 2)
     with pytest.raises(ValueError, match="even channel counts"):  # SelfReg halves each tapped feature's channels
         selfreg_unet(3, 1, 2, channels=(4, 7, 16))
     odd_first = selfreg_unet(3, 1, 2, channels=(3, 8, 16))  # channels[0] feeds only F_final, which is not halved
