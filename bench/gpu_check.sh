@@ -19,17 +19,34 @@
 # rows are written as they are measured. What a box or the budget did not reach is listed at the end: run again
 # with BENCH_CASES (and SKIP_TESTS=1). The end of the report checks the issues' targets on the rows on disk.
 # Wheels in $WHEELS (default .whl/) are installed only for packages the image lacks (monai, nibabel, xformers,
-# liger_kernel, ...); torch and triton come with the image. SKIP_INSTALL=1 leaves the project's install as it is.
+# liger_kernel, ...); torch and triton come with the image (WHEEL_SITE: where they install, default /tmp/site).
+# SKIP_INSTALL=1 leaves the project's install as it is. TEST_WORKERS (default 12) pytest-xdist workers,
+# TEST_CASE_TIMEOUT (default 150) seconds for one test.
+# Exit status: 0 all done and passed; 1 a test, step or report failed; 2 a setting is wrong (nothing ran);
+# 3 the test tier was cut by its box (or had no time left), nothing failed.
 set -uo pipefail
 START=$SECONDS
 BUDGET="${BUDGET:-570}"
 OUT="${OUT:-$PWD/gpu_out}"
 WHEELS="${WHEELS:-.whl}"
 SITE="${WHEEL_SITE:-/tmp/site}"  # where carried wheels install (the image's site-packages stay as they are)
+# whole seconds only (bash arithmetic): "5m" would end the tier's or a loop's arithmetic and skip it silently
+for var in BUDGET TEST_TIMEOUT TEST_CASE_TIMEOUT CASE_LIMIT LARGEST_CUBE_LIMIT LARGEST_CUBE_MAX_SIDE HOST_PROFILE_LIMIT \
+           TUNE_LIMIT WARM_LIMIT; do
+  value="${!var-}"
+  if [ -n "$value" ] && ! [[ "$value" =~ ^[0-9]+$ ]]; then
+    echo "gpu_check: $var=$value must be a whole number (of seconds, or of voxels for LARGEST_CUBE_MAX_SIDE)"; exit 2
+  fi
+done
+if [ -n "${TESTS_PASSED:-}" ] && [ "${SKIP_TESTS:-0}" = 0 ] && [ ! -f "$TESTS_PASSED" ]; then
+  echo "TESTS_PASSED=$TESTS_PASSED: no such file (copy the returned gpu_results.txt into the tree)"; exit 2
+fi
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1
 
 left() { echo $(( BUDGET - (SECONDS - START) )); }
+# what follows the last step: the report, the targets, the cache report and the archive
+TAIL=30
 
 if compgen -G "$WHEELS/*.whl" > /dev/null; then
   missing=()
@@ -70,8 +87,12 @@ if [ -f "$CACHE_TARBALL" ]; then
 fi
 if [ -n "${WARM_PLAN:-}" ]; then
   read -ra warm_plan <<< "$WARM_PLAN"
-  timeout -k 10 "${WARM_LIMIT:-150}" python3 -m bench.warm_cache --plan "${warm_plan[@]}" --cache-dir "$TRITON_CACHE_DIR" \
-    || echo "warm_cache: failed or cut by its ${WARM_LIMIT:-150} s box"
+  # within the budget, leaving the tier a minute at the least
+  warm_box=$(( $(left) - TAIL - 60 < ${WARM_LIMIT:-150} ? $(left) - TAIL - 60 : ${WARM_LIMIT:-150} ))
+  if [ "$warm_box" -ge 10 ]; then
+    timeout -k 10 "$warm_box" python3 -m bench.warm_cache --plan "${warm_plan[@]}" --cache-dir "$TRITON_CACHE_DIR" \
+      || echo "warm_cache: failed or cut by its ${warm_box} s box"
+  fi
 fi
 FASTSEG3D_COMMIT="${FASTSEG3D_COMMIT:-$(python3 -c "from bench.utils import git_commit; print(git_commit())" \
   2>/dev/null || echo unknown)}"
@@ -91,8 +112,11 @@ cat "$OUT/info.txt"
 status=0
 tier_cut=0
 not_run=()
-if [ "${SKIP_TESTS:-0}" = 0 ]; then
-  t=$(( $(left) < ${TEST_TIMEOUT:-300} ? $(left) : ${TEST_TIMEOUT:-300} ))
+# the tier's box keeps the tail's time back, so that a tier taking all it may still leaves its results archived
+t=$(( $(left) - TAIL < ${TEST_TIMEOUT:-300} ? $(left) - TAIL : ${TEST_TIMEOUT:-300} ))
+if [ "${SKIP_TESTS:-0}" = 0 ] && [ "$t" -lt 30 ]; then
+  echo "GPU tier: not run, ${t} s left of BUDGET=${BUDGET}s after the setup"; tier_cut=1
+elif [ "${SKIP_TESTS:-0}" = 0 ]; then
   # Most of the GPU tier's time is Triton compiling a few hundred specialisations on one core: spread the tests
   # over processes (pytest-xdist is in the GPU image) so the compiles run side by side.
   # -v names each test as it ends, so a log cut by the box still says what passed and failed; a test file that
@@ -105,7 +129,6 @@ if [ "${SKIP_TESTS:-0}" = 0 ]; then
   # tree> leaves out the tests that passed there, and the new file starts with them, so it stays the whole record
   export FASTSEG3D_RESULTS_LOG="$OUT/gpu_results.txt"
   if [ -n "${TESTS_PASSED:-}" ]; then
-    [ -f "$TESTS_PASSED" ] || { echo "TESTS_PASSED=$TESTS_PASSED: no such file (copy the returned gpu_results.txt into the tree)"; exit 2; }
     # a copy: TESTS_PASSED may name the log itself
     cp "$TESTS_PASSED" /tmp/gpu_tests_passed.txt
     export FASTSEG3D_SKIP_PASSED=/tmp/gpu_tests_passed.txt
@@ -137,9 +160,15 @@ if [ "${SKIP_TESTS:-0}" = 0 ]; then
   rc=$?
   # 124 (its box closed) or 137 would read as the whole call timing out to the caller: a cut tier ends the script
   # with 3 (where nothing failed), a killed one with 1
+  # pytest's own codes would read as this script's (3: cut, 2: a wrong setting): 1 for all but "no tests" left
+  # after TESTS_PASSED (5: every test had passed)
   if [ "$rc" -eq 124 ]; then echo "GPU tier: cut by its ${t} s box"; tier_cut=1;
   elif [ "$rc" -gt 128 ]; then echo "GPU tier: killed by signal $(( rc - 128 ))"; status=1;
-  elif [ "$rc" -ne 0 ]; then status=$rc; fi
+  elif [ "$rc" -eq 5 ] && [ -n "${TESTS_PASSED:-}" ]; then echo "GPU tier: every test had passed in $TESTS_PASSED";
+  elif [ "$rc" -ne 0 ]; then
+    [ "$rc" -eq 1 ] || echo "GPU tier: pytest exited $rc (2 interrupted, 3 internal error, 4 usage, 5 no tests)"
+    status=1
+  fi
   tail -n 25 "$OUT/gpu_tests.log"
   # the last line of each test decides; a test not listed did not end within the box
   # (node ids may hold blanks: the id is the line after its first word)
@@ -211,7 +240,7 @@ TUNE_OPS="${TUNE_OPS-}"
 TUNE_LIMIT="${TUNE_LIMIT:-60}"
 n_tune=$(wc -w <<< "$TUNE_OPS")
 # the sweeps, searches, profiles and the report
-RESERVE=$(( n_tune * TUNE_LIMIT + ${CUBE_MODELS:+CUBE_LIMIT} + ${PROFILE_MODELS:+PROFILE_LIMIT} + 15 ))
+RESERVE=$(( n_tune * TUNE_LIMIT + ${CUBE_MODELS:+CUBE_LIMIT} + ${PROFILE_MODELS:+PROFILE_LIMIT} + TAIL ))
 if [ "$PLAN" = targets ]; then
   # the cases with targets first, SegFormer3D's (whose compiled peers compile whole training graphs) leading; the
   # others run in what is left
@@ -238,7 +267,7 @@ for case in ${BENCH_CASES-$DEFAULT_CASES}; do
 done
 
 for op in $TUNE_OPS; do
-  t=$(( $(left) - 15 < TUNE_LIMIT ? $(left) - 15 : TUNE_LIMIT ))
+  t=$(( $(left) - TAIL < TUNE_LIMIT ? $(left) - TAIL : TUNE_LIMIT ))
   if [ "$t" -lt 20 ]; then not_run+=("tune:$op"); continue; fi
   # --time-limit stops new candidates; the JSON is written after each shape
   timeout "$t" python3 -m bench.tune "$op" --time-limit $(( t - 10 )) --out "$OUT/results/tune_$op.json" \
@@ -251,7 +280,7 @@ for op in $TUNE_OPS; do
 done
 
 for model in $PROFILE_MODELS; do
-  t=$(( $(left) - 15 < PROFILE_LIMIT ? $(left) - 15 : PROFILE_LIMIT ))
+  t=$(( $(left) - TAIL < PROFILE_LIMIT ? $(left) - TAIL : PROFILE_LIMIT ))
   if [ "$t" -lt 20 ]; then not_run+=("host_profile:$model"); continue; fi
   timeout "$t" python3 -m bench.host_profile "$model" --out "$OUT/results/host_profile_$model.txt" \
     > /dev/null 2>> "$OUT/bench.log"
@@ -262,7 +291,7 @@ for model in $PROFILE_MODELS; do
 done
 
 if [ -n "$CUBE_MODELS" ]; then
-  t=$(( $(left) - 15 < CUBE_LIMIT ? $(left) - 15 : CUBE_LIMIT ))
+  t=$(( $(left) - TAIL < CUBE_LIMIT ? $(left) - TAIL : CUBE_LIMIT ))
   if [ "$t" -ge 20 ]; then
     models=(); for m in $CUBE_MODELS; do models+=(--model "$m"); done
     timeout "$t" python3 -m bench.largest_cube "${models[@]}" --max-side "$CUBE_MAX_SIDE" --out "$OUT/results" \
@@ -280,12 +309,14 @@ if [ -n "$CUBE_MODELS" ]; then
 fi
 
 # tables and plots from every row on disk, so a case stopped by its box still shows what it measured
-python3 -m bench.run --report --out "$OUT/results" --plot > "$OUT/bench_table.txt" 2>> "$OUT/bench.log"
-python3 -m bench.targets --out "$OUT/results" > "$OUT/results/targets.txt" 2>> "$OUT/bench.log"
+python3 -m bench.run --report --out "$OUT/results" --plot > "$OUT/bench_table.txt" 2>> "$OUT/bench.log" \
+  || echo "bench.run --report failed or found no rows (bench.log)"
+python3 -m bench.targets --out "$OUT/results" > "$OUT/results/targets.txt" 2>> "$OUT/bench.log" \
+  || { echo "bench.targets failed (bench.log)"; status=1; }
 cp "$OUT/info.txt" "$OUT/results/"
 cat "$OUT/results/targets.txt" >> "$OUT/bench_table.txt"
 cat "$OUT/bench_table.txt"
-grep -E "skipped|time limit|out of memory|Error|falls back" "$OUT/bench.log" | tail -n 30
+grep -E "skipped|time limit|out of memory|Error|falls back|left out|set aside" "$OUT/bench.log" | tail -n 30
 if [ ${#not_run[@]} -gt 0 ]; then
   cases=()
   for c in "${not_run[@]}"; do case "$c" in largest_cube|host_profile:*|tune:*) ;; *) cases+=("$c") ;; esac; done

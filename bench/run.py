@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench.run") -> in
         for suite in SUITES:
             path = out / f"{suite}.jsonl"
             if path.exists():
-                rows += [r for r in utils.read_rows(path) if r.get("case") in names]
+                rows += utils.timing_rows([r for r in utils.read_rows(path) if r.get("case") in names], str(path))
         if not rows:
             print(f"no rows of {', '.join(sorted(names))} under {out}", file=sys.stderr)
             return 1

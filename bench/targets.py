@@ -40,7 +40,11 @@ def _index(rows: list[dict]) -> dict:
 
 def _get(idx, case, shape, dtype, mode, provider, key="median_ms"):
     row = idx.get((case, shape, dtype, mode, provider))
-    return None if row is None else row.get(key)
+    value = None if row is None else row.get(key)
+    # times, peaks and shares are positive finite numbers; anything else is not a measurement (a damaged or foreign
+    # row may hold anything)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return value if ok else None
 
 
 def _speedup(case, shape, dtype, mode, peer, provider="fastseg3d", key="median_ms"):
@@ -195,8 +199,8 @@ def check(rows: list[dict]) -> list[tuple[Target, float | None, str]]:
     out = []
     for t in TARGETS:
         value = t.measure(idx)
-        if value is None:
-            verdict = "not measured"
+        if value is None or (not isinstance(value, Bounds) and math.isnan(value)):
+            value, verdict = None, "not measured"
         elif isinstance(value, Bounds):
             if value.lo >= t.need:
                 verdict = "met"
@@ -234,8 +238,12 @@ def load_rows(out: Path) -> list[dict]:
         if path.exists():
             rows += utils.read_rows(path)
     if rows:
-        newest = max(rows, key=lambda r: r.get("date") or "").get("commit")
-        rows = [r for r in rows if r.get("commit") == newest]
+        newest = max(rows, key=lambda r: str(r.get("date") or "")).get("commit")
+        kept = [r for r in rows if r.get("commit") == newest]
+        if len(kept) < len(rows):
+            print(f"targets on the {len(kept)} rows of commit {newest} (the newest row's); {len(rows) - len(kept)} "
+                  "rows of other commits set aside", file=sys.stderr)
+        rows = kept
     for r in rows:  # largest_cube rows name the network under "model"
         if r.get("case") == "largest_cube":
             r["shape"] = r.get("model")

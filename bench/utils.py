@@ -316,7 +316,46 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 
 def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The JSON objects of ``path``, one a line. A line that is not one (cut by a full disk, merged by hand) is left
+    out with a warning naming it: one bad line must not cost a GPU session's whole report."""
+    rows = []
+    with path.open(errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                print(f"{path}:{number}: not a JSON object, left out: {line.strip()[:60]!r}", file=sys.stderr)
+    return rows
+
+
+_LABEL_KEYS = ("case", "shape", "dtype", "mode", "provider")
+
+
+def timing_rows(rows: list[dict], source: str) -> list[dict]:
+    """The rows a table, plot or target can use: labels (case, shape, dtype, mode, provider) as strings and positive
+    finite median, p20 and p80 times (as ``bench.run`` writes them); the others are left out with a warning naming
+    ``source``, so that a foreign or damaged row does not cost the rest."""
+    out = []
+    for r in rows:
+        bad = [k for k in _LABEL_KEYS if not isinstance(r.get(k), str)]
+        bad += [k for k in ("median_ms", "p20_ms", "p80_ms") if not _positive(r.get(k))]
+        if bad:
+            print(f"{source}: a row of {', '.join(str(r.get(k)) for k in _LABEL_KEYS)} left out: no usable "
+                  + ", ".join(bad), file=sys.stderr)
+        else:
+            out.append(r)
+    return out
+
+
+def _positive(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            and value != float("inf"))
 
 
 def counterpart(provider: str, providers) -> str | None:
@@ -345,19 +384,30 @@ def format_table(rows: list[dict]) -> str:
             ours = by_provider.get(counterpart(provider, by_provider) or "")
             peer = ours is not None
             speedup = f"{r['median_ms'] / ours['median_ms']:.2f}" if peer else ""
-            mem_x = (f"{r['peak_mem_mb'] / ours['peak_mem_mb']:.2f}"
-                     if peer and r["peak_mem_mb"] is not None and ours["peak_mem_mb"] else "")
-            mem = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
-            host = f"{r['host_ms']:.4f}" if r.get("host_ms") is not None else "-"
-            graph = f"{r['graph_ms']:.4f}" if r.get("graph_ms") is not None else "-"
-            roof = f"{r['roofline_pct']:.1f}" if r["roofline_pct"] is not None else "-"
-            bw = f"{r['bandwidth_pct']:.1f}" if r.get("bandwidth_pct") is not None else "-"
-            exp = f"{r['exp_pct']:.1f}" if r.get("exp_pct") is not None else "-"  # rows older than the key lack it
+            peak, our_peak = _number(r.get("peak_mem_mb")), _number(ours.get("peak_mem_mb")) if peer else None
+            mem_x = f"{peak / our_peak:.2f}" if peak is not None and our_peak else ""
+            mem = _shown(peak, ".0f")
+            host, graph = _shown(_number(r.get("host_ms")), ".4f"), _shown(_number(r.get("graph_ms")), ".4f")
+            roof = _shown(_number(r.get("roofline_pct")), ".1f")
+            bw = _shown(_number(r.get("bandwidth_pct")), ".1f")
+            exp = _shown(_number(r.get("exp_pct")), ".1f")  # rows older than the key lack it
             bound = r.get("roofline_bound") or "-"
             lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
                          f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {host:>8} {graph:>8} {mem:>9} {roof:>9} "
                          f"{bound:>6} {bw:>6} {exp:>5} {speedup:>11} {mem_x:>6}")
     return "\n".join(lines)
+
+
+def _number(value) -> float | None:
+    """``value`` where it is a finite number, else None (a row from another writer may hold anything)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) != float("inf") \
+            and value == value:
+        return value
+    return None
+
+
+def _shown(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
@@ -377,7 +427,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
     def value(label, provider, key):
         row = index.get((*label, provider))
-        return None if row is None else row.get(key)
+        return None if row is None else _number(row.get(key))
 
     def ratio(label, provider, key):
         # the counterpart among the providers measured at this label, as the table picks it
@@ -412,8 +462,8 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     axes[-1].set_xticks(range(len(labels)))
     axes[-1].set_xticklabels(["\n".join(label) for label in labels], fontsize=7)
     meta = rows[0]
-    axes[0].set_title(f"{meta['case']} on {meta['device']} (torch {meta['torch']}, triton {meta['triton']})",
-                      fontsize=9)
+    axes[0].set_title(f"{meta['case']} on {meta.get('device')} (torch {meta.get('torch')}, triton "
+                      f"{meta.get('triton')})", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -1722,3 +1722,58 @@ def test_host_times_are_per_step_whatever_the_number_of_steps():
     (one, launches_one), (two, launches_two) = json.loads(out.stdout.splitlines()[-1])
     assert one == two and launches_one == launches_two > 0
     assert sum(launches for _, launches in one.values()) == launches_one
+
+
+def test_report_and_targets_leave_out_damaged_lines_and_rows(tmp_path, capsys):
+    """A line cut short (a full disk), a line that is not an object, and rows with no usable label or time (None,
+    0, a string, a key missing) are left out with a warning naming them: they used to end the report, its plots
+    and every target verdict with a traceback."""
+    from bench import targets
+
+    train = {"suite": "model", "case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step",
+             "p20_ms": 1.0, "p80_ms": 1.0, "commit": "c", "date": "2026-01-01T00:00:00Z"}
+    good = [{**train, "provider": "fastseg3d", "median_ms": 10.0}, {**train, "provider": "plain", "median_ms": 30.0}]
+    odd = [{**train, "provider": "plain+torch.compile", "median_ms": None},
+           {**train, "provider": "plain+torch.compile", "median_ms": 0},
+           {**train, "provider": "plain+torch.compile", "median_ms": "fast"},
+           {k: v for k, v in {**train, "provider": "fastseg3d+cuda-graph", "median_ms": 2.0}.items() if k != "shape"}]
+    text = "".join(json.dumps(r) + "\n" for r in good + odd) + "[1, 2]\n" + json.dumps(good[0])[:40] + "\n"
+    (tmp_path / "model.jsonl").write_text(text)
+    assert run.main(["--report", "--plot", "--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert [line.split()[4] for line in captured.out.splitlines()[1:]] == ["fastseg3d", "plain"]
+    assert "model.jsonl:7: not a JSON object" in captured.err and "model.jsonl:8: not a JSON object" in captured.err
+    assert captured.err.count("left out: no usable median_ms") == 3 and "no usable shape" in captured.err
+    assert (tmp_path / "segformer3d.png").exists()
+    results = {t.what: (value, verdict) for t, value, verdict in targets.check(targets.load_rows(tmp_path))}
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (3.0, "met")
+    # the last plain+torch.compile row (a string) is not a measurement
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled"] == (None, "not measured")
+
+
+def test_targets_say_which_commits_rows_they_read(tmp_path, capsys):
+    from bench import targets
+
+    rows = [{"case": "segformer3d", "provider": "fastseg3d", "median_ms": 1.0, "commit": c, "date": d}
+            for c, d in (("old", "2025-01-01"), ("old", "2025-01-02"), ("new", "2026-01-01"))]
+    (tmp_path / "model.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(targets.load_rows(tmp_path)) == 1
+    assert "targets on the 1 rows of commit new (the newest row's); 2 rows of other commits set aside" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"TEST_TIMEOUT": "5m"}, "TEST_TIMEOUT=5m must be a whole number"),
+    ({"BUDGET": "10m"}, "BUDGET=10m must be a whole number"),
+    ({"CASE_LIMIT": "60s"}, "CASE_LIMIT=60s must be a whole number"),
+    ({"LARGEST_CUBE_LIMIT": "-1"}, "LARGEST_CUBE_LIMIT=-1 must be a whole number"),
+    ({"TESTS_PASSED": "no/such/file.txt"}, "TESTS_PASSED=no/such/file.txt: no such file"),
+])
+def test_gpu_check_refuses_wrong_settings_before_anything_runs(tmp_path, env, message):
+    """A unit on a number ("5m") skipped the test tier or every benchmark silently (bash arithmetic), or killed the
+    script with nothing archived; a missing TESTS_PASSED was found after the install and cache steps."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(out), **env}, timeout=60)
+    assert proc.returncode == 2 and message in proc.stdout, proc.stdout + proc.stderr
+    assert not out.exists()
