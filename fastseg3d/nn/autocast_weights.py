@@ -91,6 +91,7 @@ def autocast_weights(*modules: nn.Module, exclude: Iterable[nn.Module] = ()) -> 
         >>> model[0].weight.grad.dtype
         torch.float32
     """
+    exclude = tuple(exclude)  # read once: an iterator would be spent by the check below
     for module in (*modules, *exclude):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
@@ -98,7 +99,7 @@ def autocast_weights(*modules: nn.Module, exclude: Iterable[nn.Module] = ()) -> 
         raise TypeError("autocast_weights needs at least one module")
     if torch.compiler.is_compiling():  # Dynamo would run a whole frame eagerly on a graph break in a Python context
         return contextlib.nullcontext()
-    return _AutocastWeights(modules, tuple(exclude))
+    return _AutocastWeights(modules, exclude)
 
 
 class _AutocastWeights:

@@ -119,9 +119,11 @@ class _BatchNormActLinear(torch.autograd.Function):
             h = _tokens(group_norm_act_recompute(x, bn_weight, bn_bias, mean, rstd, ctx.activation, 0.0,
                                                  out_dtype=g.dtype))
         else:
-            # z = bn(x) with the batch statistics in one pass: BatchNorm's inference form, given the batch mean and
-            # the variance whose eps-shifted inverse square root is rstd (per channel statistics: this is free)
-            z = F.batch_norm(x, mean, rstd.pow(-2) - ctx.eps, bn_weight, bn_bias, False, 0.0, ctx.eps)
+            # z = bn(x) as the forward made it: BatchNorm's training form again (a statistics pass more). Its
+            # inference form with the saved statistics differs in the last bits, and where x equals the mean (a
+            # constant channel, in bf16 or fp16) the forward's z is exactly 0 and the recomputed one is not: ReLU's
+            # gradient passed there, scaled by rstd (~300x the gradients around it) where the forward's gives 0
+            z = torch.native_batch_norm(x, bn_weight, bn_bias, None, None, True, 0.0, ctx.eps)[0]
             h = _tokens(_act_as(z, (ctx.activation, 0.0), g.dtype))
         dweight = torch.einsum("bno,bnc->oc", g, h).to(weight.dtype)
         dbias = g.sum((0, 1)).to(weight.dtype) if ctx.has_bias else None
@@ -362,8 +364,8 @@ class _NormActConv(torch.autograd.Function):
             w, b = _norm_affine(ctx, x, norm_weight, norm_bias)
             if ctx.kind == "group":  # GroupNorm's own forward again: its statistics pass is cheap next to the conv
                 z = _group_norm(ctx, xn, w, b, x.shape)[0]
-            else:  # BatchNorm's inference form with the batch statistics (see _BatchNormActLinear)
-                z = F.batch_norm(xn, mean, rstd.pow(-2) - ctx.eps, w, b, False, 0.0, ctx.eps)
+            else:  # BatchNorm's training form again, as the forward ran it (see _BatchNormActLinear)
+                z = torch.native_batch_norm(xn, w, b, None, None, True, 0.0, ctx.eps)[0]
             h = _act_as(z.view(x.shape), ctx.act, grad.dtype)
         stride, padding, dilation, conv_groups = ctx.conv
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[6], ctx.needs_input_grad[7]]

@@ -266,6 +266,13 @@ def test_excluded_layers_keep_their_parameters():
         assert net.fc.weight.dtype == torch.bfloat16
 
 
+def test_exclude_takes_any_iterable():
+    """A generator (or any iterator) was spent by the argument check, and nothing was excluded."""
+    net = _Net(wrap=False).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast_weights(net, exclude=(m for m in (net.up, net.again))):
+        assert net.up.weight.dtype == torch.float32 and net.fc.weight.dtype == torch.bfloat16
+
+
 def test_several_modules_share_one_launch_and_skip_eval_ones():
     a, b, c = nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16), autocast_weights(a, b, c):

@@ -1289,3 +1289,39 @@ def test_gpu_act_instance_norm_chains_under_cuda_autocast(layout):
     assert conv.bias.grad.dtype == conv_ref.bias.grad.dtype
     assert_close("dconv.bias", conv.bias.grad, conv_ref.bias.grad, torch.bfloat16,
                  floor=conv_ref.weight.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("norm,dtype,autocast", [
+    ("batch", torch.bfloat16, False), ("batch", torch.float16, False), ("instance", torch.bfloat16, False),
+    ("instance", torch.float16, False),
+    ("instance", torch.bfloat16, True),  # MobileUtr's InstanceNorm (no affine) on a conv's bf16 output
+])
+def test_constant_channel_through_relu_gets_the_plain_zero_gradient(norm, dtype, autocast):
+    """A channel (an instance) that holds one value has z exactly 0 after a training norm of a bf16 or fp16 model,
+    where ReLU's gradient is 0. The backward recomputed z with BatchNorm's inference form, about 1e-9 off zero, and
+    let the gradient through ReLU on about half the values, scaled by rstd = 1/sqrt(eps): ~300x the gradients
+    around. (Under autocast an affine fp32 BatchNorm's z is not exactly 0 in the plain composition either.)"""
+    torch.manual_seed(0)
+    make = {"batch": lambda: nn.BatchNorm3d(4), "instance": lambda: nn.InstanceNorm3d(4)}[norm]
+    layer, conv = make(), nn.Conv3d(4, 4, 3, padding=1)
+    if not autocast:
+        layer, conv = layer.to(dtype), conv.to(dtype)
+    plain_layer, plain_conv = copy.deepcopy(layer), copy.deepcopy(conv)
+    x = torch.randn(2, 4, 4, 4, 4).to(dtype)
+    constant = (slice(None), 1) if norm == "batch" else (1, 2)
+    for value in (0.3, 1.7, -2.1, 0.05):
+        x[constant] = value
+        ours, plain = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = norm_act_conv(ours, layer, "relu", conv)
+            expected = plain_conv(torch.relu(plain_layer(plain)))
+            tokens = (batch_norm_act_linear(ours, layer, "relu", conv.weight[:, :, 1, 1, 1], None)
+                      if norm == "batch" else None)
+        g = torch.randn(expected.shape).to(expected.dtype)
+        dx, = torch.autograd.grad(y, ours, g)
+        dx_plain, = torch.autograd.grad(expected, plain, g)
+        assert torch.equal(dx_plain[constant], torch.zeros_like(dx_plain[constant]))
+        assert torch.equal(dx[constant], dx_plain[constant]), f"value {value}: max |dx| {dx[constant].abs().max()}"
+        if tokens is not None:
+            dx_tokens, = torch.autograd.grad(tokens, ours, torch.randn(tokens.shape).to(tokens.dtype))
+            assert torch.equal(dx_tokens[constant], torch.zeros_like(dx_tokens[constant])), f"value {value}"
