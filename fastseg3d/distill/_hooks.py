@@ -90,12 +90,21 @@ def example_input_shapes(backbone: nn.Module, max_side: int = 1024) -> list[tupl
     return shapes
 
 
+class LayerError(RuntimeError):
+    """A tapped layer that the forward did not call exactly once, or whose output it changed in place afterwards:
+    no other input size mends that."""
+
+
+class LayerTypeError(TypeError):
+    """A tapped layer whose output holds no tensor."""
+
+
 def _first_tensor(value, spec: str) -> torch.Tensor:
     # Modules such as MONAI's ViT return (tokens, hidden states); the first element is the feature.
     while isinstance(value, (tuple, list)) and value:
         value = value[0]
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"layer {spec!r} produced {type(value).__name__}, not a tensor")
+        raise LayerTypeError(f"layer {spec!r} produced {type(value).__name__}, not a tensor")
     return value
 
 
@@ -110,7 +119,14 @@ class _Capture:
 
     def __call__(self, module, args, output=None):
         if self.state["on"]:
-            self.store[self.spec] = _first_tensor(args if self.use_input else output, self.spec)
+            if self.spec in self.store:  # a second call: its feature would silently replace the first
+                self.state["repeated"].add(self.spec)
+            t = _first_tensor(args if self.use_input else output, self.spec)
+            # the version counter says whether the forward changes the tensor in place after this (an inplace
+            # activation after a norm): the stored tensor would then not be the layer's output
+            # (inference tensors have no counter; Dynamo does not trace it)
+            version = None if torch.compiler.is_compiling() or t.is_inference() else t._version
+            self.store[self.spec] = (t, version)
 
 
 def _attached(backbone: nn.Module, state: dict) -> bool:
@@ -174,14 +190,15 @@ class FeatureTap:
     or its first tensor when the output is a tuple or list. With the suffix ``":input"`` (``"decoder5:input"``) it
     is the module's first positional input instead (a forward pre-hook), for features that no submodule returns,
     such as UNETR's bottleneck volume. Outside :meth:`run` the hooks store nothing, so evaluation keeps no
-    features alive. The names are checked when the tap is made; :meth:`attach` puts its hooks on, replacing those
-    of an earlier tap, so wrapping twice does not stack them, and a wrapper whose construction fails leaves the
-    backbone as it was; :meth:`remove` takes this tap's off.
+    features alive. :meth:`run` raises :class:`LayerError` for a layer the forward did not call, called more than
+    once, or whose output it changed in place afterwards. The names are checked when the tap is made;
+    :meth:`attach` puts its hooks on, replacing those of an earlier tap, so wrapping twice does not stack them, and
+    a wrapper whose construction fails leaves the backbone as it was; :meth:`remove` takes this tap's off.
     """
 
     def __init__(self, backbone: nn.Module, specs: Sequence[str]) -> None:
-        self.store: dict[str, torch.Tensor] = {}
-        self.state = {"on": False}
+        self.store: dict[str, tuple[torch.Tensor, int | None]] = {}  # spec -> (feature, its version when stored)
+        self.state = {"on": False, "repeated": set()}
         self.specs = tuple(specs)
         for spec in self.specs:
             self._module(backbone, spec)
@@ -214,6 +231,7 @@ class FeatureTap:
     def run(self, backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``backbone(x)`` and the features of every spec, in spec order."""
         self.store.clear()
+        self.state["repeated"] = set()
         self.state["on"] = True
         try:
             output = backbone(x)
@@ -222,17 +240,26 @@ class FeatureTap:
             raise
         finally:
             self.state["on"] = False
-        missing = [s for s in self.specs if s not in self.store]
+        stored = dict(self.store)  # the hooks hold self.store itself
+        self.store.clear()
+        missing = [s for s in self.specs if s not in stored]
         if missing:
-            self.store.clear()
             if not _attached(backbone, self.state):
-                raise RuntimeError(
+                raise LayerError(
                     "this wrapper's feature hooks are no longer on the backbone: unwrap() took them off, or another "
                     "wrapper of the same backbone replaced them; wrap the backbone again to train with this loss"
                 )
-            raise RuntimeError(f"the backbone's forward did not call the hooked layers {missing}")
-        features = [self.store[s] for s in self.specs]
-        self.store.clear()
+            raise LayerError(f"the backbone's forward did not call the hooked layers {missing}")
+        repeated = [s for s in self.specs if s in self.state["repeated"]]
+        if repeated:
+            raise LayerError(f"the hooked layers {repeated} run more than once in the backbone's forward (a module "
+                             "reused): which call's output is the feature is ambiguous; tap a module that runs once")
+        changed = [s for s in self.specs if stored[s][1] is not None and stored[s][0]._version != stored[s][1]]
+        if changed:
+            raise LayerError(f"the backbone's forward changes the output of the hooked layers {changed} in place "
+                             "after they return it (an inplace activation or += after them): the captured feature "
+                             "would not be the layer's output; tap the module that makes the final value")
+        features = [stored[s][0] for s in self.specs]
         if not isinstance(output, torch.Tensor):
             raise TypeError(
                 f"the backbone must return one logits tensor in training, got {type(output).__name__} "
@@ -267,12 +294,14 @@ class FeatureTap:
                 return tap.run(clone, torch.empty(tuple(shape), device="meta", dtype=dtype))
 
         if input_shape is not None:
-            return run(input_shape)
+            return _in_eval(run, input_shape)
         candidates = example_input_shapes(backbone)
         error = None
         for shape in candidates:
             try:
-                return run(shape)
+                return _in_eval(run, shape)
+            except (LayerError, LayerTypeError):  # the layers, not the size: no other candidate mends it
+                raise
             except Exception as e:  # whatever a guessed size breaks, the next candidate may run
                 error = e
         tried = ", ".join(str(c) for c in candidates) or "none (no convolution found)"
@@ -281,6 +310,15 @@ class FeatureTap:
             + (f"; the last one failed with {type(error).__name__}: {error}" if error is not None else "")
             + "): pass input_shape=(B, C, *spatial), the shape of an input the network accepts"
         ) from error
+
+
+def _in_eval(run, shape):
+    """``run(shape)`` with a layer error saying that the run was the eval-mode one that sizes the heads."""
+    try:
+        return run(shape)
+    except LayerError as e:
+        raise LayerError(f"{e} (in the eval-mode run of a meta copy that sizes the wrapper's heads: a layer must "
+                         "run once in eval as in training)") from None
 
 
 def param_dtype_device(backbone: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -104,8 +104,10 @@ class DSD(NoDataParallel, nn.Module):
     ``state_dict``, and once in ``parameters()``.
 
     Layer names follow ``named_modules()``; ``"name:input"`` taps a module's first input (see
-    :mod:`fastseg3d.distill.presets` for fastseg3d's UNet, MONAI's UNETR, DynUNet, SwinUNETR and VNet). The backbone
-    must return one logits tensor.
+    :mod:`fastseg3d.distill.presets` for fastseg3d's UNet, MONAI's UNETR, DynUNet, SwinUNETR and VNet). Each layer
+    must run once in a forward, in eval as in training (the heads are sized by an eval-mode run), and its output
+    must not be changed in place after it (an inplace activation after a norm: tap the activation); a
+    ``RuntimeError`` names the layers otherwise. The backbone must return one logits tensor.
 
     Args:
         backbone: the segmentation network, kept as ``self.backbone``.

@@ -32,7 +32,9 @@ class SelfReg(NoDataParallel, nn.Module):
     SelfReg adds no parameters and no inference cost: in training the forward returns a :class:`SelfRegOutput`,
     in ``eval()`` the backbone's logits only (no feature is kept). Layer names follow ``named_modules()``, with
     ``"name:input"`` for a module's first input; :mod:`fastseg3d.distill.presets` has the names for fastseg3d's
-    UNet and MONAI's UNETR, DynUNet, SwinUNETR and VNet. The backbone must return one logits tensor.
+    UNet and MONAI's UNETR, DynUNet, SwinUNETR and VNet. Each layer must run once in a training forward, and its
+    output must not be changed in place after it (an inplace activation after a norm: tap the activation); a
+    ``RuntimeError`` names the layers otherwise. The backbone must return one logits tensor.
 
     Args:
         backbone: the segmentation network, kept as ``self.backbone``.

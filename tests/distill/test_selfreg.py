@@ -144,3 +144,43 @@ def test_bad_arguments():
         presets.unet_layers(net, "missu")
     with pytest.raises(ValueError, match="3 levels"):
         presets.unet_layers(UNet(3, 1, 2, channels=(4, 8)), "dsd")
+
+
+class _InplaceAfterTap(torch.nn.Module):
+    """``enc``'s output is changed in place by the ReLU after it; ``act`` runs twice; ``aux`` only in training."""
+
+    def __init__(self, reuse: bool = False):
+        super().__init__()
+        self.enc, self.act = torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(inplace=True)
+        self.down, self.up = torch.nn.Conv3d(4, 4, 3, stride=2, padding=1), torch.nn.ConvTranspose3d(4, 4, 2, 2)
+        self.aux, self.out = torch.nn.Identity(), torch.nn.Conv3d(8, 2, 1)
+        self.reuse = reuse
+
+    def forward(self, x):
+        a = self.act(self.enc(x))
+        d = self.down(a)
+        if self.reuse:
+            d = self.act(d)
+        if self.training:
+            d = self.aux(d)
+        return self.out(torch.cat([self.up(d), a], 1))
+
+
+def test_a_feature_changed_in_place_or_taken_twice_is_refused():
+    """A tapped output the forward then changes in place (an inplace activation after it), or a tapped module that
+    runs twice, gave the wrappers the changed tensor or the last call's, silently."""
+    from fastseg3d.distill import DSD
+
+    x = torch.randn(1, 1, 8, 8, 8)
+    with pytest.raises(RuntimeError, match=r"changes the output of the hooked layers \['enc'\] in place"):
+        SelfReg(_InplaceAfterTap(), ["enc"], ["up"], "out")(x)
+    with pytest.raises(RuntimeError, match=r"hooked layers \['act'\] run more than once"):
+        SelfReg(_InplaceAfterTap(reuse=True), ["act"], ["up"], "out")(x)
+    out = SelfReg(_InplaceAfterTap(), ["act"], ["up"], "out")(x)  # the inplace module itself: its final value
+    assert out.encoder[0].shape == (1, 4, 8, 8, 8) and out.encoder[0].min() >= 0
+    # DSD sizes its heads from an eval-mode dry run: the same problems surface when it is made, and a layer that
+    # runs in training only is named as such rather than as a failure to guess an input size
+    with pytest.raises(RuntimeError, match=r"run more than once .* eval-mode run of a meta copy"):
+        DSD(_InplaceAfterTap(reuse=True), ["act"], ["up"], num_classes=2)
+    with pytest.raises(RuntimeError, match=r"did not call the hooked layers \['aux'\] \(in the eval-mode run"):
+        DSD(_InplaceAfterTap(), ["aux"], ["up"], num_classes=2)
