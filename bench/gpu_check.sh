@@ -34,7 +34,8 @@ SITE="${WHEEL_SITE:-/tmp/site}"  # where carried wheels install (the image's sit
 for var in BUDGET TEST_TIMEOUT TEST_CASE_TIMEOUT CASE_LIMIT LARGEST_CUBE_LIMIT LARGEST_CUBE_MAX_SIDE HOST_PROFILE_LIMIT \
            TUNE_LIMIT WARM_LIMIT; do
   value="${!var-}"
-  if [ -n "$value" ] && ! [[ "$value" =~ ^[0-9]+$ ]]; then
+  # no leading zero either: bash would read 090 as octal and fail, or 0400 as 256
+  if [ -n "$value" ] && ! [[ "$value" =~ ^(0|[1-9][0-9]*)$ ]]; then
     echo "gpu_check: $var=$value must be a whole number (of seconds, or of voxels for LARGEST_CUBE_MAX_SIDE)"; exit 2
   fi
 done

@@ -247,7 +247,22 @@ def load_rows(out: Path) -> list[dict]:
     for r in rows:  # largest_cube rows name the network under "model"
         if r.get("case") == "largest_cube":
             r["shape"] = r.get("model")
-    return rows
+    usable = [r for r in rows if all(isinstance(r.get(k), (str, type(None))) for k in _LABELS)
+              and (r.get("case") != "largest_cube" or _cube_row_ok(r))]
+    if len(usable) < len(rows):
+        print(f"{out}: {len(rows) - len(usable)} rows left out (labels that are not strings, or a cube search row "
+              "without numbers)", file=sys.stderr)
+    return usable
+
+
+_LABELS = ("case", "shape", "dtype", "mode", "provider")
+
+
+def _cube_row_ok(row: dict) -> bool:
+    def number(v, positive=True):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
+    return number(row.get("voxels")) and (row.get("failed_side") is None or number(row["failed_side"])) and (
+        row.get("stride") is None or number(row["stride"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,14 +278,15 @@ def main(argv: list[str] | None = None) -> int:
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         args.out = default_out(utils.environment(device)["device"], device)
-    results = check(load_rows(args.out))
+    rows = load_rows(args.out)
+    results = check(rows)
     if args.json:
         for t, value, verdict in results:
             print(json.dumps({"issue": t.issue, "target": t.what, "need": t.need, "unit": t.unit, "measured": value,
                               "verdict": verdict}))
     else:
         print(format_report(results))
-    devices = {r.get("device") for r in load_rows(args.out)}
+    devices = {r.get("device") for r in rows}
     if not any(d and ("H100" in d or "H200" in d) for d in devices):
         print(f"rows from {sorted(d for d in devices if d) or 'no device'}: the targets are stated for an H100/H200",
               file=sys.stderr)

@@ -409,7 +409,8 @@ def largest_cube(
     ``batch`` fits in ``budget`` bytes; 0 when none does. From ``start`` it doubles, then bisects (the count grows
     with the side); below ``start`` it steps down by ``multiple``. A side the network refuses (its ``ValueError``:
     not a multiple of its stride, a one-voxel bottleneck) counts as not fitting, and a refused ``start`` moves up
-    to the first side it takes (up to four times ``start``; beyond, its error is raised). Pass the network's stride
+    to the first side it takes (up to four times ``start`` or eight sides, else its error is raised; 0 where
+    ``max_side`` comes first). Pass the network's stride
     (or a multiple of it) as ``multiple`` for an exact answer, as ``fastseg3d profile --max-memory`` does."""
     for name, value, low in (("batch", batch, 1), ("in_channels", in_channels, 1), ("budget", budget, 0),
                              ("multiple", multiple, 1), ("start", start, 1), ("max_side", max_side, 1)):
@@ -433,11 +434,14 @@ def largest_cube(
         return 0
     ok, first = fits(start), start
     # the smallest sides may be too small for the network (a one-voxel bottleneck) or off its stride; refused up to
-    # four times the start, the input is the caller's mistake (its channels, say): the start side's error says so
-    while ok is None and start + multiple <= min(top, 4 * first):
+    # four times the start (eight sides at most), the input is the caller's mistake (its channels, say): the start
+    # side's error says so; refused up to max_side, no side fits
+    while ok is None and start + multiple <= min(top, 4 * first) and start < first + 8 * multiple:
         start += multiple
         ok = fits(start)
     if ok is None:
+        if start + multiple > top:
+            return 0
         raise refusals[0]
     if not ok:
         return next((side for side in range(start - multiple, 0, -multiple) if fits(side)), 0)

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -1751,6 +1752,28 @@ def test_report_and_targets_leave_out_damaged_lines_and_rows(tmp_path, capsys):
     assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled"] == (None, "not measured")
 
 
+def test_targets_leave_out_rows_whose_labels_or_cube_numbers_are_unusable(tmp_path, capsys):
+    """A list or dict as a label could not be a lookup key, and a cube row's voxels as a string failed the float
+    conversion: either ended the targets report (every verdict) with a traceback."""
+    from bench import targets
+
+    train = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step", "commit": "c",
+             "date": "2026-01-01"}
+    rows = [{**train, "provider": "fastseg3d", "median_ms": 10.0}, {**train, "provider": "plain", "median_ms": 20.0},
+            {**train, "shape": ["2x4x128^3"], "provider": "plain", "median_ms": 5.0},
+            {**train, "provider": {"name": "plain"}, "median_ms": 5.0}]
+    (tmp_path / "model.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cube = {"suite": "model", "case": "largest_cube", "model": "segformer3d", "dtype": "bf16", "converged": True,
+            "stop": "out of memory", "failed_side": None, "stride": 32, "commit": "c", "date": "2026-01-01"}
+    (tmp_path / "largest_cube.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {**cube, "provider": "plain", "voxels": "n/a"}, {**cube, "provider": "fastseg3d", "voxels": 1000})))
+    assert targets.main(["--out", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "3 rows left out" in captured.err
+    assert re.search(r"SegFormer3D train step 128\^3 B=2 bf16: speed-up over plain eager .* 2\.00x +met", captured.out)
+    assert re.search(r"largest trainable cube .* not measured", captured.out)
+
+
 def test_targets_say_which_commits_rows_they_read(tmp_path, capsys):
     from bench import targets
 
@@ -1767,6 +1790,7 @@ def test_targets_say_which_commits_rows_they_read(tmp_path, capsys):
     ({"BUDGET": "10m"}, "BUDGET=10m must be a whole number"),
     ({"CASE_LIMIT": "60s"}, "CASE_LIMIT=60s must be a whole number"),
     ({"LARGEST_CUBE_LIMIT": "-1"}, "LARGEST_CUBE_LIMIT=-1 must be a whole number"),
+    ({"TEST_TIMEOUT": "090"}, "TEST_TIMEOUT=090 must be a whole number"),  # bash would read it as octal
     ({"TESTS_PASSED": "no/such/file.txt"}, "TESTS_PASSED=no/such/file.txt: no such file"),
 ])
 def test_gpu_check_refuses_wrong_settings_before_anything_runs(tmp_path, env, message):

@@ -112,6 +112,7 @@ def test_largest_cube_of_a_network_with_a_larger_stride():
     assert largest_cube(net, 1, 1, budget, torch.bfloat16) == 256
     assert largest_cube(net, 1, 1, budget, torch.bfloat16, multiple=64) == 256
     assert largest_cube(net, 1, 1, budget - 1, torch.bfloat16, multiple=64) == 192
+    assert largest_cube(net, 1, 1, budget, torch.bfloat16, max_side=100) == 0  # every side up to it refused
 
 
 class _DropsAGraph(nn.Module):
