@@ -40,11 +40,9 @@ def _index(rows: list[dict]) -> dict:
 
 def _get(idx, case, shape, dtype, mode, provider, key="median_ms"):
     row = idx.get((case, shape, dtype, mode, provider))
-    value = None if row is None else row.get(key)
-    # times, peaks and shares are positive finite numbers; anything else is not a measurement (a damaged or foreign
-    # row may hold anything)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    return value if ok else None
+    value = None if row is None else utils.number(row.get(key))
+    # times, peaks and shares are positive; anything else is not a measurement (a damaged or foreign row)
+    return value if value is not None and value > 0 else None
 
 
 def _speedup(case, shape, dtype, mode, peer, provider="fastseg3d", key="median_ms"):
@@ -259,10 +257,8 @@ _LABELS = ("case", "shape", "dtype", "mode", "provider")
 
 
 def _cube_row_ok(row: dict) -> bool:
-    def number(v, positive=True):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 or not positive)
-    return number(row.get("voxels")) and (row.get("failed_side") is None or number(row["failed_side"])) and (
-        row.get("stride") is None or number(row["stride"]))
+    return (utils.number(row.get("voxels")) or 0) > 0 and all(
+        row.get(k) is None or (utils.number(row[k]) or 0) > 0 for k in ("failed_side", "stride"))
 
 
 def main(argv: list[str] | None = None) -> int:

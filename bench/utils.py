@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -344,18 +345,13 @@ def timing_rows(rows: list[dict], source: str) -> list[dict]:
     out = []
     for r in rows:
         bad = [k for k in _LABEL_KEYS if not isinstance(r.get(k), str)]
-        bad += [k for k in ("median_ms", "p20_ms", "p80_ms") if not _positive(r.get(k))]
+        bad += [k for k in ("median_ms", "p20_ms", "p80_ms") if (number(r.get(k)) or 0) <= 0]
         if bad:
             print(f"{source}: a row of {', '.join(str(r.get(k)) for k in _LABEL_KEYS)} left out: no usable "
                   + ", ".join(bad), file=sys.stderr)
         else:
             out.append(r)
     return out
-
-
-def _positive(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-            and value != float("inf"))
 
 
 def counterpart(provider: str, providers) -> str | None:
@@ -384,13 +380,13 @@ def format_table(rows: list[dict]) -> str:
             ours = by_provider.get(counterpart(provider, by_provider) or "")
             peer = ours is not None
             speedup = f"{r['median_ms'] / ours['median_ms']:.2f}" if peer else ""
-            peak, our_peak = _number(r.get("peak_mem_mb")), _number(ours.get("peak_mem_mb")) if peer else None
+            peak, our_peak = number(r.get("peak_mem_mb")), number(ours.get("peak_mem_mb")) if peer else None
             mem_x = f"{peak / our_peak:.2f}" if peak is not None and our_peak else ""
             mem = _shown(peak, ".0f")
-            host, graph = _shown(_number(r.get("host_ms")), ".4f"), _shown(_number(r.get("graph_ms")), ".4f")
-            roof = _shown(_number(r.get("roofline_pct")), ".1f")
-            bw = _shown(_number(r.get("bandwidth_pct")), ".1f")
-            exp = _shown(_number(r.get("exp_pct")), ".1f")  # rows older than the key lack it
+            host, graph = _shown(number(r.get("host_ms")), ".4f"), _shown(number(r.get("graph_ms")), ".4f")
+            roof = _shown(number(r.get("roofline_pct")), ".1f")
+            bw = _shown(number(r.get("bandwidth_pct")), ".1f")
+            exp = _shown(number(r.get("exp_pct")), ".1f")  # rows older than the key lack it
             bound = r.get("roofline_bound") or "-"
             lines.append(f"{case:<16} {shape:<28} {dtype:<9} {mode:<10} {provider:<40} {r['median_ms']:>10.4f} "
                          f"{r['p20_ms']:>8.4f} {r['p80_ms']:>8.4f} {host:>8} {graph:>8} {mem:>9} {roof:>9} "
@@ -398,10 +394,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _number(value) -> float | None:
+def number(value) -> float | None:
     """``value`` where it is a finite number, else None (a row from another writer may hold anything)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) != float("inf") \
-            and value == value:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return value
     return None
 
@@ -427,7 +422,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
     def value(label, provider, key):
         row = index.get((*label, provider))
-        return None if row is None else _number(row.get(key))
+        return None if row is None else number(row.get(key))
 
     def ratio(label, provider, key):
         # the counterpart among the providers measured at this label, as the table picks it
