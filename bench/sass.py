@@ -20,8 +20,10 @@ output (per voxel for the weight gradient) count the main loop's body: an issue-
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from unittest import mock
@@ -75,6 +77,7 @@ def _compile_like_jit(fn, args, kwargs, float_type: str = "fp32"):
 
 
 _COPIES: dict = {}
+_COPY_DIR: list = []  # one folder a process, removed when it exits
 
 
 def torch_compile_copy(fn):
@@ -92,7 +95,10 @@ def torch_compile_copy(fn):
         source += user_defined_triton_kernel_transitive_closure_source_code(fn)
         name = f"torch_compile_copy_{len(_COPIES)}_{fn.fn.__name__}"
         # JITFunction reads its source back from the file (inspect), so the file outlives the call
-        path = os.path.join(tempfile.mkdtemp(prefix="fastseg3d-sass-"), f"{name}.py")
+        if not _COPY_DIR:
+            _COPY_DIR.append(tempfile.mkdtemp(prefix="fastseg3d-sass-"))
+            atexit.register(shutil.rmtree, _COPY_DIR[0], True)
+        path = os.path.join(_COPY_DIR[0], f"{name}.py")
         with open(path, "w") as f:
             f.write(source)
         spec = importlib.util.spec_from_file_location(name, path)
