@@ -272,8 +272,9 @@ def kl_distill(
 
     Range: the loss is a second-order difference of first-order terms in (t - s) / T, so in fp32 its value's
     relative error grows about as T**2 * 1e-8 (1e-7 at T = 1 to 10, 1e-4 at T = 100; on both backends); the
-    gradients stay accurate. Logits must be finite: an infinite one (a masked class) gives NaN, where
-    ``F.kl_div`` takes 0 * log 0 as 0 (:func:`fastseg3d.check_finite` catches it).
+    gradients stay accurate. Logits must be finite: an infinite one gives NaN (a teacher's, e.g. a masked class,
+    where ``F.kl_div`` takes 0 * log 0 as 0, or a student's +inf) or inf (a student's -inf)
+    (:func:`fastseg3d.check_finite` catches them).
 
     Example:
         >>> import torch, fastseg3d
