@@ -111,9 +111,9 @@ def swinunetr_layers(method: str) -> dict:
     DSD, as DSD's SwinUNETR variant: encoder heads on ``encoder1`` (1/1) .. ``encoder4`` (1/8, teacher), decoder
     heads on ``decoder5`` (1/16) .. ``decoder2`` (1/2, teacher), and ``share_heads=True``: a decoder feature uses the
     encoder head of its scale, as published (the 1/16 head, on the Swin stage the release taps but leaves out of
-    its loss, is the decoder's own here: the same parameters, 1,336 at feature size 12 and 4 classes). SelfReg:
-    encoder ``encoder2 .. encoder4`` and the bottleneck ``encoder10``, decoder ``decoder5 .. decoder2``, final
-    ``decoder1`` (the feature the output conv reads).
+    its loss, is the decoder's own here: 520 parameters, of 1,336 for all heads at feature size 12 and 4 classes).
+    SelfReg: encoder ``encoder2 .. encoder4`` and the bottleneck ``encoder10``, decoder ``decoder5 .. decoder2``,
+    final ``decoder1`` (the feature the output conv reads).
 
     Example:
         >>> from fastseg3d.distill import presets

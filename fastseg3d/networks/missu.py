@@ -203,7 +203,8 @@ class LocalMultiScaleFusion3d(nn.Module):
     """The paper's local multi-scale fusion block, in 3D: dense dilated branches and multi-scale pooling.
 
     * Dense atrous branches (CE-Net's DAC): cascaded 3x3x3 convolutions with dilations 1, 3 and 5 on four paths
-      of receptive field 3, 7, 9 and 19, each path closed by the shared 1x1x1 conv, summed with the input.
+      of receptive field 3, 7, 9 and 19, the three longer ones closed by the shared 1x1x1 conv (the rate-1 path
+      is not, as in CE-Net), summed with the input.
     * Residual multi-scale pooling (CE-Net's RMP): max pooling with windows 2, 3, 5 and 6, a 1x1x1 conv to one
       channel each, trilinear upsampling back, concatenated with the features and fused back to ``channels`` by a
       1x1x1 conv.
@@ -247,9 +248,10 @@ class MISSU(nn.Module):
 
     The module tree and ``state_dict`` keys are the released ones (``Unet.*``, ``bn``, ``conv_x``,
     ``position_encoding.position_embeddings``, ``transformer.net.{0..7}.*``, ``pre_head_ln``, ``linear_encoding``,
-    ``Enblock8_1``, ``Enblock8_2``, ``DeUp{4,3,2}``, ``DeBlock{4,3,2}``, ``endconv``): 20,392,388 parameters at the
-    defaults. Released checkpoints load with ``strict=True`` into ``MISSU(fusion=False)``; the default build adds
-    the training-only ``fusion.*`` blocks, which no released checkpoint has (load those with ``strict=False``).
+    ``Enblock8_1``, ``Enblock8_2``, ``DeUp{4,3,2}``, ``DeBlock{4,3,2}``, ``endconv``): 20,392,388 parameters with
+    ``fusion=False``. Released checkpoints load with ``strict=True`` into ``MISSU(fusion=False)``; the default build
+    adds the training-only ``fusion.*`` blocks (447,331 parameters), which no released checkpoint has (load those
+    with ``strict=False``).
 
     Decisions where the release is broken or silent:
         * the release cannot be constructed (a factory function shadows the class in ``super()``); this class can;
@@ -264,10 +266,11 @@ class MISSU(nn.Module):
           resampled trilinearly to their grid;
         * the paper's local multi-scale fusion block was never released; it is built here in 3D
           (:class:`LocalMultiScaleFusion3d`, submodule ``fusion``) and used on the decoder side of each distillation
-          pair: the student is the fused decoder output, the teacher the (detached) encoder skip. So the block
-          refines the features the decoder must distil towards the skips, receives gradients, and leaves the
-          inference path untouched: it is skipped in eval and ``fusion=False`` builds exactly the released module
-          tree (for loading released checkpoints with ``strict=True``).
+          pair: the student is the fused decoder output, the teacher the encoder skip (returned as it is;
+          :class:`~fastseg3d.losses.MISSUDistillLoss` detaches it). So the block refines the features the decoder
+          must distil towards the skips, receives gradients, and leaves the inference path untouched: it is skipped
+          in eval and ``fusion=False`` builds exactly the released module tree (for loading released checkpoints
+          with ``strict=True``).
 
     What is fused: the transformer's softmax attention (:func:`fastseg3d.ops.attention`, q/k/v read in place from the
     qkv projection, O(N d) memory); attention dropout > 0 in training runs the reference. The encoder blocks'

@@ -64,8 +64,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files :func:`atomic_save` left in ``folder`` when its process was killed while writing
-    (call it only where no other process is saving there); returns them."""
+    """Remove the temporary files :func:`atomic_save` left in ``folder`` for the trainer's ``checkpoint_*.pt``
+    when its process was killed while writing (call it only where no other process is saving there); returns
+    them."""
     stale = sorted(Path(folder).glob(".checkpoint_*.pt.*.tmp"))
     for tmp in stale:
         tmp.unlink(missing_ok=True)

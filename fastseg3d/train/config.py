@@ -427,8 +427,9 @@ def _loader():
 def parse_overrides(items: Sequence[str]) -> dict:
     """``["optimizer.lr=3e-4", "train.amp=bf16"]`` -> nested dict; values are parsed as YAML.
 
-    A dotted key sets one value (``model.kwargs.depths=[1,1,1,1]``); a mapping replaces the whole section
-    (``model.kwargs={channels: [8, 16, 32]}``).
+    A dotted key sets one value (``model.kwargs.depths=[1,1,1,1]``); a mapping replaces a free-form section
+    (``model.kwargs``, ``loss.dice_kwargs``, ``loss.distill_kwargs``) whole (``model.kwargs={channels: [8, 16, 32]}``)
+    and sets the keys it names in any other (``optimizer={lr: 0.1}`` keeps the optimizer's name).
     """
     yaml = _yaml()
     out: dict = {}
