@@ -388,6 +388,15 @@ def _yaml():
     return yaml
 
 
+def _yaml_error(err) -> str:
+    """PyYAML's error on one line, as the CLI prints errors: the problem and where (its message quotes the
+    surrounding lines)."""
+    problem, mark = getattr(err, "problem", None), getattr(err, "problem_mark", None)
+    if not problem:
+        return " ".join(str(err).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def _loader():
     """PyYAML's safe loader with YAML 1.2 floats and booleans: "1e-4" is a number, not the string YAML 1.1 makes of
     it, and only true/false are booleans (YAML 1.1's yes/no/on/off are strings, which a boolean key refuses by
@@ -442,8 +451,7 @@ def parse_overrides(items: Sequence[str]) -> dict:
         try:
             value = yaml.load(raw, Loader=_loader()) if raw else None
         except yaml.YAMLError as err:
-            reason = getattr(err, "problem", None) or " ".join(str(err).split())
-            raise ValueError(f"override {item!r}: its value is not valid YAML ({reason})") from None
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({_yaml_error(err)})") from None
         if isinstance(value, dict):
             value = _Replace(value)
         node = out
@@ -501,7 +509,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         try:
             loaded = yaml.load(file.read_text(), Loader=_loader()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"config {file} is not valid YAML: {err}") from err
+            raise ValueError(f"config {file} is not valid YAML: {_yaml_error(err)}") from err
         except UnicodeDecodeError as err:
             raise ValueError(f"config {file} is not a text file ({err.reason} at byte {err.start})") from err
         if not isinstance(loaded, Mapping):
