@@ -97,6 +97,10 @@ def get_backend() -> str:
 def backend(name: str) -> Iterator[None]:
     """Run a block of code under another backend policy.
 
+    The policy is the process's, not a thread's (as :func:`check_finite`'s setting): autograd runs a CUDA backward
+    on threads of its own, which must see the policy the block set; so while the block runs, other threads'
+    fastseg3d calls take it too.
+
     Example:
         >>> import fastseg3d
         >>> with fastseg3d.backend("torch"):
