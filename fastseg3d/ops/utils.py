@@ -59,10 +59,22 @@ def finite(value) -> bool:
 
 def base_reasons(t: torch.Tensor) -> list[str]:
     """The reasons every fused op shares for not taking ``t``: its device, its dtype and an active transform."""
-    reasons = backends.device_reasons(t.device) + backends.transform_reasons()
+    device = backends.device_reasons(t.device)
+    reasons = device + backends.transform_reasons()
     if t.dtype not in FUSED_DTYPES:
         reasons.append(f"dtype={t.dtype} (fused: float32, float16, bfloat16)")
+    elif t.dtype == torch.bfloat16 and t.device.type == "cpu" and not device and _interpreter_bf16_wrong():
+        reasons.append("bfloat16 on Triton's interpreter, which multiplies bf16 bit patterns in tl.dot and truncates "
+                       "casts to bf16 (test bf16 on a GPU; fp32 and fp16 compute as there)")
     return reasons
+
+
+def _interpreter_bf16_wrong() -> bool:
+    """Whether Triton's interpreter still has its own bf16 dot (the interpreter test tier replaces it with one that
+    computes as a GPU does)."""
+    from triton.runtime import interpreter
+
+    return getattr(interpreter.InterpreterBuilder.create_dot, "__module__", None) == interpreter.__name__
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
