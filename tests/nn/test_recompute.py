@@ -1255,40 +1255,42 @@ def test_gpu_batch_norm_act_linear_fp32_input_under_cuda_autocast(fused, monkeyp
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_gpu_act_instance_norm_chains_under_cuda_autocast(layout):
     """MobileUtr's GELU -> InstanceNorm -> 1x1 conv -> GELU -> InstanceNorm and InstanceNorm -> ReLU on the fused
-    kernels under CUDA bf16 autocast: the plain composition's dtypes, values within bf16 rounding, and only the
-    chains' inputs saved."""
+    kernels under CUDA bf16 autocast: the plain composition's dtypes, only the chains' inputs saved, and against
+    float64 an error at most twice the plain composition's own (flash-attention's rule). Norms in bf16 are badly
+    conditioned in backward, so the two bf16 chains can be further from each other than either is from float64
+    (the H200 run failed on a direct comparison)."""
     torch.manual_seed(0)
     norm1, norm2, norm3 = nn.InstanceNorm3d(64), nn.InstanceNorm3d(16), nn.InstanceNorm3d(16)
     conv = nn.Conv3d(64, 16, 1).cuda()
-    conv_ref = copy.deepcopy(conv)
+    conv_ref, conv64 = copy.deepcopy(conv), copy.deepcopy(conv).double()
     x = torch.randn(2, 64, 20, 18, 17, device="cuda").bfloat16()
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x1, x2, x64 = x.clone().requires_grad_(), x.clone().requires_grad_(), x.double().requires_grad_()
     saved = []
     with torch.autocast("cuda", dtype=torch.bfloat16):
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             h = act_instance_norm_conv(x1, "gelu", norm1, conv.weight, conv.bias)
             y = norm_act(act_instance_norm(h, "gelu", norm2), norm3, nn.ReLU())
         y_ref = F.relu(norm3(norm2(F.gelu(conv_ref(norm1(F.gelu(x2)))))))
+    y64 = F.relu(norm3(norm2(F.gelu(conv64(norm1(F.gelu(x64)))))))
     assert h.grad_fn.name() == "_ActInstanceNormConvBackward" and y.grad_fn.name().startswith("group_norm_act")
     assert len([t for t in saved if t.numel() >= h.numel()]) == 3  # x, h and the second norm's output
     assert y.dtype == y_ref.dtype == torch.bfloat16
-    assert_close("y", y, y_ref, torch.bfloat16, 2.0)
-    # no gradient where either ReLU input is near its kink: the chains round differently (the fused one keeps the
-    # GELUs in fp32), and where that flips the ReLU's mask dx moves by about 4% RMS, as far as float64 is from
-    # either (the H200 run failed here)
-    g = torch.randn_like(y_ref) * ((y > 0.1) & (y_ref > 0.1))
-    y.backward(g)
-    y_ref.backward(g)
-    for name, a, e in (("dx", x1.grad, x2.grad), ("dconv.weight", conv.weight.grad, conv_ref.weight.grad)):
-        assert a.dtype == e.dtype, name
-        assert_close(name, a, e, torch.bfloat16)
-    # GELU -> InstanceNorm after the conv nearly cancels its bias: its gradient is a small sum of bf16-rounded
-    # terms, so its error is measured against the weight gradient's scale
+    # no gradient where a ReLU input is near its kink, where rounding decides the mask
+    g = torch.randn_like(y64) * ((y > 0.1) & (y_ref > 0.1) & (y64 > 0.1))
+    for out in (y, y_ref, y64):
+        out.backward(g.to(out.dtype))
+    assert x1.grad.dtype == x2.grad.dtype and conv.weight.grad.dtype == conv_ref.weight.grad.dtype
     assert conv.bias.grad.dtype == conv_ref.bias.grad.dtype
-    assert_close("dconv.bias", conv.bias.grad, conv_ref.bias.grad, torch.bfloat16,
-                 floor=conv_ref.weight.grad.abs().max().item())
+    for name, got, plain, want in (("y", y, y_ref, y64), ("dx", x1.grad, x2.grad, x64.grad),
+                                   ("dconv.weight", conv.weight.grad, conv_ref.weight.grad, conv64.weight.grad),
+                                   ("dconv.bias", conv.bias.grad, conv_ref.bias.grad, conv64.bias.grad)):
+        # GELU -> InstanceNorm after the conv nearly cancels its bias: every error is measured against the weight
+        # gradient's scale there
+        scale = max(want.norm().item(), conv64.weight.grad.norm().item() if name == "dconv.bias" else 0.0)
+        err, plain_err = ((t.double() - want).norm().item() / scale for t in (got, plain))
+        assert err <= 2 * plain_err + 1e-3, f"{name}: relative error {err:.3e}, the plain composition's {plain_err:.3e}"
 
 
 @pytest.mark.parametrize("norm,dtype,autocast", [
