@@ -63,18 +63,23 @@ def base_reasons(t: torch.Tensor) -> list[str]:
     reasons = device + backends.transform_reasons()
     if t.dtype not in FUSED_DTYPES:
         reasons.append(f"dtype={t.dtype} (fused: float32, float16, bfloat16)")
-    elif t.dtype == torch.bfloat16 and t.device.type == "cpu" and not device and _interpreter_bf16_wrong():
-        reasons.append("bfloat16 on Triton's interpreter, which multiplies bf16 bit patterns in tl.dot and truncates "
-                       "casts to bf16 (test bf16 on a GPU; fp32 and fp16 compute as there)")
+    elif not device:
+        reasons += interpreter_reasons(t.device, t.dtype)
     return reasons
 
 
-def _interpreter_bf16_wrong() -> bool:
-    """Whether Triton's interpreter still has its own bf16 dot (the interpreter test tier replaces it with one that
-    computes as a GPU does)."""
+def interpreter_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why Triton's interpreter cannot stand in for a GPU on ``dtype`` tensors on ``device`` (empty when it can, or
+    when the kernels would not run interpreted): it holds bf16 as bit patterns, multiplies those in ``tl.dot`` and
+    truncates casts, unless that arithmetic has been replaced (the interpreter test tier replaces it with a GPU's)."""
+    if dtype != torch.bfloat16 or device.type != "cpu" or backends.device_reasons(device):
+        return []
     from triton.runtime import interpreter
 
-    return getattr(interpreter.InterpreterBuilder.create_dot, "__module__", None) == interpreter.__name__
+    if getattr(interpreter.InterpreterBuilder.create_dot, "__module__", None) != interpreter.__name__:
+        return []
+    return ["bfloat16 on Triton's interpreter, which multiplies bf16 bit patterns in tl.dot and truncates casts to "
+            "bf16 (test bf16 on a GPU; fp32 and fp16 compute as there)"]
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:

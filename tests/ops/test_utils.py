@@ -7,6 +7,7 @@ import torch
 
 import fastseg3d
 from fastseg3d import backends
+from fastseg3d.info import op_choices
 from fastseg3d.ops import utils
 
 
@@ -24,5 +25,10 @@ def test_bf16_on_an_interpreter_that_computes_it_wrongly_is_refused(monkeypatch)
         assert any("interpreter" in r for r in utils.base_reasons(x))
         with pytest.raises(NotImplementedError, match="bfloat16 on Triton's interpreter"):
             fastseg3d.ops.attention(x, x, x)
+        # fastseg3d info says so too
+        choices = op_choices("cpu", torch.bfloat16)
+        assert choices and all(how == "error" and "interpreter" in why for _, how, why in choices)
+        assert all(how == "triton" for _, how, _ in op_choices("cpu", torch.float32))
         monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", lambda self, *args: None)
         assert not utils.base_reasons(x)
+        assert all(how == "triton" for _, how, _ in op_choices("cpu", torch.bfloat16))
