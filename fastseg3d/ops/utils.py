@@ -69,10 +69,11 @@ def base_reasons(t: torch.Tensor) -> list[str]:
 
 
 def interpreter_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Why Triton's interpreter cannot stand in for a GPU on ``dtype`` tensors on ``device`` (empty when it can, or
-    when the kernels would not run interpreted): it holds bf16 as bit patterns, multiplies those in ``tl.dot`` and
-    truncates casts, unless that arithmetic has been replaced (the interpreter test tier replaces it with a GPU's)."""
-    if dtype != torch.bfloat16 or device.type != "cpu" or backends.device_reasons(device):
+    """Why Triton's interpreter cannot stand in for a GPU on ``dtype`` tensors on ``device``, a device the kernels
+    launch on (no :func:`fastseg3d.backends.device_reasons`; on a CPU that is the interpreter): it holds bf16 as bit
+    patterns, multiplies those in ``tl.dot`` and truncates casts, unless that arithmetic has been replaced (the
+    interpreter test tier replaces it with a GPU's)."""
+    if dtype != torch.bfloat16 or device.type != "cpu":
         return []
     from triton.runtime import interpreter
 
