@@ -34,8 +34,11 @@ def _sdpa64(q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear", grad="random", offset=0.0):
-    """``offset`` > 0 pushes every logit far below zero (q >= offset, k <= -offset), so lse is very negative."""
+def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear", grad="random", offset=0.0,
+                       tolerance=None):
+    """``offset`` > 0 pushes every logit far below zero (q >= offset, k <= -offset), so lse is very negative;
+    ``tolerance``: (dtype, factor), that dtype's tolerances times the factor (default: ``dtype``'s)."""
+    tol_dtype, factor = tolerance or (dtype, 1.0)
     leaves, split = _qkv(b, n, m, h, d, dtype, device, layout)
     if offset:
         q, k, _ = split(*leaves)
@@ -47,7 +50,7 @@ def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear"
         out = attention(*split(*ours), scale=scale)
     expected = _sdpa64(*split(*ref), scale)
     assert out.dtype == dtype and out.shape == (b, n, h, d) and out.is_contiguous()
-    assert_close("out", out, expected, dtype)
+    assert_close("out", out, expected, tol_dtype, scale=factor)
     if grad == "sum":
         out.float().sum().backward()
         expected.sum().backward()
@@ -57,7 +60,7 @@ def check_against_sdpa(b, n, m, h, d, dtype, device, scale=None, layout="linear"
         expected.backward(g.to(dtype).double())
     for i, (a, e) in enumerate(zip(ours, ref)):
         # Inputs are N(0, 1), so gradients are O(1): a floor of 1 keeps exact-zero references (M = 1) meaningful.
-        assert_close(f"grad[{i}]", a.grad, e.grad, dtype, scale=2.0, floor=1.0)
+        assert_close(f"grad[{i}]", a.grad, e.grad, tol_dtype, scale=2.0 * factor, floor=1.0)
 
 
 def check_flash_rule(b, n, m, h, d, dtype, device):
@@ -142,6 +145,19 @@ def test_compile_fullgraph_forward_backward():
     out_c.backward(g)
     for a, e in zip(comp, eager):
         assert_close("grad", a.grad, e.grad, torch.float32)
+
+
+def test_meta_outputs_are_the_real_ones():
+    """The ops' meta branches give the shapes, dtypes and strides the real ops give, forward and backward (the fake
+    implementations run them, so opcheck compares the fake with itself there)."""
+    q, k, v = torch.randn(2, 9, 3, 16), torch.randn(2, 5, 3, 16), torch.randn(2, 5, 3, 16)
+    real = torch.ops.fastseg3d.attention(q, k, v, 0.25)
+    meta = torch.ops.fastseg3d.attention(q.to("meta"), k.to("meta"), v.to("meta"), 0.25)
+    g = torch.randn_like(real[0])
+    real_b = torch.ops.fastseg3d.attention_backward(g, q, k, v, *real, 0.25)
+    meta_b = torch.ops.fastseg3d.attention_backward(*(t.to("meta") for t in (g, q, k, v, *real)), 0.25)
+    for a, m in zip((*real, *real_b), (*meta, *meta_b)):
+        assert (a.shape, a.dtype, a.stride()) == (m.shape, m.dtype, m.stride())
 
 
 def test_meta_device_allocates_no_score_matrix():
@@ -254,6 +270,18 @@ def test_unsupported_cases_report_reasons():
     assert any("dtype" in r for r in attention_unsupported_reasons(q, q, q))
     t = torch.randn(1, 32, 2, 4, device="meta").transpose(1, 3)
     assert any("unit-stride" in r for r in attention_unsupported_reasons(t, t, t))
+    for which in range(3):  # each operand on its own
+        args = [torch.empty(1, 4, 2, 32, device="meta")] * 3
+        args[which] = torch.empty(1, 4, 32, 2, device="meta").transpose(2, 3)
+        assert any("unit-stride" in r for r in attention_unsupported_reasons(*args)), which
+    for d in (8, 256):  # tl.dot needs K >= 16 (d = 8 runs in the interpreter but does not compile for sm_90)
+        q = torch.empty(1, 4, 2, d, device="meta")
+        assert any(f"head_dim={d}" in r for r in attention_unsupported_reasons(q, q, q))
+    for b, h in ((65536, 1), (32768, 2)):  # the grid's y axis
+        q = torch.empty(b, 4, h, 16, device="meta")
+        assert any("batch x heads" in r for r in attention_unsupported_reasons(q, q, q))
+    q = torch.empty(65535, 4, 1, 16, device="meta")
+    assert attention_unsupported_reasons(q, q, q) == []
     # no heads: the backward's partial sums would be launched with a block of 0 heads x d
     q, kv = torch.randn(2, 5, 0, 16, device="meta"), torch.randn(2, 3, 0, 16, device="meta")
     assert "no tokens or no heads" in attention_unsupported_reasons(q, kv, kv)
@@ -279,6 +307,10 @@ _BAD = [
      "head_dim >= 1"),
     (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32), scale=-1.0),
      ValueError, "scale"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32),
+                       scale=float("inf")), ValueError, "scale must be a positive finite number"),
+    (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32),
+                       scale=float("nan")), ValueError, "scale must be a positive finite number"),
     (lambda: attention(torch.ones(2, 4, 1, 32, dtype=torch.long), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32)),
      TypeError, "floating"),
     (lambda: attention(torch.randn(2, 4, 1, 32), torch.randn(2, 3, 1, 32), torch.randn(2, 3, 1, 32),
@@ -451,6 +483,21 @@ def test_gpu_kernel_matches_sdpa(poison, no_tf32, b, n, m, h, d, dtype):
                                        (2, 1000, 333, 4, 128)])
 def test_gpu_flash_attention_error_rule(poison, no_tf32, b, n, m, h, d, dtype):
     check_flash_rule(b, n, m, h, d, dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,n,m,h,d", [(2, 4096, 512, 2, 32), (1, 4096, 64, 1, 64), (2, 1000, 333, 4, 128)])
+def test_gpu_fp32_where_tf32_is_allowed(poison, b, n, m, h, d):
+    """fp32 where PyTorch allows TF32 matmuls: the kernels' dots take TF32 (and the tiles chosen for it). TF32 keeps
+    fp16's 10-bit mantissa, and the tensor cores drop the rest of each fp32 operand (q, k and v here, where fp16
+    inputs are exact): with every dot's operands truncated so, a float64 emulation of these cases errs by up to
+    1.7e-3 relative RMS in the output, so twice fp16's tolerances apply."""
+    state = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        check_against_sdpa(b, n, m, h, d, torch.float32, "cuda", tolerance=(torch.float16, 2.0))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = state
 
 
 @pytest.mark.gpu

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -217,6 +218,47 @@ def test_meta_device_forward_backward():
     assert teacher.grad.shape == teacher.shape and all(s.grad.shape == s.shape for s in students)
 
 
+def test_the_fused_op_forms_only_the_gradients_autograd_needs(monkeypatch):
+    """The kernel forms the input gradients in the forward pass: none under no_grad, not the teacher's when it is
+    detached, not a student's that does not require grad (each costs a write of the input's size, and for an
+    upsampled input an output-resolution buffer and its transpose)."""
+    module = sys.modules["fastseg3d.ops.kl_distill"]
+    needs, op = [], module._kl_distill_op
+    monkeypatch.setattr(module.backends, "select", lambda *a, **k: True)  # the op's CPU branch: what the kernel does
+    monkeypatch.setattr(module, "_kl_distill_op", lambda *a: needs.append(list(a[-1])) or op(*a))
+    s = torch.randn(1, 3, 2, 3, 4, requires_grad=True)
+    t = torch.randn(1, 3, 4, 3, 4, requires_grad=True)
+    with torch.no_grad():
+        kl_distill_multi([s, s], t, 2.0)
+    kl_distill(s, t, 2.0, detach_teacher=True)
+    kl_distill(s.detach(), t, 2.0)
+    assert needs == [[False, False, False], [True, False], [False, True]]
+
+
+@pytest.mark.parametrize("dtype,buffer", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                                          (torch.float32, torch.float32)])
+def test_upsampled_gradient_buffer_dtype(dtype, buffer):
+    """An upsampled input's gradient passes through a buffer at the loss resolution, which holds terms not yet
+    scaled by 1 / (B x voxels): bf16 for bf16 inputs, fp32 otherwise (fp16 could overflow there)."""
+    pytest.importorskip("triton")
+    from bench.sass import _captured
+    from fastseg3d.kernels.kl_distill import kl_distill_fwd
+
+    teacher = torch.empty(1, 5, 8, 8, 8, device="meta", dtype=dtype)
+    student = torch.empty(1, 5, 4, 4, 4, device="meta", dtype=dtype)
+    made = []
+
+    def empty(shape, **kw):
+        made.append((tuple(shape), kw["dtype"]))
+        return torch.empty(shape, **kw)
+
+    _captured(lambda: kl_distill_fwd([student], teacher, (8, 8, 8), 2.0, [1.0], [True], True, empty=empty))
+    own = {(tuple(x.shape), x.dtype) for x in (teacher, student)} | {(tuple(x.shape), torch.float32)
+                                                                     for x in (teacher, student)}
+    buffers = [d for shape, d in made if (shape, d) not in own and math.prod(shape) >= teacher.numel()]
+    assert buffers == [buffer], made
+
+
 def test_no_grad_and_detached_inputs():
     s = _logits((1, 3, 2, 3, 4))
     t = _logits((1, 3, 4, 6, 4))
@@ -239,6 +281,8 @@ _BAD = [
     (lambda: kl_distill(_X, _X, temperature=-1.0), ValueError, "temperature"),
     (lambda: kl_distill(_X, _X, temperature=float("nan")), ValueError, "temperature"),
     (lambda: kl_distill(_X, _X, size=(4, 4)), ValueError, "size must be"),
+    (lambda: kl_distill(_X, _X, size=(0, 4, 4)), ValueError, "size must be 3 positive ints"),
+    (lambda: kl_distill(_X, _X, size=(4, -4, 4)), ValueError, "size must be 3 positive ints"),
     (lambda: kl_distill(_X, _X, size=(6, 4, 4)), ValueError, "integer factor"),
     (lambda: kl_distill(_X, _X.to("meta")), TypeError, "is on"),
     (lambda: kl_distill(_X, _X, temperature="3"), TypeError, "temperature must be a real number"),
@@ -345,6 +389,12 @@ def test_backend_policy(monkeypatch):
         kl_distill(s, t)
     reasons = kl_distill_unsupported_reasons(torch.empty(1, 300, 2, 2, 2, device="meta", dtype=torch.float64), [])
     assert any("float64" in r for r in reasons) and any("300 classes" in r for r in reasons)
+    big = torch.empty(65536, 3, 1, 1, 1, device="meta")  # the grid's y axis
+    assert any("batch above 65535" in r for r in kl_distill_unsupported_reasons(big, [big]))
+    empty, full = torch.empty(0, 3, 2, 2, 2, device="meta"), torch.empty(1, 3, 2, 2, 2, device="meta")
+    assert "an input has no elements" in kl_distill_unsupported_reasons(empty, [empty])
+    assert "an input has no elements" in kl_distill_unsupported_reasons(full, [torch.empty(1, 3, 0, 2, 2)])
+    assert kl_distill_unsupported_reasons(full, [full]) == []
 
 
 def test_fp16_gradients_survive_a_loss_scale():
