@@ -122,6 +122,22 @@ def test_backward_reference_matches_autograd(activation, padding, dilation):
         assert_close(name, a, e, torch.float64)
 
 
+def test_backward_reference_takes_relus_gradient_at_zero():
+    """A channel whose weight and bias are 0 has z = 0 exactly, where ReLU's gradient is 0 (autograd's): that
+    channel gets no weight or bias gradient."""
+    x = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(2, 1, 3, 3, 3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    w[0], b[0] = 0.0, 0.0
+    w.requires_grad_(), b.requires_grad_()
+    y = dwconv3d_ref(x, w, b, (1, 1, 1), (1, 1, 1), "relu")
+    g = torch.randn_like(y)
+    expected = torch.autograd.grad(y, (x, w, b), g)
+    got = dwconv3d_backward_ref(g, x.detach(), w.detach(), b.detach(), (1, 1, 1), (1, 1, 1), "relu", [True] * 3)
+    assert expected[2][0] == 0
+    for name, a, e in zip(("dx", "dw", "db"), got, expected):
+        assert_close(name, a, e, torch.float64)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("view", [False, True])
 @pytest.mark.parametrize("channels,kernel", [(6, (3, 3, 3)), (64, (1, 3, 5)), (130, (3, 1, 1))])
@@ -381,6 +397,10 @@ _BAD = [
     (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), dilation=0), ValueError, "dilation"),
     (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), residual=torch.randn(1, 3, 4, 4, 5)),
      ValueError, "residual must have"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3), residual=torch.randn(1, 3, 4, 4, 4)
+                      .half()), TypeError, "residual has dtype"),
+    (lambda: dwconv3d(torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3),
+                      residual=torch.randn(1, 3, 4, 4, 4, device="meta")), TypeError, "residual is on"),
     (lambda: dwconv3d(torch.randn(1, 3, 2, 4, 4), torch.randn(3, 1, 5, 3, 3), padding=0), ValueError, "does not fit"),
     (lambda: dwconv3d(torch.randint(0, 3, (1, 3, 4, 4, 4)), torch.randn(3, 1, 3, 3, 3)), TypeError, "floating"),
     (lambda: dwconv3d([1.0], torch.randn(3, 1, 3, 3, 3)), TypeError, "x must be a torch.Tensor"),
@@ -465,6 +485,15 @@ def test_unsupported_cases_report_reasons_and_fall_back(weight_shape, dtype, rea
     out_shape = F.conv3d(x, w, padding="same", groups=3).shape
     assert any(reason in r for r in dwconv3d_unsupported_reasons(x.to("meta"), w.to("meta"), out_shape))
     assert_close("y", dwconv3d(x, w), F.conv3d(x, w, padding="same", groups=3), dtype)
+
+
+def test_empty_inputs_are_a_reason():
+    from fastseg3d.ops.dwconv3d import dwconv3d_unsupported_reasons
+
+    w = torch.empty(3, 1, 3, 3, 3, device="meta")
+    assert dwconv3d_unsupported_reasons(torch.empty(1, 3, 4, 4, 4, device="meta"), w, (1, 3, 4, 4, 4)) == []
+    assert any("no elements" in r
+               for r in dwconv3d_unsupported_reasons(torch.empty(0, 3, 4, 4, 4, device="meta"), w, (0, 3, 4, 4, 4)))
 
 
 @pytest.mark.parametrize("depth,kernel,padding,dilation", [
@@ -926,7 +955,8 @@ def test_interpret_gpu_tiles_in_several_runs_and_depth_chunks(poison, monkeypatc
 @pytest.mark.interpret
 def test_interpret_64bit_offsets_of_a_sparse_view(poison):
     """A small channel-major view whose last depth slices lie past 2^31 elements of its storage (4 GiB reserved,
-    a few pages touched): the 64-bit offsets are needed for real, forward and every gradient."""
+    a few pages touched): the 64-bit offsets are needed for real, forward and every gradient; the residual is such
+    a view too (its offsets are the epilogue's, as a channels-last output or gradient of 2^31 elements has)."""
     from bench.sass import _captured
     import fastseg3d.kernels.dwconv3d as k
 
@@ -939,21 +969,23 @@ def test_interpret_64bit_offsets_of_a_sparse_view(poison):
                                                    (1, 1, 1), (1, 1, 1), 0))
     assert kw["INT64"]
 
-    x = torch.empty(size, dtype=torch.float16).as_strided(shape, strides)
-    x.copy_(torch.randn(shape, dtype=torch.float16))
-    x.requires_grad_()
+    x, residual = (torch.empty(size, dtype=torch.float16).as_strided(shape, strides) for _ in range(2))
+    for t in (x, residual):
+        t.copy_(torch.randn(shape, dtype=torch.float16))
+        t.requires_grad_()
     weight = (torch.randn(8, 1, 3, 3, 3) / 9).half().requires_grad_()
     bias = torch.randn(8).half().requires_grad_()
     with fastseg3d.backend("triton"):
-        y = dwconv3d(x, weight, bias, padding=1, activation="gelu")
-    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
-    y_ref = dwconv3d_ref(*ref, padding=1, activation="gelu")
+        y = dwconv3d(x, weight, bias, padding=1, activation="gelu", residual=residual)
+    ref = [t.detach().double().requires_grad_() for t in (x, weight, bias, residual)]
+    y_ref = dwconv3d_ref(*ref[:3], padding=1, activation="gelu") + ref[3]
     assert_close("y", y, y_ref, torch.float16)
     g = torch.randn_like(y_ref).half()
     y.backward(g)
     y_ref.backward(g.double())
-    for name, a, e in zip(("dx", "dweight", "dbias"), (x, weight, bias), ref):
+    for name, a, e in zip(("dx", "dweight", "dbias", "dresidual"), (x, weight, bias, residual), ref):
         assert_close(name, a.grad, e.grad, torch.float16)
+
 
 def check_activation_accuracy(activation, device):
     """The kernels' activations and their derivatives against float64 over [-100, 100] (dense on [-12, 12]), near 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -198,6 +197,28 @@ def test_cpu_runs_the_reference_in_the_input_layout(layout):
     _check(x, w, b, 4, "relu", torch.float32)
 
 
+def test_reference_backward_takes_leaky_relus_slope_at_zero():
+    """A channel whose weight and bias are 0 normalises to exactly 0, where LeakyReLU's gradient is the slope
+    (autograd's), in the backward reference too."""
+    x = torch.randn(2, 4, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    w, b = 1.0 + 0.5 * torch.randn(4, dtype=torch.float64), 0.3 * torch.randn(4, dtype=torch.float64)
+    w[0], b[0] = 0.0, 0.0
+    w.requires_grad_(), b.requires_grad_()
+    y = group_norm_act_ref(x, 2, w, b, 1e-5, "leaky_relu", 0.2)
+    dy = torch.randn_like(y)
+    expected = torch.autograd.grad(y, (x, w, b), dy)
+    got = group_norm_act_backward_ref(dy, x.detach(), w.detach(), b.detach(), 2, 1e-5, "leaky_relu", [True] * 3, 0.2)
+    for name, a, e in zip(("dx", "dweight", "dbias"), got, expected):
+        assert_close(name, a, e, torch.float64)
+
+
+@pytest.mark.parametrize("slope", [1.5, -0.5])
+def test_reference_leaky_relu_of_any_slope(slope):
+    x, w, b = _inputs((2, 4, 3, 4, 5))
+    with fastseg3d.backend("torch"):
+        _check(x, w, b, 2, "leaky_relu", torch.float32, slope=slope)
+
+
 @pytest.mark.parametrize("which", ["weight", "bias"])
 def test_reference_with_one_affine_parameter(which):
     """A weight without a bias and a bias without a weight (ATen's CPU backward fails on the latter by itself)."""
@@ -264,6 +285,8 @@ def test_unsupported_reasons():
     assert "no elements" in group_norm_act_unsupported_reasons(torch.empty(2, 8, 0, 3, 4, device="meta"))[0]
     wide = torch.empty(1, 4 * 65535 + 4, 1, 1, 1, device="meta")  # more channel tiles than a grid row takes
     assert "channels above 262140" in group_norm_act_unsupported_reasons(wide)[0]
+    assert any("batch above 65535" in r
+               for r in group_norm_act_unsupported_reasons(torch.empty(65536, 2, 1, 1, 2, device="meta")))
 
 
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
@@ -401,6 +424,41 @@ def test_kernels_instance_norm_and_leaky_relu(layout, poison):
     x, w, b = _inputs((2, 5, 3, 4, 6), torch.float16, layout)
     with fastseg3d.backend("triton"):
         _check(x, w, b, 5, "leaky_relu", torch.float16, slope=0.2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("slope", [1.5, -0.5])
+def test_kernels_leaky_relu_of_any_slope(slope, poison):
+    """y = slope z below 0 and z above for any finite slope (the op takes any): max(z, slope z) would swap the
+    branches for a slope above 1."""
+    x, w, b = _inputs((2, 4, 3, 4, 5))
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, 2, "leaky_relu", torch.float32, slope=slope)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("view", ["depth_step", "channel_slice_cl"])
+def test_kernels_take_views_contiguous_in_neither_layout(view, poison):
+    """Every other depth slice of an NCDHW tensor, a channel slice of a channels-last one: normalised as their
+    values, not as the storage under them (the kernels take strides from the shape); the gradient reaches the
+    base tensor in place."""
+    if view == "depth_step":
+        base, cut = torch.randn(2, 4, 6, 5, 3), (lambda t: t[:, :, ::2])
+    else:
+        base = torch.randn(2, 8, 3, 5, 3).contiguous(memory_format=torch.channels_last_3d)
+        cut = (lambda t: t[:, :4])
+    base.requires_grad_()
+    _, w, b = _inputs((2, 4, 3, 5, 3))
+    with fastseg3d.backend("triton"):
+        y = group_norm_act(cut(base), 2, w, b, 1e-5, "relu")
+    ref = [t.detach().double().requires_grad_() for t in (base, w, b)]
+    expected = _formula(cut(ref[0]), 2, ref[1], ref[2], 1e-5, "relu")
+    assert_close("y", y, expected, torch.float32)
+    dy = torch.randn_like(expected)
+    y.backward(dy.float())
+    expected.backward(dy)
+    for name, a, e in zip(("dx", "dweight", "dbias"), (base, w, b), ref):
+        assert_close(name, a.grad, e.grad, torch.float32, 2)
 
 
 @pytest.mark.interpret
@@ -602,7 +660,7 @@ def test_kernels_weight_gradients_are_deterministic():
 
 @pytest.mark.interpret
 def test_kernels_64bit_indexing(monkeypatch, poison):
-    k = sys.modules["fastseg3d.kernels.group_norm_act"]
+    import fastseg3d.kernels.group_norm_act as k  # imported here: it needs Triton
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every launch takes the int64 path
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, "ncdhw")
     with fastseg3d.backend("triton"):
@@ -696,6 +754,22 @@ def test_gpu_kernels_batch_statistics(shape, activation, layout, dtype, poison):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_gpu_kernel_running_stats(c, dtype):
     _check_running_stats(c, 0.1, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_channel_offsets():
+    """x of 2.9e9 elements, NCDHW, 4 channels of 7.3e8 voxels: the last channel's offsets pass 2^31, so the 64-bit
+    path must widen the channel index too (the interpreter tier's 64-bit test takes that path on tiny tensors,
+    where nothing overflows). The last channel against float64."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip("needs 40 GiB of free GPU memory")
+    x = torch.randn(1, 4, 896, 896, 912, device="cuda", dtype=torch.bfloat16)
+    with fastseg3d.backend("triton"):
+        y = group_norm_act(x, 4, activation="relu")
+    last = x[0, 3].double()
+    expected = torch.relu((last - last.mean()) / (last.var(unbiased=False) + 1e-5).sqrt())
+    assert_close("y", y[0, 3], expected, torch.bfloat16)
 
 
 @pytest.mark.gpu
