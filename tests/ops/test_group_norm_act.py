@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -660,7 +661,7 @@ def test_kernels_weight_gradients_are_deterministic():
 
 @pytest.mark.interpret
 def test_kernels_64bit_indexing(monkeypatch, poison):
-    import fastseg3d.kernels.group_norm_act as k  # imported here: it needs Triton
+    k = importlib.import_module("fastseg3d.kernels.group_norm_act")
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every launch takes the int64 path
     x, w, b = _inputs((2, 6, 3, 4, 5), torch.float32, "ncdhw")
     with fastseg3d.backend("triton"):

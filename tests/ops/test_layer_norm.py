@@ -3,7 +3,7 @@ fastseg3d.ops.add_layer_norm (the residual add before it in the same kernel): CP
 
 from __future__ import annotations
 
-import sys
+import importlib
 
 import pytest
 import torch
@@ -367,7 +367,7 @@ def test_kernels_parameter_gradients_are_deterministic():
 
 @pytest.mark.interpret
 def test_kernels_64bit_indexing(monkeypatch, poison):
-    k = sys.modules["fastseg3d.kernels.layer_norm"]
+    k = importlib.import_module("fastseg3d.kernels.layer_norm")
     monkeypatch.setattr(k, "_INT32_MAX", 16)
     with fastseg3d.backend("triton"):
         _check(*_inputs((2, 9, 20)), torch.float32)
@@ -547,7 +547,7 @@ def test_add_kernels_when_only_the_sum_is_used(poison):
 
 @pytest.mark.interpret
 def test_add_kernels_64bit_indexing(monkeypatch, poison):
-    k = sys.modules["fastseg3d.kernels.layer_norm"]
+    k = importlib.import_module("fastseg3d.kernels.layer_norm")
     monkeypatch.setattr(k, "_INT32_MAX", 16)
     x, w, b = _inputs((2, 9, 20))
     with fastseg3d.backend("triton"):

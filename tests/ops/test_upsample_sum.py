@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import importlib
 
 import pytest
 import torch
@@ -240,7 +240,7 @@ def test_kernel_takes_a_one_voxel_view_first(layout, poison):
 
 @pytest.mark.interpret
 def test_kernel_64bit_indexing(monkeypatch, poison):
-    k = sys.modules["fastseg3d.kernels.upsample_sum"]
+    k = importlib.import_module("fastseg3d.kernels.upsample_sum")
     monkeypatch.setattr(k, "_INT32_MAX", 16)  # every launch takes the int64 path
     with fastseg3d.backend("triton"):
         _check(_inputs(2, 3, [(2, 3, 2), (5, 6, 4)], torch.float32, "cl"), (5, 6, 4), torch.float32)
