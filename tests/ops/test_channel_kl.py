@@ -196,6 +196,12 @@ def test_fp16_gradients_survive_a_loss_scale():
     assert_close("dstudent", s.grad, ref_s.grad, torch.float16)
 
 
+def test_batch_past_the_grid_is_a_reason():
+    big = torch.empty(65536, 4, 1, 1, 2, device="meta")
+    assert any("batch above" in r for r in channel_kl_unsupported_reasons(big, big))
+    assert channel_kl_unsupported_reasons(big[:65535], big[:65535]) == []
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier
 

@@ -589,6 +589,31 @@ def test_add_layer_norm_module_helper_matches_the_plain_residual_step(poison):
         assert_close(name, a, e, torch.bfloat16)
 
 
+@pytest.mark.interpret
+def test_kernels_walk_several_row_tiles_a_program(poison):
+    """More row tiles than programs (17 rows of 257 channels: 5 tiles over the interpreter's 3 programs), so each
+    program's loop accumulates its parameter-gradient partials over two tiles."""
+    with fastseg3d.backend("triton"):
+        _check(*_inputs((17, 257)), torch.float32)
+        x, w, b = _inputs((17, 257))
+        _check_add(x, torch.randn(17, 257).requires_grad_(), w, b, torch.float32)
+
+
+@pytest.mark.interpret
+def test_kernels_take_a_batch_one_patch_embedding_view(poison):
+    """SegFormer3D's tokens ``x.flatten(2).transpose(1, 2)`` at batch 1: (1, N, C) with strides (C N, 1, N), where
+    ``view(-1, C)`` succeeds (the size-1 batch merges) and keeps the last axis's stride N, which the kernels (rows at
+    unit stride) must not be given; the residual step's branch likewise."""
+    conv = torch.randn(1, 12, 3, 4, 5)
+    _, w, b = _inputs((1, 60, 12))
+    x = conv.flatten(2).transpose(1, 2).requires_grad_()
+    assert x.view(-1, 12).stride(-1) != 1
+    with fastseg3d.backend("triton"):
+        _check(x, w, b, torch.float32)
+        _check_add(torch.randn(1, 60, 12).requires_grad_(), torch.randn(1, 12, 60).transpose(1, 2).requires_grad_(),
+                   w, b, torch.float32)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU tier
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -517,6 +518,57 @@ def test_interpret_intra_forward_without_grad(poison):
     with fastseg3d.backend("triton"):
         loss = selfreg_intra(f)
     assert_close("loss", loss, _published_intra(f), torch.float32)
+
+
+@pytest.mark.interpret
+def test_interpret_intra_ranks_by_every_voxel_block(poison, monkeypatch):
+    """Blocks of 16 voxels (a GPU's 1024): the second block alone sets the channels' ranking (the first ranks them
+    otherwise and would pair other channels), so every block's partial statistics must reach the scores."""
+    monkeypatch.setattr(importlib.import_module("fastseg3d.kernels.selfreg"), "_block", lambda n: 16)
+    x = 0.1 * torch.randn(2, 6, 32)
+    x[:, :, :16] += 0.5 * torch.tensor([0.0, 1, 2, 3, 4, 5]).view(1, 6, 1)  # order 5 4 3 2 1 0
+    x[:, :, 16:] += 2.0 * torch.tensor([0.0, 2, 4, 1, 3, 5]).view(1, 6, 1)  # order 5 2 4 1 3 0
+    check_intra_against_published(x.view(2, 6, 2, 4, 4))
+
+
+@pytest.mark.interpret
+def test_interpret_intra_ranks_by_the_batch_mean(poison):
+    """The two batch elements rank the channels differently (5 4 3 2 1 0, and with larger offsets 5 2 4 1 3 0); the
+    score is the batch mean's ranking, 5 4 2 3 1 0, which pairs other channels than either alone."""
+    x = 0.1 * torch.randn(2, 6, 64)
+    x[0] += 0.3 * torch.tensor([0.0, 1, 2, 3, 4, 5]).view(6, 1)
+    x[1] += 0.6 * torch.tensor([0.0, 2, 4, 1, 3, 5]).view(6, 1)
+    check_intra_against_published(x.view(2, 6, 4, 4, 4))
+
+
+def check_intra_against_published(x):
+    f = x.clone().requires_grad_()
+    ref = x.double().requires_grad_()
+    with fastseg3d.backend("triton"):
+        loss = selfreg_intra(f)
+    expected = _published_intra(ref)
+    assert_close("loss", loss, expected, torch.float32)
+    loss.backward()
+    expected.backward()
+    assert_close("dfeature", f.grad, ref.grad, torch.float32)
+
+
+@pytest.mark.interpret
+def test_interpret_inter_multi_with_a_frozen_first_student(poison):
+    """A frozen first block and a trainable second one: the second still gets its gradient, the first none."""
+    s0 = _feature((1, 4, 2, 2, 2), spread=False).detach()
+    s1 = _feature((1, 6, 4, 4, 4), spread=False)
+    t = _feature((1, 5, 4, 4, 4), spread=False).detach()
+    cs, ct = [torch.tensor([0, 2, 3]), torch.tensor([5, 1, 0])], [torch.tensor([4, 0, 1]), torch.tensor([2, 3, 4])]
+    ref = s1.detach().double().requires_grad_()
+    with fastseg3d.backend("triton"):
+        losses = selfreg_inter_multi([s0, s1], t, cs, ct)
+    expected = _published_inter(ref, t, cs[1], ct[1])
+    assert_close("loss[1]", losses[1], expected, torch.float32)
+    losses.sum().backward()
+    expected.backward()
+    assert s0.grad is None and s1.grad is not None
+    assert_close("dstudent[1]", s1.grad, ref.grad, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------------

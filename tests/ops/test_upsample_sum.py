@@ -185,6 +185,13 @@ def test_meta_device_forward_backward():
     assert all(p.grad.dtype == torch.bfloat16 for p in parts)
 
 
+def test_channels_past_the_grid_are_a_reason():
+    c = 4 * 65535
+    parts = [torch.empty(1, c + 1, 1, 1, 2, device="meta"), torch.empty(1, c + 1, 1, 1, 1, device="meta")]
+    assert any("channels above" in r for r in upsample_sum_unsupported_reasons(parts, (1, 1, 2)))
+    assert upsample_sum_unsupported_reasons([p[:, :c] for p in parts], (1, 1, 2)) == []
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier: the Triton kernel on CPU (TRITON_INTERPRET=1)
 
