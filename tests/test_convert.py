@@ -282,3 +282,47 @@ def test_brats_weights_carry_the_recipe_data_pipeline(tmp_path):
     assert ckpt["config"] == recipe
     cfg = merge(DEFAULTS, ckpt["config"])  # as fastseg3d eval reads it
     assert cfg["data"]["label_mode"] == "brats_regions" and cfg["data"]["preprocess"] == recipe["data"]["preprocess"]
+
+
+def test_a_failed_write_leaves_the_previous_output(tmp_path, monkeypatch):
+    """The converted checkpoint is written to a temporary file and renamed: a write that fails part-way leaves the
+    file already there as it was, and no temporary behind."""
+    sd = SegFormer3D(in_channels=1, out_channels=2, embed_dims=[8, 16, 24, 32], num_heads=[1, 1, 1, 1],
+                     decoder_dim=8).state_dict()
+    src, out = tmp_path / "official.bin", tmp_path / "out.pt"
+    torch.save(sd, src)
+    out.write_bytes(b"previous checkpoint")
+
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"half-written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        official_to_fastseg3d(src, out, num_heads=[1, 1, 1, 1])
+    monkeypatch.undo()
+    assert out.read_bytes() == b"previous checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["official.bin", "out.pt"]
+
+
+def test_keys_that_collide_without_wrapper_prefixes_are_refused(tmp_path):
+    f = tmp_path / "w.pt"
+    torch.save({"module.fc.weight": torch.ones(2), "fc.weight": torch.zeros(2)}, f)
+    with pytest.raises(ValueError, match="both become 'fc.weight'"):
+        load_state_dict_file(f)
+
+
+def test_an_even_patch_kernel_needs_its_padding_given(tmp_path):
+    """The default patch padding is kernel // 2, which for an even kernel SegFormer3D does not take (2p = k): the
+    conversion asks for the padding rather than guess it."""
+    kw = dict(in_channels=1, out_channels=2, embed_dims=[8, 16, 24, 32], num_heads=[1, 1, 1, 1], decoder_dim=8,
+              patch_kernel_size=[4, 3, 3, 3], patch_padding=[0, 1, 1, 1])
+    sd = SegFormer3D(**kw).state_dict()
+    assert infer_segformer3d_config(sd, num_heads=[1, 1, 1, 1])["patch_padding"] == [2, 1, 1, 1]
+    src = tmp_path / "official.bin"
+    torch.save(sd, src)
+    with pytest.raises(ValueError, match="patch_padding"):
+        official_to_fastseg3d(src, tmp_path / "out.pt", num_heads=[1, 1, 1, 1])
+    assert official_to_fastseg3d(src, tmp_path / "out.pt", num_heads=[1, 1, 1, 1],
+                                 patch_padding=[0, 1, 1, 1])["patch_padding"] == [0, 1, 1, 1]

@@ -243,3 +243,16 @@ def test_spatial_reduction_reads_the_tokens_in_place():
     with Copies(x.numel()) as log, fastseg3d.backend("torch"):
         efficient_self_attention3d_ref(module, x, spatial)
     assert "aten::clone" in log.found
+
+
+def test_default_scale_is_head_dims():
+    """The default scale is head_dim ** -0.5 (SDPA's own default), judged without the module's ``scale``: the
+    reference reads it from the module."""
+    import torch.nn.functional as F
+
+    m = EfficientSelfAttention3d(16, 2, sr_ratio=1).double()  # head_dim 8 and 2 heads: the two scales differ
+    x = torch.randn(2, 12, 16, dtype=torch.float64)
+    q = m.query(x).view(2, 12, 2, 8).transpose(1, 2)
+    k, v = m.key_value(x).view(2, 12, 2, 2, 8).permute(2, 0, 3, 1, 4)
+    expected = m.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 12, 16))
+    assert_close("y", m(x, (2, 3, 2)), expected, torch.float64)

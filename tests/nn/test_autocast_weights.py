@@ -399,3 +399,27 @@ def test_segformer3d_with_frozen_batch_norms_folds_from_fp32_weights(one_thread)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 outs.append(model(x))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_parameter_tied_between_two_layers_is_cast_once():
+    """A weight shared by two distinct Linear layers (``model.modules()`` yields a module reached twice only once, so
+    this is the case the cast-once bookkeeping is for): cast once, and its gradient summed as autocast sums it,
+    bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU bf16 matmul backward sums in a thread-dependent order
+    try:
+        a, b = nn.Linear(64, 64), nn.Linear(64, 64)
+        b.weight = a.weight
+        net = nn.Sequential(a, nn.GELU(), b).train()
+        x = torch.randn(32, 64)
+        grads = []
+        for wrap in (True, False):
+            net.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with autocast_weights(net) if wrap else contextlib.nullcontext():
+                    out = net(x)
+            out.float().square().mean().backward()
+            grads.append(a.weight.grad.clone())
+        torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    finally:
+        torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from fastseg3d.nn import recompute
 from fastseg3d.nn.recompute import (
     act_instance_norm,
     act_instance_norm_conv,
+    add_layer_norm,
     batch_norm_act_linear,
     norm_act,
     norm_act_conv,
@@ -881,6 +882,40 @@ def test_norm_act_runs_the_plain_composition_elsewhere():
         assert norm_act(x, norm, act).grad_fn is None
 
 
+def test_a_norm_whose_forward_is_replaced_runs_that_forward():
+    """A norm whose ``forward`` is replaced on the instance (as checkpointing wrappers and monkeypatches do) runs
+    through it, not through a recompute that reads its parameters."""
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    norm, conv = nn.GroupNorm(2, 6), nn.Conv3d(6, 4, 1)
+    norm.forward = lambda t: nn.GroupNorm.forward(norm, t) * 2.0
+    assert_close("y", norm_act_conv(x, norm, "relu", conv), conv(F.relu(norm(x))), torch.float32)
+    inorm = nn.InstanceNorm3d(6)
+    inorm.forward = lambda t: nn.InstanceNorm3d.forward(inorm, t) + 1.0
+    assert_close("y", norm_act(x, inorm, nn.LeakyReLU(0.1)), F.leaky_relu(inorm(x), 0.1), torch.float32)
+
+
+def check_add_layer_norm_broadcast_residual(rshape):
+    norm = nn.LayerNorm(32)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    r = torch.randn(*rshape, requires_grad=True)
+    s, y = add_layer_norm(x, r, norm)
+    s_ref = x + r
+    y_ref = norm(s_ref)
+    assert_close("s", s, s_ref, torch.float32)
+    assert_close("y", y, y_ref, torch.float32)
+    g1, g2 = torch.randn_like(s_ref), torch.randn_like(y_ref)
+    got = torch.autograd.grad((s, y), (x, r), (g1, g2))
+    expected = torch.autograd.grad((s_ref, y_ref), (x, r), (g1, g2))
+    for name, a, e in zip(("dx", "dresidual"), got, expected):
+        assert_close(name, a, e, torch.float32)
+
+
+@pytest.mark.parametrize("rshape", [(10, 32), (1, 10, 32)])
+def test_add_layer_norm_with_a_broadcast_residual(rshape):
+    """A residual that broadcasts (a (N, C) or (1, N, C) positional embedding) is x + residual and its norm."""
+    check_add_layer_norm_broadcast_residual(rshape)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier: the fused GroupNorm + activation inside norm_act_conv (TRITON_INTERPRET=1)
 
@@ -1150,6 +1185,13 @@ def test_interpret_triton_policy_keeps_aten_norms_for_what_the_kernel_refuses(mo
         y = norm_act_conv(x, norm, "relu", conv)
     assert y.grad_fn.name() == "_NormActConvBackward" and calls == []
     assert_close("y", y, conv(F.relu(norm(x))), torch.float64)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("rshape", [(10, 32), (1, 10, 32)])
+def test_interpret_add_layer_norm_with_a_broadcast_residual(rshape, poison):
+    """The fused kernel takes x and the residual of one shape: a broadcast residual runs the separate ops."""
+    check_add_layer_norm_broadcast_residual(rshape)
 
 
 # ------------------------------------------------------------------------------------------------------
