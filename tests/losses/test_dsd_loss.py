@@ -280,3 +280,14 @@ def test_compile_fullgraph_matches_eager():
     for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(compiled, heads, retain_graph=True),
                                        torch.autograd.grad(eager, heads, retain_graph=True))):
         assert_close(f"dhead{i}", g, g_ref, torch.float32)
+
+
+def test_one_student_per_teacher_has_its_kl():
+    """Two heads a side (the teacher and one student): each side's KL term is the pair's, T^2 KL at T = 2."""
+    t = lambda: torch.randn(2, 3, 4, 4, 4, dtype=torch.float64)  # noqa: E731
+    out = DSDOutput(t(), (t(), t()), (t(), t()))
+    terms = DSDLoss(3, temperature=2.0).terms(out, torch.randint(0, 3, (2, 1, 4, 4, 4)))
+    for name, (student, teacher) in (("kl_decoder", out.decoder), ("kl_encoder", out.encoder)):
+        kl = 4 * F.kl_div(torch.log_softmax(student / 2, 1), torch.softmax(teacher / 2, 1),
+                          reduction="none").sum(1).mean()
+        assert_close(name, terms[name], kl, torch.float32)

@@ -164,3 +164,11 @@ def test_bad_arguments():
         loss_fn(SelfRegOutput(out.logits, out.encoder, (out.decoder[0][:1], *out.decoder[1:]), out.final))
     with pytest.raises(ValueError, match=r"encoder\[0\]"):
         loss_fn(SelfRegOutput(out.logits, (out.encoder[0][:, :, :3],), out.decoder, out.final))
+
+
+def test_the_default_weight_is_the_published_one():
+    t = lambda c, n: torch.randn(2, c, n, n, n, dtype=torch.float64)  # noqa: E731
+    out = SelfRegOutput(t(3, 8), (t(8, 4), t(8, 2)), (t(8, 4),), t(8, 8))
+    assert SelfRegLoss().weight == 0.015
+    torch.testing.assert_close(SelfRegLoss(generator=1, include_segmentation=False)(out),
+                               SelfRegLoss(weight=0.015, generator=1, include_segmentation=False)(out))

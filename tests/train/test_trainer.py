@@ -1454,3 +1454,46 @@ def test_eval_of_a_bad_case_is_one_line(tmp_path, capsys):
                      "--output-dir", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert "error: image " in err and "outside the declared classes" in err and "Traceback" not in err
+
+
+def test_resume_restores_pythons_and_numpys_generators(tmp_path):
+    """A resumed run draws from Python's and NumPy's global generators as the saved run would have (a user
+    transform drawing from them would otherwise diverge after a resume)."""
+    import random
+
+    args = [*TINY_UNET, *TINY_DATA, "deterministic=true", "val.every=0"]
+    Trainer(load_config("quickstart", [*args, "train.epochs=1"]), tmp_path).fit()
+    path = tmp_path / "checkpoint_latest.pt"
+    ckpt = load_checkpoint(path)
+    random.seed(1234)
+    np.random.seed(1234)
+    expected = (random.random(), float(np.random.rand()))
+    random.seed(1234)
+    np.random.seed(1234)
+    ckpt["rng_state"].update(python=random.getstate(), numpy=np.random.get_state())
+    atomic_save(ckpt, path)
+    random.seed(0)
+    np.random.seed(0)
+    Trainer(load_config("quickstart", [*args, "train.epochs=2"]), tmp_path, resume="auto")
+    assert (random.random(), float(np.random.rand())) == expected
+
+
+def test_resume_without_a_best_checkpoint_keeps_the_latest_ones_metric(tmp_path):
+    """Resuming where no checkpoint_best.pt is (deleted, or another run's checkpoint into a new folder) keeps the
+    best metric the latest checkpoint holds, so the next validation does not replace the best with a worse one."""
+    args = [*TINY_UNET, *TINY_DATA, "deterministic=true"]
+    Trainer(load_config("quickstart", [*args, "train.epochs=2"]), tmp_path).fit()
+    latest = load_checkpoint(tmp_path / "checkpoint_latest.pt")
+    assert latest["best_metric"] > -float("inf")
+    (tmp_path / "checkpoint_best.pt").unlink()
+    trainer = Trainer(load_config("quickstart", [*args, "train.epochs=3"]), tmp_path, resume="auto")
+    assert trainer.best_metric == latest["best_metric"]
+
+
+def test_resume_removes_a_killed_writers_temporary(tmp_path):
+    args = [*TINY_UNET, *TINY_DATA, "deterministic=true", "val.every=0"]
+    Trainer(load_config("quickstart", [*args, "train.epochs=1"]), tmp_path).fit()
+    stale = tmp_path / ".checkpoint_latest.pt.0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    Trainer(load_config("quickstart", [*args, "train.epochs=2"]), tmp_path, resume="auto")
+    assert not stale.exists()
