@@ -147,6 +147,8 @@ def test_infer_modality():
     assert infer_modality({"modality": {"0": "CT"}}) == "CT"
     assert infer_modality({"modality": {"0": "T2", "1": "ADC"}}) == "MRI"
     assert infer_modality({}) == "MRI"
+    # a CT task spelled in lower case or padded is still windowed as CT, not z-scored as MRI
+    assert infer_modality({"modality": {"0": "ct"}}) == infer_modality({"channel_names": {"0": " CT "}}) == "CT"
 
 
 @pytest.mark.parametrize("props, modality, channels", [
@@ -238,8 +240,16 @@ def test_datasets_follow_a_split_file(task, tmp_path):
 
 
 def test_split_rejects_bad_fraction():
-    with pytest.raises(ValueError, match="val_frac"):
-        split_cases([1, 2, 3], val_frac=1.0)
+    for val_frac in (1.0, 0.0, -0.1):  # 0 would still draw one validation case: refused, not silently changed
+        with pytest.raises(ValueError, match="val_frac"):
+            split_cases([1, 2, 3], val_frac=val_frac)
+
+
+@pytest.mark.parametrize("n, val_frac, n_val", [(10, 0.27, 3), (3, 0.5, 2), (10, 0.25, 2)])
+def test_split_rounds_the_validation_share(n, val_frac, n_val):
+    """round(n * val_frac) cases validate, as documented (2.7 -> 3, where the floor gives 2)."""
+    train, val = split_cases(list(range(n)), val_frac=val_frac)
+    assert (len(train), len(val)) == (n - n_val, n_val)
 
 
 # ------------------------------------------------------------------------------------------------------ transforms
@@ -320,6 +330,16 @@ def test_val_is_deterministic(cases):
     torch.testing.assert_close(tf(cases[0])["image"].as_tensor(), tf(cases[0])["image"].as_tensor())
 
 
+def test_resampling_never_invents_a_label_value(cases):
+    """pixdim resamples the label by nearest neighbour: a label of classes 0 and 3 only, interpolated linearly,
+    would come out with 1s and 2s along the border (classes the file never had)."""
+    label = np.where(_label_volume() > 0, 3, 0).astype(np.uint8)
+    _break_case(cases[0], label=label)
+    out = _val(cases[0], pixdim=(1.0, 1.0, 1.0))
+    assert out["image"].shape[1:] != (SHAPE[0] - 4, SHAPE[1] - 4, SHAPE[2] - 4)  # it was resampled
+    assert set(out["label"].unique().tolist()) == {0, 3}
+
+
 def test_mri_normalised_per_channel(cases):
     image = _val(cases[0])["image"]
     for channel in image:
@@ -355,6 +375,22 @@ def test_nnunet_v2_ct_task_is_windowed_as_ct(tmp_path):
 
 def _transform_types(tf) -> list[str]:
     return [type(t).__name__ for t in tf.transforms]
+
+
+@pytest.mark.parametrize("flip_prob", [0.0, 1.0])
+def test_flip_prob_flips_image_and_label_along_every_axis(cases, flip_prob):
+    """The default augmentation flips along each of the three axes with flip_prob, image and label together: a crop
+    of the whole (foreground-cropped) volume without intensity jitter is the validation volume, flipped along all
+    axes at flip_prob 1 and as it is at 0."""
+    val = _val(cases[0])
+    size = tuple(val["image"].shape[1:])
+    tf = msd_transforms("train", spatial_size=size, num_classes=4, crop_ratio=None, flip_prob=flip_prob,
+                        intensity_jitter=0.0)
+    tf.set_random_state(seed=0)
+    out = tf(cases[0])
+    dims = (1, 2, 3) if flip_prob else ()
+    assert torch.equal(out["label"].as_tensor(), val["label"].as_tensor().flip(dims))
+    torch.testing.assert_close(out["image"].as_tensor(), val["image"].as_tensor().flip(dims))
 
 
 def test_crop_ratio_centres_every_crop_on_foreground_or_anywhere(cases):
@@ -424,6 +460,11 @@ def test_transforms_pickle(cases):
         ({"spatial_size": (8, 8)}, "spatial_size"),
         ({"num_samples": 0}, "num_samples"),
         ({"in_channels": 0}, "in_channels"),
+        ({"spatial_size": (8, 0, 8)}, "spatial_size"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"flip_prob": 1.5}, "flip_prob"),
+        ({"intensity_jitter": -0.1}, "intensity_jitter"),
+        ({"ct_range": (250.0, -175.0)}, "ct_range"),
     ],
 )
 def test_transform_arguments_validated(kwargs, match):
@@ -516,6 +557,17 @@ def test_label_out_of_range_names_files(cases):
     assert "0..3" in str(_case_error(cases[0], label_mode="brats_regions").value)
 
 
+@pytest.mark.parametrize("value, dtype, shown", [(4, np.uint8, "[4.0]"), (-1, np.int8, "[-1.0]"),
+                                                 (1.5, np.float32, "[1.5]")])
+def test_label_just_outside_the_classes_names_files(cases, value, dtype, shown):
+    """The edges of 0..num_classes-1: the first value past the last class, a negative one, a fractional one
+    (a label resampled with linear interpolation) would each train a wrong or non-existent class."""
+    label = _label_volume().astype(dtype)
+    label[0, 0, 0] = value
+    _break_case(cases[0], label=label)
+    assert shown in str(_case_error(cases[0]).value)
+
+
 def test_nan_image_names_files(cases):
     image = nib.load(cases[0]["image"]).get_fdata().astype(np.float32)
     image[3, 3, 3, 1] = np.nan
@@ -583,6 +635,18 @@ def test_loader_batches_with_list_data_collate(task, cache):
     assert batch["label"].dtype == torch.int64 and len(batch["name"]) == 4
     val_batch = next(iter(monai_data.DataLoader(val_ds, batch_size=1, collate_fn=monai_data.list_data_collate)))
     assert val_batch["image"].shape[:2] == (1, 2) and val_batch["image"].affine.shape == (1, 4, 4)
+
+
+def test_training_items_are_reproducible_by_seed(task):
+    """build_msd_datasets seeds the training transforms: the random crops and flips of train_ds[i] are the same in
+    every build with the same seed, so a run is reproducible without a DataLoader."""
+    def draws(seed):
+        train_ds, _, _ = build_msd_datasets(task, spatial_size=(6, 6, 6), num_samples=2, seed=seed)
+        return [torch.cat([s["image"].as_tensor() for s in train_ds[0]]) for _ in range(3)]
+
+    first, again = draws(0), draws(0)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[0], first[1])  # successive draws differ: it is the seed, not a constant crop
 
 
 def test_single_sample_items_are_dicts(task):

@@ -64,11 +64,52 @@ def test_dataset_items_modes_cache_and_augmentation():
     assert flipped > 0
 
 
+def test_augmentation_flips_image_and_label_together_and_anew_each_epoch():
+    """A flipped case is still a case: the image is flipped along the label's axes (never the channel axis), and
+    set_epoch draws new flips, as the trainer relies on for augmentation across epochs."""
+    import itertools
+
+    aug = SyntheticSegmentation(3, (16, 16, 16), in_channels=2, augment=True)
+    plain = SyntheticSegmentation(3, (16, 16, 16), in_channels=2)
+    combos = [d for r in range(4) for d in itertools.combinations((1, 2, 3), r)]
+    seen = {i: set() for i in range(3)}
+    for epoch in range(6):
+        aug.set_epoch(epoch)
+        for i in range(3):
+            a, p = aug[i], plain[i]
+            dims = [d for d in combos if torch.equal(a["label"], p["label"].flip(d))]
+            assert any(torch.equal(a["image"], p["image"].flip(d)) for d in dims), (epoch, i)
+            seen[i].add(tuple(dims[0]))
+    assert all(len(flips) > 1 for flips in seen.values())
+
+
+def test_air_is_zero_and_bias_field_scales_a_multiplicative_field():
+    """Without noise the air around the body is exactly 0 (the foreground an MSD-style crop finds), and bias_field
+    is the amplitude of one multiplicative field per channel: doubling it doubles each voxel's deviation."""
+    images = {b: generate_case(2, (24, 24, 24), in_channels=2, noise=0.0, bias_field=b)[0] for b in (0.0, 0.2, 0.4)}
+    corners = images[0.2][:, [0, -1]][:, :, [0, -1]][:, :, :, [0, -1]]
+    assert torch.equal(corners, torch.zeros_like(corners))
+    body = images[0.0] != 0
+    assert body.float().mean() > 0.2
+    low, high = (images[b][body] / images[0.0][body] - 1 for b in (0.2, 0.4))
+    assert low.abs().max() > 0.02 and low.abs().max() <= 0.2 + 1e-5
+    torch.testing.assert_close(high, 2 * low, rtol=1e-4, atol=1e-5)
+
+
+def test_index_past_the_cases_raises():
+    """ds[num_cases] is no extra case (a loop over the dataset stops there), and a negative index is refused."""
+    ds = SyntheticSegmentation(2, (16, 16, 16), in_channels=1)
+    for index in (2, -1):
+        with pytest.raises(IndexError):
+            ds[index]
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_cases=0), "num_cases"),
     (dict(num_cases=2, label_mode="regions"), "label_mode"),
     (dict(num_cases=2, spatial_size=(8, 16, 16)), "spatial_size"),
     (dict(num_cases=2, in_channels=5), "in_channels"),
+    (dict(num_cases=2, in_channels=0), "in_channels"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -110,6 +110,22 @@ def test_flip_tta_averages_probabilities_with_a_mode(mode):
         sliding_window_predict(net, x, (6, 7, 5), flip_tta=True, mode="probabilities")
 
 
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_flip_tta_logits_stay_finite_where_probabilities_saturate(mode):
+    """A confident network's probabilities are exactly 0 or 1 in fp32, whose log or logit is infinite: they are
+    clamped 1e-7 from 0 and 1, so the logits that come back are finite and give the same prediction."""
+    net = _conv(1)
+
+    def confident(t):
+        return net(t) * 1e3
+
+    x = torch.randn(1, 2, 6, 7, 5)
+    out = sliding_window_predict(confident, x, (6, 7, 5), blend="constant", flip_tta=True, mode=mode)
+    assert torch.isfinite(out).all()
+    with torch.no_grad():
+        assert torch.equal(to_prediction(out, mode), to_prediction(confident(x), mode))
+
+
 @dataclasses.dataclass
 class _Output:
     logits: torch.Tensor
@@ -272,6 +288,7 @@ def test_to_prediction_and_onehot():
     assert soft.dtype == torch.float32 and soft.shape == (1, 3, 2, 2, 2)
     assert soft[0, :, 0, 0, 0].tolist() == [1.0, 0.0, 0.0]
     assert to_prediction(logits, "sigmoid")[0, :, 0, 0, 0].tolist() == [1.0, 0.0, 1.0]
+    assert to_prediction(torch.zeros(1, 2, 1, 1, 1), "sigmoid").sum() == 0  # sigmoid(0) = 0.5 is not > 0.5
 
     label = torch.tensor([0.0, 2.0]).view(1, 1, 2, 1, 1)  # MONAI loads labels as float
     onehot = to_onehot(label, 3, "softmax")
@@ -279,6 +296,8 @@ def test_to_prediction_and_onehot():
     assert onehot[0, :, 1, 0, 0].tolist() == [0.0, 0.0, 1.0]
     regions = torch.randint(0, 2, (1, 3, 2, 2, 2))
     assert torch.equal(to_onehot(regions, 3, "sigmoid"), regions.float())
+    with pytest.raises(ValueError, match=r"sigmoid labels need 4 channels"):  # regions of another task
+        to_onehot(regions, 4, "sigmoid")
     with pytest.raises(ValueError):
         to_onehot(regions, 3, "softmax")
     with pytest.raises(ValueError, match="mode"):
@@ -409,6 +428,15 @@ def test_nifti_round_trip(tmp_path, values, dtype):
     np.testing.assert_array_equal(np.asarray(img.dataobj), labels.numpy())
     np.testing.assert_allclose(img.affine, affine)
     np.testing.assert_allclose(img.get_qform(), affine, atol=1e-6)
+
+
+def test_nifti_stores_the_smallest_type_at_its_bounds(tmp_path):
+    """255 still fits uint8 (a 255-class atlas is stored at 1 byte a voxel), 256 and -1 need int16."""
+    for value, dtype in ((255, np.uint8), (256, np.int16), (-1, np.int16)):
+        labels = np.zeros((2, 3, 4), np.int64)
+        labels[1, 2, 3] = value
+        img = nib.load(save_prediction_nifti(labels, None, tmp_path / f"p{value}.nii.gz"))
+        assert img.get_data_dtype() == dtype and np.asarray(img.dataobj)[1, 2, 3] == value
 
 
 def test_nifti_rejects_bad_input(tmp_path):
@@ -563,6 +591,45 @@ def test_brats_scoring_of_empty_classes(spacing):
     monai = segmentation_metrics(pred, target, include_background=False, hd95=True, msd=True, spacing=spacing)
     assert monai["dice_per_class"][1:] == [None, 0.0]
     assert monai["hd95_per_class"][1:] == [None, None] and monai["msd_per_class"][1:] == [None, None]
+
+
+def test_brats_scoring_of_empty_regions_with_channel_0_kept():
+    """Sigmoid regions (TC, WT, ET) are scored with include_background=True: channel 0 is a region like the others,
+    and BraTS's rule for empty regions applies to it too (TC empty on both sides, ET predicted but not labelled)."""
+    target = torch.zeros(1, 3, 6, 8, 10)
+    target[:, 1, 1:4, 2:6, 2:7] = 1
+    pred = target.clone()
+    pred[:, 2, 2, 3, 3:5] = 1
+    m = segmentation_metrics(pred, target, include_background=True, hd95=True, msd=True, ignore_empty=False)
+    diagonal = float(np.sqrt(6**2 + 8**2 + 10**2))
+    assert m["dice_per_class"] == [1.0, 1.0, 0.0]
+    assert m["hd95_per_class"] == [0.0, 0.0, pytest.approx(diagonal)]
+    assert m["msd_per_class"] == [0.0, 0.0, pytest.approx(diagonal)]
+
+
+def test_predict_case_follows_the_val_settings():
+    """Validation and `fastseg3d eval` predict through predict_case: the val section's overlap, window batch, blend
+    and flip TTA apply, the flips averaged as probabilities of the data's mode, and the label comes one-hot."""
+    from fastseg3d.train.inference import predict_case
+
+    torch.manual_seed(0)
+    net = _conv(3)
+    image = torch.randn(2, 16, 12, 10) * 3
+    label = torch.randint(0, 3, (1, 16, 12, 10))
+    cfg = {"overlap": 0.25, "sw_batch_size": 2, "blend": "constant", "flip_tta": True}
+    case = predict_case(net, {"image": image, "label": label}, (8, 8, 8), cfg, "softmax", 3, torch.device("cpu"))
+
+    def predict(**changes):
+        kwargs = {"overlap": 0.25, "sw_batch_size": 2, "blend": "constant", "flip_tta": True, "mode": "softmax",
+                  **changes}
+        return sliding_window_predict(net, image[None], (8, 8, 8), **kwargs)
+
+    expected = predict()
+    torch.testing.assert_close(case["logits"], expected)
+    assert torch.equal(case["pred"], to_prediction(expected, "softmax"))
+    assert torch.equal(case["target"], to_onehot(label[None], 3, "softmax")) and case["spacing"] is None
+    for changes in ({"overlap": 0.5}, {"blend": "gaussian"}, {"mode": None}):  # each setting tells here
+        assert not torch.allclose(predict(**changes), expected), changes
 
 
 def test_nifti_takes_the_image_files_sform_and_qform(tmp_path):

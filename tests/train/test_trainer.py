@@ -1445,6 +1445,81 @@ def test_eval_scores_msd_cases_on_the_label_files_past_the_foreground_crop(tmp_p
     assert result["mean"]["dice"] == pytest.approx(2 * both / (predicted + labelled), abs=1e-6)
 
 
+def test_eval_measures_hd95_in_the_label_files_millimetres(tmp_path):
+    """On the label files' grid HD95 is in their voxel size, each axis's own (3, 1 and 0.5 mm here): scored in
+    voxels, or with the axes' sizes in another order, an anisotropic scan's distances come out wrong."""
+    nib = pytest.importorskip("nibabel")
+    from fastseg3d.train.inference import segmentation_metrics, to_onehot
+
+    task = Path(_ct_task_with_air_over_the_label(tmp_path))
+    for name in ("imagesTr/c0.nii.gz", "labelsTr/c0.nii.gz"):
+        data = np.asarray(nib.load(str(task / name)).dataobj)
+        nib.save(nib.Nifti1Image(data, np.diag([3.0, 1.0, 0.5, 1.0])), str(task / name))
+    _everywhere_class_1(tmp_path / "m.pt", str(task))
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--split", "all", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "eval_metrics.json").read_text())
+    label = np.asarray(nib.load(str(task / "labelsTr" / "c0.nii.gz")).dataobj).astype(np.int64)
+    pred = np.zeros_like(label)
+    pred[4:] = 1  # class 1 on the 8 slabs the foreground crop keeps
+    p, t = (to_onehot(torch.as_tensor(v)[None, None], 2, "softmax") for v in (pred, label))
+    hd95 = {s: segmentation_metrics(p, t, include_background=False, spacing=s)["hd95"]
+            for s in ((3.0, 1.0, 0.5), None, (0.5, 1.0, 3.0))}
+    assert len(set(hd95.values())) == 3  # the three tell apart on this case
+    assert result["mean"]["hd95"] == pytest.approx(hd95[(3.0, 1.0, 0.5)])
+
+
+def test_eval_score_empty_scores_a_class_the_label_file_lacks(tmp_path):
+    """--score-empty (val.ignore_empty=false) reaches the scoring: a class predicted but absent from the label file
+    scores Dice 0 and the file's diagonal as HD95 (BraTS's rule), where the default leaves it unscored."""
+    nib = pytest.importorskip("nibabel")
+    task = Path(_ct_task_with_air_over_the_label(tmp_path))
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), str(task / "labelsTr" / "c0.nii.gz"))
+    _everywhere_class_1(tmp_path / "m.pt", str(task))
+    for flag, dice, hd95 in (("--score-empty", 0.0, pytest.approx(np.sqrt(3 * 12**2))),
+                             ("--no-score-empty", None, None)):
+        out = tmp_path / flag
+        assert cli_main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--split", "all", flag,
+                         "--output-dir", str(out)]) == 0
+        mean = json.loads((out / "eval_metrics.json").read_text())["mean"]
+        assert mean["dice_per_class"] == [dice] and mean["hd95_per_class"] == [hd95], flag
+
+
+def test_eval_saves_brats_regions_in_the_msd_coding_on_the_files_grid(tmp_path):
+    """label_mode=brats_regions: all three regions are scored (channel 0, TC, is no background), the saved labels
+    are MSD Task01's rebuilt from the regions (TC and WT without ET: 2), brought back through the 2 mm resampling
+    by nearest neighbour (no value between 0 and 2 at the border), and val.max_cases limits the cases."""
+    nib = pytest.importorskip("nibabel")
+    from tests.data.test_msd import _make_task
+
+    task = _make_task(str(tmp_path / "data"), n_cases=2)
+    conv = torch.nn.Conv3d(2, 3, 1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([1.0, 1.0, -1.0]))  # TC and WT everywhere it sees, ET nowhere
+    torch.save({"model": {"name": "torch.nn.Conv3d", "kwargs": {"in_channels": 2, "out_channels": 3,
+                                                                "kernel_size": 1}},
+                "network_weights": conv.state_dict(),
+                "config": {"data": {"name": "msd", "root": task, "spatial_size": [8, 8, 8], "pixdim": [2.0, 2.0, 2.0],
+                                    "label_mode": "brats_regions"}}}, tmp_path / "m.pt")
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--split", "all", "--no-hd95",
+                     "--save-predictions", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "eval_metrics.json").read_text())
+    assert result["mean"]["class_names"] == ["TC", "WT", "ET"] and result["mean"]["num_cases"] == 2
+    for row in result["cases"]:
+        pred = np.asarray(nib.load(str(out / "predictions" / f"{row['case']}.nii.gz")).dataobj)
+        assert set(np.unique(pred).tolist()) == {0, 2}
+        truth = np.asarray(nib.load(str(Path(task) / "labelsTr" / f"{row['case']}.nii.gz")).dataobj)
+        tumour = pred > 0
+        for k, region in enumerate((truth >= 2, truth >= 1, truth == 3)):
+            expected = 2 * (tumour & region).sum() / (tumour.sum() + region.sum()) if k < 2 else 0.0
+            assert row["dice_per_class"][k] == pytest.approx(expected, abs=1e-6), k
+    assert cli_main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--split", "all", "--no-hd95", "--max-cases",
+                     "1", "--output-dir", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "eval_metrics.json").read_text())["mean"]["num_cases"] == 1
+
+
 def test_eval_of_a_bad_case_is_one_line(tmp_path, capsys):
     """Evaluation loads its cases one by one as it predicts them: a case found invalid there is one line, as in
     training, not a traceback."""
