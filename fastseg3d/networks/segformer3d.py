@@ -27,13 +27,12 @@ from fastseg3d.ops.upsample_sum import upsample_sum
 __all__ = ["MixFFN3d", "SegFormer3D"]
 
 
-def _per_axis(value, name: str) -> tuple[int, int, int]:
-    if isinstance(value, int):
-        return (value,) * 3
-    value = tuple(value)
-    if len(value) != 3 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} entries must be ints or 3-tuples of ints, got {value!r}")
-    return value
+def _per_axis(value, name: str, low: int) -> tuple[int, int, int]:
+    """A stage's entry of ``name`` as 3 Python ints >= ``low``: an integer (NumPy's too) for every axis, or one each."""
+    entries = (value,) * 3 if _is_int(value) else tuple(value) if isinstance(value, Sequence) else ()
+    if len(entries) != 3 or not all(_is_int(v) and v >= low for v in entries):
+        raise ValueError(f"{name} entries must be ints >= {low} or 3-tuples of them, got {value!r}")
+    return tuple(int(v) for v in entries)
 
 
 def _is_int(value) -> bool:
@@ -336,9 +335,9 @@ class SegFormer3D(nn.Module):
                 raise ValueError(f"embed_dims {tuple(embed_dims)} must be divisible by num_heads {tuple(num_heads)}")
         if attention_scale not in ("head_dim", "num_heads"):
             raise ValueError(f"attention_scale must be 'head_dim' or 'num_heads', got {attention_scale!r}")
-        kernels = [_per_axis(k, "patch_kernel_size") for k in patch_kernel_size]
-        strides = [_per_axis(s, "patch_stride") for s in patch_stride]
-        paddings = [_per_axis(p, "patch_padding") for p in patch_padding]
+        kernels = [_per_axis(k, "patch_kernel_size", 1) for k in patch_kernel_size]
+        strides = [_per_axis(s, "patch_stride", 1) for s in patch_stride]
+        paddings = [_per_axis(p, "patch_padding", 0) for p in patch_padding]
         for stage, (ks, ss, ps) in enumerate(zip(kernels, strides, paddings)):
             # a side divisible by the stride must come out divided by it: floor((2p - k) / s) = -1
             if not all(k - s <= 2 * p < k for k, s, p in zip(ks, ss, ps)):

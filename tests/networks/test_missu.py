@@ -431,3 +431,81 @@ def test_position_embedding_is_resampled_along_its_own_axes(net):
     pos = net.position_encoding.position_embeddings.detach().view(16, 16, 16, -1)
     expected = (0.5 * (pos[:, :, 0::2] + pos[:, :, 1::2])).reshape(1, 16 * 16 * 8, -1)
     torch.testing.assert_close(net._position_embeddings((16, 16, 8)).detach(), expected)
+
+
+def test_attention_dropouts_apply_in_training_only():
+    """attn_dropout (on the probabilities) and dropout (on the projection's output) act in training only: in eval the
+    block is the dropout-free one exactly; in training the probabilities' dropout changes the output and the
+    projection's zeroes about that share of it."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 10, 32, dtype=torch.float64)
+    attn = _SelfAttention(32, 2, 0.5, 0.0).double()
+    plain = _SelfAttention(32, 2, 0.0, 0.0).double()
+    plain.load_state_dict(attn.state_dict())
+    proj = _SelfAttention(32, 2, 0.0, 0.5).double()
+    proj.load_state_dict(attn.state_dict())
+    with torch.no_grad():
+        expected = plain.eval()(x)
+        torch.testing.assert_close(attn.eval()(x), expected)
+        torch.testing.assert_close(proj.eval()(x), expected)
+        assert not torch.allclose(attn.train()(x), expected)
+        dropped = proj.train()(x) == 0
+    assert 0.35 < dropped.double().mean().item() < 0.65
+
+
+def test_position_embedding_dropout_in_training():
+    """pe_dropout (dropout_rate) drops the embedded tokens before the transformer in training: each entry is 0 or
+    (token + position) / (1 - p); in eval the transformer reads the sum itself."""
+    torch.manual_seed(0)
+    net = MISSU(num_layers=1, hidden_dim=64, dropout_rate=0.5, init_dropout=0.0, fusion=False).double()
+    with torch.no_grad():
+        net.position_encoding.position_embeddings.normal_()
+    seen = {}
+    net.conv_x.register_forward_hook(lambda m, a, o: seen.__setitem__("conv", o))
+    net.transformer.register_forward_pre_hook(lambda m, a: seen.__setitem__("tokens", a[0]))
+    x = torch.randn(1, 4, 16, 16, 16, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        with torch.no_grad():
+            getattr(net, mode)()(x)
+            expected = seen["conv"].flatten(2).transpose(1, 2) + net._position_embeddings((2, 2, 2))
+        tokens = seen["tokens"]
+        if mode == "eval":
+            torch.testing.assert_close(tokens, expected)
+        else:
+            kept = tokens != 0
+            assert 0.35 < kept.double().mean().item() < 0.65
+            torch.testing.assert_close(tokens[kept], 2 * expected[kept])
+
+
+def test_fusion_block_dilation_rates_and_size():
+    """The dense atrous branches' rates 1, 3 and 5 (receptive fields 3, 7, 9 and 19, as CE-Net's DAC), each padded to
+    keep the size; the three blocks of the default build add 447,331 parameters to the released 20,392,388."""
+    from fastseg3d.networks.missu import LocalMultiScaleFusion3d
+
+    block = LocalMultiScaleFusion3d(8)
+    convs = (block.dilate1, block.dilate2, block.dilate3)
+    expected = [((3, 3, 3), (rate,) * 3, (rate,) * 3) for rate in (1, 3, 5)]
+    assert [(c.kernel_size, c.dilation, c.padding) for c in convs] == expected
+    assert sum(p.numel() for p in MISSU().fusion.parameters()) == 447_331
+
+
+def test_a_side_of_8_trains_at_batch_1_when_another_is_larger():
+    """Only an input with every side 8 leaves one bottleneck voxel: (8, 16, 16) at batch 1 trains (a 1x2x2
+    bottleneck, four values per BatchNorm channel)."""
+    net = MISSU(num_layers=1, hidden_dim=64, dropout_rate=0.0, init_dropout=0.0).train()
+    logits, pairs = net(torch.randn(1, 4, 8, 16, 16))
+    assert logits.shape == (1, 4, 8, 16, 16) and len(pairs) == 3
+
+
+def test_students_are_the_fusion_blocks_outputs():
+    """In training each pair's student is the decoder output of its scale refined by that scale's fusion block
+    (DeBlock4 by fusion[0], DeBlock3 by fusion[1], DeBlock2 by fusion[2]), not the raw decoder feature."""
+    torch.manual_seed(0)
+    net = MISSU(num_layers=1, hidden_dim=64, dropout_rate=0.0, init_dropout=0.0).double().train()
+    names, seen = ("DeBlock4", "DeBlock3", "DeBlock2"), {}
+    for name in names:
+        getattr(net, name).register_forward_hook(lambda m, a, o, name=name: seen.__setitem__(name, o))
+    with torch.no_grad():
+        _, pairs = net(torch.randn(2, 4, 16, 16, 16, dtype=torch.float64))
+        for (student, _), block, name in zip(pairs, net.fusion, names):
+            torch.testing.assert_close(student, block(seen[name]))

@@ -492,6 +492,8 @@ def test_backward_rebuilds_no_views(backend):
         (lambda: MobileUtr(depths=(1, 1, 3, 3)), "depths"),
         (lambda: MobileUtr(kernels=(3, 4, 7)), "odd"),
         (lambda: MobileUtr(num_heads=3), "divisible by num_heads"),
+        # dims[2] (the LGL width) alone not divisible: its attention would split 40 channels into 16 heads
+        (lambda: MobileUtr(dims=(16, 32, 40, 64), num_heads=16), "divisible by num_heads"),
         (lambda: MobileUtr(drop_path_rate=1.0), "drop_path_rate"),
         (lambda: MobileUtr(drop_path_rate="0.1"), "drop_path_rate"),
         (lambda: MobileUtr(mlp_ratio=2.5), "multiple of dims\\[2\\]"),
@@ -661,4 +663,14 @@ def test_mlp_ratio_sets_every_block_mlp_width(mlp_ratio):
             assert (mlp.fc2.in_features, mlp.fc2.out_features) == (int(dim * mlp_ratio), dim)
     local = net.lklgl_bottleneck[0].LocalAgg.mlp  # grouped 3x3 convs dim -> int(dim * mlp_ratio) -> dim
     assert (local.fc1.out_channels, local.fc2.in_channels) == (int(dims[2] * mlp_ratio),) * 2
+    assert net.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
+@pytest.mark.parametrize("kwargs", [{"depths": (1, 1, 1, 0, 1)}, {"sr_ratio": 1}], ids=["no-lgl-blocks", "sr-1"])
+def test_mlp_ratio_width_check_only_where_the_grouped_mlp_is_built(kwargs):
+    """The multiple-of-dims[2] rule is LocalAgg's (a conv grouped by dims[2]): without LGL blocks, or with sr_ratio 1
+    (no LocalAgg), a ratio such as 2.5 builds and runs."""
+    net = MobileUtr(spatial_dims=3, in_channels=1, out_channels=2, dims=(8, 16, 32, 32), num_heads=2, mlp_ratio=2.5,
+                    **{"depths": (1, 1, 1, 1, 1), **kwargs})
+    assert all(isinstance(block.LocalAgg, nn.Identity) for block in net.lklgl_bottleneck)
     assert net.eval()(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -250,11 +251,28 @@ def test_meta_device_forward_backward_at_128():
         (lambda: SegFormer3D(in_channels=True), "in_channels"),
         (lambda: SegFormer3D(out_channels="3"), "out_channels"),
         (lambda: SegFormer3D(decoder_dropout=2), "decoder_dropout"),
+        # a rate of 1 zeroes every input of the prediction conv in training
+        (lambda: SegFormer3D(decoder_dropout=1.0), "decoder_dropout must be a number in \\[0, 1\\)"),
+        # an entry that is no (D, H, W) triple is refused by name, not by an IndexError or a conv's error
+        (lambda: SegFormer3D(patch_stride=(4, (2, 2), 2, 2)), "patch_stride entries must be ints >= 1 or 3-tuples"),
+        (lambda: SegFormer3D(patch_kernel_size=(7, 3, 3, (3, 3, 3, 3))), "patch_kernel_size entries must be"),
+        # floats, bools and out-of-range entries by name too, not a TypeError from iterating a number
+        (lambda: SegFormer3D(patch_padding=(3.0, 1, 1, 1)), "patch_padding entries must be ints >= 0"),
+        (lambda: SegFormer3D(patch_stride=(4, 2, 2, True)), "patch_stride entries"),
+        (lambda: SegFormer3D(patch_stride=(4, 2, 2, (2, 0, 2))), "patch_stride entries"),
+        (lambda: SegFormer3D(patch_padding=(3, 1, 1, (1, -1, 1))), "patch_padding entries"),
     ],
 )
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_numpy_integer_patch_entries():
+    """Per-axis entries read from a NumPy config (np.int64) are taken as ints, as the other integer arguments are."""
+    net = SegFormer3D(patch_stride=(np.int64(4), 2, 2, (np.int64(2),) * 3))
+    assert net.segformer_encoder.embed_1.patch_embeddings.stride == (4, 4, 4)
+    assert all(type(s) is int for s in net.segformer_encoder.embed_4.patch_embeddings.stride)
 
 
 _ANISOTROPIC = dict(patch_kernel_size=((3, 7, 7), 3, 3, 3), patch_stride=((2, 4, 4), 2, 2, 2),
@@ -623,3 +641,82 @@ def test_jit_trace_for_deployment():
     with torch.no_grad(), pytest.warns(torch.jit.TracerWarning):
         traced = torch.jit.trace(net, x)
         torch.testing.assert_close(traced(x), net(x))
+
+
+def test_num_heads_scale_with_several_heads_over_several_keys():
+    """attention_scale="num_heads" is the 2024 release's 1/sqrt(num_heads) where it changes the softmax: two heads
+    over 8 keys in stages 2 and 3 (at 32^3 _SMALL's only two-head stage holds one token, where every scale agrees)."""
+    torch.manual_seed(0)
+    cfg = dict(_SMALL, num_heads=(1, 2, 2, 2))
+    ours = SegFormer3D(**cfg, attention_scale="num_heads").double().eval()
+    plain = PlainSegFormer3D(**cfg, scales=tuple(h**-0.5 for h in cfg["num_heads"])).double().eval()
+    plain.load_state_dict(ours.state_dict(), strict=True)
+    head_dim = PlainSegFormer3D(**cfg).double().eval()
+    head_dim.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(1, 4, 32, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = ours(x)
+        assert_close("logits", y, plain(x), torch.float64, scale=1e3)
+        assert not torch.allclose(y, head_dim(x), rtol=1e-9, atol=0)  # the two scales differ at this size
+
+
+def test_plain_build_sdpa_flag_reaches_every_attention(monkeypatch):
+    """SegFormer3DRef(sdpa=True) runs F.scaled_dot_product_attention in each of its blocks and the default never
+    does: else the SDPA peer of the benchmark (and the test comparing it) would be the explicit build again."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    x = torch.randn(1, 4, 32, 32, 32)
+    for flag, expected in ((False, 0), (True, 8)):  # two blocks in each of the four stages
+        calls.clear()
+        with torch.no_grad():
+            PlainSegFormer3D(**_SMALL, sdpa=flag).eval()(x)
+        assert len(calls) == expected, flag
+
+
+def test_total_stride_includes_the_last_stage_spatial_reduction():
+    """sr 4 on the last stage's 1/32 grid makes every side a multiple of 128 (its sr conv needs a grid divisible by
+    4), so a 64 side is refused by name before any conv runs."""
+    net = SegFormer3D(**_SMALL, sr_ratios=(4, 2, 1, 4))
+    assert net.total_stride == (128, 128, 128)
+    with pytest.raises(ValueError, match=r"dimension 0 \(size 64\) .* multiple of the total stride 128"):
+        net(torch.randn(1, 4, 64, 128, 128))
+
+
+def test_decoder_dropout_drops_in_training():
+    """decoder_dropout drops linear_fuse's output on the fused training path too (the plain path a hook selects is not
+    the only one that does): the logits differ from a decoder_dropout=0 twin's and from one draw to the next."""
+    torch.manual_seed(0)
+    net = SegFormer3D(**_SMALL, decoder_dropout=0.5).double().train()
+    undropped = SegFormer3D(**_SMALL).double().train()
+    undropped.load_state_dict(net.state_dict())
+    x = torch.randn(2, 4, 32, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        outs = []
+        for model, seed in ((net, 1), (net, 1), (net, 2), (undropped, 1)):
+            torch.manual_seed(seed)
+            outs.append(model(x))
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.allclose(outs[0], outs[2]) and not torch.allclose(outs[0], outs[3])
+
+
+def test_mix_ffn_dropout_in_training_only():
+    """MixFFN3d(dropout=p), as the official Mix-FFN: dropout on the activated hidden features and on fc2's output in
+    training (fc2 an identity here: each output is 0 or the hidden feature / (1 - p)^2, 3/4 of them 0), none in
+    eval."""
+    torch.manual_seed(0)
+    mlp = MixFFN3d(8, 1, dropout=0.5).double().train()
+    with torch.no_grad():
+        mlp.fc2.weight.copy_(torch.eye(8))
+        mlp.fc2.bias.zero_()
+    x = torch.randn(2, 8 * 8 * 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y = mlp(x, (8, 8, 8))
+        vol = mlp.fc1(x).unflatten(1, (8, 8, 8)).permute(0, 4, 1, 2, 3)
+        h = F.gelu(mlp.dwconv.bn(mlp.dwconv.dwconv(vol))).permute(0, 2, 3, 4, 1).flatten(1, 3)
+        kept = y != 0
+        assert 0.7 < 1 - kept.double().mean().item() < 0.8
+        assert_close("kept", y[kept], 4 * h[kept], torch.float64)
+        undropped = MixFFN3d(8, 1).double().eval()
+        undropped.load_state_dict(mlp.state_dict())
+        assert_close("eval", mlp.eval()(x, (8, 8, 8)), undropped(x, (8, 8, 8)), torch.float64)

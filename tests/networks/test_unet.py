@@ -293,3 +293,30 @@ def test_blocks_and_stages_match_hand_written(spatial_dims, norm, act):
         torch.testing.assert_close(e0, _conv_block_ref(net.encoder[0], x, norm, act))
         # encoder.1: 2x max pooling, then the conv block
         torch.testing.assert_close(net.encoder[1](e0), _conv_block_ref(net.encoder[1][1], pool(e0, 2), norm, act))
+
+
+def test_defaults_are_the_documented_five_levels():
+    """UNet() as documented: 1 -> 2 channels over five levels of 32 .. 320 channels with transposed-conv upsampling
+    (the norm and activation defaults are pinned by test_norm_and_act_take_monai_spellings)."""
+    with torch.device("meta"):
+        net = UNet()
+    assert (net.in_channels, net.out_channels, net.channels) == (1, 2, (32, 64, 128, 256, 320))
+    assert isinstance(net.decoder[0].up, nn.ConvTranspose3d) and net.divisor == 16
+
+
+def test_monai_kwargs_reach_their_layers():
+    """Every keyword the (name, kwargs) form documents reaches its layer: InstanceNorm's eps (affine kept by default)
+    and ReLU's inplace; the network runs with them."""
+    net = UNet(3, 1, 2, (4, 8), norm=("instance", {"eps": 1e-3}), act=("RELU", {"inplace": True}))
+    norm, act = net.encoder[0][1], net.encoder[0][2]
+    assert isinstance(norm, nn.InstanceNorm3d) and norm.eps == 1e-3 and norm.affine
+    assert isinstance(act, nn.ReLU) and act.inplace
+    assert net(torch.randn(1, 1, 8, 8, 8)).shape == (1, 2, 8, 8, 8)
+
+
+def test_dsd_unet_heads_default_to_the_published_deconv():
+    """dsd_unet's heads are DSD's published transposed-conv heads by default: every head at the output resolution."""
+    net = dsd_unet(3, 1, 2, channels=(4, 8, 8, 8))
+    assert net.head_mode == "deconv"
+    out = net(torch.randn(1, 1, 16, 16, 16))
+    assert all(t.shape == (1, 2, 16, 16, 16) for t in (*out.decoder, *out.encoder))
