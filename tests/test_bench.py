@@ -1801,3 +1801,296 @@ def test_gpu_check_refuses_wrong_settings_before_anything_runs(tmp_path, env, me
                           env={**os.environ, "OUT": str(out), **env}, timeout=60)
     assert proc.returncode == 2 and message in proc.stdout, proc.stdout + proc.stderr
     assert not out.exists()
+
+
+# --- the third mutation round: verdicts, units and searches no test pinned ---------------------------------------
+
+def _target_results(rows):
+    from bench import targets
+
+    return {t.what: (value, verdict) for t, value, verdict in targets.check(rows)}
+
+
+def test_targets_take_a_zero_time_or_peak_for_no_measurement():
+    """A zero time or peak (a foreign or damaged row) is no measurement: it must not read as a 100% shortfall, nor
+    end every verdict with a division by zero where it is ours."""
+    train = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step"}
+    rows = [{**train, "provider": p, "median_ms": ms, "peak_mem_mb": mb} for p, ms, mb in (
+        ("fastseg3d", 10.0, 50.0), ("plain", 0.0, 0.0), ("fastseg3d+torch.compile", 0.0, 10.0),
+        ("plain+torch.compile", 15.0, 90.0))]
+    results = _target_results(rows)
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (None, "not measured")
+    assert results["SegFormer3D train step 128^3 B=2 bf16: plain peak / ours (<= 60% of plain)"] == (
+        None, "not measured")
+    assert results["SegFormer3D train step 128^3 B=2 bf16, compiled: speed-up over plain compiled"] == (
+        None, "not measured")
+
+
+@pytest.mark.parametrize("fastest", ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"])
+def test_attention_target_peer_is_the_fastest_of_all_four_sdpa_backends(fastest):
+    """Whichever SDPA backend is fastest at a shape is the peer of "the best SDPA backend": leaving one out would
+    overstate the speed-up wherever that one wins."""
+    shape = "stage2@128^3 N4096 M512 H2 d32"
+    times = {p: 0.02 if p == fastest else 0.05 for p in ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math")}
+    rows = [{"case": "attention", "shape": shape, "dtype": "bf16", "mode": "fwd+bwd", "provider": p, "median_ms": ms}
+            for p, ms in {"fastseg3d": 0.04, **times}.items()]
+    value, verdict = _target_results(rows)["attention bf16 fwd+bwd stage2@128^3: speed-up over the best SDPA backend"]
+    assert value == pytest.approx(0.5) and verdict == "short by 50%"
+
+
+def test_fp32_attention_target_compares_with_sdpa_efficient_alone():
+    """The fp32 target is stated against SDPA's memory-efficient backend, not the fastest backend measured."""
+    rows = [{"case": "attention", "shape": "stage1@128^3 N32768 M512 H1 d32", "dtype": "fp32", "mode": "fwd",
+             "provider": p, "median_ms": ms} for p, ms in (("fastseg3d", 1.0), ("sdpa-efficient", 2.0),
+                                                           ("sdpa-math", 0.5), ("sdpa-flash", 0.5))]
+    assert _target_results(rows)["attention fp32 fwd stage1@128^3: speed-up over SDPA efficient"] == (2.0, "met")
+
+
+def test_kl_distill_memory_target_needs_a_quarter_of_eager_peak():
+    """"<= 25% of eager" is eager's peak / ours >= 4: 3.5 falls short, 4 meets it."""
+    what = "kl_distill bf16 fwd+bwd dsd 6 pairs deconv heads: eager peak / ours (<= 25% of eager)"
+    for eager, verdict in ((350.0, "short by 12%"), (400.0, "met")):
+        rows = [{"case": "kl_distill", "shape": "2x14x128^3 dsd 6 pairs deconv heads", "dtype": "bf16",
+                 "mode": "fwd+bwd", "provider": p, "median_ms": 1.0, "peak_mem_mb": mb}
+                for p, mb in (("fastseg3d", 100.0), ("torch", eager))]
+        assert _target_results(rows)[what][1] == verdict
+
+
+def test_cube_search_that_reached_its_max_side_is_a_lower_bound():
+    """A search that trained at --max-side never found where the network stops fitting: its voxels are only a lower
+    bound, so a ratio under the need is not a shortfall but a search to extend."""
+    rows = [{"case": "largest_cube", "shape": "segformer3d", "dtype": "bf16", "mode": None, "provider": p,
+             "voxels": side ** 3, "failed_side": failed, "converged": True, "stride": 32, "stop": stop}
+            for p, side, failed, stop in (("fastseg3d", 800, None, "max-side"), ("plain", 736, 768, "out of memory"))]
+    value, verdict = _target_results(rows)["SegFormer3D largest trainable cube at batch 1: voxels over plain"]
+    assert (value.lo, value.hi) == (pytest.approx(800**3 / 736**3), math.inf)
+    assert verdict == "not measured (search cut: at least 1.28x)"
+
+
+def test_targets_pick_the_newest_commit_by_date_not_by_file_order(tmp_path):
+    """largest_cube.jsonl is read last: an older commit's search there must not set aside the newer timing rows."""
+    from bench import targets
+
+    train = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step", "commit": "new",
+             "date": "2026-01-01T00:00:00Z"}
+    (tmp_path / "model.jsonl").write_text("".join(json.dumps({**train, "provider": p, "median_ms": ms}) + "\n"
+                                                  for p, ms in (("fastseg3d", 10.0), ("plain", 25.0))))
+    cube = {"case": "largest_cube", "model": "segformer3d", "dtype": "bf16", "provider": "plain", "voxels": 1000,
+            "converged": True, "stop": "out of memory", "failed_side": None, "stride": 32, "commit": "old",
+            "date": "2025-01-01T00:00:00Z"}
+    (tmp_path / "largest_cube.jsonl").write_text(json.dumps(cube) + "\n")
+    results = _target_results(targets.load_rows(tmp_path))
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (2.5, "met")
+
+
+def test_targets_leave_out_a_cut_cube_row_whose_failed_side_is_no_number(tmp_path, capsys):
+    """A cut search's failed side bounds the ratio (failed - stride): one that is not a number used to end every
+    verdict with a TypeError."""
+    from bench import targets
+
+    cube = {"case": "largest_cube", "model": "segformer3d", "dtype": "bf16", "stride": 32, "commit": "c",
+            "date": "2026-01-01"}
+    rows = [{**cube, "provider": "fastseg3d", "voxels": 512**3, "converged": False, "stop": "time-limit",
+             "failed_side": "n/a"},
+            {**cube, "provider": "plain", "voxels": 256**3, "converged": True, "stop": "out of memory",
+             "failed_side": 288}]
+    (tmp_path / "largest_cube.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _target_results(targets.load_rows(tmp_path))
+    assert results["SegFormer3D largest trainable cube at batch 1: voxels over plain"] == (None, "not measured")
+    assert "1 rows left out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device,warned", [("NVIDIA H100 80GB HBM3", False), ("NVIDIA H200", False),
+                                           ("NVIDIA A100-SXM4-80GB", True)])
+def test_targets_warn_on_rows_from_a_device_they_are_not_stated_for(tmp_path, capsys, device, warned):
+    """The targets hold on an H100 or an H200: rows from either are judged without the warning, others get it."""
+    from bench import targets
+
+    row = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step",
+           "provider": "fastseg3d", "median_ms": 1.0, "device": device, "commit": "c", "date": "2026-01-01"}
+    (tmp_path / "model.jsonl").write_text(json.dumps(row) + "\n")
+    assert targets.main(["--out", str(tmp_path)]) == 0
+    assert ("the targets are stated for an H100/H200" in capsys.readouterr().err) == warned
+
+
+def test_non_finite_or_boolean_numbers_are_no_measurement(tmp_path):
+    """JSON holds Infinity, NaN and booleans: none is a time (an infinite peer time would read as an infinite
+    speed-up, ``true`` as 1 ms)."""
+    from bench import targets
+    from bench.utils import number
+
+    assert [number(v) for v in (True, False, math.inf, -math.inf, math.nan, "1", None)] == [None] * 7
+    assert number(2) == 2 and number(0.5) == 0.5
+    train = {"case": "segformer3d", "shape": "2x4x128^3", "dtype": "bf16", "mode": "train_step", "commit": "c",
+             "date": "2026-01-01"}
+    rows = [{**train, "provider": p, "median_ms": ms} for p, ms in (
+        ("fastseg3d", 10.0), ("plain", math.inf), ("plain+torch.compile", True))]
+    (tmp_path / "model.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = _target_results(targets.load_rows(tmp_path))
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain eager"] == (None, "not measured")
+    assert results["SegFormer3D train step 128^3 B=2 bf16: speed-up over plain compiled"] == (None, "not measured")
+
+
+def test_report_rows_need_usable_quantiles_too(capsys):
+    """The table prints p20 and p80 as numbers: a row without them is left out (named), not a TypeError."""
+    from bench.utils import timing_rows
+
+    base = {"case": "dice_ce", "shape": "s", "dtype": "fp32", "mode": "fwd", "provider": "fastseg3d",
+            "median_ms": 1.0}
+    rows = [{**base, "p20_ms": None, "p80_ms": 1.2}, {**base, "p20_ms": 0.9, "p80_ms": 0}]
+    assert timing_rows(rows, "ops.jsonl") == []
+    err = capsys.readouterr().err
+    assert "no usable p20_ms" in err and "no usable p80_ms" in err
+
+
+def test_host_ms_is_the_median_not_the_mean(monkeypatch):
+    """One slow issue (a garbage collection) must not move the host time: the median of 9, 1 and 2 ms is 2."""
+    from bench import utils
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    step, _ = _clock(monkeypatch, utils, [9.0, 1.0, 2.0])
+    assert utils.host_ms(step, torch.device("cuda")) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("provider,mode,device", [
+    ("torch.compile", "default", "cpu"),
+    ("plain+torch.compile-max-autotune", "max-autotune-no-cudagraphs", "cpu"),
+    ("fastseg3d+torch.compile-reduce-overhead", "reduce-overhead", "cuda"),
+])
+def test_compiled_providers_get_their_documented_mode_and_static_shapes(monkeypatch, provider, mode, device):
+    """max-autotune without CUDA graphs (the graphs are the reduce-overhead variant's), and one static graph per
+    shape, as a fixed-size training run compiles."""
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.update(kwargs) or fn)
+    compiled(lambda x: x, provider, torch.device(device))
+    assert seen == {"mode": mode, "dynamic": False}
+
+
+def test_register_refuses_an_unknown_suite():
+    """A case in no suite would never run under `bench.run ops|model`: registering it is an error."""
+    from bench.registry import CASES, Case, register
+
+    before = dict(CASES)
+    with pytest.raises(ValueError, match="suite must be one of"):
+        register(Case(name="fake_train", shapes=lambda quick: [], providers=lambda spec: [], setup=None,
+                      suite="train"))
+    assert CASES == before
+
+
+def test_default_out_keeps_cpu_smoke_runs_out_of_the_results():
+    """A CPU run's rows go to the temporary folder, a GPU's to bench/results/<device slug>."""
+    import tempfile
+
+    from bench import utils
+
+    assert run.default_out("cpu-x86_64", CPU) == Path(tempfile.gettempdir()) / "fastseg3d-bench" / "cpu-x86-64"
+    assert run.default_out("NVIDIA H100 80GB HBM3", torch.device("cuda")) == utils.RESULTS / "nvidia-h100-80gb-hbm3"
+
+
+def test_reduce_overhead_rows_are_replayed_steps_without_a_peak_or_a_graph_time(monkeypatch, tmp_path):
+    """A reduce-overhead provider replays CUDA graphs: each call marks a new graph step with its gradients cleared,
+    its peak is the pool's (no row of its own), and it is not captured again for a graph time."""
+    from bench import utils
+    from bench.registry import MODES
+
+    monkeypatch.setattr(utils, "time_ms", lambda fn, device, grad_to_none=None, rep=100: (fn(), (1.0, 0.9, 1.1))[1])
+    monkeypatch.setattr(utils, "peak_memory_mb", lambda fn, device, grad_to_none=None: 5.0)
+    monkeypatch.setattr(utils, "host_ms", lambda fn, device, grad_to_none=None: 0.1)
+    monkeypatch.setattr(run, "_graph_ms", lambda fn, setup, device, what: 0.5)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    x = torch.randn(4, requires_grad=True)
+
+    def setup(spec, dtype, provider, device):
+        return Setup(lambda: x * 2, [x], {})
+
+    case = _fake_case("ops", ("fastseg3d", "torch.compile-reduce-overhead"), MODES, setup)
+    rows = run.run_case(case, ["fp32"], ["fwd"], ["all"], True, torch.device("cuda"), {}, None,
+                        tmp_path / "ops.jsonl")
+    assert {(r["provider"], r["peak_mem_mb"], r["graph_ms"]) for r in rows} == {
+        ("fastseg3d", 5.0, 0.5), ("torch.compile-reduce-overhead", None, None)}
+    assert marks == [True]  # the replayed provider's timed call only
+
+
+def test_largest_cube_search_refuses_a_max_side_below_the_stride():
+    with pytest.raises(ValueError, match="below the stride"):
+        largest_cube.search(lambda side: largest_cube.Attempt(True), 32, 16)
+
+
+@pytest.mark.parametrize("stride,first", [(16, 64), (48, 96), (40, 80), (128, 128)])
+def test_largest_cube_search_starts_at_the_first_multiple_of_the_stride_from_64(stride, first):
+    """The doubling starts at the smallest multiple of the stride that is at least 64, never below it."""
+    tried = []
+
+    def attempt(side):
+        tried.append(side)
+        return largest_cube.Attempt(side <= 200, "out of memory", 1.0, 1.0)
+
+    largest_cube.search(attempt, stride, 1024)
+    assert tried[0] == first
+
+
+def test_largest_cube_search_survives_a_peak_that_does_not_grow():
+    """Two sides with the same peak (a fixed workspace dominating, or a rounding allocator) give no slope to
+    extrapolate: the search falls back to doubling and bisection instead of dividing by zero."""
+    tried = []
+
+    def attempt(side):
+        tried.append(side)
+        ok = side <= 200
+        return largest_cube.Attempt(ok, "" if ok else "out of memory", 100.0 if ok else None, 1.0)
+
+    found = largest_cube.search(attempt, 32, 1024, capacity_mb=1000.0)
+    assert found.side == 192 and found.failed_side == 224 and found.converged
+    assert tried == [64, 128, 256, 192, 224]
+
+
+def test_largest_cube_search_tries_the_neighbour_when_the_prediction_is_the_side_found():
+    """Peaks that grow faster than the voxels (workspaces): the one-side prediction overshoots, the two-side one then
+    lands on the largest side that trained, and its neighbour decides, not a bisection midpoint (a try fewer)."""
+    tried = []
+
+    def attempt(side):
+        tried.append(side)
+        peak = 1e-6 * float(side) ** 4.5
+        ok = peak <= 10_000.0
+        return largest_cube.Attempt(ok, "" if ok else "out of memory", peak if ok else None, 1.0)
+
+    found = largest_cube.search(attempt, 16, 1024, capacity_mb=10_000.0)
+    assert tried == [64, 256, 160, 176] and found.side == 160 and found.converged
+
+
+def test_largest_cube_predicts_from_95_percent_of_the_device_memory(tmp_path, monkeypatch):
+    """The CUDA context and the allocator's fragmentation take their share: the search aims at 95% of the device's
+    memory (plain SegFormer3D's largest side peaked at 94% of an H200's)."""
+    _stand_in_gpu(monkeypatch, total_gib=100)
+    capacities = []
+
+    def search(attempt, stride, max_side, deadline=None, capacity_mb=None):
+        capacities.append(capacity_mb)
+        return largest_cube.Search(side=64, failed_side=96, stop="out of memory", converged=True, tries=2,
+                                   peak_mem_mb=1.0, step_ms=1.0)
+
+    monkeypatch.setattr(largest_cube, "search", search)
+    assert largest_cube.main(["--model", "segformer3d", "--providers", "plain", "--out", str(tmp_path),
+                              "--json", str(tmp_path / "rows.json")]) == 0
+    assert capacities == [pytest.approx(0.95 * 100 * 1024)]
+
+
+def test_largest_cube_runs_no_search_after_sigterm(tmp_path, monkeypatch):
+    """SIGTERM (a time box closing) ends the run: the interrupted search's row is written and the searches left are
+    not started."""
+    _stand_in_gpu(monkeypatch)
+
+    def runners(net, model, plain, provider, x, label, dtype, device):
+        def step():
+            if x > 128:
+                raise largest_cube.Terminated
+        return {"train_step": step}
+
+    monkeypatch.setattr(largest_cube, "runners", runners)
+    out = tmp_path / "rows.json"
+    assert largest_cube.main(["--model", "segformer3d", "--out", str(tmp_path), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["provider"], r["side"], r["stop"]) for r in rows] == [("plain", 128, "terminated")]

@@ -85,6 +85,7 @@ def test_every_null_default_declares_its_type():
     ("seed=-1", r"'seed' value must be in \[0, 1e19\)"),
     ("data.train_seed=" + "9" * 20, r"'data.train_seed' value must be in \[0, 1e19\)"),
     ("data.spatial_size=[32, 32", "override 'data.spatial_size=\\[32, 32': its value is not valid YAML"),
+    ("=3", "override '=3' has an empty key"),  # one line naming the override, not a KeyError for the key ''
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ValueError, match=match):
@@ -110,6 +111,9 @@ def test_bad_values_name_the_key(override, match):
     ("val.every=0", "val.every", 0),
     ("optimizer.lr=1e30", "optimizer.lr", 1e30),
     ("backend=torch", "backend", "torch"),
+    ("train.grad_clip=.inf", "train.grad_clip", float("inf")),  # (0, inf]: an infinite norm is no clipping
+    ("name=a=b", "name", "a=b"),  # the key ends at the first '='; the value keeps the rest
+    ("train.max_steps=", "train.max_steps", None),  # an empty value is null
 ])
 def test_good_values_are_typed(override, key, value):
     section, _, name = key.rpartition(".")
@@ -165,3 +169,78 @@ def test_the_readme_lists_every_config_key():
     keys = set(leaves(DEFAULTS))
     assert keys - named == set(), "keys the README's table leaves out"
     assert named - keys == set(), "keys the README's table names that the config does not take"
+
+
+def test_a_key_written_twice_in_a_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a section or key written twice would silently lose the first."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("optimizer:\n  lr: 0.1\noptimizer:\n  name: sgd\n")
+    with pytest.raises(ValueError, match="the key 'optimizer' is given twice"):
+        load_config(path)
+
+
+def test_an_empty_file_is_the_defaults(tmp_path):
+    """An empty config (or one of comments only) states nothing that differs: it is the defaults."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing differs\n")
+    assert load_config(path) == load_config()
+
+
+def test_an_override_below_a_value_set_by_an_earlier_override_is_named():
+    """`optimizer=0.1` then `optimizer.lr=...`: a one-line error naming both, not a TypeError from the parser."""
+    with pytest.raises(ValueError, match="conflicts with the earlier override of 'optimizer'"):
+        load_config("quickstart", ["optimizer=0.1", "optimizer.lr=0.2"])
+
+
+def test_merge_takes_free_lists_as_lists_and_keeps_a_free_sections_other_keys():
+    """A tuple of transforms is stored as a list (safe_dump cannot write a tuple into the run's config); a plain
+    mapping merged into a free-form section sets its keys (only a command line's whole mapping replaces it)."""
+    flip = {"_target_": "RandFlipd", "keys": ["image", "label"], "prob": 0.3}
+    cfg = merge(DEFAULTS, {"data": {"augment": (flip,)}})
+    assert cfg["data"]["augment"] == [flip] and isinstance(cfg["data"]["augment"], list)
+    cfg = merge(load_config("dsd_unet"), {"loss": {"distill_kwargs": {"temperature": 2.0}}})
+    assert cfg["loss"]["distill_kwargs"] == {"temperature": 2.0, "kl_weight": 1.0}
+
+
+def test_a_split_file_with_a_folder_is_never_a_published_split(tmp_path):
+    """A bare name is looked up among the recipes' published splits; a path with a folder that does not exist stays
+    as given (the loader's error), never silently a published split of the same name."""
+    from fastseg3d.train.config import find_split_file
+
+    assert find_split_file("segformer3d_brats").name == "segformer3d_brats.json"
+    missing = tmp_path / "no_such_folder" / "segformer3d_brats"
+    assert find_split_file(missing) == missing
+
+
+def test_the_readme_states_every_keys_default():
+    """The README's table of config keys gives each key's default as DEFAULTS holds it (a default changed here
+    changes what every recipe that leaves the key out trains with, and the table must say so)."""
+    import re
+
+    import yaml
+
+    from fastseg3d.train.config import _loader
+
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = readme.split("<summary>Every config key", 1)[1].split("</details>", 1)[0]
+    def leaves(section, prefix=""):
+        for key, value in section.items():
+            if isinstance(value, dict) and f"{prefix}{key}" not in ("model.kwargs", "loss.dice_kwargs",
+                                                                     "loss.distill_kwargs"):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    defaults = dict(leaves(DEFAULTS))
+    checked = 0
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        keys = [key.strip("` ") for key in row.split("|")[1].split(",")]
+        shown = [None if token == "null" else yaml.load(token.strip("`"), Loader=_loader())
+                 for token in re.findall(r"`[^`]*`|\bnull\b", row.split("|")[2])]
+        assert len(shown) == len(keys), row
+        for key, value in zip(keys, shown):
+            assert defaults[key] == value and isinstance(defaults[key], bool) == isinstance(value, bool), key
+            checked += 1
+    assert checked == len(defaults)
