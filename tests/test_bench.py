@@ -1648,19 +1648,26 @@ def test_largest_cube_rows_carry_the_found_sides_own_peak_in_mib(tmp_path, monke
         assert r["peak_mem_mb"] == pytest.approx(1e-3 * r["side"] ** 3, rel=1e-6), r
 
 
+def _recording_search(monkeypatch, argument: str) -> list:
+    """Stand in for largest_cube.search: every search finds 64 (96 out of memory); the list gets each call's
+    ``argument``."""
+    seen = []
+
+    def search(attempt, stride, max_side, deadline=None, capacity_mb=None):
+        seen.append({"deadline": deadline, "capacity_mb": capacity_mb}[argument])
+        return largest_cube.Search(side=64, failed_side=96, stop="out of memory", converged=True, tries=2,
+                                   peak_mem_mb=1.0, step_ms=1.0)
+
+    monkeypatch.setattr(largest_cube, "search", search)
+    return seen
+
+
 def test_largest_cube_searches_share_what_is_left_of_the_time_limit(tmp_path, monkeypatch):
     """Each search gets an equal share of what is left when it starts: with the clock standing still, the first of
     two gets half of --time-limit and the last all that is left."""
     _stand_in_gpu(monkeypatch)
     monkeypatch.setattr(largest_cube, "time", SimpleNamespace(monotonic=lambda: 1000.0, perf_counter=time.perf_counter))
-    deadlines = []
-
-    def search(attempt, stride, max_side, deadline=None, capacity_mb=None):
-        deadlines.append(deadline)
-        return largest_cube.Search(side=64, failed_side=96, stop="out of memory", converged=True, tries=2,
-                                   peak_mem_mb=1.0, step_ms=1.0)
-
-    monkeypatch.setattr(largest_cube, "search", search)
+    deadlines = _recording_search(monkeypatch, "deadline")
     assert largest_cube.main(["--model", "segformer3d", "--time-limit", "60", "--out", str(tmp_path),
                               "--json", str(tmp_path / "rows.json")]) == 0
     assert deadlines == [1030.0, 1060.0]
@@ -2065,14 +2072,7 @@ def test_largest_cube_predicts_from_95_percent_of_the_device_memory(tmp_path, mo
     """The CUDA context and the allocator's fragmentation take their share: the search aims at 95% of the device's
     memory (plain SegFormer3D's largest side peaked at 94% of an H200's)."""
     _stand_in_gpu(monkeypatch, total_gib=100)
-    capacities = []
-
-    def search(attempt, stride, max_side, deadline=None, capacity_mb=None):
-        capacities.append(capacity_mb)
-        return largest_cube.Search(side=64, failed_side=96, stop="out of memory", converged=True, tries=2,
-                                   peak_mem_mb=1.0, step_ms=1.0)
-
-    monkeypatch.setattr(largest_cube, "search", search)
+    capacities = _recording_search(monkeypatch, "capacity_mb")
     assert largest_cube.main(["--model", "segformer3d", "--providers", "plain", "--out", str(tmp_path),
                               "--json", str(tmp_path / "rows.json")]) == 0
     assert capacities == [pytest.approx(0.95 * 100 * 1024)]
