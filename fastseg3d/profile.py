@@ -93,8 +93,8 @@ class _MetaAutocast(TorchFunctionMode):
             if func in _LOWER:
                 dtype = torch.get_autocast_dtype("cuda")
                 args, kwargs = _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
-            elif func in _FP32 or (func is F.interpolate and kwargs.get("mode", "nearest") != "area"
-                                   and (len(args) < 4 or args[3] != "area")):
+            # F.interpolate hands its arguments on as keywords, so its mode is in kwargs.
+            elif func in _FP32 or (func is F.interpolate and kwargs.get("mode", "nearest") != "area"):
                 args, kwargs = _cast(args, torch.float32), {k: _cast(v, torch.float32) for k, v in kwargs.items()}
             elif (func in _FP32_OUT and kwargs.get("dtype") is None and tensors[0].dtype != torch.float64
                   and not any(isinstance(a, torch.dtype) for a in args)):

@@ -198,6 +198,7 @@ def test_write_traffic_runs_backward_from_every_floating_output():
     (lambda: activation_memory(_Tiny(), (2, 10.5, 8)), "input_shape"),
     (lambda: activation_memory(_Tiny(), ()), "input_shape"),
     (lambda: activation_memory(_Tiny(), (2, True, 8)), "input_shape"),
+    (lambda: activation_memory(_Tiny(), (2, 0, 8)), "input_shape"),  # an empty input has no step to count
 ])
 def test_rejects_bad_shapes(call, match):
     with pytest.raises(ValueError, match=match):
@@ -211,7 +212,7 @@ def test_training_memory_and_largest_cube_reject_bad_arguments():
     with pytest.raises(ValueError, match="optimizer_states"):
         training_memory(model, (1, 1, 4, 4, 4), optimizer_states=-1)
     for kwargs, name in (({"batch": 0}, "batch"), ({"multiple": 0}, "multiple"), ({"budget": -1}, "budget"),
-                         ({"in_channels": 0}, "in_channels"), ({"max_side": 0}, "max_side")):
+                         ({"in_channels": 0}, "in_channels"), ({"max_side": 0}, "max_side"), ({"start": 0}, "start")):
         args = {"batch": 1, "in_channels": 1, "budget": 2**30, **kwargs}
         with pytest.raises(ValueError, match=f"{name} must be an int"):
             largest_cube(model, **args)
@@ -441,3 +442,132 @@ def test_training_memory_counts_buffers_and_only_the_trainable_parameters_gradie
     assert report["parameters"] == conv + norm + buffers
     assert report["gradients"] == norm and report["optimizer"] == 2 * norm
     assert report["total"] == activation_memory(model, shape)["total"] + conv + norm + buffers + 3 * norm
+
+
+def test_emulation_keeps_fp64_and_promotes_to_the_widest_input():
+    """CUDA autocast never casts fp64 (a mixed call keeps its fp64 tensor) and promotes to the widest floating input
+    (fp32 over bf16, whichever comes first); "area" interpolation stays uncast however its mode is passed."""
+    from fastseg3d.profile import _autocast_on_meta
+
+    x = torch.empty(1, 2, 4, 4, 4, device="meta", dtype=torch.bfloat16)
+    with _autocast_on_meta(torch.bfloat16):
+        assert torch.pow(x.double(), x).dtype == torch.float64
+        assert torch.addcmul(x, x.float(), x.float()).dtype == torch.float32
+        assert F.interpolate(x, (1, 1, 1), None, "area").dtype == torch.bfloat16
+
+
+def test_counts_a_batch_norm_step_exactly_without_its_buffers():
+    """Conv3d -> BatchNorm3d on (2, 1, 4, 4, 4) fp32: the conv saves its input (512 B), BatchNorm its input (1,024)
+    and its batch mean and inverse std (8 + 8); its running statistics, buffers like the parameters, are not
+    activations."""
+    model = nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2))
+    assert activation_memory(model, (2, 1, 4, 4, 4)) == {"total": 1552, "0": 512, "1": 1040}
+
+
+def test_an_eval_mode_model_is_counted_as_it_trains():
+    """The count is a training step's whatever the caller's mode (Dropout saves its mask only in training), and
+    the caller's model stays in its mode."""
+    model = nn.Sequential(nn.Conv3d(1, 4, 1), nn.Dropout(0.5), nn.Conv3d(4, 2, 1))
+    trained = activation_memory(model, (1, 1, 4, 4, 4))
+    model.eval()
+    assert activation_memory(model, (1, 1, 4, 4, 4)) == trained
+    assert trained["1"] > 0 and not model.training
+
+
+class _DataclassOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+
+    def forward(self, x):
+        import dataclasses
+
+        out = dataclasses.make_dataclass("Out", ["main", "mask"])
+        y = self.conv(x)
+        return out(y, y.detach() > 0)  # a second output that needs no gradient
+
+
+def test_outputs_in_dataclasses_and_outputs_without_gradients():
+    """A dataclass output is unpacked for backward, and an output that needs no gradient is left out of it (the
+    backward would otherwise fail and the count warn)."""
+    import warnings
+
+    from fastseg3d.profile import write_traffic
+
+    traffic = write_traffic(_DataclassOut(), (1, 1, 4, 4, 4))
+    assert traffic["backward"]["by_op"]["aten::convolution_backward (ConvolutionBackward0)"][0] == 1
+
+    class _Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y.detach()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert activation_memory(_Detached(), (1, 1, 4, 4, 4))["total"] > 0
+
+
+def test_training_memory_scales_the_optimizer_states_and_rejects_a_bool():
+    from fastseg3d.profile import training_memory
+
+    model = nn.Conv3d(1, 2, 1)
+    trainable = (2 + 2) * 4
+    for states in (0, 1, 3):
+        assert training_memory(model, (1, 1, 4, 4, 4), optimizer_states=states)["optimizer"] == states * trainable
+    with pytest.raises(ValueError, match="optimizer_states"):
+        training_memory(model, (1, 1, 4, 4, 4), optimizer_states=True)
+
+
+class _RefusesBelow(nn.Module):
+    """A network that refuses (ValueError, as the networks do) cubes with a side below ``side``."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side, self.conv = side, nn.Conv3d(1, 1, 1)
+
+    def forward(self, x):
+        if x.shape[-1] < self.side:
+            raise ValueError(f"side {x.shape[-1]} is below {self.side}")
+        return self.conv(x)
+
+
+def test_largest_cube_start_below_the_multiple_and_refused_start_sides():
+    """A start below ``multiple`` starts at ``multiple``; a refused start moves up to four times the start (160 is
+    the fourth side from 64 in steps of 32); refused all the way to four times the start, short of ``max_side``,
+    the network's error is raised, not 0."""
+    from fastseg3d.profile import largest_cube
+
+    assert largest_cube(nn.Conv3d(1, 2, 1), 1, 1, 2**40, multiple=128, max_side=256) == 256
+    assert largest_cube(_RefusesBelow(160), 1, 1, 2**40, max_side=320) == 320
+    with pytest.raises(ValueError, match="side 64 is below"):
+        largest_cube(_RefusesBelow(10**6), 1, 1, 2**40, max_side=288)
+
+
+class _OutBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        buf = x.new_empty(3)
+        with torch.no_grad():  # an out= op returning nothing: what it writes is its keyword argument
+            torch.ops.aten._foreach_mul.Scalar_out([x], 2.0, out=[buf])
+        return (x + buf) * self.w
+
+
+def test_write_traffic_counts_a_keyword_out_argument():
+    from fastseg3d.profile import write_traffic
+
+    assert write_traffic(_OutBuffer(), (3,))["forward"]["by_op"]["aten::_foreach_mul"] == (1, 3 * 4)
+
+
+def test_write_traffic_counts_op_calls_not_op_names():
+    """"ops" is the floor on a step's launches: every call counts (bf16 autocast's three casts are three ops)."""
+    from fastseg3d.profile import write_traffic
+
+    forward = write_traffic(nn.Sequential(nn.Linear(8, 16), nn.GELU()), (4, 8), torch.bfloat16)["forward"]
+    assert forward["by_op"]["aten::_to_copy"][0] == 3 and forward["ops"] == 3 + 1 + 1

@@ -916,6 +916,170 @@ def test_add_layer_norm_with_a_broadcast_residual(rshape):
     check_add_layer_norm_broadcast_residual(rshape)
 
 
+@pytest.mark.parametrize("activation", ["identity", "silu", "leaky_zero"])
+def test_norm_act_conv_recomputes_for_the_other_activation_modules(activation):
+    """nn.Identity, nn.SiLU and a LeakyReLU with slope 0 are activations the recompute knows (only the interpreter
+    tier covered SiLU): they take _NormActConv, with the plain composition's output and gradients."""
+    act = {"identity": nn.Identity(), "silu": nn.SiLU(), "leaky_zero": nn.LeakyReLU(0.0)}[activation]
+    norm, conv = nn.GroupNorm(2, 6).double(), nn.Conv3d(6, 4, 3, padding=1).double()
+    _randomise(norm, conv)
+    norm_ref, conv_ref = copy.deepcopy(norm), copy.deepcopy(conv)
+    x1 = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y, y_ref = norm_act_conv(x1, norm, act, conv), conv_ref(act(norm_ref(x2)))
+    assert y.grad_fn.name() == "_NormActConvBackward"
+    assert_close("y", y, y_ref, torch.float64)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float64)
+    for p, q in zip([*norm.parameters(), *conv.parameters()], [*norm_ref.parameters(), *conv_ref.parameters()]):
+        assert_close("dparam", p.grad, q.grad, torch.float64)
+
+
+def test_norm_act_leaky_relu_with_slope_zero_saves_its_output():
+    """A slope of 0 is non-negative: the output's sign still gives the derivative, so norm_act saves the output
+    (not the activation's input), with the plain composition's gradients."""
+    norm = nn.InstanceNorm3d(6, affine=True).double()
+    _randomise(norm)
+    norm_ref = copy.deepcopy(norm)
+    x1 = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y = norm_act(x1, norm, nn.LeakyReLU(0.0))
+    assert y.grad_fn.name() == "_NormLeakyReLUBackward"
+    y_ref = F.leaky_relu(norm_ref(x2), 0.0)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float64)
+    assert_close("dweight", norm.weight.grad, norm_ref.weight.grad, torch.float64)
+
+
+def test_batch_norm_act_linear_without_affine_parameters():
+    """A BatchNorm without weight and bias takes the recompute too: backward must not hand gradients to the
+    parameters it does not have (autograd raises if it does)."""
+    bn = nn.BatchNorm3d(4, affine=False).double()
+    bn_ref = copy.deepcopy(bn)
+    w = torch.randn(3, 4, dtype=torch.float64)
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    x1 = torch.randn(2, 4, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y = batch_norm_act_linear(x1, bn, "gelu", w1, None)
+    assert y.grad_fn.name() == "_BatchNormActLinearBackward"
+    y_ref = F.linear(F.gelu(bn_ref(x2)).flatten(2).transpose(1, 2), w2)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    assert_close("dx", x1.grad, x2.grad, torch.float64)
+    assert_close("dw", w1.grad, w2.grad, torch.float64)
+
+
+def test_sync_batch_norm_in_an_initialised_world_of_one_keeps_the_fused_path(monkeypatch):
+    """SyncBatchNorm syncs only when the world has more than one process: with one it is plain BatchNorm, so the
+    recompute (which never calls its forward) still runs."""
+    calls = []
+    _fake_world(monkeypatch, 1, calls)
+    bn = nn.SyncBatchNorm(6).double().train()
+    bn_ref = nn.BatchNorm3d(6).double()
+    w = torch.randn(5, 6, dtype=torch.float64)
+    x = torch.randn(2, 6, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = batch_norm_act_linear(x, bn, "relu", w, None)
+    assert calls == [] and y.grad_fn.name() == "_BatchNormActLinearBackward"
+    assert_close("y", y, F.linear(F.relu(bn_ref(x)).flatten(2).transpose(1, 2), w), torch.float64)
+    assert_close("running_var", bn.running_var, bn_ref.running_var, torch.float64)
+
+
+def test_a_compiled_norm_runs_its_compiled_call():
+    """``module.compile()`` replaces the module's call (it acts as a hook): the recompute, which reads the
+    parameters directly, would bypass it, so the plain composition runs."""
+    x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+    norm, conv = nn.GroupNorm(2, 6), nn.Conv3d(6, 4, 1)
+    norm.compile(backend="eager")
+    try:
+        assert recompute.has_hooks(norm)
+        assert norm_act_conv(x, norm, "relu", conv).grad_fn.name() == "ConvolutionBackward0"
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("register", ["full_backward_hook", "full_backward_pre_hook"])
+def test_global_backward_hooks_run_the_plain_composition(register):
+    """A global module backward hook must see the norm's and conv's gradients: the recompute (one autograd node, no
+    module calls) would skip it, so the plain composition runs and the hook fires."""
+    calls = []
+    handle = getattr(nn.modules.module, f"register_module_{register}")(lambda m, *grads: calls.append(type(m)))
+    try:
+        x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)
+        norm, conv = nn.GroupNorm(2, 6), nn.Conv3d(6, 4, 1)
+        assert recompute.has_hooks(norm)
+        y = norm_act_conv(x, norm, "relu", conv)
+        assert y.grad_fn.name() != "_NormActConvBackward"
+        y.sum().backward()
+    finally:
+        handle.remove()
+    assert nn.Conv3d in calls and nn.GroupNorm in calls
+    assert not recompute.has_hooks(norm)
+
+
+@pytest.mark.parametrize("chain", ["norm_act", "norm_act_conv", "batch_norm_act_linear"])
+def test_fused_batch_norm_without_running_statistics(chain, monkeypatch):
+    """A training BatchNorm with ``track_running_stats=False`` on the fused kernels (forced on CPU, where the op
+    runs its reference body) normalises with the batch statistics and has no running statistics to update."""
+    monkeypatch.setattr(recompute, "group_norm_act_unsupported_reasons", lambda *args: [])
+    monkeypatch.setattr(recompute.backends, "select", lambda *args, **kwargs: True)
+    calls = _count_fused(monkeypatch)
+    bn = nn.BatchNorm3d(6, track_running_stats=False)
+    _randomise(bn)
+    bn_ref, conv, w = copy.deepcopy(bn), nn.Conv3d(6, 4, 1), torch.randn(5, 6)
+    x1, x2 = _input_pair(6, "channels_last")
+    if chain == "norm_act":
+        y, y_ref = norm_act(x1, bn, "relu"), F.relu(bn_ref(x2))
+    elif chain == "norm_act_conv":
+        y, y_ref = norm_act_conv(x1, bn, "relu", conv), conv(F.relu(bn_ref(x2)))
+    else:
+        y = batch_norm_act_linear(x1, bn, "relu", w, None)
+        y_ref = F.linear(F.relu(bn_ref(x2)).flatten(2).transpose(1, 2), w)
+    assert calls == [6]
+    assert bn.running_mean is None and bn.num_batches_tracked is None
+    assert_close("y", y, y_ref, torch.float32)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert_close("dx", x1.grad, x2.grad, torch.float32, 2.0)
+
+
+def test_act_instance_norm_conv_fp32_input_under_autocast_matches_plain_composition():
+    """An fp32 input under bf16 autocast: the norm runs in fp32 and the conv in bf16, so backward's recomputed fp32
+    normalised tensor is cast to the conv's dtype before the conv's backward, as autograd does."""
+    torch.manual_seed(0)
+    norm, conv = nn.InstanceNorm3d(8), nn.Conv3d(8, 4, 1)
+    x1 = torch.randn(2, 8, 3, 4, 5, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    params = [[p.detach().clone().requires_grad_() for p in conv.parameters()] for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = act_instance_norm_conv(x1, "gelu", norm, *params[0])
+        y_ref = F.conv3d(norm(F.gelu(x2)), *params[1])
+    assert y.grad_fn.name() == "_ActInstanceNormConvBackward"
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    g = torch.randn_like(y_ref)
+    y.backward(g)
+    y_ref.backward(g)
+    for name, a, e in (("dx", x1.grad, x2.grad), ("dw", params[0][0].grad, params[1][0].grad)):
+        assert a.dtype == e.dtype, name
+        assert_close(name, a, e, torch.bfloat16)
+
+
+def test_norm_act_fused_group_norm_returns_the_dtype_group_norm_returns():
+    """On the meta device under emulated CUDA autocast (where the fused kernels run), GroupNorm computes in fp32:
+    the fused norm_act writes fp32 from a bf16 input, the dtype the plain ``relu(group_norm(x))`` has."""
+    norm = nn.GroupNorm(4, 16, device="meta")
+    x = torch.empty(2, 16, 4, 4, 4, device="meta", dtype=torch.bfloat16)
+    with _autocast_on_meta(torch.bfloat16):
+        y, y_ref = norm_act(x, norm, "relu"), F.relu(norm(x))
+        inorm = nn.InstanceNorm3d(16, device="meta")
+        z, z_ref = norm_act(x, inorm, "relu"), F.relu(inorm(x))  # InstanceNorm: x's dtype, as the plain one
+    assert y.dtype == y_ref.dtype == torch.float32 and z.dtype == z_ref.dtype == torch.bfloat16
+
+
 # ------------------------------------------------------------------------------------------------------
 # Interpreter tier: the fused GroupNorm + activation inside norm_act_conv (TRITON_INTERPRET=1)
 

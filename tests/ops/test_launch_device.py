@@ -17,6 +17,8 @@ def test_launch_device_switches_only_to_another_gpu(monkeypatch):
     guard = launch_device(SimpleNamespace(device=torch.device("cuda", 1)))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert isinstance(launch_device(SimpleNamespace(device=torch.device("cuda", 0))), contextlib.nullcontext)
+    # "cuda" without an index is the current device: nothing to switch
+    assert isinstance(launch_device(SimpleNamespace(device=torch.device("cuda"))), contextlib.nullcontext)
     assert isinstance(launch_device(torch.randn(2)), contextlib.nullcontext)
 
 
