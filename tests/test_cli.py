@@ -542,3 +542,360 @@ def test_bench_passes_every_argument_to_the_suite(capsys):
     assert main(["bench", "model", "--list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert "segformer3d" in listed and "dwconv3d" not in listed and "kl_distill" not in listed
+
+
+# --- behaviour pinned by the mutation round on cli.py, info.py and backends.py
+
+@pytest.mark.parametrize("value,policy", [("", "auto"), ("  ", "auto"), ("Torch", "torch")])
+def test_an_empty_backend_variable_is_auto(monkeypatch, value, policy):
+    """`FASTSEG3D_BACKEND=` (set but empty, as a shell or CI matrix leaves it) means the default, not an error."""
+    from fastseg3d import backends
+
+    monkeypatch.setenv("FASTSEG3D_BACKEND", value)
+    assert backends._from_env() == policy
+
+
+@pytest.mark.parametrize("value", ["y", "Y", "on"])
+def test_triton_interpret_takes_every_spelling_triton_does(monkeypatch, value):
+    """Triton's truthy spellings include y and on: fastseg3d must not take the interpreter as off for them."""
+    from fastseg3d.backends import interpreter_requested
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert interpreter_requested()
+
+
+@pytest.mark.parametrize("value,enabled", [("", False), ("0", False), ("false", False), ("1", True), ("true", True),
+                                           (" TRUE ", True)])
+def test_check_finite_variable_takes_true_and_an_empty_value(monkeypatch, value, enabled):
+    """FASTSEG3D_CHECK_FINITE's documented spellings: true/1 turn the checks on, empty/0/false leave them off."""
+    from fastseg3d import backends
+
+    monkeypatch.setenv("FASTSEG3D_CHECK_FINITE", value)
+    assert backends._check_finite_from_env() is enabled
+
+
+def test_cuda_tensors_can_launch_the_kernels():
+    """A CUDA device has no device reason (the kernels' home), so `info` on a GPU says triton for every op."""
+    pytest.importorskip("triton")
+    from fastseg3d import backends
+    from fastseg3d.info import op_choices
+
+    assert backends.device_reasons(torch.device("cuda")) == []
+    assert backends.device_reasons(torch.device("cuda", 1)) == []
+    with fastseg3d.backend("auto"):
+        choices = op_choices("cuda")
+    assert [name for name, _, _ in choices] == list(_OPS)
+    assert all((how, why) == ("triton", "fused kernel supports this case") for _, how, why in choices), choices
+
+
+def test_cpu_interpreter_launches_only_under_the_triton_policy(monkeypatch):
+    """With TRITON_INTERPRET=1 but the default auto policy, CPU tensors still take the reference (the interpreter
+    is for testing kernels, opted into with FASTSEG3D_BACKEND=triton), not a crawl through the interpreter."""
+    pytest.importorskip("triton")
+    from fastseg3d import backends
+
+    monkeypatch.setattr(backends, "interpreter_active", lambda: True)
+    cpu = torch.device("cpu")
+    with fastseg3d.backend("auto"):
+        assert backends.device_reasons(cpu) and "device=cpu" in backends.device_reasons(cpu)[0]
+    with fastseg3d.backend("torch"):
+        assert backends.device_reasons(cpu)
+    with fastseg3d.backend("triton"):
+        assert backends.device_reasons(cpu) == []
+
+
+def test_no_fallback_is_logged_under_the_torch_policy(caplog):
+    """The torch policy is a choice, not a fallback: select() says nothing (the log-once message is for auto)."""
+    import logging
+
+    from fastseg3d import backends
+
+    backends._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastseg3d"), fastseg3d.backend("torch"):
+        assert not backends.select("dwconv3d", [], torch.device("cuda"))
+        assert not backends.select("dwconv3d", ["dtype=torch.float64"], torch.device("cuda"))
+    assert not [r for r in caplog.records if "falls back" in r.getMessage()]
+
+
+def test_a_fallback_on_meta_is_info_not_a_warning(caplog):
+    """Only a CUDA tensor's fallback costs the user speed or memory and warns; meta (memory accounting) logs INFO."""
+    import logging
+
+    from fastseg3d import backends
+
+    backends._logged.clear()
+    with caplog.at_level(logging.INFO, logger="fastseg3d"), fastseg3d.backend("auto"):
+        assert not backends.select("dwconv3d", ["stride=2 (meta probe)"], torch.device("meta"))
+    assert [r.levelno for r in caplog.records if "falls back" in r.getMessage()] == [logging.INFO]
+
+
+def test_info_reports_a_missing_module_as_not_installed(monkeypatch):
+    """An optional dependency that does not import (no MONAI) is reported, not a traceback from `fastseg3d info`."""
+    from fastseg3d.info import collect
+
+    monkeypatch.setitem(sys.modules, "monai", None)  # import monai raises ImportError
+    assert collect()["monai"] == "not installed"
+
+
+def test_info_default_device_is_the_gpu_when_there_is_one(monkeypatch):
+    """`fastseg3d info` on a GPU machine reports the ops' choices for CUDA tensors, not for the CPU."""
+    from fastseg3d.info import op_choices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert op_choices() == op_choices("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert op_choices() == op_choices("cpu")
+
+
+def test_info_reports_the_policy_in_force_and_a_cpu_build(monkeypatch):
+    """The backend line follows fastseg3d.backend() (not a constant), and a CPU build of torch says so in words."""
+    from fastseg3d.info import collect
+
+    with fastseg3d.backend("torch"):
+        assert collect()["backend policy"] == "torch"
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert collect()["cuda"] == "none (CPU build of torch)"
+
+
+def test_info_aligns_the_op_columns(capsys, monkeypatch):
+    """The why column starts at one offset whatever the implementation's name (triton, torch, error)."""
+    from fastseg3d import info
+
+    monkeypatch.setattr(info, "collect", lambda: {"fastseg3d": fastseg3d.__version__})
+    monkeypatch.setattr(info, "op_choices", lambda: [("dwconv3d", "triton", "A"), ("attention", "torch", "B"),
+                                                     ("layer_norm", "error", "C")])
+    assert info.main() == 0
+    lines = capsys.readouterr().out.splitlines()
+    ops = lines[lines.index("ops (bf16 input on the default device)") + 1:]
+    assert len({line.index(why) for line, why in zip(ops, "ABC")}) == 1, ops
+
+
+def test_commands_without_yaml_say_so_in_one_line(capsys, monkeypatch):
+    """PyYAML is part of the training extra too: without it the configs cannot load, and the message names it."""
+    from fastseg3d.cli import main
+
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    assert main(["eval", "--checkpoint", "missing.pt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: fastseg3d eval needs the training extra (yaml not importable)"), err
+
+
+def test_a_missing_config_is_a_one_line_error(capsys):
+    """--config naming no file or recipe: one line and exit 2, not a FileNotFoundError traceback."""
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "no_such_recipe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config 'no_such_recipe' not found") and err.count("\n") == 1, err
+
+
+def test_train_flags_reach_the_config(monkeypatch):
+    """--amp, --seed, --device, --backend, --deterministic, --epochs and --max-steps set their own config keys."""
+    import fastseg3d.train
+    from fastseg3d.cli import main
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def trainer(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(fastseg3d.train, "Trainer", trainer)
+    with pytest.raises(Stop):
+        main(["train", "--config", "quickstart", "--amp", "fp16", "--seed", "7", "--device", "cpu", "--backend",
+              "triton", "--deterministic", "--epochs", "5", "--max-steps", "9", "--val-every", "3",
+              "--save-every", "4"])
+    cfg = seen[0]
+    assert (cfg["train"]["amp"], cfg["seed"], cfg["device"], cfg["backend"], cfg["deterministic"]) == (
+        "fp16", 7, "cpu", "triton", True)
+    assert (cfg["train"]["epochs"], cfg["train"]["max_steps"]) == (5, 9)
+    assert (cfg["val"]["every"], cfg["checkpoint"]["save_every"]) == (3, 4)
+
+
+def _eval_call(monkeypatch, tmp_path, *argv):
+    """Run `fastseg3d eval` on an empty checkpoint file with evaluate_checkpoint replaced: its keyword arguments."""
+    import fastseg3d.train.evaluate  # noqa: F401
+    from fastseg3d.cli import main
+
+    seen = {}
+
+    def evaluate(checkpoint, out, **kwargs):
+        seen.update(kwargs, out=out)
+        return {"num_cases": 1, "class_names": ["a"], "dice": 0.5, "dice_per_class": [0.5]}
+
+    monkeypatch.setattr(sys.modules["fastseg3d.train.evaluate"], "evaluate_checkpoint", evaluate)
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"")
+    assert main(["eval", "--checkpoint", str(ckpt), *argv]) == 0
+    return seen
+
+
+def test_eval_flags_reach_the_evaluation(monkeypatch, tmp_path, capsys):
+    """--roi, --overlap, --sw-batch-size, --blend and --max-cases override the run's val settings, --no-hd95 and
+    --msd pick the distances; the defaults: device auto, the val split, HD95 on, <checkpoint folder>/eval."""
+    seen = _eval_call(monkeypatch, tmp_path)
+    assert (seen["device"], seen["split"], seen["out"]) == ("auto", "val", tmp_path.resolve() / "eval")
+    assert seen["val_overrides"] == {"hd95": True, "msd": False}
+    assert f"results in {tmp_path.resolve() / 'eval' / 'eval_metrics.json'}" in capsys.readouterr().out
+    seen = _eval_call(monkeypatch, tmp_path, "--roi", "16", "24", "32", "--overlap", "0.25", "--sw-batch-size", "3",
+                      "--blend", "constant", "--max-cases", "1", "--no-hd95", "--msd")
+    assert seen["val_overrides"] == {"roi_size": [16, 24, 32], "overlap": 0.25, "sw_batch_size": 3,
+                                     "blend": "constant", "max_cases": 1, "hd95": False, "msd": True}
+    with pytest.raises(SystemExit):  # a window is three sides
+        _eval_call(monkeypatch, tmp_path, "--roi", "16", "16")
+
+
+def test_eval_max_cases_must_be_positive(capsys, tmp_path):
+    """--max-cases 0 would evaluate nothing and report an empty mean: refused before anything loads."""
+    from fastseg3d.cli import main
+
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"")
+    assert main(["eval", "--checkpoint", str(ckpt), "--max-cases", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-cases must be >= 1, got 0\n"
+
+
+@pytest.mark.parametrize("mode,names,dice,shown", [
+    ("softmax", ["background", "liver", "tumour"], [0.25, None], "liver 0.250, tumour n/a"),
+    ("sigmoid", ["TC", "WT", "ET"], [0.5, 0.75, 1.0], "TC 0.500, WT 0.750, ET 1.000"),
+])
+def test_train_prints_the_foreground_classes_dice(monkeypatch, tmp_path, capsys, mode, names, dice, shown):
+    """The final line names each foreground class by its Dice: softmax's background channel is not one of them."""
+    import types
+
+    import fastseg3d.train
+    from fastseg3d.cli import main
+
+    class Trainer:
+        is_main, owns_process_group, run_dir = True, False, tmp_path
+
+        def __init__(self, cfg, *args, **kwargs):
+            self.data = types.SimpleNamespace(class_names=names, mode=mode)
+
+        def fit(self):
+            return {"dice": 0.5, "dice_per_class": dice}
+
+    monkeypatch.setattr(fastseg3d.train, "Trainer", Trainer)
+    assert main(["train", "--config", "quickstart"]) == 0
+    assert f"final validation: mean foreground Dice 0.5000 ({shown})\n" in capsys.readouterr().out
+
+
+def test_sizes_switch_to_gib_at_one_gib():
+    from fastseg3d.cli import _size
+
+    assert _size(2**30) == "1.00 GiB" and _size(2**30 - 2**20) == "1023.0 MiB"
+
+
+def test_profile_counts_no_amsgrad_state_for_sgd(capsys):
+    """optimizer.amsgrad is Adam's: SGD without momentum keeps no state whatever the key says."""
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "quickstart", "--size", "32", "optimizer.name=sgd", "optimizer.momentum=0",
+                 "optimizer.amsgrad=true"]) == 0
+    state = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("optimizer"))
+    assert state.split()[2:4] == ["0.0", "MiB"] and state.endswith("(sgd)"), state
+
+
+def test_profile_says_activation_checkpointing_is_not_modelled(capsys):
+    from fastseg3d.cli import main
+
+    assert main(["profile", "--config", "quickstart", "--size", "32", "train.activation_checkpointing=true"]) == 0
+    assert "train.activation_checkpointing is on: not modelled" in capsys.readouterr().out
+
+
+def test_profile_counts_fp16_as_fp16(capsys):
+    """--dtype fp16 is a choice and counts an fp16 step: DSD's loss saves more under fp16 than under bf16."""
+    from fastseg3d.cli import _train_step, main
+    from fastseg3d.profile import activation_memory
+    from fastseg3d.train import load_config
+    from fastseg3d.train.builders import build_model, build_objective, output_mode
+
+    with fastseg3d.backend("auto"):  # the fused loss is what tells fp16 from bf16 here
+        assert main(["profile", "--config", "dsd_unet", "--size", "32", "--batch", "1", "--dtype", "fp16"]) == 0
+        out = capsys.readouterr().out
+        cfg = load_config("dsd_unet")
+        mode = output_mode(cfg["data"]["label_mode"])
+        step = _train_step(build_model(cfg["model"], 1, 2), build_objective(cfg, mode, 2), mode, 2)
+        saved = {d: activation_memory(step, (1, 1, 32, 32, 32), d)["objective"]
+                 for d in (torch.float16, torch.bfloat16)}
+    assert "1 -> 2 channels; a training step on 1x1x32x32x32, fp16 autocast" in out
+    assert saved[torch.float16] != saved[torch.bfloat16]
+    line = next(line for line in out.splitlines() if line.strip().startswith("saved by the loss"))
+    assert line.split()[4:6] == [f"{saved[torch.float16] / 2**20:.1f}", "MiB"], (line, saved)
+
+
+def test_profile_searches_sides_in_the_networks_stride(monkeypatch, capsys):
+    """A 7-level U-Net takes multiples of 64 (its divisor): the --max-memory search steps by 64, not by 32."""
+    import fastseg3d.profile
+    from fastseg3d.cli import main
+
+    seen = []
+    monkeypatch.setattr(fastseg3d.profile, "largest_cube", lambda *args, **kwargs: seen.append(kwargs) or 0)
+    assert main(["profile", "--config", "dsd_unet", "--size", "128", "--batch", "1",
+                 "model.kwargs.channels=[4,4,4,4,4,4,4]", "--max-memory", "1"]) == 0
+    assert [(k["multiple"], k["start"]) for k in seen] == [(64, 64)]
+    assert "fits 1 GiB: none" in capsys.readouterr().out
+
+
+def test_bench_outside_a_clone_is_a_one_line_error(capsys, monkeypatch, tmp_path):
+    """An installed fastseg3d has no bench/: exit 2 and what to do, not an ImportError."""
+    from fastseg3d import cli
+
+    (tmp_path / "fastseg3d").mkdir()
+    monkeypatch.setattr(cli, "__file__", str(tmp_path / "fastseg3d" / "cli.py"))
+    assert cli.main(["bench", "ops"]) == 2
+    assert "run from a clone of the repository" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "required: command"),
+    (["profile", "--config", "quickstart", "--bogus=1"], "unrecognized arguments: --bogus=1"),
+    (["profile", "--config", "quickstart", "data.batch_size=1", "--dtype", "fp32", "bogus"],
+     "unrecognized arguments: bogus"),
+    (["info", "a=1"], "unrecognized arguments: a=1"),
+])
+def test_usage_errors_exit_2(capsys, argv, message):
+    """A missing subcommand, an option-like or bare word after the options, and overrides on a command that takes
+    none: argparse's usage error (exit 2), not an override the config then rejects or a traceback."""
+    from fastseg3d.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_command_reports_a_bad_environment_first(capsys, monkeypatch):
+    """A bad FASTSEG3D_BACKEND is named before any command's own checks (here: eval's missing checkpoint)."""
+    from fastseg3d import backends
+    from fastseg3d.cli import main
+
+    monkeypatch.setitem(backends._state, "backend", None)
+    monkeypatch.setitem(backends._env_errors, "backend", "FASTSEG3D_BACKEND must be one of ('auto', 'triton', "
+                                                         "'torch'), got 'bogus'")
+    assert main(["eval", "--checkpoint", "missing.pt"]) == 2
+    assert capsys.readouterr().err == "error: FASTSEG3D_BACKEND must be one of ('auto', 'triton', 'torch'), got " \
+                                      "'bogus'\n"
+
+
+def test_convert_exit_status_is_the_commands(capsys, tmp_path):
+    """`fastseg3d convert` on a missing input ends with convert's status 1, not 0."""
+    from fastseg3d.cli import main
+
+    assert main(["convert", "--to", "official-segformer3d", str(tmp_path / "missing.pt"),
+                 str(tmp_path / "out.pt")]) == 1
+    assert "fastseg3d convert: error:" in capsys.readouterr().err
+
+
+def test_the_command_line_shows_info_logs(monkeypatch):
+    """The trainer's INFO lines (resuming from ..., activation checkpointing on N blocks) reach the console."""
+    import logging
+
+    from fastseg3d.cli import main
+
+    calls = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: calls.append(kwargs))
+    assert main(["info"]) == 0
+    assert [c["level"] for c in calls] == [logging.INFO]
