@@ -190,3 +190,52 @@ def test_gpu_captured_step_trains_as_eager(tmp_path, case, caplog):
     torch.testing.assert_close(_losses(tmp_path / "graph"), _losses(tmp_path / "eager"), **tol)
     for a, b in zip(graphed.model.state_dict().values(), eager.model.state_dict().values()):
         torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+def test_replayed_non_finite_loss_stops_the_run(tmp_path, on_cpu, monkeypatch):
+    """A replay runs no Python, so nothing in the step notes its loss: the trainer checks the loss the replay wrote.
+    A NaN there (with finite gradients) stops the run before the optimizer's step."""
+    from fastseg3d.train import NonFiniteLossError
+    from fastseg3d.train.builders import Objective
+
+    replaying = [False]
+    note = Trainer._note_finite
+    monkeypatch.setattr(Trainer, "_note_finite", lambda self, loss: None if replaying[0] else note(self, loss))
+    capture = cuda_graph_module.capture_step
+
+    def capture_without_python(*args, **kwargs):
+        replay = capture(*args, **kwargs)
+
+        def run():
+            replaying[0] = True
+            try:
+                replay()
+            finally:
+                replaying[0] = False
+        return run
+
+    monkeypatch.setattr(cuda_graph_module, "capture_step", capture_without_python)
+    forward = Objective.forward
+    calls = {"n": 0}
+
+    def nan_from_the_first_replay(self, output, target):
+        loss, _ = forward(self, output, target)
+        calls["n"] += 1
+        if calls["n"] > 4:  # 3 warm-up runs and the capture, then the replays
+            loss = loss + torch.full((), float("nan"))
+        return loss, {"segmentation": loss.detach()}
+
+    monkeypatch.setattr(Objective, "forward", nan_from_the_first_replay)
+    trainer = Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, *STEPS, "train.cuda_graph=true"]),
+                      tmp_path / "run")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 0, step 1"):
+        trainer.train_epoch(0)
+    assert all(torch.equal(a, p) for a, p in zip(before, trainer.model.parameters()))
+
+
+def test_capture_step_refuses_a_capture_under_autocast():
+    """The step enters autocast itself: an autocast around the capture would keep its cast cache past the capture
+    (checked before any CUDA call, so on any machine)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="capture outside autocast"):
+        cuda_graph_module.capture_step(lambda: None, [], torch.device("cpu"))

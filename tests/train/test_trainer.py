@@ -1011,8 +1011,10 @@ def test_non_finite_loss_stops_every_rank(tmp_path):
     """A diverging DDP run stops on both ranks together (no rank left waiting in an all-reduce)."""
     args = ["train", "--config", "quickstart", "--epochs", "3", *TINY_UNET, *TINY_DATA, "data.num_train=8",
             "data.batch_size=4", "optimizer.lr=1e30", "scheduler.warmup=0"]
+    # The agent stops the other worker once one fails; polling every 5 s gives a loaded machine's second rank time
+    # to print its own error (a rank left in the all-reduce would print gloo's lost-peer error instead).
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "fastseg3d", *args, "--output-dir", str(tmp_path)],
+                           "--monitor-interval=5", "-m", "fastseg3d", *args, "--output-dir", str(tmp_path)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("error: non-finite") == 2, proc.stderr[-3000:]
@@ -1572,3 +1574,320 @@ def test_resume_removes_a_killed_writers_temporary(tmp_path):
     stale.write_bytes(b"half a checkpoint")
     Trainer(load_config("quickstart", [*args, "train.epochs=2"]), tmp_path, resume="auto")
     assert not stale.exists()
+
+
+def _lrs(run: Path) -> list[float]:
+    return [r["lr"] for r in _rows(run, "train")]
+
+
+def test_the_logged_learning_rate_follows_the_schedule_by_step_or_epoch(tmp_path):
+    """The schedule advances once an optimizer step (interval=step) or once an epoch (interval=epoch), over the run's
+    length in those intervals (train.max_steps shortening it), and each train row logs the rate its step left."""
+    from fastseg3d.train.builders import schedule_factor
+
+    base = [*TINY_UNET, *TINY_DATA, "val.every=0", "optimizer.lr=0.01", "scheduler.name=warmup_cosine",
+            "scheduler.min_lr=0.001"]
+    # 2 steps an epoch: 4 steps in all, the first 2 of them warm-up, the last one ending at the floor
+    cfg = load_config("quickstart", [*base, "train.epochs=2", "scheduler.warmup=2", "scheduler.interval=step"])
+    Trainer(cfg, tmp_path / "step").fit()
+    f = schedule_factor(cfg["scheduler"], 0.01, 4)
+    assert _lrs(tmp_path / "step") == pytest.approx([0.01 * f(t) for t in (1, 2, 3, 4)], rel=1e-9)
+    assert _lrs(tmp_path / "step")[-1] == pytest.approx(0.001)
+    # train.max_steps=3 of 6: the cosine ends at the floor at step 3
+    cfg = load_config("quickstart", [*base, "train.epochs=3", "train.max_steps=3", "scheduler.warmup=0"])
+    Trainer(cfg, tmp_path / "max_steps").fit()
+    f = schedule_factor(cfg["scheduler"], 0.01, 3)
+    assert _lrs(tmp_path / "max_steps") == pytest.approx([0.01 * f(t) for t in (1, 2, 3)], rel=1e-9)
+    # interval=epoch: the rate of epoch e's rows is the one after e intervals of 3
+    cfg = load_config("quickstart", [*base, "train.epochs=3", "scheduler.warmup=0", "scheduler.interval=epoch"])
+    Trainer(cfg, tmp_path / "epoch").fit()
+    f = schedule_factor(cfg["scheduler"], 0.01, 3)
+    rows = _rows(tmp_path / "epoch", "train")
+    assert [r["epoch"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * f(r["epoch"]) for r in rows], rel=1e-9)
+    assert len({r["lr"] for r in rows}) == 3
+    # train.max_steps=3 of 2-step epochs shortens a per-epoch schedule to the 2 epochs the run reaches
+    cfg = load_config("quickstart", [*base, "train.epochs=3", "train.max_steps=3", "scheduler.warmup=0",
+                                     "scheduler.interval=epoch"])
+    Trainer(cfg, tmp_path / "epoch_max_steps").fit()
+    f = schedule_factor(cfg["scheduler"], 0.01, 2)
+    rows = _rows(tmp_path / "epoch_max_steps", "train")
+    assert [r["epoch"] for r in rows] == [0, 0, 1]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * f(r["epoch"]) for r in rows], rel=1e-9)
+    # train.grad_accumulation=2 of batches of 1: 2 steps an epoch, the cosine at its floor after the run's 4th
+    cfg = load_config("quickstart", [*base, "train.epochs=2", "scheduler.warmup=0", "data.batch_size=1",
+                                     "train.grad_accumulation=2"])
+    Trainer(cfg, tmp_path / "accumulated").fit()
+    assert _lrs(tmp_path / "accumulated")[-1] == pytest.approx(0.001) and len(_lrs(tmp_path / "accumulated")) == 4
+
+
+def test_train_rows_average_every_micro_batch_since_the_last_row(tmp_path, monkeypatch):
+    """A train row holds the mean loss and terms over all micro-batches since the previous row (not the last one's,
+    not their sum), at the step it was written, and seconds_per_step counts a step's micro-batches."""
+    from fastseg3d.train import trainer as trainer_module
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(trainer_module, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock["t"])}))
+
+    class Counting(Trainer):
+        """Loss n on the n-th micro-batch, each taking one second; no backward (no gradient: steps change nothing)."""
+
+        n = 0
+
+        def train_step(self, image, label, epoch):
+            self.n += 1
+            clock["t"] += 1.0
+            loss = torch.tensor(float(self.n))
+            return loss, {"segmentation": 2 * loss}
+
+    data = [o for o in TINY_DATA if not o.startswith(("train.log_every", "data.batch_size"))]
+    cfg = load_config("quickstart", [*TINY_UNET, *data, "data.num_train=8", "data.batch_size=1",
+                                     "train.grad_accumulation=2", "train.log_every=2", "train.epochs=1",
+                                     "val.every=0"])
+    Counting(cfg, tmp_path).fit()
+    rows = _rows(tmp_path, "train")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["loss"] for r in rows] == [2.5, 6.5]  # micro-batches 1-4, then 5-8
+    assert [r["segmentation"] for r in rows] == [5.0, 13.0]
+    assert [r["seconds_per_step"] for r in rows] == [2.0, 2.0]  # 4 s for 2 steps of 2 micro-batches
+
+
+def test_max_steps_ends_the_run_with_a_validation_and_its_checkpoints(tmp_path):
+    """train.max_steps reached in the first of 3 epochs ends the run there: that epoch validates (whatever
+    val.every says) and writes the latest and final checkpoints, and no later epoch trains."""
+    calls = []
+
+    class Recording(Trainer):
+        def on_epoch_end(self, epoch, result):
+            calls.append((epoch, bool(result)))
+
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=3", "train.max_steps=1", "val.every=2",
+                                     "val.num_images=0"])
+    Recording(cfg, tmp_path).fit()
+    assert calls == [(0, True)]
+    assert [(r["epoch"], r["step"]) for r in _rows(tmp_path, "val")] == [(0, 1)]
+    for kind in ("latest", "final"):
+        ckpt = load_checkpoint(tmp_path / f"checkpoint_{kind}.pt")
+        assert (ckpt["epoch"], ckpt["step"]) == (0, 1), kind
+
+
+def test_the_last_epoch_writes_the_latest_checkpoint_between_save_every(tmp_path):
+    """checkpoint.save_every=2 over 3 epochs: latest at epoch 1, and again at the last epoch (2), so that a resume
+    starts from the end rather than repeating an epoch."""
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=3", "val.every=0",
+                                     "checkpoint.save_every=2"])
+    Trainer(cfg, tmp_path).fit()
+    assert load_checkpoint(tmp_path / "checkpoint_latest.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("dice,best_epoch,best_after_epoch", [
+    ([0.5, 0.5, 0.5], 0, None),  # a tie is no new best: the first checkpoint stays
+    ([0.1, 0.2, 0.15], 1, None),  # the best at the cutoff epoch (1) itself is not "after" it
+    ([0.1, 0.2, 0.3], 2, 2),
+])
+def test_best_checkpoints_take_strictly_better_dice_and_best_after_is_past_the_cutoff(tmp_path, monkeypatch, dice,
+                                                                                       best_epoch, best_after_epoch):
+    """Which epoch checkpoint_best.pt and checkpoint_best_after.pt (checkpoint.best_after_epoch=1) hold, for given
+    validation Dice per epoch."""
+    monkeypatch.setattr(Trainer, "validate", lambda self, epoch: {"loss": 0.5, "dice": dice[epoch],
+                                                                  "dice_per_class": [dice[epoch]]})
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=3", "checkpoint.best_after_epoch=1"])
+    Trainer(cfg, tmp_path).fit()
+    best = load_checkpoint(tmp_path / "checkpoint_best.pt")
+    assert (best["epoch"], best["best_metric"]) == (best_epoch, max(dice))
+    after = tmp_path / "checkpoint_best_after.pt"
+    assert (load_checkpoint(after)["epoch"] if after.exists() else None) == best_after_epoch
+
+
+def test_training_validation_takes_max_cases_and_draws_num_images(tmp_path):
+    """val.max_cases limits the cases validated during training, val.num_images the slice previews written."""
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "data.num_val=3", "val.max_cases=2", "val.num_images=1",
+                                     "train.epochs=1", "val.hd95=false"])
+    result = Trainer(cfg, tmp_path).fit()
+    assert result["num_cases"] == 2 and _rows(tmp_path, "val")[0]["num_cases"] == 2
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["val_0.png"]
+
+
+@pytest.mark.parametrize("label_mode,names", [("labels", ["edema", "core", "vessel", "nodule"]),
+                                              ("brats_regions", ["TC", "WT", "ET"])])
+def test_curves_name_the_classes_the_mean_dice_averages(tmp_path, monkeypatch, label_mode, names):
+    """curves.png's per-class Dice lines are named after the scored classes: the label maps' foreground (no
+    background), every BraTS region (TC is no background)."""
+    from fastseg3d.train import plots
+
+    seen = []
+    monkeypatch.setattr(plots, "plot_curves", lambda log, out, class_names=None: seen.append(class_names))
+    cfg = load_config("quickstart", [*TINY_UNET, *TINY_DATA, "train.epochs=1", f"data.label_mode={label_mode}",
+                                     "val.num_images=0", "val.hd95=false"])
+    Trainer(cfg, tmp_path).fit()
+    assert seen == [names]
+
+
+def test_amp_picks_the_autocast_dtype_and_only_fp16_scales(tmp_path):
+    """train.amp=bf16 autocasts to bfloat16 with no gradient scaler (bf16 has fp32's range); fp16 autocasts to
+    float16 and scales the loss; none does neither."""
+    for amp, dtype, scaled in (("none", None, False), ("bf16", torch.bfloat16, False), ("fp16", torch.float16, True)):
+        trainer = Trainer(load_config("quickstart", [*TINY_UNET, *TINY_DATA, f"train.amp={amp}"]), tmp_path / amp)
+        with trainer._autocast():
+            assert (torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) == dtype, amp
+        assert trainer.scaler.is_enabled() == scaled, amp
+
+
+def test_an_epochs_leftover_micro_batches_leave_no_gradient(tmp_path):
+    """3 micro-batches with train.grad_accumulation=2: the third, too few for a step, is dropped with its gradient,
+    which would otherwise be added into the next epoch's first step."""
+    data = [o for o in TINY_DATA if not o.startswith("data.batch_size")]
+    cfg = load_config("quickstart", [*TINY_UNET, *data, "data.num_train=3", "data.batch_size=1",
+                                     "train.grad_accumulation=2", "val.every=0"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.train_epoch(0)
+    assert trainer.step == 1
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_optimizers_are_the_named_ones_with_the_configs_settings():
+    """optimizer.name picks Adam, AdamW or SGD, each with the config's betas, momentum, nesterov, weight decay."""
+    from fastseg3d.train.builders import build_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    cfg = load_config("quickstart", ["optimizer.lr=0.05", "optimizer.weight_decay=0.25", "optimizer.betas=[0.8, 0.9]",
+                                     "optimizer.momentum=0.7", "optimizer.nesterov=true"])["optimizer"]
+    for name, cls, settings in (("adamw", torch.optim.AdamW, {"betas": (0.8, 0.9)}),
+                                ("adam", torch.optim.Adam, {"betas": (0.8, 0.9)}),
+                                ("sgd", torch.optim.SGD, {"momentum": 0.7, "nesterov": True})):
+        optimizer = build_optimizer(params, {**cfg, "name": name})
+        assert type(optimizer) is cls, name
+        group = optimizer.param_groups[0]
+        assert (group["lr"], group["weight_decay"]) == (0.05, 0.25), name
+        assert {k: group[k] for k in settings} == settings, name
+
+
+def test_schedules_with_a_warmup_and_past_their_end():
+    """After a warm-up, poly still reaches 0 at the run's end and the step schedule counts its step_size from the
+    warm-up's end; past the end, the cosine stays at its floor (it does not climb back)."""
+    base = {"warmup": 2, "min_lr": 0.0, "restart_period": 4, "power": 0.9, "step_size": 3, "gamma": 0.5}
+    f = schedule_factor({**base, "name": "poly"}, 1.0, 10)
+    assert f(1) == 1.0 and f(5) == pytest.approx(0.5**0.9) and f(10) == 0.0
+    f = schedule_factor({**base, "name": "step"}, 1.0, 10)
+    assert [f(2), f(4), f(5), f(8)] == [1.0, 1.0, 0.5, 0.25]
+    f = schedule_factor({**base, "name": "warmup_cosine", "min_lr": 0.1}, 1.0, 10)
+    assert [f(10), f(12), f(16)] == pytest.approx([0.1, 0.1, 0.1])
+
+
+def test_a_bad_schedule_interval_is_refused():
+    """build_scheduler's own check (a config built in code skips load_config's)."""
+    from fastseg3d.train.builders import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = load_config("quickstart")["scheduler"]
+    with pytest.raises(ValueError, match="scheduler.interval must be 'step' or 'epoch', got 'batch'"):
+        build_scheduler(optimizer, {**sched, "interval": "batch"}, 10)
+
+
+def test_the_objective_adds_each_distillation_term_with_its_weight():
+    """The loss that trains is the segmentation loss plus the distillation loss: DSD's KL terms (decoder and
+    encoder) times loss.distill_kwargs.kl_weight, MISSU's KL of the students (decoder) towards the teachers
+    (skips), SelfReg's term; its terms are what it is summed from."""
+    from fastseg3d.losses import MISSUDistillLoss
+    from fastseg3d.train.builders import build_model, build_objective
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (2, 1, 16, 16, 16), generator=g)
+    cfg = load_config("dsd_unet", ["model.kwargs={channels: [4, 8, 8, 8]}", "loss.distill_kwargs={kl_weight: 0.3}"])
+    torch.manual_seed(0)
+    output = build_model(cfg["model"], 1, 3)(torch.randn(2, 1, 16, 16, 16, generator=g))
+    objective = build_objective(cfg, "softmax", 3)
+    loss, terms = objective(output, y)
+    assert terms["kl_decoder"] > 0 and terms["kl_encoder"] > 0
+    expected = terms["dice_ce"] + 0.3 * (terms["kl_decoder"] + terms["kl_encoder"])
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss, objective.distill(output, y))
+
+    logits = torch.randn(2, 3, 16, 16, 16, generator=g)
+    pairs = [(torch.randn(2, 4, 8, 8, 8, generator=g), torch.randn(2, 4, 8, 8, 8, generator=g)) for _ in range(2)]
+    objective = build_objective(load_config("missu_brats", ["loss.distill_kwargs={weight: 0.5}"]), "softmax", 3)
+    loss, terms = objective((logits, pairs), y)
+    kd = MISSUDistillLoss(weight=0.5)([s for s, _ in pairs], [t for _, t in pairs])
+    torch.testing.assert_close(terms["distill"], kd)
+    torch.testing.assert_close(loss, terms["segmentation"] + kd)
+
+    cfg = load_config("selfreg_unet", ["model.kwargs={channels: [4, 8, 8, 8]}"])
+    output = build_model(cfg["model"], 1, 3)(torch.randn(2, 1, 16, 16, 16, generator=g))
+    loss, terms = build_objective(cfg, "softmax", 3)(output, y)
+    assert terms["distill"] > 0
+    torch.testing.assert_close(loss, terms["segmentation"] + terms["distill"])
+
+
+def test_model_names_build_their_networks():
+    """Each of MODELS builds the network class of that name (mobileutr_l is the large MobileUtr, not the small)."""
+    from fastseg3d import networks
+    from fastseg3d.train.builders import build_model
+
+    assert type(build_model({"name": "mobileutr_l", "kwargs": {}}, 1, 3)) is networks.MobileUtrL
+    assert type(build_model({"name": "mobileutr", "kwargs": {}}, 1, 3)) is networks.MobileUtr
+
+
+def test_loss_configs_that_fit_or_not():
+    """MISSU trains without its distillation (an ablation) where other networks must get their own; sigmoid regions
+    refuse loss.include_background=false (it would drop TC)."""
+    from fastseg3d.train import SetupError
+    from fastseg3d.train.builders import build_objective
+
+    assert build_objective(load_config("missu_brats", ["loss.distill=none", "loss.distill_kwargs={}"]), "softmax",
+                           3).distill is None
+    with pytest.raises(SetupError, match="loss.distill='none' does not fit model.name='dsd_unet'"):
+        build_objective(load_config("dsd_unet", ["loss.distill=none"]), "softmax", 3)
+    with pytest.raises(SetupError, match="loss.include_background=false with sigmoid regions"):
+        build_objective(load_config("quickstart", ["loss.include_background=false"]), "sigmoid", 3)
+
+
+def test_objective_on_regions_is_monais_with_the_configured_weights():
+    """Sigmoid regions (BraTS): MONAI's DiceCE with loss.lambda_dice and loss.lambda_ce, on fp32 logits."""
+    from monai.losses import DiceCELoss
+
+    from fastseg3d.train.builders import build_objective
+
+    cfg = load_config("quickstart", ["loss.lambda_dice=0.3", "loss.lambda_ce=1.7"])
+    objective = build_objective(cfg, "sigmoid", 3)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 6, 5, 7, dtype=torch.float64, generator=g)
+    target = torch.randint(0, 2, (2, 3, 6, 5, 7), generator=g).double()
+    expected = DiceCELoss(sigmoid=True, lambda_dice=0.3, lambda_ce=1.7)(logits, target)
+    torch.testing.assert_close(objective(logits, target)[0], expected)
+
+
+def test_metrics_rows_are_strict_json_and_tensorboard_resumes_past_the_checkpoint(tmp_path, monkeypatch):
+    """A NaN or infinite value is written as null (metrics.jsonl stays valid JSON for any reader), step and epoch
+    are the x axis rather than scalars of their own, and after truncate_after(step) TensorBoard's writer purges
+    what the stopped run logged past that step."""
+    import types
+
+    from fastseg3d.train.logger import MetricsLogger, progress_bar
+
+    opened, written = [], []
+
+    class Writer:
+        def __init__(self, logdir, **kwargs):
+            opened.append(kwargs)
+
+        def add_scalar(self, tag, value, step):
+            written.append((tag, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    log = MetricsLogger(tmp_path)
+    log.truncate_after(5)
+    log.log({"step": 6, "epoch": 1, "split": "val", "loss": float("nan"), "dice": torch.tensor(float("inf")),
+             "dice_per_class": [float("nan"), 0.5]})
+    log.close()
+    assert opened == [{"purge_step": 6}]
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"step": 6, "epoch": 1, "split": "val", "loss": None, "dice": None,
+                                "dice_per_class": [None, 0.5]}
+    assert written == [("val/dice_per_class/1", 6)]
+    assert progress_bar(3, False) is None
+    with pytest.raises(ValueError, match="train.progress must be auto, true or false, got 'sometimes'"):
+        progress_bar(3, "sometimes")
