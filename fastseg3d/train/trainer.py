@@ -310,7 +310,8 @@ class Trainer:
         total_steps = self.epochs * self.steps_per_epoch
         if self.max_steps is not None:
             total_steps = min(total_steps, int(self.max_steps))
-        total = total_steps if cfg["scheduler"]["interval"] == "step" else self.epochs
+        # Per epoch, the schedule spans the epochs the run reaches, a last one cut short by train.max_steps included.
+        total = total_steps if cfg["scheduler"]["interval"] == "step" else -(-total_steps // self.steps_per_epoch)
         self.scheduler = build_scheduler(self.optimizer, cfg["scheduler"], total)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tcfg["amp"] == "fp16")
 
