@@ -884,7 +884,7 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, accumulation
     also when gradients accumulate over micro-batches (DDP syncs only on the last one)."""
     args = ["train", "--config", "quickstart", "--epochs", "1", "--deterministic", *TINY_UNET, *TINY_DATA,
             "data.num_train=8", "data.batch_size=4", f"train.grad_accumulation={accumulation}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun's agent leaves a folder there
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "-m", "fastseg3d", *args, "--output-dir", str(one)], check=True, env=env,
                    capture_output=True, timeout=300)
@@ -1015,7 +1015,8 @@ def test_non_finite_loss_stops_every_rank(tmp_path):
     # to print its own error (a rank left in the all-reduce would print gloo's lost-peer error instead).
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "--monitor-interval=5", "-m", "fastseg3d", *args, "--output-dir", str(tmp_path)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("error: non-finite") == 2, proc.stderr[-3000:]
 
