@@ -401,9 +401,12 @@ def main(argv: list[str] | None = None) -> int:
                          "for BraTS SegFormer3D weights)")
     ev.add_argument("--output-dir", default=None, help="default: <checkpoint folder>/eval")
     ev.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window roi (default: the run's)")
-    ev.add_argument("--overlap", type=float, default=None)
-    ev.add_argument("--sw-batch-size", type=int, default=None)
-    ev.add_argument("--blend", choices=BLENDS, default=None)
+    ev.add_argument("--overlap", type=float, default=None,
+                    help="sliding-window overlap, a fraction of the roi in [0, 1) (default: the run's)")
+    ev.add_argument("--sw-batch-size", type=int, default=None,
+                    help="windows per network call (default: the run's)")
+    ev.add_argument("--blend", choices=BLENDS, default=None,
+                    help="how overlapping windows combine (default: the run's)")
     ev.add_argument("--flip-tta", action="store_true", help="average over the 8 flips of the spatial axes")
     relabel = ev.add_mutually_exclusive_group()
     relabel.add_argument("--relabel-small", type=int, nargs=3, metavar=("CLASS", "INTO", "MIN_VOXELS"),
@@ -422,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--no-hd95", action="store_true", help="skip HD95")
     ev.add_argument("--msd", action="store_true",
                     help="the mean surface distance too (as DSD reports; in mm where the data has a voxel size)")
-    ev.add_argument("--max-cases", type=int, default=None)
+    ev.add_argument("--max-cases", type=int, default=None, help="score only the first N cases of the split")
     ev.add_argument("--save-predictions", action="store_true", help="write predictions as NIfTI")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda")
 
     prof = sub.add_parser("profile", help="the memory a config's training step needs, counted on the meta device",
                           description="The activations a training step of the config's network saves for backward "

@@ -2,7 +2,7 @@
 # The project's test command (CPU machines): the CPU tier, then the Triton interpreter tier in a process of its
 # own (TRITON_INTERPRET is read when kernels are decorated, and it breaks compile/opcheck tests), where the
 # backend policy defaults to the kernels, so that a test that forgets to ask for them still runs them.
-# On a machine with a GPU, run `pytest tests -m "not interpret"` (or bench/gpu_check.sh) for the GPU tier.
+# On a machine with a GPU, run `pytest tests -m gpu` (or bench/gpu_check.sh) for the GPU tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # With arguments (a -k filter, a file) one tier may select nothing, pytest's exit code 5: not a failure then,
