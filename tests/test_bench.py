@@ -495,6 +495,33 @@ def test_attention_tile_sweep_ranks_checked_candidates(monkeypatch):
     assert any("computed something else" in line for line in text) and any("1 plans failed" in line for line in text)
 
 
+def test_attention_sweep_times_the_table_tile_first_even_when_it_is_a_candidate(monkeypatch):
+    """A sweep cut by its time limit after one plan still has the table's own to compare with: it runs first, once,
+    also where the candidate pool holds it further down."""
+    from bench import tune_attention
+    from fastseg3d.kernels import attention as kern
+
+    table = kern._blocks(64, 8, 16, None, "fwd")  # "tiny": 4^3 tokens, sr 2, head dim 16
+    others = [(32, 32, 4, 2), (128, 32, 4, 3)]
+    assert table not in others
+    monkeypatch.setattr(tune_attention, "candidates", lambda kernel, head_dim, precision: [others[0], table,
+                                                                                          others[1]])
+    monkeypatch.setattr(kern, "_precision", lambda dtype: None)
+
+    def fake_fwd(q, k, v, scale, out, lse):
+        out.fill_(1.0)
+        lse.fill_(0.5)
+
+    monkeypatch.setattr(kern, "attention_fwd", fake_fwd)
+    rows = tune_attention.sweep("tiny", torch.float32, ("fwd",), torch.device("cpu"), lambda fn: 1.0)
+    assert [r["current"] for r in rows] == [True, False, False]
+    assert [tuple(r["plan"].values()) for r in rows] == [table, *others]
+    clock = iter([0.0, 2.0])  # one plan before the deadline
+    monkeypatch.setattr(tune_attention, "time", type("T", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    rows = tune_attention.sweep("tiny", torch.float32, ("fwd",), torch.device("cpu"), lambda fn: 1.0, deadline=1.0)
+    assert len(rows) == 1 and rows[0]["current"]
+
+
 def test_tune_cli_refuses_what_it_cannot_time(capsys, monkeypatch):
     """No GPU: exit status 2 and why; an unknown kernel or shape: a usage error, before any CUDA work."""
     from bench import tune
@@ -1142,6 +1169,7 @@ def test_tuners_reach_the_launches():
 @pytest.mark.parametrize("op,label,kernels,pool", [
     ("dwconv3d", "1x4x8^3 ncdhw", ("fwd",), [(3, 4)]),
     ("dwconv3d", "1x4x8^3 channels_last", ("fwd",), [(2, 16)]),
+    ("dwconv3d", "1x4x8^3 ncdhw", ("fwd",), [(2, 4), (1, 8)]),  # the planner's own (1, 8) first, not second
     ("kl_distill", "1x3x16^3 pair s/2", ("fwd", "transpose"), None),
 ])
 def test_interpret_tune_sweep_runs_candidates(op, label, kernels, pool, monkeypatch):
@@ -1168,6 +1196,8 @@ def test_interpret_tune_sweep_runs_candidates(op, label, kernels, pool, monkeypa
     assert [r["kernel"] for r in rows] == [k for k in kernels for _ in range(2)]
     assert all(r["ok"] and r["error"] is None for r in rows), rows
     assert [r["current"] for r in rows] == [True, False] * len(kernels)
+    if op == "dwconv3d":
+        assert [tuple(r["plan"].values()) for r in rows][1:] == [c for c in pool if c != (1, 8)]
 
 
 def test_256_cube_attention_target_compares_the_peak_with_one_score_matrix():
