@@ -76,10 +76,12 @@ fi
 # WARM_PLAN="gpu_tests targets" compiles what is still missing here first, on every core at once.
 export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/tmp/fastseg3d-triton-cache}"
 # the ptxas version is part of every key: Triton's own for the whole run, as the tarball was built (a process that
-# compiled with torch.compile would otherwise move to torch's for the rest of its life)
-if [ -z "${TRITON_PTXAS_PATH:-}" ]; then
-  ptxas_path="$(python3 -c "from bench.warm_cache import ptxas; print(ptxas())" 2>/dev/null)"
-  [ -x "$ptxas_path" ] && export TRITON_PTXAS_PATH="$ptxas_path"
+# compiled with torch.compile would otherwise move to torch's for the rest of its life); the variable is
+# TRITON_PTXAS_PATH in Triton 3.6, TRITON_PTXAS_BLACKWELL_PATH where newer Tritons compile sm_90 with that one
+read -r ptxas_var ptxas_path < <(python3 -c "from bench.warm_cache import ptxas, ptxas_variable
+print(ptxas_variable(), ptxas())" 2>/dev/null) || true
+if [ -n "${ptxas_var:-}" ] && [ -z "${!ptxas_var:-}" ] && [ -x "${ptxas_path:-}" ]; then
+  export "$ptxas_var=$ptxas_path"
 fi
 CACHE_TARBALL="${TRITON_CACHE_TARBALL:-.triton-cache.tgz}"
 if [ -f "$CACHE_TARBALL" ]; then

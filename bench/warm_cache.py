@@ -50,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.utils import first_line
 
-__all__ = ["collect", "compile_launches", "distinct", "install", "launches_of", "ptxas", "report"]
+__all__ = ["collect", "compile_launches", "distinct", "install", "launches_of", "ptxas", "ptxas_variable", "report"]
 
 MANIFEST = "fastseg3d-manifest.json"
 SM90 = ("cuda", 90, 32)
@@ -371,22 +371,45 @@ def collect(calls: list) -> list:
     return distinct(launches_of(calls))
 
 
+def _sm90_ptxas() -> tuple[str, str]:
+    """(environment variable, Triton's own binary) of the ptxas Triton compiles sm_90 code with: ``ptxas`` and
+    ``TRITON_PTXAS_PATH`` in Triton 3.6, ``ptxas-blackwell`` and ``TRITON_PTXAS_BLACKWELL_PATH`` in 3.9."""
+    import triton
+
+    try:
+        from triton import knobs
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        used = os.path.realpath(get_ptxas(90).path)
+        for tool in vars(type(knobs.nvidia)).values():
+            if getattr(tool, "binary", "").startswith("ptxas") and used in {
+                    os.path.realpath(tool.default_path), os.path.realpath(os.environ.get(tool.key, tool.default_path))}:
+                return tool.key, tool.default_path
+    except (ImportError, AttributeError, RuntimeError):  # a Triton without knobs, or without a ptxas to find
+        pass
+    return "TRITON_PTXAS_PATH", os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
 def ptxas() -> str:
     """The ptxas both sides compile with: Triton's own. Its version is part of every cache key, and a process
     that has compiled with ``torch.compile`` would otherwise have moved to torch's (Inductor points
-    ``TRITON_PTXAS_PATH`` at it where it is unset), so ``gpu_check.sh`` sets it for the whole run."""
-    import triton
+    ``TRITON_PTXAS_PATH`` at it where it is unset), so ``gpu_check.sh`` sets :func:`ptxas_variable` to it for the
+    whole run."""
+    return _sm90_ptxas()[1]
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+def ptxas_variable() -> str:
+    """The environment variable that chooses the ptxas Triton compiles sm_90 code with."""
+    return _sm90_ptxas()[0]
 
 
 def key_facts() -> dict:
-    """What every cache key holds besides the kernel: Triton's build, the ptxas version (of ``TRITON_PTXAS_PATH``
-    where set, else Triton's own), the Python version."""
+    """What every cache key holds besides the kernel: Triton's build, the ptxas version (of the file
+    :func:`ptxas_variable` names where set, else Triton's own), the Python version."""
     import triton
     from triton.runtime.cache import triton_key
 
-    path = os.environ.get("TRITON_PTXAS_PATH") or ptxas()
+    path = os.environ.get(ptxas_variable()) or ptxas()
     try:
         version = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
         version = version.strip().splitlines()[-1]
@@ -429,10 +452,12 @@ def compile_launches(launches: list, cache_dir: str, jobs: int = 0) -> list[tupl
     ``jobs`` processes (default: one per core); returns (kernel, cache hash or None, seconds, problem or None) per
     launch: a problem is a compile error or what an H100 would refuse to launch (shared memory)."""
     global _POOL
-    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY", "TRITON_PTXAS_PATH")}
-    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    variable = ptxas_variable()
+    saved = {k: os.environ.get(k) for k in ("TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY", variable)}
+    # absolute: Triton records its files' paths as it is given the directory, and --install rewrites absolute ones
+    os.environ["TRITON_CACHE_DIR"] = os.path.abspath(cache_dir)
     os.environ["TRITON_STORE_BINARY_ONLY"] = "1"
-    os.environ["TRITON_PTXAS_PATH"] = saved["TRITON_PTXAS_PATH"] or ptxas()
+    os.environ[variable] = saved[variable] or ptxas()
     _WORK[:] = launches
     jobs = jobs or os.cpu_count() or 1
     try:

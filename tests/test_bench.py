@@ -2124,3 +2124,293 @@ def test_largest_cube_runs_no_search_after_sigterm(tmp_path, monkeypatch):
     assert largest_cube.main(["--model", "segformer3d", "--out", str(tmp_path), "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [(r["provider"], r["side"], r["stop"]) for r in rows] == [("plain", 128, "terminated")]
+
+
+def test_tune_tolerance_follows_the_dtype():
+    """Half-precision plans differ from the table's by their rounding (passes), fp32 ones by far less (0.1% fails)."""
+    from bench import tune
+
+    expected = torch.linspace(1.0, 2.0, 64)
+    assert tune.matches(expected * (1 + 5e-3), expected, tune.tolerance(torch.bfloat16))
+    assert tune.matches(expected * (1 + 5e-3), expected, tune.tolerance(torch.float16))
+    assert not tune.matches(expected * (1 + 1e-3), expected, tune.tolerance(torch.float32))
+
+
+def test_tune_check_scale_is_the_largest_magnitude():
+    """The check's scale is the largest |value|: negative outputs (gradients) are compared as positive ones."""
+    from bench import tune
+
+    expected = torch.tensor([-1e-6, -1e-9])
+    assert tune.matches(torch.tensor([-1e-6, 0.0]), expected, 2e-2)  # 1e-9 off, well within 2% of 1e-6
+    assert not tune.matches(torch.tensor([-1.5e-6, -1e-9]), expected, 2e-2)
+    assert tune.matches(torch.empty(0), torch.empty(0), 2e-2)  # an empty output has nothing to differ
+
+
+def test_tune_poisoned_fills_every_op_buffer_with_nan():
+    """A plan's check runs with fastseg3d's buffers (ops.utils.empty) NaN-filled, integer ones left as they are."""
+    from bench import tune
+    from fastseg3d.ops import utils as op_utils
+
+    def fn():
+        return [op_utils.empty((4,), dtype=dtype, device=CPU) for dtype in (torch.float32, torch.bfloat16, torch.int32)]
+
+    floats, halves, ints = tune.poisoned(fn)()
+    assert floats.isnan().all() and halves.isnan().all() and ints.dtype == torch.int32
+    assert op_utils.empty is not tune.nan_empty  # restored
+
+
+def test_tune_try_plan_raises_a_lost_device_and_records_a_failed_plan():
+    """A lost GPU context ends the sweep (every later plan would fail alike); a plan that fails to compile is a
+    result, handed to the sink (the JSON on disk) like a timed one."""
+    from bench import tune
+
+    row = tune.new_row("op", "s", torch.bfloat16, "k", {}, False)
+    expected = [torch.ones(2)]
+
+    def failing(message):
+        def patch():
+            raise RuntimeError(message)
+        return patch
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        tune.try_plan(dict(row), failing("CUDA error: an illegal memory access was encountered"), lambda: None,
+                      lambda: expected, expected, 2e-2, lambda fn: 1.0)
+    sunk = []
+    failed = tune.try_plan(dict(row), failing("out of resource: shared memory, Required: 300000"), lambda: None,
+                           lambda: expected, expected, 2e-2, lambda fn: 1.0, sink=sunk.append)
+    assert sunk == [failed] and failed["ms"] is None and failed["ok"] is None
+    assert failed["error"] == "RuntimeError: out of resource: shared memory, Required: 300000"
+
+
+def test_tune_report_ranks_matched_plans_and_counts_the_rest():
+    """Only plans that matched are ranked, fastest first, with the current plan's 1-based rank; plans that computed
+    something else and plans that failed are counted apart (a failed plan is not a wrong one)."""
+    from bench import tune
+
+    def row(kernel, p, ms, ok, current=False, error=None):
+        r = tune.new_row("op", "s", torch.float32, kernel, {"p": p}, current)
+        r.update(ms=ms, ok=ok, error=error)
+        return r
+
+    rows = [row("k", 1, 3.0, True), row("k", 2, 1.0, True), row("k", 3, 2.0, True, current=True),
+            row("k", 4, 0.5, False), row("k", 5, None, None, error="RuntimeError: out of resource"),
+            row("k2", 1, None, None, current=True, error="RuntimeError: out of resource")]
+    assert tune.report(rows, 2).splitlines() == [
+        "op s float32 k: current plan 2.0000 ms, rank 2 of 3",
+        "  p 2: 1.0000 ms",
+        "  p 3: 2.0000 ms  (current)",
+        "  1 plans computed something else (e.g. p 4)",
+        "  1 plans failed, e.g. RuntimeError: out of resource",
+        "op s float32 k2: current plan not timed",
+        "  1 plans failed, e.g. RuntimeError: out of resource"]
+
+
+@pytest.fixture
+def _sigterm_restored():
+    """bench.tune.main installs its own SIGTERM handler: the test's process gets its own back."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_tune_cli_sweeps_kernel_by_kernel_and_writes_json(tmp_path, monkeypatch, capsys, _sigterm_restored):
+    """The first kernel at every shape before the next (a box that closes early has the targets' kernel), in the
+    asked dtype, against a deadline counted from the import; every row is on disk (no partial file) as it is
+    measured."""
+    from bench import tune, tune_dwconv3d
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "tune" / "dwconv3d.json"
+    calls = []
+
+    def sweep(label, dtype, kernels, deadline=None, sink=None):
+        calls.append((kernels, label, dtype, deadline))
+        r = tune.new_row("dwconv3d", label, dtype, kernels[0], {"n": len(calls)}, len(calls) == 1)
+        r.update(ms=float(len(calls)), ok=True)
+        sink(r)
+        assert len(json.loads(out.read_text())) == len(calls)  # on disk before the next is measured
+        return [r]
+
+    monkeypatch.setattr(tune_dwconv3d, "sweep", sweep)
+    assert tune.main(["dwconv3d", "--dtype", "fp16", "--time-limit", "60", "--out", str(out)]) == 0
+    labels = list(tune_dwconv3d.SHAPES)
+    assert [(kernels, label) for kernels, label, _, _ in calls] == [([k], label) for k in tune_dwconv3d.KERNELS
+                                                                     for label in labels]
+    assert all(dtype == torch.float16 and deadline == tune._START + 60 for *_, dtype, deadline in calls)
+    rows = json.loads(out.read_text())
+    assert [r["plan"]["n"] for r in rows] == [1, 2, 3, 4] and {r["dtype"] for r in rows} == {"float16"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dwconv3d.json"]
+    assert f"dwconv3d {labels[0]} float16 fwd: current plan 1.0000 ms, rank 1 of 1" in capsys.readouterr().out
+
+
+def test_tune_cli_sigterm_keeps_what_was_timed(tmp_path, monkeypatch, capsys, _sigterm_restored):
+    """timeout(1)'s SIGTERM stops the sweep: the plans timed so far are reported and stay in the JSON, exit 0."""
+    import signal
+
+    from bench import tune, tune_kl_distill
+
+    def unhandled(signum, frame):
+        raise AssertionError("bench.tune left SIGTERM to its default (the process would die without a report)")
+
+    signal.signal(signal.SIGTERM, unhandled)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    out = tmp_path / "kl.json"
+
+    def sweep(label, dtype, kernels, deadline=None, sink=None):
+        r = tune.new_row("kl_distill", label, dtype, kernels[0], {}, True)
+        r.update(ms=1.0, ok=True)
+        sink(r)
+        os.kill(os.getpid(), signal.SIGTERM)  # the box closes during the next measurement
+        time.sleep(1)
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(tune_kl_distill, "sweep", sweep)
+    assert tune.main(["kl_distill", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "stopped; the plans timed so far" in captured.err
+    assert "current plan 1.0000 ms, rank 1 of 1" in captured.out and len(json.loads(out.read_text())) == 1
+
+
+def _sweep_on_meta(op: str, label: str, **kwargs) -> list[dict]:
+    """bench.tune's sweep of ``op`` on meta tensors, its launches captured and none run (as bench.warm_cache's tune
+    plan does it): the candidates' order, rows and checks without a GPU."""
+    import importlib
+    from unittest import mock
+
+    from bench.sass import SM90_SMS, _captured
+    from bench.warm_cache import _cpu_generator, _MetaValues
+    from fastseg3d.kernels import utils as kernel_utils
+
+    tuner = importlib.import_module(f"bench.tune_{op}")
+    rows = []
+    with _MetaValues(), mock.patch.object(torch, "Generator", _cpu_generator), \
+            mock.patch.object(kernel_utils, "sm_count", lambda device: SM90_SMS):
+        _captured(lambda: rows.extend(tuner.sweep(label, torch.bfloat16, device=torch.device("meta"), **kwargs)))
+    return rows
+
+
+@pytest.mark.parametrize("op,label,kernel", [("attention", "stage1@128^3", "fwd"),
+                                             ("dwconv3d", "2x32x128^3 ncdhw", "fwd"),
+                                             ("kl_distill", "2x14x128^3 dsd 6 pairs interp heads", "fwd")])
+def test_tune_sweeps_stop_at_the_deadline(op, label, kernel, monkeypatch):
+    """A candidate started before --time-limit's deadline is timed, none after it (the box would kill it)."""
+    import importlib
+
+    clock = [0.0]
+    tuner = importlib.import_module(f"bench.tune_{op}")
+    monkeypatch.setattr(tuner, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def time_fn(fn):
+        fn()
+        clock[0] += 10.0
+        return 1.0
+
+    rows = _sweep_on_meta(op, label, kernels=(kernel,), time_fn=time_fn, deadline=15.0)
+    assert len(rows) == 2, rows
+    assert len(_sweep_on_meta(op, label, kernels=(kernel,), time_fn=time_fn, deadline=clock[0] + 1e6)) > 2
+
+
+def test_dwconv3d_sweep_checks_each_candidate_on_poisoned_buffers(monkeypatch):
+    """Each candidate's check runs with the op's buffers NaN-filled (one that leaves an output partly unwritten
+    fails), its timing runs without."""
+    from bench import tune, tune_dwconv3d
+
+    poisoned = [0]
+
+    def counting_nan_empty(*args, **kwargs):
+        poisoned[0] += 1
+        return tune.nan_empty.__wrapped__(*args, **kwargs)
+
+    counting_nan_empty.__wrapped__ = tune.nan_empty
+    monkeypatch.setattr(tune, "nan_empty", counting_nan_empty)
+    per_candidate = []
+
+    def try_plan(*args, **kwargs):
+        before = poisoned[0]
+        row = tune.try_plan(*args, **kwargs)
+        per_candidate.append(poisoned[0] - before)
+        return row
+
+    monkeypatch.setattr(tune_dwconv3d, "try_plan", try_plan)
+    rows = _sweep_on_meta("dwconv3d", "2x32x128^3 ncdhw", kernels=("fwd",), time_fn=lambda fn: fn() or 1.0)
+    assert len(rows) == len(per_candidate) == len(tune_dwconv3d.candidates())
+    assert all(n > 0 for n in per_candidate), per_candidate
+
+
+def test_kl_distill_tile_candidates():
+    """DSD's 14 classes (padded to 16) are swept, BLOCK_V = VEC x 32 x warps, two voxels a thread only where every
+    input is at full resolution (an upsampled input's loads are gathers); wider class counts keep the table's."""
+    from bench.tune_kl_distill import candidates
+
+    same_res, upsampled = candidates("fwd", 16, True), candidates("fwd", 16, False)
+    assert same_res and upsampled and candidates("fwd", 32, True) == []
+    assert all(block_v == vec * 32 * warps for block_v, vec, warps in same_res + upsampled)
+    assert {vec for _, vec, _ in same_res} == {1, 2} and {vec for _, vec, _ in upsampled} == {1}
+
+
+def test_kl_distill_sweep_without_transposes_times_the_table_once(monkeypatch):
+    """At the deconv heads (every input at full resolution) there is no transposed interpolation to sweep: the
+    forward's rows only; the table's plan is timed first and not again as a candidate."""
+    from bench import tune_kl_distill
+    from fastseg3d.kernels import kl_distill as kern
+
+    monkeypatch.setattr(kern, "_fwd_tile", lambda *args: (128, 2, 2))  # one of the candidates
+    rows = _sweep_on_meta("kl_distill", "2x14x128^3 dsd 6 pairs deconv heads", time_fn=lambda fn: fn() or 1.0)
+    assert {r["kernel"] for r in rows} == {"fwd"}
+    plans = [tuple(r["plan"].values()) for r in rows]
+    assert plans[0] == (128, 2, 2) and rows[0]["current"] and len(set(plans)) == len(plans)
+    assert len(rows) == len(tune_kl_distill.candidates("fwd", 16, True))
+
+
+def test_attention_tile_candidates_fit_the_registers():
+    """Head dimension 128: no tile over 64 x 128 (the accumulators alone would spill); eight warps only on tiles
+    of at least 64 x 64; the forward tries four pipeline stages, the backward's kernels up to three."""
+    from bench.tune_attention import candidates
+
+    wide, narrow = candidates("fwd", 128, None), candidates("fwd", 64, None)
+    assert wide and all(bm * bn <= 64 * 128 for bm, bn, _, _ in wide)
+    assert (128, 128, 8, 2) in narrow and all(bm * bn >= 64 * 64 for bm, bn, w, _ in narrow if w == 8)
+    assert {s for *_, s in narrow} == {2, 3, 4} and {s for *_, s in candidates("dq", 64, None)} == {2, 3}
+
+
+def test_attention_backward_sweep_checks_against_the_table_s_forward(monkeypatch):
+    """The backward's sweep reads the table's forward outputs (not those the forward sweep's last candidate left:
+    NaN where it failed), changes only the swept kernel's tile, and checks with its scratch buffers and the
+    forward's out and lse written over NaN."""
+    from bench import tune_attention
+    from fastseg3d.kernels import attention as kern
+
+    monkeypatch.setattr(kern, "_precision", lambda dtype: None)
+    table = kern._blocks
+    last_fwd = tune_attention.candidates("fwd", 16, None)[-1]
+    lse_unwritten, scratch_half_written = (64, 64, 4, 3), (32, 32, 4, 2)
+    dkdv_tiles = []
+
+    def fake_fwd(q, k, v, scale, out, lse):
+        tile = kern._blocks(q.shape[1], k.shape[1], q.shape[3], None, "fwd")
+        if tile == last_fwd:
+            raise RuntimeError("out of resource: shared memory")  # after its check wrote NaN over out and lse
+        out.fill_(1.0)
+        if tile != lse_unwritten:
+            lse.fill_(0.5)
+
+    def fake_bwd(grad, q, k, v, out, lse, scale, dq, dk, dv, empty=lambda *a, **kw: torch.ones(*a, **kw)):
+        n, m, d = q.shape[1], k.shape[1], q.shape[3]
+        tile = kern._blocks(n, m, d, None, "dq")
+        dkdv_tiles.append(kern._blocks(n, m, d, None, "dkdv"))
+        scratch = empty(dq.shape, dtype=dq.dtype, device=dq.device)  # reused memory would hold the table's values
+        scratch.view(-1)[:scratch.numel() // (2 if tile == scratch_half_written else 1)] = 1.0
+        dq.copy_(scratch * (out + lse.mean()))
+        dk.fill_(1.0)
+        dv.fill_(1.0)
+
+    monkeypatch.setattr(kern, "attention_fwd", fake_fwd)
+    monkeypatch.setattr(kern, "attention_bwd", fake_bwd)
+    rows = tune_attention.sweep("tiny", torch.float32, ("fwd", "dq"), CPU, lambda fn: fn() or 1.0)
+    fwd = {tuple(r["plan"].values()): r for r in rows if r["kernel"] == "fwd"}
+    dq = {tuple(r["plan"].values()): r for r in rows if r["kernel"] == "dq"}
+    assert fwd[lse_unwritten]["ok"] is False and "out of resource" in fwd[last_fwd]["error"]
+    assert [tile for tile, r in dq.items() if not r["ok"]] == [scratch_half_written]
+    assert set(dkdv_tiles) == {table(64, 8, 16, None, "dkdv")}

@@ -276,3 +276,198 @@ def test_cli_builds_a_tarball(tmp_path, monkeypatch, capsys):
     assert "2 launches, 2 distinct" in out and "compiled in" in out and "PROBLEM" not in out, out
     assert warm_cache.install(str(tarball), str(tmp_path / "cache")) == 2
     assert not (tmp_path / "cache" / "STALEENTRY").exists() and len(list(build.iterdir())) == 3
+
+
+def test_compiled_kernels_target_sm90(tmp_path):
+    """The stand-in driver compiles for the H100/H200's sm_90: a cache built for another arch is never looked up."""
+    warm_cache.compile_launches(_upsample_sum_launches()[:1], str(tmp_path), jobs=1)
+    [metadata] = [p for p in tmp_path.glob("*/*.json") if not p.name.startswith("__grp__")]
+    assert json.loads(metadata.read_text())["target"] == {"backend": "cuda", "arch": 90, "warp_size": 32}
+
+
+def test_stand_in_pointer_alignment_is_in_bytes():
+    """A view's alignment (part of the JIT's key) is its storage offset in bytes: fp32 four elements in is 16-byte
+    aligned as on the GPU, one fp16 element in is not."""
+    fp32 = torch.empty(64, device="meta")
+    fp16 = torch.empty(64, dtype=torch.float16, device="meta")
+    assert warm_cache._DevicePointer(fp32).data_ptr() % 16 == 0
+    assert warm_cache._DevicePointer(fp32[4:]).data_ptr() % 16 == 0
+    assert warm_cache._DevicePointer(fp32[2:]).data_ptr() % 16 == 8
+    assert warm_cache._DevicePointer(fp16[1:]).data_ptr() % 16 == 2
+
+
+def test_case_calls_select_shapes_and_modes():
+    """The target plan's --shapes patterns pick the labels they match (not the others), and each mode adds its
+    calls: fwd the forward, fwd+bwd (or bwd) the forward and its backward."""
+    residual = warm_cache._case_calls("layer_norm", "bf16", ["*residual"], ("fwd",))
+    assert [op for op, *_ in residual] == ["fastseg3d::add_layer_norm"] * 2
+    assert {tuple(args[0].shape) for _, args, _ in residual} == {(2, 32768, 32), (2, 512, 160)}
+    assert len(warm_cache._case_calls("layer_norm", "bf16", None, ("fwd",))) == 4  # no pattern: every label
+    one = ["2x512x160"]
+    assert [op for op, *_ in warm_cache._case_calls("layer_norm", "fp32", one, ("fwd+bwd",))] == [
+        "fastseg3d::layer_norm", "fastseg3d::layer_norm_backward"]
+    assert [op for op, *_ in warm_cache._case_calls("layer_norm", "fp32", one, ("bwd",))] == [
+        "fastseg3d::layer_norm", "fastseg3d::layer_norm_backward"]
+
+
+def test_gpu_tests_plugin_emulates_cuda_autocast_as_fp16(monkeypatch):
+    """A GPU test's torch.autocast("cuda") without a dtype runs in fp16 on the GPU: its launches are recorded in
+    fp16 (another dtype would compile kernels the GPU run never asks for)."""
+    import sys
+    import types
+
+    import fastseg3d
+
+    plugin = warm_cache._GpuTestsOnMeta([])
+    wrapper = plugin.pytest_runtest_call(types.SimpleNamespace(module=sys.modules[__name__]))
+    next(wrapper)  # the test's body runs here
+    try:
+        x = torch.randn(1, 4, 8, 8, 8, device="cuda")
+        w = torch.randn(4, 1, 3, 3, 3, device="cuda")
+        with torch.autocast("cuda"):
+            y = fastseg3d.ops.dwconv3d(x, w, None)
+        assert y.is_meta and y.dtype == torch.float16
+    finally:
+        with pytest.raises(StopIteration):
+            wrapper.send(None)
+    [(fn, args, _)] = plugin.launches
+    assert fn.fn.__name__ == "_dwconv3d_fwd_kernel" and args[0].dtype == torch.float16
+
+
+def test_largest_cube_plan_takes_every_side_of_the_search(monkeypatch):
+    """The cube search's sides: doubling from START_SIDE up to 512, and 960 near the H200's predicted limit; each a
+    bf16 training step of batch 1."""
+    from bench.largest_cube import START_SIDE
+
+    seen = []
+    monkeypatch.setattr(warm_cache, "_network_calls", lambda build, shape, dtype, train, loss=None: seen.append(
+        (shape, dtype, train)) or [])
+    assert warm_cache.PLANS["largest_cube"]() == []
+    *doubling, near_limit = [shape[2] for shape, _, _ in seen]
+    assert doubling == [START_SIDE * 2**i for i in range(len(doubling))] and doubling[-1] <= 512 < 2 * doubling[-1]
+    assert near_limit == 960, seen
+    assert all(shape[0] == 1 and shape[2:] == (shape[2],) * 3 for shape, _, _ in seen)
+    assert all(dtype == torch.bfloat16 and train for _, dtype, train in seen)
+
+
+def test_replayed_launches_are_those_of_132_sms():
+    """Calls recorded on meta tensors (no SM count there) are replayed as an H100 or H200 launches them: the
+    launchers split the work by 132 SMs, which changes the arguments the JIT specialises on."""
+    from unittest import mock
+
+    import fastseg3d
+    from fastseg3d.kernels import utils as kernel_utils
+
+    x = torch.empty(2, 32, 64, 64, 64, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(32, 1, 3, 3, 3, dtype=torch.bfloat16, device="meta")
+    calls = _fused_calls(lambda: fastseg3d.ops.dwconv3d(x, w, None))
+    [(fn, args, kwargs)] = warm_cache.launches_of(calls)
+    (op, call_args, call_kwargs), = calls
+    for sms, same in ((sass.SM90_SMS, True), (None, False)):
+        with mock.patch.object(kernel_utils, "sm_count", lambda device: sms):
+            [(_, a, kw)] = sass._captured(lambda: LAUNCHES[op](*call_args, **call_kwargs))
+        assert (sass.launch_key(fn, args, kwargs) == sass.launch_key(fn, a, kw)) == same
+
+
+def test_key_facts_read_the_ptxas_the_run_sets(tmp_path, monkeypatch):
+    """gpu_check.sh sets the ptxas variable for the whole run (TRITON_PTXAS_PATH in Triton 3.6): the manifest
+    records that ptxas's version (the last line of --version), which --install compares with the GPU machine's."""
+    fake = tmp_path / "ptxas"
+    fake.write_text("#!/bin/sh\necho 'ptxas: NVIDIA (R) Ptx optimizing assembler'\n"
+                    "echo 'Cuda compilation tools, release 99.9, V99.9.1'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(warm_cache.ptxas_variable(), str(fake))
+    assert warm_cache.key_facts()["ptxas"] == "Cuda compilation tools, release 99.9, V99.9.1"
+
+
+def test_compile_workers_see_the_run_s_ptxas_and_binaries_only(tmp_path, monkeypatch):
+    """The compile workers see gpu_check.sh's ptxas variable where it is set (its version is in every key),
+    Triton's own ptxas where not, the cache directory and binaries only; the environment is restored after."""
+    seen = []
+    var = warm_cache.ptxas_variable()
+    names = (var, "TRITON_CACHE_DIR", "TRITON_STORE_BINARY_ONLY")
+
+    def compile_one(i):
+        seen.append({k: os.environ.get(k) for k in names})
+        return "k", None, 0.0, None
+
+    monkeypatch.setattr(warm_cache, "_compile_one", compile_one)
+    monkeypatch.delenv("TRITON_STORE_BINARY_ONLY", raising=False)
+    monkeypatch.setenv(var, "/opt/the-run-s/ptxas")
+    warm_cache.compile_launches([None], str(tmp_path), jobs=1)
+    monkeypatch.delenv(var)
+    warm_cache.compile_launches([None], str(tmp_path), jobs=1)
+    assert seen == [{var: p, "TRITON_CACHE_DIR": str(tmp_path), "TRITON_STORE_BINARY_ONLY": "1"}
+                    for p in ("/opt/the-run-s/ptxas", warm_cache.ptxas())]
+    assert var not in os.environ and "TRITON_STORE_BINARY_ONLY" not in os.environ
+
+
+def test_ptxas_is_the_one_triton_compiles_sm90_with():
+    """The pinned ptxas and its variable are those Triton's sm_90 compile reads (Triton 3.6: ptxas and
+    TRITON_PTXAS_PATH; 3.9: ptxas-blackwell and TRITON_PTXAS_BLACKWELL_PATH), so the manifest's version is the
+    key's."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    var, path = warm_cache.ptxas_variable(), warm_cache.ptxas()
+    assert os.path.basename(path) in ("ptxas", "ptxas-blackwell")
+    assert var == f"TRITON_{os.path.basename(path).upper().replace('-', '_')}_PATH"
+    if var not in os.environ:
+        assert os.path.realpath(get_ptxas(90).path) == os.path.realpath(path)
+
+
+def test_compile_reports_shared_memory_an_h100_refuses(tmp_path, monkeypatch):
+    """A kernel that compiles but needs more shared memory than an H100 block takes is a problem (the GPU would
+    refuse the launch), named with its size."""
+    monkeypatch.setattr(sass, "SM90_SHARED_BYTES", 16)
+    [(name, kernel_hash, _, problem)] = warm_cache.compile_launches(_upsample_sum_launches()[:1], str(tmp_path),
+                                                                    jobs=1)
+    assert name == "_upsample_sum_kernel" and kernel_hash
+    assert problem and "bytes of shared memory (an H100 block takes 16)" in problem, problem
+
+
+def test_cli_build_needs_an_output_and_fails_on_a_problem(tmp_path, monkeypatch, capsys):
+    """A build without --out, --cache-dir or --dry-run is a usage error before any plan runs; a build whose launch
+    does not compile prints it as a PROBLEM and exits 1 (gpu_check must not carry a cache that lacks it)."""
+    planned = []
+    monkeypatch.setitem(warm_cache.PLANS, "tune", lambda: planned.append(1) or [])
+    with pytest.raises(SystemExit) as exit_info:
+        warm_cache.main(["--plan", "tune"])
+    assert exit_info.value.code == 2 and not planned
+    assert "give --out or --cache-dir" in capsys.readouterr().err
+    fn, args, kwargs = _upsample_sum_launches()[0]
+    monkeypatch.setitem(warm_cache.PLANS, "tune", lambda: [(fn, args, {**kwargs, "BLOCK_V": 3})])
+    with pytest.raises(SystemExit) as exit_info:
+        warm_cache.main(["--plan", "tune", "--cache-dir", str(tmp_path), "--jobs", "1"])
+    assert exit_info.value.code == 1
+    assert "PROBLEM _upsample_sum_kernel:" in capsys.readouterr().out
+
+
+def test_tune_plan_sweeps_every_shape_in_bf16_on_meta(monkeypatch):
+    """The tune plan runs each op's sweep at every one of its default shapes, in bf16 (bench.tune's default dtype)
+    on meta tensors: a shape or dtype left out compiles on the GPU inside the sweep's time box."""
+    import importlib
+
+    from bench.tune import OPS
+
+    seen = []
+    for op in OPS:
+        tuner = importlib.import_module(f"bench.tune_{op}")
+        monkeypatch.setattr(tuner, "sweep", lambda label, dtype, device=None, time_fn=None, op=op: seen.append(
+            (op, label, dtype, device.type)) or [])
+    warm_cache.PLANS["tune"]()
+    expected = [(op, label, torch.bfloat16, "meta") for op in OPS
+                for label in importlib.import_module(f"bench.tune_{op}").SHAPES]
+    assert seen == expected
+
+
+def test_a_relative_cache_dir_installs_with_absolute_paths(tmp_path, monkeypatch):
+    """compile_launches called with a relative directory (as a caller other than the CLI may): the paths Triton
+    records are absolute, so --install rewrites them for the directory it extracts into."""
+    monkeypatch.chdir(tmp_path)
+    warm_cache.compile_launches(_upsample_sum_launches()[:1], "rel", jobs=1)
+    warm_cache._pack("rel", "cache.tgz")
+    target = tmp_path / "elsewhere"
+    warm_cache.install("cache.tgz", str(target))
+    groups = [json.loads(f.read_text()) for f in target.glob("*/__grp__*")]
+    paths = [p for g in groups for c, p in g["child_paths"].items() if not c.endswith(".source")]
+    assert paths and all(os.path.isabs(p) and p.startswith(str(target)) and os.path.exists(p) for p in paths)
