@@ -39,6 +39,10 @@ for var in BUDGET TEST_TIMEOUT TEST_CASE_TIMEOUT CASE_LIMIT LARGEST_CUBE_LIMIT L
     echo "gpu_check: $var=$value must be a whole number (of seconds, or of voxels for LARGEST_CUBE_MAX_SIDE)"; exit 2
   fi
 done
+# TEST_WORKERS is pytest-xdist's -n: a count (divided into the cores below) or its own "auto"/"logical"
+if [ -n "${TEST_WORKERS-}" ] && ! [[ "$TEST_WORKERS" =~ ^(0|[1-9][0-9]*|auto|logical)$ ]]; then
+  echo "gpu_check: TEST_WORKERS=$TEST_WORKERS must be a whole number, auto or logical"; exit 2
+fi
 if [ -n "${TESTS_PASSED:-}" ] && [ "${SKIP_TESTS:-0}" = 0 ] && [ ! -f "$TESTS_PASSED" ]; then
   echo "TESTS_PASSED=$TESTS_PASSED: no such file (copy the returned gpu_results.txt into the tree)"; exit 2
 fi
@@ -132,10 +136,11 @@ elif [ "${SKIP_TESTS:-0}" = 0 ]; then
   # tree> leaves out the tests that passed there, and the new file starts with them, so it stays the whole record
   export FASTSEG3D_RESULTS_LOG="$OUT/gpu_results.txt"
   if [ -n "${TESTS_PASSED:-}" ]; then
-    # a copy: TESTS_PASSED may name the log itself
-    cp "$TESTS_PASSED" /tmp/gpu_tests_passed.txt
-    export FASTSEG3D_SKIP_PASSED=/tmp/gpu_tests_passed.txt
-    cat /tmp/gpu_tests_passed.txt > "$FASTSEG3D_RESULTS_LOG"
+    # a copy (of its own: two runs on one machine must not share it), as TESTS_PASSED may name the log itself
+    FASTSEG3D_SKIP_PASSED=$(mktemp)
+    export FASTSEG3D_SKIP_PASSED
+    cp "$TESTS_PASSED" "$FASTSEG3D_SKIP_PASSED"
+    cat "$FASTSEG3D_SKIP_PASSED" > "$FASTSEG3D_RESULTS_LOG"
   else
     : > "$FASTSEG3D_RESULTS_LOG"
   fi
@@ -158,7 +163,8 @@ elif [ "${SKIP_TESTS:-0}" = 0 ]; then
   fi
   python3 -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout "${TEST_CASE_TIMEOUT:-150}")
   # the slowest tests at the end (where the tier completes): what to split or trim when it outgrows its box
-  timeout "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
+  # -k: a tier that outlives SIGTERM (a worker stuck in a CUDA call) is killed within the tail's time
+  timeout -k 15 "$t" python3 -m pytest tests -m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors \
     --durations=30 --durations-min=5 "${extra[@]}" > "$OUT/gpu_tests.log" 2>&1
   rc=$?
   # 124 (its box closed) or 137 would read as the whole call timing out to the caller: a cut tier ends the script
@@ -181,7 +187,7 @@ elif [ "${SKIP_TESTS:-0}" = 0 ]; then
   echo "slowest tests (s taken, worker, s since start):"
   sort -k3 -nr "$FASTSEG3D_DURATIONS_LOG" | head -n 12 | awk '{id = $0; for (i = 0; i < 3; i++) sub(/^[^ ]+ /, "", id)
     printf "  %6s %-5s %6s  %s\n", $3, $2, $1, id}'
-  if [ -n "${saved_omp:-}" ]; then
+  if [ -n "${saved_omp+set}" ]; then  # saved_omp is "" where OMP_NUM_THREADS was set empty
     if [ "$saved_omp" = unset ]; then unset OMP_NUM_THREADS; else export OMP_NUM_THREADS="$saved_omp"; fi
   fi
   if [ -s "$FASTSEG3D_FAILURE_LOG" ]; then

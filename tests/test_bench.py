@@ -821,65 +821,6 @@ def test_largest_cube_refuses_without_gpu(capsys):
     assert "needs a CUDA device" in capsys.readouterr().err
 
 
-def _write_wheel(path, name: str, tag: str) -> None:
-    """A minimal wheel of an empty package ``name`` (what pip needs: the package, METADATA, WHEEL, RECORD)."""
-    import zipfile
-
-    info = f"{name}-0.1.dist-info"
-    files = {f"{name}/__init__.py": "", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n",
-             f"{info}/WHEEL": f"Wheel-Version: 1.0\nGenerator: fastseg3d-tests\nRoot-Is-Purelib: true\nTag: {tag}\n"}
-    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
-    with zipfile.ZipFile(path, "w") as z:
-        for f, text in files.items():
-            z.writestr(f, text)
-
-
-def test_gpu_check_script_runs_end_to_end(tmp_path):
-    """The whole script on a CPU (a GPU session is short, so it must not fail there first): a stand-in
-    nvidia-smi, the project's install left as it is, one quick case; it leaves the three files a device call
-    brings back, and the archive holds the rows, the table, the targets report and the logs."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "nvidia-smi").write_text("#!/bin/sh\necho 'Stand-in GPU, 0.0, 0 MiB, 0 MHz'\n")
-    (fake / "nvidia-smi").chmod(0o755)
-    out = tmp_path / "out"
-    # carried wheels: one this machine takes, one it refuses (a Windows tag), which must not keep the first out
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for name, tag in (("fs3dprobe", "py3-none-any"), ("fs3drefused", "cp312-cp312-win_amd64")):
-        _write_wheel(wheels / f"{name}-0.1-{tag}.whl", name, tag)
-    # a carried Triton cache (bench/warm_cache.py) of one kernel: its entry, the group file naming it, the manifest
-    from bench import warm_cache
-
-    built = tmp_path / "built"
-    (built / "KEY").mkdir(parents=True)
-    (built / "KEY" / "_k.json").write_text("{}")
-    (built / "KEY" / "__grp___k.json").write_text(json.dumps({"child_paths": {"_k.json": str(built / "KEY/_k.json")}}))
-    warm_cache._pack(str(built), str(tmp_path / "cache.tgz"))
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out), "SKIP_INSTALL": "1",
-           "SKIP_TESTS": "1", "PLAN": "full", "BENCH_CASES": "selfreg", "LARGEST_CUBE_MODELS": "",
-           "HOST_PROFILE_MODELS": "", "WHEELS": str(wheels), "WHEEL_SITE": str(tmp_path / "site"),
-           "BENCH_ARGS": "--quick --dtype fp32 --modes fwd --providers fastseg3d", "BUDGET": "300",
-           "TRITON_CACHE_TARBALL": str(tmp_path / "cache.tgz"), "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"installed from {wheels}: fs3dprobe-0.1-py3-none-any.whl" in proc.stdout, proc.stdout[-3000:]
-    assert f"could not install from {wheels}: fs3drefused-0.1-cp312-cp312-win_amd64.whl" in proc.stdout
-    assert (tmp_path / "site" / "fs3dprobe" / "__init__.py").exists()
-    assert f"Triton cache: 1 kernels carried into {tmp_path / 'cache'}" in proc.stdout, proc.stdout[-3000:]
-    group = json.loads((tmp_path / "cache" / "KEY" / "__grp___k.json").read_text())
-    assert group["child_paths"] == {"_k.json": str(tmp_path / "cache" / "KEY" / "_k.json")}
-    assert "Triton cache: 1 kernels carried, 0 compiled in this run" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["bench_table.txt", "gpu_check.tgz", "info.txt"]
-    listing = subprocess.run(["tar", "-tzf", str(out / "gpu_check.tgz")], capture_output=True, text=True,
-                             check=True).stdout.split()
-    for name in ("./results/ops.jsonl", "./results/targets.txt", "./results/info.txt", "./bench.log",
-                 "./results/selfreg.png", "./triton_cache.txt"):
-        assert name in listing, listing
-    assert "not measured" in (out / "bench_table.txt").read_text()  # the targets report, on a CPU run
-
-
 def _run_sample_tier(tmp_path, source: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     """pytest on ``source`` (one test file) in ``tmp_path`` with the project's conftest, as the controller of a
     GPU tier (not an xdist worker), ``env`` added to the environment."""
@@ -1820,24 +1761,6 @@ def test_targets_say_which_commits_rows_they_read(tmp_path, capsys):
     assert len(targets.load_rows(tmp_path)) == 1
     assert "targets on the 1 rows of commit new (the newest row's); 2 rows of other commits set aside" in (
         capsys.readouterr().err)
-
-
-@pytest.mark.parametrize("env,message", [
-    ({"TEST_TIMEOUT": "5m"}, "TEST_TIMEOUT=5m must be a whole number"),
-    ({"BUDGET": "10m"}, "BUDGET=10m must be a whole number"),
-    ({"CASE_LIMIT": "60s"}, "CASE_LIMIT=60s must be a whole number"),
-    ({"LARGEST_CUBE_LIMIT": "-1"}, "LARGEST_CUBE_LIMIT=-1 must be a whole number"),
-    ({"TEST_TIMEOUT": "090"}, "TEST_TIMEOUT=090 must be a whole number"),  # bash would read it as octal
-    ({"TESTS_PASSED": "no/such/file.txt"}, "TESTS_PASSED=no/such/file.txt: no such file"),
-])
-def test_gpu_check_refuses_wrong_settings_before_anything_runs(tmp_path, env, message):
-    """A unit on a number ("5m") skipped the test tier or every benchmark silently (bash arithmetic), or killed the
-    script with nothing archived; a missing TESTS_PASSED was found after the install and cache steps."""
-    out = tmp_path / "out"
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "OUT": str(out), **env}, timeout=60)
-    assert proc.returncode == 2 and message in proc.stdout, proc.stdout + proc.stderr
-    assert not out.exists()
 
 
 # --- the third mutation round: verdicts, units and searches no test pinned ---------------------------------------
