@@ -50,17 +50,23 @@ def _specialisation(fn, args, kwargs, float_type: str = "fp32") -> tuple[dict, d
             constexprs[(i,)] = kwargs[p.name]
             continue
         v = args[runtime.index(p)]
+        # the JIT gives no divisibility hint to an argument it may not specialise, nor on alignment
+        hint = not (p.do_not_specialize or getattr(p, "do_not_specialize_on_alignment", False))
         if isinstance(v, torch.Tensor):
             signature[p.name] = "*" + _TYPES[v.dtype]
-            if v.storage_offset() * v.element_size() % 16 == 0:  # storages start 16-byte aligned
+            if hint and v.storage_offset() * v.element_size() % 16 == 0:  # storages start 16-byte aligned
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             signature[p.name] = float_type
+        elif isinstance(v, bool):  # before the ints: True == 1, but the JIT types a bool u1 and never specialises it
+            signature[p.name] = "u1"
+        elif v is None:
+            signature[p.name], constexprs[(i,)] = "constexpr", None
         elif v == 1 and not p.do_not_specialize:
             signature[p.name], constexprs[(i,)] = "constexpr", 1
         else:
-            signature[p.name] = "i64" if abs(v) >= 2**31 else "i32"
-            if v % 16 == 0:
+            signature[p.name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if hint and v % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
 
@@ -132,7 +138,8 @@ def _stats(compiled, outputs_per_thread: float | None = None, unit: str = "outpu
         if m and int(m.group(1), 16) < addr and addr - int(m.group(1), 16) > loop[1] - loop[0]:
             loop = (int(m.group(1), 16), addr)
     body = [ins for addr, ins in code if loop[0] <= addr <= loop[1]]
-    barriers = sum(1 for ins in body if "BAR." in ins)
+    # block barriers (BAR.SYNC, BAR.RED, ...), not the scoreboard waits DEPBAR and WARPGROUP.DEPBAR nor MEMBAR
+    barriers = sum(1 for ins in body if re.search(r"(?<![A-Z])BAR\.", ins))
     # ptxas serialises the wgmma pipeline (info C7515) when it cannot keep a wgmma's accumulators untouched:
     # every HGMMA then waits for itself.
     wgmma = sum(1 for _, ins in code if "HGMMA" in ins)
