@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.utils import gpu_check_target_args
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 TAIL = 30  # the script's time kept back for the report and the archive
@@ -204,15 +206,7 @@ def _tables(plan: str) -> tuple[dict[str, int], dict[str, list[str]]]:
     text = SCRIPT.read_text()
     blocks = re.findall(r"declare -A LIMIT=\((.*?)\n  \)", text, re.S)
     limits = {k: int(v) for k, v in re.findall(r"\[(\w+)\]=(\d+)", blocks[0 if plan == "targets" else 1])}
-    if plan != "targets":
-        return limits, {}
-    block = text[text.index("  TARGET_ARGS=(") + len("  TARGET_ARGS=("):]
-    block = block[:block.index("\n  )")]
-    args = {}
-    for line in block.strip().splitlines():
-        case, value = line.strip().split("=", 1)
-        args[case.strip("[]")] = value.strip('"').split()
-    return limits, args
+    return limits, gpu_check_target_args() if plan == "targets" else {}
 
 
 def _time_limit(box: int) -> int:
